@@ -1,0 +1,66 @@
+// Reference FP8 GEMM:  D[M,N] = sum_k (A[m,k] * sa) * (B[n,k] * sb)   (+ D when accumulating)
+// A is [M,K] (rows = tokens, K contiguous), B is [N,K] (K contiguous, i.e. D = A * B^T). Scales
+// come with the operands (Fp8MatrixRef): A 1x128; B 128x128 for Fprop/Dgrad or 1x128 for the
+// weight gradient; per-tensor for comparison. Any granularity pairing is accepted.
+//
+// The accumulator is emulated (AccumulatorModel) to study what tensor cores do:
+//
+// * The K axis is cut into promotion windows of `promotion_interval` elements (0 = one window
+//   spanning all of K). Inside a window the running sum lives in a LIMITED accumulator; at the
+//   end of the window it is added into an FP32 accumulator (an IEEE float add, round to
+//   nearest even): that is "promotion to CUDA cores" as the DeepSeek-V3 report describes.
+// * Products a*b of two E4M3 values are exact (at most 8 significant bits). The limited
+//   accumulator is a double that, after EVERY addition, is rounded to `mantissa_bits` fraction
+//   bits (a float keeps 23): with Rounding::kTruncate by chopping the bits below (toward zero,
+//   what Hopper's tensor cores do per shared/ANCHORS.md), with kNearestEven to nearest, ties to
+//   even. Exponent range is unlimited (no overflow or subnormals inside the model).
+// * Scales: when a window lies inside one 128-column scale tile of both operands (interval a
+//   divisor of 128, the GPU case), the window sums UNSCALED products and promotion computes
+//   acc = fmaf(partial, sa*sb, acc) in float, exactly as the GPU kernels' FFMA does. Otherwise
+//   (interval 0 or larger than 128 with fine-grained scales) each product is scaled (in double)
+//   before it enters the limited accumulator.
+// * Fast path: mantissa_bits == 23 with kNearestEven and a window inside one scale tile is
+//   computed in plain float arithmetic: each window's products are summed in 8 interleaved
+//   lanes (k mod 8), and the lanes pairwise ((0+4)+(2+6))+((1+5)+(3+7)), as a SIMD unit would,
+//   then promoted as above. This is the default model (AccumulatorModel{}), used by the CPU
+//   training path and as the reference for the GPU kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "fp8moe/core/dtypes.h"
+#include "fp8moe/fp8/quantize.h"
+
+namespace fp8moe {
+
+enum class AccumRounding { kTruncate, kNearestEven };
+
+struct AccumulatorModel {
+  int mantissa_bits = 23;        // fraction bits kept by the limited accumulator (1..52)
+  AccumRounding rounding = AccumRounding::kNearestEven;
+  int promotion_interval = 128;  // K elements per promotion window; 0 = never promote
+
+  // What the report says Hopper's tensor cores keep (~14 bits), truncating.
+  static AccumulatorModel hopper_tensor_core(int interval) {
+    return AccumulatorModel{14, AccumRounding::kTruncate, interval};
+  }
+};
+
+// Validate shapes and options; throws kInvalidArgument naming the problem.
+void check_gemm_operands(const Fp8MatrixRef& a, const Fp8MatrixRef& b,
+                         const AccumulatorModel& model);
+
+// D (FP32, row-major, leading dimension ldd). accumulate = true adds into the existing D (the
+// weight-gradient form: D += A * B^T). Multi-threaded over rows when `threads` > 1.
+void gemm_fp8_reference(const Fp8MatrixRef& a, const Fp8MatrixRef& b, float* d, int64_t ldd,
+                        const AccumulatorModel& model = {}, bool accumulate = false,
+                        int threads = 1);
+
+// The same with a BF16 output: D is computed in FP32 and rounded once to BF16.
+void gemm_fp8_reference_bf16(const Fp8MatrixRef& a, const Fp8MatrixRef& b, bf16* d, int64_t ldd,
+                             const AccumulatorModel& model = {}, int threads = 1);
+
+// Round a double to `bits` fraction bits (the limited accumulator's step, exposed for tests).
+double round_to_mantissa_bits(double x, int bits, AccumRounding rounding);
+
+}  // namespace fp8moe
