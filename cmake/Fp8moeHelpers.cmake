@@ -1,8 +1,10 @@
 # Warnings as errors on our own code only (third-party headers are SYSTEM includes).
+# NOTE: -Wno-restrict: GCC 12 at -O3 reports false positives inside libstdc++'s std::string
+# concatenation (GCC PR105651); the warning is off until the compiler is fixed.
 function(fp8moe_warnings target)
   target_compile_options(${target} PRIVATE
-    $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Werror>
-    $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra,-Werror --Werror all-warnings>)
+    $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Werror -Wno-restrict>
+    $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra,-Werror,-Wno-restrict --Werror all-warnings>)
 endfunction()
 
 function(fp8moe_cuda_target target)

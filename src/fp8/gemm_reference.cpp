@@ -1,0 +1,196 @@
+#include "fp8moe/fp8/gemm_reference.h"
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <thread>
+#include <vector>
+
+#include "fp8moe/fp8/codec.h"
+
+namespace fp8moe {
+
+double round_to_mantissa_bits(double x, int bits, AccumRounding rounding) {
+  if (bits >= 52 || x == 0.0) return x;
+  uint64_t u = std::bit_cast<uint64_t>(x);
+  const int drop = 52 - bits;
+  const uint64_t mask = (uint64_t{1} << drop) - 1;
+  const uint64_t rem = u & mask;
+  u &= ~mask;  // sign-magnitude: clearing low bits truncates toward zero
+  if (rounding == AccumRounding::kNearestEven) {
+    const uint64_t half = uint64_t{1} << (drop - 1);
+    if (rem > half || (rem == half && ((u >> drop) & 1))) u += uint64_t{1} << drop;
+  }
+  return std::bit_cast<double>(u);
+}
+
+void check_gemm_operands(const Fp8MatrixRef& a, const Fp8MatrixRef& b,
+                         const AccumulatorModel& model) {
+  FM_CHECK_ARG(a.cols == b.cols, "fp8 gemm: K mismatch: A is [", a.rows, ",", a.cols, "], B is [",
+               b.rows, ",", b.cols, "] (D = A * B^T needs equal K)");
+  FM_CHECK_ARG(a.rows >= 0 && b.rows >= 0 && a.cols >= 0, "fp8 gemm: negative shape");
+  FM_CHECK_ARG(a.ld >= a.cols && b.ld >= b.cols, "fp8 gemm: leading dimension smaller than K");
+  const bool empty = a.rows == 0 || b.rows == 0 || a.cols == 0;
+  FM_CHECK_ARG(empty || (a.codes && b.codes && a.scales && b.scales),
+               "fp8 gemm: null codes or scales");
+  FM_CHECK_ARG(model.mantissa_bits >= 1 && model.mantissa_bits <= 52,
+               "fp8 gemm: mantissa_bits must be in 1..52, got ", model.mantissa_bits);
+  FM_CHECK_ARG(model.promotion_interval >= 0, "fp8 gemm: negative promotion interval ",
+               model.promotion_interval);
+}
+
+namespace {
+
+// Decoded E4M3 values (unscaled), so the inner loops multiply floats.
+const std::array<float, 256>& e4m3_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) t[i] = e4m3_bits_to_float(static_cast<uint8_t>(i));
+    return t;
+  }();
+  return table;
+}
+
+// A window [w0, w0 + interval) never straddles a scale tile of `op` along K.
+bool windows_inside_tiles(const Fp8MatrixRef& op, int64_t interval) {
+  const int64_t tile = op.tile_cols();
+  return tile >= op.cols || (interval > 0 && tile % interval == 0);
+}
+
+void decode_row(const Fp8MatrixRef& op, int64_t r, float* out) {
+  const auto& lut = e4m3_table();
+  const uint8_t* codes = op.codes + r * op.ld;
+  for (int64_t k = 0; k < op.cols; ++k) out[k] = lut[codes[k]];
+}
+
+// Sum of x[k] * y[k] for k in [0, n), n a multiple of 8, in 8 interleaved lanes reduced
+// pairwise (the fixed order the header documents).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+float lane_dot(const float* __restrict x, const float* __restrict y, int64_t n) {
+  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t k = 0; k < n; k += 8)
+    for (int j = 0; j < 8; ++j) lane[j] += x[k + j] * y[k + j];
+  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+}
+
+float lane_dot_tail(const float* x, const float* y, int64_t n) {
+  // Lengths that are not a multiple of 8 (a partial last window): zero-pad to 8 lanes.
+  const int64_t body = n / 8 * 8;
+  float tail_x[8] = {}, tail_y[8] = {};
+  for (int64_t k = body; k < n; ++k) {
+    tail_x[k - body] = x[k];
+    tail_y[k - body] = y[k];
+  }
+  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t k = 0; k < body; k += 8)
+    for (int j = 0; j < 8; ++j) lane[j] += x[k + j] * y[k + j];
+  for (int j = 0; j < 8; ++j) lane[j] += tail_x[j] * tail_y[j];
+  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+}
+
+// Rows [m0, m1) of D in the fast (FP32, lane-ordered) model.
+void fast_rows(const Fp8MatrixRef& a, const Fp8MatrixRef& b, const std::vector<float>& b_dec,
+               float* d, int64_t ldd, int64_t interval, bool accumulate, int64_t m0, int64_t m1) {
+  const int64_t k_total = a.cols;
+  std::vector<float> a_row(static_cast<size_t>(k_total));
+  for (int64_t m = m0; m < m1; ++m) {
+    decode_row(a, m, a_row.data());
+    for (int64_t n = 0; n < b.rows; ++n) {
+      const float* b_row = b_dec.data() + n * k_total;
+      float acc = accumulate ? d[m * ldd + n] : 0.0f;
+      for (int64_t w0 = 0; w0 < k_total; w0 += interval) {
+        const int64_t len = std::min(interval, k_total - w0);
+        const float partial = (len % 8 == 0) ? lane_dot(a_row.data() + w0, b_row + w0, len)
+                                             : lane_dot_tail(a_row.data() + w0, b_row + w0, len);
+        acc = std::fma(partial, a.scale(m, w0) * b.scale(n, w0), acc);
+      }
+      d[m * ldd + n] = acc;
+    }
+  }
+}
+
+// Rows [m0, m1) of D in the emulated limited-accumulator model (see the header).
+void emulated_rows(const Fp8MatrixRef& a, const Fp8MatrixRef& b, const std::vector<float>& b_dec,
+                   float* d, int64_t ldd, const AccumulatorModel& model, bool scales_inside,
+                   bool accumulate, int64_t m0, int64_t m1) {
+  const int64_t k_total = a.cols;
+  const int64_t interval = model.promotion_interval > 0 ? model.promotion_interval : k_total;
+  std::vector<float> a_row(static_cast<size_t>(k_total));
+  for (int64_t m = m0; m < m1; ++m) {
+    decode_row(a, m, a_row.data());
+    for (int64_t n = 0; n < b.rows; ++n) {
+      const float* b_row = b_dec.data() + n * k_total;
+      float acc = accumulate ? d[m * ldd + n] : 0.0f;
+      for (int64_t w0 = 0; w0 < k_total; w0 += interval) {
+        const int64_t w1 = std::min(k_total, w0 + interval);
+        double partial = 0.0;
+        for (int64_t k = w0; k < w1; ++k) {
+          double p = static_cast<double>(a_row[k]) * static_cast<double>(b_row[k]);
+          if (!scales_inside)
+            p *= static_cast<double>(a.scale(m, k)) * static_cast<double>(b.scale(n, k));
+          partial = round_to_mantissa_bits(partial + p, model.mantissa_bits, model.rounding);
+        }
+        if (scales_inside)
+          acc = std::fma(static_cast<float>(partial), a.scale(m, w0) * b.scale(n, w0), acc);
+        else
+          acc = acc + static_cast<float>(partial);
+      }
+      d[m * ldd + n] = acc;
+    }
+  }
+}
+
+template <typename Fn>
+void parallel_rows(int64_t rows, int threads, Fn&& fn) {
+  const int64_t t = std::clamp<int64_t>(threads, 1, std::max<int64_t>(rows, 1));
+  if (t == 1) {
+    fn(0, rows);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t chunk = (rows + t - 1) / t;
+  for (int64_t i = 0; i < t; ++i) {
+    const int64_t r0 = i * chunk, r1 = std::min(rows, r0 + chunk);
+    if (r0 < r1) pool.emplace_back([&, r0, r1] { fn(r0, r1); });
+  }
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+void gemm_fp8_reference(const Fp8MatrixRef& a, const Fp8MatrixRef& b, float* d, int64_t ldd,
+                        const AccumulatorModel& model, bool accumulate, int threads) {
+  check_gemm_operands(a, b, model);
+  FM_CHECK_ARG(ldd >= b.rows, "fp8 gemm: ldd=", ldd, " smaller than N=", b.rows);
+  if (a.rows == 0 || b.rows == 0) return;
+  if (a.cols == 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < a.rows; ++m) std::fill(d + m * ldd, d + m * ldd + b.rows, 0.0f);
+    return;
+  }
+  std::vector<float> b_dec(static_cast<size_t>(b.rows * b.cols));
+  for (int64_t n = 0; n < b.rows; ++n) decode_row(b, n, b_dec.data() + n * b.cols);
+
+  const int64_t interval = model.promotion_interval > 0 ? model.promotion_interval : a.cols;
+  const bool scales_inside = windows_inside_tiles(a, interval) && windows_inside_tiles(b, interval);
+  const bool fast = model.mantissa_bits == 23 && model.rounding == AccumRounding::kNearestEven &&
+                    scales_inside;
+  parallel_rows(a.rows, threads, [&](int64_t m0, int64_t m1) {
+    if (fast)
+      fast_rows(a, b, b_dec, d, ldd, interval, accumulate, m0, m1);
+    else
+      emulated_rows(a, b, b_dec, d, ldd, model, scales_inside, accumulate, m0, m1);
+  });
+}
+
+void gemm_fp8_reference_bf16(const Fp8MatrixRef& a, const Fp8MatrixRef& b, bf16* d, int64_t ldd,
+                             const AccumulatorModel& model, int threads) {
+  std::vector<float> tmp(static_cast<size_t>(a.rows * b.rows));
+  gemm_fp8_reference(a, b, tmp.data(), b.rows, model, false, threads);
+  for (int64_t m = 0; m < a.rows; ++m)
+    for (int64_t n = 0; n < b.rows; ++n) d[m * ldd + n] = to_bf16(tmp[m * b.rows + n]);
+}
+
+}  // namespace fp8moe

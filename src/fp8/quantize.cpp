@@ -1,0 +1,141 @@
+#include "fp8moe/fp8/quantize.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+
+#include "fp8moe/fp8/codec.h"
+
+namespace fp8moe {
+
+const char* granularity_name(ScaleGranularity g) {
+  switch (g) {
+    case ScaleGranularity::kPerTensor: return "per-tensor";
+    case ScaleGranularity::k1x128: return "1x128";
+    case ScaleGranularity::k128x128: return "128x128";
+  }
+  return "?";
+}
+
+float fp8_scale_for_amax(float amax, bool pow2_scales) {
+  // NOTE: an all-zero tile gets scale 1 so that dequantisation stays exact (0 * 1); tiny tiles
+  // are floored at FLT_MIN so that x / scale can never overflow to infinity.
+  float scale = amax > 0.0f ? std::max(amax / kE4M3Max, FLT_MIN) : 1.0f;
+  if (pow2_scales) scale = round_up_pow2(scale);
+  return scale;
+}
+
+namespace {
+
+struct TileShape {
+  int64_t rows, cols;
+};
+
+TileShape tile_shape(ScaleGranularity g, int64_t rows, int64_t cols) {
+  switch (g) {
+    case ScaleGranularity::kPerTensor: return {std::max<int64_t>(rows, 1), std::max<int64_t>(cols, 1)};
+    case ScaleGranularity::k1x128: return {1, kQuantTile};
+    case ScaleGranularity::k128x128: return {kQuantTile, kQuantTile};
+  }
+  return {1, 1};
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+int64_t Fp8MatrixRef::tile_rows() const { return tile_shape(granularity, rows, cols).rows; }
+int64_t Fp8MatrixRef::tile_cols() const { return tile_shape(granularity, rows, cols).cols; }
+float Fp8MatrixRef::value(int64_t r, int64_t c) const {
+  return e4m3_bits_to_float(codes[r * ld + c]) * scale(r, c);
+}
+
+int64_t QuantizedMatrix::scale_rows_count() const {
+  return ceil_div(rows, tile_shape(granularity, rows, cols).rows);
+}
+int64_t QuantizedMatrix::scale_cols_count() const {
+  return ceil_div(cols, tile_shape(granularity, rows, cols).cols);
+}
+Fp8MatrixRef QuantizedMatrix::ref() const {
+  Fp8MatrixRef r;
+  r.codes = codes.data();
+  r.rows = rows;
+  r.cols = cols;
+  r.ld = cols;
+  r.scales = scales.data();
+  r.granularity = granularity;
+  r.scale_row_stride = scale_cols_count();
+  r.scale_col_stride = 1;
+  return r;
+}
+
+void quantize_into(const float* x, int64_t rows, int64_t cols, int64_t ld,
+                   ScaleGranularity granularity, QuantizeOptions options, uint8_t* codes,
+                   int64_t ld_codes, float* scales) {
+  FM_CHECK_ARG(rows >= 0 && cols >= 0, "quantize: negative shape [", rows, ",", cols, "]");
+  FM_CHECK_ARG(ld >= cols && ld_codes >= cols, "quantize: leading dimension ", ld, " / ", ld_codes,
+               " smaller than cols=", cols);
+  const TileShape tile = tile_shape(granularity, rows, cols);
+  const int64_t tile_row_count = ceil_div(rows, tile.rows);
+  const int64_t tile_col_count = ceil_div(cols, tile.cols);
+  for (int64_t tr = 0; tr < tile_row_count; ++tr) {
+    const int64_t r0 = tr * tile.rows, r1 = std::min(rows, r0 + tile.rows);
+    for (int64_t tc = 0; tc < tile_col_count; ++tc) {
+      const int64_t c0 = tc * tile.cols, c1 = std::min(cols, c0 + tile.cols);
+      float amax = 0.0f;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* row = x + r * ld;
+        for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(row[c]));
+      }
+      if (!std::isfinite(amax)) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = c0; c < c1; ++c)
+            FM_CHECK_ARG(std::isfinite(x[r * ld + c]), "quantize: non-finite value ",
+                         x[r * ld + c], " at row ", r, ", column ", c);
+      }
+      const float scale = fp8_scale_for_amax(amax, options.pow2_scales);
+      scales[tr * tile_col_count + tc] = scale;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* row = x + r * ld;
+        uint8_t* out = codes + r * ld_codes;
+        for (int64_t c = c0; c < c1; ++c) out[c] = float_to_e4m3_bits(row[c] / scale);
+      }
+    }
+  }
+}
+
+QuantizedMatrix quantize(const float* x, int64_t rows, int64_t cols, int64_t ld,
+                         ScaleGranularity granularity, QuantizeOptions options) {
+  QuantizedMatrix q;
+  q.rows = rows;
+  q.cols = cols;
+  q.granularity = granularity;
+  q.codes.resize(static_cast<size_t>(rows * cols));
+  q.scales.resize(static_cast<size_t>(q.scale_rows_count() * q.scale_cols_count()));
+  quantize_into(x, rows, cols, ld, granularity, options, q.codes.data(), cols, q.scales.data());
+  return q;
+}
+
+std::vector<float> dequantize(const Fp8MatrixRef& q) {
+  std::vector<float> out(static_cast<size_t>(q.rows * q.cols));
+  for (int64_t r = 0; r < q.rows; ++r)
+    for (int64_t c = 0; c < q.cols; ++c) out[r * q.cols + c] = q.value(r, c);
+  return out;
+}
+
+int64_t padded_rows(int64_t rows, int64_t row_alignment) {
+  return ceil_div(rows, row_alignment) * row_alignment;
+}
+
+std::vector<float> scales_mn_major(const QuantizedMatrix& q, int64_t row_alignment) {
+  FM_CHECK_ARG(q.granularity == ScaleGranularity::k1x128,
+               "scales_mn_major: expects 1x128 scales, got ", granularity_name(q.granularity));
+  const int64_t kb = q.scale_cols_count();
+  const int64_t mp = padded_rows(q.rows, row_alignment);
+  std::vector<float> out(static_cast<size_t>(kb * mp), 0.0f);
+  for (int64_t r = 0; r < q.rows; ++r)
+    for (int64_t b = 0; b < kb; ++b) out[b * mp + r] = q.scales[r * kb + b];
+  return out;
+}
+
+}  // namespace fp8moe
