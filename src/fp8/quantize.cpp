@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <limits>
 
 #include "fp8moe/fp8/codec.h"
 
@@ -83,11 +84,16 @@ void quantize_into(const float* x, int64_t rows, int64_t cols, int64_t ld,
     for (int64_t tc = 0; tc < tile_col_count; ++tc) {
       const int64_t c0 = tc * tile.cols, c1 = std::min(cols, c0 + tile.cols);
       float amax = 0.0f;
+      bool finite = true;  // NOTE: std::max drops NaN, so non-finite values are tracked apart
       for (int64_t r = r0; r < r1; ++r) {
         const float* row = x + r * ld;
-        for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(row[c]));
+        for (int64_t c = c0; c < c1; ++c) {
+          const float a = std::fabs(row[c]);
+          amax = std::max(amax, a);
+          finite &= a <= std::numeric_limits<float>::max();
+        }
       }
-      if (!std::isfinite(amax)) {
+      if (!finite) {
         for (int64_t r = r0; r < r1; ++r)
           for (int64_t c = c0; c < c1; ++c)
             FM_CHECK_ARG(std::isfinite(x[r * ld + c]), "quantize: non-finite value ",

@@ -1,0 +1,134 @@
+#include "fp8moe/fp8/gemm_reference.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "fp8moe/core/philox.h"
+#include "fp8moe/fp8/codec.h"
+
+namespace fp8moe {
+namespace {
+
+QuantizedMatrix random_quantized(int64_t rows, int64_t cols, ScaleGranularity g, uint64_t stream,
+                                 bool positive = false) {
+  std::vector<float> x(static_cast<size_t>(rows * cols));
+  for (size_t i = 0; i < x.size(); ++i)
+    x[i] = positive ? philox_uniform(11, stream, i) : philox_normal(11, stream, i);
+  return quantize(x.data(), rows, cols, cols, g);
+}
+
+std::vector<double> exact(const Fp8MatrixRef& a, const Fp8MatrixRef& b) {
+  std::vector<double> d(static_cast<size_t>(a.rows * b.rows));
+  for (int64_t m = 0; m < a.rows; ++m)
+    for (int64_t n = 0; n < b.rows; ++n) {
+      double s = 0;
+      for (int64_t k = 0; k < a.cols; ++k)
+        s += static_cast<double>(e4m3_bits_to_float(a.codes[m * a.ld + k])) * a.scale(m, k) *
+             static_cast<double>(e4m3_bits_to_float(b.codes[n * b.ld + k])) * b.scale(n, k);
+      d[m * b.rows + n] = s;
+    }
+  return d;
+}
+
+double rel_l2(const std::vector<float>& out, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    num += (out[i] - ref[i]) * (out[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return std::sqrt(num / den);
+}
+
+TEST(GemmReference, RoundingHelperTruncatesAndRoundsToEven) {
+  EXPECT_EQ(round_to_mantissa_bits(1.0 + 0.75 * std::ldexp(1.0, -3), 3, AccumRounding::kTruncate),
+            1.0 + std::ldexp(1.0, -3) * 0);
+  EXPECT_EQ(round_to_mantissa_bits(1.0 + std::ldexp(1.0, -4), 3, AccumRounding::kNearestEven),
+            1.0);  // tie -> even
+  EXPECT_EQ(round_to_mantissa_bits(1.0 + 3 * std::ldexp(1.0, -4), 3, AccumRounding::kNearestEven),
+            1.25);  // tie -> even (0b010)
+  EXPECT_EQ(round_to_mantissa_bits(-1.9, 1, AccumRounding::kTruncate), -1.5);
+  EXPECT_EQ(round_to_mantissa_bits(0.3, 52, AccumRounding::kTruncate), 0.3);
+}
+
+TEST(GemmReference, PromotedFp32MatchesExactProduct) {
+  for (int64_t k : {128, 512, 1000, 96}) {
+    const auto a = random_quantized(17, k, ScaleGranularity::k1x128, 1);
+    const auto b = random_quantized(23, k, ScaleGranularity::k128x128, 2);
+    std::vector<float> d(17 * 23, NAN);
+    gemm_fp8_reference(a.ref(), b.ref(), d.data(), 23, {}, false, 2);
+    EXPECT_LT(rel_l2(d, exact(a.ref(), b.ref())), 1e-6) << "K=" << k;
+  }
+}
+
+TEST(GemmReference, FastPathAgreesWithSequentialEmulation) {
+  const auto a = random_quantized(8, 384, ScaleGranularity::k1x128, 3);
+  const auto b = random_quantized(8, 384, ScaleGranularity::k128x128, 4);
+  std::vector<float> fast(64), slow(64);
+  gemm_fp8_reference(a.ref(), b.ref(), fast.data(), 8, {});
+  // 24 bits with nearest rounding takes the sequential emulated path: same math, other order.
+  gemm_fp8_reference(a.ref(), b.ref(), slow.data(), 8, {24, AccumRounding::kNearestEven, 128});
+  for (int i = 0; i < 64; ++i) EXPECT_NEAR(fast[i], slow[i], 1e-5 * (1 + std::fabs(slow[i])));
+}
+
+TEST(GemmReference, LimitedAccumulationErrorGrowsWithKAndPromotionFixesIt) {
+  double previous = 0;
+  for (int64_t k : {1024, 4096}) {
+    const auto a = random_quantized(16, k, ScaleGranularity::k1x128, 5, true);
+    const auto b = random_quantized(16, k, ScaleGranularity::k128x128, 6, true);
+    const auto ref = exact(a.ref(), b.ref());
+    std::vector<float> lim(256), pro(256);
+    gemm_fp8_reference(a.ref(), b.ref(), lim.data(), 16, AccumulatorModel::hopper_tensor_core(0));
+    gemm_fp8_reference(a.ref(), b.ref(), pro.data(), 16,
+                       AccumulatorModel::hopper_tensor_core(128));
+    const double e_lim = rel_l2(lim, ref), e_pro = rel_l2(pro, ref);
+    EXPECT_GT(e_lim, 10 * e_pro) << "K=" << k;
+    EXPECT_GT(e_lim, previous * 1.5) << "K=" << k;
+    previous = e_lim;
+    // Truncation only ever loses magnitude when every product is positive.
+    for (int i = 0; i < 256; ++i) EXPECT_LE(lim[i], ref[i]);
+  }
+}
+
+TEST(GemmReference, WeightGradientFormAccumulatesIntoC) {
+  // dW[N,K] += dY^T X: both operands 1x128 along the token axis (here K = 256 tokens).
+  const auto dy_t = random_quantized(12, 256, ScaleGranularity::k1x128, 7);
+  const auto x_t = random_quantized(20, 256, ScaleGranularity::k1x128, 8);
+  std::vector<float> c(12 * 20);
+  for (size_t i = 0; i < c.size(); ++i) c[i] = philox_normal(5, 5, i);
+  const std::vector<float> c0 = c;
+  gemm_fp8_reference(dy_t.ref(), x_t.ref(), c.data(), 20, {}, /*accumulate=*/true);
+  const auto prod = exact(dy_t.ref(), x_t.ref());
+  for (size_t i = 0; i < c.size(); ++i) EXPECT_NEAR(c[i], c0[i] + prod[i], 1e-4 * (1 + std::fabs(prod[i])));
+}
+
+TEST(GemmReference, Bf16OutputIsTheRoundedFp32Output) {
+  const auto a = random_quantized(5, 256, ScaleGranularity::k1x128, 9);
+  const auto b = random_quantized(7, 256, ScaleGranularity::k128x128, 10);
+  std::vector<float> f(35);
+  std::vector<bf16> h(35);
+  gemm_fp8_reference(a.ref(), b.ref(), f.data(), 7);
+  gemm_fp8_reference_bf16(a.ref(), b.ref(), h.data(), 7);
+  for (int i = 0; i < 35; ++i) EXPECT_EQ(h[i].bits, float_to_bf16_bits(f[i]));
+}
+
+TEST(GemmReference, BadOperandsAreRejectedWithTheShapes) {
+  const auto a = random_quantized(4, 256, ScaleGranularity::k1x128, 1);
+  const auto b = random_quantized(4, 384, ScaleGranularity::k128x128, 2);
+  std::vector<float> d(16);
+  try {
+    gemm_fp8_reference(a.ref(), b.ref(), d.data(), 4);
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    EXPECT_NE(e.message().find("[4,256]"), std::string::npos) << e.message();
+  }
+  const auto b2 = random_quantized(4, 256, ScaleGranularity::k128x128, 2);
+  EXPECT_THROW(gemm_fp8_reference(a.ref(), b2.ref(), d.data(), 4, {0, AccumRounding::kTruncate, 128}),
+               Error);
+  EXPECT_THROW(gemm_fp8_reference(a.ref(), b2.ref(), d.data(), 4, {23, AccumRounding::kTruncate, -1}),
+               Error);
+  EXPECT_THROW(gemm_fp8_reference(a.ref(), b2.ref(), d.data(), 2), Error);  // ldd < N
+}
+
+}  // namespace
+}  // namespace fp8moe

@@ -1,0 +1,130 @@
+#include "fp8moe/fp8/quantize.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+
+#include "fp8moe/core/philox.h"
+#include "fp8moe/fp8/codec.h"
+
+namespace fp8moe {
+namespace {
+
+std::vector<float> random_values(int64_t n, uint64_t stream, float spread) {
+  std::vector<float> x(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    x[i] = philox_normal(123, stream, i) * std::exp2(spread * (philox_uniform(123, stream + 1, i) - 0.5f));
+  return x;
+}
+
+// Half the distance between E4M3 neighbours around |v| (v in code units, |v| <= 448).
+double e4m3_half_spacing(double v) {
+  v = std::fabs(v);
+  if (v < std::ldexp(1.0, -6)) return std::ldexp(1.0, -10);
+  return std::ldexp(1.0, static_cast<int>(std::floor(std::log2(v))) - 4);
+}
+
+void check_error_bound(const std::vector<float>& x, const QuantizedMatrix& q) {
+  const Fp8MatrixRef r = q.ref();
+  for (int64_t i = 0; i < q.rows; ++i)
+    for (int64_t j = 0; j < q.cols; ++j) {
+      const double s = r.scale(i, j);
+      const double v = x[i * q.cols + j] / s;
+      ASSERT_LE(std::fabs(v), 448.0 * (1 + 1e-6)) << "no element beyond the E4M3 range";
+      const double err = std::fabs(r.value(i, j) - static_cast<double>(x[i * q.cols + j]));
+      ASSERT_LE(err, e4m3_half_spacing(v) * s * (1 + 1e-6) + 1e-30)
+          << "element (" << i << "," << j << ") x=" << x[i * q.cols + j] << " scale=" << s;
+    }
+}
+
+TEST(Quantize, OneByOneTwentyEightErrorBoundPerElement) {
+  for (int64_t cols : {128, 256, 200, 7, 1}) {  // partial last tiles included
+    const int64_t rows = 5;
+    const auto x = random_values(rows * cols, cols, 20.0f);
+    const auto q = quantize(x.data(), rows, cols, cols, ScaleGranularity::k1x128);
+    EXPECT_EQ(q.scale_cols_count(), (cols + 127) / 128);
+    EXPECT_EQ(q.scale_rows_count(), rows);
+    check_error_bound(x, q);
+    // The largest element of each tile maps to +-448 exactly.
+    for (int64_t r = 0; r < rows; ++r) {
+      float amax = 0;
+      for (int64_t c = 0; c < std::min<int64_t>(cols, 128); ++c) amax = std::max(amax, std::fabs(x[r * cols + c]));
+      EXPECT_EQ(q.scales[r * q.scale_cols_count()], amax / 448.0f);
+    }
+  }
+}
+
+TEST(Quantize, BlockAndPerTensorErrorBound) {
+  const int64_t rows = 300, cols = 260;
+  const auto x = random_values(rows * cols, 77, 6.0f);
+  const auto blocks = quantize(x.data(), rows, cols, cols, ScaleGranularity::k128x128);
+  EXPECT_EQ(blocks.scale_rows_count(), 3);
+  EXPECT_EQ(blocks.scale_cols_count(), 3);
+  check_error_bound(x, blocks);
+  const auto tensor = quantize(x.data(), rows, cols, cols, ScaleGranularity::kPerTensor);
+  EXPECT_EQ(tensor.scales.size(), 1u);
+  check_error_bound(x, tensor);
+}
+
+TEST(Quantize, PowerOfTwoScalesNeverOverflow) {
+  const int64_t rows = 64, cols = 384;
+  const auto x = random_values(rows * cols, 5, 30.0f);
+  for (auto g : {ScaleGranularity::k1x128, ScaleGranularity::k128x128}) {
+    const auto q = quantize(x.data(), rows, cols, cols, g, {.pow2_scales = true});
+    for (float s : q.scales) {
+      int e = 0;
+      EXPECT_EQ(std::frexp(s, &e), 0.5f) << "scale " << s << " is a power of two";
+    }
+    for (uint8_t c : q.codes) EXPECT_NE(c & 0x7F, 0x7F) << "no NaN code";
+    check_error_bound(x, q);
+  }
+}
+
+TEST(Quantize, AllZeroTileGetsScaleOneAndZeroCodes) {
+  std::vector<float> x(2 * 256, 0.0f);
+  x[256 + 3] = 2.0f;  // second row, first tile non-zero
+  const auto q = quantize(x.data(), 2, 256, 256, ScaleGranularity::k1x128);
+  EXPECT_EQ(q.scales[0], 1.0f);
+  EXPECT_EQ(q.scales[1], 1.0f);
+  EXPECT_EQ(q.scales[2], 2.0f / 448.0f);
+  EXPECT_EQ(q.scales[3], 1.0f);
+  for (int c = 0; c < 256; ++c) EXPECT_EQ(q.codes[c], 0);
+  EXPECT_EQ(dequantize(q)[256 + 3], 2.0f);
+}
+
+TEST(Quantize, NonFiniteInputIsAnErrorNamingItsPosition) {
+  std::vector<float> x(4 * 130, 1.0f);
+  x[2 * 130 + 129] = std::numeric_limits<float>::quiet_NaN();
+  try {
+    quantize(x.data(), 4, 130, 130, ScaleGranularity::k1x128);
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+    EXPECT_NE(e.message().find("row 2, column 129"), std::string::npos) << e.message();
+  }
+}
+
+TEST(Quantize, MnMajorScaleLayoutIsTransposedAndPadded) {
+  const int64_t rows = 6, cols = 300;
+  const auto x = random_values(rows * cols, 9, 4.0f);
+  const auto q = quantize(x.data(), rows, cols, cols, ScaleGranularity::k1x128);
+  const auto mn = scales_mn_major(q);
+  EXPECT_EQ(padded_rows(rows), 8);
+  ASSERT_EQ(mn.size(), 3u * 8u);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < 3; ++b) EXPECT_EQ(mn[b * 8 + r], q.scales[r * 3 + b]);
+  EXPECT_EQ(mn[7], 0.0f);
+  // The same values through a strided Fp8MatrixRef over the M-major layout.
+  Fp8MatrixRef ref = q.ref();
+  ref.scales = mn.data();
+  ref.scale_row_stride = 1;
+  ref.scale_col_stride = 8;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) EXPECT_EQ(ref.value(r, c), q.ref().value(r, c));
+  const auto blocks = quantize(x.data(), rows, cols, cols, ScaleGranularity::k128x128);
+  EXPECT_THROW(scales_mn_major(blocks), Error);
+}
+
+}  // namespace
+}  // namespace fp8moe
