@@ -17,6 +17,7 @@ void setup_accumulation(CLI::App& app) {
     int mantissa_bits = 14;
     int interval = 128;
     int trials = 2;
+    int group = 1;
     long long seed = 0;
     long long m = 128, n = 128;
     std::string dist = "uniform";
@@ -44,8 +45,13 @@ void setup_accumulation(CLI::App& app) {
       ->check(CLI::IsMember({"uniform", "normal"}))
       ->capture_default_str();
   app.add_option("--rounding", flags->rounding,
-                 "How the limited accumulator drops bits: truncate (the hardware) or nearest")
-      ->check(CLI::IsMember({"truncate", "nearest"}))
+                 "How the limited accumulator drops bits: truncate (addends aligned to the "
+                 "largest exponent, shifted-out bits dropped: the tensor-core model), "
+                 "truncate-sum (the exact sum chopped toward zero) or nearest")
+      ->check(CLI::IsMember({"truncate", "truncate-sum", "nearest"}))
+      ->capture_default_str();
+  app.add_option("--group", flags->group,
+                 "Products added to the accumulator per step (1..64)")
       ->capture_default_str();
   app.add_flag("--json", flags->json, "Print one JSON object instead of a table");
   app.callback([flags] {
@@ -64,8 +70,10 @@ void setup_accumulation(CLI::App& app) {
     o.n = flags->n;
     o.distribution =
         flags->dist == "uniform" ? InputDistribution::kUniform01 : InputDistribution::kNormal;
-    o.rounding =
-        flags->rounding == "truncate" ? AccumRounding::kTruncate : AccumRounding::kNearestEven;
+    o.group = flags->group;
+    o.rounding = flags->rounding == "truncate"       ? AccumRounding::kTruncate
+                 : flags->rounding == "truncate-sum" ? AccumRounding::kTruncateSum
+                                                     : AccumRounding::kNearestEven;
     o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     validate(o);
     const auto rows = run_accumulation_study(o);
@@ -74,6 +82,7 @@ void setup_accumulation(CLI::App& app) {
       out["mantissa_bits"] = o.mantissa_bits;
       out["interval"] = o.interval;
       out["rounding"] = flags->rounding;
+      out["group"] = o.group;
       out["dist"] = distribution_name(o.distribution);
       out["m"] = o.m;
       out["n"] = o.n;
@@ -92,8 +101,9 @@ void setup_accumulation(CLI::App& app) {
       std::cout << out.dump() << "\n";
       return;
     }
-    fmt::print("accumulator: {} fraction bits, {}; promotion to FP32 every {} K elements\n",
-               o.mantissa_bits, flags->rounding, o.interval);
+    fmt::print("accumulator: {} fraction bits, {}, {} product(s) per step; promotion to FP32 "
+               "every {} K elements\n",
+               o.mantissa_bits, flags->rounding, o.group, o.interval);
     fmt::print("inputs: {} -> E4M3 (A 1x128, B 128x128 scales), {}x{} outputs x {} trials, "
                "seed {}\n",
                distribution_name(o.distribution), o.m, o.n, o.trials, o.seed);

@@ -35,8 +35,8 @@ per-phase chunk counter (`current_f_chunk_id` / `current_b_chunk_id`) at the tim
 Run against commit 3da1bbea53606543d7f5f232338fc58096db30e3 of deepseek-ai/DualPipe:
     python3 scripts/pipeline/dump_reference_orders.py \
         --reference /work/.mirror/deepseek-ai+DualPipe/repo --out tests/pipeline/fixtures \
-        --settings dualpipe:2:4,dualpipe:4:8,dualpipe:4:10,dualpipe:6:12,dualpipe:8:20,\
-dualpipe:8:16,dualpipe:16:32,dualpipev:2:4,dualpipev:3:6,dualpipev:4:10,dualpipev:4:9,\
+        --settings dualpipe:2:4,dualpipe:4:8,dualpipe:4:10,dualpipe:6:12,dualpipe:8:16,\
+dualpipe:8:20,dualpipe:16:32,dualpipev:2:4,dualpipev:3:6,dualpipev:4:9,dualpipev:4:10,\
 dualpipev:8:16,dualpipev:8:20,dualpipev:16:33
 """
 import argparse

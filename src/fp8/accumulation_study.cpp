@@ -19,6 +19,7 @@ void validate(const AccumulationStudyOptions& o) {
   FM_CHECK_ARG(o.interval >= 0, "--interval: must be >= 0 (0 = never promote), got ", o.interval);
   FM_CHECK_ARG(o.interval % 32 == 0,
                "--interval: must be a multiple of 32 (one wgmma K step), got ", o.interval);
+  FM_CHECK_ARG(o.group >= 1 && o.group <= 64, "--group: must be in 1..64, got ", o.group);
   FM_CHECK_ARG(o.trials >= 1, "--trials: must be >= 1, got ", o.trials);
   FM_CHECK_ARG(o.m >= 1 && o.n >= 1, "--m/--n: must be >= 1");
 }
@@ -79,8 +80,8 @@ struct ErrorAccumulator {
 std::vector<AccumulationStudyRow> run_accumulation_study(const AccumulationStudyOptions& o) {
   validate(o);
   std::vector<AccumulationStudyRow> rows;
-  const AccumulatorModel limited{o.mantissa_bits, o.rounding, 0};
-  const AccumulatorModel promoted{o.mantissa_bits, o.rounding, o.interval};
+  const AccumulatorModel limited{o.mantissa_bits, o.rounding, 0, o.group};
+  const AccumulatorModel promoted{o.mantissa_bits, o.rounding, o.interval, o.group};
   for (int64_t k : o.ks) {
     ErrorAccumulator lim, pro;
     for (int trial = 0; trial < o.trials; ++trial) {

@@ -3,12 +3,51 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <climits>
+#include <cmath>
 #include <thread>
 #include <vector>
 
 #include "fp8moe/fp8/codec.h"
 
 namespace fp8moe {
+
+const char* accum_rounding_name(AccumRounding r) {
+  switch (r) {
+    case AccumRounding::kTruncate: return "truncate";
+    case AccumRounding::kTruncateSum: return "truncate-sum";
+    case AccumRounding::kNearestEven: return "nearest";
+  }
+  return "?";
+}
+
+namespace {
+int exponent_of(double x) {  // floor(log2 |x|) for normal non-zero doubles
+  return static_cast<int>((std::bit_cast<uint64_t>(x) >> 52) & 0x7FF) - 1023;
+}
+}  // namespace
+
+double accumulate_step(double acc, const double* p, int count, int bits, AccumRounding rounding) {
+  if (rounding != AccumRounding::kTruncate) {
+    double s = acc;
+    for (int i = 0; i < count; ++i) s += p[i];
+    return round_to_mantissa_bits(s, bits, rounding);
+  }
+  // Align every addend to the largest exponent and drop the bits shifted out (toward zero).
+  int e_max = acc != 0.0 ? exponent_of(acc) : INT32_MIN;
+  for (int i = 0; i < count; ++i)
+    if (p[i] != 0.0) e_max = std::max(e_max, exponent_of(p[i]));
+  if (e_max == INT32_MIN) return 0.0;
+  const double quantum = std::ldexp(1.0, e_max - bits);
+  const double inv_quantum = std::ldexp(1.0, bits - e_max);
+  double units = std::trunc(acc * inv_quantum);  // exact: powers of two, integers < 2^53
+  for (int i = 0; i < count; ++i) units += std::trunc(p[i] * inv_quantum);
+  const double sum = units * quantum;
+  // A carry past e_max leaves one bit too many: the normaliser truncates it.
+  return (sum != 0.0 && exponent_of(sum) > e_max)
+             ? round_to_mantissa_bits(sum, bits, AccumRounding::kTruncate)
+             : sum;
+}
 
 double round_to_mantissa_bits(double x, int bits, AccumRounding rounding) {
   if (bits >= 52 || x == 0.0) return x;
@@ -37,6 +76,8 @@ void check_gemm_operands(const Fp8MatrixRef& a, const Fp8MatrixRef& b,
                "fp8 gemm: mantissa_bits must be in 1..52, got ", model.mantissa_bits);
   FM_CHECK_ARG(model.promotion_interval >= 0, "fp8 gemm: negative promotion interval ",
                model.promotion_interval);
+  FM_CHECK_ARG(model.group >= 1 && model.group <= 64, "fp8 gemm: group must be in 1..64, got ",
+               model.group);
 }
 
 namespace {
@@ -126,11 +167,16 @@ void emulated_rows(const Fp8MatrixRef& a, const Fp8MatrixRef& b, const std::vect
       for (int64_t w0 = 0; w0 < k_total; w0 += interval) {
         const int64_t w1 = std::min(k_total, w0 + interval);
         double partial = 0.0;
-        for (int64_t k = w0; k < w1; ++k) {
-          double p = static_cast<double>(a_row[k]) * static_cast<double>(b_row[k]);
-          if (!scales_inside)
-            p *= static_cast<double>(a.scale(m, k)) * static_cast<double>(b.scale(n, k));
-          partial = round_to_mantissa_bits(partial + p, model.mantissa_bits, model.rounding);
+        double products[64];
+        for (int64_t k0 = w0; k0 < w1; k0 += model.group) {
+          const int count = static_cast<int>(std::min<int64_t>(model.group, w1 - k0));
+          for (int i = 0; i < count; ++i) {
+            const int64_t k = k0 + i;
+            products[i] = static_cast<double>(a_row[k]) * static_cast<double>(b_row[k]);
+            if (!scales_inside)
+              products[i] *= static_cast<double>(a.scale(m, k)) * static_cast<double>(b.scale(n, k));
+          }
+          partial = accumulate_step(partial, products, count, model.mantissa_bits, model.rounding);
         }
         if (scales_inside)
           acc = std::fma(static_cast<float>(partial), a.scale(m, w0) * b.scale(n, w0), acc);

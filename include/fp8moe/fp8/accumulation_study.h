@@ -24,6 +24,7 @@ struct AccumulationStudyOptions {
   int mantissa_bits = 14;
   AccumRounding rounding = AccumRounding::kTruncate;
   int interval = 128;
+  int group = 1;  // products per accumulator step
   int trials = 2;
   int64_t m = 128, n = 128;
   uint64_t seed = 0;

@@ -10,10 +10,22 @@
 //   end of the window it is added into an FP32 accumulator (an IEEE float add, round to
 //   nearest even): that is "promotion to CUDA cores" as the DeepSeek-V3 report describes.
 // * Products a*b of two E4M3 values are exact (at most 8 significant bits). The limited
-//   accumulator is a double that, after EVERY addition, is rounded to `mantissa_bits` fraction
-//   bits (a float keeps 23): with Rounding::kTruncate by chopping the bits below (toward zero,
-//   what Hopper's tensor cores do per shared/ANCHORS.md), with kNearestEven to nearest, ties to
-//   even. Exponent range is unlimited (no overflow or subnormals inside the model).
+//   accumulator adds `group` products per step (the tensor cores add several products and the
+//   running sum in one multi-operand adder) and keeps `mantissa_bits` fraction bits (a float
+//   keeps 23). How bits are lost (AccumRounding):
+//   - kTruncate (the hardware model): the running sum and the group's products are aligned to
+//     the largest exponent e among them; every addend is truncated toward zero to a multiple
+//     of 2^(e - mantissa_bits) (the bits shifted out of a fixed-width adder are dropped), the
+//     truncated addends are summed exactly, and a carry into a higher exponent truncates the
+//     result once more to mantissa_bits. This is how NVIDIA tensor cores were found to add
+//     (Fasi, Higham, Mikaitis, Pranesh, "Numerical behavior of NVIDIA tensor cores", 2021).
+//     Same-sign inputs lose magnitude at every step (error linear in K); mixed signs lose bits
+//     of both signs (error grows like sqrt(K)): shared/ANCHORS.md measured both on an H100.
+//   - kTruncateSum: the exact sum of a step is chopped toward zero to mantissa_bits (a simpler
+//     model, kept for comparison: it pulls the running sum toward zero whatever the signs and
+//     so overstates the error of mixed-sign inputs).
+//   - kNearestEven: the exact sum of a step is rounded to nearest, ties to even.
+//   Exponent range is unlimited (no overflow or subnormals inside the model).
 // * Scales: when a window lies inside one 128-column scale tile of both operands (interval a
 //   divisor of 128, the GPU case), the window sums UNSCALED products and promotion computes
 //   acc = fmaf(partial, sa*sb, acc) in float, exactly as the GPU kernels' FFMA does. Otherwise
@@ -33,16 +45,18 @@
 
 namespace fp8moe {
 
-enum class AccumRounding { kTruncate, kNearestEven };
+enum class AccumRounding { kTruncate, kTruncateSum, kNearestEven };
+const char* accum_rounding_name(AccumRounding r);
 
 struct AccumulatorModel {
   int mantissa_bits = 23;        // fraction bits kept by the limited accumulator (1..52)
   AccumRounding rounding = AccumRounding::kNearestEven;
   int promotion_interval = 128;  // K elements per promotion window; 0 = never promote
+  int group = 1;                 // products added per accumulator step (1..64)
 
   // What the report says Hopper's tensor cores keep (~14 bits), truncating.
   static AccumulatorModel hopper_tensor_core(int interval) {
-    return AccumulatorModel{14, AccumRounding::kTruncate, interval};
+    return AccumulatorModel{14, AccumRounding::kTruncate, interval, 1};
   }
 };
 
@@ -60,7 +74,10 @@ void gemm_fp8_reference(const Fp8MatrixRef& a, const Fp8MatrixRef& b, float* d, 
 void gemm_fp8_reference_bf16(const Fp8MatrixRef& a, const Fp8MatrixRef& b, bf16* d, int64_t ldd,
                              const AccumulatorModel& model = {}, int threads = 1);
 
-// Round a double to `bits` fraction bits (the limited accumulator's step, exposed for tests).
+// Round a double to `bits` fraction bits, toward zero (kTruncate, kTruncateSum) or to nearest.
 double round_to_mantissa_bits(double x, int bits, AccumRounding rounding);
+
+// One step of the limited accumulator: acc + p[0] + ... + p[count-1] under the model above.
+double accumulate_step(double acc, const double* p, int count, int bits, AccumRounding rounding);
 
 }  // namespace fp8moe
