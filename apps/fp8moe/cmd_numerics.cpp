@@ -50,8 +50,7 @@ void setup_accumulation(CLI::App& app) {
                  "truncate-sum (the exact sum chopped toward zero) or nearest")
       ->check(CLI::IsMember({"truncate", "truncate-sum", "nearest"}))
       ->capture_default_str();
-  app.add_option("--group", flags->group,
-                 "Products added to the accumulator per step (1..64)")
+  app.add_option("--group", flags->group, "Products added to the accumulator per step (1..64)")
       ->capture_default_str();
   app.add_flag("--json", flags->json, "Print one JSON object instead of a table");
   app.callback([flags] {
@@ -101,18 +100,21 @@ void setup_accumulation(CLI::App& app) {
       std::cout << out.dump() << "\n";
       return;
     }
-    fmt::print("accumulator: {} fraction bits, {}, {} product(s) per step; promotion to FP32 "
-               "every {} K elements\n",
-               o.mantissa_bits, flags->rounding, o.group, o.interval);
-    fmt::print("inputs: {} -> E4M3 (A 1x128, B 128x128 scales), {}x{} outputs x {} trials, "
-               "seed {}\n",
-               distribution_name(o.distribution), o.m, o.n, o.trials, o.seed);
+    fmt::print(
+        "accumulator: {} fraction bits, {}, {} product(s) per step; promotion to FP32 "
+        "every {} K elements\n",
+        o.mantissa_bits, flags->rounding, o.group, o.interval);
+    fmt::print(
+        "inputs: {} -> E4M3 (A 1x128, B 128x128 scales), {}x{} outputs x {} trials, "
+        "seed {}\n",
+        distribution_name(o.distribution), o.m, o.n, o.trials, o.seed);
     fmt::print("relative error vs FP64 of the same FP8 values (outputs with |ref| > 0.1 rms)\n\n");
     fmt::print("{:>7} | {:>12} {:>12} | {:>12} {:>12} | {:>8}\n", "K", "limited max",
                "limited mean", "promoted max", "promoted mean", "gain");
     fmt::print("{:->7}-+-{:->12}-{:->12}-+-{:->12}-{:->12}-+-{:->8}\n", "", "", "", "", "", "");
     for (const auto& r : rows) {
-      const double gain = r.promoted.max_rel_err > 0 ? r.limited.max_rel_err / r.promoted.max_rel_err : 0;
+      const double gain =
+          r.promoted.max_rel_err > 0 ? r.limited.max_rel_err / r.promoted.max_rel_err : 0;
       fmt::print("{:>7} | {:>12.3e} {:>12.3e} | {:>12.3e} {:>12.3e} | {:>7.0f}x\n", r.k,
                  r.limited.max_rel_err, r.limited.mean_rel_err, r.promoted.max_rel_err,
                  r.promoted.mean_rel_err, gain);

@@ -32,8 +32,8 @@ struct CommandRegistrar {
 };
 
 // Bad usage found after parsing (a value out of range, inconsistent flags): exit 2.
-#define FM_USAGE_CHECK(cond, ...)                                             \
-  do {                                                                        \
+#define FM_USAGE_CHECK(cond, ...)                                              \
+  do {                                                                         \
     if (!(cond)) FM_THROW(::fp8moe::ErrorKind::kInvalidArgument, __VA_ARGS__); \
   } while (0)
 
@@ -44,6 +44,6 @@ std::vector<long long> parse_int_list(const std::string& text, const std::string
 
 #define FM_CLI_CONCAT2(a, b) a##b
 #define FM_CLI_CONCAT(a, b) FM_CLI_CONCAT2(a, b)
-#define FM_REGISTER_COMMAND(name, description, setup)                        \
-  static ::fp8moe::cli::CommandRegistrar FM_CLI_CONCAT(fm_command_, __LINE__)( \
-      name, description, setup)
+#define FM_REGISTER_COMMAND(name, description, setup)                                            \
+  static ::fp8moe::cli::CommandRegistrar FM_CLI_CONCAT(fm_command_, __LINE__)(name, description, \
+                                                                              setup)

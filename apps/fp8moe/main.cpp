@@ -17,7 +17,8 @@ std::vector<long long> parse_int_list(const std::string& text, const std::string
   size_t pos = 0;
   while (pos <= text.size()) {
     const size_t comma = text.find(',', pos);
-    const std::string item = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    const std::string item =
+        text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     size_t used = 0;
     long long v = 0;
     try {
@@ -37,8 +38,9 @@ std::vector<long long> parse_int_list(const std::string& text, const std::string
 
 int main(int argc, char** argv) {
   using namespace fp8moe;
-  CLI::App app{"fp8moe: FP8 mixture-of-experts training and inference infrastructure "
-               "(DeepSeek-V3 recipe)"};
+  CLI::App app{
+      "fp8moe: FP8 mixture-of-experts training and inference infrastructure "
+      "(DeepSeek-V3 recipe)"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Print help for all subcommands");
   auto& registry = cli::command_registry();

@@ -30,7 +30,8 @@ void BM_Quantize(benchmark::State& state, ScaleGranularity g, bool pow2) {
 }
 BENCHMARK_CAPTURE(BM_Quantize, act_1x128, ScaleGranularity::k1x128, false)->Args({4096, 7168});
 BENCHMARK_CAPTURE(BM_Quantize, act_1x128_pow2, ScaleGranularity::k1x128, true)->Args({4096, 7168});
-BENCHMARK_CAPTURE(BM_Quantize, weight_128x128, ScaleGranularity::k128x128, false)->Args({7168, 2048});
+BENCHMARK_CAPTURE(BM_Quantize, weight_128x128, ScaleGranularity::k128x128, false)
+    ->Args({7168, 2048});
 
 void BM_GemmReference(benchmark::State& state, AccumulatorModel model) {
   const int64_t m = state.range(0), n = state.range(1), k = state.range(2);
@@ -43,8 +44,8 @@ void BM_GemmReference(benchmark::State& state, AccumulatorModel model) {
     gemm_fp8_reference(a.ref(), b.ref(), d.data(), n, model, false, threads);
     benchmark::DoNotOptimize(d.data());
   }
-  state.counters["GFLOPS"] = benchmark::Counter(2.0 * m * n * k * state.iterations() / 1e9,
-                                                benchmark::Counter::kIsRate);
+  state.counters["GFLOPS"] =
+      benchmark::Counter(2.0 * m * n * k * state.iterations() / 1e9, benchmark::Counter::kIsRate);
 }
 BENCHMARK_CAPTURE(BM_GemmReference, fp32_promoted, AccumulatorModel{})
     ->Args({256, 256, 1024, 1})

@@ -4,13 +4,20 @@ namespace fp8moe {
 
 const char* error_kind_name(ErrorKind kind) {
   switch (kind) {
-    case ErrorKind::kInvalidArgument: return "invalid argument";
-    case ErrorKind::kFormat: return "bad format";
-    case ErrorKind::kIo: return "i/o error";
-    case ErrorKind::kRuntime: return "runtime error";
-    case ErrorKind::kCuda: return "CUDA error";
-    case ErrorKind::kNccl: return "NCCL error";
-    case ErrorKind::kInternal: return "internal error";
+    case ErrorKind::kInvalidArgument:
+      return "invalid argument";
+    case ErrorKind::kFormat:
+      return "bad format";
+    case ErrorKind::kIo:
+      return "i/o error";
+    case ErrorKind::kRuntime:
+      return "runtime error";
+    case ErrorKind::kCuda:
+      return "CUDA error";
+    case ErrorKind::kNccl:
+      return "NCCL error";
+    case ErrorKind::kInternal:
+      return "internal error";
   }
   return "error";
 }

@@ -27,8 +27,8 @@ std::string read_file(const std::string& path) {
   // NOTE: a path that cannot be opened is the caller's mistake (exit 2 at the CLI), unlike a
   // failing read or write of an open file.
   if (!in)
-    FM_THROW(ErrorKind::kInvalidArgument, "cannot open '", path, "' for reading: ",
-             std::strerror(errno));
+    FM_THROW(ErrorKind::kInvalidArgument, "cannot open '", path,
+             "' for reading: ", std::strerror(errno));
   std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (in.bad()) FM_THROW(ErrorKind::kIo, "error while reading '", path, "'");
   return data;

@@ -13,7 +13,8 @@ const char* distribution_name(InputDistribution d) {
 
 void validate(const AccumulationStudyOptions& o) {
   FM_CHECK_ARG(!o.ks.empty(), "--k: at least one K is needed");
-  for (int64_t k : o.ks) FM_CHECK_ARG(k >= 1 && k <= (1 << 20), "--k: K must be in 1..1048576, got ", k);
+  for (int64_t k : o.ks)
+    FM_CHECK_ARG(k >= 1 && k <= (1 << 20), "--k: K must be in 1..1048576, got ", k);
   FM_CHECK_ARG(o.mantissa_bits >= 1 && o.mantissa_bits <= 23,
                "--mantissa-bits: must be in 1..23 (FP32 keeps 23), got ", o.mantissa_bits);
   FM_CHECK_ARG(o.interval >= 0, "--interval: must be >= 0 (0 = never promote), got ", o.interval);
@@ -26,8 +27,8 @@ void validate(const AccumulationStudyOptions& o) {
 
 namespace {
 
-std::vector<float> random_matrix(int64_t rows, int64_t cols, InputDistribution dist,
-                                 uint64_t seed, uint64_t stream) {
+std::vector<float> random_matrix(int64_t rows, int64_t cols, InputDistribution dist, uint64_t seed,
+                                 uint64_t stream) {
   std::vector<float> x(static_cast<size_t>(rows * cols));
   for (size_t i = 0; i < x.size(); ++i)
     x[i] = dist == InputDistribution::kUniform01 ? philox_uniform(seed, stream, i)

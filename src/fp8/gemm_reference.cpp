@@ -14,9 +14,12 @@ namespace fp8moe {
 
 const char* accum_rounding_name(AccumRounding r) {
   switch (r) {
-    case AccumRounding::kTruncate: return "truncate";
-    case AccumRounding::kTruncateSum: return "truncate-sum";
-    case AccumRounding::kNearestEven: return "nearest";
+    case AccumRounding::kTruncate:
+      return "truncate";
+    case AccumRounding::kTruncateSum:
+      return "truncate-sum";
+    case AccumRounding::kNearestEven:
+      return "nearest";
   }
   return "?";
 }
@@ -174,7 +177,8 @@ void emulated_rows(const Fp8MatrixRef& a, const Fp8MatrixRef& b, const std::vect
             const int64_t k = k0 + i;
             products[i] = static_cast<double>(a_row[k]) * static_cast<double>(b_row[k]);
             if (!scales_inside)
-              products[i] *= static_cast<double>(a.scale(m, k)) * static_cast<double>(b.scale(n, k));
+              products[i] *=
+                  static_cast<double>(a.scale(m, k)) * static_cast<double>(b.scale(n, k));
           }
           partial = accumulate_step(partial, products, count, model.mantissa_bits, model.rounding);
         }
@@ -221,8 +225,8 @@ void gemm_fp8_reference(const Fp8MatrixRef& a, const Fp8MatrixRef& b, float* d, 
 
   const int64_t interval = model.promotion_interval > 0 ? model.promotion_interval : a.cols;
   const bool scales_inside = windows_inside_tiles(a, interval) && windows_inside_tiles(b, interval);
-  const bool fast = model.mantissa_bits == 23 && model.rounding == AccumRounding::kNearestEven &&
-                    scales_inside;
+  const bool fast =
+      model.mantissa_bits == 23 && model.rounding == AccumRounding::kNearestEven && scales_inside;
   parallel_rows(a.rows, threads, [&](int64_t m0, int64_t m1) {
     if (fast)
       fast_rows(a, b, b_dec, d, ldd, interval, accumulate, m0, m1);

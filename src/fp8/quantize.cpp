@@ -11,9 +11,12 @@ namespace fp8moe {
 
 const char* granularity_name(ScaleGranularity g) {
   switch (g) {
-    case ScaleGranularity::kPerTensor: return "per-tensor";
-    case ScaleGranularity::k1x128: return "1x128";
-    case ScaleGranularity::k128x128: return "128x128";
+    case ScaleGranularity::kPerTensor:
+      return "per-tensor";
+    case ScaleGranularity::k1x128:
+      return "1x128";
+    case ScaleGranularity::k128x128:
+      return "128x128";
   }
   return "?";
 }
@@ -34,19 +37,28 @@ struct TileShape {
 
 TileShape tile_shape(ScaleGranularity g, int64_t rows, int64_t cols) {
   switch (g) {
-    case ScaleGranularity::kPerTensor: return {std::max<int64_t>(rows, 1), std::max<int64_t>(cols, 1)};
-    case ScaleGranularity::k1x128: return {1, kQuantTile};
-    case ScaleGranularity::k128x128: return {kQuantTile, kQuantTile};
+    case ScaleGranularity::kPerTensor:
+      return {std::max<int64_t>(rows, 1), std::max<int64_t>(cols, 1)};
+    case ScaleGranularity::k1x128:
+      return {1, kQuantTile};
+    case ScaleGranularity::k128x128:
+      return {kQuantTile, kQuantTile};
   }
   return {1, 1};
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 }  // namespace
 
-int64_t Fp8MatrixRef::tile_rows() const { return tile_shape(granularity, rows, cols).rows; }
-int64_t Fp8MatrixRef::tile_cols() const { return tile_shape(granularity, rows, cols).cols; }
+int64_t Fp8MatrixRef::tile_rows() const {
+  return tile_shape(granularity, rows, cols).rows;
+}
+int64_t Fp8MatrixRef::tile_cols() const {
+  return tile_shape(granularity, rows, cols).cols;
+}
 float Fp8MatrixRef::value(int64_t r, int64_t c) const {
   return e4m3_bits_to_float(codes[r * ld + c]) * scale(r, c);
 }
@@ -96,8 +108,8 @@ void quantize_into(const float* x, int64_t rows, int64_t cols, int64_t ld,
       if (!finite) {
         for (int64_t r = r0; r < r1; ++r)
           for (int64_t c = c0; c < c1; ++c)
-            FM_CHECK_ARG(std::isfinite(x[r * ld + c]), "quantize: non-finite value ",
-                         x[r * ld + c], " at row ", r, ", column ", c);
+            FM_CHECK_ARG(std::isfinite(x[r * ld + c]), "quantize: non-finite value ", x[r * ld + c],
+                         " at row ", r, ", column ", c);
       }
       const float scale = fp8_scale_for_amax(amax, options.pow2_scales);
       scales[tr * tile_col_count + tc] = scale;

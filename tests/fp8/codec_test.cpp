@@ -18,8 +18,12 @@ double minifloat_value(uint8_t code, int exp_bits, int man_bits) {
   return sign * std::ldexp(1.0 + std::ldexp(m, -man_bits), e - bias);
 }
 
-bool is_e4m3_nan(uint8_t c) { return (c & 0x7F) == 0x7F; }
-bool is_e5m2_nonfinite(uint8_t c) { return (c & 0x7C) == 0x7C; }
+bool is_e4m3_nan(uint8_t c) {
+  return (c & 0x7F) == 0x7F;
+}
+bool is_e5m2_nonfinite(uint8_t c) {
+  return (c & 0x7C) == 0x7C;
+}
 
 TEST(E4M3, AllCodesDecodeAndRoundTrip) {
   for (int c = 0; c < 256; ++c) {
@@ -74,15 +78,15 @@ TEST(E4M3, OverflowSaturatesOrGivesNaN) {
   EXPECT_EQ(float_to_e4m3_bits(INFINITY, Overflow::kSaturate), 0x7E);
   EXPECT_EQ(float_to_e4m3_bits(-INFINITY, Overflow::kNonFinite), 0xFF);
   EXPECT_TRUE(is_e4m3_nan(float_to_e4m3_bits(std::numeric_limits<float>::quiet_NaN())));
-  EXPECT_TRUE(is_e4m3_nan(float_to_e4m3_bits(std::numeric_limits<float>::quiet_NaN(),
-                                             Overflow::kSaturate)));
+  EXPECT_TRUE(is_e4m3_nan(
+      float_to_e4m3_bits(std::numeric_limits<float>::quiet_NaN(), Overflow::kSaturate)));
 }
 
 TEST(E4M3, SubnormalsAndUnderflow) {
-  EXPECT_EQ(float_to_e4m3_bits(std::ldexp(1.0f, -10)), 0x00);          // half the step: tie -> 0
-  EXPECT_EQ(float_to_e4m3_bits(std::ldexp(1.5f, -10)), 0x01);          // 0.75 step -> 1
-  EXPECT_EQ(float_to_e4m3_bits(std::ldexp(3.0f, -10)), 0x02);          // 1.5 steps: tie -> 2
-  EXPECT_EQ(float_to_e4m3_bits(std::ldexp(7.5f, -9)), 0x08);           // rounds up to min normal
+  EXPECT_EQ(float_to_e4m3_bits(std::ldexp(1.0f, -10)), 0x00);  // half the step: tie -> 0
+  EXPECT_EQ(float_to_e4m3_bits(std::ldexp(1.5f, -10)), 0x01);  // 0.75 step -> 1
+  EXPECT_EQ(float_to_e4m3_bits(std::ldexp(3.0f, -10)), 0x02);  // 1.5 steps: tie -> 2
+  EXPECT_EQ(float_to_e4m3_bits(std::ldexp(7.5f, -9)), 0x08);   // rounds up to min normal
   EXPECT_EQ(float_to_e4m3_bits(1e-30f), 0x00);
   EXPECT_EQ(float_to_e4m3_bits(-1e-30f), 0x80);
   EXPECT_EQ(float_to_e4m3_bits(std::numeric_limits<float>::denorm_min()), 0x00);

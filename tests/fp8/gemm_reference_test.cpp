@@ -51,6 +51,36 @@ TEST(GemmReference, RoundingHelperTruncatesAndRoundsToEven) {
   EXPECT_EQ(round_to_mantissa_bits(0.3, 52, AccumRounding::kTruncate), 0.3);
 }
 
+TEST(GemmReference, TensorCoreStepAlignsToTheLargestExponentAndTruncates) {
+  const auto step = [](double acc, std::initializer_list<double> p) {
+    return accumulate_step(acc, std::data(p), static_cast<int>(p.size()), 14,
+                           AccumRounding::kTruncate);
+  };
+  const double q = std::ldexp(1.0, -14);            // the quantum next to 1.0 with 14 fraction bits
+  EXPECT_EQ(step(1.0, {0.75 * q}), 1.0);            // shifted out entirely
+  EXPECT_EQ(step(1.0, {1.5 * q}), 1.0 + q);         // low half-bit dropped
+  EXPECT_EQ(step(1.0, {-1.5 * q}), 1.0 - q);        // toward zero for negative addends too
+  EXPECT_EQ(step(2.0 - q, {2 * q}), 2.0);           // carry: one more bit dropped
+  EXPECT_EQ(step(1.0, {0.75 * q, 0.75 * q}), 1.0);  // each addend truncated before the sum
+  EXPECT_EQ(step(0.0, {3.0, -3.0}), 0.0);
+  EXPECT_EQ(step(0.5 * q, {1.0}), 1.0);  // the accumulator itself is shifted out
+  // The simpler model chops the exact sum instead.
+  const double p[] = {0.75 * q, 0.75 * q};
+  EXPECT_EQ(accumulate_step(1.0, p, 2, 14, AccumRounding::kTruncateSum), 1.0 + q);
+}
+
+TEST(GemmReference, MixedSignErrorsCancelUnderTheTensorCoreModel) {
+  // Same inputs, two truncation models: aligning addends loses bits of both signs, chopping the
+  // running sum always pulls toward zero, so its error is far larger for zero-mean inputs.
+  const auto a = random_quantized(8, 4096, ScaleGranularity::k1x128, 21);
+  const auto b = random_quantized(8, 4096, ScaleGranularity::k128x128, 22);
+  const auto ref = exact(a.ref(), b.ref());
+  std::vector<float> aligned(64), chopped(64);
+  gemm_fp8_reference(a.ref(), b.ref(), aligned.data(), 8, {14, AccumRounding::kTruncate, 0, 1});
+  gemm_fp8_reference(a.ref(), b.ref(), chopped.data(), 8, {14, AccumRounding::kTruncateSum, 0, 1});
+  EXPECT_LT(10 * rel_l2(aligned, ref), rel_l2(chopped, ref));
+}
+
 TEST(GemmReference, PromotedFp32MatchesExactProduct) {
   for (int64_t k : {128, 512, 1000, 96}) {
     const auto a = random_quantized(17, k, ScaleGranularity::k1x128, 1);
@@ -79,8 +109,7 @@ TEST(GemmReference, LimitedAccumulationErrorGrowsWithKAndPromotionFixesIt) {
     const auto ref = exact(a.ref(), b.ref());
     std::vector<float> lim(256), pro(256);
     gemm_fp8_reference(a.ref(), b.ref(), lim.data(), 16, AccumulatorModel::hopper_tensor_core(0));
-    gemm_fp8_reference(a.ref(), b.ref(), pro.data(), 16,
-                       AccumulatorModel::hopper_tensor_core(128));
+    gemm_fp8_reference(a.ref(), b.ref(), pro.data(), 16, AccumulatorModel::hopper_tensor_core(128));
     const double e_lim = rel_l2(lim, ref), e_pro = rel_l2(pro, ref);
     EXPECT_GT(e_lim, 10 * e_pro) << "K=" << k;
     EXPECT_GT(e_lim, previous * 1.5) << "K=" << k;
@@ -99,7 +128,8 @@ TEST(GemmReference, WeightGradientFormAccumulatesIntoC) {
   const std::vector<float> c0 = c;
   gemm_fp8_reference(dy_t.ref(), x_t.ref(), c.data(), 20, {}, /*accumulate=*/true);
   const auto prod = exact(dy_t.ref(), x_t.ref());
-  for (size_t i = 0; i < c.size(); ++i) EXPECT_NEAR(c[i], c0[i] + prod[i], 1e-4 * (1 + std::fabs(prod[i])));
+  for (size_t i = 0; i < c.size(); ++i)
+    EXPECT_NEAR(c[i], c0[i] + prod[i], 1e-4 * (1 + std::fabs(prod[i])));
 }
 
 TEST(GemmReference, Bf16OutputIsTheRoundedFp32Output) {
@@ -123,10 +153,15 @@ TEST(GemmReference, BadOperandsAreRejectedWithTheShapes) {
     EXPECT_NE(e.message().find("[4,256]"), std::string::npos) << e.message();
   }
   const auto b2 = random_quantized(4, 256, ScaleGranularity::k128x128, 2);
-  EXPECT_THROW(gemm_fp8_reference(a.ref(), b2.ref(), d.data(), 4, {0, AccumRounding::kTruncate, 128}),
-               Error);
-  EXPECT_THROW(gemm_fp8_reference(a.ref(), b2.ref(), d.data(), 4, {23, AccumRounding::kTruncate, -1}),
-               Error);
+  EXPECT_THROW(
+      gemm_fp8_reference(a.ref(), b2.ref(), d.data(), 4, {0, AccumRounding::kTruncate, 128}),
+      Error);
+  EXPECT_THROW(
+      gemm_fp8_reference(a.ref(), b2.ref(), d.data(), 4, {23, AccumRounding::kTruncate, -1}),
+      Error);
+  EXPECT_THROW(
+      gemm_fp8_reference(a.ref(), b2.ref(), d.data(), 4, {14, AccumRounding::kTruncate, 128, 0}),
+      Error);
   EXPECT_THROW(gemm_fp8_reference(a.ref(), b2.ref(), d.data(), 2), Error);  // ldd < N
 }
 

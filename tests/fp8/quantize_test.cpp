@@ -14,7 +14,8 @@ namespace {
 std::vector<float> random_values(int64_t n, uint64_t stream, float spread) {
   std::vector<float> x(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i)
-    x[i] = philox_normal(123, stream, i) * std::exp2(spread * (philox_uniform(123, stream + 1, i) - 0.5f));
+    x[i] = philox_normal(123, stream, i) *
+           std::exp2(spread * (philox_uniform(123, stream + 1, i) - 0.5f));
   return x;
 }
 
@@ -49,7 +50,8 @@ TEST(Quantize, OneByOneTwentyEightErrorBoundPerElement) {
     // The largest element of each tile maps to +-448 exactly.
     for (int64_t r = 0; r < rows; ++r) {
       float amax = 0;
-      for (int64_t c = 0; c < std::min<int64_t>(cols, 128); ++c) amax = std::max(amax, std::fabs(x[r * cols + c]));
+      for (int64_t c = 0; c < std::min<int64_t>(cols, 128); ++c)
+        amax = std::max(amax, std::fabs(x[r * cols + c]));
       EXPECT_EQ(q.scales[r * q.scale_cols_count()], amax / 448.0f);
     }
   }

@@ -6,12 +6,12 @@
 
 #include "fp8moe/core/error.h"
 
-#define FM_CHECK_CUDA(call)                                                                    \
-  do {                                                                                         \
-    cudaError_t fm_status_ = (call);                                                           \
-    if (fm_status_ != cudaSuccess) [[unlikely]]                                                \
+#define FM_CHECK_CUDA(call)                                                                       \
+  do {                                                                                            \
+    cudaError_t fm_status_ = (call);                                                              \
+    if (fm_status_ != cudaSuccess) [[unlikely]]                                                   \
       FM_THROW(::fp8moe::ErrorKind::kCuda, #call " failed: ", cudaGetErrorName(fm_status_), " (", \
-               cudaGetErrorString(fm_status_), ")");                                           \
+               cudaGetErrorString(fm_status_), ")");                                              \
   } while (0)
 
 // After every kernel launch: catches bad launch configurations at once.

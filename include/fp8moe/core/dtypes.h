@@ -32,11 +32,15 @@ enum class DType { kF32, kF64, kBF16, kE4M3, kE5M2, kUE8M0, kI32, kI64 };
 constexpr int dtype_size(DType t) {
   switch (t) {
     case DType::kF64:
-    case DType::kI64: return 8;
+    case DType::kI64:
+      return 8;
     case DType::kF32:
-    case DType::kI32: return 4;
-    case DType::kBF16: return 2;
-    default: return 1;
+    case DType::kI32:
+      return 4;
+    case DType::kBF16:
+      return 2;
+    default:
+      return 1;
   }
 }
 const char* dtype_name(DType t);

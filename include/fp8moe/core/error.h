@@ -59,8 +59,8 @@ std::string concat(Args&&... args) {
     if (!(cond)) [[unlikely]]                                                               \
       FM_THROW(::fp8moe::ErrorKind::kInternal, "check failed: " #cond ": ", ##__VA_ARGS__); \
   } while (0)
-#define FM_CHECK_ARG(cond, ...)                                                \
-  do {                                                                         \
-    if (!(cond)) [[unlikely]]                                                  \
-      FM_THROW(::fp8moe::ErrorKind::kInvalidArgument, ##__VA_ARGS__);          \
+#define FM_CHECK_ARG(cond, ...)                                       \
+  do {                                                                \
+    if (!(cond)) [[unlikely]]                                         \
+      FM_THROW(::fp8moe::ErrorKind::kInvalidArgument, ##__VA_ARGS__); \
   } while (0)

@@ -143,7 +143,9 @@ FM_HD_INLINE float ue8m0_to_float(uint8_t b) {
   return bits_to_float(static_cast<uint32_t>(b) << 23);
 }
 // Round a positive scale up to a power of two (as a float).
-FM_HD_INLINE float round_up_pow2(float x) { return ue8m0_to_float(float_to_ue8m0_ceil(x)); }
+FM_HD_INLINE float round_up_pow2(float x) {
+  return ue8m0_to_float(float_to_ue8m0_ceil(x));
+}
 
 // Typed conveniences.
 FM_HD_INLINE e4m3 to_e4m3(float x, Overflow mode = Overflow::kSaturate) {
@@ -152,13 +154,25 @@ FM_HD_INLINE e4m3 to_e4m3(float x, Overflow mode = Overflow::kSaturate) {
 FM_HD_INLINE e5m2 to_e5m2(float x, Overflow mode = Overflow::kSaturate) {
   return e5m2{float_to_e5m2_bits(x, mode)};
 }
-FM_HD_INLINE bf16 to_bf16(float x) { return bf16{float_to_bf16_bits(x)}; }
-FM_HD_INLINE float to_float(e4m3 v) { return e4m3_bits_to_float(v.bits); }
-FM_HD_INLINE float to_float(e5m2 v) { return e5m2_bits_to_float(v.bits); }
-FM_HD_INLINE float to_float(bf16 v) { return bf16_bits_to_float(v.bits); }
-FM_HD_INLINE float to_float(ue8m0 v) { return ue8m0_to_float(v.bits); }
+FM_HD_INLINE bf16 to_bf16(float x) {
+  return bf16{float_to_bf16_bits(x)};
+}
+FM_HD_INLINE float to_float(e4m3 v) {
+  return e4m3_bits_to_float(v.bits);
+}
+FM_HD_INLINE float to_float(e5m2 v) {
+  return e5m2_bits_to_float(v.bits);
+}
+FM_HD_INLINE float to_float(bf16 v) {
+  return bf16_bits_to_float(v.bits);
+}
+FM_HD_INLINE float to_float(ue8m0 v) {
+  return ue8m0_to_float(v.bits);
+}
 
 // Round a float through BF16 and back (the value a BF16 tensor would hold).
-FM_HD_INLINE float round_to_bf16(float x) { return bf16_bits_to_float(float_to_bf16_bits(x)); }
+FM_HD_INLINE float round_to_bf16(float x) {
+  return bf16_bits_to_float(float_to_bf16_bits(x));
+}
 
 }  // namespace fp8moe

@@ -49,7 +49,7 @@ enum class AccumRounding { kTruncate, kTruncateSum, kNearestEven };
 const char* accum_rounding_name(AccumRounding r);
 
 struct AccumulatorModel {
-  int mantissa_bits = 23;        // fraction bits kept by the limited accumulator (1..52)
+  int mantissa_bits = 23;  // fraction bits kept by the limited accumulator (1..52)
   AccumRounding rounding = AccumRounding::kNearestEven;
   int promotion_interval = 128;  // K elements per promotion window; 0 = never promote
   int group = 1;                 // products added per accumulator step (1..64)

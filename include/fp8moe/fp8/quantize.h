@@ -23,9 +23,9 @@ namespace fp8moe {
 inline constexpr int64_t kQuantTile = 128;
 
 enum class ScaleGranularity {
-  kPerTensor,   // one scale
-  k1x128,       // [rows, ceil(cols/128)]
-  k128x128,     // [ceil(rows/128), ceil(cols/128)]
+  kPerTensor,  // one scale
+  k1x128,      // [rows, ceil(cols/128)]
+  k128x128,    // [ceil(rows/128), ceil(cols/128)]
 };
 const char* granularity_name(ScaleGranularity g);
 
@@ -80,7 +80,9 @@ void quantize_into(const float* x, int64_t rows, int64_t cols, int64_t ld,
 
 // Dequantise to float, row-major [rows, cols].
 std::vector<float> dequantize(const Fp8MatrixRef& q);
-inline std::vector<float> dequantize(const QuantizedMatrix& q) { return dequantize(q.ref()); }
+inline std::vector<float> dequantize(const QuantizedMatrix& q) {
+  return dequantize(q.ref());
+}
 
 // Scales of a 1x128 matrix rearranged M-major as TMA-fed GPU kernels read them:
 // [ceil(cols/128), padded_rows] with padded_rows = rows rounded up to a multiple of
