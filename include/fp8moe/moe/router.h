@@ -35,9 +35,9 @@ void validate_router_config(const RouterConfig& config);
 struct RouterOutput {
   int64_t tokens = 0;
   int top_k = 0;
-  std::vector<int32_t> topk_idx;     // [T, K], expert ids in ascending order per token
-  std::vector<float> topk_weight;    // [T, K], gate weights in the same order
-  std::vector<float> scores;         // [T, E], sigmoid affinities (kept for backward)
+  std::vector<int32_t> topk_idx;   // [T, K], expert ids in ascending order per token
+  std::vector<float> topk_weight;  // [T, K], gate weights in the same order
+  std::vector<float> scores;       // [T, E], sigmoid affinities (kept for backward)
 };
 
 // The score function: float(1 / (1 + exp(-double(x)))).

@@ -1,0 +1,29 @@
+// fp8moe generate --checkpoint DIR --prompt "..." [--temperature T] [--top-p P]: samples text
+// from a checkpoint written by `fp8moe train` (greedy when the temperature is 0).
+#include <iostream>
+#include <memory>
+
+#include "command.h"
+#include "fp8moe/train/trainer.h"
+
+namespace {
+
+void setup(CLI::App& app) {
+  auto g = std::make_shared<fp8moe::GenerateOptions>();
+  app.add_option("--checkpoint", g->checkpoint_dir, "Folder written by fp8moe train")->required();
+  app.add_option("--prompt", g->prompt, "Text to continue")->required();
+  app.add_option("--max-new-tokens", g->max_new_tokens, "Tokens to add")->capture_default_str();
+  app.add_option("--temperature", g->temperature, "0 = greedy")->capture_default_str();
+  app.add_option("--top-p", g->top_p, "Nucleus sampling mass")->capture_default_str();
+  app.add_option("--seed", g->seed, "Sampling seed")->capture_default_str();
+  app.add_flag("--ema", g->use_ema, "Use the EMA weights");
+  app.add_option("--threads", g->threads, "CPU threads (0 = all)")->capture_default_str();
+  app.callback([g] {
+    FM_USAGE_CHECK(g->max_new_tokens >= 0, "--max-new-tokens must be >= 0");
+    std::cout << fp8moe::generate_text(*g) << "\n";
+  });
+}
+
+}  // namespace
+
+FM_REGISTER_COMMAND("generate", "Sample text from a trained checkpoint", setup);

@@ -1,0 +1,580 @@
+// Expert-parallel dispatch/combine benchmark: our device back end (NVLink kernels, and the same
+// kernels over the NCCL wire) against NCCL all-to-all of the same bytes and the raw peer copy
+// (cudaMemcpyPeerAsync), all in one run. Every rank starts each timed iteration together (a gate
+// kernel released from the host once everything is enqueued); time = the slowest rank's
+// device-event interval; median of --iters. GB/s as DeepEP reports it: bytes a rank receives
+// (dispatch: one record per received token, itself included; combine: the same tokens in BF16)
+// over the time. Dispatch results are checked bit for bit against dispatch_reference.
+// Run: ep_bench --out ep.jsonl [--ranks-per-gpu 2] (one JSON object per line, a table on stdout).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "fp8moe/comm/device_ep.h"
+#include "fp8moe/comm/ep.h"
+#include "fp8moe/core/cuda_check.h"
+#include "fp8moe/core/error.h"
+#include "fp8moe/core/philox.h"
+#include "fp8moe/fp8/codec.h"
+
+#if defined(FP8MOE_HAVE_NCCL)
+#include <nccl.h>
+#define BENCH_NCCL(call)                                                       \
+  do {                                                                         \
+    const ncclResult_t st_ = (call);                                           \
+    if (st_ != ncclSuccess)                                                    \
+      FM_THROW(fp8moe::ErrorKind::kNccl, #call ": ", ncclGetErrorString(st_)); \
+  } while (0)
+#endif
+
+namespace {
+
+using namespace fp8moe;
+using namespace fp8moe::comm;
+
+struct Options {
+  int64_t tokens = 4096, hidden = 7168, ll_tokens = 128;
+  int experts = 256, topk = 8, ranks_per_gpu = 1, iters = 20, warmup = 3;
+  std::vector<int> blocks = {96, 132, 264};
+  std::vector<int> ll_blocks = {32, 132, 264};
+  std::string out, commit = "unknown", date = "unknown";
+  bool check = true;
+};
+
+std::vector<int> parse_list(const char* s) {
+  std::vector<int> v;
+  for (const char* p = s; *p;) {
+    v.push_back(std::atoi(p));
+    while (*p && *p != ',') ++p;
+    if (*p) ++p;
+  }
+  return v;
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> const char* {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "ep_bench: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--tokens")
+      o.tokens = std::atoll(next());
+    else if (a == "--hidden")
+      o.hidden = std::atoll(next());
+    else if (a == "--ll-tokens")
+      o.ll_tokens = std::atoll(next());
+    else if (a == "--experts")
+      o.experts = std::atoi(next());
+    else if (a == "--topk")
+      o.topk = std::atoi(next());
+    else if (a == "--ranks-per-gpu")
+      o.ranks_per_gpu = std::atoi(next());
+    else if (a == "--iters")
+      o.iters = std::atoi(next());
+    else if (a == "--blocks")
+      o.blocks = parse_list(next());
+    else if (a == "--ll-blocks")
+      o.ll_blocks = parse_list(next());
+    else if (a == "--out")
+      o.out = next();
+    else if (a == "--commit")
+      o.commit = next();
+    else if (a == "--date")
+      o.date = next();
+    else if (a == "--no-check")
+      o.check = false;
+    else {
+      std::fprintf(stderr, "ep_bench: unknown flag %s\n", a.c_str());
+      std::exit(2);
+    }
+  }
+  return o;
+}
+
+__global__ void k_gate(const volatile int* flag, int value) {
+  while (*flag < value) {
+  }
+}
+
+__global__ void k_fill_bf16(uint16_t* y, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y[i] = static_cast<uint16_t>(0x3F00u | (philox_u32(seed, 7, i) & 0x80FFu));
+}
+
+struct Rank {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t start = nullptr, end = nullptr;
+  std::vector<uint16_t> x;
+  std::vector<int32_t> idx;
+  std::vector<float> w;
+  uint16_t* dx = nullptr;
+  int32_t* didx = nullptr;
+  float* dw = nullptr;
+  uint16_t* dy = nullptr;
+  uint16_t* dout = nullptr;
+};
+
+struct World {
+  Options opt;
+  int gpus = 0, R = 0;
+  std::string gpu_name;
+  std::vector<Rank> ranks;
+  int* gate_host = nullptr;
+  int gate_value = 0;
+  std::FILE* out = nullptr;
+#if defined(FP8MOE_HAVE_NCCL)
+  std::vector<ncclComm_t> comms;
+#endif
+
+  // One timed region per rank, all released together; returns the median of the slowest rank.
+  double time_us(const std::function<void()>& enqueue, int iters, int warmup) {
+    std::vector<double> samples;
+    // NOTE: one ungated call first: NCCL connects peers and CUDA loads modules on first use, and
+    // either may wait for the device, which would never finish behind a closed gate.
+    enqueue();
+    for (auto& r : ranks) {
+      FM_CHECK_CUDA(cudaSetDevice(r.device));
+      FM_CHECK_CUDA(cudaStreamSynchronize(r.stream));
+    }
+    for (int it = 0; it < warmup + iters; ++it) {
+      ++gate_value;
+      for (auto& r : ranks) {
+        FM_CHECK_CUDA(cudaSetDevice(r.device));
+        k_gate<<<1, 1, 0, r.stream>>>(gate_host, gate_value);
+        FM_CHECK_LAUNCH();
+        FM_CHECK_CUDA(cudaEventRecord(r.start, r.stream));
+      }
+      enqueue();
+      for (auto& r : ranks) {
+        FM_CHECK_CUDA(cudaSetDevice(r.device));
+        FM_CHECK_CUDA(cudaEventRecord(r.end, r.stream));
+      }
+      __atomic_store_n(gate_host, gate_value, __ATOMIC_RELEASE);
+      double worst = 0;
+      for (auto& r : ranks) {
+        FM_CHECK_CUDA(cudaSetDevice(r.device));
+        FM_CHECK_CUDA(cudaEventSynchronize(r.end));
+        float ms = 0;
+        FM_CHECK_CUDA(cudaEventElapsedTime(&ms, r.start, r.end));
+        worst = std::max(worst, 1000.0 * ms);
+      }
+      if (it >= warmup) samples.push_back(worst);
+    }
+    std::sort(samples.begin(), samples.end());
+    return samples[samples.size() / 2];
+  }
+};
+
+void make_inputs(World& w, int64_t T, uint64_t seed) {
+  const int K = w.opt.topk, E = w.opt.experts;
+  const int64_t H = w.opt.hidden;
+  for (int r = 0; r < w.R; ++r) {
+    Rank& k = w.ranks[r];
+    k.x.resize(T * H);
+    k.idx.resize(T * K);
+    k.w.resize(T * K);
+    for (int64_t i = 0; i < T * H; ++i)
+      k.x[i] = float_to_bf16_bits(philox_normal(seed, 100 + r, i) * 2.0f);
+    uint64_t n = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int j = 0; j < K;) {
+        const int e = static_cast<int>(philox_u32(seed, 200 + r, n++) % E);
+        bool dup = false;
+        for (int q = 0; q < j; ++q) dup = dup || k.idx[t * K + q] == e;
+        if (!dup) k.idx[t * K + j++] = e;
+      }
+      for (int j = 0; j < K; ++j) k.w[t * K + j] = philox_uniform(seed, 300 + r, t * K + j);
+    }
+    FM_CHECK_CUDA(cudaSetDevice(k.device));
+    cudaFree(k.dx);
+    cudaFree(k.didx);
+    cudaFree(k.dw);
+    FM_CHECK_CUDA(cudaMalloc(&k.dx, k.x.size() * 2));
+    FM_CHECK_CUDA(cudaMalloc(&k.didx, k.idx.size() * 4));
+    FM_CHECK_CUDA(cudaMalloc(&k.dw, k.w.size() * 4));
+    FM_CHECK_CUDA(cudaMemcpy(k.dx, k.x.data(), k.x.size() * 2, cudaMemcpyHostToDevice));
+    FM_CHECK_CUDA(cudaMemcpy(k.didx, k.idx.data(), k.idx.size() * 4, cudaMemcpyHostToDevice));
+    FM_CHECK_CUDA(cudaMemcpy(k.dw, k.w.data(), k.w.size() * 4, cudaMemcpyHostToDevice));
+  }
+}
+
+// counts[s][d]: tokens of s that go to d (a token once per destination rank).
+std::vector<std::vector<int64_t>> pair_counts(const World& w, int64_t T) {
+  const int K = w.opt.topk, L = w.opt.experts / w.R;
+  std::vector<std::vector<int64_t>> c(w.R, std::vector<int64_t>(w.R, 0));
+  for (int s = 0; s < w.R; ++s)
+    for (int64_t t = 0; t < T; ++t) {
+      uint64_t mask = 0;
+      for (int k = 0; k < K; ++k) mask |= 1ull << (w.ranks[s].idx[t * K + k] / L);
+      for (int d = 0; d < w.R; ++d) c[s][d] += (mask >> d) & 1;
+    }
+  return c;
+}
+
+// The rows each rank's grouped layout needs (caller-set bound of the benchmark).
+int64_t needed_rows(const World& w, int64_t T) {
+  const int K = w.opt.topk, L = w.opt.experts / w.R;
+  int64_t worst = 0;
+  for (int d = 0; d < w.R; ++d) {
+    std::vector<int64_t> cnt(L, 0);
+    for (int s = 0; s < w.R; ++s)
+      for (int64_t i = 0; i < T * K; ++i) {
+        const int e = w.ranks[s].idx[i];
+        if (e / L == d) ++cnt[e % L];
+      }
+    int64_t rows = 0;
+    for (int64_t c : cnt) rows += (c + 127) / 128 * 128;
+    worst = std::max(worst, rows);
+  }
+  return worst;
+}
+
+bool same_dispatch(const EpConfig& cfg, const DispatchResult& a, const DispatchResult& b) {
+  if (a.recv.count != b.recv.count) return false;
+  const int64_t H = cfg.hidden, SC = cfg.scale_cols(), Tmax = cfg.max_tokens_per_rank;
+  const int K = cfg.top_k;
+  for (int s = 0; s < cfg.num_ranks; ++s)
+    for (int64_t j = 0; j < a.recv.count[s]; ++j) {
+      const int64_t at = s * Tmax + j;
+      if (a.recv.src_token[at] != b.recv.src_token[at]) return false;
+      for (int k = 0; k < K; ++k)
+        if (a.recv.topk_local[at * K + k] != b.recv.topk_local[at * K + k] ||
+            a.recv.topk_weight[at * K + k] != b.recv.topk_weight[at * K + k])
+          return false;
+      if (cfg.payload == Payload::kBF16) {
+        if (std::memcmp(&a.recv.x_bf16[at * H], &b.recv.x_bf16[at * H], H * 2)) return false;
+      } else if (std::memcmp(&a.recv.x_fp8[at * H], &b.recv.x_fp8[at * H], H) ||
+                 std::memcmp(&a.recv.x_scales[at * SC], &b.recv.x_scales[at * SC], SC * 4)) {
+        return false;
+      }
+    }
+  const GroupedRecv &g = a.grouped, &h = b.grouped;
+  if (g.overflow != h.overflow || g.num_rows != h.num_rows ||
+      g.expert_offsets != h.expert_offsets || g.m_indices != h.m_indices || g.row_src != h.row_src)
+    return false;
+  for (int64_t row = 0; row < g.num_rows; ++row) {
+    if (g.row_src[row] < 0) continue;
+    if (cfg.payload == Payload::kBF16) {
+      if (std::memcmp(&g.x_bf16[row * H], &h.x_bf16[row * H], H * 2)) return false;
+    } else if (std::memcmp(&g.x_fp8[row * H], &h.x_fp8[row * H], H) ||
+               std::memcmp(&g.x_scales[row * SC], &h.x_scales[row * SC], SC * 4)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+struct Row {
+  std::string impl, mode, op, dtype, note;
+  int64_t tokens = 0;
+  double us = 0, gbps = 0;
+  int blocks = 0;
+  int check = -1;  // -1 not checked, 0 mismatch, 1 bit-exact
+};
+
+void emit(World& w, const Row& r) {
+  std::printf("%-18s %-11s %-16s %-5s T=%-5lld blocks=%-3d %9.1f us %8.1f GB/s %s%s\n",
+              r.impl.c_str(), r.mode.c_str(), r.op.c_str(), r.dtype.c_str(),
+              static_cast<long long>(r.tokens), r.blocks, r.us, r.gbps,
+              r.check < 0 ? "" : (r.check ? "bit-exact " : "MISMATCH "), r.note.c_str());
+  std::fflush(stdout);
+  if (!w.out) return;
+  std::fprintf(w.out,
+               "{\"bench\":\"ep\",\"gpu\":\"%s\",\"gpus\":%d,\"ranks\":%d,\"date\":\"%s\","
+               "\"commit\":\"%s\",\"impl\":\"%s\",\"mode\":\"%s\",\"op\":\"%s\",\"dtype\":\"%s\","
+               "\"tokens\":%lld,\"hidden\":%lld,\"topk\":%d,\"experts\":%d,\"us\":%.2f,"
+               "\"gbps\":%.2f,\"blocks\":%d,\"checked\":%s,\"note\":\"%s\"}\n",
+               w.gpu_name.c_str(), w.gpus, w.R, w.opt.date.c_str(), w.opt.commit.c_str(),
+               r.impl.c_str(), r.mode.c_str(), r.op.c_str(), r.dtype.c_str(),
+               static_cast<long long>(r.tokens), static_cast<long long>(w.opt.hidden), w.opt.topk,
+               w.opt.experts, r.us, r.gbps, r.blocks,
+               r.check < 0 ? "null" : (r.check ? "true" : "false"), r.note.c_str());
+  std::fflush(w.out);
+}
+
+EpConfig make_config(const World& w, int64_t T, Payload p, int64_t masked_capacity,
+                     int64_t max_rows) {
+  EpConfig c;
+  c.num_ranks = w.R;
+  c.num_experts = w.opt.experts;
+  c.top_k = w.opt.topk;
+  c.hidden = w.opt.hidden;
+  c.max_tokens_per_rank = T;
+  c.payload = p;
+  c.masked_capacity = masked_capacity;
+  c.max_rows = masked_capacity > 0 ? 0 : max_rows;
+  c.timeout_s = 10.0;
+  return c;
+}
+
+std::vector<int> devices_of(const World& w) {
+  std::vector<int> d;
+  for (const auto& r : w.ranks) d.push_back(r.device);
+  return d;
+}
+
+// Ours at one shape: dispatch (expanded into the grouped layout, and layout only) and combine.
+void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked_capacity,
+                const std::vector<int>& blocks_list, Wire wire, double recv_bytes_fp8,
+                double recv_bytes_bf16) {
+  const int64_t H = w.opt.hidden;
+  const int64_t rows = needed_rows(w, T);
+  const int64_t max_rows = (rows + 127) / 128 * 128;
+  const EpConfig cfg = make_config(w, T, p, masked_capacity, max_rows);
+  const double disp_bytes = p == Payload::kFP8 ? recv_bytes_fp8 : recv_bytes_bf16;
+  const std::string impl = wire == Wire::kNccl ? "fp8moe_nccl_wire" : "fp8moe";
+  bool checked = false;
+  for (int blocks : blocks_list) {
+    for (bool expand : {true, false}) {
+      if (!expand && masked_capacity > 0) continue;
+      DeviceEpOptions o;
+      o.num_blocks = blocks;
+      o.wire = wire;
+      o.expand_payload = expand;
+      DeviceEpGroup group(cfg, devices_of(w), o);
+      for (int r = 0; r < w.R; ++r) {
+        Rank& k = w.ranks[r];
+        FM_CHECK_CUDA(cudaSetDevice(k.device));
+        cudaFree(k.dy);
+        cudaFree(k.dout);
+        FM_CHECK_CUDA(cudaMalloc(&k.dy, cfg.row_bound() * H * 2));
+        FM_CHECK_CUDA(cudaMalloc(&k.dout, std::max<int64_t>(1, T) * H * 2));
+        k_fill_bf16<<<1024, 256, 0, k.stream>>>(k.dy, cfg.row_bound() * H, 11 + r);
+        FM_CHECK_LAUNCH();
+      }
+      const bool grouped = wire == Wire::kNccl;
+      auto dispatch = [&] {
+        if (grouped) nccl_group_start();
+        for (int r = 0; r < w.R; ++r)
+          group.rank(r).dispatch_send({T, w.ranks[r].dx, w.ranks[r].didx, w.ranks[r].dw},
+                                      w.ranks[r].stream);
+        if (grouped) nccl_group_end();
+        for (int r = 0; r < w.R; ++r) group.rank(r).dispatch_recv(w.ranks[r].stream);
+      };
+      auto combine = [&] {
+        if (grouped) nccl_group_start();
+        for (int r = 0; r < w.R; ++r) group.rank(r).combine_send(w.ranks[r].dy, w.ranks[r].stream);
+        if (grouped) nccl_group_end();
+        for (int r = 0; r < w.R; ++r)
+          group.rank(r).combine_recv(w.ranks[r].dout, w.ranks[r].stream);
+      };
+      Row row;
+      row.impl = impl;
+      row.mode = mode;
+      row.dtype = payload_name(p);
+      row.tokens = T;
+      row.blocks = blocks;
+      row.op = expand ? "dispatch" : "dispatch_layout_only";
+      row.us = w.time_us(dispatch, w.opt.iters, w.opt.warmup);
+      row.gbps = disp_bytes / (row.us * 1e3);
+      group.check();
+      if (expand && w.opt.check && !checked) {
+        std::vector<TokenBatch> batches;
+        for (auto& k : w.ranks) batches.push_back({T, k.x.data(), k.idx.data(), k.w.data()});
+        const auto want = dispatch_reference(cfg, batches);
+        row.check = 1;
+        for (int r = 0; r < w.R; ++r)
+          row.check = row.check && same_dispatch(cfg, want[r], group.rank(r).download());
+        checked = true;
+      }
+      emit(w, row);
+      if (!expand) continue;
+      Row c = row;
+      c.op = "combine";
+      c.dtype = "bf16";
+      c.check = -1;
+      c.us = w.time_us(combine, w.opt.iters, w.opt.warmup);
+      c.gbps = recv_bytes_bf16 / (c.us * 1e3);
+      group.check();
+      emit(w, c);
+    }
+  }
+}
+
+#if defined(FP8MOE_HAVE_NCCL)
+// NCCL all-to-all (grouped send/recv) of exactly the bytes the dispatch moves.
+void bench_nccl(World& w, const char* mode, int64_t T, const std::vector<std::vector<int64_t>>& cnt,
+                const char* op, const char* dtype, int64_t record_bytes, double recv_bytes) {
+  std::vector<char*> sbuf(w.R), rbuf(w.R);
+  for (int r = 0; r < w.R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+    FM_CHECK_CUDA(cudaMalloc(&sbuf[r], w.R * T * record_bytes + 16));
+    FM_CHECK_CUDA(cudaMalloc(&rbuf[r], w.R * T * record_bytes + 16));
+    FM_CHECK_CUDA(cudaMemset(sbuf[r], 1, w.R * T * record_bytes + 16));
+  }
+  auto a2a = [&] {
+    BENCH_NCCL(ncclGroupStart());
+    for (int r = 0; r < w.R; ++r)
+      for (int p = 0; p < w.R; ++p) {
+        BENCH_NCCL(ncclSend(sbuf[r] + p * T * record_bytes, cnt[r][p] * record_bytes, ncclUint8, p,
+                            w.comms[r], w.ranks[r].stream));
+        BENCH_NCCL(ncclRecv(rbuf[r] + p * T * record_bytes, cnt[p][r] * record_bytes, ncclUint8, p,
+                            w.comms[r], w.ranks[r].stream));
+      }
+    BENCH_NCCL(ncclGroupEnd());
+  };
+  Row row;
+  row.impl = "nccl";
+  row.mode = mode;
+  row.op = op;
+  row.dtype = dtype;
+  row.tokens = T;
+  row.note = "all_to_all_same_bytes";
+  row.us = w.time_us(a2a, w.opt.iters, w.opt.warmup);
+  row.gbps = recv_bytes / (row.us * 1e3);
+  emit(w, row);
+  for (int r = 0; r < w.R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+    cudaFree(sbuf[r]);
+    cudaFree(rbuf[r]);
+  }
+}
+#endif
+
+// Raw peer copies between GPUs 0 and 1: one direction, and both directions at once.
+void bench_peer(World& w, int64_t bytes, const char* note) {
+  if (w.gpus < 2) return;
+  char* buf[2][2];
+  for (int g = 0; g < 2; ++g) {
+    FM_CHECK_CUDA(cudaSetDevice(g));
+    FM_CHECK_CUDA(cudaMalloc(&buf[g][0], bytes));
+    FM_CHECK_CUDA(cudaMalloc(&buf[g][1], bytes));
+    FM_CHECK_CUDA(cudaMemset(buf[g][0], 3, bytes));
+  }
+  const Rank& r0 = w.ranks[0];
+  const Rank* r1 = nullptr;
+  for (const auto& r : w.ranks)
+    if (r.device == 1) r1 = &r;
+  for (bool both : {false, true}) {
+    auto copy = [&] {
+      FM_CHECK_CUDA(cudaMemcpyPeerAsync(buf[1][1], 1, buf[0][0], 0, bytes, r0.stream));
+      if (both) FM_CHECK_CUDA(cudaMemcpyPeerAsync(buf[0][1], 0, buf[1][0], 1, bytes, r1->stream));
+    };
+    Row row;
+    row.impl = "peer_copy";
+    row.mode = "-";
+    row.op = both ? "copy_bidirectional" : "copy_one_way";
+    row.dtype = "bytes";
+    row.note = note;
+    row.us = w.time_us(copy, w.opt.iters, w.opt.warmup);
+    row.gbps = static_cast<double>(bytes) / (row.us * 1e3);  // per direction
+    emit(w, row);
+  }
+  for (int g = 0; g < 2; ++g) {
+    FM_CHECK_CUDA(cudaSetDevice(g));
+    cudaFree(buf[g][0]);
+    cudaFree(buf[g][1]);
+  }
+}
+
+void run(World& w) {
+  const int64_t H = w.opt.hidden;
+  const int64_t fp8_record = H + H / 128 * 4, bf16_record = H * 2;
+  struct Shape {
+    const char* mode;
+    int64_t T;
+    const std::vector<int>* blocks;
+  };
+  for (const Shape& s : {Shape{"normal", w.opt.tokens, &w.opt.blocks},
+                         Shape{"low_latency", w.opt.ll_tokens, &w.opt.ll_blocks}}) {
+    make_inputs(w, s.T, s.T == w.opt.tokens ? 1 : 2);
+    const auto cnt = pair_counts(w, s.T);
+    // Per-rank received tokens (itself included), averaged; and the cross-rank part.
+    double recv = 0, cross = 0;
+    for (int s2 = 0; s2 < w.R; ++s2)
+      for (int d = 0; d < w.R; ++d) {
+        recv += cnt[s2][d];
+        if (s2 != d) cross += cnt[s2][d];
+      }
+    recv /= w.R;
+    cross /= w.R;
+    std::printf(
+        "# %s: %lld tokens/rank, %d ranks, %.0f tokens received per rank (%.0f from peers)\n",
+        s.mode, static_cast<long long>(s.T), w.R, recv, cross);
+    const bool ll = std::string(s.mode) == "low_latency";
+    const int64_t cap = ll ? w.R * s.T : 0;
+    if (!ll)
+      bench_ours(w, s.mode, s.T, Payload::kBF16, 0, *s.blocks, Wire::kNvlink, recv * fp8_record,
+                 recv * bf16_record);
+    bench_ours(w, s.mode, s.T, Payload::kFP8, cap, *s.blocks, Wire::kNvlink, recv * fp8_record,
+               recv * bf16_record);
+#if defined(FP8MOE_HAVE_NCCL)
+    if (!w.comms.empty()) {
+      bench_nccl(w, s.mode, s.T, cnt, "dispatch", "fp8", fp8_record, recv * fp8_record);
+      bench_nccl(w, s.mode, s.T, cnt, "dispatch", "bf16", bf16_record, recv * bf16_record);
+      bench_nccl(w, s.mode, s.T, cnt, "combine", "bf16", bf16_record, recv * bf16_record);
+      bench_ours(w, s.mode, s.T, Payload::kFP8, cap, {s.blocks->front()}, Wire::kNccl,
+                 recv * fp8_record, recv * bf16_record);
+    }
+#endif
+    bench_peer(w, static_cast<int64_t>(cross * fp8_record), "fp8_dispatch_cross_bytes");
+  }
+  bench_peer(w, 256ll << 20, "256MiB");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  World w;
+  w.opt = parse(argc, argv);
+  try {
+    FM_CHECK_CUDA(cudaGetDeviceCount(&w.gpus));
+    FM_CHECK_ARG(w.gpus > 0, "no GPU");
+    cudaDeviceProp prop;
+    FM_CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+    w.gpu_name = prop.name;
+    w.R = w.gpus * w.opt.ranks_per_gpu;
+    for (int r = 0; r < w.R; ++r) {
+      Rank k;
+      k.device = r % w.gpus;
+      FM_CHECK_CUDA(cudaSetDevice(k.device));
+      FM_CHECK_CUDA(cudaStreamCreateWithFlags(&k.stream, cudaStreamNonBlocking));
+      FM_CHECK_CUDA(cudaEventCreate(&k.start));
+      FM_CHECK_CUDA(cudaEventCreate(&k.end));
+      w.ranks.push_back(k);
+    }
+    FM_CHECK_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&w.gate_host), sizeof(int),
+                                cudaHostAllocMapped | cudaHostAllocPortable));
+    *w.gate_host = 0;
+    if (!w.opt.out.empty()) {
+      w.out = std::fopen(w.opt.out.c_str(), "a");
+      FM_CHECK_ARG(w.out, "cannot open ", w.opt.out);
+    }
+#if defined(FP8MOE_HAVE_NCCL)
+    if (w.opt.ranks_per_gpu == 1 && w.gpus > 1) {
+      w.comms.resize(w.R);
+      std::vector<int> devs = devices_of(w);
+      BENCH_NCCL(ncclCommInitAll(w.comms.data(), w.R, devs.data()));
+    }
+#endif
+    std::printf("# ep_bench on %d x %s, %d ranks, hidden %lld, top-%d of %d experts\n", w.gpus,
+                w.gpu_name.c_str(), w.R, static_cast<long long>(w.opt.hidden), w.opt.topk,
+                w.opt.experts);
+    run(w);
+#if defined(FP8MOE_HAVE_NCCL)
+    for (auto c : w.comms) ncclCommDestroy(c);
+#endif
+    if (w.out) std::fclose(w.out);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "ep_bench: %s\n", e.what());
+    return e.kind() == ErrorKind::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
+}

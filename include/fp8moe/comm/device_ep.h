@@ -1,0 +1,124 @@
+// The device back ends. NVLink: our own CUDA kernels over peer-mapped buffers (no NVSHMEM). Each
+// rank has one device workspace laid out identically on every rank; a rank reaches its peers'
+// workspaces through pointers that are either peer-mapped allocations of the same process (one
+// process driving several GPUs, or several ranks sharing one GPU) or CUDA IPC handles opened from
+// other processes (one process per GPU). Senders push token records straight into the receiver's
+// source region and publish them with a release-add on a per-source counter; receivers poll with
+// acquire loads, so nothing waits on the host: counts stay on the device, buffers are sized by
+// EpConfig's bounds, overflow and timeouts land in an error record that check() turns into an
+// fp8moe::Error naming rank, peer and counter. Every call only enqueues work on the given stream
+// (capturable in a CUDA graph); send and receive are separate so the caller can overlap the wait.
+//
+// Semantics and bit-exact results: those of fp8moe/comm/ep.h (one node: gpus_per_node must be 0
+// or num_ranks here). Tested in tests/comm/device_ep_gpu_test.cu against dispatch_reference.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "fp8moe/comm/ep.h"
+
+namespace fp8moe::comm {
+
+// How records travel between ranks: pushed through peer-mapped pointers (NVLink, our kernels),
+// or packed locally and exchanged with NCCL grouped send/recv of bound-sized regions (the counts
+// stay on the device, so every region is sent at its bound).
+enum class Wire { kNvlink, kNccl };
+const char* wire_name(Wire w);
+
+struct DeviceEpOptions {
+  Wire wire = Wire::kNvlink;
+  void* nccl_comm = nullptr;  // ncclComm_t of this rank (Wire::kNccl)
+  int num_blocks = 24;  // blocks of the send and combine kernels (the bench found 132-264 best)
+  // Copy payload rows into the grouped layout. Off, dispatch leaves the payload in the source
+  // regions (row_src says where each row's token is) and only builds the layout.
+  bool expand_payload = true;
+};
+
+// Inputs of one rank, device pointers on that rank's device.
+struct DeviceBatch {
+  int64_t tokens = 0;
+  const uint16_t* x = nullptr;         // [T, H] BF16
+  const int32_t* topk_idx = nullptr;   // [T, K]
+  const float* topk_weight = nullptr;  // [T, K]
+};
+
+// Device views of a rank's dispatch outputs (valid until its next dispatch).
+struct DeviceRecvView {
+  const int32_t* recv_count = nullptr;      // [R]
+  const int32_t* expert_counts = nullptr;   // [L] (masked_m in masked mode)
+  const int32_t* expert_offsets = nullptr;  // [L + 1]
+  const int32_t* m_indices = nullptr;       // [row bound]
+  const int32_t* row_src = nullptr;         // [row bound]
+  const float* row_weight = nullptr;        // [row bound] gate weight of each row
+  const void* x = nullptr;                  // [row bound, H] BF16 or E4M3 codes
+  const float* x_scales = nullptr;          // [row bound, H/128] (FP8)
+  const int64_t* status = nullptr;          // [0] rows_needed, [1] overflow, [2] tokens received
+};
+
+// One rank: its workspace on `device`, its stream-ordered operations.
+class DeviceEpRank {
+ public:
+  DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOptions opt = {});
+  ~DeviceEpRank();
+  DeviceEpRank(const DeviceEpRank&) = delete;
+  DeviceEpRank& operator=(const DeviceEpRank&) = delete;
+
+  int rank() const;
+  int device() const;
+  const EpConfig& config() const;
+  void* workspace() const;  // base of this rank's workspace (device pointer)
+  cudaIpcMemHandle_t ipc_handle() const;
+  // Peer workspaces as this rank's device sees them: bases[r] for every rank (its own included).
+  void connect(const std::vector<void*>& bases);
+  // The same from IPC handles of the other processes (own entry ignored).
+  void connect_ipc(const std::vector<cudaIpcMemHandle_t>& handles);
+
+  void dispatch_send(const DeviceBatch& batch, cudaStream_t stream);
+  void dispatch_recv(cudaStream_t stream);
+  // y: expert outputs [row bound, H] BF16 in the layout of the last dispatch.
+  void combine_send(const uint16_t* y, cudaStream_t stream);
+  // rows: one BF16 row per received slot [R * Tmax, H] (dispatch's backward).
+  void combine_tokens_send(const uint16_t* rows, cudaStream_t stream);
+  // out: [T, H] BF16 for the T of the last dispatch_send.
+  void combine_recv(uint16_t* out, cudaStream_t stream);
+
+  DeviceRecvView view() const;
+  // Throws the recorded error, if any (call after synchronising the rank's stream).
+  void check() const;
+  // Host copy of the last dispatch in the reference's format (tests; synchronises).
+  DispatchResult download() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// All ranks in this process: rank r on devices[r]. Wire::kNvlink: devices may repeat (several
+// ranks on one GPU); peer access is enabled between distinct devices and every rank is connected
+// to every other. Wire::kNccl: one rank per device, communicators made here (ncclCommInitAll);
+// a thread that drives several NCCL ranks wraps each phase's calls for all ranks in
+// nccl_group_start() / nccl_group_end().
+class DeviceEpGroup {
+ public:
+  DeviceEpGroup(const EpConfig& cfg, const std::vector<int>& devices, DeviceEpOptions opt = {});
+  ~DeviceEpGroup();
+  int size() const { return static_cast<int>(ranks_.size()); }
+  DeviceEpRank& rank(int r) { return *ranks_[r]; }
+  // check() of every rank.
+  void check() const;
+
+ private:
+  std::vector<std::unique_ptr<DeviceEpRank>> ranks_;
+  std::vector<void*> comms_;
+};
+
+// True when this build has the NCCL back end.
+bool nccl_available();
+void nccl_group_start();
+void nccl_group_end();
+
+}  // namespace fp8moe::comm

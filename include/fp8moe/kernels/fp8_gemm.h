@@ -1,0 +1,68 @@
+// Hopper (sm_90a) FP8 GEMMs with fine-grained scaling, DeepGEMM's contract:
+//   D[M,N] = A[M,K] * B[N,K]^T, A and B E4M3 with K contiguous ("NT"). The tensor cores sum one
+//   128-wide K block; the partial sum is then multiplied by both scales and added into FP32
+//   registers (promotion, fmaf(partial, sa*sb, acc)), exactly as gemm_fp8_reference's default
+//   AccumulatorModel does.
+//
+// Scale layouts (all FP32; KB = K / 128; pad(x) = padded_rows(x) = x rounded up to 4, so that each
+// scale row is 16-byte aligned as TMA needs; padding entries are never read into the result):
+//   A, 1x128 (activations):  M-major  sa[KB][pad(M)]          (fp8moe::scales_mn_major gives it)
+//   B, 128x128 (weights):    row-major sb[ceil(N/128)][KB]   (QuantizedMatrix::scales as is)
+//   B, 1x128 (wgrad):        N-major  sb[KB][pad(N)]
+// Grouped forms add a leading group dimension to B / sb (and to A / sa for the masked form), see
+// each function. Pointers are device pointers; A, B need 16-byte alignment, D 16-byte alignment.
+// Shapes the kernels cannot take (K % 128 != 0, N % 8 != 0, misaligned pointers, too many groups)
+// throw fp8moe::Error (kInvalidArgument) naming the shape before anything is launched.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "fp8moe/core/dtypes.h"
+#include "fp8moe/kernels/gemm_config.h"
+
+namespace fp8moe::kernels {
+
+// Dense Fprop/Dgrad: D bf16 [M,N] = A [M,K] (1x128, sa M-major) * B [N,K]^T (128x128 sb).
+void fp8_gemm_nt(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, bf16* d,
+                 int64_t m, int64_t n, int64_t k, cudaStream_t stream,
+                 const GemmTileConfig* force = nullptr);
+
+// MoE grouped, contiguous: A [M,K] holds every routed token, each expert's rows start at a
+// multiple of 128; grouped_layout [M] (int32, device) names each row's expert, -1 for padding
+// rows (whole 128-row tiles of padding are skipped; D rows of padding are left untouched).
+// B [G,N,K], sb [G][ceil(N/128)][KB]; sa [KB][pad(M)]; D [M,N].
+void fp8_gemm_nt_grouped_contiguous(const uint8_t* a, const float* sa, const uint8_t* b,
+                                    const float* sb, bf16* d, const int32_t* grouped_layout,
+                                    int64_t m, int64_t n, int64_t k, int64_t num_groups,
+                                    cudaStream_t stream, const GemmTileConfig* force = nullptr);
+
+// MoE grouped, masked (decoding under CUDA graphs): A [G,max_m,K], sa [G][KB][pad(max_m)],
+// masked_m [G] (int32, device: the valid rows of each group, read on the device only),
+// B [G,N,K], sb [G][ceil(N/128)][KB]; D [G,max_m,N], rows >= masked_m[g] left untouched.
+void fp8_gemm_nt_grouped_masked(const uint8_t* a, const float* sa, const uint8_t* b,
+                                const float* sb, bf16* d, const int32_t* masked_m,
+                                int64_t num_groups, int64_t max_m, int64_t n, int64_t k,
+                                cudaStream_t stream, const GemmTileConfig* force = nullptr);
+
+// Weight gradient: D fp32 [M,N] += A [M,K] * B [N,K]^T, both 1x128-scaled (sa [KB][pad(M)],
+// sb [KB][pad(N)]), accumulated into the existing D.
+void fp8_gemm_nt_wgrad(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb,
+                       float* d, int64_t m, int64_t n, int64_t k, cudaStream_t stream,
+                       const GemmTileConfig* force = nullptr);
+
+// K-grouped weight gradient for the experts: the reduction axis (tokens) is cut into groups of
+// ks[g] (host values, each a multiple of 128, zero allowed); A [M, sum(ks)] and B [N, sum(ks)]
+// hold the groups side by side along K (what the fused cast+transpose of expert-contiguous
+// activations gives), sa [sum(ks)/128][pad(M)], sb [sum(ks)/128][pad(N)];
+// D fp32 [G,M,N], D[g] += A[:, group g] * B[:, group g]^T.
+inline constexpr int kMaxKGroups = 256;
+void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t* b,
+                                const float* sb, float* d, int64_t m, int64_t n,
+                                std::span<const int64_t> ks, cudaStream_t stream,
+                                const GemmTileConfig* force = nullptr);
+
+}  // namespace fp8moe::kernels

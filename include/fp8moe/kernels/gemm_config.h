@@ -1,0 +1,30 @@
+// Launch configuration of the sm_90a FP8 GEMMs (fp8_gemm.h), free of CUDA headers so that the
+// tile heuristic (sm90_gemm_heuristic.h) builds and is tested on machines without CUDA.
+#pragma once
+
+#include <string>
+
+namespace fp8moe::kernels {
+
+// Tile configuration chosen by the heuristic (sm90_gemm_heuristic.h); exposed so benchmarks and
+// tests can force one.
+struct GemmTileConfig {
+  int block_m = 128;   // 64 or 128 (one math warpgroup per 64 rows)
+  int block_n = 128;   // 64, 128 or 192 (192: 1x128 x 128x128 kernel only)
+  int num_stages = 0;  // 0 = as many as shared memory holds
+  int num_sms = 0;     // persistent grid size; 0 = all multiprocessors
+  int epilogue = 0;    // BF16 output: 0 = heuristic, 1 = registers to global memory, 2 = through
+                       // shared memory and TMA stores (overlaps the next tile; costs a stage)
+  int cluster = 1;     // 2: pairs of CTAs on adjacent 128-row blocks share B tiles (TMA
+                       // multicast); dense only, needs an even number of M-blocks (else 1 is used)
+  int wg_order = -1;   // 128-row tiles: how the two math warpgroups take turns on the tensor
+                       // cores. 0 = free; 1 = strict alternation (each issues a K block once the
+                       // other's has completed); 2 = warpgroup 1 issues once warpgroup 0's block
+                       // has completed, warpgroup 0 once warpgroup 1's has been issued; -1 =
+                       // FP8MOE_GEMM_ORDER from the environment, else the built-in default
+};
+
+// One line naming a configuration (for benchmarks and logs).
+std::string describe_tile_config(const GemmTileConfig& c);
+
+}  // namespace fp8moe::kernels

@@ -1,0 +1,50 @@
+// GPU fine-grained FP8 (E4M3) quantisation feeding the FP8 GEMMs. Bit for bit the CPU
+// fp8moe::quantize (fp8moe/fp8/quantize.h): scale = amax / 448 (floored at FLT_MIN, 1 for an
+// all-zero tile, rounded up to a power of two with pow2_scales), codes = e4m3(x / scale) with IEEE
+// division, round-to-nearest-even, saturating. Partial tiles (cols or rows not a multiple of 128)
+// get their own scale over the elements they have. Inputs must be finite (the CPU version
+// checks; here a NaN or infinity gives NaN/saturated codes, not an error).
+// All pointers are device pointers; element types float or bf16.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "fp8moe/core/dtypes.h"
+
+namespace fp8moe::kernels {
+
+// Where the 1x128 scales of a [rows, cols] matrix go.
+//   kRowMajor: scales[rows][ceil(cols/128)]  (QuantizedMatrix::scales)
+//   kMnMajor:  scales[ceil(cols/128)][padded_rows(rows)], padding entries written 0 (what the
+//              GEMMs' TMA reads; fp8moe::scales_mn_major gives the same array from the CPU)
+enum class ScaleLayout { kRowMajor, kMnMajor };
+
+// Per-token 1x128: codes [rows, ld_codes].
+void quantize_1x128(const float* x, int64_t rows, int64_t cols, int64_t ld, bool pow2_scales,
+                    uint8_t* codes, int64_t ld_codes, float* scales, ScaleLayout layout,
+                    cudaStream_t stream);
+void quantize_1x128(const bf16* x, int64_t rows, int64_t cols, int64_t ld, bool pow2_scales,
+                    uint8_t* codes, int64_t ld_codes, float* scales, ScaleLayout layout,
+                    cudaStream_t stream);
+
+// 128x128 blocks: codes [rows, ld_codes], scales row-major [ceil(rows/128)][ceil(cols/128)].
+void quantize_128x128(const float* x, int64_t rows, int64_t cols, int64_t ld, bool pow2_scales,
+                      uint8_t* codes, int64_t ld_codes, float* scales, cudaStream_t stream);
+void quantize_128x128(const bf16* x, int64_t rows, int64_t cols, int64_t ld, bool pow2_scales,
+                      uint8_t* codes, int64_t ld_codes, float* scales, cudaStream_t stream);
+
+// Fused cast + transpose in one pass over x [rows, cols]:
+//   codes   [rows, cols]  1x128 along cols, scales in `layout` over [rows, cols]
+//   codes_t [cols, rows]  = quantize(x^T) 1x128 along rows (the K-major copy Dgrad and Wgrad
+//                           read), scales_t in `layout` over [cols, rows]
+// codes / scales may be null to produce the transposed copy alone.
+void quantize_1x128_transpose(const float* x, int64_t rows, int64_t cols, int64_t ld,
+                              bool pow2_scales, uint8_t* codes, float* scales, uint8_t* codes_t,
+                              float* scales_t, ScaleLayout layout, cudaStream_t stream);
+void quantize_1x128_transpose(const bf16* x, int64_t rows, int64_t cols, int64_t ld,
+                              bool pow2_scales, uint8_t* codes, float* scales, uint8_t* codes_t,
+                              float* scales_t, ScaleLayout layout, cudaStream_t stream);
+
+}  // namespace fp8moe::kernels

@@ -1,0 +1,47 @@
+// Tile selection for the sm_90a FP8 GEMMs: list the tile shapes the kernels are built for, drop
+// those that do not fit shared memory, rank the rest by a small cost model (waves of tiles over
+// the multiprocessors, per-tile tensor-core time against per-tile L2 traffic, and the DRAM floor
+// of reading both operands once). Plain C++, unit-tested on the CPU
+// (tests/kernels/sm90_gemm_heuristic_test.cpp).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fp8moe/kernels/gemm_config.h"
+
+namespace fp8moe::kernels {
+
+enum class GemmKind { kDense, kGroupedContiguous, kGroupedMasked, kWgrad, kKGroupedWgrad };
+const char* gemm_kind_name(GemmKind kind);
+
+struct GemmShape {
+  GemmKind kind = GemmKind::kDense;
+  int64_t m = 0;           // rows of one problem (masked: the expected rows per group)
+  int64_t n = 0, k = 0;    // k: the reduction length of one problem (k-grouped: the average)
+  int64_t num_groups = 1;  // problems that run side by side (contiguous: 1, m counts all rows)
+};
+
+struct TileCandidate {
+  int block_m, block_n;
+};
+// The tile shapes compiled for a kind (the 1x128 x 1x128 weight-gradient kernel has fewer).
+std::vector<TileCandidate> gemm_tile_candidates(GemmKind kind);
+
+// Shared memory one pipeline stage takes, and the stages that fit in `smem_limit` bytes.
+int64_t gemm_stage_bytes(GemmKind kind, int block_m, int block_n);
+// Dynamic shared memory of a launch: output staging, the stages, alignment slack.
+// `tma_store`: the BF16 output is staged in shared memory (block_m x block_n x 2 bytes).
+int64_t gemm_smem_bytes(GemmKind kind, int block_m, int block_n, int num_stages, bool tma_store);
+int gemm_max_stages(GemmKind kind, int block_m, int block_n, int64_t smem_limit, bool tma_store);
+// The epilogue the heuristic picks (GemmTileConfig::epilogue): BF16 output through shared memory
+// and TMA stores; the FP32 accumulate of the weight gradient stores from registers.
+int gemm_choose_epilogue(const GemmShape& shape, int block_n);
+
+// Estimated time (arbitrary units, comparable between candidates of one shape).
+double gemm_tile_cost(const GemmShape& shape, const TileCandidate& tile, int num_sms);
+
+// The best candidate for the shape, with num_stages and num_sms filled in.
+GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit);
+
+}  // namespace fp8moe::kernels

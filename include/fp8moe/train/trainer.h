@@ -1,0 +1,69 @@
+// The training loop of the CPU reference: batches from the corpus, forward/backward in the
+// chosen precision, gradient clipping, AdamW, the router's bias update, the EMA thread,
+// JSON-lines metrics, an SVG loss plot, and checkpoints that resume bit for bit.
+//
+// Files in the output folder: checkpoint.safetensors, metrics.jsonl, loss.svg, tokenizer.model.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fp8moe/model/config.h"
+#include "fp8moe/model/linear.h"
+#include "fp8moe/train/optimizer.h"
+
+namespace fp8moe {
+
+struct TrainOptions {
+  ModelConfig model;
+  Precision precision = Precision::kFp8;
+  std::string out_dir;
+  std::string corpus = "data/kjv.txt";
+  std::string tokenizer = "data/kjv_sp2048.model";
+  int64_t steps = 300;     // total steps of the run (the schedule's length)
+  int64_t stop_after = 0;  // > 0: stop (with a checkpoint) after this many steps
+  int64_t batch = 4;
+  int64_t seq = 128;
+  uint64_t seed = 1;
+  AdamWConfig adam;  // total_steps is set from `steps`
+  float mtp_weight = 0.3f;
+  double bias_update_speed = 0.001;
+  double ema_decay = 0.99;
+  int64_t checkpoint_every = 0;  // 0: only at the end
+  int64_t eval_batches = 8;
+  bool resume = false;
+  bool progress = true;
+  int threads = 0;  // 0: all hardware threads
+};
+
+struct TrainResult {
+  std::vector<double> losses;  // per step (all steps, including those before a resume)
+  double final_loss = 0;       // mean training loss over the last 10% of the steps
+  double valid_loss = 0;       // held-out loss after the last step
+  double seconds = 0;          // wall time of this run
+  double cpu_seconds = 0;      // CPU time of the process (all threads) during this run
+  double tokens_per_s = 0;
+  int64_t steps_done = 0;
+};
+
+TrainResult train(const TrainOptions& options);
+
+// Loss curves as an SVG line plot (one polyline per series).
+std::string loss_plot_svg(const std::vector<std::string>& names,
+                          const std::vector<std::vector<double>>& series, const std::string& title);
+
+// Sampling from a checkpoint folder written by train().
+struct GenerateOptions {
+  std::string checkpoint_dir;
+  std::string prompt;
+  int64_t max_new_tokens = 64;
+  double temperature = 0.0;  // 0: greedy
+  double top_p = 1.0;
+  uint64_t seed = 1;
+  bool use_ema = false;
+  int threads = 0;
+};
+std::string generate_text(const GenerateOptions& options);
+
+}  // namespace fp8moe

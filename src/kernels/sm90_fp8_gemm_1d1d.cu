@@ -1,0 +1,110 @@
+// FP8 weight-gradient GEMM on sm_90a: D(fp32) += A * B^T with 1x128 scales on both operands
+// (each promotion multiplies by sa[row] * sb[col]); dense and k-grouped (experts side by side
+// along K). Kernel in sm90_fp8_gemm.cuh. Checked against gemm_fp8_reference(accumulate = true):
+// `build-device/tests/test_kernels_gpu --gtest_filter='Fp8Wgrad*'`.
+#include "sm90_fp8_gemm_launch.cuh"
+
+namespace fp8moe::kernels {
+
+using sm90::Form;
+using sm90::GemmParams;
+using sm90::LaunchMaps;
+using sm90::TmaElem;
+
+namespace {
+
+void dispatch_1d1d(const LaunchMaps& maps, const GemmParams& p, const GemmTileConfig& c,
+                   int max_tiles, cudaStream_t stream) {
+  if (c.block_m == 128 && c.block_n == 128)
+    sm90::launch_gemm<128, 128, true>(maps, p, c, max_tiles, stream);
+  else if (c.block_m == 64 && c.block_n == 128)
+    sm90::launch_gemm<64, 128, true>(maps, p, c, max_tiles, stream);
+  else
+    FM_THROW(ErrorKind::kInvalidArgument, "fp8 wgrad gemm: tile ", c.block_m, "x", c.block_n,
+             " not compiled");
+}
+
+LaunchMaps make_maps(const uint8_t* a, const uint8_t* b, const float* sa, const float* sb,
+                     int64_t m, int64_t n, int64_t k, const GemmTileConfig& c) {
+  LaunchMaps maps{};
+  maps.a = sm90::make_tma_2d(a, TmaElem::kU8, m, k, k, c.block_m, 128, true);
+  maps.b = sm90::make_tma_2d(b, TmaElem::kU8, n, k, k, c.block_n, 128, true);
+  maps.sa = sm90::make_tma_2d(sa, TmaElem::kF32, k / 128, sm90::pad4(m), sm90::pad4(m) * 4, 1,
+                              c.block_m, false);
+  maps.sb = sm90::make_tma_2d(sb, TmaElem::kF32, k / 128, sm90::pad4(n), sm90::pad4(n) * 4, 1,
+                              c.block_n, false);
+  maps.d = maps.a;  // the FP32 accumulate epilogue stores from registers
+  return maps;
+}
+
+void check_pointers(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb,
+                    const float* d) {
+  sm90::check_aligned(a, "A");
+  sm90::check_aligned(b, "B");
+  sm90::check_aligned(sa, "A scales");
+  sm90::check_aligned(sb, "B scales");
+  sm90::check_aligned(d, "D");
+}
+
+}  // namespace
+
+void fp8_gemm_nt_wgrad(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb,
+                       float* d, int64_t m, int64_t n, int64_t k, cudaStream_t stream,
+                       const GemmTileConfig* force) {
+  sm90::check_common_shape("fp8_gemm_nt_wgrad", m, n, k);
+  if (m == 0) return;
+  check_pointers(a, sa, b, sb, d);
+  GemmTileConfig c = sm90::resolve_config(GemmShape{GemmKind::kWgrad, m, n, k, 1}, force);
+  c.cluster = 1;
+  GemmParams p{};
+  p.form = Form::kDense;
+  p.cluster = 1;
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.num_groups = 1;
+  p.num_stages = c.num_stages;
+  p.d = d;
+  const int64_t tiles = (m + c.block_m - 1) / c.block_m * ((n + c.block_n - 1) / c.block_n);
+  dispatch_1d1d(make_maps(a, b, sa, sb, m, n, k, c), p, c,
+                static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
+}
+
+void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t* b,
+                                const float* sb, float* d, int64_t m, int64_t n,
+                                std::span<const int64_t> ks, cudaStream_t stream,
+                                const GemmTileConfig* force) {
+  const int64_t groups = static_cast<int64_t>(ks.size());
+  FM_CHECK_ARG(groups >= 1 && groups <= kMaxKGroups, "fp8_gemm_nt_kgrouped_wgrad: ", groups,
+               " groups (1..", kMaxKGroups, " supported)");
+  GemmParams p{};
+  int64_t k_total = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    FM_CHECK_ARG(ks[g] >= 0 && ks[g] % 128 == 0, "fp8_gemm_nt_kgrouped_wgrad: group ", g,
+                 " has K=", ks[g], ", not a multiple of 128");
+    p.k_block_offsets[g] = static_cast<int>(k_total / 128);
+    k_total += ks[g];
+  }
+  p.k_block_offsets[groups] = static_cast<int>(k_total / 128);
+  FM_CHECK_ARG(groups * m < (int64_t{1} << 31), "fp8_gemm_nt_kgrouped_wgrad: G*M too large");
+  if (k_total == 0 || m == 0) return;
+  sm90::check_common_shape("fp8_gemm_nt_kgrouped_wgrad", m, n, k_total);
+  check_pointers(a, sa, b, sb, d);
+  GemmTileConfig c = sm90::resolve_config(
+      GemmShape{GemmKind::kKGroupedWgrad, m, n, k_total / groups, groups}, force);
+  c.cluster = 1;
+  p.form = Form::kKGrouped;
+  p.cluster = 1;
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k_total);
+  p.num_groups = static_cast<int>(groups);
+  p.num_stages = c.num_stages;
+  p.d = d;
+  const int64_t tiles =
+      groups * ((m + c.block_m - 1) / c.block_m) * ((n + c.block_n - 1) / c.block_n);
+  dispatch_1d1d(make_maps(a, b, sa, sb, m, n, k_total, c), p, c,
+                static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
+}
+
+}  // namespace fp8moe::kernels

@@ -1,0 +1,121 @@
+// Host helpers of the sm_90a FP8 GEMMs: device properties, TMA descriptor encoding (through the
+// driver entry point, so nothing links libcuda directly), tile configuration.
+// Checked through tests/kernels/fp8_gemm_gpu_test.cu (`build-device/tests/test_kernels_gpu`).
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <mutex>
+
+#include "sm90_fp8_gemm_launch.cuh"
+
+namespace fp8moe::kernels::sm90 {
+
+const DeviceInfo& current_device_info() {
+  // NOTE: one entry per device id; the GEMMs run on whichever device is current.
+  static DeviceInfo infos[64];
+  static std::once_flag once[64];
+  int dev = 0;
+  FM_CHECK_CUDA(cudaGetDevice(&dev));
+  FM_CHECK(dev >= 0 && dev < 64, "device id ", dev);
+  std::call_once(once[dev], [dev] {
+    DeviceInfo& info = infos[dev];
+    int v = 0;
+    FM_CHECK_CUDA(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+    info.num_sms = v;
+    FM_CHECK_CUDA(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    info.smem_optin = v;
+    FM_CHECK_CUDA(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+    FM_CHECK_CUDA(cudaDeviceGetAttribute(&info.cc_minor, cudaDevAttrComputeCapabilityMinor, dev));
+  });
+  const DeviceInfo& info = infos[dev];
+  FM_CHECK_ARG(info.cc_major == 9 && info.cc_minor == 0,
+               "fp8 gemm: needs an sm_90 (Hopper) GPU, device ", dev, " is sm_", info.cc_major,
+               info.cc_minor);
+  return info;
+}
+
+namespace {
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn encode_tiled_fn() {
+  static EncodeTiledFn fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    FM_CHECK_CUDA(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                                   cudaEnableDefault, &status));
+    FM_CHECK(status == cudaDriverEntryPointSuccess && p != nullptr,
+             "cuTensorMapEncodeTiled not found in the driver");
+    return reinterpret_cast<EncodeTiledFn>(p);
+  }();
+  return fn;
+}
+}  // namespace
+
+CUtensorMap make_tma_2d(const void* ptr, TmaElem elem, uint64_t rows, uint64_t cols,
+                        uint64_t row_stride_bytes, uint32_t box_rows, uint32_t box_cols,
+                        bool swizzle_128b) {
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {row_stride_bytes};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode_tiled_fn()(
+      &map,
+      elem == TmaElem::kU8    ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+      : elem == TmaElem::kF32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                              : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+      2, const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      swizzle_128b ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  FM_CHECK_ARG(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (", static_cast<int>(r),
+               ") for a [", rows, ",", cols, "] tensor, row stride ", row_stride_bytes,
+               " bytes, box ", box_rows, "x", box_cols);
+  return map;
+}
+
+namespace {
+
+// GemmTileConfig::wg_order when the caller leaves it to us.
+int default_wg_order() {
+  static const int order = [] {
+    const char* env = std::getenv("FP8MOE_GEMM_ORDER");
+    if (env == nullptr || *env == '\0') return kDefaultWgOrder;
+    const int v = std::atoi(env);
+    FM_CHECK_ARG(v >= 0 && v <= 2, "FP8MOE_GEMM_ORDER=", env, " (0, 1 or 2)");
+    return v;
+  }();
+  return order;
+}
+
+}  // namespace
+
+GemmTileConfig resolve_config(const GemmShape& shape, const GemmTileConfig* force) {
+  const DeviceInfo& info = current_device_info();
+  if (force == nullptr) {
+    GemmTileConfig c = choose_gemm_tile(shape, info.num_sms, info.smem_optin);
+    c.wg_order = default_wg_order();
+    return c;
+  }
+  GemmTileConfig c = *force;
+  if (c.wg_order < 0) c.wg_order = default_wg_order();
+  FM_CHECK_ARG(c.wg_order <= 2, "fp8 gemm: wg_order ", c.wg_order, " (0, 1 or 2)");
+  bool known = false;
+  for (const TileCandidate& t : gemm_tile_candidates(shape.kind))
+    known |= t.block_m == c.block_m && t.block_n == c.block_n;
+  FM_CHECK_ARG(known, "fp8 gemm (", gemm_kind_name(shape.kind), "): tile ", c.block_m, "x",
+               c.block_n, " is not compiled for this form");
+  if (c.epilogue == 0) c.epilogue = gemm_choose_epilogue(shape, c.block_n);
+  FM_CHECK_ARG(c.epilogue == 1 || c.epilogue == 2, "fp8 gemm: epilogue ", c.epilogue,
+               " (0 = choose, 1 = registers, 2 = TMA store)");
+  const int max_stages =
+      gemm_max_stages(shape.kind, c.block_m, c.block_n, info.smem_optin, c.epilogue == 2);
+  if (c.num_stages <= 0) c.num_stages = max_stages;
+  FM_CHECK_ARG(c.num_stages >= 2 && c.num_stages <= max_stages, "fp8 gemm: ", c.num_stages,
+               " stages do not fit (at most ", max_stages, ")");
+  if (c.num_sms <= 0 || c.num_sms > info.num_sms) c.num_sms = info.num_sms;
+  return c;
+}
+
+}  // namespace fp8moe::kernels::sm90

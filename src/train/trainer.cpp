@@ -1,0 +1,412 @@
+#include "fp8moe/train/trainer.h"
+
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "fp8moe/core/error.h"
+#include "fp8moe/core/file_io.h"
+#include "fp8moe/core/json.h"
+#include "fp8moe/core/philox.h"
+#include "fp8moe/model/model.h"
+#include "fp8moe/model/ops.h"
+#include "fp8moe/train/data.h"
+#include "fp8moe/train/ema.h"
+#include "fp8moe/train/safetensors.h"
+
+namespace fp8moe {
+
+namespace {
+
+constexpr const char* kCheckpointFormat = "fp8moe-checkpoint";
+constexpr const char* kCheckpointVersion = "1";
+constexpr const char* kCheckpointFile = "checkpoint.safetensors";
+
+double process_cpu_seconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         1e-6 * static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
+std::string format_duration(double s) {
+  const int64_t t = static_cast<int64_t>(std::max(0.0, s) + 0.5);
+  char buf[32];
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%lldh%02lldm", static_cast<long long>(t / 3600),
+                  static_cast<long long>((t / 60) % 60));
+  else
+    std::snprintf(buf, sizeof buf, "%lldm%02llds", static_cast<long long>(t / 60),
+                  static_cast<long long>(t % 60));
+  return buf;
+}
+
+struct CheckpointState {
+  int64_t step = 0;  // steps done
+};
+
+void save_checkpoint(const std::string& path, Model& model, AdamW& adam, WeightEma& ema,
+                     const TrainOptions& o, int64_t step) {
+  ema.flush();
+  SafetensorsWriter w;
+  auto& params = model.parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Parameter& p = params[i];
+    w.add_f32("param/" + p.name, p.shape, p.value.data());
+    w.add_u16("adam_m/" + p.name, "BF16", p.shape, adam.m()[i].data());
+    w.add_u16("adam_v/" + p.name, "BF16", p.shape, adam.v()[i].data());
+    w.add_f32("ema/" + p.name, p.shape, ema.values()[i].data());
+  }
+  for (const auto& b : model.buffers()) w.add_f32("buffer/" + b.name, b.shape, b.value.data());
+  w.set_metadata("format", kCheckpointFormat);
+  w.set_metadata("version", kCheckpointVersion);
+  w.set_metadata("step", std::to_string(step));
+  w.set_metadata("data_position", std::to_string(step));  // batches consumed from the stream
+  w.set_metadata("rng", Json{{"generator", "philox4x32-10"},
+                             {"seed", o.seed},
+                             {"streams", {1, 2}},
+                             {"counter", step * o.batch}}
+                            .dump());
+  w.set_metadata("precision", precision_name(o.precision));
+  w.set_metadata("config", o.model.to_json().dump());
+  w.set_metadata("train", Json{{"steps", o.steps},
+                               {"batch", o.batch},
+                               {"seq", o.seq},
+                               {"seed", o.seed},
+                               {"lr", o.adam.lr},
+                               {"warmup_steps", o.adam.warmup_steps},
+                               {"mtp_weight", o.mtp_weight},
+                               {"bias_update_speed", o.bias_update_speed},
+                               {"ema_decay", o.ema_decay}}
+                              .dump());
+  w.write(path);
+}
+
+SafetensorsFile open_checkpoint(const std::string& path) {
+  if (!std::filesystem::exists(path))
+    FM_THROW(ErrorKind::kInvalidArgument, "no checkpoint at '", path, "'");
+  SafetensorsFile f = SafetensorsFile::read(path);
+  auto it = f.metadata().find("format");
+  if (it == f.metadata().end() || it->second != kCheckpointFormat)
+    FM_THROW(ErrorKind::kFormat, "'", path,
+             "' is a safetensors file but not an fp8moe checkpoint (no __metadata__ format \"",
+             kCheckpointFormat, "\")");
+  auto ver = f.metadata().find("version");
+  if (ver == f.metadata().end() || ver->second != kCheckpointVersion)
+    FM_THROW(ErrorKind::kFormat, "'", path, "': unsupported checkpoint version");
+  for (const char* key : {"step", "config", "precision"})
+    if (!f.metadata().count(key))
+      FM_THROW(ErrorKind::kFormat, "'", path, "': checkpoint metadata lacks '", key, "'");
+  return f;
+}
+
+int64_t meta_int(const SafetensorsFile& f, const std::string& key) {
+  try {
+    return std::stoll(f.metadata().at(key));
+  } catch (const std::exception&) {
+    FM_THROW(ErrorKind::kFormat, f.what(), ": metadata '", key, "' is not an integer");
+  }
+}
+
+void load_weights(const SafetensorsFile& f, Model& model, const std::string& prefix) {
+  for (auto& p : model.parameters()) p.value = f.f32(prefix + p.name, p.numel());
+  for (auto& b : model.buffers()) b.value = f.f32("buffer/" + b.name, b.numel());
+}
+
+CheckpointState load_checkpoint(const std::string& path, Model& model, AdamW& adam, WeightEma& ema,
+                                const TrainOptions& o) {
+  const SafetensorsFile f = open_checkpoint(path);
+  const Json saved = parse_json(f.metadata().at("config"), path + " config");
+  if (saved != o.model.to_json())
+    FM_THROW(ErrorKind::kInvalidArgument, "'", path,
+             "' was written for a different model config; resume with the same --config");
+  if (f.metadata().at("precision") != precision_name(o.precision))
+    FM_THROW(ErrorKind::kInvalidArgument, "'", path, "' was trained in ",
+             f.metadata().at("precision"), ", not ", precision_name(o.precision));
+  load_weights(f, model, "param/");
+  auto& params = model.parameters();
+  std::vector<std::vector<float>> ema_values;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Parameter& p = params[i];
+    adam.m()[i] = f.u16("adam_m/" + p.name, "BF16", p.numel());
+    adam.v()[i] = f.u16("adam_v/" + p.name, "BF16", p.numel());
+    ema_values.push_back(f.f32("ema/" + p.name, p.numel()));
+  }
+  ema.set_values(std::move(ema_values));
+  CheckpointState s;
+  s.step = meta_int(f, "step");
+  FM_CHECK_ARG(s.step >= 0 && s.step <= o.steps, "'", path, "' is at step ", s.step,
+               ", beyond --steps ", o.steps);
+  return s;
+}
+
+class Progress {
+ public:
+  Progress(int64_t total, bool enabled) : total_(total), enabled_(enabled), tty_(isatty(2)) {}
+  void update(int64_t step, double loss, double tok_s, double eta_s) {
+    if (!enabled_) return;
+    const bool last = step == total_;
+    if (!tty_ && !last && step % std::max<int64_t>(1, total_ / 10) != 0) return;
+    constexpr int kWidth = 24;
+    const int filled = static_cast<int>(kWidth * step / std::max<int64_t>(1, total_));
+    std::string bar(static_cast<size_t>(filled), '#');
+    bar.resize(kWidth, '.');
+    std::fprintf(stderr, "%s[%s] step %lld/%lld  loss %.4f  %.0f tok/s  ETA %s%s", tty_ ? "\r" : "",
+                 bar.c_str(), static_cast<long long>(step), static_cast<long long>(total_), loss,
+                 tok_s, format_duration(eta_s).c_str(), (tty_ && !last) ? "" : "\n");
+    std::fflush(stderr);
+  }
+
+ private:
+  int64_t total_;
+  bool enabled_, tty_;
+};
+
+}  // namespace
+
+std::string loss_plot_svg(const std::vector<std::string>& names,
+                          const std::vector<std::vector<double>>& series,
+                          const std::string& title) {
+  constexpr double kW = 720, kH = 420, kL = 70, kR = 20, kT = 40, kB = 50;
+  double lo = INFINITY, hi = -INFINITY;
+  size_t n = 1;
+  for (const auto& s : series) {
+    n = std::max(n, s.size());
+    for (double v : s)
+      if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
+  }
+  if (!std::isfinite(lo)) lo = 0, hi = 1;
+  if (hi - lo < 1e-9) hi = lo + 1;
+  auto px = [&](double i) { return kL + (kW - kL - kR) * i / std::max<double>(1, n - 1); };
+  auto py = [&](double v) { return kT + (kH - kT - kB) * (hi - v) / (hi - lo); };
+  static const char* colors[] = {"#d62728", "#1f77b4", "#2ca02c", "#9467bd"};
+  std::ostringstream o;
+  o.precision(6);
+  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << kW << "\" height=\"" << kH
+    << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
+    << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    << "<text x=\"" << kW / 2 << "\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">" << title
+    << "</text>\n";
+  o << "<line x1=\"" << kL << "\" y1=\"" << kH - kB << "\" x2=\"" << kW - kR << "\" y2=\""
+    << kH - kB << "\" stroke=\"black\"/>\n<line x1=\"" << kL << "\" y1=\"" << kT << "\" x2=\"" << kL
+    << "\" y2=\"" << kH - kB << "\" stroke=\"black\"/>\n";
+  for (int i = 0; i <= 4; ++i) {
+    const double v = lo + (hi - lo) * i / 4;
+    o << "<text x=\"" << kL - 6 << "\" y=\"" << py(v) + 4 << "\" text-anchor=\"end\">"
+      << std::round(v * 1000) / 1000 << "</text>\n";
+    const double s = (n - 1) * i / 4.0;
+    o << "<text x=\"" << px(s) << "\" y=\"" << kH - kB + 18 << "\" text-anchor=\"middle\">"
+      << static_cast<int64_t>(s + 1) << "</text>\n";
+  }
+  o << "<text x=\"" << (kW + kL) / 2 << "\" y=\"" << kH - 10
+    << "\" text-anchor=\"middle\">step</text>\n<text x=\"16\" y=\"" << kH / 2
+    << "\" transform=\"rotate(-90 16," << kH / 2 << ")\" text-anchor=\"middle\">loss</text>\n";
+  for (size_t k = 0; k < series.size(); ++k) {
+    o << "<polyline fill=\"none\" stroke-width=\"1.2\" stroke=\"" << colors[k % 4]
+      << "\" points=\"";
+    for (size_t i = 0; i < series[k].size(); ++i)
+      if (std::isfinite(series[k][i])) o << px(i) << "," << py(series[k][i]) << " ";
+    o << "\"/>\n<text x=\"" << kW - kR - 120 << "\" y=\"" << kT + 16 * (k + 1) << "\" fill=\""
+      << colors[k % 4] << "\">" << names[k] << "</text>\n";
+  }
+  o << "</svg>\n";
+  return o.str();
+}
+
+TrainResult train(const TrainOptions& opts) {
+  TrainOptions o = opts;
+  FM_CHECK_ARG(o.steps > 0, "--steps must be positive");
+  FM_CHECK_ARG(o.batch > 0 && o.seq > 0, "--batch and --seq must be positive");
+  FM_CHECK_ARG(!o.out_dir.empty(), "an output folder (--out) is needed");
+  o.adam.total_steps = o.steps;
+  if (o.threads > 0) set_model_threads(o.threads);
+  const auto t_start = std::chrono::steady_clock::now();
+  const double cpu_start = process_cpu_seconds();
+
+  Tokenizer tok(o.tokenizer);
+  FM_CHECK_ARG(tok.vocab_size() == o.model.vocab_size, "the tokenizer '", o.tokenizer, "' has ",
+               tok.vocab_size(), " pieces but the model config's vocab_size is ",
+               o.model.vocab_size);
+  const TokenData data = tokenize_corpus(tok, o.corpus);
+  const int64_t window = o.seq + o.model.num_nextn_predict_layers + 1;
+
+  std::filesystem::create_directories(o.out_dir);
+  const std::string ckpt_path = o.out_dir + "/" + kCheckpointFile;
+  Model model(o.model, o.seed);
+  AdamW adam(o.adam, model.parameters());
+  WeightEma ema(model.parameters(), o.ema_decay);
+
+  TrainResult result;
+  int64_t start = 0;
+  if (o.resume) {
+    const CheckpointState s = load_checkpoint(ckpt_path, model, adam, ema, o);
+    start = s.step;
+    // The losses before the resume point come from the metrics of the earlier run.
+    std::ifstream in(o.out_dir + "/metrics.jsonl");
+    std::string line;
+    while (std::getline(in, line)) {
+      const Json j = Json::parse(line, nullptr, false);
+      if (j.is_object() && j.contains("step") && j.contains("loss") &&
+          j["step"].get<int64_t>() <= start)
+        result.losses.push_back(j["loss"].get<double>());
+    }
+    result.losses.resize(static_cast<size_t>(start), NAN);
+  }
+  {
+    // Keep only the metrics of the steps before `start` (a resumed run rewrites the rest).
+    std::vector<std::string> keep;
+    if (start > 0) {
+      std::ifstream in(o.out_dir + "/metrics.jsonl");
+      std::string line;
+      while (std::getline(in, line)) {
+        const Json j = Json::parse(line, nullptr, false);
+        if (j.is_object() && j.contains("step") && j["step"].get<int64_t>() <= start)
+          keep.push_back(line);
+      }
+    }
+    std::ofstream out(o.out_dir + "/metrics.jsonl", std::ios::trunc);
+    for (const auto& l : keep) out << l << "\n";
+  }
+  std::ofstream metrics(o.out_dir + "/metrics.jsonl", std::ios::app);
+  std::filesystem::copy_file(o.tokenizer, o.out_dir + "/tokenizer.model",
+                             std::filesystem::copy_options::overwrite_existing);
+
+  const int64_t end = o.stop_after > 0 ? std::min(o.steps, start + o.stop_after) : o.steps;
+  Progress progress(o.steps, o.progress);
+  const auto t_loop = std::chrono::steady_clock::now();
+  int64_t tokens_done = 0;
+  for (int64_t step = start; step < end; ++step) {
+    model.zero_grad();
+    const std::vector<int32_t> batch = sample_batch(data.train, o.batch, window, o.seed, step);
+    const LossReport rep =
+        model.forward_backward(batch.data(), o.batch, window, o.precision, o.mtp_weight, true);
+    FM_CHECK(std::isfinite(rep.loss), "the loss is not finite at step ", step + 1);
+    const double grad_norm = clip_gradients(model.parameters(), o.adam.clip_norm);
+    adam.step(model.parameters(), step);
+    update_router_bias(model.buffers(), model.expert_load(), o.bias_update_speed);
+    ema.submit(model.parameters());
+    result.losses.push_back(rep.loss);
+
+    tokens_done += o.batch * o.seq;
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
+    const double tok_s = tokens_done / std::max(1e-9, elapsed);
+    const double eta =
+        elapsed / static_cast<double>(step + 1 - start) * static_cast<double>(end - step - 1);
+    OrderedJson line = {{"step", step + 1},
+                        {"loss", rep.loss},
+                        {"main_loss", rep.main_loss},
+                        {"mtp_loss", rep.mtp_loss},
+                        {"balance_loss", rep.balance_loss},
+                        {"lr", learning_rate(o.adam, step)},
+                        {"grad_norm", grad_norm},
+                        {"tokens_per_s", tok_s},
+                        {"elapsed_s", elapsed},
+                        {"precision", precision_name(o.precision)}};
+    metrics << line.dump() << "\n";
+    metrics.flush();
+    progress.update(step + 1, rep.loss, tok_s, eta);
+    if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < end)
+      save_checkpoint(ckpt_path, model, adam, ema, o, step + 1);
+  }
+  save_checkpoint(ckpt_path, model, adam, ema, o, end);
+  result.steps_done = end;
+
+  // Held-out loss on fixed windows of the validation stream.
+  if (o.eval_batches > 0 && static_cast<int64_t>(data.valid.size()) > window) {
+    double sum = 0;
+    for (int64_t i = 0; i < o.eval_batches; ++i) {
+      const auto vb = sample_batch(data.valid, o.batch, window, o.seed + 1000003, i);
+      sum += model.forward_backward(vb.data(), o.batch, window, o.precision, o.mtp_weight, false)
+                 .main_loss;
+    }
+    result.valid_loss = sum / static_cast<double>(o.eval_batches);
+    metrics
+        << OrderedJson{{"event", "eval"}, {"step", end}, {"valid_loss", result.valid_loss}}.dump()
+        << "\n";
+  }
+  const int64_t tail = std::max<int64_t>(1, end / 10);
+  double s = 0;
+  int64_t cnt = 0;
+  for (int64_t i = std::max<int64_t>(0, end - tail); i < end; ++i)
+    if (std::isfinite(result.losses[i])) s += result.losses[i], ++cnt;
+  result.final_loss = cnt > 0 ? s / static_cast<double>(cnt) : NAN;
+  result.seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  result.cpu_seconds = process_cpu_seconds() - cpu_start;
+  result.tokens_per_s =
+      tokens_done /
+      std::max(1e-9,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count());
+  write_file_atomic(
+      o.out_dir + "/loss.svg",
+      loss_plot_svg({precision_name(o.precision)}, {result.losses},
+                    std::string("training loss (") + precision_name(o.precision) + ")"));
+  return result;
+}
+
+std::string generate_text(const GenerateOptions& g) {
+  if (g.threads > 0) set_model_threads(g.threads);
+  const std::string path = g.checkpoint_dir + "/" + kCheckpointFile;
+  const SafetensorsFile f = open_checkpoint(path);
+  const ModelConfig config =
+      parse_model_config(parse_json(f.metadata().at("config"), path + " config"), path + " config");
+  const Precision precision = parse_precision(f.metadata().at("precision"));
+  Model model(config, 0);
+  load_weights(f, model, g.use_ema ? "ema/" : "param/");
+  Tokenizer tok(g.checkpoint_dir + "/tokenizer.model");
+  FM_CHECK_ARG(g.temperature >= 0, "--temperature must be >= 0");
+  FM_CHECK_ARG(g.top_p > 0 && g.top_p <= 1, "--top-p must lie in (0, 1]");
+  std::vector<int32_t> ids = tok.encode(g.prompt);
+  if (ids.empty()) ids.push_back(tok.eos_id() >= 0 ? tok.eos_id() : 0);
+  const size_t prompt_len = ids.size();
+  PhiloxStream rng(g.seed, 7);
+  for (int64_t i = 0; i < g.max_new_tokens; ++i) {
+    const int64_t ctx = std::min<int64_t>(static_cast<int64_t>(ids.size()), 512);
+    std::vector<float> logits =
+        model.next_token_logits(ids.data() + ids.size() - ctx, ctx, precision);
+    int32_t next = 0;
+    if (g.temperature == 0) {
+      next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    } else {
+      const float mx = *std::max_element(logits.begin(), logits.end());
+      std::vector<std::pair<double, int32_t>> probs;
+      double sum = 0;
+      for (size_t v = 0; v < logits.size(); ++v) {
+        const double p = std::exp((logits[v] - mx) / g.temperature);
+        probs.emplace_back(p, static_cast<int32_t>(v));
+        sum += p;
+      }
+      std::sort(probs.begin(), probs.end(), [](const auto& a, const auto& b) {
+        return a.first != b.first ? a.first > b.first : a.second < b.second;
+      });
+      // Nucleus: the smallest prefix whose probability reaches top_p.
+      double cum = 0;
+      size_t keep = 0;
+      while (keep < probs.size() && cum < g.top_p * sum) cum += probs[keep++].first;
+      const double r = rng.uniform() * cum;
+      double acc = 0;
+      next = probs[keep - 1].second;
+      for (size_t k = 0; k < keep; ++k) {
+        acc += probs[k].first;
+        if (r < acc) {
+          next = probs[k].second;
+          break;
+        }
+      }
+    }
+    if (next == tok.eos_id()) break;
+    ids.push_back(next);
+  }
+  (void)prompt_len;
+  return tok.decode(ids);
+}
+
+}  // namespace fp8moe

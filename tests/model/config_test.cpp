@@ -1,0 +1,105 @@
+// Model config parsing (the DESIGN.md contract) and parameter counts of the real V3 config.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "fp8moe/model/config.h"
+
+namespace fp8moe {
+namespace {
+
+const std::string kSource = FP8MOE_SOURCE_DIR;
+
+TEST(ModelConfig, DeepSeekV3CountsMatchTheReport) {
+  const ModelConfig c = load_model_config(kSource + "/configs/deepseek-v3.json");
+  EXPECT_EQ(c.hidden_size, 7168);
+  EXPECT_EQ(c.n_routed_experts, 256);
+  EXPECT_EQ(c.rope_scaling.type, "yarn");
+  const ParameterReport r = count_parameters(c);
+  // The report: 671B total, 37B activated per token; the published checkpoint (main model +
+  // the MTP module, which stores its own copy of the embedding and the head) holds 685B.
+  EXPECT_NEAR(static_cast<double>(r.main_total) / 1e9, 671.0, 0.5);
+  EXPECT_NEAR(static_cast<double>(r.main_activated) / 1e9, 37.5, 0.6);
+  const double emb = 129280.0 * 7168.0;
+  EXPECT_NEAR((static_cast<double>(r.main_total + r.mtp_total) + 2 * emb) / 1e9, 685.0, 0.6);
+}
+
+TEST(ModelConfig, MissingKeysTakeDeepSeekV3Values) {
+  const ModelConfig c = parse_model_config(Json::object(), "empty");
+  const ModelConfig d;
+  EXPECT_EQ(c.to_json(), d.to_json());
+  EXPECT_EQ(c.q_lora_rank, 1536);
+  EXPECT_EQ(c.num_nextn_predict_layers, 1);
+}
+
+TEST(ModelConfig, TinyConfigMatchesTheTokenizer) {
+  const ModelConfig c = load_model_config(kSource + "/configs/tiny.json");
+  EXPECT_EQ(c.vocab_size, 2048);  // data/kjv_sp2048.model
+  EXPECT_TRUE(c.rope_scaling.type.empty());
+}
+
+TEST(ModelConfig, IgnoredKeysAreAccepted) {
+  Json j = {{"architectures", {"DeepseekV3ForCausalLM"}},
+            {"torch_dtype", "bfloat16"},
+            {"quantization_config", {{"fmt", "e4m3"}}},
+            {"transformers_version", "4.33.1"},
+            {"use_cache", true},
+            {"auto_map", Json::object()}};
+  EXPECT_NO_THROW(parse_model_config(j, "cfg"));
+}
+
+void expect_error(const Json& j, const std::string& needle) {
+  try {
+    parse_model_config(j, "cfg.json");
+    ADD_FAILURE() << "no error for " << j.dump();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+    EXPECT_NE(e.message().find(needle), std::string::npos) << e.message();
+  }
+}
+
+TEST(ModelConfig, BadConfigsAreErrorsThatNameTheProblem) {
+  expect_error({{"hidden_sise", 128}}, "unknown key 'hidden_sise'");
+  expect_error({{"hidden_size", "big"}}, "'hidden_size' has the wrong type");
+  expect_error({{"n_routed_experts", 10}, {"n_group", 4}}, "cfg.json");
+  expect_error({{"first_k_dense_replace", 70}}, "first_k_dense_replace");
+  expect_error({{"qk_rope_head_dim", 3}}, "qk_rope_head_dim");
+  expect_error({{"scoring_func", "softmax"}}, "scoring_func");
+  expect_error({{"rope_scaling", {{"type", "linear"}, {"factor", 2}}}}, "yarn");
+  expect_error({{"rope_scaling", {{"type", "yarn"}, {"factr", 2}}}}, "factr");
+  expect_error({{"num_key_value_heads", 8}}, "num_key_value_heads");
+  expect_error({{"aux_loss_alpha", -1.0}}, "aux_loss_alpha");
+}
+
+TEST(ModelCli, InfoPrintsTheV3Totals) {
+  const std::string cmd = std::string(FP8MOE_CLI) + " model info --config " + kSource +
+                          "/configs/deepseek-v3.json 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char buf[256];
+  while (fgets(buf, sizeof buf, p)) out += buf;
+  EXPECT_EQ(pclose(p), 0) << out;
+  EXPECT_NE(out.find("671."), std::string::npos) << out;
+  EXPECT_NE(out.find("37."), std::string::npos) << out;
+}
+
+TEST(ModelCli, UnknownKeyExitsWithTwo) {
+  const std::string path = testing::TempDir() + "/bad_config.json";
+  FILE* f = std::fopen(path.c_str(), "w");
+  std::fputs("{\"hidden_size\": 64, \"n_expert\": 4}", f);
+  std::fclose(f);
+  const std::string cmd = std::string(FP8MOE_CLI) + " model info --config " + path + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[256];
+  while (fgets(buf, sizeof buf, p)) out += buf;
+  const int status = pclose(p);
+  EXPECT_EQ(WEXITSTATUS(status), 2) << out;
+  EXPECT_NE(out.find("unknown key 'n_expert'"), std::string::npos) << out;
+}
+
+}  // namespace
+}  // namespace fp8moe
