@@ -690,9 +690,37 @@ void bench_wgrad(Output& out, cudaStream_t stream, int64_t m, int64_t n, int64_t
 
 }  // namespace
 
+// A handful of launches of one dense shape for a profiler (ncu): ours with each turn-taking
+// order, then cuBLASLt blockwise and per-tensor on the same data. No timing, no checks.
+void profile_dense(Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k) {
+  Fp8Set f = make_fp8_set(m, n, k, 1, 7);
+  Dev<bf16> d(size_t(m * n));
+  // 128x128 registers epilogue: free, strict, hand-over turn-taking; then CTA pairs (free).
+  for (const int cfg : {0, 1, 2, 3}) {
+    kernels::GemmTileConfig c{128, 128, 0, 0, 1, cfg == 3 ? 2 : 1};
+    c.wg_order = cfg == 3 ? 0 : cfg;
+    kernels::fp8_gemm_nt(f.a.p, f.sa.p, f.b.p, f.sb.p, d.p, m, n, k, stream, &c);
+  }
+  const int64_t nb = (n + 127) / 128, kb = k / 128;
+  Dev<float> sb_lt(size_t(kb * nb));
+  transpose_block_scales<<<unsigned((kb * nb + 255) / 256), 256>>>(f.sb.p, sb_lt.p, nb, kb, nb);
+  FM_CHECK_LAUNCH();
+  LtPlan block;
+  make_plan(lt, block, Anchor::kFp8Blockwise, m, n, k, sb_lt.p, f.sa.p);
+  if (block.ok) run_plan(lt, block, f.b.p, f.a.p, d.p, stream);
+  Dev<float> one(1);
+  const float v = 1.0f;
+  FM_CHECK_CUDA(cudaMemcpy(one.p, &v, 4, cudaMemcpyHostToDevice));
+  LtPlan tensor;
+  make_plan(lt, tensor, Anchor::kFp8Tensor, m, n, k, one.p, one.p);
+  if (tensor.ok) run_plan(lt, tensor, f.b.p, f.a.p, d.p, stream);
+  FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+}
+
 int main(int argc, char** argv) {
   std::string out_path, only;
   bool quick = false;
+  int64_t profile_shape[3] = {0, 0, 0};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--out" && i + 1 < argc)
@@ -701,9 +729,12 @@ int main(int argc, char** argv) {
       only = argv[++i];
     else if (a == "--quick")
       quick = true;
-    else {
+    else if (a == "--profile" && i + 3 < argc) {
+      for (int j = 0; j < 3; ++j) profile_shape[j] = std::atoll(argv[++i]);
+    } else {
       std::fprintf(stderr,
-                   "usage: gemm_bench [--out FILE.jsonl] [--only dense|grouped|wgrad] [--quick]\n");
+                   "usage: gemm_bench [--out FILE.jsonl] [--only dense|grouped|wgrad] [--quick] "
+                   "[--profile M N K]\n");
       return 2;
     }
   }
@@ -725,6 +756,10 @@ int main(int argc, char** argv) {
     cudaStream_t stream;
     FM_CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     Lt lt;
+    if (profile_shape[0] > 0) {
+      profile_dense(lt, stream, profile_shape[0], profile_shape[1], profile_shape[2]);
+      return 0;
+    }
     const int64_t nk[][2] = {{2112, 7168},  {24576, 1536}, {32768, 512},
                              {7168, 16384}, {4096, 7168},  {7168, 2048}};
     uint64_t seed = 1;

@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <numeric>
 #include <string>
 #include <utility>
@@ -14,6 +13,15 @@
 #include "fp8moe/core/error.h"
 
 namespace fp8moe::eplb {
+namespace {
+
+uint32_t float_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+}  // namespace
 
 const char* policy_name(Policy policy) {
   return policy == Policy::kHierarchical ? "hierarchical" : "global";
@@ -45,9 +53,14 @@ void validate(const Problem& p) {
   }
   // NOTE: one branch-free pass (the compiler vectorises it); the loop that names the first bad
   // load runs only when the pass fails. NaN fails both comparisons.
-  bool all_ok = true;
-  for (const float w : p.weight) all_ok &= (w >= 0.0f) & (w <= std::numeric_limits<float>::max());
-  if (all_ok) return;
+  // On the bits: finite and non-negative is below +inf's pattern, or exactly -0 (which
+  // `w >= 0` accepts too).
+  uint32_t bad = 0;
+  for (const float w : p.weight) {
+    const uint32_t bits = float_bits(w);
+    bad |= static_cast<uint32_t>(bits >= 0x7f800000u) & static_cast<uint32_t>(bits != 0x80000000u);
+  }
+  if (bad == 0) return;
   for (size_t i = 0; i < p.weight.size(); ++i) {
     const float w = p.weight[i];
     FM_CHECK_ARG(std::isfinite(w) && w >= 0.0f, "weight[", i / p.num_experts, "][",
@@ -100,12 +113,6 @@ namespace {
 // the V3 cases: 8 extra slots per node in the hierarchical ones, 64 in the global one).
 constexpr int kThresholdMinPicks = 16;
 
-uint32_t float_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  return bits;
-}
-
 // One integer per (value, expert): the float's bits (monotonic for values >= 0) above the
 // complemented id, so that a plain integer max picks the largest value and, on ties, the lower
 // id, as the reference's first-index arg-max does.
@@ -157,11 +164,23 @@ void replicate_by_tree(const float* weight, int num_log, int num_phy, int32_t* p
 bool replicate_by_threshold(const float* weight, int num_log, int num_extra, int32_t* picks) {
   // NOTE: the floor counts below stay exact in int for num_log * 2^20 < 2^31.
   if (num_log > 1024) return false;
-  float w_max = 0.0f;
-  double total = 0.0;
-  for (int e = 0; e < num_log; ++e) {
-    w_max = std::max(w_max, weight[e]);
-    total += weight[e];
+  // NOTE: eight independent lanes, so that neither sum nor max is one long dependency chain.
+  float lane_max[8] = {}, lane_sum[8] = {};
+  int e0 = 0;
+  for (; e0 + 8 <= num_log; e0 += 8)
+    for (int i = 0; i < 8; ++i) {
+      const float w = weight[e0 + i];
+      lane_max[i] = lane_max[i] < w ? w : lane_max[i];
+      lane_sum[i] += w;
+    }
+  for (int i = 0; e0 + i < num_log; ++i) {
+    lane_max[i] = std::max(lane_max[i], weight[e0 + i]);
+    lane_sum[i] += weight[e0 + i];
+  }
+  float w_max = 0.0f, total = 0.0f;
+  for (int i = 0; i < 8; ++i) {
+    w_max = std::max(w_max, lane_max[i]);
+    total += lane_sum[i];
   }
   if (!(w_max > 0.0f)) return false;
   const float t_min = w_max * 0x1p-20f;
@@ -174,14 +193,18 @@ bool replicate_by_threshold(const float* weight, int num_log, int num_extra, int
     return count;
   };
 
-  // Threshold: the count falls as t rises. Start from the mean load per slot (the greedy's
-  // last pick is never below it), step as if count ~ 1/t, bisect (geometrically) once bracketed.
+  // Threshold: the count falls as t rises, roughly as a power of t. Start from the mean load
+  // per slot (the greedy's last pick is never below it) and take secant steps on log(count)
+  // over log(t) (the first with an exponent of 1.5, typical of these loads), bisecting
+  // geometrically where a step leaves the bracket. Two or three counts on the V3 loads.
   const int slack = std::max(16, num_extra / 4);
   const float target = static_cast<float>(num_extra) + 0.5f * static_cast<float>(slack);
-  float t = static_cast<float>(total / (num_log + num_extra));
+  float t = total / static_cast<float>(num_log + num_extra);
   float lo = 0.0f, hi = w_max * 2.0f;  // count(lo) >= num_extra, count(hi) < num_extra
+  float prev_t = 0.0f;
+  int prev_count = 0;
   bool found = false;
-  for (int iter = 0; iter < 32 && !found; ++iter) {
+  for (int iter = 0; iter < 32; ++iter) {
     if (!(t >= t_min)) return false;
     const int count = approx_keys(t);
     if (count >= num_extra && count <= num_extra + slack) {
@@ -189,29 +212,57 @@ bool replicate_by_threshold(const float* weight, int num_log, int num_extra, int
       break;
     }
     (count < num_extra ? hi : lo) = t;
-    float next = count > 0 ? t * static_cast<float>(count) / target : 0.0f;
+    float next = 0.0f;
+    if (count > 0) {
+      float exponent = 1.5f;
+      if (prev_count > 0 && prev_count != count)
+        exponent = std::log(static_cast<float>(prev_count) / static_cast<float>(count)) /
+                   std::log(t / prev_t);
+      if (exponent > 0.0f)
+        next = t * std::pow(static_cast<float>(count) / target, 1.0f / exponent);
+    }
     if (!(next > lo && next < hi)) next = lo > 0.0f ? std::sqrt(lo * hi) : 0.5f * hi;
+    prev_t = t;
+    prev_count = count;
     t = next;
   }
   if (!found) return false;
 
-  // Every key >= t, per expert in falling order.
+  // Every key >= t, per expert in falling order. Branch-free where the branches would be
+  // unpredictable (which experts qualify, how many keys each has): those mispredictions cost
+  // more than the listing itself.
   const int capacity = num_extra + slack + num_log;
   thread_local std::vector<uint64_t> storage;
-  if (storage.size() < static_cast<size_t>(2 * capacity)) storage.resize(2 * capacity);
+  thread_local std::vector<int32_t> listed_storage;
+  if (storage.size() < static_cast<size_t>(2 * capacity + 4)) storage.resize(2 * capacity + 4);
+  if (listed_storage.size() < static_cast<size_t>(num_log)) listed_storage.resize(num_log);
   uint64_t* keys = storage.data();
-  uint64_t* sorted = keys + capacity;
-  int n = 0;
+  uint64_t* sorted = keys + capacity + 4;
+  int32_t* listed = listed_storage.data();
+  int num_listed = 0;
   for (int e = 0; e < num_log; ++e) {
+    listed[num_listed] = e;
+    num_listed += weight[e] >= t;
+  }
+  int n = 0;
+  for (int j = 0; j < num_listed; ++j) {
+    const int32_t e = listed[j];
     const float w = weight[e];
-    if (!(w >= t)) continue;
-    for (int k = 1;; ++k) {
-      const float value = w / static_cast<float>(k);
-      if (!(value >= t)) break;
-      if (n == capacity) return false;
-      keys[n++] = pick_key(value, e);
+    // Four k at a time; the keys >= t are a prefix of each four (values fall with k).
+    for (int k = 1;; k += 4) {
+      if (n + 4 > capacity + 4) return false;
+      float value[4];
+      for (int i = 0; i < 4; ++i) value[i] = w / static_cast<float>(k + i);
+      int taken = 0;
+      for (int i = 0; i < 4; ++i) {
+        keys[n + i] = pick_key(value[i], e);
+        taken += value[i] >= t;
+      }
+      n += taken;
+      if (taken < 4) break;
     }
   }
+  if (n > capacity) return false;
   if (n < num_extra) return false;
 
   // Counting sort on the value bits (descending), then an insertion pass for keys that share
@@ -265,6 +316,7 @@ struct LayerWorkspace {
   std::vector<float> group_weight, mlog_weight, phy_weight;
   std::vector<int32_t> group_pack, group_rank, log2mlog, mlog2log;
   std::vector<int32_t> phy2mlog, phyrank, mlogcnt, pack, rank_in_pack, pphy2phy;
+  std::vector<int32_t> out_phy2log, out_phyrank, out_logcnt;
 };
 
 void rebalance_layer(const float* w, int E, int R, int G, int N, int P, LayerWorkspace& ws,
@@ -371,28 +423,42 @@ Plan rebalance_experts(const Problem& p) {
   const int L = p.num_layers, E = p.num_experts, R = p.num_replicas;
   const bool hier = plan.policy == Policy::kHierarchical;
   const int G = hier ? p.num_groups : 1, N = hier ? p.num_nodes : 1;
-  plan.phy2log.resize(static_cast<size_t>(L) * R);
-  plan.phyrank.resize(static_cast<size_t>(L) * R);
-  plan.logcnt.resize(static_cast<size_t>(L) * E);
+  // NOTE: the outputs grow by appending each layer's rows from small scratch rows, so that every
+  // output byte is written once (a resize would first zero them all, and log2phy at V3 scale
+  // is 1.5 MB: that pass alone costs as much as the placement).
+  plan.phy2log.reserve(static_cast<size_t>(L) * R);
+  plan.phyrank.reserve(static_cast<size_t>(L) * R);
+  plan.logcnt.reserve(static_cast<size_t>(L) * E);
   LayerWorkspace ws;
+  ws.out_phy2log.resize(R);
+  ws.out_phyrank.resize(R);
+  ws.out_logcnt.resize(E);
   for (int l = 0; l < L; ++l) {
     const float* w = p.weight.data() + static_cast<size_t>(l) * E;
-    int32_t* phy2log = plan.phy2log.data() + static_cast<size_t>(l) * R;
-    int32_t* phyrank = plan.phyrank.data() + static_cast<size_t>(l) * R;
-    int32_t* logcnt = plan.logcnt.data() + static_cast<size_t>(l) * E;
+    int32_t* phy2log = ws.out_phy2log.data();
+    int32_t* phyrank = ws.out_phyrank.data();
+    int32_t* logcnt = ws.out_logcnt.data();
     if (G == 1 && N == 1)
       rebalance_layer_flat(w, E, R, p.num_gpus, ws, phy2log, phyrank, logcnt);
     else
       rebalance_layer(w, E, R, G, N, p.num_gpus, ws, phy2log, phyrank, logcnt);
+    plan.phy2log.insert(plan.phy2log.end(), phy2log, phy2log + R);
+    plan.phyrank.insert(plan.phyrank.end(), phyrank, phyrank + R);
+    plan.logcnt.insert(plan.logcnt.end(), logcnt, logcnt + E);
   }
   plan.max_replicas = *std::max_element(plan.logcnt.begin(), plan.logcnt.end());
   const int X = plan.max_replicas;
-  plan.log2phy.assign(static_cast<size_t>(L) * E * X, -1);
-  for (int l = 0; l < L; ++l)
-    for (int i = 0; i < R; ++i) {
-      const size_t li = static_cast<size_t>(l) * R + i;
-      plan.log2phy[(static_cast<size_t>(l) * E + plan.phy2log[li]) * X + plan.phyrank[li]] = i;
-    }
+  // log2phy one layer at a time: append the layer's block of -1 (E * X entries, small enough to
+  // stay in L1) and fill its slots while the block is still there.
+  const size_t block = static_cast<size_t>(E) * X;
+  plan.log2phy.reserve(static_cast<size_t>(L) * block);
+  for (int l = 0; l < L; ++l) {
+    plan.log2phy.insert(plan.log2phy.end(), block, -1);
+    int32_t* rows = plan.log2phy.data() + static_cast<size_t>(l) * block;
+    const int32_t* phy2log = plan.phy2log.data() + static_cast<size_t>(l) * R;
+    const int32_t* phyrank = plan.phyrank.data() + static_cast<size_t>(l) * R;
+    for (int i = 0; i < R; ++i) rows[static_cast<size_t>(phy2log[i]) * X + phyrank[i]] = i;
+  }
   return plan;
 }
 

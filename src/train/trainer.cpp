@@ -230,6 +230,9 @@ TrainResult train(const TrainOptions& opts) {
   const auto t_start = std::chrono::steady_clock::now();
   const double cpu_start = process_cpu_seconds();
 
+  for (const auto& [path, flag] : {std::pair{o.corpus, "--corpus"}, {o.tokenizer, "--tokenizer"}})
+    FM_CHECK_ARG(std::filesystem::exists(path), "'", path, "' not found (run from the repository ",
+                 "root, or give its path with ", flag, ")");
   Tokenizer tok(o.tokenizer);
   FM_CHECK_ARG(tok.vocab_size() == o.model.vocab_size, "the tokenizer '", o.tokenizer, "' has ",
                tok.vocab_size(), " pieces but the model config's vocab_size is ",
@@ -267,7 +270,8 @@ TrainResult train(const TrainOptions& opts) {
       std::string line;
       while (std::getline(in, line)) {
         const Json j = Json::parse(line, nullptr, false);
-        if (j.is_object() && j.contains("step") && j["step"].get<int64_t>() <= start)
+        if (j.is_object() && j.contains("step") && !j.contains("event") &&
+            j["step"].get<int64_t>() <= start)
           keep.push_back(line);
       }
     }
