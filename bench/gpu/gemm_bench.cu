@@ -486,17 +486,8 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
   out.add(r);
   // Every large tile forced, to check the heuristic's pick (same data, same run).
   if (m >= 1024) {
-    // Each with every turn-taking order of the math warpgroups (GemmTileConfig::wg_order).
-    std::vector<kernels::GemmTileConfig> forced;
-    for (const kernels::GemmTileConfig& base : {kernels::GemmTileConfig{128, 128, 0, 0, 1, 1},
-                                                kernels::GemmTileConfig{128, 128, 0, 0, 2, 1},
-                                                kernels::GemmTileConfig{128, 192, 0, 0, 2, 1}}) {
-      for (int order = 0; order <= 2; ++order) {
-        kernels::GemmTileConfig c = base;
-        c.wg_order = order;
-        forced.push_back(c);
-      }
-    }
+    std::vector<kernels::GemmTileConfig> forced = {
+        {128, 128, 0, 0, 1, 1}, {128, 128, 0, 0, 2, 1}, {128, 192, 0, 0, 2, 1}};
     if (std::getenv("FP8MOE_BENCH_PAIRS") != nullptr) {
       forced.push_back({128, 128, 0, 0, 1, 2});
       forced.push_back({128, 192, 0, 0, 1, 2});
@@ -509,8 +500,7 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
       Row f{"dense",
             "fp8moe_forced_tile",
             std::to_string(c.block_m) + "x" + std::to_string(c.block_n) +
-                (c.epilogue == 2 ? "/tma_store" : "/direct") + (c.cluster == 2 ? "/pair" : "") +
-                (c.wg_order >= 0 ? "/order" + std::to_string(c.wg_order) : ""),
+                (c.epilogue == 2 ? "/tma_store" : "/direct") + (c.cluster == 2 ? "/pair" : ""),
             m,
             n,
             k,
@@ -690,17 +680,15 @@ void bench_wgrad(Output& out, cudaStream_t stream, int64_t m, int64_t n, int64_t
 
 }  // namespace
 
-// A handful of launches of one dense shape for a profiler (ncu): ours with each turn-taking
-// order, then cuBLASLt blockwise and per-tensor on the same data. No timing, no checks.
+// A handful of launches of one dense shape for a profiler (ncu): ours (heuristic pick, then
+// 128x128 with the registers epilogue), then cuBLASLt blockwise and per-tensor on the same data.
+// No timing, no checks.
 void profile_dense(Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k) {
   Fp8Set f = make_fp8_set(m, n, k, 1, 7);
   Dev<bf16> d(size_t(m * n));
-  // 128x128 registers epilogue: free, strict, hand-over turn-taking; then CTA pairs (free).
-  for (const int cfg : {0, 1, 2, 3}) {
-    kernels::GemmTileConfig c{128, 128, 0, 0, 1, cfg == 3 ? 2 : 1};
-    c.wg_order = cfg == 3 ? 0 : cfg;
-    kernels::fp8_gemm_nt(f.a.p, f.sa.p, f.b.p, f.sb.p, d.p, m, n, k, stream, &c);
-  }
+  kernels::fp8_gemm_nt(f.a.p, f.sa.p, f.b.p, f.sb.p, d.p, m, n, k, stream);
+  const kernels::GemmTileConfig c{128, 128, 0, 0, 1, 1};
+  kernels::fp8_gemm_nt(f.a.p, f.sa.p, f.b.p, f.sb.p, d.p, m, n, k, stream, &c);
   const int64_t nb = (n + 127) / 128, kb = k / 128;
   Dev<float> sb_lt(size_t(kb * nb));
   transpose_block_scales<<<unsigned((kb * nb + 255) / 256), 256>>>(f.sb.p, sb_lt.p, nb, kb, nb);

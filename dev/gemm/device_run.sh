@@ -26,10 +26,10 @@ timeout 150 build-device/tests/test_kernels_gpu --gtest_filter="$filter" --gtest
 echo "gpu tests: $(( $(date +%s) - start )) s"
 if [[ "${BENCH:-1}" == 1 ]]; then
   timeout 200 build-device/bench/gemm_bench --out "$OUT/gemm.jsonl" "$@" 2>&1 | tee "$OUT/bench.log"
-  # Grouped and wgrad forms again with free-running math warpgroups, for a same-machine baseline.
-  if [[ "${ORDER0:-0}" == 1 ]]; then
-    for only in grouped wgrad; do FP8MOE_GEMM_ORDER=0 timeout 100 build-device/bench/gemm_bench --only $only --out "$OUT/gemm_order0_$only.jsonl" 2>&1 | tee -a "$OUT/bench.log"; done
-    cat "$OUT"/gemm_order0_*.jsonl > "$OUT/gemm_order0.jsonl"; rm -f "$OUT"/gemm_order0_*.jsonl
-  fi
   if [[ "${PAIRS:-0}" == 1 ]]; then FP8MOE_GEMM_VERBOSE=1 FP8MOE_BENCH_PAIRS=1 timeout 100 build-device/bench/gemm_bench --only dense --quick --out "$OUT/gemm_pairs.jsonl" 2>&1 | tee "$OUT/bench_pairs.log"; fi
+fi
+# One launch each of ours and cuBLASLt on 4096x4096x7168 under ncu (no fixed clocks).
+if [[ "${NCU:-0}" == 1 ]] && command -v ncu >/dev/null; then
+  timeout 200 ncu --clock-control none --kernel-name regex:'fp8_gemm_kernel|nvjet' --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section InstructionStats --section SchedulerStats --print-details all build-device/bench/gemm_bench --profile 4096 4096 7168 > "$OUT/ncu.txt" 2>&1
+  grep -E '^  [a-zA-Z_].*\(|Elapsed Cycles|^    Duration|Issued Instructions  ' "$OUT/ncu.txt"
 fi

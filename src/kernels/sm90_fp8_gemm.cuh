@@ -29,7 +29,6 @@ struct GemmParams {
   int num_stages;
   int tma_store;  // 1: BF16 epilogue through shared memory and TMA stores
   int cluster;    // 2: CTA pairs on adjacent M-blocks share each B tile through TMA multicast
-  int wg_order;   // 128-row tiles: turn-taking of the math warpgroups (GemmTileConfig::wg_order)
   const int32_t* grouped_layout;  // contiguous: expert of each row
   const int32_t* masked_m;        // masked: valid rows of each group
   const float* sb;                // 1x128 x 128x128: B scales [G][ceil(N/128)][K/128]
@@ -191,13 +190,11 @@ __device__ __forceinline__ void produce(const GemmParams& p,
 
 // A stage is free once every consumer warp of every CTA that reads it (both of a pair, whose
 // B halves land in each other's shared memory) has arrived.
-__device__ __forceinline__ void release_stage(uint64_t* empty, int cluster) {
-  if (cluster == 2) {
-    mbar_arrive_cluster(empty, 0);
-    mbar_arrive_cluster(empty, 1);
-  } else {
-    mbar_arrive(empty);
-  }
+// Called by every lane; the leader (lane 0) arrives for the warp. Predicated, not branched, in
+// both cases: a branch here sits on the math warps' critical path once per K block (v8/v9 in
+// dev/gemm/NOTES.md).
+__device__ __forceinline__ void release_stage(uint64_t* empty, bool pair, bool leader) {
+  mbar_release(empty, leader && !pair, leader && pair);
 }
 
 // ---- math: one warpgroup per 64 rows ----
@@ -241,26 +238,28 @@ __device__ __forceinline__ void compute(const GemmParams& p,
                                         const CUtensorMap* map_d) {
   using Mma = WgmmaE4M3<kBlockN>;
   constexpr int kRegs = Mma::kRegs;
-  const int wg = threadIdx.x / 128;
+  using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
+  // Warp-uniform (shuffled from lane 0) so that the descriptors below can stay in uniform
+  // registers instead of being rebuilt and moved (R2UR) before every wgmma.
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int row_in_tile = wg * 64 + warp * 16 + lane / 4;  // and + 8
   const int col_in_frag = 2 * (lane % 4);
   const int kb_total = p.k / 128;
   const int n_scale_blocks = (p.n + 127) / 128;
+  const bool pair = p.cluster == 2;
+  const bool leader = lane == 0;
+  // Stage s of A / B starts kStageBytes * s after stage 0: its descriptor is stage 0's plus that
+  // offset in 16-byte units (addresses stay below 256 KB, so the 14-bit start field holds it).
+  const uint64_t desc_a0 = make_desc_kmajor_sw128(sm.a(0) + wg * 64 * 128);
+  const uint64_t desc_b0 = make_desc_kmajor_sw128(sm.b(0));
+  constexpr uint32_t kStageDesc = Layout::kStageBytes >> 4;
 
   PipeState pipe;
   Tile tile;
   bool skip;
   float acc[kRegs];
   float part[kRegs];
-  // Turn-taking (128-row tiles): left alone, both warpgroups issue a K block at the same time,
-  // the tensor cores share out the two blocks so both complete together, and both then promote
-  // while the tensor cores idle. Named barrier 3 is warpgroup 0's signal (warpgroup 1 waits on
-  // it), 4 is warpgroup 1's; warpgroup 1's first signal is given up front so warpgroup 0 starts.
-  const int order = kBlockM == 128 ? p.wg_order : 0;
-  constexpr int kOrderBarBase = 3;  // 1 and 2: the TMA-store epilogue of each warpgroup
-  const int wait_bar = kOrderBarBase + 1 - wg, signal_bar = kOrderBarBase + wg;
-  if (order != 0 && wg == 1) named_barrier_arrive(kOrderBarBase + 1, 256);
   const int first = blockIdx.x / p.cluster, step = gridDim.x / p.cluster;
   for (int t = first; get_tile<kBlockM, kBlockN>(p, t, tile, skip); t += step) {
     if (skip) continue;
@@ -280,30 +279,47 @@ __device__ __forceinline__ void compute(const GemmParams& p,
       }
     }
 
+    // The B scales of block kb were loaded during block kb - 1 (a global load has the whole
+    // wgmma to land instead of stalling the promotion).
+    float sb_next = 0.0f, sb_next2 = 0.0f;
+    const int sb_second = has_second ? kb_total : 0;
+    if constexpr (!kWgrad) {
+      sb_next = __ldg(sb_ptr);
+      sb_next2 = __ldg(sb_ptr + sb_second);
+    }
+    // Each block's full barrier is waited for, and its A scales read, while the previous block's
+    // wgmmas run; only the first block of a tile waits here.
+    mbar_wait(sm.full(pipe.stage), pipe.phase);
+    float sa0 = sm.sa(pipe.stage)[row_in_tile], sa1 = sm.sa(pipe.stage)[row_in_tile + 8];
     for (int kb = 0; kb < tile.num_k_blocks; ++kb) {
       float sb_block = 0.0f, sb_block2 = 0.0f;
       if constexpr (!kWgrad) {
-        sb_block = __ldg(sb_ptr + kb);
-        sb_block2 = has_second ? __ldg(sb_ptr + kb_total + kb) : sb_block;
+        sb_block = sb_next;
+        sb_block2 = sb_next2;
+        const int kb_next = min(kb + 1, tile.num_k_blocks - 1);
+        sb_next = __ldg(sb_ptr + kb_next);
+        sb_next2 = __ldg(sb_ptr + sb_second + kb_next);
       }
-      mbar_wait(sm.full(pipe.stage), pipe.phase);
-      const float* sa = sm.sa(pipe.stage);
-      const float sa0 = sa[row_in_tile], sa1 = sa[row_in_tile + 8];
-
-      const uint64_t desc_a = make_desc_kmajor_sw128(sm.a(pipe.stage) + wg * 64 * 128);
-      const uint64_t desc_b = make_desc_kmajor_sw128(sm.b(pipe.stage));
-      if (order != 0) named_barrier_sync(wait_bar, 256);
+      const uint64_t stage_off = static_cast<uint64_t>(pipe.stage) * kStageDesc;
+      const uint64_t desc_a = desc_a0 + stage_off;
+      const uint64_t desc_b = desc_b0 + stage_off;
 #pragma unroll
       for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) Mma::mma(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
       wgmma_commit();
-      if (order == 2 && wg == 1) named_barrier_arrive(signal_bar, 256);
+      // Look ahead (no branch: on a tile's last block the current stage, whose barrier has
+      // completed and which is not released yet, stands in for the next).
+      PipeState next = pipe;
+      next.advance(sm.stages);
+      const bool more = kb + 1 < tile.num_k_blocks;
+      const int ahead = more ? next.stage : pipe.stage;
+      mbar_wait(sm.full(ahead), more ? next.phase : pipe.phase);
+      const float sa0_next = sm.sa(ahead)[row_in_tile], sa1_next = sm.sa(ahead)[row_in_tile + 8];
       wgmma_wait<0>();
 #pragma unroll
       for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
-      if (order == 1 || (order == 2 && wg == 0)) named_barrier_arrive(signal_bar, 256);
 
       // Promotion: acc += partial * (sa * sb), the reference's fmaf.
       if constexpr (kWgrad) {
@@ -316,7 +332,7 @@ __device__ __forceinline__ void compute(const GemmParams& p,
           sbv[2 * c + 1] = v.y;
         }
         __syncwarp();
-        if (lane == 0) release_stage(sm.empty(pipe.stage), p.cluster);
+        release_stage(sm.empty(pipe.stage), pair, leader);
 #pragma unroll
         for (int c = 0; c < kBlockN / 8; ++c) {
 #pragma unroll
@@ -328,7 +344,7 @@ __device__ __forceinline__ void compute(const GemmParams& p,
         }
       } else {
         __syncwarp();
-        if (lane == 0) release_stage(sm.empty(pipe.stage), p.cluster);
+        release_stage(sm.empty(pipe.stage), pair, leader);
         const float s0 = sa0 * sb_block, s1 = sa1 * sb_block;
         const float t0 = sa0 * sb_block2, t1 = sa1 * sb_block2;
 #pragma unroll
@@ -341,7 +357,9 @@ __device__ __forceinline__ void compute(const GemmParams& p,
           acc[4 * c + 3] = fmaf(part[4 * c + 3], r1, acc[4 * c + 3]);
         }
       }
-      pipe.advance(sm.stages);
+      sa0 = sa0_next;
+      sa1 = sa1_next;
+      pipe = next;
     }
 
     // ---- epilogue ----
@@ -389,8 +407,6 @@ __device__ __forceinline__ void compute(const GemmParams& p,
       }
     }
   }
-  // Warpgroup 1 signalled once more than warpgroup 0 waited (the up-front signal).
-  if (order != 0 && wg == 0) named_barrier_sync(kOrderBarBase + 1, 256);
   if constexpr (!kWgrad) {
     if (p.tma_store && threadIdx.x % 128 == 0) tma_store_wait_all();
   }

@@ -75,32 +75,10 @@ CUtensorMap make_tma_2d(const void* ptr, TmaElem elem, uint64_t rows, uint64_t c
   return map;
 }
 
-namespace {
-
-// GemmTileConfig::wg_order when the caller leaves it to us.
-int default_wg_order() {
-  static const int order = [] {
-    const char* env = std::getenv("FP8MOE_GEMM_ORDER");
-    if (env == nullptr || *env == '\0') return kDefaultWgOrder;
-    const int v = std::atoi(env);
-    FM_CHECK_ARG(v >= 0 && v <= 2, "FP8MOE_GEMM_ORDER=", env, " (0, 1 or 2)");
-    return v;
-  }();
-  return order;
-}
-
-}  // namespace
-
 GemmTileConfig resolve_config(const GemmShape& shape, const GemmTileConfig* force) {
   const DeviceInfo& info = current_device_info();
-  if (force == nullptr) {
-    GemmTileConfig c = choose_gemm_tile(shape, info.num_sms, info.smem_optin);
-    c.wg_order = default_wg_order();
-    return c;
-  }
+  if (force == nullptr) return choose_gemm_tile(shape, info.num_sms, info.smem_optin);
   GemmTileConfig c = *force;
-  if (c.wg_order < 0) c.wg_order = default_wg_order();
-  FM_CHECK_ARG(c.wg_order <= 2, "fp8 gemm: wg_order ", c.wg_order, " (0, 1 or 2)");
   bool known = false;
   for (const TileCandidate& t : gemm_tile_candidates(shape.kind))
     known |= t.block_m == c.block_m && t.block_n == c.block_n;

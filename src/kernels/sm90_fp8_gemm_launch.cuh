@@ -49,18 +49,13 @@ inline void check_common_shape(const char* name, int64_t m, int64_t n, int64_t k
                ": shape M=", m, " N=", n, " K=", k, " too large");
 }
 
-// GemmTileConfig::wg_order when neither the caller nor FP8MOE_GEMM_ORDER sets it.
-constexpr int kDefaultWgOrder = 2;
-
 struct LaunchMaps {
   CUtensorMap a, b, sa, sb, d;
 };
 
 template <int kBlockM, int kBlockN, bool kWgrad>
-void launch_gemm(const LaunchMaps& maps, const GemmParams& form_params, const GemmTileConfig& cfg,
+void launch_gemm(const LaunchMaps& maps, const GemmParams& params, const GemmTileConfig& cfg,
                  int max_tiles, cudaStream_t stream) {
-  GemmParams params = form_params;
-  params.wg_order = cfg.wg_order;
   constexpr int kThreads = 128 * (kBlockM / 64 + 1);
   const GemmKind kind = kWgrad ? GemmKind::kWgrad : GemmKind::kDense;
   const int64_t smem =

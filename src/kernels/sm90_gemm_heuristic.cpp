@@ -128,7 +128,6 @@ std::string describe_tile_config(const GemmTileConfig& c) {
   std::ostringstream out;
   out << c.block_m << "x" << c.block_n << "x128/s" << c.num_stages << "/sm" << c.num_sms
       << (c.epilogue == 2 ? "/tma_store" : "") << (c.cluster == 2 ? "/pair" : "");
-  if (c.wg_order >= 0 && c.block_m == 128) out << "/order" << c.wg_order;
   return out.str();
 }
 

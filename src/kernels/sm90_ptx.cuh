@@ -32,6 +32,25 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
+// Without a branch: where `local` holds, arrive on this CTA's barrier; where `pair` holds, on
+// the barrier at the same offset in both CTAs of the cluster (default semantics, see
+// mbar_arrive_cluster).
+__device__ __forceinline__ void mbar_release(uint64_t* bar, bool local, bool pair) {
+  asm volatile(
+      "{\n"
+      ".reg .pred pl, pp;\n"
+      ".reg .b32 r0, r1;\n"
+      "setp.ne.u32 pl, %1, 0;\n"
+      "setp.ne.u32 pp, %2, 0;\n"
+      "@pl mbarrier.arrive.shared::cta.b64 _, [%0];\n"
+      "@pp mapa.shared::cluster.u32 r0, %0, 0;\n"
+      "@pp mapa.shared::cluster.u32 r1, %0, 1;\n"
+      "@pp mbarrier.arrive.shared::cluster.b64 _, [r0];\n"
+      "@pp mbarrier.arrive.shared::cluster.b64 _, [r1];\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(static_cast<uint32_t>(local)), "r"(static_cast<uint32_t>(pair))
+      : "memory");
+}
 // Spin until the phase with the given parity has completed.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   asm volatile(
@@ -108,11 +127,6 @@ __device__ __forceinline__ void tma_store_wait_all() {
 // Named barrier over `count` threads (ids 1.. leave 0 to __syncthreads).
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-
-// Counts this warp's threads towards the barrier without waiting for it.
-__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 
 // The same tile written to the same offset of every CTA in `mask`, completing on each one's

@@ -17,11 +17,6 @@ struct GemmTileConfig {
                        // shared memory and TMA stores (overlaps the next tile; costs a stage)
   int cluster = 1;     // 2: pairs of CTAs on adjacent 128-row blocks share B tiles (TMA
                        // multicast); dense only, needs an even number of M-blocks (else 1 is used)
-  int wg_order = -1;   // 128-row tiles: how the two math warpgroups take turns on the tensor
-                       // cores. 0 = free; 1 = strict alternation (each issues a K block once the
-                       // other's has completed); 2 = warpgroup 1 issues once warpgroup 0's block
-                       // has completed, warpgroup 0 once warpgroup 1's has been issued; -1 =
-                       // FP8MOE_GEMM_ORDER from the environment, else the built-in default
 };
 
 // One line naming a configuration (for benchmarks and logs).
