@@ -116,7 +116,8 @@ void quantize_into(const float* x, int64_t rows, int64_t cols, int64_t ld,
       for (int64_t r = r0; r < r1; ++r) {
         const float* row = x + r * ld;
         uint8_t* out = codes + r * ld_codes;
-        for (int64_t c = c0; c < c1; ++c) out[c] = float_to_e4m3_bits(row[c] / scale);
+        // NOTE: every value here is finite (checked above), so the branch-free encoder applies.
+        for (int64_t c = c0; c < c1; ++c) out[c] = float_to_e4m3_bits_finite_sat(row[c] / scale);
       }
     }
   }
