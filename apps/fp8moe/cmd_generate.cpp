@@ -19,7 +19,7 @@ void setup(CLI::App& app) {
   app.add_flag("--ema", g->use_ema, "Use the EMA weights");
   app.add_option("--threads", g->threads, "CPU threads (0 = all)")->capture_default_str();
   app.callback([g] {
-    FM_USAGE_CHECK(g->max_new_tokens >= 0, "--max-new-tokens must be >= 0");
+    FM_CHECK_ARG(g->max_new_tokens >= 0, "--max-new-tokens must be >= 0");
     std::cout << fp8moe::generate_text(*g) << "\n";
   });
 }

@@ -136,18 +136,18 @@ void run_simulation(const SimOptions& o) {
   cfg.topk_group = o.topk_group;
   cfg.routed_scaling_factor = 1.0f;
   validate_router_config(cfg);
-  FM_USAGE_CHECK(o.steps > 0 && o.tokens > 0, "--steps and --tokens must be > 0");
-  FM_USAGE_CHECK(o.seq_len > 0 && o.tokens % o.seq_len == 0, "--tokens=", o.tokens,
+  FM_CHECK_ARG(o.steps > 0 && o.tokens > 0, "--steps and --tokens must be > 0");
+  FM_CHECK_ARG(o.seq_len > 0 && o.tokens % o.seq_len == 0, "--tokens=", o.tokens,
                  " must be a multiple of --seq-len=", o.seq_len);
-  FM_USAGE_CHECK(o.gpus > 0 && o.experts % o.gpus == 0, "--experts=", o.experts,
+  FM_CHECK_ARG(o.gpus > 0 && o.experts % o.gpus == 0, "--experts=", o.experts,
                  " must be a multiple of --gpus=", o.gpus);
-  FM_USAGE_CHECK(o.redundant >= 0 && (o.experts + o.redundant) % o.gpus == 0,
+  FM_CHECK_ARG(o.redundant >= 0 && (o.experts + o.redundant) % o.gpus == 0,
                  "--experts + --redundant = ", o.experts + o.redundant,
                  " must be a multiple of --gpus=", o.gpus);
-  FM_USAGE_CHECK(o.nodes > 0 && o.gpus % o.nodes == 0, "--gpus=", o.gpus,
+  FM_CHECK_ARG(o.nodes > 0 && o.gpus % o.nodes == 0, "--gpus=", o.gpus,
                  " must be a multiple of --nodes=", o.nodes);
-  FM_USAGE_CHECK(o.eplb_every > 0, "--eplb-every must be > 0");
-  FM_USAGE_CHECK(std::isfinite(o.gamma) && o.gamma >= 0 && std::isfinite(o.alpha) && o.alpha >= 0 &&
+  FM_CHECK_ARG(o.eplb_every > 0, "--eplb-every must be > 0");
+  FM_CHECK_ARG(std::isfinite(o.gamma) && o.gamma >= 0 && std::isfinite(o.alpha) && o.alpha >= 0 &&
                      std::isfinite(o.lr) && o.lr >= 0 && o.skew >= 0 && o.drift >= 0,
                  "--gamma, --alpha, --lr, --skew and --drift must be finite and >= 0");
   const int E = o.experts, T = o.tokens, K = o.top_k, P = o.gpus;

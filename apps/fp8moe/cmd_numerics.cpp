@@ -57,13 +57,13 @@ void setup_accumulation(CLI::App& app) {
     AccumulationStudyOptions o;
     o.ks.clear();
     for (long long k : parse_int_list(flags->ks, "--k")) {
-      FM_USAGE_CHECK(k >= 1, "--k: K must be >= 1, got ", k);
+      FM_CHECK_ARG(k >= 1, "--k: K must be >= 1, got ", k);
       o.ks.push_back(k);
     }
     o.mantissa_bits = flags->mantissa_bits;
     o.interval = flags->interval;
     o.trials = flags->trials;
-    FM_USAGE_CHECK(flags->seed >= 0, "--seed: must be >= 0");
+    FM_CHECK_ARG(flags->seed >= 0, "--seed: must be >= 0");
     o.seed = static_cast<uint64_t>(flags->seed);
     o.m = flags->m;
     o.n = flags->n;

@@ -38,9 +38,9 @@ void add_shape(CLI::App& app, ShapeFlags& f, bool with_method) {
 }
 
 void check_shape(const ShapeFlags& f) {
-  FM_USAGE_CHECK(f.ranks >= 2 && f.ranks <= kMaxRanks, "--ranks ", f.ranks, " must be in 2..",
+  FM_CHECK_ARG(f.ranks >= 2 && f.ranks <= kMaxRanks, "--ranks ", f.ranks, " must be in 2..",
                  kMaxRanks);
-  FM_USAGE_CHECK(f.micro_batches >= 1 && f.micro_batches <= kMaxMicroBatches, "--micro-batches ",
+  FM_CHECK_ARG(f.micro_batches >= 1 && f.micro_batches <= kMaxMicroBatches, "--micro-batches ",
                  f.micro_batches, " must be in 1..", kMaxMicroBatches);
 }
 
@@ -72,12 +72,12 @@ void add_sim(CLI::App& app, SimFlags& f) {
 SimOptions sim_options(const SimFlags& f) {
   SimOptions o;
   o.costs = parse_costs(f.cost);
-  FM_USAGE_CHECK(std::isfinite(f.latency) && f.latency >= 0, "--p2p-latency must be >= 0");
-  FM_USAGE_CHECK(std::isfinite(f.bandwidth) && f.bandwidth >= 0, "--p2p-bandwidth must be >= 0");
-  FM_USAGE_CHECK(std::isfinite(f.bytes) && f.bytes >= 0, "--p2p-bytes must be >= 0");
+  FM_CHECK_ARG(std::isfinite(f.latency) && f.latency >= 0, "--p2p-latency must be >= 0");
+  FM_CHECK_ARG(std::isfinite(f.bandwidth) && f.bandwidth >= 0, "--p2p-bandwidth must be >= 0");
+  FM_CHECK_ARG(std::isfinite(f.bytes) && f.bytes >= 0, "--p2p-bytes must be >= 0");
   o.p2p = {f.latency, f.bandwidth, f.bytes};
   if (f.chunk_scale) {
-    FM_USAGE_CHECK(std::isfinite(*f.chunk_scale) && *f.chunk_scale > 0,
+    FM_CHECK_ARG(std::isfinite(*f.chunk_scale) && *f.chunk_scale > 0,
                    "--chunk-scale must be positive");
     o.chunk_scale = f.chunk_scale;
   }
@@ -91,7 +91,7 @@ bool agrees(double a, double b) {
 
 Schedule load_or_make(const std::string& input, const ShapeFlags& shape) {
   if (!input.empty()) return schedule_from_json(read_json_file(input), input);
-  FM_USAGE_CHECK(!shape.method.empty(), "--method is required (or --input FILE)");
+  FM_CHECK_ARG(!shape.method.empty(), "--method is required (or --input FILE)");
   check_shape(shape);
   return make_schedule(parse_method(shape.method), shape.ranks, shape.micro_batches);
 }

@@ -52,11 +52,11 @@ void add_common(CLI::App* app, Flags& f) {
 }
 
 void check_common(const Flags& f) {
-  FM_USAGE_CHECK(!f.config.empty(), "--config is required");
-  FM_USAGE_CHECK(!f.out.empty(), "--out is required");
-  FM_USAGE_CHECK(f.opts.steps > 0, "--steps must be positive (got ", f.opts.steps, ")");
-  FM_USAGE_CHECK(f.opts.batch > 0 && f.opts.seq > 0, "--batch and --seq must be positive");
-  FM_USAGE_CHECK(f.opts.threads >= 0, "--threads must be >= 0");
+  FM_CHECK_ARG(!f.config.empty(), "--config is required");
+  FM_CHECK_ARG(!f.out.empty(), "--out is required");
+  FM_CHECK_ARG(f.opts.steps > 0, "--steps must be positive (got ", f.opts.steps, ")");
+  FM_CHECK_ARG(f.opts.batch > 0 && f.opts.seq > 0, "--batch and --seq must be positive");
+  FM_CHECK_ARG(f.opts.threads >= 0, "--threads must be >= 0");
 }
 
 void setup(CLI::App& app) {

@@ -31,11 +31,8 @@ struct CommandRegistrar {
   }
 };
 
-// Bad usage found after parsing (a value out of range, inconsistent flags): exit 2.
-#define FM_USAGE_CHECK(cond, ...)                                              \
-  do {                                                                         \
-    if (!(cond)) FM_THROW(::fp8moe::ErrorKind::kInvalidArgument, __VA_ARGS__); \
-  } while (0)
+// Bad usage found after parsing (a value out of range, inconsistent flags): FM_CHECK_ARG from
+// fp8moe/core/error.h (kInvalidArgument, exit 2).
 
 // Parse "1,2,3" into integers; errors name the flag.
 std::vector<long long> parse_int_list(const std::string& text, const std::string& flag);

@@ -26,7 +26,7 @@ std::vector<long long> parse_int_list(const std::string& text, const std::string
     } catch (...) {
       used = 0;
     }
-    FM_USAGE_CHECK(!item.empty() && used == item.size(), flag, ": '", item, "' is not an integer");
+    FM_CHECK_ARG(!item.empty() && used == item.size(), flag, ": '", item, "' is not an integer");
     out.push_back(v);
     if (comma == std::string::npos) break;
     pos = comma + 1;
