@@ -4,13 +4,18 @@
 #include "fp8moe/eplb/eplb.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
-#include <numeric>
+#include <limits>
 #include <string>
 #include <utility>
 
 #include "fp8moe/core/error.h"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace fp8moe::eplb {
 namespace {
@@ -51,32 +56,46 @@ void validate(const Problem& p) {
     FM_CHECK_ARG(p.num_gpus % p.num_nodes == 0, "num_gpus=", p.num_gpus,
                  " is not divisible by num_nodes=", p.num_nodes);
   }
-  // NOTE: one branch-free pass (the compiler vectorises it); the loop that names the first bad
-  // load runs only when the pass fails. NaN fails both comparisons.
-  // On the bits: finite and non-negative is below +inf's pattern, or exactly -0 (which
-  // `w >= 0` accepts too).
-  uint32_t bad = 0;
-  for (const float w : p.weight) {
-    const uint32_t bits = float_bits(w);
-    bad |= static_cast<uint32_t>(bits >= 0x7f800000u) & static_cast<uint32_t>(bits != 0x80000000u);
+  // One branch-free pass; the loop that names the first bad load runs only when it fails.
+  const float* w = p.weight.data();
+  const size_t n = p.weight.size();
+  size_t i = 0;
+  bool ok = true;
+#if defined(__SSE2__)
+  // NOTE: written out; both comparisons fail for NaN, and -0 passes as `w >= 0` lets it.
+  __m128 ok4 = _mm_castsi128_ps(_mm_set1_epi32(-1));
+  const __m128 zero = _mm_setzero_ps(), largest = _mm_set1_ps(std::numeric_limits<float>::max());
+  for (; i + 4 <= n; i += 4) {
+    const __m128 x = _mm_loadu_ps(w + i);
+    ok4 = _mm_and_ps(ok4, _mm_and_ps(_mm_cmpge_ps(x, zero), _mm_cmple_ps(x, largest)));
   }
-  if (bad == 0) return;
-  for (size_t i = 0; i < p.weight.size(); ++i) {
-    const float w = p.weight[i];
-    FM_CHECK_ARG(std::isfinite(w) && w >= 0.0f, "weight[", i / p.num_experts, "][",
-                 i % p.num_experts, "]=", w, " is not a finite non-negative load");
-  }
+  ok = _mm_movemask_ps(ok4) == 0xf;
+#endif
+  for (; i < n; ++i) ok &= w[i] >= 0.0f && w[i] <= std::numeric_limits<float>::max();
+  if (ok) return;
+  for (size_t j = 0; j < n; ++j)
+    FM_CHECK_ARG(std::isfinite(w[j]) && w[j] >= 0.0f, "weight[", j / p.num_experts, "][",
+                 j % p.num_experts, "]=", w[j], " is not a finite non-negative load");
 }
 
-std::vector<int32_t> sort_descending_like_torch(const float* keys, int n) {
-  // torch.sort(descending=True) on the CPU is std::sort over (key, index) pairs with a
-  // comparator on the key alone; the same call on the same sequence yields the same order.
-  std::vector<std::pair<float, int32_t>> items(n);
+namespace {
+
+// torch.sort(descending=True) on the CPU is std::sort over (key, index) pairs with a comparator
+// on the key alone; the same call on the same sequence yields the same order. `items` is
+// scratch of n pairs.
+void sort_descending_like_torch(const float* keys, int n, std::pair<float, int32_t>* items,
+                                int32_t* order) {
   for (int i = 0; i < n; ++i) items[i] = {keys[i], i};
-  std::sort(items.begin(), items.end(),
-            [](const auto& a, const auto& b) { return a.first > b.first; });
-  std::vector<int32_t> order(n);
+  std::sort(items, items + n, [](const auto& a, const auto& b) { return a.first > b.first; });
   for (int i = 0; i < n; ++i) order[i] = items[i].second;
+}
+
+}  // namespace
+
+std::vector<int32_t> sort_descending_like_torch(const float* keys, int n) {
+  std::vector<std::pair<float, int32_t>> items(n);
+  std::vector<int32_t> order(n);
+  sort_descending_like_torch(keys, n, items.data(), order.data());
   return order;
 }
 
@@ -91,19 +110,38 @@ void balanced_packing(const float* weight, int n, int num_packs, int32_t* pack_i
     }
     return;
   }
-  const std::vector<int32_t> order = sort_descending_like_torch(weight, n);
-  std::vector<float> pack_weight(num_packs, 0.0f);
-  std::vector<int32_t> pack_items(num_packs, 0);
-  for (const int32_t item : order) {
-    // The lightest pack with room; strict < keeps the lowest index on ties.
-    int best = -1;
-    for (int p = 0; p < num_packs; ++p) {
-      if (pack_items[p] >= per_pack) continue;
-      if (best < 0 || pack_weight[p] < pack_weight[best]) best = p;
+  thread_local std::vector<std::pair<float, int32_t>> items_storage;
+  thread_local std::vector<int32_t> order_storage, pack_items_storage;
+  thread_local std::vector<float> pack_weight_storage;
+  thread_local std::vector<uint32_t> pack_key_storage;
+  if (items_storage.size() < static_cast<size_t>(n)) {
+    items_storage.resize(n);
+    order_storage.resize(n);
+  }
+  pack_items_storage.assign(num_packs, 0);
+  pack_weight_storage.assign(num_packs, 0.0f);
+  pack_key_storage.assign(num_packs, 0u);
+  int32_t* order = order_storage.data();
+  int32_t* pack_items = pack_items_storage.data();
+  float* pack_weight = pack_weight_storage.data();
+  // NOTE: the lightest pack with room as a branch-free arg-min over one integer per pack: the
+  // load's bits (monotonic for loads >= 0, +inf included) while the pack has room, all ones
+  // once it is full. Strict < keeps the lowest index on ties, as the reference's min() does.
+  uint32_t* pack_key = pack_key_storage.data();
+  sort_descending_like_torch(weight, n, items_storage.data(), order);
+  for (int i = 0; i < n; ++i) {
+    const int32_t item = order[i];
+    int best = 0;
+    uint32_t best_key = pack_key[0];
+    for (int p = 1; p < num_packs; ++p) {
+      const bool lighter = pack_key[p] < best_key;
+      best = lighter ? p : best;
+      best_key = lighter ? pack_key[p] : best_key;
     }
     pack_index[item] = best;
     rank_in_pack[item] = pack_items[best]++;
     pack_weight[best] += weight[item];
+    pack_key[best] = pack_items[best] < per_pack ? float_bits(pack_weight[best]) : ~0u;
   }
 }
 
@@ -121,7 +159,9 @@ uint64_t pick_key(float value, int32_t id) {
          static_cast<uint32_t>(~id);
 }
 
-int32_t pick_id(uint64_t key) { return static_cast<int32_t>(~static_cast<uint32_t>(key)); }
+int32_t pick_id(uint64_t key) {
+  return static_cast<int32_t>(~static_cast<uint32_t>(key));
+}
 
 // The greedy one pick at a time: a winner tree over the experts finds the arg-max of
 // weight / count in log2(num_log) steps per slot. Fills phy2log/rank/logcnt from num_log on.
@@ -158,29 +198,33 @@ void replicate_by_tree(const float* weight, int num_log, int num_phy, int32_t* p
 // replica is weight[e] / k; those values fall strictly with k (weight > 0), so the greedy merge
 // of these falling sequences picks exactly the num_extra largest keys (value, then lower id)
 // over all experts and k >= 1, in descending key order. So: find a threshold t with at least
-// num_extra (and not many more) keys >= t, list those keys, and sort them by bucketing the
-// float bits (monotonic) and one insertion pass. Writes the picked experts in order; returns
-// false (nothing decided) where the shortcut does not apply, and the caller runs the tree.
+// num_extra (and not many more) keys >= t by counting, list those keys, and sort them (a
+// counting sort on an estimate of each key's place, then an insertion pass). Writes the picked
+// experts in order; returns false, writing nothing, where the shortcut does not apply.
 bool replicate_by_threshold(const float* weight, int num_log, int num_extra, int32_t* picks) {
   // NOTE: the floor counts below stay exact in int for num_log * 2^20 < 2^31.
   if (num_log > 1024) return false;
-  // NOTE: eight independent lanes, so that neither sum nor max is one long dependency chain.
-  float lane_max[8] = {}, lane_sum[8] = {};
-  int e0 = 0;
-  for (; e0 + 8 <= num_log; e0 += 8)
-    for (int i = 0; i < 8; ++i) {
-      const float w = weight[e0 + i];
-      lane_max[i] = lane_max[i] < w ? w : lane_max[i];
-      lane_sum[i] += w;
-    }
-  for (int i = 0; e0 + i < num_log; ++i) {
-    lane_max[i] = std::max(lane_max[i], weight[e0 + i]);
-    lane_sum[i] += weight[e0 + i];
-  }
   float w_max = 0.0f, total = 0.0f;
-  for (int i = 0; i < 8; ++i) {
-    w_max = std::max(w_max, lane_max[i]);
-    total += lane_sum[i];
+  int e0 = 0;
+#if defined(__SSE2__)
+  // NOTE: written out: the compiler keeps a float max and sum scalar (it may not reorder them).
+  __m128 max4 = _mm_setzero_ps(), sum4 = _mm_setzero_ps();
+  for (; e0 + 4 <= num_log; e0 += 4) {
+    const __m128 w = _mm_loadu_ps(weight + e0);
+    max4 = _mm_max_ps(max4, w);
+    sum4 = _mm_add_ps(sum4, w);
+  }
+  float lanes[8];
+  _mm_storeu_ps(lanes, max4);
+  _mm_storeu_ps(lanes + 4, sum4);
+  for (int i = 0; i < 4; ++i) {
+    w_max = std::max(w_max, lanes[i]);
+    total += lanes[4 + i];
+  }
+#endif
+  for (; e0 < num_log; ++e0) {
+    w_max = std::max(w_max, weight[e0]);
+    total += weight[e0];
   }
   if (!(w_max > 0.0f)) return false;
   const float t_min = w_max * 0x1p-20f;
@@ -193,13 +237,16 @@ bool replicate_by_threshold(const float* weight, int num_log, int num_extra, int
     return count;
   };
 
-  // Threshold: the count falls as t rises, roughly as a power of t. Start from the mean load
-  // per slot (the greedy's last pick is never below it) and take secant steps on log(count)
-  // over log(t) (the first with an exponent of 1.5, typical of these loads), bisecting
-  // geometrically where a step leaves the bracket. Two or three counts on the V3 loads.
+  // Threshold: the count falls as t rises, roughly as a power of t. Start from a guess and
+  // take secant steps on log(count) over log(t) (the first with an exponent of 1.5, typical of
+  // these loads), bisecting geometrically where a step leaves the bracket.
   const int slack = std::max(16, num_extra / 4);
   const float target = static_cast<float>(num_extra) + 0.5f * static_cast<float>(slack);
-  float t = total / static_cast<float>(num_log + num_extra);
+  const float mean = total / static_cast<float>(num_log + num_extra);
+  // NOTE: the last call's threshold over its mean is a good first guess for the next layer of
+  // a similar load distribution; only the number of counting passes depends on the guess.
+  thread_local float last_ratio = 0.0f;
+  float t = last_ratio > 0.0f ? mean * last_ratio : mean;
   float lo = 0.0f, hi = w_max * 2.0f;  // count(lo) >= num_extra, count(hi) < num_extra
   float prev_t = 0.0f;
   int prev_count = 0;
@@ -218,8 +265,7 @@ bool replicate_by_threshold(const float* weight, int num_log, int num_extra, int
       if (prev_count > 0 && prev_count != count)
         exponent = std::log(static_cast<float>(prev_count) / static_cast<float>(count)) /
                    std::log(t / prev_t);
-      if (exponent > 0.0f)
-        next = t * std::pow(static_cast<float>(count) / target, 1.0f / exponent);
+      if (exponent > 0.0f) next = t * std::pow(static_cast<float>(count) / target, 1.0f / exponent);
     }
     if (!(next > lo && next < hi)) next = lo > 0.0f ? std::sqrt(lo * hi) : 0.5f * hi;
     prev_t = t;
@@ -227,6 +273,7 @@ bool replicate_by_threshold(const float* weight, int num_log, int num_extra, int
     t = next;
   }
   if (!found) return false;
+  last_ratio = t / mean;
 
   // Every key >= t, per expert in falling order. Branch-free where the branches would be
   // unpredictable (which experts qualify, how many keys each has): those mispredictions cost
@@ -234,30 +281,79 @@ bool replicate_by_threshold(const float* weight, int num_log, int num_extra, int
   const int capacity = num_extra + slack + num_log;
   thread_local std::vector<uint64_t> storage;
   thread_local std::vector<int32_t> listed_storage;
+  thread_local std::vector<uint8_t> bucket_storage;
   if (storage.size() < static_cast<size_t>(2 * capacity + 4)) storage.resize(2 * capacity + 4);
   if (listed_storage.size() < static_cast<size_t>(num_log)) listed_storage.resize(num_log);
+  if (bucket_storage.size() < static_cast<size_t>(capacity + 4))
+    bucket_storage.resize(capacity + 4);
   uint64_t* keys = storage.data();
   uint64_t* sorted = keys + capacity + 4;
   int32_t* listed = listed_storage.data();
   int num_listed = 0;
-  for (int e = 0; e < num_log; ++e) {
+  int e_done = 0;
+#if defined(__SSE2__)
+  // NOTE: 64 comparisons at a time into a bit mask, then one step per qualifying expert (about
+  // one in six at V3 scale) instead of one per expert.
+  const __m128 t4 = _mm_set1_ps(t);
+  for (; e_done + 64 <= num_log; e_done += 64) {
+    uint64_t mask = 0;
+    for (int i = 0; i < 64; i += 4)
+      mask |= static_cast<uint64_t>(
+                  _mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(weight + e_done + i), t4)))
+              << i;
+    for (; mask != 0; mask &= mask - 1) listed[num_listed++] = e_done + std::countr_zero(mask);
+  }
+#endif
+  for (int e = e_done; e < num_log; ++e) {
     listed[num_listed] = e;
     num_listed += weight[e] >= t;
   }
+  // Each key also gets a bucket for the sort below: its position between 1/w_max and 1/t in
+  // reciprocal space, where an expert's keys w/k are evenly spaced (k/w), so the keys spread
+  // evenly over the buckets. The bucket only speeds the sort up; the insertion pass after it
+  // orders the keys exactly whatever the buckets say.
+  constexpr int kBuckets = 128;
+  const float inv_top = 1.0f / w_max;
+  const float bucket_scale = (kBuckets - 1) / std::max(1.0f / t - inv_top, 1e-30f);
+  uint8_t* bucket = bucket_storage.data();
+#if defined(__SSE2__)
+  const __m128 inv_top4 = _mm_set1_ps(inv_top), scale4 = _mm_set1_ps(bucket_scale);
+  const __m128 zero4 = _mm_setzero_ps(), max_bucket4 = _mm_set1_ps(kBuckets - 1.0f);
+#endif
   int n = 0;
   for (int j = 0; j < num_listed; ++j) {
     const int32_t e = listed[j];
     const float w = weight[e];
+    const float inv_w = 1.0f / w;
     // Four k at a time; the keys >= t are a prefix of each four (values fall with k).
     for (int k = 1;; k += 4) {
       if (n + 4 > capacity + 4) return false;
-      float value[4];
-      for (int i = 0; i < 4; ++i) value[i] = w / static_cast<float>(k + i);
       int taken = 0;
+#if defined(__SSE2__)
+      const __m128 kf = _mm_add_ps(_mm_set1_ps(static_cast<float>(k)), _mm_setr_ps(0, 1, 2, 3));
+      const __m128 value = _mm_div_ps(_mm_set1_ps(w), kf);
+      // The mask is a prefix (0, 1, 3, 7 or 15): its trailing ones count the keys taken.
+      taken = std::countr_one(static_cast<unsigned>(_mm_movemask_ps(_mm_cmpge_ps(value, t4))));
+      // Keys: value bits (+0.0f turns -0 into +0) above ~e, two per 128-bit store.
+      const __m128i bits = _mm_castps_si128(_mm_add_ps(value, _mm_setzero_ps()));
+      const __m128i id = _mm_set1_epi32(~e);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(keys + n), _mm_unpacklo_epi32(id, bits));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(keys + n + 2), _mm_unpackhi_epi32(id, bits));
+      const __m128 pos =
+          _mm_mul_ps(_mm_sub_ps(_mm_mul_ps(kf, _mm_set1_ps(inv_w)), inv_top4), scale4);
+      const __m128i b32 = _mm_cvttps_epi32(_mm_min_ps(_mm_max_ps(pos, zero4), max_bucket4));
+      const __m128i b16 = _mm_packs_epi32(b32, b32);
+      const int packed = _mm_cvtsi128_si32(_mm_packus_epi16(b16, b16));
+      std::memcpy(bucket + n, &packed, 4);
+#else
       for (int i = 0; i < 4; ++i) {
-        keys[n + i] = pick_key(value[i], e);
-        taken += value[i] >= t;
+        const float value = w / static_cast<float>(k + i);
+        keys[n + i] = pick_key(value, e);
+        const float pos = (static_cast<float>(k + i) * inv_w - inv_top) * bucket_scale;
+        bucket[n + i] = static_cast<uint8_t>(std::clamp(pos, 0.0f, kBuckets - 1.0f));
+        taken += value >= t;
       }
+#endif
       n += taken;
       if (taken < 4) break;
     }
@@ -265,19 +361,17 @@ bool replicate_by_threshold(const float* weight, int num_log, int num_extra, int
   if (n > capacity) return false;
   if (n < num_extra) return false;
 
-  // Counting sort on the value bits (descending), then an insertion pass for keys that share
-  // a bucket. All values lie in [t, w_max].
-  constexpr int kBuckets = 128;
-  const uint32_t top = float_bits(w_max);
-  const uint32_t span = top - float_bits(t);
-  int shift = 0;
-  while ((span >> shift) >= kBuckets) ++shift;
-  int start[kBuckets + 1] = {};
-  for (int i = 0; i < n; ++i)
-    ++start[((top - static_cast<uint32_t>(keys[i] >> 32)) >> shift) + 1];
-  for (int b = 0; b < kBuckets; ++b) start[b + 1] += start[b];
-  for (int i = 0; i < n; ++i)
-    sorted[start[(top - static_cast<uint32_t>(keys[i] >> 32)) >> shift]++] = keys[i];
+  // Counting sort by bucket, then an insertion pass.
+  int start[kBuckets] = {};
+  for (int i = 0; i < n; ++i) ++start[bucket[i]];
+  // NOTE: the running sum stays in a register (an in-place prefix would chain every step
+  // through a store and a reload).
+  for (int b = 0, sum = 0; b < kBuckets; ++b) {
+    const int count = start[b];
+    start[b] = sum;
+    sum += count;
+  }
+  for (int i = 0; i < n; ++i) sorted[start[bucket[i]]++] = keys[i];
   for (int i = 1; i < n; ++i) {
     const uint64_t key = sorted[i];
     int j = i;
@@ -288,28 +382,64 @@ bool replicate_by_threshold(const float* weight, int num_log, int num_extra, int
   return true;
 }
 
+void init_replicas(int num_log, int num_phy, int32_t* phy2log, int32_t* rank, int32_t* logcnt) {
+  FM_CHECK(num_phy >= num_log, "num_phy=", num_phy, " num_log=", num_log);
+  // NOTE: three loops, not one: each is a plain fill the compiler vectorises.
+  for (int i = 0; i < num_log; ++i) phy2log[i] = i;
+  for (int i = 0; i < num_log; ++i) rank[i] = 0;
+  for (int i = 0; i < num_log; ++i) logcnt[i] = 1;
+}
+
 }  // namespace
+
+void replicate_experts_greedy(const float* weight, int num_log, int num_phy, int32_t* phy2log,
+                              int32_t* rank, int32_t* logcnt) {
+  init_replicas(num_log, num_phy, phy2log, rank, logcnt);
+  if (num_phy > num_log) replicate_by_tree(weight, num_log, num_phy, phy2log, rank, logcnt);
+}
+
+bool replicate_experts_batched(const float* weight, int num_log, int num_phy, int32_t* phy2log,
+                               int32_t* rank, int32_t* logcnt) {
+  FM_CHECK(num_phy >= num_log, "num_phy=", num_phy, " num_log=", num_log);
+  if (num_phy > num_log &&
+      !replicate_by_threshold(weight, num_log, num_phy - num_log, phy2log + num_log))
+    return false;
+  init_replicas(num_log, num_phy, phy2log, rank, logcnt);
+  // The picks' ranks follow from their order.
+  for (int i = num_log; i < num_phy; ++i) rank[i] = logcnt[phy2log[i]]++;
+  return true;
+}
 
 void replicate_experts(const float* weight, int num_log, int num_phy, int32_t* phy2log,
                        int32_t* rank, int32_t* logcnt) {
-  FM_CHECK(num_phy >= num_log, "num_phy=", num_phy, " num_log=", num_log);
-  for (int i = 0; i < num_log; ++i) {
-    phy2log[i] = i;
-    rank[i] = 0;
-    logcnt[i] = 1;
-  }
-  const int num_extra = num_phy - num_log;
-  if (num_extra == 0) return;
   // NOTE: for a few picks the tree is cheaper than finding a threshold.
-  if (num_extra >= kThresholdMinPicks &&
-      replicate_by_threshold(weight, num_log, num_extra, phy2log + num_log)) {
-    for (int i = num_log; i < num_phy; ++i) rank[i] = logcnt[phy2log[i]]++;
+  if (num_phy - num_log >= kThresholdMinPicks &&
+      replicate_experts_batched(weight, num_log, num_phy, phy2log, rank, logcnt))
     return;
-  }
-  replicate_by_tree(weight, num_log, num_phy, phy2log, rank, logcnt);
+  replicate_experts_greedy(weight, num_log, num_phy, phy2log, rank, logcnt);
 }
 
 namespace {
+
+// The largest entry (0 for none). NOTE: SSE2 has no packed 32-bit max, so the compiler leaves a
+// plain loop scalar; this one compares and blends four at a time.
+int32_t max_of(const int32_t* v, size_t n) {
+  size_t i = 0;
+  int32_t best = 0;
+#if defined(__SSE2__)
+  __m128i m = _mm_setzero_si128();
+  for (; i + 4 <= n; i += 4) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i));
+    const __m128i greater = _mm_cmpgt_epi32(x, m);
+    m = _mm_or_si128(_mm_and_si128(greater, x), _mm_andnot_si128(greater, m));
+  }
+  int32_t lanes[4];
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(lanes), m);
+  for (const int32_t lane : lanes) best = std::max(best, lane);
+#endif
+  for (; i < n; ++i) best = std::max(best, v[i]);
+  return best;
+}
 
 // One layer of the hierarchical policy (the global policy calls it with groups = nodes = 1).
 struct LayerWorkspace {
@@ -446,18 +576,24 @@ Plan rebalance_experts(const Problem& p) {
     plan.phyrank.insert(plan.phyrank.end(), phyrank, phyrank + R);
     plan.logcnt.insert(plan.logcnt.end(), logcnt, logcnt + E);
   }
-  plan.max_replicas = *std::max_element(plan.logcnt.begin(), plan.logcnt.end());
-  const int X = plan.max_replicas;
+  const int32_t X = max_of(plan.logcnt.data(), plan.logcnt.size());
+  plan.max_replicas = X;
   // log2phy one layer at a time: append the layer's block of -1 (E * X entries, small enough to
   // stay in L1) and fill its slots while the block is still there.
   const size_t block = static_cast<size_t>(E) * X;
   plan.log2phy.reserve(static_cast<size_t>(L) * block);
+  // With one group, one node and one slot per GPU, slot e < E is expert e's first copy (the
+  // replication keeps it there and no packing moves it): a plain strided loop writes those.
+  const bool first_copies_in_order = G == 1 && N == 1 && R == p.num_gpus;
   for (int l = 0; l < L; ++l) {
     plan.log2phy.insert(plan.log2phy.end(), block, -1);
     int32_t* rows = plan.log2phy.data() + static_cast<size_t>(l) * block;
     const int32_t* phy2log = plan.phy2log.data() + static_cast<size_t>(l) * R;
     const int32_t* phyrank = plan.phyrank.data() + static_cast<size_t>(l) * R;
-    for (int i = 0; i < R; ++i) rows[static_cast<size_t>(phy2log[i]) * X + phyrank[i]] = i;
+    int i = 0;
+    if (first_copies_in_order)
+      for (; i < E; ++i) rows[static_cast<size_t>(i) * X] = i;
+    for (; i < R; ++i) rows[static_cast<size_t>(phy2log[i]) * X + phyrank[i]] = i;
   }
   return plan;
 }

@@ -8,10 +8,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/json.h"
+#include "fp8moe/core/philox.h"
 
 namespace fp8moe::eplb {
 namespace {
@@ -98,6 +100,73 @@ TEST(Eplb, SortTiesFollowTorch) {
   replicate_experts(w, 4, 6, phy2log, rank, cnt);
   EXPECT_EQ(phy2log[4], 1);
   EXPECT_EQ(phy2log[5], 2);
+}
+
+// The batched replication against the one-at-a-time greedy on loads built to stress it: heavy
+// tails, integer loads with many ties, equal loads, zeros, one dominant expert, tiny and huge
+// magnitudes; few to many experts and extra slots.
+TEST(Eplb, BatchedReplicationMatchesTheGreedy) {
+  PhiloxStream rng(2026, 11);
+  int cases = 0, batched = 0, heavy_cases = 0, heavy_batched = 0;
+  for (const int num_log : {1, 2, 7, 16, 64, 256, 300}) {
+    for (const int extra : {1, 15, 16, 17, 64, 100, 700}) {
+      for (int kind = 0; kind < 7; ++kind) {
+        std::vector<float> w(num_log);
+        for (int e = 0; e < num_log; ++e) {
+          switch (kind) {
+            case 0:
+              w[e] = std::exp(1.2f * rng.normal()) * 100.0f;
+              break;
+            case 1:
+              w[e] = static_cast<float>(rng.next_u32() % 4);
+              break;  // ties and zeros
+            case 2:
+              w[e] = 5.0f;
+              break;
+            case 3:
+              w[e] = e % 3 == 0 ? 0.0f : rng.uniform(0.0f, 1.0f);
+              break;
+            case 4:
+              w[e] = e == num_log / 2 ? 1e6f : rng.uniform(1.0f, 2.0f);
+              break;
+            case 5:
+              w[e] = std::exp(2.0f * rng.normal()) * 1e-30f;
+              break;
+            default:
+              w[e] = std::exp(2.0f * rng.normal()) * 1e30f;
+              break;
+          }
+        }
+        const int num_phy = num_log + extra;
+        std::vector<int32_t> p1(num_phy), r1(num_phy), c1(num_log);
+        std::vector<int32_t> p2(num_phy), r2(num_phy), c2(num_log);
+        replicate_experts_greedy(w.data(), num_log, num_phy, p1.data(), r1.data(), c1.data());
+        const std::string name = "num_log=" + std::to_string(num_log) +
+                                 " extra=" + std::to_string(extra) +
+                                 " kind=" + std::to_string(kind);
+        const bool applied =
+            replicate_experts_batched(w.data(), num_log, num_phy, p2.data(), r2.data(), c2.data());
+        if (applied) {
+          EXPECT_EQ(p2, p1) << name;
+          EXPECT_EQ(r2, r1) << name;
+          EXPECT_EQ(c2, c1) << name;
+        }
+        replicate_experts(w.data(), num_log, num_phy, p2.data(), r2.data(), c2.data());
+        EXPECT_EQ(p2, p1) << name;
+        EXPECT_EQ(r2, r1) << name;
+        EXPECT_EQ(c2, c1) << name;
+        ++cases;
+        batched += applied;
+        if (kind == 0 && num_log >= 16 && extra >= 16) {
+          ++heavy_cases;
+          heavy_batched += applied;
+        }
+      }
+    }
+  }
+  // The shortcut must actually run on V3-like loads, or the comparison above proves nothing.
+  EXPECT_EQ(heavy_batched, heavy_cases);
+  EXPECT_GT(batched, cases / 2) << batched << " of " << cases;
 }
 
 TEST(Eplb, BalancedPackingKeepsPackSizesAndBalances) {

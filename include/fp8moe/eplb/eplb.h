@@ -12,6 +12,8 @@
 // Balanced packing: items in descending load order go to the lightest pack that still has room
 // (ties: the lower pack). Loads are float32 as in the reference (its `.float()`), and pack
 // loads accumulate in float32 in the same order, so decisions match bit for bit.
+// With 16 or more extra slots the replication runs in one batch (replicate_experts_batched): the
+// same picks in the same order, checked against the greedy in tests/eplb/eplb_test.cpp.
 // Ties between equal loads: the reference sorts with torch.sort (not stable), which is
 // std::sort on (load, index) pairs; we sort the same pairs with std::sort, which reproduces
 // torch's order exactly (tests/eplb/fixtures/sort_probe.json pins this). Replica order inside
@@ -64,8 +66,19 @@ void balanced_packing(const float* weight, int n, int num_packs, int32_t* pack_i
                       int32_t* rank_in_pack);
 // Replicates num_log experts into num_phy slots: slot i < num_log holds expert i; each further
 // slot goes to the expert with the largest weight / count (ties: the lower id).
+// Runs the batched form where it applies (16 or more extra slots), the greedy otherwise.
 void replicate_experts(const float* weight, int num_log, int num_phy, int32_t* phy2log,
                        int32_t* rank, int32_t* logcnt);
+// The greedy itself, one slot at a time (a winner tree over the experts): the definition.
+void replicate_experts_greedy(const float* weight, int num_log, int num_phy, int32_t* phy2log,
+                              int32_t* rank, int32_t* logcnt);
+// The same result in one batch: the extra slots go to the num_phy - num_log largest values of
+// weight[e] / k (k >= 1; ties: the lower id) in descending order, since the greedy merges these
+// falling sequences. Finds a threshold by counting, lists the values above it and sorts them.
+// Returns false, writing nothing, where it does not apply (no positive load, more than 1024
+// experts, a threshold below 2^-20 of the largest load, the threshold search not settling).
+bool replicate_experts_batched(const float* weight, int num_log, int num_phy, int32_t* phy2log,
+                               int32_t* rank, int32_t* logcnt);
 // The reference's order for a descending, non-stable sort of `keys` (torch.sort on the CPU).
 std::vector<int32_t> sort_descending_like_torch(const float* keys, int n);
 
