@@ -5,6 +5,7 @@
 #include <bit>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -107,50 +108,120 @@ void decode_row(const Fp8MatrixRef& op, int64_t r, float* out) {
   for (int64_t k = 0; k < op.cols; ++k) out[k] = lut[codes[k]];
 }
 
-// Sum of x[k] * y[k] for k in [0, n), n a multiple of 8, in 8 interleaved lanes reduced
-// pairwise (the fixed order the header documents).
+// The fast model sums each window's products in 8 interleaved lanes (lane j takes k = j mod 8,
+// one rounding per multiply and per add) and reduces the lanes pairwise, as the header documents.
+using Lanes = float __attribute__((vector_size(32)));
+
+inline float reduce_lanes(const Lanes& l) {
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+// NOTE: by out-parameter: returning a 32-byte vector by value from code built without AVX
+// changes the ABI (GCC -Wpsabi).
+inline void load_lanes(Lanes& v, const float* p) {
+  std::memcpy(&v, p, sizeof(v));
+}
+
+// One lane-ordered dot product; a length that is not a multiple of 8 is zero-padded.
+float lane_dot(const float* x, const float* y, int64_t n) {
+  const int64_t body = n / 8 * 8;
+  Lanes acc = {};
+  Lanes xv, yv;
+  for (int64_t k = 0; k < body; k += 8) {
+    load_lanes(xv, x + k);
+    load_lanes(yv, y + k);
+    acc += xv * yv;
+  }
+  if (body < n) {
+    float tail_x[8] = {}, tail_y[8] = {};
+    std::copy(x + body, x + n, tail_x);
+    std::copy(y + body, y + n, tail_y);
+    load_lanes(xv, tail_x);
+    load_lanes(yv, tail_y);
+    acc += xv * yv;
+  }
+  return reduce_lanes(acc);
+}
+
+// The register-blocked micro-kernel: 2 rows of A x 4 rows of B over a window of n elements (n a
+// multiple of 8), each output in exactly the lane order of lane_dot. Eight lane accumulators
+// and six operand vectors fit the 16 AVX registers.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-float lane_dot(const float* __restrict x, const float* __restrict y, int64_t n) {
-  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t k = 0; k < n; k += 8)
-    for (int j = 0; j < 8; ++j) lane[j] += x[k + j] * y[k + j];
-  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
-}
-
-float lane_dot_tail(const float* x, const float* y, int64_t n) {
-  // Lengths that are not a multiple of 8 (a partial last window): zero-pad to 8 lanes.
-  const int64_t body = n / 8 * 8;
-  float tail_x[8] = {}, tail_y[8] = {};
-  for (int64_t k = body; k < n; ++k) {
-    tail_x[k - body] = x[k];
-    tail_y[k - body] = y[k];
+void lane_dot_2x4(const float* a0, const float* a1, const float* const b[4], int64_t n,
+                  float out[2][4]) {
+  Lanes c00 = {}, c01 = {}, c02 = {}, c03 = {}, c10 = {}, c11 = {}, c12 = {}, c13 = {};
+  for (int64_t k = 0; k < n; k += 8) {
+    Lanes x0, x1, y0, y1, y2, y3;
+    load_lanes(x0, a0 + k);
+    load_lanes(x1, a1 + k);
+    load_lanes(y0, b[0] + k);
+    load_lanes(y1, b[1] + k);
+    load_lanes(y2, b[2] + k);
+    load_lanes(y3, b[3] + k);
+    c00 += x0 * y0;
+    c01 += x0 * y1;
+    c02 += x0 * y2;
+    c03 += x0 * y3;
+    c10 += x1 * y0;
+    c11 += x1 * y1;
+    c12 += x1 * y2;
+    c13 += x1 * y3;
   }
-  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t k = 0; k < body; k += 8)
-    for (int j = 0; j < 8; ++j) lane[j] += x[k + j] * y[k + j];
-  for (int j = 0; j < 8; ++j) lane[j] += tail_x[j] * tail_y[j];
-  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+  out[0][0] = reduce_lanes(c00);
+  out[0][1] = reduce_lanes(c01);
+  out[0][2] = reduce_lanes(c02);
+  out[0][3] = reduce_lanes(c03);
+  out[1][0] = reduce_lanes(c10);
+  out[1][1] = reduce_lanes(c11);
+  out[1][2] = reduce_lanes(c12);
+  out[1][3] = reduce_lanes(c13);
 }
 
-// Rows [m0, m1) of D in the fast (FP32, lane-ordered) model.
+// Rows [m0, m1) of D in the fast (FP32, lane-ordered) model. Blocked: B is walked in panels of
+// kPanel rows (kept in cache while every 2-row block of A passes over it), outputs in 2x4
+// register blocks; ragged edges reuse a valid row whose results are discarded.
 void fast_rows(const Fp8MatrixRef& a, const Fp8MatrixRef& b, const std::vector<float>& b_dec,
                float* d, int64_t ldd, int64_t interval, bool accumulate, int64_t m0, int64_t m1) {
+  constexpr int64_t kPanel = 64;
   const int64_t k_total = a.cols;
-  std::vector<float> a_row(static_cast<size_t>(k_total));
-  for (int64_t m = m0; m < m1; ++m) {
-    decode_row(a, m, a_row.data());
-    for (int64_t n = 0; n < b.rows; ++n) {
-      const float* b_row = b_dec.data() + n * k_total;
-      float acc = accumulate ? d[m * ldd + n] : 0.0f;
-      for (int64_t w0 = 0; w0 < k_total; w0 += interval) {
-        const int64_t len = std::min(interval, k_total - w0);
-        const float partial = (len % 8 == 0) ? lane_dot(a_row.data() + w0, b_row + w0, len)
-                                             : lane_dot_tail(a_row.data() + w0, b_row + w0, len);
-        acc = std::fma(partial, a.scale(m, w0) * b.scale(n, w0), acc);
+  std::vector<float> a_rows(static_cast<size_t>(2 * k_total));
+  for (int64_t np = 0; np < b.rows; np += kPanel) {
+    const int64_t np_end = std::min(b.rows, np + kPanel);
+    for (int64_t mb = m0; mb < m1; mb += 2) {
+      const int64_t rows = std::min<int64_t>(2, m1 - mb);
+      decode_row(a, mb, a_rows.data());
+      decode_row(a, mb + rows - 1, a_rows.data() + k_total);
+      for (int64_t nb = np; nb < np_end; nb += 4) {
+        const int64_t cols = std::min<int64_t>(4, np_end - nb);
+        const float* b_ptr[4];
+        for (int64_t j = 0; j < 4; ++j)
+          b_ptr[j] = b_dec.data() + (nb + std::min(j, cols - 1)) * k_total;
+        float acc[2][4] = {};
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < cols; ++j)
+            if (accumulate) acc[i][j] = d[(mb + i) * ldd + nb + j];
+        for (int64_t w0 = 0; w0 < k_total; w0 += interval) {
+          const int64_t len = std::min(interval, k_total - w0);
+          float partial[2][4];
+          if (len % 8 == 0) {
+            const float* b_win[4] = {b_ptr[0] + w0, b_ptr[1] + w0, b_ptr[2] + w0, b_ptr[3] + w0};
+            lane_dot_2x4(a_rows.data() + w0, a_rows.data() + k_total + w0, b_win, len, partial);
+          } else {
+            for (int64_t i = 0; i < 2; ++i)
+              for (int64_t j = 0; j < 4; ++j)
+                partial[i][j] = lane_dot(a_rows.data() + i * k_total + w0, b_ptr[j] + w0, len);
+          }
+          for (int64_t i = 0; i < rows; ++i) {
+            const float sa = a.scale(mb + i, w0);
+            for (int64_t j = 0; j < cols; ++j)
+              acc[i][j] = std::fma(partial[i][j], sa * b.scale(nb + j, w0), acc[i][j]);
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < cols; ++j) d[(mb + i) * ldd + nb + j] = acc[i][j];
       }
-      d[m * ldd + n] = acc;
     }
   }
 }

@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
+#include <tuple>
 
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
@@ -88,6 +90,53 @@ TEST(GemmReference, PromotedFp32MatchesExactProduct) {
     std::vector<float> d(17 * 23, NAN);
     gemm_fp8_reference(a.ref(), b.ref(), d.data(), 23, {}, false, 2);
     EXPECT_LT(rel_l2(d, exact(a.ref(), b.ref())), 1e-6) << "K=" << k;
+  }
+}
+
+// The fast model exactly as the header documents it, written plainly: per output and window,
+// 8 lanes (k mod 8) in k order, the pairwise lane reduction, then one FMA with both scales.
+std::vector<float> documented_fast_model(const Fp8MatrixRef& a, const Fp8MatrixRef& b,
+                                         int64_t interval, const std::vector<float>& c0) {
+  std::vector<float> d = c0;
+  for (int64_t m = 0; m < a.rows; ++m)
+    for (int64_t n = 0; n < b.rows; ++n) {
+      float acc = d[m * b.rows + n];
+      for (int64_t w0 = 0; w0 < a.cols; w0 += interval) {
+        float lane[8] = {};
+        for (int64_t k = w0; k < std::min(a.cols, w0 + interval); ++k) {
+          const float prod =
+              e4m3_bits_to_float(a.codes[m * a.ld + k]) * e4m3_bits_to_float(b.codes[n * b.ld + k]);
+          lane[(k - w0) % 8] += prod;
+        }
+        const float partial = ((lane[0] + lane[4]) + (lane[2] + lane[6])) +
+                              ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+        acc = std::fma(partial, a.scale(m, w0) * b.scale(n, w0), acc);
+      }
+      d[m * b.rows + n] = acc;
+    }
+  return d;
+}
+
+TEST(GemmReference, BlockedFastPathIsBitIdenticalToTheDocumentedOrder) {
+  // Ragged M and N (edges of the 2x4 blocks and 64-row panels), a window that is a multiple of
+  // 8 but shorter than 128, and one that is not a multiple of 8.
+  for (const auto& [m, n, k] :
+       {std::tuple{7, 70, 200}, std::tuple{1, 3, 100}, std::tuple{4, 8, 256}}) {
+    const auto a = random_quantized(m, k, ScaleGranularity::k1x128, 31);
+    const auto b = random_quantized(n, k, ScaleGranularity::k128x128, 32);
+    for (const bool accumulate : {false, true}) {
+      std::vector<float> c0(static_cast<size_t>(m * n), 0.0f);
+      if (accumulate)
+        for (size_t i = 0; i < c0.size(); ++i) c0[i] = philox_normal(3, 3, i);
+      const auto want = documented_fast_model(a.ref(), b.ref(), 128, c0);
+      for (const int threads : {1, 2}) {
+        std::vector<float> got = c0;
+        gemm_fp8_reference(a.ref(), b.ref(), got.data(), n, {}, accumulate, threads);
+        for (size_t i = 0; i < got.size(); ++i)
+          ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(want[i]))
+              << "M=" << m << " N=" << n << " K=" << k << " element " << i;
+      }
+    }
   }
 }
 
