@@ -19,6 +19,7 @@ if command -v cuobjdump >/dev/null; then
   echo "SASS: $(grep -c QGMMA /tmp/sass.txt) QGMMA, $(grep -c UTMALDG /tmp/sass.txt) UTMALDG, $(grep -c USETMAXREG /tmp/sass.txt) USETMAXREG, $(grep -cE '\bLDL|\bSTL' /tmp/sass.txt) LDL/STL"
   # The 128x128 1x128 x 128x128 kernel, for reading the main loop (no SASS tools off the device).
   awk '/Function : /{p = /fp8_gemm_kernelILi128ELi128ELb0/} p' /tmp/sass.txt > "$OUT/k128.sass"
+  echo "k128: $(grep -c QGMMA "$OUT/k128.sass") QGMMA, $(grep -cE '\bLDL|\bSTL' "$OUT/k128.sass") LDL/STL, $(grep -c 'WARPGROUP.DEPBAR\|WARPSYNC' "$OUT/k128.sass") depbar/warpsync"
 fi
 build-device/tests/test_kernels > "$OUT/test_cpu.log" 2>&1; echo "cpu tests rc=$?"; tail -3 "$OUT/test_cpu.log"
 start=$(date +%s)
@@ -27,6 +28,18 @@ echo "gpu tests: $(( $(date +%s) - start )) s"
 if [[ "${BENCH:-1}" == 1 ]]; then
   timeout 200 build-device/bench/gemm_bench --out "$OUT/gemm.jsonl" "$@" 2>&1 | tee "$OUT/bench.log"
   if [[ "${PAIRS:-0}" == 1 ]]; then FP8MOE_GEMM_VERBOSE=1 FP8MOE_BENCH_PAIRS=1 timeout 100 build-device/bench/gemm_bench --only dense --quick --out "$OUT/gemm_pairs.jsonl" 2>&1 | tee "$OUT/bench_pairs.log"; fi
+fi
+# Same-run baseline: BASELINE=path/to/sm90_fp8_gemm.cuh rebuilds gemm_bench with that kernel
+# header (an earlier version kept under dev/gemm/vN/) and times the M=4096 dense shapes again.
+if [[ -n "${BASELINE:-}" ]]; then
+  cp src/kernels/sm90_fp8_gemm.cuh /tmp/sm90_fp8_gemm.cuh.current
+  cp "$BASELINE" src/kernels/sm90_fp8_gemm.cuh
+  touch src/kernels/*.cu  # in case the header dependency is not tracked
+  start=$(date +%s)
+  cmake --build build-device -j "$(nproc)" --target gemm_bench > /tmp/build_base.log 2>&1 || { tail -40 /tmp/build_base.log; exit 1; }
+  echo "baseline build: $(( $(date +%s) - start )) s"
+  timeout 120 build-device/bench/gemm_bench --only dense --quick --out "$OUT/gemm_base.jsonl" 2>&1 | grep -E "fp8moe|blockwise"
+  cp /tmp/sm90_fp8_gemm.cuh.current src/kernels/sm90_fp8_gemm.cuh
 fi
 # One launch each of ours and cuBLASLt on 4096x4096x7168 under ncu (no fixed clocks).
 if [[ "${NCU:-0}" == 1 ]] && command -v ncu >/dev/null; then

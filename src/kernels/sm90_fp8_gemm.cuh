@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "fp8moe/kernels/fp8_gemm.h"
 #include "sm90_ptx.cuh"
@@ -239,6 +240,8 @@ __device__ __forceinline__ void compute(const GemmParams& p,
   using Mma = WgmmaE4M3<kBlockN>;
   constexpr int kRegs = Mma::kRegs;
   using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
+  // Overlapped promotion needs three register sets (acc + two partial sums): tiles up to 128 wide.
+  constexpr bool kOverlap = !kWgrad && kBlockN <= 128;
   // Warp-uniform (shuffled from lane 0) so that the descriptors below can stay in uniform
   // registers instead of being rebuilt and moved (R2UR) before every wgmma.
   const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
@@ -283,83 +286,159 @@ __device__ __forceinline__ void compute(const GemmParams& p,
     // wgmma to land instead of stalling the promotion).
     float sb_next = 0.0f, sb_next2 = 0.0f;
     const int sb_second = has_second ? kb_total : 0;
-    if constexpr (!kWgrad) {
+    if constexpr (!kWgrad && !kOverlap) {
       sb_next = __ldg(sb_ptr);
       sb_next2 = __ldg(sb_ptr + sb_second);
     }
-    // Each block's full barrier is waited for, and its A scales read, while the previous block's
-    // wgmmas run; only the first block of a tile waits here.
-    mbar_wait(sm.full(pipe.stage), pipe.phase);
-    float sa0 = sm.sa(pipe.stage)[row_in_tile], sa1 = sm.sa(pipe.stage)[row_in_tile + 8];
-    for (int kb = 0; kb < tile.num_k_blocks; ++kb) {
-      float sb_block = 0.0f, sb_block2 = 0.0f;
-      if constexpr (!kWgrad) {
-        sb_block = sb_next;
-        sb_block2 = sb_next2;
-        const int kb_next = min(kb + 1, tile.num_k_blocks - 1);
-        sb_next = __ldg(sb_ptr + kb_next);
-        sb_next2 = __ldg(sb_ptr + sb_second + kb_next);
-      }
-      const uint64_t stage_off = static_cast<uint64_t>(pipe.stage) * kStageDesc;
-      const uint64_t desc_a = desc_a0 + stage_off;
-      const uint64_t desc_b = desc_b0 + stage_off;
+    if constexpr (kOverlap) {
+      // Two partial-sum sets: block b+1's wgmmas are issued before block b is waited for
+      // (wait_group 1), so block b's promotion runs while the tensor cores work on b+1. The sets
+      // are named arrays indexed by constants only, and between a set's issue and the wait that
+      // completes it nothing reads it (dev/gemm/NOTES.md v11).
+      float p0[kRegs], p1[kRegs];
+      PipeState st0 = pipe, st1 = pipe;
+      float x_sa0 = 0.0f, x_sa1 = 0.0f, x_sb = 0.0f, y_sa0 = 0.0f, y_sa1 = 0.0f, y_sb = 0.0f;
+      const int n = tile.num_k_blocks;
+      int b = 0;
+      // Waits for the next block's stage, reads its scales and issues its wgmmas into `part`.
+      auto issue = [&](float(&part)[kRegs], PipeState& st, float& s_a0, float& s_a1, float& s_b,
+                       int kb) {
+        mbar_wait(sm.full(pipe.stage), pipe.phase);
+        s_a0 = sm.sa(pipe.stage)[row_in_tile];
+        s_a1 = sm.sa(pipe.stage)[row_in_tile + 8];
+        s_b = __ldg(sb_ptr + kb);
+        const uint64_t stage_off = static_cast<uint64_t>(pipe.stage) * kStageDesc;
 #pragma unroll
-      for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
-      wgmma_fence();
+        for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+        wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) Mma::mma(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
-      wgmma_commit();
-      // Look ahead (no branch: on a tile's last block the current stage, whose barrier has
-      // completed and which is not released yet, stands in for the next).
-      PipeState next = pipe;
-      next.advance(sm.stages);
-      const bool more = kb + 1 < tile.num_k_blocks;
-      const int ahead = more ? next.stage : pipe.stage;
-      mbar_wait(sm.full(ahead), more ? next.phase : pipe.phase);
-      const float sa0_next = sm.sa(ahead)[row_in_tile], sa1_next = sm.sa(ahead)[row_in_tile + 8];
-      wgmma_wait<0>();
+        for (int kk = 0; kk < 4; ++kk)
+          Mma::mma(part, desc_a0 + stage_off + 2 * kk, desc_b0 + stage_off + 2 * kk, kk > 0);
+        wgmma_commit();
+        st = pipe;
+        pipe.advance(sm.stages);
+      };
+      // After the wait that completed `part`: release its stage, acc += part * (sa * sb).
+      auto promote = [&](float(&part)[kRegs], const PipeState& st, float s_a0, float s_a1,
+                         float s_b) {
 #pragma unroll
-      for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
-
-      // Promotion: acc += partial * (sa * sb), the reference's fmaf.
-      if constexpr (kWgrad) {
-        const float* sbs = sm.sb(pipe.stage);
-        float sbv[kRegs / 2];
-#pragma unroll
-        for (int c = 0; c < kBlockN / 8; ++c) {
-          const float2 v = *reinterpret_cast<const float2*>(sbs + 8 * c + col_in_frag);
-          sbv[2 * c] = v.x;
-          sbv[2 * c + 1] = v.y;
-        }
+        for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
         __syncwarp();
-        release_stage(sm.empty(pipe.stage), pair, leader);
+        release_stage(sm.empty(st.stage), pair, leader);
+        const float r0 = s_a0 * s_b, r1 = s_a1 * s_b;
 #pragma unroll
         for (int c = 0; c < kBlockN / 8; ++c) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            acc[4 * c + j] = fmaf(part[4 * c + j], sa0 * sbv[2 * c + j], acc[4 * c + j]);
-            acc[4 * c + 2 + j] =
-                fmaf(part[4 * c + 2 + j], sa1 * sbv[2 * c + j], acc[4 * c + 2 + j]);
-          }
-        }
-      } else {
-        __syncwarp();
-        release_stage(sm.empty(pipe.stage), pair, leader);
-        const float s0 = sa0 * sb_block, s1 = sa1 * sb_block;
-        const float t0 = sa0 * sb_block2, t1 = sa1 * sb_block2;
-#pragma unroll
-        for (int c = 0; c < kBlockN / 8; ++c) {
-          const bool first = 8 * c < boundary;
-          const float r0 = first ? s0 : t0, r1 = first ? s1 : t1;
           acc[4 * c + 0] = fmaf(part[4 * c + 0], r0, acc[4 * c + 0]);
           acc[4 * c + 1] = fmaf(part[4 * c + 1], r0, acc[4 * c + 1]);
           acc[4 * c + 2] = fmaf(part[4 * c + 2], r1, acc[4 * c + 2]);
           acc[4 * c + 3] = fmaf(part[4 * c + 3], r1, acc[4 * c + 3]);
         }
+      };
+      if (n % 2 != 0) {  // an odd block count: the first block alone, not overlapped
+        issue(p0, st0, x_sa0, x_sa1, x_sb, 0);
+        wgmma_wait<0>();
+        promote(p0, st0, x_sa0, x_sa1, x_sb);
+        b = 1;
       }
-      sa0 = sa0_next;
-      sa1 = sa1_next;
-      pipe = next;
+      // Blocks go in straight-line runs of 8 (then 4, 2): within a run every promotion but the
+      // last overlaps the next block's wgmmas. Nothing is in flight across a loop's back edge:
+      // ptxas serialises every wgmma otherwise (C7514, dev/gemm/NOTES.md v11).
+      auto run = [&](auto run_length) {
+        constexpr int kRun = decltype(run_length)::value;
+        issue(p0, st0, x_sa0, x_sa1, x_sb, b);
+#pragma unroll
+        for (int j = 0; j < kRun / 2; ++j) {
+          issue(p1, st1, y_sa0, y_sa1, y_sb, b + 2 * j + 1);
+          wgmma_wait<1>();
+          promote(p0, st0, x_sa0, x_sa1, x_sb);
+          if (j + 1 < kRun / 2) {
+            issue(p0, st0, x_sa0, x_sa1, x_sb, b + 2 * j + 2);
+            wgmma_wait<1>();
+          } else {
+            wgmma_wait<0>();
+          }
+          promote(p1, st1, y_sa0, y_sa1, y_sb);
+        }
+        b += kRun;
+      };
+      while (b + 8 <= n) run(std::integral_constant<int, 8>{});
+      if (b + 4 <= n) run(std::integral_constant<int, 4>{});
+      if (b + 2 <= n) run(std::integral_constant<int, 2>{});
+    } else {
+      // Each block's full barrier is waited for, and its A scales read, while the previous block's
+      // wgmmas run; only the first block of a tile waits here.
+      mbar_wait(sm.full(pipe.stage), pipe.phase);
+      float sa0 = sm.sa(pipe.stage)[row_in_tile], sa1 = sm.sa(pipe.stage)[row_in_tile + 8];
+      for (int kb = 0; kb < tile.num_k_blocks; ++kb) {
+        float sb_block = 0.0f, sb_block2 = 0.0f;
+        if constexpr (!kWgrad) {
+          sb_block = sb_next;
+          sb_block2 = sb_next2;
+          const int kb_next = min(kb + 1, tile.num_k_blocks - 1);
+          sb_next = __ldg(sb_ptr + kb_next);
+          sb_next2 = __ldg(sb_ptr + sb_second + kb_next);
+        }
+        const uint64_t stage_off = static_cast<uint64_t>(pipe.stage) * kStageDesc;
+        const uint64_t desc_a = desc_a0 + stage_off;
+        const uint64_t desc_b = desc_b0 + stage_off;
+#pragma unroll
+        for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) Mma::mma(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+        wgmma_commit();
+        // Look ahead (no branch: on a tile's last block the current stage, whose barrier has
+        // completed and which is not released yet, stands in for the next).
+        PipeState next = pipe;
+        next.advance(sm.stages);
+        const bool more = kb + 1 < tile.num_k_blocks;
+        const int ahead = more ? next.stage : pipe.stage;
+        mbar_wait(sm.full(ahead), more ? next.phase : pipe.phase);
+        const float sa0_next = sm.sa(ahead)[row_in_tile], sa1_next = sm.sa(ahead)[row_in_tile + 8];
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+
+        // Promotion: acc += partial * (sa * sb), the reference's fmaf.
+        if constexpr (kWgrad) {
+          const float* sbs = sm.sb(pipe.stage);
+          float sbv[kRegs / 2];
+#pragma unroll
+          for (int c = 0; c < kBlockN / 8; ++c) {
+            const float2 v = *reinterpret_cast<const float2*>(sbs + 8 * c + col_in_frag);
+            sbv[2 * c] = v.x;
+            sbv[2 * c + 1] = v.y;
+          }
+          __syncwarp();
+          release_stage(sm.empty(pipe.stage), pair, leader);
+#pragma unroll
+          for (int c = 0; c < kBlockN / 8; ++c) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              acc[4 * c + j] = fmaf(part[4 * c + j], sa0 * sbv[2 * c + j], acc[4 * c + j]);
+              acc[4 * c + 2 + j] =
+                  fmaf(part[4 * c + 2 + j], sa1 * sbv[2 * c + j], acc[4 * c + 2 + j]);
+            }
+          }
+        } else {
+          __syncwarp();
+          release_stage(sm.empty(pipe.stage), pair, leader);
+          const float s0 = sa0 * sb_block, s1 = sa1 * sb_block;
+          const float t0 = sa0 * sb_block2, t1 = sa1 * sb_block2;
+#pragma unroll
+          for (int c = 0; c < kBlockN / 8; ++c) {
+            const bool first = 8 * c < boundary;
+            const float r0 = first ? s0 : t0, r1 = first ? s1 : t1;
+            acc[4 * c + 0] = fmaf(part[4 * c + 0], r0, acc[4 * c + 0]);
+            acc[4 * c + 1] = fmaf(part[4 * c + 1], r0, acc[4 * c + 1]);
+            acc[4 * c + 2] = fmaf(part[4 * c + 2], r1, acc[4 * c + 2]);
+            acc[4 * c + 3] = fmaf(part[4 * c + 3], r1, acc[4 * c + 3]);
+          }
+        }
+        sa0 = sa0_next;
+        sa1 = sa1_next;
+        pipe = next;
+      }
     }
 
     // ---- epilogue ----

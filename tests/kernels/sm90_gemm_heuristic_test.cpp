@@ -48,6 +48,21 @@ TEST(Sm90GemmHeuristic, SmallMUsesNarrowTilesToFillTheChip) {
   EXPECT_EQ(d.block_n, 64);
 }
 
+TEST(Sm90GemmHeuristic, NeverPicksTheSlower192WideTile) {
+  // The cost model alone prefers 128x192 at N = 2112 (3 waves instead of 5); measured, 128x128
+  // with overlapped promotion is faster there (dev/gemm/NOTES.md v11).
+  const GemmTileConfig c =
+      choose_gemm_tile({GemmKind::kDense, 4096, 2112, 7168, 1}, kH100Sms, kH100Smem);
+  EXPECT_EQ(c.block_m, 128);
+  EXPECT_EQ(c.block_n, 128);
+  for (int64_t m : {1, 64, 128, 512, 1024, 4096})
+    for (int64_t n : {2112, 4096, 7168, 24576, 32768})
+      for (int64_t k : {512, 1536, 7168})
+        EXPECT_NE(choose_gemm_tile({GemmKind::kDense, m, n, k, 1}, kH100Sms, kH100Smem).block_n,
+                  192)
+            << m << "x" << n << "x" << k;
+}
+
 TEST(Sm90GemmHeuristic, EpilogueStagesWhereItWasMeasuredToPay) {
   EXPECT_EQ(gemm_choose_epilogue({GemmKind::kDense, 4096, 32768, 512, 1}, 128), 2);
   EXPECT_EQ(gemm_choose_epilogue({GemmKind::kDense, 4096, 7168, 16384, 1}, 128), 1);
