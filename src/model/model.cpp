@@ -179,7 +179,7 @@ struct Mla {
     dn = c.qk_nope_head_dim;
     dr = c.qk_rope_head_dim;
     dv = c.v_head_dim;
-    scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dn + dr)));
+    scale = static_cast<float>(attention_softmax_scale(dn + dr, c.rope_scaling));
     q_a.init(s, pre + ".q_a_proj.weight", hidden, qr);
     q_norm.init(s, pre + ".q_a_layernorm.weight", qr, c.rms_norm_eps);
     q_b.init(s, pre + ".q_b_proj.weight", qr, heads * (dn + dr));
@@ -515,9 +515,6 @@ struct ModelImpl {
 
 Model::Model(const ModelConfig& config, uint64_t seed) : impl_(std::make_unique<ModelImpl>()) {
   config.validate();
-  FM_CHECK_ARG(config.rope_scaling.type.empty(), "model config: rope_scaling (\"",
-               config.rope_scaling.type,
-               "\") is not implemented by the CPU model; set it to null for training");
   ModelImpl& m = *impl_;
   m.config = config;
   m.store.seed = seed;
@@ -578,7 +575,7 @@ LossReport Model::forward_backward(const int32_t* tokens, int64_t batch, int64_t
                " exceeds max_position_embeddings ", c.max_position_embeddings);
   const int64_t T = batch * seq, h = c.hidden_size, V = c.vocab_size;
   if (m.rope.positions < seq || m.rope.dim != c.qk_rope_head_dim)
-    m.rope = make_rope_table(c.qk_rope_head_dim, seq, c.rope_theta);
+    m.rope = make_rope_table(c.qk_rope_head_dim, seq, c.rope_theta, c.rope_scaling);
   Ctx ctx{precision, batch, seq, &m.rope};
 
   // Token ids per depth: depth d reads tokens[b, s + d] and predicts tokens[b, s + d + 1].
@@ -689,7 +686,8 @@ std::vector<float> Model::next_token_logits(const int32_t* tokens, int64_t seq,
   FM_CHECK_ARG(seq > 0 && seq <= c.max_position_embeddings, "generate: context of ", seq,
                " tokens is outside [1, max_position_embeddings]");
   if (m.rope.positions < seq || m.rope.dim != c.qk_rope_head_dim)
-    m.rope = make_rope_table(c.qk_rope_head_dim, std::max<int64_t>(seq, 256), c.rope_theta);
+    m.rope = make_rope_table(c.qk_rope_head_dim, std::max<int64_t>(seq, 256), c.rope_theta,
+                             c.rope_scaling);
   Ctx ctx{precision, 1, seq, &m.rope};
   Vec hcur = m.embed_rows(tokens, seq);
   for (auto& blk : m.blocks) hcur = blk.forward(hcur.data(), ctx);

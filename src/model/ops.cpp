@@ -214,8 +214,55 @@ void swiglu_backward(const float* g, const float* u, const float* da, int64_t n,
   }
 }
 
-RopeTable make_rope_table(int64_t dim, int64_t positions, double theta) {
+double yarn_mscale(double factor, double mscale) {
+  return factor <= 1.0 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0;
+}
+
+std::vector<double> rope_inverse_frequencies(int64_t dim, double theta,
+                                             const RopeScaling& scaling) {
   FM_CHECK_ARG(dim % 2 == 0, "rope dimension ", dim, " must be even");
+  const int64_t half = dim / 2;
+  std::vector<double> inv_freq(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i)
+    inv_freq[i] = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(dim));
+  if (scaling.type.empty()) return inv_freq;
+  FM_CHECK_ARG(scaling.type == "yarn", "rope_scaling type \"", scaling.type, "\" is not supported");
+  FM_CHECK_ARG(scaling.factor >= 1.0 && scaling.original_max_position_embeddings > 0,
+               "rope_scaling: factor must be >= 1 and original_max_position_embeddings > 0");
+  const double pi = 3.14159265358979323846;
+  const auto correction = [&](double rotations) {
+    return static_cast<double>(dim) *
+           std::log(static_cast<double>(scaling.original_max_position_embeddings) /
+                    (rotations * 2.0 * pi)) /
+           (2.0 * std::log(theta));
+  };
+  const double low = std::max(std::floor(correction(scaling.beta_fast)), 0.0);
+  double high = std::min(std::ceil(correction(scaling.beta_slow)), static_cast<double>(dim - 1));
+  if (high == low) high += 0.001;  // as the reference: avoid a zero-width ramp
+  for (int64_t i = 0; i < half; ++i) {
+    const double ramp = std::clamp((static_cast<double>(i) - low) / (high - low), 0.0, 1.0);
+    const double extra = inv_freq[i], inter = extra / scaling.factor;
+    inv_freq[i] = inter * ramp + extra * (1.0 - ramp);
+  }
+  return inv_freq;
+}
+
+double attention_softmax_scale(int64_t head_dim, const RopeScaling& scaling) {
+  double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  if (!scaling.type.empty() && scaling.mscale_all_dim != 0.0) {
+    const double m = yarn_mscale(scaling.factor, scaling.mscale_all_dim);
+    scale *= m * m;
+  }
+  return scale;
+}
+
+RopeTable make_rope_table(int64_t dim, int64_t positions, double theta,
+                          const RopeScaling& scaling) {
+  const std::vector<double> inv_freq = rope_inverse_frequencies(dim, theta, scaling);
+  const double magnitude = scaling.type.empty()
+                               ? 1.0
+                               : yarn_mscale(scaling.factor, scaling.mscale) /
+                                     yarn_mscale(scaling.factor, scaling.mscale_all_dim);
   RopeTable t;
   t.dim = dim;
   t.positions = positions;
@@ -224,10 +271,9 @@ RopeTable make_rope_table(int64_t dim, int64_t positions, double theta) {
   t.sin.resize(static_cast<size_t>(positions * half));
   for (int64_t p = 0; p < positions; ++p)
     for (int64_t i = 0; i < half; ++i) {
-      const double inv_freq = std::pow(theta, -2.0 * static_cast<double>(i) / dim);
-      const double angle = static_cast<double>(p) * inv_freq;
-      t.cos[p * half + i] = static_cast<float>(std::cos(angle));
-      t.sin[p * half + i] = static_cast<float>(std::sin(angle));
+      const double angle = static_cast<double>(p) * inv_freq[i];
+      t.cos[p * half + i] = static_cast<float>(std::cos(angle) * magnitude);
+      t.sin[p * half + i] = static_cast<float>(std::sin(angle) * magnitude);
     }
   return t;
 }

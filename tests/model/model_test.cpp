@@ -16,7 +16,7 @@
 namespace fp8moe {
 namespace {
 
-ModelConfig micro_config(double init_std = 0.3) {
+ModelConfig micro_config(double init_std = 0.3, Json rope_scaling = nullptr) {
   Json j = {{"vocab_size", 48},
             {"hidden_size", 16},
             {"intermediate_size", 24},
@@ -38,7 +38,7 @@ ModelConfig micro_config(double init_std = 0.3) {
             {"v_head_dim", 6},
             {"num_nextn_predict_layers", 1},
             {"max_position_embeddings", 64},
-            {"rope_scaling", nullptr},
+            {"rope_scaling", rope_scaling},
             {"initializer_range", init_std},
             {"aux_loss_alpha", 0.05}};
   return parse_model_config(j, "micro");
@@ -52,8 +52,7 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
 
 // NOTE: the model computes in FP32, so the central difference uses a step that keeps the
 // rounding noise of the loss (~1e-7 relative) well below the derivative being measured.
-TEST(ModelGradients, EveryParameterMatchesFiniteDifferences) {
-  const ModelConfig c = micro_config();
+void check_gradients_by_finite_differences(const ModelConfig& c) {
   Model model(c, 7);
   // Non-zero router biases, so the bias path of the selection is exercised as well.
   for (auto& b : model.buffers())
@@ -94,6 +93,23 @@ TEST(ModelGradients, EveryParameterMatchesFiniteDifferences) {
   }
   EXPECT_GT(checked, 3 * 40);
   EXPECT_EQ(failed, 0);
+}
+
+TEST(ModelGradients, EveryParameterMatchesFiniteDifferences) {
+  check_gradients_by_finite_differences(micro_config());
+}
+
+// YaRN (V3's rope_scaling) changes the RoPE frequencies, the cos/sin magnitude (mscale !=
+// mscale_all_dim here) and the softmax scale; the gradients must follow.
+TEST(ModelGradients, EveryParameterMatchesFiniteDifferencesWithYarn) {
+  check_gradients_by_finite_differences(
+      micro_config(0.3, {{"type", "yarn"},
+                         {"factor", 4},
+                         {"beta_fast", 8},
+                         {"beta_slow", 1},
+                         {"mscale", 0.8},
+                         {"mscale_all_dim", 1},
+                         {"original_max_position_embeddings", 16}}));
 }
 
 TEST(ModelGradients, BackwardDoesNotChangeTheLoss) {

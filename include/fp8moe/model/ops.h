@@ -8,6 +8,8 @@
 #include <functional>
 #include <vector>
 
+#include "fp8moe/model/config.h"
+
 namespace fp8moe {
 
 // Threads used by the model's CPU kernels (default: the machine's hardware threads).
@@ -47,7 +49,23 @@ struct RopeTable {
   int64_t dim = 0, positions = 0;
   std::vector<float> cos, sin;  // [positions, dim/2]
 };
-RopeTable make_rope_table(int64_t dim, int64_t positions, double theta);
+// RoPE tables. With rope_scaling type "yarn" (DeepSeek-V3's long-context setting) the inverse
+// frequencies and the attention scale follow YaRN as the V3 reference implementation applies it:
+//   extra_i = theta^(-2i/dim), inter_i = extra_i / factor; the dimensions between the
+//   correction range [low, high] of beta_fast / beta_slow rotations over
+//   original_max_position_embeddings blend linearly from extra (below low) to inter (above high),
+//   where correction(r) = dim * ln(orig / (2 pi r)) / (2 ln theta), low =
+//   floor(correction(beta_fast))
+//   >= 0, high = ceil(correction(beta_slow)) <= dim - 1;
+//   cos and sin are multiplied by yarn_mscale(factor, mscale) / yarn_mscale(factor,
+//   mscale_all_dim); the softmax scale 1/sqrt(head_dim) is multiplied by yarn_mscale(factor,
+//   mscale_all_dim)^2 when mscale_all_dim is non-zero.
+double yarn_mscale(double factor,
+                   double mscale);  // 0.1 * mscale * ln(factor) + 1 (1 if factor <= 1)
+std::vector<double> rope_inverse_frequencies(int64_t dim, double theta, const RopeScaling& scaling);
+double attention_softmax_scale(int64_t head_dim, const RopeScaling& scaling);
+RopeTable make_rope_table(int64_t dim, int64_t positions, double theta,
+                          const RopeScaling& scaling = {});
 void rope_apply(const RopeTable& table, float* x, int64_t pos, bool inverse);
 
 // Mean cross-entropy over rows of logits [rows, vocab] with integer targets; returns the loss
