@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 
 #include <cfloat>
+#include <string>
+#include <utility>
 
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
@@ -36,6 +38,20 @@ __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
   return v;
 }
+// Rare path, so plain atomics: finite inputs pay one compare per value.
+__device__ __noinline__ void note_nonfinite(NonFiniteReport* report, float v, int64_t row,
+                                            int64_t col) {
+  atomicAdd(&report->count, 1ull);
+  atomicMin(&report->first_key,
+            (static_cast<unsigned long long>(row) << 24) | static_cast<unsigned long long>(col));
+  atomicOr(&report->kinds, isnan(v) ? 1u : (v > 0.0f ? 2u : 4u));
+}
+__device__ __forceinline__ void check_value(NonFiniteReport* report, float v, int64_t row,
+                                            int64_t col) {
+  if (report != nullptr && !isfinite(v)) [[unlikely]]
+    note_nonfinite(report, v, row, col);
+}
+
 __host__ __device__ __forceinline__ int64_t pad4(int64_t x) {
   return (x + 3) / 4 * 4;
 }
@@ -48,7 +64,8 @@ __host__ __device__ __forceinline__ int64_t scale_index(ScaleLayout layout, int6
 template <typename T>
 __global__ void quantize_1x128_kernel(const T* x, int64_t rows, int64_t cols, int64_t ld, bool pow2,
                                       uint8_t* codes, int64_t ld_codes, float* scales,
-                                      ScaleLayout layout, int64_t rows_launched) {
+                                      ScaleLayout layout, int64_t rows_launched,
+                                      NonFiniteReport* nonfinite) {
   const int64_t tiles = (cols + 127) / 128;
   const int64_t warp_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
@@ -64,6 +81,7 @@ __global__ void quantize_1x128_kernel(const T* x, int64_t rows, int64_t cols, in
   for (int j = 0; j < 4; ++j) {
     const int64_t c = tile * 128 + lane + 32 * j;
     v[j] = c < cols ? load_value(x + row * ld + c) : 0.0f;
+    check_value(nonfinite, v[j], row, c);
     amax = fmaxf(amax, fabsf(v[j]));
   }
   amax = warp_max(amax);
@@ -80,7 +98,8 @@ __global__ void quantize_1x128_kernel(const T* x, int64_t rows, int64_t cols, in
 template <typename T>
 __global__ void __launch_bounds__(256, 1)
     quantize_128x128_kernel(const T* x, int64_t rows, int64_t cols, int64_t ld, bool pow2,
-                            uint8_t* codes, int64_t ld_codes, float* scales) {
+                            uint8_t* codes, int64_t ld_codes, float* scales,
+                            NonFiniteReport* nonfinite) {
   __shared__ float warp_amax[8];
   const int64_t tiles_c = (cols + 127) / 128;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * 128,
@@ -95,6 +114,7 @@ __global__ void __launch_bounds__(256, 1)
     for (int j = 0; j < 4; ++j) {
       const int64_t c = c0 + lane + 32 * j;
       v[i][j] = (r < rows && c < cols) ? load_value(x + r * ld + c) : 0.0f;
+      check_value(nonfinite, v[i][j], r, c);
       amax = fmaxf(amax, fabsf(v[i][j]));
     }
   }
@@ -125,7 +145,7 @@ template <typename T>
 __global__ void __launch_bounds__(256)
     quantize_transpose_kernel(const T* x, int64_t rows, int64_t cols, int64_t ld, bool pow2,
                               uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t,
-                              ScaleLayout layout) {
+                              ScaleLayout layout, NonFiniteReport* nonfinite) {
   extern __shared__ float tile[];
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * 128,
                 c0 = static_cast<int64_t>(blockIdx.x) * 128;
@@ -133,8 +153,10 @@ __global__ void __launch_bounds__(256)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int i = threadIdx.x; i < 128 * 128; i += 256) {
     const int r = i / 128, c = i % 128;
-    tile[r * kTStride + c] =
+    const float v =
         (r0 + r < rows && c0 + c < cols) ? load_value(x + (r0 + r) * ld + c0 + c) : 0.0f;
+    check_value(nonfinite, v, r0 + r, c0 + c);
+    tile[r * kTStride + c] = v;
   }
   __syncthreads();
   // Rows of x: 1x128 along cols. Warp w takes rows 16w..16w+15.
@@ -183,7 +205,9 @@ __global__ void __launch_bounds__(256)
 }
 
 void check_quant_args(const char* name, int64_t rows, int64_t cols, int64_t ld, const void* x,
-                      const void* codes, const void* scales) {
+                      const void* codes, const void* scales, const NonFiniteReport* nonfinite) {
+  FM_CHECK_ARG(nonfinite == nullptr || cols < (int64_t{1} << 24), name, ": cols=", cols,
+               " too large for a NonFiniteReport (< 2^24)");
   FM_CHECK_ARG(rows >= 0 && cols >= 0, name, ": negative shape [", rows, ",", cols, "]");
   FM_CHECK_ARG(ld >= cols, name, ": leading dimension ", ld, " < cols=", cols);
   FM_CHECK_ARG(rows * cols == 0 || (x != nullptr && codes != nullptr && scales != nullptr), name,
@@ -194,8 +218,9 @@ void check_quant_args(const char* name, int64_t rows, int64_t cols, int64_t ld, 
 
 template <typename T>
 void run_1x128(const T* x, int64_t rows, int64_t cols, int64_t ld, bool pow2, uint8_t* codes,
-               int64_t ld_codes, float* scales, ScaleLayout layout, cudaStream_t stream) {
-  check_quant_args("quantize_1x128", rows, cols, ld, x, codes, scales);
+               int64_t ld_codes, float* scales, ScaleLayout layout, cudaStream_t stream,
+               NonFiniteReport* nonfinite) {
+  check_quant_args("quantize_1x128", rows, cols, ld, x, codes, scales, nonfinite);
   FM_CHECK_ARG(ld_codes >= cols, "quantize_1x128: ld_codes ", ld_codes, " < cols=", cols);
   if (rows == 0 || cols == 0) return;
   const int64_t rows_launched = layout == ScaleLayout::kMnMajor ? pad4(rows) : rows;
@@ -203,28 +228,28 @@ void run_1x128(const T* x, int64_t rows, int64_t cols, int64_t ld, bool pow2, ui
   const int64_t blocks = (warps + 7) / 8;
   FM_CHECK_ARG(blocks < (int64_t{1} << 31), "quantize_1x128: matrix too large");
   quantize_1x128_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      x, rows, cols, ld, pow2, codes, ld_codes, scales, layout, rows_launched);
+      x, rows, cols, ld, pow2, codes, ld_codes, scales, layout, rows_launched, nonfinite);
   FM_CHECK_LAUNCH();
 }
 
 template <typename T>
 void run_128x128(const T* x, int64_t rows, int64_t cols, int64_t ld, bool pow2, uint8_t* codes,
-                 int64_t ld_codes, float* scales, cudaStream_t stream) {
-  check_quant_args("quantize_128x128", rows, cols, ld, x, codes, scales);
+                 int64_t ld_codes, float* scales, cudaStream_t stream, NonFiniteReport* nonfinite) {
+  check_quant_args("quantize_128x128", rows, cols, ld, x, codes, scales, nonfinite);
   FM_CHECK_ARG(ld_codes >= cols, "quantize_128x128: ld_codes ", ld_codes, " < cols=", cols);
   if (rows == 0 || cols == 0) return;
   const dim3 grid(static_cast<unsigned>((cols + 127) / 128),
                   static_cast<unsigned>((rows + 127) / 128));
   quantize_128x128_kernel<T>
-      <<<grid, 256, 0, stream>>>(x, rows, cols, ld, pow2, codes, ld_codes, scales);
+      <<<grid, 256, 0, stream>>>(x, rows, cols, ld, pow2, codes, ld_codes, scales, nonfinite);
   FM_CHECK_LAUNCH();
 }
 
 template <typename T>
 void run_transpose(const T* x, int64_t rows, int64_t cols, int64_t ld, bool pow2, uint8_t* codes,
                    float* scales, uint8_t* codes_t, float* scales_t, ScaleLayout layout,
-                   cudaStream_t stream) {
-  check_quant_args("quantize_1x128_transpose", rows, cols, ld, x, codes_t, scales_t);
+                   cudaStream_t stream, NonFiniteReport* nonfinite) {
+  check_quant_args("quantize_1x128_transpose", rows, cols, ld, x, codes_t, scales_t, nonfinite);
   FM_CHECK_ARG((codes == nullptr) == (scales == nullptr),
                "quantize_1x128_transpose: codes and scales must both be given or both null");
   FM_CHECK_ARG((cols + 127) / 128 < (int64_t{1} << 31),
@@ -236,39 +261,68 @@ void run_transpose(const T* x, int64_t rows, int64_t cols, int64_t ld, bool pow2
   const dim3 grid(static_cast<unsigned>((cols + 127) / 128),
                   static_cast<unsigned>((rows + 127) / 128));
   kernel<<<grid, 256, kTransposeSmem, stream>>>(x, rows, cols, ld, pow2, codes, scales, codes_t,
-                                                scales_t, layout);
+                                                scales_t, layout, nonfinite);
   FM_CHECK_LAUNCH();
 }
 
 }  // namespace
 
+void reset_nonfinite(NonFiniteReport* report, cudaStream_t stream) {
+  FM_CHECK_ARG(report != nullptr, "reset_nonfinite: null report");
+  NonFiniteReport init{};
+  init.first_key = ~0ull;
+  // NOTE: a stack source is fine for cudaMemcpyAsync from pageable memory: it is staged before
+  // the call returns.
+  FM_CHECK_CUDA(cudaMemcpyAsync(report, &init, sizeof init, cudaMemcpyHostToDevice, stream));
+}
+
+void check_nonfinite(const NonFiniteReport* report, const char* what, cudaStream_t stream) {
+  FM_CHECK_ARG(report != nullptr, "check_nonfinite: null report");
+  NonFiniteReport seen{};
+  FM_CHECK_CUDA(cudaMemcpyAsync(&seen, report, sizeof seen, cudaMemcpyDeviceToHost, stream));
+  FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+  if (seen.count == 0) return;
+  std::string kinds;
+  for (auto [bit, name] : {std::pair{1u, "NaN"}, {2u, "+inf"}, {4u, "-inf"}})
+    if (seen.kinds & bit) kinds += (kinds.empty() ? "" : ", ") + std::string(name);
+  FM_THROW(ErrorKind::kInvalidArgument, what, ": ", seen.count, " non-finite input value",
+           seen.count == 1 ? "" : "s", " (", kinds, "); first at row ", seen.first_key >> 24,
+           ", column ", seen.first_key & 0xFFFFFFull);
+}
+
 void quantize_1x128(const float* x, int64_t rows, int64_t cols, int64_t ld, bool pow2_scales,
                     uint8_t* codes, int64_t ld_codes, float* scales, ScaleLayout layout,
-                    cudaStream_t stream) {
-  run_1x128(x, rows, cols, ld, pow2_scales, codes, ld_codes, scales, layout, stream);
+                    cudaStream_t stream, NonFiniteReport* nonfinite) {
+  run_1x128(x, rows, cols, ld, pow2_scales, codes, ld_codes, scales, layout, stream, nonfinite);
 }
 void quantize_1x128(const bf16* x, int64_t rows, int64_t cols, int64_t ld, bool pow2_scales,
                     uint8_t* codes, int64_t ld_codes, float* scales, ScaleLayout layout,
-                    cudaStream_t stream) {
-  run_1x128(x, rows, cols, ld, pow2_scales, codes, ld_codes, scales, layout, stream);
+                    cudaStream_t stream, NonFiniteReport* nonfinite) {
+  run_1x128(x, rows, cols, ld, pow2_scales, codes, ld_codes, scales, layout, stream, nonfinite);
 }
 void quantize_128x128(const float* x, int64_t rows, int64_t cols, int64_t ld, bool pow2_scales,
-                      uint8_t* codes, int64_t ld_codes, float* scales, cudaStream_t stream) {
-  run_128x128(x, rows, cols, ld, pow2_scales, codes, ld_codes, scales, stream);
+                      uint8_t* codes, int64_t ld_codes, float* scales, cudaStream_t stream,
+                      NonFiniteReport* nonfinite) {
+  run_128x128(x, rows, cols, ld, pow2_scales, codes, ld_codes, scales, stream, nonfinite);
 }
 void quantize_128x128(const bf16* x, int64_t rows, int64_t cols, int64_t ld, bool pow2_scales,
-                      uint8_t* codes, int64_t ld_codes, float* scales, cudaStream_t stream) {
-  run_128x128(x, rows, cols, ld, pow2_scales, codes, ld_codes, scales, stream);
+                      uint8_t* codes, int64_t ld_codes, float* scales, cudaStream_t stream,
+                      NonFiniteReport* nonfinite) {
+  run_128x128(x, rows, cols, ld, pow2_scales, codes, ld_codes, scales, stream, nonfinite);
 }
 void quantize_1x128_transpose(const float* x, int64_t rows, int64_t cols, int64_t ld,
                               bool pow2_scales, uint8_t* codes, float* scales, uint8_t* codes_t,
-                              float* scales_t, ScaleLayout layout, cudaStream_t stream) {
-  run_transpose(x, rows, cols, ld, pow2_scales, codes, scales, codes_t, scales_t, layout, stream);
+                              float* scales_t, ScaleLayout layout, cudaStream_t stream,
+                              NonFiniteReport* nonfinite) {
+  run_transpose(x, rows, cols, ld, pow2_scales, codes, scales, codes_t, scales_t, layout, stream,
+                nonfinite);
 }
 void quantize_1x128_transpose(const bf16* x, int64_t rows, int64_t cols, int64_t ld,
                               bool pow2_scales, uint8_t* codes, float* scales, uint8_t* codes_t,
-                              float* scales_t, ScaleLayout layout, cudaStream_t stream) {
-  run_transpose(x, rows, cols, ld, pow2_scales, codes, scales, codes_t, scales_t, layout, stream);
+                              float* scales_t, ScaleLayout layout, cudaStream_t stream,
+                              NonFiniteReport* nonfinite) {
+  run_transpose(x, rows, cols, ld, pow2_scales, codes, scales, codes_t, scales_t, layout, stream,
+                nonfinite);
 }
 
 }  // namespace fp8moe::kernels

@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <limits>
+#include <string>
 
 #include "fp8moe/fp8/quantize.h"
 #include "fp8moe/kernels/quantize.h"
@@ -157,6 +159,93 @@ TEST(QuantizeGpu, FusedCastTransposeMatchesCpuBitForBit) {
         check_transpose<float>(qc, pow2, layout, seed++);
         check_transpose<bf16>(qc, pow2, layout, seed++);
       }
+}
+
+// Runs `quantize` (a call of one entry point given the report) and returns check_nonfinite's
+// message, or "" when it does not throw.
+template <typename Fn>
+std::string nonfinite_message(kernels::NonFiniteReport* report, Fn&& quantize, bool reset = true) {
+  if (reset) kernels::reset_nonfinite(report, nullptr);
+  quantize(report);
+  try {
+    kernels::check_nonfinite(report, "activations", nullptr);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+template <typename T>
+void check_nonfinite_reports(uint64_t seed) {
+  const int64_t rows = 257, cols = 300;
+  std::vector<float> xf = test::random_matrix(rows, cols, seed);
+  std::vector<T> in = to_input<T>(xf);
+  DeviceBuffer<uint8_t> codes(rows * cols), codes_t(rows * cols);
+  DeviceBuffer<float> scales(4 * 264), scales_t(4 * 264);
+  DeviceBuffer<kernels::NonFiniteReport> report(1);
+  const auto one = [&](const DeviceBuffer<T>& x) {
+    return [&](kernels::NonFiniteReport* r) {
+      kernels::quantize_1x128(x.get(), rows, cols, cols, false, codes.get(), cols, scales.get(),
+                              ScaleLayout::kMnMajor, nullptr, r);
+    };
+  };
+  const auto square = [&](const DeviceBuffer<T>& x) {
+    return [&](kernels::NonFiniteReport* r) {
+      kernels::quantize_128x128(x.get(), rows, cols, cols, true, codes.get(), cols, scales.get(),
+                                nullptr, r);
+    };
+  };
+  const auto transpose = [&](const DeviceBuffer<T>& x) {
+    return [&](kernels::NonFiniteReport* r) {
+      kernels::quantize_1x128_transpose(x.get(), rows, cols, cols, false, codes.get(), scales.get(),
+                                        codes_t.get(), scales_t.get(), ScaleLayout::kRowMajor,
+                                        nullptr, r);
+    };
+  };
+  {  // Finite input: no report, and the report changes nothing in the codes.
+    DeviceBuffer<T> x(in);
+    EXPECT_EQ(nonfinite_message(report.get(), one(x)), "");
+    const QuantizedMatrix want =
+        quantize(as_float(in).data(), rows, cols, cols, ScaleGranularity::k1x128, {false});
+    expect_bytes_equal(codes.download(), want.codes, "1x128 codes with a report");
+    EXPECT_EQ(nonfinite_message(report.get(), square(x)), "");
+    EXPECT_EQ(nonfinite_message(report.get(), transpose(x)), "");
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  in[200 * cols + 17] = to_input<T>({inf})[0];
+  in[3 * cols + 299] = to_input<T>({std::numeric_limits<float>::quiet_NaN()})[0];
+  in[3 * cols + 5] = to_input<T>({-inf})[0];
+  DeviceBuffer<T> x(in);
+  const std::string want = "3 non-finite input values (NaN, +inf, -inf); first at row 3, column 5";
+  for (const std::string& got :
+       {nonfinite_message(report.get(), one(x)), nonfinite_message(report.get(), square(x)),
+        nonfinite_message(report.get(), transpose(x))})
+    EXPECT_NE(got.find("activations: " + want), std::string::npos) << got;
+  // Without a reset the report accumulates over calls (e.g. one check per training step).
+  const std::string twice = nonfinite_message(report.get(), one(x), /*reset=*/false);
+  EXPECT_NE(twice.find("6 non-finite input values"), std::string::npos) << twice;
+  // Tiles without a bad value are still quantised exactly.
+  kernels::quantize_1x128(x.get(), rows, cols, cols, false, codes.get(), cols, scales.get(),
+                          ScaleLayout::kRowMajor, nullptr, report.get());
+  const std::vector<uint8_t> got = codes.download();
+  const std::vector<float> row100(xf.begin() + 100 * cols, xf.begin() + 101 * cols);
+  const std::vector<float> row100_in = as_float(to_input<T>(row100));
+  const QuantizedMatrix clean =
+      quantize(row100_in.data(), 1, cols, cols, ScaleGranularity::k1x128, {false});
+  expect_bytes_equal(std::vector<uint8_t>(got.begin() + 100 * cols, got.begin() + 101 * cols),
+                     clean.codes, "clean row next to bad ones");
+}
+
+TEST(QuantizeGpu, NonFiniteInputsAreReportedWithTheirFirstPosition) {
+  check_nonfinite_reports<float>(300);
+  check_nonfinite_reports<bf16>(301);
+  DeviceBuffer<float> x(1 << 24);
+  DeviceBuffer<uint8_t> codes(1 << 24);
+  DeviceBuffer<float> scales(1 << 17);
+  DeviceBuffer<kernels::NonFiniteReport> report(1);
+  EXPECT_THROW(kernels::quantize_1x128(x.get(), 1, 1 << 24, 1 << 24, false, codes.get(), 1 << 24,
+                                       scales.get(), ScaleLayout::kRowMajor, nullptr, report.get()),
+               Error);
 }
 
 TEST(QuantizeGpu, RejectsBadArguments) {

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Here (no GPU needed, nvcc needed): build every GPU test and GPU benchmark once, with libstdc++
+# and libgcc linked statically so that the binaries run on a lent GPU machine whose system
+# libraries differ, and copy them to build-bundle/bin (git-ignored; carry it to the device, a few
+# MB). Then on the device: `bash scripts/gpu_validate.sh` runs them all. This saves the device the
+# CMake configure and the CUDA compile (minutes of device time per call).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cmake -S . -B build-bundle -G Ninja -DCMAKE_BUILD_TYPE=Release -DFP8MOE_BUILD_BENCH=ON \
+  -DCMAKE_EXE_LINKER_FLAGS="-static-libstdc++ -static-libgcc" > /dev/null
+targets=()
+for t in $(cmake --build build-bundle --target help | sed -n 's/^\(test_[a-z]*_gpu\|[a-z_]*_bench\|fp8moe\):.*/\1/p'); do
+  targets+=("$t")
+done
+cmake --build build-bundle -j "${JOBS:-2}" --target "${targets[@]}"
+rm -rf build-bundle/bin && mkdir -p build-bundle/bin
+for t in "${targets[@]}"; do
+  f=$(find build-bundle -name "$t" -type f -perm -u+x | head -1)
+  [[ -n "$f" ]] && cp "$f" build-bundle/bin/
+done
+ls -la build-bundle/bin
