@@ -12,7 +12,12 @@ print(f"Command (on the lent machine, after `bash scripts/device_build.sh gemm_b
 print("Median of CUDA-graph replays, inputs rotated over copies totalling >= 150 MB (L2 cannot hold")
 print("them). TFLOPS = 2MNK / time. `vs blockwise` = cuBLASLt FP8 blockwise time / ours (> 1: ours")
 print("faster). `rel_err`: ours against the CPU reference (gemm_fp8_reference, promoted) on 8 sampled")
-print("rows; `diff`: ours against cuBLASLt blockwise on the whole output. All anchors from the same run.\n")
+print("rows; `diff`: ours against cuBLASLt blockwise on the whole output. All anchors from the same run.")
+if any("us_first" in r for r in rows):
+    print("Dense: ours (the heuristic's pick) and cuBLASLt blockwise timed in alternation, three times each,")
+    print("medians, after the forced tiles; `first` = ours timed alone right after the inputs were made")
+    print("(TFLOPS). Forced tiles: timed back to back before the alternation, ratio to its cuBLASLt median.")
+print()
 
 dense = [r for r in rows if r["kind"] == "dense"]
 key = lambda r: (r["m"], r["n"], r["k"])
@@ -21,8 +26,8 @@ for r in dense:
     if key(r) not in shapes:
         shapes.append(key(r))
 print("## Dense (TFLOPS)\n")
-print("| M | N | K | fp8moe | tile | cuBLASLt FP8 blockwise | ours / blockwise | cuBLASLt FP8 per-tensor | cuBLASLt BF16 | rel_err | diff vs cuBLASLt |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| M | N | K | fp8moe | tile | cuBLASLt FP8 blockwise | ours / blockwise | cuBLASLt FP8 per-tensor | cuBLASLt BF16 | rel_err | diff vs cuBLASLt | first |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for s in shapes:
     by = {r["impl"]: r for r in dense if key(r) == s and r["impl"] != "fp8moe_forced_tile"}
     o = by.get("fp8moe", {})
@@ -32,7 +37,8 @@ for s in shapes:
     fmt = lambda r: f'{r["tflops"]:.0f}' if r and r.get("tflops") else "n/a"
     ratio = f'{b["us"] / o["us"]:.2f}x' if o and b and b.get("us") else "n/a"
     print(f'| {s[0]} | {s[1]} | {s[2]} | {fmt(o)} | {o.get("tile", "")} | {fmt(b)} | {ratio} | {fmt(t)} | {fmt(f)} | '
-          f'{o.get("rel_err", float("nan")):.1e} | {o.get("rel_diff_vs_cublaslt_blockwise", float("nan")):.1e} |')
+          f'{o.get("rel_err", float("nan")):.1e} | {o.get("rel_diff_vs_cublaslt_blockwise", float("nan")):.1e} | '
+          + (f'{2e-6 * s[0] * s[1] * s[2] / o["us_first"]:.0f} |' if o.get("us_first") else "- |"))
 forced = [r for r in dense if r["impl"] == "fp8moe_forced_tile"]
 if forced:
     print("\n## Dense M=4096, each tile forced (TFLOPS, ratio to cuBLASLt blockwise)\n")

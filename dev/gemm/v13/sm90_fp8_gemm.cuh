@@ -1,0 +1,571 @@
+// The sm_90a FP8 GEMM kernel shared by every form (dense, grouped contiguous / masked, wgrad,
+// k-grouped wgrad): D = A * B^T with E4M3 operands, one persistent CTA per multiprocessor, a
+// producer warpgroup that feeds a ring of shared-memory stages through TMA (mbarrier complete_tx),
+// one math warpgroup per 64 rows issuing wgmma m64nNk32 over each 128-wide K block and promoting
+// the partial sums into FP32 registers with the scales (FFMA), then a direct register epilogue.
+// Checked against gemm_fp8_reference: tests/kernels/fp8_gemm_gpu_test.cu
+// (`build-device/tests/test_kernels_gpu --gtest_filter='Fp8Gemm*'`).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "fp8moe/kernels/fp8_gemm.h"
+#include "sm90_ptx.cuh"
+#include "sm90_wgmma.cuh"
+
+namespace fp8moe::kernels::sm90 {
+
+enum class Form : int { kDense = 0, kContiguous = 1, kMasked = 2, kKGrouped = 3 };
+
+struct GemmParams {
+  Form form;
+  int m;     // rows (masked: max_m per group)
+  int n, k;  // k: total K (k-grouped: the sum of the groups)
+  int num_groups;
+  int num_stages;
+  int tma_store;  // 1: BF16 epilogue through shared memory and TMA stores
+  int wg_offset;  // EXPERIMENT (v13): 1 = warpgroup 1 starts with a run of 4 (runs out of phase)
+  int cluster;    // 2: CTA pairs on adjacent M-blocks share each B tile through TMA multicast
+  const int32_t* grouped_layout;  // contiguous: expert of each row
+  const int32_t* masked_m;        // masked: valid rows of each group
+  const float* sb;                // 1x128 x 128x128: B scales [G][ceil(N/128)][K/128]
+  void* d;
+  int k_block_offsets[kMaxKGroups + 1];  // k-grouped: first K block of each group
+};
+
+struct Tile {
+  int group, m_base, n_base;
+  int k_block_begin, num_k_blocks;
+  int m_end;  // rows < m_end (in the group's row space) are real
+};
+
+// Tiles are numbered linearly; consecutive numbers sweep 16 N-blocks across the M-blocks so that
+// the CTAs running at once share A and B tiles in L2.
+__device__ __forceinline__ void rasterise(int t, int tiles_m, int tiles_n, int& mb, int& nb) {
+  constexpr int kBand = 16;
+  const int band = t / (kBand * tiles_m);
+  const int in_band = t - band * kBand * tiles_m;
+  const int band_n = min(kBand, tiles_n - band * kBand);
+  mb = in_band / band_n;
+  nb = band * kBand + in_band % band_n;
+}
+
+// Returns false when t is past the last tile; `skip` marks tiles with no work (padding tiles of
+// the contiguous form, groups with no K).
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ bool get_tile(const GemmParams& p, int t, Tile& tile, bool& skip) {
+  const int tiles_n = (p.n + kBlockN - 1) / kBlockN;
+  const int kb_total = p.k / 128;
+  skip = false;
+  int mb, nb;
+  if (p.form == Form::kMasked) {
+    for (int g = 0; g < p.num_groups; ++g) {
+      const int mg = __ldg(p.masked_m + g);
+      const int count = (mg + kBlockM - 1) / kBlockM * tiles_n;
+      if (t < count) {
+        rasterise(t, (mg + kBlockM - 1) / kBlockM, tiles_n, mb, nb);
+        tile = Tile{g, mb * kBlockM, nb * kBlockN, 0, kb_total, mg};
+        return true;
+      }
+      t -= count;
+    }
+    return false;
+  }
+  const int tiles_m = (p.m + kBlockM - 1) / kBlockM;
+  if (p.cluster == 2) {
+    // Dense only (the host checks): t numbers CTA pairs, each pair two adjacent M-blocks.
+    if (t >= tiles_m / 2 * tiles_n) return false;
+    rasterise(t, tiles_m / 2, tiles_n, mb, nb);
+    mb = 2 * mb + static_cast<int>(cluster_ctarank());
+    tile = Tile{0, mb * kBlockM, nb * kBlockN, 0, kb_total, p.m};
+    return true;
+  }
+  const int per_group = tiles_m * tiles_n;
+  int g = 0;
+  if (p.form == Form::kKGrouped) {
+    g = t / per_group;
+    if (g >= p.num_groups) return false;
+    t -= g * per_group;
+  } else if (t >= per_group) {
+    return false;
+  }
+  rasterise(t, tiles_m, tiles_n, mb, nb);
+  tile = Tile{g, mb * kBlockM, nb * kBlockN, 0, kb_total, p.m};
+  if (p.form == Form::kContiguous) {
+    tile.group = __ldg(p.grouped_layout + tile.m_base);
+    skip = tile.group < 0;
+  } else if (p.form == Form::kKGrouped) {
+    tile.k_block_begin = p.k_block_offsets[g];
+    tile.num_k_blocks = p.k_block_offsets[g + 1] - tile.k_block_begin;
+    skip = tile.num_k_blocks == 0;
+  }
+  return true;
+}
+
+template <int kBlockM, int kBlockN, bool kWgrad>
+struct SmemLayout {
+  // BF16 output staging for the TMA store (one 64-row slab per math warpgroup), then the stages.
+  static constexpr int kDBytes = kBlockM * kBlockN * 2;
+  static constexpr int kABytes = kBlockM * 128;
+  static constexpr int kBBytes = kBlockN * 128;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  static constexpr int kTxBytes = kABytes + kBBytes + kBlockM * 4 + (kWgrad ? kBlockN * 4 : 0);
+  static_assert(kDBytes % 1024 == 0 && kABytes % 1024 == 0 && kBBytes % 1024 == 0,
+                "128-byte swizzled tiles need 1024-byte alignment");
+  uint8_t* base;
+  int stages;
+  int d_bytes;  // kDBytes with the TMA-store epilogue, 0 without (more stages fit)
+  __device__ uint8_t* d() const { return base; }
+  __device__ uint8_t* a(int s) const { return base + d_bytes + s * kStageBytes; }
+  __device__ uint8_t* b(int s) const { return a(s) + kABytes; }
+  __device__ float* sa(int s) const {
+    return reinterpret_cast<float*>(base + d_bytes + stages * kStageBytes) + s * kBlockM;
+  }
+  __device__ float* sb(int s) const {
+    return reinterpret_cast<float*>(base + d_bytes + stages * (kStageBytes + kBlockM * 4)) +
+           s * kBlockN;
+  }
+  __device__ uint64_t* full(int s) const {
+    return reinterpret_cast<uint64_t*>(
+               base + d_bytes + stages * (kStageBytes + kBlockM * 4 + (kWgrad ? kBlockN * 4 : 0))) +
+           s;
+  }
+  __device__ uint64_t* empty(int s) const { return full(stages) + s; }
+};
+
+struct PipeState {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ void advance(int stages) {
+    if (++stage == stages) {
+      stage = 0;
+      phase ^= 1u;
+    }
+  }
+};
+
+// ---- producer: one thread issues every TMA load ----
+template <int kBlockM, int kBlockN, bool kWgrad>
+__device__ __forceinline__ void produce(const GemmParams& p,
+                                        const SmemLayout<kBlockM, kBlockN, kWgrad>& sm,
+                                        const CUtensorMap* map_a, const CUtensorMap* map_b,
+                                        const CUtensorMap* map_sa, const CUtensorMap* map_sb) {
+  using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
+  const int kb_total = p.k / 128;
+  PipeState pipe;
+  Tile tile;
+  bool skip;
+  const int first = blockIdx.x / p.cluster, step = gridDim.x / p.cluster;
+  const uint32_t rank = p.cluster == 2 ? cluster_ctarank() : 0;
+  for (int t = first; get_tile<kBlockM, kBlockN>(p, t, tile, skip); t += step) {
+    if (skip) continue;
+    const bool per_group_a = p.form == Form::kMasked;
+    const bool per_group_b = p.form == Form::kContiguous || p.form == Form::kMasked;
+    const int a_row = (per_group_a ? tile.group * p.m : 0) + tile.m_base;
+    const int b_row = (per_group_b ? tile.group * p.n : 0) + tile.n_base;
+    for (int kb = 0; kb < tile.num_k_blocks; ++kb) {
+      const int kbg = tile.k_block_begin + kb;
+      mbar_wait(sm.empty(pipe.stage), pipe.phase ^ 1u);
+      uint64_t* full = sm.full(pipe.stage);
+      mbar_arrive_expect_tx(full, Layout::kTxBytes);
+      tma_load_2d(sm.a(pipe.stage), map_a, full, kbg * 128, a_row);
+      if (p.cluster == 2) {
+        // Each CTA of the pair loads half of the B tile into both.
+        constexpr int kHalf = kBlockN / 2;
+        tma_load_2d_multicast(sm.b(pipe.stage) + rank * kHalf * 128, map_b, full, kbg * 128,
+                              b_row + static_cast<int>(rank) * kHalf, 0x3);
+      } else {
+        tma_load_2d(sm.b(pipe.stage), map_b, full, kbg * 128, b_row);
+      }
+      tma_load_2d(sm.sa(pipe.stage), map_sa, full, tile.m_base,
+                  (per_group_a ? tile.group * kb_total : 0) + kbg);
+      if constexpr (kWgrad) tma_load_2d(sm.sb(pipe.stage), map_sb, full, tile.n_base, kbg);
+      pipe.advance(sm.stages);
+    }
+  }
+}
+
+// A stage is free once every consumer warp of every CTA that reads it (both of a pair, whose
+// B halves land in each other's shared memory) has arrived.
+// Called by every lane; the leader (lane 0) arrives for the warp. Predicated, not branched, in
+// both cases: a branch here sits on the math warps' critical path once per K block (v8/v9 in
+// dev/gemm/NOTES.md).
+__device__ __forceinline__ void release_stage(uint64_t* empty, bool pair, bool leader) {
+  mbar_release(empty, leader && !pair, leader && pair);
+}
+
+// ---- math: one warpgroup per 64 rows ----
+// BF16 epilogue through shared memory: the warpgroup writes its 64 x kBlockN slab in the 128-byte
+// swizzled layout (conflict-free: the 8 rows of a store land in 8 different 16-byte chunks), one
+// thread stores it with TMA in 64-column boxes and the next tile's math starts while it drains.
+template <int kBlockN, int kRegs>
+__device__ __forceinline__ void store_slab_tma(const float (&acc)[kRegs], uint8_t* slab,
+                                               const CUtensorMap* map_d, int n, int n_base,
+                                               int64_t row) {
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const bool leader = threadIdx.x % 128 == 0;
+  const int bar_id = 1 + static_cast<int>(threadIdx.x / 128);
+  if (leader) tma_store_wait_read();  // the previous tile's store has left the buffer
+  named_barrier_sync(bar_id, 128);
+#pragma unroll
+  for (int c = 0; c < kBlockN / 8; ++c) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = warp * 16 + lane / 4 + 8 * i;
+      uint8_t* dst =
+          slab + (c / 8) * (64 * 128) + r * 128 + (((c % 8) ^ (r % 8)) * 16) + (lane % 4) * 4;
+      *reinterpret_cast<__nv_bfloat162*>(dst) =
+          __floats2bfloat162_rn(acc[4 * c + 2 * i], acc[4 * c + 2 * i + 1]);
+    }
+  }
+  fence_proxy_async();
+  named_barrier_sync(bar_id, 128);
+  if (leader) {
+#pragma unroll
+    for (int box = 0; box < kBlockN / 64; ++box)
+      if (n_base + box * 64 < n)
+        tma_store_2d(map_d, slab + box * (64 * 128), n_base + box * 64, static_cast<int32_t>(row));
+    tma_store_commit();
+  }
+}
+
+template <int kBlockM, int kBlockN, bool kWgrad>
+__device__ __forceinline__ void compute(const GemmParams& p,
+                                        const SmemLayout<kBlockM, kBlockN, kWgrad>& sm,
+                                        const CUtensorMap* map_d) {
+  using Mma = WgmmaE4M3<kBlockN>;
+  constexpr int kRegs = Mma::kRegs;
+  using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
+  // Overlapped promotion needs three register sets (acc + two partial sums): tiles up to 128 wide.
+  constexpr bool kOverlap = !kWgrad && kBlockN <= 128;
+  // Warp-uniform (shuffled from lane 0) so that the descriptors below can stay in uniform
+  // registers instead of being rebuilt and moved (R2UR) before every wgmma.
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int row_in_tile = wg * 64 + warp * 16 + lane / 4;  // and + 8
+  const int col_in_frag = 2 * (lane % 4);
+  const int kb_total = p.k / 128;
+  const int n_scale_blocks = (p.n + 127) / 128;
+  const bool pair = p.cluster == 2;
+  const bool leader = lane == 0;
+  // Stage s of A / B starts kStageBytes * s after stage 0: its descriptor is stage 0's plus that
+  // offset in 16-byte units (addresses stay below 256 KB, so the 14-bit start field holds it).
+  const uint64_t desc_a0 = make_desc_kmajor_sw128(sm.a(0) + wg * 64 * 128);
+  const uint64_t desc_b0 = make_desc_kmajor_sw128(sm.b(0));
+  constexpr uint32_t kStageDesc = Layout::kStageBytes >> 4;
+
+  PipeState pipe;
+  Tile tile;
+  bool skip;
+  float acc[kRegs];
+  float part[kRegs];
+  const int first = blockIdx.x / p.cluster, step = gridDim.x / p.cluster;
+  for (int t = first; get_tile<kBlockM, kBlockN>(p, t, tile, skip); t += step) {
+    if (skip) continue;
+#pragma unroll
+    for (int i = 0; i < kRegs; ++i) acc[i] = 0.0f;
+    const float* sb_ptr = nullptr;
+    // A 192-wide tile straddles two 128-wide B scale blocks: columns below `boundary` use the
+    // first scale, the others the second.
+    int boundary = kBlockN;
+    bool has_second = false;
+    if constexpr (!kWgrad) {
+      sb_ptr =
+          p.sb + (static_cast<int64_t>(tile.group) * n_scale_blocks + tile.n_base / 128) * kb_total;
+      if constexpr (kBlockN % 128 != 0 && kBlockN > 128) {
+        boundary = 128 - tile.n_base % 128;
+        has_second = tile.n_base / 128 + 1 < n_scale_blocks;
+      }
+    }
+
+    // The B scales of block kb were loaded during block kb - 1 (a global load has the whole
+    // wgmma to land instead of stalling the promotion).
+    float sb_next = 0.0f, sb_next2 = 0.0f;
+    const int sb_second = has_second ? kb_total : 0;
+    if constexpr (!kWgrad && !kOverlap) {
+      sb_next = __ldg(sb_ptr);
+      sb_next2 = __ldg(sb_ptr + sb_second);
+    }
+    if constexpr (kOverlap) {
+      // Two partial-sum sets: block b+1's wgmmas are issued before block b is waited for
+      // (wait_group 1), so block b's promotion runs while the tensor cores work on b+1. The sets
+      // are named arrays indexed by constants only, and between a set's issue and the wait that
+      // completes it nothing reads it (dev/gemm/NOTES.md v11).
+      float p0[kRegs], p1[kRegs];
+      PipeState st0 = pipe, st1 = pipe;
+      float x_sa0 = 0.0f, x_sa1 = 0.0f, x_sb = 0.0f, y_sa0 = 0.0f, y_sa1 = 0.0f, y_sb = 0.0f;
+      const int n = tile.num_k_blocks;
+      int b = 0;
+      // NOTE: the B scale of block kb is loaded while block kb - 1 is issued, a whole block before
+      // its promotion. Loaded in issue(kb) itself, the promotion's FMUL (hoisted by the compiler
+      // above the next issue) waited for it at the start of every run: 6% of the math warps'
+      // stall samples on that one instruction (dev/gemm/NOTES.md v13).
+      float sb_pre = __ldg(sb_ptr);
+      // Waits for the next block's stage, reads its scales and issues its wgmmas into `part`.
+      auto issue = [&](float(&part)[kRegs], PipeState& st, float& s_a0, float& s_a1, float& s_b,
+                       int kb) {
+        mbar_wait(sm.full(pipe.stage), pipe.phase);
+        s_a0 = sm.sa(pipe.stage)[row_in_tile];
+        s_a1 = sm.sa(pipe.stage)[row_in_tile + 8];
+        s_b = sb_pre;
+        sb_pre = __ldg(sb_ptr + min(kb + 1, n - 1));
+        const uint64_t stage_off = static_cast<uint64_t>(pipe.stage) * kStageDesc;
+#pragma unroll
+        for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+          Mma::mma(part, desc_a0 + stage_off + 2 * kk, desc_b0 + stage_off + 2 * kk, kk > 0);
+        wgmma_commit();
+        st = pipe;
+        pipe.advance(sm.stages);
+      };
+      // After the wait that completed `part`: release its stage, acc += part * (sa * sb).
+      auto promote = [&](float(&part)[kRegs], const PipeState& st, float s_a0, float s_a1,
+                         float s_b) {
+#pragma unroll
+        for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+        // Pinned after the wait: nothing of the promotion may be hoisted above the next issue.
+        fence_operand(s_a0);
+        fence_operand(s_a1);
+        fence_operand(s_b);
+        __syncwarp();
+        release_stage(sm.empty(st.stage), pair, leader);
+        const float r0 = s_a0 * s_b, r1 = s_a1 * s_b;
+#pragma unroll
+        for (int c = 0; c < kBlockN / 8; ++c) {
+          acc[4 * c + 0] = fmaf(part[4 * c + 0], r0, acc[4 * c + 0]);
+          acc[4 * c + 1] = fmaf(part[4 * c + 1], r0, acc[4 * c + 1]);
+          acc[4 * c + 2] = fmaf(part[4 * c + 2], r1, acc[4 * c + 2]);
+          acc[4 * c + 3] = fmaf(part[4 * c + 3], r1, acc[4 * c + 3]);
+        }
+      };
+      if (n % 2 != 0) {  // an odd block count: the first block alone, not overlapped
+        issue(p0, st0, x_sa0, x_sa1, x_sb, 0);
+        wgmma_wait<0>();
+        promote(p0, st0, x_sa0, x_sa1, x_sb);
+        b = 1;
+      }
+      // Blocks go in straight-line runs of 8 (then 4, 2): within a run every promotion but the
+      // last overlaps the next block's wgmmas. Nothing is in flight across a loop's back edge:
+      // ptxas serialises every wgmma otherwise (C7514, dev/gemm/NOTES.md v11).
+      auto run = [&](auto run_length) {
+        constexpr int kRun = decltype(run_length)::value;
+        issue(p0, st0, x_sa0, x_sa1, x_sb, b);
+#pragma unroll
+        for (int j = 0; j < kRun / 2; ++j) {
+          issue(p1, st1, y_sa0, y_sa1, y_sb, b + 2 * j + 1);
+          wgmma_wait<1>();
+          promote(p0, st0, x_sa0, x_sa1, x_sb);
+          if (j + 1 < kRun / 2) {
+            issue(p0, st0, x_sa0, x_sa1, x_sb, b + 2 * j + 2);
+            wgmma_wait<1>();
+          } else {
+            wgmma_wait<0>();
+          }
+          promote(p1, st1, y_sa0, y_sa1, y_sb);
+        }
+        b += kRun;
+      };
+      // Warpgroup 1 may start with a run of 4 so that the two warpgroups' run ends (where each
+      // drains its wgmmas) fall half a run apart. One call site per run length (code size).
+      if constexpr (kBlockM == 128) {
+        bool lead4 = p.wg_offset != 0 && wg == 1;
+        for (;;) {
+          if (!lead4 && b + 8 <= n) {
+            run(std::integral_constant<int, 8>{});
+          } else if (b + 4 <= n) {
+            run(std::integral_constant<int, 4>{});
+            lead4 = false;
+          } else {
+            break;
+          }
+        }
+      } else {
+        while (b + 8 <= n) run(std::integral_constant<int, 8>{});
+        if (b + 4 <= n) run(std::integral_constant<int, 4>{});
+      }
+      if (b + 2 <= n) run(std::integral_constant<int, 2>{});
+    } else {
+      // Each block's full barrier is waited for, and its A scales read, while the previous block's
+      // wgmmas run; only the first block of a tile waits here.
+      mbar_wait(sm.full(pipe.stage), pipe.phase);
+      float sa0 = sm.sa(pipe.stage)[row_in_tile], sa1 = sm.sa(pipe.stage)[row_in_tile + 8];
+      for (int kb = 0; kb < tile.num_k_blocks; ++kb) {
+        float sb_block = 0.0f, sb_block2 = 0.0f;
+        if constexpr (!kWgrad) {
+          sb_block = sb_next;
+          sb_block2 = sb_next2;
+          const int kb_next = min(kb + 1, tile.num_k_blocks - 1);
+          sb_next = __ldg(sb_ptr + kb_next);
+          sb_next2 = __ldg(sb_ptr + sb_second + kb_next);
+        }
+        const uint64_t stage_off = static_cast<uint64_t>(pipe.stage) * kStageDesc;
+        const uint64_t desc_a = desc_a0 + stage_off;
+        const uint64_t desc_b = desc_b0 + stage_off;
+#pragma unroll
+        for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) Mma::mma(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+        wgmma_commit();
+        // Look ahead (no branch: on a tile's last block the current stage, whose barrier has
+        // completed and which is not released yet, stands in for the next).
+        PipeState next = pipe;
+        next.advance(sm.stages);
+        const bool more = kb + 1 < tile.num_k_blocks;
+        const int ahead = more ? next.stage : pipe.stage;
+        mbar_wait(sm.full(ahead), more ? next.phase : pipe.phase);
+        const float sa0_next = sm.sa(ahead)[row_in_tile], sa1_next = sm.sa(ahead)[row_in_tile + 8];
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+
+        // Promotion: acc += partial * (sa * sb), the reference's fmaf.
+        if constexpr (kWgrad) {
+          const float* sbs = sm.sb(pipe.stage);
+          float sbv[kRegs / 2];
+#pragma unroll
+          for (int c = 0; c < kBlockN / 8; ++c) {
+            const float2 v = *reinterpret_cast<const float2*>(sbs + 8 * c + col_in_frag);
+            sbv[2 * c] = v.x;
+            sbv[2 * c + 1] = v.y;
+          }
+          __syncwarp();
+          release_stage(sm.empty(pipe.stage), pair, leader);
+#pragma unroll
+          for (int c = 0; c < kBlockN / 8; ++c) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              acc[4 * c + j] = fmaf(part[4 * c + j], sa0 * sbv[2 * c + j], acc[4 * c + j]);
+              acc[4 * c + 2 + j] =
+                  fmaf(part[4 * c + 2 + j], sa1 * sbv[2 * c + j], acc[4 * c + 2 + j]);
+            }
+          }
+        } else {
+          __syncwarp();
+          release_stage(sm.empty(pipe.stage), pair, leader);
+          const float s0 = sa0 * sb_block, s1 = sa1 * sb_block;
+          const float t0 = sa0 * sb_block2, t1 = sa1 * sb_block2;
+#pragma unroll
+          for (int c = 0; c < kBlockN / 8; ++c) {
+            const bool first = 8 * c < boundary;
+            const float r0 = first ? s0 : t0, r1 = first ? s1 : t1;
+            acc[4 * c + 0] = fmaf(part[4 * c + 0], r0, acc[4 * c + 0]);
+            acc[4 * c + 1] = fmaf(part[4 * c + 1], r0, acc[4 * c + 1]);
+            acc[4 * c + 2] = fmaf(part[4 * c + 2], r1, acc[4 * c + 2]);
+            acc[4 * c + 3] = fmaf(part[4 * c + 3], r1, acc[4 * c + 3]);
+          }
+        }
+        sa0 = sa0_next;
+        sa1 = sa1_next;
+        pipe = next;
+      }
+    }
+
+    // ---- epilogue ----
+    int64_t row_base = tile.m_base;
+    if (p.form == Form::kMasked || p.form == Form::kKGrouped)
+      row_base += static_cast<int64_t>(tile.group) * p.m;
+    if constexpr (!kWgrad) {
+      // TMA store when every row of the warpgroup's slab is real (dense: the descriptor clips
+      // rows >= M); otherwise registers straight to global memory with row checks below.
+      const int slab_end = tile.m_base + wg * 64 + 64;
+      bool slab_full = p.form == Form::kDense;
+      if (!slab_full && p.tma_store) {
+        slab_full = slab_end <= tile.m_end;
+        if (slab_full && p.form == Form::kContiguous)
+          slab_full = __ldg(p.grouped_layout + slab_end - 1) >= 0;
+      }
+      if (slab_full && p.tma_store) {
+        store_slab_tma<kBlockN>(acc, sm.d() + wg * 64 * kBlockN * 2, map_d, p.n, tile.n_base,
+                                row_base + wg * 64);
+        continue;
+      }
+    }
+    // Registers straight to global memory.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = tile.m_base + row_in_tile + 8 * i;
+      bool row_ok = r < tile.m_end;
+      if (row_ok && p.form == Form::kContiguous) row_ok = __ldg(p.grouped_layout + r) >= 0;
+      if (!row_ok) continue;
+      const int64_t grow = row_base + row_in_tile + 8 * i;
+#pragma unroll
+      for (int c = 0; c < kBlockN / 8; ++c) {
+        const int col = tile.n_base + 8 * c + col_in_frag;
+        if (col >= p.n) continue;
+        if constexpr (kWgrad) {
+          float2* dst = reinterpret_cast<float2*>(static_cast<float*>(p.d) + grow * p.n + col);
+          float2 v = *dst;
+          v.x += acc[4 * c + 2 * i];
+          v.y += acc[4 * c + 2 * i + 1];
+          *dst = v;
+        } else {
+          *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.d) + grow * p.n + col) =
+              __floats2bfloat162_rn(acc[4 * c + 2 * i], acc[4 * c + 2 * i + 1]);
+        }
+      }
+    }
+  }
+  if constexpr (!kWgrad) {
+    if (p.tma_store && threadIdx.x % 128 == 0) tma_store_wait_all();
+  }
+}
+
+template <int kBlockM, int kBlockN, bool kWgrad>
+__global__ void __launch_bounds__(128 * (kBlockM / 64 + 1), 1)
+    fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
+                    const __grid_constant__ CUtensorMap map_b,
+                    const __grid_constant__ CUtensorMap map_sa,
+                    const __grid_constant__ CUtensorMap map_sb,
+                    const __grid_constant__ CUtensorMap map_d,
+                    const __grid_constant__ GemmParams p) {
+  static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M: one math warpgroup per 64 rows");
+  static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 192,
+                "BLOCK_N: 64 or 128 (inside one 128-wide B scale block) or 192 (straddles two)");
+  static_assert(!(kWgrad && kBlockN == 192), "the 1x128 x 1x128 kernel is built for 64/128 only");
+  constexpr int kNumMathThreads = kBlockM / 64 * 128;
+  extern __shared__ __align__(1024) uint8_t smem[];
+  using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
+  const Layout sm{smem, p.num_stages, (!kWgrad && p.tma_store) ? Layout::kDBytes : 0};
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < p.num_stages; ++s) {
+      mbar_init(sm.full(s), 1);
+      mbar_init(sm.empty(s), p.cluster * kNumMathThreads / 32);
+    }
+    fence_barrier_init();
+  }
+  if (threadIdx.x == kNumMathThreads) {
+    tma_prefetch_desc(&map_a);
+    tma_prefetch_desc(&map_b);
+    tma_prefetch_desc(&map_sa);
+    if constexpr (kWgrad) tma_prefetch_desc(&map_sb);
+    if constexpr (!kWgrad) tma_prefetch_desc(&map_d);
+  }
+  if (p.cluster == 2)
+    cluster_sync();
+  else
+    __syncthreads();
+
+  if (threadIdx.x >= kNumMathThreads) {
+    if constexpr (kBlockM == 128) setmaxnreg_dec<40>();
+    if (threadIdx.x == kNumMathThreads) produce(p, sm, &map_a, &map_b, &map_sa, &map_sb);
+  } else {
+    if constexpr (kBlockM == 128) setmaxnreg_inc<232>();
+    compute(p, sm, &map_d);
+  }
+  // NOTE: the peer may still multicast into this CTA's stages or arrive on its barriers.
+  if (p.cluster == 2) {
+    __syncwarp();
+    cluster_sync();
+  }
+}
+
+}  // namespace fp8moe::kernels::sm90

@@ -1,0 +1,157 @@
+// FP8 GEMM D(bf16) = A * B^T with 1x128 activation scales and 128x128 weight scales (dense,
+// MoE grouped contiguous, MoE grouped masked) on sm_90a; kernel in sm90_fp8_gemm.cuh.
+// Checked against gemm_fp8_reference (promoted, default AccumulatorModel):
+// `build-device/tests/test_kernels_gpu --gtest_filter='Fp8Gemm*'`.
+#include <cstdlib>
+
+#include "sm90_fp8_gemm_launch.cuh"
+
+namespace fp8moe::kernels {
+
+using sm90::Form;
+using sm90::GemmParams;
+using sm90::LaunchMaps;
+using sm90::TmaElem;
+
+namespace {
+
+void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileConfig& c,
+                   int max_tiles, cudaStream_t stream) {
+  if (c.block_m == 128 && c.block_n == 192)
+    sm90::launch_gemm<128, 192, false>(maps, p, c, max_tiles, stream);
+  else if (c.block_m == 128 && c.block_n == 128)
+    sm90::launch_gemm<128, 128, false>(maps, p, c, max_tiles, stream);
+  else if (c.block_m == 64 && c.block_n == 128)
+    sm90::launch_gemm<64, 128, false>(maps, p, c, max_tiles, stream);
+  else if (c.block_m == 64 && c.block_n == 64)
+    sm90::launch_gemm<64, 64, false>(maps, p, c, max_tiles, stream);
+  else
+    FM_THROW(ErrorKind::kInvalidArgument, "fp8 gemm: tile ", c.block_m, "x", c.block_n,
+             " not compiled");
+}
+
+// A [a_rows, K] operand tiles, B [b_rows, K], sa [sa_rows][sa_cols] M-major; sb read directly.
+LaunchMaps make_maps(const uint8_t* a, int64_t a_rows, const uint8_t* b, int64_t b_rows,
+                     const float* sa, int64_t sa_rows, int64_t sa_cols, int64_t k, bf16* d,
+                     int64_t d_rows, int64_t n, const GemmTileConfig& c) {
+  LaunchMaps maps{};
+  maps.a = sm90::make_tma_2d(a, TmaElem::kU8, a_rows, k, k, c.block_m, 128, true);
+  // With CTA pairs each CTA loads half of the B tile (for both).
+  maps.b = sm90::make_tma_2d(b, TmaElem::kU8, b_rows, k, k, c.block_n / c.cluster, 128, true);
+  maps.sa =
+      sm90::make_tma_2d(sa, TmaElem::kF32, sa_rows, sa_cols, sa_cols * 4, 1, c.block_m, false);
+  maps.sb = maps.sa;  // unused by the 1x128 x 128x128 kernel
+  // D in 64 x 64 boxes, 128-byte swizzled, as the epilogue stages it.
+  maps.d = sm90::make_tma_2d(d, TmaElem::kBF16, d_rows, n, n * 2, 64, 64, true);
+  return maps;
+}
+
+void check_pointers(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb,
+                    const void* d) {
+  sm90::check_aligned(a, "A");
+  sm90::check_aligned(b, "B");
+  sm90::check_aligned(sa, "A scales");
+  sm90::check_aligned(sb, "B scales", 4);
+  sm90::check_aligned(d, "D");
+}
+
+}  // namespace
+
+void fp8_gemm_nt(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, bf16* d,
+                 int64_t m, int64_t n, int64_t k, cudaStream_t stream,
+                 const GemmTileConfig* force) {
+  sm90::check_common_shape("fp8_gemm_nt", m, n, k);
+  if (m == 0) return;
+  check_pointers(a, sa, b, sb, d);
+  GemmTileConfig c = sm90::resolve_config(GemmShape{GemmKind::kDense, m, n, k, 1}, force);
+  // CTA pairs need 128-row tiles and an even number of them.
+  const int64_t tiles_m = (m + c.block_m - 1) / c.block_m;
+  if (c.cluster != 1 && (c.cluster != 2 || c.block_m != 128 || tiles_m % 2 != 0)) c.cluster = 1;
+  GemmParams p{};
+  p.form = Form::kDense;
+  if (const char* e = std::getenv("FP8MOE_X_WGOFF"))
+    p.wg_offset = std::atoi(e);  // EXPERIMENT (v13)
+  p.cluster = c.cluster;
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.num_groups = 1;
+  p.num_stages = c.num_stages;
+  p.tma_store = c.epilogue == 2 ? 1 : 0;
+  p.sb = sb;
+  p.d = d;
+  const LaunchMaps maps = make_maps(a, m, b, n, sa, k / 128, sm90::pad4(m), k, d, m, n, c);
+  const int64_t tiles = (m + c.block_m - 1) / c.block_m * ((n + c.block_n - 1) / c.block_n);
+  dispatch_1d2d(maps, p, c, static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
+}
+
+void fp8_gemm_nt_grouped_contiguous(const uint8_t* a, const float* sa, const uint8_t* b,
+                                    const float* sb, bf16* d, const int32_t* grouped_layout,
+                                    int64_t m, int64_t n, int64_t k, int64_t num_groups,
+                                    cudaStream_t stream, const GemmTileConfig* force) {
+  sm90::check_common_shape("fp8_gemm_nt_grouped_contiguous", m, n, k);
+  FM_CHECK_ARG(num_groups >= 1 && num_groups * n < (int64_t{1} << 31),
+               "fp8_gemm_nt_grouped_contiguous: bad group count ", num_groups, " (N=", n, ")");
+  FM_CHECK_ARG(m % 128 == 0, "fp8_gemm_nt_grouped_contiguous: M=", m,
+               " is not a multiple of 128 (each expert's rows start at a multiple of 128)");
+  if (m == 0) return;
+  check_pointers(a, sa, b, sb, d);
+  sm90::check_aligned(grouped_layout, "grouped_layout", 4);
+  // NOTE: 64-row tiles work too: every expert segment starts at a multiple of 128.
+  GemmTileConfig c =
+      sm90::resolve_config(GemmShape{GemmKind::kGroupedContiguous, m, n, k, num_groups}, force);
+  c.cluster = 1;
+  GemmParams p{};
+  p.form = Form::kContiguous;
+  p.cluster = 1;
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.num_groups = static_cast<int>(num_groups);
+  p.num_stages = c.num_stages;
+  p.tma_store = c.epilogue == 2 ? 1 : 0;
+  p.grouped_layout = grouped_layout;
+  p.sb = sb;
+  p.d = d;
+  const LaunchMaps maps =
+      make_maps(a, m, b, num_groups * n, sa, k / 128, sm90::pad4(m), k, d, m, n, c);
+  const int64_t tiles = (m + c.block_m - 1) / c.block_m * ((n + c.block_n - 1) / c.block_n);
+  dispatch_1d2d(maps, p, c, static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
+}
+
+void fp8_gemm_nt_grouped_masked(const uint8_t* a, const float* sa, const uint8_t* b,
+                                const float* sb, bf16* d, const int32_t* masked_m,
+                                int64_t num_groups, int64_t max_m, int64_t n, int64_t k,
+                                cudaStream_t stream, const GemmTileConfig* force) {
+  sm90::check_common_shape("fp8_gemm_nt_grouped_masked", max_m, n, k);
+  FM_CHECK_ARG(num_groups >= 1 && num_groups * max_m < (int64_t{1} << 31) &&
+                   num_groups * n < (int64_t{1} << 31),
+               "fp8_gemm_nt_grouped_masked: bad group count ", num_groups, " (max_m=", max_m,
+               ", N=", n, ")");
+  if (max_m == 0) return;
+  check_pointers(a, sa, b, sb, d);
+  sm90::check_aligned(masked_m, "masked_m", 4);
+  GemmTileConfig c =
+      sm90::resolve_config(GemmShape{GemmKind::kGroupedMasked, max_m, n, k, num_groups}, force);
+  c.cluster = 1;
+  GemmParams p{};
+  p.form = Form::kMasked;
+  p.cluster = 1;
+  p.m = static_cast<int>(max_m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.num_groups = static_cast<int>(num_groups);
+  p.num_stages = c.num_stages;
+  p.tma_store = c.epilogue == 2 ? 1 : 0;
+  p.masked_m = masked_m;
+  p.sb = sb;
+  p.d = d;
+  const LaunchMaps maps =
+      make_maps(a, num_groups * max_m, b, num_groups * n, sa, num_groups * (k / 128),
+                sm90::pad4(max_m), k, d, num_groups * max_m, n, c);
+  const int64_t tiles =
+      num_groups * ((max_m + c.block_m - 1) / c.block_m) * ((n + c.block_n - 1) / c.block_n);
+  dispatch_1d2d(maps, p, c, static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
+}
+
+}  // namespace fp8moe::kernels
