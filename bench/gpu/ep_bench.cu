@@ -5,7 +5,8 @@
 // device-event interval; median of --iters. GB/s as DeepEP reports it: bytes a rank receives
 // (dispatch: one record per received token, itself included; combine: the same tokens in BF16)
 // over the time. Dispatch results are checked bit for bit against dispatch_reference.
-// Run: ep_bench --out ep.jsonl [--ranks-per-gpu 2] (one JSON object per line, a table on stdout).
+// Run: ep_bench --out ep.jsonl [--ranks-per-gpu 2] [--blocks 32,48 --chunks 16,32 ...]
+// (one JSON object per line, a table on stdout, a summary of the best variants last).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -45,8 +46,12 @@ using namespace fp8moe::comm;
 struct Options {
   int64_t tokens = 4096, hidden = 7168, ll_tokens = 128;
   int experts = 256, topk = 8, ranks_per_gpu = 1, iters = 20, warmup = 3;
-  std::vector<int> blocks = {96, 132, 264};
-  std::vector<int> ll_blocks = {32, 132, 264};
+  std::vector<int> blocks = {48, 64, 80};
+  std::vector<int> ll_blocks = {32, 64};
+  std::vector<int> chunks = {16, 32};
+  std::vector<int> ll_chunks = {2, 4};
+  int recv_blocks = 0;  // 0 = DeviceEpOptions' automatic size
+  bool overlap = true;
   std::string out, commit = "unknown", date = "unknown";
   bool check = true;
 };
@@ -90,6 +95,14 @@ Options parse(int argc, char** argv) {
       o.blocks = parse_list(next());
     else if (a == "--ll-blocks")
       o.ll_blocks = parse_list(next());
+    else if (a == "--chunks")
+      o.chunks = parse_list(next());
+    else if (a == "--ll-chunks")
+      o.ll_chunks = parse_list(next());
+    else if (a == "--recv-blocks")
+      o.recv_blocks = std::atoi(next());
+    else if (a == "--no-overlap")
+      o.overlap = false;
     else if (a == "--out")
       o.out = next();
     else if (a == "--commit")
@@ -117,6 +130,14 @@ __global__ void k_fill_bf16(uint16_t* y, int64_t n, uint32_t seed) {
     y[i] = static_cast<uint16_t>(0x3F00u | (philox_u32(seed, 7, i) & 0x80FFu));
 }
 
+struct Row {
+  std::string impl, mode, op, dtype, note;
+  int64_t tokens = 0;
+  double us = 0, gbps = 0;
+  int blocks = 0, chunk = 0;
+  int check = -1;  // -1 not checked, 0 mismatch, 1 bit-exact
+};
+
 struct Rank {
   int device = 0;
   cudaStream_t stream = nullptr;
@@ -139,6 +160,7 @@ struct World {
   int* gate_host = nullptr;
   int gate_value = 0;
   std::FILE* out = nullptr;
+  std::vector<Row> rows;  // everything emitted, for the closing summary
 #if defined(FP8MOE_HAVE_NCCL)
   std::vector<ncclComm_t> comms;
 #endif
@@ -281,30 +303,23 @@ bool same_dispatch(const EpConfig& cfg, const DispatchResult& a, const DispatchR
   return true;
 }
 
-struct Row {
-  std::string impl, mode, op, dtype, note;
-  int64_t tokens = 0;
-  double us = 0, gbps = 0;
-  int blocks = 0;
-  int check = -1;  // -1 not checked, 0 mismatch, 1 bit-exact
-};
-
 void emit(World& w, const Row& r) {
-  std::printf("%-18s %-11s %-16s %-5s T=%-5lld blocks=%-3d %9.1f us %8.1f GB/s %s%s\n",
+  std::printf("%-18s %-11s %-16s %-5s T=%-5lld blocks=%-3d chunk=%-3d %9.1f us %8.1f GB/s %s%s\n",
               r.impl.c_str(), r.mode.c_str(), r.op.c_str(), r.dtype.c_str(),
-              static_cast<long long>(r.tokens), r.blocks, r.us, r.gbps,
+              static_cast<long long>(r.tokens), r.blocks, r.chunk, r.us, r.gbps,
               r.check < 0 ? "" : (r.check ? "bit-exact " : "MISMATCH "), r.note.c_str());
   std::fflush(stdout);
+  w.rows.push_back(r);
   if (!w.out) return;
   std::fprintf(w.out,
                "{\"bench\":\"ep\",\"gpu\":\"%s\",\"gpus\":%d,\"ranks\":%d,\"date\":\"%s\","
                "\"commit\":\"%s\",\"impl\":\"%s\",\"mode\":\"%s\",\"op\":\"%s\",\"dtype\":\"%s\","
                "\"tokens\":%lld,\"hidden\":%lld,\"topk\":%d,\"experts\":%d,\"us\":%.2f,"
-               "\"gbps\":%.2f,\"blocks\":%d,\"checked\":%s,\"note\":\"%s\"}\n",
+               "\"gbps\":%.2f,\"blocks\":%d,\"chunk\":%d,\"checked\":%s,\"note\":\"%s\"}\n",
                w.gpu_name.c_str(), w.gpus, w.R, w.opt.date.c_str(), w.opt.commit.c_str(),
                r.impl.c_str(), r.mode.c_str(), r.op.c_str(), r.dtype.c_str(),
                static_cast<long long>(r.tokens), static_cast<long long>(w.opt.hidden), w.opt.topk,
-               w.opt.experts, r.us, r.gbps, r.blocks,
+               w.opt.experts, r.us, r.gbps, r.blocks, r.chunk,
                r.check < 0 ? "null" : (r.check ? "true" : "false"), r.note.c_str());
   std::fflush(w.out);
 }
@@ -332,8 +347,8 @@ std::vector<int> devices_of(const World& w) {
 
 // Ours at one shape: dispatch (expanded into the grouped layout, and layout only) and combine.
 void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked_capacity,
-                const std::vector<int>& blocks_list, Wire wire, double recv_bytes_fp8,
-                double recv_bytes_bf16) {
+                const std::vector<int>& blocks_list, const std::vector<int>& chunk_list, Wire wire,
+                double recv_bytes_fp8, double recv_bytes_bf16) {
   const int64_t H = w.opt.hidden;
   const int64_t rows = needed_rows(w, T);
   const int64_t max_rows = (rows + 127) / 128 * 128;
@@ -341,71 +356,77 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
   const double disp_bytes = p == Payload::kFP8 ? recv_bytes_fp8 : recv_bytes_bf16;
   const std::string impl = wire == Wire::kNccl ? "fp8moe_nccl_wire" : "fp8moe";
   bool checked = false;
-  for (int blocks : blocks_list) {
-    for (bool expand : {true, false}) {
-      if (!expand && masked_capacity > 0) continue;
-      DeviceEpOptions o;
-      o.num_blocks = blocks;
-      o.wire = wire;
-      o.expand_payload = expand;
-      DeviceEpGroup group(cfg, devices_of(w), o);
-      for (int r = 0; r < w.R; ++r) {
-        Rank& k = w.ranks[r];
-        FM_CHECK_CUDA(cudaSetDevice(k.device));
-        cudaFree(k.dy);
-        cudaFree(k.dout);
-        FM_CHECK_CUDA(cudaMalloc(&k.dy, cfg.row_bound() * H * 2));
-        FM_CHECK_CUDA(cudaMalloc(&k.dout, std::max<int64_t>(1, T) * H * 2));
-        k_fill_bf16<<<1024, 256, 0, k.stream>>>(k.dy, cfg.row_bound() * H, 11 + r);
-        FM_CHECK_LAUNCH();
+  for (int blocks : blocks_list)
+    for (int chunk : chunk_list) {
+      for (bool expand : {true, false}) {
+        if (!expand && masked_capacity > 0) continue;
+        DeviceEpOptions o;
+        o.num_blocks = blocks;
+        o.wire = wire;
+        o.expand_payload = expand;
+        o.chunk_tokens = chunk;
+        o.recv_blocks = w.opt.recv_blocks;
+        o.overlap_recv = w.opt.overlap;
+        DeviceEpGroup group(cfg, devices_of(w), o);
+        for (int r = 0; r < w.R; ++r) {
+          Rank& k = w.ranks[r];
+          FM_CHECK_CUDA(cudaSetDevice(k.device));
+          cudaFree(k.dy);
+          cudaFree(k.dout);
+          FM_CHECK_CUDA(cudaMalloc(&k.dy, cfg.row_bound() * H * 2));
+          FM_CHECK_CUDA(cudaMalloc(&k.dout, std::max<int64_t>(1, T) * H * 2));
+          k_fill_bf16<<<1024, 256, 0, k.stream>>>(k.dy, cfg.row_bound() * H, 11 + r);
+          FM_CHECK_LAUNCH();
+        }
+        const bool grouped = wire == Wire::kNccl;
+        auto dispatch = [&] {
+          if (grouped) nccl_group_start();
+          for (int r = 0; r < w.R; ++r)
+            group.rank(r).dispatch_send({T, w.ranks[r].dx, w.ranks[r].didx, w.ranks[r].dw},
+                                        w.ranks[r].stream);
+          if (grouped) nccl_group_end();
+          for (int r = 0; r < w.R; ++r) group.rank(r).dispatch_recv(w.ranks[r].stream);
+        };
+        auto combine = [&] {
+          if (grouped) nccl_group_start();
+          for (int r = 0; r < w.R; ++r)
+            group.rank(r).combine_send(w.ranks[r].dy, w.ranks[r].stream);
+          if (grouped) nccl_group_end();
+          for (int r = 0; r < w.R; ++r)
+            group.rank(r).combine_recv(w.ranks[r].dout, w.ranks[r].stream);
+        };
+        Row row;
+        row.impl = impl;
+        row.mode = mode;
+        row.dtype = payload_name(p);
+        row.tokens = T;
+        row.blocks = blocks;
+        row.chunk = chunk;
+        row.op = expand ? "dispatch" : "dispatch_layout_only";
+        row.us = w.time_us(dispatch, w.opt.iters, w.opt.warmup);
+        row.gbps = disp_bytes / (row.us * 1e3);
+        group.check();
+        if (expand && w.opt.check && !checked) {
+          std::vector<TokenBatch> batches;
+          for (auto& k : w.ranks) batches.push_back({T, k.x.data(), k.idx.data(), k.w.data()});
+          const auto want = dispatch_reference(cfg, batches);
+          row.check = 1;
+          for (int r = 0; r < w.R; ++r)
+            row.check = row.check && same_dispatch(cfg, want[r], group.rank(r).download());
+          checked = true;
+        }
+        emit(w, row);
+        if (!expand) continue;
+        Row c = row;
+        c.op = "combine";
+        c.dtype = "bf16";
+        c.check = -1;
+        c.us = w.time_us(combine, w.opt.iters, w.opt.warmup);
+        c.gbps = recv_bytes_bf16 / (c.us * 1e3);
+        group.check();
+        emit(w, c);
       }
-      const bool grouped = wire == Wire::kNccl;
-      auto dispatch = [&] {
-        if (grouped) nccl_group_start();
-        for (int r = 0; r < w.R; ++r)
-          group.rank(r).dispatch_send({T, w.ranks[r].dx, w.ranks[r].didx, w.ranks[r].dw},
-                                      w.ranks[r].stream);
-        if (grouped) nccl_group_end();
-        for (int r = 0; r < w.R; ++r) group.rank(r).dispatch_recv(w.ranks[r].stream);
-      };
-      auto combine = [&] {
-        if (grouped) nccl_group_start();
-        for (int r = 0; r < w.R; ++r) group.rank(r).combine_send(w.ranks[r].dy, w.ranks[r].stream);
-        if (grouped) nccl_group_end();
-        for (int r = 0; r < w.R; ++r)
-          group.rank(r).combine_recv(w.ranks[r].dout, w.ranks[r].stream);
-      };
-      Row row;
-      row.impl = impl;
-      row.mode = mode;
-      row.dtype = payload_name(p);
-      row.tokens = T;
-      row.blocks = blocks;
-      row.op = expand ? "dispatch" : "dispatch_layout_only";
-      row.us = w.time_us(dispatch, w.opt.iters, w.opt.warmup);
-      row.gbps = disp_bytes / (row.us * 1e3);
-      group.check();
-      if (expand && w.opt.check && !checked) {
-        std::vector<TokenBatch> batches;
-        for (auto& k : w.ranks) batches.push_back({T, k.x.data(), k.idx.data(), k.w.data()});
-        const auto want = dispatch_reference(cfg, batches);
-        row.check = 1;
-        for (int r = 0; r < w.R; ++r)
-          row.check = row.check && same_dispatch(cfg, want[r], group.rank(r).download());
-        checked = true;
-      }
-      emit(w, row);
-      if (!expand) continue;
-      Row c = row;
-      c.op = "combine";
-      c.dtype = "bf16";
-      c.check = -1;
-      c.us = w.time_us(combine, w.opt.iters, w.opt.warmup);
-      c.gbps = recv_bytes_bf16 / (c.us * 1e3);
-      group.check();
-      emit(w, c);
     }
-  }
 }
 
 #if defined(FP8MOE_HAVE_NCCL)
@@ -449,7 +470,7 @@ void bench_nccl(World& w, const char* mode, int64_t T, const std::vector<std::ve
 #endif
 
 // Raw peer copies between GPUs 0 and 1: one direction, and both directions at once.
-void bench_peer(World& w, int64_t bytes, const char* note) {
+void bench_peer(World& w, int64_t bytes, const char* mode, const char* note) {
   if (w.gpus < 2) return;
   char* buf[2][2];
   for (int g = 0; g < 2; ++g) {
@@ -469,7 +490,7 @@ void bench_peer(World& w, int64_t bytes, const char* note) {
     };
     Row row;
     row.impl = "peer_copy";
-    row.mode = "-";
+    row.mode = mode;
     row.op = both ? "copy_bidirectional" : "copy_one_way";
     row.dtype = "bytes";
     row.note = note;
@@ -481,6 +502,48 @@ void bench_peer(World& w, int64_t bytes, const char* note) {
     FM_CHECK_CUDA(cudaSetDevice(g));
     cudaFree(buf[g][0]);
     cudaFree(buf[g][1]);
+  }
+}
+
+// Best of ours per (mode, op) against the anchors of this run: the issue's targets as ratios.
+void summary(const World& w) {
+  auto best = [&](const char* impl, const std::string& mode, const char* op, const char* dtype,
+                  const char* note = nullptr) {
+    const Row* b = nullptr;
+    for (const Row& r : w.rows)
+      if (r.impl == impl && r.mode == mode && r.op == op && r.dtype == dtype &&
+          (!note || r.note == note) && (!b || r.us < b->us))
+        b = &r;
+    return b;
+  };
+  std::printf("# summary (best of ours; anchors of this run)\n");
+  for (const char* mode : {"normal", "low_latency"}) {
+    const Row* nccl_d = best("nccl", mode, "dispatch", "fp8");
+    const Row* nccl_c = best("nccl", mode, "combine", "bf16");
+    const Row* peer_d =
+        best("peer_copy", mode, "copy_bidirectional", "bytes", "fp8_dispatch_cross_bytes");
+    const Row* peer_c =
+        best("peer_copy", mode, "copy_bidirectional", "bytes", "bf16_combine_cross_bytes");
+    for (const char* op : {"dispatch", "dispatch_layout_only", "combine"}) {
+      const bool comb = std::string(op) == "combine";
+      const Row* o = best("fp8moe", mode, op, comb ? "bf16" : "fp8");
+      if (!o) continue;
+      const Row* n = comb ? nccl_c : nccl_d;
+      const Row* pc = comb ? peer_c : peer_d;
+      std::printf("%-11s %-21s ours %8.1f us (blocks %d, chunk %d)", mode, op, o->us, o->blocks,
+                  o->chunk);
+      if (n) std::printf("  nccl %8.1f us -> %.2fx", n->us, n->us / o->us);
+      if (pc)
+        std::printf("  peer-copy floor %7.1f us -> %.0f%% of peer bandwidth", pc->us,
+                    100.0 * pc->us / o->us);
+      std::printf("\n");
+    }
+    const Row* od = best("fp8moe", mode, "dispatch", "fp8");
+    const Row* oc = best("fp8moe", mode, "combine", "bf16");
+    if (od && oc && nccl_d && nccl_c)
+      std::printf("%-11s dispatch+combine      ours %8.1f us  nccl %8.1f us -> %.2fx\n", mode,
+                  od->us + oc->us, nccl_d->us + nccl_c->us,
+                  (nccl_d->us + nccl_c->us) / (od->us + oc->us));
   }
 }
 
@@ -509,24 +572,27 @@ void run(World& w) {
         "# %s: %lld tokens/rank, %d ranks, %.0f tokens received per rank (%.0f from peers)\n",
         s.mode, static_cast<long long>(s.T), w.R, recv, cross);
     const bool ll = std::string(s.mode) == "low_latency";
+    const std::vector<int>& chunks = ll ? w.opt.ll_chunks : w.opt.chunks;
     const int64_t cap = ll ? w.R * s.T : 0;
     if (!ll)
-      bench_ours(w, s.mode, s.T, Payload::kBF16, 0, *s.blocks, Wire::kNvlink, recv * fp8_record,
-                 recv * bf16_record);
-    bench_ours(w, s.mode, s.T, Payload::kFP8, cap, *s.blocks, Wire::kNvlink, recv * fp8_record,
-               recv * bf16_record);
+      bench_ours(w, s.mode, s.T, Payload::kBF16, 0, {s.blocks->front()}, {chunks.front()},
+                 Wire::kNvlink, recv * fp8_record, recv * bf16_record);
+    bench_ours(w, s.mode, s.T, Payload::kFP8, cap, *s.blocks, chunks, Wire::kNvlink,
+               recv * fp8_record, recv * bf16_record);
 #if defined(FP8MOE_HAVE_NCCL)
     if (!w.comms.empty()) {
       bench_nccl(w, s.mode, s.T, cnt, "dispatch", "fp8", fp8_record, recv * fp8_record);
       bench_nccl(w, s.mode, s.T, cnt, "dispatch", "bf16", bf16_record, recv * bf16_record);
       bench_nccl(w, s.mode, s.T, cnt, "combine", "bf16", bf16_record, recv * bf16_record);
-      bench_ours(w, s.mode, s.T, Payload::kFP8, cap, {s.blocks->front()}, Wire::kNccl,
-                 recv * fp8_record, recv * bf16_record);
+      bench_ours(w, s.mode, s.T, Payload::kFP8, cap, {s.blocks->front()}, {chunks.front()},
+                 Wire::kNccl, recv * fp8_record, recv * bf16_record);
     }
 #endif
-    bench_peer(w, static_cast<int64_t>(cross * fp8_record), "fp8_dispatch_cross_bytes");
+    bench_peer(w, static_cast<int64_t>(cross * fp8_record), s.mode, "fp8_dispatch_cross_bytes");
+    bench_peer(w, static_cast<int64_t>(cross * bf16_record), s.mode, "bf16_combine_cross_bytes");
   }
-  bench_peer(w, 256ll << 20, "256MiB");
+  bench_peer(w, 256ll << 20, "-", "256MiB");
+  summary(w);
 }
 
 }  // namespace

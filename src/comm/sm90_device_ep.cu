@@ -1,17 +1,20 @@
 // Expert-parallel dispatch/combine over peer-mapped NVLink buffers (fp8moe/comm/device_ep.h).
-// Algorithm: plan (slot of every token at every destination, one block scan per destination),
-// push (one warp per token writes its record, BF16 or FP8 quantised in the same pass, into each
-// destination's source region; per-block release-add on the destination's arrival counter),
-// receive (acquire-poll the counters, per-expert membership bitmaps by warp ballots, word-level
-// prefix sums, then one warp per received token writes its layout rows and copies its payload),
-// combine (one warp per received token sums its expert rows with the gate weights and pushes one
-// BF16 row back; the source sums the rows of its ranks in rank order). Acks from the consumer
-// make every buffer reusable without a host round trip.
+// Algorithm. Dispatch send: every send block plans the whole batch in shared memory (per 32-token
+// tile: destination ballots and per-expert counts, prefix-summed over tiles, so a token's slot at
+// each destination and its rank among the tokens of each of its experts are O(1)); block 0
+// notifies every destination of its per-expert counts (release flag); then chunks of tokens are
+// pushed (one warp per token or per part of one, FP8 quantised in the same pass, 16-byte stores)
+// and each chunk is published with a release store of its own flag. Dispatch receive (launched as
+// a programmatic dependent, so it runs beside the send): as soon as every notify is in, the
+// grouped offsets are known; each arrived chunk's records are then copied into their grouped rows
+// (row = expert base + source prefix + rank) while later chunks are in flight. Combine send: the
+// expert rows of each received chunk are summed with the gate weights and pushed back, one flag
+// per chunk; combine receive sums a token's partials in rank order as soon as its chunks landed,
+// computing the partial of the rank itself from the local expert rows. Acks from the consumer make
+// every buffer reusable without a host round trip.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
 // (tests/comm/device_ep_gpu_test.cu).
-#include <cub/block/block_scan.cuh>
-
 #include <algorithm>
 #include <cfloat>
 #include <cstring>
@@ -38,7 +41,9 @@ namespace {
 
 constexpr int kMaxRanks = 32;  // destination masks are 32-bit
 constexpr int kMaxTopK = 8;
-constexpr int kSendThreads = 512;  // threads of the send and combine blocks
+constexpr int kSendThreads = 512;  // threads of every kernel's blocks
+constexpr int kWarps = kSendThreads / 32;
+constexpr int kTile = 32;  // plan granularity: the tokens of one warp
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
 // status[] slots (int64 / u64) of a workspace.
@@ -49,28 +54,37 @@ enum Status : int {
   kSeqDispatch = 3,
   kSeqCombine = 4,
   kPrevRows = 5,
-  kScatterDone = 6,
+  kRecvDone = 6,
   kCombineDone = 7,
-  kLayoutDone = 8,
+  kDispatchSent = 8,  // send blocks that finished, ever (receive kernels end after all of them)
+  kCombineSent = 9,
+  kRecvItem = 10,  // next work item of the receive kernels (claimed in order)
+  kCombineItem = 11,
   kStatusSlots = 16,
 };
-// flags[] groups of R counters.
+// flags[] groups: R counters each, then R * max_chunks for the chunk groups.
 enum FlagGroup : int {
-  kDispatchArrived = 0,
+  kDispatchNotify = 0,
   kDispatchAck = 1,
-  kCombineArrived = 2,
-  kCombineAck = 3
+  kCombineAck = 2,
+  kDispatchChunk = 3,
+  kCombineChunk = 4,
+  kLocalSent = 5,  // error reports only: the local send blocks (status kDispatchSent/kCombineSent)
 };
 const char* counter_name(int c) {
   switch (c) {
-    case kDispatchArrived:
-      return "dispatch.arrived";
+    case kDispatchNotify:
+      return "dispatch.notify";
     case kDispatchAck:
       return "dispatch.ack";
-    case kCombineArrived:
-      return "combine.arrived";
     case kCombineAck:
       return "combine.ack";
+    case kDispatchChunk:
+      return "dispatch.chunk";
+    case kCombineChunk:
+      return "combine.chunk";
+    case kLocalSent:
+      return "send_blocks_done";
     default:
       return "?";
   }
@@ -84,29 +98,33 @@ struct DevErr {
   int counter;
   unsigned long long expected;
   unsigned long long seen;
-  long long detail;
+  long long detail;  // bad expert: the token; chunk counters: the chunk
 };
 
 struct Geometry {
   int R, K, L, E;
-  int64_t H, SC, Tmax, P, bound, W, cap;
+  int64_t H, SC, Tmax, P, bound, cap;
+  int NT;  // plan tiles of Tmax tokens
+  int C;   // chunk: tokens (dispatch) or received records (combine)
+  int NC;  // chunks of a region, at most
+  int NS;  // ints of one source's notify block: T, L counts, then (begin, count) per chunk
   bool fp8;
 };
 
 // Byte offsets inside a workspace; identical on every rank, so a peer's field is base + offset.
 struct WsLayout {
   // written by peers
-  size_t stage, src_token, topk_local, weight, recv_count, flags, comb_stage;
+  size_t stage, src_token, topk_local, topk_pos, weight, recv_count, notify, flags, comb_stage;
   // local
-  size_t peer_table, slot, send_count, status, recv_offset, expert_counts, expert_offsets, bits,
-      pre, m_indices, row_src, row_weight, token_rows, gx, gscales, total;
+  size_t peer_table, err, slot, status, recv_offset, expert_counts, expert_offsets, m_indices,
+      row_src, row_weight, token_rows, gx, gscales, total;
 };
 
 size_t align_up(size_t v, size_t a) {
   return (v + a - 1) / a * a;
 }
 
-Geometry make_geometry(const EpConfig& c) {
+Geometry make_geometry(const EpConfig& c, const DeviceEpOptions& o) {
   Geometry g{};
   g.R = c.num_ranks;
   g.K = c.top_k;
@@ -118,9 +136,16 @@ Geometry make_geometry(const EpConfig& c) {
   g.fp8 = c.payload == Payload::kFP8;
   g.P = g.fp8 ? static_cast<int64_t>(align_up(g.H + g.SC * 4, 16)) : g.H * 2;
   g.bound = c.row_bound();
-  g.W = (g.R * g.Tmax + 31) / 32;
   g.cap = c.masked_capacity;
+  g.NT = static_cast<int>((g.Tmax + kTile - 1) / kTile);
+  g.C = o.chunk_tokens > 0 ? o.chunk_tokens : (g.Tmax <= 512 ? 4 : 16);
+  g.NC = static_cast<int>(std::max<int64_t>(1, (g.Tmax + g.C - 1) / g.C));
+  g.NS = 1 + g.L + 2 * g.NC;
   return g;
+}
+
+size_t flag_count(const Geometry& g) {
+  return 3 * static_cast<size_t>(g.R) + 2 * static_cast<size_t>(g.R) * g.NC;
 }
 
 WsLayout make_layout(const Geometry& g) {
@@ -135,19 +160,19 @@ WsLayout make_layout(const Geometry& g) {
   l.stage = take(slots * g.P);
   l.src_token = take(slots * 4);
   l.topk_local = take(slots * g.K * 4);
+  l.topk_pos = take(slots * g.K * 4);
   l.weight = take(slots * g.K * 4);
   l.recv_count = take(g.R * 4);
-  l.flags = take(4 * g.R * 8);
+  l.notify = take(static_cast<size_t>(g.R) * g.NS * 4);
+  l.flags = take(flag_count(g) * 8);
   l.comb_stage = take(slots * g.H * 2);
   l.peer_table = take(g.R * sizeof(void*));
+  l.err = take(sizeof(DevErr));
   l.slot = take(slots * 4);
-  l.send_count = take(g.R * 4);
   l.status = take(kStatusSlots * 8);
   l.recv_offset = take((g.R + 1) * 4);
   l.expert_counts = take(g.L * 4);
   l.expert_offsets = take((g.L + 1) * 4);
-  l.bits = take(static_cast<size_t>(g.L) * g.W * 4);
-  l.pre = take(static_cast<size_t>(g.L) * g.W * 4);
   l.m_indices = take(g.bound * 4);
   l.row_src = take(g.bound * 4);
   l.row_weight = take(g.bound * 4);
@@ -158,14 +183,37 @@ WsLayout make_layout(const Geometry& g) {
   return l;
 }
 
+// Dynamic shared memory of the send plan: per-expert and per-destination tile counts (u16, then
+// exclusive prefixes), destination ballots per tile, per-warp expert lane masks, expert totals.
+struct PlanSmem {
+  size_t ecnt, dcnt, dball, emask, etot, total;
+};
+PlanSmem plan_smem(const Geometry& g) {
+  PlanSmem p{};
+  size_t at = 0;
+  auto take = [&](size_t bytes) {
+    const size_t o = at;
+    at = align_up(at + bytes, 16);
+    return o;
+  };
+  p.ecnt = take(static_cast<size_t>(g.E) * g.NT * 2);
+  p.dcnt = take(static_cast<size_t>(g.R) * g.NT * 2);
+  p.dball = take(static_cast<size_t>(g.R) * g.NT * 4);
+  p.emask = take(static_cast<size_t>(kWarps) * g.E * 4);
+  p.etot = take(static_cast<size_t>(g.E) * 4);
+  p.total = at;
+  return p;
+}
+// Receive kernels: per-(source, expert) row bases, expert offsets, region offsets, source T.
+size_t recv_smem_bytes(const Geometry& g) {
+  return (static_cast<size_t>(g.R) * g.L + (g.L + 1) + g.L + (g.R + 1) + g.R) * 4;
+}
+
 // ---- memory-model helpers ----
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
   unsigned long long v;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
-}
-__device__ __forceinline__ void red_release_sys_add(unsigned long long* p, unsigned long long v) {
-  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 __device__ __forceinline__ void st_release_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
@@ -174,6 +222,11 @@ __device__ __forceinline__ unsigned long long globaltimer() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
+}
+// Programmatic dependent launch: the next kernel on the stream (a receive kernel launched with
+// programmatic serialisation) may start now; it synchronises with this one through flags only.
+__device__ __forceinline__ void allow_dependent_launch() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
 __device__ void record_error(DevErr* err, int code, int rank, int peer, int counter,
@@ -192,18 +245,22 @@ __device__ void record_error(DevErr* err, int code, int rank, int peer, int coun
 
 // Bounded acquire-poll; false (error recorded) on timeout or when this rank already timed out.
 __device__ bool wait_geq(const unsigned long long* p, unsigned long long expected, DevErr* err,
-                         int rank, int peer, int counter, unsigned long long timeout_ns) {
+                         int rank, int peer, int counter, long long detail,
+                         unsigned long long timeout_ns) {
+  unsigned long long v = ld_acquire_sys(p);
+  if (v >= expected) return true;
   const unsigned long long t0 = globaltimer();
   const long long c0 = clock64();
   // NOTE: the SM clock bounds the wait too (3 GHz is above any clock of these parts), so a
   // global timer that does not advance can never turn a timeout into a hang.
   const long long max_cycles = static_cast<long long>(timeout_ns) * 3;
   for (;;) {
-    const unsigned long long v = ld_acquire_sys(p);
+    __nanosleep(32);  // many blocks poll: keep their traffic off the memory system
+    v = ld_acquire_sys(p);
     if (v >= expected) return true;
     if (*reinterpret_cast<volatile int*>(&err->code) == kErrTimeout) return false;
     if (globaltimer() - t0 > timeout_ns || clock64() - c0 > max_cycles) {
-      record_error(err, kErrTimeout, rank, peer, counter, expected, v, 0);
+      record_error(err, kErrTimeout, rank, peer, counter, expected, v, detail);
       return false;
     }
   }
@@ -214,9 +271,30 @@ __device__ __forceinline__ T* at(char* base, size_t off) {
   return reinterpret_cast<T*>(base + off);
 }
 
+// The next work item for this block, claimed in order across the grid, so that items are taken
+// in the order their data arrives (a static split would park blocks on late chunks).
+__device__ __forceinline__ int64_t claim_item(int64_t* counter, long long* claimed) {
+  __syncthreads();  // every thread is done with the previous claim
+  if (threadIdx.x == 0)
+    *claimed =
+        static_cast<long long>(atomicAdd(reinterpret_cast<unsigned long long*>(counter), 1ull));
+  __syncthreads();
+  return *claimed;
+}
+
+// A send block is done: count it in the local status slot (after its other writes).
+__device__ __forceinline__ void count_send_block(char* my, size_t status_off, int slot) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(reinterpret_cast<unsigned long long*>(my + status_off) + slot, 1ull);
+  }
+}
+
 struct Args {
   Geometry g;
   WsLayout lay;
+  PlanSmem ps;
   char* my;
   DevErr* err;
   int rank;
@@ -224,6 +302,7 @@ struct Args {
   unsigned long long timeout_ns;
   // per call
   int64_t T;
+  int tile;  // combine receive: tokens per block item
   const uint16_t* x;
   const int32_t* idx;
   const float* w;
@@ -243,58 +322,58 @@ __device__ __forceinline__ int out_region(const Args& a, int d) {
   return a.nccl ? d : a.rank;
 }
 __device__ __forceinline__ unsigned long long* flag(char* base, const Args& a, int group, int r) {
-  return at<unsigned long long>(base, a.lay.flags) + group * a.g.R + r;
+  unsigned long long* f = at<unsigned long long>(base, a.lay.flags);
+  return group < kDispatchChunk ? f + group * a.g.R + r
+                                : f + 3 * a.g.R + (group - kDispatchChunk) * a.g.R * a.g.NC + r;
 }
-
-// ---- plan (inside every send block): destination mask and slot of every token ----
-// Shared memory: masks [Tmax] u32, then slots [Tmax * R] u16 (0xFFFF = not sent).
-size_t plan_smem_bytes(const Geometry& g) {
-  return static_cast<size_t>(g.Tmax) * 4 + static_cast<size_t>(g.Tmax) * g.R * 2;
+// Chunk c of source r: flag index r * NC + c of its group.
+__device__ __forceinline__ unsigned long long* chunk_flag(char* base, const Args& a, int group,
+                                                          int r, int c) {
+  return flag(base, a, group, r * a.g.NC + c);
 }
-
-__device__ void plan_tokens(const Args& a, uint32_t* tmask, uint16_t* tslot, int* totals) {
-  using Scan = cub::BlockScan<int, kSendThreads>;
-  __shared__ typename Scan::TempStorage temp;
-  const Geometry& g = a.g;
-  for (int64_t t = threadIdx.x; t < a.T; t += kSendThreads) {
-    uint32_t m = 0;
-    int ev[kMaxTopK];
+__device__ __forceinline__ int32_t* notify_of(char* base, const Args& a, int src) {
+  return at<int32_t>(base, a.lay.notify) + static_cast<int64_t>(src) * a.g.NS;
+}
+__device__ __forceinline__ char* record_of(const Args& a, char* base, int src, int64_t j) {
+  return base + a.lay.stage + (static_cast<int64_t>(src) * a.g.Tmax + j) * a.g.P;
+}
+__device__ __forceinline__ unsigned lanemask_lt() {
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+__device__ __forceinline__ int warp_inclusive_sum(int v) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) ev[k] = k < g.K ? __ldg(a.idx + t * g.K + k) : -1;
-#pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) {
-      const int e = ev[k];
-      if (e >= 0 && e < g.E)
-        m |= 1u << (e / g.L);
-      else if (e != -1 && blockIdx.x == 0)
-        record_error(a.err, kErrBadExpert, a.rank, -1, -1, 0, e, t);
-    }
-    tmask[t] = m;
+  for (int m = 1; m < 32; m <<= 1) {
+    const int o = __shfl_up_sync(kFull, v, m);
+    if (lane >= m) v += o;
   }
-  __syncthreads();
-  const int64_t per = (a.T + kSendThreads - 1) / kSendThreads;
-  const int64_t t0 = threadIdx.x * per, t1 = min(a.T, t0 + per);
-  for (int d = 0; d < g.R; ++d) {
-    int local = 0;
-    for (int64_t t = t0; t < t1; ++t) local += (tmask[t] >> d) & 1;
-    int base, total;
-    Scan(temp).ExclusiveSum(local, base, total);
-    for (int64_t t = t0; t < t1; ++t)
-      tslot[t * g.R + d] = ((tmask[t] >> d) & 1) ? static_cast<uint16_t>(base++) : 0xFFFFu;
-    if (threadIdx.x == 0) totals[d] = total;
-    __syncthreads();
-  }
-  // Block 0 keeps the plan for combine (the handle) and the counts.
-  if (blockIdx.x == 0) {
-    int32_t* slot = at<int32_t>(a.my, a.lay.slot);
-    for (int64_t i = threadIdx.x; i < a.T * g.R; i += kSendThreads)
-      slot[i] = tslot[i] == 0xFFFFu ? -1 : tslot[i];
-    for (int d = threadIdx.x; d < g.R; d += kSendThreads)
-      at<int32_t>(a.my, a.lay.send_count)[d] = totals[d];
-  }
+  return v;
 }
 
-// ---- push: FP8 quantisation of one 512-column chunk (16 values per lane, 8 lanes a scale) ----
+// Work items: `tokens` rows in `parts` column ranges of whole steps, so that a short batch still
+// occupies every warp while a long one keeps one warp per row. Warp-uniform.
+struct Split {
+  int64_t items;
+  int64_t parts;
+  int64_t steps;
+  __device__ __forceinline__ int64_t token(int64_t item) const { return item / parts; }
+  __device__ __forceinline__ int64_t part(int64_t item) const { return item % parts; }
+  __device__ __forceinline__ int64_t first(int64_t item) const {
+    return part(item) * steps / parts;
+  }
+  __device__ __forceinline__ int64_t last(int64_t item) const {
+    return (part(item) + 1) * steps / parts;
+  }
+};
+__device__ __forceinline__ Split split_work(int64_t tokens, int64_t steps, int64_t warps) {
+  int64_t parts = tokens > 0 ? warps / tokens : 1;
+  parts = parts < 1 ? 1 : (parts > steps ? steps : parts);
+  return {tokens * parts, parts, steps};
+}
+
+// ---- FP8 quantisation of one 512-column chunk (16 values per lane, 8 lanes a scale) ----
 __device__ __forceinline__ void quantize16(const uint4 v0, const uint4 v1, uint4& codes,
                                            float& scale) {
   float f[16];
@@ -329,287 +408,388 @@ __device__ __forceinline__ void quantize16(const uint4 v0, const uint4 v1, uint4
   }
 }
 
-// Work items: a token's columns in `parts` ranges of whole steps, so that a short batch (decoding)
-// still occupies every warp while a long one keeps one warp per token. Warp-uniform.
-struct Split {
-  int64_t items;
-  int64_t parts;
-  int64_t steps;
-  __device__ __forceinline__ int64_t token(int64_t item) const { return item / parts; }
-  __device__ __forceinline__ int64_t part(int64_t item) const { return item % parts; }
-  __device__ __forceinline__ int64_t first(int64_t item) const {
-    return part(item) * steps / parts;
+// Sum of 8 BF16 columns of K expert rows with their gate weights (ascending k, no FMA).
+__device__ __forceinline__ void weighted_rows(const uint16_t* y, int64_t H, const int* rows,
+                                              const float* ws, int K, int64_t c, float* acc) {
+  uint4 v[kMaxTopK];
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    if (k < K && rows[k] >= 0)
+      v[k] = __ldg(reinterpret_cast<const uint4*>(y + static_cast<int64_t>(rows[k]) * H + c));
+#pragma unroll
+  for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) {
+    if (k >= K || rows[k] < 0) continue;
+    const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[k]);
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(ws[k], __uint_as_float(vw[x] << 16)));
+      acc[2 * x + 1] =
+          __fadd_rn(acc[2 * x + 1], __fmul_rn(ws[k], __uint_as_float(vw[x] & 0xFFFF0000u)));
+    }
   }
-  __device__ __forceinline__ int64_t last(int64_t item) const {
-    return (part(item) + 1) * steps / parts;
-  }
+}
+__device__ __forceinline__ uint4 pack_bf16(const float* acc) {
+  uint4 o;
+  uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+  for (int x = 0; x < 4; ++x)
+    ow[x] = static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x])) |
+            (static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x + 1])) << 16);
+  return o;
+}
+
+// ---- dispatch send 1: the plan of the whole batch, in shared memory of every send block ----
+struct Plan {
+  uint16_t* ecnt;   // [E][NT] tokens of each tile with expert e, then the exclusive prefix
+  uint16_t* dcnt;   // [R][NT] tokens of each tile going to d, then the exclusive prefix
+  uint32_t* dball;  // [R][NT] lanes of each tile going to d
+  uint32_t* emask;  // [kWarps][E] scratch lane masks (zero between uses)
+  int* etot;        // [E] tokens with expert e
+  int* dtot;        // [R] tokens going to d
+  int ntiles;
 };
-__device__ __forceinline__ Split split_work(int64_t tokens, int64_t steps) {
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x >> 5);
-  int64_t parts = tokens > 0 ? warps / tokens : 1;
-  parts = parts < 1 ? 1 : (parts > steps ? steps : parts);
-  if (parts < 1) parts = 1;
-  return {tokens * parts, parts, steps};
+
+__device__ __forceinline__ Plan plan_view(const Args& a, char* smem, int* dtot) {
+  Plan p;
+  p.ecnt = reinterpret_cast<uint16_t*>(smem + a.ps.ecnt);
+  p.dcnt = reinterpret_cast<uint16_t*>(smem + a.ps.dcnt);
+  p.dball = reinterpret_cast<uint32_t*>(smem + a.ps.dball);
+  p.emask = reinterpret_cast<uint32_t*>(smem + a.ps.emask);
+  p.etot = reinterpret_cast<int*>(smem + a.ps.etot);
+  p.dtot = dtot;
+  p.ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
+  return p;
 }
 
-__device__ __forceinline__ char* record_of(const Args& a, char* base, int src, int32_t j) {
-  return base + a.lay.stage + (static_cast<int64_t>(src) * a.g.Tmax + j) * a.g.P;
-}
-
-__global__ void __launch_bounds__(kSendThreads) k_dispatch_send(Args a) {
-  extern __shared__ uint4 smem_raw[];
-  __shared__ int abort_flag;
-  __shared__ int totals[kMaxRanks];
+// Expert ids of token t (lane), -1 for none; an id out of range is reported (block 0) and
+// treated as none, as the reference rejects it.
+__device__ __forceinline__ void load_experts(const Args& a, int64_t t, bool valid, int* ev,
+                                             bool report) {
   const Geometry& g = a.g;
-  uint32_t* tmask = reinterpret_cast<uint32_t*>(smem_raw);
-  uint16_t* tslot = reinterpret_cast<uint16_t*>(tmask + g.Tmax);
-  const unsigned long long n = at<unsigned long long>(a.my, a.lay.status)[kSeqDispatch] + 1;
-  if (threadIdx.x == 0) abort_flag = 0;
-  plan_tokens(a, tmask, tslot, totals);
-  // A destination's region of mine is free once it acknowledged the previous dispatch.
-  if (!a.nccl && threadIdx.x < g.R &&
-      !wait_geq(flag(a.my, a, kDispatchAck, threadIdx.x), n - 1, a.err, a.rank, threadIdx.x,
-                kDispatchAck, a.timeout_ns))
-    abort_flag = 1;
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) {
+    int e = (valid && k < g.K) ? __ldg(a.idx + t * g.K + k) : -1;
+    if (e < -1 || e >= g.E) {
+      if (report) record_error(a.err, kErrBadExpert, a.rank, -1, -1, 0, e, t);
+      e = -1;
+    }
+    ev[k] = e;
+  }
+}
+
+__device__ void plan_batch(const Args& a, char* smem, const Plan& p) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (size_t i = threadIdx.x; i < a.ps.etot / 4; i += blockDim.x)
+    reinterpret_cast<uint32_t*>(smem)[i] = 0;
   __syncthreads();
-  if (abort_flag) return;
-  if (blockIdx.x == 0 && threadIdx.x < g.R)
-    at<int32_t>(peer(a, threadIdx.x), a.lay.recv_count)[out_region(a, threadIdx.x)] =
-        totals[threadIdx.x];
-  const int lane = threadIdx.x & 31;
-  const int warps = blockDim.x >> 5;
-  const int64_t unit = g.fp8 ? 1024 : 4 * 256;  // columns of one step
-  const Split sp = split_work(a.T, (g.H + unit - 1) / unit);
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5);
-       item < sp.items; item += static_cast<int64_t>(gridDim.x) * warps) {
-    const int64_t t = sp.token(item);
-    int e = lane < g.K ? a.idx[t * g.K + lane] : -1;
-    if (e >= g.E) e = -1;
-    const float wt = lane < g.K ? a.w[t * g.K + lane] : 0.0f;
-    const unsigned mask = tmask[t];
-    // Metadata of the record at every destination (by the token's first part).
-    for (unsigned m = sp.part(item) == 0 ? mask : 0u; m; m &= m - 1) {
-      const int d = __ffs(m) - 1;
-      const int64_t s = static_cast<int64_t>(out_region(a, d)) * g.Tmax + tslot[t * g.R + d];
-      char* base = peer(a, d);
-      if (lane == 0) at<int32_t>(base, a.lay.src_token)[s] = static_cast<int32_t>(t);
-      if (lane < g.K) {
-        at<int32_t>(base, a.lay.topk_local)[s * g.K + lane] =
-            (e >= d * g.L && e < (d + 1) * g.L) ? e - d * g.L : -1;
-        at<float>(base, a.lay.weight)[s * g.K + lane] = wt;
+  // Counts per tile: destination ballots, and per expert one leader lane per group of equal ids.
+  for (int tile = warp; tile < p.ntiles; tile += kWarps) {
+    const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
+    int ev[kMaxTopK];
+    load_experts(a, t, t < a.T, ev, blockIdx.x == 0);
+    uint32_t m = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k)
+      if (ev[k] >= 0) m |= 1u << (ev[k] / g.L);
+    for (int d = 0; d < g.R; ++d) {
+      const uint32_t b = __ballot_sync(kFull, (m >> d) & 1u);
+      if (lane == 0) {
+        p.dball[d * g.NT + tile] = b;
+        p.dcnt[d * g.NT + tile] = static_cast<uint16_t>(__popc(b));
       }
     }
-    const uint16_t* xt = a.x + t * g.H;
-    if (!g.fp8) {
-      // BF16: 16-byte vectors, four in flight per lane.
-      for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
-        const int64_t c0 = step * unit;
-        uint4 v[4];
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      if (k >= g.K) break;
+      const unsigned peers = __match_any_sync(kFull, ev[k]);
+      if (ev[k] >= 0 && lane == __ffs(peers) - 1)
+        p.ecnt[ev[k] * g.NT + tile] += static_cast<uint16_t>(__popc(peers));
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+  // Exclusive prefixes over the tiles: one warp per expert, then per destination.
+  for (int row = warp; row < g.E + g.R; row += kWarps) {
+    uint16_t* c = row < g.E ? p.ecnt + row * g.NT : p.dcnt + (row - g.E) * g.NT;
+    int run = 0;
+    for (int t0 = 0; t0 < p.ntiles; t0 += 32) {
+      const bool in = t0 + lane < p.ntiles;
+      const int v = in ? c[t0 + lane] : 0;
+      const int incl = warp_inclusive_sum(v);
+      if (in) c[t0 + lane] = static_cast<uint16_t>(run + incl - v);
+      run += __shfl_sync(kFull, incl, 31);
+    }
+    if (lane == 0) (row < g.E ? p.etot[row] : p.dtot[row - g.E]) = run;
+  }
+  __syncthreads();
+}
+
+// Slot at destination d of token x (= tokens before x going to d); x may be T.
+__device__ __forceinline__ int slot_prefix(const Args& a, const Plan& p, int d, int64_t x) {
+  const int tile = static_cast<int>(x / kTile);
+  if (tile >= p.ntiles) return p.dtot[d];
+  const uint32_t below = (1u << (x % kTile)) - 1u;
+  return p.dcnt[d * a.g.NT + tile] + __popc(p.dball[d * a.g.NT + tile] & below);
+}
+
+// ---- dispatch send 2: metadata of the tokens of one tile inside [c0, c1) (one warp) ----
+// Each record carries, per k, the local expert id and the token's rank among this source's
+// tokens of that expert, so the receiver places rows without scanning anything.
+__device__ void push_metadata(const Args& a, const Plan& p, int tile, int64_t c0, int64_t c1) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
+  const bool valid = t < a.T, mine = valid && t >= c0 && t < c1;
+  int ev[kMaxTopK];
+  float wt[kMaxTopK];
+  load_experts(a, t, valid, ev, false);
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) wt[k] = (valid && k < g.K) ? __ldg(a.w + t * g.K + k) : 0.0f;
+  // Rank among the tile's earlier lanes with the same expert (ids of a token are distinct).
+  uint32_t* em = p.emask + warp * g.E;
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    if (ev[k] >= 0) atomicOr(em + ev[k], 1u << lane);
+  __syncwarp();
+  int pos[kMaxTopK];
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    pos[k] = ev[k] >= 0 ? p.ecnt[ev[k] * g.NT + tile] + __popc(em[ev[k]] & lanemask_lt()) : -1;
+  __syncwarp();
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    if (ev[k] >= 0) em[ev[k]] = 0;
+  __syncwarp();
+  int32_t* handle = at<int32_t>(a.my, a.lay.slot);
+  for (int d = 0; d < g.R; ++d) {
+    const uint32_t b = p.dball[d * g.NT + tile];
+    const bool sent = (b >> lane) & 1u;
+    const int j = p.dcnt[d * g.NT + tile] + __popc(b & lanemask_lt());
+    if (!mine) continue;
+    handle[t * g.R + d] = sent ? j : -1;
+    if (!sent) continue;
+    char* base = peer(a, d);
+    const int64_t s = static_cast<int64_t>(out_region(a, d)) * g.Tmax + j;
+    at<int32_t>(base, a.lay.src_token)[s] = static_cast<int32_t>(t);
+    int32_t* tl = at<int32_t>(base, a.lay.topk_local) + s * g.K;
+    int32_t* tp = at<int32_t>(base, a.lay.topk_pos) + s * g.K;
+    float* tw = at<float>(base, a.lay.weight) + s * g.K;
+    int loc[kMaxTopK], lp[kMaxTopK];
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      const bool here = ev[k] >= d * g.L && ev[k] < (d + 1) * g.L;
+      loc[k] = here ? ev[k] - d * g.L : -1;
+      lp[k] = here ? pos[k] : -1;
+    }
+    if (g.K == kMaxTopK) {  // 16-byte stores (s * K * 4 is a multiple of 32)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        reinterpret_cast<int4*>(tl)[q] =
+            make_int4(loc[4 * q], loc[4 * q + 1], loc[4 * q + 2], loc[4 * q + 3]);
+        reinterpret_cast<int4*>(tp)[q] =
+            make_int4(lp[4 * q], lp[4 * q + 1], lp[4 * q + 2], lp[4 * q + 3]);
+        reinterpret_cast<float4*>(tw)[q] =
+            make_float4(wt[4 * q], wt[4 * q + 1], wt[4 * q + 2], wt[4 * q + 3]);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k)
+        if (k < g.K) {
+          tl[k] = loc[k];
+          tp[k] = lp[k];
+          tw[k] = wt[k];
+        }
+    }
+  }
+}
+
+// ---- dispatch send 3: the payload of columns [first, last) steps of token t (one warp) ----
+__device__ void push_payload(const Args& a, const Plan& p, int64_t t, int64_t first, int64_t last) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  // Lane d < R holds the token's slot at destination d (-1: not sent there).
+  int jl = -1;
+  if (lane < g.R) {
+    const int tile = static_cast<int>(t / kTile);
+    const uint32_t b = p.dball[lane * g.NT + tile];
+    if ((b >> (t % kTile)) & 1u)
+      jl = p.dcnt[lane * g.NT + tile] + __popc(b & ((1u << (t % kTile)) - 1u));
+  }
+  const unsigned mask = __ballot_sync(kFull, jl >= 0);
+  const uint16_t* xt = a.x + t * g.H;
+  if (!g.fp8) {
+    // BF16: 16-byte vectors, four in flight per lane.
+    for (int64_t step = first; step < last; ++step) {
+      const int64_t c0 = step * 1024;
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t c = c0 + u * 256 + lane * 8;
+        if (c < g.H) v[u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
+      }
+      for (unsigned m = mask; m; m &= m - 1) {
+        const int d = __ffs(m) - 1;
+        char* rec = record_of(a, peer(a, d), out_region(a, d), __shfl_sync(kFull, jl, d));
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int64_t c = c0 + u * 256 + lane * 8;
-          if (c < g.H) v[u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
-        }
-        for (unsigned m = mask; m; m &= m - 1) {
-          const int d = __ffs(m) - 1;
-          char* rec = record_of(a, peer(a, d), out_region(a, d), tslot[t * g.R + d]);
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const int64_t c = c0 + u * 256 + lane * 8;
-            if (c < g.H) *reinterpret_cast<uint4*>(rec + c * 2) = v[u];
-          }
-        }
-      }
-    } else {
-      // FP8: codes then the H/128 scales of the record, quantised once for all destinations.
-      // Two 512-column chunks per step so that four loads are in flight per lane.
-      for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
-        const int64_t c0 = step * unit;
-        uint4 v[4];
-        bool valid[2];
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int64_t c = c0 + u * 512 + lane * 16;
-          valid[u] = c < g.H;  // whole 8-lane groups are valid or not (H % 128 == 0)
-          v[2 * u] = v[2 * u + 1] = make_uint4(0, 0, 0, 0);
-          if (valid[u]) {
-            v[2 * u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
-            v[2 * u + 1] = __ldg(reinterpret_cast<const uint4*>(xt + c + 8));
-          }
-        }
-        uint4 codes[2];
-        float scale[2];
-#pragma unroll
-        for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
-        for (unsigned m = mask; m; m &= m - 1) {
-          const int d = __ffs(m) - 1;
-          char* rec = record_of(a, peer(a, d), out_region(a, d), tslot[t * g.R + d]);
-#pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            const int64_t c = c0 + u * 512 + lane * 16;
-            if (!valid[u]) continue;
-            *reinterpret_cast<uint4*>(rec + c) = codes[u];
-            if ((lane & 7) == 0) *reinterpret_cast<float*>(rec + g.H + (c / 128) * 4) = scale[u];
-          }
+          if (c < g.H) *reinterpret_cast<uint4*>(rec + c * 2) = v[u];
         }
       }
     }
+    return;
   }
-  // Publish: every block adds one to every destination's counter for this source.
-  __syncthreads();
-  if (!a.nccl && threadIdx.x < g.R) {
-    __threadfence_system();
-    red_release_sys_add(flag(peer(a, threadIdx.x), a, kDispatchArrived, a.rank), 1);
+  // FP8: codes then the H/128 scales of the record, quantised once for all destinations.
+  // Two 512-column chunks per step so that four loads are in flight per lane.
+  for (int64_t step = first; step < last; ++step) {
+    const int64_t c0 = step * 1024;
+    uint4 v[4];
+    bool valid[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t c = c0 + u * 512 + lane * 16;
+      valid[u] = c < g.H;  // whole 8-lane groups are valid or not (H % 128 == 0)
+      v[2 * u] = v[2 * u + 1] = make_uint4(0, 0, 0, 0);
+      if (valid[u]) {
+        v[2 * u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
+        v[2 * u + 1] = __ldg(reinterpret_cast<const uint4*>(xt + c + 8));
+      }
+    }
+    uint4 codes[2];
+    float scale[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
+    for (unsigned m = mask; m; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+      char* rec = record_of(a, peer(a, d), out_region(a, d), __shfl_sync(kFull, jl, d));
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int64_t c = c0 + u * 512 + lane * 16;
+        if (!valid[u]) continue;
+        *reinterpret_cast<uint4*>(rec + c) = codes[u];
+        if ((lane & 7) == 0) *reinterpret_cast<float*>(rec + g.H + (c / 128) * 4) = scale[u];
+      }
+    }
   }
 }
 
-// ---- receive 1: wait for all sources, membership bitmaps bits[e][w] (bit = token 32w+lane) ----
-__device__ bool wait_sources(const Args& a, int group, unsigned long long expected, int* offsets,
-                             int* abort_flag) {
-  const Geometry& g = a.g;
-  if (threadIdx.x == 0) *abort_flag = 0;
-  __syncthreads();
-  if (!a.nccl && threadIdx.x < g.R &&
-      !wait_geq(flag(a.my, a, group, threadIdx.x), expected, a.err, a.rank, threadIdx.x, group,
-                a.timeout_ns))
-    *abort_flag = 1;
-  __syncthreads();
-  if (*abort_flag) return false;
-  if (threadIdx.x == 0 && offsets) {
-    offsets[0] = 0;
-    const volatile int32_t* rc = at<int32_t>(a.my, a.lay.recv_count);
-    for (int s = 0; s < g.R; ++s) offsets[s + 1] = offsets[s] + rc[s];
-  }
-  __syncthreads();
-  return true;
-}
-
-__device__ __forceinline__ void split_index(const int* offsets, int R, int64_t i, int& s,
-                                            int64_t& j) {
-  s = 0;
-  while (s + 1 < R && i >= offsets[s + 1]) ++s;
-  j = i - offsets[s];
-}
-
-__device__ void scan_experts(const Args& a, int64_t total);
-
-// Receive 1+2: bitmaps in every block; the last block to finish does the per-expert scan.
-__global__ void __launch_bounds__(1024) k_recv_layout(Args a) {
-  __shared__ int offsets[kMaxRanks + 1];
+__device__ void dispatch_send_block(const Args& a, char* smem) {
   __shared__ int abort_flag;
-  __shared__ int last_block;
+  __shared__ int dtot[kMaxRanks];
   const Geometry& g = a.g;
   const unsigned long long n = at<unsigned long long>(a.my, a.lay.status)[kSeqDispatch] + 1;
-  if (!wait_sources(a, kDispatchArrived, n * a.send_blocks, offsets, &abort_flag)) {
-    // NOTE: the error is recorded; an empty layout keeps the later kernels of this call bounded.
-    if (threadIdx.x <= g.R) offsets[threadIdx.x] = 0;
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  // NOTE: after every thread read n: the receive kernel ends the call by advancing it.
+  if (!a.nccl) allow_dependent_launch();
+  const Plan p = plan_view(a, smem, dtot);
+  plan_batch(a, smem, p);
+  // A destination's region of mine is free once it acknowledged the previous dispatch.
+  if (!a.nccl && threadIdx.x < g.R &&
+      !wait_geq(flag(a.my, a, kDispatchAck, threadIdx.x), n - 1, a.err, a.rank, threadIdx.x,
+                kDispatchAck, -1, a.timeout_ns))
+    abort_flag = 1;
+  __syncthreads();
+  if (abort_flag) return;
+  // Notify (block 0): T and the per-local-expert counts of every destination, then its flag.
+  if (blockIdx.x == 0) {
+    for (int i = threadIdx.x; i < g.R * (g.L + 1); i += blockDim.x) {
+      const int d = i / (g.L + 1), q = i % (g.L + 1);
+      notify_of(peer(a, d), a, out_region(a, d))[q] =
+          q == 0 ? static_cast<int32_t>(a.T) : p.etot[d * g.L + q - 1];
+    }
+    if (threadIdx.x < g.R)
+      at<int32_t>(peer(a, threadIdx.x), a.lay.recv_count)[out_region(a, threadIdx.x)] =
+          dtot[threadIdx.x];
     __syncthreads();
-  }
-  const int total = offsets[g.R];
-  if (blockIdx.x == 0 && threadIdx.x <= g.R) {
-    at<int32_t>(a.my, a.lay.recv_offset)[threadIdx.x] = offsets[threadIdx.x];
-    if (threadIdx.x == 0) at<int64_t>(a.my, a.lay.status)[kNumRecv] = total;
-  }
-  // NOTE: the other blocks' words are read by the last block through L2 (__ldcg) only.
-  const int W = (total + 31) / 32;
-  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  uint32_t* bits = at<uint32_t>(a.my, a.lay.bits);
-  const int32_t* topk = at<int32_t>(a.my, a.lay.topk_local);
-  for (int w = blockIdx.x * warps + (threadIdx.x >> 5); w < W; w += gridDim.x * warps) {
-    const int64_t i = static_cast<int64_t>(w) * 32 + lane;
-    int ek[kMaxTopK];
-#pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) ek[k] = -1;
-    if (i < total) {
-      int s;
-      int64_t j;
-      split_index(offsets, g.R, i, s, j);
-      const int32_t* tk = topk + (s * g.Tmax + j) * g.K;
-#pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k)
-        if (k < g.K) ek[k] = __ldcg(tk + k);
-    }
-    for (int e0 = 0; e0 < g.L; e0 += 32) {
-      uint32_t mine = 0;  // lane l keeps the word of expert e0 + l
-      for (int e = e0; e < min(g.L, e0 + 32); ++e) {
-        bool has = false;
-#pragma unroll
-        for (int k = 0; k < kMaxTopK; ++k) has = has || ek[k] == e;
-        const uint32_t b = __ballot_sync(kFull, has);
-        if (lane == e - e0) mine = b;
-      }
-      if (e0 + lane < g.L) bits[static_cast<int64_t>(e0 + lane) * g.W + w] = mine;
+    if (!a.nccl && threadIdx.x < g.R) {
+      __threadfence_system();
+      st_release_sys(flag(peer(a, threadIdx.x), a, kDispatchNotify, a.rank), n);
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const unsigned long long done = atomicAdd(
-        reinterpret_cast<unsigned long long*>(at<int64_t>(a.my, a.lay.status) + kLayoutDone), 1ull);
-    last_block = done == gridDim.x - 1;
+  // Chunks of C tokens, one block each; every chunk published with its own flag.
+  const int warp = threadIdx.x >> 5;
+  const int64_t nchunks = (a.T + g.C - 1) / g.C;
+  const int64_t steps = (g.H + 1023) / 1024;
+  for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
+    const int64_t c0 = c * g.C, c1 = min(a.T, c0 + g.C);
+    if (threadIdx.x < g.R) {
+      const int d = threadIdx.x;
+      const int b = slot_prefix(a, p, d, c0), e = slot_prefix(a, p, d, c1);
+      int32_t* info = notify_of(peer(a, d), a, out_region(a, d)) + 1 + g.L + 2 * c;
+      info[0] = b;
+      info[1] = e - b;
+    }
+    const int tile0 = static_cast<int>(c0 / kTile), tile1 = static_cast<int>((c1 - 1) / kTile);
+    for (int tile = tile0 + warp; tile <= tile1; tile += kWarps) push_metadata(a, p, tile, c0, c1);
+    const Split sp = split_work(c1 - c0, steps, kWarps);
+    for (int64_t item = warp; item < sp.items; item += kWarps)
+      push_payload(a, p, c0 + sp.token(item), sp.first(item), sp.last(item));
+    __syncthreads();
+    if (!a.nccl && threadIdx.x < g.R) {
+      __threadfence_system();
+      st_release_sys(
+          chunk_flag(peer(a, threadIdx.x), a, kDispatchChunk, a.rank, static_cast<int>(c)), n);
+    }
   }
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  if (threadIdx.x == 0) at<int64_t>(a.my, a.lay.status)[kLayoutDone] = 0;
-  scan_experts(a, total);
 }
 
-// ---- receive 2: per-expert prefix counts over the words, block offsets, overflow ----
-__device__ void scan_experts(const Args& a, int64_t total) {
+__global__ void __launch_bounds__(kSendThreads, 1) k_dispatch_send(Args a) {
+  extern __shared__ uint4 smem_raw[];
+  dispatch_send_block(a, reinterpret_cast<char*>(smem_raw));
+  count_send_block(a.my, a.lay.status, kDispatchSent);
+}
+
+// ---- dispatch receive 1: the layout from the notified counts (every block, shared memory) ----
+struct RecvLayout {
+  int* base;  // [R][L] first row of (source, expert) relative to the expert's block
+  int* offs;  // [L + 1] expert blocks
+  int* tot;   // [L] rows of each expert
+  int* roff;  // [R + 1] compact index of each source region's first token
+  int* ntok;  // [R] tokens of each source
+};
+
+__device__ void recv_layout(const Args& a, const RecvLayout& r, long long* rows_needed,
+                            int* overflow, int* max_tokens) {
   const Geometry& g = a.g;
-  int64_t* status = at<int64_t>(a.my, a.lay.status);
-  const int W = static_cast<int>((total + 31) / 32);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const uint32_t* bits = at<uint32_t>(a.my, a.lay.bits);
-  int32_t* pre = at<int32_t>(a.my, a.lay.pre);
-  int32_t* counts = at<int32_t>(a.my, a.lay.expert_counts);
-  // One warp per expert; eight 32-word chunks are loaded before any is scanned (one memory
-  // latency per eight chunks, not one per chunk).
-  constexpr int kChunks = 8;
-  for (int e = warp; e < g.L; e += warps) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int i = threadIdx.x; i < g.R * g.L; i += blockDim.x)
+    r.base[i] = __ldcg(notify_of(a.my, a, i / g.L) + 1 + i % g.L);
+  if (threadIdx.x < g.R) r.ntok[threadIdx.x] = __ldcg(notify_of(a.my, a, threadIdx.x));
+  __syncthreads();
+  for (int e = threadIdx.x; e < g.L; e += blockDim.x) {
     int run = 0;
-    const uint32_t* be = bits + static_cast<int64_t>(e) * g.W;
-    int32_t* pe = pre + static_cast<int64_t>(e) * g.W;
-    for (int w0 = 0; w0 < W; w0 += 32 * kChunks) {
-      int v[kChunks];
-#pragma unroll
-      for (int u = 0; u < kChunks; ++u) {
-        const int w = w0 + u * 32 + lane;
-        v[u] = w < W ? __popc(__ldcg(be + w)) : 0;
-      }
-#pragma unroll
-      for (int u = 0; u < kChunks; ++u) {
-        int incl = v[u];
-#pragma unroll
-        for (int m = 1; m < 32; m <<= 1) {
-          const int o = __shfl_up_sync(kFull, incl, m);
-          if (lane >= m) incl += o;
-        }
-        const int w = w0 + u * 32 + lane;
-        if (w < W) pe[w] = run + incl - v[u];
-        run += __shfl_sync(kFull, incl, 31);
-      }
+    for (int s = 0; s < g.R; ++s) {
+      const int c = r.base[s * g.L + e];
+      r.base[s * g.L + e] = run;
+      run += c;
     }
-    if (lane == 0) counts[e] = run;
+    r.tot[e] = run;
+  }
+  if (warp == 1 && lane == 0) {
+    const int32_t* rc = at<int32_t>(a.my, a.lay.recv_count);
+    r.roff[0] = 0;
+    int most = 0;
+    for (int s = 0; s < g.R; ++s) {
+      r.roff[s + 1] = r.roff[s] + __ldcg(rc + s);
+      most = max(most, r.ntok[s]);
+    }
+    *max_tokens = most;
   }
   __syncthreads();
   // Block offsets: one warp scans the (aligned or fixed) block sizes 32 experts at a time.
   if (warp == 0) {
-    int32_t* offs = at<int32_t>(a.my, a.lay.expert_offsets);
-    if (lane == 0) offs[0] = 0;
+    if (lane == 0) r.offs[0] = 0;
     int run = 0, largest = 0;
     for (int e0 = 0; e0 < g.L; e0 += 32) {
       const int e = e0 + lane;
-      const int c = e < g.L ? counts[e] : 0;
+      const int c = e < g.L ? r.tot[e] : 0;
       const int size = e < g.L ? (g.cap > 0 ? static_cast<int>(g.cap) : (c + 127) / 128 * 128) : 0;
-      int incl = size;
-#pragma unroll
-      for (int m = 1; m < 32; m <<= 1) {
-        const int o = __shfl_up_sync(kFull, incl, m);
-        if (lane >= m) incl += o;
-      }
-      if (e < g.L) offs[e + 1] = run + incl;
+      const int incl = warp_inclusive_sum(size);
+      if (e < g.L) r.offs[e + 1] = run + incl;
       run += __shfl_sync(kFull, incl, 31);
       largest = max(largest, c);
     }
@@ -617,274 +797,369 @@ __device__ void scan_experts(const Args& a, int64_t total) {
     for (int m = 16; m > 0; m >>= 1) largest = max(largest, __shfl_xor_sync(kFull, largest, m));
     if (lane == 0) {
       if (g.cap > 0) {
-        status[kOverflow] = largest > g.cap;
-        status[kRowsNeeded] = largest > g.cap ? largest : g.bound;
+        *overflow = largest > g.cap;
+        *rows_needed = largest > g.cap ? largest : g.bound;
       } else {
-        status[kRowsNeeded] = run;
-        status[kOverflow] = run > g.bound;
+        *rows_needed = run;
+        *overflow = run > g.bound;
       }
+    }
+  }
+  __syncthreads();
+}
+
+// ---- dispatch receive 2: one record's layout rows and payload copy (one warp) ----
+__device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_t j,
+                               bool overflow) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  const int64_t slot = static_cast<int64_t>(s) * g.Tmax + j;
+  const int64_t i = r.roff[s] + j;
+  int row = -1;
+  if (lane < g.K) {
+    const int e = __ldcg(at<int32_t>(a.my, a.lay.topk_local) + slot * g.K + lane);
+    if (e >= 0 && !overflow) {
+      row = r.offs[e] + r.base[s * g.L + e] +
+            __ldcg(at<int32_t>(a.my, a.lay.topk_pos) + slot * g.K + lane);
+      at<int32_t>(a.my, a.lay.m_indices)[row] = e;
+      at<int32_t>(a.my, a.lay.row_src)[row] = static_cast<int32_t>(i * g.K + lane);
+      at<float>(a.my, a.lay.row_weight)[row] =
+          __ldcg(at<float>(a.my, a.lay.weight) + slot * g.K + lane);
+    }
+    at<int32_t>(a.my, a.lay.token_rows)[slot * g.K + lane] = row;
+  }
+  if (!a.expand || overflow) return;
+  int rows[kMaxTopK];
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
+  const char* rec = record_of(a, a.my, s, j);
+  char* gx = a.my + a.lay.gx;
+  const int64_t row_bytes = g.fp8 ? g.H : g.H * 2;
+  // Eight 16-byte loads in flight per lane (4 KB per warp), then stored to every row of the
+  // token. NOTE: the expansion is load-latency bound beside the transport (v5: 4 in flight).
+  constexpr int kInFlight = 8;
+  for (int64_t c0 = lane * 16; c0 < row_bytes; c0 += kInFlight * 32 * 16) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (c0 + u * 512 < row_bytes)
+        v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + c0 + u * 512));
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      if (k >= g.K || rows[k] < 0) continue;
+      char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + c0;
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u)
+        if (c0 + u * 512 < row_bytes) *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
+    }
+  }
+  if (g.fp8) {
+    float* gs = at<float>(a.my, a.lay.gscales);
+    for (int64_t c = lane; c < g.SC; c += 32) {
+      const float sc = __ldcg(reinterpret_cast<const float*>(rec + g.H) + c);
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k)
+        if (k < g.K && rows[k] >= 0) gs[rows[k] * g.SC + c] = sc;
     }
   }
 }
 
-// ---- receive 3: layout rows and payload of every received token, then acknowledge ----
-__global__ void k_recv_scatter(Args a) {
-  __shared__ int offsets[kMaxRanks + 1];
-  __shared__ int last_block;
+// Dispatch receive: layout as soon as every source notified, then every chunk expanded as soon
+// as it landed (chunk-major order, the order senders publish in); the last block acknowledges.
+__global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
+  extern __shared__ int rsm[];
+  __shared__ int abort_flag, last_block, overflow, max_tokens;
+  __shared__ long long rows_needed;
   const Geometry& g = a.g;
+  RecvLayout r;
+  r.base = rsm;
+  r.offs = r.base + g.R * g.L;
+  r.tot = r.offs + g.L + 1;
+  r.roff = r.tot + g.L;
+  r.ntok = r.roff + g.R + 1;
   int64_t* status = at<int64_t>(a.my, a.lay.status);
   const unsigned long long n = static_cast<unsigned long long>(status[kSeqDispatch]) + 1;
-  const int64_t total = status[kNumRecv];
-  const bool overflow = status[kOverflow] != 0;
-  const int64_t rows_needed = status[kRowsNeeded], prev_rows = status[kPrevRows];
-  if (threadIdx.x <= g.R) offsets[threadIdx.x] = at<int32_t>(a.my, a.lay.recv_offset)[threadIdx.x];
+  const int64_t prev_rows = status[kPrevRows];
+  if (threadIdx.x == 0) abort_flag = 0;
   __syncthreads();
-  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const int64_t gwarp = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5);
-  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * warps;
-  const int32_t* offs = at<int32_t>(a.my, a.lay.expert_offsets);
-  const int32_t* counts = at<int32_t>(a.my, a.lay.expert_counts);
-  const uint32_t* bits = at<uint32_t>(a.my, a.lay.bits);
-  const int32_t* pre = at<int32_t>(a.my, a.lay.pre);
-  int32_t* m_indices = at<int32_t>(a.my, a.lay.m_indices);
-  int32_t* row_src = at<int32_t>(a.my, a.lay.row_src);
-  float* row_weight = at<float>(a.my, a.lay.row_weight);
-  int32_t* token_rows = at<int32_t>(a.my, a.lay.token_rows);
-  const int64_t row_bytes = g.fp8 ? g.H : g.H * 2;
-
-  for (int64_t i = gwarp; i < total; i += nwarps) {
-    int s;
-    int64_t j;
-    split_index(offsets, g.R, i, s, j);
-    const int64_t slot = static_cast<int64_t>(s) * g.Tmax + j;
-    int row = -1;
-    if (lane < g.K) {
-      const int e = __ldcg(at<int32_t>(a.my, a.lay.topk_local) + slot * g.K + lane);
-      if (e >= 0 && !overflow) {
-        const int64_t w = i / 32;
-        const uint32_t word = bits[static_cast<int64_t>(e) * g.W + w];
-        row = offs[e] + pre[static_cast<int64_t>(e) * g.W + w] +
-              __popc(word & ((1u << (i % 32)) - 1u));
-        m_indices[row] = e;
-        row_src[row] = static_cast<int32_t>(i * g.K + lane);
-        row_weight[row] = __ldcg(at<float>(a.my, a.lay.weight) + slot * g.K + lane);
-      }
-      token_rows[slot * g.K + lane] = row;
+  if (!a.nccl && threadIdx.x < g.R &&
+      !wait_geq(flag(a.my, a, kDispatchNotify, threadIdx.x), n, a.err, a.rank, threadIdx.x,
+                kDispatchNotify, -1, a.timeout_ns))
+    abort_flag = 1;
+  __syncthreads();
+  if (abort_flag) return;  // the error is recorded; check() reports it
+  recv_layout(a, r, &rows_needed, &overflow, &max_tokens);
+  const bool ovf = overflow != 0;
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e < g.L; e += blockDim.x) {
+      at<int32_t>(a.my, a.lay.expert_counts)[e] = r.tot[e];
+      at<int32_t>(a.my, a.lay.expert_offsets)[e + 1] = r.offs[e + 1];
     }
-    if (!a.expand || overflow) continue;
-    int rows[kMaxTopK];
-#pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
-    const char* rec = record_of(a, a.my, s, static_cast<int32_t>(j));
-    char* gx = a.my + a.lay.gx;
-    for (int64_t c0 = lane * 16; c0 < row_bytes; c0 += 2 * 32 * 16) {
-      uint4 v[2];
-#pragma unroll
-      for (int u = 0; u < 2; ++u)
-        if (c0 + u * 512 < row_bytes)
-          v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + c0 + u * 512));
-#pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) {
-        if (k >= g.K || rows[k] < 0) continue;
-#pragma unroll
-        for (int u = 0; u < 2; ++u)
-          if (c0 + u * 512 < row_bytes)
-            *reinterpret_cast<uint4*>(gx + static_cast<int64_t>(rows[k]) * row_bytes + c0 +
-                                      u * 512) = v[u];
-      }
-    }
-    if (g.fp8) {
-      float* gs = at<float>(a.my, a.lay.gscales);
-      for (int64_t c = lane; c < g.SC; c += 32) {
-        const float sc = __ldcg(reinterpret_cast<const float*>(rec + g.H) + c);
-#pragma unroll
-        for (int k = 0; k < kMaxTopK; ++k)
-          if (k < g.K && rows[k] >= 0) gs[rows[k] * g.SC + c] = sc;
-      }
+    if (threadIdx.x <= g.R) at<int32_t>(a.my, a.lay.recv_offset)[threadIdx.x] = r.roff[threadIdx.x];
+    if (threadIdx.x == 0) {
+      at<int32_t>(a.my, a.lay.expert_offsets)[0] = 0;
+      status[kRowsNeeded] = rows_needed;
+      status[kOverflow] = overflow;
+      status[kNumRecv] = r.roff[g.R];
     }
   }
   // Padding rows of each block, and rows the previous dispatch used beyond this one's.
-  const int64_t pad = g.cap > 0 ? g.cap : 128;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  if (!overflow) {
-    for (int64_t q = tid; q < g.L * pad; q += nthreads) {
-      const int e = static_cast<int>(q / pad);
-      const int64_t row = offs[e] + counts[e] + q % pad;
-      if (row < offs[e + 1]) {
-        m_indices[row] = -1;
-        row_src[row] = -1;
+  {
+    int32_t* m_indices = at<int32_t>(a.my, a.lay.m_indices);
+    int32_t* row_src = at<int32_t>(a.my, a.lay.row_src);
+    const int64_t pad = g.cap > 0 ? g.cap : 128;
+    const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    if (!ovf) {
+      for (int64_t q = tid; q < g.L * pad; q += nthreads) {
+        const int e = static_cast<int>(q / pad);
+        const int64_t row = r.offs[e] + r.tot[e] + q % pad;
+        if (row < r.offs[e + 1]) {
+          m_indices[row] = -1;
+          row_src[row] = -1;
+        }
       }
     }
+    for (int64_t row = (ovf ? 0 : rows_needed) + tid; row < min(prev_rows, g.bound);
+         row += nthreads) {
+      m_indices[row] = -1;
+      row_src[row] = -1;
+    }
   }
-  for (int64_t row = (overflow ? 0 : rows_needed) + tid; row < min(prev_rows, g.bound);
-       row += nthreads) {
-    m_indices[row] = -1;
-    row_src[row] = -1;
+  const int warp = threadIdx.x >> 5;
+  const int64_t items = (static_cast<int64_t>(max_tokens) + g.C - 1) / g.C * g.R;
+  __shared__ long long claimed;
+  for (int64_t item = claim_item(status + kRecvItem, &claimed); item < items;
+       item = claim_item(status + kRecvItem, &claimed)) {
+    const int c = static_cast<int>(item / g.R), s = static_cast<int>(item % g.R);
+    if (static_cast<int64_t>(c) * g.C >= r.ntok[s]) continue;
+    if (!a.nccl) {
+      if (threadIdx.x == 0 && !wait_geq(chunk_flag(a.my, a, kDispatchChunk, s, c), n, a.err, a.rank,
+                                        s, kDispatchChunk, c, a.timeout_ns))
+        abort_flag = 1;
+      __syncthreads();
+      if (abort_flag) return;
+    }
+    const int32_t* info = notify_of(a.my, a, s) + 1 + g.L + 2 * c;
+    const int begin = __ldcg(info), count = __ldcg(info + 1);
+    for (int q = warp; q < count; q += kWarps) scatter_record(a, r, s, begin + q, ovf);
   }
-  // The last block to finish acknowledges every source: its region of mine is free again.
+  // The last block to finish acknowledges every source: its regions of mine are free again.
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
     const unsigned long long done =
-        atomicAdd(reinterpret_cast<unsigned long long*>(status + kScatterDone), 1ull);
+        atomicAdd(reinterpret_cast<unsigned long long*>(status + kRecvDone), 1ull);
     last_block = done == gridDim.x - 1;
   }
   __syncthreads();
   if (!last_block) return;
+  // NOTE: the call ends only once this rank's send blocks all ended too (a programmatic
+  // dependent may finish before its primary; the stream's next work must not overlap either).
+  if (threadIdx.x == 0)
+    wait_geq(reinterpret_cast<unsigned long long*>(status) + kDispatchSent, n * a.send_blocks,
+             a.err, a.rank, a.rank, kLocalSent, -1, a.timeout_ns);
+  __syncthreads();
   if (!a.nccl && threadIdx.x < g.R) {
     __threadfence_system();
     st_release_sys(flag(peer(a, threadIdx.x), a, kDispatchAck, a.rank), n);
   }
   if (threadIdx.x == 0) {
-    status[kScatterDone] = 0;
-    status[kPrevRows] = overflow ? 0 : min(rows_needed, g.bound);
+    status[kRecvDone] = 0;
+    status[kRecvItem] = 0;
+    status[kPrevRows] = ovf ? 0 : min(static_cast<int64_t>(rows_needed), g.bound);
     status[kSeqDispatch] = static_cast<int64_t>(n);
   }
 }
 
-// ---- combine 1: one BF16 row per received token, pushed back to its source ----
-__global__ void __launch_bounds__(kSendThreads, 2) k_combine_send(Args a) {
-  __shared__ int offsets[kMaxRanks + 1];
+// ---- combine send: per chunk of received records, one BF16 row per record pushed back ----
+// NVLink: records of this rank's own tokens are skipped; combine_recv sums them from the local
+// expert rows directly (no staging round trip through memory).
+__device__ void combine_send_block(const Args& a) {
+  __shared__ int roff[kMaxRanks + 1];
   __shared__ int abort_flag;
   const Geometry& g = a.g;
   int64_t* status = at<int64_t>(a.my, a.lay.status);
   const unsigned long long n = static_cast<unsigned long long>(status[kSeqCombine]) + 1;
   if (threadIdx.x == 0) abort_flag = 0;
-  if (threadIdx.x <= g.R) offsets[threadIdx.x] = at<int32_t>(a.my, a.lay.recv_offset)[threadIdx.x];
+  if (threadIdx.x <= g.R) roff[threadIdx.x] = at<int32_t>(a.my, a.lay.recv_offset)[threadIdx.x];
   __syncthreads();
-  if (!a.nccl && threadIdx.x < g.R &&
+  if (!a.nccl) allow_dependent_launch();
+  if (!a.nccl && threadIdx.x < g.R && threadIdx.x != a.rank &&
       !wait_geq(flag(a.my, a, kCombineAck, threadIdx.x), n - 1, a.err, a.rank, threadIdx.x,
-                kCombineAck, a.timeout_ns))
+                kCombineAck, -1, a.timeout_ns))
     abort_flag = 1;
   __syncthreads();
   if (abort_flag) return;
-  const int64_t total = status[kNumRecv];
-  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int most = 0;
+  for (int s = 0; s < g.R; ++s) most = max(most, roff[s + 1] - roff[s]);
+  const int64_t items = (static_cast<int64_t>(most) + g.C - 1) / g.C * g.R;
   const int32_t* token_rows = at<int32_t>(a.my, a.lay.token_rows);
   const float* row_weight = at<float>(a.my, a.lay.row_weight);
-  const Split sp = split_work(total, (g.H + 255) / 256);
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5);
-       item < sp.items; item += static_cast<int64_t>(gridDim.x) * warps) {
-    const int64_t i = sp.token(item);
-    const int64_t c_begin = sp.first(item) * 256 + lane * 8, c_end = min(g.H, sp.last(item) * 256);
-    int s;
-    int64_t j;
-    split_index(offsets, g.R, i, s, j);
-    const int64_t slot = static_cast<int64_t>(s) * g.Tmax + j;
-    int row = -1;
-    float wt = 0.0f;
-    if (lane < g.K) {
-      row = token_rows[slot * g.K + lane];
-      if (row >= 0) wt = row_weight[row];
-    }
-    int rows[kMaxTopK];
-    float ws[kMaxTopK];
-#pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) {
-      rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
-      ws[k] = __shfl_sync(kFull, wt, k < g.K ? k : 0);
-    }
-    uint16_t* dst = at<uint16_t>(peer(a, s), a.lay.comb_stage) +
-                    (static_cast<int64_t>(out_region(a, s)) * g.Tmax + j) * g.H;
-    if (!a.weighted) {
-      for (int64_t c = c_begin; c < c_end; c += 256)
-        *reinterpret_cast<uint4*>(dst + c) =
-            __ldg(reinterpret_cast<const uint4*>(a.y + slot * g.H + c));
-      continue;
-    }
-    // All expert rows of a chunk are loaded before any is summed (loads in flight, not in turn);
-    // the sum still runs in ascending k.
-    for (int64_t c = c_begin; c < c_end; c += 256) {
-      uint4 v[kMaxTopK];
-#pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k)
-        if (k < g.K && rows[k] >= 0)
-          v[k] =
-              __ldg(reinterpret_cast<const uint4*>(a.y + static_cast<int64_t>(rows[k]) * g.H + c));
-      float acc[8];
-#pragma unroll
-      for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int c = static_cast<int>(item / g.R), s = static_cast<int>(item % g.R);
+    const int64_t count = roff[s + 1] - roff[s];
+    if ((!a.nccl && s == a.rank) || static_cast<int64_t>(c) * g.C >= count) continue;
+    const int64_t j0 = static_cast<int64_t>(c) * g.C, j1 = min(count, j0 + g.C);
+    const Split sp = split_work(j1 - j0, (g.H + 255) / 256, kWarps);
+    for (int64_t it = warp; it < sp.items; it += kWarps) {
+      const int64_t j = j0 + sp.token(it);
+      const int64_t slot = static_cast<int64_t>(s) * g.Tmax + j;
+      const int64_t c_begin = sp.first(it) * 256 + lane * 8, c_end = min(g.H, sp.last(it) * 256);
+      uint16_t* dst = at<uint16_t>(peer(a, s), a.lay.comb_stage) +
+                      (static_cast<int64_t>(out_region(a, s)) * g.Tmax + j) * g.H;
+      int row = -1;
+      float wt = 0.0f;
+      if (a.weighted && lane < g.K) {
+        row = token_rows[slot * g.K + lane];
+        if (row >= 0) wt = row_weight[row];
+      }
+      int rows[kMaxTopK];
+      float ws[kMaxTopK];
 #pragma unroll
       for (int k = 0; k < kMaxTopK; ++k) {
-        if (k >= g.K || rows[k] < 0) continue;
-        const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[k]);
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(ws[k], __uint_as_float(vw[x] << 16)));
-          acc[2 * x + 1] =
-              __fadd_rn(acc[2 * x + 1], __fmul_rn(ws[k], __uint_as_float(vw[x] & 0xFFFF0000u)));
-        }
+        rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
+        ws[k] = __shfl_sync(kFull, wt, k < g.K ? k : 0);
       }
-      uint4 o;
-      uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-      for (int x = 0; x < 4; ++x)
-        ow[x] = static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x])) |
-                (static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x + 1])) << 16);
-      *reinterpret_cast<uint4*>(dst + c) = o;
+      // One 256-column step of the row: the weighted sum (or the given row).
+      auto step_value = [&](int64_t col) {
+        if (!a.weighted) return __ldg(reinterpret_cast<const uint4*>(a.y + slot * g.H + col));
+        float acc[8];
+        weighted_rows(a.y, g.H, rows, ws, g.K, col, acc);
+        return pack_bf16(acc);
+      };
+      for (int64_t col = c_begin; col < c_end; col += 256)
+        *reinterpret_cast<uint4*>(dst + col) = step_value(col);
     }
-  }
-  __syncthreads();
-  if (!a.nccl && threadIdx.x < g.R) {
-    __threadfence_system();
-    red_release_sys_add(flag(peer(a, threadIdx.x), a, kCombineArrived, a.rank), 1);
+    __syncthreads();
+    if (!a.nccl && threadIdx.x == 0) {
+      __threadfence_system();
+      st_release_sys(chunk_flag(peer(a, s), a, kCombineChunk, a.rank, c), n);
+    }
   }
 }
 
-// ---- combine 2: sum the rows of every rank a token went to, in rank order ----
-__global__ void __launch_bounds__(kSendThreads, 2) k_combine_recv(Args a) {
+__global__ void __launch_bounds__(kSendThreads) k_combine_send(Args a) {
+  combine_send_block(a);
+  count_send_block(a.my, a.lay.status, kCombineSent);
+}
+
+// ---- combine receive: per tile of tokens, wait for the chunks holding their partials, then sum
+// the partials in rank order (the rank's own computed here from its expert rows) ----
+__global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
   __shared__ int abort_flag;
   __shared__ int last_block;
   const Geometry& g = a.g;
   int64_t* status = at<int64_t>(a.my, a.lay.status);
   const unsigned long long n = static_cast<unsigned long long>(status[kSeqCombine]) + 1;
-  if (!wait_sources(a, kCombineArrived, n * a.send_blocks, nullptr, &abort_flag)) return;
-  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int32_t* slot = at<int32_t>(a.my, a.lay.slot);
   const uint16_t* stage = at<uint16_t>(a.my, a.lay.comb_stage);
-  const Split sp = split_work(a.T, (g.H + 255) / 256);
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5);
-       item < sp.items; item += static_cast<int64_t>(gridDim.x) * warps) {
-    const int64_t t = sp.token(item);
-    const int my_slot = lane < g.R ? slot[t * g.R + lane] : -1;
-    // NOTE: the chunk loop is warp-uniform (shuffles inside); lanes past H only skip memory.
-    for (int64_t c0 = sp.first(item) * 256; c0 < sp.last(item) * 256; c0 += 256) {
-      const int64_t c = c0 + lane * 8;
-      const bool valid = c < g.H;
-      float acc[8];
-#pragma unroll
-      for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
-      // Ranks in groups of four: their rows are loaded together, then summed in rank order.
-      for (int d0 = 0; d0 < g.R; d0 += 4) {
-        uint4 v[4];
-        int js[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          js[u] = __shfl_sync(kFull, my_slot, (d0 + u) & 31);
-          if (d0 + u >= g.R || !valid) js[u] = -1;
-          if (js[u] >= 0)
-            v[u] = __ldcg(reinterpret_cast<const uint4*>(
-                stage + (static_cast<int64_t>(d0 + u) * g.Tmax + js[u]) * g.H + c));
+  const int32_t* token_rows = at<int32_t>(a.my, a.lay.token_rows);
+  const float* row_weight = at<float>(a.my, a.lay.row_weight);
+  const bool self_local = !a.nccl;  // this rank's partial computed here, not staged
+  const int64_t items = (a.T + a.tile - 1) / a.tile;
+  __shared__ long long claimed;
+  for (int64_t item = claim_item(status + kCombineItem, &claimed); item < items;
+       item = claim_item(status + kCombineItem, &claimed)) {
+    const int64_t t0 = item * a.tile, t1 = min(a.T, t0 + a.tile);
+    if (!a.nccl) {
+      // Thread d waits for the chunks of d holding the slots of this tile's tokens.
+      if (threadIdx.x < g.R && threadIdx.x != a.rank) {
+        const int d = threadIdx.x;
+        int lo = -1, hi = -1;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int j = slot[t * g.R + d];
+          if (j < 0) continue;
+          if (lo < 0) lo = j;
+          hi = j;
         }
+        if (lo >= 0)
+          for (int c = lo / g.C; c <= hi / g.C; ++c)
+            if (!wait_geq(chunk_flag(a.my, a, kCombineChunk, d, c), n, a.err, a.rank, d,
+                          kCombineChunk, c, a.timeout_ns)) {
+              abort_flag = 1;
+              break;
+            }
+      }
+      __syncthreads();
+      if (abort_flag) return;
+    }
+    const Split sp = split_work(t1 - t0, (g.H + 255) / 256, kWarps);
+    for (int64_t it = warp; it < sp.items; it += kWarps) {
+      const int64_t t = t0 + sp.token(it);
+      const int my_slot = lane < g.R ? slot[t * g.R + lane] : -1;
+      const int js_self = __shfl_sync(kFull, my_slot, a.rank);
+      const int64_t self_slot = static_cast<int64_t>(a.rank) * g.Tmax + js_self;
+      int row = -1;
+      float wt = 0.0f;
+      if (self_local && js_self >= 0 && a.weighted && lane < g.K) {
+        row = token_rows[self_slot * g.K + lane];
+        if (row >= 0) wt = row_weight[row];
+      }
+      int rows[kMaxTopK];
+      float ws[kMaxTopK];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          if (js[u] < 0) continue;
-          const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u]);
+      for (int k = 0; k < kMaxTopK; ++k) {
+        rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
+        ws[k] = __shfl_sync(kFull, wt, k < g.K ? k : 0);
+      }
+      // NOTE: the column loop is warp-uniform (shuffles inside); lanes past H only skip memory.
+      for (int64_t c0 = sp.first(it) * 256; c0 < sp.last(it) * 256; c0 += 256) {
+        const int64_t c = c0 + lane * 8;
+        const bool valid = c < g.H;
+        float self[8];
+        if (self_local && js_self >= 0 && valid) {
+          if (a.weighted) {
+            weighted_rows(a.y, g.H, rows, ws, g.K, c, self);
+          } else {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(a.y + self_slot * g.H + c));
+            const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v);
 #pragma unroll
-          for (int x = 0; x < 4; ++x) {
-            acc[2 * x] = __fadd_rn(acc[2 * x], __uint_as_float(vw[x] << 16));
-            acc[2 * x + 1] = __fadd_rn(acc[2 * x + 1], __uint_as_float(vw[x] & 0xFFFF0000u));
+            for (int x = 0; x < 4; ++x) {
+              self[2 * x] = __uint_as_float(vw[x] << 16);
+              self[2 * x + 1] = __uint_as_float(vw[x] & 0xFFFF0000u);
+            }
+          }
+#pragma unroll
+          for (int x = 0; x < 8; ++x) self[x] = bf16_bits_to_float(float_to_bf16_bits(self[x]));
+        }
+        float acc[8];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+        // Ranks in groups of four: their rows are loaded together, then summed in rank order.
+        for (int d0 = 0; d0 < g.R; d0 += 4) {
+          uint4 v[4];
+          int js[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            js[u] = __shfl_sync(kFull, my_slot, (d0 + u) & 31);
+            if (d0 + u >= g.R || !valid) js[u] = -1;
+            if (js[u] >= 0 && !(self_local && d0 + u == a.rank))
+              v[u] = __ldcg(reinterpret_cast<const uint4*>(
+                  stage + (static_cast<int64_t>(d0 + u) * g.Tmax + js[u]) * g.H + c));
+          }
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            if (js[u] < 0) continue;
+            if (self_local && d0 + u == a.rank) {
+#pragma unroll
+              for (int x = 0; x < 8; ++x) acc[x] = __fadd_rn(acc[x], self[x]);
+              continue;
+            }
+            const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u]);
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+              acc[2 * x] = __fadd_rn(acc[2 * x], __uint_as_float(vw[x] << 16));
+              acc[2 * x + 1] = __fadd_rn(acc[2 * x + 1], __uint_as_float(vw[x] & 0xFFFF0000u));
+            }
           }
         }
+        if (valid) *reinterpret_cast<uint4*>(a.out + t * g.H + c) = pack_bf16(acc);
       }
-      uint4 o;
-      uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-      for (int x = 0; x < 4; ++x)
-        ow[x] = static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x])) |
-                (static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x + 1])) << 16);
-      if (valid) *reinterpret_cast<uint4*>(a.out + t * g.H + c) = o;
     }
   }
   __syncthreads();
@@ -896,12 +1171,17 @@ __global__ void __launch_bounds__(kSendThreads, 2) k_combine_recv(Args a) {
   }
   __syncthreads();
   if (!last_block) return;
+  if (threadIdx.x == 0)
+    wait_geq(reinterpret_cast<unsigned long long*>(status) + kCombineSent, n * a.send_blocks, a.err,
+             a.rank, a.rank, kLocalSent, -1, a.timeout_ns);
+  __syncthreads();
   if (!a.nccl && threadIdx.x < g.R) {
     __threadfence_system();
     st_release_sys(flag(peer(a, threadIdx.x), a, kCombineAck, a.rank), n);
   }
   if (threadIdx.x == 0) {
     status[kCombineDone] = 0;
+    status[kCombineItem] = 0;
     status[kSeqCombine] = static_cast<int64_t>(n);
   }
 }
@@ -918,6 +1198,23 @@ class DeviceGuard {
   int prev_ = 0;
 };
 
+// A launch, optionally as a programmatic dependent of the previous kernel on the stream (it may
+// start once that kernel's blocks all allowed it; ours synchronise through flags only).
+void launch(void (*kernel)(Args), int grid, size_t smem, cudaStream_t stream, bool dependent,
+            const Args& a) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(kSendThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = dependent ? attr : nullptr;
+  cfg.numAttrs = dependent ? 1 : 0;
+  FM_CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, a));
+}
+
 }  // namespace
 
 struct DeviceEpRank::Impl {
@@ -925,18 +1222,22 @@ struct DeviceEpRank::Impl {
   Geometry g;
   WsLayout lay;
   DeviceEpOptions opt;
-  int rank = 0, device = 0, sm_count = 0;
+  int rank = 0, device = 0, sm_count = 0, recv_blocks = 1;
+  PlanSmem ps;
+
   char* ws = nullptr;
-  char* send_ws = nullptr;  // Wire::kNccl: records packed per destination
-  DevErr* err_host = nullptr;
-  DevErr* err_dev = nullptr;
+  char* send_ws = nullptr;    // Wire::kNccl: records packed per destination
+  DevErr* err_dev = nullptr;  // in the workspace
   std::vector<void*> opened;  // IPC mappings to close
   int64_t last_tokens = 0;
+  const uint16_t* last_y = nullptr;  // combine input, also read by combine_recv (NVLink)
+  bool last_weighted = true;
 
   Args args() const {
     Args a{};
     a.g = g;
     a.lay = lay;
+    a.ps = ps;
     a.my = ws;
     a.err = err_dev;
     a.rank = rank;
@@ -977,39 +1278,55 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   FM_CHECK_ARG(opt.wire == Wire::kNvlink || (nccl_available() && opt.nccl_comm),
                "Wire::kNccl needs a build with NCCL and a communicator");
   FM_CHECK_ARG(opt.num_blocks >= 1, "num_blocks=", opt.num_blocks, " must be positive");
-  FM_CHECK_ARG(plan_smem_bytes(make_geometry(cfg)) <= 200 * 1024,
-               "max_tokens_per_rank=", cfg.max_tokens_per_rank, " with ", cfg.num_ranks,
-               " ranks needs more shared memory for the send plan than a block has");
+  FM_CHECK_ARG(opt.chunk_tokens >= 0, "chunk_tokens=", opt.chunk_tokens, " must not be negative");
+  FM_CHECK_ARG(opt.recv_blocks >= 0, "recv_blocks=", opt.recv_blocks, " must not be negative");
+  FM_CHECK_ARG(cfg.max_tokens_per_rank <= 65535, "max_tokens_per_rank=", cfg.max_tokens_per_rank,
+               " exceeds 65535 (the send plan counts tokens in 16 bits)");
   Impl& m = *impl_;
   m.cfg = cfg;
-  m.g = make_geometry(cfg);
+  m.g = make_geometry(cfg, opt);
+  m.ps = plan_smem(m.g);
+  FM_CHECK_ARG(m.ps.total <= 200 * 1024, "max_tokens_per_rank=", cfg.max_tokens_per_rank, " with ",
+               cfg.num_experts, " experts and ", cfg.num_ranks,
+               " ranks needs more shared memory for the send plan (", m.ps.total,
+               " bytes) than a block has");
+  FM_CHECK_ARG(recv_smem_bytes(m.g) <= 200 * 1024, cfg.num_experts, " experts over ", cfg.num_ranks,
+               " ranks need more shared memory for the receive layout than a block has");
   m.lay = make_layout(m.g);
   m.opt = opt;
   m.rank = rank;
   m.device = device;
   DeviceGuard guard(device);
   FM_CHECK_CUDA(cudaDeviceGetAttribute(&m.sm_count, cudaDevAttrMultiProcessorCount, device));
+  {
+    // Receive kernels spin on peers: with several ranks on one GPU their grids must leave room
+    // for every rank's send kernel (at most half the SMs for all receivers together).
+    const int sharing = std::max(1, opt.ranks_per_device);
+    int rb = std::max(1, (m.sm_count - opt.num_blocks) / sharing);
+    if (sharing > 1) rb = std::min(rb, std::max(1, m.sm_count / (2 * sharing)));
+    m.recv_blocks = opt.recv_blocks > 0 ? opt.recv_blocks : rb;
+  }
   FM_CHECK_CUDA(cudaMalloc(&m.ws, m.lay.total));
   FM_CHECK_CUDA(cudaMemset(m.ws, 0, m.lay.total));
   FM_CHECK_CUDA(cudaMemset(m.ws + m.lay.m_indices, 0xFF, m.g.bound * 4));
   FM_CHECK_CUDA(cudaMemset(m.ws + m.lay.row_src, 0xFF, m.g.bound * 4));
   FM_CHECK_CUDA(cudaMemset(m.ws + m.lay.token_rows, 0xFF, m.g.R * m.g.Tmax * m.g.K * 4));
-  FM_CHECK_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&m.err_host), sizeof(DevErr),
-                              cudaHostAllocMapped | cudaHostAllocPortable));
-  std::memset(m.err_host, 0, sizeof(DevErr));
-  FM_CHECK_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.err_dev), m.err_host, 0));
+  // NOTE: the error record is device memory: every waiting thread polls it, and polling
+  // host-mapped memory over PCIe from many SMs made system-scope fences crawl (v5, first run).
+  m.err_dev = reinterpret_cast<DevErr*>(m.ws + m.lay.err);
   // NOTE: load every kernel now: with lazy module loading a first launch can wait for the device,
   // which never drains while a peer's kernel spins on a flag.
-  for (const void* k :
-       {reinterpret_cast<const void*>(k_dispatch_send),
-        reinterpret_cast<const void*>(k_recv_layout), reinterpret_cast<const void*>(k_recv_scatter),
-        reinterpret_cast<const void*>(k_combine_send),
-        reinterpret_cast<const void*>(k_combine_recv)}) {
+  for (const void* k : {reinterpret_cast<const void*>(k_dispatch_send),
+                        reinterpret_cast<const void*>(k_dispatch_recv),
+                        reinterpret_cast<const void*>(k_combine_send),
+                        reinterpret_cast<const void*>(k_combine_recv)}) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
   FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_send, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(plan_smem_bytes(m.g))));
+                                     static_cast<int>(m.ps.total)));
+  FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_recv, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(recv_smem_bytes(m.g))));
   if (opt.wire == Wire::kNccl) {
     // The peer-written fields lead the layout, so the send buffer is that prefix.
     FM_CHECK_CUDA(cudaMalloc(&m.send_ws, m.lay.peer_table));
@@ -1025,7 +1342,6 @@ DeviceEpRank::~DeviceEpRank() {
   for (void* p : impl_->opened) cudaIpcCloseMemHandle(p);
   cudaFree(impl_->ws);
   cudaFree(impl_->send_ws);
-  cudaFreeHost(impl_->err_host);
 }
 
 int DeviceEpRank::rank() const {
@@ -1085,15 +1401,16 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
   a.idx = b.topk_idx;
   a.w = b.topk_weight;
   m.last_tokens = b.tokens;
-  k_dispatch_send<<<m.opt.num_blocks, kSendThreads, plan_smem_bytes(m.g), stream>>>(a);
-  FM_CHECK_LAUNCH();
+  launch(k_dispatch_send, m.opt.num_blocks, m.ps.total, stream, false, a);
   if (a.nccl) {
     const size_t T = m.g.Tmax, K = m.g.K;
     m.exchange({{m.lay.stage, T * m.g.P},
                 {m.lay.src_token, T * 4},
                 {m.lay.topk_local, T * K * 4},
+                {m.lay.topk_pos, T * K * 4},
                 {m.lay.weight, T * K * 4},
-                {m.lay.recv_count, 4}},
+                {m.lay.recv_count, 4},
+                {m.lay.notify, static_cast<size_t>(m.g.NS) * 4}},
                stream);
   }
 }
@@ -1103,11 +1420,8 @@ void DeviceEpRank::dispatch_recv(cudaStream_t stream) {
   DeviceGuard guard(m.device);
   Args a = m.args();
   a.expand = m.opt.expand_payload;
-  const int bits_blocks = static_cast<int>(std::max<int64_t>(1, (m.g.W + 31) / 32));
-  k_recv_layout<<<bits_blocks, 1024, 0, stream>>>(a);
-  FM_CHECK_LAUNCH();
-  k_recv_scatter<<<2 * m.sm_count, 512, 0, stream>>>(a);
-  FM_CHECK_LAUNCH();
+  launch(k_dispatch_recv, m.recv_blocks, recv_smem_bytes(m.g), stream,
+         m.opt.overlap_recv && !a.nccl, a);
 }
 
 void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {
@@ -1116,8 +1430,9 @@ void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {
   Args a = m.args();
   a.y = y;
   a.weighted = true;
-  k_combine_send<<<m.opt.num_blocks, kSendThreads, 0, stream>>>(a);
-  FM_CHECK_LAUNCH();
+  m.last_y = y;
+  m.last_weighted = true;
+  launch(k_combine_send, m.opt.num_blocks, 0, stream, false, a);
   if (a.nccl) m.exchange({{m.lay.comb_stage, m.g.Tmax * m.g.H * 2}}, stream);
 }
 
@@ -1127,8 +1442,9 @@ void DeviceEpRank::combine_tokens_send(const uint16_t* rows, cudaStream_t stream
   Args a = m.args();
   a.y = rows;
   a.weighted = false;
-  k_combine_send<<<m.opt.num_blocks, kSendThreads, 0, stream>>>(a);
-  FM_CHECK_LAUNCH();
+  m.last_y = rows;
+  m.last_weighted = false;
+  launch(k_combine_send, m.opt.num_blocks, 0, stream, false, a);
   if (a.nccl) m.exchange({{m.lay.comb_stage, m.g.Tmax * m.g.H * 2}}, stream);
 }
 
@@ -1138,8 +1454,13 @@ void DeviceEpRank::combine_recv(uint16_t* out, cudaStream_t stream) {
   Args a = m.args();
   a.out = out;
   a.T = m.last_tokens;
-  k_combine_recv<<<m.opt.num_blocks, kSendThreads, 0, stream>>>(a);
-  FM_CHECK_LAUNCH();
+  a.y = m.last_y;
+  a.weighted = m.last_weighted;
+  // Tiles of about T / (2 x blocks) tokens (at most 32): two waves, and for a short batch one
+  // token per block, its columns split over the block's warps.
+  const int64_t per = (a.T + 2 * m.recv_blocks - 1) / std::max(1, 2 * m.recv_blocks);
+  a.tile = static_cast<int>(std::clamp<int64_t>(per, 1, 32));
+  launch(k_combine_recv, m.recv_blocks, 0, stream, m.opt.overlap_recv && !a.nccl, a);
 }
 
 DeviceRecvView DeviceEpRank::view() const {
@@ -1159,16 +1480,21 @@ DeviceRecvView DeviceEpRank::view() const {
 
 void DeviceEpRank::check() const {
   const Impl& m = *impl_;
+  DeviceGuard guard(m.device);
   DevErr e;
-  std::memcpy(&e, m.err_host, sizeof(e));  // read after the caller synchronised
-  if (e.code == kErrTimeout)
+  FM_CHECK_CUDA(cudaMemcpy(&e, m.err_dev, sizeof(e), cudaMemcpyDeviceToHost));
+  if (e.code == kErrTimeout) {
+    const bool chunked = e.counter == kDispatchChunk || e.counter == kCombineChunk;
     FM_THROW(ErrorKind::kRuntime, "rank ", e.rank, ": peer ", e.peer, " did not answer within ",
              m.cfg.timeout_s, " s: waited on ", counter_name(e.counter), "[rank=", e.rank,
-             "][src=", e.peer, "], expected >= ", e.expected, ", seen ", e.seen);
+             "][src=", e.peer, "]",
+             chunked ? "[chunk=" + std::to_string(e.detail) + "]" : std::string(),
+             ", expected >= ", e.expected, ", seen ", e.seen);
+  }
   if (e.code == kErrBadExpert)
     FM_THROW(ErrorKind::kInvalidArgument, "rank ", e.rank, " token ", e.detail, ": expert id ",
              static_cast<long long>(e.seen), " out of range [-1, ", m.cfg.num_experts, ")");
-  DeviceGuard guard(m.device);
+
   int64_t status[kStatusSlots];
   FM_CHECK_CUDA(cudaMemcpy(status, m.ws + m.lay.status, sizeof(status), cudaMemcpyDeviceToHost));
   if (status[kOverflow])
@@ -1248,6 +1574,10 @@ DeviceEpGroup::DeviceEpGroup(const EpConfig& cfg, const std::vector<int>& device
     FM_THROW(ErrorKind::kInvalidArgument, "this build has no NCCL back end");
 #endif
   }
+  if (opt.ranks_per_device == 0)
+    for (int d : devices)
+      opt.ranks_per_device = std::max(
+          opt.ranks_per_device, static_cast<int>(std::count(devices.begin(), devices.end(), d)));
   for (size_t a = 0; a < devices.size(); ++a)
     for (size_t b = 0; b < devices.size(); ++b) {
       if (devices[a] == devices[b]) continue;

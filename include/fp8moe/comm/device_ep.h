@@ -3,11 +3,13 @@
 // workspaces through pointers that are either peer-mapped allocations of the same process (one
 // process driving several GPUs, or several ranks sharing one GPU) or CUDA IPC handles opened from
 // other processes (one process per GPU). Senders push token records straight into the receiver's
-// source region and publish them with a release-add on a per-source counter; receivers poll with
-// acquire loads, so nothing waits on the host: counts stay on the device, buffers are sized by
-// EpConfig's bounds, overflow and timeouts land in an error record that check() turns into an
-// fp8moe::Error naming rank, peer and counter. Every call only enqueues work on the given stream
-// (capturable in a CUDA graph); send and receive are separate so the caller can overlap the wait.
+// source region in chunks, each published with a release store of a per-(source, chunk) flag,
+// after a small notify (per-expert counts, release flag) that lets the receiver lay out its rows
+// before the payload lands; receivers poll with acquire loads, so nothing waits on the host: counts
+// stay on the device, buffers are sized by EpConfig's bounds, overflow and timeouts land in an
+// error record that check() turns into an fp8moe::Error naming rank, peer and counter. Every call
+// only enqueues work on the given stream (capturable in a CUDA graph); send and receive are
+// separate so the caller can overlap the wait.
 //
 // Semantics and bit-exact results: those of fp8moe/comm/ep.h (one node: gpus_per_node must be 0
 // or num_ranks here). Tested in tests/comm/device_ep_gpu_test.cu against dispatch_reference.
@@ -32,10 +34,26 @@ const char* wire_name(Wire w);
 struct DeviceEpOptions {
   Wire wire = Wire::kNvlink;
   void* nccl_comm = nullptr;  // ncclComm_t of this rank (Wire::kNccl)
-  int num_blocks = 24;  // blocks of the send and combine kernels (the bench found 132-264 best)
+  // Blocks (SMs) of the send kernels (dispatch_send, combine_send); the receive kernels get the
+  // rest. 64 measured best on 2 x H200 (docs/comm/README.md, v5).
+  int num_blocks = 64;
   // Copy payload rows into the grouped layout. Off, dispatch leaves the payload in the source
   // regions (row_src says where each row's token is) and only builds the layout.
   bool expand_payload = true;
+  // Transport granularity: a sender publishes its records in chunks of this many tokens (combine:
+  // of this many received records), each with its own release flag, and the receiver expands or
+  // sums every chunk as soon as it lands. Must be the same on every rank (it shapes the workspace).
+  // 0 = the measured best: 4 when max_tokens_per_rank <= 512 (decoding), else 16.
+  int chunk_tokens = 0;
+  // Blocks of the receive kernels (dispatch_recv, combine_recv); 0 = the SMs the send kernel
+  // leaves free, divided among the ranks that share the GPU (ranks_per_device).
+  int recv_blocks = 0;
+  // Launch each receive kernel as a programmatic dependent of its send kernel, so that receiving
+  // overlaps sending when dispatch_recv / combine_recv directly follow their send on the stream.
+  bool overlap_recv = true;
+  // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
+  // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
+  int ranks_per_device = 0;
 };
 
 // Inputs of one rank, device pointers on that rank's device.
@@ -79,7 +97,9 @@ class DeviceEpRank {
 
   void dispatch_send(const DeviceBatch& batch, cudaStream_t stream);
   void dispatch_recv(cudaStream_t stream);
-  // y: expert outputs [row bound, H] BF16 in the layout of the last dispatch.
+  // y: expert outputs [row bound, H] BF16 in the layout of the last dispatch. NVLink: the rows of
+  // tokens this rank sent to itself are summed by combine_recv, so y (and `rows` below) must stay
+  // unchanged until combine_recv has run.
   void combine_send(const uint16_t* y, cudaStream_t stream);
   // rows: one BF16 row per received slot [R * Tmax, H] (dispatch's backward).
   void combine_tokens_send(const uint16_t* rows, cudaStream_t stream);
