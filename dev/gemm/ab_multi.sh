@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One device call: same-run A/B of candidates against the working tree's src/kernels ("base").
-# CANDIDATES: space-separated NAME=DIR (DIR's files copied over src/kernels for that build).
+# CANDIDATES: space-separated NAME=PATH: a folder whose files are copied over src/kernels, or a
+# .patch against src/kernels applied with patch -p1 (how rejected versions are kept: dev/gemm/v13.patch).
 # VARIANTS: space-separated VNAME=CAND:ENV,ENV,... (a candidate's binary run with those variables;
 # ENV may be X=0 for none). TESTS=NAME builds and runs test_kernels_gpu on that candidate first
 # (stops if it fails). Then ROUNDS rounds of the M=4096 dense shapes, every variant and base in
 # turn (clock drift shows between rounds); ncu (warp states + per-SASS stall samples) of each
 # variant on 4096x4096x7168; table via ab_multi_table.py; everything in $OUT/abm.tgz.
-# Usage on the device: CANDIDATES="v14=dev/gemm/v14" VARIANTS="v14=v14:X=0" TESTS=v14 bash dev/gemm/ab_multi.sh
+# Usage on the device: CANDIDATES="v14=dev/gemm/v14.patch" VARIANTS="v14=v14:X=0" TESTS=v14 bash dev/gemm/ab_multi.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 W=/tmp/abm
@@ -17,7 +18,8 @@ rm -rf /tmp/abm_orig && mkdir -p /tmp/abm_orig && cp src/kernels/* /tmp/abm_orig
 restore() { cp /tmp/abm_orig/* src/kernels/; touch src/kernels/*; }
 for c in $CANDIDATES; do
   name=${c%%=*}; dir=${c#*=}
-  restore; cp "$dir"/* src/kernels/ && touch src/kernels/*
+  restore
+  if [[ $dir == *.patch ]]; then patch -s -p1 < "$dir"; else cp "$dir"/* src/kernels/; fi && touch src/kernels/*
   targets=(gemm_bench)
   [[ "${TESTS:-}" == "$name" ]] && targets+=(test_kernels_gpu)
   bash scripts/device_build.sh "${targets[@]}" >> "$W/build.log" 2>&1 || { tail -40 "$W/build.log"; restore; exit 1; }

@@ -9,8 +9,10 @@
 # on 4096x4096x7168 and 4096x7168x16384 (cycles do not depend on the clock).
 # TESTS=1 also builds and runs test_kernels_gpu on "new" first (and stops if it fails);
 # FP8MOE_BENCH_PAIRS=1 adds the CTA-pair rows to the bench; NCU=0 skips the profiles.
-# Usage on the device: BASELINE=dev/gemm/v9/sm90_fp8_gemm.cuh bash dev/gemm/ab_run.sh
-#                      CANDIDATE_DIR=dev/gemm/v12 TESTS=1 bash dev/gemm/ab_run.sh
+# CANDIDATE_DIR and BASELINE may also be a .patch against src/kernels (patch -p1): rejected
+# versions are kept that way (dev/gemm/v12.patch ...; the full copies are in git history, 5944f22).
+# Usage on the device: BASELINE=dev/gemm/v9.patch bash dev/gemm/ab_run.sh
+#                      CANDIDATE_DIR=dev/gemm/v12.patch TESTS=1 bash dev/gemm/ab_run.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -19,7 +21,7 @@ start=$(date +%s)
 rm -rf /tmp/ab_orig && mkdir -p /tmp/ab_orig && cp src/kernels/* /tmp/ab_orig/
 restore() { cp /tmp/ab_orig/* src/kernels/; touch src/kernels/*; }
 if [[ -n "${CANDIDATE_DIR:-}" ]]; then
-  cp "$CANDIDATE_DIR"/* src/kernels/
+  if [[ $CANDIDATE_DIR == *.patch ]]; then patch -s -p1 < "$CANDIDATE_DIR"; else cp "$CANDIDATE_DIR"/* src/kernels/; fi
   touch src/kernels/*
 fi
 targets=(gemm_bench)
@@ -39,7 +41,10 @@ if [[ "${TESTS:-0}" == 1 ]]; then
   ((rc == 0)) || exit 1
 fi
 restore
-[[ -n "${BASELINE:-}" ]] && { cp "$BASELINE" src/kernels/sm90_fp8_gemm.cuh; touch src/kernels/*; }
+if [[ -n "${BASELINE:-}" ]]; then
+  if [[ $BASELINE == *.patch ]]; then patch -s -p1 < "$BASELINE"; else cp "$BASELINE" src/kernels/sm90_fp8_gemm.cuh; fi
+  touch src/kernels/*
+fi
 cmake --build build-device -j "$(nproc)" --target gemm_bench >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 cp build-device/bench/gemm_bench /tmp/bench_base
 restore

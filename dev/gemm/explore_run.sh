@@ -4,14 +4,17 @@
 # FP8MOE_X_BAND in BANDS (the x13 raster experiment; pairs included), then ncu with warp-state
 # statistics and per-SASS-instruction stall samples of ours (single CTAs and pairs) and cuBLASLt
 # on 4096x4096x7168. Everything lands in $OUT/explore.tgz plus a summary on stdout.
-# Usage on the device: CANDIDATE_DIR=dev/gemm/x13 BANDS="16 8 32 -8" bash dev/gemm/explore_run.sh
+# Usage on the device: CANDIDATE_DIR=dev/gemm/x13.patch BANDS="16 8 32 -8" bash dev/gemm/explore_run.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 W=/tmp/explore
 mkdir -p "$OUT" "$W"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
 rm -rf /tmp/ex_orig && mkdir -p /tmp/ex_orig && cp src/kernels/* /tmp/ex_orig/
-[[ -n "${CANDIDATE_DIR:-}" ]] && cp "$CANDIDATE_DIR"/* src/kernels/ && touch src/kernels/*
+if [[ -n "${CANDIDATE_DIR:-}" ]]; then
+  if [[ $CANDIDATE_DIR == *.patch ]]; then patch -s -p1 < "$CANDIDATE_DIR"; else cp "$CANDIDATE_DIR"/* src/kernels/; fi
+  touch src/kernels/*
+fi
 start=$(date +%s)
 bash scripts/device_build.sh gemm_bench > "$W/build.log" 2>&1 || { tail -40 "$W/build.log"; exit 1; }
 cp /tmp/ex_orig/* src/kernels/
