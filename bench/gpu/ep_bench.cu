@@ -7,6 +7,10 @@
 // over the time. Dispatch results are checked bit for bit against dispatch_reference.
 // Run: ep_bench --out ep.jsonl [--ranks-per-gpu 2] [--blocks 32,48 --chunks 16,32 ...]
 // (one JSON object per line, a table on stdout, a summary of the best variants last).
+// A/B of the send plan: ep_bench --ab-plan 3 (plan in every send block vs plan_once, alternated,
+// normal and low-latency FP8 with NCCL and the peer copy of the same run). Under a profiler:
+// ep_bench --ncu --iters 1 --warmup 0 --blocks 64 --chunks 16 [--plan-once] (no gate kernel, which
+// a serialising profiler would never see released; normal FP8 dispatch and combine only).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -52,6 +56,9 @@ struct Options {
   std::vector<int> ll_chunks = {2, 4};
   int recv_blocks = 0;  // 0 = DeviceEpOptions' automatic size
   bool overlap = true;
+  bool plan_once = false;  // DeviceEpOptions::plan_once for the sweep
+  int ab_plan = 0;         // rounds of the plan A/B (0: the usual sweep)
+  bool ncu = false;
   std::string out, commit = "unknown", date = "unknown";
   bool check = true;
 };
@@ -103,6 +110,14 @@ Options parse(int argc, char** argv) {
       o.recv_blocks = std::atoi(next());
     else if (a == "--no-overlap")
       o.overlap = false;
+    else if (a == "--plan-once")
+      o.plan_once = true;
+    else if (a == "--ab-plan")
+      o.ab_plan = std::atoi(next());
+    else if (a == "--ncu")
+      o.ncu = true;
+    else if (a == "--warmup")
+      o.warmup = std::atoi(next());
     else if (a == "--out")
       o.out = next();
     else if (a == "--commit")
@@ -179,8 +194,10 @@ struct World {
       ++gate_value;
       for (auto& r : ranks) {
         FM_CHECK_CUDA(cudaSetDevice(r.device));
-        k_gate<<<1, 1, 0, r.stream>>>(gate_host, gate_value);
-        FM_CHECK_LAUNCH();
+        if (!opt.ncu) {  // a profiler serialises kernels: a gate would never open
+          k_gate<<<1, 1, 0, r.stream>>>(gate_host, gate_value);
+          FM_CHECK_LAUNCH();
+        }
         FM_CHECK_CUDA(cudaEventRecord(r.start, r.stream));
       }
       enqueue();
@@ -359,8 +376,9 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
   for (int blocks : blocks_list)
     for (int chunk : chunk_list) {
       for (bool expand : {true, false}) {
-        if (!expand && masked_capacity > 0) continue;
+        if (!expand && (masked_capacity > 0 || w.opt.ncu)) continue;
         DeviceEpOptions o;
+        o.plan_once = w.opt.plan_once;
         o.num_blocks = blocks;
         o.wire = wire;
         o.expand_payload = expand;
@@ -402,6 +420,7 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
         row.tokens = T;
         row.blocks = blocks;
         row.chunk = chunk;
+        row.note = w.opt.plan_once ? "plan_once" : "";
         row.op = expand ? "dispatch" : "dispatch_layout_only";
         row.us = w.time_us(dispatch, w.opt.iters, w.opt.warmup);
         row.gbps = disp_bytes / (row.us * 1e3);
@@ -427,6 +446,101 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
         emit(w, c);
       }
     }
+}
+
+// The send plan A/B at one FP8 shape: the plan in every send block (v5, "old") against the plan
+// kernel (DeviceEpOptions::plan_once, "once"). Both variants live side by side and every round
+// times both, in alternating order, so drift of the machine hits them alike; the medians over
+// the rounds are printed as "# ab_plan" lines. The first round's dispatch of each is checked
+// bit for bit against the reference.
+void bench_ab_plan(World& w, const char* mode, int64_t T, int64_t cap, int blocks, int chunk,
+                   double recv_bytes_fp8, double recv_bytes_bf16) {
+  const int64_t H = w.opt.hidden;
+  const int64_t rows = needed_rows(w, T);
+  const EpConfig cfg = make_config(w, T, Payload::kFP8, cap, (rows + 127) / 128 * 128);
+  std::unique_ptr<DeviceEpGroup> groups[2][2];  // [plan_once][expand]
+  for (int plan = 0; plan < 2; ++plan)
+    for (int expand = 0; expand < 2; ++expand) {
+      if (!expand && cap > 0) continue;
+      DeviceEpOptions o;
+      o.num_blocks = blocks;
+      o.chunk_tokens = chunk;
+      o.expand_payload = expand;
+      o.recv_blocks = w.opt.recv_blocks;
+      o.overlap_recv = w.opt.overlap;
+      o.plan_once = plan;
+      groups[plan][expand] = std::make_unique<DeviceEpGroup>(cfg, devices_of(w), o);
+    }
+  for (int r = 0; r < w.R; ++r) {
+    Rank& k = w.ranks[r];
+    FM_CHECK_CUDA(cudaSetDevice(k.device));
+    cudaFree(k.dy);
+    cudaFree(k.dout);
+    FM_CHECK_CUDA(cudaMalloc(&k.dy, cfg.row_bound() * H * 2));
+    FM_CHECK_CUDA(cudaMalloc(&k.dout, std::max<int64_t>(1, T) * H * 2));
+    k_fill_bf16<<<1024, 256, 0, k.stream>>>(k.dy, cfg.row_bound() * H, 11 + r);
+    FM_CHECK_LAUNCH();
+  }
+  std::vector<DispatchResult> want;
+  if (w.opt.check) {
+    std::vector<TokenBatch> batches;
+    for (auto& k : w.ranks) batches.push_back({T, k.x.data(), k.idx.data(), k.w.data()});
+    want = dispatch_reference(cfg, batches);
+  }
+  const char* names[2] = {"old", "once"};
+  const char* ops[3] = {"dispatch", "dispatch_layout_only", "combine"};
+  std::vector<double> us[2][3];
+  const int rounds = std::max(1, w.opt.ab_plan);
+  for (int round = 0; round < rounds; ++round)
+    for (int q = 0; q < 2; ++q) {
+      const int plan = round % 2 == 0 ? q : 1 - q;
+      for (int op = 0; op < 3; ++op) {
+        DeviceEpGroup* g = groups[plan][op == 1 ? 0 : 1].get();
+        if (!g) continue;
+        auto dispatch = [&] {
+          for (int r = 0; r < w.R; ++r)
+            g->rank(r).dispatch_send({T, w.ranks[r].dx, w.ranks[r].didx, w.ranks[r].dw},
+                                     w.ranks[r].stream);
+          for (int r = 0; r < w.R; ++r) g->rank(r).dispatch_recv(w.ranks[r].stream);
+        };
+        auto combine = [&] {
+          for (int r = 0; r < w.R; ++r) g->rank(r).combine_send(w.ranks[r].dy, w.ranks[r].stream);
+          for (int r = 0; r < w.R; ++r) g->rank(r).combine_recv(w.ranks[r].dout, w.ranks[r].stream);
+        };
+        Row row;
+        row.impl = "fp8moe";
+        row.mode = mode;
+        row.op = ops[op];
+        row.dtype = op == 2 ? "bf16" : "fp8";
+        row.tokens = T;
+        row.blocks = blocks;
+        row.chunk = chunk;
+        row.note = std::string("ab_plan=") + names[plan] + " round=" + std::to_string(round);
+        // NOTE: combine reads the layout of the last dispatch of its group, so the expanded
+        // group's dispatch always runs (timed) right before its combine.
+        row.us = w.time_us(op == 2 ? std::function<void()>(combine) : dispatch, w.opt.iters,
+                           w.opt.warmup);
+        row.gbps = (op == 2 ? recv_bytes_bf16 : recv_bytes_fp8) / (row.us * 1e3);
+        g->check();
+        if (op == 0 && round == 0 && w.opt.check) {
+          row.check = 1;
+          for (int r = 0; r < w.R; ++r)
+            row.check = row.check && same_dispatch(cfg, want[r], g->rank(r).download());
+        }
+        us[plan][op].push_back(row.us);
+        emit(w, row);
+      }
+    }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[v.size() / 2];
+  };
+  for (int op = 0; op < 3; ++op) {
+    if (us[0][op].empty()) continue;
+    const double a = median(us[0][op]), b = median(us[1][op]);
+    std::printf("# ab_plan %-11s %-21s old %8.1f us  once %8.1f us  (once/old %.3f, %d rounds)\n",
+                mode, ops[op], a, b, b / a, rounds);
+  }
 }
 
 #if defined(FP8MOE_HAVE_NCCL)
@@ -550,6 +664,12 @@ void summary(const World& w) {
 void run(World& w) {
   const int64_t H = w.opt.hidden;
   const int64_t fp8_record = H + H / 128 * 4, bf16_record = H * 2;
+  if (w.opt.ncu) {  // normal FP8 dispatch and combine only, one variant
+    make_inputs(w, w.opt.tokens, 1);
+    bench_ours(w, "normal", w.opt.tokens, Payload::kFP8, 0, {w.opt.blocks.front()},
+               {w.opt.chunks.front()}, Wire::kNvlink, 0, 0);
+    return;
+  }
   struct Shape {
     const char* mode;
     int64_t T;
@@ -574,6 +694,19 @@ void run(World& w) {
     const bool ll = std::string(s.mode) == "low_latency";
     const std::vector<int>& chunks = ll ? w.opt.ll_chunks : w.opt.chunks;
     const int64_t cap = ll ? w.R * s.T : 0;
+    if (w.opt.ab_plan > 0) {  // the plan A/B and this shape's anchors only
+      bench_ab_plan(w, s.mode, s.T, cap, s.blocks->front(), chunks.front(), recv * fp8_record,
+                    recv * bf16_record);
+#if defined(FP8MOE_HAVE_NCCL)
+      if (!w.comms.empty()) {
+        bench_nccl(w, s.mode, s.T, cnt, "dispatch", "fp8", fp8_record, recv * fp8_record);
+        bench_nccl(w, s.mode, s.T, cnt, "combine", "bf16", bf16_record, recv * bf16_record);
+      }
+#endif
+      bench_peer(w, static_cast<int64_t>(cross * fp8_record), s.mode, "fp8_dispatch_cross_bytes");
+      bench_peer(w, static_cast<int64_t>(cross * bf16_record), s.mode, "bf16_combine_cross_bytes");
+      continue;
+    }
     if (!ll)
       bench_ours(w, s.mode, s.T, Payload::kBF16, 0, {s.blocks->front()}, {chunks.front()},
                  Wire::kNvlink, recv * fp8_record, recv * bf16_record);
@@ -591,6 +724,7 @@ void run(World& w) {
     bench_peer(w, static_cast<int64_t>(cross * fp8_record), s.mode, "fp8_dispatch_cross_bytes");
     bench_peer(w, static_cast<int64_t>(cross * bf16_record), s.mode, "bf16_combine_cross_bytes");
   }
+  if (w.opt.ab_plan > 0) return;
   bench_peer(w, 256ll << 20, "-", "256MiB");
   summary(w);
 }
@@ -624,7 +758,7 @@ int main(int argc, char** argv) {
       FM_CHECK_ARG(w.out, "cannot open ", w.opt.out);
     }
 #if defined(FP8MOE_HAVE_NCCL)
-    if (w.opt.ranks_per_gpu == 1 && w.gpus > 1) {
+    if (w.opt.ranks_per_gpu == 1 && w.gpus > 1 && !w.opt.ncu) {
       w.comms.resize(w.R);
       std::vector<int> devs = devices_of(w);
       BENCH_NCCL(ncclCommInitAll(w.comms.data(), w.R, devs.data()));

@@ -6,7 +6,7 @@
 # On the device: LD_LIBRARY_PATH=<dir of libnccl.so.2> build-comm-dev/test_comm_gpu
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=build-comm-dev
+out=${EP_BUILD_OUT:-build-comm-dev}  # EP_BUILD_OUT: another folder (absolute or repo-relative)
 mkdir -p "$out/obj"
 nccl_root=${NCCL_ROOT:-/usr/local/cuda}
 cuda_flags=(-std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -lineinfo

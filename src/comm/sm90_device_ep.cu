@@ -4,14 +4,15 @@
 // each destination and its rank among the tokens of each of its experts are O(1)); block 0
 // notifies every destination of its per-expert counts (release flag); then chunks of tokens are
 // pushed (one warp per token or per part of one, FP8 quantised in the same pass, 16-byte stores)
-// and each chunk is published with a release store of its own flag. Dispatch receive (launched as
-// a programmatic dependent, so it runs beside the send): as soon as every notify is in, the
-// grouped offsets are known; each arrived chunk's records are then copied into their grouped rows
-// (row = expert base + source prefix + rank) while later chunks are in flight. Combine send: the
-// expert rows of each received chunk are summed with the gate weights and pushed back, one flag
-// per chunk; combine receive sums a token's partials in rank order as soon as its chunks landed,
-// computing the partial of the rank itself from the local expert rows. Acks from the consumer make
-// every buffer reusable without a host round trip.
+// and each chunk is published with a release store of its own flag (DeviceEpOptions::plan_once:
+// the plan is made once, by k_dispatch_plan before the send, into the workspace). Dispatch
+// receive (launched as a programmatic dependent, so it runs beside the send): as soon as every
+// notify is in, the grouped offsets are known; each arrived chunk's records are then copied into
+// their grouped rows (row = expert base + source prefix + rank) while later chunks are in
+// flight. Combine send: the expert rows of each received chunk are summed with the gate weights
+// and pushed back, one flag per chunk; combine receive sums a token's partials in rank order as
+// soon as its chunks landed, computing the partial of the rank itself from the local expert rows.
+// Acks from the consumer make every buffer reusable without a host round trip.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
 // (tests/comm/device_ep_gpu_test.cu).
@@ -60,6 +61,7 @@ enum Status : int {
   kCombineSent = 9,
   kRecvItem = 10,  // next work item of the receive kernels (claimed in order)
   kCombineItem = 11,
+  kPlanDone = 12,  // plan kernel blocks that counted their tiles (the last one scans)
   kStatusSlots = 16,
 };
 // flags[] groups: R counters each, then R * max_chunks for the chunk groups.
@@ -108,6 +110,7 @@ struct Geometry {
   int C;   // chunk: tokens (dispatch) or received records (combine)
   int NC;  // chunks of a region, at most
   int NS;  // ints of one source's notify block: T, L counts, then (begin, count) per chunk
+  int W;   // columns of the global plan: E expert counts, then R destination counts
   bool fp8;
 };
 
@@ -117,7 +120,7 @@ struct WsLayout {
   size_t stage, src_token, topk_local, topk_pos, weight, recv_count, notify, flags, comb_stage;
   // local
   size_t peer_table, err, slot, status, recv_offset, expert_counts, expert_offsets, m_indices,
-      row_src, row_weight, token_rows, gx, gscales, total;
+      row_src, row_weight, token_rows, gx, gscales, plan_cnt, plan_dball, plan_tot, total;
 };
 
 size_t align_up(size_t v, size_t a) {
@@ -141,6 +144,7 @@ Geometry make_geometry(const EpConfig& c, const DeviceEpOptions& o) {
   g.C = o.chunk_tokens > 0 ? o.chunk_tokens : (g.Tmax <= 512 ? 4 : 16);
   g.NC = static_cast<int>(std::max<int64_t>(1, (g.Tmax + g.C - 1) / g.C));
   g.NS = 1 + g.L + 2 * g.NC;
+  g.W = g.E + g.R;
   return g;
 }
 
@@ -179,6 +183,11 @@ WsLayout make_layout(const Geometry& g) {
   l.token_rows = take(slots * g.K * 4);
   l.gx = take(g.bound * g.H * (g.fp8 ? 1 : 2));
   l.gscales = take(g.bound * g.SC * 4);
+  // Plan once (DeviceEpOptions::plan_once): [NT][W] u16 counts, then exclusive prefixes over the
+  // tiles; [R][NT] destination ballots; [W] totals.
+  l.plan_cnt = take(static_cast<size_t>(g.NT) * g.W * 2);
+  l.plan_dball = take(static_cast<size_t>(g.R) * g.NT * 4);
+  l.plan_tot = take(static_cast<size_t>(g.W) * 4);
   l.total = at;
   return l;
 }
@@ -203,6 +212,13 @@ PlanSmem plan_smem(const Geometry& g) {
   p.etot = take(static_cast<size_t>(g.E) * 4);
   p.total = at;
   return p;
+}
+// Plan kernel: per-warp count rows while counting; the last block then holds the whole [NT][W]
+// count table (rounded to 16 bytes for vector copies).
+size_t plan_kernel_smem(const Geometry& g) {
+  const size_t rows = static_cast<size_t>(kWarps) * align_up(g.W, 2) * 2;
+  const size_t table = align_up(static_cast<size_t>(g.NT) * g.W * 2, 16);
+  return std::max(rows, table);
 }
 // Receive kernels: per-(source, expert) row bases, expert offsets, region offsets, source T.
 size_t recv_smem_bytes(const Geometry& g) {
@@ -440,15 +456,21 @@ __device__ __forceinline__ uint4 pack_bf16(const float* acc) {
   return o;
 }
 
-// ---- dispatch send 1: the plan of the whole batch, in shared memory of every send block ----
+// ---- dispatch send 1: the plan of the whole batch, in shared memory of every send block (v5)
+// or once per dispatch in the workspace (plan_once, k_dispatch_plan) ----
 struct Plan {
-  uint16_t* ecnt;   // [E][NT] tokens of each tile with expert e, then the exclusive prefix
-  uint16_t* dcnt;   // [R][NT] tokens of each tile going to d, then the exclusive prefix
+  // Tokens of tile t with expert e (destination d), then the exclusive prefix over the tiles, at
+  // e * cs + t * ts. Shared memory: [E][NT] and [R][NT]; workspace: columns of one [NT][W] table.
+  uint16_t* ecnt;
+  uint16_t* dcnt;
   uint32_t* dball;  // [R][NT] lanes of each tile going to d
-  uint32_t* emask;  // [kWarps][E] scratch lane masks (zero between uses)
+  uint32_t* emask;  // [kWarps][E] scratch lane masks (zero between uses), shared memory
   int* etot;        // [E] tokens with expert e
   int* dtot;        // [R] tokens going to d
   int ntiles;
+  int cs, ts;
+  __device__ __forceinline__ int ec(int e, int tile) const { return ecnt[e * cs + tile * ts]; }
+  __device__ __forceinline__ int dc(int d, int tile) const { return dcnt[d * cs + tile * ts]; }
 };
 
 __device__ __forceinline__ Plan plan_view(const Args& a, char* smem, int* dtot) {
@@ -460,6 +482,23 @@ __device__ __forceinline__ Plan plan_view(const Args& a, char* smem, int* dtot) 
   p.etot = reinterpret_cast<int*>(smem + a.ps.etot);
   p.dtot = dtot;
   p.ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
+  p.cs = a.g.NT;
+  p.ts = 1;
+  return p;
+}
+
+// The plan k_dispatch_plan left in the workspace (only the lane masks are shared memory).
+__device__ __forceinline__ Plan plan_global_view(const Args& a, char* smem) {
+  Plan p;
+  p.ecnt = at<uint16_t>(a.my, a.lay.plan_cnt);
+  p.dcnt = p.ecnt + a.g.E;
+  p.dball = at<uint32_t>(a.my, a.lay.plan_dball);
+  p.emask = reinterpret_cast<uint32_t*>(smem + a.ps.emask);
+  p.etot = at<int>(a.my, a.lay.plan_tot);
+  p.dtot = p.etot + a.g.E;
+  p.ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
+  p.cs = 1;
+  p.ts = a.g.W;
   return p;
 }
 
@@ -532,13 +571,14 @@ __device__ __forceinline__ int slot_prefix(const Args& a, const Plan& p, int d, 
   const int tile = static_cast<int>(x / kTile);
   if (tile >= p.ntiles) return p.dtot[d];
   const uint32_t below = (1u << (x % kTile)) - 1u;
-  return p.dcnt[d * a.g.NT + tile] + __popc(p.dball[d * a.g.NT + tile] & below);
+  return p.dc(d, tile) + __popc(p.dball[d * a.g.NT + tile] & below);
 }
 
 // ---- dispatch send 2: metadata of the tokens of one tile inside [c0, c1) (one warp) ----
 // Each record carries, per k, the local expert id and the token's rank among this source's
 // tokens of that expert, so the receiver places rows without scanning anything.
-__device__ void push_metadata(const Args& a, const Plan& p, int tile, int64_t c0, int64_t c1) {
+__device__ __forceinline__ void push_metadata(const Args& a, const Plan& p, int tile, int64_t c0,
+                                              int64_t c1) {
   const Geometry& g = a.g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
@@ -557,7 +597,7 @@ __device__ void push_metadata(const Args& a, const Plan& p, int tile, int64_t c0
   int pos[kMaxTopK];
 #pragma unroll
   for (int k = 0; k < kMaxTopK; ++k)
-    pos[k] = ev[k] >= 0 ? p.ecnt[ev[k] * g.NT + tile] + __popc(em[ev[k]] & lanemask_lt()) : -1;
+    pos[k] = ev[k] >= 0 ? p.ec(ev[k], tile) + __popc(em[ev[k]] & lanemask_lt()) : -1;
   __syncwarp();
 #pragma unroll
   for (int k = 0; k < kMaxTopK; ++k)
@@ -567,7 +607,7 @@ __device__ void push_metadata(const Args& a, const Plan& p, int tile, int64_t c0
   for (int d = 0; d < g.R; ++d) {
     const uint32_t b = p.dball[d * g.NT + tile];
     const bool sent = (b >> lane) & 1u;
-    const int j = p.dcnt[d * g.NT + tile] + __popc(b & lanemask_lt());
+    const int j = p.dc(d, tile) + __popc(b & lanemask_lt());
     if (!mine) continue;
     handle[t * g.R + d] = sent ? j : -1;
     if (!sent) continue;
@@ -607,7 +647,8 @@ __device__ void push_metadata(const Args& a, const Plan& p, int tile, int64_t c0
 }
 
 // ---- dispatch send 3: the payload of columns [first, last) steps of token t (one warp) ----
-__device__ void push_payload(const Args& a, const Plan& p, int64_t t, int64_t first, int64_t last) {
+__device__ __forceinline__ void push_payload(const Args& a, const Plan& p, int64_t t, int64_t first,
+                                             int64_t last) {
   const Geometry& g = a.g;
   const int lane = threadIdx.x & 31;
   // Lane d < R holds the token's slot at destination d (-1: not sent there).
@@ -615,8 +656,7 @@ __device__ void push_payload(const Args& a, const Plan& p, int64_t t, int64_t fi
   if (lane < g.R) {
     const int tile = static_cast<int>(t / kTile);
     const uint32_t b = p.dball[lane * g.NT + tile];
-    if ((b >> (t % kTile)) & 1u)
-      jl = p.dcnt[lane * g.NT + tile] + __popc(b & ((1u << (t % kTile)) - 1u));
+    if ((b >> (t % kTile)) & 1u) jl = p.dc(lane, tile) + __popc(b & ((1u << (t % kTile)) - 1u));
   }
   const unsigned mask = __ballot_sync(kFull, jl >= 0);
   const uint16_t* xt = a.x + t * g.H;
@@ -676,7 +716,96 @@ __device__ void push_payload(const Args& a, const Plan& p, int64_t t, int64_t fi
   }
 }
 
-__device__ void dispatch_send_block(const Args& a, char* smem) {
+// ---- dispatch plan (plan_once): the plan of the whole batch once, in the workspace ----
+// One warp per 32-token tile counts it as plan_batch does, into row `tile` of the [NT][W] table
+// (E expert columns, then R destination columns) and the destination ballots; the last block to
+// finish turns every column into its exclusive prefix over the tiles, with one thread per column
+// (the table is tile-major, so neighbouring threads read neighbouring counts).
+__global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
+  extern __shared__ uint4 plan_raw[];
+  __shared__ int last_block;
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
+  uint16_t* table = at<uint16_t>(a.my, a.lay.plan_cnt);
+  uint32_t* dball = at<uint32_t>(a.my, a.lay.plan_dball);
+  // The send kernel may start now: it waits for this whole grid before reading the plan.
+  allow_dependent_launch();
+  // Counting: the warp's tile into its own row of shared memory, then into the table.
+  uint16_t* row = reinterpret_cast<uint16_t*>(plan_raw) + warp * ((g.W + 1) / 2 * 2);
+  for (int tile = blockIdx.x * kWarps + warp; tile < ntiles; tile += gridDim.x * kWarps) {
+    for (int i = lane; i < g.W; i += 32) row[i] = 0;
+    __syncwarp();
+    const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
+    int ev[kMaxTopK];
+    load_experts(a, t, t < a.T, ev, true);
+    uint32_t m = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k)
+      if (ev[k] >= 0) m |= 1u << (ev[k] / g.L);
+    for (int d = 0; d < g.R; ++d) {
+      const uint32_t b = __ballot_sync(kFull, (m >> d) & 1u);
+      if (lane == 0) {
+        dball[d * g.NT + tile] = b;
+        row[g.E + d] = static_cast<uint16_t>(__popc(b));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      if (k >= g.K) break;
+      const unsigned peers = __match_any_sync(kFull, ev[k]);
+      if (ev[k] >= 0 && lane == __ffs(peers) - 1)
+        row[ev[k]] += static_cast<uint16_t>(__popc(peers));
+      __syncwarp();
+    }
+    for (int i = lane; i < g.W; i += 32) table[static_cast<int64_t>(tile) * g.W + i] = row[i];
+    __syncwarp();
+  }
+  // The last block to finish counting scans the columns.
+  __syncthreads();
+  unsigned long long* status = at<unsigned long long>(a.my, a.lay.status);
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last_block = atomicAdd(status + kPlanDone, 1ull) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  const int64_t vecs = (static_cast<int64_t>(ntiles) * g.W * 2 + 15) / 16;
+  for (int64_t i = threadIdx.x; i < vecs; i += blockDim.x)
+    plan_raw[i] = __ldcg(reinterpret_cast<const uint4*>(table) + i);
+  __syncthreads();
+  uint16_t* s = reinterpret_cast<uint16_t*>(plan_raw);
+  for (int c = threadIdx.x; c < g.W; c += blockDim.x) {
+    int run = 0, tile = 0;
+    // Eight counts loaded before they are rewritten, so the loads overlap.
+    for (; tile + 8 <= ntiles; tile += 8) {
+      int v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] = s[(tile + u) * g.W + c];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        s[(tile + u) * g.W + c] = static_cast<uint16_t>(run);
+        run += v[u];
+      }
+    }
+    for (; tile < ntiles; ++tile) {
+      const int v = s[tile * g.W + c];
+      s[tile * g.W + c] = static_cast<uint16_t>(run);
+      run += v;
+    }
+    at<int>(a.my, a.lay.plan_tot)[c] = run;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < vecs; i += blockDim.x)
+    reinterpret_cast<uint4*>(table)[i] = plan_raw[i];
+  if (threadIdx.x == 0) status[kPlanDone] = 0;
+}
+
+// kPlanOnce: the plan is the workspace's (k_dispatch_plan); a compile-time switch so that each
+// path's plan pointers have a known address space (shared or global).
+template <bool kPlanOnce>
+__device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   __shared__ int abort_flag;
   __shared__ int dtot[kMaxRanks];
   const Geometry& g = a.g;
@@ -685,8 +814,16 @@ __device__ void dispatch_send_block(const Args& a, char* smem) {
   __syncthreads();
   // NOTE: after every thread read n: the receive kernel ends the call by advancing it.
   if (!a.nccl) allow_dependent_launch();
-  const Plan p = plan_view(a, smem, dtot);
-  plan_batch(a, smem, p);
+  const Plan p = kPlanOnce ? plan_global_view(a, smem) : plan_view(a, smem, dtot);
+  if constexpr (kPlanOnce) {
+    for (int i = threadIdx.x; i < kWarps * g.E; i += blockDim.x) p.emask[i] = 0;
+    // NOTE: launched as the plan kernel's programmatic dependent: its plan is complete and
+    // visible only after this wait.
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    __syncthreads();
+  } else {
+    plan_batch(a, smem, p);
+  }
   // A destination's region of mine is free once it acknowledged the previous dispatch.
   if (!a.nccl && threadIdx.x < g.R &&
       !wait_geq(flag(a.my, a, kDispatchAck, threadIdx.x), n - 1, a.err, a.rank, threadIdx.x,
@@ -703,7 +840,7 @@ __device__ void dispatch_send_block(const Args& a, char* smem) {
     }
     if (threadIdx.x < g.R)
       at<int32_t>(peer(a, threadIdx.x), a.lay.recv_count)[out_region(a, threadIdx.x)] =
-          dtot[threadIdx.x];
+          p.dtot[threadIdx.x];
     __syncthreads();
     if (!a.nccl && threadIdx.x < g.R) {
       __threadfence_system();
@@ -737,9 +874,10 @@ __device__ void dispatch_send_block(const Args& a, char* smem) {
   }
 }
 
+template <bool kPlanOnce>
 __global__ void __launch_bounds__(kSendThreads, 1) k_dispatch_send(Args a) {
   extern __shared__ uint4 smem_raw[];
-  dispatch_send_block(a, reinterpret_cast<char*>(smem_raw));
+  dispatch_send_block<kPlanOnce>(a, reinterpret_cast<char*>(smem_raw));
   count_send_block(a.my, a.lay.status, kDispatchSent);
 }
 
@@ -1290,6 +1428,10 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                cfg.num_experts, " experts and ", cfg.num_ranks,
                " ranks needs more shared memory for the send plan (", m.ps.total,
                " bytes) than a block has");
+  FM_CHECK_ARG(plan_kernel_smem(m.g) <= 200 * 1024, "max_tokens_per_rank=", cfg.max_tokens_per_rank,
+               " with ", cfg.num_experts, " experts and ", cfg.num_ranks,
+               " ranks needs more shared memory for the plan kernel (", plan_kernel_smem(m.g),
+               " bytes) than a block has");
   FM_CHECK_ARG(recv_smem_bytes(m.g) <= 200 * 1024, cfg.num_experts, " experts over ", cfg.num_ranks,
                " ranks need more shared memory for the receive layout than a block has");
   m.lay = make_layout(m.g);
@@ -1316,15 +1458,20 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   m.err_dev = reinterpret_cast<DevErr*>(m.ws + m.lay.err);
   // NOTE: load every kernel now: with lazy module loading a first launch can wait for the device,
   // which never drains while a peer's kernel spins on a flag.
-  for (const void* k : {reinterpret_cast<const void*>(k_dispatch_send),
+  for (const void* k : {reinterpret_cast<const void*>(k_dispatch_plan),
+                        reinterpret_cast<const void*>(k_dispatch_send<false>),
+                        reinterpret_cast<const void*>(k_dispatch_send<true>),
                         reinterpret_cast<const void*>(k_dispatch_recv),
                         reinterpret_cast<const void*>(k_combine_send),
                         reinterpret_cast<const void*>(k_combine_recv)}) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
-  FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_send, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(m.ps.total)));
+  for (auto k : {k_dispatch_send<false>, k_dispatch_send<true>})
+    FM_CHECK_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(m.ps.total)));
+  FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_plan, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(plan_kernel_smem(m.g))));
   FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_recv, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(recv_smem_bytes(m.g))));
   if (opt.wire == Wire::kNccl) {
@@ -1401,7 +1548,14 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
   a.idx = b.topk_idx;
   a.w = b.topk_weight;
   m.last_tokens = b.tokens;
-  launch(k_dispatch_send, m.opt.num_blocks, m.ps.total, stream, false, a);
+  if (m.opt.plan_once) {
+    const int64_t tiles = (b.tokens + kTile - 1) / kTile;
+    const int grid = static_cast<int>(std::max<int64_t>(1, (tiles + kWarps - 1) / kWarps));
+    launch(k_dispatch_plan, grid, plan_kernel_smem(m.g), stream, false, a);
+  }
+  // plan_once: a programmatic dependent of the plan kernel (it waits for the plan in-kernel).
+  launch(m.opt.plan_once ? k_dispatch_send<true> : k_dispatch_send<false>, m.opt.num_blocks,
+         m.ps.total, stream, m.opt.plan_once, a);
   if (a.nccl) {
     const size_t T = m.g.Tmax, K = m.g.K;
     m.exchange({{m.lay.stage, T * m.g.P},

@@ -235,6 +235,8 @@ std::vector<Case> cases() {
       {"holes", 4, 32, 8, 256, 40, {40, 12, 40, 40}, Routing::kHoles},
       {"masked", 2, 16, 8, 1024, 128, {128, 100}, Routing::kRandom, 256},
       {"masked_skewed", 4, 32, 4, 256, 64, {64, 64, 50, 64}, Routing::kSkewed, 256},
+      // More than one plan kernel block (16 tiles of 32 tokens each): the last one scans.
+      {"many_tiles", 2, 64, 8, 256, 1100, {1100, 777}, Routing::kRandom},
   };
 }
 
@@ -255,23 +257,29 @@ void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink) {
   int ran = 0;
   for (const Case& c : cases()) {
     if (wire == Wire::kNccl && c.R != gpus) continue;  // NCCL: one rank per GPU
-    ++ran;
-    progress(std::string("case ") + c.name + " " + payload_name(p) + " " + wire_name(wire) +
-             " chunk " + std::to_string(chunk_of(ran)));
-    SCOPED_TRACE(std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
-                 " GPU(s) over " + wire_name(wire));
-    EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, p);
-    cfg.masked_capacity = c.masked_capacity;
-    DeviceEpOptions opt;
-    opt.num_blocks = 5;  // fewer blocks than tokens: grid-stride paths
-    opt.wire = wire;
-    // Receive grids of 3 blocks (grid-stride over chunks) or the automatic size; receive kernels
-    // after or beside their send kernels.
-    opt.chunk_tokens = chunk_of(ran);
-    opt.recv_blocks = ran % 3 == 0 ? 3 : 0;
-    opt.overlap_recv = ran % 5 != 0;
-    Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 40 + c.R, opt);
-    check_against_reference(h, 2);
+    // NVLink: every case with the plan in each send block (v5) and planned once; NCCL (slow to
+    // set up): the two alternate.
+    for (int variant = 0; variant < (wire == Wire::kNccl ? 1 : 2); ++variant) {
+      ++ran;
+      const bool plan_once = wire == Wire::kNccl ? ran % 2 == 0 : variant == 1;
+      progress(std::string("case ") + c.name + " " + payload_name(p) + " " + wire_name(wire) +
+               " chunk " + std::to_string(chunk_of(ran)) + (plan_once ? " plan_once" : ""));
+      SCOPED_TRACE(std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
+                   " GPU(s) over " + wire_name(wire) + (plan_once ? ", plan_once" : ""));
+      EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, p);
+      cfg.masked_capacity = c.masked_capacity;
+      DeviceEpOptions opt;
+      opt.num_blocks = 5;  // fewer blocks than tokens: grid-stride paths
+      opt.wire = wire;
+      // Receive grids of 3 blocks (grid-stride over chunks) or the automatic size; receive kernels
+      // after or beside their send kernels.
+      opt.chunk_tokens = chunk_of(ran);
+      opt.recv_blocks = ran % 3 == 0 ? 3 : 0;
+      opt.overlap_recv = ran % 5 != 0;
+      opt.plan_once = plan_once;
+      Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 40 + c.R, opt);
+      check_against_reference(h, 2);
+    }
   }
   EXPECT_GT(ran, 0);
 }
@@ -287,39 +295,44 @@ TEST_F(NvlinkTest, MatchesReferenceFp8OneGpuManyRanks) {
 }
 
 TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
-  EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
-  Harness h(cfg, devices_for(2, gpu_count()), {128, 90}, Routing::kRandom, 9);
-  const auto want = dispatch_reference(cfg, batches_of(h.data));
-  std::vector<const uint16_t*> y = {h.ys[0].data(), h.ys[1].data()};
-  const auto want_out = combine_reference(cfg, want, y);
-  std::vector<cudaGraphExec_t> execs;
-  for (int r = 0; r < 2; ++r) {
-    FM_CHECK_CUDA(cudaSetDevice(h.buf[r].device));
-    FM_CHECK_CUDA(cudaStreamBeginCapture(h.buf[r].stream, cudaStreamCaptureModeThreadLocal));
-    auto& ep = h.group->rank(r);
-    ep.dispatch_send(h.batch(r), h.buf[r].stream);
-    ep.dispatch_recv(h.buf[r].stream);
-    ep.combine_send(h.buf[r].y, h.buf[r].stream);
-    ep.combine_recv(h.buf[r].out, h.buf[r].stream);
-    cudaGraph_t graph;
-    FM_CHECK_CUDA(cudaStreamEndCapture(h.buf[r].stream, &graph));
-    cudaGraphExec_t exec;
-    FM_CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-    FM_CHECK_CUDA(cudaGraphDestroy(graph));
-    execs.push_back(exec);
-  }
-  for (int replay = 0; replay < 3; ++replay) {
+  for (bool plan_once : {false, true}) {
+    SCOPED_TRACE(plan_once ? "plan_once" : "plan in every send block");
+    EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
+    DeviceEpOptions opt;
+    opt.plan_once = plan_once;
+    Harness h(cfg, devices_for(2, gpu_count()), {128, 90}, Routing::kRandom, 9, opt);
+    const auto want = dispatch_reference(cfg, batches_of(h.data));
+    std::vector<const uint16_t*> y = {h.ys[0].data(), h.ys[1].data()};
+    const auto want_out = combine_reference(cfg, want, y);
+    std::vector<cudaGraphExec_t> execs;
     for (int r = 0; r < 2; ++r) {
       FM_CHECK_CUDA(cudaSetDevice(h.buf[r].device));
-      FM_CHECK_CUDA(
-          cudaMemsetAsync(h.buf[r].out, 0xFF, h.data[r].tokens * cfg.hidden * 2, h.buf[r].stream));
-      FM_CHECK_CUDA(cudaGraphLaunch(execs[r], h.buf[r].stream));
+      FM_CHECK_CUDA(cudaStreamBeginCapture(h.buf[r].stream, cudaStreamCaptureModeThreadLocal));
+      auto& ep = h.group->rank(r);
+      ep.dispatch_send(h.batch(r), h.buf[r].stream);
+      ep.dispatch_recv(h.buf[r].stream);
+      ep.combine_send(h.buf[r].y, h.buf[r].stream);
+      ep.combine_recv(h.buf[r].out, h.buf[r].stream);
+      cudaGraph_t graph;
+      FM_CHECK_CUDA(cudaStreamEndCapture(h.buf[r].stream, &graph));
+      cudaGraphExec_t exec;
+      FM_CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+      FM_CHECK_CUDA(cudaGraphDestroy(graph));
+      execs.push_back(exec);
     }
-    h.sync();
-    h.group->check();
-    for (int r = 0; r < 2; ++r) ASSERT_EQ(h.out(r), want_out[r]) << "replay " << replay;
+    for (int replay = 0; replay < 3; ++replay) {
+      for (int r = 0; r < 2; ++r) {
+        FM_CHECK_CUDA(cudaSetDevice(h.buf[r].device));
+        FM_CHECK_CUDA(cudaMemsetAsync(h.buf[r].out, 0xFF, h.data[r].tokens * cfg.hidden * 2,
+                                      h.buf[r].stream));
+        FM_CHECK_CUDA(cudaGraphLaunch(execs[r], h.buf[r].stream));
+      }
+      h.sync();
+      h.group->check();
+      for (int r = 0; r < 2; ++r) ASSERT_EQ(h.out(r), want_out[r]) << "replay " << replay;
+    }
+    for (auto e : execs) cudaGraphExecDestroy(e);
   }
-  for (auto e : execs) cudaGraphExecDestroy(e);
 }
 
 TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
@@ -350,19 +363,24 @@ TEST_F(NvlinkTest, OverflowIsReported) {
 }
 
 TEST_F(NvlinkTest, BadExpertIdIsReported) {
-  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
-  Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3);
-  h.data[1].idx[5] = 99;
-  FM_CHECK_CUDA(cudaSetDevice(h.buf[1].device));
-  FM_CHECK_CUDA(cudaMemcpy(h.buf[1].idx, h.data[1].idx.data(), h.data[1].idx.size() * 4,
-                           cudaMemcpyHostToDevice));
-  h.dispatch();
-  h.sync();
-  try {
-    h.group->rank(1).check();
-    FAIL() << "expected an error";
-  } catch (const Error& e) {
-    EXPECT_NE(e.message().find("rank 1 token 2: expert id 99"), std::string::npos) << e.message();
+  for (bool plan_once : {false, true}) {
+    SCOPED_TRACE(plan_once ? "plan_once" : "plan in every send block");
+    EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
+    DeviceEpOptions opt;
+    opt.plan_once = plan_once;
+    Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
+    h.data[1].idx[5] = 99;
+    FM_CHECK_CUDA(cudaSetDevice(h.buf[1].device));
+    FM_CHECK_CUDA(cudaMemcpy(h.buf[1].idx, h.data[1].idx.data(), h.data[1].idx.size() * 4,
+                             cudaMemcpyHostToDevice));
+    h.dispatch();
+    h.sync();
+    try {
+      h.group->rank(1).check();
+      FAIL() << "expected an error";
+    } catch (const Error& e) {
+      EXPECT_NE(e.message().find("rank 1 token 2: expert id 99"), std::string::npos) << e.message();
+    }
   }
 }
 

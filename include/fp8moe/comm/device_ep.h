@@ -51,6 +51,10 @@ struct DeviceEpOptions {
   // Launch each receive kernel as a programmatic dependent of its send kernel, so that receiving
   // overlaps sending when dispatch_recv / combine_recv directly follow their send on the stream.
   bool overlap_recv = true;
+  // Plan the batch once per dispatch (a small kernel before the send: per-tile destination
+  // ballots, and per-tile prefixes of the expert and destination counts, in the workspace) instead
+  // of in every send block's shared memory. Same results bit for bit; off = the v5 path.
+  bool plan_once = false;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
