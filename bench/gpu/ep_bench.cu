@@ -56,8 +56,8 @@ struct Options {
   std::vector<int> ll_chunks = {2, 4};
   int recv_blocks = 0;  // 0 = DeviceEpOptions' automatic size
   bool overlap = true;
-  bool plan_once = false;  // DeviceEpOptions::plan_once for the sweep
-  int ab_plan = 0;         // rounds of the plan A/B (0: the usual sweep)
+  bool plan_once = true;  // DeviceEpOptions::plan_once for the sweep (--plan-per-block: off)
+  int ab_plan = 0;        // rounds of the plan A/B (0: the usual sweep)
   bool ncu = false;
   std::string out, commit = "unknown", date = "unknown";
   bool check = true;
@@ -112,6 +112,8 @@ Options parse(int argc, char** argv) {
       o.overlap = false;
     else if (a == "--plan-once")
       o.plan_once = true;
+    else if (a == "--plan-per-block")
+      o.plan_once = false;
     else if (a == "--ab-plan")
       o.ab_plan = std::atoi(next());
     else if (a == "--ncu")

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "device_copy.h"
 #include "ep_test_util.h"
 #include "fp8moe/comm/device_ep.h"
 #include "fp8moe/comm/launcher.h"
@@ -45,25 +46,10 @@ using testing::make_inputs;
 using testing::RankData;
 using testing::Routing;
 
+using testing::to_device;
+using testing::to_host;
 int visible_gpus() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
-  return n;
-}
-
-template <typename T>
-T* upload(const std::vector<T>& v) {
-  T* p = nullptr;
-  FM_CHECK_CUDA(cudaMalloc(&p, std::max<size_t>(1, v.size()) * sizeof(T)));
-  if (!v.empty())
-    FM_CHECK_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return p;
-}
-template <typename T>
-std::vector<T> download(const T* p, size_t n) {
-  std::vector<T> v(n);
-  if (n) FM_CHECK_CUDA(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-  return v;
+  return testing::gpu_count();
 }
 
 // A failed expectation ends the rank at once: its peers would otherwise wait for it until their
@@ -186,12 +172,13 @@ void run_case(Rank& me, const MpCase& c, int case_index, Wire wire, void* nccl_c
   const int64_t H = cfg.hidden;
   cudaStream_t stream;
   FM_CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  uint16_t* x = upload(d.x);
-  int32_t* idx = upload(d.idx);
-  float* w = upload(d.w);
-  uint16_t* y = upload(ys[rank]);
-  uint16_t* rows = upload(grads[rank]);
-  uint16_t* out = upload(std::vector<uint16_t>(std::max<int64_t>(1, d.tokens) * H, 0xFFFF));
+  uint16_t* x = to_device(me.device, d.x);
+  int32_t* idx = to_device(me.device, d.idx);
+  float* w = to_device(me.device, d.w);
+  uint16_t* y = to_device(me.device, ys[rank]);
+  uint16_t* rows = to_device(me.device, grads[rank]);
+  uint16_t* out =
+      to_device(me.device, std::vector<uint16_t>(std::max<int64_t>(1, d.tokens) * H, 0xFFFF));
   const DeviceBatch batch{d.tokens, x, idx, w};
   auto sync_and_check = [&] {
     FM_CHECK_CUDA(cudaStreamSynchronize(stream));
@@ -215,7 +202,7 @@ void run_case(Rank& me, const MpCase& c, int case_index, Wire wire, void* nccl_c
     ep->combine_send(y, stream);
     ep->combine_recv(out, stream);
     sync_and_check();
-    expect_same_rows(download(out, d.tokens * H), want_out, H, rank, "combine");
+    expect_same_rows(to_host(me.device, out, d.tokens * H), want_out, H, rank, "combine");
     bail_on_failure(rank, at + " combine");
     if (round == 0) me.store.barrier("phase", kWaitS);
 
@@ -223,7 +210,7 @@ void run_case(Rank& me, const MpCase& c, int case_index, Wire wire, void* nccl_c
     ep->combine_tokens_send(rows, stream);
     ep->combine_recv(out, stream);
     sync_and_check();
-    expect_same_rows(download(out, d.tokens * H), want_back, H, rank, "combine_tokens");
+    expect_same_rows(to_host(me.device, out, d.tokens * H), want_back, H, rank, "combine_tokens");
     bail_on_failure(rank, at + " combine_tokens");
     if (round == 0) me.store.barrier("phase", kWaitS);
   }

@@ -17,6 +17,7 @@
 #include <random>
 #include <vector>
 
+#include "device_copy.h"
 #include "fp8moe/comm/device_ep.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/fp8/codec.h"
@@ -28,27 +29,9 @@
 namespace fp8moe::comm {
 namespace {
 
-int gpu_count() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
-}
-
-template <typename T>
-T* device_copy(int device, const std::vector<T>& v) {
-  FM_CHECK_CUDA(cudaSetDevice(device));
-  T* p = nullptr;
-  FM_CHECK_CUDA(cudaMalloc(&p, std::max<size_t>(1, v.size()) * sizeof(T)));
-  if (!v.empty())
-    FM_CHECK_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return p;
-}
-template <typename T>
-std::vector<T> host_copy(int device, const T* p, size_t n) {
-  FM_CHECK_CUDA(cudaSetDevice(device));
-  std::vector<T> v(n);
-  if (n > 0) FM_CHECK_CUDA(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-  return v;
-}
+using testing::gpu_count;
+using testing::to_device;
+using testing::to_host;
 
 double rel_error(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want) {
   double diff = 0, norm = 0;
@@ -113,20 +96,20 @@ struct Layer {
       Dev d;
       FM_CHECK_CUDA(cudaSetDevice(devices[r]));
       FM_CHECK_CUDA(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
-      d.x = device_copy(devices[r], x[r]);
-      d.idx = device_copy(devices[r], idx[r]);
-      d.w = device_copy(devices[r], w[r]);
+      d.x = to_device(devices[r], x[r]);
+      d.idx = to_device(devices[r], idx[r]);
+      d.w = to_device(devices[r], w[r]);
       std::vector<uint8_t> b;
       std::vector<float> sb;
       for (const QuantizedMatrix& q : weights[r]) {
         b.insert(b.end(), q.codes.begin(), q.codes.end());
         sb.insert(sb.end(), q.scales.begin(), q.scales.end());
       }
-      d.b = device_copy(devices[r], b);
-      d.sb = device_copy(devices[r], sb);
-      d.sa = device_copy(devices[r], std::vector<float>(KB * padded_rows(bound)));
-      d.y = device_copy(devices[r], std::vector<uint16_t>(bound * H, 0xFFFF));  // NaN poison
-      d.out = device_copy(devices[r], std::vector<uint16_t>(std::max<int64_t>(1, tokens[r]) * H));
+      d.b = to_device(devices[r], b);
+      d.sb = to_device(devices[r], sb);
+      d.sa = to_device(devices[r], std::vector<float>(KB * padded_rows(bound)));
+      d.y = to_device(devices[r], std::vector<uint16_t>(bound * H, 0xFFFF));  // NaN poison
+      d.out = to_device(devices[r], std::vector<uint16_t>(std::max<int64_t>(1, tokens[r]) * H));
       dev.push_back(d);
     }
   }
@@ -177,10 +160,10 @@ struct Layer {
     group->rank(r).combine_recv(dev[r].out, dev[r].stream);
   }
   std::vector<uint16_t> out(int r) {
-    return host_copy(devices[r], dev[r].out, tokens[r] * cfg.hidden);
+    return to_host(devices[r], dev[r].out, tokens[r] * cfg.hidden);
   }
   std::vector<uint16_t> y(int r) {
-    return host_copy(devices[r], dev[r].y, cfg.row_bound() * cfg.hidden);
+    return to_host(devices[r], dev[r].y, cfg.row_bound() * cfg.hidden);
   }
 };
 
@@ -242,7 +225,7 @@ TEST(MoeLayerGpu, DispatchGroupedGemmCombineMatchesCpuAndReplaysInAGraph) {
 
   std::vector<std::vector<uint16_t>> y_gpu(R), y_cpu(R), out_gpu(R);
   for (int r = 0; r < R; ++r) {
-    const std::vector<int32_t> m_indices = host_copy(
+    const std::vector<int32_t> m_indices = to_host(
         devices[r], layer.group->rank(r).view().m_indices, static_cast<size_t>(cfg.row_bound()));
     ASSERT_EQ(m_indices, want[r].grouped.m_indices) << "rank " << r;
     y_gpu[r] = layer.y(r);
