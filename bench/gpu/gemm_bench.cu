@@ -612,6 +612,152 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
   }
 }
 
+// Small M (64, 128): the heuristic's pick (with a split-K workspace), the heuristic without a
+// workspace (no split: the pick before split-K existed), forced tiles and splits, and cuBLASLt
+// blockwise, all timed in alternation (3 rounds, medians) so that every row sees the same GPU
+// state. Each forced row's `diff` is against cuBLASLt's output on the same inputs.
+struct SmallVariant {
+  SmallVariant(std::string impl_, std::string tile_)
+      : impl(std::move(impl_)), tile(std::move(tile_)) {}
+  std::string impl, tile;
+  bool has_force = false;
+  kernels::GemmTileConfig force{};
+  bool workspace = true;
+  std::vector<double> us;
+};
+
+void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k,
+                       uint64_t seed) {
+  const double flops = 2.0 * m * n * k;
+  const int64_t fp8_bytes = m * k + n * k;
+  const int sets = sets_for(fp8_bytes);
+  std::vector<Fp8Set> fs;
+  for (int i = 0; i < sets; ++i) fs.push_back(make_fp8_set(m, n, k, 1, seed + 100 * i));
+  Dev<bf16> d(size_t(m * n)), d_ref(size_t(m * n));
+  auto bytes_moved = [&](double in_bytes) { return in_bytes + 2.0 * m * n; };
+  const int64_t kb = k / 128;
+
+  std::vector<SmallVariant> vars;
+  {
+    kernels::GemmShape shape{kernels::GemmKind::kDense, m, n, k, 1};
+    shape.max_split_k = 8;  // fp8_gemm_nt's kHeuristicMaxSplitK
+    vars.emplace_back("fp8moe", kernels::describe_tile_config(
+                                    kernels::choose_gemm_tile(shape, out.num_sms, out.smem)));
+    vars.emplace_back("fp8moe_nosplit", out.tile_for(kernels::GemmKind::kDense, m, n, k, 1));
+    vars.back().workspace = false;
+  }
+  std::vector<kernels::GemmTileConfig> forced = {{128, 128, 0, 0, 0, 1, 1},
+                                                 {64, 128, 0, 0, 0, 1, 1},
+                                                 {64, 64, 0, 0, 0, 1, 1},
+                                                 {128, 192, 0, 0, 2, 1, 1}};
+  for (int split : {2, 3, 4, 6, 8})
+    if (2 * split <= kb) forced.push_back({128, 128, 0, 0, 0, 1, split});
+  for (int split : {2, 4, 8})
+    if (2 * split <= kb) {
+      forced.push_back({64, 128, 0, 0, 0, 1, split});
+      if (split < 8) forced.push_back({64, 64, 0, 0, 0, 1, split});
+    }
+  for (const kernels::GemmTileConfig& c : forced) {
+    SmallVariant v("fp8moe_forced_tile", kernels::describe_tile_config(c));
+    v.has_force = true;
+    v.force = c;
+    vars.push_back(v);
+  }
+  int64_t ws_bytes = kernels::fp8_gemm_workspace_bytes(m, n, k);
+  for (const kernels::GemmTileConfig& c : forced)
+    ws_bytes = std::max(ws_bytes, kernels::fp8_gemm_workspace_bytes(m, n, k, &c));
+  Dev<uint8_t> ws(size_t(std::max<int64_t>(ws_bytes, 256)));
+  FM_CHECK_CUDA(cudaMemset(ws.p, 0, ws.n));
+  const auto launch_var = [&](const SmallVariant& v, int i) {
+    kernels::fp8_gemm_nt(
+        fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m, n, k, stream,
+        v.has_force ? &v.force : nullptr,
+        v.workspace ? kernels::GemmWorkspace{ws.p, ws.n} : kernels::GemmWorkspace{});
+  };
+
+  // The heuristic's output against the CPU reference (8 sampled rows).
+  launch_var(vars[0], 0);
+  FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+  const double heuristic_err = sampled_rel_err(fs[0], m, n, k, d.download());
+
+  const int64_t nb = (n + 127) / 128;
+  std::vector<Dev<float>> sb_lt;
+  std::vector<std::unique_ptr<LtPlan>> plans;
+  bool lt_ok = true;
+  std::string why;
+  for (int i = 0; i < sets && lt_ok; ++i) {
+    sb_lt.emplace_back(size_t(kb * nb));
+    transpose_block_scales<<<unsigned((kb * nb + 255) / 256), 256>>>(fs[i].sb.p, sb_lt[i].p, nb, kb,
+                                                                     nb);
+    FM_CHECK_LAUNCH();
+    plans.push_back(std::make_unique<LtPlan>());
+    make_plan(lt, *plans[i], Anchor::kFp8Blockwise, m, n, k, sb_lt[i].p, fs[i].sa.p);
+    lt_ok = plans[i]->ok;
+    why = plans[i]->why;
+  }
+  std::vector<bf16> lt_out;
+  if (lt_ok) {
+    run_plan(lt, *plans[0], fs[0].b.p, fs[0].a.p, d_ref.p, stream);
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    lt_out = d_ref.download();
+  }
+  std::vector<double> us_lt;
+  for (int round = 0; round < 3; ++round) {
+    for (SmallVariant& v : vars)
+      v.us.push_back(time_us(stream, sets, [&](int i) { launch_var(v, i); }));
+    if (lt_ok)
+      us_lt.push_back(time_us(stream, sets, [&](int i) {
+        run_plan(lt, *plans[i], fs[i].b.p, fs[i].a.p, d_ref.p, stream);
+      }));
+  }
+  const auto median = [](std::vector<double> x) {
+    std::sort(x.begin(), x.end());
+    return x[x.size() / 2];
+  };
+  const double us_block = lt_ok ? median(us_lt) : -1;
+  for (size_t vi = 0; vi < vars.size(); ++vi) {
+    const SmallVariant& v = vars[vi];
+    const double u = median(v.us);
+    Row r{"dense",
+          v.impl,
+          v.tile,
+          m,
+          n,
+          k,
+          1,
+          u,
+          flops / u * 1e-6,
+          bytes_moved(double(fp8_bytes)) / u * 1e-3};
+    if (us_block > 0) r.ratio_blockwise = us_block / u;
+    if (vi == 0) r.rel_err = heuristic_err;
+    if (lt_ok) {
+      FM_CHECK_CUDA(cudaMemset(d.p, 0xFF, d.n * sizeof(bf16)));
+      launch_var(v, 0);
+      FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+      r.rel_diff_blockwise = rel_diff(d.download(), lt_out);
+    }
+    out.add(r);
+  }
+  if (lt_ok) {
+    Row a{"dense",
+          anchor_name(Anchor::kFp8Blockwise),
+          "",
+          m,
+          n,
+          k,
+          1,
+          us_block,
+          flops / us_block * 1e-6,
+          bytes_moved(double(fp8_bytes)) / us_block * 1e-3};
+    a.ratio_blockwise = 1.0;
+    out.add(a);
+  } else {
+    Row a{"dense", anchor_name(Anchor::kFp8Blockwise), "", m, n, k, 1, 0, 0, 0};
+    a.note = "not available: " + why;
+    out.add(a);
+  }
+}
+
 void bench_contiguous(Output& out, cudaStream_t stream, int64_t groups, int64_t rows_per_group,
                       int64_t n, int64_t k, uint64_t seed) {
   const int64_t m = groups * rows_per_group;
@@ -746,6 +892,7 @@ void profile_dense(Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k)
 
 int main(int argc, char** argv) {
   std::string out_path, only;
+  std::vector<int64_t> ms = {4096, 128, 64};
   bool quick = false;
   int64_t profile_shape[3] = {0, 0, 0};
   for (int i = 1; i < argc; ++i) {
@@ -754,14 +901,24 @@ int main(int argc, char** argv) {
       out_path = argv[++i];
     else if (a == "--only" && i + 1 < argc)
       only = argv[++i];
-    else if (a == "--quick")
+    else if (a == "--m" && i + 1 < argc) {
+      // Comma-separated row counts, e.g. --m 128,64.
+      ms.clear();
+      std::string list = argv[++i];
+      for (size_t pos = 0; pos < list.size();) {
+        const size_t comma = std::min(list.find(',', pos), list.size());
+        ms.push_back(std::atoll(list.substr(pos, comma - pos).c_str()));
+        pos = comma + 1;
+      }
+    } else if (a == "--quick")
       quick = true;
     else if (a == "--profile" && i + 3 < argc) {
       for (int j = 0; j < 3; ++j) profile_shape[j] = std::atoll(argv[++i]);
     } else {
-      std::fprintf(stderr,
-                   "usage: gemm_bench [--out FILE.jsonl] [--only dense|grouped|wgrad] [--quick] "
-                   "[--profile M N K]\n");
+      std::fprintf(
+          stderr,
+          "usage: gemm_bench [--out FILE.jsonl] [--only dense|grouped|wgrad] [--m 4096,128,64] "
+          "[--quick] [--profile M N K]\n");
       return 2;
     }
   }
@@ -791,9 +948,15 @@ int main(int argc, char** argv) {
                              {7168, 16384}, {4096, 7168},  {7168, 2048}};
     uint64_t seed = 1;
     if (only.empty() || only == "dense") {
-      for (int64_t m : {int64_t(4096), int64_t(128), int64_t(64)}) {
+      for (int64_t m : ms) {
         if (quick && m != 4096) continue;
-        for (const auto& s : nk) bench_dense(out, lt, stream, m, s[0], s[1], seed += 1000);
+        for (const auto& s : nk) {
+          seed += 1000;
+          if (m < 1024)
+            bench_dense_small(out, lt, stream, m, s[0], s[1], seed);
+          else
+            bench_dense(out, lt, stream, m, s[0], s[1], seed);
+        }
       }
     }
     if (only.empty() || only == "grouped") {

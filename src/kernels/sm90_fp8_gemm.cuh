@@ -34,6 +34,9 @@ struct GemmParams {
   const int32_t* masked_m;        // masked: valid rows of each group
   const float* sb;                // 1x128 x 128x128: B scales [G][ceil(N/128)][K/128]
   void* d;
+  int split_k;      // dense: K slices per tile (1 = no split), each slice a unit of work
+  int* counters;    // split-K: arrivals per 16-row strip of each tile (zero between calls)
+  float* partials;  // split-K: FP32 partials, [tile][slice][warp][kBlockN / 8][lane][4]
   int k_block_offsets[kMaxKGroups + 1];  // k-grouped: first K block of each group
 };
 
@@ -85,16 +88,25 @@ __device__ __forceinline__ bool get_tile(const GemmParams& p, int t, Tile& tile,
     return true;
   }
   const int per_group = tiles_m * tiles_n;
-  int g = 0;
+  int g = 0, slice = 0;
   if (p.form == Form::kKGrouped) {
     g = t / per_group;
     if (g >= p.num_groups) return false;
     t -= g * per_group;
+  } else if (p.split_k > 1) {
+    // Dense split-K: the slices of one tile are consecutive units (they run at the same time).
+    if (t >= per_group * p.split_k) return false;
+    slice = t % p.split_k;
+    t /= p.split_k;
   } else if (t >= per_group) {
     return false;
   }
   rasterise(t, tiles_m, tiles_n, mb, nb);
   tile = Tile{g, mb * kBlockM, nb * kBlockN, 0, kb_total, p.m};
+  if (p.split_k > 1) {
+    tile.k_block_begin = slice * kb_total / p.split_k;
+    tile.num_k_blocks = (slice + 1) * kb_total / p.split_k - tile.k_block_begin;
+  }
   if (p.form == Form::kContiguous) {
     tile.group = __ldg(p.grouped_layout + tile.m_base);
     skip = tile.group < 0;
@@ -233,7 +245,68 @@ __device__ __forceinline__ void store_slab_tma(const float (&acc)[kRegs], uint8_
   }
 }
 
-template <int kBlockM, int kBlockN, bool kWgrad>
+// Split-K fix-up, one warp (16 rows x kBlockN) at a time: every slice stores its FP32 partials
+// and arrives on the strip's counter; the warp that arrives last re-reads all split_k partials
+// (its own included) and adds them in slice order 0, 1, ..., so the sum, and the BF16 result,
+// do not depend on which slice finished last (bit-reproducible run to run). It resets the
+// counter for the next call and returns true: it goes on to store the tile's strip. The others
+// return false. Partials are laid out per warp as [kRegs / 4][lane] float4 (coalesced).
+// `unit` is the work unit get_tile was given: tile number * split_k + slice (recomputed here
+// rather than kept in Tile, whose registers are live across the main loop).
+template <int kBlockM, int kRegs>
+__device__ __forceinline__ bool split_k_reduce(const GemmParams& p, int unit, float (&acc)[kRegs]) {
+  static_assert(kRegs % 4 == 0, "float4 partials");
+  constexpr int kWarps = kBlockM / 16;
+  constexpr int kVec = kRegs / 4;
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int index = unit / p.split_k, slice = unit - index * p.split_k;
+  const auto slot = [&](int s) {
+    return reinterpret_cast<float4*>(p.partials) +
+           ((static_cast<int64_t>(index) * p.split_k + s) * kWarps + warp) * (32 * kVec) + lane;
+  };
+  float4* mine = slot(slice);
+#pragma unroll
+  for (int v = 0; v < kVec; ++v)
+    __stcg(mine + 32 * v, make_float4(acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3]));
+  // NOTE: each lane's fence orders its own stores before the leader's arrival (the classic
+  // last-block pattern); the counter is reset by the last arrival, so it reads 0 at every launch.
+  __threadfence();
+  __syncwarp();
+  int last = 0;
+  if (lane == 0) {
+    int* counter = p.counters + static_cast<int64_t>(index) * kWarps + warp;
+    last = atomicAdd(counter, 1) == p.split_k - 1;
+    if (last) atomicExch(counter, 0);
+  }
+  last = __shfl_sync(0xffffffffu, last, 0);
+  if (!last) return false;
+  __threadfence();
+  // -0.0f + x == x for every x (+0.0f would turn -0 into +0): the sum starts exactly at slice 0.
+#pragma unroll
+  for (int i = 0; i < kRegs; ++i) acc[i] = -0.0f;
+  // Two slices' loads in flight per step (an L2 round trip each), added in slice order.
+  for (int s = 0; s < p.split_k; s += 2) {
+    const bool two = s + 1 < p.split_k;
+    const float4* src0 = slot(s);
+    const float4* src1 = slot(two ? s + 1 : s);
+    float4 v0[kVec], v1[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      v0[v] = __ldcg(src0 + 32 * v);
+      v1[v] = two ? __ldcg(src1 + 32 * v) : make_float4(-0.0f, -0.0f, -0.0f, -0.0f);
+    }
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      acc[4 * v + 0] = (acc[4 * v + 0] + v0[v].x) + v1[v].x;
+      acc[4 * v + 1] = (acc[4 * v + 1] + v0[v].y) + v1[v].y;
+      acc[4 * v + 2] = (acc[4 * v + 2] + v0[v].z) + v1[v].z;
+      acc[4 * v + 3] = (acc[4 * v + 3] + v0[v].w) + v1[v].w;
+    }
+  }
+  return true;
+}
+
+template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK>
 __device__ __forceinline__ void compute(const GemmParams& p,
                                         const SmemLayout<kBlockM, kBlockN, kWgrad>& sm,
                                         const CUtensorMap* map_d) {
@@ -274,8 +347,9 @@ __device__ __forceinline__ void compute(const GemmParams& p,
     int boundary = kBlockN;
     bool has_second = false;
     if constexpr (!kWgrad) {
-      sb_ptr =
-          p.sb + (static_cast<int64_t>(tile.group) * n_scale_blocks + tile.n_base / 128) * kb_total;
+      sb_ptr = p.sb +
+               (static_cast<int64_t>(tile.group) * n_scale_blocks + tile.n_base / 128) * kb_total +
+               tile.k_block_begin;
       if constexpr (kBlockN % 128 != 0 && kBlockN > 128) {
         boundary = 128 - tile.n_base % 128;
         has_second = tile.n_base / 128 + 1 < n_scale_blocks;
@@ -442,6 +516,12 @@ __device__ __forceinline__ void compute(const GemmParams& p,
     }
 
     // ---- epilogue ----
+    if constexpr (kSplitK) {
+      // Split-K: only the last slice of each 16-row strip goes on, with the strip's full sum
+      // (the host has chosen the register epilogue for split launches). A template flag: the
+      // fix-up code alone cost the 64x128 kernel 12 bytes of spill (ptxas -v).
+      if (!split_k_reduce<kBlockM>(p, t, acc)) continue;
+    }
     int64_t row_base = tile.m_base;
     if (p.form == Form::kMasked || p.form == Form::kKGrouped)
       row_base += static_cast<int64_t>(tile.group) * p.m;
@@ -491,7 +571,7 @@ __device__ __forceinline__ void compute(const GemmParams& p,
   }
 }
 
-template <int kBlockM, int kBlockN, bool kWgrad>
+template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK>
 __global__ void __launch_bounds__(128 * (kBlockM / 64 + 1), 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                     const __grid_constant__ CUtensorMap map_b,
@@ -503,6 +583,7 @@ __global__ void __launch_bounds__(128 * (kBlockM / 64 + 1), 1)
   static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 192,
                 "BLOCK_N: 64 or 128 (inside one 128-wide B scale block) or 192 (straddles two)");
   static_assert(!(kWgrad && kBlockN == 192), "the 1x128 x 1x128 kernel is built for 64/128 only");
+  static_assert(!(kSplitK && (kWgrad || kBlockN > 128)), "split-K: 1x128 x 128x128, N <= 128");
   constexpr int kNumMathThreads = kBlockM / 64 * 128;
   extern __shared__ __align__(1024) uint8_t smem[];
   using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
@@ -532,7 +613,7 @@ __global__ void __launch_bounds__(128 * (kBlockM / 64 + 1), 1)
     if (threadIdx.x == kNumMathThreads) produce(p, sm, &map_a, &map_b, &map_sa, &map_sb);
   } else {
     if constexpr (kBlockM == 128) setmaxnreg_inc<232>();
-    compute(p, sm, &map_d);
+    compute<kBlockM, kBlockN, kWgrad, kSplitK>(p, sm, &map_d);
   }
   // NOTE: the peer may still multicast into this CTA's stages or arrive on its barriers.
   if (p.cluster == 2) {

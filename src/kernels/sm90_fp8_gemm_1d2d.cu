@@ -15,6 +15,19 @@ namespace {
 
 void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileConfig& c,
                    int max_tiles, cudaStream_t stream) {
+  if (p.split_k > 1) {
+    // Split-K kernels (the fix-up in their epilogue) for the tiles up to 128 wide.
+    if (c.block_m == 128 && c.block_n == 128)
+      sm90::launch_gemm<128, 128, false, true>(maps, p, c, max_tiles, stream);
+    else if (c.block_m == 64 && c.block_n == 128)
+      sm90::launch_gemm<64, 128, false, true>(maps, p, c, max_tiles, stream);
+    else if (c.block_m == 64 && c.block_n == 64)
+      sm90::launch_gemm<64, 64, false, true>(maps, p, c, max_tiles, stream);
+    else
+      FM_THROW(ErrorKind::kInvalidArgument, "fp8_gemm_nt: split-K is not compiled for tile ",
+               c.block_m, "x", c.block_n);
+    return;
+  }
   if (c.block_m == 128 && c.block_n == 192)
     sm90::launch_gemm<128, 192, false>(maps, p, c, max_tiles, stream);
   else if (c.block_m == 128 && c.block_n == 128)
@@ -55,17 +68,57 @@ void check_pointers(const uint8_t* a, const float* sa, const uint8_t* b, const f
 
 }  // namespace
 
+namespace {
+// The heuristic's largest split (the forced ones may go to kMaxSplitK).
+constexpr int kHeuristicMaxSplitK = 8;
+
+GemmShape dense_shape(int64_t m, int64_t n, int64_t k, bool has_workspace) {
+  GemmShape shape{GemmKind::kDense, m, n, k, 1};
+  shape.max_split_k = has_workspace ? kHeuristicMaxSplitK : 1;
+  return shape;
+}
+}  // namespace
+
+int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, const GemmTileConfig* force) {
+  sm90::check_common_shape("fp8_gemm_workspace_bytes", m, n, k);
+  if (m == 0) return 0;
+  const GemmTileConfig c = sm90::resolve_config(dense_shape(m, n, k, true), force);
+  return gemm_split_k_workspace_bytes(m, n, c.block_m, c.block_n, c.split_k);
+}
+
 void fp8_gemm_nt(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, bf16* d,
-                 int64_t m, int64_t n, int64_t k, cudaStream_t stream,
-                 const GemmTileConfig* force) {
+                 int64_t m, int64_t n, int64_t k, cudaStream_t stream, const GemmTileConfig* force,
+                 GemmWorkspace workspace) {
   sm90::check_common_shape("fp8_gemm_nt", m, n, k);
   if (m == 0) return;
   check_pointers(a, sa, b, sb, d);
-  GemmTileConfig c = sm90::resolve_config(GemmShape{GemmKind::kDense, m, n, k, 1}, force);
+  GemmTileConfig c = sm90::resolve_config(dense_shape(m, n, k, workspace.ptr != nullptr), force);
   // CTA pairs need 128-row tiles and an even number of them.
   const int64_t tiles_m = (m + c.block_m - 1) / c.block_m;
   if (c.cluster != 1 && (c.cluster != 2 || c.block_m != 128 || tiles_m % 2 != 0)) c.cluster = 1;
   GemmParams p{};
+  p.split_k = 1;
+  if (c.split_k > 1) {
+    FM_CHECK_ARG(workspace.ptr != nullptr, "fp8_gemm_nt: split_k=", c.split_k,
+                 " needs a workspace (fp8_gemm_workspace_bytes)");
+    FM_CHECK_ARG(c.split_k <= k / 128, "fp8_gemm_nt: split_k=", c.split_k, " but K=", k, " has ",
+                 k / 128, " blocks of 128");
+    sm90::check_aligned(workspace.ptr, "split-K workspace", 256);
+    const int64_t strips = gemm_split_k_strips(m, n, c.block_m, c.block_n);
+    FM_CHECK_ARG(strips <= kSplitKMaxStrips, "fp8_gemm_nt: split-K of M=", m, " N=", n, " with ",
+                 c.block_m, "x", c.block_n, " tiles has ", strips, " 16-row strips, at most ",
+                 kSplitKMaxStrips);
+    const int64_t need = gemm_split_k_workspace_bytes(m, n, c.block_m, c.block_n, c.split_k);
+    FM_CHECK_ARG(static_cast<int64_t>(workspace.bytes) >= need, "fp8_gemm_nt: workspace of ",
+                 workspace.bytes, " bytes, but split_k=", c.split_k, " with ", c.block_m, "x",
+                 c.block_n, " tiles at M=", m, " N=", n, " needs ", need,
+                 " (fp8_gemm_workspace_bytes)");
+    c.cluster = 1;
+    p.split_k = c.split_k;
+    p.counters = static_cast<int*>(workspace.ptr);
+    p.partials =
+        reinterpret_cast<float*>(static_cast<uint8_t*>(workspace.ptr) + kSplitKCounterBytes);
+  }
   p.form = Form::kDense;
   p.cluster = c.cluster;
   p.m = static_cast<int>(m);
@@ -77,7 +130,8 @@ void fp8_gemm_nt(const uint8_t* a, const float* sa, const uint8_t* b, const floa
   p.sb = sb;
   p.d = d;
   const LaunchMaps maps = make_maps(a, m, b, n, sa, k / 128, sm90::pad4(m), k, d, m, n, c);
-  const int64_t tiles = (m + c.block_m - 1) / c.block_m * ((n + c.block_n - 1) / c.block_n);
+  const int64_t tiles =
+      (m + c.block_m - 1) / c.block_m * ((n + c.block_n - 1) / c.block_n) * p.split_k;
   dispatch_1d2d(maps, p, c, static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
 }
 

@@ -84,6 +84,15 @@ GemmTileConfig resolve_config(const GemmShape& shape, const GemmTileConfig* forc
     known |= t.block_m == c.block_m && t.block_n == c.block_n;
   FM_CHECK_ARG(known, "fp8 gemm (", gemm_kind_name(shape.kind), "): tile ", c.block_m, "x",
                c.block_n, " is not compiled for this form");
+  if (c.split_k <= 1) c.split_k = 1;
+  FM_CHECK_ARG(c.split_k == 1 || shape.kind == GemmKind::kDense, "fp8 gemm (",
+               gemm_kind_name(shape.kind), "): split_k=", c.split_k,
+               " (split-K is for the dense fp8_gemm_nt only)");
+  FM_CHECK_ARG(c.split_k <= kMaxSplitK, "fp8 gemm: split_k=", c.split_k, " (at most ", kMaxSplitK,
+               ")");
+  // NOTE: a split launch stores from registers (only the last slice of a strip stores, without
+  // the warpgroup-wide barrier the TMA store needs), so it has no output staging.
+  if (c.split_k > 1) c.epilogue = 1;
   if (c.epilogue == 0) c.epilogue = gemm_choose_epilogue(shape, c.block_n);
   FM_CHECK_ARG(c.epilogue == 1 || c.epilogue == 2, "fp8 gemm: epilogue ", c.epilogue,
                " (0 = choose, 1 = registers, 2 = TMA store)");

@@ -80,27 +80,53 @@ int gemm_max_stages(GemmKind kind, int block_m, int block_n, int64_t smem_limit,
   return static_cast<int>(std::min<int64_t>(stages, kMaxStages));
 }
 
-double gemm_tile_cost(const GemmShape& s, const TileCandidate& t, int num_sms) {
+int64_t gemm_split_k_strips(int64_t m, int64_t n, int block_m, int block_n) {
+  return ceil_div(std::max<int64_t>(m, 1), block_m) * ceil_div(n, block_n) * (block_m / 16);
+}
+
+int64_t gemm_split_k_workspace_bytes(int64_t m, int64_t n, int block_m, int block_n, int split_k) {
+  if (split_k <= 1) return 0;
+  const int64_t tiles = ceil_div(std::max<int64_t>(m, 1), block_m) * ceil_div(n, block_n);
+  return kSplitKCounterBytes + tiles * split_k * int64_t{block_m} * block_n * 4;
+}
+
+double gemm_tile_cost(const GemmShape& s, const TileCandidate& t, int num_sms, int split_k) {
   const int64_t tiles_m = ceil_div(std::max<int64_t>(s.m, 1), t.block_m);
   const int64_t tiles_n = ceil_div(s.n, t.block_n);
   const int64_t groups = s.kind == GemmKind::kGroupedContiguous ? 1 : s.num_groups;
   const int64_t tiles = tiles_m * tiles_n * groups;
-  const int64_t waves = ceil_div(tiles, num_sms);
+  const int64_t units = tiles * std::max(split_k, 1);
+  const int64_t waves = ceil_div(units, num_sms);
+  // The longest slice sets the unit's time.
+  const double k_unit = 128.0 * ceil_div(s.k / 128, std::max(split_k, 1));
   // One math warpgroup (block_m 64) overlaps promotion with the tensor cores less well.
   const double efficiency = (t.block_m == 128 ? 1.0 : 0.8) * (t.block_n == 128 ? 1.0 : 0.85);
-  const double compute = 2.0 * t.block_m * t.block_n * s.k / (kFlopsPerSm * efficiency);
-  const double l2 = double(t.block_m + t.block_n) * s.k / kL2BytesPerSm;
+  const double compute = 2.0 * t.block_m * t.block_n * k_unit / (kFlopsPerSm * efficiency);
+  const double l2 = double(t.block_m + t.block_n) * k_unit / kL2BytesPerSm;
   const double per_tile = std::max(compute, l2);
-  // Fewer tiles than multiprocessors: each tile still takes per_tile, but the DRAM floor is
+  // Split-K: the slices of a tile finish together, then one SM writes its partial tile and reads
+  // all split_k back: a tail on the critical path that grows with split_k (measured on H200,
+  // dev/gemm/NOTES.md session 2b: 128x128 tiles at 2112x7168 read 15.2 us with 4 slices, 17.0
+  // with 7).
+  const double fixup =
+      split_k > 1 ? double(1 + split_k) * t.block_m * t.block_n * 4 / kL2BytesPerSm : 0.0;
+  // Fewer units than multiprocessors: each unit still takes per_tile, but the DRAM floor is
   // shared by fewer readers, so the floor below dominates.
   const double dram = double(s.m * s.k + s.n * s.k * groups) / kDramBytes;
   const double dram_per_sm_limit =
-      double(std::min<int64_t>(tiles, num_sms)) / num_sms;  // fraction of the chip pulling data
+      double(std::min<int64_t>(units, num_sms)) / num_sms;  // fraction of the chip pulling data
   // NOTE: the small second term breaks ties when the DRAM floor dominates (small M) in favour of
   // the tile that wastes the least tensor-core work (no 128-row tiles for M = 64).
   return std::max(double(waves) * per_tile, dram / std::max(dram_per_sm_limit, 1e-3)) +
-         0.05 * double(waves) * per_tile;
+         0.05 * double(waves) * per_tile + fixup;
 }
+
+namespace {
+// Split-K must beat the best unsplit tile by this factor in the model: of the fix-up only its
+// L2 bytes are modelled, not its latency (fences, an atomic, ceil(S/2) L2 round trips).
+constexpr double kSplitKMargin = 0.85;
+constexpr int64_t kSplitKMaxM = 128;
+}  // namespace
 
 GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit) {
   FM_CHECK_ARG(num_sms > 0, "choose_gemm_tile: num_sms=", num_sms);
@@ -121,11 +147,40 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
     // NOTE: strict '<' with the candidates listed largest first keeps the larger tile on ties.
     if (cost < best_cost * (1.0 - 1e-9)) {
       best_cost = cost;
-      best = GemmTileConfig{t.block_m, t.block_n, stages, num_sms, epilogue, 1};
+      best = GemmTileConfig{t.block_m, t.block_n, stages, num_sms, epilogue, 1, 1};
     }
   }
   FM_CHECK_ARG(best_cost < std::numeric_limits<double>::infinity(),
                "choose_gemm_tile: no tile fits in ", smem_limit, " bytes of shared memory");
+  // NOTE: split-K was measured at M = 64 and 128 only; larger M keeps the unsplit pick.
+  if (shape.kind != GemmKind::kDense || shape.max_split_k <= 1 || shape.m > kSplitKMaxM)
+    return best;
+  // Split-K: only while all units (tiles x slices) fit in one wave, with >= 4 K blocks a slice,
+  // and only where the model gains kSplitKMargin over the best unsplit tile. Measured on H200
+  // (dev/gemm/NOTES.md session 2b): every split with more units than SMs lost, by 2-6x at
+  // K <= 2048. Split launches store from registers (the last slice of a strip does the sum), so
+  // their stages fill shared memory.
+  const int64_t k_blocks = shape.k / 128;
+  double split_best = best_cost * kSplitKMargin;
+  for (const TileCandidate& t : gemm_tile_candidates(shape.kind)) {
+    if (t.block_n > 128) continue;  // no split-K kernel for 192-wide tiles
+    const int64_t tiles =
+        ceil_div(std::max<int64_t>(shape.m, 1), t.block_m) * ceil_div(shape.n, t.block_n);
+    if (2 * tiles > num_sms ||
+        gemm_split_k_strips(shape.m, shape.n, t.block_m, t.block_n) > kSplitKMaxStrips)
+      continue;
+    const int stages = gemm_max_stages(shape.kind, t.block_m, t.block_n, smem_limit, false);
+    if (stages < 3) continue;
+    for (int split = 2; split <= std::min(shape.max_split_k, kMaxSplitK) &&
+                        k_blocks >= 4 * int64_t{split} && tiles * split <= num_sms;
+         ++split) {
+      const double c = gemm_tile_cost(shape, t, num_sms, split);
+      if (c < split_best * (1.0 - 1e-9)) {
+        split_best = c;
+        best = GemmTileConfig{t.block_m, t.block_n, stages, num_sms, 1, 1, split};
+      }
+    }
+  }
   return best;
 }
 
@@ -133,6 +188,7 @@ std::string describe_tile_config(const GemmTileConfig& c) {
   std::ostringstream out;
   out << c.block_m << "x" << c.block_n << "x128/s" << c.num_stages << "/sm" << c.num_sms
       << (c.epilogue == 2 ? "/tma_store" : "") << (c.cluster == 2 ? "/pair" : "");
+  if (c.split_k > 1) out << "/split" << c.split_k;
   return out.str();
 }
 

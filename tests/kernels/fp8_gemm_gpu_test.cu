@@ -11,6 +11,7 @@
 #include "fp8moe/fp8/gemm_reference.h"
 #include "fp8moe/fp8/quantize.h"
 #include "fp8moe/kernels/fp8_gemm.h"
+#include "fp8moe/kernels/sm90_gemm_heuristic.h"
 #include "gpu_test_util.cuh"
 
 namespace fp8moe {
@@ -159,6 +160,167 @@ TEST(Fp8GemmGpu, RejectsWhatItCannotTake) {
     EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
     EXPECT_NE(e.message().find("K=200"), std::string::npos) << e.message();
   }
+}
+
+// ---- dense split-K ----
+// One (M, N, K) problem on fresh random inputs, its CPU reference computed once; every split-K
+// configuration is run on it with a poisoned output and checked against the reference (same
+// bound as without split: the split changes only the FP32 summation order), then run again and
+// compared bit for bit (the fix-up adds the slices in a fixed order, whichever finishes last).
+// B (the weights) on the host and the device, shared by the problems of several M.
+struct SplitKWeights {
+  QuantizedMatrix q;
+  DeviceBuffer<uint8_t> b;
+  DeviceBuffer<float> sb;
+  SplitKWeights(int64_t n, int64_t k, uint64_t seed)
+      : q(random_quantized(n, k, ScaleGranularity::k128x128, seed)), b(q.codes), sb(q.scales) {}
+};
+
+struct SplitKProblem {
+  int64_t m, n, k;
+  QuantizedMatrix qa;
+  const SplitKWeights& w;
+  DeviceBuffer<uint8_t> a;
+  DeviceBuffer<float> sa;
+  std::vector<float> want;
+  SplitKProblem(int64_t m_, const SplitKWeights& w_, uint64_t seed)
+      : m(m_),
+        n(w_.q.rows),
+        k(w_.q.cols),
+        qa(random_quantized(m_, k, ScaleGranularity::k1x128, seed)),
+        w(w_),
+        a(qa.codes),
+        sa(scales_mn_major(qa)),
+        want(static_cast<size_t>(m * n)) {
+    gemm_fp8_reference(qa.ref(), w.q.ref(), want.data(), n, {}, false, test::test_threads());
+  }
+  // Runs fp8_gemm_nt (force null: the heuristic, with the workspace) twice.
+  void check(const GemmTileConfig* force, kernels::GemmWorkspace ws, const char* what) {
+    DeviceBuffer<bf16> d(static_cast<size_t>(m * n));
+    d.poison();
+    kernels::fp8_gemm_nt(a.get(), sa.get(), w.b.get(), w.sb.get(), d.get(), m, n, k, nullptr, force,
+                         ws);
+    FM_CHECK_CUDA(cudaDeviceSynchronize());
+    const std::vector<bf16> first = d.download();
+    const std::vector<float> got = test::bf16_to_float(first);
+    report(what, m, n, k, 1, compare(got.data(), want.data(), m * n), kBf16NormTol);
+    d.poison(0x7F);
+    kernels::fp8_gemm_nt(a.get(), sa.get(), w.b.get(), w.sb.get(), d.get(), m, n, k, nullptr, force,
+                         ws);
+    FM_CHECK_CUDA(cudaDeviceSynchronize());
+    const std::vector<bf16> second = d.download();
+    int64_t differ = 0;
+    for (size_t i = 0; i < first.size(); ++i) differ += first[i].bits != second[i].bits;
+    EXPECT_EQ(differ, 0) << what << " m=" << m << " n=" << n << " k=" << k
+                         << ": not bit-reproducible";
+  }
+};
+
+// A zero-filled workspace big enough for every configuration tried on (m, n).
+DeviceBuffer<uint8_t> split_k_workspace(int64_t m, int64_t n) {
+  int64_t bytes = 0;
+  for (const auto& t : {std::array<int, 2>{128, 128}, {64, 128}, {64, 64}})
+    bytes = std::max(bytes, kernels::gemm_split_k_workspace_bytes(m, n, t[0], t[1], 8));
+  DeviceBuffer<uint8_t> ws(static_cast<size_t>(bytes));
+  ws.poison(0);
+  return ws;
+}
+
+void expect_counters_zero(const DeviceBuffer<uint8_t>& ws) {
+  const std::vector<uint8_t> bytes = ws.download();
+  for (int64_t i = 0; i < kernels::kSplitKCounterBytes; ++i)
+    ASSERT_EQ(bytes[static_cast<size_t>(i)], 0) << "split-K counter byte " << i << " left non-zero";
+}
+
+TEST(Fp8GemmGpuSplitK, MatchesReferenceOnDeepSeekShapes) {
+  const int64_t nk[][2] = {{2112, 7168},  {24576, 1536}, {32768, 512},
+                           {7168, 16384}, {4096, 7168},  {7168, 2048}};
+  uint64_t seed = 900;
+  for (const auto& s : nk) {
+    const SplitKWeights weights(s[0], s[1], seed += 2);
+    for (int64_t m : {1, 64, 100, 128}) {
+      SplitKProblem pr(m, weights, seed += 2);
+      DeviceBuffer<uint8_t> ws = split_k_workspace(m, s[0]);
+      const kernels::GemmWorkspace w{ws.get(), ws.size()};
+      // The heuristic with a workspace (it may or may not split this shape).
+      const int64_t need = kernels::fp8_gemm_workspace_bytes(m, s[0], s[1]);
+      EXPECT_LE(need, static_cast<int64_t>(ws.size()));
+      pr.check(nullptr, w, need > 0 ? "splitk_heuristic" : "splitk_heur_nosplit");
+      // Forced splits; 128x128 for every S, the narrower tiles for a few.
+      const int64_t kb = s[1] / 128;
+      for (int split = 2; split <= 8 && split <= kb; ++split) {
+        const GemmTileConfig c{128, 128, 0, 0, 0, 1, split};
+        pr.check(&c, w, kernels::describe_tile_config(c).c_str());
+      }
+      for (const GemmTileConfig c :
+           {GemmTileConfig{64, 128, 0, 0, 0, 1, 2}, GemmTileConfig{64, 64, 0, 0, 0, 1, 3}}) {
+        if (c.split_k <= kb) pr.check(&c, w, kernels::describe_tile_config(c).c_str());
+      }
+      expect_counters_zero(ws);
+    }
+  }
+}
+
+TEST(Fp8GemmGpuSplitK, UnevenSlicesAndPartialTiles) {
+  // K blocks not divisible by S (uneven slices, down to one block), M and N not multiples of the
+  // tile, and 7 CTAs walking many units each.
+  uint64_t seed = 950;
+  for (const auto& shape :
+       {std::array<int64_t, 3>{100, 2112, 1024}, std::array<int64_t, 3>{333, 136, 896},
+        std::array<int64_t, 3>{1, 64, 128 * 7}}) {
+    const SplitKWeights weights(shape[1], shape[2], seed += 2);
+    SplitKProblem pr(shape[0], weights, seed += 2);
+    DeviceBuffer<uint8_t> ws = split_k_workspace(shape[0], shape[1]);
+    const kernels::GemmWorkspace w{ws.get(), ws.size()};
+    for (const GemmTileConfig c :
+         {GemmTileConfig{128, 128, 0, 0, 0, 1, 3}, GemmTileConfig{128, 128, 3, 7, 0, 1, 7},
+          GemmTileConfig{64, 128, 0, 0, 0, 1, 5}, GemmTileConfig{64, 64, 0, 0, 2, 1, 2}})
+      pr.check(&c, w, kernels::describe_tile_config(c).c_str());
+    expect_counters_zero(ws);
+  }
+}
+
+TEST(Fp8GemmGpuSplitK, RejectsBadWorkspaceAndSplits) {
+  const int64_t m = 128, n = 256, k = 1024;
+  DeviceBuffer<uint8_t> a(m * k), b(n * k);
+  DeviceBuffer<float> sa(m * 8), sb(2 * 8);
+  DeviceBuffer<bf16> d(m * n);
+  const GemmTileConfig split4{128, 128, 0, 0, 0, 1, 4};
+  const int64_t need = kernels::fp8_gemm_workspace_bytes(m, n, k, &split4);
+  EXPECT_EQ(need, kernels::gemm_split_k_workspace_bytes(m, n, 128, 128, 4));
+  DeviceBuffer<uint8_t> ws(static_cast<size_t>(need));
+  ws.poison(0);
+  auto gemm = [&](const GemmTileConfig* c, kernels::GemmWorkspace w) {
+    kernels::fp8_gemm_nt(a.get(), sa.get(), b.get(), sb.get(), d.get(), m, n, k, nullptr, c, w);
+  };
+  EXPECT_EQ(kernels::fp8_gemm_workspace_bytes(4096, 7168, 7168), 0);  // a full grid: no split
+  // One byte short: a clear error naming the sizes.
+  try {
+    gemm(&split4, {ws.get(), static_cast<size_t>(need - 1)});
+    ADD_FAILURE() << "a short workspace was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+    EXPECT_NE(e.message().find("workspace of " + std::to_string(need - 1) + " bytes"),
+              std::string::npos)
+        << e.message();
+    EXPECT_NE(e.message().find("needs " + std::to_string(need)), std::string::npos) << e.message();
+  }
+  EXPECT_THROW(gemm(&split4, {}), Error);  // no workspace
+  EXPECT_THROW(gemm(&split4, {ws.get() + 16, static_cast<size_t>(need) - 16}), Error);  // align
+  const GemmTileConfig too_many{128, 128, 0, 0, 0, 1, 9};  // K = 1024 has 8 blocks
+  EXPECT_THROW(gemm(&too_many, {ws.get(), ws.size()}), Error);
+  const GemmTileConfig wide{128, 192, 0, 0, 0, 1, 2};  // no split-K kernel for 192-wide tiles
+  EXPECT_THROW(gemm(&wide, {ws.get(), ws.size()}), Error);
+  const GemmTileConfig over{128, 128, 0, 0, 0, 1, kernels::kMaxSplitK + 1};
+  EXPECT_THROW(gemm(&over, {ws.get(), ws.size()}), Error);
+  // Split-K is for the dense form only.
+  DeviceBuffer<int32_t> layout(std::vector<int32_t>(m, 0));
+  EXPECT_THROW(
+      kernels::fp8_gemm_nt_grouped_contiguous(a.get(), sa.get(), b.get(), sb.get(), d.get(),
+                                              layout.get(), m, n, k, 1, nullptr, &split4),
+      Error);
+  // Nothing was launched by the rejected calls: the counters are still zero.
+  expect_counters_zero(ws);
 }
 
 // ---- grouped contiguous ----

@@ -77,6 +77,81 @@ TEST(Sm90GemmHeuristic, CostGrowsWithWaves) {
   EXPECT_GT(two, one * 1.5);  // 132 tiles fit one wave, 144 need two
 }
 
+GemmShape with_split(GemmShape s, int max_split) {
+  s.max_split_k = max_split;
+  return s;
+}
+
+TEST(Sm90GemmHeuristic, SplitsKWhereItWasMeasuredToPay) {
+  // H200, dev/gemm/NOTES.md session 2b (same-run cuBLASLt blockwise ratio, unsplit -> split):
+  // M = 128 2112x7168 64x64 1.06x -> split 2 1.32x; M = 64 2112x7168 1.00x -> split 4 1.53x;
+  // M = 64 4096x7168 1.06x -> split 2 1.25x.
+  struct Case {
+    int64_t m, n, k;
+    int split;
+  };
+  for (const Case& c :
+       {Case{128, 2112, 7168, 2}, Case{64, 2112, 7168, 4}, Case{64, 4096, 7168, 2}}) {
+    const GemmShape s{GemmKind::kDense, c.m, c.n, c.k, 1};
+    EXPECT_EQ(choose_gemm_tile(s, kH100Sms, kH100Smem).split_k, 1);  // no workspace, no split
+    const GemmTileConfig t = choose_gemm_tile(with_split(s, 8), kH100Sms, kH100Smem);
+    EXPECT_EQ(t.block_m, 64) << c.m << "x" << c.n << "x" << c.k;
+    EXPECT_EQ(t.block_n, 64) << c.m << "x" << c.n << "x" << c.k;
+    EXPECT_EQ(t.split_k, c.split) << c.m << "x" << c.n << "x" << c.k;
+    EXPECT_EQ(t.epilogue, 1);  // split launches store from registers
+    EXPECT_LE(gemm_smem_bytes(GemmKind::kDense, t.block_m, t.block_n, t.num_stages, false),
+              kH100Smem);
+  }
+}
+
+TEST(Sm90GemmHeuristic, SplitsKOnlyInOneWaveOfUnderfilledSmallMDenseGrids) {
+  // Measured losses (H200): every split with more units than SMs (2-6x slower at K <= 2048),
+  // 128x128 with 7-8 slices, and splits where the unsplit 64x64 grid is already full.
+  for (int64_t m : {1, 64, 100, 128, 256, 4096})
+    for (int64_t n : {576, 1536, 2112, 4096, 7168, 24576, 32768})
+      for (int64_t k : {512, 1536, 2048, 7168, 16384}) {
+        const GemmShape s = with_split({GemmKind::kDense, m, n, k, 1}, 8);
+        const GemmTileConfig t = choose_gemm_tile(s, kH100Sms, kH100Smem);
+        if (t.split_k == 1) {
+          // The unsplit pick is the one without a workspace.
+          const GemmTileConfig u =
+              choose_gemm_tile({GemmKind::kDense, m, n, k, 1}, kH100Sms, kH100Smem);
+          EXPECT_EQ(describe_tile_config(t), describe_tile_config(u));
+          continue;
+        }
+        const int64_t units =
+            (m + t.block_m - 1) / t.block_m * ((n + t.block_n - 1) / t.block_n) * t.split_k;
+        EXPECT_LE(m, 128) << m << "x" << n << "x" << k;
+        EXPECT_LE(units, kH100Sms) << m << "x" << n << "x" << k << " " << describe_tile_config(t);
+        EXPECT_LE(4 * t.split_k, k / 128) << m << "x" << n << "x" << k;
+        EXPECT_NE(t.block_n, 192);
+      }
+  // Measured no gain: M = 128 4096x7168 (64x64, 128 tiles), 7168x2048, 7168x16384 at M = 64.
+  for (const GemmShape& s : {GemmShape{GemmKind::kDense, 128, 4096, 7168, 1},
+                             GemmShape{GemmKind::kDense, 128, 7168, 2048, 1},
+                             GemmShape{GemmKind::kDense, 64, 7168, 16384, 1}})
+    EXPECT_EQ(choose_gemm_tile(with_split(s, 8), kH100Sms, kH100Smem).split_k, 1)
+        << s.m << "x" << s.n << "x" << s.k;
+  // The other forms never split.
+  for (GemmKind kind : {GemmKind::kGroupedContiguous, GemmKind::kGroupedMasked, GemmKind::kWgrad})
+    EXPECT_EQ(
+        choose_gemm_tile(with_split({kind, 128, 2112, 7168, 1}, 8), kH100Sms, kH100Smem).split_k, 1)
+        << gemm_kind_name(kind);
+}
+
+TEST(Sm90GemmHeuristic, SplitKWorkspaceSize) {
+  EXPECT_EQ(gemm_split_k_workspace_bytes(128, 7168, 128, 128, 1), 0);
+  // 56 tiles x 4 slices x 128 x 128 floats, after the fixed counter region.
+  EXPECT_EQ(gemm_split_k_workspace_bytes(128, 7168, 128, 128, 4),
+            kSplitKCounterBytes + 56 * 4 * 128 * 128 * 4);
+  // Partial tiles count whole: M = 100 -> 2 64-row tiles, N = 136 -> 3 64-wide tiles.
+  EXPECT_EQ(gemm_split_k_workspace_bytes(100, 136, 64, 64, 2),
+            kSplitKCounterBytes + 6 * 2 * 64 * 64 * 4);
+  EXPECT_EQ(gemm_split_k_strips(100, 136, 64, 64), 6 * 4);
+  GemmTileConfig c{128, 128, 5, 132, 1, 1, 3};
+  EXPECT_NE(describe_tile_config(c).find("/split3"), std::string::npos);
+}
+
 TEST(Sm90GemmHeuristic, RejectsImpossibleSettings) {
   EXPECT_THROW(choose_gemm_tile({GemmKind::kDense, 64, 64, 128, 1}, 0, kH100Smem), Error);
   EXPECT_THROW(choose_gemm_tile({GemmKind::kDense, 64, 64, 128, 1}, kH100Sms, 40 * 1024), Error);

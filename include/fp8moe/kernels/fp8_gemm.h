@@ -26,10 +26,31 @@
 
 namespace fp8moe::kernels {
 
+// Split-K workspace of the dense GEMM (device memory, 256-byte aligned). With one, fp8_gemm_nt may
+// cut K into S slices per output tile (the heuristic does at M <= 128 where the tiles leave
+// multiprocessors idle and tiles x S fit in one wave; GemmTileConfig::split_k forces S): each
+// slice's CTA writes its FP32 partial sums, promoted per 128-K block exactly as without a split,
+// into the workspace, and for each 16-row strip the slice that finishes last adds the S partials in
+// slice order 0..S-1 and stores BF16. The result therefore differs from the unsplit one only by
+// FP32 summation order (S partial fmaf chains added in a fixed order instead of one chain over all
+// K) and is bit-reproducible run to run. Size it with fp8_gemm_workspace_bytes (0: no split for
+// that shape); zero-fill it ONCE before the first use (cudaMemset): its arrival counters return to
+// zero at the end of every call. Calls that may run at the same time need separate workspaces. The
+// call allocates nothing (CUDA-graph capturable). Without a workspace (ptr null) K is never split;
+// a workspace smaller than the launch needs is rejected (kInvalidArgument).
+struct GemmWorkspace {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+};
+
+// Bytes of workspace fp8_gemm_nt needs for this shape with a workspace given (and `force`, if set).
+int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k,
+                                 const GemmTileConfig* force = nullptr);
+
 // Dense Fprop/Dgrad: D bf16 [M,N] = A [M,K] (1x128, sa M-major) * B [N,K]^T (128x128 sb).
 void fp8_gemm_nt(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, bf16* d,
                  int64_t m, int64_t n, int64_t k, cudaStream_t stream,
-                 const GemmTileConfig* force = nullptr);
+                 const GemmTileConfig* force = nullptr, GemmWorkspace workspace = {});
 
 // MoE grouped, contiguous: A [M,K] holds every routed token, each expert's rows start at a
 // multiple of 128; grouped_layout [M] (int32, device) names each row's expert, -1 for padding

@@ -17,6 +17,9 @@ struct GemmTileConfig {
                        // shared memory and TMA stores (overlaps the next tile; costs a stage)
   int cluster = 1;     // 2: pairs of CTAs on adjacent 128-row blocks share B tiles (TMA
                        // multicast); dense only, needs an even number of M-blocks (else 1 is used)
+  int split_k = 0;     // dense fp8_gemm_nt only: K cut into this many slices per output tile
+                       // (FP32 partials in the caller's GemmWorkspace); 0 or 1 = no split. The
+                       // heuristic fills in its pick (1 when it does not split or has no workspace)
 };
 
 // One line naming a configuration (for benchmarks and logs).

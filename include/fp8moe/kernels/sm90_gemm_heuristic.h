@@ -20,7 +20,19 @@ struct GemmShape {
   int64_t m = 0;           // rows of one problem (masked: the expected rows per group)
   int64_t n = 0, k = 0;    // k: the reduction length of one problem (k-grouped: the average)
   int64_t num_groups = 1;  // problems that run side by side (contiguous: 1, m counts all rows)
+  int max_split_k = 1;     // dense with a workspace: K may be cut into up to this many slices
 };
+
+// Split-K (dense): largest slice count the kernels take, and the workspace a split launch needs:
+// a fixed region of arrival counters (one per 16-row strip of each tile; fixed so that calls of
+// different shapes sharing one workspace never write partials over another layout's counters),
+// then the FP32 partials of every (tile, slice), block_m x block_n floats each.
+inline constexpr int kMaxSplitK = 16;
+inline constexpr int64_t kSplitKMaxStrips = 16384;
+inline constexpr int64_t kSplitKCounterBytes = kSplitKMaxStrips * 4;
+// 16-row strips of a launch (must be <= kSplitKMaxStrips to split).
+int64_t gemm_split_k_strips(int64_t m, int64_t n, int block_m, int block_n);
+int64_t gemm_split_k_workspace_bytes(int64_t m, int64_t n, int block_m, int block_n, int split_k);
 
 struct TileCandidate {
   int block_m, block_n;
@@ -38,10 +50,16 @@ int gemm_max_stages(GemmKind kind, int block_m, int block_n, int64_t smem_limit,
 // and TMA stores; the FP32 accumulate of the weight gradient stores from registers.
 int gemm_choose_epilogue(const GemmShape& shape, int block_n);
 
-// Estimated time (arbitrary units, comparable between candidates of one shape).
-double gemm_tile_cost(const GemmShape& shape, const TileCandidate& tile, int num_sms);
+// Estimated time (arbitrary units, comparable between candidates of one shape); split_k > 1: K cut
+// into that many slices per tile, each slice a unit of work, plus the fix-up tail (one SM writes
+// its partial tile and reads all split_k back).
+double gemm_tile_cost(const GemmShape& shape, const TileCandidate& tile, int num_sms,
+                      int split_k = 1);
 
-// The best candidate for the shape, with num_stages and num_sms filled in.
+// The best candidate for the shape, with num_stages, num_sms and split_k filled in. Split-K is
+// considered only for dense shapes with max_split_k > 1 and M <= 128, when every unit (tiles x
+// slices) fits in one wave, with >= 4 K blocks a slice, and where the model gains 15% over the
+// best unsplit tile (measured on H200: dev/gemm/NOTES.md session 2b).
 GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit);
 
 }  // namespace fp8moe::kernels
