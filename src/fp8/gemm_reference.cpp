@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <bit>
 #include <climits>
 #include <cmath>
@@ -10,6 +11,10 @@
 #include <vector>
 
 #include "fp8moe/fp8/codec.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace fp8moe {
 
@@ -145,7 +150,8 @@ float lane_dot(const float* x, const float* y, int64_t n) {
 
 // The register-blocked micro-kernel: 2 rows of A x 4 rows of B over a window of n elements (n a
 // multiple of 8), each output in exactly the lane order of lane_dot. Eight lane accumulators
-// and six operand vectors fit the 16 AVX registers.
+// and six operand vectors fit the 16 AVX registers. Used by the general fast path below (windows
+// that are not a multiple of 8 long); the packed path further down handles the common case.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
@@ -179,9 +185,10 @@ void lane_dot_2x4(const float* a0, const float* a1, const float* const b[4], int
   out[1][3] = reduce_lanes(c13);
 }
 
-// Rows [m0, m1) of D in the fast (FP32, lane-ordered) model. Blocked: B is walked in panels of
-// kPanel rows (kept in cache while every 2-row block of A passes over it), outputs in 2x4
-// register blocks; ragged edges reuse a valid row whose results are discarded.
+// Rows [m0, m1) of D in the fast (FP32, lane-ordered) model, for any window length (the general
+// path: windows that are not a multiple of 8 long). Blocked: B is walked in panels of kPanel rows
+// (kept in cache while every 2-row block of A passes over it), outputs in 2x4 register blocks;
+// ragged edges reuse a valid row whose results are discarded.
 void fast_rows(const Fp8MatrixRef& a, const Fp8MatrixRef& b, const std::vector<float>& b_dec,
                float* d, int64_t ldd, int64_t interval, bool accumulate, int64_t m0, int64_t m1) {
   constexpr int64_t kPanel = 64;
@@ -222,6 +229,241 @@ void fast_rows(const Fp8MatrixRef& a, const Fp8MatrixRef& b, const std::vector<f
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < cols; ++j) d[(mb + i) * ldd + nb + j] = acc[i][j];
       }
+    }
+  }
+}
+
+// ---- The packed fast path (every window a multiple of 8 long, or one window over all of K) ----
+//
+// Operands are decoded once into zero-padded, interleaved panels, so the micro-kernel streams
+// one contiguous buffer per operand and the promotion needs no scale lookups:
+//   A: per 2-row block, per 8-wide k group: a0[k..k+8), a1[k..k+8)       (16 floats)
+//   B: per 4-row block, per 8-wide k group: b0[k..k+8), ..., b3[k..k+8)  (32 floats)
+//   scales: per block, per window: (sa0, sa1) and (sb0, sb1, sb2, sb3)
+// K is padded with zeros to kp, a multiple of 8; missing rows of a last block are zero rows with
+// scale 0, whose outputs are dropped. NOTE: the padding adds 0*0 = +0 to a lane, exactly the
+// zero-padded tail of lane_dot, so results are the documented ones bit for bit.
+struct PackedGeometry {
+  int64_t k = 0, kp = 0, interval = 0, windows = 0;
+  int64_t groups() const { return kp / 8; }
+};
+
+PackedGeometry packed_geometry(int64_t k, int64_t interval) {
+  PackedGeometry g;
+  g.k = k;
+  g.kp = (k + 7) / 8 * 8;
+  g.interval = std::min(interval, g.kp);  // one window over all of K: the padded K
+  g.windows = (g.kp + g.interval - 1) / g.interval;
+  return g;
+}
+
+bool packed_path_applies(int64_t k, int64_t interval) {
+  return interval % 8 == 0 || interval >= k;
+}
+
+// Rows [r0, r0 + kRows) of `op` (rows past op.rows are zeros) into one packed block.
+template <int kRows>
+void pack_block(const Fp8MatrixRef& op, int64_t r0, const PackedGeometry& g, float* panel,
+                float* scales) {
+  const auto& lut = e4m3_table();
+  for (int i = 0; i < kRows; ++i) {
+    const int64_t r = r0 + i;
+    if (r < op.rows) {
+      const uint8_t* codes = op.codes + r * op.ld;
+      for (int64_t k = 0; k < g.k; ++k) panel[(k / 8) * (8 * kRows) + 8 * i + k % 8] = lut[codes[k]];
+      for (int64_t k = g.k; k < g.kp; ++k) panel[(k / 8) * (8 * kRows) + 8 * i + k % 8] = 0.0f;
+      for (int64_t w = 0; w < g.windows; ++w) scales[w * kRows + i] = op.scale(r, w * g.interval);
+    } else {
+      for (int64_t q = 0; q < g.groups(); ++q)
+        std::fill_n(panel + q * (8 * kRows) + 8 * i, 8, 0.0f);
+      for (int64_t w = 0; w < g.windows; ++w) scales[w * kRows + i] = 0.0f;
+    }
+  }
+}
+
+// A strip of output blocks: one packed 2-row block of A against `blocks` consecutive packed
+// 4-row blocks of B. acc[blocks][2][4] holds the running FP32 sums (in: the initial values).
+struct StripArgs {
+  const float* a;   // packed 2-row block
+  const float* sa;  // [windows][2]
+  const float* b;   // first packed 4-row block
+  const float* sb;  // [blocks][windows][4]
+  int64_t blocks;
+  PackedGeometry g;
+  float* acc;
+};
+
+using StripKernel = void (*)(const StripArgs&);
+
+// The portable kernel: GCC vector extensions at the baseline ISA (SSE2 on x86-64).
+void strip_generic(const StripArgs& s) {
+  const int64_t q_total = s.g.groups(), qi = s.g.interval / 8;
+  for (int64_t blk = 0; blk < s.blocks; ++blk) {
+    const float* bp = s.b + blk * q_total * 32;
+    const float* sbp = s.sb + blk * s.g.windows * 4;
+    float* acc = s.acc + blk * 8;
+    for (int64_t w = 0; w < s.g.windows; ++w) {
+      const int64_t q0 = w * qi, q1 = std::min(q_total, q0 + qi);
+      Lanes c[2][4] = {};
+      for (int64_t q = q0; q < q1; ++q) {
+        Lanes x[2], y[4];
+        for (int i = 0; i < 2; ++i) load_lanes(x[i], s.a + q * 16 + 8 * i);
+        for (int j = 0; j < 4; ++j) load_lanes(y[j], bp + q * 32 + 8 * j);
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < 4; ++j) c[i][j] += x[i] * y[j];
+      }
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 4; ++j)
+          acc[i * 4 + j] =
+              std::fma(reduce_lanes(c[i][j]), s.sa[w * 2 + i] * sbp[w * 4 + j], acc[i * 4 + j]);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FM_HAVE_AVX2_KERNEL 1
+// NOTE: GCC contracts a*b+c into an FMA in C++ whenever the target has FMA (-ffp-contract=fast is
+// its default outside ISO C), intrinsics included. The header documents a multiply then an add
+// per product, so contraction is switched off here; only the promotion is a fused multiply-add,
+// written explicitly.
+#if defined(__clang__)
+#define FM_AVX2_FMA_FN __attribute__((target("avx2,fma")))
+#else
+#define FM_AVX2_FMA_FN __attribute__((target("avx2,fma"), optimize("fp-contract=off")))
+#endif
+
+// Four lane vectors (outputs j = 0..3) to their four partial sums, each in the documented order
+// ((l0+l4)+(l2+l6))+((l1+l5)+(l3+l7)): halves first, then a 4x4 transpose so that the remaining
+// pairwise adds run across outputs.
+FM_AVX2_FMA_FN inline __m128 reduce4_avx2(__m256 c0, __m256 c1, __m256 c2, __m256 c3) {
+  __m128 s0 = _mm_add_ps(_mm256_castps256_ps128(c0), _mm256_extractf128_ps(c0, 1));
+  __m128 s1 = _mm_add_ps(_mm256_castps256_ps128(c1), _mm256_extractf128_ps(c1, 1));
+  __m128 s2 = _mm_add_ps(_mm256_castps256_ps128(c2), _mm256_extractf128_ps(c2, 1));
+  __m128 s3 = _mm_add_ps(_mm256_castps256_ps128(c3), _mm256_extractf128_ps(c3, 1));
+  _MM_TRANSPOSE4_PS(s0, s1, s2, s3);  // s_l = (l+(l+4)) of outputs 0..3, l = 0..3
+  return _mm_add_ps(_mm_add_ps(s0, s2), _mm_add_ps(s1, s3));
+}
+
+FM_AVX2_FMA_FN void strip_avx2(const StripArgs& s) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  const int64_t q_total = s.g.groups(), qi = s.g.interval / 8;
+  for (int64_t blk = 0; blk < s.blocks; ++blk) {
+    const float* bp = s.b + blk * q_total * 32;
+    const float* sbp = s.sb + blk * s.g.windows * 4;
+    float* acc = s.acc + blk * 8;
+    __m128 acc0 = _mm_loadu_ps(acc), acc1 = _mm_loadu_ps(acc + 4);
+    for (int64_t w = 0; w < s.g.windows; ++w) {
+      const int64_t q0 = w * qi, q1 = std::min(q_total, q0 + qi);
+      __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
+      __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+      for (int64_t q = q0; q < q1; ++q) {
+        const float* ap = s.a + q * 16;
+        const float* bq = bp + q * 32;
+        const __m256 x0 = _mm256_loadu_ps(ap), x1 = _mm256_loadu_ps(ap + 8);
+        const __m256 y0 = _mm256_loadu_ps(bq), y1 = _mm256_loadu_ps(bq + 8);
+        const __m256 y2 = _mm256_loadu_ps(bq + 16), y3 = _mm256_loadu_ps(bq + 24);
+        c00 = _mm256_add_ps(c00, _mm256_mul_ps(x0, y0));
+        c01 = _mm256_add_ps(c01, _mm256_mul_ps(x0, y1));
+        c02 = _mm256_add_ps(c02, _mm256_mul_ps(x0, y2));
+        c03 = _mm256_add_ps(c03, _mm256_mul_ps(x0, y3));
+        c10 = _mm256_add_ps(c10, _mm256_mul_ps(x1, y0));
+        c11 = _mm256_add_ps(c11, _mm256_mul_ps(x1, y1));
+        c12 = _mm256_add_ps(c12, _mm256_mul_ps(x1, y2));
+        c13 = _mm256_add_ps(c13, _mm256_mul_ps(x1, y3));
+      }
+      // Promotion: acc = fmaf(partial, sa * sb, acc) per output, four outputs at a time.
+      const __m128 sb = _mm_loadu_ps(sbp + w * 4);
+      acc0 = _mm_fmadd_ps(reduce4_avx2(c00, c01, c02, c03),
+                          _mm_mul_ps(_mm_set1_ps(s.sa[w * 2]), sb), acc0);
+      acc1 = _mm_fmadd_ps(reduce4_avx2(c10, c11, c12, c13),
+                          _mm_mul_ps(_mm_set1_ps(s.sa[w * 2 + 1]), sb), acc1);
+    }
+    _mm_storeu_ps(acc, acc0);
+    _mm_storeu_ps(acc + 4, acc1);
+  }
+}
+#endif
+
+FastSimd detect_fast_simd() {
+#if defined(FM_HAVE_AVX2_KERNEL)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return FastSimd::kAvx2;
+#endif
+  return FastSimd::kGeneric;
+}
+
+std::atomic<FastSimd>& fast_simd_choice() {
+  static std::atomic<FastSimd> choice{detect_fast_simd()};
+  return choice;
+}
+
+StripKernel strip_kernel() {
+#if defined(FM_HAVE_AVX2_KERNEL)
+  if (fast_simd_choice().load(std::memory_order_relaxed) == FastSimd::kAvx2) return strip_avx2;
+#endif
+  return strip_generic;
+}
+
+// B packed once per GEMM: 4-row blocks, their per-window scales.
+struct PackedB {
+  PackedGeometry g;
+  int64_t rows = 0, blocks = 0;
+  std::vector<float> panel, scales;
+};
+
+PackedB pack_b(const Fp8MatrixRef& b, const PackedGeometry& g) {
+  PackedB p;
+  p.g = g;
+  p.rows = b.rows;
+  p.blocks = (b.rows + 3) / 4;
+  p.panel.resize(static_cast<size_t>(p.blocks * g.kp * 4));
+  p.scales.resize(static_cast<size_t>(p.blocks * g.windows * 4));
+  for (int64_t blk = 0; blk < p.blocks; ++blk)
+    pack_block<4>(b, blk * 4, g, p.panel.data() + blk * g.kp * 4,
+                  p.scales.data() + blk * g.windows * 4);
+  return p;
+}
+
+// Rows [m0, m1) of D on the packed path. B is walked in panels of kPanelBlocks 4-row blocks, kept
+// in cache while every 2-row block of A passes over it.
+void packed_rows(const Fp8MatrixRef& a, const PackedB& pb, float* d, int64_t ldd, bool accumulate,
+                 int64_t m0, int64_t m1) {
+  constexpr int64_t kPanelBlocks = 16;
+  const PackedGeometry& g = pb.g;
+  const int64_t a_blocks = (m1 - m0 + 1) / 2;
+  std::vector<float> a_panel(static_cast<size_t>(a_blocks * g.kp * 2));
+  std::vector<float> a_scales(static_cast<size_t>(a_blocks * g.windows * 2));
+  // NOTE: a last odd row is paired with a zero row; a view ending at m1 keeps the next
+  // thread's first row out of this block.
+  Fp8MatrixRef a_view = a;
+  a_view.rows = m1;
+  for (int64_t blk = 0; blk < a_blocks; ++blk)
+    pack_block<2>(a_view, m0 + 2 * blk, g, a_panel.data() + blk * g.kp * 2,
+                  a_scales.data() + blk * g.windows * 2);
+  const StripKernel kernel = strip_kernel();
+  float acc[kPanelBlocks * 8];
+  for (int64_t pb0 = 0; pb0 < pb.blocks; pb0 += kPanelBlocks) {
+    const int64_t blocks = std::min(kPanelBlocks, pb.blocks - pb0);
+    const int64_t n0 = pb0 * 4, n1 = std::min(pb.rows, n0 + blocks * 4);
+    for (int64_t blk = 0; blk < a_blocks; ++blk) {
+      const int64_t mb = m0 + 2 * blk;
+      const int64_t rows = std::min<int64_t>(2, m1 - mb);
+      for (int64_t j = 0; j < blocks; ++j)
+        for (int64_t i = 0; i < 2; ++i)
+          for (int64_t c = 0; c < 4; ++c) {
+            const int64_t n = n0 + j * 4 + c;
+            acc[j * 8 + i * 4 + c] = accumulate && i < rows && n < n1 ? d[(mb + i) * ldd + n] : 0.0f;
+          }
+      kernel(StripArgs{a_panel.data() + blk * g.kp * 2, a_scales.data() + blk * g.windows * 2,
+                       pb.panel.data() + pb0 * g.kp * 4, pb.scales.data() + pb0 * g.windows * 4,
+                       blocks, g, acc});
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t j = (n - n0) / 4, c = (n - n0) % 4;
+          d[(mb + i) * ldd + n] = acc[j * 8 + i * 4 + c];
+        }
     }
   }
 }
@@ -281,6 +523,20 @@ void parallel_rows(int64_t rows, int threads, Fn&& fn) {
 
 }  // namespace
 
+const char* fast_simd_name(FastSimd s) {
+  return s == FastSimd::kAvx2 ? "avx2" : "generic";
+}
+
+FastSimd gemm_fp8_reference_simd() {
+  return fast_simd_choice().load(std::memory_order_relaxed);
+}
+
+bool set_gemm_fp8_reference_simd(FastSimd s) {
+  if (s == FastSimd::kAvx2 && detect_fast_simd() != FastSimd::kAvx2) return false;
+  fast_simd_choice().store(s, std::memory_order_relaxed);
+  return true;
+}
+
 void gemm_fp8_reference(const Fp8MatrixRef& a, const Fp8MatrixRef& b, float* d, int64_t ldd,
                         const AccumulatorModel& model, bool accumulate, int threads) {
   check_gemm_operands(a, b, model);
@@ -291,13 +547,19 @@ void gemm_fp8_reference(const Fp8MatrixRef& a, const Fp8MatrixRef& b, float* d, 
       for (int64_t m = 0; m < a.rows; ++m) std::fill(d + m * ldd, d + m * ldd + b.rows, 0.0f);
     return;
   }
-  std::vector<float> b_dec(static_cast<size_t>(b.rows * b.cols));
-  for (int64_t n = 0; n < b.rows; ++n) decode_row(b, n, b_dec.data() + n * b.cols);
-
   const int64_t interval = model.promotion_interval > 0 ? model.promotion_interval : a.cols;
   const bool scales_inside = windows_inside_tiles(a, interval) && windows_inside_tiles(b, interval);
   const bool fast =
       model.mantissa_bits == 23 && model.rounding == AccumRounding::kNearestEven && scales_inside;
+  if (fast && packed_path_applies(a.cols, interval)) {
+    const PackedB pb = pack_b(b, packed_geometry(a.cols, interval));
+    parallel_rows(a.rows, threads, [&](int64_t m0, int64_t m1) {
+      packed_rows(a, pb, d, ldd, accumulate, m0, m1);
+    });
+    return;
+  }
+  std::vector<float> b_dec(static_cast<size_t>(b.rows * b.cols));
+  for (int64_t n = 0; n < b.rows; ++n) decode_row(b, n, b_dec.data() + n * b.cols);
   parallel_rows(a.rows, threads, [&](int64_t m0, int64_t m1) {
     if (fast)
       fast_rows(a, b, b_dec, d, ldd, interval, accumulate, m0, m1);

@@ -140,6 +140,83 @@ TEST(GemmReference, BlockedFastPathIsBitIdenticalToTheDocumentedOrder) {
   }
 }
 
+// Restores the SIMD choice a test changed.
+struct SimdGuard {
+  FastSimd saved = gemm_fp8_reference_simd();
+  ~SimdGuard() { set_gemm_fp8_reference_simd(saved); }
+};
+
+std::vector<FastSimd> runnable_simd() {
+  std::vector<FastSimd> out{FastSimd::kGeneric};
+  SimdGuard guard;
+  if (set_gemm_fp8_reference_simd(FastSimd::kAvx2)) out.push_back(FastSimd::kAvx2);
+  return out;
+}
+
+TEST(GemmReference, EverySimdPathIsBitIdenticalToAPlainScalarLoopOnRandomShapes) {
+  // Random odd shapes (M, N off the 2x4 blocks and the panels), K a multiple of 128 and not,
+  // every scale granularity, tiles of very different magnitude (and all-zero ones), padded
+  // leading dimensions, promotion windows of 128, 64, 32 and 8 and one window over all of K.
+  SimdGuard guard;
+  const ScaleGranularity grans[] = {ScaleGranularity::k1x128, ScaleGranularity::k128x128,
+                                    ScaleGranularity::kPerTensor};
+  int cases = 0;
+  for (uint64_t trial = 0; trial < 24; ++trial) {
+    const int64_t m = 1 + philox_u32(41, trial, 0) % 37;
+    const int64_t n = 1 + philox_u32(41, trial, 1) % 150;
+    const int64_t k = trial % 3 == 2 ? 8 + philox_u32(41, trial, 2) % 250
+                                     : 128 * (1 + philox_u32(41, trial, 2) % 4);
+    const ScaleGranularity ga = grans[trial % 3], gb = grans[(trial / 3) % 3];
+    const int64_t intervals[] = {128, 64, 32, 8, 0};
+    const int64_t interval = intervals[philox_u32(41, trial, 3) % 5];
+    // Operands with per-row magnitudes from 2^-20 to 2^20 and some all-zero rows.
+    const auto make = [&](int64_t rows, ScaleGranularity g, uint64_t stream, int64_t ld) {
+      std::vector<float> x(static_cast<size_t>(rows * k));
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint32_t pick = philox_u32(42, stream, r);
+        const float mag = pick % 7 == 0 ? 0.0f : std::ldexp(1.0f, static_cast<int>(pick % 41) - 20);
+        for (int64_t c = 0; c < k; ++c)
+          x[r * k + c] = mag * philox_normal(43, stream, static_cast<uint64_t>(r * k + c));
+      }
+      QuantizedMatrix q = quantize(x.data(), rows, k, k, g, {.pow2_scales = stream % 2 == 1});
+      std::vector<uint8_t> codes(static_cast<size_t>(rows * ld), 0xFF);  // padding: NaN codes
+      for (int64_t r = 0; r < rows; ++r)
+        std::copy_n(q.codes.data() + r * k, k, codes.data() + r * ld);
+      q.codes = std::move(codes);
+      return q;
+    };
+    const int64_t lda = k + trial % 2 * 5, ldb = k + trial % 4 / 2 * 3;
+    const QuantizedMatrix qa = make(m, ga, 2 * trial, lda), qb = make(n, gb, 2 * trial + 1, ldb);
+    Fp8MatrixRef a = qa.ref(), b = qb.ref();
+    a.ld = lda;
+    b.ld = ldb;
+    const AccumulatorModel model{23, AccumRounding::kNearestEven, static_cast<int>(interval), 1};
+    const int64_t window = interval > 0 ? interval : k;
+    const bool inside = (a.tile_cols() >= k || a.tile_cols() % window == 0) &&
+                        (b.tile_cols() >= k || b.tile_cols() % window == 0);
+    if (!inside) continue;  // the emulated path: not the fast model
+    const bool accumulate = trial % 4 == 1;
+    std::vector<float> c0(static_cast<size_t>(m * n), 0.0f);
+    if (accumulate)
+      for (size_t i = 0; i < c0.size(); ++i) c0[i] = philox_normal(44, trial, i);
+    const auto want = documented_fast_model(a, b, window, c0);
+    for (const FastSimd simd : runnable_simd()) {
+      ASSERT_TRUE(set_gemm_fp8_reference_simd(simd));
+      for (const int threads : {1, 3}) {
+        std::vector<float> got = c0;
+        gemm_fp8_reference(a, b, got.data(), n, model, accumulate, threads);
+        for (size_t i = 0; i < got.size(); ++i)
+          ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(want[i]))
+              << fast_simd_name(simd) << " M=" << m << " N=" << n << " K=" << k
+              << " interval=" << interval << " A " << granularity_name(ga) << " B "
+              << granularity_name(gb) << " threads=" << threads << " element " << i;
+      }
+    }
+    ++cases;
+  }
+  EXPECT_GE(cases, 12);  // most draws must reach the fast model
+}
+
 TEST(GemmReference, FastPathAgreesWithSequentialEmulation) {
   const auto a = random_quantized(8, 384, ScaleGranularity::k1x128, 3);
   const auto b = random_quantized(8, 384, ScaleGranularity::k128x128, 4);
