@@ -40,16 +40,19 @@ for s in shapes:
           f'{o.get("rel_err", float("nan")):.1e} | {o.get("rel_diff_vs_cublaslt_blockwise", float("nan")):.1e} | '
           + (f'{2e-6 * s[0] * s[1] * s[2] / o["us_first"]:.0f} |' if o.get("us_first") else "- |"))
 forced = [r for r in dense if r["impl"] == "fp8moe_forced_tile"]
-if forced:
-    print("\n## Dense M=4096, each tile forced (TFLOPS, ratio to cuBLASLt blockwise)\n")
+# One table per M, with the tiles forced at that M as columns (the bench forces other tiles at
+# small M than at M = 4096).
+for m in sorted({r["m"] for r in forced}, reverse=True):
+    at_m = [r for r in forced if r["m"] == m]
+    print(f"\n## Dense M={m}, each tile forced (TFLOPS, ratio to cuBLASLt blockwise)\n")
     tiles = []
-    for r in forced:
+    for r in at_m:
         if r["tile"] not in tiles:
             tiles.append(r["tile"])
     print("| N | K | " + " | ".join(tiles) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in tiles) + " |")
     for s in shapes:
-        fr = {r["tile"]: r for r in forced if key(r) == s}
+        fr = {r["tile"]: r for r in at_m if key(r) == s}
         if not fr:
             continue
         cells = [f'{fr[t]["tflops"]:.0f} ({fr[t].get("ratio_vs_cublaslt_blockwise", 0):.2f}x)' if t in fr else "" for t in tiles]
