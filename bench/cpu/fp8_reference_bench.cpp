@@ -53,6 +53,29 @@ BENCHMARK_CAPTURE(BM_GemmReference, fp32_promoted, AccumulatorModel{})
     ->Args({1024, 512, 512, 2})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+// The fast model per SIMD code (all give the same bits), on the shapes of configs/tiny.json's
+// layers: Fprop/Dgrad [512 tokens x 128..384] x K=128..384, Wgrad K = 512 tokens.
+void BM_GemmReferenceSimd(benchmark::State& state, FastSimd simd) {
+  const FastSimd saved = gemm_fp8_reference_simd();
+  if (!set_gemm_fp8_reference_simd(simd)) {
+    state.SkipWithError("this CPU cannot run this SIMD code");
+    return;
+  }
+  BM_GemmReference(state, AccumulatorModel{});
+  set_gemm_fp8_reference_simd(saved);
+}
+#define FM_SIMD_SHAPES(name, simd)                    \
+  BENCHMARK_CAPTURE(BM_GemmReferenceSimd, name, simd) \
+      ->Args({256, 256, 1024, 1})                     \
+      ->Args({512, 384, 128, 1})                      \
+      ->Args({512, 128, 384, 1})                      \
+      ->Args({384, 128, 512, 1})                      \
+      ->Unit(benchmark::kMicrosecond)                 \
+      ->UseRealTime()
+FM_SIMD_SHAPES(generic, FastSimd::kGeneric);
+FM_SIMD_SHAPES(avx2, FastSimd::kAvx2);
+FM_SIMD_SHAPES(avx512, FastSimd::kAvx512);
+
 BENCHMARK_CAPTURE(BM_GemmReference, emulated_14bit, AccumulatorModel::hopper_tensor_core(128))
     ->Args({128, 128, 4096, 2})
     ->Unit(benchmark::kMillisecond)

@@ -235,14 +235,17 @@ void fast_rows(const Fp8MatrixRef& a, const Fp8MatrixRef& b, const std::vector<f
 
 // ---- The packed fast path (every window a multiple of 8 long, or one window over all of K) ----
 //
-// Operands are decoded once into zero-padded, interleaved panels, so the micro-kernel streams
+// Operands are decoded once into zero-padded, interleaved panels, so the micro-kernels stream
 // one contiguous buffer per operand and the promotion needs no scale lookups:
 //   A: per 2-row block, per 8-wide k group: a0[k..k+8), a1[k..k+8)       (16 floats)
-//   B: per 4-row block, per 8-wide k group: b0[k..k+8), ..., b3[k..k+8)  (32 floats)
-//   scales: per block, per window: (sa0, sa1) and (sb0, sb1, sb2, sb3)
+//   B: per 8-row block, per 8-wide k group: b0[k..k+8), ..., b7[k..k+8)  (64 floats)
+//   scales: per block, per window: (sa0, sa1) and (sb0, ..., sb7)
 // K is padded with zeros to kp, a multiple of 8; missing rows of a last block are zero rows with
 // scale 0, whose outputs are dropped. NOTE: the padding adds 0*0 = +0 to a lane, exactly the
 // zero-padded tail of lane_dot, so results are the documented ones bit for bit.
+constexpr int kBlockM = 2;  // rows of A per micro-kernel block
+constexpr int kBlockN = 8;  // rows of B (columns of D) per micro-kernel block
+
 struct PackedGeometry {
   int64_t k = 0, kp = 0, interval = 0, windows = 0;
   int64_t groups() const { return kp / 8; }
@@ -268,26 +271,29 @@ void pack_block(const Fp8MatrixRef& op, int64_t r0, const PackedGeometry& g, flo
   const auto& lut = e4m3_table();
   for (int i = 0; i < kRows; ++i) {
     const int64_t r = r0 + i;
+    float* lane_row = panel + 8 * i;  // group q of this row at lane_row + q * 8 * kRows
     if (r < op.rows) {
       const uint8_t* codes = op.codes + r * op.ld;
-      for (int64_t k = 0; k < g.k; ++k) panel[(k / 8) * (8 * kRows) + 8 * i + k % 8] = lut[codes[k]];
-      for (int64_t k = g.k; k < g.kp; ++k) panel[(k / 8) * (8 * kRows) + 8 * i + k % 8] = 0.0f;
+      const int64_t full = g.k / 8;
+      for (int64_t q = 0; q < full; ++q)
+        for (int l = 0; l < 8; ++l) lane_row[q * 8 * kRows + l] = lut[codes[q * 8 + l]];
+      for (int64_t k = full * 8; k < g.kp; ++k)
+        lane_row[full * 8 * kRows + (k - full * 8)] = k < g.k ? lut[codes[k]] : 0.0f;
       for (int64_t w = 0; w < g.windows; ++w) scales[w * kRows + i] = op.scale(r, w * g.interval);
     } else {
-      for (int64_t q = 0; q < g.groups(); ++q)
-        std::fill_n(panel + q * (8 * kRows) + 8 * i, 8, 0.0f);
+      for (int64_t q = 0; q < g.groups(); ++q) std::fill_n(lane_row + q * 8 * kRows, 8, 0.0f);
       for (int64_t w = 0; w < g.windows; ++w) scales[w * kRows + i] = 0.0f;
     }
   }
 }
 
 // A strip of output blocks: one packed 2-row block of A against `blocks` consecutive packed
-// 4-row blocks of B. acc[blocks][2][4] holds the running FP32 sums (in: the initial values).
+// 8-row blocks of B. acc[blocks][2][8] holds the running FP32 sums (in: the initial values).
 struct StripArgs {
   const float* a;   // packed 2-row block
   const float* sa;  // [windows][2]
-  const float* b;   // first packed 4-row block
-  const float* sb;  // [blocks][windows][4]
+  const float* b;   // first packed 8-row block
+  const float* sb;  // [blocks][windows][8]
   int64_t blocks;
   PackedGeometry g;
   float* acc;
@@ -295,47 +301,54 @@ struct StripArgs {
 
 using StripKernel = void (*)(const StripArgs&);
 
-// The portable kernel: GCC vector extensions at the baseline ISA (SSE2 on x86-64).
+// The portable kernel: GCC vector extensions at the baseline ISA (SSE2 on x86-64), one 2x4 half
+// of a block at a time.
 void strip_generic(const StripArgs& s) {
   const int64_t q_total = s.g.groups(), qi = s.g.interval / 8;
-  for (int64_t blk = 0; blk < s.blocks; ++blk) {
-    const float* bp = s.b + blk * q_total * 32;
-    const float* sbp = s.sb + blk * s.g.windows * 4;
-    float* acc = s.acc + blk * 8;
-    for (int64_t w = 0; w < s.g.windows; ++w) {
-      const int64_t q0 = w * qi, q1 = std::min(q_total, q0 + qi);
-      Lanes c[2][4] = {};
-      for (int64_t q = q0; q < q1; ++q) {
-        Lanes x[2], y[4];
-        for (int i = 0; i < 2; ++i) load_lanes(x[i], s.a + q * 16 + 8 * i);
-        for (int j = 0; j < 4; ++j) load_lanes(y[j], bp + q * 32 + 8 * j);
+  for (int64_t blk = 0; blk < s.blocks; ++blk)
+    for (int h = 0; h < 2; ++h) {
+      const float* bp = s.b + blk * q_total * 64 + 32 * h;
+      const float* sbp = s.sb + blk * s.g.windows * 8 + 4 * h;
+      float* acc = s.acc + blk * 16 + 4 * h;
+      for (int64_t w = 0; w < s.g.windows; ++w) {
+        const int64_t q0 = w * qi, q1 = std::min(q_total, q0 + qi);
+        Lanes c[2][4] = {};
+        for (int64_t q = q0; q < q1; ++q) {
+          Lanes x[2], y[4];
+          for (int i = 0; i < 2; ++i) load_lanes(x[i], s.a + q * 16 + 8 * i);
+          for (int j = 0; j < 4; ++j) load_lanes(y[j], bp + q * 64 + 8 * j);
+          for (int i = 0; i < 2; ++i)
+            for (int j = 0; j < 4; ++j) c[i][j] += x[i] * y[j];
+        }
         for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 4; ++j) c[i][j] += x[i] * y[j];
+          for (int j = 0; j < 4; ++j)
+            acc[i * 8 + j] =
+                std::fma(reduce_lanes(c[i][j]), s.sa[w * 2 + i] * sbp[w * 8 + j], acc[i * 8 + j]);
       }
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 4; ++j)
-          acc[i * 4 + j] =
-              std::fma(reduce_lanes(c[i][j]), s.sa[w * 2 + i] * sbp[w * 4 + j], acc[i * 4 + j]);
     }
-  }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define FM_HAVE_AVX2_KERNEL 1
+#define FM_HAVE_X86_KERNELS 1
 // NOTE: GCC contracts a*b+c into an FMA in C++ whenever the target has FMA (-ffp-contract=fast is
 // its default outside ISO C), intrinsics included. The header documents a multiply then an add
 // per product, so contraction is switched off here; only the promotion is a fused multiply-add,
 // written explicitly.
 #if defined(__clang__)
-#define FM_AVX2_FMA_FN __attribute__((target("avx2,fma")))
+#define FM_TARGET_FN(isa) __attribute__((target(isa)))
+#define FM_NO_CONTRACT _Pragma("clang fp contract(off)")
 #else
-#define FM_AVX2_FMA_FN __attribute__((target("avx2,fma"), optimize("fp-contract=off")))
+#define FM_TARGET_FN(isa) __attribute__((target(isa), optimize("fp-contract=off")))
+#define FM_NO_CONTRACT
 #endif
+#define FM_AVX2_FN FM_TARGET_FN("avx2,fma")
+#define FM_AVX512_FN FM_TARGET_FN("avx512f,avx2,fma")
 
 // Four lane vectors (outputs j = 0..3) to their four partial sums, each in the documented order
 // ((l0+l4)+(l2+l6))+((l1+l5)+(l3+l7)): halves first, then a 4x4 transpose so that the remaining
 // pairwise adds run across outputs.
-FM_AVX2_FMA_FN inline __m128 reduce4_avx2(__m256 c0, __m256 c1, __m256 c2, __m256 c3) {
+FM_AVX2_FN inline __m128 reduce4_avx2(__m256 c0, __m256 c1, __m256 c2, __m256 c3) {
+  FM_NO_CONTRACT
   __m128 s0 = _mm_add_ps(_mm256_castps256_ps128(c0), _mm256_extractf128_ps(c0, 1));
   __m128 s1 = _mm_add_ps(_mm256_castps256_ps128(c1), _mm256_extractf128_ps(c1, 1));
   __m128 s2 = _mm_add_ps(_mm256_castps256_ps128(c2), _mm256_extractf128_ps(c2, 1));
@@ -344,52 +357,115 @@ FM_AVX2_FMA_FN inline __m128 reduce4_avx2(__m256 c0, __m256 c1, __m256 c2, __m25
   return _mm_add_ps(_mm_add_ps(s0, s2), _mm_add_ps(s1, s3));
 }
 
-FM_AVX2_FMA_FN void strip_avx2(const StripArgs& s) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
+// AVX2: one 2x4 half of a block at a time, eight 8-lane accumulators.
+FM_AVX2_FN void strip_avx2(const StripArgs& s) {
+  FM_NO_CONTRACT
+  const int64_t q_total = s.g.groups(), qi = s.g.interval / 8;
+  for (int64_t blk = 0; blk < s.blocks; ++blk)
+    for (int h = 0; h < 2; ++h) {
+      const float* bp = s.b + blk * q_total * 64 + 32 * h;
+      const float* sbp = s.sb + blk * s.g.windows * 8 + 4 * h;
+      float* acc = s.acc + blk * 16 + 4 * h;
+      __m128 acc0 = _mm_loadu_ps(acc), acc1 = _mm_loadu_ps(acc + 8);
+      for (int64_t w = 0; w < s.g.windows; ++w) {
+        const int64_t q0 = w * qi, q1 = std::min(q_total, q0 + qi);
+        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
+        __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+        for (int64_t q = q0; q < q1; ++q) {
+          const float* ap = s.a + q * 16;
+          const float* bq = bp + q * 64;
+          const __m256 x0 = _mm256_loadu_ps(ap), x1 = _mm256_loadu_ps(ap + 8);
+          const __m256 y0 = _mm256_loadu_ps(bq), y1 = _mm256_loadu_ps(bq + 8);
+          const __m256 y2 = _mm256_loadu_ps(bq + 16), y3 = _mm256_loadu_ps(bq + 24);
+          c00 = _mm256_add_ps(c00, _mm256_mul_ps(x0, y0));
+          c01 = _mm256_add_ps(c01, _mm256_mul_ps(x0, y1));
+          c02 = _mm256_add_ps(c02, _mm256_mul_ps(x0, y2));
+          c03 = _mm256_add_ps(c03, _mm256_mul_ps(x0, y3));
+          c10 = _mm256_add_ps(c10, _mm256_mul_ps(x1, y0));
+          c11 = _mm256_add_ps(c11, _mm256_mul_ps(x1, y1));
+          c12 = _mm256_add_ps(c12, _mm256_mul_ps(x1, y2));
+          c13 = _mm256_add_ps(c13, _mm256_mul_ps(x1, y3));
+        }
+        // Promotion: acc = fmaf(partial, sa * sb, acc) per output, four outputs at a time.
+        const __m128 sb = _mm_loadu_ps(sbp + w * 8);
+        acc0 = _mm_fmadd_ps(reduce4_avx2(c00, c01, c02, c03),
+                            _mm_mul_ps(_mm_set1_ps(s.sa[w * 2]), sb), acc0);
+        acc1 = _mm_fmadd_ps(reduce4_avx2(c10, c11, c12, c13),
+                            _mm_mul_ps(_mm_set1_ps(s.sa[w * 2 + 1]), sb), acc1);
+      }
+      _mm_storeu_ps(acc, acc0);
+      _mm_storeu_ps(acc + 8, acc1);
+    }
+}
+
+// NOTE: the masked forms (all lanes selected) because the unmasked ones start from an undefined
+// register, which GCC 12 reports as maybe-uninitialized.
+FM_AVX512_FN inline __m512 broadcast8_avx512(const float* p) {  // p[0..8) into both halves
+  return _mm512_castpd_ps(
+      _mm512_maskz_broadcast_f64x4(0xFF, _mm256_loadu_pd(reinterpret_cast<const double*>(p))));
+}
+FM_AVX512_FN inline __m256 lo(__m512 v) {
+  return _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(v), 0));
+}
+FM_AVX512_FN inline __m256 hi(__m512 v) {
+  return _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(v), 1));
+}
+
+// AVX-512: a whole 2x8 block at once; each 16-lane register holds the 8 lanes of two outputs
+// (columns 2p and 2p+1), A's 8 values broadcast to both halves.
+FM_AVX512_FN void strip_avx512(const StripArgs& s) {
+  FM_NO_CONTRACT
   const int64_t q_total = s.g.groups(), qi = s.g.interval / 8;
   for (int64_t blk = 0; blk < s.blocks; ++blk) {
-    const float* bp = s.b + blk * q_total * 32;
-    const float* sbp = s.sb + blk * s.g.windows * 4;
-    float* acc = s.acc + blk * 8;
-    __m128 acc0 = _mm_loadu_ps(acc), acc1 = _mm_loadu_ps(acc + 4);
+    const float* bp = s.b + blk * q_total * 64;
+    const float* sbp = s.sb + blk * s.g.windows * 8;
+    float* acc = s.acc + blk * 16;
+    __m128 acc00 = _mm_loadu_ps(acc), acc01 = _mm_loadu_ps(acc + 4);
+    __m128 acc10 = _mm_loadu_ps(acc + 8), acc11 = _mm_loadu_ps(acc + 12);
     for (int64_t w = 0; w < s.g.windows; ++w) {
       const int64_t q0 = w * qi, q1 = std::min(q_total, q0 + qi);
-      __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
-      __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+      __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
+      __m512 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
       for (int64_t q = q0; q < q1; ++q) {
         const float* ap = s.a + q * 16;
-        const float* bq = bp + q * 32;
-        const __m256 x0 = _mm256_loadu_ps(ap), x1 = _mm256_loadu_ps(ap + 8);
-        const __m256 y0 = _mm256_loadu_ps(bq), y1 = _mm256_loadu_ps(bq + 8);
-        const __m256 y2 = _mm256_loadu_ps(bq + 16), y3 = _mm256_loadu_ps(bq + 24);
-        c00 = _mm256_add_ps(c00, _mm256_mul_ps(x0, y0));
-        c01 = _mm256_add_ps(c01, _mm256_mul_ps(x0, y1));
-        c02 = _mm256_add_ps(c02, _mm256_mul_ps(x0, y2));
-        c03 = _mm256_add_ps(c03, _mm256_mul_ps(x0, y3));
-        c10 = _mm256_add_ps(c10, _mm256_mul_ps(x1, y0));
-        c11 = _mm256_add_ps(c11, _mm256_mul_ps(x1, y1));
-        c12 = _mm256_add_ps(c12, _mm256_mul_ps(x1, y2));
-        c13 = _mm256_add_ps(c13, _mm256_mul_ps(x1, y3));
+        const float* bq = bp + q * 64;
+        const __m512 x0 = broadcast8_avx512(ap), x1 = broadcast8_avx512(ap + 8);
+        const __m512 y0 = _mm512_loadu_ps(bq), y1 = _mm512_loadu_ps(bq + 16);
+        const __m512 y2 = _mm512_loadu_ps(bq + 32), y3 = _mm512_loadu_ps(bq + 48);
+        c00 = _mm512_add_ps(c00, _mm512_mul_ps(x0, y0));
+        c01 = _mm512_add_ps(c01, _mm512_mul_ps(x0, y1));
+        c02 = _mm512_add_ps(c02, _mm512_mul_ps(x0, y2));
+        c03 = _mm512_add_ps(c03, _mm512_mul_ps(x0, y3));
+        c10 = _mm512_add_ps(c10, _mm512_mul_ps(x1, y0));
+        c11 = _mm512_add_ps(c11, _mm512_mul_ps(x1, y1));
+        c12 = _mm512_add_ps(c12, _mm512_mul_ps(x1, y2));
+        c13 = _mm512_add_ps(c13, _mm512_mul_ps(x1, y3));
       }
-      // Promotion: acc = fmaf(partial, sa * sb, acc) per output, four outputs at a time.
-      const __m128 sb = _mm_loadu_ps(sbp + w * 4);
-      acc0 = _mm_fmadd_ps(reduce4_avx2(c00, c01, c02, c03),
-                          _mm_mul_ps(_mm_set1_ps(s.sa[w * 2]), sb), acc0);
-      acc1 = _mm_fmadd_ps(reduce4_avx2(c10, c11, c12, c13),
-                          _mm_mul_ps(_mm_set1_ps(s.sa[w * 2 + 1]), sb), acc1);
+      const __m128 sb0 = _mm_loadu_ps(sbp + w * 8), sb1 = _mm_loadu_ps(sbp + w * 8 + 4);
+      const __m128 sa0 = _mm_set1_ps(s.sa[w * 2]), sa1 = _mm_set1_ps(s.sa[w * 2 + 1]);
+      acc00 = _mm_fmadd_ps(reduce4_avx2(lo(c00), hi(c00), lo(c01), hi(c01)), _mm_mul_ps(sa0, sb0),
+                           acc00);
+      acc01 = _mm_fmadd_ps(reduce4_avx2(lo(c02), hi(c02), lo(c03), hi(c03)), _mm_mul_ps(sa0, sb1),
+                           acc01);
+      acc10 = _mm_fmadd_ps(reduce4_avx2(lo(c10), hi(c10), lo(c11), hi(c11)), _mm_mul_ps(sa1, sb0),
+                           acc10);
+      acc11 = _mm_fmadd_ps(reduce4_avx2(lo(c12), hi(c12), lo(c13), hi(c13)), _mm_mul_ps(sa1, sb1),
+                           acc11);
     }
-    _mm_storeu_ps(acc, acc0);
-    _mm_storeu_ps(acc + 4, acc1);
+    _mm_storeu_ps(acc, acc00);
+    _mm_storeu_ps(acc + 4, acc01);
+    _mm_storeu_ps(acc + 8, acc10);
+    _mm_storeu_ps(acc + 12, acc11);
   }
 }
 #endif
 
 FastSimd detect_fast_simd() {
-#if defined(FM_HAVE_AVX2_KERNEL)
+#if defined(FM_HAVE_X86_KERNELS)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return FastSimd::kAvx2;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f")) return FastSimd::kAvx512;
+  if (avx2) return FastSimd::kAvx2;
 #endif
   return FastSimd::kGeneric;
 }
@@ -400,13 +476,20 @@ std::atomic<FastSimd>& fast_simd_choice() {
 }
 
 StripKernel strip_kernel() {
-#if defined(FM_HAVE_AVX2_KERNEL)
-  if (fast_simd_choice().load(std::memory_order_relaxed) == FastSimd::kAvx2) return strip_avx2;
+#if defined(FM_HAVE_X86_KERNELS)
+  switch (fast_simd_choice().load(std::memory_order_relaxed)) {
+    case FastSimd::kAvx512:
+      return strip_avx512;
+    case FastSimd::kAvx2:
+      return strip_avx2;
+    case FastSimd::kGeneric:
+      break;
+  }
 #endif
   return strip_generic;
 }
 
-// B packed once per GEMM: 4-row blocks, their per-window scales.
+// B packed once per GEMM: 8-row blocks, their per-window scales.
 struct PackedB {
   PackedGeometry g;
   int64_t rows = 0, blocks = 0;
@@ -417,53 +500,54 @@ PackedB pack_b(const Fp8MatrixRef& b, const PackedGeometry& g) {
   PackedB p;
   p.g = g;
   p.rows = b.rows;
-  p.blocks = (b.rows + 3) / 4;
-  p.panel.resize(static_cast<size_t>(p.blocks * g.kp * 4));
-  p.scales.resize(static_cast<size_t>(p.blocks * g.windows * 4));
+  p.blocks = (b.rows + kBlockN - 1) / kBlockN;
+  p.panel.resize(static_cast<size_t>(p.blocks * g.kp * kBlockN));
+  p.scales.resize(static_cast<size_t>(p.blocks * g.windows * kBlockN));
   for (int64_t blk = 0; blk < p.blocks; ++blk)
-    pack_block<4>(b, blk * 4, g, p.panel.data() + blk * g.kp * 4,
-                  p.scales.data() + blk * g.windows * 4);
+    pack_block<kBlockN>(b, blk * kBlockN, g, p.panel.data() + blk * g.kp * kBlockN,
+                        p.scales.data() + blk * g.windows * kBlockN);
   return p;
 }
 
-// Rows [m0, m1) of D on the packed path. B is walked in panels of kPanelBlocks 4-row blocks, kept
-// in cache while every 2-row block of A passes over it.
+// Rows [m0, m1) of D on the packed path. B is walked in panels of kPanelBlocks blocks (64 rows),
+// kept in cache while every 2-row block of A passes over it.
 void packed_rows(const Fp8MatrixRef& a, const PackedB& pb, float* d, int64_t ldd, bool accumulate,
                  int64_t m0, int64_t m1) {
-  constexpr int64_t kPanelBlocks = 16;
+  constexpr int64_t kPanelBlocks = 8;
+  constexpr int64_t kAccBlock = kBlockM * kBlockN;
   const PackedGeometry& g = pb.g;
-  const int64_t a_blocks = (m1 - m0 + 1) / 2;
-  std::vector<float> a_panel(static_cast<size_t>(a_blocks * g.kp * 2));
-  std::vector<float> a_scales(static_cast<size_t>(a_blocks * g.windows * 2));
+  const int64_t a_blocks = (m1 - m0 + kBlockM - 1) / kBlockM;
+  std::vector<float> a_panel(static_cast<size_t>(a_blocks * g.kp * kBlockM));
+  std::vector<float> a_scales(static_cast<size_t>(a_blocks * g.windows * kBlockM));
   // NOTE: a last odd row is paired with a zero row; a view ending at m1 keeps the next
   // thread's first row out of this block.
   Fp8MatrixRef a_view = a;
   a_view.rows = m1;
   for (int64_t blk = 0; blk < a_blocks; ++blk)
-    pack_block<2>(a_view, m0 + 2 * blk, g, a_panel.data() + blk * g.kp * 2,
-                  a_scales.data() + blk * g.windows * 2);
+    pack_block<kBlockM>(a_view, m0 + kBlockM * blk, g, a_panel.data() + blk * g.kp * kBlockM,
+                        a_scales.data() + blk * g.windows * kBlockM);
   const StripKernel kernel = strip_kernel();
-  float acc[kPanelBlocks * 8];
+  float acc[kPanelBlocks * kAccBlock];
   for (int64_t pb0 = 0; pb0 < pb.blocks; pb0 += kPanelBlocks) {
     const int64_t blocks = std::min(kPanelBlocks, pb.blocks - pb0);
-    const int64_t n0 = pb0 * 4, n1 = std::min(pb.rows, n0 + blocks * 4);
+    const int64_t n0 = pb0 * kBlockN, n1 = std::min(pb.rows, n0 + blocks * kBlockN);
     for (int64_t blk = 0; blk < a_blocks; ++blk) {
-      const int64_t mb = m0 + 2 * blk;
-      const int64_t rows = std::min<int64_t>(2, m1 - mb);
-      for (int64_t j = 0; j < blocks; ++j)
-        for (int64_t i = 0; i < 2; ++i)
-          for (int64_t c = 0; c < 4; ++c) {
-            const int64_t n = n0 + j * 4 + c;
-            acc[j * 8 + i * 4 + c] = accumulate && i < rows && n < n1 ? d[(mb + i) * ldd + n] : 0.0f;
-          }
-      kernel(StripArgs{a_panel.data() + blk * g.kp * 2, a_scales.data() + blk * g.windows * 2,
-                       pb.panel.data() + pb0 * g.kp * 4, pb.scales.data() + pb0 * g.windows * 4,
-                       blocks, g, acc});
+      const int64_t mb = m0 + kBlockM * blk;
+      const int64_t rows = std::min<int64_t>(kBlockM, m1 - mb);
+      // acc[j][i][c]: block j, row i, column c
+      const auto at = [&](int64_t i, int64_t n) -> float& {
+        return acc[(n - n0) / kBlockN * kAccBlock + i * kBlockN + (n - n0) % kBlockN];
+      };
+      std::fill_n(acc, blocks * kAccBlock, 0.0f);
+      if (accumulate)
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t n = n0; n < n1; ++n) at(i, n) = d[(mb + i) * ldd + n];
+      kernel(StripArgs{a_panel.data() + blk * g.kp * kBlockM,
+                       a_scales.data() + blk * g.windows * kBlockM,
+                       pb.panel.data() + pb0 * g.kp * kBlockN,
+                       pb.scales.data() + pb0 * g.windows * kBlockN, blocks, g, acc});
       for (int64_t i = 0; i < rows; ++i)
-        for (int64_t n = n0; n < n1; ++n) {
-          const int64_t j = (n - n0) / 4, c = (n - n0) % 4;
-          d[(mb + i) * ldd + n] = acc[j * 8 + i * 4 + c];
-        }
+        for (int64_t n = n0; n < n1; ++n) d[(mb + i) * ldd + n] = at(i, n);
     }
   }
 }
@@ -512,19 +596,29 @@ void parallel_rows(int64_t rows, int threads, Fn&& fn) {
     fn(0, rows);
     return;
   }
+  // NOTE: the calling thread takes the first chunk (one thread fewer to start per GEMM).
   std::vector<std::thread> pool;
   const int64_t chunk = (rows + t - 1) / t;
-  for (int64_t i = 0; i < t; ++i) {
+  for (int64_t i = 1; i < t; ++i) {
     const int64_t r0 = i * chunk, r1 = std::min(rows, r0 + chunk);
     if (r0 < r1) pool.emplace_back([&, r0, r1] { fn(r0, r1); });
   }
+  fn(0, std::min(rows, chunk));
   for (auto& th : pool) th.join();
 }
 
 }  // namespace
 
 const char* fast_simd_name(FastSimd s) {
-  return s == FastSimd::kAvx2 ? "avx2" : "generic";
+  switch (s) {
+    case FastSimd::kGeneric:
+      return "generic";
+    case FastSimd::kAvx2:
+      return "avx2";
+    case FastSimd::kAvx512:
+      return "avx512";
+  }
+  return "?";
 }
 
 FastSimd gemm_fp8_reference_simd() {
@@ -532,7 +626,8 @@ FastSimd gemm_fp8_reference_simd() {
 }
 
 bool set_gemm_fp8_reference_simd(FastSimd s) {
-  if (s == FastSimd::kAvx2 && detect_fast_simd() != FastSimd::kAvx2) return false;
+  // The detected code is the widest this CPU runs; every narrower one runs too.
+  if (static_cast<int>(s) > static_cast<int>(detect_fast_simd())) return false;
   fast_simd_choice().store(s, std::memory_order_relaxed);
   return true;
 }

@@ -1,6 +1,7 @@
 #include "fp8moe/model/linear.h"
 
 #include <algorithm>
+#include <array>
 
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
@@ -69,6 +70,28 @@ QuantizedMatrix quantize_threaded(const float* x, int64_t rows, int64_t cols, Sc
       },
       threads, g == ScaleGranularity::k128x128 ? 1 : 64);
   return q;
+}
+
+// dequantize(q) transposed: out[c * rows + r] = q.value(r, c), the same float products, in
+// 32x32 tiles so that both sides stay in cache.
+void dequantize_transposed(const QuantizedMatrix& q, float* out) {
+  static const std::array<float, 256> lut = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) t[i] = e4m3_bits_to_float(static_cast<uint8_t>(i));
+    return t;
+  }();
+  const Fp8MatrixRef ref = q.ref();
+  constexpr int64_t kTile = 32;
+  static_assert(kQuantTile % kTile == 0, "a tile of the transpose must not straddle a scale tile");
+  for (int64_t r0 = 0; r0 < q.rows; r0 += kTile)
+    for (int64_t c0 = 0; c0 < q.cols; c0 += kTile) {
+      const int64_t r1 = std::min(q.rows, r0 + kTile), c1 = std::min(q.cols, c0 + kTile);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float s = ref.scale(r, c0);
+        const uint8_t* codes = q.codes.data() + r * q.cols;
+        for (int64_t c = c0; c < c1; ++c) out[c * q.rows + r] = lut[codes[c]] * s;
+      }
+    }
 }
 
 }  // namespace
@@ -156,9 +179,8 @@ void linear_backward(const LinearOptions& o, const LinearCache& c, const float* 
       // x comes back from its FP8 cache and is re-quantised along the other axis.
       std::vector<float> dyt(static_cast<size_t>(n * m));
       transpose(dy, m, n, dyt.data());
-      const std::vector<float> xd = dequantize(c.xq);
       std::vector<float> xt(static_cast<size_t>(k * m));
-      transpose(xd.data(), m, k, xt.data());
+      dequantize_transposed(c.xq, xt.data());
       QuantizeOptions qo;
       qo.pow2_scales = o.pow2_activation_scales;
       const QuantizedMatrix dytq =

@@ -149,7 +149,8 @@ struct SimdGuard {
 std::vector<FastSimd> runnable_simd() {
   std::vector<FastSimd> out{FastSimd::kGeneric};
   SimdGuard guard;
-  if (set_gemm_fp8_reference_simd(FastSimd::kAvx2)) out.push_back(FastSimd::kAvx2);
+  for (const FastSimd s : {FastSimd::kAvx2, FastSimd::kAvx512})
+    if (set_gemm_fp8_reference_simd(s)) out.push_back(s);
   return out;
 }
 

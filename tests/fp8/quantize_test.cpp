@@ -83,6 +83,25 @@ TEST(Quantize, SimdQuantisationEqualsTheScalarDefinition) {
   }
 }
 
+TEST(Quantize, DequantizeIsValueOfEveryElementBitForBit) {
+  // Every code (NaN codes included) under every granularity, with a padded leading dimension.
+  for (const ScaleGranularity g :
+       {ScaleGranularity::k1x128, ScaleGranularity::k128x128, ScaleGranularity::kPerTensor}) {
+    const std::vector<float> x = random_values(130 * 300, 5, 30.0f);
+    const QuantizedMatrix q = quantize(x.data(), 130, 300, 300, g);
+    std::vector<uint8_t> codes(130 * 301);
+    for (size_t i = 0; i < codes.size(); ++i) codes[i] = static_cast<uint8_t>(i * 7);
+    Fp8MatrixRef r = q.ref();
+    r.codes = codes.data();
+    r.ld = 301;
+    const std::vector<float> d = dequantize(r);
+    for (int64_t i = 0; i < 130; ++i)
+      for (int64_t j = 0; j < 300; ++j)
+        ASSERT_EQ(std::bit_cast<uint32_t>(d[i * 300 + j]), std::bit_cast<uint32_t>(r.value(i, j)))
+            << granularity_name(g) << " (" << i << "," << j << ")";
+  }
+}
+
 TEST(Quantize, OneByOneTwentyEightErrorBoundPerElement) {
   for (int64_t cols : {128, 256, 200, 7, 1}) {  // partial last tiles included
     const int64_t rows = 5;

@@ -74,12 +74,12 @@ void gemm_fp8_reference(const Fp8MatrixRef& a, const Fp8MatrixRef& b, float* d, 
 void gemm_fp8_reference_bf16(const Fp8MatrixRef& a, const Fp8MatrixRef& b, bf16* d, int64_t ldd,
                              const AccumulatorModel& model = {}, int threads = 1);
 
-// The SIMD code that runs the fast model: kGeneric (portable vector code at the baseline ISA) or
-// kAvx2 (AVX2 + FMA, picked at run time where the CPU has both). They give the same bits
-// (tests/fp8 compares them); the setter exists so that tests can run either. It returns false,
-// changing nothing, when this CPU or build cannot run the requested code; do not call it while
-// a GEMM is running.
-enum class FastSimd { kGeneric, kAvx2 };
+// The SIMD code that runs the fast model: kGeneric (portable vector code at the baseline ISA),
+// kAvx2 (AVX2 + FMA) or kAvx512 (AVX-512F + AVX2 + FMA); the widest one the CPU has is picked at
+// run time. All give the same bits (tests/fp8 compares them); the setter exists so that tests
+// can run each. It returns false, changing nothing, when this CPU or build cannot run the
+// requested code; do not call it while a GEMM is running.
+enum class FastSimd { kGeneric, kAvx2, kAvx512 };
 const char* fast_simd_name(FastSimd s);
 FastSimd gemm_fp8_reference_simd();
 bool set_gemm_fp8_reference_simd(FastSimd s);
