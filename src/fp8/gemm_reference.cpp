@@ -238,13 +238,13 @@ void fast_rows(const Fp8MatrixRef& a, const Fp8MatrixRef& b, const std::vector<f
 // Operands are decoded once into zero-padded, interleaved panels, so the micro-kernels stream
 // one contiguous buffer per operand and the promotion needs no scale lookups:
 //   A: per 2-row block, per 8-wide k group: a0[k..k+8), a1[k..k+8)       (16 floats)
-//   B: per 8-row block, per 8-wide k group: b0[k..k+8), ..., b7[k..k+8)  (64 floats)
-//   scales: per block, per window: (sa0, sa1) and (sb0, ..., sb7)
+//   B: per block of kBlockN rows (4, or 8 for AVX-512), per 8-wide k group: b0[k..k+8), ...,
+//      b{kBlockN-1}[k..k+8)
+//   scales: per block, per window: (sa0, sa1) and (sb0, ..., sb{kBlockN-1})
 // K is padded with zeros to kp, a multiple of 8; missing rows of a last block are zero rows with
 // scale 0, whose outputs are dropped. NOTE: the padding adds 0*0 = +0 to a lane, exactly the
 // zero-padded tail of lane_dot, so results are the documented ones bit for bit.
 constexpr int kBlockM = 2;  // rows of A per micro-kernel block
-constexpr int kBlockN = 8;  // rows of B (columns of D) per micro-kernel block
 
 struct PackedGeometry {
   int64_t k = 0, kp = 0, interval = 0, windows = 0;
@@ -288,44 +288,45 @@ void pack_block(const Fp8MatrixRef& op, int64_t r0, const PackedGeometry& g, flo
 }
 
 // A strip of output blocks: one packed 2-row block of A against `blocks` consecutive packed
-// 8-row blocks of B. acc[blocks][2][8] holds the running FP32 sums (in: the initial values).
+// blocks of B. acc[blocks][2][kBlockN] holds the running FP32 sums (in: the initial values).
 struct StripArgs {
   const float* a;   // packed 2-row block
   const float* sa;  // [windows][2]
-  const float* b;   // first packed 8-row block
-  const float* sb;  // [blocks][windows][8]
+  const float* b;   // first packed block of B
+  const float* sb;  // [blocks][windows][kBlockN]
   int64_t blocks;
   PackedGeometry g;
   float* acc;
 };
 
-using StripKernel = void (*)(const StripArgs&);
+struct StripKernel {
+  void (*fn)(const StripArgs&);
+  int block_n;  // kBlockN of its B packing
+};
 
-// The portable kernel: GCC vector extensions at the baseline ISA (SSE2 on x86-64), one 2x4 half
-// of a block at a time.
+// The portable kernel: GCC vector extensions at the baseline ISA (SSE2 on x86-64), 2x4 blocks.
 void strip_generic(const StripArgs& s) {
   const int64_t q_total = s.g.groups(), qi = s.g.interval / 8;
-  for (int64_t blk = 0; blk < s.blocks; ++blk)
-    for (int h = 0; h < 2; ++h) {
-      const float* bp = s.b + blk * q_total * 64 + 32 * h;
-      const float* sbp = s.sb + blk * s.g.windows * 8 + 4 * h;
-      float* acc = s.acc + blk * 16 + 4 * h;
-      for (int64_t w = 0; w < s.g.windows; ++w) {
-        const int64_t q0 = w * qi, q1 = std::min(q_total, q0 + qi);
-        Lanes c[2][4] = {};
-        for (int64_t q = q0; q < q1; ++q) {
-          Lanes x[2], y[4];
-          for (int i = 0; i < 2; ++i) load_lanes(x[i], s.a + q * 16 + 8 * i);
-          for (int j = 0; j < 4; ++j) load_lanes(y[j], bp + q * 64 + 8 * j);
-          for (int i = 0; i < 2; ++i)
-            for (int j = 0; j < 4; ++j) c[i][j] += x[i] * y[j];
-        }
+  for (int64_t blk = 0; blk < s.blocks; ++blk) {
+    const float* bp = s.b + blk * q_total * 32;
+    const float* sbp = s.sb + blk * s.g.windows * 4;
+    float* acc = s.acc + blk * 8;
+    for (int64_t w = 0; w < s.g.windows; ++w) {
+      const int64_t q0 = w * qi, q1 = std::min(q_total, q0 + qi);
+      Lanes c[2][4] = {};
+      for (int64_t q = q0; q < q1; ++q) {
+        Lanes x[2], y[4];
+        for (int i = 0; i < 2; ++i) load_lanes(x[i], s.a + q * 16 + 8 * i);
+        for (int j = 0; j < 4; ++j) load_lanes(y[j], bp + q * 32 + 8 * j);
         for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 4; ++j)
-            acc[i * 8 + j] =
-                std::fma(reduce_lanes(c[i][j]), s.sa[w * 2 + i] * sbp[w * 8 + j], acc[i * 8 + j]);
+          for (int j = 0; j < 4; ++j) c[i][j] += x[i] * y[j];
       }
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 4; ++j)
+          acc[i * 4 + j] =
+              std::fma(reduce_lanes(c[i][j]), s.sa[w * 2 + i] * sbp[w * 4 + j], acc[i * 4 + j]);
     }
+  }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -357,45 +358,44 @@ FM_AVX2_FN inline __m128 reduce4_avx2(__m256 c0, __m256 c1, __m256 c2, __m256 c3
   return _mm_add_ps(_mm_add_ps(s0, s2), _mm_add_ps(s1, s3));
 }
 
-// AVX2: one 2x4 half of a block at a time, eight 8-lane accumulators.
+// AVX2: 2x4 blocks, eight 8-lane accumulators and six operand registers (of 16).
 FM_AVX2_FN void strip_avx2(const StripArgs& s) {
   FM_NO_CONTRACT
   const int64_t q_total = s.g.groups(), qi = s.g.interval / 8;
-  for (int64_t blk = 0; blk < s.blocks; ++blk)
-    for (int h = 0; h < 2; ++h) {
-      const float* bp = s.b + blk * q_total * 64 + 32 * h;
-      const float* sbp = s.sb + blk * s.g.windows * 8 + 4 * h;
-      float* acc = s.acc + blk * 16 + 4 * h;
-      __m128 acc0 = _mm_loadu_ps(acc), acc1 = _mm_loadu_ps(acc + 8);
-      for (int64_t w = 0; w < s.g.windows; ++w) {
-        const int64_t q0 = w * qi, q1 = std::min(q_total, q0 + qi);
-        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
-        __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
-        for (int64_t q = q0; q < q1; ++q) {
-          const float* ap = s.a + q * 16;
-          const float* bq = bp + q * 64;
-          const __m256 x0 = _mm256_loadu_ps(ap), x1 = _mm256_loadu_ps(ap + 8);
-          const __m256 y0 = _mm256_loadu_ps(bq), y1 = _mm256_loadu_ps(bq + 8);
-          const __m256 y2 = _mm256_loadu_ps(bq + 16), y3 = _mm256_loadu_ps(bq + 24);
-          c00 = _mm256_add_ps(c00, _mm256_mul_ps(x0, y0));
-          c01 = _mm256_add_ps(c01, _mm256_mul_ps(x0, y1));
-          c02 = _mm256_add_ps(c02, _mm256_mul_ps(x0, y2));
-          c03 = _mm256_add_ps(c03, _mm256_mul_ps(x0, y3));
-          c10 = _mm256_add_ps(c10, _mm256_mul_ps(x1, y0));
-          c11 = _mm256_add_ps(c11, _mm256_mul_ps(x1, y1));
-          c12 = _mm256_add_ps(c12, _mm256_mul_ps(x1, y2));
-          c13 = _mm256_add_ps(c13, _mm256_mul_ps(x1, y3));
-        }
-        // Promotion: acc = fmaf(partial, sa * sb, acc) per output, four outputs at a time.
-        const __m128 sb = _mm_loadu_ps(sbp + w * 8);
-        acc0 = _mm_fmadd_ps(reduce4_avx2(c00, c01, c02, c03),
-                            _mm_mul_ps(_mm_set1_ps(s.sa[w * 2]), sb), acc0);
-        acc1 = _mm_fmadd_ps(reduce4_avx2(c10, c11, c12, c13),
-                            _mm_mul_ps(_mm_set1_ps(s.sa[w * 2 + 1]), sb), acc1);
+  for (int64_t blk = 0; blk < s.blocks; ++blk) {
+    const float* bp = s.b + blk * q_total * 32;
+    const float* sbp = s.sb + blk * s.g.windows * 4;
+    float* acc = s.acc + blk * 8;
+    __m128 acc0 = _mm_loadu_ps(acc), acc1 = _mm_loadu_ps(acc + 4);
+    for (int64_t w = 0; w < s.g.windows; ++w) {
+      const int64_t q0 = w * qi, q1 = std::min(q_total, q0 + qi);
+      __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
+      __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+      for (int64_t q = q0; q < q1; ++q) {
+        const float* ap = s.a + q * 16;
+        const float* bq = bp + q * 32;
+        const __m256 x0 = _mm256_loadu_ps(ap), x1 = _mm256_loadu_ps(ap + 8);
+        const __m256 y0 = _mm256_loadu_ps(bq), y1 = _mm256_loadu_ps(bq + 8);
+        const __m256 y2 = _mm256_loadu_ps(bq + 16), y3 = _mm256_loadu_ps(bq + 24);
+        c00 = _mm256_add_ps(c00, _mm256_mul_ps(x0, y0));
+        c01 = _mm256_add_ps(c01, _mm256_mul_ps(x0, y1));
+        c02 = _mm256_add_ps(c02, _mm256_mul_ps(x0, y2));
+        c03 = _mm256_add_ps(c03, _mm256_mul_ps(x0, y3));
+        c10 = _mm256_add_ps(c10, _mm256_mul_ps(x1, y0));
+        c11 = _mm256_add_ps(c11, _mm256_mul_ps(x1, y1));
+        c12 = _mm256_add_ps(c12, _mm256_mul_ps(x1, y2));
+        c13 = _mm256_add_ps(c13, _mm256_mul_ps(x1, y3));
       }
-      _mm_storeu_ps(acc, acc0);
-      _mm_storeu_ps(acc + 8, acc1);
+      // Promotion: acc = fmaf(partial, sa * sb, acc) per output, four outputs at a time.
+      const __m128 sb = _mm_loadu_ps(sbp + w * 4);
+      acc0 = _mm_fmadd_ps(reduce4_avx2(c00, c01, c02, c03),
+                          _mm_mul_ps(_mm_set1_ps(s.sa[w * 2]), sb), acc0);
+      acc1 = _mm_fmadd_ps(reduce4_avx2(c10, c11, c12, c13),
+                          _mm_mul_ps(_mm_set1_ps(s.sa[w * 2 + 1]), sb), acc1);
     }
+    _mm_storeu_ps(acc, acc0);
+    _mm_storeu_ps(acc + 4, acc1);
+  }
 }
 
 // NOTE: the masked forms (all lanes selected) because the unmasked ones start from an undefined
@@ -479,43 +479,49 @@ StripKernel strip_kernel() {
 #if defined(FM_HAVE_X86_KERNELS)
   switch (fast_simd_choice().load(std::memory_order_relaxed)) {
     case FastSimd::kAvx512:
-      return strip_avx512;
+      return {strip_avx512, 8};
     case FastSimd::kAvx2:
-      return strip_avx2;
+      return {strip_avx2, 4};
     case FastSimd::kGeneric:
       break;
   }
 #endif
-  return strip_generic;
+  return {strip_generic, 4};
 }
 
-// B packed once per GEMM: 8-row blocks, their per-window scales.
+// B packed once per GEMM: blocks of block_n rows, their per-window scales.
 struct PackedB {
   PackedGeometry g;
-  int64_t rows = 0, blocks = 0;
+  int64_t rows = 0, block_n = 0, blocks = 0;
   std::vector<float> panel, scales;
 };
 
-PackedB pack_b(const Fp8MatrixRef& b, const PackedGeometry& g) {
+PackedB pack_b(const Fp8MatrixRef& b, const PackedGeometry& g, int block_n) {
   PackedB p;
   p.g = g;
   p.rows = b.rows;
-  p.blocks = (b.rows + kBlockN - 1) / kBlockN;
-  p.panel.resize(static_cast<size_t>(p.blocks * g.kp * kBlockN));
-  p.scales.resize(static_cast<size_t>(p.blocks * g.windows * kBlockN));
-  for (int64_t blk = 0; blk < p.blocks; ++blk)
-    pack_block<kBlockN>(b, blk * kBlockN, g, p.panel.data() + blk * g.kp * kBlockN,
-                        p.scales.data() + blk * g.windows * kBlockN);
+  p.block_n = block_n;
+  p.blocks = (b.rows + block_n - 1) / block_n;
+  p.panel.resize(static_cast<size_t>(p.blocks * g.kp * block_n));
+  p.scales.resize(static_cast<size_t>(p.blocks * g.windows * block_n));
+  for (int64_t blk = 0; blk < p.blocks; ++blk) {
+    float* panel = p.panel.data() + blk * g.kp * block_n;
+    float* scales = p.scales.data() + blk * g.windows * block_n;
+    if (block_n == 8)
+      pack_block<8>(b, blk * 8, g, panel, scales);
+    else
+      pack_block<4>(b, blk * 4, g, panel, scales);
+  }
   return p;
 }
 
-// Rows [m0, m1) of D on the packed path. B is walked in panels of kPanelBlocks blocks (64 rows),
-// kept in cache while every 2-row block of A passes over it.
-void packed_rows(const Fp8MatrixRef& a, const PackedB& pb, float* d, int64_t ldd, bool accumulate,
-                 int64_t m0, int64_t m1) {
-  constexpr int64_t kPanelBlocks = 8;
-  constexpr int64_t kAccBlock = kBlockM * kBlockN;
+// Rows [m0, m1) of D on the packed path. B is walked in panels of 64 rows, kept in cache while
+// every 2-row block of A passes over it.
+void packed_rows(const Fp8MatrixRef& a, const PackedB& pb, const StripKernel& kernel, float* d,
+                 int64_t ldd, bool accumulate, int64_t m0, int64_t m1) {
+  constexpr int64_t kPanelRows = 64;
   const PackedGeometry& g = pb.g;
+  const int64_t bn = pb.block_n, acc_block = kBlockM * bn, panel_blocks = kPanelRows / bn;
   const int64_t a_blocks = (m1 - m0 + kBlockM - 1) / kBlockM;
   std::vector<float> a_panel(static_cast<size_t>(a_blocks * g.kp * kBlockM));
   std::vector<float> a_scales(static_cast<size_t>(a_blocks * g.windows * kBlockM));
@@ -526,26 +532,25 @@ void packed_rows(const Fp8MatrixRef& a, const PackedB& pb, float* d, int64_t ldd
   for (int64_t blk = 0; blk < a_blocks; ++blk)
     pack_block<kBlockM>(a_view, m0 + kBlockM * blk, g, a_panel.data() + blk * g.kp * kBlockM,
                         a_scales.data() + blk * g.windows * kBlockM);
-  const StripKernel kernel = strip_kernel();
-  float acc[kPanelBlocks * kAccBlock];
-  for (int64_t pb0 = 0; pb0 < pb.blocks; pb0 += kPanelBlocks) {
-    const int64_t blocks = std::min(kPanelBlocks, pb.blocks - pb0);
-    const int64_t n0 = pb0 * kBlockN, n1 = std::min(pb.rows, n0 + blocks * kBlockN);
+  float acc[kBlockM * kPanelRows];
+  for (int64_t pb0 = 0; pb0 < pb.blocks; pb0 += panel_blocks) {
+    const int64_t blocks = std::min(panel_blocks, pb.blocks - pb0);
+    const int64_t n0 = pb0 * bn, n1 = std::min(pb.rows, n0 + blocks * bn);
+    // acc[j][i][c]: block j, row i, column c
+    const auto at = [&](int64_t i, int64_t n) -> float& {
+      return acc[(n - n0) / bn * acc_block + i * bn + (n - n0) % bn];
+    };
     for (int64_t blk = 0; blk < a_blocks; ++blk) {
       const int64_t mb = m0 + kBlockM * blk;
       const int64_t rows = std::min<int64_t>(kBlockM, m1 - mb);
-      // acc[j][i][c]: block j, row i, column c
-      const auto at = [&](int64_t i, int64_t n) -> float& {
-        return acc[(n - n0) / kBlockN * kAccBlock + i * kBlockN + (n - n0) % kBlockN];
-      };
-      std::fill_n(acc, blocks * kAccBlock, 0.0f);
+      std::fill_n(acc, blocks * acc_block, 0.0f);
       if (accumulate)
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t n = n0; n < n1; ++n) at(i, n) = d[(mb + i) * ldd + n];
-      kernel(StripArgs{a_panel.data() + blk * g.kp * kBlockM,
-                       a_scales.data() + blk * g.windows * kBlockM,
-                       pb.panel.data() + pb0 * g.kp * kBlockN,
-                       pb.scales.data() + pb0 * g.windows * kBlockN, blocks, g, acc});
+      kernel.fn(StripArgs{a_panel.data() + blk * g.kp * kBlockM,
+                          a_scales.data() + blk * g.windows * kBlockM,
+                          pb.panel.data() + pb0 * g.kp * bn, pb.scales.data() + pb0 * g.windows * bn,
+                          blocks, g, acc});
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t n = n0; n < n1; ++n) d[(mb + i) * ldd + n] = at(i, n);
     }
@@ -647,9 +652,10 @@ void gemm_fp8_reference(const Fp8MatrixRef& a, const Fp8MatrixRef& b, float* d, 
   const bool fast =
       model.mantissa_bits == 23 && model.rounding == AccumRounding::kNearestEven && scales_inside;
   if (fast && packed_path_applies(a.cols, interval)) {
-    const PackedB pb = pack_b(b, packed_geometry(a.cols, interval));
+    const StripKernel kernel = strip_kernel();
+    const PackedB pb = pack_b(b, packed_geometry(a.cols, interval), kernel.block_n);
     parallel_rows(a.rows, threads, [&](int64_t m0, int64_t m1) {
-      packed_rows(a, pb, d, ldd, accumulate, m0, m1);
+      packed_rows(a, pb, kernel, d, ldd, accumulate, m0, m1);
     });
     return;
   }
