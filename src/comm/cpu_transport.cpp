@@ -1,12 +1,14 @@
 // CPU-threads back end of expert-parallel dispatch/combine (fp8moe/comm/cpu_transport.h): R
 // ranks as threads, the two-stage route through per-node forwarders, counters with
 // acquire/release semantics and bounded waits. Checked against dispatch_reference /
-// combine_reference in tests/comm/cpu_transport_test.cpp.
+// combine_reference in tests/comm/cpu_transport_test.cpp, combine_backward_reference in
+// tests/comm/combine_backward_test.cpp.
 #include "fp8moe/comm/cpu_transport.h"
 
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -56,6 +58,18 @@ struct RankBoxes {
   std::vector<Flag> cg_flag;        // [R * G]
   std::vector<uint16_t> cr;         // [nodes][Tmax][H] node sums (source role)
   std::vector<Flag> cr_flag;        // [nodes]
+  // Combine backward (allocated on its first call): grad_out rows on dispatch's route, the K
+  // gate-weight gradients of each slot back on combine's.
+  std::vector<uint16_t> bg_fwd;    // [R src][Tmax][H] rows of source s by node slot (forwarder)
+  std::vector<Flag> bg_fwd_flag;   // [R]
+  std::vector<uint16_t> bg_recv;   // [R src][Tmax][H] rows of source s by slot (receiver)
+  std::vector<Flag> bg_recv_flag;  // [R]
+  std::vector<float> bw;           // [R src][G][Tmax][K] grad_w from rank dl (forwarder)
+  std::vector<uint8_t> bw_mine;    // [R src][G][Tmax][K] 1 where rank dl owns slot k
+  std::vector<Flag> bw_flag;       // [R * G]
+  std::vector<float> bwr;          // [nodes][Tmax][K] grad_w by node slot (source)
+  std::vector<uint8_t> bwr_mine;   // [nodes][Tmax][K]
+  std::vector<Flag> bwr_flag;      // [nodes]
 };
 
 }  // namespace
@@ -81,8 +95,31 @@ class CpuGroupState {
       b.cr_flag = std::vector<Flag>(N);
     }
   }
+  // NOTE: the backward mailboxes double the group's memory (2 x R x Tmax x H BF16 per rank), so
+  // only groups that run a backward pay for them; call_once makes the first caller allocate
+  // them for every rank while the others wait.
+  void ensure_backward_boxes() {
+    std::call_once(backward_once, [this] {
+      const int R = cfg.num_ranks, G = cfg.ranks_per_node(), N = cfg.nodes(), K = cfg.top_k;
+      const size_t T = static_cast<size_t>(cfg.max_tokens_per_rank);
+      const size_t H = static_cast<size_t>(cfg.hidden);
+      for (auto& b : boxes) {
+        b.bg_fwd.assign(R * T * H, 0);
+        b.bg_fwd_flag = std::vector<Flag>(R);
+        b.bg_recv.assign(R * T * H, 0);
+        b.bg_recv_flag = std::vector<Flag>(R);
+        b.bw.assign(static_cast<size_t>(R) * G * T * K, 0.0f);
+        b.bw_mine.assign(static_cast<size_t>(R) * G * T * K, 0);
+        b.bw_flag = std::vector<Flag>(static_cast<size_t>(R) * G);
+        b.bwr.assign(N * T * K, 0.0f);
+        b.bwr_mine.assign(N * T * K, 0);
+        b.bwr_flag = std::vector<Flag>(N);
+      }
+    });
+  }
   EpConfig cfg;
   std::vector<RankBoxes> boxes;
+  std::once_flag backward_once;
 };
 
 namespace {
@@ -95,6 +132,8 @@ class CpuRank final : public EpRank {
   DispatchResult dispatch(const TokenBatch& batch) override;
   std::vector<uint16_t> combine(const DispatchResult& d, const uint16_t* y) override;
   std::vector<uint16_t> combine_tokens(const DispatchResult& d, const uint16_t* rows) override;
+  RankCombineBackward combine_backward(const DispatchResult& d, std::span<const uint16_t> grad_out,
+                                       std::span<const uint16_t> y) override;
 
  private:
   // Bounded spin-wait; the message names this rank, the peer and the counter.
@@ -125,7 +164,7 @@ class CpuRank final : public EpRank {
   std::shared_ptr<CpuGroupState> st_;
   const EpConfig& cfg_;
   int me_;
-  uint64_t dispatch_epoch_ = 0, combine_epoch_ = 0;
+  uint64_t dispatch_epoch_ = 0, combine_epoch_ = 0, backward_epoch_ = 0;
 };
 
 DispatchResult CpuRank::dispatch(const TokenBatch& b) {
@@ -324,6 +363,123 @@ std::vector<uint16_t> CpuRank::combine(const DispatchResult& d, const uint16_t* 
 }
 std::vector<uint16_t> CpuRank::combine_tokens(const DispatchResult& d, const uint16_t* rows) {
   return combine_impl(d, rows, false);
+}
+
+RankCombineBackward CpuRank::combine_backward(const DispatchResult& dr,
+                                              std::span<const uint16_t> grad_out,
+                                              std::span<const uint16_t> y) {
+  const int R = cfg_.num_ranks, K = cfg_.top_k, G = cfg_.ranks_per_node(), N = cfg_.nodes();
+  const int64_t H = cfg_.hidden, Tmax = cfg_.max_tokens_per_rank;
+  const SendHandle& h = dr.handle;
+  check_combine_backward_args(cfg_, me_, dr, grad_out, y);
+  FM_CHECK_ARG(static_cast<int64_t>(h.node_slot.size()) == h.tokens * N &&
+                   static_cast<int64_t>(dr.forward.slot.size()) == R * Tmax * G,
+               "rank ", me_,
+               ": combine_backward needs this group's dispatch result (its forwarding handles)");
+  st_->ensure_backward_boxes();
+  const uint64_t b = ++backward_epoch_;
+  const int my_node = cfg_.node_of(me_), my_local = cfg_.local_of(me_);
+  RankBoxes& own = st_->boxes[me_];
+
+  // Source step: each grad_out row once to the forwarder of every node its token went to, at
+  // the token's node slot.
+  for (int m = 0; m < N; ++m) {
+    const int f = cfg_.rank_at(m, my_local);
+    Flag& flag = st_->boxes[f].bg_fwd_flag[me_];
+    wait(flag.consumed, b - 1, f, counter_name("combine_bwd.rows.forward.consumed", f, me_));
+    uint16_t* region = &st_->boxes[f].bg_fwd[static_cast<size_t>(me_) * Tmax * H];
+    for (int64_t t = 0; t < h.tokens; ++t) {
+      const int32_t q = h.node_slot[t * N + m];
+      if (q >= 0) std::memcpy(region + q * H, grad_out.data() + t * H, H * sizeof(uint16_t));
+    }
+    flag.arrived.store(b, std::memory_order_release);
+  }
+
+  // Forwarder step: rows of every source with my local index on to the ranks of my node, into
+  // the slots the dispatch gave their tokens there.
+  for (int s = my_local; s < R; s += G) {
+    Flag& in_flag = own.bg_fwd_flag[s];
+    wait(in_flag.arrived, b, s, counter_name("combine_bwd.rows.forward.arrived", me_, s));
+    const uint16_t* in = &own.bg_fwd[static_cast<size_t>(s) * Tmax * H];
+    for (int dl = 0; dl < G; ++dl) {
+      const int d = cfg_.rank_at(my_node, dl);
+      Flag& out_flag = st_->boxes[d].bg_recv_flag[s];
+      wait(out_flag.consumed, b - 1, d, counter_name("combine_bwd.rows.recv.consumed", d, s));
+      uint16_t* out = &st_->boxes[d].bg_recv[static_cast<size_t>(s) * Tmax * H];
+      for (int32_t q = 0; q < dr.forward.count[s]; ++q) {
+        const int32_t j = dr.forward.slot[(s * Tmax + q) * G + dl];
+        if (j >= 0) std::memcpy(out + j * H, in + q * H, H * sizeof(uint16_t));
+      }
+      out_flag.arrived.store(b, std::memory_order_release);
+    }
+    in_flag.consumed.store(b, std::memory_order_release);
+  }
+
+  // Expert step: grad_y rows here, the slot's K scalars to the forwarder of its source.
+  RankCombineBackward res;
+  res.grad_y.assign(static_cast<size_t>(cfg_.row_bound() * H), 0);
+  for (int s = 0; s < R; ++s) {
+    Flag& in_flag = own.bg_recv_flag[s];
+    const int via = cfg_.rank_at(my_node, cfg_.local_of(s));
+    wait(in_flag.arrived, b, via, counter_name("combine_bwd.rows.recv.arrived", me_, s));
+    Flag& out_flag = st_->boxes[via].bw_flag[s * G + my_local];
+    wait(out_flag.consumed, b - 1, via,
+         counter_name("combine_bwd.w.gather.consumed", via, s, my_local));
+    const size_t at = (static_cast<size_t>(s) * G + my_local) * Tmax * K;
+    float* w_out = &st_->boxes[via].bw[at];
+    uint8_t* mine_out = &st_->boxes[via].bw_mine[at];
+    for (int32_t j = 0; j < dr.recv.count[s]; ++j)
+      expert_grad(cfg_, dr.grouped, dr.recv, s, j, &own.bg_recv[(s * Tmax + j) * H], y.data(),
+                  res.grad_y.data(), w_out + j * K, mine_out + j * K);
+    out_flag.arrived.store(b, std::memory_order_release);
+    in_flag.consumed.store(b, std::memory_order_release);
+  }
+
+  // Forwarder step: per forwarded token, each k from the one rank of my node that owns it (none:
+  // +0, the slot's expert is on another node or dropped), back to the source.
+  for (int s = my_local; s < R; s += G) {
+    for (int dl = 0; dl < G; ++dl)
+      wait(own.bw_flag[s * G + dl].arrived, b, cfg_.rank_at(my_node, dl),
+           counter_name("combine_bwd.w.gather.arrived", me_, s, dl));
+    Flag& out_flag = st_->boxes[s].bwr_flag[my_node];
+    wait(out_flag.consumed, b - 1, s, counter_name("combine_bwd.w.return.consumed", s, my_node));
+    const size_t base = static_cast<size_t>(my_node) * Tmax * K;
+    float* w_out = &st_->boxes[s].bwr[base];
+    uint8_t* mine_out = &st_->boxes[s].bwr_mine[base];
+    for (int32_t q = 0; q < dr.forward.count[s]; ++q) {
+      std::fill(w_out + q * K, w_out + (q + 1) * K, 0.0f);
+      std::fill(mine_out + q * K, mine_out + (q + 1) * K, 0);
+      for (int dl = 0; dl < G; ++dl) {
+        const int32_t j = dr.forward.slot[(s * Tmax + q) * G + dl];
+        if (j < 0) continue;
+        const size_t at = ((static_cast<size_t>(s) * G + dl) * Tmax + j) * K;
+        for (int k = 0; k < K; ++k)
+          if (own.bw_mine[at + k]) {
+            w_out[q * K + k] = own.bw[at + k];
+            mine_out[q * K + k] = 1;
+          }
+      }
+    }
+    out_flag.arrived.store(b, std::memory_order_release);
+    for (int dl = 0; dl < G; ++dl)
+      own.bw_flag[s * G + dl].consumed.store(b, std::memory_order_release);
+  }
+
+  // Source step: each slot's gradient from the node that owns its expert.
+  for (int m = 0; m < N; ++m)
+    wait(own.bwr_flag[m].arrived, b, cfg_.rank_at(m, my_local),
+         counter_name("combine_bwd.w.return.arrived", me_, m));
+  res.grad_w.assign(static_cast<size_t>(h.tokens * K), 0.0f);
+  for (int64_t t = 0; t < h.tokens; ++t)
+    for (int m = 0; m < N; ++m) {
+      const int32_t q = h.node_slot[t * N + m];
+      if (q < 0) continue;
+      const size_t at = (static_cast<size_t>(m) * Tmax + q) * K;
+      for (int k = 0; k < K; ++k)
+        if (own.bwr_mine[at + k]) res.grad_w[t * K + k] = own.bwr[at + k];
+    }
+  for (int m = 0; m < N; ++m) own.bwr_flag[m].consumed.store(b, std::memory_order_release);
+  return res;
 }
 
 }  // namespace

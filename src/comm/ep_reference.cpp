@@ -1,5 +1,6 @@
-// The meaning of dispatch and combine (fp8moe/comm/ep.h), computed with a global view of all
-// ranks in one thread. Every back end is tested against these functions bit for bit.
+// The meaning of dispatch, combine and combine backward (fp8moe/comm/ep.h), computed with a
+// global view of all ranks in one thread. Every back end is tested against these functions bit
+// for bit.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -208,6 +209,49 @@ void expert_partial(const EpConfig& cfg, const GroupedRecv& g, const RecvTokens&
   for (int64_t h = 0; h < H; ++h) out_row[h] = float_to_bf16_bits(acc[h]);
 }
 
+void expert_grad(const EpConfig& cfg, const GroupedRecv& g, const RecvTokens& recv, int src,
+                 int slot, const uint16_t* go, const uint16_t* y, uint16_t* grad_y, float* grad_w,
+                 uint8_t* mine) {
+  const int K = cfg.top_k;
+  const int64_t H = cfg.hidden, base = (src * cfg.max_tokens_per_rank + slot) * K;
+  for (int k = 0; k < K; ++k) {
+    const int32_t row = g.token_rows[base + k];
+    grad_w[k] = 0.0f;
+    mine[k] = row >= 0;
+    if (row < 0) continue;
+    const float w = recv.topk_weight[base + k];
+    float dot = 0.0f;
+    for (int64_t h = 0; h < H; ++h) {
+      const float gh = bf16_bits_to_float(go[h]);
+      grad_y[row * H + h] = float_to_bf16_bits(w * gh);
+      // NOTE: the product is rounded to float before the add (no FMA), as the header fixes, so
+      // every back end gets the same bits.
+      const float prod = gh * bf16_bits_to_float(y[row * H + h]);
+      dot = dot + prod;
+    }
+    grad_w[k] = dot;
+  }
+}
+
+void check_combine_backward_args(const EpConfig& cfg, int rank, const DispatchResult& d,
+                                 std::span<const uint16_t> grad_out, std::span<const uint16_t> y) {
+  const int64_t H = cfg.hidden, bound = cfg.row_bound();
+  FM_CHECK_ARG(
+      static_cast<int64_t>(d.grouped.token_rows.size()) == cfg.max_recv_tokens() * cfg.top_k &&
+          static_cast<int64_t>(d.recv.count.size()) == cfg.num_ranks &&
+          static_cast<int64_t>(d.handle.slot.size()) == d.handle.tokens * cfg.num_ranks,
+      "rank ", rank, ": the dispatch result does not match the config (R=", cfg.num_ranks,
+      ", K=", cfg.top_k, ", max_tokens_per_rank=", cfg.max_tokens_per_rank, ")");
+  FM_CHECK_ARG(!d.grouped.overflow, "rank ", rank,
+               ": combine backward of a dispatch that overflowed its row bound (",
+               d.grouped.rows_needed, " rows needed, bound ", bound, ")");
+  FM_CHECK_ARG(static_cast<int64_t>(grad_out.size()) == d.handle.tokens * H, "rank ", rank,
+               ": grad_out has ", grad_out.size(), " values, expected T*H = ", d.handle.tokens, "*",
+               H, " = ", d.handle.tokens * H);
+  FM_CHECK_ARG(static_cast<int64_t>(y.size()) == bound * H, "rank ", rank, ": y has ", y.size(),
+               " values, expected row bound * H = ", bound, "*", H, " = ", bound * H);
+}
+
 std::vector<DispatchResult> dispatch_reference(const EpConfig& cfg,
                                                const std::vector<TokenBatch>& batches) {
   validate(cfg);
@@ -304,6 +348,41 @@ std::vector<std::vector<uint16_t>> combine_tokens_reference(
   const int64_t H = cfg.hidden, Tmax = cfg.max_tokens_per_rank;
   return reduce_back(cfg, disp,
                      [&](int d, int s, int32_t j) { return rows[d] + (s * Tmax + j) * H; });
+}
+
+CombineBackward combine_backward_reference(const EpConfig& cfg,
+                                           const std::vector<DispatchResult>& disp,
+                                           const std::vector<std::span<const uint16_t>>& grad_out,
+                                           const std::vector<std::span<const uint16_t>>& y) {
+  validate(cfg);
+  const int R = cfg.num_ranks, K = cfg.top_k;
+  const int64_t H = cfg.hidden, Tmax = cfg.max_tokens_per_rank;
+  FM_CHECK_ARG(static_cast<int>(disp.size()) == R && static_cast<int>(grad_out.size()) == R &&
+                   static_cast<int>(y.size()) == R,
+               "combine backward takes one dispatch result, grad_out and y per rank (", R,
+               " ranks): got ", disp.size(), ", ", grad_out.size(), ", ", y.size());
+  for (int r = 0; r < R; ++r) check_combine_backward_args(cfg, r, disp[r], grad_out[r], y[r]);
+  CombineBackward res;
+  res.grad_y.resize(R);
+  res.grad_w.resize(R);
+  for (int r = 0; r < R; ++r) {
+    res.grad_y[r].assign(static_cast<size_t>(cfg.row_bound() * H), 0);
+    res.grad_w[r].assign(static_cast<size_t>(disp[r].handle.tokens * K), 0.0f);
+  }
+  std::vector<float> gw(K);
+  std::vector<uint8_t> mine(K);
+  for (int d = 0; d < R; ++d) {
+    const RecvTokens& recv = disp[d].recv;
+    for (int s = 0; s < R; ++s)
+      for (int32_t j = 0; j < recv.count[s]; ++j) {
+        const int64_t t = recv.src_token[s * Tmax + j];
+        expert_grad(cfg, disp[d].grouped, recv, s, j, grad_out[s].data() + t * H, y[d].data(),
+                    res.grad_y[d].data(), gw.data(), mine.data());
+        for (int k = 0; k < K; ++k)
+          if (mine[k]) res.grad_w[s][t * K + k] = gw[k];
+      }
+  }
+  return res;
 }
 
 }  // namespace fp8moe::comm

@@ -33,9 +33,23 @@
 // it on to the ranks of its node; combine reduces per node at that forwarder and sends one row
 // back. A token may touch at most max_nodes_per_token nodes (0 = no limit); more is an error
 // naming the token.
+//
+// Combine backward. Given grad_out[t] (BF16 [T, H] at each source rank) and the forward's
+// expert outputs y, it returns the gradient of sum(out * grad_out) with the intermediate BF16
+// roundings of combine treated as straight-through (out = sum over k of w[t,k] * y[row(t,k)]):
+//   grad_y[row(t,k)] = bf16( w[t,k] * grad_out[t] ) element-wise, one float multiply each
+//       (at the expert's rank, in its grouped layout; padding and unused rows are +0);
+//   grad_w[t,k]      = sum over h ascending of grad_out[t,h] * y[row(t,k),h] in float,
+//       starting from +0.0f, each product rounded to float before the add (never fused)
+//       (back at the token's source rank, [T, K] float; a dropped slot, expert -1, gets +0).
+// The rows travel like a dispatch (grad_out goes once to every rank holding one of t's experts:
+// combine's backward is a dispatch) and the K scalars come back like a combine, but every
+// gradient value is computed whole at the expert's rank, so the result does not depend on the
+// route (one or two stages): nothing is summed across ranks or nodes.
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -150,6 +164,24 @@ std::vector<std::vector<uint16_t>> combine_tokens_reference(
     const EpConfig& cfg, const std::vector<DispatchResult>& dispatched,
     const std::vector<const uint16_t*>& rows);
 
+// Combine backward (see the header comment). grad_out[s]: source s's [T_s, H] BF16 output
+// gradient (exactly T_s * H values); y[d]: rank d's expert outputs of the forward, [row bound, H]
+// BF16 (exactly row bound * H values). kInvalidArgument naming the rank and the sizes otherwise,
+// or for a dispatch that overflowed its row bound.
+struct CombineBackward {
+  std::vector<std::vector<uint16_t>> grad_y;  // [R][row bound * H] BF16, per expert rank
+  std::vector<std::vector<float>> grad_w;     // [R][T_s * K], per source rank
+};
+// One rank's share of CombineBackward (what a back end's rank returns).
+struct RankCombineBackward {
+  std::vector<uint16_t> grad_y;  // [row bound * H] BF16, this rank's expert rows
+  std::vector<float> grad_w;     // [T * K], this rank's tokens
+};
+CombineBackward combine_backward_reference(const EpConfig& cfg,
+                                           const std::vector<DispatchResult>& dispatched,
+                                           const std::vector<std::span<const uint16_t>>& grad_out,
+                                           const std::vector<std::span<const uint16_t>>& y);
+
 // ---- shared pieces (used by every back end) ----
 // FP8 quantisation of one BF16 row of H values (H % 128 == 0), the fp8/quantize.h formula.
 void quantize_row_fp8(const uint16_t* x, int64_t hidden, uint8_t* codes, float* scales);
@@ -163,5 +195,15 @@ SendHandle make_send_handle(const EpConfig& cfg, int rank, const TokenBatch& bat
 // partial_d(s, j) of the header comment, as float rounded to BF16 bits.
 void expert_partial(const EpConfig& cfg, const GroupedRecv& grouped, const RecvTokens& recv,
                     int src, int slot, const uint16_t* y, uint16_t* out_row);
+// Combine backward at the expert's rank for received token (src, slot) with output gradient row
+// g: writes grad_y rows into grad_y ([row bound, H]) and, for each k, grad_w[k] (+0 where the
+// slot has no row here) and mine[k] = 1 where it has one (else 0).
+void expert_grad(const EpConfig& cfg, const GroupedRecv& grouped, const RecvTokens& recv, int src,
+                 int slot, const uint16_t* g, const uint16_t* y, uint16_t* grad_y, float* grad_w,
+                 uint8_t* mine);
+// kInvalidArgument unless the dispatch can be combined (no overflow) and the backward's inputs
+// have their sizes: grad_out T * H values, y row bound * H values; messages name `rank`.
+void check_combine_backward_args(const EpConfig& cfg, int rank, const DispatchResult& d,
+                                 std::span<const uint16_t> grad_out, std::span<const uint16_t> y);
 
 }  // namespace fp8moe::comm
