@@ -1,5 +1,6 @@
-// fp8moe generate --checkpoint DIR --prompt "..." [--temperature T] [--top-p P]: samples text
-// from a checkpoint written by `fp8moe train` (greedy when the temperature is 0).
+// fp8moe generate --checkpoint DIR --prompt "..." [--temperature T] [--top-p P] [--no-cache]:
+// samples text from a checkpoint written by `fp8moe train` (greedy when the temperature is 0),
+// with the model's KV cache unless --no-cache.
 #include <iostream>
 #include <memory>
 
@@ -18,6 +19,14 @@ void setup(CLI::App& app) {
   app.add_option("--seed", g->seed, "Sampling seed")->capture_default_str();
   app.add_flag("--ema", g->use_ema, "Use the EMA weights");
   app.add_option("--threads", g->threads, "CPU threads (0 = all)")->capture_default_str();
+  app.add_option("--context", g->context,
+                 "Tokens the model sees at most (then the oldest are dropped down to half)")
+      ->capture_default_str();
+  app.add_flag_callback(
+      "--no-cache", [g] { g->use_cache = false; },
+      "Recompute the whole context for every new token (no KV cache)");
+  app.add_flag("--ignore-eos", g->ignore_eos,
+               "Do not stop at end-of-sequence: exactly --max-new-tokens tokens");
   app.callback([g] {
     FM_CHECK_ARG(g->max_new_tokens >= 0, "--max-new-tokens must be >= 0");
     std::cout << fp8moe::generate_text(*g) << "\n";

@@ -68,7 +68,8 @@ void ModelConfig::validate() const {
   positive(num_hidden_layers, "num_hidden_layers");
   positive(num_attention_heads, "num_attention_heads");
   positive(kv_lora_rank, "kv_lora_rank");
-  positive(q_lora_rank, "q_lora_rank (the model needs the low-rank query path)");
+  FM_CHECK_ARG(q_lora_rank >= 0, "model config: q_lora_rank must be >= 0 (0 or null: queries ",
+               "projected directly by q_proj; got ", q_lora_rank, ")");
   positive(qk_nope_head_dim, "qk_nope_head_dim");
   positive(v_head_dim, "v_head_dim");
   FM_CHECK_ARG(qk_rope_head_dim > 0 && qk_rope_head_dim % 2 == 0,
@@ -129,7 +130,7 @@ Json ModelConfig::to_json() const {
       {"seq_aux", seq_aux},
       {"num_attention_heads", num_attention_heads},
       {"num_key_value_heads", num_key_value_heads},
-      {"q_lora_rank", q_lora_rank},
+      {"q_lora_rank", q_lora_rank > 0 ? Json(q_lora_rank) : Json(nullptr)},
       {"kv_lora_rank", kv_lora_rank},
       {"qk_nope_head_dim", qk_nope_head_dim},
       {"qk_rope_head_dim", qk_rope_head_dim},
@@ -228,6 +229,8 @@ ModelConfig parse_model_config(const Json& json, const std::string& what) {
   read_field(json, "num_attention_heads", c.num_attention_heads, what);
   c.num_key_value_heads = c.num_attention_heads;
   read_field(json, "num_key_value_heads", c.num_key_value_heads, what);
+  // NOTE: unlike other keys, null is a value here: Hugging Face's "no low-rank query path".
+  if (json.contains("q_lora_rank") && json.at("q_lora_rank").is_null()) c.q_lora_rank = 0;
   read_field(json, "q_lora_rank", c.q_lora_rank, what);
   read_field(json, "kv_lora_rank", c.kv_lora_rank, what);
   read_field(json, "qk_nope_head_dim", c.qk_nope_head_dim, what);
@@ -262,8 +265,10 @@ ModelConfig load_model_config(const std::string& path) {
 // Counts follow the module list of model.h; RMSNorm weights are counted with their part.
 ParameterReport count_parameters(const ModelConfig& c) {
   const int64_t h = c.hidden_size, heads = c.num_attention_heads;
-  const int64_t attn = h * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * heads * c.qk_head_dim() +
-                       h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank +
+  const int64_t q_proj = c.q_lora_rank > 0 ? h * c.q_lora_rank + c.q_lora_rank +
+                                                 c.q_lora_rank * heads * c.qk_head_dim()
+                                           : h * heads * c.qk_head_dim();
+  const int64_t attn = q_proj + h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank +
                        c.kv_lora_rank * heads * (c.qk_nope_head_dim + c.v_head_dim) +
                        heads * c.v_head_dim * h;
   const int64_t layer_norms = 2 * h;

@@ -32,6 +32,37 @@ struct Ctx {
   int64_t tokens() const { return batch * seq; }
 };
 
+// One query row of causal attention over keys [0, n): scores q.k (nope and rope parts) times
+// scale, softmax, and the probability-weighted sum of the values into out (zero on entry).
+// kv points at key 0's row for this head (nope key, then value; rows kv_stride apart), kpe at
+// key 0's rotated k_pe (rows dr apart). NOTE: the full forward and the cached decode both call
+// this, so a cached row does the same arithmetic in the same order as the recomputed one.
+void attend_row(const float* qv, const float* kv, int64_t kv_stride, const float* kpe, int64_t n,
+                int64_t dn, int64_t dr, int64_t dv, float scale, float* scratch, float* probs,
+                float* out) {
+  float mx = -INFINITY;
+  for (int64_t s2 = 0; s2 < n; ++s2) {
+    const float* kn = kv + s2 * kv_stride;
+    const float* kp = kpe + s2 * dr;
+    float dot = 0;
+    for (int64_t i = 0; i < dn; ++i) dot += qv[i] * kn[i];
+    for (int64_t i = 0; i < dr; ++i) dot += qv[dn + i] * kp[i];
+    scratch[s2] = dot * scale;
+    mx = std::max(mx, scratch[s2]);
+  }
+  double sum = 0;
+  for (int64_t s2 = 0; s2 < n; ++s2) {
+    scratch[s2] = std::exp(scratch[s2] - mx);
+    sum += scratch[s2];
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t s2 = 0; s2 < n; ++s2) {
+    probs[s2] = scratch[s2] * inv;
+    const float* vv = kv + s2 * kv_stride + dn;
+    for (int64_t i = 0; i < dv; ++i) out[i] += probs[s2] * vv[i];
+  }
+}
+
 struct ParamStore {
   std::deque<Parameter> params, buffers;
   uint64_t seed = 0;
@@ -162,14 +193,17 @@ struct Mlp {
   }
 };
 
-// Multi-head latent attention with decoupled RoPE and a causal softmax.
+// Multi-head latent attention with decoupled RoPE and a causal softmax. Queries come through
+// the low-rank path q_a_proj -> q_a_layernorm -> q_b_proj, or, with q_lora_rank 0 (HF's null,
+// DeepSeek-V2-Lite), straight from q_proj.
 struct Mla {
   int64_t hidden = 0, heads = 0, qr = 0, kvr = 0, dn = 0, dr = 0, dv = 0;
   float scale = 1;
-  Lin q_a, q_b, kv_a, kv_b, o;
+  Lin q_a, q_b, q_proj, kv_a, kv_b, o;
   Norm q_norm, kv_norm;
   Vec q, kv, kpe, p, attn;  // q with rotated pe, kv, rotated k_pe [T,dr], probs [B,H,S,S], out
   Ctx ctx;
+  bool cached = false;  // the last forward was a cached decode (no backward)
 
   void init(ParamStore& s, const std::string& pre, const ModelConfig& c) {
     hidden = c.hidden_size;
@@ -180,9 +214,13 @@ struct Mla {
     dr = c.qk_rope_head_dim;
     dv = c.v_head_dim;
     scale = static_cast<float>(attention_softmax_scale(dn + dr, c.rope_scaling));
-    q_a.init(s, pre + ".q_a_proj.weight", hidden, qr);
-    q_norm.init(s, pre + ".q_a_layernorm.weight", qr, c.rms_norm_eps);
-    q_b.init(s, pre + ".q_b_proj.weight", qr, heads * (dn + dr));
+    if (qr > 0) {
+      q_a.init(s, pre + ".q_a_proj.weight", hidden, qr);
+      q_norm.init(s, pre + ".q_a_layernorm.weight", qr, c.rms_norm_eps);
+      q_b.init(s, pre + ".q_b_proj.weight", qr, heads * (dn + dr));
+    } else {
+      q_proj.init(s, pre + ".q_proj.weight", hidden, heads * (dn + dr));
+    }
     kv_a.init(s, pre + ".kv_a_proj_with_mqa.weight", hidden, kvr + dr);
     kv_norm.init(s, pre + ".kv_a_layernorm.weight", kvr, c.rms_norm_eps);
     kv_b.init(s, pre + ".kv_b_proj.weight", kvr, heads * (dn + dv));
@@ -190,13 +228,17 @@ struct Mla {
     o.init(s, pre + ".o_proj.weight", heads * dv, hidden, true);
   }
 
-  Vec forward(const float* x, const Ctx& c) {
-    ctx = c;
-    const int64_t t_count = c.tokens(), S = c.seq, B = c.batch;
-    const int64_t qd = dn + dr, kvd = dn + dv;
-    Vec cq = q_a.forward(x, t_count, c.precision);
-    Vec cqn = q_norm.forward(cq.data(), t_count);
-    q = q_b.forward(cqn.data(), t_count, c.precision);
+  // Queries, keys and values of the tokens of x, RoPE applied (token t at position pos0 + t % S).
+  void project(const float* x, const Ctx& c, int64_t pos0) {
+    const int64_t t_count = c.tokens(), S = c.seq;
+    const int64_t qd = dn + dr;
+    if (qr > 0) {
+      Vec cq = q_a.forward(x, t_count, c.precision);
+      Vec cqn = q_norm.forward(cq.data(), t_count);
+      q = q_b.forward(cqn.data(), t_count, c.precision);
+    } else {
+      q = q_proj.forward(x, t_count, c.precision);
+    }
     Vec kva = kv_a.forward(x, t_count, c.precision);
     Vec ckv(static_cast<size_t>(t_count * kvr));
     kpe.resize(static_cast<size_t>(t_count * dr));
@@ -207,49 +249,64 @@ struct Mla {
     Vec ckvn = kv_norm.forward(ckv.data(), t_count);
     kv = kv_b.forward(ckvn.data(), t_count, c.precision);
     for (int64_t t = 0; t < t_count; ++t) {
-      const int64_t pos = t % S;
+      const int64_t pos = pos0 + t % S;
       rope_apply(*c.rope, kpe.data() + t * dr, pos, false);
       for (int64_t h = 0; h < heads; ++h)
         rope_apply(*c.rope, q.data() + t * heads * qd + h * qd + dn, pos, false);
     }
+  }
+
+  Vec forward(const float* x, const Ctx& c) {
+    ctx = c;
+    cached = false;
+    const int64_t t_count = c.tokens(), S = c.seq, B = c.batch;
+    const int64_t qd = dn + dr, kvd = dn + dv;
+    project(x, c, 0);
     p.assign(static_cast<size_t>(B * heads * S * S), 0.0f);
     attn.assign(static_cast<size_t>(t_count * heads * dv), 0.0f);
     parallel_for(B * heads, [&](int64_t i0, int64_t i1) {
       Vec row(static_cast<size_t>(S));
       for (int64_t bh = i0; bh < i1; ++bh) {
         const int64_t b = bh / heads, h = bh % heads;
-        for (int64_t s = 0; s < S; ++s) {
-          const float* qv = q.data() + (b * S + s) * heads * qd + h * qd;
-          float mx = -INFINITY;
-          for (int64_t s2 = 0; s2 <= s; ++s2) {
-            const float* kn = kv.data() + (b * S + s2) * heads * kvd + h * kvd;
-            const float* kp = kpe.data() + (b * S + s2) * dr;
-            float dot = 0;
-            for (int64_t i = 0; i < dn; ++i) dot += qv[i] * kn[i];
-            for (int64_t i = 0; i < dr; ++i) dot += qv[dn + i] * kp[i];
-            row[s2] = dot * scale;
-            mx = std::max(mx, row[s2]);
-          }
-          double sum = 0;
-          for (int64_t s2 = 0; s2 <= s; ++s2) {
-            row[s2] = std::exp(row[s2] - mx);
-            sum += row[s2];
-          }
-          float* prow = p.data() + ((b * heads + h) * S + s) * S;
-          float* out = attn.data() + (b * S + s) * heads * dv + h * dv;
-          const float inv = static_cast<float>(1.0 / sum);
-          for (int64_t s2 = 0; s2 <= s; ++s2) {
-            prow[s2] = row[s2] * inv;
-            const float* vv = kv.data() + (b * S + s2) * heads * kvd + h * kvd + dn;
-            for (int64_t i = 0; i < dv; ++i) out[i] += prow[s2] * vv[i];
-          }
-        }
+        for (int64_t s = 0; s < S; ++s)
+          attend_row(q.data() + (b * S + s) * heads * qd + h * qd,
+                     kv.data() + b * S * heads * kvd + h * kvd, heads * kvd,
+                     kpe.data() + b * S * dr, s + 1, dn, dr, dv, scale, row.data(),
+                     p.data() + ((b * heads + h) * S + s) * S,
+                     attn.data() + (b * S + s) * heads * dv + h * dv);
       }
     });
     return o.forward(attn.data(), t_count, c.precision);
   }
 
+  // Generation: the c.seq tokens of x (batch 1) follow the layer.length... tokens cached in
+  // `layer`; their keys and values are appended to it and they attend to all cached tokens.
+  Vec forward_cached(const float* x, const Ctx& c, int64_t pos0, KvCache::Layer& layer) {
+    FM_CHECK(c.batch == 1, "cached attention runs one sequence");
+    ctx = c;
+    cached = true;
+    const int64_t S = c.seq, qd = dn + dr, kvd = dn + dv;
+    project(x, c, pos0);
+    FM_CHECK(static_cast<int64_t>(layer.k_pe.size()) == pos0 * dr, "KV cache holds ",
+             layer.k_pe.size() / dr, " tokens, expected ", pos0);
+    layer.kv.insert(layer.kv.end(), kv.begin(), kv.end());
+    layer.k_pe.insert(layer.k_pe.end(), kpe.begin(), kpe.end());
+    const int64_t n_keys = pos0 + S;
+    attn.assign(static_cast<size_t>(S * heads * dv), 0.0f);
+    parallel_for(S * heads, [&](int64_t i0, int64_t i1) {
+      Vec row(static_cast<size_t>(n_keys)), probs(static_cast<size_t>(n_keys));
+      for (int64_t sh = i0; sh < i1; ++sh) {
+        const int64_t s = sh / heads, h = sh % heads;
+        attend_row(q.data() + s * heads * qd + h * qd, layer.kv.data() + h * kvd, heads * kvd,
+                   layer.k_pe.data(), pos0 + s + 1, dn, dr, dv, scale, row.data(), probs.data(),
+                   attn.data() + s * heads * dv + h * dv);
+      }
+    });
+    return o.forward(attn.data(), S, c.precision);
+  }
+
   Vec backward(const float* dy) {
+    FM_CHECK(!cached, "no backward through a cached (generation) forward");
     const int64_t t_count = ctx.tokens(), S = ctx.seq, B = ctx.batch;
     const int64_t qd = dn + dr, kvd = dn + dv;
     Vec dattn = o.backward(dy);
@@ -310,9 +367,14 @@ struct Mla {
     for (int64_t t = 0; t < t_count; ++t)
       std::copy_n(dckv.data() + t * kvr, kvr, dkva.data() + t * (kvr + dr));
     Vec dx = kv_a.backward(dkva.data());
-    Vec dcqn = q_b.backward(dq.data());
-    Vec dcq = q_norm.backward(dcqn.data());
-    Vec dx2 = q_a.backward(dcq.data());
+    Vec dx2;
+    if (qr > 0) {
+      Vec dcqn = q_b.backward(dq.data());
+      Vec dcq = q_norm.backward(dcqn.data());
+      dx2 = q_a.backward(dcq.data());
+    } else {
+      dx2 = q_proj.backward(dq.data());
+    }
     add_into(dx.data(), dx2.data(), static_cast<int64_t>(dx.size()));
     return dx;
   }
@@ -448,10 +510,11 @@ struct Block {
       mlp->init(s, pre + ".mlp", hidden, c.intermediate_size, false, false);
     }
   }
-  Vec forward(const float* h, const Ctx& c) {
+  // With a cache layer: generation (batch 1, tokens at positions pos0 ...).
+  Vec forward(const float* h, const Ctx& c, int64_t pos0 = 0, KvCache::Layer* cache = nullptr) {
     const int64_t n = c.tokens() * hidden;
     Vec a = ln1.forward(h, c.tokens());
-    Vec h1 = attn.forward(a.data(), c);
+    Vec h1 = cache ? attn.forward_cached(a.data(), c, pos0, *cache) : attn.forward(a.data(), c);
     add_into(h1.data(), h, n);
     Vec f = ln2.forward(h1.data(), c.tokens());
     Vec h2 = moe ? moe->forward(f.data(), c.tokens(), c.seq, c.precision)
@@ -696,6 +759,42 @@ std::vector<float> Model::next_token_logits(const int32_t* tokens, int64_t seq,
   std::vector<float> logits(static_cast<size_t>(c.vocab_size));
   linear_forward(LinearOptions{m.head_precision(precision), false, 0}, hn.data(), 1,
                  m.head.w->value.data(), c.vocab_size, c.hidden_size, logits.data(), &cache);
+  return logits;
+}
+
+int64_t KvCache::bytes() const {
+  int64_t n = 0;
+  for (const auto& l : layers) n += static_cast<int64_t>((l.kv.size() + l.k_pe.size()) * 4);
+  return n;
+}
+
+std::vector<float> Model::next_token_logits(const int32_t* tokens, int64_t n, Precision precision,
+                                            KvCache& cache) {
+  ModelImpl& m = *impl_;
+  const ModelConfig& c = m.config;
+  const int64_t pos0 = cache.length, total = pos0 + n;
+  FM_CHECK_ARG(n > 0 && total <= c.max_position_embeddings, "generate: context of ", total,
+               " tokens is outside [1, max_position_embeddings]");
+  if (cache.layers.empty()) {
+    FM_CHECK_ARG(pos0 == 0, "KV cache claims ", pos0, " tokens but holds no layers");
+    cache.layers.resize(static_cast<size_t>(c.num_hidden_layers));
+  }
+  FM_CHECK_ARG(static_cast<int64_t>(cache.layers.size()) == c.num_hidden_layers, "KV cache has ",
+               cache.layers.size(), " layers, the model ", c.num_hidden_layers);
+  if (m.rope.positions < total || m.rope.dim != c.qk_rope_head_dim)
+    m.rope = make_rope_table(c.qk_rope_head_dim,
+                             std::min(c.max_position_embeddings, std::max<int64_t>(2 * total, 256)),
+                             c.rope_theta, c.rope_scaling);
+  Ctx ctx{precision, 1, n, &m.rope};
+  Vec hcur = m.embed_rows(tokens, n);
+  for (size_t l = 0; l < m.blocks.size(); ++l)
+    hcur = m.blocks[l].forward(hcur.data(), ctx, pos0, &cache.layers[l]);
+  cache.length = total;
+  Vec hn = m.final_norm.forward(hcur.data() + (n - 1) * c.hidden_size, 1);
+  LinearCache lcache;
+  std::vector<float> logits(static_cast<size_t>(c.vocab_size));
+  linear_forward(LinearOptions{m.head_precision(precision), false, 0}, hn.data(), 1,
+                 m.head.w->value.data(), c.vocab_size, c.hidden_size, logits.data(), &lcache);
   return logits;
 }
 

@@ -371,11 +371,23 @@ std::string generate_text(const GenerateOptions& g) {
   std::vector<int32_t> ids = tok.encode(g.prompt);
   if (ids.empty()) ids.push_back(tok.eos_id() >= 0 ? tok.eos_id() : 0);
   const size_t prompt_len = ids.size();
+  FM_CHECK_ARG(g.context >= 2, "--context must be >= 2 (got ", g.context, ")");
+  const int64_t context = std::min(g.context, config.max_position_embeddings);
   PhiloxStream rng(g.seed, 7);
+  KvCache cache;
+  int64_t start = 0;  // the model reads ids[start, end)
   for (int64_t i = 0; i < g.max_new_tokens; ++i) {
-    const int64_t ctx = std::min<int64_t>(static_cast<int64_t>(ids.size()), 512);
+    const int64_t end = static_cast<int64_t>(ids.size());
+    if (end - start > context) {
+      // NOTE: positions restart at 0 for the new window, so the cache must be rebuilt; halving
+      // the window makes that happen once every context/2 tokens rather than every token.
+      start = end - context / 2;
+      cache.clear();
+    }
     std::vector<float> logits =
-        model.next_token_logits(ids.data() + ids.size() - ctx, ctx, precision);
+        g.use_cache ? model.next_token_logits(ids.data() + start + cache.length,
+                                              end - start - cache.length, precision, cache)
+                    : model.next_token_logits(ids.data() + start, end - start, precision);
     int32_t next = 0;
     if (g.temperature == 0) {
       next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
@@ -406,7 +418,7 @@ std::string generate_text(const GenerateOptions& g) {
         }
       }
     }
-    if (next == tok.eos_id()) break;
+    if (next == tok.eos_id() && !g.ignore_eos) break;
     ids.push_back(next);
   }
   (void)prompt_len;

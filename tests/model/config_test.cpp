@@ -26,6 +26,49 @@ TEST(ModelConfig, DeepSeekV3CountsMatchTheReport) {
   EXPECT_NEAR((static_cast<double>(r.main_total + r.mtp_total) + 2 * emb) / 1e9, 685.0, 0.6);
 }
 
+// DeepSeek-V2-Lite's shape (its config.json has "q_lora_rank": null: queries projected directly
+// by q_proj). Its router (softmax, greedy top-k) is not V3's, so V3's is used here; the counts
+// do not depend on it. The V2 paper: 15.7B parameters, 2.4B activated per token.
+TEST(ModelConfig, NullQLoraRankCountsTheDirectQueryProjection) {
+  Json j = {{"vocab_size", 102400},
+            {"hidden_size", 2048},
+            {"intermediate_size", 10944},
+            {"moe_intermediate_size", 1408},
+            {"num_hidden_layers", 27},
+            {"first_k_dense_replace", 1},
+            {"n_routed_experts", 64},
+            {"n_shared_experts", 2},
+            {"num_experts_per_tok", 6},
+            {"n_group", 1},
+            {"topk_group", 1},
+            {"num_attention_heads", 16},
+            {"num_key_value_heads", 16},
+            {"q_lora_rank", nullptr},
+            {"kv_lora_rank", 512},
+            {"qk_nope_head_dim", 128},
+            {"qk_rope_head_dim", 64},
+            {"v_head_dim", 128},
+            {"num_nextn_predict_layers", 0}};
+  const ModelConfig c = parse_model_config(j, "v2-lite");
+  EXPECT_EQ(c.q_lora_rank, 0);
+  EXPECT_TRUE(c.to_json().at("q_lora_rank").is_null());  // written back as HF writes it
+  EXPECT_EQ(parse_model_config(c.to_json(), "again").to_json(), c.to_json());
+  const ParameterReport r = count_parameters(c);
+  EXPECT_NEAR(static_cast<double>(r.main_total) / 1e9, 15.7, 0.05);
+  // Activated without the embedding row (the paper's convention): 2.45B.
+  const double emb = 102400.0 * 2048.0;
+  EXPECT_NEAR((static_cast<double>(r.main_activated) - emb) / 1e9, 2.4, 0.1);
+  // q_proj [16 * 192, 2048] per layer in place of q_a/q_b and the norm.
+  EXPECT_EQ(r.parts[1].name, "attention (MLA)");
+  const int64_t per_layer = 2048 * 16 * 192 + 2048 * 576 + 512 + 512 * 16 * 256 + 16 * 128 * 2048;
+  EXPECT_EQ(r.parts[1].total, 27 * per_layer);
+  // 0 means the same as null; a missing key keeps V3's 1536.
+  j["q_lora_rank"] = 0;
+  EXPECT_EQ(parse_model_config(j, "zero").to_json(), c.to_json());
+  j.erase("q_lora_rank");
+  EXPECT_EQ(parse_model_config(j, "missing").q_lora_rank, 1536);
+}
+
 TEST(ModelConfig, MissingKeysTakeDeepSeekV3Values) {
   const ModelConfig c = parse_model_config(Json::object(), "empty");
   const ModelConfig d;
@@ -71,6 +114,7 @@ TEST(ModelConfig, BadConfigsAreErrorsThatNameTheProblem) {
   expect_error({{"rope_scaling", {{"type", "yarn"}, {"factr", 2}}}}, "factr");
   expect_error({{"num_key_value_heads", 8}}, "num_key_value_heads");
   expect_error({{"aux_loss_alpha", -1.0}}, "aux_loss_alpha");
+  expect_error({{"q_lora_rank", -1}}, "q_lora_rank");
 }
 
 TEST(ModelCli, InfoPrintsTheV3Totals) {

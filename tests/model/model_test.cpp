@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
@@ -16,7 +17,9 @@
 namespace fp8moe {
 namespace {
 
-ModelConfig micro_config(double init_std = 0.3, Json rope_scaling = nullptr) {
+// q_lora_rank null: DeepSeek-V2-Lite's direct query projection (q_proj).
+ModelConfig micro_config(double init_std = 0.3, Json rope_scaling = nullptr,
+                         Json q_lora_rank = 12) {
   Json j = {{"vocab_size", 48},
             {"hidden_size", 16},
             {"intermediate_size", 24},
@@ -31,7 +34,7 @@ ModelConfig micro_config(double init_std = 0.3, Json rope_scaling = nullptr) {
             {"routed_scaling_factor", 1.5},
             {"num_attention_heads", 2},
             {"num_key_value_heads", 2},
-            {"q_lora_rank", 12},
+            {"q_lora_rank", q_lora_rank},
             {"kv_lora_rank", 8},
             {"qk_nope_head_dim", 4},
             {"qk_rope_head_dim", 4},
@@ -110,6 +113,32 @@ TEST(ModelGradients, EveryParameterMatchesFiniteDifferencesWithYarn) {
                          {"mscale", 0.8},
                          {"mscale_all_dim", 1},
                          {"original_max_position_embeddings", 16}}));
+}
+
+// q_lora_rank null: the queries come from q_proj; its gradient (and the input gradient through
+// it) must be right as well.
+TEST(ModelGradients, EveryParameterMatchesFiniteDifferencesWithDirectQueryProjection) {
+  const ModelConfig c = micro_config(0.3, nullptr, nullptr);
+  ASSERT_EQ(c.q_lora_rank, 0);
+  Model model(c, 1);
+  int q_proj = 0, low_rank = 0;
+  for (const auto& p : model.parameters()) {
+    q_proj += p.name.find(".self_attn.q_proj.weight") != std::string::npos;
+    low_rank +=
+        p.name.find(".q_a_") != std::string::npos || p.name.find(".q_b_") != std::string::npos;
+  }
+  EXPECT_EQ(q_proj, 3);  // two layers and the MTP block
+  EXPECT_EQ(low_rank, 0);
+  check_gradients_by_finite_differences(c);
+}
+
+TEST(ModelParameters, CountMatchesTheModelForBothQueryPaths) {
+  for (Json qr : {Json(12), Json(nullptr)}) {
+    const ModelConfig c = micro_config(0.3, nullptr, qr);
+    Model model(c, 1);
+    const ParameterReport r = count_parameters(c);
+    EXPECT_EQ(model.parameter_count(), r.main_total + r.mtp_total) << qr.dump();
+  }
 }
 
 TEST(ModelGradients, BackwardDoesNotChangeTheLoss) {
@@ -282,6 +311,78 @@ TEST(TransposeBlockQuantized, EqualsQuantisingTheTranspose) {
   const auto b = quantize(wt.data(), c, r, r, ScaleGranularity::k128x128);
   EXPECT_EQ(a.codes, b.codes);
   EXPECT_EQ(a.scales, b.scales);
+}
+
+// The cached forward (generation) equals the full recomputation. Bound: |cached - recomputed|
+// <= 1e-5 * max(1, max |logit|) for every logit. NOTE: both paths do the same arithmetic in the
+// same order (attend_row, row-independent GEMMs), so today they agree to the bit; the bound
+// leaves room for a GEMM that blocks rows differently, not for a wrong position or a missing key.
+void expect_cache_matches_recomputation(const ModelConfig& c, Precision precision) {
+  Model model(c, 17);
+  for (auto& b : model.buffers())
+    for (size_t e = 0; e < b.value.size(); ++e) b.value[e] = 0.01f * static_cast<float>(e);
+  const int64_t total = 23;
+  const auto tokens = random_tokens(total, c.vocab_size, 29);
+  double worst = 0;
+  for (int64_t prompt : {1, 2, 7, 16}) {
+    KvCache cache;
+    int64_t len = 0;
+    // The prompt at once, then one token per step, with one 3-token chunk in the middle.
+    for (int64_t n = prompt; len < total; n = (len == prompt + 2 ? 3 : 1)) {
+      n = std::min(n, total - len);
+      const std::vector<float> cached =
+          model.next_token_logits(tokens.data() + len, n, precision, cache);
+      len += n;
+      ASSERT_EQ(cache.length, len);
+      const std::vector<float> full = model.next_token_logits(tokens.data(), len, precision);
+      ASSERT_EQ(cached.size(), full.size());
+      float mx = 1;
+      for (float v : full) mx = std::max(mx, std::fabs(v));
+      for (size_t v = 0; v < full.size(); ++v) {
+        const double d = std::fabs(cached[v] - full[v]);
+        worst = std::max(worst, d / mx);
+        ASSERT_LE(d, 1e-5 * mx) << precision_name(precision) << " prompt " << prompt << " length "
+                                << len << " logit " << v;
+      }
+    }
+    const int64_t per_token =
+        c.num_hidden_layers *
+        (c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim) + c.qk_rope_head_dim) * 4;
+    EXPECT_EQ(cache.bytes(), total * per_token);
+  }
+  std::printf(
+      "KV cache %s q_lora_rank %lld: worst |cached - recomputed| / max(1, max|logit|) = %g\n",
+      precision_name(precision), static_cast<long long>(c.q_lora_rank), worst);
+}
+
+TEST(KvCache, LogitsEqualFullRecomputation) {
+  for (Precision p : {Precision::kFp32, Precision::kBf16, Precision::kFp8})
+    expect_cache_matches_recomputation(micro_config(0.3), p);
+}
+
+TEST(KvCache, LogitsEqualFullRecomputationWithDirectQueryProjection) {
+  for (Precision p : {Precision::kFp32, Precision::kBf16, Precision::kFp8})
+    expect_cache_matches_recomputation(micro_config(0.3, nullptr, nullptr), p);
+}
+
+TEST(KvCache, LogitsEqualFullRecomputationWithYarn) {
+  expect_cache_matches_recomputation(micro_config(0.3, {{"type", "yarn"},
+                                                        {"factor", 4},
+                                                        {"beta_fast", 8},
+                                                        {"beta_slow", 1},
+                                                        {"mscale", 0.8},
+                                                        {"mscale_all_dim", 1},
+                                                        {"original_max_position_embeddings", 16}}),
+                                     Precision::kFp32);
+}
+
+TEST(KvCache, RefusesContextsBeyondMaxPositions) {
+  const ModelConfig c = micro_config(0.3);  // max_position_embeddings 64
+  Model model(c, 17);
+  const auto tokens = random_tokens(65, c.vocab_size, 29);
+  KvCache cache;
+  model.next_token_logits(tokens.data(), 60, Precision::kFp32, cache);
+  EXPECT_THROW(model.next_token_logits(tokens.data() + 60, 5, Precision::kFp32, cache), Error);
 }
 
 }  // namespace

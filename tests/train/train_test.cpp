@@ -190,6 +190,8 @@ TrainOptions micro_options(const std::string& dir) {
   return o;
 }
 
+std::string run_cli(const std::string& args, int* status);
+
 std::string fresh_dir(const std::string& name) {
   const std::string d = testing::TempDir() + "/fp8moe_train_test_" + name;
   std::filesystem::remove_all(d);
@@ -236,6 +238,29 @@ TEST(Checkpoint, ResumingGivesBitIdenticalLosses) {
   g.temperature = 0.8;
   g.top_p = 0.9;
   EXPECT_EQ(generate_text(g).rfind("In the beginning", 0), 0u);
+  // The KV cache changes nothing: greedy and sampled text equal the full recomputation's, also
+  // when the text outgrows a small context window (dropped to half and re-read from position 0).
+  g.max_new_tokens = 40;
+  for (int64_t context : {int64_t{512}, int64_t{10}})
+    for (double temperature : {0.0, 0.8}) {
+      g.context = context;
+      g.temperature = temperature;
+      g.use_cache = true;
+      const std::string cached = generate_text(g);
+      g.use_cache = false;
+      EXPECT_EQ(generate_text(g), cached) << "context " << context << " T " << temperature;
+      g.use_cache = true;
+      if (context == 512 && temperature == 0.0) {
+        // and through the CLI's --no-cache switch
+        int status = 0;
+        const std::string out =
+            run_cli("generate --checkpoint " + full.out_dir +
+                        " --prompt 'In the beginning' --max-new-tokens 40 --no-cache",
+                    &status);
+        EXPECT_EQ(status, 0) << out;
+        EXPECT_EQ(out, cached + "\n");
+      }
+    }
   // metrics and plot were written
   EXPECT_TRUE(std::filesystem::exists(full.out_dir + "/loss.svg"));
   std::ifstream metrics(full.out_dir + "/metrics.jsonl");
@@ -297,6 +322,33 @@ TEST(Checkpoint, ResumeWithAnotherConfigIsRefused) {
     EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
     EXPECT_NE(e.message().find("different model config"), std::string::npos) << e.message();
   }
+}
+
+// q_lora_rank null (DeepSeek-V2-Lite's direct query projection): trains in fp8, the checkpoint
+// holds HF's q_proj names, and generation reads them back, with and without the KV cache.
+TEST(Checkpoint, DirectQueryProjectionTrainsSavesAndGenerates) {
+  if (!have_sentencepiece()) GTEST_SKIP() << "built without SentencePiece";
+  TrainOptions o = micro_options(fresh_dir("qproj"));
+  Json j = o.model.to_json();
+  j["q_lora_rank"] = nullptr;
+  o.model = parse_model_config(j, "micro q_proj");
+  o.steps = 2;
+  o.eval_batches = 0;
+  const TrainResult r = train(o);
+  EXPECT_TRUE(std::isfinite(r.losses.back()));
+  const SafetensorsFile f = SafetensorsFile::read(o.out_dir + "/checkpoint.safetensors");
+  EXPECT_EQ(f.entries().count("param/model.layers.0.self_attn.q_proj.weight"), 1u);
+  EXPECT_EQ(f.entries().count("param/model.layers.2.self_attn.q_proj.weight"), 1u);  // MTP
+  EXPECT_EQ(f.entries().count("param/model.layers.0.self_attn.q_a_proj.weight"), 0u);
+  GenerateOptions g;
+  g.checkpoint_dir = o.out_dir;
+  g.prompt = "And God said";
+  g.max_new_tokens = 12;
+  g.ignore_eos = true;
+  const std::string cached = generate_text(g);
+  g.use_cache = false;
+  EXPECT_EQ(generate_text(g), cached);
+  EXPECT_EQ(cached.rfind("And God said", 0), 0u) << cached;
 }
 
 TEST(Data, BatchesAreAPureFunctionOfSeedAndStep) {

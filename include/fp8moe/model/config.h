@@ -43,6 +43,8 @@ struct ModelConfig {
   bool seq_aux = true;
   int64_t num_attention_heads = 128;
   int64_t num_key_value_heads = 128;  // MLA: equals num_attention_heads
+  // 0 (null in the file, as DeepSeek-V2-Lite publishes it): no low-rank query path; the
+  // queries are projected directly by self_attn.q_proj [heads * qk_head_dim, hidden].
   int64_t q_lora_rank = 1536;
   int64_t kv_lora_rank = 512;
   int64_t qk_nope_head_dim = 128;

@@ -1,8 +1,10 @@
 // The DeepSeek-V3-architecture model on the CPU: embedding, decoder blocks (RMSNorm, MLA
-// attention with decoupled RoPE, dense SwiGLU FFN for the first `first_k_dense_replace` layers,
+// attention with decoupled RoPE (queries through q_a_proj/q_a_layernorm/q_b_proj, or q_proj when
+// q_lora_rank is 0/null), dense SwiGLU FFN for the first `first_k_dense_replace` layers,
 // DeepSeekMoE after: shared experts + routed experts chosen by the router of moe/router.h),
 // final RMSNorm, output head, and `num_nextn_predict_layers` multi-token-prediction modules
-// that share the embedding and the head. Forward and backward for every part.
+// that share the embedding and the head. Forward and backward for every part; a KV-cached
+// forward for generation.
 //
 // Precision (linear.h): every linear layer of the blocks and of the MTP projections runs in the
 // chosen precision; the embedding, the attention core, norms and gates run in FP32; the output
@@ -36,6 +38,31 @@ struct LossReport {
   double balance_loss = 0;       // sequence-wise balance losses of all MoE blocks (seq_aux)
 };
 
+// Generation state: per main-model layer, what attention needs of every token seen so far,
+// as Hugging Face's cache holds it (the expanded keys and values, not V3's compressed latent):
+//   kv    [length, heads, qk_nope_head_dim + v_head_dim]  kv_b_proj's output (the per-head key
+//         without RoPE, then the value), computed once per token in the model's precision;
+//   k_pe  [length, qk_rope_head_dim]  the decoupled key, rotated at its position; one per token,
+//         shared by all heads as in MLA (HF stores it once per head).
+// NOTE: the expanded form makes the cached forward compute exactly the same products as the full
+// forward (kv_b in the recipe's precision on each token's latent), so cached and recomputed
+// logits agree to the bit with this CPU model's row-independent GEMMs. V3's own inference keeps
+// the latent (kv_a_layernorm's output, kv_lora_rank floats, plus k_pe) and folds kv_b into the
+// query and output (57x less memory for V3's shape), which re-associates those products.
+struct KvCache {
+  struct Layer {
+    std::vector<float> kv, k_pe;
+  };
+  std::vector<Layer> layers;
+  int64_t length = 0;  // tokens cached; their positions are 0 .. length-1
+
+  void clear() {
+    layers.clear();
+    length = 0;
+  }
+  int64_t bytes() const;
+};
+
 struct ModelImpl;
 
 class Model {
@@ -62,8 +89,14 @@ class Model {
   // Tokens routed to each expert by the last forward, per MoE block (main blocks, then MTP).
   const std::vector<std::vector<int64_t>>& expert_load() const;
 
-  // Logits [vocab] of the token after tokens[0, seq) (main model only).
+  // Logits [vocab] of the token after tokens[0, seq) (main model only), recomputing the whole
+  // sequence.
   std::vector<float> next_token_logits(const int32_t* tokens, int64_t seq, Precision precision);
+  // The same with a cache: tokens[0, n) are appended at positions cache.length ..
+  // cache.length + n - 1 (a prompt at once, then one token per step) and the logits of the
+  // token after the last are returned. Equals next_token_logits over all cached tokens.
+  std::vector<float> next_token_logits(const int32_t* tokens, int64_t n, Precision precision,
+                                       KvCache& cache);
 
   void zero_grad();
 

@@ -63,6 +63,12 @@ struct GenerateOptions {
   uint64_t seed = 1;
   bool use_ema = false;
   int threads = 0;
+  // The model sees at most `context` tokens (capped at max_position_embeddings); when the text
+  // outgrows it, the oldest tokens are dropped down to the last context/2 and the window is
+  // re-read from position 0 (with or without the cache, so both give the same text).
+  int64_t context = 512;
+  bool use_cache = true;    // false: recompute the whole window for every token
+  bool ignore_eos = false;  // keep going past end-of-sequence (fixed-length runs, timing)
 };
 std::string generate_text(const GenerateOptions& options);
 
