@@ -21,18 +21,7 @@ using testing::RankData;
 using testing::Routing;
 using testing::run_ranks;
 
-EpConfig config(int R, int G, int E, int K, int64_t H, int64_t Tmax, Payload p) {
-  EpConfig c;
-  c.num_ranks = R;
-  c.gpus_per_node = G;
-  c.num_experts = E;
-  c.top_k = K;
-  c.hidden = H;
-  c.max_tokens_per_rank = Tmax;
-  c.payload = p;
-  c.timeout_s = 20.0;
-  return c;
-}
+using testing::config;
 
 // ---- the reference's meaning ----
 

@@ -36,6 +36,20 @@ struct RankData {
   TokenBatch batch() const { return {tokens, x.data(), idx.data(), w.data()}; }
 };
 
+// R ranks in nodes of G (0: one node), E experts, top-K, hidden H, Tmax tokens per rank.
+inline EpConfig config(int R, int G, int E, int K, int64_t H, int64_t Tmax, Payload p) {
+  EpConfig c;
+  c.num_ranks = R;
+  c.gpus_per_node = G;
+  c.num_experts = E;
+  c.top_k = K;
+  c.hidden = H;
+  c.max_tokens_per_rank = Tmax;
+  c.payload = p;
+  c.timeout_s = 20.0;
+  return c;
+}
+
 inline std::vector<RankData> make_inputs(const EpConfig& cfg, const std::vector<int64_t>& tokens,
                                          Routing routing, uint64_t seed) {
   const int R = cfg.num_ranks, K = cfg.top_k, E = cfg.num_experts, L = cfg.experts_per_rank();
