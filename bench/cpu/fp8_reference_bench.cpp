@@ -74,7 +74,6 @@ void BM_GemmReferenceSimd(benchmark::State& state, FastSimd simd) {
       ->UseRealTime()
 FM_SIMD_SHAPES(generic, FastSimd::kGeneric);
 FM_SIMD_SHAPES(avx2, FastSimd::kAvx2);
-FM_SIMD_SHAPES(avx512, FastSimd::kAvx512);
 
 BENCHMARK_CAPTURE(BM_GemmReference, emulated_14bit, AccumulatorModel::hopper_tensor_core(128))
     ->Args({128, 128, 4096, 2})

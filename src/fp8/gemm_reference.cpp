@@ -7,9 +7,12 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
+#include "fp8moe/fp8/chunk_pool.h"
 #include "fp8moe/fp8/codec.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -238,13 +241,13 @@ void fast_rows(const Fp8MatrixRef& a, const Fp8MatrixRef& b, const std::vector<f
 // Operands are decoded once into zero-padded, interleaved panels, so the micro-kernels stream
 // one contiguous buffer per operand and the promotion needs no scale lookups:
 //   A: per 2-row block, per 8-wide k group: a0[k..k+8), a1[k..k+8)       (16 floats)
-//   B: per block of kBlockN rows (4, or 8 for AVX-512), per 8-wide k group: b0[k..k+8), ...,
-//      b{kBlockN-1}[k..k+8)
-//   scales: per block, per window: (sa0, sa1) and (sb0, ..., sb{kBlockN-1})
+//   B: per 4-row block, per 8-wide k group: b0[k..k+8), ..., b3[k..k+8)  (32 floats)
+//   scales: per block, per window: (sa0, sa1) and (sb0, sb1, sb2, sb3)
 // K is padded with zeros to kp, a multiple of 8; missing rows of a last block are zero rows with
 // scale 0, whose outputs are dropped. NOTE: the padding adds 0*0 = +0 to a lane, exactly the
 // zero-padded tail of lane_dot, so results are the documented ones bit for bit.
 constexpr int kBlockM = 2;  // rows of A per micro-kernel block
+constexpr int kBlockN = 4;  // rows of B (columns of D) per micro-kernel block
 
 struct PackedGeometry {
   int64_t k = 0, kp = 0, interval = 0, windows = 0;
@@ -255,7 +258,7 @@ PackedGeometry packed_geometry(int64_t k, int64_t interval) {
   PackedGeometry g;
   g.k = k;
   g.kp = (k + 7) / 8 * 8;
-  g.interval = std::min(interval, g.kp);  // one window over all of K: the padded K
+  g.interval = interval >= k ? g.kp : interval;  // one window over all of K: the padded K
   g.windows = (g.kp + g.interval - 1) / g.interval;
   return g;
 }
@@ -288,21 +291,18 @@ void pack_block(const Fp8MatrixRef& op, int64_t r0, const PackedGeometry& g, flo
 }
 
 // A strip of output blocks: one packed 2-row block of A against `blocks` consecutive packed
-// blocks of B. acc[blocks][2][kBlockN] holds the running FP32 sums (in: the initial values).
+// 4-row blocks of B. acc[blocks][2][4] holds the running FP32 sums (in: the initial values).
 struct StripArgs {
   const float* a;   // packed 2-row block
   const float* sa;  // [windows][2]
-  const float* b;   // first packed block of B
-  const float* sb;  // [blocks][windows][kBlockN]
+  const float* b;   // first packed 4-row block of B
+  const float* sb;  // [blocks][windows][4]
   int64_t blocks;
   PackedGeometry g;
   float* acc;
 };
 
-struct StripKernel {
-  void (*fn)(const StripArgs&);
-  int block_n;  // kBlockN of its B packing
-};
+using StripKernel = void (*)(const StripArgs&);
 
 // The portable kernel: GCC vector extensions at the baseline ISA (SSE2 on x86-64), 2x4 blocks.
 void strip_generic(const StripArgs& s) {
@@ -343,7 +343,6 @@ void strip_generic(const StripArgs& s) {
 #define FM_NO_CONTRACT
 #endif
 #define FM_AVX2_FN FM_TARGET_FN("avx2,fma")
-#define FM_AVX512_FN FM_TARGET_FN("avx512f,avx2,fma")
 
 // Four lane vectors (outputs j = 0..3) to their four partial sums, each in the documented order
 // ((l0+l4)+(l2+l6))+((l1+l5)+(l3+l7)): halves first, then a 4x4 transpose so that the remaining
@@ -398,74 +397,12 @@ FM_AVX2_FN void strip_avx2(const StripArgs& s) {
   }
 }
 
-// NOTE: the masked forms (all lanes selected) because the unmasked ones start from an undefined
-// register, which GCC 12 reports as maybe-uninitialized.
-FM_AVX512_FN inline __m512 broadcast8_avx512(const float* p) {  // p[0..8) into both halves
-  return _mm512_castpd_ps(
-      _mm512_maskz_broadcast_f64x4(0xFF, _mm256_loadu_pd(reinterpret_cast<const double*>(p))));
-}
-FM_AVX512_FN inline __m256 lo(__m512 v) {
-  return _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(v), 0));
-}
-FM_AVX512_FN inline __m256 hi(__m512 v) {
-  return _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, _mm512_castps_pd(v), 1));
-}
-
-// AVX-512: a whole 2x8 block at once; each 16-lane register holds the 8 lanes of two outputs
-// (columns 2p and 2p+1), A's 8 values broadcast to both halves.
-FM_AVX512_FN void strip_avx512(const StripArgs& s) {
-  FM_NO_CONTRACT
-  const int64_t q_total = s.g.groups(), qi = s.g.interval / 8;
-  for (int64_t blk = 0; blk < s.blocks; ++blk) {
-    const float* bp = s.b + blk * q_total * 64;
-    const float* sbp = s.sb + blk * s.g.windows * 8;
-    float* acc = s.acc + blk * 16;
-    __m128 acc00 = _mm_loadu_ps(acc), acc01 = _mm_loadu_ps(acc + 4);
-    __m128 acc10 = _mm_loadu_ps(acc + 8), acc11 = _mm_loadu_ps(acc + 12);
-    for (int64_t w = 0; w < s.g.windows; ++w) {
-      const int64_t q0 = w * qi, q1 = std::min(q_total, q0 + qi);
-      __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
-      __m512 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
-      for (int64_t q = q0; q < q1; ++q) {
-        const float* ap = s.a + q * 16;
-        const float* bq = bp + q * 64;
-        const __m512 x0 = broadcast8_avx512(ap), x1 = broadcast8_avx512(ap + 8);
-        const __m512 y0 = _mm512_loadu_ps(bq), y1 = _mm512_loadu_ps(bq + 16);
-        const __m512 y2 = _mm512_loadu_ps(bq + 32), y3 = _mm512_loadu_ps(bq + 48);
-        c00 = _mm512_add_ps(c00, _mm512_mul_ps(x0, y0));
-        c01 = _mm512_add_ps(c01, _mm512_mul_ps(x0, y1));
-        c02 = _mm512_add_ps(c02, _mm512_mul_ps(x0, y2));
-        c03 = _mm512_add_ps(c03, _mm512_mul_ps(x0, y3));
-        c10 = _mm512_add_ps(c10, _mm512_mul_ps(x1, y0));
-        c11 = _mm512_add_ps(c11, _mm512_mul_ps(x1, y1));
-        c12 = _mm512_add_ps(c12, _mm512_mul_ps(x1, y2));
-        c13 = _mm512_add_ps(c13, _mm512_mul_ps(x1, y3));
-      }
-      const __m128 sb0 = _mm_loadu_ps(sbp + w * 8), sb1 = _mm_loadu_ps(sbp + w * 8 + 4);
-      const __m128 sa0 = _mm_set1_ps(s.sa[w * 2]), sa1 = _mm_set1_ps(s.sa[w * 2 + 1]);
-      acc00 = _mm_fmadd_ps(reduce4_avx2(lo(c00), hi(c00), lo(c01), hi(c01)), _mm_mul_ps(sa0, sb0),
-                           acc00);
-      acc01 = _mm_fmadd_ps(reduce4_avx2(lo(c02), hi(c02), lo(c03), hi(c03)), _mm_mul_ps(sa0, sb1),
-                           acc01);
-      acc10 = _mm_fmadd_ps(reduce4_avx2(lo(c10), hi(c10), lo(c11), hi(c11)), _mm_mul_ps(sa1, sb0),
-                           acc10);
-      acc11 = _mm_fmadd_ps(reduce4_avx2(lo(c12), hi(c12), lo(c13), hi(c13)), _mm_mul_ps(sa1, sb1),
-                           acc11);
-    }
-    _mm_storeu_ps(acc, acc00);
-    _mm_storeu_ps(acc + 4, acc01);
-    _mm_storeu_ps(acc + 8, acc10);
-    _mm_storeu_ps(acc + 12, acc11);
-  }
-}
 #endif
 
 FastSimd detect_fast_simd() {
 #if defined(FM_HAVE_X86_KERNELS)
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2 && __builtin_cpu_supports("avx512f")) return FastSimd::kAvx512;
-  if (avx2) return FastSimd::kAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return FastSimd::kAvx2;
 #endif
   return FastSimd::kGeneric;
 }
@@ -477,82 +414,76 @@ std::atomic<FastSimd>& fast_simd_choice() {
 
 StripKernel strip_kernel() {
 #if defined(FM_HAVE_X86_KERNELS)
-  switch (fast_simd_choice().load(std::memory_order_relaxed)) {
-    case FastSimd::kAvx512:
-      return {strip_avx512, 8};
-    case FastSimd::kAvx2:
-      return {strip_avx2, 4};
-    case FastSimd::kGeneric:
-      break;
-  }
+  if (fast_simd_choice().load(std::memory_order_relaxed) == FastSimd::kAvx2) return strip_avx2;
 #endif
-  return {strip_generic, 4};
+  return strip_generic;
 }
 
-// B packed once per GEMM: blocks of block_n rows, their per-window scales.
+// Packed panels are written in full by pack_block: no zero-filling first.
+std::unique_ptr<float[]> uninitialized_floats(int64_t n) {
+  return std::unique_ptr<float[]>(new float[static_cast<size_t>(n)]);
+}
+
+// B packed once per GEMM: 4-row blocks, their per-window scales.
 struct PackedB {
   PackedGeometry g;
-  int64_t rows = 0, block_n = 0, blocks = 0;
-  std::vector<float> panel, scales;
+  int64_t rows = 0, blocks = 0;
+  std::unique_ptr<float[]> panel, scales;
 };
 
-PackedB pack_b(const Fp8MatrixRef& b, const PackedGeometry& g, int block_n) {
+PackedB pack_b(const Fp8MatrixRef& b, const PackedGeometry& g) {
   PackedB p;
   p.g = g;
   p.rows = b.rows;
-  p.block_n = block_n;
-  p.blocks = (b.rows + block_n - 1) / block_n;
-  p.panel.resize(static_cast<size_t>(p.blocks * g.kp * block_n));
-  p.scales.resize(static_cast<size_t>(p.blocks * g.windows * block_n));
-  for (int64_t blk = 0; blk < p.blocks; ++blk) {
-    float* panel = p.panel.data() + blk * g.kp * block_n;
-    float* scales = p.scales.data() + blk * g.windows * block_n;
-    if (block_n == 8)
-      pack_block<8>(b, blk * 8, g, panel, scales);
-    else
-      pack_block<4>(b, blk * 4, g, panel, scales);
-  }
+  p.blocks = (b.rows + kBlockN - 1) / kBlockN;
+  p.panel = uninitialized_floats(p.blocks * g.kp * kBlockN);
+  p.scales = uninitialized_floats(p.blocks * g.windows * kBlockN);
+  for (int64_t blk = 0; blk < p.blocks; ++blk)
+    pack_block<kBlockN>(b, blk * kBlockN, g, p.panel.get() + blk * g.kp * kBlockN,
+                        p.scales.get() + blk * g.windows * kBlockN);
   return p;
 }
 
 // Rows [m0, m1) of D on the packed path. B is walked in panels of 64 rows, kept in cache while
 // every 2-row block of A passes over it.
-void packed_rows(const Fp8MatrixRef& a, const PackedB& pb, const StripKernel& kernel, float* d,
+void packed_rows(const Fp8MatrixRef& a, const PackedB& pb, StripKernel kernel, float* d,
                  int64_t ldd, bool accumulate, int64_t m0, int64_t m1) {
   constexpr int64_t kPanelRows = 64;
+  constexpr int64_t bn = kBlockN, acc_block = kBlockM * kBlockN, panel_blocks = kPanelRows / bn;
   const PackedGeometry& g = pb.g;
-  const int64_t bn = pb.block_n, acc_block = kBlockM * bn, panel_blocks = kPanelRows / bn;
   const int64_t a_blocks = (m1 - m0 + kBlockM - 1) / kBlockM;
-  std::vector<float> a_panel(static_cast<size_t>(a_blocks * g.kp * kBlockM));
-  std::vector<float> a_scales(static_cast<size_t>(a_blocks * g.windows * kBlockM));
+  const auto a_panel = uninitialized_floats(a_blocks * g.kp * kBlockM);
+  const auto a_scales = uninitialized_floats(a_blocks * g.windows * kBlockM);
   // NOTE: a last odd row is paired with a zero row; a view ending at m1 keeps the next
   // thread's first row out of this block.
   Fp8MatrixRef a_view = a;
   a_view.rows = m1;
   for (int64_t blk = 0; blk < a_blocks; ++blk)
-    pack_block<kBlockM>(a_view, m0 + kBlockM * blk, g, a_panel.data() + blk * g.kp * kBlockM,
-                        a_scales.data() + blk * g.windows * kBlockM);
-  float acc[kBlockM * kPanelRows];
+    pack_block<kBlockM>(a_view, m0 + kBlockM * blk, g, a_panel.get() + blk * g.kp * kBlockM,
+                        a_scales.get() + blk * g.windows * kBlockM);
+  float acc[kBlockM * kPanelRows];  // acc[j][i][c]: block j, row i, column c
   for (int64_t pb0 = 0; pb0 < pb.blocks; pb0 += panel_blocks) {
     const int64_t blocks = std::min(panel_blocks, pb.blocks - pb0);
-    const int64_t n0 = pb0 * bn, n1 = std::min(pb.rows, n0 + blocks * bn);
-    // acc[j][i][c]: block j, row i, column c
-    const auto at = [&](int64_t i, int64_t n) -> float& {
-      return acc[(n - n0) / bn * acc_block + i * bn + (n - n0) % bn];
-    };
+    const int64_t n0 = pb0 * bn;
     for (int64_t blk = 0; blk < a_blocks; ++blk) {
       const int64_t mb = m0 + kBlockM * blk;
       const int64_t rows = std::min<int64_t>(kBlockM, m1 - mb);
+      // Initial sums: zeros, or D's values when accumulating (dropped outputs stay zero).
       std::fill_n(acc, blocks * acc_block, 0.0f);
       if (accumulate)
+        for (int64_t j = 0; j < blocks; ++j) {
+          const int64_t cols = std::min(bn, pb.rows - (n0 + j * bn));
+          for (int64_t i = 0; i < rows; ++i)
+            std::copy_n(d + (mb + i) * ldd + n0 + j * bn, cols, acc + j * acc_block + i * bn);
+        }
+      kernel(StripArgs{a_panel.get() + blk * g.kp * kBlockM,
+                       a_scales.get() + blk * g.windows * kBlockM, pb.panel.get() + pb0 * g.kp * bn,
+                       pb.scales.get() + pb0 * g.windows * bn, blocks, g, acc});
+      for (int64_t j = 0; j < blocks; ++j) {
+        const int64_t cols = std::min(bn, pb.rows - (n0 + j * bn));
         for (int64_t i = 0; i < rows; ++i)
-          for (int64_t n = n0; n < n1; ++n) at(i, n) = d[(mb + i) * ldd + n];
-      kernel.fn(StripArgs{a_panel.data() + blk * g.kp * kBlockM,
-                          a_scales.data() + blk * g.windows * kBlockM,
-                          pb.panel.data() + pb0 * g.kp * bn, pb.scales.data() + pb0 * g.windows * bn,
-                          blocks, g, acc});
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t n = n0; n < n1; ++n) d[(mb + i) * ldd + n] = at(i, n);
+          std::copy_n(acc + j * acc_block + i * bn, cols, d + (mb + i) * ldd + n0 + j * bn);
+      }
     }
   }
 }
@@ -594,6 +525,8 @@ void emulated_rows(const Fp8MatrixRef& a, const Fp8MatrixRef& b, const std::vect
   }
 }
 
+// fn(r0, r1) over `threads` contiguous row ranges. Every output row is computed by one call, so
+// the split never changes results.
 template <typename Fn>
 void parallel_rows(int64_t rows, int threads, Fn&& fn) {
   const int64_t t = std::clamp<int64_t>(threads, 1, std::max<int64_t>(rows, 1));
@@ -601,14 +534,16 @@ void parallel_rows(int64_t rows, int threads, Fn&& fn) {
     fn(0, rows);
     return;
   }
-  // NOTE: the calling thread takes the first chunk (one thread fewer to start per GEMM).
-  std::vector<std::thread> pool;
   const int64_t chunk = (rows + t - 1) / t;
-  for (int64_t i = 1; i < t; ++i) {
-    const int64_t r0 = i * chunk, r1 = std::min(rows, r0 + chunk);
-    if (r0 < r1) pool.emplace_back([&, r0, r1] { fn(r0, r1); });
-  }
-  fn(0, std::min(rows, chunk));
+  const int64_t tasks = (rows + chunk - 1) / chunk;
+  const std::function<void(int64_t)> task = [&](int64_t i) {
+    fn(i * chunk, std::min(rows, (i + 1) * chunk));
+  };
+  if (run_on_chunk_pool(tasks, task)) return;
+  // NOTE: the calling thread takes the first chunk (one thread fewer to start).
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < tasks; ++i) pool.emplace_back([&, i] { task(i); });
+  task(0);
   for (auto& th : pool) th.join();
 }
 
@@ -620,8 +555,6 @@ const char* fast_simd_name(FastSimd s) {
       return "generic";
     case FastSimd::kAvx2:
       return "avx2";
-    case FastSimd::kAvx512:
-      return "avx512";
   }
   return "?";
 }
@@ -653,7 +586,7 @@ void gemm_fp8_reference(const Fp8MatrixRef& a, const Fp8MatrixRef& b, float* d, 
       model.mantissa_bits == 23 && model.rounding == AccumRounding::kNearestEven && scales_inside;
   if (fast && packed_path_applies(a.cols, interval)) {
     const StripKernel kernel = strip_kernel();
-    const PackedB pb = pack_b(b, packed_geometry(a.cols, interval), kernel.block_n);
+    const PackedB pb = pack_b(b, packed_geometry(a.cols, interval));
     parallel_rows(a.rows, threads, [&](int64_t m0, int64_t m1) {
       packed_rows(a, pb, kernel, d, ldd, accumulate, m0, m1);
     });

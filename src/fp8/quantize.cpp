@@ -102,8 +102,8 @@ void encode_e4m3(const float* x, int64_t n, float scale, uint8_t* out) {
     const __m128i normal = _mm_sub_epi32(
         _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(a, _mm_set1_epi32(0x7FFFF)), odd), 20),
         _mm_set1_epi32((127 - 7) << 3));
-    const __m128 sub_f = _mm_add_ps(_mm_mul_ps(_mm_castsi128_ps(a), _mm_set1_ps(512.0f)),
-                                    _mm_set1_ps(8388608.0f));
+    const __m128 sub_f =
+        _mm_add_ps(_mm_mul_ps(_mm_castsi128_ps(a), _mm_set1_ps(512.0f)), _mm_set1_ps(8388608.0f));
     const __m128i subnormal = _mm_sub_epi32(_mm_castps_si128(sub_f), _mm_set1_epi32(0x4B000000));
     const __m128i is_sub = _mm_cmplt_epi32(a, _mm_set1_epi32(0x3C800000));
     __m128i code = _mm_or_si128(_mm_and_si128(is_sub, subnormal), _mm_andnot_si128(is_sub, normal));
@@ -165,7 +165,8 @@ void quantize_into(const float* x, int64_t rows, int64_t cols, int64_t ld,
       const int64_t c0 = tc * tile.cols, c1 = std::min(cols, c0 + tile.cols);
       float amax = 0.0f;
       bool finite = true;  // NOTE: std::max drops NaN, so non-finite values are tracked apart
-      for (int64_t r = r0; r < r1; ++r) amax = std::max(amax, amax_of(x + r * ld + c0, c1 - c0, finite));
+      for (int64_t r = r0; r < r1; ++r)
+        amax = std::max(amax, amax_of(x + r * ld + c0, c1 - c0, finite));
       if (!finite) {
         for (int64_t r = r0; r < r1; ++r)
           for (int64_t c = c0; c < c1; ++c)

@@ -86,10 +86,12 @@ void dequantize_transposed(const QuantizedMatrix& q, float* out) {
   for (int64_t r0 = 0; r0 < q.rows; r0 += kTile)
     for (int64_t c0 = 0; c0 < q.cols; c0 += kTile) {
       const int64_t r1 = std::min(q.rows, r0 + kTile), c1 = std::min(q.cols, c0 + kTile);
-      for (int64_t r = r0; r < r1; ++r) {
-        const float s = ref.scale(r, c0);
-        const uint8_t* codes = q.codes.data() + r * q.cols;
-        for (int64_t c = c0; c < c1; ++c) out[c * q.rows + r] = lut[codes[c]] * s;
+      float scale[kTile];
+      for (int64_t r = r0; r < r1; ++r) scale[r - r0] = ref.scale(r, c0);
+      for (int64_t c = c0; c < c1; ++c) {
+        const uint8_t* codes = q.codes.data() + c;
+        float* dst = out + c * q.rows;
+        for (int64_t r = r0; r < r1; ++r) dst[r] = lut[codes[r * q.cols]] * scale[r - r0];
       }
     }
 }

@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "fp8moe/core/error.h"
+#include "fp8moe/fp8/chunk_pool.h"
 
 // AVX2 and baseline versions of the GEMM kernel, picked at load time (x86-64 with GCC/Clang).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
@@ -38,10 +39,22 @@ void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, in
     fn(0, n);
     return;
   }
+  std::vector<std::exception_ptr> errors(t);
+  // Chunk i is [n*i/t, n*(i+1)/t) whichever thread runs it; pooled threads where the pool is free.
+  const bool pooled = run_on_chunk_pool(t, [&](int64_t i) {
+    try {
+      fn(n * i / t, n * (i + 1) / t);
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+  });
+  if (pooled) {
+    for (auto& e : errors)
+      if (e) std::rethrow_exception(e);
+    return;
+  }
   std::vector<std::thread> workers;
   workers.reserve(t - 1);
-  std::exception_ptr error;
-  std::vector<std::exception_ptr> errors(t);
   for (int64_t i = 1; i < t; ++i) {
     workers.emplace_back([&, i] {
       try {

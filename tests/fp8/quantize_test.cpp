@@ -45,13 +45,13 @@ void check_error_bound(const std::vector<float>& x, const QuantizedMatrix& q) {
 // magnitudes over 2^-30..2^30, and tiles holding 448 (scale exactly 1) next to E4M3 ties,
 // subnormal ties, signed zeros and values just below the saturation threshold.
 TEST(Quantize, SimdQuantisationEqualsTheScalarDefinition) {
-  const float specials[] = {1.0625f, 1.1875f, -3.25f,     0.0f,         -0.0f,      464.0f,
-                            -463.9f, 447.9f,  0x1.8p-10f, 0x1.4p-8f,    0x1p-7f,    0x1.ep-7f,
-                            1e-30f,  -1e-38f, 0x1.1p-6f,  0x1.08p-6f,   -0x1.8p-9f, 240.0f};
+  const float specials[] = {1.0625f, 1.1875f, -3.25f,     0.0f,       -0.0f,      464.0f,
+                            -463.9f, 447.9f,  0x1.8p-10f, 0x1.4p-8f,  0x1p-7f,    0x1.ep-7f,
+                            1e-30f,  -1e-38f, 0x1.1p-6f,  0x1.08p-6f, -0x1.8p-9f, 240.0f};
   const ScaleGranularity grans[] = {ScaleGranularity::k1x128, ScaleGranularity::k128x128,
                                     ScaleGranularity::kPerTensor};
-  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{3, 300}, {130, 77}, {1, 16},
-                                   {5, 129}, {2, 15}, {129, 256}}) {
+  for (const auto& [rows, cols] :
+       {std::pair<int64_t, int64_t>{3, 300}, {130, 77}, {1, 16}, {5, 129}, {2, 15}, {129, 256}}) {
     std::vector<float> x = random_values(rows * cols, 7 + rows, 60.0f);
     for (int64_t i = 0; i < rows * cols; ++i)
       if (philox_u32(9, rows, i) % 5 == 0) {
@@ -62,7 +62,8 @@ TEST(Quantize, SimdQuantisationEqualsTheScalarDefinition) {
     for (const ScaleGranularity g : grans)
       for (const bool pow2 : {false, true}) {
         const QuantizedMatrix q = quantize(x.data(), rows, cols, cols, g, {.pow2_scales = pow2});
-        const int64_t tr = g == ScaleGranularity::kPerTensor ? rows : (g == ScaleGranularity::k1x128 ? 1 : 128);
+        const int64_t tr =
+            g == ScaleGranularity::kPerTensor ? rows : (g == ScaleGranularity::k1x128 ? 1 : 128);
         const int64_t tc = g == ScaleGranularity::kPerTensor ? cols : 128;
         for (int64_t r0 = 0; r0 < rows; r0 += tr)
           for (int64_t c0 = 0; c0 < cols; c0 += tc) {
@@ -71,7 +72,8 @@ TEST(Quantize, SimdQuantisationEqualsTheScalarDefinition) {
               for (int64_t c = c0; c < std::min(cols, c0 + tc); ++c)
                 amax = std::max(amax, std::fabs(x[r * cols + c]));
             const float scale = fp8_scale_for_amax(amax, pow2);
-            ASSERT_EQ(std::bit_cast<uint32_t>(q.ref().scale(r0, c0)), std::bit_cast<uint32_t>(scale))
+            ASSERT_EQ(std::bit_cast<uint32_t>(q.ref().scale(r0, c0)),
+                      std::bit_cast<uint32_t>(scale))
                 << granularity_name(g) << " tile at (" << r0 << "," << c0 << ")";
             for (int64_t r = r0; r < std::min(rows, r0 + tr); ++r)
               for (int64_t c = c0; c < std::min(cols, c0 + tc); ++c)

@@ -35,7 +35,10 @@
 //   computed in plain float arithmetic: each window's products are summed in 8 interleaved
 //   lanes (k mod 8), and the lanes pairwise ((0+4)+(2+6))+((1+5)+(3+7)), as a SIMD unit would,
 //   then promoted as above. This is the default model (AccumulatorModel{}), used by the CPU
-//   training path and as the reference for the GPU kernels.
+//   training path and as the reference for the GPU kernels. It runs on operands decoded once
+//   into zero-padded panels, with a portable or an AVX2 kernel chosen at run time (FastSimd
+//   below); every kernel adds in this order and multiplies before adding (the products of two
+//   E4M3 values are exact in float), so all give the same bits (tests/fp8).
 #pragma once
 
 #include <cstdint>
@@ -74,12 +77,12 @@ void gemm_fp8_reference(const Fp8MatrixRef& a, const Fp8MatrixRef& b, float* d, 
 void gemm_fp8_reference_bf16(const Fp8MatrixRef& a, const Fp8MatrixRef& b, bf16* d, int64_t ldd,
                              const AccumulatorModel& model = {}, int threads = 1);
 
-// The SIMD code that runs the fast model: kGeneric (portable vector code at the baseline ISA),
-// kAvx2 (AVX2 + FMA) or kAvx512 (AVX-512F + AVX2 + FMA); the widest one the CPU has is picked at
-// run time. All give the same bits (tests/fp8 compares them); the setter exists so that tests
-// can run each. It returns false, changing nothing, when this CPU or build cannot run the
-// requested code; do not call it while a GEMM is running.
-enum class FastSimd { kGeneric, kAvx2, kAvx512 };
+// The SIMD code that runs the fast model: kGeneric (portable vector code at the baseline ISA) or
+// kAvx2 (AVX2 + FMA, picked at run time where the CPU has both). They give the same bits
+// (tests/fp8 compares them); the setter exists so that tests and benchmarks can run either. It
+// returns false, changing nothing, when this CPU or build cannot run the requested code; do not
+// call it while a GEMM is running.
+enum class FastSimd { kGeneric, kAvx2 };
 const char* fast_simd_name(FastSimd s);
 FastSimd gemm_fp8_reference_simd();
 bool set_gemm_fp8_reference_simd(FastSimd s);
