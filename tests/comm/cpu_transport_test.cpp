@@ -167,14 +167,7 @@ TEST(EpReference, OverflowIsReportedNotWritten) {
 
 // ---- the CPU-threads back end against the reference ----
 
-struct Case {
-  const char* name;
-  int R, G, E, K;
-  int64_t H, Tmax;
-  std::vector<int64_t> tokens;
-  Routing routing;
-  int64_t masked_capacity = 0;
-};
+using Case = testing::EpCase;
 
 void check_backend(const Case& c, Payload p, uint64_t seed) {
   SCOPED_TRACE(std::string(c.name) + " " + payload_name(p));

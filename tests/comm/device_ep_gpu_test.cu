@@ -131,14 +131,9 @@ struct Harness {
   }
 };
 
+// One node; a shorter timeout than the CPU tests' (a hung GPU case should fail fast).
 EpConfig config(int R, int E, int K, int64_t H, int64_t Tmax, Payload p) {
-  EpConfig c;
-  c.num_ranks = R;
-  c.num_experts = E;
-  c.top_k = K;
-  c.hidden = H;
-  c.max_tokens_per_rank = Tmax;
-  c.payload = p;
+  EpConfig c = testing::config(R, 0, E, K, H, Tmax, p);
   c.timeout_s = 5.0;
   return c;
 }

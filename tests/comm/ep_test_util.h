@@ -36,6 +36,17 @@ struct RankData {
   TokenBatch batch() const { return {tokens, x.data(), idx.data(), w.data()}; }
 };
 
+// One back-end case: R ranks in nodes of G (0: one node), E experts, top-K, hidden H, Tmax tokens
+// per rank, the tokens of each rank, how they route, and the masked capacity (0: grouped layout).
+struct EpCase {
+  const char* name;
+  int R, G, E, K;
+  int64_t H, Tmax;
+  std::vector<int64_t> tokens;
+  Routing routing;
+  int64_t masked_capacity = 0;
+};
+
 // R ranks in nodes of G (0: one node), E experts, top-K, hidden H, Tmax tokens per rank.
 inline EpConfig config(int R, int G, int E, int K, int64_t H, int64_t Tmax, Payload p) {
   EpConfig c;
