@@ -12,7 +12,7 @@
 #include <thread>
 #include <vector>
 
-#include "fp8moe/fp8/chunk_pool.h"
+#include "fp8moe/core/chunk_pool.h"
 #include "fp8moe/fp8/codec.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -5,8 +5,8 @@
 #include <cmath>
 #include <thread>
 
+#include "fp8moe/core/chunk_pool.h"
 #include "fp8moe/core/error.h"
-#include "fp8moe/fp8/chunk_pool.h"
 
 // AVX2 and baseline versions of the GEMM kernel, picked at load time (x86-64 with GCC/Clang).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)

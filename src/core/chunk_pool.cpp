@@ -1,4 +1,4 @@
-#include "fp8moe/fp8/chunk_pool.h"
+#include "fp8moe/core/chunk_pool.h"
 
 #include <atomic>
 #include <condition_variable>

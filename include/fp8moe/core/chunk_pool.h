@@ -1,4 +1,5 @@
-// A persistent pool of worker threads for splitting CPU work into a few chunks.
+// A persistent pool of worker threads for splitting CPU work into a few chunks (used by the
+// reference GEMM and the model's parallel loops).
 // NOTE: the CPU training step runs hundreds of small GEMMs and quantisations per step; starting
 // and joining threads for each one cost several percent of the step. Callers keep their own
 // split of the work, so results never depend on which thread runs a chunk.
