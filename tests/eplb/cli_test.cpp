@@ -9,6 +9,7 @@
 #include <map>
 #include <string>
 
+#include "../support/run_cli.h"
 #include "fp8moe/core/json.h"
 
 namespace fp8moe {
@@ -17,19 +18,11 @@ namespace {
 namespace fs = std::filesystem;
 
 int run(const std::string& args) {
-  const std::string cmd = std::string(FP8MOE_CLI) + " " + args + " 2>/dev/null";
-  const int status = std::system(cmd.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return test::run_cli_status(args);
 }
 
 fs::path temp_dir() {
-  const fs::path dir =
-      fs::temp_directory_path() /
-      ("fp8moe_eplb_cli_" +
-       std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
+  return test::fresh_test_dir("fp8moe_eplb_cli");
 }
 
 const char* kReadme = R"({"weight": [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],

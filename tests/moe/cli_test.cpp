@@ -10,6 +10,7 @@
 #include <sstream>
 #include <string>
 
+#include "../support/run_cli.h"
 #include "fp8moe/core/json.h"
 
 namespace fp8moe {
@@ -18,19 +19,11 @@ namespace {
 namespace fs = std::filesystem;
 
 int run(const std::string& args) {
-  const std::string cmd = std::string(FP8MOE_CLI) + " " + args + " 2>/dev/null";
-  const int status = std::system(cmd.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return test::run_cli_status(args);
 }
 
 fs::path temp_dir() {
-  const fs::path dir =
-      fs::temp_directory_path() /
-      ("fp8moe_moe_cli_" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "_" +
-       ::testing::UnitTest::GetInstance()->current_test_info()->name());
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
+  return test::fresh_test_dir("fp8moe_moe_cli");
 }
 
 void write(const fs::path& p, const std::string& text) {

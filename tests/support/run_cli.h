@@ -4,8 +4,12 @@
 
 #include <sys/wait.h>
 
+#include <gtest/gtest.h>
+
 #include <array>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <string>
 
 namespace fp8moe::test {
@@ -37,6 +41,25 @@ inline CliResult run_cli(const std::string& args, const std::string& stdin_text 
   const int status = pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;
+}
+
+// Exit code only, standard error discarded (tests that read the output files instead).
+inline int run_cli_status(const std::string& args) {
+  const std::string command = std::string(FP8MOE_CLI) + " " + args + " 2>/dev/null";
+  const int status = std::system(command.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// An empty directory of its own for the running test (prefix, test seed and name), so that
+// tests running in parallel never share files.
+inline std::filesystem::path fresh_test_dir(const std::string& prefix) {
+  const auto* unit = ::testing::UnitTest::GetInstance();
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / (prefix + "_" + std::to_string(unit->random_seed()) +
+                                                "_" + unit->current_test_info()->name());
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
 }
 
 }  // namespace fp8moe::test
