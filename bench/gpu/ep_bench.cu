@@ -11,6 +11,11 @@
 // normal and low-latency FP8 with NCCL and the peer copy of the same run). Under a profiler:
 // ep_bench --ncu --iters 1 --warmup 0 --blocks 64 --chunks 16 [--plan-once] (no gate kernel, which
 // a serialising profiler would never see released; normal FP8 dispatch and combine only).
+// A/B of the low-latency path: ep_bench --ab-ll 4 [--ll-blocks 32] (the low-latency shape only:
+// the normal kernels with the masked layout vs the low-latency kernels, alternated per round,
+// dispatch and combine checked bit for bit against the reference, NCCL and the peer copy of the
+// same run; "# ab_ll" lines give the medians; --ll-cap N sets its masked capacity, --ll-no-expand
+// times the layout-only dispatch).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -58,6 +63,9 @@ struct Options {
   bool overlap = true;
   bool plan_once = true;  // DeviceEpOptions::plan_once for the sweep (--plan-per-block: off)
   int ab_plan = 0;        // rounds of the plan A/B (0: the usual sweep)
+  int ab_ll = 0;          // rounds of the low-latency A/B (0: the usual sweep)
+  bool ll_expand = true;  // --ll-no-expand: the A/B's dispatch builds the layout only
+  int64_t ll_cap = 0;     // --ll-cap: masked capacity of the A/B (0: ranks x ll_tokens)
   bool ncu = false;
   std::string out, commit = "unknown", date = "unknown";
   bool check = true;
@@ -116,6 +124,12 @@ Options parse(int argc, char** argv) {
       o.plan_once = false;
     else if (a == "--ab-plan")
       o.ab_plan = std::atoi(next());
+    else if (a == "--ll-cap")
+      o.ll_cap = std::atoll(next());
+    else if (a == "--ll-no-expand")
+      o.ll_expand = false;
+    else if (a == "--ab-ll")
+      o.ab_ll = std::atoi(next());
     else if (a == "--ncu")
       o.ncu = true;
     else if (a == "--warmup")
@@ -545,6 +559,116 @@ void bench_ab_plan(World& w, const char* mode, int64_t T, int64_t cap, int block
   }
 }
 
+// The low-latency A/B at the decoding shape (FP8 dispatch, BF16 combine): the normal kernels with
+// the masked layout ("old", DeviceEpOptions::low_latency = false) against the low-latency kernels
+// ("new"), both built side by side and timed in alternating order every round, so drift of the
+// machine hits them alike. Round 0 of each checks the dispatch and the combine output bit for bit
+// against the reference. Returns the medians [variant][op].
+std::vector<std::vector<double>> bench_ab_ll(World& w, int64_t T, int64_t cap, int blocks,
+                                             int chunk, double bytes_fp8, double bytes_bf16) {
+  const int64_t H = w.opt.hidden;
+  const EpConfig cfg = make_config(w, T, Payload::kFP8, cap, 0);
+  std::unique_ptr<DeviceEpGroup> groups[2];
+  for (int v = 0; v < 2; ++v) {
+    DeviceEpOptions o;
+    o.num_blocks = blocks;
+    o.chunk_tokens = chunk;
+    o.recv_blocks = w.opt.recv_blocks;
+    o.overlap_recv = w.opt.overlap;
+    o.low_latency = v == 1;
+    o.expand_payload = w.opt.ll_expand;
+    groups[v] = std::make_unique<DeviceEpGroup>(cfg, devices_of(w), o);
+  }
+  std::vector<std::vector<uint16_t>> y_host(w.R);
+  for (int r = 0; r < w.R; ++r) {
+    Rank& k = w.ranks[r];
+    FM_CHECK_CUDA(cudaSetDevice(k.device));
+    cudaFree(k.dy);
+    cudaFree(k.dout);
+    FM_CHECK_CUDA(cudaMalloc(&k.dy, cfg.row_bound() * H * 2));
+    FM_CHECK_CUDA(cudaMalloc(&k.dout, std::max<int64_t>(1, T) * H * 2));
+    k_fill_bf16<<<1024, 256, 0, k.stream>>>(k.dy, cfg.row_bound() * H, 11 + r);
+    FM_CHECK_LAUNCH();
+    if (w.opt.check) {
+      FM_CHECK_CUDA(cudaStreamSynchronize(k.stream));
+      y_host[r].resize(cfg.row_bound() * H);
+      FM_CHECK_CUDA(
+          cudaMemcpy(y_host[r].data(), k.dy, y_host[r].size() * 2, cudaMemcpyDeviceToHost));
+    }
+  }
+  std::vector<DispatchResult> want;
+  std::vector<std::vector<uint16_t>> want_out;
+  if (w.opt.check) {
+    std::vector<TokenBatch> batches;
+    for (auto& k : w.ranks) batches.push_back({T, k.x.data(), k.idx.data(), k.w.data()});
+    want = dispatch_reference(cfg, batches);
+    std::vector<const uint16_t*> y;
+    for (auto& v : y_host) y.push_back(v.data());
+    want_out = combine_reference(cfg, want, y);
+  }
+  const char* names[2] = {"old", "new"};
+  const char* ops[2] = {"dispatch", "combine"};
+  std::vector<double> us[2][2];
+  const int rounds = std::max(1, w.opt.ab_ll);
+  for (int round = 0; round < rounds; ++round)
+    for (int q = 0; q < 2; ++q) {
+      const int v = round % 2 == 0 ? q : 1 - q;
+      DeviceEpGroup* g = groups[v].get();
+      auto dispatch = [&] {
+        for (int r = 0; r < w.R; ++r)
+          g->rank(r).dispatch_send({T, w.ranks[r].dx, w.ranks[r].didx, w.ranks[r].dw},
+                                   w.ranks[r].stream);
+        for (int r = 0; r < w.R; ++r) g->rank(r).dispatch_recv(w.ranks[r].stream);
+      };
+      auto combine = [&] {
+        for (int r = 0; r < w.R; ++r) g->rank(r).combine_send(w.ranks[r].dy, w.ranks[r].stream);
+        for (int r = 0; r < w.R; ++r) g->rank(r).combine_recv(w.ranks[r].dout, w.ranks[r].stream);
+      };
+      for (int op = 0; op < 2; ++op) {
+        Row row;
+        row.impl = "fp8moe";
+        row.mode = "low_latency";
+        row.op = ops[op];
+        row.dtype = op == 1 ? "bf16" : "fp8";
+        row.tokens = T;
+        row.blocks = blocks;
+        row.chunk = v == 1 ? 0 : chunk;
+        row.note = std::string("ab_ll=") + names[v] + " round=" + std::to_string(round);
+        // NOTE: combine reads the layout of its group's last dispatch, which runs right before.
+        row.us = w.time_us(op == 1 ? std::function<void()>(combine) : dispatch, w.opt.iters,
+                           w.opt.warmup);
+        row.gbps = (op == 1 ? bytes_bf16 : bytes_fp8) / (row.us * 1e3);
+        g->check();
+        if (!w.opt.ll_expand) row.note += " layout_only";
+        if (round == 0 && w.opt.check && w.opt.ll_expand) {
+          row.check = 1;
+          for (int r = 0; r < w.R; ++r) {
+            if (op == 0) {
+              row.check = row.check && same_dispatch(cfg, want[r], g->rank(r).download());
+            } else {
+              std::vector<uint16_t> out(T * H);
+              FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+              FM_CHECK_CUDA(cudaStreamSynchronize(w.ranks[r].stream));
+              FM_CHECK_CUDA(
+                  cudaMemcpy(out.data(), w.ranks[r].dout, out.size() * 2, cudaMemcpyDeviceToHost));
+              row.check = row.check && out == want_out[r];
+            }
+          }
+        }
+        us[v][op].push_back(row.us);
+        emit(w, row);
+      }
+    }
+  std::vector<std::vector<double>> med(2, std::vector<double>(2));
+  for (int v = 0; v < 2; ++v)
+    for (int op = 0; op < 2; ++op) {
+      std::vector<double> x = us[v][op];
+      std::sort(x.begin(), x.end());
+      med[v][op] = x[x.size() / 2];
+    }
+  return med;
+}
+
 #if defined(FP8MOE_HAVE_NCCL)
 // NCCL all-to-all (grouped send/recv) of exactly the bytes the dispatch moves.
 void bench_nccl(World& w, const char* mode, int64_t T, const std::vector<std::vector<int64_t>>& cnt,
@@ -666,6 +790,47 @@ void summary(const World& w) {
 void run(World& w) {
   const int64_t H = w.opt.hidden;
   const int64_t fp8_record = H + H / 128 * 4, bf16_record = H * 2;
+  if (w.opt.ab_ll > 0) {  // the low-latency A/B and its anchors only
+    const int64_t T = w.opt.ll_tokens;
+    make_inputs(w, T, 2);
+    const auto cnt = pair_counts(w, T);
+    double recv = 0, cross = 0;
+    for (int s = 0; s < w.R; ++s)
+      for (int d = 0; d < w.R; ++d) {
+        recv += cnt[s][d];
+        if (s != d) cross += cnt[s][d];
+      }
+    recv /= w.R;
+    cross /= w.R;
+    std::printf("# low_latency: %lld tokens/rank, %d ranks, %.0f tokens received per rank\n",
+                static_cast<long long>(T), w.R, recv);
+    const int64_t cap = w.opt.ll_cap > 0 ? w.opt.ll_cap : w.R * T;
+    std::printf("# masked capacity %lld\n", static_cast<long long>(cap));
+    const auto med = bench_ab_ll(w, T, cap, w.opt.ll_blocks.front(), w.opt.ll_chunks.front(),
+                                 recv * fp8_record, recv * bf16_record);
+    double nccl[2] = {0, 0};
+#if defined(FP8MOE_HAVE_NCCL)
+    if (!w.comms.empty()) {
+      bench_nccl(w, "low_latency", T, cnt, "dispatch", "fp8", fp8_record, recv * fp8_record);
+      bench_nccl(w, "low_latency", T, cnt, "combine", "bf16", bf16_record, recv * bf16_record);
+      for (const Row& r : w.rows)
+        if (r.impl == "nccl" && r.mode == "low_latency") nccl[r.op == "combine"] = r.us;
+    }
+#endif
+    bench_peer(w, static_cast<int64_t>(cross * fp8_record), "low_latency",
+               "fp8_dispatch_cross_bytes");
+    bench_peer(w, static_cast<int64_t>(cross * bf16_record), "low_latency",
+               "bf16_combine_cross_bytes");
+    const char* ops[2] = {"dispatch", "combine"};
+    for (int op = 0; op < 2; ++op)
+      std::printf("# ab_ll %-8s old %7.1f us  new %7.1f us  (new/old %.3f)  nccl %7.1f us\n",
+                  ops[op], med[0][op], med[1][op], med[1][op] / med[0][op], nccl[op]);
+    const double o = med[0][0] + med[0][1], n = med[1][0] + med[1][1], c = nccl[0] + nccl[1];
+    std::printf(
+        "# ab_ll sum      old %7.1f us  new %7.1f us  nccl %7.1f us -> nccl/new %.2fx, %d rounds\n",
+        o, n, c, n > 0 ? c / n : 0.0, std::max(1, w.opt.ab_ll));
+    return;
+  }
   if (w.opt.ncu) {  // normal FP8 dispatch and combine only, one variant
     make_inputs(w, w.opt.tokens, 1);
     bench_ours(w, "normal", w.opt.tokens, Payload::kFP8, 0, {w.opt.blocks.front()},

@@ -18,6 +18,8 @@
 // (tests/comm/device_ep_gpu_test.cu).
 #include <algorithm>
 #include <cfloat>
+#include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -25,6 +27,7 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
+#include "sm90_device_ep_ll.h"
 
 #if defined(FP8MOE_HAVE_NCCL)
 #include <nccl.h>
@@ -87,8 +90,10 @@ const char* counter_name(int c) {
       return "combine.chunk";
     case kLocalSent:
       return "send_blocks_done";
-    default:
-      return "?";
+    default: {
+      const char* ll_name = ll::counter_name(c);
+      return ll_name ? ll_name : "?";
+    }
   }
 }
 
@@ -102,6 +107,12 @@ struct DevErr {
   unsigned long long seen;
   long long detail;  // bad expert: the token; chunk counters: the chunk
 };
+// The low-latency kernels (sm90_device_ep_ll.cu) record their errors in the same record.
+static_assert(sizeof(DevErr) == sizeof(ll::ErrRecord) &&
+                  offsetof(DevErr, counter) == offsetof(ll::ErrRecord, counter) &&
+                  offsetof(DevErr, detail) == offsetof(ll::ErrRecord, detail) &&
+                  kErrTimeout == ll::kErrTimeout && kErrBadExpert == ll::kErrBadExpert,
+              "DevErr and ll::ErrRecord must agree");
 
 struct Geometry {
   int R, K, L, E;
@@ -121,6 +132,7 @@ struct WsLayout {
   // local
   size_t peer_table, err, slot, status, recv_offset, expert_counts, expert_offsets, m_indices,
       row_src, row_weight, token_rows, gx, gscales, plan_cnt, plan_dball, plan_tot, total;
+  size_t ll;  // counters of the low-latency kernels (sm90_device_ep_ll.cu)
 };
 
 size_t align_up(size_t v, size_t a) {
@@ -188,6 +200,7 @@ WsLayout make_layout(const Geometry& g) {
   l.plan_cnt = take(static_cast<size_t>(g.NT) * g.W * 2);
   l.plan_dball = take(static_cast<size_t>(g.R) * g.NT * 4);
   l.plan_tot = take(static_cast<size_t>(g.W) * 4);
+  l.ll = take(ll::region_bytes(g.R, g.L, g.Tmax, g.K));
   l.total = at;
   return l;
 }
@@ -1370,6 +1383,62 @@ struct DeviceEpRank::Impl {
   int64_t last_tokens = 0;
   const uint16_t* last_y = nullptr;  // combine input, also read by combine_recv (NVLink)
   bool last_weighted = true;
+  // Masked configs over NVLink run the low-latency kernels (DeviceEpOptions::low_latency).
+  bool ll = false;
+  unsigned long long* ll_trace = nullptr;  // FP8MOE_EP_LL_TRACE=1: phase stamps (diagnostics)
+  bool ll_fence = false;                   // FP8MOE_EP_LL_FENCE=1 (experiment)
+
+  ll::Params ll_params() const {
+    ll::Params p;
+    p.f = {lay.stage,
+           lay.src_token,
+           lay.topk_local,
+           lay.topk_pos,
+           lay.weight,
+           lay.recv_count,
+           lay.notify,
+           lay.comb_stage,
+           lay.peer_table,
+           lay.slot,
+           lay.status,
+           lay.recv_offset,
+           lay.expert_counts,
+           lay.expert_offsets,
+           lay.m_indices,
+           lay.row_src,
+           lay.row_weight,
+           lay.token_rows,
+           lay.gx,
+           lay.gscales,
+           lay.ll};
+    p.my = ws;
+    p.err = reinterpret_cast<ll::ErrRecord*>(err_dev);
+    p.rank = rank;
+    p.R = g.R;
+    p.K = g.K;
+    p.L = g.L;
+    p.E = g.E;
+    p.H = g.H;
+    p.SC = g.SC;
+    p.Tmax = g.Tmax;
+    p.P = g.P;
+    p.cap = g.cap;
+    p.NS = g.NS;
+    p.fp8 = g.fp8;
+    p.expand = opt.expand_payload;
+    p.send_blocks = opt.num_blocks;
+    p.recv_blocks = recv_blocks;
+    p.timeout_ns = static_cast<unsigned long long>(cfg.timeout_s * 1e9);
+    p.st_rows_needed = kRowsNeeded;
+    p.st_overflow = kOverflow;
+    p.st_num_recv = kNumRecv;
+    p.T = last_tokens;
+    p.y = last_y;
+    p.weighted = last_weighted;
+    p.trace = ll_trace;
+    p.fence = ll_fence;
+    return p;
+  }
 
   Args args() const {
     Args a{};
@@ -1474,6 +1543,14 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                                      static_cast<int>(plan_kernel_smem(m.g))));
   FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_recv, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(recv_smem_bytes(m.g))));
+  m.ll = opt.low_latency && opt.wire == Wire::kNvlink && cfg.masked_capacity > 0 &&
+         cfg.max_tokens_per_rank <= ll::kMaxTokens && cfg.hidden % 128 == 0;
+  if (m.ll && std::getenv("FP8MOE_EP_LL_TRACE")) {
+    FM_CHECK_CUDA(cudaMalloc(&m.ll_trace, ll::kTraceSlots * 8));
+    FM_CHECK_CUDA(cudaMemset(m.ll_trace, 0, ll::kTraceSlots * 8));
+  }
+  m.ll_fence = std::getenv("FP8MOE_EP_LL_FENCE") != nullptr;
+  if (m.ll) ll::prepare(m.ll_params());
   if (opt.wire == Wire::kNccl) {
     // The peer-written fields lead the layout, so the send buffer is that prefix.
     FM_CHECK_CUDA(cudaMalloc(&m.send_ws, m.lay.peer_table));
@@ -1489,6 +1566,7 @@ DeviceEpRank::~DeviceEpRank() {
   for (void* p : impl_->opened) cudaIpcCloseMemHandle(p);
   cudaFree(impl_->ws);
   cudaFree(impl_->send_ws);
+  cudaFree(impl_->ll_trace);
 }
 
 int DeviceEpRank::rank() const {
@@ -1542,6 +1620,15 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
   FM_CHECK_ARG(b.tokens >= 0 && b.tokens <= m.g.Tmax, "rank ", m.rank, ": ", b.tokens,
                " tokens exceed max_tokens_per_rank=", m.g.Tmax);
   DeviceGuard guard(m.device);
+  if (m.ll) {
+    m.last_tokens = b.tokens;
+    ll::Params p = m.ll_params();
+    p.x = b.x;
+    p.idx = b.topk_idx;
+    p.w = b.topk_weight;
+    ll::dispatch_send(p, stream);
+    return;
+  }
   Args a = m.args();
   a.T = b.tokens;
   a.x = b.x;
@@ -1572,6 +1659,7 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
 void DeviceEpRank::dispatch_recv(cudaStream_t stream) {
   Impl& m = *impl_;
   DeviceGuard guard(m.device);
+  if (m.ll) return ll::dispatch_recv(m.ll_params(), stream, m.opt.overlap_recv);
   Args a = m.args();
   a.expand = m.opt.expand_payload;
   launch(k_dispatch_recv, m.recv_blocks, recv_smem_bytes(m.g), stream,
@@ -1581,11 +1669,12 @@ void DeviceEpRank::dispatch_recv(cudaStream_t stream) {
 void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {
   Impl& m = *impl_;
   DeviceGuard guard(m.device);
+  m.last_y = y;
+  m.last_weighted = true;
+  if (m.ll) return ll::combine_send(m.ll_params(), stream);
   Args a = m.args();
   a.y = y;
   a.weighted = true;
-  m.last_y = y;
-  m.last_weighted = true;
   launch(k_combine_send, m.opt.num_blocks, 0, stream, false, a);
   if (a.nccl) m.exchange({{m.lay.comb_stage, m.g.Tmax * m.g.H * 2}}, stream);
 }
@@ -1593,11 +1682,12 @@ void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {
 void DeviceEpRank::combine_tokens_send(const uint16_t* rows, cudaStream_t stream) {
   Impl& m = *impl_;
   DeviceGuard guard(m.device);
+  m.last_y = rows;
+  m.last_weighted = false;
+  if (m.ll) return ll::combine_send(m.ll_params(), stream);
   Args a = m.args();
   a.y = rows;
   a.weighted = false;
-  m.last_y = rows;
-  m.last_weighted = false;
   launch(k_combine_send, m.opt.num_blocks, 0, stream, false, a);
   if (a.nccl) m.exchange({{m.lay.comb_stage, m.g.Tmax * m.g.H * 2}}, stream);
 }
@@ -1605,6 +1695,11 @@ void DeviceEpRank::combine_tokens_send(const uint16_t* rows, cudaStream_t stream
 void DeviceEpRank::combine_recv(uint16_t* out, cudaStream_t stream) {
   Impl& m = *impl_;
   DeviceGuard guard(m.device);
+  if (m.ll) {
+    ll::Params p = m.ll_params();
+    p.out = out;
+    return ll::combine_recv(p, stream, m.opt.overlap_recv);
+  }
   Args a = m.args();
   a.out = out;
   a.T = m.last_tokens;
@@ -1649,6 +1744,7 @@ void DeviceEpRank::check() const {
     FM_THROW(ErrorKind::kInvalidArgument, "rank ", e.rank, " token ", e.detail, ": expert id ",
              static_cast<long long>(e.seen), " out of range [-1, ", m.cfg.num_experts, ")");
 
+  if (m.ll_trace) ll::print_trace(m.ll_trace, m.rank);
   int64_t status[kStatusSlots];
   FM_CHECK_CUDA(cudaMemcpy(status, m.ws + m.lay.status, sizeof(status), cudaMemcpyDeviceToHost));
   if (status[kOverflow])

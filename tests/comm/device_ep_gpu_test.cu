@@ -363,6 +363,172 @@ TEST_F(NvlinkTest, BadExpertIdIsReported) {
   }
 }
 
+// ---- low-latency kernels (DeviceEpOptions::low_latency, masked configs over NVLink) ----
+
+std::vector<Case> ll_cases() {
+  return {
+      {"ll_random", 2, 16, 4, 512, 96, {96, 70}, Routing::kRandom, 256},
+      {"ll_t0", 3, 12, 3, 256, 32, {0, 32, 0}, Routing::kRandom, 128},
+      {"ll_all_t0", 2, 8, 2, 256, 16, {0, 0}, Routing::kRandom, 16},
+      {"ll_k1", 2, 8, 1, 256, 200, {200, 150}, Routing::kRandom, 128},
+      // The decoding shape of DeepSeek-V3 (top-8 of 256 experts, hidden 7168).
+      {"ll_k8_v3", 2, 256, 8, 7168, 128, {128, 117}, Routing::kRandom, 256},
+      {"ll_skewed", 4, 32, 4, 256, 64, {64, 64, 50, 64}, Routing::kSkewed, 256},
+      {"ll_one_rank", 4, 16, 4, 384, 48, {48, 1, 30, 48}, Routing::kOneRank, 192},
+      {"ll_none_to_last", 4, 16, 2, 256, 40, {40, 40, 40, 40}, Routing::kNoneToLastRank, 64},
+      {"ll_holes", 4, 32, 8, 256, 40, {40, 12, 40, 40}, Routing::kHoles, 64},
+      // Capacity overflow (about 100 slots per expert, capacity 64): reported, combine gives +0.
+      {"ll_overflow", 2, 4, 2, 256, 200, {200, 200}, Routing::kRandom, 64},
+      // The largest batch the kernels take (32 plan tiles).
+      {"ll_1024_tokens", 2, 64, 8, 256, 1024, {1024, 1000}, Routing::kRandom, 512},
+  };
+}
+
+// Every case on the low-latency kernels against the reference, with send grids of 1 block (one
+// warp per token in turn), 5 and 64 blocks (columns split across warps), receive grids of 3
+// blocks or automatic, receive kernels beside or after their sends; the normal kernels with the
+// masked layout run each case too, so both paths stay covered.
+void run_ll_cases(Payload p, int gpus) {
+  int ran = 0;
+  for (const Case& c : ll_cases()) {
+    for (bool low_latency : {true, false}) {
+      ++ran;
+      constexpr int kBlocks[] = {5, 1, 64};
+      DeviceEpOptions opt;
+      opt.low_latency = low_latency;
+      opt.num_blocks = kBlocks[ran % 3];
+      opt.recv_blocks = ran % 4 == 1 ? 3 : 0;
+      opt.overlap_recv = ran % 5 != 0;
+      progress(std::string("case ") + c.name + " " + payload_name(p) +
+               (low_latency ? " low_latency" : " normal kernels") + " blocks " +
+               std::to_string(opt.num_blocks));
+      SCOPED_TRACE(std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
+                   " GPU(s), " + (low_latency ? "low-latency" : "normal") + " kernels, " +
+                   std::to_string(opt.num_blocks) + " send blocks");
+      EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, p);
+      cfg.masked_capacity = c.masked_capacity;
+      Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 70 + c.R, opt);
+      check_against_reference(h, 2);
+    }
+  }
+  EXPECT_GT(ran, 0);
+}
+
+TEST_F(NvlinkTest, LowLatencyMatchesReferenceFp8AllGpus) {
+  run_ll_cases(Payload::kFP8, gpu_count());
+}
+TEST_F(NvlinkTest, LowLatencyMatchesReferenceBf16AllGpus) {
+  run_ll_cases(Payload::kBF16, gpu_count());
+}
+TEST_F(NvlinkTest, LowLatencyMatchesReferenceFp8OneGpuManyRanks) {
+  run_ll_cases(Payload::kFP8, 1);
+}
+
+// Rounds whose row counts grow, overflow and shrink through the same buffers: rows a previous
+// round used must turn back into padding (m_indices and row_src -1).
+TEST_F(NvlinkTest, LowLatencyRowsChangeBetweenRounds) {
+  EpConfig cfg = config(2, 8, 2, 256, 200, Payload::kFP8);
+  cfg.masked_capacity = 64;
+  Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 21);
+  for (int64_t tokens : {60, 200, 20, 90}) {
+    SCOPED_TRACE("tokens " + std::to_string(tokens));
+    for (auto& d : h.data) d.tokens = tokens;
+    check_against_reference(h, 1);
+  }
+}
+
+// The whole round (dispatch and combine) captured in one CUDA graph per rank, replayed.
+void graph_round(int R, int gpus, bool low_latency) {
+  EpConfig cfg = config(R, 16 * R, 8, 1024, 128, Payload::kFP8);
+  cfg.masked_capacity = 512;
+  DeviceEpOptions opt;
+  opt.low_latency = low_latency;
+  std::vector<int64_t> tokens(R, 128);
+  tokens[R - 1] = 90;
+  Harness h(cfg, devices_for(R, gpus), tokens, Routing::kRandom, 9, opt);
+  const auto want = dispatch_reference(cfg, batches_of(h.data));
+  std::vector<const uint16_t*> y;
+  for (int r = 0; r < R; ++r) y.push_back(h.ys[r].data());
+  const auto want_out = combine_reference(cfg, want, y);
+  std::vector<cudaGraphExec_t> execs;
+  for (int r = 0; r < R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(h.buf[r].device));
+    FM_CHECK_CUDA(cudaStreamBeginCapture(h.buf[r].stream, cudaStreamCaptureModeThreadLocal));
+    auto& ep = h.group->rank(r);
+    ep.dispatch_send(h.batch(r), h.buf[r].stream);
+    ep.dispatch_recv(h.buf[r].stream);
+    ep.combine_send(h.buf[r].y, h.buf[r].stream);
+    ep.combine_recv(h.buf[r].out, h.buf[r].stream);
+    cudaGraph_t graph;
+    FM_CHECK_CUDA(cudaStreamEndCapture(h.buf[r].stream, &graph));
+    cudaGraphExec_t exec;
+    FM_CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    FM_CHECK_CUDA(cudaGraphDestroy(graph));
+    execs.push_back(exec);
+  }
+  for (int replay = 0; replay < 4; ++replay) {
+    for (int r = 0; r < R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(h.buf[r].device));
+      FM_CHECK_CUDA(
+          cudaMemsetAsync(h.buf[r].out, 0xFF, h.data[r].tokens * cfg.hidden * 2, h.buf[r].stream));
+      FM_CHECK_CUDA(cudaGraphLaunch(execs[r], h.buf[r].stream));
+    }
+    h.sync();
+    h.group->check();
+    for (int r = 0; r < R; ++r) {
+      ASSERT_EQ(h.out(r), want_out[r]) << "replay " << replay << " rank " << r;
+      expect_same_dispatch(cfg, want[r], h.group->rank(r).download(), r);
+    }
+  }
+  for (auto e : execs) cudaGraphExecDestroy(e);
+}
+
+TEST_F(NvlinkTest, LowLatencyGraphCapturedRoundReplays) {
+  for (bool low_latency : {true, false}) {
+    SCOPED_TRACE(low_latency ? "low-latency kernels" : "normal kernels");
+    graph_round(2, gpu_count(), low_latency);
+  }
+  SCOPED_TRACE("4 ranks on one GPU");
+  graph_round(4, 1, true);
+}
+
+TEST_F(NvlinkTest, LowLatencySilentPeerEndsWithErrorNamingRankPeerCounter) {
+  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kFP8);
+  cfg.masked_capacity = 32;
+  cfg.timeout_s = 0.3;
+  Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3);
+  h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
+  h.group->rank(0).dispatch_recv(h.buf[0].stream);
+  h.sync();
+  try {
+    h.group->rank(0).check();
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    const std::string m = e.message();
+    EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
+    EXPECT_NE(m.find("ll_dispatch.data[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
+        << m;
+  }
+}
+
+TEST_F(NvlinkTest, LowLatencyBadExpertIdIsReported) {
+  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kFP8);
+  cfg.masked_capacity = 32;
+  Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3);
+  h.data[1].idx[5] = 99;
+  FM_CHECK_CUDA(cudaSetDevice(h.buf[1].device));
+  FM_CHECK_CUDA(cudaMemcpy(h.buf[1].idx, h.data[1].idx.data(), h.data[1].idx.size() * 4,
+                           cudaMemcpyHostToDevice));
+  h.dispatch();
+  h.sync();
+  try {
+    h.group->rank(1).check();
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(e.message().find("rank 1 token 2: expert id 99"), std::string::npos) << e.message();
+  }
+}
+
 TEST_F(NvlinkTest, NcclWireMatchesReference) {
   if (!nccl_available()) GTEST_SKIP() << "built without NCCL";
   if (gpu_count() < 2) GTEST_SKIP() << "NCCL needs one GPU per rank";

@@ -59,6 +59,14 @@ struct DeviceEpOptions {
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
+  // Low-latency kernels for masked configs (EpConfig::masked_capacity > 0) over NVLink with
+  // max_tokens_per_rank <= 1024 and hidden % 128 == 0: one pass per direction and side (each
+  // warp quantises a token and writes its record straight into the destination's source region;
+  // one arrival counter per source, then the receiver places every row in its masked slot), no
+  // notify/chunk/layout chain (sm90_device_ep_ll.cu). Same results bit for bit; num_blocks and
+  // recv_blocks size its grids, chunk_tokens and plan_once do not apply. Off: the normal kernels
+  // with the masked layout.
+  bool low_latency = true;
 };
 
 // Inputs of one rank, device pointers on that rank's device.

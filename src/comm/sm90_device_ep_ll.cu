@@ -1,0 +1,1003 @@
+// Low-latency expert-parallel dispatch/combine over peer-mapped NVLink buffers: the masked layout
+// (EpConfig::masked_capacity > 0) for decoding batches, in one pass per direction and side.
+// Algorithm. Dispatch send: each warp first loads what needs no plan (its tile's expert ids, the
+// x of its first token step, its ids and weights), each block turns the previous round's rows
+// back into padding, then every block plans the (short) batch in shared memory (per 32-token
+// tile: destination ballots, per-expert counts and each slot's rank inside the tile; prefixes over
+// the tiles); each warp then quantises its token (or column range of one; FP8, 1x128) and pushes
+// its record straight into its slot of the source region at every destination rank, with the
+// record's local expert ids and per-expert ranks; block 0 adds the per-expert counts. Each block
+// then adds to one arrival counter per destination (release): a round is complete when the
+// blocks' adds sum to 2^32, whatever the grid. Dispatch receive (a programmatic dependent, beside
+// the send): one acquire wait per source, then the masked rows are known in place (expert base +
+// per-source prefix + rank) and each record is copied into its rows, its loads issued together;
+// every block acknowledges to every source the same way (relaxed: only reads are covered).
+// Combine send: the weighted partial of each received token (fixed order) goes back to its
+// source's staging row, the rank's own too; combine receive sums a token's partials in rank
+// order. No step waits on the host; the only cross-rank waits are one arrival per direction and
+// the previous round's acknowledgement.
+// Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
+// Test: test_comm_gpu --gtest_filter='*LowLatency*' (tests/comm/device_ep_gpu_test.cu).
+#include <algorithm>
+#include <cfloat>
+#include <cstdio>
+
+#include "fp8moe/core/cuda_check.h"
+#include "fp8moe/core/dtypes.h"
+#include "fp8moe/core/error.h"
+#include "fp8moe/fp8/codec.h"
+#include "sm90_device_ep_ll.h"
+
+namespace fp8moe::comm::ll {
+
+const char* counter_name(int counter) {
+  switch (counter) {
+    case kDispatchData:
+      return "ll_dispatch.data";
+    case kDispatchAck:
+      return "ll_dispatch.ack";
+    case kCombineData:
+      return "ll_combine.data";
+    case kCombineAck:
+      return "ll_combine.ack";
+    default:
+      return nullptr;
+  }
+}
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTile = 32;
+constexpr int kMaxTopK = 8;
+constexpr int kMaxRanks = 32;
+constexpr unsigned kFull = 0xFFFFFFFFu;
+// A round of a counter: the adds of one grid sum to this, whatever its size.
+constexpr unsigned long long kRound = 1ull << 32;
+
+// Counter groups of the region: [group][R] u64, then the kernels' done counts, then the rows
+// each expert used in the previous dispatch, then the per-slot weight copy (slot_weight).
+enum Group : int { kDataD = 0, kAckD = 1, kDataC = 2, kAckC = 3 };
+enum Done : int {
+  kDoneDispatchSend = 0,
+  kDoneDispatchRecv = 1,
+  kDoneCombineSend = 2,
+  kDoneCombineRecv = 3
+};
+
+// Shared memory of the send plan: per-expert and per-destination tile counts (u16, then
+// exclusive prefixes), destination ballots, per-warp lane masks, in-tile ranks of every slot.
+struct PlanSmem {
+  size_t ecnt, dcnt, dball, emask, tpos, etot, dtot, total;
+};
+__host__ __device__ inline size_t align16(size_t v) {
+  return (v + 15) / 16 * 16;
+}
+__host__ __device__ inline PlanSmem plan_smem(int E, int R, int K, int64_t Tmax) {
+  const size_t nt = static_cast<size_t>((Tmax + kTile - 1) / kTile);
+  PlanSmem s{};
+  size_t at = 0;
+  s.ecnt = at;
+  at = align16(at + E * nt * 2);
+  s.dcnt = at;
+  at = align16(at + R * nt * 2);
+  s.dball = at;
+  at = align16(at + R * nt * 4);
+  s.emask = at;  // zeroed with the counts: [ecnt, tpos) is cleared at the start
+  at = align16(at + static_cast<size_t>(kWarps) * E * 4);
+  s.tpos = at;
+  at = align16(at + static_cast<size_t>(Tmax) * K * 2);
+  s.etot = at;
+  at = align16(at + E * 4);
+  s.dtot = at;
+  at = align16(at + R * 4);
+  s.total = at;
+  return s;
+}
+size_t recv_smem(const Params& p) {
+  return (static_cast<size_t>(p.R) * p.L + p.L + p.R + 1) * 4;
+}
+
+// ---- memory-model helpers ----
+__device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void red_release_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+// NOTE: acknowledgements only say "my reads of your buffer are done"; a load whose value was
+// used (stored elsewhere) before the block's barrier has completed, so no release (which would
+// wait for this block's local writes) is needed.
+__device__ __forceinline__ void red_relaxed_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void allow_dependent_launch() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+__device__ __forceinline__ unsigned lanemask_lt() {
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
+template <typename T>
+__device__ __forceinline__ T* at(char* base, size_t off) {
+  return reinterpret_cast<T*>(base + off);
+}
+__device__ __forceinline__ char* peer(const Params& p, int r) {
+  return reinterpret_cast<char* const*>(p.my + p.f.peer_table)[r];
+}
+// Counter `idx` of group g in the workspace at `base`.
+__device__ __forceinline__ unsigned long long* ctr(char* base, const Params& p, int g, int idx) {
+  return at<unsigned long long>(base, p.f.ll) + g * p.R + idx;
+}
+__device__ __forceinline__ unsigned long long* done(const Params& p, int which) {
+  return at<unsigned long long>(p.my, p.f.ll) + 4 * p.R + which;
+}
+__device__ __forceinline__ int* prev_rows(const Params& p) {
+  return reinterpret_cast<int*>(at<unsigned long long>(p.my, p.f.ll) + 4 * p.R + 4);
+}
+// [R * Tmax][K] gate weight of each received (slot, k) with a row here (else 0): a local copy
+// (the record's own field may be overwritten by the source's next dispatch during combine), read
+// by combine beside token_rows instead of after it (row_weight[row] is a dependent load).
+__device__ __forceinline__ float* slot_weight(const Params& p) {
+  return reinterpret_cast<float*>(prev_rows(p) + p.L);
+}
+
+// Diagnostics: block 0's stamp (first-block proxy) and the latest block's stamp of a phase.
+__device__ __forceinline__ void stamp_first(const Params& p, int slot) {
+  if (p.trace && blockIdx.x == 0 && threadIdx.x == 0) p.trace[slot] = globaltimer();
+}
+__device__ __forceinline__ void stamp_last(const Params& p, int slot) {
+  if (p.trace && threadIdx.x == 0) atomicMax(p.trace + slot, globaltimer());
+}
+
+// This launch's round: a kernel's blocks each count themselves done at their very end, and the
+// previous launch of the same kernel has ended (stream order), so every block of this one sees
+// between (n - 1) * grid and n * grid - 1 of them. Read by thread 0 into *n.
+__device__ __forceinline__ void read_round(const Params& p, int which, unsigned long long* n) {
+  if (threadIdx.x == 0)
+    *n = *reinterpret_cast<volatile unsigned long long*>(done(p, which)) / gridDim.x + 1;
+}
+__device__ __forceinline__ void count_done(const Params& p, int which) {
+  if (threadIdx.x == 0) atomicAdd(done(p, which), 1ull);
+}
+// This block's share of a round: block 0 adds 2^32 - (grid - 1), every other block 1.
+__device__ __forceinline__ unsigned long long round_share() {
+  return blockIdx.x == 0 ? kRound - (gridDim.x - 1) : 1ull;
+}
+
+__device__ void record_error(ErrRecord* err, int code, int rank, int peer_rank, int counter,
+                             unsigned long long expected, unsigned long long seen,
+                             long long detail) {
+  if (atomicCAS(&err->code, 0, -1) != 0) return;  // first error wins
+  err->rank = rank;
+  err->peer = peer_rank;
+  err->counter = counter;
+  err->expected = expected;
+  err->seen = seen;
+  err->detail = detail;
+  __threadfence_system();
+  atomicExch(&err->code, code);
+}
+
+// Bounded acquire-poll until counter c holds n whole rounds; false (error recorded, in rounds)
+// on timeout or when this rank already timed out.
+__device__ bool wait_rounds(const unsigned long long* c, unsigned long long n, const Params& p,
+                            int peer_rank, int counter) {
+  const unsigned long long want = n * kRound;
+  unsigned long long v = ld_acquire_sys(c);
+  if (v >= want) return true;
+  const unsigned long long t0 = globaltimer();
+  const long long c0 = clock64();
+  // NOTE: the SM clock bounds the wait too, so a global timer that stops cannot hang it.
+  const long long max_cycles = static_cast<long long>(p.timeout_ns) * 3;
+  for (;;) {
+    v = ld_acquire_sys(c);
+    if (v >= want) return true;
+    if (*reinterpret_cast<volatile int*>(&p.err->code) == kErrTimeout) return false;
+    if (globaltimer() - t0 > p.timeout_ns || clock64() - c0 > max_cycles) {
+      record_error(p.err, kErrTimeout, p.rank, peer_rank, counter, n, v / kRound, -1);
+      return false;
+    }
+    __nanosleep(32);
+  }
+}
+
+// Expert id of (t, k), -1 for none or out of range (reported once, by block 0's plan).
+__device__ __forceinline__ int expert_of(const Params& p, int64_t t, int k, bool report) {
+  int e = __ldg(p.idx + t * p.K + k);
+  if (e < -1 || e >= p.E) {
+    if (report) record_error(p.err, kErrBadExpert, p.rank, -1, -1, 0, e, t);
+    e = -1;
+  }
+  return e;
+}
+
+// Work items: `n` rows in `parts` ranges of whole steps (a short batch keeps every warp busy).
+struct Split {
+  int64_t items, parts, steps;
+  __device__ __forceinline__ int64_t row(int64_t item) const { return item / parts; }
+  __device__ __forceinline__ int64_t first(int64_t item) const {
+    return item % parts * steps / parts;
+  }
+  __device__ __forceinline__ int64_t last(int64_t item) const {
+    return (item % parts + 1) * steps / parts;
+  }
+};
+__device__ __forceinline__ Split split(int64_t n, int64_t steps) {
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  int64_t parts = n > 0 ? warps / n : 1;
+  parts = parts < 1 ? 1 : (parts > steps ? steps : parts);
+  return {n * parts, parts, steps};
+}
+__device__ __forceinline__ int64_t global_warp() {
+  return static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+}
+
+// ---- FP8 quantisation of 16 BF16 values per lane (8 lanes share a 128-column scale) ----
+// fp8/quantize.h's formula with IEEE division and cvt.rn.satfinite: equal to fp8::quantize bit
+// for bit.
+__device__ __forceinline__ void quantize16(const uint4 v0, const uint4 v1, uint4& codes,
+                                           float& scale) {
+  float f[16];
+  const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&v0);
+  const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&v1);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w0[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w0[i] & 0xFFFF0000u);
+    f[8 + 2 * i] = __uint_as_float(w1[i] << 16);
+    f[8 + 2 * i + 1] = __uint_as_float(w1[i] & 0xFFFF0000u);
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+  for (int m = 1; m < 8; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, m));
+  scale = amax == 0.0f ? 1.0f : fmaxf(__fdiv_rn(amax, kE4M3Max), FLT_MIN);
+  uint32_t* c = reinterpret_cast<uint32_t*>(&codes);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
+        : "=h"(lo)
+        : "f"(__fdiv_rn(f[4 * i], scale)), "f"(__fdiv_rn(f[4 * i + 1], scale)));
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
+        : "=h"(hi)
+        : "f"(__fdiv_rn(f[4 * i + 2], scale)), "f"(__fdiv_rn(f[4 * i + 3], scale)));
+    c[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+}
+
+__device__ __forceinline__ void add_bf16x8(float* acc, const uint4& v) {
+  const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v);
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    acc[2 * x] = __fadd_rn(acc[2 * x], __uint_as_float(vw[x] << 16));
+    acc[2 * x + 1] = __fadd_rn(acc[2 * x + 1], __uint_as_float(vw[x] & 0xFFFF0000u));
+  }
+}
+__device__ __forceinline__ uint4 pack_bf16(const float* acc) {
+  uint4 o;
+  uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+  for (int x = 0; x < 4; ++x)
+    ow[x] = static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x])) |
+            (static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x + 1])) << 16);
+  return o;
+}
+
+// ---- dispatch send 1: the plan of the batch in shared memory ----
+struct Plan {
+  uint16_t* ecnt;   // [E][NT] tokens of tile with expert e, then the prefix over tiles
+  uint16_t* dcnt;   // [R][NT] tokens of tile going to d, then the prefix
+  uint32_t* dball;  // [R][NT] lanes of each tile going to d
+  uint32_t* emask;  // [kWarps][E] lane masks (zero between uses)
+  uint16_t* tpos;   // [Tmax][K] rank of (t, k) among the tile's lanes with the same expert
+  int* etot;        // [E]
+  int* dtot;        // [R]
+  int NT;           // tile stride (tiles of Tmax)
+};
+
+// Expert ids of the tile's tokens (lane = token), -1 past T.
+__device__ __forceinline__ void load_tile_ids(const Params& p, int tile, int* ev) {
+  const int64_t t = static_cast<int64_t>(tile) * kTile + (threadIdx.x & 31);
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    ev[k] = (t < p.T && k < p.K) ? expert_of(p, t, k, blockIdx.x == 0) : -1;
+}
+
+// ev0: the ids of tile `warp`, loaded before the shared memory was cleared.
+__device__ void plan_batch(const Params& p, const Plan& pl, const int* ev0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int ntiles = static_cast<int>((p.T + kTile - 1) / kTile);
+  uint32_t* em = pl.emask + warp * p.E;
+  for (int tile = warp; tile < ntiles; tile += kWarps) {
+    const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
+    int ev[kMaxTopK];
+    if (tile == warp) {
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) ev[k] = ev0[k];
+    } else {
+      load_tile_ids(p, tile, ev);
+    }
+    uint32_t m = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k)
+      if (ev[k] >= 0) m |= 1u << (ev[k] / p.L);
+    for (int d = 0; d < p.R; ++d) {
+      const uint32_t b = __ballot_sync(kFull, (m >> d) & 1u);
+      if (lane == 0) {
+        pl.dball[d * pl.NT + tile] = b;
+        pl.dcnt[d * pl.NT + tile] = static_cast<uint16_t>(__popc(b));
+      }
+    }
+    // NOTE: the ids of a token are distinct, so one lane holds an expert at most once.
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k)
+      if (ev[k] >= 0) atomicOr(em + ev[k], 1u << lane);
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      if (ev[k] < 0) continue;
+      const uint32_t mm = em[ev[k]];
+      pl.tpos[t * p.K + k] = static_cast<uint16_t>(__popc(mm & lanemask_lt()));
+      if (lane == __ffs(mm) - 1) pl.ecnt[ev[k] * pl.NT + tile] = static_cast<uint16_t>(__popc(mm));
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k)
+      if (ev[k] >= 0) em[ev[k]] = 0;
+    __syncwarp();
+  }
+  __syncthreads();
+  // Exclusive prefixes over the tiles, one thread per column (experts, then destinations).
+  for (int c = threadIdx.x; c < p.E + p.R; c += blockDim.x) {
+    uint16_t* col = c < p.E ? pl.ecnt + c * pl.NT : pl.dcnt + (c - p.E) * pl.NT;
+    int run = 0;
+    for (int tile = 0; tile < ntiles; ++tile) {
+      const int v = col[tile];
+      col[tile] = static_cast<uint16_t>(run);
+      run += v;
+    }
+    (c < p.E ? pl.etot[c] : pl.dtot[c - p.E]) = run;
+  }
+  __syncthreads();
+}
+
+// ---- dispatch send 2: token t's record metadata at every destination in `mask` (one warp) ----
+// Lane k < K: the token's expert id and gate weight.
+__device__ __forceinline__ void load_meta(const Params& p, int64_t t, int& e, float& wt) {
+  const int lane = threadIdx.x & 31;
+  e = -1;
+  wt = 0.0f;
+  if (lane < p.K) {
+    e = expert_of(p, t, lane, false);
+    wt = __ldg(p.w + t * p.K + lane);
+  }
+}
+__device__ __forceinline__ void push_metadata(const Params& p, const Plan& pl, int64_t t, int jl,
+                                              unsigned mask, int e, float wt) {
+  const int lane = threadIdx.x & 31;
+  const int tile = static_cast<int>(t / kTile);
+  if (lane < p.R) at<int32_t>(p.my, p.f.slot)[t * p.R + lane] = jl;
+  int pos = -1;
+  if (lane < p.K && e >= 0) pos = pl.ecnt[e * pl.NT + tile] + pl.tpos[t * p.K + lane];
+  for (unsigned m = mask; m; m &= m - 1) {
+    const int d = __ffs(m) - 1;
+    const int j = __shfl_sync(kFull, jl, d);
+    char* base = peer(p, d);
+    const int64_t s = static_cast<int64_t>(p.rank) * p.Tmax + j;
+    if (lane == 0) at<int32_t>(base, p.f.src_token)[s] = static_cast<int32_t>(t);
+    if (lane < p.K) {
+      const bool here = e >= d * p.L && e < (d + 1) * p.L;
+      at<int32_t>(base, p.f.topk_local)[s * p.K + lane] = here ? e - d * p.L : -1;
+      at<int32_t>(base, p.f.topk_pos)[s * p.K + lane] = here ? pos : -1;
+      at<float>(base, p.f.weight)[s * p.K + lane] = wt;
+    }
+  }
+}
+
+// ---- dispatch send 3: the payload of token t, one 1024-column step (one warp) ----
+// BF16: four 256-column pieces; FP8: two 512-column chunks (16 values a lane, 8 lanes a scale).
+__device__ __forceinline__ void load_step(const Params& p, int64_t t, int64_t step, uint4* v) {
+  const int lane = threadIdx.x & 31;
+  const uint16_t* xt = p.x + t * p.H;
+  const int64_t c0 = step * 1024;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t c =
+        p.fp8 ? c0 + (u / 2) * 512 + lane * 16 + (u % 2) * 8 : c0 + u * 256 + lane * 8;
+    // FP8: whole 8-lane scale groups are in or out (H % 128 == 0).
+    v[u] = c < p.H ? __ldg(reinterpret_cast<const uint4*>(xt + c)) : make_uint4(0, 0, 0, 0);
+  }
+}
+__device__ __forceinline__ void store_step(const Params& p, int64_t step, const uint4* v, int jl,
+                                           unsigned mask) {
+  const int lane = threadIdx.x & 31;
+  const int64_t region = static_cast<int64_t>(p.rank) * p.Tmax;
+  const int64_t c0 = step * 1024;
+  if (!p.fp8) {
+    for (unsigned m = mask; m; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+      char* rec = peer(p, d) + p.f.stage + (region + __shfl_sync(kFull, jl, d)) * p.P;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t c = c0 + u * 256 + lane * 8;
+        if (c < p.H) *reinterpret_cast<uint4*>(rec + c * 2) = v[u];
+      }
+    }
+    return;
+  }
+  // Quantised once for all destinations.
+  uint4 codes[2];
+  float scale[2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
+  for (unsigned m = mask; m; m &= m - 1) {
+    const int d = __ffs(m) - 1;
+    char* rec = peer(p, d) + p.f.stage + (region + __shfl_sync(kFull, jl, d)) * p.P;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t c = c0 + u * 512 + lane * 16;
+      if (c >= p.H) continue;
+      *reinterpret_cast<uint4*>(rec + c) = codes[u];
+      if ((lane & 7) == 0) *reinterpret_cast<float*>(rec + p.H + (c / 128) * 4) = scale[u];
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
+  extern __shared__ uint4 smem_raw[];
+  __shared__ unsigned long long s_n;
+  __shared__ int s_abort;
+  char* sm = reinterpret_cast<char*>(smem_raw);
+  const PlanSmem ps = plan_smem(p.E, p.R, p.K, p.Tmax);
+  Plan pl;
+  pl.ecnt = reinterpret_cast<uint16_t*>(sm + ps.ecnt);
+  pl.dcnt = reinterpret_cast<uint16_t*>(sm + ps.dcnt);
+  pl.dball = reinterpret_cast<uint32_t*>(sm + ps.dball);
+  pl.emask = reinterpret_cast<uint32_t*>(sm + ps.emask);
+  pl.tpos = reinterpret_cast<uint16_t*>(sm + ps.tpos);
+  pl.etot = reinterpret_cast<int*>(sm + ps.etot);
+  pl.dtot = reinterpret_cast<int*>(sm + ps.dtot);
+  pl.NT = static_cast<int>((p.Tmax + kTile - 1) / kTile);
+  stamp_first(p, 0);
+  stamp_last(p, 1);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // Everything the plan does not decide is loaded first, so that its latency overlaps the plan:
+  // this launch's done count, the ids of the warp's tile, the x of the warp's first item.
+  unsigned long long done_before = 0;
+  if (threadIdx.x == 0)
+    done_before = *reinterpret_cast<volatile unsigned long long*>(done(p, kDoneDispatchSend));
+  int ev0[kMaxTopK];
+  load_tile_ids(p, warp, ev0);
+  const Split sp = split(p.T, (p.H + 1023) / 1024);
+  const int64_t first_item = global_warp();
+  uint4 xv[4];
+  int first_e = -1;
+  float first_wt = 0.0f;
+  if (first_item < sp.items) {
+    load_step(p, sp.row(first_item), sp.first(first_item), xv);
+    if (sp.first(first_item) == 0) load_meta(p, sp.row(first_item), first_e, first_wt);
+  }
+  // The rows the previous dispatch used become padding again (this rank's receive kernel writes
+  // this round's rows after it saw this grid's arrival, so after these writes).
+  {
+    const int* prev = prev_rows(p);
+    int32_t* m_indices = at<int32_t>(p.my, p.f.m_indices);
+    int32_t* row_src = at<int32_t>(p.my, p.f.row_src);
+    for (int e = blockIdx.x; e < p.L; e += gridDim.x) {
+      const int before = __ldcg(prev + e);
+      for (int r = threadIdx.x; r < before; r += blockDim.x) {
+        m_indices[e * p.cap + r] = -1;
+        row_src[e * p.cap + r] = -1;
+      }
+    }
+  }
+  if (threadIdx.x == 0) s_abort = 0;
+  for (size_t i = threadIdx.x; i < ps.tpos / 4; i += blockDim.x)
+    reinterpret_cast<uint32_t*>(sm)[i] = 0;
+  __syncthreads();
+  // The receive kernel may start now: it synchronises with this grid through counters only.
+  allow_dependent_launch();
+  plan_batch(p, pl, ev0);
+  stamp_last(p, 2);
+  if (threadIdx.x == 0) s_n = done_before / gridDim.x + 1;  // see read_round
+  __syncthreads();
+  const unsigned long long n = s_n;
+  // Destination d's region of mine is free once d's receive blocks all finished the last round.
+  if (threadIdx.x < p.R &&
+      !wait_rounds(ctr(p.my, p, kAckD, threadIdx.x), n - 1, p, threadIdx.x, kDispatchAck))
+    s_abort = 1;
+  __syncthreads();
+  if (s_abort) return;
+  stamp_last(p, 3);
+  if (blockIdx.x == 0) {
+    // Per destination: T, its local experts' counts, the tokens it gets from me.
+    for (int i = threadIdx.x; i < p.R * (p.L + 1); i += blockDim.x) {
+      const int d = i / (p.L + 1), q = i % (p.L + 1);
+      at<int32_t>(peer(p, d), p.f.notify)[p.rank * p.NS + q] =
+          q == 0 ? static_cast<int32_t>(p.T) : pl.etot[d * p.L + q - 1];
+    }
+    if (threadIdx.x < p.R)
+      at<int32_t>(peer(p, threadIdx.x), p.f.recv_count)[p.rank] = pl.dtot[threadIdx.x];
+  }
+  for (int64_t item = first_item; item < sp.items;
+       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t t = sp.row(item);
+    const int tile = static_cast<int>(t / kTile), bit = static_cast<int>(t % kTile);
+    // Lane d < R: the token's slot at destination d, -1 if it does not go there.
+    int jl = -1;
+    if (lane < p.R) {
+      const uint32_t b = pl.dball[lane * pl.NT + tile];
+      if ((b >> bit) & 1u) jl = pl.dcnt[lane * pl.NT + tile] + __popc(b & ((1u << bit) - 1u));
+    }
+    const unsigned mask = __ballot_sync(kFull, jl >= 0);
+    if (sp.first(item) == 0) {
+      int e = first_e;
+      float wt = first_wt;
+      if (item != first_item) load_meta(p, t, e, wt);
+      push_metadata(p, pl, t, jl, mask, e, wt);
+    }
+    for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
+      if (item != first_item || step != sp.first(item)) load_step(p, t, step, xv);
+      store_step(p, step, xv, jl, mask);
+    }
+  }
+  // Arrival: this block's share of the round at every destination, after all its writes.
+  __syncthreads();
+  stamp_last(p, 4);
+  count_done(p, kDoneDispatchSend);
+  __syncthreads();
+  if (threadIdx.x < p.R) {
+    if (p.fence) __threadfence_system();
+    red_release_sys(ctr(peer(p, threadIdx.x), p, kDataD, p.rank), round_share());
+  }
+  stamp_last(p, 5);
+}
+
+// 4 x 16 bytes of a record from byte c0 (a lane's part of a 2 KB step).
+__device__ __forceinline__ void load_rec(const char* rec, int64_t c0, int64_t row_bytes,
+                                         uint4 (&v)[4]) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+    if (c0 + u * 512 < row_bytes) v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + c0 + u * 512));
+}
+
+// ---- dispatch receive: masked rows of every record as soon as all sources arrived ----
+__global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
+  extern __shared__ int rsm[];
+  __shared__ unsigned long long s_n;
+  __shared__ int s_abort, s_largest;
+  int* base = rsm;              // [R][L] first row of (source, expert) inside the expert's block
+  int* tot = base + p.R * p.L;  // [L]
+  int* roff = tot + p.L;        // [R + 1] compact index of each source region's first token
+  stamp_first(p, 6);
+  stamp_last(p, 7);
+  read_round(p, kDoneDispatchRecv, &s_n);
+  if (threadIdx.x == 0) {
+    s_abort = 0;
+    s_largest = 0;
+  }
+  __syncthreads();
+  const unsigned long long n = s_n;
+  if (threadIdx.x < p.R &&
+      !wait_rounds(ctr(p.my, p, kDataD, threadIdx.x), n, p, threadIdx.x, kDispatchData))
+    s_abort = 1;
+  __syncthreads();
+  if (s_abort) return;  // the error is recorded; check() reports it
+  stamp_last(p, 8);
+  // Layout: per expert, the sources' counts in rank order (rows ascend in compact index).
+  const int32_t* notify = at<int32_t>(p.my, p.f.notify);
+  for (int i = threadIdx.x; i < p.R * p.L; i += blockDim.x)
+    base[i] = __ldcg(notify + (i / p.L) * p.NS + 1 + i % p.L);
+  if (threadIdx.x == 0) {
+    roff[0] = 0;
+    for (int s = 0; s < p.R; ++s)
+      roff[s + 1] = roff[s] + __ldcg(at<int32_t>(p.my, p.f.recv_count) + s);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < p.L; e += blockDim.x) {
+    int run = 0;
+    for (int s = 0; s < p.R; ++s) {
+      const int c = base[s * p.L + e];
+      base[s * p.L + e] = run;
+      run += c;
+    }
+    tot[e] = run;
+    atomicMax(&s_largest, run);
+  }
+  __syncthreads();
+  const bool ovf = s_largest > p.cap;
+  int64_t* status = at<int64_t>(p.my, p.f.status);
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e <= p.L; e += blockDim.x) {
+      if (e < p.L) at<int32_t>(p.my, p.f.expert_counts)[e] = tot[e];
+      at<int32_t>(p.my, p.f.expert_offsets)[e] = static_cast<int32_t>(e * p.cap);
+    }
+    if (threadIdx.x <= p.R) at<int32_t>(p.my, p.f.recv_offset)[threadIdx.x] = roff[threadIdx.x];
+    if (threadIdx.x == 0) {
+      status[p.st_rows_needed] = ovf ? s_largest : p.L * p.cap;
+      status[p.st_overflow] = ovf;
+      status[p.st_num_recv] = roff[p.R];
+    }
+  }
+  // The rows this round uses (the next dispatch_send turns them back into padding).
+  if (blockIdx.x == 0)
+    for (int e = threadIdx.x; e < p.L; e += blockDim.x) prev_rows(p)[e] = ovf ? 0 : tot[e];
+  int32_t* m_indices = at<int32_t>(p.my, p.f.m_indices);
+  int32_t* row_src = at<int32_t>(p.my, p.f.row_src);
+  stamp_last(p, 9);
+  // Records: per (record, byte range) one warp writes the rows' layout entries and copies the
+  // payload (4 x 16 bytes a lane per 2 KB step) into every row of the token. Every load of an
+  // item (payload, scales, metadata) is issued before the first use, so the item waits once.
+  const int lane = threadIdx.x & 31;
+  const int64_t row_bytes = p.fp8 ? p.H : p.H * 2;
+  const int64_t records = roff[p.R];
+  const Split sp = split(records, (row_bytes + 2047) / 2048);
+  const bool copy = p.expand && !ovf;
+  char* gx = p.my + p.f.gx;
+  float* gs = at<float>(p.my, p.f.gscales);
+  for (int64_t item = global_warp(); item < sp.items;
+       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t i = sp.row(item);
+    int s = 0;
+    while (roff[s + 1] <= i) ++s;
+    const int64_t slot = static_cast<int64_t>(s) * p.Tmax + (i - roff[s]);
+    const char* rec = p.my + p.f.stage + slot * p.P;
+    const bool meta = sp.first(item) == 0;  // the item that writes the layout entries and scales
+    int64_t step = sp.first(item);
+    uint4 v[4];
+    if (copy) load_rec(rec, step * 2048 + lane * 16, row_bytes, v);
+    float sc[2] = {0.0f, 0.0f};  // scales lane and lane + 32
+    if (copy && meta && p.fp8)
+#pragma unroll
+      for (int q = 0; q < 2; ++q)
+        if (lane + 32 * q < p.SC)
+          sc[q] = __ldcg(reinterpret_cast<const float*>(rec + p.H) + lane + 32 * q);
+    int e = -1, pos = 0;
+    float wt = 0.0f;
+    if (lane < p.K) {
+      e = __ldcg(at<int32_t>(p.my, p.f.topk_local) + slot * p.K + lane);
+      pos = __ldcg(at<int32_t>(p.my, p.f.topk_pos) + slot * p.K + lane);
+      if (meta) wt = __ldcg(at<float>(p.my, p.f.weight) + slot * p.K + lane);
+    }
+    int row = -1;
+    if (lane < p.K) {
+      if (e >= 0 && !ovf) {
+        row = static_cast<int>(e * p.cap) + base[s * p.L + e] + pos;
+        if (meta) {
+          m_indices[row] = e;
+          row_src[row] = static_cast<int32_t>(i * p.K + lane);
+          at<float>(p.my, p.f.row_weight)[row] = wt;
+        }
+      }
+      if (meta) {
+        at<int32_t>(p.my, p.f.token_rows)[slot * p.K + lane] = row;
+        slot_weight(p)[slot * p.K + lane] = row >= 0 ? wt : 0.0f;
+      }
+    }
+    if (!copy) continue;
+    int rows[kMaxTopK];
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
+    for (; step < sp.last(item); ++step) {
+      const int64_t c0 = step * 2048 + lane * 16;
+      if (step != sp.first(item)) load_rec(rec, c0, row_bytes, v);
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) {
+        if (k >= p.K || rows[k] < 0) continue;
+        char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + c0;
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (c0 + u * 512 < row_bytes) *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
+      }
+    }
+    if (meta && p.fp8) {
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        if (lane + 32 * q >= p.SC) continue;
+#pragma unroll
+        for (int k = 0; k < kMaxTopK; ++k)
+          if (k < p.K && rows[k] >= 0) gs[rows[k] * p.SC + lane + 32 * q] = sc[q];
+      }
+      for (int64_t c = lane + 64; c < p.SC; c += 32) {
+        const float x = __ldcg(reinterpret_cast<const float*>(rec + p.H) + c);
+#pragma unroll
+        for (int k = 0; k < kMaxTopK; ++k)
+          if (k < p.K && rows[k] >= 0) gs[rows[k] * p.SC + c] = x;
+      }
+    }
+  }
+  // Acknowledge every source (its region of mine is free), then count this block done.
+  __syncthreads();
+  stamp_last(p, 10);
+  if (threadIdx.x < p.R)
+    red_relaxed_sys(ctr(peer(p, threadIdx.x), p, kAckD, p.rank), round_share());
+  count_done(p, kDoneDispatchRecv);
+  stamp_last(p, 11);
+}
+
+// ---- combine send: the weighted partial of every received token back to its source ----
+// Two 256-column steps per lane and iteration, so 2K rows' loads are in flight.
+__global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
+  __shared__ int roff[kMaxRanks + 1];
+  __shared__ unsigned long long s_n;
+  __shared__ int s_abort;
+  stamp_first(p, 12);
+  stamp_last(p, 13);
+  read_round(p, kDoneCombineSend, &s_n);
+  if (threadIdx.x == 0) s_abort = 0;
+  if (threadIdx.x <= p.R) roff[threadIdx.x] = at<int32_t>(p.my, p.f.recv_offset)[threadIdx.x];
+  __syncthreads();
+  const unsigned long long n = s_n;
+  allow_dependent_launch();
+  const int lane = threadIdx.x & 31;
+  const int32_t* token_rows = at<int32_t>(p.my, p.f.token_rows);
+  const float* weights = slot_weight(p);
+  const Split sp = split(roff[p.R], (p.H + 511) / 512);
+  // Lane k: the row and gate weight of (slot of item, k); the first item's loaded while waiting.
+  auto slot_of = [&](int64_t item, int64_t& j) {
+    const int64_t i = sp.row(item);
+    int s = 0;
+    while (roff[s + 1] <= i) ++s;
+    j = i - roff[s];
+    return s;
+  };
+  const int64_t first_item = global_warp();
+  int first_row = -1;
+  float first_wt = 0.0f;
+  if (p.weighted && first_item < sp.items && lane < p.K) {
+    int64_t j;
+    const int s = slot_of(first_item, j);
+    first_row = token_rows[(s * p.Tmax + j) * p.K + lane];
+    first_wt = weights[(s * p.Tmax + j) * p.K + lane];
+  }
+  // My staging region at source s is free once s's receive blocks finished the last round.
+  if (threadIdx.x < p.R &&
+      !wait_rounds(ctr(p.my, p, kAckC, threadIdx.x), n - 1, p, threadIdx.x, kCombineAck))
+    s_abort = 1;
+  __syncthreads();
+  if (s_abort) return;
+  stamp_last(p, 14);
+  for (int64_t item = first_item; item < sp.items;
+       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+    int64_t j;
+    const int s = slot_of(item, j);
+    const int64_t slot = static_cast<int64_t>(s) * p.Tmax + j;
+    int row = first_row;
+    float wt = first_wt;
+    if (item != first_item && p.weighted && lane < p.K) {
+      row = token_rows[slot * p.K + lane];
+      wt = weights[slot * p.K + lane];
+    }
+    int rows[kMaxTopK];
+    float ws[kMaxTopK];
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
+      ws[k] = __shfl_sync(kFull, wt, k < p.K ? k : 0);
+      if (k >= p.K) rows[k] = -1;
+    }
+    uint16_t* dst = at<uint16_t>(peer(p, s), p.f.comb_stage) +
+                    (static_cast<int64_t>(p.rank) * p.Tmax + j) * p.H;
+    for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
+      const int64_t c0 = step * 512 + lane * 8;
+      if (!p.weighted) {
+        uint4 v[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+          if (c0 + u * 256 < p.H)
+            v[u] = __ldg(reinterpret_cast<const uint4*>(p.y + slot * p.H + c0 + u * 256));
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+          if (c0 + u * 256 < p.H) *reinterpret_cast<uint4*>(dst + c0 + u * 256) = v[u];
+        continue;
+      }
+      uint4 v[2][kMaxTopK];
+#pragma unroll
+      for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int k = 0; k < kMaxTopK; ++k)
+          if (rows[k] >= 0 && c0 + u * 256 < p.H)
+            v[u][k] = __ldg(reinterpret_cast<const uint4*>(
+                p.y + static_cast<int64_t>(rows[k]) * p.H + c0 + u * 256));
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        if (c0 + u * 256 >= p.H) continue;
+        // partial_d = bf16(sum over k ascending of w_k * y_row), products and sums unfused.
+        float acc[8];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kMaxTopK; ++k) {
+          if (rows[k] < 0) continue;
+          const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u][k]);
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(ws[k], __uint_as_float(vw[x] << 16)));
+            acc[2 * x + 1] =
+                __fadd_rn(acc[2 * x + 1], __fmul_rn(ws[k], __uint_as_float(vw[x] & 0xFFFF0000u)));
+          }
+        }
+        *reinterpret_cast<uint4*>(dst + c0 + u * 256) = pack_bf16(acc);
+      }
+    }
+  }
+  __syncthreads();
+  stamp_last(p, 15);
+  count_done(p, kDoneCombineSend);
+  __syncthreads();
+  if (threadIdx.x < p.R) {
+    if (p.fence) __threadfence_system();
+    red_release_sys(ctr(peer(p, threadIdx.x), p, kDataC, p.rank), round_share());
+  }
+  stamp_last(p, 16);
+}
+
+// ---- combine receive: per token, the partials summed in rank order ----
+// 1024 columns a step: four 256-column pieces of every rank's partial in flight per lane.
+__global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
+  constexpr int kSub = 4;
+  __shared__ unsigned long long s_n;
+  __shared__ int s_abort;
+  stamp_first(p, 17);
+  stamp_last(p, 18);
+  read_round(p, kDoneCombineRecv, &s_n);
+  const int lane = threadIdx.x & 31;
+  const int32_t* slot = at<int32_t>(p.my, p.f.slot);
+  const uint16_t* stage = at<uint16_t>(p.my, p.f.comb_stage);
+  const Split sp = split(p.T, (p.H + 1023) / 1024);
+  // The slots of the warp's first token are this rank's own (dispatch_send): loaded while waiting.
+  const int64_t first_item = global_warp();
+  int first_slot = -1;
+  if (first_item < sp.items && lane < p.R) first_slot = slot[sp.row(first_item) * p.R + lane];
+  if (threadIdx.x == 0) s_abort = 0;
+  __syncthreads();
+  const unsigned long long n = s_n;
+  if (threadIdx.x < p.R &&
+      !wait_rounds(ctr(p.my, p, kDataC, threadIdx.x), n, p, threadIdx.x, kCombineData))
+    s_abort = 1;
+  __syncthreads();
+  if (s_abort) return;
+  stamp_last(p, 19);
+  for (int64_t item = first_item; item < sp.items;
+       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t t = sp.row(item);
+    const int my_slot = item == first_item ? first_slot : (lane < p.R ? slot[t * p.R + lane] : -1);
+    for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
+      const int64_t c0 = step * 1024 + lane * 8;
+      float acc[kSub][8];
+#pragma unroll
+      for (int u = 0; u < kSub; ++u)
+#pragma unroll
+        for (int x = 0; x < 8; ++x) acc[u][x] = 0.0f;
+      // Ranks in pairs: their rows loaded together, then summed in rank order.
+      for (int d0 = 0; d0 < p.R; d0 += 2) {
+        uint4 v[2][kSub];
+        int js[2];
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          js[q] = __shfl_sync(kFull, my_slot, (d0 + q) & 31);
+          if (d0 + q >= p.R) js[q] = -1;
+#pragma unroll
+          for (int u = 0; u < kSub; ++u)
+            if (js[q] >= 0 && c0 + u * 256 < p.H)
+              v[q][u] = __ldcg(reinterpret_cast<const uint4*>(
+                  stage + (static_cast<int64_t>(d0 + q) * p.Tmax + js[q]) * p.H + c0 + u * 256));
+        }
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+#pragma unroll
+          for (int u = 0; u < kSub; ++u)
+            if (js[q] >= 0 && c0 + u * 256 < p.H) add_bf16x8(acc[u], v[q][u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kSub; ++u)
+        if (c0 + u * 256 < p.H)
+          *reinterpret_cast<uint4*>(p.out + t * p.H + c0 + u * 256) = pack_bf16(acc[u]);
+    }
+  }
+  __syncthreads();
+  stamp_last(p, 20);
+  if (threadIdx.x < p.R)
+    red_relaxed_sys(ctr(peer(p, threadIdx.x), p, kAckC, p.rank), round_share());
+  count_done(p, kDoneCombineRecv);
+  stamp_last(p, 21);
+}
+
+// Optionally as a programmatic dependent of the previous kernel on the stream (it may start once
+// that kernel's blocks all allowed it; these kernels synchronise through counters only).
+void launch(void (*kernel)(Params), int grid, size_t smem, cudaStream_t stream, bool dependent,
+            const Params& p) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = dependent ? attr : nullptr;
+  cfg.numAttrs = dependent ? 1 : 0;
+  FM_CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, p));
+}
+
+}  // namespace
+
+size_t region_bytes(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k) {
+  return (4 * static_cast<size_t>(num_ranks) + 4) * 8 + static_cast<size_t>(experts_per_rank) * 4 +
+         static_cast<size_t>(num_ranks) * max_tokens_per_rank * top_k * 4;
+}
+
+void prepare(const Params& p) {
+  FM_CHECK_ARG(p.Tmax <= kMaxTokens, "max_tokens_per_rank=", p.Tmax,
+               " exceeds the low-latency bound ", kMaxTokens);
+  FM_CHECK_ARG(p.R <= kMaxRanks && p.K <= kMaxTopK, "low-latency kernels: ", p.R, " ranks, top-",
+               p.K);
+  const size_t plan = plan_smem(p.E, p.R, p.K, p.Tmax).total;
+  FM_CHECK_ARG(plan <= 200 * 1024, "max_tokens_per_rank=", p.Tmax, " with ", p.E,
+               " experts needs more shared memory for the low-latency send plan (", plan,
+               " bytes) than a block has");
+  FM_CHECK_ARG(
+      recv_smem(p) <= 200 * 1024, p.E, " experts over ", p.R,
+      " ranks need more shared memory for the low-latency receive layout than a block has");
+  // NOTE: load every kernel now: with lazy module loading a first launch can wait for the device,
+  // which never drains while a peer's kernel spins on a counter.
+  for (const void* k : {reinterpret_cast<const void*>(k_dispatch_send),
+                        reinterpret_cast<const void*>(k_dispatch_recv),
+                        reinterpret_cast<const void*>(k_combine_send),
+                        reinterpret_cast<const void*>(k_combine_recv)}) {
+    cudaFuncAttributes attr;
+    FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
+  }
+  FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_send, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(plan)));
+  FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_recv, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(recv_smem(p))));
+}
+
+void dispatch_send(const Params& p, cudaStream_t stream) {
+  launch(k_dispatch_send, p.send_blocks, plan_smem(p.E, p.R, p.K, p.Tmax).total, stream, false, p);
+}
+void dispatch_recv(const Params& p, cudaStream_t stream, bool dependent) {
+  launch(k_dispatch_recv, p.recv_blocks, recv_smem(p), stream, dependent, p);
+}
+void combine_send(const Params& p, cudaStream_t stream) {
+  launch(k_combine_send, p.send_blocks, 0, stream, false, p);
+}
+void combine_recv(const Params& p, cudaStream_t stream, bool dependent) {
+  launch(k_combine_recv, p.recv_blocks, 0, stream, dependent, p);
+}
+
+void print_trace(const unsigned long long* trace_dev, int rank) {
+  unsigned long long t[kTraceSlots];
+  FM_CHECK_CUDA(cudaMemcpy(t, trace_dev, sizeof(t), cudaMemcpyDeviceToHost));
+  auto us = [&](int slot, int base) {
+    return t[slot] >= t[base] ? static_cast<double>(t[slot] - t[base]) * 1e-3 : -1.0;
+  };
+  std::fprintf(stderr,
+               "ll_trace rank %d dispatch (us after send block 0 start): send last-start %.2f "
+               "plan %.2f ack %.2f payload %.2f end %.2f | recv first-start %.2f last-start %.2f "
+               "data %.2f layout %.2f scatter %.2f end %.2f\n",
+               rank, us(1, 0), us(2, 0), us(3, 0), us(4, 0), us(5, 0), us(6, 0), us(7, 0), us(8, 0),
+               us(9, 0), us(10, 0), us(11, 0));
+  std::fprintf(stderr,
+               "ll_trace rank %d combine (us after send block 0 start): send last-start %.2f "
+               "ack %.2f sums %.2f end %.2f | recv first-start %.2f last-start %.2f data %.2f "
+               "sums %.2f end %.2f\n",
+               rank, us(13, 12), us(14, 12), us(15, 12), us(16, 12), us(17, 12), us(18, 12),
+               us(19, 12), us(20, 12), us(21, 12));
+}
+
+}  // namespace fp8moe::comm::ll

@@ -1,0 +1,90 @@
+// Internal to the comm module: the low-latency NVLink kernels (sm90_device_ep_ll.cu) that
+// DeviceEpRank (sm90_device_ep.cu) runs for masked configs. They fill the same workspace fields
+// as the normal kernels (records, layout, handle), so view(), download() and check() read their
+// results unchanged; only their counters are their own (a region of the workspace, `ll`).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fp8moe::comm::ll {
+
+// Batches longer than this take the normal kernels (every send block plans the whole batch).
+inline constexpr int64_t kMaxTokens = 1024;
+
+// Error-record counter ids, after sm90_device_ep.cu's FlagGroup values.
+enum Counter : int {
+  kDispatchData = 16,  // [rank][src]: send blocks of src that finished writing into rank
+  kDispatchAck = 17,   // [rank][src]: receive blocks of src done with rank's records
+  kCombineData = 18,
+  kCombineAck = 19,
+};
+// "ll_dispatch.data" etc., nullptr for other ids.
+const char* counter_name(int counter);
+
+// The error record of the workspace (layout checked against sm90_device_ep.cu's DevErr).
+struct ErrRecord {
+  int code;
+  int rank;
+  int peer;
+  int counter;
+  unsigned long long expected;
+  unsigned long long seen;
+  long long detail;
+};
+inline constexpr int kErrTimeout = 1;
+inline constexpr int kErrBadExpert = 3;
+
+// Byte offsets of the workspace fields these kernels use (identical on every rank).
+struct Fields {
+  size_t stage, src_token, topk_local, topk_pos, weight, recv_count, notify, comb_stage;
+  size_t peer_table, slot, status, recv_offset, expert_counts, expert_offsets, m_indices, row_src,
+      row_weight, token_rows, gx, gscales;
+  size_t ll;  // region_bytes(R, L, Tmax, K)
+};
+// The counters and per-expert bookkeeping of the low-latency path.
+size_t region_bytes(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k);
+
+struct Params {
+  Fields f;
+  char* my = nullptr;  // this rank's workspace
+  ErrRecord* err = nullptr;
+  int rank = 0, R = 0, K = 0, L = 0, E = 0;
+  int64_t H = 0, SC = 0, Tmax = 0, P = 0, cap = 0;
+  int NS = 0;  // ints of one source's notify block: T, then L expert counts
+  bool fp8 = false;
+  bool expand = true;
+  int send_blocks = 1, recv_blocks = 1;
+  unsigned long long timeout_ns = 0;
+  int st_rows_needed = 0, st_overflow = 0, st_num_recv = 0;  // status[] slots
+  // per call
+  int64_t T = 0;
+  const uint16_t* x = nullptr;
+  const int32_t* idx = nullptr;
+  const float* w = nullptr;
+  const uint16_t* y = nullptr;
+  uint16_t* out = nullptr;
+  bool weighted = true;
+  // Diagnostics (FP8MOE_EP_LL_TRACE=1): per-phase %globaltimer stamps of the last round.
+  unsigned long long* trace = nullptr;
+  // A system-scope fence before each arrival's release add (FP8MOE_EP_LL_FENCE=1, experiment:
+  // the release alone orders the block's writes, measured 1.8-2.7 us faster per direction).
+  bool fence = false;
+};
+
+// Loads every kernel and sets its shared-memory limit; kInvalidArgument if the send plan does
+// not fit a block.
+void prepare(const Params& p);
+void dispatch_send(const Params& p, cudaStream_t stream);
+void dispatch_recv(const Params& p, cudaStream_t stream, bool dependent);
+void combine_send(const Params& p, cudaStream_t stream);
+void combine_recv(const Params& p, cudaStream_t stream, bool dependent);
+
+// Diagnostics: kTraceSlots stamps per rank; print_trace writes the last round's phases (us after
+// each direction's first send block started) to stderr.
+inline constexpr int kTraceSlots = 24;
+void print_trace(const unsigned long long* trace_dev, int rank);
+
+}  // namespace fp8moe::comm::ll
