@@ -16,6 +16,11 @@
 // dispatch and combine checked bit for bit against the reference, NCCL and the peer copy of the
 // same run; "# ab_ll" lines give the medians; --ll-cap N sets its masked capacity, --ll-no-expand
 // times the layout-only dispatch).
+// Cross-node form: ep_bench --gpus-per-node G [--ranks-per-gpu G] (nodes of G ranks, rank r on
+// GPU r / ranks-per-gpu): the two-stage route with the network hop over NVLink stores and over
+// NCCL against the direct route, side by side, normal FP8 dispatch and BF16 combine; rows add
+// "gpus_per_node" and "rdma_gbps" (bytes a rank receives from other nodes, each token once per
+// node, over the time: DeepEP's internode "RDMA" figure).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -69,6 +74,7 @@ struct Options {
   bool ncu = false;
   std::string out, commit = "unknown", date = "unknown";
   bool check = true;
+  int gpus_per_node = 0;  // > 0: the cross-node comparison (run_xnode) instead of the sweep
 };
 
 std::vector<int> parse_list(const char* s) {
@@ -104,6 +110,8 @@ Options parse(int argc, char** argv) {
       o.topk = std::atoi(next());
     else if (a == "--ranks-per-gpu")
       o.ranks_per_gpu = std::atoi(next());
+    else if (a == "--gpus-per-node")
+      o.gpus_per_node = std::atoi(next());
     else if (a == "--iters")
       o.iters = std::atoi(next());
     else if (a == "--blocks")
@@ -165,6 +173,8 @@ struct Row {
   std::string impl, mode, op, dtype, note;
   int64_t tokens = 0;
   double us = 0, gbps = 0;
+  double rdma_gbps = 0;  // cross-node rows: bytes received from other nodes over the time
+  int gpus_per_node = 0;
   int blocks = 0, chunk = 0;
   int check = -1;  // -1 not checked, 0 mismatch, 1 bit-exact
 };
@@ -192,6 +202,11 @@ struct World {
   int gate_value = 0;
   std::FILE* out = nullptr;
   std::vector<Row> rows;  // everything emitted, for the closing summary
+  // Cross-node runs (run_xnode): the topology of the configs bench_ours makes, a suffix of its
+  // impl names, and the bytes per rank that cross nodes (FP8 dispatch, BF16 combine).
+  int cfg_gpus_per_node = 0;
+  std::string impl_suffix;
+  double rdma_bytes_fp8 = 0, rdma_bytes_bf16 = 0;
 #if defined(FP8MOE_HAVE_NCCL)
   std::vector<ncclComm_t> comms;
 #endif
@@ -348,12 +363,15 @@ void emit(World& w, const Row& r) {
                "{\"bench\":\"ep\",\"gpu\":\"%s\",\"gpus\":%d,\"ranks\":%d,\"date\":\"%s\","
                "\"commit\":\"%s\",\"impl\":\"%s\",\"mode\":\"%s\",\"op\":\"%s\",\"dtype\":\"%s\","
                "\"tokens\":%lld,\"hidden\":%lld,\"topk\":%d,\"experts\":%d,\"us\":%.2f,"
-               "\"gbps\":%.2f,\"blocks\":%d,\"chunk\":%d,\"checked\":%s,\"note\":\"%s\"}\n",
+               "\"gbps\":%.2f,\"blocks\":%d,\"chunk\":%d,\"checked\":%s,\"note\":\"%s\"",
                w.gpu_name.c_str(), w.gpus, w.R, w.opt.date.c_str(), w.opt.commit.c_str(),
                r.impl.c_str(), r.mode.c_str(), r.op.c_str(), r.dtype.c_str(),
                static_cast<long long>(r.tokens), static_cast<long long>(w.opt.hidden), w.opt.topk,
                w.opt.experts, r.us, r.gbps, r.blocks, r.chunk,
                r.check < 0 ? "null" : (r.check ? "true" : "false"), r.note.c_str());
+  if (r.gpus_per_node > 0)
+    std::fprintf(w.out, ",\"gpus_per_node\":%d,\"rdma_gbps\":%.2f", r.gpus_per_node, r.rdma_gbps);
+  std::fprintf(w.out, "}\n");
   std::fflush(w.out);
 }
 
@@ -361,6 +379,7 @@ EpConfig make_config(const World& w, int64_t T, Payload p, int64_t masked_capaci
                      int64_t max_rows) {
   EpConfig c;
   c.num_ranks = w.R;
+  c.gpus_per_node = w.cfg_gpus_per_node;
   c.num_experts = w.opt.experts;
   c.top_k = w.opt.topk;
   c.hidden = w.opt.hidden;
@@ -387,7 +406,7 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
   const int64_t max_rows = (rows + 127) / 128 * 128;
   const EpConfig cfg = make_config(w, T, p, masked_capacity, max_rows);
   const double disp_bytes = p == Payload::kFP8 ? recv_bytes_fp8 : recv_bytes_bf16;
-  const std::string impl = wire == Wire::kNccl ? "fp8moe_nccl_wire" : "fp8moe";
+  const std::string impl = (wire == Wire::kNccl ? "fp8moe_nccl_wire" : "fp8moe") + w.impl_suffix;
   bool checked = false;
   for (int blocks : blocks_list)
     for (int chunk : chunk_list) {
@@ -440,6 +459,11 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
         row.op = expand ? "dispatch" : "dispatch_layout_only";
         row.us = w.time_us(dispatch, w.opt.iters, w.opt.warmup);
         row.gbps = disp_bytes / (row.us * 1e3);
+        if (w.rdma_bytes_fp8 > 0) {
+          row.gpus_per_node = w.cfg_gpus_per_node > 0 ? w.cfg_gpus_per_node : w.R;
+          row.rdma_gbps =
+              (p == Payload::kFP8 ? w.rdma_bytes_fp8 : w.rdma_bytes_bf16) / (row.us * 1e3);
+        }
         group.check();
         if (expand && w.opt.check && !checked) {
           std::vector<TokenBatch> batches;
@@ -458,6 +482,7 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
         c.check = -1;
         c.us = w.time_us(combine, w.opt.iters, w.opt.warmup);
         c.gbps = recv_bytes_bf16 / (c.us * 1e3);
+        if (w.rdma_bytes_bf16 > 0) c.rdma_gbps = w.rdma_bytes_bf16 / (c.us * 1e3);
         group.check();
         emit(w, c);
       }
@@ -787,7 +812,77 @@ void summary(const World& w) {
   }
 }
 
+// The cross-node form at the normal shape: direct route, two-stage route with the network hop
+// over our NVLink stores, and over NCCL (where the ranks of a local index have distinct GPUs),
+// each dispatch checked bit for bit against the reference; NCCL all-to-all and the peer copy of
+// the same run. GB/s as DeepEP: all received bytes, and the "RDMA" part (from other nodes, a
+// token once per node).
+void run_xnode(World& w) {
+  const int64_t H = w.opt.hidden, T = w.opt.tokens;
+  const int64_t fp8_record = H + H / 128 * 4, bf16_record = H * 2;
+  const int G = w.opt.gpus_per_node, K = w.opt.topk, L = w.opt.experts / w.R;
+  FM_CHECK_ARG(G > 0 && w.R % G == 0 && w.R / G > 1, "--gpus-per-node ", G, " must divide the ",
+               w.R, " ranks into 2 or more nodes");
+  const int N = w.R / G;
+  make_inputs(w, T, 1);
+  const auto cnt = pair_counts(w, T);
+  double recv = 0, cross = 0, remote = 0;
+  for (int s = 0; s < w.R; ++s) {
+    for (int d = 0; d < w.R; ++d) {
+      recv += cnt[s][d];
+      if (s != d) cross += cnt[s][d];
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      uint32_t nodes = 0;
+      for (int k = 0; k < K; ++k) nodes |= 1u << (w.ranks[s].idx[t * K + k] / L / G);
+      remote += __builtin_popcount(nodes & ~(1u << (s / G)));
+    }
+  }
+  recv /= w.R;
+  cross /= w.R;
+  remote /= w.R;
+  std::printf(
+      "# cross-node: %d nodes x %d ranks, %lld tokens/rank, %.0f tokens received per rank "
+      "(%.0f from peers, %.0f from other nodes, a token once per node)\n",
+      N, G, static_cast<long long>(T), recv, cross, remote);
+  std::vector<int> devs = devices_of(w);
+  bool nccl_ok = nccl_available();
+  for (int l = 0; l < G; ++l)
+    for (int m = 1; m < N; ++m) nccl_ok = nccl_ok && devs[m * G + l] != devs[l];
+  w.rdma_bytes_fp8 = remote * fp8_record;
+  w.rdma_bytes_bf16 = remote * bf16_record;
+  struct Variant {
+    int gpus_per_node;
+    Wire wire;
+    const char* suffix;
+  };
+  std::vector<Variant> variants = {{0, Wire::kNvlink, "_direct"}, {G, Wire::kNvlink, "_2stage"}};
+  if (nccl_ok) variants.push_back({G, Wire::kNccl, "_2stage"});
+  for (const Variant& v : variants) {
+    w.cfg_gpus_per_node = v.gpus_per_node;
+    w.impl_suffix = v.suffix;
+    bench_ours(w, "normal", T, Payload::kFP8, 0, {w.opt.blocks.front()}, {w.opt.chunks.front()},
+               v.wire, recv * fp8_record, recv * bf16_record);
+  }
+  w.cfg_gpus_per_node = 0;
+  w.impl_suffix.clear();
+  w.rdma_bytes_fp8 = w.rdma_bytes_bf16 = 0;
+#if defined(FP8MOE_HAVE_NCCL)
+  if (!w.comms.empty()) {
+    bench_nccl(w, "normal", T, cnt, "dispatch", "fp8", fp8_record, recv * fp8_record);
+    bench_nccl(w, "normal", T, cnt, "combine", "bf16", bf16_record, recv * bf16_record);
+  }
+#endif
+  bench_peer(w, static_cast<int64_t>(cross * fp8_record), "normal", "fp8_dispatch_cross_bytes");
+  std::printf("# cross-node summary (us, GB/s of all received bytes, GB/s from other nodes)\n");
+  for (const Row& r : w.rows)
+    if (r.gpus_per_node > 0)
+      std::printf("%-24s %-21s %8.1f us %8.1f GB/s %8.1f GB/s rdma\n", r.impl.c_str(), r.op.c_str(),
+                  r.us, r.gbps, r.rdma_gbps);
+}
+
 void run(World& w) {
+  if (w.opt.gpus_per_node > 0) return run_xnode(w);
   const int64_t H = w.opt.hidden;
   const int64_t fp8_record = H + H / 128 * 4, bf16_record = H * 2;
   if (w.opt.ab_ll > 0) {  // the low-latency A/B and its anchors only
@@ -910,7 +1005,9 @@ int main(int argc, char** argv) {
     w.R = w.gpus * w.opt.ranks_per_gpu;
     for (int r = 0; r < w.R; ++r) {
       Rank k;
-      k.device = r % w.gpus;
+      // Cross-node runs keep the ranks of a GPU consecutive, so nodes of G = ranks-per-gpu ranks
+      // are GPUs.
+      k.device = w.opt.gpus_per_node > 0 ? r / w.opt.ranks_per_gpu : r % w.gpus;
       FM_CHECK_CUDA(cudaSetDevice(k.device));
       FM_CHECK_CUDA(cudaStreamCreateWithFlags(&k.stream, cudaStreamNonBlocking));
       FM_CHECK_CUDA(cudaEventCreate(&k.start));

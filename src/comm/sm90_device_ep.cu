@@ -23,6 +23,7 @@
 #include <cstring>
 #include <string>
 
+#include "device_ep_forward.h"
 #include "fp8moe/comm/device_ep.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
@@ -1439,6 +1440,7 @@ struct DeviceEpRank::Impl {
     p.fence = ll_fence;
     return p;
   }
+  std::unique_ptr<detail::ForwardEpRank> fwd;  // more than one node: the two-stage route
 
   Args args() const {
     Args a{};
@@ -1476,9 +1478,6 @@ struct DeviceEpRank::Impl {
 DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOptions opt)
     : impl_(std::make_unique<Impl>()) {
   validate(cfg);
-  FM_CHECK_ARG(cfg.ranks_per_node() == cfg.num_ranks,
-               "the NVLink back end runs one node: ", "gpus_per_node=", cfg.gpus_per_node, " with ",
-               cfg.num_ranks, " ranks");
   FM_CHECK_ARG(cfg.num_ranks <= kMaxRanks, "num_ranks=", cfg.num_ranks, " exceeds ", kMaxRanks);
   FM_CHECK_ARG(cfg.top_k <= kMaxTopK, "top_k=", cfg.top_k, " exceeds ", kMaxTopK);
   FM_CHECK_ARG(rank >= 0 && rank < cfg.num_ranks, "rank ", rank, " out of range");
@@ -1490,6 +1489,13 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   FM_CHECK_ARG(cfg.max_tokens_per_rank <= 65535, "max_tokens_per_rank=", cfg.max_tokens_per_rank,
                " exceeds 65535 (the send plan counts tokens in 16 bits)");
   Impl& m = *impl_;
+  if (cfg.nodes() > 1) {  // the two-stage route (sm90_device_ep_forward.cu) takes every call
+    m.cfg = cfg;
+    m.rank = rank;
+    m.device = device;
+    m.fwd = std::make_unique<detail::ForwardEpRank>(cfg, rank, device, opt);
+    return;
+  }
   m.cfg = cfg;
   m.g = make_geometry(cfg, opt);
   m.ps = plan_smem(m.g);
@@ -1579,10 +1585,12 @@ const EpConfig& DeviceEpRank::config() const {
   return impl_->cfg;
 }
 void* DeviceEpRank::workspace() const {
+  if (impl_->fwd) return impl_->fwd->workspace();
   return impl_->ws;
 }
 
 cudaIpcMemHandle_t DeviceEpRank::ipc_handle() const {
+  if (impl_->fwd) return impl_->fwd->ipc_handle();
   DeviceGuard guard(impl_->device);
   cudaIpcMemHandle_t h;
   FM_CHECK_CUDA(cudaIpcGetMemHandle(&h, impl_->ws));
@@ -1590,6 +1598,7 @@ cudaIpcMemHandle_t DeviceEpRank::ipc_handle() const {
 }
 
 void DeviceEpRank::connect(const std::vector<void*>& bases) {
+  if (impl_->fwd) return impl_->fwd->connect(bases);
   Impl& m = *impl_;
   FM_CHECK_ARG(static_cast<int>(bases.size()) == m.g.R, bases.size(), " bases for ", m.g.R,
                " ranks");
@@ -1599,6 +1608,7 @@ void DeviceEpRank::connect(const std::vector<void*>& bases) {
 }
 
 void DeviceEpRank::connect_ipc(const std::vector<cudaIpcMemHandle_t>& handles) {
+  if (impl_->fwd) return impl_->fwd->connect_ipc(handles);
   Impl& m = *impl_;
   FM_CHECK_ARG(static_cast<int>(handles.size()) == m.g.R, handles.size(), " handles for ", m.g.R,
                " ranks");
@@ -1616,6 +1626,7 @@ void DeviceEpRank::connect_ipc(const std::vector<cudaIpcMemHandle_t>& handles) {
 }
 
 void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
+  if (impl_->fwd) return impl_->fwd->dispatch_send(b, stream);
   Impl& m = *impl_;
   FM_CHECK_ARG(b.tokens >= 0 && b.tokens <= m.g.Tmax, "rank ", m.rank, ": ", b.tokens,
                " tokens exceed max_tokens_per_rank=", m.g.Tmax);
@@ -1657,6 +1668,7 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
 }
 
 void DeviceEpRank::dispatch_recv(cudaStream_t stream) {
+  if (impl_->fwd) return impl_->fwd->dispatch_recv(stream);
   Impl& m = *impl_;
   DeviceGuard guard(m.device);
   if (m.ll) return ll::dispatch_recv(m.ll_params(), stream, m.opt.overlap_recv);
@@ -1667,6 +1679,7 @@ void DeviceEpRank::dispatch_recv(cudaStream_t stream) {
 }
 
 void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {
+  if (impl_->fwd) return impl_->fwd->combine_send(y, true, stream);
   Impl& m = *impl_;
   DeviceGuard guard(m.device);
   m.last_y = y;
@@ -1680,6 +1693,7 @@ void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {
 }
 
 void DeviceEpRank::combine_tokens_send(const uint16_t* rows, cudaStream_t stream) {
+  if (impl_->fwd) return impl_->fwd->combine_send(rows, false, stream);
   Impl& m = *impl_;
   DeviceGuard guard(m.device);
   m.last_y = rows;
@@ -1693,6 +1707,7 @@ void DeviceEpRank::combine_tokens_send(const uint16_t* rows, cudaStream_t stream
 }
 
 void DeviceEpRank::combine_recv(uint16_t* out, cudaStream_t stream) {
+  if (impl_->fwd) return impl_->fwd->combine_recv(out, stream);
   Impl& m = *impl_;
   DeviceGuard guard(m.device);
   if (m.ll) {
@@ -1713,6 +1728,7 @@ void DeviceEpRank::combine_recv(uint16_t* out, cudaStream_t stream) {
 }
 
 DeviceRecvView DeviceEpRank::view() const {
+  if (impl_->fwd) return impl_->fwd->view();
   const Impl& m = *impl_;
   DeviceRecvView v;
   v.recv_count = reinterpret_cast<const int32_t*>(m.ws + m.lay.recv_count);
@@ -1728,6 +1744,7 @@ DeviceRecvView DeviceEpRank::view() const {
 }
 
 void DeviceEpRank::check() const {
+  if (impl_->fwd) return impl_->fwd->check();
   const Impl& m = *impl_;
   DeviceGuard guard(m.device);
   DevErr e;
@@ -1755,6 +1772,7 @@ void DeviceEpRank::check() const {
 }
 
 DispatchResult DeviceEpRank::download() const {
+  if (impl_->fwd) return impl_->fwd->download();
   const Impl& m = *impl_;
   const Geometry& g = m.g;
   DeviceGuard guard(m.device);
@@ -1809,7 +1827,7 @@ DeviceEpGroup::DeviceEpGroup(const EpConfig& cfg, const std::vector<int>& device
                              DeviceEpOptions opt) {
   FM_CHECK_ARG(static_cast<int>(devices.size()) == cfg.num_ranks, devices.size(), " devices for ",
                cfg.num_ranks, " ranks");
-  if (opt.wire == Wire::kNccl) {
+  if (opt.wire == Wire::kNccl && cfg.nodes() == 1) {
 #if defined(FP8MOE_HAVE_NCCL)
     std::vector<ncclComm_t> comms(cfg.num_ranks);
     FM_CHECK_NCCL(ncclCommInitAll(comms.data(), cfg.num_ranks, devices.data()));
@@ -1842,9 +1860,14 @@ DeviceEpGroup::DeviceEpGroup(const EpConfig& cfg, const std::vector<int>& device
       else
         FM_CHECK_CUDA(st);
     }
+  // Two-stage route over the NCCL wire: one communicator per local index for the network hop;
+  // the hop inside a node is peer-mapped like the NVLink wire.
+  if (opt.wire == Wire::kNccl) comms_ = detail::forward_network_comms(cfg, devices);
   std::vector<void*> bases;
   for (int r = 0; r < cfg.num_ranks; ++r) {
-    ranks_.push_back(std::make_unique<DeviceEpRank>(cfg, r, devices[r], opt));
+    DeviceEpOptions o = opt;
+    if (!comms_.empty()) o.nccl_comm = comms_[r];
+    ranks_.push_back(std::make_unique<DeviceEpRank>(cfg, r, devices[r], o));
     bases.push_back(ranks_.back()->workspace());
   }
   for (auto& r : ranks_) r->connect(bases);

@@ -11,8 +11,14 @@
 // only enqueues work on the given stream (capturable in a CUDA graph); send and receive are
 // separate so the caller can overlap the wait.
 //
-// Semantics and bit-exact results: those of fp8moe/comm/ep.h (one node: gpus_per_node must be 0
-// or num_ranks here). Tested in tests/comm/device_ep_gpu_test.cu against dispatch_reference.
+// Semantics and bit-exact results: those of fp8moe/comm/ep.h. More than one node (gpus_per_node <
+// num_ranks): the two-stage route (src/comm/sm90_device_ep_forward.cu): a token crosses to each
+// remote node once, to the rank there with the sender's local index, which forwards it over NVLink
+// to the ranks of its node; combine sums per node at that forwarder. The wire then names the
+// network hop only (kNvlink: our stores standing in for it on one host; kNccl: grouped send/recv
+// among the ranks of one local index); inside a node it is always the NVLink kernels, so the ranks
+// of a node need peer-mapped workspaces (connect / connect_ipc) with either wire. Tested in
+// tests/comm/device_ep_gpu_test.cu and device_ep_forward_gpu_test.cu against dispatch_reference.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,7 +39,9 @@ const char* wire_name(Wire w);
 
 struct DeviceEpOptions {
   Wire wire = Wire::kNvlink;
-  void* nccl_comm = nullptr;  // ncclComm_t of this rank (Wire::kNccl)
+  // ncclComm_t of this rank (Wire::kNccl): over all ranks with one node; with several nodes, over
+  // the ranks of this rank's local index (comm rank = node), as DeviceEpGroup makes them.
+  void* nccl_comm = nullptr;
   // Blocks (SMs) of the send kernels (dispatch_send, combine_send); the receive kernels get the
   // rest. 64 measured best on 2 x H200 (docs/comm/README.md, v5).
   int num_blocks = 64;
@@ -132,7 +140,9 @@ class DeviceEpRank {
 
 // All ranks in this process: rank r on devices[r]. Wire::kNvlink: devices may repeat (several
 // ranks on one GPU); peer access is enabled between distinct devices and every rank is connected
-// to every other. Wire::kNccl: one rank per device, communicators made here (ncclCommInitAll);
+// to every other. Wire::kNccl, one node: one rank per device, communicators made here
+// (ncclCommInitAll); several nodes: one communicator per local index, whose ranks must be on
+// distinct devices, and the ranks are peer-connected as for kNvlink (devices may repeat);
 // a thread that drives several NCCL ranks wraps each phase's calls for all ranks in
 // nccl_group_start() / nccl_group_end().
 class DeviceEpGroup {
