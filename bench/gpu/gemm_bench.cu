@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <dlfcn.h>
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -21,6 +22,8 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "fp8moe/core/cuda_check.h"
@@ -45,6 +48,56 @@ using kernels::ScaleLayout;
   } while (0)
 
 constexpr int64_t kL2Bytes = 50ll << 20;
+
+// SM clock and board power through NVML, loaded at run time (the binary carries no link to it):
+// the clocks follow the recent load by 5-15% (dev/gemm/NOTES.md v9-v14), so each timing records
+// what the GPU ran at. Sampled after each graph replay of a timing; a row gets the median of the
+// samples taken since the previous row. Without NVML the fields are left out.
+class ClockProbe {
+ public:
+  void open(int cuda_device) {
+    void* lib = dlopen("libnvidia-ml.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) return;
+    using InitFn = int (*)();
+    using ByBusFn = int (*)(const char*, void**);
+    auto init = reinterpret_cast<InitFn>(dlsym(lib, "nvmlInit_v2"));
+    auto by_bus = reinterpret_cast<ByBusFn>(dlsym(lib, "nvmlDeviceGetHandleByPciBusId_v2"));
+    clock_ = reinterpret_cast<ClockFn>(dlsym(lib, "nvmlDeviceGetClockInfo"));
+    power_ = reinterpret_cast<PowerFn>(dlsym(lib, "nvmlDeviceGetPowerUsage"));
+    char bus[32] = {};
+    if (!init || !by_bus || !clock_ || !power_ || init() != 0 ||
+        cudaDeviceGetPCIBusId(bus, sizeof bus, cuda_device) != cudaSuccess ||
+        by_bus(bus, &dev_) != 0)
+      dev_ = nullptr;
+  }
+  bool ok() const { return dev_ != nullptr; }
+  void sample() {
+    if (!ok()) return;
+    unsigned mhz = 0, mw = 0;
+    if (clock_(dev_, 1 /* NVML_CLOCK_SM */, &mhz) == 0) mhz_.push_back(mhz);
+    if (power_(dev_, &mw) == 0) watts_.push_back(mw / 1000.0);
+  }
+  // Medians since the last take (negative when nothing was sampled).
+  std::pair<double, double> take() {
+    const auto med = [](std::vector<double>& x) {
+      if (x.empty()) return -1.0;
+      std::sort(x.begin(), x.end());
+      const double v = x[x.size() / 2];
+      x.clear();
+      return v;
+    };
+    return {med(mhz_), med(watts_)};
+  }
+
+ private:
+  using ClockFn = int (*)(void*, int, unsigned*);
+  using PowerFn = int (*)(void*, unsigned*);
+  void* dev_ = nullptr;
+  ClockFn clock_ = nullptr;
+  PowerFn power_ = nullptr;
+  std::vector<double> mhz_, watts_;
+};
+ClockProbe g_clock;
 
 template <typename T>
 struct Dev {
@@ -175,6 +228,7 @@ double time_us(cudaStream_t stream, int sets, const std::function<void(int)>& la
     FM_CHECK_CUDA(cudaEventSynchronize(e1));
     FM_CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
     samples.push_back(ms * 1000.0 / reps);
+    g_clock.sample();
   }
   FM_CHECK_CUDA(cudaGraphExecDestroy(exec));
   FM_CHECK_CUDA(cudaGraphDestroy(graph));
@@ -303,6 +357,8 @@ struct Row {
   int64_t m, n, k, groups;
   double us, tflops, gbps, ratio_blockwise = 0, rel_err = -1, rel_diff_blockwise = -1;
   double us_first = -1;  // the heuristic's first timing, alone, before the alternated ones
+  // Median SM clock and board power sampled during the timings behind this row (ClockProbe).
+  double sm_mhz = -1, power_w = -1;
   std::string note;
 };
 
@@ -318,12 +374,14 @@ struct Output {
   std::string gpu, date = today(), commit;
   int num_sms = 0;
   int64_t smem = 0;
+  double dram = kernels::kDefaultDramBytesPerS;  // the heuristic's DRAM rate for this device
   std::ofstream file;
   std::string tile_for(kernels::GemmKind kind, int64_t m, int64_t n, int64_t k, int64_t g) const {
     return kernels::describe_tile_config(
-        kernels::choose_gemm_tile({kind, m, n, k, g}, num_sms, smem));
+        kernels::choose_gemm_tile({kind, m, n, k, g}, num_sms, smem, dram));
   }
-  void add(const Row& r) {
+  void add(Row r) {
+    std::tie(r.sm_mhz, r.power_w) = g_clock.take();
     rows.push_back(r);
     std::printf("%-20s %-24s m=%-6lld n=%-6lld k=%-6lld g=%-2lld %9.1f us %7.1f TFLOPS %7.1f GB/s",
                 r.kind.c_str(), r.impl.c_str(), (long long)r.m, (long long)r.n, (long long)r.k,
@@ -333,6 +391,7 @@ struct Output {
     if (r.rel_diff_blockwise >= 0) std::printf("  diff_vs_cublas %.2e", r.rel_diff_blockwise);
     if (!r.tile.empty()) std::printf("  [%s]", r.tile.c_str());
     if (!r.note.empty()) std::printf("  (%s)", r.note.c_str());
+    if (r.sm_mhz > 0) std::printf("  {%.0f MHz %.0f W}", r.sm_mhz, r.power_w);
     std::printf("\n");
     std::fflush(stdout);
     if (file.is_open()) {
@@ -357,6 +416,8 @@ struct Output {
       if (r.us_first >= 0) j["us_first"] = r.us_first;
       if (!r.tile.empty()) j["tile"] = r.tile;
       if (!r.note.empty()) j["note"] = r.note;
+      if (r.sm_mhz > 0) j["sm_mhz"] = r.sm_mhz;
+      if (r.power_w > 0) j["power_w"] = r.power_w;
       file << j.dump() << "\n";
       file.flush();
     }
@@ -641,8 +702,8 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
   {
     kernels::GemmShape shape{kernels::GemmKind::kDense, m, n, k, 1};
     shape.max_split_k = 8;  // fp8_gemm_nt's kHeuristicMaxSplitK
-    vars.emplace_back("fp8moe", kernels::describe_tile_config(
-                                    kernels::choose_gemm_tile(shape, out.num_sms, out.smem)));
+    vars.emplace_back("fp8moe", kernels::describe_tile_config(kernels::choose_gemm_tile(
+                                    shape, out.num_sms, out.smem, out.dram)));
     vars.emplace_back("fp8moe_nosplit", out.tile_for(kernels::GemmKind::kDense, m, n, k, 1));
     vars.back().workspace = false;
   }
@@ -929,14 +990,23 @@ int main(int argc, char** argv) {
     out.gpu = prop.name;
     out.num_sms = prop.multiProcessorCount;
     out.smem = int64_t(prop.sharedMemPerBlockOptin);
+    {
+      int mem_khz = 0, bus_bits = 0;
+      FM_CHECK_CUDA(cudaDeviceGetAttribute(&mem_khz, cudaDevAttrMemoryClockRate, 0));
+      FM_CHECK_CUDA(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0));
+      if (mem_khz > 0 && bus_bits > 0) out.dram = kernels::gemm_dram_bytes_per_s(mem_khz, bus_bits);
+    }
+    g_clock.open(0);
     if (const char* c = std::getenv("FP8MOE_COMMIT")) out.commit = c;
     if (!out_path.empty()) {
       out.file.open(out_path);
       FM_CHECK_ARG(out.file.good(), "cannot write ", out_path);
     }
     int lt_version = int(cublasLtGetVersion());
-    std::printf("gemm_bench on %s (%d SMs), cuBLASLt %d, %s\n", prop.name, prop.multiProcessorCount,
-                lt_version, out.date.c_str());
+    std::printf(
+        "gemm_bench on %s (%d SMs, heuristic DRAM %.2f TB/s), cuBLASLt %d, %s, NVML clocks %s\n",
+        prop.name, prop.multiProcessorCount, out.dram * 1e-12, lt_version, out.date.c_str(),
+        g_clock.ok() ? "on" : "off");
     cudaStream_t stream;
     FM_CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     Lt lt;

@@ -17,7 +17,11 @@ if any("us_first" in r for r in rows):
     print("Dense: ours (the heuristic's pick) and cuBLASLt blockwise timed in alternation, three times each,")
     print("medians, after the forced tiles; `first` = ours timed alone right after the inputs were made")
     print("(TFLOPS). Forced tiles: timed back to back before the alternation, ratio to its cuBLASLt median.")
+if any("sm_mhz" in r for r in rows):
+    print("`MHz`: median SM clock (NVML) sampled after each graph replay of the timings behind the row")
+    print("(for the alternated dense rows: ours and cuBLASLt together).")
 print()
+mhz = lambda r: f'{r["sm_mhz"]:.0f}' if r and r.get("sm_mhz") else "-"
 
 dense = [r for r in rows if r["kind"] == "dense"]
 key = lambda r: (r["m"], r["n"], r["k"])
@@ -26,8 +30,8 @@ for r in dense:
     if key(r) not in shapes:
         shapes.append(key(r))
 print("## Dense (TFLOPS)\n")
-print("| M | N | K | fp8moe | tile | cuBLASLt FP8 blockwise | ours / blockwise | cuBLASLt FP8 per-tensor | cuBLASLt BF16 | rel_err | diff vs cuBLASLt | first |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| M | N | K | fp8moe | tile | cuBLASLt FP8 blockwise | ours / blockwise | cuBLASLt FP8 per-tensor | cuBLASLt BF16 | rel_err | diff vs cuBLASLt | first | MHz |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for s in shapes:
     by = {r["impl"]: r for r in dense if key(r) == s and r["impl"] != "fp8moe_forced_tile"}
     o = by.get("fp8moe", {})
@@ -38,7 +42,8 @@ for s in shapes:
     ratio = f'{b["us"] / o["us"]:.2f}x' if o and b and b.get("us") else "n/a"
     print(f'| {s[0]} | {s[1]} | {s[2]} | {fmt(o)} | {o.get("tile", "")} | {fmt(b)} | {ratio} | {fmt(t)} | {fmt(f)} | '
           f'{o.get("rel_err", float("nan")):.1e} | {o.get("rel_diff_vs_cublaslt_blockwise", float("nan")):.1e} | '
-          + (f'{2e-6 * s[0] * s[1] * s[2] / o["us_first"]:.0f} |' if o.get("us_first") else "- |"))
+          + (f'{2e-6 * s[0] * s[1] * s[2] / o["us_first"]:.0f} |' if o.get("us_first") else "- |")
+          + f' {mhz(o)} |')
 forced = [r for r in dense if r["impl"] == "fp8moe_forced_tile"]
 # One table per M, with the tiles forced at that M as columns (the bench forces other tiles at
 # small M than at M = 4096).
@@ -60,8 +65,8 @@ for m in sorted({r["m"] for r in forced}, reverse=True):
 other = [r for r in rows if r["kind"] != "dense"]
 if other:
     print("\n## Grouped and weight-gradient (ours; no cuBLASLt anchor for these forms)\n")
-    print("| kind | groups | rows (M) | N | K | us | TFLOPS | GB/s | tile | rel_err |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| kind | groups | rows (M) | N | K | us | TFLOPS | GB/s | tile | rel_err | MHz |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in other:
         re = f'{r["rel_err"]:.1e}' if "rel_err" in r else ""
-        print(f'| {r["kind"]} | {r["groups"]} | {r["m"]} | {r["n"]} | {r["k"]} | {r["us"]:.1f} | {r["tflops"]:.0f} | {r["gbps"]:.0f} | {r.get("tile", "")} | {re} |')
+        print(f'| {r["kind"]} | {r["groups"]} | {r["m"]} | {r["n"]} | {r["k"]} | {r["us"]:.1f} | {r["tflops"]:.0f} | {r["gbps"]:.0f} | {r.get("tile", "")} | {re} | {mhz(r)} |')

@@ -26,6 +26,12 @@ const DeviceInfo& current_device_info() {
     info.smem_optin = v;
     FM_CHECK_CUDA(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, dev));
     FM_CHECK_CUDA(cudaDeviceGetAttribute(&info.cc_minor, cudaDevAttrComputeCapabilityMinor, dev));
+    int mem_khz = 0, bus_bits = 0;
+    FM_CHECK_CUDA(cudaDeviceGetAttribute(&mem_khz, cudaDevAttrMemoryClockRate, dev));
+    FM_CHECK_CUDA(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, dev));
+    // NOTE: a device that reports no memory clock (some virtualised ones) keeps the H100 figure.
+    if (mem_khz > 0 && bus_bits > 0)
+      info.dram_bytes_per_s = gemm_dram_bytes_per_s(mem_khz, bus_bits);
   });
   const DeviceInfo& info = infos[dev];
   FM_CHECK_ARG(info.cc_major == 9 && info.cc_minor == 0,
@@ -77,7 +83,8 @@ CUtensorMap make_tma_2d(const void* ptr, TmaElem elem, uint64_t rows, uint64_t c
 
 GemmTileConfig resolve_config(const GemmShape& shape, const GemmTileConfig* force) {
   const DeviceInfo& info = current_device_info();
-  if (force == nullptr) return choose_gemm_tile(shape, info.num_sms, info.smem_optin);
+  if (force == nullptr)
+    return choose_gemm_tile(shape, info.num_sms, info.smem_optin, info.dram_bytes_per_s);
   GemmTileConfig c = *force;
   bool known = false;
   for (const TileCandidate& t : gemm_tile_candidates(shape.kind))

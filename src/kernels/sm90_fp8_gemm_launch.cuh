@@ -21,6 +21,7 @@ struct DeviceInfo {
   int num_sms = 0;
   int64_t smem_optin = 0;
   int cc_major = 0, cc_minor = 0;
+  double dram_bytes_per_s = kDefaultDramBytesPerS;  // the heuristic's DRAM floor
 };
 const DeviceInfo& current_device_info();
 

@@ -34,10 +34,12 @@ int64_t ceil_div(int64_t a, int64_t b) {
 }
 
 // NOTE: H100 SXM figures per multiprocessor, only their ratios matter: dense FP8 tensor-core
-// rate ~1500 TFLOPS / 132, L2 -> SM ~10 TB/s / 132, DRAM 3.35 TB/s for the whole chip.
+// rate ~1500 TFLOPS / 132, L2 -> SM ~10 TB/s / 132 (the H200 has the same SMs and L2); the DRAM
+// rate is an input (gemm_dram_bytes_per_s), since the H200's is 1.47x the H100's.
 constexpr double kFlopsPerSm = 1500e12 / 132;
 constexpr double kL2BytesPerSm = 10e12 / 132;
-constexpr double kDramBytes = 3.0e12;
+// Sustained fraction of the peak DRAM rate: 3.0 TB/s of the H100's 3.35, the model's old constant.
+constexpr double kDramEfficiency = 0.9;
 constexpr int kMaxStages = 8;
 }  // namespace
 
@@ -90,7 +92,14 @@ int64_t gemm_split_k_workspace_bytes(int64_t m, int64_t n, int block_m, int bloc
   return kSplitKCounterBytes + tiles * split_k * int64_t{block_m} * block_n * 4;
 }
 
-double gemm_tile_cost(const GemmShape& s, const TileCandidate& t, int num_sms, int split_k) {
+double gemm_dram_bytes_per_s(int64_t memory_clock_khz, int bus_width_bits) {
+  FM_CHECK_ARG(memory_clock_khz > 0 && bus_width_bits > 0, "gemm_dram_bytes_per_s: memory clock ",
+               memory_clock_khz, " kHz, bus width ", bus_width_bits, " bits");
+  return kDramEfficiency * 2.0 * double(memory_clock_khz) * 1e3 * double(bus_width_bits) / 8.0;
+}
+
+double gemm_tile_cost(const GemmShape& s, const TileCandidate& t, int num_sms, int split_k,
+                      double dram_bytes_per_s) {
   const int64_t tiles_m = ceil_div(std::max<int64_t>(s.m, 1), t.block_m);
   const int64_t tiles_n = ceil_div(s.n, t.block_n);
   const int64_t groups = s.kind == GemmKind::kGroupedContiguous ? 1 : s.num_groups;
@@ -112,7 +121,7 @@ double gemm_tile_cost(const GemmShape& s, const TileCandidate& t, int num_sms, i
       split_k > 1 ? double(1 + split_k) * t.block_m * t.block_n * 4 / kL2BytesPerSm : 0.0;
   // Fewer units than multiprocessors: each unit still takes per_tile, but the DRAM floor is
   // shared by fewer readers, so the floor below dominates.
-  const double dram = double(s.m * s.k + s.n * s.k * groups) / kDramBytes;
+  const double dram = double(s.m * s.k + s.n * s.k * groups) / dram_bytes_per_s;
   const double dram_per_sm_limit =
       double(std::min<int64_t>(units, num_sms)) / num_sms;  // fraction of the chip pulling data
   // NOTE: the small second term breaks ties when the DRAM floor dominates (small M) in favour of
@@ -128,8 +137,10 @@ constexpr double kSplitKMargin = 0.85;
 constexpr int64_t kSplitKMaxM = 128;
 }  // namespace
 
-GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit) {
+GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
+                                double dram_bytes_per_s) {
   FM_CHECK_ARG(num_sms > 0, "choose_gemm_tile: num_sms=", num_sms);
+  FM_CHECK_ARG(dram_bytes_per_s > 0, "choose_gemm_tile: dram_bytes_per_s=", dram_bytes_per_s);
   FM_CHECK_ARG(shape.n > 0 && shape.k > 0, "choose_gemm_tile: empty shape n=", shape.n,
                " k=", shape.k);
   GemmTileConfig best;
@@ -143,7 +154,7 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
     const int epilogue = gemm_choose_epilogue(shape, t.block_n);
     const int stages = gemm_max_stages(shape.kind, t.block_m, t.block_n, smem_limit, epilogue == 2);
     if (stages < 3) continue;
-    const double cost = gemm_tile_cost(shape, t, num_sms);
+    const double cost = gemm_tile_cost(shape, t, num_sms, 1, dram_bytes_per_s);
     // NOTE: strict '<' with the candidates listed largest first keeps the larger tile on ties.
     if (cost < best_cost * (1.0 - 1e-9)) {
       best_cost = cost;
@@ -174,7 +185,7 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
     for (int split = 2; split <= std::min(shape.max_split_k, kMaxSplitK) &&
                         k_blocks >= 4 * int64_t{split} && tiles * split <= num_sms;
          ++split) {
-      const double c = gemm_tile_cost(shape, t, num_sms, split);
+      const double c = gemm_tile_cost(shape, t, num_sms, split, dram_bytes_per_s);
       if (c < split_best * (1.0 - 1e-9)) {
         split_best = c;
         best = GemmTileConfig{t.block_m, t.block_n, stages, num_sms, 1, 1, split};

@@ -152,6 +152,36 @@ TEST(Sm90GemmHeuristic, SplitKWorkspaceSize) {
   EXPECT_NE(describe_tile_config(c).find("/split3"), std::string::npos);
 }
 
+TEST(Sm90GemmHeuristic, DramRateFromTheDevice) {
+  // H100 SXM (2619 MHz x 5120 bits) gives the model's old constant back within 1%; the H200
+  // (3201 MHz x 6144 bits) 1.47x that.
+  const double h100 = gemm_dram_bytes_per_s(2619000, 5120);
+  const double h200 = gemm_dram_bytes_per_s(3201000, 6144);
+  EXPECT_NEAR(h100 / kDefaultDramBytesPerS, 1.0, 0.01);
+  EXPECT_NEAR(h200 / h100, 1.467, 0.01);
+  EXPECT_THROW(gemm_dram_bytes_per_s(0, 5120), Error);
+  EXPECT_THROW(choose_gemm_tile({GemmKind::kDense, 64, 64, 128, 1}, kH100Sms, kH100Smem, 0.0),
+               Error);
+  // Measured on H200 (dev/gemm/NOTES.md session 2b): 128x7168x16384 ran 43.1 us with
+  // 128x128/split2 against 48.5 with the 64x128 the H100 rate picks; with the H200's rate the
+  // DRAM floor no longer hides the difference.
+  const GemmShape s = with_split({GemmKind::kDense, 128, 7168, 16384, 1}, 8);
+  const GemmTileConfig on_h100 = choose_gemm_tile(s, kH100Sms, kH100Smem, h100);
+  const GemmTileConfig on_h200 = choose_gemm_tile(s, kH100Sms, kH100Smem, h200);
+  EXPECT_EQ(on_h100.block_m, 64);
+  EXPECT_EQ(on_h100.split_k, 1);
+  EXPECT_EQ(on_h200.block_m, 128);
+  EXPECT_EQ(on_h200.block_n, 128);
+  EXPECT_EQ(on_h200.split_k, 2);
+  // Compute-bound shapes do not move.
+  for (const GemmShape& c : {GemmShape{GemmKind::kDense, 4096, 7168, 16384, 1},
+                             GemmShape{GemmKind::kGroupedContiguous, 32768, 4096, 7168, 1},
+                             GemmShape{GemmKind::kWgrad, 7168, 2048, 4096, 1}})
+    EXPECT_EQ(describe_tile_config(choose_gemm_tile(c, kH100Sms, kH100Smem, h100)),
+              describe_tile_config(choose_gemm_tile(c, kH100Sms, kH100Smem, h200)))
+        << gemm_kind_name(c.kind);
+}
+
 TEST(Sm90GemmHeuristic, RejectsImpossibleSettings) {
   EXPECT_THROW(choose_gemm_tile({GemmKind::kDense, 64, 64, 128, 1}, 0, kH100Smem), Error);
   EXPECT_THROW(choose_gemm_tile({GemmKind::kDense, 64, 64, 128, 1}, kH100Sms, 40 * 1024), Error);

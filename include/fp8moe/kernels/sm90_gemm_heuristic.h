@@ -50,16 +50,24 @@ int gemm_max_stages(GemmKind kind, int block_m, int block_n, int64_t smem_limit,
 // and TMA stores; the FP32 accumulate of the weight gradient stores from registers.
 int gemm_choose_epilogue(const GemmShape& shape, int block_n);
 
+// The DRAM rate (bytes/s) the cost model's floor uses: what a stream of reads sustains, taken as
+// 0.9 x the peak of the device's memory clock and bus width (double data rate). The default is
+// the H100 SXM's (2619 MHz x 5120 bits: 3.35 TB/s peak), the figure the model was tuned with;
+// the host passes the current device's (H200: 3201 MHz x 6144 bits, 4.92 TB/s peak).
+inline constexpr double kDefaultDramBytesPerS = 3.0e12;
+double gemm_dram_bytes_per_s(int64_t memory_clock_khz, int bus_width_bits);
+
 // Estimated time (arbitrary units, comparable between candidates of one shape); split_k > 1: K cut
 // into that many slices per tile, each slice a unit of work, plus the fix-up tail (one SM writes
 // its partial tile and reads all split_k back).
 double gemm_tile_cost(const GemmShape& shape, const TileCandidate& tile, int num_sms,
-                      int split_k = 1);
+                      int split_k = 1, double dram_bytes_per_s = kDefaultDramBytesPerS);
 
 // The best candidate for the shape, with num_stages, num_sms and split_k filled in. Split-K is
 // considered only for dense shapes with max_split_k > 1 and M <= 128, when every unit (tiles x
 // slices) fits in one wave, with >= 4 K blocks a slice, and where the model gains 15% over the
 // best unsplit tile (measured on H200: dev/gemm/NOTES.md session 2b).
-GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit);
+GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
+                                double dram_bytes_per_s = kDefaultDramBytesPerS);
 
 }  // namespace fp8moe::kernels
