@@ -7,8 +7,10 @@
 // over the time. Dispatch results are checked bit for bit against dispatch_reference.
 // Run: ep_bench --out ep.jsonl [--ranks-per-gpu 2] [--blocks 32,48 --chunks 16,32 ...]
 // (one JSON object per line, a table on stdout, a summary of the best variants last).
-// A/B of the send plan: ep_bench --ab-plan 3 (plan in every send block vs plan_once, alternated,
-// normal and low-latency FP8 with NCCL and the peer copy of the same run). Under a profiler:
+// A/B of kernel variants: ep_bench --ab base,PC,PCA --ab-rounds 3 (each variant timed every
+// round, order rotating, normal and low-latency FP8 with NCCL and the peer copy of the same run;
+// names: parse_variant); --ab-plan 3 = --ab v5,base --ab-rounds 3. The sweep with a variant's
+// options: --variant base (default: DeviceEpOptions' defaults). Under a profiler:
 // ep_bench --ncu --iters 1 --warmup 0 --blocks 64 --chunks 16 [--plan-once] (no gate kernel, which
 // a serialising profiler would never see released; normal FP8 dispatch and combine only).
 // A/B of the low-latency path: ep_bench --ab-ll 4 [--ll-blocks 32] (the low-latency shape only:
@@ -24,6 +26,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -67,10 +70,12 @@ struct Options {
   int recv_blocks = 0;  // 0 = DeviceEpOptions' automatic size
   bool overlap = true;
   bool plan_once = true;  // DeviceEpOptions::plan_once for the sweep (--plan-per-block: off)
-  int ab_plan = 0;        // rounds of the plan A/B (0: the usual sweep)
   int ab_ll = 0;          // rounds of the low-latency A/B (0: the usual sweep)
   bool ll_expand = true;  // --ll-no-expand: the A/B's dispatch builds the layout only
   int64_t ll_cap = 0;     // --ll-cap: masked capacity of the A/B (0: ranks x ll_tokens)
+  std::string variant = "default";       // the sweep's kernel variant (bench_ab's names; --variant)
+  int ab_rounds = 0;                     // rounds of the variant A/B (0: the usual sweep)
+  std::vector<std::string> ab_variants;  // bench_ab's variants (the first is the baseline)
   bool ncu = false;
   std::string out, commit = "unknown", date = "unknown";
   bool check = true;
@@ -130,14 +135,26 @@ Options parse(int argc, char** argv) {
       o.plan_once = true;
     else if (a == "--plan-per-block")
       o.plan_once = false;
-    else if (a == "--ab-plan")
-      o.ab_plan = std::atoi(next());
     else if (a == "--ll-cap")
       o.ll_cap = std::atoll(next());
     else if (a == "--ll-no-expand")
       o.ll_expand = false;
     else if (a == "--ab-ll")
       o.ab_ll = std::atoi(next());
+    else if (a == "--ab-plan") {
+      o.ab_rounds = std::atoi(next());
+      o.ab_variants = {"v5", "base"};
+    } else if (a == "--ab") {
+      o.ab_variants.clear();
+      for (std::string l = next(); !l.empty();) {
+        const size_t comma = l.find(',');
+        o.ab_variants.push_back(l.substr(0, comma));
+        l = comma == std::string::npos ? "" : l.substr(comma + 1);
+      }
+    } else if (a == "--ab-rounds")
+      o.ab_rounds = std::atoi(next());  // --ab without it: 3 rounds
+    else if (a == "--variant")
+      o.variant = next();
     else if (a == "--ncu")
       o.ncu = true;
     else if (a == "--warmup")
@@ -155,6 +172,7 @@ Options parse(int argc, char** argv) {
       std::exit(2);
     }
   }
+  if (!o.ab_variants.empty() && o.ab_rounds == 0) o.ab_rounds = 3;
   return o;
 }
 
@@ -397,6 +415,52 @@ std::vector<int> devices_of(const World& w) {
   return d;
 }
 
+// A kernel variant by name: "v5" (the plan in every send block, no session-3 option), "base"
+// (plan_once alone: the session-2 kernels), "default" (DeviceEpOptions' defaults), or letters of
+// the session-3 options on top of plan_once: P prefetch_payload, C combine_two_steps (so "PC" =
+// the defaults), A combine_async_rows, S combine_peer_items; suffixes ":c8", ":b80", ":r132" set
+// the chunk size, the send blocks and the receive blocks.
+struct Variant {
+  std::string name;
+  DeviceEpOptions opt;
+};
+Variant parse_variant(const std::string& spec, int blocks, int chunk) {
+  Variant v{spec, {}};
+  v.opt.num_blocks = blocks;
+  v.opt.chunk_tokens = chunk;
+  std::string head = spec.substr(0, spec.find(':'));
+  for (size_t at = spec.find(':'); at != std::string::npos; at = spec.find(':', at + 1)) {
+    const char key = at + 1 < spec.size() ? spec[at + 1] : '?';
+    const int val = std::atoi(spec.c_str() + at + 2);
+    if (key == 'c')
+      v.opt.chunk_tokens = val;
+    else if (key == 'b')
+      v.opt.num_blocks = val;
+    else if (key == 'r')
+      v.opt.recv_blocks = val;
+    else
+      FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown suffix");
+  }
+  if (head == "default") return v;  // DeviceEpOptions' defaults
+  v.opt.plan_once = head != "v5";
+  v.opt.prefetch_payload = false;
+  v.opt.combine_two_steps = false;
+  if (head == "v5" || head == "base") return v;
+  for (char c : head) {
+    if (c == 'P')
+      v.opt.prefetch_payload = true;
+    else if (c == 'C')
+      v.opt.combine_two_steps = true;
+    else if (c == 'A')
+      v.opt.combine_async_rows = true;
+    else if (c == 'S')
+      v.opt.combine_peer_items = true;
+    else
+      FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown letter ", c);
+  }
+  return v;
+}
+
 // Ours at one shape: dispatch (expanded into the grouped layout, and layout only) and combine.
 void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked_capacity,
                 const std::vector<int>& blocks_list, const std::vector<int>& chunk_list, Wire wire,
@@ -413,7 +477,12 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
       for (bool expand : {true, false}) {
         if (!expand && (masked_capacity > 0 || w.opt.ncu)) continue;
         DeviceEpOptions o;
-        o.plan_once = w.opt.plan_once;
+        const DeviceEpOptions v = parse_variant(w.opt.variant, blocks, chunk).opt;
+        o.plan_once = w.opt.plan_once && v.plan_once;
+        o.prefetch_payload = v.prefetch_payload;
+        o.combine_two_steps = v.combine_two_steps;
+        o.combine_async_rows = v.combine_async_rows;
+        o.combine_peer_items = v.combine_peer_items;
         o.num_blocks = blocks;
         o.wire = wire;
         o.expand_payload = expand;
@@ -489,28 +558,29 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
     }
 }
 
-// The send plan A/B at one FP8 shape: the plan in every send block (v5, "old") against the plan
-// kernel (DeviceEpOptions::plan_once, "once"). Both variants live side by side and every round
-// times both, in alternating order, so drift of the machine hits them alike; the medians over
-// the rounds are printed as "# ab_plan" lines. The first round's dispatch of each is checked
-// bit for bit against the reference.
-void bench_ab_plan(World& w, const char* mode, int64_t T, int64_t cap, int blocks, int chunk,
-                   double recv_bytes_fp8, double recv_bytes_bf16) {
+// A/B of kernel variants at one FP8 shape (variant names: parse_variant). All variants live side
+// by side and every round times each (dispatch, dispatch layout only, combine), the order
+// rotating from round to round, so drift of the machine hits them alike; medians over the rounds
+// are printed as "# ab" lines. The first round's dispatch of each variant is checked bit for bit
+// against the reference. --ab-plan N = --ab v5,base --ab-rounds N.
+void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, int chunk,
+              double recv_bytes_fp8, double recv_bytes_bf16) {
   const int64_t H = w.opt.hidden;
   const int64_t rows = needed_rows(w, T);
   const EpConfig cfg = make_config(w, T, Payload::kFP8, cap, (rows + 127) / 128 * 128);
-  std::unique_ptr<DeviceEpGroup> groups[2][2];  // [plan_once][expand]
-  for (int plan = 0; plan < 2; ++plan)
+  std::vector<Variant> vars;
+  for (const std::string& spec : w.opt.ab_variants)
+    vars.push_back(parse_variant(spec, blocks, chunk));
+  const int nv = static_cast<int>(vars.size());
+  std::vector<std::array<std::unique_ptr<DeviceEpGroup>, 2>> groups(nv);  // [variant][expand]
+  for (int v = 0; v < nv; ++v)
     for (int expand = 0; expand < 2; ++expand) {
       if (!expand && cap > 0) continue;
-      DeviceEpOptions o;
-      o.num_blocks = blocks;
-      o.chunk_tokens = chunk;
+      DeviceEpOptions o = vars[v].opt;
       o.expand_payload = expand;
-      o.recv_blocks = w.opt.recv_blocks;
+      if (o.recv_blocks == 0) o.recv_blocks = w.opt.recv_blocks;
       o.overlap_recv = w.opt.overlap;
-      o.plan_once = plan;
-      groups[plan][expand] = std::make_unique<DeviceEpGroup>(cfg, devices_of(w), o);
+      groups[v][expand] = std::make_unique<DeviceEpGroup>(cfg, devices_of(w), o);
     }
   for (int r = 0; r < w.R; ++r) {
     Rank& k = w.ranks[r];
@@ -528,15 +598,14 @@ void bench_ab_plan(World& w, const char* mode, int64_t T, int64_t cap, int block
     for (auto& k : w.ranks) batches.push_back({T, k.x.data(), k.idx.data(), k.w.data()});
     want = dispatch_reference(cfg, batches);
   }
-  const char* names[2] = {"old", "once"};
   const char* ops[3] = {"dispatch", "dispatch_layout_only", "combine"};
-  std::vector<double> us[2][3];
-  const int rounds = std::max(1, w.opt.ab_plan);
+  std::vector<std::array<std::vector<double>, 3>> us(nv);
+  const int rounds = std::max(1, w.opt.ab_rounds);
   for (int round = 0; round < rounds; ++round)
-    for (int q = 0; q < 2; ++q) {
-      const int plan = round % 2 == 0 ? q : 1 - q;
+    for (int q = 0; q < nv; ++q) {
+      const int v = (q + round) % nv;
       for (int op = 0; op < 3; ++op) {
-        DeviceEpGroup* g = groups[plan][op == 1 ? 0 : 1].get();
+        DeviceEpGroup* g = groups[v][op == 1 ? 0 : 1].get();
         if (!g) continue;
         auto dispatch = [&] {
           for (int r = 0; r < w.R; ++r)
@@ -554,9 +623,9 @@ void bench_ab_plan(World& w, const char* mode, int64_t T, int64_t cap, int block
         row.op = ops[op];
         row.dtype = op == 2 ? "bf16" : "fp8";
         row.tokens = T;
-        row.blocks = blocks;
-        row.chunk = chunk;
-        row.note = std::string("ab_plan=") + names[plan] + " round=" + std::to_string(round);
+        row.blocks = vars[v].opt.num_blocks;
+        row.chunk = vars[v].opt.chunk_tokens;
+        row.note = "ab=" + vars[v].name + " round=" + std::to_string(round);
         // NOTE: combine reads the layout of the last dispatch of its group, so the expanded
         // group's dispatch always runs (timed) right before its combine.
         row.us = w.time_us(op == 2 ? std::function<void()>(combine) : dispatch, w.opt.iters,
@@ -568,19 +637,22 @@ void bench_ab_plan(World& w, const char* mode, int64_t T, int64_t cap, int block
           for (int r = 0; r < w.R; ++r)
             row.check = row.check && same_dispatch(cfg, want[r], g->rank(r).download());
         }
-        us[plan][op].push_back(row.us);
+        us[v][op].push_back(row.us);
         emit(w, row);
       }
     }
-  auto median = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v.empty() ? 0.0 : v[v.size() / 2];
+  auto median = [](std::vector<double> x) {
+    std::sort(x.begin(), x.end());
+    return x.empty() ? 0.0 : x[x.size() / 2];
   };
   for (int op = 0; op < 3; ++op) {
     if (us[0][op].empty()) continue;
-    const double a = median(us[0][op]), b = median(us[1][op]);
-    std::printf("# ab_plan %-11s %-21s old %8.1f us  once %8.1f us  (once/old %.3f, %d rounds)\n",
-                mode, ops[op], a, b, b / a, rounds);
+    const double base = median(us[0][op]);
+    for (int v = 0; v < nv; ++v) {
+      const double m = median(us[v][op]);
+      std::printf("# ab %-11s %-21s %-14s %8.1f us  (/%s %.3f, %d rounds)\n", mode, ops[op],
+                  vars[v].name.c_str(), m, vars[0].name.c_str(), m / base, rounds);
+    }
   }
 }
 
@@ -956,9 +1028,9 @@ void run(World& w) {
     const bool ll = std::string(s.mode) == "low_latency";
     const std::vector<int>& chunks = ll ? w.opt.ll_chunks : w.opt.chunks;
     const int64_t cap = ll ? w.R * s.T : 0;
-    if (w.opt.ab_plan > 0) {  // the plan A/B and this shape's anchors only
-      bench_ab_plan(w, s.mode, s.T, cap, s.blocks->front(), chunks.front(), recv * fp8_record,
-                    recv * bf16_record);
+    if (w.opt.ab_rounds > 0) {  // the variant A/B and this shape's anchors only
+      bench_ab(w, s.mode, s.T, cap, s.blocks->front(), chunks.front(), recv * fp8_record,
+               recv * bf16_record);
 #if defined(FP8MOE_HAVE_NCCL)
       if (!w.comms.empty()) {
         bench_nccl(w, s.mode, s.T, cnt, "dispatch", "fp8", fp8_record, recv * fp8_record);
@@ -986,7 +1058,7 @@ void run(World& w) {
     bench_peer(w, static_cast<int64_t>(cross * fp8_record), s.mode, "fp8_dispatch_cross_bytes");
     bench_peer(w, static_cast<int64_t>(cross * bf16_record), s.mode, "bf16_combine_cross_bytes");
   }
-  if (w.opt.ab_plan > 0) return;
+  if (w.opt.ab_rounds > 0) return;
   bench_peer(w, 256ll << 20, "-", "256MiB");
   summary(w);
 }

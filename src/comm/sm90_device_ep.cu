@@ -12,6 +12,8 @@
 // flight. Combine send: the expert rows of each received chunk are summed with the gate weights
 // and pushed back, one flag per chunk; combine receive sums a token's partials in rank order as
 // soon as its chunks landed, computing the partial of the rank itself from the local expert rows.
+// The weighted sums read the expert rows two 256-column steps per pass (combine_two_steps), or,
+// in the send, through a cp.async ring in shared memory (combine_async_rows).
 // Acks from the consumer make every buffer reusable without a host round trip.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
@@ -339,6 +341,7 @@ struct Args {
   const uint16_t* y;  // combine input (grouped rows or per-slot rows)
   uint16_t* out;
   bool weighted;
+  bool peer_items;  // DeviceEpOptions::combine_peer_items
   bool expand;
   bool nccl;  // Wire::kNccl: "peers" are this rank's send buffer, regions by destination; the
               // exchange and its ordering are NCCL's, so no flags are waited on or raised
@@ -401,6 +404,67 @@ __device__ __forceinline__ Split split_work(int64_t tokens, int64_t steps, int64
   int64_t parts = tokens > 0 ? warps / tokens : 1;
   parts = parts < 1 ? 1 : (parts > steps ? steps : parts);
   return {tokens * parts, parts, steps};
+}
+
+// The expert rows of a record or token, lane k < K holding row k (-1: none) and its weight:
+// the present rows in ascending k, in every lane (so that loads of several rows and column
+// steps can be issued together without run-time register indexing).
+struct RowSet {
+  int row[kMaxTopK];
+  float w[kMaxTopK];
+  int n;
+};
+__device__ __forceinline__ RowSet compact_rows(int row, float wt) {
+  RowSet r;
+  const unsigned m = __ballot_sync(kFull, row >= 0);
+  r.n = __popc(m);
+#pragma unroll
+  for (int i = 0; i < kMaxTopK; ++i) {
+    const int src = i < r.n ? static_cast<int>(__fns(m, 0, i + 1)) : 0;
+    r.row[i] = __shfl_sync(kFull, row, src);
+    r.w[i] = __shfl_sync(kFull, wt, src);
+  }
+  return r;
+}
+// kU column steps of 256 (8 columns per lane at c + u * 256, where valid[u]): acc[u] = the gate-
+// weighted sum of the rows in ascending k from +0, no FMA (the reference's order). Rows in groups
+// of four, each group's kU x 4 loads in flight together.
+template <int kU>
+__device__ __forceinline__ void weighted_rows_u(const uint16_t* y, int64_t H, const RowSet& rs,
+                                                int64_t c, const bool* valid, float (*acc)[8]) {
+#pragma unroll
+  for (int u = 0; u < kU; ++u)
+#pragma unroll
+    for (int x = 0; x < 8; ++x) acc[u][x] = 0.0f;
+#pragma unroll
+  for (int g0 = 0; g0 < kMaxTopK; g0 += 4) {
+    if (g0 < rs.n) {
+      uint4 v[kU][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+          if (g0 + i < rs.n && valid[u])
+            v[u][i] = __ldg(reinterpret_cast<const uint4*>(
+                y + static_cast<int64_t>(rs.row[g0 + i]) * H + c + u * 256));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (g0 + i >= rs.n) break;
+        const float wk = rs.w[g0 + i];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          if (!valid[u]) continue;
+          const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u][i]);
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            acc[u][2 * x] = __fadd_rn(acc[u][2 * x], __fmul_rn(wk, __uint_as_float(vw[x] << 16)));
+            acc[u][2 * x + 1] =
+                __fadd_rn(acc[u][2 * x + 1], __fmul_rn(wk, __uint_as_float(vw[x] & 0xFFFF0000u)));
+          }
+        }
+      }
+    }
+  }
 }
 
 // ---- FP8 quantisation of one 512-column chunk (16 values per lane, 8 lanes a scale) ----
@@ -661,6 +725,8 @@ __device__ __forceinline__ void push_metadata(const Args& a, const Plan& p, int 
 }
 
 // ---- dispatch send 3: the payload of columns [first, last) steps of token t (one warp) ----
+// kPrefetch (prefetch_payload): the FP8 loop loads step s + 1 before it quantises step s.
+template <bool kPrefetch>
 __device__ __forceinline__ void push_payload(const Args& a, const Plan& p, int64_t t, int64_t first,
                                              int64_t last) {
   const Geometry& g = a.g;
@@ -697,20 +763,34 @@ __device__ __forceinline__ void push_payload(const Args& a, const Plan& p, int64
     return;
   }
   // FP8: codes then the H/128 scales of the record, quantised once for all destinations.
-  // Two 512-column chunks per step so that four loads are in flight per lane.
+  // Two 512-column chunks per step so that four loads are in flight per lane (eight with
+  // kPrefetch: the next step's while this one is quantised).
+  auto load_step = [&](int64_t step, uint4* v) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t c = step * 1024 + u * 512 + lane * 16;
+      v[2 * u] = v[2 * u + 1] = make_uint4(0, 0, 0, 0);
+      if (c < g.H) {
+        v[2 * u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
+        v[2 * u + 1] = __ldg(reinterpret_cast<const uint4*>(xt + c + 8));
+      }
+    }
+  };
+  uint4 next[4];
+  if (kPrefetch && first < last) load_step(first, next);
   for (int64_t step = first; step < last; ++step) {
     const int64_t c0 = step * 1024;
     uint4 v[4];
     bool valid[2];
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int64_t c = c0 + u * 512 + lane * 16;
-      valid[u] = c < g.H;  // whole 8-lane groups are valid or not (H % 128 == 0)
-      v[2 * u] = v[2 * u + 1] = make_uint4(0, 0, 0, 0);
-      if (valid[u]) {
-        v[2 * u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
-        v[2 * u + 1] = __ldg(reinterpret_cast<const uint4*>(xt + c + 8));
-      }
+    for (int u = 0; u < 2; ++u)
+      valid[u] = c0 + u * 512 + lane * 16 < g.H;  // whole 8-lane groups (H % 128 == 0)
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = next[u];
+      if (step + 1 < last) load_step(step + 1, next);
+    } else {
+      load_step(step, v);
     }
     uint4 codes[2];
     float scale[2];
@@ -786,8 +866,19 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
   if (!last_block) return;
   __threadfence();
   const int64_t vecs = (static_cast<int64_t>(ntiles) * g.W * 2 + 15) / 16;
-  for (int64_t i = threadIdx.x; i < vecs; i += blockDim.x)
-    plan_raw[i] = __ldcg(reinterpret_cast<const uint4*>(table) + i);
+  // NOTE: eight loads in flight per thread before any is stored (a load-store loop waits for
+  // each L2 round trip in turn: ~8 of them for the V3 table of 66 KB, on the critical path).
+  constexpr int kLoads = 8;
+  for (int64_t i0 = threadIdx.x; i0 < vecs; i0 += kLoads * blockDim.x) {
+    uint4 v[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u)
+      if (i0 + u * blockDim.x < vecs)
+        v[u] = __ldcg(reinterpret_cast<const uint4*>(table) + i0 + u * blockDim.x);
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u)
+      if (i0 + u * blockDim.x < vecs) plan_raw[i0 + u * blockDim.x] = v[u];
+  }
   __syncthreads();
   uint16_t* s = reinterpret_cast<uint16_t*>(plan_raw);
   for (int c = threadIdx.x; c < g.W; c += blockDim.x) {
@@ -817,8 +908,9 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
 }
 
 // kPlanOnce: the plan is the workspace's (k_dispatch_plan); a compile-time switch so that each
-// path's plan pointers have a known address space (shared or global).
-template <bool kPlanOnce>
+// path's plan pointers have a known address space (shared or global). kPrefetch:
+// prefetch_payload.
+template <bool kPlanOnce, bool kPrefetch>
 __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   __shared__ int abort_flag;
   __shared__ int dtot[kMaxRanks];
@@ -878,7 +970,7 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
     for (int tile = tile0 + warp; tile <= tile1; tile += kWarps) push_metadata(a, p, tile, c0, c1);
     const Split sp = split_work(c1 - c0, steps, kWarps);
     for (int64_t item = warp; item < sp.items; item += kWarps)
-      push_payload(a, p, c0 + sp.token(item), sp.first(item), sp.last(item));
+      push_payload<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item));
     __syncthreads();
     if (!a.nccl && threadIdx.x < g.R) {
       __threadfence_system();
@@ -888,10 +980,10 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   }
 }
 
-template <bool kPlanOnce>
+template <bool kPlanOnce, bool kPrefetch>
 __global__ void __launch_bounds__(kSendThreads, 1) k_dispatch_send(Args a) {
   extern __shared__ uint4 smem_raw[];
-  dispatch_send_block<kPlanOnce>(a, reinterpret_cast<char*>(smem_raw));
+  dispatch_send_block<kPlanOnce, kPrefetch>(a, reinterpret_cast<char*>(smem_raw));
   count_send_block(a.my, a.lay.status, kDispatchSent);
 }
 
@@ -1127,7 +1219,142 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
 // ---- combine send: per chunk of received records, one BF16 row per record pushed back ----
 // NVLink: records of this rank's own tokens are skipped; combine_recv sums them from the local
 // expert rows directly (no staging round trip through memory).
-__device__ void combine_send_block(const Args& a) {
+// One record's row [c_begin, c_end) (lane offset included) to dst: the weighted sum of its expert
+// rows, compacted, kU column steps per pass (combine_two_steps: 2), or the given row.
+template <int kU>
+__device__ __forceinline__ void combine_record(const Args& a, int64_t slot, int64_t c_begin,
+                                               int64_t c_end, uint16_t* dst) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  int row = -1;
+  float wt = 0.0f;
+  if (a.weighted && lane < g.K) {
+    row = at<int32_t>(a.my, a.lay.token_rows)[slot * g.K + lane];
+    if (row >= 0) wt = at<float>(a.my, a.lay.row_weight)[row];
+  }
+  const RowSet rs = compact_rows(row, wt);
+  for (int64_t col = c_begin; col < c_end; col += kU * 256) {
+    bool valid[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) valid[u] = col + u * 256 < c_end;
+    if (a.weighted) {
+      float acc[kU][8];
+      weighted_rows_u<kU>(a.y, g.H, rs, col, valid, acc);
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+        if (valid[u]) *reinterpret_cast<uint4*>(dst + col + u * 256) = pack_bf16(acc[u]);
+    } else {
+      uint4 v[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+        if (valid[u])
+          v[u] = __ldg(reinterpret_cast<const uint4*>(a.y + slot * g.H + col + u * 256));
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+        if (valid[u]) *reinterpret_cast<uint4*>(dst + col + u * 256) = v[u];
+    }
+  }
+}
+
+// combine_async_rows: the expert rows of a record stream through a ring of shared-memory slots
+// with cp.async, kRingSlots 16-byte slots per thread (slot q of thread x at q * blockDim + x, so
+// a warp's accesses are contiguous), up to kRingSlots / n column steps of a record's n rows in
+// flight per lane without holding registers (combine_two_steps: 8 loads in registers).
+constexpr int kRingSlots = 24;
+constexpr size_t kRingBytes = static_cast<size_t>(kRingSlots) * kSendThreads * 16;
+
+__device__ __forceinline__ void cp_async16(uint4* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                   static_cast<unsigned>(__cvta_generic_to_shared(smem))),
+               "l"(gmem)
+               : "memory");
+}
+// Wait until at most `pending` of this thread's committed cp.async groups are in flight (a
+// larger count waits for more, which is safe).
+__device__ __forceinline__ void cp_async_wait(int pending) {
+#define FM_CP_ASYNC_WAIT(N)                                   \
+  case N:                                                     \
+    asm volatile("cp.async.wait_group " #N ";" ::: "memory"); \
+    return;
+  switch (pending) {
+    FM_CP_ASYNC_WAIT(0)
+    FM_CP_ASYNC_WAIT(1)
+    FM_CP_ASYNC_WAIT(2)
+    FM_CP_ASYNC_WAIT(3)
+    FM_CP_ASYNC_WAIT(4)
+    FM_CP_ASYNC_WAIT(5)
+    FM_CP_ASYNC_WAIT(6)
+    default:
+      asm volatile("cp.async.wait_group 7;" ::: "memory");
+  }
+#undef FM_CP_ASYNC_WAIT
+}
+
+// combine_record's weighted sum through the ring: per lane, column step k of row i lands in
+// slot (k * n + i) % kRingSlots; step k is summed (ascending i, no FMA, as the reference) once
+// its group landed, then step k + D is issued into the slots it freed (D = kRingSlots / n).
+// Given rows (combine_tokens) and records without rows here take combine_record.
+__device__ __forceinline__ void combine_record_async(const Args& a, int64_t slot, int64_t c_begin,
+                                                     int64_t c_end, uint16_t* dst, uint4* ring) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  int row = -1;
+  float wt = 0.0f;
+  if (a.weighted && lane < g.K) {
+    row = at<int32_t>(a.my, a.lay.token_rows)[slot * g.K + lane];
+    if (row >= 0) wt = at<float>(a.my, a.lay.row_weight)[row];
+  }
+  const RowSet rs = compact_rows(row, wt);
+  if (!a.weighted || rs.n == 0) {
+    combine_record<1>(a, slot, c_begin, c_end, dst);
+    return;
+  }
+  const int n = rs.n;
+  const int depth = kRingSlots / n;
+  const int steps = c_begin < c_end ? static_cast<int>((c_end - c_begin + 255) / 256) : 0;
+  uint4* mine = ring + threadIdx.x;
+  // Slot cursors of the issuing and the summing side: both walk the units in the same order.
+  int put = 0, get = 0;
+  auto next = [](int q) { return q + 1 == kRingSlots ? 0 : q + 1; };
+  auto issue = [&](int k) {
+    const uint16_t* col = a.y + c_begin + static_cast<int64_t>(k) * 256;
+#pragma unroll
+    for (int i = 0; i < kMaxTopK; ++i)
+      if (i < n) {
+        cp_async16(mine + put * blockDim.x, col + static_cast<int64_t>(rs.row[i]) * g.H);
+        put = next(put);
+      }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  int issued = 0;
+  for (; issued < steps && issued < depth; ++issued) issue(issued);
+  for (int k = 0; k < steps; ++k) {
+    cp_async_wait(issued - k - 1);
+    float acc[8];
+#pragma unroll
+    for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxTopK; ++i) {
+      if (i >= n) break;
+      const uint4 v = mine[get * blockDim.x];
+      get = next(get);
+      const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v);
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(rs.w[i], __uint_as_float(vw[x] << 16)));
+        acc[2 * x + 1] =
+            __fadd_rn(acc[2 * x + 1], __fmul_rn(rs.w[i], __uint_as_float(vw[x] & 0xFFFF0000u)));
+      }
+    }
+    *reinterpret_cast<uint4*>(dst + c_begin + static_cast<int64_t>(k) * 256) = pack_bf16(acc);
+    if (issued < steps) issue(issued++);
+  }
+}
+
+// kU: column steps per pass of the weighted sums (combine_two_steps: 2); kAsync:
+// combine_async_rows (ring: the block's dynamic shared memory).
+template <int kU, bool kAsync>
+__device__ void combine_send_block(const Args& a, uint4* ring) {
   __shared__ int roff[kMaxRanks + 1];
   __shared__ int abort_flag;
   const Geometry& g = a.g;
@@ -1146,11 +1373,18 @@ __device__ void combine_send_block(const Args& a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int most = 0;
   for (int s = 0; s < g.R; ++s) most = max(most, roff[s + 1] - roff[s]);
-  const int64_t items = (static_cast<int64_t>(most) + g.C - 1) / g.C * g.R;
+  // Items: (chunk, source) pairs, chunk-major. combine_peer_items (NVLink): the rank's own
+  // source, summed by combine_recv, is left out of the enumeration; skipped in place (v5), it
+  // idles every block b with b % R == rank whenever num_blocks % R == 0 (half of them, 2 ranks).
+  const bool peers_only = !a.nccl && a.peer_items;
+  const int nsrc = peers_only ? g.R - 1 : g.R;
+  const int64_t items = (static_cast<int64_t>(most) + g.C - 1) / g.C * nsrc;
   const int32_t* token_rows = at<int32_t>(a.my, a.lay.token_rows);
   const float* row_weight = at<float>(a.my, a.lay.row_weight);
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int c = static_cast<int>(item / g.R), s = static_cast<int>(item % g.R);
+    const int c = static_cast<int>(item / nsrc);
+    int s = static_cast<int>(item % nsrc);
+    if (peers_only && s >= a.rank) ++s;
     const int64_t count = roff[s + 1] - roff[s];
     if ((!a.nccl && s == a.rank) || static_cast<int64_t>(c) * g.C >= count) continue;
     const int64_t j0 = static_cast<int64_t>(c) * g.C, j1 = min(count, j0 + g.C);
@@ -1161,6 +1395,14 @@ __device__ void combine_send_block(const Args& a) {
       const int64_t c_begin = sp.first(it) * 256 + lane * 8, c_end = min(g.H, sp.last(it) * 256);
       uint16_t* dst = at<uint16_t>(peer(a, s), a.lay.comb_stage) +
                       (static_cast<int64_t>(out_region(a, s)) * g.Tmax + j) * g.H;
+      if (kAsync) {
+        combine_record_async(a, slot, c_begin, c_end, dst, ring);
+        continue;
+      }
+      if (kU > 1) {
+        combine_record<kU>(a, slot, c_begin, c_end, dst);
+        continue;
+      }
       int row = -1;
       float wt = 0.0f;
       if (a.weighted && lane < g.K) {
@@ -1192,13 +1434,103 @@ __device__ void combine_send_block(const Args& a) {
   }
 }
 
+template <int kU, bool kAsync>
 __global__ void __launch_bounds__(kSendThreads) k_combine_send(Args a) {
-  combine_send_block(a);
+  extern __shared__ uint4 comb_ring[];
+  combine_send_block<kU, kAsync>(a, comb_ring);
   count_send_block(a.my, a.lay.status, kCombineSent);
 }
 
 // ---- combine receive: per tile of tokens, wait for the chunks holding their partials, then sum
 // the partials in rank order (the rank's own computed here from its expert rows) ----
+// One token's sum over ranks, columns [c_lo, c_hi) (whole 256-column steps), two steps per pass:
+// the rank's own partial from its expert rows `rs` (rounded to BF16 like a staged one), the
+// others' from the stage, added in rank order. Lane d < R holds the token's slot at d.
+__device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, int64_t c_lo,
+                                                    int64_t c_hi, int my_slot, int js_self,
+                                                    const RowSet& rs, const uint16_t* stage) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  const bool self_local = !a.nccl;
+  const int64_t self_slot = static_cast<int64_t>(a.rank) * g.Tmax + js_self;
+  // NOTE: the column loop is warp-uniform (shuffles inside); lanes past H only skip memory.
+  for (int64_t c0 = c_lo; c0 < c_hi; c0 += 512) {
+    const int64_t c = c0 + lane * 8;
+    const bool valid[2] = {c < g.H, c0 + 256 < c_hi && c + 256 < g.H};
+    float self[2][8];
+    if (self_local && js_self >= 0) {
+      if (a.weighted) {
+        weighted_rows_u<2>(a.y, g.H, rs, c, valid, self);
+      } else {
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          if (!valid[u]) continue;
+          const uint4 v =
+              __ldg(reinterpret_cast<const uint4*>(a.y + self_slot * g.H + c + u * 256));
+          const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v);
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            self[u][2 * x] = __uint_as_float(vw[x] << 16);
+            self[u][2 * x + 1] = __uint_as_float(vw[x] & 0xFFFF0000u);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int x = 0; x < 8; ++x) self[u][x] = bf16_bits_to_float(float_to_bf16_bits(self[u][x]));
+    }
+    float acc[2][8];
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+      for (int x = 0; x < 8; ++x) acc[u][x] = 0.0f;
+    // Ranks in pairs: their rows of both steps loaded together, summed in rank order.
+    for (int d0 = 0; d0 < g.R; d0 += 2) {
+      uint4 v[2][2];
+      int js[2];
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        js[q] = __shfl_sync(kFull, my_slot, (d0 + q) & 31);
+        if (d0 + q >= g.R) js[q] = -1;
+        if (js[q] >= 0 && !(self_local && d0 + q == a.rank)) {
+          const uint16_t* src = stage + (static_cast<int64_t>(d0 + q) * g.Tmax + js[q]) * g.H + c;
+#pragma unroll
+          for (int u = 0; u < 2; ++u)
+            if (valid[u]) v[u][q] = __ldcg(reinterpret_cast<const uint4*>(src + u * 256));
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        if (js[q] < 0) continue;
+        const bool own = self_local && d0 + q == a.rank;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          if (!valid[u]) continue;
+          if (own) {
+#pragma unroll
+            for (int x = 0; x < 8; ++x) acc[u][x] = __fadd_rn(acc[u][x], self[u][x]);
+            continue;
+          }
+          const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u][q]);
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            acc[u][2 * x] = __fadd_rn(acc[u][2 * x], __uint_as_float(vw[x] << 16));
+            acc[u][2 * x + 1] = __fadd_rn(acc[u][2 * x + 1], __uint_as_float(vw[x] & 0xFFFF0000u));
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+      if (valid[u]) *reinterpret_cast<uint4*>(a.out + t * g.H + c + u * 256) = pack_bf16(acc[u]);
+  }
+}
+
+// kU = 2 (combine_two_steps): two column steps per pass (the self rows compacted).
+// NOTE: kU = 2 leaves the v5 column loop after its `continue` unreachable (diagnostic 128).
+#pragma nv_diag_suppress 128
+template <int kU>
 __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
   __shared__ int abort_flag;
   __shared__ int last_block;
@@ -1251,6 +1583,11 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
       if (self_local && js_self >= 0 && a.weighted && lane < g.K) {
         row = token_rows[self_slot * g.K + lane];
         if (row >= 0) wt = row_weight[row];
+      }
+      if constexpr (kU == 2) {
+        combine_recv_token2(a, t, sp.first(it) * 256, sp.last(it) * 256, my_slot, js_self,
+                            compact_rows(row, wt), stage);
+        continue;
       }
       int rows[kMaxTopK];
       float ws[kMaxTopK];
@@ -1338,6 +1675,8 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
   }
 }
 
+#pragma nv_diag_default 128
+
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
@@ -1349,6 +1688,8 @@ class DeviceGuard {
  private:
   int prev_ = 0;
 };
+
+using KernelFn = void (*)(Args);
 
 // A launch, optionally as a programmatic dependent of the previous kernel on the stream (it may
 // start once that kernel's blocks all allowed it; ours synchronise through flags only).
@@ -1365,6 +1706,24 @@ void launch(void (*kernel)(Args), int grid, size_t smem, cudaStream_t stream, bo
   cfg.attrs = dependent ? attr : nullptr;
   cfg.numAttrs = dependent ? 1 : 0;
   FM_CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, a));
+}
+
+// The kernel variants the options select (DeviceEpOptions: plan_once, prefetch_payload,
+// combine_two_steps).
+KernelFn dispatch_send_kernel(const DeviceEpOptions& o) {
+  if (o.plan_once)
+    return o.prefetch_payload ? k_dispatch_send<true, true> : k_dispatch_send<true, false>;
+  return o.prefetch_payload ? k_dispatch_send<false, true> : k_dispatch_send<false, false>;
+}
+KernelFn combine_send_kernel(const DeviceEpOptions& o) {
+  if (o.combine_async_rows) return k_combine_send<2, true>;
+  return o.combine_two_steps ? k_combine_send<2, false> : k_combine_send<1, false>;
+}
+size_t combine_send_smem(const DeviceEpOptions& o) {
+  return o.combine_async_rows ? kRingBytes : 0;
+}
+KernelFn combine_recv_kernel(const DeviceEpOptions& o) {
+  return o.combine_two_steps ? k_combine_recv<2> : k_combine_recv<1>;
 }
 
 }  // namespace
@@ -1534,17 +1893,19 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   // NOTE: load every kernel now: with lazy module loading a first launch can wait for the device,
   // which never drains while a peer's kernel spins on a flag.
   for (const void* k : {reinterpret_cast<const void*>(k_dispatch_plan),
-                        reinterpret_cast<const void*>(k_dispatch_send<false>),
-                        reinterpret_cast<const void*>(k_dispatch_send<true>),
+                        reinterpret_cast<const void*>(dispatch_send_kernel(m.opt)),
                         reinterpret_cast<const void*>(k_dispatch_recv),
-                        reinterpret_cast<const void*>(k_combine_send),
-                        reinterpret_cast<const void*>(k_combine_recv)}) {
+                        reinterpret_cast<const void*>(combine_send_kernel(m.opt)),
+                        reinterpret_cast<const void*>(combine_recv_kernel(m.opt))}) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
-  for (auto k : {k_dispatch_send<false>, k_dispatch_send<true>})
-    FM_CHECK_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(m.ps.total)));
+  FM_CHECK_CUDA(cudaFuncSetAttribute(combine_send_kernel(m.opt),
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(combine_send_smem(m.opt))));
+  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_send_kernel(m.opt),
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(m.ps.total)));
   FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_plan, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(plan_kernel_smem(m.g))));
   FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_recv, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1652,8 +2013,7 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
     launch(k_dispatch_plan, grid, plan_kernel_smem(m.g), stream, false, a);
   }
   // plan_once: a programmatic dependent of the plan kernel (it waits for the plan in-kernel).
-  launch(m.opt.plan_once ? k_dispatch_send<true> : k_dispatch_send<false>, m.opt.num_blocks,
-         m.ps.total, stream, m.opt.plan_once, a);
+  launch(dispatch_send_kernel(m.opt), m.opt.num_blocks, m.ps.total, stream, m.opt.plan_once, a);
   if (a.nccl) {
     const size_t T = m.g.Tmax, K = m.g.K;
     m.exchange({{m.lay.stage, T * m.g.P},
@@ -1688,7 +2048,8 @@ void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {
   Args a = m.args();
   a.y = y;
   a.weighted = true;
-  launch(k_combine_send, m.opt.num_blocks, 0, stream, false, a);
+  a.peer_items = m.opt.combine_peer_items;
+  launch(combine_send_kernel(m.opt), m.opt.num_blocks, combine_send_smem(m.opt), stream, false, a);
   if (a.nccl) m.exchange({{m.lay.comb_stage, m.g.Tmax * m.g.H * 2}}, stream);
 }
 
@@ -1702,7 +2063,8 @@ void DeviceEpRank::combine_tokens_send(const uint16_t* rows, cudaStream_t stream
   Args a = m.args();
   a.y = rows;
   a.weighted = false;
-  launch(k_combine_send, m.opt.num_blocks, 0, stream, false, a);
+  a.peer_items = m.opt.combine_peer_items;
+  launch(combine_send_kernel(m.opt), m.opt.num_blocks, combine_send_smem(m.opt), stream, false, a);
   if (a.nccl) m.exchange({{m.lay.comb_stage, m.g.Tmax * m.g.H * 2}}, stream);
 }
 
@@ -1724,7 +2086,7 @@ void DeviceEpRank::combine_recv(uint16_t* out, cudaStream_t stream) {
   // token per block, its columns split over the block's warps.
   const int64_t per = (a.T + 2 * m.recv_blocks - 1) / std::max(1, 2 * m.recv_blocks);
   a.tile = static_cast<int>(std::clamp<int64_t>(per, 1, 32));
-  launch(k_combine_recv, m.recv_blocks, 0, stream, m.opt.overlap_recv && !a.nccl, a);
+  launch(combine_recv_kernel(m.opt), m.recv_blocks, 0, stream, m.opt.overlap_recv && !a.nccl, a);
 }
 
 DeviceRecvView DeviceEpRank::view() const {

@@ -230,32 +230,58 @@ int chunk_of(int ran) {
   return kChunks[ran % 4];
 }
 
-void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink) {
+// Kernel variants: 0 the plan in every send block (v5), 1 plan_once (v5 + plan-once kernels),
+// 2 the defaults (plan_once, prefetch_payload, combine_two_steps), 3 the session-3 options with
+// the per-block plan. Not yet measured, so in a test of their own (a failure names them): 4 the
+// defaults with combine_peer_items, 5 with combine_peer_items and combine_async_rows.
+constexpr int kVariants = 4;
+constexpr int kPeerItems = 4, kPeerItemsAsyncRows = 5;
+DeviceEpOptions variant_options(int v) {
+  DeviceEpOptions o;
+  o.plan_once = v != 0 && v != 3;
+  o.prefetch_payload = v >= 2;
+  o.combine_two_steps = v >= 2;
+  o.combine_peer_items = v >= 4;
+  o.combine_async_rows = v == 5;
+  return o;
+}
+std::string variant_name(int v) {
+  constexpr const char* kNames[kVariants + 2] = {" v5",
+                                                 " plan_once",
+                                                 " defaults",
+                                                 " v5 prefetch+two_steps",
+                                                 " defaults+peer_items",
+                                                 " defaults+peer_items+async_rows"};
+  return kNames[v];
+}
+
+// only: run every case with this one variant (-1: all of them).
+void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink, int only = -1) {
   int ran = 0;
   for (const Case& c : cases()) {
     if (wire == Wire::kNccl && c.R != gpus) continue;  // NCCL: one rank per GPU
-    // NVLink: every case with the plan in each send block (v5) and planned once; NCCL (slow to
-    // set up): the two alternate.
-    for (int variant = 0; variant < (wire == Wire::kNccl ? 1 : 2); ++variant) {
+    // NVLink: every case with each kernel variant (below); NCCL (slow to set up): they take
+    // turns.
+    for (int variant = 0; variant < (wire == Wire::kNccl || only >= 0 ? 1 : kVariants); ++variant) {
       ++ran;
-      const bool plan_once = wire == Wire::kNccl ? ran % 2 == 0 : variant == 1;
-      // Both NVLink variants of a case share its chunk size, so each plan path meets every size.
-      const int chunk = chunk_of(wire == Wire::kNccl ? ran : (ran - 1) / 2);
+      const int v = only >= 0 ? only : wire == Wire::kNccl ? ran % kVariants : variant;
+      // The NVLink variants of a case share its chunk size, so each path meets every size.
+      const int chunk = chunk_of(wire == Wire::kNccl || only >= 0 ? ran : (ran - 1) / kVariants);
+      DeviceEpOptions opt = variant_options(v);
+      const std::string path = variant_name(v);
       progress(std::string("case ") + c.name + " " + payload_name(p) + " " + wire_name(wire) +
-               " chunk " + std::to_string(chunk) + (plan_once ? " plan_once" : ""));
+               " chunk " + std::to_string(chunk) + path);
       SCOPED_TRACE(std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
-                   " GPU(s) over " + wire_name(wire) + (plan_once ? ", plan_once" : ""));
+                   " GPU(s) over " + wire_name(wire) + path);
       EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, p);
       cfg.masked_capacity = c.masked_capacity;
-      DeviceEpOptions opt;
       opt.num_blocks = 5;  // fewer blocks than tokens: grid-stride paths
       opt.wire = wire;
       // Receive grids of 3 blocks (grid-stride over chunks) or the automatic size; receive kernels
       // after or beside their send kernels.
       opt.chunk_tokens = chunk;
-      opt.recv_blocks = ran % 3 == 0 ? 3 : 0;
+      opt.recv_blocks = (ran + ran / kVariants) % 3 == 0 ? 3 : 0;
       opt.overlap_recv = ran % 5 != 0;
-      opt.plan_once = plan_once;
       Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 40 + c.R, opt);
       check_against_reference(h, 2);
     }
@@ -272,13 +298,17 @@ TEST_F(NvlinkTest, MatchesReferenceFp8AllGpus) {
 TEST_F(NvlinkTest, MatchesReferenceFp8OneGpuManyRanks) {
   run_cases(Payload::kFP8, 1);
 }
+TEST_F(NvlinkTest, UnmeasuredCombineOptionsMatchReference) {
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kPeerItems);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kPeerItemsAsyncRows);
+  run_cases(Payload::kBF16, 1, Wire::kNvlink, kPeerItemsAsyncRows);
+}
 
 TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
-  for (bool plan_once : {false, true}) {
-    SCOPED_TRACE(plan_once ? "plan_once" : "plan in every send block");
+  for (int v = 0; v < kVariants; ++v) {
+    SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
-    DeviceEpOptions opt;
-    opt.plan_once = plan_once;
+    const DeviceEpOptions opt = variant_options(v);
     Harness h(cfg, devices_for(2, gpu_count()), {128, 90}, Routing::kRandom, 9, opt);
     const auto want = dispatch_reference(cfg, batches_of(h.data));
     std::vector<const uint16_t*> y = {h.ys[0].data(), h.ys[1].data()};

@@ -64,6 +64,23 @@ struct DeviceEpOptions {
   // of in every send block's shared memory. Same results bit for bit; off = the v5 path (2xH200,
   // V3 shape, same call: FP8 dispatch 182.0 vs 229.6 us, docs/comm/runs/ep-plan-once-*.md).
   bool plan_once = true;
+  // Kernel variants of session 3 (docs/comm/README.md, "Session 3"); same results bit for bit,
+  // both off = the v5 + plan-once kernels. 2 x H200, V3 shape, same call (3 rounds):
+  // The FP8 dispatch send loads a token's next 1024-column step before quantising this one:
+  // layout-only dispatch 142.5 -> 138.3 us, full dispatch 181.8 -> 181.4.
+  bool prefetch_payload = true;
+  // Both combine kernels sum two 256-column steps per pass over the compacted expert rows
+  // (twice the loads in flight per lane): combine 463.9 -> 389.9 us.
+  bool combine_two_steps = true;
+  // The combine send streams each record's expert rows through shared memory with cp.async (a
+  // ring of 24 16-byte slots per thread, 192 KB per block: up to 24 / rows column steps in
+  // flight per lane, no registers held). Compiled and in the device tests, not yet measured.
+  bool combine_async_rows = false;
+  // The combine send's work items are (chunk, peer) pairs: the rank's own records (summed by
+  // combine_recv) are left out of the enumeration instead of skipped in place, which left every
+  // send block b with b % num_ranks == rank without work when num_blocks % num_ranks == 0 (half
+  // of the 64 blocks on 2 ranks). Found after the last device call: not yet measured.
+  bool combine_peer_items = false;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
