@@ -15,51 +15,59 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export CUDA_MODULE_LOADING=EAGER
 out=${OUT:-/tmp/ep_suite}
 mkdir -p "$out"
-bin=build-bundle/bin
+raw=$(mktemp -d)  # every log and JSON file; $OUT gets one archive of it (see pack)
+bin=${SUITE_BIN:-build-bundle/bin}
 t0=$(date +%s)
 el() { echo $(($(date +%s) - t0)); }
 nccl_lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
 export LD_LIBRARY_PATH=${nccl_lib}:${LD_LIBRARY_PATH:-}
-{ date -u; nvidia-smi --query-gpu=index,name,memory.total,clocks.sm,clocks.max.sm --format=csv; nvidia-smi topo -m; } > "$out/machine.txt" 2>&1
-head -6 "$out/machine.txt"
+{ date -u; nvidia-smi --query-gpu=index,name,memory.total,clocks.sm,clocks.max.sm --format=csv; nvidia-smi topo -m; } > "$raw/machine.txt" 2>&1
+head -6 "$raw/machine.txt"
 commit=${FP8MOE_COMMIT:-unknown}
 day=$(date -u +%F)
+# The device tool returns at most 8 files from $OUT: everything goes into one archive,
+# refreshed after each step so that a call cut by its time limit still returns what ran.
+pack() { tar czf "$out/ep_suite.tgz.tmp" -C "$raw" . && mv "$out/ep_suite.tgz.tmp" "$out/ep_suite.tgz"; }
 bench() {  # bench NAME TIMEOUT ARGS...
   local name=$1 limit=$2
   shift 2
   echo "== [$(el) s] ep_bench $name: $*"
-  timeout "$limit" "$bin/ep_bench" "$@" --out "$out/$name.jsonl" --date "$day" --commit "$commit" > "$out/$name.log" 2>&1
+  timeout "$limit" "$bin/ep_bench" "$@" --out "$raw/$name.jsonl" --date "$day" --commit "$commit" > "$raw/$name.log" 2>&1
   echo "$name rc=$?"
-  grep -E "MISMATCH|ep_bench:|error" "$out/$name.log" | head -5
+  grep -E "MISMATCH|ep_bench:|error" "$raw/$name.log" | head -5
+  pack
 }
 echo "== [$(el) s] test_comm_gpu"
-timeout "${SUITE_TEST_TIMEOUT:-200}" stdbuf -oL "$bin/test_comm_gpu" > "$out/test_comm_gpu.log" 2>&1
-echo "test_comm_gpu rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/test_comm_gpu.log" | tr '\n' ' ')"
-grep -E "^\[  FAILED  \] [A-Za-z]|Failure" "$out/test_comm_gpu.log" | head -10
+timeout "${SUITE_TEST_TIMEOUT:-200}" stdbuf -oL "$bin/test_comm_gpu" > "$raw/test_comm_gpu.log" 2>&1
+echo "test_comm_gpu rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]' "$raw/test_comm_gpu.log" | tr '\n' ' ')"
+grep -E "^\[  FAILED  \] [A-Za-z]|Failure" "$raw/test_comm_gpu.log" | head -10
+pack
 if [[ -n ${SUITE_AB:-} ]]; then
   bench ab 150 --ab "$SUITE_AB" --ab-rounds "${SUITE_AB_ROUNDS:-3}" --blocks 64 --chunks 16 --ll-blocks 64 --ll-chunks 4
-  grep -E "^# " "$out/ab.log" | head -40
+  grep -E "^# " "$raw/ab.log" | head -40
 fi
 bench defaults 120 --blocks 64 --chunks 16 --ll-blocks 64 --ll-chunks 4
-sed -n '/# summary/,$p' "$out/defaults.log" | head -30
+sed -n '/# summary/,$p' "$raw/defaults.log" | head -30
 for x in ${SUITE_XNODE:-}; do  # entries G or G:ranks_per_gpu
   g=${x%%:*}
   rpg=1
   [[ $x == *:* ]] && rpg=${x##*:}
   bench "xnode_g${g}_r${rpg}" 120 --gpus-per-node "$g" --ranks-per-gpu "$rpg" --blocks 64 --chunks 16 --iters 8 --warmup 2
-  grep -E "^\| |^# " "$out/xnode_g${g}_r${rpg}.log" | head -16
+  sed -n '/# cross-node summary/,$p' "$raw/xnode_g${g}_r${rpg}.log" | head -16
 done
 if [[ ${SUITE_GEMM:-1} == 1 ]]; then
   for t in test_kernels_gpu test_moe_gpu; do
     echo "== [$(el) s] $t (GPU 0)"
-    CUDA_VISIBLE_DEVICES=0 timeout 200 stdbuf -oL "$bin/$t" > "$out/$t.log" 2>&1
-    echo "$t rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/$t.log" | tr '\n' ' ')"
-    grep -E "^\[  FAILED  \] [A-Za-z]|Failure" "$out/$t.log" | head -10
+    CUDA_VISIBLE_DEVICES=0 timeout 200 stdbuf -oL "$bin/$t" > "$raw/$t.log" 2>&1
+    echo "$t rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]' "$raw/$t.log" | tr '\n' ' ')"
+    grep -E "^\[  FAILED  \] [A-Za-z]|Failure" "$raw/$t.log" | head -10
+    pack
   done
   echo "== [$(el) s] split-K tests x${SUITE_SPLITK_REPEAT:-3} (GPU 0)"
   CUDA_VISIBLE_DEVICES=0 timeout 150 "$bin/test_kernels_gpu" --gtest_filter='*SplitK*' \
-    --gtest_repeat="${SUITE_SPLITK_REPEAT:-3}" > "$out/splitk_repeat.log" 2>&1
-  echo "split-K repeat rc=$? $(grep -cE '^\[  PASSED  \]' "$out/splitk_repeat.log") passed runs"
-  grep -E "^\[  FAILED  \] [A-Za-z]|Failure|rel_err" "$out/splitk_repeat.log" | head -10
+    --gtest_repeat="${SUITE_SPLITK_REPEAT:-3}" > "$raw/splitk_repeat.log" 2>&1
+  echo "split-K repeat rc=$? $(grep -cE '^\[  PASSED  \]' "$raw/splitk_repeat.log") passed runs"
+  grep -E "^\[  FAILED  \] [A-Za-z]|Failure|rel_err" "$raw/splitk_repeat.log" | head -10
 fi
 echo "== [$(el) s] done"
+pack
