@@ -22,7 +22,10 @@
 // GPU r / ranks-per-gpu): the two-stage route with the network hop over NVLink stores and over
 // NCCL against the direct route, side by side, normal FP8 dispatch and BF16 combine; rows add
 // "gpus_per_node" and "rdma_gbps" (bytes a rank receives from other nodes, each token once per
-// node, over the time: DeepEP's internode "RDMA" figure).
+// node, over the time: DeepEP's internode "RDMA" figure). It ends with a "# cross-node summary"
+// block: a line per route, the anchors, and a short JSON object per row (what
+// scripts/comm/ep_device_suite.sh prints). Any checked result that differs from the reference
+// (a MISMATCH row) makes ep_bench exit 1 after printing everything.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -884,6 +887,67 @@ void summary(const World& w) {
   }
 }
 
+// The closing block of the cross-node form, compact enough to survive a device call's output
+// tail: one line per route (FP8 dispatch, layout only, BF16 combine), the anchors of the run, then
+// one short JSON object per row (ours and anchors) for scripts that lose the --out file.
+void xnode_summary(const World& w, int N, int G) {
+  auto find = [&](const std::string& impl, const char* op, const char* dtype,
+                  const char* note = nullptr) -> const Row* {
+    for (const Row& r : w.rows)
+      if (r.impl == impl && r.op == op && r.dtype == dtype && (!note || r.note == note)) return &r;
+    return nullptr;
+  };
+  std::printf(
+      "# cross-node summary: %d nodes x %d ranks on %d GPU(s), %lld tokens/rank, hidden %lld, "
+      "top-%d of %d experts; median of %d iterations, slowest rank\n",
+      N, G, w.gpus, static_cast<long long>(w.opt.tokens), static_cast<long long>(w.opt.hidden),
+      w.opt.topk, w.opt.experts, w.opt.iters);
+  std::printf("# us (GB/s of all received bytes / GB/s from other nodes, a token once per node)\n");
+  std::printf("# %-22s %-30s %-12s %s\n", "route", "fp8 dispatch", "layout only", "bf16 combine");
+  const char* routes[][2] = {{"fp8moe_direct", "direct"},
+                             {"fp8moe_2stage", "two-stage, NVLink hop"},
+                             {"fp8moe_nccl_wire_2stage", "two-stage, NCCL hop"}};
+  for (const auto& [impl, label] : routes) {
+    const Row* d = find(impl, "dispatch", "fp8");
+    if (!d) continue;
+    const Row* l = find(impl, "dispatch_layout_only", "fp8");
+    const Row* c = find(impl, "combine", "bf16");
+    std::printf("# %-22s %8.1f us (%6.1f / %6.1f)%s", label, d->us, d->gbps, d->rdma_gbps,
+                d->check == 0 ? " MISMATCH" : "");
+    if (l) std::printf("  %8.1f us", l->us);
+    if (c) std::printf("  %8.1f us (%6.1f / %6.1f)", c->us, c->gbps, c->rdma_gbps);
+    std::printf("\n");
+  }
+  const Row* nd = find("nccl", "dispatch", "fp8");
+  const Row* nc = find("nccl", "combine", "bf16");
+  const Row* p1 = find("peer_copy", "copy_one_way", "bytes", "fp8_dispatch_cross_bytes");
+  const Row* p2 = find("peer_copy", "copy_bidirectional", "bytes", "fp8_dispatch_cross_bytes");
+  std::printf("# anchors:");
+  if (nd && nc)
+    std::printf(" NCCL all-to-all of the same bytes %.1f us (fp8) / %.1f us (bf16 combine);",
+                nd->us, nc->us);
+  if (p1 && p2)
+    std::printf(" peer copy of the cross bytes %.1f us one way / %.1f us both ways", p1->us,
+                p2->us);
+  if (!(nd && nc) && !(p1 && p2)) std::printf(" none in this run");
+  std::printf("\n");
+  for (const Row& r : w.rows) {
+    const bool ours = r.gpus_per_node > 0;
+    const bool anchor = r.impl == "nccl" || (r.impl == "peer_copy" && r.mode == "normal");
+    if (!ours && !anchor) continue;
+    std::printf(
+        "{\"bench\":\"ep\",\"xnode\":\"%dx%d\",\"gpus\":%d,\"impl\":\"%s\",\"op\":\"%s\","
+        "\"dtype\":\"%s\",\"tokens\":%lld,\"us\":%.2f,\"gbps\":%.2f",
+        N, G, w.gpus, r.impl.c_str(), r.op.c_str(), r.dtype.c_str(),
+        static_cast<long long>(r.tokens), r.us, r.gbps);
+    if (ours)
+      std::printf(",\"gpus_per_node\":%d,\"rdma_gbps\":%.2f,\"checked\":%s", r.gpus_per_node,
+                  r.rdma_gbps, r.check < 0 ? "null" : (r.check ? "true" : "false"));
+    std::printf("}\n");
+  }
+  std::fflush(stdout);
+}
+
 // The cross-node form at the normal shape: direct route, two-stage route with the network hop
 // over our NVLink stores, and over NCCL (where the ranks of a local index have distinct GPUs),
 // each dispatch checked bit for bit against the reference; NCCL all-to-all and the peer copy of
@@ -946,11 +1010,7 @@ void run_xnode(World& w) {
   }
 #endif
   bench_peer(w, static_cast<int64_t>(cross * fp8_record), "normal", "fp8_dispatch_cross_bytes");
-  std::printf("# cross-node summary (us, GB/s of all received bytes, GB/s from other nodes)\n");
-  for (const Row& r : w.rows)
-    if (r.gpus_per_node > 0)
-      std::printf("%-24s %-21s %8.1f us %8.1f GB/s %8.1f GB/s rdma\n", r.impl.c_str(), r.op.c_str(),
-                  r.us, r.gbps, r.rdma_gbps);
+  xnode_summary(w, N, G);
 }
 
 void run(World& w) {
@@ -1108,6 +1168,14 @@ int main(int argc, char** argv) {
     for (auto c : w.comms) ncclCommDestroy(c);
 #endif
     if (w.out) std::fclose(w.out);
+    // A timing of a wrong result is no result: the run fails, after printing everything.
+    int mismatches = 0;
+    for (const Row& r : w.rows) mismatches += r.check == 0;
+    if (mismatches > 0) {
+      std::fprintf(stderr, "ep_bench: %d checked row(s) differ from the reference (MISMATCH)\n",
+                   mismatches);
+      return 1;
+    }
   } catch (const Error& e) {
     std::fprintf(stderr, "ep_bench: %s\n", e.what());
     return e.kind() == ErrorKind::kInvalidArgument ? 2 : 1;

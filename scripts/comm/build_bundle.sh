@@ -1,29 +1,22 @@
 #!/usr/bin/env bash
-# Builds the comm GPU test and the EP benchmark with nvcc alone into build-comm-dev/ (git-ignored),
-# so that a device run can carry ready binaries instead of configuring and compiling the whole
-# project there. Needs nvcc, NCCL headers/library (CUDA toolkit or NCCL_ROOT) and GoogleTest.
-# The CMake build (test_comm_gpu, ep_bench targets) builds the same sources.
+# Builds the comm GPU test and the EP benchmark here (CMake targets test_comm_gpu and ep_bench,
+# libstdc++ and libgcc linked statically) and copies them into build-comm-dev/ (git-ignored), so
+# that a device run can carry ready binaries instead of configuring and compiling there. Needs
+# nvcc, NCCL headers/library (CUDA toolkit, or NCCL_ROOT) and GoogleTest.
+# NOTE: it used to call nvcc on a fixed list of files, which missed every file added since (the
+# two-stage route, the low-latency kernels, the launcher and its tests) and no longer linked; the
+# CMake build globs the module's files.
+# EP_BUILD_OUT: the folder for the binaries (default build-comm-dev); EP_CMAKE_DIR: the CMake
+# build tree (default build-comm-cmake, not carried).
 # On the device: LD_LIBRARY_PATH=<dir of libnccl.so.2> build-comm-dev/test_comm_gpu
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=${EP_BUILD_OUT:-build-comm-dev}  # EP_BUILD_OUT: another folder (absolute or repo-relative)
-mkdir -p "$out/obj"
-nccl_root=${NCCL_ROOT:-/usr/local/cuda}
-cuda_flags=(-std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -lineinfo
-            -Xcompiler=-Wall,-Wextra,-Werror --Werror all-warnings
-            -Iinclude -Itests/comm -I"$nccl_root/include" -DFP8MOE_HAVE_CUDA=1 -DFP8MOE_HAVE_NCCL=1)
-cxx_flags=(-std=c++20 -O3 -Wall -Wextra -Werror -Iinclude)
-pids=()
-nvcc "${cuda_flags[@]}" -c src/comm/sm90_device_ep.cu -o "$out/obj/device_ep.o" & pids+=($!)
-nvcc "${cuda_flags[@]}" -c tests/comm/device_ep_gpu_test.cu -o "$out/obj/device_ep_gpu_test.o" & pids+=($!)
-for p in "${pids[@]}"; do wait "$p"; done
-nvcc "${cuda_flags[@]}" -c bench/gpu/ep_bench.cu -o "$out/obj/ep_bench.o"
-for f in src/comm/ep_reference.cpp src/core/error.cpp src/core/dtypes.cpp; do
-  g++ "${cxx_flags[@]}" -c "$f" -o "$out/obj/$(basename "$f" .cpp).o"
-done
-common=("$out/obj/device_ep.o" "$out/obj/ep_reference.o" "$out/obj/error.o" "$out/obj/dtypes.o"
-        -L"$nccl_root/lib" -L"$nccl_root/lib64" -lnccl -Xcompiler -static-libstdc++ -lpthread)
-nvcc -gencode=arch=compute_90a,code=sm_90a -o "$out/test_comm_gpu" "$out/obj/device_ep_gpu_test.o" \
-  "${common[@]}" /usr/lib/x86_64-linux-gnu/libgtest_main.a /usr/lib/x86_64-linux-gnu/libgtest.a
-nvcc -gencode=arch=compute_90a,code=sm_90a -o "$out/ep_bench" "$out/obj/ep_bench.o" "${common[@]}"
+out=${EP_BUILD_OUT:-build-comm-dev}
+tree=${EP_CMAKE_DIR:-build-comm-cmake}
+cmake -S . -B "$tree" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFP8MOE_BUILD_BENCH=ON \
+  -DCMAKE_EXE_LINKER_FLAGS="-static-libstdc++ -static-libgcc" \
+  ${NCCL_ROOT:+-DFP8MOE_NCCL_ROOT="$NCCL_ROOT"} > /dev/null
+cmake --build "$tree" -j "${JOBS:-2}" --target test_comm_gpu ep_bench
+mkdir -p "$out"
+cp "$tree/tests/test_comm_gpu" "$tree/bench/ep_bench" "$out/"
 ls -la "$out/test_comm_gpu" "$out/ep_bench"

@@ -3,10 +3,14 @@
 # GEMM on GPU 0), with binaries built here by `bash scripts/gpu_bundle.sh` and build-bundle/bin
 # carried to the device. Steps (each logged to $OUT, each with its own time limit, so a hang in
 # one leaves the others' results):
-#   1. test_comm_gpu (every EP back end against the CPU reference, all GPUs)
+#   1. test_comm_gpu (every EP back end against the CPU reference, all GPUs, one process per GPU
+#      too; SUITE_TEST_TIMEOUT seconds, 240)
 #   2. ep_bench variant A/B (SUITE_AB, each variant timed every round, order rotating)
 #   3. ep_bench with the defaults: normal and low-latency shapes beside NCCL and the peer copy
-#   4. ep_bench --gpus-per-node for each SUITE_XNODE entry (two-stage route against direct)
+#   4. ep_bench --gpus-per-node for each SUITE_XNODE entry (two-stage route against direct;
+#      entries G or G:ranks_per_gpu; default: half the GPUs per node, i.e. 2 nodes, when the GPU
+#      count is even; SUITE_XNODE=none skips), printing each run's "# cross-node summary" block
+#      (or, if the run died before it, the rows it had printed)
 #   5. test_kernels_gpu and test_moe_gpu on GPU 0 (SUITE_GEMM=0 skips), the split-K tests repeated
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 set -uo pipefail
@@ -38,9 +42,9 @@ bench() {  # bench NAME TIMEOUT ARGS...
   pack
 }
 echo "== [$(el) s] test_comm_gpu"
-timeout "${SUITE_TEST_TIMEOUT:-200}" stdbuf -oL "$bin/test_comm_gpu" > "$raw/test_comm_gpu.log" 2>&1
+timeout "${SUITE_TEST_TIMEOUT:-240}" stdbuf -oL "$bin/test_comm_gpu" > "$raw/test_comm_gpu.log" 2>&1
 echo "test_comm_gpu rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]' "$raw/test_comm_gpu.log" | tr '\n' ' ')"
-grep -E "^\[  FAILED  \] [A-Za-z]|Failure" "$raw/test_comm_gpu.log" | head -10
+grep -E "^\[  FAILED  \] [A-Za-z]|Failure|launch failed|HANG in|differs from the CPU reference" "$raw/test_comm_gpu.log" | head -12
 pack
 if [[ -n ${SUITE_AB:-} ]]; then
   bench ab 150 --ab "$SUITE_AB" --ab-rounds "${SUITE_AB_ROUNDS:-3}" --blocks 64 --chunks 16 --ll-blocks 64 --ll-chunks 4
@@ -48,12 +52,22 @@ if [[ -n ${SUITE_AB:-} ]]; then
 fi
 bench defaults 120 --blocks 64 --chunks 16 --ll-blocks 64 --ll-chunks 4
 sed -n '/# summary/,$p' "$raw/defaults.log" | head -30
-for x in ${SUITE_XNODE:-}; do  # entries G or G:ranks_per_gpu
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+xnode=${SUITE_XNODE:-}
+if [[ -z $xnode && $gpus -ge 2 && $((gpus % 2)) -eq 0 ]]; then xnode=$((gpus / 2)); fi
+[[ $xnode == none ]] && xnode=
+for x in $xnode; do  # entries G or G:ranks_per_gpu
   g=${x%%:*}
   rpg=1
   [[ $x == *:* ]] && rpg=${x##*:}
-  bench "xnode_g${g}_r${rpg}" 120 --gpus-per-node "$g" --ranks-per-gpu "$rpg" --blocks 64 --chunks 16 --iters 8 --warmup 2
-  sed -n '/# cross-node summary/,$p' "$raw/xnode_g${g}_r${rpg}.log" | head -16
+  name="xnode_g${g}_r${rpg}"
+  bench "$name" 150 --gpus-per-node "$g" --ranks-per-gpu "$rpg" --blocks 64 --chunks 16 --iters 8 --warmup 2
+  if grep -q '^# cross-node summary' "$raw/$name.log"; then
+    sed -n '/^# cross-node summary/,$p' "$raw/$name.log" | head -40
+  else  # cut short: whatever rows it printed
+    echo "$name: no cross-node summary; its rows:"
+    grep -E '^(fp8moe|nccl|peer_copy)' "$raw/$name.log" | head -20
+  fi
 done
 if [[ ${SUITE_GEMM:-1} == 1 ]]; then
   for t in test_kernels_gpu test_moe_gpu; do

@@ -1922,7 +1922,10 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
     // The peer-written fields lead the layout, so the send buffer is that prefix.
     FM_CHECK_CUDA(cudaMalloc(&m.send_ws, m.lay.peer_table));
     FM_CHECK_CUDA(cudaMemset(m.send_ws, 0, m.lay.peer_table));
-    connect(std::vector<void*>(m.g.R, m.send_ws));
+    // Every "peer" of the kernels is the send buffer; connect leaves this table alone.
+    const std::vector<void*> bases(m.g.R, m.send_ws);
+    FM_CHECK_CUDA(cudaMemcpy(m.ws + m.lay.peer_table, bases.data(), m.g.R * sizeof(void*),
+                             cudaMemcpyHostToDevice));
   }
   FM_CHECK_CUDA(cudaDeviceSynchronize());
 }
@@ -1963,6 +1966,9 @@ void DeviceEpRank::connect(const std::vector<void*>& bases) {
   Impl& m = *impl_;
   FM_CHECK_ARG(static_cast<int>(bases.size()) == m.g.R, bases.size(), " bases for ", m.g.R,
                " ranks");
+  // NOTE: one node over NCCL writes no peer; its table points at the send buffer (constructor),
+  // so that a process-per-GPU caller may connect every wire alike.
+  if (m.opt.wire == Wire::kNccl) return;
   DeviceGuard guard(m.device);
   FM_CHECK_CUDA(cudaMemcpy(m.ws + m.lay.peer_table, bases.data(), m.g.R * sizeof(void*),
                            cudaMemcpyHostToDevice));
@@ -1973,6 +1979,7 @@ void DeviceEpRank::connect_ipc(const std::vector<cudaIpcMemHandle_t>& handles) {
   Impl& m = *impl_;
   FM_CHECK_ARG(static_cast<int>(handles.size()) == m.g.R, handles.size(), " handles for ", m.g.R,
                " ranks");
+  if (m.opt.wire == Wire::kNccl) return;  // no peer is written (see connect)
   DeviceGuard guard(m.device);
   std::vector<void*> bases(m.g.R);
   for (int r = 0; r < m.g.R; ++r) {

@@ -1039,6 +1039,18 @@ struct ForwardEpRank::Impl {
   char* send_ws = nullptr;  // NCCL wire: the network fields by destination (or source) node
   std::vector<void*> opened;
   int64_t last_tokens = 0;
+  bool connected = false;
+
+  // The ranks whose workspaces this rank writes: its node's, and over the NVLink stand-in for
+  // the network the forwarders of the other nodes (the rank of its local index there).
+  bool writes_to(int r) const {
+    return r / g.G == g.node || (opt.wire == Wire::kNvlink && r % g.G == g.local);
+  }
+  void check_connected(const char* call) const {
+    FM_CHECK_ARG(connected, "rank ", g.rank, ": ", call,
+                 " before connect() / connect_ipc(): the two-stage route writes into the "
+                 "workspaces of its node's ranks");
+  }
 
   Args args() const {
     Args a{};
@@ -1145,6 +1157,14 @@ void ForwardEpRank::connect(const std::vector<void*>& bases) {
   Impl& m = *impl_;
   FM_CHECK_ARG(static_cast<int>(bases.size()) == m.g.R, bases.size(), " bases for ", m.g.R,
                " ranks");
+  for (int r = 0; r < m.g.R; ++r) {
+    if (!m.writes_to(r) || bases[r]) continue;
+    FM_THROW(ErrorKind::kInvalidArgument, "rank ", m.g.rank,
+             ": connect without the workspace of rank ", r, ", which the two-stage route writes (",
+             r / m.g.G == m.g.node ? std::string("a rank of its node")
+                                   : "the forwarder of node " + std::to_string(r / m.g.G),
+             ")");
+  }
   std::vector<void*> net(m.g.N);
   for (int n = 0; n < m.g.N; ++n)
     net[n] = m.opt.wire == Wire::kNccl ? m.send_ws : bases[n * m.g.G + m.g.local];
@@ -1153,6 +1173,7 @@ void ForwardEpRank::connect(const std::vector<void*>& bases) {
       cudaMemcpy(m.ws + m.l.peers, bases.data(), m.g.R * sizeof(void*), cudaMemcpyHostToDevice));
   FM_CHECK_CUDA(
       cudaMemcpy(m.ws + m.l.net, net.data(), m.g.N * sizeof(void*), cudaMemcpyHostToDevice));
+  m.connected = true;
 }
 
 void ForwardEpRank::connect_ipc(const std::vector<cudaIpcMemHandle_t>& handles) {
@@ -1166,8 +1187,7 @@ void ForwardEpRank::connect_ipc(const std::vector<cudaIpcMemHandle_t>& handles) 
       bases[r] = m.ws;
       continue;
     }
-    // NCCL wire: only the ranks of my node are written through pointers.
-    if (m.opt.wire == Wire::kNccl && r / m.g.G != m.g.node) continue;
+    if (!m.writes_to(r)) continue;  // e.g. other nodes' ranks when NCCL carries the hop
     FM_CHECK_CUDA(cudaIpcOpenMemHandle(&bases[r], handles[r], cudaIpcMemLazyEnablePeerAccess));
     m.opened.push_back(bases[r]);
   }
@@ -1178,6 +1198,7 @@ void ForwardEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
   Impl& m = *impl_;
   FM_CHECK_ARG(b.tokens >= 0 && b.tokens <= m.g.Tmax, "rank ", m.g.rank, ": ", b.tokens,
                " tokens exceed max_tokens_per_rank=", m.g.Tmax);
+  m.check_connected("dispatch_send");
   DeviceGuard guard(m.device);
   Args a = m.args();
   a.T = b.tokens;
@@ -1215,6 +1236,7 @@ void ForwardEpRank::dispatch_recv(cudaStream_t stream) {
 
 void ForwardEpRank::combine_send(const uint16_t* y, bool weighted, cudaStream_t stream) {
   Impl& m = *impl_;
+  m.check_connected(weighted ? "combine_send" : "combine_tokens_send");
   DeviceGuard guard(m.device);
   Args a = m.args();
   a.y = y;

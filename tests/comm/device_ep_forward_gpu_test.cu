@@ -11,6 +11,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
+#include <memory>
 #include <thread>
 
 #include "../../src/comm/device_ep_forward.h"
@@ -25,6 +27,7 @@ namespace {
 
 using testing::batches_of;
 using testing::expect_same_dispatch;
+using testing::expected_node_slot;
 using testing::gpu_count;
 using testing::make_inputs;
 using testing::RankData;
@@ -148,21 +151,6 @@ struct Harness {
     return to_host(buf[r].device, buf[r].out, data[r].tokens * cfg.hidden);
   }
 };
-
-// node_slot[t * N + m]: index of token t among the tokens of its rank that touch node m.
-std::vector<int32_t> expected_node_slot(const EpConfig& cfg, const SendHandle& h) {
-  const int R = cfg.num_ranks, G = cfg.ranks_per_node(), N = cfg.nodes();
-  std::vector<int32_t> ns(h.tokens * N, -1);
-  for (int m = 0; m < N; ++m) {
-    int32_t q = 0;
-    for (int64_t t = 0; t < h.tokens; ++t) {
-      bool hit = false;
-      for (int d = m * G; d < (m + 1) * G; ++d) hit = hit || h.slot[t * R + d] >= 0;
-      if (hit) ns[t * N + m] = q++;
-    }
-  }
-  return ns;
-}
 
 void check_against_reference(Harness& h, int rounds) {
   const EpConfig& cfg = h.cfg;
@@ -392,6 +380,49 @@ TEST_F(ForwardTest, OverflowIsReported) {
   cfg.max_rows = 256;
   Harness h(cfg, node_devices(2, 2, std::min(2, gpu_count())), c.tokens, c.routing, 5);
   check_against_reference(h, 1);
+}
+
+// What a process-per-GPU caller must connect: a call before connect is refused, and connect
+// names a workspace the route writes into (a rank of the node, or over the NVLink stand-in the
+// forwarder of another node) when it is missing; the others may be left out.
+TEST_F(ForwardTest, ConnectNamesTheWorkspacesTheRouteNeeds) {
+  const Case c{"connect", 2, 2, 16, 2, 256, 16, {16, 16, 16, 16}, Routing::kRandom};
+  const EpConfig cfg = config_of(c, Payload::kBF16);
+  std::vector<std::unique_ptr<DeviceEpRank>> ranks;
+  std::vector<void*> bases;
+  for (int r = 0; r < 4; ++r) {
+    ranks.push_back(std::make_unique<DeviceEpRank>(cfg, r, 0));
+    bases.push_back(ranks.back()->workspace());
+  }
+  auto message_of = [](const std::function<void()>& fn) -> std::string {
+    try {
+      fn();
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument) << e.message();
+      return e.message();
+    }
+    ADD_FAILURE() << "expected an error";
+    return "";
+  };
+  const DeviceBatch none{0, nullptr, nullptr, nullptr};
+  std::string m = message_of([&] { ranks[0]->dispatch_send(none, nullptr); });
+  EXPECT_NE(m.find("rank 0: dispatch_send before connect()"), std::string::npos) << m;
+  m = message_of([&] { ranks[1]->combine_send(nullptr, nullptr); });
+  EXPECT_NE(m.find("rank 1: combine_send before connect()"), std::string::npos) << m;
+  // Rank 0 (node 0, local 0) writes ranks 0 and 1 (its node) and rank 2 (local 0 of node 1).
+  std::vector<void*> partial = bases;
+  partial[1] = nullptr;
+  m = message_of([&] { ranks[0]->connect(partial); });
+  EXPECT_NE(m.find("rank 0: connect without the workspace of rank 1"), std::string::npos) << m;
+  EXPECT_NE(m.find("a rank of its node"), std::string::npos) << m;
+  partial = bases;
+  partial[2] = nullptr;
+  m = message_of([&] { ranks[0]->connect(partial); });
+  EXPECT_NE(m.find("rank 0: connect without the workspace of rank 2"), std::string::npos) << m;
+  EXPECT_NE(m.find("the forwarder of node 1"), std::string::npos) << m;
+  partial = bases;
+  partial[3] = nullptr;  // local 1 of node 1: rank 0 never writes there
+  EXPECT_NO_THROW(ranks[0]->connect(partial));
 }
 
 TEST_F(ForwardTest, NcclAcrossNodesNeedsDistinctGpus) {

@@ -201,6 +201,22 @@ inline void expect_same_dispatch(const EpConfig& cfg, const DispatchResult& want
         ASSERT_EQ(a.token_rows[(s * Tmax + j) * K + k], b.token_rows[(s * Tmax + j) * K + k]);
 }
 
+// SendHandle::node_slot of the two-stage route as it must be: node_slot[t * N + m] = index of
+// token t among the tokens of its rank that touch node m (-1 if t touches none of m's ranks).
+inline std::vector<int32_t> expected_node_slot(const EpConfig& cfg, const SendHandle& h) {
+  const int R = cfg.num_ranks, G = cfg.ranks_per_node(), N = cfg.nodes();
+  std::vector<int32_t> ns(h.tokens * N, -1);
+  for (int m = 0; m < N; ++m) {
+    int32_t q = 0;
+    for (int64_t t = 0; t < h.tokens; ++t) {
+      bool hit = false;
+      for (int d = m * G; d < (m + 1) * G; ++d) hit = hit || h.slot[t * R + d] >= 0;
+      if (hit) ns[t * N + m] = q++;
+    }
+  }
+  return ns;
+}
+
 // Deterministic pseudo expert outputs for the grouped rows of rank d (BF16 values of either sign
 // in [0.5, 2) and their binades, cheap enough for large row bounds).
 inline std::vector<uint16_t> expert_outputs(const EpConfig& cfg, int rank, uint64_t seed) {

@@ -18,7 +18,8 @@
 // network hop only (kNvlink: our stores standing in for it on one host; kNccl: grouped send/recv
 // among the ranks of one local index); inside a node it is always the NVLink kernels, so the ranks
 // of a node need peer-mapped workspaces (connect / connect_ipc) with either wire. Tested in
-// tests/comm/device_ep_gpu_test.cu and device_ep_forward_gpu_test.cu against dispatch_reference.
+// tests/comm/device_ep_gpu_test.cu, device_ep_forward_gpu_test.cu and (one process per GPU,
+// both routes and wires) device_ep_multiprocess_gpu_test.cu against dispatch_reference.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -40,7 +41,9 @@ const char* wire_name(Wire w);
 struct DeviceEpOptions {
   Wire wire = Wire::kNvlink;
   // ncclComm_t of this rank (Wire::kNccl): over all ranks with one node; with several nodes, over
-  // the ranks of this rank's local index (comm rank = node), as DeviceEpGroup makes them.
+  // the ranks of this rank's local index (comm rank = node), as DeviceEpGroup makes them. One
+  // process per GPU: ep_nccl_comm_init (fp8moe/comm/nccl_bootstrap.h) makes the right one for a
+  // config through the launcher's store.
   void* nccl_comm = nullptr;
   // Blocks (SMs) of the send kernels (dispatch_send, combine_send); the receive kernels get the
   // rest. 64 measured best on 2 x H200 (docs/comm/README.md, v5).
@@ -127,10 +130,19 @@ class DeviceEpRank {
   int device() const;
   const EpConfig& config() const;
   void* workspace() const;  // base of this rank's workspace (device pointer)
+  // The workspace is one allocation, so one handle per rank is all that peers need (the NCCL
+  // wire's send buffer is never written by a peer).
   cudaIpcMemHandle_t ipc_handle() const;
   // Peer workspaces as this rank's device sees them: bases[r] for every rank (its own included).
+  // Which ranks are written through them: one node, kNvlink: all; one node, kNccl: none (connect
+  // is then a no-op). Several nodes (the two-stage route, either wire): the ranks of this rank's
+  // node, plus with kNvlink the rank of its local index in every other node (the network hop's
+  // forwarders); the other entries may be nullptr. The two-stage route throws kInvalidArgument
+  // on a call before connect, and connect names a missing entry it needs.
   void connect(const std::vector<void*>& bases);
-  // The same from IPC handles of the other processes (own entry ignored).
+  // The same from every rank's ipc_handle() (one process per GPU; own entry ignored). It opens
+  // only the handles the route writes through (above). So every process can do the same whatever
+  // the wire and topology: all-gather ipc_handle(), connect_ipc, meet at a barrier.
   void connect_ipc(const std::vector<cudaIpcMemHandle_t>& handles);
 
   void dispatch_send(const DeviceBatch& batch, cudaStream_t stream);
