@@ -30,6 +30,7 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
+#include "sm90_device_ep_backward.h"
 #include "sm90_device_ep_ll.h"
 
 #if defined(FP8MOE_HAVE_NCCL)
@@ -95,7 +96,8 @@ const char* counter_name(int c) {
       return "send_blocks_done";
     default: {
       const char* ll_name = ll::counter_name(c);
-      return ll_name ? ll_name : "?";
+      const char* bwd_name = bwd::counter_name(c);
+      return ll_name ? ll_name : bwd_name ? bwd_name : "?";
     }
   }
 }
@@ -132,6 +134,7 @@ struct Geometry {
 struct WsLayout {
   // written by peers
   size_t stage, src_token, topk_local, topk_pos, weight, recv_count, notify, flags, comb_stage;
+  size_t bwd_gw, bwd_mask, bwd;  // combine backward (sm90_device_ep_backward.cu)
   // local
   size_t peer_table, err, slot, status, recv_offset, expert_counts, expert_offsets, m_indices,
       row_src, row_weight, token_rows, gx, gscales, plan_cnt, plan_dball, plan_tot, total;
@@ -185,6 +188,9 @@ WsLayout make_layout(const Geometry& g) {
   l.notify = take(static_cast<size_t>(g.R) * g.NS * 4);
   l.flags = take(flag_count(g) * 8);
   l.comb_stage = take(slots * g.H * 2);
+  l.bwd_gw = take(slots * g.K * 4);
+  l.bwd_mask = take(slots * 4);
+  l.bwd = take(bwd::region_bytes(g.R));
   l.peer_table = take(g.R * sizeof(void*));
   l.err = take(sizeof(DevErr));
   l.slot = take(slots * 4);
@@ -1742,6 +1748,7 @@ struct DeviceEpRank::Impl {
   std::vector<void*> opened;  // IPC mappings to close
   int64_t last_tokens = 0;
   const uint16_t* last_y = nullptr;  // combine input, also read by combine_recv (NVLink)
+  const uint16_t* last_bwd_y = nullptr;  // combine backward: y of combine_backward_send
   bool last_weighted = true;
   // Masked configs over NVLink run the low-latency kernels (DeviceEpOptions::low_latency).
   bool ll = false;
@@ -1800,6 +1807,51 @@ struct DeviceEpRank::Impl {
     return p;
   }
   std::unique_ptr<detail::ForwardEpRank> fwd;  // more than one node: the two-stage route
+
+  // Combine backward runs on the normal NVLink kernels of one node; the other configurations
+  // have none yet and say so.
+  void check_backward_supported() const {
+    FM_CHECK_ARG(!fwd, "rank ", rank, ": combine backward on the GPU is not supported on the ",
+                 "two-stage route (gpus_per_node=", cfg.gpus_per_node,
+                 " < num_ranks=", cfg.num_ranks, "); one node only");
+    FM_CHECK_ARG(opt.wire == Wire::kNvlink, "rank ", rank,
+                 ": combine backward on the GPU is not supported over Wire::kNccl (NVLink only)");
+    FM_CHECK_ARG(!ll, "rank ", rank,
+                 ": combine backward is not supported by the low-latency kernels (masked_capacity=",
+                 cfg.masked_capacity, "); DeviceEpOptions::low_latency = false runs the ",
+                 "masked layout on the normal kernels, which have it");
+  }
+  bwd::Params bwd_params() const {
+    bwd::Params p;
+    p.f.comb_stage = lay.comb_stage;
+    p.f.ack = lay.flags + static_cast<size_t>(kCombineAck) * g.R * 8;
+    p.f.gw = lay.bwd_gw;
+    p.f.gw_mask = lay.bwd_mask;
+    p.f.bwd = lay.bwd;
+    p.f.peer_table = lay.peer_table;
+    p.f.slot = lay.slot;
+    p.f.status = lay.status;
+    p.f.recv_count = lay.recv_count;
+    p.f.row_weight = lay.row_weight;
+    p.f.token_rows = lay.token_rows;
+    p.my = ws;
+    p.err = reinterpret_cast<ll::ErrRecord*>(err_dev);
+    p.rank = rank;
+    p.R = g.R;
+    p.K = g.K;
+    p.H = g.H;
+    p.Tmax = g.Tmax;
+    p.bound = g.bound;
+    p.send_blocks = opt.num_blocks;
+    p.recv_blocks = recv_blocks;
+    p.timeout_ns = static_cast<unsigned long long>(cfg.timeout_s * 1e9);
+    p.st_seq = kSeqCombine;
+    p.st_overflow = kOverflow;
+    p.st_sent = kCombineSent;
+    p.ctr_ack = kCombineAck;
+    p.T = last_tokens;
+    return p;
+  }
 
   Args args() const {
     Args a{};
@@ -1918,6 +1970,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   }
   m.ll_fence = std::getenv("FP8MOE_EP_LL_FENCE") != nullptr;
   if (m.ll) ll::prepare(m.ll_params());
+  bwd::prepare();
   if (opt.wire == Wire::kNccl) {
     // The peer-written fields lead the layout, so the send buffer is that prefix.
     FM_CHECK_CUDA(cudaMalloc(&m.send_ws, m.lay.peer_table));
@@ -2094,6 +2147,36 @@ void DeviceEpRank::combine_recv(uint16_t* out, cudaStream_t stream) {
   const int64_t per = (a.T + 2 * m.recv_blocks - 1) / std::max(1, 2 * m.recv_blocks);
   a.tile = static_cast<int>(std::clamp<int64_t>(per, 1, 32));
   launch(combine_recv_kernel(m.opt), m.recv_blocks, 0, stream, m.opt.overlap_recv && !a.nccl, a);
+}
+
+void DeviceEpRank::combine_backward_send(const uint16_t* grad_out, const uint16_t* y,
+                                         cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_backward_supported();
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  FM_CHECK_ARG(aligned(grad_out) && aligned(y) && (grad_out || m.last_tokens == 0) && y, "rank ",
+               m.rank, ": combine backward needs grad_out and y on 16-byte boundaries");
+  DeviceGuard guard(m.device);
+  m.last_bwd_y = y;
+  bwd::Params p = m.bwd_params();
+  p.grad_out = grad_out;
+  bwd::send(p, stream);
+}
+
+void DeviceEpRank::combine_backward_recv(uint16_t* grad_y, float* grad_w, cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_backward_supported();
+  FM_CHECK_ARG(m.last_bwd_y, "rank ", m.rank,
+               ": combine_backward_recv without a combine_backward_send before it");
+  FM_CHECK_ARG(
+      grad_y && reinterpret_cast<uintptr_t>(grad_y) % 16 == 0 && (grad_w || m.last_tokens == 0),
+      "rank ", m.rank, ": combine backward needs grad_y on a 16-byte boundary and grad_w");
+  DeviceGuard guard(m.device);
+  bwd::Params p = m.bwd_params();
+  p.y = m.last_bwd_y;
+  p.grad_y = grad_y;
+  p.grad_w = grad_w;
+  bwd::recv(p, stream);
 }
 
 DeviceRecvView DeviceEpRank::view() const {

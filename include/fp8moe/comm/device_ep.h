@@ -20,6 +20,9 @@
 // of a node need peer-mapped workspaces (connect / connect_ipc) with either wire. Tested in
 // tests/comm/device_ep_gpu_test.cu, device_ep_forward_gpu_test.cu and (one process per GPU,
 // both routes and wires) device_ep_multiprocess_gpu_test.cu against dispatch_reference.
+// Combine backward (combine_backward_send / _recv, src/comm/sm90_device_ep_backward.cu): one node,
+// NVLink, normal kernels; tests/comm/device_ep_backward_gpu_test.cu against
+// combine_backward_reference.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -45,8 +48,8 @@ struct DeviceEpOptions {
   // process per GPU: ep_nccl_comm_init (fp8moe/comm/nccl_bootstrap.h) makes the right one for a
   // config through the launcher's store.
   void* nccl_comm = nullptr;
-  // Blocks (SMs) of the send kernels (dispatch_send, combine_send); the receive kernels get the
-  // rest. 64 measured best on 2 x H200 (docs/comm/README.md, v5).
+  // Blocks (SMs) of the send kernels (dispatch_send, combine_send, combine_backward_send); the
+  // receive kernels get the rest. 64 measured best on 2 x H200 (docs/comm/README.md, v5).
   int num_blocks = 64;
   // Copy payload rows into the grouped layout. Off, dispatch leaves the payload in the source
   // regions (row_src says where each row's token is) and only builds the layout.
@@ -56,8 +59,9 @@ struct DeviceEpOptions {
   // sums every chunk as soon as it lands. Must be the same on every rank (it shapes the workspace).
   // 0 = the measured best: 4 when max_tokens_per_rank <= 512 (decoding), else 16.
   int chunk_tokens = 0;
-  // Blocks of the receive kernels (dispatch_recv, combine_recv); 0 = the SMs the send kernel
-  // leaves free, divided among the ranks that share the GPU (ranks_per_device).
+  // Blocks of the receive kernels (dispatch_recv, combine_recv, combine_backward_recv); 0 = the
+  // SMs the send kernel leaves free, divided among the ranks that share the GPU
+  // (ranks_per_device).
   int recv_blocks = 0;
   // Launch each receive kernel as a programmatic dependent of its send kernel, so that receiving
   // overlaps sending when dispatch_recv / combine_recv directly follow their send on the stream.
@@ -155,6 +159,20 @@ class DeviceEpRank {
   void combine_tokens_send(const uint16_t* rows, cudaStream_t stream);
   // out: [T, H] BF16 for the T of the last dispatch_send.
   void combine_recv(uint16_t* out, cudaStream_t stream);
+
+  // Combine backward of the last dispatch (ep.h, "Combine backward"): grad_out [T, H] BF16 for the
+  // T of the last dispatch_send; y: the forward's expert outputs [row bound, H] BF16 in its
+  // layout, read by combine_backward_recv (so y stays unchanged until it has run). grad_out rows
+  // travel like a dispatch (to the slots of the last dispatch's handle, staged in the combine
+  // buffer: a combine backward counts as one combine in the combine sequence, so the two mix in
+  // any order); the K gate-weight gradients come back like a combine.
+  void combine_backward_send(const uint16_t* grad_out, const uint16_t* y, cudaStream_t stream);
+  // grad_y: [row bound, H] BF16, this rank's expert rows (padding and unused rows +0); grad_w:
+  // [T, K] float, this rank's tokens (a dropped slot +0). Bit for bit combine_backward_reference.
+  // One node over NVLink with the normal kernels (grouped layout, or masked with
+  // DeviceEpOptions::low_latency off); other configurations throw kInvalidArgument naming them.
+  // Pointers on 16-byte boundaries.
+  void combine_backward_recv(uint16_t* grad_y, float* grad_w, cudaStream_t stream);
 
   DeviceRecvView view() const;
   // Throws the recorded error, if any (call after synchronising the rank's stream).
