@@ -17,7 +17,8 @@
 // the normal kernels with the masked layout vs the low-latency kernels, alternated per round,
 // dispatch and combine checked bit for bit against the reference, NCCL and the peer copy of the
 // same run; "# ab_ll" lines give the medians; --ll-cap N sets its masked capacity, --ll-no-expand
-// times the layout-only dispatch).
+// times the layout-only dispatch). --ll-variants old,new,I,K,W,U,IKWU times the low-latency
+// options too (ll_variant_options; "# ab_ll_var" lines, each against the first).
 // Cross-node form: ep_bench --gpus-per-node G [--ranks-per-gpu G] (nodes of G ranks, rank r on
 // GPU r / ranks-per-gpu): the two-stage route with the network hop over NVLink stores and over
 // NCCL against the direct route, side by side, normal FP8 dispatch and BF16 combine; rows add
@@ -76,6 +77,10 @@ struct Options {
   int ab_ll = 0;          // rounds of the low-latency A/B (0: the usual sweep)
   bool ll_expand = true;  // --ll-no-expand: the A/B's dispatch builds the layout only
   int64_t ll_cap = 0;     // --ll-cap: masked capacity of the A/B (0: ranks x ll_tokens)
+  // --ll-variants: the A/B's paths (ll_variant_options): "old", "new", or letters of the
+  // low-latency options on top of "new" (I ll_batch_ids, K ll_overlap_flags, W ll_combine_wide,
+  // U ll_combine_pull), e.g. old,new,I,K,W,U,IKWU.
+  std::vector<std::string> ll_variants = {"old", "new"};
   std::string variant = "default";       // the sweep's kernel variant (bench_ab's names; --variant)
   int ab_rounds = 0;                     // rounds of the variant A/B (0: the usual sweep)
   std::vector<std::string> ab_variants;  // bench_ab's variants (the first is the baseline)
@@ -144,7 +149,21 @@ Options parse(int argc, char** argv) {
       o.ll_expand = false;
     else if (a == "--ab-ll")
       o.ab_ll = std::atoi(next());
-    else if (a == "--ab-plan") {
+    else if (a == "--ll-variants") {
+      o.ll_variants.clear();
+      for (std::string l = next(); !l.empty();) {
+        const size_t comma = l.find(',');
+        const std::string name = l.substr(0, comma);
+        const std::string letters = name.rfind("new", 0) == 0 ? name.substr(3) : name;
+        if (name != "old" && letters.find_first_not_of("IKWU") != std::string::npos) {
+          std::fprintf(stderr, "ep_bench: --ll-variants: '%s' is not old, new or letters IKWU\n",
+                       name.c_str());
+          std::exit(2);
+        }
+        o.ll_variants.push_back(name);
+        l = comma == std::string::npos ? "" : l.substr(comma + 1);
+      }
+    } else if (a == "--ab-plan") {
       o.ab_rounds = std::atoi(next());
       o.ab_variants = {"v5", "base"};
     } else if (a == "--ab") {
@@ -659,23 +678,50 @@ void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, in
   }
 }
 
-// The low-latency A/B at the decoding shape (FP8 dispatch, BF16 combine): the normal kernels with
-// the masked layout ("old", DeviceEpOptions::low_latency = false) against the low-latency kernels
-// ("new"), both built side by side and timed in alternating order every round, so drift of the
-// machine hits them alike. Round 0 of each checks the dispatch and the combine output bit for bit
-// against the reference. Returns the medians [variant][op].
+// A low-latency A/B path by name: "old" (the normal kernels with the masked layout,
+// DeviceEpOptions::low_latency = false), "new" (the low-latency kernels as measured), or letters
+// of the low-latency options on top of "new": I ll_batch_ids, K ll_overlap_flags, W
+// ll_combine_wide, U ll_combine_pull (e.g. "IKWU"; "new" may lead: "newIK").
+DeviceEpOptions ll_variant_options(const std::string& name) {
+  DeviceEpOptions o;
+  if (name == "old") {
+    o.low_latency = false;
+    return o;
+  }
+  const std::string letters = name.rfind("new", 0) == 0 ? name.substr(3) : name;
+  for (char c : letters) {
+    if (c == 'I')
+      o.ll_batch_ids = true;
+    else if (c == 'K')
+      o.ll_overlap_flags = true;
+    else if (c == 'W')
+      o.ll_combine_wide = true;
+    else if (c == 'U')
+      o.ll_combine_pull = true;
+    else
+      FM_THROW(ErrorKind::kInvalidArgument, "low-latency variant ", name, ": unknown letter ", c);
+  }
+  return o;
+}
+
+// The low-latency A/B at the decoding shape (FP8 dispatch, BF16 combine): the paths of
+// --ll-variants (default: "old", the normal kernels with the masked layout, against "new", the
+// low-latency kernels), all built side by side and timed every round, the order rotating from
+// round to round, so drift of the machine hits them alike. Round 0 of each checks the dispatch
+// and the combine output bit for bit against the reference. Returns the medians [variant][op].
 std::vector<std::vector<double>> bench_ab_ll(World& w, int64_t T, int64_t cap, int blocks,
                                              int chunk, double bytes_fp8, double bytes_bf16) {
   const int64_t H = w.opt.hidden;
   const EpConfig cfg = make_config(w, T, Payload::kFP8, cap, 0);
-  std::unique_ptr<DeviceEpGroup> groups[2];
-  for (int v = 0; v < 2; ++v) {
-    DeviceEpOptions o;
+  const std::vector<std::string>& names = w.opt.ll_variants;
+  const int nv = static_cast<int>(names.size());
+  std::vector<std::unique_ptr<DeviceEpGroup>> groups(nv);
+  for (int v = 0; v < nv; ++v) {
+    DeviceEpOptions o = ll_variant_options(names[v]);
     o.num_blocks = blocks;
     o.chunk_tokens = chunk;
     o.recv_blocks = w.opt.recv_blocks;
     o.overlap_recv = w.opt.overlap;
-    o.low_latency = v == 1;
     o.expand_payload = w.opt.ll_expand;
     groups[v] = std::make_unique<DeviceEpGroup>(cfg, devices_of(w), o);
   }
@@ -706,13 +752,13 @@ std::vector<std::vector<double>> bench_ab_ll(World& w, int64_t T, int64_t cap, i
     for (auto& v : y_host) y.push_back(v.data());
     want_out = combine_reference(cfg, want, y);
   }
-  const char* names[2] = {"old", "new"};
   const char* ops[2] = {"dispatch", "combine"};
-  std::vector<double> us[2][2];
+  std::vector<std::array<std::vector<double>, 2>> us(nv);
   const int rounds = std::max(1, w.opt.ab_ll);
   for (int round = 0; round < rounds; ++round)
-    for (int q = 0; q < 2; ++q) {
-      const int v = round % 2 == 0 ? q : 1 - q;
+    for (int q = 0; q < nv; ++q) {
+      // Two paths alternate (as before --ll-variants); more rotate.
+      const int v = nv == 2 ? (round % 2 == 0 ? q : 1 - q) : (q + round) % nv;
       DeviceEpGroup* g = groups[v].get();
       auto dispatch = [&] {
         for (int r = 0; r < w.R; ++r)
@@ -732,8 +778,8 @@ std::vector<std::vector<double>> bench_ab_ll(World& w, int64_t T, int64_t cap, i
         row.dtype = op == 1 ? "bf16" : "fp8";
         row.tokens = T;
         row.blocks = blocks;
-        row.chunk = v == 1 ? 0 : chunk;
-        row.note = std::string("ab_ll=") + names[v] + " round=" + std::to_string(round);
+        row.chunk = names[v] == "old" ? chunk : 0;
+        row.note = "ab_ll=" + names[v] + " round=" + std::to_string(round);
         // NOTE: combine reads the layout of its group's last dispatch, which runs right before.
         row.us = w.time_us(op == 1 ? std::function<void()>(combine) : dispatch, w.opt.iters,
                            w.opt.warmup);
@@ -759,8 +805,8 @@ std::vector<std::vector<double>> bench_ab_ll(World& w, int64_t T, int64_t cap, i
         emit(w, row);
       }
     }
-  std::vector<std::vector<double>> med(2, std::vector<double>(2));
-  for (int v = 0; v < 2; ++v)
+  std::vector<std::vector<double>> med(nv, std::vector<double>(2));
+  for (int v = 0; v < nv; ++v)
     for (int op = 0; op < 2; ++op) {
       std::vector<double> x = us[v][op];
       std::sort(x.begin(), x.end());
@@ -1049,13 +1095,31 @@ void run(World& w) {
     bench_peer(w, static_cast<int64_t>(cross * bf16_record), "low_latency",
                "bf16_combine_cross_bytes");
     const char* ops[2] = {"dispatch", "combine"};
-    for (int op = 0; op < 2; ++op)
-      std::printf("# ab_ll %-8s old %7.1f us  new %7.1f us  (new/old %.3f)  nccl %7.1f us\n",
-                  ops[op], med[0][op], med[1][op], med[1][op] / med[0][op], nccl[op]);
-    const double o = med[0][0] + med[0][1], n = med[1][0] + med[1][1], c = nccl[0] + nccl[1];
-    std::printf(
-        "# ab_ll sum      old %7.1f us  new %7.1f us  nccl %7.1f us -> nccl/new %.2fx, %d rounds\n",
-        o, n, c, n > 0 ? c / n : 0.0, std::max(1, w.opt.ab_ll));
+    const auto& names = w.opt.ll_variants;
+    const auto at = [&](const char* name) {
+      return static_cast<int>(std::find(names.begin(), names.end(), name) - names.begin());
+    };
+    const int io = at("old"), in = at("new"), nv = static_cast<int>(names.size());
+    const double c = nccl[0] + nccl[1];
+    if (io < nv && in < nv) {
+      for (int op = 0; op < 2; ++op)
+        std::printf("# ab_ll %-8s old %7.1f us  new %7.1f us  (new/old %.3f)  nccl %7.1f us\n",
+                    ops[op], med[io][op], med[in][op], med[in][op] / med[io][op], nccl[op]);
+      const double o = med[io][0] + med[io][1], n = med[in][0] + med[in][1];
+      std::printf(
+          "# ab_ll sum      old %7.1f us  new %7.1f us  nccl %7.1f us -> nccl/new %.2fx, %d "
+          "rounds\n",
+          o, n, c, n > 0 ? c / n : 0.0, std::max(1, w.opt.ab_ll));
+    }
+    // Every path against the first (medians over the rounds).
+    for (int v = 0; v < nv; ++v) {
+      const double n = med[v][0] + med[v][1], b = med[0][0] + med[0][1];
+      std::printf(
+          "# ab_ll_var %-8s dispatch %7.1f  combine %7.1f  sum %7.1f us  (/%s %.3f)  nccl/sum "
+          "%.2fx\n",
+          names[v].c_str(), med[v][0], med[v][1], n, names[0].c_str(), b > 0 ? n / b : 0.0,
+          n > 0 ? c / n : 0.0);
+    }
     return;
   }
   if (w.opt.ncu) {  // normal FP8 dispatch and combine only, one variant

@@ -1804,6 +1804,10 @@ struct DeviceEpRank::Impl {
     p.weighted = last_weighted;
     p.trace = ll_trace;
     p.fence = ll_fence;
+    p.batch_ids = opt.ll_batch_ids;
+    p.overlap_flags = opt.ll_overlap_flags;
+    p.combine_wide = opt.ll_combine_wide;
+    p.combine_pull = opt.ll_combine_pull;
     return p;
   }
   std::unique_ptr<detail::ForwardEpRank> fwd;  // more than one node: the two-stage route

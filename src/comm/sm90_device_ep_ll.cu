@@ -16,6 +16,8 @@
 // source's staging row, the rank's own too; combine receive sums a token's partials in rank
 // order. No step waits on the host; the only cross-rank waits are one arrival per direction and
 // the previous round's acknowledgement.
+// Variants (Params batch_ids, overlap_flags, combine_wide, combine_pull; DeviceEpOptions::ll_*,
+// off by default; compiled, not yet run on a device): docs/comm/README.md, "Low-latency kernels".
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: test_comm_gpu --gtest_filter='*LowLatency*' (tests/comm/device_ep_gpu_test.cu).
 #include <algorithm>
@@ -212,14 +214,16 @@ __device__ bool wait_rounds(const unsigned long long* c, unsigned long long n, c
   }
 }
 
-// Expert id of (t, k), -1 for none or out of range (reported once, by block 0's plan).
-__device__ __forceinline__ int expert_of(const Params& p, int64_t t, int k, bool report) {
-  int e = __ldg(p.idx + t * p.K + k);
+// Expert id e of token t checked: -1 for none or out of range (reported once, by block 0's plan).
+__device__ __forceinline__ int checked_expert(const Params& p, int64_t t, int e, bool report) {
   if (e < -1 || e >= p.E) {
     if (report) record_error(p.err, kErrBadExpert, p.rank, -1, -1, 0, e, t);
     e = -1;
   }
   return e;
+}
+__device__ __forceinline__ int expert_of(const Params& p, int64_t t, int k, bool report) {
+  return checked_expert(p, t, __ldg(p.idx + t * p.K + k), report);
 }
 
 // Work items: `n` rows in `parts` ranges of whole steps (a short batch keeps every warp busy).
@@ -309,11 +313,24 @@ struct Plan {
 };
 
 // Expert ids of the tile's tokens (lane = token), -1 past T.
+// NOTE (batch_ids): each check's error path (record_error: an atomic and a system fence) sits
+// between one id's load and the next, and a load is not moved above a fence, so without
+// batch_ids a lane's K loads are likely K round trips one after the other (inferred from the
+// PTX; no disassembler here). batch_ids issues them together and checks after.
 __device__ __forceinline__ void load_tile_ids(const Params& p, int tile, int* ev) {
   const int64_t t = static_cast<int64_t>(tile) * kTile + (threadIdx.x & 31);
+  const bool report = blockIdx.x == 0;
+  if (p.batch_ids) {
 #pragma unroll
-  for (int k = 0; k < kMaxTopK; ++k)
-    ev[k] = (t < p.T && k < p.K) ? expert_of(p, t, k, blockIdx.x == 0) : -1;
+    for (int k = 0; k < kMaxTopK; ++k)
+      ev[k] = (t < p.T && k < p.K) ? __ldg(p.idx + t * p.K + k) : -1;
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k)
+      if (t < p.T && k < p.K) ev[k] = checked_expert(p, t, ev[k], report);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) ev[k] = (t < p.T && k < p.K) ? expert_of(p, t, k, report) : -1;
 }
 
 // ev0: the ids of tile `warp`, loaded before the shared memory was cleared.
@@ -459,7 +476,7 @@ __device__ __forceinline__ void store_step(const Params& p, int64_t step, const 
 __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
   extern __shared__ uint4 smem_raw[];
   __shared__ unsigned long long s_n;
-  __shared__ int s_abort;
+  __shared__ int s_abort, s_ack_late;
   char* sm = reinterpret_cast<char*>(smem_raw);
   const PlanSmem ps = plan_smem(p.E, p.R, p.K, p.Tmax);
   Plan pl;
@@ -490,6 +507,17 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
     load_step(p, sp.row(first_item), sp.first(first_item), xv);
     if (sp.first(first_item) == 0) load_meta(p, sp.row(first_item), first_e, first_wt);
   }
+  // overlap_flags: destination `lane`'s region of mine is free once its receive blocks all
+  // finished the last round. The last warp's lanes look once now (their own round: see
+  // read_round), beside the other warps' loads; the block waits after the plan only if one of
+  // them did not yet see it (so a late acknowledgement costs what it cost before).
+  const bool ack_early = p.overlap_flags && warp == kWarps - 1 && lane < p.R;
+  bool ack_seen = true;
+  if (ack_early) {
+    const unsigned long long nb =
+        *reinterpret_cast<volatile unsigned long long*>(done(p, kDoneDispatchSend)) / gridDim.x + 1;
+    ack_seen = ld_acquire_sys(ctr(p.my, p, kAckD, lane)) >= (nb - 1) * kRound;
+  }
   // The rows the previous dispatch used become padding again (this rank's receive kernel writes
   // this round's rows after it saw this grid's arrival, so after these writes).
   {
@@ -504,22 +532,28 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
       }
     }
   }
-  if (threadIdx.x == 0) s_abort = 0;
+  if (threadIdx.x == 0) {
+    s_abort = 0;
+    s_ack_late = 0;
+  }
   for (size_t i = threadIdx.x; i < ps.tpos / 4; i += blockDim.x)
     reinterpret_cast<uint32_t*>(sm)[i] = 0;
   __syncthreads();
   // The receive kernel may start now: it synchronises with this grid through counters only.
   allow_dependent_launch();
+  if (ack_early && !ack_seen) s_ack_late = 1;  // read after the plan's barriers
   plan_batch(p, pl, ev0);
   stamp_last(p, 2);
-  if (threadIdx.x == 0) s_n = done_before / gridDim.x + 1;  // see read_round
-  __syncthreads();
-  const unsigned long long n = s_n;
-  // Destination d's region of mine is free once d's receive blocks all finished the last round.
-  if (threadIdx.x < p.R &&
-      !wait_rounds(ctr(p.my, p, kAckD, threadIdx.x), n - 1, p, threadIdx.x, kDispatchAck))
-    s_abort = 1;
-  __syncthreads();
+  if (!p.overlap_flags || s_ack_late) {
+    if (threadIdx.x == 0) s_n = done_before / gridDim.x + 1;  // see read_round
+    __syncthreads();
+    const unsigned long long n = s_n;
+    // Destination d's region of mine is free once d's receive blocks all finished the last round.
+    if (threadIdx.x < p.R &&
+        !wait_rounds(ctr(p.my, p, kAckD, threadIdx.x), n - 1, p, threadIdx.x, kDispatchAck))
+      s_abort = 1;
+    __syncthreads();
+  }
   if (s_abort) return;
   stamp_last(p, 3);
   if (blockIdx.x == 0) {
@@ -601,12 +635,19 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
   const int32_t* notify = at<int32_t>(p.my, p.f.notify);
   for (int i = threadIdx.x; i < p.R * p.L; i += blockDim.x)
     base[i] = __ldcg(notify + (i / p.L) * p.NS + 1 + i % p.L);
-  if (threadIdx.x == 0) {
+  if (!p.overlap_flags && threadIdx.x == 0) {
     roff[0] = 0;
     for (int s = 0; s < p.R; ++s)
       roff[s + 1] = roff[s] + __ldcg(at<int32_t>(p.my, p.f.recv_count) + s);
   }
+  // overlap_flags: the counts loaded by R threads at once, summed by the last thread below.
+  if (p.overlap_flags && threadIdx.x < p.R)
+    roff[threadIdx.x + 1] = __ldcg(at<int32_t>(p.my, p.f.recv_count) + threadIdx.x);
   __syncthreads();
+  if (p.overlap_flags && threadIdx.x == blockDim.x - 1) {
+    roff[0] = 0;
+    for (int s = 0; s < p.R; ++s) roff[s + 1] += roff[s];
+  }
   for (int e = threadIdx.x; e < p.L; e += blockDim.x) {
     int run = 0;
     for (int s = 0; s < p.R; ++s) {
@@ -728,8 +769,78 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
   stamp_last(p, 11);
 }
 
+// A shuffle the compiler keeps inside its loop: the rows and weights that wide_sums shuffles per
+// slot are loop-invariant, and hoisting all 32 of them out of the pass loop spilled registers.
+__device__ __forceinline__ int shfl_pinned(int v, int src) {
+  int r;
+  asm volatile("shfl.sync.idx.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=r"(r) : "r"(v), "r"(src));
+  return r;
+}
+
+// ---- combine send, combine_wide: 16 loads in flight per lane whatever the record's rows ----
+// The two-piece path loads two 256-column pieces of every present row per round trip: 2n loads
+// for n rows here (8 for the mean record of top-8 over 2 ranks, 4 for a 2-row record). Here a
+// record of n rows, rounded up to R = 1, 2, 4 or 8, loads 16 / R pieces of each per round trip:
+// 16 loads (64 registers) in flight per lane. Slot f of the 16 is (piece f / R, row f % R), so
+// one unrolled code path serves every R (three instances of it, one per R, spilled registers),
+// and each piece's sum is finished and stored before the next begins (8 accumulators).
+// Columns [c_begin, c_end); lane k holds the row of (slot, k) (-1: absent or k >= K) and its
+// gate weight.
+__device__ __forceinline__ void wide_sums(const Params& p, int row, float wt, int c_begin,
+                                          int c_end, uint16_t* dst) {
+  const int lane = threadIdx.x & 31;
+  const unsigned m = __ballot_sync(kFull, row >= 0);
+  const int n = __popc(m);
+  // Lane i < n: the i-th present row (ascending k) and its weight.
+  const int src = lane < n ? static_cast<int>(__fns(m, 0, lane + 1)) : 0;
+  const int crow = __shfl_sync(kFull, row, src);
+  const float cw = __shfl_sync(kFull, wt, src);
+  const int lg = n <= 1 ? 0 : n <= 2 ? 1 : n <= 4 ? 2 : 3;  // R = 1 << lg
+  const int rmask = (1 << lg) - 1;
+  const int span = 256 << (4 - lg);  // columns per round trip
+#pragma unroll 1
+  for (int c = c_begin + lane * 8; c - lane * 8 < c_end; c += span) {
+    uint4 v[16];
+#pragma unroll
+    for (int f = 0; f < 16; ++f) {
+      const int i = f & rmask;
+      const int col = c + (f >> lg) * 256;
+      const int r = shfl_pinned(crow, i);
+      if (i < n && col < c_end)
+        v[f] = __ldg(reinterpret_cast<const uint4*>(p.y + static_cast<int64_t>(r) * p.H + col));
+    }
+    // partial = bf16(sum over the present rows in ascending k of w_k * y_k from +0, unfused):
+    // the reference's, as the two-piece path computes it.
+    float acc[8];
+#pragma unroll
+    for (int f = 0; f < 16; ++f) {
+      const int i = f & rmask;
+      const int col = c + (f >> lg) * 256;
+      const float wk = __int_as_float(shfl_pinned(__float_as_int(cw), i));
+      if (i == 0) {
+#pragma unroll
+        for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+      }
+      if (i < n && col < c_end) {
+        const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[f]);
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(wk, __uint_as_float(vw[x] << 16)));
+          acc[2 * x + 1] =
+              __fadd_rn(acc[2 * x + 1], __fmul_rn(wk, __uint_as_float(vw[x] & 0xFFFF0000u)));
+        }
+      }
+      if (i == rmask && col < c_end) *reinterpret_cast<uint4*>(dst + col) = pack_bf16(acc);
+    }
+  }
+}
+
 // ---- combine send: the weighted partial of every received token back to its source ----
+// combine_pull: into this rank's own staging region of the source instead (the source reads it).
 // Two 256-column steps per lane and iteration, so 2K rows' loads are in flight.
+// kWide: combine_wide of a weighted combine (an instance of its own, so that the measured
+// kernel's registers and code stay as they were).
+template <bool kWide>
 __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   __shared__ int roff[kMaxRanks + 1];
   __shared__ unsigned long long s_n;
@@ -745,7 +856,9 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   const int lane = threadIdx.x & 31;
   const int32_t* token_rows = at<int32_t>(p.my, p.f.token_rows);
   const float* weights = slot_weight(p);
-  const Split sp = split(roff[p.R], (p.H + 511) / 512);
+  constexpr bool wide = kWide;
+  const int64_t step_cols = wide ? 1024 : 512;
+  const Split sp = split(roff[p.R], (p.H + step_cols - 1) / step_cols);
   // Lane k: the row and gate weight of (slot of item, k); the first item's loaded while waiting.
   auto slot_of = [&](int64_t item, int64_t& j) {
     const int64_t i = sp.row(item);
@@ -770,8 +883,30 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   __syncthreads();
   if (s_abort) return;
   stamp_last(p, 14);
-  for (int64_t item = first_item; item < sp.items;
-       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+  // Where the partial of (source s, its slot j here) goes: s's staging row of this rank, or with
+  // combine_pull this rank's own staging row of (s, j), which s reads.
+  auto dst_of = [&](int s, int64_t j) {
+    return p.combine_pull ? at<uint16_t>(p.my, p.f.comb_stage) + (s * p.Tmax + j) * p.H
+                          : at<uint16_t>(peer(p, s), p.f.comb_stage) +
+                                (static_cast<int64_t>(p.rank) * p.Tmax + j) * p.H;
+  };
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  // combine_wide: items of 1024-column steps, each summed by wide_sums.
+  for (int64_t item = first_item; wide && item < sp.items; item += stride) {
+    int64_t j;
+    const int s = slot_of(item, j);
+    const int64_t slot = static_cast<int64_t>(s) * p.Tmax + j;
+    int row = first_row;
+    float wt = first_wt;
+    if (item != first_item && lane < p.K) {
+      row = token_rows[slot * p.K + lane];
+      wt = weights[slot * p.K + lane];
+    }
+    // NOTE: columns in 32 bits (H < 2^31): 64-bit ones spilled registers.
+    wide_sums(p, row, wt, static_cast<int>(sp.first(item) * 1024),
+              static_cast<int>(std::min<int64_t>(sp.last(item) * 1024, p.H)), dst_of(s, j));
+  }
+  for (int64_t item = first_item; !wide && item < sp.items; item += stride) {
     int64_t j;
     const int s = slot_of(item, j);
     const int64_t slot = static_cast<int64_t>(s) * p.Tmax + j;
@@ -789,8 +924,7 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
       ws[k] = __shfl_sync(kFull, wt, k < p.K ? k : 0);
       if (k >= p.K) rows[k] = -1;
     }
-    uint16_t* dst = at<uint16_t>(peer(p, s), p.f.comb_stage) +
-                    (static_cast<int64_t>(p.rank) * p.Tmax + j) * p.H;
+    uint16_t* dst = dst_of(s, j);
     for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
       const int64_t c0 = step * 512 + lane * 8;
       if (!p.weighted) {
@@ -847,10 +981,14 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
 
 // ---- combine receive: per token, the partials summed in rank order ----
 // 1024 columns a step: four 256-column pieces of every rank's partial in flight per lane.
+// kPull: combine_pull (an instance of its own, so that the measured kernel stays as it was).
+template <bool kPull>
 __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
   constexpr int kSub = 4;
   __shared__ unsigned long long s_n;
   __shared__ int s_abort;
+  // combine_pull: rank d's partials for this rank's tokens, in d's own staging region.
+  __shared__ const uint16_t* s_pull[kPull ? kMaxRanks : 1];
   stamp_first(p, 17);
   stamp_last(p, 18);
   read_round(p, kDoneCombineRecv, &s_n);
@@ -862,6 +1000,9 @@ __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
   const int64_t first_item = global_warp();
   int first_slot = -1;
   if (first_item < sp.items && lane < p.R) first_slot = slot[sp.row(first_item) * p.R + lane];
+  if (kPull && threadIdx.x < p.R)
+    s_pull[threadIdx.x] = at<uint16_t>(peer(p, threadIdx.x), p.f.comb_stage) +
+                          static_cast<int64_t>(p.rank) * p.Tmax * p.H;
   if (threadIdx.x == 0) s_abort = 0;
   __syncthreads();
   const unsigned long long n = s_n;
@@ -890,11 +1031,20 @@ __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
         for (int q = 0; q < 2; ++q) {
           js[q] = __shfl_sync(kFull, my_slot, (d0 + q) & 31);
           if (d0 + q >= p.R) js[q] = -1;
+          if constexpr (kPull) {
+            const uint16_t* src =
+                js[q] < 0 ? nullptr : s_pull[d0 + q] + static_cast<int64_t>(js[q]) * p.H;
 #pragma unroll
-          for (int u = 0; u < kSub; ++u)
-            if (js[q] >= 0 && c0 + u * 256 < p.H)
-              v[q][u] = __ldcg(reinterpret_cast<const uint4*>(
-                  stage + (static_cast<int64_t>(d0 + q) * p.Tmax + js[q]) * p.H + c0 + u * 256));
+            for (int u = 0; u < kSub; ++u)
+              if (js[q] >= 0 && c0 + u * 256 < p.H)
+                v[q][u] = __ldcg(reinterpret_cast<const uint4*>(src + c0 + u * 256));
+          } else {
+#pragma unroll
+            for (int u = 0; u < kSub; ++u)
+              if (js[q] >= 0 && c0 + u * 256 < p.H)
+                v[q][u] = __ldcg(reinterpret_cast<const uint4*>(
+                    stage + (static_cast<int64_t>(d0 + q) * p.Tmax + js[q]) * p.H + c0 + u * 256));
+          }
         }
 #pragma unroll
         for (int q = 0; q < 2; ++q)
@@ -956,8 +1106,10 @@ void prepare(const Params& p) {
   // which never drains while a peer's kernel spins on a counter.
   for (const void* k : {reinterpret_cast<const void*>(k_dispatch_send),
                         reinterpret_cast<const void*>(k_dispatch_recv),
-                        reinterpret_cast<const void*>(k_combine_send),
-                        reinterpret_cast<const void*>(k_combine_recv)}) {
+                        reinterpret_cast<const void*>(k_combine_send<false>),
+                        reinterpret_cast<const void*>(k_combine_send<true>),
+                        reinterpret_cast<const void*>(k_combine_recv<false>),
+                        reinterpret_cast<const void*>(k_combine_recv<true>)}) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
@@ -974,10 +1126,12 @@ void dispatch_recv(const Params& p, cudaStream_t stream, bool dependent) {
   launch(k_dispatch_recv, p.recv_blocks, recv_smem(p), stream, dependent, p);
 }
 void combine_send(const Params& p, cudaStream_t stream) {
-  launch(k_combine_send, p.send_blocks, 0, stream, false, p);
+  launch(p.combine_wide && p.weighted ? k_combine_send<true> : k_combine_send<false>, p.send_blocks,
+         0, stream, false, p);
 }
 void combine_recv(const Params& p, cudaStream_t stream, bool dependent) {
-  launch(k_combine_recv, p.recv_blocks, 0, stream, dependent, p);
+  launch(p.combine_pull ? k_combine_recv<true> : k_combine_recv<false>, p.recv_blocks, 0, stream,
+         dependent, p);
 }
 
 void print_trace(const unsigned long long* trace_dev, int rank) {

@@ -72,6 +72,23 @@ struct Params {
   // A system-scope fence before each arrival's release add (FP8MOE_EP_LL_FENCE=1, experiment:
   // the release alone orders the block's writes, measured 1.8-2.7 us faster per direction).
   bool fence = false;
+  // Options of session 3's second wave (DeviceEpOptions::ll_*; all off = the measured v2 kernels,
+  // docs/comm/README.md "Low-latency kernels"). Same results bit for bit; compiled, not yet run.
+  // batch_ids: the dispatch send loads a tile's K expert ids together and range-checks them after
+  // (the check's error path, with its fence, sat between the loads).
+  bool batch_ids = false;
+  // overlap_flags: the dispatch send's last warp checks the previous round's acknowledgement
+  // once while the other warps load (the block waits after the plan, as before, only if it was
+  // not there yet); the dispatch receive loads the sources' record counts in parallel (not one
+  // after the other in thread 0).
+  bool overlap_flags = false;
+  // combine_wide: the combine send sums 1024 columns per pass (four 256-column pieces of up to
+  // four present rows in flight per lane, twice as many as now for a record of <= 4 rows here),
+  // and loads its first pass before waiting for the acknowledgement.
+  bool combine_wide = false;
+  // combine_pull: combine partials stay in the expert rank's own staging region (local stores);
+  // the source's combine_recv reads them over NVLink. Must be the same on every rank.
+  bool combine_pull = false;
 };
 
 // Loads every kernel and sets its shared-memory limit; kInvalidArgument if the send plan does

@@ -444,8 +444,59 @@ void run_ll_cases(Payload p, int gpus) {
   EXPECT_GT(ran, 0);
 }
 
+// The low-latency options of session 3's second wave (DeviceEpOptions::ll_*), not yet run on a
+// device: every case with all four on, and with each one alone in turn, on send grids of 5, 1
+// and 64 blocks. Each changes a step whose result the reference pins: ll_batch_ids the expert
+// ids the plan sees (regions, layout), ll_overlap_flags the round each wait expects and the
+// record counts (a wrong round times out, a wrong count misplaces rows), ll_combine_wide each
+// partial's rows, order and columns (combine and combine_tokens outputs, bit for bit),
+// ll_combine_pull where partials are written and read (two rounds through the same regions).
+DeviceEpOptions ll_option_set(const std::string& letters) {
+  DeviceEpOptions o;
+  for (char c : letters) {
+    o.ll_batch_ids = o.ll_batch_ids || c == 'I';
+    o.ll_overlap_flags = o.ll_overlap_flags || c == 'K';
+    o.ll_combine_wide = o.ll_combine_wide || c == 'W';
+    o.ll_combine_pull = o.ll_combine_pull || c == 'U';
+  }
+  return o;
+}
+void run_ll_option_cases(Payload p, int gpus) {
+  constexpr const char* kAlone[] = {"I", "K", "W", "U"};
+  int ran = 0;
+  for (const Case& c : ll_cases()) {
+    for (const std::string& letters : {std::string("IKWU"), std::string(kAlone[ran / 2 % 4])}) {
+      ++ran;
+      constexpr int kBlocks[] = {5, 1, 64};
+      DeviceEpOptions opt = ll_option_set(letters);
+      opt.num_blocks = kBlocks[ran % 3];
+      opt.recv_blocks = ran % 4 == 1 ? 3 : 0;
+      opt.overlap_recv = ran % 5 != 0;
+      progress(std::string("case ") + c.name + " " + payload_name(p) + " low_latency options " +
+               letters + " blocks " + std::to_string(opt.num_blocks));
+      SCOPED_TRACE(std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
+                   " GPU(s), low-latency options " + letters + ", " +
+                   std::to_string(opt.num_blocks) + " send blocks");
+      EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, p);
+      cfg.masked_capacity = c.masked_capacity;
+      Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 70 + c.R, opt);
+      check_against_reference(h, 2);
+    }
+  }
+  EXPECT_GT(ran, 0);
+}
+
 TEST_F(NvlinkTest, LowLatencyMatchesReferenceFp8AllGpus) {
   run_ll_cases(Payload::kFP8, gpu_count());
+}
+TEST_F(NvlinkTest, LowLatencyUnmeasuredOptionsMatchReferenceFp8AllGpus) {
+  run_ll_option_cases(Payload::kFP8, gpu_count());
+}
+TEST_F(NvlinkTest, LowLatencyUnmeasuredOptionsMatchReferenceBf16AllGpus) {
+  run_ll_option_cases(Payload::kBF16, gpu_count());
+}
+TEST_F(NvlinkTest, LowLatencyUnmeasuredOptionsMatchReferenceFp8OneGpuManyRanks) {
+  run_ll_option_cases(Payload::kFP8, 1);
 }
 TEST_F(NvlinkTest, LowLatencyMatchesReferenceBf16AllGpus) {
   run_ll_cases(Payload::kBF16, gpu_count());
@@ -457,21 +508,25 @@ TEST_F(NvlinkTest, LowLatencyMatchesReferenceFp8OneGpuManyRanks) {
 // Rounds whose row counts grow, overflow and shrink through the same buffers: rows a previous
 // round used must turn back into padding (m_indices and row_src -1).
 TEST_F(NvlinkTest, LowLatencyRowsChangeBetweenRounds) {
-  EpConfig cfg = config(2, 8, 2, 256, 200, Payload::kFP8);
-  cfg.masked_capacity = 64;
-  Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 21);
-  for (int64_t tokens : {60, 200, 20, 90}) {
-    SCOPED_TRACE("tokens " + std::to_string(tokens));
-    for (auto& d : h.data) d.tokens = tokens;
-    check_against_reference(h, 1);
+  for (const std::string& letters : {std::string(), std::string("IKWU")}) {
+    SCOPED_TRACE("low-latency options '" + letters + "'");
+    EpConfig cfg = config(2, 8, 2, 256, 200, Payload::kFP8);
+    cfg.masked_capacity = 64;
+    Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 21,
+              ll_option_set(letters));
+    for (int64_t tokens : {60, 200, 20, 90}) {
+      SCOPED_TRACE("tokens " + std::to_string(tokens));
+      for (auto& d : h.data) d.tokens = tokens;
+      check_against_reference(h, 1);
+    }
   }
 }
 
 // The whole round (dispatch and combine) captured in one CUDA graph per rank, replayed.
-void graph_round(int R, int gpus, bool low_latency) {
+void graph_round(int R, int gpus, bool low_latency, const std::string& ll_letters = "") {
   EpConfig cfg = config(R, 16 * R, 8, 1024, 128, Payload::kFP8);
   cfg.masked_capacity = 512;
-  DeviceEpOptions opt;
+  DeviceEpOptions opt = ll_option_set(ll_letters);
   opt.low_latency = low_latency;
   std::vector<int64_t> tokens(R, 128);
   tokens[R - 1] = 90;
@@ -518,44 +573,57 @@ TEST_F(NvlinkTest, LowLatencyGraphCapturedRoundReplays) {
     SCOPED_TRACE(low_latency ? "low-latency kernels" : "normal kernels");
     graph_round(2, gpu_count(), low_latency);
   }
-  SCOPED_TRACE("4 ranks on one GPU");
-  graph_round(4, 1, true);
+  {
+    SCOPED_TRACE("4 ranks on one GPU");
+    graph_round(4, 1, true);
+  }
+  SCOPED_TRACE("low-latency options IKWU");
+  graph_round(2, gpu_count(), true, "IKWU");
+  graph_round(4, 1, true, "IKWU");
 }
 
 TEST_F(NvlinkTest, LowLatencySilentPeerEndsWithErrorNamingRankPeerCounter) {
-  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kFP8);
-  cfg.masked_capacity = 32;
-  cfg.timeout_s = 0.3;
-  Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3);
-  h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
-  h.group->rank(0).dispatch_recv(h.buf[0].stream);
-  h.sync();
-  try {
-    h.group->rank(0).check();
-    FAIL() << "expected an error";
-  } catch (const Error& e) {
-    const std::string m = e.message();
-    EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
-    EXPECT_NE(m.find("ll_dispatch.data[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
-        << m;
+  for (const std::string& letters : {std::string(), std::string("IKWU")}) {
+    SCOPED_TRACE("low-latency options '" + letters + "'");
+    EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kFP8);
+    cfg.masked_capacity = 32;
+    cfg.timeout_s = 0.3;
+    Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3,
+              ll_option_set(letters));
+    h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
+    h.group->rank(0).dispatch_recv(h.buf[0].stream);
+    h.sync();
+    try {
+      h.group->rank(0).check();
+      FAIL() << "expected an error";
+    } catch (const Error& e) {
+      const std::string m = e.message();
+      EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
+      EXPECT_NE(m.find("ll_dispatch.data[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
+          << m;
+    }
   }
 }
 
 TEST_F(NvlinkTest, LowLatencyBadExpertIdIsReported) {
-  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kFP8);
-  cfg.masked_capacity = 32;
-  Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3);
-  h.data[1].idx[5] = 99;
-  FM_CHECK_CUDA(cudaSetDevice(h.buf[1].device));
-  FM_CHECK_CUDA(cudaMemcpy(h.buf[1].idx, h.data[1].idx.data(), h.data[1].idx.size() * 4,
-                           cudaMemcpyHostToDevice));
-  h.dispatch();
-  h.sync();
-  try {
-    h.group->rank(1).check();
-    FAIL() << "expected an error";
-  } catch (const Error& e) {
-    EXPECT_NE(e.message().find("rank 1 token 2: expert id 99"), std::string::npos) << e.message();
+  for (const std::string& letters : {std::string(), std::string("I")}) {
+    SCOPED_TRACE("low-latency options '" + letters + "'");
+    EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kFP8);
+    cfg.masked_capacity = 32;
+    Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3,
+              ll_option_set(letters));
+    h.data[1].idx[5] = 99;
+    FM_CHECK_CUDA(cudaSetDevice(h.buf[1].device));
+    FM_CHECK_CUDA(cudaMemcpy(h.buf[1].idx, h.data[1].idx.data(), h.data[1].idx.size() * 4,
+                             cudaMemcpyHostToDevice));
+    h.dispatch();
+    h.sync();
+    try {
+      h.group->rank(1).check();
+      FAIL() << "expected an error";
+    } catch (const Error& e) {
+      EXPECT_NE(e.message().find("rank 1 token 2: expert id 99"), std::string::npos) << e.message();
+    }
   }
 }
 

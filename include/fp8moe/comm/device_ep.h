@@ -99,6 +99,23 @@ struct DeviceEpOptions {
   // recv_blocks size its grids, chunk_tokens and plan_once do not apply. Off: the normal kernels
   // with the masked layout.
   bool low_latency = true;
+  // Low-latency kernel variants of session 3's second wave (docs/comm/README.md, "Low-latency
+  // kernels"): same results bit for bit, compiled and in the device tests, not yet run on a
+  // device, so off. ep_bench --ll-variants names them by letter (I, K, W, U).
+  // I: the dispatch send loads a plan tile's K expert ids together, then range-checks them
+  // (each id was loaded after the previous one's check, whose error path holds a fence).
+  bool ll_batch_ids = false;
+  // K: the dispatch send's last warp checks the previous round's acknowledgement once while the
+  // others load, so the block need not wait for it after the plan (it still does if it was not
+  // there yet); the dispatch receive loads the sources' record counts in parallel.
+  bool ll_overlap_flags = false;
+  // W: the combine send keeps 16 loads in flight per lane whatever a record's rows here (16 / R
+  // column pieces of each of its n <= R rows, R = 1, 2, 4, 8) instead of two pieces per row.
+  bool ll_combine_wide = false;
+  // U: the combine send writes each partial into this rank's own staging region (local stores)
+  // and the source's combine_recv reads it over NVLink (loads), instead of remote stores. Must
+  // be the same on every rank.
+  bool ll_combine_pull = false;
 };
 
 // Inputs of one rank, device pointers on that rank's device.
