@@ -6,12 +6,14 @@
 #   1. test_comm_gpu (every EP back end against the CPU reference, all GPUs, one process per GPU
 #      too; SUITE_TEST_TIMEOUT seconds, 240)
 #   2. ep_bench variant A/B (SUITE_AB, each variant timed every round, order rotating)
+#   2b. ep_bench low-latency variant A/B (SUITE_LL_VARIANTS, e.g. "new,I,K,W,U,IKWU,old")
 #   3. ep_bench with the defaults: normal and low-latency shapes beside NCCL and the peer copy
 #   4. ep_bench --gpus-per-node for each SUITE_XNODE entry (two-stage route against direct;
 #      entries G or G:ranks_per_gpu; default: half the GPUs per node, i.e. 2 nodes, when the GPU
 #      count is even; SUITE_XNODE=none skips), printing each run's "# cross-node summary" block
 #      (or, if the run died before it, the rows it had printed)
-#   5. test_kernels_gpu and test_moe_gpu on GPU 0 (SUITE_GEMM=0 skips), the split-K tests repeated
+#   5. test_kernels_gpu and test_moe_gpu on GPU 0 (SUITE_GEMM=0 skips); SUITE_SPLITK_REPEAT=N
+#      repeats the split-K tests N more times (default 0: the suite already has a repeated-run test)
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,6 +52,11 @@ if [[ -n ${SUITE_AB:-} ]]; then
   bench ab 150 --ab "$SUITE_AB" --ab-rounds "${SUITE_AB_ROUNDS:-3}" --blocks 64 --chunks 16 --ll-blocks 64 --ll-chunks 4
   grep -E "^# " "$raw/ab.log" | head -40
 fi
+if [[ -n ${SUITE_LL_VARIANTS:-} ]]; then
+  bench ll_ab 150 --ab-ll "${SUITE_LL_ROUNDS:-6}" --ll-blocks 64 --ll-chunks 2 --iters 30 \
+    --ll-variants "$SUITE_LL_VARIANTS"
+  grep -E "^# ab_ll" "$raw/ll_ab.log" | head -40
+fi
 bench defaults 120 --blocks 64 --chunks 16 --ll-blocks 64 --ll-chunks 4
 sed -n '/# summary/,$p' "$raw/defaults.log" | head -30
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
@@ -77,11 +84,13 @@ if [[ ${SUITE_GEMM:-1} == 1 ]]; then
     grep -E "^\[  FAILED  \] [A-Za-z]|Failure" "$raw/$t.log" | head -10
     pack
   done
-  echo "== [$(el) s] split-K tests x${SUITE_SPLITK_REPEAT:-3} (GPU 0)"
-  CUDA_VISIBLE_DEVICES=0 timeout 150 "$bin/test_kernels_gpu" --gtest_filter='*SplitK*' \
-    --gtest_repeat="${SUITE_SPLITK_REPEAT:-3}" > "$raw/splitk_repeat.log" 2>&1
-  echo "split-K repeat rc=$? $(grep -cE '^\[  PASSED  \]' "$raw/splitk_repeat.log") passed runs"
-  grep -E "^\[  FAILED  \] [A-Za-z]|Failure|rel_err" "$raw/splitk_repeat.log" | head -10
+  if [[ ${SUITE_SPLITK_REPEAT:-0} -gt 0 ]]; then
+    echo "== [$(el) s] split-K tests x${SUITE_SPLITK_REPEAT} (GPU 0)"
+    CUDA_VISIBLE_DEVICES=0 timeout 150 "$bin/test_kernels_gpu" --gtest_filter='*SplitK*' \
+      --gtest_repeat="${SUITE_SPLITK_REPEAT}" > "$raw/splitk_repeat.log" 2>&1
+    echo "split-K repeat rc=$? $(grep -cE '^\[  PASSED  \]' "$raw/splitk_repeat.log") passed runs"
+    grep -E "^\[  FAILED  \] [A-Za-z]|Failure|rel_err" "$raw/splitk_repeat.log" | head -10
+  fi
 fi
 echo "== [$(el) s] done"
 pack
