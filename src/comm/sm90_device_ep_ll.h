@@ -82,9 +82,11 @@ struct Params {
   // not there yet); the dispatch receive loads the sources' record counts in parallel (not one
   // after the other in thread 0).
   bool overlap_flags = false;
-  // combine_wide: the combine send sums 1024 columns per pass (four 256-column pieces of up to
-  // four present rows in flight per lane, twice as many as now for a record of <= 4 rows here),
-  // and loads its first pass before waiting for the acknowledgement.
+  // combine_wide: the weighted combine send keeps 16 loads in flight per lane whatever a record's
+  // rows here (16 / R 256-column pieces of each of its n <= R rows, R = 1, 2, 4, 8; items of
+  // 1024-column steps; wide_sums), instead of two pieces per row. combine_tokens is unchanged.
+  // (Review: this comment used to say four pieces of up to four rows and a first pass loaded
+  // before the acknowledgement; the kernel does neither.)
   bool combine_wide = false;
   // combine_pull: combine partials stay in the expert rank's own staging region (local stores);
   // the source's combine_recv reads them over NVLink. Must be the same on every rank.
