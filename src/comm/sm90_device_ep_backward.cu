@@ -257,6 +257,9 @@ __global__ void __launch_bounds__(kThreads) k_bwd_expert(Params p) {
     int ok = 1;
     if (lane == 0) ok = wait_geq(rows_flag(p.my, p, s), n, p, s, kRows);
     if (!__shfl_sync(kFull, ok, 0)) continue;  // error recorded; the remaining waits end at once
+    // NOTE: a shuffle orders no memory; the warp barrier extends lane 0's acquire to the other
+    // lanes' stage loads and gradient stores (the forward's waits use __syncthreads alike).
+    __syncwarp();
     expert_slot(p, s, j, overflow);
   }
   if (!last_block(p, kExpertDone)) return;
