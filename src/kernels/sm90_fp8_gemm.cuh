@@ -281,6 +281,10 @@ __device__ __forceinline__ bool split_k_reduce(const GemmParams& p, int unit, fl
   last = __shfl_sync(0xffffffffu, last, 0);
   if (!last) return false;
   __threadfence();
+  // NOTE: a shuffle does not order memory: only lane 0 observed the other slices' arrivals, so
+  // the other lanes' partial loads are ordered after its fence by this warp barrier (which does
+  // order memory among the lanes). Session 3 saw one non-reproducible split-K result.
+  __syncwarp();
   // -0.0f + x == x for every x (+0.0f would turn -0 into +0): the sum starts exactly at slice 0.
 #pragma unroll
   for (int i = 0; i < kRegs; ++i) acc[i] = -0.0f;
