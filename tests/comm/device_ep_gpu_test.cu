@@ -1,6 +1,7 @@
 // The NVLink back end against the CPU reference, bit for bit: received regions, grouped and
 // masked layouts, FP8 payloads, combine and combine_tokens, two rounds through the same buffers,
-// a whole round captured in CUDA graphs, ranks on distinct GPUs and several ranks on one GPU,
+// a whole round captured in CUDA graphs, rounds enqueued back to back with no host
+// synchronisation between them, ranks on distinct GPUs and several ranks on one GPU,
 // and the failure modes (a silent peer ends in an error naming rank/peer/counter; overflow).
 #include <gtest/gtest.h>
 
@@ -624,6 +625,334 @@ TEST_F(NvlinkTest, LowLatencyBadExpertIdIsReported) {
     } catch (const Error& e) {
       EXPECT_NE(e.message().find("rank 1 token 2: expert id 99"), std::string::npos) << e.message();
     }
+  }
+}
+
+// ---- rounds back to back: no host synchronisation between phases or rounds ----
+// Every test above synchronises the host after each phase, so a kernel that skipped a wait for
+// the previous round's acknowledgement, or overwrote a region a peer still reads for the previous
+// round, would be caught only by a hang. Here every rank's stream gets several rounds in a row
+// (ranks concurrent, one synchronisation at the end): round r dispatches batch r % 3 (routing,
+// token counts and payloads differ between batches) and copies its receive view on the stream
+// right after dispatch_recv; most rounds then combine expert outputs y_r and combine_tokens rows_r
+// (new values every round; two combines in a row exercise the combine acknowledgement) and copy
+// the view again, but some only dispatch: in a dispatch + combine round the combine's own data
+// dependencies already order the next dispatch after every peer's dispatch_recv, so only
+// dispatches in a row exercise the dispatch acknowledgement (and ll_overlap_flags' early check of
+// it). Every output has a buffer of its own, poisoned first. So a round that read any of the
+// previous round's inputs, layout, records or partials, or whose data was overwritten by a peer's
+// next round, differs from the reference somewhere.
+
+// One rank's copy of its DeviceRecvView after one round's dispatch (device memory).
+struct ViewCopy {
+  int32_t* recv_count = nullptr;      // [R] (nullptr: not copied)
+  int32_t* expert_counts = nullptr;   // [L]
+  int32_t* expert_offsets = nullptr;  // [L + 1]
+  int32_t* m_indices = nullptr;       // [row bound]
+  int32_t* row_src = nullptr;         // [row bound]
+  float* row_weight = nullptr;        // [row bound]
+  uint8_t* x = nullptr;               // [row bound, row bytes]
+  float* x_scales = nullptr;          // [row bound, H / 128] (FP8)
+  int64_t* status = nullptr;          // [3]
+};
+
+// Device allocations of several GPUs, freed together.
+class DeviceAllocs {
+ public:
+  DeviceAllocs() = default;
+  DeviceAllocs(const DeviceAllocs&) = delete;
+  DeviceAllocs& operator=(const DeviceAllocs&) = delete;
+  ~DeviceAllocs() {
+    for (const auto& [device, p] : ptrs_) {
+      cudaSetDevice(device);
+      cudaFree(p);
+    }
+  }
+  // n elements, every byte `poison`.
+  template <typename T>
+  T* alloc(int device, int64_t n, int poison) {
+    FM_CHECK_CUDA(cudaSetDevice(device));
+    const size_t bytes = std::max<size_t>(1, static_cast<size_t>(n)) * sizeof(T);
+    void* p = nullptr;
+    FM_CHECK_CUDA(cudaMalloc(&p, bytes));
+    ptrs_.emplace_back(device, p);
+    FM_CHECK_CUDA(cudaMemset(p, poison, bytes));
+    return static_cast<T*>(p);
+  }
+  template <typename T>
+  T* upload(int device, const std::vector<T>& v) {
+    T* p = to_device(device, v);
+    ptrs_.emplace_back(device, p);
+    return p;
+  }
+
+ private:
+  std::vector<std::pair<int, void*>> ptrs_;
+};
+
+template <typename T>
+void copy_on_stream(T* dst, const T* src, int64_t n, cudaStream_t stream) {
+  if (dst && n > 0)
+    FM_CHECK_CUDA(cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * sizeof(T),
+                                  cudaMemcpyDeviceToDevice, stream));
+}
+
+void copy_view(const EpConfig& cfg, const DeviceRecvView& v, const ViewCopy& to,
+               cudaStream_t stream) {
+  const int L = cfg.experts_per_rank();
+  const int64_t bound = cfg.row_bound(), SC = cfg.scale_cols();
+  const int64_t row_bytes = cfg.payload == Payload::kFP8 ? cfg.hidden : 2 * cfg.hidden;
+  copy_on_stream(to.recv_count, v.recv_count, cfg.num_ranks, stream);
+  copy_on_stream(to.expert_counts, v.expert_counts, L, stream);
+  copy_on_stream(to.expert_offsets, v.expert_offsets, L + 1, stream);
+  copy_on_stream(to.m_indices, v.m_indices, bound, stream);
+  copy_on_stream(to.row_src, v.row_src, bound, stream);
+  copy_on_stream(to.row_weight, v.row_weight, bound, stream);
+  copy_on_stream(to.x, static_cast<const uint8_t*>(v.x), bound * row_bytes, stream);
+  copy_on_stream(to.x_scales, v.x_scales, bound * SC, stream);
+  copy_on_stream(to.status, v.status, 3, stream);
+}
+
+struct BackToBackCase {
+  const char* name;
+  int R, E, K;
+  int64_t H, Tmax;
+  int64_t masked_capacity;  // 0: grouped layout (normal kernels)
+  Payload payload;
+  const char* ll_letters;  // low-latency options (ll_option_set)
+  int num_blocks, chunk_tokens;
+  bool overlap_recv;
+};
+
+// Round r's view copy of rank s against the reference of its batch.
+void expect_view_copy(const EpConfig& cfg, int device, const ViewCopy& v,
+                      const DispatchResult& want) {
+  const int R = cfg.num_ranks, K = cfg.top_k, L = cfg.experts_per_rank();
+  const int64_t H = cfg.hidden, SC = cfg.scale_cols(), bound = cfg.row_bound(),
+                Tmax = cfg.max_tokens_per_rank;
+  const bool fp8 = cfg.payload == Payload::kFP8;
+  const int64_t row_bytes = fp8 ? H : 2 * H;
+  const GroupedRecv& g = want.grouped;
+  ASSERT_FALSE(g.overflow) << "the cases are sized not to overflow";
+  if (v.recv_count) EXPECT_EQ(to_host(device, v.recv_count, R), want.recv.count) << "recv_count";
+  const std::vector<int64_t> status = to_host(device, v.status, 3);
+  EXPECT_EQ(status[0], g.rows_needed) << "status rows_needed";
+  EXPECT_EQ(status[1], 0) << "status overflow";
+  EXPECT_EQ(status[2], want.recv.total()) << "status tokens received";
+  EXPECT_EQ(to_host(device, v.expert_counts, L), g.expert_counts) << "expert_counts";
+  EXPECT_EQ(to_host(device, v.expert_offsets, L + 1), g.expert_offsets) << "expert_offsets";
+  EXPECT_EQ(to_host(device, v.m_indices, bound), g.m_indices) << "m_indices";
+  const std::vector<int32_t> row_src = to_host(device, v.row_src, bound);
+  const std::vector<float> row_weight = to_host(device, v.row_weight, bound);
+  const std::vector<uint8_t> x = to_host(device, v.x, bound * row_bytes);
+  const std::vector<float> scales =
+      fp8 ? to_host(device, v.x_scales, bound * SC) : std::vector<float>();
+  const uint8_t* want_x = fp8 ? g.x_fp8.data() : reinterpret_cast<const uint8_t*>(g.x_bf16.data());
+  for (int64_t row = 0; row < g.num_rows; ++row) {
+    ASSERT_EQ(row_src[row], g.row_src[row]) << "row_src, row " << row;
+    if (g.row_src[row] < 0) continue;
+    // The gate weight of the row's (received token i, k): region s, slot i - offset(s).
+    const int64_t i = g.row_src[row] / K, k = g.row_src[row] % K;
+    int s = 0;
+    while (s + 1 < R && want.recv.offset(s + 1) <= i) ++s;
+    const int64_t at = s * Tmax + (i - want.recv.offset(s));
+    ASSERT_EQ(float_to_bits(row_weight[row]), float_to_bits(want.recv.topk_weight[at * K + k]))
+        << "row_weight, row " << row;
+    ASSERT_TRUE(
+        std::equal(&x[row * row_bytes], &x[row * row_bytes] + row_bytes, want_x + row * row_bytes))
+        << "payload, row " << row;
+    for (int64_t c = 0; c < (fp8 ? SC : 0); ++c)
+      ASSERT_EQ(float_to_bits(scales[row * SC + c]), float_to_bits(g.x_scales[row * SC + c]))
+          << "scale, row " << row << " column block " << c;
+  }
+}
+
+void run_back_to_back(const BackToBackCase& c, int gpus, int rounds) {
+  constexpr int kBatches = 3;
+  constexpr Routing kRouting[kBatches] = {Routing::kRandom, Routing::kSkewed, Routing::kHoles};
+  EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, c.payload);
+  cfg.masked_capacity = c.masked_capacity;
+  DeviceEpOptions opt = ll_option_set(c.ll_letters);
+  opt.num_blocks = c.num_blocks;
+  opt.chunk_tokens = c.chunk_tokens;
+  opt.overlap_recv = c.overlap_recv;
+  const int R = c.R, L = cfg.experts_per_rank();
+  const int64_t H = cfg.hidden, SC = cfg.scale_cols(), bound = cfg.row_bound();
+  const bool fp8 = c.payload == Payload::kFP8;
+  const int64_t row_bytes = fp8 ? H : 2 * H;
+  const std::vector<int> devices = devices_for(R, gpus);
+  // combine_tokens: one row per received slot (as Harness draws them).
+  EpConfig rows_cfg = cfg;
+  rows_cfg.masked_capacity = 0;
+  rows_cfg.max_rows = (cfg.max_recv_tokens() + 127) / 128 * 128;
+
+  // Inputs and their references: batches, then every round's y and rows.
+  std::vector<std::vector<RankData>> data;
+  std::vector<std::vector<DispatchResult>> want;
+  for (int b = 0; b < kBatches; ++b) {
+    std::vector<int64_t> tokens(R);
+    for (int s = 0; s < R; ++s)
+      tokens[s] = b == 0   ? (s == R - 1 ? c.Tmax - 13 : c.Tmax)
+                  : b == 1 ? c.Tmax / 2 + 3 * s
+                           : (s == 0 ? 0 : c.Tmax - 5 * s);
+    data.push_back(make_inputs(cfg, tokens, kRouting[b], 200 + 10 * b));
+    want.push_back(dispatch_reference(cfg, batches_of(data.back())));
+  }
+  // Of 10 rounds, 1, 2, 6 and 7 only dispatch (three dispatches in a row, twice); every batch
+  // is combined and dispatched alone at least once, and rounds 3-5 combine one after the other.
+  auto combines = [](int r) { return r % 5 == 0 || r % 5 >= 3; };
+  std::vector<std::vector<std::vector<uint16_t>>> ys(rounds), rows(rounds), want_out(rounds),
+      want_back(rounds);
+  for (int r = 0; r < rounds; ++r) {
+    if (!combines(r)) continue;
+    std::vector<const uint16_t*> yp, rp;
+    for (int s = 0; s < R; ++s) {
+      ys[r].push_back(testing::expert_outputs(cfg, s, 300 + r));
+      rows[r].push_back(testing::expert_outputs(rows_cfg, s, 400 + r));
+      yp.push_back(ys[r][s].data());
+      rp.push_back(rows[r][s].data());
+    }
+    want_out[r] = combine_reference(cfg, want[r % kBatches], yp);
+    want_back[r] = combine_tokens_reference(cfg, want[r % kBatches], rp);
+  }
+
+  DeviceAllocs mem;
+  std::vector<std::vector<DeviceBatch>> batch(kBatches);
+  for (int b = 0; b < kBatches; ++b)
+    for (int s = 0; s < R; ++s)
+      batch[b].push_back({data[b][s].tokens, mem.upload(devices[s], data[b][s].x),
+                          mem.upload(devices[s], data[b][s].idx),
+                          mem.upload(devices[s], data[b][s].w)});
+  // early: the view right after dispatch_recv; late: after the round's combines, just before
+  // the next dispatch (the fields this rank writes itself; recv_count is the sources', below,
+  // so it is copied only early and only in rounds that combine).
+  struct RoundBuffers {
+    const uint16_t *y = nullptr, *rows = nullptr;
+    uint16_t *out = nullptr, *back = nullptr;
+    ViewCopy early, late;
+  };
+  std::vector<std::vector<RoundBuffers>> rb(rounds, std::vector<RoundBuffers>(R));
+  constexpr int kPoison = 0xA5;  // not -1 (padding), +0 or a small integer: a missed write shows
+  for (int r = 0; r < rounds; ++r)
+    for (int s = 0; s < R; ++s) {
+      const int d = devices[s];
+      RoundBuffers& q = rb[r][s];
+      if (combines(r)) {
+        q.y = mem.upload(d, ys[r][s]);
+        q.rows = mem.upload(d, rows[r][s]);
+        const int64_t T = data[r % kBatches][s].tokens;
+        q.out = mem.alloc<uint16_t>(d, T * H, 0xFF);
+        q.back = mem.alloc<uint16_t>(d, T * H, 0xFF);
+      }
+      for (ViewCopy* v : {&q.early, &q.late}) {
+        if (v == &q.late && !combines(r)) continue;
+        v->recv_count = v == &q.early && combines(r) ? mem.alloc<int32_t>(d, R, kPoison) : nullptr;
+        v->expert_counts = mem.alloc<int32_t>(d, L, kPoison);
+        v->expert_offsets = mem.alloc<int32_t>(d, L + 1, kPoison);
+        v->m_indices = mem.alloc<int32_t>(d, bound, kPoison);
+        v->row_src = mem.alloc<int32_t>(d, bound, kPoison);
+        v->row_weight = mem.alloc<float>(d, bound, kPoison);
+        v->x = mem.alloc<uint8_t>(d, bound * row_bytes, kPoison);
+        if (fp8) v->x_scales = mem.alloc<float>(d, bound * SC, kPoison);
+        v->status = mem.alloc<int64_t>(d, 3, kPoison);
+      }
+    }
+
+  DeviceEpGroup group(cfg, devices, opt);
+  // Destroyed before the group and the buffers: the streams are drained first.
+  struct Streams {
+    const std::vector<int>& devices;
+    std::vector<cudaStream_t> s;
+    ~Streams() {
+      for (size_t r = 0; r < s.size(); ++r) {
+        if (!s[r]) continue;
+        cudaSetDevice(devices[r]);
+        cudaStreamSynchronize(s[r]);
+        cudaStreamDestroy(s[r]);
+      }
+    }
+  } owned{devices, std::vector<cudaStream_t>(R, nullptr)};
+  std::vector<cudaStream_t>& streams = owned.s;
+  for (int s = 0; s < R; ++s) {
+    FM_CHECK_CUDA(cudaSetDevice(devices[s]));
+    FM_CHECK_CUDA(cudaStreamCreateWithFlags(&streams[s], cudaStreamNonBlocking));
+  }
+  for (int d : devices) {  // the poison and uploads are in place before the first round
+    FM_CHECK_CUDA(cudaSetDevice(d));
+    FM_CHECK_CUDA(cudaDeviceSynchronize());
+  }
+
+  for (int r = 0; r < rounds; ++r) {
+    const int b = r % kBatches;
+    for (int s = 0; s < R; ++s) group.rank(s).dispatch_send(batch[b][s], streams[s]);
+    for (int s = 0; s < R; ++s) {
+      DeviceEpRank& ep = group.rank(s);
+      ep.dispatch_recv(streams[s]);
+      // recv_count is written by the sources' next dispatch_send, which may start as soon as
+      // this rank's dispatch_recv acknowledged them and (in a round that combines) its last
+      // combine_send of the round let their combine_recv end: copied before combine_send, and not
+      // at all in a dispatch-only round (the sources' next dispatch may already have rewritten it).
+      FM_CHECK_CUDA(cudaSetDevice(devices[s]));
+      copy_view(cfg, ep.view(), rb[r][s].early, streams[s]);
+    }
+    if (!combines(r)) continue;
+    for (int s = 0; s < R; ++s) group.rank(s).combine_send(rb[r][s].y, streams[s]);
+    for (int s = 0; s < R; ++s) group.rank(s).combine_recv(rb[r][s].out, streams[s]);
+    for (int s = 0; s < R; ++s) group.rank(s).combine_tokens_send(rb[r][s].rows, streams[s]);
+    for (int s = 0; s < R; ++s) {
+      group.rank(s).combine_recv(rb[r][s].back, streams[s]);
+      FM_CHECK_CUDA(cudaSetDevice(devices[s]));
+      copy_view(cfg, group.rank(s).view(), rb[r][s].late, streams[s]);
+    }
+  }
+  for (int s = 0; s < R; ++s) {
+    FM_CHECK_CUDA(cudaSetDevice(devices[s]));
+    FM_CHECK_CUDA(cudaStreamSynchronize(streams[s]));
+  }
+  group.check();
+
+  for (int r = 0; r < rounds; ++r)
+    for (int s = 0; s < R; ++s) {
+      SCOPED_TRACE("round " + std::to_string(r) + " (batch " + std::to_string(r % kBatches) +
+                   (combines(r) ? ", combines" : ", dispatch only") + "), rank " +
+                   std::to_string(s));
+      const int d = devices[s];
+      const int64_t T = data[r % kBatches][s].tokens;
+      {
+        SCOPED_TRACE("view copied right after dispatch_recv");
+        expect_view_copy(cfg, d, rb[r][s].early, want[r % kBatches][s]);
+      }
+      if (::testing::Test::HasFatalFailure()) return;
+      if (!combines(r)) continue;
+      {
+        SCOPED_TRACE("view copied after the round's combines (valid until the next dispatch)");
+        expect_view_copy(cfg, d, rb[r][s].late, want[r % kBatches][s]);
+      }
+      if (::testing::Test::HasFatalFailure()) return;
+      ASSERT_EQ(to_host(d, rb[r][s].out, T * H), want_out[r][s]) << "combine";
+      ASSERT_EQ(to_host(d, rb[r][s].back, T * H), want_back[r][s]) << "combine_tokens";
+    }
+}
+
+// Normal kernels (grouped layout, FP8 and BF16) and the low-latency kernels (masked FP8) with
+// their session-3 options off, with K + U (ll_overlap_flags checks the previous round's
+// acknowledgement early; ll_combine_pull lets sources read the partials from this rank's staging
+// region, so the next combine must not overwrite it before they did) and with all four on.
+// Masked capacities hold R * Tmax, so no batch overflows.
+TEST_F(NvlinkTest, RoundsBackToBackWithoutHostSyncMatchReference) {
+  const BackToBackCase cases[] = {
+      {"normal_fp8", 2, 16, 4, 512, 96, 0, Payload::kFP8, "", 5, 7, true},
+      {"normal_bf16_4_ranks", 4, 32, 4, 256, 64, 0, Payload::kBF16, "", 8, 4, false},
+      {"ll_fp8", 2, 16, 4, 512, 96, 256, Payload::kFP8, "", 5, 0, true},
+      {"ll_fp8_overlap_flags_pull", 2, 16, 4, 512, 96, 256, Payload::kFP8, "KU", 1, 0, true},
+      {"ll_fp8_all_options", 2, 16, 4, 512, 96, 256, Payload::kFP8, "IKWU", 8, 0, true},
+      {"ll_fp8_all_options_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "IKWU", 5, 0, false},
+  };
+  for (const BackToBackCase& c : cases) {
+    progress(std::string("back-to-back case ") + c.name);
+    SCOPED_TRACE(std::string(c.name) + " on " + std::to_string(gpu_count()) + " GPU(s)");
+    run_back_to_back(c, gpu_count(), 10);
+    if (HasFatalFailure()) return;
   }
 }
 

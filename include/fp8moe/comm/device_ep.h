@@ -126,9 +126,14 @@ struct DeviceBatch {
   const float* topk_weight = nullptr;  // [T, K]
 };
 
-// Device views of a rank's dispatch outputs (valid until its next dispatch).
+// Device views of a rank's dispatch outputs. Written by the rank's own kernels, so valid until
+// its next dispatch, except what the sources write into its workspace: recv_count (and, with
+// expand_payload off, the payload rows row_src points at) are valid only until the sources'
+// next dispatch_send, which may start once this rank's combine_recv of the round has released
+// them (or, in rounds without combine, once its dispatch_recv has acknowledged). Copy them on
+// the stream before combine_send if they must outlive the round.
 struct DeviceRecvView {
-  const int32_t* recv_count = nullptr;      // [R]
+  const int32_t* recv_count = nullptr;      // [R] (written by the sources: see above)
   const int32_t* expert_counts = nullptr;   // [L] (masked_m in masked mode)
   const int32_t* expert_offsets = nullptr;  // [L + 1]
   const int32_t* m_indices = nullptr;       // [row bound]
