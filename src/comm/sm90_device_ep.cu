@@ -26,6 +26,7 @@
 #include <string>
 
 #include "device_ep_forward.h"
+#include "ep_quantize16.cuh"
 #include "fp8moe/comm/device_ep.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
@@ -53,6 +54,7 @@ constexpr int kSendThreads = 512;  // threads of every kernel's blocks
 constexpr int kWarps = kSendThreads / 32;
 constexpr int kTile = 32;  // plan granularity: the tokens of one warp
 constexpr unsigned kFull = 0xFFFFFFFFu;
+using detail::quantize16;
 
 // status[] slots (int64 / u64) of a workspace.
 enum Status : int {
@@ -470,41 +472,6 @@ __device__ __forceinline__ void weighted_rows_u(const uint16_t* y, int64_t H, co
         }
       }
     }
-  }
-}
-
-// ---- FP8 quantisation of one 512-column chunk (16 values per lane, 8 lanes a scale) ----
-__device__ __forceinline__ void quantize16(const uint4 v0, const uint4 v1, uint4& codes,
-                                           float& scale) {
-  float f[16];
-  const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&v0);
-  const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&v1);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w0[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w0[i] & 0xFFFF0000u);
-    f[8 + 2 * i] = __uint_as_float(w1[i] << 16);
-    f[8 + 2 * i + 1] = __uint_as_float(w1[i] & 0xFFFF0000u);
-  }
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
-#pragma unroll
-  for (int m = 1; m < 8; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, m));
-  // NOTE: fp8/quantize.h's formula with IEEE division, so codes match the CPU bit for bit;
-  // cvt.rn.satfinite is the codec's round-to-nearest-even with saturation.
-  scale = amax == 0.0f ? 1.0f : fmaxf(__fdiv_rn(amax, kE4M3Max), FLT_MIN);
-  uint32_t* c = reinterpret_cast<uint32_t*>(&codes);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint16_t lo, hi;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
-        : "=h"(lo)
-        : "f"(__fdiv_rn(f[4 * i], scale)), "f"(__fdiv_rn(f[4 * i + 1], scale)));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
-        : "=h"(hi)
-        : "f"(__fdiv_rn(f[4 * i + 2], scale)), "f"(__fdiv_rn(f[4 * i + 3], scale)));
-    c[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
 }
 
@@ -1747,7 +1714,7 @@ struct DeviceEpRank::Impl {
   DevErr* err_dev = nullptr;  // in the workspace
   std::vector<void*> opened;  // IPC mappings to close
   int64_t last_tokens = 0;
-  const uint16_t* last_y = nullptr;  // combine input, also read by combine_recv (NVLink)
+  const uint16_t* last_y = nullptr;      // combine input, also read by combine_recv (NVLink)
   const uint16_t* last_bwd_y = nullptr;  // combine backward: y of combine_backward_send
   bool last_weighted = true;
   // Masked configs over NVLink run the low-latency kernels (DeviceEpOptions::low_latency).

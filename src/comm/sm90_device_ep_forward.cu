@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "device_ep_forward.h"
+#include "ep_quantize16.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
@@ -339,41 +340,6 @@ __device__ __forceinline__ void load_experts(const Args& a, int64_t t, bool vali
       e = -1;
     }
     ev[k] = e;
-  }
-}
-
-// ---- FP8: 16 BF16 values per lane quantised with their 128-column block (8 lanes a scale) ----
-__device__ __forceinline__ void quantize16(const uint4 v0, const uint4 v1, uint4& codes,
-                                           float& scale) {
-  float f[16];
-  const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&v0);
-  const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&v1);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w0[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w0[i] & 0xFFFF0000u);
-    f[8 + 2 * i] = __uint_as_float(w1[i] << 16);
-    f[8 + 2 * i + 1] = __uint_as_float(w1[i] & 0xFFFF0000u);
-  }
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
-#pragma unroll
-  for (int m = 1; m < 8; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, m));
-  // NOTE: fp8/quantize.h's formula with IEEE division and round-to-nearest-even saturation, as
-  // the one-stage kernels, so the codes equal the CPU's bit for bit.
-  scale = amax == 0.0f ? 1.0f : fmaxf(__fdiv_rn(amax, kE4M3Max), FLT_MIN);
-  uint32_t* c = reinterpret_cast<uint32_t*>(&codes);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint16_t lo, hi;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
-        : "=h"(lo)
-        : "f"(__fdiv_rn(f[4 * i], scale)), "f"(__fdiv_rn(f[4 * i + 1], scale)));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
-        : "=h"(hi)
-        : "f"(__fdiv_rn(f[4 * i + 2], scale)), "f"(__fdiv_rn(f[4 * i + 3], scale)));
-    c[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
 }
 

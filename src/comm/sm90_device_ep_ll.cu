@@ -24,6 +24,7 @@
 #include <cfloat>
 #include <cstdio>
 
+#include "ep_quantize16.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/dtypes.h"
 #include "fp8moe/core/error.h"
@@ -55,6 +56,7 @@ constexpr int kTile = 32;
 constexpr int kMaxTopK = 8;
 constexpr int kMaxRanks = 32;
 constexpr unsigned kFull = 0xFFFFFFFFu;
+using detail::quantize16;
 // A round of a counter: the adds of one grid sum to this, whatever its size.
 constexpr unsigned long long kRound = 1ull << 32;
 
@@ -245,41 +247,6 @@ __device__ __forceinline__ Split split(int64_t n, int64_t steps) {
 }
 __device__ __forceinline__ int64_t global_warp() {
   return static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-}
-
-// ---- FP8 quantisation of 16 BF16 values per lane (8 lanes share a 128-column scale) ----
-// fp8/quantize.h's formula with IEEE division and cvt.rn.satfinite: equal to fp8::quantize bit
-// for bit.
-__device__ __forceinline__ void quantize16(const uint4 v0, const uint4 v1, uint4& codes,
-                                           float& scale) {
-  float f[16];
-  const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&v0);
-  const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&v1);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w0[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w0[i] & 0xFFFF0000u);
-    f[8 + 2 * i] = __uint_as_float(w1[i] << 16);
-    f[8 + 2 * i + 1] = __uint_as_float(w1[i] & 0xFFFF0000u);
-  }
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
-#pragma unroll
-  for (int m = 1; m < 8; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, m));
-  scale = amax == 0.0f ? 1.0f : fmaxf(__fdiv_rn(amax, kE4M3Max), FLT_MIN);
-  uint32_t* c = reinterpret_cast<uint32_t*>(&codes);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint16_t lo, hi;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
-        : "=h"(lo)
-        : "f"(__fdiv_rn(f[4 * i], scale)), "f"(__fdiv_rn(f[4 * i + 1], scale)));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
-        : "=h"(hi)
-        : "f"(__fdiv_rn(f[4 * i + 2], scale)), "f"(__fdiv_rn(f[4 * i + 3], scale)));
-    c[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-  }
 }
 
 __device__ __forceinline__ void add_bf16x8(float* acc, const uint4& v) {

@@ -1,0 +1,47 @@
+// FP8 quantisation of 16 BF16 values per lane, 8 lanes sharing one 128-column scale (a lane
+// group covers one 1x128 block). One copy for every EP kernel file (one-stage, low-latency,
+// two-stage): all of them must give the codes of the CPU reference bit for bit.
+#pragma once
+
+#include <cfloat>
+#include <cstdint>
+
+#include "fp8moe/fp8/codec.h"
+
+namespace fp8moe::comm::detail {
+
+__device__ __forceinline__ void quantize16(const uint4 v0, const uint4 v1, uint4& codes,
+                                           float& scale) {
+  float f[16];
+  const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&v0);
+  const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&v1);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(w0[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w0[i] & 0xFFFF0000u);
+    f[8 + 2 * i] = __uint_as_float(w1[i] << 16);
+    f[8 + 2 * i + 1] = __uint_as_float(w1[i] & 0xFFFF0000u);
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+  for (int m = 1; m < 8; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
+  // NOTE: fp8/quantize.h's formula with IEEE division, so codes match the CPU bit for bit;
+  // cvt.rn.satfinite is the codec's round-to-nearest-even with saturation.
+  scale = amax == 0.0f ? 1.0f : fmaxf(__fdiv_rn(amax, kE4M3Max), FLT_MIN);
+  uint32_t* c = reinterpret_cast<uint32_t*>(&codes);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
+        : "=h"(lo)
+        : "f"(__fdiv_rn(f[4 * i], scale)), "f"(__fdiv_rn(f[4 * i + 1], scale)));
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
+        : "=h"(hi)
+        : "f"(__fdiv_rn(f[4 * i + 2], scale)), "f"(__fdiv_rn(f[4 * i + 3], scale)));
+    c[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+}
+
+}  // namespace fp8moe::comm::detail
