@@ -26,7 +26,7 @@
 #include <string>
 
 #include "device_ep_forward.h"
-#include "ep_quantize16.cuh"
+#include "ep_row_math.cuh"
 #include "fp8moe/comm/device_ep.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
@@ -54,6 +54,7 @@ constexpr int kSendThreads = 512;  // threads of every kernel's blocks
 constexpr int kWarps = kSendThreads / 32;
 constexpr int kTile = 32;  // plan granularity: the tokens of one warp
 constexpr unsigned kFull = 0xFFFFFFFFu;
+using detail::pack_bf16;
 using detail::quantize16;
 
 // status[] slots (int64 / u64) of a workspace.
@@ -496,15 +497,6 @@ __device__ __forceinline__ void weighted_rows(const uint16_t* y, int64_t H, cons
           __fadd_rn(acc[2 * x + 1], __fmul_rn(ws[k], __uint_as_float(vw[x] & 0xFFFF0000u)));
     }
   }
-}
-__device__ __forceinline__ uint4 pack_bf16(const float* acc) {
-  uint4 o;
-  uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-  for (int x = 0; x < 4; ++x)
-    ow[x] = static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x])) |
-            (static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x + 1])) << 16);
-  return o;
 }
 
 // ---- dispatch send 1: the plan of the whole batch, in shared memory of every send block (v5)

@@ -18,7 +18,7 @@
 #include <thread>
 
 #include "device_ep_forward.h"
-#include "ep_quantize16.cuh"
+#include "ep_row_math.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
@@ -341,24 +341,6 @@ __device__ __forceinline__ void load_experts(const Args& a, int64_t t, bool vali
     }
     ev[k] = e;
   }
-}
-
-__device__ __forceinline__ void add_bf16x8(float* acc, const uint4 v) {
-  const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v);
-#pragma unroll
-  for (int x = 0; x < 4; ++x) {
-    acc[2 * x] = __fadd_rn(acc[2 * x], __uint_as_float(vw[x] << 16));
-    acc[2 * x + 1] = __fadd_rn(acc[2 * x + 1], __uint_as_float(vw[x] & 0xFFFF0000u));
-  }
-}
-__device__ __forceinline__ uint4 pack_bf16(const float* acc) {
-  uint4 o;
-  uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-  for (int x = 0; x < 4; ++x)
-    ow[x] = static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x])) |
-            (static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x + 1])) << 16);
-  return o;
 }
 
 // ---- dispatch 1 (one block): the plan of the batch ----

@@ -24,7 +24,7 @@
 #include <cfloat>
 #include <cstdio>
 
-#include "ep_quantize16.cuh"
+#include "ep_row_math.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/dtypes.h"
 #include "fp8moe/core/error.h"
@@ -56,6 +56,8 @@ constexpr int kTile = 32;
 constexpr int kMaxTopK = 8;
 constexpr int kMaxRanks = 32;
 constexpr unsigned kFull = 0xFFFFFFFFu;
+using detail::add_bf16x8;
+using detail::pack_bf16;
 using detail::quantize16;
 // A round of a counter: the adds of one grid sum to this, whatever its size.
 constexpr unsigned long long kRound = 1ull << 32;
@@ -247,24 +249,6 @@ __device__ __forceinline__ Split split(int64_t n, int64_t steps) {
 }
 __device__ __forceinline__ int64_t global_warp() {
   return static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-}
-
-__device__ __forceinline__ void add_bf16x8(float* acc, const uint4& v) {
-  const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v);
-#pragma unroll
-  for (int x = 0; x < 4; ++x) {
-    acc[2 * x] = __fadd_rn(acc[2 * x], __uint_as_float(vw[x] << 16));
-    acc[2 * x + 1] = __fadd_rn(acc[2 * x + 1], __uint_as_float(vw[x] & 0xFFFF0000u));
-  }
-}
-__device__ __forceinline__ uint4 pack_bf16(const float* acc) {
-  uint4 o;
-  uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-  for (int x = 0; x < 4; ++x)
-    ow[x] = static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x])) |
-            (static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x + 1])) << 16);
-  return o;
 }
 
 // ---- dispatch send 1: the plan of the batch in shared memory ----

@@ -1,6 +1,5 @@
-// FP8 quantisation of 16 BF16 values per lane, 8 lanes sharing one 128-column scale (a lane
-// group covers one 1x128 block). One copy for every EP kernel file (one-stage, low-latency,
-// two-stage): all of them must give the codes of the CPU reference bit for bit.
+// Per-lane row arithmetic shared by the EP kernel files (one-stage, low-latency, two-stage): all
+// of them must produce the CPU reference's bits, so each operation exists once.
 #pragma once
 
 #include <cfloat>
@@ -10,6 +9,29 @@
 
 namespace fp8moe::comm::detail {
 
+// acc[0..8) += the 8 BF16 values of v, one rounded add each (no FMA), ascending column.
+__device__ __forceinline__ void add_bf16x8(float* acc, const uint4& v) {
+  const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v);
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    acc[2 * x] = __fadd_rn(acc[2 * x], __uint_as_float(vw[x] << 16));
+    acc[2 * x + 1] = __fadd_rn(acc[2 * x + 1], __uint_as_float(vw[x] & 0xFFFF0000u));
+  }
+}
+
+// 8 floats -> 8 BF16 (round to nearest even), packed as one 16-byte store.
+__device__ __forceinline__ uint4 pack_bf16(const float* acc) {
+  uint4 o;
+  uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+  for (int x = 0; x < 4; ++x)
+    ow[x] = static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x])) |
+            (static_cast<uint32_t>(float_to_bf16_bits(acc[2 * x + 1])) << 16);
+  return o;
+}
+
+// FP8 quantisation of 16 BF16 values per lane, 8 lanes sharing one 128-column scale (a lane
+// group covers one 1x128 block).
 __device__ __forceinline__ void quantize16(const uint4 v0, const uint4 v1, uint4& codes,
                                            float& scale) {
   float f[16];
