@@ -26,6 +26,7 @@
 #include <string>
 
 #include "device_ep_forward.h"
+#include "ep_ptx.cuh"
 #include "ep_row_math.cuh"
 #include "fp8moe/comm/device_ep.h"
 #include "fp8moe/core/cuda_check.h"
@@ -54,8 +55,13 @@ constexpr int kSendThreads = 512;  // threads of every kernel's blocks
 constexpr int kWarps = kSendThreads / 32;
 constexpr int kTile = 32;  // plan granularity: the tokens of one warp
 constexpr unsigned kFull = 0xFFFFFFFFu;
+using detail::allow_dependent_launch;
+using detail::globaltimer;
+using detail::lanemask_lt;
+using detail::ld_acquire_sys;
 using detail::pack_bf16;
 using detail::quantize16;
+using detail::st_release_sys;
 
 // status[] slots (int64 / u64) of a workspace.
 enum Status : int {
@@ -250,26 +256,6 @@ size_t recv_smem_bytes(const Geometry& g) {
   return (static_cast<size_t>(g.R) * g.L + (g.L + 1) + g.L + (g.R + 1) + g.R) * 4;
 }
 
-// ---- memory-model helpers ----
-__device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_sys(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ unsigned long long globaltimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-// Programmatic dependent launch: the next kernel on the stream (a receive kernel launched with
-// programmatic serialisation) may start now; it synchronises with this one through flags only.
-__device__ __forceinline__ void allow_dependent_launch() {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-
 __device__ void record_error(DevErr* err, int code, int rank, int peer, int counter,
                              unsigned long long expected, unsigned long long seen,
                              long long detail) {
@@ -378,11 +364,6 @@ __device__ __forceinline__ int32_t* notify_of(char* base, const Args& a, int src
 }
 __device__ __forceinline__ char* record_of(const Args& a, char* base, int src, int64_t j) {
   return base + a.lay.stage + (static_cast<int64_t>(src) * a.g.Tmax + j) * a.g.P;
-}
-__device__ __forceinline__ unsigned lanemask_lt() {
-  unsigned m;
-  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
-  return m;
 }
 __device__ __forceinline__ int warp_inclusive_sum(int v) {
   const int lane = threadIdx.x & 31;
@@ -1656,21 +1637,9 @@ class DeviceGuard {
 
 using KernelFn = void (*)(Args);
 
-// A launch, optionally as a programmatic dependent of the previous kernel on the stream (it may
-// start once that kernel's blocks all allowed it; ours synchronise through flags only).
 void launch(void (*kernel)(Args), int grid, size_t smem, cudaStream_t stream, bool dependent,
             const Args& a) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(grid));
-  cfg.blockDim = dim3(kSendThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = dependent ? attr : nullptr;
-  cfg.numAttrs = dependent ? 1 : 0;
-  FM_CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, a));
+  detail::launch_kernel(kernel, grid, kSendThreads, smem, stream, dependent, a);
 }
 
 // The kernel variants the options select (DeviceEpOptions: plan_once, prefetch_payload,

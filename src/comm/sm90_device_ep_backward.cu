@@ -16,6 +16,7 @@
 // (tests/comm/device_ep_backward_gpu_test.cu).
 #include <algorithm>
 
+#include "ep_ptx.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/fp8/codec.h"
 #include "sm90_device_ep_backward.h"
@@ -40,24 +41,13 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxTopK = 8;
 constexpr int kDotVecs = 4;  // 8-column groups of a dot product loaded together
 constexpr unsigned kFull = 0xFFFFFFFFu;
+using detail::globaltimer;
+using detail::ld_acquire_sys;
+using detail::st_release_sys;
 
 // u64 slots of the `bwd` region.
 constexpr int kBlockCounters = 3;
 enum BlockCounter : int { kSendDone = 0, kExpertDone = 1, kGatherDone = 2 };
-
-__device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_sys(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ unsigned long long globaltimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 
 __device__ void record_error(ll::ErrRecord* err, int code, int rank, int peer_rank, int counter,
                              unsigned long long expected, unsigned long long seen) {

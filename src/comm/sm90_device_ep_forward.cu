@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "device_ep_forward.h"
+#include "ep_ptx.cuh"
 #include "ep_row_math.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
@@ -222,26 +223,6 @@ struct Args {
   uint16_t* out;
   bool weighted, expand;
 };
-
-// ---- memory-model helpers ----
-__device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_sys(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ unsigned long long globaltimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ unsigned lanemask_lt() {
-  unsigned m;
-  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
-  return m;
-}
 
 template <typename T>
 __device__ __forceinline__ T* at(char* base, size_t off) {

@@ -24,6 +24,7 @@
 #include <cfloat>
 #include <cstdio>
 
+#include "ep_ptx.cuh"
 #include "ep_row_math.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/dtypes.h"
@@ -57,6 +58,10 @@ constexpr int kMaxTopK = 8;
 constexpr int kMaxRanks = 32;
 constexpr unsigned kFull = 0xFFFFFFFFu;
 using detail::add_bf16x8;
+using detail::allow_dependent_launch;
+using detail::globaltimer;
+using detail::lanemask_lt;
+using detail::ld_acquire_sys;
 using detail::pack_bf16;
 using detail::quantize16;
 // A round of a counter: the adds of one grid sum to this, whatever its size.
@@ -105,12 +110,6 @@ size_t recv_smem(const Params& p) {
   return (static_cast<size_t>(p.R) * p.L + p.L + p.R + 1) * 4;
 }
 
-// ---- memory-model helpers ----
-__device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
 __device__ __forceinline__ void red_release_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
@@ -119,19 +118,6 @@ __device__ __forceinline__ void red_release_sys(unsigned long long* p, unsigned 
 // wait for this block's local writes) is needed.
 __device__ __forceinline__ void red_relaxed_sys(unsigned long long* p, unsigned long long v) {
   asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ unsigned long long globaltimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ void allow_dependent_launch() {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-__device__ __forceinline__ unsigned lanemask_lt() {
-  unsigned m;
-  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
-  return m;
 }
 
 template <typename T>
@@ -1017,21 +1003,9 @@ __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
   stamp_last(p, 21);
 }
 
-// Optionally as a programmatic dependent of the previous kernel on the stream (it may start once
-// that kernel's blocks all allowed it; these kernels synchronise through counters only).
 void launch(void (*kernel)(Params), int grid, size_t smem, cudaStream_t stream, bool dependent,
-            const Params& p) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(grid));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = dependent ? attr : nullptr;
-  cfg.numAttrs = dependent ? 1 : 0;
-  FM_CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, p));
+            const Params& a) {
+  detail::launch_kernel(kernel, grid, kThreads, smem, stream, dependent, a);
 }
 
 }  // namespace

@@ -1,0 +1,58 @@
+// Small PTX wrappers and the launch helper shared by the EP kernel files (one-stage,
+// low-latency, two-stage, backward): the memory-ordering primitives of their flag protocols exist
+// once.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "fp8moe/core/cuda_check.h"
+
+namespace fp8moe::comm::detail {
+
+__device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+__device__ __forceinline__ unsigned lanemask_lt() {
+  unsigned m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
+// A launch, optionally as a programmatic dependent of the previous kernel on the stream (it may
+// start once that kernel's blocks all allowed it; the EP kernels synchronise through flags only).
+template <typename Params>
+void launch_kernel(void (*kernel)(Params), int grid, int block, size_t smem, cudaStream_t stream,
+                   bool dependent, const Params& p) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(static_cast<unsigned>(block));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = dependent ? attr : nullptr;
+  cfg.numAttrs = dependent ? 1 : 0;
+  FM_CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, p));
+}
+
+}  // namespace fp8moe::comm::detail
