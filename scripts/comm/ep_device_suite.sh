@@ -14,6 +14,10 @@
 #      (or, if the run died before it, the rows it had printed)
 #   5. test_kernels_gpu and test_moe_gpu on GPU 0 (SUITE_GEMM=0 skips); SUITE_SPLITK_REPEAT=N
 #      repeats the split-K tests N more times (default 0: the suite already has a repeated-run test)
+#   6. SUITE_NCU=1: ncu of the normal-mode send kernels (dispatch and combine, the defaults) on
+#      GPU 0, per-instruction source counters with the SASS (receive kernels wait on the peer,
+#      which a replaying profiler can stall)
+# SUITE_COMM_TESTS=0 skips step 1 (a second pass of the suite over fewer GPUs, say).
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -43,11 +47,15 @@ bench() {  # bench NAME TIMEOUT ARGS...
   grep -E "MISMATCH|ep_bench:|error" "$raw/$name.log" | head -5
   pack
 }
-echo "== [$(el) s] test_comm_gpu"
-timeout "${SUITE_TEST_TIMEOUT:-240}" stdbuf -oL "$bin/test_comm_gpu" > "$raw/test_comm_gpu.log" 2>&1
-echo "test_comm_gpu rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]' "$raw/test_comm_gpu.log" | tr '\n' ' ')"
-grep -E "^\[  FAILED  \] [A-Za-z]|Failure|launch failed|HANG in|differs from the CPU reference" "$raw/test_comm_gpu.log" | head -12
-pack
+if [[ ${SUITE_COMM_TESTS:-1} == 1 ]]; then
+  echo "== [$(el) s] test_comm_gpu"
+  timeout "${SUITE_TEST_TIMEOUT:-240}" stdbuf -oL "$bin/test_comm_gpu" > "$raw/test_comm_gpu.log" 2>&1
+  echo "test_comm_gpu rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]' "$raw/test_comm_gpu.log" | tr '\n' ' ')"
+  grep -E "^\[  FAILED  \] [A-Za-z]|Failure|launch failed|HANG in|differs from the CPU reference" "$raw/test_comm_gpu.log" | head -12
+  grep -E "^\[ +OK \]" "$raw/test_comm_gpu.log" | awk '{print $4, $5, $6}' | tr '\n' ' ' | head -c 3000
+  echo
+  pack
+fi
 if [[ -n ${SUITE_AB:-} ]]; then
   bench ab 150 --ab "$SUITE_AB" --ab-rounds "${SUITE_AB_ROUNDS:-3}" --blocks 64 --chunks 16 --ll-blocks 64 --ll-chunks 4
   grep -E "^# " "$raw/ab.log" | head -40
@@ -91,6 +99,25 @@ if [[ ${SUITE_GEMM:-1} == 1 ]]; then
     echo "split-K repeat rc=$? $(grep -cE '^\[  PASSED  \]' "$raw/splitk_repeat.log") passed runs"
     grep -E "^\[  FAILED  \] [A-Za-z]|Failure|rel_err" "$raw/splitk_repeat.log" | head -10
   fi
+fi
+if [[ ${SUITE_NCU:-0} == 1 ]] && command -v ncu > /dev/null; then
+  echo "== [$(el) s] ncu of the normal-mode kernels (GPU 0)"
+  timeout 120 ncu --clock-control none --kernel-name regex:'k_dispatch_send|k_combine_send' \
+    --devices 0 --launch-skip 2 --launch-count 2 --section SpeedOfLight --section WarpStateStats \
+    --section SchedulerStats --section SourceCounters --section LaunchStats --section Occupancy \
+    --section MemoryWorkloadAnalysis -f -o "$raw/ncu_ep" \
+    "$bin/ep_bench" --ncu --iters 2 --warmup 1 --blocks 64 --chunks 16 --no-check > "$raw/ncu_run.log" 2>&1
+  echo "ncu rc=$?"
+  if [[ -f "$raw/ncu_ep.ncu-rep" ]]; then
+    ncu -i "$raw/ncu_ep.ncu-rep" --print-details all > "$raw/ncu_ep.txt" 2>&1
+    grep -E "^  k_|Duration|Elapsed Cycles|Issue Slots Busy|No Eligible" "$raw/ncu_ep.txt" | head -40
+    for k in k_dispatch_send k_combine_send; do
+      ncu -i "$raw/ncu_ep.ncu-rep" --kernel-name "regex:$k" --launch-count 1 --page source \
+        --print-source sass --csv > "$raw/src_$k.csv" 2>&1
+      gzip -f "$raw/src_$k.csv"
+    done
+  fi
+  pack
 fi
 echo "== [$(el) s] done"
 pack

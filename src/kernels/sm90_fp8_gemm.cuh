@@ -318,7 +318,12 @@ __device__ __forceinline__ void compute(const GemmParams& p,
   constexpr int kRegs = Mma::kRegs;
   using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
   // Overlapped promotion needs three register sets (acc + two partial sums): tiles up to 128 wide.
-  constexpr bool kOverlap = !kWgrad && kBlockN <= 128;
+  // NOTE: not in split-K launches. With it, 128x128 split-K gave runs whose output differed from
+  // the first in whole 16-row strips (one K slice's contribution off by 10-25 %): 2-35 of 299 runs
+  // at split 8 (K = 1280-2560, m = 1 and 128), never at split 6 or without split (n = 2 and 3 block
+  // tiles, 1,200 runs each); the same kernels without the overlap: 0 of ~12,000 runs. Cause not
+  // found (dev/gemm/NOTES.md "Session 4"); the split launches are small-M, load-bound shapes.
+  constexpr bool kOverlap = !kWgrad && kBlockN <= 128 && !kSplitK;
   // Warp-uniform (shuffled from lane 0) so that the descriptors below can stay in uniform
   // registers instead of being rebuilt and moved (R2UR) before every wgmma.
   const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
