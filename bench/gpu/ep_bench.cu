@@ -440,8 +440,11 @@ std::vector<int> devices_of(const World& w) {
 // A kernel variant by name: "v5" (the plan in every send block, no session-3 option), "base"
 // (plan_once alone: the session-2 kernels), "default" (DeviceEpOptions' defaults), or letters of
 // the session-3 options on top of plan_once: P prefetch_payload, C combine_two_steps (so "PC" =
-// the defaults), A combine_async_rows, S combine_peer_items; suffixes ":c8", ":b80", ":r132" set
-// the chunk size, the send blocks and the receive blocks.
+// the defaults), A combine_async_rows, S combine_peer_items, and of session 4: B
+// combine_peer_blocks, E combine_even_steps; suffixes ":c8", ":b80", ":r132" set the chunk size,
+// the send blocks and the receive blocks (without ":r", DeviceEpOptions' automatic receive grid:
+// every SM since session 4; ":r68" on a 132-SM H100 with 64 send blocks is the earlier one);
+// ":g48" the combine send's own grid (DeviceEpOptions::combine_blocks).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -460,6 +463,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.num_blocks = val;
     else if (key == 'r')
       v.opt.recv_blocks = val;
+    else if (key == 'g')
+      v.opt.combine_blocks = val;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown suffix");
   }
@@ -467,6 +472,9 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
   v.opt.plan_once = head != "v5";
   v.opt.prefetch_payload = false;
   v.opt.combine_two_steps = false;
+  v.opt.combine_peer_items = false;
+  v.opt.combine_peer_blocks = false;
+  v.opt.combine_even_steps = false;
   if (head == "v5" || head == "base") return v;
   for (char c : head) {
     if (c == 'P')
@@ -477,6 +485,10 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.combine_async_rows = true;
     else if (c == 'S')
       v.opt.combine_peer_items = true;
+    else if (c == 'B')
+      v.opt.combine_peer_blocks = true;
+    else if (c == 'E')
+      v.opt.combine_even_steps = true;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown letter ", c);
   }
@@ -505,6 +517,8 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
         o.combine_two_steps = v.combine_two_steps;
         o.combine_async_rows = v.combine_async_rows;
         o.combine_peer_items = v.combine_peer_items;
+        o.combine_peer_blocks = v.combine_peer_blocks;
+        o.combine_even_steps = v.combine_even_steps;
         o.num_blocks = blocks;
         o.wire = wire;
         o.expand_payload = expand;

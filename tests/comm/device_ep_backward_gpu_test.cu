@@ -302,14 +302,18 @@ void run_cases(int gpus) {
     DeviceEpOptions opt;
     opt.low_latency = false;  // masked cases: the normal kernels (the low-latency ones have none)
     opt.num_blocks = ran % 3 == 0 ? 64 : 5;
+    // A combine send grid of its own: forward combines and backwards count their send blocks in
+    // one counter, so both must take it.
+    opt.combine_blocks = ran % 4 == 2 ? 3 : 0;
     opt.recv_blocks = ran % 4 == 1 ? 3 : 0;
     opt.plan_once = (ran / 2) % 2 == 0;
     opt.expand_payload = ran % 5 != 0;
     opt.overlap_recv = ran % 4 != 3;
     const std::string what =
         std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
-        " GPU(s), send blocks " + std::to_string(opt.num_blocks) + ", recv blocks " +
-        std::to_string(opt.recv_blocks) + (opt.plan_once ? ", plan once" : ", plan per block") +
+        " GPU(s), send blocks " + std::to_string(opt.num_blocks) + ", combine blocks " +
+        std::to_string(opt.combine_blocks) + ", recv blocks " + std::to_string(opt.recv_blocks) +
+        (opt.plan_once ? ", plan once" : ", plan per block") +
         (opt.expand_payload ? "" : ", payload not expanded") +
         (opt.overlap_recv ? "" : ", no overlap");
     progress("case " + what);

@@ -232,32 +232,41 @@ int chunk_of(int ran) {
 }
 
 // Kernel variants: 0 the plan in every send block (v5), 1 plan_once (v5 + plan-once kernels),
-// 2 the defaults (plan_once, prefetch_payload, combine_two_steps), 3 the session-3 options with
-// the per-block plan. Not yet measured, so in a test of their own (a failure names them): 4 the
-// defaults with combine_peer_items, 5 with combine_peer_items and combine_async_rows.
+// 2 the defaults (plan_once, prefetch_payload, combine_two_steps, combine_peer_blocks), 3 the
+// session-3 options with the per-block plan (chunk-major combine items). Options that are not
+// defaults, in a test of their own (a failure names them): 4 combine_peer_items (chunk-major over
+// the peers), 5 with combine_async_rows, 6 the defaults with combine_even_steps, 7
+// combine_even_steps with chunk-major items.
 constexpr int kVariants = 4;
-constexpr int kPeerItems = 4, kPeerItemsAsyncRows = 5;
+constexpr int kDefaults = 2, kPeerItems = 4, kPeerItemsAsyncRows = 5, kEvenSteps = 6,
+              kEvenStepsChunkMajor = 7;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
   o.prefetch_payload = v >= 2;
   o.combine_two_steps = v >= 2;
-  o.combine_peer_items = v >= 4;
-  o.combine_async_rows = v == 5;
+  o.combine_peer_blocks = v == kDefaults || v == kEvenSteps;
+  o.combine_peer_items = v == kPeerItems || v == kPeerItemsAsyncRows;
+  o.combine_async_rows = v == kPeerItemsAsyncRows;
+  o.combine_even_steps = v == kEvenSteps || v == kEvenStepsChunkMajor;
   return o;
 }
 std::string variant_name(int v) {
-  constexpr const char* kNames[kVariants + 2] = {" v5",
-                                                 " plan_once",
-                                                 " defaults",
-                                                 " v5 prefetch+two_steps",
-                                                 " defaults+peer_items",
-                                                 " defaults+peer_items+async_rows"};
+  constexpr const char* kNames[kEvenStepsChunkMajor + 1] = {" v5",
+                                                            " plan_once",
+                                                            " defaults",
+                                                            " v5 prefetch+two_steps",
+                                                            " peer_items",
+                                                            " peer_items+async_rows",
+                                                            " defaults+even_steps",
+                                                            " even_steps, chunk-major items"};
   return kNames[v];
 }
 
-// only: run every case with this one variant (-1: all of them).
-void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink, int only = -1) {
+// only: run every case with this one variant (-1: all of them). send_blocks: the send grids;
+// combine_blocks: the combine send's (0: send_blocks).
+void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink, int only = -1, int send_blocks = 5,
+               int combine_blocks = 0) {
   int ran = 0;
   for (const Case& c : cases()) {
     if (wire == Wire::kNccl && c.R != gpus) continue;  // NCCL: one rank per GPU
@@ -276,7 +285,8 @@ void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink, int only = -1) {
                    " GPU(s) over " + wire_name(wire) + path);
       EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, p);
       cfg.masked_capacity = c.masked_capacity;
-      opt.num_blocks = 5;  // fewer blocks than tokens: grid-stride paths
+      opt.num_blocks = send_blocks;  // fewer blocks than tokens: grid-stride paths
+      opt.combine_blocks = combine_blocks;
       opt.wire = wire;
       // Receive grids of 3 blocks (grid-stride over chunks) or the automatic size; receive kernels
       // after or beside their send kernels.
@@ -303,6 +313,15 @@ TEST_F(NvlinkTest, UnmeasuredCombineOptionsMatchReference) {
   run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kPeerItems);
   run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kPeerItemsAsyncRows);
   run_cases(Payload::kBF16, 1, Wire::kNvlink, kPeerItemsAsyncRows);
+  // Session 4: send blocks dealt to the peers (the defaults; 5 blocks: 2/2/1 over 3 peers, 2
+  // blocks: fewer blocks than peers, so a block serves several) and the even (row, column pair)
+  // items of both kernels.
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kEvenSteps);
+  run_cases(Payload::kBF16, 1, Wire::kNvlink, kDefaults, 2);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kEvenSteps, 2);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kEvenStepsChunkMajor);
+  // A combine send grid of its own (3 blocks beside dispatch's 5; not yet measured).
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kDefaults, 5, 3);
 }
 
 TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
@@ -961,6 +980,9 @@ TEST_F(NvlinkTest, NcclWireMatchesReference) {
   if (gpu_count() < 2) GTEST_SKIP() << "NCCL needs one GPU per rank";
   run_cases(Payload::kFP8, 2, Wire::kNccl);
   run_cases(Payload::kBF16, 2, Wire::kNccl);
+  // Session 4's combine options over the NCCL wire (every rank a source of the send, the own
+  // partial staged).
+  run_cases(Payload::kFP8, 2, Wire::kNccl, kEvenSteps);
 }
 
 }  // namespace

@@ -48,9 +48,15 @@ struct DeviceEpOptions {
   // process per GPU: ep_nccl_comm_init (fp8moe/comm/nccl_bootstrap.h) makes the right one for a
   // config through the launcher's store.
   void* nccl_comm = nullptr;
-  // Blocks (SMs) of the send kernels (dispatch_send, combine_send, combine_backward_send); the
-  // receive kernels get the rest. 64 measured best on 2 x H200 (docs/comm/README.md, v5).
+  // Blocks (SMs) of the send kernels (dispatch_send; combine_send and combine_backward_send unless
+  // combine_blocks is set); the receive kernels get the rest. 64 measured best on 2 x H200
+  // (docs/comm/README.md, v5).
   int num_blocks = 64;
+  // Blocks of combine_send and combine_backward_send (one grid for both: they count their blocks
+  // in one counter); 0 = num_blocks. Session 4 (4 x H100) suggests fewer combine send blocks at 4
+  // ranks, where SM stores over NVLink bound the combine (docs/comm/README.md, "Session 4"):
+  // compiled and in the device tests, not yet measured.
+  int combine_blocks = 0;
   // Copy payload rows into the grouped layout. Off, dispatch leaves the payload in the source
   // regions (row_src says where each row's token is) and only builds the layout.
   bool expand_payload = true;
@@ -59,9 +65,13 @@ struct DeviceEpOptions {
   // sums every chunk as soon as it lands. Must be the same on every rank (it shapes the workspace).
   // 0 = the measured best: 4 when max_tokens_per_rank <= 512 (decoding), else 16.
   int chunk_tokens = 0;
-  // Blocks of the receive kernels (dispatch_recv, combine_recv, combine_backward_recv); 0 = the
-  // SMs the send kernel leaves free, divided among the ranks that share the GPU
-  // (ranks_per_device).
+  // Blocks of the receive kernels (dispatch_recv, combine_recv, combine_backward_recv). 0 = for
+  // dispatch_recv and combine_recv the device's SM count (the blocks past the SMs the send leaves
+  // free become resident as send blocks retire and take the remaining items in order: 4 x H100,
+  // session 4, combine -10 % at 2 ranks and -7 % at 4, dispatch -3 % / -4 %); for the
+  // low-latency kernels and combine_backward_recv the SMs the send leaves free (not measured
+  // wider; the low-latency receive was 1-2 % slower over every SM). With several ranks on one GPU
+  // (ranks_per_device) every receive grid is capped so that each rank's send stays resident.
   int recv_blocks = 0;
   // Launch each receive kernel as a programmatic dependent of its send kernel, so that receiving
   // overlaps sending when dispatch_recv / combine_recv directly follow their send on the stream.
@@ -83,11 +93,30 @@ struct DeviceEpOptions {
   // ring of 24 16-byte slots per thread, 192 KB per block: up to 24 / rows column steps in
   // flight per lane, no registers held). Compiled and in the device tests, not yet measured.
   bool combine_async_rows = false;
-  // The combine send's work items are (chunk, peer) pairs: the rank's own records (summed by
-  // combine_recv) are left out of the enumeration instead of skipped in place, which left every
-  // send block b with b % num_ranks == rank without work when num_blocks % num_ranks == 0 (half
-  // of the 64 blocks on 2 ranks). Found after the last device call: not yet measured.
+  // The combine send's work items are (chunk, peer) pairs, chunk-major: the rank's own records
+  // (summed by combine_recv) are left out of the enumeration instead of skipped in place, which
+  // left every send block b with b % num_ranks == rank without work when num_blocks % num_ranks
+  // == 0 (half of the 64 blocks on 2 ranks). 4 x H100, session 4: combine 420.8 -> 347.9 us at 2
+  // ranks, but 636.9 -> 682.5 us at 4 (each block then walks every peer's rows in turn, and 64
+  // blocks store over NVLink instead of 48). Superseded by combine_peer_blocks (the default),
+  // which overrides it.
   bool combine_peer_items = false;
+  // The combine send's blocks are dealt to the sources: with G blocks and N sources (the peers
+  // over NVLink, every rank over NCCL) block b serves source b % N only, taking its chunks b / N,
+  // b / N + G_s, ... (G_s: the blocks of that source), so no block idles and each keeps one
+  // source's rows and one destination (docs/comm/README.md, "Session 4"). With G < N, block b
+  // serves sources b, b + G, ... whole. Overrides combine_peer_items. 4 x H100, same call, 3
+  // rounds: combine 296.7 us at 2 ranks (= combine_peer_items; chunk-major without it 378.8),
+  // 628.2 us at 4 (combine_peer_items 648.8; chunk-major 597.6: its 16 idle send blocks leave
+  // their SMs to the receive from the start).
+  bool combine_peer_blocks = true;
+  // The weighted sums of both combine kernels are dealt out in (row, pair of 256-column steps)
+  // items that the warps of a block claim from a shared counter, after the chunk's (send) or
+  // tile's (receive) expert rows and weights are loaded into shared memory, so every warp carries
+  // about the mean rows per record instead of the block waiting at its barrier for the record
+  // with the most rows (applies with combine_two_steps, not with combine_async_rows). Measured
+  // slower (4 x H100, same call: 296.7 -> 370.0 us at 2 ranks, 628.2 -> 833.8 at 4), so off.
+  bool combine_even_steps = false;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
