@@ -490,18 +490,62 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
   Dev<bf16> d(size_t(m * n)), d_ref(size_t(m * n));
   auto bytes_moved = [&](double in_bytes) { return in_bytes + 2.0 * m * n; };
 
-  // Ours first.
+  // Ours first: the heuristic with a workspace (it may cut the last partial wave's tiles along K,
+  // the tail split).
+  // Where the shape has a partial last wave that 128x128 tail splits can take (4096x2112x7168,
+  // 4096x32768x512): the tail splits and their references, timed in the alternation below.
+  // `@109` / `@108` (forced grids): 544 tiles = 4.99 waves on 109 CTAs, 5 waves + 4 tail tiles
+  // on 108 (tail8: 8 slices each, or unsplit: a 6th wave); at K = 512 the whole tiles dominate,
+  // so tail vs unsplit there compares the tail kernel's per-tile cost with the unsplit one's.
+  std::vector<kernels::GemmTileConfig> tails;
+  {
+    const kernels::GemmTileConfig probe{128, 128, 0, 0, 1, 1, 1, 4};
+    if (kernels::fp8_gemm_workspace_bytes(m, n, k, &probe) > 0) {
+      for (int slices : {2, 4, 8}) tails.push_back({128, 128, 0, 0, 1, 1, 1, slices});
+      tails.push_back({128, 128, 0, 0, 2, 1, 1, 1});  // unsplit, TMA-store epilogue
+      tails.push_back({128, 128, 0, 0, 2, 1, 1, 4});
+      tails.push_back({128, 128, 0, 109, 1, 1, 1, 1});
+      tails.push_back({128, 128, 0, 108, 1, 1, 1, 1});
+      tails.push_back({128, 128, 0, 108, 1, 1, 1, 8});
+    }
+  }
+  int64_t ws_bytes = kernels::fp8_gemm_workspace_bytes(m, n, k);
+  for (const kernels::GemmTileConfig& c : tails)
+    ws_bytes = std::max(ws_bytes, kernels::fp8_gemm_workspace_bytes(m, n, k, &c));
+  Dev<uint8_t> ws(size_t(std::max<int64_t>(ws_bytes, 256)));
+  FM_CHECK_CUDA(cudaMemset(ws.p, 0, ws.n));
+  const kernels::GemmWorkspace workspace{ws.p, ws.n};
   const kernels::GemmTileConfig* none = nullptr;
   const auto launch_ours = [&](int i) {
-    kernels::fp8_gemm_nt(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m, n, k, stream, none);
+    kernels::fp8_gemm_nt(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m, n, k, stream, none,
+                         workspace);
   };
+  // With a tail split picked, its alternatives join the alternation: the pick without a
+  // workspace (no tail split) and every forced tail split.
+  const bool tail_pick = kernels::fp8_gemm_workspace_bytes(m, n, k) > 0;
+  std::vector<std::pair<Row, std::function<void(int)>>> alts;
+  if (tail_pick || !tails.empty()) {
+    alts.emplace_back(Row{"dense", "fp8moe_noworkspace",
+                          out.tile_for(kernels::GemmKind::kDense, m, n, k, 1), m, n, k, 1, 0, 0, 0},
+                      [&](int i) {
+                        kernels::fp8_gemm_nt(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m,
+                                             n, k, stream);
+                      });
+    for (const kernels::GemmTileConfig& c : tails)
+      alts.emplace_back(
+          Row{"dense", "fp8moe_forced_tile", kernels::describe_tile_config(c), m, n, k, 1, 0, 0, 0},
+          [&, c](int i) {
+            kernels::fp8_gemm_nt(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m, n, k, stream,
+                                 &c, workspace);
+          });
+  }
   // NOTE: this timing (the second of two) is kept only where cuBLASLt blockwise is unavailable;
   // otherwise the two are timed in alternation below. Timed alone it read 5-15% slower than the
   // same configuration timed later, and 500 ms of warm-up widened the gap (up to 70%): it follows
   // the GPU's recent load (power / clocks), not a cold start (NOTES.md v11).
   time_us(stream, sets, launch_ours);
   double us = time_us(stream, sets, launch_ours);
-  kernels::fp8_gemm_nt(fs[0].a.p, fs[0].sa.p, fs[0].b.p, fs[0].sb.p, d.p, m, n, k, stream);
+  launch_ours(0);
   FM_CHECK_CUDA(cudaStreamSynchronize(stream));
   const std::vector<bf16> ours = d.download();
   Row r{"dense",
@@ -579,15 +623,45 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
         run_plan(lt, *plans[i], fs[i].b.p, fs[i].a.p, d_ref.p, stream);
       };
       std::vector<double> u_ours, u_block;
-      for (int round = 0; round < 3; ++round) {
-        u_ours.push_back(time_us(stream, sets, launch_ours));
-        u_block.push_back(time_us(stream, sets, launch_block));
-      }
+      // With alternatives (tail-split shapes): 5 rounds, the order rotated by one each round so
+      // that no variant always follows the same one (session 4 call 2 read the same configuration
+      // 4% apart at two places of a fixed order).
+      std::vector<std::vector<double>> u_alts(alts.size());
+      const int rounds = alts.empty() ? 3 : 5;
+      const int count = static_cast<int>(alts.size()) + 2;
+      for (int round = 0; round < rounds; ++round)
+        for (int i = 0; i < count; ++i) {
+          const int j = (i + round) % count;
+          if (j == 0)
+            u_ours.push_back(time_us(stream, sets, launch_ours));
+          else if (j == count - 1)
+            u_block.push_back(time_us(stream, sets, launch_block));
+          else
+            u_alts[size_t(j - 1)].push_back(time_us(stream, sets, alts[size_t(j - 1)].second));
+        }
       std::sort(u_ours.begin(), u_ours.end());
       std::sort(u_block.begin(), u_block.end());
+      const size_t mid = size_t(rounds / 2);
+      for (size_t j = 0; j < alts.size(); ++j) {
+        std::sort(u_alts[j].begin(), u_alts[j].end());
+        Row& a = alts[j].first;
+        a.us = u_alts[j][mid];
+        a.tflops = flops / a.us * 1e-6;
+        a.gbps = bytes_moved(double(fp8_bytes)) / a.us * 1e-3;
+        a.ratio_blockwise = u_block[mid] / a.us;
+        a.note = "spread " +
+                 std::to_string(int(std::lround(100.0 * (u_alts[j].back() / u_alts[j][0] - 1.0)))) +
+                 "%";
+        // Each alternative's output against cuBLASLt's (poisoned first).
+        FM_CHECK_CUDA(cudaMemset(d.p, 0xFF, d.n * sizeof(bf16)));
+        alts[j].second(0);
+        run_plan(lt, *plans[0], fs[0].b.p, fs[0].a.p, d_ref.p, stream);
+        FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+        a.rel_diff_blockwise = rel_diff(d.download(), d_ref.download());
+      }
       r.us_first = us;
-      us = u_ours[1];
-      us_block = u_block[1];
+      us = u_ours[mid];
+      us_block = u_block[mid];
       r.us = us;
       r.tflops = flops / us * 1e-6;
       r.gbps = bytes_moved(double(fp8_bytes)) / us * 1e-3;
@@ -601,8 +675,15 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
       out.add(a);
     }
   }
-  r.tile = out.tile_for(kernels::GemmKind::kDense, m, n, k, 1);
+  {
+    kernels::GemmShape shape{kernels::GemmKind::kDense, m, n, k, 1};
+    shape.max_split_k = 8;  // fp8_gemm_nt's kHeuristicMaxSplitK (it has a workspace here)
+    r.tile = kernels::describe_tile_config(
+        kernels::choose_gemm_tile(shape, out.num_sms, out.smem, out.dram));
+  }
   out.add(r);
+  for (auto& a : alts)
+    if (a.first.us > 0) out.add(a.first);
   for (Row& f : forced_rows) {
     if (us_block > 0) f.ratio_blockwise = us_block / f.us;
     out.add(f);
@@ -713,6 +794,10 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
                                                  {128, 192, 0, 0, 2, 1, 1}};
   for (int split : {2, 3, 4, 6, 8})
     if (2 * split <= kb) forced.push_back({128, 128, 0, 0, 0, 1, split});
+  // Tail split (the last partial wave's tiles cut along K), where the shape has one.
+  for (const kernels::GemmTileConfig c : {kernels::GemmTileConfig{128, 128, 0, 0, 2, 1, 1, 2},
+                                          kernels::GemmTileConfig{128, 128, 0, 0, 1, 1, 1, 2}})
+    if (kernels::fp8_gemm_workspace_bytes(m, n, k, &c) > 0) forced.push_back(c);
   for (int split : {2, 4, 8})
     if (2 * split <= kb) {
       forced.push_back({64, 128, 0, 0, 0, 1, split});
@@ -763,14 +848,20 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
     lt_out = d_ref.download();
   }
   std::vector<double> us_lt;
-  for (int round = 0; round < 3; ++round) {
-    for (SmallVariant& v : vars)
-      v.us.push_back(time_us(stream, sets, [&](int i) { launch_var(v, i); }));
-    if (lt_ok)
-      us_lt.push_back(time_us(stream, sets, [&](int i) {
-        run_plan(lt, *plans[i], fs[i].b.p, fs[i].a.p, d_ref.p, stream);
-      }));
-  }
+  // The order rotates by one each round (no variant always follows the same one).
+  const int count = static_cast<int>(vars.size()) + 1;
+  for (int round = 0; round < 3; ++round)
+    for (int i = 0; i < count; ++i) {
+      const int j = (i + round) % count;
+      if (j < count - 1) {
+        SmallVariant& v = vars[size_t(j)];
+        v.us.push_back(time_us(stream, sets, [&](int x) { launch_var(v, x); }));
+      } else if (lt_ok) {
+        us_lt.push_back(time_us(stream, sets, [&](int x) {
+          run_plan(lt, *plans[x], fs[x].b.p, fs[x].a.p, d_ref.p, stream);
+        }));
+      }
+    }
   const auto median = [](std::vector<double> x) {
     std::sort(x.begin(), x.end());
     return x[x.size() / 2];

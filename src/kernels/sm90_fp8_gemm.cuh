@@ -37,6 +37,11 @@ struct GemmParams {
   int split_k;      // dense: K slices per tile (1 = no split), each slice a unit of work
   int* counters;    // split-K: arrivals per 16-row strip of each tile (zero between calls)
   float* partials;  // split-K: FP32 partials, [tile][slice][warp][kBlockN / 8][lane][4]
+  // Tail split (dense, split_k == 1): units below tail_begin are whole tiles; unit
+  // tail_begin + i * tail_split + s is K slice s of tile tail_begin + i (TailSplitPlan). Counters
+  // and partials as split-K's, indexed by i. tail_split 1: off.
+  int tail_split;
+  int tail_begin;
   int k_block_offsets[kMaxKGroups + 1];  // k-grouped: first K block of each group
 };
 
@@ -59,7 +64,9 @@ __device__ __forceinline__ void rasterise(int t, int tiles_m, int tiles_n, int& 
 
 // Returns false when t is past the last tile; `skip` marks tiles with no work (padding tiles of
 // the contiguous form, groups with no K).
-template <int kBlockM, int kBlockN>
+// kTail: the tail-split kernels; the others do not carry the tail mapping (it cost the unsplit
+// 128x128 kernel 4 bytes of spill).
+template <int kBlockM, int kBlockN, bool kTail = false>
 __device__ __forceinline__ bool get_tile(const GemmParams& p, int t, Tile& tile, bool& skip) {
   const int tiles_n = (p.n + kBlockN - 1) / kBlockN;
   const int kb_total = p.k / 128;
@@ -88,11 +95,18 @@ __device__ __forceinline__ bool get_tile(const GemmParams& p, int t, Tile& tile,
     return true;
   }
   const int per_group = tiles_m * tiles_n;
-  int g = 0, slice = 0;
+  int g = 0, slice = 0, slices = p.split_k;
   if (p.form == Form::kKGrouped) {
     g = t / per_group;
     if (g >= p.num_groups) return false;
     t -= g * per_group;
+  } else if (kTail && t >= p.tail_begin) {
+    // Tail split: the slices of one tail tile are consecutive units (they run at the same time).
+    const int u = t - p.tail_begin;
+    if (u >= (per_group - p.tail_begin) * p.tail_split) return false;
+    slices = p.tail_split;
+    slice = u % slices;
+    t = p.tail_begin + u / slices;
   } else if (p.split_k > 1) {
     // Dense split-K: the slices of one tile are consecutive units (they run at the same time).
     if (t >= per_group * p.split_k) return false;
@@ -103,9 +117,9 @@ __device__ __forceinline__ bool get_tile(const GemmParams& p, int t, Tile& tile,
   }
   rasterise(t, tiles_m, tiles_n, mb, nb);
   tile = Tile{g, mb * kBlockM, nb * kBlockN, 0, kb_total, p.m};
-  if (p.split_k > 1) {
-    tile.k_block_begin = slice * kb_total / p.split_k;
-    tile.num_k_blocks = (slice + 1) * kb_total / p.split_k - tile.k_block_begin;
+  if (slices > 1) {
+    tile.k_block_begin = slice * kb_total / slices;
+    tile.num_k_blocks = (slice + 1) * kb_total / slices - tile.k_block_begin;
   }
   if (p.form == Form::kContiguous) {
     tile.group = __ldg(p.grouped_layout + tile.m_base);
@@ -161,7 +175,7 @@ struct PipeState {
 };
 
 // ---- producer: one thread issues every TMA load ----
-template <int kBlockM, int kBlockN, bool kWgrad>
+template <int kBlockM, int kBlockN, bool kWgrad, bool kTail>
 __device__ __forceinline__ void produce(const GemmParams& p,
                                         const SmemLayout<kBlockM, kBlockN, kWgrad>& sm,
                                         const CUtensorMap* map_a, const CUtensorMap* map_b,
@@ -173,7 +187,7 @@ __device__ __forceinline__ void produce(const GemmParams& p,
   bool skip;
   const int first = blockIdx.x / p.cluster, step = gridDim.x / p.cluster;
   const uint32_t rank = p.cluster == 2 ? cluster_ctarank() : 0;
-  for (int t = first; get_tile<kBlockM, kBlockN>(p, t, tile, skip); t += step) {
+  for (int t = first; get_tile<kBlockM, kBlockN, kTail>(p, t, tile, skip); t += step) {
     if (skip) continue;
     const bool per_group_a = p.form == Form::kMasked;
     const bool per_group_b = p.form == Form::kContiguous || p.form == Form::kMasked;
@@ -310,7 +324,71 @@ __device__ __forceinline__ bool split_k_reduce(const GemmParams& p, int unit, fl
   return true;
 }
 
-template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK>
+// Tail-split fix-up (stream-K of the last partial wave), one warp (16 rows x kBlockN) at a time,
+// for the units at or past p.tail_begin. Each slice stores its FP32 partials (only the column
+// groups inside N: a tail tile of the last tile column may be partly past it) and arrives on the
+// strip's counter; the warp that arrives last adds the tail_split partials in slice order
+// 0, 1, ... from the workspace, so the sum, and the BF16 result, do not depend on which slice
+// finished last. It resets the counter for the next call and returns true: it goes on to
+// store the strip. The others return false. Same counter region and partial layout as
+// split_k_reduce (a launch uses one or the other), indexed by the tail tile.
+template <int kBlockM, int kBlockN, int kRegs>
+__device__ __forceinline__ bool tail_split_reduce(const GemmParams& p, int unit, int n_base,
+                                                  float (&acc)[kRegs]) {
+  static_assert(kRegs % 4 == 0 && kRegs / 4 == kBlockN / 8, "float4 = one 8-column group");
+  constexpr int kWarps = kBlockM / 16;
+  constexpr int kVec = kRegs / 4;
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int u = unit - p.tail_begin;
+  const int index = u / p.tail_split, slice = u - index * p.tail_split;
+  const int live = min(kVec, (p.n - n_base + 7) / 8);  // column groups inside N
+  const auto slot = [&](int s) {
+    return reinterpret_cast<float4*>(p.partials) +
+           ((static_cast<int64_t>(index) * p.tail_split + s) * kWarps + warp) * (32 * kVec) + lane;
+  };
+  float4* mine = slot(slice);
+#pragma unroll
+  for (int v = 0; v < kVec; ++v)
+    if (v < live)
+      __stcg(mine + 32 * v,
+             make_float4(acc[4 * v], acc[4 * v + 1], acc[4 * v + 2], acc[4 * v + 3]));
+  // NOTE: every lane fences its own stores before the warp barrier and lane 0's arrival; on the
+  // last arrival lane 0 fences again and the warp barrier orders the other lanes' loads after it.
+  __threadfence();
+  __syncwarp();
+  int last = 0;
+  if (lane == 0) {
+    int* counter = p.counters + static_cast<int64_t>(index) * kWarps + warp;
+    last = atomicAdd(counter, 1) == p.tail_split - 1;
+    if (last) atomicExch(counter, 0);
+  }
+  last = __shfl_sync(0xffffffffu, last, 0);
+  if (!last) return false;
+  __threadfence();
+  __syncwarp();
+  // -0.0f + x == x for every x: the sum starts exactly at slice 0. All slices, this one too, are
+  // read back from the workspace: keeping this one in registers beside the sum cost the 128x128
+  // kernel 4 more bytes of spill (ptxas -v, then with both fix-ups in one kernel: 16 vs 12).
+#pragma unroll
+  for (int i = 0; i < kRegs; ++i) acc[i] = -0.0f;
+  for (int s = 0; s < p.tail_split; ++s) {
+    const float4* src = slot(s);
+    float4 v0[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v)
+      v0[v] = v < live ? __ldcg(src + 32 * v) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      acc[4 * v + 0] += v0[v].x;
+      acc[4 * v + 1] += v0[v].y;
+      acc[4 * v + 2] += v0[v].z;
+      acc[4 * v + 3] += v0[v].w;
+    }
+  }
+  return true;
+}
+
+template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK, bool kTail>
 __device__ __forceinline__ void compute(const GemmParams& p,
                                         const SmemLayout<kBlockM, kBlockN, kWgrad>& sm,
                                         const CUtensorMap* map_d) {
@@ -323,7 +401,9 @@ __device__ __forceinline__ void compute(const GemmParams& p,
   // at split 8 (K = 1280-2560, m = 1 and 128), never at split 6 or without split (n = 2 and 3 block
   // tiles, 1,200 runs each); the same kernels without the overlap: 0 of ~12,000 runs. Cause not
   // found (dev/gemm/NOTES.md "Session 4"); the split launches are small-M, load-bound shapes.
-  constexpr bool kOverlap = !kWgrad && kBlockN <= 128 && !kSplitK;
+  // The tail-split kernels keep it: their plan gives each CTA at most one tail unit, its last, so
+  // no unit ever follows a fix-up there (the failing launches ran many units after fix-ups).
+  constexpr bool kOverlap = !kWgrad && kBlockN <= 128 && (!kSplitK || kTail);
   // Warp-uniform (shuffled from lane 0) so that the descriptors below can stay in uniform
   // registers instead of being rebuilt and moved (R2UR) before every wgmma.
   const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
@@ -346,7 +426,7 @@ __device__ __forceinline__ void compute(const GemmParams& p,
   float acc[kRegs];
   float part[kRegs];
   const int first = blockIdx.x / p.cluster, step = gridDim.x / p.cluster;
-  for (int t = first; get_tile<kBlockM, kBlockN>(p, t, tile, skip); t += step) {
+  for (int t = first; get_tile<kBlockM, kBlockN, kTail>(p, t, tile, skip); t += step) {
     if (skip) continue;
 #pragma unroll
     for (int i = 0; i < kRegs; ++i) acc[i] = 0.0f;
@@ -525,7 +605,13 @@ __device__ __forceinline__ void compute(const GemmParams& p,
     }
 
     // ---- epilogue ----
-    if constexpr (kSplitK) {
+    bool tail_unit = false;  // stores from registers (only the last slice of a strip goes on)
+    if constexpr (kTail) {
+      // Tail split: whole tiles store as usual; of a tail tile's slices only the last of each
+      // 16-row strip goes on, with the strip's sum.
+      tail_unit = t >= p.tail_begin;
+      if (tail_unit && !tail_split_reduce<kBlockM, kBlockN>(p, t, tile.n_base, acc)) continue;
+    } else if constexpr (kSplitK) {
       // Split-K: only the last slice of each 16-row strip goes on, with the strip's full sum
       // (the host has chosen the register epilogue for split launches). A template flag: the
       // fix-up code alone cost the 64x128 kernel 12 bytes of spill (ptxas -v).
@@ -544,7 +630,7 @@ __device__ __forceinline__ void compute(const GemmParams& p,
         if (slab_full && p.form == Form::kContiguous)
           slab_full = __ldg(p.grouped_layout + slab_end - 1) >= 0;
       }
-      if (slab_full && p.tma_store) {
+      if (slab_full && p.tma_store && !tail_unit) {
         store_slab_tma<kBlockN>(acc, sm.d() + wg * 64 * kBlockN * 2, map_d, p.n, tile.n_base,
                                 row_base + wg * 64);
         continue;
@@ -580,7 +666,10 @@ __device__ __forceinline__ void compute(const GemmParams& p,
   }
 }
 
-template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK>
+// kSplitK: split-K kernels (split_k_reduce in the epilogue); with kTail the tail-split kernels
+// instead (tail_split_reduce; a separate instantiation so that neither fix-up costs the other's
+// registers).
+template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK, bool kTail = false>
 __global__ void __launch_bounds__(128 * (kBlockM / 64 + 1), 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                     const __grid_constant__ CUtensorMap map_b,
@@ -593,6 +682,7 @@ __global__ void __launch_bounds__(128 * (kBlockM / 64 + 1), 1)
                 "BLOCK_N: 64 or 128 (inside one 128-wide B scale block) or 192 (straddles two)");
   static_assert(!(kWgrad && kBlockN == 192), "the 1x128 x 1x128 kernel is built for 64/128 only");
   static_assert(!(kSplitK && (kWgrad || kBlockN > 128)), "split-K: 1x128 x 128x128, N <= 128");
+  static_assert(!kTail || kSplitK, "the tail split is a split-K kernel form");
   constexpr int kNumMathThreads = kBlockM / 64 * 128;
   extern __shared__ __align__(1024) uint8_t smem[];
   using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
@@ -619,10 +709,11 @@ __global__ void __launch_bounds__(128 * (kBlockM / 64 + 1), 1)
 
   if (threadIdx.x >= kNumMathThreads) {
     if constexpr (kBlockM == 128) setmaxnreg_dec<40>();
-    if (threadIdx.x == kNumMathThreads) produce(p, sm, &map_a, &map_b, &map_sa, &map_sb);
+    if (threadIdx.x == kNumMathThreads)
+      produce<kBlockM, kBlockN, kWgrad, kTail>(p, sm, &map_a, &map_b, &map_sa, &map_sb);
   } else {
     if constexpr (kBlockM == 128) setmaxnreg_inc<232>();
-    compute<kBlockM, kBlockN, kWgrad, kSplitK>(p, sm, &map_d);
+    compute<kBlockM, kBlockN, kWgrad, kSplitK, kTail>(p, sm, &map_d);
   }
   // NOTE: the peer may still multicast into this CTA's stages or arrive on its barriers.
   if (p.cluster == 2) {

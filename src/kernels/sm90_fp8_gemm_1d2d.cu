@@ -15,6 +15,19 @@ namespace {
 
 void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileConfig& c,
                    int max_tiles, cudaStream_t stream) {
+  if (p.tail_split > 1) {
+    // Tail-split kernels (tail_split_reduce in their epilogue) for the tiles up to 128 wide.
+    if (c.block_m == 128 && c.block_n == 128)
+      sm90::launch_gemm<128, 128, false, true, true>(maps, p, c, max_tiles, stream);
+    else if (c.block_m == 64 && c.block_n == 128)
+      sm90::launch_gemm<64, 128, false, true, true>(maps, p, c, max_tiles, stream);
+    else if (c.block_m == 64 && c.block_n == 64)
+      sm90::launch_gemm<64, 64, false, true, true>(maps, p, c, max_tiles, stream);
+    else
+      FM_THROW(ErrorKind::kInvalidArgument, "fp8_gemm_nt: the tail split is not compiled for tile ",
+               c.block_m, "x", c.block_n);
+    return;
+  }
   if (p.split_k > 1) {
     // Split-K kernels (the fix-up in their epilogue) for the tiles up to 128 wide.
     if (c.block_m == 128 && c.block_n == 128)
@@ -77,12 +90,22 @@ GemmShape dense_shape(int64_t m, int64_t n, int64_t k, bool has_workspace) {
   shape.max_split_k = has_workspace ? kHeuristicMaxSplitK : 1;
   return shape;
 }
+
+// The tail split a resolved configuration gets on this shape (slices 1: none). Single CTAs: the
+// grid is min(SMs, tiles), as launch_gemm makes it.
+TailSplitPlan tail_plan(int64_t m, int64_t n, int64_t k, const GemmTileConfig& c) {
+  if (c.tail_split <= 1) return {};
+  const int64_t tiles = (m + c.block_m - 1) / c.block_m * ((n + c.block_n - 1) / c.block_n);
+  return gemm_tail_split_plan(tiles, std::min<int64_t>(c.num_sms, tiles), k / 128, c.tail_split);
+}
 }  // namespace
 
 int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, const GemmTileConfig* force) {
   sm90::check_common_shape("fp8_gemm_workspace_bytes", m, n, k);
   if (m == 0) return 0;
   const GemmTileConfig c = sm90::resolve_config(dense_shape(m, n, k, true), force);
+  if (c.tail_split > 1)
+    return gemm_tail_split_workspace_bytes(tail_plan(m, n, k, c), c.block_m, c.block_n);
   return gemm_split_k_workspace_bytes(m, n, c.block_m, c.block_n, c.split_k);
 }
 
@@ -98,6 +121,31 @@ void fp8_gemm_nt(const uint8_t* a, const float* sa, const uint8_t* b, const floa
   if (c.cluster != 1 && (c.cluster != 2 || c.block_m != 128 || tiles_m % 2 != 0)) c.cluster = 1;
   GemmParams p{};
   p.split_k = 1;
+  p.tail_split = 1;
+  FM_CHECK_ARG(c.split_k <= 1 || c.tail_split <= 1, "fp8_gemm_nt: split_k=", c.split_k,
+               " and tail_split=", c.tail_split, " cannot be combined");
+  const TailSplitPlan tail = tail_plan(m, n, k, c);
+  if (tail.slices > 1) {
+    FM_CHECK_ARG(c.block_n <= 128, "fp8_gemm_nt: the tail split is not compiled for tile ",
+                 c.block_m, "x", c.block_n);
+    FM_CHECK_ARG(workspace.ptr != nullptr, "fp8_gemm_nt: tail_split=", c.tail_split,
+                 " needs a workspace (fp8_gemm_workspace_bytes)");
+    sm90::check_aligned(workspace.ptr, "tail-split workspace", 256);
+    FM_CHECK_ARG(tail.tail_tiles * (c.block_m / 16) <= kSplitKMaxStrips,
+                 "fp8_gemm_nt: ", tail.tail_tiles, " tail tiles of ", c.block_m, " rows exceed ",
+                 kSplitKMaxStrips, " 16-row strips");
+    const int64_t need = gemm_tail_split_workspace_bytes(tail, c.block_m, c.block_n);
+    FM_CHECK_ARG(static_cast<int64_t>(workspace.bytes) >= need, "fp8_gemm_nt: workspace of ",
+                 workspace.bytes, " bytes, but tail_split=", c.tail_split, " with ", c.block_m, "x",
+                 c.block_n, " tiles at M=", m, " N=", n, " needs ", need,
+                 " (fp8_gemm_workspace_bytes)");
+    c.cluster = 1;
+    p.tail_split = tail.slices;
+    p.tail_begin = static_cast<int>(tail.full_units);
+    p.counters = static_cast<int*>(workspace.ptr);
+    p.partials =
+        reinterpret_cast<float*>(static_cast<uint8_t*>(workspace.ptr) + kSplitKCounterBytes);
+  }
   if (c.split_k > 1) {
     FM_CHECK_ARG(workspace.ptr != nullptr, "fp8_gemm_nt: split_k=", c.split_k,
                  " needs a workspace (fp8_gemm_workspace_bytes)");
@@ -130,8 +178,8 @@ void fp8_gemm_nt(const uint8_t* a, const float* sa, const uint8_t* b, const floa
   p.sb = sb;
   p.d = d;
   const LaunchMaps maps = make_maps(a, m, b, n, sa, k / 128, sm90::pad4(m), k, d, m, n, c);
-  const int64_t tiles =
-      (m + c.block_m - 1) / c.block_m * ((n + c.block_n - 1) / c.block_n) * p.split_k;
+  int64_t tiles = (m + c.block_m - 1) / c.block_m * ((n + c.block_n - 1) / c.block_n) * p.split_k;
+  if (tail.slices > 1) tiles = tail.full_units + tail.tail_tiles * tail.slices;
   dispatch_1d2d(maps, p, c, static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
 }
 

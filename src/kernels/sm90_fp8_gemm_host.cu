@@ -97,6 +97,12 @@ GemmTileConfig resolve_config(const GemmShape& shape, const GemmTileConfig* forc
                " (split-K is for the dense fp8_gemm_nt only)");
   FM_CHECK_ARG(c.split_k <= kMaxSplitK, "fp8 gemm: split_k=", c.split_k, " (at most ", kMaxSplitK,
                ")");
+  if (c.tail_split <= 1) c.tail_split = 1;
+  FM_CHECK_ARG(c.tail_split == 1 || shape.kind == GemmKind::kDense, "fp8 gemm (",
+               gemm_kind_name(shape.kind), "): tail_split=", c.tail_split,
+               " (the tail split is for the dense fp8_gemm_nt only)");
+  FM_CHECK_ARG(c.tail_split <= kMaxSplitK, "fp8 gemm: tail_split=", c.tail_split, " (at most ",
+               kMaxSplitK, ")");
   // NOTE: a split launch stores from registers (only the last slice of a strip stores, without
   // the warpgroup-wide barrier the TMA store needs), so it has no output staging.
   if (c.split_k > 1) c.epilogue = 1;

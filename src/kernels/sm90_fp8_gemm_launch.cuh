@@ -54,14 +54,14 @@ struct LaunchMaps {
   CUtensorMap a, b, sa, sb, d;
 };
 
-template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK = false>
+template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK = false, bool kTail = false>
 void launch_gemm(const LaunchMaps& maps, const GemmParams& params, const GemmTileConfig& cfg,
                  int max_tiles, cudaStream_t stream) {
   constexpr int kThreads = 128 * (kBlockM / 64 + 1);
   const GemmKind kind = kWgrad ? GemmKind::kWgrad : GemmKind::kDense;
   const int64_t smem =
       gemm_smem_bytes(kind, kBlockM, kBlockN, cfg.num_stages, params.tma_store != 0);
-  auto kernel = fp8_gemm_kernel<kBlockM, kBlockN, kWgrad, kSplitK>;
+  auto kernel = fp8_gemm_kernel<kBlockM, kBlockN, kWgrad, kSplitK, kTail>;
   FM_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(smem)));
   if (params.cluster == 1) {

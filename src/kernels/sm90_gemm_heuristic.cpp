@@ -92,6 +92,24 @@ int64_t gemm_split_k_workspace_bytes(int64_t m, int64_t n, int block_m, int bloc
   return kSplitKCounterBytes + tiles * split_k * int64_t{block_m} * block_n * 4;
 }
 
+TailSplitPlan gemm_tail_split_plan(int64_t tiles, int64_t grid, int64_t k_blocks, int requested) {
+  TailSplitPlan plan;
+  if (grid <= 0 || tiles < grid || k_blocks < 2 || requested < 2) return plan;
+  const int64_t tail = tiles % grid;
+  if (tail == 0) return plan;
+  const int64_t slices = std::min<int64_t>({requested, grid / tail, k_blocks, int64_t{kMaxSplitK}});
+  if (slices < 2) return plan;
+  plan.full_units = tiles - tail;
+  plan.tail_tiles = tail;
+  plan.slices = static_cast<int>(slices);
+  return plan;
+}
+
+int64_t gemm_tail_split_workspace_bytes(const TailSplitPlan& plan, int block_m, int block_n) {
+  if (plan.slices <= 1) return 0;
+  return kSplitKCounterBytes + plan.tail_tiles * plan.slices * int64_t{block_m} * block_n * 4;
+}
+
 double gemm_dram_bytes_per_s(int64_t memory_clock_khz, int bus_width_bits) {
   FM_CHECK_ARG(memory_clock_khz > 0 && bus_width_bits > 0, "gemm_dram_bytes_per_s: memory clock ",
                memory_clock_khz, " kHz, bus width ", bus_width_bits, " bits");
@@ -130,7 +148,28 @@ double gemm_tile_cost(const GemmShape& s, const TileCandidate& t, int num_sms, i
          0.05 * double(waves) * per_tile + fixup;
 }
 
+double gemm_tail_split_cost(const GemmShape& s, const TileCandidate& t, int num_sms, int slices,
+                            double dram_bytes_per_s) {
+  const int64_t tiles = ceil_div(std::max<int64_t>(s.m, 1), t.block_m) * ceil_div(s.n, t.block_n);
+  const TailSplitPlan plan = gemm_tail_split_plan(tiles, num_sms, s.k / 128, slices);
+  if (plan.slices <= 1) return gemm_tile_cost(s, t, num_sms, 1, dram_bytes_per_s);
+  // The full waves cost what the unsplit launch's do; the tail wave one slice, then the fix-up.
+  const GemmShape whole{s.kind, s.m, s.n, s.k, s.num_groups};
+  const double full_waves = double(plan.full_units / num_sms);
+  const double unsplit = gemm_tile_cost(whole, t, num_sms, 1, dram_bytes_per_s);
+  const double per_wave = unsplit / (full_waves + 1.0);
+  const double slice_k = 128.0 * ceil_div(s.k / 128, plan.slices);
+  const double efficiency = (t.block_m == 128 ? 1.0 : 0.8) * (t.block_n == 128 ? 1.0 : 0.85);
+  const double slice = std::max(2.0 * t.block_m * t.block_n * slice_k / (kFlopsPerSm * efficiency),
+                                double(t.block_m + t.block_n) * slice_k / kL2BytesPerSm);
+  const double fixup = double(1 + plan.slices) * t.block_m * t.block_n * 4 / kL2BytesPerSm;
+  return full_waves * per_wave + slice + fixup;
+}
+
 namespace {
+// The tail split must beat the unsplit launch by this factor in the model (its fix-up is charged
+// at the model's per-SM L2 rate, which the idle chip of a tail wave exceeds).
+constexpr double kTailSplitMargin = 0.95;
 // Split-K must beat the best unsplit tile by this factor in the model: of the fix-up only its
 // L2 bytes are modelled, not its latency (fences, an atomic, ceil(S/2) L2 round trips).
 constexpr double kSplitKMargin = 0.85;
@@ -145,11 +184,18 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
                " k=", shape.k);
   GemmTileConfig best;
   double best_cost = std::numeric_limits<double>::infinity();
+  // NOTE: 128x192 keeps the loop without overlapped promotion (three register sets do not fit)
+  // and measured slower than 128x128 at every M = 4096 shape on H200, 4-13% at N = 2112 where
+  // the cost model preferred it for its fewer waves (dev/gemm/NOTES.md v11). It is taken only
+  // where it turns 128x128's more-than-one wave into one at 64 < M <= 128 (memory-bound, B
+  // streamed once by every SM): M = 128 N = 24576 K = 1536 read 16.0 vs 17.5 us (session 2b) and
+  // 608 vs 551 TFLOPS (session 3) on H200.
+  if (shape.kind == GemmKind::kDense && shape.m > 64 && shape.m <= 128 &&
+      ceil_div(shape.n, 192) <= num_sms && ceil_div(shape.n, 128) > num_sms) {
+    const int stages = gemm_max_stages(shape.kind, 128, 192, smem_limit, true);
+    if (stages >= 3) return GemmTileConfig{128, 192, stages, num_sms, 2, 1, 1, 1};
+  }
   for (const TileCandidate& t : gemm_tile_candidates(shape.kind)) {
-    // NOTE: 128x192 stays compiled (and can be forced) but is not picked: it keeps the loop
-    // without overlapped promotion (three register sets do not fit), and measured slower than
-    // 128x128 at every M = 4096 shape on H200, 4-13% at N = 2112 where the cost model preferred
-    // it for its fewer waves (dev/gemm/NOTES.md v11).
     if (t.block_n == 192) continue;
     const int epilogue = gemm_choose_epilogue(shape, t.block_n);
     const int stages = gemm_max_stages(shape.kind, t.block_m, t.block_n, smem_limit, epilogue == 2);
@@ -163,6 +209,29 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
   }
   FM_CHECK_ARG(best_cost < std::numeric_limits<double>::infinity(),
                "choose_gemm_tile: no tile fits in ", smem_limit, " bytes of shared memory");
+  if (shape.kind == GemmKind::kDense && shape.max_split_k > 1 && shape.m > kSplitKMaxM &&
+      best.block_n <= 128) {
+    // Tail split: the slices of the last partial wave's tiles take the idle SMs. >= 4 K blocks a
+    // slice, as for split-K. Split launches store from registers only in the tail units (the
+    // full waves keep the pick's epilogue).
+    const TileCandidate t{best.block_m, best.block_n};
+    const int64_t max_slices = std::min<int64_t>(shape.max_split_k, shape.k / 128 / 4);
+    const int64_t tiles =
+        ceil_div(std::max<int64_t>(shape.m, 1), t.block_m) * ceil_div(shape.n, t.block_n);
+    // NOTE: measured only with a last wave of <= 1/4 of the SMs (4096x2112x7168 on H100: 16 tail
+    // tiles, tail4 140.8-143.6 us vs 151.0 unsplit, dev/gemm/NOTES.md session 4); a fuller last
+    // wave gains less against the fix-up and was not measured.
+    double tail_best = best_cost * kTailSplitMargin;
+    for (int slices = 2; slices <= max_slices && 4 * (tiles % num_sms) <= num_sms; ++slices) {
+      const TailSplitPlan plan = gemm_tail_split_plan(tiles, num_sms, shape.k / 128, slices);
+      if (plan.slices != slices) break;
+      const double c = gemm_tail_split_cost(shape, t, num_sms, slices, dram_bytes_per_s);
+      if (c < tail_best * (1.0 - 1e-9)) {
+        tail_best = c;
+        best.tail_split = slices;
+      }
+    }
+  }
   // NOTE: split-K was measured at M = 64 and 128 only; larger M keeps the unsplit pick.
   if (shape.kind != GemmKind::kDense || shape.max_split_k <= 1 || shape.m > kSplitKMaxM)
     return best;
@@ -200,6 +269,7 @@ std::string describe_tile_config(const GemmTileConfig& c) {
   out << c.block_m << "x" << c.block_n << "x128/s" << c.num_stages << "/sm" << c.num_sms
       << (c.epilogue == 2 ? "/tma_store" : "") << (c.cluster == 2 ? "/pair" : "");
   if (c.split_k > 1) out << "/split" << c.split_k;
+  if (c.tail_split > 1) out << "/tail" << c.tail_split;
   return out.str();
 }
 

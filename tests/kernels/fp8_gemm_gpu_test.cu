@@ -441,6 +441,116 @@ TEST(Fp8GemmGpuSplitK, RejectsBadWorkspaceAndSplits) {
   expect_counters_zero(ws);
 }
 
+// ---- dense tail split (stream-K of the last partial wave) ----
+// Forced small grids (num_sms) give cheap shapes a tail: e.g. 51 tiles on 7 CTAs = 7 full waves
+// and 2 tail tiles in 3 slices. Each configuration on fresh random inputs, poisoned outputs, the
+// same bound as unsplit (only the FP32 summation order changes), run twice and compared bit for
+// bit; the counters are back to zero afterwards.
+DeviceBuffer<uint8_t> tail_split_workspace(int64_t m, int64_t n, int64_t k,
+                                           std::initializer_list<GemmTileConfig> configs) {
+  int64_t bytes = kernels::fp8_gemm_workspace_bytes(m, n, k);
+  for (const GemmTileConfig& c : configs)
+    bytes = std::max(bytes, kernels::fp8_gemm_workspace_bytes(m, n, k, &c));
+  DeviceBuffer<uint8_t> ws(
+      static_cast<size_t>(std::max<int64_t>(bytes, kernels::kSplitKCounterBytes)));
+  ws.poison(0);
+  return ws;
+}
+
+TEST(Fp8GemmGpuTailSplit, MatchesReferenceAndIsBitReproducible) {
+  struct Case {
+    int64_t m, n, k;
+    GemmTileConfig config;
+  };
+  const Case cases[] = {
+      // 3 x 17 tiles on 7 CTAs: 49 whole, 2 tail tiles x 3 slices; registers / TMA-store epilogue
+      // (the whole tiles keep it, the tail strips store from registers).
+      {300, 2112, 1024, {128, 128, 0, 7, 1, 1, 1, 3}},
+      {300, 2112, 1024, {128, 128, 0, 7, 2, 1, 1, 3}},
+      // 64-row tiles, 56 K blocks: 25 whole, 2 tail tiles x 2 slices of 28 blocks.
+      {513, 384, 7168, {64, 128, 0, 5, 0, 1, 1, 4}},
+      // The last tile is partial in M (rows 128-129) and N (8 of 64 columns): 11 whole, 1 tail
+      // tile x 8 uneven slices of 15 K blocks (1 or 2 blocks each).
+      {130, 200, 1920, {64, 64, 0, 11, 0, 1, 1, 8}},
+      // The full grid: 5 x 27 tiles on 132 SMs (H100 / H200), 3 tail tiles x 8 one-block slices.
+      {600, 3400, 1024, {128, 128, 0, 0, 0, 1, 1, 8}},
+  };
+  uint64_t seed = 1200;
+  for (const Case& c : cases) {
+    const SplitKWeights weights(c.n, c.k, seed += 2);
+    SplitKProblem pr(c.m, weights, seed += 2);
+    DeviceBuffer<uint8_t> ws = tail_split_workspace(c.m, c.n, c.k, {c.config});
+    ASSERT_GT(kernels::fp8_gemm_workspace_bytes(c.m, c.n, c.k, &c.config), 0)
+        << kernels::describe_tile_config(c.config) << " has no tail at " << c.m << "x" << c.n;
+    pr.check(&c.config, {ws.get(), ws.size()}, kernels::describe_tile_config(c.config).c_str());
+    expect_counters_zero(ws);
+  }
+}
+
+TEST(Fp8GemmGpuTailSplit, HeuristicPickAndRepeatedRuns) {
+  // 1024x2112x7168: 8 x 17 = 136 tiles on 132 SMs; the heuristic cuts the 4 tail tiles along K
+  // when given a workspace (on a 132-SM device; elsewhere it may not, and the test says so).
+  const int64_t m = 1024, n = 2112, k = 7168;
+  const SplitKWeights weights(n, k, 1300);
+  SplitKProblem pr(m, weights, 1302);
+  DeviceBuffer<uint8_t> ws = tail_split_workspace(m, n, k, {});
+  const kernels::GemmWorkspace w{ws.get(), ws.size()};
+  if (kernels::fp8_gemm_workspace_bytes(m, n, k) == 0)
+    std::printf("tail split not picked for %lldx%lldx%lld on this device\n", (long long)m,
+                (long long)n, (long long)k);
+  pr.check(nullptr, w, "tail_heuristic");
+  // Many runs on one input: any output differing in a bit from the first is an ordering fault.
+  DeviceBuffer<bf16> d(static_cast<size_t>(m * n));
+  std::vector<bf16> first;
+  int bad_runs = 0;
+  for (int r = 0; r < 30; ++r) {
+    d.poison(static_cast<uint8_t>(r % 2 ? 0x7F : 0xFF));
+    kernels::fp8_gemm_nt(pr.a.get(), pr.sa.get(), weights.b.get(), weights.sb.get(), d.get(), m, n,
+                         k, nullptr, nullptr, w);
+    FM_CHECK_CUDA(cudaDeviceSynchronize());
+    std::vector<bf16> got = d.download();
+    if (r == 0) {
+      first = std::move(got);
+      continue;
+    }
+    for (size_t i = 0; i < got.size(); ++i)
+      if (got[i].bits != first[i].bits) {
+        ++bad_runs;
+        break;
+      }
+  }
+  EXPECT_EQ(bad_runs, 0) << bad_runs << " of 29 runs differ from the first";
+  expect_counters_zero(ws);
+}
+
+TEST(Fp8GemmGpuTailSplit, RejectsWhatItCannotTake) {
+  const int64_t m = 300, n = 2112, k = 1024;
+  DeviceBuffer<uint8_t> a(m * k), b(n * k);
+  DeviceBuffer<float> sa(8 * 300), sb(17 * 8);
+  DeviceBuffer<bf16> d(m * n);
+  const GemmTileConfig tail3{128, 128, 0, 7, 1, 1, 1, 3};
+  const int64_t need = kernels::fp8_gemm_workspace_bytes(m, n, k, &tail3);
+  ASSERT_GT(need, 0);
+  DeviceBuffer<uint8_t> ws(static_cast<size_t>(need));
+  ws.poison(0);
+  auto gemm = [&](const GemmTileConfig* c, kernels::GemmWorkspace w) {
+    kernels::fp8_gemm_nt(a.get(), sa.get(), b.get(), sb.get(), d.get(), m, n, k, nullptr, c, w);
+  };
+  EXPECT_THROW(gemm(&tail3, {}), Error);                                               // none
+  EXPECT_THROW(gemm(&tail3, {ws.get(), static_cast<size_t>(need - 1)}), Error);        // short
+  EXPECT_THROW(gemm(&tail3, {ws.get() + 16, static_cast<size_t>(need) - 16}), Error);  // align
+  const GemmTileConfig both{128, 128, 0, 7, 1, 1, 2, 3};
+  EXPECT_THROW(gemm(&both, {ws.get(), ws.size()}), Error);  // not with split-K
+  const GemmTileConfig wide{128, 192, 0, 8, 2, 1, 1, 3};    // 33 tiles on 8 CTAs: 1 tail tile
+  EXPECT_THROW(gemm(&wide, {ws.get(), ws.size()}), Error);
+  DeviceBuffer<int32_t> layout(std::vector<int32_t>(m, 0));
+  EXPECT_THROW(
+      kernels::fp8_gemm_nt_grouped_contiguous(a.get(), sa.get(), b.get(), sb.get(), d.get(),
+                                              layout.get(), m, n, k, 1, nullptr, &tail3),
+      Error);
+  expect_counters_zero(ws);
+}
+
 // ---- grouped contiguous ----
 void run_contiguous(const std::vector<int64_t>& rows_per_group, int64_t n, int64_t k, uint64_t seed,
                     const GemmTileConfig* force = nullptr) {

@@ -48,19 +48,30 @@ TEST(Sm90GemmHeuristic, SmallMUsesNarrowTilesToFillTheChip) {
   EXPECT_EQ(d.block_n, 64);
 }
 
-TEST(Sm90GemmHeuristic, NeverPicksTheSlower192WideTile) {
+TEST(Sm90GemmHeuristic, Picks192WideTilesOnlyWhereTheyMakeOneWaveAtSmallM) {
   // The cost model alone prefers 128x192 at N = 2112 (3 waves instead of 5); measured, 128x128
   // with overlapped promotion is faster there (dev/gemm/NOTES.md v11).
   const GemmTileConfig c =
       choose_gemm_tile({GemmKind::kDense, 4096, 2112, 7168, 1}, kH100Sms, kH100Smem);
   EXPECT_EQ(c.block_m, 128);
   EXPECT_EQ(c.block_n, 128);
-  for (int64_t m : {1, 64, 128, 512, 1024, 4096})
+  // M = 128 N = 24576: 128 tiles of 128x192 in one wave against 192 of 128x128 (measured faster,
+  // sessions 2b and 3); N = 32768 needs 171 of them, M = 64 keeps 64-row tiles.
+  for (int64_t m : {1, 64, 100, 128, 512, 1024, 4096})
     for (int64_t n : {2112, 4096, 7168, 24576, 32768})
-      for (int64_t k : {512, 1536, 7168})
-        EXPECT_NE(choose_gemm_tile({GemmKind::kDense, m, n, k, 1}, kH100Sms, kH100Smem).block_n,
-                  192)
-            << m << "x" << n << "x" << k;
+      for (int64_t k : {512, 1536, 7168}) {
+        const GemmTileConfig t =
+            choose_gemm_tile({GemmKind::kDense, m, n, k, 1}, kH100Sms, kH100Smem);
+        const bool one_wave = m > 64 && m <= 128 && n == 24576;
+        if (!one_wave) {
+          EXPECT_NE(t.block_n, 192) << m << "x" << n << "x" << k;
+          continue;
+        }
+        EXPECT_EQ(t.block_n, 192) << m << "x" << n << "x" << k;
+        EXPECT_EQ(t.block_m, 128);
+        EXPECT_EQ(t.epilogue, 2);
+        EXPECT_EQ(t.split_k, 1);
+      }
 }
 
 TEST(Sm90GemmHeuristic, EpilogueStagesWhereItWasMeasuredToPay) {
@@ -113,10 +124,15 @@ TEST(Sm90GemmHeuristic, SplitsKOnlyInOneWaveOfUnderfilledSmallMDenseGrids) {
         const GemmShape s = with_split({GemmKind::kDense, m, n, k, 1}, 8);
         const GemmTileConfig t = choose_gemm_tile(s, kH100Sms, kH100Smem);
         if (t.split_k == 1) {
-          // The unsplit pick is the one without a workspace.
+          // The unsplit pick is the one without a workspace (up to a tail split, M > 128 only).
           const GemmTileConfig u =
               choose_gemm_tile({GemmKind::kDense, m, n, k, 1}, kH100Sms, kH100Smem);
-          EXPECT_EQ(describe_tile_config(t), describe_tile_config(u));
+          GemmTileConfig no_tail = t;
+          if (t.tail_split > 1) {
+            EXPECT_GT(m, 128) << m << "x" << n << "x" << k;
+            no_tail.tail_split = u.tail_split;
+          }
+          EXPECT_EQ(describe_tile_config(no_tail), describe_tile_config(u));
           continue;
         }
         const int64_t units =
@@ -137,6 +153,56 @@ TEST(Sm90GemmHeuristic, SplitsKOnlyInOneWaveOfUnderfilledSmallMDenseGrids) {
     EXPECT_EQ(
         choose_gemm_tile(with_split({kind, 128, 2112, 7168, 1}, 8), kH100Sms, kH100Smem).split_k, 1)
         << gemm_kind_name(kind);
+}
+
+TEST(Sm90GemmHeuristic, TailSplitPlan) {
+  // 4096x2112 in 128x128 tiles: 544 = 4 x 132 + 16; 16 tails x 8 slices fill 128 of 132 SMs.
+  TailSplitPlan p = gemm_tail_split_plan(544, 132, 56, 8);
+  EXPECT_EQ(p.full_units, 528);
+  EXPECT_EQ(p.tail_tiles, 16);
+  EXPECT_EQ(p.slices, 8);
+  EXPECT_EQ(gemm_tail_split_plan(544, 132, 56, 16).slices, 8);  // 132 / 16 SMs a tail tile
+  EXPECT_EQ(gemm_tail_split_plan(544, 132, 3, 8).slices, 3);    // one K block a slice at least
+  EXPECT_EQ(gemm_tail_split_plan(528, 132, 56, 8).slices, 1);   // no tail
+  EXPECT_EQ(gemm_tail_split_plan(100, 132, 56, 8).slices, 1);   // less than one wave
+  EXPECT_EQ(gemm_tail_split_plan(192, 132, 12, 8).slices, 2);   // 60 tail tiles: 2 slices
+  EXPECT_EQ(gemm_tail_split_plan(256, 132, 4, 8).slices, 1);    // 124 tail tiles: no room
+  EXPECT_EQ(gemm_tail_split_plan(544, 132, 56, 1).slices, 1);
+  EXPECT_EQ(gemm_tail_split_workspace_bytes(gemm_tail_split_plan(544, 132, 56, 4), 128, 128),
+            kSplitKCounterBytes + 16 * 4 * 128 * 128 * 4);
+  EXPECT_EQ(gemm_tail_split_workspace_bytes(gemm_tail_split_plan(528, 132, 56, 4), 128, 128), 0);
+  GemmTileConfig c;
+  c.tail_split = 4;
+  EXPECT_NE(describe_tile_config(c).find("/tail4"), std::string::npos);
+}
+
+TEST(Sm90GemmHeuristic, TailSplitWhereTheLastWaveIsSmall) {
+  // 4096x2112x7168: 4.12 waves of 128x128; the tail split needs a workspace.
+  const GemmShape s{GemmKind::kDense, 4096, 2112, 7168, 1};
+  EXPECT_LE(choose_gemm_tile(s, kH100Sms, kH100Smem).tail_split, 1);
+  const GemmTileConfig t = choose_gemm_tile(with_split(s, 8), kH100Sms, kH100Smem);
+  EXPECT_EQ(t.block_m, 128);
+  EXPECT_EQ(t.block_n, 128);
+  EXPECT_GE(t.tail_split, 2);
+  EXPECT_LE(4 * t.tail_split, 7168 / 128);
+  EXPECT_EQ(t.split_k, 1);
+  EXPECT_LT(gemm_tail_split_cost(s, {128, 128}, kH100Sms, t.tail_split),
+            0.95 * gemm_tile_cost(s, {128, 128}, kH100Sms));
+  // Many waves (the tail is a small part) or no room for two slices a tail tile: no split.
+  for (const GemmShape& u : {GemmShape{GemmKind::kDense, 4096, 7168, 16384, 1},
+                             GemmShape{GemmKind::kDense, 4096, 4096, 7168, 1},
+                             GemmShape{GemmKind::kDense, 4096, 24576, 1536, 1},
+                             GemmShape{GemmKind::kDense, 4096, 32768, 512, 1},
+                             GemmShape{GemmKind::kDense, 4096, 7168, 2048, 1},
+                             // 448 tiles = 3 waves + 52: a last wave over a quarter of the SMs
+                             GemmShape{GemmKind::kDense, 1024, 7168, 16384, 1}})
+    EXPECT_LE(choose_gemm_tile(with_split(u, 8), kH100Sms, kH100Smem).tail_split, 1)
+        << u.m << "x" << u.n << "x" << u.k;
+  // Not for the other forms.
+  EXPECT_LE(choose_gemm_tile(with_split({GemmKind::kGroupedContiguous, 4096, 2112, 7168, 1}, 8),
+                             kH100Sms, kH100Smem)
+                .tail_split,
+            1);
 }
 
 TEST(Sm90GemmHeuristic, SplitKWorkspaceSize) {

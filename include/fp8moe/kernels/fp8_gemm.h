@@ -38,6 +38,10 @@ namespace fp8moe::kernels {
 // zero at the end of every call. Calls that may run at the same time need separate workspaces. The
 // call allocates nothing (CUDA-graph capturable). Without a workspace (ptr null) K is never split;
 // a workspace smaller than the launch needs is rejected (kInvalidArgument).
+// The same workspace serves the tail split (GemmTileConfig::tail_split; the heuristic takes it at
+// M > 128 where the last partial wave holds at most a quarter of the multiprocessors, e.g.
+// 4096x2112x7168): the full waves' tiles run whole, the last wave's tiles are cut along K over the
+// idle multiprocessors and their partials summed in slice order as above (bit-reproducible).
 struct GemmWorkspace {
   void* ptr = nullptr;
   size_t bytes = 0;

@@ -20,6 +20,11 @@ struct GemmTileConfig {
   int split_k = 0;     // dense fp8_gemm_nt only: K cut into this many slices per output tile
                        // (FP32 partials in the caller's GemmWorkspace); 0 or 1 = no split. The
                        // heuristic fills in its pick (1 when it does not split or has no workspace)
+  int tail_split = 0;  // dense fp8_gemm_nt only, tiles up to 128 wide, no CTA pairs: the tiles of
+                       // the last partial wave are cut into this many K slices (as many as fit on
+                       // the idle multiprocessors, FP32 partials in the GemmWorkspace), the full
+                       // waves' tiles are untouched (stream-K of the tail). 0 or 1 = off. Not
+                       // combined with split_k.
 };
 
 // One line naming a configuration (for benchmarks and logs).

@@ -34,6 +34,21 @@ inline constexpr int64_t kSplitKCounterBytes = kSplitKMaxStrips * 4;
 int64_t gemm_split_k_strips(int64_t m, int64_t n, int block_m, int block_n);
 int64_t gemm_split_k_workspace_bytes(int64_t m, int64_t n, int block_m, int block_n, int split_k);
 
+// Tail split (dense, GemmTileConfig::tail_split; stream-K of the last partial wave): with `grid`
+// persistent CTAs, the first full_units = (tiles / grid) * grid tiles run whole, one unit each;
+// the tail_tiles = tiles % grid left over are each cut into `slices` K slices (unit
+// full_units + i * slices + s is slice s of tail tile i), as many as the grid has CTAs for, at most
+// `requested` and at most one per K block. slices == 1: no tail split (less than one full wave,
+// no tail, or no room for two slices a tile).
+struct TailSplitPlan {
+  int64_t full_units = 0, tail_tiles = 0;
+  int slices = 1;
+};
+TailSplitPlan gemm_tail_split_plan(int64_t tiles, int64_t grid, int64_t k_blocks, int requested);
+// Workspace of a tail-split launch: the split-K counter region, then the FP32 partials of every
+// (tail tile, slice), block_m x block_n floats each (0 without a split).
+int64_t gemm_tail_split_workspace_bytes(const TailSplitPlan& plan, int block_m, int block_n);
+
 struct TileCandidate {
   int block_m, block_n;
 };
@@ -63,10 +78,20 @@ double gemm_dram_bytes_per_s(int64_t memory_clock_khz, int bus_width_bits);
 double gemm_tile_cost(const GemmShape& shape, const TileCandidate& tile, int num_sms,
                       int split_k = 1, double dram_bytes_per_s = kDefaultDramBytesPerS);
 
-// The best candidate for the shape, with num_stages, num_sms and split_k filled in. Split-K is
-// considered only for dense shapes with max_split_k > 1 and M <= 128, when every unit (tiles x
-// slices) fits in one wave, with >= 4 K blocks a slice, and where the model gains 15% over the
-// best unsplit tile (measured on H200: dev/gemm/NOTES.md session 2b).
+// Estimated time of a tail-split launch (same units as gemm_tile_cost): the full waves, then
+// one slice of a tail tile, then its fix-up (one SM writes its partial and reads `slices` back).
+double gemm_tail_split_cost(const GemmShape& shape, const TileCandidate& tile, int num_sms,
+                            int slices, double dram_bytes_per_s = kDefaultDramBytesPerS);
+
+// The best candidate for the shape, with num_stages, num_sms, split_k and tail_split filled in.
+// Split-K is considered only for dense shapes with max_split_k > 1 and M <= 128, when every unit
+// (tiles x slices) fits in one wave, with >= 4 K blocks a slice, and where the model gains 15% over
+// the best unsplit tile (measured on H200: dev/gemm/NOTES.md session 2b). The tail split only for
+// dense shapes with max_split_k > 1 (a workspace) and M > 128, tiles up to 128 wide, a last wave
+// of at most a quarter of the SMs, >= 4 K blocks a slice, where the model gains 5%
+// (dev/gemm/NOTES.md session 4). 128x192 tiles only at
+// 64 < M <= 128 where they fit one wave and 128x128 tiles do not (measured faster there, session
+// 2b and 3; slower at every M = 4096 shape, v11).
 GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
                                 double dram_bytes_per_s = kDefaultDramBytesPerS);
 
