@@ -440,7 +440,8 @@ std::vector<int> devices_of(const World& w) {
 // A kernel variant by name: "v5" (the plan in every send block, no session-3 option), "base"
 // (plan_once alone: the session-2 kernels), "default" (DeviceEpOptions' defaults), or letters of
 // the session-3 options on top of plan_once: P prefetch_payload, C combine_two_steps (so "PC" =
-// the defaults), A combine_async_rows, S combine_peer_items; suffixes ":c8", ":b80", ":r132" set
+// the defaults), A combine_async_rows, S combine_peer_items, D dispatch_direct_rows, L
+// dispatch_self_rows (with D), R dispatch_pull (with D); suffixes ":c8", ":b80", ":r132" set
 // the chunk size, the send blocks and the receive blocks.
 struct Variant {
   std::string name;
@@ -467,6 +468,7 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
   v.opt.plan_once = head != "v5";
   v.opt.prefetch_payload = false;
   v.opt.combine_two_steps = false;
+  v.opt.dispatch_direct_rows = v.opt.dispatch_self_rows = v.opt.dispatch_pull = false;
   if (head == "v5" || head == "base") return v;
   for (char c : head) {
     if (c == 'P')
@@ -477,6 +479,12 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.combine_async_rows = true;
     else if (c == 'S')
       v.opt.combine_peer_items = true;
+    else if (c == 'D')
+      v.opt.dispatch_direct_rows = true;
+    else if (c == 'L')
+      v.opt.dispatch_self_rows = true;
+    else if (c == 'R')
+      v.opt.dispatch_pull = true;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown letter ", c);
   }
@@ -505,6 +513,9 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
         o.combine_two_steps = v.combine_two_steps;
         o.combine_async_rows = v.combine_async_rows;
         o.combine_peer_items = v.combine_peer_items;
+        o.dispatch_direct_rows = v.dispatch_direct_rows;
+        o.dispatch_self_rows = v.dispatch_self_rows;
+        o.dispatch_pull = v.dispatch_pull;
         o.num_blocks = blocks;
         o.wire = wire;
         o.expand_payload = expand;

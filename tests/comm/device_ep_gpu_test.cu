@@ -232,11 +232,14 @@ int chunk_of(int ran) {
 }
 
 // Kernel variants: 0 the plan in every send block (v5), 1 plan_once (v5 + plan-once kernels),
-// 2 the defaults (plan_once, prefetch_payload, combine_two_steps), 3 the session-3 options with
-// the per-block plan. Not yet measured, so in a test of their own (a failure names them): 4 the
-// defaults with combine_peer_items, 5 with combine_peer_items and combine_async_rows.
+// 2 the defaults (plan_once, prefetch_payload, combine_two_steps, dispatch_direct_rows and
+// dispatch_self_rows), 3 the session-3 options with the per-block plan. Not yet measured, so in a
+// test of their own (a failure names them): 4 the defaults with combine_peer_items, 5 with
+// combine_peer_items and combine_async_rows; session 4: 6 the defaults without
+// dispatch_self_rows, 7 the defaults, 8 with dispatch_pull.
 constexpr int kVariants = 4;
-constexpr int kPeerItems = 4, kPeerItemsAsyncRows = 5;
+constexpr int kPeerItems = 4, kPeerItemsAsyncRows = 5, kDirectRows = 6, kDirectSelfRows = 7,
+              kDirectPull = 8;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -244,15 +247,27 @@ DeviceEpOptions variant_options(int v) {
   o.combine_two_steps = v >= 2;
   o.combine_peer_items = v >= 4;
   o.combine_async_rows = v == 5;
+  // The session-2/3 kernels (0, 1, 3) push records into the source regions; the defaults (2, 4,
+  // 5) write rows directly (dispatch_direct_rows and dispatch_self_rows, session 4).
+  o.dispatch_direct_rows = o.dispatch_self_rows = v == 2 || v == 4 || v == 5;
+  if (v >= kDirectRows) {
+    o = variant_options(2);
+    o.dispatch_direct_rows = true;
+    o.dispatch_self_rows = v >= kDirectSelfRows;
+    o.dispatch_pull = v == kDirectPull;
+  }
   return o;
 }
 std::string variant_name(int v) {
-  constexpr const char* kNames[kVariants + 2] = {" v5",
+  constexpr const char* kNames[kVariants + 5] = {" v5",
                                                  " plan_once",
                                                  " defaults",
                                                  " v5 prefetch+two_steps",
                                                  " defaults+peer_items",
-                                                 " defaults+peer_items+async_rows"};
+                                                 " defaults+peer_items+async_rows",
+                                                 " defaults+direct_rows",
+                                                 " defaults+direct_rows+self_rows",
+                                                 " defaults+direct_rows+self_rows+pull"};
   return kNames[v];
 }
 
@@ -305,8 +320,19 @@ TEST_F(NvlinkTest, UnmeasuredCombineOptionsMatchReference) {
   run_cases(Payload::kBF16, 1, Wire::kNvlink, kPeerItemsAsyncRows);
 }
 
+// Session 4's dispatch options beside the defaults (direct rows with self rows, which the
+// kernel-variant tests above run): direct rows alone, and with pull, over every case and GPU
+// (the masked cases run the low-latency kernels; with every rank on one GPU the options fall
+// back to the source regions).
+TEST_F(NvlinkTest, DispatchDirectRowsMatchReference) {
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kDirectRows);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kDirectRows);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kDirectPull);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kDirectPull);
+}
+
 TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
-  for (int v = 0; v < kVariants; ++v) {
+  for (int v : {0, 1, 2, 3, kDirectSelfRows, kDirectPull}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
     const DeviceEpOptions opt = variant_options(v);
@@ -346,30 +372,41 @@ TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
 }
 
 TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
-  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
-  cfg.timeout_s = 0.3;
-  DeviceEpOptions opt;
-  opt.num_blocks = 3;
-  Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
-  h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
-  h.group->rank(0).dispatch_recv(h.buf[0].stream);
-  h.sync();
-  try {
-    h.group->rank(0).check();
-    FAIL() << "expected an error";
-  } catch (const Error& e) {
-    const std::string m = e.message();
-    EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
-    EXPECT_NE(m.find("dispatch.notify[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
-        << m;
+  // dispatch_direct_rows: the send itself waits for the silent peer's notify (same report).
+  for (bool direct : {false, true}) {
+    SCOPED_TRACE(direct ? "dispatch_direct_rows" : "source regions");
+    EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
+    cfg.timeout_s = 0.3;
+    DeviceEpOptions opt;
+    opt.num_blocks = 3;
+    opt.dispatch_direct_rows = direct;
+    Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
+    h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
+    h.group->rank(0).dispatch_recv(h.buf[0].stream);
+    h.sync();
+    try {
+      h.group->rank(0).check();
+      FAIL() << "expected an error";
+    } catch (const Error& e) {
+      const std::string m = e.message();
+      EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
+      EXPECT_NE(m.find("dispatch.notify[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
+          << m;
+    }
   }
 }
 
 TEST_F(NvlinkTest, OverflowIsReported) {
-  EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
-  cfg.max_rows = 256;
-  Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 5);
-  check_against_reference(h, 1);  // layout says overflow, like the reference; combine gives zeros
+  // Source regions (1), direct rows (the defaults, 2; with pull): an overflowing destination gets
+  // the source regions, which are compared too.
+  for (int v : {1, 2, kDirectPull}) {
+    SCOPED_TRACE("variant" + variant_name(v));
+    EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
+    cfg.max_rows = 256;
+    Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 5,
+              variant_options(v));
+    check_against_reference(h, 1);  // layout says overflow, like the reference; combine: zeros
+  }
 }
 
 TEST_F(NvlinkTest, BadExpertIdIsReported) {
