@@ -440,11 +440,12 @@ std::vector<int> devices_of(const World& w) {
 // A kernel variant by name: "v5" (the plan in every send block, no session-3 option), "base"
 // (plan_once alone: the session-2 kernels), "default" (DeviceEpOptions' defaults), or letters of
 // the session-3 options on top of plan_once: P prefetch_payload, C combine_two_steps (so "PC" =
-// the defaults), A combine_async_rows, S combine_peer_items, and of session 4: B
-// combine_peer_blocks, E combine_even_steps; suffixes ":c8", ":b80", ":r132" set the chunk size,
-// the send blocks and the receive blocks (without ":r", DeviceEpOptions' automatic receive grid:
-// every SM since session 4; ":r68" on a 132-SM H100 with 64 send blocks is the earlier one);
-// ":g48" the combine send's own grid (DeviceEpOptions::combine_blocks).
+// the session-3 defaults), A combine_async_rows, S combine_peer_items, and of session 4: B
+// combine_peer_blocks, E combine_even_steps, D dispatch_direct_rows, L dispatch_self_rows (with
+// D), R dispatch_pull (with D) ("PCBDL" = the session-4 defaults); suffixes ":c8", ":b80", ":r132"
+// set the chunk size, the send blocks and the receive blocks (without ":r", DeviceEpOptions'
+// automatic receive grid: every SM since session 4; ":r68" on a 132-SM H100 with 64 send blocks is
+// the earlier one); ":g48" the combine send's own grid (DeviceEpOptions::combine_blocks).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -475,6 +476,7 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
   v.opt.combine_peer_items = false;
   v.opt.combine_peer_blocks = false;
   v.opt.combine_even_steps = false;
+  v.opt.dispatch_direct_rows = v.opt.dispatch_self_rows = v.opt.dispatch_pull = false;
   if (head == "v5" || head == "base") return v;
   for (char c : head) {
     if (c == 'P')
@@ -489,6 +491,12 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.combine_peer_blocks = true;
     else if (c == 'E')
       v.opt.combine_even_steps = true;
+    else if (c == 'D')
+      v.opt.dispatch_direct_rows = true;
+    else if (c == 'L')
+      v.opt.dispatch_self_rows = true;
+    else if (c == 'R')
+      v.opt.dispatch_pull = true;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown letter ", c);
   }
@@ -519,6 +527,9 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
         o.combine_peer_items = v.combine_peer_items;
         o.combine_peer_blocks = v.combine_peer_blocks;
         o.combine_even_steps = v.combine_even_steps;
+        o.dispatch_direct_rows = v.dispatch_direct_rows;
+        o.dispatch_self_rows = v.dispatch_self_rows;
+        o.dispatch_pull = v.dispatch_pull;
         o.num_blocks = blocks;
         o.wire = wire;
         o.expand_payload = expand;

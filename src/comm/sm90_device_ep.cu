@@ -17,12 +17,17 @@
 // are dealt to the peers, each serving one (combine_peer_blocks), and combine_even_steps deals
 // both kernels' sums out as (row, column pair) items claimed by the warps.
 // Acks from the consumer make every buffer reusable without a host round trip.
+// Dispatch with DeviceEpOptions::dispatch_direct_rows (default): every source also broadcasts its
+// per-expert counts with its notify, so each send block lays out every destination itself and
+// writes a token's payload straight into its lowest-k grouped row there (dispatch_self_rows:
+// every row of the rank's own tokens); the receive then copies only the remaining rows.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
 // (tests/comm/device_ep_gpu_test.cu).
 #include <algorithm>
 #include <cfloat>
 #include <cstddef>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -145,6 +150,7 @@ struct Geometry {
 struct WsLayout {
   // written by peers
   size_t stage, src_token, topk_local, topk_pos, weight, recv_count, notify, flags, comb_stage;
+  size_t all_counts;  // dispatch_direct_rows: [R][E] per-expert token counts of every source
   size_t bwd_gw, bwd_mask, bwd;  // combine backward (sm90_device_ep_backward.cu)
   // local
   size_t peer_table, err, slot, status, recv_offset, expert_counts, expert_offsets, m_indices,
@@ -197,6 +203,7 @@ WsLayout make_layout(const Geometry& g) {
   l.weight = take(slots * g.K * 4);
   l.recv_count = take(g.R * 4);
   l.notify = take(static_cast<size_t>(g.R) * g.NS * 4);
+  l.all_counts = take(static_cast<size_t>(g.R) * g.E * 4);
   l.flags = take(flag_count(g) * 8);
   l.comb_stage = take(slots * g.H * 2);
   l.bwd_gw = take(slots * g.K * 4);
@@ -228,7 +235,7 @@ WsLayout make_layout(const Geometry& g) {
 // Dynamic shared memory of the send plan: per-expert and per-destination tile counts (u16, then
 // exclusive prefixes), destination ballots per tile, per-warp expert lane masks, expert totals.
 struct PlanSmem {
-  size_t ecnt, dcnt, dball, emask, etot, total;
+  size_t ecnt, dcnt, dball, emask, etot, rowbase, total;
 };
 PlanSmem plan_smem(const Geometry& g) {
   PlanSmem p{};
@@ -243,6 +250,7 @@ PlanSmem plan_smem(const Geometry& g) {
   p.dball = take(static_cast<size_t>(g.R) * g.NT * 4);
   p.emask = take(static_cast<size_t>(kWarps) * g.E * 4);
   p.etot = take(static_cast<size_t>(g.E) * 4);
+  p.rowbase = take(static_cast<size_t>(g.E) * 4);  // dispatch_direct_rows (direct_layout)
   p.total = at;
   return p;
 }
@@ -343,7 +351,37 @@ struct Args {
   bool expand;
   bool nccl;  // Wire::kNccl: "peers" are this rank's send buffer, regions by destination; the
               // exchange and its ordering are NCCL's, so no flags are waited on or raised
+
+  bool direct;     // DeviceEpOptions::dispatch_direct_rows, where it applies (Impl::direct)
+  bool self_rows;  // DeviceEpOptions::dispatch_self_rows (with direct)
+  bool pull;       // DeviceEpOptions::dispatch_pull (with direct)
+  unsigned long long* trace;  // FP8MOE_EP_TRACE=1: dispatch phase stamps (diagnostics), else null
 };
+
+// Dispatch phase stamps (%globaltimer, ns) of the last dispatch, FP8MOE_EP_TRACE=1: printed by
+// check(). Minima are reset by the plan kernel's block 0 before its dependents can start.
+enum TraceSlot : int {
+  kTrPlanStart = 0,
+  kTrPlanEnd = 1,
+  kTrSendStart = 2,     // first send block (min)
+  kTrSendCounts = 3,    // direct rows: the last send block that had every source's counts (max)
+  kTrSendEnd = 4,       // last send block done (max)
+  kTrRecvStart = 5,     // first receive block (min)
+  kTrRecvLayout = 6,    // last receive block with its layout (max)
+  kTrRecvLastFlag = 7,  // the last chunk flag a receive block saw (max)
+  kTrRecvEnd = 8,       // the acknowledging block, done
+  kTrSlots = 9,
+};
+__device__ __forceinline__ void stamp(const Args& a, int slot, int how) {  // 0 set, 1 max, 2 min
+  if (!a.trace) return;
+  const unsigned long long t = globaltimer();
+  if (how == 0)
+    a.trace[slot] = t;
+  else if (how == 1)
+    atomicMax(a.trace + slot, t);
+  else
+    atomicMin(a.trace + slot, t);
+}
 
 __device__ __forceinline__ char* peer(const Args& a, int r) {
   return reinterpret_cast<char* const*>(a.my + a.lay.peer_table)[r];
@@ -760,6 +798,161 @@ __device__ __forceinline__ void push_payload(const Args& a, const Plan& p, int64
   }
 }
 
+// ---- dispatch send, dispatch_direct_rows: the destinations' layouts, then rows written ----
+// Every destination's grouped layout from the per-expert counts all sources
+// broadcast with their notify, by recv_layout's formulas: rowbase[d * L + e] = the first row of
+// this source's tokens of d's expert e (expert block + earlier sources' counts), and bit d of
+// *ovf when d's rows overflow (its receive writes no rows then). One warp per destination.
+__device__ void direct_layout(const Args& a, int* rowbase, unsigned* ovf) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int32_t* cnt = at<int32_t>(a.my, a.lay.all_counts);
+  for (int d = warp; d < g.R; d += kWarps) {
+    int run = 0;
+    for (int e0 = 0; e0 < g.L; e0 += 32) {
+      const int e = e0 + lane;
+      int tot = 0, below = 0;
+      if (e < g.L)
+        for (int s = 0; s < g.R; ++s) {
+          const int c = __ldcg(cnt + s * g.E + d * g.L + e);
+          tot += c;
+          below += s < a.rank ? c : 0;
+        }
+      const int size = e < g.L ? (tot + 127) / 128 * 128 : 0;
+      const int incl = warp_inclusive_sum(size);
+      if (e < g.L) rowbase[d * g.L + e] = run + incl - size + below;
+      run += __shfl_sync(kFull, incl, 31);
+    }
+    if (lane == 0 && run > g.bound) atomicOr(ovf, 1u << d);
+  }
+}
+
+// The payload of token t, columns [first, last) steps, into its rows (one warp). Lane k < K holds
+// the token's k-th expert and is a target if it is the token's lowest k at that destination (the
+// row the receive copies the others from) or, with self_rows, any k on this rank. A destination
+// that overflows gets the source-region record instead (download() reads it from there).
+template <bool kPrefetch>
+__device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p, int64_t t,
+                                                    int64_t first, int64_t last, const int* rowbase,
+                                                    unsigned ovf) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  const int tile = static_cast<int>(t / kTile), tl = static_cast<int>(t % kTile);
+  int ek = -1;
+  if (lane < g.K) {
+    ek = __ldg(a.idx + t * g.K + lane);
+    if (ek < -1 || ek >= g.E) ek = -1;  // as load_experts (block 0 of the plan reported it)
+  }
+  // Rank of t among this source's tokens of expert ek: the plan's prefix over earlier tiles plus
+  // the earlier lanes of its tile holding ek (push_metadata's pos, without shared memory).
+  int ids[kMaxTopK];
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    ids[k] = (lane < tl && k < g.K) ? __ldg(a.idx + (t - tl + lane) * g.K + k) : -1;
+  int pos = 0;
+  for (int k = 0; k < g.K; ++k) {
+    const int e = __shfl_sync(kFull, ek, k);
+    bool hit = false;
+#pragma unroll
+    for (int q = 0; q < kMaxTopK; ++q) hit = hit || ids[q] == e;
+    const int c = __popc(__ballot_sync(kFull, hit && e >= 0));
+    if (lane == k) pos = c;
+  }
+  const int dk = ek >= 0 ? ek / g.L : -1;
+  const unsigned same = __match_any_sync(kFull, dk);
+  const bool over = dk >= 0 && ((ovf >> dk) & 1u);
+  const bool target =
+      ek >= 0 && (lane == __ffs(same) - 1 || (a.self_rows && dk == a.rank && !over));
+  const unsigned targets = __ballot_sync(kFull, target);
+  // Lane d < R: the token's slot at destination d (the source-region record, on overflow).
+  int jl = -1;
+  if (lane < g.R) {
+    const uint32_t b = p.dball[lane * g.NT + tile];
+    if ((b >> tl) & 1u) jl = p.dc(lane, tile) + __popc(b & ((1u << tl) - 1u));
+  }
+  const int jd = __shfl_sync(kFull, jl, dk >= 0 ? dk : 0);
+  const int64_t row_bytes = g.fp8 ? g.H : g.H * 2;
+  unsigned long long code = 0, scales = 0;  // lane k's row (or record): payload, scales
+  if (target) {
+    char* base = peer(a, dk);
+    // dispatch_pull: a peer's record stays here, in its region of this workspace.
+    const bool pulled = a.pull && dk != a.rank;
+    if (over || pulled) {
+      char* rec = pulled ? record_of(a, a.my, dk, jd) : record_of(a, base, out_region(a, dk), jd);
+      code = reinterpret_cast<unsigned long long>(rec);
+      scales = reinterpret_cast<unsigned long long>(rec + g.H);
+    } else {
+      const int64_t row = rowbase[ek] + p.ec(ek, tile) + pos;
+      code = reinterpret_cast<unsigned long long>(base + a.lay.gx + row * row_bytes);
+      scales = reinterpret_cast<unsigned long long>(base + a.lay.gscales + row * g.SC * 4);
+    }
+  }
+  const uint16_t* xt = a.x + t * g.H;
+  if (!g.fp8) {
+    for (int64_t step = first; step < last; ++step) {
+      const int64_t c0 = step * 1024;
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t c = c0 + u * 256 + lane * 8;
+        if (c < g.H) v[u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
+      }
+      for (unsigned m = targets; m; m &= m - 1) {
+        char* dst = reinterpret_cast<char*>(__shfl_sync(kFull, code, __ffs(m) - 1));
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int64_t c = c0 + u * 256 + lane * 8;
+          if (c < g.H) *reinterpret_cast<uint4*>(dst + c * 2) = v[u];
+        }
+      }
+    }
+    return;
+  }
+  auto load_step = [&](int64_t step, uint4* v) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t c = step * 1024 + u * 512 + lane * 16;
+      v[2 * u] = v[2 * u + 1] = make_uint4(0, 0, 0, 0);
+      if (c < g.H) {
+        v[2 * u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
+        v[2 * u + 1] = __ldg(reinterpret_cast<const uint4*>(xt + c + 8));
+      }
+    }
+  };
+  uint4 next[4];
+  if (kPrefetch && first < last) load_step(first, next);
+  for (int64_t step = first; step < last; ++step) {
+    const int64_t c0 = step * 1024;
+    uint4 v[4];
+    bool valid[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) valid[u] = c0 + u * 512 + lane * 16 < g.H;
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = next[u];
+      if (step + 1 < last) load_step(step + 1, next);
+    } else {
+      load_step(step, v);
+    }
+    uint4 codes[2];
+    float scale[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
+    for (unsigned m = targets; m; m &= m - 1) {
+      const int k = __ffs(m) - 1;
+      char* dst = reinterpret_cast<char*>(__shfl_sync(kFull, code, k));
+      char* sdst = reinterpret_cast<char*>(__shfl_sync(kFull, scales, k));
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int64_t c = c0 + u * 512 + lane * 16;
+        if (!valid[u]) continue;
+        *reinterpret_cast<uint4*>(dst + c) = codes[u];
+        if ((lane & 7) == 0) *reinterpret_cast<float*>(sdst + (c / 128) * 4) = scale[u];
+      }
+    }
+  }
+}
+
 // ---- dispatch plan (plan_once): the plan of the whole batch once, in the workspace ----
 // One warp per 32-token tile counts it as plan_batch does, into row `tile` of the [NT][W] table
 // (E expert columns, then R destination columns) and the destination ballots; the last block to
@@ -773,6 +966,14 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
   const int ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
   uint16_t* table = at<uint16_t>(a.my, a.lay.plan_cnt);
   uint32_t* dball = at<uint32_t>(a.my, a.lay.plan_dball);
+  if (a.trace) {  // before any block of the dependents can start
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      stamp(a, kTrPlanStart, 0);
+      a.trace[kTrSendStart] = a.trace[kTrRecvStart] = ~0ull;
+      __threadfence();
+    }
+    __syncthreads();
+  }
   // The send kernel may start now: it waits for this whole grid before reading the plan.
   allow_dependent_launch();
   // Counting: the warp's tile into its own row of shared memory, then into the table.
@@ -854,13 +1055,17 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
   __syncthreads();
   for (int64_t i = threadIdx.x; i < vecs; i += blockDim.x)
     reinterpret_cast<uint4*>(table)[i] = plan_raw[i];
-  if (threadIdx.x == 0) status[kPlanDone] = 0;
+  if (threadIdx.x == 0) {
+    status[kPlanDone] = 0;
+    stamp(a, kTrPlanEnd, 0);
+  }
 }
 
 // kPlanOnce: the plan is the workspace's (k_dispatch_plan); a compile-time switch so that each
 // path's plan pointers have a known address space (shared or global). kPrefetch:
-// prefetch_payload.
-template <bool kPlanOnce, bool kPrefetch>
+// prefetch_payload. kDirect: dispatch_direct_rows (Args::direct; an instance of its own, so the
+// other paths compile as before).
+template <bool kPlanOnce, bool kPrefetch, bool kDirect>
 __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   __shared__ int abort_flag;
   __shared__ int dtot[kMaxRanks];
@@ -869,6 +1074,7 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   if (threadIdx.x == 0) abort_flag = 0;
   __syncthreads();
   // NOTE: after every thread read n: the receive kernel ends the call by advancing it.
+  if (threadIdx.x == 0 && kPlanOnce) stamp(a, kTrSendStart, 2);
   if (!a.nccl) allow_dependent_launch();
   const Plan p = kPlanOnce ? plan_global_view(a, smem) : plan_view(a, smem, dtot);
   if constexpr (kPlanOnce) {
@@ -897,11 +1103,29 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
     if (threadIdx.x < g.R)
       at<int32_t>(peer(a, threadIdx.x), a.lay.recv_count)[out_region(a, threadIdx.x)] =
           p.dtot[threadIdx.x];
+    if (kDirect)  // every expert's count, so that each source can lay out every destination
+      for (int i = threadIdx.x; i < g.R * g.E; i += blockDim.x)
+        at<int32_t>(peer(a, i / g.E), a.lay.all_counts)[a.rank * g.E + i % g.E] = p.etot[i % g.E];
     __syncthreads();
     if (!a.nccl && threadIdx.x < g.R) {
       __threadfence_system();
       st_release_sys(flag(peer(a, threadIdx.x), a, kDispatchNotify, a.rank), n);
     }
+  }
+  // dispatch_direct_rows: once every source's counts are in (its notify flag), the rows of this
+  // source's tokens at every destination are known.
+  __shared__ unsigned ovf_mask;
+  int* rowbase = reinterpret_cast<int*>(smem + a.ps.rowbase);
+  if (kDirect) {
+    if (threadIdx.x == 0) ovf_mask = 0;
+    if (threadIdx.x < g.R && !wait_geq(flag(a.my, a, kDispatchNotify, threadIdx.x), n, a.err,
+                                       a.rank, threadIdx.x, kDispatchNotify, -1, a.timeout_ns))
+      abort_flag = 1;
+    __syncthreads();
+    if (abort_flag) return;
+    direct_layout(a, rowbase, &ovf_mask);
+    __syncthreads();
+    if (threadIdx.x == 0) stamp(a, kTrSendCounts, 1);
   }
   // Chunks of C tokens, one block each; every chunk published with its own flag.
   const int warp = threadIdx.x >> 5;
@@ -919,8 +1143,13 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
     const int tile0 = static_cast<int>(c0 / kTile), tile1 = static_cast<int>((c1 - 1) / kTile);
     for (int tile = tile0 + warp; tile <= tile1; tile += kWarps) push_metadata(a, p, tile, c0, c1);
     const Split sp = split_work(c1 - c0, steps, kWarps);
-    for (int64_t item = warp; item < sp.items; item += kWarps)
-      push_payload<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item));
+    for (int64_t item = warp; item < sp.items; item += kWarps) {
+      if constexpr (kDirect)
+        push_payload_direct<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item),
+                                       rowbase, ovf_mask);
+      else
+        push_payload<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item));
+    }
     __syncthreads();
     if (!a.nccl && threadIdx.x < g.R) {
       __threadfence_system();
@@ -930,11 +1159,12 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   }
 }
 
-template <bool kPlanOnce, bool kPrefetch>
+template <bool kPlanOnce, bool kPrefetch, bool kDirect>
 __global__ void __launch_bounds__(kSendThreads, 1) k_dispatch_send(Args a) {
   extern __shared__ uint4 smem_raw[];
-  dispatch_send_block<kPlanOnce, kPrefetch>(a, reinterpret_cast<char*>(smem_raw));
+  dispatch_send_block<kPlanOnce, kPrefetch, kDirect>(a, reinterpret_cast<char*>(smem_raw));
   count_send_block(a.my, a.lay.status, kDispatchSent);
+  if (threadIdx.x == 0) stamp(a, kTrSendEnd, 1);
 }
 
 // ---- dispatch receive 1: the layout from the notified counts (every block, shared memory) ----
@@ -1027,8 +1257,22 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
 #pragma unroll
   for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
   const char* rec = record_of(a, a.my, s, j);
+  const float* rec_scales = reinterpret_cast<const float*>(rec + g.H);
   char* gx = a.my + a.lay.gx;
   const int64_t row_bytes = g.fp8 ? g.H : g.H * 2;
+  // dispatch_direct_rows: the sender wrote the row of the lowest k (self_rows: all rows of the
+  // rank's own tokens); the others are copied from it.
+  int kf = -1;
+  if (a.direct && a.pull && s != a.rank) {
+    rec = record_of(a, peer(a, s), a.rank, j);  // dispatch_pull: read over NVLink, every row
+    rec_scales = reinterpret_cast<const float*>(rec + g.H);
+  } else if (a.direct) {
+    if (a.self_rows && s == a.rank) return;
+    kf = __ffs(__ballot_sync(kFull, row >= 0)) - 1;
+    if (kf < 0) return;
+    rec = gx + static_cast<int64_t>(rows[kf]) * row_bytes;
+    rec_scales = at<float>(a.my, a.lay.gscales) + static_cast<int64_t>(rows[kf]) * g.SC;
+  }
   // Eight 16-byte loads in flight per lane (4 KB per warp), then stored to every row of the
   // token. NOTE: the expansion is load-latency bound beside the transport (v5: 4 in flight).
   constexpr int kInFlight = 8;
@@ -1040,7 +1284,7 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
         v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + c0 + u * 512));
 #pragma unroll
     for (int k = 0; k < kMaxTopK; ++k) {
-      if (k >= g.K || rows[k] < 0) continue;
+      if (k >= g.K || rows[k] < 0 || k == kf) continue;
       char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + c0;
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u)
@@ -1050,10 +1294,10 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
   if (g.fp8) {
     float* gs = at<float>(a.my, a.lay.gscales);
     for (int64_t c = lane; c < g.SC; c += 32) {
-      const float sc = __ldcg(reinterpret_cast<const float*>(rec + g.H) + c);
+      const float sc = __ldcg(rec_scales + c);
 #pragma unroll
       for (int k = 0; k < kMaxTopK; ++k)
-        if (k < g.K && rows[k] >= 0) gs[rows[k] * g.SC + c] = sc;
+        if (k < g.K && rows[k] >= 0 && k != kf) gs[rows[k] * g.SC + c] = sc;
     }
   }
 }
@@ -1074,7 +1318,10 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
   int64_t* status = at<int64_t>(a.my, a.lay.status);
   const unsigned long long n = static_cast<unsigned long long>(status[kSeqDispatch]) + 1;
   const int64_t prev_rows = status[kPrevRows];
-  if (threadIdx.x == 0) abort_flag = 0;
+  if (threadIdx.x == 0) {
+    abort_flag = 0;
+    stamp(a, kTrRecvStart, 2);
+  }
   __syncthreads();
   if (!a.nccl && threadIdx.x < g.R &&
       !wait_geq(flag(a.my, a, kDispatchNotify, threadIdx.x), n, a.err, a.rank, threadIdx.x,
@@ -1084,6 +1331,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
   if (abort_flag) return;  // the error is recorded; check() reports it
   recv_layout(a, r, &rows_needed, &overflow, &max_tokens);
   const bool ovf = overflow != 0;
+  if (threadIdx.x == 0) stamp(a, kTrRecvLayout, 1);
   if (blockIdx.x == 0) {
     for (int e = threadIdx.x; e < g.L; e += blockDim.x) {
       at<int32_t>(a.my, a.lay.expert_counts)[e] = r.tot[e];
@@ -1131,6 +1379,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
       if (threadIdx.x == 0 && !wait_geq(chunk_flag(a.my, a, kDispatchChunk, s, c), n, a.err, a.rank,
                                         s, kDispatchChunk, c, a.timeout_ns))
         abort_flag = 1;
+      if (threadIdx.x == 0) stamp(a, kTrRecvLastFlag, 1);
       __syncthreads();
       if (abort_flag) return;
     }
@@ -1163,6 +1412,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
     status[kRecvItem] = 0;
     status[kPrevRows] = ovf ? 0 : min(static_cast<int64_t>(rows_needed), g.bound);
     status[kSeqDispatch] = static_cast<int64_t>(n);
+    stamp(a, kTrRecvEnd, 0);
   }
 }
 
@@ -1867,11 +2117,17 @@ void launch(void (*kernel)(Args), int grid, size_t smem, cudaStream_t stream, bo
 }
 
 // The kernel variants the options select (DeviceEpOptions: plan_once, prefetch_payload,
-// combine_two_steps).
-KernelFn dispatch_send_kernel(const DeviceEpOptions& o) {
+// combine_two_steps; direct: dispatch_direct_rows where it applies, Impl::direct, which
+// implies plan_once).
+KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct) {
+  if (direct)
+    return o.prefetch_payload ? k_dispatch_send<true, true, true>
+                              : k_dispatch_send<true, false, true>;
   if (o.plan_once)
-    return o.prefetch_payload ? k_dispatch_send<true, true> : k_dispatch_send<true, false>;
-  return o.prefetch_payload ? k_dispatch_send<false, true> : k_dispatch_send<false, false>;
+    return o.prefetch_payload ? k_dispatch_send<true, true, false>
+                              : k_dispatch_send<true, false, false>;
+  return o.prefetch_payload ? k_dispatch_send<false, true, false>
+                            : k_dispatch_send<false, false, false>;
 }
 // combine_even_steps applies with combine_two_steps and without combine_async_rows.
 bool even_steps(const DeviceEpOptions& o) {
@@ -1901,6 +2157,7 @@ struct DeviceEpRank::Impl {
   // backward receive kernels (DeviceEpOptions::recv_blocks).
   int rank = 0, device = 0, sm_count = 0, recv_blocks = 1, side_recv_blocks = 1;
   PlanSmem ps;
+  bool direct = false;  // DeviceEpOptions::dispatch_direct_rows where it applies
 
   char* ws = nullptr;
   char* send_ws = nullptr;    // Wire::kNccl: records packed per destination
@@ -1914,6 +2171,7 @@ struct DeviceEpRank::Impl {
   bool ll = false;
   unsigned long long* ll_trace = nullptr;  // FP8MOE_EP_LL_TRACE=1: phase stamps (diagnostics)
   bool ll_fence = false;                   // FP8MOE_EP_LL_FENCE=1 (experiment)
+  unsigned long long* trace = nullptr;     // FP8MOE_EP_TRACE=1: dispatch phase stamps
 
   ll::Params ll_params() const {
     ll::Params p;
@@ -2030,6 +2288,10 @@ struct DeviceEpRank::Impl {
     a.send_blocks = opt.num_blocks;
     a.timeout_ns = static_cast<unsigned long long>(cfg.timeout_s * 1e9);
     a.nccl = opt.wire == Wire::kNccl;
+    a.direct = direct;
+    a.self_rows = direct && opt.dispatch_self_rows;
+    a.pull = direct && opt.dispatch_pull;
+    a.trace = trace;
     return a;
   }
   // Wire::kNccl: every peer's region of the send buffer goes to it, its region of ours comes
@@ -2090,6 +2352,12 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                " ranks need more shared memory for the receive layout than a block has");
   m.lay = make_layout(m.g);
   m.opt = opt;
+  // The direct rows need every rank's send blocks resident at once (each waits for all
+  // notifies) and a peer-mapped destination layout; elsewhere the source-region path runs.
+  // With the plan kernel and the grouped layout only (what was tested and measured; the masked
+  // layout of the normal kernels keeps the source regions).
+  m.direct = opt.dispatch_direct_rows && opt.expand_payload && opt.wire == Wire::kNvlink &&
+             opt.ranks_per_device <= 1 && opt.plan_once && cfg.masked_capacity == 0;
   m.rank = rank;
   m.device = device;
   DeviceGuard guard(device);
@@ -2117,7 +2385,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   // NOTE: load every kernel now: with lazy module loading a first launch can wait for the device,
   // which never drains while a peer's kernel spins on a flag.
   for (const void* k : {reinterpret_cast<const void*>(k_dispatch_plan),
-                        reinterpret_cast<const void*>(dispatch_send_kernel(m.opt)),
+                        reinterpret_cast<const void*>(dispatch_send_kernel(m.opt, m.direct)),
                         reinterpret_cast<const void*>(k_dispatch_recv),
                         reinterpret_cast<const void*>(combine_send_kernel(m.opt)),
                         reinterpret_cast<const void*>(combine_recv_kernel(m.opt))}) {
@@ -2127,7 +2395,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   FM_CHECK_CUDA(cudaFuncSetAttribute(combine_send_kernel(m.opt),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(combine_send_smem(m.opt))));
-  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_send_kernel(m.opt),
+  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_send_kernel(m.opt, m.direct),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(m.ps.total)));
   FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_plan, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -2141,6 +2409,10 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
     FM_CHECK_CUDA(cudaMemset(m.ll_trace, 0, ll::kTraceSlots * 8));
   }
   m.ll_fence = std::getenv("FP8MOE_EP_LL_FENCE") != nullptr;
+  if (std::getenv("FP8MOE_EP_TRACE")) {
+    FM_CHECK_CUDA(cudaMalloc(&m.trace, kTrSlots * 8));
+    FM_CHECK_CUDA(cudaMemset(m.trace, 0, kTrSlots * 8));
+  }
   if (m.ll) ll::prepare(m.ll_params());
   bwd::prepare();
   if (opt.wire == Wire::kNccl) {
@@ -2162,6 +2434,7 @@ DeviceEpRank::~DeviceEpRank() {
   cudaFree(impl_->ws);
   cudaFree(impl_->send_ws);
   cudaFree(impl_->ll_trace);
+  cudaFree(impl_->trace);
 }
 
 int DeviceEpRank::rank() const {
@@ -2245,7 +2518,8 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
     launch(k_dispatch_plan, grid, plan_kernel_smem(m.g), stream, false, a);
   }
   // plan_once: a programmatic dependent of the plan kernel (it waits for the plan in-kernel).
-  launch(dispatch_send_kernel(m.opt), m.opt.num_blocks, m.ps.total, stream, m.opt.plan_once, a);
+  launch(dispatch_send_kernel(m.opt, m.direct), m.opt.num_blocks, m.ps.total, stream,
+         m.opt.plan_once, a);
   if (a.nccl) {
     const size_t T = m.g.Tmax, K = m.g.K;
     m.exchange({{m.lay.stage, T * m.g.P},
@@ -2391,6 +2665,18 @@ void DeviceEpRank::check() const {
              static_cast<long long>(e.seen), " out of range [-1, ", m.cfg.num_experts, ")");
 
   if (m.ll_trace) ll::print_trace(m.ll_trace, m.rank);
+  if (m.trace && !m.ll) {
+    unsigned long long t[kTrSlots];
+    FM_CHECK_CUDA(cudaMemcpy(t, m.trace, sizeof(t), cudaMemcpyDeviceToHost));
+    auto us = [&](int slot) { return (static_cast<double>(t[slot]) - t[kTrPlanStart]) * 1e-3; };
+    std::fprintf(stderr,
+                 "# ep_trace rank %d (us from plan start): plan_end %.1f send_start %.1f "
+                 "send_counts %.1f send_end %.1f recv_start %.1f recv_layout %.1f "
+                 "recv_last_flag %.1f recv_end %.1f\n",
+                 m.rank, us(kTrPlanEnd), us(kTrSendStart),
+                 t[kTrSendCounts] ? us(kTrSendCounts) : 0.0, us(kTrSendEnd), us(kTrRecvStart),
+                 us(kTrRecvLayout), us(kTrRecvLastFlag), us(kTrRecvEnd));
+  }
   int64_t status[kStatusSlots];
   FM_CHECK_CUDA(cudaMemcpy(status, m.ws + m.lay.status, sizeof(status), cudaMemcpyDeviceToHost));
   if (status[kOverflow])
@@ -2449,6 +2735,42 @@ DispatchResult DeviceEpRank::download() const {
   }
   r.handle.tokens = m.last_tokens;
   get(r.handle.slot, m.lay.slot, m.last_tokens * g.R);
+  if (m.direct && m.opt.dispatch_pull && gr.overflow) {
+    // dispatch_pull: the records of peers stay in their workspaces (their region of mine).
+    std::vector<char*> bases(g.R);
+    FM_CHECK_CUDA(cudaMemcpy(bases.data(), m.ws + m.lay.peer_table, g.R * sizeof(char*),
+                             cudaMemcpyDeviceToHost));
+    for (int s = 0; s < g.R; ++s) {
+      if (s == m.rank) continue;
+      FM_CHECK_CUDA(cudaMemcpy(stage.data() + static_cast<size_t>(s) * g.Tmax * g.P,
+                               bases[s] + m.lay.stage + static_cast<size_t>(m.rank) * g.Tmax * g.P,
+                               static_cast<size_t>(g.Tmax) * g.P, cudaMemcpyDefault));
+    }
+    if (g.fp8) {
+      for (size_t s = 0; s < slots; ++s) {
+        std::memcpy(&r.recv.x_fp8[s * g.H], &stage[s * g.P], g.H);
+        std::memcpy(&r.recv.x_scales[s * g.SC], &stage[s * g.P + g.H], g.SC * 4);
+      }
+    } else {
+      std::memcpy(r.recv.x_bf16.data(), stage.data(), slots * g.H * 2);
+    }
+  }
+  if (m.direct && !gr.overflow) {
+    // dispatch_direct_rows: the regions hold no payload; each record's is its lowest-k row.
+    for (int s = 0; s < g.R; ++s)
+      for (int64_t j = 0; j < r.recv.count[s]; ++j) {
+        const size_t slot = static_cast<size_t>(s) * g.Tmax + j;
+        int row = -1;
+        for (int k = 0; k < g.K && row < 0; ++k) row = gr.token_rows[slot * g.K + k];
+        if (row < 0) continue;
+        if (g.fp8) {
+          std::memcpy(&r.recv.x_fp8[slot * g.H], &gr.x_fp8[row * g.H], g.H);
+          std::memcpy(&r.recv.x_scales[slot * g.SC], &gr.x_scales[row * g.SC], g.SC * 4);
+        } else {
+          std::memcpy(&r.recv.x_bf16[slot * g.H], &gr.x_bf16[row * g.H], g.H * 2);
+        }
+      }
+  }
   return r;
 }
 

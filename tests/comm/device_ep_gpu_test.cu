@@ -232,34 +232,43 @@ int chunk_of(int ran) {
 }
 
 // Kernel variants: 0 the plan in every send block (v5), 1 plan_once (v5 + plan-once kernels),
-// 2 the defaults (plan_once, prefetch_payload, combine_two_steps, combine_peer_blocks), 3 the
-// session-3 options with the per-block plan (chunk-major combine items). Options that are not
-// defaults, in a test of their own (a failure names them): 4 combine_peer_items (chunk-major over
-// the peers), 5 with combine_async_rows, 6 the defaults with combine_even_steps, 7
-// combine_even_steps with chunk-major items.
+// 2 the defaults (plan_once, prefetch_payload, combine_two_steps, combine_peer_blocks,
+// dispatch_direct_rows, dispatch_self_rows), 3 the session-3 options with the per-block plan
+// (chunk-major combine items, source regions). Options that are not defaults, in tests of their
+// own (a failure names them): 4 combine_peer_items (chunk-major over the peers) instead of
+// combine_peer_blocks, 5 with combine_async_rows, 6 the defaults with combine_even_steps, 7
+// combine_even_steps with chunk-major items; 8 the defaults without dispatch_self_rows, 9 the
+// defaults with dispatch_pull.
 constexpr int kVariants = 4;
 constexpr int kDefaults = 2, kPeerItems = 4, kPeerItemsAsyncRows = 5, kEvenSteps = 6,
-              kEvenStepsChunkMajor = 7;
+              kEvenStepsChunkMajor = 7, kDirectRows = 8, kDirectPull = 9;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
   o.prefetch_payload = v >= 2;
   o.combine_two_steps = v >= 2;
-  o.combine_peer_blocks = v == kDefaults || v == kEvenSteps;
+  o.combine_peer_blocks = v == kDefaults || v == kEvenSteps || v >= kDirectRows;
   o.combine_peer_items = v == kPeerItems || v == kPeerItemsAsyncRows;
   o.combine_async_rows = v == kPeerItemsAsyncRows;
   o.combine_even_steps = v == kEvenSteps || v == kEvenStepsChunkMajor;
+  // The session-2/3 kernels (0, 1, 3) push records into the source regions; the defaults and the
+  // combine variants on top of them write rows directly (session 4).
+  o.dispatch_direct_rows = o.plan_once && v != 1;
+  o.dispatch_self_rows = o.dispatch_direct_rows && v != kDirectRows;
+  o.dispatch_pull = v == kDirectPull;
   return o;
 }
 std::string variant_name(int v) {
-  constexpr const char* kNames[kEvenStepsChunkMajor + 1] = {" v5",
-                                                            " plan_once",
-                                                            " defaults",
-                                                            " v5 prefetch+two_steps",
-                                                            " peer_items",
-                                                            " peer_items+async_rows",
-                                                            " defaults+even_steps",
-                                                            " even_steps, chunk-major items"};
+  constexpr const char* kNames[kDirectPull + 1] = {" v5",
+                                                   " plan_once",
+                                                   " defaults",
+                                                   " v5 prefetch+two_steps",
+                                                   " peer_items",
+                                                   " peer_items+async_rows",
+                                                   " defaults+even_steps",
+                                                   " even_steps, chunk-major items",
+                                                   " defaults without self_rows",
+                                                   " defaults+pull"};
   return kNames[v];
 }
 
@@ -324,8 +333,19 @@ TEST_F(NvlinkTest, UnmeasuredCombineOptionsMatchReference) {
   run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kDefaults, 5, 3);
 }
 
+// Session 4's dispatch options beside the defaults (direct rows with self rows, which the
+// kernel-variant tests above run): direct rows alone, and with pull, over every case and GPU
+// (the masked cases run the low-latency kernels; with every rank on one GPU the options fall
+// back to the source regions).
+TEST_F(NvlinkTest, DispatchDirectRowsMatchReference) {
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kDirectRows);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kDirectRows);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kDirectPull);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kDirectPull);
+}
+
 TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
-  for (int v = 0; v < kVariants; ++v) {
+  for (int v : {0, 1, kDefaults, 3, kDirectRows, kDirectPull}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
     const DeviceEpOptions opt = variant_options(v);
@@ -365,30 +385,41 @@ TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
 }
 
 TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
-  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
-  cfg.timeout_s = 0.3;
-  DeviceEpOptions opt;
-  opt.num_blocks = 3;
-  Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
-  h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
-  h.group->rank(0).dispatch_recv(h.buf[0].stream);
-  h.sync();
-  try {
-    h.group->rank(0).check();
-    FAIL() << "expected an error";
-  } catch (const Error& e) {
-    const std::string m = e.message();
-    EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
-    EXPECT_NE(m.find("dispatch.notify[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
-        << m;
+  // dispatch_direct_rows: the send itself waits for the silent peer's notify (same report).
+  for (bool direct : {false, true}) {
+    SCOPED_TRACE(direct ? "dispatch_direct_rows" : "source regions");
+    EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
+    cfg.timeout_s = 0.3;
+    DeviceEpOptions opt;
+    opt.num_blocks = 3;
+    opt.dispatch_direct_rows = direct;
+    Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
+    h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
+    h.group->rank(0).dispatch_recv(h.buf[0].stream);
+    h.sync();
+    try {
+      h.group->rank(0).check();
+      FAIL() << "expected an error";
+    } catch (const Error& e) {
+      const std::string m = e.message();
+      EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
+      EXPECT_NE(m.find("dispatch.notify[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
+          << m;
+    }
   }
 }
 
 TEST_F(NvlinkTest, OverflowIsReported) {
-  EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
-  cfg.max_rows = 256;
-  Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 5);
-  check_against_reference(h, 1);  // layout says overflow, like the reference; combine gives zeros
+  // Source regions (1), direct rows (the defaults, 2; with pull): an overflowing destination gets
+  // the source regions, which are compared too.
+  for (int v : {1, 2, kDirectPull}) {
+    SCOPED_TRACE("variant" + variant_name(v));
+    EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
+    cfg.max_rows = 256;
+    Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 5,
+              variant_options(v));
+    check_against_reference(h, 1);  // layout says overflow, like the reference; combine: zeros
+  }
 }
 
 TEST_F(NvlinkTest, BadExpertIdIsReported) {

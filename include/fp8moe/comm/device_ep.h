@@ -117,6 +117,27 @@ struct DeviceEpOptions {
   // with the most rows (applies with combine_two_steps, not with combine_async_rows). Measured
   // slower (4 x H100, same call: 296.7 -> 370.0 us at 2 ranks, 628.2 -> 833.8 at 4), so off.
   bool combine_even_steps = false;
+  // Session 4, dispatch (docs/comm/README.md, "Session 4: dispatch"); same results bit for bit.
+  // 2 x H100, V3 shape, same call: FP8 dispatch 204.4 us (both off) -> 193.5 (D) -> 188.0 (D+L).
+  // D: the dispatch send writes each token's payload straight into its first grouped row at
+  // every destination (the row of its lowest k with an expert there) instead of the source
+  // region, so the receive copies only the other rows (one row write fewer per received token).
+  // Every rank broadcasts its per-expert counts with its notify and each send block waits for
+  // all of them before the payload, so it applies to the grouped layout with expand_payload,
+  // plan_once, Wire::kNvlink and one rank per GPU (ranks_per_device <= 1: the send blocks of all
+  // ranks must be resident); else the source-region path runs. A destination that overflows gets
+  // the source region as before. NOTE: the payload rows (view().x, x_scales) are then written by
+  // the sources: valid until their next dispatch_send (as recv_count), which a round with combine
+  // holds back until this rank's combine_send has run.
+  bool dispatch_direct_rows = true;
+  // L (with D): the rank's own tokens are written by its send into all their local rows, so
+  // the receive copies only peer tokens.
+  bool dispatch_self_rows = true;
+  // R (with D): pull instead of push. The send keeps each peer's records in this rank's own
+  // workspace (the peer's region of it, local stores only) and the peer's receive reads them
+  // over NVLink, writing all their rows; the chunk flags and metadata are still pushed.
+  // Measured slower (D+L+R 213.0 us against D+L 188.0, same call), so off.
+  bool dispatch_pull = false;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
@@ -157,10 +178,11 @@ struct DeviceBatch {
 
 // Device views of a rank's dispatch outputs. Written by the rank's own kernels, so valid until
 // its next dispatch, except what the sources write into its workspace: recv_count (and, with
-// expand_payload off, the payload rows row_src points at) are valid only until the sources'
-// next dispatch_send, which may start once this rank's combine_recv of the round has released
-// them (or, in rounds without combine, once its dispatch_recv has acknowledged). Copy them on
-// the stream before combine_send if they must outlive the round.
+// expand_payload off, the payload rows row_src points at; with dispatch_direct_rows, the rows of
+// x and x_scales) are valid only until the sources' next dispatch_send, which may start once
+// this rank's combine_recv of the round has released them (or, in rounds without combine, once
+// its dispatch_recv has acknowledged). Copy them on the stream before combine_send if they must
+// outlive the round.
 struct DeviceRecvView {
   const int32_t* recv_count = nullptr;      // [R] (written by the sources: see above)
   const int32_t* expert_counts = nullptr;   // [L] (masked_m in masked mode)
