@@ -72,6 +72,10 @@ struct DeviceEpOptions {
   // low-latency kernels and combine_backward_recv the SMs the send leaves free (not measured
   // wider; the low-latency receive was 1-2 % slower over every SM). With several ranks on one GPU
   // (ranks_per_device) every receive grid is capped so that each rank's send stays resident.
+  // NOTE: at most one group's normal kernels in flight per GPU. With receive grids over every SM
+  // (and dispatch_direct_rows, whose sends wait for every rank's), two groups started in different
+  // orders on two GPUs can each hold the SMs the other needs, until timeout_s. To overlap two
+  // groups: dispatch_direct_rows = false and recv_blocks <= SMs - num_blocks.
   int recv_blocks = 0;
   // Launch each receive kernel as a programmatic dependent of its send kernel, so that receiving
   // overlaps sending when dispatch_recv / combine_recv directly follow their send on the stream.
@@ -127,8 +131,13 @@ struct DeviceEpOptions {
   // plan_once, Wire::kNvlink and one rank per GPU (ranks_per_device <= 1: the send blocks of all
   // ranks must be resident); else the source-region path runs. A destination that overflows gets
   // the source region as before. NOTE: the payload rows (view().x, x_scales) are then written by
-  // the sources: valid until their next dispatch_send (as recv_count), which a round with combine
-  // holds back until this rank's combine_send has run.
+  // the sources; a source writes the rows of its next round only after every rank's notify of
+  // that round, i.e. after this rank has itself entered its next dispatch_send (so everything
+  // before it on this rank's stream, its GEMM and combine, has finished): the rows stay valid
+  // until this rank's own next dispatch_send. NOTE: every rank must resolve D (and R) alike: the
+  // same expand_payload, plan_once, wire, masked_capacity and ranks_per_device (<= 1 or not), as
+  // for chunk_tokens; a rank that sends directly to a rank that expects source regions writes
+  // rows the other does not read (not detected).
   bool dispatch_direct_rows = true;
   // L (with D): the rank's own tokens are written by its send into all their local rows, so
   // the receive copies only peer tokens.
