@@ -17,7 +17,7 @@
 
 namespace fp8moe::comm::bwd {
 
-// Error-record counter ids, after sm90_device_ep.cu's and the low-latency kernels' ids.
+// Error-record counter ids, after the normal kernels' (sm90_device_ep_kernels.cuh) and the ll ones.
 enum Counter : int {
   kRows = 24,   // [rank][src]: grad_out rows of src staged at rank
   kGradW = 25,  // [rank][src]: src's gate-weight gradients of rank's tokens returned

@@ -14,7 +14,7 @@ namespace fp8moe::comm::ll {
 // Batches longer than this take the normal kernels (every send block plans the whole batch).
 inline constexpr int64_t kMaxTokens = 1024;
 
-// Error-record counter ids, after sm90_device_ep.cu's FlagGroup values.
+// Error-record counter ids, after the FlagGroup values of sm90_device_ep_kernels.cuh.
 enum Counter : int {
   kDispatchData = 16,  // [rank][src]: send blocks of src that finished writing into rank
   kDispatchAck = 17,   // [rank][src]: receive blocks of src done with rank's records
@@ -24,7 +24,7 @@ enum Counter : int {
 // "ll_dispatch.data" etc., nullptr for other ids.
 const char* counter_name(int counter);
 
-// The error record of the workspace (layout checked against sm90_device_ep.cu's DevErr).
+// The error record of the workspace (layout checked against DevErr, sm90_device_ep_kernels.cuh).
 struct ErrRecord {
   int code;
   int rank;

@@ -1,0 +1,973 @@
+// Expert-parallel dispatch over peer-mapped NVLink buffers (fp8moe/comm/device_ep.h): the plan,
+// send and receive kernels of the normal path (DeviceEpRank, sm90_device_ep.cu, launches them).
+// Algorithm. Dispatch send: every send block plans the whole batch in shared memory (per 32-token
+// tile: destination ballots and per-expert counts, prefix-summed over tiles, so a token's slot at
+// each destination and its rank among the tokens of each of its experts are O(1)); block 0
+// notifies every destination of its per-expert counts (release flag); then chunks of tokens are
+// pushed (one warp per token or per part of one, FP8 quantised in the same pass, 16-byte stores)
+// and each chunk is published with a release store of its own flag (DeviceEpOptions::plan_once:
+// the plan is made once, by k_dispatch_plan before the send, into the workspace). Dispatch
+// receive (launched as a programmatic dependent, so it runs beside the send): as soon as every
+// notify is in, the grouped offsets are known; each arrived chunk's records are then copied into
+// their grouped rows (row = expert base + source prefix + rank) while later chunks are in
+// flight. Acks from the consumer make every buffer reusable without a host round trip.
+// Dispatch with DeviceEpOptions::dispatch_direct_rows (default): every source also broadcasts its
+// per-expert counts with its notify, so each send block lays out every destination itself and
+// writes a token's payload straight into its lowest-k grouped row there (dispatch_self_rows:
+// every row of the rank's own tokens); the receive then copies only the remaining rows.
+// Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
+// Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
+// (tests/comm/device_ep_gpu_test.cu).
+#include <cstdint>
+
+#include "sm90_device_ep_kernels.cuh"
+
+namespace fp8moe::comm::normal {
+
+namespace {
+
+// A dispatch phase stamp (TraceSlot, FP8MOE_EP_TRACE=1).
+__device__ __forceinline__ void stamp(const Args& a, int slot, int how) {  // 0 set, 1 max, 2 min
+  if (!a.trace) return;
+  const unsigned long long t = globaltimer();
+  if (how == 0)
+    a.trace[slot] = t;
+  else if (how == 1)
+    atomicMax(a.trace + slot, t);
+  else
+    atomicMin(a.trace + slot, t);
+}
+
+__device__ __forceinline__ int32_t* notify_of(char* base, const Args& a, int src) {
+  return at<int32_t>(base, a.lay.notify) + static_cast<int64_t>(src) * a.g.NS;
+}
+__device__ __forceinline__ char* record_of(const Args& a, char* base, int src, int64_t j) {
+  return base + a.lay.stage + (static_cast<int64_t>(src) * a.g.Tmax + j) * a.g.P;
+}
+__device__ __forceinline__ int warp_inclusive_sum(int v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int m = 1; m < 32; m <<= 1) {
+    const int o = __shfl_up_sync(kFull, v, m);
+    if (lane >= m) v += o;
+  }
+  return v;
+}
+
+// ---- dispatch send 1: the plan of the whole batch, in shared memory of every send block (v5)
+// or once per dispatch in the workspace (plan_once, k_dispatch_plan) ----
+struct Plan {
+  // Tokens of tile t with expert e (destination d), then the exclusive prefix over the tiles, at
+  // e * cs + t * ts. Shared memory: [E][NT] and [R][NT]; workspace: columns of one [NT][W] table.
+  uint16_t* ecnt;
+  uint16_t* dcnt;
+  uint32_t* dball;  // [R][NT] lanes of each tile going to d
+  uint32_t* emask;  // [kWarps][E] scratch lane masks (zero between uses), shared memory
+  int* etot;        // [E] tokens with expert e
+  int* dtot;        // [R] tokens going to d
+  int ntiles;
+  int cs, ts;
+  __device__ __forceinline__ int ec(int e, int tile) const { return ecnt[e * cs + tile * ts]; }
+  __device__ __forceinline__ int dc(int d, int tile) const { return dcnt[d * cs + tile * ts]; }
+};
+
+__device__ __forceinline__ Plan plan_view(const Args& a, char* smem, int* dtot) {
+  Plan p;
+  p.ecnt = reinterpret_cast<uint16_t*>(smem + a.ps.ecnt);
+  p.dcnt = reinterpret_cast<uint16_t*>(smem + a.ps.dcnt);
+  p.dball = reinterpret_cast<uint32_t*>(smem + a.ps.dball);
+  p.emask = reinterpret_cast<uint32_t*>(smem + a.ps.emask);
+  p.etot = reinterpret_cast<int*>(smem + a.ps.etot);
+  p.dtot = dtot;
+  p.ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
+  p.cs = a.g.NT;
+  p.ts = 1;
+  return p;
+}
+
+// The plan k_dispatch_plan left in the workspace (only the lane masks are shared memory).
+__device__ __forceinline__ Plan plan_global_view(const Args& a, char* smem) {
+  Plan p;
+  p.ecnt = at<uint16_t>(a.my, a.lay.plan_cnt);
+  p.dcnt = p.ecnt + a.g.E;
+  p.dball = at<uint32_t>(a.my, a.lay.plan_dball);
+  p.emask = reinterpret_cast<uint32_t*>(smem + a.ps.emask);
+  p.etot = at<int>(a.my, a.lay.plan_tot);
+  p.dtot = p.etot + a.g.E;
+  p.ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
+  p.cs = 1;
+  p.ts = a.g.W;
+  return p;
+}
+
+// Expert ids of token t (lane), -1 for none; an id out of range is reported (block 0) and
+// treated as none, as the reference rejects it.
+__device__ __forceinline__ void load_experts(const Args& a, int64_t t, bool valid, int* ev,
+                                             bool report) {
+  const Geometry& g = a.g;
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) {
+    int e = (valid && k < g.K) ? __ldg(a.idx + t * g.K + k) : -1;
+    if (e < -1 || e >= g.E) {
+      if (report) record_error(a.err, kErrBadExpert, a.rank, -1, -1, 0, e, t);
+      e = -1;
+    }
+    ev[k] = e;
+  }
+}
+
+__device__ void plan_batch(const Args& a, char* smem, const Plan& p) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (size_t i = threadIdx.x; i < a.ps.etot / 4; i += blockDim.x)
+    reinterpret_cast<uint32_t*>(smem)[i] = 0;
+  __syncthreads();
+  // Counts per tile: destination ballots, and per expert one leader lane per group of equal ids.
+  for (int tile = warp; tile < p.ntiles; tile += kWarps) {
+    const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
+    int ev[kMaxTopK];
+    load_experts(a, t, t < a.T, ev, blockIdx.x == 0);
+    uint32_t m = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k)
+      if (ev[k] >= 0) m |= 1u << (ev[k] / g.L);
+    for (int d = 0; d < g.R; ++d) {
+      const uint32_t b = __ballot_sync(kFull, (m >> d) & 1u);
+      if (lane == 0) {
+        p.dball[d * g.NT + tile] = b;
+        p.dcnt[d * g.NT + tile] = static_cast<uint16_t>(__popc(b));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      if (k >= g.K) break;
+      const unsigned peers = __match_any_sync(kFull, ev[k]);
+      if (ev[k] >= 0 && lane == __ffs(peers) - 1)
+        p.ecnt[ev[k] * g.NT + tile] += static_cast<uint16_t>(__popc(peers));
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+  // Exclusive prefixes over the tiles: one warp per expert, then per destination.
+  for (int row = warp; row < g.E + g.R; row += kWarps) {
+    uint16_t* c = row < g.E ? p.ecnt + row * g.NT : p.dcnt + (row - g.E) * g.NT;
+    int run = 0;
+    for (int t0 = 0; t0 < p.ntiles; t0 += 32) {
+      const bool in = t0 + lane < p.ntiles;
+      const int v = in ? c[t0 + lane] : 0;
+      const int incl = warp_inclusive_sum(v);
+      if (in) c[t0 + lane] = static_cast<uint16_t>(run + incl - v);
+      run += __shfl_sync(kFull, incl, 31);
+    }
+    if (lane == 0) (row < g.E ? p.etot[row] : p.dtot[row - g.E]) = run;
+  }
+  __syncthreads();
+}
+
+// Slot at destination d of token x (= tokens before x going to d); x may be T.
+__device__ __forceinline__ int slot_prefix(const Args& a, const Plan& p, int d, int64_t x) {
+  const int tile = static_cast<int>(x / kTile);
+  if (tile >= p.ntiles) return p.dtot[d];
+  const uint32_t below = (1u << (x % kTile)) - 1u;
+  return p.dc(d, tile) + __popc(p.dball[d * a.g.NT + tile] & below);
+}
+
+// ---- dispatch send 2: metadata of the tokens of one tile inside [c0, c1) (one warp) ----
+// Each record carries, per k, the local expert id and the token's rank among this source's
+// tokens of that expert, so the receiver places rows without scanning anything.
+__device__ __forceinline__ void push_metadata(const Args& a, const Plan& p, int tile, int64_t c0,
+                                              int64_t c1) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
+  const bool valid = t < a.T, mine = valid && t >= c0 && t < c1;
+  int ev[kMaxTopK];
+  float wt[kMaxTopK];
+  load_experts(a, t, valid, ev, false);
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) wt[k] = (valid && k < g.K) ? __ldg(a.w + t * g.K + k) : 0.0f;
+  // Rank among the tile's earlier lanes with the same expert (ids of a token are distinct).
+  uint32_t* em = p.emask + warp * g.E;
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    if (ev[k] >= 0) atomicOr(em + ev[k], 1u << lane);
+  __syncwarp();
+  int pos[kMaxTopK];
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    pos[k] = ev[k] >= 0 ? p.ec(ev[k], tile) + __popc(em[ev[k]] & lanemask_lt()) : -1;
+  __syncwarp();
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    if (ev[k] >= 0) em[ev[k]] = 0;
+  __syncwarp();
+  int32_t* handle = at<int32_t>(a.my, a.lay.slot);
+  for (int d = 0; d < g.R; ++d) {
+    const uint32_t b = p.dball[d * g.NT + tile];
+    const bool sent = (b >> lane) & 1u;
+    const int j = p.dc(d, tile) + __popc(b & lanemask_lt());
+    if (!mine) continue;
+    handle[t * g.R + d] = sent ? j : -1;
+    if (!sent) continue;
+    char* base = peer(a, d);
+    const int64_t s = static_cast<int64_t>(out_region(a, d)) * g.Tmax + j;
+    at<int32_t>(base, a.lay.src_token)[s] = static_cast<int32_t>(t);
+    int32_t* tl = at<int32_t>(base, a.lay.topk_local) + s * g.K;
+    int32_t* tp = at<int32_t>(base, a.lay.topk_pos) + s * g.K;
+    float* tw = at<float>(base, a.lay.weight) + s * g.K;
+    int loc[kMaxTopK], lp[kMaxTopK];
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      const bool here = ev[k] >= d * g.L && ev[k] < (d + 1) * g.L;
+      loc[k] = here ? ev[k] - d * g.L : -1;
+      lp[k] = here ? pos[k] : -1;
+    }
+    if (g.K == kMaxTopK) {  // 16-byte stores (s * K * 4 is a multiple of 32)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        reinterpret_cast<int4*>(tl)[q] =
+            make_int4(loc[4 * q], loc[4 * q + 1], loc[4 * q + 2], loc[4 * q + 3]);
+        reinterpret_cast<int4*>(tp)[q] =
+            make_int4(lp[4 * q], lp[4 * q + 1], lp[4 * q + 2], lp[4 * q + 3]);
+        reinterpret_cast<float4*>(tw)[q] =
+            make_float4(wt[4 * q], wt[4 * q + 1], wt[4 * q + 2], wt[4 * q + 3]);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k)
+        if (k < g.K) {
+          tl[k] = loc[k];
+          tp[k] = lp[k];
+          tw[k] = wt[k];
+        }
+    }
+  }
+}
+
+// ---- dispatch send 3: the payload of columns [first, last) steps of token t (one warp) ----
+// kPrefetch (prefetch_payload): the FP8 loop loads step s + 1 before it quantises step s.
+template <bool kPrefetch>
+__device__ __forceinline__ void push_payload(const Args& a, const Plan& p, int64_t t, int64_t first,
+                                             int64_t last) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  // Lane d < R holds the token's slot at destination d (-1: not sent there).
+  int jl = -1;
+  if (lane < g.R) {
+    const int tile = static_cast<int>(t / kTile);
+    const uint32_t b = p.dball[lane * g.NT + tile];
+    if ((b >> (t % kTile)) & 1u) jl = p.dc(lane, tile) + __popc(b & ((1u << (t % kTile)) - 1u));
+  }
+  const unsigned mask = __ballot_sync(kFull, jl >= 0);
+  const uint16_t* xt = a.x + t * g.H;
+  if (!g.fp8) {
+    // BF16: 16-byte vectors, four in flight per lane.
+    for (int64_t step = first; step < last; ++step) {
+      const int64_t c0 = step * 1024;
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t c = c0 + u * 256 + lane * 8;
+        if (c < g.H) v[u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
+      }
+      for (unsigned m = mask; m; m &= m - 1) {
+        const int d = __ffs(m) - 1;
+        char* rec = record_of(a, peer(a, d), out_region(a, d), __shfl_sync(kFull, jl, d));
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int64_t c = c0 + u * 256 + lane * 8;
+          if (c < g.H) *reinterpret_cast<uint4*>(rec + c * 2) = v[u];
+        }
+      }
+    }
+    return;
+  }
+  // FP8: codes then the H/128 scales of the record, quantised once for all destinations.
+  // Two 512-column chunks per step so that four loads are in flight per lane (eight with
+  // kPrefetch: the next step's while this one is quantised).
+  auto load_step = [&](int64_t step, uint4* v) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t c = step * 1024 + u * 512 + lane * 16;
+      v[2 * u] = v[2 * u + 1] = make_uint4(0, 0, 0, 0);
+      if (c < g.H) {
+        v[2 * u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
+        v[2 * u + 1] = __ldg(reinterpret_cast<const uint4*>(xt + c + 8));
+      }
+    }
+  };
+  uint4 next[4];
+  if (kPrefetch && first < last) load_step(first, next);
+  for (int64_t step = first; step < last; ++step) {
+    const int64_t c0 = step * 1024;
+    uint4 v[4];
+    bool valid[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+      valid[u] = c0 + u * 512 + lane * 16 < g.H;  // whole 8-lane groups (H % 128 == 0)
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = next[u];
+      if (step + 1 < last) load_step(step + 1, next);
+    } else {
+      load_step(step, v);
+    }
+    uint4 codes[2];
+    float scale[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
+    for (unsigned m = mask; m; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+      char* rec = record_of(a, peer(a, d), out_region(a, d), __shfl_sync(kFull, jl, d));
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int64_t c = c0 + u * 512 + lane * 16;
+        if (!valid[u]) continue;
+        *reinterpret_cast<uint4*>(rec + c) = codes[u];
+        if ((lane & 7) == 0) *reinterpret_cast<float*>(rec + g.H + (c / 128) * 4) = scale[u];
+      }
+    }
+  }
+}
+
+// ---- dispatch send, dispatch_direct_rows: the destinations' layouts, then rows written ----
+// Every destination's grouped layout from the per-expert counts all sources
+// broadcast with their notify, by recv_layout's formulas: rowbase[d * L + e] = the first row of
+// this source's tokens of d's expert e (expert block + earlier sources' counts), and bit d of
+// *ovf when d's rows overflow (its receive writes no rows then). One warp per destination.
+__device__ void direct_layout(const Args& a, int* rowbase, unsigned* ovf) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int32_t* cnt = at<int32_t>(a.my, a.lay.all_counts);
+  for (int d = warp; d < g.R; d += kWarps) {
+    int run = 0;
+    for (int e0 = 0; e0 < g.L; e0 += 32) {
+      const int e = e0 + lane;
+      int tot = 0, below = 0;
+      if (e < g.L)
+        for (int s = 0; s < g.R; ++s) {
+          const int c = __ldcg(cnt + s * g.E + d * g.L + e);
+          tot += c;
+          below += s < a.rank ? c : 0;
+        }
+      const int size = e < g.L ? (tot + 127) / 128 * 128 : 0;
+      const int incl = warp_inclusive_sum(size);
+      if (e < g.L) rowbase[d * g.L + e] = run + incl - size + below;
+      run += __shfl_sync(kFull, incl, 31);
+    }
+    if (lane == 0 && run > g.bound) atomicOr(ovf, 1u << d);
+  }
+}
+
+// The payload of token t, columns [first, last) steps, into its rows (one warp). Lane k < K holds
+// the token's k-th expert and is a target if it is the token's lowest k at that destination (the
+// row the receive copies the others from) or, with self_rows, any k on this rank. A destination
+// that overflows gets the source-region record instead (download() reads it from there).
+template <bool kPrefetch>
+__device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p, int64_t t,
+                                                    int64_t first, int64_t last, const int* rowbase,
+                                                    unsigned ovf) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  const int tile = static_cast<int>(t / kTile), tl = static_cast<int>(t % kTile);
+  int ek = -1;
+  if (lane < g.K) {
+    ek = __ldg(a.idx + t * g.K + lane);
+    if (ek < -1 || ek >= g.E) ek = -1;  // as load_experts (block 0 of the plan reported it)
+  }
+  // Rank of t among this source's tokens of expert ek: the plan's prefix over earlier tiles plus
+  // the earlier lanes of its tile holding ek (push_metadata's pos, without shared memory).
+  int ids[kMaxTopK];
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    ids[k] = (lane < tl && k < g.K) ? __ldg(a.idx + (t - tl + lane) * g.K + k) : -1;
+  int pos = 0;
+  for (int k = 0; k < g.K; ++k) {
+    const int e = __shfl_sync(kFull, ek, k);
+    bool hit = false;
+#pragma unroll
+    for (int q = 0; q < kMaxTopK; ++q) hit = hit || ids[q] == e;
+    const int c = __popc(__ballot_sync(kFull, hit && e >= 0));
+    if (lane == k) pos = c;
+  }
+  const int dk = ek >= 0 ? ek / g.L : -1;
+  const unsigned same = __match_any_sync(kFull, dk);
+  const bool over = dk >= 0 && ((ovf >> dk) & 1u);
+  const bool target =
+      ek >= 0 && (lane == __ffs(same) - 1 || (a.self_rows && dk == a.rank && !over));
+  const unsigned targets = __ballot_sync(kFull, target);
+  // Lane d < R: the token's slot at destination d (the source-region record, on overflow).
+  int jl = -1;
+  if (lane < g.R) {
+    const uint32_t b = p.dball[lane * g.NT + tile];
+    if ((b >> tl) & 1u) jl = p.dc(lane, tile) + __popc(b & ((1u << tl) - 1u));
+  }
+  const int jd = __shfl_sync(kFull, jl, dk >= 0 ? dk : 0);
+  const int64_t row_bytes = g.fp8 ? g.H : g.H * 2;
+  unsigned long long code = 0, scales = 0;  // lane k's row (or record): payload, scales
+  if (target) {
+    char* base = peer(a, dk);
+    // dispatch_pull: a peer's record stays here, in its region of this workspace.
+    const bool pulled = a.pull && dk != a.rank;
+    if (over || pulled) {
+      char* rec = pulled ? record_of(a, a.my, dk, jd) : record_of(a, base, out_region(a, dk), jd);
+      code = reinterpret_cast<unsigned long long>(rec);
+      scales = reinterpret_cast<unsigned long long>(rec + g.H);
+    } else {
+      const int64_t row = rowbase[ek] + p.ec(ek, tile) + pos;
+      code = reinterpret_cast<unsigned long long>(base + a.lay.gx + row * row_bytes);
+      scales = reinterpret_cast<unsigned long long>(base + a.lay.gscales + row * g.SC * 4);
+    }
+  }
+  const uint16_t* xt = a.x + t * g.H;
+  if (!g.fp8) {
+    for (int64_t step = first; step < last; ++step) {
+      const int64_t c0 = step * 1024;
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t c = c0 + u * 256 + lane * 8;
+        if (c < g.H) v[u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
+      }
+      for (unsigned m = targets; m; m &= m - 1) {
+        char* dst = reinterpret_cast<char*>(__shfl_sync(kFull, code, __ffs(m) - 1));
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int64_t c = c0 + u * 256 + lane * 8;
+          if (c < g.H) *reinterpret_cast<uint4*>(dst + c * 2) = v[u];
+        }
+      }
+    }
+    return;
+  }
+  auto load_step = [&](int64_t step, uint4* v) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t c = step * 1024 + u * 512 + lane * 16;
+      v[2 * u] = v[2 * u + 1] = make_uint4(0, 0, 0, 0);
+      if (c < g.H) {
+        v[2 * u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
+        v[2 * u + 1] = __ldg(reinterpret_cast<const uint4*>(xt + c + 8));
+      }
+    }
+  };
+  uint4 next[4];
+  if (kPrefetch && first < last) load_step(first, next);
+  for (int64_t step = first; step < last; ++step) {
+    const int64_t c0 = step * 1024;
+    uint4 v[4];
+    bool valid[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) valid[u] = c0 + u * 512 + lane * 16 < g.H;
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v[u] = next[u];
+      if (step + 1 < last) load_step(step + 1, next);
+    } else {
+      load_step(step, v);
+    }
+    uint4 codes[2];
+    float scale[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
+    for (unsigned m = targets; m; m &= m - 1) {
+      const int k = __ffs(m) - 1;
+      char* dst = reinterpret_cast<char*>(__shfl_sync(kFull, code, k));
+      char* sdst = reinterpret_cast<char*>(__shfl_sync(kFull, scales, k));
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int64_t c = c0 + u * 512 + lane * 16;
+        if (!valid[u]) continue;
+        *reinterpret_cast<uint4*>(dst + c) = codes[u];
+        if ((lane & 7) == 0) *reinterpret_cast<float*>(sdst + (c / 128) * 4) = scale[u];
+      }
+    }
+  }
+}
+
+// ---- dispatch plan (plan_once): the plan of the whole batch once, in the workspace ----
+// One warp per 32-token tile counts it as plan_batch does, into row `tile` of the [NT][W] table
+// (E expert columns, then R destination columns) and the destination ballots; the last block to
+// finish turns every column into its exclusive prefix over the tiles, with one thread per column
+// (the table is tile-major, so neighbouring threads read neighbouring counts).
+__global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
+  extern __shared__ uint4 plan_raw[];
+  __shared__ int last_block;
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
+  uint16_t* table = at<uint16_t>(a.my, a.lay.plan_cnt);
+  uint32_t* dball = at<uint32_t>(a.my, a.lay.plan_dball);
+  if (a.trace) {  // before any block of the dependents can start
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      stamp(a, kTrPlanStart, 0);
+      a.trace[kTrSendStart] = a.trace[kTrRecvStart] = ~0ull;
+      __threadfence();
+    }
+    __syncthreads();
+  }
+  // The send kernel may start now: it waits for this whole grid before reading the plan.
+  allow_dependent_launch();
+  // Counting: the warp's tile into its own row of shared memory, then into the table.
+  uint16_t* row = reinterpret_cast<uint16_t*>(plan_raw) + warp * ((g.W + 1) / 2 * 2);
+  for (int tile = blockIdx.x * kWarps + warp; tile < ntiles; tile += gridDim.x * kWarps) {
+    for (int i = lane; i < g.W; i += 32) row[i] = 0;
+    __syncwarp();
+    const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
+    int ev[kMaxTopK];
+    load_experts(a, t, t < a.T, ev, true);
+    uint32_t m = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k)
+      if (ev[k] >= 0) m |= 1u << (ev[k] / g.L);
+    for (int d = 0; d < g.R; ++d) {
+      const uint32_t b = __ballot_sync(kFull, (m >> d) & 1u);
+      if (lane == 0) {
+        dball[d * g.NT + tile] = b;
+        row[g.E + d] = static_cast<uint16_t>(__popc(b));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      if (k >= g.K) break;
+      const unsigned peers = __match_any_sync(kFull, ev[k]);
+      if (ev[k] >= 0 && lane == __ffs(peers) - 1)
+        row[ev[k]] += static_cast<uint16_t>(__popc(peers));
+      __syncwarp();
+    }
+    for (int i = lane; i < g.W; i += 32) table[static_cast<int64_t>(tile) * g.W + i] = row[i];
+    __syncwarp();
+  }
+  // The last block to finish counting scans the columns.
+  __syncthreads();
+  unsigned long long* status = at<unsigned long long>(a.my, a.lay.status);
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last_block = atomicAdd(status + kPlanDone, 1ull) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  const int64_t vecs = (static_cast<int64_t>(ntiles) * g.W * 2 + 15) / 16;
+  // NOTE: eight loads in flight per thread before any is stored (a load-store loop waits for
+  // each L2 round trip in turn: ~8 of them for the V3 table of 66 KB, on the critical path).
+  constexpr int kLoads = 8;
+  for (int64_t i0 = threadIdx.x; i0 < vecs; i0 += kLoads * blockDim.x) {
+    uint4 v[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u)
+      if (i0 + u * blockDim.x < vecs)
+        v[u] = __ldcg(reinterpret_cast<const uint4*>(table) + i0 + u * blockDim.x);
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u)
+      if (i0 + u * blockDim.x < vecs) plan_raw[i0 + u * blockDim.x] = v[u];
+  }
+  __syncthreads();
+  uint16_t* s = reinterpret_cast<uint16_t*>(plan_raw);
+  for (int c = threadIdx.x; c < g.W; c += blockDim.x) {
+    int run = 0, tile = 0;
+    // Eight counts loaded before they are rewritten, so the loads overlap.
+    for (; tile + 8 <= ntiles; tile += 8) {
+      int v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] = s[(tile + u) * g.W + c];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        s[(tile + u) * g.W + c] = static_cast<uint16_t>(run);
+        run += v[u];
+      }
+    }
+    for (; tile < ntiles; ++tile) {
+      const int v = s[tile * g.W + c];
+      s[tile * g.W + c] = static_cast<uint16_t>(run);
+      run += v;
+    }
+    at<int>(a.my, a.lay.plan_tot)[c] = run;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < vecs; i += blockDim.x)
+    reinterpret_cast<uint4*>(table)[i] = plan_raw[i];
+  if (threadIdx.x == 0) {
+    status[kPlanDone] = 0;
+    stamp(a, kTrPlanEnd, 0);
+  }
+}
+
+// kPlanOnce: the plan is the workspace's (k_dispatch_plan); a compile-time switch so that each
+// path's plan pointers have a known address space (shared or global). kPrefetch:
+// prefetch_payload. kDirect: dispatch_direct_rows (Args::direct; an instance of its own, so the
+// other paths compile as before).
+template <bool kPlanOnce, bool kPrefetch, bool kDirect>
+__device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
+  __shared__ int abort_flag;
+  __shared__ int dtot[kMaxRanks];
+  const Geometry& g = a.g;
+  const unsigned long long n = at<unsigned long long>(a.my, a.lay.status)[kSeqDispatch] + 1;
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  // NOTE: after every thread read n: the receive kernel ends the call by advancing it.
+  if (threadIdx.x == 0 && kPlanOnce) stamp(a, kTrSendStart, 2);
+  if (!a.nccl) allow_dependent_launch();
+  const Plan p = kPlanOnce ? plan_global_view(a, smem) : plan_view(a, smem, dtot);
+  if constexpr (kPlanOnce) {
+    for (int i = threadIdx.x; i < kWarps * g.E; i += blockDim.x) p.emask[i] = 0;
+    // NOTE: launched as the plan kernel's programmatic dependent: its plan is complete and
+    // visible only after this wait.
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    __syncthreads();
+  } else {
+    plan_batch(a, smem, p);
+  }
+  // A destination's region of mine is free once it acknowledged the previous dispatch.
+  if (!a.nccl && threadIdx.x < g.R &&
+      !wait_geq(flag(a.my, a, kDispatchAck, threadIdx.x), n - 1, a.err, a.rank, threadIdx.x,
+                kDispatchAck, -1, a.timeout_ns))
+    abort_flag = 1;
+  __syncthreads();
+  if (abort_flag) return;
+  // Notify (block 0): T and the per-local-expert counts of every destination, then its flag.
+  if (blockIdx.x == 0) {
+    for (int i = threadIdx.x; i < g.R * (g.L + 1); i += blockDim.x) {
+      const int d = i / (g.L + 1), q = i % (g.L + 1);
+      notify_of(peer(a, d), a, out_region(a, d))[q] =
+          q == 0 ? static_cast<int32_t>(a.T) : p.etot[d * g.L + q - 1];
+    }
+    if (threadIdx.x < g.R)
+      at<int32_t>(peer(a, threadIdx.x), a.lay.recv_count)[out_region(a, threadIdx.x)] =
+          p.dtot[threadIdx.x];
+    if (kDirect)  // every expert's count, so that each source can lay out every destination
+      for (int i = threadIdx.x; i < g.R * g.E; i += blockDim.x)
+        at<int32_t>(peer(a, i / g.E), a.lay.all_counts)[a.rank * g.E + i % g.E] = p.etot[i % g.E];
+    __syncthreads();
+    if (!a.nccl && threadIdx.x < g.R) {
+      __threadfence_system();
+      st_release_sys(flag(peer(a, threadIdx.x), a, kDispatchNotify, a.rank), n);
+    }
+  }
+  // dispatch_direct_rows: once every source's counts are in (its notify flag), the rows of this
+  // source's tokens at every destination are known.
+  __shared__ unsigned ovf_mask;
+  int* rowbase = reinterpret_cast<int*>(smem + a.ps.rowbase);
+  if (kDirect) {
+    if (threadIdx.x == 0) ovf_mask = 0;
+    if (threadIdx.x < g.R && !wait_geq(flag(a.my, a, kDispatchNotify, threadIdx.x), n, a.err,
+                                       a.rank, threadIdx.x, kDispatchNotify, -1, a.timeout_ns))
+      abort_flag = 1;
+    __syncthreads();
+    if (abort_flag) return;
+    direct_layout(a, rowbase, &ovf_mask);
+    __syncthreads();
+    if (threadIdx.x == 0) stamp(a, kTrSendCounts, 1);
+  }
+  // Chunks of C tokens, one block each; every chunk published with its own flag.
+  const int warp = threadIdx.x >> 5;
+  const int64_t nchunks = (a.T + g.C - 1) / g.C;
+  const int64_t steps = (g.H + 1023) / 1024;
+  for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
+    const int64_t c0 = c * g.C, c1 = min(a.T, c0 + g.C);
+    if (threadIdx.x < g.R) {
+      const int d = threadIdx.x;
+      const int b = slot_prefix(a, p, d, c0), e = slot_prefix(a, p, d, c1);
+      int32_t* info = notify_of(peer(a, d), a, out_region(a, d)) + 1 + g.L + 2 * c;
+      info[0] = b;
+      info[1] = e - b;
+    }
+    const int tile0 = static_cast<int>(c0 / kTile), tile1 = static_cast<int>((c1 - 1) / kTile);
+    for (int tile = tile0 + warp; tile <= tile1; tile += kWarps) push_metadata(a, p, tile, c0, c1);
+    const Split sp = split_work(c1 - c0, steps, kWarps);
+    for (int64_t item = warp; item < sp.items; item += kWarps) {
+      if constexpr (kDirect)
+        push_payload_direct<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item),
+                                       rowbase, ovf_mask);
+      else
+        push_payload<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item));
+    }
+    __syncthreads();
+    if (!a.nccl && threadIdx.x < g.R) {
+      __threadfence_system();
+      st_release_sys(
+          chunk_flag(peer(a, threadIdx.x), a, kDispatchChunk, a.rank, static_cast<int>(c)), n);
+    }
+  }
+}
+
+template <bool kPlanOnce, bool kPrefetch, bool kDirect>
+__global__ void __launch_bounds__(kSendThreads, 1) k_dispatch_send(Args a) {
+  extern __shared__ uint4 smem_raw[];
+  dispatch_send_block<kPlanOnce, kPrefetch, kDirect>(a, reinterpret_cast<char*>(smem_raw));
+  count_send_block(a.my, a.lay.status, kDispatchSent);
+  if (threadIdx.x == 0) stamp(a, kTrSendEnd, 1);
+}
+
+// ---- dispatch receive 1: the layout from the notified counts (every block, shared memory) ----
+struct RecvLayout {
+  int* base;  // [R][L] first row of (source, expert) relative to the expert's block
+  int* offs;  // [L + 1] expert blocks
+  int* tot;   // [L] rows of each expert
+  int* roff;  // [R + 1] compact index of each source region's first token
+  int* ntok;  // [R] tokens of each source
+};
+
+__device__ void recv_layout(const Args& a, const RecvLayout& r, long long* rows_needed,
+                            int* overflow, int* max_tokens) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int i = threadIdx.x; i < g.R * g.L; i += blockDim.x)
+    r.base[i] = __ldcg(notify_of(a.my, a, i / g.L) + 1 + i % g.L);
+  if (threadIdx.x < g.R) r.ntok[threadIdx.x] = __ldcg(notify_of(a.my, a, threadIdx.x));
+  __syncthreads();
+  for (int e = threadIdx.x; e < g.L; e += blockDim.x) {
+    int run = 0;
+    for (int s = 0; s < g.R; ++s) {
+      const int c = r.base[s * g.L + e];
+      r.base[s * g.L + e] = run;
+      run += c;
+    }
+    r.tot[e] = run;
+  }
+  if (warp == 1 && lane == 0) {
+    const int32_t* rc = at<int32_t>(a.my, a.lay.recv_count);
+    r.roff[0] = 0;
+    int most = 0;
+    for (int s = 0; s < g.R; ++s) {
+      r.roff[s + 1] = r.roff[s] + __ldcg(rc + s);
+      most = max(most, r.ntok[s]);
+    }
+    *max_tokens = most;
+  }
+  __syncthreads();
+  // Block offsets: one warp scans the (aligned or fixed) block sizes 32 experts at a time.
+  if (warp == 0) {
+    if (lane == 0) r.offs[0] = 0;
+    int run = 0, largest = 0;
+    for (int e0 = 0; e0 < g.L; e0 += 32) {
+      const int e = e0 + lane;
+      const int c = e < g.L ? r.tot[e] : 0;
+      const int size = e < g.L ? (g.cap > 0 ? static_cast<int>(g.cap) : (c + 127) / 128 * 128) : 0;
+      const int incl = warp_inclusive_sum(size);
+      if (e < g.L) r.offs[e + 1] = run + incl;
+      run += __shfl_sync(kFull, incl, 31);
+      largest = max(largest, c);
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) largest = max(largest, __shfl_xor_sync(kFull, largest, m));
+    if (lane == 0) {
+      if (g.cap > 0) {
+        *overflow = largest > g.cap;
+        *rows_needed = largest > g.cap ? largest : g.bound;
+      } else {
+        *rows_needed = run;
+        *overflow = run > g.bound;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// ---- dispatch receive 2: one record's layout rows and payload copy (one warp) ----
+__device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_t j,
+                               bool overflow) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  const int64_t slot = static_cast<int64_t>(s) * g.Tmax + j;
+  const int64_t i = r.roff[s] + j;
+  int row = -1;
+  if (lane < g.K) {
+    const int e = __ldcg(at<int32_t>(a.my, a.lay.topk_local) + slot * g.K + lane);
+    if (e >= 0 && !overflow) {
+      row = r.offs[e] + r.base[s * g.L + e] +
+            __ldcg(at<int32_t>(a.my, a.lay.topk_pos) + slot * g.K + lane);
+      at<int32_t>(a.my, a.lay.m_indices)[row] = e;
+      at<int32_t>(a.my, a.lay.row_src)[row] = static_cast<int32_t>(i * g.K + lane);
+      at<float>(a.my, a.lay.row_weight)[row] =
+          __ldcg(at<float>(a.my, a.lay.weight) + slot * g.K + lane);
+    }
+    at<int32_t>(a.my, a.lay.token_rows)[slot * g.K + lane] = row;
+  }
+  if (!a.expand || overflow) return;
+  int rows[kMaxTopK];
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
+  const char* rec = record_of(a, a.my, s, j);
+  const float* rec_scales = reinterpret_cast<const float*>(rec + g.H);
+  char* gx = a.my + a.lay.gx;
+  const int64_t row_bytes = g.fp8 ? g.H : g.H * 2;
+  // dispatch_direct_rows: the sender wrote the row of the lowest k (self_rows: all rows of the
+  // rank's own tokens); the others are copied from it.
+  int kf = -1;
+  if (a.direct && a.pull && s != a.rank) {
+    rec = record_of(a, peer(a, s), a.rank, j);  // dispatch_pull: read over NVLink, every row
+    rec_scales = reinterpret_cast<const float*>(rec + g.H);
+  } else if (a.direct) {
+    if (a.self_rows && s == a.rank) return;
+    kf = __ffs(__ballot_sync(kFull, row >= 0)) - 1;
+    if (kf < 0) return;
+    rec = gx + static_cast<int64_t>(rows[kf]) * row_bytes;
+    rec_scales = at<float>(a.my, a.lay.gscales) + static_cast<int64_t>(rows[kf]) * g.SC;
+  }
+  // Eight 16-byte loads in flight per lane (4 KB per warp), then stored to every row of the
+  // token. NOTE: the expansion is load-latency bound beside the transport (v5: 4 in flight).
+  constexpr int kInFlight = 8;
+  for (int64_t c0 = lane * 16; c0 < row_bytes; c0 += kInFlight * 32 * 16) {
+    uint4 v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (c0 + u * 512 < row_bytes)
+        v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + c0 + u * 512));
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      if (k >= g.K || rows[k] < 0 || k == kf) continue;
+      char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + c0;
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u)
+        if (c0 + u * 512 < row_bytes) *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
+    }
+  }
+  if (g.fp8) {
+    float* gs = at<float>(a.my, a.lay.gscales);
+    for (int64_t c = lane; c < g.SC; c += 32) {
+      const float sc = __ldcg(rec_scales + c);
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k)
+        if (k < g.K && rows[k] >= 0 && k != kf) gs[rows[k] * g.SC + c] = sc;
+    }
+  }
+}
+
+// Dispatch receive: layout as soon as every source notified, then every chunk expanded as soon
+// as it landed (chunk-major order, the order senders publish in); the last block acknowledges.
+__global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
+  extern __shared__ int rsm[];
+  __shared__ int abort_flag, last_block, overflow, max_tokens;
+  __shared__ long long rows_needed;
+  const Geometry& g = a.g;
+  RecvLayout r;
+  r.base = rsm;
+  r.offs = r.base + g.R * g.L;
+  r.tot = r.offs + g.L + 1;
+  r.roff = r.tot + g.L;
+  r.ntok = r.roff + g.R + 1;
+  int64_t* status = at<int64_t>(a.my, a.lay.status);
+  const unsigned long long n = static_cast<unsigned long long>(status[kSeqDispatch]) + 1;
+  const int64_t prev_rows = status[kPrevRows];
+  if (threadIdx.x == 0) {
+    abort_flag = 0;
+    stamp(a, kTrRecvStart, 2);
+  }
+  __syncthreads();
+  if (!a.nccl && threadIdx.x < g.R &&
+      !wait_geq(flag(a.my, a, kDispatchNotify, threadIdx.x), n, a.err, a.rank, threadIdx.x,
+                kDispatchNotify, -1, a.timeout_ns))
+    abort_flag = 1;
+  __syncthreads();
+  if (abort_flag) return;  // the error is recorded; check() reports it
+  recv_layout(a, r, &rows_needed, &overflow, &max_tokens);
+  const bool ovf = overflow != 0;
+  if (threadIdx.x == 0) stamp(a, kTrRecvLayout, 1);
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e < g.L; e += blockDim.x) {
+      at<int32_t>(a.my, a.lay.expert_counts)[e] = r.tot[e];
+      at<int32_t>(a.my, a.lay.expert_offsets)[e + 1] = r.offs[e + 1];
+    }
+    if (threadIdx.x <= g.R) at<int32_t>(a.my, a.lay.recv_offset)[threadIdx.x] = r.roff[threadIdx.x];
+    if (threadIdx.x == 0) {
+      at<int32_t>(a.my, a.lay.expert_offsets)[0] = 0;
+      status[kRowsNeeded] = rows_needed;
+      status[kOverflow] = overflow;
+      status[kNumRecv] = r.roff[g.R];
+    }
+  }
+  // Padding rows of each block, and rows the previous dispatch used beyond this one's.
+  {
+    int32_t* m_indices = at<int32_t>(a.my, a.lay.m_indices);
+    int32_t* row_src = at<int32_t>(a.my, a.lay.row_src);
+    const int64_t pad = g.cap > 0 ? g.cap : 128;
+    const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    if (!ovf) {
+      for (int64_t q = tid; q < g.L * pad; q += nthreads) {
+        const int e = static_cast<int>(q / pad);
+        const int64_t row = r.offs[e] + r.tot[e] + q % pad;
+        if (row < r.offs[e + 1]) {
+          m_indices[row] = -1;
+          row_src[row] = -1;
+        }
+      }
+    }
+    for (int64_t row = (ovf ? 0 : rows_needed) + tid; row < min(prev_rows, g.bound);
+         row += nthreads) {
+      m_indices[row] = -1;
+      row_src[row] = -1;
+    }
+  }
+  const int warp = threadIdx.x >> 5;
+  const int64_t items = (static_cast<int64_t>(max_tokens) + g.C - 1) / g.C * g.R;
+  __shared__ long long claimed;
+  for (int64_t item = claim_item(status + kRecvItem, &claimed); item < items;
+       item = claim_item(status + kRecvItem, &claimed)) {
+    const int c = static_cast<int>(item / g.R), s = static_cast<int>(item % g.R);
+    if (static_cast<int64_t>(c) * g.C >= r.ntok[s]) continue;
+    if (!a.nccl) {
+      if (threadIdx.x == 0 && !wait_geq(chunk_flag(a.my, a, kDispatchChunk, s, c), n, a.err, a.rank,
+                                        s, kDispatchChunk, c, a.timeout_ns))
+        abort_flag = 1;
+      if (threadIdx.x == 0) stamp(a, kTrRecvLastFlag, 1);
+      __syncthreads();
+      if (abort_flag) return;
+    }
+    const int32_t* info = notify_of(a.my, a, s) + 1 + g.L + 2 * c;
+    const int begin = __ldcg(info), count = __ldcg(info + 1);
+    for (int q = warp; q < count; q += kWarps) scatter_record(a, r, s, begin + q, ovf);
+  }
+  // The last block to finish acknowledges every source: its regions of mine are free again.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned long long done =
+        atomicAdd(reinterpret_cast<unsigned long long*>(status + kRecvDone), 1ull);
+    last_block = done == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  // NOTE: the call ends only once this rank's send blocks all ended too (a programmatic
+  // dependent may finish before its primary; the stream's next work must not overlap either).
+  if (threadIdx.x == 0)
+    wait_geq(reinterpret_cast<unsigned long long*>(status) + kDispatchSent, n * a.send_blocks,
+             a.err, a.rank, a.rank, kLocalSent, -1, a.timeout_ns);
+  __syncthreads();
+  if (!a.nccl && threadIdx.x < g.R) {
+    __threadfence_system();
+    st_release_sys(flag(peer(a, threadIdx.x), a, kDispatchAck, a.rank), n);
+  }
+  if (threadIdx.x == 0) {
+    status[kRecvDone] = 0;
+    status[kRecvItem] = 0;
+    status[kPrevRows] = ovf ? 0 : min(static_cast<int64_t>(rows_needed), g.bound);
+    status[kSeqDispatch] = static_cast<int64_t>(n);
+    stamp(a, kTrRecvEnd, 0);
+  }
+}
+
+}  // namespace
+
+KernelFn dispatch_plan_kernel() {
+  return k_dispatch_plan;
+}
+KernelFn dispatch_recv_kernel() {
+  return k_dispatch_recv;
+}
+
+// The kernel variants the options select (DeviceEpOptions: plan_once, prefetch_payload; direct:
+// dispatch_direct_rows where it applies, Impl::direct, which implies plan_once).
+KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct) {
+  if (direct)
+    return o.prefetch_payload ? k_dispatch_send<true, true, true>
+                              : k_dispatch_send<true, false, true>;
+  if (o.plan_once)
+    return o.prefetch_payload ? k_dispatch_send<true, true, false>
+                              : k_dispatch_send<true, false, false>;
+  return o.prefetch_payload ? k_dispatch_send<false, true, false>
+                            : k_dispatch_send<false, false, false>;
+}
+
+}  // namespace fp8moe::comm::normal

@@ -1,0 +1,268 @@
+// Internal to the comm module: what the normal (not low-latency) expert-parallel kernels
+// (sm90_device_ep_dispatch.cu, sm90_device_ep_combine.cu) and their host side DeviceEpRank
+// (sm90_device_ep.cu) share: the workspace geometry and layout, the kernel arguments, the status,
+// flag, error and trace slots, the kernel variants the options select, and the device helpers of
+// both kernel files (bounded waits, flags, work claims, work splits).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "ep_ptx.cuh"
+#include "ep_row_math.cuh"
+#include "fp8moe/comm/device_ep.h"
+#include "sm90_device_ep_ll.h"
+
+namespace fp8moe::comm::normal {
+
+constexpr int kMaxRanks = 32;  // destination masks are 32-bit
+constexpr int kMaxTopK = 8;
+constexpr int kSendThreads = 512;  // threads of every kernel's blocks
+constexpr int kWarps = kSendThreads / 32;
+constexpr int kTile = 32;  // plan granularity: the tokens of one warp
+constexpr unsigned kFull = 0xFFFFFFFFu;
+using detail::allow_dependent_launch;
+using detail::globaltimer;
+using detail::lanemask_lt;
+using detail::ld_acquire_sys;
+using detail::pack_bf16;
+using detail::quantize16;
+using detail::st_release_sys;
+
+// status[] slots (int64 / u64) of a workspace.
+enum Status : int {
+  kRowsNeeded = 0,
+  kOverflow = 1,
+  kNumRecv = 2,
+  kSeqDispatch = 3,
+  kSeqCombine = 4,
+  kPrevRows = 5,
+  kRecvDone = 6,
+  kCombineDone = 7,
+  kDispatchSent = 8,  // send blocks that finished, ever (receive kernels end after all of them)
+  kCombineSent = 9,
+  kRecvItem = 10,  // next work item of the receive kernels (claimed in order)
+  kCombineItem = 11,
+  kPlanDone = 12,  // plan kernel blocks that counted their tiles (the last one scans)
+  kStatusSlots = 16,
+};
+// flags[] groups: R counters each, then R * max_chunks for the chunk groups.
+enum FlagGroup : int {
+  kDispatchNotify = 0,
+  kDispatchAck = 1,
+  kCombineAck = 2,
+  kDispatchChunk = 3,
+  kCombineChunk = 4,
+  kLocalSent = 5,  // error reports only: the local send blocks (status kDispatchSent/kCombineSent)
+};
+
+enum ErrCode : int { kErrNone = 0, kErrTimeout = 1, kErrBadExpert = 3 };
+struct DevErr {
+  int code;
+  int rank;
+  int peer;
+  int counter;
+  unsigned long long expected;
+  unsigned long long seen;
+  long long detail;  // bad expert: the token; chunk counters: the chunk
+};
+// The low-latency kernels (sm90_device_ep_ll.cu) record their errors in the same record.
+static_assert(sizeof(DevErr) == sizeof(ll::ErrRecord) &&
+                  offsetof(DevErr, counter) == offsetof(ll::ErrRecord, counter) &&
+                  offsetof(DevErr, detail) == offsetof(ll::ErrRecord, detail) &&
+                  kErrTimeout == ll::kErrTimeout && kErrBadExpert == ll::kErrBadExpert,
+              "DevErr and ll::ErrRecord must agree");
+
+struct Geometry {
+  int R, K, L, E;
+  int64_t H, SC, Tmax, P, bound, cap;
+  int NT;  // plan tiles of Tmax tokens
+  int C;   // chunk: tokens (dispatch) or received records (combine)
+  int NC;  // chunks of a region, at most
+  int NS;  // ints of one source's notify block: T, L counts, then (begin, count) per chunk
+  int W;   // columns of the global plan: E expert counts, then R destination counts
+  bool fp8;
+};
+
+// Byte offsets inside a workspace; identical on every rank, so a peer's field is base + offset.
+struct WsLayout {
+  // written by peers
+  size_t stage, src_token, topk_local, topk_pos, weight, recv_count, notify, flags, comb_stage;
+  size_t all_counts;  // dispatch_direct_rows: [R][E] per-expert token counts of every source
+  size_t bwd_gw, bwd_mask, bwd;  // combine backward (sm90_device_ep_backward.cu)
+  // local
+  size_t peer_table, err, slot, status, recv_offset, expert_counts, expert_offsets, m_indices,
+      row_src, row_weight, token_rows, gx, gscales, plan_cnt, plan_dball, plan_tot, total;
+  size_t ll;  // counters of the low-latency kernels (sm90_device_ep_ll.cu)
+};
+
+// Dynamic shared memory of the send plan: per-expert and per-destination tile counts (u16, then
+// exclusive prefixes), destination ballots per tile, per-warp expert lane masks, expert totals.
+struct PlanSmem {
+  size_t ecnt, dcnt, dball, emask, etot, rowbase, total;
+};
+
+struct Args {
+  Geometry g;
+  WsLayout lay;
+  PlanSmem ps;
+  char* my;
+  DevErr* err;
+  int rank;
+  int send_blocks;
+  unsigned long long timeout_ns;
+  // per call
+  int64_t T;
+  int tile;  // combine receive: tokens per block item
+  const uint16_t* x;
+  const int32_t* idx;
+  const float* w;
+  const uint16_t* y;  // combine input (grouped rows or per-slot rows)
+  uint16_t* out;
+  bool weighted;
+  bool peer_items;   // DeviceEpOptions::combine_peer_items
+  bool peer_blocks;  // DeviceEpOptions::combine_peer_blocks
+  bool expand;
+  bool nccl;  // Wire::kNccl: "peers" are this rank's send buffer, regions by destination; the
+              // exchange and its ordering are NCCL's, so no flags are waited on or raised
+
+  bool direct;     // DeviceEpOptions::dispatch_direct_rows, where it applies (Impl::direct)
+  bool self_rows;  // DeviceEpOptions::dispatch_self_rows (with direct)
+  bool pull;       // DeviceEpOptions::dispatch_pull (with direct)
+  unsigned long long* trace;  // FP8MOE_EP_TRACE=1: dispatch phase stamps (diagnostics), else null
+};
+
+// Dispatch phase stamps (%globaltimer, ns) of the last dispatch, FP8MOE_EP_TRACE=1: printed by
+// check(). Minima are reset by the plan kernel's block 0 before its dependents can start.
+enum TraceSlot : int {
+  kTrPlanStart = 0,
+  kTrPlanEnd = 1,
+  kTrSendStart = 2,     // first send block (min)
+  kTrSendCounts = 3,    // direct rows: the last send block that had every source's counts (max)
+  kTrSendEnd = 4,       // last send block done (max)
+  kTrRecvStart = 5,     // first receive block (min)
+  kTrRecvLayout = 6,    // last receive block with its layout (max)
+  kTrRecvLastFlag = 7,  // the last chunk flag a receive block saw (max)
+  kTrRecvEnd = 8,       // the acknowledging block, done
+  kTrSlots = 9,
+};
+
+using KernelFn = void (*)(Args);
+
+// Defined by the kernel files: sm90_device_ep_dispatch.cu (dispatch_*) and
+// sm90_device_ep_combine.cu (combine_*).
+KernelFn dispatch_plan_kernel();
+KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct);
+KernelFn dispatch_recv_kernel();
+KernelFn combine_send_kernel(const DeviceEpOptions& o);
+size_t combine_send_smem(const DeviceEpOptions& o);
+KernelFn combine_recv_kernel(const DeviceEpOptions& o);
+
+namespace {
+
+__device__ void record_error(DevErr* err, int code, int rank, int peer, int counter,
+                             unsigned long long expected, unsigned long long seen,
+                             long long detail) {
+  if (atomicCAS(&err->code, 0, -1) != 0) return;  // first error wins
+  err->rank = rank;
+  err->peer = peer;
+  err->counter = counter;
+  err->expected = expected;
+  err->seen = seen;
+  err->detail = detail;
+  __threadfence_system();
+  atomicExch(&err->code, code);
+}
+
+// Bounded acquire-poll; false (error recorded) on timeout or when this rank already timed out.
+__device__ bool wait_geq(const unsigned long long* p, unsigned long long expected, DevErr* err,
+                         int rank, int peer, int counter, long long detail,
+                         unsigned long long timeout_ns) {
+  unsigned long long v = ld_acquire_sys(p);
+  if (v >= expected) return true;
+  const unsigned long long t0 = globaltimer();
+  const long long c0 = clock64();
+  // NOTE: the SM clock bounds the wait too (3 GHz is above any clock of these parts), so a
+  // global timer that does not advance can never turn a timeout into a hang.
+  const long long max_cycles = static_cast<long long>(timeout_ns) * 3;
+  for (;;) {
+    __nanosleep(32);  // many blocks poll: keep their traffic off the memory system
+    v = ld_acquire_sys(p);
+    if (v >= expected) return true;
+    if (*reinterpret_cast<volatile int*>(&err->code) == kErrTimeout) return false;
+    if (globaltimer() - t0 > timeout_ns || clock64() - c0 > max_cycles) {
+      record_error(err, kErrTimeout, rank, peer, counter, expected, v, detail);
+      return false;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T* at(char* base, size_t off) {
+  return reinterpret_cast<T*>(base + off);
+}
+
+// The next work item for this block, claimed in order across the grid, so that items are taken
+// in the order their data arrives (a static split would park blocks on late chunks).
+__device__ __forceinline__ int64_t claim_item(int64_t* counter, long long* claimed) {
+  __syncthreads();  // every thread is done with the previous claim
+  if (threadIdx.x == 0)
+    *claimed =
+        static_cast<long long>(atomicAdd(reinterpret_cast<unsigned long long*>(counter), 1ull));
+  __syncthreads();
+  return *claimed;
+}
+
+// A send block is done: count it in the local status slot (after its other writes).
+__device__ __forceinline__ void count_send_block(char* my, size_t status_off, int slot) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(reinterpret_cast<unsigned long long*>(my + status_off) + slot, 1ull);
+  }
+}
+
+__device__ __forceinline__ char* peer(const Args& a, int r) {
+  return reinterpret_cast<char* const*>(a.my + a.lay.peer_table)[r];
+}
+// Region of my records in destination d's buffer (NVLink), or of d's records in my send buffer.
+__device__ __forceinline__ int out_region(const Args& a, int d) {
+  return a.nccl ? d : a.rank;
+}
+__device__ __forceinline__ unsigned long long* flag(char* base, const Args& a, int group, int r) {
+  unsigned long long* f = at<unsigned long long>(base, a.lay.flags);
+  return group < kDispatchChunk ? f + group * a.g.R + r
+                                : f + 3 * a.g.R + (group - kDispatchChunk) * a.g.R * a.g.NC + r;
+}
+// Chunk c of source r: flag index r * NC + c of its group.
+__device__ __forceinline__ unsigned long long* chunk_flag(char* base, const Args& a, int group,
+                                                          int r, int c) {
+  return flag(base, a, group, r * a.g.NC + c);
+}
+
+// Work items: `tokens` rows in `parts` column ranges of whole steps, so that a short batch still
+// occupies every warp while a long one keeps one warp per row. Warp-uniform.
+struct Split {
+  int64_t items;
+  int64_t parts;
+  int64_t steps;
+  __device__ __forceinline__ int64_t token(int64_t item) const { return item / parts; }
+  __device__ __forceinline__ int64_t part(int64_t item) const { return item % parts; }
+  __device__ __forceinline__ int64_t first(int64_t item) const {
+    return part(item) * steps / parts;
+  }
+  __device__ __forceinline__ int64_t last(int64_t item) const {
+    return (part(item) + 1) * steps / parts;
+  }
+};
+__device__ __forceinline__ Split split_work(int64_t tokens, int64_t steps, int64_t warps) {
+  int64_t parts = tokens > 0 ? warps / tokens : 1;
+  parts = parts < 1 ? 1 : (parts > steps ? steps : parts);
+  return {tokens * parts, parts, steps};
+}
+
+}  // namespace
+
+}  // namespace fp8moe::comm::normal
