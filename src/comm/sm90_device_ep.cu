@@ -398,6 +398,10 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   m.device = device;
   DeviceGuard guard(device);
   FM_CHECK_CUDA(cudaDeviceGetAttribute(&m.sm_count, cudaDevAttrMultiProcessorCount, device));
+  // NOTE: block 0 of every rank's send notifies; with more send blocks than SMs the resident
+  // blocks could all be waiting for a block 0 that never gets an SM (CUDA does not promise the
+  // order in which blocks start), so the direct rows need every send block resident at once.
+  if (opt.num_blocks > m.sm_count) m.direct = false;
   {
     // Receive kernels spin on peers: with several ranks on one GPU their grids must leave room
     // for every rank's send kernel (at most half the SMs for all receivers together).
@@ -831,10 +835,15 @@ DeviceEpGroup::DeviceEpGroup(const EpConfig& cfg, const std::vector<int>& device
     FM_THROW(ErrorKind::kInvalidArgument, "this build has no NCCL back end");
 #endif
   }
-  if (opt.ranks_per_device == 0)
-    for (int d : devices)
-      opt.ranks_per_device = std::max(
-          opt.ranks_per_device, static_cast<int>(std::count(devices.begin(), devices.end(), d)));
+  // Receive grids and the direct rows depend on it: an explicit value below the real sharing
+  // would let one rank's receive take the SMs another rank's send needs (a hang until timeout).
+  int sharing = 1;
+  for (int d : devices)
+    sharing = std::max(sharing, static_cast<int>(std::count(devices.begin(), devices.end(), d)));
+  FM_CHECK_ARG(opt.ranks_per_device == 0 || opt.ranks_per_device >= sharing,
+               "ranks_per_device=", opt.ranks_per_device, " but ", sharing,
+               " ranks of this group share a device");
+  opt.ranks_per_device = std::max(opt.ranks_per_device, sharing);
   for (size_t a = 0; a < devices.size(); ++a)
     for (size_t b = 0; b < devices.size(); ++b) {
       if (devices[a] == devices[b]) continue;

@@ -344,6 +344,39 @@ TEST_F(NvlinkTest, DispatchDirectRowsMatchReference) {
   run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kDirectPull);
 }
 
+// More send blocks than the GPU has SMs: the direct rows need every send block resident (block
+// 0 notifies, the others wait for every rank's notify), so they fall back to the source regions;
+// the results stay the reference's (review of session 4).
+TEST_F(NvlinkTest, MoreSendBlocksThanSmsFallBackAndMatchReference) {
+  int sms = 0;
+  FM_CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  for (Payload p : {Payload::kFP8, Payload::kBF16}) {
+    SCOPED_TRACE(payload_name(p));
+    EpConfig cfg = config(2, 32, 8, 1024, 256, p);
+    DeviceEpOptions opt = variant_options(kDefaults);
+    opt.num_blocks = sms + 8;
+    Harness h(cfg, devices_for(2, gpu_count()), {256, 200}, Routing::kRandom, 11, opt);
+    check_against_reference(h, 2);
+  }
+}
+
+// An explicit ranks_per_device below the real sharing would size receive grids that starve a
+// co-resident rank's send: rejected with a message naming both numbers.
+TEST_F(NvlinkTest, RanksPerDeviceBelowSharingIsRejected) {
+  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
+  DeviceEpOptions opt;
+  opt.ranks_per_device = 1;
+  try {
+    DeviceEpGroup group(cfg, {0, 0}, opt);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+    EXPECT_NE(e.message().find("ranks_per_device=1 but 2 ranks of this group share a device"),
+              std::string::npos)
+        << e.message();
+  }
+}
+
 TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
   for (int v : {0, 1, kDefaults, 3, kDirectRows, kDirectPull}) {
     SCOPED_TRACE("variant" + variant_name(v));
