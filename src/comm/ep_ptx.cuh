@@ -1,6 +1,6 @@
-// Small PTX wrappers and the launch helper shared by the EP kernel files (one-stage,
-// low-latency, two-stage, backward): the memory-ordering primitives of their flag protocols exist
-// once.
+// Small PTX wrappers, the error-record writer and the launch helper shared by the EP kernel files
+// (one-stage, low-latency, two-stage, backward): the memory-ordering primitives of their flag
+// protocols exist once.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -53,6 +53,25 @@ void launch_kernel(void (*kernel)(Params), int grid, int block, size_t smem, cud
   cfg.attrs = dependent ? attr : nullptr;
   cfg.numAttrs = dependent ? 1 : 0;
   FM_CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, p));
+}
+
+// A rank's error record (the normal kernels', the two-stage route's and the low-latency kernels'
+// records share one layout): the first error wins it (code 0 -> -1 while its fields are filled),
+// and its code is published last, after a system fence, so that the host's check() reads every
+// field of it.
+template <class Record>
+__device__ void record_error(Record* err, int code, int rank, int peer, int counter,
+                             unsigned long long expected, unsigned long long seen,
+                             long long detail = -1) {
+  if (atomicCAS(&err->code, 0, -1) != 0) return;  // first error wins
+  err->rank = rank;
+  err->peer = peer;
+  err->counter = counter;
+  err->expected = expected;
+  err->seen = seen;
+  err->detail = detail;
+  __threadfence_system();
+  atomicExch(&err->code, code);
 }
 
 }  // namespace fp8moe::comm::detail

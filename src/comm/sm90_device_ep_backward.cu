@@ -43,24 +43,12 @@ constexpr int kDotVecs = 4;  // 8-column groups of a dot product loaded together
 constexpr unsigned kFull = 0xFFFFFFFFu;
 using detail::globaltimer;
 using detail::ld_acquire_sys;
+using detail::record_error;
 using detail::st_release_sys;
 
 // u64 slots of the `bwd` region.
 constexpr int kBlockCounters = 3;
 enum BlockCounter : int { kSendDone = 0, kExpertDone = 1, kGatherDone = 2 };
-
-__device__ void record_error(ll::ErrRecord* err, int code, int rank, int peer_rank, int counter,
-                             unsigned long long expected, unsigned long long seen) {
-  if (atomicCAS(&err->code, 0, -1) != 0) return;  // first error wins
-  err->rank = rank;
-  err->peer = peer_rank;
-  err->counter = counter;
-  err->expected = expected;
-  err->seen = seen;
-  err->detail = -1;
-  __threadfence_system();
-  atomicExch(&err->code, code);
-}
 
 // Bounded acquire-poll; false (error recorded) on timeout or when this rank already timed out.
 __device__ bool wait_geq(const unsigned long long* c, unsigned long long expected, const Params& p,

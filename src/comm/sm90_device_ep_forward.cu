@@ -246,20 +246,6 @@ __device__ __forceinline__ int rank_at(const Geo& g, int node, int local) {
   return node * g.G + local;
 }
 
-__device__ void record_error(DevErr* err, int code, int rank, int peer, int counter,
-                             unsigned long long expected, unsigned long long seen,
-                             long long detail) {
-  if (atomicCAS(&err->code, 0, -1) != 0) return;  // first error wins
-  err->rank = rank;
-  err->peer = peer;
-  err->counter = counter;
-  err->expected = expected;
-  err->seen = seen;
-  err->detail = detail;
-  __threadfence_system();
-  atomicExch(&err->code, code);
-}
-
 // Bounded acquire-poll of flag `group`[i] of my workspace; false (error recorded) on timeout or
 // once this rank timed out elsewhere.
 __device__ bool wait_flag(const Args& a, int group, int i, unsigned long long expected, int from) {

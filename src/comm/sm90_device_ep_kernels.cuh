@@ -29,6 +29,7 @@ using detail::lanemask_lt;
 using detail::ld_acquire_sys;
 using detail::pack_bf16;
 using detail::quantize16;
+using detail::record_error;
 using detail::st_release_sys;
 
 // status[] slots (int64 / u64) of a workspace.
@@ -161,20 +162,6 @@ size_t combine_send_smem(const DeviceEpOptions& o);
 KernelFn combine_recv_kernel(const DeviceEpOptions& o);
 
 namespace {
-
-__device__ void record_error(DevErr* err, int code, int rank, int peer, int counter,
-                             unsigned long long expected, unsigned long long seen,
-                             long long detail) {
-  if (atomicCAS(&err->code, 0, -1) != 0) return;  // first error wins
-  err->rank = rank;
-  err->peer = peer;
-  err->counter = counter;
-  err->expected = expected;
-  err->seen = seen;
-  err->detail = detail;
-  __threadfence_system();
-  atomicExch(&err->code, code);
-}
 
 // Bounded acquire-poll; false (error recorded) on timeout or when this rank already timed out.
 __device__ bool wait_geq(const unsigned long long* p, unsigned long long expected, DevErr* err,

@@ -64,6 +64,7 @@ using detail::lanemask_lt;
 using detail::ld_acquire_sys;
 using detail::pack_bf16;
 using detail::quantize16;
+using detail::record_error;
 // A round of a counter: the adds of one grid sum to this, whatever its size.
 constexpr unsigned long long kRound = 1ull << 32;
 
@@ -165,20 +166,6 @@ __device__ __forceinline__ void count_done(const Params& p, int which) {
 // This block's share of a round: block 0 adds 2^32 - (grid - 1), every other block 1.
 __device__ __forceinline__ unsigned long long round_share() {
   return blockIdx.x == 0 ? kRound - (gridDim.x - 1) : 1ull;
-}
-
-__device__ void record_error(ErrRecord* err, int code, int rank, int peer_rank, int counter,
-                             unsigned long long expected, unsigned long long seen,
-                             long long detail) {
-  if (atomicCAS(&err->code, 0, -1) != 0) return;  // first error wins
-  err->rank = rank;
-  err->peer = peer_rank;
-  err->counter = counter;
-  err->expected = expected;
-  err->seen = seen;
-  err->detail = detail;
-  __threadfence_system();
-  atomicExch(&err->code, code);
 }
 
 // Bounded acquire-poll until counter c holds n whole rounds; false (error recorded, in rounds)
