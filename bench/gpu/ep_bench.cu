@@ -518,23 +518,13 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
     for (int chunk : chunk_list) {
       for (bool expand : {true, false}) {
         if (!expand && (masked_capacity > 0 || w.opt.ncu)) continue;
-        DeviceEpOptions o;
-        const DeviceEpOptions v = parse_variant(w.opt.variant, blocks, chunk).opt;
-        o.plan_once = w.opt.plan_once && v.plan_once;
-        o.prefetch_payload = v.prefetch_payload;
-        o.combine_two_steps = v.combine_two_steps;
-        o.combine_async_rows = v.combine_async_rows;
-        o.combine_peer_items = v.combine_peer_items;
-        o.combine_peer_blocks = v.combine_peer_blocks;
-        o.combine_even_steps = v.combine_even_steps;
-        o.dispatch_direct_rows = v.dispatch_direct_rows;
-        o.dispatch_self_rows = v.dispatch_self_rows;
-        o.dispatch_pull = v.dispatch_pull;
-        o.num_blocks = blocks;
+        // Every option of the variant (its letters and suffixes over this sweep point's blocks
+        // and chunk), then what the sweep itself sets.
+        DeviceEpOptions o = parse_variant(w.opt.variant, blocks, chunk).opt;
+        o.plan_once = w.opt.plan_once && o.plan_once;
         o.wire = wire;
         o.expand_payload = expand;
-        o.chunk_tokens = chunk;
-        o.recv_blocks = w.opt.recv_blocks;
+        if (w.opt.recv_blocks > 0) o.recv_blocks = w.opt.recv_blocks;
         o.overlap_recv = w.opt.overlap;
         DeviceEpGroup group(cfg, devices_of(w), o);
         for (int r = 0; r < w.R; ++r) {
