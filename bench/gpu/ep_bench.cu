@@ -18,7 +18,10 @@
 // dispatch and combine checked bit for bit against the reference, NCCL and the peer copy of the
 // same run; "# ab_ll" lines give the medians; --ll-cap N sets its masked capacity, --ll-no-expand
 // times the layout-only dispatch). --ll-variants old,new,I,K,W,U,IKWU times the low-latency
-// options too (ll_variant_options; "# ab_ll_var" lines, each against the first).
+// options too (ll_variant_options; "# ab_ll_var" lines, each against the first; session 5 adds
+// the letters N, R, L, X, O, T, F and the suffixes :bN / :rN for a path's send / receive grids;
+// --ll-graph N also times N rounds of dispatch + combine replayed from one graph per rank, ours
+// and NCCL's alike, "# ll_graph" lines).
 // Cross-node form: ep_bench --gpus-per-node G [--ranks-per-gpu G] (nodes of G ranks, rank r on
 // GPU r / ranks-per-gpu): the two-stage route with the network hop over NVLink stores and over
 // NCCL against the direct route, side by side, normal FP8 dispatch and BF16 combine; rows add
@@ -75,6 +78,7 @@ struct Options {
   bool overlap = true;
   bool plan_once = true;  // DeviceEpOptions::plan_once for the sweep (--plan-per-block: off)
   int ab_ll = 0;          // rounds of the low-latency A/B (0: the usual sweep)
+  int ll_graph = 0;       // --ll-graph N: the A/B also times N rounds captured in one graph
   bool ll_expand = true;  // --ll-no-expand: the A/B's dispatch builds the layout only
   int64_t ll_cap = 0;     // --ll-cap: masked capacity of the A/B (0: ranks x ll_tokens)
   // --ll-variants: the A/B's paths (ll_variant_options): "old", "new", or letters of the
@@ -149,14 +153,18 @@ Options parse(int argc, char** argv) {
       o.ll_expand = false;
     else if (a == "--ab-ll")
       o.ab_ll = std::atoi(next());
+    else if (a == "--ll-graph")
+      o.ll_graph = std::atoi(next());
     else if (a == "--ll-variants") {
       o.ll_variants.clear();
       for (std::string l = next(); !l.empty();) {
         const size_t comma = l.find(',');
         const std::string name = l.substr(0, comma);
-        const std::string letters = name.rfind("new", 0) == 0 ? name.substr(3) : name;
-        if (name != "old" && letters.find_first_not_of("IKWU") != std::string::npos) {
-          std::fprintf(stderr, "ep_bench: --ll-variants: '%s' is not old, new or letters IKWU\n",
+        const std::string base = name.substr(0, name.find(':'));  // ":bN" / ":rN" suffixes
+        const std::string letters = base.rfind("new", 0) == 0 ? base.substr(3) : base;
+        if (base != "old" && letters.find_first_not_of("IKWUNRLXOTFV0") != std::string::npos) {
+          std::fprintf(stderr,
+                       "ep_bench: --ll-variants: '%s' is not old, new or letters IKWUNRLXOTFV0\n",
                        name.c_str());
           std::exit(2);
         }
@@ -694,11 +702,31 @@ void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, in
 }
 
 // A low-latency A/B path by name: "old" (the normal kernels with the masked layout,
-// DeviceEpOptions::low_latency = false), "new" (the low-latency kernels as measured), or letters
+// DeviceEpOptions::low_latency = false), "new" (the low-latency kernels, defaults), or letters
 // of the low-latency options on top of "new": I ll_batch_ids, K ll_overlap_flags, W
-// ll_combine_wide, U ll_combine_pull (e.g. "IKWU"; "new" may lead: "newIK").
-DeviceEpOptions ll_variant_options(const std::string& name) {
+// ll_combine_wide, U ll_combine_pull; session 5: N ll_early_notify, R ll_late_reset, L
+// ll_self_rows, X ll_combine_spread, O ll_combine_own_recv, T ll_token_flags, F
+// ll_combine_flags, V ll_scale_vec, and 0: session 5's defaults (N X O T) off, i.e. the
+// session-4 kernels (e.g. "IKWU", "0N"; "new" may lead:
+// "newIK"). Suffixes ":bN" / ":rN" set the send / receive grids of that path (num_blocks,
+// recv_blocks; else --ll-blocks and --recv-blocks).
+DeviceEpOptions ll_variant_options(const std::string& full) {
   DeviceEpOptions o;
+  o.num_blocks = 0;    // 0: the bench's --ll-blocks
+  o.recv_blocks = -1;  // -1: the bench's --recv-blocks
+  std::string name = full;
+  for (size_t c = name.find(':'); c != std::string::npos; c = name.find(':')) {
+    const size_t next = name.find(':', c + 1);
+    const std::string suf = name.substr(c + 1, next == std::string::npos ? next : next - c - 1);
+    name.erase(c, suf.size() + 1);
+    if (suf.size() > 1 && suf[0] == 'b')
+      o.num_blocks = std::atoi(suf.c_str() + 1);
+    else if (suf.size() > 1 && suf[0] == 'r')
+      o.recv_blocks = std::atoi(suf.c_str() + 1);
+    else
+      FM_THROW(ErrorKind::kInvalidArgument, "low-latency variant ", full,
+               ": unknown suffix :", suf);
+  }
   if (name == "old") {
     o.low_latency = false;
     return o;
@@ -713,6 +741,24 @@ DeviceEpOptions ll_variant_options(const std::string& name) {
       o.ll_combine_wide = true;
     else if (c == 'U')
       o.ll_combine_pull = true;
+    else if (c == 'N')
+      o.ll_early_notify = true;
+    else if (c == 'R')
+      o.ll_late_reset = true;
+    else if (c == 'L')
+      o.ll_self_rows = true;
+    else if (c == 'X')
+      o.ll_combine_spread = true;
+    else if (c == 'O')
+      o.ll_combine_own_recv = true;
+    else if (c == 'T')
+      o.ll_token_flags = true;
+    else if (c == 'F')
+      o.ll_combine_flags = true;
+    else if (c == 'V')
+      o.ll_scale_vec = true;
+    else if (c == '0')  // the session-4 kernels: session 5's defaults off
+      o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "low-latency variant ", name, ": unknown letter ", c);
   }
@@ -731,11 +777,13 @@ std::vector<std::vector<double>> bench_ab_ll(World& w, int64_t T, int64_t cap, i
   const std::vector<std::string>& names = w.opt.ll_variants;
   const int nv = static_cast<int>(names.size());
   std::vector<std::unique_ptr<DeviceEpGroup>> groups(nv);
+  std::vector<int> send_blocks(nv);
   for (int v = 0; v < nv; ++v) {
     DeviceEpOptions o = ll_variant_options(names[v]);
-    o.num_blocks = blocks;
+    if (o.num_blocks == 0) o.num_blocks = blocks;
+    send_blocks[v] = o.num_blocks;
     o.chunk_tokens = chunk;
-    o.recv_blocks = w.opt.recv_blocks;
+    if (o.recv_blocks < 0) o.recv_blocks = w.opt.recv_blocks;
     o.overlap_recv = w.opt.overlap;
     o.expand_payload = w.opt.ll_expand;
     groups[v] = std::make_unique<DeviceEpGroup>(cfg, devices_of(w), o);
@@ -792,7 +840,7 @@ std::vector<std::vector<double>> bench_ab_ll(World& w, int64_t T, int64_t cap, i
         row.op = ops[op];
         row.dtype = op == 1 ? "bf16" : "fp8";
         row.tokens = T;
-        row.blocks = blocks;
+        row.blocks = send_blocks[v];
         row.chunk = names[v] == "old" ? chunk : 0;
         row.note = "ab_ll=" + names[v] + " round=" + std::to_string(round);
         // NOTE: combine reads the layout of its group's last dispatch, which runs right before.
@@ -820,6 +868,62 @@ std::vector<std::vector<double>> bench_ab_ll(World& w, int64_t T, int64_t cap, i
         emit(w, row);
       }
     }
+  // --ll-graph N: what a decoding step that replays a graph of the layer sees. Per rank, N
+  // rounds of dispatch_send, dispatch_recv, combine_send, combine_recv captured in one graph;
+  // one replay of every rank's graph is timed like any other enqueue (gate, events), and the
+  // row gives the time per round. NCCL gets the same treatment (bench_nccl_graph). The last
+  // round's combine output is checked against the reference.
+  for (int v = 0; v < nv && w.opt.ll_graph > 0; ++v) {
+    DeviceEpGroup* g = groups[v].get();
+    const int N = w.opt.ll_graph;
+    std::vector<cudaGraphExec_t> execs(w.R);
+    for (int r = 0; r < w.R; ++r) {
+      Rank& k = w.ranks[r];
+      FM_CHECK_CUDA(cudaSetDevice(k.device));
+      FM_CHECK_CUDA(cudaStreamBeginCapture(k.stream, cudaStreamCaptureModeThreadLocal));
+      auto& ep = g->rank(r);
+      for (int i = 0; i < N; ++i) {
+        ep.dispatch_send({T, k.dx, k.didx, k.dw}, k.stream);
+        ep.dispatch_recv(k.stream);
+        ep.combine_send(k.dy, k.stream);
+        ep.combine_recv(k.dout, k.stream);
+      }
+      cudaGraph_t graph;
+      FM_CHECK_CUDA(cudaStreamEndCapture(k.stream, &graph));
+      FM_CHECK_CUDA(cudaGraphInstantiate(&execs[r], graph, 0));
+      FM_CHECK_CUDA(cudaGraphDestroy(graph));
+    }
+    auto replay = [&] {
+      for (int r = 0; r < w.R; ++r) {
+        FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+        FM_CHECK_CUDA(cudaGraphLaunch(execs[r], w.ranks[r].stream));
+      }
+    };
+    Row row;
+    row.impl = "fp8moe";
+    row.mode = "low_latency";
+    row.op = "dispatch+combine";
+    row.dtype = "fp8+bf16";
+    row.tokens = T;
+    row.blocks = send_blocks[v];
+    row.note = "graph_rounds=" + std::to_string(N) + " ab_ll=" + names[v];
+    row.us = w.time_us(replay, w.opt.iters, w.opt.warmup) / N;
+    row.gbps = (bytes_fp8 + bytes_bf16) / (row.us * 1e3);
+    g->check();
+    if (w.opt.check && w.opt.ll_expand) {
+      row.check = 1;
+      for (int r = 0; r < w.R; ++r) {
+        std::vector<uint16_t> out(T * H);
+        FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+        FM_CHECK_CUDA(cudaStreamSynchronize(w.ranks[r].stream));
+        FM_CHECK_CUDA(
+            cudaMemcpy(out.data(), w.ranks[r].dout, out.size() * 2, cudaMemcpyDeviceToHost));
+        row.check = row.check && out == want_out[r];
+      }
+    }
+    emit(w, row);
+    for (auto e : execs) cudaGraphExecDestroy(e);
+  }
   std::vector<std::vector<double>> med(nv, std::vector<double>(2));
   for (int v = 0; v < nv; ++v)
     for (int op = 0; op < 2; ++op) {
@@ -864,6 +968,83 @@ void bench_nccl(World& w, const char* mode, int64_t T, const std::vector<std::ve
   emit(w, row);
   for (int r = 0; r < w.R; ++r) {
     FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+    cudaFree(sbuf[r]);
+    cudaFree(rbuf[r]);
+  }
+}
+#endif
+
+#if defined(FP8MOE_HAVE_NCCL)
+// --ll-graph N for the anchor: N rounds of the dispatch all-to-all and the combine all-to-all
+// (the bytes of bench_nccl) captured in one graph per rank's stream, timed as bench_ab_ll times
+// ours; the row gives the time per round. A capture NCCL refuses is reported and skipped.
+void bench_nccl_graph(World& w, int64_t T, const std::vector<std::vector<int64_t>>& cnt,
+                      int64_t fp8_record, int64_t bf16_record, double recv_bytes) {
+  const int N = w.opt.ll_graph;
+  const int64_t rb = std::max(fp8_record, bf16_record);
+  std::vector<char*> sbuf(w.R), rbuf(w.R);
+  for (int r = 0; r < w.R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+    FM_CHECK_CUDA(cudaMalloc(&sbuf[r], w.R * T * rb + 16));
+    FM_CHECK_CUDA(cudaMalloc(&rbuf[r], w.R * T * rb + 16));
+    FM_CHECK_CUDA(cudaMemset(sbuf[r], 1, w.R * T * rb + 16));
+  }
+  auto a2a = [&](int64_t record_bytes) {
+    BENCH_NCCL(ncclGroupStart());
+    for (int r = 0; r < w.R; ++r)
+      for (int p = 0; p < w.R; ++p) {
+        BENCH_NCCL(ncclSend(sbuf[r] + p * T * record_bytes, cnt[r][p] * record_bytes, ncclUint8, p,
+                            w.comms[r], w.ranks[r].stream));
+        BENCH_NCCL(ncclRecv(rbuf[r] + p * T * record_bytes, cnt[p][r] * record_bytes, ncclUint8, p,
+                            w.comms[r], w.ranks[r].stream));
+      }
+    BENCH_NCCL(ncclGroupEnd());
+  };
+  std::vector<cudaGraphExec_t> execs(w.R, nullptr);
+  try {
+    for (auto& k : w.ranks) {
+      FM_CHECK_CUDA(cudaSetDevice(k.device));
+      FM_CHECK_CUDA(cudaStreamBeginCapture(k.stream, cudaStreamCaptureModeRelaxed));
+    }
+    for (int i = 0; i < N; ++i) {
+      a2a(fp8_record);
+      a2a(bf16_record);
+    }
+    for (int r = 0; r < w.R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+      cudaGraph_t graph;
+      FM_CHECK_CUDA(cudaStreamEndCapture(w.ranks[r].stream, &graph));
+      FM_CHECK_CUDA(cudaGraphInstantiate(&execs[r], graph, 0));
+      FM_CHECK_CUDA(cudaGraphDestroy(graph));
+    }
+    auto replay = [&] {
+      for (int r = 0; r < w.R; ++r) {
+        FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+        FM_CHECK_CUDA(cudaGraphLaunch(execs[r], w.ranks[r].stream));
+      }
+    };
+    Row row;
+    row.impl = "nccl";
+    row.mode = "low_latency";
+    row.op = "dispatch+combine";
+    row.dtype = "fp8+bf16";
+    row.tokens = T;
+    row.note = "graph_rounds=" + std::to_string(N) + " all_to_all_same_bytes";
+    row.us = w.time_us(replay, w.opt.iters, w.opt.warmup) / N;
+    row.gbps = recv_bytes / (row.us * 1e3);
+    emit(w, row);
+  } catch (const Error& e) {
+    std::printf("# nccl graph: not measured (%s)\n", e.what());
+    for (auto& k : w.ranks) {  // leave no stream capturing
+      cudaSetDevice(k.device);
+      cudaGraph_t graph = nullptr;
+      if (cudaStreamEndCapture(k.stream, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
+    }
+    cudaGetLastError();
+  }
+  for (int r = 0; r < w.R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+    if (execs[r]) cudaGraphExecDestroy(execs[r]);
     cudaFree(sbuf[r]);
     cudaFree(rbuf[r]);
   }
@@ -1102,7 +1283,10 @@ void run(World& w) {
       bench_nccl(w, "low_latency", T, cnt, "dispatch", "fp8", fp8_record, recv * fp8_record);
       bench_nccl(w, "low_latency", T, cnt, "combine", "bf16", bf16_record, recv * bf16_record);
       for (const Row& r : w.rows)
-        if (r.impl == "nccl" && r.mode == "low_latency") nccl[r.op == "combine"] = r.us;
+        if (r.impl == "nccl" && r.mode == "low_latency" && r.op != "dispatch+combine")
+          nccl[r.op == "combine"] = r.us;
+      if (w.opt.ll_graph > 0)
+        bench_nccl_graph(w, T, cnt, fp8_record, bf16_record, recv * (fp8_record + bf16_record));
     }
 #endif
     bench_peer(w, static_cast<int64_t>(cross * fp8_record), "low_latency",
@@ -1135,6 +1319,15 @@ void run(World& w) {
           names[v].c_str(), med[v][0], med[v][1], n, names[0].c_str(), b > 0 ? n / b : 0.0,
           n > 0 ? c / n : 0.0);
     }
+    // --ll-graph: per round of a replayed graph, every path against NCCL's graph.
+    double ng = 0;
+    for (const Row& r : w.rows)
+      if (r.impl == "nccl" && r.op == "dispatch+combine") ng = r.us;
+    for (const Row& r : w.rows)
+      if (r.impl == "fp8moe" && r.op == "dispatch+combine")
+        std::printf("# ll_graph %-24s %7.1f us per round  nccl %7.1f us -> nccl/ours %.2fx%s\n",
+                    r.note.c_str(), r.us, ng, r.us > 0 ? ng / r.us : 0.0,
+                    r.check == 0 ? " MISMATCH" : "");
     return;
   }
   if (w.opt.ncu) {  // normal FP8 dispatch and combine only, one variant

@@ -130,7 +130,7 @@ WsLayout make_layout(const Geometry& g) {
   l.plan_cnt = take(static_cast<size_t>(g.NT) * g.W * 2);
   l.plan_dball = take(static_cast<size_t>(g.R) * g.NT * 4);
   l.plan_tot = take(static_cast<size_t>(g.W) * 4);
-  l.ll = take(ll::region_bytes(g.R, g.L, g.Tmax, g.K));
+  l.ll = take(ll::region_bytes(g.R, g.L, g.Tmax, g.K, g.H));
   l.total = at;
   return l;
 }
@@ -208,6 +208,9 @@ struct DeviceEpRank::Impl {
   unsigned long long* ll_trace = nullptr;  // FP8MOE_EP_LL_TRACE=1: phase stamps (diagnostics)
   bool ll_fence = false;                   // FP8MOE_EP_LL_FENCE=1 (experiment)
   unsigned long long* trace = nullptr;     // FP8MOE_EP_TRACE=1: dispatch phase stamps
+  // DeviceEpOptions::ll_self_rows where it applies (its send blocks wait for every rank's
+  // block 0, so all of them must be resident; ll_token_flags replaces it).
+  bool ll_self_rows = false;
 
   ll::Params ll_params() const {
     ll::Params p;
@@ -262,6 +265,14 @@ struct DeviceEpRank::Impl {
     p.overlap_flags = opt.ll_overlap_flags;
     p.combine_wide = opt.ll_combine_wide;
     p.combine_pull = opt.ll_combine_pull;
+    p.token_flags = opt.ll_token_flags;
+    p.combine_flags = opt.ll_combine_flags && !opt.ll_combine_pull;
+    p.scale_vec = opt.ll_scale_vec;
+    p.self_rows = ll_self_rows;
+    p.early_notify = opt.ll_early_notify || p.self_rows || p.token_flags;
+    p.late_reset = opt.ll_late_reset;
+    p.spread = opt.ll_combine_spread;
+    p.own_recv = opt.ll_combine_own_recv;
     return p;
   }
   std::unique_ptr<detail::ForwardEpRank> fwd;  // more than one node: the two-stage route
@@ -451,6 +462,8 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
     FM_CHECK_CUDA(cudaMemset(m.ll_trace, 0, ll::kTraceSlots * 8));
   }
   m.ll_fence = std::getenv("FP8MOE_EP_LL_FENCE") != nullptr;
+  m.ll_self_rows = m.ll && opt.ll_self_rows && !opt.ll_token_flags && opt.expand_payload &&
+                   opt.ranks_per_device <= 1 && opt.num_blocks <= m.sm_count;
   if (std::getenv("FP8MOE_EP_TRACE")) {
     FM_CHECK_CUDA(cudaMalloc(&m.trace, kTrSlots * 8));
     FM_CHECK_CUDA(cudaMemset(m.trace, 0, kTrSlots * 8));
@@ -797,8 +810,9 @@ DispatchResult DeviceEpRank::download() const {
       std::memcpy(r.recv.x_bf16.data(), stage.data(), slots * g.H * 2);
     }
   }
-  if (m.direct && !gr.overflow) {
-    // dispatch_direct_rows: the regions hold no payload; each record's is its lowest-k row.
+  if ((m.direct || m.ll_self_rows) && !gr.overflow) {
+    // dispatch_direct_rows: the regions hold no payload; each record's is its lowest-k row
+    // (ll_self_rows: the rank's own region; the rows of the others are copies of theirs).
     for (int s = 0; s < g.R; ++s)
       for (int64_t j = 0; j < r.recv.count[s]; ++j) {
         const size_t slot = static_cast<size_t>(s) * g.Tmax + j;

@@ -16,8 +16,15 @@
 // source's staging row, the rank's own too; combine receive sums a token's partials in rank
 // order. No step waits on the host; the only cross-rank waits are one arrival per direction and
 // the previous round's acknowledgement.
-// Variants (Params batch_ids, overlap_flags, combine_wide, combine_pull; DeviceEpOptions::ll_*,
-// off by default; compiled, not yet run on a device): docs/comm/README.md, "Low-latency kernels".
+// Defaults since session 5 (Params early_notify, token_flags, spread, own_recv): block 0 releases
+// the counts on a counter of their own and the receive derives the layout while the payload is
+// in flight; instead of the per-block arrival each warp releases a flag per record and 1024-column
+// step after its stores and the receive copies each step once its flag is in (the receive, not
+// the send, turns stale rows back into padding); the combine send deals items across blocks and
+// skips the rank's own records, whose partials the combine receive computes before it waits.
+// Other variants (batch_ids, overlap_flags, combine_wide, combine_pull, late_reset, self_rows,
+// combine_flags, scale_vec; DeviceEpOptions::ll_*, off): docs/comm/README.md, "Low-latency
+// kernels" and "Session 5: low latency".
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: test_comm_gpu --gtest_filter='*LowLatency*' (tests/comm/device_ep_gpu_test.cu).
 #include <algorithm>
@@ -44,6 +51,12 @@ const char* counter_name(int counter) {
       return "ll_combine.data";
     case kCombineAck:
       return "ll_combine.ack";
+    case kDispatchNotify:
+      return "ll_dispatch.notify";
+    case kDispatchToken:
+      return "ll_dispatch.token";
+    case kCombineToken:
+      return "ll_combine.token";
     default:
       return nullptr;
   }
@@ -70,7 +83,9 @@ constexpr unsigned long long kRound = 1ull << 32;
 
 // Counter groups of the region: [group][R] u64, then the kernels' done counts, then the rows
 // each expert used in the previous dispatch, then the per-slot weight copy (slot_weight).
-enum Group : int { kDataD = 0, kAckD = 1, kDataC = 2, kAckC = 3 };
+// kNotifyD: one round per dispatch, added by the source's block 0 after its counts (early_notify).
+enum Group : int { kDataD = 0, kAckD = 1, kDataC = 2, kAckC = 3, kNotifyD = 4 };
+constexpr int kGroups = 5;
 enum Done : int {
   kDoneDispatchSend = 0,
   kDoneDispatchRecv = 1,
@@ -81,7 +96,7 @@ enum Done : int {
 // Shared memory of the send plan: per-expert and per-destination tile counts (u16, then
 // exclusive prefixes), destination ballots, per-warp lane masks, in-tile ranks of every slot.
 struct PlanSmem {
-  size_t ecnt, dcnt, dball, emask, tpos, etot, dtot, total;
+  size_t ecnt, dcnt, dball, emask, tpos, etot, dtot, sbase, total;
 };
 __host__ __device__ inline size_t align16(size_t v) {
   return (v + 15) / 16 * 16;
@@ -104,6 +119,8 @@ __host__ __device__ inline PlanSmem plan_smem(int E, int R, int K, int64_t Tmax)
   at = align16(at + E * 4);
   s.dtot = at;
   at = align16(at + R * 4);
+  s.sbase = at;  // self_rows: [L] first row of my tokens inside each local expert's block
+  at = align16(at + (E / R) * 4);
   s.total = at;
   return s;
 }
@@ -133,16 +150,48 @@ __device__ __forceinline__ unsigned long long* ctr(char* base, const Params& p, 
   return at<unsigned long long>(base, p.f.ll) + g * p.R + idx;
 }
 __device__ __forceinline__ unsigned long long* done(const Params& p, int which) {
-  return at<unsigned long long>(p.my, p.f.ll) + 4 * p.R + which;
+  return at<unsigned long long>(p.my, p.f.ll) + kGroups * p.R + which;
 }
 __device__ __forceinline__ int* prev_rows(const Params& p) {
-  return reinterpret_cast<int*>(at<unsigned long long>(p.my, p.f.ll) + 4 * p.R + 4);
+  return reinterpret_cast<int*>(at<unsigned long long>(p.my, p.f.ll) + kGroups * p.R + 4);
 }
 // [R * Tmax][K] gate weight of each received (slot, k) with a row here (else 0): a local copy
 // (the record's own field may be overwritten by the source's next dispatch during combine), read
 // by combine beside token_rows instead of after it (row_weight[row] is a dependent load).
 __device__ __forceinline__ float* slot_weight(const Params& p) {
   return reinterpret_cast<float*>(prev_rows(p) + p.L);
+}
+// token_flags: [2][L] rows each expert used in the rounds of each parity (the receive resets the
+// previous round's rows that this one does not rewrite), then [R][Tmax][steps] u32 flags: the
+// round whose 1024-column step of the record (source, slot) is in.
+__host__ __device__ inline size_t flag_offset(int R, int L, int64_t Tmax, int K) {
+  return (kGroups * static_cast<size_t>(R) + 4) * 8 + static_cast<size_t>(L) * 4 +
+         static_cast<size_t>(R) * Tmax * K * 4 + 2 * static_cast<size_t>(L) * 4;
+}
+__device__ __forceinline__ int* prev_rows2(const Params& p) {
+  return reinterpret_cast<int*>(slot_weight(p) + static_cast<int64_t>(p.R) * p.Tmax * p.K);
+}
+__device__ __forceinline__ unsigned* dflag(char* base, const Params& p) {
+  return reinterpret_cast<unsigned*>(base + p.f.ll + flag_offset(p.R, p.L, p.Tmax, p.K));
+}
+__device__ __forceinline__ int64_t col_steps(const Params& p) {
+  return (p.H + 1023) / 1024;
+}
+// combine_flags: [R][Tmax][ceil(H / 512)] u32 after the dispatch flags: the round whose 512-column
+// step of the partial of (sending rank, slot) is in.
+__device__ __forceinline__ unsigned* cflag(char* base, const Params& p) {
+  return dflag(base, p) + static_cast<int64_t>(p.R) * p.Tmax * col_steps(p);
+}
+__device__ __forceinline__ int64_t half_steps(const Params& p) {
+  return (p.H + 511) / 512;
+}
+__device__ __forceinline__ unsigned ld_acquire_sys_u32(const unsigned* f) {
+  unsigned v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(f) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_sys_u32(unsigned* f, unsigned v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(f), "r"(v) : "memory");
 }
 
 // Diagnostics: block 0's stamp (first-block proxy) and the latest block's stamp of a phase.
@@ -191,6 +240,27 @@ __device__ bool wait_rounds(const unsigned long long* c, unsigned long long n, c
   }
 }
 
+// token_flags: bounded acquire-poll (one lane) until flag f holds round n or later; false (error
+// recorded) on timeout or when this rank already timed out.
+__device__ bool wait_flag(const unsigned* f, unsigned n, const Params& p, int peer_rank,
+                          int counter = kDispatchToken) {
+  unsigned v = ld_acquire_sys_u32(f);
+  if (v >= n) return true;
+  const unsigned long long t0 = globaltimer();
+  const long long c0 = clock64();
+  const long long max_cycles = static_cast<long long>(p.timeout_ns) * 3;
+  for (;;) {
+    v = ld_acquire_sys_u32(f);
+    if (v >= n) return true;
+    if (*reinterpret_cast<volatile int*>(&p.err->code) == kErrTimeout) return false;
+    if (globaltimer() - t0 > p.timeout_ns || clock64() - c0 > max_cycles) {
+      record_error(p.err, kErrTimeout, p.rank, peer_rank, counter, n, v, -1);
+      return false;
+    }
+    __nanosleep(32);
+  }
+}
+
 // Expert id e of token t checked: -1 for none or out of range (reported once, by block 0's plan).
 __device__ __forceinline__ int checked_expert(const Params& p, int64_t t, int e, bool report) {
   if (e < -1 || e >= p.E) {
@@ -222,6 +292,11 @@ __device__ __forceinline__ Split split(int64_t n, int64_t steps) {
 }
 __device__ __forceinline__ int64_t global_warp() {
   return static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+}
+// The same warps numbered across blocks first (spread): consecutive items land in different
+// blocks, so every block holds items of every part of the item range.
+__device__ __forceinline__ int64_t spread_warp() {
+  return static_cast<int64_t>(threadIdx.x >> 5) * gridDim.x + blockIdx.x;
 }
 
 // ---- dispatch send 1: the plan of the batch in shared memory ----
@@ -301,6 +376,7 @@ __device__ void plan_batch(const Params& p, const Plan& pl, const int* ev0) {
     __syncwarp();
   }
   __syncthreads();
+  stamp_last(p, 23);
   // Exclusive prefixes over the tiles, one thread per column (experts, then destinations).
   for (int c = threadIdx.x; c < p.E + p.R; c += blockDim.x) {
     uint16_t* col = c < p.E ? pl.ecnt + c * pl.NT : pl.dcnt + (c - p.E) * pl.NT;
@@ -384,6 +460,19 @@ __device__ __forceinline__ void store_step(const Params& p, int64_t step, const 
   float scale[2];
 #pragma unroll
   for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
+  // scale_vec: lane u < 2 holds the four scales of half u (lanes 0, 8, 16, 24 have them), for
+  // one 16-byte store of a half that lies wholly inside the row.
+  float4 sv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  bool whole[2] = {false, false};
+  if (p.scale_vec) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const float a = __shfl_sync(kFull, scale[u], 0), b = __shfl_sync(kFull, scale[u], 8);
+      const float c = __shfl_sync(kFull, scale[u], 16), e = __shfl_sync(kFull, scale[u], 24);
+      if (lane == u) sv = make_float4(a, b, c, e);
+      whole[u] = c0 + (u + 1) * 512 <= p.H;
+    }
+  }
   for (unsigned m = mask; m; m &= m - 1) {
     const int d = __ffs(m) - 1;
     char* rec = peer(p, d) + p.f.stage + (region + __shfl_sync(kFull, jl, d)) * p.P;
@@ -392,7 +481,65 @@ __device__ __forceinline__ void store_step(const Params& p, int64_t step, const 
       const int64_t c = c0 + u * 512 + lane * 16;
       if (c >= p.H) continue;
       *reinterpret_cast<uint4*>(rec + c) = codes[u];
-      if ((lane & 7) == 0) *reinterpret_cast<float*>(rec + p.H + (c / 128) * 4) = scale[u];
+      if (whole[u]) {
+        if (lane == u) *reinterpret_cast<float4*>(rec + p.H + (c0 / 128 + 4 * u) * 4) = sv;
+      } else if ((lane & 7) == 0) {
+        *reinterpret_cast<float*>(rec + p.H + (c / 128) * 4) = scale[u];
+      }
+    }
+  }
+}
+
+// ---- dispatch send 4 (self_rows): token t's payload step straight into its rows here ----
+// rows[k]: the masked row of (t, k) at this rank, -1 where k's expert lives elsewhere.
+__device__ __forceinline__ void store_rows(const Params& p, int64_t step, const uint4* v,
+                                           const int* rows) {
+  const int lane = threadIdx.x & 31;
+  const int64_t c0 = step * 1024;
+  char* gx = p.my + p.f.gx;
+  if (!p.fp8) {
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      if (rows[k] < 0) continue;
+      char* dst = gx + static_cast<int64_t>(rows[k]) * p.H * 2;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t c = c0 + u * 256 + lane * 8;
+        if (c < p.H) *reinterpret_cast<uint4*>(dst + c * 2) = v[u];
+      }
+    }
+    return;
+  }
+  uint4 codes[2];
+  float scale[2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
+  float* gs = at<float>(p.my, p.f.gscales);
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) {
+    if (rows[k] < 0) continue;
+    char* dst = gx + static_cast<int64_t>(rows[k]) * p.H;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int64_t c = c0 + u * 512 + lane * 16;
+      if (c >= p.H) continue;
+      *reinterpret_cast<uint4*>(dst + c) = codes[u];
+      if ((lane & 7) == 0) gs[static_cast<int64_t>(rows[k]) * p.SC + c / 128] = scale[u];
+    }
+  }
+}
+
+// The rows the previous dispatch used become padding again (this rank's receive kernel writes
+// this round's rows after it saw this grid's arrival, so after these writes).
+__device__ __forceinline__ void reset_prev_rows(const Params& p) {
+  const int* prev = prev_rows(p);
+  int32_t* m_indices = at<int32_t>(p.my, p.f.m_indices);
+  int32_t* row_src = at<int32_t>(p.my, p.f.row_src);
+  for (int e = blockIdx.x; e < p.L; e += gridDim.x) {
+    const int before = __ldcg(prev + e);
+    for (int r = threadIdx.x; r < before; r += blockDim.x) {
+      m_indices[e * p.cap + r] = -1;
+      row_src[e * p.cap + r] = -1;
     }
   }
 }
@@ -400,7 +547,7 @@ __device__ __forceinline__ void store_step(const Params& p, int64_t step, const 
 __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
   extern __shared__ uint4 smem_raw[];
   __shared__ unsigned long long s_n;
-  __shared__ int s_abort, s_ack_late;
+  __shared__ int s_abort, s_ack_late, s_largest;
   char* sm = reinterpret_cast<char*>(smem_raw);
   const PlanSmem ps = plan_smem(p.E, p.R, p.K, p.Tmax);
   Plan pl;
@@ -412,6 +559,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
   pl.etot = reinterpret_cast<int*>(sm + ps.etot);
   pl.dtot = reinterpret_cast<int*>(sm + ps.dtot);
   pl.NT = static_cast<int>((p.Tmax + kTile - 1) / kTile);
+  int* sbase = reinterpret_cast<int*>(sm + ps.sbase);
   stamp_first(p, 0);
   stamp_last(p, 1);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -442,44 +590,35 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
         *reinterpret_cast<volatile unsigned long long*>(done(p, kDoneDispatchSend)) / gridDim.x + 1;
     ack_seen = ld_acquire_sys(ctr(p.my, p, kAckD, lane)) >= (nb - 1) * kRound;
   }
-  // The rows the previous dispatch used become padding again (this rank's receive kernel writes
-  // this round's rows after it saw this grid's arrival, so after these writes).
-  {
-    const int* prev = prev_rows(p);
-    int32_t* m_indices = at<int32_t>(p.my, p.f.m_indices);
-    int32_t* row_src = at<int32_t>(p.my, p.f.row_src);
-    for (int e = blockIdx.x; e < p.L; e += gridDim.x) {
-      const int before = __ldcg(prev + e);
-      for (int r = threadIdx.x; r < before; r += blockDim.x) {
-        m_indices[e * p.cap + r] = -1;
-        row_src[e * p.cap + r] = -1;
-      }
-    }
-  }
+  if (!p.late_reset && !p.token_flags) reset_prev_rows(p);
   if (threadIdx.x == 0) {
     s_abort = 0;
     s_ack_late = 0;
+    s_largest = 0;
   }
   for (size_t i = threadIdx.x; i < ps.tpos / 4; i += blockDim.x)
     reinterpret_cast<uint32_t*>(sm)[i] = 0;
   __syncthreads();
   // The receive kernel may start now: it synchronises with this grid through counters only.
   allow_dependent_launch();
+  stamp_last(p, 22);
   if (ack_early && !ack_seen) s_ack_late = 1;  // read after the plan's barriers
   plan_batch(p, pl, ev0);
   stamp_last(p, 2);
+  if (threadIdx.x == 0) s_n = done_before / gridDim.x + 1;  // see read_round
   if (!p.overlap_flags || s_ack_late) {
-    if (threadIdx.x == 0) s_n = done_before / gridDim.x + 1;  // see read_round
     __syncthreads();
     const unsigned long long n = s_n;
     // Destination d's region of mine is free once d's receive blocks all finished the last round.
     if (threadIdx.x < p.R &&
         !wait_rounds(ctr(p.my, p, kAckD, threadIdx.x), n - 1, p, threadIdx.x, kDispatchAck))
       s_abort = 1;
-    __syncthreads();
   }
+  __syncthreads();
   if (s_abort) return;
+  const unsigned long long n = s_n;
   stamp_last(p, 3);
+  const bool early = p.early_notify || p.self_rows;
   if (blockIdx.x == 0) {
     // Per destination: T, its local experts' counts, the tokens it gets from me.
     for (int i = threadIdx.x; i < p.R * (p.L + 1); i += blockDim.x) {
@@ -489,7 +628,16 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
     }
     if (threadIdx.x < p.R)
       at<int32_t>(peer(p, threadIdx.x), p.f.recv_count)[p.rank] = pl.dtot[threadIdx.x];
+    if (early) {
+      // NOTE: the last warp releases, so warp 0's first items are not held up by the fence.
+      __syncthreads();
+      if (warp == kWarps - 1 && lane < p.R)
+        red_release_sys(ctr(peer(p, lane), p, kNotifyD, p.rank), kRound);
+    }
   }
+  // self_rows: my own tokens are written into their rows below, once the layout is known.
+  const unsigned self_bit = 1u << p.rank;
+  const unsigned keep = p.self_rows ? ~self_bit : ~0u;
   for (int64_t item = first_item; item < sp.items;
        item += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t t = sp.row(item);
@@ -509,17 +657,102 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
     }
     for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
       if (item != first_item || step != sp.first(item)) load_step(p, t, step, xv);
-      store_step(p, step, xv, jl, mask);
+      store_step(p, step, xv, jl, mask & keep);
+    }
+    if (p.token_flags) {
+      // Lane d releases this item's steps at destination d (the warp's stores, the metadata
+      // included, are ordered before by the warp barrier; the release is cumulative).
+      __syncwarp();
+      if (lane < p.R && ((mask >> lane) & 1u)) {
+        unsigned* f =
+            dflag(peer(p, lane), p) + (static_cast<int64_t>(p.rank) * p.Tmax + jl) * col_steps(p);
+        for (int64_t step = sp.first(item); step < sp.last(item); ++step)
+          st_release_sys_u32(f + step, static_cast<unsigned>(n));
+      }
     }
   }
+  if (p.late_reset && !p.token_flags) reset_prev_rows(p);
   // Arrival: this block's share of the round at every destination, after all its writes.
   __syncthreads();
   stamp_last(p, 4);
-  count_done(p, kDoneDispatchSend);
-  __syncthreads();
-  if (threadIdx.x < p.R) {
+  if (!p.self_rows) {
+    count_done(p, kDoneDispatchSend);
+    __syncthreads();
+    if (threadIdx.x < p.R && !p.token_flags) {
+      if (p.fence) __threadfence_system();
+      red_release_sys(ctr(peer(p, threadIdx.x), p, kDataD, p.rank), round_share());
+    }
+    stamp_last(p, 5);
+    return;
+  }
+  // ---- self_rows: the peers' arrival now; my own tokens into their rows, then my arrival ----
+  if (threadIdx.x < p.R && threadIdx.x != p.rank) {
     if (p.fence) __threadfence_system();
     red_release_sys(ctr(peer(p, threadIdx.x), p, kDataD, p.rank), round_share());
+  }
+  // Every source's counts give my tokens' first row in each local expert (sources before me
+  // come first) and whether any expert overflows (then no rows: my region keeps the payload).
+  if (threadIdx.x < p.R &&
+      !wait_rounds(ctr(p.my, p, kNotifyD, threadIdx.x), n, p, threadIdx.x, kDispatchNotify))
+    s_abort = 1;
+  __syncthreads();
+  if (s_abort) return;
+  {
+    const int32_t* notify = at<int32_t>(p.my, p.f.notify);
+    for (int e = threadIdx.x; e < p.L; e += blockDim.x) {
+      int run = 0, before = 0;
+      for (int s = 0; s < p.R; ++s) {
+        if (s == p.rank) before = run;
+        run += __ldcg(notify + s * p.NS + 1 + e);
+      }
+      sbase[e] = before;
+      atomicMax(&s_largest, run);
+    }
+  }
+  __syncthreads();
+  stamp_last(p, 24);
+  const bool ovf = s_largest > p.cap;
+  for (int64_t item = first_item; item < sp.items;
+       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t t = sp.row(item);
+    const int tile = static_cast<int>(t / kTile), bit = static_cast<int>(t % kTile);
+    const uint32_t b = pl.dball[p.rank * pl.NT + tile];
+    if (!((b >> bit) & 1u)) continue;  // not mine (warp-uniform)
+    if (ovf) {
+      const int jl =
+          lane == p.rank ? pl.dcnt[p.rank * pl.NT + tile] + __popc(b & ((1u << bit) - 1u)) : -1;
+      for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
+        load_step(p, t, step, xv);
+        store_step(p, step, xv, jl, self_bit);
+      }
+      continue;
+    }
+    int e = -1;
+    if (lane < p.K) e = expert_of(p, t, lane, false);
+    for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
+      load_step(p, t, step, xv);
+      int row = -1;
+      if (lane < p.K && e >= p.rank * p.L && e < (p.rank + 1) * p.L) {
+        const int el = e - p.rank * p.L;
+        row = static_cast<int>(el * p.cap) + sbase[el] + pl.ecnt[e * pl.NT + tile] +
+              pl.tpos[t * p.K + lane];
+      }
+      int rows[kMaxTopK];
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) {
+        rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
+        if (k >= p.K) rows[k] = -1;
+      }
+      store_rows(p, step, xv, rows);
+    }
+  }
+  __syncthreads();
+  stamp_last(p, 25);
+  count_done(p, kDoneDispatchSend);
+  __syncthreads();
+  if (threadIdx.x == p.rank) {
+    if (p.fence) __threadfence_system();
+    red_release_sys(ctr(p.my, p, kDataD, p.rank), round_share());
   }
   stamp_last(p, 5);
 }
@@ -530,6 +763,89 @@ __device__ __forceinline__ void load_rec(const char* rec, int64_t c0, int64_t ro
 #pragma unroll
   for (int u = 0; u < 4; ++u)
     if (c0 + u * 512 < row_bytes) v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + c0 + u * 512));
+}
+
+// ---- dispatch receive, token_flags: every record step copied as soon as its flag is in ----
+// Items (record, range of 1024-column steps), the sender's steps: the item's lanes wait for the
+// flags of step 0 (the metadata) and of its steps, then write the layout entries (step-0 items)
+// and copy the steps into every row of the token (FP8: 1 KB and 8 scales a step; BF16: 2 KB).
+__device__ void recv_flagged(const Params& p, const int* base, const int* roff, bool ovf,
+                             unsigned n) {
+  const int lane = threadIdx.x & 31;
+  const int64_t S = col_steps(p);
+  const int64_t es = p.fp8 ? 1 : 2;
+  const int64_t row_bytes = p.H * es;
+  const bool copy = p.expand && !ovf;
+  const Split sp = split(roff[p.R], S);
+  int32_t* m_indices = at<int32_t>(p.my, p.f.m_indices);
+  int32_t* row_src = at<int32_t>(p.my, p.f.row_src);
+  char* gx = p.my + p.f.gx;
+  float* gs = at<float>(p.my, p.f.gscales);
+  const unsigned* flags = dflag(p.my, p);
+  for (int64_t item = global_warp(); item < sp.items;
+       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t i = sp.row(item);
+    int s = 0;
+    while (roff[s + 1] <= i) ++s;
+    const int64_t slot = static_cast<int64_t>(s) * p.Tmax + (i - roff[s]);
+    const char* rec = p.my + p.f.stage + slot * p.P;
+    const unsigned* f = flags + slot * S;
+    const int64_t first = sp.first(item), last = sp.last(item);
+    // Lane 0: step 0 (the metadata); lane q > 0: step first + q - 1 (and every 32nd after).
+    bool ok = true;
+    for (int64_t q = lane; q <= last - first && ok; q += 32)
+      ok = wait_flag(q == 0 ? f : f + first + q - 1, n, p, s);
+    if (__any_sync(kFull, !ok)) return;  // recorded; check() reports it
+    __syncwarp();
+    const bool meta = first == 0;
+    int e = -1, pos = 0;
+    float wt = 0.0f;
+    if (lane < p.K) {
+      e = __ldcg(at<int32_t>(p.my, p.f.topk_local) + slot * p.K + lane);
+      pos = __ldcg(at<int32_t>(p.my, p.f.topk_pos) + slot * p.K + lane);
+      if (meta) wt = __ldcg(at<float>(p.my, p.f.weight) + slot * p.K + lane);
+    }
+    int row = -1;
+    if (lane < p.K) {
+      if (e >= 0 && !ovf) {
+        row = static_cast<int>(e * p.cap) + base[s * p.L + e] + pos;
+        if (meta) {
+          m_indices[row] = e;
+          row_src[row] = static_cast<int32_t>(i * p.K + lane);
+          at<float>(p.my, p.f.row_weight)[row] = wt;
+        }
+      }
+      if (meta) {
+        at<int32_t>(p.my, p.f.token_rows)[slot * p.K + lane] = row;
+        slot_weight(p)[slot * p.K + lane] = row >= 0 ? wt : 0.0f;
+      }
+    }
+    if (!copy) continue;
+    int rows[kMaxTopK];
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
+    for (int64_t step = first; step < last; ++step) {
+      const int64_t b0 = step * 1024 * es + lane * 16;
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (u < 2 * es && b0 + u * 512 < row_bytes)
+          v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + b0 + u * 512));
+      const int64_t si = step * 8 + lane;  // lanes 0-7: the step's scales
+      const bool sl = p.fp8 && lane < 8 && si < p.SC;
+      const float sc = sl ? __ldcg(reinterpret_cast<const float*>(rec + p.H) + si) : 0.0f;
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) {
+        if (k >= p.K || rows[k] < 0) continue;
+        char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + b0;
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (u < 2 * es && b0 + u * 512 < row_bytes)
+            *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
+        if (sl) gs[static_cast<int64_t>(rows[k]) * p.SC + si] = sc;
+      }
+    }
+  }
 }
 
 // ---- dispatch receive: masked rows of every record as soon as all sources arrived ----
@@ -549,12 +865,15 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
   }
   __syncthreads();
   const unsigned long long n = s_n;
-  if (threadIdx.x < p.R &&
-      !wait_rounds(ctr(p.my, p, kDataD, threadIdx.x), n, p, threadIdx.x, kDispatchData))
+  // early_notify: the counts have a counter of their own, so the layout below is derived while
+  // the payload is still in flight; otherwise they come with the data.
+  const bool early = p.early_notify || p.self_rows;
+  if (threadIdx.x < p.R && !wait_rounds(ctr(p.my, p, early ? kNotifyD : kDataD, threadIdx.x), n, p,
+                                        threadIdx.x, early ? kDispatchNotify : kDispatchData))
     s_abort = 1;
   __syncthreads();
   if (s_abort) return;  // the error is recorded; check() reports it
-  stamp_last(p, 8);
+  stamp_last(p, early ? 26 : 8);
   // Layout: per expert, the sources' counts in rank order (rows ascend in compact index).
   const int32_t* notify = at<int32_t>(p.my, p.f.notify);
   for (int i = threadIdx.x; i < p.R * p.L; i += blockDim.x)
@@ -583,6 +902,14 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
     atomicMax(&s_largest, run);
   }
   __syncthreads();
+  if (early && !p.token_flags) {
+    if (threadIdx.x < p.R &&
+        !wait_rounds(ctr(p.my, p, kDataD, threadIdx.x), n, p, threadIdx.x, kDispatchData))
+      s_abort = 1;
+    __syncthreads();
+    if (s_abort) return;
+    stamp_last(p, 8);
+  }
   const bool ovf = s_largest > p.cap;
   int64_t* status = at<int64_t>(p.my, p.f.status);
   if (blockIdx.x == 0) {
@@ -598,10 +925,26 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
     }
   }
   // The rows this round uses (the next dispatch_send turns them back into padding).
-  if (blockIdx.x == 0)
+  if (blockIdx.x == 0 && !p.token_flags)
     for (int e = threadIdx.x; e < p.L; e += blockDim.x) prev_rows(p)[e] = ovf ? 0 : tot[e];
   int32_t* m_indices = at<int32_t>(p.my, p.f.m_indices);
   int32_t* row_src = at<int32_t>(p.my, p.f.row_src);
+  if (p.token_flags) {
+    // The previous round's rows that this round does not rewrite become padding again (rows
+    // below tot[e] all get this round's entries: no two writers of a row). Rows per round are
+    // kept by parity, so no block reads what block 0 writes.
+    const int* before = prev_rows2(p) + ((n - 1) & 1) * p.L;
+    for (int e = blockIdx.x; e < p.L; e += gridDim.x) {
+      const int to = __ldcg(before + e);
+      for (int r = (ovf ? 0 : tot[e]) + threadIdx.x; r < to; r += blockDim.x) {
+        m_indices[e * p.cap + r] = -1;
+        row_src[e * p.cap + r] = -1;
+      }
+    }
+    if (blockIdx.x == 0)
+      for (int e = threadIdx.x; e < p.L; e += blockDim.x)
+        prev_rows2(p)[(n & 1) * p.L + e] = ovf ? 0 : tot[e];
+  }
   stamp_last(p, 9);
   // Records: per (record, byte range) one warp writes the rows' layout entries and copies the
   // payload (4 x 16 bytes a lane per 2 KB step) into every row of the token. Every load of an
@@ -613,77 +956,82 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
   const bool copy = p.expand && !ovf;
   char* gx = p.my + p.f.gx;
   float* gs = at<float>(p.my, p.f.gscales);
-  for (int64_t item = global_warp(); item < sp.items;
-       item += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const int64_t i = sp.row(item);
-    int s = 0;
-    while (roff[s + 1] <= i) ++s;
-    const int64_t slot = static_cast<int64_t>(s) * p.Tmax + (i - roff[s]);
-    const char* rec = p.my + p.f.stage + slot * p.P;
-    const bool meta = sp.first(item) == 0;  // the item that writes the layout entries and scales
-    int64_t step = sp.first(item);
-    uint4 v[4];
-    if (copy) load_rec(rec, step * 2048 + lane * 16, row_bytes, v);
-    float sc[2] = {0.0f, 0.0f};  // scales lane and lane + 32
-    if (copy && meta && p.fp8)
+  if (p.token_flags)
+    recv_flagged(p, base, roff, ovf, static_cast<unsigned>(n));
+  else
+    for (int64_t item = global_warp(); item < sp.items;
+         item += static_cast<int64_t>(gridDim.x) * kWarps) {
+      const int64_t i = sp.row(item);
+      int s = 0;
+      while (roff[s + 1] <= i) ++s;
+      const int64_t slot = static_cast<int64_t>(s) * p.Tmax + (i - roff[s]);
+      const char* rec = p.my + p.f.stage + slot * p.P;
+      const bool meta = sp.first(item) == 0;  // the item that writes the layout entries and scales
+      // self_rows: my own tokens' rows were written by my send.
+      const bool copy_rec = copy && !(p.self_rows && s == p.rank);
+      int64_t step = sp.first(item);
+      uint4 v[4];
+      if (copy_rec) load_rec(rec, step * 2048 + lane * 16, row_bytes, v);
+      float sc[2] = {0.0f, 0.0f};  // scales lane and lane + 32
+      if (copy_rec && meta && p.fp8)
 #pragma unroll
-      for (int q = 0; q < 2; ++q)
-        if (lane + 32 * q < p.SC)
-          sc[q] = __ldcg(reinterpret_cast<const float*>(rec + p.H) + lane + 32 * q);
-    int e = -1, pos = 0;
-    float wt = 0.0f;
-    if (lane < p.K) {
-      e = __ldcg(at<int32_t>(p.my, p.f.topk_local) + slot * p.K + lane);
-      pos = __ldcg(at<int32_t>(p.my, p.f.topk_pos) + slot * p.K + lane);
-      if (meta) wt = __ldcg(at<float>(p.my, p.f.weight) + slot * p.K + lane);
-    }
-    int row = -1;
-    if (lane < p.K) {
-      if (e >= 0 && !ovf) {
-        row = static_cast<int>(e * p.cap) + base[s * p.L + e] + pos;
+        for (int q = 0; q < 2; ++q)
+          if (lane + 32 * q < p.SC)
+            sc[q] = __ldcg(reinterpret_cast<const float*>(rec + p.H) + lane + 32 * q);
+      int e = -1, pos = 0;
+      float wt = 0.0f;
+      if (lane < p.K) {
+        e = __ldcg(at<int32_t>(p.my, p.f.topk_local) + slot * p.K + lane);
+        pos = __ldcg(at<int32_t>(p.my, p.f.topk_pos) + slot * p.K + lane);
+        if (meta) wt = __ldcg(at<float>(p.my, p.f.weight) + slot * p.K + lane);
+      }
+      int row = -1;
+      if (lane < p.K) {
+        if (e >= 0 && !ovf) {
+          row = static_cast<int>(e * p.cap) + base[s * p.L + e] + pos;
+          if (meta) {
+            m_indices[row] = e;
+            row_src[row] = static_cast<int32_t>(i * p.K + lane);
+            at<float>(p.my, p.f.row_weight)[row] = wt;
+          }
+        }
         if (meta) {
-          m_indices[row] = e;
-          row_src[row] = static_cast<int32_t>(i * p.K + lane);
-          at<float>(p.my, p.f.row_weight)[row] = wt;
+          at<int32_t>(p.my, p.f.token_rows)[slot * p.K + lane] = row;
+          slot_weight(p)[slot * p.K + lane] = row >= 0 ? wt : 0.0f;
         }
       }
-      if (meta) {
-        at<int32_t>(p.my, p.f.token_rows)[slot * p.K + lane] = row;
-        slot_weight(p)[slot * p.K + lane] = row >= 0 ? wt : 0.0f;
+      if (!copy_rec) continue;
+      int rows[kMaxTopK];
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
+      for (; step < sp.last(item); ++step) {
+        const int64_t c0 = step * 2048 + lane * 16;
+        if (step != sp.first(item)) load_rec(rec, c0, row_bytes, v);
+#pragma unroll
+        for (int k = 0; k < kMaxTopK; ++k) {
+          if (k >= p.K || rows[k] < 0) continue;
+          char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + c0;
+#pragma unroll
+          for (int u = 0; u < 4; ++u)
+            if (c0 + u * 512 < row_bytes) *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
+        }
+      }
+      if (meta && p.fp8) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          if (lane + 32 * q >= p.SC) continue;
+#pragma unroll
+          for (int k = 0; k < kMaxTopK; ++k)
+            if (k < p.K && rows[k] >= 0) gs[rows[k] * p.SC + lane + 32 * q] = sc[q];
+        }
+        for (int64_t c = lane + 64; c < p.SC; c += 32) {
+          const float x = __ldcg(reinterpret_cast<const float*>(rec + p.H) + c);
+#pragma unroll
+          for (int k = 0; k < kMaxTopK; ++k)
+            if (k < p.K && rows[k] >= 0) gs[rows[k] * p.SC + c] = x;
+        }
       }
     }
-    if (!copy) continue;
-    int rows[kMaxTopK];
-#pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
-    for (; step < sp.last(item); ++step) {
-      const int64_t c0 = step * 2048 + lane * 16;
-      if (step != sp.first(item)) load_rec(rec, c0, row_bytes, v);
-#pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) {
-        if (k >= p.K || rows[k] < 0) continue;
-        char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + c0;
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          if (c0 + u * 512 < row_bytes) *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
-      }
-    }
-    if (meta && p.fp8) {
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        if (lane + 32 * q >= p.SC) continue;
-#pragma unroll
-        for (int k = 0; k < kMaxTopK; ++k)
-          if (k < p.K && rows[k] >= 0) gs[rows[k] * p.SC + lane + 32 * q] = sc[q];
-      }
-      for (int64_t c = lane + 64; c < p.SC; c += 32) {
-        const float x = __ldcg(reinterpret_cast<const float*>(rec + p.H) + c);
-#pragma unroll
-        for (int k = 0; k < kMaxTopK; ++k)
-          if (k < p.K && rows[k] >= 0) gs[rows[k] * p.SC + c] = x;
-      }
-    }
-  }
   // Acknowledge every source (its region of mine is free), then count this block done.
   __syncthreads();
   stamp_last(p, 10);
@@ -764,7 +1112,8 @@ __device__ __forceinline__ void wide_sums(const Params& p, int row, float wt, in
 // Two 256-column steps per lane and iteration, so 2K rows' loads are in flight.
 // kWide: combine_wide of a weighted combine (an instance of its own, so that the measured
 // kernel's registers and code stay as they were).
-template <bool kWide>
+// kFlags: combine_flags (an instance of its own for the same reason).
+template <bool kWide, bool kFlags>
 __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   __shared__ int roff[kMaxRanks + 1];
   __shared__ unsigned long long s_n;
@@ -782,16 +1131,19 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   const float* weights = slot_weight(p);
   constexpr bool wide = kWide;
   const int64_t step_cols = wide ? 1024 : 512;
-  const Split sp = split(roff[p.R], (p.H + step_cols - 1) / step_cols);
+  // own_recv: my own records' partials are the receive's; the items skip them.
+  const int64_t own = p.own_recv ? roff[p.rank + 1] - roff[p.rank] : 0;
+  const Split sp = split(roff[p.R] - own, (p.H + step_cols - 1) / step_cols);
   // Lane k: the row and gate weight of (slot of item, k); the first item's loaded while waiting.
   auto slot_of = [&](int64_t item, int64_t& j) {
-    const int64_t i = sp.row(item);
+    int64_t i = sp.row(item);
+    if (i >= roff[p.rank]) i += own;
     int s = 0;
     while (roff[s + 1] <= i) ++s;
     j = i - roff[s];
     return s;
   };
-  const int64_t first_item = global_warp();
+  const int64_t first_item = p.spread ? spread_warp() : global_warp();
   int first_row = -1;
   float first_wt = 0.0f;
   if (p.weighted && first_item < sp.items && lane < p.K) {
@@ -829,6 +1181,16 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
     // NOTE: columns in 32 bits (H < 2^31): 64-bit ones spilled registers.
     wide_sums(p, row, wt, static_cast<int>(sp.first(item) * 1024),
               static_cast<int>(std::min<int64_t>(sp.last(item) * 1024, p.H)), dst_of(s, j));
+    if (kFlags) {
+      __syncwarp();
+      if (lane == 0) {
+        unsigned* f =
+            cflag(peer(p, s), p) + (static_cast<int64_t>(p.rank) * p.Tmax + j) * half_steps(p);
+        const int64_t end = std::min<int64_t>(2 * sp.last(item), half_steps(p));
+        for (int64_t h = 2 * sp.first(item); h < end; ++h)
+          st_release_sys_u32(f + h, static_cast<unsigned>(n));
+      }
+    }
   }
   for (int64_t item = first_item; !wide && item < sp.items; item += stride) {
     int64_t j;
@@ -891,22 +1253,101 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
         *reinterpret_cast<uint4*>(dst + c0 + u * 256) = pack_bf16(acc);
       }
     }
+    if (kFlags) {
+      // Lane 0 releases the item's 512-column steps at the source (the warp's stores are ordered
+      // before it by the warp barrier; the release is cumulative).
+      __syncwarp();
+      if (lane == 0) {
+        unsigned* f =
+            cflag(peer(p, s), p) + (static_cast<int64_t>(p.rank) * p.Tmax + j) * half_steps(p);
+        for (int64_t step = sp.first(item); step < sp.last(item); ++step)
+          st_release_sys_u32(f + step, static_cast<unsigned>(n));
+      }
+    }
   }
   __syncthreads();
   stamp_last(p, 15);
   count_done(p, kDoneCombineSend);
   __syncthreads();
-  if (threadIdx.x < p.R) {
+  if (threadIdx.x < p.R && !kFlags) {
     if (p.fence) __threadfence_system();
     red_release_sys(ctr(peer(p, threadIdx.x), p, kDataC, p.rank), round_share());
   }
   stamp_last(p, 16);
 }
 
+// ---- own_recv: this rank's partial of its own token (slot j of my region), in the receive ----
+// Lane columns c0 + u * 256 (+8), u < 4, stored into my own staging row of the slot (local; the
+// sum below reads it back like a peer's). Weighted: bf16(sum over its rows here in ascending k
+// of w_k * y_row, unfused, from +0), the combine send's formula; combine_tokens: its row of y.
+__device__ __forceinline__ void own_partial(const Params& p, int64_t j, int64_t c0) {
+  const int lane = threadIdx.x & 31;
+  if (j < 0) return;  // not mine: never added
+  const int64_t slot = static_cast<int64_t>(p.rank) * p.Tmax + j;
+  uint16_t* dst = at<uint16_t>(p.my, p.f.comb_stage) + slot * p.H + c0;
+  if (!p.weighted) {
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (c0 + u * 256 < p.H)
+        v[u] = __ldg(reinterpret_cast<const uint4*>(p.y + slot * p.H + c0 + u * 256));
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (c0 + u * 256 < p.H) *reinterpret_cast<uint4*>(dst + u * 256) = v[u];
+    return;
+  }
+  int row = -1;
+  float wt = 0.0f;
+  if (lane < p.K) {
+    row = at<int32_t>(p.my, p.f.token_rows)[slot * p.K + lane];
+    wt = slot_weight(p)[slot * p.K + lane];
+  }
+  int rows[kMaxTopK];
+  float ws[kMaxTopK];
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) {
+    rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
+    ws[k] = __shfl_sync(kFull, wt, k < p.K ? k : 0);
+    if (k >= p.K) rows[k] = -1;
+  }
+#pragma unroll
+  for (int u2 = 0; u2 < 4; u2 += 2) {
+    uint4 v[2][kMaxTopK];
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k)
+        if (rows[k] >= 0 && c0 + (u2 + u) * 256 < p.H)
+          v[u][k] = __ldg(reinterpret_cast<const uint4*>(p.y + static_cast<int64_t>(rows[k]) * p.H +
+                                                         c0 + (u2 + u) * 256));
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if (c0 + (u2 + u) * 256 >= p.H) continue;
+      float acc[8];
+#pragma unroll
+      for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) {
+        if (rows[k] < 0) continue;
+        const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u][k]);
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(ws[k], __uint_as_float(vw[x] << 16)));
+          acc[2 * x + 1] =
+              __fadd_rn(acc[2 * x + 1], __fmul_rn(ws[k], __uint_as_float(vw[x] & 0xFFFF0000u)));
+        }
+      }
+      *reinterpret_cast<uint4*>(dst + (u2 + u) * 256) = pack_bf16(acc);
+    }
+  }
+}
+
 // ---- combine receive: per token, the partials summed in rank order ----
 // 1024 columns a step: four 256-column pieces of every rank's partial in flight per lane.
 // kPull: combine_pull (an instance of its own, so that the measured kernel stays as it was).
-template <bool kPull>
+// kOwn: own_recv (my partials of the warp's items computed before the wait, into my own staging
+// rows, which the sums then read like a peer's).
+template <bool kPull, bool kOwn>
 __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
   constexpr int kSub = 4;
   __shared__ unsigned long long s_n;
@@ -924,24 +1365,52 @@ __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
   const int64_t first_item = global_warp();
   int first_slot = -1;
   if (first_item < sp.items && lane < p.R) first_slot = slot[sp.row(first_item) * p.R + lane];
+  if constexpr (kOwn) {
+    // NOTE: each lane reads back only the columns it wrote (same thread: program order).
+    for (int64_t item = first_item; item < sp.items;
+         item += static_cast<int64_t>(gridDim.x) * kWarps) {
+      const int64_t t = sp.row(item);
+      const int ms = item == first_item ? first_slot : (lane < p.R ? slot[t * p.R + lane] : -1);
+      const int j = __shfl_sync(kFull, ms, p.rank);
+      for (int64_t step = sp.first(item); step < sp.last(item); ++step)
+        own_partial(p, j, step * 1024 + lane * 8);
+    }
+  }
   if (kPull && threadIdx.x < p.R)
     s_pull[threadIdx.x] = at<uint16_t>(peer(p, threadIdx.x), p.f.comb_stage) +
                           static_cast<int64_t>(p.rank) * p.Tmax * p.H;
   if (threadIdx.x == 0) s_abort = 0;
   __syncthreads();
   const unsigned long long n = s_n;
-  if (threadIdx.x < p.R &&
+  // combine_flags: no arrival to wait for; each token step waits for its partials' flags below.
+  if (threadIdx.x < p.R && !p.combine_flags &&
       !wait_rounds(ctr(p.my, p, kDataC, threadIdx.x), n, p, threadIdx.x, kCombineData))
     s_abort = 1;
   __syncthreads();
   if (s_abort) return;
   stamp_last(p, 19);
-  for (int64_t item = first_item; item < sp.items;
+  bool failed = false;
+  for (int64_t item = first_item; item < sp.items && !failed;
        item += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t t = sp.row(item);
     const int my_slot = item == first_item ? first_slot : (lane < p.R ? slot[t * p.R + lane] : -1);
     for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
       const int64_t c0 = step * 1024 + lane * 8;
+      if (!kPull && p.combine_flags) {
+        // Lane d < R: rank d's partial of the token, its two 512-column steps here (my own
+        // partial under own_recv was written by this warp).
+        bool ok = true;
+        if (lane < p.R && my_slot >= 0 && !(kOwn && lane == p.rank)) {
+          const int64_t h = half_steps(p);
+          const unsigned* f = cflag(p.my, p) + (static_cast<int64_t>(lane) * p.Tmax + my_slot) * h;
+          ok = wait_flag(f + 2 * step, static_cast<unsigned>(n), p, lane, kCombineToken) &&
+               (2 * step + 1 >= h ||
+                wait_flag(f + 2 * step + 1, static_cast<unsigned>(n), p, lane, kCombineToken));
+        }
+        failed = __any_sync(kFull, !ok);
+        if (failed) break;  // recorded; check() reports it
+        __syncwarp();
+      }
       float acc[kSub][8];
 #pragma unroll
       for (int u = 0; u < kSub; ++u)
@@ -997,9 +1466,11 @@ void launch(void (*kernel)(Params), int grid, size_t smem, cudaStream_t stream, 
 
 }  // namespace
 
-size_t region_bytes(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k) {
-  return (4 * static_cast<size_t>(num_ranks) + 4) * 8 + static_cast<size_t>(experts_per_rank) * 4 +
-         static_cast<size_t>(num_ranks) * max_tokens_per_rank * top_k * 4;
+size_t region_bytes(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k,
+                    int64_t hidden) {
+  return flag_offset(num_ranks, experts_per_rank, max_tokens_per_rank, top_k) +
+         static_cast<size_t>(num_ranks) * max_tokens_per_rank *
+             ((hidden + 1023) / 1024 + (hidden + 511) / 512) * 4;
 }
 
 void prepare(const Params& p) {
@@ -1018,10 +1489,14 @@ void prepare(const Params& p) {
   // which never drains while a peer's kernel spins on a counter.
   for (const void* k : {reinterpret_cast<const void*>(k_dispatch_send),
                         reinterpret_cast<const void*>(k_dispatch_recv),
-                        reinterpret_cast<const void*>(k_combine_send<false>),
-                        reinterpret_cast<const void*>(k_combine_send<true>),
-                        reinterpret_cast<const void*>(k_combine_recv<false>),
-                        reinterpret_cast<const void*>(k_combine_recv<true>)}) {
+                        reinterpret_cast<const void*>(k_combine_send<false, false>),
+                        reinterpret_cast<const void*>(k_combine_send<true, false>),
+                        reinterpret_cast<const void*>(k_combine_send<false, true>),
+                        reinterpret_cast<const void*>(k_combine_send<true, true>),
+                        reinterpret_cast<const void*>(k_combine_recv<false, false>),
+                        reinterpret_cast<const void*>(k_combine_recv<true, false>),
+                        reinterpret_cast<const void*>(k_combine_recv<false, true>),
+                        reinterpret_cast<const void*>(k_combine_recv<true, true>)}) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
@@ -1038,12 +1513,17 @@ void dispatch_recv(const Params& p, cudaStream_t stream, bool dependent) {
   launch(k_dispatch_recv, p.recv_blocks, recv_smem(p), stream, dependent, p);
 }
 void combine_send(const Params& p, cudaStream_t stream) {
-  launch(p.combine_wide && p.weighted ? k_combine_send<true> : k_combine_send<false>, p.send_blocks,
-         0, stream, false, p);
+  const bool wide = p.combine_wide && p.weighted;
+  auto* kernel = p.combine_flags
+                     ? (wide ? k_combine_send<true, true> : k_combine_send<false, true>)
+                     : (wide ? k_combine_send<true, false> : k_combine_send<false, false>);
+  launch(kernel, p.send_blocks, 0, stream, false, p);
 }
 void combine_recv(const Params& p, cudaStream_t stream, bool dependent) {
-  launch(p.combine_pull ? k_combine_recv<true> : k_combine_recv<false>, p.recv_blocks, 0, stream,
-         dependent, p);
+  auto* kernel =
+      p.own_recv ? (p.combine_pull ? k_combine_recv<true, true> : k_combine_recv<false, true>)
+                 : (p.combine_pull ? k_combine_recv<true, false> : k_combine_recv<false, false>);
+  launch(kernel, p.recv_blocks, 0, stream, dependent, p);
 }
 
 void print_trace(const unsigned long long* trace_dev, int rank) {
@@ -1058,6 +1538,12 @@ void print_trace(const unsigned long long* trace_dev, int rank) {
                "data %.2f layout %.2f scatter %.2f end %.2f\n",
                rank, us(1, 0), us(2, 0), us(3, 0), us(4, 0), us(5, 0), us(6, 0), us(7, 0), us(8, 0),
                us(9, 0), us(10, 0), us(11, 0));
+  // Session 5: the send's start up to the plan, and the early-notify / self-rows phases (-1 or
+  // stale where a variant has no such phase).
+  std::fprintf(stderr,
+               "ll_trace rank %d dispatch detail: send cleared %.2f plan-tiles %.2f plan %.2f | "
+               "self-layout %.2f self-rows %.2f | recv notify %.2f data %.2f\n",
+               rank, us(22, 0), us(23, 0), us(2, 0), us(24, 0), us(25, 0), us(26, 0), us(8, 0));
   std::fprintf(stderr,
                "ll_trace rank %d combine (us after send block 0 start): send last-start %.2f "
                "ack %.2f sums %.2f end %.2f | recv first-start %.2f last-start %.2f data %.2f "

@@ -20,6 +20,9 @@ enum Counter : int {
   kDispatchAck = 17,   // [rank][src]: receive blocks of src done with rank's records
   kCombineData = 18,
   kCombineAck = 19,
+  kDispatchNotify = 20,  // [rank][src]: src's per-expert counts are in (ll_early_notify)
+  kDispatchToken = 21,   // [rank][src]: a 1024-column step of one of src's records (token_flags)
+  kCombineToken = 22,    // [rank][src]: a 512-column step of src's partial (combine_flags)
 };
 // "ll_dispatch.data" etc., nullptr for other ids.
 const char* counter_name(int counter);
@@ -44,8 +47,10 @@ struct Fields {
       row_weight, token_rows, gx, gscales;
   size_t ll;  // region_bytes(R, L, Tmax, K)
 };
-// The counters and per-expert bookkeeping of the low-latency path.
-size_t region_bytes(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k);
+// The counters and per-expert bookkeeping of the low-latency path (hidden: the per-step flags
+// of ll_token_flags).
+size_t region_bytes(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k,
+                    int64_t hidden);
 
 struct Params {
   Fields f;
@@ -91,6 +96,37 @@ struct Params {
   // combine_pull: combine partials stay in the expert rank's own staging region (local stores);
   // the source's combine_recv reads them over NVLink. Must be the same on every rank.
   bool combine_pull = false;
+  // Options of session 5 (DeviceEpOptions::ll_*; docs/comm/README.md "Session 5: low latency").
+  // early_notify: block 0 of the dispatch send releases the per-expert counts on a counter of
+  // their own, so the receive derives the masked layout while the payload is still in flight.
+  bool early_notify = false;
+  // late_reset: the send turns the previous round's rows back into padding after its payload
+  // stores instead of before its plan (still before the arrival that lets the receive write).
+  bool late_reset = false;
+  // self_rows (implies early_notify; host: only with every send block resident, one rank per
+  // GPU and the payload expanded): the send writes the rank's own tokens straight into their
+  // masked rows once every source's counts are in; the receive copies only peer records.
+  bool self_rows = false;
+  // spread: the combine send deals its items to warps so that every block holds items of every
+  // source (before, warps in order: the blocks serving the peers' records did all remote stores).
+  bool spread = false;
+  // own_recv: the combine receive computes the rank's own partial from its expert rows (before
+  // it waits for the peers) and the combine send skips the rank's own records.
+  bool own_recv = false;
+  // token_flags (implies early_notify; excludes self_rows): the dispatch send releases a flag per
+  // record and 1024-column step (the round number) right after that step's stores, instead of
+  // one arrival per block at its end; the receive copies each step as soon as its flag is in, so
+  // its row copies overlap the transfer. The receive (not the send) turns the previous round's
+  // rows that this round does not rewrite back into padding.
+  bool token_flags = false;
+  // combine_flags (not with combine_pull): the combine send releases a flag per partial and
+  // 512-column step right after its stores; the combine receive sums each token step as soon as
+  // its partials' flags are in (no arrival per send block).
+  bool combine_flags = false;
+  // scale_vec: the dispatch send writes a 1024-column step's eight FP8 scales as two 16-byte
+  // stores (lanes 0 and 1) instead of eight 4-byte stores, where the step's 512-column halves
+  // lie wholly inside the row (fewer small NVLink writes).
+  bool scale_vec = false;
 };
 
 // Loads every kernel and sets its shared-memory limit; kInvalidArgument if the send plan does
@@ -103,7 +139,7 @@ void combine_recv(const Params& p, cudaStream_t stream, bool dependent);
 
 // Diagnostics: kTraceSlots stamps per rank; print_trace writes the last round's phases (us after
 // each direction's first send block started) to stderr.
-inline constexpr int kTraceSlots = 24;
+inline constexpr int kTraceSlots = 32;
 void print_trace(const unsigned long long* trace_dev, int rank);
 
 }  // namespace fp8moe::comm::ll
