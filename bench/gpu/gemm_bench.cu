@@ -381,7 +381,10 @@ struct Output {
         kernels::choose_gemm_tile({kind, m, n, k, g}, num_sms, smem, dram));
   }
   void add(Row r) {
-    std::tie(r.sm_mhz, r.power_w) = g_clock.take();
+    // Rows of the alternation carry their own clock medians; the others take what was sampled
+    // since the previous row.
+    const std::pair<double, double> sampled = g_clock.take();
+    if (r.sm_mhz <= 0) std::tie(r.sm_mhz, r.power_w) = sampled;
     rows.push_back(r);
     std::printf("%-20s %-24s m=%-6lld n=%-6lld k=%-6lld g=%-2lld %9.1f us %7.1f TFLOPS %7.1f GB/s",
                 r.kind.c_str(), r.impl.c_str(), (long long)r.m, (long long)r.n, (long long)r.k,
@@ -492,25 +495,37 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
 
   // Ours first: the heuristic with a workspace (it may cut the last partial wave's tiles along K,
   // the tail split).
-  // Where the shape has a partial last wave that 128x128 tail splits can take (4096x2112x7168,
-  // 4096x32768x512): the tail splits and their references, timed in the alternation below.
-  // `@109` / `@108` (forced grids): 544 tiles = 4.99 waves on 109 CTAs, 5 waves + 4 tail tiles
-  // on 108 (tail8: 8 slices each, or unsplit: a 6th wave); at K = 512 the whole tiles dominate,
-  // so tail vs unsplit there compares the tail kernel's per-tile cost with the unsplit one's.
-  std::vector<kernels::GemmTileConfig> tails;
-  {
+  // At M >= 1024 the large tiles and epilogues, CTA pairs and 256-row tiles, and where the
+  // shape has a partial last wave that 128x128 tail splits can take (4096x2112x7168) the tail
+  // splits too: all timed in the rotated alternation below with the heuristic's pick and
+  // cuBLASLt, so that every row sees the same GPU state (clocks under the power cap move rows
+  // by 5-15% with their place in the run: dev/gemm/NOTES.md sessions 2-4).
+  // The register-epilogue rows (slower at every M >= 1024 shape on H100 in session 5) and the
+  // other slice counts only with FP8MOE_BENCH_ALL set.
+  std::vector<kernels::GemmTileConfig> variants;
+  const bool all = std::getenv("FP8MOE_BENCH_ALL") != nullptr;
+  if (m >= 1024) {
+    variants.push_back({128, 128, 0, 0, 2, 1});
+    variants.push_back({256, 128, 0, 0, 2, 1});
+    variants.push_back({128, 128, 0, 0, 2, 2});
+    if (all) {
+      variants.push_back({128, 128, 0, 0, 1, 1});
+      variants.push_back({256, 128, 0, 0, 1, 1});
+      variants.push_back({128, 128, 0, 0, 1, 2});
+    }
     const kernels::GemmTileConfig probe{128, 128, 0, 0, 1, 1, 1, 4};
     if (kernels::fp8_gemm_workspace_bytes(m, n, k, &probe) > 0) {
-      for (int slices : {2, 4, 8}) tails.push_back({128, 128, 0, 0, 1, 1, 1, slices});
-      tails.push_back({128, 128, 0, 0, 2, 1, 1, 1});  // unsplit, TMA-store epilogue
-      tails.push_back({128, 128, 0, 0, 2, 1, 1, 4});
-      tails.push_back({128, 128, 0, 109, 1, 1, 1, 1});
-      tails.push_back({128, 128, 0, 108, 1, 1, 1, 1});
-      tails.push_back({128, 128, 0, 108, 1, 1, 1, 8});
+      variants.push_back({128, 128, 0, 0, 2, 1, 1, 4});
+      if (all) variants.push_back({128, 128, 0, 0, 1, 1, 1, 4});
+      for (int slices : {2, 4, 8}) {
+        const kernels::GemmTileConfig wide{256, 128, 0, 0, 2, 1, 1, slices};
+        if ((all || slices == 4) && kernels::fp8_gemm_workspace_bytes(m, n, k, &wide) > 0)
+          variants.push_back(wide);
+      }
     }
   }
   int64_t ws_bytes = kernels::fp8_gemm_workspace_bytes(m, n, k);
-  for (const kernels::GemmTileConfig& c : tails)
+  for (const kernels::GemmTileConfig& c : variants)
     ws_bytes = std::max(ws_bytes, kernels::fp8_gemm_workspace_bytes(m, n, k, &c));
   Dev<uint8_t> ws(size_t(std::max<int64_t>(ws_bytes, 256)));
   FM_CHECK_CUDA(cudaMemset(ws.p, 0, ws.n));
@@ -524,14 +539,16 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
   // workspace (no tail split) and every forced tail split.
   const bool tail_pick = kernels::fp8_gemm_workspace_bytes(m, n, k) > 0;
   std::vector<std::pair<Row, std::function<void(int)>>> alts;
-  if (tail_pick || !tails.empty()) {
+  if (tail_pick) {
     alts.emplace_back(Row{"dense", "fp8moe_noworkspace",
                           out.tile_for(kernels::GemmKind::kDense, m, n, k, 1), m, n, k, 1, 0, 0, 0},
                       [&](int i) {
                         kernels::fp8_gemm_nt(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m,
                                              n, k, stream);
                       });
-    for (const kernels::GemmTileConfig& c : tails)
+  }
+  {
+    for (const kernels::GemmTileConfig& c : variants)
       alts.emplace_back(
           Row{"dense", "fp8moe_forced_tile", kernels::describe_tile_config(c), m, n, k, 1, 0, 0, 0},
           [&, c](int i) {
@@ -560,38 +577,6 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
         bytes_moved(double(fp8_bytes)) / us * 1e-3};
   r.rel_err = sampled_rel_err(fs[0], m, n, k, ours);
 
-  // Every large tile forced, to check the heuristic's pick (same data, same run); printed after
-  // the heuristic's row, with the ratio to the alternated cuBLASLt timing below.
-  std::vector<Row> forced_rows;
-  if (m >= 1024) {
-    std::vector<kernels::GemmTileConfig> forced = {{128, 128, 0, 0, 1, 1},
-                                                   {128, 128, 0, 0, 2, 1},
-                                                   {128, 192, 0, 0, 1, 1},
-                                                   {128, 192, 0, 0, 2, 1}};
-    if (std::getenv("FP8MOE_BENCH_PAIRS") != nullptr) {
-      forced.push_back({128, 128, 0, 0, 1, 2});
-      forced.push_back({128, 192, 0, 0, 1, 2});
-    }
-    for (const kernels::GemmTileConfig& c : forced) {
-      const double u = time_us(stream, sets, [&](int i) {
-        kernels::fp8_gemm_nt(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m, n, k, stream,
-                             &c);
-      });
-      Row f{"dense",
-            "fp8moe_forced_tile",
-            std::to_string(c.block_m) + "x" + std::to_string(c.block_n) +
-                (c.epilogue == 2 ? "/tma_store" : "/direct") + (c.cluster == 2 ? "/pair" : ""),
-            m,
-            n,
-            k,
-            1,
-            u,
-            flops / u * 1e-6,
-            bytes_moved(double(fp8_bytes)) / u * 1e-3};
-      forced_rows.push_back(f);
-    }
-  }
-
   // cuBLASLt blockwise (same data, scales rearranged).
   // NOTE: v1 padded the N-block count to 4 and disagreed with our result at N=2112 (17 blocks);
   // unpadded is tried now (the layout is not spelled out in cublasLt.h).
@@ -603,7 +588,7 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
                                                                          kb, nb_pad);
     FM_CHECK_LAUNCH();
   }
-  double us_block = -1;
+  double us_block = -1, block_mhz = -1, block_watts = -1;
   {
     std::vector<std::unique_ptr<LtPlan>> plans;
     for (int i = 0; i < sets; ++i) plans.push_back(std::make_unique<LtPlan>());
@@ -623,12 +608,18 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
         run_plan(lt, *plans[i], fs[i].b.p, fs[i].a.p, d_ref.p, stream);
       };
       std::vector<double> u_ours, u_block;
-      // With alternatives (tail-split shapes): 5 rounds, the order rotated by one each round so
-      // that no variant always follows the same one (session 4 call 2 read the same configuration
-      // 4% apart at two places of a fixed order).
+      // The order rotates by one each round (session 4 call 2 read the same configuration 4%
+      // apart at two places of a fixed order), for as many rounds as rows (at least 3): every
+      // row is timed once at every place (session 5 call 2: with 5 rounds of 9-16 rows the
+      // heuristic's row followed cuBLASLt's in 4 of 5 rounds and read up to 7% slower than the
+      // identical forced row).
       std::vector<std::vector<double>> u_alts(alts.size());
-      const int rounds = alts.empty() ? 3 : 5;
       const int count = static_cast<int>(alts.size()) + 2;
+      const int rounds = std::max(3, count);
+      // SM clock and power per variant (medians of each timing's medians).
+      std::vector<std::vector<double>> mhz(static_cast<size_t>(count)),
+          watts(static_cast<size_t>(count));
+      g_clock.take();
       for (int round = 0; round < rounds; ++round)
         for (int i = 0; i < count; ++i) {
           const int j = (i + round) % count;
@@ -638,7 +629,25 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
             u_block.push_back(time_us(stream, sets, launch_block));
           else
             u_alts[size_t(j - 1)].push_back(time_us(stream, sets, alts[size_t(j - 1)].second));
+          const auto [f, w] = g_clock.take();
+          if (f > 0) {
+            mhz[size_t(j)].push_back(f);
+            watts[size_t(j)].push_back(w);
+          }
         }
+      const auto med = [](std::vector<double> x) {
+        if (x.empty()) return -1.0;
+        std::sort(x.begin(), x.end());
+        return x[x.size() / 2];
+      };
+      r.sm_mhz = med(mhz[0]);
+      r.power_w = med(watts[0]);
+      block_mhz = med(mhz[size_t(count - 1)]);
+      block_watts = med(watts[size_t(count - 1)]);
+      for (size_t j = 0; j < alts.size(); ++j) {
+        alts[j].first.sm_mhz = med(mhz[j + 1]);
+        alts[j].first.power_w = med(watts[j + 1]);
+      }
       std::sort(u_ours.begin(), u_ours.end());
       std::sort(u_block.begin(), u_block.end());
       const size_t mid = size_t(rounds / 2);
@@ -684,10 +693,6 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
   out.add(r);
   for (auto& a : alts)
     if (a.first.us > 0) out.add(a.first);
-  for (Row& f : forced_rows) {
-    if (us_block > 0) f.ratio_blockwise = us_block / f.us;
-    out.add(f);
-  }
   if (us_block > 0) {
     Row a{"dense",
           anchor_name(Anchor::kFp8Blockwise),
@@ -700,6 +705,8 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
           flops / us_block * 1e-6,
           bytes_moved(double(fp8_bytes)) / us_block * 1e-3};
     a.ratio_blockwise = 1.0;
+    a.sm_mhz = block_mhz;
+    a.power_w = block_watts;
     out.add(a);
   }
   // cuBLASLt FP8 per-tensor: same codes, one scale each.
@@ -850,6 +857,9 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
   std::vector<double> us_lt;
   // The order rotates by one each round (no variant always follows the same one).
   const int count = static_cast<int>(vars.size()) + 1;
+  std::vector<std::vector<double>> mhz(static_cast<size_t>(count)),
+      watts(static_cast<size_t>(count));
+  g_clock.take();
   for (int round = 0; round < 3; ++round)
     for (int i = 0; i < count; ++i) {
       const int j = (i + round) % count;
@@ -861,8 +871,14 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
           run_plan(lt, *plans[x], fs[x].b.p, fs[x].a.p, d_ref.p, stream);
         }));
       }
+      const auto [f, w] = g_clock.take();
+      if (f > 0) {
+        mhz[size_t(j)].push_back(f);
+        watts[size_t(j)].push_back(w);
+      }
     }
   const auto median = [](std::vector<double> x) {
+    if (x.empty()) return -1.0;
     std::sort(x.begin(), x.end());
     return x[x.size() / 2];
   };
@@ -881,6 +897,8 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
           flops / u * 1e-6,
           bytes_moved(double(fp8_bytes)) / u * 1e-3};
     if (us_block > 0) r.ratio_blockwise = us_block / u;
+    r.sm_mhz = median(mhz[vi]);
+    r.power_w = median(watts[vi]);
     if (vi == 0) r.rel_err = heuristic_err;
     if (lt_ok) {
       FM_CHECK_CUDA(cudaMemset(d.p, 0xFF, d.n * sizeof(bf16)));
@@ -902,6 +920,8 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
           flops / us_block * 1e-6,
           bytes_moved(double(fp8_bytes)) / us_block * 1e-3};
     a.ratio_blockwise = 1.0;
+    a.sm_mhz = median(mhz[size_t(count - 1)]);
+    a.power_w = median(watts[size_t(count - 1)]);
     out.add(a);
   } else {
     Row a{"dense", anchor_name(Anchor::kFp8Blockwise), "", m, n, k, 1, 0, 0, 0};

@@ -14,12 +14,12 @@ print("them). TFLOPS = 2MNK / time. `vs blockwise` = cuBLASLt FP8 blockwise time
 print("faster). `rel_err`: ours against the CPU reference (gemm_fp8_reference, promoted) on 8 sampled")
 print("rows; `diff`: ours against cuBLASLt blockwise on the whole output. All anchors from the same run.")
 if any("us_first" in r for r in rows):
-    print("Dense: ours (the heuristic's pick) and cuBLASLt blockwise timed in alternation, three times each,")
-    print("medians, after the forced tiles; `first` = ours timed alone right after the inputs were made")
-    print("(TFLOPS). Forced tiles: timed back to back before the alternation, ratio to its cuBLASLt median.")
+    print("Dense: ours (the heuristic's pick), the forced configurations and cuBLASLt blockwise timed in")
+    print("alternation, the order rotated by one each round for as many rounds as rows (M >= 1024: every")
+    print("row once at every place; M < 1024: 3 rounds), medians; `first` = ours timed alone right after")
+    print("the inputs were made (TFLOPS).")
 if any("sm_mhz" in r for r in rows):
-    print("`MHz`: median SM clock (NVML) sampled after each graph replay of the timings behind the row")
-    print("(for the alternated dense rows: ours and cuBLASLt together).")
+    print("`MHz`: median SM clock (NVML) sampled after each graph replay of the row's own timings.")
 print()
 mhz = lambda r: f'{r["sm_mhz"]:.0f}' if r and r.get("sm_mhz") else "-"
 

@@ -1,8 +1,9 @@
 // The sm_90a FP8 GEMM kernel shared by every form (dense, grouped contiguous / masked, wgrad,
 // k-grouped wgrad): D = A * B^T with E4M3 operands, one persistent CTA per multiprocessor, a
 // producer warpgroup that feeds a ring of shared-memory stages through TMA (mbarrier complete_tx),
-// one math warpgroup per 64 rows issuing wgmma m64nNk32 over each 128-wide K block and promoting
-// the partial sums into FP32 registers with the scales (FFMA), then a direct register epilogue.
+// one math warpgroup per 64 rows (256-row tiles: two, each holding two 64-row slabs) issuing
+// wgmma m64nNk32 over each 128-wide K block and promoting the partial sums into FP32 registers
+// with the scales (FFMA), then the epilogue (registers, or shared memory and TMA stores).
 // Checked against gemm_fp8_reference: tests/kernels/fp8_gemm_gpu_test.cu
 // (`build-device/tests/test_kernels_gpu --gtest_filter='Fp8Gemm*'`).
 #pragma once
@@ -43,6 +44,9 @@ struct GemmParams {
   int tail_split;
   int tail_begin;
   int k_block_offsets[kMaxKGroups + 1];  // k-grouped: first K block of each group
+  // 256-row tiles, dense, no tail split: the last tile column holds at most 64 valid columns and
+  // runs as 64-wide half tiles, two to a unit (get_wide_tile).
+  int half_col;
 };
 
 struct Tile {
@@ -132,6 +136,47 @@ __device__ __forceinline__ bool get_tile(const GemmParams& p, int t, Tile& tile,
   return true;
 }
 
+// 256-row tiles (dense). With p.half_col (N % 128 in (0, 64]: the last tile column is at most
+// half full) units below `full` are the tiles of the other columns in get_tile's order, and unit
+// full + q is the pair of 64-wide half tiles at M-blocks 2q and 2q + 1 of the last column, run
+// one after the other by the same CTA with 64-wide wgmmas: every unit is one full tile of work,
+// so 4096 x 2112 is 256 + 8 units = exactly 2 waves on 132 SMs (padded: 272 tiles, 2.06 waves).
+// Without half_col (or in the tail-split kernel) get_tile's units, one tile each.
+struct WideCursor {
+  int unit, half;  // half: which tile of a pair
+};
+
+template <int kBlockN, bool kTail>
+__device__ __forceinline__ bool get_wide_tile(const GemmParams& p, const WideCursor& c, Tile& tile,
+                                              bool& skip, bool& narrow) {
+  narrow = false;
+  if (kTail || !p.half_col) return get_tile<256, kBlockN, kTail>(p, c.unit, tile, skip);
+  const int tiles_m = (p.m + 255) / 256, tiles_n = (p.n + kBlockN - 1) / kBlockN;
+  const int full = tiles_m * (tiles_n - 1);
+  skip = false;
+  if (c.unit < full) {
+    int mb, nb;
+    rasterise(c.unit, tiles_m, tiles_n - 1, mb, nb);
+    tile = Tile{0, mb * 256, nb * kBlockN, 0, p.k / 128, p.m};
+    return true;
+  }
+  // The second tile of the last pair may not exist (odd tile rows); it is that CTA's last unit.
+  const int mb = 2 * (c.unit - full) + c.half;
+  if (mb >= tiles_m) return false;
+  narrow = true;
+  tile = Tile{0, mb * 256, (tiles_n - 1) * kBlockN, 0, p.k / 128, p.m};
+  return true;
+}
+
+__device__ __forceinline__ void advance_wide(WideCursor& c, int step, bool narrow) {
+  if (narrow && c.half == 0) {
+    c.half = 1;
+  } else {
+    c.unit += step;
+    c.half = 0;
+  }
+}
+
 template <int kBlockM, int kBlockN, bool kWgrad>
 struct SmemLayout {
   // BF16 output staging for the TMA store (one 64-row slab per math warpgroup), then the stages.
@@ -187,30 +232,63 @@ __device__ __forceinline__ void produce(const GemmParams& p,
   bool skip;
   const int first = blockIdx.x / p.cluster, step = gridDim.x / p.cluster;
   const uint32_t rank = p.cluster == 2 ? cluster_ctarank() : 0;
-  for (int t = first; get_tile<kBlockM, kBlockN, kTail>(p, t, tile, skip); t += step) {
-    if (skip) continue;
-    const bool per_group_a = p.form == Form::kMasked;
-    const bool per_group_b = p.form == Form::kContiguous || p.form == Form::kMasked;
-    const int a_row = (per_group_a ? tile.group * p.m : 0) + tile.m_base;
-    const int b_row = (per_group_b ? tile.group * p.n : 0) + tile.n_base;
-    for (int kb = 0; kb < tile.num_k_blocks; ++kb) {
-      const int kbg = tile.k_block_begin + kb;
-      mbar_wait(sm.empty(pipe.stage), pipe.phase ^ 1u);
-      uint64_t* full = sm.full(pipe.stage);
-      mbar_arrive_expect_tx(full, Layout::kTxBytes);
-      tma_load_2d(sm.a(pipe.stage), map_a, full, kbg * 128, a_row);
-      if (p.cluster == 2) {
-        // Each CTA of the pair loads half of the B tile into both.
-        constexpr int kHalf = kBlockN / 2;
-        tma_load_2d_multicast(sm.b(pipe.stage) + rank * kHalf * 128, map_b, full, kbg * 128,
-                              b_row + static_cast<int>(rank) * kHalf, 0x3);
-      } else {
-        tma_load_2d(sm.b(pipe.stage), map_b, full, kbg * 128, b_row);
+  if constexpr (kBlockM == 256) {
+    // The same loads as below over get_wide_tile's units (the two half tiles of a pair one
+    // after the other). NOTE: kept identical to the loop below (a loader without the group and
+    // pair cases made ptxas serialise the 256-row kernel's wgmmas: C7511, register resources).
+    const auto load_tile = [&](const Tile& tile) {
+      const bool per_group_a = p.form == Form::kMasked;
+      const bool per_group_b = p.form == Form::kContiguous || p.form == Form::kMasked;
+      const int a_row = (per_group_a ? tile.group * p.m : 0) + tile.m_base;
+      const int b_row = (per_group_b ? tile.group * p.n : 0) + tile.n_base;
+      for (int kb = 0; kb < tile.num_k_blocks; ++kb) {
+        const int kbg = tile.k_block_begin + kb;
+        mbar_wait(sm.empty(pipe.stage), pipe.phase ^ 1u);
+        uint64_t* full = sm.full(pipe.stage);
+        mbar_arrive_expect_tx(full, Layout::kTxBytes);
+        tma_load_2d(sm.a(pipe.stage), map_a, full, kbg * 128, a_row);
+        if (p.cluster == 2) {
+          constexpr int kHalf = kBlockN / 2;
+          tma_load_2d_multicast(sm.b(pipe.stage) + rank * kHalf * 128, map_b, full, kbg * 128,
+                                b_row + static_cast<int>(rank) * kHalf, 0x3);
+        } else {
+          tma_load_2d(sm.b(pipe.stage), map_b, full, kbg * 128, b_row);
+        }
+        tma_load_2d(sm.sa(pipe.stage), map_sa, full, tile.m_base,
+                    (per_group_a ? tile.group * kb_total : 0) + kbg);
+        pipe.advance(sm.stages);
       }
-      tma_load_2d(sm.sa(pipe.stage), map_sa, full, tile.m_base,
-                  (per_group_a ? tile.group * kb_total : 0) + kbg);
-      if constexpr (kWgrad) tma_load_2d(sm.sb(pipe.stage), map_sb, full, tile.n_base, kbg);
-      pipe.advance(sm.stages);
+    };
+    bool narrow;
+    for (WideCursor c{first, 0}; get_wide_tile<kBlockN, kTail>(p, c, tile, skip, narrow);
+         advance_wide(c, step, narrow))
+      if (!skip) load_tile(tile);
+  } else {
+    for (int t = first; get_tile<kBlockM, kBlockN, kTail>(p, t, tile, skip); t += step) {
+      if (skip) continue;
+      const bool per_group_a = p.form == Form::kMasked;
+      const bool per_group_b = p.form == Form::kContiguous || p.form == Form::kMasked;
+      const int a_row = (per_group_a ? tile.group * p.m : 0) + tile.m_base;
+      const int b_row = (per_group_b ? tile.group * p.n : 0) + tile.n_base;
+      for (int kb = 0; kb < tile.num_k_blocks; ++kb) {
+        const int kbg = tile.k_block_begin + kb;
+        mbar_wait(sm.empty(pipe.stage), pipe.phase ^ 1u);
+        uint64_t* full = sm.full(pipe.stage);
+        mbar_arrive_expect_tx(full, Layout::kTxBytes);
+        tma_load_2d(sm.a(pipe.stage), map_a, full, kbg * 128, a_row);
+        if (p.cluster == 2) {
+          // Each CTA of the pair loads half of the B tile into both.
+          constexpr int kHalf = kBlockN / 2;
+          tma_load_2d_multicast(sm.b(pipe.stage) + rank * kHalf * 128, map_b, full, kbg * 128,
+                                b_row + static_cast<int>(rank) * kHalf, 0x3);
+        } else {
+          tma_load_2d(sm.b(pipe.stage), map_b, full, kbg * 128, b_row);
+        }
+        tma_load_2d(sm.sa(pipe.stage), map_sa, full, tile.m_base,
+                    (per_group_a ? tile.group * kb_total : 0) + kbg);
+        if constexpr (kWgrad) tma_load_2d(sm.sb(pipe.stage), map_sb, full, tile.n_base, kbg);
+        pipe.advance(sm.stages);
+      }
     }
   }
 }
@@ -225,18 +303,11 @@ __device__ __forceinline__ void release_stage(uint64_t* empty, bool pair, bool l
 }
 
 // ---- math: one warpgroup per 64 rows ----
-// BF16 epilogue through shared memory: the warpgroup writes its 64 x kBlockN slab in the 128-byte
-// swizzled layout (conflict-free: the 8 rows of a store land in 8 different 16-byte chunks), one
-// thread stores it with TMA in 64-column boxes and the next tile's math starts while it drains.
+// One warpgroup's 64 x kBlockN slab of BF16 into the 128-byte swizzled staging layout
+// (conflict-free: the 8 rows of a store land in 8 different 16-byte chunks).
 template <int kBlockN, int kRegs>
-__device__ __forceinline__ void store_slab_tma(const float (&acc)[kRegs], uint8_t* slab,
-                                               const CUtensorMap* map_d, int n, int n_base,
-                                               int64_t row) {
+__device__ __forceinline__ void write_slab(const float (&acc)[kRegs], uint8_t* slab) {
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const bool leader = threadIdx.x % 128 == 0;
-  const int bar_id = 1 + static_cast<int>(threadIdx.x / 128);
-  if (leader) tma_store_wait_read();  // the previous tile's store has left the buffer
-  named_barrier_sync(bar_id, 128);
 #pragma unroll
   for (int c = 0; c < kBlockN / 8; ++c) {
 #pragma unroll
@@ -248,13 +319,55 @@ __device__ __forceinline__ void store_slab_tma(const float (&acc)[kRegs], uint8_
           __floats2bfloat162_rn(acc[4 * c + 2 * i], acc[4 * c + 2 * i + 1]);
     }
   }
+}
+
+// The TMA stores of one staged slab (by the warpgroup's leader), 64-column boxes inside N.
+template <int kBlockN>
+__device__ __forceinline__ void store_slab_boxes(uint8_t* slab, const CUtensorMap* map_d, int n,
+                                                 int n_base, int64_t row) {
+#pragma unroll
+  for (int box = 0; box < kBlockN / 64; ++box)
+    if (n_base + box * 64 < n)
+      tma_store_2d(map_d, slab + box * (64 * 128), n_base + box * 64, static_cast<int32_t>(row));
+}
+
+// BF16 epilogue through shared memory: the warpgroup writes its 64 x kBlockN slab, one thread
+// stores it with TMA in 64-column boxes and the next tile's math starts while it drains.
+template <int kBlockN, int kRegs>
+__device__ __forceinline__ void store_slab_tma(const float (&acc)[kRegs], uint8_t* slab,
+                                               const CUtensorMap* map_d, int n, int n_base,
+                                               int64_t row) {
+  const bool leader = threadIdx.x % 128 == 0;
+  const int bar_id = 1 + static_cast<int>(threadIdx.x / 128);
+  if (leader) tma_store_wait_read();  // the previous tile's store has left the buffer
+  named_barrier_sync(bar_id, 128);
+  write_slab<kBlockN>(acc, slab);
   fence_proxy_async();
   named_barrier_sync(bar_id, 128);
   if (leader) {
-#pragma unroll
-    for (int box = 0; box < kBlockN / 64; ++box)
-      if (n_base + box * 64 < n)
-        tma_store_2d(map_d, slab + box * (64 * 128), n_base + box * 64, static_cast<int32_t>(row));
+    store_slab_boxes<kBlockN>(slab, map_d, n, n_base, row);
+    tma_store_commit();
+  }
+}
+
+// The same for a warpgroup holding two slabs (256-row tiles): one wait and one barrier pair for
+// both, so the second slab's writes do not wait for the first slab's store to be read.
+template <int kBlockN, int kRegs>
+__device__ __forceinline__ void store_two_slabs_tma(const float (&acc0)[kRegs],
+                                                    const float (&acc1)[kRegs], uint8_t* slab0,
+                                                    uint8_t* slab1, const CUtensorMap* map_d, int n,
+                                                    int n_base, int64_t row0, int64_t row1) {
+  const bool leader = threadIdx.x % 128 == 0;
+  const int bar_id = 1 + static_cast<int>(threadIdx.x / 128);
+  if (leader) tma_store_wait_read();
+  named_barrier_sync(bar_id, 128);
+  write_slab<kBlockN>(acc0, slab0);
+  write_slab<kBlockN>(acc1, slab1);
+  fence_proxy_async();
+  named_barrier_sync(bar_id, 128);
+  if (leader) {
+    store_slab_boxes<kBlockN>(slab0, map_d, n, n_base, row0);
+    store_slab_boxes<kBlockN>(slab1, map_d, n, n_base, row1);
     tma_store_commit();
   }
 }
@@ -332,13 +445,15 @@ __device__ __forceinline__ bool split_k_reduce(const GemmParams& p, int unit, fl
 // finished last. It resets the counter for the next call and returns true: it goes on to
 // store the strip. The others return false. Same counter region and partial layout as
 // split_k_reduce (a launch uses one or the other), indexed by the tail tile.
+// `warp`: the 16-row strip of the tile this warp's acc holds (threadIdx.x / 32, or + 8 for the
+// second slab of a 256-row tile).
 template <int kBlockM, int kBlockN, int kRegs>
 __device__ __forceinline__ bool tail_split_reduce(const GemmParams& p, int unit, int n_base,
-                                                  float (&acc)[kRegs]) {
+                                                  float (&acc)[kRegs], int warp) {
   static_assert(kRegs % 4 == 0 && kRegs / 4 == kBlockN / 8, "float4 = one 8-column group");
   constexpr int kWarps = kBlockM / 16;
   constexpr int kVec = kRegs / 4;
-  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  const int lane = static_cast<int>(threadIdx.x % 32);
   const int u = unit - p.tail_begin;
   const int index = u / p.tail_split, slice = u - index * p.tail_split;
   const int live = min(kVec, (p.n - n_base + 7) / 8);  // column groups inside N
@@ -610,7 +725,9 @@ __device__ __forceinline__ void compute(const GemmParams& p,
       // Tail split: whole tiles store as usual; of a tail tile's slices only the last of each
       // 16-row strip goes on, with the strip's sum.
       tail_unit = t >= p.tail_begin;
-      if (tail_unit && !tail_split_reduce<kBlockM, kBlockN>(p, t, tile.n_base, acc)) continue;
+      if (tail_unit && !tail_split_reduce<kBlockM, kBlockN>(p, t, tile.n_base, acc,
+                                                            static_cast<int>(threadIdx.x / 32)))
+        continue;
     } else if constexpr (kSplitK) {
       // Split-K: only the last slice of each 16-row strip goes on, with the strip's full sum
       // (the host has chosen the register epilogue for split launches). A template flag: the
@@ -666,24 +783,185 @@ __device__ __forceinline__ void compute(const GemmParams& p,
   }
 }
 
+// ---- math for 256-row tiles (dense): two math warpgroups, each holding two 64-row slabs ----
+// Slab w of warpgroup wg is rows w * 128 + wg * 64 + [0, 64) of the tile. Per K block a warpgroup
+// issues slab 0's four wgmmas, waits, promotes, then slab 1's: the other warpgroup's wgmmas keep
+// the tensor cores busy during each promotion. acc0 + acc1 + one partial-sum set = 192 registers
+// at 128 wide (a second partial-sum set, as the overlapped 128-row loop has, would need 256).
+// Why this tile: per K block a 128x128 tile has its tensor cores read 48 KB of operands from
+// shared memory and its TMA write 32 KB (~160 bytes a tensor-core cycle at the FP8 rate, above
+// the ~128 B/cycle shared memory gives); a 256x128 tile reads 96 KB and writes 48 KB for twice
+// the work (~140 B/cycle), and asks L2 for a quarter less per FLOP (dev/gemm/NOTES.md session 5).
+// kTail: the tail-split form (get_tile's tail units; their slabs go through tail_split_reduce and
+// store from registers, whole tiles as usual).
+template <int kBlockN, bool kTail>
+__device__ __forceinline__ void compute_wide(const GemmParams& p,
+                                             const SmemLayout<256, kBlockN, false>& sm,
+                                             const CUtensorMap* map_d) {
+  using Mma = WgmmaE4M3<kBlockN>;
+  constexpr int kRegs = Mma::kRegs;
+  using Layout = SmemLayout<256, kBlockN, false>;
+  static_assert(kBlockN == 128, "256-row tiles: one 128-wide B scale block per tile");
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int row0 = wg * 64 + warp * 16 + lane / 4;  // slab 0 (and + 8); slab 1 is + 128
+  const int col_in_frag = 2 * (lane % 4);
+  const int kb_total = p.k / 128;
+  const int n_scale_blocks = (p.n + 127) / 128;
+  const bool leader = lane == 0;
+  const uint64_t desc_a0 = make_desc_kmajor_sw128(sm.a(0) + wg * 64 * 128);
+  const uint64_t desc_a1 = make_desc_kmajor_sw128(sm.a(0) + (128 + wg * 64) * 128);
+  const uint64_t desc_b0 = make_desc_kmajor_sw128(sm.b(0));
+  constexpr uint32_t kStageDesc = Layout::kStageBytes >> 4;
+
+  PipeState pipe;
+  Tile tile;
+  bool skip;
+  float acc0[kRegs], acc1[kRegs], part[kRegs];
+  // acc += part * r (row pair r0 / r1), after the wait that completed part; a 64-wide half tile
+  // (narrow) only its first 8 column groups (the others hold nothing of it).
+  // NOTE: `narrow` is a constant at every call (cicc 13.0 crashed on a generic lambda here).
+  const auto promote = [&](float(&acc)[kRegs], float r0, float r1, bool narrow) {
+#pragma unroll
+    for (int c = 0; c < (narrow ? kBlockN / 16 : kBlockN / 8); ++c) {
+      acc[4 * c + 0] = fmaf(part[4 * c + 0], r0, acc[4 * c + 0]);
+      acc[4 * c + 1] = fmaf(part[4 * c + 1], r0, acc[4 * c + 1]);
+      acc[4 * c + 2] = fmaf(part[4 * c + 2], r1, acc[4 * c + 2]);
+      acc[4 * c + 3] = fmaf(part[4 * c + 3], r1, acc[4 * c + 3]);
+    }
+  };
+  // One slab's four wgmmas of a K block (64 wide for a half tile: the first 32 registers of part,
+  // the fragment layout's first 64 columns, from the first 64 rows of the B stage).
+  const auto issue = [&](auto narrow_c, uint64_t desc_a, uint64_t desc_b) {
+#pragma unroll
+    for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      if constexpr (decltype(narrow_c)::value)
+        WgmmaE4M3<64>::mma(reinterpret_cast<float(&)[WgmmaE4M3<64>::kRegs]>(part), desc_a + 2 * kk,
+                           desc_b + 2 * kk, kk > 0);
+      else
+        Mma::mma(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+    }
+    wgmma_commit();
+  };
+  // The K loop of one tile (narrow_c true: a 64-wide half tile).
+  const auto k_loop = [&](auto narrow_c, const float* sb_ptr, int num_k_blocks) {
+    float sb_cur = __ldg(sb_ptr);
+    mbar_wait(sm.full(pipe.stage), pipe.phase);
+    for (int kb = 0; kb < num_k_blocks; ++kb) {
+      // Both slabs' A scales before the stage can be released (it is refilled right after).
+      const float* sa = sm.sa(pipe.stage);
+      const float a00 = sa[row0], a01 = sa[row0 + 8], a10 = sa[row0 + 128], a11 = sa[row0 + 136];
+      const uint64_t stage_off = static_cast<uint64_t>(pipe.stage) * kStageDesc;
+      issue(narrow_c, desc_a0 + stage_off, desc_b0 + stage_off);
+      const float sb_next = __ldg(sb_ptr + min(kb + 1, num_k_blocks - 1));
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+      promote(acc0, a00 * sb_cur, a01 * sb_cur, decltype(narrow_c)::value);
+      issue(narrow_c, desc_a1 + stage_off, desc_b0 + stage_off);
+      // Look ahead (no branch: on a tile's last block the current stage stands in).
+      PipeState next = pipe;
+      next.advance(sm.stages);
+      const bool more = kb + 1 < num_k_blocks;
+      mbar_wait(sm.full(more ? next.stage : pipe.stage), more ? next.phase : pipe.phase);
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+      __syncwarp();
+      release_stage(sm.empty(pipe.stage), false, leader);
+      promote(acc1, a10 * sb_cur, a11 * sb_cur, decltype(narrow_c)::value);
+      sb_cur = sb_next;
+      pipe = next;
+    }
+  };
+  bool narrow;
+  WideCursor cur{static_cast<int>(blockIdx.x), 0};
+  for (; get_wide_tile<kBlockN, kTail>(p, cur, tile, skip, narrow);
+       advance_wide(cur, static_cast<int>(gridDim.x), narrow)) {
+    const int t = cur.unit;
+    if (skip) continue;
+#pragma unroll
+    for (int i = 0; i < kRegs; ++i) acc0[i] = acc1[i] = 0.0f;
+    const float* sb_ptr =
+        p.sb + (static_cast<int64_t>(tile.group) * n_scale_blocks + tile.n_base / 128) * kb_total +
+        tile.k_block_begin;
+    if (narrow)
+      k_loop(std::true_type{}, sb_ptr, tile.num_k_blocks);
+    else
+      k_loop(std::false_type{}, sb_ptr, tile.num_k_blocks);
+
+    // ---- epilogue ----
+    const int64_t row_base = tile.m_base;
+    const auto store_direct = [&](const float(&acc)[kRegs], int row_in_tile) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = tile.m_base + row_in_tile + 8 * i;
+        if (r >= tile.m_end) continue;
+        const int64_t grow = row_base + row_in_tile + 8 * i;
+#pragma unroll
+        for (int c = 0; c < kBlockN / 8; ++c) {
+          const int col = tile.n_base + 8 * c + col_in_frag;
+          if (col >= p.n) continue;
+          *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.d) + grow * p.n + col) =
+              __floats2bfloat162_rn(acc[4 * c + 2 * i], acc[4 * c + 2 * i + 1]);
+        }
+      }
+    };
+    if constexpr (kTail) {
+      if (t >= p.tail_begin) {
+        // A warp holds one 16-row strip of each slab (strip threadIdx.x / 32, + 8 for slab 1);
+        // only the last slice of a strip stores it, with the strip's sum.
+        const int strip = static_cast<int>(threadIdx.x / 32);
+        if (tail_split_reduce<256, kBlockN>(p, t, tile.n_base, acc0, strip))
+          store_direct(acc0, row0);
+        if (tail_split_reduce<256, kBlockN>(p, t, tile.n_base, acc1, strip + 8))
+          store_direct(acc1, row0 + 128);
+        continue;
+      }
+    }
+    if (p.tma_store) {
+      // Dense: the descriptor clips rows >= M. Slab s = 2 * w + wg of the staging buffer.
+      store_two_slabs_tma<kBlockN>(acc0, acc1, sm.d() + wg * 64 * kBlockN * 2,
+                                   sm.d() + (2 + wg) * 64 * kBlockN * 2, map_d, p.n, tile.n_base,
+                                   row_base + wg * 64, row_base + 128 + wg * 64);
+      continue;
+    }
+    store_direct(acc0, row0);
+    store_direct(acc1, row0 + 128);
+  }
+  if (p.tma_store && threadIdx.x % 128 == 0) tma_store_wait_all();
+}
+
 // kSplitK: split-K kernels (split_k_reduce in the epilogue); with kTail the tail-split kernels
 // instead (tail_split_reduce; a separate instantiation so that neither fix-up costs the other's
 // registers).
+// Math warpgroups of a tile: one per 64 rows up to 128 rows; 256-row tiles keep two (each
+// holds two 64-row slabs).
+constexpr int math_warpgroups(int block_m) {
+  return block_m == 64 ? 1 : 2;
+}
+
 template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK, bool kTail = false>
-__global__ void __launch_bounds__(128 * (kBlockM / 64 + 1), 1)
+__global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                     const __grid_constant__ CUtensorMap map_b,
                     const __grid_constant__ CUtensorMap map_sa,
                     const __grid_constant__ CUtensorMap map_sb,
                     const __grid_constant__ CUtensorMap map_d,
                     const __grid_constant__ GemmParams p) {
-  static_assert(kBlockM == 64 || kBlockM == 128, "BLOCK_M: one math warpgroup per 64 rows");
+  static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 256,
+                "BLOCK_M: one math warpgroup per 64 rows, or two with two slabs each");
+  static_assert(kBlockM != 256 || (kBlockN == 128 && !kWgrad && (!kSplitK || kTail)),
+                "256-row tiles: dense 1x128 x 128x128, 128 wide, no split-K (the tail split)");
   static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 192,
                 "BLOCK_N: 64 or 128 (inside one 128-wide B scale block) or 192 (straddles two)");
   static_assert(!(kWgrad && kBlockN == 192), "the 1x128 x 1x128 kernel is built for 64/128 only");
   static_assert(!(kSplitK && (kWgrad || kBlockN > 128)), "split-K: 1x128 x 128x128, N <= 128");
   static_assert(!kTail || kSplitK, "the tail split is a split-K kernel form");
-  constexpr int kNumMathThreads = kBlockM / 64 * 128;
+  constexpr int kNumMathThreads = math_warpgroups(kBlockM) * 128;
   extern __shared__ __align__(1024) uint8_t smem[];
   using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
   const Layout sm{smem, p.num_stages, (!kWgrad && p.tma_store) ? Layout::kDBytes : 0};
@@ -708,12 +986,15 @@ __global__ void __launch_bounds__(128 * (kBlockM / 64 + 1), 1)
     __syncthreads();
 
   if (threadIdx.x >= kNumMathThreads) {
-    if constexpr (kBlockM == 128) setmaxnreg_dec<40>();
+    if constexpr (kBlockM >= 128) setmaxnreg_dec<40>();
     if (threadIdx.x == kNumMathThreads)
       produce<kBlockM, kBlockN, kWgrad, kTail>(p, sm, &map_a, &map_b, &map_sa, &map_sb);
   } else {
-    if constexpr (kBlockM == 128) setmaxnreg_inc<232>();
-    compute<kBlockM, kBlockN, kWgrad, kSplitK, kTail>(p, sm, &map_d);
+    if constexpr (kBlockM >= 128) setmaxnreg_inc<232>();
+    if constexpr (kBlockM == 256)
+      compute_wide<kBlockN, kTail>(p, sm, &map_d);
+    else
+      compute<kBlockM, kBlockN, kWgrad, kSplitK, kTail>(p, sm, &map_d);
   }
   // NOTE: the peer may still multicast into this CTA's stages or arrive on its barriers.
   if (p.cluster == 2) {

@@ -17,7 +17,9 @@ void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileCo
                    int max_tiles, cudaStream_t stream) {
   if (p.tail_split > 1) {
     // Tail-split kernels (tail_split_reduce in their epilogue) for the tiles up to 128 wide.
-    if (c.block_m == 128 && c.block_n == 128)
+    if (c.block_m == 256 && c.block_n == 128 && p.form == Form::kDense)
+      sm90::launch_gemm<256, 128, false, true, true>(maps, p, c, max_tiles, stream);
+    else if (c.block_m == 128 && c.block_n == 128)
       sm90::launch_gemm<128, 128, false, true, true>(maps, p, c, max_tiles, stream);
     else if (c.block_m == 64 && c.block_n == 128)
       sm90::launch_gemm<64, 128, false, true, true>(maps, p, c, max_tiles, stream);
@@ -41,7 +43,9 @@ void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileCo
                c.block_m, "x", c.block_n);
     return;
   }
-  if (c.block_m == 128 && c.block_n == 192)
+  if (c.block_m == 256 && c.block_n == 128 && p.form == Form::kDense)
+    sm90::launch_gemm<256, 128, false>(maps, p, c, max_tiles, stream);
+  else if (c.block_m == 128 && c.block_n == 192)
     sm90::launch_gemm<128, 192, false>(maps, p, c, max_tiles, stream);
   else if (c.block_m == 128 && c.block_n == 128)
     sm90::launch_gemm<128, 128, false>(maps, p, c, max_tiles, stream);
@@ -180,6 +184,12 @@ void fp8_gemm_nt(const uint8_t* a, const float* sa, const uint8_t* b, const floa
   const LaunchMaps maps = make_maps(a, m, b, n, sa, k / 128, sm90::pad4(m), k, d, m, n, c);
   int64_t tiles = (m + c.block_m - 1) / c.block_m * ((n + c.block_n - 1) / c.block_n) * p.split_k;
   if (tail.slices > 1) tiles = tail.full_units + tail.tail_tiles * tail.slices;
+  if (gemm_half_column(GemmKind::kDense, m, n, c)) {
+    // 256-row tiles over a last tile column of <= 64 valid columns: its tiles run 64 wide, two
+    // to a unit (sm90_fp8_gemm.cuh, get_wide_tile).
+    p.half_col = 1;
+    tiles = gemm_half_column_units(m, n, c);
+  }
   dispatch_1d2d(maps, p, c, static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
 }
 

@@ -57,7 +57,7 @@ struct LaunchMaps {
 template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK = false, bool kTail = false>
 void launch_gemm(const LaunchMaps& maps, const GemmParams& params, const GemmTileConfig& cfg,
                  int max_tiles, cudaStream_t stream) {
-  constexpr int kThreads = 128 * (kBlockM / 64 + 1);
+  constexpr int kThreads = 128 * (math_warpgroups(kBlockM) + 1);
   const GemmKind kind = kWgrad ? GemmKind::kWgrad : GemmKind::kDense;
   const int64_t smem =
       gemm_smem_bytes(kind, kBlockM, kBlockN, cfg.num_stages, params.tma_store != 0);

@@ -45,6 +45,9 @@ constexpr int kMaxStages = 8;
 
 std::vector<TileCandidate> gemm_tile_candidates(GemmKind kind) {
   if (is_wgrad(kind)) return {{128, 128}, {64, 128}};
+  // NOTE: 256-row tiles only for the dense form: a contiguous expert segment starts at a
+  // multiple of 128 rows only, and the masked form was not built for them.
+  if (kind == GemmKind::kDense) return {{256, 128}, {128, 192}, {128, 128}, {64, 128}, {64, 64}};
   return {{128, 192}, {128, 128}, {64, 128}, {64, 64}};
 }
 
@@ -70,8 +73,12 @@ int64_t gemm_smem_bytes(GemmKind kind, int block_m, int block_n, int num_stages,
 int gemm_choose_epilogue(const GemmShape& shape, int block_n) {
   // NOTE: measured on H200 (dev/gemm/NOTES.md v3, v5): staging wins at K <= 2048 (K = 512:
   // +30-40%) and for 192-wide tiles; for 128-wide tiles at K >= 7168 the stage it costs
-  // matters more (4-10% slower).
+  // mattered more (4-10% slower, timed without alternation). On H100, in the rotated
+  // alternation, the TMA store is 3-7% faster at K >= 7168 for dense M = 4096 (session 5 call 1:
+  // 4096x7168 225.6 vs 240.7 us, 7168x16384 946.9 vs 977.2, 2112x7168 tail4 131.1 vs 140.2), so
+  // dense shapes of >= kWideMinM rows stage at every K.
   if (is_wgrad(shape.kind)) return 1;
+  if (shape.kind == GemmKind::kDense && shape.m >= kWideMinM) return 2;
   return (shape.k <= 3072 || block_n > 128) ? 2 : 1;
 }
 
@@ -110,6 +117,46 @@ int64_t gemm_tail_split_workspace_bytes(const TailSplitPlan& plan, int block_m, 
   return kSplitKCounterBytes + plan.tail_tiles * plan.slices * int64_t{block_m} * block_n * 4;
 }
 
+namespace {
+// A pair of 64-wide half tiles costs this many full-tile times (H100, session 5 call 3: 64-wide
+// wgmmas read A at twice the bytes per FLOP; 4096x2112x7168 read 119.1 us where 2 waves of full
+// tiles take ~105, 1024x2112 51.5 us for one wave holding a pair against 41.8 padded).
+constexpr double kHalfPairCost = 1.25;
+int64_t wide_tiles(int64_t m, int64_t n, const GemmTileConfig& c) {
+  return ceil_div(std::max<int64_t>(m, 1), c.block_m) * ceil_div(n, c.block_n);
+}
+}  // namespace
+
+int64_t gemm_half_column_units(int64_t m, int64_t n, const GemmTileConfig& c) {
+  const int64_t tiles_m = ceil_div(std::max<int64_t>(m, 1), c.block_m);
+  return tiles_m * (ceil_div(n, c.block_n) - 1) + ceil_div(tiles_m, 2);
+}
+
+double gemm_half_column_load(int64_t m, int64_t n, const GemmTileConfig& c) {
+  const int64_t units = gemm_half_column_units(m, n, c);
+  const int64_t pairs = ceil_div(ceil_div(std::max<int64_t>(m, 1), c.block_m), 2);
+  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(c.num_sms, units));
+  // CTA u % grid runs unit u; the pair units are the last ones.
+  std::vector<int64_t> pairs_of(static_cast<size_t>(grid), 0);
+  for (int64_t u = units - pairs; u < units; ++u) ++pairs_of[static_cast<size_t>(u % grid)];
+  double load = 0.0;
+  for (int64_t b = 0; b < grid; ++b) {
+    const int64_t count = units / grid + (b < units % grid ? 1 : 0);
+    load = std::max(load, double(count) + (kHalfPairCost - 1.0) * double(pairs_of[size_t(b)]));
+  }
+  return load;
+}
+
+bool gemm_half_column(GemmKind kind, int64_t m, int64_t n, const GemmTileConfig& c) {
+  if (kind != GemmKind::kDense || c.block_m != 256 || c.block_n != 128 || c.tail_split > 1 ||
+      c.split_k > 1 || n % 128 == 0 || n % 128 > 64 || c.num_sms <= 0)
+    return false;
+  // Only where it shortens the launch: padded, the last column's tiles are whole units.
+  const int64_t tiles = wide_tiles(m, n, c);
+  const int64_t grid = std::min<int64_t>(c.num_sms, tiles);
+  return gemm_half_column_load(m, n, c) < double(ceil_div(tiles, grid)) - 0.1;
+}
+
 double gemm_dram_bytes_per_s(int64_t memory_clock_khz, int bus_width_bits) {
   FM_CHECK_ARG(memory_clock_khz > 0 && bus_width_bits > 0, "gemm_dram_bytes_per_s: memory clock ",
                memory_clock_khz, " kHz, bus width ", bus_width_bits, " bits");
@@ -127,7 +174,7 @@ double gemm_tile_cost(const GemmShape& s, const TileCandidate& t, int num_sms, i
   // The longest slice sets the unit's time.
   const double k_unit = 128.0 * ceil_div(s.k / 128, std::max(split_k, 1));
   // One math warpgroup (block_m 64) overlaps promotion with the tensor cores less well.
-  const double efficiency = (t.block_m == 128 ? 1.0 : 0.8) * (t.block_n == 128 ? 1.0 : 0.85);
+  const double efficiency = (t.block_m >= 128 ? 1.0 : 0.8) * (t.block_n == 128 ? 1.0 : 0.85);
   const double compute = 2.0 * t.block_m * t.block_n * k_unit / (kFlopsPerSm * efficiency);
   const double l2 = double(t.block_m + t.block_n) * k_unit / kL2BytesPerSm;
   const double per_tile = std::max(compute, l2);
@@ -159,7 +206,7 @@ double gemm_tail_split_cost(const GemmShape& s, const TileCandidate& t, int num_
   const double unsplit = gemm_tile_cost(whole, t, num_sms, 1, dram_bytes_per_s);
   const double per_wave = unsplit / (full_waves + 1.0);
   const double slice_k = 128.0 * ceil_div(s.k / 128, plan.slices);
-  const double efficiency = (t.block_m == 128 ? 1.0 : 0.8) * (t.block_n == 128 ? 1.0 : 0.85);
+  const double efficiency = (t.block_m >= 128 ? 1.0 : 0.8) * (t.block_n == 128 ? 1.0 : 0.85);
   const double slice = std::max(2.0 * t.block_m * t.block_n * slice_k / (kFlopsPerSm * efficiency),
                                 double(t.block_m + t.block_n) * slice_k / kL2BytesPerSm);
   const double fixup = double(1 + plan.slices) * t.block_m * t.block_n * 4 / kL2BytesPerSm;
@@ -196,7 +243,7 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
     if (stages >= 3) return GemmTileConfig{128, 192, stages, num_sms, 2, 1, 1, 1};
   }
   for (const TileCandidate& t : gemm_tile_candidates(shape.kind)) {
-    if (t.block_n == 192) continue;
+    if (t.block_n == 192 || t.block_m == 256) continue;
     const int epilogue = gemm_choose_epilogue(shape, t.block_n);
     const int stages = gemm_max_stages(shape.kind, t.block_m, t.block_n, smem_limit, epilogue == 2);
     if (stages < 3) continue;
@@ -232,6 +279,49 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
       }
     }
   }
+  // 256x128 tiles with the TMA-store epilogue (dense, >= kWideMinM rows): a quarter fewer
+  // shared-memory and L2 bytes per FLOP than 128x128 (dev/gemm/NOTES.md session 5). The model's
+  // L2 term already gives them that edge; their coarser waves count against them (N = 2112:
+  // 272 tiles = 2.06 waves, 2.25 with the half-tile last column, or a tail split). Measured on
+  // H100 at M = 1024-4096 (session 5 calls 1-3): 1.05-1.18x cuBLASLt blockwise but M = 2048
+  // 7168x16384 (0.95-1.01x, 3.39 waves).
+  if (shape.kind == GemmKind::kDense && shape.m >= kWideMinM) {
+    const double chosen = best.tail_split > 1
+                              ? gemm_tail_split_cost(shape, {best.block_m, best.block_n}, num_sms,
+                                                     best.tail_split, dram_bytes_per_s)
+                              : best_cost;
+    const TileCandidate w{256, 128};
+    const int stages = gemm_max_stages(shape.kind, 256, 128, smem_limit, true);
+    if (stages >= 3) {
+      double wide = gemm_tile_cost(shape, w, num_sms, 1, dram_bytes_per_s);
+      const GemmTileConfig probe{256, 128, stages, num_sms, 2, 1, 1, 1};
+      if (gemm_half_column(shape.kind, shape.m, shape.n, probe)) {
+        // The half tiles of the last column go two to a unit: the most loaded CTA's work.
+        const int64_t tiles = wide_tiles(shape.m, shape.n, probe);
+        wide *= gemm_half_column_load(shape.m, shape.n, probe) /
+                double(ceil_div(tiles, std::min<int64_t>(num_sms, tiles)));
+      }
+      int wide_tail = 1;
+      if (shape.max_split_k > 1) {
+        const int64_t tiles = ceil_div(shape.m, 256) * ceil_div(shape.n, 128);
+        const int64_t max_slices = std::min<int64_t>(shape.max_split_k, shape.k / 128 / 4);
+        double tail_best = wide * kTailSplitMargin;
+        for (int slices = 2; slices <= max_slices && 4 * (tiles % num_sms) <= num_sms; ++slices) {
+          const TailSplitPlan plan = gemm_tail_split_plan(tiles, num_sms, shape.k / 128, slices);
+          if (plan.slices != slices) break;
+          const double c = gemm_tail_split_cost(shape, w, num_sms, slices, dram_bytes_per_s);
+          if (c < tail_best * (1.0 - 1e-9)) {
+            tail_best = c;
+            wide_tail = slices;
+          }
+        }
+        if (wide_tail > 1) wide = tail_best;
+      }
+      if (wide < chosen * (1.0 - 1e-9)) {
+        best = GemmTileConfig{256, 128, stages, num_sms, 2, 1, 1, wide_tail};
+      }
+    }
+  }
   // NOTE: split-K was measured at M = 64 and 128 only; larger M keeps the unsplit pick.
   if (shape.kind != GemmKind::kDense || shape.max_split_k <= 1 || shape.m > kSplitKMaxM)
     return best;
@@ -243,7 +333,8 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
   const int64_t k_blocks = shape.k / 128;
   double split_best = best_cost * kSplitKMargin;
   for (const TileCandidate& t : gemm_tile_candidates(shape.kind)) {
-    if (t.block_n > 128) continue;  // no split-K kernel for 192-wide tiles
+    // No split-K kernel for 192-wide or 256-row tiles.
+    if (t.block_n > 128 || t.block_m > 128) continue;
     const int64_t tiles =
         ceil_div(std::max<int64_t>(shape.m, 1), t.block_m) * ceil_div(shape.n, t.block_n);
     if (2 * tiles > num_sms ||

@@ -128,6 +128,57 @@ TEST(Fp8GemmGpu, DenseEveryTileShape) {
   }
 }
 
+// 256-row tiles (dense only): two math warpgroups holding two 64-row slabs each. Partial first
+// and last M tiles, the half-empty 17th tile column of N = 2112 (run as 64-wide half tiles),
+// odd block counts, one K block a tile on 5 CTAs (the stage ring and the staging buffer reused
+// across many tiles per CTA), 3 stages, M = 1, and CTA pairs asked for (not built for these
+// tiles: single CTAs run).
+TEST(Fp8GemmGpu, DenseWideTiles) {
+  uint64_t seed = 260;
+  for (GemmTileConfig c : {GemmTileConfig{256, 128, 0, 0, 1}, GemmTileConfig{256, 128, 0, 0, 2},
+                           GemmTileConfig{256, 128, 3, 0, 1}, GemmTileConfig{256, 128, 0, 7, 2},
+                           GemmTileConfig{256, 128, 0, 0, 2, 2}}) {
+    run_dense(300, 2112, 1024, &c, seed += 2);
+    run_dense(513, 384, 7168, &c, seed += 2);
+    run_dense(130, 256, 1920, &c, seed += 2);
+    GemmTileConfig five = c;
+    five.num_sms = 5;
+    run_dense(1024, 1024, 128, &five, seed += 2);
+    run_dense(1, 2112, 384, &c, seed += 2);
+    // Last tile column at most half full, on grids where the launch runs it as 64-wide half
+    // tiles two to a unit (sm90_gemm_heuristic_test.cpp HalfColumnUnits checks that these do):
+    // odd tile rows (a lone half tile last) and 8 valid columns on one CTA, 34 units on 5 CTAs;
+    // 72 valid columns: padded tiles.
+    GemmTileConfig one = c;
+    one.num_sms = 1;
+    run_dense(513, 192, 384, &one, seed += 2);
+    run_dense(300, 136, 1024, &one, seed += 2);
+    run_dense(1000, 1088, 512, &five, seed += 2);
+    run_dense(513, 200, 1920, &c, seed += 2);
+  }
+  // The V3 shape's form on the full grid (4096x2112 on 132 SMs: 256 full units + 8 pairs).
+  const GemmTileConfig wide{256, 128, 0, 0, 2};
+  run_dense(4096, 2112, 256, &wide, seed += 2);
+}
+
+TEST(Fp8GemmGpu, WideTilesRejectedWhereNotBuilt) {
+  DeviceBuffer<uint8_t> a(256 * 1024), b(256 * 1024);
+  DeviceBuffer<float> sa(256 * 8), sb(2 * 8);
+  DeviceBuffer<bf16> d(256 * 256);
+  DeviceBuffer<int32_t> layout(std::vector<int32_t>(256, 0));
+  const GemmTileConfig wide{256, 128, 0, 0, 1};
+  EXPECT_THROW(
+      kernels::fp8_gemm_nt_grouped_contiguous(a.get(), sa.get(), b.get(), sb.get(), d.get(),
+                                              layout.get(), 256, 256, 1024, 1, nullptr, &wide),
+      Error);
+  DeviceBuffer<uint8_t> ws(size_t(8) << 20);
+  const GemmTileConfig split{256, 128, 0, 0, 1, 1, 2};
+  EXPECT_THROW(kernels::fp8_gemm_nt(a.get(), sa.get(), b.get(), sb.get(), d.get(), 256, 256, 1024,
+                                    nullptr, &split, kernels::GemmWorkspace{ws.get(), ws.size()}),
+               Error);
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+}
+
 TEST(Fp8GemmGpu, DenseZeroRowsIsANoOp) {
   DeviceBuffer<uint8_t> a(128), b(64 * 128);
   DeviceBuffer<float> sa(4), sb(1);
@@ -474,6 +525,12 @@ TEST(Fp8GemmGpuTailSplit, MatchesReferenceAndIsBitReproducible) {
       {130, 200, 1920, {64, 64, 0, 11, 0, 1, 1, 8}},
       // The full grid: 5 x 27 tiles on 132 SMs (H100 / H200), 3 tail tiles x 8 one-block slices.
       {600, 3400, 1024, {128, 128, 0, 0, 0, 1, 1, 8}},
+      // 256-row tiles (two 16-row strips per warp): 3 x 17 on 7 CTAs, 2 tail tiles x 3 slices,
+      // TMA-store whole tiles, the last M tile partial (88 rows); 2 x 17 on 8 CTAs, 2 tail tiles
+      // x 4 slices of 2 blocks, registers; 8 x 17 on 132 SMs, 4 tail tiles x 4 one-block slices.
+      {600, 2112, 1024, {256, 128, 0, 7, 2, 1, 1, 3}},
+      {300, 2112, 1024, {256, 128, 0, 8, 1, 1, 1, 4}},
+      {2048, 2112, 512, {256, 128, 0, 0, 2, 1, 1, 4}},
   };
   uint64_t seed = 1200;
   for (const Case& c : cases) {

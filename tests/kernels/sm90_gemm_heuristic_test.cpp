@@ -10,6 +10,11 @@ namespace {
 constexpr int kH100Sms = 132;
 constexpr int64_t kH100Smem = 232448;
 
+GemmShape with_split(GemmShape s, int max_split) {
+  s.max_split_k = max_split;
+  return s;
+}
+
 TEST(Sm90GemmHeuristic, EveryChoiceFitsSharedMemory) {
   for (GemmKind kind : {GemmKind::kDense, GemmKind::kGroupedContiguous, GemmKind::kGroupedMasked,
                         GemmKind::kWgrad, GemmKind::kKGroupedWgrad})
@@ -31,8 +36,49 @@ TEST(Sm90GemmHeuristic, EveryChoiceFitsSharedMemory) {
 TEST(Sm90GemmHeuristic, LargeProblemsTakeTheLargestTile) {
   const GemmTileConfig c =
       choose_gemm_tile({GemmKind::kDense, 4096, 7168, 16384, 1}, kH100Sms, kH100Smem);
-  EXPECT_EQ(c.block_m, 128);
-  EXPECT_GE(c.block_n, 128);
+  EXPECT_EQ(c.block_m, 256);
+  EXPECT_EQ(c.block_n, 128);
+  EXPECT_EQ(c.epilogue, 2);
+  // The grouped forms have no 256-row tiles (an expert segment starts at a multiple of 128).
+  const GemmTileConfig g =
+      choose_gemm_tile({GemmKind::kGroupedContiguous, 32768, 4096, 7168, 4}, kH100Sms, kH100Smem);
+  EXPECT_EQ(g.block_m, 128);
+  EXPECT_GE(g.block_n, 128);
+}
+
+TEST(Sm90GemmHeuristic, WideTilesOnlyForLargeDenseShapes) {
+  // Measured on H100 (dev/gemm/NOTES.md session 5): 256x128 with the TMA store beat every other
+  // configuration at M = 4096 on five of the six V3 shapes (2-16%), and lost at N = 2112 unsplit
+  // (272 tiles = 2.06 waves).
+  for (int64_t n : {24576, 32768, 7168, 4096})
+    for (int64_t k : {512, 1536, 2048, 7168, 16384}) {
+      const GemmTileConfig t =
+          choose_gemm_tile({GemmKind::kDense, 4096, n, k, 1}, kH100Sms, kH100Smem);
+      EXPECT_EQ(t.block_m, 256) << n << "x" << k;
+      EXPECT_EQ(t.epilogue, 2) << n << "x" << k;
+      EXPECT_LE(gemm_smem_bytes(GemmKind::kDense, 256, 128, t.num_stages, true), kH100Smem);
+    }
+  // N = 2112: 272 tiles of 256x128 are 2.06 waves, but the half-empty 17th tile column runs as
+  // 64-wide half tiles two to a unit: 256 + 8 units, exactly 2 waves.
+  const GemmTileConfig h =
+      choose_gemm_tile({GemmKind::kDense, 4096, 2112, 7168, 1}, kH100Sms, kH100Smem);
+  EXPECT_EQ(h.block_m, 256);
+  EXPECT_TRUE(gemm_half_column(GemmKind::kDense, 4096, 2112, h));
+  EXPECT_EQ(gemm_half_column_units(4096, 2112, h), 264);
+  EXPECT_EQ(h.tail_split, 1);
+  for (int64_t m :
+       {int64_t{1}, int64_t{64}, int64_t{128}, int64_t{256}, int64_t{512}, kWideMinM - 1})
+    for (int64_t n : {2112, 7168, 32768})
+      for (int max_split : {1, 8})
+        EXPECT_NE(choose_gemm_tile(with_split({GemmKind::kDense, m, n, 7168, 1}, max_split),
+                                   kH100Sms, kH100Smem)
+                      .block_m,
+                  256)
+            << m << "x" << n;
+  for (GemmKind kind : {GemmKind::kGroupedContiguous, GemmKind::kGroupedMasked, GemmKind::kWgrad,
+                        GemmKind::kKGroupedWgrad})
+    EXPECT_NE(choose_gemm_tile({kind, 8192, 7168, 7168, 4}, kH100Sms, kH100Smem).block_m, 256)
+        << gemm_kind_name(kind);
 }
 
 TEST(Sm90GemmHeuristic, SmallMUsesNarrowTilesToFillTheChip) {
@@ -50,10 +96,11 @@ TEST(Sm90GemmHeuristic, SmallMUsesNarrowTilesToFillTheChip) {
 
 TEST(Sm90GemmHeuristic, Picks192WideTilesOnlyWhereTheyMakeOneWaveAtSmallM) {
   // The cost model alone prefers 128x192 at N = 2112 (3 waves instead of 5); measured, 128x128
-  // with overlapped promotion is faster there (dev/gemm/NOTES.md v11).
+  // with overlapped promotion is faster there (dev/gemm/NOTES.md v11), and 256x128 with its
+  // half-tile last column (session 5) faster still.
   const GemmTileConfig c =
       choose_gemm_tile({GemmKind::kDense, 4096, 2112, 7168, 1}, kH100Sms, kH100Smem);
-  EXPECT_EQ(c.block_m, 128);
+  EXPECT_EQ(c.block_m, 256);
   EXPECT_EQ(c.block_n, 128);
   // M = 128 N = 24576: 128 tiles of 128x192 in one wave against 192 of 128x128 (measured faster,
   // sessions 2b and 3); N = 32768 needs 171 of them, M = 64 keeps 64-row tiles.
@@ -76,7 +123,11 @@ TEST(Sm90GemmHeuristic, Picks192WideTilesOnlyWhereTheyMakeOneWaveAtSmallM) {
 
 TEST(Sm90GemmHeuristic, EpilogueStagesWhereItWasMeasuredToPay) {
   EXPECT_EQ(gemm_choose_epilogue({GemmKind::kDense, 4096, 32768, 512, 1}, 128), 2);
-  EXPECT_EQ(gemm_choose_epilogue({GemmKind::kDense, 4096, 7168, 16384, 1}, 128), 1);
+  // Dense, >= kWideMinM rows: TMA store at every K (H100, session 5); elsewhere registers at
+  // K >= 7168 for 128-wide tiles (H200, v3 / v5).
+  EXPECT_EQ(gemm_choose_epilogue({GemmKind::kDense, 4096, 7168, 16384, 1}, 128), 2);
+  EXPECT_EQ(gemm_choose_epilogue({GemmKind::kDense, 128, 7168, 16384, 1}, 128), 1);
+  EXPECT_EQ(gemm_choose_epilogue({GemmKind::kGroupedContiguous, 32768, 4096, 7168, 4}, 128), 1);
   EXPECT_EQ(gemm_choose_epilogue({GemmKind::kDense, 4096, 2112, 7168, 1}, 192), 2);
   EXPECT_EQ(gemm_choose_epilogue({GemmKind::kWgrad, 4096, 7168, 512, 1}, 128), 1);
 }
@@ -86,11 +137,6 @@ TEST(Sm90GemmHeuristic, CostGrowsWithWaves) {
   const double one = gemm_tile_cost({GemmKind::kDense, 128 * 12, 128 * 11, 4096, 1}, t, kH100Sms);
   const double two = gemm_tile_cost({GemmKind::kDense, 128 * 12, 128 * 12, 4096, 1}, t, kH100Sms);
   EXPECT_GT(two, one * 1.5);  // 132 tiles fit one wave, 144 need two
-}
-
-GemmShape with_split(GemmShape s, int max_split) {
-  s.max_split_k = max_split;
-  return s;
 }
 
 TEST(Sm90GemmHeuristic, SplitsKWhereItWasMeasuredToPay) {
@@ -127,12 +173,12 @@ TEST(Sm90GemmHeuristic, SplitsKOnlyInOneWaveOfUnderfilledSmallMDenseGrids) {
           // The unsplit pick is the one without a workspace (up to a tail split, M > 128 only).
           const GemmTileConfig u =
               choose_gemm_tile({GemmKind::kDense, m, n, k, 1}, kH100Sms, kH100Smem);
-          GemmTileConfig no_tail = t;
           if (t.tail_split > 1) {
+            // With its tail split a tile may beat the unsplit pick (256x128 at N = 2112).
             EXPECT_GT(m, 128) << m << "x" << n << "x" << k;
-            no_tail.tail_split = u.tail_split;
+            continue;
           }
-          EXPECT_EQ(describe_tile_config(no_tail), describe_tile_config(u));
+          EXPECT_EQ(describe_tile_config(t), describe_tile_config(u));
           continue;
         }
         const int64_t units =
@@ -153,6 +199,35 @@ TEST(Sm90GemmHeuristic, SplitsKOnlyInOneWaveOfUnderfilledSmallMDenseGrids) {
     EXPECT_EQ(
         choose_gemm_tile(with_split({kind, 128, 2112, 7168, 1}, 8), kH100Sms, kH100Smem).split_k, 1)
         << gemm_kind_name(kind);
+}
+
+TEST(Sm90GemmHeuristic, HalfColumnUnits) {
+  const GemmTileConfig wide{256, 128, 3, 132, 2};
+  EXPECT_EQ(gemm_half_column_units(4096, 2112, wide), 16 * 16 + 8);  // 2112 = 16 x 128 + 64
+  EXPECT_EQ(gemm_half_column_units(300, 2112, wide), 2 * 16 + 1);
+  EXPECT_EQ(gemm_half_column_units(513, 192, wide), 3 * 1 + 2);  // odd rows: a lone half tile
+  // 4096x2112 on 132 SMs: CTAs 124-131 run a full tile and a pair (2.25) against 3 padded waves;
+  // 2048x2112: 132 units in one wave, 4 of them pairs (1.25 against 2).
+  EXPECT_DOUBLE_EQ(gemm_half_column_load(4096, 2112, wide), 2.25);
+  EXPECT_TRUE(gemm_half_column(GemmKind::kDense, 4096, 2112, wide));
+  EXPECT_TRUE(gemm_half_column(GemmKind::kDense, 2048, 2112, wide));
+  // 1024x2112: 68 padded tiles fit one wave; the pairs would lengthen it (measured, call 3).
+  EXPECT_FALSE(gemm_half_column(GemmKind::kDense, 1024, 2112, wide));
+  EXPECT_FALSE(gemm_half_column(GemmKind::kDense, 4096, 2200, wide));  // 72 valid: more than half
+  EXPECT_FALSE(gemm_half_column(GemmKind::kDense, 4096, 4096, wide));  // no partial column
+  GemmTileConfig tail = wide;
+  tail.tail_split = 4;
+  EXPECT_FALSE(gemm_half_column(GemmKind::kDense, 4096, 2112, tail));
+  EXPECT_FALSE(gemm_half_column(GemmKind::kDense, 4096, 2112, GemmTileConfig{128, 128, 5, 132, 2}));
+  EXPECT_FALSE(gemm_half_column(GemmKind::kGroupedMasked, 4096, 2112, wide));
+  // The GPU tests' half-tile launches (fp8_gemm_gpu_test.cu DenseWideTiles) do take that form.
+  GemmTileConfig one = wide, five = wide;
+  one.num_sms = 1;
+  five.num_sms = 5;
+  EXPECT_TRUE(gemm_half_column(GemmKind::kDense, 513, 192, one));
+  EXPECT_TRUE(gemm_half_column(GemmKind::kDense, 300, 136, one));
+  EXPECT_TRUE(gemm_half_column(GemmKind::kDense, 1000, 1088, five));
+  EXPECT_FALSE(gemm_half_column(GemmKind::kDense, 513, 200, wide));
 }
 
 TEST(Sm90GemmHeuristic, TailSplitPlan) {
@@ -177,17 +252,24 @@ TEST(Sm90GemmHeuristic, TailSplitPlan) {
 }
 
 TEST(Sm90GemmHeuristic, TailSplitWhereTheLastWaveIsSmall) {
-  // 4096x2112x7168: 4.12 waves of 128x128; the tail split needs a workspace.
-  const GemmShape s{GemmKind::kDense, 4096, 2112, 7168, 1};
+  // 1024x2112x7168: 136 tiles of 128x128 = 1.03 waves; the tail split needs a workspace
+  // (measured on H100, session 5: 38.6 us against 46.2 unsplit and 41.8 for 256x128).
+  const GemmShape s{GemmKind::kDense, 1024, 2112, 7168, 1};
   EXPECT_LE(choose_gemm_tile(s, kH100Sms, kH100Smem).tail_split, 1);
   const GemmTileConfig t = choose_gemm_tile(with_split(s, 8), kH100Sms, kH100Smem);
   EXPECT_EQ(t.block_m, 128);
   EXPECT_EQ(t.block_n, 128);
+  EXPECT_EQ(t.epilogue, 2);
   EXPECT_GE(t.tail_split, 2);
   EXPECT_LE(4 * t.tail_split, 7168 / 128);
   EXPECT_EQ(t.split_k, 1);
   EXPECT_LT(gemm_tail_split_cost(s, {128, 128}, kH100Sms, t.tail_split),
             0.95 * gemm_tile_cost(s, {128, 128}, kH100Sms));
+  // 4096x2112x7168 (4.12 waves of 128x128): 256x128 with half tiles fills exactly 2 waves.
+  EXPECT_LE(
+      choose_gemm_tile(with_split({GemmKind::kDense, 4096, 2112, 7168, 1}, 8), kH100Sms, kH100Smem)
+          .tail_split,
+      1);
   // Many waves (the tail is a small part) or no room for two slices a tail tile: no split.
   for (const GemmShape& u : {GemmShape{GemmKind::kDense, 4096, 7168, 16384, 1},
                              GemmShape{GemmKind::kDense, 4096, 4096, 7168, 1},

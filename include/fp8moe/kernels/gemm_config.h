@@ -9,7 +9,8 @@ namespace fp8moe::kernels {
 // Tile configuration chosen by the heuristic (sm90_gemm_heuristic.h); exposed so benchmarks and
 // tests can force one.
 struct GemmTileConfig {
-  int block_m = 128;   // 64 or 128 (one math warpgroup per 64 rows)
+  int block_m = 128;   // 64 or 128 (one math warpgroup per 64 rows), or 256 (dense, 128 wide:
+                       // two math warpgroups with two 64-row slabs each)
   int block_n = 128;   // 64, 128 or 192 (192: 1x128 x 128x128 kernel only)
   int num_stages = 0;  // 0 = as many as shared memory holds
   int num_sms = 0;     // persistent grid size; 0 = all multiprocessors

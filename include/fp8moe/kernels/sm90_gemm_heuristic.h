@@ -49,6 +49,20 @@ TailSplitPlan gemm_tail_split_plan(int64_t tiles, int64_t grid, int64_t k_blocks
 // (tail tile, slice), block_m x block_n floats each (0 without a split).
 int64_t gemm_tail_split_workspace_bytes(const TailSplitPlan& plan, int block_m, int block_n);
 
+// Dense shapes of at least this many rows may take 256x128 tiles (two math warpgroups with two
+// 64-row slabs each), and stage their output through shared memory (TMA store) at every K.
+inline constexpr int64_t kWideMinM = 1024;
+
+// 256-row tiles over a last tile column holding at most 64 valid columns (N % 128 in (0, 64],
+// e.g. N = 2112) may run that column as 64-wide half tiles, two to a unit of work (dense launch
+// of 256x128 tiles without a tail split, c.num_sms CTAs): gemm_half_column says whether a launch
+// does, which is where it shortens it (the most loaded CTA's work, a pair counted as 1.25 full
+// tiles, below the padded launch's waves). Units of such a launch: the full tiles, then one per
+// pair of half tiles.
+bool gemm_half_column(GemmKind kind, int64_t m, int64_t n, const GemmTileConfig& c);
+int64_t gemm_half_column_units(int64_t m, int64_t n, const GemmTileConfig& c);
+double gemm_half_column_load(int64_t m, int64_t n, const GemmTileConfig& c);
+
 struct TileCandidate {
   int block_m, block_n;
 };
@@ -89,7 +103,9 @@ double gemm_tail_split_cost(const GemmShape& shape, const TileCandidate& tile, i
 // the best unsplit tile (measured on H200: dev/gemm/NOTES.md session 2b). The tail split only for
 // dense shapes with max_split_k > 1 (a workspace) and M > 128, tiles up to 128 wide, a last wave
 // of at most a quarter of the SMs, >= 4 K blocks a slice, where the model gains 5%
-// (dev/gemm/NOTES.md session 4). 128x192 tiles only at
+// (dev/gemm/NOTES.md session 4). 256x128 tiles (TMA store, with their own tail split) for dense
+// shapes of >= kWideMinM rows where the model prefers them to the pick above (session 5).
+// 128x192 tiles only at
 // 64 < M <= 128 where they fit one wave and 128x128 tiles do not (measured faster there, session
 // 2b and 3; slower at every M = 4096 shape, v11).
 GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
