@@ -450,10 +450,13 @@ std::vector<int> devices_of(const World& w) {
 // the session-3 options on top of plan_once: P prefetch_payload, C combine_two_steps (so "PC" =
 // the session-3 defaults), A combine_async_rows, S combine_peer_items, and of session 4: B
 // combine_peer_blocks, E combine_even_steps, D dispatch_direct_rows, L dispatch_self_rows (with
-// D), R dispatch_pull (with D) ("PCBDL" = the session-4 defaults); suffixes ":c8", ":b80", ":r132"
-// set the chunk size, the send blocks and the receive blocks (without ":r", DeviceEpOptions'
-// automatic receive grid: every SM since session 4; ":r68" on a 132-SM H100 with 64 send blocks is
-// the earlier one); ":g48" the combine send's own grid (DeviceEpOptions::combine_blocks).
+// D), R dispatch_pull (with D) ("PCBDL" = the session-4 defaults), and of session 5: N
+// plan_notify, H dispatch_stream_rows (with D), T dispatch_bulk_rows (with D, L, P), Y
+// combine_stream_rows (with C), F plan_flag_release, Q plan_fast_count; suffixes
+// ":c8", ":b80", ":r132" set the chunk size, the send blocks and the receive blocks (without ":r",
+// DeviceEpOptions' automatic receive grid: every SM since session 4; ":r68" on a 132-SM H100 with
+// 64 send blocks is the earlier one); ":g48" the combine send's own grid
+// (DeviceEpOptions::combine_blocks).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -485,6 +488,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
   v.opt.combine_peer_blocks = false;
   v.opt.combine_even_steps = false;
   v.opt.dispatch_direct_rows = v.opt.dispatch_self_rows = v.opt.dispatch_pull = false;
+  v.opt.plan_notify = v.opt.dispatch_stream_rows = v.opt.dispatch_bulk_rows = false;
+  v.opt.combine_stream_rows = v.opt.plan_flag_release = v.opt.plan_fast_count = false;
   if (head == "v5" || head == "base") return v;
   for (char c : head) {
     if (c == 'P')
@@ -505,6 +510,18 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.dispatch_self_rows = true;
     else if (c == 'R')
       v.opt.dispatch_pull = true;
+    else if (c == 'N')
+      v.opt.plan_notify = true;
+    else if (c == 'H')
+      v.opt.dispatch_stream_rows = true;
+    else if (c == 'T')
+      v.opt.dispatch_bulk_rows = true;
+    else if (c == 'Y')
+      v.opt.combine_stream_rows = true;
+    else if (c == 'F')
+      v.opt.plan_flag_release = true;
+    else if (c == 'Q')
+      v.opt.plan_fast_count = true;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown letter ", c);
   }

@@ -53,6 +53,8 @@ const char* counter_name(int c) {
       return "combine.chunk";
     case kLocalSent:
       return "send_blocks_done";
+    case kPlanReadyCounter:
+      return "dispatch.plan_ready";
     default: {
       const char* ll_name = ll::counter_name(c);
       const char* bwd_name = bwd::counter_name(c);
@@ -156,7 +158,8 @@ PlanSmem plan_smem(const Geometry& g) {
 // Plan kernel: per-warp count rows while counting; the last block then holds the whole [NT][W]
 // count table (rounded to 16 bytes for vector copies).
 size_t plan_kernel_smem(const Geometry& g) {
-  const size_t rows = static_cast<size_t>(kWarps) * align_up(g.W, 2) * 2;
+  // (32-bit counters with plan_fast_count; 16-bit otherwise.)
+  const size_t rows = static_cast<size_t>(kWarps) * align_up(g.W, 4) * 4;
   const size_t table = align_up(static_cast<size_t>(g.NT) * g.W * 2, 16);
   return std::max(rows, table);
 }
@@ -193,7 +196,10 @@ struct DeviceEpRank::Impl {
   // backward receive kernels (DeviceEpOptions::recv_blocks).
   int rank = 0, device = 0, sm_count = 0, recv_blocks = 1, side_recv_blocks = 1;
   PlanSmem ps;
-  bool direct = false;  // DeviceEpOptions::dispatch_direct_rows where it applies
+  bool direct = false;       // DeviceEpOptions::dispatch_direct_rows where it applies
+  bool plan_notify = false;  // DeviceEpOptions::plan_notify where it applies
+  // DeviceEpOptions::dispatch_stream_rows where it applies (with the direct rows).
+  bool hints() const { return direct && opt.dispatch_stream_rows; }
 
   char* ws = nullptr;
   char* send_ws = nullptr;    // Wire::kNccl: records packed per destination
@@ -338,6 +344,10 @@ struct DeviceEpRank::Impl {
     a.direct = direct;
     a.self_rows = direct && opt.dispatch_self_rows;
     a.pull = direct && opt.dispatch_pull;
+    a.plan_notify = plan_notify;
+    a.plan_flag = opt.plan_once && opt.plan_flag_release;
+    a.fast_plan = opt.plan_once && opt.plan_fast_count;
+    a.hints = hints();
     a.trace = trace;
     return a;
   }
@@ -413,6 +423,10 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   // blocks could all be waiting for a block 0 that never gets an SM (CUDA does not promise the
   // order in which blocks start), so the direct rows need every send block resident at once.
   if (opt.num_blocks > m.sm_count) m.direct = false;
+  // The bulk rows' stage buffers must fit beside the send plan.
+  if (dispatch_send_smem(m.opt, true, m.ps) > 200 * 1024) m.opt.dispatch_bulk_rows = false;
+  // The plan kernel notifies over NVLink (the NCCL wire exchanges the notify after the send).
+  m.plan_notify = opt.plan_notify && opt.plan_once && opt.wire == Wire::kNvlink;
   {
     // Receive kernels spin on peers: with several ranks on one GPU their grids must leave room
     // for every rank's send kernel (at most half the SMs for all receivers together).
@@ -435,11 +449,12 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   m.err_dev = reinterpret_cast<DevErr*>(m.ws + m.lay.err);
   // NOTE: load every kernel now: with lazy module loading a first launch can wait for the device,
   // which never drains while a peer's kernel spins on a flag.
-  for (const void* k : {reinterpret_cast<const void*>(dispatch_plan_kernel()),
-                        reinterpret_cast<const void*>(dispatch_send_kernel(m.opt, m.direct)),
-                        reinterpret_cast<const void*>(dispatch_recv_kernel()),
-                        reinterpret_cast<const void*>(combine_send_kernel(m.opt)),
-                        reinterpret_cast<const void*>(combine_recv_kernel(m.opt))}) {
+  for (const void* k :
+       {reinterpret_cast<const void*>(dispatch_plan_kernel(m.plan_notify, m.opt.plan_fast_count)),
+        reinterpret_cast<const void*>(dispatch_send_kernel(m.opt, m.direct)),
+        reinterpret_cast<const void*>(dispatch_recv_kernel(m.hints())),
+        reinterpret_cast<const void*>(combine_send_kernel(m.opt)),
+        reinterpret_cast<const void*>(combine_recv_kernel(m.opt))}) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
@@ -448,11 +463,11 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                                      static_cast<int>(combine_send_smem(m.opt))));
   FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_send_kernel(m.opt, m.direct),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(m.ps.total)));
-  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_plan_kernel(),
+                                     static_cast<int>(dispatch_send_smem(m.opt, m.direct, m.ps))));
+  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_plan_kernel(m.plan_notify, m.opt.plan_fast_count),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(plan_kernel_smem(m.g))));
-  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_recv_kernel(),
+  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_recv_kernel(m.hints()),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(recv_smem_bytes(m.g))));
   m.ll = opt.low_latency && opt.wire == Wire::kNvlink && cfg.masked_capacity > 0 &&
@@ -570,11 +585,12 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
   if (m.opt.plan_once) {
     const int64_t tiles = (b.tokens + kTile - 1) / kTile;
     const int grid = static_cast<int>(std::max<int64_t>(1, (tiles + kWarps - 1) / kWarps));
-    launch(dispatch_plan_kernel(), grid, plan_kernel_smem(m.g), stream, false, a);
+    launch(dispatch_plan_kernel(m.plan_notify, m.opt.plan_fast_count), grid, plan_kernel_smem(m.g),
+           stream, false, a);
   }
   // plan_once: a programmatic dependent of the plan kernel (it waits for the plan in-kernel).
-  launch(dispatch_send_kernel(m.opt, m.direct), m.opt.num_blocks, m.ps.total, stream,
-         m.opt.plan_once, a);
+  launch(dispatch_send_kernel(m.opt, m.direct), m.opt.num_blocks,
+         dispatch_send_smem(m.opt, m.direct, m.ps), stream, m.opt.plan_once, a);
   if (a.nccl) {
     const size_t T = m.g.Tmax, K = m.g.K;
     m.exchange({{m.lay.stage, T * m.g.P},
@@ -595,7 +611,7 @@ void DeviceEpRank::dispatch_recv(cudaStream_t stream) {
   if (m.ll) return ll::dispatch_recv(m.ll_params(), stream, m.opt.overlap_recv);
   Args a = m.args();
   a.expand = m.opt.expand_payload;
-  launch(dispatch_recv_kernel(), m.recv_blocks, recv_smem_bytes(m.g), stream,
+  launch(dispatch_recv_kernel(m.hints()), m.recv_blocks, recv_smem_bytes(m.g), stream,
          m.opt.overlap_recv && !a.nccl, a);
 }
 
@@ -724,13 +740,18 @@ void DeviceEpRank::check() const {
     unsigned long long t[kTrSlots];
     FM_CHECK_CUDA(cudaMemcpy(t, m.trace, sizeof(t), cudaMemcpyDeviceToHost));
     auto us = [&](int slot) { return (static_cast<double>(t[slot]) - t[kTrPlanStart]) * 1e-3; };
+    // Stamps set only by some paths (0: an earlier dispatch's or none).
+    auto maybe = [&](int slot) { return t[slot] >= t[kTrPlanStart] ? us(slot) : 0.0; };
     std::fprintf(stderr,
-                 "# ep_trace rank %d (us from plan start): plan_end %.1f send_start %.1f "
-                 "send_counts %.1f send_end %.1f recv_start %.1f recv_layout %.1f "
-                 "recv_last_flag %.1f recv_end %.1f\n",
-                 m.rank, us(kTrPlanEnd), us(kTrSendStart),
-                 t[kTrSendCounts] ? us(kTrSendCounts) : 0.0, us(kTrSendEnd), us(kTrRecvStart),
-                 us(kTrRecvLayout), us(kTrRecvLastFlag), us(kTrRecvEnd));
+                 "# ep_trace rank %d (us from plan start): plan_blocks_in %.1f plan_loaded %.1f "
+                 "plan_matched %.1f plan_counted %.1f "
+                 "plan_last %.1f plan_notified %.1f plan_end %.1f send_start %.1f "
+                 "send_planned %.1f send_counts %.1f send_end %.1f recv_start %.1f "
+                 "recv_layout %.1f recv_last_flag %.1f recv_end %.1f\n",
+                 m.rank, maybe(kTrPlanBlocksIn), maybe(kTrPlanLoaded), maybe(kTrPlanMatched),
+                 maybe(kTrPlanCounted), maybe(kTrPlanLast), maybe(kTrPlanNotified), us(kTrPlanEnd),
+                 us(kTrSendStart), us(kTrSendPlanned), maybe(kTrSendCounts), us(kTrSendEnd),
+                 us(kTrRecvStart), us(kTrRecvLayout), us(kTrRecvLastFlag), us(kTrRecvEnd));
   }
   int64_t status[kStatusSlots];
   FM_CHECK_CUDA(cudaMemcpy(status, m.ws + m.lay.status, sizeof(status), cudaMemcpyDeviceToHost));

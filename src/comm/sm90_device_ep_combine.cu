@@ -6,7 +6,8 @@
 // The weighted sums read the expert rows two 256-column steps per pass (combine_two_steps), or,
 // in the send, through a cp.async ring in shared memory (combine_async_rows); the send's blocks
 // are dealt to the peers, each serving one (combine_peer_blocks), and combine_even_steps deals
-// both kernels' sums out as (row, column pair) items claimed by the warps.
+// both kernels' sums out as (row, column pair) items claimed by the warps; combine_stream_rows
+// (session 5) loads the expert rows evict-first so that the staged partials stay in L2.
 // Acks from the consumer make every buffer reusable without a host round trip.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
@@ -44,9 +45,12 @@ __device__ __forceinline__ RowSet compact_rows(int row, float wt) {
 // weighted sum of the rows in ascending k from +0, no FMA (the reference's order). Rows in groups
 // of four, each group's kU x 4 loads in flight together.
 // Rows: RowSet, or SharedRows (combine_even_steps: read from shared memory where used).
-template <int kU, class Rows>
+// kEvict (combine_stream_rows): the rows are loaded with an L2 evict-first policy (each is read
+// once), so that the partials landing in the stage stay in L2 until the receive reads them.
+template <int kU, bool kEvict = false, class Rows>
 __device__ __forceinline__ void weighted_rows_u(const uint16_t* y, int64_t H, const Rows& rs,
                                                 int64_t c, const bool* valid, float (*acc)[8]) {
+  const unsigned long long pol = kEvict ? evict_first_policy() : 0ull;
 #pragma unroll
   for (int u = 0; u < kU; ++u)
 #pragma unroll
@@ -59,9 +63,11 @@ __device__ __forceinline__ void weighted_rows_u(const uint16_t* y, int64_t H, co
       for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int u = 0; u < kU; ++u)
-          if (g0 + i < rs.n && valid[u])
-            v[u][i] = __ldg(reinterpret_cast<const uint4*>(
-                y + static_cast<int64_t>(rs.row[g0 + i]) * H + c + u * 256));
+          if (g0 + i < rs.n && valid[u]) {
+            const uint16_t* src = y + static_cast<int64_t>(rs.row[g0 + i]) * H + c + u * 256;
+            v[u][i] =
+                kEvict ? ld_evict_first(src, pol) : __ldg(reinterpret_cast<const uint4*>(src));
+          }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         if (g0 + i >= rs.n) break;
@@ -120,18 +126,18 @@ __device__ __forceinline__ void record_row(const Args& a, int64_t slot, int* row
     if (*row >= 0) *wt = at<float>(a.my, a.lay.row_weight)[*row];
   }
 }
-template <int kU, class Rows>
+template <int kU, bool kEvict = false, class Rows>
 __device__ __forceinline__ void combine_record_rows(const Args& a, const Rows& rs, int64_t slot,
                                                     int64_t c_begin, int64_t c_end, uint16_t* dst);
-template <int kU>
+template <int kU, bool kEvict = false>
 __device__ __forceinline__ void combine_record(const Args& a, int64_t slot, int64_t c_begin,
                                                int64_t c_end, uint16_t* dst) {
   int row;
   float wt;
   record_row(a, slot, &row, &wt);
-  combine_record_rows<kU>(a, compact_rows(row, wt), slot, c_begin, c_end, dst);
+  combine_record_rows<kU, kEvict>(a, compact_rows(row, wt), slot, c_begin, c_end, dst);
 }
-template <int kU, class Rows>
+template <int kU, bool kEvict, class Rows>
 __device__ __forceinline__ void combine_record_rows(const Args& a, const Rows& rs, int64_t slot,
                                                     int64_t c_begin, int64_t c_end, uint16_t* dst) {
   const Geometry& g = a.g;
@@ -141,7 +147,7 @@ __device__ __forceinline__ void combine_record_rows(const Args& a, const Rows& r
     for (int u = 0; u < kU; ++u) valid[u] = col + u * 256 < c_end;
     if (a.weighted) {
       float acc[kU][8];
-      weighted_rows_u<kU>(a.y, g.H, rs, col, valid, acc);
+      weighted_rows_u<kU, kEvict>(a.y, g.H, rs, col, valid, acc);
 #pragma unroll
       for (int u = 0; u < kU; ++u)
         if (valid[u]) *reinterpret_cast<uint4*>(dst + col + u * 256) = pack_bf16(acc[u]);
@@ -332,7 +338,7 @@ __device__ void combine_chunk_even(const Args& a, int s, int64_t j0, int64_t j1,
 
 // kU: column steps per pass of the weighted sums (combine_two_steps: 2); kAsync:
 // combine_async_rows (ring: the block's dynamic shared memory).
-template <int kU, bool kAsync, bool kEven>
+template <int kU, bool kAsync, bool kEven, bool kEvict>
 __device__ void combine_send_block(const Args& a, uint4* ring) {
   __shared__ int roff[kMaxRanks + 1];
   __shared__ int abort_flag;
@@ -374,7 +380,7 @@ __device__ void combine_send_block(const Args& a, uint4* ring) {
           continue;
         }
         if (kU > 1) {
-          combine_record<kU>(a, slot, c_begin, c_end, dst);
+          combine_record<kU, kEvict>(a, slot, c_begin, c_end, dst);
           continue;
         }
         int row = -1;
@@ -449,11 +455,11 @@ __device__ void combine_send_block(const Args& a, uint4* ring) {
   }
 }
 
-template <int kU, bool kAsync, bool kEven>
+template <int kU, bool kAsync, bool kEven, bool kEvict = false>
 __global__ void __launch_bounds__(kSendThreads) k_combine_send(Args a) {
   static_assert(!kEven || (kU == 2 && !kAsync), "combine_even_steps sums two steps per pass");
   extern __shared__ uint4 comb_ring[];
-  combine_send_block<kU, kAsync, kEven>(a, comb_ring);
+  combine_send_block<kU, kAsync, kEven, kEvict>(a, comb_ring);
   count_send_block(a.my, a.lay.status, kCombineSent);
 }
 
@@ -464,7 +470,9 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_send(Args a) {
 // others' from the stage, added in rank order. Lane d < R holds the token's slot at d.
 // kEarly (combine_even_steps): the first pair of ranks' staged rows are loaded before the own
 // partial, so their latency overlaps the own rows' (same additions in the same order).
-template <bool kEarly = false, class Rows>
+// kEvict (combine_stream_rows): the own rows are loaded evict-first and the staged partials
+// (read once, here) are streaming loads.
+template <bool kEarly = false, bool kEvict = false, class Rows>
 __device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, int64_t c_lo,
                                                     int64_t c_hi, int my_slot, int js_self,
                                                     const Rows& rs, const uint16_t* stage) {
@@ -486,7 +494,9 @@ __device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, in
           const uint16_t* src = stage + (static_cast<int64_t>(d0 + q) * g.Tmax + js[q]) * g.H + c;
 #pragma unroll
           for (int u = 0; u < 2; ++u)
-            if (valid[u]) v[u][q] = __ldcg(reinterpret_cast<const uint4*>(src + u * 256));
+            if (valid[u])
+              v[u][q] = kEvict ? __ldcs(reinterpret_cast<const uint4*>(src + u * 256))
+                               : __ldcg(reinterpret_cast<const uint4*>(src + u * 256));
         }
       }
     };
@@ -496,7 +506,7 @@ __device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, in
     float self[2][8];
     if (self_local && js_self >= 0) {
       if (a.weighted) {
-        weighted_rows_u<2>(a.y, g.H, rs, c, valid, self);
+        weighted_rows_u<2, kEvict>(a.y, g.H, rs, c, valid, self);
       } else {
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
@@ -634,7 +644,7 @@ __device__ bool recv_tile_even(const Args& a, int64_t t0, int64_t t1, unsigned l
 // kU = 2 (combine_two_steps): two column steps per pass (the self rows compacted).
 // NOTE: kU = 2 leaves the v5 column loop after its `continue` unreachable (diagnostic 128).
 #pragma nv_diag_suppress 128
-template <int kU, bool kEven>
+template <int kU, bool kEven, bool kEvict = false>
 __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
   static_assert(!kEven || kU == 2, "combine_even_steps sums two steps per pass");
   __shared__ int abort_flag;
@@ -694,8 +704,8 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
         if (row >= 0) wt = row_weight[row];
       }
       if constexpr (kU == 2) {
-        combine_recv_token2(a, t, sp.first(it) * 256, sp.last(it) * 256, my_slot, js_self,
-                            compact_rows(row, wt), stage);
+        combine_recv_token2<false, kEvict>(a, t, sp.first(it) * 256, sp.last(it) * 256, my_slot,
+                                           js_self, compact_rows(row, wt), stage);
         continue;
       }
       int rows[kMaxTopK];
@@ -791,13 +801,19 @@ bool even_steps(const DeviceEpOptions& o) {
   return o.combine_even_steps && o.combine_two_steps && !o.combine_async_rows;
 }
 
+// combine_stream_rows applies to the two-step sums of the default instances.
+bool stream_rows(const DeviceEpOptions& o) {
+  return o.combine_stream_rows && o.combine_two_steps && !o.combine_async_rows && !even_steps(o);
+}
+
 }  // namespace
 
 // The kernel variants the options select (DeviceEpOptions: combine_two_steps, combine_async_rows,
-// combine_even_steps) and the send's dynamic shared memory.
+// combine_even_steps, combine_stream_rows) and the send's dynamic shared memory.
 KernelFn combine_send_kernel(const DeviceEpOptions& o) {
   if (o.combine_async_rows) return k_combine_send<2, true, false>;
   if (even_steps(o)) return k_combine_send<2, false, true>;
+  if (stream_rows(o)) return k_combine_send<2, false, false, true>;
   return o.combine_two_steps ? k_combine_send<2, false, false> : k_combine_send<1, false, false>;
 }
 size_t combine_send_smem(const DeviceEpOptions& o) {
@@ -805,6 +821,7 @@ size_t combine_send_smem(const DeviceEpOptions& o) {
 }
 KernelFn combine_recv_kernel(const DeviceEpOptions& o) {
   if (o.combine_two_steps && o.combine_even_steps) return k_combine_recv<2, true>;
+  if (stream_rows(o)) return k_combine_recv<2, false, true>;
   return o.combine_two_steps ? k_combine_recv<2, false> : k_combine_recv<1, false>;
 }
 

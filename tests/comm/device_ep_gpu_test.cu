@@ -238,10 +238,14 @@ int chunk_of(int ran) {
 // own (a failure names them): 4 combine_peer_items (chunk-major over the peers) instead of
 // combine_peer_blocks, 5 with combine_async_rows, 6 the defaults with combine_even_steps, 7
 // combine_even_steps with chunk-major items; 8 the defaults without dispatch_self_rows, 9 the
-// defaults with dispatch_pull.
+// defaults with dispatch_pull; session 5: 10 the defaults with plan_notify and
+// plan_flag_release, 11 with plan_notify, dispatch_stream_rows and combine_stream_rows, 12 with
+// plan_flag_release and dispatch_bulk_rows, 13 with all five and plan_fast_count, 14 with
+// plan_fast_count and combine_stream_rows.
 constexpr int kVariants = 4;
 constexpr int kDefaults = 2, kPeerItems = 4, kPeerItemsAsyncRows = 5, kEvenSteps = 6,
-              kEvenStepsChunkMajor = 7, kDirectRows = 8, kDirectPull = 9;
+              kEvenStepsChunkMajor = 7, kDirectRows = 8, kDirectPull = 9, kPlanNotify = 10,
+              kNotifyStreamRows = 11, kNotifyBulkRows = 12, kSession5All = 13, kFastCount = 14;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -256,19 +260,35 @@ DeviceEpOptions variant_options(int v) {
   o.dispatch_direct_rows = o.plan_once && v != 1;
   o.dispatch_self_rows = o.dispatch_direct_rows && v != kDirectRows;
   o.dispatch_pull = v == kDirectPull;
+  o.plan_notify = v >= kPlanNotify && v != kNotifyBulkRows && v != kFastCount;
+  o.plan_flag_release = v == kPlanNotify || v == kNotifyBulkRows || v == kSession5All;
+  // The defaults' variant takes DeviceEpOptions' own plan_fast_count and combine_stream_rows.
+  const DeviceEpOptions defaults;
+  o.plan_fast_count =
+      v == kDefaults ? defaults.plan_fast_count : v == kSession5All || v == kFastCount;
+  o.dispatch_stream_rows = v == kNotifyStreamRows || v == kSession5All;
+  o.dispatch_bulk_rows = v == kNotifyBulkRows || v == kSession5All;
+  o.combine_stream_rows =
+      v == kDefaults ? defaults.combine_stream_rows : o.dispatch_stream_rows || v == kFastCount;
   return o;
 }
 std::string variant_name(int v) {
-  constexpr const char* kNames[kDirectPull + 1] = {" v5",
-                                                   " plan_once",
-                                                   " defaults",
-                                                   " v5 prefetch+two_steps",
-                                                   " peer_items",
-                                                   " peer_items+async_rows",
-                                                   " defaults+even_steps",
-                                                   " even_steps, chunk-major items",
-                                                   " defaults without self_rows",
-                                                   " defaults+pull"};
+  constexpr const char* kNames[kFastCount + 1] = {
+      " v5",
+      " plan_once",
+      " defaults",
+      " v5 prefetch+two_steps",
+      " peer_items",
+      " peer_items+async_rows",
+      " defaults+even_steps",
+      " even_steps, chunk-major items",
+      " defaults without self_rows",
+      " defaults+pull",
+      " defaults+plan_notify+flag_release",
+      " defaults+plan_notify+stream_rows (both)",
+      " defaults+flag_release+bulk_rows",
+      " defaults+plan_notify+flag_release+stream_rows (both)+bulk_rows+fast_count",
+      " defaults+fast_count+combine_stream_rows"};
   return kNames[v];
 }
 
@@ -344,6 +364,25 @@ TEST_F(NvlinkTest, DispatchDirectRowsMatchReference) {
   run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kDirectPull);
 }
 
+// Session 5's options (plan_notify, plan_flag_release, dispatch_stream_rows, dispatch_bulk_rows,
+// combine_stream_rows) over every case, both payloads (the bulk rows are FP8's; BF16 keeps the
+// lanes' stores in that instance), ranks over all GPUs (direct rows) and on one GPU (source
+// regions, plan_notify and combine_stream_rows only).
+TEST_F(NvlinkTest, Session5OptionsMatchReference) {
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kPlanNotify);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kPlanNotify);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kNotifyStreamRows);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kNotifyStreamRows);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kNotifyBulkRows);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kNotifyBulkRows);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kSession5All);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kPlanNotify);
+  run_cases(Payload::kBF16, 1, Wire::kNvlink, kSession5All);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kFastCount);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kFastCount);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kFastCount);
+}
+
 // More send blocks than the GPU has SMs: the direct rows need every send block resident (block
 // 0 notifies, the others wait for every rank's notify), so they fall back to the source regions;
 // the results stay the reference's (review of session 4).
@@ -378,7 +417,8 @@ TEST_F(NvlinkTest, RanksPerDeviceBelowSharingIsRejected) {
 }
 
 TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
-  for (int v : {0, 1, kDefaults, 3, kDirectRows, kDirectPull}) {
+  for (int v :
+       {0, 1, kDefaults, 3, kDirectRows, kDirectPull, kPlanNotify, kSession5All, kFastCount}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
     const DeviceEpOptions opt = variant_options(v);
@@ -418,14 +458,19 @@ TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
 }
 
 TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
-  // dispatch_direct_rows: the send itself waits for the silent peer's notify (same report).
-  for (bool direct : {false, true}) {
-    SCOPED_TRACE(direct ? "dispatch_direct_rows" : "source regions");
+  // dispatch_direct_rows: the send itself waits for the silent peer's notify (same report);
+  // plan_notify: the plan kernel notifies, the send still waits.
+  for (int mode = 0; mode < 3; ++mode) {
+    const bool direct = mode >= 1;
+    SCOPED_TRACE(mode == 2 ? "plan_notify+flag_release+fast_count"
+                 : direct  ? "dispatch_direct_rows"
+                           : "source regions");
     EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
     cfg.timeout_s = 0.3;
     DeviceEpOptions opt;
     opt.num_blocks = 3;
     opt.dispatch_direct_rows = direct;
+    opt.plan_notify = opt.plan_flag_release = opt.plan_fast_count = mode == 2;
     Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
     h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
     h.group->rank(0).dispatch_recv(h.buf[0].stream);
@@ -445,7 +490,7 @@ TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
 TEST_F(NvlinkTest, OverflowIsReported) {
   // Source regions (1), direct rows (the defaults, 2; with pull): an overflowing destination gets
   // the source regions, which are compared too.
-  for (int v : {1, 2, kDirectPull}) {
+  for (int v : {1, 2, kDirectPull, kSession5All, kFastCount}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
     cfg.max_rows = 256;
@@ -456,11 +501,15 @@ TEST_F(NvlinkTest, OverflowIsReported) {
 }
 
 TEST_F(NvlinkTest, BadExpertIdIsReported) {
-  for (bool plan_once : {false, true}) {
-    SCOPED_TRACE(plan_once ? "plan_once" : "plan in every send block");
+  for (int mode = 0; mode < 3; ++mode) {
+    const bool plan_once = mode >= 1;
+    SCOPED_TRACE(mode == 2   ? "plan_notify+flag_release+fast_count"
+                 : plan_once ? "plan_once"
+                             : "plan in every send block");
     EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
     DeviceEpOptions opt;
     opt.plan_once = plan_once;
+    opt.plan_notify = opt.plan_flag_release = opt.plan_fast_count = mode == 2;
     Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
     h.data[1].idx[5] = 99;
     FM_CHECK_CUDA(cudaSetDevice(h.buf[1].device));

@@ -53,9 +53,10 @@ struct DeviceEpOptions {
   // (docs/comm/README.md, v5).
   int num_blocks = 64;
   // Blocks of combine_send and combine_backward_send (one grid for both: they count their blocks
-  // in one counter); 0 = num_blocks. Session 4 (4 x H100) suggests fewer combine send blocks at 4
-  // ranks, where SM stores over NVLink bound the combine (docs/comm/README.md, "Session 4"):
-  // compiled and in the device tests, not yet measured.
+  // in one counter); 0 = num_blocks. Session 4 (4 x H100) suggested fewer combine send blocks at 4
+  // ranks, where SM stores over NVLink bound the combine (docs/comm/README.md, "Session 4").
+  // Measured in session 5 (4 x H200, 4 ranks, same call): 40 blocks 603.7 us, 48 635.1, 56 668.7,
+  // 64 (num_blocks) 619.4: not monotonic, so no rule from it yet; 0 stays the default.
   int combine_blocks = 0;
   // Copy payload rows into the grouped layout. Off, dispatch leaves the payload in the source
   // regions (row_src says where each row's token is) and only builds the layout.
@@ -121,6 +122,12 @@ struct DeviceEpOptions {
   // with the most rows (applies with combine_two_steps, not with combine_async_rows). Measured
   // slower (4 x H100, same call: 296.7 -> 370.0 us at 2 ranks, 628.2 -> 833.8 at 4), so off.
   bool combine_even_steps = false;
+  // Y (session 5, with combine_two_steps): both combine kernels load the expert rows with an L2
+  // evict-first policy (each row is read once) and the receive reads the staged partials as
+  // streaming loads, so that the partials landing from the peers stay in L2 until they are read.
+  // Same results bit for bit. Combine, same calls, 3 rounds: 2 x H100 296.7 -> 291.6 us, 2 x H200
+  // 264.2 -> 259.8 and 264.7 -> 259.5 (-1.7 %), 4 x H200 (with H) 619.4 -> 615.5; on by default.
+  bool combine_stream_rows = true;
   // Session 4, dispatch (docs/comm/README.md, "Session 4: dispatch"); same results bit for bit.
   // 2 x H100, V3 shape, same call: FP8 dispatch 204.4 us (both off) -> 193.5 (D) -> 188.0 (D+L).
   // D: the dispatch send writes each token's payload straight into its first grouped row at
@@ -147,6 +154,38 @@ struct DeviceEpOptions {
   // over NVLink, writing all their rows; the chunk flags and metadata are still pushed.
   // Measured slower (D+L+R 213.0 us against D+L 188.0, same call), so off.
   bool dispatch_pull = false;
+  // Session 5 (docs/comm/README.md, "Session 5: the dispatch prologue, ..."); all same results
+  // bit for bit; only Q (and Y above) measured faster, so only they are on.
+  // N (with plan_once, Wire::kNvlink): the plan kernel's last block, which holds the totals,
+  // writes this rank's notify (and, with D, its per-expert counts) to every destination, instead
+  // of block 0 of the send kernel once it has started; and the plan kernel loads a tile's K
+  // expert ids together. 2 x H100, same call: dispatch 187.7 -> 188.4 us, layout only 142.0 ->
+  // 146.9 (the notify's system fence delays the plan grid's end, which releases the send); off.
+  bool plan_notify = false;
+  // F (with plan_once): the send waits for a flag that the plan kernel's last block raises once
+  // the plan is written, instead of for the plan grid's end (griddepcontrol.wait). 2 x H200:
+  // dispatch 166.2 -> 167.7 us (the dependent's release costs ~1 µs, no more); off.
+  bool plan_flag_release = false;
+  // Q (with plan_once): the plan kernel counts each tile with shared-memory atomics instead of
+  // one match.any per k (phase stamps, 2 x H200: 5.7 of the plan's 9 µs of counting were that
+  // loop), its ids loaded together, its last block reading the count table in one round trip
+  // (V3 shape); and with D each send block lays out the destinations from
+  // the broadcast counts with all its loads issued at once (one thread per (destination,
+  // expert)) instead of one dependent round trip per 32 experts and source in each warp.
+  // 2 x H200, same call, 3 rounds: dispatch 166.1 -> 161.5 us, layout only 138.5 -> 134.4; with Y
+  // (the session-5 defaults) 160.7 / 134.3; on by default.
+  bool plan_fast_count = true;
+  // H (with D): the dispatch's local row writes (the rank's own rows by the send, the copies by
+  // the receive) are streaming stores (evict-first in L2) and the send's x loads are evict-first,
+  // so that the rows landing from the peers stay in L2 for the receive's copies. Dispatch, same
+  // calls: 2 x H100 188.4 -> 186.0 us (with N), 2 x H200 166.2 -> 167.5 (alone); off.
+  bool dispatch_stream_rows = false;
+  // T (with D, L and prefetch_payload; FP8): each quantised 1024-column step is staged once in
+  // shared memory and written into every local row of the token by the copy engine
+  // (cp.async.bulk, one instruction per row and step) instead of 16-byte stores of every lane
+  // per row; the rows to peers are still stored by the lanes. 2 x H100, same call: dispatch
+  // 188.4 -> 194.6 us (with N): the lanes' local stores are not the bound; off.
+  bool dispatch_bulk_rows = false;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
