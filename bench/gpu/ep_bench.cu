@@ -17,11 +17,11 @@
 // the normal kernels with the masked layout vs the low-latency kernels, alternated per round,
 // dispatch and combine checked bit for bit against the reference, NCCL and the peer copy of the
 // same run; "# ab_ll" lines give the medians; --ll-cap N sets its masked capacity, --ll-no-expand
-// times the layout-only dispatch). --ll-variants old,new,I,K,W,U,IKWU times the low-latency
-// options too (ll_variant_options; "# ab_ll_var" lines, each against the first; session 5 adds
-// the letters N, R, L, X, O, T, F and the suffixes :bN / :rN for a path's send / receive grids;
-// --ll-graph N also times N rounds of dispatch + combine replayed from one graph per rank, ours
-// and NCCL's alike, "# ll_graph" lines).
+// times the layout-only dispatch). --ll-variants old,new,0,0N,0T times the low-latency options
+// too (ll_variant_options; "# ab_ll_var" lines, each against the first; letters N, X, O, T, 0
+// and the suffixes :bN / :rN for a path's send / receive grids; --ll-graph N also times N
+// rounds of dispatch + combine replayed from one graph per rank, ours and NCCL's alike,
+// "# ll_graph" lines).
 // Cross-node form: ep_bench --gpus-per-node G [--ranks-per-gpu G] (nodes of G ranks, rank r on
 // GPU r / ranks-per-gpu): the two-stage route with the network hop over NVLink stores and over
 // NCCL against the direct route, side by side, normal FP8 dispatch and BF16 combine; rows add
@@ -82,8 +82,7 @@ struct Options {
   bool ll_expand = true;  // --ll-no-expand: the A/B's dispatch builds the layout only
   int64_t ll_cap = 0;     // --ll-cap: masked capacity of the A/B (0: ranks x ll_tokens)
   // --ll-variants: the A/B's paths (ll_variant_options): "old", "new", or letters of the
-  // low-latency options on top of "new" (I ll_batch_ids, K ll_overlap_flags, W ll_combine_wide,
-  // U ll_combine_pull), e.g. old,new,I,K,W,U,IKWU.
+  // low-latency options on top of "new" (N X O T; 0 turns all four off), e.g. old,new,0,0N,0T.
   std::vector<std::string> ll_variants = {"old", "new"};
   std::string variant = "default";       // the sweep's kernel variant (bench_ab's names; --variant)
   int ab_rounds = 0;                     // rounds of the variant A/B (0: the usual sweep)
@@ -162,9 +161,8 @@ Options parse(int argc, char** argv) {
         const std::string name = l.substr(0, comma);
         const std::string base = name.substr(0, name.find(':'));  // ":bN" / ":rN" suffixes
         const std::string letters = base.rfind("new", 0) == 0 ? base.substr(3) : base;
-        if (base != "old" && letters.find_first_not_of("IKWUNRLXOTFV0") != std::string::npos) {
-          std::fprintf(stderr,
-                       "ep_bench: --ll-variants: '%s' is not old, new or letters IKWUNRLXOTFV0\n",
+        if (base != "old" && letters.find_first_not_of("NXOT0") != std::string::npos) {
+          std::fprintf(stderr, "ep_bench: --ll-variants: '%s' is not old, new or letters NXOT0\n",
                        name.c_str());
           std::exit(2);
         }
@@ -720,13 +718,10 @@ void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, in
 
 // A low-latency A/B path by name: "old" (the normal kernels with the masked layout,
 // DeviceEpOptions::low_latency = false), "new" (the low-latency kernels, defaults), or letters
-// of the low-latency options on top of "new": I ll_batch_ids, K ll_overlap_flags, W
-// ll_combine_wide, U ll_combine_pull; session 5: N ll_early_notify, R ll_late_reset, L
-// ll_self_rows, X ll_combine_spread, O ll_combine_own_recv, T ll_token_flags, F
-// ll_combine_flags, V ll_scale_vec, and 0: session 5's defaults (N X O T) off, i.e. the
-// session-4 kernels (e.g. "IKWU", "0N"; "new" may lead:
-// "newIK"). Suffixes ":bN" / ":rN" set the send / receive grids of that path (num_blocks,
-// recv_blocks; else --ll-blocks and --recv-blocks).
+// of the low-latency options on top of "new": N ll_early_notify, X ll_combine_spread, O
+// ll_combine_own_recv, T ll_token_flags, and 0: all four (the defaults) off, i.e. the session-4
+// kernels (e.g. "0", "0N"; "new" may lead: "new0T"). Suffixes ":bN" / ":rN" set the send /
+// receive grids of that path (num_blocks, recv_blocks; else --ll-blocks and --recv-blocks).
 DeviceEpOptions ll_variant_options(const std::string& full) {
   DeviceEpOptions o;
   o.num_blocks = 0;    // 0: the bench's --ll-blocks
@@ -750,30 +745,14 @@ DeviceEpOptions ll_variant_options(const std::string& full) {
   }
   const std::string letters = name.rfind("new", 0) == 0 ? name.substr(3) : name;
   for (char c : letters) {
-    if (c == 'I')
-      o.ll_batch_ids = true;
-    else if (c == 'K')
-      o.ll_overlap_flags = true;
-    else if (c == 'W')
-      o.ll_combine_wide = true;
-    else if (c == 'U')
-      o.ll_combine_pull = true;
-    else if (c == 'N')
+    if (c == 'N')
       o.ll_early_notify = true;
-    else if (c == 'R')
-      o.ll_late_reset = true;
-    else if (c == 'L')
-      o.ll_self_rows = true;
     else if (c == 'X')
       o.ll_combine_spread = true;
     else if (c == 'O')
       o.ll_combine_own_recv = true;
     else if (c == 'T')
       o.ll_token_flags = true;
-    else if (c == 'F')
-      o.ll_combine_flags = true;
-    else if (c == 'V')
-      o.ll_scale_vec = true;
     else if (c == '0')  // the session-4 kernels: session 5's defaults off
       o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
     else

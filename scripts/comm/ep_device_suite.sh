@@ -6,7 +6,7 @@
 #   1. test_comm_gpu (every EP back end against the CPU reference, all GPUs, one process per GPU
 #      too; SUITE_TEST_TIMEOUT seconds, 240)
 #   2. ep_bench variant A/B (SUITE_AB, each variant timed every round, order rotating)
-#   2b. ep_bench low-latency variant A/B (SUITE_LL_VARIANTS, e.g. "new,I,K,W,U,IKWU,old")
+#   2b. ep_bench low-latency variant A/B (SUITE_LL_VARIANTS, e.g. "new,0,0N,0T,old")
 #   3. ep_bench with the defaults: normal and low-latency shapes beside NCCL and the peer copy
 #   4. ep_bench --gpus-per-node for each SUITE_XNODE entry (two-stage route against direct;
 #      entries G or G:ranks_per_gpu; default: half the GPUs per node, i.e. 2 nodes, when the GPU

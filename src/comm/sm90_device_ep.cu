@@ -214,9 +214,6 @@ struct DeviceEpRank::Impl {
   unsigned long long* ll_trace = nullptr;  // FP8MOE_EP_LL_TRACE=1: phase stamps (diagnostics)
   bool ll_fence = false;                   // FP8MOE_EP_LL_FENCE=1 (experiment)
   unsigned long long* trace = nullptr;     // FP8MOE_EP_TRACE=1: dispatch phase stamps
-  // DeviceEpOptions::ll_self_rows where it applies (its send blocks wait for every rank's
-  // block 0, so all of them must be resident; ll_token_flags replaces it).
-  bool ll_self_rows = false;
 
   ll::Params ll_params() const {
     ll::Params p;
@@ -267,16 +264,8 @@ struct DeviceEpRank::Impl {
     p.weighted = last_weighted;
     p.trace = ll_trace;
     p.fence = ll_fence;
-    p.batch_ids = opt.ll_batch_ids;
-    p.overlap_flags = opt.ll_overlap_flags;
-    p.combine_wide = opt.ll_combine_wide;
-    p.combine_pull = opt.ll_combine_pull;
     p.token_flags = opt.ll_token_flags;
-    p.combine_flags = opt.ll_combine_flags && !opt.ll_combine_pull;
-    p.scale_vec = opt.ll_scale_vec;
-    p.self_rows = ll_self_rows;
-    p.early_notify = opt.ll_early_notify || p.self_rows || p.token_flags;
-    p.late_reset = opt.ll_late_reset;
+    p.early_notify = opt.ll_early_notify || p.token_flags;
     p.spread = opt.ll_combine_spread;
     p.own_recv = opt.ll_combine_own_recv;
     return p;
@@ -477,8 +466,6 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
     FM_CHECK_CUDA(cudaMemset(m.ll_trace, 0, ll::kTraceSlots * 8));
   }
   m.ll_fence = std::getenv("FP8MOE_EP_LL_FENCE") != nullptr;
-  m.ll_self_rows = m.ll && opt.ll_self_rows && !opt.ll_token_flags && opt.expand_payload &&
-                   opt.ranks_per_device <= 1 && opt.num_blocks <= m.sm_count;
   if (std::getenv("FP8MOE_EP_TRACE")) {
     FM_CHECK_CUDA(cudaMalloc(&m.trace, kTrSlots * 8));
     FM_CHECK_CUDA(cudaMemset(m.trace, 0, kTrSlots * 8));
@@ -831,9 +818,8 @@ DispatchResult DeviceEpRank::download() const {
       std::memcpy(r.recv.x_bf16.data(), stage.data(), slots * g.H * 2);
     }
   }
-  if ((m.direct || m.ll_self_rows) && !gr.overflow) {
-    // dispatch_direct_rows: the regions hold no payload; each record's is its lowest-k row
-    // (ll_self_rows: the rank's own region; the rows of the others are copies of theirs).
+  if (m.direct && !gr.overflow) {
+    // dispatch_direct_rows: the regions hold no payload; each record's is its lowest-k row.
     for (int s = 0; s < g.R; ++s)
       for (int64_t j = 0; j < r.recv.count[s]; ++j) {
         const size_t slot = static_cast<size_t>(s) * g.Tmax + j;

@@ -22,9 +22,8 @@
 // step after its stores and the receive copies each step once its flag is in (the receive, not
 // the send, turns stale rows back into padding); the combine send deals items across blocks and
 // skips the rank's own records, whose partials the combine receive computes before it waits.
-// Other variants (batch_ids, overlap_flags, combine_wide, combine_pull, late_reset, self_rows,
-// combine_flags, scale_vec; DeviceEpOptions::ll_*, off): docs/comm/README.md, "Low-latency
-// kernels" and "Session 5: low latency".
+// Eight more variants measured no faster and were removed (docs/comm/README.md, "Low-latency
+// kernels" and "Session 5: low latency"; the code: commit da8048a).
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: test_comm_gpu --gtest_filter='*LowLatency*' (tests/comm/device_ep_gpu_test.cu).
 #include <algorithm>
@@ -55,8 +54,6 @@ const char* counter_name(int counter) {
       return "ll_dispatch.notify";
     case kDispatchToken:
       return "ll_dispatch.token";
-    case kCombineToken:
-      return "ll_combine.token";
     default:
       return nullptr;
   }
@@ -96,7 +93,7 @@ enum Done : int {
 // Shared memory of the send plan: per-expert and per-destination tile counts (u16, then
 // exclusive prefixes), destination ballots, per-warp lane masks, in-tile ranks of every slot.
 struct PlanSmem {
-  size_t ecnt, dcnt, dball, emask, tpos, etot, dtot, sbase, total;
+  size_t ecnt, dcnt, dball, emask, tpos, etot, dtot, total;
 };
 __host__ __device__ inline size_t align16(size_t v) {
   return (v + 15) / 16 * 16;
@@ -119,8 +116,6 @@ __host__ __device__ inline PlanSmem plan_smem(int E, int R, int K, int64_t Tmax)
   at = align16(at + E * 4);
   s.dtot = at;
   at = align16(at + R * 4);
-  s.sbase = at;  // self_rows: [L] first row of my tokens inside each local expert's block
-  at = align16(at + (E / R) * 4);
   s.total = at;
   return s;
 }
@@ -176,14 +171,6 @@ __device__ __forceinline__ unsigned* dflag(char* base, const Params& p) {
 }
 __device__ __forceinline__ int64_t col_steps(const Params& p) {
   return (p.H + 1023) / 1024;
-}
-// combine_flags: [R][Tmax][ceil(H / 512)] u32 after the dispatch flags: the round whose 512-column
-// step of the partial of (sending rank, slot) is in.
-__device__ __forceinline__ unsigned* cflag(char* base, const Params& p) {
-  return dflag(base, p) + static_cast<int64_t>(p.R) * p.Tmax * col_steps(p);
-}
-__device__ __forceinline__ int64_t half_steps(const Params& p) {
-  return (p.H + 511) / 512;
 }
 __device__ __forceinline__ unsigned ld_acquire_sys_u32(const unsigned* f) {
   unsigned v;
@@ -242,8 +229,7 @@ __device__ bool wait_rounds(const unsigned long long* c, unsigned long long n, c
 
 // token_flags: bounded acquire-poll (one lane) until flag f holds round n or later; false (error
 // recorded) on timeout or when this rank already timed out.
-__device__ bool wait_flag(const unsigned* f, unsigned n, const Params& p, int peer_rank,
-                          int counter = kDispatchToken) {
+__device__ bool wait_flag(const unsigned* f, unsigned n, const Params& p, int peer_rank) {
   unsigned v = ld_acquire_sys_u32(f);
   if (v >= n) return true;
   const unsigned long long t0 = globaltimer();
@@ -254,7 +240,7 @@ __device__ bool wait_flag(const unsigned* f, unsigned n, const Params& p, int pe
     if (v >= n) return true;
     if (*reinterpret_cast<volatile int*>(&p.err->code) == kErrTimeout) return false;
     if (globaltimer() - t0 > p.timeout_ns || clock64() - c0 > max_cycles) {
-      record_error(p.err, kErrTimeout, p.rank, peer_rank, counter, n, v, -1);
+      record_error(p.err, kErrTimeout, p.rank, peer_rank, kDispatchToken, n, v, -1);
       return false;
     }
     __nanosleep(32);
@@ -312,22 +298,12 @@ struct Plan {
 };
 
 // Expert ids of the tile's tokens (lane = token), -1 past T.
-// NOTE (batch_ids): each check's error path (record_error: an atomic and a system fence) sits
-// between one id's load and the next, and a load is not moved above a fence, so without
-// batch_ids a lane's K loads are likely K round trips one after the other (inferred from the
-// PTX; no disassembler here). batch_ids issues them together and checks after.
+// NOTE: each check's error path (record_error: an atomic and a system fence) sits between one
+// id's load and the next, so a lane's K loads are likely K round trips; issuing them together
+// and checking after (ll_batch_ids, session 3) measured no faster, so it was removed.
 __device__ __forceinline__ void load_tile_ids(const Params& p, int tile, int* ev) {
   const int64_t t = static_cast<int64_t>(tile) * kTile + (threadIdx.x & 31);
   const bool report = blockIdx.x == 0;
-  if (p.batch_ids) {
-#pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k)
-      ev[k] = (t < p.T && k < p.K) ? __ldg(p.idx + t * p.K + k) : -1;
-#pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k)
-      if (t < p.T && k < p.K) ev[k] = checked_expert(p, t, ev[k], report);
-    return;
-  }
 #pragma unroll
   for (int k = 0; k < kMaxTopK; ++k) ev[k] = (t < p.T && k < p.K) ? expert_of(p, t, k, report) : -1;
 }
@@ -460,19 +436,6 @@ __device__ __forceinline__ void store_step(const Params& p, int64_t step, const 
   float scale[2];
 #pragma unroll
   for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
-  // scale_vec: lane u < 2 holds the four scales of half u (lanes 0, 8, 16, 24 have them), for
-  // one 16-byte store of a half that lies wholly inside the row.
-  float4 sv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  bool whole[2] = {false, false};
-  if (p.scale_vec) {
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const float a = __shfl_sync(kFull, scale[u], 0), b = __shfl_sync(kFull, scale[u], 8);
-      const float c = __shfl_sync(kFull, scale[u], 16), e = __shfl_sync(kFull, scale[u], 24);
-      if (lane == u) sv = make_float4(a, b, c, e);
-      whole[u] = c0 + (u + 1) * 512 <= p.H;
-    }
-  }
   for (unsigned m = mask; m; m &= m - 1) {
     const int d = __ffs(m) - 1;
     char* rec = peer(p, d) + p.f.stage + (region + __shfl_sync(kFull, jl, d)) * p.P;
@@ -481,50 +444,7 @@ __device__ __forceinline__ void store_step(const Params& p, int64_t step, const 
       const int64_t c = c0 + u * 512 + lane * 16;
       if (c >= p.H) continue;
       *reinterpret_cast<uint4*>(rec + c) = codes[u];
-      if (whole[u]) {
-        if (lane == u) *reinterpret_cast<float4*>(rec + p.H + (c0 / 128 + 4 * u) * 4) = sv;
-      } else if ((lane & 7) == 0) {
-        *reinterpret_cast<float*>(rec + p.H + (c / 128) * 4) = scale[u];
-      }
-    }
-  }
-}
-
-// ---- dispatch send 4 (self_rows): token t's payload step straight into its rows here ----
-// rows[k]: the masked row of (t, k) at this rank, -1 where k's expert lives elsewhere.
-__device__ __forceinline__ void store_rows(const Params& p, int64_t step, const uint4* v,
-                                           const int* rows) {
-  const int lane = threadIdx.x & 31;
-  const int64_t c0 = step * 1024;
-  char* gx = p.my + p.f.gx;
-  if (!p.fp8) {
-#pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) {
-      if (rows[k] < 0) continue;
-      char* dst = gx + static_cast<int64_t>(rows[k]) * p.H * 2;
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int64_t c = c0 + u * 256 + lane * 8;
-        if (c < p.H) *reinterpret_cast<uint4*>(dst + c * 2) = v[u];
-      }
-    }
-    return;
-  }
-  uint4 codes[2];
-  float scale[2];
-#pragma unroll
-  for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
-  float* gs = at<float>(p.my, p.f.gscales);
-#pragma unroll
-  for (int k = 0; k < kMaxTopK; ++k) {
-    if (rows[k] < 0) continue;
-    char* dst = gx + static_cast<int64_t>(rows[k]) * p.H;
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int64_t c = c0 + u * 512 + lane * 16;
-      if (c >= p.H) continue;
-      *reinterpret_cast<uint4*>(dst + c) = codes[u];
-      if ((lane & 7) == 0) gs[static_cast<int64_t>(rows[k]) * p.SC + c / 128] = scale[u];
+      if ((lane & 7) == 0) *reinterpret_cast<float*>(rec + p.H + (c / 128) * 4) = scale[u];
     }
   }
 }
@@ -547,7 +467,7 @@ __device__ __forceinline__ void reset_prev_rows(const Params& p) {
 __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
   extern __shared__ uint4 smem_raw[];
   __shared__ unsigned long long s_n;
-  __shared__ int s_abort, s_ack_late, s_largest;
+  __shared__ int s_abort;
   char* sm = reinterpret_cast<char*>(smem_raw);
   const PlanSmem ps = plan_smem(p.E, p.R, p.K, p.Tmax);
   Plan pl;
@@ -559,7 +479,6 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
   pl.etot = reinterpret_cast<int*>(sm + ps.etot);
   pl.dtot = reinterpret_cast<int*>(sm + ps.dtot);
   pl.NT = static_cast<int>((p.Tmax + kTile - 1) / kTile);
-  int* sbase = reinterpret_cast<int*>(sm + ps.sbase);
   stamp_first(p, 0);
   stamp_last(p, 1);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -579,46 +498,26 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
     load_step(p, sp.row(first_item), sp.first(first_item), xv);
     if (sp.first(first_item) == 0) load_meta(p, sp.row(first_item), first_e, first_wt);
   }
-  // overlap_flags: destination `lane`'s region of mine is free once its receive blocks all
-  // finished the last round. The last warp's lanes look once now (their own round: see
-  // read_round), beside the other warps' loads; the block waits after the plan only if one of
-  // them did not yet see it (so a late acknowledgement costs what it cost before).
-  const bool ack_early = p.overlap_flags && warp == kWarps - 1 && lane < p.R;
-  bool ack_seen = true;
-  if (ack_early) {
-    const unsigned long long nb =
-        *reinterpret_cast<volatile unsigned long long*>(done(p, kDoneDispatchSend)) / gridDim.x + 1;
-    ack_seen = ld_acquire_sys(ctr(p.my, p, kAckD, lane)) >= (nb - 1) * kRound;
-  }
-  if (!p.late_reset && !p.token_flags) reset_prev_rows(p);
-  if (threadIdx.x == 0) {
-    s_abort = 0;
-    s_ack_late = 0;
-    s_largest = 0;
-  }
+  if (!p.token_flags) reset_prev_rows(p);
+  if (threadIdx.x == 0) s_abort = 0;
   for (size_t i = threadIdx.x; i < ps.tpos / 4; i += blockDim.x)
     reinterpret_cast<uint32_t*>(sm)[i] = 0;
   __syncthreads();
   // The receive kernel may start now: it synchronises with this grid through counters only.
   allow_dependent_launch();
   stamp_last(p, 22);
-  if (ack_early && !ack_seen) s_ack_late = 1;  // read after the plan's barriers
   plan_batch(p, pl, ev0);
   stamp_last(p, 2);
   if (threadIdx.x == 0) s_n = done_before / gridDim.x + 1;  // see read_round
-  if (!p.overlap_flags || s_ack_late) {
-    __syncthreads();
-    const unsigned long long n = s_n;
-    // Destination d's region of mine is free once d's receive blocks all finished the last round.
-    if (threadIdx.x < p.R &&
-        !wait_rounds(ctr(p.my, p, kAckD, threadIdx.x), n - 1, p, threadIdx.x, kDispatchAck))
-      s_abort = 1;
-  }
+  __syncthreads();
+  const unsigned long long n = s_n;
+  // Destination d's region of mine is free once d's receive blocks all finished the last round.
+  if (threadIdx.x < p.R &&
+      !wait_rounds(ctr(p.my, p, kAckD, threadIdx.x), n - 1, p, threadIdx.x, kDispatchAck))
+    s_abort = 1;
   __syncthreads();
   if (s_abort) return;
-  const unsigned long long n = s_n;
   stamp_last(p, 3);
-  const bool early = p.early_notify || p.self_rows;
   if (blockIdx.x == 0) {
     // Per destination: T, its local experts' counts, the tokens it gets from me.
     for (int i = threadIdx.x; i < p.R * (p.L + 1); i += blockDim.x) {
@@ -628,16 +527,13 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
     }
     if (threadIdx.x < p.R)
       at<int32_t>(peer(p, threadIdx.x), p.f.recv_count)[p.rank] = pl.dtot[threadIdx.x];
-    if (early) {
+    if (p.early_notify) {
       // NOTE: the last warp releases, so warp 0's first items are not held up by the fence.
       __syncthreads();
       if (warp == kWarps - 1 && lane < p.R)
         red_release_sys(ctr(peer(p, lane), p, kNotifyD, p.rank), kRound);
     }
   }
-  // self_rows: my own tokens are written into their rows below, once the layout is known.
-  const unsigned self_bit = 1u << p.rank;
-  const unsigned keep = p.self_rows ? ~self_bit : ~0u;
   for (int64_t item = first_item; item < sp.items;
        item += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t t = sp.row(item);
@@ -657,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
     }
     for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
       if (item != first_item || step != sp.first(item)) load_step(p, t, step, xv);
-      store_step(p, step, xv, jl, mask & keep);
+      store_step(p, step, xv, jl, mask);
     }
     if (p.token_flags) {
       // Lane d releases this item's steps at destination d (the warp's stores, the metadata
@@ -671,88 +567,14 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
       }
     }
   }
-  if (p.late_reset && !p.token_flags) reset_prev_rows(p);
   // Arrival: this block's share of the round at every destination, after all its writes.
   __syncthreads();
   stamp_last(p, 4);
-  if (!p.self_rows) {
-    count_done(p, kDoneDispatchSend);
-    __syncthreads();
-    if (threadIdx.x < p.R && !p.token_flags) {
-      if (p.fence) __threadfence_system();
-      red_release_sys(ctr(peer(p, threadIdx.x), p, kDataD, p.rank), round_share());
-    }
-    stamp_last(p, 5);
-    return;
-  }
-  // ---- self_rows: the peers' arrival now; my own tokens into their rows, then my arrival ----
-  if (threadIdx.x < p.R && threadIdx.x != p.rank) {
-    if (p.fence) __threadfence_system();
-    red_release_sys(ctr(peer(p, threadIdx.x), p, kDataD, p.rank), round_share());
-  }
-  // Every source's counts give my tokens' first row in each local expert (sources before me
-  // come first) and whether any expert overflows (then no rows: my region keeps the payload).
-  if (threadIdx.x < p.R &&
-      !wait_rounds(ctr(p.my, p, kNotifyD, threadIdx.x), n, p, threadIdx.x, kDispatchNotify))
-    s_abort = 1;
-  __syncthreads();
-  if (s_abort) return;
-  {
-    const int32_t* notify = at<int32_t>(p.my, p.f.notify);
-    for (int e = threadIdx.x; e < p.L; e += blockDim.x) {
-      int run = 0, before = 0;
-      for (int s = 0; s < p.R; ++s) {
-        if (s == p.rank) before = run;
-        run += __ldcg(notify + s * p.NS + 1 + e);
-      }
-      sbase[e] = before;
-      atomicMax(&s_largest, run);
-    }
-  }
-  __syncthreads();
-  stamp_last(p, 24);
-  const bool ovf = s_largest > p.cap;
-  for (int64_t item = first_item; item < sp.items;
-       item += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const int64_t t = sp.row(item);
-    const int tile = static_cast<int>(t / kTile), bit = static_cast<int>(t % kTile);
-    const uint32_t b = pl.dball[p.rank * pl.NT + tile];
-    if (!((b >> bit) & 1u)) continue;  // not mine (warp-uniform)
-    if (ovf) {
-      const int jl =
-          lane == p.rank ? pl.dcnt[p.rank * pl.NT + tile] + __popc(b & ((1u << bit) - 1u)) : -1;
-      for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
-        load_step(p, t, step, xv);
-        store_step(p, step, xv, jl, self_bit);
-      }
-      continue;
-    }
-    int e = -1;
-    if (lane < p.K) e = expert_of(p, t, lane, false);
-    for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
-      load_step(p, t, step, xv);
-      int row = -1;
-      if (lane < p.K && e >= p.rank * p.L && e < (p.rank + 1) * p.L) {
-        const int el = e - p.rank * p.L;
-        row = static_cast<int>(el * p.cap) + sbase[el] + pl.ecnt[e * pl.NT + tile] +
-              pl.tpos[t * p.K + lane];
-      }
-      int rows[kMaxTopK];
-#pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) {
-        rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
-        if (k >= p.K) rows[k] = -1;
-      }
-      store_rows(p, step, xv, rows);
-    }
-  }
-  __syncthreads();
-  stamp_last(p, 25);
   count_done(p, kDoneDispatchSend);
   __syncthreads();
-  if (threadIdx.x == p.rank) {
+  if (threadIdx.x < p.R && !p.token_flags) {
     if (p.fence) __threadfence_system();
-    red_release_sys(ctr(p.my, p, kDataD, p.rank), round_share());
+    red_release_sys(ctr(peer(p, threadIdx.x), p, kDataD, p.rank), round_share());
   }
   stamp_last(p, 5);
 }
@@ -867,7 +689,7 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
   const unsigned long long n = s_n;
   // early_notify: the counts have a counter of their own, so the layout below is derived while
   // the payload is still in flight; otherwise they come with the data.
-  const bool early = p.early_notify || p.self_rows;
+  const bool early = p.early_notify;
   if (threadIdx.x < p.R && !wait_rounds(ctr(p.my, p, early ? kNotifyD : kDataD, threadIdx.x), n, p,
                                         threadIdx.x, early ? kDispatchNotify : kDispatchData))
     s_abort = 1;
@@ -878,19 +700,12 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
   const int32_t* notify = at<int32_t>(p.my, p.f.notify);
   for (int i = threadIdx.x; i < p.R * p.L; i += blockDim.x)
     base[i] = __ldcg(notify + (i / p.L) * p.NS + 1 + i % p.L);
-  if (!p.overlap_flags && threadIdx.x == 0) {
+  if (threadIdx.x == 0) {
     roff[0] = 0;
     for (int s = 0; s < p.R; ++s)
       roff[s + 1] = roff[s] + __ldcg(at<int32_t>(p.my, p.f.recv_count) + s);
   }
-  // overlap_flags: the counts loaded by R threads at once, summed by the last thread below.
-  if (p.overlap_flags && threadIdx.x < p.R)
-    roff[threadIdx.x + 1] = __ldcg(at<int32_t>(p.my, p.f.recv_count) + threadIdx.x);
   __syncthreads();
-  if (p.overlap_flags && threadIdx.x == blockDim.x - 1) {
-    roff[0] = 0;
-    for (int s = 0; s < p.R; ++s) roff[s + 1] += roff[s];
-  }
   for (int e = threadIdx.x; e < p.L; e += blockDim.x) {
     int run = 0;
     for (int s = 0; s < p.R; ++s) {
@@ -967,13 +782,11 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
       const int64_t slot = static_cast<int64_t>(s) * p.Tmax + (i - roff[s]);
       const char* rec = p.my + p.f.stage + slot * p.P;
       const bool meta = sp.first(item) == 0;  // the item that writes the layout entries and scales
-      // self_rows: my own tokens' rows were written by my send.
-      const bool copy_rec = copy && !(p.self_rows && s == p.rank);
       int64_t step = sp.first(item);
       uint4 v[4];
-      if (copy_rec) load_rec(rec, step * 2048 + lane * 16, row_bytes, v);
+      if (copy) load_rec(rec, step * 2048 + lane * 16, row_bytes, v);
       float sc[2] = {0.0f, 0.0f};  // scales lane and lane + 32
-      if (copy_rec && meta && p.fp8)
+      if (copy && meta && p.fp8)
 #pragma unroll
         for (int q = 0; q < 2; ++q)
           if (lane + 32 * q < p.SC)
@@ -1000,7 +813,7 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
           slot_weight(p)[slot * p.K + lane] = row >= 0 ? wt : 0.0f;
         }
       }
-      if (!copy_rec) continue;
+      if (!copy) continue;
       int rows[kMaxTopK];
 #pragma unroll
       for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
@@ -1041,81 +854,14 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
   stamp_last(p, 11);
 }
 
-// A shuffle the compiler keeps inside its loop: the rows and weights that wide_sums shuffles per
-// slot are loop-invariant, and hoisting all 32 of them out of the pass loop spilled registers.
-__device__ __forceinline__ int shfl_pinned(int v, int src) {
-  int r;
-  asm volatile("shfl.sync.idx.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=r"(r) : "r"(v), "r"(src));
-  return r;
-}
-
-// ---- combine send, combine_wide: 16 loads in flight per lane whatever the record's rows ----
-// The two-piece path loads two 256-column pieces of every present row per round trip: 2n loads
-// for n rows here (8 for the mean record of top-8 over 2 ranks, 4 for a 2-row record). Here a
-// record of n rows, rounded up to R = 1, 2, 4 or 8, loads 16 / R pieces of each per round trip:
-// 16 loads (64 registers) in flight per lane. Slot f of the 16 is (piece f / R, row f % R), so
-// one unrolled code path serves every R (three instances of it, one per R, spilled registers),
-// and each piece's sum is finished and stored before the next begins (8 accumulators).
-// Columns [c_begin, c_end); lane k holds the row of (slot, k) (-1: absent or k >= K) and its
-// gate weight.
-__device__ __forceinline__ void wide_sums(const Params& p, int row, float wt, int c_begin,
-                                          int c_end, uint16_t* dst) {
-  const int lane = threadIdx.x & 31;
-  const unsigned m = __ballot_sync(kFull, row >= 0);
-  const int n = __popc(m);
-  // Lane i < n: the i-th present row (ascending k) and its weight.
-  const int src = lane < n ? static_cast<int>(__fns(m, 0, lane + 1)) : 0;
-  const int crow = __shfl_sync(kFull, row, src);
-  const float cw = __shfl_sync(kFull, wt, src);
-  const int lg = n <= 1 ? 0 : n <= 2 ? 1 : n <= 4 ? 2 : 3;  // R = 1 << lg
-  const int rmask = (1 << lg) - 1;
-  const int span = 256 << (4 - lg);  // columns per round trip
-#pragma unroll 1
-  for (int c = c_begin + lane * 8; c - lane * 8 < c_end; c += span) {
-    uint4 v[16];
-#pragma unroll
-    for (int f = 0; f < 16; ++f) {
-      const int i = f & rmask;
-      const int col = c + (f >> lg) * 256;
-      const int r = shfl_pinned(crow, i);
-      if (i < n && col < c_end)
-        v[f] = __ldg(reinterpret_cast<const uint4*>(p.y + static_cast<int64_t>(r) * p.H + col));
-    }
-    // partial = bf16(sum over the present rows in ascending k of w_k * y_k from +0, unfused):
-    // the reference's, as the two-piece path computes it.
-    float acc[8];
-#pragma unroll
-    for (int f = 0; f < 16; ++f) {
-      const int i = f & rmask;
-      const int col = c + (f >> lg) * 256;
-      const float wk = __int_as_float(shfl_pinned(__float_as_int(cw), i));
-      if (i == 0) {
-#pragma unroll
-        for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
-      }
-      if (i < n && col < c_end) {
-        const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[f]);
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(wk, __uint_as_float(vw[x] << 16)));
-          acc[2 * x + 1] =
-              __fadd_rn(acc[2 * x + 1], __fmul_rn(wk, __uint_as_float(vw[x] & 0xFFFF0000u)));
-        }
-      }
-      if (i == rmask && col < c_end) *reinterpret_cast<uint4*>(dst + col) = pack_bf16(acc);
-    }
-  }
-}
-
 // ---- combine send: the weighted partial of every received token back to its source ----
-// combine_pull: into this rank's own staging region of the source instead (the source reads it).
 // Two 256-column steps per lane and iteration, so 2K rows' loads are in flight.
-// kWide: combine_wide of a weighted combine (an instance of its own, so that the measured
-// kernel's registers and code stay as they were).
-// kFlags: combine_flags (an instance of its own for the same reason).
-template <bool kWide, bool kFlags>
 __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   __shared__ int roff[kMaxRanks + 1];
+  // Where the partials of source s go: s's staging rows of this rank. NOTE: byte addresses, kept
+  // here: computed in place in BF16 elements, nvcc split each 16-byte partial store into four
+  // 4-byte stores and spilled registers (ptxas, CUDA 13.0).
+  __shared__ char* s_dst[kMaxRanks];
   __shared__ unsigned long long s_n;
   __shared__ int s_abort;
   stamp_first(p, 12);
@@ -1123,17 +869,18 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   read_round(p, kDoneCombineSend, &s_n);
   if (threadIdx.x == 0) s_abort = 0;
   if (threadIdx.x <= p.R) roff[threadIdx.x] = at<int32_t>(p.my, p.f.recv_offset)[threadIdx.x];
+  if (threadIdx.x < p.R)
+    s_dst[threadIdx.x] =
+        peer(p, threadIdx.x) + p.f.comb_stage + static_cast<int64_t>(p.rank) * p.Tmax * p.H * 2;
   __syncthreads();
   const unsigned long long n = s_n;
   allow_dependent_launch();
   const int lane = threadIdx.x & 31;
   const int32_t* token_rows = at<int32_t>(p.my, p.f.token_rows);
   const float* weights = slot_weight(p);
-  constexpr bool wide = kWide;
-  const int64_t step_cols = wide ? 1024 : 512;
   // own_recv: my own records' partials are the receive's; the items skip them.
   const int64_t own = p.own_recv ? roff[p.rank + 1] - roff[p.rank] : 0;
-  const Split sp = split(roff[p.R] - own, (p.H + step_cols - 1) / step_cols);
+  const Split sp = split(roff[p.R] - own, (p.H + 511) / 512);
   // Lane k: the row and gate weight of (slot of item, k); the first item's loaded while waiting.
   auto slot_of = [&](int64_t item, int64_t& j) {
     int64_t i = sp.row(item);
@@ -1159,40 +906,8 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   __syncthreads();
   if (s_abort) return;
   stamp_last(p, 14);
-  // Where the partial of (source s, its slot j here) goes: s's staging row of this rank, or with
-  // combine_pull this rank's own staging row of (s, j), which s reads.
-  auto dst_of = [&](int s, int64_t j) {
-    return p.combine_pull ? at<uint16_t>(p.my, p.f.comb_stage) + (s * p.Tmax + j) * p.H
-                          : at<uint16_t>(peer(p, s), p.f.comb_stage) +
-                                (static_cast<int64_t>(p.rank) * p.Tmax + j) * p.H;
-  };
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  // combine_wide: items of 1024-column steps, each summed by wide_sums.
-  for (int64_t item = first_item; wide && item < sp.items; item += stride) {
-    int64_t j;
-    const int s = slot_of(item, j);
-    const int64_t slot = static_cast<int64_t>(s) * p.Tmax + j;
-    int row = first_row;
-    float wt = first_wt;
-    if (item != first_item && lane < p.K) {
-      row = token_rows[slot * p.K + lane];
-      wt = weights[slot * p.K + lane];
-    }
-    // NOTE: columns in 32 bits (H < 2^31): 64-bit ones spilled registers.
-    wide_sums(p, row, wt, static_cast<int>(sp.first(item) * 1024),
-              static_cast<int>(std::min<int64_t>(sp.last(item) * 1024, p.H)), dst_of(s, j));
-    if (kFlags) {
-      __syncwarp();
-      if (lane == 0) {
-        unsigned* f =
-            cflag(peer(p, s), p) + (static_cast<int64_t>(p.rank) * p.Tmax + j) * half_steps(p);
-        const int64_t end = std::min<int64_t>(2 * sp.last(item), half_steps(p));
-        for (int64_t h = 2 * sp.first(item); h < end; ++h)
-          st_release_sys_u32(f + h, static_cast<unsigned>(n));
-      }
-    }
-  }
-  for (int64_t item = first_item; !wide && item < sp.items; item += stride) {
+  for (int64_t item = first_item; item < sp.items;
+       item += static_cast<int64_t>(gridDim.x) * kWarps) {
     int64_t j;
     const int s = slot_of(item, j);
     const int64_t slot = static_cast<int64_t>(s) * p.Tmax + j;
@@ -1210,7 +925,7 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
       ws[k] = __shfl_sync(kFull, wt, k < p.K ? k : 0);
       if (k >= p.K) rows[k] = -1;
     }
-    uint16_t* dst = dst_of(s, j);
+    uint16_t* dst = reinterpret_cast<uint16_t*>(s_dst[s] + j * p.H * 2);
     for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
       const int64_t c0 = step * 512 + lane * 8;
       if (!p.weighted) {
@@ -1253,23 +968,12 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
         *reinterpret_cast<uint4*>(dst + c0 + u * 256) = pack_bf16(acc);
       }
     }
-    if (kFlags) {
-      // Lane 0 releases the item's 512-column steps at the source (the warp's stores are ordered
-      // before it by the warp barrier; the release is cumulative).
-      __syncwarp();
-      if (lane == 0) {
-        unsigned* f =
-            cflag(peer(p, s), p) + (static_cast<int64_t>(p.rank) * p.Tmax + j) * half_steps(p);
-        for (int64_t step = sp.first(item); step < sp.last(item); ++step)
-          st_release_sys_u32(f + step, static_cast<unsigned>(n));
-      }
-    }
   }
   __syncthreads();
   stamp_last(p, 15);
   count_done(p, kDoneCombineSend);
   __syncthreads();
-  if (threadIdx.x < p.R && !kFlags) {
+  if (threadIdx.x < p.R) {
     if (p.fence) __threadfence_system();
     red_release_sys(ctr(peer(p, threadIdx.x), p, kDataC, p.rank), round_share());
   }
@@ -1344,16 +1048,13 @@ __device__ __forceinline__ void own_partial(const Params& p, int64_t j, int64_t 
 
 // ---- combine receive: per token, the partials summed in rank order ----
 // 1024 columns a step: four 256-column pieces of every rank's partial in flight per lane.
-// kPull: combine_pull (an instance of its own, so that the measured kernel stays as it was).
 // kOwn: own_recv (my partials of the warp's items computed before the wait, into my own staging
 // rows, which the sums then read like a peer's).
-template <bool kPull, bool kOwn>
+template <bool kOwn>
 __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
   constexpr int kSub = 4;
   __shared__ unsigned long long s_n;
   __shared__ int s_abort;
-  // combine_pull: rank d's partials for this rank's tokens, in d's own staging region.
-  __shared__ const uint16_t* s_pull[kPull ? kMaxRanks : 1];
   stamp_first(p, 17);
   stamp_last(p, 18);
   read_round(p, kDoneCombineRecv, &s_n);
@@ -1376,41 +1077,21 @@ __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
         own_partial(p, j, step * 1024 + lane * 8);
     }
   }
-  if (kPull && threadIdx.x < p.R)
-    s_pull[threadIdx.x] = at<uint16_t>(peer(p, threadIdx.x), p.f.comb_stage) +
-                          static_cast<int64_t>(p.rank) * p.Tmax * p.H;
   if (threadIdx.x == 0) s_abort = 0;
   __syncthreads();
   const unsigned long long n = s_n;
-  // combine_flags: no arrival to wait for; each token step waits for its partials' flags below.
-  if (threadIdx.x < p.R && !p.combine_flags &&
+  if (threadIdx.x < p.R &&
       !wait_rounds(ctr(p.my, p, kDataC, threadIdx.x), n, p, threadIdx.x, kCombineData))
     s_abort = 1;
   __syncthreads();
   if (s_abort) return;
   stamp_last(p, 19);
-  bool failed = false;
-  for (int64_t item = first_item; item < sp.items && !failed;
+  for (int64_t item = first_item; item < sp.items;
        item += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t t = sp.row(item);
     const int my_slot = item == first_item ? first_slot : (lane < p.R ? slot[t * p.R + lane] : -1);
     for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
       const int64_t c0 = step * 1024 + lane * 8;
-      if (!kPull && p.combine_flags) {
-        // Lane d < R: rank d's partial of the token, its two 512-column steps here (my own
-        // partial under own_recv was written by this warp).
-        bool ok = true;
-        if (lane < p.R && my_slot >= 0 && !(kOwn && lane == p.rank)) {
-          const int64_t h = half_steps(p);
-          const unsigned* f = cflag(p.my, p) + (static_cast<int64_t>(lane) * p.Tmax + my_slot) * h;
-          ok = wait_flag(f + 2 * step, static_cast<unsigned>(n), p, lane, kCombineToken) &&
-               (2 * step + 1 >= h ||
-                wait_flag(f + 2 * step + 1, static_cast<unsigned>(n), p, lane, kCombineToken));
-        }
-        failed = __any_sync(kFull, !ok);
-        if (failed) break;  // recorded; check() reports it
-        __syncwarp();
-      }
       float acc[kSub][8];
 #pragma unroll
       for (int u = 0; u < kSub; ++u)
@@ -1424,20 +1105,11 @@ __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
         for (int q = 0; q < 2; ++q) {
           js[q] = __shfl_sync(kFull, my_slot, (d0 + q) & 31);
           if (d0 + q >= p.R) js[q] = -1;
-          if constexpr (kPull) {
-            const uint16_t* src =
-                js[q] < 0 ? nullptr : s_pull[d0 + q] + static_cast<int64_t>(js[q]) * p.H;
 #pragma unroll
-            for (int u = 0; u < kSub; ++u)
-              if (js[q] >= 0 && c0 + u * 256 < p.H)
-                v[q][u] = __ldcg(reinterpret_cast<const uint4*>(src + c0 + u * 256));
-          } else {
-#pragma unroll
-            for (int u = 0; u < kSub; ++u)
-              if (js[q] >= 0 && c0 + u * 256 < p.H)
-                v[q][u] = __ldcg(reinterpret_cast<const uint4*>(
-                    stage + (static_cast<int64_t>(d0 + q) * p.Tmax + js[q]) * p.H + c0 + u * 256));
-          }
+          for (int u = 0; u < kSub; ++u)
+            if (js[q] >= 0 && c0 + u * 256 < p.H)
+              v[q][u] = __ldcg(reinterpret_cast<const uint4*>(
+                  stage + (static_cast<int64_t>(d0 + q) * p.Tmax + js[q]) * p.H + c0 + u * 256));
         }
 #pragma unroll
         for (int q = 0; q < 2; ++q)
@@ -1469,8 +1141,7 @@ void launch(void (*kernel)(Params), int grid, size_t smem, cudaStream_t stream, 
 size_t region_bytes(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k,
                     int64_t hidden) {
   return flag_offset(num_ranks, experts_per_rank, max_tokens_per_rank, top_k) +
-         static_cast<size_t>(num_ranks) * max_tokens_per_rank *
-             ((hidden + 1023) / 1024 + (hidden + 511) / 512) * 4;
+         static_cast<size_t>(num_ranks) * max_tokens_per_rank * ((hidden + 1023) / 1024) * 4;
 }
 
 void prepare(const Params& p) {
@@ -1489,14 +1160,9 @@ void prepare(const Params& p) {
   // which never drains while a peer's kernel spins on a counter.
   for (const void* k : {reinterpret_cast<const void*>(k_dispatch_send),
                         reinterpret_cast<const void*>(k_dispatch_recv),
-                        reinterpret_cast<const void*>(k_combine_send<false, false>),
-                        reinterpret_cast<const void*>(k_combine_send<true, false>),
-                        reinterpret_cast<const void*>(k_combine_send<false, true>),
-                        reinterpret_cast<const void*>(k_combine_send<true, true>),
-                        reinterpret_cast<const void*>(k_combine_recv<false, false>),
-                        reinterpret_cast<const void*>(k_combine_recv<true, false>),
-                        reinterpret_cast<const void*>(k_combine_recv<false, true>),
-                        reinterpret_cast<const void*>(k_combine_recv<true, true>)}) {
+                        reinterpret_cast<const void*>(k_combine_send),
+                        reinterpret_cast<const void*>(k_combine_recv<false>),
+                        reinterpret_cast<const void*>(k_combine_recv<true>)}) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
@@ -1513,17 +1179,11 @@ void dispatch_recv(const Params& p, cudaStream_t stream, bool dependent) {
   launch(k_dispatch_recv, p.recv_blocks, recv_smem(p), stream, dependent, p);
 }
 void combine_send(const Params& p, cudaStream_t stream) {
-  const bool wide = p.combine_wide && p.weighted;
-  auto* kernel = p.combine_flags
-                     ? (wide ? k_combine_send<true, true> : k_combine_send<false, true>)
-                     : (wide ? k_combine_send<true, false> : k_combine_send<false, false>);
-  launch(kernel, p.send_blocks, 0, stream, false, p);
+  launch(k_combine_send, p.send_blocks, 0, stream, false, p);
 }
 void combine_recv(const Params& p, cudaStream_t stream, bool dependent) {
-  auto* kernel =
-      p.own_recv ? (p.combine_pull ? k_combine_recv<true, true> : k_combine_recv<false, true>)
-                 : (p.combine_pull ? k_combine_recv<true, false> : k_combine_recv<false, false>);
-  launch(kernel, p.recv_blocks, 0, stream, dependent, p);
+  launch(p.own_recv ? k_combine_recv<true> : k_combine_recv<false>, p.recv_blocks, 0, stream,
+         dependent, p);
 }
 
 void print_trace(const unsigned long long* trace_dev, int rank) {
@@ -1538,12 +1198,12 @@ void print_trace(const unsigned long long* trace_dev, int rank) {
                "data %.2f layout %.2f scatter %.2f end %.2f\n",
                rank, us(1, 0), us(2, 0), us(3, 0), us(4, 0), us(5, 0), us(6, 0), us(7, 0), us(8, 0),
                us(9, 0), us(10, 0), us(11, 0));
-  // Session 5: the send's start up to the plan, and the early-notify / self-rows phases (-1 or
-  // stale where a variant has no such phase).
+  // Session 5: the send's start up to the plan, and the early-notify phase (-1 or stale where a
+  // variant has no such phase).
   std::fprintf(stderr,
                "ll_trace rank %d dispatch detail: send cleared %.2f plan-tiles %.2f plan %.2f | "
-               "self-layout %.2f self-rows %.2f | recv notify %.2f data %.2f\n",
-               rank, us(22, 0), us(23, 0), us(2, 0), us(24, 0), us(25, 0), us(26, 0), us(8, 0));
+               "recv notify %.2f data %.2f\n",
+               rank, us(22, 0), us(23, 0), us(2, 0), us(26, 0), us(8, 0));
   std::fprintf(stderr,
                "ll_trace rank %d combine (us after send block 0 start): send last-start %.2f "
                "ack %.2f sums %.2f end %.2f | recv first-start %.2f last-start %.2f data %.2f "

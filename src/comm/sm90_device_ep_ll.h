@@ -22,7 +22,6 @@ enum Counter : int {
   kCombineAck = 19,
   kDispatchNotify = 20,  // [rank][src]: src's per-expert counts are in (ll_early_notify)
   kDispatchToken = 21,   // [rank][src]: a 1024-column step of one of src's records (token_flags)
-  kCombineToken = 22,    // [rank][src]: a 512-column step of src's partial (combine_flags)
 };
 // "ll_dispatch.data" etc., nullptr for other ids.
 const char* counter_name(int counter);
@@ -77,56 +76,23 @@ struct Params {
   // A system-scope fence before each arrival's release add (FP8MOE_EP_LL_FENCE=1, experiment:
   // the release alone orders the block's writes, measured 1.8-2.7 us faster per direction).
   bool fence = false;
-  // Options of session 3's second wave (DeviceEpOptions::ll_*; all off = the measured v2 kernels,
-  // docs/comm/README.md "Low-latency kernels"). Same results bit for bit; compiled, not yet run.
-  // batch_ids: the dispatch send loads a tile's K expert ids together and range-checks them after
-  // (the check's error path, with its fence, sat between the loads).
-  bool batch_ids = false;
-  // overlap_flags: the dispatch send's last warp checks the previous round's acknowledgement
-  // once while the other warps load (the block waits after the plan, as before, only if it was
-  // not there yet); the dispatch receive loads the sources' record counts in parallel (not one
-  // after the other in thread 0).
-  bool overlap_flags = false;
-  // combine_wide: the weighted combine send keeps 16 loads in flight per lane whatever a record's
-  // rows here (16 / R 256-column pieces of each of its n <= R rows, R = 1, 2, 4, 8; items of
-  // 1024-column steps; wide_sums), instead of two pieces per row. combine_tokens is unchanged.
-  // (Review: this comment used to say four pieces of up to four rows and a first pass loaded
-  // before the acknowledgement; the kernel does neither.)
-  bool combine_wide = false;
-  // combine_pull: combine partials stay in the expert rank's own staging region (local stores);
-  // the source's combine_recv reads them over NVLink. Must be the same on every rank.
-  bool combine_pull = false;
-  // Options of session 5 (DeviceEpOptions::ll_*; docs/comm/README.md "Session 5: low latency").
+  // Options of session 5 (DeviceEpOptions::ll_*; docs/comm/README.md "Session 5: low latency"),
+  // all off = the session-4 kernels.
   // early_notify: block 0 of the dispatch send releases the per-expert counts on a counter of
   // their own, so the receive derives the masked layout while the payload is still in flight.
   bool early_notify = false;
-  // late_reset: the send turns the previous round's rows back into padding after its payload
-  // stores instead of before its plan (still before the arrival that lets the receive write).
-  bool late_reset = false;
-  // self_rows (implies early_notify; host: only with every send block resident, one rank per
-  // GPU and the payload expanded): the send writes the rank's own tokens straight into their
-  // masked rows once every source's counts are in; the receive copies only peer records.
-  bool self_rows = false;
   // spread: the combine send deals its items to warps so that every block holds items of every
   // source (before, warps in order: the blocks serving the peers' records did all remote stores).
   bool spread = false;
   // own_recv: the combine receive computes the rank's own partial from its expert rows (before
   // it waits for the peers) and the combine send skips the rank's own records.
   bool own_recv = false;
-  // token_flags (implies early_notify; excludes self_rows): the dispatch send releases a flag per
-  // record and 1024-column step (the round number) right after that step's stores, instead of
-  // one arrival per block at its end; the receive copies each step as soon as its flag is in, so
-  // its row copies overlap the transfer. The receive (not the send) turns the previous round's
-  // rows that this round does not rewrite back into padding.
+  // token_flags (implies early_notify): the dispatch send releases a flag per record and
+  // 1024-column step (the round number) right after that step's stores, instead of one arrival
+  // per block at its end; the receive copies each step as soon as its flag is in, so its row
+  // copies overlap the transfer. The receive (not the send) turns the previous round's rows that
+  // this round does not rewrite back into padding.
   bool token_flags = false;
-  // combine_flags (not with combine_pull): the combine send releases a flag per partial and
-  // 512-column step right after its stores; the combine receive sums each token step as soon as
-  // its partials' flags are in (no arrival per send block).
-  bool combine_flags = false;
-  // scale_vec: the dispatch send writes a 1024-column step's eight FP8 scales as two 16-byte
-  // stores (lanes 0 and 1) instead of eight 4-byte stores, where the step's 512-column halves
-  // lie wholly inside the row (fewer small NVLink writes).
-  bool scale_vec = false;
 };
 
 // Loads every kernel and sets its shared-memory limit; kInvalidArgument if the send plan does

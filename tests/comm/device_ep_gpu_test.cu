@@ -577,79 +577,35 @@ void run_ll_cases(Payload p, int gpus) {
   EXPECT_GT(ran, 0);
 }
 
-// The low-latency options of session 3's second wave (DeviceEpOptions::ll_*), not yet run on a
-// device: every case with all four on, and with each one alone in turn, on send grids of 5, 1
-// and 64 blocks. Each changes a step whose result the reference pins: ll_batch_ids the expert
-// ids the plan sees (regions, layout), ll_overlap_flags the round each wait expects and the
-// record counts (a wrong round times out, a wrong count misplaces rows), ll_combine_wide each
-// partial's rows, order and columns (combine and combine_tokens outputs, bit for bit),
-// ll_combine_pull where partials are written and read (two rounds through the same regions).
-// Letters turn options on over the defaults; "0" first turns session 5's defaults (N X O T) off,
-// i.e. the session-4 kernels.
+// The low-latency options of session 5 (N ll_early_notify, X ll_combine_spread, O
+// ll_combine_own_recv, T ll_token_flags; all on by default). Letters turn options on over the
+// defaults; "0" first turns all four off, i.e. the session-4 kernels.
 DeviceEpOptions ll_option_set(const std::string& letters) {
   DeviceEpOptions o;
   if (letters.find('0') != std::string::npos)
     o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
   for (char c : letters) {
-    o.ll_batch_ids = o.ll_batch_ids || c == 'I';
-    o.ll_overlap_flags = o.ll_overlap_flags || c == 'K';
-    o.ll_combine_wide = o.ll_combine_wide || c == 'W';
-    o.ll_combine_pull = o.ll_combine_pull || c == 'U';
     o.ll_early_notify = o.ll_early_notify || c == 'N';
-    o.ll_late_reset = o.ll_late_reset || c == 'R';
-    o.ll_self_rows = o.ll_self_rows || c == 'L';
     o.ll_combine_spread = o.ll_combine_spread || c == 'X';
     o.ll_combine_own_recv = o.ll_combine_own_recv || c == 'O';
     o.ll_token_flags = o.ll_token_flags || c == 'T';
-    o.ll_combine_flags = o.ll_combine_flags || c == 'F';
-    o.ll_scale_vec = o.ll_scale_vec || c == 'V';
   }
   return o;
 }
-void run_ll_option_cases(Payload p, int gpus) {
-  constexpr const char* kAlone[] = {"I", "K", "W", "U"};
-  int ran = 0;
-  for (const Case& c : ll_cases()) {
-    for (const std::string& letters : {std::string("IKWU"), std::string(kAlone[ran / 2 % 4])}) {
-      ++ran;
-      constexpr int kBlocks[] = {5, 1, 64};
-      DeviceEpOptions opt = ll_option_set(letters);
-      opt.num_blocks = kBlocks[ran % 3];
-      opt.recv_blocks = ran % 4 == 1 ? 3 : 0;
-      opt.overlap_recv = ran % 5 != 0;
-      progress(std::string("case ") + c.name + " " + payload_name(p) + " low_latency options " +
-               letters + " blocks " + std::to_string(opt.num_blocks));
-      SCOPED_TRACE(std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
-                   " GPU(s), low-latency options " + letters + ", " +
-                   std::to_string(opt.num_blocks) + " send blocks");
-      EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, p);
-      cfg.masked_capacity = c.masked_capacity;
-      Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 70 + c.R, opt);
-      check_against_reference(h, 2);
-    }
-  }
-  EXPECT_GT(ran, 0);
-}
 
-// The low-latency options of session 5 (N ll_early_notify, R ll_late_reset, L ll_self_rows, X
-// ll_combine_spread, O ll_combine_own_recv, T ll_token_flags, F ll_combine_flags): every case
-// with N, X, O, T and F on, and in turn with each alone, with N R L X O and with all eleven
-// options of sessions 3 and 5, on send grids of 5, 1 and 64 blocks, two rounds each against the
-// reference bit for bit. N changes which counter the receive waits on before it derives the
-// layout (a layout of a round whose counts are not in misplaces rows); R when the previous
-// round's rows turn back into padding (stale m_indices / row_src entries are compared); L who
-// writes the rank's own rows and from which layout (rows, scales and the region payload rebuilt
-// from them are compared; the overflow case takes its fallback); X which warp serves which
-// record and O who computes the rank's own partial (combine and combine_tokens outputs
-// compared); T and F what a receive step waits for before it reads a record or a partial (a
-// step read before its data is in differs from the reference) and, for T, which rows the
-// receive turns back into padding. With several ranks on one GPU L does not apply.
+// Every case with the four options off ("0", the session-4 kernels) and, in turn, with each
+// alone, with N X O and with X O (run_ll_cases runs the defaults), on send grids of 5, 1 and 64
+// blocks, two rounds each against the reference bit for bit. N changes which counter the
+// receive waits on before it derives the layout (a layout of a round whose counts are not in
+// misplaces rows); X which warp serves which record and O who computes the rank's own partial
+// (combine and combine_tokens outputs compared); T what a receive step waits for before it reads
+// a record (a step read before its data is in differs from the reference) and which rows the
+// receive turns back into padding.
 void run_ll_s5_option_cases(Payload p, int gpus) {
-  constexpr const char* kTurn[] = {"0",  "0N", "0R", "0L",     "0X",          "0O",
-                                   "0T", "F",  "V",  "0NRLXO", "IKWUNRLXOTFV"};
+  constexpr const char* kTurn[] = {"0N", "0X", "0O", "0T", "0NXO", "0XO"};
   int ran = 0;
   for (const Case& c : ll_cases()) {
-    for (const std::string& letters : {std::string("V"), std::string(kTurn[ran / 2 % 11])}) {
+    for (const std::string& letters : {std::string("0"), std::string(kTurn[ran / 2 % 6])}) {
       ++ran;
       constexpr int kBlocks[] = {5, 1, 64};
       DeviceEpOptions opt = ll_option_set(letters);
@@ -683,15 +639,6 @@ TEST_F(NvlinkTest, LowLatencySession5OptionsMatchReferenceFp8OneGpuManyRanks) {
 TEST_F(NvlinkTest, LowLatencyMatchesReferenceFp8AllGpus) {
   run_ll_cases(Payload::kFP8, gpu_count());
 }
-TEST_F(NvlinkTest, LowLatencyUnmeasuredOptionsMatchReferenceFp8AllGpus) {
-  run_ll_option_cases(Payload::kFP8, gpu_count());
-}
-TEST_F(NvlinkTest, LowLatencyUnmeasuredOptionsMatchReferenceBf16AllGpus) {
-  run_ll_option_cases(Payload::kBF16, gpu_count());
-}
-TEST_F(NvlinkTest, LowLatencyUnmeasuredOptionsMatchReferenceFp8OneGpuManyRanks) {
-  run_ll_option_cases(Payload::kFP8, 1);
-}
 TEST_F(NvlinkTest, LowLatencyMatchesReferenceBf16AllGpus) {
   run_ll_cases(Payload::kBF16, gpu_count());
 }
@@ -702,8 +649,7 @@ TEST_F(NvlinkTest, LowLatencyMatchesReferenceFp8OneGpuManyRanks) {
 // Rounds whose row counts grow, overflow and shrink through the same buffers: rows a previous
 // round used must turn back into padding (m_indices and row_src -1).
 TEST_F(NvlinkTest, LowLatencyRowsChangeBetweenRounds) {
-  for (const std::string& letters : {std::string("0"), std::string("0IKWU"), std::string("0NRLXO"),
-                                     std::string("0RL"), std::string(), std::string("FV")}) {
+  for (const std::string& letters : {std::string("0"), std::string("0NXO"), std::string()}) {
     SCOPED_TRACE("low-latency options '" + letters + "'");
     EpConfig cfg = config(2, 8, 2, 256, 200, Payload::kFP8);
     cfg.masked_capacity = 64;
@@ -772,24 +718,21 @@ TEST_F(NvlinkTest, LowLatencyGraphCapturedRoundReplays) {
     SCOPED_TRACE("4 ranks on one GPU");
     graph_round(4, 1, true);
   }
-  SCOPED_TRACE("low-latency options IKWU");
-  graph_round(2, gpu_count(), true, "IKWU");
-  graph_round(4, 1, true, "IKWU");
-  SCOPED_TRACE("low-latency options NRLXO");
-  graph_round(2, gpu_count(), true, "0NRLXO");
-  graph_round(4, 1, true, "NRLXO");
-  SCOPED_TRACE("low-latency options 0 (session 4) and FV");
+  SCOPED_TRACE("low-latency options 0NXO");
+  graph_round(2, gpu_count(), true, "0NXO");
+  graph_round(4, 1, true, "0NXO");
+  SCOPED_TRACE("low-latency options 0 (session 4)");
   graph_round(2, gpu_count(), true, "0");
   graph_round(4, 1, true, "0");
-  graph_round(2, gpu_count(), true, "FV");
 }
 
 TEST_F(NvlinkTest, LowLatencySilentPeerEndsWithErrorNamingRankPeerCounter) {
-  // N, L and T wait for the peer's counts first (their own counter): ll_dispatch.notify.
-  for (const std::string& letters : {std::string("0"), std::string("0IKWU"), std::string(),
-                                     std::string("0N"), std::string("0NRLXO"), std::string("FV")}) {
+  // N and T (which implies N) wait for the peer's counts first (their own counter):
+  // ll_dispatch.notify.
+  for (const std::string& letters : {std::string("0"), std::string(), std::string("0N"),
+                                     std::string("0T"), std::string("0NXO")}) {
     const DeviceEpOptions o = ll_option_set(letters);
-    const bool early = o.ll_early_notify || o.ll_token_flags || (o.ll_self_rows && gpu_count() > 1);
+    const bool early = o.ll_early_notify || o.ll_token_flags;
     SCOPED_TRACE("low-latency options '" + letters + "'");
     EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kFP8);
     cfg.masked_capacity = 32;
@@ -814,8 +757,7 @@ TEST_F(NvlinkTest, LowLatencySilentPeerEndsWithErrorNamingRankPeerCounter) {
 }
 
 TEST_F(NvlinkTest, LowLatencyBadExpertIdIsReported) {
-  for (const std::string& letters : {std::string(), std::string("0"), std::string("0I"),
-                                     std::string("0NRLXO"), std::string("V")}) {
+  for (const std::string& letters : {std::string(), std::string("0"), std::string("0NXO")}) {
     SCOPED_TRACE("low-latency options '" + letters + "'");
     EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kFP8);
     cfg.masked_capacity = 32;
@@ -846,10 +788,10 @@ TEST_F(NvlinkTest, LowLatencyBadExpertIdIsReported) {
 // (new values every round; two combines in a row exercise the combine acknowledgement) and copy
 // the view again, but some only dispatch: in a dispatch + combine round the combine's own data
 // dependencies already order the next dispatch after every peer's dispatch_recv, so only
-// dispatches in a row exercise the dispatch acknowledgement (and ll_overlap_flags' early check of
-// it). Every output has a buffer of its own, poisoned first. So a round that read any of the
-// previous round's inputs, layout, records or partials, or whose data was overwritten by a peer's
-// next round, differs from the reference somewhere.
+// dispatches in a row exercise the dispatch acknowledgement. Every output has a buffer of its own,
+// poisoned first. So a round that read any of the previous round's inputs, layout, records or
+// partials, or whose data was overwritten by a peer's next round, differs from the reference
+// somewhere.
 
 // One rank's copy of its DeviceRecvView after one round's dispatch (device memory).
 struct ViewCopy {
@@ -1143,28 +1085,21 @@ void run_back_to_back(const BackToBackCase& c, int gpus, int rounds) {
 }
 
 // Normal kernels (grouped layout, FP8 and BF16) and the low-latency kernels (masked FP8) with
-// their session-3 options off, with K + U (ll_overlap_flags checks the previous round's
-// acknowledgement early; ll_combine_pull lets sources read the partials from this rank's staging
-// region, so the next combine must not overwrite it before they did) and with all four on.
-// Masked capacities hold R * Tmax, so no batch overflows.
+// the defaults, with session 5's options off ("0", the session-4 kernels) and with N X O (the
+// per-block arrival of session 4 with early notify and both combine options), at 2 and 4 ranks
+// and send grids of 1, 5 and 64 blocks. Masked capacities hold R * Tmax, so no batch overflows.
 TEST_F(NvlinkTest, RoundsBackToBackWithoutHostSyncMatchReference) {
   const BackToBackCase cases[] = {
       {"normal_fp8", 2, 16, 4, 512, 96, 0, Payload::kFP8, "", 5, 7, true},
       {"normal_bf16_4_ranks", 4, 32, 4, 256, 64, 0, Payload::kBF16, "", 8, 4, false},
       {"ll_fp8", 2, 16, 4, 512, 96, 256, Payload::kFP8, "", 5, 0, true},
-      {"ll_fp8_overlap_flags_pull", 2, 16, 4, 512, 96, 256, Payload::kFP8, "KU", 1, 0, true},
-      {"ll_fp8_all_options", 2, 16, 4, 512, 96, 256, Payload::kFP8, "IKWU", 8, 0, true},
-      {"ll_fp8_all_options_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "IKWU", 5, 0, false},
-      // Session 5: self rows (the send waits for every source's counts), early notify, late
-      // padding reset, spread and own-partial combines; with K + U beside them at 4 ranks.
-      {"ll_fp8_session5", 2, 16, 4, 512, 96, 256, Payload::kFP8, "0NRLXO", 5, 0, true},
-      {"ll_fp8_session5_ku_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "0NRLXOKU", 64, 0,
-       false},
-      {"ll_fp8_flags", 2, 16, 4, 512, 96, 256, Payload::kFP8, "FV", 5, 0, true},
-      {"ll_fp8_flags_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "FVK", 64, 0, false},
-      {"ll_fp8_flags_1_block", 2, 16, 4, 512, 96, 256, Payload::kFP8, "TF", 1, 0, true},
+      {"ll_fp8_1_block", 2, 16, 4, 512, 96, 256, Payload::kFP8, "", 1, 0, true},
+      {"ll_fp8_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "", 64, 0, false},
+      {"ll_fp8_nxo", 2, 16, 4, 512, 96, 256, Payload::kFP8, "0NXO", 5, 0, true},
+      {"ll_fp8_nxo_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "0NXO", 64, 0, false},
       {"ll_fp8_session4", 2, 16, 4, 512, 96, 256, Payload::kFP8, "0", 5, 0, true},
-      {"ll_fp8_session4_ku", 2, 16, 4, 512, 96, 256, Payload::kFP8, "0KU", 1, 0, true},
+      {"ll_fp8_session4_1_block", 2, 16, 4, 512, 96, 256, Payload::kFP8, "0", 1, 0, true},
+      {"ll_fp8_session4_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "0", 5, 0, false},
   };
   for (const BackToBackCase& c : cases) {
     progress(std::string("back-to-back case ") + c.name);

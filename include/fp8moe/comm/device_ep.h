@@ -198,56 +198,24 @@ struct DeviceEpOptions {
   // recv_blocks size its grids, chunk_tokens and plan_once do not apply. Off: the normal kernels
   // with the masked layout.
   bool low_latency = true;
-  // Low-latency kernel variants of session 3's second wave (docs/comm/README.md, "Low-latency
-  // kernels"): same results bit for bit, compiled and in the device tests, not yet run on a
-  // device, so off. ep_bench --ll-variants names them by letter (I, K, W, U).
-  // I: the dispatch send loads a plan tile's K expert ids together, then range-checks them
-  // (each id was loaded after the previous one's check, whose error path holds a fence).
-  bool ll_batch_ids = false;
-  // K: the dispatch send's last warp checks the previous round's acknowledgement once while the
-  // others load, so the block need not wait for it after the plan (it still does if it was not
-  // there yet); the dispatch receive loads the sources' record counts in parallel.
-  bool ll_overlap_flags = false;
-  // W: the combine send keeps 16 loads in flight per lane whatever a record's rows here (16 / R
-  // column pieces of each of its n <= R rows, R = 1, 2, 4, 8) instead of two pieces per row.
-  bool ll_combine_wide = false;
-  // U: the combine send writes each partial into this rank's own staging region (local stores)
-  // and the source's combine_recv reads it over NVLink (loads), instead of remote stores. Must
-  // be the same on every rank.
-  bool ll_combine_pull = false;
   // Low-latency options of session 5 (docs/comm/README.md, "Session 5: low latency"); same
-  // results bit for bit. ep_bench --ll-variants names them by letter (N, R, L, X, O, T, F, V;
-  // "0" turns the four defaults N, X, O, T off: the session-4 kernels). N, X, O and T are on:
-  // each measured faster on 2 x H100 (call 2: dispatch 26.5 -> 24.6 us, combine 22.9 -> 21.6).
+  // results bit for bit. ep_bench --ll-variants names them by letter (N, X, O, T; "0" turns all
+  // four off: the session-4 kernels). All on: each measured faster on 2 x H100 (call 2: dispatch
+  // 26.5 -> 24.6 us, combine 22.9 -> 21.6). Eight other low-latency options (sessions 3 to 5)
+  // measured no faster and were removed (the README's "Session 5: low latency"; commit da8048a).
   // N: block 0 of the dispatch send releases the per-expert counts on a counter of their own,
   // and the dispatch receive derives the masked layout from them while the payload is in flight.
   bool ll_early_notify = true;
-  // R: the dispatch send turns the previous round's rows back into padding after its payload
-  // stores instead of before its plan.
-  bool ll_late_reset = false;
-  // L (implies N; not with T): the dispatch send writes the rank's own tokens straight into their
-  // masked rows once every source's counts are in, so the receive copies peer records only.
-  // Applies with every send block resident (num_blocks <= SMs), one rank per GPU and
-  // expand_payload; else off. Measured slower (+6 us: the counts arrive late and the send writes
-  // the rows after its payload), so off.
-  bool ll_self_rows = false;
   // X: the combine send deals its items to warps across blocks, so every block holds records of
   // every source (remote and local partial stores spread over all send SMs).
   bool ll_combine_spread = true;
   // O: the combine receive computes the rank's own partials from its expert rows (y must stay
   // unchanged until combine_recv, as for the normal kernels) and the combine send skips them.
   bool ll_combine_own_recv = true;
-  // T (implies N, overrides L): the dispatch send releases a flag per record and 1024-column
-  // step right after that step's stores (instead of one arrival per send block at its end), and
-  // the receive copies each step as soon as its flag is in, overlapping the transfer.
+  // T (implies N): the dispatch send releases a flag per record and 1024-column step right after
+  // that step's stores (instead of one arrival per send block at its end), and the receive
+  // copies each step as soon as its flag is in, overlapping the transfer.
   bool ll_token_flags = true;
-  // F (not with U): the combine send releases a flag per partial and 512-column step right after
-  // its stores, and the combine receive sums each token step as soon as its partials are in.
-  // Measured slower (+11 us: each warp's release waits for its stores), so off.
-  bool ll_combine_flags = false;
-  // V: the dispatch send writes each 1024-column step's eight FP8 scales as two 16-byte stores
-  // instead of eight 4-byte ones (fewer small NVLink writes).
-  bool ll_scale_vec = false;
 };
 
 // Inputs of one rank, device pointers on that rank's device.
