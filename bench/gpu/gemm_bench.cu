@@ -356,7 +356,8 @@ struct Row {
   std::string kind, impl, tile;
   int64_t m, n, k, groups;
   double us, tflops, gbps, ratio_blockwise = 0, rel_err = -1, rel_diff_blockwise = -1;
-  double us_first = -1;  // the heuristic's first timing, alone, before the alternated ones
+  double us_first = -1;       // the heuristic's first timing, alone, before the alternated ones
+  double rel_diff_pick = -1;  // grouped forced rows: output against the heuristic pick's
   // Median SM clock and board power sampled during the timings behind this row (ClockProbe).
   double sm_mhz = -1, power_w = -1;
   std::string note;
@@ -392,6 +393,7 @@ struct Output {
     if (r.ratio_blockwise > 0) std::printf("  x%.2f vs blockwise", r.ratio_blockwise);
     if (r.rel_err >= 0) std::printf("  rel_err %.2e", r.rel_err);
     if (r.rel_diff_blockwise >= 0) std::printf("  diff_vs_cublas %.2e", r.rel_diff_blockwise);
+    if (r.rel_diff_pick >= 0) std::printf("  diff_vs_pick %.2e", r.rel_diff_pick);
     if (!r.tile.empty()) std::printf("  [%s]", r.tile.c_str());
     if (!r.note.empty()) std::printf("  (%s)", r.note.c_str());
     if (r.sm_mhz > 0) std::printf("  {%.0f MHz %.0f W}", r.sm_mhz, r.power_w);
@@ -417,6 +419,7 @@ struct Output {
       if (r.rel_err >= 0) j["rel_err"] = r.rel_err;
       if (r.rel_diff_blockwise >= 0) j["rel_diff_vs_cublaslt_blockwise"] = r.rel_diff_blockwise;
       if (r.us_first >= 0) j["us_first"] = r.us_first;
+      if (r.rel_diff_pick >= 0) j["rel_diff_vs_pick"] = r.rel_diff_pick;
       if (!r.tile.empty()) j["tile"] = r.tile;
       if (!r.note.empty()) j["note"] = r.note;
       if (r.sm_mhz > 0) j["sm_mhz"] = r.sm_mhz;
@@ -798,7 +801,8 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
   std::vector<kernels::GemmTileConfig> forced = {{128, 128, 0, 0, 0, 1, 1},
                                                  {64, 128, 0, 0, 0, 1, 1},
                                                  {64, 64, 0, 0, 0, 1, 1},
-                                                 {128, 192, 0, 0, 2, 1, 1}};
+                                                 {128, 192, 0, 0, 2, 1, 1},
+                                                 {128, 256, 0, 0, 2, 1, 1}};
   for (int split : {2, 3, 4, 6, 8})
     if (2 * split <= kb) forced.push_back({128, 128, 0, 0, 0, 1, split});
   // Tail split (the last partial wave's tiles cut along K), where the shape has one.
@@ -930,6 +934,67 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
   }
 }
 
+// Grouped forms (no cuBLASLt anchor): the heuristic's pick and the forced tiles below, timed in
+// a rotated alternation (each row once at every place, as bench_dense), medians; each forced
+// row's output is compared with the pick's.
+const std::vector<kernels::GemmTileConfig>& grouped_variants() {
+  static const std::vector<kernels::GemmTileConfig> v = {
+      {128, 256, 0, 0, 2}, {128, 128, 0, 0, 2}, {128, 128, 0, 0, 1}};
+  return v;
+}
+
+// launch(force, set): force null = the heuristic. Adds one row per variant to `out`.
+void time_grouped(Output& out, cudaStream_t stream, int sets, Row pick, double flops, double bytes,
+                  Dev<bf16>& d,
+                  const std::function<void(const kernels::GemmTileConfig*, int)>& launch) {
+  const std::vector<kernels::GemmTileConfig>& forced = grouped_variants();
+  const int count = static_cast<int>(forced.size()) + 1;
+  const auto force_of = [&](int j) { return j == 0 ? nullptr : &forced[size_t(j - 1)]; };
+  const size_t rows = static_cast<size_t>(count);
+  std::vector<std::vector<double>> us(rows), mhz(rows), watts(rows);
+  g_clock.take();
+  for (int round = 0; round < std::max(3, count); ++round)
+    for (int i = 0; i < count; ++i) {
+      const int j = (i + round) % count;
+      us[size_t(j)].push_back(time_us(stream, sets, [&](int x) { launch(force_of(j), x); }));
+      const auto [f, w] = g_clock.take();
+      if (f > 0) {
+        mhz[size_t(j)].push_back(f);
+        watts[size_t(j)].push_back(w);
+      }
+    }
+  const auto med = [](std::vector<double> x) {
+    if (x.empty()) return -1.0;
+    std::sort(x.begin(), x.end());
+    return x[x.size() / 2];
+  };
+  FM_CHECK_CUDA(cudaMemset(d.p, 0xFF, d.n * sizeof(bf16)));
+  launch(nullptr, 0);
+  FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+  const std::vector<bf16> want = d.download();
+  for (int j = 0; j < count; ++j) {
+    Row r = pick;
+    if (j > 0) {
+      r.impl = "fp8moe_forced_tile";
+      r.tile = kernels::describe_tile_config(forced[size_t(j - 1)]);
+      r.rel_err = -1;
+      FM_CHECK_CUDA(cudaMemset(d.p, 0xFF, d.n * sizeof(bf16)));
+      launch(force_of(j), 0);
+      FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+      r.rel_diff_pick = rel_diff(d.download(), want);
+    }
+    std::vector<double> u = us[size_t(j)];
+    std::sort(u.begin(), u.end());
+    r.us = med(u);
+    r.tflops = flops / r.us * 1e-6;
+    r.gbps = bytes / r.us * 1e-3;
+    r.sm_mhz = med(mhz[size_t(j)]);
+    r.power_w = med(watts[size_t(j)]);
+    r.note = "spread " + std::to_string(int(std::lround(100.0 * (u.back() / u[0] - 1.0)))) + "%";
+    out.add(r);
+  }
+}
+
 void bench_contiguous(Output& out, cudaStream_t stream, int64_t groups, int64_t rows_per_group,
                       int64_t n, int64_t k, uint64_t seed) {
   const int64_t m = groups * rows_per_group;
@@ -943,12 +1008,11 @@ void bench_contiguous(Output& out, cudaStream_t stream, int64_t groups, int64_t 
   Dev<int32_t> dl(static_cast<size_t>(m));
   FM_CHECK_CUDA(cudaMemcpy(dl.p, layout.data(), size_t(m) * 4, cudaMemcpyHostToDevice));
   Dev<bf16> d(size_t(m * n));
-  const double us = time_us(stream, sets, [&](int i) {
+  const auto launch = [&](const kernels::GemmTileConfig* force, int i) {
     kernels::fp8_gemm_nt_grouped_contiguous(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, dl.p,
-                                            m, n, k, groups, stream);
-  });
-  kernels::fp8_gemm_nt_grouped_contiguous(fs[0].a.p, fs[0].sa.p, fs[0].b.p, fs[0].sb.p, d.p, dl.p,
-                                          m, n, k, groups, stream);
+                                            m, n, k, groups, stream, force);
+  };
+  launch(nullptr, 0);
   FM_CHECK_CUDA(cudaStreamSynchronize(stream));
   Row r{"grouped_contiguous",
         "fp8moe",
@@ -957,14 +1021,14 @@ void bench_contiguous(Output& out, cudaStream_t stream, int64_t groups, int64_t 
         n,
         k,
         groups,
-        us,
-        flops / us * 1e-6,
-        (bytes + 2.0 * m * n) / us * 1e-3};
+        0,
+        0,
+        0};
   // Check the last group (its own B).
   const std::vector<bf16> ours = d.download();
   r.rel_err =
       sampled_rel_err(fs[0], rows_per_group, n, k, ours, (groups - 1) * rows_per_group, groups - 1);
-  out.add(r);
+  time_grouped(out, stream, sets, r, flops, bytes + 2.0 * m * n, d, launch);
 }
 
 void bench_masked(Output& out, cudaStream_t stream, int64_t groups, int64_t max_m, int64_t n,
@@ -994,13 +1058,21 @@ void bench_masked(Output& out, cudaStream_t stream, int64_t groups, int64_t max_
   Dev<int32_t> dm(static_cast<size_t>(groups));
   FM_CHECK_CUDA(cudaMemcpy(dm.p, mm.data(), size_t(groups) * 4, cudaMemcpyHostToDevice));
   Dev<bf16> d(size_t(groups * max_m * n));
-  const double us = time_us(stream, sets, [&](int i) {
+  const auto launch = [&](const kernels::GemmTileConfig* force, int i) {
     kernels::fp8_gemm_nt_grouped_masked(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, dm.p,
-                                        groups, max_m, n, k, stream);
-  });
-  out.add(Row{"grouped_masked", "fp8moe",
-              out.tile_for(kernels::GemmKind::kGroupedMasked, max_m, n, k, groups), max_m, n, k,
-              groups, us, flops / us * 1e-6, (bytes + 2.0 * groups * max_m * n) / us * 1e-3});
+                                        groups, max_m, n, k, stream, force);
+  };
+  const Row r{"grouped_masked",
+              "fp8moe",
+              out.tile_for(kernels::GemmKind::kGroupedMasked, max_m, n, k, groups),
+              max_m,
+              n,
+              k,
+              groups,
+              0,
+              0,
+              0};
+  time_grouped(out, stream, sets, r, flops, bytes + 2.0 * groups * max_m * n, d, launch);
 }
 
 void bench_wgrad(Output& out, cudaStream_t stream, int64_t m, int64_t n, int64_t k, int64_t groups,

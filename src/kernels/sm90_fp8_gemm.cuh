@@ -1,9 +1,9 @@
 // The sm_90a FP8 GEMM kernel shared by every form (dense, grouped contiguous / masked, wgrad,
 // k-grouped wgrad): D = A * B^T with E4M3 operands, one persistent CTA per multiprocessor, a
 // producer warpgroup that feeds a ring of shared-memory stages through TMA (mbarrier complete_tx),
-// one math warpgroup per 64 rows (256-row tiles: two, each holding two 64-row slabs) issuing
-// wgmma m64nNk32 over each 128-wide K block and promoting the partial sums into FP32 registers
-// with the scales (FFMA), then the epilogue (registers, or shared memory and TMA stores).
+// one math warpgroup per 64 rows (256x128 / 128x256 tiles: two, each holding two 64x128 slabs)
+// issuing wgmma m64nNk32 over each 128-wide K block and promoting the partial sums into FP32
+// registers with the scales (FFMA), then the epilogue (registers, or shared memory and TMA stores).
 // Checked against gemm_fp8_reference: tests/kernels/fp8_gemm_gpu_test.cu
 // (`build-device/tests/test_kernels_gpu --gtest_filter='Fp8Gemm*'`).
 #pragma once
@@ -146,26 +146,31 @@ struct WideCursor {
   int unit, half;  // half: which tile of a pair
 };
 
-template <int kBlockN, bool kTail>
+// 128x256 tiles: get_tile's units (every form), never narrow.
+template <int kBlockM, int kBlockN, bool kTail>
 __device__ __forceinline__ bool get_wide_tile(const GemmParams& p, const WideCursor& c, Tile& tile,
                                               bool& skip, bool& narrow) {
   narrow = false;
-  if (kTail || !p.half_col) return get_tile<256, kBlockN, kTail>(p, c.unit, tile, skip);
-  const int tiles_m = (p.m + 255) / 256, tiles_n = (p.n + kBlockN - 1) / kBlockN;
-  const int full = tiles_m * (tiles_n - 1);
-  skip = false;
-  if (c.unit < full) {
-    int mb, nb;
-    rasterise(c.unit, tiles_m, tiles_n - 1, mb, nb);
-    tile = Tile{0, mb * 256, nb * kBlockN, 0, p.k / 128, p.m};
+  if constexpr (kBlockM != 256) {
+    return get_tile<kBlockM, kBlockN, false>(p, c.unit, tile, skip);
+  } else {
+    if (kTail || !p.half_col) return get_tile<256, kBlockN, kTail>(p, c.unit, tile, skip);
+    const int tiles_m = (p.m + 255) / 256, tiles_n = (p.n + kBlockN - 1) / kBlockN;
+    const int full = tiles_m * (tiles_n - 1);
+    skip = false;
+    if (c.unit < full) {
+      int mb, nb;
+      rasterise(c.unit, tiles_m, tiles_n - 1, mb, nb);
+      tile = Tile{0, mb * 256, nb * kBlockN, 0, p.k / 128, p.m};
+      return true;
+    }
+    // The second tile of the last pair may not exist (odd tile rows); it is that CTA's last unit.
+    const int mb = 2 * (c.unit - full) + c.half;
+    if (mb >= tiles_m) return false;
+    narrow = true;
+    tile = Tile{0, mb * 256, (tiles_n - 1) * kBlockN, 0, p.k / 128, p.m};
     return true;
   }
-  // The second tile of the last pair may not exist (odd tile rows); it is that CTA's last unit.
-  const int mb = 2 * (c.unit - full) + c.half;
-  if (mb >= tiles_m) return false;
-  narrow = true;
-  tile = Tile{0, mb * 256, (tiles_n - 1) * kBlockN, 0, p.k / 128, p.m};
-  return true;
 }
 
 __device__ __forceinline__ void advance_wide(WideCursor& c, int step, bool narrow) {
@@ -260,7 +265,7 @@ __device__ __forceinline__ void produce(const GemmParams& p,
       }
     };
     bool narrow;
-    for (WideCursor c{first, 0}; get_wide_tile<kBlockN, kTail>(p, c, tile, skip, narrow);
+    for (WideCursor c{first, 0}; get_wide_tile<256, kBlockN, kTail>(p, c, tile, skip, narrow);
          advance_wide(c, step, narrow))
       if (!skip) load_tile(tile);
   } else {
@@ -350,13 +355,15 @@ __device__ __forceinline__ void store_slab_tma(const float (&acc)[kRegs], uint8_
   }
 }
 
-// The same for a warpgroup holding two slabs (256-row tiles): one wait and one barrier pair for
-// both, so the second slab's writes do not wait for the first slab's store to be read.
+// The same for a warpgroup holding two slabs (256-row tiles: two row ranges, 128x256 tiles: two
+// column ranges): one wait and one barrier pair for both, so the second slab's writes do not
+// wait for the first slab's store to be read.
 template <int kBlockN, int kRegs>
 __device__ __forceinline__ void store_two_slabs_tma(const float (&acc0)[kRegs],
                                                     const float (&acc1)[kRegs], uint8_t* slab0,
                                                     uint8_t* slab1, const CUtensorMap* map_d, int n,
-                                                    int n_base, int64_t row0, int64_t row1) {
+                                                    int n_base0, int n_base1, int64_t row0,
+                                                    int64_t row1) {
   const bool leader = threadIdx.x % 128 == 0;
   const int bar_id = 1 + static_cast<int>(threadIdx.x / 128);
   if (leader) tma_store_wait_read();
@@ -366,8 +373,8 @@ __device__ __forceinline__ void store_two_slabs_tma(const float (&acc0)[kRegs],
   fence_proxy_async();
   named_barrier_sync(bar_id, 128);
   if (leader) {
-    store_slab_boxes<kBlockN>(slab0, map_d, n, n_base, row0);
-    store_slab_boxes<kBlockN>(slab1, map_d, n, n_base, row1);
+    store_slab_boxes<kBlockN>(slab0, map_d, n, n_base0, row0);
+    store_slab_boxes<kBlockN>(slab1, map_d, n, n_base1, row1);
     tma_store_commit();
   }
 }
@@ -783,35 +790,47 @@ __device__ __forceinline__ void compute(const GemmParams& p,
   }
 }
 
-// ---- math for 256-row tiles (dense): two math warpgroups, each holding two 64-row slabs ----
-// Slab w of warpgroup wg is rows w * 128 + wg * 64 + [0, 64) of the tile. Per K block a warpgroup
-// issues slab 0's four wgmmas, waits, promotes, then slab 1's: the other warpgroup's wgmmas keep
-// the tensor cores busy during each promotion. acc0 + acc1 + one partial-sum set = 192 registers
-// at 128 wide (a second partial-sum set, as the overlapped 128-row loop has, would need 256).
-// Why this tile: per K block a 128x128 tile has its tensor cores read 48 KB of operands from
+// ---- math for the wide tiles: two math warpgroups, each holding two 64 x 128 slabs ----
+// 256x128 (dense): slab w of warpgroup wg is rows w * 128 + wg * 64 + [0, 64) of the tile.
+// 128x256 (dense, grouped contiguous / masked): slab w of warpgroup wg is rows wg * 64 + [0, 64),
+// columns w * 128 + [0, 128), i.e. one 128-wide B scale block each (the second may lie past N: it
+// is computed from zero-filled or foreign B rows and never stored). Per K block a warpgroup issues
+// slab 0's four wgmmas, waits, promotes, then slab 1's: the other warpgroup's wgmmas keep the
+// tensor cores busy during each promotion. acc0 + acc1 + one partial-sum set = 192 registers
+// (a second partial-sum set, as the overlapped 128-row loop has, would need 256).
+// Why these tiles: per K block a 128x128 tile has its tensor cores read 48 KB of operands from
 // shared memory and its TMA write 32 KB (~160 bytes a tensor-core cycle at the FP8 rate, above
-// the ~128 B/cycle shared memory gives); a 256x128 tile reads 96 KB and writes 48 KB for twice
-// the work (~140 B/cycle), and asks L2 for a quarter less per FLOP (dev/gemm/NOTES.md session 5).
-// kTail: the tail-split form (get_tile's tail units; their slabs go through tail_split_reduce and
-// store from registers, whole tiles as usual).
-template <int kBlockN, bool kTail>
+// the ~128 B/cycle shared memory gives); a 256x128 or 128x256 tile reads 96 KB and writes 48 KB
+// for twice the work (~140 B/cycle), and asks L2 for a quarter less per FLOP (dev/gemm/NOTES.md
+// sessions 5 and 5b). 128x256 serves the grouped forms (experts are only 128-row aligned; the
+// heuristic takes it there); at dense M = 64 / 128 it measured slower than the picks (session 5b).
+// kTail: the tail-split form of 256x128 (get_tile's tail units; their slabs go through
+// tail_split_reduce and store from registers, whole tiles as usual).
+template <int kBlockM, int kBlockN, bool kTail>
 __device__ __forceinline__ void compute_wide(const GemmParams& p,
-                                             const SmemLayout<256, kBlockN, false>& sm,
+                                             const SmemLayout<kBlockM, kBlockN, false>& sm,
                                              const CUtensorMap* map_d) {
-  using Mma = WgmmaE4M3<kBlockN>;
+  // Two column slabs (128x256) instead of two row slabs (256x128).
+  constexpr bool kWideN = kBlockN == 256;
+  static_assert((kBlockM == 256 && kBlockN == 128) || (kBlockM == 128 && kBlockN == 256 && !kTail),
+                "wide tiles: 256x128 (with its tail split) or 128x256");
+  constexpr int kSlabN = 128;
+  using Mma = WgmmaE4M3<kSlabN>;
   constexpr int kRegs = Mma::kRegs;
-  using Layout = SmemLayout<256, kBlockN, false>;
-  static_assert(kBlockN == 128, "256-row tiles: one 128-wide B scale block per tile");
+  using Layout = SmemLayout<kBlockM, kBlockN, false>;
   const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int row0 = wg * 64 + warp * 16 + lane / 4;  // slab 0 (and + 8); slab 1 is + 128
+  const int row0 = wg * 64 + warp * 16 + lane / 4;  // slab 0 (and + 8); 256x128: slab 1 is + 128
   const int col_in_frag = 2 * (lane % 4);
   const int kb_total = p.k / 128;
   const int n_scale_blocks = (p.n + 127) / 128;
   const bool leader = lane == 0;
   const uint64_t desc_a0 = make_desc_kmajor_sw128(sm.a(0) + wg * 64 * 128);
-  const uint64_t desc_a1 = make_desc_kmajor_sw128(sm.a(0) + (128 + wg * 64) * 128);
   const uint64_t desc_b0 = make_desc_kmajor_sw128(sm.b(0));
+  // Slab 1's operands: the other 128 rows of A (256x128) or the other 128 rows of B (128x256).
+  const uint64_t desc_a1 =
+      kWideN ? desc_a0 : make_desc_kmajor_sw128(sm.a(0) + (128 + wg * 64) * 128);
+  const uint64_t desc_b1 = kWideN ? make_desc_kmajor_sw128(sm.b(0) + 128 * 128) : desc_b0;
   constexpr uint32_t kStageDesc = Layout::kStageBytes >> 4;
 
   PipeState pipe;
@@ -823,7 +842,7 @@ __device__ __forceinline__ void compute_wide(const GemmParams& p,
   // NOTE: `narrow` is a constant at every call (cicc 13.0 crashed on a generic lambda here).
   const auto promote = [&](float(&acc)[kRegs], float r0, float r1, bool narrow) {
 #pragma unroll
-    for (int c = 0; c < (narrow ? kBlockN / 16 : kBlockN / 8); ++c) {
+    for (int c = 0; c < (narrow ? kSlabN / 16 : kSlabN / 8); ++c) {
       acc[4 * c + 0] = fmaf(part[4 * c + 0], r0, acc[4 * c + 0]);
       acc[4 * c + 1] = fmaf(part[4 * c + 1], r0, acc[4 * c + 1]);
       acc[4 * c + 2] = fmaf(part[4 * c + 2], r1, acc[4 * c + 2]);
@@ -846,22 +865,34 @@ __device__ __forceinline__ void compute_wide(const GemmParams& p,
     }
     wgmma_commit();
   };
-  // The K loop of one tile (narrow_c true: a 64-wide half tile).
-  const auto k_loop = [&](auto narrow_c, const float* sb_ptr, int num_k_blocks) {
+  // The K loop of one tile (narrow_c true: a 64-wide half tile). sb_ptr1: slab 1's B scales
+  // (128x256; 256x128 reads sb_ptr for both slabs).
+  const auto k_loop = [&](auto narrow_c, const float* sb_ptr, const float* sb_ptr1,
+                          int num_k_blocks) {
     float sb_cur = __ldg(sb_ptr);
+    float sb_cur1 = 0.0f;
+    if constexpr (kWideN) sb_cur1 = __ldg(sb_ptr1);
     mbar_wait(sm.full(pipe.stage), pipe.phase);
     for (int kb = 0; kb < num_k_blocks; ++kb) {
       // Both slabs' A scales before the stage can be released (it is refilled right after).
       const float* sa = sm.sa(pipe.stage);
-      const float a00 = sa[row0], a01 = sa[row0 + 8], a10 = sa[row0 + 128], a11 = sa[row0 + 136];
+      const float a00 = sa[row0], a01 = sa[row0 + 8];
+      float a10 = a00, a11 = a01;
+      if constexpr (!kWideN) {
+        a10 = sa[row0 + 128];
+        a11 = sa[row0 + 136];
+      }
       const uint64_t stage_off = static_cast<uint64_t>(pipe.stage) * kStageDesc;
       issue(narrow_c, desc_a0 + stage_off, desc_b0 + stage_off);
-      const float sb_next = __ldg(sb_ptr + min(kb + 1, num_k_blocks - 1));
+      const int kb_next = min(kb + 1, num_k_blocks - 1);
+      const float sb_next = __ldg(sb_ptr + kb_next);
+      [[maybe_unused]] float sb_next1 = 0.0f;
+      if constexpr (kWideN) sb_next1 = __ldg(sb_ptr1 + kb_next);
       wgmma_wait<0>();
 #pragma unroll
       for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
       promote(acc0, a00 * sb_cur, a01 * sb_cur, decltype(narrow_c)::value);
-      issue(narrow_c, desc_a1 + stage_off, desc_b0 + stage_off);
+      issue(narrow_c, desc_a1 + stage_off, desc_b1 + stage_off);
       // Look ahead (no branch: on a tile's last block the current stage stands in).
       PipeState next = pipe;
       next.advance(sm.stages);
@@ -872,14 +903,16 @@ __device__ __forceinline__ void compute_wide(const GemmParams& p,
       for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
       __syncwarp();
       release_stage(sm.empty(pipe.stage), false, leader);
-      promote(acc1, a10 * sb_cur, a11 * sb_cur, decltype(narrow_c)::value);
+      const float sb1 = kWideN ? sb_cur1 : sb_cur;
+      promote(acc1, a10 * sb1, a11 * sb1, decltype(narrow_c)::value);
       sb_cur = sb_next;
+      if constexpr (kWideN) sb_cur1 = sb_next1;
       pipe = next;
     }
   };
   bool narrow;
   WideCursor cur{static_cast<int>(blockIdx.x), 0};
-  for (; get_wide_tile<kBlockN, kTail>(p, cur, tile, skip, narrow);
+  for (; get_wide_tile<kBlockM, kBlockN, kTail>(p, cur, tile, skip, narrow);
        advance_wide(cur, static_cast<int>(gridDim.x), narrow)) {
     const int t = cur.unit;
     if (skip) continue;
@@ -888,22 +921,32 @@ __device__ __forceinline__ void compute_wide(const GemmParams& p,
     const float* sb_ptr =
         p.sb + (static_cast<int64_t>(tile.group) * n_scale_blocks + tile.n_base / 128) * kb_total +
         tile.k_block_begin;
-    if (narrow)
-      k_loop(std::true_type{}, sb_ptr, tile.num_k_blocks);
-    else
-      k_loop(std::false_type{}, sb_ptr, tile.num_k_blocks);
+    // 128x256: slab 1's scale block, or slab 0's where slab 1 lies past N (computed, not stored).
+    const float* sb_ptr1 =
+        kWideN && tile.n_base / 128 + 1 < n_scale_blocks ? sb_ptr + kb_total : sb_ptr;
+    if constexpr (kWideN) {
+      k_loop(std::false_type{}, sb_ptr, sb_ptr1, tile.num_k_blocks);
+    } else {
+      if (narrow)
+        k_loop(std::true_type{}, sb_ptr, sb_ptr1, tile.num_k_blocks);
+      else
+        k_loop(std::false_type{}, sb_ptr, sb_ptr1, tile.num_k_blocks);
+    }
 
     // ---- epilogue ----
-    const int64_t row_base = tile.m_base;
-    const auto store_direct = [&](const float(&acc)[kRegs], int row_in_tile) {
+    int64_t row_base = tile.m_base;
+    if (kWideN && p.form == Form::kMasked) row_base += static_cast<int64_t>(tile.group) * p.m;
+    // col_off: the slab's first column in the tile (128x256 slab 1: 128).
+    const auto store_direct = [&](const float(&acc)[kRegs], int row_in_tile, int col_off) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int r = tile.m_base + row_in_tile + 8 * i;
         if (r >= tile.m_end) continue;
+        if (kWideN && p.form == Form::kContiguous && __ldg(p.grouped_layout + r) < 0) continue;
         const int64_t grow = row_base + row_in_tile + 8 * i;
 #pragma unroll
-        for (int c = 0; c < kBlockN / 8; ++c) {
-          const int col = tile.n_base + 8 * c + col_in_frag;
+        for (int c = 0; c < kSlabN / 8; ++c) {
+          const int col = tile.n_base + col_off + 8 * c + col_in_frag;
           if (col >= p.n) continue;
           *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.d) + grow * p.n + col) =
               __floats2bfloat162_rn(acc[4 * c + 2 * i], acc[4 * c + 2 * i + 1]);
@@ -916,21 +959,33 @@ __device__ __forceinline__ void compute_wide(const GemmParams& p,
         // only the last slice of a strip stores it, with the strip's sum.
         const int strip = static_cast<int>(threadIdx.x / 32);
         if (tail_split_reduce<256, kBlockN>(p, t, tile.n_base, acc0, strip))
-          store_direct(acc0, row0);
+          store_direct(acc0, row0, 0);
         if (tail_split_reduce<256, kBlockN>(p, t, tile.n_base, acc1, strip + 8))
-          store_direct(acc1, row0 + 128);
+          store_direct(acc1, row0 + 128, 0);
         continue;
       }
     }
-    if (p.tma_store) {
-      // Dense: the descriptor clips rows >= M. Slab s = 2 * w + wg of the staging buffer.
-      store_two_slabs_tma<kBlockN>(acc0, acc1, sm.d() + wg * 64 * kBlockN * 2,
-                                   sm.d() + (2 + wg) * 64 * kBlockN * 2, map_d, p.n, tile.n_base,
-                                   row_base + wg * 64, row_base + 128 + wg * 64);
+    // Dense: the descriptor clips rows >= M. Grouped (128x256): only a warpgroup whose 64 rows
+    // are all real stores through shared memory (warpgroup-uniform), as in compute().
+    bool slab_full = true;
+    if constexpr (kWideN) {
+      if (p.form != Form::kDense) {
+        const int slab_end = tile.m_base + wg * 64 + 64;
+        slab_full = slab_end <= tile.m_end;
+        if (slab_full && p.form == Form::kContiguous)
+          slab_full = __ldg(p.grouped_layout + slab_end - 1) >= 0;
+      }
+    }
+    if (p.tma_store && slab_full) {
+      // Staging slab s = 2 * w + wg (64 x 128 BF16 each).
+      store_two_slabs_tma<kSlabN>(acc0, acc1, sm.d() + wg * 64 * kSlabN * 2,
+                                  sm.d() + (2 + wg) * 64 * kSlabN * 2, map_d, p.n, tile.n_base,
+                                  tile.n_base + (kWideN ? 128 : 0), row_base + wg * 64,
+                                  row_base + (kWideN ? 0 : 128) + wg * 64);
       continue;
     }
-    store_direct(acc0, row0);
-    store_direct(acc1, row0 + 128);
+    store_direct(acc0, row0, 0);
+    store_direct(acc1, kWideN ? row0 : row0 + 128, kWideN ? 128 : 0);
   }
   if (p.tma_store && threadIdx.x % 128 == 0) tma_store_wait_all();
 }
@@ -956,8 +1011,11 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
                 "BLOCK_M: one math warpgroup per 64 rows, or two with two slabs each");
   static_assert(kBlockM != 256 || (kBlockN == 128 && !kWgrad && (!kSplitK || kTail)),
                 "256-row tiles: dense 1x128 x 128x128, 128 wide, no split-K (the tail split)");
-  static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 192,
-                "BLOCK_N: 64 or 128 (inside one 128-wide B scale block) or 192 (straddles two)");
+  static_assert(kBlockN != 256 || (kBlockM == 128 && !kWgrad && !kSplitK),
+                "256-wide tiles: 128 rows, 1x128 x 128x128, no split-K or tail split");
+  static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 192 || kBlockN == 256,
+                "BLOCK_N: 64 or 128 (inside one 128-wide B scale block), 192 (straddles two) or "
+                "256 (two 128-wide slabs, one scale block each)");
   static_assert(!(kWgrad && kBlockN == 192), "the 1x128 x 1x128 kernel is built for 64/128 only");
   static_assert(!(kSplitK && (kWgrad || kBlockN > 128)), "split-K: 1x128 x 128x128, N <= 128");
   static_assert(!kTail || kSplitK, "the tail split is a split-K kernel form");
@@ -991,8 +1049,8 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
       produce<kBlockM, kBlockN, kWgrad, kTail>(p, sm, &map_a, &map_b, &map_sa, &map_sb);
   } else {
     if constexpr (kBlockM >= 128) setmaxnreg_inc<232>();
-    if constexpr (kBlockM == 256)
-      compute_wide<kBlockN, kTail>(p, sm, &map_d);
+    if constexpr (kBlockM == 256 || kBlockN == 256)
+      compute_wide<kBlockM, kBlockN, kTail>(p, sm, &map_d);
     else
       compute<kBlockM, kBlockN, kWgrad, kSplitK, kTail>(p, sm, &map_d);
   }

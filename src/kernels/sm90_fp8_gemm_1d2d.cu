@@ -45,6 +45,8 @@ void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileCo
   }
   if (c.block_m == 256 && c.block_n == 128 && p.form == Form::kDense)
     sm90::launch_gemm<256, 128, false>(maps, p, c, max_tiles, stream);
+  else if (c.block_m == 128 && c.block_n == 256)
+    sm90::launch_gemm<128, 256, false>(maps, p, c, max_tiles, stream);
   else if (c.block_m == 128 && c.block_n == 192)
     sm90::launch_gemm<128, 192, false>(maps, p, c, max_tiles, stream);
   else if (c.block_m == 128 && c.block_n == 128)
@@ -120,9 +122,15 @@ void fp8_gemm_nt(const uint8_t* a, const float* sa, const uint8_t* b, const floa
   if (m == 0) return;
   check_pointers(a, sa, b, sb, d);
   GemmTileConfig c = sm90::resolve_config(dense_shape(m, n, k, workspace.ptr != nullptr), force);
-  // CTA pairs need 128-row tiles and an even number of them.
+  FM_CHECK_ARG(
+      c.block_n != 256 || (c.split_k <= 1 && c.tail_split <= 1),
+      "fp8_gemm_nt: 128x256 tiles are not compiled with split-K or the tail split (split_k=",
+      c.split_k, ", tail_split=", c.tail_split, ")");
+  // CTA pairs need 128-row tiles up to 192 wide (not built for 128x256) and an even number of
+  // them.
   const int64_t tiles_m = (m + c.block_m - 1) / c.block_m;
-  if (c.cluster != 1 && (c.cluster != 2 || c.block_m != 128 || tiles_m % 2 != 0)) c.cluster = 1;
+  if (c.cluster != 1 && (c.cluster != 2 || c.block_m != 128 || c.block_n > 192 || tiles_m % 2 != 0))
+    c.cluster = 1;
   GemmParams p{};
   p.split_k = 1;
   p.tail_split = 1;

@@ -46,9 +46,11 @@ constexpr int kMaxStages = 8;
 std::vector<TileCandidate> gemm_tile_candidates(GemmKind kind) {
   if (is_wgrad(kind)) return {{128, 128}, {64, 128}};
   // NOTE: 256-row tiles only for the dense form: a contiguous expert segment starts at a
-  // multiple of 128 rows only, and the masked form was not built for them.
-  if (kind == GemmKind::kDense) return {{256, 128}, {128, 192}, {128, 128}, {64, 128}, {64, 64}};
-  return {{128, 192}, {128, 128}, {64, 128}, {64, 64}};
+  // multiple of 128 rows only, and the masked form was not built for them. 128x256 tiles (two
+  // 128-wide column slabs per math warpgroup) for the dense and both grouped forms.
+  if (kind == GemmKind::kDense)
+    return {{256, 128}, {128, 256}, {128, 192}, {128, 128}, {64, 128}, {64, 64}};
+  return {{128, 256}, {128, 192}, {128, 128}, {64, 128}, {64, 64}};
 }
 
 int64_t gemm_stage_bytes(GemmKind kind, int block_m, int block_n) {
@@ -221,6 +223,10 @@ constexpr double kTailSplitMargin = 0.95;
 // L2 bytes are modelled, not its latency (fences, an atomic, ceil(S/2) L2 round trips).
 constexpr double kSplitKMargin = 0.85;
 constexpr int64_t kSplitKMaxM = 128;
+// A 128x256 tile's time against two 128x128 tiles' (TMA store both) in the grouped forms on H100
+// (session 5b call 1, rotated alternation): contiguous 4 x 8192 rows 4096x7168 1693 vs 1885 us,
+// 8 x 4096 1699 vs 1925, 7168x2048 838 vs 930 and 850 vs 935: 0.88-0.91.
+constexpr double kWideColumnTileTime = 0.9;
 }  // namespace
 
 GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
@@ -243,7 +249,7 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
     if (stages >= 3) return GemmTileConfig{128, 192, stages, num_sms, 2, 1, 1, 1};
   }
   for (const TileCandidate& t : gemm_tile_candidates(shape.kind)) {
-    if (t.block_n == 192 || t.block_m == 256) continue;
+    if (t.block_n >= 192 || t.block_m == 256) continue;
     const int epilogue = gemm_choose_epilogue(shape, t.block_n);
     const int stages = gemm_max_stages(shape.kind, t.block_m, t.block_n, smem_limit, epilogue == 2);
     if (stages < 3) continue;
@@ -321,6 +327,22 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
         best = GemmTileConfig{256, 128, stages, num_sms, 2, 1, 1, wide_tail};
       }
     }
+  }
+  // 128x256 tiles with the TMA-store epilogue for the grouped forms (dense keeps its pick: at
+  // M = 64 / 128 they measured slower than the pick on all six V3 shapes, H100 session 5b), where
+  // the 128-row pick is 128x128 (not where the groups are thin enough for 64-row tiles) and the
+  // model, with a 128x256 tile timed at kWideColumnTileTime of two 128x128 tiles, prefers them.
+  // The model's tensor and L2 terms see no difference between the two per FLOP; the shared-memory
+  // bound (~160 vs ~140 B/cycle, dev/gemm/NOTES.md session 5) is what the factor carries.
+  // NOTE: measured at N = 4096 and 7168 only; not taken where the last tile column would be
+  // mostly empty (N % 256 in (0, 128], e.g. N = 2112: 64 valid columns of 256).
+  if ((shape.kind == GemmKind::kGroupedContiguous || shape.kind == GemmKind::kGroupedMasked) &&
+      best.block_m == 128 && best.block_n == 128 && (shape.n % 256 == 0 || shape.n % 256 > 128)) {
+    const int stages = gemm_max_stages(shape.kind, 128, 256, smem_limit, true);
+    const double wide =
+        kWideColumnTileTime * gemm_tile_cost(shape, {128, 256}, num_sms, 1, dram_bytes_per_s);
+    if (stages >= 3 && wide < best_cost * (1.0 - 1e-9))
+      best = GemmTileConfig{128, 256, stages, num_sms, 2, 1, 1, 1};
   }
   // NOTE: split-K was measured at M = 64 and 128 only; larger M keeps the unsplit pick.
   if (shape.kind != GemmKind::kDense || shape.max_split_k <= 1 || shape.m > kSplitKMaxM)

@@ -161,6 +161,30 @@ TEST(Fp8GemmGpu, DenseWideTiles) {
   run_dense(4096, 2112, 256, &wide, seed += 2);
 }
 
+// 128x256 tiles (dense and grouped): two math warpgroups of 64 rows, each holding two 128-wide
+// column slabs (one B scale block each). N = 2112 and 384: the last tile column's second slab
+// lies past N (computed, not stored); N = 448: it is partly inside (64 of 128 columns); 15 K
+// blocks; one K block a tile on 5 CTAs (the ring and the staging buffer reused over many
+// tiles); 3 stages; registers epilogue; M = 1 and 64; CTA pairs asked for (single CTAs run).
+TEST(Fp8GemmGpu, DenseWideColumnTiles) {
+  uint64_t seed = 2600;
+  for (GemmTileConfig c :
+       {GemmTileConfig{128, 256, 0, 0, 2}, GemmTileConfig{128, 256, 0, 0, 1},
+        GemmTileConfig{128, 256, 3, 7, 2}, GemmTileConfig{128, 256, 0, 0, 2, 2}}) {
+    run_dense(300, 2112, 1024, &c, seed += 2);
+    run_dense(513, 384, 7168, &c, seed += 2);
+    run_dense(130, 448, 1920, &c, seed += 2);
+    GemmTileConfig five = c;
+    five.num_sms = 5;
+    run_dense(1024, 1024, 128, &five, seed += 2);
+    run_dense(1, 2112, 384, &c, seed += 2);
+    run_dense(64, 7168, 2048, &c, seed += 2);
+  }
+  // An M = 128 V3 shape on the full grid (128 tiles: one wave).
+  const GemmTileConfig wide{128, 256, 0, 0, 2};
+  run_dense(128, 32768, 512, &wide, seed += 2);
+}
+
 TEST(Fp8GemmGpu, WideTilesRejectedWhereNotBuilt) {
   DeviceBuffer<uint8_t> a(256 * 1024), b(256 * 1024);
   DeviceBuffer<float> sa(256 * 8), sb(2 * 8);
@@ -175,6 +199,17 @@ TEST(Fp8GemmGpu, WideTilesRejectedWhereNotBuilt) {
   const GemmTileConfig split{256, 128, 0, 0, 1, 1, 2};
   EXPECT_THROW(kernels::fp8_gemm_nt(a.get(), sa.get(), b.get(), sb.get(), d.get(), 256, 256, 1024,
                                     nullptr, &split, kernels::GemmWorkspace{ws.get(), ws.size()}),
+               Error);
+  // 128x256: no split-K, no tail split (a plan exists: 3 tiles on 2 CTAs), no weight gradient.
+  for (const GemmTileConfig& c :
+       {GemmTileConfig{128, 256, 0, 0, 1, 1, 2}, GemmTileConfig{128, 256, 0, 2, 2, 1, 1, 2}})
+    EXPECT_THROW(kernels::fp8_gemm_nt(a.get(), sa.get(), b.get(), sb.get(), d.get(), 128, 768, 1024,
+                                      nullptr, &c, kernels::GemmWorkspace{ws.get(), ws.size()}),
+                 Error);
+  DeviceBuffer<float> c32(256 * 256);
+  const GemmTileConfig wide_n{128, 256, 0, 0, 1};
+  EXPECT_THROW(kernels::fp8_gemm_nt_wgrad(a.get(), sa.get(), b.get(), sb.get(), c32.get(), 256, 256,
+                                          128, nullptr, &wide_n),
                Error);
   FM_CHECK_CUDA(cudaDeviceSynchronize());
 }
@@ -718,6 +753,34 @@ TEST(Fp8GemmGpu, GroupedMasked) {
   for (GemmTileConfig c : {GemmTileConfig{128, 192, 0, 0, 2}, GemmTileConfig{64, 128, 0, 0, 2},
                            GemmTileConfig{128, 128, 0, 0, 1}})
     run_masked({0, 200, 37, 192}, 200, 2112, 512, 430, &c);
+}
+
+TEST(Fp8GemmGpu, GroupedWideColumnTiles) {
+  uint64_t seed = 2700;
+  for (GemmTileConfig c : {GemmTileConfig{128, 256, 0, 0, 2}, GemmTileConfig{128, 256, 0, 0, 1},
+                           GemmTileConfig{128, 256, 0, 5, 2}}) {
+    // Groups of 0 rows, 1 row, partial last blocks (130, 64: -1 padding rows left untouched).
+    run_contiguous({130, 0, 1, 256, 64}, 2112, 512, seed += 10, &c);
+    run_contiguous({200, 77}, 448, 1920, seed += 10, &c);
+    // Masked: empty groups, partial 64-row slabs (37, 200 of max 200), full groups.
+    run_masked({0, 200, 37, 192}, 200, 2112, 512, seed += 10, &c);
+    run_masked({1, 64, 128, 0}, 128, 448, 1024, seed += 10, &c);
+  }
+}
+
+// The heuristic's own pick on grouped shapes where it takes 128x256 (checked against the
+// device's SM count and shared memory), with partial last blocks, padding rows and empty groups.
+TEST(Fp8GemmGpu, GroupedHeuristicWideColumnTiles) {
+  cudaDeviceProp prop{};
+  FM_CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  const auto pick = [&](kernels::GemmKind kind, int64_t m, int64_t n, int64_t k, int64_t g) {
+    return kernels::choose_gemm_tile({kind, m, n, k, g}, prop.multiProcessorCount,
+                                     static_cast<int64_t>(prop.sharedMemPerBlockOptin));
+  };
+  EXPECT_EQ(pick(kernels::GemmKind::kGroupedContiguous, 2304, 3584, 512, 4).block_n, 256);
+  run_contiguous({700, 0, 1000, 512}, 3584, 512, 2800);
+  EXPECT_EQ(pick(kernels::GemmKind::kGroupedMasked, 512, 4096, 512, 4).block_n, 256);
+  run_masked({512, 0, 300, 77}, 512, 4096, 512, 2810);
 }
 
 // ---- weight gradient ----

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <utility>
+
 #include "fp8moe/core/error.h"
 
 namespace fp8moe::kernels {
@@ -79,6 +81,57 @@ TEST(Sm90GemmHeuristic, WideTilesOnlyForLargeDenseShapes) {
                         GemmKind::kKGroupedWgrad})
     EXPECT_NE(choose_gemm_tile({kind, 8192, 7168, 7168, 4}, kH100Sms, kH100Smem).block_m, 256)
         << gemm_kind_name(kind);
+}
+
+TEST(Sm90GemmHeuristic, GroupedFormsTakeWideColumnTiles) {
+  // Measured on H100 (dev/gemm/NOTES.md session 5b): 128x256 with the TMA store beat the 128x128
+  // pick by 2-18% on every grouped bench shape (contiguous 4 x 8192 and 8 x 4096 rows, masked
+  // 1 x 1024, 2 x 512, 4 x 256; N x K = 4096 x 7168 and 7168 x 2048).
+  for (const auto& [n, k] : {std::pair<int64_t, int64_t>{4096, 7168}, {7168, 2048}}) {
+    for (int64_t groups : {4, 8}) {
+      const GemmTileConfig c = choose_gemm_tile({GemmKind::kGroupedContiguous, 32768, n, k, groups},
+                                                kH100Sms, kH100Smem);
+      EXPECT_EQ(c.block_m, 128) << n << "x" << k;
+      EXPECT_EQ(c.block_n, 256) << n << "x" << k;
+      EXPECT_EQ(c.epilogue, 2);
+      EXPECT_GE(c.num_stages, 3);
+      EXPECT_LE(gemm_smem_bytes(GemmKind::kGroupedContiguous, 128, 256, c.num_stages, true),
+                kH100Smem);
+    }
+    for (const auto& [groups, max_m] : {std::pair<int64_t, int64_t>{1, 1024}, {2, 512}, {4, 256}}) {
+      const GemmTileConfig c =
+          choose_gemm_tile({GemmKind::kGroupedMasked, max_m, n, k, groups}, kH100Sms, kH100Smem);
+      EXPECT_EQ(c.block_n, 256) << groups << "x" << max_m << " " << n << "x" << k;
+      EXPECT_EQ(c.epilogue, 2);
+    }
+  }
+  // Not where 64-row tiles fit thin groups better, where 128x256 tiles leave SMs idle (two
+  // experts of 128 rows: 112 tiles of 128x128, 56 of 128x256), nor with a mostly empty last
+  // tile column (N = 2112); dense never (slower at M = 64 / 128, 256x128 above).
+  EXPECT_EQ(
+      choose_gemm_tile({GemmKind::kGroupedMasked, 64, 4096, 7168, 8}, kH100Sms, kH100Smem).block_m,
+      64);
+  EXPECT_EQ(
+      choose_gemm_tile({GemmKind::kGroupedMasked, 128, 7168, 2048, 1}, kH100Sms, kH100Smem).block_m,
+      64);
+  EXPECT_EQ(
+      choose_gemm_tile({GemmKind::kGroupedContiguous, 256, 7168, 2048, 2}, kH100Sms, kH100Smem)
+          .block_n,
+      128);
+  EXPECT_NE(
+      choose_gemm_tile({GemmKind::kGroupedMasked, 256, 2112, 7168, 4}, kH100Sms, kH100Smem).block_n,
+      256);
+  for (int64_t m : {1, 64, 128, 256, 512, 1024, 4096})
+    for (int64_t n : {2112, 4096, 7168, 24576, 32768})
+      for (int max_split : {1, 8})
+        EXPECT_NE(choose_gemm_tile(with_split({GemmKind::kDense, m, n, 2048, 1}, max_split),
+                                   kH100Sms, kH100Smem)
+                      .block_n,
+                  256)
+            << m << "x" << n;
+  // The weight-gradient kernels have no 128x256 tile.
+  for (GemmKind kind : {GemmKind::kWgrad, GemmKind::kKGroupedWgrad})
+    for (const TileCandidate& t : gemm_tile_candidates(kind)) EXPECT_NE(t.block_n, 256);
 }
 
 TEST(Sm90GemmHeuristic, SmallMUsesNarrowTilesToFillTheChip) {

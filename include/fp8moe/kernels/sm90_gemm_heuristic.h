@@ -105,6 +105,8 @@ double gemm_tail_split_cost(const GemmShape& shape, const TileCandidate& tile, i
 // of at most a quarter of the SMs, >= 4 K blocks a slice, where the model gains 5%
 // (dev/gemm/NOTES.md session 4). 256x128 tiles (TMA store, with their own tail split) for dense
 // shapes of >= kWideMinM rows where the model prefers them to the pick above (session 5).
+// 128x256 tiles (TMA store) for the grouped forms where the pick is 128x128 and the model, with
+// the measured shared-memory advantage of the wider tile, prefers them (session 5b).
 // 128x192 tiles only at
 // 64 < M <= 128 where they fit one wave and 128x128 tiles do not (measured faster there, session
 // 2b and 3; slower at every M = 4096 shape, v11).
