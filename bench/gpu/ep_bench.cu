@@ -7,7 +7,7 @@
 // over the time. Dispatch results are checked bit for bit against dispatch_reference.
 // Run: ep_bench --out ep.jsonl [--ranks-per-gpu 2] [--blocks 32,48 --chunks 16,32 ...]
 // (one JSON object per line, a table on stdout, a summary of the best variants last).
-// A/B of kernel variants: ep_bench --ab base,PC,PCA --ab-rounds 3 (each variant timed every
+// A/B of kernel variants: ep_bench --ab base,PC,PCB --ab-rounds 3 (each variant timed every
 // round, order rotating, normal and low-latency FP8 with NCCL and the peer copy of the same run;
 // names: parse_variant); --ab-plan 3 = --ab v5,base --ab-rounds 3. The sweep with a variant's
 // options: --variant base (default: DeviceEpOptions' defaults). Under a profiler:
@@ -445,16 +445,15 @@ std::vector<int> devices_of(const World& w) {
 
 // A kernel variant by name: "v5" (the plan in every send block, no session-3 option), "base"
 // (plan_once alone: the session-2 kernels), "default" (DeviceEpOptions' defaults), or letters of
-// the session-3 options on top of plan_once: P prefetch_payload, C combine_two_steps (so "PC" =
-// the session-3 defaults), A combine_async_rows, S combine_peer_items, and of session 4: B
-// combine_peer_blocks, E combine_even_steps, D dispatch_direct_rows, L dispatch_self_rows (with
-// D), R dispatch_pull (with D) ("PCBDL" = the session-4 defaults), and of session 5: N
-// plan_notify, H dispatch_stream_rows (with D), T dispatch_bulk_rows (with D, L, P), Y
-// combine_stream_rows (with C), F plan_flag_release, Q plan_fast_count; suffixes
-// ":c8", ":b80", ":r132" set the chunk size, the send blocks and the receive blocks (without ":r",
-// DeviceEpOptions' automatic receive grid: every SM since session 4; ":r68" on a 132-SM H100 with
-// 64 send blocks is the earlier one); ":g48" the combine send's own grid
-// (DeviceEpOptions::combine_blocks).
+// the options on top of plan_once: P prefetch_payload, C combine_two_steps (so "PC" = the
+// session-3 defaults), and of session 4: B combine_peer_blocks, D dispatch_direct_rows, L
+// dispatch_self_rows (with D) ("PCBDL" = the session-4 defaults), and of session 5: Y
+// combine_stream_rows (with C), Q plan_fast_count ("PCBDLQY" = "default"). The letters of the
+// options removed after they measured slower or no faster (A, S, E, R, N, H, T, F; commit
+// 0d66fed has them) are rejected. Suffixes ":c8", ":b80", ":r132" set the chunk size, the send
+// blocks and the receive blocks (without ":r", DeviceEpOptions' automatic receive grid: every SM
+// since session 4; ":r68" on a 132-SM H100 with 64 send blocks is the earlier one); ":g48" the
+// combine send's own grid (DeviceEpOptions::combine_blocks).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -482,42 +481,23 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
   v.opt.plan_once = head != "v5";
   v.opt.prefetch_payload = false;
   v.opt.combine_two_steps = false;
-  v.opt.combine_peer_items = false;
   v.opt.combine_peer_blocks = false;
-  v.opt.combine_even_steps = false;
-  v.opt.dispatch_direct_rows = v.opt.dispatch_self_rows = v.opt.dispatch_pull = false;
-  v.opt.plan_notify = v.opt.dispatch_stream_rows = v.opt.dispatch_bulk_rows = false;
-  v.opt.combine_stream_rows = v.opt.plan_flag_release = v.opt.plan_fast_count = false;
+  v.opt.dispatch_direct_rows = v.opt.dispatch_self_rows = false;
+  v.opt.combine_stream_rows = v.opt.plan_fast_count = false;
   if (head == "v5" || head == "base") return v;
   for (char c : head) {
     if (c == 'P')
       v.opt.prefetch_payload = true;
     else if (c == 'C')
       v.opt.combine_two_steps = true;
-    else if (c == 'A')
-      v.opt.combine_async_rows = true;
-    else if (c == 'S')
-      v.opt.combine_peer_items = true;
     else if (c == 'B')
       v.opt.combine_peer_blocks = true;
-    else if (c == 'E')
-      v.opt.combine_even_steps = true;
     else if (c == 'D')
       v.opt.dispatch_direct_rows = true;
     else if (c == 'L')
       v.opt.dispatch_self_rows = true;
-    else if (c == 'R')
-      v.opt.dispatch_pull = true;
-    else if (c == 'N')
-      v.opt.plan_notify = true;
-    else if (c == 'H')
-      v.opt.dispatch_stream_rows = true;
-    else if (c == 'T')
-      v.opt.dispatch_bulk_rows = true;
     else if (c == 'Y')
       v.opt.combine_stream_rows = true;
-    else if (c == 'F')
-      v.opt.plan_flag_release = true;
     else if (c == 'Q')
       v.opt.plan_fast_count = true;
     else

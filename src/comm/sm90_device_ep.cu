@@ -53,8 +53,6 @@ const char* counter_name(int c) {
       return "combine.chunk";
     case kLocalSent:
       return "send_blocks_done";
-    case kPlanReadyCounter:
-      return "dispatch.plan_ready";
     default: {
       const char* ll_name = ll::counter_name(c);
       const char* bwd_name = bwd::counter_name(c);
@@ -196,10 +194,7 @@ struct DeviceEpRank::Impl {
   // backward receive kernels (DeviceEpOptions::recv_blocks).
   int rank = 0, device = 0, sm_count = 0, recv_blocks = 1, side_recv_blocks = 1;
   PlanSmem ps;
-  bool direct = false;       // DeviceEpOptions::dispatch_direct_rows where it applies
-  bool plan_notify = false;  // DeviceEpOptions::plan_notify where it applies
-  // DeviceEpOptions::dispatch_stream_rows where it applies (with the direct rows).
-  bool hints() const { return direct && opt.dispatch_stream_rows; }
+  bool direct = false;  // DeviceEpOptions::dispatch_direct_rows where it applies
 
   char* ws = nullptr;
   char* send_ws = nullptr;    // Wire::kNccl: records packed per destination
@@ -332,11 +327,7 @@ struct DeviceEpRank::Impl {
     a.nccl = opt.wire == Wire::kNccl;
     a.direct = direct;
     a.self_rows = direct && opt.dispatch_self_rows;
-    a.pull = direct && opt.dispatch_pull;
-    a.plan_notify = plan_notify;
-    a.plan_flag = opt.plan_once && opt.plan_flag_release;
     a.fast_plan = opt.plan_once && opt.plan_fast_count;
-    a.hints = hints();
     a.trace = trace;
     return a;
   }
@@ -412,10 +403,6 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   // blocks could all be waiting for a block 0 that never gets an SM (CUDA does not promise the
   // order in which blocks start), so the direct rows need every send block resident at once.
   if (opt.num_blocks > m.sm_count) m.direct = false;
-  // The bulk rows' stage buffers must fit beside the send plan.
-  if (dispatch_send_smem(m.opt, true, m.ps) > 200 * 1024) m.opt.dispatch_bulk_rows = false;
-  // The plan kernel notifies over NVLink (the NCCL wire exchanges the notify after the send).
-  m.plan_notify = opt.plan_notify && opt.plan_once && opt.wire == Wire::kNvlink;
   {
     // Receive kernels spin on peers: with several ranks on one GPU their grids must leave room
     // for every rank's send kernel (at most half the SMs for all receivers together).
@@ -438,25 +425,21 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   m.err_dev = reinterpret_cast<DevErr*>(m.ws + m.lay.err);
   // NOTE: load every kernel now: with lazy module loading a first launch can wait for the device,
   // which never drains while a peer's kernel spins on a flag.
-  for (const void* k :
-       {reinterpret_cast<const void*>(dispatch_plan_kernel(m.plan_notify, m.opt.plan_fast_count)),
-        reinterpret_cast<const void*>(dispatch_send_kernel(m.opt, m.direct)),
-        reinterpret_cast<const void*>(dispatch_recv_kernel(m.hints())),
-        reinterpret_cast<const void*>(combine_send_kernel(m.opt)),
-        reinterpret_cast<const void*>(combine_recv_kernel(m.opt))}) {
+  for (const void* k : {reinterpret_cast<const void*>(dispatch_plan_kernel(m.opt.plan_fast_count)),
+                        reinterpret_cast<const void*>(dispatch_send_kernel(m.opt, m.direct)),
+                        reinterpret_cast<const void*>(dispatch_recv_kernel()),
+                        reinterpret_cast<const void*>(combine_send_kernel(m.opt)),
+                        reinterpret_cast<const void*>(combine_recv_kernel(m.opt))}) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
-  FM_CHECK_CUDA(cudaFuncSetAttribute(combine_send_kernel(m.opt),
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(combine_send_smem(m.opt))));
   FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_send_kernel(m.opt, m.direct),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(dispatch_send_smem(m.opt, m.direct, m.ps))));
-  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_plan_kernel(m.plan_notify, m.opt.plan_fast_count),
+                                     static_cast<int>(m.ps.total)));
+  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_plan_kernel(m.opt.plan_fast_count),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(plan_kernel_smem(m.g))));
-  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_recv_kernel(m.hints()),
+  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_recv_kernel(),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(recv_smem_bytes(m.g))));
   m.ll = opt.low_latency && opt.wire == Wire::kNvlink && cfg.masked_capacity > 0 &&
@@ -572,12 +555,12 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
   if (m.opt.plan_once) {
     const int64_t tiles = (b.tokens + kTile - 1) / kTile;
     const int grid = static_cast<int>(std::max<int64_t>(1, (tiles + kWarps - 1) / kWarps));
-    launch(dispatch_plan_kernel(m.plan_notify, m.opt.plan_fast_count), grid, plan_kernel_smem(m.g),
-           stream, false, a);
+    launch(dispatch_plan_kernel(m.opt.plan_fast_count), grid, plan_kernel_smem(m.g), stream, false,
+           a);
   }
   // plan_once: a programmatic dependent of the plan kernel (it waits for the plan in-kernel).
-  launch(dispatch_send_kernel(m.opt, m.direct), m.opt.num_blocks,
-         dispatch_send_smem(m.opt, m.direct, m.ps), stream, m.opt.plan_once, a);
+  launch(dispatch_send_kernel(m.opt, m.direct), m.opt.num_blocks, m.ps.total, stream,
+         m.opt.plan_once, a);
   if (a.nccl) {
     const size_t T = m.g.Tmax, K = m.g.K;
     m.exchange({{m.lay.stage, T * m.g.P},
@@ -598,7 +581,7 @@ void DeviceEpRank::dispatch_recv(cudaStream_t stream) {
   if (m.ll) return ll::dispatch_recv(m.ll_params(), stream, m.opt.overlap_recv);
   Args a = m.args();
   a.expand = m.opt.expand_payload;
-  launch(dispatch_recv_kernel(m.hints()), m.recv_blocks, recv_smem_bytes(m.g), stream,
+  launch(dispatch_recv_kernel(), m.recv_blocks, recv_smem_bytes(m.g), stream,
          m.opt.overlap_recv && !a.nccl, a);
 }
 
@@ -612,10 +595,9 @@ void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {
   Args a = m.args();
   a.y = y;
   a.weighted = true;
-  a.peer_items = m.opt.combine_peer_items;
   a.peer_blocks = m.opt.combine_peer_blocks;
   a.send_blocks = m.combine_grid();
-  launch(combine_send_kernel(m.opt), a.send_blocks, combine_send_smem(m.opt), stream, false, a);
+  launch(combine_send_kernel(m.opt), a.send_blocks, 0, stream, false, a);
   if (a.nccl) m.exchange({{m.lay.comb_stage, m.g.Tmax * m.g.H * 2}}, stream);
 }
 
@@ -629,10 +611,9 @@ void DeviceEpRank::combine_tokens_send(const uint16_t* rows, cudaStream_t stream
   Args a = m.args();
   a.y = rows;
   a.weighted = false;
-  a.peer_items = m.opt.combine_peer_items;
   a.peer_blocks = m.opt.combine_peer_blocks;
   a.send_blocks = m.combine_grid();
-  launch(combine_send_kernel(m.opt), a.send_blocks, combine_send_smem(m.opt), stream, false, a);
+  launch(combine_send_kernel(m.opt), a.send_blocks, 0, stream, false, a);
   if (a.nccl) m.exchange({{m.lay.comb_stage, m.g.Tmax * m.g.H * 2}}, stream);
 }
 
@@ -732,13 +713,13 @@ void DeviceEpRank::check() const {
     std::fprintf(stderr,
                  "# ep_trace rank %d (us from plan start): plan_blocks_in %.1f plan_loaded %.1f "
                  "plan_matched %.1f plan_counted %.1f "
-                 "plan_last %.1f plan_notified %.1f plan_end %.1f send_start %.1f "
+                 "plan_last %.1f plan_end %.1f send_start %.1f "
                  "send_planned %.1f send_counts %.1f send_end %.1f recv_start %.1f "
                  "recv_layout %.1f recv_last_flag %.1f recv_end %.1f\n",
                  m.rank, maybe(kTrPlanBlocksIn), maybe(kTrPlanLoaded), maybe(kTrPlanMatched),
-                 maybe(kTrPlanCounted), maybe(kTrPlanLast), maybe(kTrPlanNotified), us(kTrPlanEnd),
-                 us(kTrSendStart), us(kTrSendPlanned), maybe(kTrSendCounts), us(kTrSendEnd),
-                 us(kTrRecvStart), us(kTrRecvLayout), us(kTrRecvLastFlag), us(kTrRecvEnd));
+                 maybe(kTrPlanCounted), maybe(kTrPlanLast), us(kTrPlanEnd), us(kTrSendStart),
+                 us(kTrSendPlanned), maybe(kTrSendCounts), us(kTrSendEnd), us(kTrRecvStart),
+                 us(kTrRecvLayout), us(kTrRecvLastFlag), us(kTrRecvEnd));
   }
   int64_t status[kStatusSlots];
   FM_CHECK_CUDA(cudaMemcpy(status, m.ws + m.lay.status, sizeof(status), cudaMemcpyDeviceToHost));
@@ -798,26 +779,6 @@ DispatchResult DeviceEpRank::download() const {
   }
   r.handle.tokens = m.last_tokens;
   get(r.handle.slot, m.lay.slot, m.last_tokens * g.R);
-  if (m.direct && m.opt.dispatch_pull && gr.overflow) {
-    // dispatch_pull: the records of peers stay in their workspaces (their region of mine).
-    std::vector<char*> bases(g.R);
-    FM_CHECK_CUDA(cudaMemcpy(bases.data(), m.ws + m.lay.peer_table, g.R * sizeof(char*),
-                             cudaMemcpyDeviceToHost));
-    for (int s = 0; s < g.R; ++s) {
-      if (s == m.rank) continue;
-      FM_CHECK_CUDA(cudaMemcpy(stage.data() + static_cast<size_t>(s) * g.Tmax * g.P,
-                               bases[s] + m.lay.stage + static_cast<size_t>(m.rank) * g.Tmax * g.P,
-                               static_cast<size_t>(g.Tmax) * g.P, cudaMemcpyDefault));
-    }
-    if (g.fp8) {
-      for (size_t s = 0; s < slots; ++s) {
-        std::memcpy(&r.recv.x_fp8[s * g.H], &stage[s * g.P], g.H);
-        std::memcpy(&r.recv.x_scales[s * g.SC], &stage[s * g.P + g.H], g.SC * 4);
-      }
-    } else {
-      std::memcpy(r.recv.x_bf16.data(), stage.data(), slots * g.H * 2);
-    }
-  }
   if (m.direct && !gr.overflow) {
     // dispatch_direct_rows: the regions hold no payload; each record's is its lowest-k row.
     for (int s = 0; s < g.R; ++s)

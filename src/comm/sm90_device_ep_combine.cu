@@ -3,10 +3,8 @@
 // Algorithm. Combine send: the expert rows of each received chunk are summed with the gate weights
 // and pushed back, one flag per chunk; combine receive sums a token's partials in rank order as
 // soon as its chunks landed, computing the partial of the rank itself from the local expert rows.
-// The weighted sums read the expert rows two 256-column steps per pass (combine_two_steps), or,
-// in the send, through a cp.async ring in shared memory (combine_async_rows); the send's blocks
-// are dealt to the peers, each serving one (combine_peer_blocks), and combine_even_steps deals
-// both kernels' sums out as (row, column pair) items claimed by the warps; combine_stream_rows
+// The weighted sums read the expert rows two 256-column steps per pass (combine_two_steps); the
+// send's blocks are dealt to the peers, each serving one (combine_peer_blocks); combine_stream_rows
 // (session 5) loads the expert rows evict-first so that the staged partials stay in L2.
 // Acks from the consumer make every buffer reusable without a host round trip.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
@@ -44,11 +42,10 @@ __device__ __forceinline__ RowSet compact_rows(int row, float wt) {
 // kU column steps of 256 (8 columns per lane at c + u * 256, where valid[u]): acc[u] = the gate-
 // weighted sum of the rows in ascending k from +0, no FMA (the reference's order). Rows in groups
 // of four, each group's kU x 4 loads in flight together.
-// Rows: RowSet, or SharedRows (combine_even_steps: read from shared memory where used).
 // kEvict (combine_stream_rows): the rows are loaded with an L2 evict-first policy (each is read
 // once), so that the partials landing in the stage stay in L2 until the receive reads them.
-template <int kU, bool kEvict = false, class Rows>
-__device__ __forceinline__ void weighted_rows_u(const uint16_t* y, int64_t H, const Rows& rs,
+template <int kU, bool kEvict = false>
+__device__ __forceinline__ void weighted_rows_u(const uint16_t* y, int64_t H, const RowSet& rs,
                                                 int64_t c, const bool* valid, float (*acc)[8]) {
   const unsigned long long pol = kEvict ? evict_first_policy() : 0ull;
 #pragma unroll
@@ -114,8 +111,6 @@ __device__ __forceinline__ void weighted_rows(const uint16_t* y, int64_t H, cons
 // ---- combine send: per chunk of received records, one BF16 row per record pushed back ----
 // NVLink: records of this rank's own tokens are skipped; combine_recv sums them from the local
 // expert rows directly (no staging round trip through memory).
-// One record's row [c_begin, c_end) (lane offset included) to dst: the weighted sum of its expert
-// rows, compacted, kU column steps per pass (combine_two_steps: 2), or the given row.
 // The record's rows (lane k < K: row k or -1, and its weight), or -1 for combine_tokens.
 __device__ __forceinline__ void record_row(const Args& a, int64_t slot, int* row, float* wt) {
   const int lane = threadIdx.x & 31;
@@ -126,19 +121,10 @@ __device__ __forceinline__ void record_row(const Args& a, int64_t slot, int* row
     if (*row >= 0) *wt = at<float>(a.my, a.lay.row_weight)[*row];
   }
 }
-template <int kU, bool kEvict = false, class Rows>
-__device__ __forceinline__ void combine_record_rows(const Args& a, const Rows& rs, int64_t slot,
-                                                    int64_t c_begin, int64_t c_end, uint16_t* dst);
+// One record's row [c_begin, c_end) (lane offset included) to dst: the weighted sum of its expert
+// rows `rs`, kU column steps per pass (combine_two_steps: 2), or the given row.
 template <int kU, bool kEvict = false>
-__device__ __forceinline__ void combine_record(const Args& a, int64_t slot, int64_t c_begin,
-                                               int64_t c_end, uint16_t* dst) {
-  int row;
-  float wt;
-  record_row(a, slot, &row, &wt);
-  combine_record_rows<kU, kEvict>(a, compact_rows(row, wt), slot, c_begin, c_end, dst);
-}
-template <int kU, bool kEvict, class Rows>
-__device__ __forceinline__ void combine_record_rows(const Args& a, const Rows& rs, int64_t slot,
+__device__ __forceinline__ void combine_record_rows(const Args& a, const RowSet& rs, int64_t slot,
                                                     int64_t c_begin, int64_t c_end, uint16_t* dst) {
   const Geometry& g = a.g;
   for (int64_t col = c_begin; col < c_end; col += kU * 256) {
@@ -163,183 +149,20 @@ __device__ __forceinline__ void combine_record_rows(const Args& a, const Rows& r
     }
   }
 }
-
-// combine_async_rows: the expert rows of a record stream through a ring of shared-memory slots
-// with cp.async, kRingSlots 16-byte slots per thread (slot q of thread x at q * blockDim + x, so
-// a warp's accesses are contiguous), up to kRingSlots / n column steps of a record's n rows in
-// flight per lane without holding registers (combine_two_steps: 8 loads in registers).
-constexpr int kRingSlots = 24;
-constexpr size_t kRingBytes = static_cast<size_t>(kRingSlots) * kSendThreads * 16;
-
-__device__ __forceinline__ void cp_async16(uint4* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
-                   static_cast<unsigned>(__cvta_generic_to_shared(smem))),
-               "l"(gmem)
-               : "memory");
-}
-// Wait until at most `pending` of this thread's committed cp.async groups are in flight (a
-// larger count waits for more, which is safe).
-__device__ __forceinline__ void cp_async_wait(int pending) {
-#define FM_CP_ASYNC_WAIT(N)                                   \
-  case N:                                                     \
-    asm volatile("cp.async.wait_group " #N ";" ::: "memory"); \
-    return;
-  switch (pending) {
-    FM_CP_ASYNC_WAIT(0)
-    FM_CP_ASYNC_WAIT(1)
-    FM_CP_ASYNC_WAIT(2)
-    FM_CP_ASYNC_WAIT(3)
-    FM_CP_ASYNC_WAIT(4)
-    FM_CP_ASYNC_WAIT(5)
-    FM_CP_ASYNC_WAIT(6)
-    default:
-      asm volatile("cp.async.wait_group 7;" ::: "memory");
-  }
-#undef FM_CP_ASYNC_WAIT
+// The same for record `slot`, its rows compacted.
+template <int kU, bool kEvict = false>
+__device__ __forceinline__ void combine_record(const Args& a, int64_t slot, int64_t c_begin,
+                                               int64_t c_end, uint16_t* dst) {
+  int row;
+  float wt;
+  record_row(a, slot, &row, &wt);
+  combine_record_rows<kU, kEvict>(a, compact_rows(row, wt), slot, c_begin, c_end, dst);
 }
 
-// combine_record's weighted sum through the ring: per lane, column step k of row i lands in
-// slot (k * n + i) % kRingSlots; step k is summed (ascending i, no FMA, as the reference) once
-// its group landed, then step k + D is issued into the slots it freed (D = kRingSlots / n).
-// Given rows (combine_tokens) and records without rows here take combine_record.
-__device__ __forceinline__ void combine_record_async(const Args& a, int64_t slot, int64_t c_begin,
-                                                     int64_t c_end, uint16_t* dst, uint4* ring) {
-  const Geometry& g = a.g;
-  const int lane = threadIdx.x & 31;
-  int row = -1;
-  float wt = 0.0f;
-  if (a.weighted && lane < g.K) {
-    row = at<int32_t>(a.my, a.lay.token_rows)[slot * g.K + lane];
-    if (row >= 0) wt = at<float>(a.my, a.lay.row_weight)[row];
-  }
-  const RowSet rs = compact_rows(row, wt);
-  if (!a.weighted || rs.n == 0) {
-    combine_record<1>(a, slot, c_begin, c_end, dst);
-    return;
-  }
-  const int n = rs.n;
-  const int depth = kRingSlots / n;
-  const int steps = c_begin < c_end ? static_cast<int>((c_end - c_begin + 255) / 256) : 0;
-  uint4* mine = ring + threadIdx.x;
-  // Slot cursors of the issuing and the summing side: both walk the units in the same order.
-  int put = 0, get = 0;
-  auto next = [](int q) { return q + 1 == kRingSlots ? 0 : q + 1; };
-  auto issue = [&](int k) {
-    const uint16_t* col = a.y + c_begin + static_cast<int64_t>(k) * 256;
-#pragma unroll
-    for (int i = 0; i < kMaxTopK; ++i)
-      if (i < n) {
-        cp_async16(mine + put * blockDim.x, col + static_cast<int64_t>(rs.row[i]) * g.H);
-        put = next(put);
-      }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-  };
-  int issued = 0;
-  for (; issued < steps && issued < depth; ++issued) issue(issued);
-  for (int k = 0; k < steps; ++k) {
-    cp_async_wait(issued - k - 1);
-    float acc[8];
-#pragma unroll
-    for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kMaxTopK; ++i) {
-      if (i >= n) break;
-      const uint4 v = mine[get * blockDim.x];
-      get = next(get);
-      const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v);
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(rs.w[i], __uint_as_float(vw[x] << 16)));
-        acc[2 * x + 1] =
-            __fadd_rn(acc[2 * x + 1], __fmul_rn(rs.w[i], __uint_as_float(vw[x] & 0xFFFF0000u)));
-      }
-    }
-    *reinterpret_cast<uint4*>(dst + c_begin + static_cast<int64_t>(k) * 256) = pack_bf16(acc);
-    if (issued < steps) issue(issued++);
-  }
-}
-
-// combine_even_steps: a record's compacted rows, as the block shares them.
-struct SharedRows {
-  int n;
-  int row[kMaxTopK];
-  float w[kMaxTopK];
-};
-__device__ __forceinline__ void put_rows(SharedRows* dst, const RowSet& rs) {
-  if ((threadIdx.x & 31) != 0) return;
-  dst->n = rs.n;
-#pragma unroll
-  for (int i = 0; i < kMaxTopK; ++i) {
-    dst->row[i] = rs.row[i];
-    dst->w[i] = rs.w[i];
-  }
-}
-constexpr int kEvenRecords = 32;  // records (send) or tokens (receive) whose rows a block shares
-constexpr int kPairCols = 512;    // columns of one item: two 256-column steps
-
-// Named barriers of combine_even_steps' send (0 is __syncthreads): kBarFill joins the warps that
-// fill the shared rows, kBarRowsReady hands them to warp 0, which may still be publishing the
-// previous chunk's flag.
-constexpr int kBarFill = 1, kBarRowsReady = 2;
-__device__ __forceinline__ void bar_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-// The next item of a block's shared counter, for the whole warp.
-__device__ __forceinline__ int claim_warp_item(int* counter) {
-  int it = 0;
-  if ((threadIdx.x & 31) == 0) it = atomicAdd(counter, 1);
-  return __shfl_sync(kFull, it, 0);
-}
-
-// combine_even_steps, send: records [j0, j1) of source s (weighted), kEvenRecords at a time: warps
-// 1.. compact the records' rows into shared memory, then every warp claims (record, column pair)
-// items from a shared counter, so each warp's share of rows is about the chunk's mean and the
-// chunk no longer waits for its record with the most rows. NOTE: warp 0 does not fill: its lane
-// 0 publishes the previous chunk (a system fence, which waits for that chunk's NVLink writes)
-// and it joins through kBarRowsReady, taking fewer items. dst0: record 0's row.
-__device__ void combine_chunk_even(const Args& a, int s, int64_t j0, int64_t j1, uint16_t* dst0) {
-  static_assert(kWarps >= 2, "combine_even_steps needs a warp besides the publishing one");
-  __shared__ SharedRows rec[kEvenRecords];
-  __shared__ int next_item;
-  const Geometry& g = a.g;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t pairs = (g.H + kPairCols - 1) / kPairCols;
-  __syncwarp();  // warp 0: lane 0 may come from publishing the previous chunk
-  for (int64_t r0 = j0; r0 < j1; r0 += kEvenRecords) {
-    if (r0 > j0) __syncthreads();  // every item of the previous records is done with rec[]
-    const int nrec = static_cast<int>(min(static_cast<int64_t>(kEvenRecords), j1 - r0));
-    if (warp > 0) {
-      for (int r = warp - 1; r < nrec; r += kWarps - 1) {
-        int row;
-        float wt;
-        record_row(a, static_cast<int64_t>(s) * g.Tmax + r0 + r, &row, &wt);
-        put_rows(&rec[r], compact_rows(row, wt));
-      }
-      if (threadIdx.x == 32) next_item = 0;
-      bar_sync(kBarFill, kSendThreads - 32);
-      bar_arrive(kBarRowsReady, kSendThreads);
-    } else {
-      bar_sync(kBarRowsReady, kSendThreads);
-    }
-    const int items = nrec * static_cast<int>(pairs);
-    for (int it = claim_warp_item(&next_item); it < items; it = claim_warp_item(&next_item)) {
-      const int r = it / static_cast<int>(pairs);
-      const int64_t p = it % pairs;
-      const int64_t j = r0 + r;
-      combine_record_rows<2>(a, rec[r], static_cast<int64_t>(s) * g.Tmax + j,
-                             p * kPairCols + lane * 8, min(g.H, (p + 1) * kPairCols),
-                             dst0 + j * g.H);
-    }
-  }
-}
-
-// kU: column steps per pass of the weighted sums (combine_two_steps: 2); kAsync:
-// combine_async_rows (ring: the block's dynamic shared memory).
-template <int kU, bool kAsync, bool kEven, bool kEvict>
-__device__ void combine_send_block(const Args& a, uint4* ring) {
+// kU: column steps per pass of the weighted sums (combine_two_steps: 2); kEvict:
+// combine_stream_rows.
+template <int kU, bool kEvict>
+__device__ void combine_send_block(const Args& a) {
   __shared__ int roff[kMaxRanks + 1];
   __shared__ int abort_flag;
   const Geometry& g = a.g;
@@ -366,46 +189,38 @@ __device__ void combine_send_block(const Args& a, uint4* ring) {
       return at<uint16_t>(peer(a, s), a.lay.comb_stage) +
              (static_cast<int64_t>(out_region(a, s)) * g.Tmax + j) * g.H;
     };
-    if (kEven && a.weighted) {
-      combine_chunk_even(a, s, j0, j1, dst_of(0));
-    } else {
-      const Split sp = split_work(j1 - j0, (g.H + 255) / 256, kWarps);
-      for (int64_t it = warp; it < sp.items; it += kWarps) {
-        const int64_t j = j0 + sp.token(it);
-        const int64_t slot = static_cast<int64_t>(s) * g.Tmax + j;
-        const int64_t c_begin = sp.first(it) * 256 + lane * 8, c_end = min(g.H, sp.last(it) * 256);
-        uint16_t* dst = dst_of(j);
-        if (kAsync) {
-          combine_record_async(a, slot, c_begin, c_end, dst, ring);
-          continue;
-        }
-        if (kU > 1) {
-          combine_record<kU, kEvict>(a, slot, c_begin, c_end, dst);
-          continue;
-        }
-        int row = -1;
-        float wt = 0.0f;
-        if (a.weighted && lane < g.K) {
-          row = token_rows[slot * g.K + lane];
-          if (row >= 0) wt = row_weight[row];
-        }
-        int rows[kMaxTopK];
-        float ws[kMaxTopK];
-#pragma unroll
-        for (int k = 0; k < kMaxTopK; ++k) {
-          rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
-          ws[k] = __shfl_sync(kFull, wt, k < g.K ? k : 0);
-        }
-        // One 256-column step of the row: the weighted sum (or the given row).
-        auto step_value = [&](int64_t col) {
-          if (!a.weighted) return __ldg(reinterpret_cast<const uint4*>(a.y + slot * g.H + col));
-          float acc[8];
-          weighted_rows(a.y, g.H, rows, ws, g.K, col, acc);
-          return pack_bf16(acc);
-        };
-        for (int64_t col = c_begin; col < c_end; col += 256)
-          *reinterpret_cast<uint4*>(dst + col) = step_value(col);
+    const Split sp = split_work(j1 - j0, (g.H + 255) / 256, kWarps);
+    for (int64_t it = warp; it < sp.items; it += kWarps) {
+      const int64_t j = j0 + sp.token(it);
+      const int64_t slot = static_cast<int64_t>(s) * g.Tmax + j;
+      const int64_t c_begin = sp.first(it) * 256 + lane * 8, c_end = min(g.H, sp.last(it) * 256);
+      uint16_t* dst = dst_of(j);
+      if (kU > 1) {
+        combine_record<kU, kEvict>(a, slot, c_begin, c_end, dst);
+        continue;
       }
+      int row = -1;
+      float wt = 0.0f;
+      if (a.weighted && lane < g.K) {
+        row = token_rows[slot * g.K + lane];
+        if (row >= 0) wt = row_weight[row];
+      }
+      int rows[kMaxTopK];
+      float ws[kMaxTopK];
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) {
+        rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
+        ws[k] = __shfl_sync(kFull, wt, k < g.K ? k : 0);
+      }
+      // One 256-column step of the row: the weighted sum (or the given row).
+      auto step_value = [&](int64_t col) {
+        if (!a.weighted) return __ldg(reinterpret_cast<const uint4*>(a.y + slot * g.H + col));
+        float acc[8];
+        weighted_rows(a.y, g.H, rows, ws, g.K, col, acc);
+        return pack_bf16(acc);
+      };
+      for (int64_t col = c_begin; col < c_end; col += 256)
+        *reinterpret_cast<uint4*>(dst + col) = step_value(col);
     }
     __syncthreads();
     if (!a.nccl && threadIdx.x == 0) {
@@ -414,8 +229,8 @@ __device__ void combine_send_block(const Args& a, uint4* ring) {
     }
   };
   // Sources: over NVLink the rank's own records are summed by combine_recv, so with
-  // combine_peer_items / combine_peer_blocks the sources are the peers (index q -> rank).
-  const bool peers_only = !a.nccl && (a.peer_items || a.peer_blocks);
+  // combine_peer_blocks the sources are the peers (index q -> rank).
+  const bool peers_only = !a.nccl && a.peer_blocks;
   const int nsrc = peers_only ? g.R - 1 : g.R;
   if (nsrc == 0) return;
   const int grid = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
@@ -423,9 +238,9 @@ __device__ void combine_send_block(const Args& a, uint4* ring) {
   // combine_peer_blocks: blocks dealt to the sources, block b serving source b % N, its chunks
   // b / N + i * G_q (G_q the blocks with that residue); with fewer blocks than sources, sources
   // b, b + G, ... whole.
-  // Otherwise (chunk, source) pairs, chunk-major, block b taking pairs b, b + G, ...; without
-  // combine_peer_items the rank's own source is in the enumeration and skipped (v5), which idles
-  // every block b with b % R == rank whenever G % R == 0 (half of them, 2 ranks).
+  // Otherwise (chunk, source) pairs, chunk-major, block b taking pairs b, b + G, ...; the rank's
+  // own source is in the enumeration and skipped (v5), which idles every block b with
+  // b % R == rank whenever G % R == 0 (half of them, 2 ranks).
   const bool dealt = a.peer_blocks && grid >= nsrc;
   const int q_step = !a.peer_blocks ? 0 : dealt ? nsrc : grid;
   const int c_first = dealt ? b / nsrc : 0;
@@ -455,11 +270,9 @@ __device__ void combine_send_block(const Args& a, uint4* ring) {
   }
 }
 
-template <int kU, bool kAsync, bool kEven, bool kEvict = false>
+template <int kU, bool kEvict = false>
 __global__ void __launch_bounds__(kSendThreads) k_combine_send(Args a) {
-  static_assert(!kEven || (kU == 2 && !kAsync), "combine_even_steps sums two steps per pass");
-  extern __shared__ uint4 comb_ring[];
-  combine_send_block<kU, kAsync, kEven, kEvict>(a, comb_ring);
+  combine_send_block<kU, kEvict>(a);
   count_send_block(a.my, a.lay.status, kCombineSent);
 }
 
@@ -468,14 +281,12 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_send(Args a) {
 // One token's sum over ranks, columns [c_lo, c_hi) (whole 256-column steps), two steps per pass:
 // the rank's own partial from its expert rows `rs` (rounded to BF16 like a staged one), the
 // others' from the stage, added in rank order. Lane d < R holds the token's slot at d.
-// kEarly (combine_even_steps): the first pair of ranks' staged rows are loaded before the own
-// partial, so their latency overlaps the own rows' (same additions in the same order).
 // kEvict (combine_stream_rows): the own rows are loaded evict-first and the staged partials
 // (read once, here) are streaming loads.
-template <bool kEarly = false, bool kEvict = false, class Rows>
+template <bool kEvict = false>
 __device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, int64_t c_lo,
                                                     int64_t c_hi, int my_slot, int js_self,
-                                                    const Rows& rs, const uint16_t* stage) {
+                                                    const RowSet& rs, const uint16_t* stage) {
   const Geometry& g = a.g;
   const int lane = threadIdx.x & 31;
   const bool self_local = !a.nccl;
@@ -500,9 +311,6 @@ __device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, in
         }
       }
     };
-    uint4 v_first[2][2];
-    int js_first[2];
-    if constexpr (kEarly) load_pair(0, v_first, js_first);
     float self[2][8];
     if (self_local && js_self >= 0) {
       if (a.weighted) {
@@ -554,12 +362,7 @@ __device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, in
         }
       }
     };
-    int d_first = 0;
-    if constexpr (kEarly) {
-      sum_pair(0, v_first, js_first);
-      d_first = 2;
-    }
-    for (int d0 = d_first; d0 < g.R; d0 += 2) {
+    for (int d0 = 0; d0 < g.R; d0 += 2) {
       uint4 v[2][2];
       int js[2];
       load_pair(d0, v, js);
@@ -571,82 +374,11 @@ __device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, in
   }
 }
 
-// combine_even_steps, receive: tokens [t0, t1) of a tile. Warp d waits for the chunks of peer d
-// holding the tile's slots (the tile's slots at d loaded by its lanes together), the tokens' slots
-// and own rows go to shared memory, then the warps claim (token, column pair) items from a shared
-// counter.
-// False when a wait failed (error recorded).
-__device__ bool recv_tile_even(const Args& a, int64_t t0, int64_t t1, unsigned long long n,
-                               const uint16_t* stage, int* abort_flag) {
-  __shared__ int tok_slot[kEvenRecords][kMaxRanks];
-  __shared__ SharedRows tok_rows[kEvenRecords];
-  __shared__ int next_item;
-  const Geometry& g = a.g;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int32_t* slot = at<int32_t>(a.my, a.lay.slot);
-  const int ntok = static_cast<int>(t1 - t0);
-  if (!a.nccl) {
-    for (int d = warp; d < g.R; d += kWarps) {
-      if (d == a.rank) continue;
-      int lo = -1, hi = -1;
-      for (int b0 = 0; b0 < ntok; b0 += 32) {
-        const int j = b0 + lane < ntok ? slot[(t0 + b0 + lane) * g.R + d] : -1;
-        const unsigned m = __ballot_sync(kFull, j >= 0);
-        if (m == 0) continue;
-        const int first = __shfl_sync(kFull, j, __ffs(m) - 1);
-        hi = __shfl_sync(kFull, j, 31 - __clz(m));
-        if (lo < 0) lo = first;
-      }
-      if (lane == 0 && lo >= 0)
-        for (int c = lo / g.C; c <= hi / g.C; ++c)
-          if (!wait_geq(chunk_flag(a.my, a, kCombineChunk, d, c), n, a.err, a.rank, d,
-                        kCombineChunk, c, a.timeout_ns)) {
-            *abort_flag = 1;
-            break;
-          }
-    }
-    __syncthreads();
-    if (*abort_flag) return false;
-  }
-  const int64_t pairs = (g.H + kPairCols - 1) / kPairCols;
-  const int64_t col_end = (g.H + 255) / 256 * 256;
-  for (int r0 = 0; r0 < ntok; r0 += kEvenRecords) {
-    const int nt = min(kEvenRecords, ntok - r0);
-    for (int r = warp; r < nt; r += kWarps) {
-      const int64_t t = t0 + r0 + r;
-      const int my_slot = lane < g.R ? slot[t * g.R + lane] : -1;
-      const int js_self = __shfl_sync(kFull, my_slot, a.rank);
-      int row = -1;
-      float wt = 0.0f;
-      if (!a.nccl && js_self >= 0 && a.weighted && lane < g.K) {
-        const int64_t self_slot = static_cast<int64_t>(a.rank) * g.Tmax + js_self;
-        row = at<int32_t>(a.my, a.lay.token_rows)[self_slot * g.K + lane];
-        if (row >= 0) wt = at<float>(a.my, a.lay.row_weight)[row];
-      }
-      if (lane < g.R) tok_slot[r][lane] = my_slot;
-      put_rows(&tok_rows[r], compact_rows(row, wt));
-    }
-    if (threadIdx.x == 0) next_item = 0;
-    __syncthreads();
-    const int items = nt * static_cast<int>(pairs);
-    for (int it = claim_warp_item(&next_item); it < items; it = claim_warp_item(&next_item)) {
-      const int r = it / static_cast<int>(pairs);
-      const int64_t p = it % pairs;
-      const int my_slot = lane < g.R ? tok_slot[r][lane] : -1;
-      combine_recv_token2<true>(a, t0 + r0 + r, p * kPairCols, min(col_end, (p + 1) * kPairCols),
-                                my_slot, tok_slot[r][a.rank], tok_rows[r], stage);
-    }
-    __syncthreads();  // tok_slot / tok_rows are refilled
-  }
-  return true;
-}
-
 // kU = 2 (combine_two_steps): two column steps per pass (the self rows compacted).
 // NOTE: kU = 2 leaves the v5 column loop after its `continue` unreachable (diagnostic 128).
 #pragma nv_diag_suppress 128
-template <int kU, bool kEven, bool kEvict = false>
+template <int kU, bool kEvict = false>
 __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
-  static_assert(!kEven || kU == 2, "combine_even_steps sums two steps per pass");
   __shared__ int abort_flag;
   __shared__ int last_block;
   const Geometry& g = a.g;
@@ -665,10 +397,6 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
   for (int64_t item = claim_item(status + kCombineItem, &claimed); item < items;
        item = claim_item(status + kCombineItem, &claimed)) {
     const int64_t t0 = item * a.tile, t1 = min(a.T, t0 + a.tile);
-    if constexpr (kEven) {
-      if (!recv_tile_even(a, t0, t1, n, stage, &abort_flag)) return;
-      continue;
-    }
     if (!a.nccl) {
       // Thread d waits for the chunks of d holding the slots of this tile's tokens.
       if (threadIdx.x < g.R && threadIdx.x != a.rank) {
@@ -704,8 +432,8 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
         if (row >= 0) wt = row_weight[row];
       }
       if constexpr (kU == 2) {
-        combine_recv_token2<false, kEvict>(a, t, sp.first(it) * 256, sp.last(it) * 256, my_slot,
-                                           js_self, compact_rows(row, wt), stage);
+        combine_recv_token2<kEvict>(a, t, sp.first(it) * 256, sp.last(it) * 256, my_slot, js_self,
+                                    compact_rows(row, wt), stage);
         continue;
       }
       int rows[kMaxTopK];
@@ -796,33 +524,21 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
 
 #pragma nv_diag_default 128
 
-// combine_even_steps applies with combine_two_steps and without combine_async_rows.
-bool even_steps(const DeviceEpOptions& o) {
-  return o.combine_even_steps && o.combine_two_steps && !o.combine_async_rows;
-}
-
-// combine_stream_rows applies to the two-step sums of the default instances.
+// combine_stream_rows applies to the two-step sums.
 bool stream_rows(const DeviceEpOptions& o) {
-  return o.combine_stream_rows && o.combine_two_steps && !o.combine_async_rows && !even_steps(o);
+  return o.combine_stream_rows && o.combine_two_steps;
 }
 
 }  // namespace
 
-// The kernel variants the options select (DeviceEpOptions: combine_two_steps, combine_async_rows,
-// combine_even_steps, combine_stream_rows) and the send's dynamic shared memory.
+// The kernel variants the options select (DeviceEpOptions: combine_two_steps, combine_stream_rows).
 KernelFn combine_send_kernel(const DeviceEpOptions& o) {
-  if (o.combine_async_rows) return k_combine_send<2, true, false>;
-  if (even_steps(o)) return k_combine_send<2, false, true>;
-  if (stream_rows(o)) return k_combine_send<2, false, false, true>;
-  return o.combine_two_steps ? k_combine_send<2, false, false> : k_combine_send<1, false, false>;
-}
-size_t combine_send_smem(const DeviceEpOptions& o) {
-  return o.combine_async_rows ? kRingBytes : 0;
+  if (stream_rows(o)) return k_combine_send<2, true>;
+  return o.combine_two_steps ? k_combine_send<2> : k_combine_send<1>;
 }
 KernelFn combine_recv_kernel(const DeviceEpOptions& o) {
-  if (o.combine_two_steps && o.combine_even_steps) return k_combine_recv<2, true>;
-  if (stream_rows(o)) return k_combine_recv<2, false, true>;
-  return o.combine_two_steps ? k_combine_recv<2, false> : k_combine_recv<1, false>;
+  if (stream_rows(o)) return k_combine_recv<2, true>;
+  return o.combine_two_steps ? k_combine_recv<2> : k_combine_recv<1>;
 }
 
 }  // namespace fp8moe::comm::normal

@@ -56,42 +56,6 @@ __device__ __forceinline__ int warp_inclusive_sum(int v) {
   return v;
 }
 
-// dispatch_stream_rows: 16-byte / 4-byte streaming (evict-first) stores for the local row
-// writes (the x loads take ld_evict_first).
-template <class V>
-__device__ __forceinline__ void store_row(V* dst, const V& v, bool stream) {
-  if (stream)
-    __stcs(dst, v);
-  else
-    *dst = v;
-}
-
-// dispatch_bulk_rows: this warp's FP8 step (1 KB of codes) is staged in shared memory once and
-// the copy engine writes it into each of the token's local rows (cp.async.bulk, one instruction
-// per row and step) instead of every lane storing it once per row. Shared memory written by
-// ordinary stores must be fenced for the async proxy before the bulk copy reads it.
-constexpr int kStageBytes = 1024;  // one FP8 step: 1024 columns
-constexpr size_t kBulkStageBytes = static_cast<size_t>(kWarps) * 2 * kStageBytes;
-__device__ __forceinline__ void bulk_store(void* gdst, const void* ssrc, uint32_t bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(gdst),
-               "r"(static_cast<unsigned>(__cvta_generic_to_shared(ssrc))), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_commit() {
-  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-}
-// At most one of this thread's bulk groups still reads shared memory.
-__device__ __forceinline__ void bulk_wait_read1() {
-  asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
-}
-// Every bulk copy of this thread has completed (its global writes performed).
-__device__ __forceinline__ void bulk_wait_all() {
-  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-}
-__device__ __forceinline__ void fence_proxy_async_smem() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
 // ---- dispatch send 1: the plan of the whole batch, in shared memory of every send block (v5)
 // or once per dispatch in the workspace (plan_once, k_dispatch_plan) ----
 struct Plan {
@@ -139,9 +103,9 @@ __device__ __forceinline__ Plan plan_global_view(const Args& a, char* smem) {
 }
 
 // Expert ids of token t (lane), -1 for none; an id out of range is reported (block 0) and
-// treated as none, as the reference rejects it. kBatched (plan_notify, plan_fast_count): all K
-// ids are loaded before the first is checked (the checks' error path holds a fence; the phase
-// stamps put the plan's id loads at ~2 µs either way, so this was not the plan's cost).
+// treated as none, as the reference rejects it. kBatched (plan_fast_count): all K ids are loaded
+// before the first is checked (the checks' error path holds a fence; the phase stamps put the
+// plan's id loads at ~2 µs either way, so this was not the plan's cost).
 template <bool kBatched = false>
 __device__ __forceinline__ void load_experts(const Args& a, int64_t t, bool valid, int* ev,
                                              bool report) {
@@ -448,16 +412,10 @@ __device__ void direct_layout_fast(const Args& a, int* rowbase, unsigned* ovf, i
 // the token's k-th expert and is a target if it is the token's lowest k at that destination (the
 // row the receive copies the others from) or, with self_rows, any k on this rank. A destination
 // that overflows gets the source-region record instead (download() reads it from there).
-// kHints (dispatch_stream_rows): x loads evict-first, the rows of this rank streaming stores.
-// kBulk (dispatch_bulk_rows, FP8, with self_rows): the rows of this rank are written by bulk
-// copies from the warp's two 1 KB stage buffers (`stage`; `buf` the next one, kept across calls:
-// every lane commits one bulk group per staged step, so waiting until at most one group is
-// reading leaves the buffer of two staged steps ago free); the caller waits for all of them
-// before the kernel ends (nothing reads these rows before: the receive copies only peer tokens).
-template <bool kPrefetch, bool kHints, bool kBulk>
+template <bool kPrefetch>
 __device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p, int64_t t,
                                                     int64_t first, int64_t last, const int* rowbase,
-                                                    unsigned ovf, char* stage, int& buf) {
+                                                    unsigned ovf) {
   const Geometry& g = a.g;
   const int lane = threadIdx.x & 31;
   const int tile = static_cast<int>(t / kTile), tl = static_cast<int>(t % kTile);
@@ -487,9 +445,6 @@ __device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p
   const bool target =
       ek >= 0 && (lane == __ffs(same) - 1 || (a.self_rows && dk == a.rank && !over));
   const unsigned targets = __ballot_sync(kFull, target);
-  const unsigned local = kHints ? __ballot_sync(kFull, target && dk == a.rank) : 0u;
-  // kBulk: the lanes whose row is a local grouped row (not an overflow record).
-  const unsigned bulk = kBulk ? __ballot_sync(kFull, target && dk == a.rank && !over) : 0u;
   // Lane d < R: the token's slot at destination d (the source-region record, on overflow).
   int jl = -1;
   if (lane < g.R) {
@@ -501,10 +456,8 @@ __device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p
   unsigned long long code = 0, scales = 0;  // lane k's row (or record): payload, scales
   if (target) {
     char* base = peer(a, dk);
-    // dispatch_pull: a peer's record stays here, in its region of this workspace.
-    const bool pulled = a.pull && dk != a.rank;
-    if (over || pulled) {
-      char* rec = pulled ? record_of(a, a.my, dk, jd) : record_of(a, base, out_region(a, dk), jd);
+    if (over) {
+      char* rec = record_of(a, base, out_region(a, dk), jd);
       code = reinterpret_cast<unsigned long long>(rec);
       scales = reinterpret_cast<unsigned long long>(rec + g.H);
     } else {
@@ -514,10 +467,6 @@ __device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p
     }
   }
   const uint16_t* xt = a.x + t * g.H;
-  const unsigned long long pol = kHints ? evict_first_policy() : 0ull;
-  auto load_x = [&](const uint16_t* ptr) {
-    return kHints ? ld_evict_first(ptr, pol) : __ldg(reinterpret_cast<const uint4*>(ptr));
-  };
   if (!g.fp8) {
     for (int64_t step = first; step < last; ++step) {
       const int64_t c0 = step * 1024;
@@ -525,16 +474,15 @@ __device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int64_t c = c0 + u * 256 + lane * 8;
-        if (c < g.H) v[u] = load_x(xt + c);
+        if (c < g.H) v[u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
       }
       for (unsigned m = targets; m; m &= m - 1) {
         const int k = __ffs(m) - 1;
         char* dst = reinterpret_cast<char*>(__shfl_sync(kFull, code, k));
-        const bool stream = kHints && ((local >> k) & 1u);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int64_t c = c0 + u * 256 + lane * 8;
-          if (c < g.H) store_row(reinterpret_cast<uint4*>(dst + c * 2), v[u], stream);
+          if (c < g.H) *reinterpret_cast<uint4*>(dst + c * 2) = v[u];
         }
       }
     }
@@ -546,8 +494,8 @@ __device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p
       const int64_t c = step * 1024 + u * 512 + lane * 16;
       v[2 * u] = v[2 * u + 1] = make_uint4(0, 0, 0, 0);
       if (c < g.H) {
-        v[2 * u] = load_x(xt + c);
-        v[2 * u + 1] = load_x(xt + c + 8);
+        v[2 * u] = __ldg(reinterpret_cast<const uint4*>(xt + c));
+        v[2 * u + 1] = __ldg(reinterpret_cast<const uint4*>(xt + c + 8));
       }
     }
   };
@@ -570,44 +518,26 @@ __device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p
     float scale[2];
 #pragma unroll
     for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
-    if (kBulk && bulk) {
-      char* sb = stage + buf * kStageBytes;
-      bulk_wait_read1();  // the bulk copies of two staged steps ago have read this buffer
-      __syncwarp();
-#pragma unroll
-      for (int u = 0; u < 2; ++u)
-        if (valid[u]) *reinterpret_cast<uint4*>(sb + u * 512 + lane * 16) = codes[u];
-      fence_proxy_async_smem();
-      __syncwarp();
-      if ((bulk >> lane) & 1u)
-        bulk_store(reinterpret_cast<char*>(code) + c0, sb,
-                   static_cast<uint32_t>(min(static_cast<int64_t>(kStageBytes), g.H - c0)));
-      bulk_commit();
-      buf ^= 1;
-    }
     for (unsigned m = targets; m; m &= m - 1) {
       const int k = __ffs(m) - 1;
       char* dst = reinterpret_cast<char*>(__shfl_sync(kFull, code, k));
       char* sdst = reinterpret_cast<char*>(__shfl_sync(kFull, scales, k));
-      const bool stream = kHints && ((local >> k) & 1u);
-      const bool staged = kBulk && ((bulk >> k) & 1u);
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int64_t c = c0 + u * 512 + lane * 16;
         if (!valid[u]) continue;
-        if (!staged) store_row(reinterpret_cast<uint4*>(dst + c), codes[u], stream);
-        if ((lane & 7) == 0)
-          store_row(reinterpret_cast<float*>(sdst + (c / 128) * 4), scale[u], stream);
+        *reinterpret_cast<uint4*>(dst + c) = codes[u];
+        if ((lane & 7) == 0) *reinterpret_cast<float*>(sdst + (c / 128) * 4) = scale[u];
       }
     }
   }
 }
 
 // The notify of this rank to every destination (T, the destination's per-local-expert counts,
-// its token count; with direct rows every expert's count), then one release flag each. From the
-// plan's totals `tot` ([E] expert counts, then [R] destination counts): send block 0, or with
-// plan_notify the plan kernel's last block. The caller waited for every destination's
-// acknowledgement of the previous dispatch (its notify fields are free again).
+// its token count; with direct rows every expert's count), then one release flag each, by send
+// block 0 from the plan's totals (etot: [E] expert counts, dtot: [R] destination counts). The
+// caller waited for every destination's acknowledgement of the previous dispatch (its notify
+// fields are free again).
 __device__ __forceinline__ void write_notify(const Args& a, const int* etot, const int* dtot,
                                              unsigned long long n) {
   const Geometry& g = a.g;
@@ -633,18 +563,15 @@ __device__ __forceinline__ void write_notify(const Args& a, const int* etot, con
 // One warp per 32-token tile counts it as plan_batch does, into row `tile` of the [NT][W] table
 // (E expert columns, then R destination columns) and the destination ballots; the last block to
 // finish turns every column into its exclusive prefix over the tiles, with one thread per column
-// (the table is tile-major, so neighbouring threads read neighbouring counts). kNotify
-// (plan_notify): the ids of a tile are loaded together, and the last block, which holds the
-// totals, also writes the notify (write_notify), so no send block waits for a peer's send kernel
-// to start before it knows every destination's layout.
+// (the table is tile-major, so neighbouring threads read neighbouring counts).
 // kFast (plan_fast_count): the ids loaded together, and each tile counted with shared-memory
 // atomics on 32-bit counters instead of one match.any per k (the stamps put ~5.7 of the 9 µs of
 // counting in that loop: match.any takes longer the more distinct values a warp holds, and a
 // tile's 32 tokens hold up to 32 distinct experts per k).
-template <bool kNotify, bool kFast>
+template <bool kFast>
 __global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
   extern __shared__ uint4 plan_raw[];
-  __shared__ int last_block, abort_flag;
+  __shared__ int last_block;
   const Geometry& g = a.g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
@@ -672,7 +599,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
     __syncwarp();
     const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
     int ev[kMaxTopK];
-    load_experts<kNotify || kFast>(a, t, t < a.T, ev, true);
+    load_experts<kFast>(a, t, t < a.T, ev, true);
     if (a.trace) {  // diagnostics: a use of every id, so that the stamp follows the loads
       int any = 0;
 #pragma unroll
@@ -768,31 +695,6 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
   __syncthreads();
   for (int64_t i = threadIdx.x; i < vecs; i += blockDim.x)
     reinterpret_cast<uint4*>(table)[i] = plan_raw[i];
-  // NOTE: read before the send can have sent: the dispatch's receive advances it once done.
-  const unsigned long long n = status[kSeqDispatch] + 1;
-  if (a.plan_flag) {
-    // plan_flag_release: the send waits for this flag instead of this grid's end, so the
-    // notify below (and the grid's drain) are off its path.
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      st_release_sys(status + kPlanReady, n);
-    }
-  }
-  if constexpr (kNotify) {
-    if (threadIdx.x == 0) abort_flag = 0;
-    __syncthreads();  // also: the totals written above are visible to the whole block
-    // A destination's notify fields are free once it acknowledged the previous dispatch.
-    if (threadIdx.x < g.R && !wait_geq(flag(a.my, a, kDispatchAck, threadIdx.x), n - 1, a.err,
-                                       a.rank, threadIdx.x, kDispatchAck, -1, a.timeout_ns))
-      abort_flag = 1;
-    __syncthreads();
-    if (!abort_flag) {
-      const int* tot = at<int>(a.my, a.lay.plan_tot);
-      write_notify(a, tot, tot + g.E, n);
-      if (threadIdx.x == 0) stamp(a, kTrPlanNotified, 0);
-    }
-  }
   if (threadIdx.x == 0) {
     status[kPlanDone] = 0;
     stamp(a, kTrPlanEnd, 0);
@@ -803,7 +705,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
 // path's plan pointers have a known address space (shared or global). kPrefetch:
 // prefetch_payload. kDirect: dispatch_direct_rows (Args::direct; an instance of its own, so the
 // other paths compile as before).
-template <bool kPlanOnce, bool kPrefetch, bool kDirect, bool kHints, bool kBulk>
+template <bool kPlanOnce, bool kPrefetch, bool kDirect>
 __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   __shared__ int abort_flag;
   __shared__ int dtot[kMaxRanks];
@@ -818,18 +720,8 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   if constexpr (kPlanOnce) {
     for (int i = threadIdx.x; i < kWarps * g.E; i += blockDim.x) p.emask[i] = 0;
     // NOTE: launched as the plan kernel's programmatic dependent: its plan is complete and
-    // visible only after this wait (plan_flag_release: after the plan's flag, which its last
-    // block raises once the plan is written; every plan block is resident, since this grid
-    // launched only after all of them had started).
-    if (a.plan_flag) {
-      if (threadIdx.x == 0 && !wait_geq(at<unsigned long long>(a.my, a.lay.status) + kPlanReady, n,
-                                        a.err, a.rank, a.rank, kPlanReadyCounter, -1, a.timeout_ns))
-        abort_flag = 1;
-    } else {
-      asm volatile("griddepcontrol.wait;" ::: "memory");
-    }
-    __syncthreads();
-    if (abort_flag) return;
+    // visible only after this wait.
+    asm volatile("griddepcontrol.wait;" ::: "memory");
     if (threadIdx.x == 0) stamp(a, kTrSendPlanned, 2);
   } else {
     plan_batch(a, smem, p);
@@ -841,9 +733,8 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
     abort_flag = 1;
   __syncthreads();
   if (abort_flag) return;
-  // Notify (block 0; with plan_notify the plan kernel wrote it): T and the per-local-expert
-  // counts of every destination, then its flag.
-  if (blockIdx.x == 0 && !a.plan_notify) write_notify(a, p.etot, p.dtot, n);
+  // Notify (block 0): T and the per-local-expert counts of every destination, then its flag.
+  if (blockIdx.x == 0) write_notify(a, p.etot, p.dtot, n);
   // dispatch_direct_rows: once every source's counts are in (its notify flag), the rows of this
   // source's tokens at every destination are known.
   __shared__ unsigned ovf_mask;
@@ -866,9 +757,6 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   const int warp = threadIdx.x >> 5;
   const int64_t nchunks = (a.T + g.C - 1) / g.C;
   const int64_t steps = (g.H + 1023) / 1024;
-  // kBulk: this warp's stage buffers, after the plan's shared memory.
-  char* stage = smem + a.ps.total + static_cast<size_t>(warp) * 2 * kStageBytes;
-  int buf = 0;
   for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
     const int64_t c0 = c * g.C, c1 = min(a.T, c0 + g.C);
     if (threadIdx.x < g.R) {
@@ -883,8 +771,8 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
     const Split sp = split_work(c1 - c0, steps, kWarps);
     for (int64_t item = warp; item < sp.items; item += kWarps) {
       if constexpr (kDirect)
-        push_payload_direct<kPrefetch, kHints, kBulk>(a, p, c0 + sp.token(item), sp.first(item),
-                                                      sp.last(item), rowbase, ovf_mask, stage, buf);
+        push_payload_direct<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item),
+                                       rowbase, ovf_mask);
       else
         push_payload<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item));
     }
@@ -897,17 +785,10 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   }
 }
 
-template <bool kPlanOnce, bool kPrefetch, bool kDirect, bool kHints = false, bool kBulk = false>
+template <bool kPlanOnce, bool kPrefetch, bool kDirect>
 __global__ void __launch_bounds__(kSendThreads, 1) k_dispatch_send(Args a) {
   extern __shared__ uint4 smem_raw[];
-  dispatch_send_block<kPlanOnce, kPrefetch, kDirect, kHints, kBulk>(
-      a, reinterpret_cast<char*>(smem_raw));
-  if constexpr (kBulk) {
-    // The rows the bulk copies wrote are complete and ordered before this block counts itself
-    // done (the receive's acknowledgement, and the kernel's end, follow that count).
-    bulk_wait_all();
-    asm volatile("fence.proxy.async.global;" ::: "memory");
-  }
+  dispatch_send_block<kPlanOnce, kPrefetch, kDirect>(a, reinterpret_cast<char*>(smem_raw));
   count_send_block(a.my, a.lay.status, kDispatchSent);
   if (threadIdx.x == 0) stamp(a, kTrSendEnd, 1);
 }
@@ -978,8 +859,6 @@ __device__ void recv_layout(const Args& a, const RecvLayout& r, long long* rows_
 }
 
 // ---- dispatch receive 2: one record's layout rows and payload copy (one warp) ----
-// kHints (dispatch_stream_rows): the copies are streaming stores.
-template <bool kHints>
 __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_t j,
                                bool overflow) {
   const Geometry& g = a.g;
@@ -1010,10 +889,7 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
   // dispatch_direct_rows: the sender wrote the row of the lowest k (self_rows: all rows of the
   // rank's own tokens); the others are copied from it.
   int kf = -1;
-  if (a.direct && a.pull && s != a.rank) {
-    rec = record_of(a, peer(a, s), a.rank, j);  // dispatch_pull: read over NVLink, every row
-    rec_scales = reinterpret_cast<const float*>(rec + g.H);
-  } else if (a.direct) {
+  if (a.direct) {
     if (a.self_rows && s == a.rank) return;
     kf = __ffs(__ballot_sync(kFull, row >= 0)) - 1;
     if (kf < 0) return;
@@ -1035,8 +911,7 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
       char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + c0;
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u)
-        if (c0 + u * 512 < row_bytes)
-          store_row(reinterpret_cast<uint4*>(dst + u * 512), v[u], kHints);
+        if (c0 + u * 512 < row_bytes) *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
     }
   }
   if (g.fp8) {
@@ -1045,14 +920,13 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
       const float sc = __ldcg(rec_scales + c);
 #pragma unroll
       for (int k = 0; k < kMaxTopK; ++k)
-        if (k < g.K && rows[k] >= 0 && k != kf) store_row(gs + rows[k] * g.SC + c, sc, kHints);
+        if (k < g.K && rows[k] >= 0 && k != kf) gs[rows[k] * g.SC + c] = sc;
     }
   }
 }
 
 // Dispatch receive: layout as soon as every source notified, then every chunk expanded as soon
 // as it landed (chunk-major order, the order senders publish in); the last block acknowledges.
-template <bool kHints>
 __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
   extern __shared__ int rsm[];
   __shared__ int abort_flag, last_block, overflow, max_tokens;
@@ -1134,7 +1008,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
     }
     const int32_t* info = notify_of(a.my, a, s) + 1 + g.L + 2 * c;
     const int begin = __ldcg(info), count = __ldcg(info + 1);
-    for (int q = warp; q < count; q += kWarps) scatter_record<kHints>(a, r, s, begin + q, ovf);
+    for (int q = warp; q < count; q += kWarps) scatter_record(a, r, s, begin + q, ovf);
   }
   // The last block to finish acknowledges every source: its regions of mine are free again.
   __syncthreads();
@@ -1167,30 +1041,17 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
 
 }  // namespace
 
-KernelFn dispatch_plan_kernel(bool notify, bool fast) {
-  if (fast) return notify ? k_dispatch_plan<true, true> : k_dispatch_plan<false, true>;
-  return notify ? k_dispatch_plan<true, false> : k_dispatch_plan<false, false>;
-}
-bool bulk_rows(const DeviceEpOptions& o) {
-  return o.dispatch_bulk_rows && o.dispatch_self_rows && o.prefetch_payload;
-}
-size_t dispatch_send_smem(const DeviceEpOptions& o, bool direct, const PlanSmem& ps) {
-  return ps.total + (direct && bulk_rows(o) ? kBulkStageBytes : 0);
+KernelFn dispatch_plan_kernel(bool fast) {
+  return fast ? k_dispatch_plan<true> : k_dispatch_plan<false>;
 }
 
-KernelFn dispatch_recv_kernel(bool hints) {
-  return hints ? k_dispatch_recv<true> : k_dispatch_recv<false>;
+KernelFn dispatch_recv_kernel() {
+  return k_dispatch_recv;
 }
 
 // The kernel variants the options select (DeviceEpOptions: plan_once, prefetch_payload; direct:
 // dispatch_direct_rows where it applies, Impl::direct, which implies plan_once).
 KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct) {
-  if (direct && bulk_rows(o))
-    return o.dispatch_stream_rows ? k_dispatch_send<true, true, true, true, true>
-                                  : k_dispatch_send<true, true, true, false, true>;
-  if (direct && o.dispatch_stream_rows)
-    return o.prefetch_payload ? k_dispatch_send<true, true, true, true>
-                              : k_dispatch_send<true, false, true, true>;
   if (direct)
     return o.prefetch_payload ? k_dispatch_send<true, true, true>
                               : k_dispatch_send<true, false, true>;

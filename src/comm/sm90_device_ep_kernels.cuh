@@ -46,8 +46,7 @@ enum Status : int {
   kCombineSent = 9,
   kRecvItem = 10,  // next work item of the receive kernels (claimed in order)
   kCombineItem = 11,
-  kPlanDone = 12,   // plan kernel blocks that counted their tiles (the last one scans)
-  kPlanReady = 13,  // plan_flag_release: the dispatch whose plan is in the workspace
+  kPlanDone = 12,  // plan kernel blocks that counted their tiles (the last one scans)
   kStatusSlots = 16,
 };
 // flags[] groups: R counters each, then R * max_chunks for the chunk groups.
@@ -58,7 +57,6 @@ enum FlagGroup : int {
   kDispatchChunk = 3,
   kCombineChunk = 4,
   kLocalSent = 5,  // error reports only: the local send blocks (status kDispatchSent/kCombineSent)
-  kPlanReadyCounter = 6,  // error reports only: status kPlanReady (plan_flag_release)
 };
 
 enum ErrCode : int { kErrNone = 0, kErrTimeout = 1, kErrBadExpert = 3 };
@@ -124,21 +122,16 @@ struct Args {
   const float* w;
   const uint16_t* y;  // combine input (grouped rows or per-slot rows)
   uint16_t* out;
+  // NOTE: the order of these flags moves ptxas's spills in k_combine_recv (with nccl at an odd
+  // offset its two-step instances spilled 36 bytes, not 20, or 32 with combine_stream_rows).
   bool weighted;
-  bool peer_items;   // DeviceEpOptions::combine_peer_items
   bool peer_blocks;  // DeviceEpOptions::combine_peer_blocks
   bool expand;
-  bool nccl;  // Wire::kNccl: "peers" are this rank's send buffer, regions by destination; the
-              // exchange and its ordering are NCCL's, so no flags are waited on or raised
-
-  bool direct;       // DeviceEpOptions::dispatch_direct_rows, where it applies (Impl::direct)
-  bool self_rows;    // DeviceEpOptions::dispatch_self_rows (with direct)
-  bool pull;         // DeviceEpOptions::dispatch_pull (with direct)
-  bool plan_notify;  // DeviceEpOptions::plan_notify, where it applies (Impl::plan_notify)
-  bool plan_flag;    // DeviceEpOptions::plan_flag_release (with plan_once)
-  bool fast_plan;    // DeviceEpOptions::plan_fast_count (with plan_once)
-  bool hints;        // DeviceEpOptions::dispatch_stream_rows (with direct): the kernels'
-                     // kHints instances; the host picks them by this
+  bool direct;     // DeviceEpOptions::dispatch_direct_rows, where it applies (Impl::direct)
+  bool nccl;       // Wire::kNccl: "peers" are this rank's send buffer, regions by destination; the
+                   // exchange and its ordering are NCCL's, so no flags are waited on or raised
+  bool self_rows;  // DeviceEpOptions::dispatch_self_rows (with direct)
+  bool fast_plan;  // DeviceEpOptions::plan_fast_count (with plan_once)
   unsigned long long* trace;  // FP8MOE_EP_TRACE=1: dispatch phase stamps (diagnostics), else null
 };
 
@@ -147,15 +140,15 @@ struct Args {
 enum TraceSlot : int {
   kTrPlanStart = 0,
   kTrPlanEnd = 1,
-  kTrSendStart = 2,      // first send block (min)
-  kTrSendCounts = 3,     // direct rows: the last send block that had every source's counts (max)
-  kTrSendEnd = 4,        // last send block done (max)
-  kTrRecvStart = 5,      // first receive block (min)
-  kTrRecvLayout = 6,     // last receive block with its layout (max)
-  kTrRecvLastFlag = 7,   // the last chunk flag a receive block saw (max)
-  kTrRecvEnd = 8,        // the acknowledging block, done
-  kTrPlanLast = 9,       // the plan kernel's last block starts its scan (every tile counted)
-  kTrPlanNotified = 10,  // plan_notify: the plan kernel's notify flags released
+  kTrSendStart = 2,     // first send block (min)
+  kTrSendCounts = 3,    // direct rows: the last send block that had every source's counts (max)
+  kTrSendEnd = 4,       // last send block done (max)
+  kTrRecvStart = 5,     // first receive block (min)
+  kTrRecvLayout = 6,    // last receive block with its layout (max)
+  kTrRecvLastFlag = 7,  // the last chunk flag a receive block saw (max)
+  kTrRecvEnd = 8,       // the acknowledging block, done
+  kTrPlanLast = 9,      // the plan kernel's last block starts its scan (every tile counted)
+  // 10: unused (kept so that the other slots keep their numbers)
   kTrPlanBlocksIn = 11,  // the last plan kernel block to start (max)
   kTrPlanCounted = 12,   // the last plan kernel block done counting (max)
   kTrSendPlanned = 13,   // the first send block past its wait for the plan (min)
@@ -168,15 +161,10 @@ using KernelFn = void (*)(Args);
 
 // Defined by the kernel files: sm90_device_ep_dispatch.cu (dispatch_*) and
 // sm90_device_ep_combine.cu (combine_*).
-KernelFn dispatch_plan_kernel(bool notify, bool fast);
+KernelFn dispatch_plan_kernel(bool fast);
 KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct);
-// DeviceEpOptions::dispatch_bulk_rows where it applies (with self rows and prefetch; the direct
-// send instance takes it), and the send kernel's dynamic shared memory (its stage buffers added).
-bool bulk_rows(const DeviceEpOptions& o);
-size_t dispatch_send_smem(const DeviceEpOptions& o, bool direct, const PlanSmem& ps);
-KernelFn dispatch_recv_kernel(bool hints);
+KernelFn dispatch_recv_kernel();
 KernelFn combine_send_kernel(const DeviceEpOptions& o);
-size_t combine_send_smem(const DeviceEpOptions& o);
 KernelFn combine_recv_kernel(const DeviceEpOptions& o);
 
 namespace {
@@ -204,9 +192,9 @@ __device__ bool wait_geq(const unsigned long long* p, unsigned long long expecte
   }
 }
 
-// Reads of data used once (dispatch_stream_rows: x; combine_stream_rows: the expert rows): an L2
-// evict-first policy and a read-only 16-byte load under it, so that data read again soon (rows
-// landing from peers) keeps its place in L2.
+// Reads of data used once (combine_stream_rows: the expert rows): an L2 evict-first policy and a
+// read-only 16-byte load under it, so that data read again soon (the partials landing from peers)
+// keeps its place in L2.
 __device__ __forceinline__ unsigned long long evict_first_policy() {
   unsigned long long pol;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));

@@ -233,62 +233,36 @@ int chunk_of(int ran) {
 
 // Kernel variants: 0 the plan in every send block (v5), 1 plan_once (v5 + plan-once kernels),
 // 2 the defaults (plan_once, prefetch_payload, combine_two_steps, combine_peer_blocks,
-// dispatch_direct_rows, dispatch_self_rows), 3 the session-3 options with the per-block plan
-// (chunk-major combine items, source regions). Options that are not defaults, in tests of their
-// own (a failure names them): 4 combine_peer_items (chunk-major over the peers) instead of
-// combine_peer_blocks, 5 with combine_async_rows, 6 the defaults with combine_even_steps, 7
-// combine_even_steps with chunk-major items; 8 the defaults without dispatch_self_rows, 9 the
-// defaults with dispatch_pull; session 5: 10 the defaults with plan_notify and
-// plan_flag_release, 11 with plan_notify, dispatch_stream_rows and combine_stream_rows, 12 with
-// plan_flag_release and dispatch_bulk_rows, 13 with all five and plan_fast_count, 14 with
-// plan_fast_count and combine_stream_rows.
+// dispatch_direct_rows, dispatch_self_rows, plan_fast_count, combine_stream_rows), 3 the
+// session-3 options with the per-block plan (chunk-major combine items, source regions). In tests
+// of their own (a failure names them): 4 the session-4 defaults without dispatch_self_rows (and
+// without the session-5 options), 5 the session-4 defaults with plan_fast_count and
+// combine_stream_rows (named, so that it stays that set if the defaults change).
 constexpr int kVariants = 4;
-constexpr int kDefaults = 2, kPeerItems = 4, kPeerItemsAsyncRows = 5, kEvenSteps = 6,
-              kEvenStepsChunkMajor = 7, kDirectRows = 8, kDirectPull = 9, kPlanNotify = 10,
-              kNotifyStreamRows = 11, kNotifyBulkRows = 12, kSession5All = 13, kFastCount = 14;
+constexpr int kDefaults = 2, kDirectRows = 4, kFastCount = 5;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
   o.prefetch_payload = v >= 2;
   o.combine_two_steps = v >= 2;
-  o.combine_peer_blocks = v == kDefaults || v == kEvenSteps || v >= kDirectRows;
-  o.combine_peer_items = v == kPeerItems || v == kPeerItemsAsyncRows;
-  o.combine_async_rows = v == kPeerItemsAsyncRows;
-  o.combine_even_steps = v == kEvenSteps || v == kEvenStepsChunkMajor;
+  o.combine_peer_blocks = v == kDefaults || v >= kDirectRows;
   // The session-2/3 kernels (0, 1, 3) push records into the source regions; the defaults and the
-  // combine variants on top of them write rows directly (session 4).
+  // variants on top of them write rows directly (session 4).
   o.dispatch_direct_rows = o.plan_once && v != 1;
   o.dispatch_self_rows = o.dispatch_direct_rows && v != kDirectRows;
-  o.dispatch_pull = v == kDirectPull;
-  o.plan_notify = v >= kPlanNotify && v != kNotifyBulkRows && v != kFastCount;
-  o.plan_flag_release = v == kPlanNotify || v == kNotifyBulkRows || v == kSession5All;
   // The defaults' variant takes DeviceEpOptions' own plan_fast_count and combine_stream_rows.
   const DeviceEpOptions defaults;
-  o.plan_fast_count =
-      v == kDefaults ? defaults.plan_fast_count : v == kSession5All || v == kFastCount;
-  o.dispatch_stream_rows = v == kNotifyStreamRows || v == kSession5All;
-  o.dispatch_bulk_rows = v == kNotifyBulkRows || v == kSession5All;
-  o.combine_stream_rows =
-      v == kDefaults ? defaults.combine_stream_rows : o.dispatch_stream_rows || v == kFastCount;
+  o.plan_fast_count = v == kDefaults ? defaults.plan_fast_count : v == kFastCount;
+  o.combine_stream_rows = v == kDefaults ? defaults.combine_stream_rows : v == kFastCount;
   return o;
 }
 std::string variant_name(int v) {
-  constexpr const char* kNames[kFastCount + 1] = {
-      " v5",
-      " plan_once",
-      " defaults",
-      " v5 prefetch+two_steps",
-      " peer_items",
-      " peer_items+async_rows",
-      " defaults+even_steps",
-      " even_steps, chunk-major items",
-      " defaults without self_rows",
-      " defaults+pull",
-      " defaults+plan_notify+flag_release",
-      " defaults+plan_notify+stream_rows (both)",
-      " defaults+flag_release+bulk_rows",
-      " defaults+plan_notify+flag_release+stream_rows (both)+bulk_rows+fast_count",
-      " defaults+fast_count+combine_stream_rows"};
+  constexpr const char* kNames[kFastCount + 1] = {" v5",
+                                                  " plan_once",
+                                                  " defaults",
+                                                  " v5 prefetch+two_steps",
+                                                  " defaults without self_rows",
+                                                  " defaults+fast_count+combine_stream_rows"};
   return kNames[v];
 }
 
@@ -339,48 +313,29 @@ TEST_F(NvlinkTest, MatchesReferenceFp8OneGpuManyRanks) {
   run_cases(Payload::kFP8, 1);
 }
 TEST_F(NvlinkTest, UnmeasuredCombineOptionsMatchReference) {
-  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kPeerItems);
-  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kPeerItemsAsyncRows);
-  run_cases(Payload::kBF16, 1, Wire::kNvlink, kPeerItemsAsyncRows);
-  // Session 4: send blocks dealt to the peers (the defaults; 5 blocks: 2/2/1 over 3 peers, 2
-  // blocks: fewer blocks than peers, so a block serves several) and the even (row, column pair)
-  // items of both kernels.
-  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kEvenSteps);
+  // Send blocks dealt to the peers (the defaults; 5 blocks: 2/2/1 over 3 peers, 2 blocks: fewer
+  // blocks than peers, so a block serves several).
   run_cases(Payload::kBF16, 1, Wire::kNvlink, kDefaults, 2);
-  run_cases(Payload::kFP8, 1, Wire::kNvlink, kEvenSteps, 2);
-  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kEvenStepsChunkMajor);
-  // A combine send grid of its own (3 blocks beside dispatch's 5; not yet measured).
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kDefaults, 2);
+  // A combine send grid of its own (3 blocks beside dispatch's 5; not a default).
   run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kDefaults, 5, 3);
 }
 
-// Session 4's dispatch options beside the defaults (direct rows with self rows, which the
-// kernel-variant tests above run): direct rows alone, and with pull, over every case and GPU
-// (the masked cases run the low-latency kernels; with every rank on one GPU the options fall
-// back to the source regions).
+// Session 4's direct rows without self rows beside the defaults (direct rows with self rows,
+// which the kernel-variant tests above run), over every case and GPU (the masked cases run the
+// low-latency kernels; with every rank on one GPU the options fall back to the source regions).
 TEST_F(NvlinkTest, DispatchDirectRowsMatchReference) {
   run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kDirectRows);
   run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kDirectRows);
-  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kDirectPull);
-  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kDirectPull);
 }
 
-// Session 5's options (plan_notify, plan_flag_release, dispatch_stream_rows, dispatch_bulk_rows,
-// combine_stream_rows) over every case, both payloads (the bulk rows are FP8's; BF16 keeps the
-// lanes' stores in that instance), ranks over all GPUs (direct rows) and on one GPU (source
-// regions, plan_notify and combine_stream_rows only).
+// Session 5's defaults (plan_fast_count, combine_stream_rows) on the session-4 defaults over
+// every case, both payloads, ranks over all GPUs (direct rows) and on one GPU (source regions).
 TEST_F(NvlinkTest, Session5OptionsMatchReference) {
-  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kPlanNotify);
-  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kPlanNotify);
-  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kNotifyStreamRows);
-  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kNotifyStreamRows);
-  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kNotifyBulkRows);
-  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kNotifyBulkRows);
-  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kSession5All);
-  run_cases(Payload::kFP8, 1, Wire::kNvlink, kPlanNotify);
-  run_cases(Payload::kBF16, 1, Wire::kNvlink, kSession5All);
   run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kFastCount);
   run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kFastCount);
   run_cases(Payload::kFP8, 1, Wire::kNvlink, kFastCount);
+  run_cases(Payload::kBF16, 1, Wire::kNvlink, kFastCount);
 }
 
 // More send blocks than the GPU has SMs: the direct rows need every send block resident (block
@@ -417,8 +372,7 @@ TEST_F(NvlinkTest, RanksPerDeviceBelowSharingIsRejected) {
 }
 
 TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
-  for (int v :
-       {0, 1, kDefaults, 3, kDirectRows, kDirectPull, kPlanNotify, kSession5All, kFastCount}) {
+  for (int v : {0, 1, kDefaults, 3, kDirectRows, kFastCount}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
     const DeviceEpOptions opt = variant_options(v);
@@ -458,19 +412,14 @@ TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
 }
 
 TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
-  // dispatch_direct_rows: the send itself waits for the silent peer's notify (same report);
-  // plan_notify: the plan kernel notifies, the send still waits.
-  for (int mode = 0; mode < 3; ++mode) {
-    const bool direct = mode >= 1;
-    SCOPED_TRACE(mode == 2 ? "plan_notify+flag_release+fast_count"
-                 : direct  ? "dispatch_direct_rows"
-                           : "source regions");
+  // dispatch_direct_rows: the send itself waits for the silent peer's notify (same report).
+  for (const bool direct : {false, true}) {
+    SCOPED_TRACE(direct ? "dispatch_direct_rows" : "source regions");
     EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
     cfg.timeout_s = 0.3;
     DeviceEpOptions opt;
     opt.num_blocks = 3;
     opt.dispatch_direct_rows = direct;
-    opt.plan_notify = opt.plan_flag_release = opt.plan_fast_count = mode == 2;
     Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
     h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
     h.group->rank(0).dispatch_recv(h.buf[0].stream);
@@ -488,9 +437,9 @@ TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
 }
 
 TEST_F(NvlinkTest, OverflowIsReported) {
-  // Source regions (1), direct rows (the defaults, 2; with pull): an overflowing destination gets
-  // the source regions, which are compared too.
-  for (int v : {1, 2, kDirectPull, kSession5All, kFastCount}) {
+  // Source regions (1), direct rows (the defaults, 2): an overflowing destination gets the source
+  // regions, which are compared too.
+  for (int v : {1, kDefaults, kFastCount}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
     cfg.max_rows = 256;
@@ -501,15 +450,17 @@ TEST_F(NvlinkTest, OverflowIsReported) {
 }
 
 TEST_F(NvlinkTest, BadExpertIdIsReported) {
+  // The plan kernel's two counting paths report the id the same way (plan_fast_count loads a
+  // tile's ids before it checks them).
   for (int mode = 0; mode < 3; ++mode) {
     const bool plan_once = mode >= 1;
-    SCOPED_TRACE(mode == 2   ? "plan_notify+flag_release+fast_count"
+    SCOPED_TRACE(mode == 2   ? "plan_once without plan_fast_count"
                  : plan_once ? "plan_once"
                              : "plan in every send block");
     EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
     DeviceEpOptions opt;
     opt.plan_once = plan_once;
-    opt.plan_notify = opt.plan_flag_release = opt.plan_fast_count = mode == 2;
+    opt.plan_fast_count = mode != 2;
     Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
     h.data[1].idx[5] = 99;
     FM_CHECK_CUDA(cudaSetDevice(h.buf[1].device));
@@ -1114,9 +1065,9 @@ TEST_F(NvlinkTest, NcclWireMatchesReference) {
   if (gpu_count() < 2) GTEST_SKIP() << "NCCL needs one GPU per rank";
   run_cases(Payload::kFP8, 2, Wire::kNccl);
   run_cases(Payload::kBF16, 2, Wire::kNccl);
-  // Session 4's combine options over the NCCL wire (every rank a source of the send, the own
-  // partial staged).
-  run_cases(Payload::kFP8, 2, Wire::kNccl, kEvenSteps);
+  // Every case with the defaults' combine over the NCCL wire (its send blocks dealt to every rank
+  // as a source, the own partial staged); the runs above take the variants in turn.
+  run_cases(Payload::kFP8, 2, Wire::kNccl, kDefaults);
 }
 
 }  // namespace

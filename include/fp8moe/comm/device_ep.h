@@ -94,39 +94,22 @@ struct DeviceEpOptions {
   // Both combine kernels sum two 256-column steps per pass over the compacted expert rows
   // (twice the loads in flight per lane): combine 463.9 -> 389.9 us.
   bool combine_two_steps = true;
-  // The combine send streams each record's expert rows through shared memory with cp.async (a
-  // ring of 24 16-byte slots per thread, 192 KB per block: up to 24 / rows column steps in
-  // flight per lane, no registers held). Compiled and in the device tests, not yet measured.
-  bool combine_async_rows = false;
-  // The combine send's work items are (chunk, peer) pairs, chunk-major: the rank's own records
-  // (summed by combine_recv) are left out of the enumeration instead of skipped in place, which
-  // left every send block b with b % num_ranks == rank without work when num_blocks % num_ranks
-  // == 0 (half of the 64 blocks on 2 ranks). 4 x H100, session 4: combine 420.8 -> 347.9 us at 2
-  // ranks, but 636.9 -> 682.5 us at 4 (each block then walks every peer's rows in turn, and 64
-  // blocks store over NVLink instead of 48). Superseded by combine_peer_blocks (the default),
-  // which overrides it.
-  bool combine_peer_items = false;
   // The combine send's blocks are dealt to the sources: with G blocks and N sources (the peers
   // over NVLink, every rank over NCCL) block b serves source b % N only, taking its chunks b / N,
   // b / N + G_s, ... (G_s: the blocks of that source), so no block idles and each keeps one
   // source's rows and one destination (docs/comm/README.md, "Session 4"). With G < N, block b
-  // serves sources b, b + G, ... whole. Overrides combine_peer_items. 4 x H100, same call, 3
-  // rounds: combine 296.7 us at 2 ranks (= combine_peer_items; chunk-major without it 378.8),
-  // 628.2 us at 4 (combine_peer_items 648.8; chunk-major 597.6: its 16 idle send blocks leave
-  // their SMs to the receive from the start).
+  // serves sources b, b + G, ... whole. Off: (chunk, source) items, chunk-major, the rank's own
+  // source skipped (the v5 enumeration; it idles every block b with b % num_ranks == rank when
+  // num_blocks % num_ranks == 0). 4 x H100, same call, 3 rounds: combine 296.7 us at 2 ranks
+  // (chunk-major 378.8), 628.2 us at 4 (chunk-major 597.6: its 16 idle send blocks leave their
+  // SMs to the receive from the start).
   bool combine_peer_blocks = true;
-  // The weighted sums of both combine kernels are dealt out in (row, pair of 256-column steps)
-  // items that the warps of a block claim from a shared counter, after the chunk's (send) or
-  // tile's (receive) expert rows and weights are loaded into shared memory, so every warp carries
-  // about the mean rows per record instead of the block waiting at its barrier for the record
-  // with the most rows (applies with combine_two_steps, not with combine_async_rows). Measured
-  // slower (4 x H100, same call: 296.7 -> 370.0 us at 2 ranks, 628.2 -> 833.8 at 4), so off.
-  bool combine_even_steps = false;
   // Y (session 5, with combine_two_steps): both combine kernels load the expert rows with an L2
   // evict-first policy (each row is read once) and the receive reads the staged partials as
   // streaming loads, so that the partials landing from the peers stay in L2 until they are read.
   // Same results bit for bit. Combine, same calls, 3 rounds: 2 x H100 296.7 -> 291.6 us, 2 x H200
-  // 264.2 -> 259.8 and 264.7 -> 259.5 (-1.7 %), 4 x H200 (with H) 619.4 -> 615.5; on by default.
+  // 264.2 -> 259.8 and 264.7 -> 259.5 (-1.7 %), 4 x H200 619.4 -> 615.5 (beside an option since
+  // removed); on by default.
   bool combine_stream_rows = true;
   // Session 4, dispatch (docs/comm/README.md, "Session 4: dispatch"); same results bit for bit.
   // 2 x H100, V3 shape, same call: FP8 dispatch 204.4 us (both off) -> 193.5 (D) -> 188.0 (D+L).
@@ -141,7 +124,7 @@ struct DeviceEpOptions {
   // the sources; a source writes the rows of its next round only after every rank's notify of
   // that round, i.e. after this rank has itself entered its next dispatch_send (so everything
   // before it on this rank's stream, its GEMM and combine, has finished): the rows stay valid
-  // until this rank's own next dispatch_send. NOTE: every rank must resolve D (and R) alike: the
+  // until this rank's own next dispatch_send. NOTE: every rank must resolve D alike: the
   // same expand_payload, plan_once, wire, masked_capacity and ranks_per_device (<= 1 or not), as
   // for chunk_tokens; a rank that sends directly to a rank that expects source regions writes
   // rows the other does not read (not detected).
@@ -149,23 +132,11 @@ struct DeviceEpOptions {
   // L (with D): the rank's own tokens are written by its send into all their local rows, so
   // the receive copies only peer tokens.
   bool dispatch_self_rows = true;
-  // R (with D): pull instead of push. The send keeps each peer's records in this rank's own
-  // workspace (the peer's region of it, local stores only) and the peer's receive reads them
-  // over NVLink, writing all their rows; the chunk flags and metadata are still pushed.
-  // Measured slower (D+L+R 213.0 us against D+L 188.0, same call), so off.
-  bool dispatch_pull = false;
-  // Session 5 (docs/comm/README.md, "Session 5: the dispatch prologue, ..."); all same results
-  // bit for bit; only Q (and Y above) measured faster, so only they are on.
-  // N (with plan_once, Wire::kNvlink): the plan kernel's last block, which holds the totals,
-  // writes this rank's notify (and, with D, its per-expert counts) to every destination, instead
-  // of block 0 of the send kernel once it has started; and the plan kernel loads a tile's K
-  // expert ids together. 2 x H100, same call: dispatch 187.7 -> 188.4 us, layout only 142.0 ->
-  // 146.9 (the notify's system fence delays the plan grid's end, which releases the send); off.
-  bool plan_notify = false;
-  // F (with plan_once): the send waits for a flag that the plan kernel's last block raises once
-  // the plan is written, instead of for the plan grid's end (griddepcontrol.wait). 2 x H200:
-  // dispatch 166.2 -> 167.7 us (the dependent's release costs ~1 µs, no more); off.
-  bool plan_flag_release = false;
+  // Session 5 (docs/comm/README.md, "Session 5: the dispatch prologue, ..."); same results bit
+  // for bit; Q (and Y above) measured faster, so they are on. The options of sessions 3 to 5 that
+  // measured slower or no faster (combine_async_rows, combine_peer_items, combine_even_steps,
+  // dispatch_pull, plan_notify, plan_flag_release, dispatch_stream_rows, dispatch_bulk_rows) were
+  // removed: their measurements stay in that README, their code at commit 0d66fed.
   // Q (with plan_once): the plan kernel counts each tile with shared-memory atomics instead of
   // one match.any per k (phase stamps, 2 x H200: 5.7 of the plan's 9 µs of counting were that
   // loop), its ids loaded together, its last block reading the count table in one round trip
@@ -175,17 +146,6 @@ struct DeviceEpOptions {
   // 2 x H200, same call, 3 rounds: dispatch 166.1 -> 161.5 us, layout only 138.5 -> 134.4; with Y
   // (the session-5 defaults) 160.7 / 134.3; on by default.
   bool plan_fast_count = true;
-  // H (with D): the dispatch's local row writes (the rank's own rows by the send, the copies by
-  // the receive) are streaming stores (evict-first in L2) and the send's x loads are evict-first,
-  // so that the rows landing from the peers stay in L2 for the receive's copies. Dispatch, same
-  // calls: 2 x H100 188.4 -> 186.0 us (with N), 2 x H200 166.2 -> 167.5 (alone); off.
-  bool dispatch_stream_rows = false;
-  // T (with D, L and prefetch_payload; FP8): each quantised 1024-column step is staged once in
-  // shared memory and written into every local row of the token by the copy engine
-  // (cp.async.bulk, one instruction per row and step) instead of 16-byte stores of every lane
-  // per row; the rows to peers are still stored by the lanes. 2 x H100, same call: dispatch
-  // 188.4 -> 194.6 us (with N): the lanes' local stores are not the bound; off.
-  bool dispatch_bulk_rows = false;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
