@@ -587,6 +587,39 @@ __device__ __forceinline__ void load_rec(const char* rec, int64_t c0, int64_t ro
     if (c0 + u * 512 < row_bytes) v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + c0 + u * 512));
 }
 
+// Lane k < K of a warp: the masked row of record `slot`'s k-th expert (-1: none, or the expert
+// overflowed), written into the layout (m_indices, row_src, row_weight, token_rows, the slot's
+// weight copy) when `meta` (the item that holds the record's step 0). Record i of the compact
+// order, from source s.
+__device__ __forceinline__ int place_record(const Params& p, const int* base, bool ovf, int s,
+                                            int64_t i, int64_t slot, bool meta, int32_t* m_indices,
+                                            int32_t* row_src) {
+  const int lane = threadIdx.x & 31;
+  int e = -1, pos = 0;
+  float wt = 0.0f;
+  if (lane < p.K) {
+    e = __ldcg(at<int32_t>(p.my, p.f.topk_local) + slot * p.K + lane);
+    pos = __ldcg(at<int32_t>(p.my, p.f.topk_pos) + slot * p.K + lane);
+    if (meta) wt = __ldcg(at<float>(p.my, p.f.weight) + slot * p.K + lane);
+  }
+  int row = -1;
+  if (lane < p.K) {
+    if (e >= 0 && !ovf) {
+      row = static_cast<int>(e * p.cap) + base[s * p.L + e] + pos;
+      if (meta) {
+        m_indices[row] = e;
+        row_src[row] = static_cast<int32_t>(i * p.K + lane);
+        at<float>(p.my, p.f.row_weight)[row] = wt;
+      }
+    }
+    if (meta) {
+      at<int32_t>(p.my, p.f.token_rows)[slot * p.K + lane] = row;
+      slot_weight(p)[slot * p.K + lane] = row >= 0 ? wt : 0.0f;
+    }
+  }
+  return row;
+}
+
 // ---- dispatch receive, token_flags: every record step copied as soon as its flag is in ----
 // Items (record, range of 1024-column steps), the sender's steps: the item's lanes wait for the
 // flags of step 0 (the metadata) and of its steps, then write the layout entries (step-0 items)
@@ -620,28 +653,7 @@ __device__ void recv_flagged(const Params& p, const int* base, const int* roff, 
     if (__any_sync(kFull, !ok)) return;  // recorded; check() reports it
     __syncwarp();
     const bool meta = first == 0;
-    int e = -1, pos = 0;
-    float wt = 0.0f;
-    if (lane < p.K) {
-      e = __ldcg(at<int32_t>(p.my, p.f.topk_local) + slot * p.K + lane);
-      pos = __ldcg(at<int32_t>(p.my, p.f.topk_pos) + slot * p.K + lane);
-      if (meta) wt = __ldcg(at<float>(p.my, p.f.weight) + slot * p.K + lane);
-    }
-    int row = -1;
-    if (lane < p.K) {
-      if (e >= 0 && !ovf) {
-        row = static_cast<int>(e * p.cap) + base[s * p.L + e] + pos;
-        if (meta) {
-          m_indices[row] = e;
-          row_src[row] = static_cast<int32_t>(i * p.K + lane);
-          at<float>(p.my, p.f.row_weight)[row] = wt;
-        }
-      }
-      if (meta) {
-        at<int32_t>(p.my, p.f.token_rows)[slot * p.K + lane] = row;
-        slot_weight(p)[slot * p.K + lane] = row >= 0 ? wt : 0.0f;
-      }
-    }
+    const int row = place_record(p, base, ovf, s, i, slot, meta, m_indices, row_src);
     if (!copy) continue;
     int rows[kMaxTopK];
 #pragma unroll
@@ -791,28 +803,7 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
         for (int q = 0; q < 2; ++q)
           if (lane + 32 * q < p.SC)
             sc[q] = __ldcg(reinterpret_cast<const float*>(rec + p.H) + lane + 32 * q);
-      int e = -1, pos = 0;
-      float wt = 0.0f;
-      if (lane < p.K) {
-        e = __ldcg(at<int32_t>(p.my, p.f.topk_local) + slot * p.K + lane);
-        pos = __ldcg(at<int32_t>(p.my, p.f.topk_pos) + slot * p.K + lane);
-        if (meta) wt = __ldcg(at<float>(p.my, p.f.weight) + slot * p.K + lane);
-      }
-      int row = -1;
-      if (lane < p.K) {
-        if (e >= 0 && !ovf) {
-          row = static_cast<int>(e * p.cap) + base[s * p.L + e] + pos;
-          if (meta) {
-            m_indices[row] = e;
-            row_src[row] = static_cast<int32_t>(i * p.K + lane);
-            at<float>(p.my, p.f.row_weight)[row] = wt;
-          }
-        }
-        if (meta) {
-          at<int32_t>(p.my, p.f.token_rows)[slot * p.K + lane] = row;
-          slot_weight(p)[slot * p.K + lane] = row >= 0 ? wt : 0.0f;
-        }
-      }
+      const int row = place_record(p, base, ovf, s, i, slot, meta, m_indices, row_src);
       if (!copy) continue;
       int rows[kMaxTopK];
 #pragma unroll
