@@ -443,6 +443,24 @@ std::vector<int> devices_of(const World& w) {
   return d;
 }
 
+// The graph captured on `stream` (its device current), instantiated.
+cudaGraphExec_t end_capture(cudaStream_t stream) {
+  cudaGraph_t graph;
+  FM_CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec;
+  FM_CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  FM_CHECK_CUDA(cudaGraphDestroy(graph));
+  return exec;
+}
+
+// One replay of every rank's graph, each on its rank's stream.
+void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
+  for (int r = 0; r < w.R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+    FM_CHECK_CUDA(cudaGraphLaunch(execs[r], w.ranks[r].stream));
+  }
+}
+
 // A kernel variant by name: "v5" (the plan in every send block, no session-3 option), "base"
 // (plan_once alone: the session-2 kernels), "default" (DeviceEpOptions' defaults), or letters of
 // the options on top of plan_once: P prefetch_payload, C combine_two_steps (so "PC" = the
@@ -864,17 +882,9 @@ std::vector<std::vector<double>> bench_ab_ll(World& w, int64_t T, int64_t cap, i
         ep.combine_send(k.dy, k.stream);
         ep.combine_recv(k.dout, k.stream);
       }
-      cudaGraph_t graph;
-      FM_CHECK_CUDA(cudaStreamEndCapture(k.stream, &graph));
-      FM_CHECK_CUDA(cudaGraphInstantiate(&execs[r], graph, 0));
-      FM_CHECK_CUDA(cudaGraphDestroy(graph));
+      execs[r] = end_capture(k.stream);
     }
-    auto replay = [&] {
-      for (int r = 0; r < w.R; ++r) {
-        FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
-        FM_CHECK_CUDA(cudaGraphLaunch(execs[r], w.ranks[r].stream));
-      }
-    };
+    const auto replay = [&] { replay_graphs(w, execs); };
     Row row;
     row.impl = "fp8moe";
     row.mode = "low_latency";
@@ -988,17 +998,9 @@ void bench_nccl_graph(World& w, int64_t T, const std::vector<std::vector<int64_t
     }
     for (int r = 0; r < w.R; ++r) {
       FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
-      cudaGraph_t graph;
-      FM_CHECK_CUDA(cudaStreamEndCapture(w.ranks[r].stream, &graph));
-      FM_CHECK_CUDA(cudaGraphInstantiate(&execs[r], graph, 0));
-      FM_CHECK_CUDA(cudaGraphDestroy(graph));
+      execs[r] = end_capture(w.ranks[r].stream);
     }
-    auto replay = [&] {
-      for (int r = 0; r < w.R; ++r) {
-        FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
-        FM_CHECK_CUDA(cudaGraphLaunch(execs[r], w.ranks[r].stream));
-      }
-    };
+    const auto replay = [&] { replay_graphs(w, execs); };
     Row row;
     row.impl = "nccl";
     row.mode = "low_latency";
