@@ -5,7 +5,8 @@
 # in a worktree), copy the binaries into one carried folder, and run e.g.
 #   BUILDS="old=build-x/ep_bench_adcad14 new=build-x/ep_bench_head" AB="default,PCBDL,PCBDLQ,PCBDLY" \
 #     GPUS=0,1 bash scripts/comm/ep_ab_builds.sh
-# Env: BUILDS (name=path ...), AB (ep_bench --ab list), GPUS (CUDA_VISIBLE_DEVICES, default all),
+# Env: BUILDS (name=path ...), AB (ep_bench --ab list; AB_<name> overrides it for one build, e.g.
+# an older build that does not know a newer letter), GPUS (CUDA_VISIBLE_DEVICES, default all),
 # PROCS (processes per build, default 2), ROUNDS (--ab-rounds per process, default 2), SWEEP=1
 # also runs each build's plain sweep (the defaults, as scripts/comm/ep_device_suite.sh does).
 # Outputs under $OUT: ab_<name>_<i>.{log,jsonl}, sweep_<name>_<i>.{log,jsonl}.
@@ -22,8 +23,10 @@ common=(--blocks 64 --chunks 16 --ll-blocks 64 --ll-chunks 4 --date "$(date -u +
 for ((i = 1; i <= ${PROCS:-2}; ++i)); do
   for spec in ${BUILDS:?set BUILDS=\"name=path ...\"}; do
     name=${spec%%=*} bin=${spec#*=}
-    if [[ -n ${AB:-} ]]; then
-      timeout 200 "$bin" --ab "$AB" --ab-rounds "${ROUNDS:-2}" "${common[@]}" --commit "$name" \
+    ab_var=AB_$name
+    ab=${!ab_var:-${AB:-}}
+    if [[ -n $ab ]]; then
+      timeout 200 "$bin" --ab "$ab" --ab-rounds "${ROUNDS:-2}" "${common[@]}" --commit "$name" \
         --out "$out/ab_${name}_$i.jsonl" > "$out/ab_${name}_$i.log" 2>&1
       echo "$name ab $i rc=$?"
       grep -E "^# ab " "$out/ab_${name}_$i.log" | head -20
