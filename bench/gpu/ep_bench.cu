@@ -921,6 +921,23 @@ std::vector<std::vector<double>> bench_ab_ll(World& w, int64_t T, int64_t cap, i
 }
 
 #if defined(FP8MOE_HAVE_NCCL)
+// One grouped all-to-all as ncclSend/ncclRecv pairs: rank r sends cnt[r][p] records of
+// record_bytes from region p of its send buffer and receives cnt[p][r] into region p of its
+// receive buffer (regions of T records).
+void nccl_all_to_all(World& w, const std::vector<char*>& sbuf, const std::vector<char*>& rbuf,
+                     int64_t T, const std::vector<std::vector<int64_t>>& cnt,
+                     int64_t record_bytes) {
+  BENCH_NCCL(ncclGroupStart());
+  for (int r = 0; r < w.R; ++r)
+    for (int p = 0; p < w.R; ++p) {
+      BENCH_NCCL(ncclSend(sbuf[r] + p * T * record_bytes, cnt[r][p] * record_bytes, ncclUint8, p,
+                          w.comms[r], w.ranks[r].stream));
+      BENCH_NCCL(ncclRecv(rbuf[r] + p * T * record_bytes, cnt[p][r] * record_bytes, ncclUint8, p,
+                          w.comms[r], w.ranks[r].stream));
+    }
+  BENCH_NCCL(ncclGroupEnd());
+}
+
 // NCCL all-to-all (grouped send/recv) of exactly the bytes the dispatch moves.
 void bench_nccl(World& w, const char* mode, int64_t T, const std::vector<std::vector<int64_t>>& cnt,
                 const char* op, const char* dtype, int64_t record_bytes, double recv_bytes) {
@@ -931,17 +948,7 @@ void bench_nccl(World& w, const char* mode, int64_t T, const std::vector<std::ve
     FM_CHECK_CUDA(cudaMalloc(&rbuf[r], w.R * T * record_bytes + 16));
     FM_CHECK_CUDA(cudaMemset(sbuf[r], 1, w.R * T * record_bytes + 16));
   }
-  auto a2a = [&] {
-    BENCH_NCCL(ncclGroupStart());
-    for (int r = 0; r < w.R; ++r)
-      for (int p = 0; p < w.R; ++p) {
-        BENCH_NCCL(ncclSend(sbuf[r] + p * T * record_bytes, cnt[r][p] * record_bytes, ncclUint8, p,
-                            w.comms[r], w.ranks[r].stream));
-        BENCH_NCCL(ncclRecv(rbuf[r] + p * T * record_bytes, cnt[p][r] * record_bytes, ncclUint8, p,
-                            w.comms[r], w.ranks[r].stream));
-      }
-    BENCH_NCCL(ncclGroupEnd());
-  };
+  auto a2a = [&] { nccl_all_to_all(w, sbuf, rbuf, T, cnt, record_bytes); };
   Row row;
   row.impl = "nccl";
   row.mode = mode;
@@ -975,17 +982,7 @@ void bench_nccl_graph(World& w, int64_t T, const std::vector<std::vector<int64_t
     FM_CHECK_CUDA(cudaMalloc(&rbuf[r], w.R * T * rb + 16));
     FM_CHECK_CUDA(cudaMemset(sbuf[r], 1, w.R * T * rb + 16));
   }
-  auto a2a = [&](int64_t record_bytes) {
-    BENCH_NCCL(ncclGroupStart());
-    for (int r = 0; r < w.R; ++r)
-      for (int p = 0; p < w.R; ++p) {
-        BENCH_NCCL(ncclSend(sbuf[r] + p * T * record_bytes, cnt[r][p] * record_bytes, ncclUint8, p,
-                            w.comms[r], w.ranks[r].stream));
-        BENCH_NCCL(ncclRecv(rbuf[r] + p * T * record_bytes, cnt[p][r] * record_bytes, ncclUint8, p,
-                            w.comms[r], w.ranks[r].stream));
-      }
-    BENCH_NCCL(ncclGroupEnd());
-  };
+  auto a2a = [&](int64_t record_bytes) { nccl_all_to_all(w, sbuf, rbuf, T, cnt, record_bytes); };
   std::vector<cudaGraphExec_t> execs(w.R, nullptr);
   try {
     for (auto& k : w.ranks) {
