@@ -579,6 +579,26 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
   stamp_last(p, 5);
 }
 
+// acc = sum over k ascending of ws[k] * (the BF16 row piece v[k]), rows[k] < 0 skipped; products
+// and sums unfused, from +0 (the reference's order).
+__device__ __forceinline__ void weighted_sum(const uint4 (&v)[kMaxTopK],
+                                             const int (&rows)[kMaxTopK],
+                                             const float (&ws)[kMaxTopK], float (&acc)[8]) {
+#pragma unroll
+  for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) {
+    if (rows[k] < 0) continue;
+    const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[k]);
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(ws[k], __uint_as_float(vw[x] << 16)));
+      acc[2 * x + 1] =
+          __fadd_rn(acc[2 * x + 1], __fmul_rn(ws[k], __uint_as_float(vw[x] & 0xFFFF0000u)));
+    }
+  }
+}
+
 // 4 x 16 bytes of a record from byte c0 (a lane's part of a 2 KB step).
 __device__ __forceinline__ void load_rec(const char* rec, int64_t c0, int64_t row_bytes,
                                          uint4 (&v)[4]) {
@@ -943,19 +963,7 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
         if (c0 + u * 256 >= p.H) continue;
         // partial_d = bf16(sum over k ascending of w_k * y_row), products and sums unfused.
         float acc[8];
-#pragma unroll
-        for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
-#pragma unroll
-        for (int k = 0; k < kMaxTopK; ++k) {
-          if (rows[k] < 0) continue;
-          const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u][k]);
-#pragma unroll
-          for (int x = 0; x < 4; ++x) {
-            acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(ws[k], __uint_as_float(vw[x] << 16)));
-            acc[2 * x + 1] =
-                __fadd_rn(acc[2 * x + 1], __fmul_rn(ws[k], __uint_as_float(vw[x] & 0xFFFF0000u)));
-          }
-        }
+        weighted_sum(v[u], rows, ws, acc);
         *reinterpret_cast<uint4*>(dst + c0 + u * 256) = pack_bf16(acc);
       }
     }
@@ -1019,19 +1027,7 @@ __device__ __forceinline__ void own_partial(const Params& p, int64_t j, int64_t 
     for (int u = 0; u < 2; ++u) {
       if (c0 + (u2 + u) * 256 >= p.H) continue;
       float acc[8];
-#pragma unroll
-      for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) {
-        if (rows[k] < 0) continue;
-        const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u][k]);
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(ws[k], __uint_as_float(vw[x] << 16)));
-          acc[2 * x + 1] =
-              __fadd_rn(acc[2 * x + 1], __fmul_rn(ws[k], __uint_as_float(vw[x] & 0xFFFF0000u)));
-        }
-      }
+      weighted_sum(v[u], rows, ws, acc);
       *reinterpret_cast<uint4*>(dst + (u2 + u) * 256) = pack_bf16(acc);
     }
   }
