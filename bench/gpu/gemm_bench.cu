@@ -53,6 +53,13 @@ constexpr int64_t kL2Bytes = 50ll << 20;
 // the clocks follow the recent load by 5-15% (dev/gemm/NOTES.md v9-v14), so each timing records
 // what the GPU ran at. Sampled after each graph replay of a timing; a row gets the median of the
 // samples taken since the previous row. Without NVML the fields are left out.
+// The median (upper of the two middle values), -1 when x is empty.
+double median_or_none(std::vector<double> x) {
+  if (x.empty()) return -1.0;
+  std::sort(x.begin(), x.end());
+  return x[x.size() / 2];
+}
+
 class ClockProbe {
  public:
   void open(int cuda_device) {
@@ -79,14 +86,10 @@ class ClockProbe {
   }
   // Medians since the last take (negative when nothing was sampled).
   std::pair<double, double> take() {
-    const auto med = [](std::vector<double>& x) {
-      if (x.empty()) return -1.0;
-      std::sort(x.begin(), x.end());
-      const double v = x[x.size() / 2];
-      x.clear();
-      return v;
-    };
-    return {med(mhz_), med(watts_)};
+    const std::pair<double, double> r{median_or_none(mhz_), median_or_none(watts_)};
+    mhz_.clear();
+    watts_.clear();
+    return r;
   }
 
  private:
@@ -98,6 +101,16 @@ class ClockProbe {
   std::vector<double> mhz_, watts_;
 };
 ClockProbe g_clock;
+
+// The clock and power medians of the timing just taken, appended to a row's samples (nothing when
+// the probe is off).
+void keep_clock_sample(std::vector<double>& mhz, std::vector<double>& watts) {
+  const auto [f, w] = g_clock.take();
+  if (f > 0) {
+    mhz.push_back(f);
+    watts.push_back(w);
+  }
+}
 
 template <typename T>
 struct Dev {
@@ -632,24 +645,15 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
             u_block.push_back(time_us(stream, sets, launch_block));
           else
             u_alts[size_t(j - 1)].push_back(time_us(stream, sets, alts[size_t(j - 1)].second));
-          const auto [f, w] = g_clock.take();
-          if (f > 0) {
-            mhz[size_t(j)].push_back(f);
-            watts[size_t(j)].push_back(w);
-          }
+          keep_clock_sample(mhz[size_t(j)], watts[size_t(j)]);
         }
-      const auto med = [](std::vector<double> x) {
-        if (x.empty()) return -1.0;
-        std::sort(x.begin(), x.end());
-        return x[x.size() / 2];
-      };
-      r.sm_mhz = med(mhz[0]);
-      r.power_w = med(watts[0]);
-      block_mhz = med(mhz[size_t(count - 1)]);
-      block_watts = med(watts[size_t(count - 1)]);
+      r.sm_mhz = median_or_none(mhz[0]);
+      r.power_w = median_or_none(watts[0]);
+      block_mhz = median_or_none(mhz[size_t(count - 1)]);
+      block_watts = median_or_none(watts[size_t(count - 1)]);
       for (size_t j = 0; j < alts.size(); ++j) {
-        alts[j].first.sm_mhz = med(mhz[j + 1]);
-        alts[j].first.power_w = med(watts[j + 1]);
+        alts[j].first.sm_mhz = median_or_none(mhz[j + 1]);
+        alts[j].first.power_w = median_or_none(watts[j + 1]);
       }
       std::sort(u_ours.begin(), u_ours.end());
       std::sort(u_block.begin(), u_block.end());
@@ -875,21 +879,12 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
           run_plan(lt, *plans[x], fs[x].b.p, fs[x].a.p, d_ref.p, stream);
         }));
       }
-      const auto [f, w] = g_clock.take();
-      if (f > 0) {
-        mhz[size_t(j)].push_back(f);
-        watts[size_t(j)].push_back(w);
-      }
+      keep_clock_sample(mhz[size_t(j)], watts[size_t(j)]);
     }
-  const auto median = [](std::vector<double> x) {
-    if (x.empty()) return -1.0;
-    std::sort(x.begin(), x.end());
-    return x[x.size() / 2];
-  };
-  const double us_block = lt_ok ? median(us_lt) : -1;
+  const double us_block = lt_ok ? median_or_none(us_lt) : -1;
   for (size_t vi = 0; vi < vars.size(); ++vi) {
     const SmallVariant& v = vars[vi];
-    const double u = median(v.us);
+    const double u = median_or_none(v.us);
     Row r{"dense",
           v.impl,
           v.tile,
@@ -901,8 +896,8 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
           flops / u * 1e-6,
           bytes_moved(double(fp8_bytes)) / u * 1e-3};
     if (us_block > 0) r.ratio_blockwise = us_block / u;
-    r.sm_mhz = median(mhz[vi]);
-    r.power_w = median(watts[vi]);
+    r.sm_mhz = median_or_none(mhz[vi]);
+    r.power_w = median_or_none(watts[vi]);
     if (vi == 0) r.rel_err = heuristic_err;
     if (lt_ok) {
       FM_CHECK_CUDA(cudaMemset(d.p, 0xFF, d.n * sizeof(bf16)));
@@ -924,8 +919,8 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
           flops / us_block * 1e-6,
           bytes_moved(double(fp8_bytes)) / us_block * 1e-3};
     a.ratio_blockwise = 1.0;
-    a.sm_mhz = median(mhz[size_t(count - 1)]);
-    a.power_w = median(watts[size_t(count - 1)]);
+    a.sm_mhz = median_or_none(mhz[size_t(count - 1)]);
+    a.power_w = median_or_none(watts[size_t(count - 1)]);
     out.add(a);
   } else {
     Row a{"dense", anchor_name(Anchor::kFp8Blockwise), "", m, n, k, 1, 0, 0, 0};
@@ -957,17 +952,8 @@ void time_grouped(Output& out, cudaStream_t stream, int sets, Row pick, double f
     for (int i = 0; i < count; ++i) {
       const int j = (i + round) % count;
       us[size_t(j)].push_back(time_us(stream, sets, [&](int x) { launch(force_of(j), x); }));
-      const auto [f, w] = g_clock.take();
-      if (f > 0) {
-        mhz[size_t(j)].push_back(f);
-        watts[size_t(j)].push_back(w);
-      }
+      keep_clock_sample(mhz[size_t(j)], watts[size_t(j)]);
     }
-  const auto med = [](std::vector<double> x) {
-    if (x.empty()) return -1.0;
-    std::sort(x.begin(), x.end());
-    return x[x.size() / 2];
-  };
   FM_CHECK_CUDA(cudaMemset(d.p, 0xFF, d.n * sizeof(bf16)));
   launch(nullptr, 0);
   FM_CHECK_CUDA(cudaStreamSynchronize(stream));
@@ -985,11 +971,11 @@ void time_grouped(Output& out, cudaStream_t stream, int sets, Row pick, double f
     }
     std::vector<double> u = us[size_t(j)];
     std::sort(u.begin(), u.end());
-    r.us = med(u);
+    r.us = median_or_none(u);
     r.tflops = flops / r.us * 1e-6;
     r.gbps = bytes / r.us * 1e-3;
-    r.sm_mhz = med(mhz[size_t(j)]);
-    r.power_w = med(watts[size_t(j)]);
+    r.sm_mhz = median_or_none(mhz[size_t(j)]);
+    r.power_w = median_or_none(watts[size_t(j)]);
     r.note = "spread " + std::to_string(int(std::lround(100.0 * (u.back() / u[0] - 1.0)))) + "%";
     out.add(r);
   }
