@@ -6,6 +6,10 @@
 #   2. the EP suite's benches on GPUs 0 and 1 (A/B of FULL_AB if set, the defaults), beside
 #      gemm_bench on the last GPU (FULL_GEMM_BENCH=0 skips it) when there are 3 or more GPUs
 #      (else after them)
+#   2b. with FULL_PREV_EP="name=path ..." (ep_bench binaries of earlier builds, carried too), the
+#      same-call A/B of those builds against this one's ep_bench on GPUs 0 and 1 (defaults,
+#      processes alternated: scripts/comm/ep_ab_builds.sh), so that a regression of the merged
+#      tree shows up in the run that validates it
 #   3. with 4 or more GPUs, the EP suite's benches on every GPU (A/B of FULL_AB_ALL if set, the
 #      defaults; the two-stage route if FULL_XNODE is set, e.g. "2")
 # Outputs: $OUT/tests.tgz (test logs), $OUT/x2/ep_suite.tgz, $OUT/xN/ep_suite.tgz, $OUT/gemm.tgz.
@@ -70,6 +74,12 @@ grep -E "^dense +fp8moe +m=" "$gemm_dir/gemm_bench.log" 2> /dev/null |
   awk '{print $3, $4, $5, $7, $8, $13, $14, $NF}' | head -20
 grep -E "^(grouped_contiguous|grouped_masked|wgrad|kgrouped_wgrad) " "$gemm_dir/gemm_bench.log" 2> /dev/null |
   awk '{print $1, $2, $3, $4, $5, $6, $9, $10}' | head -12
+
+if [[ -n ${FULL_PREV_EP:-} ]]; then
+  echo "== [$(el) s] phase 2b: ep_bench A/B against earlier builds on GPUs 0,1"
+  OUT=$out/prev BUILDS="$FULL_PREV_EP now=$bin/ep_bench" AB=default PROCS=2 GPUS=0,1 \
+    bash scripts/comm/ep_ab_builds.sh 2>&1 | grep -E "rc=|normal +(dispatch|combine) "
+fi
 
 if ((gpus >= 4)); then
   echo "== [$(el) s] phase 3: EP benches on $gpus GPUs"
