@@ -197,6 +197,12 @@ Fp8Set make_fp8_set(int64_t rows_a, int64_t n, int64_t k, int64_t groups, uint64
   return s;
 }
 
+// The pdl setting that is not the default (GemmTileConfig::pdl: 1 off, 2 on): the bench times
+// the picks both ways.
+int pdl_other() {
+  return kernels::kGemmDefaultPdl == 2 ? 1 : 2;
+}
+
 int sets_for(int64_t bytes_per_set) {
   return int(std::clamp<int64_t>(
       (3 * kL2Bytes + bytes_per_set - 1) / std::max<int64_t>(bytes_per_set, 1), 1, 8));
@@ -564,6 +570,20 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
                       });
   }
   {
+    // The heuristic's pick with pdl the other way (GemmTileConfig::pdl).
+    kernels::GemmShape shape{kernels::GemmKind::kDense, m, n, k, 1};
+    shape.max_split_k = 8;  // fp8_gemm_nt's kHeuristicMaxSplitK (it has a workspace here)
+    kernels::GemmTileConfig pick =
+        kernels::choose_gemm_tile(shape, out.num_sms, out.smem, out.dram);
+    pick.pdl = pdl_other();
+    alts.emplace_back(Row{"dense", "fp8moe_pick_pdl" + std::to_string(pick.pdl),
+                          kernels::describe_tile_config(pick), m, n, k, 1, 0, 0, 0},
+                      [&, pick](int i) {
+                        kernels::fp8_gemm_nt(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m,
+                                             n, k, stream, &pick, workspace);
+                      });
+  }
+  {
     for (const kernels::GemmTileConfig& c : variants)
       alts.emplace_back(
           Row{"dense", "fp8moe_forced_tile", kernels::describe_tile_config(c), m, n, k, 1, 0, 0, 0},
@@ -801,23 +821,60 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
                                     shape, out.num_sms, out.smem, out.dram)));
     vars.emplace_back("fp8moe_nosplit", out.tile_for(kernels::GemmKind::kDense, m, n, k, 1));
     vars.back().workspace = false;
+    // The pick launched with programmatic dependent launch (pdl on / off, whichever the pick's
+    // default is not).
+    kernels::GemmTileConfig pick =
+        kernels::choose_gemm_tile(shape, out.num_sms, out.smem, out.dram);
+    pick.pdl = pdl_other();
+    vars.emplace_back("fp8moe_pick_pdl" + std::to_string(pick.pdl),
+                      kernels::describe_tile_config(pick));
+    vars.back().has_force = true;
+    vars.back().force = pick;
   }
-  std::vector<kernels::GemmTileConfig> forced = {{128, 128, 0, 0, 0, 1, 1},
-                                                 {64, 128, 0, 0, 0, 1, 1},
-                                                 {64, 64, 0, 0, 0, 1, 1},
-                                                 {128, 192, 0, 0, 2, 1, 1},
-                                                 {128, 256, 0, 0, 2, 1, 1}};
-  for (int split : {2, 3, 4, 6, 8})
-    if (2 * split <= kb) forced.push_back({128, 128, 0, 0, 0, 1, split});
-  // Tail split (the last partial wave's tiles cut along K), where the shape has one.
-  for (const kernels::GemmTileConfig c : {kernels::GemmTileConfig{128, 128, 0, 0, 2, 1, 1, 2},
-                                          kernels::GemmTileConfig{128, 128, 0, 0, 1, 1, 1, 2}})
-    if (kernels::fp8_gemm_workspace_bytes(m, n, k, &c) > 0) forced.push_back(c);
-  for (int split : {2, 4, 8})
-    if (2 * split <= kb) {
-      forced.push_back({64, 128, 0, 0, 0, 1, split});
-      if (split < 8) forced.push_back({64, 64, 0, 0, 0, 1, split});
+  std::vector<kernels::GemmTileConfig> forced;
+  if (std::getenv("FP8MOE_BENCH_LEAN") == nullptr) {
+    forced = {{128, 128, 0, 0, 0, 1, 1},
+              {64, 128, 0, 0, 0, 1, 1},
+              {64, 64, 0, 0, 0, 1, 1},
+              {128, 192, 0, 0, 2, 1, 1},
+              {128, 256, 0, 0, 2, 1, 1}};
+    for (int split : {2, 3, 4, 6, 8})
+      if (2 * split <= kb) forced.push_back({128, 128, 0, 0, 0, 1, split});
+    // Tail split (the last partial wave's tiles cut along K), where the shape has one.
+    for (const kernels::GemmTileConfig c : {kernels::GemmTileConfig{128, 128, 0, 0, 2, 1, 1, 2},
+                                            kernels::GemmTileConfig{128, 128, 0, 0, 1, 1, 1, 2}})
+      if (kernels::fp8_gemm_workspace_bytes(m, n, k, &c) > 0) forced.push_back(c);
+    for (int split : {2, 4, 8})
+      if (2 * split <= kb) {
+        forced.push_back({64, 128, 0, 0, 0, 1, split});
+        if (split < 8) forced.push_back({64, 64, 0, 0, 0, 1, split});
+      }
+  }
+  // Extra forced rows from FP8MOE_BENCH_SMALL_TILES (e.g. "128x256,128x256e3"): the TMA-store
+  // epilogue (eN: epilogue N), with pdl off and on.
+  if (const char* list = std::getenv("FP8MOE_BENCH_SMALL_TILES")) {
+    const std::string l = list;
+    for (size_t pos = 0; pos < l.size();) {
+      const size_t comma = std::min(l.find(',', pos), l.size());
+      const std::string t = l.substr(pos, comma - pos);
+      const size_t x = t.find('x');
+      if (x != std::string::npos) {
+        const size_t e = t.find('e');
+        kernels::GemmTileConfig c{std::atoi(t.substr(0, x).c_str()),
+                                  std::atoi(t.substr(x + 1).c_str()),
+                                  0,
+                                  0,
+                                  e == std::string::npos ? 2 : std::atoi(t.substr(e + 1).c_str()),
+                                  1,
+                                  1};
+        c.pdl = 1;
+        forced.push_back(c);
+        c.pdl = 2;
+        forced.push_back(c);
+      }
+      pos = comma + 1;
     }
+  }
   for (const kernels::GemmTileConfig& c : forced) {
     SmallVariant v("fp8moe_forced_tile", kernels::describe_tile_config(c));
     v.has_force = true;
@@ -933,8 +990,10 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
 // a rotated alternation (each row once at every place, as bench_dense), medians; each forced
 // row's output is compared with the pick's.
 const std::vector<kernels::GemmTileConfig>& grouped_variants() {
-  static const std::vector<kernels::GemmTileConfig> v = {
-      {128, 256, 0, 0, 2}, {128, 128, 0, 0, 2}, {128, 128, 0, 0, 1}};
+  static const std::vector<kernels::GemmTileConfig> v = {{128, 256, 0, 0, 2},
+                                                         {128, 256, 0, 0, 2, 1, 1, 1, pdl_other()},
+                                                         {128, 128, 0, 0, 2},
+                                                         {128, 128, 0, 0, 1}};
   return v;
 }
 
@@ -1120,11 +1179,78 @@ void profile_dense(Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k)
   FM_CHECK_CUDA(cudaStreamSynchronize(stream));
 }
 
+// Programmatic dependent launch in graphs: captures two back-to-back launches of cuBLASLt
+// blockwise, of ours with pdl on and of ours with pdl off, and prints each graph's nodes and edge
+// types (programmatic edges: the second launch may begin before the first ends).
+void pdl_probe(Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k, const Output& out) {
+  Fp8Set f = make_fp8_set(m, n, k, 1, 7);
+  Dev<bf16> d(size_t(m * n));
+  const int64_t nb = (n + 127) / 128, kb = k / 128;
+  Dev<float> sb_lt(size_t(kb * nb));
+  transpose_block_scales<<<unsigned((kb * nb + 255) / 256), 256>>>(f.sb.p, sb_lt.p, nb, kb, nb);
+  FM_CHECK_LAUNCH();
+  LtPlan block;
+  make_plan(lt, block, Anchor::kFp8Blockwise, m, n, k, sb_lt.p, f.sa.p);
+  kernels::GemmShape shape{kernels::GemmKind::kDense, m, n, k, 1};
+  const kernels::GemmTileConfig pick =
+      kernels::choose_gemm_tile(shape, out.num_sms, out.smem, out.dram);
+  kernels::GemmTileConfig on = pick, off = pick;
+  on.pdl = 2;
+  off.pdl = 1;
+  const auto probe = [&](const char* what, const std::function<void()>& launch) {
+    launch();  // plans and lazy loading outside the capture
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    cudaGraph_t graph;
+    FM_CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+    launch();
+    launch();
+    FM_CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+    size_t nodes = 0, edges = 0;
+    FM_CHECK_CUDA(cudaGraphGetNodes(graph, nullptr, &nodes));
+    FM_CHECK_CUDA(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &edges));
+    std::vector<cudaGraphNode_t> from(edges), to(edges);
+    std::vector<cudaGraphEdgeData> data(edges);
+    if (edges > 0)
+      FM_CHECK_CUDA(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &edges));
+    std::printf("pdl probe %s m=%lld n=%lld k=%lld: %zu nodes, %zu edges:", what, (long long)m,
+                (long long)n, (long long)k, nodes, edges);
+    for (const cudaGraphEdgeData& e : data)
+      std::printf(" [type %d from_port %d to_port %d]", int(e.type), int(e.from_port),
+                  int(e.to_port));
+    std::printf("\n");
+    FM_CHECK_CUDA(cudaGraphDestroy(graph));
+  };
+  if (block.ok)
+    probe("cublaslt_blockwise", [&] { run_plan(lt, block, f.b.p, f.a.p, d.p, stream); });
+  probe("fp8moe pdl on",
+        [&] { kernels::fp8_gemm_nt(f.a.p, f.sa.p, f.b.p, f.sb.p, d.p, m, n, k, stream, &on); });
+  probe("fp8moe pdl off",
+        [&] { kernels::fp8_gemm_nt(f.a.p, f.sa.p, f.b.p, f.sb.p, d.p, m, n, k, stream, &off); });
+}
+
+// Two launches of the grouped contiguous heuristic pick (equal experts) for a profiler.
+void profile_contiguous(cudaStream_t stream, int64_t groups, int64_t rows, int64_t n, int64_t k) {
+  const int64_t m = groups * rows;
+  Fp8Set f = make_fp8_set(m, n, k, groups, 11);
+  std::vector<int32_t> layout(static_cast<size_t>(m));
+  for (int64_t r = 0; r < m; ++r) layout[size_t(r)] = int32_t(r / rows);
+  Dev<int32_t> dl(static_cast<size_t>(m));
+  FM_CHECK_CUDA(cudaMemcpy(dl.p, layout.data(), size_t(m) * 4, cudaMemcpyHostToDevice));
+  Dev<bf16> d(size_t(m * n));
+  for (int i = 0; i < 2; ++i)
+    kernels::fp8_gemm_nt_grouped_contiguous(f.a.p, f.sa.p, f.b.p, f.sb.p, d.p, dl.p, m, n, k,
+                                            groups, stream);
+  FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+}
+
 int main(int argc, char** argv) {
   std::string out_path, only;
   std::vector<int64_t> ms = {4096, 128, 64};
   bool quick = false;
   int64_t profile_shape[3] = {0, 0, 0};
+  int64_t probe_shape[3] = {0, 0, 0};
+  int64_t contiguous_shape[4] = {0, 0, 0, 0};
+  std::vector<std::array<int64_t, 2>> nk_list;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--out" && i + 1 < argc)
@@ -1144,11 +1270,28 @@ int main(int argc, char** argv) {
       quick = true;
     else if (a == "--profile" && i + 3 < argc) {
       for (int j = 0; j < 3; ++j) profile_shape[j] = std::atoll(argv[++i]);
+    } else if (a == "--pdl-probe" && i + 3 < argc) {
+      for (int j = 0; j < 3; ++j) probe_shape[j] = std::atoll(argv[++i]);
+    } else if (a == "--profile-contiguous" && i + 4 < argc) {
+      for (int j = 0; j < 4; ++j) contiguous_shape[j] = std::atoll(argv[++i]);
+    } else if (a == "--nk" && i + 1 < argc) {
+      // Comma-separated NxK dense shapes instead of the DeepSeek-V3 list, e.g. 256x128,7168x2048.
+      const std::string list = argv[++i];
+      for (size_t pos = 0; pos < list.size();) {
+        const size_t comma = std::min(list.find(',', pos), list.size());
+        const std::string t = list.substr(pos, comma - pos);
+        const size_t x = t.find('x');
+        if (x != std::string::npos)
+          nk_list.push_back(
+              {std::atoll(t.substr(0, x).c_str()), std::atoll(t.substr(x + 1).c_str())});
+        pos = comma + 1;
+      }
     } else {
       std::fprintf(
           stderr,
           "usage: gemm_bench [--out FILE.jsonl] [--only dense|grouped|wgrad] [--m 4096,128,64] "
-          "[--quick] [--profile M N K]\n");
+          "[--quick] [--profile M N K] [--pdl-probe M N K] [--profile-contiguous G ROWS N K] "
+          "[--nk NxK,...]\n");
       return 2;
     }
   }
@@ -1183,8 +1326,19 @@ int main(int argc, char** argv) {
       profile_dense(lt, stream, profile_shape[0], profile_shape[1], profile_shape[2]);
       return 0;
     }
-    const int64_t nk[][2] = {{2112, 7168},  {24576, 1536}, {32768, 512},
-                             {7168, 16384}, {4096, 7168},  {7168, 2048}};
+    if (probe_shape[0] > 0) {
+      pdl_probe(lt, stream, probe_shape[0], probe_shape[1], probe_shape[2], out);
+      return 0;
+    }
+    if (contiguous_shape[0] > 0) {
+      profile_contiguous(stream, contiguous_shape[0], contiguous_shape[1], contiguous_shape[2],
+                         contiguous_shape[3]);
+      return 0;
+    }
+    if (nk_list.empty())
+      nk_list = {{2112, 7168},  {24576, 1536}, {32768, 512},
+                 {7168, 16384}, {4096, 7168},  {7168, 2048}};
+    const auto& nk = nk_list;
     uint64_t seed = 1;
     if (only.empty() || only == "dense") {
       for (int64_t m : ms) {

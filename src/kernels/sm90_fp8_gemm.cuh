@@ -1042,6 +1042,14 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
     cluster_sync();
   else
     __syncthreads();
+  // Programmatic dependent launch (GemmTileConfig::pdl): this grid may have started while the
+  // previous kernel of the stream was finishing, so its prologue above (barrier init, descriptor
+  // prefetch: no global memory) overlapped that kernel's tail. Every global access comes after
+  // the wait. Then the next grid may be scheduled: its CTAs take the SMs as ours exit (one CTA
+  // of this size per SM) and run their prologue under our last tiles. Both are no-ops in a
+  // launch without the attribute.
+  griddep_wait();
+  griddep_launch_dependents();
 
   if (threadIdx.x >= kNumMathThreads) {
     if constexpr (kBlockM >= 128) setmaxnreg_dec<40>();

@@ -83,9 +83,16 @@ CUtensorMap make_tma_2d(const void* ptr, TmaElem elem, uint64_t rows, uint64_t c
 
 GemmTileConfig resolve_config(const GemmShape& shape, const GemmTileConfig* force) {
   const DeviceInfo& info = current_device_info();
-  if (force == nullptr)
-    return choose_gemm_tile(shape, info.num_sms, info.smem_optin, info.dram_bytes_per_s);
+  if (force == nullptr) {
+    GemmTileConfig c =
+        choose_gemm_tile(shape, info.num_sms, info.smem_optin, info.dram_bytes_per_s);
+    if (c.pdl == 0) c.pdl = kGemmDefaultPdl;
+    return c;
+  }
   GemmTileConfig c = *force;
+  if (c.pdl == 0) c.pdl = kGemmDefaultPdl;
+  FM_CHECK_ARG(c.pdl == 1 || c.pdl == 2, "fp8 gemm: pdl ", c.pdl,
+               " (0 = default, 1 = off, 2 = on)");
   bool known = false;
   for (const TileCandidate& t : gemm_tile_candidates(shape.kind))
     known |= t.block_m == c.block_m && t.block_n == c.block_n;

@@ -64,24 +64,33 @@ void launch_gemm(const LaunchMaps& maps, const GemmParams& params, const GemmTil
   auto kernel = fp8_gemm_kernel<kBlockM, kBlockN, kWgrad, kSplitK, kTail>;
   FM_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(smem)));
-  if (params.cluster == 1) {
-    const int grid = std::max(1, std::min(cfg.num_sms, max_tiles));
-    kernel<<<grid, kThreads, static_cast<size_t>(smem), stream>>>(maps.a, maps.b, maps.sa, maps.sb,
-                                                                  maps.d, params);
-    FM_CHECK_LAUNCH();
-    return;
-  }
   cudaLaunchConfig_t launch{};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attr[2];
+  int num_attrs = 0;
+  if (cfg.pdl == 2) {
+    // The kernel waits for the previous grid (griddepcontrol.wait) before any global access.
+    attr[num_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[num_attrs].val.programmaticStreamSerializationAllowed = 1;
+    ++num_attrs;
+  }
   launch.blockDim = dim3(kThreads);
   launch.dynamicSmemBytes = static_cast<size_t>(smem);
   launch.stream = stream;
   launch.attrs = attr;
-  launch.numAttrs = 1;
+  if (params.cluster == 1) {
+    launch.gridDim = dim3(static_cast<unsigned>(std::max(1, std::min(cfg.num_sms, max_tiles))));
+    launch.numAttrs = static_cast<unsigned>(num_attrs);
+    FM_CHECK_CUDA(
+        cudaLaunchKernelEx(&launch, kernel, maps.a, maps.b, maps.sa, maps.sb, maps.d, params));
+    FM_CHECK_LAUNCH();
+    return;
+  }
+  attr[num_attrs].id = cudaLaunchAttributeClusterDimension;
+  attr[num_attrs].val.clusterDim.x = 2;
+  attr[num_attrs].val.clusterDim.y = 1;
+  attr[num_attrs].val.clusterDim.z = 1;
+  ++num_attrs;
+  launch.numAttrs = static_cast<unsigned>(num_attrs);
   // NOTE: not every SM can pair up (GPCs of odd size): ask how many pairs fit at once.
   launch.gridDim = dim3(static_cast<unsigned>(cfg.num_sms / 2 * 2));
   static int max_clusters = 0;  // one per instantiation; the device does not change under us

@@ -383,6 +383,7 @@ std::string describe_tile_config(const GemmTileConfig& c) {
       << (c.epilogue == 2 ? "/tma_store" : "") << (c.cluster == 2 ? "/pair" : "");
   if (c.split_k > 1) out << "/split" << c.split_k;
   if (c.tail_split > 1) out << "/tail" << c.tail_split;
+  if (c.pdl == 2) out << "/pdl";
   return out.str();
 }
 

@@ -169,6 +169,18 @@ __device__ __forceinline__ uint64_t make_desc_kmajor_sw128(const void* tile) {
   return desc;
 }
 
+// ---- programmatic dependent launch (cudaLaunchAttributeProgrammaticStreamSerialization) ----
+// Blocks until the grids this one depends on (the previous kernel of the stream) have completed
+// and their memory operations are visible; returns at once in a launch without the attribute.
+__device__ __forceinline__ void griddep_wait() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+// Lets the next grid of the stream (if launched with the attribute) be scheduled once every CTA
+// of this grid has issued it or exited.
+__device__ __forceinline__ void griddep_launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 // ---- register reallocation between warpgroups ----
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {

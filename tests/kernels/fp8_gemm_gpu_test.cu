@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <numeric>
+#include <string>
 
 #include "fp8moe/fp8/gemm_reference.h"
 #include "fp8moe/fp8/quantize.h"
@@ -211,6 +212,12 @@ TEST(Fp8GemmGpu, WideTilesRejectedWhereNotBuilt) {
   EXPECT_THROW(kernels::fp8_gemm_nt_wgrad(a.get(), sa.get(), b.get(), sb.get(), c32.get(), 256, 256,
                                           128, nullptr, &wide_n),
                Error);
+  // Values outside the documented ranges: epilogue 3, pdl 3.
+  for (const GemmTileConfig& c :
+       {GemmTileConfig{128, 128, 0, 0, 3}, GemmTileConfig{128, 256, 0, 0, 2, 1, 1, 1, 3}})
+    EXPECT_THROW(kernels::fp8_gemm_nt(a.get(), sa.get(), b.get(), sb.get(), d.get(), 256, 256, 1024,
+                                      nullptr, &c),
+                 Error);
   FM_CHECK_CUDA(cudaDeviceSynchronize());
 }
 
@@ -840,6 +847,75 @@ TEST(Fp8GemmGpuPairs, DenseCtaPairs) {
     run_dense(200, 7168, 512, &c, seed += 2);  // 2 M-blocks, the second partial
     run_dense(300, 1024, 256, &c, seed += 2);  // 3 M-blocks: falls back to single CTAs
   }
+}
+
+// ---- programmatic dependent launch (GemmTileConfig::pdl = 2) ----
+// A slow copy kernel: the launch right after it (with the PDL attribute) may start early and must
+// not read its inputs before this kernel has finished writing them.
+__global__ void slow_copy(const uint8_t* src, uint8_t* dst, int64_t bytes, int rounds) {
+  for (int r = 0; r < rounds; ++r)
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < bytes;
+         i += int64_t(gridDim.x) * blockDim.x)
+      dst[i] = r + 1 < rounds ? uint8_t(0xFF) : src[i];
+}
+
+// Each configuration on one stream: a kernel writes A (NaN codes until its last round), then the
+// GEMM with pdl reads it; then two PDL GEMMs write the same D back to back (the first from other
+// inputs), so D must hold the second's result. Poison or a stale A gives NaN, a late write of the
+// first GEMM gives wrong values.
+TEST(Fp8GemmGpuPdl, ChainedLaunchesWaitForTheirInputs) {
+  const int64_t m = 1000, n = 2112, k = 1024;
+  const QuantizedMatrix qa = random_quantized(m, k, ScaleGranularity::k1x128, 900);
+  const QuantizedMatrix qb = random_quantized(n, k, ScaleGranularity::k128x128, 901);
+  const QuantizedMatrix qa2 = random_quantized(m, k, ScaleGranularity::k1x128, 902);
+  std::vector<float> want(static_cast<size_t>(m * n));
+  gemm_fp8_reference(qa.ref(), qb.ref(), want.data(), n, {}, false, test::test_threads());
+  DeviceBuffer<uint8_t> a_src(qa.codes), a(qa.codes.size()), a2(qa2.codes), b(qb.codes);
+  DeviceBuffer<float> sa(scales_mn_major(qa)), sa2(scales_mn_major(qa2)), sb(qb.scales);
+  DeviceBuffer<bf16> d(static_cast<size_t>(m * n));
+  // Every tile shape, both epilogues, CTA pairs (8 M-blocks), split-K and the tail split (their
+  // counters and partials), and 20 CTAs (many tiles each).
+  const std::vector<GemmTileConfig> configs = {
+      {128, 128, 0, 0, 2, 1, 1, 1, 2}, {128, 128, 0, 0, 1, 1, 1, 1, 2},
+      {64, 128, 0, 0, 2, 1, 1, 1, 2},  {256, 128, 0, 0, 2, 1, 1, 1, 2},
+      {128, 256, 0, 0, 2, 1, 1, 1, 2}, {128, 192, 0, 0, 2, 1, 1, 1, 2},
+      {128, 128, 0, 0, 2, 2, 1, 1, 2}, {128, 128, 0, 0, 0, 1, 4, 1, 2},
+      {128, 128, 0, 0, 2, 1, 1, 4, 2}, {128, 128, 0, 20, 2, 1, 1, 1, 2}};
+  int64_t ws_bytes = 256;
+  for (const GemmTileConfig& c : configs)
+    ws_bytes = std::max(ws_bytes, kernels::fp8_gemm_workspace_bytes(m, n, k, &c));
+  DeviceBuffer<uint8_t> ws(static_cast<size_t>(ws_bytes));
+  FM_CHECK_CUDA(cudaMemset(ws.get(), 0, ws.size()));
+  const kernels::GemmWorkspace workspace{ws.get(), ws.size()};
+  cudaStream_t stream;
+  FM_CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  for (const GemmTileConfig& c : configs) {
+    const std::string name = kernels::describe_tile_config(c);
+    EXPECT_NE(name.find("/pdl"), std::string::npos) << name;
+    a.poison();
+    d.poison();
+    FM_CHECK_CUDA(cudaDeviceSynchronize());
+    slow_copy<<<8, 256, 0, stream>>>(a_src.get(), a.get(), static_cast<int64_t>(a.size()), 4);
+    FM_CHECK_LAUNCH();
+    kernels::fp8_gemm_nt(a.get(), sa.get(), b.get(), sb.get(), d.get(), m, n, k, stream, &c,
+                         workspace);
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    std::vector<float> got = test::bf16_to_float(d.download());
+    report((name + " after a kernel").c_str(), m, n, k, 1, compare(got.data(), want.data(), m * n),
+           kBf16NormTol);
+    // Write-after-write: other inputs first, then the checked ones, into the same D.
+    for (int rep = 0; rep < 3; ++rep) {
+      kernels::fp8_gemm_nt(a2.get(), sa2.get(), b.get(), sb.get(), d.get(), m, n, k, stream, &c,
+                           workspace);
+      kernels::fp8_gemm_nt(a.get(), sa.get(), b.get(), sb.get(), d.get(), m, n, k, stream, &c,
+                           workspace);
+    }
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    got = test::bf16_to_float(d.download());
+    report((name + " after GEMMs").c_str(), m, n, k, 1, compare(got.data(), want.data(), m * n),
+           kBf16NormTol);
+  }
+  FM_CHECK_CUDA(cudaStreamDestroy(stream));
 }
 
 }  // namespace

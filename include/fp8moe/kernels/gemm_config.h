@@ -27,7 +27,15 @@ struct GemmTileConfig {
                        // the idle multiprocessors, FP32 partials in the GemmWorkspace), the full
                        // waves' tiles are untouched (stream-K of the tail). 0 or 1 = off. Not
                        // combined with split_k.
+  int pdl = 0;  // programmatic dependent launch: 0 = kGemmDefaultPdl, 1 = off, 2 = on (the launch
+                // may begin, up to its prologue, while the previous kernel of the stream ends;
+                // the kernel waits for that kernel's completion before any global memory access)
 };
+
+// What pdl = 0 means (the heuristic's picks and forced configurations that leave it 0). On: in
+// CUDA-graph replays on H100 it took 0.6-1.2 us off every launch at M = 64 / 128 (2.9 -> 2.2 us for
+// one tile; 11.6 -> 10.4 us at 128x32768x512), dev/gemm/NOTES.md session 6.
+inline constexpr int kGemmDefaultPdl = 2;
 
 // One line naming a configuration (for benchmarks and logs).
 std::string describe_tile_config(const GemmTileConfig& c);
