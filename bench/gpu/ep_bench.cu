@@ -467,11 +467,13 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // session-3 defaults), and of session 4: B combine_peer_blocks, D dispatch_direct_rows, L
 // dispatch_self_rows (with D) ("PCBDL" = the session-4 defaults), and of session 5: Y
 // combine_stream_rows (with C), Q plan_fast_count ("PCBDLQY" = "default"). The letters of the
-// options removed after they measured slower or no faster (A, S, E, R, N, H, T, F; commit
-// 0d66fed has them) are rejected. Suffixes ":c8", ":b80", ":r132" set the chunk size, the send
-// blocks and the receive blocks (without ":r", DeviceEpOptions' automatic receive grid: every SM
-// since session 4; ":r68" on a 132-SM H100 with 64 send blocks is the earlier one); ":g48" the
-// combine send's own grid (DeviceEpOptions::combine_blocks).
+// options removed after they measured slower or no faster (A, S, E, R, N, H, T, F; commit 0d66fed
+// has them; session 6's W, V and the ":p" suffix: docs/comm/README.md, "Session 6") are rejected.
+// Suffixes ":c8", ":b80", ":r132" set the chunk size, the send blocks and the receive blocks
+// (without ":r", DeviceEpOptions' automatic receive grid: every SM since session 4; ":r68" on a
+// 132-SM H100 with 64 send blocks is the earlier one); ":g48" the combine send's own grid
+// (DeviceEpOptions::combine_blocks), ":t8" the combine receive's tokens per item
+// (DeviceEpOptions::combine_recv_tile; ":t16" the rule before session 6 at the V3 shape).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -492,6 +494,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.recv_blocks = val;
     else if (key == 'g')
       v.opt.combine_blocks = val;
+    else if (key == 't')
+      v.opt.combine_recv_tile = val;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown suffix");
   }

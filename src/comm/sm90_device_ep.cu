@@ -312,6 +312,14 @@ struct DeviceEpRank::Impl {
     return p;
   }
 
+  // FP8MOE_EP_TRACE=1: the combine stamps (minima, then maxima) start afresh with each combine.
+  void reset_combine_trace(cudaStream_t stream) const {
+    if (!trace) return;
+    FM_CHECK_CUDA(
+        cudaMemsetAsync(trace + kTrCombMins, 0xFF, (kTrCombMaxes - kTrCombMins) * 8, stream));
+    FM_CHECK_CUDA(
+        cudaMemsetAsync(trace + kTrCombMaxes, 0, (kTrCombRecvEnd + 1 - kTrCombMaxes) * 8, stream));
+  }
   // Grid of combine_send and combine_backward_send (both count into kCombineSent).
   int combine_grid() const { return opt.combine_blocks > 0 ? opt.combine_blocks : opt.num_blocks; }
   Args args() const {
@@ -592,6 +600,7 @@ void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {
   m.last_y = y;
   m.last_weighted = true;
   if (m.ll) return ll::combine_send(m.ll_params(), stream);
+  m.reset_combine_trace(stream);
   Args a = m.args();
   a.y = y;
   a.weighted = true;
@@ -608,6 +617,7 @@ void DeviceEpRank::combine_tokens_send(const uint16_t* rows, cudaStream_t stream
   m.last_y = rows;
   m.last_weighted = false;
   if (m.ll) return ll::combine_send(m.ll_params(), stream);
+  m.reset_combine_trace(stream);
   Args a = m.args();
   a.y = rows;
   a.weighted = false;
@@ -632,10 +642,13 @@ void DeviceEpRank::combine_recv(uint16_t* out, cudaStream_t stream) {
   a.y = m.last_y;
   a.weighted = m.last_weighted;
   a.send_blocks = m.combine_grid();  // the combine send blocks this receive waits for
-  // Tiles of about T / (2 x blocks) tokens (at most 32): two waves, and for a short batch one
-  // token per block, its columns split over the block's warps.
-  const int64_t per = (a.T + 2 * m.recv_blocks - 1) / std::max(1, 2 * m.recv_blocks);
-  a.tile = static_cast<int>(std::clamp<int64_t>(per, 1, 32));
+  // Tiles of about T / (4 x blocks) tokens (at most 32): four waves (session 6, 2 x H100, V3
+  // shape: 8 tokens, each split over two warps, combine 292.7 -> 283.3 us; two waves of 16 tokens
+  // before, 4 tokens 294.2); for a short batch one token per block, its columns split over the
+  // block's warps.
+  const int64_t per = (a.T + 4 * m.recv_blocks - 1) / std::max(1, 4 * m.recv_blocks);
+  a.tile = static_cast<int>(
+      std::clamp<int64_t>(m.opt.combine_recv_tile > 0 ? m.opt.combine_recv_tile : per, 1, 32));
   launch(combine_recv_kernel(m.opt), m.recv_blocks, 0, stream, m.opt.overlap_recv && !a.nccl, a);
 }
 
@@ -720,6 +733,15 @@ void DeviceEpRank::check() const {
                  maybe(kTrPlanCounted), maybe(kTrPlanLast), us(kTrPlanEnd), us(kTrSendStart),
                  us(kTrSendPlanned), maybe(kTrSendCounts), us(kTrSendEnd), us(kTrRecvStart),
                  us(kTrRecvLayout), us(kTrRecvLastFlag), us(kTrRecvEnd));
+    const unsigned long long c0 = t[kTrCombSendStart];
+    if (c0 != ~0ull && c0 != 0 && t[kTrCombRecvEnd] >= c0) {
+      auto cus = [&](int slot) { return (static_cast<double>(t[slot]) - c0) * 1e-3; };
+      std::fprintf(stderr,
+                   "# ep_trace_combine rank %d (us from the first send block): send_first_end "
+                   "%.1f send_end %.1f recv_start %.1f recv_end %.1f\n",
+                   m.rank, cus(kTrCombSendFirstEnd), cus(kTrCombSendEnd), cus(kTrCombRecvStart),
+                   cus(kTrCombRecvEnd));
+    }
   }
   int64_t status[kStatusSlots];
   FM_CHECK_CUDA(cudaMemcpy(status, m.ws + m.lay.status, sizeof(status), cudaMemcpyDeviceToHost));

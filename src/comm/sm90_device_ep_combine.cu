@@ -272,8 +272,13 @@ __device__ void combine_send_block(const Args& a) {
 
 template <int kU, bool kEvict = false>
 __global__ void __launch_bounds__(kSendThreads) k_combine_send(Args a) {
+  if (threadIdx.x == 0) stamp(a, kTrCombSendStart, 2);
   combine_send_block<kU, kEvict>(a);
   count_send_block(a.my, a.lay.status, kCombineSent);
+  if (threadIdx.x == 0 && a.trace) {
+    stamp(a, kTrCombSendFirstEnd, 2);
+    stamp(a, kTrCombSendEnd, 1);
+  }
 }
 
 // ---- combine receive: per tile of tokens, wait for the chunks holding their partials, then sum
@@ -381,6 +386,7 @@ template <int kU, bool kEvict = false>
 __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
   __shared__ int abort_flag;
   __shared__ int last_block;
+  if (threadIdx.x == 0) stamp(a, kTrCombRecvStart, 2);
   const Geometry& g = a.g;
   int64_t* status = at<int64_t>(a.my, a.lay.status);
   const unsigned long long n = static_cast<unsigned long long>(status[kSeqCombine]) + 1;
@@ -419,9 +425,12 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
       __syncthreads();
       if (abort_flag) return;
     }
-    const Split sp = split_work(t1 - t0, (g.H + 255) / 256, kWarps);
-    for (int64_t it = warp; it < sp.items; it += kWarps) {
-      const int64_t t = t0 + sp.token(it);
+    // One token's columns [c_lo, c_hi) (whole steps).
+    // NOTE: as a lambda called from the item loop (session 6) k_combine_recv<2, true> spills 20 B
+    // (stores), not 32 as with the body inline in the loop; the session-6 build with this form
+    // read 292.6 us where the session-5 head build read 349.2 in the same call (2 x H100); which
+    // difference of the two builds made that was not isolated (docs/comm/README.md, "Session 6").
+    auto token_cols = [&](int64_t t, int64_t c_lo, int64_t c_hi) {
       const int my_slot = lane < g.R ? slot[t * g.R + lane] : -1;
       const int js_self = __shfl_sync(kFull, my_slot, a.rank);
       const int64_t self_slot = static_cast<int64_t>(a.rank) * g.Tmax + js_self;
@@ -432,9 +441,9 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
         if (row >= 0) wt = row_weight[row];
       }
       if constexpr (kU == 2) {
-        combine_recv_token2<kEvict>(a, t, sp.first(it) * 256, sp.last(it) * 256, my_slot, js_self,
-                                    compact_rows(row, wt), stage);
-        continue;
+        combine_recv_token2<kEvict>(a, t, c_lo, c_hi, my_slot, js_self, compact_rows(row, wt),
+                                    stage);
+        return;
       }
       int rows[kMaxTopK];
       float ws[kMaxTopK];
@@ -444,7 +453,7 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
         ws[k] = __shfl_sync(kFull, wt, k < g.K ? k : 0);
       }
       // NOTE: the column loop is warp-uniform (shuffles inside); lanes past H only skip memory.
-      for (int64_t c0 = sp.first(it) * 256; c0 < sp.last(it) * 256; c0 += 256) {
+      for (int64_t c0 = c_lo; c0 < c_hi; c0 += 256) {
         const int64_t c = c0 + lane * 8;
         const bool valid = c < g.H;
         float self[8];
@@ -496,7 +505,10 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
         }
         if (valid) *reinterpret_cast<uint4*>(a.out + t * g.H + c) = pack_bf16(acc);
       }
-    }
+    };
+    const Split sp = split_work(t1 - t0, (g.H + 255) / 256, kWarps);
+    for (int64_t it = warp; it < sp.items; it += kWarps)
+      token_cols(t0 + sp.token(it), sp.first(it) * 256, sp.last(it) * 256);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -519,6 +531,7 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
     status[kCombineDone] = 0;
     status[kCombineItem] = 0;
     status[kSeqCombine] = static_cast<int64_t>(n);
+    stamp(a, kTrCombRecvEnd, 0);
   }
 }
 

@@ -28,18 +28,6 @@ namespace fp8moe::comm::normal {
 
 namespace {
 
-// A dispatch phase stamp (TraceSlot, FP8MOE_EP_TRACE=1).
-__device__ __forceinline__ void stamp(const Args& a, int slot, int how) {  // 0 set, 1 max, 2 min
-  if (!a.trace) return;
-  const unsigned long long t = globaltimer();
-  if (how == 0)
-    a.trace[slot] = t;
-  else if (how == 1)
-    atomicMax(a.trace + slot, t);
-  else
-    atomicMin(a.trace + slot, t);
-}
-
 __device__ __forceinline__ int32_t* notify_of(char* base, const Args& a, int src) {
   return at<int32_t>(base, a.lay.notify) + static_cast<int64_t>(src) * a.g.NS;
 }

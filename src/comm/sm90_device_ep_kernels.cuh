@@ -132,10 +132,10 @@ struct Args {
                    // exchange and its ordering are NCCL's, so no flags are waited on or raised
   bool self_rows;  // DeviceEpOptions::dispatch_self_rows (with direct)
   bool fast_plan;  // DeviceEpOptions::plan_fast_count (with plan_once)
-  unsigned long long* trace;  // FP8MOE_EP_TRACE=1: dispatch phase stamps (diagnostics), else null
+  unsigned long long* trace;  // FP8MOE_EP_TRACE=1: dispatch and combine phase stamps, else null
 };
 
-// Dispatch phase stamps (%globaltimer, ns) of the last dispatch, FP8MOE_EP_TRACE=1: printed by
+// Phase stamps (%globaltimer, ns) of the last dispatch and combine, FP8MOE_EP_TRACE=1: printed by
 // check(). Minima are reset by the plan kernel's block 0 before its dependents can start.
 enum TraceSlot : int {
   kTrPlanStart = 0,
@@ -154,8 +154,17 @@ enum TraceSlot : int {
   kTrSendPlanned = 13,   // the first send block past its wait for the plan (min)
   kTrPlanLoaded = 14,    // the last plan warp with its tile's expert ids (max)
   kTrPlanMatched = 15,   // the last plan warp done counting its tile in shared memory (max)
-  kTrSlots = 16,
+  // Combine stamps of the last combine, minima then maxima (combine_send's host side resets
+  // them; check() prints them relative to kTrCombSendStart). Outside the kernels' loops: a
+  // stamp per tile moved combine_recv's spills.
+  kTrCombSendStart = 16,     // first combine send block (min)
+  kTrCombSendFirstEnd = 17,  // first combine send block done (min)
+  kTrCombRecvStart = 18,     // first combine receive block (min)
+  kTrCombSendEnd = 19,       // last combine send block done (max)
+  kTrCombRecvEnd = 20,       // the acknowledging block, done
+  kTrSlots = 24,
 };
+constexpr int kTrCombMins = kTrCombSendStart, kTrCombMaxes = kTrCombSendEnd;
 
 using KernelFn = void (*)(Args);
 
@@ -190,6 +199,18 @@ __device__ bool wait_geq(const unsigned long long* p, unsigned long long expecte
       return false;
     }
   }
+}
+
+// A phase stamp (TraceSlot, FP8MOE_EP_TRACE=1).
+__device__ __forceinline__ void stamp(const Args& a, int slot, int how) {  // 0 set, 1 max, 2 min
+  if (!a.trace) return;
+  const unsigned long long t = globaltimer();
+  if (how == 0)
+    a.trace[slot] = t;
+  else if (how == 1)
+    atomicMax(a.trace + slot, t);
+  else
+    atomicMin(a.trace + slot, t);
 }
 
 // Reads of data used once (combine_stream_rows: the expert rows): an L2 evict-first policy and a

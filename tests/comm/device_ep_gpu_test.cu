@@ -237,9 +237,10 @@ int chunk_of(int ran) {
 // session-3 options with the per-block plan (chunk-major combine items, source regions). In tests
 // of their own (a failure names them): 4 the session-4 defaults without dispatch_self_rows (and
 // without the session-5 options), 5 the session-4 defaults with plan_fast_count and
-// combine_stream_rows (named, so that it stays that set if the defaults change).
+// combine_stream_rows (named, so that it stays that set if the defaults change), 6 the defaults
+// with explicit combine receive tiles (combine_recv_tile; run_cases varies them).
 constexpr int kVariants = 4;
-constexpr int kDefaults = 2, kDirectRows = 4, kFastCount = 5;
+constexpr int kDefaults = 2, kDirectRows = 4, kFastCount = 5, kSession6 = 6;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -254,15 +255,17 @@ DeviceEpOptions variant_options(int v) {
   const DeviceEpOptions defaults;
   o.plan_fast_count = v == kDefaults ? defaults.plan_fast_count : v == kFastCount;
   o.combine_stream_rows = v == kDefaults ? defaults.combine_stream_rows : v == kFastCount;
+  if (v == kSession6) o = DeviceEpOptions{};
   return o;
 }
 std::string variant_name(int v) {
-  constexpr const char* kNames[kFastCount + 1] = {" v5",
-                                                  " plan_once",
-                                                  " defaults",
-                                                  " v5 prefetch+two_steps",
-                                                  " defaults without self_rows",
-                                                  " defaults+fast_count+combine_stream_rows"};
+  constexpr const char* kNames[kSession6 + 1] = {" v5",
+                                                 " plan_once",
+                                                 " defaults",
+                                                 " v5 prefetch+two_steps",
+                                                 " defaults without self_rows",
+                                                 " defaults+fast_count+combine_stream_rows",
+                                                 " defaults with explicit combine_recv_tile"};
   return kNames[v];
 }
 
@@ -296,6 +299,8 @@ void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink, int only = -1, in
       opt.chunk_tokens = chunk;
       opt.recv_blocks = (ran + ran / kVariants) % 3 == 0 ? 3 : 0;
       opt.overlap_recv = ran % 5 != 0;
+      if (v == kSession6)  // the rule before session 6 at the V3 shape, one and 3 tokens
+        opt.combine_recv_tile = ran % 3 == 0 ? 16 : ran % 3 == 1 ? 1 : 3;
       Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 40 + c.R, opt);
       check_against_reference(h, 2);
     }
@@ -336,6 +341,16 @@ TEST_F(NvlinkTest, Session5OptionsMatchReference) {
   run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kFastCount);
   run_cases(Payload::kFP8, 1, Wire::kNvlink, kFastCount);
   run_cases(Payload::kBF16, 1, Wire::kNvlink, kFastCount);
+}
+
+// Explicit combine receive tiles (combine_recv_tile, session 6) on the defaults, every case, both
+// payloads, ranks over all GPUs and on one GPU, and over the NCCL wire.
+TEST_F(NvlinkTest, Session6OptionsMatchReference) {
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kSession6);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kSession6);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kSession6);
+  run_cases(Payload::kBF16, 1, Wire::kNvlink, kSession6);
+  if (gpu_count() >= 2 && nccl_available()) run_cases(Payload::kFP8, 2, Wire::kNccl, kSession6);
 }
 
 // More send blocks than the GPU has SMs: the direct rows need every send block resident (block

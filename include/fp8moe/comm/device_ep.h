@@ -146,6 +146,12 @@ struct DeviceEpOptions {
   // 2 x H200, same call, 3 rounds: dispatch 166.1 -> 161.5 us, layout only 138.5 -> 134.4; with Y
   // (the session-5 defaults) 160.7 / 134.3; on by default.
   bool plan_fast_count = true;
+  // Tokens per combine_recv work item (1..32); 0 = about T / (4 x receive blocks), at most 32:
+  // four waves of tiles (8 tokens at the V3 shape on 132 SMs, each token's columns split over two
+  // of the block's 16 warps). Session 6 (docs/comm/README.md), 2 x H100, V3 shape, same calls:
+  // 8 tokens 283.3 us, 16 (the session-5 rule, T / (2 x blocks)) 292.7, 4 tokens 294.2; the
+  // plain sweep 283.2 / 283.3 against 291.4 / 292.9.
+  int combine_recv_tile = 0;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
