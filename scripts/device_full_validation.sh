@@ -77,7 +77,7 @@ grep -E "^(grouped_contiguous|grouped_masked|wgrad|kgrouped_wgrad) " "$gemm_dir/
 
 if [[ -n ${FULL_PREV_EP:-} ]]; then
   echo "== [$(el) s] phase 2b: ep_bench A/B against earlier builds on GPUs 0,1"
-  OUT=$out/prev BUILDS="$FULL_PREV_EP now=$bin/ep_bench" AB=default PROCS=2 GPUS=0,1 \
+  OUT=$out/prev BUILDS="$FULL_PREV_EP now=$bin/ep_bench" AB=default PROCS=${FULL_PREV_PROCS:-1} GPUS=0,1 \
     bash scripts/comm/ep_ab_builds.sh 2>&1 | grep -E "rc=|normal +(dispatch|combine) "
 fi
 
