@@ -348,14 +348,20 @@ void run_plan(Lt& lt, const LtPlan& plan, const void* w, const void* x, void* d,
                               plan.ld, d, plan.ld, &plan.algo, lt.workspace.p, lt.workspace.n, s));
 }
 
-// cuBLASLt wants the 128x128 scales with the N-block index fastest, padded to 4:
-// [KB][round_up(NB, 4)]; ours are [NB][KB].
-__global__ void transpose_block_scales(const float* sb, float* out, int64_t nb, int64_t kb,
-                                       int64_t nb_pad) {
+// cuBLASLt wants the 128x128 scales with the N-block index fastest, [KB][NB] (unpadded: v1 padded
+// NB to 4 and disagreed with our result at N = 2112); ours are [NB][KB].
+__global__ void transpose_block_scales(const float* sb, float* out, int64_t nb, int64_t kb) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= kb * nb_pad) return;
-  const int64_t k = i / nb_pad, n = i % nb_pad;
-  out[i] = n < nb ? sb[n * kb + k] : 0.0f;
+  if (i >= kb * nb) return;
+  out[i] = sb[(i % nb) * kb + i / nb];
+}
+// B's scales `sb` of an N x K operand, rearranged for cuBLASLt blockwise.
+Dev<float> lt_block_scales(const Dev<float>& sb, int64_t n, int64_t k) {
+  const int64_t nb = (n + 127) / 128, kb = k / 128;
+  Dev<float> out(size_t(kb * nb));
+  transpose_block_scales<<<unsigned((kb * nb + 255) / 256), 256>>>(sb.p, out.p, nb, kb);
+  FM_CHECK_LAUNCH();
+  return out;
 }
 
 // ---- output ----
@@ -614,16 +620,8 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
   r.rel_err = sampled_rel_err(fs[0], m, n, k, ours);
 
   // cuBLASLt blockwise (same data, scales rearranged).
-  // NOTE: v1 padded the N-block count to 4 and disagreed with our result at N=2112 (17 blocks);
-  // unpadded is tried now (the layout is not spelled out in cublasLt.h).
-  const int64_t nb = (n + 127) / 128, kb = k / 128, nb_pad = nb;
   std::vector<Dev<float>> sb_lt;
-  for (int i = 0; i < sets; ++i) {
-    sb_lt.emplace_back(size_t(kb * nb_pad));
-    transpose_block_scales<<<unsigned((kb * nb_pad + 255) / 256), 256>>>(fs[i].sb.p, sb_lt[i].p, nb,
-                                                                         kb, nb_pad);
-    FM_CHECK_LAUNCH();
-  }
+  for (int i = 0; i < sets; ++i) sb_lt.push_back(lt_block_scales(fs[i].sb, n, k));
   double us_block = -1, block_mhz = -1, block_watts = -1;
   {
     std::vector<std::unique_ptr<LtPlan>> plans;
@@ -898,16 +896,12 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
   FM_CHECK_CUDA(cudaStreamSynchronize(stream));
   const double heuristic_err = sampled_rel_err(fs[0], m, n, k, d.download());
 
-  const int64_t nb = (n + 127) / 128;
   std::vector<Dev<float>> sb_lt;
   std::vector<std::unique_ptr<LtPlan>> plans;
   bool lt_ok = true;
   std::string why;
   for (int i = 0; i < sets && lt_ok; ++i) {
-    sb_lt.emplace_back(size_t(kb * nb));
-    transpose_block_scales<<<unsigned((kb * nb + 255) / 256), 256>>>(fs[i].sb.p, sb_lt[i].p, nb, kb,
-                                                                     nb);
-    FM_CHECK_LAUNCH();
+    sb_lt.push_back(lt_block_scales(fs[i].sb, n, k));
     plans.push_back(std::make_unique<LtPlan>());
     make_plan(lt, *plans[i], Anchor::kFp8Blockwise, m, n, k, sb_lt[i].p, fs[i].sa.p);
     lt_ok = plans[i]->ok;
@@ -1163,10 +1157,7 @@ void profile_dense(Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k)
     const kernels::GemmTileConfig pair{128, 128, 0, 0, 1, 2};
     kernels::fp8_gemm_nt(f.a.p, f.sa.p, f.b.p, f.sb.p, d.p, m, n, k, stream, &pair);
   }
-  const int64_t nb = (n + 127) / 128, kb = k / 128;
-  Dev<float> sb_lt(size_t(kb * nb));
-  transpose_block_scales<<<unsigned((kb * nb + 255) / 256), 256>>>(f.sb.p, sb_lt.p, nb, kb, nb);
-  FM_CHECK_LAUNCH();
+  const Dev<float> sb_lt = lt_block_scales(f.sb, n, k);
   LtPlan block;
   make_plan(lt, block, Anchor::kFp8Blockwise, m, n, k, sb_lt.p, f.sa.p);
   if (block.ok) run_plan(lt, block, f.b.p, f.a.p, d.p, stream);
@@ -1185,10 +1176,7 @@ void profile_dense(Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k)
 void pdl_probe(Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k, const Output& out) {
   Fp8Set f = make_fp8_set(m, n, k, 1, 7);
   Dev<bf16> d(size_t(m * n));
-  const int64_t nb = (n + 127) / 128, kb = k / 128;
-  Dev<float> sb_lt(size_t(kb * nb));
-  transpose_block_scales<<<unsigned((kb * nb + 255) / 256), 256>>>(f.sb.p, sb_lt.p, nb, kb, nb);
-  FM_CHECK_LAUNCH();
+  const Dev<float> sb_lt = lt_block_scales(f.sb, n, k);
   LtPlan block;
   make_plan(lt, block, Anchor::kFp8Blockwise, m, n, k, sb_lt.p, f.sa.p);
   kernels::GemmShape shape{kernels::GemmKind::kDense, m, n, k, 1};
