@@ -12,7 +12,8 @@
 #      tree shows up in the run that validates it
 #   3. with 4 or more GPUs, the EP suite's benches on every GPU (A/B of FULL_AB_ALL if set, the
 #      defaults; the two-stage route if FULL_XNODE is set, e.g. "2")
-# Outputs: $OUT/tests.tgz (test logs), $OUT/x2/ep_suite.tgz, $OUT/xN/ep_suite.tgz, $OUT/gemm.tgz.
+# Outputs: $OUT/tests.tgz (test logs), $OUT/x2/ep_suite.tgz, $OUT/xN/ep_suite.tgz, $OUT/gemm.tgz,
+# $OUT/prev_ab.tgz: five files, under the device's limit of 8 per call.
 # gemm_bench rows carry the SM clock; when it ran beside the EP benches, compare its ratios (ours /
 # cuBLASLt of the same run), not its absolute times, with runs on an idle host. FP8MOE_COMMIT
 # names the build in every row. NCCL_NVLS_ENABLE=0 throughout.
@@ -77,8 +78,11 @@ grep -E "^(grouped_contiguous|grouped_masked|wgrad|kgrouped_wgrad) " "$gemm_dir/
 
 if [[ -n ${FULL_PREV_EP:-} ]]; then
   echo "== [$(el) s] phase 2b: ep_bench A/B against earlier builds on GPUs 0,1"
-  OUT=$out/prev BUILDS="$FULL_PREV_EP now=$bin/ep_bench" AB=default PROCS=${FULL_PREV_PROCS:-1} GPUS=0,1 \
+  prev_dir=$(mktemp -d)
+  OUT=$prev_dir BUILDS="$FULL_PREV_EP now=$bin/ep_bench" AB=default PROCS=${FULL_PREV_PROCS:-1} GPUS=0,1 \
     bash scripts/comm/ep_ab_builds.sh 2>&1 | grep -E "rc=|normal +(dispatch|combine) "
+  # One archive: the device returns at most 8 files per call (session 6 lost the suites' ones).
+  tar czf "$out/prev_ab.tgz" -C "$prev_dir" .
 fi
 
 if ((gpus >= 4)); then
