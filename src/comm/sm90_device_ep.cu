@@ -372,6 +372,8 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                " must not be negative");
   FM_CHECK_ARG(opt.chunk_tokens >= 0, "chunk_tokens=", opt.chunk_tokens, " must not be negative");
   FM_CHECK_ARG(opt.recv_blocks >= 0, "recv_blocks=", opt.recv_blocks, " must not be negative");
+  FM_CHECK_ARG(opt.combine_recv_tile >= 0 && opt.combine_recv_tile <= 32,
+               "combine_recv_tile=", opt.combine_recv_tile, " must be 0 (automatic) or 1..32");
   FM_CHECK_ARG(cfg.max_tokens_per_rank <= 65535, "max_tokens_per_rank=", cfg.max_tokens_per_rank,
                " exceeds 65535 (the send plan counts tokens in 16 bits)");
   Impl& m = *impl_;
