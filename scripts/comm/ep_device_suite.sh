@@ -67,6 +67,8 @@ if [[ -n ${SUITE_LL_VARIANTS:-} ]]; then
 fi
 bench defaults 120 --blocks 64 --chunks 16 --ll-blocks 64 --ll-chunks 4
 sed -n '/# summary/,$p' "$raw/defaults.log" | head -30
+# The results table of docs/results/ep-*.md, made from the rows (never typed from the output).
+python3 scripts/comm/ep_results_table.py "$raw/defaults.jsonl" | tee "$raw/defaults_table.md"
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 xnode=${SUITE_XNODE:-}
 if [[ -z $xnode && $gpus -ge 2 && $((gpus % 2)) -eq 0 ]]; then xnode=$((gpus / 2)); fi

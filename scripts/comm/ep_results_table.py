@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""The results table of docs/results/ep-*.md, made from ep_bench's JSON lines instead of typed.
+
+For each (number of ranks, mode) in the files: the best of our NVLink rows per op (FP8 dispatch,
+FP8 layout-only dispatch, BF16 combine) against the anchors of the same run, as ep_bench's own
+"# summary" computes them: NCCL all-to-all of the same bytes, and the bidirectional peer copy of
+the bytes that cross (note fp8_dispatch_cross_bytes / bf16_combine_cross_bytes). Rows of several
+runs (e.g. a 2-GPU and a 4-GPU sweep in one file) are told apart by their "ranks" field; several
+commits in one file are an error, since their rows must not be mixed.
+
+Usage: scripts/comm/ep_results_table.py ep.jsonl [more.jsonl ...] > table.md
+"""
+
+import json
+import sys
+
+OPS = (("dispatch", "fp8", "FP8 dispatch"),
+       ("dispatch_layout_only", "fp8", "FP8 dispatch, layout only"),
+       ("combine", "bf16", "BF16 combine"))
+MODES = (("normal", ""), ("low_latency", "low-latency "))
+
+
+def read_rows(paths):
+    rows = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    sys.exit(f"{path}:{number}: not a JSON object ({e.msg})")
+                if row.get("bench") == "ep" and "ranks" in row:
+                    rows.append(row)
+    commits = sorted({str(r.get("commit")) for r in rows})
+    if len(commits) > 1:
+        sys.exit(f"rows of several commits ({', '.join(commits)}): give one run's files")
+    return rows
+
+
+def best(rows, ranks, impl, mode, op, dtype, note=None):
+    found = [r for r in rows
+             if r["ranks"] == ranks and r.get("impl") == impl and r.get("mode") == mode
+             and r.get("op") == op and r.get("dtype") == dtype
+             and (note is None or r.get("note") == note)]
+    return min(found, key=lambda r: r["us"]) if found else None
+
+
+def table(rows):
+    out = ["| ranks | op | ours µs | NCCL all-to-all µs | ours / NCCL | peer copy µs "
+           "| share of peer bandwidth |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for ranks in sorted({r["ranks"] for r in rows}):
+        for mode, label in MODES:
+            for op, dtype, name in OPS:
+                ours = best(rows, ranks, "fp8moe", mode, op, dtype)
+                if ours is None:
+                    continue
+                comb = op == "combine"
+                nccl = best(rows, ranks, "nccl", mode, "combine" if comb else "dispatch", dtype)
+                peer = best(rows, ranks, "peer_copy", mode, "copy_bidirectional", "bytes",
+                            "bf16_combine_cross_bytes" if comb else "fp8_dispatch_cross_bytes")
+                cells = [str(ranks), label + name, f"{ours['us']:.1f}"]
+                cells += [f"{nccl['us']:.1f}", f"{nccl['us'] / ours['us']:.2f}×"] if nccl else ["", ""]
+                cells += ([f"{peer['us']:.1f}", f"{100 * peer['us'] / ours['us']:.0f} %"]
+                          if peer else ["", ""])
+                out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    rows = read_rows(sys.argv[1:])
+    if not rows:
+        sys.exit("no ep_bench rows in " + ", ".join(sys.argv[1:]))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
