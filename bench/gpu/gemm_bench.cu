@@ -379,6 +379,7 @@ struct Row {
         tflops(tflops_),
         gbps(gbps_) {}
   std::string kind, impl, tile;
+  std::string anchor;  // the anchor of ratio_blockwise when it is not cuBLASLt blockwise
   int64_t m, n, k, groups;
   double us, tflops, gbps, ratio_blockwise = 0, rel_err = -1, rel_diff_blockwise = -1;
   double us_first = -1;       // the heuristic's first timing, alone, before the alternated ones
@@ -415,7 +416,9 @@ struct Output {
     std::printf("%-20s %-24s m=%-6lld n=%-6lld k=%-6lld g=%-2lld %9.1f us %7.1f TFLOPS %7.1f GB/s",
                 r.kind.c_str(), r.impl.c_str(), (long long)r.m, (long long)r.n, (long long)r.k,
                 (long long)r.groups, r.us, r.tflops, r.gbps);
-    if (r.ratio_blockwise > 0) std::printf("  x%.2f vs blockwise", r.ratio_blockwise);
+    if (r.ratio_blockwise > 0)
+      std::printf("  x%.2f vs %s", r.ratio_blockwise,
+                  r.anchor.empty() ? "blockwise" : r.anchor.c_str());
     if (r.rel_err >= 0) std::printf("  rel_err %.2e", r.rel_err);
     if (r.rel_diff_blockwise >= 0) std::printf("  diff_vs_cublas %.2e", r.rel_diff_blockwise);
     if (r.rel_diff_pick >= 0) std::printf("  diff_vs_pick %.2e", r.rel_diff_pick);
@@ -440,7 +443,10 @@ struct Output {
       j["us"] = r.us;
       j["tflops"] = r.tflops;
       j["gbps"] = r.gbps;
-      if (r.ratio_blockwise > 0) j["ratio_vs_cublaslt_blockwise"] = r.ratio_blockwise;
+      if (r.ratio_blockwise > 0)
+        j[r.anchor.empty() ? "ratio_vs_cublaslt_blockwise" : "ratio_vs_" + r.anchor] =
+            r.ratio_blockwise;
+      if (!r.anchor.empty()) j["anchor"] = r.anchor;
       if (r.rel_err >= 0) j["rel_err"] = r.rel_err;
       if (r.rel_diff_blockwise >= 0) j["rel_diff_vs_cublaslt_blockwise"] = r.rel_diff_blockwise;
       if (r.us_first >= 0) j["us_first"] = r.us_first;
@@ -1114,8 +1120,73 @@ void bench_masked(Output& out, cudaStream_t stream, int64_t groups, int64_t max_
   time_grouped(out, stream, sets, r, flops, bytes + 2.0 * groups * max_m * n, d, launch);
 }
 
-void bench_wgrad(Output& out, cudaStream_t stream, int64_t m, int64_t n, int64_t k, int64_t groups,
-                 uint64_t seed) {
+// The weight-gradient anchor: cuBLASLt FP8 with FP32 output accumulated into D (beta = 1),
+// both operands scaled per 1x128 (VEC128_32F, the same contract as ours) where this cuBLASLt has
+// an algorithm for it, else per-tensor scales (no promotion: cuBLASLt's fastest FP8 form).
+// Operands are K-slices [k0, k0 + k) of rows `ld_k` long, so one plan serves a k-grouped launch.
+void make_wgrad_plan(Lt& lt, LtPlan& plan, bool vec128, int64_t m, int64_t n, int64_t k,
+                     int64_t ld_k) {
+  CHECK_CUBLAS(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
+  CHECK_CUBLAS(
+      cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t)));
+  CHECK_CUBLAS(
+      cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof(nn)));
+  if (vec128) {
+    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    CHECK_CUBLAS(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode,
+                                                sizeof(mode)));
+    CHECK_CUBLAS(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode,
+                                                sizeof(mode)));
+  }
+  CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&plan.la, CUDA_R_8F_E4M3, k, n, ld_k));
+  CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&plan.lb, CUDA_R_8F_E4M3, k, m, ld_k));
+  CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&plan.ld, CUDA_R_32F, n, m, n));
+  cublasLtMatmulPreference_t pref;
+  CHECK_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
+  const size_t ws = lt.workspace.n;
+  CHECK_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                    &ws, sizeof(ws)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
+      lt.handle, plan.desc, plan.la, plan.lb, plan.ld, plan.ld, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
+    plan.why = "no algorithm (status " + std::to_string(static_cast<int>(st)) + ")";
+    return;
+  }
+  plan.algo = result.algo;
+  plan.ok = true;
+}
+
+// D += A * B^T for the K-slice [k0, k0 + k) of an operand set (scales [K/128][rows], rows
+// fastest: per 1x128 block, the layout VEC128_32F reads; `ones` for the per-tensor fallback).
+void run_wgrad_plan(Lt& lt, const LtPlan& plan, bool vec128, const Fp8Set& f, int64_t m, int64_t n,
+                    int64_t k0, const float* ones, float* d, cudaStream_t s) {
+  const float* sw = vec128 ? f.sb.p + (k0 / 128) * padded_rows(n) : ones;
+  const float* sx = vec128 ? f.sa.p + (k0 / 128) * padded_rows(m) : ones;
+  CHECK_CUBLAS(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sw,
+                                              sizeof(sw)));
+  CHECK_CUBLAS(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sx,
+                                              sizeof(sx)));
+  const float alpha = 1.0f, beta = 1.0f;
+  CHECK_CUBLAS(cublasLtMatmul(lt.handle, plan.desc, &alpha, f.b.p + k0, plan.la, f.a.p + k0,
+                              plan.lb, &beta, d, plan.ld, d, plan.ld, &plan.algo, lt.workspace.p,
+                              lt.workspace.n, s));
+}
+
+double rel_diff_f32(const std::vector<float>& x, const std::vector<float>& y) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    num += (double(x[i]) - y[i]) * (double(x[i]) - y[i]);
+    den += double(y[i]) * y[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+void bench_wgrad(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k,
+                 int64_t groups, uint64_t seed) {
   // k-grouped when groups > 1: K = groups x k tokens side by side.
   const int64_t kt = k * groups;
   const double flops = 2.0 * m * n * kt;
@@ -1126,19 +1197,117 @@ void bench_wgrad(Output& out, cudaStream_t stream, int64_t m, int64_t n, int64_t
   Dev<float> d(size_t(groups * m * n));
   FM_CHECK_CUDA(cudaMemset(d.p, 0, d.n * 4));
   std::vector<int64_t> ks(size_t(groups), k);
-  const double us = time_us(stream, sets, [&](int i) {
+  // The pick, then both epilogues forced on 128x128 (1: registers, 2: TMA reduce-add).
+  const std::vector<kernels::GemmTileConfig> forced = {kernels::GemmTileConfig{128, 128, 0, 0, 1},
+                                                       kernels::GemmTileConfig{128, 128, 0, 0, 2}};
+  const auto ours_with = [&](const kernels::GemmTileConfig* force, int i) {
     if (groups == 1)
-      kernels::fp8_gemm_nt_wgrad(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m, n, k,
-                                 stream);
+      kernels::fp8_gemm_nt_wgrad(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m, n, k, stream,
+                                 force);
     else
       kernels::fp8_gemm_nt_kgrouped_wgrad(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m, n,
-                                          ks, stream);
-  });
-  out.add(
-      Row{groups == 1 ? "wgrad" : "kgrouped_wgrad", "fp8moe",
-          out.tile_for(groups == 1 ? kernels::GemmKind::kWgrad : kernels::GemmKind::kKGroupedWgrad,
-                       m, n, k, groups),
-          m, n, kt, groups, us, flops / us * 1e-6, (bytes + 8.0 * groups * m * n) / us * 1e-3});
+                                          ks, stream, force);
+  };
+  const auto ours = [&](int i) { ours_with(nullptr, i); };
+  bool vec128 = true;
+  auto owned = std::make_unique<LtPlan>();
+  make_wgrad_plan(lt, *owned, true, m, n, k, kt);
+  std::string anchor = "cublaslt_fp8_1x128";
+  if (!owned->ok) {
+    std::printf("  cuBLASLt 1x128 x 1x128 FP32-out: %s; anchor: per-tensor FP8\n",
+                owned->why.c_str());
+    vec128 = false;
+    owned = std::make_unique<LtPlan>();
+    make_wgrad_plan(lt, *owned, false, m, n, k, kt);
+    anchor = "cublaslt_fp8_tensor";
+  }
+  const LtPlan& plan = *owned;
+  Dev<float> ones(1);
+  {
+    const float one = 1.0f;
+    FM_CHECK_CUDA(cudaMemcpy(ones.p, &one, 4, cudaMemcpyHostToDevice));
+  }
+  const auto theirs = [&](int i) {
+    for (int64_t g = 0; g < groups; ++g)
+      run_wgrad_plan(lt, plan, vec128, fs[size_t(i)], m, n, g * k, ones.p, d.p + g * m * n, stream);
+  };
+  // Alternated rounds (ours, the forced epilogues, the anchor) so that all see the same clocks.
+  std::vector<double> us_ours, us_lt;
+  std::vector<std::vector<double>> us_forced(forced.size());
+  for (int round = 0; round < 3; ++round) {
+    us_ours.push_back(time_us(stream, sets, ours));
+    for (size_t j = 0; j < forced.size(); ++j)
+      us_forced[j].push_back(time_us(stream, sets, [&](int i) { ours_with(&forced[j], i); }));
+    if (plan.ok) us_lt.push_back(time_us(stream, sets, theirs));
+  }
+  std::sort(us_ours.begin(), us_ours.end());
+  std::sort(us_lt.begin(), us_lt.end());
+  const double t_ours = median_or_none(us_ours);
+  Row r{groups == 1 ? "wgrad" : "kgrouped_wgrad",
+        "fp8moe",
+        out.tile_for(groups == 1 ? kernels::GemmKind::kWgrad : kernels::GemmKind::kKGroupedWgrad, m,
+                     n, k, groups),
+        m,
+        n,
+        kt,
+        groups,
+        t_ours,
+        flops / t_ours * 1e-6,
+        (bytes + 8.0 * groups * m * n) / t_ours * 1e-3};
+  if (!plan.ok) {
+    r.note = "no cuBLASLt anchor: " + plan.why;
+    out.add(r);
+    return;
+  }
+  // One launch of each from the same C (random, not zeros): the outputs' relative difference.
+  // (The copies go on `stream`, a non-blocking stream that the default one does not order.)
+  Dev<float> c0 = random_floats(groups * m, n, seed + 77);
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+  const auto reset_d = [&] {
+    FM_CHECK_CUDA(cudaMemcpyAsync(d.p, c0.p, d.n * 4, cudaMemcpyDeviceToDevice, stream));
+  };
+  reset_d();
+  ours(0);
+  FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+  const std::vector<float> got = d.download();
+  reset_d();
+  theirs(0);
+  FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+  const std::vector<float> want = d.download();
+  const double t_lt = median_or_none(us_lt);
+  r.ratio_blockwise = t_lt / t_ours;
+  if (vec128) r.rel_diff_blockwise = rel_diff_f32(got, want);
+  r.anchor = anchor;
+  out.add(r);
+  for (size_t j = 0; j < forced.size(); ++j) {
+    std::vector<double> u = us_forced[j];
+    std::sort(u.begin(), u.end());
+    Row f = r;
+    f.impl = "fp8moe_forced_tile";
+    f.tile = kernels::describe_tile_config(forced[j]);
+    f.us = median_or_none(u);
+    f.tflops = flops / f.us * 1e-6;
+    f.gbps = (bytes + 8.0 * groups * m * n) / f.us * 1e-3;
+    f.ratio_blockwise = t_lt / f.us;
+    reset_d();
+    ours_with(&forced[j], 0);
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    const std::vector<float> forced_out = d.download();
+    f.rel_diff_blockwise = vec128 ? rel_diff_f32(forced_out, want) : -1;
+    f.rel_diff_pick = rel_diff_f32(forced_out, got);
+    out.add(f);
+  }
+  Row a{r.kind,
+        anchor,
+        "",
+        m,
+        n,
+        kt,
+        groups,
+        t_lt,
+        flops / t_lt * 1e-6,
+        (bytes + 8.0 * groups * m * n) / t_lt * 1e-3};
+  out.add(a);
 }
 
 }  // namespace
@@ -1351,9 +1520,9 @@ int main(int argc, char** argv) {
       }
     }
     if (only.empty() || only == "wgrad") {
-      bench_wgrad(out, stream, 7168, 2048, 4096, 1, seed += 1000);
-      bench_wgrad(out, stream, 2048, 7168, 4096, 1, seed += 1000);
-      bench_wgrad(out, stream, 7168, 2048, 4096, 4, seed += 1000);
+      bench_wgrad(out, lt, stream, 7168, 2048, 4096, 1, seed += 1000);
+      bench_wgrad(out, lt, stream, 2048, 7168, 4096, 1, seed += 1000);
+      bench_wgrad(out, lt, stream, 7168, 2048, 4096, 4, seed += 1000);
     }
     FM_CHECK_CUDA(cudaStreamDestroy(stream));
     return 0;

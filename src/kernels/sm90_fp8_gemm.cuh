@@ -29,7 +29,7 @@ struct GemmParams {
   int n, k;  // k: total K (k-grouped: the sum of the groups)
   int num_groups;
   int num_stages;
-  int tma_store;  // 1: BF16 epilogue through shared memory and TMA stores
+  int tma_store;  // 1: epilogue through shared memory and TMA (BF16 stores, FP32 reduce-adds)
   int cluster;    // 2: CTA pairs on adjacent M-blocks share each B tile through TMA multicast
   const int32_t* grouped_layout;  // contiguous: expert of each row
   const int32_t* masked_m;        // masked: valid rows of each group
@@ -184,8 +184,9 @@ __device__ __forceinline__ void advance_wide(WideCursor& c, int step, bool narro
 
 template <int kBlockM, int kBlockN, bool kWgrad>
 struct SmemLayout {
-  // BF16 output staging for the TMA store (one 64-row slab per math warpgroup), then the stages.
-  static constexpr int kDBytes = kBlockM * kBlockN * 2;
+  // Output staging for the TMA store (one 64-row slab per math warpgroup; BF16, or FP32 for the
+  // weight gradient's reduce-add), then the stages.
+  static constexpr int kDBytes = kBlockM * kBlockN * (kWgrad ? 4 : 2);
   static constexpr int kABytes = kBlockM * 128;
   static constexpr int kBBytes = kBlockN * 128;
   static constexpr int kStageBytes = kABytes + kBBytes;
@@ -510,6 +511,84 @@ __device__ __forceinline__ bool tail_split_reduce(const GemmParams& p, int unit,
   return true;
 }
 
+// Weight-gradient epilogue: D (FP32) += the tile. Every load of D is issued before the first
+// store. Written as load, add, store per element pair, the loads wait behind the stores before
+// them (nothing tells the compiler they do not alias): 32 DRAM round trips in a row per tile,
+// which made the 1x128 x 1x128 kernel ~3x slower than the BF16-output one.
+template <int kBlockN>
+__device__ __forceinline__ void accumulate_fp32(const GemmParams& p, const Tile& tile,
+                                                int64_t row_base, int row_in_tile, int col_in_frag,
+                                                const float (&acc)[kBlockN / 2]) {
+  float* const d = static_cast<float*>(p.d);
+  float2 old[2][kBlockN / 8];
+  bool row_ok[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_ok[i] = tile.m_base + row_in_tile + 8 * i < tile.m_end;
+    const int64_t grow = row_base + row_in_tile + 8 * i;
+#pragma unroll
+    for (int c = 0; c < kBlockN / 8; ++c) {
+      const int col = tile.n_base + 8 * c + col_in_frag;
+      old[i][c] = row_ok[i] && col < p.n ? *reinterpret_cast<const float2*>(d + grow * p.n + col)
+                                         : make_float2(0.0f, 0.0f);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t grow = row_base + row_in_tile + 8 * i;
+#pragma unroll
+    for (int c = 0; c < kBlockN / 8; ++c) {
+      const int col = tile.n_base + 8 * c + col_in_frag;
+      if (!row_ok[i] || col >= p.n) continue;
+      *reinterpret_cast<float2*>(d + grow * p.n + col) =
+          make_float2(old[i][c].x + acc[4 * c + 2 * i], old[i][c].y + acc[4 * c + 2 * i + 1]);
+    }
+  }
+}
+
+// The same through shared memory: the warpgroup writes its 64 x kBlockN FP32 slab in 32-column
+// boxes (128-byte swizzled rows: the 8 rows of a store land in 8 different 16-byte chunks), one
+// thread hands each box to TMA as a reduce-add into D, and the next tile's math starts while L2
+// does the additions (no DRAM round trip in the math warps' path).
+template <int kBlockN>
+__device__ __forceinline__ void reduce_slab_tma(const float (&acc)[kBlockN / 2], uint8_t* slab,
+                                                const CUtensorMap* map_d, int n, int n_base,
+                                                int64_t row) {
+  const bool leader = threadIdx.x % 128 == 0;
+  const int bar_id = 1 + static_cast<int>(threadIdx.x / 128);
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  if (leader) tma_store_wait_read();  // the previous tile's reduction has read the buffer
+  named_barrier_sync(bar_id, 128);
+#pragma unroll
+  for (int c = 0; c < kBlockN / 8; ++c) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = warp * 16 + lane / 4 + 8 * i;
+      const int chunk = 2 * (c % 4) + (lane % 4) / 2;
+      uint8_t* dst =
+          slab + (c / 4) * (64 * 128) + r * 128 + ((chunk ^ (r % 8)) * 16) + (lane % 2) * 8;
+      *reinterpret_cast<float2*>(dst) = make_float2(acc[4 * c + 2 * i], acc[4 * c + 2 * i + 1]);
+    }
+  }
+  fence_proxy_async();
+  named_barrier_sync(bar_id, 128);
+  if (leader) {
+#pragma unroll
+    for (int box = 0; box < kBlockN / 32; ++box)
+      if (n_base + box * 32 < n)
+        tma_reduce_add_2d(map_d, slab + box * (64 * 128), n_base + box * 32,
+                          static_cast<int32_t>(row));
+    tma_store_commit();
+  }
+}
+
+// The weight-gradient main loop with two partial-sum sets (see kOverlap in compute). H100,
+// session 7, same call, TMA reduce-add epilogue: 7168x2048x4096 151-153 us against 168-169
+// without, k-grouped 588-607 against 664-667 (dev/gemm/NOTES.md "Session 7"). The registers
+// epilogue (partial 64-row slabs of the k-grouped form, or forced) gets slower with it: 219-225 us
+// against 175-179 (ptxas: 120 bytes of spill at 128x128).
+constexpr bool kWgradOverlap = true;
+
 template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK, bool kTail>
 __device__ __forceinline__ void compute(const GemmParams& p,
                                         const SmemLayout<kBlockM, kBlockN, kWgrad>& sm,
@@ -525,7 +604,9 @@ __device__ __forceinline__ void compute(const GemmParams& p,
   // found (dev/gemm/NOTES.md "Session 4"); the split launches are small-M, load-bound shapes.
   // The tail-split kernels keep it: their plan gives each CTA at most one tail unit, its last, so
   // no unit ever follows a fix-up there (the failing launches ran many units after fix-ups).
-  constexpr bool kOverlap = !kWgrad && kBlockN <= 128 && (!kSplitK || kTail);
+  // The weight gradient overlaps too where kWgradOverlap says so (its promotion reads the B
+  // scales from the stage, so it releases the stage after the FMAs, not before).
+  constexpr bool kOverlap = (!kWgrad || kWgradOverlap) && kBlockN <= 128 && (!kSplitK || kTail);
   // Warp-uniform (shuffled from lane 0) so that the descriptors below can stay in uniform
   // registers instead of being rebuilt and moved (R2UR) before every wgmma.
   const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
@@ -591,7 +672,7 @@ __device__ __forceinline__ void compute(const GemmParams& p,
         mbar_wait(sm.full(pipe.stage), pipe.phase);
         s_a0 = sm.sa(pipe.stage)[row_in_tile];
         s_a1 = sm.sa(pipe.stage)[row_in_tile + 8];
-        s_b = __ldg(sb_ptr + kb);
+        if constexpr (!kWgrad) s_b = __ldg(sb_ptr + kb);
         const uint64_t stage_off = static_cast<uint64_t>(pipe.stage) * kStageDesc;
 #pragma unroll
         for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
@@ -608,15 +689,34 @@ __device__ __forceinline__ void compute(const GemmParams& p,
                          float s_b) {
 #pragma unroll
         for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
-        __syncwarp();
-        release_stage(sm.empty(st.stage), pair, leader);
-        const float r0 = s_a0 * s_b, r1 = s_a1 * s_b;
+        if constexpr (kWgrad) {
+          // Per-column B scales read from the stage as they are needed (two at a time: a set of
+          // 32 would not fit beside three accumulator sets), the same products as below.
+          const float* sbs = sm.sb(st.stage);
 #pragma unroll
-        for (int c = 0; c < kBlockN / 8; ++c) {
-          acc[4 * c + 0] = fmaf(part[4 * c + 0], r0, acc[4 * c + 0]);
-          acc[4 * c + 1] = fmaf(part[4 * c + 1], r0, acc[4 * c + 1]);
-          acc[4 * c + 2] = fmaf(part[4 * c + 2], r1, acc[4 * c + 2]);
-          acc[4 * c + 3] = fmaf(part[4 * c + 3], r1, acc[4 * c + 3]);
+          for (int c = 0; c < kBlockN / 8; ++c) {
+            float2 v;
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                         : "=f"(v.x), "=f"(v.y)
+                         : "r"(smem_addr(sbs + 8 * c + col_in_frag)));
+            acc[4 * c + 0] = fmaf(part[4 * c + 0], s_a0 * v.x, acc[4 * c + 0]);
+            acc[4 * c + 1] = fmaf(part[4 * c + 1], s_a0 * v.y, acc[4 * c + 1]);
+            acc[4 * c + 2] = fmaf(part[4 * c + 2], s_a1 * v.x, acc[4 * c + 2]);
+            acc[4 * c + 3] = fmaf(part[4 * c + 3], s_a1 * v.y, acc[4 * c + 3]);
+          }
+          __syncwarp();
+          release_stage(sm.empty(st.stage), pair, leader);
+        } else {
+          __syncwarp();
+          release_stage(sm.empty(st.stage), pair, leader);
+          const float r0 = s_a0 * s_b, r1 = s_a1 * s_b;
+#pragma unroll
+          for (int c = 0; c < kBlockN / 8; ++c) {
+            acc[4 * c + 0] = fmaf(part[4 * c + 0], r0, acc[4 * c + 0]);
+            acc[4 * c + 1] = fmaf(part[4 * c + 1], r0, acc[4 * c + 1]);
+            acc[4 * c + 2] = fmaf(part[4 * c + 2], r1, acc[4 * c + 2]);
+            acc[4 * c + 3] = fmaf(part[4 * c + 3], r1, acc[4 * c + 3]);
+          }
         }
       };
       if (n % 2 != 0) {  // an odd block count: the first block alone, not overlapped
@@ -760,34 +860,35 @@ __device__ __forceinline__ void compute(const GemmParams& p,
         continue;
       }
     }
-    // Registers straight to global memory.
+    if constexpr (kWgrad) {
+      // Through TMA when the warpgroup's 64 rows are all real (dense: the map clips rows >= M;
+      // k-grouped: rows past M would land in the next expert's D).
+      if (p.tma_store && (p.form == Form::kDense || tile.m_base + wg * 64 + 64 <= tile.m_end)) {
+        reduce_slab_tma<kBlockN>(acc, sm.d() + wg * 64 * kBlockN * 4, map_d, p.n, tile.n_base,
+                                 row_base + wg * 64);
+      } else {
+        accumulate_fp32<kBlockN>(p, tile, row_base, row_in_tile, col_in_frag, acc);
+      }
+    } else {
+      // Registers straight to global memory.
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = tile.m_base + row_in_tile + 8 * i;
-      bool row_ok = r < tile.m_end;
-      if (row_ok && p.form == Form::kContiguous) row_ok = __ldg(p.grouped_layout + r) >= 0;
-      if (!row_ok) continue;
-      const int64_t grow = row_base + row_in_tile + 8 * i;
+      for (int i = 0; i < 2; ++i) {
+        const int r = tile.m_base + row_in_tile + 8 * i;
+        bool row_ok = r < tile.m_end;
+        if (row_ok && p.form == Form::kContiguous) row_ok = __ldg(p.grouped_layout + r) >= 0;
+        if (!row_ok) continue;
+        const int64_t grow = row_base + row_in_tile + 8 * i;
 #pragma unroll
-      for (int c = 0; c < kBlockN / 8; ++c) {
-        const int col = tile.n_base + 8 * c + col_in_frag;
-        if (col >= p.n) continue;
-        if constexpr (kWgrad) {
-          float2* dst = reinterpret_cast<float2*>(static_cast<float*>(p.d) + grow * p.n + col);
-          float2 v = *dst;
-          v.x += acc[4 * c + 2 * i];
-          v.y += acc[4 * c + 2 * i + 1];
-          *dst = v;
-        } else {
+        for (int c = 0; c < kBlockN / 8; ++c) {
+          const int col = tile.n_base + 8 * c + col_in_frag;
+          if (col >= p.n) continue;
           *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.d) + grow * p.n + col) =
               __floats2bfloat162_rn(acc[4 * c + 2 * i], acc[4 * c + 2 * i + 1]);
         }
       }
     }
   }
-  if constexpr (!kWgrad) {
-    if (p.tma_store && threadIdx.x % 128 == 0) tma_store_wait_all();
-  }
+  if (p.tma_store && threadIdx.x % 128 == 0) tma_store_wait_all();
 }
 
 // ---- math for the wide tiles: two math warpgroups, each holding two 64 x 128 slabs ----
@@ -1022,7 +1123,7 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
   constexpr int kNumMathThreads = math_warpgroups(kBlockM) * 128;
   extern __shared__ __align__(1024) uint8_t smem[];
   using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
-  const Layout sm{smem, p.num_stages, (!kWgrad && p.tma_store) ? Layout::kDBytes : 0};
+  const Layout sm{smem, p.num_stages, p.tma_store ? Layout::kDBytes : 0};
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < p.num_stages; ++s) {

@@ -24,8 +24,9 @@ void dispatch_1d1d(const LaunchMaps& maps, const GemmParams& p, const GemmTileCo
              " not compiled");
 }
 
-LaunchMaps make_maps(const uint8_t* a, const uint8_t* b, const float* sa, const float* sb,
-                     int64_t m, int64_t n, int64_t k, const GemmTileConfig& c) {
+// `d_rows`: the rows of D (M, or G x M for the k-grouped form), for the reduce-add epilogue's map.
+LaunchMaps make_maps(const uint8_t* a, const uint8_t* b, const float* sa, const float* sb, float* d,
+                     int64_t m, int64_t n, int64_t k, int64_t d_rows, const GemmTileConfig& c) {
   LaunchMaps maps{};
   maps.a = sm90::make_tma_2d(a, TmaElem::kU8, m, k, k, c.block_m, 128, true);
   maps.b = sm90::make_tma_2d(b, TmaElem::kU8, n, k, k, c.block_n, 128, true);
@@ -33,7 +34,10 @@ LaunchMaps make_maps(const uint8_t* a, const uint8_t* b, const float* sa, const 
                               c.block_m, false);
   maps.sb = sm90::make_tma_2d(sb, TmaElem::kF32, k / 128, sm90::pad4(n), sm90::pad4(n) * 4, 1,
                               c.block_n, false);
-  maps.d = maps.a;  // the FP32 accumulate epilogue stores from registers
+  // Epilogue 2: 64-row x 32-column FP32 boxes (128-byte rows, swizzled) reduce-added into D;
+  // epilogue 1 stores from registers and never reads the map.
+  maps.d = c.epilogue == 2 ? sm90::make_tma_2d(d, TmaElem::kF32, d_rows, n, n * 4, 64, 32, true)
+                           : maps.a;
   return maps;
 }
 
@@ -64,9 +68,10 @@ void fp8_gemm_nt_wgrad(const uint8_t* a, const float* sa, const uint8_t* b, cons
   p.k = static_cast<int>(k);
   p.num_groups = 1;
   p.num_stages = c.num_stages;
+  p.tma_store = c.epilogue == 2 ? 1 : 0;
   p.d = d;
   const int64_t tiles = (m + c.block_m - 1) / c.block_m * ((n + c.block_n - 1) / c.block_n);
-  dispatch_1d1d(make_maps(a, b, sa, sb, m, n, k, c), p, c,
+  dispatch_1d1d(make_maps(a, b, sa, sb, d, m, n, k, m, c), p, c,
                 static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
 }
 
@@ -100,10 +105,11 @@ void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t
   p.k = static_cast<int>(k_total);
   p.num_groups = static_cast<int>(groups);
   p.num_stages = c.num_stages;
+  p.tma_store = c.epilogue == 2 ? 1 : 0;
   p.d = d;
   const int64_t tiles =
       groups * ((m + c.block_m - 1) / c.block_m) * ((n + c.block_n - 1) / c.block_n);
-  dispatch_1d1d(make_maps(a, b, sa, sb, m, n, k_total, c), p, c,
+  dispatch_1d1d(make_maps(a, b, sa, sb, d, m, n, k_total, groups * m, c), p, c,
                 static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
 }
 

@@ -60,9 +60,9 @@ int64_t gemm_stage_bytes(GemmKind kind, int block_m, int block_n) {
 }
 
 namespace {
-// BF16 output staging for the TMA-store epilogue (the FP32 wgrad epilogue stores from registers).
+// Output staging for the TMA epilogue: BF16 stores, or FP32 reduce-adds for the weight gradient.
 int64_t output_staging_bytes(GemmKind kind, int block_m, int block_n, bool tma_store) {
-  return (is_wgrad(kind) || !tma_store) ? 0 : int64_t{block_m} * block_n * 2;
+  return tma_store ? int64_t{block_m} * block_n * (is_wgrad(kind) ? 4 : 2) : 0;
 }
 constexpr int64_t kSmemSlack = 1024;  // alignment of the dynamic shared memory base
 }  // namespace
@@ -79,7 +79,9 @@ int gemm_choose_epilogue(const GemmShape& shape, int block_n) {
   // alternation, the TMA store is 3-7% faster at K >= 7168 for dense M = 4096 (session 5 call 1:
   // 4096x7168 225.6 vs 240.7 us, 7168x16384 946.9 vs 977.2, 2112x7168 tail4 131.1 vs 140.2), so
   // dense shapes of >= kWideMinM rows stage at every K.
-  if (is_wgrad(shape.kind)) return 1;
+  // Weight gradient: the FP32 reduce-add through TMA (H100, session 7: 7168x2048x4096 168.7 vs
+  // 185.5 us from registers, k-grouped 661 vs 713, same call; dev/gemm/NOTES.md "Session 7").
+  if (is_wgrad(shape.kind)) return 2;
   if (shape.kind == GemmKind::kDense && shape.m >= kWideMinM) return 2;
   return (shape.k <= 3072 || block_n > 128) ? 2 : 1;
 }

@@ -182,7 +182,9 @@ TEST(Sm90GemmHeuristic, EpilogueStagesWhereItWasMeasuredToPay) {
   EXPECT_EQ(gemm_choose_epilogue({GemmKind::kDense, 128, 7168, 16384, 1}, 128), 1);
   EXPECT_EQ(gemm_choose_epilogue({GemmKind::kGroupedContiguous, 32768, 4096, 7168, 4}, 128), 1);
   EXPECT_EQ(gemm_choose_epilogue({GemmKind::kDense, 4096, 2112, 7168, 1}, 192), 2);
-  EXPECT_EQ(gemm_choose_epilogue({GemmKind::kWgrad, 4096, 7168, 512, 1}, 128), 1);
+  // Weight gradient: FP32 reduce-adds through TMA (H100, session 7), both forms.
+  EXPECT_EQ(gemm_choose_epilogue({GemmKind::kWgrad, 4096, 7168, 512, 1}, 128), 2);
+  EXPECT_EQ(gemm_choose_epilogue({GemmKind::kKGroupedWgrad, 7168, 2048, 4096, 4}, 128), 2);
 }
 
 TEST(Sm90GemmHeuristic, CostGrowsWithWaves) {
