@@ -296,15 +296,41 @@ struct LtPlan {
   }
 };
 
-void make_plan(Lt& lt, LtPlan& plan, Anchor anchor, int64_t m, int64_t n, int64_t k,
-               const void* scale_w, const void* scale_x) {
-  const bool fp8 = anchor != Anchor::kBf16;
-  CHECK_CUBLAS(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+// D^T = op(A)=T x B in cuBLASLt's column-major terms (see LtPlan).
+void set_transposes(LtPlan& plan) {
   const cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
   CHECK_CUBLAS(
       cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t)));
   CHECK_CUBLAS(
       cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof(nn)));
+}
+
+// cuBLASLt's first heuristic pick for the plan's descriptor and layouts (D in place of C), or
+// plan.why when it has none.
+void find_algorithm(Lt& lt, LtPlan& plan) {
+  cublasLtMatmulPreference_t pref;
+  CHECK_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
+  const size_t ws = lt.workspace.n;
+  CHECK_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                    &ws, sizeof(ws)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
+      lt.handle, plan.desc, plan.la, plan.lb, plan.ld, plan.ld, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
+    plan.why = "no algorithm (status " + std::to_string(static_cast<int>(st)) + ")";
+    return;
+  }
+  plan.algo = result.algo;
+  plan.ok = true;
+}
+
+void make_plan(Lt& lt, LtPlan& plan, Anchor anchor, int64_t m, int64_t n, int64_t k,
+               const void* scale_w, const void* scale_x) {
+  const bool fp8 = anchor != Anchor::kBf16;
+  CHECK_CUBLAS(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  set_transposes(plan);
   if (fp8) {
     CHECK_CUBLAS(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
                                                 &scale_w, sizeof(scale_w)));
@@ -324,22 +350,7 @@ void make_plan(Lt& lt, LtPlan& plan, Anchor anchor, int64_t m, int64_t n, int64_
   CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&plan.la, in, k, n, k));
   CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&plan.lb, in, k, m, k));
   CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&plan.ld, CUDA_R_16BF, n, m, n));
-  cublasLtMatmulPreference_t pref;
-  CHECK_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
-  const size_t ws = lt.workspace.n;
-  CHECK_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                    &ws, sizeof(ws)));
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
-      lt.handle, plan.desc, plan.la, plan.lb, plan.ld, plan.ld, pref, 1, &result, &found);
-  cublasLtMatmulPreferenceDestroy(pref);
-  if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
-    plan.why = "no algorithm (status " + std::to_string(static_cast<int>(st)) + ")";
-    return;
-  }
-  plan.algo = result.algo;
-  plan.ok = true;
+  find_algorithm(lt, plan);
 }
 
 void run_plan(Lt& lt, const LtPlan& plan, const void* w, const void* x, void* d, cudaStream_t s) {
@@ -1127,11 +1138,7 @@ void bench_masked(Output& out, cudaStream_t stream, int64_t groups, int64_t max_
 void make_wgrad_plan(Lt& lt, LtPlan& plan, bool vec128, int64_t m, int64_t n, int64_t k,
                      int64_t ld_k) {
   CHECK_CUBLAS(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  const cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
-  CHECK_CUBLAS(
-      cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t)));
-  CHECK_CUBLAS(
-      cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof(nn)));
+  set_transposes(plan);
   if (vec128) {
     const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
     CHECK_CUBLAS(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode,
@@ -1142,22 +1149,7 @@ void make_wgrad_plan(Lt& lt, LtPlan& plan, bool vec128, int64_t m, int64_t n, in
   CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&plan.la, CUDA_R_8F_E4M3, k, n, ld_k));
   CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&plan.lb, CUDA_R_8F_E4M3, k, m, ld_k));
   CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&plan.ld, CUDA_R_32F, n, m, n));
-  cublasLtMatmulPreference_t pref;
-  CHECK_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
-  const size_t ws = lt.workspace.n;
-  CHECK_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                    &ws, sizeof(ws)));
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
-      lt.handle, plan.desc, plan.la, plan.lb, plan.ld, plan.ld, pref, 1, &result, &found);
-  cublasLtMatmulPreferenceDestroy(pref);
-  if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
-    plan.why = "no algorithm (status " + std::to_string(static_cast<int>(st)) + ")";
-    return;
-  }
-  plan.algo = result.algo;
-  plan.ok = true;
+  find_algorithm(lt, plan);
 }
 
 // D += A * B^T for the K-slice [k0, k0 + k) of an operand set (scales [K/128][rows], rows

@@ -791,94 +791,35 @@ TEST(Fp8GemmGpu, GroupedHeuristicWideColumnTiles) {
 }
 
 // ---- weight gradient ----
-TEST(Fp8WgradGpu, AccumulatesIntoC) {
-  uint64_t seed = 500;
-  for (const auto& s :
-       {std::array<int64_t, 3>{256, 384, 512}, std::array<int64_t, 3>{100, 2112, 1024},
-        std::array<int64_t, 3>{64, 136, 128}}) {
-    const int64_t m = s[0], n = s[1], k = s[2];
-    const QuantizedMatrix qa = random_quantized(m, k, ScaleGranularity::k1x128, seed++);
-    const QuantizedMatrix qb = random_quantized(n, k, ScaleGranularity::k1x128, seed++);
-    const std::vector<float> c0 = test::random_matrix(m, n, seed++);
-    DeviceBuffer<uint8_t> a(qa.codes), b(qb.codes);
-    DeviceBuffer<float> sa(scales_mn_major(qa)), sb(scales_mn_major(qb)), d(c0);
-    kernels::fp8_gemm_nt_wgrad(a.get(), sa.get(), b.get(), sb.get(), d.get(), m, n, k, nullptr);
-    FM_CHECK_CUDA(cudaDeviceSynchronize());
-    std::vector<float> want = c0;
-    gemm_fp8_reference(qa.ref(), qb.ref(), want.data(), n, {}, true, test::test_threads());
-    const std::vector<float> got = d.download();
-    report("wgrad", m, n, k, 1, compare(got.data(), want.data(), m * n), kF32NormTol);
-  }
+// D (random, not zeros) += A B^T with both operands 1x128-scaled, against the reference.
+void run_wgrad(int64_t m, int64_t n, int64_t k, uint64_t seed, const GemmTileConfig* force,
+               const char* label) {
+  const QuantizedMatrix qa = random_quantized(m, k, ScaleGranularity::k1x128, seed);
+  const QuantizedMatrix qb = random_quantized(n, k, ScaleGranularity::k1x128, seed + 1);
+  const std::vector<float> c0 = test::random_matrix(m, n, seed + 2);
+  DeviceBuffer<uint8_t> a(qa.codes), b(qb.codes);
+  DeviceBuffer<float> sa(scales_mn_major(qa)), sb(scales_mn_major(qb)), d(c0);
+  kernels::fp8_gemm_nt_wgrad(a.get(), sa.get(), b.get(), sb.get(), d.get(), m, n, k, nullptr,
+                             force);
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<float> want = c0;
+  gemm_fp8_reference(qa.ref(), qb.ref(), want.data(), n, {}, true, test::test_threads());
+  const std::vector<float> got = d.download();
+  report(label, m, n, k, 1, compare(got.data(), want.data(), m * n), kF32NormTol);
 }
 
-// Both compiled tiles, forced, over several tiles per CTA with partial last rows and columns:
-// the epilogue reads every element of C before it writes any (accumulate_fp32).
-TEST(Fp8WgradGpu, ForcedTilesAccumulateIntoC) {
-  uint64_t seed = 540;
-  // 5 and 7 CTAs: several tiles each, so a tile's epilogue runs beside the next tile's loads.
-  // Epilogue 1: registers (every load of C before any store); 2: TMA reduce-add from shared memory
-  // (partial slabs of the k-grouped form go through registers).
-  for (GemmTileConfig c : {GemmTileConfig{64, 128, 0, 5, 1}, GemmTileConfig{128, 128, 0, 7, 1},
-                           GemmTileConfig{64, 128, 0, 5, 2}, GemmTileConfig{128, 128, 0, 7, 2}}) {
-    for (const auto& s :
-         {std::array<int64_t, 3>{1000, 1000, 512}, std::array<int64_t, 3>{72, 2056, 256}}) {
-      const int64_t m = s[0], n = s[1], k = s[2];
-      const QuantizedMatrix qa = random_quantized(m, k, ScaleGranularity::k1x128, seed++);
-      const QuantizedMatrix qb = random_quantized(n, k, ScaleGranularity::k1x128, seed++);
-      const std::vector<float> c0 = test::random_matrix(m, n, seed++);
-      DeviceBuffer<uint8_t> a(qa.codes), b(qb.codes);
-      DeviceBuffer<float> sa(scales_mn_major(qa)), sb(scales_mn_major(qb)), d(c0);
-      kernels::fp8_gemm_nt_wgrad(a.get(), sa.get(), b.get(), sb.get(), d.get(), m, n, k, nullptr,
-                                 &c);
-      FM_CHECK_CUDA(cudaDeviceSynchronize());
-      std::vector<float> want = c0;
-      gemm_fp8_reference(qa.ref(), qb.ref(), want.data(), n, {}, true, test::test_threads());
-      const std::vector<float> got = d.download();
-      report("wgrad_forced", m, n, k, 1, compare(got.data(), want.data(), m * n), kF32NormTol);
-    }
-  }
-}
-
-TEST(Fp8WgradGpu, KGroupedReduceAddEpilogue) {
-  // M = 100: each expert's second 64-row slab is partial (registers), the first goes through TMA.
-  const std::vector<int64_t> ks = {256, 0, 128, 384};
-  for (const int64_t m : {int64_t{100}, int64_t{128}}) {
-    const int64_t n = 520, groups = static_cast<int64_t>(ks.size());
-    const int64_t k_total = std::accumulate(ks.begin(), ks.end(), int64_t{0});
-    const QuantizedMatrix qa = random_quantized(m, k_total, ScaleGranularity::k1x128, 610 + m);
-    const QuantizedMatrix qb = random_quantized(n, k_total, ScaleGranularity::k1x128, 611 + m);
-    const std::vector<float> c0 = test::random_matrix(groups * m, n, 612 + m);
-    DeviceBuffer<uint8_t> a(qa.codes), b(qb.codes);
-    DeviceBuffer<float> sa(scales_mn_major(qa)), sb(scales_mn_major(qb)), d(c0);
-    const GemmTileConfig c{128, 128, 0, 3, 2};
-    kernels::fp8_gemm_nt_kgrouped_wgrad(a.get(), sa.get(), b.get(), sb.get(), d.get(), m, n, ks,
-                                        nullptr, &c);
-    FM_CHECK_CUDA(cudaDeviceSynchronize());
-    std::vector<float> want = c0;
-    int64_t k0 = 0;
-    for (int64_t g = 0; g < groups; ++g) {
-      if (ks[g] > 0)
-        gemm_fp8_reference(sub_ref(qa, 0, m, k0, ks[g]), sub_ref(qb, 0, n, k0, ks[g]),
-                           want.data() + g * m * n, n, {}, true, test::test_threads());
-      k0 += ks[g];
-    }
-    const std::vector<float> got = d.download();
-    report("kgrouped_wgrad_e2", m, n, k_total, groups,
-           compare(got.data(), want.data(), groups * m * n), kF32NormTol);
-  }
-}
-
-TEST(Fp8WgradGpu, KGroupedAccumulatesEachExpert) {
-  const std::vector<int64_t> ks = {128, 0, 384, 256};
-  const int64_t m = 192, n = 256, groups = static_cast<int64_t>(ks.size());
+// The k-grouped form: expert g's D[g] += its K-slice's product (ks[g] may be 0).
+void run_kgrouped_wgrad(const std::vector<int64_t>& ks, int64_t m, int64_t n, uint64_t seed,
+                        const GemmTileConfig* force, const char* label) {
+  const int64_t groups = static_cast<int64_t>(ks.size());
   const int64_t k_total = std::accumulate(ks.begin(), ks.end(), int64_t{0});
-  const QuantizedMatrix qa = random_quantized(m, k_total, ScaleGranularity::k1x128, 600);
-  const QuantizedMatrix qb = random_quantized(n, k_total, ScaleGranularity::k1x128, 601);
-  const std::vector<float> c0 = test::random_matrix(groups * m, n, 602);
+  const QuantizedMatrix qa = random_quantized(m, k_total, ScaleGranularity::k1x128, seed);
+  const QuantizedMatrix qb = random_quantized(n, k_total, ScaleGranularity::k1x128, seed + 1);
+  const std::vector<float> c0 = test::random_matrix(groups * m, n, seed + 2);
   DeviceBuffer<uint8_t> a(qa.codes), b(qb.codes);
   DeviceBuffer<float> sa(scales_mn_major(qa)), sb(scales_mn_major(qb)), d(c0);
   kernels::fp8_gemm_nt_kgrouped_wgrad(a.get(), sa.get(), b.get(), sb.get(), d.get(), m, n, ks,
-                                      nullptr);
+                                      nullptr, force);
   FM_CHECK_CUDA(cudaDeviceSynchronize());
   std::vector<float> want = c0;
   int64_t k0 = 0;
@@ -889,8 +830,37 @@ TEST(Fp8WgradGpu, KGroupedAccumulatesEachExpert) {
     k0 += ks[g];
   }
   const std::vector<float> got = d.download();
-  report("kgrouped_wgrad", m, n, k_total, groups, compare(got.data(), want.data(), groups * m * n),
+  report(label, m, n, k_total, groups, compare(got.data(), want.data(), groups * m * n),
          kF32NormTol);
+}
+
+TEST(Fp8WgradGpu, AccumulatesIntoC) {
+  run_wgrad(256, 384, 512, 500, nullptr, "wgrad");
+  run_wgrad(100, 2112, 1024, 503, nullptr, "wgrad");
+  run_wgrad(64, 136, 128, 506, nullptr, "wgrad");
+}
+
+// Both compiled tiles and both epilogues, forced, on 5 and 7 CTAs (several tiles each, so a
+// tile's epilogue runs beside the next tile's loads), partial last rows and columns. Epilogue 1:
+// registers, every load of D before any store; 2: TMA reduce-add from shared memory.
+TEST(Fp8WgradGpu, ForcedTilesAccumulateIntoC) {
+  uint64_t seed = 540;
+  for (GemmTileConfig c : {GemmTileConfig{64, 128, 0, 5, 1}, GemmTileConfig{128, 128, 0, 7, 1},
+                           GemmTileConfig{64, 128, 0, 5, 2}, GemmTileConfig{128, 128, 0, 7, 2}}) {
+    run_wgrad(1000, 1000, 512, seed += 3, &c, "wgrad_forced");
+    run_wgrad(72, 2056, 256, seed += 3, &c, "wgrad_forced");
+  }
+}
+
+TEST(Fp8WgradGpu, KGroupedReduceAddEpilogue) {
+  // M = 100: each expert's second 64-row slab is partial (registers), the first goes through TMA.
+  const GemmTileConfig c{128, 128, 0, 3, 2};
+  run_kgrouped_wgrad({256, 0, 128, 384}, 100, 520, 610, &c, "kgrouped_wgrad_e2");
+  run_kgrouped_wgrad({256, 0, 128, 384}, 128, 520, 620, &c, "kgrouped_wgrad_e2");
+}
+
+TEST(Fp8WgradGpu, KGroupedAccumulatesEachExpert) {
+  run_kgrouped_wgrad({128, 0, 384, 256}, 192, 256, 600, nullptr, "kgrouped_wgrad");
 }
 
 // CTA pairs sharing B tiles through TMA multicast (dense, even number of 128-row blocks).
