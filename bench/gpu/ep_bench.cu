@@ -466,14 +466,18 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // the options on top of plan_once: P prefetch_payload, C combine_two_steps (so "PC" = the
 // session-3 defaults), and of session 4: B combine_peer_blocks, D dispatch_direct_rows, L
 // dispatch_self_rows (with D) ("PCBDL" = the session-4 defaults), and of session 5: Y
-// combine_stream_rows (with C), Q plan_fast_count ("PCBDLQY" = "default"). The letters of the
-// options removed after they measured slower or no faster (A, S, E, R, N, H, T, F; commit 0d66fed
-// has them; session 6's W, V and the ":p" suffix: docs/comm/README.md, "Session 6") are rejected.
-// Suffixes ":c8", ":b80", ":r132" set the chunk size, the send blocks and the receive blocks
-// (without ":r", DeviceEpOptions' automatic receive grid: every SM since session 4; ":r68" on a
-// 132-SM H100 with 64 send blocks is the earlier one); ":g48" the combine send's own grid
-// (DeviceEpOptions::combine_blocks), ":t8" the combine receive's tokens per item
-// (DeviceEpOptions::combine_recv_tile; ":t16" the rule before session 6 at the V3 shape).
+// combine_stream_rows (with C), Q plan_fast_count ("PCBDLQY" = the session-6 defaults), and of
+// session 7 (with C and Y): Z combine_recv_early_stage, U combine_recv_warp_wait, I
+// combine_recv_warp_items ("PCBDLQYZUI:s2" = "default": with I the automatic receive tile is 4
+// tokens at the V3 shape, as ":t4"). The letters of the options removed after they measured slower
+// or no faster (A, S, E, R, N, H, T, F; commit 0d66fed has them; session 6's W, V and the ":p"
+// suffix: docs/comm/README.md, "Session 6") are rejected. Suffixes ":c8", ":b80", ":r132" set the
+// chunk size, the send blocks and the receive blocks (without ":r", DeviceEpOptions' automatic
+// receive grid: every SM since session 4; ":r68" on a 132-SM H100 with 64 send blocks is the
+// earlier one); ":g48" the combine send's own grid (DeviceEpOptions::combine_blocks), ":t8" the
+// combine receive's tokens per item (DeviceEpOptions::combine_recv_tile; ":t16" the rule before
+// session 6 at the V3 shape), ":s2" / ":s4" the combine send's warps per record
+// (DeviceEpOptions::combine_send_parts).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -496,6 +500,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.combine_blocks = val;
     else if (key == 't')
       v.opt.combine_recv_tile = val;
+    else if (key == 's')
+      v.opt.combine_send_parts = val;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown suffix");
   }
@@ -506,6 +512,9 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
   v.opt.combine_peer_blocks = false;
   v.opt.dispatch_direct_rows = v.opt.dispatch_self_rows = false;
   v.opt.combine_stream_rows = v.opt.plan_fast_count = false;
+  v.opt.combine_recv_early_stage = v.opt.combine_recv_warp_wait = false;
+  v.opt.combine_recv_warp_items = false;
+  v.opt.combine_send_parts = 0;
   if (head == "v5" || head == "base") return v;
   for (char c : head) {
     if (c == 'P')
@@ -522,6 +531,12 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.combine_stream_rows = true;
     else if (c == 'Q')
       v.opt.plan_fast_count = true;
+    else if (c == 'Z')
+      v.opt.combine_recv_early_stage = true;
+    else if (c == 'U')
+      v.opt.combine_recv_warp_wait = true;
+    else if (c == 'I')
+      v.opt.combine_recv_warp_items = true;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown letter ", c);
   }

@@ -374,6 +374,9 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   FM_CHECK_ARG(opt.recv_blocks >= 0, "recv_blocks=", opt.recv_blocks, " must not be negative");
   FM_CHECK_ARG(opt.combine_recv_tile >= 0 && opt.combine_recv_tile <= 32,
                "combine_recv_tile=", opt.combine_recv_tile, " must be 0 (automatic) or 1..32");
+  FM_CHECK_ARG(opt.combine_send_parts == 0 || opt.combine_send_parts == 1 ||
+                   opt.combine_send_parts == 2 || opt.combine_send_parts == 4,
+               "combine_send_parts=", opt.combine_send_parts, " must be 0, 1, 2 or 4");
   FM_CHECK_ARG(cfg.max_tokens_per_rank <= 65535, "max_tokens_per_rank=", cfg.max_tokens_per_rank,
                " exceeds 65535 (the send plan counts tokens in 16 bits)");
   Impl& m = *impl_;
@@ -647,8 +650,14 @@ void DeviceEpRank::combine_recv(uint16_t* out, cudaStream_t stream) {
   // Tiles of about T / (4 x blocks) tokens (at most 32): four waves (session 6, 2 x H100, V3
   // shape: 8 tokens, each split over two warps, combine 292.7 -> 283.3 us; two waves of 16 tokens
   // before, 4 tokens 294.2); for a short batch one token per block, its columns split over the
-  // block's warps.
-  const int64_t per = (a.T + 4 * m.recv_blocks - 1) / std::max(1, 4 * m.recv_blocks);
+  // block's warps. With combine_recv_warp_items (and its kernels: two steps, stream rows) the tile
+  // only sets the parts per token (warps / tile): T / (8 x blocks), 4 parts per token at the V3
+  // shape (session 7, 2 x H100: 268.7 us against 280.6 with 2 parts and 309.2 with one).
+  const bool warp_items =
+      m.opt.combine_recv_warp_items && m.opt.combine_two_steps && m.opt.combine_stream_rows;
+  const int64_t waves = warp_items ? 8 : 4;
+  const int64_t per =
+      (a.T + waves * m.recv_blocks - 1) / std::max<int64_t>(1, waves * m.recv_blocks);
   a.tile = static_cast<int>(
       std::clamp<int64_t>(m.opt.combine_recv_tile > 0 ? m.opt.combine_recv_tile : per, 1, 32));
   launch(combine_recv_kernel(m.opt), m.recv_blocks, 0, stream, m.opt.overlap_recv && !a.nccl, a);

@@ -5,7 +5,11 @@
 // soon as its chunks landed, computing the partial of the rank itself from the local expert rows.
 // The weighted sums read the expert rows two 256-column steps per pass (combine_two_steps); the
 // send's blocks are dealt to the peers, each serving one (combine_peer_blocks); combine_stream_rows
-// (session 5) loads the expert rows evict-first so that the staged partials stay in L2.
+// (session 5) loads the expert rows evict-first so that the staged partials stay in L2. Session 7
+// (defaults): the receive's warps claim their own (token, column part) items and wait for their
+// own token's chunks (combine_recv_warp_items / _warp_wait), the staged partial is loaded beside
+// the own rows (combine_recv_early_stage), and a token's (a send record's) columns are shared by
+// 4 (2) warps (combine_send_parts), so that fewer distinct expert rows are read at once.
 // Acks from the consumer make every buffer reusable without a host round trip.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
@@ -65,6 +69,69 @@ __device__ __forceinline__ void weighted_rows_u(const uint16_t* y, int64_t H, co
             v[u][i] =
                 kEvict ? ld_evict_first(src, pol) : __ldg(reinterpret_cast<const uint4*>(src));
           }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (g0 + i >= rs.n) break;
+        const float wk = rs.w[g0 + i];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          if (!valid[u]) continue;
+          const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u][i]);
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            acc[u][2 * x] = __fadd_rn(acc[u][2 * x], __fmul_rn(wk, __uint_as_float(vw[x] << 16)));
+            acc[u][2 * x + 1] =
+                __fadd_rn(acc[u][2 * x + 1], __fmul_rn(wk, __uint_as_float(vw[x] & 0xFFFF0000u)));
+          }
+        }
+      }
+    }
+  }
+}
+
+// The rows of a token compacted into shared memory (one slot per warp; session 7): the same
+// sums as weighted_rows_u, the row indices and weights read back per group (volatile, so that they
+// are not held in registers across the column loop: 16 registers freed for loads in flight).
+struct SmemRows {
+  volatile int* row;
+  volatile float* w;
+  int n;
+};
+// Lane k < K's row (-1: none) and weight into the warp's slot, compacted in ascending k.
+__device__ __forceinline__ SmemRows compact_rows_smem(int row, float wt, int* srow, float* sw) {
+  const int lane = threadIdx.x & 31;
+  const unsigned m = __ballot_sync(kFull, row >= 0);
+  __syncwarp();  // the warp's previous token is done reading the slot
+  if (row >= 0) {
+    const int i = __popc(m & ((1u << lane) - 1u));
+    srow[i] = row;
+    sw[i] = wt;
+  }
+  __syncwarp();
+  return {srow, sw, __popc(m)};
+}
+template <int kU, bool kEvict = false>
+__device__ __forceinline__ void weighted_rows_smem(const uint16_t* y, int64_t H, const SmemRows& rs,
+                                                   int64_t c, const bool* valid, float (*acc)[8]) {
+  const unsigned long long pol = kEvict ? evict_first_policy() : 0ull;
+#pragma unroll
+  for (int u = 0; u < kU; ++u)
+#pragma unroll
+    for (int x = 0; x < 8; ++x) acc[u][x] = 0.0f;
+#pragma unroll
+  for (int g0 = 0; g0 < kMaxTopK; g0 += 4) {
+    if (g0 < rs.n) {
+      uint4 v[kU][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (g0 + i < rs.n) {
+          const uint16_t* src = y + static_cast<int64_t>(rs.row[g0 + i]) * H + c;
+#pragma unroll
+          for (int u = 0; u < kU; ++u)
+            if (valid[u])
+              v[u][i] = kEvict ? ld_evict_first(src + u * 256, pol)
+                               : __ldg(reinterpret_cast<const uint4*>(src + u * 256));
+        }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         if (g0 + i >= rs.n) break;
@@ -160,8 +227,10 @@ __device__ __forceinline__ void combine_record(const Args& a, int64_t slot, int6
 }
 
 // kU: column steps per pass of the weighted sums (combine_two_steps: 2); kEvict:
-// combine_stream_rows.
-template <int kU, bool kEvict>
+// combine_stream_rows; kParts (combine_send_parts, session 7): each record's columns split over
+// kParts warps at least (a chunk's items split as if the block had kParts times its warps), so
+// that fewer distinct expert rows are read at once.
+template <int kU, bool kEvict, int kParts = 1>
 __device__ void combine_send_block(const Args& a) {
   __shared__ int roff[kMaxRanks + 1];
   __shared__ int abort_flag;
@@ -189,7 +258,7 @@ __device__ void combine_send_block(const Args& a) {
       return at<uint16_t>(peer(a, s), a.lay.comb_stage) +
              (static_cast<int64_t>(out_region(a, s)) * g.Tmax + j) * g.H;
     };
-    const Split sp = split_work(j1 - j0, (g.H + 255) / 256, kWarps);
+    const Split sp = split_work(j1 - j0, (g.H + 255) / 256, kWarps * kParts);
     for (int64_t it = warp; it < sp.items; it += kWarps) {
       const int64_t j = j0 + sp.token(it);
       const int64_t slot = static_cast<int64_t>(s) * g.Tmax + j;
@@ -270,10 +339,10 @@ __device__ void combine_send_block(const Args& a) {
   }
 }
 
-template <int kU, bool kEvict = false>
+template <int kU, bool kEvict = false, int kParts = 1>
 __global__ void __launch_bounds__(kSendThreads) k_combine_send(Args a) {
   if (threadIdx.x == 0) stamp(a, kTrCombSendStart, 2);
-  combine_send_block<kU, kEvict>(a);
+  combine_send_block<kU, kEvict, kParts>(a);
   count_send_block(a.my, a.lay.status, kCombineSent);
   if (threadIdx.x == 0 && a.trace) {
     stamp(a, kTrCombSendFirstEnd, 2);
@@ -288,25 +357,42 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_send(Args a) {
 // others' from the stage, added in rank order. Lane d < R holds the token's slot at d.
 // kEvict (combine_stream_rows): the own rows are loaded evict-first and the staged partials
 // (read once, here) are streaming loads.
-template <bool kEvict = false>
+// kEarly (combine_recv_early_stage, session 7): the staged partial of the first other rank in
+// rank order (d_e) is loaded at the start of each pass, beside the own rows, instead of after the
+// own partial is summed: one dependent load round trip fewer per pass; the same sums in the same
+// order.
+// With kEarly the rows come from shared memory (SmemRows: registers for the early loads).
+template <bool kEvict = false, bool kEarly = false, class Rows = RowSet>
 __device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, int64_t c_lo,
                                                     int64_t c_hi, int my_slot, int js_self,
-                                                    const RowSet& rs, const uint16_t* stage) {
+                                                    const Rows& rs, const uint16_t* stage) {
   const Geometry& g = a.g;
   const int lane = threadIdx.x & 31;
   const bool self_local = !a.nccl;
   const int64_t self_slot = static_cast<int64_t>(a.rank) * g.Tmax + js_self;
+  const int d_e = self_local && a.rank == 0 ? 1 : 0;
+  const int js_e = kEarly ? __shfl_sync(kFull, my_slot, d_e & 31) : -1;
+  const bool early = kEarly && d_e < g.R && js_e >= 0;
   // NOTE: the column loop is warp-uniform (shuffles inside); lanes past H only skip memory.
   for (int64_t c0 = c_lo; c0 < c_hi; c0 += 512) {
     const int64_t c = c0 + lane * 8;
     const bool valid[2] = {c < g.H, c0 + 256 < c_hi && c + 256 < g.H};
+    uint4 ve[2];
+    if (early) {
+      const uint16_t* src = stage + (static_cast<int64_t>(d_e) * g.Tmax + js_e) * g.H + c;
+#pragma unroll
+      for (int u = 0; u < 2; ++u)
+        if (valid[u])
+          ve[u] = kEvict ? __ldcs(reinterpret_cast<const uint4*>(src + u * 256))
+                         : __ldcg(reinterpret_cast<const uint4*>(src + u * 256));
+    }
     // The staged rows of ranks d0 and d0 + 1 (js -1: none, or the own partial).
     auto load_pair = [&](int d0, uint4(&v)[2][2], int(&js)[2]) {
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         js[q] = __shfl_sync(kFull, my_slot, (d0 + q) & 31);
         if (d0 + q >= g.R) js[q] = -1;
-        if (js[q] >= 0 && !(self_local && d0 + q == a.rank)) {
+        if (js[q] >= 0 && !(self_local && d0 + q == a.rank) && !(kEarly && d0 + q == d_e)) {
           const uint16_t* src = stage + (static_cast<int64_t>(d0 + q) * g.Tmax + js[q]) * g.H + c;
 #pragma unroll
           for (int u = 0; u < 2; ++u)
@@ -319,7 +405,10 @@ __device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, in
     float self[2][8];
     if (self_local && js_self >= 0) {
       if (a.weighted) {
-        weighted_rows_u<2, kEvict>(a.y, g.H, rs, c, valid, self);
+        if constexpr (kEarly)
+          weighted_rows_smem<2, kEvict>(a.y, g.H, rs, c, valid, self);
+        else
+          weighted_rows_u<2, kEvict>(a.y, g.H, rs, c, valid, self);
       } else {
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
@@ -358,7 +447,13 @@ __device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, in
             for (int x = 0; x < 8; ++x) acc[u][x] = __fadd_rn(acc[u][x], self[u][x]);
             continue;
           }
-          const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u][q]);
+          const uint4* vp = &v[u][q];
+          uint4 vq;
+          if constexpr (kEarly) {
+            vq = d0 + q == d_e ? ve[u] : v[u][q];
+            vp = &vq;
+          }
+          const uint32_t* vw = reinterpret_cast<const uint32_t*>(vp);
 #pragma unroll
           for (int x = 0; x < 4; ++x) {
             acc[u][2 * x] = __fadd_rn(acc[u][2 * x], __uint_as_float(vw[x] << 16));
@@ -382,10 +477,83 @@ __device__ __forceinline__ void combine_recv_token2(const Args& a, int64_t t, in
 // kU = 2 (combine_two_steps): two column steps per pass (the self rows compacted).
 // NOTE: kU = 2 leaves the v5 column loop after its `continue` unreachable (diagnostic 128).
 #pragma nv_diag_suppress 128
-template <int kU, bool kEvict = false>
+// combine_recv_warp_items (session 7, with combine_recv_warp_wait): each warp claims its own
+// (token, column part) items from the receive's item counter, one claim ahead, and waits for that
+// token's chunks itself: no block barrier between items, so no warp idles behind the slowest
+// token of a tile. Parts per token as the block tiles would give (kWarps / tile, at least 1);
+// items in token order, so that claims still follow the chunks' arrival. A wait that times out
+// records the error and sets abort_flag, which every warp of the block then sees.
+template <bool kEvict, bool kEarly>
+__device__ __forceinline__ void combine_recv_warp_items(const Args& a, unsigned long long n,
+                                                        volatile int* abort_flag, int* early_rows,
+                                                        float* early_w) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  int64_t* status = at<int64_t>(a.my, a.lay.status);
+  const int32_t* slot = at<int32_t>(a.my, a.lay.slot);
+  const uint16_t* stage = at<uint16_t>(a.my, a.lay.comb_stage);
+  const int32_t* token_rows = at<int32_t>(a.my, a.lay.token_rows);
+  const float* row_weight = at<float>(a.my, a.lay.row_weight);
+  const bool self_local = !a.nccl;
+  const int64_t steps = (g.H + 255) / 256;
+  const int64_t parts = max(int64_t{1}, min(steps, static_cast<int64_t>(kWarps / a.tile)));
+  const int64_t items = a.T * parts;
+  unsigned long long* counter = reinterpret_cast<unsigned long long*>(status + kCombineItem);
+  auto claim = [&] {
+    unsigned long long v = 0;
+    if (lane == 0) v = atomicAdd(counter, 1ull);
+    return static_cast<int64_t>(__shfl_sync(kFull, v, 0));
+  };
+  int64_t item = claim();
+  while (item < items && !*abort_flag) {
+    const int64_t next = claim();  // in flight while this item runs
+    const int64_t t = item / parts, part = item % parts;
+    const int64_t c_lo = part * steps / parts * 256, c_hi = (part + 1) * steps / parts * 256;
+    item = next;
+    const int my_slot = lane < g.R ? slot[t * g.R + lane] : -1;
+    const int js_self = __shfl_sync(kFull, my_slot, a.rank);
+    const int64_t self_slot = static_cast<int64_t>(a.rank) * g.Tmax + js_self;
+    int row = -1;
+    float wt = 0.0f;
+    if (self_local && js_self >= 0 && a.weighted && lane < g.K)
+      row = token_rows[self_slot * g.K + lane];
+    if (!a.nccl) {
+      bool ok = true;
+      if (lane < g.R && lane != a.rank && my_slot >= 0) {
+        const unsigned long long* f = chunk_flag(a.my, a, kCombineChunk, lane, my_slot / g.C);
+        if (ld_acquire_sys(f) < n)
+          ok = wait_geq(f, n, a.err, a.rank, lane, kCombineChunk, my_slot / g.C, a.timeout_ns);
+      }
+      if (__any_sync(kFull, !ok)) {
+        *abort_flag = 1;
+        break;
+      }
+      __syncwarp();  // orders lane d's acquire before every lane's loads of the partials
+    }
+    if (row >= 0) wt = row_weight[row];
+    if constexpr (kEarly)
+      combine_recv_token2<kEvict, true>(a, t, c_lo, c_hi, my_slot, js_self,
+                                        compact_rows_smem(row, wt, early_rows, early_w), stage);
+    else
+      combine_recv_token2<kEvict>(a, t, c_lo, c_hi, my_slot, js_self, compact_rows(row, wt), stage);
+  }
+  __syncthreads();  // every warp done (and abort_flag final) before the block counts itself
+}
+
+// kEarly: combine_recv_token2's. kWarpWait (combine_recv_warp_wait, session 7): each warp
+// waits for the chunks holding its own token's partials (lane d polls source d's chunk), between
+// its loads of the token's rows and of their weights, instead of one thread per source waiting for
+// the whole tile's chunks behind a block barrier before any warp starts its token: the flag's
+// round trip overlaps the token's own index loads, and no warp waits for another's chunks.
+// kWarpItems: combine_recv_warp_items (with kWarpWait).
+template <int kU, bool kEvict = false, bool kEarly = false, bool kWarpWait = false,
+          bool kWarpItems = false>
 __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
   __shared__ int abort_flag;
   __shared__ int last_block;
+  __shared__ int early_rows[kEarly ? kWarps : 1][kMaxTopK];
+  __shared__ float early_w[kEarly ? kWarps : 1][kMaxTopK];
+  static_assert(!kWarpItems || kWarpWait, "combine_recv_warp_items waits per warp");
   if (threadIdx.x == 0) stamp(a, kTrCombRecvStart, 2);
   const Geometry& g = a.g;
   int64_t* status = at<int64_t>(a.my, a.lay.status);
@@ -400,116 +568,147 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
   const bool self_local = !a.nccl;  // this rank's partial computed here, not staged
   const int64_t items = (a.T + a.tile - 1) / a.tile;
   __shared__ long long claimed;
-  for (int64_t item = claim_item(status + kCombineItem, &claimed); item < items;
-       item = claim_item(status + kCombineItem, &claimed)) {
-    const int64_t t0 = item * a.tile, t1 = min(a.T, t0 + a.tile);
-    if (!a.nccl) {
-      // Thread d waits for the chunks of d holding the slots of this tile's tokens.
-      if (threadIdx.x < g.R && threadIdx.x != a.rank) {
-        const int d = threadIdx.x;
-        int lo = -1, hi = -1;
-        for (int64_t t = t0; t < t1; ++t) {
-          const int j = slot[t * g.R + d];
-          if (j < 0) continue;
-          if (lo < 0) lo = j;
-          hi = j;
+  if constexpr (kWarpItems)
+    combine_recv_warp_items<kEvict, kEarly>(a, n, &abort_flag, early_rows[warp], early_w[warp]);
+  else
+    for (int64_t item = claim_item(status + kCombineItem, &claimed); item < items;
+         item = claim_item(status + kCombineItem, &claimed)) {
+      if (kWarpWait && abort_flag) return;  // a warp's wait timed out (set before claim's barrier)
+      const int64_t t0 = item * a.tile, t1 = min(a.T, t0 + a.tile);
+      if (!a.nccl && !kWarpWait) {
+        // Thread d waits for the chunks of d holding the slots of this tile's tokens.
+        if (threadIdx.x < g.R && threadIdx.x != a.rank) {
+          const int d = threadIdx.x;
+          int lo = -1, hi = -1;
+          for (int64_t t = t0; t < t1; ++t) {
+            const int j = slot[t * g.R + d];
+            if (j < 0) continue;
+            if (lo < 0) lo = j;
+            hi = j;
+          }
+          if (lo >= 0)
+            for (int c = lo / g.C; c <= hi / g.C; ++c)
+              if (!wait_geq(chunk_flag(a.my, a, kCombineChunk, d, c), n, a.err, a.rank, d,
+                            kCombineChunk, c, a.timeout_ns)) {
+                abort_flag = 1;
+                break;
+              }
         }
-        if (lo >= 0)
-          for (int c = lo / g.C; c <= hi / g.C; ++c)
-            if (!wait_geq(chunk_flag(a.my, a, kCombineChunk, d, c), n, a.err, a.rank, d,
-                          kCombineChunk, c, a.timeout_ns)) {
+        __syncthreads();
+        if (abort_flag) return;
+      }
+      // One token's columns [c_lo, c_hi) (whole steps).
+      // NOTE: as a lambda called from the item loop (session 6) k_combine_recv<2, true> spills 20 B
+      // (stores), not 32 as with the body inline in the loop; the session-6 build with this form
+      // read 292.6 us where the session-5 head build read 349.2 in the same call (2 x H100); which
+      // difference of the two builds made that was not isolated (docs/comm/README.md, "Session 6").
+      auto token_cols = [&](int64_t t, int64_t c_lo, int64_t c_hi) {
+        const int my_slot = lane < g.R ? slot[t * g.R + lane] : -1;
+        const int js_self = __shfl_sync(kFull, my_slot, a.rank);
+        const int64_t self_slot = static_cast<int64_t>(a.rank) * g.Tmax + js_self;
+        int row = -1;
+        float wt = 0.0f;
+        if constexpr (kWarpWait) {
+          if (self_local && js_self >= 0 && a.weighted && lane < g.K)
+            row = token_rows[self_slot * g.K + lane];
+          if (!a.nccl) {
+            // Lane d: the chunk of source d holding this token's partial (its flag's first load
+            // in line; wait_geq only when it is not there yet).
+            bool ok = true;
+            if (lane < g.R && lane != a.rank && my_slot >= 0) {
+              const unsigned long long* f = chunk_flag(a.my, a, kCombineChunk, lane, my_slot / g.C);
+              if (ld_acquire_sys(f) < n)
+                ok =
+                    wait_geq(f, n, a.err, a.rank, lane, kCombineChunk, my_slot / g.C, a.timeout_ns);
+            }
+            if (__any_sync(kFull, !ok)) {
               abort_flag = 1;
-              break;
+              return;
             }
-      }
-      __syncthreads();
-      if (abort_flag) return;
+            __syncwarp();  // orders lane d's acquire before every lane's loads of the partials
+          }
+          if (row >= 0) wt = row_weight[row];
+        } else if (self_local && js_self >= 0 && a.weighted && lane < g.K) {
+          row = token_rows[self_slot * g.K + lane];
+          if (row >= 0) wt = row_weight[row];
+        }
+        if constexpr (kU == 2 && kEarly) {
+          combine_recv_token2<kEvict, true>(
+              a, t, c_lo, c_hi, my_slot, js_self,
+              compact_rows_smem(row, wt, early_rows[warp], early_w[warp]), stage);
+          return;
+        } else if constexpr (kU == 2) {
+          combine_recv_token2<kEvict>(a, t, c_lo, c_hi, my_slot, js_self, compact_rows(row, wt),
+                                      stage);
+          return;
+        }
+        int rows[kMaxTopK];
+        float ws[kMaxTopK];
+#pragma unroll
+        for (int k = 0; k < kMaxTopK; ++k) {
+          rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
+          ws[k] = __shfl_sync(kFull, wt, k < g.K ? k : 0);
+        }
+        // NOTE: the column loop is warp-uniform (shuffles inside); lanes past H only skip memory.
+        for (int64_t c0 = c_lo; c0 < c_hi; c0 += 256) {
+          const int64_t c = c0 + lane * 8;
+          const bool valid = c < g.H;
+          float self[8];
+          if (self_local && js_self >= 0 && valid) {
+            if (a.weighted) {
+              weighted_rows(a.y, g.H, rows, ws, g.K, c, self);
+            } else {
+              const uint4 v = __ldg(reinterpret_cast<const uint4*>(a.y + self_slot * g.H + c));
+              const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v);
+#pragma unroll
+              for (int x = 0; x < 4; ++x) {
+                self[2 * x] = __uint_as_float(vw[x] << 16);
+                self[2 * x + 1] = __uint_as_float(vw[x] & 0xFFFF0000u);
+              }
+            }
+#pragma unroll
+            for (int x = 0; x < 8; ++x) self[x] = bf16_bits_to_float(float_to_bf16_bits(self[x]));
+          }
+          float acc[8];
+#pragma unroll
+          for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+          // Ranks in groups of four: their rows are loaded together, then summed in rank order.
+          for (int d0 = 0; d0 < g.R; d0 += 4) {
+            uint4 v[4];
+            int js[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              js[u] = __shfl_sync(kFull, my_slot, (d0 + u) & 31);
+              if (d0 + u >= g.R || !valid) js[u] = -1;
+              if (js[u] >= 0 && !(self_local && d0 + u == a.rank))
+                v[u] = __ldcg(reinterpret_cast<const uint4*>(
+                    stage + (static_cast<int64_t>(d0 + u) * g.Tmax + js[u]) * g.H + c));
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              if (js[u] < 0) continue;
+              if (self_local && d0 + u == a.rank) {
+#pragma unroll
+                for (int x = 0; x < 8; ++x) acc[x] = __fadd_rn(acc[x], self[x]);
+                continue;
+              }
+              const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u]);
+#pragma unroll
+              for (int x = 0; x < 4; ++x) {
+                acc[2 * x] = __fadd_rn(acc[2 * x], __uint_as_float(vw[x] << 16));
+                acc[2 * x + 1] = __fadd_rn(acc[2 * x + 1], __uint_as_float(vw[x] & 0xFFFF0000u));
+              }
+            }
+          }
+          if (valid) *reinterpret_cast<uint4*>(a.out + t * g.H + c) = pack_bf16(acc);
+        }
+      };
+      const Split sp = split_work(t1 - t0, (g.H + 255) / 256, kWarps);
+      for (int64_t it = warp; it < sp.items; it += kWarps)
+        token_cols(t0 + sp.token(it), sp.first(it) * 256, sp.last(it) * 256);
     }
-    // One token's columns [c_lo, c_hi) (whole steps).
-    // NOTE: as a lambda called from the item loop (session 6) k_combine_recv<2, true> spills 20 B
-    // (stores), not 32 as with the body inline in the loop; the session-6 build with this form
-    // read 292.6 us where the session-5 head build read 349.2 in the same call (2 x H100); which
-    // difference of the two builds made that was not isolated (docs/comm/README.md, "Session 6").
-    auto token_cols = [&](int64_t t, int64_t c_lo, int64_t c_hi) {
-      const int my_slot = lane < g.R ? slot[t * g.R + lane] : -1;
-      const int js_self = __shfl_sync(kFull, my_slot, a.rank);
-      const int64_t self_slot = static_cast<int64_t>(a.rank) * g.Tmax + js_self;
-      int row = -1;
-      float wt = 0.0f;
-      if (self_local && js_self >= 0 && a.weighted && lane < g.K) {
-        row = token_rows[self_slot * g.K + lane];
-        if (row >= 0) wt = row_weight[row];
-      }
-      if constexpr (kU == 2) {
-        combine_recv_token2<kEvict>(a, t, c_lo, c_hi, my_slot, js_self, compact_rows(row, wt),
-                                    stage);
-        return;
-      }
-      int rows[kMaxTopK];
-      float ws[kMaxTopK];
-#pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) {
-        rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
-        ws[k] = __shfl_sync(kFull, wt, k < g.K ? k : 0);
-      }
-      // NOTE: the column loop is warp-uniform (shuffles inside); lanes past H only skip memory.
-      for (int64_t c0 = c_lo; c0 < c_hi; c0 += 256) {
-        const int64_t c = c0 + lane * 8;
-        const bool valid = c < g.H;
-        float self[8];
-        if (self_local && js_self >= 0 && valid) {
-          if (a.weighted) {
-            weighted_rows(a.y, g.H, rows, ws, g.K, c, self);
-          } else {
-            const uint4 v = __ldg(reinterpret_cast<const uint4*>(a.y + self_slot * g.H + c));
-            const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v);
-#pragma unroll
-            for (int x = 0; x < 4; ++x) {
-              self[2 * x] = __uint_as_float(vw[x] << 16);
-              self[2 * x + 1] = __uint_as_float(vw[x] & 0xFFFF0000u);
-            }
-          }
-#pragma unroll
-          for (int x = 0; x < 8; ++x) self[x] = bf16_bits_to_float(float_to_bf16_bits(self[x]));
-        }
-        float acc[8];
-#pragma unroll
-        for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
-        // Ranks in groups of four: their rows are loaded together, then summed in rank order.
-        for (int d0 = 0; d0 < g.R; d0 += 4) {
-          uint4 v[4];
-          int js[4];
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            js[u] = __shfl_sync(kFull, my_slot, (d0 + u) & 31);
-            if (d0 + u >= g.R || !valid) js[u] = -1;
-            if (js[u] >= 0 && !(self_local && d0 + u == a.rank))
-              v[u] = __ldcg(reinterpret_cast<const uint4*>(
-                  stage + (static_cast<int64_t>(d0 + u) * g.Tmax + js[u]) * g.H + c));
-          }
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            if (js[u] < 0) continue;
-            if (self_local && d0 + u == a.rank) {
-#pragma unroll
-              for (int x = 0; x < 8; ++x) acc[x] = __fadd_rn(acc[x], self[x]);
-              continue;
-            }
-            const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u]);
-#pragma unroll
-            for (int x = 0; x < 4; ++x) {
-              acc[2 * x] = __fadd_rn(acc[2 * x], __uint_as_float(vw[x] << 16));
-              acc[2 * x + 1] = __fadd_rn(acc[2 * x + 1], __uint_as_float(vw[x] & 0xFFFF0000u));
-            }
-          }
-        }
-        if (valid) *reinterpret_cast<uint4*>(a.out + t * g.H + c) = pack_bf16(acc);
-      }
-    };
-    const Split sp = split_work(t1 - t0, (g.H + 255) / 256, kWarps);
-    for (int64_t it = warp; it < sp.items; it += kWarps)
-      token_cols(t0 + sp.token(it), sp.first(it) * 256, sp.last(it) * 256);
-  }
+  // Read after claim_item's (or combine_recv_warp_items') barriers, like the item loop's.
+  if ((kWarpWait || kWarpItems) && abort_flag) return;
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
@@ -546,11 +745,23 @@ bool stream_rows(const DeviceEpOptions& o) {
 
 // The kernel variants the options select (DeviceEpOptions: combine_two_steps, combine_stream_rows).
 KernelFn combine_send_kernel(const DeviceEpOptions& o) {
-  if (stream_rows(o)) return k_combine_send<2, true>;
+  if (stream_rows(o))
+    return o.combine_send_parts == 4   ? k_combine_send<2, true, 4>
+           : o.combine_send_parts == 2 ? k_combine_send<2, true, 2>
+                                       : k_combine_send<2, true>;
   return o.combine_two_steps ? k_combine_send<2> : k_combine_send<1>;
 }
 KernelFn combine_recv_kernel(const DeviceEpOptions& o) {
-  if (stream_rows(o)) return k_combine_recv<2, true>;
+  if (stream_rows(o)) {
+    if (o.combine_recv_warp_items)
+      return o.combine_recv_early_stage ? k_combine_recv<2, true, true, true, true>
+                                        : k_combine_recv<2, true, false, true, true>;
+    if (o.combine_recv_early_stage && o.combine_recv_warp_wait)
+      return k_combine_recv<2, true, true, true>;
+    if (o.combine_recv_early_stage) return k_combine_recv<2, true, true>;
+    if (o.combine_recv_warp_wait) return k_combine_recv<2, true, false, true>;
+    return k_combine_recv<2, true>;
+  }
   return o.combine_two_steps ? k_combine_recv<2> : k_combine_recv<1>;
 }
 

@@ -233,14 +233,20 @@ int chunk_of(int ran) {
 
 // Kernel variants: 0 the plan in every send block (v5), 1 plan_once (v5 + plan-once kernels),
 // 2 the defaults (plan_once, prefetch_payload, combine_two_steps, combine_peer_blocks,
-// dispatch_direct_rows, dispatch_self_rows, plan_fast_count, combine_stream_rows), 3 the
-// session-3 options with the per-block plan (chunk-major combine items, source regions). In tests
-// of their own (a failure names them): 4 the session-4 defaults without dispatch_self_rows (and
-// without the session-5 options), 5 the session-4 defaults with plan_fast_count and
-// combine_stream_rows (named, so that it stays that set if the defaults change), 6 the defaults
-// with explicit combine receive tiles (combine_recv_tile; run_cases varies them).
+// dispatch_direct_rows, dispatch_self_rows, plan_fast_count, combine_stream_rows and session 7's
+// combine_recv_early_stage, combine_recv_warp_wait, combine_recv_warp_items, combine_send_parts), 3
+// the session-3 options with the per-block plan (chunk-major combine items, source regions). In
+// tests of their own (a failure names them): 4 the session-4 defaults without dispatch_self_rows
+// (and without the session-5 options), 5 the session-4 defaults with plan_fast_count and
+// combine_stream_rows (named, so that it stays that set if the defaults change), 6 the session-6
+// defaults (block tiles) with explicit combine receive tiles (combine_recv_tile; run_cases varies
+// them), 7 the session-6 defaults with combine_recv_early_stage and combine_recv_warp_wait
+// (session 7), 8 with early_stage alone, 9 with warp_wait alone, 10 with early_stage, warp_wait and
+// warp_items (the session-7 defaults, explicit tiles), 11 with warp_wait and warp_items (7 to 11:
+// run_cases varies the receive tiles and combine_send_parts too).
 constexpr int kVariants = 4;
 constexpr int kDefaults = 2, kDirectRows = 4, kFastCount = 5, kSession6 = 6;
+constexpr int kSession7 = 7, kEarlyStage = 8, kWarpWait = 9, kWarpItems = 10, kWarpItemsOnly = 11;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -255,17 +261,38 @@ DeviceEpOptions variant_options(int v) {
   const DeviceEpOptions defaults;
   o.plan_fast_count = v == kDefaults ? defaults.plan_fast_count : v == kFastCount;
   o.combine_stream_rows = v == kDefaults ? defaults.combine_stream_rows : v == kFastCount;
-  if (v == kSession6) o = DeviceEpOptions{};
+  // Session 7's defaults only where named: the other variants keep the kernels they named.
+  auto without_session7 = [](DeviceEpOptions& x) {
+    x.combine_recv_early_stage = x.combine_recv_warp_wait = x.combine_recv_warp_items = false;
+    x.combine_send_parts = 0;
+  };
+  if (v != kDefaults) without_session7(o);
+  if (v == kSession6) {  // the session-6 defaults (block tiles)
+    o = DeviceEpOptions{};
+    without_session7(o);
+  }
+  if (v >= kSession7) {
+    o = DeviceEpOptions{};
+    o.combine_recv_early_stage = v != kWarpWait && v != kWarpItemsOnly;
+    o.combine_recv_warp_wait = v != kEarlyStage;
+    o.combine_recv_warp_items = v >= kWarpItems;
+  }
   return o;
 }
 std::string variant_name(int v) {
-  constexpr const char* kNames[kSession6 + 1] = {" v5",
-                                                 " plan_once",
-                                                 " defaults",
-                                                 " v5 prefetch+two_steps",
-                                                 " defaults without self_rows",
-                                                 " defaults+fast_count+combine_stream_rows",
-                                                 " defaults with explicit combine_recv_tile"};
+  constexpr const char* kNames[kWarpItemsOnly + 1] = {
+      " v5",
+      " plan_once",
+      " defaults",
+      " v5 prefetch+two_steps",
+      " defaults without self_rows",
+      " defaults+fast_count+combine_stream_rows",
+      " session-6 defaults with explicit combine_recv_tile",
+      " session-6 defaults+recv_early_stage+recv_warp_wait",
+      " session-6 defaults+recv_early_stage",
+      " session-6 defaults+recv_warp_wait",
+      " session-6 defaults+recv_early_stage+warp_wait+warp_items",
+      " session-6 defaults+recv_warp_wait+warp_items"};
   return kNames[v];
 }
 
@@ -301,6 +328,10 @@ void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink, int only = -1, in
       opt.overlap_recv = ran % 5 != 0;
       if (v == kSession6)  // the rule before session 6 at the V3 shape, one and 3 tokens
         opt.combine_recv_tile = ran % 3 == 0 ? 16 : ran % 3 == 1 ? 1 : 3;
+      if (v >= kSession7) {  // automatic; one token (many warps per token); 32 (one part per token)
+        opt.combine_recv_tile = ran % 3 == 0 ? 0 : ran % 3 == 1 ? 1 : 32;
+        opt.combine_send_parts = ran % 4 == 0 ? 0 : ran % 4 == 1 ? 2 : 4;  // warps per send record
+      }
       Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 40 + c.R, opt);
       check_against_reference(h, 2);
     }
@@ -353,6 +384,28 @@ TEST_F(NvlinkTest, Session6OptionsMatchReference) {
   if (gpu_count() >= 2 && nccl_available()) run_cases(Payload::kFP8, 2, Wire::kNccl, kSession6);
 }
 
+// Session 7's combine receive options (each alone and together) on the session-6 defaults, with
+// explicit receive tiles and send parts, every case, both payloads, ranks over all GPUs and on one
+// GPU, and over the NCCL wire (no waits there; the early partial is rank 0's staged one).
+TEST_F(NvlinkTest, Session7OptionsMatchReference) {
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kSession7);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kSession7);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kSession7);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kEarlyStage);
+  run_cases(Payload::kBF16, 1, Wire::kNvlink, kEarlyStage);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kWarpWait);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kWarpWait);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kWarpItems);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kWarpItems);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kWarpItems);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kWarpItemsOnly);
+  run_cases(Payload::kBF16, 1, Wire::kNvlink, kWarpItemsOnly);
+  if (gpu_count() >= 2 && nccl_available()) {
+    run_cases(Payload::kFP8, 2, Wire::kNccl, kSession7);
+    run_cases(Payload::kBF16, 2, Wire::kNccl, kWarpItems);
+  }
+}
+
 // More send blocks than the GPU has SMs: the direct rows need every send block resident (block
 // 0 notifies, the others wait for every rank's notify), so they fall back to the source regions;
 // the results stay the reference's (review of session 4).
@@ -387,7 +440,7 @@ TEST_F(NvlinkTest, RanksPerDeviceBelowSharingIsRejected) {
 }
 
 TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
-  for (int v : {0, 1, kDefaults, 3, kDirectRows, kFastCount}) {
+  for (int v : {0, 1, kDefaults, 3, kDirectRows, kFastCount, kSession7, kWarpItems}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
     const DeviceEpOptions opt = variant_options(v);
@@ -447,6 +500,36 @@ TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
       EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
       EXPECT_NE(m.find("dispatch.notify[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
           << m;
+    }
+  }
+}
+
+// A peer that dispatches but never runs its combine: the receive's wait for its chunks ends with
+// the report, whether the block (the session-6 kernels) or each warp (combine_recv_warp_wait, with
+// and without warp items: the defaults) waits.
+TEST_F(NvlinkTest, CombineSilentPeerEndsWithErrorNamingRankPeerCounter) {
+  for (const int v : {kSession6, kSession7, kDefaults}) {
+    SCOPED_TRACE("variant" + variant_name(v));
+    EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
+    cfg.timeout_s = 0.3;
+    DeviceEpOptions opt = variant_options(v);
+    opt.num_blocks = 3;
+    Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
+    h.dispatch();
+    h.sync();
+    h.group->check();
+    ASSERT_GT(h.group->rank(0).download().recv.count[1], 0) << "rank 1 must send rank 0 something";
+    h.group->rank(0).combine_send(h.buf[0].y, h.buf[0].stream);  // rank 1 never combines
+    h.group->rank(0).combine_recv(h.buf[0].out, h.buf[0].stream);
+    h.sync();
+    try {
+      h.group->rank(0).check();
+      FAIL() << "expected an error";
+    } catch (const Error& e) {
+      const std::string m = e.message();
+      EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
+      EXPECT_NE(m.find("combine.chunk[rank=0][src=1][chunk="), std::string::npos) << m;
+      EXPECT_NE(m.find("], expected >= 1, seen 0"), std::string::npos) << m;
     }
   }
 }

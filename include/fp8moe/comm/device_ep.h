@@ -150,8 +150,31 @@ struct DeviceEpOptions {
   // four waves of tiles (8 tokens at the V3 shape on 132 SMs, each token's columns split over two
   // of the block's 16 warps). Session 6 (docs/comm/README.md), 2 x H100, V3 shape, same calls:
   // 8 tokens 283.3 us, 16 (the session-5 rule, T / (2 x blocks)) 292.7, 4 tokens 294.2; the
-  // plain sweep 283.2 / 283.3 against 291.4 / 292.9.
+  // plain sweep 283.2 / 283.3 against 291.4 / 292.9. With combine_recv_warp_items (session 7)
+  // the automatic tile is T / (8 x receive blocks) and only sets the parts per token (16 / tile).
   int combine_recv_tile = 0;
+  // Session 7 (docs/comm/README.md, "Session 7"), with combine_two_steps and combine_stream_rows
+  // (else ignored); same results bit for bit. Z combine_recv_early_stage: combine_recv loads the
+  // staged partial of the first other rank at the start of each column pass, beside the own expert
+  // rows, instead of after the own partial is summed. U combine_recv_warp_wait: each receive warp
+  // waits for the chunks holding its own token's partials (overlapping the token's index loads)
+  // instead of the block waiting for the whole tile's chunks before any warp starts.
+  // I combine_recv_warp_items (implies U): each receive warp claims its own (token, column part)
+  // items, one claim ahead, with no block barrier between items; the parts per token are the
+  // block warps / combine_recv_tile, and the automatic tile is then T / (8 x receive blocks) (4
+  // tokens, so 4 parts per token, at the V3 shape on 132 SMs).
+  // combine_send_parts: each combine send record's columns split over at least this many warps
+  // (0 or 1: one warp per record while a chunk has as many records as the block has warps; 2 or
+  // 4), so that fewer distinct expert rows are read at once.
+  // 2 x H100, V3 shape, same calls, 3 rounds (combine, us): defaults before 283.4, Z 278.2, U
+  // 280.5, Z+U 275.4 / 275.7 / 276.1, Z+U+I (2 parts) 280.6, Z+U+I 4 parts 268.7 / 270.1, 1 part
+  // 309.2, Z+U+I 4 parts + 2 send parts 264.9 (4 send parts 269.7); the plain sweep 265.3-266.5
+  // against 282.9-283.7 (-6.3 %); dispatch unchanged. Not measured on H200 nor at 4 ranks. On by
+  // default.
+  bool combine_recv_early_stage = true;
+  bool combine_recv_warp_wait = true;
+  bool combine_recv_warp_items = true;
+  int combine_send_parts = 2;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
