@@ -11,6 +11,7 @@
 #include <dlfcn.h>
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -817,6 +818,67 @@ struct SmallVariant {
   std::vector<double> us;
 };
 
+// Extra forced rows from FP8MOE_BENCH_SMALL_TILES (e.g. "128x256,128x256e3,128x128s4q"):
+// BMxBN, then options: eN epilogue N (default 2: TMA store), sN stages, kN split-K, mN CTAs,
+// b CTA pairs along M sharing B (cluster 2), wN scale_prefetch N; each with pdl off and on, or
+// q: pdl on only.
+std::vector<kernels::GemmTileConfig> parse_tile_list(const char* list) {
+  std::vector<kernels::GemmTileConfig> forced;
+  const std::string l = list;
+  for (size_t pos = 0; pos < l.size();) {
+    const size_t comma = std::min(l.find(',', pos), l.size());
+    const std::string t = l.substr(pos, comma - pos);
+    const size_t x = t.find('x');
+    if (x != std::string::npos) {
+      kernels::GemmTileConfig c{
+          std::atoi(t.substr(0, x).c_str()), std::atoi(t.substr(x + 1).c_str()), 0, 0, 2, 1, 1};
+      bool pdl_on_only = false;
+      size_t i = x + 1;
+      while (i < t.size() && std::isdigit(static_cast<unsigned char>(t[i]))) ++i;
+      while (i < t.size()) {
+        const char o = t[i++];
+        const int v = std::atoi(t.c_str() + i);
+        while (i < t.size() && std::isdigit(static_cast<unsigned char>(t[i]))) ++i;
+        switch (o) {
+          case 'e':
+            c.epilogue = v;
+            break;
+          case 's':
+            c.num_stages = v;
+            break;
+          case 'k':
+            c.split_k = v;
+            break;
+          case 'm':
+            c.num_sms = v;
+            break;
+          case 'b':
+            c.cluster = 2;
+            break;
+          case 'w':
+            c.scale_prefetch = v;
+            break;
+          case 'q':
+            pdl_on_only = true;
+            break;
+          default:
+            std::fprintf(stderr, "FP8MOE_BENCH_SMALL_TILES: unknown option '%c' in %s\n", o,
+                         t.c_str());
+            std::exit(2);
+        }
+      }
+      if (!pdl_on_only) {
+        c.pdl = 1;
+        forced.push_back(c);
+      }
+      c.pdl = 2;
+      forced.push_back(c);
+    }
+    pos = comma + 1;
+  }
+  return forced;
+}
+
 void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k,
                        uint64_t seed) {
   const double flops = 2.0 * m * n * k;
@@ -865,31 +927,9 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
         if (split < 8) forced.push_back({64, 64, 0, 0, 0, 1, split});
       }
   }
-  // Extra forced rows from FP8MOE_BENCH_SMALL_TILES (e.g. "128x256,128x256e3"): the TMA-store
-  // epilogue (eN: epilogue N), with pdl off and on.
-  if (const char* list = std::getenv("FP8MOE_BENCH_SMALL_TILES")) {
-    const std::string l = list;
-    for (size_t pos = 0; pos < l.size();) {
-      const size_t comma = std::min(l.find(',', pos), l.size());
-      const std::string t = l.substr(pos, comma - pos);
-      const size_t x = t.find('x');
-      if (x != std::string::npos) {
-        const size_t e = t.find('e');
-        kernels::GemmTileConfig c{std::atoi(t.substr(0, x).c_str()),
-                                  std::atoi(t.substr(x + 1).c_str()),
-                                  0,
-                                  0,
-                                  e == std::string::npos ? 2 : std::atoi(t.substr(e + 1).c_str()),
-                                  1,
-                                  1};
-        c.pdl = 1;
-        forced.push_back(c);
-        c.pdl = 2;
-        forced.push_back(c);
-      }
-      pos = comma + 1;
-    }
-  }
+  // Extra forced rows (parse_tile_list).
+  if (const char* list = std::getenv("FP8MOE_BENCH_SMALL_TILES"))
+    for (const kernels::GemmTileConfig& c : parse_tile_list(list)) forced.push_back(c);
   for (const kernels::GemmTileConfig& c : forced) {
     SmallVariant v("fp8moe_forced_tile", kernels::describe_tile_config(c));
     v.has_force = true;
@@ -1317,6 +1357,22 @@ void profile_dense(Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k)
   if (std::getenv("FP8MOE_BENCH_PAIRS") != nullptr) {
     const kernels::GemmTileConfig pair{128, 128, 0, 0, 1, 2};
     kernels::fp8_gemm_nt(f.a.p, f.sa.p, f.b.p, f.sb.p, d.p, m, n, k, stream, &pair);
+  }
+  // Forced configurations (parse_tile_list's tokens; pdl-on rows only), with a workspace.
+  if (const char* list = std::getenv("FP8MOE_BENCH_PROFILE_TILES")) {
+    std::vector<kernels::GemmTileConfig> cs;
+    int64_t ws_bytes = 256;
+    for (const kernels::GemmTileConfig& c : parse_tile_list(list))
+      if (c.pdl == 2) {
+        cs.push_back(c);
+        ws_bytes = std::max(ws_bytes, kernels::fp8_gemm_workspace_bytes(m, n, k, &c));
+      }
+    Dev<uint8_t> ws{static_cast<size_t>(ws_bytes)};
+    FM_CHECK_CUDA(cudaMemset(ws.p, 0, ws.n));
+    for (const kernels::GemmTileConfig& c : cs)
+      kernels::fp8_gemm_nt(f.a.p, f.sa.p, f.b.p, f.sb.p, d.p, m, n, k, stream, &c,
+                           kernels::GemmWorkspace{ws.p, ws.n});
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
   }
   const Dev<float> sb_lt = lt_block_scales(f.sb, n, k);
   LtPlan block;

@@ -49,6 +49,17 @@ struct GemmParams {
   int half_col;
 };
 
+// Kernel variants beside the template's tile shape (a bit mask; 0 = the plain kernel), separate
+// instantiations so that the kernels without them keep their code. kModeScalePrefetch
+// (GemmTileConfig::scale_prefetch): at the start the math threads pull the whole B scale array
+// into L2 (prefetch, one 128-byte line each, spread over the CTAs), and in the overlapped loop a K
+// block's B scale is loaded one block ahead, a tile's first before the tile's first full-barrier
+// wait (the other loop already loads one ahead). Without it the overlapped loop issued that load
+// after the wait, right before its use: at M = 128 its L2 miss (the scales are cold) went to DRAM
+// behind the operand stream and the next block's wgmmas waited for it (dev/gemm/NOTES.md
+// session 7).
+inline constexpr int kModeScalePrefetch = 1;
+
 struct Tile {
   int group, m_base, n_base;
   int k_block_begin, num_k_blocks;
@@ -589,7 +600,7 @@ __device__ __forceinline__ void reduce_slab_tma(const float (&acc)[kBlockN / 2],
 // against 175-179 (ptxas: 120 bytes of spill at 128x128).
 constexpr bool kWgradOverlap = true;
 
-template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK, bool kTail>
+template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK, bool kTail, int kMode>
 __device__ __forceinline__ void compute(const GemmParams& p,
                                         const SmemLayout<kBlockM, kBlockN, kWgrad>& sm,
                                         const CUtensorMap* map_d) {
@@ -629,6 +640,14 @@ __device__ __forceinline__ void compute(const GemmParams& p,
   float acc[kRegs];
   float part[kRegs];
   const int first = blockIdx.x / p.cluster, step = gridDim.x / p.cluster;
+  constexpr bool kScalePrefetch = (kMode & kModeScalePrefetch) != 0;
+  if constexpr (kScalePrefetch) {
+    const int64_t count = static_cast<int64_t>(p.num_groups) * n_scale_blocks * kb_total;
+    constexpr int kThreads = kBlockM / 64 * 128;
+    for (int64_t i = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * 32; i < count;
+         i += static_cast<int64_t>(gridDim.x) * kThreads * 32)
+      prefetch_l2(p.sb + i);
+  }
   for (int t = first; get_tile<kBlockM, kBlockN, kTail>(p, t, tile, skip); t += step) {
     if (skip) continue;
 #pragma unroll
@@ -666,13 +685,22 @@ __device__ __forceinline__ void compute(const GemmParams& p,
       float x_sa0 = 0.0f, x_sa1 = 0.0f, x_sb = 0.0f, y_sa0 = 0.0f, y_sa1 = 0.0f, y_sb = 0.0f;
       const int n = tile.num_k_blocks;
       int b = 0;
+      // kScalePrefetch: block kb's B scale, loaded during block kb - 1 (the first before the wait).
+      [[maybe_unused]] float sb_ahead = 0.0f;
+      if constexpr (kScalePrefetch) sb_ahead = __ldg(sb_ptr);
       // Waits for the next block's stage, reads its scales and issues its wgmmas into `part`.
       auto issue = [&](float(&part)[kRegs], PipeState& st, float& s_a0, float& s_a1, float& s_b,
                        int kb) {
         mbar_wait(sm.full(pipe.stage), pipe.phase);
         s_a0 = sm.sa(pipe.stage)[row_in_tile];
         s_a1 = sm.sa(pipe.stage)[row_in_tile + 8];
-        if constexpr (!kWgrad) s_b = __ldg(sb_ptr + kb);
+        // (the weight gradient's B scales are per column: `promote` reads them from the stage)
+        if constexpr (kScalePrefetch) {
+          s_b = sb_ahead;
+          sb_ahead = __ldg(sb_ptr + min(kb + 1, n - 1));
+        } else if constexpr (!kWgrad) {
+          s_b = __ldg(sb_ptr + kb);
+        }
         const uint64_t stage_off = static_cast<uint64_t>(pipe.stage) * kStageDesc;
 #pragma unroll
         for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
@@ -1100,7 +1128,7 @@ constexpr int math_warpgroups(int block_m) {
   return block_m == 64 ? 1 : 2;
 }
 
-template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK, bool kTail = false>
+template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK, bool kTail = false, int kMode = 0>
 __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                     const __grid_constant__ CUtensorMap map_b,
@@ -1120,6 +1148,8 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
   static_assert(!(kWgrad && kBlockN == 192), "the 1x128 x 1x128 kernel is built for 64/128 only");
   static_assert(!(kSplitK && (kWgrad || kBlockN > 128)), "split-K: 1x128 x 128x128, N <= 128");
   static_assert(!kTail || kSplitK, "the tail split is a split-K kernel form");
+  static_assert(kMode == 0 || (kBlockM <= 128 && kBlockN <= 128 && !kWgrad && !kTail),
+                "the B-scale prefetch is built for the 1d2d kernels up to 128x128 (no tail split)");
   constexpr int kNumMathThreads = math_warpgroups(kBlockM) * 128;
   extern __shared__ __align__(1024) uint8_t smem[];
   using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
@@ -1161,7 +1191,7 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
     if constexpr (kBlockM == 256 || kBlockN == 256)
       compute_wide<kBlockM, kBlockN, kTail>(p, sm, &map_d);
     else
-      compute<kBlockM, kBlockN, kWgrad, kSplitK, kTail>(p, sm, &map_d);
+      compute<kBlockM, kBlockN, kWgrad, kSplitK, kTail, kMode>(p, sm, &map_d);
   }
   // NOTE: the peer may still multicast into this CTA's stages or arrive on its barriers.
   if (p.cluster == 2) {

@@ -15,6 +15,33 @@ namespace {
 
 void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileConfig& c,
                    int max_tiles, cudaStream_t stream) {
+  // The B-scale prefetch (sm90::kModeScalePrefetch) of the dense kernels up to 128x128, with or
+  // without split-K (resolve_config has filled in the default).
+  if (c.scale_prefetch == 2 && p.form == Form::kDense && p.tail_split == 1) {
+    constexpr int kPf = sm90::kModeScalePrefetch;
+    const bool split = p.split_k > 1;
+    if (c.block_m == 128 && c.block_n == 128) {
+      if (split)
+        sm90::launch_gemm<128, 128, false, true, false, kPf>(maps, p, c, max_tiles, stream);
+      else
+        sm90::launch_gemm<128, 128, false, false, false, kPf>(maps, p, c, max_tiles, stream);
+      return;
+    }
+    if (c.block_m == 64 && c.block_n == 128) {
+      if (split)
+        sm90::launch_gemm<64, 128, false, true, false, kPf>(maps, p, c, max_tiles, stream);
+      else
+        sm90::launch_gemm<64, 128, false, false, false, kPf>(maps, p, c, max_tiles, stream);
+      return;
+    }
+    if (c.block_m == 64 && c.block_n == 64) {
+      if (split)
+        sm90::launch_gemm<64, 64, false, true, false, kPf>(maps, p, c, max_tiles, stream);
+      else
+        sm90::launch_gemm<64, 64, false, false, false, kPf>(maps, p, c, max_tiles, stream);
+      return;
+    }
+  }
   if (p.tail_split > 1) {
     // Tail-split kernels (tail_split_reduce in their epilogue) for the tiles up to 128 wide.
     if (c.block_m == 256 && c.block_n == 128 && p.form == Form::kDense)

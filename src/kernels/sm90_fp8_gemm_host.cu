@@ -87,12 +87,15 @@ GemmTileConfig resolve_config(const GemmShape& shape, const GemmTileConfig* forc
     GemmTileConfig c =
         choose_gemm_tile(shape, info.num_sms, info.smem_optin, info.dram_bytes_per_s);
     if (c.pdl == 0) c.pdl = kGemmDefaultPdl;
+    if (c.scale_prefetch == 0) c.scale_prefetch = gemm_default_scale_prefetch(shape, c);
     return c;
   }
   GemmTileConfig c = *force;
   if (c.pdl == 0) c.pdl = kGemmDefaultPdl;
   FM_CHECK_ARG(c.pdl == 1 || c.pdl == 2, "fp8 gemm: pdl ", c.pdl,
                " (0 = default, 1 = off, 2 = on)");
+  FM_CHECK_ARG(c.scale_prefetch >= 0 && c.scale_prefetch <= 2, "fp8 gemm: scale_prefetch ",
+               c.scale_prefetch, " (0 = default, 1 = off, 2 = on)");
   bool known = false;
   for (const TileCandidate& t : gemm_tile_candidates(shape.kind))
     known |= t.block_m == c.block_m && t.block_n == c.block_n;
@@ -122,6 +125,7 @@ GemmTileConfig resolve_config(const GemmShape& shape, const GemmTileConfig* forc
   FM_CHECK_ARG(c.num_stages >= 2 && c.num_stages <= max_stages, "fp8 gemm: ", c.num_stages,
                " stages do not fit (at most ", max_stages, ")");
   if (c.num_sms <= 0 || c.num_sms > info.num_sms) c.num_sms = info.num_sms;
+  if (c.scale_prefetch == 0) c.scale_prefetch = gemm_default_scale_prefetch(shape, c);
   return c;
 }
 

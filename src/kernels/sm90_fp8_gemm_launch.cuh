@@ -54,14 +54,15 @@ struct LaunchMaps {
   CUtensorMap a, b, sa, sb, d;
 };
 
-template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK = false, bool kTail = false>
+template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK = false, bool kTail = false,
+          int kMode = 0>
 void launch_gemm(const LaunchMaps& maps, const GemmParams& params, const GemmTileConfig& cfg,
                  int max_tiles, cudaStream_t stream) {
   constexpr int kThreads = 128 * (math_warpgroups(kBlockM) + 1);
   const GemmKind kind = kWgrad ? GemmKind::kWgrad : GemmKind::kDense;
   const int64_t smem =
       gemm_smem_bytes(kind, kBlockM, kBlockN, cfg.num_stages, params.tma_store != 0);
-  auto kernel = fp8_gemm_kernel<kBlockM, kBlockN, kWgrad, kSplitK, kTail>;
+  auto kernel = fp8_gemm_kernel<kBlockM, kBlockN, kWgrad, kSplitK, kTail, kMode>;
   FM_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(smem)));
   cudaLaunchConfig_t launch{};

@@ -161,6 +161,14 @@ bool gemm_half_column(GemmKind kind, int64_t m, int64_t n, const GemmTileConfig&
   return gemm_half_column_load(m, n, c) < double(ceil_div(tiles, grid)) - 0.1;
 }
 
+int gemm_default_scale_prefetch(const GemmShape& shape, const GemmTileConfig& c) {
+  const bool kernel = (c.block_m == 128 && c.block_n == 128) || c.split_k > 1;
+  return shape.kind == GemmKind::kDense && shape.m <= kScalePrefetchMaxM && kernel &&
+                 c.tail_split <= 1
+             ? kGemmDefaultScalePrefetch
+             : 1;
+}
+
 double gemm_dram_bytes_per_s(int64_t memory_clock_khz, int bus_width_bits) {
   FM_CHECK_ARG(memory_clock_khz > 0 && bus_width_bits > 0, "gemm_dram_bytes_per_s: memory clock ",
                memory_clock_khz, " kHz, bus width ", bus_width_bits, " bits");
@@ -386,6 +394,7 @@ std::string describe_tile_config(const GemmTileConfig& c) {
   if (c.split_k > 1) out << "/split" << c.split_k;
   if (c.tail_split > 1) out << "/tail" << c.tail_split;
   if (c.pdl == 2) out << "/pdl";
+  if (c.scale_prefetch != 0) out << (c.scale_prefetch == 2 ? "/sbpf" : "/nosbpf");
   return out.str();
 }
 

@@ -876,6 +876,44 @@ TEST(Fp8GemmGpuPairs, DenseCtaPairs) {
   }
 }
 
+// The B-scale prefetch (GemmTileConfig::scale_prefetch 2: B scales prefetched into L2 at the start
+// and loaded one K block ahead) of the dense kernels with the overlapped promotion, and the same
+// kernels without it (1): both epilogues, CTA pairs, many tiles a CTA, odd and single K-block
+// counts, partial tiles; and the split-K kernels (only the L2 prefetch: their loop loads ahead).
+TEST(Fp8GemmGpu, DenseScalePrefetch) {
+  uint64_t seed = 820;
+  for (GemmTileConfig c :
+       {GemmTileConfig{128, 128, 0, 0, 2, 1}, GemmTileConfig{128, 128, 0, 0, 1, 1},
+        GemmTileConfig{128, 128, 3, 5, 2, 1}, GemmTileConfig{128, 128, 0, 0, 2, 2},
+        GemmTileConfig{64, 128, 0, 0, 2, 1}, GemmTileConfig{64, 128, 0, 7, 1, 1},
+        GemmTileConfig{64, 64, 0, 0, 2, 1}, GemmTileConfig{64, 64, 0, 0, 1, 1}}) {
+    for (int v : {2, 1}) {
+      c.scale_prefetch = v;
+      run_dense(128, 32768, 512, &c, seed += 2);
+      run_dense(100, 2304, 1664, &c, seed += 2);  // 13 K blocks (odd: one alone, then 8, 4)
+      run_dense(1, 768, 128, &c, seed += 2);      // one K block
+      run_dense(300, 2112, 7168, &c, seed += 2);
+    }
+  }
+  for (const auto& shape :
+       {std::array<int64_t, 3>{128, 7168, 2048}, std::array<int64_t, 3>{100, 2048, 1664},
+        std::array<int64_t, 3>{64, 2112, 7168}}) {
+    const SplitKWeights weights(shape[1], shape[2], seed += 2);
+    SplitKProblem pr(shape[0], weights, seed += 2);
+    DeviceBuffer<uint8_t> ws = split_k_workspace(shape[0], shape[1]);
+    const kernels::GemmWorkspace w{ws.get(), ws.size()};
+    for (GemmTileConfig c :
+         {GemmTileConfig{128, 128, 0, 0, 0, 1, 2}, GemmTileConfig{128, 128, 3, 7, 0, 1, 3},
+          GemmTileConfig{64, 128, 0, 0, 0, 1, 2}, GemmTileConfig{64, 64, 0, 0, 0, 1, 4}}) {
+      for (int v : {2, 1}) {
+        c.scale_prefetch = v;
+        pr.check(&c, w, kernels::describe_tile_config(c).c_str());
+      }
+    }
+    expect_counters_zero(ws);
+  }
+}
+
 // ---- programmatic dependent launch (GemmTileConfig::pdl = 2) ----
 // A slow copy kernel: the launch right after it (with the PDL attribute) may start early and must
 // not read its inputs before this kernel has finished writing them.
@@ -890,8 +928,8 @@ __global__ void slow_copy(const uint8_t* src, uint8_t* dst, int64_t bytes, int r
 // GEMM with pdl reads it; then two PDL GEMMs write the same D back to back (the first from other
 // inputs), so D must hold the second's result. Poison or a stale A gives NaN, a late write of the
 // first GEMM gives wrong values.
-TEST(Fp8GemmGpuPdl, ChainedLaunchesWaitForTheirInputs) {
-  const int64_t m = 1000, n = 2112, k = 1024;
+void chained_launches(int64_t n, const std::vector<GemmTileConfig>& configs) {
+  const int64_t m = 1000, k = 1024;
   const QuantizedMatrix qa = random_quantized(m, k, ScaleGranularity::k1x128, 900);
   const QuantizedMatrix qb = random_quantized(n, k, ScaleGranularity::k128x128, 901);
   const QuantizedMatrix qa2 = random_quantized(m, k, ScaleGranularity::k1x128, 902);
@@ -900,14 +938,6 @@ TEST(Fp8GemmGpuPdl, ChainedLaunchesWaitForTheirInputs) {
   DeviceBuffer<uint8_t> a_src(qa.codes), a(qa.codes.size()), a2(qa2.codes), b(qb.codes);
   DeviceBuffer<float> sa(scales_mn_major(qa)), sa2(scales_mn_major(qa2)), sb(qb.scales);
   DeviceBuffer<bf16> d(static_cast<size_t>(m * n));
-  // Every tile shape, both epilogues, CTA pairs (8 M-blocks), split-K and the tail split (their
-  // counters and partials), and 20 CTAs (many tiles each).
-  const std::vector<GemmTileConfig> configs = {
-      {128, 128, 0, 0, 2, 1, 1, 1, 2}, {128, 128, 0, 0, 1, 1, 1, 1, 2},
-      {64, 128, 0, 0, 2, 1, 1, 1, 2},  {256, 128, 0, 0, 2, 1, 1, 1, 2},
-      {128, 256, 0, 0, 2, 1, 1, 1, 2}, {128, 192, 0, 0, 2, 1, 1, 1, 2},
-      {128, 128, 0, 0, 2, 2, 1, 1, 2}, {128, 128, 0, 0, 0, 1, 4, 1, 2},
-      {128, 128, 0, 0, 2, 1, 1, 4, 2}, {128, 128, 0, 20, 2, 1, 1, 1, 2}};
   int64_t ws_bytes = 256;
   for (const GemmTileConfig& c : configs)
     ws_bytes = std::max(ws_bytes, kernels::fp8_gemm_workspace_bytes(m, n, k, &c));
@@ -943,6 +973,27 @@ TEST(Fp8GemmGpuPdl, ChainedLaunchesWaitForTheirInputs) {
            kBf16NormTol);
   }
   FM_CHECK_CUDA(cudaStreamDestroy(stream));
+}
+
+TEST(Fp8GemmGpuPdl, ChainedLaunchesWaitForTheirInputs) {
+  // Every tile shape, both epilogues, CTA pairs (8 M-blocks), split-K and the tail split (their
+  // counters and partials), and 20 CTAs (many tiles each).
+  chained_launches(2112, {{128, 128, 0, 0, 2, 1, 1, 1, 2},
+                          {128, 128, 0, 0, 1, 1, 1, 1, 2},
+                          {64, 128, 0, 0, 2, 1, 1, 1, 2},
+                          {256, 128, 0, 0, 2, 1, 1, 1, 2},
+                          {128, 256, 0, 0, 2, 1, 1, 1, 2},
+                          {128, 192, 0, 0, 2, 1, 1, 1, 2},
+                          {128, 128, 0, 0, 2, 2, 1, 1, 2},
+                          {128, 128, 0, 0, 0, 1, 4, 1, 2},
+                          {128, 128, 0, 0, 2, 1, 1, 4, 2},
+                          {128, 128, 0, 20, 2, 1, 1, 1, 2}});
+  // The kernels with and without the B-scale prefetch (scale_prefetch 2 / 1).
+  chained_launches(2048, {{128, 128, 0, 0, 2, 1, 1, 1, 2, 2},
+                          {128, 128, 0, 0, 1, 1, 1, 1, 2, 1},
+                          {64, 128, 0, 0, 2, 1, 1, 1, 2, 2},
+                          {64, 64, 0, 0, 2, 1, 1, 1, 2, 2},
+                          {128, 128, 0, 0, 2, 2, 1, 1, 2, 2}});
 }
 
 }  // namespace

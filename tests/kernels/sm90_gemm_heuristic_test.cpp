@@ -385,6 +385,25 @@ TEST(Sm90GemmHeuristic, DramRateFromTheDevice) {
         << gemm_kind_name(c.kind);
 }
 
+TEST(Sm90GemmHeuristic, DefaultScalePrefetch) {
+  const GemmShape m128{GemmKind::kDense, 128, 32768, 512, 1};
+  // On: dense, M <= 128, 128x128 tiles or split-K (the heuristic's 128x32768x512 pick among them).
+  EXPECT_EQ(gemm_default_scale_prefetch(m128, {128, 128}), kGemmDefaultScalePrefetch);
+  EXPECT_EQ(
+      gemm_default_scale_prefetch({GemmKind::kDense, 1, 2112, 7168, 1}, {64, 64, 0, 0, 1, 1, 2}),
+      kGemmDefaultScalePrefetch);
+  EXPECT_EQ(
+      gemm_default_scale_prefetch(m128, choose_gemm_tile(with_split(m128, 8), kH100Sms, kH100Smem)),
+      kGemmDefaultScalePrefetch);
+  // Off: 64x128 / 64x64 without split-K, M > 128, the tail split, the grouped forms.
+  EXPECT_EQ(gemm_default_scale_prefetch(m128, {64, 128}), 1);
+  EXPECT_EQ(gemm_default_scale_prefetch(m128, {64, 64}), 1);
+  EXPECT_EQ(gemm_default_scale_prefetch({GemmKind::kDense, 129, 32768, 512, 1}, {128, 128}), 1);
+  EXPECT_EQ(gemm_default_scale_prefetch(m128, {128, 128, 0, 0, 2, 1, 1, 2}), 1);
+  EXPECT_EQ(gemm_default_scale_prefetch({GemmKind::kGroupedMasked, 128, 4096, 7168, 4}, {128, 128}),
+            1);
+}
+
 TEST(Sm90GemmHeuristic, RejectsImpossibleSettings) {
   EXPECT_THROW(choose_gemm_tile({GemmKind::kDense, 64, 64, 128, 1}, 0, kH100Smem), Error);
   EXPECT_THROW(choose_gemm_tile({GemmKind::kDense, 64, 64, 128, 1}, kH100Sms, 40 * 1024), Error);

@@ -30,12 +30,21 @@ struct GemmTileConfig {
   int pdl = 0;  // programmatic dependent launch: 0 = kGemmDefaultPdl, 1 = off, 2 = on (the launch
                 // may begin, up to its prologue, while the previous kernel of the stream ends;
                 // the kernel waits for that kernel's completion before any global memory access)
+  int scale_prefetch = 0;  // B scales of the 128x128 / 64x128 / 64x64 dense kernels (with or
+                           // without split-K, not the tail split): 0 = the default
+                           // (gemm_default_scale_prefetch), 1 = off, 2 = prefetched into L2 at the
+                           // start and (without split-K) loaded one K block ahead (other
+                           // launches: ignored)
 };
 
 // What pdl = 0 means (the heuristic's picks and forced configurations that leave it 0). On: in
 // CUDA-graph replays on H100 it took 0.6-1.2 us off every launch at M = 64 / 128 (2.9 -> 2.2 us for
 // one tile; 11.6 -> 10.4 us at 128x32768x512), dev/gemm/NOTES.md session 6.
 inline constexpr int kGemmDefaultPdl = 2;
+
+// What scale_prefetch = 0 means where gemm_default_scale_prefetch (sm90_gemm_heuristic.h) applies
+// it: on (2); elsewhere 0 means off.
+inline constexpr int kGemmDefaultScalePrefetch = 2;
 
 // One line naming a configuration (for benchmarks and logs).
 std::string describe_tile_config(const GemmTileConfig& c);

@@ -63,6 +63,15 @@ bool gemm_half_column(GemmKind kind, int64_t m, int64_t n, const GemmTileConfig&
 int64_t gemm_half_column_units(int64_t m, int64_t n, const GemmTileConfig& c);
 double gemm_half_column_load(int64_t m, int64_t n, const GemmTileConfig& c);
 
+// GemmTileConfig::scale_prefetch = 0 resolved (c: the configuration with tile, split_k and
+// tail_split filled in): kGemmDefaultScalePrefetch for dense launches of at most
+// kScalePrefetchMaxM rows with 128x128 tiles or split-K, else 1 (off). Measured on H100
+// (dev/gemm/NOTES.md session 7): 128x32768x512 10.4 -> 10.0-10.1 us, the 64x64 split picks
+// 0.1-0.2 us faster; the 64x128 / 64x64 picks without split-K read the same or up to 1% slower
+// with it (128x7168x16384 64x128: +0.45 us on average of 8 runs), and M > 128 was not measured.
+inline constexpr int64_t kScalePrefetchMaxM = 128;
+int gemm_default_scale_prefetch(const GemmShape& shape, const GemmTileConfig& c);
+
 struct TileCandidate {
   int block_m, block_n;
 };
