@@ -64,9 +64,15 @@ for m in sorted({r["m"] for r in forced}, reverse=True):
         print(f"| {s[1]} | {s[2]} | " + " | ".join(cells) + " |")
 other = [r for r in rows if r["kind"] != "dense"]
 if other:
-    print("\n## Grouped and weight-gradient (ours; no cuBLASLt anchor for these forms)\n")
-    print("| kind | groups | rows (M) | N | K | us | TFLOPS | GB/s | tile | rel_err | MHz |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n## Grouped and weight-gradient\n")
+    print("The grouped forms have no cuBLASLt anchor. Weight-gradient rows (since session 7) are "
+          "timed beside the anchor their `anchor` key names (cuBLASLt FP8 with FP32 output, "
+          "beta = 1); `vs anchor` = its time / ours.\n")
+    print("| kind | groups | rows (M) | N | K | impl | us | TFLOPS | GB/s | tile | vs anchor | rel_err | MHz |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in other:
         re = f'{r["rel_err"]:.1e}' if "rel_err" in r else ""
-        print(f'| {r["kind"]} | {r["groups"]} | {r["m"]} | {r["n"]} | {r["k"]} | {r["us"]:.1f} | {r["tflops"]:.0f} | {r["gbps"]:.0f} | {r.get("tile", "")} | {re} | {mhz(r)} |')
+        anchor = r.get("anchor")
+        ratio = r.get("ratio_vs_" + anchor) if anchor else None
+        vs = f"{ratio:.2f}x {anchor}" if ratio else ""
+        print(f'| {r["kind"]} | {r["groups"]} | {r["m"]} | {r["n"]} | {r["k"]} | {r["impl"]} | {r["us"]:.1f} | {r["tflops"]:.0f} | {r["gbps"]:.0f} | {r.get("tile", "")} | {vs} | {re} | {mhz(r)} |')
