@@ -209,8 +209,53 @@ int sets_for(int64_t bytes_per_set) {
       (3 * kL2Bytes + bytes_per_set - 1) / std::max<int64_t>(bytes_per_set, 1), 1, 8));
 }
 
+// FP8MOE_BENCH_FLUSH_L2=1: time_us times single launches, each right after a 256 MB memset of a
+// scratch buffer (L2 flushed, the GPU busy with a memory-bound kernel in between), with events
+// around the launch alone: the way DeepGEMM's own benchmark times its kernels (a kernel timer,
+// the L2 flushed before each call), which is where ANCHORS.md's DeepGEMM figures come from. Not
+// the default: back-to-back graph replays keep the GPU at its power limit the whole time.
+bool flush_l2_mode() {
+  static const bool on = [] {
+    const char* e = std::getenv("FP8MOE_BENCH_FLUSH_L2");
+    return e != nullptr && std::string(e) == "1";
+  }();
+  return on;
+}
+
+double time_us_flushed(cudaStream_t stream, int sets, const std::function<void(int)>& launch) {
+  static Dev<uint8_t> scratch(size_t(256) << 20);
+  const auto warm_start = std::chrono::steady_clock::now();
+  for (int i = 0;
+       std::chrono::steady_clock::now() - warm_start < std::chrono::milliseconds(30) || i < sets;
+       ++i) {
+    launch(i % sets);
+    if (i % 8 == 7) FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+  }
+  FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+  cudaEvent_t e0, e1;
+  FM_CHECK_CUDA(cudaEventCreate(&e0));
+  FM_CHECK_CUDA(cudaEventCreate(&e1));
+  std::vector<double> samples;
+  for (int i = 0; i < 21; ++i) {
+    FM_CHECK_CUDA(cudaMemsetAsync(scratch.p, i & 0xFF, scratch.n, stream));
+    FM_CHECK_CUDA(cudaEventRecord(e0, stream));
+    launch(i % sets);
+    FM_CHECK_CUDA(cudaEventRecord(e1, stream));
+    FM_CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    FM_CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    samples.push_back(ms * 1000.0);
+    g_clock.sample();
+  }
+  FM_CHECK_CUDA(cudaEventDestroy(e0));
+  FM_CHECK_CUDA(cudaEventDestroy(e1));
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2];
+}
+
 // Median per-launch time (us) of `launch(set)` replayed from a CUDA graph.
 double time_us(cudaStream_t stream, int sets, const std::function<void(int)>& launch) {
+  if (flush_l2_mode()) return time_us_flushed(stream, sets, launch);
   // NOTE: warm up for >= 30 ms of back-to-back launches: after the CPU reference checks the GPU
   // sits idle and its clocks need time to come back (v2 saw 15-25% between two timings of one
   // configuration in one process).
@@ -424,6 +469,7 @@ struct Output {
     // since the previous row.
     const std::pair<double, double> sampled = g_clock.take();
     if (r.sm_mhz <= 0) std::tie(r.sm_mhz, r.power_w) = sampled;
+    if (flush_l2_mode()) r.note = r.note.empty() ? "l2flush" : "l2flush, " + r.note;
     rows.push_back(r);
     std::printf("%-20s %-24s m=%-6lld n=%-6lld k=%-6lld g=%-2lld %9.1f us %7.1f TFLOPS %7.1f GB/s",
                 r.kind.c_str(), r.impl.c_str(), (long long)r.m, (long long)r.n, (long long)r.k,
@@ -529,6 +575,8 @@ double sampled_rel_err(const Fp8Set& s, int64_t m, int64_t n, int64_t k, const s
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
+std::vector<kernels::GemmTileConfig> parse_tile_list(const char* list);
+
 void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n, int64_t k,
                  uint64_t seed) {
   const double flops = 2.0 * m * n * k;
@@ -559,6 +607,9 @@ void bench_dense(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
       variants.push_back({256, 128, 0, 0, 1, 1});
       variants.push_back({128, 128, 0, 0, 1, 2});
     }
+    // Extra forced rows (parse_tile_list's syntax), e.g. "128x256q" beside 256x128.
+    if (const char* list = std::getenv("FP8MOE_BENCH_DENSE_TILES"))
+      for (const kernels::GemmTileConfig& c : parse_tile_list(list)) variants.push_back(c);
     const kernels::GemmTileConfig probe{128, 128, 0, 0, 1, 1, 1, 4};
     if (kernels::fp8_gemm_workspace_bytes(m, n, k, &probe) > 0) {
       variants.push_back({128, 128, 0, 0, 2, 1, 1, 4});
@@ -1039,13 +1090,24 @@ void bench_dense_small(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int6
 
 // Grouped forms (no cuBLASLt anchor): the heuristic's pick and the forced tiles below, timed in
 // a rotated alternation (each row once at every place, as bench_dense), medians; each forced
-// row's output is compared with the pick's.
+// row's output is compared with the pick's. FP8MOE_BENCH_GROUPED_TILES (parse_tile_list's
+// syntax, e.g. "256x128q,128x256q") replaces the forced list; FP8MOE_BENCH_GROUPED_ROUNDS sets
+// the least number of rounds (default 3; at least one per row).
 const std::vector<kernels::GemmTileConfig>& grouped_variants() {
-  static const std::vector<kernels::GemmTileConfig> v = {{128, 256, 0, 0, 2},
-                                                         {128, 256, 0, 0, 2, 1, 1, 1, pdl_other()},
-                                                         {128, 128, 0, 0, 2},
-                                                         {128, 128, 0, 0, 1}};
+  static const std::vector<kernels::GemmTileConfig> v = [] {
+    if (const char* list = std::getenv("FP8MOE_BENCH_GROUPED_TILES")) return parse_tile_list(list);
+    return std::vector<kernels::GemmTileConfig>{{128, 256, 0, 0, 2},
+                                                {128, 256, 0, 0, 2, 1, 1, 1, pdl_other()},
+                                                {256, 128, 0, 0, 2},
+                                                {128, 128, 0, 0, 2},
+                                                {128, 128, 0, 0, 1}};
+  }();
   return v;
+}
+
+int grouped_min_rounds() {
+  const char* r = std::getenv("FP8MOE_BENCH_GROUPED_ROUNDS");
+  return r != nullptr ? std::max(1, std::atoi(r)) : 3;
 }
 
 // launch(force, set): force null = the heuristic. Adds one row per variant to `out`.
@@ -1058,7 +1120,7 @@ void time_grouped(Output& out, cudaStream_t stream, int sets, Row pick, double f
   const size_t rows = static_cast<size_t>(count);
   std::vector<std::vector<double>> us(rows), mhz(rows), watts(rows);
   g_clock.take();
-  for (int round = 0; round < std::max(3, count); ++round)
+  for (int round = 0; round < std::max(grouped_min_rounds(), count); ++round)
     for (int i = 0; i < count; ++i) {
       const int j = (i + round) % count;
       us[size_t(j)].push_back(time_us(stream, sets, [&](int x) { launch(force_of(j), x); }));
@@ -1494,7 +1556,8 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(
           stderr,
-          "usage: gemm_bench [--out FILE.jsonl] [--only dense|grouped|wgrad] [--m 4096,128,64] "
+          "usage: gemm_bench [--out FILE.jsonl] [--only dense|grouped|contiguous|masked|wgrad] "
+          "[--m 4096,128,64] "
           "[--quick] [--profile M N K] [--pdl-probe M N K] [--profile-contiguous G ROWS N K] "
           "[--nk NxK,...]\n");
       return 2;
@@ -1557,14 +1620,21 @@ int main(int argc, char** argv) {
         }
       }
     }
-    if (only.empty() || only == "grouped") {
+    // --only contiguous / masked: one grouped form.
+    const bool contiguous = only.empty() || only == "grouped" || only == "contiguous";
+    const bool masked = only.empty() || only == "grouped" || only == "masked";
+    if (contiguous || masked) {
       for (const auto& s :
            {std::array<int64_t, 2>{4096, 7168}, std::array<int64_t, 2>{7168, 2048}}) {
-        bench_contiguous(out, stream, 4, 8192, s[0], s[1], seed += 1000);
-        bench_contiguous(out, stream, 8, 4096, s[0], s[1], seed += 1000);
-        bench_masked(out, stream, 1, 1024, s[0], s[1], seed += 1000);
-        bench_masked(out, stream, 2, 512, s[0], s[1], seed += 1000);
-        bench_masked(out, stream, 4, 256, s[0], s[1], seed += 1000);
+        if (contiguous) {
+          bench_contiguous(out, stream, 4, 8192, s[0], s[1], seed += 1000);
+          bench_contiguous(out, stream, 8, 4096, s[0], s[1], seed += 1000);
+        }
+        if (masked) {
+          bench_masked(out, stream, 1, 1024, s[0], s[1], seed += 1000);
+          bench_masked(out, stream, 2, 512, s[0], s[1], seed += 1000);
+          bench_masked(out, stream, 4, 256, s[0], s[1], seed += 1000);
+        }
       }
     }
     if (only.empty() || only == "wgrad") {

@@ -59,6 +59,10 @@ struct GemmParams {
 // behind the operand stream and the next block's wgmmas waited for it (dev/gemm/NOTES.md
 // session 7).
 inline constexpr int kModeScalePrefetch = 1;
+// kModeGroupedRows (GemmTileConfig 256x128 on the grouped forms): 256-row tiles for grouped
+// contiguous / masked launches (get_grouped_wide_tile), an instantiation of its own so that the
+// dense 256x128 kernels keep their code.
+inline constexpr int kModeGroupedRows = 2;
 
 struct Tile {
   int group, m_base, n_base;
@@ -184,6 +188,53 @@ __device__ __forceinline__ bool get_wide_tile(const GemmParams& p, const WideCur
   }
 }
 
+// 256x128 tiles of the grouped forms (kModeGroupedRows). Contiguous: unit u is the 256-row tile
+// at M-blocks 2q, 2q + 1 of one tile column (rasterise order over 256-row blocks). Where both
+// 128-row halves start with the same expert it is one tile (its padding rows are computed, not
+// stored); else (an expert boundary at the middle, a padding block, the second half past M) its
+// halves run one after the other as 128-row tiles of their own experts (`halves`, c.half), a
+// padding half skipped, so that both slabs of a tile always read one expert's B. Masked:
+// get_tile's 256-row tiles per group. `rows128`: only the first 128 rows of the tile hold
+// anything (a half, or a masked group's last tile of <= 128 rows): slab 1 is neither computed nor
+// stored.
+__device__ __forceinline__ bool get_grouped_wide_tile(const GemmParams& p, const WideCursor& c,
+                                                      Tile& tile, bool& skip, bool& halves,
+                                                      bool& rows128) {
+  halves = false;
+  if (p.form == Form::kMasked) {
+    if (!get_tile<256, 128, false>(p, c.unit, tile, skip)) return false;
+    rows128 = tile.m_end - tile.m_base <= 128;
+    return true;
+  }
+  const int tiles_m = (p.m + 255) / 256, tiles_n = (p.n + 127) / 128;
+  if (c.unit >= tiles_m * tiles_n) return false;
+  int mb, nb;
+  rasterise(c.unit, tiles_m, tiles_n, mb, nb);
+  const int m0 = mb * 256;
+  const int g0 = __ldg(p.grouped_layout + m0);
+  const int g1 = m0 + 128 < p.m ? __ldg(p.grouped_layout + m0 + 128) : -1;
+  tile = Tile{g0, m0, nb * 128, 0, p.k / 128, p.m};
+  rows128 = g0 != g1;
+  halves = rows128;
+  if (halves && c.half == 1) {
+    tile.group = g1;
+    tile.m_base = m0 + 128;
+  }
+  skip = tile.group < 0;
+  return true;
+}
+
+// The tile walk of the wide kernels: get_grouped_wide_tile in the grouped 256-row kernel,
+// get_wide_tile in the others (rows128 stays false there).
+template <int kBlockM, int kBlockN, bool kTail, bool kGroupedRows>
+__device__ __forceinline__ bool next_wide_tile(const GemmParams& p, const WideCursor& c, Tile& tile,
+                                               bool& skip, bool& narrow, bool& rows128) {
+  if constexpr (kGroupedRows)
+    return get_grouped_wide_tile(p, c, tile, skip, narrow, rows128);
+  else
+    return get_wide_tile<kBlockM, kBlockN, kTail>(p, c, tile, skip, narrow);
+}
+
 __device__ __forceinline__ void advance_wide(WideCursor& c, int step, bool narrow) {
   if (narrow && c.half == 0) {
     c.half = 1;
@@ -237,7 +288,7 @@ struct PipeState {
 };
 
 // ---- producer: one thread issues every TMA load ----
-template <int kBlockM, int kBlockN, bool kWgrad, bool kTail>
+template <int kBlockM, int kBlockN, bool kWgrad, bool kTail, int kMode = 0>
 __device__ __forceinline__ void produce(const GemmParams& p,
                                         const SmemLayout<kBlockM, kBlockN, kWgrad>& sm,
                                         const CUtensorMap* map_a, const CUtensorMap* map_b,
@@ -276,8 +327,12 @@ __device__ __forceinline__ void produce(const GemmParams& p,
         pipe.advance(sm.stages);
       }
     };
-    bool narrow;
-    for (WideCursor c{first, 0}; get_wide_tile<256, kBlockN, kTail>(p, c, tile, skip, narrow);
+    // (A 128-row tile of the grouped kernel loads the whole 256-row A box from its first row:
+    // the rows past it are the next tile's or zero-filled past the end, and never read.)
+    bool narrow, rows128 = false;
+    for (WideCursor c{first, 0};
+         next_wide_tile<256, kBlockN, kTail, (kMode & kModeGroupedRows) != 0>(p, c, tile, skip,
+                                                                              narrow, rows128);
          advance_wide(c, step, narrow))
       if (!skip) load_tile(tile);
   } else {
@@ -935,12 +990,17 @@ __device__ __forceinline__ void compute(const GemmParams& p,
 // heuristic takes it there); at dense M = 64 / 128 it measured slower than the picks (session 5b).
 // kTail: the tail-split form of 256x128 (get_tile's tail units; their slabs go through
 // tail_split_reduce and store from registers, whole tiles as usual).
-template <int kBlockM, int kBlockN, bool kTail>
+// kMode & kModeGroupedRows: the grouped 256x128 kernel (get_grouped_wide_tile; its 128-row
+// tiles run slab 0 only; padding rows and rows past a masked group are not stored).
+template <int kBlockM, int kBlockN, bool kTail, int kMode = 0>
 __device__ __forceinline__ void compute_wide(const GemmParams& p,
                                              const SmemLayout<kBlockM, kBlockN, false>& sm,
                                              const CUtensorMap* map_d) {
   // Two column slabs (128x256) instead of two row slabs (256x128).
   constexpr bool kWideN = kBlockN == 256;
+  constexpr bool kGroupedRows = (kMode & kModeGroupedRows) != 0;
+  static_assert(!kGroupedRows || (kBlockM == 256 && !kTail),
+                "grouped 256-row tiles: no tail split");
   static_assert((kBlockM == 256 && kBlockN == 128) || (kBlockM == 128 && kBlockN == 256 && !kTail),
                 "wide tiles: 256x128 (with its tail split) or 128x256");
   constexpr int kSlabN = 128;
@@ -996,7 +1056,8 @@ __device__ __forceinline__ void compute_wide(const GemmParams& p,
   };
   // The K loop of one tile (narrow_c true: a 64-wide half tile). sb_ptr1: slab 1's B scales
   // (128x256; 256x128 reads sb_ptr for both slabs).
-  const auto k_loop = [&](auto narrow_c, const float* sb_ptr, const float* sb_ptr1,
+  // rows128_c true: a 128-row tile of the grouped kernel, slab 0 only.
+  const auto k_loop = [&](auto narrow_c, auto rows128_c, const float* sb_ptr, const float* sb_ptr1,
                           int num_k_blocks) {
     float sb_cur = __ldg(sb_ptr);
     float sb_cur1 = 0.0f;
@@ -1007,7 +1068,7 @@ __device__ __forceinline__ void compute_wide(const GemmParams& p,
       const float* sa = sm.sa(pipe.stage);
       const float a00 = sa[row0], a01 = sa[row0 + 8];
       float a10 = a00, a11 = a01;
-      if constexpr (!kWideN) {
+      if constexpr (!kWideN && !decltype(rows128_c)::value) {
         a10 = sa[row0 + 128];
         a11 = sa[row0 + 136];
       }
@@ -1017,31 +1078,47 @@ __device__ __forceinline__ void compute_wide(const GemmParams& p,
       const float sb_next = __ldg(sb_ptr + kb_next);
       [[maybe_unused]] float sb_next1 = 0.0f;
       if constexpr (kWideN) sb_next1 = __ldg(sb_ptr1 + kb_next);
-      wgmma_wait<0>();
+      if constexpr (decltype(rows128_c)::value) {
+        // Slab 0 only: the next block's barrier while its wgmmas run, then release and promote.
+        PipeState next = pipe;
+        next.advance(sm.stages);
+        const bool more = kb + 1 < num_k_blocks;
+        mbar_wait(sm.full(more ? next.stage : pipe.stage), more ? next.phase : pipe.phase);
+        wgmma_wait<0>();
 #pragma unroll
-      for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
-      promote(acc0, a00 * sb_cur, a01 * sb_cur, decltype(narrow_c)::value);
-      issue(narrow_c, desc_a1 + stage_off, desc_b1 + stage_off);
-      // Look ahead (no branch: on a tile's last block the current stage stands in).
-      PipeState next = pipe;
-      next.advance(sm.stages);
-      const bool more = kb + 1 < num_k_blocks;
-      mbar_wait(sm.full(more ? next.stage : pipe.stage), more ? next.phase : pipe.phase);
-      wgmma_wait<0>();
+        for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+        __syncwarp();
+        release_stage(sm.empty(pipe.stage), false, leader);
+        promote(acc0, a00 * sb_cur, a01 * sb_cur, false);
+        sb_cur = sb_next;
+        pipe = next;
+      } else {
+        wgmma_wait<0>();
 #pragma unroll
-      for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
-      __syncwarp();
-      release_stage(sm.empty(pipe.stage), false, leader);
-      const float sb1 = kWideN ? sb_cur1 : sb_cur;
-      promote(acc1, a10 * sb1, a11 * sb1, decltype(narrow_c)::value);
-      sb_cur = sb_next;
-      if constexpr (kWideN) sb_cur1 = sb_next1;
-      pipe = next;
+        for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+        promote(acc0, a00 * sb_cur, a01 * sb_cur, decltype(narrow_c)::value);
+        issue(narrow_c, desc_a1 + stage_off, desc_b1 + stage_off);
+        // Look ahead (no branch: on a tile's last block the current stage stands in).
+        PipeState next = pipe;
+        next.advance(sm.stages);
+        const bool more = kb + 1 < num_k_blocks;
+        mbar_wait(sm.full(more ? next.stage : pipe.stage), more ? next.phase : pipe.phase);
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < kRegs; ++i) fence_operand(part[i]);
+        __syncwarp();
+        release_stage(sm.empty(pipe.stage), false, leader);
+        const float sb1 = kWideN ? sb_cur1 : sb_cur;
+        promote(acc1, a10 * sb1, a11 * sb1, decltype(narrow_c)::value);
+        sb_cur = sb_next;
+        if constexpr (kWideN) sb_cur1 = sb_next1;
+        pipe = next;
+      }
     }
   };
-  bool narrow;
+  bool narrow, rows128 = false;
   WideCursor cur{static_cast<int>(blockIdx.x), 0};
-  for (; get_wide_tile<kBlockM, kBlockN, kTail>(p, cur, tile, skip, narrow);
+  for (; next_wide_tile<kBlockM, kBlockN, kTail, kGroupedRows>(p, cur, tile, skip, narrow, rows128);
        advance_wide(cur, static_cast<int>(gridDim.x), narrow)) {
     const int t = cur.unit;
     if (skip) continue;
@@ -1054,24 +1131,32 @@ __device__ __forceinline__ void compute_wide(const GemmParams& p,
     const float* sb_ptr1 =
         kWideN && tile.n_base / 128 + 1 < n_scale_blocks ? sb_ptr + kb_total : sb_ptr;
     if constexpr (kWideN) {
-      k_loop(std::false_type{}, sb_ptr, sb_ptr1, tile.num_k_blocks);
+      k_loop(std::false_type{}, std::false_type{}, sb_ptr, sb_ptr1, tile.num_k_blocks);
+    } else if constexpr (kGroupedRows) {
+      if (rows128)
+        k_loop(std::false_type{}, std::true_type{}, sb_ptr, sb_ptr1, tile.num_k_blocks);
+      else
+        k_loop(std::false_type{}, std::false_type{}, sb_ptr, sb_ptr1, tile.num_k_blocks);
     } else {
       if (narrow)
-        k_loop(std::true_type{}, sb_ptr, sb_ptr1, tile.num_k_blocks);
+        k_loop(std::true_type{}, std::false_type{}, sb_ptr, sb_ptr1, tile.num_k_blocks);
       else
-        k_loop(std::false_type{}, sb_ptr, sb_ptr1, tile.num_k_blocks);
+        k_loop(std::false_type{}, std::false_type{}, sb_ptr, sb_ptr1, tile.num_k_blocks);
     }
 
     // ---- epilogue ----
     int64_t row_base = tile.m_base;
-    if (kWideN && p.form == Form::kMasked) row_base += static_cast<int64_t>(tile.group) * p.m;
+    if ((kWideN || kGroupedRows) && p.form == Form::kMasked)
+      row_base += static_cast<int64_t>(tile.group) * p.m;
     // col_off: the slab's first column in the tile (128x256 slab 1: 128).
     const auto store_direct = [&](const float(&acc)[kRegs], int row_in_tile, int col_off) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int r = tile.m_base + row_in_tile + 8 * i;
         if (r >= tile.m_end) continue;
-        if (kWideN && p.form == Form::kContiguous && __ldg(p.grouped_layout + r) < 0) continue;
+        if ((kWideN || kGroupedRows) && p.form == Form::kContiguous &&
+            __ldg(p.grouped_layout + r) < 0)
+          continue;
         const int64_t grow = row_base + row_in_tile + 8 * i;
 #pragma unroll
         for (int c = 0; c < kSlabN / 8; ++c) {
@@ -1093,6 +1178,36 @@ __device__ __forceinline__ void compute_wide(const GemmParams& p,
           store_direct(acc1, row0 + 128, 0);
         continue;
       }
+    }
+    if constexpr (kGroupedRows) {
+      // Slab w of warpgroup wg: rows w * 128 + wg * 64 + [0, 64). A slab whose 64 rows are all
+      // real goes through shared memory (warpgroup-uniform), the others row by row.
+      const auto slab_full = [&](int w) {
+        const int slab_end = tile.m_base + w * 128 + wg * 64 + 64;
+        bool full = slab_end <= tile.m_end;
+        if (full && p.form == Form::kContiguous) full = __ldg(p.grouped_layout + slab_end - 1) >= 0;
+        return full;
+      };
+      const bool full0 = p.tma_store && slab_full(0);
+      const bool full1 = p.tma_store && !rows128 && slab_full(1);
+      uint8_t* const staging0 = sm.d() + wg * 64 * kSlabN * 2;
+      uint8_t* const staging1 = sm.d() + (2 + wg) * 64 * kSlabN * 2;
+      if (full0 && full1) {
+        store_two_slabs_tma<kSlabN>(acc0, acc1, staging0, staging1, map_d, p.n, tile.n_base,
+                                    tile.n_base, row_base + wg * 64, row_base + 128 + wg * 64);
+        continue;
+      }
+      if (full0)
+        store_slab_tma<kSlabN>(acc0, staging0, map_d, p.n, tile.n_base, row_base + wg * 64);
+      else
+        store_direct(acc0, row0, 0);
+      if (!rows128) {
+        if (full1)
+          store_slab_tma<kSlabN>(acc1, staging1, map_d, p.n, tile.n_base, row_base + 128 + wg * 64);
+        else
+          store_direct(acc1, row0 + 128, 0);
+      }
+      continue;
     }
     // Dense: the descriptor clips rows >= M. Grouped (128x256): only a warpgroup whose 64 rows
     // are all real stores through shared memory (warpgroup-uniform), as in compute().
@@ -1139,7 +1254,7 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
   static_assert(kBlockM == 64 || kBlockM == 128 || kBlockM == 256,
                 "BLOCK_M: one math warpgroup per 64 rows, or two with two slabs each");
   static_assert(kBlockM != 256 || (kBlockN == 128 && !kWgrad && (!kSplitK || kTail)),
-                "256-row tiles: dense 1x128 x 128x128, 128 wide, no split-K (the tail split)");
+                "256-row tiles: 1x128 x 128x128, 128 wide, no split-K (the dense tail split)");
   static_assert(kBlockN != 256 || (kBlockM == 128 && !kWgrad && !kSplitK),
                 "256-wide tiles: 128 rows, 1x128 x 128x128, no split-K or tail split");
   static_assert(kBlockN == 64 || kBlockN == 128 || kBlockN == 192 || kBlockN == 256,
@@ -1148,8 +1263,11 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
   static_assert(!(kWgrad && kBlockN == 192), "the 1x128 x 1x128 kernel is built for 64/128 only");
   static_assert(!(kSplitK && (kWgrad || kBlockN > 128)), "split-K: 1x128 x 128x128, N <= 128");
   static_assert(!kTail || kSplitK, "the tail split is a split-K kernel form");
-  static_assert(kMode == 0 || (kBlockM <= 128 && kBlockN <= 128 && !kWgrad && !kTail),
+  static_assert(kMode == 0 || kMode == kModeGroupedRows ||
+                    (kBlockM <= 128 && kBlockN <= 128 && !kWgrad && !kTail),
                 "the B-scale prefetch is built for the 1d2d kernels up to 128x128 (no tail split)");
+  static_assert(kMode != kModeGroupedRows || (kBlockM == 256 && !kSplitK),
+                "kModeGroupedRows: the grouped 256x128 kernel (no split-K, no tail split)");
   constexpr int kNumMathThreads = math_warpgroups(kBlockM) * 128;
   extern __shared__ __align__(1024) uint8_t smem[];
   using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
@@ -1185,11 +1303,11 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
   if (threadIdx.x >= kNumMathThreads) {
     if constexpr (kBlockM >= 128) setmaxnreg_dec<40>();
     if (threadIdx.x == kNumMathThreads)
-      produce<kBlockM, kBlockN, kWgrad, kTail>(p, sm, &map_a, &map_b, &map_sa, &map_sb);
+      produce<kBlockM, kBlockN, kWgrad, kTail, kMode>(p, sm, &map_a, &map_b, &map_sa, &map_sb);
   } else {
     if constexpr (kBlockM >= 128) setmaxnreg_inc<232>();
     if constexpr (kBlockM == 256 || kBlockN == 256)
-      compute_wide<kBlockM, kBlockN, kTail>(p, sm, &map_d);
+      compute_wide<kBlockM, kBlockN, kTail, kMode>(p, sm, &map_d);
     else
       compute<kBlockM, kBlockN, kWgrad, kSplitK, kTail, kMode>(p, sm, &map_d);
   }

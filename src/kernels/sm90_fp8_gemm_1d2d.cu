@@ -72,6 +72,9 @@ void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileCo
   }
   if (c.block_m == 256 && c.block_n == 128 && p.form == Form::kDense)
     sm90::launch_gemm<256, 128, false>(maps, p, c, max_tiles, stream);
+  else if (c.block_m == 256 && c.block_n == 128)
+    sm90::launch_gemm<256, 128, false, false, false, sm90::kModeGroupedRows>(maps, p, c, max_tiles,
+                                                                             stream);
   else if (c.block_m == 128 && c.block_n == 256)
     sm90::launch_gemm<128, 256, false>(maps, p, c, max_tiles, stream);
   else if (c.block_m == 128 && c.block_n == 192)
@@ -240,7 +243,9 @@ void fp8_gemm_nt_grouped_contiguous(const uint8_t* a, const float* sa, const uin
   if (m == 0) return;
   check_pointers(a, sa, b, sb, d);
   sm90::check_aligned(grouped_layout, "grouped_layout", 4);
-  // NOTE: 64-row tiles work too: every expert segment starts at a multiple of 128.
+  // NOTE: 64-row tiles work too: every expert segment starts at a multiple of 128. 256-row
+  // tiles run where both 128-row halves start with the same expert, else as two 128-row tiles
+  // (sm90_fp8_gemm.cuh, get_grouped_wide_tile): the units below are 256-row tiles.
   GemmTileConfig c =
       sm90::resolve_config(GemmShape{GemmKind::kGroupedContiguous, m, n, k, num_groups}, force);
   c.cluster = 1;

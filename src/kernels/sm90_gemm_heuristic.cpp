@@ -45,12 +45,11 @@ constexpr int kMaxStages = 8;
 
 std::vector<TileCandidate> gemm_tile_candidates(GemmKind kind) {
   if (is_wgrad(kind)) return {{128, 128}, {64, 128}};
-  // NOTE: 256-row tiles only for the dense form: a contiguous expert segment starts at a
-  // multiple of 128 rows only, and the masked form was not built for them. 128x256 tiles (two
-  // 128-wide column slabs per math warpgroup) for the dense and both grouped forms.
-  if (kind == GemmKind::kDense)
-    return {{256, 128}, {128, 256}, {128, 192}, {128, 128}, {64, 128}, {64, 64}};
-  return {{128, 256}, {128, 192}, {128, 128}, {64, 128}, {64, 64}};
+  // NOTE: 256-row tiles for every 1x128 x 128x128 form; a contiguous expert segment starts at a
+  // multiple of 128 rows only, so the grouped kernel runs a 256-row tile whose halves belong to
+  // different experts as two 128-row tiles (session 8). 128x256 tiles (two 128-wide column slabs
+  // per math warpgroup) for the dense and both grouped forms.
+  return {{256, 128}, {128, 256}, {128, 192}, {128, 128}, {64, 128}, {64, 64}};
 }
 
 int64_t gemm_stage_bytes(GemmKind kind, int block_m, int block_n) {
@@ -353,6 +352,15 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
         kWideColumnTileTime * gemm_tile_cost(shape, {128, 256}, num_sms, 1, dram_bytes_per_s);
     if (stages >= 3 && wide < best_cost * (1.0 - 1e-9))
       best = GemmTileConfig{128, 256, stages, num_sms, 2, 1, 1, 1};
+  }
+  // The masked form takes 256x128 instead where it took 128x256 and a group holds at least 256
+  // rows: the same tiles' work, measured 1.3-7.5% faster on all 6 masked bench shapes on H100
+  // in two plain sweeps (dev/gemm/NOTES.md session 8). The contiguous form keeps 128x256 (equal
+  // there, and an expert boundary inside a 256-row tile costs it a second, half-empty pass).
+  if (shape.kind == GemmKind::kGroupedMasked && best.block_m == 128 && best.block_n == 256 &&
+      shape.m >= 256) {
+    const int stages = gemm_max_stages(shape.kind, 256, 128, smem_limit, true);
+    if (stages >= 3) best = GemmTileConfig{256, 128, stages, num_sms, 2, 1, 1, 1};
   }
   // NOTE: split-K was measured at M = 64 and 128 only; larger M keeps the unsplit pick.
   if (shape.kind != GemmKind::kDense || shape.max_split_k <= 1 || shape.m > kSplitKMaxM)

@@ -191,11 +191,13 @@ TEST(Fp8GemmGpu, WideTilesRejectedWhereNotBuilt) {
   DeviceBuffer<float> sa(256 * 8), sb(2 * 8);
   DeviceBuffer<bf16> d(256 * 256);
   DeviceBuffer<int32_t> layout(std::vector<int32_t>(256, 0));
-  const GemmTileConfig wide{256, 128, 0, 0, 1};
-  EXPECT_THROW(
-      kernels::fp8_gemm_nt_grouped_contiguous(a.get(), sa.get(), b.get(), sb.get(), d.get(),
-                                              layout.get(), 256, 256, 1024, 1, nullptr, &wide),
-      Error);
+  // 256-row grouped tiles: no split-K, no tail split (the dense fp8_gemm_nt's only).
+  for (const GemmTileConfig& c :
+       {GemmTileConfig{256, 128, 0, 0, 2, 1, 2}, GemmTileConfig{256, 128, 0, 0, 2, 1, 1, 2}})
+    EXPECT_THROW(
+        kernels::fp8_gemm_nt_grouped_contiguous(a.get(), sa.get(), b.get(), sb.get(), d.get(),
+                                                layout.get(), 256, 256, 1024, 1, nullptr, &c),
+        Error);
   DeviceBuffer<uint8_t> ws(size_t(8) << 20);
   const GemmTileConfig split{256, 128, 0, 0, 1, 1, 2};
   EXPECT_THROW(kernels::fp8_gemm_nt(a.get(), sa.get(), b.get(), sb.get(), d.get(), 256, 256, 1024,
@@ -651,14 +653,18 @@ TEST(Fp8GemmGpuTailSplit, RejectsWhatItCannotTake) {
 }
 
 // ---- grouped contiguous ----
+// pad_blocks[g]: whole 128-row blocks of padding (-1) after group g's rows (a caller may align
+// experts to more than 128 rows).
 void run_contiguous(const std::vector<int64_t>& rows_per_group, int64_t n, int64_t k, uint64_t seed,
-                    const GemmTileConfig* force = nullptr) {
+                    const GemmTileConfig* force = nullptr,
+                    const std::vector<int64_t>& pad_blocks = {}) {
   const int64_t groups = static_cast<int64_t>(rows_per_group.size());
   std::vector<int64_t> starts;
   std::vector<int32_t> layout;
   for (int64_t g = 0; g < groups; ++g) {
     starts.push_back(static_cast<int64_t>(layout.size()));
-    const int64_t padded = (rows_per_group[g] + 127) / 128 * 128;
+    const int64_t padded = (rows_per_group[g] + 127) / 128 * 128 +
+                           (static_cast<size_t>(g) < pad_blocks.size() ? pad_blocks[g] * 128 : 0);
     for (int64_t r = 0; r < padded; ++r) layout.push_back(r < rows_per_group[g] ? int32_t(g) : -1);
   }
   const int64_t m = static_cast<int64_t>(layout.size());
@@ -691,7 +697,7 @@ void run_contiguous(const std::vector<int64_t>& rows_per_group, int64_t n, int64
     want.insert(want.end(), w.begin(), w.end());
     for (int64_t r = 0; r < rows * n; ++r) got.push_back(to_float(got_bits[starts[g] * n + r]));
     // Padding rows are left untouched.
-    const int64_t padded = (rows + 127) / 128 * 128;
+    const int64_t padded = (g + 1 < groups ? starts[g + 1] : m) - starts[g];
     for (int64_t r = rows; r < padded; ++r)
       for (int64_t c = 0; c < n; ++c)
         ASSERT_EQ(got_bits[(starts[g] + r) * n + c].bits, 0xFFFF) << "padding row written";
@@ -775,6 +781,33 @@ TEST(Fp8GemmGpu, GroupedWideColumnTiles) {
   }
 }
 
+// 256x128 tiles of the grouped forms (session 8): a 256-row tile of one expert, tiles whose halves
+// belong to two experts, to an expert and padding, or lie half past M (run as 128-row tiles),
+// whole padding blocks before an expert's block, 0-row and 1-row groups, N = 2112 (a partial last
+// tile column), 15 K blocks; masked groups with full, partial (> 128 and <= 128 rows) and empty
+// tiles. Both epilogues, 5 CTAs (several tiles each), and a larger launch on the full grid.
+TEST(Fp8GemmGpu, GroupedRowPairTiles) {
+  uint64_t seed = 2900;
+  for (GemmTileConfig c : {GemmTileConfig{256, 128, 0, 0, 2}, GemmTileConfig{256, 128, 0, 0, 1},
+                           GemmTileConfig{256, 128, 0, 5, 2}}) {
+    // Blocks: g0 g0 | g2 g3 | g3 g4: one whole tile (half padding rows), two split tiles.
+    run_contiguous({130, 0, 1, 256, 64}, 2112, 512, seed += 10, &c);
+    // g0 g0 | g0 -1 | g1 g1 | g1 g1 | g1: an expert beside a padding block, a last tile half
+    // past M (an odd block count); then g0 g0 | -1 g1 | g1 g1 | g1 g1: a padding block before an
+    // expert's first block.
+    run_contiguous({300, 600}, 448, 1920, seed += 10, &c, {1, 0});
+    run_contiguous({256, 600}, 448, 640, seed += 10, &c, {1, 0});
+    // g0 g0 | g1 g1 | g1 g1 | g3 g3 | g3 (past M).
+    run_contiguous({256, 512, 0, 384}, 256, 640, seed += 10, &c);
+    run_masked({0, 200, 37, 192}, 200, 2112, 512, seed += 10, &c);
+    run_masked({512, 0, 300, 77}, 512, 448, 1024, seed += 10, &c);
+    run_masked({1, 64, 128, 0}, 128, 448, 1024, seed += 10, &c);
+  }
+  const GemmTileConfig wide{256, 128, 0, 0, 2};
+  run_contiguous({1000, 2048, 130, 3000}, 4096, 1024, seed += 10, &wide);
+  run_masked({1024, 700, 0, 129}, 1024, 2112, 1024, seed += 10, &wide);
+}
+
 // The heuristic's own pick on grouped shapes where it takes 128x256 (checked against the
 // device's SM count and shared memory), with partial last blocks, padding rows and empty groups.
 TEST(Fp8GemmGpu, GroupedHeuristicWideColumnTiles) {
@@ -786,8 +819,11 @@ TEST(Fp8GemmGpu, GroupedHeuristicWideColumnTiles) {
   };
   EXPECT_EQ(pick(kernels::GemmKind::kGroupedContiguous, 2304, 3584, 512, 4).block_n, 256);
   run_contiguous({700, 0, 1000, 512}, 3584, 512, 2800);
-  EXPECT_EQ(pick(kernels::GemmKind::kGroupedMasked, 512, 4096, 512, 4).block_n, 256);
+  // Masked groups of >= 256 rows: 256x128 (session 8).
+  EXPECT_EQ(pick(kernels::GemmKind::kGroupedMasked, 512, 4096, 512, 4).block_m, 256);
   run_masked({512, 0, 300, 77}, 512, 4096, 512, 2810);
+  EXPECT_EQ(pick(kernels::GemmKind::kGroupedMasked, 192, 4096, 512, 8).block_n, 256);
+  run_masked({192, 0, 100, 77, 1, 192, 150, 64}, 192, 4096, 512, 2820);
 }
 
 // ---- weight gradient ----
