@@ -211,19 +211,27 @@ int sets_for(int64_t bytes_per_set) {
 
 // FP8MOE_BENCH_FLUSH_L2=1: time_us times single launches, each right after a 256 MB memset of a
 // scratch buffer (L2 flushed, the GPU busy with a memory-bound kernel in between), with events
-// around the launch alone: the way DeepGEMM's own benchmark times its kernels (a kernel timer,
-// the L2 flushed before each call), which is where ANCHORS.md's DeepGEMM figures come from. Not
-// the default: back-to-back graph replays keep the GPU at its power limit the whole time.
-bool flush_l2_mode() {
-  static const bool on = [] {
+// around the launch alone (256 MB: the L2 flush of DeepGEMM's `bench`). FP8MOE_BENCH_FLUSH_L2=<MB>
+// (>= 2) sets the memset's size: DeepGEMM's `bench_kineto`, where ANCHORS.md's DeepGEMM figures
+// come from, clears 8000 MB before every call (~2.7 ms of memory-bound work on an H100 per ~0.2 ms
+// GEMM: the GPU stays well under its 700 W cap; dev/gemm/NOTES.md session 8, gemm13). Not the
+// default: back-to-back graph replays keep the GPU at its power limit the whole time.
+size_t flush_l2_mb() {
+  static const size_t mb = [] {
     const char* e = std::getenv("FP8MOE_BENCH_FLUSH_L2");
-    return e != nullptr && std::string(e) == "1";
+    if (e == nullptr) return size_t(0);
+    const long v = std::atol(e);
+    return v == 1 ? size_t(256) : size_t(std::max(v, 0L));
   }();
-  return on;
+  return mb;
+}
+
+bool flush_l2_mode() {
+  return flush_l2_mb() > 0;
 }
 
 double time_us_flushed(cudaStream_t stream, int sets, const std::function<void(int)>& launch) {
-  static Dev<uint8_t> scratch(size_t(256) << 20);
+  static Dev<uint8_t> scratch(flush_l2_mb() << 20);
   const auto warm_start = std::chrono::steady_clock::now();
   for (int i = 0;
        std::chrono::steady_clock::now() - warm_start < std::chrono::milliseconds(30) || i < sets;
