@@ -10,10 +10,11 @@
 #      same-call A/B of those builds against this one's ep_bench on GPUs 0 and 1 (defaults,
 #      processes alternated: scripts/comm/ep_ab_builds.sh), so that a regression of the merged
 #      tree shows up in the run that validates it
+#   2c. with FULL_NVLINK="<nvlink_bench arguments>", the NVLink transport bench on GPUs 0 and 1
 #   3. with 4 or more GPUs, the EP suite's benches on every GPU (A/B of FULL_AB_ALL if set, the
 #      defaults; the two-stage route if FULL_XNODE is set, e.g. "2")
 # Outputs: $OUT/tests.tgz (test logs), $OUT/x2/ep_suite.tgz, $OUT/xN/ep_suite.tgz, $OUT/gemm.tgz,
-# $OUT/prev_ab.tgz: five files, under the device's limit of 8 per call.
+# $OUT/prev_ab.tgz, $OUT/nvlink.tgz: six files, under the device's limit of 8 per call.
 # gemm_bench rows carry the SM clock; when it ran beside the EP benches, compare its ratios (ours /
 # cuBLASLt of the same run), not its absolute times, with runs on an idle host. FP8MOE_COMMIT
 # names the build in every row. NCCL_NVLS_ENABLE=0 throughout.
@@ -83,6 +84,19 @@ if [[ -n ${FULL_PREV_EP:-} ]]; then
     bash scripts/comm/ep_ab_builds.sh 2>&1 | grep -E "rc=|normal +(dispatch|combine) "
   # One archive: the device returns at most 8 files per call (session 6 lost the suites' ones).
   tar czf "$out/prev_ab.tgz" -C "$prev_dir" .
+fi
+
+if [[ -n ${FULL_NVLINK:-} ]]; then
+  # FULL_NVLINK holds nvlink_bench's arguments (e.g. "--quick"): the transport's ceiling on this
+  # host, the copy engine timed in the same run (docs/comm/README.md, session 8).
+  echo "== [$(el) s] phase 2c: nvlink_bench $FULL_NVLINK on GPUs 0,1"
+  nv_dir=$(mktemp -d)
+  # shellcheck disable=SC2086 # FULL_NVLINK is a list of arguments
+  CUDA_VISIBLE_DEVICES=0,1 timeout 240 "$bin/nvlink_bench" $FULL_NVLINK --out "$nv_dir/nvlink.jsonl" \
+    ${FP8MOE_COMMIT:+--commit "$FP8MOE_COMMIT"} > "$nv_dir/nvlink_bench.log" 2>&1
+  echo "nvlink_bench rc=$?"
+  sed -n '/^# summary/,$p' "$nv_dir/nvlink_bench.log" | head -40
+  tar czf "$out/nvlink.tgz" -C "$nv_dir" .
 fi
 
 if ((gpus >= 4)); then
