@@ -1299,9 +1299,12 @@ void bench_wgrad(Output& out, Lt& lt, cudaStream_t stream, int64_t m, int64_t n,
   Dev<float> d(size_t(groups * m * n));
   FM_CHECK_CUDA(cudaMemset(d.p, 0, d.n * 4));
   std::vector<int64_t> ks(size_t(groups), k);
-  // The pick, then both epilogues forced on 128x128 (1: registers, 2: TMA reduce-add).
-  const std::vector<kernels::GemmTileConfig> forced = {kernels::GemmTileConfig{128, 128, 0, 0, 1},
-                                                       kernels::GemmTileConfig{128, 128, 0, 0, 2}};
+  // The pick, then both epilogues forced on 128x128 (1: registers, 2: TMA reduce-add), then
+  // FP8MOE_BENCH_WGRAD_TILES (parse_tile_list's tokens; b: CTA pairs, dense form only).
+  std::vector<kernels::GemmTileConfig> forced = {kernels::GemmTileConfig{128, 128, 0, 0, 1},
+                                                 kernels::GemmTileConfig{128, 128, 0, 0, 2}};
+  if (const char* list = std::getenv("FP8MOE_BENCH_WGRAD_TILES"))
+    for (const kernels::GemmTileConfig& c : parse_tile_list(list)) forced.push_back(c);
   const auto ours_with = [&](const kernels::GemmTileConfig* force, int i) {
     if (groups == 1)
       kernels::fp8_gemm_nt_wgrad(fs[i].a.p, fs[i].sa.p, fs[i].b.p, fs[i].sb.p, d.p, m, n, k, stream,

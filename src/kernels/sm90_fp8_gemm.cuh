@@ -373,6 +373,11 @@ __device__ __forceinline__ void produce(const GemmParams& p,
 __device__ __forceinline__ void release_stage(uint64_t* empty, bool pair, bool leader) {
   mbar_release(empty, leader && !pair, leader && pair);
 }
+// The same for the weight-gradient kernels: mbar_release_defined holds no peer-address registers
+// across the K loop (with mbar_release, ~30 registers and 120 bytes of spill at 128x128).
+__device__ __forceinline__ void release_stage_wgrad(uint64_t* empty, bool pair, bool leader) {
+  mbar_release_defined(empty, leader && !pair, leader && pair);
+}
 
 // ---- math: one warpgroup per 64 rows ----
 // One warpgroup's 64 x kBlockN slab of BF16 into the 128-byte swizzled staging layout
@@ -788,7 +793,7 @@ __device__ __forceinline__ void compute(const GemmParams& p,
             acc[4 * c + 3] = fmaf(part[4 * c + 3], s_a1 * v.y, acc[4 * c + 3]);
           }
           __syncwarp();
-          release_stage(sm.empty(st.stage), pair, leader);
+          release_stage_wgrad(sm.empty(st.stage), pair, leader);
         } else {
           __syncwarp();
           release_stage(sm.empty(st.stage), pair, leader);
@@ -878,7 +883,7 @@ __device__ __forceinline__ void compute(const GemmParams& p,
             sbv[2 * c + 1] = v.y;
           }
           __syncwarp();
-          release_stage(sm.empty(pipe.stage), pair, leader);
+          release_stage_wgrad(sm.empty(pipe.stage), pair, leader);
 #pragma unroll
           for (int c = 0; c < kBlockN / 8; ++c) {
 #pragma unroll

@@ -29,7 +29,8 @@ LaunchMaps make_maps(const uint8_t* a, const uint8_t* b, const float* sa, const 
                      int64_t m, int64_t n, int64_t k, int64_t d_rows, const GemmTileConfig& c) {
   LaunchMaps maps{};
   maps.a = sm90::make_tma_2d(a, TmaElem::kU8, m, k, k, c.block_m, 128, true);
-  maps.b = sm90::make_tma_2d(b, TmaElem::kU8, n, k, k, c.block_n, 128, true);
+  // CTA pairs: each CTA loads half of the B tile and multicasts it to both.
+  maps.b = sm90::make_tma_2d(b, TmaElem::kU8, n, k, k, c.block_n / c.cluster, 128, true);
   maps.sa = sm90::make_tma_2d(sa, TmaElem::kF32, k / 128, sm90::pad4(m), sm90::pad4(m) * 4, 1,
                               c.block_m, false);
   maps.sb = sm90::make_tma_2d(sb, TmaElem::kF32, k / 128, sm90::pad4(n), sm90::pad4(n) * 4, 1,
@@ -59,10 +60,11 @@ void fp8_gemm_nt_wgrad(const uint8_t* a, const float* sa, const uint8_t* b, cons
   if (m == 0) return;
   check_pointers(a, sa, b, sb, d);
   GemmTileConfig c = sm90::resolve_config(GemmShape{GemmKind::kWgrad, m, n, k, 1}, force);
-  c.cluster = 1;
+  // CTA pairs (B multicast): 128-row tiles and an even number of them, else single CTAs.
+  if (c.cluster != 2 || c.block_m != 128 || (m + 127) / 128 % 2 != 0) c.cluster = 1;
   GemmParams p{};
   p.form = Form::kDense;
-  p.cluster = 1;
+  p.cluster = c.cluster;
   p.m = static_cast<int>(m);
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);

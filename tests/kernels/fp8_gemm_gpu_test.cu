@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <string>
 
@@ -888,11 +889,51 @@ TEST(Fp8WgradGpu, ForcedTilesAccumulateIntoC) {
   }
 }
 
+// CTA pairs sharing B tiles through TMA multicast (dense; an even number of 128-row blocks, else
+// single CTAs): both epilogues, 3 stages, several tiles per pair, partial last rows and columns.
+TEST(Fp8WgradGpu, CtaPairsAccumulateIntoC) {
+  uint64_t seed = 560;
+  for (GemmTileConfig c :
+       {GemmTileConfig{128, 128, 0, 7, 2, 2}, GemmTileConfig{128, 128, 3, 6, 1, 2},
+        GemmTileConfig{128, 128, 0, 0, 2, 2}}) {
+    run_wgrad(1000, 1000, 512, seed += 3, &c, "wgrad_pair");  // 8 M-blocks: pairs
+    run_wgrad(300, 2056, 384, seed += 3, &c, "wgrad_pair");   // 3 M-blocks: single CTAs
+    run_wgrad(256, 136, 1152, seed += 3, &c, "wgrad_pair");   // one pair, 9 K blocks (odd)
+  }
+}
+
 TEST(Fp8WgradGpu, KGroupedReduceAddEpilogue) {
   // M = 100: each expert's second 64-row slab is partial (registers), the first goes through TMA.
   const GemmTileConfig c{128, 128, 0, 3, 2};
   run_kgrouped_wgrad({256, 0, 128, 384}, 100, 520, 610, &c, "kgrouped_wgrad_e2");
   run_kgrouped_wgrad({256, 0, 128, 384}, 128, 520, 620, &c, "kgrouped_wgrad_e2");
+}
+
+// Forced configurations of one shape give the same bits: both epilogues, stage counts, tiles and
+// CTA pairs add the same FP32 products in the same order (D += tile, one addition an element).
+TEST(Fp8WgradGpu, ForcedVariantsBitIdentical) {
+  const int64_t m = 640, n = 768, k = 1536;
+  const QuantizedMatrix qa = random_quantized(m, k, ScaleGranularity::k1x128, 660);
+  const QuantizedMatrix qb = random_quantized(n, k, ScaleGranularity::k1x128, 661);
+  const std::vector<float> c0 = test::random_matrix(m, n, 662);
+  DeviceBuffer<uint8_t> a(qa.codes), b(qb.codes);
+  DeviceBuffer<float> sa(scales_mn_major(qa)), sb(scales_mn_major(qb));
+  std::vector<float> first;
+  for (GemmTileConfig c : {GemmTileConfig{128, 128, 0, 0, 2}, GemmTileConfig{128, 128, 0, 0, 1},
+                           GemmTileConfig{128, 128, 3, 9, 2}, GemmTileConfig{128, 128, 0, 0, 2, 2},
+                           GemmTileConfig{128, 128, 3, 0, 1, 2}, GemmTileConfig{64, 128, 0, 0, 2},
+                           GemmTileConfig{64, 128, 0, 7, 1}}) {
+    DeviceBuffer<float> d(c0);
+    kernels::fp8_gemm_nt_wgrad(a.get(), sa.get(), b.get(), sb.get(), d.get(), m, n, k, nullptr, &c);
+    FM_CHECK_CUDA(cudaDeviceSynchronize());
+    const std::vector<float> got = d.download();
+    if (first.empty()) {
+      first = got;
+      continue;
+    }
+    ASSERT_EQ(std::memcmp(got.data(), first.data(), got.size() * 4), 0)
+        << kernels::describe_tile_config(c) << " differs from the first configuration";
+  }
 }
 
 TEST(Fp8WgradGpu, KGroupedAccumulatesEachExpert) {
