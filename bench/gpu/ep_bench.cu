@@ -477,7 +477,9 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // earlier one); ":g48" the combine send's own grid (DeviceEpOptions::combine_blocks), ":t8" the
 // combine receive's tokens per item (DeviceEpOptions::combine_recv_tile; ":t16" the rule before
 // session 6 at the V3 shape), ":s2" / ":s4" the combine send's warps per record
-// (DeviceEpOptions::combine_send_parts).
+// (DeviceEpOptions::combine_send_parts). Session 8 (ep9), the dispatch prologue: G
+// dispatch_plan_counts (with D, Q, P), X plan_block_scan (with Q), O dispatch_release_only (with D,
+// P); "default+GX" = the defaults plus those letters (any letter above may follow "default+").
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -506,16 +508,20 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown suffix");
   }
   if (head == "default") return v;  // DeviceEpOptions' defaults
-  v.opt.plan_once = head != "v5";
-  v.opt.prefetch_payload = false;
-  v.opt.combine_two_steps = false;
-  v.opt.combine_peer_blocks = false;
-  v.opt.dispatch_direct_rows = v.opt.dispatch_self_rows = false;
-  v.opt.combine_stream_rows = v.opt.plan_fast_count = false;
-  v.opt.combine_recv_early_stage = v.opt.combine_recv_warp_wait = false;
-  v.opt.combine_recv_warp_items = false;
-  v.opt.combine_send_parts = 0;
-  if (head == "v5" || head == "base") return v;
+  const bool on_defaults = head.rfind("default+", 0) == 0;
+  if (on_defaults) head = head.substr(8);
+  if (!on_defaults) {
+    v.opt.plan_once = head != "v5";
+    v.opt.prefetch_payload = false;
+    v.opt.combine_two_steps = false;
+    v.opt.combine_peer_blocks = false;
+    v.opt.dispatch_direct_rows = v.opt.dispatch_self_rows = false;
+    v.opt.combine_stream_rows = v.opt.plan_fast_count = false;
+    v.opt.combine_recv_early_stage = v.opt.combine_recv_warp_wait = false;
+    v.opt.combine_recv_warp_items = false;
+    v.opt.combine_send_parts = 0;
+    if (head == "v5" || head == "base") return v;
+  }
   for (char c : head) {
     if (c == 'P')
       v.opt.prefetch_payload = true;
@@ -537,6 +543,12 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.combine_recv_warp_wait = true;
     else if (c == 'I')
       v.opt.combine_recv_warp_items = true;
+    else if (c == 'G')
+      v.opt.dispatch_plan_counts = true;
+    else if (c == 'X')
+      v.opt.plan_block_scan = true;
+    else if (c == 'O')
+      v.opt.dispatch_release_only = true;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown letter ", c);
   }

@@ -53,6 +53,8 @@ const char* counter_name(int c) {
       return "combine.chunk";
     case kLocalSent:
       return "send_blocks_done";
+    case kPlanBlocks:
+      return "dispatch.plan_blocks";
     default: {
       const char* ll_name = ll::counter_name(c);
       const char* bwd_name = bwd::counter_name(c);
@@ -106,7 +108,7 @@ WsLayout make_layout(const Geometry& g) {
   l.weight = take(slots * g.K * 4);
   l.recv_count = take(g.R * 4);
   l.notify = take(static_cast<size_t>(g.R) * g.NS * 4);
-  l.all_counts = take(static_cast<size_t>(g.R) * g.E * 4);
+  l.all_counts = take(all_counts_bytes(g));
   l.flags = take(flag_count(g) * 8);
   l.comb_stage = take(slots * g.H * 2);
   l.bwd_gw = take(slots * g.K * 4);
@@ -195,6 +197,10 @@ struct DeviceEpRank::Impl {
   int rank = 0, device = 0, sm_count = 0, recv_blocks = 1, side_recv_blocks = 1;
   PlanSmem ps;
   bool direct = false;  // DeviceEpOptions::dispatch_direct_rows where it applies
+  // DeviceEpOptions::dispatch_plan_counts where it applies (direct, plan_fast_count,
+  // prefetch_payload); plan_mode: the plan kernel's (dispatch_plan_kernel).
+  bool plan_counts = false;
+  int plan_mode = 0;
 
   char* ws = nullptr;
   char* send_ws = nullptr;    // Wire::kNccl: records packed per destination
@@ -416,6 +422,13 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   // blocks could all be waiting for a block 0 that never gets an SM (CUDA does not promise the
   // order in which blocks start), so the direct rows need every send block resident at once.
   if (opt.num_blocks > m.sm_count) m.direct = false;
+  // NOTE: like direct, every rank must resolve plan_counts alike (same options): a source that
+  // publishes only plan words to a rank that waits for its all_counts, or the other way round,
+  // would wait until timeout_s.
+  m.plan_counts =
+      m.direct && opt.plan_fast_count && opt.dispatch_plan_counts && opt.prefetch_payload;
+  const bool block_scan = opt.plan_once && opt.plan_fast_count && opt.plan_block_scan;
+  m.plan_mode = (m.plan_counts ? 1 : 0) | (block_scan ? 2 : 0);
   {
     // Receive kernels spin on peers: with several ranks on one GPU their grids must leave room
     // for every rank's send kernel (at most half the SMs for all receivers together).
@@ -438,18 +451,19 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   m.err_dev = reinterpret_cast<DevErr*>(m.ws + m.lay.err);
   // NOTE: load every kernel now: with lazy module loading a first launch can wait for the device,
   // which never drains while a peer's kernel spins on a flag.
-  for (const void* k : {reinterpret_cast<const void*>(dispatch_plan_kernel(m.opt.plan_fast_count)),
-                        reinterpret_cast<const void*>(dispatch_send_kernel(m.opt, m.direct)),
-                        reinterpret_cast<const void*>(dispatch_recv_kernel()),
-                        reinterpret_cast<const void*>(combine_send_kernel(m.opt)),
-                        reinterpret_cast<const void*>(combine_recv_kernel(m.opt))}) {
+  for (const void* k :
+       {reinterpret_cast<const void*>(dispatch_plan_kernel(m.opt.plan_fast_count, m.plan_mode)),
+        reinterpret_cast<const void*>(dispatch_send_kernel(m.opt, m.direct, m.plan_counts)),
+        reinterpret_cast<const void*>(dispatch_recv_kernel()),
+        reinterpret_cast<const void*>(combine_send_kernel(m.opt)),
+        reinterpret_cast<const void*>(combine_recv_kernel(m.opt))}) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
-  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_send_kernel(m.opt, m.direct),
+  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_send_kernel(m.opt, m.direct, m.plan_counts),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(m.ps.total)));
-  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_plan_kernel(m.opt.plan_fast_count),
+  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_plan_kernel(m.opt.plan_fast_count, m.plan_mode),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(plan_kernel_smem(m.g))));
   FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_recv_kernel(),
@@ -567,12 +581,15 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
   m.last_tokens = b.tokens;
   if (m.opt.plan_once) {
     const int64_t tiles = (b.tokens + kTile - 1) / kTile;
-    const int grid = static_cast<int>(std::max<int64_t>(1, (tiles + kWarps - 1) / kWarps));
-    launch(dispatch_plan_kernel(m.opt.plan_fast_count), grid, plan_kernel_smem(m.g), stream, false,
-           a);
+    // Session 8's plan kernel publishes sums per block: a fixed grid (plan_blocks).
+    const int grid = m.plan_mode != 0
+                         ? plan_blocks(m.g)
+                         : static_cast<int>(std::max<int64_t>(1, (tiles + kWarps - 1) / kWarps));
+    launch(dispatch_plan_kernel(m.opt.plan_fast_count, m.plan_mode), grid, plan_kernel_smem(m.g),
+           stream, false, a);
   }
   // plan_once: a programmatic dependent of the plan kernel (it waits for the plan in-kernel).
-  launch(dispatch_send_kernel(m.opt, m.direct), m.opt.num_blocks, m.ps.total, stream,
+  launch(dispatch_send_kernel(m.opt, m.direct, m.plan_counts), m.opt.num_blocks, m.ps.total, stream,
          m.opt.plan_once, a);
   if (a.nccl) {
     const size_t T = m.g.Tmax, K = m.g.K;
@@ -736,13 +753,15 @@ void DeviceEpRank::check() const {
     auto maybe = [&](int slot) { return t[slot] >= t[kTrPlanStart] ? us(slot) : 0.0; };
     std::fprintf(stderr,
                  "# ep_trace rank %d (us from plan start): plan_blocks_in %.1f plan_loaded %.1f "
-                 "plan_matched %.1f plan_counted %.1f "
+                 "plan_matched %.1f plan_counted %.1f plan_published %.1f "
                  "plan_last %.1f plan_end %.1f send_start %.1f "
-                 "send_planned %.1f send_counts %.1f send_end %.1f recv_start %.1f "
+                 "send_planned %.1f send_acked %.1f send_notified %.1f send_flags %.1f "
+                 "send_counts %.1f send_end %.1f recv_start %.1f "
                  "recv_layout %.1f recv_last_flag %.1f recv_end %.1f\n",
                  m.rank, maybe(kTrPlanBlocksIn), maybe(kTrPlanLoaded), maybe(kTrPlanMatched),
-                 maybe(kTrPlanCounted), maybe(kTrPlanLast), us(kTrPlanEnd), us(kTrSendStart),
-                 us(kTrSendPlanned), maybe(kTrSendCounts), us(kTrSendEnd), us(kTrRecvStart),
+                 maybe(kTrPlanCounted), maybe(kTrPlanPublished), maybe(kTrPlanLast), us(kTrPlanEnd),
+                 us(kTrSendStart), us(kTrSendPlanned), maybe(kTrSendAcked), maybe(kTrSendNotified),
+                 maybe(kTrSendFlags), maybe(kTrSendCounts), us(kTrSendEnd), us(kTrRecvStart),
                  us(kTrRecvLayout), us(kTrRecvLastFlag), us(kTrRecvEnd));
     const unsigned long long c0 = t[kTrCombSendStart];
     if (c0 != ~0ull && c0 != 0 && t[kTrCombRecvEnd] >= c0) {

@@ -17,6 +17,10 @@
 // every row of the rank's own tokens); the receive then copies only the remaining rows. The plan
 // kernel counts its tiles with shared-memory atomics (DeviceEpOptions::plan_fast_count, session 5)
 // and the send blocks lay the destinations out with all their count loads in flight at once.
+// Session 8 (off): the plan's prefixes by per-block scans and a look-back over the blocks'
+// published sums (plan_block_scan), those sums stored straight into every rank as (round, count)
+// words that the send blocks add up instead of waiting for the notify (dispatch_plan_counts),
+// and flags raised by a release store alone (dispatch_release_only).
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
 // (tests/comm/device_ep_gpu_test.cu).
@@ -42,6 +46,28 @@ __device__ __forceinline__ int warp_inclusive_sum(int v) {
     if (lane >= m) v += o;
   }
   return v;
+}
+
+// The count of a published word once its round is n (polled like wait_geq); -1 on timeout, the
+// error recorded with the round seen.
+__device__ long long wait_round_word(const unsigned long long* p, unsigned long long n,
+                                     const Args& a, int peer, int counter, long long detail) {
+  const unsigned want = static_cast<unsigned>(n);
+  unsigned long long v = ld_relaxed_sys(p);
+  if (static_cast<unsigned>(v >> 32) == want) return static_cast<long long>(v & 0xFFFFFFFFull);
+  const unsigned long long t0 = globaltimer();
+  const long long c0 = clock64();
+  const long long max_cycles = static_cast<long long>(a.timeout_ns) * 3;
+  for (;;) {
+    __nanosleep(32);
+    v = ld_relaxed_sys(p);
+    if (static_cast<unsigned>(v >> 32) == want) return static_cast<long long>(v & 0xFFFFFFFFull);
+    if (*reinterpret_cast<volatile int*>(&a.err->code) == kErrTimeout) return -1;
+    if (globaltimer() - t0 > a.timeout_ns || clock64() - c0 > max_cycles) {
+      record_error(a.err, kErrTimeout, a.rank, peer, counter, n, v >> 32, detail);
+      return -1;
+    }
+  }
 }
 
 // ---- dispatch send 1: the plan of the whole batch, in shared memory of every send block (v5)
@@ -396,6 +422,65 @@ __device__ void direct_layout_fast(const Args& a, int* rowbase, unsigned* ovf, i
   for (int i = threadIdx.x; i < g.E; i += blockDim.x) scratch[i] = 0;
 }
 
+// direct_layout_fast from the plan blocks' published counts (dispatch_plan_counts): each
+// source's count of an expert is the sum of its plan blocks' (round, count) words, every word
+// waited for until its round is n (all of a thread's loads issued together: one L2 round trip
+// once they have landed). False in the threads that timed out (the error is recorded, counter
+// dispatch.notify: these words stand in for the source's notify).
+__device__ bool direct_layout_parts(const Args& a, int* rowbase, unsigned* ovf, int* scratch,
+                                    unsigned long long n) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nb = plan_blocks(g), pieces = g.R * nb;
+  constexpr int kBatch = 16;
+  bool ok = true;
+  for (int i = threadIdx.x; i < g.E; i += blockDim.x) {  // i = d * L + e
+    int tot = 0, below = 0;
+    for (int q0 = 0; q0 < pieces; q0 += kBatch) {
+      unsigned long long v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        v[u] = q0 + u < pieces
+                   ? ld_relaxed_sys(plan_part(a.my, a, n, (q0 + u) / nb, (q0 + u) % nb) + i)
+                   : 0;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (q0 + u >= pieces) continue;
+        const int s = (q0 + u) / nb;
+        long long c = static_cast<unsigned>(v[u] >> 32) == static_cast<unsigned>(n)
+                          ? static_cast<long long>(v[u] & 0xFFFFFFFFull)
+                          : -1;
+        if (c < 0 && ok)
+          c = wait_round_word(plan_part(a.my, a, n, s, (q0 + u) % nb) + i, n, a, s, kDispatchNotify,
+                              -1);
+        if (c < 0) {
+          ok = false;
+          continue;
+        }
+        tot += static_cast<int>(c);
+        below += s < a.rank ? static_cast<int>(c) : 0;
+      }
+    }
+    scratch[i] = (tot + 127) / 128 * 128;
+    rowbase[i] = below;
+  }
+  __syncthreads();
+  for (int d = warp; d < g.R; d += kWarps) {
+    int run = 0;
+    for (int e0 = 0; e0 < g.L; e0 += 32) {
+      const int e = e0 + lane;
+      const int size = e < g.L ? scratch[d * g.L + e] : 0;
+      const int incl = warp_inclusive_sum(size);
+      if (e < g.L) rowbase[d * g.L + e] += run + incl - size;
+      run += __shfl_sync(kFull, incl, 31);
+    }
+    if (lane == 0 && run > g.bound) atomicOr(ovf, 1u << d);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < g.E; i += blockDim.x) scratch[i] = 0;
+  return ok;
+}
+
 // The payload of token t, columns [first, last) steps, into its rows (one warp). Lane k < K holds
 // the token's k-th expert and is a target if it is the token's lowest k at that destination (the
 // row the receive copies the others from) or, with self_rows, any k on this rank. A destination
@@ -521,11 +606,32 @@ __device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p
   }
 }
 
+// Bits of the send kernel's kPro (session 8; Impl::plan_counts, dispatch_release_only).
+constexpr int kProCounts = 1;   // dispatch_plan_counts: the layout from the plan blocks' words
+constexpr int kProRelease = 4;  // dispatch_release_only: flags by a release store alone
+
+// Threads < R raise flag `f` of destination threadIdx.x to n, after the block's writes (the
+// caller passed a __syncthreads after them). kRelease (dispatch_release_only): by the release
+// store alone. NOTE: why that suffices (PTX memory model): the other threads' writes precede
+// their arrival at the barrier in program order, the barrier synchronises them with this
+// thread at CTA scope (bar.sync is morally strong among the CTA's threads), and the release
+// store follows it in program order; causality order is transitive across scopes, and a release
+// pattern makes every write that precedes it in causality order visible to the thread whose
+// acquire load (ld.acquire.sys: wait_geq) reads the stored value, on any GPU of the system. The
+// full fence (fence.sc.sys) before it orders this thread's operations with every other SC fence
+// as well, which no reader here relies on.
+template <bool kRelease>
+__device__ __forceinline__ void publish(unsigned long long* f, unsigned long long n) {
+  if constexpr (!kRelease) __threadfence_system();
+  st_release_sys(f, n);
+}
+
 // The notify of this rank to every destination (T, the destination's per-local-expert counts,
 // its token count; with direct rows every expert's count), then one release flag each, by send
 // block 0 from the plan's totals (etot: [E] expert counts, dtot: [R] destination counts). The
 // caller waited for every destination's acknowledgement of the previous dispatch (its notify
-// fields are free again).
+// fields are free again). kPro & kProCounts: the experts' counts went with the plan's words.
+template <int kPro = 0>
 __device__ __forceinline__ void write_notify(const Args& a, const int* etot, const int* dtot,
                                              unsigned long long n) {
   const Geometry& g = a.g;
@@ -537,14 +643,12 @@ __device__ __forceinline__ void write_notify(const Args& a, const int* etot, con
   if (threadIdx.x < g.R)
     at<int32_t>(peer(a, threadIdx.x), a.lay.recv_count)[out_region(a, threadIdx.x)] =
         dtot[threadIdx.x];
-  if (a.direct)  // every expert's count, so that each source can lay out every destination
-    for (int i = threadIdx.x; i < g.R * g.E; i += blockDim.x)
+  if (a.direct && !(kPro & kProCounts))  // every expert's count: each source lays out every
+    for (int i = threadIdx.x; i < g.R * g.E; i += blockDim.x)  // destination
       at<int32_t>(peer(a, i / g.E), a.lay.all_counts)[a.rank * g.E + i % g.E] = etot[i % g.E];
   __syncthreads();
-  if (!a.nccl && threadIdx.x < g.R) {
-    __threadfence_system();
-    st_release_sys(flag(peer(a, threadIdx.x), a, kDispatchNotify, a.rank), n);
-  }
+  if (!a.nccl && threadIdx.x < g.R)
+    publish<(kPro & kProRelease) != 0>(flag(peer(a, threadIdx.x), a, kDispatchNotify, a.rank), n);
 }
 
 // ---- dispatch plan (plan_once): the plan of the whole batch once, in the workspace ----
@@ -556,91 +660,76 @@ __device__ __forceinline__ void write_notify(const Args& a, const int* etot, con
 // atomics on 32-bit counters instead of one match.any per k (the stamps put ~5.7 of the 9 µs of
 // counting in that loop: match.any takes longer the more distinct values a warp holds, and a
 // tile's 32 tokens hold up to 32 distinct experts per k).
+// Counts tile `tile` (one warp) into the warp's shared row (E expert columns, then R
+// destinations; row32: 32-bit counters with kFast, row: 16-bit) and its destination ballots.
 template <bool kFast>
-__global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
-  extern __shared__ uint4 plan_raw[];
-  __shared__ int last_block;
+__device__ __forceinline__ void plan_count_tile(const Args& a, int tile, uint16_t* row,
+                                                unsigned* row32, uint32_t* dball) {
   const Geometry& g = a.g;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
-  uint16_t* table = at<uint16_t>(a.my, a.lay.plan_cnt);
-  uint32_t* dball = at<uint32_t>(a.my, a.lay.plan_dball);
-  if (a.trace) {  // before any block of the dependents can start
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-      stamp(a, kTrPlanStart, 0);
-      a.trace[kTrSendStart] = a.trace[kTrRecvStart] = a.trace[kTrSendPlanned] = ~0ull;
-      __threadfence();
-    }
-    if (threadIdx.x == 0) stamp(a, kTrPlanBlocksIn, 1);
-    __syncthreads();
-  }
-  // The send kernel may start now: it waits for this whole grid before reading the plan.
-  allow_dependent_launch();
-  // Counting: the warp's tile into its own row of shared memory, then into the table.
-  uint16_t* row = reinterpret_cast<uint16_t*>(plan_raw) + warp * ((g.W + 1) / 2 * 2);
-  unsigned* row32 = reinterpret_cast<unsigned*>(plan_raw) + warp * ((g.W + 3) / 4 * 4);
-  for (int tile = blockIdx.x * kWarps + warp; tile < ntiles; tile += gridDim.x * kWarps) {
-    if constexpr (kFast)
-      for (int i = lane; i < g.W; i += 32) row32[i] = 0;
-    else
-      for (int i = lane; i < g.W; i += 32) row[i] = 0;
-    __syncwarp();
-    const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
-    int ev[kMaxTopK];
-    load_experts<kFast>(a, t, t < a.T, ev, true);
-    if (a.trace) {  // diagnostics: a use of every id, so that the stamp follows the loads
-      int any = 0;
+  const int lane = threadIdx.x & 31;
+  if constexpr (kFast)
+    for (int i = lane; i < g.W; i += 32) row32[i] = 0;
+  else
+    for (int i = lane; i < g.W; i += 32) row[i] = 0;
+  __syncwarp();
+  const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
+  int ev[kMaxTopK];
+  load_experts<kFast>(a, t, t < a.T, ev, true);
+  if (a.trace) {  // diagnostics: a use of every id, so that the stamp follows the loads
+    int any = 0;
 #pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) any |= ev[k];
-      if (__any_sync(kFull, any == -2) || lane == 0) stamp(a, kTrPlanLoaded, 1);
+    for (int k = 0; k < kMaxTopK; ++k) any |= ev[k];
+    if (__any_sync(kFull, any == -2) || lane == 0) stamp(a, kTrPlanLoaded, 1);
+  }
+  uint32_t m = 0;
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    if (ev[k] >= 0) m |= 1u << (ev[k] / g.L);
+  for (int d = 0; d < g.R; ++d) {
+    const uint32_t b = __ballot_sync(kFull, (m >> d) & 1u);
+    if (lane == 0) {
+      dball[d * g.NT + tile] = b;
+      if constexpr (kFast)
+        row32[g.E + d] = static_cast<unsigned>(__popc(b));
+      else
+        row[g.E + d] = static_cast<uint16_t>(__popc(b));
     }
-    uint32_t m = 0;
+  }
+  if constexpr (kFast) {
 #pragma unroll
     for (int k = 0; k < kMaxTopK; ++k)
-      if (ev[k] >= 0) m |= 1u << (ev[k] / g.L);
-    for (int d = 0; d < g.R; ++d) {
-      const uint32_t b = __ballot_sync(kFull, (m >> d) & 1u);
-      if (lane == 0) {
-        dball[d * g.NT + tile] = b;
-        if constexpr (kFast)
-          row32[g.E + d] = static_cast<unsigned>(__popc(b));
-        else
-          row[g.E + d] = static_cast<uint16_t>(__popc(b));
-      }
-    }
-    if constexpr (kFast) {
+      if (ev[k] >= 0) atomicAdd(row32 + ev[k], 1u);
+  } else {
 #pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k)
-        if (ev[k] >= 0) atomicAdd(row32 + ev[k], 1u);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) {
-        if (k >= g.K) break;
-        const unsigned peers = __match_any_sync(kFull, ev[k]);
-        if (ev[k] >= 0 && lane == __ffs(peers) - 1)
-          row[ev[k]] += static_cast<uint16_t>(__popc(peers));
-        __syncwarp();
-      }
+    for (int k = 0; k < kMaxTopK; ++k) {
+      if (k >= g.K) break;
+      const unsigned peers = __match_any_sync(kFull, ev[k]);
+      if (ev[k] >= 0 && lane == __ffs(peers) - 1)
+        row[ev[k]] += static_cast<uint16_t>(__popc(peers));
+      __syncwarp();
     }
-    __syncwarp();
-    if (lane == 0) stamp(a, kTrPlanMatched, 1);
-    if constexpr (kFast)
-      for (int i = lane; i < g.W; i += 32)
-        table[static_cast<int64_t>(tile) * g.W + i] = static_cast<uint16_t>(row32[i]);
-    else
-      for (int i = lane; i < g.W; i += 32) table[static_cast<int64_t>(tile) * g.W + i] = row[i];
-    __syncwarp();
   }
-  // The last block to finish counting scans the columns.
+  __syncwarp();
+  if (lane == 0) stamp(a, kTrPlanMatched, 1);
+}
+
+// The last plan block to finish counting turns every column of the [ntiles][W] count table into
+// its exclusive prefix over the tiles, with one thread per column (the table is tile-major, so
+// neighbouring threads read neighbouring counts), and writes the totals. `smem`: the table's
+// size in shared memory; `last_block`: a shared int.
+template <bool kFast>
+__device__ __forceinline__ void plan_scan_last(const Args& a, int ntiles, uint16_t* table,
+                                               uint4* smem, int* last_block) {
+  const Geometry& g = a.g;
   __syncthreads();
   unsigned long long* status = at<unsigned long long>(a.my, a.lay.status);
   if (threadIdx.x == 0) {
     stamp(a, kTrPlanCounted, 1);
     __threadfence();
-    last_block = atomicAdd(status + kPlanDone, 1ull) == gridDim.x - 1;
+    *last_block = atomicAdd(status + kPlanDone, 1ull) == gridDim.x - 1;
   }
   __syncthreads();
-  if (!last_block) return;
+  if (!*last_block) return;
   __threadfence();
   if (threadIdx.x == 0) stamp(a, kTrPlanLast, 0);
   const int64_t vecs = (static_cast<int64_t>(ntiles) * g.W * 2 + 15) / 16;
@@ -656,10 +745,10 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
         v[u] = __ldcg(reinterpret_cast<const uint4*>(table) + i0 + u * blockDim.x);
 #pragma unroll
     for (int u = 0; u < kLoads; ++u)
-      if (i0 + u * blockDim.x < vecs) plan_raw[i0 + u * blockDim.x] = v[u];
+      if (i0 + u * blockDim.x < vecs) smem[i0 + u * blockDim.x] = v[u];
   }
   __syncthreads();
-  uint16_t* s = reinterpret_cast<uint16_t*>(plan_raw);
+  uint16_t* s = reinterpret_cast<uint16_t*>(smem);
   for (int c = threadIdx.x; c < g.W; c += blockDim.x) {
     int run = 0, tile = 0;
     // Eight counts loaded before they are rewritten, so the loads overlap.
@@ -682,19 +771,161 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < vecs; i += blockDim.x)
-    reinterpret_cast<uint4*>(table)[i] = plan_raw[i];
+    reinterpret_cast<uint4*>(table)[i] = smem[i];
   if (threadIdx.x == 0) {
     status[kPlanDone] = 0;
     stamp(a, kTrPlanEnd, 0);
   }
 }
 
+// Phase stamps at the plan kernel's start (FP8MOE_EP_TRACE=1), before any block of its
+// dependents can start: block 0 resets the minima of the send and receive stamps.
+__device__ __forceinline__ void plan_trace_start(const Args& a) {
+  if (a.trace) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      stamp(a, kTrPlanStart, 0);
+      a.trace[kTrSendStart] = a.trace[kTrRecvStart] = a.trace[kTrSendPlanned] = ~0ull;
+      __threadfence();
+    }
+    if (threadIdx.x == 0) stamp(a, kTrPlanBlocksIn, 1);
+    __syncthreads();
+  }
+}
+
+template <bool kFast>
+__global__ void __launch_bounds__(kSendThreads) k_dispatch_plan(Args a) {
+  extern __shared__ uint4 plan_raw[];
+  __shared__ int last_block;
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
+  uint16_t* table = at<uint16_t>(a.my, a.lay.plan_cnt);
+  uint32_t* dball = at<uint32_t>(a.my, a.lay.plan_dball);
+  plan_trace_start(a);
+  // The send kernel may start now: it waits for this whole grid before reading the plan.
+  allow_dependent_launch();
+  // Counting: the warp's tile into its own row of shared memory, then into the table.
+  uint16_t* row = reinterpret_cast<uint16_t*>(plan_raw) + warp * ((g.W + 1) / 2 * 2);
+  unsigned* row32 = reinterpret_cast<unsigned*>(plan_raw) + warp * ((g.W + 3) / 4 * 4);
+  for (int tile = blockIdx.x * kWarps + warp; tile < ntiles; tile += gridDim.x * kWarps) {
+    plan_count_tile<kFast>(a, tile, row, row32, dball);
+    if constexpr (kFast)
+      for (int i = lane; i < g.W; i += 32)
+        table[static_cast<int64_t>(tile) * g.W + i] = static_cast<uint16_t>(row32[i]);
+    else
+      for (int i = lane; i < g.W; i += 32) table[static_cast<int64_t>(tile) * g.W + i] = row[i];
+    __syncwarp();
+  }
+  plan_scan_last<kFast>(a, ntiles, table, plan_raw, &last_block);
+}
+
+// ---- dispatch plan, session 8 (kMode: bit 0 dispatch_plan_counts, bit 1 plan_block_scan) ----
+// A fixed grid of plan_blocks(g) blocks; block b counts tiles 16 b .. 16 b + 15, one per warp
+// (as k_dispatch_plan<true>), then sums each column (E experts, R destinations) over its tiles
+// and publishes the sums as (round, count) words (plan_part): with kCounts the expert columns to
+// every rank, whose send blocks add them up into the destinations' layouts long before this
+// grid ends; with kScan all columns to itself. kScan: the block's tiles' counts become prefixes
+// within the block, to which the block adds the published sums of every earlier block (blocks
+// ordered by a ticket taken at their start, so that a block waits only for blocks that run) and
+// writes its rows of the final table; the last block writes the totals. Without kScan the last
+// block to finish scans the table (plan_scan_last). Same plan as k_dispatch_plan, bit for bit.
+template <int kMode>
+__global__ void __launch_bounds__(kSendThreads) k_dispatch_plan_blocks(Args a) {
+  constexpr bool kCounts = (kMode & 1) != 0, kScan = (kMode & 2) != 0;
+  extern __shared__ uint4 plan_raw[];
+  __shared__ int last_block, blk_s, abort_flag;
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int ntiles = static_cast<int>((a.T + kTile - 1) / kTile);
+  uint16_t* table = at<uint16_t>(a.my, a.lay.plan_cnt);
+  uint32_t* dball = at<uint32_t>(a.my, a.lay.plan_dball);
+  unsigned long long* status = at<unsigned long long>(a.my, a.lay.status);
+  // NOTE: the receive kernel of the previous dispatch advanced it before this grid started.
+  const unsigned long long n = status[kSeqDispatch] + 1;
+  plan_trace_start(a);
+  allow_dependent_launch();
+  if (threadIdx.x == 0) {
+    blk_s = kScan ? static_cast<int>(atomicAdd(status + kPlanTicket, 1ull) % gridDim.x)
+                  : static_cast<int>(blockIdx.x);
+    abort_flag = 0;
+  }
+  const int wp = (g.W + 3) / 4 * 4;
+  unsigned* rows = reinterpret_cast<unsigned*>(plan_raw);
+  unsigned* row32 = rows + warp * wp;
+  for (int i = lane; i < g.W; i += 32) row32[i] = 0;
+  __syncthreads();
+  const int blk = blk_s;
+  const int tile = blk * kWarps + warp;
+  if (tile < ntiles) plan_count_tile<true>(a, tile, nullptr, row32, dball);
+  __syncthreads();
+  // Column sums over the block's tiles (kScan: the rows become prefixes within the block), then
+  // published; kScan: the earlier blocks' sums added to the rows.
+  const unsigned long long tag = n << 32;
+  for (int c = threadIdx.x; c < g.W; c += blockDim.x) {
+    unsigned run = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const unsigned v = rows[w * wp + c];
+      if (kScan) rows[w * wp + c] = run;
+      run += v;
+    }
+    if (kCounts && c < g.E)
+      for (int d = 0; d < g.R; ++d)
+        st_relaxed_sys(plan_part(d == a.rank ? a.my : peer(a, d), a, n, a.rank, blk) + c,
+                       tag | run);
+    else if (kScan)
+      st_relaxed_sys(plan_part(a.my, a, n, a.rank, blk) + c, tag | run);
+    if (threadIdx.x == 0) stamp(a, kTrPlanPublished, 1);
+    if constexpr (kScan) {
+      unsigned off = 0;
+      constexpr int kBatch = 8;
+      for (int b0 = 0; b0 < blk; b0 += kBatch) {
+        unsigned long long v[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+          v[u] = b0 + u < blk ? ld_relaxed_sys(plan_part(a.my, a, n, a.rank, b0 + u) + c) : tag;
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (b0 + u >= blk) continue;
+          long long x = static_cast<unsigned>(v[u] >> 32) == static_cast<unsigned>(n)
+                            ? static_cast<long long>(v[u] & 0xFFFFFFFFull)
+                            : -1;
+          if (x < 0)
+            x = wait_round_word(plan_part(a.my, a, n, a.rank, b0 + u) + c, n, a, a.rank,
+                                kPlanBlocks, b0 + u);
+          if (x < 0) abort_flag = 1;
+          off += static_cast<unsigned>(x);
+        }
+      }
+      for (int w = 0; w < kWarps; ++w) rows[w * wp + c] += off;
+      if (blk == static_cast<int>(gridDim.x) - 1) at<int>(a.my, a.lay.plan_tot)[c] = off + run;
+    }
+  }
+  if constexpr (kScan) {
+    __syncthreads();
+    if (threadIdx.x == 0) stamp(a, kTrPlanLast, 1);
+    if (abort_flag) return;  // recorded; check() reports it
+    if (tile < ntiles)
+      for (int i = lane; i < g.W; i += 32)
+        table[static_cast<int64_t>(tile) * g.W + i] = static_cast<uint16_t>(row32[i]);
+    __syncthreads();
+    if (threadIdx.x == 0) stamp(a, kTrPlanEnd, 1);
+  } else {
+    if (tile < ntiles)
+      for (int i = lane; i < g.W; i += 32)
+        table[static_cast<int64_t>(tile) * g.W + i] = static_cast<uint16_t>(row32[i]);
+    __syncwarp();
+    plan_scan_last<true>(a, ntiles, table, plan_raw, &last_block);
+  }
+}
+
 // kPlanOnce: the plan is the workspace's (k_dispatch_plan); a compile-time switch so that each
 // path's plan pointers have a known address space (shared or global). kPrefetch:
 // prefetch_payload. kDirect: dispatch_direct_rows (Args::direct; an instance of its own, so the
-// other paths compile as before).
-template <bool kPlanOnce, bool kPrefetch, bool kDirect>
+// other paths compile as before). kPro (with kDirect): kProCounts, kProRelease (session 8).
+template <bool kPlanOnce, bool kPrefetch, bool kDirect, int kPro = 0>
 __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
+  static_assert(kPro == 0 || (kPlanOnce && kDirect), "session-8 send options need direct rows");
+  constexpr bool kCounts = (kPro & kProCounts) != 0, kRelease = (kPro & kProRelease) != 0;
   __shared__ int abort_flag;
   __shared__ int dtot[kMaxRanks];
   const Geometry& g = a.g;
@@ -714,32 +945,63 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   } else {
     plan_batch(a, smem, p);
   }
-  // A destination's region of mine is free once it acknowledged the previous dispatch.
-  if (!a.nccl && threadIdx.x < g.R &&
-      !wait_geq(flag(a.my, a, kDispatchAck, threadIdx.x), n - 1, a.err, a.rank, threadIdx.x,
-                kDispatchAck, -1, a.timeout_ns))
-    abort_flag = 1;
-  __syncthreads();
-  if (abort_flag) return;
-  // Notify (block 0): T and the per-local-expert counts of every destination, then its flag.
-  if (blockIdx.x == 0) write_notify(a, p.etot, p.dtot, n);
-  // dispatch_direct_rows: once every source's counts are in (its notify flag), the rows of this
-  // source's tokens at every destination are known.
   __shared__ unsigned ovf_mask;
   int* rowbase = reinterpret_cast<int*>(smem + a.ps.rowbase);
-  if (kDirect) {
+  if constexpr (kCounts) {
+    // dispatch_plan_counts: the destinations' layouts from the plan blocks' published counts,
+    // while the last warp waits for the previous round's acknowledgements (then the chunks may
+    // overwrite the regions). Block 0 first waits for them and notifies, for the receive
+    // kernels: so this rank's own receive never waits on a peer's counts for its own notify
+    // (session 8, call 1: with the notify after the layout, a silent peer was reported as this
+    // rank's own notify timing out).
     if (threadIdx.x == 0) ovf_mask = 0;
-    if (threadIdx.x < g.R && !wait_geq(flag(a.my, a, kDispatchNotify, threadIdx.x), n, a.err,
-                                       a.rank, threadIdx.x, kDispatchNotify, -1, a.timeout_ns))
+    const int q = blockIdx.x == 0
+                      ? static_cast<int>(threadIdx.x)
+                      : static_cast<int>(threadIdx.x) - static_cast<int>(blockDim.x - 32);
+    if (q >= 0 && q < g.R &&
+        !wait_geq(flag(a.my, a, kDispatchAck, q), n - 1, a.err, a.rank, q, kDispatchAck, -1,
+                  a.timeout_ns))
+      abort_flag = 1;
+    if (blockIdx.x == 0) {
+      __syncthreads();
+      if (abort_flag) return;
+      write_notify<kPro>(a, p.etot, p.dtot, n);
+      if (threadIdx.x == 0) stamp(a, kTrSendNotified, 0);
+    }
+    if (!direct_layout_parts(a, rowbase, &ovf_mask, reinterpret_cast<int*>(p.emask), n))
       abort_flag = 1;
     __syncthreads();
     if (abort_flag) return;
-    if (a.fast_plan)
-      direct_layout_fast(a, rowbase, &ovf_mask, reinterpret_cast<int*>(p.emask));
-    else
-      direct_layout(a, rowbase, &ovf_mask);
-    __syncthreads();
     if (threadIdx.x == 0) stamp(a, kTrSendCounts, 1);
+  } else {
+    // A destination's region of mine is free once it acknowledged the previous dispatch.
+    if (!a.nccl && threadIdx.x < g.R &&
+        !wait_geq(flag(a.my, a, kDispatchAck, threadIdx.x), n - 1, a.err, a.rank, threadIdx.x,
+                  kDispatchAck, -1, a.timeout_ns))
+      abort_flag = 1;
+    __syncthreads();
+    if (abort_flag) return;
+    if (threadIdx.x == 0) stamp(a, kTrSendAcked, 1);
+    // Notify (block 0): T and the per-local-expert counts of every destination, then its flag.
+    if (blockIdx.x == 0) write_notify<kPro>(a, p.etot, p.dtot, n);
+    if (blockIdx.x == 0 && threadIdx.x == 0) stamp(a, kTrSendNotified, 0);
+    // dispatch_direct_rows: once every source's counts are in (its notify flag), the rows of this
+    // source's tokens at every destination are known.
+    if (kDirect) {
+      if (threadIdx.x == 0) ovf_mask = 0;
+      if (threadIdx.x < g.R && !wait_geq(flag(a.my, a, kDispatchNotify, threadIdx.x), n, a.err,
+                                         a.rank, threadIdx.x, kDispatchNotify, -1, a.timeout_ns))
+        abort_flag = 1;
+      __syncthreads();
+      if (abort_flag) return;
+      if (threadIdx.x == 0) stamp(a, kTrSendFlags, 1);
+      if (a.fast_plan)
+        direct_layout_fast(a, rowbase, &ovf_mask, reinterpret_cast<int*>(p.emask));
+      else
+        direct_layout(a, rowbase, &ovf_mask);
+      __syncthreads();
+      if (threadIdx.x == 0) stamp(a, kTrSendCounts, 1);
+    }
   }
   // Chunks of C tokens, one block each; every chunk published with its own flag.
   const int warp = threadIdx.x >> 5;
@@ -765,18 +1027,16 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
         push_payload<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item));
     }
     __syncthreads();
-    if (!a.nccl && threadIdx.x < g.R) {
-      __threadfence_system();
-      st_release_sys(
+    if (!a.nccl && threadIdx.x < g.R)
+      publish<kRelease>(
           chunk_flag(peer(a, threadIdx.x), a, kDispatchChunk, a.rank, static_cast<int>(c)), n);
-    }
   }
 }
 
-template <bool kPlanOnce, bool kPrefetch, bool kDirect>
+template <bool kPlanOnce, bool kPrefetch, bool kDirect, int kPro = 0>
 __global__ void __launch_bounds__(kSendThreads, 1) k_dispatch_send(Args a) {
   extern __shared__ uint4 smem_raw[];
-  dispatch_send_block<kPlanOnce, kPrefetch, kDirect>(a, reinterpret_cast<char*>(smem_raw));
+  dispatch_send_block<kPlanOnce, kPrefetch, kDirect, kPro>(a, reinterpret_cast<char*>(smem_raw));
   count_send_block(a.my, a.lay.status, kDispatchSent);
   if (threadIdx.x == 0) stamp(a, kTrSendEnd, 1);
 }
@@ -1029,7 +1289,10 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
 
 }  // namespace
 
-KernelFn dispatch_plan_kernel(bool fast) {
+KernelFn dispatch_plan_kernel(bool fast, int mode) {
+  if (fast && mode == 1) return k_dispatch_plan_blocks<1>;
+  if (fast && mode == 2) return k_dispatch_plan_blocks<2>;
+  if (fast && mode == 3) return k_dispatch_plan_blocks<3>;
   return fast ? k_dispatch_plan<true> : k_dispatch_plan<false>;
 }
 
@@ -1038,11 +1301,19 @@ KernelFn dispatch_recv_kernel() {
 }
 
 // The kernel variants the options select (DeviceEpOptions: plan_once, prefetch_payload; direct:
-// dispatch_direct_rows where it applies, Impl::direct, which implies plan_once).
-KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct) {
-  if (direct)
-    return o.prefetch_payload ? k_dispatch_send<true, true, true>
-                              : k_dispatch_send<true, false, true>;
+// dispatch_direct_rows where it applies, Impl::direct, which implies plan_once; plan_counts:
+// dispatch_plan_counts where it applies, Impl::plan_counts; dispatch_release_only with direct and
+// prefetch_payload).
+KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct, bool plan_counts) {
+  if (direct && o.prefetch_payload) {
+    const int pro = (plan_counts ? kProCounts : 0) | (o.dispatch_release_only ? kProRelease : 0);
+    if (pro == kProCounts) return k_dispatch_send<true, true, true, kProCounts>;
+    if (pro == kProRelease) return k_dispatch_send<true, true, true, kProRelease>;
+    if (pro == (kProCounts | kProRelease))
+      return k_dispatch_send<true, true, true, kProCounts | kProRelease>;
+    return k_dispatch_send<true, true, true>;
+  }
+  if (direct) return k_dispatch_send<true, false, true>;
   if (o.plan_once)
     return o.prefetch_payload ? k_dispatch_send<true, true, false>
                               : k_dispatch_send<true, false, false>;

@@ -47,6 +47,8 @@ enum Status : int {
   kRecvItem = 10,  // next work item of the receive kernels (claimed in order)
   kCombineItem = 11,
   kPlanDone = 12,  // plan kernel blocks that counted their tiles (the last one scans)
+  kPlanTicket =
+      13,  // plan_block_scan: plan kernel blocks ever started (their order: ticket % grid)
   kStatusSlots = 16,
 };
 // flags[] groups: R counters each, then R * max_chunks for the chunk groups.
@@ -56,7 +58,8 @@ enum FlagGroup : int {
   kCombineAck = 2,
   kDispatchChunk = 3,
   kCombineChunk = 4,
-  kLocalSent = 5,  // error reports only: the local send blocks (status kDispatchSent/kCombineSent)
+  kLocalSent = 5,   // error reports only: the local send blocks (status kDispatchSent/kCombineSent)
+  kPlanBlocks = 6,  // error reports only: plan_block_scan's wait for an earlier plan block's sums
 };
 
 enum ErrCode : int { kErrNone = 0, kErrTimeout = 1, kErrBadExpert = 3 };
@@ -91,7 +94,8 @@ struct Geometry {
 struct WsLayout {
   // written by peers
   size_t stage, src_token, topk_local, topk_pos, weight, recv_count, notify, flags, comb_stage;
-  size_t all_counts;  // dispatch_direct_rows: [R][E] per-expert token counts of every source
+  size_t all_counts;  // dispatch_direct_rows: [R][E] per-expert token counts of every source,
+                      // then the plan blocks' published sums (plan_part)
   size_t bwd_gw, bwd_mask, bwd;  // combine backward (sm90_device_ep_backward.cu)
   // local
   size_t peer_table, err, slot, status, recv_offset, expert_counts, expert_offsets, m_indices,
@@ -140,15 +144,16 @@ struct Args {
 enum TraceSlot : int {
   kTrPlanStart = 0,
   kTrPlanEnd = 1,
-  kTrSendStart = 2,     // first send block (min)
-  kTrSendCounts = 3,    // direct rows: the last send block that had every source's counts (max)
-  kTrSendEnd = 4,       // last send block done (max)
-  kTrRecvStart = 5,     // first receive block (min)
-  kTrRecvLayout = 6,    // last receive block with its layout (max)
-  kTrRecvLastFlag = 7,  // the last chunk flag a receive block saw (max)
-  kTrRecvEnd = 8,       // the acknowledging block, done
-  kTrPlanLast = 9,      // the plan kernel's last block starts its scan (every tile counted)
-  // 10: unused (kept so that the other slots keep their numbers)
+  kTrSendStart = 2,      // first send block (min)
+  kTrSendCounts = 3,     // direct rows: the last send block that had every source's counts (max)
+  kTrSendEnd = 4,        // last send block done (max)
+  kTrRecvStart = 5,      // first receive block (min)
+  kTrRecvLayout = 6,     // last receive block with its layout (max)
+  kTrRecvLastFlag = 7,   // the last chunk flag a receive block saw (max)
+  kTrRecvEnd = 8,        // the acknowledging block, done
+  kTrPlanLast = 9,       // the plan kernel's last block starts its scan (every tile counted);
+                         // plan_block_scan: the last block with its earlier blocks' sums (max)
+  kTrSendAcked = 10,     // the last send block past its wait for the previous round's acks (max)
   kTrPlanBlocksIn = 11,  // the last plan kernel block to start (max)
   kTrPlanCounted = 12,   // the last plan kernel block done counting (max)
   kTrSendPlanned = 13,   // the first send block past its wait for the plan (min)
@@ -162,6 +167,11 @@ enum TraceSlot : int {
   kTrCombRecvStart = 18,     // first combine receive block (min)
   kTrCombSendEnd = 19,       // last combine send block done (max)
   kTrCombRecvEnd = 20,       // the acknowledging block, done
+  // Session 8 (ep9): the send prologue split further.
+  kTrSendNotified = 21,   // send block 0 released its notify (flag stored)
+  kTrSendFlags = 22,      // direct rows: the last send block with every source's notify flag (max)
+  kTrPlanPublished = 23,  // the last plan block with its column sums published (plan_block_scan,
+                          // dispatch_plan_counts; max)
   kTrSlots = 24,
 };
 constexpr int kTrCombMins = kTrCombSendStart, kTrCombMaxes = kTrCombSendEnd;
@@ -170,8 +180,23 @@ using KernelFn = void (*)(Args);
 
 // Defined by the kernel files: sm90_device_ep_dispatch.cu (dispatch_*) and
 // sm90_device_ep_combine.cu (combine_*).
-KernelFn dispatch_plan_kernel(bool fast);
-KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct);
+// mode (with fast): bit 0 dispatch_plan_counts (where it applies: Impl::plan_counts), bit 1
+// plan_block_scan; nonzero = k_dispatch_plan_blocks over plan_blocks(g) blocks.
+KernelFn dispatch_plan_kernel(bool fast, int mode = 0);
+KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct, bool plan_counts = false);
+
+// Blocks of the plan kernel with plan_block_scan or dispatch_plan_counts (a fixed grid: the
+// published sums are laid out per block), one 32-token tile per warp.
+__host__ __device__ inline int plan_blocks(const Geometry& g) {
+  return (g.NT + kWarps - 1) / kWarps;
+}
+// Bytes of the all_counts field: the [R][E] counts, then [2][R][plan_blocks][W] published words.
+__host__ __device__ inline size_t plan_counts_offset(const Geometry& g) {
+  return (static_cast<size_t>(g.R) * g.E * 4 + 255) / 256 * 256;
+}
+__host__ __device__ inline size_t all_counts_bytes(const Geometry& g) {
+  return plan_counts_offset(g) + 2ull * g.R * plan_blocks(g) * g.W * 8;
+}
 KernelFn dispatch_recv_kernel();
 KernelFn combine_send_kernel(const DeviceEpOptions& o);
 KernelFn combine_recv_kernel(const DeviceEpOptions& o);
@@ -232,6 +257,25 @@ __device__ __forceinline__ uint4 ld_evict_first(const void* ptr, unsigned long l
 template <typename T>
 __device__ __forceinline__ T* at(char* base, size_t off) {
   return reinterpret_cast<T*>(base + off);
+}
+
+// Words whose every value is whole on its own (a (round, count) pair): strong relaxed 64-bit
+// accesses at system scope, so a reader on another GPU sees the old word or the new, never a mix.
+__device__ __forceinline__ unsigned long long ld_relaxed_sys(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_relaxed_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+// The published column sums of plan block `blk` of source `src` for the round n (its parity
+// picks one of two buffers, so a source may write round n while round n - 1's are still read):
+// W words, (n mod 2^32) << 32 | count.
+__device__ __forceinline__ unsigned long long* plan_part(char* base, const Args& a,
+                                                         unsigned long long n, int src, int blk) {
+  const size_t i = ((static_cast<size_t>(n & 1) * a.g.R + src) * plan_blocks(a.g) + blk) * a.g.W;
+  return at<unsigned long long>(base, a.lay.all_counts + plan_counts_offset(a.g)) + i;
 }
 
 // The next work item for this block, claimed in order across the grid, so that items are taken

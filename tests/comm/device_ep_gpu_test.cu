@@ -243,10 +243,12 @@ int chunk_of(int ran) {
 // them), 7 the session-6 defaults with combine_recv_early_stage and combine_recv_warp_wait
 // (session 7), 8 with early_stage alone, 9 with warp_wait alone, 10 with early_stage, warp_wait and
 // warp_items (the session-7 defaults, explicit tiles), 11 with warp_wait and warp_items (7 to 11:
-// run_cases varies the receive tiles and combine_send_parts too).
+// run_cases varies the receive tiles and combine_send_parts too). Session 8 (ep9), on the
+// defaults: 12 dispatch_plan_counts, 13 plan_block_scan, 14 dispatch_release_only, 15 all three.
 constexpr int kVariants = 4;
 constexpr int kDefaults = 2, kDirectRows = 4, kFastCount = 5, kSession6 = 6;
 constexpr int kSession7 = 7, kEarlyStage = 8, kWarpWait = 9, kWarpItems = 10, kWarpItemsOnly = 11;
+constexpr int kPlanCounts = 12, kBlockScan = 13, kReleaseOnly = 14, kPrologue = 15;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -271,16 +273,22 @@ DeviceEpOptions variant_options(int v) {
     o = DeviceEpOptions{};
     without_session7(o);
   }
-  if (v >= kSession7) {
+  if (v >= kSession7 && v <= kWarpItemsOnly) {
     o = DeviceEpOptions{};
     o.combine_recv_early_stage = v != kWarpWait && v != kWarpItemsOnly;
     o.combine_recv_warp_wait = v != kEarlyStage;
     o.combine_recv_warp_items = v >= kWarpItems;
   }
+  if (v >= kPlanCounts) {
+    o = DeviceEpOptions{};
+    o.dispatch_plan_counts = v == kPlanCounts || v == kPrologue;
+    o.plan_block_scan = v == kBlockScan || v == kPrologue;
+    o.dispatch_release_only = v == kReleaseOnly || v == kPrologue;
+  }
   return o;
 }
 std::string variant_name(int v) {
-  constexpr const char* kNames[kWarpItemsOnly + 1] = {
+  constexpr const char* kNames[kPrologue + 1] = {
       " v5",
       " plan_once",
       " defaults",
@@ -292,7 +300,11 @@ std::string variant_name(int v) {
       " session-6 defaults+recv_early_stage",
       " session-6 defaults+recv_warp_wait",
       " session-6 defaults+recv_early_stage+warp_wait+warp_items",
-      " session-6 defaults+recv_warp_wait+warp_items"};
+      " session-6 defaults+recv_warp_wait+warp_items",
+      " defaults+plan_counts",
+      " defaults+block_scan",
+      " defaults+release_only",
+      " defaults+plan_counts+block_scan+release_only"};
   return kNames[v];
 }
 
@@ -328,7 +340,7 @@ void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink, int only = -1, in
       opt.overlap_recv = ran % 5 != 0;
       if (v == kSession6)  // the rule before session 6 at the V3 shape, one and 3 tokens
         opt.combine_recv_tile = ran % 3 == 0 ? 16 : ran % 3 == 1 ? 1 : 3;
-      if (v >= kSession7) {  // automatic; one token (many warps per token); 32 (one part per token)
+      if (v >= kSession7 && v <= kWarpItemsOnly) {  // automatic; one token; 32 (one part/token)
         opt.combine_recv_tile = ran % 3 == 0 ? 0 : ran % 3 == 1 ? 1 : 32;
         opt.combine_send_parts = ran % 4 == 0 ? 0 : ran % 4 == 1 ? 2 : 4;  // warps per send record
       }
@@ -406,6 +418,20 @@ TEST_F(NvlinkTest, Session7OptionsMatchReference) {
   }
 }
 
+// Session 8's prologue options (ep9) on the defaults, each alone and all three, over every case,
+// both payloads, ranks over all GPUs (direct rows: plan counts and release-only apply) and on one
+// GPU (source regions: the block scan alone applies), and the block scan over the NCCL wire. The
+// plan kernel then runs one block per 16 tiles of max_tokens_per_rank: "many_tiles" has three.
+TEST_F(NvlinkTest, Session8PrologueOptionsMatchReference) {
+  for (int v : {kPrologue, kPlanCounts, kBlockScan, kReleaseOnly}) {
+    run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, v);
+    if (v == kPrologue || v == kBlockScan) run_cases(Payload::kFP8, 1, Wire::kNvlink, v);
+  }
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kPrologue);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kPrologue, 64);  // the V3 send grid
+  if (gpu_count() >= 2 && nccl_available()) run_cases(Payload::kFP8, 2, Wire::kNccl, kBlockScan);
+}
+
 // More send blocks than the GPU has SMs: the direct rows need every send block resident (block
 // 0 notifies, the others wait for every rank's notify), so they fall back to the source regions;
 // the results stay the reference's (review of session 4).
@@ -440,7 +466,7 @@ TEST_F(NvlinkTest, RanksPerDeviceBelowSharingIsRejected) {
 }
 
 TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
-  for (int v : {0, 1, kDefaults, 3, kDirectRows, kFastCount, kSession7, kWarpItems}) {
+  for (int v : {0, 1, kDefaults, 3, kDirectRows, kFastCount, kSession7, kWarpItems, kPrologue}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
     const DeviceEpOptions opt = variant_options(v);
@@ -480,14 +506,19 @@ TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
 }
 
 TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
-  // dispatch_direct_rows: the send itself waits for the silent peer's notify (same report).
-  for (const bool direct : {false, true}) {
-    SCOPED_TRACE(direct ? "dispatch_direct_rows" : "source regions");
+  // dispatch_direct_rows: the send itself waits for the silent peer's notify (same report);
+  // with dispatch_plan_counts for its plan kernel's counts (reported as its notify).
+  for (const int mode : {0, 1, 2}) {
+    const bool direct = mode >= 1;
+    SCOPED_TRACE(mode == 2 ? "dispatch_plan_counts"
+                 : direct  ? "dispatch_direct_rows"
+                           : "source regions");
     EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
     cfg.timeout_s = 0.3;
     DeviceEpOptions opt;
     opt.num_blocks = 3;
     opt.dispatch_direct_rows = direct;
+    opt.dispatch_plan_counts = opt.plan_block_scan = mode == 2;
     Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
     h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
     h.group->rank(0).dispatch_recv(h.buf[0].stream);
@@ -537,7 +568,7 @@ TEST_F(NvlinkTest, CombineSilentPeerEndsWithErrorNamingRankPeerCounter) {
 TEST_F(NvlinkTest, OverflowIsReported) {
   // Source regions (1), direct rows (the defaults, 2): an overflowing destination gets the source
   // regions, which are compared too.
-  for (int v : {1, kDefaults, kFastCount}) {
+  for (int v : {1, kDefaults, kFastCount, kPrologue}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
     cfg.max_rows = 256;
@@ -550,15 +581,18 @@ TEST_F(NvlinkTest, OverflowIsReported) {
 TEST_F(NvlinkTest, BadExpertIdIsReported) {
   // The plan kernel's two counting paths report the id the same way (plan_fast_count loads a
   // tile's ids before it checks them).
-  for (int mode = 0; mode < 3; ++mode) {
+  // Mode 3: session 8's plan kernel (plan_block_scan, dispatch_plan_counts).
+  for (int mode = 0; mode < 4; ++mode) {
     const bool plan_once = mode >= 1;
-    SCOPED_TRACE(mode == 2   ? "plan_once without plan_fast_count"
+    SCOPED_TRACE(mode == 3   ? "plan_block_scan + dispatch_plan_counts"
+                 : mode == 2 ? "plan_once without plan_fast_count"
                  : plan_once ? "plan_once"
                              : "plan in every send block");
     EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
     DeviceEpOptions opt;
     opt.plan_once = plan_once;
     opt.plan_fast_count = mode != 2;
+    opt.plan_block_scan = opt.dispatch_plan_counts = mode == 3;
     Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
     h.data[1].idx[5] = 99;
     FM_CHECK_CUDA(cudaSetDevice(h.buf[1].device));

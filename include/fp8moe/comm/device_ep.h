@@ -146,6 +146,30 @@ struct DeviceEpOptions {
   // 2 x H200, same call, 3 rounds: dispatch 166.1 -> 161.5 us, layout only 138.5 -> 134.4; with Y
   // (the session-5 defaults) 160.7 / 134.3; on by default.
   bool plan_fast_count = true;
+  // Session 8, the dispatch prologue (docs/comm/README.md, "Session 8: the dispatch prologue
+  // (ep9)"); same results bit for bit; off (not yet defaults). G and X need plan_once and
+  // plan_fast_count (else ignored); the plan kernel then runs a fixed grid of
+  // ceil(tiles of max_tokens_per_rank / 16) blocks. 2 x H100, V3 shape, same call, 3 rounds (FP8
+  // dispatch / layout only, us): defaults 181.8 / 136.8, G 187.8 / 135.9, X 179.4 / 134.8, G+X
+  // 185.3 / 134.7, G+X+O 176.7 / 134.5; plain sweep defaults 181.8, G+X+O 177.6. O alone was not
+  // measured. NOTE: G's block 0 notifies before its layout since that call (a silent peer was
+  // reported as the rank's own notify); that order is not yet run on a device.
+  // G (with D): each plan kernel block publishes its per-expert token counts to every rank as soon
+  // as its tiles are counted, as (round, count) 64-bit words (a word is valid when its round
+  // matches: no fence, no flag), into a per-round-parity buffer; each send block sums the blocks'
+  // words of every source instead of waiting for the sources' notify flags (the notify then no
+  // longer carries every expert's count). The previous round's acknowledgement is waited for
+  // beside that sum. The words of a source's round n also stand for the notify's guarantee: that
+  // rank has entered its dispatch of round n, so the rows of round n - 1 are consumed.
+  bool dispatch_plan_counts = false;
+  // X: the plan's per-tile prefixes by a scan inside each plan block and a look-back over the
+  // earlier blocks' published totals (blocks in the order they started), instead of the last
+  // block reloading and scanning the whole count table.
+  bool plan_block_scan = false;
+  // O (with D): the send's notify and chunk flags are raised by a release store alone, without
+  // the full system fence (__threadfence_system) before it (the memory-model argument: the
+  // comment at publish() in sm90_device_ep_dispatch.cu).
+  bool dispatch_release_only = false;
   // Tokens per combine_recv work item (1..32); 0 = about T / (4 x receive blocks), at most 32:
   // four waves of tiles (8 tokens at the V3 shape on 132 SMs, each token's columns split over two
   // of the block's 16 warps). Session 6 (docs/comm/README.md), 2 x H100, V3 shape, same calls:
