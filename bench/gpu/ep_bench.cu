@@ -468,18 +468,20 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // dispatch_self_rows (with D) ("PCBDL" = the session-4 defaults), and of session 5: Y
 // combine_stream_rows (with C), Q plan_fast_count ("PCBDLQY" = the session-6 defaults), and of
 // session 7 (with C and Y): Z combine_recv_early_stage, U combine_recv_warp_wait, I
-// combine_recv_warp_items ("PCBDLQYZUI:s2" = "default": with I the automatic receive tile is 4
-// tokens at the V3 shape, as ":t4"). The letters of the options removed after they measured slower
-// or no faster (A, S, E, R, N, H, T, F; commit 0d66fed has them; session 6's W, V and the ":p"
-// suffix: docs/comm/README.md, "Session 6") are rejected. Suffixes ":c8", ":b80", ":r132" set the
-// chunk size, the send blocks and the receive blocks (without ":r", DeviceEpOptions' automatic
-// receive grid: every SM since session 4; ":r68" on a 132-SM H100 with 64 send blocks is the
-// earlier one); ":g48" the combine send's own grid (DeviceEpOptions::combine_blocks), ":t8" the
-// combine receive's tokens per item (DeviceEpOptions::combine_recv_tile; ":t16" the rule before
-// session 6 at the V3 shape), ":s2" / ":s4" the combine send's warps per record
-// (DeviceEpOptions::combine_send_parts). Session 8 (ep9), the dispatch prologue: G
-// dispatch_plan_counts (with D, Q, P), X plan_block_scan (with Q), O dispatch_release_only (with D,
-// P); "default+GX" = the defaults plus those letters (any letter above may follow "default+").
+// combine_recv_warp_items ("PCBDLQYZUI:s2" = session 7's defaults; with I the automatic receive
+// tile is 4 tokens at the V3 shape, as ":t4"). The letters of the options removed after they
+// measured slower or no faster (A, S, E, R, N, H, T, F; commit 0d66fed has them; session 6's W, V
+// and the ":p" suffix: docs/comm/README.md, "Session 6") are rejected. Suffixes ":c8", ":b80",
+// ":r132" set the chunk size, the send blocks and the receive blocks (without ":r",
+// DeviceEpOptions' automatic receive grid: every SM since session 4; ":r68" on a 132-SM H100 with
+// 64 send blocks is the earlier one); ":g48" the combine send's own grid
+// (DeviceEpOptions::combine_blocks), ":t8" the combine receive's tokens per item
+// (DeviceEpOptions::combine_recv_tile; ":t16" the rule before session 6 at the V3 shape), ":s2" /
+// ":s4" the combine send's warps per record (DeviceEpOptions::combine_send_parts). Session 8 (ep9),
+// the dispatch prologue: G dispatch_plan_counts (with D, Q, P), X plan_block_scan (with Q), O
+// dispatch_release_only (with D, P); "default+GX" = the defaults plus those letters (any letter
+// above may follow "default+"). X is a default since the end of session 8: "PCBDLQYZUIX:s2" =
+// "default".
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -520,6 +522,7 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
     v.opt.combine_recv_early_stage = v.opt.combine_recv_warp_wait = false;
     v.opt.combine_recv_warp_items = false;
     v.opt.combine_send_parts = 0;
+    v.opt.plan_block_scan = false;
     if (head == "v5" || head == "base") return v;
   }
   for (char c : head) {

@@ -147,7 +147,9 @@ struct DeviceEpOptions {
   // (the session-5 defaults) 160.7 / 134.3; on by default.
   bool plan_fast_count = true;
   // Session 8, the dispatch prologue (docs/comm/README.md, "Session 8: the dispatch prologue
-  // (ep9)"); same results bit for bit; off (not yet defaults). G and X need plan_once and
+  // (ep9)"); same results bit for bit. X is on by default since the end of session 8 (its
+  // same-call A/B and every test on 2 x H100; the final validation times it against session 7's
+  // build in the plain sweep); G and O are off. G and X need plan_once and
   // plan_fast_count (else ignored); the plan kernel then runs a fixed grid of
   // ceil(tiles of max_tokens_per_rank / 16) blocks. 2 x H100, V3 shape, same call, 3 rounds (FP8
   // dispatch / layout only, us): defaults 181.8 / 136.8, G 187.8 / 135.9, X 179.4 / 134.8, G+X
@@ -165,7 +167,7 @@ struct DeviceEpOptions {
   // X: the plan's per-tile prefixes by a scan inside each plan block and a look-back over the
   // earlier blocks' published totals (blocks in the order they started), instead of the last
   // block reloading and scanning the whole count table.
-  bool plan_block_scan = false;
+  bool plan_block_scan = true;
   // O (with D): the send's notify and chunk flags are raised by a release store alone, without
   // the full system fence (__threadfence_system) before it (the memory-model argument: the
   // comment at publish() in sm90_device_ep_dispatch.cu).
