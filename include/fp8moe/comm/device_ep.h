@@ -147,9 +147,10 @@ struct DeviceEpOptions {
   // (the session-5 defaults) 160.7 / 134.3; on by default.
   bool plan_fast_count = true;
   // Session 8, the dispatch prologue (docs/comm/README.md, "Session 8: the dispatch prologue
-  // (ep9)"); same results bit for bit. X is on by default since the end of session 8 (its
-  // same-call A/B and every test on 2 x H100; the final validation times it against session 7's
-  // build in the plain sweep); G and O are off. G and X need plan_once and
+  // (ep9)"); same results bit for bit. X is on by default since the end of session 8 (every test
+  // with X on, 2 x H100; the final validation's A/B: dispatch 182.4 -> 181.3 us, with X + O
+  // 173.2, G + X + O 179.7; docs/results/ep-2026-11-26-2xh100-s8-final.md); G and O are off (O: its
+  // default-path suite has not run yet). G and X need plan_once and
   // plan_fast_count (else ignored); the plan kernel then runs a fixed grid of
   // ceil(tiles of max_tokens_per_rank / 16) blocks. 2 x H100, V3 shape, same call, 3 rounds (FP8
   // dispatch / layout only, us): defaults 181.8 / 136.8, G 187.8 / 135.9, X 179.4 / 134.8, G+X
