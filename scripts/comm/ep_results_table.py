@@ -11,8 +11,9 @@ commits in one file are an error, since their rows must not be mixed.
 Usage: scripts/comm/ep_results_table.py ep.jsonl [more.jsonl ...] > table.md
 """
 
-import json
 import sys
+
+import jsonl_rows
 
 OPS = (("dispatch", "fp8", "FP8 dispatch"),
        ("dispatch_layout_only", "fp8", "FP8 dispatch, layout only"),
@@ -21,23 +22,7 @@ MODES = (("normal", ""), ("low_latency", "low-latency "))
 
 
 def read_rows(paths):
-    rows = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    sys.exit(f"{path}:{number}: not a JSON object ({e.msg})")
-                if row.get("bench") == "ep" and "ranks" in row:
-                    rows.append(row)
-    commits = sorted({str(r.get("commit")) for r in rows})
-    if len(commits) > 1:
-        sys.exit(f"rows of several commits ({', '.join(commits)}): give one run's files")
-    return rows
+    return jsonl_rows.read_rows(paths, lambda row: row.get("bench") == "ep" and "ranks" in row)
 
 
 def best(rows, ranks, impl, mode, op, dtype, note=None):

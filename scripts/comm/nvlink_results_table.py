@@ -10,10 +10,10 @@ Rows of several commits in one file are an error (they must not be mixed).
 Usage: scripts/comm/nvlink_results_table.py nvlink.jsonl[.gz] [more ...] > table.md
 """
 
-import gzip
-import json
 import re
 import sys
+
+import jsonl_rows
 
 KINDS = ("st", "ld", "bulkst", "bulkld", "stage")
 LABEL = {"st": "SM stores (push)", "ld": "SM loads (pull)", "bulkst": "TMA bulk push",
@@ -21,23 +21,7 @@ LABEL = {"st": "SM stores (push)", "ld": "SM loads (pull)", "bulkst": "TMA bulk 
 
 
 def read_rows(paths):
-    rows = []
-    for path in paths:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    sys.exit(f"{path}:{number}: not a JSON object ({e.msg})")
-                if row.get("bench") == "nvlink":
-                    rows.append(row)
-    commits = sorted({str(r.get("commit")) for r in rows})
-    if len(commits) > 1:
-        sys.exit(f"rows of several commits ({', '.join(commits)}): give one run's files")
+    rows = jsonl_rows.read_rows(paths, lambda row: row.get("bench") == "nvlink")
     if not rows:
         sys.exit("no nvlink_bench rows")
     return rows
