@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call that validates everything GPU-side on a machine of 2 or more GPUs, with the
-# binaries of `bash scripts/gpu_bundle.sh` carried as build-bundle/bin. Three phases, so that the
+# binaries of `bash scripts/gpu_bundle.sh` carried as build-bundle/bin or, packed, as
+# build-bundle/bins.tar.xz. Three phases, so that the
 # correctness runs share the machine and the timings do not share a GPU:
 #   1. test_comm_gpu on every GPU, beside test_kernels_gpu and test_moe_gpu on the last GPU
 #   2. the EP suite's benches on GPUs 0 and 1 (A/B of FULL_AB if set, the defaults), beside
@@ -24,6 +25,9 @@ export NCCL_NVLS_ENABLE=0 CUDA_MODULE_LOADING=EAGER
 out=${OUT:-/tmp/full_validation}
 mkdir -p "$out"
 bin=build-bundle/bin
+if [[ ! -x $bin/test_comm_gpu && -f build-bundle/bins.tar.xz ]]; then  # carried packed
+  mkdir -p "$bin" && tar xJf build-bundle/bins.tar.xz -C "$bin"
+fi
 nccl_lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
 export LD_LIBRARY_PATH=${nccl_lib}:${LD_LIBRARY_PATH:-}
 gpus=$(nvidia-smi -L | grep -c '^GPU')

@@ -25,3 +25,12 @@ for t in "${targets[@]}"; do
   [[ -n "$f" ]] && cp "$f" build-bundle/bin/
 done
 ls -la build-bundle/bin
+# The device tool carries at most 64 MiB together with the tree (23 MiB in session 8): also a
+# stripped, xz-packed copy of the folder (~5 MB instead of ~45), build-bundle/bins.tar.xz, which
+# scripts/device_full_validation.sh unpacks into build-bundle/bin when that folder is missing.
+rm -rf build-bundle/pack && mkdir -p build-bundle/pack
+cp build-bundle/bin/* build-bundle/pack/
+strip build-bundle/pack/*
+tar cJf build-bundle/bins.tar.xz -C build-bundle/pack .
+rm -rf build-bundle/pack
+ls -la build-bundle/bins.tar.xz
