@@ -480,8 +480,10 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // ":s4" the combine send's warps per record (DeviceEpOptions::combine_send_parts). Session 8 (ep9),
 // the dispatch prologue: G dispatch_plan_counts (with D, Q, P), X plan_block_scan (with Q), O
 // dispatch_release_only (with D, P); "default+GX" = the defaults plus those letters (any letter
-// above may follow "default+"). X is a default since the end of session 8: "PCBDLQYZUIX:s2" =
-// "default".
+// above may follow "default+"). X is a default since the end of session 8, O and K since session
+// 9 (K combine_release_only: the dispatch receive's acknowledgement; the combine's flags with C
+// and Y, its acknowledgement with I too): "PCBDLQYZUIXOK:s2" = "default" (session 6's K,
+// combine_prefetch, never landed).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -522,7 +524,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
     v.opt.combine_recv_early_stage = v.opt.combine_recv_warp_wait = false;
     v.opt.combine_recv_warp_items = false;
     v.opt.combine_send_parts = 0;
-    v.opt.plan_block_scan = false;
+    v.opt.plan_block_scan = v.opt.dispatch_release_only = false;
+    v.opt.combine_release_only = false;
     if (head == "v5" || head == "base") return v;
   }
   for (char c : head) {
@@ -552,6 +555,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.plan_block_scan = true;
     else if (c == 'O')
       v.opt.dispatch_release_only = true;
+    else if (c == 'K')
+      v.opt.combine_release_only = true;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown letter ", c);
   }

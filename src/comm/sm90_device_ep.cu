@@ -454,7 +454,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   for (const void* k :
        {reinterpret_cast<const void*>(dispatch_plan_kernel(m.opt.plan_fast_count, m.plan_mode)),
         reinterpret_cast<const void*>(dispatch_send_kernel(m.opt, m.direct, m.plan_counts)),
-        reinterpret_cast<const void*>(dispatch_recv_kernel()),
+        reinterpret_cast<const void*>(dispatch_recv_kernel(m.opt)),
         reinterpret_cast<const void*>(combine_send_kernel(m.opt)),
         reinterpret_cast<const void*>(combine_recv_kernel(m.opt))}) {
     cudaFuncAttributes attr;
@@ -466,7 +466,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_plan_kernel(m.opt.plan_fast_count, m.plan_mode),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(plan_kernel_smem(m.g))));
-  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_recv_kernel(),
+  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_recv_kernel(m.opt),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(recv_smem_bytes(m.g))));
   m.ll = opt.low_latency && opt.wire == Wire::kNvlink && cfg.masked_capacity > 0 &&
@@ -611,7 +611,7 @@ void DeviceEpRank::dispatch_recv(cudaStream_t stream) {
   if (m.ll) return ll::dispatch_recv(m.ll_params(), stream, m.opt.overlap_recv);
   Args a = m.args();
   a.expand = m.opt.expand_payload;
-  launch(dispatch_recv_kernel(), m.recv_blocks, recv_smem_bytes(m.g), stream,
+  launch(dispatch_recv_kernel(m.opt), m.recv_blocks, recv_smem_bytes(m.g), stream,
          m.opt.overlap_recv && !a.nccl, a);
 }
 

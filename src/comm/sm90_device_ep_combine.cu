@@ -11,6 +11,8 @@
 // the own rows (combine_recv_early_stage), and a token's (a send record's) columns are shared by
 // 4 (2) warps (combine_send_parts), so that fewer distinct expert rows are read at once.
 // Acks from the consumer make every buffer reusable without a host round trip.
+// combine_release_only (ep10, off): chunk flags and acknowledgements raised by release stores
+// alone, without a system fence (the argument: publish() in sm90_device_ep_kernels.cuh).
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
 // (tests/comm/device_ep_gpu_test.cu).
@@ -229,8 +231,9 @@ __device__ __forceinline__ void combine_record(const Args& a, int64_t slot, int6
 // kU: column steps per pass of the weighted sums (combine_two_steps: 2); kEvict:
 // combine_stream_rows; kParts (combine_send_parts, session 7): each record's columns split over
 // kParts warps at least (a chunk's items split as if the block had kParts times its warps), so
-// that fewer distinct expert rows are read at once.
-template <int kU, bool kEvict, int kParts = 1>
+// that fewer distinct expert rows are read at once. kRelease (combine_release_only): the chunk
+// flags by a release store alone (publish).
+template <int kU, bool kEvict, int kParts = 1, bool kRelease = false>
 __device__ void combine_send_block(const Args& a) {
   __shared__ int roff[kMaxRanks + 1];
   __shared__ int abort_flag;
@@ -292,10 +295,8 @@ __device__ void combine_send_block(const Args& a) {
         *reinterpret_cast<uint4*>(dst + col) = step_value(col);
     }
     __syncthreads();
-    if (!a.nccl && threadIdx.x == 0) {
-      __threadfence_system();
-      st_release_sys(chunk_flag(peer(a, s), a, kCombineChunk, a.rank, c), n);
-    }
+    if (!a.nccl && threadIdx.x == 0)
+      publish<kRelease>([&] { return chunk_flag(peer(a, s), a, kCombineChunk, a.rank, c); }, n);
   };
   // Sources: over NVLink the rank's own records are summed by combine_recv, so with
   // combine_peer_blocks the sources are the peers (index q -> rank).
@@ -339,10 +340,10 @@ __device__ void combine_send_block(const Args& a) {
   }
 }
 
-template <int kU, bool kEvict = false, int kParts = 1>
+template <int kU, bool kEvict = false, int kParts = 1, bool kRelease = false>
 __global__ void __launch_bounds__(kSendThreads) k_combine_send(Args a) {
   if (threadIdx.x == 0) stamp(a, kTrCombSendStart, 2);
-  combine_send_block<kU, kEvict, kParts>(a);
+  combine_send_block<kU, kEvict, kParts, kRelease>(a);
   count_send_block(a.my, a.lay.status, kCombineSent);
   if (threadIdx.x == 0 && a.trace) {
     stamp(a, kTrCombSendFirstEnd, 2);
@@ -545,9 +546,10 @@ __device__ __forceinline__ void combine_recv_warp_items(const Args& a, unsigned 
 // its loads of the token's rows and of their weights, instead of one thread per source waiting for
 // the whole tile's chunks behind a block barrier before any warp starts its token: the flag's
 // round trip overlaps the token's own index loads, and no warp waits for another's chunks.
-// kWarpItems: combine_recv_warp_items (with kWarpWait).
+// kWarpItems: combine_recv_warp_items (with kWarpWait). kRelease (combine_release_only): the
+// acknowledgements by release stores alone (publish).
 template <int kU, bool kEvict = false, bool kEarly = false, bool kWarpWait = false,
-          bool kWarpItems = false>
+          bool kWarpItems = false, bool kRelease = false>
 __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
   __shared__ int abort_flag;
   __shared__ int last_block;
@@ -715,6 +717,7 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
     const unsigned long long done =
         atomicAdd(reinterpret_cast<unsigned long long*>(status + kCombineDone), 1ull);
     last_block = done == gridDim.x - 1;
+    last_block_acquire<kRelease>(last_block);
   }
   __syncthreads();
   if (!last_block) return;
@@ -722,10 +725,8 @@ __global__ void __launch_bounds__(kSendThreads) k_combine_recv(Args a) {
     wait_geq(reinterpret_cast<unsigned long long*>(status) + kCombineSent, n * a.send_blocks, a.err,
              a.rank, a.rank, kLocalSent, -1, a.timeout_ns);
   __syncthreads();
-  if (!a.nccl && threadIdx.x < g.R) {
-    __threadfence_system();
-    st_release_sys(flag(peer(a, threadIdx.x), a, kCombineAck, a.rank), n);
-  }
+  if (!a.nccl && threadIdx.x < g.R)
+    publish<kRelease>([&] { return flag(peer(a, threadIdx.x), a, kCombineAck, a.rank); }, n);
   if (threadIdx.x == 0) {
     status[kCombineDone] = 0;
     status[kCombineItem] = 0;
@@ -743,8 +744,13 @@ bool stream_rows(const DeviceEpOptions& o) {
 
 }  // namespace
 
-// The kernel variants the options select (DeviceEpOptions: combine_two_steps, combine_stream_rows).
+// The kernel variants the options select (DeviceEpOptions: combine_two_steps, combine_stream_rows;
+// combine_release_only with both of them, and for the receive with combine_recv_warp_items).
 KernelFn combine_send_kernel(const DeviceEpOptions& o) {
+  if (stream_rows(o) && o.combine_release_only)
+    return o.combine_send_parts == 4   ? k_combine_send<2, true, 4, true>
+           : o.combine_send_parts == 2 ? k_combine_send<2, true, 2, true>
+                                       : k_combine_send<2, true, 1, true>;
   if (stream_rows(o))
     return o.combine_send_parts == 4   ? k_combine_send<2, true, 4>
            : o.combine_send_parts == 2 ? k_combine_send<2, true, 2>
@@ -752,6 +758,9 @@ KernelFn combine_send_kernel(const DeviceEpOptions& o) {
   return o.combine_two_steps ? k_combine_send<2> : k_combine_send<1>;
 }
 KernelFn combine_recv_kernel(const DeviceEpOptions& o) {
+  if (stream_rows(o) && o.combine_recv_warp_items && o.combine_release_only)
+    return o.combine_recv_early_stage ? k_combine_recv<2, true, true, true, true, true>
+                                      : k_combine_recv<2, true, false, true, true, true>;
   if (stream_rows(o)) {
     if (o.combine_recv_warp_items)
       return o.combine_recv_early_stage ? k_combine_recv<2, true, true, true, true>

@@ -20,7 +20,8 @@
 // Session 8 (off): the plan's prefixes by per-block scans and a look-back over the blocks'
 // published sums (plan_block_scan), those sums stored straight into every rank as (round, count)
 // words that the send blocks add up instead of waiting for the notify (dispatch_plan_counts),
-// and flags raised by a release store alone (dispatch_release_only).
+// and flags raised by a release store alone (dispatch_release_only; the receive's acknowledgements
+// with combine_release_only, ep10).
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
 // (tests/comm/device_ep_gpu_test.cu).
@@ -610,22 +611,6 @@ __device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p
 constexpr int kProCounts = 1;   // dispatch_plan_counts: the layout from the plan blocks' words
 constexpr int kProRelease = 4;  // dispatch_release_only: flags by a release store alone
 
-// Threads < R raise flag `f` of destination threadIdx.x to n, after the block's writes (the
-// caller passed a __syncthreads after them). kRelease (dispatch_release_only): by the release
-// store alone. NOTE: why that suffices (PTX memory model): the other threads' writes precede
-// their arrival at the barrier in program order, the barrier synchronises them with this
-// thread at CTA scope (bar.sync is morally strong among the CTA's threads), and the release
-// store follows it in program order; causality order is transitive across scopes, and a release
-// pattern makes every write that precedes it in causality order visible to the thread whose
-// acquire load (ld.acquire.sys: wait_geq) reads the stored value, on any GPU of the system. The
-// full fence (fence.sc.sys) before it orders this thread's operations with every other SC fence
-// as well, which no reader here relies on.
-template <bool kRelease>
-__device__ __forceinline__ void publish(unsigned long long* f, unsigned long long n) {
-  if constexpr (!kRelease) __threadfence_system();
-  st_release_sys(f, n);
-}
-
 // The notify of this rank to every destination (T, the destination's per-local-expert counts,
 // its token count; with direct rows every expert's count), then one release flag each, by send
 // block 0 from the plan's totals (etot: [E] expert counts, dtot: [R] destination counts). The
@@ -1175,6 +1160,8 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
 
 // Dispatch receive: layout as soon as every source notified, then every chunk expanded as soon
 // as it landed (chunk-major order, the order senders publish in); the last block acknowledges.
+// kRelease (combine_release_only): the acknowledgements by release stores alone (publish).
+template <bool kRelease = false>
 __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
   extern __shared__ int rsm[];
   __shared__ int abort_flag, last_block, overflow, max_tokens;
@@ -1265,6 +1252,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
     const unsigned long long done =
         atomicAdd(reinterpret_cast<unsigned long long*>(status + kRecvDone), 1ull);
     last_block = done == gridDim.x - 1;
+    last_block_acquire<kRelease>(last_block);
   }
   __syncthreads();
   if (!last_block) return;
@@ -1274,10 +1262,8 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
     wait_geq(reinterpret_cast<unsigned long long*>(status) + kDispatchSent, n * a.send_blocks,
              a.err, a.rank, a.rank, kLocalSent, -1, a.timeout_ns);
   __syncthreads();
-  if (!a.nccl && threadIdx.x < g.R) {
-    __threadfence_system();
-    st_release_sys(flag(peer(a, threadIdx.x), a, kDispatchAck, a.rank), n);
-  }
+  if (!a.nccl && threadIdx.x < g.R)
+    publish<kRelease>([&] { return flag(peer(a, threadIdx.x), a, kDispatchAck, a.rank); }, n);
   if (threadIdx.x == 0) {
     status[kRecvDone] = 0;
     status[kRecvItem] = 0;
@@ -1296,8 +1282,8 @@ KernelFn dispatch_plan_kernel(bool fast, int mode) {
   return fast ? k_dispatch_plan<true> : k_dispatch_plan<false>;
 }
 
-KernelFn dispatch_recv_kernel() {
-  return k_dispatch_recv;
+KernelFn dispatch_recv_kernel(const DeviceEpOptions& o) {
+  return o.combine_release_only ? k_dispatch_recv<true> : k_dispatch_recv<false>;
 }
 
 // The kernel variants the options select (DeviceEpOptions: plan_once, prefetch_payload; direct:

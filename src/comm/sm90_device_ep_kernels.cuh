@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "ep_ptx.cuh"
 #include "ep_row_math.cuh"
@@ -197,7 +198,8 @@ __host__ __device__ inline size_t plan_counts_offset(const Geometry& g) {
 __host__ __device__ inline size_t all_counts_bytes(const Geometry& g) {
   return plan_counts_offset(g) + 2ull * g.R * plan_blocks(g) * g.W * 8;
 }
-KernelFn dispatch_recv_kernel();
+// combine_release_only: the acknowledgement by a release store alone (k_dispatch_recv<true>).
+KernelFn dispatch_recv_kernel(const DeviceEpOptions& o);
 KernelFn combine_send_kernel(const DeviceEpOptions& o);
 KernelFn combine_recv_kernel(const DeviceEpOptions& o);
 
@@ -296,6 +298,43 @@ __device__ __forceinline__ void count_send_block(char* my, size_t status_off, in
     __threadfence();
     atomicAdd(reinterpret_cast<unsigned long long*>(my + status_off) + slot, 1ull);
   }
+}
+
+// Threads raise a flag (of a peer) to n after the block's accesses, the caller having passed a
+// __syncthreads after them: a chunk flag publishes the block's writes, an acknowledgement frees
+// the buffers the grid read. kRelease (dispatch_release_only: the dispatch send's notify and
+// chunk flags; combine_release_only: the combine send's chunk flags and both receives'
+// acknowledgements): by the release store alone. NOTE: why that suffices (PTX memory model): the
+// other threads' accesses precede their arrival at the barrier in program order, the barrier
+// synchronises them with this thread at CTA scope (bar.sync is morally strong among the CTA's
+// threads), and the release store follows it in program order; causality order is transitive
+// across scopes, and a release pattern makes every access that precedes it in causality order
+// visible to (for a read: ordered before) the accesses after the acquire load (ld.acquire.sys:
+// wait_geq) that reads the stored value, on any GPU of the system. The full fence (fence.sc.sys)
+// before it orders this thread's operations with every other SC fence as well, which no reader
+// here relies on. An acknowledgement is raised by the last block of the receive grid, so it must
+// cover the other blocks' reads too: each block's thread 0 counts the block by a fence and an
+// atomic add after the block's barrier (a release pattern at GPU scope), and the last one's
+// thread 0 takes last_block_acquire (below) before the barrier that precedes the release.
+// `flag`: the flag's address, or a callable that gives it after the fence (the combine's flags and
+// the acknowledgements computed their address there, so their fenced kernels keep their PTX).
+template <bool kRelease, typename Flag>
+__device__ __forceinline__ void publish(Flag flag, unsigned long long n) {
+  if constexpr (!kRelease) __threadfence_system();
+  if constexpr (std::is_invocable_v<Flag>)
+    st_release_sys(flag(), n);
+  else
+    st_release_sys(flag, n);
+}
+// kRelease: thread 0 of the block whose count was the grid's last (`last`) follows its atomic add
+// with fence.acq_rel.gpu, an acquire pattern that observes every other block's count (through the
+// chain of read-modify-writes on the counter) and so synchronises with each block's release
+// pattern; the release store of its acknowledgement (publish) then covers every block's reads.
+// Without kRelease nothing is added: the acknowledgements keep their full system fences.
+template <bool kRelease>
+__device__ __forceinline__ void last_block_acquire(bool last) {
+  if constexpr (kRelease)
+    if (last) asm volatile("fence.acq_rel.gpu;" ::: "memory");
 }
 
 __device__ __forceinline__ char* peer(const Args& a, int r) {

@@ -245,10 +245,15 @@ int chunk_of(int ran) {
 // warp_items (the session-7 defaults, explicit tiles), 11 with warp_wait and warp_items (7 to 11:
 // run_cases varies the receive tiles and combine_send_parts too). Session 8 (ep9), on the
 // defaults: 12 dispatch_plan_counts, 13 plan_block_scan, 14 dispatch_release_only, 15 all three.
+// dispatch_release_only and combine_release_only are defaults since session 9, so the kernels
+// with the full system fence before each flag keep variants of their own: 16 the defaults with
+// both off, 17 with combine_release_only off (16 and 17: run_cases varies the receive tiles,
+// combine_send_parts and combine_recv_early_stage, so every fenced combine kernel runs).
 constexpr int kVariants = 4;
 constexpr int kDefaults = 2, kDirectRows = 4, kFastCount = 5, kSession6 = 6;
 constexpr int kSession7 = 7, kEarlyStage = 8, kWarpWait = 9, kWarpItems = 10, kWarpItemsOnly = 11;
 constexpr int kPlanCounts = 12, kBlockScan = 13, kReleaseOnly = 14, kPrologue = 15;
+constexpr int kFencedFlags = 16, kFencedCombine = 17;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -279,16 +284,21 @@ DeviceEpOptions variant_options(int v) {
     o.combine_recv_warp_wait = v != kEarlyStage;
     o.combine_recv_warp_items = v >= kWarpItems;
   }
-  if (v >= kPlanCounts) {
+  if (v >= kPlanCounts && v <= kPrologue) {
     o = DeviceEpOptions{};
     o.dispatch_plan_counts = v == kPlanCounts || v == kPrologue;
     o.plan_block_scan = v == kBlockScan || v == kPrologue;
     o.dispatch_release_only = v == kReleaseOnly || v == kPrologue;
   }
+  if (v >= kFencedFlags) {
+    o = DeviceEpOptions{};
+    o.combine_release_only = false;
+    o.dispatch_release_only = v == kFencedCombine;
+  }
   return o;
 }
 std::string variant_name(int v) {
-  constexpr const char* kNames[kPrologue + 1] = {
+  constexpr const char* kNames[kFencedCombine + 1] = {
       " v5",
       " plan_once",
       " defaults",
@@ -304,7 +314,9 @@ std::string variant_name(int v) {
       " defaults+plan_counts",
       " defaults+block_scan",
       " defaults+release_only",
-      " defaults+plan_counts+block_scan+release_only"};
+      " defaults+plan_counts+block_scan+release_only",
+      " defaults with fenced flags (no release_only)",
+      " defaults with fenced combine flags (no combine_release_only)"};
   return kNames[v];
 }
 
@@ -343,6 +355,11 @@ void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink, int only = -1, in
       if (v >= kSession7 && v <= kWarpItemsOnly) {  // automatic; one token; 32 (one part/token)
         opt.combine_recv_tile = ran % 3 == 0 ? 0 : ran % 3 == 1 ? 1 : 32;
         opt.combine_send_parts = ran % 4 == 0 ? 0 : ran % 4 == 1 ? 2 : 4;  // warps per send record
+      }
+      if (v >= kFencedFlags) {  // every fenced combine kernel (combine_kernel choices)
+        opt.combine_recv_tile = ran % 3 == 0 ? 0 : ran % 3 == 1 ? 1 : 32;
+        opt.combine_send_parts = ran % 4 == 0 ? 0 : ran % 4 == 1 ? 2 : 4;
+        opt.combine_recv_early_stage = ran % 2 == 0;
       }
       Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 40 + c.R, opt);
       check_against_reference(h, 2);
@@ -432,6 +449,21 @@ TEST_F(NvlinkTest, Session8PrologueOptionsMatchReference) {
   if (gpu_count() >= 2 && nccl_available()) run_cases(Payload::kFP8, 2, Wire::kNccl, kBlockScan);
 }
 
+// The flags raised after a full system fence (dispatch_release_only and combine_release_only
+// off: the defaults before session 9, still selectable), both off and the combine's alone, over
+// every case, both payloads, ranks over all GPUs and on one GPU, the V3 send grid of 64 blocks,
+// and over the NCCL wire. Two rounds through the same buffers. The release-only kernels are the
+// defaults and run in every default test.
+TEST_F(NvlinkTest, FencedFlagsMatchReference) {
+  for (int v : {kFencedFlags, kFencedCombine}) {
+    run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, v);
+    run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, v);
+    run_cases(Payload::kFP8, 1, Wire::kNvlink, v);
+  }
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kFencedFlags, 64);  // the V3 send grid
+  if (gpu_count() >= 2 && nccl_available()) run_cases(Payload::kFP8, 2, Wire::kNccl, kFencedFlags);
+}
+
 // More send blocks than the GPU has SMs: the direct rows need every send block resident (block
 // 0 notifies, the others wait for every rank's notify), so they fall back to the source regions;
 // the results stay the reference's (review of session 4).
@@ -466,7 +498,8 @@ TEST_F(NvlinkTest, RanksPerDeviceBelowSharingIsRejected) {
 }
 
 TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
-  for (int v : {0, 1, kDefaults, 3, kDirectRows, kFastCount, kSession7, kWarpItems, kPrologue}) {
+  for (int v : {0, 1, kDefaults, 3, kDirectRows, kFastCount, kSession7, kWarpItems, kPrologue,
+                kFencedFlags}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
     const DeviceEpOptions opt = variant_options(v);
@@ -539,7 +572,7 @@ TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
 // the report, whether the block (the session-6 kernels) or each warp (combine_recv_warp_wait, with
 // and without warp items: the defaults) waits.
 TEST_F(NvlinkTest, CombineSilentPeerEndsWithErrorNamingRankPeerCounter) {
-  for (const int v : {kSession6, kSession7, kDefaults}) {
+  for (const int v : {kSession6, kSession7, kDefaults, kFencedCombine}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
     cfg.timeout_s = 0.3;
@@ -568,7 +601,7 @@ TEST_F(NvlinkTest, CombineSilentPeerEndsWithErrorNamingRankPeerCounter) {
 TEST_F(NvlinkTest, OverflowIsReported) {
   // Source regions (1), direct rows (the defaults, 2): an overflowing destination gets the source
   // regions, which are compared too.
-  for (int v : {1, kDefaults, kFastCount, kPrologue}) {
+  for (int v : {1, kDefaults, kFastCount, kPrologue, kFencedFlags}) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
     cfg.max_rows = 256;
@@ -672,6 +705,10 @@ DeviceEpOptions ll_option_set(const std::string& letters) {
     o.ll_combine_spread = o.ll_combine_spread || c == 'X';
     o.ll_combine_own_recv = o.ll_combine_own_recv || c == 'O';
     o.ll_token_flags = o.ll_token_flags || c == 'T';
+    // F: the normal kernels' flags and acknowledgements after a full system fence (the defaults
+    // before session 9 raise them by release stores alone).
+    o.dispatch_release_only = o.dispatch_release_only && c != 'F';
+    o.combine_release_only = o.combine_release_only && c != 'F';
   }
   return o;
 }
@@ -952,7 +989,7 @@ struct BackToBackCase {
   int64_t H, Tmax;
   int64_t masked_capacity;  // 0: grouped layout (normal kernels)
   Payload payload;
-  const char* ll_letters;  // low-latency options (ll_option_set)
+  const char* ll_letters;  // options by ll_option_set letters (low-latency ones, or R)
   int num_blocks, chunk_tokens;
   bool overlap_recv;
 };
@@ -1170,11 +1207,17 @@ void run_back_to_back(const BackToBackCase& c, int gpus, int rounds) {
 // Normal kernels (grouped layout, FP8 and BF16) and the low-latency kernels (masked FP8) with
 // the defaults, with session 5's options off ("0", the session-4 kernels) and with N X O (the
 // per-block arrival of session 4 with early notify and both combine options), at 2 and 4 ranks
-// and send grids of 1, 5 and 64 blocks. Masked capacities hold R * Tmax, so no batch overflows.
+// and send grids of 1, 5 and 64 blocks; the normal kernels also with "F" (dispatch_release_only
+// and combine_release_only off: the flags and acknowledgements after a full system fence; the
+// defaults reuse every round's buffers after release-only acknowledgements).
+// Masked capacities hold R * Tmax, so no batch overflows.
 TEST_F(NvlinkTest, RoundsBackToBackWithoutHostSyncMatchReference) {
   const BackToBackCase cases[] = {
       {"normal_fp8", 2, 16, 4, 512, 96, 0, Payload::kFP8, "", 5, 7, true},
       {"normal_bf16_4_ranks", 4, 32, 4, 256, 64, 0, Payload::kBF16, "", 8, 4, false},
+      {"normal_fp8_fenced", 2, 16, 4, 512, 96, 0, Payload::kFP8, "F", 5, 7, true},
+      {"normal_bf16_4_ranks_fenced", 4, 32, 4, 256, 64, 0, Payload::kBF16, "F", 8, 4, false},
+      {"normal_fp8_fenced_64_blocks", 2, 16, 4, 512, 96, 0, Payload::kFP8, "F", 64, 16, true},
       {"ll_fp8", 2, 16, 4, 512, 96, 256, Payload::kFP8, "", 5, 0, true},
       {"ll_fp8_1_block", 2, 16, 4, 512, 96, 256, Payload::kFP8, "", 1, 0, true},
       {"ll_fp8_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "", 64, 0, false},

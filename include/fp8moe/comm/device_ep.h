@@ -171,8 +171,9 @@ struct DeviceEpOptions {
   bool plan_block_scan = true;
   // O (with D): the send's notify and chunk flags are raised by a release store alone, without
   // the full system fence (__threadfence_system) before it (the memory-model argument: the
-  // comment at publish() in sm90_device_ep_dispatch.cu).
-  bool dispatch_release_only = false;
+  // comment at publish() in sm90_device_ep_kernels.cuh). Session 9, 2 x H100, V3 shape, same
+  // call, 3 rounds: FP8 dispatch 181.4 -> 171.6 us (-5.4 %), plain sweep 181.6 -> 170.8 (with K).
+  bool dispatch_release_only = true;
   // Tokens per combine_recv work item (1..32); 0 = about T / (4 x receive blocks), at most 32:
   // four waves of tiles (8 tokens at the V3 shape on 132 SMs, each token's columns split over two
   // of the block's 16 warps). Session 6 (docs/comm/README.md), 2 x H100, V3 shape, same calls:
@@ -202,6 +203,15 @@ struct DeviceEpOptions {
   bool combine_recv_warp_wait = true;
   bool combine_recv_warp_items = true;
   int combine_send_parts = 2;
+  // K: O's twin for the rest of the normal path. The acknowledgements of both receive kernels
+  // (dispatch_recv always; combine_recv with combine_two_steps, combine_stream_rows and
+  // combine_recv_warp_items) and the combine send's chunk flags (with combine_two_steps and
+  // combine_stream_rows) are raised by a release store alone, without __threadfence_system before
+  // it; the receive's last block takes an acquire fence at GPU scope after its count instead (the
+  // argument: publish() and last_block_acquire() in src/comm/sm90_device_ep_kernels.cuh).
+  // Session 9, 2 x H100, V3 shape, same call, 3 rounds: combine 264.3 -> 260.8 us (-1.3 %), the
+  // dispatch unchanged (180.3); with O: dispatch 171.5, combine 261.2.
+  bool combine_release_only = true;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
