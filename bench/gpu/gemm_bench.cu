@@ -230,8 +230,10 @@ bool flush_l2_mode() {
   return flush_l2_mb() > 0;
 }
 
-double time_us_flushed(cudaStream_t stream, int sets, const std::function<void(int)>& launch) {
-  static Dev<uint8_t> scratch(flush_l2_mb() << 20);
+// NOTE: warm up for >= 30 ms of back-to-back launches: after the CPU reference checks the GPU
+// sits idle and its clocks need time to come back (v2 saw 15-25% between two timings of one
+// configuration in one process).
+void warm_up(cudaStream_t stream, int sets, const std::function<void(int)>& launch) {
   const auto warm_start = std::chrono::steady_clock::now();
   for (int i = 0;
        std::chrono::steady_clock::now() - warm_start < std::chrono::milliseconds(30) || i < sets;
@@ -240,6 +242,11 @@ double time_us_flushed(cudaStream_t stream, int sets, const std::function<void(i
     if (i % 8 == 7) FM_CHECK_CUDA(cudaStreamSynchronize(stream));
   }
   FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+}
+
+double time_us_flushed(cudaStream_t stream, int sets, const std::function<void(int)>& launch) {
+  static Dev<uint8_t> scratch(flush_l2_mb() << 20);
+  warm_up(stream, sets, launch);
   cudaEvent_t e0, e1;
   FM_CHECK_CUDA(cudaEventCreate(&e0));
   FM_CHECK_CUDA(cudaEventCreate(&e1));
@@ -264,17 +271,7 @@ double time_us_flushed(cudaStream_t stream, int sets, const std::function<void(i
 // Median per-launch time (us) of `launch(set)` replayed from a CUDA graph.
 double time_us(cudaStream_t stream, int sets, const std::function<void(int)>& launch) {
   if (flush_l2_mode()) return time_us_flushed(stream, sets, launch);
-  // NOTE: warm up for >= 30 ms of back-to-back launches: after the CPU reference checks the GPU
-  // sits idle and its clocks need time to come back (v2 saw 15-25% between two timings of one
-  // configuration in one process).
-  const auto warm_start = std::chrono::steady_clock::now();
-  for (int i = 0;
-       std::chrono::steady_clock::now() - warm_start < std::chrono::milliseconds(30) || i < sets;
-       ++i) {
-    launch(i % sets);
-    if (i % 8 == 7) FM_CHECK_CUDA(cudaStreamSynchronize(stream));
-  }
-  FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+  warm_up(stream, sets, launch);
   cudaEvent_t e0, e1;
   FM_CHECK_CUDA(cudaEventCreate(&e0));
   FM_CHECK_CUDA(cudaEventCreate(&e1));

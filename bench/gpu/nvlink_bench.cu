@@ -286,6 +286,22 @@ struct Row {
   int checked = -1;
 };
 
+Row row_of(const char* impl, const std::string& mover, const std::string& kind, const Gpu& a,
+           const Gpu& b, int64_t bytes, bool both, int hbm, double us, double hbm_gbps) {
+  Row r;
+  r.impl = impl;
+  r.mover = mover;
+  r.kind = kind;
+  r.direction = both ? "bidirectional" : "one_way";
+  r.src = a.dev;
+  r.dst = b.dev;
+  r.bytes = bytes;
+  r.hbm_blocks = hbm;
+  r.us = us;
+  r.hbm_gbps = hbm_gbps;
+  return r;
+}
+
 struct Bench {
   Options opt;
   std::string gpu_name;
@@ -427,17 +443,7 @@ struct Bench {
         FM_CHECK_CUDA(cudaMemcpyPeerAsync(a.dst[k], a.dev, b.src[k], b.dev, bytes, b.s));
       }
     });
-    Row r;
-    r.impl = "peer_copy";
-    r.mover = "cudaMemcpyPeerAsync";
-    r.kind = "ce";
-    r.direction = both ? "bidirectional" : "one_way";
-    r.src = a.dev;
-    r.dst = b.dev;
-    r.bytes = bytes;
-    r.hbm_blocks = hbm;
-    r.us = us;
-    r.hbm_gbps = bg;
+    Row r = row_of("peer_copy", "cudaMemcpyPeerAsync", "ce", a, b, bytes, both, hbm, us, bg);
     r.anchor = static_cast<double>(bytes) / (us * 1e3);
     if (hbm_gbps) *hbm_gbps = bg;
     emit(r);
@@ -458,18 +464,8 @@ struct Bench {
         launch_mover(c, a.dst[k], b.src[k], bytes, run_ba.s);
       }
     });
-    Row r;
-    r.impl = "fp8moe";
-    r.mover = mover_name(c);
-    r.kind = r.mover.substr(0, r.mover.find(':'));
-    r.direction = both ? "bidirectional" : "one_way";
-    r.src = a.dev;
-    r.dst = b.dev;
-    r.bytes = bytes;
-    r.hbm_blocks = hbm;
-    r.us = us;
-    r.hbm_gbps = bg;
-    return r;
+    const std::string name = mover_name(c);
+    return row_of("fp8moe", name, name.substr(0, name.find(':')), a, b, bytes, both, hbm, us, bg);
   }
 
   void run_pair(Gpu& a, Gpu& b) {
