@@ -18,7 +18,7 @@
 // dispatch and combine checked bit for bit against the reference, NCCL and the peer copy of the
 // same run; "# ab_ll" lines give the medians; --ll-cap N sets its masked capacity, --ll-no-expand
 // times the layout-only dispatch). --ll-variants old,new,0,0N,0T times the low-latency options
-// too (ll_variant_options; "# ab_ll_var" lines, each against the first; letters N, X, O, T, 0
+// too (ll_variant_options; "# ab_ll_var" lines, each against the first; letters N, X, O, T, 0, H
 // and the suffixes :bN / :rN for a path's send / receive grids; --ll-graph N also times N
 // rounds of dispatch + combine replayed from one graph per rank, ours and NCCL's alike,
 // "# ll_graph" lines).
@@ -483,7 +483,9 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // above may follow "default+"). X is a default since the end of session 8, O and K since session
 // 9 (K combine_release_only: the dispatch receive's acknowledgement; the combine's flags with C
 // and Y, its acknowledgement with I too): "PCBDLQYZUIXOK:s2" = "default" (session 6's K,
-// combine_prefetch, never landed).
+// combine_prefetch, never landed). Session 9 (ep11), the low-latency combine receive: H
+// ll_combine_own_narrow (only the low_latency rows move; the letter of an option removed from the
+// normal path, commit 0d66fed).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -557,6 +559,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.dispatch_release_only = true;
     else if (c == 'K')
       v.opt.combine_release_only = true;
+    else if (c == 'H')
+      v.opt.ll_combine_own_narrow = true;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown letter ", c);
   }
@@ -757,7 +761,8 @@ void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, in
 // DeviceEpOptions::low_latency = false), "new" (the low-latency kernels, defaults), or letters
 // of the low-latency options on top of "new": N ll_early_notify, X ll_combine_spread, O
 // ll_combine_own_recv, T ll_token_flags, and 0: all four (the defaults) off, i.e. the session-4
-// kernels (e.g. "0", "0N"; "new" may lead: "new0T"). Suffixes ":bN" / ":rN" set the send /
+// kernels (e.g. "0", "0N"; "new" may lead: "new0T"); session 9's H ll_combine_own_narrow (off by
+// default; "0" leaves it as it is). Suffixes ":bN" / ":rN" set the send /
 // receive grids of that path (num_blocks, recv_blocks; else --ll-blocks and --recv-blocks).
 DeviceEpOptions ll_variant_options(const std::string& full) {
   DeviceEpOptions o;
@@ -790,6 +795,8 @@ DeviceEpOptions ll_variant_options(const std::string& full) {
       o.ll_combine_own_recv = true;
     else if (c == 'T')
       o.ll_token_flags = true;
+    else if (c == 'H')
+      o.ll_combine_own_narrow = true;
     else if (c == '0')  // the session-4 kernels: session 5's defaults off
       o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
     else

@@ -269,6 +269,7 @@ struct DeviceEpRank::Impl {
     p.early_notify = opt.ll_early_notify || p.token_flags;
     p.spread = opt.ll_combine_spread;
     p.own_recv = opt.ll_combine_own_recv;
+    p.own_narrow = opt.ll_combine_own_narrow;
     return p;
   }
   std::unique_ptr<detail::ForwardEpRank> fwd;  // more than one node: the two-stage route

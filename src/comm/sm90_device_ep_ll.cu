@@ -23,7 +23,9 @@
 // the send, turns stale rows back into padding); the combine send deals items across blocks and
 // skips the rank's own records, whose partials the combine receive computes before it waits.
 // Eight more variants measured no faster and were removed (docs/comm/README.md, "Low-latency
-// kernels" and "Session 5: low latency"; the code: commit da8048a).
+// kernels" and "Session 5: low latency"; the code: commit da8048a). Session 9 (ep11): own_narrow
+// (the own partials with half the loads in flight, no spill), off by default; its J, M and E
+// measured no faster (the README's "Session 9: low latency (ep11)"; runs/ep-s9-ll-JMEH.patch).
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: test_comm_gpu --gtest_filter='*LowLatency*' (tests/comm/device_ep_gpu_test.cu).
 #include <algorithm>
@@ -983,6 +985,9 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
 // Lane columns c0 + u * 256 (+8), u < 4, stored into my own staging row of the slot (local; the
 // sum below reads it back like a peer's). Weighted: bf16(sum over its rows here in ascending k
 // of w_k * y_row, unfused, from +0), the combine send's formula; combine_tokens: its row of y.
+// kNarrow (ll_combine_own_narrow): one 256-column piece of the K rows in flight at a time instead
+// of two (32 registers of loads instead of 64: k_combine_recv<true> spilled 80 bytes).
+template <bool kNarrow = false>
 __device__ __forceinline__ void own_partial(const Params& p, int64_t j, int64_t c0) {
   const int lane = threadIdx.x & 31;
   if (j < 0) return;  // not mine: never added
@@ -1013,22 +1018,38 @@ __device__ __forceinline__ void own_partial(const Params& p, int64_t j, int64_t 
     ws[k] = __shfl_sync(kFull, wt, k < p.K ? k : 0);
     if (k >= p.K) rows[k] = -1;
   }
+  if constexpr (kNarrow) {
 #pragma unroll
-  for (int u2 = 0; u2 < 4; u2 += 2) {
-    uint4 v[2][kMaxTopK];
-#pragma unroll
-    for (int u = 0; u < 2; ++u)
+    for (int u = 0; u < 4; ++u) {
+      if (c0 + u * 256 >= p.H) continue;
+      uint4 v[kMaxTopK];
 #pragma unroll
       for (int k = 0; k < kMaxTopK; ++k)
-        if (rows[k] >= 0 && c0 + (u2 + u) * 256 < p.H)
-          v[u][k] = __ldg(reinterpret_cast<const uint4*>(p.y + static_cast<int64_t>(rows[k]) * p.H +
-                                                         c0 + (u2 + u) * 256));
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      if (c0 + (u2 + u) * 256 >= p.H) continue;
+        if (rows[k] >= 0)
+          v[k] = __ldg(reinterpret_cast<const uint4*>(p.y + static_cast<int64_t>(rows[k]) * p.H +
+                                                      c0 + u * 256));
       float acc[8];
-      weighted_sum(v[u], rows, ws, acc);
-      *reinterpret_cast<uint4*>(dst + (u2 + u) * 256) = pack_bf16(acc);
+      weighted_sum(v, rows, ws, acc);
+      *reinterpret_cast<uint4*>(dst + u * 256) = pack_bf16(acc);
+    }
+  } else {
+#pragma unroll
+    for (int u2 = 0; u2 < 4; u2 += 2) {
+      uint4 v[2][kMaxTopK];
+#pragma unroll
+      for (int u = 0; u < 2; ++u)
+#pragma unroll
+        for (int k = 0; k < kMaxTopK; ++k)
+          if (rows[k] >= 0 && c0 + (u2 + u) * 256 < p.H)
+            v[u][k] = __ldg(reinterpret_cast<const uint4*>(
+                p.y + static_cast<int64_t>(rows[k]) * p.H + c0 + (u2 + u) * 256));
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        if (c0 + (u2 + u) * 256 >= p.H) continue;
+        float acc[8];
+        weighted_sum(v[u], rows, ws, acc);
+        *reinterpret_cast<uint4*>(dst + (u2 + u) * 256) = pack_bf16(acc);
+      }
     }
   }
 }
@@ -1036,8 +1057,8 @@ __device__ __forceinline__ void own_partial(const Params& p, int64_t j, int64_t 
 // ---- combine receive: per token, the partials summed in rank order ----
 // 1024 columns a step: four 256-column pieces of every rank's partial in flight per lane.
 // kOwn: own_recv (my partials of the warp's items computed before the wait, into my own staging
-// rows, which the sums then read like a peer's).
-template <bool kOwn>
+// rows, which the sums then read like a peer's); kNarrow: own_partial<true> (own_narrow).
+template <bool kOwn, bool kNarrow = false>
 __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
   constexpr int kSub = 4;
   __shared__ unsigned long long s_n;
@@ -1061,7 +1082,7 @@ __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
       const int ms = item == first_item ? first_slot : (lane < p.R ? slot[t * p.R + lane] : -1);
       const int j = __shfl_sync(kFull, ms, p.rank);
       for (int64_t step = sp.first(item); step < sp.last(item); ++step)
-        own_partial(p, j, step * 1024 + lane * 8);
+        own_partial<kNarrow>(p, j, step * 1024 + lane * 8);
     }
   }
   if (threadIdx.x == 0) s_abort = 0;
@@ -1149,7 +1170,8 @@ void prepare(const Params& p) {
                         reinterpret_cast<const void*>(k_dispatch_recv),
                         reinterpret_cast<const void*>(k_combine_send),
                         reinterpret_cast<const void*>(k_combine_recv<false>),
-                        reinterpret_cast<const void*>(k_combine_recv<true>)}) {
+                        reinterpret_cast<const void*>(k_combine_recv<true>),
+                        reinterpret_cast<const void*>(k_combine_recv<true, true>)}) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
@@ -1169,8 +1191,9 @@ void combine_send(const Params& p, cudaStream_t stream) {
   launch(k_combine_send, p.send_blocks, 0, stream, false, p);
 }
 void combine_recv(const Params& p, cudaStream_t stream, bool dependent) {
-  launch(p.own_recv ? k_combine_recv<true> : k_combine_recv<false>, p.recv_blocks, 0, stream,
-         dependent, p);
+  launch(p.own_recv ? (p.own_narrow ? k_combine_recv<true, true> : k_combine_recv<true>)
+                    : k_combine_recv<false>,
+         p.recv_blocks, 0, stream, dependent, p);
 }
 
 void print_trace(const unsigned long long* trace_dev, int rank) {

@@ -93,6 +93,10 @@ struct Params {
   // copies overlap the transfer. The receive (not the send) turns the previous round's rows that
   // this round does not rewrite back into padding.
   bool token_flags = false;
+  // Session 9 (DeviceEpOptions::ll_combine_own_narrow; docs/comm/README.md "Session 9: low
+  // latency (ep11)"), with own_recv: the combine receive's own partials keep one 256-column piece
+  // of the rows in flight at a time instead of two (k_combine_recv<true, true>: no spill).
+  bool own_narrow = false;
 };
 
 // Loads every kernel and sets its shared-memory limit; kInvalidArgument if the send plan does

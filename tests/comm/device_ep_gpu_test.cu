@@ -705,6 +705,8 @@ DeviceEpOptions ll_option_set(const std::string& letters) {
     o.ll_combine_spread = o.ll_combine_spread || c == 'X';
     o.ll_combine_own_recv = o.ll_combine_own_recv || c == 'O';
     o.ll_token_flags = o.ll_token_flags || c == 'T';
+    // Session 9 (off by default; "0" leaves it): H ll_combine_own_narrow (with O).
+    o.ll_combine_own_narrow = o.ll_combine_own_narrow || c == 'H';
     // F: the normal kernels' flags and acknowledgements after a full system fence (the defaults
     // before session 9 raise them by release stores alone).
     o.dispatch_release_only = o.dispatch_release_only && c != 'F';
@@ -756,6 +758,46 @@ TEST_F(NvlinkTest, LowLatencySession5OptionsMatchReferenceFp8OneGpuManyRanks) {
   run_ll_s5_option_cases(Payload::kFP8, 1);
 }
 
+// Session 9's H over every case: on the defaults, and with the session-4 kernels plus O
+// ("0OH": the own partial of the per-block arrival path) in turn; send grids of 5, 1 and 64
+// blocks, receive grids of 3 or automatic, receive beside or after the send; two rounds each
+// against the reference bit for bit. H changes how many of the own partial's loads are in flight
+// and so the code that sums them (combine and combine_tokens compared; the cases hold tokens with
+// 0 to 8 rows here, overflowed rounds and hidden sizes that end inside a 1024-column step).
+void run_ll_s9_option_cases(Payload p, int gpus) {
+  constexpr const char* kTurn[] = {"H", "0OH"};
+  int ran = 0;
+  for (const Case& c : ll_cases()) {
+    const std::string letters = kTurn[ran % 2];
+    ++ran;
+    constexpr int kBlocks[] = {5, 1, 64};
+    DeviceEpOptions opt = ll_option_set(letters);
+    opt.num_blocks = kBlocks[ran % 3];
+    opt.recv_blocks = ran % 4 == 1 ? 3 : 0;
+    opt.overlap_recv = ran % 5 != 0;
+    progress(std::string("case ") + c.name + " " + payload_name(p) + " low_latency options " +
+             letters + " blocks " + std::to_string(opt.num_blocks));
+    SCOPED_TRACE(std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
+                 " GPU(s), low-latency options " + letters + ", " + std::to_string(opt.num_blocks) +
+                 " send blocks");
+    EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, p);
+    cfg.masked_capacity = c.masked_capacity;
+    Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 70 + c.R, opt);
+    check_against_reference(h, 2);
+  }
+  EXPECT_GT(ran, 0);
+}
+
+TEST_F(NvlinkTest, LowLatencySession9OptionsMatchReferenceFp8AllGpus) {
+  run_ll_s9_option_cases(Payload::kFP8, gpu_count());
+}
+TEST_F(NvlinkTest, LowLatencySession9OptionsMatchReferenceBf16AllGpus) {
+  run_ll_s9_option_cases(Payload::kBF16, gpu_count());
+}
+TEST_F(NvlinkTest, LowLatencySession9OptionsMatchReferenceFp8OneGpuManyRanks) {
+  run_ll_s9_option_cases(Payload::kFP8, 1);
+}
+
 TEST_F(NvlinkTest, LowLatencyMatchesReferenceFp8AllGpus) {
   run_ll_cases(Payload::kFP8, gpu_count());
 }
@@ -769,7 +811,8 @@ TEST_F(NvlinkTest, LowLatencyMatchesReferenceFp8OneGpuManyRanks) {
 // Rounds whose row counts grow, overflow and shrink through the same buffers: rows a previous
 // round used must turn back into padding (m_indices and row_src -1).
 TEST_F(NvlinkTest, LowLatencyRowsChangeBetweenRounds) {
-  for (const std::string& letters : {std::string("0"), std::string("0NXO"), std::string()}) {
+  for (const std::string& letters :
+       {std::string("0"), std::string("0NXO"), std::string(), std::string("H")}) {
     SCOPED_TRACE("low-latency options '" + letters + "'");
     EpConfig cfg = config(2, 8, 2, 256, 200, Payload::kFP8);
     cfg.masked_capacity = 64;
@@ -844,6 +887,9 @@ TEST_F(NvlinkTest, LowLatencyGraphCapturedRoundReplays) {
   SCOPED_TRACE("low-latency options 0 (session 4)");
   graph_round(2, gpu_count(), true, "0");
   graph_round(4, 1, true, "0");
+  SCOPED_TRACE("low-latency option H (session 9)");
+  graph_round(2, gpu_count(), true, "H");
+  graph_round(4, 1, true, "H");
 }
 
 TEST_F(NvlinkTest, LowLatencySilentPeerEndsWithErrorNamingRankPeerCounter) {
@@ -1206,7 +1252,8 @@ void run_back_to_back(const BackToBackCase& c, int gpus, int rounds) {
 
 // Normal kernels (grouped layout, FP8 and BF16) and the low-latency kernels (masked FP8) with
 // the defaults, with session 5's options off ("0", the session-4 kernels) and with N X O (the
-// per-block arrival of session 4 with early notify and both combine options), at 2 and 4 ranks
+// per-block arrival of session 4 with early notify and both combine options), with session 9's H
+// (ll_combine_own_narrow), at 2 and 4 ranks
 // and send grids of 1, 5 and 64 blocks; the normal kernels also with "F" (dispatch_release_only
 // and combine_release_only off: the flags and acknowledgements after a full system fence; the
 // defaults reuse every round's buffers after release-only acknowledgements).
@@ -1226,6 +1273,9 @@ TEST_F(NvlinkTest, RoundsBackToBackWithoutHostSyncMatchReference) {
       {"ll_fp8_session4", 2, 16, 4, 512, 96, 256, Payload::kFP8, "0", 5, 0, true},
       {"ll_fp8_session4_1_block", 2, 16, 4, 512, 96, 256, Payload::kFP8, "0", 1, 0, true},
       {"ll_fp8_session4_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "0", 5, 0, false},
+      {"ll_fp8_own_narrow", 2, 16, 4, 512, 96, 256, Payload::kFP8, "H", 5, 0, true},
+      {"ll_fp8_own_narrow_1_block", 2, 16, 4, 512, 96, 256, Payload::kFP8, "H", 1, 0, true},
+      {"ll_fp8_own_narrow_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "H", 64, 0, false},
   };
   for (const BackToBackCase& c : cases) {
     progress(std::string("back-to-back case ") + c.name);

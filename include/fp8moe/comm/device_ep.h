@@ -242,6 +242,15 @@ struct DeviceEpOptions {
   // that step's stores (instead of one arrival per send block at its end), and the receive
   // copies each step as soon as its flag is in, overlapping the transfer.
   bool ll_token_flags = true;
+  // Session 9 (docs/comm/README.md, "Session 9: low latency (ep11)"; same results bit for bit).
+  // H (ep_bench letter, after "default+" and in --ll-variants), with ll_combine_own_recv: the
+  // combine receive computes its own partials with one 256-column piece of the token's rows in
+  // flight at a time instead of two, which removes that kernel's register spill (80 bytes of
+  // stores, 264 of loads; ptxas, CUDA 13.0). 2 x H100, same calls, 3 rounds: combine 21.7 -> 21.6
+  // and 21.5 -> 21.3 us, plain sweep 21.4 -> 21.1; dispatch unchanged. Off until made a default.
+  // Session 9's J, M and E measured no faster and are not kept (the README; their code:
+  // docs/comm/runs/ep-s9-ll-JMEH.patch).
+  bool ll_combine_own_narrow = false;
 };
 
 // Inputs of one rank, device pointers on that rank's device.
