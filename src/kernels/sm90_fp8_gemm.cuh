@@ -659,6 +659,14 @@ __device__ __forceinline__ void reduce_slab_tma(const float (&acc)[kBlockN / 2],
 // epilogue (partial 64-row slabs of the k-grouped form, or forced) gets slower with it: 219-225 us
 // against 175-179 (ptxas: 120 bytes of spill at 128x128).
 constexpr bool kWgradOverlap = true;
+// Longest straight-line run of K blocks in the weight-gradient loop. Each run ends with a wait for
+// all wgmmas and one promotion that nothing overlaps (the tensor pipe drains), and the wgrad
+// promotion is twice the BF16 one, so wgrad runs 16 where the BF16 kernels run 8. Session 9, H100,
+// same call, medians of 3 alternated rounds (dev/gemm/NOTES.md "Session 9 — wgrad runs of 16"):
+// 16 took the pick 2.9 % faster at 7168x2048x4096, 1.9 % at 2048x7168x4096 (every round faster
+// than every round of 8) and 1.0 % k-grouped (4 x 4096, within the rounds' spread); 32 was 2.5 %
+// slower than 8 at both dense shapes.
+constexpr int kWgradRun = 16;
 
 template <int kBlockM, int kBlockN, bool kWgrad, bool kSplitK, bool kTail, int kMode>
 __device__ __forceinline__ void compute(const GemmParams& p,
@@ -813,9 +821,10 @@ __device__ __forceinline__ void compute(const GemmParams& p,
         promote(p0, st0, x_sa0, x_sa1, x_sb);
         b = 1;
       }
-      // Blocks go in straight-line runs of 8 (then 4, 2): within a run every promotion but the
-      // last overlaps the next block's wgmmas. Nothing is in flight across a loop's back edge:
-      // ptxas serialises every wgmma otherwise (C7514, dev/gemm/NOTES.md v11).
+      // Blocks go in straight-line runs of 8 (the weight gradient: 16 first; then 4, 2): within a
+      // run every promotion but the last overlaps the next block's wgmmas. Nothing is in flight
+      // across a loop's back edge: ptxas serialises every wgmma otherwise (C7514, dev/gemm/NOTES.md
+      // v11).
       auto run = [&](auto run_length) {
         constexpr int kRun = decltype(run_length)::value;
         issue(p0, st0, x_sa0, x_sa1, x_sb, b);
@@ -834,6 +843,8 @@ __device__ __forceinline__ void compute(const GemmParams& p,
         }
         b += kRun;
       };
+      if constexpr (kWgrad)
+        while (b + kWgradRun <= n) run(std::integral_constant<int, kWgradRun>{});
       while (b + 8 <= n) run(std::integral_constant<int, 8>{});
       if (b + 4 <= n) run(std::integral_constant<int, 4>{});
       if (b + 2 <= n) run(std::integral_constant<int, 2>{});
