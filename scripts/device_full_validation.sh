@@ -97,7 +97,7 @@ if [[ -n ${FULL_NVLINK:-} ]]; then
   nv_dir=$(mktemp -d)
   # shellcheck disable=SC2086 # FULL_NVLINK is a list of arguments
   CUDA_VISIBLE_DEVICES=0,1 timeout 240 "$bin/nvlink_bench" $FULL_NVLINK --out "$nv_dir/nvlink.jsonl" \
-    ${FP8MOE_COMMIT:+--commit "$FP8MOE_COMMIT"} > "$nv_dir/nvlink_bench.log" 2>&1
+    --date "$(date -u +%F)" ${FP8MOE_COMMIT:+--commit "$FP8MOE_COMMIT"} > "$nv_dir/nvlink_bench.log" 2>&1
   echo "nvlink_bench rc=$?"
   sed -n '/^# summary/,$p' "$nv_dir/nvlink_bench.log" | head -40
   tar czf "$out/nvlink.tgz" -C "$nv_dir" .
