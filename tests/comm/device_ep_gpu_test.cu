@@ -715,6 +715,26 @@ DeviceEpOptions ll_option_set(const std::string& letters) {
   return o;
 }
 
+// One low-latency case with the options of `letters` (ll_option_set); `ran` (the cases run so far,
+// this one included) picks the send grid (5, 1 or 64 blocks), the receive grid (3 or automatic)
+// and whether the receive runs beside the send. Two rounds against the reference, bit for bit.
+void check_ll_option_case(const Case& c, Payload p, int gpus, const std::string& letters, int ran) {
+  constexpr int kBlocks[] = {5, 1, 64};
+  DeviceEpOptions opt = ll_option_set(letters);
+  opt.num_blocks = kBlocks[ran % 3];
+  opt.recv_blocks = ran % 4 == 1 ? 3 : 0;
+  opt.overlap_recv = ran % 5 != 0;
+  progress(std::string("case ") + c.name + " " + payload_name(p) + " low_latency options " +
+           letters + " blocks " + std::to_string(opt.num_blocks));
+  SCOPED_TRACE(std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
+               " GPU(s), low-latency options " + letters + ", " + std::to_string(opt.num_blocks) +
+               " send blocks");
+  EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, p);
+  cfg.masked_capacity = c.masked_capacity;
+  Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 70 + c.R, opt);
+  check_against_reference(h, 2);
+}
+
 // Every case with the four options off ("0", the session-4 kernels) and, in turn, with each
 // alone, with N X O and with X O (run_ll_cases runs the defaults), on send grids of 5, 1 and 64
 // blocks, two rounds each against the reference bit for bit. N changes which counter the
@@ -727,23 +747,8 @@ void run_ll_s5_option_cases(Payload p, int gpus) {
   constexpr const char* kTurn[] = {"0N", "0X", "0O", "0T", "0NXO", "0XO"};
   int ran = 0;
   for (const Case& c : ll_cases()) {
-    for (const std::string& letters : {std::string("0"), std::string(kTurn[ran / 2 % 6])}) {
-      ++ran;
-      constexpr int kBlocks[] = {5, 1, 64};
-      DeviceEpOptions opt = ll_option_set(letters);
-      opt.num_blocks = kBlocks[ran % 3];
-      opt.recv_blocks = ran % 4 == 1 ? 3 : 0;
-      opt.overlap_recv = ran % 5 != 0;
-      progress(std::string("case ") + c.name + " " + payload_name(p) + " low_latency options " +
-               letters + " blocks " + std::to_string(opt.num_blocks));
-      SCOPED_TRACE(std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
-                   " GPU(s), low-latency options " + letters + ", " +
-                   std::to_string(opt.num_blocks) + " send blocks");
-      EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, p);
-      cfg.masked_capacity = c.masked_capacity;
-      Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 70 + c.R, opt);
-      check_against_reference(h, 2);
-    }
+    for (const std::string& letters : {std::string("0"), std::string(kTurn[ran / 2 % 6])})
+      check_ll_option_case(c, p, gpus, letters, ++ran);
   }
   EXPECT_GT(ran, 0);
 }
@@ -769,21 +774,7 @@ void run_ll_s9_option_cases(Payload p, int gpus) {
   int ran = 0;
   for (const Case& c : ll_cases()) {
     const std::string letters = kTurn[ran % 2];
-    ++ran;
-    constexpr int kBlocks[] = {5, 1, 64};
-    DeviceEpOptions opt = ll_option_set(letters);
-    opt.num_blocks = kBlocks[ran % 3];
-    opt.recv_blocks = ran % 4 == 1 ? 3 : 0;
-    opt.overlap_recv = ran % 5 != 0;
-    progress(std::string("case ") + c.name + " " + payload_name(p) + " low_latency options " +
-             letters + " blocks " + std::to_string(opt.num_blocks));
-    SCOPED_TRACE(std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
-                 " GPU(s), low-latency options " + letters + ", " + std::to_string(opt.num_blocks) +
-                 " send blocks");
-    EpConfig cfg = config(c.R, c.E, c.K, c.H, c.Tmax, p);
-    cfg.masked_capacity = c.masked_capacity;
-    Harness h(cfg, devices_for(c.R, gpus), c.tokens, c.routing, 70 + c.R, opt);
-    check_against_reference(h, 2);
+    check_ll_option_case(c, p, gpus, letters, ++ran);
   }
   EXPECT_GT(ran, 0);
 }

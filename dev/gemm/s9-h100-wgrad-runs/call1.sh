@@ -3,7 +3,8 @@
 # loop, timed at last (binaries built by gemm11 in session 8 from ede31d3 + F + R, the patch
 # dev/gemm/s8-h100-gemm11/f_runs16_unmeasured.patch with FP8MOE_WGRAD_RUN 16 / 32), against
 # main's kernels (gemm_bench of the session-8 final bundle: F in, runs of 8) and the session-7
-# build (base, ede31d3), rounds alternated three times; Fp8WgradGpu of f16 and f32.
+# build (base, ede31d3), rounds alternated three times; Fp8WgradGpu of f16 and f32. build-wr/summary.py
+# is a copy of dev/gemm/s8-h100-gemm11/summary.py.
 # Call: run(kind="nvidia-h100-x1", carry=["build-wr"], command="bash build-wr/call1.sh")
 set -uo pipefail
 cd "$(dirname "$0")/.."
