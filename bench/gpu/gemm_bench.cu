@@ -1,4 +1,5 @@
-// FP8 GEMM benchmark: ours (dense, grouped contiguous, grouped masked, wgrad, k-grouped wgrad)
+// FP8 GEMM benchmark: ours (dense, grouped contiguous (materialised and gathered), grouped masked,
+// wgrad, k-grouped wgrad)
 // against cuBLASLt in the same run: FP8 with block scaling (activations VEC128_32F, weights
 // BLK128x128_32F), FP8 per-tensor, BF16. Median of CUDA-graph replays, inputs rotated over
 // enough copies that L2 (50 MB) cannot hold them; ours and cuBLASLt blockwise timed in
@@ -21,6 +22,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <random>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -34,6 +36,7 @@
 #include "fp8moe/fp8/quantize.h"
 #include "fp8moe/kernels/fp8_gemm.h"
 #include "fp8moe/kernels/quantize.h"
+#include "fp8moe/kernels/scale_layout.h"
 #include "fp8moe/kernels/sm90_gemm_heuristic.h"
 
 namespace {
@@ -1194,6 +1197,202 @@ void bench_contiguous(Output& out, cudaStream_t stream, int64_t groups, int64_t 
   time_grouped(out, stream, sets, r, flops, bytes + 2.0 * m * n, d, launch);
 }
 
+// ---- gathered contiguous: A rows read through a row index from received records ----
+// Records as the EP dispatch leaves them: each token once, its K codes then its KB row-major
+// scales, `stride` bytes apart (16 bytes of header room beside the scales).
+int64_t record_stride(int64_t k) {
+  return (k + 4 * (k / 128) + 16 + 15) / 16 * 16;
+}
+
+// One block per source row: codes from A [rows, k], scales from the M-major sa [kb][padded].
+__global__ void make_records_kernel(const uint8_t* a, const float* sa, int64_t rows, int64_t padded,
+                                    int64_t k, int64_t stride, uint8_t* rec) {
+  const int64_t r = blockIdx.x;
+  if (r >= rows) return;
+  const uint4* src = reinterpret_cast<const uint4*>(a + r * k);
+  uint4* dst = reinterpret_cast<uint4*>(rec + r * stride);
+  for (int64_t i = threadIdx.x; i < k / 16; i += blockDim.x) dst[i] = src[i];
+  float* scales = reinterpret_cast<float*>(rec + r * stride + k);
+  for (int64_t c = threadIdx.x; c < k / 128; c += blockDim.x) scales[c] = sa[c * padded + r];
+}
+
+// One block per logical row: the materialised A (what the dispatch's grouped layout holds).
+__global__ void materialise_rows_kernel(const uint8_t* rec, int64_t stride, const int32_t* index,
+                                        int64_t k, uint8_t* a) {
+  const int64_t r = blockIdx.x;
+  const int32_t src = index[r];
+  if (src < 0) return;
+  const uint4* from = reinterpret_cast<const uint4*>(rec + int64_t(src) * stride);
+  uint4* to = reinterpret_cast<uint4*>(a + r * k);
+  for (int64_t i = threadIdx.x; i < k / 16; i += blockDim.x) to[i] = from[i];
+}
+
+// The contiguous GEMM on the materialised rows and the gathered GEMM on the records, heuristic
+// picks, same data and scales, timed in alternation (FP8MOE_BENCH_GROUPED_ROUNDS rounds, default
+// 5, each order in turn), medians; the outputs must be bit-identical (else the bench fails). Each
+// source row feeds 4 logical rows in random order (top-8 routing over 2 ranks: ~4 of a token's
+// experts per rank). Also times gather_scales_to_mn_major (records -> the logical rows' sa).
+void bench_gathered(Output& out, cudaStream_t stream, int64_t groups, int64_t rows_per_group,
+                    int64_t n, int64_t k, uint64_t seed) {
+  const int64_t m = groups * rows_per_group, src_rows = (m + 3) / 4, kb = k / 128;
+  const int64_t stride = record_stride(k), pm = padded_rows(m);
+  const double flops = 2.0 * m * n * k;
+  const int64_t bytes = m * k + groups * n * k;
+  const int sets = sets_for(bytes);
+  std::vector<int32_t> index(static_cast<size_t>(m)), layout(static_cast<size_t>(m));
+  {
+    std::vector<int32_t> pool;
+    for (int rep = 0; rep < 4; ++rep)
+      for (int64_t i = 0; i < src_rows; ++i) pool.push_back(int32_t(i));
+    std::mt19937_64 rng(seed);
+    std::shuffle(pool.begin(), pool.end(), rng);
+    for (int64_t r = 0; r < m; ++r) {
+      index[size_t(r)] = pool[size_t(r)];
+      layout[size_t(r)] = int32_t(r / rows_per_group);
+    }
+  }
+  Dev<int32_t> di(static_cast<size_t>(m)), dl(static_cast<size_t>(m));
+  FM_CHECK_CUDA(cudaMemcpy(di.p, index.data(), size_t(m) * 4, cudaMemcpyHostToDevice));
+  FM_CHECK_CUDA(cudaMemcpy(dl.p, layout.data(), size_t(m) * 4, cudaMemcpyHostToDevice));
+  struct Set {
+    Fp8Set f;  // a, sa: the source rows; b, sb
+    Dev<uint8_t> rec, a_mat;
+    Dev<float> sa_log;
+  };
+  std::vector<Set> ss;
+  for (int i = 0; i < sets; ++i) {
+    Set x;
+    x.f = make_fp8_set(src_rows, n, k, groups, seed + 100 * i);
+    x.rec = Dev<uint8_t>(size_t(src_rows * stride));
+    x.a_mat = Dev<uint8_t>(size_t(m * k));
+    x.sa_log = Dev<float>(size_t(kb * pm));
+    make_records_kernel<<<unsigned(src_rows), 256>>>(x.f.a.p, x.f.sa.p, src_rows,
+                                                     padded_rows(src_rows), k, stride, x.rec.p);
+    FM_CHECK_LAUNCH();
+    materialise_rows_kernel<<<unsigned(m), 256>>>(x.rec.p, stride, di.p, k, x.a_mat.p);
+    FM_CHECK_LAUNCH();
+    kernels::gather_scales_to_mn_major(reinterpret_cast<const float*>(x.rec.p + k), stride / 4,
+                                       di.p, m, kb, x.sa_log.p, stream);
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    ss.push_back(std::move(x));
+  }
+  Dev<bf16> d(size_t(m * n)), d2(size_t(m * n));
+  // The picks, then each FP8MOE_BENCH_GATHERED_TILES tile (parse_tile_list's syntax, e.g.
+  // "128x128,128x256e1") forced on both.
+  std::vector<const kernels::GemmTileConfig*> forces = {nullptr};
+  static const std::vector<kernels::GemmTileConfig> forced = [] {
+    const char* list = std::getenv("FP8MOE_BENCH_GATHERED_TILES");
+    return list != nullptr ? parse_tile_list(list) : std::vector<kernels::GemmTileConfig>{};
+  }();
+  for (const kernels::GemmTileConfig& f : forced) forces.push_back(&f);
+  const kernels::GemmShape shape{kernels::GemmKind::kGroupedContiguous, m, n, k, groups};
+  for (const kernels::GemmTileConfig* force : forces) {
+    const auto contiguous = [&](int i) {
+      kernels::fp8_gemm_nt_grouped_contiguous(ss[i].a_mat.p, ss[i].sa_log.p, ss[i].f.b.p,
+                                              ss[i].f.sb.p, d.p, dl.p, m, n, k, groups, stream,
+                                              force);
+    };
+    const auto gathered = [&](int i) {
+      kernels::fp8_gemm_nt_grouped_contiguous_gathered({ss[i].rec.p, src_rows, stride, di.p},
+                                                       ss[i].sa_log.p, ss[i].f.b.p, ss[i].f.sb.p,
+                                                       d2.p, dl.p, m, n, k, groups, stream, force);
+    };
+    // Bit for bit, on every set's data.
+    int64_t mismatches = 0;
+    for (int i = 0; i < sets; ++i) {
+      FM_CHECK_CUDA(cudaMemsetAsync(d.p, 0xFF, d.n * sizeof(bf16), stream));
+      FM_CHECK_CUDA(cudaMemsetAsync(d2.p, 0xFF, d2.n * sizeof(bf16), stream));
+      contiguous(i);
+      gathered(i);
+      FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+      const std::vector<bf16> x = d.download(), y = d2.download();
+      for (size_t j = 0; j < x.size(); ++j) mismatches += x[j].bits != y[j].bits;
+    }
+    FM_CHECK(mismatches == 0, "gathered m=", m, " n=", n, " k=", k, ": ", mismatches,
+             " outputs differ from the contiguous GEMM's");
+    const char* rounds_env = std::getenv("FP8MOE_BENCH_GROUPED_ROUNDS");
+    const int rounds = rounds_env != nullptr ? std::max(2, std::atoi(rounds_env)) : 5;
+    std::vector<double> us_c, us_g, mhz_c, w_c, mhz_g, w_g;
+    g_clock.take();
+    for (int round = 0; round < rounds; ++round)
+      for (int j = 0; j < 2; ++j) {
+        if ((j + round) % 2 == 0) {
+          us_c.push_back(time_us(stream, sets, contiguous));
+          keep_clock_sample(mhz_c, w_c);
+        } else {
+          us_g.push_back(time_us(stream, sets, gathered));
+          keep_clock_sample(mhz_g, w_g);
+        }
+      }
+    std::sort(us_c.begin(), us_c.end());
+    std::sort(us_g.begin(), us_g.end());
+    const double c_med = median_or_none(us_c), g_med = median_or_none(us_g);
+    const auto spread = [](const std::vector<double>& u) {
+      return std::to_string(int(std::lround(100.0 * (u.back() / u[0] - 1.0))));
+    };
+    const std::string tile_c =
+        force != nullptr ? kernels::describe_tile_config(*force)
+                         : out.tile_for(kernels::GemmKind::kGroupedContiguous, m, n, k, groups);
+    const std::string tile_g = force != nullptr
+                                   ? kernels::describe_tile_config(*force)
+                                   : kernels::describe_tile_config(kernels::gemm_gathered_tile(
+                                         shape, out.num_sms, out.smem, out.dram));
+    const char* forced_note = force != nullptr ? "forced, " : "";
+    Row rc{"grouped_contiguous",
+           "fp8moe_materialised",
+           tile_c,
+           m,
+           n,
+           k,
+           groups,
+           c_med,
+           flops / c_med * 1e-6,
+           (bytes + 2.0 * m * n) / c_med * 1e-3};
+    rc.sm_mhz = median_or_none(mhz_c);
+    rc.power_w = median_or_none(w_c);
+    rc.note = forced_note + ("spread " + spread(us_c) + "%");
+    out.add(rc);
+    Row rg{"grouped_contiguous_gathered",
+           "fp8moe_gathered",
+           tile_g,
+           m,
+           n,
+           k,
+           groups,
+           g_med,
+           flops / g_med * 1e-6,
+           (bytes + 2.0 * m * n) / g_med * 1e-3};
+    rg.anchor = "contiguous_same_run";
+    rg.ratio_blockwise = g_med / c_med;
+    rg.sm_mhz = median_or_none(mhz_g);
+    rg.power_w = median_or_none(w_g);
+    char buf[200];
+    std::snprintf(buf, sizeof buf,
+                  "%sgathered/contiguous %.4f, src rows %lld, stride %lld, spread %s%%, "
+                  "bit-identical",
+                  forced_note, g_med / c_med, (long long)src_rows, (long long)stride,
+                  spread(us_g).c_str());
+    rg.note = buf;
+    out.add(rg);
+  }
+  // The scale gather (records -> [kb][pad(M)]): reads M rows of kb floats, writes kb x pad(M).
+  const double us_s = time_us(stream, sets, [&](int i) {
+    kernels::gather_scales_to_mn_major(reinterpret_cast<const float*>(ss[i].rec.p + k), stride / 4,
+                                       di.p, m, kb, ss[i].sa_log.p, stream);
+  });
+  Row rs{"gather_scales",
+         "fp8moe",
+         "",
+         m,
+         0,
+         k,
+         groups,
+         us_s,
+         0,
+         double(m * kb * 4 + kb * pm * 4 + m * 4) / us_s * 1e-3};
+  out.add(rs);
+}
+
 void bench_masked(Output& out, cudaStream_t stream, int64_t groups, int64_t max_m, int64_t n,
                   int64_t k, uint64_t seed) {
   const double flops = 2.0 * groups * max_m * n * k;
@@ -1564,7 +1763,8 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(
           stderr,
-          "usage: gemm_bench [--out FILE.jsonl] [--only dense|grouped|contiguous|masked|wgrad] "
+          "usage: gemm_bench [--out FILE.jsonl] [--only "
+          "dense|grouped|contiguous|gathered|masked|wgrad] "
           "[--m 4096,128,64] "
           "[--quick] [--profile M N K] [--pdl-probe M N K] [--profile-contiguous G ROWS N K] "
           "[--nk NxK,...]\n");
@@ -1631,12 +1831,18 @@ int main(int argc, char** argv) {
     // --only contiguous / masked: one grouped form.
     const bool contiguous = only.empty() || only == "grouped" || only == "contiguous";
     const bool masked = only.empty() || only == "grouped" || only == "masked";
-    if (contiguous || masked) {
+    // --only gathered: the gathered contiguous GEMM beside the contiguous one (same run).
+    const bool gathered = only.empty() || only == "grouped" || only == "gathered";
+    if (contiguous || masked || gathered) {
       for (const auto& s :
            {std::array<int64_t, 2>{4096, 7168}, std::array<int64_t, 2>{7168, 2048}}) {
         if (contiguous) {
           bench_contiguous(out, stream, 4, 8192, s[0], s[1], seed += 1000);
           bench_contiguous(out, stream, 8, 4096, s[0], s[1], seed += 1000);
+        }
+        if (gathered) {
+          bench_gathered(out, stream, 4, 8192, s[0], s[1], seed += 1000);
+          bench_gathered(out, stream, 8, 4096, s[0], s[1], seed += 1000);
         }
         if (masked) {
           bench_masked(out, stream, 1, 1024, s[0], s[1], seed += 1000);

@@ -63,6 +63,11 @@ inline constexpr int kModeScalePrefetch = 1;
 // contiguous / masked launches (get_grouped_wide_tile), an instantiation of its own so that the
 // dense 256x128 kernels keep their code.
 inline constexpr int kModeGroupedRows = 2;
+// kModeGatherA (fp8_gemm_nt_grouped_contiguous_gathered): the contiguous form's A rows gathered
+// through a row index by the producer warpgroup's cp.async (produce_gathered; map_a carries a
+// GatherSource instead of a TMA map); the math is the plain kernel's. 128-row tiles, 128 or 256
+// wide, at least 3 stages. (16: gemm16's stage-wait variants, not landed, used 4 and 8.)
+inline constexpr int kModeGatherA = 16;
 
 struct Tile {
   int group, m_base, n_base;
@@ -363,6 +368,108 @@ __device__ __forceinline__ void produce(const GemmParams& p,
       }
     }
   }
+}
+
+// ---- producer of the gathered contiguous form (kModeGatherA): the producer warpgroup ----
+// Where A's rows come from: passed in the bytes of map_a (a gathered launch has no TMA map of A).
+struct GatherSource {
+  const uint8_t* base;   // source row 0
+  int64_t stride;        // bytes between source rows
+  const int32_t* index;  // [m]: source row of each logical row, < 0 for padding
+};
+static_assert(sizeof(GatherSource) <= sizeof(CUtensorMap), "the gather source rides in map_a");
+// Full-barrier arrivals of a gathered stage: thread 0's expect_tx (B, A scales) and the
+// producer warpgroup's 128 threads'.
+inline constexpr int kGatherFullArrivals = 129;
+
+// The whole producer warpgroup runs it. B and the A scales come by TMA as in produce() (its first
+// thread); A by cp.async, 16 bytes a thread: warp w copies tile rows 32w .. 32w + 31, instruction i
+// of a K block rows 32w + 4i .. + 3, 8 lanes a row (one 128-byte line each, 4 whole lines a warp),
+// into the 128-byte swizzled place the TMA box would have used (chunk c of row r at
+// r * 128 + (c ^ r % 8) * 16). Per tile each lane reads its row's source index and gathers, by
+// shuffle, the 8 source offsets (16-byte units) its copies need. Padding rows (index < 0) are
+// zero-filled, nothing read.
+// A stage's A rows count as landed once each thread's copies have completed
+// (cp.async.wait_group) and it has fenced them for the async proxy that wgmma reads through; then
+// each thread arrives on the stage's full barrier. That happens `depth` K blocks late (the copies
+// of depth + 1 blocks in flight): a stage's arrival waits for the empty barrier of the stage
+// `depth` blocks on, which the consumers free only once they hold the block after the one it
+// held (the K loops look one full barrier ahead), so depth <= stages - 2: 1 with 3 stages, 2 with
+// 4 or more (the host asks for at least 3).
+// Measured on H100 (dev/gemm/NOTES.md session 10, bit-identical every time): one {128 K, 1 row}
+// TMA box per row, 4.0x the contiguous GEMM's time (~55 cycles a box); one producer warp's
+// cp.async, depth 1, 2.2-2.5x (128x128 tiles 3.8x); this, 1.15-1.20x at the 128x256 picks (3
+// stages), 1.13-1.17x at 128x256 with 4 stages, 1.28-1.42x at 128x128.
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ void produce_gathered(const GemmParams& p,
+                                                 const SmemLayout<kBlockM, kBlockN, false>& sm,
+                                                 const GatherSource& src_rows,
+                                                 const CUtensorMap* map_b,
+                                                 const CUtensorMap* map_sa) {
+  using Layout = SmemLayout<kBlockM, kBlockN, false>;
+  static_assert(kBlockM == 128, "gathered: one producer warp per 32 rows");
+  constexpr uint32_t kPad = 0xffffffffu;
+  const int thread = static_cast<int>(threadIdx.x % 128);
+  const int warp = thread / 32, lane = thread % 32;
+  const int chunk = lane % 8;
+  // This lane's place in its warp's rows (+ 4 rows for each copy i); rows 4i + lane / 8 have
+  // r % 8 = lane / 8 for even i, 4 + lane / 8 for odd i.
+  const uint32_t dst0 = static_cast<uint32_t>((32 * warp + lane / 8) * 128);
+  const uint32_t swz_even = static_cast<uint32_t>((chunk ^ (lane / 8)) * 16);
+  const uint32_t swz_odd = static_cast<uint32_t>((chunk ^ (4 + lane / 8)) * 16);
+  const uint32_t stride16 = static_cast<uint32_t>(src_rows.stride / 16);
+  const bool deep = sm.stages >= 4;
+  PipeState pipe;
+  int pending1 = -1, pending2 = -1;  // stages issued, not yet arrived for (pending2 older)
+  Tile tile;
+  bool skip;
+  for (int t = blockIdx.x; get_tile<kBlockM, kBlockN, false>(p, t, tile, skip); t += gridDim.x) {
+    if (skip) continue;
+    // Source offsets in 16-byte units (the host checks that they fit 32 bits), kPad: padding.
+    const int row = __ldg(src_rows.index + tile.m_base + thread);
+    const uint32_t mine = row >= 0 ? static_cast<uint32_t>(row) * stride16 : kPad;
+    uint32_t off[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) off[i] = __shfl_sync(0xffffffffu, mine, 4 * i + lane / 8);
+    const int b_row = tile.group * p.n + tile.n_base;
+    for (int kb = 0; kb < tile.num_k_blocks; ++kb) {
+      const int kbg = tile.k_block_begin + kb;
+      mbar_wait(sm.empty(pipe.stage), pipe.phase ^ 1u);
+      uint64_t* full = sm.full(pipe.stage);
+      if (thread == 0) {
+        mbar_arrive_expect_tx(full, Layout::kTxBytes - Layout::kABytes);
+        tma_load_2d(sm.b(pipe.stage), map_b, full, kbg * 128, b_row);
+        tma_load_2d(sm.sa(pipe.stage), map_sa, full, tile.m_base, kbg);
+      }
+      const uint8_t* const col = src_rows.base + kbg * 128 + chunk * 16;
+      uint8_t* const dst = sm.a(pipe.stage) + dst0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const bool real = off[i] != kPad;
+        cp_async_16(dst + i * 512 + (i % 2 == 0 ? swz_even : swz_odd),
+                    col + static_cast<uint64_t>(real ? off[i] : 0u) * 16, real ? 16 : 0);
+      }
+      cp_async_commit();
+      if (deep) {
+        if (pending2 >= 0) {
+          cp_async_wait<2>();
+          fence_proxy_async();
+          mbar_arrive(sm.full(pending2));
+        }
+        pending2 = pending1;
+      } else if (pending1 >= 0) {
+        cp_async_wait<1>();
+        fence_proxy_async();
+        mbar_arrive(sm.full(pending1));
+      }
+      pending1 = pipe.stage;
+      pipe.advance(sm.stages);
+    }
+  }
+  cp_async_wait<0>();
+  fence_proxy_async();
+  if (pending2 >= 0) mbar_arrive(sm.full(pending2));
+  if (pending1 >= 0) mbar_arrive(sm.full(pending1));
 }
 
 // A stage is free once every consumer warp of every CTA that reads it (both of a pair, whose
@@ -1279,11 +1386,14 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
   static_assert(!(kWgrad && kBlockN == 192), "the 1x128 x 1x128 kernel is built for 64/128 only");
   static_assert(!(kSplitK && (kWgrad || kBlockN > 128)), "split-K: 1x128 x 128x128, N <= 128");
   static_assert(!kTail || kSplitK, "the tail split is a split-K kernel form");
-  static_assert(kMode == 0 || kMode == kModeGroupedRows ||
+  static_assert(kMode == 0 || kMode == kModeGroupedRows || kMode == kModeGatherA ||
                     (kBlockM <= 128 && kBlockN <= 128 && !kWgrad && !kTail),
                 "the B-scale prefetch is built for the 1d2d kernels up to 128x128 (no tail split)");
   static_assert(kMode != kModeGroupedRows || (kBlockM == 256 && !kSplitK),
                 "kModeGroupedRows: the grouped 256x128 kernel (no split-K, no tail split)");
+  static_assert(kMode != kModeGatherA ||
+                    (kBlockM == 128 && (kBlockN == 128 || kBlockN == 256) && !kWgrad && !kSplitK),
+                "kModeGatherA: the gathered contiguous kernels, 128x128 and 128x256");
   constexpr int kNumMathThreads = math_warpgroups(kBlockM) * 128;
   extern __shared__ __align__(1024) uint8_t smem[];
   using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;
@@ -1291,13 +1401,13 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < p.num_stages; ++s) {
-      mbar_init(sm.full(s), 1);
+      mbar_init(sm.full(s), kMode == kModeGatherA ? kGatherFullArrivals : 1);
       mbar_init(sm.empty(s), p.cluster * kNumMathThreads / 32);
     }
     fence_barrier_init();
   }
   if (threadIdx.x == kNumMathThreads) {
-    tma_prefetch_desc(&map_a);
+    if constexpr (kMode != kModeGatherA) tma_prefetch_desc(&map_a);  // (gathered: no map)
     tma_prefetch_desc(&map_b);
     tma_prefetch_desc(&map_sa);
     if constexpr (kWgrad) tma_prefetch_desc(&map_sb);
@@ -1318,8 +1428,12 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
 
   if (threadIdx.x >= kNumMathThreads) {
     if constexpr (kBlockM >= 128) setmaxnreg_dec<40>();
-    if (threadIdx.x == kNumMathThreads)
+    if constexpr (kMode == kModeGatherA) {
+      produce_gathered<kBlockM, kBlockN>(p, sm, *reinterpret_cast<const GatherSource*>(&map_a),
+                                         &map_b, &map_sa);
+    } else if (threadIdx.x == kNumMathThreads) {
       produce<kBlockM, kBlockN, kWgrad, kTail, kMode>(p, sm, &map_a, &map_b, &map_sa, &map_sb);
+    }
   } else {
     if constexpr (kBlockM >= 128) setmaxnreg_inc<232>();
     if constexpr (kBlockM == 256 || kBlockN == 256)

@@ -395,6 +395,18 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
   return best;
 }
 
+GemmTileConfig gemm_gathered_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
+                                  double dram_bytes_per_s) {
+  FM_CHECK_ARG(shape.kind == GemmKind::kGroupedContiguous,
+               "gemm_gathered_tile: a grouped contiguous shape, not ", gemm_kind_name(shape.kind));
+  GemmTileConfig c = choose_gemm_tile(shape, num_sms, smem_limit, dram_bytes_per_s);
+  if (c.block_m == 128 && (c.block_n == 256 || c.block_n == 128)) return c;
+  // NOTE: the 256-row grouped kernel and the 64-row / 192-wide ones have no gathered form.
+  const int epilogue = gemm_choose_epilogue(shape, 128);
+  return GemmTileConfig{128, 128, gemm_max_stages(shape.kind, 128, 128, smem_limit, epilogue == 2),
+                        num_sms, epilogue};
+}
+
 std::string describe_tile_config(const GemmTileConfig& c) {
   std::ostringstream out;
   out << c.block_m << "x" << c.block_n << "x128/s" << c.num_stages << "/sm" << c.num_sms

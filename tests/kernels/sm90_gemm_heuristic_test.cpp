@@ -140,6 +140,33 @@ TEST(Sm90GemmHeuristic, GroupedFormsTakeWideColumnTiles) {
     for (const TileCandidate& t : gemm_tile_candidates(kind)) EXPECT_NE(t.block_n, 256);
 }
 
+TEST(Sm90GemmHeuristic, GatheredFormKeepsTo128RowTiles) {
+  // The gathered contiguous kernels exist for 128x256 and 128x128: the contiguous pick where it
+  // is one of them (the bench shapes: 128x256), else 128x128 that fits shared memory.
+  for (const auto& [n, k] : {std::pair<int64_t, int64_t>{4096, 7168}, {7168, 2048}, {2112, 512}})
+    for (int64_t m : {128, 256, 1024, 4096, 32768})
+      for (int64_t groups : {1, 4, 8}) {
+        const GemmShape shape{GemmKind::kGroupedContiguous, m, n, k, groups};
+        const GemmTileConfig pick = choose_gemm_tile(shape, kH100Sms, kH100Smem);
+        const GemmTileConfig c = gemm_gathered_tile(shape, kH100Sms, kH100Smem);
+        EXPECT_EQ(c.block_m, 128) << m << " " << n << "x" << k;
+        EXPECT_TRUE(c.block_n == 128 || c.block_n == 256) << m << " " << n << "x" << k;
+        if (pick.block_m == 128 && pick.block_n >= 128 && pick.block_n != 192) {
+          EXPECT_EQ(describe_tile_config(c), describe_tile_config(pick));
+        }
+        EXPECT_GE(c.num_stages, 3);
+        EXPECT_LE(gemm_smem_bytes(shape.kind, 128, c.block_n, c.num_stages, c.epilogue == 2),
+                  kH100Smem);
+        EXPECT_EQ(c.num_sms, kH100Sms);
+      }
+  EXPECT_EQ(
+      gemm_gathered_tile({GemmKind::kGroupedContiguous, 32768, 4096, 7168, 4}, kH100Sms, kH100Smem)
+          .block_n,
+      256);
+  EXPECT_THROW(gemm_gathered_tile({GemmKind::kDense, 128, 4096, 7168, 1}, kH100Sms, kH100Smem),
+               Error);
+}
+
 TEST(Sm90GemmHeuristic, SmallMUsesNarrowTilesToFillTheChip) {
   // M=64: 128-row tiles would waste half of every tile.
   for (int64_t n : {2112, 4096, 7168, 24576, 32768}) {

@@ -65,6 +65,33 @@ void fp8_gemm_nt_grouped_contiguous(const uint8_t* a, const float* sa, const uin
                                     int64_t m, int64_t n, int64_t k, int64_t num_groups,
                                     cudaStream_t stream, const GemmTileConfig* force = nullptr);
 
+// A's rows gathered from a larger source: logical row r of A is source row index[r]
+// (index[r] < 0: padding, never read into a written result).
+struct GatheredRows {
+  const uint8_t* base = nullptr;   // source row 0, 16-byte aligned (device)
+  int64_t rows = 0;                // source rows; every index < rows
+  int64_t stride = 0;              // bytes between source rows: multiple of 16, >= K
+  const int32_t* index = nullptr;  // [M] (device, int32)
+};
+
+// MoE grouped, contiguous, with A gathered: as fp8_gemm_nt_grouped_contiguous on the M logical
+// rows A[r] = source row a.index[r] (the EP dispatch's received records, each token once, read
+// where they landed instead of copied into the expert-contiguous layout), bit-identical to it on
+// the materialised rows. sa is the logical rows' [KB][pad(M)] (gather_scales_to_mn_major makes it
+// from the records' row-major scales); B, sb, D, grouped_layout as in the contiguous form. The
+// producer warpgroup loads A's rows with 16-byte cp.async (B and the scales by TMA as usual).
+// NOTE: on H100 it took 1.15-1.20x the contiguous GEMM's time at 4 x 8192 / 8 x 4096 rows,
+// N x K = 4096 x 7168 and 7168 x 2048 (dev/gemm/NOTES.md session 10): it pays only where the
+// copies it saves cost more than that.
+// Tiles: 128 rows, 256 or 128 wide only, at least 3 stages (the contiguous pick where it is one of
+// them, else 128x128: gemm_gathered_tile; the 256-row grouped kernel has no gathered form);
+// `force` must name one of them. Every index must be < a.rows (not checked on the device).
+void fp8_gemm_nt_grouped_contiguous_gathered(GatheredRows a, const float* sa, const uint8_t* b,
+                                             const float* sb, bf16* d,
+                                             const int32_t* grouped_layout, int64_t m, int64_t n,
+                                             int64_t k, int64_t num_groups, cudaStream_t stream,
+                                             const GemmTileConfig* force = nullptr);
+
 // MoE grouped, masked (decoding under CUDA graphs): A [G,max_m,K], sa [G][KB][pad(max_m)],
 // masked_m [G] (int32, device: the valid rows of each group, read on the device only),
 // B [G,N,K], sb [G][ceil(N/128)][KB]; D [G,max_m,N], rows >= masked_m[g] left untouched.

@@ -18,4 +18,12 @@ namespace fp8moe::kernels {
 void scales_to_mn_major(const float* in, int64_t batches, int64_t rows, int64_t kb, float* out,
                         cudaStream_t stream);
 
+// The gathered form's A scales (fp8_gemm_nt_grouped_contiguous_gathered): out
+// [kb][padded_rows(rows)] M-major, out[c][r] = in[index[r] * in_stride + c]; 0 where index[r] < 0
+// and in the padding entries. in_stride in floats (>= kb): the scales may sit inside larger
+// records. Device pointers (index int32 [rows]); `in` and `out` must not overlap. Stream-ordered,
+// capturable.
+void gather_scales_to_mn_major(const float* in, int64_t in_stride, const int32_t* index,
+                               int64_t rows, int64_t kb, float* out, cudaStream_t stream);
+
 }  // namespace fp8moe::kernels

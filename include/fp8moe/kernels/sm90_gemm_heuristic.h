@@ -122,4 +122,11 @@ double gemm_tail_split_cost(const GemmShape& shape, const TileCandidate& tile, i
 GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
                                 double dram_bytes_per_s = kDefaultDramBytesPerS);
 
+// The tile of the gathered contiguous form (fp8_gemm_nt_grouped_contiguous_gathered), whose
+// kernels exist for 128x256 and 128x128 only: the contiguous pick for `shape` (a
+// kGroupedContiguous shape) where it is one of them (the grouped pick is 128x256 where the
+// model prefers it), else 128x128 with its epilogue and stages filled in as the pick's are.
+GemmTileConfig gemm_gathered_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
+                                  double dram_bytes_per_s = kDefaultDramBytesPerS);
+
 }  // namespace fp8moe::kernels
