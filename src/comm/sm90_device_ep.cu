@@ -442,10 +442,11 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
     // find no free SM wait for retiring send blocks instead of holding up the send.
     m.recv_blocks = opt.recv_blocks > 0 ? opt.recv_blocks : sharing > 1 ? rb : m.sm_count;
   }
-  FM_CHECK_CUDA(cudaMalloc(&m.ws, m.lay.total));
-  FM_CHECK_CUDA(cudaMemset(m.ws, 0, m.lay.total));
+  FM_CHECK_CUDA(cudaMalloc(&m.ws, workspace_bytes(m.g, m.lay)));
+  FM_CHECK_CUDA(cudaMemset(m.ws, 0, workspace_bytes(m.g, m.lay)));
   FM_CHECK_CUDA(cudaMemset(m.ws + m.lay.m_indices, 0xFF, m.g.bound * 4));
   FM_CHECK_CUDA(cudaMemset(m.ws + m.lay.row_src, 0xFF, m.g.bound * 4));
+  FM_CHECK_CUDA(cudaMemset(m.ws + row_record_offset(m.lay), 0xFF, m.g.bound * 4));
   FM_CHECK_CUDA(cudaMemset(m.ws + m.lay.token_rows, 0xFF, m.g.R * m.g.Tmax * m.g.K * 4));
   // NOTE: the error record is device memory: every waiting thread polls it, and polling
   // host-mapped memory over PCIe from many SMs made system-scope fences crawl (v5, first run).
@@ -724,6 +725,13 @@ DeviceRecvView DeviceEpRank::view() const {
   v.x = m.ws + m.lay.gx;
   v.x_scales = m.g.fp8 ? reinterpret_cast<const float*>(m.ws + m.lay.gscales) : nullptr;
   v.status = reinterpret_cast<const int64_t*>(m.ws + m.lay.status);
+  // The records as a row array (DeviceRecvView: where each wire and route provides them).
+  if (!m.ll && !m.opt.expand_payload) {
+    v.records = reinterpret_cast<const uint8_t*>(m.ws + m.lay.stage);
+    v.record_stride = m.g.P;
+    v.record_rows = static_cast<int64_t>(m.g.R) * m.g.Tmax;
+    v.row_record = reinterpret_cast<const int32_t*>(m.ws + row_record_offset(m.lay));
+  }
   return v;
 }
 

@@ -1106,6 +1106,7 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
             __ldcg(at<int32_t>(a.my, a.lay.topk_pos) + slot * g.K + lane);
       at<int32_t>(a.my, a.lay.m_indices)[row] = e;
       at<int32_t>(a.my, a.lay.row_src)[row] = static_cast<int32_t>(i * g.K + lane);
+      at<int32_t>(a.my, row_record_offset(a.lay))[row] = static_cast<int32_t>(slot);
       at<float>(a.my, a.lay.row_weight)[row] =
           __ldcg(at<float>(a.my, a.lay.weight) + slot * g.K + lane);
     }
@@ -1207,6 +1208,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
   {
     int32_t* m_indices = at<int32_t>(a.my, a.lay.m_indices);
     int32_t* row_src = at<int32_t>(a.my, a.lay.row_src);
+    int32_t* row_record = at<int32_t>(a.my, row_record_offset(a.lay));
     const int64_t pad = g.cap > 0 ? g.cap : 128;
     const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -1217,6 +1219,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
         if (row < r.offs[e + 1]) {
           m_indices[row] = -1;
           row_src[row] = -1;
+          row_record[row] = -1;
         }
       }
     }
@@ -1224,6 +1227,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
          row += nthreads) {
       m_indices[row] = -1;
       row_src[row] = -1;
+      row_record[row] = -1;
     }
   }
   const int warp = threadIdx.x >> 5;

@@ -103,6 +103,15 @@ struct WsLayout {
       row_src, row_weight, token_rows, gx, gscales, plan_cnt, plan_dball, plan_tot, total;
   size_t ll;  // counters of the low-latency kernels (sm90_device_ep_ll.cu)
 };
+// The row_record table ([bound] int32, DeviceRecvView::row_record) follows the layout at `total`
+// instead of having a field here: a field would move every later member of Args, so every
+// kernel's parameter loads, and the kernels other than the dispatch receive keep their PTX.
+__host__ __device__ inline size_t row_record_offset(const WsLayout& l) {
+  return l.total;
+}
+__host__ __device__ inline size_t workspace_bytes(const Geometry& g, const WsLayout& l) {
+  return row_record_offset(l) + (static_cast<size_t>(g.bound) * 4 + 255) / 256 * 256;
+}
 
 // Dynamic shared memory of the send plan: per-expert and per-destination tile counts (u16, then
 // exclusive prefixes), destination ballots per tile, per-warp expert lane masks, expert totals.

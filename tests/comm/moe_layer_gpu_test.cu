@@ -7,17 +7,24 @@
 //   - combine of the GPU's expert outputs equals combine_reference of the same outputs bit for
 //     bit, and the layer's output equals the all-CPU layer (rel. error);
 //   - the whole layer captured in one CUDA graph per rank replays to the same bits.
+// And the gathered path (session 10): dispatch stops at the layout (expand_payload off), the
+// grouped GEMM reads its rows from the received records through row_record; it must equal the
+// expanded path bit for bit (the layout, the records against the expanded rows, the expert rows
+// of y, the combine output) over two rounds, 2 GPUs (NVLink and NCCL) and ranks sharing a GPU.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "device_copy.h"
+#include "ep_test_util.h"
 #include "fp8moe/comm/device_ep.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/fp8/codec.h"
@@ -285,6 +292,244 @@ TEST(MoeLayerGpu, DispatchGroupedGemmCombineMatchesCpuAndReplaysInAGraph) {
     for (int r = 0; r < R; ++r) ASSERT_EQ(layer.out(r), out_gpu[r]) << "replay " << replay;
   }
   for (cudaGraphExec_t e : execs) cudaGraphExecDestroy(e);
+}
+
+// ---- the gathered path against the expanded path ----
+// Two groups on the same devices with the same options except expand_payload; the same batch,
+// weights and phases through both, one after the other (one group's kernels in flight per GPU).
+struct GatheredVsExpanded {
+  EpConfig cfg;
+  std::vector<int> devices;
+  bool nccl = false;
+  std::unique_ptr<DeviceEpGroup> expanded, gathered;
+  struct Dev {
+    cudaStream_t stream = nullptr;
+    uint16_t *x = nullptr, *y_e = nullptr, *y_g = nullptr, *out_e = nullptr, *out_g = nullptr;
+    int32_t* idx = nullptr;
+    float *w = nullptr, *sa_e = nullptr, *sa_g = nullptr, *sb = nullptr;
+    uint8_t* b = nullptr;
+  };
+  std::vector<Dev> dev;
+  std::vector<testing::RankData> in;
+
+  GatheredVsExpanded(const EpConfig& c, std::vector<int> devs, Wire wire, uint64_t seed)
+      : cfg(c), devices(std::move(devs)), nccl(wire == Wire::kNccl) {
+    DeviceEpOptions opt;
+    opt.wire = wire;
+    expanded = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
+    opt.expand_payload = false;
+    gathered = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
+    const int R = cfg.num_ranks, L = cfg.experts_per_rank();
+    const int64_t H = cfg.hidden, KB = H / 128, bound = cfg.row_bound();
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (int r = 0; r < R; ++r) {
+      Dev d;
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      FM_CHECK_CUDA(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
+      std::vector<uint8_t> b;
+      std::vector<float> sb;
+      for (int e = 0; e < L; ++e) {
+        std::vector<float> we(H * H);
+        for (float& v : we) v = 0.05f * normal(rng);
+        const QuantizedMatrix q = quantize(we.data(), H, H, H, ScaleGranularity::k128x128, {});
+        b.insert(b.end(), q.codes.begin(), q.codes.end());
+        sb.insert(sb.end(), q.scales.begin(), q.scales.end());
+      }
+      d.b = to_device(devices[r], b);
+      d.sb = to_device(devices[r], sb);
+      for (float** sa : {&d.sa_e, &d.sa_g})
+        *sa = to_device(devices[r], std::vector<float>(KB * padded_rows(bound)));
+      for (uint16_t** y : {&d.y_e, &d.y_g})
+        *y = to_device(devices[r], std::vector<uint16_t>(bound * H));
+      for (uint16_t** o : {&d.out_e, &d.out_g})
+        *o = to_device(devices[r], std::vector<uint16_t>(cfg.max_tokens_per_rank * H));
+      dev.push_back(d);
+    }
+  }
+  ~GatheredVsExpanded() {
+    for (size_t r = 0; r < dev.size(); ++r) {
+      cudaSetDevice(devices[r]);
+      cudaStreamSynchronize(dev[r].stream);
+      free_inputs(static_cast<int>(r));
+      for (void* p : {static_cast<void*>(dev[r].y_e), static_cast<void*>(dev[r].y_g),
+                      static_cast<void*>(dev[r].out_e), static_cast<void*>(dev[r].out_g),
+                      static_cast<void*>(dev[r].sa_e), static_cast<void*>(dev[r].sa_g),
+                      static_cast<void*>(dev[r].sb), static_cast<void*>(dev[r].b)})
+        cudaFree(p);
+      cudaStreamDestroy(dev[r].stream);
+    }
+  }
+  void free_inputs(int r) {
+    cudaFree(dev[r].x);
+    cudaFree(dev[r].idx);
+    cudaFree(dev[r].w);
+    dev[r].x = nullptr;
+    dev[r].idx = nullptr;
+    dev[r].w = nullptr;
+  }
+  void set_inputs(const std::vector<int64_t>& tokens, testing::Routing routing, uint64_t seed) {
+    in = testing::make_inputs(cfg, tokens, routing, seed);
+    for (int r = 0; r < cfg.num_ranks; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      FM_CHECK_CUDA(cudaStreamSynchronize(dev[r].stream));
+      free_inputs(r);
+      dev[r].x = to_device(devices[r], in[r].x);
+      dev[r].idx = to_device(devices[r], in[r].idx);
+      dev[r].w = to_device(devices[r], in[r].w);
+    }
+  }
+  void sync(DeviceEpGroup& g) {
+    for (int r = 0; r < cfg.num_ranks; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      FM_CHECK_CUDA(cudaStreamSynchronize(dev[r].stream));
+    }
+    g.check();
+  }
+  // One layer through a group, phase by phase (ranks sharing a GPU must not spin on SMs a peer's
+  // GEMM needs); the NCCL calls of all ranks of a phase in one group (one thread drives them).
+  void layer(bool gather) {
+    DeviceEpGroup& g = gather ? *gathered : *expanded;
+    const int R = cfg.num_ranks, L = cfg.experts_per_rank();
+    const int64_t H = cfg.hidden, KB = H / 128, bound = cfg.row_bound();
+    if (nccl) nccl_group_start();
+    for (int r = 0; r < R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      g.rank(r).dispatch_send({in[r].tokens, dev[r].x, dev[r].idx, dev[r].w}, dev[r].stream);
+    }
+    if (nccl) nccl_group_end();
+    for (int r = 0; r < R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      g.rank(r).dispatch_recv(dev[r].stream);
+    }
+    sync(g);
+    for (int r = 0; r < R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      const DeviceRecvView v = g.rank(r).view();
+      Dev& d = dev[r];
+      uint16_t* y = gather ? d.y_g : d.y_e;
+      FM_CHECK_CUDA(cudaMemsetAsync(y, 0xFF, bound * H * 2, d.stream));  // NaN poison
+      if (gather) {
+        ASSERT_NE(v.row_record, nullptr);
+        ASSERT_EQ(v.record_rows, static_cast<int64_t>(R) * cfg.max_tokens_per_rank);
+        // The scales sit in each record after its H codes.
+        kernels::gather_scales_to_mn_major(reinterpret_cast<const float*>(v.records + H),
+                                           v.record_stride / 4, v.row_record, bound, KB, d.sa_g,
+                                           d.stream);
+        kernels::fp8_gemm_nt_grouped_contiguous_gathered(
+            {v.records, v.record_rows, v.record_stride, v.row_record}, d.sa_g, d.b, d.sb,
+            reinterpret_cast<bf16*>(y), v.m_indices, bound, H, H, L, d.stream);
+      } else {
+        ASSERT_EQ(v.row_record, nullptr);
+        kernels::scales_to_mn_major(v.x_scales, 1, bound, KB, d.sa_e, d.stream);
+        kernels::fp8_gemm_nt_grouped_contiguous(static_cast<const uint8_t*>(v.x), d.sa_e, d.b, d.sb,
+                                                reinterpret_cast<bf16*>(y), v.m_indices, bound, H,
+                                                H, L, d.stream);
+      }
+    }
+    sync(g);
+    if (nccl) nccl_group_start();
+    for (int r = 0; r < R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      uint16_t* out = gather ? dev[r].out_g : dev[r].out_e;
+      FM_CHECK_CUDA(
+          cudaMemsetAsync(out, 0xFF, std::max<int64_t>(1, in[r].tokens) * H * 2, dev[r].stream));
+      g.rank(r).combine_send(gather ? dev[r].y_g : dev[r].y_e, dev[r].stream);
+    }
+    if (nccl) nccl_group_end();
+    for (int r = 0; r < R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      g.rank(r).combine_recv(gather ? dev[r].out_g : dev[r].out_e, dev[r].stream);
+    }
+    sync(g);
+  }
+  // Compares the round's two paths on every rank (call after layer(false) and layer(true); the
+  // records and layout views stay valid: no dispatch_send has run since).
+  void compare(const std::string& what) {
+    const int R = cfg.num_ranks;
+    const int64_t H = cfg.hidden, SC = H / 128, bound = cfg.row_bound(),
+                  Tmax = cfg.max_tokens_per_rank;
+    for (int r = 0; r < R; ++r) {
+      SCOPED_TRACE(what + ", rank " + std::to_string(r));
+      const int dv = devices[r];
+      const DeviceRecvView ve = expanded->rank(r).view(), vg = gathered->rank(r).view();
+      const auto m_e = to_host(dv, ve.m_indices, bound), m_g = to_host(dv, vg.m_indices, bound);
+      ASSERT_EQ(m_g, m_e);
+      const auto row_src = to_host(dv, vg.row_src, bound);
+      const auto row_record = to_host(dv, vg.row_record, bound);
+      const auto recv_count = to_host(dv, vg.recv_count, R);
+      const int64_t P = vg.record_stride;
+      ASSERT_EQ(P % 16, 0);
+      ASSERT_GE(P, H + SC * 4);
+      const auto records = to_host(dv, vg.records, vg.record_rows * P);
+      const auto x_e = to_host(dv, static_cast<const uint8_t*>(ve.x), bound * H);
+      const auto s_e = to_host(dv, ve.x_scales, bound * SC);
+      const auto y_e = to_host(dv, dev[r].y_e, bound * H), y_g = to_host(dv, dev[r].y_g, bound * H);
+      std::vector<int64_t> roff(R + 1, 0);
+      for (int s = 0; s < R; ++s) roff[s + 1] = roff[s] + recv_count[s];
+      int64_t used = 0;
+      for (int64_t row = 0; row < bound; ++row) {
+        if (m_e[row] < 0) {
+          ASSERT_EQ(row_record[row], -1) << "padding row " << row;
+          continue;
+        }
+        ++used;
+        // row_record names the slot of row_src's token: s * Tmax + (compact index - roff[s]).
+        const int64_t i = row_src[row] / cfg.top_k;
+        int s = 0;
+        while (roff[s + 1] <= i) ++s;
+        ASSERT_EQ(row_record[row], s * Tmax + (i - roff[s])) << "row " << row;
+        const uint8_t* rec = records.data() + row_record[row] * P;
+        ASSERT_TRUE(std::equal(rec, rec + H, x_e.begin() + row * H)) << "codes of row " << row;
+        ASSERT_EQ(std::memcmp(rec + H, s_e.data() + row * SC, SC * 4), 0)
+            << "scales of row " << row;
+        ASSERT_TRUE(
+            std::equal(y_g.begin() + row * H, y_g.begin() + (row + 1) * H, y_e.begin() + row * H))
+            << "expert outputs of row " << row;
+      }
+      ASSERT_GT(used, 0);
+      ASSERT_EQ(to_host(dv, dev[r].out_g, in[r].tokens * H),
+                to_host(dv, dev[r].out_e, in[r].tokens * H))
+          << "combine output";
+      std::printf("%s, rank %d: %lld expert rows, gathered path == expanded path bit for bit\n",
+                  what.c_str(), r, static_cast<long long>(used));
+    }
+  }
+};
+
+void run_gathered_vs_expanded(const std::vector<int>& devices, Wire wire, const char* name) {
+  const int R = static_cast<int>(devices.size());
+  const EpConfig cfg = layer_config(R);
+  GatheredVsExpanded t(cfg, devices, wire, 21);
+  // Round 2: other counts (a rank's rows shrink, so stale rows past the layout must read -1)
+  // and dropped slots.
+  const std::vector<std::pair<std::vector<int64_t>, testing::Routing>> rounds = {
+      {{384, 257, 300, 64}, testing::Routing::kRandom},
+      {{100, 384, 0, 384}, testing::Routing::kHoles}};
+  for (size_t round = 0; round < rounds.size(); ++round) {
+    std::vector<int64_t> tokens(rounds[round].first.begin(), rounds[round].first.begin() + R);
+    t.set_inputs(tokens, rounds[round].second, 31 + round);
+    t.layer(false);
+    if (::testing::Test::HasFatalFailure()) return;
+    t.layer(true);
+    if (::testing::Test::HasFatalFailure()) return;
+    t.compare(std::string(name) + ", round " + std::to_string(round));
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathTwoGpus) {
+  if (gpu_count() < 2) GTEST_SKIP() << "needs 2 GPUs";
+  run_gathered_vs_expanded({0, 1}, Wire::kNvlink, "2 GPUs, NVLink");
+}
+
+TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathNccl) {
+  if (gpu_count() < 2 || !nccl_available()) GTEST_SKIP() << "needs 2 GPUs and NCCL";
+  run_gathered_vs_expanded({0, 1}, Wire::kNccl, "2 GPUs, NCCL");
+}
+
+TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathRanksSharingAGpu) {
+  run_gathered_vs_expanded({0, 0, 0}, Wire::kNvlink, "3 ranks on GPU 0");
 }
 
 }  // namespace

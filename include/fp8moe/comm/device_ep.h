@@ -59,7 +59,8 @@ struct DeviceEpOptions {
   // 64 (num_blocks) 619.4: not monotonic, so no rule from it yet; 0 stays the default.
   int combine_blocks = 0;
   // Copy payload rows into the grouped layout. Off, dispatch leaves the payload in the source
-  // regions (row_src says where each row's token is) and only builds the layout.
+  // regions (row_src says where each row's token is) and only builds the layout; a grouped GEMM
+  // then reads its rows from the records (DeviceRecvView::records, row_record).
   bool expand_payload = true;
   // Transport granularity: a sender publishes its records in chunks of this many tokens (combine:
   // of this many received records), each with its own release flag, and the receiver expands or
@@ -278,6 +279,27 @@ struct DeviceRecvView {
   const void* x = nullptr;                  // [row bound, H] BF16 or E4M3 codes
   const float* x_scales = nullptr;          // [row bound, H/128] (FP8)
   const int64_t* status = nullptr;          // [0] rows_needed, [1] overflow, [2] tokens received
+  // The received records as a row array a grouped GEMM can gather its A rows from
+  // (kernels::GatheredRows: base records, rows record_rows, stride record_stride, index
+  // row_record), so that dispatch can stop at the layout. Record slot q = s * Tmax + j holds the
+  // j-th token that source s sent here: H payload bytes (E4M3 codes, or BF16 as 2H bytes), then
+  // with FP8 its H/128 float scales at byte H (kernels::gather_scales_to_mn_major reads them from
+  // records + H with in_stride record_stride / 4 floats). record_stride (P) is a multiple of 16
+  // and records is 256-byte aligned. row_record[row]: the slot of the row's token, -1 on padding
+  // rows and rows past the layout (as row_src). Valid as row_src's rows are (above: until the
+  // sources' next dispatch_send).
+  // Provided with expand_payload off by the normal kernels of one node, both wires (NVLink: the
+  // sources store their records into this rank's source regions; NCCL: the exchange receives
+  // source s's region into the same slots), grouped or masked layout. Null (0) elsewhere: with
+  // expand_payload on (dispatch_direct_rows writes the payload straight into x, so the source
+  // regions do not hold every record), on the low-latency kernels (masked layout; they place rows
+  // in place_record, not scatter_record), and on the two-stage route (several nodes: its records
+  // land in its own r_rec regions in the same slot order, but k_fwd_recv does not write
+  // row_record yet).
+  const uint8_t* records = nullptr;     // record slot 0
+  int64_t record_stride = 0;            // bytes between slots (P)
+  int64_t record_rows = 0;              // slots: R * Tmax
+  const int32_t* row_record = nullptr;  // [row bound]
 };
 
 // One rank: its workspace on `device`, its stream-ordered operations.
