@@ -12,10 +12,13 @@
 #      processes alternated: scripts/comm/ep_ab_builds.sh), so that a regression of the merged
 #      tree shows up in the run that validates it
 #   2c. with FULL_NVLINK="<nvlink_bench arguments>", the NVLink transport bench on GPUs 0 and 1
+#   2d. with FULL_MOE_FORWARD="<moe_forward_bench arguments>", the forward up to the expert GEMM
+#      (expanded against gathered path) on GPUs 0 and 1
 #   3. with 4 or more GPUs, the EP suite's benches on every GPU (A/B of FULL_AB_ALL if set, the
 #      defaults; the two-stage route if FULL_XNODE is set, e.g. "2")
 # Outputs: $OUT/tests.tgz (test logs), $OUT/x2/ep_suite.tgz, $OUT/xN/ep_suite.tgz, $OUT/gemm.tgz,
-# $OUT/prev_ab.tgz, $OUT/nvlink.tgz: six files, under the device's limit of 8 per call.
+# $OUT/prev_ab.tgz, $OUT/nvlink.tgz, $OUT/moe_forward.tgz: seven files, under the device's limit
+# of 8 per call.
 # gemm_bench rows carry the SM clock; when it ran beside the EP benches, compare its ratios (ours /
 # cuBLASLt of the same run), not its absolute times, with runs on an idle host. FP8MOE_COMMIT
 # names the build in every row. NCCL_NVLS_ENABLE=0 throughout.
@@ -58,7 +61,7 @@ for t in test_comm_gpu test_kernels_gpu test_moe_gpu; do summary "$logs/$t.log";
 echo "== [$(el) s] phase 2: EP benches on GPUs 0,1; gemm_bench on GPU $last"
 gemm_dir=$(mktemp -d)
 gemm_bench() {
-  CUDA_VISIBLE_DEVICES=$last timeout 240 "$bin/gemm_bench" --out "$gemm_dir/gemm.jsonl" \
+  CUDA_VISIBLE_DEVICES=$last timeout 300 "$bin/gemm_bench" --out "$gemm_dir/gemm.jsonl" \
     > "$gemm_dir/gemm_bench.log" 2>&1
   echo "gemm_bench rc=$?" > "$gemm_dir/rc.txt"
   tar czf "$out/gemm.tgz" -C "$gemm_dir" .
@@ -101,6 +104,18 @@ if [[ -n ${FULL_NVLINK:-} ]]; then
   echo "nvlink_bench rc=$?"
   sed -n '/^# summary/,$p' "$nv_dir/nvlink_bench.log" | head -40
   tar czf "$out/nvlink.tgz" -C "$nv_dir" .
+fi
+
+if [[ -n ${FULL_MOE_FORWARD:-} ]]; then
+  echo "== [$(el) s] phase 2d: moe_forward_bench $FULL_MOE_FORWARD on GPUs 0,1"
+  mf_dir=$(mktemp -d)
+  # shellcheck disable=SC2086 # FULL_MOE_FORWARD is a list of arguments
+  CUDA_VISIBLE_DEVICES=0,1 timeout 150 "$bin/moe_forward_bench" $FULL_MOE_FORWARD \
+    --out "$mf_dir/moe_forward.jsonl" --date "$(date -u +%F)" \
+    ${FP8MOE_COMMIT:+--commit "$FP8MOE_COMMIT"} > "$mf_dir/moe_forward_bench.log" 2>&1
+  echo "moe_forward_bench rc=$?"
+  grep -v "^round" "$mf_dir/moe_forward_bench.log" | tail -12
+  tar czf "$out/moe_forward.tgz" -C "$mf_dir" .
 fi
 
 if ((gpus >= 4)); then

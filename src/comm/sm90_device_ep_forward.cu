@@ -206,6 +206,15 @@ Lay make_lay(const Geo& g) {
   l.total = at;
   return l;
 }
+// The row_record table ([bound] int32, DeviceRecvView::row_record) follows the layout at `total`
+// rather than being a Lay field, which would move every later member of Args and so every
+// kernel's parameter loads (the single-node layout does the same: row_record_offset).
+__host__ __device__ inline size_t fwd_row_record_offset(const Lay& l) {
+  return l.total;
+}
+inline size_t fwd_workspace_bytes(const Geo& g, const Lay& l) {
+  return fwd_row_record_offset(l) + (static_cast<size_t>(g.bound) * 4 + 255) / 256 * 256;
+}
 
 struct Args {
   Geo g;
@@ -722,6 +731,7 @@ __global__ void __launch_bounds__(kThreads) k_fwd_recv(Args a) {
             offs[e] + base[s * g.L + e] + __ldcg(at<int32_t>(a.my, a.l.r_pos) + slot * g.K + lane);
         at<int32_t>(a.my, a.l.m_indices)[row] = e;
         at<int32_t>(a.my, a.l.row_src)[row] = static_cast<int32_t>(i * g.K + lane);
+        at<int32_t>(a.my, fwd_row_record_offset(a.l))[row] = static_cast<int32_t>(slot);
         at<float>(a.my, a.l.row_weight)[row] = __ldcg(at<float>(a.my, a.l.r_w) + slot * g.K + lane);
         at<int32_t>(a.my, a.l.token_rows)[slot * g.K + lane] = row;
       }
@@ -1026,8 +1036,9 @@ ForwardEpRank::ForwardEpRank(const EpConfig& cfg, int rank, int device, const De
   m.blocks = sharing > 1 ? std::min(opt.num_blocks, cap) : std::min(opt.num_blocks, sms);
   m.wide = sharing > 1 ? cap : sms;
   if (opt.recv_blocks > 0) m.wide = std::min(opt.recv_blocks, m.wide);
-  FM_CHECK_CUDA(cudaMalloc(&m.ws, m.l.total));
-  FM_CHECK_CUDA(cudaMemset(m.ws, 0, m.l.total));
+  FM_CHECK_CUDA(cudaMalloc(&m.ws, fwd_workspace_bytes(m.g, m.l)));
+  FM_CHECK_CUDA(cudaMemset(m.ws, 0, fwd_workspace_bytes(m.g, m.l)));
+  FM_CHECK_CUDA(cudaMemset(m.ws + fwd_row_record_offset(m.l), 0xFF, m.g.bound * 4));
   if (opt.wire == Wire::kNccl) {
     FM_CHECK_CUDA(cudaMalloc(&m.send_ws, m.l.net_end));
     FM_CHECK_CUDA(cudaMemset(m.send_ws, 0, m.l.net_end));
@@ -1144,6 +1155,7 @@ void ForwardEpRank::dispatch_recv(cudaStream_t stream) {
   m.launch(k_fwd_forward, m.wide, 0, stream, a);
   FM_CHECK_CUDA(cudaMemsetAsync(m.ws + m.l.m_indices, 0xFF, m.g.bound * 4, stream));
   FM_CHECK_CUDA(cudaMemsetAsync(m.ws + m.l.row_src, 0xFF, m.g.bound * 4, stream));
+  FM_CHECK_CUDA(cudaMemsetAsync(m.ws + fwd_row_record_offset(m.l), 0xFF, m.g.bound * 4, stream));
   FM_CHECK_CUDA(cudaMemsetAsync(m.ws + m.l.token_rows, 0xFF,
                                 static_cast<size_t>(m.g.R) * m.g.Tmax * m.g.K * 4, stream));
   m.launch(k_fwd_recv, m.wide, recv_smem(m.g), stream, a);
@@ -1182,6 +1194,13 @@ DeviceRecvView ForwardEpRank::view() const {
   v.x = m.ws + m.l.gx;
   v.x_scales = m.g.fp8 ? reinterpret_cast<const float*>(m.ws + m.l.gscales) : nullptr;
   v.status = reinterpret_cast<const int64_t*>(m.ws + m.l.status);
+  // The records reach their final rank in r_rec, in the single-node slot order s * Tmax + j.
+  if (!m.opt.expand_payload) {
+    v.records = reinterpret_cast<const uint8_t*>(m.ws + m.l.r_rec);
+    v.record_stride = m.g.P;
+    v.record_rows = static_cast<int64_t>(m.g.R) * m.g.Tmax;
+    v.row_record = reinterpret_cast<const int32_t*>(m.ws + fwd_row_record_offset(m.l));
+  }
   return v;
 }
 

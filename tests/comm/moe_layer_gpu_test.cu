@@ -497,9 +497,12 @@ struct GatheredVsExpanded {
   }
 };
 
-void run_gathered_vs_expanded(const std::vector<int>& devices, Wire wire, const char* name) {
+// gpus_per_node > 0: "nodes" of that many ranks, so every call takes the two-stage route.
+void run_gathered_vs_expanded(const std::vector<int>& devices, Wire wire, const char* name,
+                              int gpus_per_node = 0) {
   const int R = static_cast<int>(devices.size());
-  const EpConfig cfg = layer_config(R);
+  EpConfig cfg = layer_config(R);
+  cfg.gpus_per_node = gpus_per_node;
   GatheredVsExpanded t(cfg, devices, wire, 21);
   // Round 2: other counts (a rank's rows shrink, so stale rows past the layout must read -1)
   // and dropped slots.
@@ -530,6 +533,14 @@ TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathNccl) {
 
 TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathRanksSharingAGpu) {
   run_gathered_vs_expanded({0, 0, 0}, Wire::kNvlink, "3 ranks on GPU 0");
+}
+
+TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathTwoStageRoute) {
+  // Two "nodes" of two ranks, one node per GPU where there are two: the records reach their
+  // rank through the forwarder (k_fwd_recv writes row_record).
+  const std::vector<int> devices =
+      gpu_count() >= 2 ? std::vector<int>{0, 0, 1, 1} : std::vector<int>{0, 0, 0, 0};
+  run_gathered_vs_expanded(devices, Wire::kNvlink, "2 nodes of 2 ranks", 2);
 }
 
 }  // namespace

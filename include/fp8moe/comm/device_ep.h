@@ -288,14 +288,14 @@ struct DeviceRecvView {
   // and records is 256-byte aligned. row_record[row]: the slot of the row's token, -1 on padding
   // rows and rows past the layout (as row_src). Valid as row_src's rows are (above: until the
   // sources' next dispatch_send).
-  // Provided with expand_payload off by the normal kernels of one node, both wires (NVLink: the
-  // sources store their records into this rank's source regions; NCCL: the exchange receives
-  // source s's region into the same slots), grouped or masked layout. Null (0) elsewhere: with
-  // expand_payload on (dispatch_direct_rows writes the payload straight into x, so the source
-  // regions do not hold every record), on the low-latency kernels (masked layout; they place rows
-  // in place_record, not scatter_record), and on the two-stage route (several nodes: its records
-  // land in its own r_rec regions in the same slot order, but k_fwd_recv does not write
-  // row_record yet).
+  // Provided with expand_payload off by the normal kernels, grouped or masked layout: one node,
+  // both wires (NVLink: the sources store their records into this rank's source regions; NCCL:
+  // the exchange receives source s's region into the same slots), and the two-stage route
+  // (several nodes, either wire: the forwarders store the records into this rank's receive
+  // regions in the same slot order). Null (0) elsewhere: with expand_payload on
+  // (dispatch_direct_rows writes the payload straight into x, so the source regions do not hold
+  // every record) and on the low-latency kernels (masked layout; they place rows in
+  // place_record, not scatter_record).
   const uint8_t* records = nullptr;     // record slot 0
   int64_t record_stride = 0;            // bytes between slots (P)
   int64_t record_rows = 0;              // slots: R * Tmax
