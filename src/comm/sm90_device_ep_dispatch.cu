@@ -1106,7 +1106,8 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
             __ldcg(at<int32_t>(a.my, a.lay.topk_pos) + slot * g.K + lane);
       at<int32_t>(a.my, a.lay.m_indices)[row] = e;
       at<int32_t>(a.my, a.lay.row_src)[row] = static_cast<int32_t>(i * g.K + lane);
-      at<int32_t>(a.my, row_record_offset(a.lay))[row] = static_cast<int32_t>(slot);
+      // Only the layout-only dispatch exposes row_record (the expanding one pays nothing for it).
+      if (!a.expand) at<int32_t>(a.my, row_record_offset(a.lay))[row] = static_cast<int32_t>(slot);
       at<float>(a.my, a.lay.row_weight)[row] =
           __ldcg(at<float>(a.my, a.lay.weight) + slot * g.K + lane);
     }
@@ -1219,7 +1220,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
         if (row < r.offs[e + 1]) {
           m_indices[row] = -1;
           row_src[row] = -1;
-          row_record[row] = -1;
+          if (!a.expand) row_record[row] = -1;
         }
       }
     }
@@ -1227,7 +1228,7 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
          row += nthreads) {
       m_indices[row] = -1;
       row_src[row] = -1;
-      row_record[row] = -1;
+      if (!a.expand) row_record[row] = -1;
     }
   }
   const int warp = threadIdx.x >> 5;

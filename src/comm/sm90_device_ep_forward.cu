@@ -731,7 +731,8 @@ __global__ void __launch_bounds__(kThreads) k_fwd_recv(Args a) {
             offs[e] + base[s * g.L + e] + __ldcg(at<int32_t>(a.my, a.l.r_pos) + slot * g.K + lane);
         at<int32_t>(a.my, a.l.m_indices)[row] = e;
         at<int32_t>(a.my, a.l.row_src)[row] = static_cast<int32_t>(i * g.K + lane);
-        at<int32_t>(a.my, fwd_row_record_offset(a.l))[row] = static_cast<int32_t>(slot);
+        if (!a.expand)
+          at<int32_t>(a.my, fwd_row_record_offset(a.l))[row] = static_cast<int32_t>(slot);
         at<float>(a.my, a.l.row_weight)[row] = __ldcg(at<float>(a.my, a.l.r_w) + slot * g.K + lane);
         at<int32_t>(a.my, a.l.token_rows)[slot * g.K + lane] = row;
       }
@@ -1155,7 +1156,8 @@ void ForwardEpRank::dispatch_recv(cudaStream_t stream) {
   m.launch(k_fwd_forward, m.wide, 0, stream, a);
   FM_CHECK_CUDA(cudaMemsetAsync(m.ws + m.l.m_indices, 0xFF, m.g.bound * 4, stream));
   FM_CHECK_CUDA(cudaMemsetAsync(m.ws + m.l.row_src, 0xFF, m.g.bound * 4, stream));
-  FM_CHECK_CUDA(cudaMemsetAsync(m.ws + fwd_row_record_offset(m.l), 0xFF, m.g.bound * 4, stream));
+  if (!m.opt.expand_payload)  // row_record is exposed (and written) only without the expansion
+    FM_CHECK_CUDA(cudaMemsetAsync(m.ws + fwd_row_record_offset(m.l), 0xFF, m.g.bound * 4, stream));
   FM_CHECK_CUDA(cudaMemsetAsync(m.ws + m.l.token_rows, 0xFF,
                                 static_cast<size_t>(m.g.R) * m.g.Tmax * m.g.K * 4, stream));
   m.launch(k_fwd_recv, m.wide, recv_smem(m.g), stream, a);
