@@ -51,6 +51,7 @@
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
+#include "gated_timing.cuh"
 
 #if defined(FP8MOE_HAVE_NCCL)
 #include <nccl.h>
@@ -204,11 +205,6 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-__global__ void k_gate(const volatile int* flag, int value) {
-  while (*flag < value) {
-  }
-}
-
 __global__ void k_fill_bf16(uint16_t* y, int64_t n, uint32_t seed) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -268,29 +264,7 @@ struct World {
       FM_CHECK_CUDA(cudaStreamSynchronize(r.stream));
     }
     for (int it = 0; it < warmup + iters; ++it) {
-      ++gate_value;
-      for (auto& r : ranks) {
-        FM_CHECK_CUDA(cudaSetDevice(r.device));
-        if (!opt.ncu) {  // a profiler serialises kernels: a gate would never open
-          k_gate<<<1, 1, 0, r.stream>>>(gate_host, gate_value);
-          FM_CHECK_LAUNCH();
-        }
-        FM_CHECK_CUDA(cudaEventRecord(r.start, r.stream));
-      }
-      enqueue();
-      for (auto& r : ranks) {
-        FM_CHECK_CUDA(cudaSetDevice(r.device));
-        FM_CHECK_CUDA(cudaEventRecord(r.end, r.stream));
-      }
-      __atomic_store_n(gate_host, gate_value, __ATOMIC_RELEASE);
-      double worst = 0;
-      for (auto& r : ranks) {
-        FM_CHECK_CUDA(cudaSetDevice(r.device));
-        FM_CHECK_CUDA(cudaEventSynchronize(r.end));
-        float ms = 0;
-        FM_CHECK_CUDA(cudaEventElapsedTime(&ms, r.start, r.end));
-        worst = std::max(worst, 1000.0 * ms);
-      }
+      const double worst = bench::gated_slowest_us(ranks, gate_host, gate_value, !opt.ncu, enqueue);
       if (it >= warmup) samples.push_back(worst);
     }
     std::sort(samples.begin(), samples.end());
@@ -1439,9 +1413,7 @@ int main(int argc, char** argv) {
       FM_CHECK_CUDA(cudaEventCreate(&k.end));
       w.ranks.push_back(k);
     }
-    FM_CHECK_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&w.gate_host), sizeof(int),
-                                cudaHostAllocMapped | cudaHostAllocPortable));
-    *w.gate_host = 0;
+    w.gate_host = bench::alloc_gate_flag();
     if (!w.opt.out.empty()) {
       w.out = std::fopen(w.opt.out.c_str(), "a");
       FM_CHECK_ARG(w.out, "cannot open ", w.opt.out);

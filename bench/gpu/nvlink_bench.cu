@@ -29,6 +29,7 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
+#include "gated_timing.cuh"
 
 namespace {
 
@@ -186,11 +187,6 @@ std::vector<std::string> sweep(bool quick) {
   return ok;
 }
 
-__global__ void k_gate(const volatile int* flag, int value) {
-  while (*flag < value) {
-  }
-}
-
 __global__ void k_fill(uint32_t* p, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -331,7 +327,7 @@ struct Bench {
           FM_CHECK_CUDA(cudaSetDevice(g->dev));
           FM_CHECK_CUDA(cudaMemsetAsync(g->stats, 0, 3 * sizeof(unsigned long long), g->bg));
           FM_CHECK_CUDA(cudaMemsetAsync(g->stop, 0, sizeof(int), g->bg));
-          k_gate<<<1, 1, 0, g->bg>>>(gate, gate_value);
+          bench::k_gate<<<1, 1, 0, g->bg>>>(gate, gate_value);
           FM_CHECK_LAUNCH();
           k_hbm_traffic<<<hbm, 512, 0, g->bg>>>(g->hbm, g->hbm_half_vec, g->stop, g->stats);
           FM_CHECK_LAUNCH();
@@ -339,7 +335,7 @@ struct Bench {
       }
       for (Gpu* g : runners) {
         FM_CHECK_CUDA(cudaSetDevice(g->dev));
-        k_gate<<<1, 1, 0, g->s>>>(gate, gate_value);
+        bench::k_gate<<<1, 1, 0, g->s>>>(gate, gate_value);
         FM_CHECK_LAUNCH();
         FM_CHECK_CUDA(cudaEventRecord(g->start, g->s));
       }
@@ -610,9 +606,7 @@ int main(int argc, char** argv) {
     FM_CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
     bench.gpu_name = prop.name;
     enable_peers(bench.gpus);
-    FM_CHECK_CUDA(
-        cudaHostAlloc(&bench.gate, sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable));
-    *bench.gate = 0;
+    bench.gate = fp8moe::bench::alloc_gate_flag();
     if (!bench.opt.out.empty()) {
       bench.out = std::fopen(bench.opt.out.c_str(), "w");
       FM_CHECK_ARG(bench.out != nullptr, "nvlink_bench: cannot write ", bench.opt.out);
