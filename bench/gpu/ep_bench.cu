@@ -1408,9 +1408,7 @@ int main(int argc, char** argv) {
       // are GPUs.
       k.device = w.opt.gpus_per_node > 0 ? r / w.opt.ranks_per_gpu : r % w.gpus;
       FM_CHECK_CUDA(cudaSetDevice(k.device));
-      FM_CHECK_CUDA(cudaStreamCreateWithFlags(&k.stream, cudaStreamNonBlocking));
-      FM_CHECK_CUDA(cudaEventCreate(&k.start));
-      FM_CHECK_CUDA(cudaEventCreate(&k.end));
+      bench::create_timed_stream(k);
       w.ranks.push_back(k);
     }
     w.gate_host = bench::alloc_gate_flag();

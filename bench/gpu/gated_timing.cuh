@@ -20,6 +20,15 @@ __global__ void k_gate(const volatile int* flag, int value) {
   }
 }
 
+// A rank's timing resources on its (current) device: a non-blocking stream and the two events
+// gated_slowest_us records on it.
+template <class Rank>
+void create_timed_stream(Rank& r) {
+  FM_CHECK_CUDA(cudaStreamCreateWithFlags(&r.stream, cudaStreamNonBlocking));
+  FM_CHECK_CUDA(cudaEventCreate(&r.start));
+  FM_CHECK_CUDA(cudaEventCreate(&r.end));
+}
+
 // The flag the gate kernels spin on: mapped, portable (every device polls it), starting at 0.
 inline int* alloc_gate_flag() {
   int* flag = nullptr;

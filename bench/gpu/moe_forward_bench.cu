@@ -447,9 +447,7 @@ int main(int argc, char** argv) {
       Rank k;
       k.device = r;
       FM_CHECK_CUDA(cudaSetDevice(r));
-      FM_CHECK_CUDA(cudaStreamCreateWithFlags(&k.stream, cudaStreamNonBlocking));
-      FM_CHECK_CUDA(cudaEventCreate(&k.start));
-      FM_CHECK_CUDA(cudaEventCreate(&k.end));
+      bench::create_timed_stream(k);
       w.ranks.push_back(k);
     }
     w.gate_host = bench::alloc_gate_flag();
