@@ -291,8 +291,8 @@ struct DeviceRecvView {
   // Provided with expand_payload off by the normal kernels, grouped or masked layout: one node,
   // both wires (NVLink: the sources store their records into this rank's source regions; NCCL:
   // the exchange receives source s's region into the same slots), and the two-stage route
-  // (several nodes, either wire: the forwarders store the records into this rank's receive
-  // regions in the same slot order). Null (0) elsewhere: with expand_payload on
+  // (several nodes: the records reach this rank's receive regions in the same slot order; its
+  // gathered-path test runs the NVLink wire). Null (0) elsewhere: with expand_payload on
   // (dispatch_direct_rows writes the payload straight into x, so the source regions do not hold
   // every record) and on the low-latency kernels (masked layout; they place rows in
   // place_record, not scatter_record).
