@@ -1199,9 +1199,24 @@ void bench_contiguous(Output& out, cudaStream_t stream, int64_t groups, int64_t 
 
 // ---- gathered contiguous: A rows read through a row index from received records ----
 // Records as the EP dispatch leaves them: each token once, its K codes then its KB row-major
-// scales, `stride` bytes apart (16 bytes of header room beside the scales).
-int64_t record_stride(int64_t k) {
-  return (k + 4 * (k / 128) + 16 + 15) / 16 * 16;
+// scales, `stride` bytes apart: DeviceEp's record_stride P = align_up(K + 4 KB, 16), 7392 at
+// K = 7168 and 2112 at 2048, so every row starts on a 32-byte sector. Other layouts (session 11,
+// dev/gemm/NOTES.md): `align` 128 starts every row on a 128-byte line; `header` 16 is this bench's
+// stride before session 11 (7408, 2128: rows 16 bytes off a sector on alternate records, which
+// cost the gathered GEMM ~6 % more than the EP's stride).
+int64_t record_stride(int64_t k, int64_t align = 16, int64_t header = 0) {
+  return (k + 4 * (k / 128) + header + align - 1) / align * align;
+}
+
+// FP8MOE_BENCH_GATHER_RECORDS (A/B, session 11): letters of more record layouts, each a gathered
+// row of its own rotated with the contiguous and the gathered GEMM on the EP's records, checked bit
+// for bit first: 'a' 128-byte stride, 'h' 16 bytes of header room (the bench's old stride).
+std::string gather_record_layouts() {
+  std::string out;
+  const char* list = std::getenv("FP8MOE_BENCH_GATHER_RECORDS");
+  for (const char* c = list != nullptr ? list : ""; *c != '\0'; ++c)
+    if ((*c == 'a' || *c == 'h') && out.find(*c) == std::string::npos) out += *c;
+  return out;
 }
 
 // One block per source row: codes from A [rows, k], scales from the M-major sa [kb][padded].
@@ -1232,13 +1247,18 @@ __global__ void materialise_rows_kernel(const uint8_t* rec, int64_t stride, cons
 // 5, each order in turn), medians; the outputs must be bit-identical (else the bench fails). Each
 // source row feeds 4 logical rows in random order (top-8 routing over 2 ranks: ~4 of a token's
 // experts per rank). Also times gather_scales_to_mn_major (records -> the logical rows' sa).
+// `profile` (--profile-gathered): one set, one launch of each form and record layout, for ncu.
 void bench_gathered(Output& out, cudaStream_t stream, int64_t groups, int64_t rows_per_group,
-                    int64_t n, int64_t k, uint64_t seed) {
+                    int64_t n, int64_t k, uint64_t seed, bool profile = false) {
   const int64_t m = groups * rows_per_group, src_rows = (m + 3) / 4, kb = k / 128;
   const int64_t stride = record_stride(k), pm = padded_rows(m);
+  const std::string layouts = gather_record_layouts();
+  const auto layout_stride = [&](char l) {
+    return l == 'a' ? record_stride(k, 128) : record_stride(k, 16, 16);
+  };
   const double flops = 2.0 * m * n * k;
   const int64_t bytes = m * k + groups * n * k;
-  const int sets = sets_for(bytes);
+  const int sets = profile ? 1 : sets_for(bytes);
   std::vector<int32_t> index(static_cast<size_t>(m)), layout(static_cast<size_t>(m));
   {
     std::vector<int32_t> pool;
@@ -1257,6 +1277,7 @@ void bench_gathered(Output& out, cudaStream_t stream, int64_t groups, int64_t ro
   struct Set {
     Fp8Set f;  // a, sa: the source rows; b, sb
     Dev<uint8_t> rec, a_mat;
+    std::vector<Dev<uint8_t>> rec_other;  // one per FP8MOE_BENCH_GATHER_RECORDS layout
     Dev<float> sa_log;
   };
   std::vector<Set> ss;
@@ -1271,6 +1292,13 @@ void bench_gathered(Output& out, cudaStream_t stream, int64_t groups, int64_t ro
     FM_CHECK_LAUNCH();
     materialise_rows_kernel<<<unsigned(m), 256>>>(x.rec.p, stride, di.p, k, x.a_mat.p);
     FM_CHECK_LAUNCH();
+    for (const char l : layouts) {
+      x.rec_other.emplace_back(size_t(src_rows * layout_stride(l)));
+      make_records_kernel<<<unsigned(src_rows), 256>>>(x.f.a.p, x.f.sa.p, src_rows,
+                                                       padded_rows(src_rows), k, layout_stride(l),
+                                                       x.rec_other.back().p);
+      FM_CHECK_LAUNCH();
+    }
     kernels::gather_scales_to_mn_major(reinterpret_cast<const float*>(x.rec.p + k), stride / 4,
                                        di.p, m, kb, x.sa_log.p, stream);
     FM_CHECK_CUDA(cudaStreamSynchronize(stream));
@@ -1297,6 +1325,26 @@ void bench_gathered(Output& out, cudaStream_t stream, int64_t groups, int64_t ro
                                                        ss[i].sa_log.p, ss[i].f.b.p, ss[i].f.sb.p,
                                                        d2.p, dl.p, m, n, k, groups, stream, force);
     };
+    // The gathered GEMM on the other record layouts (FP8MOE_BENCH_GATHER_RECORDS).
+    struct Timed {
+      char layout;
+      size_t slot;  // in Set::rec_other
+      std::vector<double> us, mhz, w;
+    };
+    std::vector<Timed> timed;
+    for (size_t j = 0; j < layouts.size(); ++j) timed.push_back({layouts[j], j, {}, {}, {}});
+    const auto gathered_with = [&](const Timed& x, int i) {
+      kernels::fp8_gemm_nt_grouped_contiguous_gathered(
+          {ss[i].rec_other[x.slot].p, src_rows, layout_stride(x.layout), di.p}, ss[i].sa_log.p,
+          ss[i].f.b.p, ss[i].f.sb.p, d2.p, dl.p, m, n, k, groups, stream, force);
+    };
+    if (profile) {
+      contiguous(0);
+      gathered(0);
+      for (const Timed& x : timed) gathered_with(x, 0);
+      FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+      continue;
+    }
     // Bit for bit, on every set's data.
     int64_t mismatches = 0;
     for (int i = 0; i < sets; ++i) {
@@ -1310,18 +1358,38 @@ void bench_gathered(Output& out, cudaStream_t stream, int64_t groups, int64_t ro
     }
     FM_CHECK(mismatches == 0, "gathered m=", m, " n=", n, " k=", k, ": ", mismatches,
              " outputs differ from the contiguous GEMM's");
+    for (const Timed& x : timed) {
+      int64_t bad = 0;
+      for (int i = 0; i < sets; ++i) {
+        FM_CHECK_CUDA(cudaMemsetAsync(d.p, 0xFF, d.n * sizeof(bf16), stream));
+        FM_CHECK_CUDA(cudaMemsetAsync(d2.p, 0xFF, d2.n * sizeof(bf16), stream));
+        contiguous(i);
+        gathered_with(x, i);
+        FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+        const std::vector<bf16> a = d.download(), b = d2.download();
+        for (size_t j = 0; j < a.size(); ++j) bad += a[j].bits != b[j].bits;
+      }
+      FM_CHECK(bad == 0, "gathered on records ", x.layout, " m=", m, " n=", n, " k=", k, ": ", bad,
+               " outputs differ from the contiguous GEMM's");
+    }
     const char* rounds_env = std::getenv("FP8MOE_BENCH_GROUPED_ROUNDS");
     const int rounds = rounds_env != nullptr ? std::max(2, std::atoi(rounds_env)) : 5;
     std::vector<double> us_c, us_g, mhz_c, w_c, mhz_g, w_g;
+    const int count = 2 + static_cast<int>(timed.size());
     g_clock.take();
     for (int round = 0; round < rounds; ++round)
-      for (int j = 0; j < 2; ++j) {
-        if ((j + round) % 2 == 0) {
+      for (int j = 0; j < count; ++j) {
+        const int v = (j + round) % count;
+        if (v == 0) {
           us_c.push_back(time_us(stream, sets, contiguous));
           keep_clock_sample(mhz_c, w_c);
-        } else {
+        } else if (v == 1) {
           us_g.push_back(time_us(stream, sets, gathered));
           keep_clock_sample(mhz_g, w_g);
+        } else {
+          Timed& x = timed[size_t(v - 2)];
+          x.us.push_back(time_us(stream, sets, [&](int i) { gathered_with(x, i); }));
+          keep_clock_sample(x.mhz, x.w);
         }
       }
     std::sort(us_c.begin(), us_c.end());
@@ -1374,7 +1442,35 @@ void bench_gathered(Output& out, cudaStream_t stream, int64_t groups, int64_t ro
                   spread(us_g).c_str());
     rg.note = buf;
     out.add(rg);
+    for (Timed& x : timed) {
+      std::sort(x.us.begin(), x.us.end());
+      const double v_med = median_or_none(x.us);
+      const std::string name = std::string("rec_") + x.layout;
+      const int64_t st = layout_stride(x.layout);
+      Row rv{"grouped_contiguous_gathered",
+             "fp8moe_gathered_" + name,
+             tile_g,
+             m,
+             n,
+             k,
+             groups,
+             v_med,
+             flops / v_med * 1e-6,
+             (bytes + 2.0 * m * n) / v_med * 1e-3};
+      rv.anchor = "contiguous_same_run";
+      rv.ratio_blockwise = v_med / c_med;
+      rv.sm_mhz = median_or_none(x.mhz);
+      rv.power_w = median_or_none(x.w);
+      std::snprintf(buf, sizeof buf,
+                    "%srecords %c, stride %lld, gathered/contiguous %.4f, /gathered on the EP's "
+                    "records %.4f, spread %s%%, bit-identical",
+                    forced_note, x.layout, (long long)st, v_med / c_med, v_med / g_med,
+                    spread(x.us).c_str());
+      rv.note = buf;
+      out.add(rv);
+    }
   }
+  if (profile) return;
   // The scale gather (records -> [kb][pad(M)]): reads M rows of kb floats, writes kb x pad(M).
   const double us_s = time_us(stream, sets, [&](int i) {
     kernels::gather_scales_to_mn_major(reinterpret_cast<const float*>(ss[i].rec.p + k), stride / 4,
@@ -1724,6 +1820,7 @@ int main(int argc, char** argv) {
   int64_t profile_shape[3] = {0, 0, 0};
   int64_t probe_shape[3] = {0, 0, 0};
   int64_t contiguous_shape[4] = {0, 0, 0, 0};
+  int64_t gathered_shape[4] = {0, 0, 0, 0};
   std::vector<std::array<int64_t, 2>> nk_list;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -1748,6 +1845,8 @@ int main(int argc, char** argv) {
       for (int j = 0; j < 3; ++j) probe_shape[j] = std::atoll(argv[++i]);
     } else if (a == "--profile-contiguous" && i + 4 < argc) {
       for (int j = 0; j < 4; ++j) contiguous_shape[j] = std::atoll(argv[++i]);
+    } else if (a == "--profile-gathered" && i + 4 < argc) {
+      for (int j = 0; j < 4; ++j) gathered_shape[j] = std::atoll(argv[++i]);
     } else if (a == "--nk" && i + 1 < argc) {
       // Comma-separated NxK dense shapes instead of the DeepSeek-V3 list, e.g. 256x128,7168x2048.
       const std::string list = argv[++i];
@@ -1767,6 +1866,7 @@ int main(int argc, char** argv) {
           "dense|grouped|contiguous|gathered|masked|wgrad] "
           "[--m 4096,128,64] "
           "[--quick] [--profile M N K] [--pdl-probe M N K] [--profile-contiguous G ROWS N K] "
+          "[--profile-gathered G ROWS N K] "
           "[--nk NxK,...]\n");
       return 2;
     }
@@ -1809,6 +1909,12 @@ int main(int argc, char** argv) {
     if (contiguous_shape[0] > 0) {
       profile_contiguous(stream, contiguous_shape[0], contiguous_shape[1], contiguous_shape[2],
                          contiguous_shape[3]);
+      return 0;
+    }
+    if (gathered_shape[0] > 0) {
+      // One launch of the contiguous GEMM, the gathered one and each extra record layout, for ncu.
+      bench_gathered(out, stream, gathered_shape[0], gathered_shape[1], gathered_shape[2],
+                     gathered_shape[3], 11, true);
       return 0;
     }
     if (nk_list.empty())
