@@ -459,7 +459,11 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // and Y, its acknowledgement with I too): "PCBDLQYZUIXOK:s2" = "default" (session 6's K,
 // combine_prefetch, never landed). Session 9 (ep11), the low-latency combine receive: H
 // ll_combine_own_narrow (only the low_latency rows move; the letter of an option removed from the
-// normal path, commit 0d66fed).
+// normal path, commit 0d66fed). Session 11 (ep14), the source-region send (the layout-only
+// dispatch's; lower case, the upper-case letters being taken): o layout_release_only, d
+// layout_claim_chunks (call 1's n layout_notify_block and m
+// layout_metadata_first measured no faster: docs/comm/runs/ep-s11-ep14-call1-onm.patch); the suffix
+// ":l96" sets the layout-only dispatch's send grid (DeviceEpOptions::layout_send_blocks).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -480,6 +484,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.recv_blocks = val;
     else if (key == 'g')
       v.opt.combine_blocks = val;
+    else if (key == 'l')
+      v.opt.layout_send_blocks = val;
     else if (key == 't')
       v.opt.combine_recv_tile = val;
     else if (key == 's')
@@ -535,6 +541,10 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.combine_release_only = true;
     else if (c == 'H')
       v.opt.ll_combine_own_narrow = true;
+    else if (c == 'o')
+      v.opt.layout_release_only = true;
+    else if (c == 'd')
+      v.opt.layout_claim_chunks = true;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown letter ", c);
   }

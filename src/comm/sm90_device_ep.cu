@@ -337,7 +337,7 @@ struct DeviceEpRank::Impl {
     a.my = ws;
     a.err = err_dev;
     a.rank = rank;
-    a.send_blocks = opt.num_blocks;
+    a.send_blocks = dispatch_send_grid(opt);
     a.timeout_ns = static_cast<unsigned long long>(cfg.timeout_s * 1e9);
     a.nccl = opt.wire == Wire::kNccl;
     a.direct = direct;
@@ -375,6 +375,8 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   FM_CHECK_ARG(opt.wire == Wire::kNvlink || (nccl_available() && opt.nccl_comm),
                "Wire::kNccl needs a build with NCCL and a communicator");
   FM_CHECK_ARG(opt.num_blocks >= 1, "num_blocks=", opt.num_blocks, " must be positive");
+  FM_CHECK_ARG(opt.layout_send_blocks >= 0, "layout_send_blocks=", opt.layout_send_blocks,
+               " must not be negative");
   FM_CHECK_ARG(opt.combine_blocks >= 0, "combine_blocks=", opt.combine_blocks,
                " must not be negative");
   FM_CHECK_ARG(opt.chunk_tokens >= 0, "chunk_tokens=", opt.chunk_tokens, " must not be negative");
@@ -581,6 +583,9 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
   a.idx = b.topk_idx;
   a.w = b.topk_weight;
   m.last_tokens = b.tokens;
+  // The session-11 stamps' minimum (the plan kernel resets the older ones), before the plan
+  // kernel: the send is its programmatic dependent.
+  if (m.trace) FM_CHECK_CUDA(cudaMemsetAsync(m.trace + kTrSendFirstEnd, 0xFF, 8, stream));
   if (m.opt.plan_once) {
     const int64_t tiles = (b.tokens + kTile - 1) / kTile;
     // Session 8's plan kernel publishes sums per block: a fixed grid (plan_blocks).
@@ -591,8 +596,8 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
            stream, false, a);
   }
   // plan_once: a programmatic dependent of the plan kernel (it waits for the plan in-kernel).
-  launch(dispatch_send_kernel(m.opt, m.direct, m.plan_counts), m.opt.num_blocks, m.ps.total, stream,
-         m.opt.plan_once, a);
+  launch(dispatch_send_kernel(m.opt, m.direct, m.plan_counts), dispatch_send_grid(m.opt),
+         m.ps.total, stream, m.opt.plan_once, a);
   if (a.nccl) {
     const size_t T = m.g.Tmax, K = m.g.K;
     m.exchange({{m.lay.stage, T * m.g.P},
@@ -765,13 +770,14 @@ void DeviceEpRank::check() const {
                  "plan_matched %.1f plan_counted %.1f plan_published %.1f "
                  "plan_last %.1f plan_end %.1f send_start %.1f "
                  "send_planned %.1f send_acked %.1f send_notified %.1f send_flags %.1f "
-                 "send_counts %.1f send_end %.1f recv_start %.1f "
-                 "recv_layout %.1f recv_last_flag %.1f recv_end %.1f\n",
+                 "send_counts %.1f send_first_end %.1f send_end %.1f "
+                 "recv_start %.1f recv_layout %.1f recv_last_flag %.1f recv_end %.1f\n",
                  m.rank, maybe(kTrPlanBlocksIn), maybe(kTrPlanLoaded), maybe(kTrPlanMatched),
                  maybe(kTrPlanCounted), maybe(kTrPlanPublished), maybe(kTrPlanLast), us(kTrPlanEnd),
                  us(kTrSendStart), us(kTrSendPlanned), maybe(kTrSendAcked), maybe(kTrSendNotified),
-                 maybe(kTrSendFlags), maybe(kTrSendCounts), us(kTrSendEnd), us(kTrRecvStart),
-                 us(kTrRecvLayout), us(kTrRecvLastFlag), us(kTrRecvEnd));
+                 maybe(kTrSendFlags), maybe(kTrSendCounts),
+                 t[kTrSendFirstEnd] != ~0ull ? maybe(kTrSendFirstEnd) : 0.0, us(kTrSendEnd),
+                 us(kTrRecvStart), us(kTrRecvLayout), us(kTrRecvLastFlag), us(kTrRecvEnd));
     const unsigned long long c0 = t[kTrCombSendStart];
     if (c0 != ~0ull && c0 != 0 && t[kTrCombRecvEnd] >= c0) {
       auto cus = [&](int slot) { return (static_cast<double>(t[slot]) - c0) * 1e-3; };

@@ -607,9 +607,7 @@ __device__ __forceinline__ void push_payload_direct(const Args& a, const Plan& p
   }
 }
 
-// Bits of the send kernel's kPro (session 8; Impl::plan_counts, dispatch_release_only).
-constexpr int kProCounts = 1;   // dispatch_plan_counts: the layout from the plan blocks' words
-constexpr int kProRelease = 4;  // dispatch_release_only: flags by a release store alone
+// Bits of the send kernel's kPro: sm90_device_ep_kernels.cuh (kProCounts, kProRelease, kProClaim).
 
 // The notify of this rank to every destination (T, the destination's per-local-expert counts,
 // its token count; with direct rows every expert's count), then one release flag each, by send
@@ -909,8 +907,12 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_plan_blocks(Args a) {
 // other paths compile as before). kPro (with kDirect): kProCounts, kProRelease (session 8).
 template <bool kPlanOnce, bool kPrefetch, bool kDirect, int kPro = 0>
 __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
-  static_assert(kPro == 0 || (kPlanOnce && kDirect), "session-8 send options need direct rows");
+  static_assert(kPro == 0 || (kPlanOnce && kDirect) ||
+                    (kPlanOnce && kPrefetch && !kDirect && (kPro & kProCounts) == 0),
+                "session-8 send options need direct rows; session 11's need plan_once, prefetch");
+  static_assert(!kDirect || (kPro & kProClaim) == 0, "layout_claim_chunks: source regions only");
   constexpr bool kCounts = (kPro & kProCounts) != 0, kRelease = (kPro & kProRelease) != 0;
+  constexpr bool kClaim = (kPro & kProClaim) != 0;
   __shared__ int abort_flag;
   __shared__ int dtot[kMaxRanks];
   const Geometry& g = a.g;
@@ -992,7 +994,7 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   const int warp = threadIdx.x >> 5;
   const int64_t nchunks = (a.T + g.C - 1) / g.C;
   const int64_t steps = (g.H + 1023) / 1024;
-  for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
+  auto push_chunk = [&](int64_t c) {
     const int64_t c0 = c * g.C, c1 = min(a.T, c0 + g.C);
     if (threadIdx.x < g.R) {
       const int d = threadIdx.x;
@@ -1015,6 +1017,29 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
     if (!a.nccl && threadIdx.x < g.R)
       publish<kRelease>(
           chunk_flag(peer(a, threadIdx.x), a, kDispatchChunk, a.rank, static_cast<int>(c)), n);
+  };
+  if constexpr (kClaim) {
+    // layout_claim_chunks: each block claims its next chunk in order across the grid (a static
+    // split left blocks idle for up to ~20 us before the last one ended: session 11, call 1's
+    // stamps), then the last block to finish claiming resets the counters for the next dispatch
+    // (every claim of this one is made by then; the next send starts after this grid ends).
+    int64_t* status = at<int64_t>(a.my, a.lay.status);
+    __shared__ long long claimed;
+    for (int64_t c = claim_item(status + kSendItem, &claimed); c < nchunks;
+         c = claim_item(status + kSendItem, &claimed))
+      push_chunk(c);
+    __syncthreads();  // as measured (session 11, call 3); thread 0 made this block's claims
+    if (threadIdx.x == 0) {
+      __threadfence();
+      auto* done = reinterpret_cast<unsigned long long*>(status + kSendClaimers);
+      if (atomicAdd(done, 1ull) == gridDim.x - 1) {
+        __threadfence();  // every block's claims (counted before its add) precede the reset
+        status[kSendItem] = 0;
+        *done = 0;
+      }
+    }
+  } else {
+    for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) push_chunk(c);
   }
 }
 
@@ -1024,6 +1049,10 @@ __global__ void __launch_bounds__(kSendThreads, 1) k_dispatch_send(Args a) {
   dispatch_send_block<kPlanOnce, kPrefetch, kDirect, kPro>(a, reinterpret_cast<char*>(smem_raw));
   count_send_block(a.my, a.lay.status, kDispatchSent);
   if (threadIdx.x == 0) stamp(a, kTrSendEnd, 1);
+  // Session 11's source-region instances: the spread of the blocks' ends (the other instances keep
+  // their PTX).
+  if constexpr (!kDirect && kPro != 0)
+    if (threadIdx.x == 0) stamp(a, kTrSendFirstEnd, 2);
 }
 
 // ---- dispatch receive 1: the layout from the notified counts (every block, shared memory) ----
@@ -1305,6 +1334,18 @@ KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct, bool plan_c
     return k_dispatch_send<true, true, true>;
   }
   if (direct) return k_dispatch_send<true, false, true>;
+  if (o.plan_once && o.prefetch_payload) {
+    switch (layout_send_pro(o, direct)) {
+      case 0:
+        return k_dispatch_send<true, true, false>;
+      case kProRelease:
+        return k_dispatch_send<true, true, false, kProRelease>;
+      case kProClaim:
+        return k_dispatch_send<true, true, false, kProClaim>;
+      default:
+        return k_dispatch_send<true, true, false, kProRelease | kProClaim>;
+    }
+  }
   if (o.plan_once)
     return o.prefetch_payload ? k_dispatch_send<true, true, false>
                               : k_dispatch_send<true, false, false>;

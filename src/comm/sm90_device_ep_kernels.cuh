@@ -49,7 +49,9 @@ enum Status : int {
   kCombineItem = 11,
   kPlanDone = 12,  // plan kernel blocks that counted their tiles (the last one scans)
   kPlanTicket =
-      13,  // plan_block_scan: plan kernel blocks ever started (their order: ticket % grid)
+      13,          // plan_block_scan: plan kernel blocks ever started (their order: ticket % grid)
+  kSendItem = 14,  // layout_claim_chunks: the next chunk of the dispatch send (claimed in order)
+  kSendClaimers = 15,  // layout_claim_chunks: send blocks done claiming (the last one resets both)
   kStatusSlots = 16,
 };
 // flags[] groups: R counters each, then R * max_chunks for the chunk groups.
@@ -182,7 +184,10 @@ enum TraceSlot : int {
   kTrSendFlags = 22,      // direct rows: the last send block with every source's notify flag (max)
   kTrPlanPublished = 23,  // the last plan block with its column sums published (plan_block_scan,
                           // dispatch_plan_counts; max)
-  kTrSlots = 24,
+  // Session 11 (ep14), the source-region send instances with session-11 bits only: the first send
+  // block done (min; reset by dispatch_send's host side).
+  kTrSendFirstEnd = 24,
+  kTrSlots = 25,
 };
 constexpr int kTrCombMins = kTrCombSendStart, kTrCombMaxes = kTrCombSendEnd;
 
@@ -194,6 +199,27 @@ using KernelFn = void (*)(Args);
 // plan_block_scan; nonzero = k_dispatch_plan_blocks over plan_blocks(g) blocks.
 KernelFn dispatch_plan_kernel(bool fast, int mode = 0);
 KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct, bool plan_counts = false);
+
+// Bits of the dispatch send kernel's instance (kPro). Session 8, with direct rows: kProCounts
+// (Impl::plan_counts), kProRelease (dispatch_release_only). Session 11, the source-region send
+// (the layout-only dispatch's; with plan_once and prefetch_payload): kProRelease
+// (layout_release_only), kProClaim (layout_claim_chunks).
+constexpr int kProCounts = 1;
+constexpr int kProRelease = 4;
+constexpr int kProClaim = 8;
+// Session 11's bits of the source-region send (0 where they do not apply: direct rows, or without
+// plan_once and prefetch_payload).
+inline int layout_send_pro(const DeviceEpOptions& o, bool direct) {
+  if (direct || !o.plan_once || !o.prefetch_payload) return 0;
+  return (o.layout_release_only ? kProRelease : 0) | (o.layout_claim_chunks ? kProClaim : 0);
+}
+// Blocks of the dispatch send: layout_send_blocks for the layout-only dispatch with one rank per
+// GPU, else num_blocks.
+inline int dispatch_send_grid(const DeviceEpOptions& o) {
+  return !o.expand_payload && o.ranks_per_device <= 1 && o.layout_send_blocks > 0
+             ? o.layout_send_blocks
+             : o.num_blocks;
+}
 
 // Blocks of the plan kernel with plan_block_scan or dispatch_plan_counts (a fixed grid: the
 // published sums are laid out per block), one 32-token tile per warp.

@@ -249,11 +249,15 @@ int chunk_of(int ran) {
 // with the full system fence before each flag keep variants of their own: 16 the defaults with
 // both off, 17 with combine_release_only off (16 and 17: run_cases varies the receive tiles,
 // combine_send_parts and combine_recv_early_stage, so every fenced combine kernel runs).
+// Session 11 (ep14): 18 to 20 the defaults without direct rows (the source-region send, as the
+// layout-only dispatch's) with the session-11 options by the bits of v - 17: 1
+// layout_release_only, 2 layout_claim_chunks.
 constexpr int kVariants = 4;
 constexpr int kDefaults = 2, kDirectRows = 4, kFastCount = 5, kSession6 = 6;
 constexpr int kSession7 = 7, kEarlyStage = 8, kWarpWait = 9, kWarpItems = 10, kWarpItemsOnly = 11;
 constexpr int kPlanCounts = 12, kBlockScan = 13, kReleaseOnly = 14, kPrologue = 15;
 constexpr int kFencedFlags = 16, kFencedCombine = 17;
+constexpr int kLayoutSend = 17, kLayoutSendAll = kLayoutSend + 3;  // 18 .. 20: kLayoutSend + bits
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -290,10 +294,17 @@ DeviceEpOptions variant_options(int v) {
     o.plan_block_scan = v == kBlockScan || v == kPrologue;
     o.dispatch_release_only = v == kReleaseOnly || v == kPrologue;
   }
-  if (v >= kFencedFlags) {
+  if (v == kFencedFlags || v == kFencedCombine) {
     o = DeviceEpOptions{};
     o.combine_release_only = false;
     o.dispatch_release_only = v == kFencedCombine;
+  }
+  if (v > kLayoutSend) {
+    o = DeviceEpOptions{};
+    o.dispatch_direct_rows = o.dispatch_self_rows = false;
+    const int bits = v - kLayoutSend;
+    o.layout_release_only = (bits & 1) != 0;
+    o.layout_claim_chunks = (bits & 2) != 0;
   }
   return o;
 }
@@ -317,6 +328,11 @@ std::string variant_name(int v) {
       " defaults+plan_counts+block_scan+release_only",
       " defaults with fenced flags (no release_only)",
       " defaults with fenced combine flags (no combine_release_only)"};
+  if (v > kLayoutSend) {
+    const int bits = v - kLayoutSend;
+    return std::string(" defaults without direct rows") +
+           ((bits & 1) ? "+layout_release_only" : "") + ((bits & 2) ? "+layout_claim_chunks" : "");
+  }
   return kNames[v];
 }
 
@@ -356,7 +372,7 @@ void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink, int only = -1, in
         opt.combine_recv_tile = ran % 3 == 0 ? 0 : ran % 3 == 1 ? 1 : 32;
         opt.combine_send_parts = ran % 4 == 0 ? 0 : ran % 4 == 1 ? 2 : 4;  // warps per send record
       }
-      if (v >= kFencedFlags) {  // every fenced combine kernel (combine_kernel choices)
+      if (v == kFencedFlags || v == kFencedCombine) {  // every fenced combine kernel
         opt.combine_recv_tile = ran % 3 == 0 ? 0 : ran % 3 == 1 ? 1 : 32;
         opt.combine_send_parts = ran % 4 == 0 ? 0 : ran % 4 == 1 ? 2 : 4;
         opt.combine_recv_early_stage = ran % 2 == 0;
@@ -462,6 +478,20 @@ TEST_F(NvlinkTest, FencedFlagsMatchReference) {
   }
   run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kFencedFlags, 64);  // the V3 send grid
   if (gpu_count() >= 2 && nccl_available()) run_cases(Payload::kFP8, 2, Wire::kNccl, kFencedFlags);
+}
+
+// Session 11's options of the source-region send (the layout-only dispatch's), every combination
+// over every case with FP8 over all GPUs (two rounds each, so the chunk claims' counters must
+// reset), both with BF16, with every rank on one GPU, with the V3 send grid of 64 blocks and over
+// the NCCL wire.
+TEST_F(NvlinkTest, Session11LayoutSendOptionsMatchReference) {
+  for (int v = kLayoutSend + 1; v <= kLayoutSendAll; ++v)
+    run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, v);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kLayoutSendAll);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kLayoutSendAll);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kLayoutSendAll, 64);
+  if (gpu_count() >= 2 && nccl_available())
+    run_cases(Payload::kFP8, 2, Wire::kNccl, kLayoutSendAll);
 }
 
 // More send blocks than the GPU has SMs: the direct rows need every send block resident (block

@@ -312,12 +312,16 @@ struct GatheredVsExpanded {
   std::vector<Dev> dev;
   std::vector<testing::RankData> in;
 
-  GatheredVsExpanded(const EpConfig& c, std::vector<int> devs, Wire wire, uint64_t seed)
+  // layout_send: the session-11 options of the gathered (layout-only) group's send.
+  GatheredVsExpanded(const EpConfig& c, std::vector<int> devs, Wire wire, uint64_t seed,
+                     bool layout_send = false)
       : cfg(c), devices(std::move(devs)), nccl(wire == Wire::kNccl) {
     DeviceEpOptions opt;
     opt.wire = wire;
     expanded = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
     opt.expand_payload = false;
+    opt.layout_release_only = opt.layout_claim_chunks = layout_send;
+    if (layout_send) opt.layout_send_blocks = 96;  // the send grid other than the combine's 64
     gathered = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
     const int R = cfg.num_ranks, L = cfg.experts_per_rank();
     const int64_t H = cfg.hidden, KB = H / 128, bound = cfg.row_bound();
@@ -498,12 +502,13 @@ struct GatheredVsExpanded {
 };
 
 // gpus_per_node > 0: "nodes" of that many ranks, so every call takes the two-stage route.
+// layout_send: the gathered group's send with session 11's options (GatheredVsExpanded).
 void run_gathered_vs_expanded(const std::vector<int>& devices, Wire wire, const char* name,
-                              int gpus_per_node = 0) {
+                              int gpus_per_node = 0, bool layout_send = false) {
   const int R = static_cast<int>(devices.size());
   EpConfig cfg = layer_config(R);
   cfg.gpus_per_node = gpus_per_node;
-  GatheredVsExpanded t(cfg, devices, wire, 21);
+  GatheredVsExpanded t(cfg, devices, wire, 21, layout_send);
   // Round 2: other counts (a rank's rows shrink, so stale rows past the layout must read -1)
   // and dropped slots.
   const std::vector<std::pair<std::vector<int64_t>, testing::Routing>> rounds = {
@@ -533,6 +538,19 @@ TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathNccl) {
 
 TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathRanksSharingAGpu) {
   run_gathered_vs_expanded({0, 0, 0}, Wire::kNvlink, "3 ranks on GPU 0");
+}
+
+// Session 11's layout-only send options (layout_release_only, layout_claim_chunks,
+// layout_send_blocks) on the gathered group: 2 GPUs over NVLink, 3 ranks on one
+// GPU (the grid option does not apply there), NCCL.
+TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathSession11LayoutSend) {
+  if (gpu_count() >= 2)
+    run_gathered_vs_expanded({0, 1}, Wire::kNvlink, "2 GPUs, NVLink, session-11 send", 0, true);
+  if (::testing::Test::HasFatalFailure()) return;
+  run_gathered_vs_expanded({0, 0, 0}, Wire::kNvlink, "3 ranks on GPU 0, session-11 send", 0, true);
+  if (::testing::Test::HasFatalFailure()) return;
+  if (gpu_count() >= 2 && nccl_available())
+    run_gathered_vs_expanded({0, 1}, Wire::kNccl, "2 GPUs, NCCL, session-11 send", 0, true);
 }
 
 TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathTwoStageRoute) {

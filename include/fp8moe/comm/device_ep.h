@@ -213,6 +213,23 @@ struct DeviceEpOptions {
   // Session 9, 2 x H100, V3 shape, same call, 3 rounds: combine 264.3 -> 260.8 us (-1.3 %), the
   // dispatch unchanged (180.3); with O: dispatch 171.5, combine 261.2.
   bool combine_release_only = true;
+  // Session 11 (docs/comm/README.md, "Session 11: the layout-only send (ep14)"): the send of the
+  // source regions, i.e. the layout-only dispatch's (expand_payload off) and wherever direct rows
+  // do not apply, with plan_once and prefetch_payload (else ignored); same results bit for bit.
+  // o layout_release_only: O's twin there (the notify and chunk flags by a release store alone).
+  // d layout_claim_chunks: each send block claims its next chunk in order across the grid instead
+  // of taking chunks b, b + num_blocks, ... (so a grid that does not divide the chunks evenly
+  // keeps every block busy).
+  // layout_send_blocks: the blocks of the layout-only dispatch's send (expand_payload off, one rank
+  // per GPU); 0 = num_blocks. That send leaves the receive only the layout rows to write, and the
+  // combine keeps num_blocks (ep_bench suffix ":l96").
+  // 2 x H200, V3 shape, same calls, two processes x 3 rounds (layout only, us): defaults 129.8 /
+  // 129.7, o 124.6 / 124.5, o + d 128.3 / 128.7, o + 96 blocks 123.2 / 123.4, o + d + 96 blocks
+  // 118.0 / 117.8 and (call 3) 117.2 / 116.8 against 129.8 / 129.8 (-9.7 %); the expanded dispatch
+  // and the combine unchanged. Off until made defaults (not measured on H100).
+  int layout_send_blocks = 0;
+  bool layout_release_only = false;
+  bool layout_claim_chunks = false;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
