@@ -463,7 +463,8 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // dispatch's; lower case, the upper-case letters being taken): o layout_release_only, d
 // layout_claim_chunks (call 1's n layout_notify_block and m
 // layout_metadata_first measured no faster: docs/comm/runs/ep-s11-ep14-call1-onm.patch); the suffix
-// ":l96" sets the layout-only dispatch's send grid (DeviceEpOptions::layout_send_blocks).
+// ":l96" sets the layout-only dispatch's send grid (DeviceEpOptions::layout_send_blocks). o, d and
+// l96 are defaults since the end of session 11; x takes the three back (the send before it).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -545,7 +546,10 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.layout_release_only = true;
     else if (c == 'd')
       v.opt.layout_claim_chunks = true;
-    else
+    else if (c == 'x') {
+      v.opt.layout_release_only = v.opt.layout_claim_chunks = false;
+      v.opt.layout_send_blocks = 0;
+    } else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown letter ", c);
   }
   return v;

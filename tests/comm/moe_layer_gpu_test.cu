@@ -312,7 +312,8 @@ struct GatheredVsExpanded {
   std::vector<Dev> dev;
   std::vector<testing::RankData> in;
 
-  // layout_send: the session-11 options of the gathered (layout-only) group's send.
+  // layout_send: the session-11 options of the gathered (layout-only) group's send (defaults since
+  // then); false sets the send before them (so the other gathered tests keep that one covered).
   GatheredVsExpanded(const EpConfig& c, std::vector<int> devs, Wire wire, uint64_t seed,
                      bool layout_send = false)
       : cfg(c), devices(std::move(devs)), nccl(wire == Wire::kNccl) {
@@ -321,7 +322,7 @@ struct GatheredVsExpanded {
     expanded = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
     opt.expand_payload = false;
     opt.layout_release_only = opt.layout_claim_chunks = layout_send;
-    if (layout_send) opt.layout_send_blocks = 96;  // the send grid other than the combine's 64
+    opt.layout_send_blocks = layout_send ? 96 : 0;  // the send grid other than the combine's 64
     gathered = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
     const int R = cfg.num_ranks, L = cfg.experts_per_rank();
     const int64_t H = cfg.hidden, KB = H / 128, bound = cfg.row_bound();
@@ -502,7 +503,8 @@ struct GatheredVsExpanded {
 };
 
 // gpus_per_node > 0: "nodes" of that many ranks, so every call takes the two-stage route.
-// layout_send: the gathered group's send with session 11's options (GatheredVsExpanded).
+// layout_send: the gathered group's send with session 11's options (GatheredVsExpanded); false:
+// the send before them.
 void run_gathered_vs_expanded(const std::vector<int>& devices, Wire wire, const char* name,
                               int gpus_per_node = 0, bool layout_send = false) {
   const int R = static_cast<int>(devices.size());

@@ -226,10 +226,11 @@ struct DeviceEpOptions {
   // 2 x H200, V3 shape, same calls, two processes x 3 rounds (layout only, us): defaults 129.8 /
   // 129.7, o 124.6 / 124.5, o + d 128.3 / 128.7, o + 96 blocks 123.2 / 123.4, o + d + 96 blocks
   // 118.0 / 117.8 and (call 3) 117.2 / 116.8 against 129.8 / 129.8 (-9.7 %); the expanded dispatch
-  // and the combine unchanged. Off until made defaults (not measured on H100).
-  int layout_send_blocks = 0;
-  bool layout_release_only = false;
-  bool layout_claim_chunks = false;
+  // and the combine unchanged. Defaults since the end of session 11 (H100: the final validation,
+  // docs/results/ep-2026-11-26-2xh100-s11-final.md, this build against session 10's).
+  int layout_send_blocks = 96;
+  bool layout_release_only = true;
+  bool layout_claim_chunks = true;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
