@@ -5,24 +5,13 @@ USETMAXREG.DEALLOC) and the producer (from the DEALLOC on), with each side's mai
 (session 11, gemm19). The sampler takes one warp of a sub-partition at a time, so compare the
 shares within a side across kernels, not the totals. Usage: python3 ncu_split_warps.py F [F ...]"""
 import collections
-import csv
-import gzip
 import sys
 
+from ncu_page import SourcePage
+
 for path in sys.argv[1:]:
-    opener = gzip.open if path.endswith(".gz") else open
-    rows = list(csv.reader(opener(path, "rt")))
-    hdr = rows[1]
-    col = {h: i for i, h in enumerate(hdr)}
-    stalls = [h for h in hdr if h.startswith("stall_") and "Not Issued" not in h]
-    seen, ins = set(), []
-    for r in rows[2:]:
-        if not r or not r[0].startswith("0x"):
-            continue
-        if r[0] in seen:  # the page repeats for the next kernel: keep the first
-            break
-        seen.add(r[0])
-        ins.append(r)
+    page = SourcePage(path)
+    col, stalls, ins = page.col, page.stalls, page.instrs
     base = int(ins[0][0], 16)
     offs = [(int(r[0], 16) - base, r) for r in ins]
     dealloc = [o for o, r in offs if "USETMAXREG.DEALLOC" in r[1]][0]

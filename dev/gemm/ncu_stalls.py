@@ -2,28 +2,16 @@
 and prints the stall reasons summed per opcode, the instructions with the most samples, and the
 SASS with per-instruction samples (--listing). Usage: python3 dev/gemm/ncu_stalls.py FILE [N]."""
 import collections
-import csv
-import gzip
 import sys
+
+from ncu_page import SourcePage
 
 path = sys.argv[1]
 top = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 25
-opener = gzip.open if path.endswith(".gz") else open
-rows = list(csv.reader(opener(path, "rt")))
-hdr = rows[1]
-col = {h: i for i, h in enumerate(hdr)}
-stalls = [h for h in hdr if h.startswith("stall_") and "Not Issued" not in h]
-seen, instrs = set(), []
-for r in rows[2:]:
-    if not r or not r[0].startswith("0x"):
-        continue
-    if r[0] in seen:  # the page repeats for the next kernel: keep the first
-        break
-    seen.add(r[0])
-    instrs.append(r)
-base = int(instrs[0][0], 16)
+page = SourcePage(path)
+col, stalls, instrs, base = page.col, page.stalls, page.instrs, page.base
 total = sum(int(r[col["Warp Stall Sampling (All Samples)"]] or 0) for r in instrs)
-print(rows[0][1][:100], f"| {len(instrs)} instructions, {total} samples")
+print(page.title[:100], f"| {len(instrs)} instructions, {total} samples")
 by_op = collections.defaultdict(collections.Counter)
 for r in instrs:
     words = r[1].split()
