@@ -1406,34 +1406,30 @@ void bench_gathered(Output& out, cudaStream_t stream, int64_t groups, int64_t ro
                                    : kernels::describe_tile_config(kernels::gemm_gathered_tile(
                                          shape, out.num_sms, out.smem, out.dram));
     const char* forced_note = force != nullptr ? "forced, " : "";
-    Row rc{"grouped_contiguous",
-           "fp8moe_materialised",
-           tile_c,
-           m,
-           n,
-           k,
-           groups,
-           c_med,
-           flops / c_med * 1e-6,
-           (bytes + 2.0 * m * n) / c_med * 1e-3};
-    rc.sm_mhz = median_or_none(mhz_c);
-    rc.power_w = median_or_none(w_c);
+    // One row of this shape: its time, rates and the clock and power sampled beside it.
+    const auto shape_row = [&](const char* bench, const std::string& impl, const std::string& tile,
+                               double med, const std::vector<double>& mhz,
+                               const std::vector<double>& w) {
+      Row r{bench,
+            impl,
+            tile,
+            m,
+            n,
+            k,
+            groups,
+            med,
+            flops / med * 1e-6,
+            (bytes + 2.0 * m * n) / med * 1e-3};
+      r.sm_mhz = median_or_none(mhz);
+      r.power_w = median_or_none(w);
+      return r;
+    };
+    Row rc = shape_row("grouped_contiguous", "fp8moe_materialised", tile_c, c_med, mhz_c, w_c);
     rc.note = forced_note + ("spread " + spread(us_c) + "%");
     out.add(rc);
-    Row rg{"grouped_contiguous_gathered",
-           "fp8moe_gathered",
-           tile_g,
-           m,
-           n,
-           k,
-           groups,
-           g_med,
-           flops / g_med * 1e-6,
-           (bytes + 2.0 * m * n) / g_med * 1e-3};
+    Row rg = shape_row("grouped_contiguous_gathered", "fp8moe_gathered", tile_g, g_med, mhz_g, w_g);
     rg.anchor = "contiguous_same_run";
     rg.ratio_blockwise = g_med / c_med;
-    rg.sm_mhz = median_or_none(mhz_g);
-    rg.power_w = median_or_none(w_g);
     char buf[200];
     std::snprintf(buf, sizeof buf,
                   "%sgathered/contiguous %.4f, src rows %lld, stride %lld, spread %s%%, "
@@ -1447,20 +1443,10 @@ void bench_gathered(Output& out, cudaStream_t stream, int64_t groups, int64_t ro
       const double v_med = median_or_none(x.us);
       const std::string name = std::string("rec_") + x.layout;
       const int64_t st = layout_stride(x.layout);
-      Row rv{"grouped_contiguous_gathered",
-             "fp8moe_gathered_" + name,
-             tile_g,
-             m,
-             n,
-             k,
-             groups,
-             v_med,
-             flops / v_med * 1e-6,
-             (bytes + 2.0 * m * n) / v_med * 1e-3};
+      Row rv = shape_row("grouped_contiguous_gathered", "fp8moe_gathered_" + name, tile_g, v_med,
+                         x.mhz, x.w);
       rv.anchor = "contiguous_same_run";
       rv.ratio_blockwise = v_med / c_med;
-      rv.sm_mhz = median_or_none(x.mhz);
-      rv.power_w = median_or_none(x.w);
       std::snprintf(buf, sizeof buf,
                     "%srecords %c, stride %lld, gathered/contiguous %.4f, /gathered on the EP's "
                     "records %.4f, spread %s%%, bit-identical",
