@@ -465,6 +465,8 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // layout_metadata_first measured no faster: docs/comm/runs/ep-s11-ep14-call1-onm.patch); the suffix
 // ":l96" sets the layout-only dispatch's send grid (DeviceEpOptions::layout_send_blocks). o, d and
 // l96 are defaults since the end of session 11; x takes the three back (the send before it).
+// Session 11 (ep15): a record_align_128 (the FP8 record stride on 128-byte lines; call 1's p / q
+// layout_tail_pieces measured slower: docs/comm/runs/ep-s11-ep15-call1-pqa.patch).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -546,6 +548,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.layout_release_only = true;
     else if (c == 'd')
       v.opt.layout_claim_chunks = true;
+    else if (c == 'a')
+      v.opt.record_align_128 = true;
     else if (c == 'x') {
       v.opt.layout_release_only = v.opt.layout_claim_chunks = false;
       v.opt.layout_send_blocks = 0;

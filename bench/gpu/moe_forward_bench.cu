@@ -15,7 +15,10 @@
 // Ops: forward (dispatch + scales + GEMM), dispatch, gemm (scales + GEMM on the last dispatch's
 // layout), scales. Checked: the two paths' layouts are equal and the gathered GEMM's output rows
 // equal the expanded one's bit for bit (a mismatch makes the run exit 1 after printing).
+// --record-align-128 (session 11, ep15) adds a third path, gathered_a128: the gathered path with
+// DeviceEpOptions::record_align_128 (every record, so every A row, on a 128-byte line).
 // Run: moe_forward_bench --out f.jsonl [--iters 20] [--rounds 3] [--tokens 4096] [--n 4096]
+//      [--record-align-128]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -44,6 +47,7 @@ using namespace fp8moe::comm;
 struct Options {
   int64_t tokens = 4096, hidden = 7168, n = 4096;
   int experts = 256, topk = 8, iters = 20, warmup = 3, rounds = 3;
+  bool record_align_128 = false;
   std::string out, commit = "unknown", date = "unknown";
 };
 
@@ -73,6 +77,8 @@ Options parse(int argc, char** argv) {
       o.warmup = std::stoi(next());
     else if (a == "--rounds")
       o.rounds = std::stoi(next());
+    else if (a == "--record-align-128")
+      o.record_align_128 = true;
     else if (a == "--commit")
       o.commit = next();
     else if (a == "--date")
@@ -232,6 +238,7 @@ int64_t make_inputs(World& w) {
 struct Path {
   const char* name;
   bool gather;
+  bool align128 = false;  // DeviceEpOptions::record_align_128
   std::unique_ptr<DeviceEpGroup> group;
 };
 
@@ -351,24 +358,30 @@ int run(World& w) {
       w.R, w.gpu_name.c_str(), static_cast<long long>(w.opt.tokens), static_cast<long long>(H),
       w.opt.topk, w.opt.experts, static_cast<long long>(N), static_cast<long long>(H), L,
       static_cast<long long>(bound));
-  std::vector<Path> paths(2);
+  std::vector<Path> paths(w.opt.record_align_128 ? 3 : 2);
   paths[0].name = "expanded";
   paths[0].gather = false;
   paths[1].name = "gathered";
   paths[1].gather = true;
+  if (paths.size() > 2) {
+    paths[2].name = "gathered_a128";
+    paths[2].gather = paths[2].align128 = true;
+  }
+  const int np = static_cast<int>(paths.size());
   for (Path& p : paths) {
     DeviceEpOptions o;  // the defaults; the gathered path only stops the dispatch at the layout
     o.expand_payload = !p.gather;
+    o.record_align_128 = p.align128;
     p.group = std::make_unique<DeviceEpGroup>(cfg, devices, o);
   }
   // The check: same layout, the gathered GEMM's rows equal the expanded one's bit for bit.
   int check = 1;
-  {
-    const Result e = run_once(w, paths[0]);
-    const Result g = run_once(w, paths[1]);
+  const Result e = run_once(w, paths[0]);
+  for (int pi = 1; pi < np; ++pi) {
+    const Result g = run_once(w, paths[pi]);
     for (int r = 0; r < w.R; ++r) {
       if (g.m_indices[r] != e.m_indices[r]) {
-        std::printf("rank %d: the gathered path's layout differs\n", r);
+        std::printf("rank %d: the %s path's layout differs\n", r, paths[pi].name);
         check = 0;
         continue;
       }
@@ -378,14 +391,14 @@ int run(World& w) {
         ++used;
         bad += std::memcmp(g.y[r].data() + row * N, e.y[r].data() + row * N, N * 2) != 0;
       }
-      std::printf("rank %d: %lld expert rows, %lld differ between the paths\n", r,
-                  static_cast<long long>(used), static_cast<long long>(bad));
+      std::printf("rank %d: %lld expert rows, %lld differ between expanded and %s\n", r,
+                  static_cast<long long>(used), static_cast<long long>(bad), paths[pi].name);
       if (bad > 0 || used == 0) check = 0;
     }
   }
   const char* ops[] = {"forward", "dispatch", "gemm", "scales"};
   // us[path][op] per round
-  std::vector<std::vector<std::vector<double>>> us(2, std::vector<std::vector<double>>(4));
+  std::vector<std::vector<std::vector<double>>> us(np, std::vector<std::vector<double>>(4));
   auto op_of = [&](Path& p, int op) -> std::function<void()> {
     if (op == 0)
       return [&w, &p] {
@@ -404,8 +417,10 @@ int run(World& w) {
   for (int round = 0; round < w.opt.rounds; ++round)
     for (int op = 0; op < 4; ++op) {
       // NOTE: the gemm and scales ops read each path's last layout (a group's own workspace).
-      const std::vector<double> t = w.time_us({op_of(paths[0], op), op_of(paths[1], op)});
-      for (int pi = 0; pi < 2; ++pi) {
+      std::vector<std::function<void()>> enq;
+      for (Path& p : paths) enq.push_back(op_of(p, op));
+      const std::vector<double> t = w.time_us(enq);
+      for (int pi = 0; pi < np; ++pi) {
         paths[pi].group->check();
         Row row;
         row.path = paths[pi].name;
@@ -418,11 +433,18 @@ int run(World& w) {
         emit(w, row);
       }
     }
-  std::printf("\n%-9s %12s %12s %9s   (median over %d rounds, us; %s, %d GPUs)\n", "op", "expanded",
-              "gathered", "ratio", w.opt.rounds, w.gpu_name.c_str(), w.R);
+  std::printf("\n%-9s %12s %12s %9s", "op", "expanded", "gathered", "ratio");
+  if (np > 2) std::printf(" %14s %9s", "gathered_a128", "ratio");
+  std::printf("   (median over %d rounds, us; %s, %d GPUs)\n", w.opt.rounds, w.gpu_name.c_str(),
+              w.R);
   for (int op = 0; op < 4; ++op) {
-    const double e = median(us[0][op]), g = median(us[1][op]);
-    std::printf("%-9s %12.1f %12.1f %9.3f\n", ops[op], e, g, g / e);
+    const double e = median(us[0][op]);
+    std::printf("%-9s %12.1f", ops[op], e);
+    for (int pi = 1; pi < np; ++pi) {
+      const double g = median(us[pi][op]);
+      std::printf(pi == 1 ? " %12.1f %9.3f" : " %14.1f %9.3f", g, g / e);
+    }
+    std::printf("\n");
   }
   std::printf("gathered GEMM rows %s the expanded ones\n",
               check ? "equal bit for bit" : "DIFFER from");

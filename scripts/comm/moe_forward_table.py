@@ -2,7 +2,9 @@
 """Markdown table of moe_forward_bench rows (bench "moe_forward"): per op, the medians over all
 rounds of each path, the ratio gathered / expanded of those medians, and the median and range of
 the per-round ratios (both paths of a round come from the same iterations when the bench pairs
-them). Rows of several files or runs are pooled; the card is named from the rows.
+them). Rows of several files or runs are pooled; the card is named from the rows. With a third
+path (moe_forward_bench --record-align-128: gathered_a128) a second table gives it against the
+expanded path and against the gathered one, per round.
 Usage: scripts/comm/moe_forward_table.py f.jsonl [more.jsonl ...] > table.md"""
 
 import json
@@ -32,12 +34,23 @@ def main(paths):
           f"{len(us[('forward', 'expanded')])} rounds in all; µs, medians over the rounds.\n")
     print("| op | expanded µs | gathered µs | gathered / expanded | per-round ratio: median (range) |")
     print("| --- | --- | --- | --- | --- |")
-    for op in ["forward", "dispatch", "gemm", "scales"]:
+    ops = ["forward", "dispatch", "gemm", "scales"]
+
+    def ratio(op, num, den):
+        rs = [v[num] / v[den] for (k, o, _), v in by_round.items()
+              if o == op and num in v and den in v]
+        return f"{statistics.median(rs):.3f} ({min(rs):.3f}–{max(rs):.3f})"
+
+    for op in ops:
         e, g = statistics.median(us[(op, "expanded")]), statistics.median(us[(op, "gathered")])
-        ratios = [v["gathered"] / v["expanded"] for (k, o, _), v in by_round.items()
-                  if o == op and len(v) == 2]
-        print(f"| {op} | {e:.1f} | {g:.1f} | {g / e:.3f} | {statistics.median(ratios):.3f} "
-              f"({min(ratios):.3f}–{max(ratios):.3f}) |")
+        print(f"| {op} | {e:.1f} | {g:.1f} | {g / e:.3f} | {ratio(op, 'gathered', 'expanded')} |")
+    extra = sorted({r["path"] for r in rows} - {"expanded", "gathered"})
+    for path in extra:
+        print(f"\n| op | {path} µs | / expanded, per round | / gathered, per round |")
+        print("| --- | --- | --- | --- |")
+        for op in ops:
+            print(f"| {op} | {statistics.median(us[(op, path)]):.1f} | "
+                  f"{ratio(op, path, 'expanded')} | {ratio(op, path, 'gathered')} |")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ Geometry make_geometry(const EpConfig& c, const DeviceEpOptions& o) {
   g.SC = c.payload == Payload::kFP8 ? c.scale_cols() : 0;
   g.Tmax = c.max_tokens_per_rank;
   g.fp8 = c.payload == Payload::kFP8;
-  g.P = g.fp8 ? static_cast<int64_t>(align_up(g.H + g.SC * 4, 16)) : g.H * 2;
+  // record_align_128: every record on a 128-byte line (the gathered GEMM's A rows).
+  g.P = g.fp8 ? static_cast<int64_t>(align_up(g.H + g.SC * 4, o.record_align_128 ? 128 : 16))
+              : g.H * 2;
   g.bound = c.row_bound();
   g.cap = c.masked_capacity;
   g.NT = static_cast<int>((g.Tmax + kTile - 1) / kTile);

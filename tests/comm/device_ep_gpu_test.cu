@@ -251,13 +251,16 @@ int chunk_of(int ran) {
 // combine_send_parts and combine_recv_early_stage, so every fenced combine kernel runs).
 // Session 11 (ep14): 18 to 20 the defaults without direct rows (the source-region send, as the
 // layout-only dispatch's) with the session-11 options by the bits of v - 17: 1
-// layout_release_only, 2 layout_claim_chunks.
+// layout_release_only, 2 layout_claim_chunks. Session 11 (ep15): 21 the defaults with
+// record_align_128 and without direct rows (the records expanded by the receive, at the 128-byte
+// stride; the low-latency kernels read the same stride).
 constexpr int kVariants = 4;
 constexpr int kDefaults = 2, kDirectRows = 4, kFastCount = 5, kSession6 = 6;
 constexpr int kSession7 = 7, kEarlyStage = 8, kWarpWait = 9, kWarpItems = 10, kWarpItemsOnly = 11;
 constexpr int kPlanCounts = 12, kBlockScan = 13, kReleaseOnly = 14, kPrologue = 15;
 constexpr int kFencedFlags = 16, kFencedCombine = 17;
 constexpr int kLayoutSend = 17, kLayoutSendAll = kLayoutSend + 3;  // 18 .. 20: kLayoutSend + bits
+constexpr int kAlign128 = kLayoutSendAll + 1;                      // 21
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -299,12 +302,17 @@ DeviceEpOptions variant_options(int v) {
     o.combine_release_only = false;
     o.dispatch_release_only = v == kFencedCombine;
   }
-  if (v > kLayoutSend) {
+  if (v > kLayoutSend && v <= kLayoutSendAll) {
     o = DeviceEpOptions{};
     o.dispatch_direct_rows = o.dispatch_self_rows = false;
     const int bits = v - kLayoutSend;
     o.layout_release_only = (bits & 1) != 0;
     o.layout_claim_chunks = (bits & 2) != 0;
+  }
+  if (v == kAlign128) {
+    o = DeviceEpOptions{};
+    o.dispatch_direct_rows = o.dispatch_self_rows = false;
+    o.record_align_128 = true;
   }
   return o;
 }
@@ -328,11 +336,12 @@ std::string variant_name(int v) {
       " defaults+plan_counts+block_scan+release_only",
       " defaults with fenced flags (no release_only)",
       " defaults with fenced combine flags (no combine_release_only)"};
-  if (v > kLayoutSend) {
+  if (v > kLayoutSend && v <= kLayoutSendAll) {
     const int bits = v - kLayoutSend;
     return std::string(" defaults without direct rows") +
            ((bits & 1) ? "+layout_release_only" : "") + ((bits & 2) ? "+layout_claim_chunks" : "");
   }
+  if (v == kAlign128) return " defaults without direct rows+record_align_128";
   return kNames[v];
 }
 
@@ -492,6 +501,16 @@ TEST_F(NvlinkTest, Session11LayoutSendOptionsMatchReference) {
   run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kLayoutSendAll, 64);
   if (gpu_count() >= 2 && nccl_available())
     run_cases(Payload::kFP8, 2, Wire::kNccl, kLayoutSendAll);
+}
+
+// Session 11 (ep15): the records on 128-byte lines (record_align_128), bit for bit against the
+// reference over every case (two rounds each), on all GPUs, with every rank on one GPU and over
+// the NCCL wire. (Session 11's call 1 ran it as Session11TailPiecesAndAlignedRecordsMatchReference
+// with the tail parts, since removed: docs/comm/runs/ep-s11-ep15-call1-pqa.patch.)
+TEST_F(NvlinkTest, Session11AlignedRecordsMatchReference) {
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kAlign128);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kAlign128);
+  if (gpu_count() >= 2 && nccl_available()) run_cases(Payload::kFP8, 2, Wire::kNccl, kAlign128);
 }
 
 // More send blocks than the GPU has SMs: the direct rows need every send block resident (block

@@ -314,8 +314,10 @@ struct GatheredVsExpanded {
 
   // layout_send: the session-11 options of the gathered (layout-only) group's send (defaults since
   // then); false sets the send before them (so the other gathered tests keep that one covered).
+  // align128 (session 11, ep15): record_align_128 on the gathered group (the expanded group keeps
+  // the 16-byte stride).
   GatheredVsExpanded(const EpConfig& c, std::vector<int> devs, Wire wire, uint64_t seed,
-                     bool layout_send = false)
+                     bool layout_send = false, bool align128 = false)
       : cfg(c), devices(std::move(devs)), nccl(wire == Wire::kNccl) {
     DeviceEpOptions opt;
     opt.wire = wire;
@@ -323,6 +325,7 @@ struct GatheredVsExpanded {
     opt.expand_payload = false;
     opt.layout_release_only = opt.layout_claim_chunks = layout_send;
     opt.layout_send_blocks = layout_send ? 96 : 0;  // the send grid other than the combine's 64
+    opt.record_align_128 = align128;
     gathered = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
     const int R = cfg.num_ranks, L = cfg.experts_per_rank();
     const int64_t H = cfg.hidden, KB = H / 128, bound = cfg.row_bound();
@@ -506,11 +509,12 @@ struct GatheredVsExpanded {
 // layout_send: the gathered group's send with session 11's options (GatheredVsExpanded); false:
 // the send before them.
 void run_gathered_vs_expanded(const std::vector<int>& devices, Wire wire, const char* name,
-                              int gpus_per_node = 0, bool layout_send = false) {
+                              int gpus_per_node = 0, bool layout_send = false,
+                              bool align128 = false) {
   const int R = static_cast<int>(devices.size());
   EpConfig cfg = layer_config(R);
   cfg.gpus_per_node = gpus_per_node;
-  GatheredVsExpanded t(cfg, devices, wire, 21, layout_send);
+  GatheredVsExpanded t(cfg, devices, wire, 21, layout_send, align128);
   // Round 2: other counts (a rank's rows shrink, so stale rows past the layout must read -1)
   // and dropped slots.
   const std::vector<std::pair<std::vector<int64_t>, testing::Routing>> rounds = {
@@ -553,6 +557,22 @@ TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathSession11LayoutSend) {
   if (::testing::Test::HasFatalFailure()) return;
   if (gpu_count() >= 2 && nccl_available())
     run_gathered_vs_expanded({0, 1}, Wire::kNccl, "2 GPUs, NCCL, session-11 send", 0, true);
+}
+
+// Session 11 (ep15): the gathered group's records on 128-byte lines (record_align_128: the
+// gathered GEMM and the scales read them at that stride) against the expanded group at the
+// 16-byte stride: 2 GPUs over NVLink, 3 ranks on one GPU, NCCL. (Session 11's call 1 ran it as
+// ...Session11AlignedRecordsTailPieces, with the tail parts since removed.)
+TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathSession11AlignedRecords) {
+  if (gpu_count() >= 2)
+    run_gathered_vs_expanded({0, 1}, Wire::kNvlink, "2 GPUs, NVLink, 128-byte records", 0, true,
+                             true);
+  if (::testing::Test::HasFatalFailure()) return;
+  run_gathered_vs_expanded({0, 0, 0}, Wire::kNvlink, "3 ranks on GPU 0, 128-byte records", 0, true,
+                           true);
+  if (::testing::Test::HasFatalFailure()) return;
+  if (gpu_count() >= 2 && nccl_available())
+    run_gathered_vs_expanded({0, 1}, Wire::kNccl, "2 GPUs, NCCL, 128-byte records", 0, true, true);
 }
 
 TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathTwoStageRoute) {

@@ -231,6 +231,16 @@ struct DeviceEpOptions {
   int layout_send_blocks = 96;
   bool layout_release_only = true;
   bool layout_claim_chunks = true;
+  // Session 11 (ep15): the FP8 record stride P rounded up to 128 bytes instead of 16 (7424 bytes
+  // instead of 7392 at hidden 7168: +0.4 % NVLink bytes), so that every record, the A rows of the
+  // gathered grouped GEMM (DeviceRecvView::records), starts on a 128-byte line; the single-node
+  // kernels only (the two-stage route keeps 16). ep_bench letter a. 2 x H200, two calls, two
+  // processes x 3 rounds each (docs/comm/README.md, "Session 11: ... (ep15)"): the layout-only
+  // dispatch 117.4 / 117.8 / 117.6 / 116.9 -> 116.3 / 117.0 / 116.5 / 116.2 us (every round
+  // below the defaults' in all four processes); the expanded dispatch, the combine and low latency
+  // within +-0.7 %; moe_forward_bench at 64 experts the gathered GEMM 0.993x (two runs) and at the
+  // V3 shape 0.997x, the gathered forward 0.993 / 0.993 / 0.995x. Off until the final validation.
+  bool record_align_128 = false;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
