@@ -226,8 +226,9 @@ struct DeviceEpOptions {
   // 2 x H200, V3 shape, same calls, two processes x 3 rounds (layout only, us): defaults 129.8 /
   // 129.7, o 124.6 / 124.5, o + d 128.3 / 128.7, o + 96 blocks 123.2 / 123.4, o + d + 96 blocks
   // 118.0 / 117.8 and (call 3) 117.2 / 116.8 against 129.8 / 129.8 (-9.7 %); the expanded dispatch
-  // and the combine unchanged. Defaults since the end of session 11 (H100: the final validation,
-  // docs/results/ep-2026-11-26-2xh100-s11-final.md, this build against session 10's).
+  // and the combine unchanged. Defaults since the end of session 11; its final validation (came as
+  // 2 x H200, docs/results/ep-2026-11-26-2xh200-s11-final.md): 116.8 us against 131.1 without
+  // them (ep_bench letter x takes all three back). Not yet measured on H100.
   int layout_send_blocks = 96;
   bool layout_release_only = true;
   bool layout_claim_chunks = true;
@@ -239,7 +240,8 @@ struct DeviceEpOptions {
   // dispatch 117.4 / 117.8 / 117.6 / 116.9 -> 116.3 / 117.0 / 116.5 / 116.2 us (every round
   // below the defaults' in all four processes); the expanded dispatch, the combine and low latency
   // within +-0.7 %; moe_forward_bench at 64 experts the gathered GEMM 0.993x (two runs) and at the
-  // V3 shape 0.997x, the gathered forward 0.993 / 0.993 / 0.995x. Off until the final validation.
+  // V3 shape 0.997x, the gathered forward 0.993 / 0.993 / 0.995x; the final validation (2 x H200)
+  // -1.2 % layout only, -0.9 % dispatch. Off until one H100 call agrees.
   bool record_align_128 = false;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
