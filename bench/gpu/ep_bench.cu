@@ -466,7 +466,10 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // ":l96" sets the layout-only dispatch's send grid (DeviceEpOptions::layout_send_blocks). o, d and
 // l96 are defaults since the end of session 11; x takes the three back (the send before it).
 // Session 11 (ep15): a record_align_128 (the FP8 record stride on 128-byte lines; call 1's p / q
-// layout_tail_pieces measured slower: docs/comm/runs/ep-s11-ep15-call1-pqa.patch).
+// layout_tail_pieces measured slower: docs/comm/runs/ep-s11-ep15-call1-pqa.patch). a is a default
+// since session 12; u takes it back (the 16-byte record stride). Session 12 (ep16): w
+// layout_warp_claims measured slower (+12 %) and was not landed
+// (docs/comm/runs/ep-s12-prep-warp-claims.patch).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -511,6 +514,7 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
     v.opt.combine_send_parts = 0;
     v.opt.plan_block_scan = v.opt.dispatch_release_only = false;
     v.opt.combine_release_only = false;
+    v.opt.record_align_128 = false;
     if (head == "v5" || head == "base") return v;
   }
   for (char c : head) {
@@ -550,6 +554,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.layout_claim_chunks = true;
     else if (c == 'a')
       v.opt.record_align_128 = true;
+    else if (c == 'u')
+      v.opt.record_align_128 = false;
     else if (c == 'x') {
       v.opt.layout_release_only = v.opt.layout_claim_chunks = false;
       v.opt.layout_send_blocks = 0;

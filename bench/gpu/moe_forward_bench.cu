@@ -15,10 +15,12 @@
 // Ops: forward (dispatch + scales + GEMM), dispatch, gemm (scales + GEMM on the last dispatch's
 // layout), scales. Checked: the two paths' layouts are equal and the gathered GEMM's output rows
 // equal the expanded one's bit for bit (a mismatch makes the run exit 1 after printing).
-// --record-align-128 (session 11, ep15) adds a third path, gathered_a128: the gathered path with
-// DeviceEpOptions::record_align_128 (every record, so every A row, on a 128-byte line).
+// Every path runs DeviceEpOptions' defaults (since session 12 record_align_128: every record, so
+// every A row, on a 128-byte line). --record-align-16 adds a third path, gathered_a16: the
+// gathered path at the 16-byte record stride (the default until session 12). (Session 11's
+// --record-align-128 added gathered_a128, the same option the other way round.)
 // Run: moe_forward_bench --out f.jsonl [--iters 20] [--rounds 3] [--tokens 4096] [--n 4096]
-//      [--record-align-128]
+//      [--record-align-16]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -47,7 +49,7 @@ using namespace fp8moe::comm;
 struct Options {
   int64_t tokens = 4096, hidden = 7168, n = 4096;
   int experts = 256, topk = 8, iters = 20, warmup = 3, rounds = 3;
-  bool record_align_128 = false;
+  bool record_align_16 = false;
   std::string out, commit = "unknown", date = "unknown";
 };
 
@@ -77,8 +79,8 @@ Options parse(int argc, char** argv) {
       o.warmup = std::stoi(next());
     else if (a == "--rounds")
       o.rounds = std::stoi(next());
-    else if (a == "--record-align-128")
-      o.record_align_128 = true;
+    else if (a == "--record-align-16")
+      o.record_align_16 = true;
     else if (a == "--commit")
       o.commit = next();
     else if (a == "--date")
@@ -238,7 +240,7 @@ int64_t make_inputs(World& w) {
 struct Path {
   const char* name;
   bool gather;
-  bool align128 = false;  // DeviceEpOptions::record_align_128
+  bool align128 = true;  // DeviceEpOptions::record_align_128
   std::unique_ptr<DeviceEpGroup> group;
 };
 
@@ -358,14 +360,15 @@ int run(World& w) {
       w.R, w.gpu_name.c_str(), static_cast<long long>(w.opt.tokens), static_cast<long long>(H),
       w.opt.topk, w.opt.experts, static_cast<long long>(N), static_cast<long long>(H), L,
       static_cast<long long>(bound));
-  std::vector<Path> paths(w.opt.record_align_128 ? 3 : 2);
+  std::vector<Path> paths(w.opt.record_align_16 ? 3 : 2);
   paths[0].name = "expanded";
   paths[0].gather = false;
   paths[1].name = "gathered";
   paths[1].gather = true;
   if (paths.size() > 2) {
-    paths[2].name = "gathered_a128";
-    paths[2].gather = paths[2].align128 = true;
+    paths[2].name = "gathered_a16";
+    paths[2].gather = true;
+    paths[2].align128 = false;
   }
   const int np = static_cast<int>(paths.size());
   for (Path& p : paths) {
@@ -434,7 +437,7 @@ int run(World& w) {
       }
     }
   std::printf("\n%-9s %12s %12s %9s", "op", "expanded", "gathered", "ratio");
-  if (np > 2) std::printf(" %14s %9s", "gathered_a128", "ratio");
+  if (np > 2) std::printf(" %14s %9s", "gathered_a16", "ratio");
   std::printf("   (median over %d rounds, us; %s, %d GPUs)\n", w.opt.rounds, w.gpu_name.c_str(),
               w.R);
   for (int op = 0; op < 4; ++op) {

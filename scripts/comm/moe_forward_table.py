@@ -3,7 +3,8 @@
 rounds of each path, the ratio gathered / expanded of those medians, and the median and range of
 the per-round ratios (both paths of a round come from the same iterations when the bench pairs
 them). Rows of several files or runs are pooled; the card is named from the rows. With a third
-path (moe_forward_bench --record-align-128: gathered_a128) a second table gives it against the
+path (moe_forward_bench --record-align-16: gathered_a16; session 11's --record-align-128:
+gathered_a128) a second table gives it against the
 expanded path and against the gathered one, per round.
 Usage: scripts/comm/moe_forward_table.py f.jsonl [more.jsonl ...] > table.md"""
 

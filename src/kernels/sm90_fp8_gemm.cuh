@@ -391,16 +391,19 @@ inline constexpr int kGatherFullArrivals = 129;
 // zero-filled, nothing read.
 // A stage's A rows count as landed once each thread's copies have completed
 // (cp.async.wait_group) and it has fenced them for the async proxy that wgmma reads through; then
-// each thread arrives on the stage's full barrier. That happens `depth` K blocks late (the copies
-// of depth + 1 blocks in flight): a stage's arrival waits for the empty barrier of the stage
-// `depth` blocks on, which the consumers free only once they hold the block after the one it
-// held (the K loops look one full barrier ahead), so depth <= stages - 2: 1 with 3 stages, 2 with
+// each thread arrives on the stage's full barrier. That happens kDepth K blocks late (the copies
+// of kDepth + 1 blocks in flight): a stage's arrival waits for the empty barrier of the stage
+// kDepth blocks on, which the consumers free only once they hold the block after the one it
+// held (the K loops look one full barrier ahead), so kDepth <= stages - 2: 1 with 3 stages, 2 with
 // 4 or more (the host asks for at least 3).
-// Measured on H100 (dev/gemm/NOTES.md session 10, bit-identical every time): one {128 K, 1 row}
-// TMA box per row, 4.0x the contiguous GEMM's time (~55 cycles a box); one producer warp's
-// cp.async, depth 1, 2.2-2.5x (128x128 tiles 3.8x); this, 1.15-1.20x at the 128x256 picks (3
-// stages), 1.13-1.17x at 128x256 with 4 stages, 1.28-1.42x at 128x128.
-template <int kBlockM, int kBlockN>
+// The producer warps share the SM's issue slots with the math warps, so the K loop is kept short
+// (session 12, gemm20): one 64-bit column pointer a K block (cp_async_16_row), padding as a bit
+// mask, not a select per copy, the depth a template parameter.
+// Measured (dev/gemm/NOTES.md sessions 10 and 12, bit-identical every time), gathered / contiguous
+// GEMM: one {128 K, 1 row} TMA box per row 4.0x (H100); one producer warp's cp.async 2.2-2.5x
+// (H100); this warpgroup as written in session 10 1.15-1.20x at the 128x256 picks (H100) and
+// 1.12-1.14x (H200); with the short K loop 1.02-1.07x (H200; 0.91-0.94x the session-10 form).
+template <int kBlockM, int kBlockN, int kDepth>
 __device__ __forceinline__ void produce_gathered(const GemmParams& p,
                                                  const SmemLayout<kBlockM, kBlockN, false>& sm,
                                                  const GatherSource& src_rows,
@@ -408,68 +411,71 @@ __device__ __forceinline__ void produce_gathered(const GemmParams& p,
                                                  const CUtensorMap* map_sa) {
   using Layout = SmemLayout<kBlockM, kBlockN, false>;
   static_assert(kBlockM == 128, "gathered: one producer warp per 32 rows");
-  constexpr uint32_t kPad = 0xffffffffu;
+  static_assert(kDepth == 1 || kDepth == 2, "arrivals 1 (3 stages) or 2 (4 or more) blocks late");
   const int thread = static_cast<int>(threadIdx.x % 128);
   const int warp = thread / 32, lane = thread % 32;
   const int chunk = lane % 8;
-  // This lane's place in its warp's rows (+ 4 rows for each copy i); rows 4i + lane / 8 have
-  // r % 8 = lane / 8 for even i, 4 + lane / 8 for odd i.
-  const uint32_t dst0 = static_cast<uint32_t>((32 * warp + lane / 8) * 128);
-  const uint32_t swz_even = static_cast<uint32_t>((chunk ^ (lane / 8)) * 16);
-  const uint32_t swz_odd = static_cast<uint32_t>((chunk ^ (4 + lane / 8)) * 16);
+  // This lane's places in stage 0 for even and odd copies (rows 4i + lane / 8 have r % 8 =
+  // lane / 8 for even i, 4 + lane / 8 for odd i); copy i adds i * 512, stage s s * kStageBytes.
+  const uint32_t row0 = smem_addr(sm.a(0)) + static_cast<uint32_t>((32 * warp + lane / 8) * 128);
+  const uint32_t dst_even = row0 + static_cast<uint32_t>((chunk ^ (lane / 8)) * 16);
+  const uint32_t dst_odd = row0 + static_cast<uint32_t>((chunk ^ (4 + lane / 8)) * 16);
+  const uint8_t* const col0 = src_rows.base + chunk * 16;
   const uint32_t stride16 = static_cast<uint32_t>(src_rows.stride / 16);
-  const bool deep = sm.stages >= 4;
   PipeState pipe;
-  int pending1 = -1, pending2 = -1;  // stages issued, not yet arrived for (pending2 older)
+  int pending[kDepth];  // stages issued, not yet arrived for (pending[kDepth - 1] the oldest)
+#pragma unroll
+  for (int j = 0; j < kDepth; ++j) pending[j] = -1;
   Tile tile;
   bool skip;
   for (int t = blockIdx.x; get_tile<kBlockM, kBlockN, false>(p, t, tile, skip); t += gridDim.x) {
     if (skip) continue;
-    // Source offsets in 16-byte units (the host checks that they fit 32 bits), kPad: padding.
+    // Source offsets in 16-byte units (the host checks that they fit 32 bits); padding rows get
+    // offset 0 (a valid address; nothing is read with src_bytes 0) and a clear bit in `real`.
     const int row = __ldg(src_rows.index + tile.m_base + thread);
-    const uint32_t mine = row >= 0 ? static_cast<uint32_t>(row) * stride16 : kPad;
-    uint32_t off[8];
+    const uint32_t mine = row >= 0 ? static_cast<uint32_t>(row) * stride16 : 0xffffffffu;
+    uint32_t off[8], real = 0;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) off[i] = __shfl_sync(0xffffffffu, mine, 4 * i + lane / 8);
+    for (int i = 0; i < 8; ++i) {
+      off[i] = __shfl_sync(0xffffffffu, mine, 4 * i + lane / 8);
+      if (off[i] != 0xffffffffu)
+        real |= 1u << i;
+      else
+        off[i] = 0;
+    }
     const int b_row = tile.group * p.n + tile.n_base;
     for (int kb = 0; kb < tile.num_k_blocks; ++kb) {
       const int kbg = tile.k_block_begin + kb;
       mbar_wait(sm.empty(pipe.stage), pipe.phase ^ 1u);
-      uint64_t* full = sm.full(pipe.stage);
       if (thread == 0) {
+        uint64_t* full = sm.full(pipe.stage);
         mbar_arrive_expect_tx(full, Layout::kTxBytes - Layout::kABytes);
         tma_load_2d(sm.b(pipe.stage), map_b, full, kbg * 128, b_row);
         tma_load_2d(sm.sa(pipe.stage), map_sa, full, tile.m_base, kbg);
       }
-      const uint8_t* const col = src_rows.base + kbg * 128 + chunk * 16;
-      uint8_t* const dst = sm.a(pipe.stage) + dst0;
+      const uint32_t stage_bytes = static_cast<uint32_t>(pipe.stage * Layout::kStageBytes);
+      const uint8_t* const col = col0 + static_cast<uint32_t>(kbg) * 128u;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const bool real = off[i] != kPad;
-        cp_async_16(dst + i * 512 + (i % 2 == 0 ? swz_even : swz_odd),
-                    col + static_cast<uint64_t>(real ? off[i] : 0u) * 16, real ? 16 : 0);
-      }
+      for (int i = 0; i < 8; ++i)
+        cp_async_16_row((i % 2 == 0 ? dst_even : dst_odd) + stage_bytes + i * 512, col, off[i],
+                        (real >> i & 1u) != 0 ? 16 : 0);
       cp_async_commit();
-      if (deep) {
-        if (pending2 >= 0) {
-          cp_async_wait<2>();
-          fence_proxy_async();
-          mbar_arrive(sm.full(pending2));
-        }
-        pending2 = pending1;
-      } else if (pending1 >= 0) {
-        cp_async_wait<1>();
+      if (pending[kDepth - 1] >= 0) {
+        cp_async_wait<kDepth>();
         fence_proxy_async();
-        mbar_arrive(sm.full(pending1));
+        mbar_arrive(sm.full(pending[kDepth - 1]));
       }
-      pending1 = pipe.stage;
+#pragma unroll
+      for (int j = kDepth - 1; j > 0; --j) pending[j] = pending[j - 1];
+      pending[0] = pipe.stage;
       pipe.advance(sm.stages);
     }
   }
   cp_async_wait<0>();
   fence_proxy_async();
-  if (pending2 >= 0) mbar_arrive(sm.full(pending2));
-  if (pending1 >= 0) mbar_arrive(sm.full(pending1));
+#pragma unroll
+  for (int j = kDepth - 1; j >= 0; --j)
+    if (pending[j] >= 0) mbar_arrive(sm.full(pending[j]));
 }
 
 // A stage is free once every consumer warp of every CTA that reads it (both of a pair, whose
@@ -1429,8 +1435,11 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
   if (threadIdx.x >= kNumMathThreads) {
     if constexpr (kBlockM >= 128) setmaxnreg_dec<40>();
     if constexpr (kMode == kModeGatherA) {
-      produce_gathered<kBlockM, kBlockN>(p, sm, *reinterpret_cast<const GatherSource*>(&map_a),
-                                         &map_b, &map_sa);
+      const auto& src_rows = *reinterpret_cast<const GatherSource*>(&map_a);
+      if (sm.stages >= 4)
+        produce_gathered<kBlockM, kBlockN, 2>(p, sm, src_rows, &map_b, &map_sa);
+      else
+        produce_gathered<kBlockM, kBlockN, 1>(p, sm, src_rows, &map_b, &map_sa);
     } else if (threadIdx.x == kNumMathThreads) {
       produce<kBlockM, kBlockN, kWgrad, kTail, kMode>(p, sm, &map_a, &map_b, &map_sa, &map_sb);
     }

@@ -126,6 +126,21 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, uint32_t
                "l"(reinterpret_cast<uint64_t>(src)), "r"(src_bytes)
                : "memory");
 }
+// cp_async_16 from col + off16 * 16 (dst a shared-memory address). The multiply-add sits inside
+// the asm so that ptxas keeps col as one 64-bit register: written in C++ the compiler split it
+// into a uniform base and a 32-bit lane offset again, and each copy cost an IMAD.WIDE and a
+// 64-bit add instead of two LEAs (dev/gemm/NOTES.md, session 11 late).
+__device__ __forceinline__ void cp_async_16_row(uint32_t dst, const uint8_t* col, uint32_t off16,
+                                                uint32_t src_bytes) {
+  asm volatile(
+      "{\n"
+      ".reg .b64 src;\n"
+      "mad.wide.u32 src, %1, 16, %2;\n"
+      "cp.async.cg.shared.global [%0], [src], 16, %3;\n"
+      "}\n" ::"r"(dst),
+      "r"(off16), "l"(reinterpret_cast<uint64_t>(col)), "r"(src_bytes)
+      : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;" ::: "memory");
 }

@@ -251,16 +251,16 @@ int chunk_of(int ran) {
 // combine_send_parts and combine_recv_early_stage, so every fenced combine kernel runs).
 // Session 11 (ep14): 18 to 20 the defaults without direct rows (the source-region send, as the
 // layout-only dispatch's) with the session-11 options by the bits of v - 17: 1
-// layout_release_only, 2 layout_claim_chunks. Session 11 (ep15): 21 the defaults with
-// record_align_128 and without direct rows (the records expanded by the receive, at the 128-byte
-// stride; the low-latency kernels read the same stride).
+// layout_release_only, 2 layout_claim_chunks. Session 11 (ep15): 21 the defaults without direct
+// rows (the records expanded by the receive) at the record stride that record_align_128 does not
+// set: the 128-byte stride until session 12, the 16-byte one since record_align_128 is a default.
 constexpr int kVariants = 4;
 constexpr int kDefaults = 2, kDirectRows = 4, kFastCount = 5, kSession6 = 6;
 constexpr int kSession7 = 7, kEarlyStage = 8, kWarpWait = 9, kWarpItems = 10, kWarpItemsOnly = 11;
 constexpr int kPlanCounts = 12, kBlockScan = 13, kReleaseOnly = 14, kPrologue = 15;
 constexpr int kFencedFlags = 16, kFencedCombine = 17;
 constexpr int kLayoutSend = 17, kLayoutSendAll = kLayoutSend + 3;  // 18 .. 20: kLayoutSend + bits
-constexpr int kAlign128 = kLayoutSendAll + 1;                      // 21
+constexpr int kAlign16 = kLayoutSendAll + 1;                      // 21
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -309,10 +309,10 @@ DeviceEpOptions variant_options(int v) {
     o.layout_release_only = (bits & 1) != 0;
     o.layout_claim_chunks = (bits & 2) != 0;
   }
-  if (v == kAlign128) {
+  if (v == kAlign16) {
     o = DeviceEpOptions{};
     o.dispatch_direct_rows = o.dispatch_self_rows = false;
-    o.record_align_128 = true;
+    o.record_align_128 = false;
   }
   return o;
 }
@@ -341,7 +341,7 @@ std::string variant_name(int v) {
     return std::string(" defaults without direct rows") +
            ((bits & 1) ? "+layout_release_only" : "") + ((bits & 2) ? "+layout_claim_chunks" : "");
   }
-  if (v == kAlign128) return " defaults without direct rows+record_align_128";
+  if (v == kAlign16) return " defaults without direct rows, 16-byte records";
   return kNames[v];
 }
 
@@ -505,12 +505,14 @@ TEST_F(NvlinkTest, Session11LayoutSendOptionsMatchReference) {
 
 // Session 11 (ep15): the records on 128-byte lines (record_align_128), bit for bit against the
 // reference over every case (two rounds each), on all GPUs, with every rank on one GPU and over
-// the NCCL wire. (Session 11's call 1 ran it as Session11TailPiecesAndAlignedRecordsMatchReference
-// with the tail parts, since removed: docs/comm/runs/ep-s11-ep15-call1-pqa.patch.)
+// the NCCL wire. Since session 12 record_align_128 is a default (every defaults case runs it), so
+// this test runs the 16-byte stride, the option's other value. (Session 11's call 1 ran it as
+// Session11TailPiecesAndAlignedRecordsMatchReference with the tail parts, since removed:
+// docs/comm/runs/ep-s11-ep15-call1-pqa.patch.)
 TEST_F(NvlinkTest, Session11AlignedRecordsMatchReference) {
-  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kAlign128);
-  run_cases(Payload::kFP8, 1, Wire::kNvlink, kAlign128);
-  if (gpu_count() >= 2 && nccl_available()) run_cases(Payload::kFP8, 2, Wire::kNccl, kAlign128);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kAlign16);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kAlign16);
+  if (gpu_count() >= 2 && nccl_available()) run_cases(Payload::kFP8, 2, Wire::kNccl, kAlign16);
 }
 
 // More send blocks than the GPU has SMs: the direct rows need every send block resident (block

@@ -314,13 +314,15 @@ struct GatheredVsExpanded {
 
   // layout_send: the session-11 options of the gathered (layout-only) group's send (defaults since
   // then); false sets the send before them (so the other gathered tests keep that one covered).
-  // align128 (session 11, ep15): record_align_128 on the gathered group (the expanded group keeps
-  // the 16-byte stride).
+  // align128 (session 11, ep15): record_align_128 on the gathered group; the expanded group keeps
+  // the 16-byte stride (record_align_128 off, set here since it is a default), so the test with
+  // align128 compares two strides.
   GatheredVsExpanded(const EpConfig& c, std::vector<int> devs, Wire wire, uint64_t seed,
                      bool layout_send = false, bool align128 = false)
       : cfg(c), devices(std::move(devs)), nccl(wire == Wire::kNccl) {
     DeviceEpOptions opt;
     opt.wire = wire;
+    opt.record_align_128 = false;
     expanded = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
     opt.expand_payload = false;
     opt.layout_release_only = opt.layout_claim_chunks = layout_send;
