@@ -398,11 +398,16 @@ inline constexpr int kGatherFullArrivals = 129;
 // 4 or more (the host asks for at least 3).
 // The producer warps share the SM's issue slots with the math warps, so the K loop is kept short
 // (session 12, gemm20): one 64-bit column pointer a K block (cp_async_16_row), padding as a bit
-// mask, not a select per copy, the depth a template parameter.
+// mask, not a select per copy, the depth a template parameter. A tile's first copies wait for no
+// global load (session 12, gemm21): the next tile's number, group and row index are loaded at the
+// start of the current tile (get_tile's order and skips for this launch: the contiguous form, one
+// CTA a cluster, no split-K); loaded at the tile's start, the group and then the index were two
+// global loads on the copy path once a tile.
 // Measured (dev/gemm/NOTES.md sessions 10 and 12, bit-identical every time), gathered / contiguous
 // GEMM: one {128 K, 1 row} TMA box per row 4.0x (H100); one producer warp's cp.async 2.2-2.5x
 // (H100); this warpgroup as written in session 10 1.15-1.20x at the 128x256 picks (H100) and
-// 1.12-1.14x (H200); with the short K loop 1.02-1.07x (H200; 0.91-0.94x the session-10 form).
+// 1.12-1.14x (H200); with the short K loop 1.02-1.07x (H200), 1.02-1.12x (H100); with the next
+// tile's loads ahead 1.01-1.04x (H100, H200), 0.93-1.00x the short K loop alone (6 runs).
 template <int kBlockM, int kBlockN, int kDepth>
 __device__ __forceinline__ void produce_gathered(const GemmParams& p,
                                                  const SmemLayout<kBlockM, kBlockN, false>& sm,
@@ -426,13 +431,11 @@ __device__ __forceinline__ void produce_gathered(const GemmParams& p,
   int pending[kDepth];  // stages issued, not yet arrived for (pending[kDepth - 1] the oldest)
 #pragma unroll
   for (int j = 0; j < kDepth; ++j) pending[j] = -1;
-  Tile tile;
-  bool skip;
-  for (int t = blockIdx.x; get_tile<kBlockM, kBlockN, false>(p, t, tile, skip); t += gridDim.x) {
-    if (skip) continue;
+
+  // One tile: its rows' offsets by shuffle, then its K blocks.
+  const auto run_tile = [&](int row, int group, int m_base, int n_base, int k_blocks) {
     // Source offsets in 16-byte units (the host checks that they fit 32 bits); padding rows get
     // offset 0 (a valid address; nothing is read with src_bytes 0) and a clear bit in `real`.
-    const int row = __ldg(src_rows.index + tile.m_base + thread);
     const uint32_t mine = row >= 0 ? static_cast<uint32_t>(row) * stride16 : 0xffffffffu;
     uint32_t off[8], real = 0;
 #pragma unroll
@@ -443,15 +446,14 @@ __device__ __forceinline__ void produce_gathered(const GemmParams& p,
       else
         off[i] = 0;
     }
-    const int b_row = tile.group * p.n + tile.n_base;
-    for (int kb = 0; kb < tile.num_k_blocks; ++kb) {
-      const int kbg = tile.k_block_begin + kb;
+    const int b_row = group * p.n + n_base;
+    for (int kbg = 0; kbg < k_blocks; ++kbg) {
       mbar_wait(sm.empty(pipe.stage), pipe.phase ^ 1u);
       if (thread == 0) {
         uint64_t* full = sm.full(pipe.stage);
         mbar_arrive_expect_tx(full, Layout::kTxBytes - Layout::kABytes);
         tma_load_2d(sm.b(pipe.stage), map_b, full, kbg * 128, b_row);
-        tma_load_2d(sm.sa(pipe.stage), map_sa, full, tile.m_base, kbg);
+        tma_load_2d(sm.sa(pipe.stage), map_sa, full, m_base, kbg);
       }
       const uint32_t stage_bytes = static_cast<uint32_t>(pipe.stage * Layout::kStageBytes);
       const uint8_t* const col = col0 + static_cast<uint32_t>(kbg) * 128u;
@@ -470,6 +472,29 @@ __device__ __forceinline__ void produce_gathered(const GemmParams& p,
       pending[0] = pipe.stage;
       pipe.advance(sm.stages);
     }
+  };
+
+  // get_tile's tiles for this launch, with tile t + gridDim.x's loads issued before tile t's
+  // K blocks (a padding tile's index is read too: it is in bounds, and unused).
+  const int tiles_n = (p.n + kBlockN - 1) / kBlockN;
+  const int tiles_m = (p.m + kBlockM - 1) / kBlockM;
+  const int total = tiles_m * tiles_n;
+  int next_m = 0, next_n = 0, next_group = -1, next_row = -1;
+  const auto fetch = [&](int u) {
+    int mb, nb;
+    rasterise(u, tiles_m, tiles_n, mb, nb);
+    next_m = mb * kBlockM;
+    next_n = nb * kBlockN;
+    next_group = __ldg(p.grouped_layout + next_m);
+    next_row = __ldg(src_rows.index + next_m + thread);
+  };
+  const int step = static_cast<int>(gridDim.x);
+  if (static_cast<int>(blockIdx.x) < total) fetch(static_cast<int>(blockIdx.x));
+  for (int t = static_cast<int>(blockIdx.x); t < total; t += step) {
+    const int m_base = next_m, n_base = next_n, group = next_group, row = next_row;
+    if (t + step < total) fetch(t + step);
+    if (group < 0) continue;
+    run_tile(row, group, m_base, n_base, p.k / 128);
   }
   cp_async_wait<0>();
   fence_proxy_async();
