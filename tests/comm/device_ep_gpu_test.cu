@@ -260,7 +260,7 @@ constexpr int kSession7 = 7, kEarlyStage = 8, kWarpWait = 9, kWarpItems = 10, kW
 constexpr int kPlanCounts = 12, kBlockScan = 13, kReleaseOnly = 14, kPrologue = 15;
 constexpr int kFencedFlags = 16, kFencedCombine = 17;
 constexpr int kLayoutSend = 17, kLayoutSendAll = kLayoutSend + 3;  // 18 .. 20: kLayoutSend + bits
-constexpr int kAlign16 = kLayoutSendAll + 1;                      // 21
+constexpr int kAlign16 = kLayoutSendAll + 1;                       // 21
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
