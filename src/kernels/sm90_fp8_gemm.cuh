@@ -378,15 +378,15 @@ struct GatherSource {
   const int32_t* index;  // [m]: source row of each logical row, < 0 for padding
 };
 static_assert(sizeof(GatherSource) <= sizeof(CUtensorMap), "the gather source rides in map_a");
-// Full-barrier arrivals of a gathered stage: thread 0's expect_tx (B, A scales) and the
-// producer warpgroup's 128 threads'.
-inline constexpr int kGatherFullArrivals = 129;
+// Full-barrier arrivals of a gathered stage: the producer warpgroup's 128 threads' (the two TMA
+// issuing lanes post their bytes with mbarrier.expect_tx, which does not arrive).
+inline constexpr int kGatherFullArrivals = 128;
 
-// The whole producer warpgroup runs it. B and the A scales come by TMA as in produce() (its first
-// thread); A by cp.async, 16 bytes a thread: warp w copies tile rows 32w .. 32w + 31, instruction i
-// of a K block rows 32w + 4i .. + 3, 8 lanes a row (one 128-byte line each, 4 whole lines a warp),
-// into the 128-byte swizzled place the TMA box would have used (chunk c of row r at
-// r * 128 + (c ^ r % 8) * 16). Per tile each lane reads its row's source index and gathers, by
+// The whole producer warpgroup runs it. B comes by TMA from thread 0, the A scales by TMA from
+// lane 0 of warp 1 (below); A by cp.async, 16 bytes a thread: warp w copies tile rows 32w .. 32w +
+// 31, instruction i of a K block rows 32w + 4i .. + 3, 8 lanes a row (one 128-byte line each, 4
+// whole lines a warp), into the 128-byte swizzled place the TMA box would have used (chunk c of row
+// r at r * 128 + (c ^ r % 8) * 16). Per tile each lane reads its row's source index and gathers, by
 // shuffle, the 8 source offsets (16-byte units) its copies need. Padding rows (index < 0) are
 // zero-filled, nothing read.
 // A stage's A rows count as landed once each thread's copies have completed
@@ -403,11 +403,18 @@ inline constexpr int kGatherFullArrivals = 129;
 // start of the current tile (get_tile's order and skips for this launch: the contiguous form, one
 // CTA a cluster, no split-K); loaded at the tile's start, the group and then the index were two
 // global loads on the copy path once a tile.
-// Measured (dev/gemm/NOTES.md sessions 10 and 12, bit-identical every time), gathered / contiguous
-// GEMM: one {128 K, 1 row} TMA box per row 4.0x (H100); one producer warp's cp.async 2.2-2.5x
-// (H100); this warpgroup as written in session 10 1.15-1.20x at the 128x256 picks (H100) and
-// 1.12-1.14x (H200); with the short K loop 1.02-1.07x (H200), 1.02-1.12x (H100); with the next
-// tile's loads ahead 1.01-1.04x (H100, H200), 0.93-1.00x the short K loop alone (6 runs).
+// The TMA issue is split over two warps (session 13, gemm23's gp1): thread 0 issues B only, lane 0
+// of warp 1 the A scales, each right after the empty wait and before its warp's copies, each
+// posting its own bytes (mbar_expect_tx; both arrive for the stage kDepth blocks later, so the
+// phase cannot complete before both have posted). With both loads and the arrive.expect_tx on
+// thread 0, warp 0's copies and its arrival came ~25 SASS instructions after the other warps'
+// each K block; B itself cannot leave sooner (thread 0 already waits when the stage frees).
+// Measured (dev/gemm/NOTES.md sessions 10, 12 and 13, bit-identical every time), gathered /
+// contiguous GEMM: one {128 K, 1 row} TMA box per row 4.0x (H100); one producer warp's
+// cp.async 2.2-2.5x (H100); this warpgroup as written in session 10 1.15-1.20x at the 128x256 picks
+// (H100) and 1.12-1.14x (H200); with the short K loop 1.02-1.07x (H200), 1.02-1.12x (H100); with
+// the next tile's loads ahead 1.01-1.04x (H100, H200), 0.93-1.00x the short K loop alone (6 runs);
+// with the TMA issue split 0.970-0.993x that (H100, two runs) and 0.987-1.003x (H200, neutral).
 template <int kBlockM, int kBlockN, int kDepth>
 __device__ __forceinline__ void produce_gathered(const GemmParams& p,
                                                  const SmemLayout<kBlockM, kBlockN, false>& sm,
@@ -449,11 +456,15 @@ __device__ __forceinline__ void produce_gathered(const GemmParams& p,
     const int b_row = group * p.n + n_base;
     for (int kbg = 0; kbg < k_blocks; ++kbg) {
       mbar_wait(sm.empty(pipe.stage), pipe.phase ^ 1u);
+      // NOTE: one branch per issuing lane with warp-uniform operands: ptxas keeps them in uniform
+      // registers (one call site with lane-dependent operands put 3 R2UR and 5 more instructions
+      // before B's TMA, and a spill in the depth-2 loop).
       if (thread == 0) {
-        uint64_t* full = sm.full(pipe.stage);
-        mbar_arrive_expect_tx(full, Layout::kTxBytes - Layout::kABytes);
-        tma_load_2d(sm.b(pipe.stage), map_b, full, kbg * 128, b_row);
-        tma_load_2d(sm.sa(pipe.stage), map_sa, full, m_base, kbg);
+        mbar_expect_tx(sm.full(pipe.stage), Layout::kBBytes);
+        tma_load_2d(sm.b(pipe.stage), map_b, sm.full(pipe.stage), kbg * 128, b_row);
+      } else if (thread == 32) {
+        mbar_expect_tx(sm.full(pipe.stage), kBlockM * 4);  // FP32 A scales
+        tma_load_2d(sm.sa(pipe.stage), map_sa, sm.full(pipe.stage), m_base, kbg);
       }
       const uint32_t stage_bytes = static_cast<uint32_t>(pipe.stage * Layout::kStageBytes);
       const uint8_t* const col = col0 + static_cast<uint32_t>(kbg) * 128u;

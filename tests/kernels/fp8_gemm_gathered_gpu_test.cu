@@ -192,6 +192,27 @@ TEST(Fp8GemmGatheredGpu, EqualsContiguousOnMaterialisedRows) {
   expect_gathered_equals_contiguous(deep, &narrow);
 }
 
+// The producer's tile walk and TMA issue (session 13: B's and the A scales' TMA from two warps,
+// each posting its own bytes) at tile starts: 2-3 CTAs, so each runs several tiles (the next
+// tile's loads ahead), at 3 stages (arrivals one block late) and 4 or more (two); one K block a
+// tile (a tile's only block right after its start); the last tile column past N; the 7168 x 2048
+// shape at the 128x256 tile with both epilogues.
+TEST(Fp8GemmGatheredGpu, EqualsContiguousAcrossTileStarts) {
+  const GatheredCase awkward = make_case({130, 0, 1, 256, 64}, 2112, 512, 470);
+  for (const GemmTileConfig& f :
+       {GemmTileConfig{128, 128, 3, 0, 1}, GemmTileConfig{128, 256, 3, 2, 2},
+        GemmTileConfig{128, 128, 4, 2, 1}})
+    expect_gathered_equals_contiguous(awkward, &f);
+  const GatheredCase one_block = make_case({200, 130, 0, 5}, 384, 128, 475, {1, 0, 0, 0});
+  for (const GemmTileConfig& f :
+       {GemmTileConfig{128, 256, 3, 3, 2}, GemmTileConfig{128, 128, 0, 0, 2}})
+    expect_gathered_equals_contiguous(one_block, &f);
+  const GatheredCase deep = make_case({384, 200, 640, 1, 1500, 0, 300, 77}, 7168, 2048, 490);
+  const GemmTileConfig pick_like{128, 256, 0, 0, 2}, many_stages{128, 256, 0, 0, 1};
+  expect_gathered_equals_contiguous(deep, &pick_like);
+  expect_gathered_equals_contiguous(deep, &many_stages);
+}
+
 TEST(Fp8GemmGatheredGpu, RejectsBadInput) {
   const GatheredCase c = make_case({128, 64}, 256, 256, 430);
   DeviceCase dc(c);
