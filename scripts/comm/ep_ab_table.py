@@ -32,8 +32,9 @@ STAMPS = ("plan_counted", "plan_published", "plan_last", "plan_end", "send_plann
 LL_OPS = (("dispatch", "FP8 dispatch"), ("combine", "BF16 combine"))
 # The dispatch stamps of print_trace (src/comm/sm90_device_ep_ll.cu), in its order; flags-in and
 # copies-issued were printed by the build of docs/comm/runs/ep-s9-ll-JMEH.patch only ("–" else).
-LL_STAMPS = (("dispatch", ("send last-start", "send cleared", "plan-tiles", "plan", "ack",
-                           "payload", "end")),
+# "payload issued": session 13's payload_first (P) only.
+LL_STAMPS = (("dispatch", ("send last-start", "send cleared", "payload issued", "plan-tiles",
+                           "plan", "ack", "payload", "end")),
              ("recv", ("first-start", "last-start", "notify", "layout", "flags-in",
                        "copies-issued", "scatter", "end")))
 
@@ -56,7 +57,8 @@ def ab_rows(paths, mode="normal"):
                             order.append("nccl")
                         table.setdefault(("nccl", r["op"]), []).append(r["us"])
                     continue
-                m = re.match(r"ab=(\S+) round=(\d+)", note)
+                # ep_bench --ab rows: "ab=<variant>"; --ab-ll rows: "ab_ll=<variant>".
+                m = re.match(r"ab(?:_ll)?=(\S+) round=(\d+)", note)
                 if not m or r.get("mode") != mode or r.get("impl") != "fp8moe":
                     continue
                 label = m.group(1) if i == 0 else f"{stem}:{m.group(1)}"
@@ -96,7 +98,8 @@ def ll_trace_stamps(path):
     out, pending = [], {}
     with open(path, encoding="utf-8") as f:
         for line in f:
-            m = re.match(r"ll_trace rank (\d+) dispatch (\(|detail:|receive items:)", line)
+            m = re.match(r"ll_trace rank (\d+) dispatch (\(|detail:|receive items:|payload-first:)",
+                         line)
             if m:
                 rank = int(m.group(1))
                 body = line.split("):", 1)[1] if m.group(2) == "(" else line.split(":", 1)[1]
@@ -110,11 +113,13 @@ def ll_trace_stamps(path):
                             k = k[5:]
                         vals[f"{side} {k}"] = float(v)
                 continue
-            m = re.search(r"\blow_latency\s+dispatch\s+fp8\b.*ab=(\S+) round=", line)
+            m = re.search(r"\blow_latency\s+dispatch\s+fp8\b.*ab(?:_ll)?=(\S+) round=", line)
             if m:
                 for rank in sorted(pending):
                     out.append((m.group(1), rank, pending[rank]))
                 pending = {}
+            if re.search(r"\blow_latency\s+combine\b", line):
+                pending = {}  # --ab-ll: the check() after the combine prints the dispatch again
     return out
 
 
