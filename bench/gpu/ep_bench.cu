@@ -469,7 +469,9 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // layout_tail_pieces measured slower: docs/comm/runs/ep-s11-ep15-call1-pqa.patch). a is a default
 // since session 12; u takes it back (the 16-byte record stride). Session 12 (ep16): w
 // layout_warp_claims measured slower (+12 %) and was not landed
-// (docs/comm/runs/ep-s12-prep-warp-claims.patch).
+// (docs/comm/runs/ep-s12-prep-warp-claims.patch). Session 13 (ep19): k combine_bulk_rows (the
+// combine send's record sums fed through shared memory by bulk copies; with C and Y), a default
+// since session 13's ep19 call; r takes it back (the register send).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -515,6 +517,7 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
     v.opt.plan_block_scan = v.opt.dispatch_release_only = false;
     v.opt.combine_release_only = false;
     v.opt.record_align_128 = false;
+    v.opt.combine_bulk_rows = false;
     if (head == "v5" || head == "base") return v;
   }
   for (char c : head) {
@@ -556,6 +559,10 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.record_align_128 = true;
     else if (c == 'u')
       v.opt.record_align_128 = false;
+    else if (c == 'k')
+      v.opt.combine_bulk_rows = true;
+    else if (c == 'r')
+      v.opt.combine_bulk_rows = false;
     else if (c == 'x') {
       v.opt.layout_release_only = v.opt.layout_claim_chunks = false;
       v.opt.layout_send_blocks = 0;

@@ -472,6 +472,17 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_plan_kernel(m.opt.plan_fast_count, m.plan_mode),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(plan_kernel_smem(m.g))));
+  if (const size_t smem = combine_send_smem(m.opt, m.g); smem > 0) {
+    int max_smem = 0;
+    FM_CHECK_CUDA(
+        cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, m.device));
+    FM_CHECK_ARG(smem + 1024 <= static_cast<size_t>(max_smem), "rank ", m.rank,
+                 ": combine_bulk_rows needs ", smem, " bytes of shared memory per block at hidden ",
+                 m.g.H, ", the device allows ", max_smem);
+    FM_CHECK_CUDA(cudaFuncSetAttribute(combine_send_kernel(m.opt),
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem)));
+  }
   FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_recv_kernel(m.opt),
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(recv_smem_bytes(m.g))));
@@ -637,7 +648,8 @@ void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {
   a.weighted = true;
   a.peer_blocks = m.opt.combine_peer_blocks;
   a.send_blocks = m.combine_grid();
-  launch(combine_send_kernel(m.opt), a.send_blocks, 0, stream, false, a);
+  launch(combine_send_kernel(m.opt), a.send_blocks, combine_send_smem(m.opt, m.g), stream, false,
+         a);
   if (a.nccl) m.exchange({{m.lay.comb_stage, m.g.Tmax * m.g.H * 2}}, stream);
 }
 
@@ -654,7 +666,8 @@ void DeviceEpRank::combine_tokens_send(const uint16_t* rows, cudaStream_t stream
   a.weighted = false;
   a.peer_blocks = m.opt.combine_peer_blocks;
   a.send_blocks = m.combine_grid();
-  launch(combine_send_kernel(m.opt), a.send_blocks, 0, stream, false, a);
+  launch(combine_send_kernel(m.opt), a.send_blocks, combine_send_smem(m.opt, m.g), stream, false,
+         a);
   if (a.nccl) m.exchange({{m.lay.comb_stage, m.g.Tmax * m.g.H * 2}}, stream);
 }
 

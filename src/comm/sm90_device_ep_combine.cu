@@ -18,6 +18,7 @@
 // (tests/comm/device_ep_gpu_test.cu).
 #include <cstdint>
 
+#include "../kernels/sm90_ptx.cuh"
 #include "fp8moe/fp8/codec.h"
 #include "sm90_device_ep_kernels.cuh"
 
@@ -344,6 +345,346 @@ template <int kU, bool kEvict = false, int kParts = 1, bool kRelease = false>
 __global__ void __launch_bounds__(kSendThreads) k_combine_send(Args a) {
   if (threadIdx.x == 0) stamp(a, kTrCombSendStart, 2);
   combine_send_block<kU, kEvict, kParts, kRelease>(a);
+  count_send_block(a.my, a.lay.status, kCombineSent);
+  if (threadIdx.x == 0 && a.trace) {
+    stamp(a, kTrCombSendFirstEnd, 2);
+    stamp(a, kTrCombSendEnd, 1);
+  }
+}
+
+// ---- combine send fed by bulk copies (combine_bulk_rows, session 13, ep19) ----
+// The record sums of k_combine_send with the expert rows read through shared memory: warp 0 of
+// each block (the producer) issues each row's column piece by cp.async.bulk into a ring of
+// kBulkStages stages on the stage's mbarrier (complete_tx), the other warps (kBulkTeams consumer
+// teams taking alternate items) sum a stage's rows from shared memory in ascending k and store the
+// BF16 row to the peer's stage. Same arithmetic, order and rounding as combine_record_rows; the
+// chunk flags as k_combine_send's (a named barrier over the consumer warps, then one consumer
+// thread publishes), so the receive is unchanged. Shape from ep17's bench (combine_rows_bench,
+// docs/comm/README.md "Session 13: a TMA-fed row reduction"): whole 7168-column rows as items, two
+// stages, two teams of 7 warps (p7168:s2:t480:m2, the best shape at 64 blocks there: 238-241 us
+// against the register path's 300 on one H200); 8 row slots x 2 stages x 14 KB = 224 KB of the
+// 227 KB a block may have, so the ring cannot take more stages at that piece.
+// An item = one record's piece of at most kBulkPiece columns; a stage holds its up to kMaxTopK
+// rows, their count and weights.
+constexpr int64_t kBulkPiece = 7168;
+constexpr int kBulkStages = 2;
+constexpr int kBulkTeams = 2;
+constexpr int kBulkTeamWarps = (kWarps - 1) / kBulkTeams;  // 7; the last consumer warp idles
+constexpr int kBulkConsumers = (kWarps - 1) * 32;          // the consumer warps' named barrier
+constexpr int kBulkGroups = 4;  // 16-byte column groups per consumer thread and item
+static_assert(kBulkPiece / 8 <= kBulkGroups * kBulkTeamWarps * 32,
+              "a piece's 16-byte groups must fit one pass of a consumer team");
+static_assert(kBulkStages % kBulkTeams == 0, "teams must divide the stages (one parity per use)");
+
+// Columns per piece for hidden size H (a multiple of 8): H in ceil(H / kBulkPiece) pieces of
+// whole 16-byte groups, the last one shorter.
+__host__ __device__ inline int64_t bulk_piece(int64_t H) {
+  const int64_t np = (H + kBulkPiece - 1) / kBulkPiece;
+  return ((H + np - 1) / np + 7) / 8 * 8;
+}
+
+struct BulkRing {
+  uint8_t* data;  // kBulkStages x kMaxTopK row pieces of piece_bytes
+  uint64_t* full;
+  uint64_t* empty;
+  int* n;
+  float (*w)[kMaxTopK];
+};
+
+// cp.async.bulk global -> shared of `bytes` (a multiple of 16, both addresses 16-byte aligned),
+// completing on `bar`; L2 evict-first (combine_stream_rows: each expert row is read once).
+__device__ __forceinline__ void bulk_row_load(void* dst, const void* src, uint32_t bytes,
+                                              uint64_t* bar, unsigned long long pol) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1], %2, [%3], %4;" ::"r"(kernels::sm90::smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(kernels::sm90::smem_addr(bar)), "l"(pol)
+      : "memory");
+}
+
+// The (chunk, source) pairs a send block serves, in k_combine_send's order (combine_send_block's
+// loop as a generator, so that the producer and the consumers walk the same sequence).
+struct ChunkWalk {
+  const int* roff;
+  int64_t item, flat_items;
+  int grid, nsrc, q, c, q_step, c_first, c_step, rank, C;
+  bool peer_blocks, peers_only, nccl;
+  __device__ ChunkWalk(const Args& a, const int* ro) : roff(ro) {
+    const Geometry& g = a.g;
+    C = g.C;
+    rank = a.rank;
+    nccl = a.nccl;
+    peer_blocks = a.peer_blocks;
+    peers_only = !a.nccl && a.peer_blocks;
+    nsrc = peers_only ? g.R - 1 : g.R;
+    grid = static_cast<int>(gridDim.x);
+    const int b = static_cast<int>(blockIdx.x);
+    const bool dealt = a.peer_blocks && grid >= nsrc && nsrc > 0;
+    q_step = !a.peer_blocks ? 0 : dealt ? nsrc : grid;
+    c_first = dealt ? b / nsrc : 0;
+    c_step = dealt ? (grid - b % nsrc + nsrc - 1) / nsrc : 1;
+    int most = 0;
+    for (int s = 0; s < g.R; ++s) most = max(most, roff[s + 1] - roff[s]);
+    flat_items = (static_cast<int64_t>(most) + g.C - 1) / g.C * nsrc;
+    q = a.peer_blocks ? (dealt ? b % nsrc : b) : 0;
+    c = c_first;
+    item = b;
+    if (nsrc == 0) q = 0, flat_items = 0, peer_blocks = false;
+  }
+  // The next chunk c of source s with records to send; false when the block is done.
+  __device__ bool next(int* c_out, int* s_out) {
+    for (;;) {
+      if (!peer_blocks) {
+        if (item >= flat_items) return false;
+        c = static_cast<int>(item / nsrc);
+        q = static_cast<int>(item % nsrc);
+      } else if (q >= nsrc) {
+        return false;
+      }
+      const int s = peers_only && q >= rank ? q + 1 : q;
+      const int count = roff[s + 1] - roff[s];
+      item += grid;
+      if (peer_blocks && c * C >= count) {
+        q += q_step;
+        c = c_first;
+        continue;
+      }
+      const int c_now = c;
+      c += c_step;
+      if ((nccl || s != rank) && c_now * C < count) {
+        *c_out = c_now;
+        *s_out = s;
+        return true;
+      }
+    }
+  }
+};
+
+// The block's records in send order (the chunks' records ascending), one group of up to 4 at a
+// time: slots s * Tmax + j.
+struct RecordGroup {
+  int slot[4];
+  int cnt;
+};
+struct RecordStream {
+  ChunkWalk walk;
+  int j = 0, j1 = 0, base = 0;
+  bool done = false;
+  __device__ RecordStream(const Args& a, const int* roff) : walk(a, roff) { next_chunk(a); }
+  __device__ void next_chunk(const Args& a) {
+    int c, s;
+    if (!walk.next(&c, &s)) {
+      done = true;
+      return;
+    }
+    const int count = walk.roff[s + 1] - walk.roff[s];
+    j = c * a.g.C;
+    j1 = min(count, j + a.g.C);
+    base = s * static_cast<int>(a.g.Tmax);
+  }
+  __device__ RecordGroup take(const Args& a) {
+    RecordGroup r;
+    r.cnt = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      r.slot[i] = 0;
+      if (done) continue;
+      r.slot[i] = static_cast<int>(base + j);
+      ++r.cnt;
+      if (++j >= j1) next_chunk(a);
+    }
+    return r;
+  }
+};
+
+// Lane l's entry of a group: record l / 8's row k = l % 8 (-1: none); without weights (combine
+// tokens) the record's own row y[slot] as its only row.
+__device__ __forceinline__ int group_row(const Args& a, const RecordGroup& grp) {
+  const int lane = threadIdx.x & 31, i = lane / 8, k = lane % 8;
+  int slot = grp.slot[0];
+#pragma unroll
+  for (int x = 1; x < 4; ++x)
+    if (i == x) slot = grp.slot[x];
+  if (i >= grp.cnt) return -1;
+  if (!a.weighted) return k == 0 ? slot : -1;
+  return k < a.g.K ? at<int32_t>(a.my, a.lay.token_rows)[static_cast<int64_t>(slot) * a.g.K + k]
+                   : -1;
+}
+
+// Producer warp: per item wait for the stage to be empty, write the row count and weights, post
+// the bytes to expect, and lane i < n issues row i's piece. A group's row indices are loaded two
+// groups ahead and their weights one group ahead (two dependent round trips off the issue path).
+__device__ void bulk_produce(const Args& a, const int* roff, const BulkRing& r) {
+  using namespace kernels::sm90;
+  const int lane = threadIdx.x & 31;
+  const Geometry& g = a.g;
+  const unsigned long long pol = evict_first_policy();
+  const float* row_weight = at<float>(a.my, a.lay.row_weight);
+  const int64_t piece = bulk_piece(g.H), piece_bytes = piece * 2;
+  // Of each group only its record count and lane's row are kept (registers: the group's slots
+  // are dropped once its rows are loaded).
+  RecordStream ahead(a, roff);
+  RecordGroup grp = ahead.take(a);
+  int cnt_cur = grp.cnt, row_cur = group_row(a, grp);
+  float w_cur = a.weighted && row_cur >= 0 ? row_weight[row_cur] : 1.0f;
+  grp = ahead.take(a);
+  int cnt_nxt = grp.cnt, row_nxt = group_row(a, grp);
+  int s = 0;
+  uint32_t ph = 0;
+  while (cnt_cur > 0) {
+    const float w_nxt = a.weighted && row_nxt >= 0 ? row_weight[row_nxt] : 1.0f;
+    grp = ahead.take(a);
+    const int cnt_after = grp.cnt, row_after = group_row(a, grp);
+    const unsigned m_all = __ballot_sync(kFull, row_cur >= 0);
+    for (int q = 0; q < cnt_cur; ++q) {
+      const unsigned m = (m_all >> (q * 8)) & 0xFFu;
+      const int n = __popc(m);
+      const int src = lane < n ? q * 8 + static_cast<int>(__fns(m, 0, lane + 1)) : 0;
+      const int row = __shfl_sync(kFull, row_cur, src);
+      const float w = __shfl_sync(kFull, w_cur, src);
+      for (int64_t c0 = 0; c0 < g.H; c0 += piece) {
+        const uint32_t bytes = static_cast<uint32_t>(min(piece, g.H - c0) * 2);
+        mbar_wait(&r.empty[s], ph ^ 1u);
+        if (lane < n) r.w[s][lane] = w;
+        if (lane == 0) r.n[s] = n;
+        __syncwarp();
+        if (lane == 0) mbar_arrive_expect_tx(&r.full[s], n * bytes);
+        __syncwarp();
+        if (lane < n)
+          bulk_row_load(r.data + (static_cast<int64_t>(s) * kMaxTopK + lane) * piece_bytes,
+                        a.y + static_cast<int64_t>(row) * g.H + c0, bytes, &r.full[s], pol);
+        if (++s == kBulkStages) s = 0, ph ^= 1u;
+      }
+    }
+    cnt_cur = cnt_nxt;
+    row_cur = row_nxt;
+    w_cur = w_nxt;
+    cnt_nxt = cnt_after;
+    row_nxt = row_after;
+  }
+}
+
+// 8 columns of one item: the stage's n rows summed with their weights in ascending k from +0
+// (__fmul_rn then __fadd_rn: weighted_rows_u's arithmetic), or the single row as it is (combine
+// tokens).
+__device__ __forceinline__ uint4 bulk_sum_cols(const uint8_t* stage, int64_t piece_bytes, int n,
+                                               const float* w, int64_t g16, bool weighted) {
+  if (!weighted) return *reinterpret_cast<const uint4*>(stage + g16 * 16);
+  uint4 v[kMaxTopK];
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k)
+    if (k < n) v[k] = *reinterpret_cast<const uint4*>(stage + k * piece_bytes + g16 * 16);
+  float acc[8];
+#pragma unroll
+  for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) {
+    if (k >= n) break;
+    const float wk = w[k];
+    const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[k]);
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(wk, __uint_as_float(vw[x] << 16)));
+      acc[2 * x + 1] =
+          __fadd_rn(acc[2 * x + 1], __fmul_rn(wk, __uint_as_float(vw[x] & 0xFFFF0000u)));
+    }
+  }
+  return pack_bf16(acc);
+}
+
+// Consumer warps (warps 1..15): team t of kBulkTeamWarps warps takes the items i with
+// i % kBulkTeams == t, in the producer's order; per item wait for the stage, sum its 16-byte column
+// groups (strided over the team's threads) into registers, store them to the peer's stage, release
+// the stage. After each chunk every consumer warp (the idle one too) meets at named barrier 1, and
+// the first consumer thread raises the chunk's flag (publish: the barrier orders every consumer's
+// stores before it, as k_combine_send's __syncthreads does).
+template <bool kRelease>
+__device__ void bulk_consume(const Args& a, const int* roff, const BulkRing& r,
+                             unsigned long long n_round) {
+  using namespace kernels::sm90;
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, cw = (threadIdx.x >> 5) - 1;
+  const int team = cw / kBulkTeamWarps;  // kBulkTeams: the idle warp
+  const int ti = (cw % kBulkTeamWarps) * 32 + lane;
+  constexpr int kTeamThreads = kBulkTeamWarps * 32;
+  const int64_t piece = bulk_piece(g.H), piece_bytes = piece * 2;
+  ChunkWalk walk(a, roff);
+  int s = 0, turn = 0;
+  uint32_t ph = 0;
+  int c, src;
+  while (walk.next(&c, &src)) {
+    const int64_t count = roff[src + 1] - roff[src];
+    const int64_t j0 = static_cast<int64_t>(c) * g.C, j1 = min(count, j0 + g.C);
+    uint16_t* region = at<uint16_t>(peer(a, src), a.lay.comb_stage) +
+                       static_cast<int64_t>(out_region(a, src)) * g.Tmax * g.H;
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t c0 = 0; c0 < g.H; c0 += piece) {
+        if (turn == team) {
+          mbar_wait(&r.full[s], ph);
+          const int n = r.n[s];
+          float w[kMaxTopK];
+#pragma unroll
+          for (int k = 0; k < kMaxTopK; ++k) w[k] = k < n ? r.w[s][k] : 0.0f;
+          const uint8_t* stage = r.data + static_cast<int64_t>(s) * kMaxTopK * piece_bytes;
+          const int64_t groups = min(piece, g.H - c0) / 8;
+          uint16_t* dst = region + j * g.H + c0;
+          // NOTE: two groups at a time (16 LDS in flight): fully unrolled, ptxas spilled 92-108
+          // bytes at the 128-register bound of 512 threads; two at a time, 113 registers, none.
+#pragma unroll 2
+          for (int x = 0; x < kBulkGroups; ++x)
+            if (ti + x * kTeamThreads < groups)
+              *reinterpret_cast<uint4*>(dst + (ti + x * kTeamThreads) * 8) =
+                  bulk_sum_cols(stage, piece_bytes, n, w, ti + x * kTeamThreads, a.weighted);
+          __syncwarp();
+          if (lane == 0) mbar_arrive(&r.empty[s]);
+        }
+        if (++s == kBulkStages) s = 0, ph ^= 1u;
+        if (++turn == kBulkTeams) turn = 0;
+      }
+    asm volatile("bar.sync 1, %0;" ::"n"(kBulkConsumers) : "memory");
+    if (!a.nccl && threadIdx.x == 32)
+      publish<kRelease>([&] { return chunk_flag(peer(a, src), a, kCombineChunk, a.rank, c); },
+                        n_round);
+  }
+}
+
+template <bool kRelease>
+__global__ void __launch_bounds__(kSendThreads) k_combine_send_bulk(Args a) {
+  extern __shared__ __align__(128) uint8_t bulk_ring[];
+  __shared__ int roff[kMaxRanks + 1];
+  __shared__ int abort_flag;
+  __shared__ uint64_t full[kBulkStages], empty[kBulkStages];
+  __shared__ int n_rows[kBulkStages];
+  __shared__ float weights[kBulkStages][kMaxTopK];
+  if (threadIdx.x == 0) stamp(a, kTrCombSendStart, 2);
+  const Geometry& g = a.g;
+  int64_t* status = at<int64_t>(a.my, a.lay.status);
+  const unsigned long long n = static_cast<unsigned long long>(status[kSeqCombine]) + 1;
+  if (threadIdx.x == 0) {
+    abort_flag = 0;
+    for (int s = 0; s < kBulkStages; ++s) {
+      kernels::sm90::mbar_init(&full[s], 1);
+      kernels::sm90::mbar_init(&empty[s], kBulkTeamWarps);
+    }
+    kernels::sm90::fence_barrier_init();
+  }
+  if (threadIdx.x <= g.R) roff[threadIdx.x] = at<int32_t>(a.my, a.lay.recv_offset)[threadIdx.x];
+  __syncthreads();
+  if (!a.nccl) allow_dependent_launch();
+  // The previous round's acknowledgements before any store into a peer's stage (as
+  // k_combine_send; the producer waits too: it is cheap, and the loop below is then one shape).
+  if (!a.nccl && threadIdx.x < g.R && threadIdx.x != a.rank &&
+      !wait_geq(flag(a.my, a, kCombineAck, threadIdx.x), n - 1, a.err, a.rank, threadIdx.x,
+                kCombineAck, -1, a.timeout_ns))
+    abort_flag = 1;
+  __syncthreads();
+  if (!abort_flag) {
+    const BulkRing r{bulk_ring, full, empty, n_rows, weights};
+    if (threadIdx.x < 32)
+      bulk_produce(a, roff, r);
+    else
+      bulk_consume<kRelease>(a, roff, r, n);
+  }
   count_send_block(a.my, a.lay.status, kCombineSent);
   if (threadIdx.x == 0 && a.trace) {
     stamp(a, kTrCombSendFirstEnd, 2);
@@ -742,11 +1083,24 @@ bool stream_rows(const DeviceEpOptions& o) {
   return o.combine_stream_rows && o.combine_two_steps;
 }
 
+// combine_bulk_rows applies with combine_stream_rows (the record sums' evict-first reads).
+bool combine_bulk(const DeviceEpOptions& o) {
+  return o.combine_bulk_rows && stream_rows(o);
+}
+
 }  // namespace
+
+// Dynamic shared memory of the combine send: combine_bulk_rows' ring, else none.
+size_t combine_send_smem(const DeviceEpOptions& o, const Geometry& g) {
+  if (!combine_bulk(o)) return 0;
+  return static_cast<size_t>(kBulkStages) * kMaxTopK * bulk_piece(g.H) * 2;
+}
 
 // The kernel variants the options select (DeviceEpOptions: combine_two_steps, combine_stream_rows;
 // combine_release_only with both of them, and for the receive with combine_recv_warp_items).
 KernelFn combine_send_kernel(const DeviceEpOptions& o) {
+  if (combine_bulk(o))
+    return o.combine_release_only ? k_combine_send_bulk<true> : k_combine_send_bulk<false>;
   if (stream_rows(o) && o.combine_release_only)
     return o.combine_send_parts == 4   ? k_combine_send<2, true, 4, true>
            : o.combine_send_parts == 2 ? k_combine_send<2, true, 2, true>

@@ -236,6 +236,8 @@ __host__ __device__ inline size_t all_counts_bytes(const Geometry& g) {
 // combine_release_only: the acknowledgement by a release store alone (k_dispatch_recv<true>).
 KernelFn dispatch_recv_kernel(const DeviceEpOptions& o);
 KernelFn combine_send_kernel(const DeviceEpOptions& o);
+// Dynamic shared memory of combine_send_kernel(o) at geometry g (combine_bulk_rows' ring, else 0).
+size_t combine_send_smem(const DeviceEpOptions& o, const Geometry& g);
 KernelFn combine_recv_kernel(const DeviceEpOptions& o);
 
 namespace {

@@ -7,6 +7,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 
 #include "device_copy.h"
@@ -261,6 +262,11 @@ constexpr int kPlanCounts = 12, kBlockScan = 13, kReleaseOnly = 14, kPrologue = 
 constexpr int kFencedFlags = 16, kFencedCombine = 17;
 constexpr int kLayoutSend = 17, kLayoutSendAll = kLayoutSend + 3;  // 18 .. 20: kLayoutSend + bits
 constexpr int kAlign16 = kLayoutSendAll + 1;                       // 21
+// Session 13 (ep19): 22 the defaults with combine_bulk_rows, 23 the same with the fenced combine
+// flags (combine_release_only off). combine_bulk_rows is a default since ep19's call: the defaults'
+// variant (2) runs it too, and every other variant keeps the register send it was written for
+// (combine_bulk_rows off), so that its kernels (combine_send_parts, the fenced flags) stay tested.
+constexpr int kBulkRows = kAlign16 + 1, kBulkRowsFenced = kBulkRows + 1;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -314,6 +320,12 @@ DeviceEpOptions variant_options(int v) {
     o.dispatch_direct_rows = o.dispatch_self_rows = false;
     o.record_align_128 = false;
   }
+  if (v == kBulkRows || v == kBulkRowsFenced) {
+    o = DeviceEpOptions{};
+    o.combine_bulk_rows = true;
+    o.combine_release_only = v == kBulkRows;
+  }
+  if (v != kDefaults && v != kBulkRows && v != kBulkRowsFenced) o.combine_bulk_rows = false;
   return o;
 }
 std::string variant_name(int v) {
@@ -342,6 +354,8 @@ std::string variant_name(int v) {
            ((bits & 1) ? "+layout_release_only" : "") + ((bits & 2) ? "+layout_claim_chunks" : "");
   }
   if (v == kAlign16) return " defaults without direct rows, 16-byte records";
+  if (v == kBulkRows) return " defaults+combine_bulk_rows";
+  if (v == kBulkRowsFenced) return " defaults+combine_bulk_rows with fenced combine flags";
   return kNames[v];
 }
 
@@ -548,9 +562,10 @@ TEST_F(NvlinkTest, RanksPerDeviceBelowSharingIsRejected) {
   }
 }
 
-TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
-  for (int v : {0, 1, kDefaults, 3, kDirectRows, kFastCount, kSession7, kWarpItems, kPrologue,
-                kFencedFlags}) {
+// One round (dispatch and combine) of kernel variant v captured in a CUDA graph per rank,
+// replayed three times into poisoned outputs.
+void graph_round_replays(int v) {
+  {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
     const DeviceEpOptions opt = variant_options(v);
@@ -588,6 +603,11 @@ TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
     for (auto e : execs) cudaGraphExecDestroy(e);
   }
 }
+TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
+  for (int v : {0, 1, kDefaults, 3, kDirectRows, kFastCount, kSession7, kWarpItems, kPrologue,
+                kFencedFlags})
+    graph_round_replays(v);
+}
 
 TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
   // dispatch_direct_rows: the send itself waits for the silent peer's notify (same report);
@@ -622,8 +642,8 @@ TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
 // A peer that dispatches but never runs its combine: the receive's wait for its chunks ends with
 // the report, whether the block (the session-6 kernels) or each warp (combine_recv_warp_wait, with
 // and without warp items: the defaults) waits.
-TEST_F(NvlinkTest, CombineSilentPeerEndsWithErrorNamingRankPeerCounter) {
-  for (const int v : {kSession6, kSession7, kDefaults, kFencedCombine}) {
+void combine_silent_peer(int v) {
+  {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
     cfg.timeout_s = 0.3;
@@ -647,6 +667,9 @@ TEST_F(NvlinkTest, CombineSilentPeerEndsWithErrorNamingRankPeerCounter) {
       EXPECT_NE(m.find("], expected >= 1, seen 0"), std::string::npos) << m;
     }
   }
+}
+TEST_F(NvlinkTest, CombineSilentPeerEndsWithErrorNamingRankPeerCounter) {
+  for (const int v : {kSession6, kSession7, kDefaults, kFencedCombine}) combine_silent_peer(v);
 }
 
 TEST_F(NvlinkTest, OverflowIsReported) {
@@ -691,6 +714,92 @@ TEST_F(NvlinkTest, BadExpertIdIsReported) {
       EXPECT_NE(e.message().find("rank 1 token 2: expert id 99"), std::string::npos) << e.message();
     }
   }
+}
+
+// ---- Session 13 (ep19): the combine send fed by bulk copies (combine_bulk_rows) ----
+// Every case (random, skewed, all on one rank, nobody to a rank, T = 0, k = 1, k = 8 of 256,
+// hidden 7168, holes; two rounds through the same buffers, combine and combine_tokens) bit for bit
+// against the reference: FP8 and BF16 over all GPUs, every rank on one GPU, the V3 send grid of 64
+// blocks, 2 send blocks (fewer than the peers: a block serves several), the fenced combine flags,
+// and over the NCCL wire.
+TEST_F(NvlinkTest, Session13BulkRowsMatchReference) {
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kBulkRows);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kBulkRows);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kBulkRows);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kBulkRows, 64);
+  run_cases(Payload::kBF16, 1, Wire::kNvlink, kBulkRows, 2);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kBulkRowsFenced);
+  if (gpu_count() >= 2 && nccl_available()) run_cases(Payload::kFP8, 2, Wire::kNccl, kBulkRows);
+}
+
+// Rows longer than one bulk piece (7168 columns): 7296 in two pieces of 3648, 14336 in two of
+// 7168, 7680 in two of 3840; over all GPUs and with both ranks on one GPU.
+TEST_F(NvlinkTest, Session13BulkRowsInPiecesMatchReference) {
+  for (int64_t H : {7296, 14336, 7680})
+    for (int gpus : {gpu_count(), 1}) {
+      SCOPED_TRACE("hidden " + std::to_string(H) + " on " + std::to_string(gpus) + " GPU(s)");
+      progress("bulk rows in pieces, hidden " + std::to_string(H));
+      EpConfig cfg = config(2, 16, 8, H, 48, Payload::kFP8);
+      DeviceEpOptions opt = variant_options(kBulkRows);
+      opt.num_blocks = 3;
+      opt.chunk_tokens = 5;
+      Harness h(cfg, devices_for(2, gpus), {48, 33}, Routing::kRandom, 17, opt);
+      check_against_reference(h, 2);
+    }
+}
+
+// Identity experts: the expert outputs are the dispatched BF16 rows themselves (the grouped
+// layout downloaded and passed back as y), so the combine returns x times the sum of the token's
+// weights (exact: small integer payloads, dyadic weights) and the reference's bits.
+TEST_F(NvlinkTest, Session13BulkRowsIdentityExpertsRoundTrip) {
+  for (const bool bulk : {false, true}) {
+    SCOPED_TRACE(bulk ? "combine_bulk_rows" : "register send");
+    EpConfig cfg = config(4, 32, 8, 1024, 40, Payload::kBF16);
+    DeviceEpOptions opt;
+    opt.combine_bulk_rows = bulk;
+    Harness h(cfg, devices_for(4, gpu_count()), {40, 7, 0, 33}, Routing::kExact, 23, opt);
+    const auto want = dispatch_reference(cfg, batches_of(h.data));
+    h.dispatch();
+    h.sync();
+    h.group->check();
+    std::vector<const uint16_t*> y;
+    for (int r = 0; r < cfg.num_ranks; ++r) {
+      const DispatchResult got = h.group->rank(r).download();
+      ASSERT_EQ(got.grouped.num_rows, want[r].grouped.num_rows) << "rank " << r;
+      const size_t n = static_cast<size_t>(got.grouped.num_rows * cfg.hidden);
+      ASSERT_TRUE(std::equal(got.grouped.x_bf16.begin(), got.grouped.x_bf16.begin() + n,
+                             want[r].grouped.x_bf16.begin()))
+          << "rank " << r;
+      FM_CHECK_CUDA(
+          cudaMemcpy(h.buf[r].y, want[r].grouped.x_bf16.data(), n * 2, cudaMemcpyHostToDevice));
+      y.push_back(want[r].grouped.x_bf16.data());
+    }
+    const auto want_out = combine_reference(cfg, want, y);
+    h.combine(true);
+    h.sync();
+    h.group->check();
+    for (int r = 0; r < cfg.num_ranks; ++r) {
+      const auto out = h.out(r);
+      ASSERT_EQ(out, want_out[r]) << "rank " << r;
+      for (int64_t t = 0; t < h.data[r].tokens; ++t) {
+        float wsum = 0;
+        for (int k = 0; k < cfg.top_k; ++k) wsum += h.data[r].w[t * cfg.top_k + k];
+        for (int64_t c = 3; c < cfg.hidden; ++c)  // as EpReference's test: past the id columns
+          ASSERT_EQ(bf16_bits_to_float(out[t * cfg.hidden + c]),
+                    bf16_bits_to_float(h.data[r].x[t * cfg.hidden + c]) * wsum)
+              << "rank " << r << " token " << t << " column " << c;
+      }
+    }
+  }
+}
+
+TEST_F(NvlinkTest, Session13BulkRowsGraphCapturedRoundReplays) {
+  graph_round_replays(kBulkRows);
+  graph_round_replays(kBulkRowsFenced);
+}
+
+TEST_F(NvlinkTest, Session13BulkRowsCombineSilentPeerEndsWithError) {
+  combine_silent_peer(kBulkRows);
 }
 
 // ---- low-latency kernels (DeviceEpOptions::low_latency, masked configs over NVLink) ----

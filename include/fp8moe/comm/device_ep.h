@@ -213,6 +213,17 @@ struct DeviceEpOptions {
   // Session 9, 2 x H100, V3 shape, same call, 3 rounds: combine 264.3 -> 260.8 us (-1.3 %), the
   // dispatch unchanged (180.3); with O: dispatch 171.5, combine 261.2.
   bool combine_release_only = true;
+  // Session 13 (ep19; docs/comm/README.md, "Session 13: the combine fed by bulk copies (ep19)"),
+  // with combine_two_steps and combine_stream_rows (else ignored); same results bit for bit.
+  // ep_bench letter k (r takes it back). The combine send's record sums read the expert rows
+  // through shared memory: per block one producer warp issues each row's 7168-column piece by
+  // cp.async.bulk into a ring of two stages (224 KB of shared memory at hidden 7168), two teams of
+  // 7 warps sum a stage's rows from shared memory and store the row to the peer (ep17's
+  // combine_rows_bench: 1.17x the register path at 64 blocks on one H200). 2 x H200, V3 shape, same
+  // call, two processes x 3 rounds: combine 235.7 / 235.7 -> 228.5 / 228.1 us (-3.0 / -3.2 %, every
+  // round of k below every round of default; NCCL 224.1 / 224.4), dispatch, layout only and low
+  // latency within +-0.8 %. Default since (the lead decides; H100 not measured).
+  bool combine_bulk_rows = true;
   // Session 11 (docs/comm/README.md, "Session 11: the layout-only send (ep14)"): the send of the
   // source regions, i.e. the layout-only dispatch's (expand_payload off) and wherever direct rows
   // do not apply, with plan_once and prefetch_payload (else ignored); same results bit for bit.
