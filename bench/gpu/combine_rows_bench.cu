@@ -35,6 +35,7 @@
 #include <thread>
 #include <vector>
 
+#include "../../src/comm/ep_ptx.cuh"
 #include "../../src/comm/ep_row_math.cuh"
 #include "../../src/kernels/sm90_ptx.cuh"
 #include "fp8moe/core/cuda_check.h"
@@ -45,6 +46,9 @@
 namespace {
 
 using namespace fp8moe;
+using comm::detail::add_weighted_bf16x8;
+using comm::detail::evict_first_policy;
+using comm::detail::ld_evict_first;
 using comm::detail::pack_bf16;
 using kernels::sm90::fence_barrier_init;
 using kernels::sm90::mbar_arrive;
@@ -63,23 +67,12 @@ constexpr int kGroup = 4;       // records per producer step: 32 lanes = 4 recor
 constexpr int kRowAlign = 128;  // the grouped layout pads each expert to whole 128-row blocks
 
 // ---------------------------------------------------------------------------------------------
-// (a) regs: mirrored from src/comm/sm90_device_ep_combine.cu (4323c33): compact_rows,
-// weighted_rows_u<2, true>, combine_record_rows' weighted branch, split_work, and the send
-// chunk's item loop (combine_send_block's send_chunk without the flags and the peer address).
+// (a) regs: mirrored from src/comm/sm90_device_ep_combine.cu (4323c33), whose functions are
+// internal to it: compact_rows, weighted_rows_u<2, true>, combine_record_rows' weighted branch,
+// split_work, and the send chunk's item loop (combine_send_block's send_chunk without the flags
+// and the peer address). The row arithmetic and the evict-first loads are the shared ones
+// (ep_row_math.cuh, ep_ptx.cuh).
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ unsigned long long evict_first_policy() {
-  unsigned long long pol;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-  return pol;
-}
-__device__ __forceinline__ uint4 ld_evict_first(const void* ptr, unsigned long long pol) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr), "l"(pol));
-  return v;
-}
-
 struct RowSet {
   int row[kMaxTopK];
   float w[kMaxTopK];
@@ -124,13 +117,7 @@ __device__ __forceinline__ void weighted_rows_u(const uint16_t* y, int64_t H, co
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
           if (!valid[u]) continue;
-          const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u][i]);
-#pragma unroll
-          for (int x = 0; x < 4; ++x) {
-            acc[u][2 * x] = __fadd_rn(acc[u][2 * x], __fmul_rn(wk, __uint_as_float(vw[x] << 16)));
-            acc[u][2 * x + 1] =
-                __fadd_rn(acc[u][2 * x + 1], __fmul_rn(wk, __uint_as_float(vw[x] & 0xFFFF0000u)));
-          }
+          add_weighted_bf16x8(acc[u], wk, v[u][i]);
         }
       }
     }
@@ -318,13 +305,7 @@ __device__ __forceinline__ uint4 sum_stage_cols(const uint8_t* stage, int64_t pi
   for (int k = 0; k < kMaxTopK; ++k) {
     if (k >= n) break;
     const float wk = w[k];
-    const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[k]);
-#pragma unroll
-    for (int x = 0; x < 4; ++x) {
-      acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(wk, __uint_as_float(vw[x] << 16)));
-      acc[2 * x + 1] =
-          __fadd_rn(acc[2 * x + 1], __fmul_rn(wk, __uint_as_float(vw[x] & 0xFFFF0000u)));
-    }
+    add_weighted_bf16x8(acc, wk, v[k]);
   }
   return pack_bf16(acc);
 }

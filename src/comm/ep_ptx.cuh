@@ -74,4 +74,20 @@ __device__ void record_error(Record* err, int code, int rank, int peer, int coun
   atomicExch(&err->code, code);
 }
 
+// Reads of data used once (combine_stream_rows: the expert rows): an L2 evict-first policy and a
+// read-only 16-byte load under it, so that data read again soon (the partials landing from peers)
+// keeps its place in L2.
+__device__ __forceinline__ unsigned long long evict_first_policy() {
+  unsigned long long pol;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+__device__ __forceinline__ uint4 ld_evict_first(const void* ptr, unsigned long long pol) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "l"(pol));
+  return v;
+}
+
 }  // namespace fp8moe::comm::detail

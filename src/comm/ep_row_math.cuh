@@ -19,6 +19,17 @@ __device__ __forceinline__ void add_bf16x8(float* acc, const uint4& v) {
   }
 }
 
+// acc[0..8) += w * the 8 BF16 values of v, the product and the add each rounded (no FMA: the
+// reference's gate-weighted sums), ascending column.
+__device__ __forceinline__ void add_weighted_bf16x8(float* acc, float w, const uint4& v) {
+  const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v);
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(w, __uint_as_float(vw[x] << 16)));
+    acc[2 * x + 1] = __fadd_rn(acc[2 * x + 1], __fmul_rn(w, __uint_as_float(vw[x] & 0xFFFF0000u)));
+  }
+}
+
 // 8 floats -> 8 BF16 (round to nearest even), packed as one 16-byte store.
 __device__ __forceinline__ uint4 pack_bf16(const float* acc) {
   uint4 o;

@@ -79,13 +79,7 @@ __device__ __forceinline__ void weighted_rows_u(const uint16_t* y, int64_t H, co
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
           if (!valid[u]) continue;
-          const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u][i]);
-#pragma unroll
-          for (int x = 0; x < 4; ++x) {
-            acc[u][2 * x] = __fadd_rn(acc[u][2 * x], __fmul_rn(wk, __uint_as_float(vw[x] << 16)));
-            acc[u][2 * x + 1] =
-                __fadd_rn(acc[u][2 * x + 1], __fmul_rn(wk, __uint_as_float(vw[x] & 0xFFFF0000u)));
-          }
+          add_weighted_bf16x8(acc[u], wk, v[u][i]);
         }
       }
     }
@@ -142,13 +136,7 @@ __device__ __forceinline__ void weighted_rows_smem(const uint16_t* y, int64_t H,
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
           if (!valid[u]) continue;
-          const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[u][i]);
-#pragma unroll
-          for (int x = 0; x < 4; ++x) {
-            acc[u][2 * x] = __fadd_rn(acc[u][2 * x], __fmul_rn(wk, __uint_as_float(vw[x] << 16)));
-            acc[u][2 * x + 1] =
-                __fadd_rn(acc[u][2 * x + 1], __fmul_rn(wk, __uint_as_float(vw[x] & 0xFFFF0000u)));
-          }
+          add_weighted_bf16x8(acc[u], wk, v[u][i]);
         }
       }
     }
@@ -168,13 +156,7 @@ __device__ __forceinline__ void weighted_rows(const uint16_t* y, int64_t H, cons
 #pragma unroll
   for (int k = 0; k < kMaxTopK; ++k) {
     if (k >= K || rows[k] < 0) continue;
-    const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[k]);
-#pragma unroll
-    for (int x = 0; x < 4; ++x) {
-      acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(ws[k], __uint_as_float(vw[x] << 16)));
-      acc[2 * x + 1] =
-          __fadd_rn(acc[2 * x + 1], __fmul_rn(ws[k], __uint_as_float(vw[x] & 0xFFFF0000u)));
-    }
+    add_weighted_bf16x8(acc, ws[k], v[k]);
   }
 }
 
@@ -581,13 +563,7 @@ __device__ __forceinline__ uint4 bulk_sum_cols(const uint8_t* stage, int64_t pie
   for (int k = 0; k < kMaxTopK; ++k) {
     if (k >= n) break;
     const float wk = w[k];
-    const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[k]);
-#pragma unroll
-    for (int x = 0; x < 4; ++x) {
-      acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(wk, __uint_as_float(vw[x] << 16)));
-      acc[2 * x + 1] =
-          __fadd_rn(acc[2 * x + 1], __fmul_rn(wk, __uint_as_float(vw[x] & 0xFFFF0000u)));
-    }
+    add_weighted_bf16x8(acc, wk, v[k]);
   }
   return pack_bf16(acc);
 }

@@ -831,13 +831,7 @@ __global__ void __launch_bounds__(kThreads) k_fwd_gather(Args a) {
 #pragma unroll
       for (int k = 0; k < kMaxTopK; ++k) {
         if (k >= g.K || rows[k] < 0) continue;
-        const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[k]);
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(ws[k], __uint_as_float(vw[x] << 16)));
-          acc[2 * x + 1] =
-              __fadd_rn(acc[2 * x + 1], __fmul_rn(ws[k], __uint_as_float(vw[x] & 0xFFFF0000u)));
-        }
+        add_weighted_bf16x8(acc, ws[k], v[k]);
       }
       *reinterpret_cast<uint4*>(dst + col) = pack_bf16(acc);
     }

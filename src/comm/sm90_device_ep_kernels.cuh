@@ -24,10 +24,13 @@ constexpr int kSendThreads = 512;  // threads of every kernel's blocks
 constexpr int kWarps = kSendThreads / 32;
 constexpr int kTile = 32;  // plan granularity: the tokens of one warp
 constexpr unsigned kFull = 0xFFFFFFFFu;
+using detail::add_weighted_bf16x8;
 using detail::allow_dependent_launch;
+using detail::evict_first_policy;
 using detail::globaltimer;
 using detail::lanemask_lt;
 using detail::ld_acquire_sys;
+using detail::ld_evict_first;
 using detail::pack_bf16;
 using detail::quantize16;
 using detail::record_error;
@@ -275,22 +278,6 @@ __device__ __forceinline__ void stamp(const Args& a, int slot, int how) {  // 0 
     atomicMax(a.trace + slot, t);
   else
     atomicMin(a.trace + slot, t);
-}
-
-// Reads of data used once (combine_stream_rows: the expert rows): an L2 evict-first policy and a
-// read-only 16-byte load under it, so that data read again soon (the partials landing from peers)
-// keeps its place in L2.
-__device__ __forceinline__ unsigned long long evict_first_policy() {
-  unsigned long long pol;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-  return pol;
-}
-__device__ __forceinline__ uint4 ld_evict_first(const void* ptr, unsigned long long pol) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr), "l"(pol));
-  return v;
 }
 
 template <typename T>

@@ -70,6 +70,7 @@ constexpr int kMaxTopK = 8;
 constexpr int kMaxRanks = 32;
 constexpr unsigned kFull = 0xFFFFFFFFu;
 using detail::add_bf16x8;
+using detail::add_weighted_bf16x8;
 using detail::allow_dependent_launch;
 using detail::globaltimer;
 using detail::lanemask_lt;
@@ -591,13 +592,7 @@ __device__ __forceinline__ void weighted_sum(const uint4 (&v)[kMaxTopK],
 #pragma unroll
   for (int k = 0; k < kMaxTopK; ++k) {
     if (rows[k] < 0) continue;
-    const uint32_t* vw = reinterpret_cast<const uint32_t*>(&v[k]);
-#pragma unroll
-    for (int x = 0; x < 4; ++x) {
-      acc[2 * x] = __fadd_rn(acc[2 * x], __fmul_rn(ws[k], __uint_as_float(vw[x] << 16)));
-      acc[2 * x + 1] =
-          __fadd_rn(acc[2 * x + 1], __fmul_rn(ws[k], __uint_as_float(vw[x] & 0xFFFF0000u)));
-    }
+    add_weighted_bf16x8(acc, ws[k], v[k]);
   }
 }
 
