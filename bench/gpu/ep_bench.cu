@@ -471,7 +471,10 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // layout_warp_claims measured slower (+12 %) and was not landed
 // (docs/comm/runs/ep-s12-prep-warp-claims.patch). Session 13 (ep19): k combine_bulk_rows (the
 // combine send's record sums fed through shared memory by bulk copies; with C and Y), a default
-// since session 13's ep19 call; r takes it back (the register send).
+// since session 13's ep19 call; r takes it back (the register send). Session 13 late (ep21): j
+// dispatch_recv_bulk_rows (the dispatch receive's row copies by bulk copies through shared
+// memory; with expand_payload), a default since session 14's first call; q takes it back (the
+// lanes' row copies).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -518,6 +521,7 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
     v.opt.combine_release_only = false;
     v.opt.record_align_128 = false;
     v.opt.combine_bulk_rows = false;
+    v.opt.dispatch_recv_bulk_rows = false;
     if (head == "v5" || head == "base") return v;
   }
   for (char c : head) {
@@ -563,6 +567,10 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.combine_bulk_rows = true;
     else if (c == 'r')
       v.opt.combine_bulk_rows = false;
+    else if (c == 'j')
+      v.opt.dispatch_recv_bulk_rows = true;
+    else if (c == 'q')
+      v.opt.dispatch_recv_bulk_rows = false;
     else if (c == 'x') {
       v.opt.layout_release_only = v.opt.layout_claim_chunks = false;
       v.opt.layout_send_blocks = 0;

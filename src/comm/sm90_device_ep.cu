@@ -455,6 +455,16 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   // NOTE: the error record is device memory: every waiting thread polls it, and polling
   // host-mapped memory over PCIe from many SMs made system-scope fences crawl (v5, first run).
   m.err_dev = reinterpret_cast<DevErr*>(m.ws + m.lay.err);
+  {
+    // dispatch_recv_bulk_rows is a default, and its slots come on top of the receive layout's
+    // shared memory: where both do not fit (tens of thousands of experts), the lanes copy the
+    // rows instead (the same results bit for bit; the receive's copies touch no other rank).
+    int max_smem = 0;
+    FM_CHECK_CUDA(
+        cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, m.device));
+    if (dispatch_recv_smem(m.opt, recv_smem_bytes(m.g)) + 1024 > static_cast<size_t>(max_smem))
+      m.opt.dispatch_recv_bulk_rows = false;
+  }
   // NOTE: load every kernel now: with lazy module loading a first launch can wait for the device,
   // which never drains while a peer's kernel spins on a flag.
   for (const void* k :
@@ -483,9 +493,9 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem)));
   }
-  FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_recv_kernel(m.opt),
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(recv_smem_bytes(m.g))));
+  FM_CHECK_CUDA(
+      cudaFuncSetAttribute(dispatch_recv_kernel(m.opt), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(dispatch_recv_smem(m.opt, recv_smem_bytes(m.g)))));
   m.ll = opt.low_latency && opt.wire == Wire::kNvlink && cfg.masked_capacity > 0 &&
          cfg.max_tokens_per_rank <= ll::kMaxTokens && cfg.hidden % 128 == 0;
   if (m.ll && std::getenv("FP8MOE_EP_LL_TRACE")) {
@@ -631,8 +641,8 @@ void DeviceEpRank::dispatch_recv(cudaStream_t stream) {
   if (m.ll) return ll::dispatch_recv(m.ll_params(), stream, m.opt.overlap_recv);
   Args a = m.args();
   a.expand = m.opt.expand_payload;
-  launch(dispatch_recv_kernel(m.opt), m.recv_blocks, recv_smem_bytes(m.g), stream,
-         m.opt.overlap_recv && !a.nccl, a);
+  launch(dispatch_recv_kernel(m.opt), m.recv_blocks,
+         dispatch_recv_smem(m.opt, recv_smem_bytes(m.g)), stream, m.opt.overlap_recv && !a.nccl, a);
 }
 
 void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {

@@ -21,12 +21,14 @@
 // published sums (plan_block_scan), those sums stored straight into every rank as (round, count)
 // words that the send blocks add up instead of waiting for the notify (dispatch_plan_counts),
 // and flags raised by a release store alone (dispatch_release_only; the receive's acknowledgements
-// with combine_release_only, ep10).
+// with combine_release_only, ep10). Session 13 late (off, ep21): the receive's row copies by bulk
+// copies through a shared-memory slot per warp (dispatch_recv_bulk_rows).
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
 // (tests/comm/device_ep_gpu_test.cu).
 #include <cstdint>
 
+#include "../kernels/sm90_ptx.cuh"
 #include "sm90_device_ep_kernels.cuh"
 
 namespace fp8moe::comm::normal {
@@ -1121,8 +1123,38 @@ __device__ void recv_layout(const Args& a, const RecvLayout& r, long long* rows_
 }
 
 // ---- dispatch receive 2: one record's layout rows and payload copy (one warp) ----
-__device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_t j,
-                               bool overflow) {
+// dispatch_recv_bulk_rows: the warp's slot of kRecvBulkSlot bytes, its mbarrier and the parity
+// of the barrier's next phase.
+struct RecvBulkSlot {
+  char* slot;
+  uint64_t* bar;
+  uint32_t phase;
+};
+
+// Generic-proxy writes (the source's payload, acquired through its chunk flag) before async-proxy
+// reads of the same bytes; and this thread's completed bulk writes before later generic accesses.
+__device__ __forceinline__ void fence_proxy_async_global() {
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+// cp.async.bulk global -> shared of `bytes` (a multiple of 16, 16-byte aligned), on `bar`.
+__device__ __forceinline__ void bulk_load_row(void* dst, const void* src, uint32_t bytes,
+                                              uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(kernels::sm90::smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(kernels::sm90::smem_addr(bar))
+      : "memory");
+}
+// cp.async.bulk shared -> global of `bytes`, in the issuing thread's bulk async group.
+__device__ __forceinline__ void bulk_store_row(void* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst),
+               "r"(kernels::sm90::smem_addr(src)), "r"(bytes)
+               : "memory");
+}
+
+template <bool kBulk = false>
+__device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_t j, bool overflow,
+                               RecvBulkSlot* bs = nullptr) {
   const Geometry& g = a.g;
   const int lane = threadIdx.x & 31;
   const int64_t slot = static_cast<int64_t>(s) * g.Tmax + j;
@@ -1160,6 +1192,41 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
     rec = gx + static_cast<int64_t>(rows[kf]) * row_bytes;
     rec_scales = at<float>(a.my, a.lay.gscales) + static_cast<int64_t>(rows[kf]) * g.SC;
   }
+  if constexpr (kBulk) {
+    // dispatch_recv_bulk_rows: the payload through the warp's slot, piece by piece: lane 0 loads
+    // a piece by one bulk copy, then each lane k whose row takes a copy stores it by one bulk copy.
+    // The scales by the lanes as below, issued under the first piece's load.
+    const bool mine = lane < g.K && row >= 0 && lane != kf;
+    for (int64_t p0 = 0; p0 < row_bytes; p0 += kRecvBulkSlot) {
+      const uint32_t bytes = static_cast<uint32_t>(min(kRecvBulkSlot, row_bytes - p0));
+      // The slot is free once this warp's stores of the previous piece (or record) have read it.
+      kernels::sm90::tma_store_wait_read();
+      __syncwarp();
+      if (lane == 0) {
+        // The chunk flag was acquired by thread 0 before the block barrier: this thread's view of
+        // the source's bytes, handed to the async proxy that reads them.
+        fence_proxy_async_global();
+        kernels::sm90::mbar_arrive_expect_tx(bs->bar, bytes);
+        bulk_load_row(bs->slot, rec + p0, bytes, bs->bar);
+      }
+      if (p0 == 0 && g.fp8) {
+        float* gs = at<float>(a.my, a.lay.gscales);
+        for (int64_t c = lane; c < g.SC; c += 32) {
+          const float sc = __ldcg(rec_scales + c);
+#pragma unroll
+          for (int k = 0; k < kMaxTopK; ++k)
+            if (k < g.K && rows[k] >= 0 && k != kf) gs[rows[k] * g.SC + c] = sc;
+        }
+      }
+      kernels::sm90::mbar_wait(bs->bar, bs->phase);
+      bs->phase ^= 1u;
+      if (mine) {
+        bulk_store_row(gx + static_cast<int64_t>(row) * row_bytes + p0, bs->slot, bytes);
+        kernels::sm90::tma_store_commit();
+      }
+    }
+    return;
+  }
   // Eight 16-byte loads in flight per lane (4 KB per warp), then stored to every row of the
   // token. NOTE: the expansion is load-latency bound beside the transport (v5: 4 in flight).
   constexpr int kInFlight = 8;
@@ -1192,7 +1259,11 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
 // Dispatch receive: layout as soon as every source notified, then every chunk expanded as soon
 // as it landed (chunk-major order, the order senders publish in); the last block acknowledges.
 // kRelease (combine_release_only): the acknowledgements by release stores alone (publish).
-template <bool kRelease = false>
+// kBulk (dispatch_recv_bulk_rows, with expand_payload): the row copies by bulk copies through a
+// slot of shared memory per warp (scatter_record); every bulk store has completed (wait_group 0,
+// then a proxy fence) before the block counts itself done, so the rows are written when the
+// acknowledgements let the sources reuse them and when the kernel ends.
+template <bool kRelease = false, bool kBulk = false>
 __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
   extern __shared__ int rsm[];
   __shared__ int abort_flag, last_block, overflow, max_tokens;
@@ -1210,6 +1281,17 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
   if (threadIdx.x == 0) {
     abort_flag = 0;
     stamp(a, kTrRecvStart, 2);
+  }
+  RecvBulkSlot bs{nullptr, nullptr, 0};
+  if constexpr (kBulk) {
+    // After the layout's ints (recv_smem_bytes): one mbarrier per warp, then the slots.
+    const size_t layout = (static_cast<size_t>(g.R) * g.L + (g.L + 1) + g.L + (g.R + 1) + g.R) * 4;
+    char* base = reinterpret_cast<char*>(rsm);
+    const int warp = threadIdx.x >> 5;
+    bs.bar = reinterpret_cast<uint64_t*>(base + dispatch_recv_bulk_bars(layout)) + warp;
+    bs.slot = base + dispatch_recv_bulk_slots(layout) + warp * kRecvBulkSlot;
+    if ((threadIdx.x & 31) == 0) kernels::sm90::mbar_init(bs.bar, 1);
+    kernels::sm90::fence_barrier_init();
   }
   __syncthreads();
   if (!a.nccl && threadIdx.x < g.R &&
@@ -1273,11 +1355,18 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
         abort_flag = 1;
       if (threadIdx.x == 0) stamp(a, kTrRecvLastFlag, 1);
       __syncthreads();
-      if (abort_flag) return;
+      if (abort_flag) {
+        if constexpr (kBulk) kernels::sm90::tma_store_wait_all();  // no copy outlives the block
+        return;
+      }
     }
     const int32_t* info = notify_of(a.my, a, s) + 1 + g.L + 2 * c;
     const int begin = __ldcg(info), count = __ldcg(info + 1);
-    for (int q = warp; q < count; q += kWarps) scatter_record(a, r, s, begin + q, ovf);
+    for (int q = warp; q < count; q += kWarps) scatter_record<kBulk>(a, r, s, begin + q, ovf, &bs);
+  }
+  if constexpr (kBulk) {
+    kernels::sm90::tma_store_wait_all();
+    fence_proxy_async_global();
   }
   // The last block to finish acknowledges every source: its regions of mine are free again.
   __syncthreads();
@@ -1317,6 +1406,8 @@ KernelFn dispatch_plan_kernel(bool fast, int mode) {
 }
 
 KernelFn dispatch_recv_kernel(const DeviceEpOptions& o) {
+  if (o.dispatch_recv_bulk_rows && o.expand_payload)
+    return o.combine_release_only ? k_dispatch_recv<true, true> : k_dispatch_recv<false, true>;
   return o.combine_release_only ? k_dispatch_recv<true> : k_dispatch_recv<false>;
 }
 

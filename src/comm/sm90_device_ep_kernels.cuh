@@ -236,8 +236,24 @@ __host__ __device__ inline size_t plan_counts_offset(const Geometry& g) {
 __host__ __device__ inline size_t all_counts_bytes(const Geometry& g) {
   return plan_counts_offset(g) + 2ull * g.R * plan_blocks(g) * g.W * 8;
 }
-// combine_release_only: the acknowledgement by a release store alone (k_dispatch_recv<true>).
+// combine_release_only: the acknowledgement by a release store alone (k_dispatch_recv<true>);
+// dispatch_recv_bulk_rows with expand_payload: the copies by bulk copies (k_dispatch_recv<*,
+// true>).
 KernelFn dispatch_recv_kernel(const DeviceEpOptions& o);
+// dispatch_recv_bulk_rows' per-warp slot (a record's payload in pieces of at most this many bytes).
+constexpr int64_t kRecvBulkSlot = 8192;
+// Dynamic shared memory of dispatch_recv_kernel(o) at geometry g: the layout's `layout` bytes,
+// then with dispatch_recv_bulk_rows (and expand_payload) one mbarrier and one slot per warp.
+__host__ __device__ inline size_t dispatch_recv_bulk_bars(size_t layout) {
+  return (layout + 15) / 16 * 16;
+}
+__host__ __device__ inline size_t dispatch_recv_bulk_slots(size_t layout) {
+  return (dispatch_recv_bulk_bars(layout) + kWarps * 8 + 127) / 128 * 128;
+}
+inline size_t dispatch_recv_smem(const DeviceEpOptions& o, size_t layout) {
+  if (!o.dispatch_recv_bulk_rows || !o.expand_payload) return layout;
+  return dispatch_recv_bulk_slots(layout) + kWarps * kRecvBulkSlot;
+}
 KernelFn combine_send_kernel(const DeviceEpOptions& o);
 // Dynamic shared memory of combine_send_kernel(o) at geometry g (combine_bulk_rows' ring, else 0).
 size_t combine_send_smem(const DeviceEpOptions& o, const Geometry& g);

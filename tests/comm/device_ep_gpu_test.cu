@@ -267,6 +267,13 @@ constexpr int kAlign16 = kLayoutSendAll + 1;                       // 21
 // variant (2) runs it too, and every other variant keeps the register send it was written for
 // (combine_bulk_rows off), so that its kernels (combine_send_parts, the fenced flags) stay tested.
 constexpr int kBulkRows = kAlign16 + 1, kBulkRowsFenced = kBulkRows + 1;
+// Session 13 late (ep21), numbered apart from the variants before (ep20's patch takes 24 to 27):
+// the defaults with dispatch_recv_bulk_rows, 40 as they are (direct rows with self rows: the
+// receive copies the rows of peer tokens), 41 without self rows (the own tokens' rows too), 42
+// without direct rows (every row copied from the record, as the layout of ranks sharing a GPU),
+// 43 with the fenced acknowledgement (combine_release_only off: k_dispatch_recv<false, true>).
+// A default since session 14's first call (2 x H100: FP8 dispatch -1.6 / -1.7 %).
+constexpr int kRecvBulk = 40, kRecvBulkNoSelf = 41, kRecvBulkRegions = 42, kRecvBulkFenced = 43;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -326,6 +333,16 @@ DeviceEpOptions variant_options(int v) {
     o.combine_release_only = v == kBulkRows;
   }
   if (v != kDefaults && v != kBulkRows && v != kBulkRowsFenced) o.combine_bulk_rows = false;
+  // dispatch_recv_bulk_rows is a default since session 14: the defaults' variant runs it, and the
+  // others keep the lanes' row copies they were written with, so that path stays tested.
+  o.dispatch_recv_bulk_rows = v == kDefaults;
+  if (v >= kRecvBulk && v <= kRecvBulkFenced) {
+    o = DeviceEpOptions{};
+    o.dispatch_recv_bulk_rows = true;
+    o.dispatch_direct_rows = v != kRecvBulkRegions;
+    o.dispatch_self_rows = o.dispatch_direct_rows && v != kRecvBulkNoSelf;
+    o.combine_release_only = v != kRecvBulkFenced;
+  }
   return o;
 }
 std::string variant_name(int v) {
@@ -356,6 +373,11 @@ std::string variant_name(int v) {
   if (v == kAlign16) return " defaults without direct rows, 16-byte records";
   if (v == kBulkRows) return " defaults+combine_bulk_rows";
   if (v == kBulkRowsFenced) return " defaults+combine_bulk_rows with fenced combine flags";
+  if (v == kRecvBulk) return " defaults+dispatch_recv_bulk_rows";
+  if (v == kRecvBulkNoSelf) return " defaults+dispatch_recv_bulk_rows without self rows";
+  if (v == kRecvBulkRegions) return " defaults+dispatch_recv_bulk_rows without direct rows";
+  if (v == kRecvBulkFenced)
+    return " defaults+dispatch_recv_bulk_rows with fenced combine flags (no combine_release_only)";
   return kNames[v];
 }
 
@@ -796,6 +818,87 @@ TEST_F(NvlinkTest, Session13BulkRowsIdentityExpertsRoundTrip) {
 TEST_F(NvlinkTest, Session13BulkRowsGraphCapturedRoundReplays) {
   graph_round_replays(kBulkRows);
   graph_round_replays(kBulkRowsFenced);
+}
+
+// Session 13 late (ep21): the dispatch receive's row copies by bulk copies
+// (dispatch_recv_bulk_rows). Every case (random, skewed, all on one rank, nobody to a rank,
+// T = 0, k = 1, k = 8 of 256, hidden 7168, holes, many tiles; two rounds through the same
+// buffers, rows, scales, layout, combine and combine_tokens) bit for bit against the reference:
+// FP8 and BF16 over all GPUs and with every rank on one GPU (the source regions), the V3 send
+// grid, without self rows, without direct rows, the fenced acknowledgement, the NCCL wire.
+TEST_F(NvlinkTest, Session13LateRecvBulkMatchReference) {
+  for (const Payload p : {Payload::kFP8, Payload::kBF16}) {
+    run_cases(p, gpu_count(), Wire::kNvlink, kRecvBulk);
+    run_cases(p, 1, Wire::kNvlink, kRecvBulk);
+    run_cases(p, gpu_count(), Wire::kNvlink, kRecvBulkNoSelf);
+    run_cases(p, gpu_count(), Wire::kNvlink, kRecvBulkRegions);
+  }
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kRecvBulk, 64);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kRecvBulkFenced);
+  if (gpu_count() >= 2 && nccl_available()) run_cases(Payload::kFP8, 2, Wire::kNccl, kRecvBulk);
+}
+
+// Rows longer than one slot (kRecvBulkSlot = 8 KB): BF16 7168 (14336 bytes: 8192 + 6144), 7296
+// (14592) and 14336 (four pieces), FP8 14336 (two) beside FP8 7168 and 7296 (one piece; 57 scale
+// columns, a row of scales not a multiple of 16 bytes); direct rows, with and without self rows,
+// and the source regions (both ranks on one GPU).
+TEST_F(NvlinkTest, Session13LateRecvBulkInPiecesMatchReference) {
+  for (const Payload p : {Payload::kFP8, Payload::kBF16})
+    for (int64_t H : {7168, 7296, 14336})
+      for (const int v : {kRecvBulk, kRecvBulkNoSelf})
+        for (int gpus : {gpu_count(), 1}) {
+          SCOPED_TRACE(std::string(payload_name(p)) + " hidden " + std::to_string(H) + " on " +
+                       std::to_string(gpus) + " GPU(s)" + variant_name(v));
+          progress("dispatch_recv_bulk_rows in pieces, hidden " + std::to_string(H));
+          EpConfig cfg = config(2, 16, 8, H, 48, p);
+          DeviceEpOptions opt = variant_options(v);
+          opt.num_blocks = 3;
+          opt.chunk_tokens = 5;
+          Harness h(cfg, devices_for(2, gpus), {48, 33}, Routing::kRandom, 19, opt);
+          check_against_reference(h, 2);
+        }
+}
+
+TEST_F(NvlinkTest, Session13LateRecvBulkGraphCapturedRoundReplays) {
+  graph_round_replays(kRecvBulk);
+  graph_round_replays(kRecvBulkRegions);
+  graph_round_replays(kRecvBulkFenced);
+}
+
+TEST_F(NvlinkTest, Session13LateRecvBulkOverflowIsReported) {
+  for (int v : {kRecvBulk, kRecvBulkRegions}) {
+    SCOPED_TRACE("variant" + variant_name(v));
+    EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
+    cfg.max_rows = 256;
+    Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 5,
+              variant_options(v));
+    check_against_reference(h, 1);
+  }
+}
+
+// A silent peer: the receive of the source regions (its notify wait) and the direct send (its
+// wait for every notify) report it with the bulk receive as without.
+TEST_F(NvlinkTest, Session13LateRecvBulkSilentPeerEndsWithError) {
+  for (const bool direct : {false, true}) {
+    SCOPED_TRACE(direct ? "dispatch_direct_rows" : "source regions");
+    EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
+    cfg.timeout_s = 0.3;
+    DeviceEpOptions opt = variant_options(direct ? kRecvBulk : kRecvBulkRegions);
+    opt.num_blocks = 3;
+    Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
+    h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
+    h.group->rank(0).dispatch_recv(h.buf[0].stream);
+    h.sync();
+    try {
+      h.group->rank(0).check();
+      FAIL() << "expected an error";
+    } catch (const Error& e) {
+      const std::string m = e.message();
+      EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
+      EXPECT_NE(m.find("dispatch.notify[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
+          << m;
+    }
+  }
 }
 
 TEST_F(NvlinkTest, Session13BulkRowsCombineSilentPeerEndsWithError) {

@@ -224,6 +224,17 @@ struct DeviceEpOptions {
   // round of k below every round of default; NCCL 224.1 / 224.4), dispatch, layout only and low
   // latency within +-0.8 %. Default since (the lead decides; H100 not measured).
   bool combine_bulk_rows = true;
+  // Session 13 late (ep21; docs/comm/README.md, "Session 13 late: the dispatch's row copies by
+  // bulk copies, prepared (ep21)"), with expand_payload (else ignored); same results bit for bit.
+  // ep_bench letter j. The dispatch receive's row copies (with dispatch_direct_rows: the other rows
+  // of each peer token from its lowest-k row; without: every row from the record) go through
+  // shared memory: per warp one lane loads a record's payload (pieces of at most 8 KB) by
+  // cp.async.bulk into the warp's slot on an mbarrier, and each lane whose row takes a copy writes
+  // it with one cp.async.bulk shared -> global (128 KB of shared memory per receive block).
+  // Session 14, 2 x H100, V3 shape, same call, two processes x 3 rounds: FP8 dispatch 170.5 / 170.6
+  // -> 167.8 / 167.7 us (-1.6 / -1.7 %); layout only, combine and low latency within +-0.8 %
+  // (docs/comm/README.md, "Session 14: ep20 and ep21 measured"). Default since that call.
+  bool dispatch_recv_bulk_rows = true;
   // Session 11 (docs/comm/README.md, "Session 11: the layout-only send (ep14)"): the send of the
   // source regions, i.e. the layout-only dispatch's (expand_payload off) and wherever direct rows
   // do not apply, with plan_once and prefetch_payload (else ignored); same results bit for bit.
