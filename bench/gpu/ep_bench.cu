@@ -83,7 +83,8 @@ struct Options {
   bool ll_expand = true;  // --ll-no-expand: the A/B's dispatch builds the layout only
   int64_t ll_cap = 0;     // --ll-cap: masked capacity of the A/B (0: ranks x ll_tokens)
   // --ll-variants: the A/B's paths (ll_variant_options): "old", "new", or letters of the
-  // low-latency options on top of "new" (N X O T; 0 turns all four off), e.g. old,new,0,0N,0T.
+  // low-latency options on top of "new" (N X O T; 0 turns all four off; H, R, W: options off by
+  // default), e.g. old,new,0,0N,0T,newR.
   std::vector<std::string> ll_variants = {"old", "new"};
   std::string variant = "default";       // the sweep's kernel variant (bench_ab's names; --variant)
   int ab_rounds = 0;                     // rounds of the variant A/B (0: the usual sweep)
@@ -162,8 +163,9 @@ Options parse(int argc, char** argv) {
         const std::string name = l.substr(0, comma);
         const std::string base = name.substr(0, name.find(':'));  // ":bN" / ":rN" suffixes
         const std::string letters = base.rfind("new", 0) == 0 ? base.substr(3) : base;
-        if (base != "old" && letters.find_first_not_of("NXOTH0") != std::string::npos) {
-          std::fprintf(stderr, "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTH0\n",
+        if (base != "old" && letters.find_first_not_of("NXOTHRW0") != std::string::npos) {
+          std::fprintf(stderr,
+                       "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTHRW0\n",
                        name.c_str());
           std::exit(2);
         }
@@ -775,7 +777,9 @@ void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, in
 // of the low-latency options on top of "new": N ll_early_notify, X ll_combine_spread, O
 // ll_combine_own_recv, T ll_token_flags, and 0: all four (the defaults) off, i.e. the session-4
 // kernels (e.g. "0", "0N"; "new" may lead: "new0T"); session 9's H ll_combine_own_narrow (off by
-// default; "0" leaves it as it is). Suffixes ":bN" / ":rN" set the send /
+// default; "0" leaves it as it is); session 14's R / W ll_dispatch_rotate 1 / 2 (the dispatch
+// send's destinations from rank + 1 on, the rank itself last; W moves each item's first peer by its
+// index; off by default, "0" leaves it). Suffixes ":bN" / ":rN" set the send /
 // receive grids of that path (num_blocks, recv_blocks; else --ll-blocks and --recv-blocks).
 DeviceEpOptions ll_variant_options(const std::string& full) {
   DeviceEpOptions o;
@@ -810,6 +814,10 @@ DeviceEpOptions ll_variant_options(const std::string& full) {
       o.ll_token_flags = true;
     else if (c == 'H')
       o.ll_combine_own_narrow = true;
+    else if (c == 'R')
+      o.ll_dispatch_rotate = 1;
+    else if (c == 'W')
+      o.ll_dispatch_rotate = 2;
     else if (c == '0')  // the session-4 kernels: session 5's defaults off
       o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
     else

@@ -272,6 +272,7 @@ struct DeviceEpRank::Impl {
     p.spread = opt.ll_combine_spread;
     p.own_recv = opt.ll_combine_own_recv;
     p.own_narrow = opt.ll_combine_own_narrow;
+    p.dest_order = static_cast<uint8_t>(opt.ll_dispatch_rotate);
     return p;
   }
   std::unique_ptr<detail::ForwardEpRank> fwd;  // more than one node: the two-stage route
@@ -383,6 +384,8 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                " must not be negative");
   FM_CHECK_ARG(opt.chunk_tokens >= 0, "chunk_tokens=", opt.chunk_tokens, " must not be negative");
   FM_CHECK_ARG(opt.recv_blocks >= 0, "recv_blocks=", opt.recv_blocks, " must not be negative");
+  FM_CHECK_ARG(opt.ll_dispatch_rotate >= 0 && opt.ll_dispatch_rotate <= 2,
+               "ll_dispatch_rotate=", opt.ll_dispatch_rotate, " must be 0, 1 or 2");
   FM_CHECK_ARG(opt.combine_recv_tile >= 0 && opt.combine_recv_tile <= 32,
                "combine_recv_tile=", opt.combine_recv_tile, " must be 0 (automatic) or 1..32");
   FM_CHECK_ARG(opt.combine_send_parts == 0 || opt.combine_send_parts == 1 ||

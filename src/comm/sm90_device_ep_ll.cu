@@ -26,6 +26,8 @@
 // kernels" and "Session 5: low latency"; the code: commit da8048a). Session 9 (ep11): own_narrow
 // (the own partials with half the loads in flight, no spill), off by default; its J, M and E
 // measured no faster (the README's "Session 9: low latency (ep11)"; runs/ep-s9-ll-JMEH.patch).
+// Session 14 (ep23): ll_dispatch_rotate (k_dispatch_send<true>: the order of a token's
+// destinations rotated by rank, the rank itself last), off by default.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: test_comm_gpu --gtest_filter='*LowLatency*' (tests/comm/device_ep_gpu_test.cu).
 #include <algorithm>
@@ -370,6 +372,41 @@ __device__ void plan_batch(const Params& p, const Plan& pl, const int* ev0) {
   __syncthreads();
 }
 
+// ll_dispatch_rotate (k_dispatch_send<true>): the order in which a warp visits its token's
+// destinations. The default visits them by ascending rank, so every warp of every rank stores its
+// first bytes to the lowest rank it reaches (at 4 ranks three senders on rank 0's links while the
+// others' are idle, then on rank 1's, ...). Rotated: the peers from rank + 1 + off on, cyclically,
+// the rank itself (local memory) last; off = 0 makes every step of the order a permutation of the
+// ranks (the all-to-all schedule), off = the item's index over the peers (dest_order 2) spreads
+// each moment's stores of a rank over all its peers whether or not the warps keep in step.
+// 4 x H200 (session 14, one call): LL dispatch at 4 ranks 32.0 -> 29.5 us, 2 ranks unchanged.
+struct DestOrder {
+  int rank, R, off;
+  // The i-th destination, i < R.
+  __device__ __forceinline__ int at(int i) const {
+    if (i == R - 1) return rank;
+    int j = i + off;
+    if (j >= R - 1) j -= R - 1;
+    const int d = rank + 1 + j;
+    return d >= R ? d - R : d;
+  }
+  // mask (bit d: destination d) with bit i set for the i-th destination.
+  __device__ __forceinline__ unsigned places(unsigned mask) const {
+    unsigned r = 0;
+    for (int i = 0; i < R; ++i) r |= ((mask >> at(i)) & 1u) << i;
+    return r;
+  }
+};
+// The default order: ascending ranks.
+struct Ascending {
+  __device__ __forceinline__ int at(int i) const { return i; }
+  __device__ __forceinline__ unsigned places(unsigned mask) const { return mask; }
+};
+__device__ __forceinline__ DestOrder dest_order(const Params& p, int64_t item) {
+  // NOTE: a batch has at most max(T, send warps) items (split), so the index fits an int.
+  return {p.rank, p.R, p.dest_order == 2 && p.R > 2 ? static_cast<int>(item) % (p.R - 1) : 0};
+}
+
 // ---- dispatch send 2: token t's record metadata at every destination in `mask` (one warp) ----
 // Lane k < K: the token's expert id and gate weight.
 __device__ __forceinline__ void load_meta(const Params& p, int64_t t, int& e, float& wt) {
@@ -381,15 +418,16 @@ __device__ __forceinline__ void load_meta(const Params& p, int64_t t, int& e, fl
     wt = __ldg(p.w + t * p.K + lane);
   }
 }
+template <typename Order = Ascending>
 __device__ __forceinline__ void push_metadata(const Params& p, const Plan& pl, int64_t t, int jl,
-                                              unsigned mask, int e, float wt) {
+                                              unsigned mask, int e, float wt, Order order = {}) {
   const int lane = threadIdx.x & 31;
   const int tile = static_cast<int>(t / kTile);
   if (lane < p.R) at<int32_t>(p.my, p.f.slot)[t * p.R + lane] = jl;
   int pos = -1;
   if (lane < p.K && e >= 0) pos = pl.ecnt[e * pl.NT + tile] + pl.tpos[t * p.K + lane];
-  for (unsigned m = mask; m; m &= m - 1) {
-    const int d = __ffs(m) - 1;
+  for (unsigned m = order.places(mask); m; m &= m - 1) {
+    const int d = order.at(__ffs(m) - 1);
     const int j = __shfl_sync(kFull, jl, d);
     char* base = peer(p, d);
     const int64_t s = static_cast<int64_t>(p.rank) * p.Tmax + j;
@@ -417,14 +455,17 @@ __device__ __forceinline__ void load_step(const Params& p, int64_t t, int64_t st
     v[u] = c < p.H ? __ldg(reinterpret_cast<const uint4*>(xt + c)) : make_uint4(0, 0, 0, 0);
   }
 }
+template <typename Order = Ascending>
 __device__ __forceinline__ void store_step(const Params& p, int64_t step, const uint4* v, int jl,
-                                           unsigned mask) {
+                                           unsigned mask, Order order = {}) {
   const int lane = threadIdx.x & 31;
   const int64_t region = static_cast<int64_t>(p.rank) * p.Tmax;
   const int64_t c0 = step * 1024;
+  // Bit i of `places`: the i-th destination of `order`.
+  const unsigned places = order.places(mask);
   if (!p.fp8) {
-    for (unsigned m = mask; m; m &= m - 1) {
-      const int d = __ffs(m) - 1;
+    for (unsigned m = places; m; m &= m - 1) {
+      const int d = order.at(__ffs(m) - 1);
       char* rec = peer(p, d) + p.f.stage + (region + __shfl_sync(kFull, jl, d)) * p.P;
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
@@ -439,8 +480,8 @@ __device__ __forceinline__ void store_step(const Params& p, int64_t step, const 
   float scale[2];
 #pragma unroll
   for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
-  for (unsigned m = mask; m; m &= m - 1) {
-    const int d = __ffs(m) - 1;
+  for (unsigned m = places; m; m &= m - 1) {
+    const int d = order.at(__ffs(m) - 1);
     char* rec = peer(p, d) + p.f.stage + (region + __shfl_sync(kFull, jl, d)) * p.P;
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
@@ -467,6 +508,7 @@ __device__ __forceinline__ void reset_prev_rows(const Params& p) {
   }
 }
 
+template <bool kRotate = false>
 __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
   extern __shared__ uint4 smem_raw[];
   __shared__ unsigned long long s_n;
@@ -552,11 +594,17 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
       int e = first_e;
       float wt = first_wt;
       if (item != first_item) load_meta(p, t, e, wt);
-      push_metadata(p, pl, t, jl, mask, e, wt);
+      if constexpr (kRotate)
+        push_metadata(p, pl, t, jl, mask, e, wt, dest_order(p, item));
+      else
+        push_metadata(p, pl, t, jl, mask, e, wt);
     }
     for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
       if (item != first_item || step != sp.first(item)) load_step(p, t, step, xv);
-      store_step(p, step, xv, jl, mask);
+      if constexpr (kRotate)
+        store_step(p, step, xv, jl, mask, dest_order(p, item));
+      else
+        store_step(p, step, xv, jl, mask);
     }
     if (p.token_flags) {
       // Lane d releases this item's steps at destination d (the warp's stores, the metadata
@@ -1161,7 +1209,8 @@ void prepare(const Params& p) {
       " ranks need more shared memory for the low-latency receive layout than a block has");
   // NOTE: load every kernel now: with lazy module loading a first launch can wait for the device,
   // which never drains while a peer's kernel spins on a counter.
-  for (const void* k : {reinterpret_cast<const void*>(k_dispatch_send),
+  for (const void* k : {reinterpret_cast<const void*>(k_dispatch_send<false>),
+                        reinterpret_cast<const void*>(k_dispatch_send<true>),
                         reinterpret_cast<const void*>(k_dispatch_recv),
                         reinterpret_cast<const void*>(k_combine_send),
                         reinterpret_cast<const void*>(k_combine_recv<false>),
@@ -1170,14 +1219,16 @@ void prepare(const Params& p) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
-  FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_send, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(plan)));
+  for (auto* k : {k_dispatch_send<false>, k_dispatch_send<true>})
+    FM_CHECK_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(plan)));
   FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_recv, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(recv_smem(p))));
 }
 
 void dispatch_send(const Params& p, cudaStream_t stream) {
-  launch(k_dispatch_send, p.send_blocks, plan_smem(p.E, p.R, p.K, p.Tmax).total, stream, false, p);
+  launch(p.dest_order != 0 ? k_dispatch_send<true> : k_dispatch_send<false>, p.send_blocks,
+         plan_smem(p.E, p.R, p.K, p.Tmax).total, stream, false, p);
 }
 void dispatch_recv(const Params& p, cudaStream_t stream, bool dependent) {
   launch(k_dispatch_recv, p.recv_blocks, recv_smem(p), stream, dependent, p);

@@ -97,6 +97,13 @@ struct Params {
   // latency (ep11)"), with own_recv: the combine receive's own partials keep one 256-column piece
   // of the rows in flight at a time instead of two (k_combine_recv<true, true>: no spill).
   bool own_narrow = false;
+  // Session 14 (DeviceEpOptions::ll_dispatch_rotate; docs/comm/README.md "Session 14: the
+  // low-latency payload at 4 ranks (ep23)"): the order in which the dispatch send's warps visit a
+  // token's destinations (k_dispatch_send<true>): 0 ascending ranks (the default kernel), 1 the
+  // peers from rank + 1 on and the rank itself last, 2 the same with each item's start moved by
+  // its index over the peers. One byte, in the padding after own_narrow: the default kernels'
+  // parameter block keeps its size.
+  uint8_t dest_order = 0;
 };
 
 // Loads every kernel and sets its shared-memory limit; kInvalidArgument if the send plan does

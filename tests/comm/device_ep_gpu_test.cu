@@ -970,6 +970,8 @@ DeviceEpOptions ll_option_set(const std::string& letters) {
     o.ll_token_flags = o.ll_token_flags || c == 'T';
     // Session 9 (off by default; "0" leaves it): H ll_combine_own_narrow (with O).
     o.ll_combine_own_narrow = o.ll_combine_own_narrow || c == 'H';
+    // Session 14 (off by default; "0" leaves it): R / W ll_dispatch_rotate 1 / 2.
+    if (c == 'R' || c == 'W') o.ll_dispatch_rotate = c == 'R' ? 1 : 2;
     // F: the normal kernels' flags and acknowledgements after a full system fence (the defaults
     // before session 9 raise them by release stores alone).
     o.dispatch_release_only = o.dispatch_release_only && c != 'F';
@@ -1052,6 +1054,35 @@ TEST_F(NvlinkTest, LowLatencySession9OptionsMatchReferenceFp8OneGpuManyRanks) {
   run_ll_s9_option_cases(Payload::kFP8, 1);
 }
 
+// Session 14's R and W (ll_dispatch_rotate 1 and 2: the order in which the dispatch send's warps
+// visit a token's destinations) over every case, two sets a case: on the defaults (the per-step
+// flags) and with the session-4 kernels ("0R", "0W": the per-block arrival), R and W in turn;
+// send grids of 5, 1 and 64 blocks, receive grids of 3 or automatic, receive beside or after the
+// send; two rounds each against the reference bit for bit. The order decides which slot of which
+// destination a warp's stores and metadata reach, so a rotated rank or slot lands a record
+// (payload, scales, ids, weights) in another record's place; the cases hold 2, 3 and 4 ranks,
+// tokens that skip destinations (holes, one rank, none to the last) and ranks with no tokens.
+void run_ll_s14_option_cases(Payload p, int gpus) {
+  int ran = 0, cases = 0;
+  for (const Case& c : ll_cases()) {
+    const bool odd = cases++ % 2 != 0;
+    for (const std::string& letters :
+         {std::string(odd ? "R" : "W"), std::string(odd ? "0W" : "0R")})
+      check_ll_option_case(c, p, gpus, letters, ++ran);
+  }
+  EXPECT_GT(ran, 0);
+}
+
+TEST_F(NvlinkTest, LowLatencyRotateMatchesReferenceFp8AllGpus) {
+  run_ll_s14_option_cases(Payload::kFP8, gpu_count());
+}
+TEST_F(NvlinkTest, LowLatencyRotateMatchesReferenceBf16AllGpus) {
+  run_ll_s14_option_cases(Payload::kBF16, gpu_count());
+}
+TEST_F(NvlinkTest, LowLatencyRotateMatchesReferenceFp8OneGpuManyRanks) {
+  run_ll_s14_option_cases(Payload::kFP8, 1);
+}
+
 TEST_F(NvlinkTest, LowLatencyMatchesReferenceFp8AllGpus) {
   run_ll_cases(Payload::kFP8, gpu_count());
 }
@@ -1063,21 +1094,32 @@ TEST_F(NvlinkTest, LowLatencyMatchesReferenceFp8OneGpuManyRanks) {
 }
 
 // Rounds whose row counts grow, overflow and shrink through the same buffers: rows a previous
-// round used must turn back into padding (m_indices and row_src -1).
+// round used must turn back into padding (m_indices and row_src -1). R ranks on all GPUs, 4
+// experts each (8 at 2 ranks, as before session 14).
+void ll_rows_change(const std::string& letters, int R) {
+  SCOPED_TRACE("low-latency options '" + letters + "', " + std::to_string(R) + " ranks");
+  EpConfig cfg = config(R, 4 * R, 2, 256, 200, Payload::kFP8);
+  cfg.masked_capacity = 64;
+  Harness h(cfg, devices_for(R, gpu_count()), std::vector<int64_t>(R, 200), Routing::kRandom, 21,
+            ll_option_set(letters));
+  for (int64_t tokens : {60, 200, 20, 90}) {
+    SCOPED_TRACE("tokens " + std::to_string(tokens));
+    for (auto& d : h.data) d.tokens = tokens;
+    check_against_reference(h, 1);
+  }
+}
+
 TEST_F(NvlinkTest, LowLatencyRowsChangeBetweenRounds) {
   for (const std::string& letters :
-       {std::string("0"), std::string("0NXO"), std::string(), std::string("H")}) {
-    SCOPED_TRACE("low-latency options '" + letters + "'");
-    EpConfig cfg = config(2, 8, 2, 256, 200, Payload::kFP8);
-    cfg.masked_capacity = 64;
-    Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 21,
-              ll_option_set(letters));
-    for (int64_t tokens : {60, 200, 20, 90}) {
-      SCOPED_TRACE("tokens " + std::to_string(tokens));
-      for (auto& d : h.data) d.tokens = tokens;
-      check_against_reference(h, 1);
-    }
-  }
+       {std::string("0"), std::string("0NXO"), std::string(), std::string("H")})
+    ll_rows_change(letters, 2);
+}
+// Session 14's R and W (ll_dispatch_rotate), at 2 ranks and at 4 (where the order matters most).
+TEST_F(NvlinkTest, LowLatencyRotateRowsChangeBetweenRounds) {
+  ll_rows_change("R", 2);
+  ll_rows_change("W", 4);
+  ll_rows_change("R", 4);
+  ll_rows_change("0W", 4);
 }
 
 // The whole round (dispatch and combine) captured in one CUDA graph per rank, replayed.
@@ -1146,11 +1188,21 @@ TEST_F(NvlinkTest, LowLatencyGraphCapturedRoundReplays) {
   graph_round(4, 1, true, "H");
 }
 
-TEST_F(NvlinkTest, LowLatencySilentPeerEndsWithErrorNamingRankPeerCounter) {
-  // N and T (which implies N) wait for the peer's counts first (their own counter):
-  // ll_dispatch.notify.
-  for (const std::string& letters : {std::string("0"), std::string(), std::string("0N"),
-                                     std::string("0T"), std::string("0NXO")}) {
+// Session 14's R and W (ll_dispatch_rotate): 2 ranks on all GPUs, 4 ranks on all GPUs and on one.
+TEST_F(NvlinkTest, LowLatencyGraphCapturedRoundReplaysRotated) {
+  for (const std::string& letters : {std::string("R"), std::string("W"), std::string("0W")}) {
+    SCOPED_TRACE("low-latency options '" + letters + "'");
+    graph_round(2, gpu_count(), true, letters);
+    graph_round(4, gpu_count(), true, letters);
+    graph_round(4, 1, true, letters);
+  }
+}
+
+// Rank 1 never sends: rank 0's receive ends with an error naming rank, peer and counter.
+// N and T (which implies N) wait for the peer's counts first (their own counter):
+// ll_dispatch.notify.
+void ll_silent_peer(const std::vector<std::string>& letter_sets) {
+  for (const std::string& letters : letter_sets) {
     const DeviceEpOptions o = ll_option_set(letters);
     const bool early = o.ll_early_notify || o.ll_token_flags;
     SCOPED_TRACE("low-latency options '" + letters + "'");
@@ -1176,8 +1228,17 @@ TEST_F(NvlinkTest, LowLatencySilentPeerEndsWithErrorNamingRankPeerCounter) {
   }
 }
 
-TEST_F(NvlinkTest, LowLatencyBadExpertIdIsReported) {
-  for (const std::string& letters : {std::string(), std::string("0"), std::string("0NXO")}) {
+TEST_F(NvlinkTest, LowLatencySilentPeerEndsWithErrorNamingRankPeerCounter) {
+  ll_silent_peer({"0", "", "0N", "0T", "0NXO"});
+}
+// Session 14's R and W (ll_dispatch_rotate), on the flagged path and on the session-4 kernels.
+TEST_F(NvlinkTest, LowLatencyRotateSilentPeerEndsWithErrorNamingRankPeerCounter) {
+  ll_silent_peer({"R", "W", "0W"});
+}
+
+// An expert id out of range is reported with the rank and the token.
+void ll_bad_expert(const std::vector<std::string>& letter_sets) {
+  for (const std::string& letters : letter_sets) {
     SCOPED_TRACE("low-latency options '" + letters + "'");
     EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kFP8);
     cfg.masked_capacity = 32;
@@ -1194,6 +1255,33 @@ TEST_F(NvlinkTest, LowLatencyBadExpertIdIsReported) {
       FAIL() << "expected an error";
     } catch (const Error& e) {
       EXPECT_NE(e.message().find("rank 1 token 2: expert id 99"), std::string::npos) << e.message();
+    }
+  }
+}
+
+TEST_F(NvlinkTest, LowLatencyBadExpertIdIsReported) {
+  ll_bad_expert({"", "0", "0NXO"});
+}
+// Session 14's R and W (ll_dispatch_rotate).
+TEST_F(NvlinkTest, LowLatencyRotateBadExpertIdIsReported) {
+  ll_bad_expert({"R", "W", "0R"});
+}
+// An order that does not exist is rejected before any kernel runs, naming the option.
+TEST_F(NvlinkTest, LowLatencyRotateOutOfRangeIsRejected) {
+  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kFP8);
+  cfg.masked_capacity = 32;
+  for (int bad : {-1, 3}) {
+    DeviceEpOptions opt;
+    opt.ll_dispatch_rotate = bad;
+    try {
+      DeviceEpGroup group(cfg, {0, 0}, opt);
+      FAIL() << "expected an error for ll_dispatch_rotate=" << bad;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+      EXPECT_NE(
+          e.message().find("ll_dispatch_rotate=" + std::to_string(bad) + " must be 0, 1 or 2"),
+          std::string::npos)
+          << e.message();
     }
   }
 }
@@ -1530,6 +1618,25 @@ TEST_F(NvlinkTest, RoundsBackToBackWithoutHostSyncMatchReference) {
       {"ll_fp8_own_narrow", 2, 16, 4, 512, 96, 256, Payload::kFP8, "H", 5, 0, true},
       {"ll_fp8_own_narrow_1_block", 2, 16, 4, 512, 96, 256, Payload::kFP8, "H", 1, 0, true},
       {"ll_fp8_own_narrow_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "H", 64, 0, false},
+  };
+  for (const BackToBackCase& c : cases) {
+    progress(std::string("back-to-back case ") + c.name);
+    SCOPED_TRACE(std::string(c.name) + " on " + std::to_string(gpu_count()) + " GPU(s)");
+    run_back_to_back(c, gpu_count(), 10);
+    if (HasFatalFailure()) return;
+  }
+}
+
+// Session 14's R and W (ll_dispatch_rotate) back to back: at 2 ranks on 5 and 1 send blocks, at
+// 4 ranks on 64 (FP8 and BF16) and with the session-4 kernels on 5.
+TEST_F(NvlinkTest, LowLatencyRotateRoundsBackToBackWithoutHostSync) {
+  const BackToBackCase cases[] = {
+      {"ll_fp8_rotate", 2, 16, 4, 512, 96, 256, Payload::kFP8, "W", 5, 0, true},
+      {"ll_fp8_rotate_1_block", 2, 16, 4, 512, 96, 256, Payload::kFP8, "R", 1, 0, true},
+      {"ll_fp8_rotate_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "W", 64, 0, false},
+      {"ll_fp8_rotate_rank_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "R", 64, 0, true},
+      {"ll_bf16_rotate_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kBF16, "W", 64, 0, false},
+      {"ll_fp8_session4_rotate_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "0W", 5, 0, false},
   };
   for (const BackToBackCase& c : cases) {
     progress(std::string("back-to-back case ") + c.name);

@@ -308,6 +308,15 @@ struct DeviceEpOptions {
   // Session 9's J, M and E measured no faster and are not kept (the README; their code:
   // docs/comm/runs/ep-s9-ll-JMEH.patch).
   bool ll_combine_own_narrow = false;
+  // Session 14 (docs/comm/README.md, "Session 14: the low-latency payload at 4 ranks (ep23)";
+  // same results bit for bit): the order in which the low-latency dispatch send's warps store a
+  // token's steps (and metadata) to its destinations. 0: ascending ranks (so at 4 ranks every
+  // sender's first stores go to the same rank); 1 (ep_bench letter R): the peers from rank + 1 on,
+  // cyclically, the rank itself last, so each position of the order is a permutation of the
+  // ranks; 2 (letter W): as 1 with each work item's first peer moved by its index. 4 x H200, one
+  // call, 6 rounds: LL dispatch at 4 ranks 32.0 -> 29.5 us with R and with W, at 2 ranks 23.1 /
+  // 23.1 / 23.3 (unchanged). Off (0) until a second call repeats it.
+  int ll_dispatch_rotate = 0;
 };
 
 // Inputs of one rank, device pointers on that rank's device.
