@@ -476,7 +476,9 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // since session 13's ep19 call; r takes it back (the register send). Session 13 late (ep21): j
 // dispatch_recv_bulk_rows (the dispatch receive's row copies by bulk copies through shared
 // memory; with expand_payload), a default since session 14's first call; q takes it back (the
-// lanes' row copies).
+// lanes' row copies). Session 14 (ep22): f layout_token_slots (the source-region send's records at
+// their token's index, so the payload does not wait for the plan; NVLink wire only), a default
+// since ep22's call; n takes it back (the records at their rank among the source's tokens).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -524,6 +526,7 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
     v.opt.record_align_128 = false;
     v.opt.combine_bulk_rows = false;
     v.opt.dispatch_recv_bulk_rows = false;
+    v.opt.layout_token_slots = false;
     if (head == "v5" || head == "base") return v;
   }
   for (char c : head) {
@@ -573,6 +576,10 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.dispatch_recv_bulk_rows = true;
     else if (c == 'q')
       v.opt.dispatch_recv_bulk_rows = false;
+    else if (c == 'f')
+      v.opt.layout_token_slots = true;
+    else if (c == 'n')
+      v.opt.layout_token_slots = false;
     else if (c == 'x') {
       v.opt.layout_release_only = v.opt.layout_claim_chunks = false;
       v.opt.layout_send_blocks = 0;

@@ -203,6 +203,8 @@ struct DeviceEpRank::Impl {
   // prefetch_payload); plan_mode: the plan kernel's (dispatch_plan_kernel).
   bool plan_counts = false;
   int plan_mode = 0;
+  // DeviceEpOptions::layout_token_slots where it applies (layout_token_slots(opt, direct)).
+  bool token_slots = false;
 
   char* ws = nullptr;
   char* send_ws = nullptr;    // Wire::kNccl: records packed per destination
@@ -435,6 +437,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   // would wait until timeout_s.
   m.plan_counts =
       m.direct && opt.plan_fast_count && opt.dispatch_plan_counts && opt.prefetch_payload;
+  m.token_slots = layout_token_slots(opt, m.direct);
   const bool block_scan = opt.plan_once && opt.plan_fast_count && opt.plan_block_scan;
   m.plan_mode = (m.plan_counts ? 1 : 0) | (block_scan ? 2 : 0);
   {
@@ -473,7 +476,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   for (const void* k :
        {reinterpret_cast<const void*>(dispatch_plan_kernel(m.opt.plan_fast_count, m.plan_mode)),
         reinterpret_cast<const void*>(dispatch_send_kernel(m.opt, m.direct, m.plan_counts)),
-        reinterpret_cast<const void*>(dispatch_recv_kernel(m.opt)),
+        reinterpret_cast<const void*>(dispatch_recv_kernel(m.opt, m.token_slots)),
         reinterpret_cast<const void*>(combine_send_kernel(m.opt)),
         reinterpret_cast<const void*>(combine_recv_kernel(m.opt))}) {
     cudaFuncAttributes attr;
@@ -496,9 +499,9 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem)));
   }
-  FM_CHECK_CUDA(
-      cudaFuncSetAttribute(dispatch_recv_kernel(m.opt), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(dispatch_recv_smem(m.opt, recv_smem_bytes(m.g)))));
+  FM_CHECK_CUDA(cudaFuncSetAttribute(
+      dispatch_recv_kernel(m.opt, m.token_slots), cudaFuncAttributeMaxDynamicSharedMemorySize,
+      static_cast<int>(dispatch_recv_smem(m.opt, recv_smem_bytes(m.g)))));
   m.ll = opt.low_latency && opt.wire == Wire::kNvlink && cfg.masked_capacity > 0 &&
          cfg.max_tokens_per_rank <= ll::kMaxTokens && cfg.hidden % 128 == 0;
   if (m.ll && std::getenv("FP8MOE_EP_LL_TRACE")) {
@@ -644,7 +647,7 @@ void DeviceEpRank::dispatch_recv(cudaStream_t stream) {
   if (m.ll) return ll::dispatch_recv(m.ll_params(), stream, m.opt.overlap_recv);
   Args a = m.args();
   a.expand = m.opt.expand_payload;
-  launch(dispatch_recv_kernel(m.opt), m.recv_blocks,
+  launch(dispatch_recv_kernel(m.opt, m.token_slots), m.recv_blocks,
          dispatch_recv_smem(m.opt, recv_smem_bytes(m.g)), stream, m.opt.overlap_recv && !a.nccl, a);
 }
 
@@ -856,6 +859,23 @@ DispatchResult DeviceEpRank::download() const {
   } else {
     r.recv.x_bf16.resize(slots * g.H);
     std::memcpy(r.recv.x_bf16.data(), stage.data(), slots * g.H * 2);
+  }
+  if (m.token_slots && !m.ll) {
+    // layout_token_slots: the j-th record of source s sits at the slot of its token (the normal
+    // kernels only: the low-latency ones place their records as without the option).
+    for (int s = 0; s < g.R; ++s)
+      for (int64_t j = 0; j < r.recv.count[s]; ++j) {
+        const size_t slot = static_cast<size_t>(s) * g.Tmax + j;
+        const int32_t t = r.recv.src_token[slot];
+        if (t < 0 || t >= g.Tmax) continue;  // left as it was: the comparison names the slot
+        const size_t from = static_cast<size_t>(s) * g.Tmax + t;
+        if (g.fp8) {
+          std::memcpy(&r.recv.x_fp8[slot * g.H], &stage[from * g.P], g.H);
+          std::memcpy(&r.recv.x_scales[slot * g.SC], &stage[from * g.P + g.H], g.SC * 4);
+        } else {
+          std::memcpy(&r.recv.x_bf16[slot * g.H], &stage[from * g.P], g.H * 2);
+        }
+      }
   }
   GroupedRecv& gr = r.grouped;
   gr.overflow = status[kOverflow] != 0;

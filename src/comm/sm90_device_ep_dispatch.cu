@@ -22,7 +22,9 @@
 // words that the send blocks add up instead of waiting for the notify (dispatch_plan_counts),
 // and flags raised by a release store alone (dispatch_release_only; the receive's acknowledgements
 // with combine_release_only, ep10). Session 13 late (off, ep21): the receive's row copies by bulk
-// copies through a shared-memory slot per warp (dispatch_recv_bulk_rows).
+// copies through a shared-memory slot per warp (dispatch_recv_bulk_rows). Session 14 (off, ep22):
+// the source-region send stores each record at its token's index (layout_token_slots), so its
+// payload leaves before the plan kernel ends; only the metadata, chunk counts and notify wait.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
 // (tests/comm/device_ep_gpu_test.cu).
@@ -272,19 +274,28 @@ __device__ __forceinline__ void push_metadata(const Args& a, const Plan& p, int 
 
 // ---- dispatch send 3: the payload of columns [first, last) steps of token t (one warp) ----
 // kPrefetch (prefetch_payload): the FP8 loop loads step s + 1 before it quantises step s.
-template <bool kPrefetch>
+// kTokenSlots (layout_token_slots): the record goes to slot t at every destination, which the
+// token's own expert ids name, so the plan is not read.
+template <bool kPrefetch, bool kTokenSlots = false>
 __device__ __forceinline__ void push_payload(const Args& a, const Plan& p, int64_t t, int64_t first,
                                              int64_t last) {
   const Geometry& g = a.g;
   const int lane = threadIdx.x & 31;
   // Lane d < R holds the token's slot at destination d (-1: not sent there).
   int jl = -1;
-  if (lane < g.R) {
-    const int tile = static_cast<int>(t / kTile);
-    const uint32_t b = p.dball[lane * g.NT + tile];
-    if ((b >> (t % kTile)) & 1u) jl = p.dc(lane, tile) + __popc(b & ((1u << (t % kTile)) - 1u));
+  unsigned mask;
+  if constexpr (kTokenSlots) {
+    // An id out of range counts as none, as in the plan (which reports it).
+    const int e = lane < g.K ? __ldg(a.idx + t * g.K + lane) : -1;
+    mask = __reduce_or_sync(kFull, e >= 0 && e < g.E ? 1u << (e / g.L) : 0u);
+  } else {
+    if (lane < g.R) {
+      const int tile = static_cast<int>(t / kTile);
+      const uint32_t b = p.dball[lane * g.NT + tile];
+      if ((b >> (t % kTile)) & 1u) jl = p.dc(lane, tile) + __popc(b & ((1u << (t % kTile)) - 1u));
+    }
+    mask = __ballot_sync(kFull, jl >= 0);
   }
-  const unsigned mask = __ballot_sync(kFull, jl >= 0);
   const uint16_t* xt = a.x + t * g.H;
   if (!g.fp8) {
     // BF16: 16-byte vectors, four in flight per lane.
@@ -298,7 +309,8 @@ __device__ __forceinline__ void push_payload(const Args& a, const Plan& p, int64
       }
       for (unsigned m = mask; m; m &= m - 1) {
         const int d = __ffs(m) - 1;
-        char* rec = record_of(a, peer(a, d), out_region(a, d), __shfl_sync(kFull, jl, d));
+        char* rec =
+            record_of(a, peer(a, d), out_region(a, d), kTokenSlots ? t : __shfl_sync(kFull, jl, d));
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           const int64_t c = c0 + u * 256 + lane * 8;
@@ -344,7 +356,8 @@ __device__ __forceinline__ void push_payload(const Args& a, const Plan& p, int64
     for (int u = 0; u < 2; ++u) quantize16(v[2 * u], v[2 * u + 1], codes[u], scale[u]);
     for (unsigned m = mask; m; m &= m - 1) {
       const int d = __ffs(m) - 1;
-      char* rec = record_of(a, peer(a, d), out_region(a, d), __shfl_sync(kFull, jl, d));
+      char* rec =
+          record_of(a, peer(a, d), out_region(a, d), kTokenSlots ? t : __shfl_sync(kFull, jl, d));
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int64_t c = c0 + u * 512 + lane * 16;
@@ -912,9 +925,13 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   static_assert(kPro == 0 || (kPlanOnce && kDirect) ||
                     (kPlanOnce && kPrefetch && !kDirect && (kPro & kProCounts) == 0),
                 "session-8 send options need direct rows; session 11's need plan_once, prefetch");
-  static_assert(!kDirect || (kPro & kProClaim) == 0, "layout_claim_chunks: source regions only");
+  static_assert(!kDirect || (kPro & (kProClaim | kProTokenSlots)) == 0,
+                "layout_claim_chunks, layout_token_slots: source regions only");
   constexpr bool kCounts = (kPro & kProCounts) != 0, kRelease = (kPro & kProRelease) != 0;
   constexpr bool kClaim = (kPro & kProClaim) != 0;
+  // layout_token_slots: the payload goes out before the plan is complete; each block waits for
+  // it only before its first chunk's metadata (block 0: before the notify).
+  constexpr bool kTokenSlots = (kPro & kProTokenSlots) != 0;
   __shared__ int abort_flag;
   __shared__ int dtot[kMaxRanks];
   const Geometry& g = a.g;
@@ -929,8 +946,10 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
     for (int i = threadIdx.x; i < kWarps * g.E; i += blockDim.x) p.emask[i] = 0;
     // NOTE: launched as the plan kernel's programmatic dependent: its plan is complete and
     // visible only after this wait.
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    if (threadIdx.x == 0) stamp(a, kTrSendPlanned, 2);
+    if constexpr (!kTokenSlots) {
+      asm volatile("griddepcontrol.wait;" ::: "memory");
+      if (threadIdx.x == 0) stamp(a, kTrSendPlanned, 2);
+    }
   } else {
     plan_batch(a, smem, p);
   }
@@ -971,6 +990,12 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
     __syncthreads();
     if (abort_flag) return;
     if (threadIdx.x == 0) stamp(a, kTrSendAcked, 1);
+    if constexpr (kTokenSlots) {
+      if (blockIdx.x == 0) {
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+        if (threadIdx.x == 0) stamp(a, kTrSendPlanned, 2);
+      }
+    }
     // Notify (block 0): T and the per-local-expert counts of every destination, then its flag.
     if (blockIdx.x == 0) write_notify<kPro>(a, p.etot, p.dtot, n);
     if (blockIdx.x == 0 && threadIdx.x == 0) stamp(a, kTrSendNotified, 0);
@@ -996,8 +1021,20 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   const int warp = threadIdx.x >> 5;
   const int64_t nchunks = (a.T + g.C - 1) / g.C;
   const int64_t steps = (g.H + 1023) / 1024;
+  [[maybe_unused]] bool planned = !kTokenSlots || blockIdx.x == 0;  // past griddepcontrol.wait
   auto push_chunk = [&](int64_t c) {
     const int64_t c0 = c * g.C, c1 = min(a.T, c0 + g.C);
+    if constexpr (kTokenSlots) {
+      // The payload first (slot t needs no plan), then the plan for the metadata and counts.
+      const Split sp = split_work(c1 - c0, steps, kWarps);
+      for (int64_t item = warp; item < sp.items; item += kWarps)
+        push_payload<kPrefetch, true>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item));
+      if (!planned) {
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+        planned = true;
+        if (threadIdx.x == 0) stamp(a, kTrSendPlanned, 2);
+      }
+    }
     if (threadIdx.x < g.R) {
       const int d = threadIdx.x;
       const int b = slot_prefix(a, p, d, c0), e = slot_prefix(a, p, d, c1);
@@ -1007,13 +1044,15 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
     }
     const int tile0 = static_cast<int>(c0 / kTile), tile1 = static_cast<int>((c1 - 1) / kTile);
     for (int tile = tile0 + warp; tile <= tile1; tile += kWarps) push_metadata(a, p, tile, c0, c1);
-    const Split sp = split_work(c1 - c0, steps, kWarps);
-    for (int64_t item = warp; item < sp.items; item += kWarps) {
-      if constexpr (kDirect)
-        push_payload_direct<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item),
-                                       rowbase, ovf_mask);
-      else
-        push_payload<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item));
+    if constexpr (!kTokenSlots) {
+      const Split sp = split_work(c1 - c0, steps, kWarps);
+      for (int64_t item = warp; item < sp.items; item += kWarps) {
+        if constexpr (kDirect)
+          push_payload_direct<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item),
+                                         rowbase, ovf_mask);
+        else
+          push_payload<kPrefetch>(a, p, c0 + sp.token(item), sp.first(item), sp.last(item));
+      }
     }
     __syncthreads();
     if (!a.nccl && threadIdx.x < g.R)
@@ -1152,13 +1191,17 @@ __device__ __forceinline__ void bulk_store_row(void* dst, const void* src, uint3
                : "memory");
 }
 
-template <bool kBulk = false>
+// kTokenSlots (layout_token_slots): the payload of the j-th record sits at the slot of its token
+// (src_token), the metadata at slot j as without.
+template <bool kBulk = false, bool kTokenSlots = false>
 __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_t j, bool overflow,
                                RecvBulkSlot* bs = nullptr) {
   const Geometry& g = a.g;
   const int lane = threadIdx.x & 31;
   const int64_t slot = static_cast<int64_t>(s) * g.Tmax + j;
   const int64_t i = r.roff[s] + j;
+  int64_t payload_j = j;
+  if constexpr (kTokenSlots) payload_j = __ldcg(at<int32_t>(a.my, a.lay.src_token) + slot);
   int row = -1;
   if (lane < g.K) {
     const int e = __ldcg(at<int32_t>(a.my, a.lay.topk_local) + slot * g.K + lane);
@@ -1168,7 +1211,9 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
       at<int32_t>(a.my, a.lay.m_indices)[row] = e;
       at<int32_t>(a.my, a.lay.row_src)[row] = static_cast<int32_t>(i * g.K + lane);
       // Only the layout-only dispatch exposes row_record (the expanding one pays nothing for it).
-      if (!a.expand) at<int32_t>(a.my, row_record_offset(a.lay))[row] = static_cast<int32_t>(slot);
+      if (!a.expand)
+        at<int32_t>(a.my, row_record_offset(a.lay))[row] =
+            static_cast<int32_t>(kTokenSlots ? s * g.Tmax + payload_j : slot);
       at<float>(a.my, a.lay.row_weight)[row] =
           __ldcg(at<float>(a.my, a.lay.weight) + slot * g.K + lane);
     }
@@ -1178,7 +1223,7 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
   int rows[kMaxTopK];
 #pragma unroll
   for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < g.K ? k : 0);
-  const char* rec = record_of(a, a.my, s, j);
+  const char* rec = record_of(a, a.my, s, payload_j);
   const float* rec_scales = reinterpret_cast<const float*>(rec + g.H);
   char* gx = a.my + a.lay.gx;
   const int64_t row_bytes = g.fp8 ? g.H : g.H * 2;
@@ -1263,7 +1308,8 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
 // slot of shared memory per warp (scatter_record); every bulk store has completed (wait_group 0,
 // then a proxy fence) before the block counts itself done, so the rows are written when the
 // acknowledgements let the sources reuse them and when the kernel ends.
-template <bool kRelease = false, bool kBulk = false>
+// kTokenSlots: layout_token_slots' records (scatter_record).
+template <bool kRelease = false, bool kBulk = false, bool kTokenSlots = false>
 __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
   extern __shared__ int rsm[];
   __shared__ int abort_flag, last_block, overflow, max_tokens;
@@ -1362,7 +1408,8 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
     }
     const int32_t* info = notify_of(a.my, a, s) + 1 + g.L + 2 * c;
     const int begin = __ldcg(info), count = __ldcg(info + 1);
-    for (int q = warp; q < count; q += kWarps) scatter_record<kBulk>(a, r, s, begin + q, ovf, &bs);
+    for (int q = warp; q < count; q += kWarps)
+      scatter_record<kBulk, kTokenSlots>(a, r, s, begin + q, ovf, &bs);
   }
   if constexpr (kBulk) {
     kernels::sm90::tma_store_wait_all();
@@ -1405,9 +1452,16 @@ KernelFn dispatch_plan_kernel(bool fast, int mode) {
   return fast ? k_dispatch_plan<true> : k_dispatch_plan<false>;
 }
 
-KernelFn dispatch_recv_kernel(const DeviceEpOptions& o) {
-  if (o.dispatch_recv_bulk_rows && o.expand_payload)
+KernelFn dispatch_recv_kernel(const DeviceEpOptions& o, bool token_slots) {
+  if (o.dispatch_recv_bulk_rows && o.expand_payload) {
+    if (token_slots)
+      return o.combine_release_only ? k_dispatch_recv<true, true, true>
+                                    : k_dispatch_recv<false, true, true>;
     return o.combine_release_only ? k_dispatch_recv<true, true> : k_dispatch_recv<false, true>;
+  }
+  if (token_slots)
+    return o.combine_release_only ? k_dispatch_recv<true, false, true>
+                                  : k_dispatch_recv<false, false, true>;
   return o.combine_release_only ? k_dispatch_recv<true> : k_dispatch_recv<false>;
 }
 
@@ -1433,8 +1487,16 @@ KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct, bool plan_c
         return k_dispatch_send<true, true, false, kProRelease>;
       case kProClaim:
         return k_dispatch_send<true, true, false, kProClaim>;
-      default:
+      case kProRelease | kProClaim:
         return k_dispatch_send<true, true, false, kProRelease | kProClaim>;
+      case kProTokenSlots:
+        return k_dispatch_send<true, true, false, kProTokenSlots>;
+      case kProRelease | kProTokenSlots:
+        return k_dispatch_send<true, true, false, kProRelease | kProTokenSlots>;
+      case kProClaim | kProTokenSlots:
+        return k_dispatch_send<true, true, false, kProClaim | kProTokenSlots>;
+      default:
+        return k_dispatch_send<true, true, false, kProRelease | kProClaim | kProTokenSlots>;
     }
   }
   if (o.plan_once)

@@ -210,11 +210,20 @@ KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct, bool plan_c
 constexpr int kProCounts = 1;
 constexpr int kProRelease = 4;
 constexpr int kProClaim = 8;
+// Session 14 (ep22), the source-region send over NVLink: kProTokenSlots (layout_token_slots).
+constexpr int kProTokenSlots = 16;
+// layout_token_slots where it applies: the source-region send with plan_once and prefetch_payload
+// over the NVLink wire (the NCCL wire's exchange follows the send kernel, so nothing overlaps).
+inline bool layout_token_slots(const DeviceEpOptions& o, bool direct) {
+  return o.layout_token_slots && !direct && o.plan_once && o.prefetch_payload &&
+         o.wire == Wire::kNvlink;
+}
 // Session 11's bits of the source-region send (0 where they do not apply: direct rows, or without
-// plan_once and prefetch_payload).
+// plan_once and prefetch_payload), and session 14's.
 inline int layout_send_pro(const DeviceEpOptions& o, bool direct) {
   if (direct || !o.plan_once || !o.prefetch_payload) return 0;
-  return (o.layout_release_only ? kProRelease : 0) | (o.layout_claim_chunks ? kProClaim : 0);
+  return (o.layout_release_only ? kProRelease : 0) | (o.layout_claim_chunks ? kProClaim : 0) |
+         (layout_token_slots(o, direct) ? kProTokenSlots : 0);
 }
 // Blocks of the dispatch send: layout_send_blocks for the layout-only dispatch with one rank per
 // GPU, else num_blocks.
@@ -238,8 +247,9 @@ __host__ __device__ inline size_t all_counts_bytes(const Geometry& g) {
 }
 // combine_release_only: the acknowledgement by a release store alone (k_dispatch_recv<true>);
 // dispatch_recv_bulk_rows with expand_payload: the copies by bulk copies (k_dispatch_recv<*,
-// true>).
-KernelFn dispatch_recv_kernel(const DeviceEpOptions& o);
+// true>); token_slots (layout_token_slots where it applies): each record at its token's index
+// (k_dispatch_recv<*, *, true>).
+KernelFn dispatch_recv_kernel(const DeviceEpOptions& o, bool token_slots = false);
 // dispatch_recv_bulk_rows' per-warp slot (a record's payload in pieces of at most this many bytes).
 constexpr int64_t kRecvBulkSlot = 8192;
 // Dynamic shared memory of dispatch_recv_kernel(o) at geometry g: the layout's `layout` bytes,

@@ -274,6 +274,15 @@ constexpr int kBulkRows = kAlign16 + 1, kBulkRowsFenced = kBulkRows + 1;
 // 43 with the fenced acknowledgement (combine_release_only off: k_dispatch_recv<false, true>).
 // A default since session 14's first call (2 x H100: FP8 dispatch -1.6 / -1.7 %).
 constexpr int kRecvBulk = 40, kRecvBulkNoSelf = 41, kRecvBulkRegions = 42, kRecvBulkFenced = 43;
+// Session 14 (ep22): layout_token_slots (each record at its token's index in the source region) on
+// the defaults without direct rows (the source-region send; expand_payload on, so the receive
+// expands the records from their token slots and every row is compared), 44 to 47 with the
+// session-11 bits v - 44 (1 layout_release_only, 2 layout_claim_chunks; 47 = the defaults'), 48
+// with dispatch_recv_bulk_rows (k_dispatch_recv<true, true, true>), 49 the same with the fenced
+// acknowledgement (<false, true, true>), 50 the fenced acknowledgement alone (<false, false,
+// true>).
+constexpr int kTokenSlots = 44, kTokenSlotsAll = kTokenSlots + 3;
+constexpr int kTokenSlotsBulk = 48, kTokenSlotsBulkFenced = 49, kTokenSlotsFenced = 50;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -336,12 +345,24 @@ DeviceEpOptions variant_options(int v) {
   // dispatch_recv_bulk_rows is a default since session 14: the defaults' variant runs it, and the
   // others keep the lanes' row copies they were written with, so that path stays tested.
   o.dispatch_recv_bulk_rows = v == kDefaults;
+  // layout_token_slots likewise (a default since ep22's call, session 14).
+  o.layout_token_slots = v == kDefaults;
   if (v >= kRecvBulk && v <= kRecvBulkFenced) {
     o = DeviceEpOptions{};
     o.dispatch_recv_bulk_rows = true;
     o.dispatch_direct_rows = v != kRecvBulkRegions;
     o.dispatch_self_rows = o.dispatch_direct_rows && v != kRecvBulkNoSelf;
     o.combine_release_only = v != kRecvBulkFenced;
+  }
+  if (v >= kTokenSlots && v <= kTokenSlotsFenced) {
+    o = DeviceEpOptions{};
+    o.dispatch_direct_rows = o.dispatch_self_rows = false;
+    o.layout_token_slots = true;
+    const int bits = v <= kTokenSlotsAll ? v - kTokenSlots : 3;
+    o.layout_release_only = (bits & 1) != 0;
+    o.layout_claim_chunks = (bits & 2) != 0;
+    o.dispatch_recv_bulk_rows = v == kTokenSlotsBulk || v == kTokenSlotsBulkFenced;
+    o.combine_release_only = v != kTokenSlotsBulkFenced && v != kTokenSlotsFenced;
   }
   return o;
 }
@@ -378,6 +399,17 @@ std::string variant_name(int v) {
   if (v == kRecvBulkRegions) return " defaults+dispatch_recv_bulk_rows without direct rows";
   if (v == kRecvBulkFenced)
     return " defaults+dispatch_recv_bulk_rows with fenced combine flags (no combine_release_only)";
+  if (v >= kTokenSlots && v <= kTokenSlotsAll) {
+    const int bits = v - kTokenSlots;
+    return std::string(" defaults without direct rows+layout_token_slots") +
+           ((bits & 1) ? "+layout_release_only" : "") + ((bits & 2) ? "+layout_claim_chunks" : "");
+  }
+  if (v == kTokenSlotsBulk)
+    return " defaults without direct rows+layout_token_slots+dispatch_recv_bulk_rows";
+  if (v == kTokenSlotsBulkFenced)
+    return " defaults without direct rows+layout_token_slots+dispatch_recv_bulk_rows, fenced acks";
+  if (v == kTokenSlotsFenced)
+    return " defaults without direct rows+layout_token_slots, fenced acks";
   return kNames[v];
 }
 
@@ -903,6 +935,63 @@ TEST_F(NvlinkTest, Session13LateRecvBulkSilentPeerEndsWithError) {
 
 TEST_F(NvlinkTest, Session13BulkRowsCombineSilentPeerEndsWithError) {
   combine_silent_peer(kBulkRows);
+}
+
+// Session 14 (ep22): layout_token_slots, every case (random, skewed, all on one rank, nobody to a
+// rank, T = 0, k = 1, k = 8 of 256, hidden 7168, holes, many tiles; two rounds through the same
+// buffers: records, rows, scales, layout, handle, combine and combine_tokens) bit for bit against
+// the reference: every combination of the session-11 bits with FP8 over all GPUs, BF16, every
+// rank on one GPU, the V3 send grid of 64 blocks, the bulk receive, the fenced acknowledgements,
+// and over the NCCL wire (where the option does not apply: the usual slots).
+TEST_F(NvlinkTest, Session14TokenSlotsMatchReference) {
+  for (int v = kTokenSlots; v <= kTokenSlotsAll; ++v)
+    run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, v);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kTokenSlotsAll);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kTokenSlotsAll);
+  run_cases(Payload::kBF16, 1, Wire::kNvlink, kTokenSlots);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kTokenSlotsAll, 64);
+  for (int v : {kTokenSlotsBulk, kTokenSlotsBulkFenced, kTokenSlotsFenced})
+    run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, v);
+  if (gpu_count() >= 2 && nccl_available())
+    run_cases(Payload::kFP8, 2, Wire::kNccl, kTokenSlotsAll);
+}
+
+TEST_F(NvlinkTest, Session14TokenSlotsGraphCapturedRoundReplays) {
+  graph_round_replays(kTokenSlotsAll);
+  graph_round_replays(kTokenSlots);
+}
+
+TEST_F(NvlinkTest, Session14TokenSlotsOverflowIsReported) {
+  for (int v : {kTokenSlotsAll, kTokenSlotsBulk}) {
+    SCOPED_TRACE("variant" + variant_name(v));
+    EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
+    cfg.max_rows = 256;
+    Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 5,
+              variant_options(v));
+    check_against_reference(h, 1);
+  }
+}
+
+// A silent peer: the payload goes out before the plan, but the receive still waits for the
+// peer's notify and reports it as without the option.
+TEST_F(NvlinkTest, Session14TokenSlotsSilentPeerEndsWithError) {
+  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
+  cfg.timeout_s = 0.3;
+  DeviceEpOptions opt = variant_options(kTokenSlotsAll);
+  opt.num_blocks = 3;
+  Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
+  h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
+  h.group->rank(0).dispatch_recv(h.buf[0].stream);
+  h.sync();
+  try {
+    h.group->rank(0).check();
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    const std::string m = e.message();
+    EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
+    EXPECT_NE(m.find("dispatch.notify[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
+        << m;
+  }
 }
 
 // ---- low-latency kernels (DeviceEpOptions::low_latency, masked configs over NVLink) ----

@@ -311,15 +311,21 @@ struct GatheredVsExpanded {
   };
   std::vector<Dev> dev;
   std::vector<testing::RankData> in;
+  bool token_slots = false;  // where the option applies (one node, NVLink)
 
   // layout_send: the session-11 options of the gathered (layout-only) group's send (defaults since
   // then); false sets the send before them (so the other gathered tests keep that one covered).
   // align128 (session 11, ep15): record_align_128 on the gathered group; the expanded group keeps
   // the 16-byte stride (record_align_128 off, set here since it is a default), so the test with
   // align128 compares two strides.
+  // token_slots (session 14, ep22): layout_token_slots on the gathered group (each record at its
+  // token's index in the source region; row_record names that slot).
   GatheredVsExpanded(const EpConfig& c, std::vector<int> devs, Wire wire, uint64_t seed,
-                     bool layout_send = false, bool align128 = false)
-      : cfg(c), devices(std::move(devs)), nccl(wire == Wire::kNccl) {
+                     bool layout_send = false, bool align128 = false, bool token_slots = false)
+      : cfg(c),
+        devices(std::move(devs)),
+        nccl(wire == Wire::kNccl),
+        token_slots(token_slots && wire == Wire::kNvlink && c.nodes() == 1) {
     DeviceEpOptions opt;
     opt.wire = wire;
     opt.record_align_128 = false;
@@ -328,6 +334,7 @@ struct GatheredVsExpanded {
     opt.layout_release_only = opt.layout_claim_chunks = layout_send;
     opt.layout_send_blocks = layout_send ? 96 : 0;  // the send grid other than the combine's 64
     opt.record_align_128 = align128;
+    opt.layout_token_slots = token_slots;
     gathered = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
     const int R = cfg.num_ranks, L = cfg.experts_per_rank();
     const int64_t H = cfg.hidden, KB = H / 128, bound = cfg.row_bound();
@@ -477,6 +484,18 @@ struct GatheredVsExpanded {
       const auto y_e = to_host(dv, dev[r].y_e, bound * H), y_g = to_host(dv, dev[r].y_g, bound * H);
       std::vector<int64_t> roff(R + 1, 0);
       for (int s = 0; s < R; ++s) roff[s + 1] = roff[s] + recv_count[s];
+      // With token_slots: the index of each source's j-th token sent to this rank.
+      std::vector<std::vector<int64_t>> sent(R);
+      const int L = cfg.experts_per_rank(), K = cfg.top_k;
+      for (int s = 0; s < R && token_slots; ++s)
+        for (int64_t t = 0; t < in[s].tokens; ++t) {
+          bool here = false;
+          for (int k = 0; k < K; ++k) {
+            const int e = in[s].idx[t * K + k];
+            here = here || (e >= 0 && e / L == r);
+          }
+          if (here) sent[s].push_back(t);
+        }
       int64_t used = 0;
       for (int64_t row = 0; row < bound; ++row) {
         if (m_e[row] < 0) {
@@ -484,11 +503,17 @@ struct GatheredVsExpanded {
           continue;
         }
         ++used;
-        // row_record names the slot of row_src's token: s * Tmax + (compact index - roff[s]).
+        // row_record names the slot of row_src's token: s * Tmax + (compact index - roff[s]);
+        // with token_slots s * Tmax + the token's index at its source.
         const int64_t i = row_src[row] / cfg.top_k;
         int s = 0;
         while (roff[s + 1] <= i) ++s;
-        ASSERT_EQ(row_record[row], s * Tmax + (i - roff[s])) << "row " << row;
+        if (token_slots) {
+          ASSERT_EQ(static_cast<int64_t>(sent[s].size()), recv_count[s]) << "source " << s;
+          ASSERT_EQ(row_record[row], s * Tmax + sent[s][i - roff[s]]) << "row " << row;
+        } else {
+          ASSERT_EQ(row_record[row], s * Tmax + (i - roff[s])) << "row " << row;
+        }
         const uint8_t* rec = records.data() + row_record[row] * P;
         ASSERT_TRUE(std::equal(rec, rec + H, x_e.begin() + row * H)) << "codes of row " << row;
         ASSERT_EQ(std::memcmp(rec + H, s_e.data() + row * SC, SC * 4), 0)
@@ -512,11 +537,11 @@ struct GatheredVsExpanded {
 // the send before them.
 void run_gathered_vs_expanded(const std::vector<int>& devices, Wire wire, const char* name,
                               int gpus_per_node = 0, bool layout_send = false,
-                              bool align128 = false) {
+                              bool align128 = false, bool token_slots = false) {
   const int R = static_cast<int>(devices.size());
   EpConfig cfg = layer_config(R);
   cfg.gpus_per_node = gpus_per_node;
-  GatheredVsExpanded t(cfg, devices, wire, 21, layout_send, align128);
+  GatheredVsExpanded t(cfg, devices, wire, 21, layout_send, align128, token_slots);
   // Round 2: other counts (a rank's rows shrink, so stale rows past the layout must read -1)
   // and dropped slots.
   const std::vector<std::pair<std::vector<int64_t>, testing::Routing>> rounds = {
@@ -575,6 +600,27 @@ TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathSession11AlignedRecords) {
   if (::testing::Test::HasFatalFailure()) return;
   if (gpu_count() >= 2 && nccl_available())
     run_gathered_vs_expanded({0, 1}, Wire::kNccl, "2 GPUs, NCCL, 128-byte records", 0, true, true);
+}
+
+// Session 14 (ep22): layout_token_slots on the gathered group with the session-11 send and
+// 128-byte records (the defaults): row_record names each record's token slot, and the gathered
+// GEMM's rows, the layout and the combine equal the expanded path's; 2 GPUs over NVLink, 3 ranks
+// on one GPU, and NCCL and the two-stage route, where the option does not apply.
+TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathSession14TokenSlots) {
+  if (gpu_count() >= 2)
+    run_gathered_vs_expanded({0, 1}, Wire::kNvlink, "2 GPUs, NVLink, token slots", 0, true, true,
+                             true);
+  if (::testing::Test::HasFatalFailure()) return;
+  run_gathered_vs_expanded({0, 0, 0}, Wire::kNvlink, "3 ranks on GPU 0, token slots", 0, true, true,
+                           true);
+  if (::testing::Test::HasFatalFailure()) return;
+  if (gpu_count() >= 2 && nccl_available())
+    run_gathered_vs_expanded({0, 1}, Wire::kNccl, "2 GPUs, NCCL, token slots (ignored)", 0, true,
+                             true, true);
+  if (::testing::Test::HasFatalFailure()) return;
+  run_gathered_vs_expanded(
+      gpu_count() >= 2 ? std::vector<int>{0, 0, 1, 1} : std::vector<int>{0, 0, 0, 0}, Wire::kNvlink,
+      "2 nodes of 2 ranks, token slots (ignored)", 2, false, false, true);
 }
 
 TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathTwoStageRoute) {

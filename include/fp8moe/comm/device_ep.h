@@ -269,6 +269,22 @@ struct DeviceEpOptions {
   // on H100 (session 11, gemm19) read the gathered GEMM on 128-byte-aligned and on 16-byte records
   // alike (1.07-1.11x / 1.07-1.12x the contiguous GEMM).
   bool record_align_128 = true;
+  // Session 14 (ep22; docs/comm/README.md, "Session 14: the layout-only send without the plan's
+  // slots (ep22)"): the source-region send (the layout-only dispatch's, and wherever direct rows do
+  // not apply) with plan_once and prefetch_payload over Wire::kNvlink (else ignored) stores token
+  // t's record at slot s * Tmax + t of its source region at every destination it goes to, instead
+  // of at its rank among the source's tokens going there (which only the plan knows), so that the
+  // payload leaves from the send's first microsecond while the plan kernel runs beside it; the
+  // metadata, the chunk counts and the notify still wait for the plan. The records of tokens that
+  // skip a destination leave holes there. row_record (DeviceRecvView) names the record's slot,
+  // so the gathered GEMM reads the same rows; the layout, row_src, token_rows, the handle and the
+  // combine are unchanged; download() reports the received records in their usual order. Same
+  // results bit for bit. ep_bench letter f. 2 x H100, V3 shape, same call, two processes x 3
+  // rounds: layout only 118.4 / 118.9 -> 114.1 / 113.8 us (-3.6 / -4.3 %, every round below the
+  // defaults'); the expanded dispatch, the combine and low latency within +-0.7 % (other kernels).
+  // A default since that call (ep_bench letter n takes it back; H200 and more ranks are measured
+  // by the session-14 final validation and ep24's 4-rank call).
+  bool layout_token_slots = true;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
@@ -347,9 +363,11 @@ struct DeviceRecvView {
   // The received records as a row array a grouped GEMM can gather its A rows from
   // (kernels::GatheredRows: base records, rows record_rows, stride record_stride, index
   // row_record), so that dispatch can stop at the layout. Record slot q = s * Tmax + j holds the
-  // j-th token that source s sent here: H payload bytes (E4M3 codes, or BF16 as 2H bytes), then
-  // with FP8 its H/128 float scales at byte H (kernels::gather_scales_to_mn_major reads them from
-  // records + H with in_stride record_stride / 4 floats). record_stride (P) is a multiple of 16
+  // j-th token that source s sent here (with layout_token_slots: q = s * Tmax + t holds source
+  // s's token t, and the slots of tokens not sent here are holes): H payload bytes (E4M3 codes,
+  // or BF16 as 2H bytes), then with FP8 its H/128 float scales at byte H
+  // (kernels::gather_scales_to_mn_major reads them from records + H with in_stride record_stride /
+  // 4 floats). record_stride (P) is a multiple of 16
   // and records is 256-byte aligned. row_record[row]: the slot of the row's token, -1 on padding
   // rows and rows past the layout (as row_src). Valid as row_src's rows are (above: until the
   // sources' next dispatch_send).
