@@ -786,7 +786,8 @@ void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, in
 // kernels (e.g. "0", "0N"; "new" may lead: "new0T"); session 9's H ll_combine_own_narrow (off by
 // default; "0" leaves it as it is); session 14's R / W ll_dispatch_rotate 1 / 2 (the dispatch
 // send's destinations from rank + 1 on, the rank itself last; W moves each item's first peer by its
-// index; off by default, "0" leaves it). Suffixes ":bN" / ":rN" set the send /
+// index; R the default since ep24's call, A the ascending order before it; "0" leaves it).
+// Suffixes ":bN" / ":rN" set the send /
 // receive grids of that path (num_blocks, recv_blocks; else --ll-blocks and --recv-blocks).
 DeviceEpOptions ll_variant_options(const std::string& full) {
   DeviceEpOptions o;
@@ -825,6 +826,8 @@ DeviceEpOptions ll_variant_options(const std::string& full) {
       o.ll_dispatch_rotate = 1;
     else if (c == 'W')
       o.ll_dispatch_rotate = 2;
+    else if (c == 'A')
+      o.ll_dispatch_rotate = 0;
     else if (c == '0')  // the session-4 kernels: session 5's defaults off
       o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
     else

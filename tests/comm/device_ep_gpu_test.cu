@@ -1059,8 +1059,10 @@ DeviceEpOptions ll_option_set(const std::string& letters) {
     o.ll_token_flags = o.ll_token_flags || c == 'T';
     // Session 9 (off by default; "0" leaves it): H ll_combine_own_narrow (with O).
     o.ll_combine_own_narrow = o.ll_combine_own_narrow || c == 'H';
-    // Session 14 (off by default; "0" leaves it): R / W ll_dispatch_rotate 1 / 2.
+    // Session 14 ("0" leaves it): R / W ll_dispatch_rotate 1 / 2 (R the default since ep24's
+    // call), A 0 (ascending ranks, the order before session 14).
     if (c == 'R' || c == 'W') o.ll_dispatch_rotate = c == 'R' ? 1 : 2;
+    if (c == 'A') o.ll_dispatch_rotate = 0;
     // F: the normal kernels' flags and acknowledgements after a full system fence (the defaults
     // before session 9 raise them by release stores alone).
     o.dispatch_release_only = o.dispatch_release_only && c != 'F';
@@ -1145,7 +1147,8 @@ TEST_F(NvlinkTest, LowLatencySession9OptionsMatchReferenceFp8OneGpuManyRanks) {
 
 // Session 14's R and W (ll_dispatch_rotate 1 and 2: the order in which the dispatch send's warps
 // visit a token's destinations) over every case, two sets a case: on the defaults (the per-step
-// flags) and with the session-4 kernels ("0R", "0W": the per-block arrival), R and W in turn;
+// flags) and with the session-4 kernels ("0A", "0W": the per-block arrival), A (the ascending
+// order before R became the default, which every other LL test runs) and W in turn;
 // send grids of 5, 1 and 64 blocks, receive grids of 3 or automatic, receive beside or after the
 // send; two rounds each against the reference bit for bit. The order decides which slot of which
 // destination a warp's stores and metadata reach, so a rotated rank or slot lands a record
@@ -1156,7 +1159,7 @@ void run_ll_s14_option_cases(Payload p, int gpus) {
   for (const Case& c : ll_cases()) {
     const bool odd = cases++ % 2 != 0;
     for (const std::string& letters :
-         {std::string(odd ? "R" : "W"), std::string(odd ? "0W" : "0R")})
+         {std::string(odd ? "A" : "W"), std::string(odd ? "0W" : "0A")})
       check_ll_option_case(c, p, gpus, letters, ++ran);
   }
   EXPECT_GT(ran, 0);
@@ -1205,10 +1208,10 @@ TEST_F(NvlinkTest, LowLatencyRowsChangeBetweenRounds) {
 }
 // Session 14's R and W (ll_dispatch_rotate), at 2 ranks and at 4 (where the order matters most).
 TEST_F(NvlinkTest, LowLatencyRotateRowsChangeBetweenRounds) {
-  ll_rows_change("R", 2);
+  ll_rows_change("A", 2);
   ll_rows_change("W", 4);
   ll_rows_change("R", 4);
-  ll_rows_change("0W", 4);
+  ll_rows_change("0A", 4);
 }
 
 // The whole round (dispatch and combine) captured in one CUDA graph per rank, replayed.
@@ -1353,7 +1356,7 @@ TEST_F(NvlinkTest, LowLatencyBadExpertIdIsReported) {
 }
 // Session 14's R and W (ll_dispatch_rotate).
 TEST_F(NvlinkTest, LowLatencyRotateBadExpertIdIsReported) {
-  ll_bad_expert({"R", "W", "0R"});
+  ll_bad_expert({"A", "W", "0R"});
 }
 // An order that does not exist is rejected before any kernel runs, naming the option.
 TEST_F(NvlinkTest, LowLatencyRotateOutOfRangeIsRejected) {
@@ -1721,7 +1724,7 @@ TEST_F(NvlinkTest, RoundsBackToBackWithoutHostSyncMatchReference) {
 TEST_F(NvlinkTest, LowLatencyRotateRoundsBackToBackWithoutHostSync) {
   const BackToBackCase cases[] = {
       {"ll_fp8_rotate", 2, 16, 4, 512, 96, 256, Payload::kFP8, "W", 5, 0, true},
-      {"ll_fp8_rotate_1_block", 2, 16, 4, 512, 96, 256, Payload::kFP8, "R", 1, 0, true},
+      {"ll_fp8_rotate_1_block", 2, 16, 4, 512, 96, 256, Payload::kFP8, "A", 1, 0, true},
       {"ll_fp8_rotate_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "W", 64, 0, false},
       {"ll_fp8_rotate_rank_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kFP8, "R", 64, 0, true},
       {"ll_bf16_rotate_4_ranks", 4, 32, 8, 256, 64, 256, Payload::kBF16, "W", 64, 0, false},

@@ -331,8 +331,9 @@ struct DeviceEpOptions {
   // cyclically, the rank itself last, so each position of the order is a permutation of the
   // ranks; 2 (letter W): as 1 with each work item's first peer moved by its index. 4 x H200, one
   // call, 6 rounds: LL dispatch at 4 ranks 32.0 -> 29.5 us with R and with W, at 2 ranks 23.1 /
-  // 23.1 / 23.3 (unchanged). Off (0) until a second call repeats it.
-  int ll_dispatch_rotate = 0;
+  // 23.1 / 23.3 (unchanged). Second call (ep24, 4 x H100, 6 rounds): 32.9 -> 30.3 us at 4 ranks
+  // (-8.0 %), 24.4 -> 24.4 at 2. R (1) is the default since; ep_bench's LL letter A sets 0.
+  int ll_dispatch_rotate = 1;
 };
 
 // Inputs of one rank, device pointers on that rank's device.
