@@ -211,70 +211,6 @@ __device__ __forceinline__ void combine_record(const Args& a, int64_t slot, int6
   combine_record_rows<kU, kEvict>(a, compact_rows(row, wt), slot, c_begin, c_end, dst);
 }
 
-// The (chunk, source) pairs a combine send block serves, in order: the register send
-// (combine_send_block) and the bulk send's producer and consumers walk the same sequence.
-// combine_peer_blocks: blocks dealt to the sources (index q -> rank, the own rank skipped over
-// NVLink), block b serving source b % N, its chunks b / N + i * G_q (G_q the blocks with that
-// residue); with fewer blocks than sources, sources b, b + G, ... whole.
-// Otherwise (chunk, source) pairs, chunk-major, block b taking pairs b, b + G, ...; the rank's
-// own source is in the enumeration and skipped (v5), which idles every block b with
-// b % R == rank whenever G % R == 0 (half of them, 2 ranks).
-struct ChunkWalk {
-  const int* roff;
-  int64_t item, flat_items;
-  int grid, nsrc, q, c, q_step, c_first, c_step, rank, C;
-  bool peer_blocks, peers_only, nccl;
-  __device__ ChunkWalk(const Args& a, const int* ro) : roff(ro) {
-    const Geometry& g = a.g;
-    C = g.C;
-    rank = a.rank;
-    nccl = a.nccl;
-    peer_blocks = a.peer_blocks;
-    peers_only = !a.nccl && a.peer_blocks;
-    nsrc = peers_only ? g.R - 1 : g.R;
-    grid = static_cast<int>(gridDim.x);
-    const int b = static_cast<int>(blockIdx.x);
-    const bool dealt = a.peer_blocks && grid >= nsrc && nsrc > 0;
-    q_step = !a.peer_blocks ? 0 : dealt ? nsrc : grid;
-    c_first = dealt ? b / nsrc : 0;
-    c_step = dealt ? (grid - b % nsrc + nsrc - 1) / nsrc : 1;
-    int most = 0;
-    for (int s = 0; s < g.R; ++s) most = max(most, roff[s + 1] - roff[s]);
-    flat_items = (static_cast<int64_t>(most) + g.C - 1) / g.C * nsrc;
-    q = a.peer_blocks ? (dealt ? b % nsrc : b) : 0;
-    c = c_first;
-    item = b;
-    if (nsrc == 0) q = 0, flat_items = 0, peer_blocks = false;
-  }
-  // The next chunk c of source s with records to send; false when the block is done.
-  __device__ bool next(int* c_out, int* s_out) {
-    for (;;) {
-      if (!peer_blocks) {
-        if (item >= flat_items) return false;
-        c = static_cast<int>(item / nsrc);
-        q = static_cast<int>(item % nsrc);
-      } else if (q >= nsrc) {
-        return false;
-      }
-      const int s = peers_only && q >= rank ? q + 1 : q;
-      const int count = roff[s + 1] - roff[s];
-      item += grid;
-      if (peer_blocks && c * C >= count) {
-        q += q_step;
-        c = c_first;
-        continue;
-      }
-      const int c_now = c;
-      c += c_step;
-      if ((nccl || s != rank) && c_now * C < count) {
-        *c_out = c_now;
-        *s_out = s;
-        return true;
-      }
-    }
-  }
-};
-
 // kU: column steps per pass of the weighted sums (combine_two_steps: 2); kEvict:
 // combine_stream_rows; kParts (combine_send_parts, session 7): each record's columns split over
 // kParts warps at least (a chunk's items split as if the block had kParts times its warps), so
@@ -346,9 +282,45 @@ __device__ void combine_send_block(const Args& a) {
       publish<kRelease>([&] { return chunk_flag(peer(a, s), a, kCombineChunk, a.rank, c); }, n);
   };
   // Sources: over NVLink the rank's own records are summed by combine_recv, so with
-  // combine_peer_blocks the sources are the peers. ChunkWalk deals the (chunk, source) pairs.
-  ChunkWalk walk(a, roff);
-  for (int c, s; walk.next(&c, &s);) send_chunk(c, s);
+  // combine_peer_blocks the sources are the peers (index q -> rank).
+  const bool peers_only = !a.nccl && a.peer_blocks;
+  const int nsrc = peers_only ? g.R - 1 : g.R;
+  if (nsrc == 0) return;
+  const int grid = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
+  // Items: (chunk c, source index q).
+  // combine_peer_blocks: blocks dealt to the sources, block b serving source b % N, its chunks
+  // b / N + i * G_q (G_q the blocks with that residue); with fewer blocks than sources, sources
+  // b, b + G, ... whole.
+  // Otherwise (chunk, source) pairs, chunk-major, block b taking pairs b, b + G, ...; the rank's
+  // own source is in the enumeration and skipped (v5), which idles every block b with
+  // b % R == rank whenever G % R == 0 (half of them, 2 ranks).
+  const bool dealt = a.peer_blocks && grid >= nsrc;
+  const int q_step = !a.peer_blocks ? 0 : dealt ? nsrc : grid;
+  const int c_first = dealt ? b / nsrc : 0;
+  const int c_step = dealt ? (grid - b % nsrc + nsrc - 1) / nsrc : 1;
+  int most = 0;
+  for (int s = 0; s < g.R; ++s) most = max(most, roff[s + 1] - roff[s]);
+  const int64_t flat_items = (static_cast<int64_t>(most) + g.C - 1) / g.C * nsrc;
+  int q = a.peer_blocks ? (dealt ? b % nsrc : b) : 0;
+  int c = c_first;
+  for (int64_t item = b;; item += grid) {
+    if (!a.peer_blocks) {
+      if (item >= flat_items) break;
+      c = static_cast<int>(item / nsrc);
+      q = static_cast<int>(item % nsrc);
+    } else if (q >= nsrc) {
+      break;
+    }
+    const int s = peers_only && q >= a.rank ? q + 1 : q;
+    const int count = roff[s + 1] - roff[s];
+    if (a.peer_blocks && c * g.C >= count) {  // next source of this block
+      q += q_step;
+      c = c_first;
+      continue;
+    }
+    if ((a.nccl || s != a.rank) && c * g.C < count) send_chunk(c, s);
+    c += c_step;
+  }
 }
 
 template <int kU, bool kEvict = false, int kParts = 1, bool kRelease = false>
@@ -411,6 +383,64 @@ __device__ __forceinline__ void bulk_row_load(void* dst, const void* src, uint32
       "l"(src), "r"(bytes), "r"(kernels::sm90::smem_addr(bar)), "l"(pol)
       : "memory");
 }
+
+// The (chunk, source) pairs a send block serves, in k_combine_send's order (combine_send_block's
+// loop as a generator, so that the producer and the consumers walk the same sequence).
+struct ChunkWalk {
+  const int* roff;
+  int64_t item, flat_items;
+  int grid, nsrc, q, c, q_step, c_first, c_step, rank, C;
+  bool peer_blocks, peers_only, nccl;
+  __device__ ChunkWalk(const Args& a, const int* ro) : roff(ro) {
+    const Geometry& g = a.g;
+    C = g.C;
+    rank = a.rank;
+    nccl = a.nccl;
+    peer_blocks = a.peer_blocks;
+    peers_only = !a.nccl && a.peer_blocks;
+    nsrc = peers_only ? g.R - 1 : g.R;
+    grid = static_cast<int>(gridDim.x);
+    const int b = static_cast<int>(blockIdx.x);
+    const bool dealt = a.peer_blocks && grid >= nsrc && nsrc > 0;
+    q_step = !a.peer_blocks ? 0 : dealt ? nsrc : grid;
+    c_first = dealt ? b / nsrc : 0;
+    c_step = dealt ? (grid - b % nsrc + nsrc - 1) / nsrc : 1;
+    int most = 0;
+    for (int s = 0; s < g.R; ++s) most = max(most, roff[s + 1] - roff[s]);
+    flat_items = (static_cast<int64_t>(most) + g.C - 1) / g.C * nsrc;
+    q = a.peer_blocks ? (dealt ? b % nsrc : b) : 0;
+    c = c_first;
+    item = b;
+    if (nsrc == 0) q = 0, flat_items = 0, peer_blocks = false;
+  }
+  // The next chunk c of source s with records to send; false when the block is done.
+  __device__ bool next(int* c_out, int* s_out) {
+    for (;;) {
+      if (!peer_blocks) {
+        if (item >= flat_items) return false;
+        c = static_cast<int>(item / nsrc);
+        q = static_cast<int>(item % nsrc);
+      } else if (q >= nsrc) {
+        return false;
+      }
+      const int s = peers_only && q >= rank ? q + 1 : q;
+      const int count = roff[s + 1] - roff[s];
+      item += grid;
+      if (peer_blocks && c * C >= count) {
+        q += q_step;
+        c = c_first;
+        continue;
+      }
+      const int c_now = c;
+      c += c_step;
+      if ((nccl || s != rank) && c_now * C < count) {
+        *c_out = c_now;
+        *s_out = s;
+        return true;
+      }
+    }
+  }
+};
 
 // The block's records in send order (the chunks' records ascending), one group of up to 4 at a
 // time: slots s * Tmax + j.
