@@ -21,10 +21,11 @@
 // published sums (plan_block_scan), those sums stored straight into every rank as (round, count)
 // words that the send blocks add up instead of waiting for the notify (dispatch_plan_counts),
 // and flags raised by a release store alone (dispatch_release_only; the receive's acknowledgements
-// with combine_release_only, ep10). Session 13 late (off, ep21): the receive's row copies by bulk
-// copies through a shared-memory slot per warp (dispatch_recv_bulk_rows). Session 14 (off, ep22):
-// the source-region send stores each record at its token's index (layout_token_slots), so its
-// payload leaves before the plan kernel ends; only the metadata, chunk counts and notify wait.
+// with combine_release_only, ep10). Session 13 late (ep21; a default since session 14): the
+// receive's row copies by bulk copies through a shared-memory slot per warp
+// (dispatch_recv_bulk_rows). Session 14 (ep22, a default): the source-region send stores each
+// record at its token's index (layout_token_slots), so its payload leaves before the plan kernel
+// ends; only the metadata, chunk counts and notify wait.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
 // (tests/comm/device_ep_gpu_test.cu).

@@ -27,7 +27,7 @@
 // (the own partials with half the loads in flight, no spill), off by default; its J, M and E
 // measured no faster (the README's "Session 9: low latency (ep11)"; runs/ep-s9-ll-JMEH.patch).
 // Session 14 (ep23): ll_dispatch_rotate (k_dispatch_send<true>: the order of a token's
-// destinations rotated by rank, the rank itself last), off by default.
+// destinations rotated by rank, the rank itself last), the default since ep24's second call.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: test_comm_gpu --gtest_filter='*LowLatency*' (tests/comm/device_ep_gpu_test.cu).
 #include <algorithm>
@@ -379,7 +379,8 @@ __device__ void plan_batch(const Params& p, const Plan& pl, const int* ev0) {
 // the rank itself (local memory) last; off = 0 makes every step of the order a permutation of the
 // ranks (the all-to-all schedule), off = the item's index over the peers (dest_order 2) spreads
 // each moment's stores of a rank over all its peers whether or not the warps keep in step.
-// 4 x H200 (session 14, one call): LL dispatch at 4 ranks 32.0 -> 29.5 us, 2 ranks unchanged.
+// Session 14: LL dispatch at 4 ranks 32.0 -> 29.5 us (4 x H200) and 32.9 -> 30.3 (4 x H100), 2
+// ranks unchanged.
 struct DestOrder {
   int rank, R, off;
   // The i-th destination, i < R.
