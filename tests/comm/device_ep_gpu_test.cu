@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <initializer_list>
 
 #include "device_copy.h"
 #include "ep_test_util.h"
@@ -663,6 +664,27 @@ TEST_F(NvlinkTest, GraphCapturedRoundReplays) {
     graph_round_replays(v);
 }
 
+// A peer that never dispatches: rank 0's receive (and, with direct rows, its send) waits for the
+// peer's notify and ends with the report naming rank, peer and counter.
+void dispatch_silent_peer(DeviceEpOptions opt) {
+  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
+  cfg.timeout_s = 0.3;
+  opt.num_blocks = 3;
+  Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
+  h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
+  h.group->rank(0).dispatch_recv(h.buf[0].stream);
+  h.sync();
+  try {
+    h.group->rank(0).check();
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    const std::string m = e.message();
+    EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
+    EXPECT_NE(m.find("dispatch.notify[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
+        << m;
+  }
+}
+
 TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
   // dispatch_direct_rows: the send itself waits for the silent peer's notify (same report);
   // with dispatch_plan_counts for its plan kernel's counts (reported as its notify).
@@ -671,25 +693,10 @@ TEST_F(NvlinkTest, SilentPeerEndsWithErrorNamingRankPeerCounter) {
     SCOPED_TRACE(mode == 2 ? "dispatch_plan_counts"
                  : direct  ? "dispatch_direct_rows"
                            : "source regions");
-    EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
-    cfg.timeout_s = 0.3;
     DeviceEpOptions opt;
-    opt.num_blocks = 3;
     opt.dispatch_direct_rows = direct;
     opt.dispatch_plan_counts = opt.plan_block_scan = mode == 2;
-    Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
-    h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
-    h.group->rank(0).dispatch_recv(h.buf[0].stream);
-    h.sync();
-    try {
-      h.group->rank(0).check();
-      FAIL() << "expected an error";
-    } catch (const Error& e) {
-      const std::string m = e.message();
-      EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
-      EXPECT_NE(m.find("dispatch.notify[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
-          << m;
-    }
+    dispatch_silent_peer(opt);
   }
 }
 
@@ -726,17 +733,23 @@ TEST_F(NvlinkTest, CombineSilentPeerEndsWithErrorNamingRankPeerCounter) {
   for (const int v : {kSession6, kSession7, kDefaults, kFencedCombine}) combine_silent_peer(v);
 }
 
-TEST_F(NvlinkTest, OverflowIsReported) {
-  // Source regions (1), direct rows (the defaults, 2): an overflowing destination gets the source
-  // regions, which are compared too.
-  for (int v : {1, kDefaults, kFastCount, kPrologue, kFencedFlags}) {
+// A destination whose rows pass its bound: the layout says overflow, like the reference, and
+// combine gives zeros.
+void overflow_is_reported(std::initializer_list<int> variants) {
+  for (int v : variants) {
     SCOPED_TRACE("variant" + variant_name(v));
     EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
     cfg.max_rows = 256;
     Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 5,
               variant_options(v));
-    check_against_reference(h, 1);  // layout says overflow, like the reference; combine: zeros
+    check_against_reference(h, 1);
   }
+}
+
+TEST_F(NvlinkTest, OverflowIsReported) {
+  // Source regions (1), direct rows (the defaults, 2): an overflowing destination gets the source
+  // regions, which are compared too.
+  overflow_is_reported({1, kDefaults, kFastCount, kPrologue, kFencedFlags});
 }
 
 TEST_F(NvlinkTest, BadExpertIdIsReported) {
@@ -898,14 +911,7 @@ TEST_F(NvlinkTest, Session13LateRecvBulkGraphCapturedRoundReplays) {
 }
 
 TEST_F(NvlinkTest, Session13LateRecvBulkOverflowIsReported) {
-  for (int v : {kRecvBulk, kRecvBulkRegions}) {
-    SCOPED_TRACE("variant" + variant_name(v));
-    EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
-    cfg.max_rows = 256;
-    Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 5,
-              variant_options(v));
-    check_against_reference(h, 1);
-  }
+  overflow_is_reported({kRecvBulk, kRecvBulkRegions});
 }
 
 // A silent peer: the receive of the source regions (its notify wait) and the direct send (its
@@ -913,23 +919,7 @@ TEST_F(NvlinkTest, Session13LateRecvBulkOverflowIsReported) {
 TEST_F(NvlinkTest, Session13LateRecvBulkSilentPeerEndsWithError) {
   for (const bool direct : {false, true}) {
     SCOPED_TRACE(direct ? "dispatch_direct_rows" : "source regions");
-    EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
-    cfg.timeout_s = 0.3;
-    DeviceEpOptions opt = variant_options(direct ? kRecvBulk : kRecvBulkRegions);
-    opt.num_blocks = 3;
-    Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
-    h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
-    h.group->rank(0).dispatch_recv(h.buf[0].stream);
-    h.sync();
-    try {
-      h.group->rank(0).check();
-      FAIL() << "expected an error";
-    } catch (const Error& e) {
-      const std::string m = e.message();
-      EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
-      EXPECT_NE(m.find("dispatch.notify[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
-          << m;
-    }
+    dispatch_silent_peer(variant_options(direct ? kRecvBulk : kRecvBulkRegions));
   }
 }
 
@@ -962,36 +952,13 @@ TEST_F(NvlinkTest, Session14TokenSlotsGraphCapturedRoundReplays) {
 }
 
 TEST_F(NvlinkTest, Session14TokenSlotsOverflowIsReported) {
-  for (int v : {kTokenSlotsAll, kTokenSlotsBulk}) {
-    SCOPED_TRACE("variant" + variant_name(v));
-    EpConfig cfg = config(2, 4, 2, 256, 200, Payload::kFP8);
-    cfg.max_rows = 256;
-    Harness h(cfg, devices_for(2, gpu_count()), {200, 200}, Routing::kRandom, 5,
-              variant_options(v));
-    check_against_reference(h, 1);
-  }
+  overflow_is_reported({kTokenSlotsAll, kTokenSlotsBulk});
 }
 
 // A silent peer: the payload goes out before the plan, but the receive still waits for the
 // peer's notify and reports it as without the option.
 TEST_F(NvlinkTest, Session14TokenSlotsSilentPeerEndsWithError) {
-  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
-  cfg.timeout_s = 0.3;
-  DeviceEpOptions opt = variant_options(kTokenSlotsAll);
-  opt.num_blocks = 3;
-  Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
-  h.group->rank(0).dispatch_send(h.batch(0), h.buf[0].stream);  // rank 1 never sends
-  h.group->rank(0).dispatch_recv(h.buf[0].stream);
-  h.sync();
-  try {
-    h.group->rank(0).check();
-    FAIL() << "expected an error";
-  } catch (const Error& e) {
-    const std::string m = e.message();
-    EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
-    EXPECT_NE(m.find("dispatch.notify[rank=0][src=1], expected >= 1, seen 0"), std::string::npos)
-        << m;
-  }
+  dispatch_silent_peer(variant_options(kTokenSlotsAll));
 }
 
 // ---- low-latency kernels (DeviceEpOptions::low_latency, masked configs over NVLink) ----
