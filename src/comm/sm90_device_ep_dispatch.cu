@@ -1192,6 +1192,20 @@ __device__ __forceinline__ void bulk_store_row(void* dst, const void* src, uint3
                : "memory");
 }
 
+// A record's FP8 scales (one float per 128 columns) into the grouped scales of each of its rows but
+// row kf (the sender's; -1: none), one warp.
+__device__ __forceinline__ void copy_row_scales(const Args& a, const float* rec_scales,
+                                                const int (&rows)[kMaxTopK], int kf, int lane) {
+  const Geometry& g = a.g;
+  float* gs = at<float>(a.my, a.lay.gscales);
+  for (int64_t c = lane; c < g.SC; c += 32) {
+    const float sc = __ldcg(rec_scales + c);
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k)
+      if (k < g.K && rows[k] >= 0 && k != kf) gs[rows[k] * g.SC + c] = sc;
+  }
+}
+
 // kTokenSlots (layout_token_slots): the payload of the j-th record sits at the slot of its token
 // (src_token), the metadata at slot j as without.
 template <bool kBulk = false, bool kTokenSlots = false>
@@ -1255,15 +1269,7 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
         kernels::sm90::mbar_arrive_expect_tx(bs->bar, bytes);
         bulk_load_row(bs->slot, rec + p0, bytes, bs->bar);
       }
-      if (p0 == 0 && g.fp8) {
-        float* gs = at<float>(a.my, a.lay.gscales);
-        for (int64_t c = lane; c < g.SC; c += 32) {
-          const float sc = __ldcg(rec_scales + c);
-#pragma unroll
-          for (int k = 0; k < kMaxTopK; ++k)
-            if (k < g.K && rows[k] >= 0 && k != kf) gs[rows[k] * g.SC + c] = sc;
-        }
-      }
+      if (p0 == 0 && g.fp8) copy_row_scales(a, rec_scales, rows, kf, lane);
       kernels::sm90::mbar_wait(bs->bar, bs->phase);
       bs->phase ^= 1u;
       if (mine) {
@@ -1291,15 +1297,7 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
         if (c0 + u * 512 < row_bytes) *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
     }
   }
-  if (g.fp8) {
-    float* gs = at<float>(a.my, a.lay.gscales);
-    for (int64_t c = lane; c < g.SC; c += 32) {
-      const float sc = __ldcg(rec_scales + c);
-#pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k)
-        if (k < g.K && rows[k] >= 0 && k != kf) gs[rows[k] * g.SC + c] = sc;
-    }
-  }
+  if (g.fp8) copy_row_scales(a, rec_scales, rows, kf, lane);
 }
 
 // Dispatch receive: layout as soon as every source notified, then every chunk expanded as soon
