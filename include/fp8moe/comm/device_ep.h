@@ -455,7 +455,12 @@ class DeviceEpRank {
 // (ncclCommInitAll); several nodes: one communicator per local index, whose ranks must be on
 // distinct devices, and the ranks are peer-connected as for kNvlink (devices may repeat);
 // a thread that drives several NCCL ranks wraps each phase's calls for all ranks in
-// nccl_group_start() / nccl_group_end().
+// nccl_group_start() / nccl_group_end(). CUDA graphs over Wire::kNccl: capture and launch each
+// rank's graph from its own thread (or process), as NCCL asks; one thread capturing and launching
+// the graphs of two NCCL ranks in turn hung (session 15, 4 x H200: stopped by the test's 60 s
+// timeout; where it blocked was not measured, and NCCL's guide warns that one thread launching
+// graphs with NCCL work for several GPUs may block). tests/comm/device_ep_gaps_gpu_test.cu shows
+// the thread-per-rank way.
 class DeviceEpGroup {
  public:
   DeviceEpGroup(const EpConfig& cfg, const std::vector<int>& devices, DeviceEpOptions opt = {});
