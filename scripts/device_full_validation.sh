@@ -23,7 +23,7 @@
 # cuBLASLt of the same run), not its absolute times, with runs on an idle host. FP8MOE_COMMIT
 # names the build in every row. NCCL_NVLS_ENABLE=0 throughout.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export NCCL_NVLS_ENABLE=0 CUDA_MODULE_LOADING=EAGER
 out=${OUT:-/tmp/full_validation}
 mkdir -p "$out"
@@ -46,21 +46,31 @@ summary() {  # summary LOG: the gtest verdict lines and the failures
 # FULL_PHASES=1 runs phase 1 alone, FULL_PHASES=2 the rest alone: the whole validation passed the
 # device's 600 s per call on 2 x H100 in session 14, so it is two calls on one warm machine there.
 phases=${FULL_PHASES:-12}
+# FULL_TEST_SHARD="i/n" runs gtest's shard i of n of test_comm_gpu (its environment only) and the
+# GEMM tests with shard 0 alone: phase 1 as n calls when test_comm_gpu alone passes ~540 s.
+shard=${FULL_TEST_SHARD:-0/1}
+shard_i=${shard%%/*} shard_n=${shard##*/}
 if [[ $phases == *1* ]]; then
-echo "== [$(el) s] phase 1: test_comm_gpu on $gpus GPUs, GEMM tests on GPU $last"
-(
-  for t in test_kernels_gpu test_moe_gpu; do
-    CUDA_VISIBLE_DEVICES=$last timeout 300 stdbuf -oL "$bin/$t" > "$logs/$t.log" 2>&1
-    echo "$t rc=$?" >> "$logs/rc.txt"
-  done
-) &
-gemm_tests=$!
-timeout "${FULL_TEST_TIMEOUT:-300}" stdbuf -oL "$bin/test_comm_gpu" > "$logs/test_comm_gpu.log" 2>&1
+echo "== [$(el) s] phase 1: test_comm_gpu (shard $shard) on $gpus GPUs, GEMM tests on GPU $last"
+gemm_tests=
+if ((shard_i == 0)); then
+  (
+    for t in test_kernels_gpu test_moe_gpu; do
+      CUDA_VISIBLE_DEVICES=$last timeout 300 stdbuf -oL "$bin/$t" > "$logs/$t.log" 2>&1
+      echo "$t rc=$?" >> "$logs/rc.txt"
+    done
+  ) &
+  gemm_tests=$!
+fi
+GTEST_TOTAL_SHARDS=$shard_n GTEST_SHARD_INDEX=$shard_i timeout "${FULL_TEST_TIMEOUT:-300}" \
+  stdbuf -oL "$bin/test_comm_gpu" > "$logs/test_comm_gpu.log" 2>&1
 echo "test_comm_gpu rc=$?" >> "$logs/rc.txt"
-wait $gemm_tests
+[[ -n $gemm_tests ]] && wait "$gemm_tests"
 tar czf "$out/tests.tgz" -C "$logs" .
 cat "$logs/rc.txt"
-for t in test_comm_gpu test_kernels_gpu test_moe_gpu; do summary "$logs/$t.log"; done
+for t in test_comm_gpu test_kernels_gpu test_moe_gpu; do
+  [[ -f $logs/$t.log ]] && summary "$logs/$t.log"
+done
 fi
 [[ $phases == *2* ]] || { echo "== [$(el) s] done (phase 1 only)"; exit 0; }
 
