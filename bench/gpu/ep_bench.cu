@@ -479,6 +479,10 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // lanes' row copies). Session 14 (ep22): f layout_token_slots (the source-region send's records at
 // their token's index, so the payload does not wait for the plan; NVLink wire only), a default
 // since ep22's call; n takes it back (the records at their rank among the source's tokens).
+// Session 15 (ep25): w layout_payload_claims = 1 (the layout-only send's payload claimed per warp
+// in units of one 1024-column step; the letter of session 12's removed layout_warp_claims, reused),
+// the suffix ":w7" its unit in steps (7 = a whole token at hidden 7168; alone it turns it on too);
+// a default since session 15 (1); p takes it back (0: the chunks carry the payload).
 struct Variant {
   std::string name;
   DeviceEpOptions opt;
@@ -505,6 +509,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.combine_recv_tile = val;
     else if (key == 's')
       v.opt.combine_send_parts = val;
+    else if (key == 'w')
+      v.opt.layout_payload_claims = val;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown suffix");
   }
@@ -580,7 +586,11 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.layout_token_slots = true;
     else if (c == 'n')
       v.opt.layout_token_slots = false;
-    else if (c == 'x') {
+    else if (c == 'w') {
+      if (v.opt.layout_payload_claims == 0) v.opt.layout_payload_claims = 1;  // ":wN" keeps N
+    } else if (c == 'p') {
+      v.opt.layout_payload_claims = 0;
+    } else if (c == 'x') {
       v.opt.layout_release_only = v.opt.layout_claim_chunks = false;
       v.opt.layout_send_blocks = 0;
     } else

@@ -55,6 +55,8 @@ const char* counter_name(int c) {
       return "send_blocks_done";
     case kPlanBlocks:
       return "dispatch.plan_blocks";
+    case kDispatchPayload:
+      return "dispatch.payload";
     default: {
       const char* ll_name = ll::counter_name(c);
       const char* bwd_name = bwd::counter_name(c);
@@ -90,8 +92,9 @@ Geometry make_geometry(const EpConfig& c, const DeviceEpOptions& o) {
   return g;
 }
 
+// Three counter groups, the two chunk groups, then layout_payload_claims' payload counters.
 size_t flag_count(const Geometry& g) {
-  return 3 * static_cast<size_t>(g.R) + 2 * static_cast<size_t>(g.R) * g.NC;
+  return 3 * static_cast<size_t>(g.R) + 2 * static_cast<size_t>(g.R) * g.NC + g.R;
 }
 
 WsLayout make_layout(const Geometry& g) {
@@ -205,6 +208,8 @@ struct DeviceEpRank::Impl {
   int plan_mode = 0;
   // DeviceEpOptions::layout_token_slots where it applies (layout_token_slots(opt, direct)).
   bool token_slots = false;
+  // DeviceEpOptions::layout_payload_claims where it applies (layout_payload_claims(opt, direct)).
+  bool payload_claims = false;
 
   char* ws = nullptr;
   char* send_ws = nullptr;    // Wire::kNccl: records packed per destination
@@ -386,6 +391,8 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                " must not be negative");
   FM_CHECK_ARG(opt.chunk_tokens >= 0, "chunk_tokens=", opt.chunk_tokens, " must not be negative");
   FM_CHECK_ARG(opt.recv_blocks >= 0, "recv_blocks=", opt.recv_blocks, " must not be negative");
+  FM_CHECK_ARG(opt.layout_payload_claims >= 0, "layout_payload_claims=", opt.layout_payload_claims,
+               " must not be negative");
   FM_CHECK_ARG(opt.ll_dispatch_rotate >= 0 && opt.ll_dispatch_rotate <= 2,
                "ll_dispatch_rotate=", opt.ll_dispatch_rotate, " must be 0, 1 or 2");
   FM_CHECK_ARG(opt.combine_recv_tile >= 0 && opt.combine_recv_tile <= 32,
@@ -438,6 +445,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   m.plan_counts =
       m.direct && opt.plan_fast_count && opt.dispatch_plan_counts && opt.prefetch_payload;
   m.token_slots = layout_token_slots(opt, m.direct);
+  m.payload_claims = layout_payload_claims(opt, m.direct);
   const bool block_scan = opt.plan_once && opt.plan_fast_count && opt.plan_block_scan;
   m.plan_mode = (m.plan_counts ? 1 : 0) | (block_scan ? 2 : 0);
   {
@@ -476,7 +484,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   for (const void* k :
        {reinterpret_cast<const void*>(dispatch_plan_kernel(m.opt.plan_fast_count, m.plan_mode)),
         reinterpret_cast<const void*>(dispatch_send_kernel(m.opt, m.direct, m.plan_counts)),
-        reinterpret_cast<const void*>(dispatch_recv_kernel(m.opt, m.token_slots)),
+        reinterpret_cast<const void*>(dispatch_recv_kernel(m.opt, m.token_slots, m.payload_claims)),
         reinterpret_cast<const void*>(combine_send_kernel(m.opt)),
         reinterpret_cast<const void*>(combine_recv_kernel(m.opt))}) {
     cudaFuncAttributes attr;
@@ -499,9 +507,10 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem)));
   }
-  FM_CHECK_CUDA(cudaFuncSetAttribute(
-      dispatch_recv_kernel(m.opt, m.token_slots), cudaFuncAttributeMaxDynamicSharedMemorySize,
-      static_cast<int>(dispatch_recv_smem(m.opt, recv_smem_bytes(m.g)))));
+  FM_CHECK_CUDA(
+      cudaFuncSetAttribute(dispatch_recv_kernel(m.opt, m.token_slots, m.payload_claims),
+                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(dispatch_recv_smem(m.opt, recv_smem_bytes(m.g)))));
   m.ll = opt.low_latency && opt.wire == Wire::kNvlink && cfg.masked_capacity > 0 &&
          cfg.max_tokens_per_rank <= ll::kMaxTokens && cfg.hidden % 128 == 0;
   if (m.ll && std::getenv("FP8MOE_EP_LL_TRACE")) {
@@ -612,6 +621,9 @@ void DeviceEpRank::dispatch_send(const DeviceBatch& b, cudaStream_t stream) {
   a.idx = b.topk_idx;
   a.w = b.topk_weight;
   m.last_tokens = b.tokens;
+  // layout_payload_claims: the send's claim unit in steps (Args::tile is the combine receive's
+  // otherwise, so no field is added and the other kernels keep their parameter layout).
+  if (m.payload_claims) a.tile = m.opt.layout_payload_claims;
   // The session-11 stamps' minimum (the plan kernel resets the older ones), before the plan
   // kernel: the send is its programmatic dependent.
   if (m.trace) FM_CHECK_CUDA(cudaMemsetAsync(m.trace + kTrSendFirstEnd, 0xFF, 8, stream));
@@ -647,7 +659,7 @@ void DeviceEpRank::dispatch_recv(cudaStream_t stream) {
   if (m.ll) return ll::dispatch_recv(m.ll_params(), stream, m.opt.overlap_recv);
   Args a = m.args();
   a.expand = m.opt.expand_payload;
-  launch(dispatch_recv_kernel(m.opt, m.token_slots), m.recv_blocks,
+  launch(dispatch_recv_kernel(m.opt, m.token_slots, m.payload_claims), m.recv_blocks,
          dispatch_recv_smem(m.opt, recv_smem_bytes(m.g)), stream, m.opt.overlap_recv && !a.nccl, a);
 }
 

@@ -25,7 +25,10 @@
 // receive's row copies by bulk copies through a shared-memory slot per warp
 // (dispatch_recv_bulk_rows). Session 14 (ep22, a default): the source-region send stores each
 // record at its token's index (layout_token_slots), so its payload leaves before the plan kernel
-// ends; only the metadata, chunk counts and notify wait.
+// ends; only the metadata, chunk counts and notify wait. Session 15 (ep25, off): with token slots
+// and without the expansion, the payload claimed per warp in units of a few 1024-column steps
+// from one counter, with no block barrier, and published by one release add per block and
+// destination that the receive's last block waits for (layout_payload_claims).
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: build-comm-dev/test_comm_gpu or build-device/tests/test_comm_gpu
 // (tests/comm/device_ep_gpu_test.cu).
@@ -1085,10 +1088,232 @@ __device__ __forceinline__ void dispatch_send_block(const Args& a, char* smem) {
   }
 }
 
+// ---- dispatch send, layout_payload_claims (session 15, ep25): the payload claimed per warp ----
+// With token slots a record's place needs no plan, and with expand_payload off no receive reads
+// a payload before the dispatch ends, so the payload no longer needs the chunks: every warp of
+// the grid claims units (`unit` 1024-column steps of one token, token-major) from one counter and
+// pushes them with no block barrier, so the warps, and with them the blocks, run out of work
+// within about a unit of each other (with chunks, a block ended with its chunk's slowest token).
+// A warp holds one claimed unit in reserve, claimed when it starts a unit, so the claim's round
+// trip hides under that unit and the next unit's first step is loaded during this one's last.
+// Payload stores are weak; the block's barrier and one release add per destination at its end
+// (send_payload_claims) publish them to the receive's last block (k_dispatch_recv<..., true>).
+__device__ void push_payload_units(const Args& a, int64_t* counter) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  const int64_t steps = (g.H + 1023) / 1024;
+  const int64_t unit = a.tile < 1 ? 1 : (a.tile > steps ? steps : a.tile);
+  const int64_t parts = (steps + unit - 1) / unit;
+  const int64_t total = a.T * parts;
+  auto* ctr = reinterpret_cast<unsigned long long*>(counter);
+  // The first unit and the reserve by one claim of two.
+  long long u = 0;
+  if (lane == 0) u = static_cast<long long>(atomicAdd(ctr, 2ull));
+  u = __shfl_sync(kFull, u, 0);
+  if (u >= total) return;
+  long long u_next = u + 1;
+  auto token_of = [&](long long x) { return static_cast<int64_t>(x / parts); };
+  auto first_of = [&](long long x) { return static_cast<int64_t>(x % parts) * unit; };
+  auto last_of = [&](long long x) { return min(steps, first_of(x) + unit); };
+  // A step's 1024 columns: FP8, two 512-column halves of two 16-byte loads per lane; BF16, four
+  // 256-column quarters of one each.
+  auto load_step = [&](int64_t t, int64_t step, uint4* v) {
+    const uint16_t* xt = a.x + t * g.H;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int64_t c = g.fp8 ? step * 1024 + (q >> 1) * 512 + lane * 16 + (q & 1) * 8
+                              : step * 1024 + q * 256 + lane * 8;
+      v[q] = make_uint4(0, 0, 0, 0);
+      if (c < g.H) v[q] = __ldg(reinterpret_cast<const uint4*>(xt + c));
+    }
+  };
+  // An id out of range counts as none, as in the plan (which reports it).
+  auto expert = [&](int64_t t) { return lane < g.K ? __ldg(a.idx + t * g.K + lane) : -1; };
+  int64_t t = token_of(u), first = first_of(u), last = last_of(u);
+  int e = expert(t);
+  uint4 next[4];
+  load_step(t, first, next);
+  for (;;) {
+    long long claimed = 0;  // the reserve after u_next, used once this unit is pushed
+    if (lane == 0) claimed = static_cast<long long>(atomicAdd(ctr, 1ull));
+    const unsigned mask = __reduce_or_sync(kFull, e >= 0 && e < g.E ? 1u << (e / g.L) : 0u);
+    const bool more = u_next < total;
+    const int64_t tn = more ? token_of(u_next) : 0, fn = more ? first_of(u_next) : 0;
+    int en = -1;
+    for (int64_t step = first; step < last; ++step) {
+      uint4 v[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) v[q] = next[q];
+      if (step + 1 < last) {
+        load_step(t, step + 1, next);
+      } else if (more) {
+        load_step(tn, fn, next);
+        en = expert(tn);
+      }
+      if (g.fp8) {
+        uint4 codes[2];
+        float scale[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) quantize16(v[2 * h], v[2 * h + 1], codes[h], scale[h]);
+        for (unsigned m = mask; m; m &= m - 1) {
+          const int d = __ffs(m) - 1;
+          char* rec = record_of(a, peer(a, d), out_region(a, d), t);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t c = step * 1024 + h * 512 + lane * 16;
+            if (c >= g.H) continue;  // whole 8-lane groups (H % 128 == 0)
+            *reinterpret_cast<uint4*>(rec + c) = codes[h];
+            if ((lane & 7) == 0) *reinterpret_cast<float*>(rec + g.H + (c / 128) * 4) = scale[h];
+          }
+        }
+      } else {
+        for (unsigned m = mask; m; m &= m - 1) {
+          const int d = __ffs(m) - 1;
+          char* rec = record_of(a, peer(a, d), out_region(a, d), t);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int64_t c = step * 1024 + q * 256 + lane * 8;
+            if (c < g.H) *reinterpret_cast<uint4*>(rec + c * 2) = v[q];
+          }
+        }
+      }
+    }
+    if (!more) {
+      // NOTE: the reserve's claim, unused here, precedes the block's barrier in program order like
+      // every claim, so the last block's reset of the counter (after every block's count,
+      // send_payload_claims) follows it in causality order, as publish() argues; the asm keeps
+      // its result live on this path too (an atom with a result, as the other claims).
+      asm volatile("" ::"l"(claimed));
+      return;
+    }
+    u = u_next;
+    t = tn;
+    first = fn;
+    last = last_of(u);
+    e = en;
+    u_next = __shfl_sync(kFull, claimed, 0);
+  }
+}
+
+// The notify (write_notify's fields, source regions) by one warp, then its flags (lanes < R);
+// the warp's barrier orders its lanes' stores before each release (as the block's barrier does
+// in write_notify: bar.warp.sync orders memory among the lanes it synchronises).
+template <bool kRelease>
+__device__ __forceinline__ void write_notify_warp(const Args& a, const int* etot, const int* dtot,
+                                                  unsigned long long n) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  for (int i = lane; i < g.R * (g.L + 1); i += 32) {
+    const int d = i / (g.L + 1), q = i % (g.L + 1);
+    notify_of(peer(a, d), a, out_region(a, d))[q] =
+        q == 0 ? static_cast<int32_t>(a.T) : etot[d * g.L + q - 1];
+  }
+  if (lane < g.R) at<int32_t>(peer(a, lane), a.lay.recv_count)[out_region(a, lane)] = dtot[lane];
+  __syncwarp();
+  if (lane < g.R) publish<kRelease>(flag(peer(a, lane), a, kDispatchNotify, a.rank), n);
+}
+
+// Chunk c's counts and metadata at every destination by one warp, then its flags (lanes < R).
+template <bool kRelease>
+__device__ __forceinline__ void push_chunk_metadata(const Args& a, const Plan& p, int64_t c,
+                                                    unsigned long long n) {
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31;
+  const int64_t c0 = c * g.C, c1 = min(a.T, c0 + g.C);
+  if (lane < g.R) {
+    const int b = slot_prefix(a, p, lane, c0), e = slot_prefix(a, p, lane, c1);
+    int32_t* info = notify_of(peer(a, lane), a, out_region(a, lane)) + 1 + g.L + 2 * c;
+    info[0] = b;
+    info[1] = e - b;
+  }
+  const int tile0 = static_cast<int>(c0 / kTile), tile1 = static_cast<int>((c1 - 1) / kTile);
+  for (int tile = tile0; tile <= tile1; ++tile) push_metadata(a, p, tile, c0, c1);
+  __syncwarp();
+  if (lane < g.R)
+    publish<kRelease>(chunk_flag(peer(a, lane), a, kDispatchChunk, a.rank, static_cast<int>(c)), n);
+}
+
+__device__ __forceinline__ void red_release_sys_add(unsigned long long* p, unsigned long long v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// The send of layout_payload_claims (plan_once, prefetch_payload, token slots, NVLink). Every
+// block waits for the previous round's acknowledgements (its regions at every destination are
+// free again); its last warp then waits for the plan (griddepcontrol.wait), writes the notify
+// (block 0) and claims chunks' metadata until none is left, then joins the payload, which the
+// other warps claim from the start (push_payload_units). NOTE: why one release add per block and
+// destination publishes the payload: every warp's stores precede the block's barrier in program
+// order, the barrier synchronises them with threads 0..R-1 at CTA scope, and each thread's add is
+// a release at system scope (kRelease; else after a full system fence), so the receive's acquire
+// load that reads a count including it (wait_geq) sees every payload byte of the block; the adds
+// of the grid's blocks form one chain of read-modify-writes, each a release, so the count
+// n * grid covers every block.
+template <bool kRelease>
+__device__ void send_payload_claims(const Args& a, char* smem) {
+  __shared__ int abort_flag;
+  const Geometry& g = a.g;
+  int64_t* status = at<int64_t>(a.my, a.lay.status);
+  const unsigned long long n = static_cast<unsigned long long>(status[kSeqDispatch]) + 1;
+  if (threadIdx.x == 0) abort_flag = 0;
+  __syncthreads();
+  // NOTE: after every thread read n: the receive kernel ends the call by advancing it.
+  if (threadIdx.x == 0) stamp(a, kTrSendStart, 2);
+  allow_dependent_launch();
+  const Plan p = plan_global_view(a, smem);
+  for (int i = threadIdx.x; i < kWarps * g.E; i += blockDim.x) p.emask[i] = 0;
+  if (threadIdx.x < g.R && !wait_geq(flag(a.my, a, kDispatchAck, threadIdx.x), n - 1, a.err, a.rank,
+                                     threadIdx.x, kDispatchAck, -1, a.timeout_ns))
+    abort_flag = 1;
+  __syncthreads();
+  if (abort_flag) return;
+  if (threadIdx.x == 0) stamp(a, kTrSendAcked, 1);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp == kWarps - 1) {
+    // NOTE: launched as the plan kernel's programmatic dependent: its plan is complete and
+    // visible only after this wait (per thread: the other warps push payload meanwhile).
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (lane == 0) stamp(a, kTrSendPlanned, 2);
+    if (blockIdx.x == 0) {
+      write_notify_warp<kRelease>(a, p.etot, p.dtot, n);
+      if (lane == 0) stamp(a, kTrSendNotified, 0);
+    }
+    const int64_t nchunks = (a.T + g.C - 1) / g.C;
+    auto* meta = reinterpret_cast<unsigned long long*>(status + kSendMetaItem);
+    for (;;) {
+      long long c = 0;
+      if (lane == 0) c = static_cast<long long>(atomicAdd(meta, 1ull));
+      c = __shfl_sync(kFull, c, 0);
+      if (c >= nchunks) break;
+      push_chunk_metadata<kRelease>(a, p, c, n);
+    }
+  }
+  push_payload_units(a, status + kSendItem);
+  __syncthreads();
+  if (threadIdx.x < g.R) {
+    if constexpr (!kRelease) __threadfence_system();
+    red_release_sys_add(payload_counter(peer(a, threadIdx.x), a, a.rank), 1ull);
+  }
+  // The last block done claiming resets the counters for the next dispatch (every claim of this
+  // one precedes its block's count; the next send starts after this grid).
+  if (threadIdx.x == 0) {
+    __threadfence();
+    auto* done = reinterpret_cast<unsigned long long*>(status + kSendClaimers);
+    if (atomicAdd(done, 1ull) == gridDim.x - 1) {
+      __threadfence();
+      status[kSendItem] = 0;
+      status[kSendMetaItem] = 0;
+      *done = 0;
+    }
+  }
+}
+
 template <bool kPlanOnce, bool kPrefetch, bool kDirect, int kPro = 0>
 __global__ void __launch_bounds__(kSendThreads, 1) k_dispatch_send(Args a) {
   extern __shared__ uint4 smem_raw[];
-  dispatch_send_block<kPlanOnce, kPrefetch, kDirect, kPro>(a, reinterpret_cast<char*>(smem_raw));
+  if constexpr ((kPro & kProPayloadClaims) != 0)
+    send_payload_claims<(kPro & kProRelease) != 0>(a, reinterpret_cast<char*>(smem_raw));
+  else
+    dispatch_send_block<kPlanOnce, kPrefetch, kDirect, kPro>(a, reinterpret_cast<char*>(smem_raw));
   count_send_block(a.my, a.lay.status, kDispatchSent);
   if (threadIdx.x == 0) stamp(a, kTrSendEnd, 1);
   // Session 11's source-region instances: the spread of the blocks' ends (the other instances keep
@@ -1308,7 +1533,11 @@ __device__ void scatter_record(const Args& a, const RecvLayout& r, int s, int64_
 // then a proxy fence) before the block counts itself done, so the rows are written when the
 // acknowledgements let the sources reuse them and when the kernel ends.
 // kTokenSlots: layout_token_slots' records (scatter_record).
-template <bool kRelease = false, bool kBulk = false, bool kTokenSlots = false>
+// kPayload (layout_payload_claims, with kTokenSlots and expand_payload off): the chunk flags
+// cover the metadata only, so the last block waits for every source's payload counter (every
+// send block of it done writing here, payload_counter) before it acknowledges and ends the call.
+template <bool kRelease = false, bool kBulk = false, bool kTokenSlots = false,
+          bool kPayload = false>
 __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
   extern __shared__ int rsm[];
   __shared__ int abort_flag, last_block, overflow, max_tokens;
@@ -1430,6 +1659,11 @@ __global__ void __launch_bounds__(kSendThreads) k_dispatch_recv(Args a) {
   if (threadIdx.x == 0)
     wait_geq(reinterpret_cast<unsigned long long*>(status) + kDispatchSent, n * a.send_blocks,
              a.err, a.rank, a.rank, kLocalSent, -1, a.timeout_ns);
+  // Every rank's send grid is a.send_blocks (same options), each block counting once per round.
+  if constexpr (kPayload)
+    if (!a.nccl && threadIdx.x < g.R)
+      wait_geq(payload_counter(a.my, a, threadIdx.x), n * a.send_blocks, a.err, a.rank, threadIdx.x,
+               kDispatchPayload, -1, a.timeout_ns);
   __syncthreads();
   if (!a.nccl && threadIdx.x < g.R)
     publish<kRelease>([&] { return flag(peer(a, threadIdx.x), a, kDispatchAck, a.rank); }, n);
@@ -1451,7 +1685,11 @@ KernelFn dispatch_plan_kernel(bool fast, int mode) {
   return fast ? k_dispatch_plan<true> : k_dispatch_plan<false>;
 }
 
-KernelFn dispatch_recv_kernel(const DeviceEpOptions& o, bool token_slots) {
+KernelFn dispatch_recv_kernel(const DeviceEpOptions& o, bool token_slots, bool payload_claims) {
+  // payload_claims implies token_slots and expand_payload off (so no bulk row copies).
+  if (payload_claims)
+    return o.combine_release_only ? k_dispatch_recv<true, false, true, true>
+                                  : k_dispatch_recv<false, false, true, true>;
   if (o.dispatch_recv_bulk_rows && o.expand_payload) {
     if (token_slots)
       return o.combine_release_only ? k_dispatch_recv<true, true, true>
@@ -1494,6 +1732,10 @@ KernelFn dispatch_send_kernel(const DeviceEpOptions& o, bool direct, bool plan_c
         return k_dispatch_send<true, true, false, kProRelease | kProTokenSlots>;
       case kProClaim | kProTokenSlots:
         return k_dispatch_send<true, true, false, kProClaim | kProTokenSlots>;
+      case kProTokenSlots | kProPayloadClaims:
+        return k_dispatch_send<true, true, false, kProTokenSlots | kProPayloadClaims>;
+      case kProRelease | kProTokenSlots | kProPayloadClaims:
+        return k_dispatch_send<true, true, false, kProRelease | kProTokenSlots | kProPayloadClaims>;
       default:
         return k_dispatch_send<true, true, false, kProRelease | kProClaim | kProTokenSlots>;
     }

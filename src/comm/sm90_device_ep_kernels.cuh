@@ -55,7 +55,11 @@ enum Status : int {
       13,          // plan_block_scan: plan kernel blocks ever started (their order: ticket % grid)
   kSendItem = 14,  // layout_claim_chunks: the next chunk of the dispatch send (claimed in order)
   kSendClaimers = 15,  // layout_claim_chunks: send blocks done claiming (the last one resets both)
-  kStatusSlots = 16,
+  // Session 15 (ep25), layout_payload_claims: kSendItem counts the payload's units (claimed per
+  // warp), kSendMetaItem the chunks whose metadata the blocks' last warps write, kSendClaimers the
+  // blocks done (the last one resets the three).
+  kSendMetaItem = 16,
+  kStatusSlots = 17,  // the region keeps its 256 bytes (make_layout): no later field moves
 };
 // flags[] groups: R counters each, then R * max_chunks for the chunk groups.
 enum FlagGroup : int {
@@ -66,6 +70,9 @@ enum FlagGroup : int {
   kCombineChunk = 4,
   kLocalSent = 5,   // error reports only: the local send blocks (status kDispatchSent/kCombineSent)
   kPlanBlocks = 6,  // error reports only: plan_block_scan's wait for an earlier plan block's sums
+  // layout_payload_claims (session 15): [R] u64 after the chunk groups, the send blocks of source
+  // r whose payload is written here (payload_counter; monotonic: round n expects n * send grid).
+  kDispatchPayload = 7,
 };
 
 enum ErrCode : int { kErrNone = 0, kErrTimeout = 1, kErrBadExpert = 3 };
@@ -135,7 +142,8 @@ struct Args {
   unsigned long long timeout_ns;
   // per call
   int64_t T;
-  int tile;  // combine receive: tokens per block item
+  int tile;  // combine receive: tokens per block item; the dispatch send with
+             // layout_payload_claims: its claim unit in 1024-column steps
   const uint16_t* x;
   const int32_t* idx;
   const float* w;
@@ -212,16 +220,28 @@ constexpr int kProRelease = 4;
 constexpr int kProClaim = 8;
 // Session 14 (ep22), the source-region send over NVLink: kProTokenSlots (layout_token_slots).
 constexpr int kProTokenSlots = 16;
+// Session 15 (ep25), with kProTokenSlots and expand_payload off: kProPayloadClaims
+// (layout_payload_claims). 64, not 32: ep24's kProRotate (runs/ep-s14-ep24-send-rotate.patch).
+constexpr int kProPayloadClaims = 64;
 // layout_token_slots where it applies: the source-region send with plan_once and prefetch_payload
 // over the NVLink wire (the NCCL wire's exchange follows the send kernel, so nothing overlaps).
 inline bool layout_token_slots(const DeviceEpOptions& o, bool direct) {
   return o.layout_token_slots && !direct && o.plan_once && o.prefetch_payload &&
          o.wire == Wire::kNvlink;
 }
+// layout_payload_claims where it applies: with layout_token_slots, for the layout-only dispatch
+// (expand_payload off: no receive reads a record's payload before the dispatch ends, so the
+// chunk flags need not cover it; the receive's last block waits for the payload counters).
+inline bool layout_payload_claims(const DeviceEpOptions& o, bool direct) {
+  return o.layout_payload_claims > 0 && layout_token_slots(o, direct) && !o.expand_payload;
+}
 // Session 11's bits of the source-region send (0 where they do not apply: direct rows, or without
-// plan_once and prefetch_payload), and session 14's.
+// plan_once and prefetch_payload), and session 14's and 15's (with layout_payload_claims the
+// chunks' metadata is claimed per warp, so layout_claim_chunks does not apply).
 inline int layout_send_pro(const DeviceEpOptions& o, bool direct) {
   if (direct || !o.plan_once || !o.prefetch_payload) return 0;
+  if (layout_payload_claims(o, direct))
+    return (o.layout_release_only ? kProRelease : 0) | kProTokenSlots | kProPayloadClaims;
   return (o.layout_release_only ? kProRelease : 0) | (o.layout_claim_chunks ? kProClaim : 0) |
          (layout_token_slots(o, direct) ? kProTokenSlots : 0);
 }
@@ -249,7 +269,10 @@ __host__ __device__ inline size_t all_counts_bytes(const Geometry& g) {
 // dispatch_recv_bulk_rows with expand_payload: the copies by bulk copies (k_dispatch_recv<*,
 // true>); token_slots (layout_token_slots where it applies): each record at its token's index
 // (k_dispatch_recv<*, *, true>).
-KernelFn dispatch_recv_kernel(const DeviceEpOptions& o, bool token_slots = false);
+// payload_claims (layout_payload_claims where it applies): the last block waits for every
+// source's payload counter before it acknowledges (k_dispatch_recv<*, false, true, true>).
+KernelFn dispatch_recv_kernel(const DeviceEpOptions& o, bool token_slots = false,
+                              bool payload_claims = false);
 // dispatch_recv_bulk_rows' per-warp slot (a record's payload in pieces of at most this many bytes).
 constexpr int64_t kRecvBulkSlot = 8192;
 // Dynamic shared memory of dispatch_recv_kernel(o) at geometry g: the layout's `layout` bytes,
@@ -398,6 +421,10 @@ __device__ __forceinline__ unsigned long long* flag(char* base, const Args& a, i
   unsigned long long* f = at<unsigned long long>(base, a.lay.flags);
   return group < kDispatchChunk ? f + group * a.g.R + r
                                 : f + 3 * a.g.R + (group - kDispatchChunk) * a.g.R * a.g.NC + r;
+}
+// layout_payload_claims: source src's send blocks done writing their payload into `base`'s rank.
+__device__ __forceinline__ unsigned long long* payload_counter(char* base, const Args& a, int src) {
+  return at<unsigned long long>(base, a.lay.flags) + 3 * a.g.R + 2 * a.g.R * a.g.NC + src;
 }
 // Chunk c of source r: flag index r * NC + c of its group.
 __device__ __forceinline__ unsigned long long* chunk_flag(char* base, const Args& a, int group,

@@ -56,10 +56,11 @@ struct Harness {
   std::vector<RankBuffers> buf;
   std::unique_ptr<DeviceEpGroup> group;
   bool nccl = false;
+  bool expand = true;  // DeviceEpOptions::expand_payload
 
   Harness(const EpConfig& c, const std::vector<int>& devices, std::vector<int64_t> tokens,
           Routing routing, uint64_t seed, DeviceEpOptions opt = {})
-      : cfg(c), nccl(opt.wire == Wire::kNccl) {
+      : cfg(c), nccl(opt.wire == Wire::kNccl), expand(opt.expand_payload) {
     data = make_inputs(cfg, tokens, routing, seed);
     group = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
     const int64_t H = cfg.hidden;
@@ -141,6 +142,31 @@ EpConfig config(int R, int E, int K, int64_t H, int64_t Tmax, Payload p) {
   return c;
 }
 
+// The layout-only dispatch (expand_payload off) leaves the grouped rows unwritten: each row with a
+// token is filled here from its record (row_src = (the source's first index + j) * K + k), so
+// the comparison covers the records through the layout as with the expansion.
+void expand_on_host(const EpConfig& cfg, DispatchResult& got) {
+  const int R = cfg.num_ranks, K = cfg.top_k;
+  const int64_t H = cfg.hidden, SC = cfg.scale_cols(), Tmax = cfg.max_tokens_per_rank;
+  if (got.grouped.overflow) return;
+  std::vector<int64_t> roff(R + 1, 0);
+  for (int s = 0; s < R; ++s) roff[s + 1] = roff[s] + got.recv.count[s];
+  for (int64_t row = 0; row < got.grouped.num_rows; ++row) {
+    const int32_t src = got.grouped.row_src[row];
+    if (src < 0) continue;
+    const int64_t i = src / K;
+    int s = 0;
+    while (s + 1 < R && roff[s + 1] <= i) ++s;
+    const int64_t at = s * Tmax + (i - roff[s]);
+    if (cfg.payload == Payload::kBF16) {
+      std::copy_n(&got.recv.x_bf16[at * H], H, &got.grouped.x_bf16[row * H]);
+    } else {
+      std::copy_n(&got.recv.x_fp8[at * H], H, &got.grouped.x_fp8[row * H]);
+      std::copy_n(&got.recv.x_scales[at * SC], SC, &got.grouped.x_scales[row * SC]);
+    }
+  }
+}
+
 void check_against_reference(Harness& h, int rounds) {
   const EpConfig& cfg = h.cfg;
   const auto want = dispatch_reference(cfg, batches_of(h.data));
@@ -175,6 +201,7 @@ void check_against_reference(Harness& h, int rounds) {
     check();
     for (int r = 0; r < cfg.num_ranks; ++r) {
       DispatchResult got = h.group->rank(r).download();
+      if (!h.expand) expand_on_host(cfg, got);
       expect_same_dispatch(cfg, want[r], got, r);
       ASSERT_EQ(got.handle.slot, want[r].handle.slot) << "rank " << r;
     }
@@ -284,6 +311,15 @@ constexpr int kRecvBulk = 40, kRecvBulkNoSelf = 41, kRecvBulkRegions = 42, kRecv
 // true>).
 constexpr int kTokenSlots = 44, kTokenSlotsAll = kTokenSlots + 3;
 constexpr int kTokenSlotsBulk = 48, kTokenSlotsBulkFenced = 49, kTokenSlotsFenced = 50;
+// Session 15 (ep25): layout_payload_claims on the defaults with expand_payload off (the
+// layout-only dispatch; check_against_reference expands the records on the host) and the send
+// grid num_blocks (layout_send_blocks 0, so run_cases' grids apply): 80 units of one step, 81
+// whole tokens, 82 units of two steps with the fenced flags and payload adds (layout_release_only
+// off), 83 units of three steps with the fenced acknowledgement (combine_release_only off:
+// k_dispatch_recv<false, false, true, true>); 84 the option with expand_payload on (ignored: the
+// defaults' token-slot send). All with low_latency off: the masked cases run the normal kernels.
+constexpr int kPayloadClaims = 80, kPayloadClaimsTokens = 81, kPayloadClaimsFenced = 82;
+constexpr int kPayloadClaimsAckFenced = 83, kPayloadClaimsExpanded = 84;
 DeviceEpOptions variant_options(int v) {
   DeviceEpOptions o;
   o.plan_once = v != 0 && v != 3;
@@ -365,6 +401,18 @@ DeviceEpOptions variant_options(int v) {
     o.dispatch_recv_bulk_rows = v == kTokenSlotsBulk || v == kTokenSlotsBulkFenced;
     o.combine_release_only = v != kTokenSlotsBulkFenced && v != kTokenSlotsFenced;
   }
+  if (v >= kPayloadClaims && v <= kPayloadClaimsExpanded) {
+    o = DeviceEpOptions{};
+    o.expand_payload = v == kPayloadClaimsExpanded;
+    o.low_latency = false;  // the masked cases on the normal kernels too, where the option applies
+    o.layout_send_blocks = 0;
+    o.layout_payload_claims = v == kPayloadClaimsTokens      ? 1000
+                              : v == kPayloadClaimsFenced    ? 2
+                              : v == kPayloadClaimsAckFenced ? 3
+                                                             : 1;
+    o.layout_release_only = v != kPayloadClaimsFenced;
+    o.combine_release_only = v != kPayloadClaimsAckFenced;
+  }
   return o;
 }
 std::string variant_name(int v) {
@@ -411,6 +459,13 @@ std::string variant_name(int v) {
     return " defaults without direct rows+layout_token_slots+dispatch_recv_bulk_rows, fenced acks";
   if (v == kTokenSlotsFenced)
     return " defaults without direct rows+layout_token_slots, fenced acks";
+  if (v == kPayloadClaims) return " layout only+layout_payload_claims 1";
+  if (v == kPayloadClaimsTokens) return " layout only+layout_payload_claims 1000 (whole tokens)";
+  if (v == kPayloadClaimsFenced)
+    return " layout only+layout_payload_claims 2, fenced flags (no layout_release_only)";
+  if (v == kPayloadClaimsAckFenced)
+    return " layout only+layout_payload_claims 3, fenced acks (no combine_release_only)";
+  if (v == kPayloadClaimsExpanded) return " defaults+layout_payload_claims 1 (ignored: expanded)";
   return kNames[v];
 }
 
@@ -959,6 +1014,40 @@ TEST_F(NvlinkTest, Session14TokenSlotsOverflowIsReported) {
 // peer's notify and reports it as without the option.
 TEST_F(NvlinkTest, Session14TokenSlotsSilentPeerEndsWithError) {
   dispatch_silent_peer(variant_options(kTokenSlotsAll));
+}
+
+// Session 15 (ep25): layout_payload_claims (the layout-only send's payload claimed per warp, the
+// receive's last block waiting for every source's payload counter) over every case: FP8 with
+// each unit and flag variant over all GPUs, BF16, every rank on one GPU, the layout-only send grid
+// of 96 blocks, the option ignored with the expansion and over the NCCL wire; two rounds through
+// the same buffers each (the claim counters must reset, the payload counters count on).
+TEST_F(NvlinkTest, Session15PayloadClaimsMatchReference) {
+  for (int v = kPayloadClaims; v <= kPayloadClaimsExpanded; ++v)
+    run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, v);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kPayloadClaims);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kPayloadClaimsFenced);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kPayloadClaims);
+  run_cases(Payload::kBF16, 1, Wire::kNvlink, kPayloadClaimsTokens);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kPayloadClaims, 96);
+  if (gpu_count() >= 2 && nccl_available())
+    run_cases(Payload::kFP8, 2, Wire::kNccl, kPayloadClaims);
+}
+
+// Graph replays: the payload counters are monotonic (round n waits for n * grid), so a replayed
+// round needs no host reset.
+TEST_F(NvlinkTest, Session15PayloadClaimsGraphCapturedRoundReplays) {
+  graph_round_replays(kPayloadClaims);
+  graph_round_replays(kPayloadClaimsFenced);
+}
+
+TEST_F(NvlinkTest, Session15PayloadClaimsOverflowIsReported) {
+  overflow_is_reported({kPayloadClaims, kPayloadClaimsAckFenced});
+}
+
+// A silent peer: the receive waits for the peer's notify first and reports it as without the
+// option (the payload counter's wait comes last, in the receive's last block).
+TEST_F(NvlinkTest, Session15PayloadClaimsSilentPeerEndsWithError) {
+  dispatch_silent_peer(variant_options(kPayloadClaims));
 }
 
 // ---- low-latency kernels (DeviceEpOptions::low_latency, masked configs over NVLink) ----

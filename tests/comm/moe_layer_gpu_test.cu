@@ -320,8 +320,12 @@ struct GatheredVsExpanded {
   // align128 compares two strides.
   // token_slots (session 14, ep22): layout_token_slots on the gathered group (each record at its
   // token's index in the source region; row_record names that slot).
+  // payload_claims (session 15, ep25): layout_payload_claims on the gathered group (its payload
+  // claimed per warp in units of that many steps; the GEMM reads the records right after the
+  // receive on the same stream, so a receive that ended before the payload landed shows here).
   GatheredVsExpanded(const EpConfig& c, std::vector<int> devs, Wire wire, uint64_t seed,
-                     bool layout_send = false, bool align128 = false, bool token_slots = false)
+                     bool layout_send = false, bool align128 = false, bool token_slots = false,
+                     int payload_claims = 0)
       : cfg(c),
         devices(std::move(devs)),
         nccl(wire == Wire::kNccl),
@@ -335,6 +339,7 @@ struct GatheredVsExpanded {
     opt.layout_send_blocks = layout_send ? 96 : 0;  // the send grid other than the combine's 64
     opt.record_align_128 = align128;
     opt.layout_token_slots = token_slots;
+    opt.layout_payload_claims = payload_claims;
     gathered = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
     const int R = cfg.num_ranks, L = cfg.experts_per_rank();
     const int64_t H = cfg.hidden, KB = H / 128, bound = cfg.row_bound();
@@ -537,11 +542,12 @@ struct GatheredVsExpanded {
 // the send before them.
 void run_gathered_vs_expanded(const std::vector<int>& devices, Wire wire, const char* name,
                               int gpus_per_node = 0, bool layout_send = false,
-                              bool align128 = false, bool token_slots = false) {
+                              bool align128 = false, bool token_slots = false,
+                              int payload_claims = 0) {
   const int R = static_cast<int>(devices.size());
   EpConfig cfg = layer_config(R);
   cfg.gpus_per_node = gpus_per_node;
-  GatheredVsExpanded t(cfg, devices, wire, 21, layout_send, align128, token_slots);
+  GatheredVsExpanded t(cfg, devices, wire, 21, layout_send, align128, token_slots, payload_claims);
   // Round 2: other counts (a rank's rows shrink, so stale rows past the layout must read -1)
   // and dropped slots.
   const std::vector<std::pair<std::vector<int64_t>, testing::Routing>> rounds = {
@@ -621,6 +627,23 @@ TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathSession14TokenSlots) {
   run_gathered_vs_expanded(
       gpu_count() >= 2 ? std::vector<int>{0, 0, 1, 1} : std::vector<int>{0, 0, 0, 0}, Wire::kNvlink,
       "2 nodes of 2 ranks, token slots (ignored)", 2, false, false, true);
+}
+
+// Session 15 (ep25): layout_payload_claims on the gathered group (with the defaults' send: token
+// slots, the session-11 options, 128-byte records; hidden 512 is one step a token): the gathered
+// GEMM reads the records as soon as the receive ends; 2 GPUs over NVLink, 3 ranks on one GPU, and
+// NCCL, where the option does not apply.
+TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathSession15PayloadClaims) {
+  if (gpu_count() >= 2)
+    run_gathered_vs_expanded({0, 1}, Wire::kNvlink, "2 GPUs, NVLink, payload claims", 0, true, true,
+                             true, 1);
+  if (::testing::Test::HasFatalFailure()) return;
+  run_gathered_vs_expanded({0, 0, 0}, Wire::kNvlink, "3 ranks on GPU 0, payload claims 2", 0, true,
+                           true, true, 2);
+  if (::testing::Test::HasFatalFailure()) return;
+  if (gpu_count() >= 2 && nccl_available())
+    run_gathered_vs_expanded({0, 1}, Wire::kNccl, "2 GPUs, NCCL, payload claims (ignored)", 0, true,
+                             true, true, 1);
 }
 
 TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathTwoStageRoute) {

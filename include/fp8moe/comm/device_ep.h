@@ -285,6 +285,23 @@ struct DeviceEpOptions {
   // A default since that call (ep_bench letter n takes it back; H200 and more ranks are measured
   // by the session-14 final validation and ep24's 4-rank call).
   bool layout_token_slots = true;
+  // Session 15 (ep25; docs/comm/README.md, "Session 15: the layout-only send's payload claimed per
+  // token (ep25)"): with layout_token_slots, for the layout-only dispatch (expand_payload off;
+  // else ignored) the send's warps claim the payload from a grid-wide counter in units of this
+  // many 1024-column steps of one token (a value >= hidden / 1024 rounded up: whole tokens), each
+  // warp on its own, with no block barrier between units, so that the send blocks end within about
+  // a unit's time of each other; the chunks keep only their counts and metadata, which each send
+  // block's last warp claims and publishes (chunk flag) as soon as the plan is complete. Each send
+  // block ends with one release add to a per-source payload counter of every destination, and the
+  // receive's last block waits for every source's count before it acknowledges (an error names
+  // dispatch.payload[rank][src]). Every rank of a group must take the same value. Same results bit
+  // for bit. 0 = off. ep_bench letter w (1 step), suffix ":wN". 2 x H200, V3 shape, same call, two
+  // processes x 3 rounds: layout only 111.3 / 111.1 -> 103.7 / 103.7 us with 1 (-6.8 %, every
+  // round below the defaults'; the blocks' ends spread 4-5 us instead of 20); whole tokens (7) as
+  // the defaults, 2 steps -4.3 %; with 64 send blocks 103.2, 112 and 128 slower; the expanded
+  // dispatch, the combine and low latency unchanged (other kernels). A default (1) since session
+  // 15, before its validation on H100 (ep_bench letter p takes it back: 0).
+  int layout_payload_claims = 1;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
   int ranks_per_device = 0;
