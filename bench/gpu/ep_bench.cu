@@ -453,7 +453,8 @@ void replay_graphs(const World& w, const std::vector<cudaGraphExec_t>& execs) {
 // 64 send blocks is the earlier one); ":g48" the combine send's own grid
 // (DeviceEpOptions::combine_blocks), ":t8" the combine receive's tokens per item
 // (DeviceEpOptions::combine_recv_tile; ":t16" the rule before session 6 at the V3 shape), ":s2" /
-// ":s4" the combine send's warps per record (DeviceEpOptions::combine_send_parts). Session 8 (ep9),
+// ":s4" the combine send's warps per record (DeviceEpOptions::combine_send_parts), ":m8" the
+// combine's own chunk (DeviceEpOptions::combine_chunk_tokens; session 15, ep26). Session 8 (ep9),
 // the dispatch prologue: G dispatch_plan_counts (with D, Q, P), X plan_block_scan (with Q), O
 // dispatch_release_only (with D, P); "default+GX" = the defaults plus those letters (any letter
 // above may follow "default+"). X is a default since the end of session 8, O and K since session
@@ -511,6 +512,8 @@ Variant parse_variant(const std::string& spec, int blocks, int chunk) {
       v.opt.combine_send_parts = val;
     else if (key == 'w')
       v.opt.layout_payload_claims = val;
+    else if (key == 'm')
+      v.opt.combine_chunk_tokens = val;
     else
       FM_THROW(ErrorKind::kInvalidArgument, "variant ", spec, ": unknown suffix");
   }

@@ -69,6 +69,14 @@ size_t align_up(size_t v, size_t a) {
   return (v + a - 1) / a * a;
 }
 
+// The combine's chunk of received records (DeviceEpOptions::combine_chunk_tokens; 0 = 8 for the
+// normal shapes, max_tokens_per_rank > 512, where session 15 measured 8 against 16 at -5 to -6 %
+// on 2 x H200 (ep26), else the dispatch's chunk). Needs g.Tmax and g.C.
+int combine_chunk(const Geometry& g, const DeviceEpOptions& o) {
+  if (o.combine_chunk_tokens > 0) return o.combine_chunk_tokens;
+  return g.Tmax > 512 ? 8 : g.C;
+}
+
 Geometry make_geometry(const EpConfig& c, const DeviceEpOptions& o) {
   Geometry g{};
   g.R = c.num_ranks;
@@ -86,15 +94,30 @@ Geometry make_geometry(const EpConfig& c, const DeviceEpOptions& o) {
   g.cap = c.masked_capacity;
   g.NT = static_cast<int>((g.Tmax + kTile - 1) / kTile);
   g.C = o.chunk_tokens > 0 ? o.chunk_tokens : (g.Tmax <= 512 ? 4 : 16);
-  g.NC = static_cast<int>(std::max<int64_t>(1, (g.Tmax + g.C - 1) / g.C));
+  const int64_t chunks = std::max<int64_t>(
+      (g.Tmax + g.C - 1) / g.C, (g.Tmax + combine_chunk(g, o) - 1) / combine_chunk(g, o));
+  g.NC = static_cast<int>(std::max<int64_t>(1, chunks));
   g.NS = 1 + g.L + 2 * g.NC;
   g.W = g.E + g.R;
   return g;
 }
 
-// Three counter groups, the two chunk groups, then layout_payload_claims' payload counters.
+// Three counter groups, the two chunk groups (a source's stride NC: make_geometry), then
+// layout_payload_claims' payload counters.
 size_t flag_count(const Geometry& g) {
   return 3 * static_cast<size_t>(g.R) + 2 * static_cast<size_t>(g.R) * g.NC + g.R;
+}
+
+// The geometry the combine kernels get (DeviceEpOptions::combine_chunk_tokens): C is the
+// combine's chunk. NC, the flag stride of a source in both chunk blocks, is already the larger of
+// the dispatch's and the combine's chunk counts (make_geometry), so that the combine's block
+// (flag() puts it at 3R + R * NC) holds every combine chunk and the payload counters
+// (payload_counter, at 3R + 2R * NC) lie past it in every kernel's view. Everything else is the
+// dispatch's (NS, the notify block, is not the combine's).
+Geometry combine_geometry(const Geometry& g, const DeviceEpOptions& o) {
+  Geometry c = g;
+  c.C = combine_chunk(g, o);
+  return c;
 }
 
 WsLayout make_layout(const Geometry& g) {
@@ -195,6 +218,7 @@ void launch(void (*kernel)(Args), int grid, size_t smem, cudaStream_t stream, bo
 struct DeviceEpRank::Impl {
   EpConfig cfg;
   Geometry g;
+  Geometry gc;  // the combine kernels' (combine_geometry)
   WsLayout lay;
   DeviceEpOptions opt;
   // recv_blocks: dispatch_recv and combine_recv; side_recv_blocks: the low-latency and combine
@@ -356,6 +380,12 @@ struct DeviceEpRank::Impl {
     a.trace = trace;
     return a;
   }
+  // The combine kernels' arguments: args() over the combine's chunks (combine_geometry).
+  Args combine_args() const {
+    Args a = args();
+    a.g = gc;
+    return a;
+  }
   // Wire::kNccl: every peer's region of the send buffer goes to it, its region of ours comes
   // back (fields of the given offsets, `bytes` per region each).
   void exchange(const std::vector<std::pair<size_t, size_t>>& fields, cudaStream_t stream) {
@@ -390,6 +420,8 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   FM_CHECK_ARG(opt.combine_blocks >= 0, "combine_blocks=", opt.combine_blocks,
                " must not be negative");
   FM_CHECK_ARG(opt.chunk_tokens >= 0, "chunk_tokens=", opt.chunk_tokens, " must not be negative");
+  FM_CHECK_ARG(opt.combine_chunk_tokens >= 0, "combine_chunk_tokens=", opt.combine_chunk_tokens,
+               " must not be negative");
   FM_CHECK_ARG(opt.recv_blocks >= 0, "recv_blocks=", opt.recv_blocks, " must not be negative");
   FM_CHECK_ARG(opt.layout_payload_claims >= 0, "layout_payload_claims=", opt.layout_payload_claims,
                " must not be negative");
@@ -423,6 +455,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                " bytes) than a block has");
   FM_CHECK_ARG(recv_smem_bytes(m.g) <= 200 * 1024, cfg.num_experts, " experts over ", cfg.num_ranks,
                " ranks need more shared memory for the receive layout than a block has");
+  m.gc = combine_geometry(m.g, opt);
   m.lay = make_layout(m.g);
   m.opt = opt;
   // The direct rows need every rank's send blocks resident at once (each waits for all
@@ -671,7 +704,7 @@ void DeviceEpRank::combine_send(const uint16_t* y, cudaStream_t stream) {
   m.last_weighted = true;
   if (m.ll) return ll::combine_send(m.ll_params(), stream);
   m.reset_combine_trace(stream);
-  Args a = m.args();
+  Args a = m.combine_args();
   a.y = y;
   a.weighted = true;
   a.peer_blocks = m.opt.combine_peer_blocks;
@@ -689,7 +722,7 @@ void DeviceEpRank::combine_tokens_send(const uint16_t* rows, cudaStream_t stream
   m.last_weighted = false;
   if (m.ll) return ll::combine_send(m.ll_params(), stream);
   m.reset_combine_trace(stream);
-  Args a = m.args();
+  Args a = m.combine_args();
   a.y = rows;
   a.weighted = false;
   a.peer_blocks = m.opt.combine_peer_blocks;
@@ -708,7 +741,7 @@ void DeviceEpRank::combine_recv(uint16_t* out, cudaStream_t stream) {
     p.out = out;
     return ll::combine_recv(p, stream, m.opt.overlap_recv);
   }
-  Args a = m.args();
+  Args a = m.combine_args();
   a.out = out;
   a.T = m.last_tokens;
   a.y = m.last_y;

@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <initializer_list>
+#include <string>
 
 #include "device_copy.h"
 #include "ep_test_util.h"
@@ -469,10 +471,19 @@ std::string variant_name(int v) {
   return kNames[v];
 }
 
+// The combine's own chunks (combine_chunk_tokens, session 15) beside chunk_of's dispatch chunks
+// (32, 7, 100, 1 by ran % 4; these by ran % 5, so the pairs rotate): smaller and larger than the
+// dispatch's, equal, and 13, which divides none of the cases' token or record counts.
+int combine_chunk_of(int ran) {
+  constexpr int kChunks[] = {3, 64, 13, 1, 200};
+  return kChunks[ran % 5];
+}
+
 // only: run every case with this one variant (-1: all of them). send_blocks: the send grids;
-// combine_blocks: the combine send's (0: send_blocks).
+// combine_blocks: the combine send's (0: send_blocks). combine_chunk: DeviceEpOptions::
+// combine_chunk_tokens (0: unset; -1: combine_chunk_of, varied over the cases).
 void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink, int only = -1, int send_blocks = 5,
-               int combine_blocks = 0) {
+               int combine_blocks = 0, int combine_chunk = 0) {
   int ran = 0;
   for (const Case& c : cases()) {
     if (wire == Wire::kNccl && c.R != gpus) continue;  // NCCL: one rank per GPU
@@ -484,7 +495,11 @@ void run_cases(Payload p, int gpus, Wire wire = Wire::kNvlink, int only = -1, in
       // The NVLink variants of a case share its chunk size, so each path meets every size.
       const int chunk = chunk_of(wire == Wire::kNccl || only >= 0 ? ran : (ran - 1) / kVariants);
       DeviceEpOptions opt = variant_options(v);
-      const std::string path = variant_name(v);
+      opt.combine_chunk_tokens = combine_chunk < 0 ? combine_chunk_of(ran) : combine_chunk;
+      const std::string path =
+          variant_name(v) + (opt.combine_chunk_tokens > 0
+                                 ? " combine chunk " + std::to_string(opt.combine_chunk_tokens)
+                                 : std::string());
       progress(std::string("case ") + c.name + " " + payload_name(p) + " " + wire_name(wire) +
                " chunk " + std::to_string(chunk) + path);
       SCOPED_TRACE(std::string(c.name) + " " + payload_name(p) + " on " + std::to_string(gpus) +
@@ -673,12 +688,13 @@ TEST_F(NvlinkTest, RanksPerDeviceBelowSharingIsRejected) {
 }
 
 // One round (dispatch and combine) of kernel variant v captured in a CUDA graph per rank,
-// replayed three times into poisoned outputs.
-void graph_round_replays(int v) {
+// replayed three times into poisoned outputs; combine_chunk: DeviceEpOptions::combine_chunk_tokens.
+void graph_round_replays(int v, int combine_chunk = 0) {
   {
-    SCOPED_TRACE("variant" + variant_name(v));
+    SCOPED_TRACE("variant" + variant_name(v) + " combine chunk " + std::to_string(combine_chunk));
     EpConfig cfg = config(2, 32, 8, 1024, 128, Payload::kFP8);
-    const DeviceEpOptions opt = variant_options(v);
+    DeviceEpOptions opt = variant_options(v);
+    opt.combine_chunk_tokens = combine_chunk;
     Harness h(cfg, devices_for(2, gpu_count()), {128, 90}, Routing::kRandom, 9, opt);
     const auto want = dispatch_reference(cfg, batches_of(h.data));
     std::vector<const uint16_t*> y = {h.ys[0].data(), h.ys[1].data()};
@@ -1051,6 +1067,96 @@ TEST_F(NvlinkTest, Session15PayloadClaimsSilentPeerEndsWithError) {
 }
 
 // ---- low-latency kernels (DeviceEpOptions::low_latency, masked configs over NVLink) ----
+
+// ---- Session 15 (ep26): the combine's own chunk (DeviceEpOptions::combine_chunk_tokens) ----
+// Every case (random, skewed, all on one rank, nobody to a rank, T = 0, k = 1, k = 8 of 256,
+// hidden 7168, holes, masked (low-latency kernels over NVLink: not chunked), many tiles; two rounds
+// through the same buffers, combine and combine_tokens) bit for bit against the reference, with
+// combine chunks of 3, 64, 13, 1 and 200 records beside dispatch chunks of 32, 7, 100 and 1 tokens
+// (smaller, larger, equal, dividing nothing): FP8 and BF16 over all GPUs, every rank on one GPU,
+// the V3 send grid, the defaults' bulk send and the register send (its combine_send_parts, receive
+// tiles and fenced flags: kFencedCombine; kWarpItems with 2 send blocks), and over the NCCL wire.
+TEST_F(NvlinkTest, Session15CombineChunkMatchesReference) {
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kDefaults, 5, 0, -1);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kDefaults, 5, 0, -1);
+  run_cases(Payload::kFP8, 1, Wire::kNvlink, kDefaults, 5, 0, -1);
+  run_cases(Payload::kBF16, gpu_count(), Wire::kNvlink, kDefaults, 64, 0, -1);
+  run_cases(Payload::kFP8, gpu_count(), Wire::kNvlink, kFencedCombine, 5, 0, -1);
+  run_cases(Payload::kBF16, 1, Wire::kNvlink, kWarpItems, 2, 0, -1);
+  if (gpu_count() >= 2 && nccl_available())
+    run_cases(Payload::kFP8, 2, Wire::kNccl, kDefaults, 5, 0, -1);
+}
+
+// A round captured in a graph per rank and replayed, at the graph test's shape (dispatch chunk 4
+// at max_tokens 128) with combine chunks of 3 (more chunk flags than the dispatch's) and 48
+// (fewer; 128 % 48 != 0); the bulk send (defaults) and the register send with fenced flags.
+TEST_F(NvlinkTest, Session15CombineChunkGraphCapturedRoundReplays) {
+  for (const int m : {3, 48}) {
+    graph_round_replays(kDefaults, m);
+    graph_round_replays(kFencedCombine, m);
+  }
+}
+
+// A peer that dispatches but never combines: the report names the combine's chunk index. Dispatch
+// chunks of 1 token and a combine chunk of 16 records (max_tokens 16): every record is in combine
+// chunk 0, so the report must say chunk=0 (the dispatch's index would be the record's). The other
+// way round (dispatch 16, combine 1), the index is the record's, below the records sent there.
+// The block's wait (session 6) and the warps' (the defaults).
+TEST_F(NvlinkTest, Session15CombineChunkSilentPeerNamesCombineChunk) {
+  for (const int v : {kSession6, kDefaults})
+    for (const bool one_combine_chunk : {true, false}) {
+      SCOPED_TRACE("variant" + variant_name(v) +
+                   (one_combine_chunk ? " dispatch chunk 1, combine chunk 16"
+                                      : " dispatch chunk 16, combine chunk 1"));
+      EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
+      cfg.timeout_s = 0.3;
+      DeviceEpOptions opt = variant_options(v);
+      opt.num_blocks = 3;
+      opt.chunk_tokens = one_combine_chunk ? 1 : 16;
+      opt.combine_chunk_tokens = one_combine_chunk ? 16 : 1;
+      Harness h(cfg, devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3, opt);
+      h.dispatch();
+      h.sync();
+      h.group->check();
+      // Rank 0 waits for the partials of its records at rank 1.
+      const int64_t sent = h.group->rank(1).download().recv.count[0];
+      ASSERT_GT(sent, 1) << "rank 0 must send rank 1 more than one record";
+      h.group->rank(0).combine_send(h.buf[0].y, h.buf[0].stream);  // rank 1 never combines
+      h.group->rank(0).combine_recv(h.buf[0].out, h.buf[0].stream);
+      h.sync();
+      try {
+        h.group->rank(0).check();
+        FAIL() << "expected an error";
+      } catch (const Error& e) {
+        const std::string m = e.message();
+        EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
+        const std::string key = "combine.chunk[rank=0][src=1][chunk=";
+        const size_t at = m.find(key);
+        ASSERT_NE(at, std::string::npos) << m;
+        const long chunk = std::strtol(m.c_str() + at + key.size(), nullptr, 10);
+        if (one_combine_chunk)
+          EXPECT_EQ(chunk, 0) << m;
+        else
+          EXPECT_TRUE(chunk >= 0 && chunk < sent) << m;
+        EXPECT_NE(m.find("], expected >= 1, seen 0"), std::string::npos) << m;
+      }
+    }
+}
+
+// A negative combine chunk is rejected with a message naming it.
+TEST_F(NvlinkTest, Session15NegativeCombineChunkIsRejected) {
+  EpConfig cfg = config(2, 8, 2, 256, 16, Payload::kBF16);
+  DeviceEpOptions opt;
+  opt.combine_chunk_tokens = -4;
+  try {
+    DeviceEpGroup group(cfg, devices_for(2, gpu_count()), opt);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+    EXPECT_NE(e.message().find("combine_chunk_tokens=-4 must not be negative"), std::string::npos)
+        << e.message();
+  }
+}
 
 std::vector<Case> ll_cases() {
   return {

@@ -62,11 +62,26 @@ struct DeviceEpOptions {
   // regions (row_src says where each row's token is) and only builds the layout; a grouped GEMM
   // then reads its rows from the records (DeviceRecvView::records, row_record).
   bool expand_payload = true;
-  // Transport granularity: a sender publishes its records in chunks of this many tokens (combine:
-  // of this many received records), each with its own release flag, and the receiver expands or
-  // sums every chunk as soon as it lands. Must be the same on every rank (it shapes the workspace).
+  // Transport granularity: a sender publishes its records in chunks of this many tokens, each with
+  // its own release flag, and the receiver expands every chunk as soon as it lands (the combine's
+  // chunks: combine_chunk_tokens). Must be the same on every rank (it shapes the workspace).
   // 0 = the measured best: 4 when max_tokens_per_rank <= 512 (decoding), else 16.
   int chunk_tokens = 0;
+  // Session 15 (ep26; docs/comm/README.md, "Session 15: the combine's own chunk size (ep26)"): the
+  // combine's chunk, in received records per source, apart from the dispatch's. Every combine
+  // kernel of the normal path takes it (combine_send and combine_tokens_send, the register and the
+  // bulk send, combine_recv); the dispatch keeps chunk_tokens. Not used by the low-latency kernels,
+  // the combine backward (its partials are not chunked) or the two-stage route (several nodes: no
+  // chunks). Must be the same on every rank, as chunk_tokens: the combine's chunk flags are sized
+  // by it (a block of R * max(dispatch chunks, combine chunks) flags), so it shapes the workspace.
+  // 0 = 8 when max_tokens_per_rank > 512 (whatever chunk_tokens is), else the dispatch's chunk
+  // (a default since session 15, before its validation on H100; ep_bench ":m16" takes it back
+  // at the V3 shape). 2 x H200,
+  // V3 shape, 64 blocks, same call, two processes x 3 rounds (ep_bench :mN): combine 226.5 / 228.1
+  // us at 16 -> 214.8 / 214.9 with 8 (-5.2 / -5.8 %; the dispatch unchanged, where chunk_tokens 8
+  // costs it +4 % and the layout-only dispatch +13 %), 215.2 / 215.5 with 4, 222.5 / 222.7 with 6,
+  // 227.9 / 233.0 with 12 (chunk counts that leave the send grid's last wave part-empty).
+  int combine_chunk_tokens = 0;
   // Blocks of the receive kernels (dispatch_recv, combine_recv, combine_backward_recv). 0 = for
   // dispatch_recv and combine_recv the device's SM count (the blocks past the SMs the send leaves
   // free become resident as send blocks retire and take the remaining items in order: 4 x H100,
