@@ -75,8 +75,8 @@ struct DeviceEpOptions {
   // chunks). Must be the same on every rank, as chunk_tokens: the combine's chunk flags are sized
   // by it (a block of R * max(dispatch chunks, combine chunks) flags), so it shapes the workspace.
   // 0 = 8 when max_tokens_per_rank > 512 (whatever chunk_tokens is), else the dispatch's chunk
-  // (a default since session 15, before its validation on H100; ep_bench ":m16" takes it back
-  // at the V3 shape). 2 x H200,
+  // (a default since session 15; its final validation on 2 x H200: ep_bench ":m16", which takes
+  // it back at the V3 shape, +6.7 %; not yet timed on H100). 2 x H200,
   // V3 shape, 64 blocks, same call, two processes x 3 rounds (ep_bench :mN): combine 226.5 / 228.1
   // us at 16 -> 214.8 / 214.9 with 8 (-5.2 / -5.8 %; the dispatch unchanged, where chunk_tokens 8
   // costs it +4 % and the layout-only dispatch +13 %), 215.2 / 215.5 with 4, 222.5 / 222.7 with 6,
@@ -315,7 +315,8 @@ struct DeviceEpOptions {
   // round below the defaults'; the blocks' ends spread 4-5 us instead of 20); whole tokens (7) as
   // the defaults, 2 steps -4.3 %; with 64 send blocks 103.2, 112 and 128 slower; the expanded
   // dispatch, the combine and low latency unchanged (other kernels). A default (1) since session
-  // 15, before its validation on H100 (ep_bench letter p takes it back: 0).
+  // 15 (its final validation on 2 x H200: letter p, which takes it back, +8.1 %; not yet timed
+  // on H100).
   int layout_payload_claims = 1;
   // Ranks of this group that run on the same GPU (DeviceEpGroup sets it; 0 = 1). Receive kernels
   // wait on peers, so their grids are kept small enough for every rank's kernels to be resident.
