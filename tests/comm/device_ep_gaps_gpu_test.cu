@@ -37,6 +37,7 @@
 #include "fp8moe/fp8/quantize.h"
 #include "fp8moe/kernels/fp8_gemm.h"
 #include "fp8moe/kernels/scale_layout.h"
+#include "moe_layer_test_util.h"
 
 namespace fp8moe::comm {
 namespace {
@@ -45,22 +46,14 @@ using testing::batches_of;
 using testing::expect_same_dispatch;
 using testing::gpu_count;
 using testing::RankData;
+using testing::reference_expert_outputs;
+using testing::rel_error;
 using testing::Routing;
 using testing::to_device;
 using testing::to_host;
 
 std::vector<int> two_ranks() {
   return gpu_count() >= 2 ? std::vector<int>{0, 1} : std::vector<int>{0, 0};
-}
-
-double rel_error(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want) {
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double g = bf16_bits_to_float(got[i]), w = bf16_bits_to_float(want[i]);
-    diff += (g - w) * (g - w);
-    norm += w * w;
-  }
-  return std::sqrt(diff / std::max(norm, 1e-30));
 }
 
 // One group and every rank's buffers at their bounds (inputs at max_tokens_per_rank), so that a
@@ -73,13 +66,7 @@ struct Rig {
   std::vector<RankData> in;
   std::vector<std::vector<uint16_t>> ys;              // !gemm: each rank's expert outputs
   std::vector<std::vector<QuantizedMatrix>> weights;  // gemm: [rank][local expert] H x H
-  struct Dev {
-    cudaStream_t stream = nullptr;
-    uint16_t *x = nullptr, *y = nullptr, *out = nullptr;
-    int32_t* idx = nullptr;
-    float *w = nullptr, *sa = nullptr, *sb = nullptr;
-    uint8_t* b = nullptr;
-  };
+  using Dev = testing::LayerDevice;
   std::vector<Dev> dev;
 
   Rig(const EpConfig& c, std::vector<int> devs, DeviceEpOptions opt, bool with_gemm, uint64_t seed)
@@ -127,13 +114,7 @@ struct Rig {
   ~Rig() {
     for (size_t r = 0; r < dev.size(); ++r) {
       cudaSetDevice(devices[r]);
-      cudaStreamSynchronize(dev[r].stream);
-      for (void* p : {static_cast<void*>(dev[r].x), static_cast<void*>(dev[r].y),
-                      static_cast<void*>(dev[r].out), static_cast<void*>(dev[r].idx),
-                      static_cast<void*>(dev[r].w), static_cast<void*>(dev[r].sa),
-                      static_cast<void*>(dev[r].sb), static_cast<void*>(dev[r].b)})
-        cudaFree(p);
-      cudaStreamDestroy(dev[r].stream);
+      dev[r].free();
     }
   }
   bool distinct() const { return devices[0] != devices[1]; }
@@ -206,28 +187,6 @@ struct Rig {
     return p;
   }
 };
-
-// The CPU expert outputs on the reference dispatch's rows (BF16, row bound x H; padding rows 0).
-std::vector<uint16_t> reference_expert_outputs(const EpConfig& cfg, const DispatchResult& d,
-                                               const std::vector<QuantizedMatrix>& weights) {
-  const int64_t H = cfg.hidden, KB = H / 128;
-  std::vector<uint16_t> y(cfg.row_bound() * H, 0);
-  for (int e = 0; e < cfg.experts_per_rank(); ++e) {
-    const int64_t off = d.grouped.expert_offsets[e], rows = d.grouped.expert_counts[e];
-    if (rows == 0) continue;
-    Fp8MatrixRef a;
-    a.codes = d.grouped.x_fp8.data() + off * H;
-    a.rows = rows;
-    a.cols = H;
-    a.ld = H;
-    a.scales = d.grouped.x_scales.data() + off * KB;
-    a.granularity = ScaleGranularity::k1x128;
-    a.scale_row_stride = KB;
-    a.scale_col_stride = 1;
-    gemm_fp8_reference_bf16(a, weights[e].ref(), reinterpret_cast<bf16*>(y.data() + off * H), H);
-  }
-  return y;
-}
 
 // ---- 1. decoding end to end: LL dispatch -> masked GEMM -> combine ----
 

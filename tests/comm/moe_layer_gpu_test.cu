@@ -32,23 +32,16 @@
 #include "fp8moe/fp8/quantize.h"
 #include "fp8moe/kernels/fp8_gemm.h"
 #include "fp8moe/kernels/scale_layout.h"
+#include "moe_layer_test_util.h"
 
 namespace fp8moe::comm {
 namespace {
 
 using testing::gpu_count;
+using testing::reference_expert_outputs;
+using testing::rel_error;
 using testing::to_device;
 using testing::to_host;
-
-double rel_error(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want) {
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double g = bf16_bits_to_float(got[i]), w = bf16_bits_to_float(want[i]);
-    diff += (g - w) * (g - w);
-    norm += w * w;
-  }
-  return std::sqrt(diff / std::max(norm, 1e-30));
-}
 
 struct Layer {
   EpConfig cfg;
@@ -59,13 +52,7 @@ struct Layer {
   std::vector<std::vector<float>> w;
   std::vector<std::vector<QuantizedMatrix>> weights;  // [rank][local expert] H x H, 128x128
   std::unique_ptr<DeviceEpGroup> group;
-  struct Dev {
-    cudaStream_t stream = nullptr;
-    uint16_t *x = nullptr, *y = nullptr, *out = nullptr;
-    int32_t* idx = nullptr;
-    float *w = nullptr, *sa = nullptr, *sb = nullptr;
-    uint8_t* b = nullptr;
-  };
+  using Dev = testing::LayerDevice;
   std::vector<Dev> dev;
 
   Layer(const EpConfig& c, std::vector<int> devs, std::vector<int64_t> t, uint64_t seed)
@@ -123,13 +110,7 @@ struct Layer {
   ~Layer() {
     for (size_t r = 0; r < dev.size(); ++r) {
       cudaSetDevice(devices[r]);
-      cudaStreamSynchronize(dev[r].stream);
-      for (void* p : {static_cast<void*>(dev[r].x), static_cast<void*>(dev[r].y),
-                      static_cast<void*>(dev[r].out), static_cast<void*>(dev[r].idx),
-                      static_cast<void*>(dev[r].w), static_cast<void*>(dev[r].sa),
-                      static_cast<void*>(dev[r].sb), static_cast<void*>(dev[r].b)})
-        cudaFree(p);
-      cudaStreamDestroy(dev[r].stream);
+      dev[r].free();
     }
   }
   void sync() {
@@ -184,28 +165,6 @@ EpConfig layer_config(int R) {
   cfg.payload = Payload::kFP8;
   cfg.timeout_s = 20.0;
   return cfg;
-}
-
-// The all-CPU layer: expert outputs on the reference dispatch's rows (BF16, row bound x H).
-std::vector<uint16_t> reference_expert_outputs(const EpConfig& cfg, const DispatchResult& d,
-                                               const std::vector<QuantizedMatrix>& weights) {
-  const int64_t H = cfg.hidden, KB = H / 128;
-  std::vector<uint16_t> y(cfg.row_bound() * H, 0);
-  for (int e = 0; e < cfg.experts_per_rank(); ++e) {
-    const int64_t off = d.grouped.expert_offsets[e], rows = d.grouped.expert_counts[e];
-    if (rows == 0) continue;
-    Fp8MatrixRef a;
-    a.codes = d.grouped.x_fp8.data() + off * H;
-    a.rows = rows;
-    a.cols = H;
-    a.ld = H;
-    a.scales = d.grouped.x_scales.data() + off * KB;
-    a.granularity = ScaleGranularity::k1x128;
-    a.scale_row_stride = KB;
-    a.scale_col_stride = 1;
-    gemm_fp8_reference_bf16(a, weights[e].ref(), reinterpret_cast<bf16*>(y.data() + off * H), H);
-  }
-  return y;
 }
 
 TEST(MoeLayerGpu, DispatchGroupedGemmCombineMatchesCpuAndReplaysInAGraph) {
