@@ -304,6 +304,9 @@ struct DeviceEpRank::Impl {
     p.own_recv = opt.ll_combine_own_recv;
     p.own_narrow = opt.ll_combine_own_narrow;
     p.dest_order = static_cast<uint8_t>(opt.ll_dispatch_rotate);
+    // NOTE: with ranks sharing a GPU, a send waiting for a peer's next send to start could wait
+    // for SMs its own spinning blocks hold, so the receive acknowledges there as before.
+    p.defer_ack = opt.ll_defer_dispatch_ack && opt.ranks_per_device <= 1;
     return p;
   }
   std::unique_ptr<detail::ForwardEpRank> fwd;  // more than one node: the two-stage route

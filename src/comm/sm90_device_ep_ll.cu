@@ -28,6 +28,8 @@
 // measured no faster (the README's "Session 9: low latency (ep11)"; runs/ep-s9-ll-JMEH.patch).
 // Session 14 (ep23): ll_dispatch_rotate (k_dispatch_send<true>: the order of a token's
 // destinations rotated by rank, the rank itself last), the default since ep24's second call.
+// Session 15 late (ll1): ll_defer_dispatch_ack (k_dispatch_recv<true> ends without its remote
+// acknowledgement, the rank's next dispatch send gives it: k_dispatch_send<*, true>), off.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: test_comm_gpu --gtest_filter='*LowLatency*' (tests/comm/device_ep_gpu_test.cu).
 #include <algorithm>
@@ -168,6 +170,13 @@ __host__ __device__ inline size_t flag_offset(int R, int L, int64_t Tmax, int K)
   return (kGroups * static_cast<size_t>(R) + 4) * 8 + static_cast<size_t>(L) * 4 +
          static_cast<size_t>(R) * Tmax * K * 4 + 2 * static_cast<size_t>(L) * 4;
 }
+// defer_ack: [1] u64 after the flags, the receive rounds of this rank acknowledged so far (by its
+// dispatch sends); host-side layout only, so the other kernels' code does not change with it.
+__host__ __device__ inline size_t acked_offset(int R, int L, int64_t Tmax, int K, int64_t H) {
+  const size_t end =
+      flag_offset(R, L, Tmax, K) + static_cast<size_t>(R) * Tmax * ((H + 1023) / 1024) * 4;
+  return (end + 7) / 8 * 8;
+}
 __device__ __forceinline__ int* prev_rows2(const Params& p) {
   return reinterpret_cast<int*>(slot_weight(p) + static_cast<int64_t>(p.R) * p.Tmax * p.K);
 }
@@ -184,6 +193,28 @@ __device__ __forceinline__ unsigned ld_acquire_sys_u32(const unsigned* f) {
 }
 __device__ __forceinline__ void st_release_sys_u32(unsigned* f, unsigned v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(f), "r"(v) : "memory");
+}
+
+// defer_ack (one warp of the dispatch send, before the grid allows its receive to start): the
+// receive rounds of this rank that have ended (this kernel is not a programmatic dependent, so
+// every earlier receive has completed, its loads of the peers' records included) and that no
+// dispatch send has acknowledged yet are acknowledged to every source at once. Relaxed, as the
+// receive's own acknowledgement was: only reads of completed kernels are covered.
+__device__ __forceinline__ void ack_deferred(const Params& p) {
+  const int lane = threadIdx.x & 31;
+  unsigned long long pending = 0;
+  if (lane == 0) {
+    const unsigned long long rounds =
+        *reinterpret_cast<volatile unsigned long long*>(done(p, kDoneDispatchRecv)) /
+        static_cast<unsigned>(p.recv_blocks);
+    auto* acked = reinterpret_cast<volatile unsigned long long*>(
+        p.my + p.f.ll + acked_offset(p.R, p.L, p.Tmax, p.K, p.H));
+    pending = rounds - *acked;
+    if (pending != 0) *acked = rounds;
+  }
+  pending = __shfl_sync(kFull, pending, 0);
+  if (pending != 0 && lane < p.R)
+    red_relaxed_sys(ctr(peer(p, lane), p, kAckD, p.rank), pending * kRound);
 }
 
 // Diagnostics: block 0's stamp (first-block proxy) and the latest block's stamp of a phase.
@@ -509,7 +540,8 @@ __device__ __forceinline__ void reset_prev_rows(const Params& p) {
   }
 }
 
-template <bool kRotate = false>
+// kDeferAck: ll_defer_dispatch_ack (ack_deferred by warp 0 of block 0).
+template <bool kRotate = false, bool kDeferAck = false>
 __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
   extern __shared__ uint4 smem_raw[];
   __shared__ unsigned long long s_n;
@@ -544,6 +576,8 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
     load_step(p, sp.row(first_item), sp.first(first_item), xv);
     if (sp.first(first_item) == 0) load_meta(p, sp.row(first_item), first_e, first_wt);
   }
+  if constexpr (kDeferAck)
+    if (blockIdx.x == 0 && warp == 0) ack_deferred(p);
   if (!p.token_flags) reset_prev_rows(p);
   if (threadIdx.x == 0) s_abort = 0;
   for (size_t i = threadIdx.x; i < ps.tpos / 4; i += blockDim.x)
@@ -749,6 +783,9 @@ __device__ void recv_flagged(const Params& p, const int* base, const int* roff, 
 }
 
 // ---- dispatch receive: masked rows of every record as soon as all sources arrived ----
+// kDeferAck (ll_defer_dispatch_ack): no acknowledgement at the end; the next dispatch send of
+// this rank gives it (ack_deferred).
+template <bool kDeferAck = false>
 __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
   extern __shared__ int rsm[];
   __shared__ unsigned long long s_n;
@@ -905,7 +942,7 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
   // Acknowledge every source (its region of mine is free), then count this block done.
   __syncthreads();
   stamp_last(p, 10);
-  if (threadIdx.x < p.R)
+  if (!kDeferAck && threadIdx.x < p.R)
     red_relaxed_sys(ctr(peer(p, threadIdx.x), p, kAckD, p.rank), round_share());
   count_done(p, kDoneDispatchRecv);
   stamp_last(p, 11);
@@ -1192,8 +1229,7 @@ void launch(void (*kernel)(Params), int grid, size_t smem, cudaStream_t stream, 
 
 size_t region_bytes(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k,
                     int64_t hidden) {
-  return flag_offset(num_ranks, experts_per_rank, max_tokens_per_rank, top_k) +
-         static_cast<size_t>(num_ranks) * max_tokens_per_rank * ((hidden + 1023) / 1024) * 4;
+  return acked_offset(num_ranks, experts_per_rank, max_tokens_per_rank, top_k, hidden) + 8;
 }
 
 void prepare(const Params& p) {
@@ -1212,7 +1248,10 @@ void prepare(const Params& p) {
   // which never drains while a peer's kernel spins on a counter.
   for (const void* k : {reinterpret_cast<const void*>(k_dispatch_send<false>),
                         reinterpret_cast<const void*>(k_dispatch_send<true>),
-                        reinterpret_cast<const void*>(k_dispatch_recv),
+                        reinterpret_cast<const void*>(k_dispatch_send<false, true>),
+                        reinterpret_cast<const void*>(k_dispatch_send<true, true>),
+                        reinterpret_cast<const void*>(k_dispatch_recv<false>),
+                        reinterpret_cast<const void*>(k_dispatch_recv<true>),
                         reinterpret_cast<const void*>(k_combine_send),
                         reinterpret_cast<const void*>(k_combine_recv<false>),
                         reinterpret_cast<const void*>(k_combine_recv<true>),
@@ -1220,19 +1259,24 @@ void prepare(const Params& p) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
   }
-  for (auto* k : {k_dispatch_send<false>, k_dispatch_send<true>})
+  for (auto* k : {k_dispatch_send<false>, k_dispatch_send<true>, k_dispatch_send<false, true>,
+                  k_dispatch_send<true, true>})
     FM_CHECK_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(plan)));
-  FM_CHECK_CUDA(cudaFuncSetAttribute(k_dispatch_recv, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(recv_smem(p))));
+  for (auto* k : {k_dispatch_recv<false>, k_dispatch_recv<true>})
+    FM_CHECK_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(recv_smem(p))));
 }
 
 void dispatch_send(const Params& p, cudaStream_t stream) {
-  launch(p.dest_order != 0 ? k_dispatch_send<true> : k_dispatch_send<false>, p.send_blocks,
-         plan_smem(p.E, p.R, p.K, p.Tmax).total, stream, false, p);
+  void (*k)(Params) = p.dest_order != 0 ? k_dispatch_send<true> : k_dispatch_send<false>;
+  if (p.defer_ack)
+    k = p.dest_order != 0 ? k_dispatch_send<true, true> : k_dispatch_send<false, true>;
+  launch(k, p.send_blocks, plan_smem(p.E, p.R, p.K, p.Tmax).total, stream, false, p);
 }
 void dispatch_recv(const Params& p, cudaStream_t stream, bool dependent) {
-  launch(k_dispatch_recv, p.recv_blocks, recv_smem(p), stream, dependent, p);
+  launch(p.defer_ack ? k_dispatch_recv<true> : k_dispatch_recv<false>, p.recv_blocks, recv_smem(p),
+         stream, dependent, p);
 }
 void combine_send(const Params& p, cudaStream_t stream) {
   launch(k_combine_send, p.send_blocks, 0, stream, false, p);

@@ -104,6 +104,13 @@ struct Params {
   // its index over the peers. One byte, in the padding after own_narrow: the default kernels'
   // parameter block keeps its size.
   uint8_t dest_order = 0;
+  // Session 15 late (DeviceEpOptions::ll_defer_dispatch_ack; docs/comm/README.md "Session 15 late:
+  // the low-latency dispatch at 2 ranks, prepared (ll1)"): the dispatch receive does not
+  // acknowledge its sources at its end (k_dispatch_recv<true>); the rank's next dispatch send
+  // acknowledges every receive of the rank that none has yet (k_dispatch_send<*, true>), so the
+  // receive's last instructions store nothing to a peer. One byte, in the padding after
+  // dest_order: the default kernels' parameter block keeps its size.
+  bool defer_ack = false;
 };
 
 // Loads every kernel and sets its shared-memory limit; kInvalidArgument if the send plan does

@@ -18,6 +18,7 @@
 #include "fp8moe/comm/device_ep.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
+#include "host_case_cache.h"
 
 namespace fp8moe::comm {
 namespace {
@@ -29,8 +30,11 @@ void progress(const std::string& what) {
 
 using testing::batches_of;
 using testing::expect_same_dispatch;
+using testing::host_cases;
+using testing::HostCase;
 using testing::make_inputs;
 using testing::RankData;
+using testing::References;
 using testing::Routing;
 
 using testing::gpu_count;
@@ -53,8 +57,10 @@ struct RankBuffers {
 
 struct Harness {
   EpConfig cfg;
-  std::vector<RankData> data;
-  std::vector<std::vector<uint16_t>> ys, grads;
+  std::shared_ptr<HostCase> host;  // shared with the other variants of the case
+  std::vector<RankData> data;      // this harness's copy (tests change tokens and ids in place)
+  const std::vector<std::vector<uint16_t>>& ys;
+  const std::vector<std::vector<uint16_t>>& grads;
   std::vector<RankBuffers> buf;
   std::unique_ptr<DeviceEpGroup> group;
   bool nccl = false;
@@ -62,17 +68,16 @@ struct Harness {
 
   Harness(const EpConfig& c, const std::vector<int>& devices, std::vector<int64_t> tokens,
           Routing routing, uint64_t seed, DeviceEpOptions opt = {})
-      : cfg(c), nccl(opt.wire == Wire::kNccl), expand(opt.expand_payload) {
-    data = make_inputs(cfg, tokens, routing, seed);
+      : cfg(c),
+        host(host_cases().get(c, tokens, routing, seed)),
+        data(host->data),
+        ys(host->ys),
+        grads(host->grads),
+        nccl(opt.wire == Wire::kNccl),
+        expand(opt.expand_payload) {
     group = std::make_unique<DeviceEpGroup>(cfg, devices, opt);
     const int64_t H = cfg.hidden;
     for (int r = 0; r < cfg.num_ranks; ++r) {
-      ys.push_back(testing::expert_outputs(cfg, r, seed));
-      // One row per received slot, drawn on their own: the row bound can be smaller than that.
-      EpConfig rows_cfg = cfg;
-      rows_cfg.masked_capacity = 0;
-      rows_cfg.max_rows = (cfg.max_recv_tokens() + 127) / 128 * 128;
-      grads.push_back(testing::expert_outputs(rows_cfg, r, seed + 1));
       RankBuffers b;
       b.device = devices[r];
       FM_CHECK_CUDA(cudaSetDevice(b.device));
@@ -135,6 +140,10 @@ struct Harness {
   std::vector<uint16_t> out(int r) {
     return to_host(buf[r].device, buf[r].out, data[r].tokens * cfg.hidden);
   }
+  // The CPU references of data as it is now (memoised while it is as drawn).
+  std::shared_ptr<const References> references() {
+    return host_cases().references(cfg, *host, data);
+  }
 };
 
 // One node; a shorter timeout than the CPU tests' (a hung GPU case should fail fast).
@@ -171,20 +180,10 @@ void expand_on_host(const EpConfig& cfg, DispatchResult& got) {
 
 void check_against_reference(Harness& h, int rounds) {
   const EpConfig& cfg = h.cfg;
-  const auto want = dispatch_reference(cfg, batches_of(h.data));
-  std::vector<const uint16_t*> y, g;
-  for (int r = 0; r < cfg.num_ranks; ++r) {
-    y.push_back(h.ys[r].data());
-    g.push_back(h.grads[r].data());
-  }
-  bool overflow = false;
-  for (const auto& w : want) overflow = overflow || w.grouped.overflow;
-  std::vector<std::vector<uint16_t>> want_out;
-  if (overflow) {  // every layout row is dropped: the expert step sums nothing
-    for (int r = 0; r < cfg.num_ranks; ++r) want_out.emplace_back(h.data[r].tokens * cfg.hidden, 0);
-  } else {
-    want_out = combine_reference(cfg, want, y);
-  }
+  const auto refs = h.references();
+  const auto& want = refs->want;
+  const bool overflow = refs->overflow;
+  const auto& want_out = refs->want_out;
   auto check = [&] {
     if (!overflow) return h.group->check();
     try {
@@ -194,7 +193,7 @@ void check_against_reference(Harness& h, int rounds) {
       EXPECT_NE(e.message().find("overflowed its row bound"), std::string::npos) << e.message();
     }
   };
-  const auto want_back = combine_tokens_reference(cfg, want, g);
+  const auto& want_back = refs->want_back;
   for (int round = 0; round < rounds; ++round) {
     SCOPED_TRACE("round " + std::to_string(round));
     progress("round " + std::to_string(round) + ": dispatch");
@@ -696,9 +695,10 @@ void graph_round_replays(int v, int combine_chunk = 0) {
     DeviceEpOptions opt = variant_options(v);
     opt.combine_chunk_tokens = combine_chunk;
     Harness h(cfg, devices_for(2, gpu_count()), {128, 90}, Routing::kRandom, 9, opt);
-    const auto want = dispatch_reference(cfg, batches_of(h.data));
+    const auto refs = h.references();
     std::vector<const uint16_t*> y = {h.ys[0].data(), h.ys[1].data()};
-    const auto want_out = combine_reference(cfg, want, y);
+    const auto want_out =
+        refs->overflow ? combine_reference(cfg, refs->want, y) : refs->want_combine;
     std::vector<cudaGraphExec_t> execs;
     for (int r = 0; r < 2; ++r) {
       FM_CHECK_CUDA(cudaSetDevice(h.buf[r].device));
@@ -1385,10 +1385,11 @@ void graph_round(int R, int gpus, bool low_latency, const std::string& ll_letter
   std::vector<int64_t> tokens(R, 128);
   tokens[R - 1] = 90;
   Harness h(cfg, devices_for(R, gpus), tokens, Routing::kRandom, 9, opt);
-  const auto want = dispatch_reference(cfg, batches_of(h.data));
+  const auto refs = h.references();
+  const auto& want = refs->want;
   std::vector<const uint16_t*> y;
   for (int r = 0; r < R; ++r) y.push_back(h.ys[r].data());
-  const auto want_out = combine_reference(cfg, want, y);
+  const auto want_out = refs->overflow ? combine_reference(cfg, refs->want, y) : refs->want_combine;
   std::vector<cudaGraphExec_t> execs;
   for (int r = 0; r < R; ++r) {
     FM_CHECK_CUDA(cudaSetDevice(h.buf[r].device));

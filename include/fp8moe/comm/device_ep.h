@@ -367,6 +367,22 @@ struct DeviceEpOptions {
   // 23.1 / 23.3 (unchanged). Second call (ep24, 4 x H100, 6 rounds): 32.9 -> 30.3 us at 4 ranks
   // (-8.0 %), 24.4 -> 24.4 at 2. R (1) is the default since; ep_bench's LL letter A sets 0.
   int ll_dispatch_rotate = 1;
+  // Session 15 late (docs/comm/README.md, "Session 15 late: the low-latency dispatch at 2 ranks,
+  // prepared (ll1)"; same results bit for bit; ep_bench --ll-variants letter D): the low-latency
+  // dispatch receive ends without its relaxed add to every source's acknowledgement counter; the
+  // rank's next low-latency dispatch send adds, at its start, one round for every receive of the
+  // rank not yet acknowledged (counted on the device, so CUDA graphs and rounds without combine
+  // stay exact). The receive is the kernel whose end the dispatch waits for, and its last store
+  // went to a peer. A source's next dispatch send then waits (as before, after its plan) for this
+  // rank's next dispatch send to have started, not for its receive to have ended; the source
+  // regions of this rank stay unwritten that much longer. Ignored (the receive acknowledges) when
+  // ranks share a GPU (ranks_per_device > 1): a send would then wait for a send of another rank
+  // that may need the SMs its own blocks hold. Session 16 (2 x H200, 2 ranks, V3 decoding shape,
+  // two processes x 6 rounds): LL dispatch 23.2 -> 22.6 us (-2.4 %), combine unchanged, 8 graph
+  // rounds 35.4 -> 35.1 us a round. Off by default: it couples a rank's next send to its peer's
+  // next send, which costs a rank that runs ahead (the send/receive split's point) more than the
+  // 0.6 us the bench gains with ranks that start together.
+  bool ll_defer_dispatch_ack = false;
 };
 
 // Inputs of one rank, device pointers on that rank's device.
