@@ -83,8 +83,8 @@ struct Options {
   bool ll_expand = true;  // --ll-no-expand: the A/B's dispatch builds the layout only
   int64_t ll_cap = 0;     // --ll-cap: masked capacity of the A/B (0: ranks x ll_tokens)
   // --ll-variants: the A/B's paths (ll_variant_options): "old", "new", or letters of the
-  // low-latency options on top of "new" (N X O T; 0 turns all four off; H, R, W, D: options off by
-  // default), e.g. old,new,0,0N,0T,newR.
+  // low-latency options on top of "new" (N X O T; 0 turns all four off; H, R, W, D, F, G, Z:
+  // options off by default), e.g. old,new,0,0N,0T,newR,newFG.
   std::vector<std::string> ll_variants = {"old", "new"};
   std::string variant = "default";       // the sweep's kernel variant (bench_ab's names; --variant)
   int ab_rounds = 0;                     // rounds of the variant A/B (0: the usual sweep)
@@ -163,9 +163,9 @@ Options parse(int argc, char** argv) {
         const std::string name = l.substr(0, comma);
         const std::string base = name.substr(0, name.find(':'));  // ":bN" / ":rN" suffixes
         const std::string letters = base.rfind("new", 0) == 0 ? base.substr(3) : base;
-        if (base != "old" && letters.find_first_not_of("NXOTHRWA0D") != std::string::npos) {
+        if (base != "old" && letters.find_first_not_of("NXOTHRWA0DFGZ") != std::string::npos) {
           std::fprintf(stderr,
-                       "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTHRWA0D\n",
+                       "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTHRWA0DFGZ\n",
                        name.c_str());
           std::exit(2);
         }
@@ -800,7 +800,9 @@ void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, in
 // default; "0" leaves it as it is); session 14's R / W ll_dispatch_rotate 1 / 2 (the dispatch
 // send's destinations from rank + 1 on, the rank itself last; W moves each item's first peer by its
 // index; R the default since ep24's call, A the ascending order before it; "0" leaves it);
-// session 15 late's D ll_defer_dispatch_ack (off; "0" leaves it).
+// session 15 late's D ll_defer_dispatch_ack (off; "0" leaves it); session 16's F / G
+// ll_defer_acks bits 1 / 2 (the dispatch / combine receive's acknowledgement from the rank's next
+// send kernel) and Z ll_deferred_ack_first_block (given by block 0's warp 0), off.
 // Suffixes ":bN" / ":rN" set the send /
 // receive grids of that path (num_blocks, recv_blocks; else --ll-blocks and --recv-blocks).
 DeviceEpOptions ll_variant_options(const std::string& full) {
@@ -844,6 +846,12 @@ DeviceEpOptions ll_variant_options(const std::string& full) {
       o.ll_dispatch_rotate = 0;
     else if (c == 'D')  // session 15 late: the dispatch acknowledgement from the next send
       o.ll_defer_dispatch_ack = true;
+    else if (c == 'F')  // session 16: the dispatch receive's acknowledgement from the next send
+      o.ll_defer_acks |= 1;
+    else if (c == 'G')  // session 16: the combine receive's acknowledgement from the next send
+      o.ll_defer_acks |= 2;
+    else if (c == 'Z')  // session 16: those from warp 0 of block 0
+      o.ll_deferred_ack_first_block = true;
     else if (c == '0')  // the session-4 kernels: session 5's defaults off
       o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
     else

@@ -307,6 +307,14 @@ struct DeviceEpRank::Impl {
     // NOTE: with ranks sharing a GPU, a send waiting for a peer's next send to start could wait
     // for SMs its own spinning blocks hold, so the receive acknowledges there as before.
     p.defer_ack = opt.ll_defer_dispatch_ack && opt.ranks_per_device <= 1;
+    // Session 16 (ll2): the same fallback (a send of one rank would wait for a kernel of another
+    // that may need the SMs its spinning blocks hold). With ll_defer_dispatch_ack too, the
+    // dispatch acknowledgement takes ll_defer_acks' path (its kernels give both).
+    if (opt.ll_defer_acks != 0 && opt.ranks_per_device <= 1) {
+      p.acks = static_cast<uint8_t>(opt.ll_defer_acks);
+      if (p.defer_ack) p.acks |= ll::kAcksDispatch;
+      if (opt.ll_deferred_ack_first_block) p.acks |= ll::kAcksFirstBlock;
+    }
     return p;
   }
   std::unique_ptr<detail::ForwardEpRank> fwd;  // more than one node: the two-stage route
@@ -428,6 +436,9 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   FM_CHECK_ARG(opt.recv_blocks >= 0, "recv_blocks=", opt.recv_blocks, " must not be negative");
   FM_CHECK_ARG(opt.layout_payload_claims >= 0, "layout_payload_claims=", opt.layout_payload_claims,
                " must not be negative");
+  FM_CHECK_ARG(opt.ll_defer_acks >= 0 && opt.ll_defer_acks <= 3,
+               "ll_defer_acks=", opt.ll_defer_acks,
+               " must be 0..3 (1 dispatch, 2 combine, 3 both)");
   FM_CHECK_ARG(opt.ll_dispatch_rotate >= 0 && opt.ll_dispatch_rotate <= 2,
                "ll_dispatch_rotate=", opt.ll_dispatch_rotate, " must be 0, 1 or 2");
   FM_CHECK_ARG(opt.combine_recv_tile >= 0 && opt.combine_recv_tile <= 32,

@@ -30,6 +30,9 @@
 // destinations rotated by rank, the rank itself last), the default since ep24's second call.
 // Session 15 late (ll1): ll_defer_dispatch_ack (k_dispatch_recv<true> ends without its remote
 // acknowledgement, the rank's next dispatch send gives it: k_dispatch_send<*, true>), off.
+// Session 16 (ll2): ll_defer_acks (Params::acks; the dispatch and / or combine receive end without
+// their remote acknowledgement, the rank's next send kernel, dispatch or combine, gives them:
+// give_acks in k_dispatch_send<*, false, kAcks> and k_combine_send<kAcks>), off.
 // Reference: dispatch_reference / combine_reference (src/comm/ep_reference.cpp), bit for bit.
 // Test: test_comm_gpu --gtest_filter='*LowLatency*' (tests/comm/device_ep_gpu_test.cu).
 #include <algorithm>
@@ -177,6 +180,12 @@ __host__ __device__ inline size_t acked_offset(int R, int L, int64_t Tmax, int K
       flag_offset(R, L, Tmax, K) + static_cast<size_t>(R) * Tmax * ((H + 1023) / 1024) * 4;
   return (end + 7) / 8 * 8;
 }
+// ll_defer_acks (Params::acks & kAcksCombine): the next u64, the combine receive rounds of this
+// rank acknowledged so far (by its send kernels); host-side layout only as well.
+__host__ __device__ inline size_t combine_acked_offset(int R, int L, int64_t Tmax, int K,
+                                                       int64_t H) {
+  return acked_offset(R, L, Tmax, K, H) + 8;
+}
 __device__ __forceinline__ int* prev_rows2(const Params& p) {
   return reinterpret_cast<int*>(slot_weight(p) + static_cast<int64_t>(p.R) * p.Tmax * p.K);
 }
@@ -215,6 +224,56 @@ __device__ __forceinline__ void ack_deferred(const Params& p) {
   pending = __shfl_sync(kFull, pending, 0);
   if (pending != 0 && lane < p.R)
     red_relaxed_sys(ctr(peer(p, lane), p, kAckD, p.rank), pending * kRound);
+}
+
+// ll_defer_acks (one warp of a send kernel, dispatch or combine, before it waits for anything):
+// kAcks & kAcksDispatch, the dispatch receive rounds of this rank that have ended and that no send
+// has acknowledged yet; kAcksCombine, the same for the combine receive. A send kernel is never a
+// programmatic dependent, so every earlier receive of the rank has completed (its loads of the
+// peers' records or partials included); this launch's own receive cannot have counted itself done
+// (it waits for this grid's data, released after this warp's block is through). Relaxed, as the
+// receives' own adds were. The four counts are loaded together with the peers' addresses.
+template <int kAcks>
+__device__ __forceinline__ void give_acks(const Params& p) {
+  const int lane = threadIdx.x & 31;
+  char* const to = lane < p.R ? peer(p, lane) : nullptr;
+  auto* acked = reinterpret_cast<volatile unsigned long long*>(
+      p.my + p.f.ll + acked_offset(p.R, p.L, p.Tmax, p.K, p.H));
+  unsigned long long pd = 0, pc = 0;
+  if (lane == 0) {
+    unsigned long long dd = 0, ad = 0, dc = 0, ac = 0;
+    if constexpr ((kAcks & kAcksDispatch) != 0) {
+      dd = *reinterpret_cast<volatile unsigned long long*>(done(p, kDoneDispatchRecv));
+      ad = acked[0];
+    }
+    if constexpr ((kAcks & kAcksCombine) != 0) {
+      dc = *reinterpret_cast<volatile unsigned long long*>(done(p, kDoneCombineRecv));
+      ac = acked[1];
+    }
+    const unsigned blocks = static_cast<unsigned>(p.recv_blocks);
+    if constexpr ((kAcks & kAcksDispatch) != 0) {
+      pd = dd / blocks - ad;
+      if (pd != 0) acked[0] = dd / blocks;
+    }
+    if constexpr ((kAcks & kAcksCombine) != 0) {
+      pc = dc / blocks - ac;
+      if (pc != 0) acked[1] = dc / blocks;
+    }
+  }
+  pd = __shfl_sync(kFull, pd, 0);
+  pc = __shfl_sync(kFull, pc, 0);
+  if (lane < p.R) {
+    if (pd != 0) red_relaxed_sys(ctr(to, p, kAckD, p.rank), pd * kRound);
+    if (pc != 0) red_relaxed_sys(ctr(to, p, kAckC, p.rank), pc * kRound);
+  }
+}
+// The warp that gives them: the last warp of the last block (the last to get a work item in
+// either numbering, global_warp or spread_warp: no item at the V3 decoding shape), or with
+// kAcksFirstBlock warp 0 of block 0 (ll1's place).
+__device__ __forceinline__ bool acking_warp(const Params& p) {
+  return (p.acks & kAcksFirstBlock) != 0
+             ? blockIdx.x == 0 && threadIdx.x < 32
+             : blockIdx.x == gridDim.x - 1 && (threadIdx.x >> 5) == kWarps - 1;
 }
 
 // Diagnostics: block 0's stamp (first-block proxy) and the latest block's stamp of a phase.
@@ -540,8 +599,9 @@ __device__ __forceinline__ void reset_prev_rows(const Params& p) {
   }
 }
 
-// kDeferAck: ll_defer_dispatch_ack (ack_deferred by warp 0 of block 0).
-template <bool kRotate = false, bool kDeferAck = false>
+// kDeferAck: ll_defer_dispatch_ack (ack_deferred by warp 0 of block 0); kAcks: ll_defer_acks
+// (give_acks by acking_warp; kDeferAck is then false).
+template <bool kRotate = false, bool kDeferAck = false, int kAcks = 0>
 __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
   extern __shared__ uint4 smem_raw[];
   __shared__ unsigned long long s_n;
@@ -578,6 +638,8 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
   }
   if constexpr (kDeferAck)
     if (blockIdx.x == 0 && warp == 0) ack_deferred(p);
+  if constexpr (kAcks != 0)
+    if (acking_warp(p)) give_acks<kAcks>(p);
   if (!p.token_flags) reset_prev_rows(p);
   if (threadIdx.x == 0) s_abort = 0;
   for (size_t i = threadIdx.x; i < ps.tpos / 4; i += blockDim.x)
@@ -950,6 +1012,9 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
 
 // ---- combine send: the weighted partial of every received token back to its source ----
 // Two 256-column steps per lane and iteration, so 2K rows' loads are in flight.
+// kAcks: ll_defer_acks (give_acks by acking_warp, first thing: where combines follow each other
+// the peer's next combine send waits for it at its start).
+template <int kAcks = 0>
 __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   __shared__ int roff[kMaxRanks + 1];
   // Where the partials of source s go: s's staging rows of this rank. NOTE: byte addresses, kept
@@ -960,6 +1025,8 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   __shared__ int s_abort;
   stamp_first(p, 12);
   stamp_last(p, 13);
+  if constexpr (kAcks != 0)
+    if (acking_warp(p)) give_acks<kAcks>(p);
   read_round(p, kDoneCombineSend, &s_n);
   if (threadIdx.x == 0) s_abort = 0;
   if (threadIdx.x <= p.R) roff[threadIdx.x] = at<int32_t>(p.my, p.f.recv_offset)[threadIdx.x];
@@ -1138,8 +1205,9 @@ __device__ __forceinline__ void own_partial(const Params& p, int64_t j, int64_t 
 // ---- combine receive: per token, the partials summed in rank order ----
 // 1024 columns a step: four 256-column pieces of every rank's partial in flight per lane.
 // kOwn: own_recv (my partials of the warp's items computed before the wait, into my own staging
-// rows, which the sums then read like a peer's); kNarrow: own_partial<true> (own_narrow).
-template <bool kOwn, bool kNarrow = false>
+// rows, which the sums then read like a peer's); kNarrow: own_partial<true> (own_narrow);
+// kDeferAck: ll_defer_acks & kAcksCombine (no acknowledgement at the end: give_acks).
+template <bool kOwn, bool kNarrow = false, bool kDeferAck = false>
 __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
   constexpr int kSub = 4;
   __shared__ unsigned long long s_n;
@@ -1214,7 +1282,7 @@ __global__ void __launch_bounds__(kThreads) k_combine_recv(Params p) {
   }
   __syncthreads();
   stamp_last(p, 20);
-  if (threadIdx.x < p.R)
+  if (!kDeferAck && threadIdx.x < p.R)
     red_relaxed_sys(ctr(peer(p, threadIdx.x), p, kAckC, p.rank), round_share());
   count_done(p, kDoneCombineRecv);
   stamp_last(p, 21);
@@ -1225,11 +1293,57 @@ void launch(void (*kernel)(Params), int grid, size_t smem, cudaStream_t stream, 
   detail::launch_kernel(kernel, grid, kThreads, smem, stream, dependent, a);
 }
 
+// The kernels of each step for p's options. ll_defer_acks (Params::acks) takes its own
+// instances; with it, ll_defer_dispatch_ack's kernels are not used (kAcksDispatch covers them).
+using Kernel = void (*)(Params);
+template <bool kRotate>
+Kernel dispatch_send_acks(int acks) {
+  switch (acks & (kAcksDispatch | kAcksCombine)) {
+    case kAcksDispatch:
+      return k_dispatch_send<kRotate, false, kAcksDispatch>;
+    case kAcksCombine:
+      return k_dispatch_send<kRotate, false, kAcksCombine>;
+    default:
+      return k_dispatch_send<kRotate, false, kAcksDispatch | kAcksCombine>;
+  }
+}
+Kernel dispatch_send_kernel(const Params& p) {
+  if ((p.acks & (kAcksDispatch | kAcksCombine)) != 0)
+    return p.dest_order != 0 ? dispatch_send_acks<true>(p.acks) : dispatch_send_acks<false>(p.acks);
+  if (p.defer_ack)
+    return p.dest_order != 0 ? k_dispatch_send<true, true> : k_dispatch_send<false, true>;
+  return p.dest_order != 0 ? k_dispatch_send<true> : k_dispatch_send<false>;
+}
+Kernel dispatch_recv_kernel(const Params& p) {
+  return p.defer_ack || (p.acks & kAcksDispatch) != 0 ? k_dispatch_recv<true>
+                                                      : k_dispatch_recv<false>;
+}
+Kernel combine_send_kernel(const Params& p) {
+  switch (p.acks & (kAcksDispatch | kAcksCombine)) {
+    case kAcksDispatch:
+      return k_combine_send<kAcksDispatch>;
+    case kAcksCombine:
+      return k_combine_send<kAcksCombine>;
+    case kAcksDispatch | kAcksCombine:
+      return k_combine_send<kAcksDispatch | kAcksCombine>;
+    default:
+      return k_combine_send<0>;
+  }
+}
+Kernel combine_recv_kernel(const Params& p) {
+  if ((p.acks & kAcksCombine) != 0)
+    return p.own_recv ? (p.own_narrow ? k_combine_recv<true, true, true>
+                                      : k_combine_recv<true, false, true>)
+                      : k_combine_recv<false, false, true>;
+  return p.own_recv ? (p.own_narrow ? k_combine_recv<true, true> : k_combine_recv<true>)
+                    : k_combine_recv<false>;
+}
+
 }  // namespace
 
 size_t region_bytes(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k,
                     int64_t hidden) {
-  return acked_offset(num_ranks, experts_per_rank, max_tokens_per_rank, top_k, hidden) + 8;
+  return combine_acked_offset(num_ranks, experts_per_rank, max_tokens_per_rank, top_k, hidden) + 8;
 }
 
 void prepare(const Params& p) {
@@ -1252,12 +1366,24 @@ void prepare(const Params& p) {
                         reinterpret_cast<const void*>(k_dispatch_send<true, true>),
                         reinterpret_cast<const void*>(k_dispatch_recv<false>),
                         reinterpret_cast<const void*>(k_dispatch_recv<true>),
-                        reinterpret_cast<const void*>(k_combine_send),
+                        reinterpret_cast<const void*>(k_combine_send<0>),
                         reinterpret_cast<const void*>(k_combine_recv<false>),
                         reinterpret_cast<const void*>(k_combine_recv<true>),
                         reinterpret_cast<const void*>(k_combine_recv<true, true>)}) {
     cudaFuncAttributes attr;
     FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
+  }
+  if ((p.acks & (kAcksDispatch | kAcksCombine)) != 0) {
+    for (const void* k : {reinterpret_cast<const void*>(dispatch_send_kernel(p)),
+                          reinterpret_cast<const void*>(dispatch_recv_kernel(p)),
+                          reinterpret_cast<const void*>(combine_send_kernel(p)),
+                          reinterpret_cast<const void*>(combine_recv_kernel(p))}) {
+      cudaFuncAttributes attr;
+      FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
+    }
+    FM_CHECK_CUDA(cudaFuncSetAttribute(dispatch_send_kernel(p),
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(plan)));
   }
   for (auto* k : {k_dispatch_send<false>, k_dispatch_send<true>, k_dispatch_send<false, true>,
                   k_dispatch_send<true, true>})
@@ -1269,22 +1395,17 @@ void prepare(const Params& p) {
 }
 
 void dispatch_send(const Params& p, cudaStream_t stream) {
-  void (*k)(Params) = p.dest_order != 0 ? k_dispatch_send<true> : k_dispatch_send<false>;
-  if (p.defer_ack)
-    k = p.dest_order != 0 ? k_dispatch_send<true, true> : k_dispatch_send<false, true>;
-  launch(k, p.send_blocks, plan_smem(p.E, p.R, p.K, p.Tmax).total, stream, false, p);
+  launch(dispatch_send_kernel(p), p.send_blocks, plan_smem(p.E, p.R, p.K, p.Tmax).total, stream,
+         false, p);
 }
 void dispatch_recv(const Params& p, cudaStream_t stream, bool dependent) {
-  launch(p.defer_ack ? k_dispatch_recv<true> : k_dispatch_recv<false>, p.recv_blocks, recv_smem(p),
-         stream, dependent, p);
+  launch(dispatch_recv_kernel(p), p.recv_blocks, recv_smem(p), stream, dependent, p);
 }
 void combine_send(const Params& p, cudaStream_t stream) {
-  launch(k_combine_send, p.send_blocks, 0, stream, false, p);
+  launch(combine_send_kernel(p), p.send_blocks, 0, stream, false, p);
 }
 void combine_recv(const Params& p, cudaStream_t stream, bool dependent) {
-  launch(p.own_recv ? (p.own_narrow ? k_combine_recv<true, true> : k_combine_recv<true>)
-                    : k_combine_recv<false>,
-         p.recv_blocks, 0, stream, dependent, p);
+  launch(combine_recv_kernel(p), p.recv_blocks, 0, stream, dependent, p);
 }
 
 void print_trace(const unsigned long long* trace_dev, int rank) {

@@ -71,6 +71,14 @@ struct Params {
   const uint16_t* y = nullptr;
   uint16_t* out = nullptr;
   bool weighted = true;
+  // Session 16 (DeviceEpOptions::ll_defer_acks, ll_deferred_ack_first_block; docs/comm/README.md
+  // "Session 16: LL acknowledgements on the next kernel (ll2)"): kAcksDispatch, the dispatch
+  // receive ends without its acknowledgement (k_dispatch_recv<true>) and the rank's next
+  // low-latency send kernel, dispatch or combine, gives it; kAcksCombine, the same for the combine
+  // receive (k_combine_recv<*, *, true>); kAcksFirstBlock, the adds from warp 0 of block 0
+  // instead of the last warp of the last block. One byte, in the padding after `weighted`: the
+  // other kernels' parameter block keeps its size and layout.
+  uint8_t acks = 0;
   // Diagnostics (FP8MOE_EP_LL_TRACE=1): per-phase %globaltimer stamps of the last round.
   unsigned long long* trace = nullptr;
   // A system-scope fence before each arrival's release add (FP8MOE_EP_LL_FENCE=1, experiment:
@@ -112,6 +120,11 @@ struct Params {
   // dest_order: the default kernels' parameter block keeps its size.
   bool defer_ack = false;
 };
+
+// Params::acks bits.
+inline constexpr uint8_t kAcksDispatch = 1;
+inline constexpr uint8_t kAcksCombine = 2;
+inline constexpr uint8_t kAcksFirstBlock = 4;
 
 // Loads every kernel and sets its shared-memory limit; kInvalidArgument if the send plan does
 // not fit a block.

@@ -383,6 +383,21 @@ struct DeviceEpOptions {
   // next send, which costs a rank that runs ahead (the send/receive split's point) more than the
   // 0.6 us the bench gains with ranks that start together.
   bool ll_defer_dispatch_ack = false;
+  // Session 16 (docs/comm/README.md, "Session 16: LL acknowledgements on the next kernel (ll2)";
+  // same results bit for bit; ep_bench --ll-variants letters F = 1, G = 2, Z; not yet measured):
+  // the low-latency receives end without their remote acknowledgement and the rank's next
+  // low-latency send kernel, dispatch or combine, gives every one not yet given (counted on the
+  // device, as ll_defer_dispatch_ack). Bit 1: the dispatch receive's (in the decoding flow the
+  // combine send gives it; the source's next dispatch send, which waits for it, comes after the
+  // source's combine receive, which needs that combine send's data anyway). Bit 2: the combine
+  // receive's (the next dispatch send gives it; the source's next combine send, which waits for
+  // it at its start, comes after the source's dispatch receive, which needs that send's data).
+  // With ll_defer_dispatch_ack too, bit 1 is implied. Ignored when ranks share a GPU
+  // (ranks_per_device > 1), as ll_defer_dispatch_ack. 0: off (the default).
+  int ll_defer_acks = 0;
+  // With ll_defer_acks: warp 0 of block 0 gives the acknowledgements (ll1's place, on block 0's
+  // path) instead of the last warp of the last block (no work item at the decoding shape).
+  bool ll_deferred_ack_first_block = false;
 };
 
 // Inputs of one rank, device pointers on that rank's device.
