@@ -12,7 +12,7 @@
 #   3. one round with FP8MOE_EP_LL_TRACE=1 (the phase stamps of every variant).
 # Read: scripts/comm/ep_ab_table.py ll_1.jsonl ll_2.jsonl --mode low_latency --ll-trace
 # ll_trace.log. One archive back: $OUT/ll2_s16.tgz. Expected ~1.5-2.5 min wall (+ a cold start);
-# the timeouts keep it under 230 s.
+# the timeouts keep it under 230 s (tests 140, A/B 2 x 35, trace 20).
 set -uo pipefail
 bin=build-ll2/bin archive=build-ll2/bins.tar.xz name=ll2_s16
 # shellcheck source=scripts/device_call_prologue.sh
@@ -23,7 +23,7 @@ export CUDA_VISIBLE_DEVICES=0,1
 
 # 1. Tests.
 F='LowLatencyNextKernelAck.*:NvlinkTest.LowLatencyMatchesReferenceFp8AllGpus'
-timeout 130 "$bin/test_comm_gpu" --gtest_filter="$F" > "$R/tests.log" 2>&1
+timeout 140 "$bin/test_comm_gpu" --gtest_filter="$F" > "$R/tests.log" 2>&1
 rc=$?
 el "1. tests rc=$rc"
 grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[  FAILED  \]|^\[       OK \]" "$R/tests.log" | tail -20
@@ -35,7 +35,7 @@ llv=new,newD,newF,newG,newFG,newFGZ
 for i in 1 2; do
   extra=()
   [[ $i == 2 ]] && extra=(--ll-graph 8)
-  timeout 45 "$bin/ep_bench" --ab-ll 6 --ll-blocks 64 --ll-chunks 4 --iters 30 \
+  timeout 35 "$bin/ep_bench" --ab-ll 6 --ll-blocks 64 --ll-chunks 4 --iters 30 \
     --ll-variants "$llv" "${extra[@]}" --out "$R/ll_$i.jsonl" --date "$d" > "$R/ll_$i.log" 2>&1
   el "2. ll $i rc=$?"
   grep -E "^# ab_ll|^# ll_graph|MISMATCH|mismatch" "$R/ll_$i.log" | head -20
