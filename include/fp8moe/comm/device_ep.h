@@ -384,7 +384,9 @@ struct DeviceEpOptions {
   // 0.6 us the bench gains with ranks that start together.
   bool ll_defer_dispatch_ack = false;
   // Session 16 (docs/comm/README.md, "Session 16: LL acknowledgements on the next kernel (ll2)";
-  // same results bit for bit; ep_bench --ll-variants letters F = 1, G = 2, Z; not yet measured):
+  // same results bit for bit; ep_bench --ll-variants letters F = 1, G = 2, Z; session 16 on 2 x
+  // H200: FG takes the LL dispatch 23.1 -> 22.5 us and the combine 20.4 -> 20.0 in event-timed
+  // rounds, but a graph-replayed round only 35.3 -> 35.1; off until graph replays show more):
   // the low-latency receives end without their remote acknowledgement and the rank's next
   // low-latency send kernel, dispatch or combine, gives every one not yet given (counted on the
   // device, as ll_defer_dispatch_ack). Bit 1: the dispatch receive's (in the decoding flow the
