@@ -163,9 +163,9 @@ Options parse(int argc, char** argv) {
         const std::string name = l.substr(0, comma);
         const std::string base = name.substr(0, name.find(':'));  // ":bN" / ":rN" suffixes
         const std::string letters = base.rfind("new", 0) == 0 ? base.substr(3) : base;
-        if (base != "old" && letters.find_first_not_of("NXOTHRWA0DFGZ") != std::string::npos) {
+        if (base != "old" && letters.find_first_not_of("NXOTHRWA0DFGZU") != std::string::npos) {
           std::fprintf(stderr,
-                       "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTHRWA0DFGZ\n",
+                       "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTHRWA0DFGZU\n",
                        name.c_str());
           std::exit(2);
         }
@@ -802,7 +802,9 @@ void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, in
 // index; R the default since ep24's call, A the ascending order before it; "0" leaves it);
 // session 15 late's D ll_defer_dispatch_ack (off; "0" leaves it); session 16's F / G
 // ll_defer_acks bits 1 / 2 (the dispatch / combine receive's acknowledgement from the rank's next
-// send kernel) and Z ll_deferred_ack_first_block (given by block 0's warp 0), off.
+// send kernel; both the default since session 16's final, U sets 0 first, so "newU" is the
+// session-15 kernels and "newUF" bit 1 alone) and Z ll_deferred_ack_first_block (given by block
+// 0's warp 0, off).
 // Suffixes ":bN" / ":rN" set the send /
 // receive grids of that path (num_blocks, recv_blocks; else --ll-blocks and --recv-blocks).
 DeviceEpOptions ll_variant_options(const std::string& full) {
@@ -852,6 +854,8 @@ DeviceEpOptions ll_variant_options(const std::string& full) {
       o.ll_defer_acks |= 2;
     else if (c == 'Z')  // session 16: those from warp 0 of block 0
       o.ll_deferred_ack_first_block = true;
+    else if (c == 'U')  // session 16: FG is the default; U: every receive acknowledges at its end
+      o.ll_defer_acks = 0;
     else if (c == '0')  // the session-4 kernels: session 5's defaults off
       o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
     else

@@ -69,6 +69,7 @@ EpConfig config(int R, int E, int K, int64_t H, int64_t Tmax, Payload p, int64_t
 // ll_combine_own_narrow.
 DeviceEpOptions options(const std::string& letters) {
   DeviceEpOptions o;
+  o.ll_defer_acks = 0;  // the letters say which deferral runs (the default defers both since s16)
   for (char c : letters) {
     if (c == 'D') o.ll_defer_dispatch_ack = true;
     if (c == '0')

@@ -71,6 +71,7 @@ EpConfig config(int R, int E, int K, int64_t H, int64_t Tmax, Payload p, int64_t
 // N X O T off), A the ascending destination order, H ll_combine_own_narrow.
 DeviceEpOptions options(const std::string& letters) {
   DeviceEpOptions o;
+  o.ll_defer_acks = 0;  // the letters say which deferral runs (the default defers both since s16)
   for (char c : letters) {
     if (c == 'F') o.ll_defer_acks |= 1;
     if (c == 'G') o.ll_defer_acks |= 2;
@@ -627,6 +628,45 @@ TEST_F(LowLatencyNextKernelAck, PeerWithoutNextKernelIsNamedOnTheAcknowledgement
       h.sync();
       if (named)
         expect_timeout(h, 0, c.named, c.rounds);
+      else
+        h.group->rank(0).check();
+    }
+  }
+}
+
+// The defaults defer both acknowledgements (session 16's final): a default group behaves as FG
+// above, and a rank's sends in the decoding flow (dispatch, combine, dispatch) never wait for a
+// kernel its peer has not run.
+TEST_F(LowLatencyNextKernelAck, DefaultsDeferBothAcknowledgements) {
+  EXPECT_EQ(DeviceEpOptions{}.ll_defer_acks, 3);
+  struct Step {
+    const char* before;
+    char then;
+    const char* named;  // on 2 GPUs; nullptr: completes
+  };
+  const Step kSteps[] = {
+      {"d", 'd', "ll_dispatch.ack"}, {"dc", 'c', "ll_combine.ack"}, {"dc", 'd', nullptr},
+      {"dcd", 'c', nullptr},
+  };
+  for (int gpus : {gpu_count(), 1}) {
+    for (const Step& st : kSteps) {
+      SCOPED_TRACE(std::string("defaults, both ") + st.before + ", then rank 0 " + st.then +
+                   " on " + std::to_string(gpus) + " GPU(s)");
+      Harness h(short_config(), devices_for(2, gpus), {16, 16}, Routing::kRandom, 3,
+                DeviceEpOptions{});
+      for (const char* s = st.before; *s; ++s) {
+        if (*s == 'd') h.dispatch();
+        if (*s == 'c') h.combine(true);
+      }
+      h.sync();
+      h.group->check();
+      if (st.then == 'd')
+        h.group->rank(0).dispatch_send(h.batch(0), h.streams[0]);
+      else
+        h.group->rank(0).combine_send(h.y[0], h.streams[0]);
+      h.sync();
+      if (st.named != nullptr && gpus > 1)
+        expect_timeout(h, 0, st.named);
       else
         h.group->rank(0).check();
     }

@@ -384,19 +384,23 @@ struct DeviceEpOptions {
   // 0.6 us the bench gains with ranks that start together.
   bool ll_defer_dispatch_ack = false;
   // Session 16 (docs/comm/README.md, "Session 16: LL acknowledgements on the next kernel (ll2)";
-  // same results bit for bit; ep_bench --ll-variants letters F = 1, G = 2, Z; session 16 on 2 x
-  // H200: FG takes the LL dispatch 23.1 -> 22.5 us and the combine 20.4 -> 20.0 in event-timed
-  // rounds, but a graph-replayed round only 35.3 -> 35.1; off until graph replays show more):
-  // the low-latency receives end without their remote acknowledgement and the rank's next
+  // same results bit for bit; ep_bench --ll-variants letters F = 1, G = 2, U = 0, Z): the
+  // low-latency receives end without their remote acknowledgement and the rank's next
   // low-latency send kernel, dispatch or combine, gives every one not yet given (counted on the
   // device, as ll_defer_dispatch_ack). Bit 1: the dispatch receive's (in the decoding flow the
   // combine send gives it; the source's next dispatch send, which waits for it, comes after the
   // source's combine receive, which needs that combine send's data anyway). Bit 2: the combine
   // receive's (the next dispatch send gives it; the source's next combine send, which waits for
   // it at its start, comes after the source's dispatch receive, which needs that send's data).
-  // With ll_defer_dispatch_ack too, bit 1 is implied. Ignored when ranks share a GPU
-  // (ranks_per_device > 1), as ll_defer_dispatch_ack. 0: off (the default).
-  int ll_defer_acks = 0;
+  // So in the decoding flow (dispatch, expert GEMM, combine on every rank) no rank waits for
+  // anything it did not wait for before; two combines in a row (or two dispatches) couple the
+  // second send to the peer's next send of either kind. With ll_defer_dispatch_ack too, bit 1 is
+  // implied. Ignored when ranks share a GPU (ranks_per_device > 1), as ll_defer_dispatch_ack.
+  // Measured on 2 x H200 (session 16, 2 ranks, V3 decoding shape, 5 processes): dispatch 23.1 ->
+  // 22.5-22.8 us, combine 20.4-20.7 -> 20.0-20.3 event-timed; 8 graph-replayed rounds (4
+  // processes) 35.3 -> 34.9-35.1 us a round. 3 (both) is the default since; 0 = each receive
+  // acknowledges at its end (before session 16).
+  int ll_defer_acks = 3;
   // With ll_defer_acks: warp 0 of block 0 gives the acknowledgements (ll1's place, on block 0's
   // path) instead of the last warp of the last block (no work item at the decoding shape).
   bool ll_deferred_ack_first_block = false;
