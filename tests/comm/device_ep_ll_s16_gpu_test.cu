@@ -645,7 +645,9 @@ TEST_F(LowLatencyNextKernelAck, DefaultsDeferBothAcknowledgements) {
     const char* named;  // on 2 GPUs; nullptr: completes
   };
   const Step kSteps[] = {
-      {"d", 'd', "ll_dispatch.ack"}, {"dc", 'c', "ll_combine.ack"}, {"dc", 'd', nullptr},
+      {"d", 'd', "ll_dispatch.ack"},
+      {"dc", 'c', "ll_combine.ack"},
+      {"dc", 'd', nullptr},
       {"dcd", 'c', nullptr},
   };
   for (int gpus : {gpu_count(), 1}) {
