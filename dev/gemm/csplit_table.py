@@ -6,73 +6,14 @@ run cuBLASLt's time over ours (> 1: ours faster) and, for a /csplitN row, its ti
 forced tile with the workspace split (/splitN, same stages) in the same run (< 1: the cluster
 reduction helps).
 Usage: csplit_table.py A.jsonl [B.jsonl ...]"""
-import json
+import os
 import re
 import sys
 
-CSPLIT = re.compile(r"/csplit(\d+)")
-ANCHOR = "cublaslt_fp8_blockwise"
-
-
-def load(path):
-    shapes = {}
-    for line in open(path):
-        line = line.strip()
-        if not line:
-            continue
-        r = json.loads(line)
-        if r.get("kind") != "dense":
-            continue
-        shapes.setdefault((r["m"], r["n"], r["k"]), []).append(r)
-    return shapes
-
-
-def key(r):
-    return (r["impl"], r.get("tile") or "")
-
-
-def main(paths):
-    if not paths:
-        sys.exit(__doc__)
-    runs = [load(p) for p in paths]
-    order = []
-    for shapes in runs:
-        for s in shapes:
-            if s not in order:
-                order.append(s)
-    n = len(runs)
-    head = ["row"] + [f"us run {i + 1}" for i in range(n)]
-    head += [f"x cuBLASLt {i + 1}" for i in range(n)] + [f"/ plain {i + 1}" for i in range(n)]
-    for m, nn, k in order:
-        print(f"\n### M = {m}, N x K = {nn} x {k}\n")
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        times = []  # per run: {(impl, tile): us}
-        for shapes in runs:
-            times.append({key(r): r["us"] for r in shapes.get((m, nn, k), [])})
-        rows = []
-        for t in times:
-            for r in t:
-                if r not in rows:
-                    rows.append(r)
-        for impl, tile in rows:
-            label = (
-                "forced " if impl == "fp8moe_forced_tile" else impl + " "
-            ) + tile
-            cells = [label]
-            cells += [f"{t[(impl, tile)]:.2f}" if (impl, tile) in t else "-" for t in times]
-            for t in times:
-                anchor = next((v for (i, _), v in t.items() if i == ANCHOR), None)
-                mine = t.get((impl, tile))
-                ok = anchor and mine and impl != ANCHOR
-                cells.append(f"{anchor / mine:.3f}" if ok else "-")
-            mm = CSPLIT.search(tile)
-            for t in times:
-                base = t.get((impl, CSPLIT.sub(r"/split\1", tile))) if mm else None
-                mine = t.get((impl, tile))
-                cells.append(f"{mine / base:.3f}" if base and mine else "-")
-            print("| " + " | ".join(cells) + " |")
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mcast_table  # noqa: E402  (the same table; only the variant's marker differs)
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    mcast_table.main(
+        sys.argv[1:], re.compile(r"/csplit(\d+)"), lambda m: "/split" + m.group(1)
+    )

@@ -30,7 +30,9 @@ def key(r):
     return (r["impl"], r.get("tile") or "")
 
 
-def main(paths):
+def main(paths, variant=MCA, plain=lambda m: ""):
+    """variant: the regex that marks a variant's tile description; plain: what its match is
+    replaced by to name the same tile without the variant (csplit_table.py passes its own)."""
     if not paths:
         sys.exit(__doc__)
     runs = [load(p) for p in paths]
@@ -65,9 +67,9 @@ def main(paths):
                 mine = t.get((impl, tile))
                 ok = anchor and mine and impl != ANCHOR
                 cells.append(f"{anchor / mine:.3f}" if ok else "-")
-            mm = MCA.search(tile)
+            mm = variant.search(tile)
             for t in times:
-                base = t.get((impl, MCA.sub("", tile))) if mm else None
+                base = t.get((impl, variant.sub(plain, tile))) if mm else None
                 mine = t.get((impl, tile))
                 cells.append(f"{mine / base:.3f}" if base and mine else "-")
             print("| " + " | ".join(cells) + " |")
