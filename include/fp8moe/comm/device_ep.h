@@ -396,10 +396,11 @@ struct DeviceEpOptions {
   // anything it did not wait for before; two combines in a row (or two dispatches) couple the
   // second send to the peer's next send of either kind. With ll_defer_dispatch_ack too, bit 1 is
   // implied. Ignored when ranks share a GPU (ranks_per_device > 1), as ll_defer_dispatch_ack.
-  // Measured on 2 x H200 (session 16, 2 ranks, V3 decoding shape, 5 processes): dispatch 23.1 ->
-  // 22.5-22.8 us, combine 20.4-20.7 -> 20.0-20.3 event-timed; 8 graph-replayed rounds (4
-  // processes) 35.3 -> 34.9-35.1 us a round. 3 (both) is the default since; 0 = each receive
-  // acknowledges at its end (before session 16).
+  // Measured on 2 x H200 (session 16, 2 ranks, V3 decoding shape): dispatch 23.1 -> 22.5-22.8 us,
+  // combine 20.4-20.7 -> 20.0-20.3 event-timed, every round below every old-path round; 8
+  // graph-replayed rounds equal (35.2-35.3 us a round both; an earlier 34.9-35.1 was the
+  // variants' order in the rotation). 4 x H200: dispatch -1.8 %. 3 (both) is the default since;
+  // 0 = each receive acknowledges at its end (before session 16).
   int ll_defer_acks = 3;
   // With ll_defer_acks: warp 0 of block 0 gives the acknowledgements (ll1's place, on block 0's
   // path) instead of the last warp of the last block (no work item at the decoding shape).
