@@ -83,7 +83,7 @@ struct Options {
   bool ll_expand = true;  // --ll-no-expand: the A/B's dispatch builds the layout only
   int64_t ll_cap = 0;     // --ll-cap: masked capacity of the A/B (0: ranks x ll_tokens)
   // --ll-variants: the A/B's paths (ll_variant_options): "old", "new", or letters of the
-  // low-latency options on top of "new" (N X O T; 0 turns all four off; H, R, W, D, F, G, Z:
+  // low-latency options on top of "new" (N X O T; 0 turns all four off; H, R, W, D, F, G, Z, V:
   // options off by default), e.g. old,new,0,0N,0T,newR,newFG.
   std::vector<std::string> ll_variants = {"old", "new"};
   std::string variant = "default";       // the sweep's kernel variant (bench_ab's names; --variant)
@@ -804,7 +804,7 @@ void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, in
 // ll_defer_acks bits 1 / 2 (the dispatch / combine receive's acknowledgement from the rank's next
 // send kernel; both the default since session 16's final, U sets 0 first, so "newU" is the
 // session-15 kernels and "newUF" bit 1 alone) and Z ll_deferred_ack_first_block (given by block
-// 0's warp 0, off).
+// 0's warp 0, off); session 17's V ll_recv_plan (the dispatch planned by the receiver, off).
 // Suffixes ":bN" / ":rN" set the send /
 // receive grids of that path (num_blocks, recv_blocks; else --ll-blocks and --recv-blocks).
 DeviceEpOptions ll_variant_options(const std::string& full) {
@@ -856,6 +856,8 @@ DeviceEpOptions ll_variant_options(const std::string& full) {
       o.ll_deferred_ack_first_block = true;
     else if (c == 'U')  // session 16: FG is the default; U: every receive acknowledges at its end
       o.ll_defer_acks = 0;
+    else if (c == 'V')  // session 17 (ll3): the dispatch planned by the receiver
+      o.ll_recv_plan = true;
     else if (c == '0')  // the session-4 kernels: session 5's defaults off
       o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
     else

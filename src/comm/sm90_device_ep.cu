@@ -247,7 +247,9 @@ struct DeviceEpRank::Impl {
   bool ll = false;
   unsigned long long* ll_trace = nullptr;  // FP8MOE_EP_LL_TRACE=1: phase stamps (diagnostics)
   bool ll_fence = false;                   // FP8MOE_EP_LL_FENCE=1 (experiment)
-  unsigned long long* trace = nullptr;     // FP8MOE_EP_TRACE=1: dispatch phase stamps
+  // DeviceEpOptions::ll_recv_plan where the receive's plan fits (the same on every rank).
+  bool ll_recv_plan = false;
+  unsigned long long* trace = nullptr;  // FP8MOE_EP_TRACE=1: dispatch phase stamps
 
   ll::Params ll_params() const {
     ll::Params p;
@@ -301,7 +303,9 @@ struct DeviceEpRank::Impl {
     p.token_flags = opt.ll_token_flags;
     p.early_notify = opt.ll_early_notify || p.token_flags;
     p.spread = opt.ll_combine_spread;
-    p.own_recv = opt.ll_combine_own_recv;
+    // ll_recv_plan: combine_tokens' own partials are the combine send's (own_partial would read
+    // y at the token slot; the rows of y are the records' compact slots).
+    p.own_recv = opt.ll_combine_own_recv && !(ll_recv_plan && !last_weighted);
     p.own_narrow = opt.ll_combine_own_narrow;
     p.dest_order = static_cast<uint8_t>(opt.ll_dispatch_rotate);
     // NOTE: with ranks sharing a GPU, a send waiting for a peer's next send to start could wait
@@ -315,6 +319,7 @@ struct DeviceEpRank::Impl {
       if (p.defer_ack) p.acks |= ll::kAcksDispatch;
       if (opt.ll_deferred_ack_first_block) p.acks |= ll::kAcksFirstBlock;
     }
+    p.recv_plan = ll_recv_plan;
     return p;
   }
   std::unique_ptr<detail::ForwardEpRank> fwd;  // more than one node: the two-stage route
@@ -560,6 +565,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
                            static_cast<int>(dispatch_recv_smem(m.opt, recv_smem_bytes(m.g)))));
   m.ll = opt.low_latency && opt.wire == Wire::kNvlink && cfg.masked_capacity > 0 &&
          cfg.max_tokens_per_rank <= ll::kMaxTokens && cfg.hidden % 128 == 0;
+  m.ll_recv_plan = m.ll && opt.ll_recv_plan && ll::recv_plan_fits(m.g.R, m.g.L, m.g.Tmax, m.g.K);
   if (m.ll && std::getenv("FP8MOE_EP_LL_TRACE")) {
     FM_CHECK_CUDA(cudaMalloc(&m.ll_trace, ll::kTraceSlots * 8));
     FM_CHECK_CUDA(cudaMemset(m.ll_trace, 0, ll::kTraceSlots * 8));
@@ -919,6 +925,23 @@ DispatchResult DeviceEpRank::download() const {
     r.recv.x_bf16.resize(slots * g.H);
     std::memcpy(r.recv.x_bf16.data(), stage.data(), slots * g.H * 2);
   }
+  if (m.ll_recv_plan) {
+    // ll_recv_plan: the payload of record (s, j) sits at slot src_token of s's region (the
+    // sender's token index): moved to slot j, as the other paths leave it.
+    for (int s = 0; s < g.R; ++s)
+      for (int64_t j = 0; j < r.recv.count[s]; ++j) {
+        const size_t slot = static_cast<size_t>(s) * g.Tmax + j;
+        const int32_t t = r.recv.src_token[slot];
+        if (t < 0 || t >= g.Tmax) continue;  // left as it was: the comparison names the slot
+        const size_t from = static_cast<size_t>(s) * g.Tmax + t;
+        if (g.fp8) {
+          std::memcpy(&r.recv.x_fp8[slot * g.H], &stage[from * g.P], g.H);
+          std::memcpy(&r.recv.x_scales[slot * g.SC], &stage[from * g.P + g.H], g.SC * 4);
+        } else {
+          std::memcpy(&r.recv.x_bf16[slot * g.H], &stage[from * g.P], g.H * 2);
+        }
+      }
+  }
   if (m.token_slots && !m.ll) {
     // layout_token_slots: the j-th record of source s sits at the slot of its token (the normal
     // kernels only: the low-latency ones place their records as without the option).
@@ -953,6 +976,26 @@ DispatchResult DeviceEpRank::download() const {
   }
   r.handle.tokens = m.last_tokens;
   get(r.handle.slot, m.lay.slot, m.last_tokens * g.R);
+  if (m.ll_recv_plan) {
+    // token_rows at the token slot (s, src_token) -> the compact slot (s, j); the handle's slot
+    // of token t at d (t, or -1) -> t's index among the tokens that go to d.
+    const std::vector<int32_t> at_token(gr.token_rows);
+    for (int s = 0; s < g.R; ++s)
+      for (int64_t j = 0; j < r.recv.count[s]; ++j) {
+        const size_t slot = static_cast<size_t>(s) * g.Tmax + j;
+        const int32_t t = r.recv.src_token[slot];
+        if (t < 0 || t >= g.Tmax) continue;
+        const size_t from = static_cast<size_t>(s) * g.Tmax + t;
+        std::memcpy(&gr.token_rows[slot * g.K], &at_token[from * g.K], g.K * 4);
+      }
+    for (int d = 0; d < g.R; ++d) {
+      int32_t q = 0;
+      for (int64_t t = 0; t < m.last_tokens; ++t) {
+        int32_t& v = r.handle.slot[t * g.R + d];
+        if (v >= 0) v = q++;
+      }
+    }
+  }
   if (m.direct && !gr.overflow) {
     // dispatch_direct_rows: the regions hold no payload; each record's is its lowest-k row.
     for (int s = 0; s < g.R; ++s)

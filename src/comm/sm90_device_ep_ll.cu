@@ -63,6 +63,8 @@ const char* counter_name(int counter) {
       return "ll_dispatch.notify";
     case kDispatchToken:
       return "ll_dispatch.token";
+    case kDispatchIds:
+      return "ll_dispatch.ids";
     default:
       return nullptr;
   }
@@ -185,6 +187,25 @@ __host__ __device__ inline size_t acked_offset(int R, int L, int64_t Tmax, int K
 __host__ __device__ inline size_t combine_acked_offset(int R, int L, int64_t Tmax, int K,
                                                        int64_t H) {
   return acked_offset(R, L, Tmax, K, H) + 8;
+}
+// recv_plan (session 17, ll3): after the combine count, [R] u64 per-source counters ((round <<
+// 32) | T, st.release by the source's send), then [R][Tmax][K] i32 expert ids (checked, -1 for
+// none) and [R][Tmax][K] f32 gate weights, each source's whole batch; host-side layout only.
+__host__ __device__ inline size_t rp_offset(int R, int L, int64_t Tmax, int K, int64_t H) {
+  return combine_acked_offset(R, L, Tmax, K, H) + 8;
+}
+__host__ __device__ inline size_t rp_bytes(int R, int64_t Tmax, int K) {
+  return static_cast<size_t>(R) * 8 + 2 * static_cast<size_t>(R) * Tmax * K * 4;
+}
+__device__ __forceinline__ unsigned long long* rp_ctr(char* base, const Params& p) {
+  return reinterpret_cast<unsigned long long*>(base + p.f.ll +
+                                               rp_offset(p.R, p.L, p.Tmax, p.K, p.H));
+}
+__device__ __forceinline__ int32_t* rp_ids(char* base, const Params& p) {
+  return reinterpret_cast<int32_t*>(rp_ctr(base, p) + p.R);
+}
+__device__ __forceinline__ float* rp_wts(char* base, const Params& p) {
+  return reinterpret_cast<float*>(rp_ids(base, p) + static_cast<int64_t>(p.R) * p.Tmax * p.K);
 }
 __device__ __forceinline__ int* prev_rows2(const Params& p) {
   return reinterpret_cast<int*>(slot_weight(p) + static_cast<int64_t>(p.R) * p.Tmax * p.K);
@@ -1010,11 +1031,417 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
   stamp_last(p, 11);
 }
 
+// ---- recv_plan (session 17, ll3): the dispatch planned by the receive ----
+// Send: no plan. Once every destination acknowledged the previous round, block 0 stores the
+// rank's expert ids (checked: -1 for none or out of range, reported here) and gate weights at
+// every destination (rp_ids / rp_wts, the rank's source area) and releases one word per
+// destination, (round << 32) | T; meanwhile and after, every warp takes its items (token, range
+// of 1024-column steps), finds the token's destinations from its own ids (lanes k < K),
+// quantises and stores each step at slot t (the token index) of its region at each destination
+// (store_step with the token index as slot) and releases that (slot, step) flag (the round).
+// The send writes its own handle (slot[t][d] = t or -1); the combine receive reads partials at
+// slot t accordingly.
+template <int kAcks = 0>
+__global__ void __launch_bounds__(kThreads, 1) k_dispatch_send_rp(Params p) {
+  __shared__ unsigned long long s_n;
+  __shared__ int s_abort;
+  stamp_first(p, 0);
+  stamp_last(p, 1);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  unsigned long long done_before = 0;
+  if (threadIdx.x == 0)
+    done_before = *reinterpret_cast<volatile unsigned long long*>(done(p, kDoneDispatchSend));
+  const int64_t S = col_steps(p);
+  const Split sp = split(p.T, S);
+  const int64_t first_item = global_warp();
+  uint4 xv[4];
+  int first_e = -1;
+  if (first_item < sp.items) {
+    load_step(p, sp.row(first_item), sp.first(first_item), xv);
+    if (lane < p.K) first_e = expert_of(p, sp.row(first_item), lane, false);
+  }
+  if constexpr (kAcks != 0) {
+    if (acking_warp(p)) give_acks<kAcks>(p);
+  } else {
+    if (p.defer_ack && blockIdx.x == 0 && warp == 0) ack_deferred(p);
+  }
+  if (threadIdx.x == 0) {
+    s_abort = 0;
+    s_n = done_before / gridDim.x + 1;  // see read_round
+  }
+  __syncthreads();
+  // The receive kernel may start now: it synchronises with this grid through counters only.
+  allow_dependent_launch();
+  stamp_last(p, 22);
+  const unsigned long long n = s_n;
+  // Destination d's region of mine (ids and payload) is free once d's receive blocks all finished
+  // the last round.
+  if (threadIdx.x < p.R &&
+      !wait_rounds(ctr(p.my, p, kAckD, threadIdx.x), n - 1, p, threadIdx.x, kDispatchAck))
+    s_abort = 1;
+  __syncthreads();
+  if (s_abort) return;
+  stamp_last(p, 3);
+  if (blockIdx.x == 0) {
+    const int64_t total = p.T * p.K;
+    const int64_t area = static_cast<int64_t>(p.rank) * p.Tmax * p.K;
+    for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+      const int e = checked_expert(p, i / p.K, __ldg(p.idx + i), true);
+      const float wt = __ldg(p.w + i);
+      for (int d = 0; d < p.R; ++d) {
+        char* base = peer(p, d);
+        rp_ids(base, p)[area + i] = e;
+        rp_wts(base, p)[area + i] = wt;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < p.R) {
+      const unsigned long long v = (n << 32) | static_cast<unsigned long long>(p.T);
+      asm volatile(
+          "st.release.sys.global.u64 [%0], %1;" ::"l"(rp_ctr(peer(p, threadIdx.x), p) + p.rank),
+          "l"(v)
+          : "memory");
+    }
+    stamp_last(p, 2);
+  }
+  int32_t* handle = at<int32_t>(p.my, p.f.slot);
+  for (int64_t item = first_item; item < sp.items;
+       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t t = sp.row(item);
+    int e = first_e;
+    if (item != first_item) e = lane < p.K ? expert_of(p, t, lane, false) : -1;
+    const unsigned mask = __reduce_or_sync(kFull, e >= 0 ? 1u << (e / p.L) : 0u);
+    if (sp.first(item) == 0 && lane < p.R)
+      handle[t * p.R + lane] = (mask >> lane) & 1u ? static_cast<int32_t>(t) : -1;
+    for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
+      if (item != first_item || step != sp.first(item)) load_step(p, t, step, xv);
+      if (p.dest_order != 0)
+        store_step(p, step, xv, static_cast<int>(t), mask, dest_order(p, item));
+      else
+        store_step(p, step, xv, static_cast<int>(t), mask);
+    }
+    // Lane d releases this item's steps at destination d (the warp's stores are ordered before
+    // by the warp barrier; the release is cumulative).
+    __syncwarp();
+    if (lane < p.R && ((mask >> lane) & 1u)) {
+      unsigned* f = dflag(peer(p, lane), p) + (static_cast<int64_t>(p.rank) * p.Tmax + t) * S;
+      for (int64_t step = sp.first(item); step < sp.last(item); ++step)
+        st_release_sys_u32(f + step, static_cast<unsigned>(n));
+    }
+  }
+  __syncthreads();
+  stamp_last(p, 4);
+  count_done(p, kDoneDispatchSend);
+  stamp_last(p, 5);
+}
+
+// The receive plan's shared memory: per (source, local expert, 32-token tile) counts (u16, then
+// exclusive prefixes over the source's tiles), per-warp lane masks of the experts, per (source,
+// tile) the lanes whose token has a local expert and their count (then its prefix), each
+// (source, token, k)'s rank among the tile's lanes with that expert, then the per-(source,
+// expert) counts (then the expert's first row of the source), the experts' totals, the compact
+// offsets of the sources' records, the sources' T and their prefix.
+struct RecvPlanSmem {
+  size_t ecnt, emask, rcnt, rball, tpos, base, tot, roff, ts, toff, total;
+};
+__host__ __device__ inline RecvPlanSmem recv_plan_smem(int R, int L, int K, int64_t Tmax) {
+  const size_t nt = static_cast<size_t>((Tmax + kTile - 1) / kTile);
+  RecvPlanSmem s{};
+  size_t at = 0;
+  s.ecnt = at;
+  at = align16(at + static_cast<size_t>(R) * L * nt * 2);
+  s.emask = at;  // [ecnt, rcnt) is cleared at the start
+  at = align16(at + static_cast<size_t>(kWarps) * L * 4);
+  s.rcnt = at;
+  at = align16(at + static_cast<size_t>(R) * nt * 2);
+  s.rball = at;
+  at = align16(at + static_cast<size_t>(R) * nt * 4);
+  s.tpos = at;
+  at = align16(at + static_cast<size_t>(R) * Tmax * K * 2);
+  s.base = at;
+  at = align16(at + static_cast<size_t>(R) * L * 4);
+  s.tot = at;
+  at = align16(at + static_cast<size_t>(L) * 4);
+  s.roff = at;
+  at = align16(at + static_cast<size_t>(R + 1) * 4);
+  s.ts = at;
+  at = align16(at + static_cast<size_t>(R) * 4);
+  s.toff = at;
+  at = align16(at + static_cast<size_t>(R + 1) * 4);
+  s.total = at;
+  return s;
+}
+
+// Receive: per source, one thread waits for the ids word and reads T; every block plans the
+// local experts of every source's tokens in shared memory (per 32-token tile: the ballot of the
+// tokens with a local expert, per-expert lane masks and each (t, k)'s rank among them; prefixes
+// over the tiles, then over the sources in rank order: rows of an expert ascend by (source,
+// token), the reference's order) and block 0 writes the counts and the layout as the other
+// receives do. Items are (source token, range of steps) over every source's T tokens; an item
+// whose token has no local expert ends at once; the others wait for their steps' flags, write
+// the layout entries (step-0 items: m_indices, row_src, row_weight, token_rows and the slot's
+// weight at the token slot s * Tmax + t, and the record's src_token, topk_local, topk_pos and
+// weight at its compact slot s * Tmax + j, which download() and the combine send read) and copy
+// the steps from slot t into every row of the token.
+template <bool kDeferAck = false>
+__global__ void __launch_bounds__(kThreads) k_dispatch_recv_rp(Params p) {
+  extern __shared__ uint4 smem_raw[];
+  __shared__ unsigned long long s_n;
+  __shared__ int s_abort, s_largest;
+  char* sm = reinterpret_cast<char*>(smem_raw);
+  const RecvPlanSmem ps = recv_plan_smem(p.R, p.L, p.K, p.Tmax);
+  uint16_t* ecnt = reinterpret_cast<uint16_t*>(sm + ps.ecnt);
+  uint32_t* emask = reinterpret_cast<uint32_t*>(sm + ps.emask);
+  uint16_t* rcnt = reinterpret_cast<uint16_t*>(sm + ps.rcnt);
+  uint32_t* rball = reinterpret_cast<uint32_t*>(sm + ps.rball);
+  uint16_t* tpos = reinterpret_cast<uint16_t*>(sm + ps.tpos);
+  int* base = reinterpret_cast<int*>(sm + ps.base);
+  int* tot = reinterpret_cast<int*>(sm + ps.tot);
+  int* roff = reinterpret_cast<int*>(sm + ps.roff);
+  int* ts = reinterpret_cast<int*>(sm + ps.ts);
+  int* toff = reinterpret_cast<int*>(sm + ps.toff);
+  const int NT = static_cast<int>((p.Tmax + kTile - 1) / kTile);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  stamp_first(p, 6);
+  stamp_last(p, 7);
+  read_round(p, kDoneDispatchRecv, &s_n);
+  if (threadIdx.x == 0) {
+    s_abort = 0;
+    s_largest = 0;
+  }
+  for (size_t i = threadIdx.x; i < ps.rcnt / 4; i += blockDim.x)
+    reinterpret_cast<uint32_t*>(sm)[i] = 0;
+  __syncthreads();
+  const unsigned long long n = s_n;
+  if (threadIdx.x < p.R) {
+    unsigned long long* c = rp_ctr(p.my, p) + threadIdx.x;
+    if (wait_rounds(c, n, p, threadIdx.x, kDispatchIds))
+      ts[threadIdx.x] =
+          static_cast<int>(*reinterpret_cast<volatile unsigned long long*>(c) & 0xFFFFFFFFull);
+    else
+      s_abort = 1;
+  }
+  __syncthreads();
+  if (s_abort) return;  // the error is recorded; check() reports it
+  stamp_last(p, 26);
+  if (threadIdx.x == 0) {
+    toff[0] = 0;
+    for (int s = 0; s < p.R; ++s) toff[s + 1] = toff[s] + ts[s];
+  }
+  // Plan: (source, tile) jobs dealt to the warps.
+  const int32_t* ids = rp_ids(p.my, p);
+  const int lo = p.rank * p.L;
+  uint32_t* em = emask + warp * p.L;
+  {
+    int s = 0, tile = warp;
+    for (;;) {
+      while (s < p.R && tile >= (ts[s] + kTile - 1) / kTile) {
+        tile -= (ts[s] + kTile - 1) / kTile;
+        ++s;
+      }
+      if (s >= p.R) break;
+      const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
+      const int64_t slot = static_cast<int64_t>(s) * p.Tmax + t;
+      int le[kMaxTopK];
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) {
+        const int e = t < ts[s] && k < p.K ? __ldcg(ids + slot * p.K + k) : -1;
+        le[k] = e >= lo && e < lo + p.L ? e - lo : -1;
+      }
+      bool here = false;
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) here = here || le[k] >= 0;
+      const uint32_t b = __ballot_sync(kFull, here);
+      if (lane == 0) {
+        rball[s * NT + tile] = b;
+        rcnt[s * NT + tile] = static_cast<uint16_t>(__popc(b));
+      }
+      // NOTE: the ids of a token are distinct, so one lane holds an expert at most once.
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k)
+        if (le[k] >= 0) atomicOr(em + le[k], 1u << lane);
+      __syncwarp();
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) {
+        if (le[k] < 0) continue;
+        const uint32_t mm = em[le[k]];
+        tpos[slot * p.K + k] = static_cast<uint16_t>(__popc(mm & lanemask_lt()));
+        if (lane == __ffs(mm) - 1)
+          ecnt[(s * p.L + le[k]) * NT + tile] = static_cast<uint16_t>(__popc(mm));
+      }
+      __syncwarp();
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k)
+        if (le[k] >= 0) em[le[k]] = 0;
+      __syncwarp();
+      tile += kWarps;
+    }
+  }
+  __syncthreads();
+  // Exclusive prefixes over each source's tiles: per (source, expert), then per source.
+  for (int c = threadIdx.x; c < p.R * p.L + p.R; c += blockDim.x) {
+    const int s = c < p.R * p.L ? c / p.L : c - p.R * p.L;
+    uint16_t* col = c < p.R * p.L ? ecnt + c * NT : rcnt + s * NT;
+    const int ntiles = (ts[s] + kTile - 1) / kTile;
+    int run = 0;
+    for (int tile = 0; tile < ntiles; ++tile) {
+      const int v = col[tile];
+      col[tile] = static_cast<uint16_t>(run);
+      run += v;
+    }
+    if (c < p.R * p.L)
+      base[c] = run;
+    else
+      roff[s + 1] = run;  // the source's records; made a prefix below
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < p.L; e += blockDim.x) {
+    int run = 0;
+    for (int s = 0; s < p.R; ++s) {
+      const int c = base[s * p.L + e];
+      base[s * p.L + e] = run;
+      run += c;
+    }
+    tot[e] = run;
+    atomicMax(&s_largest, run);
+  }
+  int32_t* recv_count = at<int32_t>(p.my, p.f.recv_count);
+  if (threadIdx.x == 32) {
+    roff[0] = 0;
+    for (int s = 0; s < p.R; ++s) {
+      if (blockIdx.x == 0) recv_count[s] = roff[s + 1];
+      roff[s + 1] += roff[s];
+    }
+  }
+  __syncthreads();
+  stamp_last(p, 8);
+  const bool ovf = s_largest > p.cap;
+  int64_t* status = at<int64_t>(p.my, p.f.status);
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e <= p.L; e += blockDim.x) {
+      if (e < p.L) at<int32_t>(p.my, p.f.expert_counts)[e] = tot[e];
+      at<int32_t>(p.my, p.f.expert_offsets)[e] = static_cast<int32_t>(e * p.cap);
+    }
+    if (threadIdx.x <= p.R) at<int32_t>(p.my, p.f.recv_offset)[threadIdx.x] = roff[threadIdx.x];
+    if (threadIdx.x == 0) {
+      status[p.st_rows_needed] = ovf ? s_largest : p.L * p.cap;
+      status[p.st_overflow] = ovf;
+      status[p.st_num_recv] = roff[p.R];
+    }
+  }
+  int32_t* m_indices = at<int32_t>(p.my, p.f.m_indices);
+  int32_t* row_src = at<int32_t>(p.my, p.f.row_src);
+  {
+    // The previous round's rows that this round does not rewrite become padding again (as the
+    // token_flags receive: rows per round kept by parity).
+    const int* before = prev_rows2(p) + ((n - 1) & 1) * p.L;
+    for (int e = blockIdx.x; e < p.L; e += gridDim.x) {
+      const int to = __ldcg(before + e);
+      for (int r = (ovf ? 0 : tot[e]) + threadIdx.x; r < to; r += blockDim.x) {
+        m_indices[e * p.cap + r] = -1;
+        row_src[e * p.cap + r] = -1;
+      }
+    }
+    if (blockIdx.x == 0)
+      for (int e = threadIdx.x; e < p.L; e += blockDim.x)
+        prev_rows2(p)[(n & 1) * p.L + e] = ovf ? 0 : tot[e];
+  }
+  stamp_last(p, 9);
+  const int64_t es = p.fp8 ? 1 : 2;
+  const int64_t row_bytes = p.H * es;
+  const bool copy = p.expand && !ovf;
+  const int64_t S = col_steps(p);
+  const Split sp = split(toff[p.R], S);
+  char* gx = p.my + p.f.gx;
+  float* gs = at<float>(p.my, p.f.gscales);
+  const unsigned* flags = dflag(p.my, p);
+  const float* wts = rp_wts(p.my, p);
+  for (int64_t item = global_warp(); item < sp.items;
+       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t i = sp.row(item);
+    int s = 0;
+    while (toff[s + 1] <= i) ++s;
+    const int64_t t = i - toff[s];
+    const int tile = static_cast<int>(t / kTile), bit = static_cast<int>(t % kTile);
+    const uint32_t b = rball[s * NT + tile];
+    if (((b >> bit) & 1u) == 0) continue;  // no local expert: not a record here
+    const int64_t j = rcnt[s * NT + tile] + __popc(b & ((1u << bit) - 1u));
+    const int64_t slot = static_cast<int64_t>(s) * p.Tmax + t;
+    const char* rec = p.my + p.f.stage + slot * p.P;
+    const unsigned* f = flags + slot * S;
+    const int64_t first = sp.first(item), last = sp.last(item);
+    bool ok = true;
+    for (int64_t q = lane; q < last - first && ok; q += 32)
+      ok = wait_flag(f + first + q, static_cast<unsigned>(n), p, s);
+    if (__any_sync(kFull, !ok)) return;  // recorded; check() reports it
+    __syncwarp();
+    const bool meta = first == 0;
+    int row = -1;
+    if (lane < p.K) {
+      const int e = __ldcg(ids + slot * p.K + lane);
+      const int le = e >= lo && e < lo + p.L ? e - lo : -1;
+      const int pos = le >= 0 ? ecnt[(s * p.L + le) * NT + tile] + tpos[slot * p.K + lane] : -1;
+      if (le >= 0 && !ovf) row = static_cast<int>(le * p.cap) + base[s * p.L + le] + pos;
+      if (meta) {
+        const float wt = __ldcg(wts + slot * p.K + lane);
+        if (row >= 0) {
+          m_indices[row] = le;
+          row_src[row] = static_cast<int32_t>((roff[s] + j) * p.K + lane);
+          at<float>(p.my, p.f.row_weight)[row] = wt;
+        }
+        at<int32_t>(p.my, p.f.token_rows)[slot * p.K + lane] = row;
+        slot_weight(p)[slot * p.K + lane] = row >= 0 ? wt : 0.0f;
+        const int64_t cs = (static_cast<int64_t>(s) * p.Tmax + j) * p.K + lane;
+        at<int32_t>(p.my, p.f.topk_local)[cs] = le;
+        at<int32_t>(p.my, p.f.topk_pos)[cs] = pos;
+        at<float>(p.my, p.f.weight)[cs] = wt;
+      }
+    }
+    if (meta && lane == 0)
+      at<int32_t>(p.my, p.f.src_token)[static_cast<int64_t>(s) * p.Tmax + j] =
+          static_cast<int32_t>(t);
+    if (!copy) continue;
+    int rows[kMaxTopK];
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
+    for (int64_t step = first; step < last; ++step) {
+      const int64_t b0 = step * 1024 * es + lane * 16;
+      uint4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (u < 2 * es && b0 + u * 512 < row_bytes)
+          v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + b0 + u * 512));
+      const int64_t si = step * 8 + lane;  // lanes 0-7: the step's scales
+      const bool sl = p.fp8 && lane < 8 && si < p.SC;
+      const float sc = sl ? __ldcg(reinterpret_cast<const float*>(rec + p.H) + si) : 0.0f;
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) {
+        if (k >= p.K || rows[k] < 0) continue;
+        char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + b0;
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (u < 2 * es && b0 + u * 512 < row_bytes)
+            *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
+        if (sl) gs[static_cast<int64_t>(rows[k]) * p.SC + si] = sc;
+      }
+    }
+  }
+  // Acknowledge every source (its region of mine is free), then count this block done.
+  __syncthreads();
+  stamp_last(p, 10);
+  if (!kDeferAck && threadIdx.x < p.R)
+    red_relaxed_sys(ctr(peer(p, threadIdx.x), p, kAckD, p.rank), round_share());
+  count_done(p, kDoneDispatchRecv);
+  stamp_last(p, 11);
+}
+
 // ---- combine send: the weighted partial of every received token back to its source ----
 // Two 256-column steps per lane and iteration, so 2K rows' loads are in flight.
 // kAcks: ll_defer_acks (give_acks by acking_warp, first thing: where combines follow each other
-// the peer's next combine send waits for it at its start).
-template <int kAcks = 0>
+// the peer's next combine send waits for it at its start). kTokSlot (recv_plan): record j of
+// source s is token src_token[s * Tmax + j] of s, whose token_rows, slot weights and staging row
+// at s sit at its token slot t (k_dispatch_recv_rp, k_dispatch_send_rp's handle).
+template <int kAcks = 0, bool kTokSlot = false>
 __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   __shared__ int roff[kMaxRanks + 1];
   // Where the partials of source s go: s's staging rows of this rank. NOTE: byte addresses, kept
@@ -1043,12 +1470,19 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
   const int64_t own = p.own_recv ? roff[p.rank + 1] - roff[p.rank] : 0;
   const Split sp = split(roff[p.R] - own, (p.H + 511) / 512);
   // Lane k: the row and gate weight of (slot of item, k); the first item's loaded while waiting.
+  // kTokSlot: j becomes the record's token slot; jc keeps its compact index (the row of y of
+  // combine_tokens).
+  int64_t jc = 0;
   auto slot_of = [&](int64_t item, int64_t& j) {
     int64_t i = sp.row(item);
     if (i >= roff[p.rank]) i += own;
     int s = 0;
     while (roff[s + 1] <= i) ++s;
     j = i - roff[s];
+    if constexpr (kTokSlot) {
+      jc = j;
+      j = at<int32_t>(p.my, p.f.src_token)[s * p.Tmax + j];
+    }
     return s;
   };
   const int64_t first_item = p.spread ? spread_warp() : global_warp();
@@ -1086,6 +1520,7 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
       ws[k] = __shfl_sync(kFull, wt, k < p.K ? k : 0);
       if (k >= p.K) rows[k] = -1;
     }
+    const int64_t yslot = kTokSlot ? static_cast<int64_t>(s) * p.Tmax + jc : slot;
     uint16_t* dst = reinterpret_cast<uint16_t*>(s_dst[s] + j * p.H * 2);
     for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
       const int64_t c0 = step * 512 + lane * 8;
@@ -1094,7 +1529,7 @@ __global__ void __launch_bounds__(kThreads) k_combine_send(Params p) {
 #pragma unroll
         for (int u = 0; u < 2; ++u)
           if (c0 + u * 256 < p.H)
-            v[u] = __ldg(reinterpret_cast<const uint4*>(p.y + slot * p.H + c0 + u * 256));
+            v[u] = __ldg(reinterpret_cast<const uint4*>(p.y + yslot * p.H + c0 + u * 256));
 #pragma unroll
         for (int u = 0; u < 2; ++u)
           if (c0 + u * 256 < p.H) *reinterpret_cast<uint4*>(dst + c0 + u * 256) = v[u];
@@ -1308,6 +1743,18 @@ Kernel dispatch_send_acks(int acks) {
   }
 }
 Kernel dispatch_send_kernel(const Params& p) {
+  if (p.recv_plan) {
+    switch (p.acks & (kAcksDispatch | kAcksCombine)) {
+      case kAcksDispatch:
+        return k_dispatch_send_rp<kAcksDispatch>;
+      case kAcksCombine:
+        return k_dispatch_send_rp<kAcksCombine>;
+      case kAcksDispatch | kAcksCombine:
+        return k_dispatch_send_rp<kAcksDispatch | kAcksCombine>;
+      default:
+        return k_dispatch_send_rp<0>;
+    }
+  }
   if ((p.acks & (kAcksDispatch | kAcksCombine)) != 0)
     return p.dest_order != 0 ? dispatch_send_acks<true>(p.acks) : dispatch_send_acks<false>(p.acks);
   if (p.defer_ack)
@@ -1315,10 +1762,25 @@ Kernel dispatch_send_kernel(const Params& p) {
   return p.dest_order != 0 ? k_dispatch_send<true> : k_dispatch_send<false>;
 }
 Kernel dispatch_recv_kernel(const Params& p) {
+  if (p.recv_plan)
+    return p.defer_ack || (p.acks & kAcksDispatch) != 0 ? k_dispatch_recv_rp<true>
+                                                        : k_dispatch_recv_rp<false>;
   return p.defer_ack || (p.acks & kAcksDispatch) != 0 ? k_dispatch_recv<true>
                                                       : k_dispatch_recv<false>;
 }
 Kernel combine_send_kernel(const Params& p) {
+  if (p.recv_plan) {
+    switch (p.acks & (kAcksDispatch | kAcksCombine)) {
+      case kAcksDispatch:
+        return k_combine_send<kAcksDispatch, true>;
+      case kAcksCombine:
+        return k_combine_send<kAcksCombine, true>;
+      case kAcksDispatch | kAcksCombine:
+        return k_combine_send<kAcksDispatch | kAcksCombine, true>;
+      default:
+        return k_combine_send<0, true>;
+    }
+  }
   switch (p.acks & (kAcksDispatch | kAcksCombine)) {
     case kAcksDispatch:
       return k_combine_send<kAcksDispatch>;
@@ -1343,7 +1805,13 @@ Kernel combine_recv_kernel(const Params& p) {
 
 size_t region_bytes(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k,
                     int64_t hidden) {
-  return combine_acked_offset(num_ranks, experts_per_rank, max_tokens_per_rank, top_k, hidden) + 8;
+  return rp_offset(num_ranks, experts_per_rank, max_tokens_per_rank, top_k, hidden) +
+         rp_bytes(num_ranks, max_tokens_per_rank, top_k);
+}
+
+bool recv_plan_fits(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k) {
+  return recv_plan_smem(num_ranks, experts_per_rank, top_k, max_tokens_per_rank).total <=
+         200 * 1024;
 }
 
 void prepare(const Params& p) {
@@ -1392,14 +1860,29 @@ void prepare(const Params& p) {
   for (auto* k : {k_dispatch_recv<false>, k_dispatch_recv<true>})
     FM_CHECK_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(recv_smem(p))));
+  if (p.recv_plan) {
+    FM_CHECK_ARG(recv_plan_fits(p.R, p.L, p.Tmax, p.K), "ll_recv_plan: the receive plan of ", p.R,
+                 " ranks x ", p.Tmax, " tokens does not fit a block");
+    for (const void* k : {reinterpret_cast<const void*>(dispatch_send_kernel(p)),
+                          reinterpret_cast<const void*>(dispatch_recv_kernel(p)),
+                          reinterpret_cast<const void*>(combine_send_kernel(p))}) {
+      cudaFuncAttributes attr;
+      FM_CHECK_CUDA(cudaFuncGetAttributes(&attr, k));
+    }
+    FM_CHECK_CUDA(
+        cudaFuncSetAttribute(dispatch_recv_kernel(p), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(recv_plan_smem(p.R, p.L, p.K, p.Tmax).total)));
+  }
 }
 
 void dispatch_send(const Params& p, cudaStream_t stream) {
-  launch(dispatch_send_kernel(p), p.send_blocks, plan_smem(p.E, p.R, p.K, p.Tmax).total, stream,
-         false, p);
+  launch(dispatch_send_kernel(p), p.send_blocks,
+         p.recv_plan ? 0 : plan_smem(p.E, p.R, p.K, p.Tmax).total, stream, false, p);
 }
 void dispatch_recv(const Params& p, cudaStream_t stream, bool dependent) {
-  launch(dispatch_recv_kernel(p), p.recv_blocks, recv_smem(p), stream, dependent, p);
+  launch(dispatch_recv_kernel(p), p.recv_blocks,
+         p.recv_plan ? recv_plan_smem(p.R, p.L, p.K, p.Tmax).total : recv_smem(p), stream,
+         dependent, p);
 }
 void combine_send(const Params& p, cudaStream_t stream) {
   launch(combine_send_kernel(p), p.send_blocks, 0, stream, false, p);

@@ -22,6 +22,7 @@ enum Counter : int {
   kCombineAck = 19,
   kDispatchNotify = 20,  // [rank][src]: src's per-expert counts are in (ll_early_notify)
   kDispatchToken = 21,   // [rank][src]: a 1024-column step of one of src's records (token_flags)
+  kDispatchIds = 22,     // [rank][src]: src's T, expert ids and weights are in (recv_plan)
 };
 // "ll_dispatch.data" etc., nullptr for other ids.
 const char* counter_name(int counter);
@@ -79,6 +80,15 @@ struct Params {
   // instead of the last warp of the last block. One byte, in the padding after `weighted`: the
   // other kernels' parameter block keeps its size and layout.
   uint8_t acks = 0;
+  // Session 17 (DeviceEpOptions::ll_recv_plan; docs/comm/README.md "Session 17: the low-latency
+  // dispatch planned by the receiver, prepared (ll3)"): the dispatch send plans nothing: block 0
+  // stores the rank's T, expert ids and weights at every destination (one counter per source,
+  // st.release of (round << 32) | T), every warp stores its tokens' payload at slot t (the token
+  // index) of its region at each destination and releases the step flags; the receive plans its
+  // local experts from the sources' ids (k_dispatch_send_rp, k_dispatch_recv_rp); the combine send
+  // maps each record's compact index to its token slot (k_combine_send<*, true>). One byte, in the
+  // padding after acks: the other kernels' parameter block keeps its size.
+  bool recv_plan = false;
   // Diagnostics (FP8MOE_EP_LL_TRACE=1): per-phase %globaltimer stamps of the last round.
   unsigned long long* trace = nullptr;
   // A system-scope fence before each arrival's release add (FP8MOE_EP_LL_FENCE=1, experiment:
@@ -129,6 +139,9 @@ inline constexpr uint8_t kAcksFirstBlock = 4;
 // Loads every kernel and sets its shared-memory limit; kInvalidArgument if the send plan does
 // not fit a block.
 void prepare(const Params& p);
+// recv_plan: whether the receive's plan (shared memory, every source's tokens) fits a block;
+// where it does not, the rank runs the default kernels (the same answer on every rank).
+bool recv_plan_fits(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k);
 void dispatch_send(const Params& p, cudaStream_t stream);
 void dispatch_recv(const Params& p, cudaStream_t stream, bool dependent);
 void combine_send(const Params& p, cudaStream_t stream);

@@ -64,7 +64,7 @@ inline EpConfig short_config() {
 // Letters as ep_bench's --ll-variants: F / G ll_defer_acks bits 1 / 2, Z
 // ll_deferred_ack_first_block, D ll_defer_dispatch_ack, 0 the session-4 kernels (session 5's
 // N X O T off), A the ascending destination order (ll_dispatch_rotate 0), H
-// ll_combine_own_narrow.
+// ll_combine_own_narrow, V ll_recv_plan (session 17).
 inline DeviceEpOptions options(const std::string& letters) {
   DeviceEpOptions o;
   o.ll_defer_acks = 0;  // the letters say which deferral runs (the default defers both since s16)
@@ -77,6 +77,7 @@ inline DeviceEpOptions options(const std::string& letters) {
       o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
     if (c == 'A') o.ll_dispatch_rotate = 0;
     if (c == 'H') o.ll_combine_own_narrow = true;
+    if (c == 'V') o.ll_recv_plan = true;
   }
   return o;
 }

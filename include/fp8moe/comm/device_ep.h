@@ -405,6 +405,15 @@ struct DeviceEpOptions {
   // With ll_defer_acks: warp 0 of block 0 gives the acknowledgements (ll1's place, on block 0's
   // path) instead of the last warp of the last block (no work item at the decoding shape).
   bool ll_deferred_ack_first_block = false;
+  // Session 17 (ll3; docs/comm/README.md "Session 17: the low-latency dispatch planned by the
+  // receiver, prepared (ll3)"): the low-latency dispatch send plans nothing; it stores the rank's
+  // expert ids and weights at every destination behind one counter per source, then each token's
+  // payload at the slot of its token index with a flag per 1024-column step; each receive plans
+  // its local experts from the sources' ids (the same layout, records and handle as the default,
+  // bit for bit) and the combine send finds each record's token slot. Falls back to the default
+  // where the receive's plan does not fit a block's shared memory (ranks x max_tokens_per_rank x
+  // top_k x 2 bytes and more; 200 KB). Not measured on a GPU yet: off.
+  bool ll_recv_plan = false;
 };
 
 // Inputs of one rank, device pointers on that rank's device.

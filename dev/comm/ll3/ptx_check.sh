@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# ll3's PTX check (session 17): every kernel and device function of sm90_device_ep_ll.cu before
+# the change has the identical body after it (tools/ptx_same_functions.py). k_combine_send gained
+# a trailing defaulted parameter (bool kTokSlot = false): "k_combine_send<N, false>(" is renamed
+# back to "k_combine_send<N>(". The new kernels (k_dispatch_send_rp<*>, k_dispatch_recv_rp<*>,
+# k_combine_send<*, true>) are the only functions allowed to differ (ONLY AFTER).
+# Usage: ptx_check.sh BEFORE.ptx AFTER.ptx (made with the build's own nvcc command, -ptx; see the
+# tool's docstring).
+set -uo pipefail
+before=$1 after=$2
+root=$(cd "$(dirname "$0")/../../.." && pwd)
+renames=()
+while IFS= read -r name; do
+  [[ -z $name ]] && continue
+  renames+=(--rename "${name}=$(sed -E 's/, false>\($/>(/' <<<"$name")")
+done < <(grep -oE '_Z[A-Za-z0-9_$]+' "$after" | sort -u | c++filt |
+           grep -oE 'k_combine_send<[^()]*, false>\(' | sort -u)
+out=$(python3 "$root/tools/ptx_same_functions.py" --before "$before" --after "$after" "${renames[@]}")
+echo "$out" | tail -1
+bad=$(echo "$out" | grep -vE '^identical|functions compared' |
+        grep -vE '^ONLY AFTER +entry \{void fp8moe::comm::ll::(k_dispatch_send_rp<[0-3]>|k_dispatch_recv_rp<(true|false)>|k_combine_send<[0-3], true>)\(')
+if [[ -n $bad ]]; then
+  echo "$bad"
+  exit 1
+fi
+echo "every function of before identical after; new: $(echo "$out" | grep -c '^ONLY AFTER') kernels"
