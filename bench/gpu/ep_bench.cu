@@ -163,9 +163,9 @@ Options parse(int argc, char** argv) {
         const std::string name = l.substr(0, comma);
         const std::string base = name.substr(0, name.find(':'));  // ":bN" / ":rN" suffixes
         const std::string letters = base.rfind("new", 0) == 0 ? base.substr(3) : base;
-        if (base != "old" && letters.find_first_not_of("NXOTHRWA0DFGZU") != std::string::npos) {
+        if (base != "old" && letters.find_first_not_of("NXOTHRWA0DFGZUV") != std::string::npos) {
           std::fprintf(stderr,
-                       "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTHRWA0DFGZU\n",
+                       "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTHRWA0DFGZUV\n",
                        name.c_str());
           std::exit(2);
         }
