@@ -41,6 +41,13 @@ void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileCo
         sm90::launch_gemm<64, 64, false, false, false, kPf>(maps, p, c, max_tiles, stream);
       return;
     }
+    if (c.block_m == 128 && c.block_n == 64) {  // forced only (gemm_tile_compiled)
+      if (split)
+        sm90::launch_gemm<128, 64, false, true, false, kPf>(maps, p, c, max_tiles, stream);
+      else
+        sm90::launch_gemm<128, 64, false, false, false, kPf>(maps, p, c, max_tiles, stream);
+      return;
+    }
   }
   if (p.tail_split > 1) {
     // Tail-split kernels (tail_split_reduce in their epilogue) for the tiles up to 128 wide.
@@ -65,6 +72,8 @@ void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileCo
       sm90::launch_gemm<64, 128, false, true>(maps, p, c, max_tiles, stream);
     else if (c.block_m == 64 && c.block_n == 64)
       sm90::launch_gemm<64, 64, false, true>(maps, p, c, max_tiles, stream);
+    else if (c.block_m == 128 && c.block_n == 64 && p.form == Form::kDense)
+      sm90::launch_gemm<128, 64, false, true>(maps, p, c, max_tiles, stream);
     else
       FM_THROW(ErrorKind::kInvalidArgument, "fp8_gemm_nt: split-K is not compiled for tile ",
                c.block_m, "x", c.block_n);
@@ -85,6 +94,8 @@ void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileCo
     sm90::launch_gemm<64, 128, false>(maps, p, c, max_tiles, stream);
   else if (c.block_m == 64 && c.block_n == 64)
     sm90::launch_gemm<64, 64, false>(maps, p, c, max_tiles, stream);
+  else if (c.block_m == 128 && c.block_n == 64 && p.form == Form::kDense)
+    sm90::launch_gemm<128, 64, false>(maps, p, c, max_tiles, stream);
   else
     FM_THROW(ErrorKind::kInvalidArgument, "fp8 gemm: tile ", c.block_m, "x", c.block_n,
              " not compiled");
@@ -156,10 +167,11 @@ void fp8_gemm_nt(const uint8_t* a, const float* sa, const uint8_t* b, const floa
       c.block_n != 256 || (c.split_k <= 1 && c.tail_split <= 1),
       "fp8_gemm_nt: 128x256 tiles are not compiled with split-K or the tail split (split_k=",
       c.split_k, ", tail_split=", c.tail_split, ")");
-  // CTA pairs need 128-row tiles up to 192 wide (not built for 128x256) and an even number of
-  // them.
+  // CTA pairs need 128-row tiles 128 or 192 wide (not built for 128x256 or 128x64) and an even
+  // number of them.
   const int64_t tiles_m = (m + c.block_m - 1) / c.block_m;
-  if (c.cluster != 1 && (c.cluster != 2 || c.block_m != 128 || c.block_n > 192 || tiles_m % 2 != 0))
+  if (c.cluster != 1 && (c.cluster != 2 || c.block_m != 128 || c.block_n > 192 || c.block_n < 128 ||
+                         tiles_m % 2 != 0))
     c.cluster = 1;
   GemmParams p{};
   p.split_k = 1;
@@ -168,8 +180,9 @@ void fp8_gemm_nt(const uint8_t* a, const float* sa, const uint8_t* b, const floa
                " and tail_split=", c.tail_split, " cannot be combined");
   const TailSplitPlan tail = tail_plan(m, n, k, c);
   if (tail.slices > 1) {
-    FM_CHECK_ARG(c.block_n <= 128, "fp8_gemm_nt: the tail split is not compiled for tile ",
-                 c.block_m, "x", c.block_n);
+    FM_CHECK_ARG(c.block_n <= 128 && !(c.block_m == 128 && c.block_n == 64),
+                 "fp8_gemm_nt: the tail split is not compiled for tile ", c.block_m, "x",
+                 c.block_n);
     FM_CHECK_ARG(workspace.ptr != nullptr, "fp8_gemm_nt: tail_split=", c.tail_split,
                  " needs a workspace (fp8_gemm_workspace_bytes)");
     sm90::check_aligned(workspace.ptr, "tail-split workspace", 256);

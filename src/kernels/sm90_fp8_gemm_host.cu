@@ -96,11 +96,9 @@ GemmTileConfig resolve_config(const GemmShape& shape, const GemmTileConfig* forc
                " (0 = default, 1 = off, 2 = on)");
   FM_CHECK_ARG(c.scale_prefetch >= 0 && c.scale_prefetch <= 2, "fp8 gemm: scale_prefetch ",
                c.scale_prefetch, " (0 = default, 1 = off, 2 = on)");
-  bool known = false;
-  for (const TileCandidate& t : gemm_tile_candidates(shape.kind))
-    known |= t.block_m == c.block_m && t.block_n == c.block_n;
-  FM_CHECK_ARG(known, "fp8 gemm (", gemm_kind_name(shape.kind), "): tile ", c.block_m, "x",
-               c.block_n, " is not compiled for this form");
+  FM_CHECK_ARG(gemm_tile_compiled(shape.kind, c.block_m, c.block_n), "fp8 gemm (",
+               gemm_kind_name(shape.kind), "): tile ", c.block_m, "x", c.block_n,
+               " is not compiled for this form");
   if (c.split_k <= 1) c.split_k = 1;
   FM_CHECK_ARG(c.split_k == 1 || shape.kind == GemmKind::kDense, "fp8 gemm (",
                gemm_kind_name(shape.kind), "): split_k=", c.split_k,

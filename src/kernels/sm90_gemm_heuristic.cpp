@@ -52,6 +52,13 @@ std::vector<TileCandidate> gemm_tile_candidates(GemmKind kind) {
   return {{256, 128}, {128, 256}, {128, 192}, {128, 128}, {64, 128}, {64, 64}};
 }
 
+bool gemm_tile_compiled(GemmKind kind, int block_m, int block_n) {
+  if (kind == GemmKind::kDense && block_m == 128 && block_n == 64) return true;
+  for (const TileCandidate& t : gemm_tile_candidates(kind))
+    if (t.block_m == block_m && t.block_n == block_n) return true;
+  return false;
+}
+
 int64_t gemm_stage_bytes(GemmKind kind, int block_m, int block_n) {
   // A and B tiles (128 K bytes a row), the A scales, the B scales for 1x128 B, two mbarriers.
   return int64_t{block_m} * 128 + int64_t{block_n} * 128 + block_m * 4 +

@@ -437,6 +437,34 @@ TEST(Sm90GemmHeuristic, DefaultScalePrefetch) {
             1);
 }
 
+// 128x64 (dense) is compiled for forced configurations only: never a candidate, never picked
+// (with or without a workspace, H100 and H200 DRAM rates), refused for the other forms.
+TEST(Sm90GemmHeuristic, Tile128x64IsForcedOnly) {
+  EXPECT_TRUE(gemm_tile_compiled(GemmKind::kDense, 128, 64));
+  for (GemmKind kind : {GemmKind::kGroupedContiguous, GemmKind::kGroupedMasked, GemmKind::kWgrad,
+                        GemmKind::kKGroupedWgrad}) {
+    EXPECT_FALSE(gemm_tile_compiled(kind, 128, 64)) << gemm_kind_name(kind);
+    for (const TileCandidate& t : gemm_tile_candidates(kind))
+      EXPECT_TRUE(gemm_tile_compiled(kind, t.block_m, t.block_n)) << gemm_kind_name(kind);
+  }
+  for (const TileCandidate& t : gemm_tile_candidates(GemmKind::kDense)) {
+    EXPECT_FALSE(t.block_m == 128 && t.block_n == 64);
+    EXPECT_TRUE(gemm_tile_compiled(GemmKind::kDense, t.block_m, t.block_n));
+  }
+  EXPECT_FALSE(gemm_tile_compiled(GemmKind::kDense, 64, 256));
+  EXPECT_FALSE(gemm_tile_compiled(GemmKind::kDense, 256, 64));
+  for (double dram : {kDefaultDramBytesPerS, gemm_dram_bytes_per_s(3201000, 6144)})
+    for (int max_split : {1, 8})
+      for (int64_t m : {1, 64, 100, 128, 129, 256, 300, 1024, 4096})
+        for (int64_t n : {64, 576, 2112, 4096, 7168, 24576, 32768})
+          for (int64_t k : {128, 512, 1536, 2048, 7168, 16384}) {
+            GemmShape shape{GemmKind::kDense, m, n, k, 1};
+            shape.max_split_k = max_split;
+            const GemmTileConfig c = choose_gemm_tile(shape, kH100Sms, kH100Smem, dram);
+            EXPECT_FALSE(c.block_m == 128 && c.block_n == 64) << describe_tile_config(c);
+          }
+}
+
 TEST(Sm90GemmHeuristic, RejectsImpossibleSettings) {
   EXPECT_THROW(choose_gemm_tile({GemmKind::kDense, 64, 64, 128, 1}, 0, kH100Smem), Error);
   EXPECT_THROW(choose_gemm_tile({GemmKind::kDense, 64, 64, 128, 1}, kH100Sms, 40 * 1024), Error);

@@ -12,7 +12,8 @@ struct GemmTileConfig {
   int block_m = 128;   // 64 or 128 (one math warpgroup per 64 rows), or 256 (dense, 128 wide:
                        // two math warpgroups with two 64-row slabs each)
   int block_n = 128;   // 64, 128, 192 or 256 (192, 256: 1x128 x 128x128 kernel only; 256 with
-                       // 128 rows: two math warpgroups with two 128-wide column slabs each)
+                       // 128 rows: two math warpgroups with two 128-wide column slabs each;
+                       // 64 with 128 rows: dense, forced only, gemm_tile_compiled)
   int num_stages = 0;  // 0 = as many as shared memory holds
   int num_sms = 0;     // persistent grid size; 0 = all multiprocessors
   int epilogue = 0;    // BF16 output: 0 = heuristic, 1 = registers to global memory, 2 = through

@@ -75,8 +75,14 @@ int gemm_default_scale_prefetch(const GemmShape& shape, const GemmTileConfig& c)
 struct TileCandidate {
   int block_m, block_n;
 };
-// The tile shapes compiled for a kind (the 1x128 x 1x128 weight-gradient kernel has fewer).
+// The tile shapes the heuristic chooses among for a kind (the 1x128 x 1x128 weight-gradient
+// kernel has fewer).
 std::vector<TileCandidate> gemm_tile_candidates(GemmKind kind);
+// Whether a forced configuration may name the tile for the kind: the candidates, plus the tiles
+// compiled for forced configurations only (never a candidate): 128x64 for the dense form (two math
+// warpgroups of m64n64; plain, B-scale prefetch and split-K kernels, no tail split, no CTA pairs;
+// dev/gemm/NOTES.md session 17, gemm28).
+bool gemm_tile_compiled(GemmKind kind, int block_m, int block_n);
 
 // Shared memory one pipeline stage takes, and the stages that fit in `smem_limit` bytes.
 int64_t gemm_stage_bytes(GemmKind kind, int block_m, int block_n);
