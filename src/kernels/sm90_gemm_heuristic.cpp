@@ -239,14 +239,19 @@ constexpr double kTailSplitMargin = 0.95;
 // L2 bytes are modelled, not its latency (fences, an atomic, ceil(S/2) L2 round trips).
 constexpr double kSplitKMargin = 0.85;
 constexpr int64_t kSplitKMaxM = 128;
+// A modelled DRAM rate between the H100's (3.0e12 B/s) and the H200's (4.4e12): below it the
+// 128x64 tile replaces the 128x192 rule (choose_gemm_tile).
+constexpr double kTile128x64DramBelow = 3.6e12;
 // A 128x256 tile's time against two 128x128 tiles' (TMA store both) in the grouped forms on H100
 // (session 5b call 1, rotated alternation): contiguous 4 x 8192 rows 4096x7168 1693 vs 1885 us,
 // 8 x 4096 1699 vs 1925, 7168x2048 838 vs 930 and 850 vs 935: 0.88-0.91.
 constexpr double kWideColumnTileTime = 0.9;
 }  // namespace
 
-GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
-                                double dram_bytes_per_s) {
+namespace {
+// The pick before the 128x64 rule below (choose_gemm_tile).
+GemmTileConfig choose_gemm_tile_from_model(const GemmShape& shape, int num_sms, int64_t smem_limit,
+                                           double dram_bytes_per_s) {
   FM_CHECK_ARG(num_sms > 0, "choose_gemm_tile: num_sms=", num_sms);
   FM_CHECK_ARG(dram_bytes_per_s > 0, "choose_gemm_tile: dram_bytes_per_s=", dram_bytes_per_s);
   FM_CHECK_ARG(shape.n > 0 && shape.k > 0, "choose_gemm_tile: empty shape n=", shape.n,
@@ -400,6 +405,34 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
     }
   }
   return best;
+}
+
+}  // namespace
+
+// 128x64 tiles (dense, 64 < M <= 128; session 17, gemm28): two math warpgroups over 64 columns,
+// so a CTA streams half as many B rows as a 128-wide tile does, over the whole K. Measured in
+// two runs on each card (dev/gemm/NOTES.md session 17) against the model's pick where that pick
+// is an unsplit 64-row tile and the 64-wide tiles fill 3/4 to all of the SMs in one wave: M = 128
+// N = 7168 K = 2048 0.85x the pick's time on H200 and 0.90x on H100, K = 16384 0.90x on H100
+// (on H200 the model takes 128x128 split-K there, which 128x64 does not beat: 1.02-1.03x). With
+// the H100's DRAM rate it also replaces the 128x192 rule (N = 24576 K = 1536: 0.92x on H100,
+// 1.04-1.08x on H200). Everywhere else measured it lost (fewer tiles than 3/4 of the SMs, more
+// than one wave at short K, M = 64).
+GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
+                                double dram_bytes_per_s) {
+  GemmTileConfig best = choose_gemm_tile_from_model(shape, num_sms, smem_limit, dram_bytes_per_s);
+  if (shape.kind != GemmKind::kDense || shape.m <= 64 || shape.m > 128 || best.split_k > 1 ||
+      best.tail_split > 1)
+    return best;
+  const int64_t tiles = ceil_div(shape.n, 64);
+  const bool fills_one_wave = best.block_m == 64 && 4 * tiles >= 3 * int64_t{num_sms} &&
+                              tiles <= num_sms;
+  const bool slow_dram_wide = best.block_n == 192 && dram_bytes_per_s < kTile128x64DramBelow;
+  if (!fills_one_wave && !slow_dram_wide) return best;
+  const int epilogue = gemm_choose_epilogue(shape, 64);
+  const int stages = gemm_max_stages(shape.kind, 128, 64, smem_limit, epilogue == 2);
+  if (stages < 3) return best;
+  return GemmTileConfig{128, 64, stages, num_sms, epilogue, 1, 1, 1};
 }
 
 GemmTileConfig gemm_gathered_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
