@@ -163,10 +163,10 @@ Options parse(int argc, char** argv) {
         const std::string name = l.substr(0, comma);
         const std::string base = name.substr(0, name.find(':'));  // ":bN" / ":rN" suffixes
         const std::string letters = base.rfind("new", 0) == 0 ? base.substr(3) : base;
-        if (base != "old" && letters.find_first_not_of("NXOTHRWA0DFGZUV") != std::string::npos) {
-          std::fprintf(stderr,
-                       "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTHRWA0DFGZUV\n",
-                       name.c_str());
+        if (base != "old" && letters.find_first_not_of("NXOTHRWA0DFGZUVS") != std::string::npos) {
+          std::fprintf(
+              stderr, "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTHRWA0DFGZUVS\n",
+              name.c_str());
           std::exit(2);
         }
         o.ll_variants.push_back(name);
@@ -804,7 +804,8 @@ void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, in
 // ll_defer_acks bits 1 / 2 (the dispatch / combine receive's acknowledgement from the rank's next
 // send kernel; both the default since session 16's final, U sets 0 first, so "newU" is the
 // session-15 kernels and "newUF" bit 1 alone) and Z ll_deferred_ack_first_block (given by block
-// 0's warp 0, off); session 17's V ll_recv_plan (the dispatch planned by the receiver, off).
+// 0's warp 0, off); session 17's V ll_recv_plan (the dispatch planned by the receiver; the default
+// since session 17's final, S turns it off: "newS" is session 16's path).
 // Suffixes ":bN" / ":rN" set the send /
 // receive grids of that path (num_blocks, recv_blocks; else --ll-blocks and --recv-blocks).
 DeviceEpOptions ll_variant_options(const std::string& full) {
@@ -856,8 +857,10 @@ DeviceEpOptions ll_variant_options(const std::string& full) {
       o.ll_deferred_ack_first_block = true;
     else if (c == 'U')  // session 16: FG is the default; U: every receive acknowledges at its end
       o.ll_defer_acks = 0;
-    else if (c == 'V')  // session 17 (ll3): the dispatch planned by the receiver
+    else if (c == 'V')  // session 17 (ll3): the dispatch planned by the receiver (the default)
       o.ll_recv_plan = true;
+    else if (c == 'S')  // session 17: V is the default; S: the send plans (the path before)
+      o.ll_recv_plan = false;
     else if (c == '0')  // the session-4 kernels: session 5's defaults off
       o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
     else

@@ -682,7 +682,7 @@ void after_timeout(int mode) {
     dead.sync_streams();
     const char* counter = mode == 0   ? "dispatch.notify[rank=0][src=1]"
                           : mode == 1 ? "combine.chunk[rank=0][src=1][chunk="
-                                      : "ll_dispatch.notify[rank=0][src=1]";
+                                      : "ll_dispatch.ids[rank=0][src=1]";  // ll_recv_plan
     for (int again = 0; again < 2; ++again) {
       try {
         ep0.check();

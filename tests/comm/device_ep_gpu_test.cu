@@ -1455,7 +1455,8 @@ TEST_F(NvlinkTest, LowLatencyGraphCapturedRoundReplaysRotated) {
 
 // Rank 1 never sends: rank 0's receive ends with an error naming rank, peer and counter.
 // N and T (which implies N) wait for the peer's counts first (their own counter):
-// ll_dispatch.notify.
+// ll_dispatch.notify; the receiver's plan (ll_recv_plan, the default since session 17) for the
+// peer's ids: ll_dispatch.ids.
 void ll_silent_peer(const std::vector<std::string>& letter_sets) {
   for (const std::string& letters : letter_sets) {
     const DeviceEpOptions o = ll_option_set(letters);
@@ -1475,8 +1476,10 @@ void ll_silent_peer(const std::vector<std::string>& letter_sets) {
     } catch (const Error& e) {
       const std::string m = e.message();
       EXPECT_NE(m.find("rank 0: peer 1 did not answer within 0.3 s"), std::string::npos) << m;
-      EXPECT_NE(m.find(std::string(early ? "ll_dispatch.notify" : "ll_dispatch.data") +
-                       "[rank=0][src=1], expected >= 1, seen 0"),
+      const char* counter = o.ll_recv_plan ? "ll_dispatch.ids"
+                            : early        ? "ll_dispatch.notify"
+                                           : "ll_dispatch.data";
+      EXPECT_NE(m.find(std::string(counter) + "[rank=0][src=1], expected >= 1, seen 0"),
                 std::string::npos)
           << m;
     }

@@ -118,6 +118,19 @@ TEST_F(LowLatencyRecvPlan, SilentPeerEndsWithErrorNamingRankPeerCounter) {
   }
 }
 
+// The receiver plans by default since session 17's final: a default group's silent peer is named
+// on its ids, and a default group runs the low-latency cases bit for bit (the FP8 ones on every
+// GPU and with several ranks on one GPU).
+TEST_F(LowLatencyRecvPlan, IsTheDefault) {
+  EXPECT_TRUE(DeviceEpOptions{}.ll_recv_plan);
+  Harness h(short_config(), devices_for(2, gpu_count()), {16, 16}, Routing::kRandom, 3,
+            DeviceEpOptions{});
+  h.group->rank(0).dispatch_send(h.batch(0), h.streams[0]);
+  h.group->rank(0).dispatch_recv(h.streams[0]);
+  h.sync();
+  expect_timeout(h, 0, "ll_dispatch.ids");
+}
+
 // A peer whose next kernel never comes: rank 0's dispatch send waits for rank 1's dispatch
 // acknowledgement (FGV: deferred to a kernel that never comes; V: given by the receive).
 TEST_F(LowLatencyRecvPlan, PeerWithoutNextKernelIsNamedOnTheAcknowledgement) {

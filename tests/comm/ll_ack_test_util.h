@@ -68,6 +68,7 @@ inline EpConfig short_config() {
 inline DeviceEpOptions options(const std::string& letters) {
   DeviceEpOptions o;
   o.ll_defer_acks = 0;  // the letters say which deferral runs (the default defers both since s16)
+  o.ll_recv_plan = false;  // and whether the receive plans (the default since session 17)
   for (char c : letters) {
     if (c == 'F') o.ll_defer_acks |= 1;
     if (c == 'G') o.ll_defer_acks |= 2;

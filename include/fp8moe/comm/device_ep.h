@@ -412,8 +412,12 @@ struct DeviceEpOptions {
   // its local experts from the sources' ids (the same layout, records and handle as the default,
   // bit for bit) and the combine send finds each record's token slot. Falls back to the default
   // where the receive's plan does not fit a block's shared memory (ranks x max_tokens_per_rank x
-  // top_k x 2 bytes and more; 200 KB). Not measured on a GPU yet: off.
-  bool ll_recv_plan = false;
+  // top_k x 2 bytes and more; 200 KB). Measured on 2 x H200 in two calls (session 17, "ll3
+  // measured", "ll4 measured"): the LL dispatch 22.6 -> 21.5 and 22.7 -> 22.0 / 22.3 us, every
+  // round below every old-path round, the combine +0.1..+0.2, 8 graph-replayed rounds 35.2 ->
+  // 33.8 and 35.0 -> 33.2 us a round. The default since; false = the send plans (before session
+  // 17; ep_bench LL letter S).
+  bool ll_recv_plan = true;
 };
 
 // Inputs of one rank, device pointers on that rank's device.
