@@ -925,26 +925,11 @@ DispatchResult DeviceEpRank::download() const {
     r.recv.x_bf16.resize(slots * g.H);
     std::memcpy(r.recv.x_bf16.data(), stage.data(), slots * g.H * 2);
   }
-  if (m.ll_recv_plan) {
-    // ll_recv_plan: the payload of record (s, j) sits at slot src_token of s's region (the
-    // sender's token index): moved to slot j, as the other paths leave it.
-    for (int s = 0; s < g.R; ++s)
-      for (int64_t j = 0; j < r.recv.count[s]; ++j) {
-        const size_t slot = static_cast<size_t>(s) * g.Tmax + j;
-        const int32_t t = r.recv.src_token[slot];
-        if (t < 0 || t >= g.Tmax) continue;  // left as it was: the comparison names the slot
-        const size_t from = static_cast<size_t>(s) * g.Tmax + t;
-        if (g.fp8) {
-          std::memcpy(&r.recv.x_fp8[slot * g.H], &stage[from * g.P], g.H);
-          std::memcpy(&r.recv.x_scales[slot * g.SC], &stage[from * g.P + g.H], g.SC * 4);
-        } else {
-          std::memcpy(&r.recv.x_bf16[slot * g.H], &stage[from * g.P], g.H * 2);
-        }
-      }
-  }
-  if (m.token_slots && !m.ll) {
-    // layout_token_slots: the j-th record of source s sits at the slot of its token (the normal
-    // kernels only: the low-latency ones place their records as without the option).
+  if (m.ll_recv_plan || (m.token_slots && !m.ll)) {
+    // The j-th record of source s sits at the slot of its token (src_token, the sender's token
+    // index): with ll_recv_plan (low latency) and with layout_token_slots (the normal kernels only:
+    // the low-latency ones place their records as without the option). Moved to slot j, as the
+    // other paths leave it.
     for (int s = 0; s < g.R; ++s)
       for (int64_t j = 0; j < r.recv.count[s]; ++j) {
         const size_t slot = static_cast<size_t>(s) * g.Tmax + j;
