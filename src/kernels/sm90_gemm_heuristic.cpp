@@ -425,8 +425,8 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
       best.tail_split > 1)
     return best;
   const int64_t tiles = ceil_div(shape.n, 64);
-  const bool fills_one_wave = best.block_m == 64 && 4 * tiles >= 3 * int64_t{num_sms} &&
-                              tiles <= num_sms;
+  const bool fills_one_wave =
+      best.block_m == 64 && 4 * tiles >= 3 * int64_t{num_sms} && tiles <= num_sms;
   const bool slow_dram_wide = best.block_n == 192 && dram_bytes_per_s < kTile128x64DramBelow;
   if (!fills_one_wave && !slow_dram_wide) return best;
   const int epilogue = gemm_choose_epilogue(shape, 64);
