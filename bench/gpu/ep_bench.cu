@@ -163,9 +163,10 @@ Options parse(int argc, char** argv) {
         const std::string name = l.substr(0, comma);
         const std::string base = name.substr(0, name.find(':'));  // ":bN" / ":rN" suffixes
         const std::string letters = base.rfind("new", 0) == 0 ? base.substr(3) : base;
-        if (base != "old" && letters.find_first_not_of("NXOTHRWA0DFGZUVS") != std::string::npos) {
+        if (base != "old" && letters.find_first_not_of("NXOTHRWA0DFGZUVSIB") != std::string::npos) {
           std::fprintf(
-              stderr, "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTHRWA0DFGZUVS\n",
+              stderr,
+              "ep_bench: --ll-variants: '%s' is not old, new or letters NXOTHRWA0DFGZUVSIB\n",
               name.c_str());
           std::exit(2);
         }
@@ -805,7 +806,9 @@ void bench_ab(World& w, const char* mode, int64_t T, int64_t cap, int blocks, in
 // send kernel; both the default since session 16's final, U sets 0 first, so "newU" is the
 // session-15 kernels and "newUF" bit 1 alone) and Z ll_deferred_ack_first_block (given by block
 // 0's warp 0, off); session 17's V ll_recv_plan (the dispatch planned by the receiver; the default
-// since session 17's final, S turns it off: "newS" is session 16's path).
+// since session 17's final, S turns it off: "newS" is session 16's path); I ll_recv_plan_ids_block
+// (ll5: V's ids as round-tagged words from one extra send block that stores no payload; the
+// default since session 18, B turns it off: "newB" is session 17's V).
 // Suffixes ":bN" / ":rN" set the send /
 // receive grids of that path (num_blocks, recv_blocks; else --ll-blocks and --recv-blocks).
 DeviceEpOptions ll_variant_options(const std::string& full) {
@@ -861,6 +864,10 @@ DeviceEpOptions ll_variant_options(const std::string& full) {
       o.ll_recv_plan = true;
     else if (c == 'S')  // session 17: V is the default; S: the send plans (the path before)
       o.ll_recv_plan = false;
+    else if (c == 'I')  // ll5: V's ids from an extra send block of their own (the default)
+      o.ll_recv_plan = o.ll_recv_plan_ids_block = true;
+    else if (c == 'B')  // session 18: I is the default; B: V's ids from send block 0
+      o.ll_recv_plan_ids_block = false;
     else if (c == '0')  // the session-4 kernels: session 5's defaults off
       o.ll_early_notify = o.ll_combine_spread = o.ll_combine_own_recv = o.ll_token_flags = false;
     else

@@ -249,6 +249,8 @@ struct DeviceEpRank::Impl {
   bool ll_fence = false;                   // FP8MOE_EP_LL_FENCE=1 (experiment)
   // DeviceEpOptions::ll_recv_plan where the receive's plan fits (the same on every rank).
   bool ll_recv_plan = false;
+  // DeviceEpOptions::ll_recv_plan_ids_block where ll_recv_plan is on and experts_per_rank < 255.
+  bool ll_recv_plan_ids_block = false;
   unsigned long long* trace = nullptr;  // FP8MOE_EP_TRACE=1: dispatch phase stamps
 
   ll::Params ll_params() const {
@@ -319,7 +321,8 @@ struct DeviceEpRank::Impl {
       if (p.defer_ack) p.acks |= ll::kAcksDispatch;
       if (opt.ll_deferred_ack_first_block) p.acks |= ll::kAcksFirstBlock;
     }
-    p.recv_plan = ll_recv_plan;
+    p.recv_plan = static_cast<uint8_t>(
+        ll_recv_plan ? ll::kRecvPlan | (ll_recv_plan_ids_block ? ll::kRecvPlanIdsBlock : 0) : 0);
     return p;
   }
   std::unique_ptr<detail::ForwardEpRank> fwd;  // more than one node: the two-stage route
@@ -566,6 +569,7 @@ DeviceEpRank::DeviceEpRank(const EpConfig& cfg, int rank, int device, DeviceEpOp
   m.ll = opt.low_latency && opt.wire == Wire::kNvlink && cfg.masked_capacity > 0 &&
          cfg.max_tokens_per_rank <= ll::kMaxTokens && cfg.hidden % 128 == 0;
   m.ll_recv_plan = m.ll && opt.ll_recv_plan && ll::recv_plan_fits(m.g.R, m.g.L, m.g.Tmax, m.g.K);
+  m.ll_recv_plan_ids_block = m.ll_recv_plan && opt.ll_recv_plan_ids_block && m.g.L < 255;
   if (m.ll && std::getenv("FP8MOE_EP_LL_TRACE")) {
     FM_CHECK_CUDA(cudaMalloc(&m.ll_trace, ll::kTraceSlots * 8));
     FM_CHECK_CUDA(cudaMemset(m.ll_trace, 0, ll::kTraceSlots * 8));

@@ -207,6 +207,31 @@ __device__ __forceinline__ int32_t* rp_ids(char* base, const Params& p) {
 __device__ __forceinline__ float* rp_wts(char* base, const Params& p) {
   return reinterpret_cast<float*>(rp_ids(base, p) + static_cast<int64_t>(p.R) * p.Tmax * p.K);
 }
+// recv_plan ids block (session 17 late, ll5; ll4's words): after V's area, [2][R][Tmax][2] u64
+// words (round parity, source, token): word w holds the local expert indices (u8, 0xFF none) of
+// the token's ids 4w .. 4w + 3 in its low half and the round (u32) in its high half. Host-side
+// layout only.
+__host__ __device__ inline size_t rpe_offset(int R, int L, int64_t Tmax, int K, int64_t H) {
+  return rp_offset(R, L, Tmax, K, H) + rp_bytes(R, Tmax, K);
+}
+__host__ __device__ inline size_t rpe_bytes(int R, int64_t Tmax) {
+  return 2 * static_cast<size_t>(R) * Tmax * 16;
+}
+// The two words of token t of source s in the buffer of round n.
+__device__ __forceinline__ unsigned long long* rpe_words(char* base, const Params& p,
+                                                         unsigned long long n, int s, int64_t t) {
+  return reinterpret_cast<unsigned long long*>(base + p.f.ll +
+                                               rpe_offset(p.R, p.L, p.Tmax, p.K, p.H)) +
+         ((static_cast<int64_t>(n & 1) * p.R + s) * p.Tmax + t) * 2;
+}
+__device__ __forceinline__ void st_relaxed_sys_u64(unsigned long long* a, unsigned long long v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(a), "l"(v) : "memory");
+}
+__device__ __forceinline__ unsigned long long ld_relaxed_sys_u64(const unsigned long long* a) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(a) : "memory");
+  return v;
+}
 __device__ __forceinline__ int* prev_rows2(const Params& p) {
   return reinterpret_cast<int*>(slot_weight(p) + static_cast<int64_t>(p.R) * p.Tmax * p.K);
 }
@@ -363,6 +388,29 @@ __device__ bool wait_flag(const unsigned* f, unsigned n, const Params& p, int pe
   }
 }
 
+// recv_plan ids block: bounded relaxed poll (one lane) until word w carries round n (its high half,
+// u32) or later; the word in *v; false (error recorded under ll_dispatch.ids) on timeout or when
+// this rank already timed out. The word's data and its round are one 8-byte store: no fence.
+__device__ bool wait_word(const unsigned long long* w, unsigned long long n, const Params& p,
+                          int peer_rank, unsigned long long* v) {
+  const unsigned want = static_cast<unsigned>(n);
+  *v = ld_relaxed_sys_u64(w);
+  if (static_cast<unsigned>(*v >> 32) >= want) return true;
+  const unsigned long long t0 = globaltimer();
+  const long long c0 = clock64();
+  const long long max_cycles = static_cast<long long>(p.timeout_ns) * 3;
+  for (;;) {
+    *v = ld_relaxed_sys_u64(w);
+    if (static_cast<unsigned>(*v >> 32) >= want) return true;
+    if (*reinterpret_cast<volatile int*>(&p.err->code) == kErrTimeout) return false;
+    if (globaltimer() - t0 > p.timeout_ns || clock64() - c0 > max_cycles) {
+      record_error(p.err, kErrTimeout, p.rank, peer_rank, kDispatchIds, n, *v >> 32, -1);
+      return false;
+    }
+    __nanosleep(32);
+  }
+}
+
 // Expert id e of token t checked: -1 for none or out of range (reported once, by block 0's plan).
 __device__ __forceinline__ int checked_expert(const Params& p, int64_t t, int e, bool report) {
   if (e < -1 || e >= p.E) {
@@ -388,6 +436,14 @@ struct Split {
 };
 __device__ __forceinline__ Split split(int64_t n, int64_t steps) {
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  int64_t parts = n > 0 ? warps / n : 1;
+  parts = parts < 1 ? 1 : (parts > steps ? steps : parts);
+  return {n * parts, parts, steps};
+}
+// The same over the first `blocks` blocks of the grid (recv_plan ids block: the last block stores
+// no payload).
+__device__ __forceinline__ Split split_blocks(int64_t n, int64_t steps, int blocks) {
+  const int64_t warps = static_cast<int64_t>(blocks) * kWarps;
   int64_t parts = n > 0 ? warps / n : 1;
   parts = parts < 1 ? 1 : (parts > steps ? steps : parts);
   return {n * parts, parts, steps};
@@ -803,6 +859,39 @@ __device__ __forceinline__ int place_record(const Params& p, const int* base, bo
   return row;
 }
 
+// The steps [first, last) of a received record into every row of its token (lane k < K holds
+// the k-th expert's row in `row`, -1: none): FP8 1 KB and 8 scales a step, BF16 2 KB.
+__device__ __forceinline__ void copy_record_steps(const Params& p, const char* rec, char* gx,
+                                                  float* gs, int row, int64_t first, int64_t last) {
+  const int lane = threadIdx.x & 31;
+  const int64_t es = p.fp8 ? 1 : 2;
+  const int64_t row_bytes = p.H * es;
+  int rows[kMaxTopK];
+#pragma unroll
+  for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
+  for (int64_t step = first; step < last; ++step) {
+    const int64_t b0 = step * 1024 * es + lane * 16;
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (u < 2 * es && b0 + u * 512 < row_bytes)
+        v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + b0 + u * 512));
+    const int64_t si = step * 8 + lane;  // lanes 0-7: the step's scales
+    const bool sl = p.fp8 && lane < 8 && si < p.SC;
+    const float sc = sl ? __ldcg(reinterpret_cast<const float*>(rec + p.H) + si) : 0.0f;
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      if (k >= p.K || rows[k] < 0) continue;
+      char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + b0;
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (u < 2 * es && b0 + u * 512 < row_bytes)
+          *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
+      if (sl) gs[static_cast<int64_t>(rows[k]) * p.SC + si] = sc;
+    }
+  }
+}
+
 // ---- dispatch receive, token_flags: every record step copied as soon as its flag is in ----
 // Items (record, range of 1024-column steps), the sender's steps: the item's lanes wait for the
 // flags of step 0 (the metadata) and of its steps, then write the layout entries (step-0 items)
@@ -811,8 +900,6 @@ __device__ void recv_flagged(const Params& p, const int* base, const int* roff, 
                              unsigned n) {
   const int lane = threadIdx.x & 31;
   const int64_t S = col_steps(p);
-  const int64_t es = p.fp8 ? 1 : 2;
-  const int64_t row_bytes = p.H * es;
   const bool copy = p.expand && !ovf;
   const Split sp = split(roff[p.R], S);
   int32_t* m_indices = at<int32_t>(p.my, p.f.m_indices);
@@ -838,30 +925,7 @@ __device__ void recv_flagged(const Params& p, const int* base, const int* roff, 
     const bool meta = first == 0;
     const int row = place_record(p, base, ovf, s, i, slot, meta, m_indices, row_src);
     if (!copy) continue;
-    int rows[kMaxTopK];
-#pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
-    for (int64_t step = first; step < last; ++step) {
-      const int64_t b0 = step * 1024 * es + lane * 16;
-      uint4 v[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (u < 2 * es && b0 + u * 512 < row_bytes)
-          v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + b0 + u * 512));
-      const int64_t si = step * 8 + lane;  // lanes 0-7: the step's scales
-      const bool sl = p.fp8 && lane < 8 && si < p.SC;
-      const float sc = sl ? __ldcg(reinterpret_cast<const float*>(rec + p.H) + si) : 0.0f;
-#pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) {
-        if (k >= p.K || rows[k] < 0) continue;
-        char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + b0;
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          if (u < 2 * es && b0 + u * 512 < row_bytes)
-            *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
-        if (sl) gs[static_cast<int64_t>(rows[k]) * p.SC + si] = sc;
-      }
-    }
+    copy_record_steps(p, rec, gx, gs, row, first, last);
   }
 }
 
@@ -1032,6 +1096,53 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
 }
 
 // ---- recv_plan (session 17, ll3): the dispatch planned by the receive ----
+// recv_plan ids block (session 17 late, ll5): the last block of k_dispatch_send_rp<*, true>. Its
+// threads take the (destination d, token slot t) pairs, t fastest (a warp's stores are 32
+// consecutive slots of one destination): each reads this launch's round (see read_round: every
+// block of this grid counts itself done at its end, this one included), loads token t's ids
+// (checked: -1 for none or out of range, reported by the d = 0 pairs) and stores the slot's two
+// words at d (d's local expert indices, the round in the high half; slots t >= T none), in the
+// buffer of the round's parity: that buffer was last read by d's receive of round n - 2, which
+// every payload block of this rank's send n - 1 (a completed kernel: sends are never
+// programmatic dependents) saw acknowledged before it stored anything. One 8-byte store is its
+// own flag (no release). The acknowledging warp (acking_warp: the last warp of the last block)
+// gives the deferred acknowledgements first, as in the other sends.
+template <int kAcks>
+__device__ __forceinline__ void dispatch_ids_block(const Params& p) {
+  if constexpr (kAcks != 0) {
+    if (acking_warp(p)) give_acks<kAcks>(p);
+  }
+  // The receive may start once every block allowed it: this one holds nothing back.
+  allow_dependent_launch();
+  const int64_t pairs = static_cast<int64_t>(p.R) * p.Tmax;
+  if (threadIdx.x < pairs) {
+    const unsigned long long n =
+        *reinterpret_cast<volatile unsigned long long*>(done(p, kDoneDispatchSend)) / gridDim.x + 1;
+    const unsigned long long tag = (n & 0xFFFFFFFFull) << 32;
+    for (int64_t i = threadIdx.x; i < pairs; i += blockDim.x) {
+      const int d = static_cast<int>(i / p.Tmax);
+      const int64_t t = i % p.Tmax;
+      int ev[kMaxTopK];
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k)
+        ev[k] = t < p.T && k < p.K ? __ldg(p.idx + t * p.K + k) : -1;
+      unsigned long long w[2] = {tag, tag};
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) {
+        const int e = t < p.T && k < p.K ? checked_expert(p, t, ev[k], d == 0) : -1;
+        const unsigned b = e >= 0 && e / p.L == d ? static_cast<unsigned>(e % p.L) : 0xFFu;
+        w[k / 4] |= static_cast<unsigned long long>(b) << (8 * (k % 4));
+      }
+      unsigned long long* dst = rpe_words(peer(p, d), p, n, p.rank, t);
+      st_relaxed_sys_u64(dst, w[0]);
+      st_relaxed_sys_u64(dst + 1, w[1]);
+    }
+  }
+  __syncthreads();
+  stamp_last(p, 2);  // the ids issued
+  count_done(p, kDoneDispatchSend);
+}
+
 // Send: no plan. Once every destination acknowledged the previous round, block 0 stores the
 // rank's expert ids (checked: -1 for none or out of range, reported here) and gate weights at
 // every destination (rp_ids / rp_wts, the rank's source area) and releases one word per
@@ -1041,18 +1152,30 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
 // (store_step with the token index as slot) and releases that (slot, step) flag (the round).
 // The send writes its own handle (slot[t][d] = t or -1); the combine receive reads partials at
 // slot t accordingly.
-template <int kAcks = 0>
+// kIds (session 17 late, ll5; Params::kRecvPlanIdsBlock): the grid has one block more, the last,
+// which stores no payload: its job is the ids (dispatch_ids_block, first thing: no barrier, no
+// acknowledgement's wait, no gate), as round-tagged 8-byte words (ll4's), the other blocks' items
+// are split over gridDim.x - 1 blocks and start as V's do; block 0 stores no ids, each token's
+// first-step warp stores its K gate weights at each destination of the token before its step
+// flags' release.
+template <int kAcks = 0, bool kIds = false>
 __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send_rp(Params p) {
   __shared__ unsigned long long s_n;
   __shared__ int s_abort;
   stamp_first(p, 0);
   stamp_last(p, 1);
+  if constexpr (kIds) {
+    if (blockIdx.x == gridDim.x - 1) {
+      dispatch_ids_block<kAcks>(p);
+      return;
+    }
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   unsigned long long done_before = 0;
   if (threadIdx.x == 0)
     done_before = *reinterpret_cast<volatile unsigned long long*>(done(p, kDoneDispatchSend));
   const int64_t S = col_steps(p);
-  const Split sp = split(p.T, S);
+  const Split sp = kIds ? split_blocks(p.T, S, gridDim.x - 1) : split(p.T, S);
   const int64_t first_item = global_warp();
   uint4 xv[4];
   int first_e = -1;
@@ -1082,7 +1205,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send_rp(Params p) {
   __syncthreads();
   if (s_abort) return;
   stamp_last(p, 3);
-  if (blockIdx.x == 0) {
+  if (!kIds && blockIdx.x == 0) {
     const int64_t total = p.T * p.K;
     const int64_t area = static_cast<int64_t>(p.rank) * p.Tmax * p.K;
     for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
@@ -1106,13 +1229,22 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send_rp(Params p) {
   }
   int32_t* handle = at<int32_t>(p.my, p.f.slot);
   for (int64_t item = first_item; item < sp.items;
-       item += static_cast<int64_t>(gridDim.x) * kWarps) {
+       item += static_cast<int64_t>(kIds ? gridDim.x - 1 : gridDim.x) * kWarps) {
     const int64_t t = sp.row(item);
     int e = first_e;
     if (item != first_item) e = lane < p.K ? expert_of(p, t, lane, false) : -1;
     const unsigned mask = __reduce_or_sync(kFull, e >= 0 ? 1u << (e / p.L) : 0u);
     if (sp.first(item) == 0 && lane < p.R)
       handle[t * p.R + lane] = (mask >> lane) & 1u ? static_cast<int32_t>(t) : -1;
+    if constexpr (kIds) {
+      // The token's gate weights at each of its destinations, released with its first step.
+      if (sp.first(item) == 0 && lane < p.K) {
+        const float wt = __ldg(p.w + t * p.K + lane);
+        const int64_t at_w = (static_cast<int64_t>(p.rank) * p.Tmax + t) * p.K + lane;
+        for (int d = 0; d < p.R; ++d)
+          if ((mask >> d) & 1u) rp_wts(peer(p, d), p)[at_w] = wt;
+      }
+    }
     for (int64_t step = sp.first(item); step < sp.last(item); ++step) {
       if (item != first_item || step != sp.first(item)) load_step(p, t, step, xv);
       if (p.dest_order != 0)
@@ -1183,7 +1315,11 @@ __host__ __device__ inline RecvPlanSmem recv_plan_smem(int R, int L, int K, int6
 // weight at the token slot s * Tmax + t, and the record's src_token, topk_local, topk_pos and
 // weight at its compact slot s * Tmax + j, which download() and the combine send read) and copy
 // the steps from slot t into every row of the token.
-template <bool kDeferAck = false>
+// kWords (session 17 late, ll5, ll4's receive; k_dispatch_send_rp<*, true>): no ids counter;
+// every source's T is taken as Tmax (the sender's slots t >= T carry no expert), and each lane of
+// a tile job polls its token's two words of round n instead of loading the 32-bit ids: one
+// 16-byte read a lane. The trace's slot 27 ("ids seen"): the last warp's words all in.
+template <bool kDeferAck = false, bool kWords = false>
 __global__ void __launch_bounds__(kThreads) k_dispatch_recv_rp(Params p) {
   extern __shared__ uint4 smem_raw[];
   __shared__ unsigned long long s_n;
@@ -1213,17 +1349,21 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv_rp(Params p) {
     reinterpret_cast<uint32_t*>(sm)[i] = 0;
   __syncthreads();
   const unsigned long long n = s_n;
-  if (threadIdx.x < p.R) {
-    unsigned long long* c = rp_ctr(p.my, p) + threadIdx.x;
-    if (wait_rounds(c, n, p, threadIdx.x, kDispatchIds))
-      ts[threadIdx.x] =
-          static_cast<int>(*reinterpret_cast<volatile unsigned long long*>(c) & 0xFFFFFFFFull);
-    else
-      s_abort = 1;
+  if constexpr (kWords) {
+    if (threadIdx.x < p.R) ts[threadIdx.x] = static_cast<int>(p.Tmax);
+  } else {
+    if (threadIdx.x < p.R) {
+      unsigned long long* c = rp_ctr(p.my, p) + threadIdx.x;
+      if (wait_rounds(c, n, p, threadIdx.x, kDispatchIds))
+        ts[threadIdx.x] =
+            static_cast<int>(*reinterpret_cast<volatile unsigned long long*>(c) & 0xFFFFFFFFull);
+      else
+        s_abort = 1;
+    }
   }
   __syncthreads();
   if (s_abort) return;  // the error is recorded; check() reports it
-  stamp_last(p, 26);
+  if constexpr (!kWords) stamp_last(p, 26);
   if (threadIdx.x == 0) {
     toff[0] = 0;
     for (int s = 0; s < p.R; ++s) toff[s + 1] = toff[s] + ts[s];
@@ -1243,15 +1383,34 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv_rp(Params p) {
       const int64_t t = static_cast<int64_t>(tile) * kTile + lane;
       const int64_t slot = static_cast<int64_t>(s) * p.Tmax + t;
       int le[kMaxTopK];
+      if constexpr (kWords) {
+        unsigned long long w[2] = {~0ull, ~0ull};
+        if (t < ts[s]) {
+          const unsigned long long* a = rpe_words(p.my, p, n, s, t);
+          if (!wait_word(a, n, p, s, &w[0]) || !wait_word(a + 1, n, p, s, &w[1])) {
+            s_abort = 1;
+            w[0] = w[1] = ~0ull;
+          }
+        }
 #pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) {
-        const int e = t < ts[s] && k < p.K ? __ldcg(ids + slot * p.K + k) : -1;
-        le[k] = e >= lo && e < lo + p.L ? e - lo : -1;
+        for (int k = 0; k < kMaxTopK; ++k) {
+          const unsigned b = static_cast<unsigned>(w[k / 4] >> (8 * (k % 4))) & 0xFFu;
+          le[k] = k < p.K && b != 0xFFu ? static_cast<int>(b) : -1;
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kMaxTopK; ++k) {
+          const int e = t < ts[s] && k < p.K ? __ldcg(ids + slot * p.K + k) : -1;
+          le[k] = e >= lo && e < lo + p.L ? e - lo : -1;
+        }
       }
       bool here = false;
 #pragma unroll
       for (int k = 0; k < kMaxTopK; ++k) here = here || le[k] >= 0;
       const uint32_t b = __ballot_sync(kFull, here);
+      if constexpr (kWords) {
+        if (p.trace && lane == 0) atomicMax(p.trace + 27, globaltimer());  // the words all in
+      }
       if (lane == 0) {
         rball[s * NT + tile] = b;
         rcnt[s * NT + tile] = static_cast<uint16_t>(__popc(b));
@@ -1278,6 +1437,10 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv_rp(Params p) {
     }
   }
   __syncthreads();
+  if constexpr (kWords) {
+    if (s_abort) return;  // the error is recorded; check() reports it
+    stamp_last(p, 26);    // every source's ids seen and planned per tile
+  }
   // Exclusive prefixes over each source's tiles: per (source, expert), then per source.
   for (int c = threadIdx.x; c < p.R * p.L + p.R; c += blockDim.x) {
     const int s = c < p.R * p.L ? c / p.L : c - p.R * p.L;
@@ -1347,8 +1510,6 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv_rp(Params p) {
         prev_rows2(p)[(n & 1) * p.L + e] = ovf ? 0 : tot[e];
   }
   stamp_last(p, 9);
-  const int64_t es = p.fp8 ? 1 : 2;
-  const int64_t row_bytes = p.H * es;
   const bool copy = p.expand && !ovf;
   const int64_t S = col_steps(p);
   const Split sp = split(toff[p.R], S);
@@ -1378,8 +1539,16 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv_rp(Params p) {
     const bool meta = first == 0;
     int row = -1;
     if (lane < p.K) {
-      const int e = __ldcg(ids + slot * p.K + lane);
-      const int le = e >= lo && e < lo + p.L ? e - lo : -1;
+      int le;
+      if constexpr (kWords) {
+        // Seen with round n by this block's plan.
+        const unsigned long long w = __ldcg(rpe_words(p.my, p, n, s, t) + lane / 4);
+        const unsigned b = static_cast<unsigned>(w >> (8 * (lane % 4))) & 0xFFu;
+        le = b != 0xFFu ? static_cast<int>(b) : -1;
+      } else {
+        const int e = __ldcg(ids + slot * p.K + lane);
+        le = e >= lo && e < lo + p.L ? e - lo : -1;
+      }
       const int pos = le >= 0 ? ecnt[(s * p.L + le) * NT + tile] + tpos[slot * p.K + lane] : -1;
       if (le >= 0 && !ovf) row = static_cast<int>(le * p.cap) + base[s * p.L + le] + pos;
       if (meta) {
@@ -1401,30 +1570,7 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv_rp(Params p) {
       at<int32_t>(p.my, p.f.src_token)[static_cast<int64_t>(s) * p.Tmax + j] =
           static_cast<int32_t>(t);
     if (!copy) continue;
-    int rows[kMaxTopK];
-#pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) rows[k] = __shfl_sync(kFull, row, k < p.K ? k : 0);
-    for (int64_t step = first; step < last; ++step) {
-      const int64_t b0 = step * 1024 * es + lane * 16;
-      uint4 v[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (u < 2 * es && b0 + u * 512 < row_bytes)
-          v[u] = __ldcg(reinterpret_cast<const uint4*>(rec + b0 + u * 512));
-      const int64_t si = step * 8 + lane;  // lanes 0-7: the step's scales
-      const bool sl = p.fp8 && lane < 8 && si < p.SC;
-      const float sc = sl ? __ldcg(reinterpret_cast<const float*>(rec + p.H) + si) : 0.0f;
-#pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) {
-        if (k >= p.K || rows[k] < 0) continue;
-        char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + b0;
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          if (u < 2 * es && b0 + u * 512 < row_bytes)
-            *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
-        if (sl) gs[static_cast<int64_t>(rows[k]) * p.SC + si] = sc;
-      }
-    }
+    copy_record_steps(p, rec, gx, gs, row, first, last);
   }
   // Acknowledge every source (its region of mine is free), then count this block done.
   __syncthreads();
@@ -1743,6 +1889,18 @@ Kernel dispatch_send_acks(int acks) {
   }
 }
 Kernel dispatch_send_kernel(const Params& p) {
+  if ((p.recv_plan & kRecvPlanIdsBlock) != 0) {
+    switch (p.acks & (kAcksDispatch | kAcksCombine)) {
+      case kAcksDispatch:
+        return k_dispatch_send_rp<kAcksDispatch, true>;
+      case kAcksCombine:
+        return k_dispatch_send_rp<kAcksCombine, true>;
+      case kAcksDispatch | kAcksCombine:
+        return k_dispatch_send_rp<kAcksDispatch | kAcksCombine, true>;
+      default:
+        return k_dispatch_send_rp<0, true>;
+    }
+  }
   if (p.recv_plan) {
     switch (p.acks & (kAcksDispatch | kAcksCombine)) {
       case kAcksDispatch:
@@ -1762,6 +1920,9 @@ Kernel dispatch_send_kernel(const Params& p) {
   return p.dest_order != 0 ? k_dispatch_send<true> : k_dispatch_send<false>;
 }
 Kernel dispatch_recv_kernel(const Params& p) {
+  if ((p.recv_plan & kRecvPlanIdsBlock) != 0)
+    return p.defer_ack || (p.acks & kAcksDispatch) != 0 ? k_dispatch_recv_rp<true, true>
+                                                        : k_dispatch_recv_rp<false, true>;
   if (p.recv_plan)
     return p.defer_ack || (p.acks & kAcksDispatch) != 0 ? k_dispatch_recv_rp<true>
                                                         : k_dispatch_recv_rp<false>;
@@ -1805,8 +1966,8 @@ Kernel combine_recv_kernel(const Params& p) {
 
 size_t region_bytes(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k,
                     int64_t hidden) {
-  return rp_offset(num_ranks, experts_per_rank, max_tokens_per_rank, top_k, hidden) +
-         rp_bytes(num_ranks, max_tokens_per_rank, top_k);
+  return rpe_offset(num_ranks, experts_per_rank, max_tokens_per_rank, top_k, hidden) +
+         rpe_bytes(num_ranks, max_tokens_per_rank);
 }
 
 bool recv_plan_fits(int num_ranks, int experts_per_rank, int64_t max_tokens_per_rank, int top_k) {
@@ -1876,7 +2037,9 @@ void prepare(const Params& p) {
 }
 
 void dispatch_send(const Params& p, cudaStream_t stream) {
-  launch(dispatch_send_kernel(p), p.send_blocks,
+  // recv_plan ids block: one block more than send_blocks, the ids' own (k_dispatch_send_rp<*,
+  // true>).
+  launch(dispatch_send_kernel(p), p.send_blocks + ((p.recv_plan & kRecvPlanIdsBlock) != 0 ? 1 : 0),
          p.recv_plan ? 0 : plan_smem(p.E, p.R, p.K, p.Tmax).total, stream, false, p);
 }
 void dispatch_recv(const Params& p, cudaStream_t stream, bool dependent) {
@@ -1907,8 +2070,8 @@ void print_trace(const unsigned long long* trace_dev, int rank) {
   // variant has no such phase).
   std::fprintf(stderr,
                "ll_trace rank %d dispatch detail: send cleared %.2f plan-tiles %.2f plan %.2f | "
-               "recv notify %.2f data %.2f\n",
-               rank, us(22, 0), us(23, 0), us(2, 0), us(26, 0), us(8, 0));
+               "recv notify %.2f data %.2f ids-seen %.2f\n",
+               rank, us(22, 0), us(23, 0), us(2, 0), us(26, 0), us(8, 0), us(27, 0));
   std::fprintf(stderr,
                "ll_trace rank %d combine (us after send block 0 start): send last-start %.2f "
                "ack %.2f sums %.2f end %.2f | recv first-start %.2f last-start %.2f data %.2f "

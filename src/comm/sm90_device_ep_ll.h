@@ -87,8 +87,14 @@ struct Params {
   // index) of its region at each destination and releases the step flags; the receive plans its
   // local experts from the sources' ids (k_dispatch_send_rp, k_dispatch_recv_rp); the combine send
   // maps each record's compact index to its token slot (k_combine_send<*, true>). One byte, in the
-  // padding after acks: the other kernels' parameter block keeps its size.
-  bool recv_plan = false;
+  // padding after acks: the other kernels' parameter block keeps its size. Bits: kRecvPlan (V),
+  // kRecvPlanIdsBlock (session 17 late, ll5; docs/comm/README.md "Session 17 late: V's ids from a
+  // block of their own, prepared (ll5)"): the send runs one block more, whose only job is to store
+  // every token's local expert indices (u8) at each destination as 8-byte words tagged with the
+  // round, first thing (double-buffered by round parity; no release, no gate); the other blocks
+  // store the payload as V's do, with the weights beside each record's first step; the receive
+  // polls the words (no counter) and plans every source's Tmax slots (ll4's receive).
+  uint8_t recv_plan = 0;
   // Diagnostics (FP8MOE_EP_LL_TRACE=1): per-phase %globaltimer stamps of the last round.
   unsigned long long* trace = nullptr;
   // A system-scope fence before each arrival's release add (FP8MOE_EP_LL_FENCE=1, experiment:
@@ -135,6 +141,9 @@ struct Params {
 inline constexpr uint8_t kAcksDispatch = 1;
 inline constexpr uint8_t kAcksCombine = 2;
 inline constexpr uint8_t kAcksFirstBlock = 4;
+// Params::recv_plan bits.
+inline constexpr uint8_t kRecvPlan = 1;
+inline constexpr uint8_t kRecvPlanIdsBlock = 2;
 
 // Loads every kernel and sets its shared-memory limit; kInvalidArgument if the send plan does
 // not fit a block.

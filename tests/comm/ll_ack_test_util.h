@@ -64,11 +64,13 @@ inline EpConfig short_config() {
 // Letters as ep_bench's --ll-variants: F / G ll_defer_acks bits 1 / 2, Z
 // ll_deferred_ack_first_block, D ll_defer_dispatch_ack, 0 the session-4 kernels (session 5's
 // N X O T off), A the ascending destination order (ll_dispatch_rotate 0), H
-// ll_combine_own_narrow, V ll_recv_plan (session 17).
+// ll_combine_own_narrow, V ll_recv_plan (session 17), I ll_recv_plan + ll_recv_plan_ids_block
+// (session 17 late, ll5).
 inline DeviceEpOptions options(const std::string& letters) {
   DeviceEpOptions o;
   o.ll_defer_acks = 0;  // the letters say which deferral runs (the default defers both since s16)
-  o.ll_recv_plan = false;  // and whether the receive plans (the default since session 17)
+  o.ll_recv_plan = false;            // and whether the receive plans (the default since session 17)
+  o.ll_recv_plan_ids_block = false;  // and where its ids come from (the default since session 18)
   for (char c : letters) {
     if (c == 'F') o.ll_defer_acks |= 1;
     if (c == 'G') o.ll_defer_acks |= 2;
@@ -79,6 +81,7 @@ inline DeviceEpOptions options(const std::string& letters) {
     if (c == 'A') o.ll_dispatch_rotate = 0;
     if (c == 'H') o.ll_combine_own_narrow = true;
     if (c == 'V') o.ll_recv_plan = true;
+    if (c == 'I') o.ll_recv_plan = o.ll_recv_plan_ids_block = true;
   }
   return o;
 }

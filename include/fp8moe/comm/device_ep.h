@@ -418,6 +418,16 @@ struct DeviceEpOptions {
   // 33.8 and 35.0 -> 33.2 us a round. The default since; false = the send plans (before session
   // 17; ep_bench LL letter S).
   bool ll_recv_plan = true;
+  // Session 17 late (ll5; docs/comm/README.md "Session 17 late: V's ids from a block of their own,
+  // prepared (ll5)"): with ll_recv_plan, the dispatch send runs one block more, whose only job is
+  // to store every token's local expert indices (one byte each) at each destination as 8-byte
+  // words tagged with the round (no release, no gate; double-buffered by round parity), first
+  // thing; the other blocks' payload starts as before, the gate weights travel with each
+  // record's first step, and the receive polls the words (ll4's plan). Needs experts_per_rank <
+  // 255 (else ll_recv_plan alone). Session 18, 2 x H200: LL dispatch 21.4 / 21.1 -> 19.8 / 19.7
+  // us, graph-replayed round 33.2 -> 32.5 (docs/comm/README.md "Session 18"). The default since
+  // session 18; false = V's ids from send block 0 (ep_bench LL letter B).
+  bool ll_recv_plan_ids_block = true;
 };
 
 // Inputs of one rank, device pointers on that rank's device.
