@@ -56,18 +56,12 @@ TEST_F(LowLatencyDeferAck, RowsChangeBetweenRounds) {
 // Each rank's whole round (dispatch and combine) in one CUDA graph, replayed: the send of each
 // replay acknowledges the receive of the replay before (counted on the device, not captured).
 // `dispatches` dispatches per graph (a second one in a row acknowledges the first).
-void replays(int R, int gpus, const std::string& letters, int dispatches) {
-  SCOPED_TRACE(std::to_string(R) + " ranks on " + std::to_string(gpus) + " GPU(s), options " +
-               letters + ", " + std::to_string(dispatches) + " dispatches a graph");
-  graph_replays(R, gpus, letters, dispatches, 1);
-}
-
 TEST_F(LowLatencyDeferAck, GraphCapturedRoundReplays) {
-  replays(2, gpu_count(), "D", 1);
-  replays(2, gpu_count(), "D", 2);
-  replays(2, gpu_count(), "0D", 1);
-  replays(4, gpu_count(), "D", 1);
-  replays(4, 1, "D", 2);
+  graph_replays(2, gpu_count(), "D", 1, 1);
+  graph_replays(2, gpu_count(), "D", 2, 1);
+  graph_replays(2, gpu_count(), "0D", 1, 1);
+  graph_replays(4, gpu_count(), "D", 1, 1);
+  graph_replays(4, 1, "D", 2, 1);
 }
 
 // Two or three dispatches in a row with no host synchronisation: D's deferred acknowledgement

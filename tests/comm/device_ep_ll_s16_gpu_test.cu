@@ -70,22 +70,15 @@ TEST_F(LowLatencyNextKernelAck, RowsChangeBetweenRounds) {
 // `combines` combines. The sends of each replay acknowledge the receives before them (counted on
 // the device, not captured): F the combine send gives the dispatch receive's, G the dispatch send
 // the combine receive's (the next combine send where two combines follow each other).
-void replays(int R, int gpus, const std::string& letters, int dispatches, int combines) {
-  SCOPED_TRACE(std::to_string(R) + " ranks on " + std::to_string(gpus) + " GPU(s), options " +
-               letters + ", " + std::to_string(dispatches) + " dispatches and " +
-               std::to_string(combines) + " combines a graph");
-  graph_replays(R, gpus, letters, dispatches, combines);
-}
-
 TEST_F(LowLatencyNextKernelAck, GraphCapturedRoundReplays) {
-  replays(2, gpu_count(), "FG", 1, 1);
-  replays(2, gpu_count(), "FG", 2, 1);
-  replays(2, gpu_count(), "FG", 1, 2);
-  replays(2, gpu_count(), "F", 1, 1);
-  replays(2, gpu_count(), "G", 1, 1);
-  replays(2, gpu_count(), "0FGZ", 1, 1);
-  replays(4, gpu_count(), "FG", 1, 1);
-  replays(4, 1, "FG", 2, 1);
+  graph_replays(2, gpu_count(), "FG", 1, 1);
+  graph_replays(2, gpu_count(), "FG", 2, 1);
+  graph_replays(2, gpu_count(), "FG", 1, 2);
+  graph_replays(2, gpu_count(), "F", 1, 1);
+  graph_replays(2, gpu_count(), "G", 1, 1);
+  graph_replays(2, gpu_count(), "0FGZ", 1, 1);
+  graph_replays(4, gpu_count(), "FG", 1, 1);
+  graph_replays(4, 1, "FG", 2, 1);
 }
 
 // Rounds back to back with no host synchronisation under each deferral (F, G, both, Z, D with G).

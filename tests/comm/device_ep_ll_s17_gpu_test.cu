@@ -90,22 +90,15 @@ TEST_F(LowLatencyRecvPlanIdsBlock, RowsChangeBetweenRounds) {
   rows_change_between_rounds({"FGI", "I", "0FGI"}, kCombines);
 }
 
-void replays(int R, int gpus, const std::string& letters, int dispatches, int combines) {
-  SCOPED_TRACE(std::to_string(R) + " ranks on " + std::to_string(gpus) + " GPU(s), options " +
-               letters + ", " + std::to_string(dispatches) + " dispatches and " +
-               std::to_string(combines) + " combines a graph");
-  graph_replays(R, gpus, letters, dispatches, combines);
-}
-
 // Each rank's whole round in one CUDA graph, replayed 4 times (the rounds of the ids counter and
 // the step flags counted on the device, not captured). I: the ids' buffers alternate by round.
 void graph_cases(char v) {
-  replays(2, gpu_count(), with("FGV", v), 1, 1);
-  replays(2, gpu_count(), with("FGV", v), 2, 1);
-  replays(2, gpu_count(), with("V", v), 1, 2);
-  replays(2, gpu_count(), with("0V", v), 1, 1);
-  replays(4, gpu_count(), with("FGV", v), 1, 1);
-  replays(4, 1, with("FGV", v), 2, 1);
+  graph_replays(2, gpu_count(), with("FGV", v), 1, 1);
+  graph_replays(2, gpu_count(), with("FGV", v), 2, 1);
+  graph_replays(2, gpu_count(), with("V", v), 1, 2);
+  graph_replays(2, gpu_count(), with("0V", v), 1, 1);
+  graph_replays(4, gpu_count(), with("FGV", v), 1, 1);
+  graph_replays(4, 1, with("FGV", v), 2, 1);
 }
 TEST_F(LowLatencyRecvPlan, GraphCapturedRoundReplays) {
   graph_cases('V');

@@ -286,9 +286,12 @@ inline void rows_change_between_rounds(const std::vector<const char*>& letter_se
 
 // Each rank's whole round in one CUDA graph, replayed 4 times: `dispatches` dispatches, then
 // `combines` combines. The sends of each replay acknowledge the receives before them (counted on
-// the device, not captured). The caller names the set in a SCOPED_TRACE.
+// the device, not captured).
 inline void graph_replays(int R, int gpus, const std::string& letters, int dispatches,
                           int combines) {
+  SCOPED_TRACE(std::to_string(R) + " ranks on " + std::to_string(gpus) + " GPU(s), options " +
+               letters + ", " + std::to_string(dispatches) + " dispatches and " +
+               std::to_string(combines) + " combines a graph");
   EpConfig cfg = config(R, 16 * R, 8, 1024, 128, Payload::kFP8, 512);
   std::vector<int64_t> tokens(R, 128);
   tokens[R - 1] = 90;
