@@ -236,6 +236,7 @@ struct Rank {
   float* dw = nullptr;
   uint16_t* dy = nullptr;
   uint16_t* dout = nullptr;
+  uint16_t* dtok = nullptr;  // combine_tokens' rows: one per received token slot [R * Tmax, H]
 };
 
 struct World {
@@ -681,7 +682,39 @@ void bench_ours(World& w, const char* mode, int64_t T, Payload p, int64_t masked
           checked = true;
         }
         emit(w, row);
-        if (!expand) continue;
+        if (!expand) {
+          // The combine of one BF16 row per received token (combine_tokens: what DeepEP's combine
+          // and NCCL's anchor move; the expert rows' weighted sum, which "combine" also does,
+          // stays with the caller), after the layout-only dispatch. Not on the two-stage route.
+          if (w.cfg_gpus_per_node > 0) continue;
+          for (int r = 0; r < w.R; ++r) {
+            Rank& k = w.ranks[r];
+            FM_CHECK_CUDA(cudaSetDevice(k.device));
+            cudaFree(k.dtok);
+            FM_CHECK_CUDA(
+                cudaMalloc(&k.dtok, std::max<int64_t>(1, w.R * cfg.max_tokens_per_rank) * H * 2));
+            k_fill_bf16<<<1024, 256, 0, k.stream>>>(k.dtok, w.R * cfg.max_tokens_per_rank * H,
+                                                    23 + r);
+            FM_CHECK_LAUNCH();
+          }
+          auto combine_tokens = [&] {
+            if (grouped) nccl_group_start();
+            for (int r = 0; r < w.R; ++r)
+              group.rank(r).combine_tokens_send(w.ranks[r].dtok, w.ranks[r].stream);
+            if (grouped) nccl_group_end();
+            for (int r = 0; r < w.R; ++r)
+              group.rank(r).combine_recv(w.ranks[r].dout, w.ranks[r].stream);
+          };
+          Row t = row;
+          t.op = "combine_tokens";
+          t.dtype = "bf16";
+          t.check = -1;
+          t.us = w.time_us(combine_tokens, w.opt.iters, w.opt.warmup);
+          t.gbps = recv_bytes_bf16 / (t.us * 1e3);
+          group.check();
+          emit(w, t);
+          continue;
+        }
         Row c = row;
         c.op = "combine";
         c.dtype = "bf16";
@@ -1214,8 +1247,8 @@ void summary(const World& w) {
         best("peer_copy", mode, "copy_bidirectional", "bytes", "fp8_dispatch_cross_bytes");
     const Row* peer_c =
         best("peer_copy", mode, "copy_bidirectional", "bytes", "bf16_combine_cross_bytes");
-    for (const char* op : {"dispatch", "dispatch_layout_only", "combine"}) {
-      const bool comb = std::string(op) == "combine";
+    for (const char* op : {"dispatch", "dispatch_layout_only", "combine", "combine_tokens"}) {
+      const bool comb = std::string(op).starts_with("combine");
       const Row* o = best("fp8moe", mode, op, comb ? "bf16" : "fp8");
       if (!o) continue;
       const Row* n = comb ? nccl_c : nccl_d;

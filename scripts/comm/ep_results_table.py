@@ -2,7 +2,8 @@
 """The results table of docs/results/ep-*.md, made from ep_bench's JSON lines instead of typed.
 
 For each (number of ranks, mode) in the files: the best of our NVLink rows per op (FP8 dispatch,
-FP8 layout-only dispatch, BF16 combine) against the anchors of the same run, as ep_bench's own
+FP8 layout-only dispatch, BF16 combine, BF16 combine of one row per received token: the bytes
+NCCL's anchor moves) against the anchors of the same run, as ep_bench's own
 "# summary" computes them: NCCL all-to-all of the same bytes, and the bidirectional peer copy of
 the bytes that cross (note fp8_dispatch_cross_bytes / bf16_combine_cross_bytes). Rows of several
 runs (e.g. a 2-GPU and a 4-GPU sweep in one file) are told apart by their "ranks" field; several
@@ -17,7 +18,8 @@ import jsonl_rows
 
 OPS = (("dispatch", "fp8", "FP8 dispatch"),
        ("dispatch_layout_only", "fp8", "FP8 dispatch, layout only"),
-       ("combine", "bf16", "BF16 combine"))
+       ("combine", "bf16", "BF16 combine"),
+       ("combine_tokens", "bf16", "BF16 combine of token rows"))
 MODES = (("normal", ""), ("low_latency", "low-latency "))
 
 
@@ -43,7 +45,7 @@ def table(rows):
                 ours = best(rows, ranks, "fp8moe", mode, op, dtype)
                 if ours is None:
                     continue
-                comb = op == "combine"
+                comb = op.startswith("combine")
                 nccl = best(rows, ranks, "nccl", mode, "combine" if comb else "dispatch", dtype)
                 peer = best(rows, ranks, "peer_copy", mode, "copy_bidirectional", "bytes",
                             "bf16_combine_cross_bytes" if comb else "fp8_dispatch_cross_bytes")
