@@ -859,6 +859,61 @@ __device__ __forceinline__ int place_record(const Params& p, const int* base, bo
   return row;
 }
 
+// Per local expert e, the sources' row counts base[s * L + e] become exclusive prefixes in rank
+// order (each source's first row of e); tot[e] the expert's rows, *largest their maximum.
+__device__ __forceinline__ void sources_prefix_per_expert(const Params& p, int* base, int* tot,
+                                                          int* largest) {
+  for (int e = threadIdx.x; e < p.L; e += blockDim.x) {
+    int run = 0;
+    for (int s = 0; s < p.R; ++s) {
+      const int c = base[s * p.L + e];
+      base[s * p.L + e] = run;
+      run += c;
+    }
+    tot[e] = run;
+    atomicMax(largest, run);
+  }
+}
+
+// The previous round's rows that round n does not rewrite become padding again (rows below
+// tot[e] all get round n's entries: no two writers of a row). Rows per round are kept by
+// parity, so no block reads what block 0 writes.
+__device__ __forceinline__ void reset_stale_rows(const Params& p, const int* tot, bool ovf,
+                                                 unsigned long long n, int32_t* m_indices,
+                                                 int32_t* row_src) {
+  const int* before = prev_rows2(p) + ((n - 1) & 1) * p.L;
+  for (int e = blockIdx.x; e < p.L; e += gridDim.x) {
+    const int to = __ldcg(before + e);
+    for (int r = (ovf ? 0 : tot[e]) + threadIdx.x; r < to; r += blockDim.x) {
+      m_indices[e * p.cap + r] = -1;
+      row_src[e * p.cap + r] = -1;
+    }
+  }
+  if (blockIdx.x == 0)
+    for (int e = threadIdx.x; e < p.L; e += blockDim.x)
+      prev_rows2(p)[(n & 1) * p.L + e] = ovf ? 0 : tot[e];
+}
+
+// Block 0 of a dispatch receive publishes the round's masked layout: every local expert's row
+// count (tot) and offset, the sources' record offsets (roff) and the status words (rows needed,
+// overflow when the largest expert passes the capacity, records received).
+__device__ __forceinline__ void publish_layout(const Params& p, const int* tot, const int* roff,
+                                               int largest, bool ovf) {
+  int64_t* status = at<int64_t>(p.my, p.f.status);
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e <= p.L; e += blockDim.x) {
+      if (e < p.L) at<int32_t>(p.my, p.f.expert_counts)[e] = tot[e];
+      at<int32_t>(p.my, p.f.expert_offsets)[e] = static_cast<int32_t>(e * p.cap);
+    }
+    if (threadIdx.x <= p.R) at<int32_t>(p.my, p.f.recv_offset)[threadIdx.x] = roff[threadIdx.x];
+    if (threadIdx.x == 0) {
+      status[p.st_rows_needed] = ovf ? largest : p.L * p.cap;
+      status[p.st_overflow] = ovf;
+      status[p.st_num_recv] = roff[p.R];
+    }
+  }
+}
+
 // The steps [first, last) of a received record into every row of its token (lane k < K holds
 // the k-th expert's row in `row`, -1: none): FP8 1 KB and 8 scales a step, BF16 2 KB.
 __device__ __forceinline__ void copy_record_steps(const Params& p, const char* rec, char* gx,
@@ -885,8 +940,7 @@ __device__ __forceinline__ void copy_record_steps(const Params& p, const char* r
       char* dst = gx + static_cast<int64_t>(rows[k]) * row_bytes + b0;
 #pragma unroll
       for (int u = 0; u < 4; ++u)
-        if (u < 2 * es && b0 + u * 512 < row_bytes)
-          *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
+        if (u < 2 * es && b0 + u * 512 < row_bytes) *reinterpret_cast<uint4*>(dst + u * 512) = v[u];
       if (sl) gs[static_cast<int64_t>(rows[k]) * p.SC + si] = sc;
     }
   }
@@ -968,16 +1022,7 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
       roff[s + 1] = roff[s] + __ldcg(at<int32_t>(p.my, p.f.recv_count) + s);
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < p.L; e += blockDim.x) {
-    int run = 0;
-    for (int s = 0; s < p.R; ++s) {
-      const int c = base[s * p.L + e];
-      base[s * p.L + e] = run;
-      run += c;
-    }
-    tot[e] = run;
-    atomicMax(&s_largest, run);
-  }
+  sources_prefix_per_expert(p, base, tot, &s_largest);
   __syncthreads();
   if (early && !p.token_flags) {
     if (threadIdx.x < p.R &&
@@ -988,40 +1033,13 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv(Params p) {
     stamp_last(p, 8);
   }
   const bool ovf = s_largest > p.cap;
-  int64_t* status = at<int64_t>(p.my, p.f.status);
-  if (blockIdx.x == 0) {
-    for (int e = threadIdx.x; e <= p.L; e += blockDim.x) {
-      if (e < p.L) at<int32_t>(p.my, p.f.expert_counts)[e] = tot[e];
-      at<int32_t>(p.my, p.f.expert_offsets)[e] = static_cast<int32_t>(e * p.cap);
-    }
-    if (threadIdx.x <= p.R) at<int32_t>(p.my, p.f.recv_offset)[threadIdx.x] = roff[threadIdx.x];
-    if (threadIdx.x == 0) {
-      status[p.st_rows_needed] = ovf ? s_largest : p.L * p.cap;
-      status[p.st_overflow] = ovf;
-      status[p.st_num_recv] = roff[p.R];
-    }
-  }
+  publish_layout(p, tot, roff, s_largest, ovf);
   // The rows this round uses (the next dispatch_send turns them back into padding).
   if (blockIdx.x == 0 && !p.token_flags)
     for (int e = threadIdx.x; e < p.L; e += blockDim.x) prev_rows(p)[e] = ovf ? 0 : tot[e];
   int32_t* m_indices = at<int32_t>(p.my, p.f.m_indices);
   int32_t* row_src = at<int32_t>(p.my, p.f.row_src);
-  if (p.token_flags) {
-    // The previous round's rows that this round does not rewrite become padding again (rows
-    // below tot[e] all get this round's entries: no two writers of a row). Rows per round are
-    // kept by parity, so no block reads what block 0 writes.
-    const int* before = prev_rows2(p) + ((n - 1) & 1) * p.L;
-    for (int e = blockIdx.x; e < p.L; e += gridDim.x) {
-      const int to = __ldcg(before + e);
-      for (int r = (ovf ? 0 : tot[e]) + threadIdx.x; r < to; r += blockDim.x) {
-        m_indices[e * p.cap + r] = -1;
-        row_src[e * p.cap + r] = -1;
-      }
-    }
-    if (blockIdx.x == 0)
-      for (int e = threadIdx.x; e < p.L; e += blockDim.x)
-        prev_rows2(p)[(n & 1) * p.L + e] = ovf ? 0 : tot[e];
-  }
+  if (p.token_flags) reset_stale_rows(p, tot, ovf, n, m_indices, row_src);
   stamp_last(p, 9);
   // Records: per (record, byte range) one warp writes the rows' layout entries and copies the
   // payload (4 x 16 bytes a lane per 2 KB step) into every row of the token. Every load of an
@@ -1458,16 +1476,7 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv_rp(Params p) {
       roff[s + 1] = run;  // the source's records; made a prefix below
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < p.L; e += blockDim.x) {
-    int run = 0;
-    for (int s = 0; s < p.R; ++s) {
-      const int c = base[s * p.L + e];
-      base[s * p.L + e] = run;
-      run += c;
-    }
-    tot[e] = run;
-    atomicMax(&s_largest, run);
-  }
+  sources_prefix_per_expert(p, base, tot, &s_largest);
   int32_t* recv_count = at<int32_t>(p.my, p.f.recv_count);
   if (threadIdx.x == 32) {
     roff[0] = 0;
@@ -1479,36 +1488,10 @@ __global__ void __launch_bounds__(kThreads) k_dispatch_recv_rp(Params p) {
   __syncthreads();
   stamp_last(p, 8);
   const bool ovf = s_largest > p.cap;
-  int64_t* status = at<int64_t>(p.my, p.f.status);
-  if (blockIdx.x == 0) {
-    for (int e = threadIdx.x; e <= p.L; e += blockDim.x) {
-      if (e < p.L) at<int32_t>(p.my, p.f.expert_counts)[e] = tot[e];
-      at<int32_t>(p.my, p.f.expert_offsets)[e] = static_cast<int32_t>(e * p.cap);
-    }
-    if (threadIdx.x <= p.R) at<int32_t>(p.my, p.f.recv_offset)[threadIdx.x] = roff[threadIdx.x];
-    if (threadIdx.x == 0) {
-      status[p.st_rows_needed] = ovf ? s_largest : p.L * p.cap;
-      status[p.st_overflow] = ovf;
-      status[p.st_num_recv] = roff[p.R];
-    }
-  }
+  publish_layout(p, tot, roff, s_largest, ovf);
   int32_t* m_indices = at<int32_t>(p.my, p.f.m_indices);
   int32_t* row_src = at<int32_t>(p.my, p.f.row_src);
-  {
-    // The previous round's rows that this round does not rewrite become padding again (as the
-    // token_flags receive: rows per round kept by parity).
-    const int* before = prev_rows2(p) + ((n - 1) & 1) * p.L;
-    for (int e = blockIdx.x; e < p.L; e += gridDim.x) {
-      const int to = __ldcg(before + e);
-      for (int r = (ovf ? 0 : tot[e]) + threadIdx.x; r < to; r += blockDim.x) {
-        m_indices[e * p.cap + r] = -1;
-        row_src[e * p.cap + r] = -1;
-      }
-    }
-    if (blockIdx.x == 0)
-      for (int e = threadIdx.x; e < p.L; e += blockDim.x)
-        prev_rows2(p)[(n & 1) * p.L + e] = ovf ? 0 : tot[e];
-  }
+  reset_stale_rows(p, tot, ovf, n, m_indices, row_src);
   stamp_last(p, 9);
   const bool copy = p.expand && !ovf;
   const int64_t S = col_steps(p);
