@@ -11,6 +11,7 @@
 # Call: run(kind="nvidia-h100-x2", carry=["build-gr1"], command="bash build-gr1/run.sh")
 #   1. two processes on GPUs 0,1 (the defaults sweep + --graph 4), each under timeout 60;
 #   2. one process on every GPU if the machine has more than 2 (timeout 75);
+#   2b. one traced eager round of the defaults (FP8MOE_EP_TRACE=1: the layout-only dispatch's stamps);
 #   3. scripts/comm/ep_results_table.py --graph over the rows (graph_table.md).
 # Read: the "# summary" and "# summary, graph replays" blocks of graph_x2_*.log, graph_table.md.
 # One archive back: $OUT/gr1_s19.tgz. Expected ~60-90 s wall on 2 GPUs (+ a cold start), < 200 s
@@ -43,6 +44,17 @@ if ((n > 2)); then
   grep -E "not measured|^ep_bench:" "$R/graph_x$n.log" | head -5
   pack
 fi
+
+# 2b. The stamps (FP8MOE_EP_TRACE=1) of one eager round of the defaults on GPUs 0,1: where the
+# layout-only dispatch's ~105 us go today (ep25's were session 15's, before payload claims
+# landed): the payload's start, the send blocks' first and last ends, the receive's end. Added by
+# the lead (session 18) beside gr1's steps; ep_bench's --ab path, as runs/ep-s11-call1.sh.
+FP8MOE_EP_TRACE=1 CUDA_VISIBLE_DEVICES=0,1 timeout 40 "$bin/ep_bench" --ab default --ab-rounds 1 \
+  --blocks 64 --chunks 16 --ll-blocks 64 --ll-chunks 4 --date "$d" --out "$R/trace.jsonl" \
+  > "$R/trace.log" 2>&1
+el "2b. trace rc=$?"
+grep -iE "trace|stamp" "$R/trace.log" | head -30
+pack
 
 # 3. The graph table (ours / NCCL's graphs, eager beside) of every process.
 for f in "$R"/graph_x*.jsonl; do
