@@ -4,7 +4,11 @@
 // kernel released from the host once everything is enqueued); time = the slowest rank's
 // device-event interval; median of --iters. GB/s as DeepEP reports it: bytes a rank receives
 // (dispatch: one record per received token, itself included; combine: the same tokens in BF16)
-// over the time. Dispatch results are checked bit for bit against dispatch_reference.
+// over the time. Dispatch results are checked bit for bit against dispatch_reference. Ops:
+// dispatch (expanded into the grouped layout), dispatch_layout_only (expand_payload off),
+// combine (the expert rows summed with their gate weights and sent back), combine_tokens (one
+// BF16 row per received token sent back and summed, after the layout-only dispatch: the bytes
+// NCCL's combine anchor moves).
 // Run: ep_bench --out ep.jsonl [--ranks-per-gpu 2] [--blocks 32,48 --chunks 16,32 ...]
 // (one JSON object per line, a table on stdout, a summary of the best variants last).
 // A/B of kernel variants: ep_bench --ab base,PC,PCB --ab-rounds 3 (each variant timed every
