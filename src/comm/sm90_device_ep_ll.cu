@@ -676,6 +676,18 @@ __device__ __forceinline__ void reset_prev_rows(const Params& p) {
   }
 }
 
+// Lanes d < R wait until destination d's receive blocks all finished round n - 1 (its region of
+// this rank is free again); false for the whole block if any wait ended in an error (recorded;
+// check() reports it).
+__device__ __forceinline__ bool destinations_acked(const Params& p, unsigned long long n,
+                                                   int* abort_flag) {
+  if (threadIdx.x < p.R &&
+      !wait_rounds(ctr(p.my, p, kAckD, threadIdx.x), n - 1, p, threadIdx.x, kDispatchAck))
+    *abort_flag = 1;
+  __syncthreads();
+  return !*abort_flag;
+}
+
 // kDeferAck: ll_defer_dispatch_ack (ack_deferred by warp 0 of block 0); kAcks: ll_defer_acks
 // (give_acks by acking_warp; kDeferAck is then false).
 template <bool kRotate = false, bool kDeferAck = false, int kAcks = 0>
@@ -731,11 +743,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send(Params p) {
   __syncthreads();
   const unsigned long long n = s_n;
   // Destination d's region of mine is free once d's receive blocks all finished the last round.
-  if (threadIdx.x < p.R &&
-      !wait_rounds(ctr(p.my, p, kAckD, threadIdx.x), n - 1, p, threadIdx.x, kDispatchAck))
-    s_abort = 1;
-  __syncthreads();
-  if (s_abort) return;
+  if (!destinations_acked(p, n, &s_abort)) return;
   stamp_last(p, 3);
   if (blockIdx.x == 0) {
     // Per destination: T, its local experts' counts, the tokens it gets from me.
@@ -1217,11 +1225,7 @@ __global__ void __launch_bounds__(kThreads, 1) k_dispatch_send_rp(Params p) {
   const unsigned long long n = s_n;
   // Destination d's region of mine (ids and payload) is free once d's receive blocks all finished
   // the last round.
-  if (threadIdx.x < p.R &&
-      !wait_rounds(ctr(p.my, p, kAckD, threadIdx.x), n - 1, p, threadIdx.x, kDispatchAck))
-    s_abort = 1;
-  __syncthreads();
-  if (s_abort) return;
+  if (!destinations_acked(p, n, &s_abort)) return;
   stamp_last(p, 3);
   if (!kIds && blockIdx.x == 0) {
     const int64_t total = p.T * p.K;
