@@ -38,6 +38,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdio>
+#include <type_traits>
 
 #include "ep_ptx.cuh"
 #include "ep_row_math.cuh"
@@ -1864,44 +1865,30 @@ void launch(void (*kernel)(Params), int grid, size_t smem, cudaStream_t stream, 
 // The kernels of each step for p's options. ll_defer_acks (Params::acks) takes its own
 // instances; with it, ll_defer_dispatch_ack's kernels are not used (kAcksDispatch covers them).
 using Kernel = void (*)(Params);
-template <bool kRotate>
-Kernel dispatch_send_acks(int acks) {
+// The instance of a kernel template for p.acks' two deferral bits: pick(std::integral_constant<int,
+// bits>) names it.
+template <class Pick>
+Kernel by_acks(int acks, Pick pick) {
   switch (acks & (kAcksDispatch | kAcksCombine)) {
     case kAcksDispatch:
-      return k_dispatch_send<kRotate, false, kAcksDispatch>;
+      return pick(std::integral_constant<int, kAcksDispatch>{});
     case kAcksCombine:
-      return k_dispatch_send<kRotate, false, kAcksCombine>;
+      return pick(std::integral_constant<int, kAcksCombine>{});
+    case kAcksDispatch | kAcksCombine:
+      return pick(std::integral_constant<int, kAcksDispatch | kAcksCombine>{});
     default:
-      return k_dispatch_send<kRotate, false, kAcksDispatch | kAcksCombine>;
+      return pick(std::integral_constant<int, 0>{});
   }
 }
 Kernel dispatch_send_kernel(const Params& p) {
-  if ((p.recv_plan & kRecvPlanIdsBlock) != 0) {
-    switch (p.acks & (kAcksDispatch | kAcksCombine)) {
-      case kAcksDispatch:
-        return k_dispatch_send_rp<kAcksDispatch, true>;
-      case kAcksCombine:
-        return k_dispatch_send_rp<kAcksCombine, true>;
-      case kAcksDispatch | kAcksCombine:
-        return k_dispatch_send_rp<kAcksDispatch | kAcksCombine, true>;
-      default:
-        return k_dispatch_send_rp<0, true>;
-    }
-  }
-  if (p.recv_plan) {
-    switch (p.acks & (kAcksDispatch | kAcksCombine)) {
-      case kAcksDispatch:
-        return k_dispatch_send_rp<kAcksDispatch>;
-      case kAcksCombine:
-        return k_dispatch_send_rp<kAcksCombine>;
-      case kAcksDispatch | kAcksCombine:
-        return k_dispatch_send_rp<kAcksDispatch | kAcksCombine>;
-      default:
-        return k_dispatch_send_rp<0>;
-    }
-  }
+  if ((p.recv_plan & kRecvPlanIdsBlock) != 0)
+    return by_acks(p.acks, [](auto a) -> Kernel { return k_dispatch_send_rp<a(), true>; });
+  if (p.recv_plan) return by_acks(p.acks, [](auto a) -> Kernel { return k_dispatch_send_rp<a()>; });
   if ((p.acks & (kAcksDispatch | kAcksCombine)) != 0)
-    return p.dest_order != 0 ? dispatch_send_acks<true>(p.acks) : dispatch_send_acks<false>(p.acks);
+    return p.dest_order != 0
+               ? by_acks(p.acks, [](auto a) -> Kernel { return k_dispatch_send<true, false, a()>; })
+               : by_acks(p.acks,
+                         [](auto a) -> Kernel { return k_dispatch_send<false, false, a()>; });
   if (p.defer_ack)
     return p.dest_order != 0 ? k_dispatch_send<true, true> : k_dispatch_send<false, true>;
   return p.dest_order != 0 ? k_dispatch_send<true> : k_dispatch_send<false>;
@@ -1917,28 +1904,9 @@ Kernel dispatch_recv_kernel(const Params& p) {
                                                       : k_dispatch_recv<false>;
 }
 Kernel combine_send_kernel(const Params& p) {
-  if (p.recv_plan) {
-    switch (p.acks & (kAcksDispatch | kAcksCombine)) {
-      case kAcksDispatch:
-        return k_combine_send<kAcksDispatch, true>;
-      case kAcksCombine:
-        return k_combine_send<kAcksCombine, true>;
-      case kAcksDispatch | kAcksCombine:
-        return k_combine_send<kAcksDispatch | kAcksCombine, true>;
-      default:
-        return k_combine_send<0, true>;
-    }
-  }
-  switch (p.acks & (kAcksDispatch | kAcksCombine)) {
-    case kAcksDispatch:
-      return k_combine_send<kAcksDispatch>;
-    case kAcksCombine:
-      return k_combine_send<kAcksCombine>;
-    case kAcksDispatch | kAcksCombine:
-      return k_combine_send<kAcksDispatch | kAcksCombine>;
-    default:
-      return k_combine_send<0>;
-  }
+  if (p.recv_plan)
+    return by_acks(p.acks, [](auto a) -> Kernel { return k_combine_send<a(), true>; });
+  return by_acks(p.acks, [](auto a) -> Kernel { return k_combine_send<a()>; });
 }
 Kernel combine_recv_kernel(const Params& p) {
   if ((p.acks & kAcksCombine) != 0)
