@@ -26,6 +26,10 @@
 // and the suffixes :bN / :rN for a path's send / receive grids; --ll-graph N also times N
 // rounds of dispatch + combine replayed from one graph per rank, ours and NCCL's alike,
 // "# ll_graph" lines).
+// The normal mode replayed from CUDA graphs: --graph N (after the eager rows of the sweep, or of
+// the --ab variants) times N rounds per graph of each op (layout-only dispatch, combine_tokens,
+// dispatch, combine; NCCL's all-to-alls of the same bytes beside them), each graph's output
+// checked once; rows with note "graph_rounds=N ...", and a "# summary, graph replays" block.
 // Cross-node form: ep_bench --gpus-per-node G [--ranks-per-gpu G] (nodes of G ranks, rank r on
 // GPU r / ranks-per-gpu): the two-stage route with the network hop over NVLink stores and over
 // NCCL against the direct route, side by side, normal FP8 dispatch and BF16 combine; rows add
@@ -84,6 +88,7 @@ struct Options {
   bool plan_once = true;  // DeviceEpOptions::plan_once for the sweep (--plan-per-block: off)
   int ab_ll = 0;          // rounds of the low-latency A/B (0: the usual sweep)
   int ll_graph = 0;       // --ll-graph N: the A/B also times N rounds captured in one graph
+  int graph = 0;          // --graph N: the normal mode's ops also as graphs of N rounds (gr1)
   bool ll_expand = true;  // --ll-no-expand: the A/B's dispatch builds the layout only
   int64_t ll_cap = 0;     // --ll-cap: masked capacity of the A/B (0: ranks x ll_tokens)
   // --ll-variants: the A/B's paths (ll_variant_options): "old", "new", or letters of the
@@ -160,6 +165,8 @@ Options parse(int argc, char** argv) {
       o.ab_ll = std::atoi(next());
     else if (a == "--ll-graph")
       o.ll_graph = std::atoi(next());
+    else if (a == "--graph")
+      o.graph = std::atoi(next());
     else if (a == "--ll-variants") {
       o.ll_variants.clear();
       for (std::string l = next(); !l.empty();) {
@@ -1196,6 +1203,375 @@ void bench_nccl_graph(World& w, int64_t T, const std::vector<std::vector<int64_t
 }
 #endif
 
+// The layout-only dispatch (expand_payload off) leaves the grouped rows unwritten: each row with a
+// token is filled here from its record (row_src = (the source's first index + j) * K + k), so
+// same_dispatch covers the records through the layout as with the expansion (the tests'
+// expand_on_host, tests/comm/device_ep_gpu_test.cu).
+void expand_on_host(const EpConfig& cfg, DispatchResult& got) {
+  const int R = cfg.num_ranks, K = cfg.top_k;
+  const int64_t H = cfg.hidden, SC = cfg.scale_cols(), Tmax = cfg.max_tokens_per_rank;
+  if (got.grouped.overflow) return;
+  std::vector<int64_t> roff(R + 1, 0);
+  for (int s = 0; s < R; ++s) roff[s + 1] = roff[s] + got.recv.count[s];
+  for (int64_t row = 0; row < got.grouped.num_rows; ++row) {
+    const int32_t src = got.grouped.row_src[row];
+    if (src < 0) continue;
+    const int64_t i = src / K;
+    int s = 0;
+    while (s + 1 < R && roff[s + 1] <= i) ++s;
+    const int64_t at = s * Tmax + (i - roff[s]);
+    if (cfg.payload == Payload::kBF16) {
+      std::copy_n(&got.recv.x_bf16[at * H], H, &got.grouped.x_bf16[row * H]);
+    } else {
+      std::copy_n(&got.recv.x_fp8[at * H], H, &got.grouped.x_fp8[row * H]);
+      std::copy_n(&got.recv.x_scales[at * SC], SC, &got.grouped.x_scales[row * SC]);
+    }
+  }
+}
+
+bool is_graph_row(const Row& r) {
+  return r.note.rfind("graph_rounds=", 0) == 0;
+}
+
+// --graph N (gr1): the normal mode as a serving or training step runs it, replayed from CUDA
+// graphs (dispatch and combine never wait for the host, so a layer captures whole). Per variant
+// (the sweep's own at its first blocks and chunk, or every --ab variant) and rank, four graphs of
+// N rounds each, captured on the rank's stream in thread-local mode as --ll-graph does:
+// layout-only dispatches and combine_tokens (one group, expand_payload off), expanded dispatches
+// and combines (one group, expand_payload on). The combine is a graph of its own, not a [dispatch;
+// combine] pair minus a dispatch graph: the handle allows repeated combines after one dispatch (the
+// tests run combine, combine_tokens, combine again; the eager rows time the combine so), so its row
+// is its own median and not the difference of two medians that carries both spreads (each ~1 % of
+// a ~100-250 us op). NCCL: a graph of N all-to-alls of the eager dispatch anchor's bytes and one of
+// the combine anchor's, captured as bench_nccl_graph does (one thread, every rank's stream, relaxed
+// mode). Every graph replays once to be checked (after the replays, so the record is what the
+// graph wrote last): the records via download() against dispatch_reference (the layout-only ones
+// expanded on the host), the outputs poisoned before and compared with combine_reference /
+// combine_tokens_reference after. Then `rounds` timing rounds (--ab-rounds, else 3), each timing
+// every graph (time_us of one replay of every rank's graph, per round = / N), the order rotating
+// from round to round; a row is the median, note "graph_rounds=N ...".
+void bench_graph(World& w, int64_t T, const std::vector<std::vector<int64_t>>& cnt,
+                 int64_t fp8_record, int64_t bf16_record, double recv_bytes_fp8,
+                 double recv_bytes_bf16) {
+  const int N = w.opt.graph, R = w.R;
+  const int64_t H = w.opt.hidden;
+  const bool ab = w.opt.ab_rounds > 0;
+  const int rounds = ab ? w.opt.ab_rounds : 3;
+  const int64_t rows = needed_rows(w, T);
+  const EpConfig cfg = make_config(w, T, Payload::kFP8, 0, (rows + 127) / 128 * 128);
+  const int blocks = w.opt.blocks.front(), chunk = w.opt.chunks.front();
+  std::vector<Variant> vars;
+  std::vector<std::string> labels;
+  if (ab) {
+    for (const std::string& spec : w.opt.ab_variants) {
+      vars.push_back(parse_variant(spec, blocks, chunk));
+      if (vars.back().opt.recv_blocks == 0) vars.back().opt.recv_blocks = w.opt.recv_blocks;
+      labels.push_back("ab=" + spec);
+    }
+  } else {  // bench_ours' options at this sweep point
+    vars.push_back(parse_variant(w.opt.variant, blocks, chunk));
+    DeviceEpOptions& o = vars.back().opt;
+    o.plan_once = w.opt.plan_once && o.plan_once;
+    if (w.opt.recv_blocks > 0) o.recv_blocks = w.opt.recv_blocks;
+    labels.push_back("variant=" + w.opt.variant);
+  }
+  const int nv = static_cast<int>(vars.size());
+  std::vector<std::array<std::unique_ptr<DeviceEpGroup>, 2>> groups(nv);  // [variant][expand]
+  for (int v = 0; v < nv; ++v)
+    for (int expand = 0; expand < 2; ++expand) {
+      DeviceEpOptions o = vars[v].opt;
+      o.wire = Wire::kNvlink;
+      o.expand_payload = expand;
+      o.overlap_recv = w.opt.overlap;
+      groups[v][expand] = std::make_unique<DeviceEpGroup>(cfg, devices_of(w), o);
+    }
+  // The graphs' own buffers (bench_ours frees and reallocates the Rank ones): expert outputs y,
+  // combine_tokens' rows, the combine output.
+  std::vector<uint16_t*> y(R), tok(R), out(R);
+  std::vector<std::vector<uint16_t>> y_host(R), tok_host(R);
+  const int64_t tok_n = std::max<int64_t>(1, R * T) * H;
+  for (int r = 0; r < R; ++r) {
+    Rank& k = w.ranks[r];
+    FM_CHECK_CUDA(cudaSetDevice(k.device));
+    FM_CHECK_CUDA(cudaMalloc(&y[r], cfg.row_bound() * H * 2));
+    FM_CHECK_CUDA(cudaMalloc(&tok[r], tok_n * 2));
+    FM_CHECK_CUDA(cudaMalloc(&out[r], std::max<int64_t>(1, T) * H * 2));
+    k_fill_bf16<<<1024, 256, 0, k.stream>>>(y[r], cfg.row_bound() * H, 11 + r);
+    FM_CHECK_LAUNCH();
+    k_fill_bf16<<<1024, 256, 0, k.stream>>>(tok[r], tok_n, 23 + r);
+    FM_CHECK_LAUNCH();
+    if (w.opt.check) {
+      FM_CHECK_CUDA(cudaStreamSynchronize(k.stream));
+      y_host[r].resize(cfg.row_bound() * H);
+      tok_host[r].resize(tok_n);
+      FM_CHECK_CUDA(
+          cudaMemcpy(y_host[r].data(), y[r], y_host[r].size() * 2, cudaMemcpyDeviceToHost));
+      FM_CHECK_CUDA(
+          cudaMemcpy(tok_host[r].data(), tok[r], tok_host[r].size() * 2, cudaMemcpyDeviceToHost));
+    }
+  }
+  std::vector<DispatchResult> want;
+  std::vector<std::vector<uint16_t>> want_out, want_back;
+  if (w.opt.check) {
+    std::vector<TokenBatch> batches;
+    for (auto& k : w.ranks) batches.push_back({T, k.x.data(), k.idx.data(), k.w.data()});
+    want = dispatch_reference(cfg, batches);
+    std::vector<const uint16_t*> yp, tp;
+    for (int r = 0; r < R; ++r) {
+      yp.push_back(y_host[r].data());
+      tp.push_back(tok_host[r].data());
+    }
+    want_out = combine_reference(cfg, want, yp);
+    want_back = combine_tokens_reference(cfg, want, tp);
+  }
+  // Our graphs [variant][op][rank]; op 0 layout-only dispatch, 1 combine_tokens (both on the
+  // layout-only group), 2 dispatch, 3 combine (the expanded group). A rank's capture order is the
+  // op order, so each combine's host-side state (its last dispatch's T) is its group's.
+  const char* ops[4] = {"dispatch_layout_only", "combine_tokens", "dispatch", "combine"};
+  std::vector<std::array<std::vector<cudaGraphExec_t>, 4>> execs(nv);
+  for (int v = 0; v < nv; ++v)
+    for (int op = 0; op < 4; ++op) execs[v][op].assign(R, nullptr);
+  for (int v = 0; v < nv; ++v)
+    for (int r = 0; r < R; ++r) {
+      Rank& k = w.ranks[r];
+      FM_CHECK_CUDA(cudaSetDevice(k.device));
+      for (int op = 0; op < 4; ++op) {
+        DeviceEpRank& ep = groups[v][op / 2]->rank(r);
+        FM_CHECK_CUDA(cudaStreamBeginCapture(k.stream, cudaStreamCaptureModeThreadLocal));
+        for (int i = 0; i < N; ++i) {
+          if (op % 2 == 0) {
+            ep.dispatch_send({T, k.dx, k.didx, k.dw}, k.stream);
+            ep.dispatch_recv(k.stream);
+          } else {
+            if (op == 1)
+              ep.combine_tokens_send(tok[r], k.stream);
+            else
+              ep.combine_send(y[r], k.stream);
+            ep.combine_recv(out[r], k.stream);
+          }
+        }
+        execs[v][op][r] = end_capture(k.stream);
+      }
+    }
+  auto sync_all = [&] {
+    for (auto& k : w.ranks) {
+      FM_CHECK_CUDA(cudaSetDevice(k.device));
+      FM_CHECK_CUDA(cudaStreamSynchronize(k.stream));
+    }
+  };
+  // Every graph checked once, each dispatch before the combines of its group.
+  std::vector<std::array<int, 4>> checks(nv);
+  for (int v = 0; v < nv; ++v)
+    for (int op : {0, 2, 1, 3}) {
+      const bool comb = op % 2 == 1;
+      if (comb && w.opt.check)
+        for (int r = 0; r < R; ++r) {
+          FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+          FM_CHECK_CUDA(cudaMemsetAsync(out[r], 0xFF, T * H * 2, w.ranks[r].stream));
+        }
+      replay_graphs(w, execs[v][op]);
+      sync_all();
+      groups[v][op / 2]->check();
+      checks[v][op] = -1;
+      if (!w.opt.check) continue;
+      checks[v][op] = 1;
+      for (int r = 0; r < R; ++r) {
+        if (!comb) {
+          DispatchResult got = groups[v][op / 2]->rank(r).download();
+          if (op == 0) expand_on_host(cfg, got);
+          checks[v][op] = checks[v][op] && same_dispatch(cfg, want[r], got);
+        } else {
+          std::vector<uint16_t> o(T * H);
+          FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+          FM_CHECK_CUDA(cudaMemcpy(o.data(), out[r], o.size() * 2, cudaMemcpyDeviceToHost));
+          checks[v][op] = checks[v][op] && o == (op == 1 ? want_back[r] : want_out[r]);
+        }
+      }
+    }
+  // What is timed: ours, then NCCL's graphs.
+  struct Item {
+    std::vector<cudaGraphExec_t>* execs;
+    Row row;
+    std::vector<double> us;
+  };
+  std::vector<Item> items;
+  const std::string head = "graph_rounds=" + std::to_string(N);
+  for (int v = 0; v < nv; ++v)
+    for (int op = 0; op < 4; ++op) {
+      Row row;
+      row.impl = "fp8moe";
+      row.mode = "normal";
+      row.op = ops[op];
+      row.dtype = op % 2 ? "bf16" : "fp8";
+      row.tokens = T;
+      row.blocks = vars[v].opt.num_blocks;
+      row.chunk = vars[v].opt.chunk_tokens;
+      row.check = checks[v][op];
+      row.note = head + " " + labels[v] + " timing_rounds=" + std::to_string(rounds);
+      items.push_back({&execs[v][op], row, {}});
+    }
+  std::vector<std::vector<cudaGraphExec_t>> nccl_execs;
+  std::vector<char*> sbuf, rbuf;
+#if defined(FP8MOE_HAVE_NCCL)
+  if (!w.comms.empty()) {
+    const int64_t rb = std::max(fp8_record, bf16_record);
+    sbuf.assign(R, nullptr);
+    rbuf.assign(R, nullptr);
+    for (int r = 0; r < R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+      FM_CHECK_CUDA(cudaMalloc(&sbuf[r], R * T * rb + 16));
+      FM_CHECK_CUDA(cudaMalloc(&rbuf[r], R * T * rb + 16));
+      FM_CHECK_CUDA(cudaMemset(sbuf[r], 1, R * T * rb + 16));
+    }
+    nccl_execs.reserve(2);         // items hold pointers into it
+    for (int c = 0; c < 2; ++c) {  // the dispatch anchor's bytes, then the combine's
+      const int64_t rec = c ? bf16_record : fp8_record;
+      std::vector<cudaGraphExec_t> ex(R, nullptr);
+      try {
+        for (auto& k : w.ranks) {
+          FM_CHECK_CUDA(cudaSetDevice(k.device));
+          FM_CHECK_CUDA(cudaStreamBeginCapture(k.stream, cudaStreamCaptureModeRelaxed));
+        }
+        for (int i = 0; i < N; ++i) nccl_all_to_all(w, sbuf, rbuf, T, cnt, rec);
+        for (int r = 0; r < R; ++r) {
+          FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+          ex[r] = end_capture(w.ranks[r].stream);
+        }
+      } catch (const Error& e) {
+        std::printf("# nccl graph (normal): not measured (%s)\n", e.what());
+        for (auto& k : w.ranks) {  // leave no stream capturing
+          cudaSetDevice(k.device);
+          cudaGraph_t graph = nullptr;
+          if (cudaStreamEndCapture(k.stream, &graph) == cudaSuccess && graph)
+            cudaGraphDestroy(graph);
+        }
+        cudaGetLastError();
+        for (auto e2 : ex)
+          if (e2) cudaGraphExecDestroy(e2);
+        break;
+      }
+      const bool comb = c == 1;
+      nccl_execs.push_back(ex);
+      Row row;
+      row.impl = "nccl";
+      row.mode = "normal";
+      row.op = comb ? "combine" : "dispatch";
+      row.dtype = comb ? "bf16" : "fp8";
+      row.tokens = T;
+      row.note = head + " all_to_all_same_bytes timing_rounds=" + std::to_string(rounds);
+      items.push_back({&nccl_execs.back(), row, {}});
+    }
+  }
+#else
+  (void)cnt;
+  (void)fp8_record;
+  (void)bf16_record;
+#endif
+  const int ni = static_cast<int>(items.size());
+  for (int round = 0; round < rounds; ++round)
+    for (int q = 0; q < ni; ++q) {
+      Item& it = items[(q + round) % ni];
+      const auto replay = [&] { replay_graphs(w, *it.execs); };
+      it.us.push_back(w.time_us(replay, w.opt.iters, w.opt.warmup) / N);
+    }
+  for (int v = 0; v < nv; ++v) groups[v][0]->check(), groups[v][1]->check();
+  for (Item& it : items) {
+    std::sort(it.us.begin(), it.us.end());
+    it.row.us = it.us[it.us.size() / 2];
+    const bool comb = it.row.op.starts_with("combine");
+    it.row.gbps = (comb ? recv_bytes_bf16 : recv_bytes_fp8) / (it.row.us * 1e3);
+    emit(w, it.row);
+  }
+  for (int r = 0; r < R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(w.ranks[r].device));
+    for (auto& e : execs)
+      for (auto& x : e) cudaGraphExecDestroy(x[r]);
+    for (auto& x : nccl_execs) cudaGraphExecDestroy(x[r]);
+    cudaFree(y[r]);
+    cudaFree(tok[r]);
+    cudaFree(out[r]);
+    if (!sbuf.empty()) {
+      cudaFree(sbuf[r]);
+      cudaFree(rbuf[r]);
+    }
+  }
+}
+
+// The second block of the summary (--graph N): per variant, each op replayed from graphs against
+// NCCL's graphs of the same bytes and the peer copy of this run, the eager rows beside them (the
+// sweep's best; with --ab the variant's median over its rounds).
+void graph_summary(const World& w) {
+  auto median = [](std::vector<double> x) {
+    std::sort(x.begin(), x.end());
+    return x.empty() ? 0.0 : x[x.size() / 2];
+  };
+  auto find = [&](const char* impl, const std::string& op, const char* dtype, bool graph,
+                  const std::string& note_prefix, bool best) -> double {
+    std::vector<double> x;
+    for (const Row& r : w.rows)
+      if (r.impl == impl && r.mode == "normal" && r.op == op && r.dtype == dtype &&
+          is_graph_row(r) == graph && r.note.rfind(note_prefix, 0) == 0)
+        x.push_back(r.us);
+    if (x.empty()) return 0.0;
+    return best ? *std::min_element(x.begin(), x.end()) : median(x);
+  };
+  auto peer = [&](const char* note) {
+    for (const Row& r : w.rows)
+      if (r.impl == "peer_copy" && r.mode == "normal" && r.op == "copy_bidirectional" &&
+          r.note == note)
+        return r.us;
+    return 0.0;
+  };
+  std::vector<std::string> labels;  // the variants' notes, in order
+  for (const Row& r : w.rows)
+    if (r.impl == "fp8moe" && r.mode == "normal" && is_graph_row(r) &&
+        std::find(labels.begin(), labels.end(), r.note) == labels.end())
+      labels.push_back(r.note);
+  if (labels.empty()) return;
+  const double nd = find("nccl", "dispatch", "fp8", true, "", true);
+  const double nc = find("nccl", "combine", "bf16", true, "", true);
+  const double ned = find("nccl", "dispatch", "fp8", false, "all_to_all_same_bytes", true);
+  const double nec = find("nccl", "combine", "bf16", false, "all_to_all_same_bytes", true);
+  std::printf(
+      "# summary, graph replays (us per round; nccl: its graphs of the same bytes; eager in "
+      "parentheses)\n");
+  for (const std::string& label : labels) {
+    // The eager rows of this variant: --ab's "ab=NAME round=K" (median), else the sweep's best.
+    const size_t at = label.find("ab=");
+    const bool ab = at != std::string::npos;
+    const std::string eager_prefix = ab ? label.substr(at, label.find(' ', at) - at) + " " : "";
+    std::printf("# %s\n", label.c_str());
+    double g[4] = {0, 0, 0, 0};
+    const char* ops[4] = {"dispatch", "dispatch_layout_only", "combine", "combine_tokens"};
+    for (int i = 0; i < 4; ++i) {
+      const bool comb = i >= 2;
+      const Row* o = nullptr;
+      for (const Row& r : w.rows)
+        if (r.impl == "fp8moe" && r.op == ops[i] && r.note == label) o = &r;
+      if (!o) continue;
+      g[i] = o->us;
+      const double e = find("fp8moe", ops[i], comb ? "bf16" : "fp8", false, eager_prefix, !ab);
+      const double n = comb ? nc : nd, ne = comb ? nec : ned;
+      const double pc = peer(comb ? "bf16_combine_cross_bytes" : "fp8_dispatch_cross_bytes");
+      std::printf("normal      %-21s ours %8.1f us (%6.1f)", ops[i], o->us, e);
+      if (n > 0)
+        std::printf("  nccl %8.1f us (%6.1f) -> %.2fx (%.2fx)", n, ne, n / o->us,
+                    e > 0 ? ne / e : 0.0);
+      if (pc > 0)
+        std::printf("  peer-copy floor %7.1f us -> %.0f%% of peer bandwidth", pc,
+                    100.0 * pc / o->us);
+      std::printf("%s\n", o->check == 0 ? "  MISMATCH" : "");
+    }
+    if (g[0] > 0 && g[2] > 0 && nd > 0 && nc > 0)
+      std::printf("normal      dispatch+combine      ours %8.1f us  nccl %8.1f us -> %.2fx\n",
+                  g[0] + g[2], nd + nc, (nd + nc) / (g[0] + g[2]));
+    if (g[1] > 0 && g[3] > 0 && nd > 0 && nc > 0)
+      std::printf("normal      layout+combine_tokens ours %8.1f us  nccl %8.1f us -> %.2fx\n",
+                  g[1] + g[3], nd + nc, (nd + nc) / (g[1] + g[3]));
+  }
+  std::fflush(stdout);
+}
+
 // Raw peer copies between GPUs 0 and 1: one direction, and both directions at once.
 void bench_peer(World& w, int64_t bytes, const char* mode, const char* note) {
   if (w.gpus < 2) return;
@@ -1239,7 +1615,7 @@ void summary(const World& w) {
     const Row* b = nullptr;
     for (const Row& r : w.rows)
       if (r.impl == impl && r.mode == mode && r.op == op && r.dtype == dtype &&
-          (!note || r.note == note) && (!b || r.us < b->us))
+          (!note || r.note == note) && !is_graph_row(r) && (!b || r.us < b->us))
         b = &r;
     return b;
   };
@@ -1516,6 +1892,8 @@ void run(World& w) {
 #endif
       bench_peer(w, static_cast<int64_t>(cross * fp8_record), s.mode, "fp8_dispatch_cross_bytes");
       bench_peer(w, static_cast<int64_t>(cross * bf16_record), s.mode, "bf16_combine_cross_bytes");
+      if (!ll && w.opt.graph > 0)
+        bench_graph(w, s.T, cnt, fp8_record, bf16_record, recv * fp8_record, recv * bf16_record);
       continue;
     }
     if (!ll)
@@ -1534,10 +1912,16 @@ void run(World& w) {
 #endif
     bench_peer(w, static_cast<int64_t>(cross * fp8_record), s.mode, "fp8_dispatch_cross_bytes");
     bench_peer(w, static_cast<int64_t>(cross * bf16_record), s.mode, "bf16_combine_cross_bytes");
+    if (!ll && w.opt.graph > 0)
+      bench_graph(w, s.T, cnt, fp8_record, bf16_record, recv * fp8_record, recv * bf16_record);
   }
-  if (w.opt.ab_rounds > 0) return;
+  if (w.opt.ab_rounds > 0) {
+    if (w.opt.graph > 0) graph_summary(w);
+    return;
+  }
   bench_peer(w, 256ll << 20, "-", "256MiB");
   summary(w);
+  if (w.opt.graph > 0) graph_summary(w);
 }
 
 }  // namespace

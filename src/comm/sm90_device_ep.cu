@@ -69,12 +69,13 @@ size_t align_up(size_t v, size_t a) {
   return (v + a - 1) / a * a;
 }
 
-// The combine's chunk of received records (DeviceEpOptions::combine_chunk_tokens; 0 = 8 for the
-// normal shapes, max_tokens_per_rank > 512, where session 15 measured 8 against 16 at -5 to -6 %
-// on 2 x H200 (ep26), else the dispatch's chunk). Needs g.Tmax and g.C.
+// The combine's chunk of received records (DeviceEpOptions::combine_chunk_tokens; 0 = 4 for the
+// normal shapes, max_tokens_per_rank > 512: session 15 measured 8 against 16 at -5 to -6 % on
+// 2 x H200 (ep26) and 4 as 8 there; session 18 4 against 8 at -1.2 to -1.6 % on 2 x H100, three
+// calls; else the dispatch's chunk). Needs g.Tmax and g.C.
 int combine_chunk(const Geometry& g, const DeviceEpOptions& o) {
   if (o.combine_chunk_tokens > 0) return o.combine_chunk_tokens;
-  return g.Tmax > 512 ? 8 : g.C;
+  return g.Tmax > 512 ? 4 : g.C;
 }
 
 Geometry make_geometry(const EpConfig& c, const DeviceEpOptions& o) {
