@@ -69,13 +69,15 @@ size_t align_up(size_t v, size_t a) {
   return (v + a - 1) / a * a;
 }
 
-// The combine's chunk of received records (DeviceEpOptions::combine_chunk_tokens; 0 = 4 for the
-// normal shapes, max_tokens_per_rank > 512: session 15 measured 8 against 16 at -5 to -6 % on
-// 2 x H200 (ep26) and 4 as 8 there; session 18 4 against 8 at -1.2 to -1.6 % on 2 x H100, three
-// calls; else the dispatch's chunk). Needs g.Tmax and g.C.
+// The combine's chunk of received records (DeviceEpOptions::combine_chunk_tokens; 0 = for the
+// normal shapes, max_tokens_per_rank > 512, 4 at two ranks and 8 beyond, else the dispatch's
+// chunk). Session 15 (ep26, 2 x H200): 8 against 16 -5 to -6 %; sessions 18-19, 4 against 8: 2 x
+// H100 -1.2 to -1.6 % (four calls), 2 x H200 -0.1 / +0.3 %, 4 x H200 +1.5 / +1.7 %. Needs g.R,
+// g.Tmax and g.C.
 int combine_chunk(const Geometry& g, const DeviceEpOptions& o) {
   if (o.combine_chunk_tokens > 0) return o.combine_chunk_tokens;
-  return g.Tmax > 512 ? 4 : g.C;
+  if (g.Tmax <= 512) return g.C;
+  return g.R <= 2 ? 4 : 8;
 }
 
 Geometry make_geometry(const EpConfig& c, const DeviceEpOptions& o) {

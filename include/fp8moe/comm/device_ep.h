@@ -74,9 +74,10 @@ struct DeviceEpOptions {
   // the combine backward (its partials are not chunked) or the two-stage route (several nodes: no
   // chunks). Must be the same on every rank, as chunk_tokens: the combine's chunk flags are sized
   // by it (a block of R * max(dispatch chunks, combine chunks) flags), so it shapes the workspace.
-  // 0 = 4 when max_tokens_per_rank > 512 (whatever chunk_tokens is), else the dispatch's chunk
-  // (8 since session 15, 4 since session 19: 2 x H100, session 18, three calls, two processes
-  // each: 4 against 8 -1.2 to -1.6 %, ep_bench ":m8" takes it back). 2 x H200,
+  // 0 = when max_tokens_per_rank > 512 (whatever chunk_tokens is) 4 at two ranks and 8 beyond,
+  // else the dispatch's chunk (8 since session 15; 4 at two ranks since session 19: 4 against 8
+  // on 2 x H100 -1.2 to -1.6 % in four calls, on 2 x H200 -0.1 / +0.3 %, on 4 x H200 +1.5 / +1.7 %,
+  // so 8 stays beyond two ranks; ep_bench ":m8" / ":m4" force either). 2 x H200,
   // V3 shape, 64 blocks, same call, two processes x 3 rounds (ep_bench :mN): combine 226.5 / 228.1
   // us at 16 -> 214.8 / 214.9 with 8 (-5.2 / -5.8 %; the dispatch unchanged, where chunk_tokens 8
   // costs it +4 % and the layout-only dispatch +13 %), 215.2 / 215.5 with 4, 222.5 / 222.7 with 6,
