@@ -11,6 +11,9 @@
 // grouped GEMM reads its rows from the received records through row_record; it must equal the
 // expanded path bit for bit (the layout, the records against the expanded rows, the expert rows
 // of y, the combine output) over two rounds, 2 GPUs (NVLink and NCCL) and ranks sharing a GPU.
+// And the experts as the model runs them (session 19): ExpertFfnGpu (up GEMM -> SwiGLU + 1x128
+// quantisation -> down GEMM) on the gathered path, against expert_ffn_reference on the reference
+// dispatch's rows and the all-CPU layer.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -32,6 +35,7 @@
 #include "fp8moe/fp8/quantize.h"
 #include "fp8moe/kernels/fp8_gemm.h"
 #include "fp8moe/kernels/scale_layout.h"
+#include "fp8moe/moe/expert_ffn_gpu.h"
 #include "moe_layer_test_util.h"
 
 namespace fp8moe::comm {
@@ -611,6 +615,159 @@ TEST(MoeLayerGpu, GatheredPathEqualsExpandedPathTwoStageRoute) {
   const std::vector<int> devices =
       gpu_count() >= 2 ? std::vector<int>{0, 0, 1, 1} : std::vector<int>{0, 0, 0, 0};
   run_gathered_vs_expanded(devices, Wire::kNvlink, "2 nodes of 2 ranks", 2);
+}
+
+// Session 19: the routed experts as an FP8 SwiGLU FFN (ExpertFfnGpu::forward_gathered reading the
+// dispatch's records through row_record, m_indices as its grouped layout), then the weighted
+// combine; against the CPU layer: dispatch_reference -> expert_ffn_reference -> combine_reference.
+// The expert rows within kFfnTol of the reference (same FP8 math; the tensor cores' in-window
+// summation moves a few BF16 / E4M3 roundings: tests/moe/expert_ffn_gpu_test.cu), the combine of
+// the GPU's rows bit for bit, the layer's output within the same bound.
+TEST(MoeLayerGpu, ExpertFfnGatheredLayerMatchesCpu) {
+  constexpr double kFfnTol = 1e-2;
+  const int R = 2;
+  const std::vector<int> devices =
+      gpu_count() >= 2 ? std::vector<int>{0, 1} : std::vector<int>{0, 0};
+  const EpConfig cfg = layer_config(R);
+  const int L = cfg.experts_per_rank();
+  const int64_t H = cfg.hidden, I = 256, KB = H / 128, bound = cfg.row_bound();
+  DeviceEpOptions opt;
+  opt.expand_payload = false;  // the layout only: the FFN gathers its rows from the records
+  DeviceEpGroup group(cfg, devices, opt);
+  const std::vector<testing::RankData> in =
+      testing::make_inputs(cfg, {384, 257}, testing::Routing::kRandom, 19);
+  std::vector<TokenBatch> batches;
+  for (const auto& d : in) batches.push_back(d.batch());
+  const std::vector<DispatchResult> want = dispatch_reference(cfg, batches);
+
+  struct Rank {
+    cudaStream_t stream = nullptr;
+    uint16_t *x = nullptr, *y = nullptr, *out = nullptr;
+    int32_t* idx = nullptr;
+    float *w = nullptr, *sa = nullptr;
+    ExpertWeightsHost host;
+    std::unique_ptr<ExpertWeightsDevice> weights;
+    std::unique_ptr<ExpertFfnGpu> ffn;
+  };
+  std::vector<Rank> rk(R);
+  std::mt19937_64 rng(1919);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int r = 0; r < R; ++r) {
+    Rank& k = rk[r];
+    FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+    FM_CHECK_CUDA(cudaStreamCreateWithFlags(&k.stream, cudaStreamNonBlocking));
+    std::vector<float> gate(L * I * H), up(L * I * H), down(L * H * I);
+    for (float& v : gate) v = normal(rng) / std::sqrt(float(H));
+    for (float& v : up) v = normal(rng) / std::sqrt(float(H));
+    for (float& v : down) v = normal(rng) / std::sqrt(float(I));
+    k.host = quantize_expert_weights(gate.data(), up.data(), down.data(), L, H, I);
+    k.weights = std::make_unique<ExpertWeightsDevice>(k.host);
+    k.ffn = std::make_unique<ExpertFfnGpu>(bound, H, I);
+    k.x = to_device(devices[r], in[r].x);
+    k.idx = to_device(devices[r], in[r].idx);
+    k.w = to_device(devices[r], in[r].w);
+    k.sa = to_device(devices[r], std::vector<float>(KB * padded_rows(bound)));
+    k.y = to_device(devices[r], std::vector<uint16_t>(bound * H, 0xFFFF));  // NaN poison
+    k.out = to_device(devices[r], std::vector<uint16_t>(std::max<int64_t>(1, in[r].tokens) * H));
+  }
+  auto sync = [&] {
+    for (int r = 0; r < R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      FM_CHECK_CUDA(cudaStreamSynchronize(rk[r].stream));
+    }
+    group.check();
+  };
+  // Phase by phase (ranks sharing a GPU must not spin on SMs a peer's GEMM needs).
+  for (int r = 0; r < R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+    group.rank(r).dispatch_send({in[r].tokens, rk[r].x, rk[r].idx, rk[r].w}, rk[r].stream);
+    group.rank(r).dispatch_recv(rk[r].stream);
+  }
+  sync();
+  for (int r = 0; r < R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+    const DeviceRecvView v = group.rank(r).view();
+    ASSERT_NE(v.row_record, nullptr) << "rank " << r;
+    kernels::gather_scales_to_mn_major(reinterpret_cast<const float*>(v.records + H),
+                                       v.record_stride / 4, v.row_record, bound, KB, rk[r].sa,
+                                       rk[r].stream);
+    rk[r].ffn->forward_gathered({v.records, v.record_rows, v.record_stride, v.row_record}, rk[r].sa,
+                                v.m_indices, bound, rk[r].weights->view(),
+                                reinterpret_cast<bf16*>(rk[r].y), rk[r].stream);
+  }
+  sync();
+  for (int r = 0; r < R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+    FM_CHECK_CUDA(
+        cudaMemsetAsync(rk[r].out, 0xFF, std::max<int64_t>(1, in[r].tokens) * H * 2, rk[r].stream));
+    group.rank(r).combine_send(rk[r].y, rk[r].stream);
+    group.rank(r).combine_recv(rk[r].out, rk[r].stream);
+  }
+  sync();
+
+  std::vector<std::vector<uint16_t>> y_gpu(R), y_cpu(R);
+  for (int r = 0; r < R; ++r) {
+    const auto m_indices = to_host(devices[r], group.rank(r).view().m_indices, bound);
+    ASSERT_EQ(m_indices, want[r].grouped.m_indices) << "rank " << r;
+    y_gpu[r] = to_host(devices[r], rk[r].y, bound * H);
+    // The CPU experts on the reference dispatch's rows (padding rows stay 0).
+    y_cpu[r].assign(bound * H, 0);
+    Fp8MatrixRef a;
+    a.codes = want[r].grouped.x_fp8.data();
+    a.rows = bound;
+    a.cols = H;
+    a.ld = H;
+    a.scales = want[r].grouped.x_scales.data();
+    a.granularity = ScaleGranularity::k1x128;
+    a.scale_row_stride = KB;
+    a.scale_col_stride = 1;
+    expert_ffn_reference(a, m_indices.data(), rk[r].host, nullptr, false,
+                         reinterpret_cast<bf16*>(y_cpu[r].data()), {}, 4);
+    std::vector<uint16_t> got, ref;
+    int64_t padding_written = 0;
+    for (int64_t row = 0; row < bound; ++row) {
+      const auto g0 = y_gpu[r].begin() + row * H;
+      if (m_indices[row] < 0) {
+        padding_written += std::count_if(g0, g0 + H, [](uint16_t b) { return b != 0xFFFF; });
+        continue;
+      }
+      got.insert(got.end(), g0, g0 + H);
+      ref.insert(ref.end(), y_cpu[r].begin() + row * H, y_cpu[r].begin() + (row + 1) * H);
+    }
+    ASSERT_FALSE(ref.empty());
+    const double err = rel_error(got, ref);
+    std::printf(
+        "rank %d: %zu expert rows, ExpertFfnGpu |y-ref|/|ref| = %.3g, padding rows "
+        "written %lld\n",
+        r, got.size() / H, err, static_cast<long long>(padding_written));
+    EXPECT_LT(err, kFfnTol) << "rank " << r;
+    EXPECT_EQ(padding_written, 0) << "rank " << r;
+  }
+  std::vector<const uint16_t*> yg, yc;
+  for (int r = 0; r < R; ++r) {
+    yg.push_back(y_gpu[r].data());
+    yc.push_back(y_cpu[r].data());
+  }
+  const auto combined_gpu_y = combine_reference(cfg, want, yg);
+  const auto combined_cpu_y = combine_reference(cfg, want, yc);
+  for (int r = 0; r < R; ++r) {
+    const auto out = to_host(devices[r], rk[r].out, in[r].tokens * H);
+    ASSERT_EQ(out, combined_gpu_y[r]) << "combine of the GPU's expert rows, rank " << r;
+    const double err = rel_error(out, combined_cpu_y[r]);
+    std::printf("rank %d: FFN layer |out-ref|/|ref| = %.3g (all-CPU layer)\n", r, err);
+    EXPECT_LT(err, kFfnTol) << "rank " << r;
+  }
+  for (int r = 0; r < R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+    FM_CHECK_CUDA(cudaStreamSynchronize(rk[r].stream));
+    rk[r].ffn.reset();
+    rk[r].weights.reset();
+    for (void* p :
+         {static_cast<void*>(rk[r].x), static_cast<void*>(rk[r].y), static_cast<void*>(rk[r].out),
+          static_cast<void*>(rk[r].idx), static_cast<void*>(rk[r].w), static_cast<void*>(rk[r].sa)})
+      cudaFree(p);
+    cudaStreamDestroy(rk[r].stream);
+  }
 }
 
 }  // namespace
