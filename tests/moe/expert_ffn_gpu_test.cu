@@ -39,10 +39,12 @@ using test::DeviceBuffer;
 // the tensor cores' summation inside each 128-K window (FP32 GEMM outputs differ by ~1.3e-4 rel.,
 // tests/kernels' wgrad rows). That moves a few per cent of gate_up's BF16 roundings by one ulp
 // (2^-8), a few per cent of those move an E4M3 code of h by one ulp (2^-3 relative), and y's BF16
-// rounding by one ulp where it lands near a boundary. Expected ~1e-3..4e-3 (the CPU estimate with
-// a 14-bit truncating accumulator, ExpertFfn.TensorCoreAccumulatorEstimate, reads the same
-// order); 1e-2 leaves room without passing a wrong expert, row or scale (those give O(1)).
-constexpr double kFfnTol = 1e-2;
+// rounding by one ulp where it lands near a boundary. Predicted ~1e-3..4e-3 (the CPU estimate with
+// a 14-bit truncating accumulator, ExpertFfn.TensorCoreAccumulatorEstimate); measured on 2 x H200
+// (session 19): 2.0e-3..7.2e-3, and 1.01e-2 / 1.09e-2 for the masked H = I = 256 case (two
+// 128-K blocks a GEMM: fewer terms average the flipped E4M3 codes of h). 3e-2 leaves room and
+// still fails a wrong expert, row or scale (those give O(1)).
+constexpr double kFfnTol = 3e-2;
 constexpr uint16_t kPoison = 0xFFFF;
 
 struct FfnCase {
