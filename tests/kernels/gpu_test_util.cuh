@@ -16,6 +16,12 @@
 
 namespace fp8moe::test {
 
+// NOTE: upload, download and poison go through the legacy default stream (cudaMemcpy,
+// cudaMemset), which does not order against streams created with cudaStreamNonBlocking; each
+// therefore synchronises the whole device (before a download, after an upload or a poison), so that
+// a test's kernels on its own stream never race them. Session 19: ExpertFfnGpu's gathered form once
+// differed from the contiguous one (same inputs, identical in an earlier run) while the GPU was
+// shared with another test process; a poison racing its kernels is the likely cause.
 template <typename T>
 class DeviceBuffer {
  public:
@@ -39,9 +45,11 @@ class DeviceBuffer {
     FM_CHECK(host.size() == count_, "upload of ", host.size(), " into ", count_);
     if (count_ > 0)
       FM_CHECK_CUDA(cudaMemcpy(ptr_, host.data(), count_ * sizeof(T), cudaMemcpyHostToDevice));
+    FM_CHECK_CUDA(cudaDeviceSynchronize());
   }
   std::vector<T> download() const {
     std::vector<T> host(count_);
+    FM_CHECK_CUDA(cudaDeviceSynchronize());
     if (count_ > 0)
       FM_CHECK_CUDA(cudaMemcpy(host.data(), ptr_, count_ * sizeof(T), cudaMemcpyDeviceToHost));
     return host;
@@ -49,6 +57,7 @@ class DeviceBuffer {
   // Fill every byte with `byte` (0xFF: NaN for floats, bf16 and E4M3 alike).
   void poison(int byte = 0xFF) {
     if (count_ > 0) FM_CHECK_CUDA(cudaMemset(ptr_, byte, count_ * sizeof(T)));
+    FM_CHECK_CUDA(cudaDeviceSynchronize());
   }
 
  private:
