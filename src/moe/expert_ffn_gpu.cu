@@ -7,9 +7,11 @@
 
 #include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
+#include "fp8moe/kernels/requantize.h"
 #include "fp8moe/kernels/swiglu.h"
 
 namespace fp8moe {
@@ -27,11 +29,21 @@ void check_ffn_dims(int64_t hidden, int64_t inter, const char* what) {
                " is not a positive multiple of 128 (the scale block)");
 }
 
+// dst row r = src row r where grouped_layout[r] >= 0, else zeros; 8 BF16 (16 bytes) a thread.
+__global__ void copy_real_rows_kernel(const bf16* src, const int32_t* grouped_layout,
+                                      int64_t vectors_per_row, int64_t vectors, bf16* dst) {
+  const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v >= vectors) return;
+  const bool real = __ldg(grouped_layout + v / vectors_per_row) >= 0;
+  reinterpret_cast<uint4*>(dst)[v] =
+      real ? __ldg(reinterpret_cast<const uint4*>(src) + v) : make_uint4(0, 0, 0, 0);
+}
+
 }  // namespace
 
 // ---- ExpertWeightsDevice ----
 
-ExpertWeightsDevice::ExpertWeightsDevice(const ExpertWeightsHost& host) {
+ExpertWeightsDevice::ExpertWeightsDevice(const ExpertWeightsHost& host, bool with_transposed) {
   const int64_t G = host.groups, H = host.hidden, I = host.inter;
   FM_CHECK_ARG(G >= 1, "ExpertWeightsDevice: groups=", G);
   check_ffn_dims(H, I, "ExpertWeightsDevice");
@@ -42,25 +54,48 @@ ExpertWeightsDevice::ExpertWeightsDevice(const ExpertWeightsHost& host) {
                "ExpertWeightsDevice: host arrays (w13 ", host.w13.size(), ", s13 ", host.s13.size(),
                ", w2 ", host.w2.size(), ", s2 ", host.s2.size(), ") do not match groups=", G,
                " hidden=", H, " inter=", I);
-  const int64_t b_w13 = align256(G * 2 * I * H), b_s13 = align256(host.s13.size() * 4),
-                b_w2 = align256(G * H * I), b_s2 = align256(host.s2.size() * 4);
-  FM_CHECK_CUDA(cudaMalloc(&buffer_, b_w13 + b_s13 + b_w2 + b_s2));
+  ExpertWeightsTransposedHost t;
+  if (with_transposed) t = transpose_expert_weights(host);
+  // (host source, bytes) in buffer order: w13 | s13 | w2 | s2 [| w13t | s13t | w2t | s2t].
+  struct Part {
+    const void* src;
+    int64_t bytes;
+  };
+  std::vector<Part> parts = {{host.w13.data(), static_cast<int64_t>(host.w13.size())},
+                             {host.s13.data(), static_cast<int64_t>(host.s13.size() * 4)},
+                             {host.w2.data(), static_cast<int64_t>(host.w2.size())},
+                             {host.s2.data(), static_cast<int64_t>(host.s2.size() * 4)}};
+  if (with_transposed) {
+    parts.push_back({t.w13t.data(), static_cast<int64_t>(t.w13t.size())});
+    parts.push_back({t.s13t.data(), static_cast<int64_t>(t.s13t.size() * 4)});
+    parts.push_back({t.w2t.data(), static_cast<int64_t>(t.w2t.size())});
+    parts.push_back({t.s2t.data(), static_cast<int64_t>(t.s2t.size() * 4)});
+  }
+  int64_t total = 0;
+  for (const Part& part : parts) total += align256(part.bytes);
+  FM_CHECK_CUDA(cudaMalloc(&buffer_, total));
   char* p = static_cast<char*>(buffer_);
+  std::vector<char*> at;
+  for (const Part& part : parts) {
+    at.push_back(p);
+    p += align256(part.bytes);
+  }
   view_.groups = G;
   view_.hidden = H;
   view_.inter = I;
-  view_.w13 = reinterpret_cast<const uint8_t*>(p);
-  view_.s13 = reinterpret_cast<const float*>(p + b_w13);
-  view_.w2 = reinterpret_cast<const uint8_t*>(p + b_w13 + b_s13);
-  view_.s2 = reinterpret_cast<const float*>(p + b_w13 + b_s13 + b_w2);
+  view_.w13 = reinterpret_cast<const uint8_t*>(at[0]);
+  view_.s13 = reinterpret_cast<const float*>(at[1]);
+  view_.w2 = reinterpret_cast<const uint8_t*>(at[2]);
+  view_.s2 = reinterpret_cast<const float*>(at[3]);
+  if (with_transposed) {
+    view_.w13t = reinterpret_cast<const uint8_t*>(at[4]);
+    view_.s13t = reinterpret_cast<const float*>(at[5]);
+    view_.w2t = reinterpret_cast<const uint8_t*>(at[6]);
+    view_.s2t = reinterpret_cast<const float*>(at[7]);
+  }
   try {
-    FM_CHECK_CUDA(cudaMemcpy(p, host.w13.data(), host.w13.size(), cudaMemcpyHostToDevice));
-    FM_CHECK_CUDA(
-        cudaMemcpy(p + b_w13, host.s13.data(), host.s13.size() * 4, cudaMemcpyHostToDevice));
-    FM_CHECK_CUDA(
-        cudaMemcpy(p + b_w13 + b_s13, host.w2.data(), host.w2.size(), cudaMemcpyHostToDevice));
-    FM_CHECK_CUDA(cudaMemcpy(p + b_w13 + b_s13 + b_w2, host.s2.data(), host.s2.size() * 4,
-                             cudaMemcpyHostToDevice));
+    for (size_t i = 0; i < parts.size(); ++i)
+      FM_CHECK_CUDA(cudaMemcpy(at[i], parts[i].src, parts[i].bytes, cudaMemcpyHostToDevice));
   } catch (...) {
     release();
     throw;
@@ -69,9 +104,9 @@ ExpertWeightsDevice::ExpertWeightsDevice(const ExpertWeightsHost& host) {
 
 ExpertWeightsDevice::ExpertWeightsDevice(const float* gate, const float* up, const float* down,
                                          int64_t groups, int64_t hidden, int64_t inter,
-                                         QuantizeOptions options)
-    : ExpertWeightsDevice(quantize_expert_weights(gate, up, down, groups, hidden, inter, options)) {
-}
+                                         QuantizeOptions options, bool with_transposed)
+    : ExpertWeightsDevice(quantize_expert_weights(gate, up, down, groups, hidden, inter, options),
+                          with_transposed) {}
 
 ExpertWeightsDevice::~ExpertWeightsDevice() {
   release();
@@ -108,18 +143,65 @@ ExpertFfnGpu::ExpertFfnGpu(int64_t max_rows, int64_t hidden, int64_t inter,
     FM_CHECK_CUDA(cudaMalloc(&gate_up_, rows * 2 * inter * sizeof(bf16)));
     FM_CHECK_CUDA(cudaMalloc(&h_codes_, rows * inter));
     FM_CHECK_CUDA(cudaMalloc(&h_scales_, (inter / 128) * padded_rows(rows) * sizeof(float)));
+    if (options.backward) allocate_backward();
   } catch (...) {
     cudaFree(gate_up_);
     cudaFree(h_codes_);
     cudaFree(h_scales_);
+    cudaFree(bwd_);
     throw;
   }
+}
+
+void ExpertFfnGpu::allocate_backward() {
+  const int64_t R = (std::max<int64_t>(max_rows_, 1) + 127) / 128 * 128, H = hidden_, I = inter_,
+                I2 = 2 * inter_, pR = padded_rows(R);
+  const int64_t sizes[] = {R * H * 2,
+                           R * H,
+                           (H / 128) * pR * 4,
+                           H * R,
+                           (R / 128) * padded_rows(H) * 4,
+                           R * I * 2,
+                           R * I2 * 2,
+                           R * I2,
+                           (I2 / 128) * pR * 4,
+                           I2 * R,
+                           (R / 128) * padded_rows(I2) * 4,
+                           I * R,
+                           (R / 128) * padded_rows(I) * 4,
+                           H * R,
+                           (R / 128) * padded_rows(H) * 4};
+  int64_t total = 0;
+  for (int64_t b : sizes) total += align256(b);
+  FM_CHECK_CUDA(cudaMalloc(&bwd_, total));
+  char* p = static_cast<char*>(bwd_);
+  char* at[15];
+  for (int i = 0; i < 15; ++i) {
+    at[i] = p;
+    p += align256(sizes[i]);
+  }
+  b_.dy = reinterpret_cast<bf16*>(at[0]);
+  b_.dy8 = reinterpret_cast<uint8_t*>(at[1]);
+  b_.dy8_s = reinterpret_cast<float*>(at[2]);
+  b_.dyt = reinterpret_cast<uint8_t*>(at[3]);
+  b_.dyt_s = reinterpret_cast<float*>(at[4]);
+  b_.dh = reinterpret_cast<bf16*>(at[5]);
+  b_.dgu = reinterpret_cast<bf16*>(at[6]);
+  b_.dgu8 = reinterpret_cast<uint8_t*>(at[7]);
+  b_.dgu8_s = reinterpret_cast<float*>(at[8]);
+  b_.dgut = reinterpret_cast<uint8_t*>(at[9]);
+  b_.dgut_s = reinterpret_cast<float*>(at[10]);
+  b_.ht = reinterpret_cast<uint8_t*>(at[11]);
+  b_.ht_s = reinterpret_cast<float*>(at[12]);
+  b_.xt = reinterpret_cast<uint8_t*>(at[13]);
+  b_.xt_s = reinterpret_cast<float*>(at[14]);
 }
 
 ExpertFfnGpu::~ExpertFfnGpu() {
   cudaFree(gate_up_);
   cudaFree(h_codes_);
   cudaFree(h_scales_);
+  cudaFree(bwd_);
 }
 
 // Everything a call can get wrong, checked before its first launch.
@@ -145,12 +227,12 @@ void ExpertFfnGpu::check_call(const char* what, int64_t rows, const ExpertWeight
 }
 
 // Steps 2 and 3 of the contiguous and gathered forms (gate_up_ holds the up GEMM's rows).
-void ExpertFfnGpu::activation_and_down(const int32_t* grouped_layout, int64_t rows,
-                                       const ExpertWeightsGpu& w, bf16* y, cudaStream_t stream,
-                                       const float* row_scale) {
+void ExpertFfnGpu::activation_and_down(const bf16* gate_up, const int32_t* grouped_layout,
+                                       int64_t rows, const ExpertWeightsGpu& w, bf16* y,
+                                       cudaStream_t stream, const float* row_scale) {
   kernels::SwigluRows which;
   which.grouped_layout = grouped_layout;
-  kernels::swiglu_quantize_1x128(gate_up_, 2 * inter_, rows, inter_, row_scale, which,
+  kernels::swiglu_quantize_1x128(gate_up, 2 * inter_, rows, inter_, row_scale, which,
                                  options_.pow2_scales, h_codes_, inter_, h_scales_,
                                  kernels::ScaleLayout::kMnMajor, stream);
   kernels::fp8_gemm_nt_grouped_contiguous(h_codes_, h_scales_, w.w2, w.s2, y, grouped_layout, rows,
@@ -160,16 +242,19 @@ void ExpertFfnGpu::activation_and_down(const int32_t* grouped_layout, int64_t ro
 void ExpertFfnGpu::forward_contiguous(const uint8_t* x, const float* sa,
                                       const int32_t* grouped_layout, int64_t rows,
                                       const ExpertWeightsGpu& w, bf16* y, cudaStream_t stream,
-                                      const float* row_scale) {
+                                      const float* row_scale, bf16* gate_up_out) {
   constexpr const char* kWhat = "ExpertFfnGpu::forward_contiguous";
   check_call(kWhat, rows, w, sa, grouped_layout, y);
   FM_CHECK_ARG(rows % 128 == 0, kWhat, ": rows=", rows,
                " is not a multiple of 128 (each expert's rows start at a multiple of 128)");
   FM_CHECK_ARG(x != nullptr, kWhat, ": null x");
+  FM_CHECK_ARG(reinterpret_cast<uintptr_t>(gate_up_out) % 16 == 0, kWhat,
+               ": gate_up_out must be 16-byte aligned");
   if (rows == 0) return;
-  kernels::fp8_gemm_nt_grouped_contiguous(x, sa, w.w13, w.s13, gate_up_, grouped_layout, rows,
+  bf16* gate_up = gate_up_out != nullptr ? gate_up_out : gate_up_;
+  kernels::fp8_gemm_nt_grouped_contiguous(x, sa, w.w13, w.s13, gate_up, grouped_layout, rows,
                                           2 * inter_, hidden_, w.groups, stream);
-  activation_and_down(grouped_layout, rows, w, y, stream, row_scale);
+  activation_and_down(gate_up, grouped_layout, rows, w, y, stream, row_scale);
 }
 
 void ExpertFfnGpu::forward_gathered(kernels::GatheredRows x, const float* sa,
@@ -187,7 +272,7 @@ void ExpertFfnGpu::forward_gathered(kernels::GatheredRows x, const float* sa,
   if (rows == 0) return;
   kernels::fp8_gemm_nt_grouped_contiguous_gathered(x, sa, w.w13, w.s13, gate_up_, grouped_layout,
                                                    rows, 2 * inter_, hidden_, w.groups, stream);
-  activation_and_down(grouped_layout, rows, w, y, stream, row_scale);
+  activation_and_down(gate_up_, grouped_layout, rows, w, y, stream, row_scale);
 }
 
 void ExpertFfnGpu::forward_masked(const uint8_t* x, const float* sa, const int32_t* masked_m,
@@ -214,6 +299,75 @@ void ExpertFfnGpu::forward_masked(const uint8_t* x, const float* sa, const int32
                                  kernels::ScaleLayout::kMnMajor, stream);
   kernels::fp8_gemm_nt_grouped_masked(h_codes_, h_scales_, w.w2, w.s2, y, masked_m, G, max_m,
                                       hidden_, inter_, stream);
+}
+
+void ExpertFfnGpu::backward_contiguous(const uint8_t* x, const float* sa, const bf16* gate_up,
+                                       const int32_t* grouped_layout,
+                                       std::span<const int64_t> expert_rows, int64_t rows,
+                                       const ExpertWeightsGpu& w, const bf16* dy, bf16* dx,
+                                       float* dw13, float* dw2, cudaStream_t stream,
+                                       const float* row_scale, float* d_row_scale) {
+  constexpr const char* kWhat = "ExpertFfnGpu::backward_contiguous";
+  check_call(kWhat, rows, w, sa, grouped_layout, dx);
+  FM_CHECK_ARG(bwd_ != nullptr, kWhat, ": no backward workspace (ExpertFfnOptions::backward)");
+  FM_CHECK_ARG(w.w13t != nullptr && w.s13t != nullptr && w.w2t != nullptr && w.s2t != nullptr,
+               kWhat, ": weights without transposes (ExpertWeightsDevice with_transposed)");
+  FM_CHECK_ARG(static_cast<int64_t>(expert_rows.size()) == w.groups, kWhat, ": ",
+               expert_rows.size(), " expert row counts for ", w.groups, " experts");
+  FM_CHECK_ARG(w.groups <= kernels::kMaxKGroups, kWhat, ": ", w.groups, " experts (at most ",
+               kernels::kMaxKGroups, " for the k-grouped wgrad)");
+  int64_t sum = 0;
+  for (size_t g = 0; g < expert_rows.size(); ++g) {
+    FM_CHECK_ARG(expert_rows[g] >= 0 && expert_rows[g] % 128 == 0, kWhat, ": expert ", g, " has ",
+                 expert_rows[g], " rows, not a multiple of 128");
+    sum += expert_rows[g];
+  }
+  FM_CHECK_ARG(sum == rows, kWhat, ": expert rows sum to ", sum, ", rows=", rows);
+  FM_CHECK_ARG(
+      x != nullptr && gate_up != nullptr && dy != nullptr && dw13 != nullptr && dw2 != nullptr,
+      kWhat, ": null x, gate_up, dy, dw13 or dw2");
+  FM_CHECK_ARG(reinterpret_cast<uintptr_t>(dy) % 16 == 0, kWhat, ": dy must be 16-byte aligned");
+  if (rows == 0) return;
+  const int64_t H = hidden_, I = inter_, I2 = 2 * inter_;
+  const bool pow2 = options_.pow2_scales;
+  constexpr auto kMn = kernels::ScaleLayout::kMnMajor;
+  kernels::SwigluRows which;
+  which.grouped_layout = grouped_layout;
+
+  // 1. dy with padding rows zeroed, quantised along H and (transposed) along rows.
+  {
+    const int64_t vectors = rows * H / 8;
+    const int64_t blocks = (vectors + 255) / 256;
+    FM_CHECK_ARG(blocks < (int64_t{1} << 31), kWhat, ": too many rows (", rows, ")");
+    copy_real_rows_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(dy, grouped_layout,
+                                                                             H / 8, vectors, b_.dy);
+    FM_CHECK_LAUNCH();
+  }
+  kernels::quantize_1x128_transpose(b_.dy, rows, H, H, pow2, b_.dy8, b_.dy8_s, b_.dyt, b_.dyt_s,
+                                    kMn, stream);
+  // 2. dh = dy8 * w2t[e]^T.
+  kernels::fp8_gemm_nt_grouped_contiguous(b_.dy8, b_.dy8_s, w.w2t, w.s2t, b_.dh, grouped_layout,
+                                          rows, I, H, w.groups, stream);
+  // 3. d_gate_up (+ d_row_scale).
+  kernels::swiglu_backward(gate_up, I2, b_.dh, I, rows, I, row_scale, which, b_.dgu, I2,
+                           d_row_scale, stream);
+  // 4., 5. d_gate_up quantised both ways; dx = dgu8 * w13t[e]^T.
+  kernels::quantize_1x128_transpose(b_.dgu, rows, I2, I2, pow2, b_.dgu8, b_.dgu8_s, b_.dgut,
+                                    b_.dgut_s, kMn, stream);
+  kernels::fp8_gemm_nt_grouped_contiguous(b_.dgu8, b_.dgu8_s, w.w13t, w.s13t, dx, grouped_layout,
+                                          rows, H, I2, w.groups, stream);
+  // 6. h recomputed, transposed; dW2[e] += dy^T h.
+  kernels::swiglu_quantize_1x128(gate_up, I2, rows, I, row_scale, which, pow2, h_codes_, I,
+                                 h_scales_, kMn, stream);
+  kernels::requantize_1x128_transpose(h_codes_, I, h_scales_, kMn, rows, I, grouped_layout, pow2,
+                                      b_.ht, b_.ht_s, stream);
+  kernels::fp8_gemm_nt_kgrouped_wgrad(b_.dyt, b_.dyt_s, b_.ht, b_.ht_s, dw2, H, I, expert_rows,
+                                      stream);
+  // 7. x transposed; dW13[e] += d_gate_up^T x.
+  kernels::requantize_1x128_transpose(x, H, sa, kMn, rows, H, grouped_layout, pow2, b_.xt, b_.xt_s,
+                                      stream);
+  kernels::fp8_gemm_nt_kgrouped_wgrad(b_.dgut, b_.dgut_s, b_.xt, b_.xt_s, dw13, I2, H, expert_rows,
+                                      stream);
 }
 
 }  // namespace fp8moe

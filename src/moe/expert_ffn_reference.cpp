@@ -2,10 +2,13 @@
 // the grouped GEMMs' layout and the per-expert reference.
 #include "fp8moe/moe/expert_ffn_reference.h"
 
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
+#include "fp8moe/kernels/requantize.h"
 #include "fp8moe/kernels/swiglu.h"
 
 namespace fp8moe {
@@ -164,6 +167,210 @@ void expert_ffn_reference(const Fp8MatrixRef& x, const int32_t* grouped_layout,
     gemm_fp8_reference_bf16(hr, weights.w2_ref(e), out.data(), H, model, threads);
     for (int64_t i = 0; i < n; ++i)
       for (int64_t c = 0; c < H; ++c) y[mine[i] * H + c] = out[i * H + c];
+  }
+}
+
+// ---- transposed weights ----
+
+namespace {
+
+// codes [G][n][k] -> [G][k][n], 128x128 block scales [G][n/128][k/128] -> [G][k/128][n/128].
+void transpose_blocks(const std::vector<uint8_t>& w, const std::vector<float>& s, int64_t groups,
+                      int64_t n, int64_t k, std::vector<uint8_t>& wt, std::vector<float>& st) {
+  wt.resize(w.size());
+  st.resize(s.size());
+  const int64_t nb = n / 128, kb = k / 128;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* a = w.data() + g * n * k;
+    uint8_t* b = wt.data() + g * n * k;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < k; ++j) b[j * n + i] = a[i * k + j];
+    for (int64_t i = 0; i < nb; ++i)
+      for (int64_t j = 0; j < kb; ++j) st[g * nb * kb + j * nb + i] = s[g * nb * kb + i * kb + j];
+  }
+}
+
+// A [rows, cols] view of codes with leading dimension ld and 1x128 scales at
+// scales[r * row_stride + (c / 128) * col_stride].
+Fp8MatrixRef act_ref(const uint8_t* codes, int64_t rows, int64_t cols, int64_t ld,
+                     const float* scales, int64_t row_stride, int64_t col_stride) {
+  Fp8MatrixRef r;
+  r.codes = codes;
+  r.rows = rows;
+  r.cols = cols;
+  r.ld = ld;
+  r.scales = scales;
+  r.granularity = ScaleGranularity::k1x128;
+  r.scale_row_stride = row_stride;
+  r.scale_col_stride = col_stride;
+  return r;
+}
+
+}  // namespace
+
+Fp8MatrixRef ExpertWeightsTransposedHost::w13t_ref(int64_t expert) const {
+  FM_CHECK_ARG(expert >= 0 && expert < groups, "ExpertWeightsTransposedHost: expert ", expert,
+               " of ", groups);
+  const int64_t n = 2 * inter;
+  return block_ref(w13t.data() + expert * n * hidden,
+                   s13t.data() + expert * (n / 128) * (hidden / 128), hidden, n);
+}
+
+Fp8MatrixRef ExpertWeightsTransposedHost::w2t_ref(int64_t expert) const {
+  FM_CHECK_ARG(expert >= 0 && expert < groups, "ExpertWeightsTransposedHost: expert ", expert,
+               " of ", groups);
+  return block_ref(w2t.data() + expert * hidden * inter,
+                   s2t.data() + expert * (hidden / 128) * (inter / 128), inter, hidden);
+}
+
+ExpertWeightsTransposedHost transpose_expert_weights(const ExpertWeightsHost& w) {
+  const int64_t G = w.groups, H = w.hidden, I = w.inter;
+  check_dims(G, H, I, "transpose_expert_weights");
+  FM_CHECK_ARG(w.w13.size() == static_cast<size_t>(G * 2 * I * H) &&
+                   w.s13.size() == static_cast<size_t>(G * (2 * I / 128) * (H / 128)) &&
+                   w.w2.size() == static_cast<size_t>(G * H * I) &&
+                   w.s2.size() == static_cast<size_t>(G * (H / 128) * (I / 128)),
+               "transpose_expert_weights: weight arrays do not match groups=", G, " hidden=", H,
+               " inter=", I);
+  ExpertWeightsTransposedHost t;
+  t.groups = G;
+  t.hidden = H;
+  t.inter = I;
+  transpose_blocks(w.w13, w.s13, G, 2 * I, H, t.w13t, t.s13t);
+  transpose_blocks(w.w2, w.s2, G, H, I, t.w2t, t.s2t);
+  return t;
+}
+
+// ---- backward ----
+
+void expert_ffn_backward_reference(const Fp8MatrixRef& x, const int32_t* grouped_layout,
+                                   const std::vector<int64_t>& expert_rows,
+                                   const ExpertWeightsHost& weights, const bf16* gate_up,
+                                   const bf16* dy, const float* row_scale, bool pow2_scales,
+                                   bf16* dx, float* dw13, float* dw2, float* d_row_scale,
+                                   int threads) {
+  constexpr const char* kName = "expert_ffn_backward_reference";
+  const int64_t G = weights.groups, H = weights.hidden, I = weights.inter, R = x.rows;
+  check_dims(G, H, I, kName);
+  const ExpertWeightsTransposedHost wt = transpose_expert_weights(weights);
+  FM_CHECK_ARG(x.cols == H, kName, ": x has ", x.cols, " columns, hidden is ", H);
+  FM_CHECK_ARG(x.granularity == ScaleGranularity::k1x128, kName, ": x must be 1x128-scaled");
+  FM_CHECK_ARG(static_cast<int64_t>(expert_rows.size()) == G, kName, ": ", expert_rows.size(),
+               " expert row counts for ", G, " experts");
+  std::vector<int64_t> start(G + 1, 0);
+  for (int64_t g = 0; g < G; ++g) {
+    FM_CHECK_ARG(expert_rows[g] >= 0 && expert_rows[g] % 128 == 0, kName, ": expert ", g, " has ",
+                 expert_rows[g], " rows, not a multiple of 128");
+    start[g + 1] = start[g] + expert_rows[g];
+  }
+  FM_CHECK_ARG(start[G] == R, kName, ": expert rows sum to ", start[G], ", x has ", R, " rows");
+  if (R == 0) return;
+  FM_CHECK_ARG(grouped_layout != nullptr && gate_up != nullptr && dy != nullptr && dx != nullptr &&
+                   dw13 != nullptr && dw2 != nullptr,
+               kName, ": null grouped_layout, gate_up, dy, dx, dw13 or dw2");
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = start[g]; r < start[g + 1]; ++r)
+      FM_CHECK_ARG(grouped_layout[r] < 0 || grouped_layout[r] == g, kName, ": row ", r,
+                   " names expert ", grouped_layout[r], " inside expert ", g, "'s rows");
+  auto real = [&](int64_t r) { return grouped_layout[r] >= 0; };
+  QuantizeOptions qo;
+  qo.pow2_scales = pow2_scales;
+  const int64_t RB = R / 128, I2 = 2 * I;
+
+  // Quantise m [R, cols] (FP32) 1x128 along cols (row-major scales [R][cols/128]) and its
+  // transpose along rows ([cols, R], row-major scales [cols][R/128]).
+  auto quantize_both = [&](const std::vector<float>& m, int64_t cols, std::vector<uint8_t>& q,
+                           std::vector<float>& qs, std::vector<uint8_t>& qt,
+                           std::vector<float>& qts) {
+    q.resize(R * cols);
+    qs.resize(R * (cols / 128));
+    quantize_into(m.data(), R, cols, cols, ScaleGranularity::k1x128, qo, q.data(), cols, qs.data());
+    std::vector<float> t(R * cols);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < cols; ++c) t[c * R + r] = m[r * cols + c];
+    qt.resize(R * cols);
+    qts.resize(cols * RB);
+    quantize_into(t.data(), cols, R, R, ScaleGranularity::k1x128, qo, qt.data(), R, qts.data());
+  };
+  // Per expert: out[r] (BF16, real rows) = a[r] * b(e)^T.
+  auto dgrad = [&](const std::vector<uint8_t>& a, const std::vector<float>& as, int64_t k,
+                   int64_t n, bool w2, bf16* out) {
+    for (int64_t e = 0; e < G; ++e) {
+      std::vector<int64_t> mine;
+      for (int64_t r = start[e]; r < start[e + 1]; ++r)
+        if (real(r)) mine.push_back(r);
+      const int64_t m = static_cast<int64_t>(mine.size());
+      if (m == 0) continue;
+      std::vector<uint8_t> ag(m * k);
+      std::vector<float> sg(m * (k / 128));
+      for (int64_t i = 0; i < m; ++i) {
+        std::copy_n(a.data() + mine[i] * k, k, ag.data() + i * k);
+        std::copy_n(as.data() + mine[i] * (k / 128), k / 128, sg.data() + i * (k / 128));
+      }
+      std::vector<bf16> o(m * n);
+      gemm_fp8_reference_bf16(act_ref(ag.data(), m, k, k, sg.data(), k / 128, 1),
+                              w2 ? wt.w2t_ref(e) : wt.w13t_ref(e), o.data(), n, {}, threads);
+      for (int64_t i = 0; i < m; ++i) std::copy_n(o.data() + i * n, n, out + mine[i] * n);
+    }
+  };
+
+  // 1. dy, padding rows 0.
+  std::vector<float> dyz(R * H, 0.0f);
+  for (int64_t r = 0; r < R; ++r)
+    if (real(r))
+      for (int64_t c = 0; c < H; ++c) dyz[r * H + c] = to_float(dy[r * H + c]);
+  std::vector<uint8_t> dy8, dyt8;
+  std::vector<float> dy8s, dyt8s;
+  quantize_both(dyz, H, dy8, dy8s, dyt8, dyt8s);
+
+  // 2. dh (padding rows 0: never read).
+  std::vector<bf16> dh(R * I, bf16{0});
+  dgrad(dy8, dy8s, H, I, true, dh.data());
+
+  // 3. d_gate_up.
+  std::vector<bf16> dgu(R * I2);
+  kernels::swiglu_backward_reference(gate_up, I2, dh.data(), I, R, I, row_scale, grouped_layout,
+                                     nullptr, 0, dgu.data(), I2, d_row_scale);
+
+  // 4., 5. dgu8, dguT8, dx.
+  std::vector<float> dguf(R * I2);
+  for (int64_t i = 0; i < R * I2; ++i) dguf[i] = to_float(dgu[i]);
+  std::vector<uint8_t> dgu8, dgut8;
+  std::vector<float> dgu8s, dgut8s;
+  quantize_both(dguf, I2, dgu8, dgu8s, dgut8, dgut8s);
+  dgrad(dgu8, dgu8s, I2, H, false, dx);
+
+  // 6. h recomputed, transposed; dW2.
+  std::vector<uint8_t> h(R * I), ht(I * R);
+  std::vector<float> hs(R * (I / 128)), hts(RB * padded_rows(I));
+  kernels::swiglu_quantize_1x128_reference(gate_up, I2, R, I, row_scale, grouped_layout, nullptr, 0,
+                                           pow2_scales, h.data(), I, hs.data(),
+                                           kernels::ScaleLayout::kRowMajor);
+  kernels::requantize_1x128_transpose_reference(h.data(), I, hs.data(),
+                                                kernels::ScaleLayout::kRowMajor, R, I,
+                                                grouped_layout, pow2_scales, ht.data(), hts.data());
+  // 7. x transposed (row-major scales gathered first: any input strides).
+  std::vector<uint8_t> xc(R * H), xt(H * R);
+  std::vector<float> xs(R * (H / 128)), xts(RB * padded_rows(H));
+  for (int64_t r = 0; r < R; ++r) {
+    std::copy_n(x.codes + r * x.ld, H, xc.data() + r * H);
+    for (int64_t b = 0; b < H / 128; ++b) xs[r * (H / 128) + b] = x.scale(r, b * 128);
+  }
+  kernels::requantize_1x128_transpose_reference(xc.data(), H, xs.data(),
+                                                kernels::ScaleLayout::kRowMajor, R, H,
+                                                grouped_layout, pow2_scales, xt.data(), xts.data());
+  for (int64_t e = 0; e < G; ++e) {
+    const int64_t k = expert_rows[e], s0 = start[e];
+    if (k == 0) continue;
+    // A: [M, rows of e] with row-major scales [M][R/128]; B: [N, rows of e], M-major [R/128][pN].
+    gemm_fp8_reference(act_ref(dyt8.data() + s0, H, k, R, dyt8s.data() + s0 / 128, RB, 1),
+                       act_ref(ht.data() + s0, I, k, R, hts.data() + (s0 / 128) * padded_rows(I), 1,
+                               padded_rows(I)),
+                       dw2 + e * H * I, I, {}, true, threads);
+    gemm_fp8_reference(act_ref(dgut8.data() + s0, I2, k, R, dgut8s.data() + s0 / 128, RB, 1),
+                       act_ref(xt.data() + s0, H, k, R, xts.data() + (s0 / 128) * padded_rows(H), 1,
+                               padded_rows(H)),
+                       dw13 + e * I2 * H, H, {}, true, threads);
   }
 }
 

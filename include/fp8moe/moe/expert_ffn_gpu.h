@@ -31,6 +31,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <span>
 
 #include "fp8moe/core/dtypes.h"
 #include "fp8moe/fp8/quantize.h"
@@ -48,16 +49,26 @@ struct ExpertWeightsGpu {
   const float* s13 = nullptr;
   const uint8_t* w2 = nullptr;
   const float* s2 = nullptr;
+  // The transposes the backward reads (ExpertWeightsTransposedHost's layouts; null unless
+  // uploaded with_transposed): w13t [G][H][2I], s13t [G][H/128][2I/128], w2t [G][I][H],
+  // s2t [G][I/128][H/128].
+  const uint8_t* w13t = nullptr;
+  const float* s13t = nullptr;
+  const uint8_t* w2t = nullptr;
+  const float* s2t = nullptr;
 };
 
 // Owns a device copy of quantised expert weights (on the device current at construction).
 class ExpertWeightsDevice {
  public:
-  // Uploads (synchronous cudaMemcpy).
-  explicit ExpertWeightsDevice(const ExpertWeightsHost& host);
+  // Uploads (synchronous cudaMemcpy); with_transposed also uploads transpose_expert_weights(host)
+  // (twice the memory; transposed on the host: a trainer whose weights change each step needs a
+  // device transpose instead, not written yet).
+  explicit ExpertWeightsDevice(const ExpertWeightsHost& host, bool with_transposed = false);
   // quantize_expert_weights (gate, up [G][I][H], down [G][H][I], FP32 host) then upload.
   ExpertWeightsDevice(const float* gate, const float* up, const float* down, int64_t groups,
-                      int64_t hidden, int64_t inter, QuantizeOptions options = {});
+                      int64_t hidden, int64_t inter, QuantizeOptions options = {},
+                      bool with_transposed = false);
   ~ExpertWeightsDevice();
   ExpertWeightsDevice(const ExpertWeightsDevice&) = delete;
   ExpertWeightsDevice& operator=(const ExpertWeightsDevice&) = delete;
@@ -69,11 +80,12 @@ class ExpertWeightsDevice {
  private:
   void release();
   ExpertWeightsGpu view_;
-  void* buffer_ = nullptr;  // one allocation: w13 | s13 | w2 | s2, each 256-byte aligned
+  void* buffer_ = nullptr;  // one allocation: w13 | s13 | w2 | s2 [| w13t | s13t | w2t | s2t]
 };
 
 struct ExpertFfnOptions {
-  bool pow2_scales = false;  // h's 1x128 scales rounded up to powers of two
+  bool pow2_scales = false;  // h's (and the backward's activations') 1x128 scales: powers of two
+  bool backward = false;     // also allocate backward_contiguous's workspace
 };
 
 class ExpertFfnGpu {
@@ -85,15 +97,40 @@ class ExpertFfnGpu {
   ExpertFfnGpu(const ExpertFfnGpu&) = delete;
   ExpertFfnGpu& operator=(const ExpertFfnGpu&) = delete;
 
+  // gate_up_out (optional, [rows, 2I] BF16, 16-byte aligned): the up GEMM writes there instead
+  // of the workspace (the backward's cached activation; padding rows untouched); gate_up() then
+  // does not hold this call's rows.
   void forward_contiguous(const uint8_t* x, const float* sa, const int32_t* grouped_layout,
                           int64_t rows, const ExpertWeightsGpu& weights, bf16* y,
-                          cudaStream_t stream, const float* row_scale = nullptr);
+                          cudaStream_t stream, const float* row_scale = nullptr,
+                          bf16* gate_up_out = nullptr);
   void forward_gathered(kernels::GatheredRows x, const float* sa, const int32_t* grouped_layout,
                         int64_t rows, const ExpertWeightsGpu& weights, bf16* y, cudaStream_t stream,
                         const float* row_scale = nullptr);
   void forward_masked(const uint8_t* x, const float* sa, const int32_t* masked_m, int64_t max_m,
                       const ExpertWeightsGpu& weights, bf16* y, cudaStream_t stream,
                       const float* row_scale = nullptr);
+
+  // The backward of forward_contiguous (expert_ffn_backward_reference gives it step by step):
+  //   dy [rows, H] -> (padding rows zeroed) FP8 1x128 along H and, transposed, along rows;
+  //   dh = dy8 * w2t[e]^T; d_gate_up = swiglu_backward(gate_up, dh, row_scale) (+ d_row_scale);
+  //   d_gate_up -> FP8 along 2I and transposed; dx = dgu8 * w13t[e]^T;
+  //   dW2[e] += dy^T h (h recomputed by swiglu_quantize_1x128 from gate_up, then
+  //   kernels::requantize_1x128_transpose); dW13[e] += d_gate_up^T x (x^T by the same requantise).
+  // Inputs: x codes [rows, H] + sa [H/128][pad(rows)] (the forward's FP8 input; padding rows may
+  // hold anything, NaN included), gate_up [rows, 2I] (forward_contiguous's gate_up_out), the
+  // layout, expert_rows (HOST, one per expert: the rows of expert g are the next expert_rows[g],
+  // in expert order, each a multiple of 128, summing to rows; grouped_layout must agree: not
+  // checked on the device), dy [rows, H] (padding rows never read).
+  // Outputs: dx [rows, H] BF16 (padding rows untouched), dw13 [G][2I][H] and dw2 [G][H][I] FP32
+  // ACCUMULATED (+=), d_row_scale [rows] if not null (padding rows 0).
+  // Needs ExpertFfnOptions::backward and weights uploaded with_transposed (thrown otherwise).
+  // Uses the forward's h workspace: h_codes() / h_scales() hold the recomputed h afterwards.
+  void backward_contiguous(const uint8_t* x, const float* sa, const bf16* gate_up,
+                           const int32_t* grouped_layout, std::span<const int64_t> expert_rows,
+                           int64_t rows, const ExpertWeightsGpu& weights, const bf16* dy, bf16* dx,
+                           float* dw13, float* dw2, cudaStream_t stream,
+                           const float* row_scale = nullptr, float* d_row_scale = nullptr);
 
   int64_t max_rows() const { return max_rows_; }
   int64_t hidden() const { return hidden_; }
@@ -107,9 +144,11 @@ class ExpertFfnGpu {
  private:
   void check_call(const char* what, int64_t rows, const ExpertWeightsGpu& weights, const void* sa,
                   const void* layout, const bf16* y) const;
-  void activation_and_down(const int32_t* grouped_layout, int64_t rows,
+  void activation_and_down(const bf16* gate_up, const int32_t* grouped_layout, int64_t rows,
                            const ExpertWeightsGpu& weights, bf16* y, cudaStream_t stream,
                            const float* row_scale);
+
+  void allocate_backward();
 
   int64_t max_rows_ = 0, hidden_ = 0, inter_ = 0;
   ExpertFfnOptions options_;
@@ -117,6 +156,18 @@ class ExpertFfnGpu {
   bf16* gate_up_ = nullptr;
   uint8_t* h_codes_ = nullptr;
   float* h_scales_ = nullptr;
+  // Backward workspace (ExpertFfnOptions::backward), one allocation; R = max_rows rounded up to
+  // 128: dy copy BF16 [R,H]; dy8 [R,H] + [H/128][pad R]; dyT [H,R] + [R/128][pad H]; dh BF16
+  // [R,I]; dgu BF16 [R,2I]; dgu8 [R,2I] + [2I/128][pad R]; dguT [2I,R] + [R/128][pad 2I];
+  // hT [I,R] + [R/128][pad I]; xT [H,R] + [R/128][pad H].
+  void* bwd_ = nullptr;
+  struct Backward {
+    bf16 *dy = nullptr, *dh = nullptr, *dgu = nullptr;
+    uint8_t *dy8 = nullptr, *dyt = nullptr, *dgu8 = nullptr, *dgut = nullptr, *ht = nullptr,
+            *xt = nullptr;
+    float *dy8_s = nullptr, *dyt_s = nullptr, *dgu8_s = nullptr, *dgut_s = nullptr, *ht_s = nullptr,
+          *xt_s = nullptr;
+  } b_;
 };
 
 }  // namespace fp8moe
