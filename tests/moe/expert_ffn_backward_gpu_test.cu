@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../kernels/gpu_test_util.cuh"
+#include "../support/expect_invalid.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
@@ -237,17 +238,7 @@ TEST(ExpertFfnBackwardGpu, MatchesReferenceAndGraphReplays) {
   }
 }
 
-template <typename F>
-void expect_invalid(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one naming '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument) << e.what();
-    EXPECT_NE(e.message().find(needle), std::string::npos)
-        << "'" << e.message() << "' does not name '" << needle << "'";
-  }
-}
+using test::expect_invalid;
 
 TEST(ExpertFfnBackwardGpu, BadArgumentsThrow) {
   const int64_t G = 2, H = 128, I = 128, R = 256;

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../kernels/gpu_test_util.cuh"
+#include "../support/expect_invalid.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
@@ -123,17 +124,7 @@ bool same_bits(const std::vector<bf16>& a, const std::vector<bf16>& b) {
          std::equal(a.begin(), a.end(), b.begin(), [](bf16 x, bf16 y) { return x.bits == y.bits; });
 }
 
-template <typename F>
-void expect_invalid(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one naming '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument) << e.what();
-    EXPECT_NE(e.message().find(needle), std::string::npos)
-        << "'" << e.message() << "' does not name '" << needle << "'";
-  }
-}
+using test::expect_invalid;
 
 struct Shape {
   int64_t H, I;

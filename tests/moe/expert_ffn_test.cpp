@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "../support/expect_invalid.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
@@ -105,17 +106,7 @@ std::vector<float> to_floats(const std::vector<bf16>& v) {
   return out;
 }
 
-template <typename F>
-void expect_invalid(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one naming '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument) << e.what();
-    EXPECT_NE(e.message().find(needle), std::string::npos)
-        << "'" << e.message() << "' does not name '" << needle << "'";
-  }
-}
+using test::expect_invalid;
 
 constexpr uint16_t kPoison = 0xFFFF;
 
