@@ -3,10 +3,12 @@
 // 128x128 tile staged in shared memory, rows then columns). Bit-exact against the CPU
 // fp8moe::quantize: `build-device/tests/test_kernels_gpu --gtest_filter='Quantize*'`.
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cfloat>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "fp8moe/core/cuda_check.h"
@@ -204,6 +206,179 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// ---- fused 1x128 cast + transpose, BF16 fast path: one CTA of 256 threads per 128x128 tile ----
+// Taken when every 16-byte access is aligned (kernel_fast_ok below): cols and ld multiples of 8,
+// rows a multiple of 16, x 16-byte, codes 8-byte, codes_t 16-byte aligned. The tile's BF16 values
+// (32 KiB) are read once from global with 16-byte loads (8 lanes per row: lane l takes columns
+// 8l..8l+7 and 64+8l..64+8l+7, so each load instruction reads whole 128-byte rows); the row-major
+// codes come straight from registers (8-lane shuffle amax, two 8-byte stores); the values go to
+// shared memory as BF16 pairs, 16-byte parts swizzled by the row's 16-row group, so that the
+// column pass (thread (g, p): rows 16g..16g+15 of columns 2p, 2p+1; 8 lanes per column pair) reads
+// one 4-byte word per row free of bank conflicts and writes 16 transposed codes as one 16-byte
+// vector (8 lanes: one 128-byte output row segment). Codes: IEEE division by the scale (an exact
+// reciprocal multiply for power-of-two scales) and cvt.rn.satfinite.e4m3x2.f32, equal to the CPU
+// codec for every finite float; a thread holding a non-finite value encodes with
+// float_to_e4m3_bits as the generic kernel does.
+constexpr int kQtThreads = 256;
+constexpr int kQtWords = 64;  // BF16 pairs per tile row
+
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3);
+}
+__device__ __forceinline__ bool is_bad(float v) {
+  return !(fabsf(v) <= FLT_MAX);  // NaN or +-inf
+}
+// 8 codes of v[0..7] (v[0] in the low byte), as the generic kernel's encode() gives them.
+__device__ __forceinline__ uint2 encode8(const float* v, float scale, float inv, bool pow2,
+                                         bool bad) {
+  uint32_t w[2];
+  if (bad || is_bad(scale)) [[unlikely]] {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      w[j] = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        w[j] |= static_cast<uint32_t>(encode(v[4 * j + i], scale)) << (8 * i);
+    }
+  } else {
+    float q[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[i] = pow2 ? __fmul_rn(v[i], inv) : __fdiv_rn(v[i], scale);
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      w[j] = e4m3x2(q[4 * j], q[4 * j + 1]) | (e4m3x2(q[4 * j + 2], q[4 * j + 3]) << 16);
+  }
+  return make_uint2(w[0], w[1]);
+}
+// Word index (BF16 pair) of row rr's word w in the swizzled tile.
+__device__ __forceinline__ int qt_swz(int rr, int w) {
+  return rr * kQtWords + (w ^ (((rr >> 4) & 7) << 2));
+}
+
+__global__ void __launch_bounds__(kQtThreads)
+    quantize_transpose_bf16_kernel(const bf16* x, int64_t rows, int64_t cols, int64_t ld, bool pow2,
+                                   uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t,
+                                   ScaleLayout layout, NonFiniteReport* nonfinite) {
+  __shared__ __align__(16) uint32_t tile[128 * kQtWords];
+  const int t = threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * 128,
+                c0 = static_cast<int64_t>(blockIdx.x) * 128;
+  const int64_t tiles_c = (cols + 127) / 128, tiles_r = (rows + 127) / 128;
+
+  // Rows: pass p, thread t -> row 32p + t/8, lane l = t%8 (columns 8l.. and 64+8l..).
+  {
+    const int l = t % 8;
+    uint4 raw[4][2];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int64_t r = r0 + 32 * p + t / 8;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c = c0 + 64 * h + 8 * l;
+        raw[p][h] = make_uint4(0, 0, 0, 0);
+        if (r < rows && c < cols) raw[p][h] = __ldg(reinterpret_cast<const uint4*>(x + r * ld + c));
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int rr = 32 * p + t / 8;
+      const int64_t r = r0 + rr;
+      float v[16];
+      float amax = 0.0f;
+      bool bad = false;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t w[4] = {raw[p][h].x, raw[p][h].y, raw[p][h].z, raw[p][h].w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          v[8 * h + 2 * i] = __uint_as_float(w[i] << 16);
+          v[8 * h + 2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+        }
+        *reinterpret_cast<uint4*>(tile + qt_swz(rr, 32 * h + 4 * l)) = raw[p][h];
+      }
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        amax = fmaxf(amax, fabsf(v[i]));
+        bad |= is_bad(v[i]);
+      }
+      if (bad && nonfinite != nullptr) [[unlikely]] {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const int64_t c = c0 + 64 * (i / 8) + 8 * l + i % 8;
+          if (r < rows && c < cols) check_value(nonfinite, v[i], r, c);
+        }
+      }
+#pragma unroll
+      for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
+      if (codes != nullptr && r < rows) {
+        const float scale = scale_for_amax(amax, pow2);
+        const float inv = __frcp_rn(scale);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t c = c0 + 64 * h + 8 * l;
+          if (c < cols)
+            *reinterpret_cast<uint2*>(codes + r * cols + c) =
+                encode8(v + 8 * h, scale, inv, pow2, bad);
+        }
+        if (l == 0) scales[scale_index(layout, r, blockIdx.x, rows, tiles_c)] = scale;
+      }
+    }
+  }
+  __syncthreads();
+
+  // Columns: pass p, thread t -> column pair 32p + t/8 (columns 2(32p + t/8) and +1), group
+  // g = t%8 (rows 16g..16g+15). A warp's 32 words sit in 32 different banks: w%4 = lane/8 and
+  // the swizzle's bits 2..4 differ with g.
+  const int g = t % 8;
+  const int64_t r = r0 + 16 * g;
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const int wp = 32 * p + t / 8;
+    const int64_t c = c0 + 2 * wp;
+    float a[16], b[16];
+    float amax_a = 0.0f, amax_b = 0.0f;
+    bool bad = false;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const uint32_t w = tile[qt_swz(16 * g + i, wp)];
+      a[i] = __uint_as_float(w << 16);
+      b[i] = __uint_as_float(w & 0xFFFF0000u);
+      amax_a = fmaxf(amax_a, fabsf(a[i]));
+      amax_b = fmaxf(amax_b, fabsf(b[i]));
+      bad |= is_bad(a[i]) | is_bad(b[i]);
+    }
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) {
+      amax_a = fmaxf(amax_a, __shfl_xor_sync(0xFFFFFFFFu, amax_a, o));
+      amax_b = fmaxf(amax_b, __shfl_xor_sync(0xFFFFFFFFu, amax_b, o));
+    }
+    if (c >= cols) continue;  // cols % 8 == 0: both columns of the pair exist or neither
+    const float scale_a = scale_for_amax(amax_a, pow2), scale_b = scale_for_amax(amax_b, pow2);
+    const float inv_a = __frcp_rn(scale_a), inv_b = __frcp_rn(scale_b);
+    if (r < rows) {  // rows % 16 == 0: the group's 16 rows exist or none does
+      const uint2 a0 = encode8(a, scale_a, inv_a, pow2, bad),
+                  a1 = encode8(a + 8, scale_a, inv_a, pow2, bad);
+      const uint2 b0 = encode8(b, scale_b, inv_b, pow2, bad),
+                  b1 = encode8(b + 8, scale_b, inv_b, pow2, bad);
+      *reinterpret_cast<uint4*>(codes_t + c * rows + r) = make_uint4(a0.x, a0.y, a1.x, a1.y);
+      *reinterpret_cast<uint4*>(codes_t + (c + 1) * rows + r) = make_uint4(b0.x, b0.y, b1.x, b1.y);
+    }
+    if (g == 0) {
+      scales_t[scale_index(layout, c, blockIdx.y, cols, tiles_r)] = scale_a;
+      scales_t[scale_index(layout, c + 1, blockIdx.y, cols, tiles_r)] = scale_b;
+    }
+  }
+  // M-major padding entries of both scale arrays are zero (their rows do not exist).
+  if (layout == ScaleLayout::kMnMajor && t < 4) {
+    const int64_t pr = rows + t;
+    if (codes != nullptr && blockIdx.y == tiles_r - 1 && pr < pad4(rows))
+      scales[scale_index(layout, pr, blockIdx.x, rows, tiles_c)] = 0.0f;
+    const int64_t pc = cols + t;
+    if (blockIdx.x == tiles_c - 1 && pc < pad4(cols))
+      scales_t[scale_index(layout, pc, blockIdx.y, cols, tiles_r)] = 0.0f;
+  }
+}
+
 void check_quant_args(const char* name, int64_t rows, int64_t cols, int64_t ld, const void* x,
                       const void* codes, const void* scales, const NonFiniteReport* nonfinite) {
   FM_CHECK_ARG(nonfinite == nullptr || cols < (int64_t{1} << 24), name, ": cols=", cols,
@@ -255,11 +430,25 @@ void run_transpose(const T* x, int64_t rows, int64_t cols, int64_t ld, bool pow2
   FM_CHECK_ARG((cols + 127) / 128 < (int64_t{1} << 31),
                "quantize_1x128_transpose: too many columns");
   if (rows == 0 || cols == 0) return;
+  const dim3 grid(static_cast<unsigned>((cols + 127) / 128),
+                  static_cast<unsigned>((rows + 127) / 128));
+  if constexpr (std::is_same_v<T, bf16>) {
+    const auto aligned = [](const void* p, uintptr_t n) {
+      return reinterpret_cast<uintptr_t>(p) % n == 0;
+    };
+    // NOTE: the vectorised kernel needs 16-byte rows and whole 16-row slabs; anything else takes
+    // the generic kernel (same codes, bit for bit: both tested).
+    if (cols % 8 == 0 && ld % 8 == 0 && rows % 16 == 0 && aligned(x, 16) &&
+        aligned(codes, 8) && aligned(codes_t, 16)) {
+      quantize_transpose_bf16_kernel<<<grid, kQtThreads, 0, stream>>>(
+          x, rows, cols, ld, pow2, codes, scales, codes_t, scales_t, layout, nonfinite);
+      FM_CHECK_LAUNCH();
+      return;
+    }
+  }
   auto kernel = quantize_transpose_kernel<T>;
   FM_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(kTransposeSmem)));
-  const dim3 grid(static_cast<unsigned>((cols + 127) / 128),
-                  static_cast<unsigned>((rows + 127) / 128));
   kernel<<<grid, 256, kTransposeSmem, stream>>>(x, rows, cols, ld, pow2, codes, scales, codes_t,
                                                 scales_t, layout, nonfinite);
   FM_CHECK_LAUNCH();

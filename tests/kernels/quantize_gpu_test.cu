@@ -18,7 +18,10 @@ using test::DeviceBuffer;
 struct QuantCase {
   int64_t rows, cols;
 };
-const QuantCase kCases[] = {{1, 128}, {3, 200}, {64, 7168}, {130, 300}, {257, 1536}, {128, 2112}};
+// BF16 transposes of rows % 16 == 0 and cols % 8 == 0 take the vectorised kernel: {64, 7168},
+// {128, 2112}, {96, 264} (partial tiles both ways), {256, 1024}; the others the generic one.
+const QuantCase kCases[] = {{1, 128},    {3, 200},    {64, 7168}, {130, 300},
+                            {257, 1536}, {128, 2112}, {96, 264},  {256, 1024}};
 
 // Inputs as the kernel sees them: floats, or floats rounded to BF16 for the BF16 entry point.
 template <typename T>
@@ -147,6 +150,14 @@ void check_transpose(const QuantCase& qc, bool pow2, ScaleLayout layout, uint64_
   expect_floats_bitwise(scales.download(), ws, "cast scales");
   expect_bytes_equal(codes_t.download(), want_t.codes, "transposed codes");
   expect_floats_bitwise(scales_t.download(), wst, "transposed scales");
+  // The transposed copy alone (codes and scales null).
+  codes_t.poison();
+  scales_t.poison();
+  kernels::quantize_1x128_transpose(x.get(), qc.rows, qc.cols, qc.cols, pow2, nullptr, nullptr,
+                                    codes_t.get(), scales_t.get(), layout, nullptr);
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+  expect_bytes_equal(codes_t.download(), want_t.codes, "transposed codes only");
+  expect_floats_bitwise(scales_t.download(), wst, "transposed scales only");
 }
 
 TEST(QuantizeGpu, FusedCastTransposeMatchesCpuBitForBit) {
@@ -176,8 +187,7 @@ std::string nonfinite_message(kernels::NonFiniteReport* report, Fn&& quantize, b
 }
 
 template <typename T>
-void check_nonfinite_reports(uint64_t seed) {
-  const int64_t rows = 257, cols = 300;
+void check_nonfinite_reports(uint64_t seed, int64_t rows = 257, int64_t cols = 300) {
   std::vector<float> xf = test::random_matrix(rows, cols, seed);
   std::vector<T> in = to_input<T>(xf);
   DeviceBuffer<uint8_t> codes(rows * cols), codes_t(rows * cols);
@@ -239,6 +249,7 @@ void check_nonfinite_reports(uint64_t seed) {
 TEST(QuantizeGpu, NonFiniteInputsAreReportedWithTheirFirstPosition) {
   check_nonfinite_reports<float>(300);
   check_nonfinite_reports<bf16>(301);
+  check_nonfinite_reports<bf16>(302, 272, 304);  // the vectorised BF16 transpose
   DeviceBuffer<float> x(1 << 24);
   DeviceBuffer<uint8_t> codes(1 << 24);
   DeviceBuffer<float> scales(1 << 17);
