@@ -438,8 +438,8 @@ void run_transpose(const T* x, int64_t rows, int64_t cols, int64_t ld, bool pow2
     };
     // NOTE: the vectorised kernel needs 16-byte rows and whole 16-row slabs; anything else takes
     // the generic kernel (same codes, bit for bit: both tested).
-    if (cols % 8 == 0 && ld % 8 == 0 && rows % 16 == 0 && aligned(x, 16) &&
-        aligned(codes, 8) && aligned(codes_t, 16)) {
+    if (cols % 8 == 0 && ld % 8 == 0 && rows % 16 == 0 && aligned(x, 16) && aligned(codes, 8) &&
+        aligned(codes_t, 16)) {
       quantize_transpose_bf16_kernel<<<grid, kQtThreads, 0, stream>>>(
           x, rows, cols, ld, pow2, codes, scales, codes_t, scales_t, layout, nonfinite);
       FM_CHECK_LAUNCH();
