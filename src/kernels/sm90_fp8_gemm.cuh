@@ -31,9 +31,10 @@ struct GemmParams {
   int num_stages;
   int tma_store;  // 1: epilogue through shared memory and TMA (BF16 stores, FP32 reduce-adds)
   int cluster;    // 2: CTA pairs on adjacent M-blocks share each B tile through TMA multicast
-  const int32_t* grouped_layout;  // contiguous: expert of each row
-  const int32_t* masked_m;        // masked: valid rows of each group
-  const float* sb;                // 1x128 x 128x128: B scales [G][ceil(N/128)][K/128]
+  const int32_t*
+      grouped_layout;       // contiguous: expert of each row; k-grouped: of each K row, or null
+  const int32_t* masked_m;  // masked: valid rows of each group
+  const float* sb;          // 1x128 x 128x128: B scales [G][ceil(N/128)][K/128]
   void* d;
   int split_k;      // dense: K slices per tile (1 = no split), each slice a unit of work
   int* counters;    // split-K: arrivals per 16-row strip of each tile (zero between calls)
@@ -88,9 +89,27 @@ __device__ __forceinline__ void rasterise(int t, int tiles_m, int tiles_n, int& 
 
 // Returns false when t is past the last tile; `skip` marks tiles with no work (padding tiles of
 // the contiguous form, groups with no K).
+// The k-grouped form with a device layout (p.grouped_layout set): K block b belongs to group
+// layout[128 b] (-1: none), groups in increasing order, -1 blocks only after the last group's;
+// returns the first K block of group g or later (a binary search: ~log2(K / 128) cached loads a
+// tile, against a tile's K loop of at least one 128-deep block).
+__device__ __forceinline__ int first_k_block_of_group(const GemmParams& p, int g) {
+  int lo = 0, hi = p.k / 128;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    const int e = __ldg(p.grouped_layout + static_cast<int64_t>(mid) * 128);
+    if (e >= 0 && e < g)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
 // kTail: the tail-split kernels; the others do not carry the tail mapping (it cost the unsplit
-// 128x128 kernel 4 bytes of spill).
-template <int kBlockM, int kBlockN, bool kTail = false>
+// 128x128 kernel 4 bytes of spill). kKLayout: the weight-gradient kernels, which alone may take
+// the k-grouped form's device layout (the other kernels keep their code).
+template <int kBlockM, int kBlockN, bool kTail = false, bool kKLayout = false>
 __device__ __forceinline__ bool get_tile(const GemmParams& p, int t, Tile& tile, bool& skip) {
   const int tiles_n = (p.n + kBlockN - 1) / kBlockN;
   const int kb_total = p.k / 128;
@@ -149,8 +168,13 @@ __device__ __forceinline__ bool get_tile(const GemmParams& p, int t, Tile& tile,
     tile.group = __ldg(p.grouped_layout + tile.m_base);
     skip = tile.group < 0;
   } else if (p.form == Form::kKGrouped) {
-    tile.k_block_begin = p.k_block_offsets[g];
-    tile.num_k_blocks = p.k_block_offsets[g + 1] - tile.k_block_begin;
+    if (kKLayout && p.grouped_layout != nullptr) {
+      tile.k_block_begin = first_k_block_of_group(p, g);
+      tile.num_k_blocks = first_k_block_of_group(p, g + 1) - tile.k_block_begin;
+    } else {
+      tile.k_block_begin = p.k_block_offsets[g];
+      tile.num_k_blocks = p.k_block_offsets[g + 1] - tile.k_block_begin;
+    }
     skip = tile.num_k_blocks == 0;
   }
   return true;
@@ -341,7 +365,7 @@ __device__ __forceinline__ void produce(const GemmParams& p,
          advance_wide(c, step, narrow))
       if (!skip) load_tile(tile);
   } else {
-    for (int t = first; get_tile<kBlockM, kBlockN, kTail>(p, t, tile, skip); t += step) {
+    for (int t = first; get_tile<kBlockM, kBlockN, kTail, kWgrad>(p, t, tile, skip); t += step) {
       if (skip) continue;
       const bool per_group_a = p.form == Form::kMasked;
       const bool per_group_b = p.form == Form::kContiguous || p.form == Form::kMasked;
@@ -865,7 +889,7 @@ __device__ __forceinline__ void compute(const GemmParams& p,
          i += static_cast<int64_t>(gridDim.x) * kThreads * 32)
       prefetch_l2(p.sb + i);
   }
-  for (int t = first; get_tile<kBlockM, kBlockN, kTail>(p, t, tile, skip); t += step) {
+  for (int t = first; get_tile<kBlockM, kBlockN, kTail, kWgrad>(p, t, tile, skip); t += step) {
     if (skip) continue;
 #pragma unroll
     for (int i = 0; i < kRegs; ++i) acc[i] = 0.0f;

@@ -77,25 +77,17 @@ void fp8_gemm_nt_wgrad(const uint8_t* a, const float* sa, const uint8_t* b, cons
                 static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
 }
 
-void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t* b,
-                                const float* sb, float* d, int64_t m, int64_t n,
-                                std::span<const int64_t> ks, cudaStream_t stream,
-                                const GemmTileConfig* force) {
-  const int64_t groups = static_cast<int64_t>(ks.size());
-  FM_CHECK_ARG(groups >= 1 && groups <= kMaxKGroups, "fp8_gemm_nt_kgrouped_wgrad: ", groups,
-               " groups (1..", kMaxKGroups, " supported)");
-  GemmParams p{};
-  int64_t k_total = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    FM_CHECK_ARG(ks[g] >= 0 && ks[g] % 128 == 0, "fp8_gemm_nt_kgrouped_wgrad: group ", g,
-                 " has K=", ks[g], ", not a multiple of 128");
-    p.k_block_offsets[g] = static_cast<int>(k_total / 128);
-    k_total += ks[g];
-  }
-  p.k_block_offsets[groups] = static_cast<int>(k_total / 128);
-  FM_CHECK_ARG(groups * m < (int64_t{1} << 31), "fp8_gemm_nt_kgrouped_wgrad: G*M too large");
+namespace {
+
+// Both k-grouped entry points: p carries the groups (host offsets or the device layout);
+// k_total is the K extent of A, B and the scales (the bound for the layout form).
+void launch_kgrouped(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, float* d,
+                     int64_t m, int64_t n, int64_t groups, int64_t k_total, GemmParams& p,
+                     cudaStream_t stream, const GemmTileConfig* force) {
+  const char* what = "fp8_gemm_nt_kgrouped_wgrad";
+  FM_CHECK_ARG(groups * m < (int64_t{1} << 31), what, ": G*M too large");
   if (k_total == 0 || m == 0) return;
-  sm90::check_common_shape("fp8_gemm_nt_kgrouped_wgrad", m, n, k_total);
+  sm90::check_common_shape(what, m, n, k_total);
   check_pointers(a, sa, b, sb, d);
   GemmTileConfig c = sm90::resolve_config(
       GemmShape{GemmKind::kKGroupedWgrad, m, n, k_total / groups, groups}, force);
@@ -113,6 +105,44 @@ void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t
       groups * ((m + c.block_m - 1) / c.block_m) * ((n + c.block_n - 1) / c.block_n);
   dispatch_1d1d(make_maps(a, b, sa, sb, d, m, n, k_total, groups * m, c), p, c,
                 static_cast<int>(std::min<int64_t>(tiles, 1 << 30)), stream);
+}
+
+void check_group_count(int64_t groups) {
+  FM_CHECK_ARG(groups >= 1 && groups <= kMaxKGroups, "fp8_gemm_nt_kgrouped_wgrad: ", groups,
+               " groups (1..", kMaxKGroups, " supported)");
+}
+
+}  // namespace
+
+void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t* b,
+                                const float* sb, float* d, int64_t m, int64_t n,
+                                std::span<const int64_t> ks, cudaStream_t stream,
+                                const GemmTileConfig* force) {
+  const int64_t groups = static_cast<int64_t>(ks.size());
+  check_group_count(groups);
+  GemmParams p{};
+  int64_t k_total = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    FM_CHECK_ARG(ks[g] >= 0 && ks[g] % 128 == 0, "fp8_gemm_nt_kgrouped_wgrad: group ", g,
+                 " has K=", ks[g], ", not a multiple of 128");
+    p.k_block_offsets[g] = static_cast<int>(k_total / 128);
+    k_total += ks[g];
+  }
+  p.k_block_offsets[groups] = static_cast<int>(k_total / 128);
+  launch_kgrouped(a, sa, b, sb, d, m, n, groups, k_total, p, stream, force);
+}
+
+void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t* b,
+                                const float* sb, float* d, int64_t m, int64_t n, int64_t groups,
+                                const int32_t* k_layout, int64_t k_rows, cudaStream_t stream,
+                                const GemmTileConfig* force) {
+  check_group_count(groups);
+  FM_CHECK_ARG(k_rows >= 0 && k_rows % 128 == 0, "fp8_gemm_nt_kgrouped_wgrad: k_rows=", k_rows,
+               ", not a multiple of 128");
+  FM_CHECK_ARG(k_layout != nullptr || k_rows == 0, "fp8_gemm_nt_kgrouped_wgrad: null k_layout");
+  GemmParams p{};
+  p.grouped_layout = k_layout;
+  launch_kgrouped(a, sa, b, sb, d, m, n, groups, k_rows, p, stream, force);
 }
 
 }  // namespace fp8moe::kernels

@@ -308,14 +308,8 @@ void ExpertFfnGpu::backward_contiguous(const uint8_t* x, const float* sa, const 
                                        float* dw13, float* dw2, cudaStream_t stream,
                                        const float* row_scale, float* d_row_scale) {
   constexpr const char* kWhat = "ExpertFfnGpu::backward_contiguous";
-  check_call(kWhat, rows, w, sa, grouped_layout, dx);
-  FM_CHECK_ARG(bwd_ != nullptr, kWhat, ": no backward workspace (ExpertFfnOptions::backward)");
-  FM_CHECK_ARG(w.w13t != nullptr && w.s13t != nullptr && w.w2t != nullptr && w.s2t != nullptr,
-               kWhat, ": weights without transposes (ExpertWeightsDevice with_transposed)");
   FM_CHECK_ARG(static_cast<int64_t>(expert_rows.size()) == w.groups, kWhat, ": ",
                expert_rows.size(), " expert row counts for ", w.groups, " experts");
-  FM_CHECK_ARG(w.groups <= kernels::kMaxKGroups, kWhat, ": ", w.groups, " experts (at most ",
-               kernels::kMaxKGroups, " for the k-grouped wgrad)");
   int64_t sum = 0;
   for (size_t g = 0; g < expert_rows.size(); ++g) {
     FM_CHECK_ARG(expert_rows[g] >= 0 && expert_rows[g] % 128 == 0, kWhat, ": expert ", g, " has ",
@@ -323,6 +317,34 @@ void ExpertFfnGpu::backward_contiguous(const uint8_t* x, const float* sa, const 
     sum += expert_rows[g];
   }
   FM_CHECK_ARG(sum == rows, kWhat, ": expert rows sum to ", sum, ", rows=", rows);
+  backward(x, sa, gate_up, grouped_layout, expert_rows, rows, w, dy, dx, dw13, dw2, stream,
+           row_scale, d_row_scale);
+}
+
+void ExpertFfnGpu::backward_contiguous(const uint8_t* x, const float* sa, const bf16* gate_up,
+                                       const int32_t* grouped_layout, int64_t rows,
+                                       const ExpertWeightsGpu& w, const bf16* dy, bf16* dx,
+                                       float* dw13, float* dw2, cudaStream_t stream,
+                                       const float* row_scale, float* d_row_scale) {
+  FM_CHECK_ARG(rows % 128 == 0, "ExpertFfnGpu::backward_contiguous: rows=", rows,
+               " must be a multiple of 128 with the experts' rows read from the layout");
+  backward(x, sa, gate_up, grouped_layout, {}, rows, w, dy, dx, dw13, dw2, stream, row_scale,
+           d_row_scale);
+}
+
+// Both forms: expert_rows empty = the k-grouped wgrads read the experts' ranges from the layout.
+void ExpertFfnGpu::backward(const uint8_t* x, const float* sa, const bf16* gate_up,
+                            const int32_t* grouped_layout, std::span<const int64_t> expert_rows,
+                            int64_t rows, const ExpertWeightsGpu& w, const bf16* dy, bf16* dx,
+                            float* dw13, float* dw2, cudaStream_t stream, const float* row_scale,
+                            float* d_row_scale) {
+  constexpr const char* kWhat = "ExpertFfnGpu::backward_contiguous";
+  check_call(kWhat, rows, w, sa, grouped_layout, dx);
+  FM_CHECK_ARG(bwd_ != nullptr, kWhat, ": no backward workspace (ExpertFfnOptions::backward)");
+  FM_CHECK_ARG(w.w13t != nullptr && w.s13t != nullptr && w.w2t != nullptr && w.s2t != nullptr,
+               kWhat, ": weights without transposes (ExpertWeightsDevice with_transposed)");
+  FM_CHECK_ARG(w.groups <= kernels::kMaxKGroups, kWhat, ": ", w.groups, " experts (at most ",
+               kernels::kMaxKGroups, " for the k-grouped wgrad)");
   FM_CHECK_ARG(
       x != nullptr && gate_up != nullptr && dy != nullptr && dw13 != nullptr && dw2 != nullptr,
       kWhat, ": null x, gate_up, dy, dw13 or dw2");
@@ -361,13 +383,19 @@ void ExpertFfnGpu::backward_contiguous(const uint8_t* x, const float* sa, const 
                                  h_scales_, kMn, stream);
   kernels::requantize_1x128_transpose(h_codes_, I, h_scales_, kMn, rows, I, grouped_layout, pow2,
                                       b_.ht, b_.ht_s, stream);
-  kernels::fp8_gemm_nt_kgrouped_wgrad(b_.dyt, b_.dyt_s, b_.ht, b_.ht_s, dw2, H, I, expert_rows,
-                                      stream);
+  const auto kgrouped_wgrad = [&](const uint8_t* a, const float* a_s, const uint8_t* b,
+                                  const float* b_s, float* dw, int64_t m, int64_t n) {
+    if (expert_rows.empty())
+      kernels::fp8_gemm_nt_kgrouped_wgrad(a, a_s, b, b_s, dw, m, n, w.groups, grouped_layout, rows,
+                                          stream);
+    else
+      kernels::fp8_gemm_nt_kgrouped_wgrad(a, a_s, b, b_s, dw, m, n, expert_rows, stream);
+  };
+  kgrouped_wgrad(b_.dyt, b_.dyt_s, b_.ht, b_.ht_s, dw2, H, I);
   // 7. x transposed; dW13[e] += d_gate_up^T x.
   kernels::requantize_1x128_transpose(x, H, sa, kMn, rows, H, grouped_layout, pow2, b_.xt, b_.xt_s,
                                       stream);
-  kernels::fp8_gemm_nt_kgrouped_wgrad(b_.dgut, b_.dgut_s, b_.xt, b_.xt_s, dw13, I2, H, expert_rows,
-                                      stream);
+  kgrouped_wgrad(b_.dgut, b_.dgut_s, b_.xt, b_.xt_s, dw13, I2, H);
 }
 
 }  // namespace fp8moe

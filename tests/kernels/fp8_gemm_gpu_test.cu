@@ -871,6 +871,66 @@ void run_kgrouped_wgrad(const std::vector<int64_t>& ks, int64_t m, int64_t n, ui
          kF32NormTol);
 }
 
+// The device-layout form: the groups' K ranges come from a grouped layout on the device (the
+// first row of each 128-row block names its group; the last rows of each group's last block are
+// -1 padding inside the group, summed like real rows; `tail` trailing -1 blocks of random values
+// are skipped). Against the reference, and (no tail) bit for bit against the host-ks form.
+void run_kgrouped_wgrad_layout(const std::vector<int64_t>& ks, int64_t tail, int64_t m, int64_t n,
+                               uint64_t seed, const GemmTileConfig* force, const char* label) {
+  const int64_t groups = static_cast<int64_t>(ks.size());
+  const int64_t k_total = std::accumulate(ks.begin(), ks.end(), int64_t{0});
+  const int64_t k_rows = k_total + 128 * tail;
+  std::vector<int32_t> layout(static_cast<size_t>(k_rows), -1);
+  int64_t k0 = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t r = 0; r < ks[g]; ++r)
+      layout[static_cast<size_t>(k0 + r)] = r + 5 < ks[g] ? static_cast<int32_t>(g) : -1;
+    k0 += ks[g];
+  }
+  const QuantizedMatrix qa = random_quantized(m, k_rows, ScaleGranularity::k1x128, seed);
+  const QuantizedMatrix qb = random_quantized(n, k_rows, ScaleGranularity::k1x128, seed + 1);
+  const std::vector<float> c0 = test::random_matrix(groups * m, n, seed + 2);
+  DeviceBuffer<uint8_t> a(qa.codes), b(qb.codes);
+  DeviceBuffer<float> sa(scales_mn_major(qa)), sb(scales_mn_major(qb)), d(c0);
+  DeviceBuffer<int32_t> dev_layout(layout);
+  kernels::fp8_gemm_nt_kgrouped_wgrad(a.get(), sa.get(), b.get(), sb.get(), d.get(), m, n, groups,
+                                      dev_layout.get(), k_rows, nullptr, force);
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+  const std::vector<float> got = d.download();
+  std::vector<float> want = c0;
+  k0 = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    if (ks[g] > 0)
+      gemm_fp8_reference(sub_ref(qa, 0, m, k0, ks[g]), sub_ref(qb, 0, n, k0, ks[g]),
+                         want.data() + g * m * n, n, {}, true, test::test_threads());
+    k0 += ks[g];
+  }
+  report(label, m, n, k_rows, groups, compare(got.data(), want.data(), groups * m * n),
+         kF32NormTol);
+  if (tail != 0) return;
+  DeviceBuffer<float> d_ks(c0);
+  kernels::fp8_gemm_nt_kgrouped_wgrad(a.get(), sa.get(), b.get(), sb.get(), d_ks.get(), m, n, ks,
+                                      nullptr, force);
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+  const std::vector<float> want_bits = d_ks.download();
+  ASSERT_EQ(std::memcmp(got.data(), want_bits.data(), got.size() * 4), 0)
+      << label << ": the layout form differs from the ks form";
+}
+
+TEST(Fp8WgradGpu, KGroupedFromDeviceLayout) {
+  run_kgrouped_wgrad_layout({128, 0, 384, 256}, 0, 192, 256, 630, nullptr, "kgrouped_layout");
+  run_kgrouped_wgrad_layout({0, 256, 0, 0, 128}, 2, 100, 520, 640, nullptr, "kgrouped_layout");
+  run_kgrouped_wgrad_layout({0, 0, 0}, 1, 128, 256, 650, nullptr, "kgrouped_layout");
+  const GemmTileConfig c{128, 128, 0, 3, 2};
+  run_kgrouped_wgrad_layout({256, 0, 128, 384}, 1, 100, 520, 660, &c, "kgrouped_layout_e2");
+  const GemmTileConfig c1{64, 128, 0, 5, 1};
+  run_kgrouped_wgrad_layout({384, 128, 0, 128, 256, 0, 0, 128}, 0, 256, 384, 670, &c1,
+                            "kgrouped_layout_e1");
+  EXPECT_THROW(kernels::fp8_gemm_nt_kgrouped_wgrad(nullptr, nullptr, nullptr, nullptr, nullptr, 128,
+                                                   128, 2, nullptr, 200, nullptr),
+               Error);
+}
+
 TEST(Fp8WgradGpu, AccumulatesIntoC) {
   run_wgrad(256, 384, 512, 500, nullptr, "wgrad");
   run_wgrad(100, 2112, 1024, 503, nullptr, "wgrad");

@@ -238,6 +238,78 @@ TEST(ExpertFfnBackwardGpu, MatchesReferenceAndGraphReplays) {
   }
 }
 
+// The device-layout form (no host counts) on a bound with two trailing padding blocks (x codes,
+// scales and dy poisoned there) equals the host-counts form on the exact rows, bit for bit.
+TEST(ExpertFfnBackwardGpu, LayoutFormEqualsHostCounts) {
+  for (const int64_t I : {256, 2048}) {
+    const int64_t H = 7168, I2 = 2 * I;
+    const uint64_t seed = std::random_device{}();
+    Case s = make_case(H, I, seed);
+    const int64_t R = s.rows, bound = R + 256;
+    s.layout.resize(bound, -1);
+    s.xq.codes.resize(bound * H, uint8_t{0xFF});
+    s.xq.scales.resize(bound * (H / 128), std::nanf(""));
+    s.xq.rows = bound;
+    s.dy.resize(bound * H, bf16{0x7FC0});
+    s.row_scale.resize(bound, 1.0f);
+    const ExpertWeightsDevice wd(s.host, /*with_transposed=*/true);
+    ExpertFfnOptions opt;
+    opt.backward = true;
+    ExpertFfnGpu ffn(bound, H, I, opt);
+    cudaStream_t stream;
+    FM_CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    DeviceBuffer<uint8_t> x(s.xq.codes);
+    DeviceBuffer<float> sa(scales_mn_major(s.xq)), ws(s.row_scale), dw13(s.dw13_init),
+        dw2(s.dw2_init), drs(bound);
+    DeviceBuffer<int32_t> layout(s.layout);
+    DeviceBuffer<bf16> dy(s.dy), y(bound * H), gate_up(bound * I2), dx(bound * H);
+    gate_up.poison();
+    ffn.forward_contiguous(x.get(), sa.get(), layout.get(), bound, wd.view(), y.get(), stream,
+                           ws.get(), gate_up.get());
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    // The host form reads sa as [H/128][pad(R)]: its own copy on the exact rows.
+    QuantizedMatrix exact = s.xq;
+    exact.codes.resize(R * H);
+    exact.scales.resize(R * (H / 128));
+    exact.rows = R;
+    DeviceBuffer<float> sa_exact(scales_mn_major(exact));
+    struct Result {
+      std::vector<bf16> dx;
+      std::vector<float> dw13, dw2, drs;
+    };
+    const auto run = [&](bool from_layout) {
+      dw13.upload(s.dw13_init);
+      dw2.upload(s.dw2_init);
+      dx.poison();
+      drs.poison();
+      FM_CHECK_CUDA(cudaDeviceSynchronize());
+      if (from_layout)
+        ffn.backward_contiguous(x.get(), sa.get(), gate_up.get(), layout.get(), bound, wd.view(),
+                                dy.get(), dx.get(), dw13.get(), dw2.get(), stream, ws.get(),
+                                drs.get());
+      else
+        ffn.backward_contiguous(x.get(), sa_exact.get(), gate_up.get(), layout.get(),
+                                s.expert_rows, R, wd.view(), dy.get(), dx.get(), dw13.get(),
+                                dw2.get(), stream, ws.get(), drs.get());
+      FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+      Result r{dx.download(), dw13.download(), dw2.download(), drs.download()};
+      r.dx.resize(R * H);
+      r.drs.resize(R);
+      return r;
+    };
+    const Result host = run(false), dev = run(true);
+    EXPECT_TRUE(same_bits(dev.dx, host.dx)) << "dx, I=" << I << " seed=" << seed;
+    EXPECT_TRUE(same_bits(dev.dw13, host.dw13)) << "dW13, I=" << I << " seed=" << seed;
+    EXPECT_TRUE(same_bits(dev.dw2, host.dw2)) << "dW2, I=" << I << " seed=" << seed;
+    EXPECT_TRUE(same_bits(dev.drs, host.drs)) << "d_row_scale, I=" << I << " seed=" << seed;
+    std::printf("expert_ffn backward H=%lld I=%lld: layout form on %lld rows == host counts on "
+                "%lld rows, bit for bit\n",
+                static_cast<long long>(H), static_cast<long long>(I),
+                static_cast<long long>(bound), static_cast<long long>(R));
+    FM_CHECK_CUDA(cudaStreamDestroy(stream));
+  }
+}
+
 using test::expect_invalid;
 
 TEST(ExpertFfnBackwardGpu, BadArgumentsThrow) {

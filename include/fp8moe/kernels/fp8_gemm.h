@@ -116,5 +116,17 @@ void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t
                                 const float* sb, float* d, int64_t m, int64_t n,
                                 std::span<const int64_t> ks, cudaStream_t stream,
                                 const GemmTileConfig* force = nullptr);
+// The same with the groups read on the device (no host counts: capturable in a CUDA graph with
+// counts that change between replays): k_layout [k_rows] int32 on the device, the group of each
+// row of the K axis in the grouped-contiguous layout the dispatch gives (and the contiguous GEMM
+// reads): 128-row blocks, block b belongs to group k_layout[128 b], groups in increasing order,
+// blocks whose first entry is -1 only after the last group's (they are skipped; padding rows
+// inside a group's blocks are summed like real ones: A and B should hold zeros there, as with
+// ks). k_rows (host) is the bound: the K extent of A, B, sa and sb, a multiple of 128. Equals the
+// ks form bit for bit when ks[g] = 128 x (group g's block count).
+void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t* b,
+                                const float* sb, float* d, int64_t m, int64_t n, int64_t groups,
+                                const int32_t* k_layout, int64_t k_rows, cudaStream_t stream,
+                                const GemmTileConfig* force = nullptr);
 
 }  // namespace fp8moe::kernels

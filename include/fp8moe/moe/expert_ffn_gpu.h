@@ -131,6 +131,17 @@ class ExpertFfnGpu {
                            int64_t rows, const ExpertWeightsGpu& weights, const bf16* dy, bf16* dx,
                            float* dw13, float* dw2, cudaStream_t stream,
                            const float* row_scale = nullptr, float* d_row_scale = nullptr);
+  // The same with the experts' row ranges read from grouped_layout on the device (the k-grouped
+  // wgrads' device-layout form): no host counts, so a layer's backward is capturable in a CUDA
+  // graph with counts that change between replays. rows is then the bound (a multiple of 128;
+  // 128-row blocks past the last expert's, layout -1, are skipped); the layout must be the
+  // dispatch's: each expert's rows start at a multiple of 128, experts in increasing order.
+  // Bit for bit the form above when expert_rows matches the layout.
+  void backward_contiguous(const uint8_t* x, const float* sa, const bf16* gate_up,
+                           const int32_t* grouped_layout, int64_t rows,
+                           const ExpertWeightsGpu& weights, const bf16* dy, bf16* dx, float* dw13,
+                           float* dw2, cudaStream_t stream, const float* row_scale = nullptr,
+                           float* d_row_scale = nullptr);
 
   int64_t max_rows() const { return max_rows_; }
   int64_t hidden() const { return hidden_; }
@@ -149,6 +160,10 @@ class ExpertFfnGpu {
                            const float* row_scale);
 
   void allocate_backward();
+  void backward(const uint8_t* x, const float* sa, const bf16* gate_up,
+                const int32_t* grouped_layout, std::span<const int64_t> expert_rows, int64_t rows,
+                const ExpertWeightsGpu& weights, const bf16* dy, bf16* dx, float* dw13, float* dw2,
+                cudaStream_t stream, const float* row_scale, float* d_row_scale);
 
   int64_t max_rows_ = 0, hidden_ = 0, inter_ = 0;
   ExpertFfnOptions options_;
