@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 
 #include <string>
+#include <vector>
 
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
@@ -62,6 +63,66 @@ __global__ void add_bf16_tail_kernel(const __nv_bfloat16* a, const __nv_bfloat16
   y[i] = __float2bfloat16_rn(__fadd_rn(__bfloat162float(a[i]), __bfloat162float(b[i])));
 }
 
+// Backward, gathered path: x_rows[row] = the H codes of the row's record (row_record >= 0;
+// other rows untouched), 16 bytes a thread; vpr = H / 16 vectors a row.
+__global__ void gather_record_codes_kernel(const uint8_t* records, int64_t stride,
+                                           const int32_t* row_record, int64_t vpr, int64_t vectors,
+                                           uint8_t* x_rows) {
+  const int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (v >= vectors) return;
+  const int64_t row = v / vpr, c = v - row * vpr;
+  const int32_t q = __ldg(row_record + row);
+  if (q < 0) return;
+  reinterpret_cast<uint4*>(x_rows)[v] =
+      __ldg(reinterpret_cast<const uint4*>(records + static_cast<int64_t>(q) * stride) + c);
+}
+
+// Backward: row_of[row_src[row]] = row for the layout's rows (m_indices >= 0); row_src = i * K + k
+// (i: the received token's compact index). row_of starts at -1.
+__global__ void index_token_rows_kernel(const int32_t* m_indices, const int32_t* row_src,
+                                        int64_t bound, int32_t* row_of) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= bound || __ldg(m_indices + row) < 0) return;
+  row_of[__ldg(row_src + row)] = static_cast<int32_t>(row);
+}
+
+// Backward (dispatch's): one block a slot q = s * Tmax + j (j < recv_count[s]; other slots
+// untouched): out[q] = bf16(sum over k ascending of float(dx[row_of[i * K + k]])), i = the
+// compact index (regions in source order), the sum from +0.0f, never fused; 8 columns a thread.
+__global__ void sum_token_rows_kernel(const __nv_bfloat16* dx, const int32_t* row_of,
+                                      const int32_t* recv_count, int64_t Tmax, int K, int64_t H,
+                                      __nv_bfloat16* out) {
+  const int64_t slot = blockIdx.x;
+  const int s = static_cast<int>(slot / Tmax);
+  const int64_t j = slot - s * Tmax;
+  if (j >= recv_count[s]) return;
+  int64_t i = j;
+  for (int r = 0; r < s; ++r) i += recv_count[r];
+  const int32_t* rows = row_of + i * K;
+  for (int64_t c = threadIdx.x; c < H / 8; c += blockDim.x) {
+    float acc[8];
+#pragma unroll
+    for (int x = 0; x < 8; ++x) acc[x] = 0.0f;
+    for (int k = 0; k < K; ++k) {
+      const int32_t row = __ldg(rows + k);
+      if (row < 0) continue;
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(dx + static_cast<int64_t>(row) * H) + c);
+      const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const float2 f = __bfloat1622float2(p[x]);
+        acc[2 * x] = __fadd_rn(acc[2 * x], f.x);
+        acc[2 * x + 1] = __fadd_rn(acc[2 * x + 1], f.y);
+      }
+    }
+    uint4 o;
+    __nv_bfloat162* po = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+    for (int x = 0; x < 4; ++x) po[x] = __floats2bfloat162_rn(acc[2 * x], acc[2 * x + 1]);
+    reinterpret_cast<uint4*>(out + slot * H)[c] = o;
+  }
+}
+
 }  // namespace
 
 void add_bf16(const bf16* a, const bf16* b, int64_t n, bf16* y, cudaStream_t stream) {
@@ -105,6 +166,16 @@ MoeLayerGpu::MoeLayerGpu(DeviceEpRank& ep, const ExpertWeightsGpu& routed,
   FM_CHECK_ARG(shared.w13 != nullptr && shared.s13 != nullptr && shared.w2 != nullptr &&
                    shared.s2 != nullptr,
                who, ": null shared weight pointers");
+  if (options.backward) {
+    FM_CHECK_ARG(routed.w13t != nullptr && routed.s13t != nullptr && routed.w2t != nullptr &&
+                     routed.s2t != nullptr,
+                 who,
+                 ": MoeLayerOptions::backward needs the routed weights uploaded with_transposed");
+    FM_CHECK_ARG(shared.w13t != nullptr && shared.s13t != nullptr && shared.w2t != nullptr &&
+                     shared.s2t != nullptr,
+                 who,
+                 ": MoeLayerOptions::backward needs the shared weights uploaded with_transposed");
+  }
   const DeviceRecvView view = ep.view();
   gathered_ = view.row_record != nullptr;
   FM_CHECK_ARG(gathered_ || view.x != nullptr, who,
@@ -120,6 +191,7 @@ MoeLayerGpu::MoeLayerGpu(DeviceEpRank& ep, const ExpertWeightsGpu& routed,
   DeviceGuard guard(device_);
   ExpertFfnOptions ffn;
   ffn.pow2_scales = options.pow2_scales;
+  ffn.backward = options.backward;
   routed_ffn_ = std::make_unique<ExpertFfnGpu>(bound_, hidden_, routed.inter, ffn);
   if (shared_rows_ > 0)
     shared_ffn_ = std::make_unique<ExpertFfnGpu>(shared_rows_, hidden_, shared.inter, ffn);
@@ -145,6 +217,34 @@ MoeLayerGpu::MoeLayerGpu(DeviceEpRank& ep, const ExpertWeightsGpu& routed,
   shared_sa_ = static_cast<float*>(part[4]);
   shared_layout_ = static_cast<int32_t*>(part[5]);
   shared_out_ = static_cast<bf16*>(part[6]);
+  if (options.backward) allocate_backward();
+}
+
+void MoeLayerGpu::allocate_backward() {
+  const EpConfig& cfg = ep_.config();
+  const int64_t H = hidden_, KB = H / 128, S = shared_rows_, slots = cfg.max_recv_tokens();
+  const int64_t sizes[] = {
+      bound_ * H * 2,        bound_ * H * 2, gathered_ ? bound_ * H : 0,  slots * H * 2,
+      slots * cfg.top_k * 4, S * H * 2,      KB * padded_rows(bound_) * 4};
+  int64_t total = 0;
+  for (int64_t s : sizes) total += align256(s);
+  FM_CHECK_CUDA(cudaMalloc(&bwd_buffer_, total));
+  FM_CHECK_CUDA(cudaMemset(bwd_buffer_, 0, total));
+  char* p = static_cast<char*>(bwd_buffer_);
+  void* part[7];
+  for (int i = 0; i < 7; ++i) {
+    part[i] = p;
+    p += align256(sizes[i]);
+  }
+  grad_rows_ = static_cast<bf16*>(part[0]);
+  dx_rows_ = static_cast<bf16*>(part[1]);
+  x_rows_ = gathered_ ? static_cast<uint8_t*>(part[2]) : nullptr;
+  token_rows_ = static_cast<bf16*>(part[3]);
+  row_of_ = static_cast<int32_t*>(part[4]);
+  shared_dx_ = static_cast<bf16*>(part[5]);
+  bwd_sa_ = static_cast<float*>(part[6]);
+  FM_CHECK_CUDA(cudaMallocHost(&host_offsets_, (cfg.experts_per_rank() + 1) * sizeof(int32_t)));
+  FM_CHECK_CUDA(cudaEventCreateWithFlags(&offsets_ready_, cudaEventDisableTiming));
 }
 
 MoeLayerGpu::~MoeLayerGpu() {
@@ -154,6 +254,9 @@ MoeLayerGpu::~MoeLayerGpu() {
   routed_ffn_.reset();
   shared_ffn_.reset();
   cudaFree(buffer_);
+  if (offsets_ready_ != nullptr) cudaEventDestroy(offsets_ready_);
+  cudaFreeHost(host_offsets_);
+  cudaFree(bwd_buffer_);
   cudaSetDevice(prev);
 }
 
@@ -179,6 +282,7 @@ void MoeLayerGpu::dispatch(const bf16* x, const int32_t* topk_idx, const float* 
   x_ = x;
   tokens_ = tokens;
   phase_ = Phase::kDispatched;
+  bwd_phase_ = BwdPhase::kNone;
 }
 
 void MoeLayerGpu::experts(cudaStream_t stream) {
@@ -228,6 +332,128 @@ void MoeLayerGpu::combine(bf16* y, cudaStream_t stream) {
   ep_.combine_recv(reinterpret_cast<uint16_t*>(y), stream);
   add_bf16(y, shared_out_, tokens_ * hidden_, y, stream);
   phase_ = Phase::kIdle;
+  bwd_phase_ = options_.backward ? BwdPhase::kReady : BwdPhase::kNone;
+}
+
+// ---- backward ----
+
+void MoeLayerGpu::backward(const bf16* grad_y, bf16* grad_x, float* grad_topk_w,
+                           const MoeLayerGrads& grads, cudaStream_t stream) {
+  combine_backward(grad_y, grad_topk_w, stream);
+  experts_backward(grads, stream);
+  dispatch_backward(grad_x, stream);
+}
+
+void MoeLayerGpu::combine_backward(const bf16* grad_y, float* grad_topk_w, cudaStream_t stream) {
+  const int rank = ep_.rank();
+  FM_CHECK_ARG(options_.backward, "MoeLayerGpu rank ", rank,
+               ": combine_backward() needs MoeLayerOptions::backward");
+  FM_CHECK_ARG(bwd_phase_ == BwdPhase::kReady, "MoeLayerGpu rank ", rank,
+               ": combine_backward() needs a whole forward (dispatch, experts, combine) first, "
+               "and one backward per forward");
+  FM_CHECK_ARG(grad_y != nullptr && grad_topk_w != nullptr, "MoeLayerGpu rank ", rank,
+               ": null grad_y or grad_topk_w");
+  FM_CHECK_ARG(reinterpret_cast<uintptr_t>(grad_y) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(grad_topk_w) % 16 == 0,
+               "MoeLayerGpu rank ", rank, ": grad_y and grad_topk_w must be 16-byte aligned");
+  DeviceGuard guard(device_);
+  const DeviceRecvView v = ep_.view();
+  // The layout's per-expert row offsets to the host first (experts_backward waits for them), so
+  // that the wait does not include the exchange below.
+  FM_CHECK_CUDA(cudaMemcpyAsync(host_offsets_, v.expert_offsets,
+                                (ep_.config().experts_per_rank() + 1) * sizeof(int32_t),
+                                cudaMemcpyDeviceToHost, stream));
+  FM_CHECK_CUDA(cudaEventRecord(offsets_ready_, stream));
+  ep_.combine_backward_send(reinterpret_cast<const uint16_t*>(grad_y),
+                            reinterpret_cast<const uint16_t*>(expert_rows_), stream);
+  ep_.combine_backward_recv(reinterpret_cast<uint16_t*>(grad_rows_), grad_topk_w, stream);
+  grad_y_ = grad_y;
+  bwd_phase_ = BwdPhase::kCombined;
+}
+
+void MoeLayerGpu::experts_backward(const MoeLayerGrads& grads, cudaStream_t stream) {
+  const int rank = ep_.rank();
+  FM_CHECK_ARG(bwd_phase_ == BwdPhase::kCombined, "MoeLayerGpu rank ", rank,
+               ": experts_backward() needs combine_backward() first");
+  FM_CHECK_ARG(grads.routed_dw13 != nullptr && grads.routed_dw2 != nullptr &&
+                   grads.shared_dw13 != nullptr && grads.shared_dw2 != nullptr,
+               "MoeLayerGpu rank ", rank, ": null weight gradient (MoeLayerGrads)");
+  DeviceGuard guard(device_);
+  const int L = ep_.config().experts_per_rank();
+  const int64_t H = hidden_, KB = H / 128;
+  // NOTE: the one host synchronisation of the backward (not graph-capturable): the grouped
+  // GEMMs' k-grouped weight gradient takes host row counts.
+  FM_CHECK_CUDA(cudaEventSynchronize(offsets_ready_));
+  std::vector<int64_t> expert_rows(L);
+  for (int e = 0; e < L; ++e) {
+    expert_rows[e] = int64_t{host_offsets_[e + 1]} - host_offsets_[e];
+    FM_CHECK_ARG(expert_rows[e] >= 0 && expert_rows[e] % 128 == 0, "MoeLayerGpu rank ", rank,
+                 ": expert ", e, " has ", expert_rows[e], " grouped rows (layout corrupted?)");
+  }
+  const int64_t rows = host_offsets_[L];
+  FM_CHECK_ARG(host_offsets_[0] == 0 && rows <= bound_, "MoeLayerGpu rank ", rank,
+               ": the dispatch needs ", rows, " grouped rows, the bound is ", bound_,
+               " (overflowed)");
+  const DeviceRecvView v = ep_.view();
+  const uint8_t* x = gathered_ ? x_rows_ : static_cast<const uint8_t*>(v.x);
+  if (rows > 0) {
+    // The forward's A scales re-laid for `rows` rows (M-major, [H/128][pad(rows)]): the
+    // backward reads them at that stride.
+    if (gathered_) {
+      kernels::gather_scales_to_mn_major(reinterpret_cast<const float*>(v.records + H),
+                                         v.record_stride / 4, v.row_record, rows, KB, bwd_sa_,
+                                         stream);
+      constexpr int kThreads = 256;
+      const int64_t vectors = rows * H / 16;
+      gather_record_codes_kernel<<<static_cast<unsigned>((vectors + kThreads - 1) / kThreads),
+                                   kThreads, 0, stream>>>(v.records, v.record_stride, v.row_record,
+                                                          H / 16, vectors, x_rows_);
+      FM_CHECK_CUDA(cudaGetLastError());
+    } else {
+      kernels::scales_to_mn_major(v.x_scales, 1, rows, KB, bwd_sa_, stream);
+    }
+  }
+  routed_ffn_->backward_contiguous(x, bwd_sa_, routed_ffn_->gate_up(), v.m_indices, expert_rows,
+                                   rows, routed_, grad_rows_, dx_rows_, grads.routed_dw13,
+                                   grads.routed_dw2, stream);
+  if (tokens_ > 0) {
+    const int64_t srows = (tokens_ + 127) / 128 * 128;
+    const int64_t one[1] = {srows};
+    shared_ffn_->backward_contiguous(shared_x_, shared_sa_, shared_ffn_->gate_up(), shared_layout_,
+                                     one, srows, shared_, grad_y_, shared_dx_, grads.shared_dw13,
+                                     grads.shared_dw2, stream);
+  }
+  bwd_phase_ = BwdPhase::kExperts;
+}
+
+void MoeLayerGpu::dispatch_backward(bf16* grad_x, cudaStream_t stream) {
+  const int rank = ep_.rank();
+  FM_CHECK_ARG(bwd_phase_ == BwdPhase::kExperts, "MoeLayerGpu rank ", rank,
+               ": dispatch_backward() needs combine_backward() and experts_backward() first");
+  FM_CHECK_ARG(grad_x != nullptr, "MoeLayerGpu rank ", rank, ": null grad_x");
+  FM_CHECK_ARG(reinterpret_cast<uintptr_t>(grad_x) % 16 == 0, "MoeLayerGpu rank ", rank,
+               ": grad_x must be 16-byte aligned");
+  DeviceGuard guard(device_);
+  const EpConfig& cfg = ep_.config();
+  const int64_t slots = cfg.max_recv_tokens();
+  const DeviceRecvView v = ep_.view();
+  // Each received token's rows summed (k ascending) into its slot's row.
+  FM_CHECK_CUDA(cudaMemsetAsync(row_of_, 0xFF, slots * cfg.top_k * sizeof(int32_t), stream));
+  constexpr int kThreads = 256;
+  index_token_rows_kernel<<<static_cast<unsigned>((bound_ + kThreads - 1) / kThreads), kThreads, 0,
+                            stream>>>(v.m_indices, v.row_src, bound_, row_of_);
+  FM_CHECK_CUDA(cudaGetLastError());
+  if (slots > 0) {
+    sum_token_rows_kernel<<<static_cast<unsigned>(slots), 128, 0, stream>>>(
+        reinterpret_cast<const __nv_bfloat16*>(dx_rows_), row_of_, v.recv_count,
+        cfg.max_tokens_per_rank, cfg.top_k, hidden_, reinterpret_cast<__nv_bfloat16*>(token_rows_));
+    FM_CHECK_CUDA(cudaGetLastError());
+  }
+  // Dispatch's backward: the slot rows back to their tokens, summed over ranks; + the shared dx.
+  ep_.combine_tokens_send(reinterpret_cast<const uint16_t*>(token_rows_), stream);
+  ep_.combine_recv(reinterpret_cast<uint16_t*>(grad_x), stream);
+  add_bf16(grad_x, shared_dx_, tokens_ * hidden_, grad_x, stream);
+  bwd_phase_ = BwdPhase::kNone;
 }
 
 }  // namespace fp8moe::comm

@@ -41,6 +41,21 @@ namespace fp8moe::comm {
 
 struct MoeLayerOptions {
   bool pow2_scales = false;  // the FFNs' h scales (ExpertFfnOptions::pow2_scales)
+  // Allocate the backward's workspaces (the FFNs' ExpertFfnOptions::backward and the layer's
+  // own; docs/moe/README.md "MoeLayerGpu backward (s20-mb)" gives the memory) so that backward()
+  // may follow each forward. Needs both weight sets uploaded with_transposed (thrown at
+  // construction otherwise). The forward runs the same kernels either way.
+  bool backward = false;
+};
+
+// The weight gradients backward() ACCUMULATES into (+=; FP32, device pointers on the rank's
+// device, ExpertWeightsHost's layouts): the routed experts' dW13 [G][2I][H] and dW2 [G][H][I],
+// the shared expert's [2Is][H] and [H][Is].
+struct MoeLayerGrads {
+  float* routed_dw13 = nullptr;
+  float* routed_dw2 = nullptr;
+  float* shared_dw13 = nullptr;
+  float* shared_dw2 = nullptr;
 };
 
 class MoeLayerGpu {
@@ -64,6 +79,36 @@ class MoeLayerGpu {
   void experts(cudaStream_t stream);
   void combine(bf16* y, cudaStream_t stream);
 
+  // The backward of the last forward (MoeLayerOptions::backward), moe_layer_backward_reference
+  // step by step (every FP8 quantisation and BF16 rounding of the forward straight-through):
+  //   combine_backward   DeviceEpRank::combine_backward_send + _recv: grad_y [T, H] BF16 ->
+  //                      the expert rows' gradients (this rank's grouped rows) and grad_topk_w
+  //                      [T, K] float (the gate weights act in the combine only, so the FFN rows
+  //                      take no row_scale); also copies the layout's expert offsets to the host;
+  //   experts_backward   waits for that copy (ONE host synchronisation per layer backward, on an
+  //                      event recorded on the stream before the combine backward: so not
+  //                      capturable in a CUDA graph yet; the next step is a k-grouped wgrad that
+  //                      reads device counts), then ExpertFfnGpu::backward_contiguous of the
+  //                      routed experts on the received rows (expanded path: the EP rank's rows;
+  //                      gathered path: the records gathered into a contiguous copy first) and of
+  //                      the shared expert on the T rows (dy = grad_y);
+  //   dispatch_backward  each received token's rows summed in FP32 (k ascending, one BF16
+  //                      rounding) -> DeviceEpRank::combine_tokens_send + combine_recv into
+  //                      grad_x, then grad_x = bf16(float(grad_x) + float(shared dx)) (add_bf16).
+  // backward() is the three. Ranks sharing a GPU run them phase by phase across ranks, as the
+  // forward's. Order: forward (or its phases, combine last), then combine_backward,
+  // experts_backward, dispatch_backward, once; anything else throws kInvalidArgument. The EP
+  // rank's last dispatch must be this forward's (no rank of the group may dispatch on it between
+  // the forward and the backward: the received rows, the layout and the handle are the EP
+  // rank's). grad_y must stay unchanged until experts_backward has run; grad_x [T, H] BF16 and
+  // grad_topk_w [T, K] float are written (all T rows; a dropped slot's grad_topk_w is +0).
+  // Pointers: device, on the rank's device, 16-byte aligned.
+  void backward(const bf16* grad_y, bf16* grad_x, float* grad_topk_w, const MoeLayerGrads& grads,
+                cudaStream_t stream);
+  void combine_backward(const bf16* grad_y, float* grad_topk_w, cudaStream_t stream);
+  void experts_backward(const MoeLayerGrads& grads, cudaStream_t stream);
+  void dispatch_backward(bf16* grad_x, cudaStream_t stream);
+
   bool gathered() const { return gathered_; }
   DeviceEpRank& ep() { return ep_; }
   // The last forward's intermediates (tests): the routed experts' outputs [row bound, H] in the
@@ -71,9 +116,21 @@ class MoeLayerGpu {
   // (rows past T unspecified: not written).
   const bf16* expert_rows() const { return expert_rows_; }
   const bf16* shared_out() const { return shared_out_; }
+  // The forward's cached up-GEMM outputs the backward reads (tests): routed [row bound, 2I] in
+  // the grouped layout, shared [pad128(T), 2Is] (rows past T not written). The backward's
+  // intermediates: the expert rows' gradients [row bound, H] (combine_backward) and the routed
+  // dx rows [row bound, H] (experts_backward; rows outside the layout unspecified), the shared
+  // expert's dx [pad128(T), H] (rows past T unspecified); null without
+  // MoeLayerOptions::backward.
+  const bf16* routed_gate_up() const { return routed_ffn_->gate_up(); }
+  const bf16* shared_gate_up() const { return shared_ffn_ ? shared_ffn_->gate_up() : nullptr; }
+  const bf16* grad_rows() const { return grad_rows_; }
+  const bf16* dx_rows() const { return dx_rows_; }
+  const bf16* shared_dx() const { return shared_dx_; }
 
  private:
   enum class Phase { kIdle, kDispatched, kExperts };
+  void allocate_backward();
   DeviceEpRank& ep_;
   ExpertWeightsGpu routed_, shared_;
   MoeLayerOptions options_;
@@ -95,6 +152,23 @@ class MoeLayerGpu {
   const bf16* x_ = nullptr;
   int64_t tokens_ = 0;
   Phase phase_ = Phase::kIdle;
+  // Backward (MoeLayerOptions::backward): one allocation of grad_rows [bound, H] BF16 | dx_rows
+  // [bound, H] BF16 | x_rows [bound, H] E4M3 (gathered path only) | token_rows [R * Tmax, H]
+  // BF16 | row_of [R * Tmax * K] int32 | shared_dx [S, H] BF16 | bwd_sa; the host copy of the
+  // expert offsets (pinned) and its event.
+  enum class BwdPhase { kNone, kReady, kCombined, kExperts };
+  void* bwd_buffer_ = nullptr;
+  bf16* grad_rows_ = nullptr;
+  bf16* dx_rows_ = nullptr;
+  uint8_t* x_rows_ = nullptr;
+  bf16* token_rows_ = nullptr;
+  int32_t* row_of_ = nullptr;
+  bf16* shared_dx_ = nullptr;
+  float* bwd_sa_ = nullptr;  // [H/128][pad(bound)]: the forward's A scales for the used rows
+  int32_t* host_offsets_ = nullptr;
+  cudaEvent_t offsets_ready_ = nullptr;
+  const bf16* grad_y_ = nullptr;
+  BwdPhase bwd_phase_ = BwdPhase::kNone;
 };
 
 // y[i] = bf16(float(a[i]) + float(b[i])) for i < n (device pointers, 16-byte aligned;
