@@ -358,12 +358,14 @@ void MoeLayerGpu::combine_backward(const bf16* grad_y, float* grad_topk_w, cudaS
                "MoeLayerGpu rank ", rank, ": grad_y and grad_topk_w must be 16-byte aligned");
   DeviceGuard guard(device_);
   const DeviceRecvView v = ep_.view();
-  // The layout's per-expert row offsets to the host first (experts_backward waits for them), so
-  // that the wait does not include the exchange below.
-  FM_CHECK_CUDA(cudaMemcpyAsync(host_offsets_, v.expert_offsets,
-                                (ep_.config().experts_per_rank() + 1) * sizeof(int32_t),
-                                cudaMemcpyDeviceToHost, stream));
-  FM_CHECK_CUDA(cudaEventRecord(offsets_ready_, stream));
+  if (options_.backward_host_counts) {
+    // The layout's per-expert row offsets to the host first (experts_backward waits for them),
+    // so that the wait does not include the exchange below.
+    FM_CHECK_CUDA(cudaMemcpyAsync(host_offsets_, v.expert_offsets,
+                                  (ep_.config().experts_per_rank() + 1) * sizeof(int32_t),
+                                  cudaMemcpyDeviceToHost, stream));
+    FM_CHECK_CUDA(cudaEventRecord(offsets_ready_, stream));
+  }
   ep_.combine_backward_send(reinterpret_cast<const uint16_t*>(grad_y),
                             reinterpret_cast<const uint16_t*>(expert_rows_), stream);
   ep_.combine_backward_recv(reinterpret_cast<uint16_t*>(grad_rows_), grad_topk_w, stream);
@@ -381,19 +383,25 @@ void MoeLayerGpu::experts_backward(const MoeLayerGrads& grads, cudaStream_t stre
   DeviceGuard guard(device_);
   const int L = ep_.config().experts_per_rank();
   const int64_t H = hidden_, KB = H / 128;
-  // NOTE: the one host synchronisation of the backward (not graph-capturable): the grouped
-  // GEMMs' k-grouped weight gradient takes host row counts.
-  FM_CHECK_CUDA(cudaEventSynchronize(offsets_ready_));
-  std::vector<int64_t> expert_rows(L);
-  for (int e = 0; e < L; ++e) {
-    expert_rows[e] = int64_t{host_offsets_[e + 1]} - host_offsets_[e];
-    FM_CHECK_ARG(expert_rows[e] >= 0 && expert_rows[e] % 128 == 0, "MoeLayerGpu rank ", rank,
-                 ": expert ", e, " has ", expert_rows[e], " grouped rows (layout corrupted?)");
+  // The routed rows the backward covers: the received rows' count from the host
+  // (backward_host_counts: the one host synchronisation of the backward), or the bound rounded
+  // down to 128 (every expert's 128-aligned blocks lie below it), the experts' ranges then read
+  // from the layout on the device.
+  std::vector<int64_t> expert_rows;
+  int64_t rows = bound_ / 128 * 128;
+  if (options_.backward_host_counts) {
+    FM_CHECK_CUDA(cudaEventSynchronize(offsets_ready_));
+    expert_rows.resize(L);
+    for (int e = 0; e < L; ++e) {
+      expert_rows[e] = int64_t{host_offsets_[e + 1]} - host_offsets_[e];
+      FM_CHECK_ARG(expert_rows[e] >= 0 && expert_rows[e] % 128 == 0, "MoeLayerGpu rank ", rank,
+                   ": expert ", e, " has ", expert_rows[e], " grouped rows (layout corrupted?)");
+    }
+    rows = host_offsets_[L];
+    FM_CHECK_ARG(host_offsets_[0] == 0 && rows <= bound_, "MoeLayerGpu rank ", rank,
+                 ": the dispatch needs ", rows, " grouped rows, the bound is ", bound_,
+                 " (overflowed)");
   }
-  const int64_t rows = host_offsets_[L];
-  FM_CHECK_ARG(host_offsets_[0] == 0 && rows <= bound_, "MoeLayerGpu rank ", rank,
-               ": the dispatch needs ", rows, " grouped rows, the bound is ", bound_,
-               " (overflowed)");
   const DeviceRecvView v = ep_.view();
   const uint8_t* x = gathered_ ? x_rows_ : static_cast<const uint8_t*>(v.x);
   if (rows > 0) {
@@ -413,9 +421,14 @@ void MoeLayerGpu::experts_backward(const MoeLayerGrads& grads, cudaStream_t stre
       kernels::scales_to_mn_major(v.x_scales, 1, rows, KB, bwd_sa_, stream);
     }
   }
-  routed_ffn_->backward_contiguous(x, bwd_sa_, routed_ffn_->gate_up(), v.m_indices, expert_rows,
-                                   rows, routed_, grad_rows_, dx_rows_, grads.routed_dw13,
-                                   grads.routed_dw2, stream);
+  if (options_.backward_host_counts)
+    routed_ffn_->backward_contiguous(x, bwd_sa_, routed_ffn_->gate_up(), v.m_indices, expert_rows,
+                                     rows, routed_, grad_rows_, dx_rows_, grads.routed_dw13,
+                                     grads.routed_dw2, stream);
+  else
+    routed_ffn_->backward_contiguous(x, bwd_sa_, routed_ffn_->gate_up(), v.m_indices, rows, routed_,
+                                     grad_rows_, dx_rows_, grads.routed_dw13, grads.routed_dw2,
+                                     stream);
   if (tokens_ > 0) {
     const int64_t srows = (tokens_ + 127) / 128 * 128;
     const int64_t one[1] = {srows};

@@ -105,7 +105,8 @@ void upload(T* dst, const std::vector<T>& src) {
 }
 
 // Two groups on the same devices (expand_payload on / off), a MoeLayerGpu with the backward per
-// rank on each, the same weights, inputs and initial weight gradients.
+// rank on each (host row counts on the expanded path, the device layout on the gathered one), the
+// same weights, inputs and initial weight gradients.
 struct Harness {
   static constexpr int64_t kInter = 256, kSharedInter = 384;
   EpConfig cfg;
@@ -159,6 +160,10 @@ struct Harness {
       k.w = to_device(devices[r], std::vector<float>(Tmax * cfg.top_k));
       for (int p = 0; p < 2; ++p) {
         Path& q = k.path[p];
+        // The expanded path learns its row counts on the host, the gathered one from the layout
+        // on the device: "gathered == expanded bit for bit" checks the two forms against each
+        // other too.
+        lo.backward_host_counts = p == 0;
         q.layer = std::make_unique<MoeLayerGpu>(groups[p]->rank(r), k.routed->view(),
                                                 k.shared->view(), lo);
         q.y = to_device(devices[r], std::vector<uint16_t>(Tmax * H));
@@ -436,6 +441,61 @@ void expect_invalid(F&& f, const std::string& needle) {
     EXPECT_NE(e.message().find(needle), std::string::npos)
         << "'" << e.message() << "' does not name '" << needle << "'";
   }
+}
+
+// Forward + backward of the gathered path (device-layout row counts: no host synchronisation)
+// captured per rank in a CUDA graph, replayed with the weight gradients reset: the eager bits.
+TEST(MoeLayerApiBackward, ForwardAndBackwardReplayInACudaGraph) {
+  if (gpu_count() < 2)
+    GTEST_SKIP() << "graph replay needs a GPU per rank (a spinning receive would hold SMs that "
+                    "the peer's GEMM needs)";
+  const EpConfig cfg = bwd_config();
+  const std::vector<int> devices = {0, 1};
+  const uint64_t seed = fresh_seed();
+  Harness h(cfg, devices, seed);
+  const int R = cfg.num_ranks, p = 1;
+  h.set_inputs({300, 200}, testing::Routing::kRandom, seed + 1);
+  h.run(p);
+  std::vector<Got> eager;
+  for (int r = 0; r < R; ++r) eager.push_back(download(h, r, p));
+  auto bf = [](uint16_t* q) { return reinterpret_cast<bf16*>(q); };
+  std::vector<cudaGraphExec_t> execs(R);
+  for (int r = 0; r < R; ++r) {
+    Harness::Rank& k = h.rk[r];
+    Harness::Path& q = k.path[p];
+    FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+    FM_CHECK_CUDA(cudaStreamBeginCapture(k.stream, cudaStreamCaptureModeThreadLocal));
+    q.layer->forward(bf(k.x), k.idx, k.w, h.in[r].tokens, bf(q.y), k.stream);
+    q.layer->backward(bf(k.gy), bf(q.gx), q.gw, q.dw, k.stream);
+    cudaGraph_t graph;
+    FM_CHECK_CUDA(cudaStreamEndCapture(k.stream, &graph));
+    FM_CHECK_CUDA(cudaGraphInstantiate(&execs[r], graph, 0));
+    FM_CHECK_CUDA(cudaGraphDestroy(graph));
+  }
+  for (int replay = 0; replay < 2; ++replay) {
+    h.set_inputs({300, 200}, testing::Routing::kRandom, seed + 1);  // dW back to their start
+    for (int r = 0; r < R; ++r) {
+      Harness::Path& q = h.rk[r].path[p];
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      FM_CHECK_CUDA(cudaMemsetAsync(q.gx, 0xFF, h.in[r].tokens * cfg.hidden * 2, h.rk[r].stream));
+      FM_CHECK_CUDA(cudaMemsetAsync(q.gw, 0xFF, h.in[r].tokens * cfg.top_k * 4, h.rk[r].stream));
+      FM_CHECK_CUDA(cudaGraphLaunch(execs[r], h.rk[r].stream));
+    }
+    h.sync(p);
+    for (int r = 0; r < R; ++r) {
+      const Got g = download(h, r, p);
+      ASSERT_EQ(g.gx, eager[r].gx) << "grad_x, replay " << replay << ", rank " << r;
+      ASSERT_EQ(g.gw, eager[r].gw) << "grad_topk_w, replay " << replay << ", rank " << r;
+      ASSERT_EQ(g.dw13, eager[r].dw13) << "routed dW13, replay " << replay << ", rank " << r;
+      ASSERT_EQ(g.dw2, eager[r].dw2) << "routed dW2, replay " << replay << ", rank " << r;
+      ASSERT_EQ(g.sdw13, eager[r].sdw13) << "shared dW13, replay " << replay << ", rank " << r;
+      ASSERT_EQ(g.sdw2, eager[r].sdw2) << "shared dW2, replay " << replay << ", rank " << r;
+    }
+  }
+  for (cudaGraphExec_t e : execs) cudaGraphExecDestroy(e);
+  std::printf(
+      "gathered (device-layout counts): 2 graph replays of forward + backward per rank == "
+      "eager, bit for bit\n");
 }
 
 TEST(MoeLayerApiBackward, BadOrderThrows) {

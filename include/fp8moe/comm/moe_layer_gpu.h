@@ -46,6 +46,14 @@ struct MoeLayerOptions {
   // may follow each forward. Needs both weight sets uploaded with_transposed (thrown at
   // construction otherwise). The forward runs the same kernels either way.
   bool backward = false;
+  // How the backward's experts learn their row counts. false (default): from the dispatch's
+  // layout on the device (the k-grouped wgrads' device-layout form) — no host synchronisation, so
+  // a whole layer's forward and backward are capturable in a CUDA graph; the routed FFN's
+  // memory-bound steps then run over the row bound rounded down to 128 (padding rows zeroed, the
+  // GEMMs skip them). true: the counts copied to the host with one wait per layer backward (not
+  // capturable); those steps run over the received rows only — faster when the bound is loose.
+  // Both give the same bits.
+  bool backward_host_counts = false;
 };
 
 // The weight gradients backward() ACCUMULATES into (+=; FP32, device pointers on the rank's
