@@ -4,13 +4,14 @@
 # division", has the CPU proof and PREDICTIONS). The codes must be bit for bit the old ones.
 #   1. test_kernels_gpu '*Quantiz*:Requant*:*Swiglu*' (timeout 120)
 #   2. test_moe_gpu, all (timeout 120): ExpertFfn forward/backward use the quantisers
-#   3. test_comm_gpu '*Fp8*:*Dispatch*:ForwardTest.Nodes*' (timeout 200, 2 GPUs): the EP FP8
+#   3. test_comm_gpu '*Fp8*:*Dispatch*:ForwardTest.Nodes*:NvlinkTest.*MatchReference*:NvlinkTest.*MatchesReference*'
+#      (timeout 150, 2 GPUs): the EP FP8
 #      payload (quantize16) against the CPU reference bit for bit (normal, LL, forward route)
-#   4. quantize_bench: dv, base (main 0495ef5's kernels, same bench source), dv again (timeout 60 each)
-#   5. swiglu_bench: dv, base (timeout 40 each)
+#   4. quantize_bench: dv, base (main 0495ef5's kernels, same bench source), dv again (timeout 45 each)
+#   5. swiglu_bench: dv, base (timeout 30 each)
 # Binaries: build-dv/bins.tar.xz (stripped; BUILD_INFO.txt). Copy: docs/kernels/runs/s20-dv-call.sh.
 # Call: run(kind="nvidia-h200-x2", carry=["build-dv"], command="bash build-dv/run.sh",
-#           timeout_s=420); one archive back: $OUT/s20_dv.tgz.
+#           timeout_s=600); one archive back: $OUT/s20_dv.tgz.
 set -uo pipefail
 bin=build-dv/bin archive=build-dv/bins.tar.xz name=s20_dv
 # shellcheck source=scripts/device_call_prologue.sh
@@ -28,16 +29,16 @@ CUDA_VISIBLE_DEVICES=0 timeout 120 "$bin/test_moe_gpu" > "$R/test_moe.log" 2>&1
 el "2. test_moe_gpu rc=$?"
 show "$R/test_moe.log"
 pack
-timeout 200 "$bin/test_comm_gpu" --gtest_filter='*Fp8*:*Dispatch*:ForwardTest.Nodes*' \
+timeout 150 "$bin/test_comm_gpu" --gtest_filter='*Fp8*:*Dispatch*:ForwardTest.Nodes*:NvlinkTest.*MatchReference*:NvlinkTest.*MatchesReference*' \
   > "$R/test_comm.log" 2>&1
-el "3. test_comm_gpu *Fp8*:*Dispatch*:ForwardTest.Nodes* rc=$?"
+el "3. test_comm_gpu FP8 payload filter rc=$?"
 show "$R/test_comm.log" 30
 pack
 export CUDA_VISIBLE_DEVICES=0
 for v in dv base dv2; do
   b=quantize_bench
   [[ $v == base ]] && b=quantize_bench_base
-  timeout 60 "$bin/$b" --out "$R/quantize_$v.jsonl" --date "$d" --commit "${commit:-unknown}-$v" \
+  timeout 45 "$bin/$b" --out "$R/quantize_$v.jsonl" --date "$d" --commit "${commit:-unknown}-$v" \
     > "$R/quantize_bench_$v.log" 2>&1
   el "4. $b ($v) rc=$?"
   pack
@@ -45,7 +46,7 @@ done
 for v in dv base; do
   b=swiglu_bench
   [[ $v == base ]] && b=swiglu_bench_base
-  timeout 40 "$bin/$b" --out "$R/swiglu_$v.jsonl" --date "$d" --commit "${commit:-unknown}-$v" \
+  timeout 30 "$bin/$b" --out "$R/swiglu_$v.jsonl" --date "$d" --commit "${commit:-unknown}-$v" \
     > "$R/swiglu_bench_$v.log" 2>&1
   el "5. $b ($v) rc=$?"
   pack
