@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "fp8moe/fp8/codec.h"
+#include "fp8moe/fp8/exact_quotient.h"
 
 namespace fp8moe::comm::detail {
 
@@ -60,19 +61,21 @@ __device__ __forceinline__ void quantize16(const uint4 v0, const uint4 v1, uint4
   for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
 #pragma unroll
   for (int m = 1; m < 8; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
-  // NOTE: fp8/quantize.h's formula with IEEE division, so codes match the CPU bit for bit;
-  // cvt.rn.satfinite is the codec's round-to-nearest-even with saturation.
-  scale = amax == 0.0f ? 1.0f : fmaxf(__fdiv_rn(amax, kE4M3Max), FLT_MIN);
+  // NOTE: fp8/quantize.h's formula with the IEEE quotient (formed without a division:
+  // exact_quotient.h), so codes match the CPU bit for bit; cvt.rn.satfinite is the codec's
+  // round-to-nearest-even with saturation.
+  scale = amax == 0.0f ? 1.0f : fmaxf(exact_quotient_any(amax, e4m3_max_divisor()), FLT_MIN);
+  const Divisor d = make_divisor(scale);
   uint32_t* c = reinterpret_cast<uint32_t*>(&codes);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     uint16_t lo, hi;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
         : "=h"(lo)
-        : "f"(__fdiv_rn(f[4 * i], scale)), "f"(__fdiv_rn(f[4 * i + 1], scale)));
+        : "f"(exact_quotient_any(f[4 * i], d)), "f"(exact_quotient_any(f[4 * i + 1], d)));
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;"
         : "=h"(hi)
-        : "f"(__fdiv_rn(f[4 * i + 2], scale)), "f"(__fdiv_rn(f[4 * i + 3], scale)));
+        : "f"(exact_quotient_any(f[4 * i + 2], d)), "f"(exact_quotient_any(f[4 * i + 3], d)));
     c[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
 }

@@ -14,6 +14,7 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
+#include "fp8moe/fp8/exact_quotient.h"
 #include "fp8moe/kernels/quantize.h"
 
 namespace fp8moe::kernels {
@@ -28,12 +29,15 @@ __device__ __forceinline__ float load_value(const bf16* p) {
 
 // The CPU's fp8_scale_for_amax, operation for operation.
 __device__ __forceinline__ float scale_for_amax(float amax, bool pow2) {
-  float scale = amax > 0.0f ? fmaxf(__fdiv_rn(amax, kE4M3Max), FLT_MIN) : 1.0f;
+  // NOTE: amax / 448 formed without a division, bit for bit (exact_quotient.h).
+  float scale = amax > 0.0f ? fmaxf(exact_quotient_any(amax, e4m3_max_divisor()), FLT_MIN) : 1.0f;
   if (pow2) scale = round_up_pow2(scale);
   return scale;
 }
-__device__ __forceinline__ uint8_t encode(float x, float scale) {
-  return float_to_e4m3_bits(__fdiv_rn(x, scale));
+// NOTE: e4m3(x / scale) with the IEEE quotient formed without a division (exact_quotient.h),
+// also for +-inf, NaN and an infinite scale.
+__device__ __forceinline__ uint8_t encode(float x, const Divisor& d) {
+  return float_to_e4m3_bits(exact_quotient_any(x, d));
 }
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -88,10 +92,11 @@ __global__ void quantize_1x128_kernel(const T* x, int64_t rows, int64_t cols, in
   }
   amax = warp_max(amax);
   const float scale = scale_for_amax(amax, pow2);
+  const Divisor d = make_divisor(scale);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int64_t c = tile * 128 + lane + 32 * j;
-    if (c < cols) codes[row * ld_codes + c] = encode(v[j], scale);
+    if (c < cols) codes[row * ld_codes + c] = encode(v[j], d);
   }
   if (lane == 0) scales[scale_index(layout, row, tile, rows, tiles)] = scale;
 }
@@ -127,13 +132,14 @@ __global__ void __launch_bounds__(256, 1)
 #pragma unroll
   for (int w = 1; w < 8; ++w) amax = fmaxf(amax, warp_amax[w]);
   const float scale = scale_for_amax(amax, pow2);
+  const Divisor d = make_divisor(scale);
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
     const int64_t r = r0 + warp + 8 * i;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t c = c0 + lane + 32 * j;
-      if (r < rows && c < cols) codes[r * ld_codes + c] = encode(v[i][j], scale);
+      if (r < rows && c < cols) codes[r * ld_codes + c] = encode(v[i][j], d);
     }
   }
   if (threadIdx.x == 0) scales[blockIdx.y * tiles_c + blockIdx.x] = scale;
@@ -170,11 +176,11 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
       for (int j = 0; j < 4; ++j) amax = fmaxf(amax, fabsf(tile[r * kTStride + lane + 32 * j]));
       const float scale = scale_for_amax(warp_max(amax), pow2);
+      const Divisor d = make_divisor(scale);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int64_t c = c0 + lane + 32 * j;
-        if (c < cols)
-          codes[(r0 + r) * cols + c] = encode(tile[r * kTStride + lane + 32 * j], scale);
+        if (c < cols) codes[(r0 + r) * cols + c] = encode(tile[r * kTStride + lane + 32 * j], d);
       }
       if (lane == 0) scales[scale_index(layout, r0 + r, blockIdx.x, rows, tiles_c)] = scale;
     }
@@ -187,11 +193,11 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int j = 0; j < 4; ++j) amax = fmaxf(amax, fabsf(tile[(lane + 32 * j) * kTStride + c]));
     const float scale = scale_for_amax(warp_max(amax), pow2);
+    const Divisor d = make_divisor(scale);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t r = r0 + lane + 32 * j;
-      if (r < rows)
-        codes_t[(c0 + c) * rows + r] = encode(tile[(lane + 32 * j) * kTStride + c], scale);
+      if (r < rows) codes_t[(c0 + c) * rows + r] = encode(tile[(lane + 32 * j) * kTStride + c], d);
     }
     if (lane == 0) scales_t[scale_index(layout, c0 + c, blockIdx.y, cols, tiles_r)] = scale;
   }
@@ -215,8 +221,9 @@ __global__ void __launch_bounds__(256)
 // shared memory as BF16 pairs, 16-byte parts swizzled by the row's 16-row group, so that the
 // column pass (thread (g, p): rows 16g..16g+15 of columns 2p, 2p+1; 8 lanes per column pair) reads
 // one 4-byte word per row free of bank conflicts and writes 16 transposed codes as one 16-byte
-// vector (8 lanes: one 128-byte output row segment). Codes: IEEE division by the scale (an exact
-// reciprocal multiply for power-of-two scales) and cvt.rn.satfinite.e4m3x2.f32, equal to the CPU
+// vector (8 lanes: one 128-byte output row segment). Codes: the IEEE quotient by the scale without
+// a division (exact_quotient; an exact reciprocal multiply for power-of-two scales) and
+// cvt.rn.satfinite.e4m3x2.f32, equal to the CPU
 // codec for every finite float; a thread holding a non-finite value encodes with
 // float_to_e4m3_bits as the generic kernel does.
 constexpr int kQtThreads = 256;
@@ -229,7 +236,7 @@ __device__ __forceinline__ bool is_bad(float v) {
   return !(fabsf(v) <= FLT_MAX);  // NaN or +-inf
 }
 // 8 codes of v[0..7] (v[0] in the low byte), as the generic kernel's encode() gives them.
-__device__ __forceinline__ uint2 encode8(const float* v, float scale, float inv, bool pow2,
+__device__ __forceinline__ uint2 encode8(const float* v, float scale, const Divisor& d, bool pow2,
                                          bool bad) {
   uint32_t w[2];
   if (bad || is_bad(scale)) [[unlikely]] {
@@ -237,13 +244,12 @@ __device__ __forceinline__ uint2 encode8(const float* v, float scale, float inv,
     for (int j = 0; j < 2; ++j) {
       w[j] = 0;
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        w[j] |= static_cast<uint32_t>(encode(v[4 * j + i], scale)) << (8 * i);
+      for (int i = 0; i < 4; ++i) w[j] |= static_cast<uint32_t>(encode(v[4 * j + i], d)) << (8 * i);
     }
   } else {
     float q[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) q[i] = pow2 ? __fmul_rn(v[i], inv) : __fdiv_rn(v[i], scale);
+    for (int i = 0; i < 8; ++i) q[i] = pow2 ? __fmul_rn(v[i], d.p) : exact_quotient(v[i], d);
 #pragma unroll
     for (int j = 0; j < 2; ++j)
       w[j] = e4m3x2(q[4 * j], q[4 * j + 1]) | (e4m3x2(q[4 * j + 2], q[4 * j + 3]) << 16);
@@ -312,13 +318,13 @@ __global__ void __launch_bounds__(kQtThreads)
       for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
       if (codes != nullptr && r < rows) {
         const float scale = scale_for_amax(amax, pow2);
-        const float inv = __frcp_rn(scale);
+        const Divisor d = make_divisor(scale);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int64_t c = c0 + 64 * h + 8 * l;
           if (c < cols)
             *reinterpret_cast<uint2*>(codes + r * cols + c) =
-                encode8(v + 8 * h, scale, inv, pow2, bad);
+                encode8(v + 8 * h, scale, d, pow2, bad);
         }
         if (l == 0) scales[scale_index(layout, r, blockIdx.x, rows, tiles_c)] = scale;
       }
@@ -354,12 +360,12 @@ __global__ void __launch_bounds__(kQtThreads)
     }
     if (c >= cols) continue;  // cols % 8 == 0: both columns of the pair exist or neither
     const float scale_a = scale_for_amax(amax_a, pow2), scale_b = scale_for_amax(amax_b, pow2);
-    const float inv_a = __frcp_rn(scale_a), inv_b = __frcp_rn(scale_b);
+    const Divisor da = make_divisor(scale_a), db = make_divisor(scale_b);
     if (r < rows) {  // rows % 16 == 0: the group's 16 rows exist or none does
-      const uint2 a0 = encode8(a, scale_a, inv_a, pow2, bad),
-                  a1 = encode8(a + 8, scale_a, inv_a, pow2, bad);
-      const uint2 b0 = encode8(b, scale_b, inv_b, pow2, bad),
-                  b1 = encode8(b + 8, scale_b, inv_b, pow2, bad);
+      const uint2 a0 = encode8(a, scale_a, da, pow2, bad),
+                  a1 = encode8(a + 8, scale_a, da, pow2, bad);
+      const uint2 b0 = encode8(b, scale_b, db, pow2, bad),
+                  b1 = encode8(b + 8, scale_b, db, pow2, bad);
       *reinterpret_cast<uint4*>(codes_t + c * rows + r) = make_uint4(a0.x, a0.y, a1.x, a1.y);
       *reinterpret_cast<uint4*>(codes_t + (c + 1) * rows + r) = make_uint4(b0.x, b0.y, b1.x, b1.y);
     }

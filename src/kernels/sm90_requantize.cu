@@ -18,6 +18,7 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
+#include "fp8moe/fp8/exact_quotient.h"
 #include "fp8moe/kernels/requantize.h"
 
 namespace fp8moe::kernels {
@@ -33,7 +34,8 @@ __host__ __device__ __forceinline__ int64_t pad4(int64_t x) {
 
 // The CPU's fp8_scale_for_amax, operation for operation (as sm90_fp8_quantize.cu).
 __device__ __forceinline__ float scale_for_amax(float amax, bool pow2) {
-  float scale = amax > 0.0f ? fmaxf(__fdiv_rn(amax, kE4M3Max), FLT_MIN) : 1.0f;
+  // NOTE: amax / 448 formed without a division, bit for bit (exact_quotient.h).
+  float scale = amax > 0.0f ? fmaxf(exact_quotient_any(amax, e4m3_max_divisor()), FLT_MIN) : 1.0f;
   if (pow2) scale = round_up_pow2(scale);
   return scale;
 }
@@ -58,7 +60,9 @@ __device__ __forceinline__ int swz(int rr, int p) {
 }
 
 // grid (cols / 128, rows / 128), 256 threads.
-__global__ void __launch_bounds__(kThreads)
+// NOTE: 3 CTAs/SM as before s20-dv: the division-free quotients (exact_quotient.h) are scheduled
+// in parallel and took 100 registers (2 CTAs/SM) unbounded.
+__global__ void __launch_bounds__(kThreads, 3)
     requantize_transpose_kernel(const uint8_t* codes, int64_t ld, const float* scales,
                                 bool mn_major, int64_t rows, int64_t cols,
                                 const int32_t* grouped_layout, bool pow2, uint8_t* codes_t,
@@ -137,13 +141,14 @@ __global__ void __launch_bounds__(kThreads)
       amax_a = fmaxf(amax_a, __shfl_xor_sync(0xFFFFFFFFu, amax_a, o));
       amax_b = fmaxf(amax_b, __shfl_xor_sync(0xFFFFFFFFu, amax_b, o));
     }
-    // Codes e4m3(v / scale) (IEEE division; a power-of-two scale divides exactly by multiplying).
+    // Codes e4m3(v / scale): the IEEE quotient without a division (exact_quotient.h); a
+    // power-of-two scale divides exactly by multiplying with its reciprocal.
     const float scale_a = scale_for_amax(amax_a, pow2), scale_b = scale_for_amax(amax_b, pow2);
-    const float inv_a = 1.0f / scale_a, inv_b = 1.0f / scale_b;  // exact when powers of two
+    const Divisor da = make_divisor(scale_a), db = make_divisor(scale_b);
 #pragma unroll
     for (int i = 0; i < kRowsPerLane; ++i) {
-      a[i] = pow2 ? __fmul_rn(a[i], inv_a) : __fdiv_rn(a[i], scale_a);
-      b[i] = pow2 ? __fmul_rn(b[i], inv_b) : __fdiv_rn(b[i], scale_b);
+      a[i] = pow2 ? __fmul_rn(a[i], da.p) : exact_quotient_any(a[i], da);
+      b[i] = pow2 ? __fmul_rn(b[i], db.p) : exact_quotient_any(b[i], db);
     }
     uint32_t oa[4], ob[4];
 #pragma unroll

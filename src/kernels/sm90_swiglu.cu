@@ -13,6 +13,7 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
+#include "fp8moe/fp8/exact_quotient.h"
 #include "fp8moe/kernels/swiglu.h"
 
 namespace fp8moe::kernels {
@@ -50,7 +51,8 @@ __device__ __forceinline__ bool row_is_real(const RowMap& m, uint32_t group, uin
 
 // The CPU's fp8_scale_for_amax, operation for operation (as sm90_fp8_quantize.cu).
 __device__ __forceinline__ float scale_for_amax(float amax, bool pow2) {
-  float scale = amax > 0.0f ? fmaxf(__fdiv_rn(amax, kE4M3Max), FLT_MIN) : 1.0f;
+  // NOTE: amax / 448 formed without a division, bit for bit (exact_quotient.h).
+  float scale = amax > 0.0f ? fmaxf(exact_quotient_any(amax, e4m3_max_divisor()), FLT_MIN) : 1.0f;
   if (pow2) scale = round_up_pow2(scale);
   return scale;
 }
@@ -149,13 +151,14 @@ __global__ void __launch_bounds__(kThreads)
   for (int o = kLanesPerTile / 2; o > 0; o >>= 1)
     amax = fmaxf(amax, __shfl_xor_sync(group_mask, amax, o));
 
-  // Codes e4m3(h / scale) (IEEE division; a power-of-two scale divides exactly by multiplying).
+  // Codes e4m3(h / scale): the IEEE quotient without a division (exact_quotient.h); a
+  // power-of-two scale divides exactly by multiplying with its reciprocal.
   const float scale = scale_for_amax(amax, pow2);
-  const float inv = 1.0f / scale;  // exact when scale is a power of two
+  const Divisor d = make_divisor(scale);
   float q[kColsPerLane];
 #pragma unroll
   for (int i = 0; i < kColsPerLane; ++i)
-    q[i] = pow2 ? __fmul_rn(h[i], inv) : __fdiv_rn(h[i], scale);
+    q[i] = pow2 ? __fmul_rn(h[i], d.p) : exact_quotient_any(h[i], d);
   uint32_t word[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
