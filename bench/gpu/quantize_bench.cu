@@ -4,8 +4,8 @@
 //     kernel declines (ld % 8 != 0), so the generic kernel of session 19 runs: same bytes;
 //   requantize_1x128_transpose (E4M3 + MN-major scales in, the transposed copy out): the current
 //     kernel;
-//   quantize_1x128 (BF16 in, codes + MN-major scales out) at 8192 and 32768 x 7168: the current
-//     kernel (s20-dv: the quotient without a division; compare with a build of the base commit).
+//   quantize_1x128 (BF16 in, codes + MN-major scales out) at 768, 8192 and 32768 x 7168: new =
+//     the vectorised BF16 kernel (session 20), prev = ld = cols + 4, the generic kernel.
 // Shapes: 768 x 7168 (decode-size), 8192 x 7168, 32768 x 7168 (dy of 4 x 8192 rows, H 7168),
 // 32768 x 4096 (d_gate_up, 2 I = 4096); pow2 scales off (ExpertFfnGpu's default) and on.
 // Timing: CUDA events around `iters` launches rotating over buffer sets of >= 256 MB together
@@ -133,14 +133,17 @@ void run_shape(const Opts& o, FILE* f, int64_t rows, int64_t cols) {
            q_bytes);
     }
   }
-  if (cols == 7168 && (rows == 8192 || rows == 32768)) {  // the 1x128 quantise alone (s20-dv)
+  if (cols == 7168 && rows >= 768) {  // the 1x128 quantise alone: new (vectorised) vs prev
     const double q1_bytes = 2.0 * n + 1.0 * n + 4.0 * s_elems;
     for (bool pow2 : {false, true}) {
-      const double us = median_us(o, sets, [&](int i) {
-        kernels::quantize_1x128(v[i].x, rows, cols, cols, pow2, v[i].c, cols, v[i].s,
-                                ScaleLayout::kMnMajor, nullptr, nullptr);
-      });
-      emit(o, f, "quantize_1x128", "current", rows, cols, pow2, us, q1_bytes);
+      for (int impl = 0; impl < 2; ++impl) {
+        const double us = median_us(o, sets, [&](int i) {
+          kernels::quantize_1x128(impl == 0 ? v[i].x : v[i].xp, rows, cols,
+                                  impl == 0 ? cols : ld_prev, pow2, v[i].c, cols, v[i].s,
+                                  ScaleLayout::kMnMajor, nullptr, nullptr);
+        });
+        emit(o, f, "quantize_1x128", impl == 0 ? "new" : "prev", rows, cols, pow2, us, q1_bytes);
+      }
     }
   }
   if (rows % 128 == 0) {  // requantize: codes (v.c) + MN-major scales (v.s) -> v.ct, v.st

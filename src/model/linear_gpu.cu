@@ -194,9 +194,18 @@ void LinearFp8Gpu::forward(const bf16* x, int64_t m, const LinearWeightsGpu& w, 
     FM_CHECK_CUDA(cudaMemsetAsync(xs_ + m * kb, 0, static_cast<size_t>((mp - m) * kb * 4), stream));
   }
   if (m == 0) return;
-  kernels::quantize_1x128(x, m, k_, k_, options_.pow2_activation_scales, x8_, k_, xs_,
-                          kernels::ScaleLayout::kRowMajor, stream);
-  kernels::scales_to_mn_major(xs_, 1, m, kb, sa_, stream);
+  if (m % kTile == 0) {
+    // The GEMM's M-major scales are the backward's requantise input as they are (its rows are
+    // whole 128-row blocks): one kernel.
+    kernels::quantize_1x128(x, m, k_, k_, options_.pow2_activation_scales, x8_, k_, sa_,
+                            kernels::ScaleLayout::kMnMajor, stream);
+  } else {
+    // The requantise reads whole 128-row blocks, zero past M: row-major scales with zeroed
+    // padding rows, and an M-major copy (padded to 4 rows) for the GEMM.
+    kernels::quantize_1x128(x, m, k_, k_, options_.pow2_activation_scales, x8_, k_, xs_,
+                            kernels::ScaleLayout::kRowMajor, stream);
+    kernels::scales_to_mn_major(xs_, 1, m, kb, sa_, stream);
+  }
   kernels::fp8_gemm_nt(x8_, sa_, w.w, w.sw, y, m, n_, k_, stream, nullptr,
                        gemm_workspace(m, n_, k_));
 }
@@ -236,8 +245,14 @@ void LinearFp8Gpu::backward(const bf16* dy, const LinearWeightsGpu& w, bf16* dx,
     kernels::fp8_gemm_nt(dy8_, sdy_, w.wt, w.swt, dx, m, k_, np_, stream, nullptr,
                          gemm_workspace(m, k_, np_));
   // x^T from the FP8 cache (the report's dequantise, transpose, requantise), then dW += dy^T x.
-  kernels::requantize_1x128_transpose(x8_, k_, xs_, kernels::ScaleLayout::kRowMajor, mp, k_,
-                                      nullptr, options_.pow2_activation_scales, xt_, sxt_, stream);
+  if (mp == m)
+    kernels::requantize_1x128_transpose(x8_, k_, sa_, kernels::ScaleLayout::kMnMajor, m, k_,
+                                        nullptr, options_.pow2_activation_scales, xt_, sxt_,
+                                        stream);
+  else
+    kernels::requantize_1x128_transpose(x8_, k_, xs_, kernels::ScaleLayout::kRowMajor, mp, k_,
+                                        nullptr, options_.pow2_activation_scales, xt_, sxt_,
+                                        stream);
   kernels::fp8_gemm_nt_wgrad(dyt_, sdyt_, xt_, sxt_, dw, n_, k_, mp, stream);
 }
 

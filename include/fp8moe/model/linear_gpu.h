@@ -80,9 +80,6 @@ class LinearFp8Gpu {
                 cudaStream_t stream);
 
   int64_t max_rows() const { return max_rows_; }
-  // The cache (tests): x's codes [Mp, K] (rows >= M zero) and row-major scales [Mp][K/128].
-  const uint8_t* x_codes() const { return x8_; }
-  const float* x_scales() const { return xs_; }
 
  private:
   void check_weights(const char* what, const LinearWeightsGpu& w) const;
@@ -97,7 +94,8 @@ class LinearFp8Gpu {
   // construction for the row counts up to max_rows; a call whose shape needs more runs unsplit.
   void* gemm_ws_ = nullptr;
   int64_t gemm_ws_bytes_ = 0;
-  // Forward: x8 [Mp, K] | xs row-major [Mp][K/128] | sa M-major [K/128][pad4(max)].
+  // Forward: x8 [Mp, K] | xs row-major [Mp][K/128] (M not a multiple of 128 only) | sa M-major
+  // [K/128][pad4(max)] (M a multiple of 128: also the backward's requantise input).
   uint8_t* x8_ = nullptr;
   float* xs_ = nullptr;
   float* sa_ = nullptr;
