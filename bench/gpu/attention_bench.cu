@@ -1,13 +1,16 @@
 // MLA's causal attention core (kernels::mla_attention_forward / _backward) against a naive GPU
 // anchor of the same run: the keys concatenated (k_nope | k_pe per head, a copy kernel), cuBLASLt
 // BF16 GEMMs S = Q K^T (FP32 scores materialised, all S^2 of them, per sequence batched over the
-// heads) and O = P V (BF16 out), a causal softmax kernel between (FP32 in, BF16 P out).
+// heads) and O = P V (BF16 out), a causal softmax kernel between (FP32 in, BF16 P out, kept);
+// backward from that P: dP = dO V^T (FP32), a kernel for D and dS = P (dP - D) scale (BF16), dV =
+// P^T dO, dQ = dS K, dK = dS^T Q (FP32), a kernel summing dK's k_pe columns over the heads.
 // Shapes: batch 1 x seq 4096 x 128 heads (V3 pre-training), batch 4 x seq 1024 x 16 heads.
 // FLOPs (causal: the pairs t2 <= t, S (S + 1) / 2 a sequence and head): forward 2 (192 + 128) a
 // pair, backward FA2's five products 2 (3 x 192 + 2 x 128) a pair (this kernel recomputes S and
 // dP once more: its own work is 2 (4 x 192 + 3 x 128)); the anchor's TFLOPS use the same causal
 // count, so the ratio of TFLOPS is the ratio of times. rel_diff: ||ours - naive|| / ||naive|| of
-// the forward output (a full-size check the CPU reference is too slow for).
+// the forward's out, the backward's dq and dk_pe (full-size checks the CPU reference is too slow
+// for; the backward's column prints dq's).
 // Timing: CUDA events around `iters` calls, median of `rounds`. Correctness is the test's job
 // (test_kernels_gpu --gtest_filter='MlaAttentionGpu*').
 // Run: attention_bench [--out rows.jsonl] [--iters 5] [--rounds 5] [--date D] [--commit C]
@@ -90,23 +93,54 @@ __global__ void causal_softmax_kernel(const float* s, bf16* p, int seq) {
     p[row * seq + j] = to_bf16(j <= query ? __expf(x[j] - mx) * inv : 0.0f);
 }
 
+// dS[h, s, :] = P (dP - D) scale for keys <= s (zeros above), D = rowsum(dout * out) of the
+// row (its token t = t0 + s, head h), BF16.
+__global__ void causal_ds_kernel(const float* dp, const bf16* p, const bf16* out, const bf16* dout,
+                                 bf16* ds, int seq, int heads, int64_t t0, float scale) {
+  const int64_t row = blockIdx.x;  // h * seq + query
+  const int query = static_cast<int>(row % seq), h = static_cast<int>(row / seq);
+  __shared__ float red[32];
+  const int64_t off = ((t0 + query) * heads + h) * kDv;
+  float d = threadIdx.x < kDv ? to_float(out[off + threadIdx.x]) * to_float(dout[off + threadIdx.x])
+                              : 0.0f;
+  for (int o = 16; o > 0; o /= 2) d += __shfl_xor_sync(0xFFFFFFFFu, d, o);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = d;
+  __syncthreads();
+  d = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) d += red[w];
+  for (int j = threadIdx.x; j < seq; j += blockDim.x) {
+    const int64_t i = row * seq + j;
+    ds[i] = to_bf16(j <= query ? to_float(p[i]) * (dp[i] - d) * scale : 0.0f);
+  }
+}
+// dk_pe[t, :] = sum over heads of dK[t, h, 128:192] (FP32), in head order.
+__global__ void kpe_sum_kernel(const float* dk, float* dk_pe, int64_t tokens, int heads) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= tokens * kDr) return;
+  const int64_t t = i / kDr, c = i % kDr;
+  float sum = 0;
+  for (int h = 0; h < heads; ++h) sum += dk[(t * heads + h) * kDq + kDn + c];
+  dk_pe[i] = sum;
+}
+
 // One strided-batched cuBLASLt matmul, column-major: D (m x n, ldd) = alpha op(A) op(B) with
-// A, B BF16, D `dtype`, FP32 compute.
+// A, B BF16, D `dtype`, FP32 compute; strides between the batch's matrices sa, sb, sd.
 struct LtGemm {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
   cublasLtMatmulAlgo_t algo{};
-  LtGemm(cublasLtHandle_t h, bool ta, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t sa,
-         int64_t ldb, int64_t sb, cudaDataType dtype, int64_t ldd, int64_t sd, int batch,
-         size_t ws_bytes) {
+  LtGemm(cublasLtHandle_t h, bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t lda,
+         int64_t sa, int64_t ldb, int64_t sb, cudaDataType dtype, int64_t ldd, int64_t sd,
+         int batch, size_t ws_bytes) {
     CHECK_CUBLAS(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = CUBLAS_OP_N;
+    const cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                            opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
     CHECK_CUBLAS(
         cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
     CHECK_CUBLAS(
         cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
     CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, ta ? k : m, ta ? m : k, lda));
-    CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, k, n, ldb));
+    CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, tb ? n : k, tb ? k : n, ldb));
     CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&ld, dtype, m, n, ldd));
     for (auto [l, stride] : {std::pair{la, sa}, {lb, sb}, {ld, sd}}) {
       CHECK_CUBLAS(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch,
@@ -156,20 +190,23 @@ T* dev_alloc(size_t count) {
   return p;
 }
 
-double rel_diff(const bf16* a, const bf16* b, size_t n) {
-  std::vector<uint16_t> x(n), y(n);
-  FM_CHECK_CUDA(cudaMemcpy(x.data(), a, n * 2, cudaMemcpyDeviceToHost));
-  FM_CHECK_CUDA(cudaMemcpy(y.data(), b, n * 2, cudaMemcpyDeviceToHost));
+double as_double(bf16 v) {
+  return to_float(v);
+}
+double as_double(float v) {
+  return v;
+}
+// ||a - b|| / ||b|| of two device arrays.
+template <typename T>
+double rel_diff(const T* a, const T* b, size_t n) {
+  std::vector<T> x(n), y(n);
+  FM_CHECK_CUDA(cudaMemcpy(x.data(), a, n * sizeof(T), cudaMemcpyDeviceToHost));
+  FM_CHECK_CUDA(cudaMemcpy(y.data(), b, n * sizeof(T), cudaMemcpyDeviceToHost));
   double num = 0, den = 0;
   for (size_t i = 0; i < n; ++i) {
-    const auto f = [](uint16_t v) {
-      const uint32_t u = static_cast<uint32_t>(v) << 16;
-      float r;
-      std::memcpy(&r, &u, 4);
-      return static_cast<double>(r);
-    };
-    num += (f(x[i]) - f(y[i])) * (f(x[i]) - f(y[i]));
-    den += f(y[i]) * f(y[i]);
+    const double u = as_double(x[i]), w = as_double(y[i]);
+    num += (u - w) * (u - w);
+    den += w * w;
   }
   return std::sqrt(num / den);
 }
@@ -225,9 +262,12 @@ int main(int argc, char** argv) {
            *kpe = dev_alloc<bf16>(T * kDr), *out = dev_alloc<bf16>(T * H * kDv),
            *dout = dev_alloc<bf16>(T * H * kDv), *dq = dev_alloc<bf16>(T * H * kDq),
            *dkv = dev_alloc<bf16>(T * H * kDkv), *k = dev_alloc<bf16>(T * H * kDq),
-           *out_naive = dev_alloc<bf16>(T * H * kDv), *p = dev_alloc<bf16>(H * S * S);
+           *out_naive = dev_alloc<bf16>(T * H * kDv), *p = dev_alloc<bf16>(s.batch * H * S * S),
+           *ds = dev_alloc<bf16>(H * S * S), *dq_naive = dev_alloc<bf16>(T * H * kDq),
+           *dkv_naive = dev_alloc<bf16>(T * H * kDkv);
       float *lse = dev_alloc<float>(H * T), *dkpe = dev_alloc<float>(T * kDr),
-            *sc = dev_alloc<float>(H * S * S);
+            *sc = dev_alloc<float>(H * S * S), *dk_naive = dev_alloc<float>(T * H * kDq),
+            *dkpe_naive = dev_alloc<float>(T * kDr);
       const size_t ws_bytes = kernels::mla_attention_backward_workspace_bytes(s);
       void* ws = dev_alloc<uint8_t>(ws_bytes);
       const auto fill = [&](bf16* x, int64_t n, uint64_t seed) {
@@ -241,10 +281,10 @@ int main(int argc, char** argv) {
 
       // Per sequence: S = K Q^T in column-major terms (keys x queries, ld S) batched over heads;
       // O^T = V^T P^T (dv x queries, ld H * 128).
-      const LtGemm qk(lt, true, S, S, kDq, H * kDq, kDq, H * kDq, kDq, CUDA_R_32F, S, S * S,
+      const LtGemm qk(lt, true, false, S, S, kDq, H * kDq, kDq, H * kDq, kDq, CUDA_R_32F, S, S * S,
                       static_cast<int>(H), lt_ws_bytes);
-      const LtGemm pv(lt, false, kDv, S, S, H * kDkv, kDkv, S, S * S, CUDA_R_16BF, H * kDv, kDv,
-                      static_cast<int>(H), lt_ws_bytes);
+      const LtGemm pv(lt, false, false, kDv, S, S, H * kDkv, kDkv, S, S * S, CUDA_R_16BF, H * kDv,
+                      kDv, static_cast<int>(H), lt_ws_bytes);
       const auto naive_fwd = [&] {
         const int64_t chunks = T * H * 24;
         concat_keys_kernel<<<static_cast<unsigned>((chunks + 255) / 256), 256, 0, stream>>>(
@@ -253,12 +293,43 @@ int main(int argc, char** argv) {
         for (int64_t b = 0; b < s.batch; ++b) {
           const int64_t t0b = b * S;
           qk.run(lt, kScale, k + t0b * H * kDq, q + t0b * H * kDq, sc, lt_ws, lt_ws_bytes, stream);
+          bf16* pb = p + b * H * S * S;  // kept for the backward
           causal_softmax_kernel<<<static_cast<unsigned>(H * S), 256, 0, stream>>>(
-              sc, p, static_cast<int>(S));
+              sc, pb, static_cast<int>(S));
           FM_CHECK_LAUNCH();
-          pv.run(lt, 1.0f, kv + t0b * H * kDkv + kDn, p, out_naive + t0b * H * kDv, lt_ws,
+          pv.run(lt, 1.0f, kv + t0b * H * kDkv + kDn, pb, out_naive + t0b * H * kDv, lt_ws,
                  lt_ws_bytes, stream);
         }
+      };
+      // Backward, from the forward's P: dP^T-major as S (keys x queries) = V dO^T; dS; dV^T =
+      // dO^T P; dQ^T = K^T dS^T (all column-major views of row-major [query][key] matrices).
+      const LtGemm dp_g(lt, true, false, S, S, kDv, H * kDkv, kDkv, H * kDv, kDv, CUDA_R_32F, S,
+                        S * S, static_cast<int>(H), lt_ws_bytes);
+      const LtGemm dv_g(lt, false, true, kDv, S, S, H * kDv, kDv, S, S * S, CUDA_R_16BF, H * kDkv,
+                        kDkv, static_cast<int>(H), lt_ws_bytes);
+      const LtGemm dq_g(lt, false, false, kDq, S, S, H * kDq, kDq, S, S * S, CUDA_R_16BF, H * kDq,
+                        kDq, static_cast<int>(H), lt_ws_bytes);
+      const LtGemm dk_g(lt, false, true, kDq, S, S, H * kDq, kDq, S, S * S, CUDA_R_32F, H * kDq,
+                        kDq, static_cast<int>(H), lt_ws_bytes);
+      const auto naive_bwd = [&] {
+        for (int64_t b = 0; b < s.batch; ++b) {
+          const int64_t t0b = b * S;
+          const bf16* pb = p + b * H * S * S;
+          dp_g.run(lt, 1.0f, kv + t0b * H * kDkv + kDn, dout + t0b * H * kDv, sc, lt_ws,
+                   lt_ws_bytes, stream);
+          causal_ds_kernel<<<static_cast<unsigned>(H * S), 256, 0, stream>>>(
+              sc, pb, out_naive, dout, ds, static_cast<int>(S), static_cast<int>(H), t0b, kScale);
+          FM_CHECK_LAUNCH();
+          dv_g.run(lt, 1.0f, dout + t0b * H * kDv, pb, dkv_naive + t0b * H * kDkv + kDn, lt_ws,
+                   lt_ws_bytes, stream);
+          dq_g.run(lt, 1.0f, k + t0b * H * kDq, ds, dq_naive + t0b * H * kDq, lt_ws, lt_ws_bytes,
+                   stream);
+          dk_g.run(lt, 1.0f, q + t0b * H * kDq, ds, dk_naive + t0b * H * kDq, lt_ws, lt_ws_bytes,
+                   stream);
+        }
+        kpe_sum_kernel<<<static_cast<unsigned>((T * kDr + 255) / 256), 256, 0, stream>>>(
+            dk_naive, dkpe_naive, T, static_cast<int>(H));
+        FM_CHECK_LAUNCH();
       };
       const auto ours_fwd = [&] {
         kernels::mla_attention_forward(q, kv, kpe, s, kScale, out, lse, stream);
@@ -284,9 +355,11 @@ int main(int argc, char** argv) {
       };
       // Interleaved, so that clocks and temperature drift hit both alike.
       const double naive_us = time_us(naive_fwd), fwd_us = time_us(ours_fwd);
-      const double bwd_us = time_us(ours_bwd);
+      const double naive_bwd_us = time_us(naive_bwd), bwd_us = time_us(ours_bwd);
       FM_CHECK_CUDA(cudaStreamSynchronize(stream));
       const double diff = rel_diff(out, out_naive, static_cast<size_t>(T * H * kDv));
+      const double diff_dq = rel_diff(dq, dq_naive, static_cast<size_t>(T * H * kDq));
+      const double diff_dkpe = rel_diff(dkpe, dkpe_naive, static_cast<size_t>(T * kDr));
       const double pairs = static_cast<double>(s.batch) * H * S * (S + 1) / 2;
       const double fwd_flops = pairs * 2 * (kDq + kDv), bwd_flops = pairs * 2 * (3 * kDq + 2 * kDv);
       struct Row {
@@ -295,16 +368,18 @@ int main(int argc, char** argv) {
       };
       const Row rows[] = {{"forward", "naive_cublaslt", naive_us, fwd_flops},
                           {"forward", "fp8moe", fwd_us, fwd_flops},
+                          {"backward", "naive_cublaslt", naive_bwd_us, bwd_flops},
                           {"backward", "fp8moe", bwd_us, bwd_flops}};
       for (const Row& r : rows) {
         const bool fwd = std::string(r.op) == "forward";
         const double tflops = r.flops / r.us / 1e6;
-        const double ratio = fwd ? naive_us / r.us : 0.0;
+        const double ratio = (fwd ? naive_us : naive_bwd_us) / r.us;
+        const bool ours = std::string(r.impl) == "fp8moe";
         char dims[64];
         std::snprintf(dims, sizeof dims, "%lld x %lld x %lld", static_cast<long long>(s.batch),
                       static_cast<long long>(S), static_cast<long long>(H));
         std::printf("  %-20s %-9s %-15s %10.1f %9.1f %9.3f %11.3e\n", dims, r.op, r.impl, r.us,
-                    tflops, ratio, std::string(r.impl) == "fp8moe" && fwd ? diff : 0.0);
+                    tflops, ratio, ours ? (fwd ? diff : diff_dq) : 0.0);
         if (f) {
           std::fprintf(f,
                        "{\"bench\":\"attention\",\"gpu\":\"%s\",\"gpus\":1,\"date\":\"%s\","
@@ -313,8 +388,13 @@ int main(int argc, char** argv) {
                        prop.name, o.date.c_str(), o.commit.c_str(), r.impl, r.op,
                        static_cast<long long>(s.batch), static_cast<long long>(S),
                        static_cast<long long>(H), r.us, tflops);
-          if (fwd && std::string(r.impl) == "fp8moe")
+          if (ours && fwd)
             std::fprintf(f, ",\"speedup_vs_naive\":%.3f,\"rel_diff_vs_naive\":%.3e", ratio, diff);
+          if (ours && !fwd)
+            std::fprintf(f,
+                         ",\"speedup_vs_naive\":%.3f,\"dq_rel_diff_vs_naive\":%.3e,"
+                         "\"dk_pe_rel_diff_vs_naive\":%.3e",
+                         ratio, diff_dq, diff_dkpe);
           std::fprintf(f, "}\n");
           std::fflush(f);
         }
@@ -324,7 +404,9 @@ int main(int argc, char** argv) {
             static_cast<void*>(out), static_cast<void*>(dout), static_cast<void*>(dq),
             static_cast<void*>(dkv), static_cast<void*>(k), static_cast<void*>(out_naive),
             static_cast<void*>(p), static_cast<void*>(lse), static_cast<void*>(dkpe),
-            static_cast<void*>(sc), ws})
+            static_cast<void*>(sc), static_cast<void*>(ds), static_cast<void*>(dq_naive),
+            static_cast<void*>(dkv_naive), static_cast<void*>(dk_naive),
+            static_cast<void*>(dkpe_naive), ws})
         FM_CHECK_CUDA(cudaFree(ptr));
     }
     cudaFree(lt_ws);
