@@ -42,10 +42,10 @@ template <int kRows, int kCols, int kChunks, int kThreads>
 __device__ __forceinline__ void load_rows(uint8_t* tile, int chunk0, const bf16* src, int64_t ld,
                                           int rows_valid) {
   constexpr int kTotal = kRows * kChunks;
-  static_assert(kTotal % kThreads == 0, "copies must divide over the threads");
 #pragma unroll
-  for (int i = 0; i < kTotal / kThreads; ++i) {
+  for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
     const int idx = i * kThreads + static_cast<int>(threadIdx.x);
+    if (kTotal % kThreads != 0 && idx >= kTotal) break;
     const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = r < rows_valid;
     const bf16* g = src + (valid ? static_cast<int64_t>(r) * ld + c * 8 : 0);
@@ -339,7 +339,8 @@ __device__ __forceinline__ void probs_and_ds(float (&s)[kN][4], float (&dp)[kN][
 // ---- backward, step 2: dk, dv per 128 keys of one (batch, head); 8 warps x 16 keys ----
 // For each query block (64) at or after the keys: S^T = K Q^T, P^T, dV += P^T dO,
 // dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q.
-constexpr int kKvN = 128, kKvM = 32, kKvThreads = 256;  // kKvM 64 spilled 408 bytes
+constexpr int kKvN = 128, kKvM = 32,
+              kKvThreads = 256;  // 64: 408 B spilled; 16: 8 B, but 1 ldmatrix a MMA
 constexpr int kKvSmem = kKvN * (kDq + kDv) * 2 + 2 * kKvM * (kDq + kDv) * 2 + 2 * kKvM * 2 * 4;
 
 __global__ void __launch_bounds__(kKvThreads, 1) mla_bwd_dkdv_kernel(Params p) {
