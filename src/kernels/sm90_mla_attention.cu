@@ -514,6 +514,12 @@ void check_aligned(const char* who, const char* name, const void* ptr) {
                " must be a 16-byte aligned device pointer (got ", ptr, ")");
 }
 
+// The workspace: D [H, T], then the per-head dk_pe [H, T, 64], 16-byte aligned (its float2
+// stores need 8: T x H may be odd).
+size_t dsum_floats(MlaAttentionShape shape) {
+  return (static_cast<size_t>(shape.tokens() * shape.heads) + 3) / 4 * 4;
+}
+
 Params make_params(MlaAttentionShape shape, float scale) {
   Params p{};
   p.seq = static_cast<int>(shape.seq);
@@ -556,7 +562,7 @@ void mla_attention_forward(const bf16* q, const bf16* kv, const bf16* k_pe, MlaA
 size_t mla_attention_backward_workspace_bytes(MlaAttentionShape shape) {
   mla_attention_check_shape("mla_attention_backward_workspace_bytes", shape);
   const size_t rows = static_cast<size_t>(shape.tokens() * shape.heads);
-  return rows * sizeof(float) * (1 + kDr);
+  return (dsum_floats(shape) + rows * kDr) * sizeof(float);
 }
 
 void mla_attention_backward(const bf16* q, const bf16* kv, const bf16* k_pe, const bf16* out,
@@ -592,7 +598,7 @@ void mla_attention_backward(const bf16* q, const bf16* kv, const bf16* k_pe, con
   p.dkv = dkv;
   p.dk_pe = dk_pe;
   p.dsum = static_cast<float*>(workspace);
-  p.dkpe_part = p.dsum + shape.tokens() * shape.heads;
+  p.dkpe_part = p.dsum + dsum_floats(shape);
   FM_CHECK_CUDA(cudaFuncSetAttribute(mla_bwd_dkdv_kernel,
                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kKvSmem));
   FM_CHECK_CUDA(
