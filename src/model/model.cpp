@@ -6,6 +6,7 @@
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
+#include "fp8moe/model/attend_row.h"
 #include "fp8moe/model/ops.h"
 #include "fp8moe/moe/balance.h"
 #include "fp8moe/moe/router.h"
@@ -32,6 +33,10 @@ struct Ctx {
   int64_t tokens() const { return batch * seq; }
 };
 
+}  // namespace
+
+// NOTE: not file-local since session 20: kernels' MLA attention reference is tested against it
+// (model/attend_row.h).
 // One query row of causal attention over keys [0, n): scores q.k (nope and rope parts) times
 // scale, softmax, and the probability-weighted sum of the values into out (zero on entry).
 // kv points at key 0's row for this head (nope key, then value; rows kv_stride apart), kpe at
@@ -62,6 +67,8 @@ void attend_row(const float* qv, const float* kv, int64_t kv_stride, const float
     for (int64_t i = 0; i < dv; ++i) out[i] += probs[s2] * vv[i];
   }
 }
+
+namespace {
 
 struct ParamStore {
   std::deque<Parameter> params, buffers;
