@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "../support/expect_invalid.h"
 #include "device_copy.h"
 #include "ep_test_util.h"
 #include "fp8moe/comm/device_ep.h"
@@ -30,10 +31,13 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
+#include "moe_layer_test_common.h"
 #include "moe_layer_test_util.h"
 
 namespace fp8moe::comm {
 namespace {
+
+using fp8moe::test::expect_invalid;
 
 using testing::gpu_count;
 using testing::rel_error;
@@ -44,34 +48,12 @@ using testing::to_host;
 // MoeLayerGpu.ExpertFfnGatheredLayerMatchesCpu, the same shapes), the bound the forward tests use.
 constexpr double kFfnTol = 3e-2;
 
-uint64_t fresh_seed() {
-  const uint64_t seed = (uint64_t(std::random_device{}()) << 32) | std::random_device{}();
-  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  return seed;
-}
-
 EpConfig api_config() {
-  EpConfig cfg;
-  cfg.num_ranks = 2;
-  cfg.num_experts = 16;
-  cfg.top_k = 4;
-  cfg.hidden = 512;
-  cfg.max_tokens_per_rank = 384;
-  cfg.payload = Payload::kFP8;
-  cfg.timeout_s = 20.0;
-  return cfg;
+  return testing::two_rank_fp8_config(16, 4, 512, 384, 20.0);
 }
 
 std::vector<int> two_ranks() {
   return gpu_count() >= 2 ? std::vector<int>{0, 1} : std::vector<int>{0, 0};
-}
-
-ExpertWeightsHost random_weights(int64_t G, int64_t H, int64_t I, PhiloxStream& rng) {
-  std::vector<float> gate(G * I * H), up(G * I * H), down(G * H * I);
-  for (float& v : gate) v = rng.normal() / std::sqrt(float(H));
-  for (float& v : up) v = rng.normal() / std::sqrt(float(H));
-  for (float& v : down) v = rng.normal() / std::sqrt(float(I));
-  return quantize_expert_weights(gate.data(), up.data(), down.data(), G, H, I);
 }
 
 // Two groups on the same devices (expand_payload on / off), a MoeLayerGpu per rank on each,
@@ -105,8 +87,8 @@ struct Harness {
       Rank& k = rk[r];
       FM_CHECK_CUDA(cudaSetDevice(devices[r]));
       FM_CHECK_CUDA(cudaStreamCreateWithFlags(&k.stream, cudaStreamNonBlocking));
-      k.routed_host = random_weights(cfg.experts_per_rank(), H, kInter, rng);
-      k.shared_host = random_weights(1, H, kSharedInter, rng);
+      k.routed_host = testing::random_expert_weights(cfg.experts_per_rank(), H, kInter, rng);
+      k.shared_host = testing::random_expert_weights(1, H, kSharedInter, rng);
       k.routed = std::make_unique<ExpertWeightsDevice>(k.routed_host);
       k.shared = std::make_unique<ExpertWeightsDevice>(k.shared_host);
       k.layer_e =
@@ -191,7 +173,7 @@ struct Harness {
 TEST(MoeLayerApi, ForwardMatchesCpuAndGatheredEqualsExpanded) {
   const EpConfig cfg = api_config();
   const std::vector<int> devices = two_ranks();
-  const uint64_t seed = fresh_seed();
+  const uint64_t seed = testing::fresh_seed();
   Harness h(cfg, devices, seed);
   const int R = cfg.num_ranks;
   const int64_t H = cfg.hidden, bound = cfg.row_bound();
@@ -272,7 +254,7 @@ TEST(MoeLayerApi, ForwardReplaysInACudaGraph) {
                     "the peer's GEMM needs)";
   const EpConfig cfg = api_config();
   const std::vector<int> devices = {0, 1};
-  const uint64_t seed = fresh_seed();
+  const uint64_t seed = testing::fresh_seed();
   Harness h(cfg, devices, seed);
   const int R = cfg.num_ranks;
   h.set_inputs({300, 384}, testing::Routing::kRandom, seed + 1);
@@ -308,29 +290,19 @@ TEST(MoeLayerApi, ForwardReplaysInACudaGraph) {
   }
 }
 
-template <typename F>
-void expect_invalid(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one naming '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument) << e.what();
-    EXPECT_NE(e.message().find(needle), std::string::npos)
-        << "'" << e.message() << "' does not name '" << needle << "'";
-  }
-}
-
 TEST(MoeLayerApi, BadShapesAndOrderThrow) {
   const EpConfig cfg = api_config();
   const std::vector<int> devices = two_ranks();
   DeviceEpGroup group(cfg, devices);
   FM_CHECK_CUDA(cudaSetDevice(devices[0]));
-  PhiloxStream rng(fresh_seed(), 3);
+  PhiloxStream rng(testing::fresh_seed(), 3);
   const int64_t H = cfg.hidden;
-  const ExpertWeightsDevice routed(random_weights(cfg.experts_per_rank(), H, 256, rng));
-  const ExpertWeightsDevice shared(random_weights(1, H, 256, rng));
-  const ExpertWeightsDevice two(random_weights(2, H, 256, rng));
-  const ExpertWeightsDevice narrow(random_weights(cfg.experts_per_rank(), 256, 256, rng));
+  const ExpertWeightsDevice routed(
+      testing::random_expert_weights(cfg.experts_per_rank(), H, 256, rng));
+  const ExpertWeightsDevice shared(testing::random_expert_weights(1, H, 256, rng));
+  const ExpertWeightsDevice two(testing::random_expert_weights(2, H, 256, rng));
+  const ExpertWeightsDevice narrow(
+      testing::random_expert_weights(cfg.experts_per_rank(), 256, 256, rng));
   DeviceEpRank& ep = group.rank(0);
   expect_invalid([&] { MoeLayerGpu(ep, two.view(), shared.view()); }, "experts_per_rank");
   expect_invalid([&] { MoeLayerGpu(ep, routed.view(), two.view()); }, "2 groups");

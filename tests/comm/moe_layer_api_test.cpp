@@ -13,12 +13,16 @@
 #include <string>
 #include <vector>
 
+#include "../support/expect_invalid.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
+#include "moe_layer_test_common.h"
 
 namespace fp8moe::comm {
 namespace {
+
+using fp8moe::test::expect_invalid;
 
 struct Weights {  // FP32, nn.Linear's [out, in]
   int64_t G, H, I;
@@ -79,14 +83,7 @@ struct Case {
 };
 
 EpConfig small_config() {
-  EpConfig cfg;
-  cfg.num_ranks = 2;
-  cfg.num_experts = 8;
-  cfg.top_k = 3;
-  cfg.hidden = 256;
-  cfg.max_tokens_per_rank = 160;
-  cfg.payload = Payload::kFP8;
-  return cfg;
+  return testing::two_rank_fp8_config(8, 3, 256, 160);
 }
 
 // Fresh random tokens (magnitudes 2^-3..2^3 per token), routing with some dropped slots (-1).
@@ -123,27 +120,9 @@ Case make_case(const EpConfig& cfg, std::vector<int64_t> tokens, int64_t inter,
   return c;
 }
 
-uint64_t fresh_seed() {
-  const uint64_t seed = (uint64_t(std::random_device{}()) << 32) | std::random_device{}();
-  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  return seed;
-}
-
-template <typename F>
-void expect_invalid(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one naming '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument) << e.what();
-    EXPECT_NE(e.message().find(needle), std::string::npos)
-        << "'" << e.message() << "' does not name '" << needle << "'";
-  }
-}
-
 TEST(MoeLayerApi, ReferenceMatchesPlainFp32Moe) {
   const EpConfig cfg = small_config();
-  const Case c = make_case(cfg, {150, 61}, 128, 256, fresh_seed());
+  const Case c = make_case(cfg, {150, 61}, 128, 256, testing::fresh_seed());
   const MoeLayerReference ref =
       moe_layer_reference(cfg, c.batches(), c.q(c.routed), c.q(c.shared), false, 2);
   const int64_t H = cfg.hidden;
@@ -175,7 +154,7 @@ TEST(MoeLayerApi, ReferenceMatchesPlainFp32Moe) {
 TEST(MoeLayerApi, ReferencePiecesComposeAsDocumented) {
   const EpConfig cfg = small_config();
   const int64_t H = cfg.hidden;
-  const uint64_t seed = fresh_seed();
+  const uint64_t seed = testing::fresh_seed();
   const Case c = make_case(cfg, {160, 0}, 256, 128, seed);
   const MoeLayerReference ref =
       moe_layer_reference(cfg, c.batches(), c.q(c.routed), c.q(c.shared), true, 2);

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "../support/expect_invalid.h"
 #include "device_copy.h"
 #include "ep_test_util.h"
 #include "fp8moe/comm/device_ep.h"
@@ -33,10 +34,13 @@
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
+#include "moe_layer_test_common.h"
 #include "moe_layer_test_util.h"
 
 namespace fp8moe::comm {
 namespace {
+
+using fp8moe::test::expect_invalid;
 
 using testing::gpu_count;
 using testing::rel_error;
@@ -50,34 +54,12 @@ using testing::to_host;
 // wrong row, slot, expert or transposition gives O(1).
 constexpr double kBwdTol = 3e-2;
 
-uint64_t fresh_seed() {
-  const uint64_t seed = (uint64_t(std::random_device{}()) << 32) | std::random_device{}();
-  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  return seed;
-}
-
 EpConfig bwd_config() {
-  EpConfig cfg;
-  cfg.num_ranks = 2;
-  cfg.num_experts = 16;
-  cfg.top_k = 4;
-  cfg.hidden = 512;
-  cfg.max_tokens_per_rank = 384;
-  cfg.payload = Payload::kFP8;
-  cfg.timeout_s = 20.0;
-  return cfg;
+  return testing::two_rank_fp8_config(16, 4, 512, 384, 20.0);
 }
 
 std::vector<int> two_ranks() {
   return gpu_count() >= 2 ? std::vector<int>{0, 1} : std::vector<int>{0, 0};
-}
-
-ExpertWeightsHost random_weights(int64_t G, int64_t H, int64_t I, PhiloxStream& rng) {
-  std::vector<float> gate(G * I * H), up(G * I * H), down(G * H * I);
-  for (float& v : gate) v = rng.normal() / std::sqrt(float(H));
-  for (float& v : up) v = rng.normal() / std::sqrt(float(H));
-  for (float& v : down) v = rng.normal() / std::sqrt(float(I));
-  return quantize_expert_weights(gate.data(), up.data(), down.data(), G, H, I);
 }
 
 std::vector<float> random_floats(size_t n, PhiloxStream& rng) {
@@ -146,8 +128,8 @@ struct Harness {
       Rank& k = rk[r];
       FM_CHECK_CUDA(cudaSetDevice(devices[r]));
       FM_CHECK_CUDA(cudaStreamCreateWithFlags(&k.stream, cudaStreamNonBlocking));
-      k.routed_host = random_weights(L, H, kInter, rng);
-      k.shared_host = random_weights(1, H, kSharedInter, rng);
+      k.routed_host = testing::random_expert_weights(L, H, kInter, rng);
+      k.shared_host = testing::random_expert_weights(1, H, kSharedInter, rng);
       k.routed = std::make_unique<ExpertWeightsDevice>(k.routed_host, true);
       k.shared = std::make_unique<ExpertWeightsDevice>(k.shared_host, true);
       k.init13 = random_floats(L * 2 * kInter * H, rng);
@@ -306,7 +288,7 @@ Got download(Harness& h, int r, int p) {
 TEST(MoeLayerApiBackward, MatchesCpuAndGatheredEqualsExpanded) {
   const EpConfig cfg = bwd_config();
   const std::vector<int> devices = two_ranks();
-  const uint64_t seed = fresh_seed();
+  const uint64_t seed = testing::fresh_seed();
   Harness h(cfg, devices, seed);
   const int R = cfg.num_ranks, K = cfg.top_k;
   const int64_t H = cfg.hidden, bound = cfg.row_bound(), Tmax = cfg.max_tokens_per_rank;
@@ -431,18 +413,6 @@ TEST(MoeLayerApiBackward, MatchesCpuAndGatheredEqualsExpanded) {
   }
 }
 
-template <typename F>
-void expect_invalid(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one naming '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument) << e.what();
-    EXPECT_NE(e.message().find(needle), std::string::npos)
-        << "'" << e.message() << "' does not name '" << needle << "'";
-  }
-}
-
 // Forward + backward of the gathered path (device-layout row counts: no host synchronisation)
 // captured per rank in a CUDA graph, replayed with the weight gradients reset: the eager bits.
 TEST(MoeLayerApiBackward, ForwardAndBackwardReplayInACudaGraph) {
@@ -451,7 +421,7 @@ TEST(MoeLayerApiBackward, ForwardAndBackwardReplayInACudaGraph) {
                     "the peer's GEMM needs)";
   const EpConfig cfg = bwd_config();
   const std::vector<int> devices = {0, 1};
-  const uint64_t seed = fresh_seed();
+  const uint64_t seed = testing::fresh_seed();
   Harness h(cfg, devices, seed);
   const int R = cfg.num_ranks, p = 1;
   h.set_inputs({300, 200}, testing::Routing::kRandom, seed + 1);
@@ -501,14 +471,15 @@ TEST(MoeLayerApiBackward, ForwardAndBackwardReplayInACudaGraph) {
 TEST(MoeLayerApiBackward, BadOrderThrows) {
   const EpConfig cfg = bwd_config();
   const std::vector<int> devices = two_ranks();
-  const uint64_t seed = fresh_seed();
+  const uint64_t seed = testing::fresh_seed();
   {
     // Without the option, or without transposed weights.
     DeviceEpGroup group(cfg, devices);
     FM_CHECK_CUDA(cudaSetDevice(devices[0]));
     PhiloxStream rng(seed, 3);
-    const ExpertWeightsDevice routed(random_weights(cfg.experts_per_rank(), cfg.hidden, 256, rng));
-    const ExpertWeightsDevice shared(random_weights(1, cfg.hidden, 256, rng));
+    const ExpertWeightsDevice routed(
+        testing::random_expert_weights(cfg.experts_per_rank(), cfg.hidden, 256, rng));
+    const ExpertWeightsDevice shared(testing::random_expert_weights(1, cfg.hidden, 256, rng));
     MoeLayerOptions lo;
     lo.backward = true;
     expect_invalid([&] { MoeLayerGpu(group.rank(0), routed.view(), shared.view(), lo); },

@@ -23,40 +23,23 @@
 #include <type_traits>
 #include <vector>
 
+#include "../support/expect_invalid.h"
 #include "fp8moe/comm/moe_layer_reference.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
 #include "fp8moe/fp8/quantize.h"
+#include "moe_layer_test_common.h"
 
 namespace fp8moe::comm {
 namespace {
 
+using fp8moe::test::expect_invalid;
+
 constexpr int64_t kInter = 128, kSharedInter = 256;
 
-uint64_t fresh_seed() {
-  const uint64_t seed = (uint64_t(std::random_device{}()) << 32) | std::random_device{}();
-  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  return seed;
-}
-
 EpConfig tiny_config() {
-  EpConfig cfg;
-  cfg.num_ranks = 2;
-  cfg.num_experts = 8;
-  cfg.top_k = 3;
-  cfg.hidden = 256;
-  cfg.max_tokens_per_rank = 48;
-  cfg.payload = Payload::kFP8;
-  return cfg;
-}
-
-ExpertWeightsHost random_weights(int64_t G, int64_t H, int64_t I, PhiloxStream& rng) {
-  std::vector<float> gate(G * I * H), up(G * I * H), down(G * H * I);
-  for (float& v : gate) v = rng.normal() / std::sqrt(float(H));
-  for (float& v : up) v = rng.normal() / std::sqrt(float(H));
-  for (float& v : down) v = rng.normal() / std::sqrt(float(I));
-  return quantize_expert_weights(gate.data(), up.data(), down.data(), G, H, I);
+  return testing::two_rank_fp8_config(8, 3, 256, 48);
 }
 
 struct Layer {
@@ -115,8 +98,8 @@ Layer make_layer(std::vector<int64_t> tokens, uint64_t seed) {
     c.grad_y.push_back(std::move(gy));
     c.idx.push_back(std::move(idx));
     c.w.push_back(std::move(w));
-    c.routed.push_back(random_weights(cfg.experts_per_rank(), H, kInter, rng));
-    c.shared.push_back(random_weights(1, H, kSharedInter, rng));
+    c.routed.push_back(testing::random_expert_weights(cfg.experts_per_rank(), H, kInter, rng));
+    c.shared.push_back(testing::random_expert_weights(1, H, kSharedInter, rng));
   }
   return c;
 }
@@ -225,7 +208,7 @@ double rel(const std::vector<T>& got, const std::vector<double>& want) {
 }
 
 TEST(MoeLayerBackward, ReferenceMatchesFp32ChainRule) {
-  const uint64_t seed = fresh_seed();
+  const uint64_t seed = testing::fresh_seed();
   for (const auto& tokens : {std::vector<int64_t>{48, 37}, std::vector<int64_t>{0, 21}}) {
     const Layer c = make_layer(tokens, seed + tokens[0]);
     const EpConfig& cfg = c.cfg;
@@ -275,7 +258,7 @@ TEST(MoeLayerBackward, ReferenceMatchesFp32ChainRule) {
 }
 
 TEST(MoeLayerBackward, GateWeightGradientsMatchFiniteDifferences) {
-  const uint64_t seed = fresh_seed();
+  const uint64_t seed = testing::fresh_seed();
   const Layer c = make_layer({40, 29}, seed);
   const EpConfig& cfg = c.cfg;
   const int K = cfg.top_k;
@@ -312,20 +295,8 @@ TEST(MoeLayerBackward, GateWeightGradientsMatchFiniteDifferences) {
   EXPECT_LT(e, 0.05);
 }
 
-template <typename F>
-void expect_invalid(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one naming '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument) << e.what();
-    EXPECT_NE(e.message().find(needle), std::string::npos)
-        << "'" << e.message() << "' does not name '" << needle << "'";
-  }
-}
-
 TEST(MoeLayerBackward, BadArgumentsThrow) {
-  const Layer c = make_layer({16, 9}, fresh_seed());
+  const Layer c = make_layer({16, 9}, testing::fresh_seed());
   const EpConfig& cfg = c.cfg;
   const auto routed = c.ptrs(c.routed), shared = c.ptrs(c.shared);
   const auto batches = c.batches();
