@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench_args.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
@@ -158,27 +159,13 @@ cudaGraphExec_t capture(cudaStream_t stream, const std::function<void()>& enqueu
 int main(int argc, char** argv) {
   try {
     Options o;
-    for (int i = 1; i < argc; ++i) {
-      const std::string a = argv[i];
-      const auto next = [&]() -> std::string {
-        FM_CHECK_ARG(i + 1 < argc, "expert_ffn_bench: ", a, " needs a value");
-        return argv[++i];
-      };
-      if (a == "--out")
-        o.out = next();
-      else if (a == "--reps")
-        o.reps = std::stoi(next());
-      else if (a == "--shapes")
-        o.shapes = next();
-      else if (a == "--no-gate")
-        o.gate = false;
-      else if (a == "--date")
-        o.date = next();
-      else if (a == "--commit")
-        o.commit = next();
-      else
-        FM_THROW(ErrorKind::kInvalidArgument, "expert_ffn_bench: unknown argument ", a);
-    }
+    bench::parse_flags(argc, argv, "expert_ffn_bench",
+                       {{"--out", [&](const std::string& v) { o.out = v; }},
+                        {"--reps", [&](const std::string& v) { o.reps = std::stoi(v); }},
+                        {"--shapes", [&](const std::string& v) { o.shapes = v; }},
+                        {"--no-gate", [&](const std::string&) { o.gate = false; }, false},
+                        {"--date", [&](const std::string& v) { o.date = v; }},
+                        {"--commit", [&](const std::string& v) { o.commit = v; }}});
     FM_CHECK_ARG(o.reps >= 1, "expert_ffn_bench: --reps ", o.reps);
     std::vector<Rank> ranks(1);
     Rank& rk = ranks[0];

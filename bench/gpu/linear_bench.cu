@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_args.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
@@ -192,25 +193,12 @@ struct Args {
 
 Args parse(int argc, char** argv) {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string s = argv[i];
-    const auto next = [&]() -> std::string {
-      FM_CHECK_ARG(i + 1 < argc, "linear_bench: ", s, " needs a value");
-      return argv[++i];
-    };
-    if (s == "--out")
-      a.out = next();
-    else if (s == "--reps")
-      a.reps = std::stoi(next());
-    else if (s == "--m")
-      a.m = std::stoll(next());
-    else if (s == "--date")
-      a.date = next();
-    else if (s == "--commit")
-      a.commit = next();
-    else
-      FM_THROW(ErrorKind::kInvalidArgument, "linear_bench: unknown argument '", s, "'");
-  }
+  bench::parse_flags(argc, argv, "linear_bench",
+                     {{"--out", [&](const std::string& v) { a.out = v; }},
+                      {"--reps", [&](const std::string& v) { a.reps = std::stoi(v); }},
+                      {"--m", [&](const std::string& v) { a.m = std::stoll(v); }},
+                      {"--date", [&](const std::string& v) { a.date = v; }},
+                      {"--commit", [&](const std::string& v) { a.commit = v; }}});
   FM_CHECK_ARG(a.reps >= 1 && a.m >= 1, "linear_bench: --reps and --m must be >= 1");
   return a;
 }

@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_args.h"
 #include "fp8moe/comm/device_ep.h"
 #include "fp8moe/comm/ep.h"
 #include "fp8moe/comm/moe_layer_gpu.h"
@@ -139,25 +140,12 @@ struct Args {
 
 int main(int argc, char** argv) try {
   Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string s = argv[i];
-    const auto next = [&]() -> std::string {
-      FM_CHECK_ARG(i + 1 < argc, "moe_layer_bench: ", s, " needs a value");
-      return argv[++i];
-    };
-    if (s == "--out")
-      a.out = next();
-    else if (s == "--iters")
-      a.iters = std::stoi(next());
-    else if (s == "--tokens")
-      a.tokens = std::stoll(next());
-    else if (s == "--date")
-      a.date = next();
-    else if (s == "--commit")
-      a.commit = next();
-    else
-      FM_THROW(ErrorKind::kInvalidArgument, "moe_layer_bench: unknown argument '", s, "'");
-  }
+  bench::parse_flags(argc, argv, "moe_layer_bench",
+                     {{"--out", [&](const std::string& v) { a.out = v; }},
+                      {"--iters", [&](const std::string& v) { a.iters = std::stoi(v); }},
+                      {"--tokens", [&](const std::string& v) { a.tokens = std::stoll(v); }},
+                      {"--date", [&](const std::string& v) { a.date = v; }},
+                      {"--commit", [&](const std::string& v) { a.commit = v; }}});
   FM_CHECK_ARG(a.iters >= 1 && a.tokens >= 1, "moe_layer_bench: --iters and --tokens >= 1");
   int gpus = 0;
   if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus < 2) {

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_args.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
@@ -71,25 +72,12 @@ double median(std::vector<double> v) {
 int main(int argc, char** argv) {
   try {
     Options o;
-    for (int i = 1; i < argc; ++i) {
-      const std::string a = argv[i];
-      const auto next = [&]() -> std::string {
-        FM_CHECK_ARG(i + 1 < argc, "swiglu_bench: ", a, " needs a value");
-        return argv[++i];
-      };
-      if (a == "--out")
-        o.out = next();
-      else if (a == "--iters")
-        o.iters = std::stoi(next());
-      else if (a == "--rounds")
-        o.rounds = std::stoi(next());
-      else if (a == "--date")
-        o.date = next();
-      else if (a == "--commit")
-        o.commit = next();
-      else
-        FM_THROW(ErrorKind::kInvalidArgument, "swiglu_bench: unknown argument ", a);
-    }
+    bench::parse_flags(argc, argv, "swiglu_bench",
+                       {{"--out", [&](const std::string& v) { o.out = v; }},
+                        {"--iters", [&](const std::string& v) { o.iters = std::stoi(v); }},
+                        {"--rounds", [&](const std::string& v) { o.rounds = std::stoi(v); }},
+                        {"--date", [&](const std::string& v) { o.date = v; }},
+                        {"--commit", [&](const std::string& v) { o.commit = v; }}});
     int dev = 0;
     FM_CHECK_CUDA(cudaGetDevice(&dev));
     cudaDeviceProp prop{};
