@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "bf16_vector.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
@@ -279,12 +280,7 @@ __global__ void __launch_bounds__(256)
   uint4 raw = make_uint4(0, 0, 0, 0);
   if (tile < tiles && c < cols) raw = __ldg(reinterpret_cast<const uint4*>(x + row * ld + c));
   float v[8];
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    v[2 * i] = __uint_as_float(w[i] << 16);
-    v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-  }
+  unpack_bf16x8(raw, v);
   float amax = 0.0f;
   bool bad = false;
 #pragma unroll

@@ -11,6 +11,7 @@
 #include <cfloat>
 #include <cmath>
 
+#include "bf16_vector.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
@@ -25,21 +26,6 @@ constexpr int kMaxWarps = kMaxThreads / 32;
 constexpr int kDwGroups = RmsNormPlan::kDwGroups;
 static_assert(kDwGroups * 32 <= 1024, "stage 2 is one block of 32 columns x kDwGroups");
 
-__device__ __forceinline__ void unpack8(const uint4& v, float* out) {
-  const uint32_t q[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __uint_as_float(q[i] << 16);
-    out[2 * i + 1] = __uint_as_float(q[i] & 0xFFFF0000u);
-  }
-}
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);  // round to nearest even
-  return *reinterpret_cast<const uint32_t*>(&p);
-}
-__device__ __forceinline__ uint4 pack8(const float* f) {
-  return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
-}
 __device__ __forceinline__ void load_w8(const float* w, int64_t v, float* out) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(w) + 2 * v);
   const float4 b = __ldg(reinterpret_cast<const float4*>(w) + 2 * v + 1);
@@ -111,7 +97,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (v < nvec) {
       xv[k] = __ldg(reinterpret_cast<const uint4*>(x + r * ld_x) + v);
       float f[8];
-      unpack8(xv[k], f);
+      unpack_bf16x8(xv[k], f);
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc = __fadd_rn(acc, __fmul_rn(f[e], f[e]));
       if constexpr (kQuant) {
@@ -135,17 +121,17 @@ __global__ void __launch_bounds__(kMaxThreads)
     uint4 yb = make_uint4(0, 0, 0, 0);
     if (valid) {
       float f[8], wv[8];
-      unpack8(xv[k], f);
+      unpack_bf16x8(xv[k], f);
       load_w8(w, v, wv);
 #pragma unroll
       for (int e = 0; e < 8; ++e) yf[e] = __fmul_rn(__fmul_rn(f[e], rs), wv[e]);
-      yb = pack8(yf);
+      yb = pack_bf16x8(yf);
       if (y != nullptr) *(reinterpret_cast<uint4*>(y + r * ld_y) + v) = yb;
     }
     if constexpr (kQuant) {
       // NOTE: every lane of the warp reaches the shuffles; a 16-lane tile group is wholly valid
       // or wholly past the row (dim % 128 == 0), so invalid groups only compute garbage amax.
-      unpack8(yb, yf);
+      unpack_bf16x8(yb, yf);
       float amax = 0.0f;
 #pragma unroll
       for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(yf[e]));
@@ -200,8 +186,8 @@ __global__ void __launch_bounds__(kMaxThreads)
         xv[k] = __ldg(reinterpret_cast<const uint4*>(x + r * ld_x) + v);
         dv[k] = *(reinterpret_cast<const uint4*>(dy + r * ld_dy) + v);  // may alias dx
         float xf[8], df[8], wv[8];
-        unpack8(xv[k], xf);
-        unpack8(dv[k], df);
+        unpack_bf16x8(xv[k], xf);
+        unpack_bf16x8(dv[k], df);
         load_w8(w, v, wv);
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(df[e], wv[e]), xf[e]));
@@ -217,8 +203,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       const int64_t v = t + static_cast<int64_t>(k) * T;
       if (v < nvec) {
         float xf[8], df[8], wv[8], o[8], a[8];
-        unpack8(xv[k], xf);
-        unpack8(dv[k], df);
+        unpack_bf16x8(xv[k], xf);
+        unpack_bf16x8(dv[k], df);
         load_w8(w, v, wv);
         const float4 a0 = dw_acc[2 * v], a1 = dw_acc[2 * v + 1];
         a[0] = a0.x, a[1] = a0.y, a[2] = a0.z, a[3] = a0.w;
@@ -230,7 +216,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
         dw_acc[2 * v] = make_float4(a[0], a[1], a[2], a[3]);
         dw_acc[2 * v + 1] = make_float4(a[4], a[5], a[6], a[7]);
-        *(reinterpret_cast<uint4*>(dx + r * ld_dx) + v) = pack8(o);
+        *(reinterpret_cast<uint4*>(dx + r * ld_dx) + v) = pack_bf16x8(o);
       }
     }
   }

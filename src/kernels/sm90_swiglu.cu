@@ -10,6 +10,7 @@
 
 #include <cfloat>
 
+#include "bf16_vector.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
@@ -62,18 +63,6 @@ __device__ __forceinline__ float sigmoid(float g) {
   return __frcp_rn(__fadd_rn(1.0f, expf(-g)));
 }
 
-__device__ __forceinline__ void unpack_bf16x8(const uint4& v, float* out) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __uint_as_float(w[i] << 16);
-    out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-  }
-}
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);  // round to nearest even
-  return *reinterpret_cast<const uint32_t*>(&p);
-}
 // Two E4M3 codes (lo in the low byte): cvt.rn.satfinite.e4m3x2.f32, equal to the CPU's
 // float_to_e4m3_bits for every finite float (SwigluGpu.HardwareE4m3MatchesCodec checks them all).
 __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
