@@ -1,5 +1,5 @@
 // The FP8 linear layer (model/linear_gpu.h: LinearFp8Gpu) against the BF16 linear layer a trainer
-// would otherwise run, cuBLASLt's BF16 GEMMs with FP32 accumulation, in the same run:
+// would otherwise run, LinearBf16Gpu (cuBLASLt's BF16 GEMMs, FP32 accumulation), in the same run:
 //   forward   ours: quantise x 1x128 + FP8 GEMM;              anchor: y = x W^T (BF16 out)
 //   backward  ours: dy quantised (and transposed), x^T requantised from the FP8 cache, Dgrad
 //             and Wgrad FP8 GEMMs;                             anchor: dx = dy W (BF16 out) and
@@ -15,7 +15,6 @@
 // of y and dx as a sanity line (FP8 against BF16: ~3-4e-2 expected for independent normal inputs,
 // E4M3's ~2.6 % RMS rounding on both operands).
 // Run: linear_bench [--out rows.jsonl] [--reps 15] [--m 4096] [--date D] [--commit C]
-#include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -41,13 +40,6 @@
 namespace {
 
 using namespace fp8moe;
-
-#define CHECK_CUBLAS(call)                                                            \
-  do {                                                                                \
-    cublasStatus_t st_ = (call);                                                      \
-    if (st_ != CUBLAS_STATUS_SUCCESS)                                                 \
-      FM_THROW(ErrorKind::kRuntime, #call " failed: status ", static_cast<int>(st_)); \
-  } while (0)
 
 template <typename T>
 struct Dev {
@@ -75,53 +67,6 @@ __global__ void flush_kernel(uint4* p, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
     p[i] = make_uint4(static_cast<uint32_t>(i), 0, 0, 0);
-}
-
-struct LtMatmul {
-  cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
-  cublasLtMatmulAlgo_t algo{};
-  float beta = 0.0f;
-  ~LtMatmul() {
-    cublasLtMatmulDescDestroy(desc);
-    cublasLtMatrixLayoutDestroy(la);
-    cublasLtMatrixLayoutDestroy(lb);
-    cublasLtMatrixLayoutDestroy(lc);
-  }
-};
-
-// Column-major D[m,n] = op(A) op(B) (+ beta D): A stored [rows_a, cols_a] column-major (ld rows_a).
-void make_matmul(cublasLtHandle_t h, LtMatmul& mm, cublasOperation_t ta, cublasOperation_t tb,
-                 int64_t m, int64_t n, int64_t k, cudaDataType_t out, float beta, size_t ws) {
-  CHECK_CUBLAS(cublasLtMatmulDescCreate(&mm.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  CHECK_CUBLAS(
-      cublasLtMatmulDescSetAttribute(mm.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-  CHECK_CUBLAS(
-      cublasLtMatmulDescSetAttribute(mm.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-  const int64_t ra = ta == CUBLAS_OP_N ? m : k, ca = ta == CUBLAS_OP_N ? k : m;
-  const int64_t rb = tb == CUBLAS_OP_N ? k : n, cb = tb == CUBLAS_OP_N ? n : k;
-  CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&mm.la, CUDA_R_16BF, ra, ca, ra));
-  CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&mm.lb, CUDA_R_16BF, rb, cb, rb));
-  CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&mm.lc, out, m, n, m));
-  mm.beta = beta;
-  cublasLtMatmulPreference_t pref;
-  CHECK_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
-  CHECK_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                    &ws, sizeof ws));
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  CHECK_CUBLAS(cublasLtMatmulAlgoGetHeuristic(h, mm.desc, mm.la, mm.lb, mm.lc, mm.lc, pref, 1,
-                                              &result, &found));
-  cublasLtMatmulPreferenceDestroy(pref);
-  FM_CHECK(found > 0, "cuBLASLt: no algorithm for ", m, "x", n, "x", k);
-  mm.algo = result.algo;
-}
-
-void run_matmul(cublasLtHandle_t h, const LtMatmul& mm, const void* a, const void* b, void* c,
-                void* ws, size_t ws_bytes, cudaStream_t s) {
-  const float alpha = 1.0f;
-  CHECK_CUBLAS(cublasLtMatmul(h, mm.desc, &alpha, a, mm.la, b, mm.lb, &mm.beta, c, mm.lc, c, mm.lc,
-                              &mm.algo, ws, ws_bytes, s));
 }
 
 struct Timer {
@@ -218,10 +163,6 @@ int main(int argc, char** argv) try {
   FM_CHECK(args.out.empty() || out != nullptr, "linear_bench: cannot write ", args.out);
   cudaStream_t stream;
   FM_CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cublasLtHandle_t lt;
-  CHECK_CUBLAS(cublasLtCreate(&lt));
-  const size_t ws_bytes = size_t(64) << 20;
-  Dev<uint8_t> ws(ws_bytes);
   Dev<uint4> flush((size_t(256) << 20) / sizeof(uint4));
 
   struct Shape {
@@ -240,35 +181,28 @@ int main(int argc, char** argv) try {
     const int64_t N = sh.n, K = sh.k;
     Dev<float> master(size_t(N * K)), xf(size_t(M * K)), dyf(size_t(M * N)), dw(size_t(N * K)),
         dw_lt(size_t(N * K));
-    Dev<bf16> x(size_t(M * K)), dy(size_t(M * N)), w_bf16(size_t(N * K)), y(size_t(M * N)),
-        y_lt(size_t(M * N)), dx(size_t(M * K)), dx_lt(size_t(M * K));
+    Dev<bf16> x(size_t(M * K)), dy(size_t(M * N)), y(size_t(M * N)), y_lt(size_t(M * N)),
+        dx(size_t(M * K)), dx_lt(size_t(M * K));
     fill_normal_kernel<<<1024, 256, 0, stream>>>(master.p, N * K, 1.0f / std::sqrt(float(K)), 1);
     fill_normal_kernel<<<1024, 256, 0, stream>>>(xf.p, M * K, 1.0f, 2);
     fill_normal_kernel<<<1024, 256, 0, stream>>>(dyf.p, M * N, 1e-3f, 3);
     to_bf16_kernel<<<1024, 256, 0, stream>>>(xf.p, reinterpret_cast<__nv_bfloat16*>(x.p), M * K);
     to_bf16_kernel<<<1024, 256, 0, stream>>>(dyf.p, reinterpret_cast<__nv_bfloat16*>(dy.p), M * N);
-    to_bf16_kernel<<<1024, 256, 0, stream>>>(master.p, reinterpret_cast<__nv_bfloat16*>(w_bf16.p),
-                                             N * K);
     FM_CHECK_CUDA(cudaMemsetAsync(dw.p, 0, dw.n * 4, stream));
     FM_CHECK_CUDA(cudaMemsetAsync(dw_lt.p, 0, dw_lt.n * 4, stream));
     LinearWeightsDevice weights(N, K);
     weights.refresh(master.p, stream);
     LinearFp8Gpu layer(M, N, K);
-    // Row-major [M,K] = column-major [K,M]: y^T[N,M] = W^T... (see make_matmul's comment):
-    LtMatmul fwd, dgrad, wgrad;
-    make_matmul(lt, fwd, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, CUDA_R_16BF, 0.0f, ws_bytes);
-    make_matmul(lt, dgrad, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, CUDA_R_16BF, 0.0f, ws_bytes);
-    make_matmul(lt, wgrad, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, CUDA_R_32F, 1.0f, ws_bytes);
+    // The anchor: the same layer in BF16 (LinearBf16Gpu, cuBLASLt), its plans made eagerly once.
+    LinearBf16Gpu bf16_layer(M, N, K);
+    bf16_layer.refresh_weight(master.p, stream);
+    bf16_layer.forward(x.p, M, y_lt.p, stream);
     const LinearWeightsGpu wv = weights.view();
     Timer timer{stream, flush, {}};
     const int ours_f = timer.add([&] { layer.forward(x.p, M, wv, y.p, stream); });
     const int ours_b = timer.add([&] { layer.backward(dy.p, wv, dx.p, dw.p, stream); });
-    const int lt_f =
-        timer.add([&] { run_matmul(lt, fwd, w_bf16.p, x.p, y_lt.p, ws.p, ws_bytes, stream); });
-    const int lt_b = timer.add([&] {
-      run_matmul(lt, dgrad, w_bf16.p, dy.p, dx_lt.p, ws.p, ws_bytes, stream);
-      run_matmul(lt, wgrad, x.p, dy.p, dw_lt.p, ws.p, ws_bytes, stream);
-    });
+    const int lt_f = timer.add([&] { bf16_layer.forward(x.p, M, y_lt.p, stream); });
+    const int lt_b = timer.add([&] { bf16_layer.backward(dy.p, dx_lt.p, dw_lt.p, stream); });
     // The backward's steps as the layer runs them (own buffers; the layer's are private), for
     // the breakdown lines: dy quantised (+ transposed), x^T requantised, Dgrad, Wgrad.
     const int64_t np = (N + 127) / 128 * 128, kb = K / 128;
@@ -342,7 +276,6 @@ int main(int argc, char** argv) try {
     }
   }
   if (out != nullptr) std::fclose(out);
-  cublasLtDestroy(lt);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "linear_bench: %s\n", e.what());

@@ -168,6 +168,93 @@ TEST(LinearFp8Gpu, MatchesReferenceAndReplaysInAGraph) {
     run_case(s, seed + 10 * static_cast<uint64_t>(s.m));
 }
 
+// The BF16 form against linear_forward / linear_backward with Precision::kBf16: the same BF16
+// operands, FP32 sums in cuBLASLt's order against the CPU's, y and dx rounded to BF16 (a sum
+// near a rounding boundary flips one BF16 ulp: ~1e-3 norm-wise at most), dW FP32 (~1e-6).
+TEST(LinearBf16Gpu, MatchesReferenceAndReplaysInAGraph) {
+  const uint64_t seed = std::random_device{}();
+  for (const Shape s : {Shape{256, 512, 1024, false}, Shape{200, 2112, 1024, false},
+                        Shape{1, 256, 128, false}, Shape{130, 576, 520, false}}) {
+    const int64_t M = s.m, N = s.n, K = s.k;
+    std::vector<float> x = test::random_matrix(M, K, seed + M),
+                       dy = test::random_matrix(M, N, seed + M + 1);
+    const std::vector<bf16> xb = to_bf16_vector(x), dyb = to_bf16_vector(dy);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = to_float(xb[i]);
+    for (size_t i = 0; i < dy.size(); ++i) dy[i] = to_float(dyb[i]);
+    std::mt19937_64 rng(seed + M + 2);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> w(static_cast<size_t>(N * K)), dw0(static_cast<size_t>(N * K));
+    for (float& v : w) v = normal(rng) / std::sqrt(static_cast<float>(K));
+    for (float& v : dw0) v = normal(rng);
+    LinearOptions opt;
+    opt.precision = Precision::kBf16;
+    opt.threads = test::test_threads();
+    std::vector<float> y_ref(static_cast<size_t>(M * N)), dx_ref(static_cast<size_t>(M * K));
+    std::vector<float> dw_ref = dw0;
+    LinearCache cache;
+    linear_forward(opt, x.data(), M, w.data(), N, K, y_ref.data(), &cache);
+    linear_backward(opt, cache, w.data(), dy.data(), dx_ref.data(), dw_ref.data());
+
+    cudaStream_t stream;
+    FM_CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    DeviceBuffer<float> master(w), dw(dw0);
+    DeviceBuffer<bf16> xd(xb), dyd(dyb), y(M * N), dx(M * K);
+    y.poison();
+    dx.poison();
+    LinearBf16Gpu layer(M, N, K);
+    layer.refresh_weight(master.get(), stream);
+    layer.forward(xd.get(), M, y.get(), stream);
+    layer.backward(dyd.get(), dx.get(), dw.get(), stream);
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    std::vector<bf16> wb(static_cast<size_t>(N * K));
+    FM_CHECK_CUDA(
+        cudaMemcpy(wb.data(), layer.weight(), wb.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
+    int64_t w_wrong = 0;
+    for (int64_t i = 0; i < N * K; ++i) w_wrong += wb[i].bits != to_bf16(w[i]).bits;
+    EXPECT_EQ(w_wrong, 0) << "the BF16 weight copy";
+    const std::vector<bf16> got_y = y.download(), got_dx = dx.download();
+    const std::vector<float> got_dw = dw.download();
+    std::vector<double> gi(got_dw.size()), wi(got_dw.size());
+    for (size_t i = 0; i < got_dw.size(); ++i) {
+      gi[i] = double(got_dw[i]) - dw0[i];
+      wi[i] = double(dw_ref[i]) - dw0[i];
+    }
+    const double e_y = rel_bf16(got_y, y_ref), e_dx = rel_bf16(got_dx, dx_ref), e_dw = rel(gi, wi);
+    std::printf("linear bf16 M=%-5lld N=%-5lld K=%-5lld rel y %.2e dx %.2e dW %.2e\n",
+                static_cast<long long>(M), static_cast<long long>(N), static_cast<long long>(K),
+                e_y, e_dx, e_dw);
+    EXPECT_LT(e_y, 2e-3) << "seed " << seed;
+    EXPECT_LT(e_dx, 2e-3) << "seed " << seed;
+    EXPECT_LT(e_dw, 1e-4) << "seed " << seed;
+
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    FM_CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    layer.forward(xd.get(), M, y.get(), stream);
+    layer.backward(dyd.get(), dx.get(), dw.get(), stream);
+    FM_CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+    FM_CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    dw.upload(dw0);
+    y.poison();
+    dx.poison();
+    FM_CHECK_CUDA(cudaGraphLaunch(exec, stream));
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    EXPECT_TRUE(same_bits(y.download(), got_y)) << "y, graph";
+    EXPECT_TRUE(same_bits(dx.download(), got_dx)) << "dx, graph";
+    EXPECT_TRUE(same_bits(dw.download(), got_dw)) << "dW, graph";
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    FM_CHECK_CUDA(cudaStreamDestroy(stream));
+  }
+  using test::expect_invalid;
+  expect_invalid([] { LinearBf16Gpu l(16, 100, 128); }, "multiples of 8");
+  LinearBf16Gpu layer(16, 128, 128);
+  DeviceBuffer<bf16> a(32 * 128), b(32 * 128);
+  DeviceBuffer<float> d(128 * 128);
+  expect_invalid([&] { layer.backward(a.get(), b.get(), d.get(), nullptr); }, "no forward");
+  expect_invalid([&] { layer.forward(a.get(), 17, b.get(), nullptr); }, "max_rows");
+}
+
 TEST(LinearFp8Gpu, BadArgumentsThrow) {
   using test::expect_invalid;
   expect_invalid([] { LinearWeightsDevice w(256, 200); }, "multiple of 128");

@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
 
 #include "fp8moe/core/dtypes.h"
 #include "fp8moe/kernels/fp8_gemm.h"
@@ -108,6 +109,38 @@ class LinearFp8Gpu {
   float* sdyt_ = nullptr;
   uint8_t* xt_ = nullptr;
   float* sxt_ = nullptr;
+};
+
+// The BF16 form (Precision::kBf16: operands rounded to BF16, FP32 accumulation, y and dx BF16,
+// dW FP32 added), for the parts the recipe keeps out of FP8 (the output head, the gate's
+// logits' projection when BF16 is wanted, and BF16 baselines): cuBLASLt's BF16 GEMMs, whose
+// FP32 accumulation order differs from the CPU's (a stated tolerance, not bit equality). The
+// weight's BF16 copy is refreshed from the FP32 master on the device. Device pointers, 16-byte
+// aligned; no allocation per call (the cuBLASLt workspace is the layer's), capturable.
+// Test: test_model_gpu --gtest_filter='LinearBf16Gpu*'.
+class LinearBf16Gpu {
+ public:
+  LinearBf16Gpu(int64_t max_rows, int64_t n, int64_t k);
+  ~LinearBf16Gpu();
+  LinearBf16Gpu(const LinearBf16Gpu&) = delete;
+  LinearBf16Gpu& operator=(const LinearBf16Gpu&) = delete;
+
+  // W's BF16 copy (round to nearest even) from the FP32 master [N, K] on the device.
+  void refresh_weight(const float* master, cudaStream_t stream);
+  const bf16* weight() const { return w_; }
+  // x [M, K] -> y [M, N]; remembers x (the caller keeps it unchanged until backward()).
+  void forward(const bf16* x, int64_t m, bf16* y, cudaStream_t stream);
+  // dy [M, N] -> dx [M, K] (null: none) and dw [N, K] FP32 += dy^T x.
+  void backward(const bf16* dy, bf16* dx, float* dw, cudaStream_t stream);
+
+ private:
+  struct Plans;
+  int64_t max_rows_ = 0, n_ = 0, k_ = 0, m_ = -1;
+  const bf16* x_ = nullptr;
+  bf16* w_ = nullptr;
+  void* workspace_ = nullptr;
+  void* handle_ = nullptr;  // cublasLtHandle_t
+  std::unique_ptr<Plans> plans_;
 };
 
 }  // namespace fp8moe
