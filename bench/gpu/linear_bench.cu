@@ -201,6 +201,8 @@ int main(int argc, char** argv) try {
     Timer timer{stream, flush, {}};
     const int ours_f = timer.add([&] { layer.forward(x.p, M, wv, y.p, stream); });
     const int ours_b = timer.add([&] { layer.backward(dy.p, wv, dx.p, dw.p, stream); });
+    const int ours_bo = timer.add(
+        [&] { layer.backward(dy.p, wv, dx.p, dw.p, stream, kernels::WgradOutput::kOverwrite); });
     const int lt_f = timer.add([&] { bf16_layer.forward(x.p, M, y_lt.p, stream); });
     const int lt_b = timer.add([&] { bf16_layer.backward(dy.p, dx_lt.p, dw_lt.p, stream); });
     // The backward's steps as the layer runs them (own buffers; the layer's are private), for
@@ -258,6 +260,7 @@ int main(int argc, char** argv) try {
                                 "wgrad GEMM"};
         std::printf("  %-12s %6s %6s    ", "", "", "");
         for (int i = 0; i < 4; ++i) std::printf(" %s %.1f;", names[i], us[step_ids[i]]);
+        std::printf(" (backward with dW overwritten: %.1f)", us[ours_bo]);
         std::printf("\n");
       }
       if (out == nullptr) continue;

@@ -7,7 +7,8 @@
 //   device (ours): the dispatch stops at the layout (records read in place, expand_payload off)
 //     and the backward reads the experts' row ranges on the device: no host synchronisation, so
 //     forward + backward are one CUDA graph per rank, replayed.
-// Also timed: ours eager (the same calls without the graph), and the forward alone of both.
+// Also timed: ours eager (the same calls without the graph), ours with the weight gradients
+// written over instead of added (MoeLayerGrads::overwrite), and the forward alone of both.
 // Shape (defaults): DeepSeek-V3's MoE layer — 4096 tokens a rank, hidden 7168, 256 routed experts
 // (inter 2048) over the ranks, top-8, one shared expert (inter 2048); FP8 dispatch, BF16 combine;
 // the rows bound (EpConfig::max_rows) 1.3x the mean received rows + one 128-row block an expert.
@@ -272,19 +273,24 @@ int main(int argc, char** argv) try {
       return 1;
     }
   }
-  // Ours as one graph per rank: forward + backward.
-  std::vector<cudaGraphExec_t> execs(R);
+  // Ours as one graph per rank: forward + backward, the weight gradients accumulated (execs) or
+  // written over (execs_over: MoeLayerGrads::overwrite, a step's first micro-batch).
+  std::vector<cudaGraphExec_t> execs(R), execs_over(R);
   for (int r = 0; r < R; ++r) {
     Rank& k = rk[r];
     Rank::Form& q = k.form[1];
     FM_CHECK_CUDA(cudaSetDevice(k.device));
-    FM_CHECK_CUDA(cudaStreamBeginCapture(k.stream, cudaStreamCaptureModeThreadLocal));
-    q.layer->forward(bf(k.x), k.idx, k.w, T, bf(q.y), k.stream);
-    q.layer->backward(bf(k.gy), bf(q.gx), q.gw, q.dw, k.stream);
-    cudaGraph_t graph;
-    FM_CHECK_CUDA(cudaStreamEndCapture(k.stream, &graph));
-    FM_CHECK_CUDA(cudaGraphInstantiate(&execs[r], graph, 0));
-    FM_CHECK_CUDA(cudaGraphDestroy(graph));
+    for (const bool over : {false, true}) {
+      MoeLayerGrads dw = q.dw;
+      dw.overwrite = over;
+      FM_CHECK_CUDA(cudaStreamBeginCapture(k.stream, cudaStreamCaptureModeThreadLocal));
+      q.layer->forward(bf(k.x), k.idx, k.w, T, bf(q.y), k.stream);
+      q.layer->backward(bf(k.gy), bf(q.gx), q.gw, dw, k.stream);
+      cudaGraph_t graph;
+      FM_CHECK_CUDA(cudaStreamEndCapture(k.stream, &graph));
+      FM_CHECK_CUDA(cudaGraphInstantiate(over ? &execs_over[r] : &execs[r], graph, 0));
+      FM_CHECK_CUDA(cudaGraphDestroy(graph));
+    }
   }
   int* gate_flag = bench::alloc_gate_flag();
   int gate_value = 0;
@@ -306,11 +312,20 @@ int main(int argc, char** argv) try {
     }
     return worst;
   };
-  enum { kAnchorStep, kOursGraphStep, kOursEagerStep, kAnchorFwd, kOursFwd, kOps };
-  const char* names[kOps] = {"forward+backward", "forward+backward", "forward+backward", "forward",
-                             "forward"};
-  const char* impls[kOps] = {"host_counts", "device_graph", "device_eager", "host_counts",
-                             "device_eager"};
+  enum {
+    kAnchorStep,
+    kOursGraphStep,
+    kOursEagerStep,
+    kOursGraphOverStep,
+    kAnchorFwd,
+    kOursFwd,
+    kOps
+  };
+  const char* names[kOps] = {"forward+backward", "forward+backward", "forward+backward",
+                             "forward+backward", "forward",          "forward"};
+  const char* impls[kOps] = {"host_counts",  "device_graph",
+                             "device_eager", "device_graph_dw_overwrite",
+                             "host_counts",  "device_eager"};
   std::vector<std::vector<double>> t(kOps);
   for (int it = 0; it < a.iters; ++it) {
     t[kAnchorStep].push_back(ungated_us([&] {
@@ -322,6 +337,13 @@ int main(int argc, char** argv) try {
       for (int r = 0; r < R; ++r) {
         FM_CHECK_CUDA(cudaSetDevice(rk[r].device));
         FM_CHECK_CUDA(cudaGraphLaunch(execs[r], rk[r].stream));
+      }
+    }));
+    sync_all(1);
+    t[kOursGraphOverStep].push_back(bench::gated_slowest_us(rk, gate_flag, gate_value, true, [&] {
+      for (int r = 0; r < R; ++r) {
+        FM_CHECK_CUDA(cudaSetDevice(rk[r].device));
+        FM_CHECK_CUDA(cudaGraphLaunch(execs_over[r], rk[r].stream));
       }
     }));
     sync_all(1);
@@ -350,13 +372,13 @@ int main(int argc, char** argv) try {
       R, prop.name, static_cast<long long>(T), static_cast<long long>(H), cfg.num_experts,
       static_cast<long long>(L), static_cast<long long>(I), cfg.top_k, static_cast<long long>(Is),
       static_cast<long long>(cfg.max_rows), a.iters);
-  std::printf("  %-18s %-13s %10s %9s %10s\n", "op", "impl", "us", "TFLOPS/GPU", "tokens/s/GPU");
+  std::printf("  %-18s %-26s %10s %9s %10s\n", "op", "impl", "us", "TFLOPS/GPU", "tokens/s/GPU");
   double med[kOps];
   for (int o = 0; o < kOps; ++o) {
     std::sort(t[o].begin(), t[o].end());
     med[o] = t[o][t[o].size() / 2];
-    const double flops = o <= kOursEagerStep ? 3.0 * fwd_flops : fwd_flops;
-    std::printf("  %-18s %-13s %10.1f %9.0f %10.0f\n", names[o], impls[o], med[o],
+    const double flops = o <= kOursGraphOverStep ? 3.0 * fwd_flops : fwd_flops;
+    std::printf("  %-18s %-26s %10.1f %9.0f %10.0f\n", names[o], impls[o], med[o],
                 flops / med[o] * 1e-6, double(T) / med[o] * 1e6);
     if (out != nullptr)
       std::fprintf(out,
@@ -375,6 +397,7 @@ int main(int argc, char** argv) try {
       med[kAnchorFwd] / med[kOursFwd]);
   if (out != nullptr) std::fclose(out);
   for (auto e : execs) cudaGraphExecDestroy(e);
+  for (auto e : execs_over) cudaGraphExecDestroy(e);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "moe_layer_bench: %s\n", e.what());

@@ -421,21 +421,22 @@ void MoeLayerGpu::experts_backward(const MoeLayerGrads& grads, cudaStream_t stre
       kernels::scales_to_mn_major(v.x_scales, 1, rows, KB, bwd_sa_, stream);
     }
   }
+  const kernels::WgradOutput dw_output =
+      grads.overwrite ? kernels::WgradOutput::kOverwrite : kernels::WgradOutput::kAccumulate;
   if (options_.backward_host_counts)
     routed_ffn_->backward_contiguous(x, bwd_sa_, routed_ffn_->gate_up(), v.m_indices, expert_rows,
                                      rows, routed_, grad_rows_, dx_rows_, grads.routed_dw13,
-                                     grads.routed_dw2, stream);
+                                     grads.routed_dw2, stream, nullptr, nullptr, dw_output);
   else
     routed_ffn_->backward_contiguous(x, bwd_sa_, routed_ffn_->gate_up(), v.m_indices, rows, routed_,
                                      grad_rows_, dx_rows_, grads.routed_dw13, grads.routed_dw2,
-                                     stream);
-  if (tokens_ > 0) {
-    const int64_t srows = (tokens_ + 127) / 128 * 128;
-    const int64_t one[1] = {srows};
-    shared_ffn_->backward_contiguous(shared_x_, shared_sa_, shared_ffn_->gate_up(), shared_layout_,
-                                     one, srows, shared_, grad_y_, shared_dx_, grads.shared_dw13,
-                                     grads.shared_dw2, stream);
-  }
+                                     stream, nullptr, nullptr, dw_output);
+  // The shared expert's backward on its token rows (none: an overwritten gradient is zeros).
+  const int64_t srows = (tokens_ + 127) / 128 * 128;
+  const int64_t one[1] = {srows};
+  shared_ffn_->backward_contiguous(shared_x_, shared_sa_, shared_ffn_->gate_up(), shared_layout_,
+                                   one, srows, shared_, grad_y_, shared_dx_, grads.shared_dw13,
+                                   grads.shared_dw2, stream, nullptr, nullptr, dw_output);
   bwd_phase_ = BwdPhase::kExperts;
 }
 

@@ -48,6 +48,8 @@ struct GemmParams {
   // 256-row tiles, dense, no tail split: the last tile column holds at most 64 valid columns and
   // runs as 64-wide half tiles, two to a unit (get_wide_tile).
   int half_col;
+  // Weight gradient: 1 = D is overwritten (D = A B^T; groups with no K get zeros), 0 = D += A B^T.
+  int overwrite;
 };
 
 // Kernel variants beside the template's tile shape (a bit mask; 0 = the plain kernel), separate
@@ -175,7 +177,8 @@ __device__ __forceinline__ bool get_tile(const GemmParams& p, int t, Tile& tile,
       tile.k_block_begin = p.k_block_offsets[g];
       tile.num_k_blocks = p.k_block_offsets[g + 1] - tile.k_block_begin;
     }
-    skip = tile.num_k_blocks == 0;
+    // An overwritten D gets its zeros from a tile with no K blocks (the weight gradient only).
+    skip = tile.num_k_blocks == 0 && !(kKLayout && p.overwrite);
   }
   return true;
 }
@@ -755,10 +758,10 @@ __device__ __forceinline__ bool tail_split_reduce(const GemmParams& p, int unit,
   return true;
 }
 
-// Weight-gradient epilogue: D (FP32) += the tile. Every load of D is issued before the first
-// store. Written as load, add, store per element pair, the loads wait behind the stores before
-// them (nothing tells the compiler they do not alias): 32 DRAM round trips in a row per tile,
-// which made the 1x128 x 1x128 kernel ~3x slower than the BF16-output one.
+// Weight-gradient epilogue: D (FP32) += the tile (= the tile when p.overwrite). Every load of D is
+// issued before the first store. Written as load, add, store per element pair, the loads wait
+// behind the stores before them (nothing tells the compiler they do not alias): 32 DRAM round trips
+// in a row per tile, which made the 1x128 x 1x128 kernel ~3x slower than the BF16-output one.
 template <int kBlockN>
 __device__ __forceinline__ void accumulate_fp32(const GemmParams& p, const Tile& tile,
                                                 int64_t row_base, int row_in_tile, int col_in_frag,
@@ -773,8 +776,9 @@ __device__ __forceinline__ void accumulate_fp32(const GemmParams& p, const Tile&
 #pragma unroll
     for (int c = 0; c < kBlockN / 8; ++c) {
       const int col = tile.n_base + 8 * c + col_in_frag;
-      old[i][c] = row_ok[i] && col < p.n ? *reinterpret_cast<const float2*>(d + grow * p.n + col)
-                                         : make_float2(0.0f, 0.0f);
+      old[i][c] = row_ok[i] && col < p.n && !p.overwrite
+                      ? *reinterpret_cast<const float2*>(d + grow * p.n + col)
+                      : make_float2(0.0f, 0.0f);
     }
   }
 #pragma unroll
@@ -792,12 +796,13 @@ __device__ __forceinline__ void accumulate_fp32(const GemmParams& p, const Tile&
 
 // The same through shared memory: the warpgroup writes its 64 x kBlockN FP32 slab in 32-column
 // boxes (128-byte swizzled rows: the 8 rows of a store land in 8 different 16-byte chunks), one
-// thread hands each box to TMA as a reduce-add into D, and the next tile's math starts while L2
-// does the additions (no DRAM round trip in the math warps' path).
+// thread hands each box to TMA as a reduce-add into D (a plain store when D is overwritten), and
+// the next tile's math starts while L2 does the additions (no DRAM round trip in the math warps'
+// path).
 template <int kBlockN>
 __device__ __forceinline__ void reduce_slab_tma(const float (&acc)[kBlockN / 2], uint8_t* slab,
                                                 const CUtensorMap* map_d, int n, int n_base,
-                                                int64_t row) {
+                                                int64_t row, bool overwrite) {
   const bool leader = threadIdx.x % 128 == 0;
   const int bar_id = 1 + static_cast<int>(threadIdx.x / 128);
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
@@ -819,9 +824,14 @@ __device__ __forceinline__ void reduce_slab_tma(const float (&acc)[kBlockN / 2],
   if (leader) {
 #pragma unroll
     for (int box = 0; box < kBlockN / 32; ++box)
-      if (n_base + box * 32 < n)
-        tma_reduce_add_2d(map_d, slab + box * (64 * 128), n_base + box * 32,
-                          static_cast<int32_t>(row));
+      if (n_base + box * 32 < n) {
+        if (overwrite)
+          tma_store_2d(map_d, slab + box * (64 * 128), n_base + box * 32,
+                       static_cast<int32_t>(row));
+        else
+          tma_reduce_add_2d(map_d, slab + box * (64 * 128), n_base + box * 32,
+                            static_cast<int32_t>(row));
+      }
     tma_store_commit();
   }
 }
@@ -859,6 +869,9 @@ __device__ __forceinline__ void compute(const GemmParams& p,
   // The weight gradient overlaps too where kWgradOverlap says so (its promotion reads the B
   // scales from the stage, so it releases the stage after the FMAs, not before).
   constexpr bool kOverlap = (!kWgrad || kWgradOverlap) && kBlockN <= 128 && (!kSplitK || kTail);
+  // The overwritten weight gradient runs tiles with no K blocks (groups with no rows get their
+  // zeros from them); only the overlapped loop has no unconditional first-block wait.
+  static_assert(!kWgrad || kOverlap, "the weight gradient must take the overlapped loop");
   // Warp-uniform (shuffled from lane 0) so that the descriptors below can stay in uniform
   // registers instead of being rebuilt and moved (R2UR) before every wgmma.
   const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
@@ -1137,7 +1150,7 @@ __device__ __forceinline__ void compute(const GemmParams& p,
       // k-grouped: rows past M would land in the next expert's D).
       if (p.tma_store && (p.form == Form::kDense || tile.m_base + wg * 64 + 64 <= tile.m_end)) {
         reduce_slab_tma<kBlockN>(acc, sm.d() + wg * 64 * kBlockN * 4, map_d, p.n, tile.n_base,
-                                 row_base + wg * 64);
+                                 row_base + wg * 64, p.overwrite != 0);
       } else {
         accumulate_fp32<kBlockN>(p, tile, row_base, row_in_tile, col_in_frag, acc);
       }

@@ -55,7 +55,7 @@ void check_pointers(const uint8_t* a, const float* sa, const uint8_t* b, const f
 
 void fp8_gemm_nt_wgrad(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb,
                        float* d, int64_t m, int64_t n, int64_t k, cudaStream_t stream,
-                       const GemmTileConfig* force) {
+                       const GemmTileConfig* force, WgradOutput output) {
   sm90::check_common_shape("fp8_gemm_nt_wgrad", m, n, k);
   if (m == 0) return;
   check_pointers(a, sa, b, sb, d);
@@ -71,6 +71,7 @@ void fp8_gemm_nt_wgrad(const uint8_t* a, const float* sa, const uint8_t* b, cons
   p.num_groups = 1;
   p.num_stages = c.num_stages;
   p.tma_store = c.epilogue == 2 ? 1 : 0;
+  p.overwrite = output == WgradOutput::kOverwrite ? 1 : 0;
   p.d = d;
   const int64_t tiles = (m + c.block_m - 1) / c.block_m * ((n + c.block_n - 1) / c.block_n);
   dispatch_1d1d(make_maps(a, b, sa, sb, d, m, n, k, m, c), p, c,
@@ -83,10 +84,18 @@ namespace {
 // k_total is the K extent of A, B and the scales (the bound for the layout form).
 void launch_kgrouped(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb, float* d,
                      int64_t m, int64_t n, int64_t groups, int64_t k_total, GemmParams& p,
-                     cudaStream_t stream, const GemmTileConfig* force) {
+                     cudaStream_t stream, const GemmTileConfig* force, WgradOutput output) {
   const char* what = "fp8_gemm_nt_kgrouped_wgrad";
   FM_CHECK_ARG(groups * m < (int64_t{1} << 31), what, ": G*M too large");
-  if (k_total == 0 || m == 0) return;
+  if (m == 0) return;
+  if (k_total == 0) {  // every group empty: an overwritten D is all zeros
+    if (output == WgradOutput::kOverwrite) {
+      FM_CHECK_ARG(d != nullptr, what, ": null D");
+      FM_CHECK_CUDA(
+          cudaMemsetAsync(d, 0, static_cast<size_t>(groups * m * n) * sizeof(float), stream));
+    }
+    return;
+  }
   sm90::check_common_shape(what, m, n, k_total);
   check_pointers(a, sa, b, sb, d);
   GemmTileConfig c = sm90::resolve_config(
@@ -100,6 +109,7 @@ void launch_kgrouped(const uint8_t* a, const float* sa, const uint8_t* b, const 
   p.num_groups = static_cast<int>(groups);
   p.num_stages = c.num_stages;
   p.tma_store = c.epilogue == 2 ? 1 : 0;
+  p.overwrite = output == WgradOutput::kOverwrite ? 1 : 0;
   p.d = d;
   const int64_t tiles =
       groups * ((m + c.block_m - 1) / c.block_m) * ((n + c.block_n - 1) / c.block_n);
@@ -117,7 +127,7 @@ void check_group_count(int64_t groups) {
 void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t* b,
                                 const float* sb, float* d, int64_t m, int64_t n,
                                 std::span<const int64_t> ks, cudaStream_t stream,
-                                const GemmTileConfig* force) {
+                                const GemmTileConfig* force, WgradOutput output) {
   const int64_t groups = static_cast<int64_t>(ks.size());
   check_group_count(groups);
   GemmParams p{};
@@ -129,20 +139,20 @@ void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t
     k_total += ks[g];
   }
   p.k_block_offsets[groups] = static_cast<int>(k_total / 128);
-  launch_kgrouped(a, sa, b, sb, d, m, n, groups, k_total, p, stream, force);
+  launch_kgrouped(a, sa, b, sb, d, m, n, groups, k_total, p, stream, force, output);
 }
 
 void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t* b,
                                 const float* sb, float* d, int64_t m, int64_t n, int64_t groups,
                                 const int32_t* k_layout, int64_t k_rows, cudaStream_t stream,
-                                const GemmTileConfig* force) {
+                                const GemmTileConfig* force, WgradOutput output) {
   check_group_count(groups);
   FM_CHECK_ARG(k_rows >= 0 && k_rows % 128 == 0, "fp8_gemm_nt_kgrouped_wgrad: k_rows=", k_rows,
                ", not a multiple of 128");
   FM_CHECK_ARG(k_layout != nullptr || k_rows == 0, "fp8_gemm_nt_kgrouped_wgrad: null k_layout");
   GemmParams p{};
   p.grouped_layout = k_layout;
-  launch_kgrouped(a, sa, b, sb, d, m, n, groups, k_rows, p, stream, force);
+  launch_kgrouped(a, sa, b, sb, d, m, n, groups, k_rows, p, stream, force, output);
 }
 
 }  // namespace fp8moe::kernels

@@ -144,11 +144,16 @@ void LinearBf16Gpu::forward(const bf16* x, int64_t m, bf16* y, cudaStream_t stre
                                  kWorkspaceBytes, stream));
 }
 
-void LinearBf16Gpu::backward(const bf16* dy, bf16* dx, float* dw, cudaStream_t stream) {
+void LinearBf16Gpu::backward(const bf16* dy, bf16* dx, float* dw, cudaStream_t stream,
+                             kernels::WgradOutput dw_output) {
   constexpr const char* kWhat = "LinearBf16Gpu::backward";
   FM_CHECK_ARG(m_ >= 0, kWhat, ": no forward to take the gradient of");
   FM_CHECK_ARG(dw != nullptr, kWhat, ": null dw");
-  if (m_ == 0) return;
+  const bool overwrite = dw_output == kernels::WgradOutput::kOverwrite;
+  if (m_ == 0) {  // no tokens: an overwritten gradient is zeros
+    if (overwrite) FM_CHECK_CUDA(cudaMemsetAsync(dw, 0, static_cast<size_t>(n_ * k_) * 4, stream));
+    return;
+  }
   FM_CHECK_ARG(dy != nullptr, kWhat, ": null dy");
   FM_CHECK_ARG(aligned16(dy) && aligned16(dx) && aligned16(dw), kWhat,
                ": dy, dx and dw must be 16-byte aligned");
@@ -159,9 +164,11 @@ void LinearBf16Gpu::backward(const bf16* dy, bf16* dx, float* dw, cudaStream_t s
     FM_CHECK_CUBLAS(cublasLtMatmul(h, plan.dgrad.desc, &alpha, w_, plan.dgrad.a, dy, plan.dgrad.b,
                                    &plan.dgrad.beta, dx, plan.dgrad.c, dx, plan.dgrad.c,
                                    &plan.dgrad.algo, workspace_, kWorkspaceBytes, stream));
+  const float zero = 0.0f;
   FM_CHECK_CUBLAS(cublasLtMatmul(h, plan.wgrad.desc, &alpha, x_, plan.wgrad.a, dy, plan.wgrad.b,
-                                 &plan.wgrad.beta, dw, plan.wgrad.c, dw, plan.wgrad.c,
-                                 &plan.wgrad.algo, workspace_, kWorkspaceBytes, stream));
+                                 overwrite ? &zero : &plan.wgrad.beta, dw, plan.wgrad.c, dw,
+                                 plan.wgrad.c, &plan.wgrad.algo, workspace_, kWorkspaceBytes,
+                                 stream));
 }
 
 }  // namespace fp8moe

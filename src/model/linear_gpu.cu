@@ -211,13 +211,17 @@ void LinearFp8Gpu::forward(const bf16* x, int64_t m, const LinearWeightsGpu& w, 
 }
 
 void LinearFp8Gpu::backward(const bf16* dy, const LinearWeightsGpu& w, bf16* dx, float* dw,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, kernels::WgradOutput dw_output) {
   constexpr const char* kWhat = "LinearFp8Gpu::backward";
   check_weights(kWhat, w);
   FM_CHECK_ARG(m_ >= 0, kWhat, ": no forward to take the gradient of");
   FM_CHECK_ARG(dw != nullptr, kWhat, ": null dw");
   const int64_t m = m_;
-  if (m == 0) return;
+  if (m == 0) {  // no tokens: an overwritten gradient is zeros
+    if (dw_output == kernels::WgradOutput::kOverwrite)
+      FM_CHECK_CUDA(cudaMemsetAsync(dw, 0, static_cast<size_t>(n_ * k_) * 4, stream));
+    return;
+  }
   FM_CHECK_ARG(dy != nullptr, kWhat, ": null dy");
   FM_CHECK_ARG(aligned16(dy) && aligned16(dx) && aligned16(dw), kWhat,
                ": dy, dx and dw must be 16-byte aligned");
@@ -253,7 +257,7 @@ void LinearFp8Gpu::backward(const bf16* dy, const LinearWeightsGpu& w, bf16* dx,
     kernels::requantize_1x128_transpose(x8_, k_, xs_, kernels::ScaleLayout::kRowMajor, mp, k_,
                                         nullptr, options_.pow2_activation_scales, xt_, sxt_,
                                         stream);
-  kernels::fp8_gemm_nt_wgrad(dyt_, sdyt_, xt_, sxt_, dw, n_, k_, mp, stream);
+  kernels::fp8_gemm_nt_wgrad(dyt_, sdyt_, xt_, sxt_, dw, n_, k_, mp, stream, nullptr, dw_output);
 }
 
 }  // namespace fp8moe

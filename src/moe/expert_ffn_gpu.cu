@@ -306,7 +306,8 @@ void ExpertFfnGpu::backward_contiguous(const uint8_t* x, const float* sa, const 
                                        std::span<const int64_t> expert_rows, int64_t rows,
                                        const ExpertWeightsGpu& w, const bf16* dy, bf16* dx,
                                        float* dw13, float* dw2, cudaStream_t stream,
-                                       const float* row_scale, float* d_row_scale) {
+                                       const float* row_scale, float* d_row_scale,
+                                       kernels::WgradOutput dw_output) {
   constexpr const char* kWhat = "ExpertFfnGpu::backward_contiguous";
   FM_CHECK_ARG(static_cast<int64_t>(expert_rows.size()) == w.groups, kWhat, ": ",
                expert_rows.size(), " expert row counts for ", w.groups, " experts");
@@ -318,18 +319,19 @@ void ExpertFfnGpu::backward_contiguous(const uint8_t* x, const float* sa, const 
   }
   FM_CHECK_ARG(sum == rows, kWhat, ": expert rows sum to ", sum, ", rows=", rows);
   backward(x, sa, gate_up, grouped_layout, expert_rows, rows, w, dy, dx, dw13, dw2, stream,
-           row_scale, d_row_scale);
+           row_scale, d_row_scale, dw_output);
 }
 
 void ExpertFfnGpu::backward_contiguous(const uint8_t* x, const float* sa, const bf16* gate_up,
                                        const int32_t* grouped_layout, int64_t rows,
                                        const ExpertWeightsGpu& w, const bf16* dy, bf16* dx,
                                        float* dw13, float* dw2, cudaStream_t stream,
-                                       const float* row_scale, float* d_row_scale) {
+                                       const float* row_scale, float* d_row_scale,
+                                       kernels::WgradOutput dw_output) {
   FM_CHECK_ARG(rows % 128 == 0, "ExpertFfnGpu::backward_contiguous: rows=", rows,
                " must be a multiple of 128 with the experts' rows read from the layout");
   backward(x, sa, gate_up, grouped_layout, {}, rows, w, dy, dx, dw13, dw2, stream, row_scale,
-           d_row_scale);
+           d_row_scale, dw_output);
 }
 
 // Both forms: expert_rows empty = the k-grouped wgrads read the experts' ranges from the layout.
@@ -337,7 +339,7 @@ void ExpertFfnGpu::backward(const uint8_t* x, const float* sa, const bf16* gate_
                             const int32_t* grouped_layout, std::span<const int64_t> expert_rows,
                             int64_t rows, const ExpertWeightsGpu& w, const bf16* dy, bf16* dx,
                             float* dw13, float* dw2, cudaStream_t stream, const float* row_scale,
-                            float* d_row_scale) {
+                            float* d_row_scale, kernels::WgradOutput dw_output) {
   constexpr const char* kWhat = "ExpertFfnGpu::backward_contiguous";
   check_call(kWhat, rows, w, sa, grouped_layout, dx);
   FM_CHECK_ARG(bwd_ != nullptr, kWhat, ": no backward workspace (ExpertFfnOptions::backward)");
@@ -349,8 +351,14 @@ void ExpertFfnGpu::backward(const uint8_t* x, const float* sa, const bf16* gate_
       x != nullptr && gate_up != nullptr && dy != nullptr && dw13 != nullptr && dw2 != nullptr,
       kWhat, ": null x, gate_up, dy, dw13 or dw2");
   FM_CHECK_ARG(reinterpret_cast<uintptr_t>(dy) % 16 == 0, kWhat, ": dy must be 16-byte aligned");
-  if (rows == 0) return;
   const int64_t H = hidden_, I = inter_, I2 = 2 * inter_;
+  if (rows == 0) {  // no rows: an overwritten gradient is zeros
+    if (dw_output == kernels::WgradOutput::kOverwrite) {
+      FM_CHECK_CUDA(cudaMemsetAsync(dw13, 0, static_cast<size_t>(w.groups * I2 * H) * 4, stream));
+      FM_CHECK_CUDA(cudaMemsetAsync(dw2, 0, static_cast<size_t>(w.groups * H * I) * 4, stream));
+    }
+    return;
+  }
   const bool pow2 = options_.pow2_scales;
   constexpr auto kMn = kernels::ScaleLayout::kMnMajor;
   kernels::SwigluRows which;
@@ -387,9 +395,10 @@ void ExpertFfnGpu::backward(const uint8_t* x, const float* sa, const bf16* gate_
                                   const float* b_s, float* dw, int64_t m, int64_t n) {
     if (expert_rows.empty())
       kernels::fp8_gemm_nt_kgrouped_wgrad(a, a_s, b, b_s, dw, m, n, w.groups, grouped_layout, rows,
-                                          stream);
+                                          stream, nullptr, dw_output);
     else
-      kernels::fp8_gemm_nt_kgrouped_wgrad(a, a_s, b, b_s, dw, m, n, expert_rows, stream);
+      kernels::fp8_gemm_nt_kgrouped_wgrad(a, a_s, b, b_s, dw, m, n, expert_rows, stream, nullptr,
+                                          dw_output);
   };
   kgrouped_wgrad(b_.dyt, b_.dyt_s, b_.ht, b_.ht_s, dw2, H, I);
   // 7. x transposed; dW13[e] += d_gate_up^T x.

@@ -468,6 +468,42 @@ TEST(MoeLayerApiBackward, ForwardAndBackwardReplayInACudaGraph) {
       "eager, bit for bit\n");
 }
 
+// MoeLayerGrads::overwrite: the gathered path writes over NaN-filled gradients, the expanded
+// one adds into zeros: the same bits (rank 0 has no tokens: its shared expert's are zeros).
+TEST(MoeLayerApiBackward, OverwriteEqualsAccumulatingIntoZeros) {
+  const EpConfig cfg = bwd_config();
+  const std::vector<int> devices = two_ranks();
+  const uint64_t seed = testing::fresh_seed();
+  Harness h(cfg, devices, seed);
+  h.set_inputs({0, 131}, testing::Routing::kSkewed, seed + 1);
+  const int64_t H = cfg.hidden, L = cfg.experts_per_rank();
+  const int64_t sizes[4] = {L * 2 * Harness::kInter * H, L * H * Harness::kInter,
+                            2 * Harness::kSharedInter * H, H * Harness::kSharedInter};
+  for (int r = 0; r < cfg.num_ranks; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+    MoeLayerGrads& zero = h.rk[r].path[0].dw;
+    MoeLayerGrads& over = h.rk[r].path[1].dw;
+    float* zp[4] = {zero.routed_dw13, zero.routed_dw2, zero.shared_dw13, zero.shared_dw2};
+    float* op[4] = {over.routed_dw13, over.routed_dw2, over.shared_dw13, over.shared_dw2};
+    for (int i = 0; i < 4; ++i) {
+      FM_CHECK_CUDA(cudaMemset(zp[i], 0, sizes[i] * 4));
+      FM_CHECK_CUDA(cudaMemset(op[i], 0xFF, sizes[i] * 4));
+    }
+    over.overwrite = true;
+  }
+  h.run(0);
+  h.run(1);
+  for (int r = 0; r < cfg.num_ranks; ++r) {
+    const Got a = download(h, r, 0), b = download(h, r, 1);
+    ASSERT_EQ(b.dw13, a.dw13) << "routed dW13, rank " << r;
+    ASSERT_EQ(b.dw2, a.dw2) << "routed dW2, rank " << r;
+    ASSERT_EQ(b.sdw13, a.sdw13) << "shared dW13, rank " << r;
+    ASSERT_EQ(b.sdw2, a.sdw2) << "shared dW2, rank " << r;
+    ASSERT_EQ(b.gx, a.gx) << "grad_x, rank " << r;
+  }
+  std::printf("overwritten weight gradients == accumulated into zeros, bit for bit (2 ranks)\n");
+}
+
 TEST(MoeLayerApiBackward, BadOrderThrows) {
   const EpConfig cfg = bwd_config();
   const std::vector<int> devices = two_ranks();

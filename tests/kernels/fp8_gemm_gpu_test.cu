@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <string>
 
@@ -929,6 +930,74 @@ TEST(Fp8WgradGpu, KGroupedFromDeviceLayout) {
   EXPECT_THROW(kernels::fp8_gemm_nt_kgrouped_wgrad(nullptr, nullptr, nullptr, nullptr, nullptr, 128,
                                                    128, 2, nullptr, 200, nullptr),
                Error);
+}
+
+// WgradOutput::kOverwrite: D poisoned (NaN) beforehand ends bit for bit as accumulating into
+// zeros; groups with no K get zeros. Dense (both epilogues, forced tiles, CTA pairs), k-grouped
+// with host ks and with a device layout (a trailing -1 block).
+TEST(Fp8WgradGpu, OverwriteEqualsAccumulatingIntoZeros) {
+  using kernels::WgradOutput;
+  const auto check = [](const char* what, int64_t count,
+                        const std::function<void(float*, WgradOutput)>& run) {
+    DeviceBuffer<float> zeros(std::vector<float>(static_cast<size_t>(count), 0.0f)), over(count);
+    over.poison();
+    run(zeros.get(), WgradOutput::kAccumulate);
+    run(over.get(), WgradOutput::kOverwrite);
+    FM_CHECK_CUDA(cudaDeviceSynchronize());
+    const std::vector<float> a = zeros.download(), b = over.download();
+    ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << what;
+  };
+  {
+    const int64_t m = 300, n = 520, k = 384;
+    const QuantizedMatrix qa = random_quantized(m, k, ScaleGranularity::k1x128, 680);
+    const QuantizedMatrix qb = random_quantized(n, k, ScaleGranularity::k1x128, 681);
+    DeviceBuffer<uint8_t> a(qa.codes), b(qb.codes);
+    DeviceBuffer<float> sa(scales_mn_major(qa)), sb(scales_mn_major(qb));
+    for (GemmTileConfig c :
+         {GemmTileConfig{128, 128, 0, 5, 1}, GemmTileConfig{128, 128, 0, 5, 2},
+          GemmTileConfig{64, 128, 0, 0, 2}, GemmTileConfig{128, 128, 0, 0, 2, 2}})
+      check(kernels::describe_tile_config(c).c_str(), m * n, [&](float* d, WgradOutput o) {
+        kernels::fp8_gemm_nt_wgrad(a.get(), sa.get(), b.get(), sb.get(), d, m, n, k, nullptr, &c,
+                                   o);
+      });
+  }
+  {
+    const std::vector<int64_t> ks = {256, 0, 128, 384, 0};
+    const int64_t m = 100, n = 264, groups = 5, k_total = 768, k_rows = k_total + 128;
+    const QuantizedMatrix qa = random_quantized(m, k_rows, ScaleGranularity::k1x128, 690);
+    const QuantizedMatrix qb = random_quantized(n, k_rows, ScaleGranularity::k1x128, 691);
+    DeviceBuffer<uint8_t> a(qa.codes), b(qb.codes);
+    DeviceBuffer<float> sa(scales_mn_major(qa)), sb(scales_mn_major(qb));
+    std::vector<int32_t> layout(static_cast<size_t>(k_rows), -1);
+    int64_t k0 = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t r = 0; r < ks[g]; ++r) layout[k0 + r] = static_cast<int32_t>(g);
+      k0 += ks[g];
+    }
+    DeviceBuffer<int32_t> dev_layout(layout);
+    for (int epilogue : {1, 2}) {
+      const GemmTileConfig c{128, 128, 0, 3, epilogue};
+      check("kgrouped layout", groups * m * n, [&](float* d, WgradOutput o) {
+        kernels::fp8_gemm_nt_kgrouped_wgrad(a.get(), sa.get(), b.get(), sb.get(), d, m, n, groups,
+                                            dev_layout.get(), k_rows, nullptr, &c, o);
+      });
+    }
+    // The host-ks form on the first k_total columns (A and B at the k_rows stride do not fit
+    // it): its own operands.
+    const QuantizedMatrix qa2 = random_quantized(m, k_total, ScaleGranularity::k1x128, 692);
+    const QuantizedMatrix qb2 = random_quantized(n, k_total, ScaleGranularity::k1x128, 693);
+    DeviceBuffer<uint8_t> a2(qa2.codes), b2(qb2.codes);
+    DeviceBuffer<float> sa2(scales_mn_major(qa2)), sb2(scales_mn_major(qb2));
+    check("kgrouped ks", groups * m * n, [&](float* d, WgradOutput o) {
+      kernels::fp8_gemm_nt_kgrouped_wgrad(a2.get(), sa2.get(), b2.get(), sb2.get(), d, m, n, ks,
+                                          nullptr, nullptr, o);
+    });
+    const std::vector<int64_t> none = {0, 0};
+    check("kgrouped, every group empty", 2 * m * n, [&](float* d, WgradOutput o) {
+      kernels::fp8_gemm_nt_kgrouped_wgrad(a2.get(), sa2.get(), b2.get(), sb2.get(), d, m, n, none,
+                                          nullptr, nullptr, o);
+    });
+  }
 }
 
 TEST(Fp8WgradGpu, AccumulatesIntoC) {

@@ -152,6 +152,14 @@ void run_case(const Shape& s, uint64_t seed) {
   EXPECT_TRUE(same_bits(y.download(), got_y)) << "y, graph";
   EXPECT_TRUE(same_bits(dx.download(), got_dx)) << "dx, graph";
   EXPECT_TRUE(same_bits(dw.download(), got_dw)) << "dW, graph";
+  // dW overwritten (NaN beforehand) == accumulated into zeros.
+  DeviceBuffer<float> dw_zero(std::vector<float>(dw0.size(), 0.0f)), dw_over(dw0.size());
+  dw_over.poison();
+  layer.backward(dyd.get(), weights.view(), nullptr, dw_zero.get(), stream);
+  layer.backward(dyd.get(), weights.view(), nullptr, dw_over.get(), stream,
+                 kernels::WgradOutput::kOverwrite);
+  FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+  EXPECT_TRUE(same_bits(dw_over.download(), dw_zero.download())) << "dW overwritten";
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   FM_CHECK_CUDA(cudaStreamDestroy(stream));
@@ -242,6 +250,12 @@ TEST(LinearBf16Gpu, MatchesReferenceAndReplaysInAGraph) {
     EXPECT_TRUE(same_bits(y.download(), got_y)) << "y, graph";
     EXPECT_TRUE(same_bits(dx.download(), got_dx)) << "dx, graph";
     EXPECT_TRUE(same_bits(dw.download(), got_dw)) << "dW, graph";
+    DeviceBuffer<float> dw_zero(std::vector<float>(dw0.size(), 0.0f)), dw_over(dw0.size());
+    dw_over.poison();
+    layer.backward(dyd.get(), nullptr, dw_zero.get(), stream);
+    layer.backward(dyd.get(), nullptr, dw_over.get(), stream, kernels::WgradOutput::kOverwrite);
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    EXPECT_TRUE(same_bits(dw_over.download(), dw_zero.download())) << "dW overwritten";
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
     FM_CHECK_CUDA(cudaStreamDestroy(stream));

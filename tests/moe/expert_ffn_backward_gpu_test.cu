@@ -277,20 +277,29 @@ TEST(ExpertFfnBackwardGpu, LayoutFormEqualsHostCounts) {
       std::vector<bf16> dx;
       std::vector<float> dw13, dw2, drs;
     };
-    const auto run = [&](bool from_layout) {
-      dw13.upload(s.dw13_init);
-      dw2.upload(s.dw2_init);
+    // init: the dW start (the test's random one; zeros; or NaN for an overwrite).
+    enum class Init { kRandom, kZeros, kPoison };
+    const auto run = [&](bool from_layout, Init init = Init::kRandom,
+                         kernels::WgradOutput output = kernels::WgradOutput::kAccumulate) {
+      if (init == Init::kPoison) {
+        dw13.poison();
+        dw2.poison();
+      } else {
+        dw13.upload(init == Init::kZeros ? std::vector<float>(s.dw13_init.size(), 0.0f)
+                                         : s.dw13_init);
+        dw2.upload(init == Init::kZeros ? std::vector<float>(s.dw2_init.size(), 0.0f) : s.dw2_init);
+      }
       dx.poison();
       drs.poison();
       FM_CHECK_CUDA(cudaDeviceSynchronize());
       if (from_layout)
         ffn.backward_contiguous(x.get(), sa.get(), gate_up.get(), layout.get(), bound, wd.view(),
                                 dy.get(), dx.get(), dw13.get(), dw2.get(), stream, ws.get(),
-                                drs.get());
+                                drs.get(), output);
       else
-        ffn.backward_contiguous(x.get(), sa_exact.get(), gate_up.get(), layout.get(),
-                                s.expert_rows, R, wd.view(), dy.get(), dx.get(), dw13.get(),
-                                dw2.get(), stream, ws.get(), drs.get());
+        ffn.backward_contiguous(x.get(), sa_exact.get(), gate_up.get(), layout.get(), s.expert_rows,
+                                R, wd.view(), dy.get(), dx.get(), dw13.get(), dw2.get(), stream,
+                                ws.get(), drs.get(), output);
       FM_CHECK_CUDA(cudaStreamSynchronize(stream));
       Result r{dx.download(), dw13.download(), dw2.download(), drs.download()};
       r.dx.resize(R * H);
@@ -298,14 +307,20 @@ TEST(ExpertFfnBackwardGpu, LayoutFormEqualsHostCounts) {
       return r;
     };
     const Result host = run(false), dev = run(true);
+    // Overwriting NaN-filled gradients == accumulating into zeros (expert 0 has no rows: zeros).
+    const Result zeroed = run(true, Init::kZeros),
+                 over = run(true, Init::kPoison, kernels::WgradOutput::kOverwrite);
+    EXPECT_TRUE(same_bits(over.dw13, zeroed.dw13)) << "dW13 overwritten, I=" << I;
+    EXPECT_TRUE(same_bits(over.dw2, zeroed.dw2)) << "dW2 overwritten, I=" << I;
     EXPECT_TRUE(same_bits(dev.dx, host.dx)) << "dx, I=" << I << " seed=" << seed;
     EXPECT_TRUE(same_bits(dev.dw13, host.dw13)) << "dW13, I=" << I << " seed=" << seed;
     EXPECT_TRUE(same_bits(dev.dw2, host.dw2)) << "dW2, I=" << I << " seed=" << seed;
     EXPECT_TRUE(same_bits(dev.drs, host.drs)) << "d_row_scale, I=" << I << " seed=" << seed;
-    std::printf("expert_ffn backward H=%lld I=%lld: layout form on %lld rows == host counts on "
-                "%lld rows, bit for bit\n",
-                static_cast<long long>(H), static_cast<long long>(I),
-                static_cast<long long>(bound), static_cast<long long>(R));
+    std::printf(
+        "expert_ffn backward H=%lld I=%lld: layout form on %lld rows == host counts on "
+        "%lld rows, bit for bit\n",
+        static_cast<long long>(H), static_cast<long long>(I), static_cast<long long>(bound),
+        static_cast<long long>(R));
     FM_CHECK_CUDA(cudaStreamDestroy(stream));
   }
 }

@@ -64,6 +64,9 @@ struct MoeLayerGrads {
   float* routed_dw2 = nullptr;
   float* shared_dw13 = nullptr;
   float* shared_dw2 = nullptr;
+  // Write the gradients over the arrays instead of adding (the first micro-batch of a step: no
+  // zeroing beforehand, half the FP32 traffic; experts that received no rows get zeros).
+  bool overwrite = false;
 };
 
 class MoeLayerGpu {

@@ -100,11 +100,18 @@ void fp8_gemm_nt_grouped_masked(const uint8_t* a, const float* sa, const uint8_t
                                 int64_t num_groups, int64_t max_m, int64_t n, int64_t k,
                                 cudaStream_t stream, const GemmTileConfig* force = nullptr);
 
+// How a weight gradient meets D: added to it (gradient accumulation over micro-batches), or
+// written over it (the first micro-batch: D is never read, so it needs no zeroing and costs
+// half the FP32 traffic; k-grouped groups with no K get zeros). Overwrite gives the bits that
+// accumulating into zeros gives.
+enum class WgradOutput { kAccumulate, kOverwrite };
+
 // Weight gradient: D fp32 [M,N] += A [M,K] * B [N,K]^T, both 1x128-scaled (sa [KB][pad(M)],
-// sb [KB][pad(N)]), accumulated into the existing D.
+// sb [KB][pad(N)]), accumulated into the existing D (or overwriting it: `output`).
 void fp8_gemm_nt_wgrad(const uint8_t* a, const float* sa, const uint8_t* b, const float* sb,
                        float* d, int64_t m, int64_t n, int64_t k, cudaStream_t stream,
-                       const GemmTileConfig* force = nullptr);
+                       const GemmTileConfig* force = nullptr,
+                       WgradOutput output = WgradOutput::kAccumulate);
 
 // K-grouped weight gradient for the experts: the reduction axis (tokens) is cut into groups of
 // ks[g] (host values, each a multiple of 128, zero allowed); A [M, sum(ks)] and B [N, sum(ks)]
@@ -115,7 +122,8 @@ inline constexpr int kMaxKGroups = 256;
 void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t* b,
                                 const float* sb, float* d, int64_t m, int64_t n,
                                 std::span<const int64_t> ks, cudaStream_t stream,
-                                const GemmTileConfig* force = nullptr);
+                                const GemmTileConfig* force = nullptr,
+                                WgradOutput output = WgradOutput::kAccumulate);
 // The same with the groups read on the device (no host counts: capturable in a CUDA graph with
 // counts that change between replays): k_layout [k_rows] int32 on the device, the group of each
 // row of the K axis in the grouped-contiguous layout the dispatch gives (and the contiguous GEMM
@@ -127,6 +135,7 @@ void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t
 void fp8_gemm_nt_kgrouped_wgrad(const uint8_t* a, const float* sa, const uint8_t* b,
                                 const float* sb, float* d, int64_t m, int64_t n, int64_t groups,
                                 const int32_t* k_layout, int64_t k_rows, cudaStream_t stream,
-                                const GemmTileConfig* force = nullptr);
+                                const GemmTileConfig* force = nullptr,
+                                WgradOutput output = WgradOutput::kAccumulate);
 
 }  // namespace fp8moe::kernels

@@ -76,9 +76,10 @@ class LinearFp8Gpu {
   // x [M, K] BF16 -> y [M, N] BF16 (0 <= M <= max_rows). Keeps x's FP8 codes for backward().
   void forward(const bf16* x, int64_t m, const LinearWeightsGpu& w, bf16* y, cudaStream_t stream);
   // For the last forward's x: dy [M, N] BF16 -> dx [M, K] BF16 (null: no input gradient) and
-  // dw [N, K] FP32 += dy^T x. The weights must be the forward's.
-  void backward(const bf16* dy, const LinearWeightsGpu& w, bf16* dx, float* dw,
-                cudaStream_t stream);
+  // dw [N, K] FP32 += dy^T x (dw = dy^T x with kOverwrite: the first micro-batch). The weights
+  // must be the forward's.
+  void backward(const bf16* dy, const LinearWeightsGpu& w, bf16* dx, float* dw, cudaStream_t stream,
+                kernels::WgradOutput dw_output = kernels::WgradOutput::kAccumulate);
 
   int64_t max_rows() const { return max_rows_; }
 
@@ -130,8 +131,9 @@ class LinearBf16Gpu {
   const bf16* weight() const { return w_; }
   // x [M, K] -> y [M, N]; remembers x (the caller keeps it unchanged until backward()).
   void forward(const bf16* x, int64_t m, bf16* y, cudaStream_t stream);
-  // dy [M, N] -> dx [M, K] (null: none) and dw [N, K] FP32 += dy^T x.
-  void backward(const bf16* dy, bf16* dx, float* dw, cudaStream_t stream);
+  // dy [M, N] -> dx [M, K] (null: none) and dw [N, K] FP32 += dy^T x (= with kOverwrite).
+  void backward(const bf16* dy, bf16* dx, float* dw, cudaStream_t stream,
+                kernels::WgradOutput dw_output = kernels::WgradOutput::kAccumulate);
 
  private:
   struct Plans;

@@ -123,14 +123,16 @@ class ExpertFfnGpu {
   // in expert order, each a multiple of 128, summing to rows; grouped_layout must agree: not
   // checked on the device), dy [rows, H] (padding rows never read).
   // Outputs: dx [rows, H] BF16 (padding rows untouched), dw13 [G][2I][H] and dw2 [G][H][I] FP32
-  // ACCUMULATED (+=), d_row_scale [rows] if not null (padding rows 0).
+  // ACCUMULATED (+=; written over with dw_output kOverwrite: the first micro-batch, no zeroing
+  // needed, experts with no rows get zeros), d_row_scale [rows] if not null (padding rows 0).
   // Needs ExpertFfnOptions::backward and weights uploaded with_transposed (thrown otherwise).
   // Uses the forward's h workspace: h_codes() / h_scales() hold the recomputed h afterwards.
   void backward_contiguous(const uint8_t* x, const float* sa, const bf16* gate_up,
                            const int32_t* grouped_layout, std::span<const int64_t> expert_rows,
                            int64_t rows, const ExpertWeightsGpu& weights, const bf16* dy, bf16* dx,
                            float* dw13, float* dw2, cudaStream_t stream,
-                           const float* row_scale = nullptr, float* d_row_scale = nullptr);
+                           const float* row_scale = nullptr, float* d_row_scale = nullptr,
+                           kernels::WgradOutput dw_output = kernels::WgradOutput::kAccumulate);
   // The same with the experts' row ranges read from grouped_layout on the device (the k-grouped
   // wgrads' device-layout form): no host counts, so a layer's backward is capturable in a CUDA
   // graph with counts that change between replays. rows is then the bound (a multiple of 128;
@@ -141,7 +143,8 @@ class ExpertFfnGpu {
                            const int32_t* grouped_layout, int64_t rows,
                            const ExpertWeightsGpu& weights, const bf16* dy, bf16* dx, float* dw13,
                            float* dw2, cudaStream_t stream, const float* row_scale = nullptr,
-                           float* d_row_scale = nullptr);
+                           float* d_row_scale = nullptr,
+                           kernels::WgradOutput dw_output = kernels::WgradOutput::kAccumulate);
 
   int64_t max_rows() const { return max_rows_; }
   int64_t hidden() const { return hidden_; }
@@ -163,7 +166,8 @@ class ExpertFfnGpu {
   void backward(const uint8_t* x, const float* sa, const bf16* gate_up,
                 const int32_t* grouped_layout, std::span<const int64_t> expert_rows, int64_t rows,
                 const ExpertWeightsGpu& weights, const bf16* dy, bf16* dx, float* dw13, float* dw2,
-                cudaStream_t stream, const float* row_scale, float* d_row_scale);
+                cudaStream_t stream, const float* row_scale, float* d_row_scale,
+                kernels::WgradOutput dw_output);
 
   int64_t max_rows_ = 0, hidden_ = 0, inter_ = 0;
   ExpertFfnOptions options_;
