@@ -83,12 +83,14 @@ TEST(ModelKernelsGpu, RopeQkMatchesReferenceBitForBit) {
         rope_apply_gpu(dtable.view(), dq.get() + (qd - 64), T, H, H * qd, qd, dpos.get(), true,
                        status.get(), nullptr);
         const std::vector<bf16> back = dq.download();
+        // Two BF16 roundings of a rotation by a unit-norm (cos, sin): within 1% of the pair.
         double worst = 0;
-        for (size_t i = 0; i < back.size(); ++i)
-          worst =
-              std::max(worst, std::fabs(static_cast<double>(to_float(back[i])) - to_float(q[i])) /
-                                  (std::fabs(to_float(q[i])) + 0.05));
-        EXPECT_LT(worst, 0.05) << "forward then inverse";
+        for (size_t i = 0; i < back.size(); ++i) {
+          const double err = std::fabs(static_cast<double>(to_float(back[i])) - to_float(q[i]));
+          const double pair = std::fabs(to_float(q[i])) + std::fabs(to_float(q[i ^ 1]));
+          worst = std::max(worst, err / (0.01 * pair + 1e-30));
+        }
+        EXPECT_LT(worst, 1.0) << "forward then inverse";
       }
     }
     std::printf("rope %lld x %lld heads: bit-equal forward and inverse\n",
