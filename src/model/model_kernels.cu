@@ -361,6 +361,8 @@ __global__ void __launch_bounds__(kCeThreads)
       for (int i = 0; i < 8; ++i) update(ms, x[i]);
     }
     for (int64_t i = 8 * vecs + threadIdx.x; i < vocab; i += kCeThreads) update(ms, to_float(l[i]));
+    // Read before the barriers: in place, another thread may overwrite x_t after them.
+    const float xt = to_float(l[tgt]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       const MaxSum other{__shfl_xor_sync(0xFFFFFFFFu, ms.m, o),
@@ -372,7 +374,6 @@ __global__ void __launch_bounds__(kCeThreads)
     MaxSum all = warp_ms[0];
     for (int w = 1; w < kCeThreads / 32; ++w) all = merge(all, warp_ms[w]);
     __syncthreads();  // warp_ms is reused by the next row
-    const float xt = to_float(l[tgt]);
     if (threadIdx.x == 0) row_loss[r] = __fsub_rn(__fadd_rn(logf(all.s), all.m), xt);
     if (dlogits == nullptr) continue;
     const float inv = __fdiv_rn(1.0f, all.s);
