@@ -104,7 +104,7 @@ TEST(RouterBackwardGpu, RepeatedAndBadIndices) {
         route_backward_cuda(make_config(16, 40, 1, 1, 1.0f, true), ds.get(), di.get(), dg.get(), T,
                             out.get(), nullptr, nullptr);
       },
-      "");
+      "num_experts_per_tok");
 }
 
 }  // namespace
