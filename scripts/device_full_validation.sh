@@ -3,7 +3,7 @@
 # binaries of `bash scripts/gpu_bundle.sh` carried as build-bundle/bin or, packed, as
 # build-bundle/bins.tar.xz. Three phases, so that the
 # correctness runs share the machine and the timings do not share a GPU:
-#   1. test_comm_gpu on every GPU, beside test_kernels_gpu and test_moe_gpu on the last GPU
+#   1. test_comm_gpu on every GPU, beside the other test_*_gpu binaries on the last GPU
 #   2. the EP suite's benches on GPUs 0 and 1 (A/B of FULL_AB if set, the defaults), beside
 #      gemm_bench on the last GPU (FULL_GEMM_BENCH=0 skips it) when there are 3 or more GPUs
 #      (else after them)
@@ -55,7 +55,8 @@ echo "== [$(el) s] phase 1: test_comm_gpu (shard $shard) on $gpus GPUs, GEMM tes
 gemm_tests=
 if ((shard_i == 0)); then
   (
-    for t in test_kernels_gpu test_moe_gpu; do
+    # Every other module's GPU tests (kernels, moe, model, train, ...), one after the other.
+    for t in $(cd "$bin" && ls test_*_gpu | grep -vx test_comm_gpu); do
       CUDA_VISIBLE_DEVICES=$last timeout 300 stdbuf -oL "$bin/$t" > "$logs/$t.log" 2>&1
       echo "$t rc=$?" >> "$logs/rc.txt"
     done
@@ -68,8 +69,8 @@ echo "test_comm_gpu rc=$?" >> "$logs/rc.txt"
 [[ -n $gemm_tests ]] && wait "$gemm_tests"
 tar czf "$out/tests.tgz" -C "$logs" .
 cat "$logs/rc.txt"
-for t in test_comm_gpu test_kernels_gpu test_moe_gpu; do
-  [[ -f $logs/$t.log ]] && summary "$logs/$t.log"
+for t in $(cd "$bin" && ls test_*_gpu); do
+  [[ -f $logs/$t.log ]] && { echo "-- $t"; summary "$logs/$t.log"; }
 done
 fi
 [[ $phases == *2* ]] || { echo "== [$(el) s] done (phase 1 only)"; exit 0; }
