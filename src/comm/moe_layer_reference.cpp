@@ -65,15 +65,8 @@ MoeLayerReference moe_layer_reference(const EpConfig& cfg, const std::vector<Tok
     FM_CHECK_ARG(!g.overflow, "moe_layer_reference: rank ", d, " needs ", g.rows_needed,
                  " grouped rows, the bound is ", bound);
     out.expert_rows[d].assign(bound * H, 0);  // padding rows stay 0
-    Fp8MatrixRef a;
-    a.codes = g.x_fp8.data();
-    a.rows = bound;
-    a.cols = H;
-    a.ld = H;
-    a.scales = g.x_scales.data();
-    a.granularity = ScaleGranularity::k1x128;
-    a.scale_row_stride = KB;
-    a.scale_col_stride = 1;
+    const Fp8MatrixRef a =
+        fp8_matrix_ref(g.x_fp8.data(), g.x_scales.data(), bound, H, ScaleGranularity::k1x128);
     expert_ffn_reference(a, g.m_indices.data(), *routed[d], nullptr, pow2_scales,
                          reinterpret_cast<bf16*>(out.expert_rows[d].data()), {}, threads);
     rows[d] = out.expert_rows[d].data();
@@ -92,15 +85,8 @@ MoeLayerReference moe_layer_reference(const EpConfig& cfg, const std::vector<Tok
       quantize_row_fp8(batches[s].x + t * H, H, codes.data() + t * H, scales.data() + t * KB);
     const std::vector<int32_t> layout(T, 0);
     out.shared_out[s].assign(T * H, 0);
-    Fp8MatrixRef a;
-    a.codes = codes.data();
-    a.rows = T;
-    a.cols = H;
-    a.ld = H;
-    a.scales = scales.data();
-    a.granularity = ScaleGranularity::k1x128;
-    a.scale_row_stride = KB;
-    a.scale_col_stride = 1;
+    const Fp8MatrixRef a =
+        fp8_matrix_ref(codes.data(), scales.data(), T, H, ScaleGranularity::k1x128);
     expert_ffn_reference(a, layout.data(), *shared[s], nullptr, pow2_scales,
                          reinterpret_cast<bf16*>(out.shared_out[s].data()), {}, threads);
     out.y[s].resize(T * H);
@@ -110,19 +96,6 @@ MoeLayerReference moe_layer_reference(const EpConfig& cfg, const std::vector<Tok
 }
 
 namespace {
-
-Fp8MatrixRef rows_1x128(const uint8_t* codes, const float* scales, int64_t rows, int64_t H) {
-  Fp8MatrixRef a;
-  a.codes = codes;
-  a.rows = rows;
-  a.cols = H;
-  a.ld = H;
-  a.scales = scales;
-  a.granularity = ScaleGranularity::k1x128;
-  a.scale_row_stride = H / 128;
-  a.scale_col_stride = 1;
-  return a;
-}
 
 int64_t pad128(int64_t n) {
   return (n + 127) / 128 * 128;
@@ -184,9 +157,10 @@ MoeLayerGateUp moe_layer_gate_up_reference(const EpConfig& cfg, const MoeLayerRe
     for (int e = 0; e < L; ++e) {
       const int64_t off = g.expert_offsets[e], n = g.expert_counts[e];
       if (n == 0) continue;
-      gemm_fp8_reference_bf16(
-          rows_1x128(g.x_fp8.data() + off * H, g.x_scales.data() + off * KB, n, H),
-          routed[d]->w13_ref(e), out.routed[d].data() + off * I2, I2, {}, threads);
+      gemm_fp8_reference_bf16(fp8_matrix_ref(g.x_fp8.data() + off * H, g.x_scales.data() + off * KB,
+                                             n, H, ScaleGranularity::k1x128),
+                              routed[d]->w13_ref(e), out.routed[d].data() + off * I2, I2, {},
+                              threads);
     }
   }
   for (int s = 0; s < R; ++s) {
@@ -196,8 +170,9 @@ MoeLayerGateUp moe_layer_gate_up_reference(const EpConfig& cfg, const MoeLayerRe
     std::vector<uint8_t> codes;
     std::vector<float> scales;
     shared_input(batches[s], H, codes, scales);
-    gemm_fp8_reference_bf16(rows_1x128(codes.data(), scales.data(), T, H), shared[s]->w13_ref(0),
-                            out.shared[s].data(), I2, {}, threads);
+    gemm_fp8_reference_bf16(
+        fp8_matrix_ref(codes.data(), scales.data(), T, H, ScaleGranularity::k1x128),
+        shared[s]->w13_ref(0), out.shared[s].data(), I2, {}, threads);
   }
   return out;
 }
@@ -258,10 +233,11 @@ MoeLayerBackward moe_layer_backward_reference(const EpConfig& cfg,
     out.routed_dw2[d].assign(w.groups * H * w.inter, 0.0f);
     if (rows > 0)
       expert_ffn_backward_reference(
-          rows_1x128(g.x_fp8.data(), g.x_scales.data(), rows, H), g.m_indices.data(), expert_rows,
-          w, gate_up.routed[d].data(), reinterpret_cast<const bf16*>(out.grad_rows[d].data()),
-          nullptr, pow2_scales, reinterpret_cast<bf16*>(out.dx_rows[d].data()),
-          out.routed_dw13[d].data(), out.routed_dw2[d].data(), nullptr, threads);
+          fp8_matrix_ref(g.x_fp8.data(), g.x_scales.data(), rows, H, ScaleGranularity::k1x128),
+          g.m_indices.data(), expert_rows, w, gate_up.routed[d].data(),
+          reinterpret_cast<const bf16*>(out.grad_rows[d].data()), nullptr, pow2_scales,
+          reinterpret_cast<bf16*>(out.dx_rows[d].data()), out.routed_dw13[d].data(),
+          out.routed_dw2[d].data(), nullptr, threads);
     out.token_rows[d].assign(R * Tmax * H, 0);
     for (int s = 0; s < R; ++s)
       for (int64_t j = 0; j < recv.count[s]; ++j) {
@@ -300,11 +276,12 @@ MoeLayerBackward moe_layer_backward_reference(const EpConfig& cfg,
     std::fill_n(layout.begin(), T, 0);
     std::vector<uint16_t> dy(rows * H, 0), dx(rows * H, 0);
     std::copy(grad_y[s].begin(), grad_y[s].end(), dy.begin());
-    expert_ffn_backward_reference(rows_1x128(codes.data(), scales.data(), rows, H), layout.data(),
-                                  {rows}, w, gate_up.shared[s].data(),
-                                  reinterpret_cast<const bf16*>(dy.data()), nullptr, pow2_scales,
-                                  reinterpret_cast<bf16*>(dx.data()), out.shared_dw13[s].data(),
-                                  out.shared_dw2[s].data(), nullptr, threads);
+    expert_ffn_backward_reference(
+        fp8_matrix_ref(codes.data(), scales.data(), rows, H, ScaleGranularity::k1x128),
+        layout.data(), {rows}, w, gate_up.shared[s].data(),
+        reinterpret_cast<const bf16*>(dy.data()), nullptr, pow2_scales,
+        reinterpret_cast<bf16*>(dx.data()), out.shared_dw13[s].data(), out.shared_dw2[s].data(),
+        nullptr, threads);
     std::copy_n(dx.begin(), T * H, out.grad_x_shared[s].begin());
     add_bf16_reference(out.grad_x_routed[s].data(), out.grad_x_shared[s].data(), T * H,
                        out.grad_x[s].data());

@@ -137,17 +137,21 @@ int64_t QuantizedMatrix::scale_rows_count() const {
 int64_t QuantizedMatrix::scale_cols_count() const {
   return ceil_div(cols, tile_shape(granularity, rows, cols).cols);
 }
-Fp8MatrixRef QuantizedMatrix::ref() const {
+Fp8MatrixRef fp8_matrix_ref(const uint8_t* codes, const float* scales, int64_t rows, int64_t cols,
+                            ScaleGranularity granularity) {
   Fp8MatrixRef r;
-  r.codes = codes.data();
+  r.codes = codes;
   r.rows = rows;
   r.cols = cols;
   r.ld = cols;
-  r.scales = scales.data();
+  r.scales = scales;
   r.granularity = granularity;
-  r.scale_row_stride = scale_cols_count();
+  r.scale_row_stride = ceil_div(cols, tile_shape(granularity, rows, cols).cols);
   r.scale_col_stride = 1;
   return r;
+}
+Fp8MatrixRef QuantizedMatrix::ref() const {
+  return fp8_matrix_ref(codes.data(), scales.data(), rows, cols, granularity);
 }
 
 void quantize_into(const float* x, int64_t rows, int64_t cols, int64_t ld,

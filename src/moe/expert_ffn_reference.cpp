@@ -23,19 +23,6 @@ void check_dims(int64_t groups, int64_t hidden, int64_t inter, const char* what)
                " is not a positive multiple of 128 (the scale block)");
 }
 
-Fp8MatrixRef block_ref(const uint8_t* codes, const float* scales, int64_t rows, int64_t cols) {
-  Fp8MatrixRef r;
-  r.codes = codes;
-  r.rows = rows;
-  r.cols = cols;
-  r.ld = cols;
-  r.scales = scales;
-  r.granularity = ScaleGranularity::k128x128;
-  r.scale_row_stride = cols / 128;
-  r.scale_col_stride = 1;
-  return r;
-}
-
 // quantize_into 128x128 with the tensor and expert named in an error.
 void quantize_block(const float* x, int64_t rows, int64_t cols, QuantizeOptions options,
                     uint8_t* codes, float* scales, const char* tensor, int64_t expert) {
@@ -53,15 +40,17 @@ Fp8MatrixRef ExpertWeightsHost::w13_ref(int64_t expert) const {
   FM_CHECK_ARG(expert >= 0 && expert < groups, "ExpertWeightsHost: expert ", expert, " of ",
                groups);
   const int64_t n = 2 * inter;
-  return block_ref(w13.data() + expert * n * hidden,
-                   s13.data() + expert * (n / 128) * (hidden / 128), n, hidden);
+  return fp8_matrix_ref(w13.data() + expert * n * hidden,
+                        s13.data() + expert * (n / 128) * (hidden / 128), n, hidden,
+                        ScaleGranularity::k128x128);
 }
 
 Fp8MatrixRef ExpertWeightsHost::w2_ref(int64_t expert) const {
   FM_CHECK_ARG(expert >= 0 && expert < groups, "ExpertWeightsHost: expert ", expert, " of ",
                groups);
-  return block_ref(w2.data() + expert * hidden * inter,
-                   s2.data() + expert * (hidden / 128) * (inter / 128), hidden, inter);
+  return fp8_matrix_ref(w2.data() + expert * hidden * inter,
+                        s2.data() + expert * (hidden / 128) * (inter / 128), hidden, inter,
+                        ScaleGranularity::k128x128);
 }
 
 ExpertWeightsHost quantize_expert_weights(const float* gate, const float* up, const float* down,
@@ -134,15 +123,7 @@ void expert_ffn_reference(const Fp8MatrixRef& x, const int32_t* grouped_layout,
       for (int64_t b = 0; b < KB; ++b) sa[i * KB + b] = x.scale(r, b * 128);
       if (row_scale != nullptr) ws[i] = row_scale[r];
     }
-    Fp8MatrixRef ar;
-    ar.codes = a.data();
-    ar.rows = n;
-    ar.cols = H;
-    ar.ld = H;
-    ar.scales = sa.data();
-    ar.granularity = ScaleGranularity::k1x128;
-    ar.scale_row_stride = KB;
-    ar.scale_col_stride = 1;
+    const Fp8MatrixRef ar = fp8_matrix_ref(a.data(), sa.data(), n, H, ScaleGranularity::k1x128);
 
     // 1. gate_up = x w13^T, BF16.
     std::vector<bf16> gate_up(n * 2 * I);
@@ -212,15 +193,17 @@ Fp8MatrixRef ExpertWeightsTransposedHost::w13t_ref(int64_t expert) const {
   FM_CHECK_ARG(expert >= 0 && expert < groups, "ExpertWeightsTransposedHost: expert ", expert,
                " of ", groups);
   const int64_t n = 2 * inter;
-  return block_ref(w13t.data() + expert * n * hidden,
-                   s13t.data() + expert * (n / 128) * (hidden / 128), hidden, n);
+  return fp8_matrix_ref(w13t.data() + expert * n * hidden,
+                        s13t.data() + expert * (n / 128) * (hidden / 128), hidden, n,
+                        ScaleGranularity::k128x128);
 }
 
 Fp8MatrixRef ExpertWeightsTransposedHost::w2t_ref(int64_t expert) const {
   FM_CHECK_ARG(expert >= 0 && expert < groups, "ExpertWeightsTransposedHost: expert ", expert,
                " of ", groups);
-  return block_ref(w2t.data() + expert * hidden * inter,
-                   s2t.data() + expert * (hidden / 128) * (inter / 128), inter, hidden);
+  return fp8_matrix_ref(w2t.data() + expert * hidden * inter,
+                        s2t.data() + expert * (hidden / 128) * (inter / 128), inter, hidden,
+                        ScaleGranularity::k128x128);
 }
 
 ExpertWeightsTransposedHost transpose_expert_weights(const ExpertWeightsHost& w) {

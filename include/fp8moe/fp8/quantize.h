@@ -56,6 +56,11 @@ struct Fp8MatrixRef {
   float value(int64_t r, int64_t c) const;  // dequantised element
 };
 
+// A view of a dense row-major FP8 matrix: codes [rows, cols] (ld = cols) and its scales row-major,
+// one row of ceil(cols / tile cols) per tile row, as quantize() writes them.
+Fp8MatrixRef fp8_matrix_ref(const uint8_t* codes, const float* scales, int64_t rows, int64_t cols,
+                            ScaleGranularity granularity);
+
 // An owning quantised matrix: codes row-major [rows, cols]; scales row-major over tiles.
 struct QuantizedMatrix {
   int64_t rows = 0, cols = 0;
