@@ -606,6 +606,37 @@ __device__ __forceinline__ void fence_frag(uint32_t (&a)[kK][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
 }
 
+// probs_and_ds in two halves, so that P is computed while dP's wgmma still runs: wg_probs turns
+// the scores (log2 units) into P (0 where masked), wg_ds turns dP into dS = P (dP - D).
+template <int kN, bool kTransposed>
+__device__ __forceinline__ void wg_probs(float (&s)[kN][4], int row, int col0, const float* lse2,
+                                         int lse_base, int seq, float scale_log2) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row + (e >> 1) * 8, c = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+      const int query = kTransposed ? c : r, key = kTransposed ? r : c;
+      const int qi = (kTransposed ? c - col0 : r - row) + lse_base;
+      const bool valid = key <= query && query < seq;
+      s[nt][e] = valid ? exp2f(s[nt][e] * scale_log2 - lse2[qi]) : 0.0f;
+    }
+}
+template <int kN, bool kTransposed>
+__device__ __forceinline__ void wg_ds(const float (&pr)[kN][4], float (&dp)[kN][4], int row,
+                                      int col0, const float* dsum, int lse_base) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row + (e >> 1) * 8, c = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+      const int qi = (kTransposed ? c - col0 : r - row) + lse_base;
+      dp[nt][e] = pr[nt][e] * (dp[nt][e] - dsum[qi]);
+    }
+}
+
 // dk/dv: CTA = 128 keys of one (batch, head), 2 warpgroups x 64 keys; query blocks of kWgKvM.
 // Per query block and warpgroup: S^T = K Q^T and dP^T = V dO^T (wgmma m64 n kWgKvM, both from
 // shared memory), P^T and dS^T in registers, dV += P^T dO (m64n128, A from registers, dO N-major)
@@ -665,30 +696,34 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dkdv_wgmma_kernel(Param
     if (n0 + wg * 64 <= m0 + kWgKvM - 1) {
       float s[kWgKvM / 8][4], dpt[kWgKvM / 8][4];
       wgmma_fence();
+      // Groups: S^T, dP^T, dV, dK; P^T is computed while dP^T runs, dS^T while dV runs.
 #pragma unroll
       for (int kk = 0; kk < kDq / 16; ++kk)
         sm90::WgmmaBf16Ss<kWgKvM>::mma(s, desc_k<kWgKvN>(tk, wg * 64, kk),
                                        desc_k<kWgKvM>(tq, 0, kk), kk > 0);
+      wgmma_commit();
 #pragma unroll
       for (int kk = 0; kk < kDv / 16; ++kk)
         sm90::WgmmaBf16Ss<kWgKvM>::mma(dpt, desc_k<kWgKvN>(tv, wg * 64, kk),
                                        desc_k<kWgKvM>(tdo, 0, kk), kk > 0);
       wgmma_commit();
-      wgmma_wait<0>();
+      wgmma_wait<1>();
       fence_acc(s);
-      fence_acc(dpt);
-      probs_and_ds<kWgKvM / 8, true>(s, dpt, key_row, m0, lse2, lse2 + kWgKvM, 0, p.seq,
-                                     p.scale_log2);
+      wg_probs<kWgKvM / 8, true>(s, key_row, m0, lse2, 0, p.seq, p.scale_log2);
       uint32_t pa[kWgKvM / 16][4], da[kWgKvM / 16][4];
 #pragma unroll
-      for (int kk = 0; kk < kWgKvM / 16; ++kk) {
-        pack_a(pa[kk], s, kk);
-        pack_a(da[kk], dpt, kk);
-      }
+      for (int kk = 0; kk < kWgKvM / 16; ++kk) pack_a(pa[kk], s, kk);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kWgKvM / 16; ++kk)
         sm90::WgmmaBf16RsT<kDv>::mma(dv, pa[kk], desc_n<kWgKvM>(tdo, kk), true);
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_acc(dpt);
+      wg_ds<kWgKvM / 8, true>(s, dpt, key_row, m0, lse2 + kWgKvM, 0);
+#pragma unroll
+      for (int kk = 0; kk < kWgKvM / 16; ++kk) pack_a(da[kk], dpt, kk);
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kWgKvM / 16; ++kk)
         sm90::WgmmaBf16RsT<kDq>::mma(dk, da[kk], desc_n<kWgKvM>(tq, kk), true);
@@ -781,16 +816,19 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dq_wgmma_kernel(Params 
       for (int kk = 0; kk < kDq / 16; ++kk)
         sm90::WgmmaBf16Ss<kWgQN>::mma(s, desc_k<kWgQM>(tq, wg * 64, kk), desc_k<kWgQN>(tk, 0, kk),
                                       kk > 0);
+      wgmma_commit();
 #pragma unroll
       for (int kk = 0; kk < kDv / 16; ++kk)
         sm90::WgmmaBf16Ss<kWgQN>::mma(dp, desc_k<kWgQM>(tdo, wg * 64, kk), desc_k<kWgQN>(tv, 0, kk),
                                       kk > 0);
       wgmma_commit();
-      wgmma_wait<0>();
+      // Groups: S, dP (then dQ); P is computed while dP runs.
+      wgmma_wait<1>();
       fence_acc(s);
+      wg_probs<kWgQN / 8, false>(s, q_row, n0, sstat, q_row - m0, p.seq, p.scale_log2);
+      wgmma_wait<0>();
       fence_acc(dp);
-      probs_and_ds<kWgQN / 8, false>(s, dp, q_row, n0, sstat, sstat + kWgQM, q_row - m0, p.seq,
-                                     p.scale_log2);
+      wg_ds<kWgQN / 8, false>(s, dp, q_row, n0, sstat + kWgQM, q_row - m0);
       uint32_t da[kWgQN / 16][4];
 #pragma unroll
       for (int kk = 0; kk < kWgQN / 16; ++kk) pack_a(da[kk], dp, kk);
