@@ -11,6 +11,8 @@
 // count, so the ratio of TFLOPS is the ratio of times. rel_diff: ||ours - naive|| / ||naive|| of
 // the forward's out, the backward's dq and dk_pe (full-size checks the CPU reference is too slow
 // for; the backward's column prints dq's).
+// Rows: naive_cublaslt, fp8moe (the default backward, mma.sync) and fp8moe_wgmma (the backward's
+// MlaBackwardImpl::kWgmma variant, s21-ab; its JSON row also has dq_rel_diff_vs_mma).
 // Timing: CUDA events around `iters` calls, median of `rounds`. Correctness is the test's job
 // (test_kernels_gpu --gtest_filter='MlaAttentionGpu*').
 // Run: attention_bench [--out rows.jsonl] [--iters 5] [--rounds 5] [--date D] [--commit C]
@@ -252,7 +254,7 @@ int main(int argc, char** argv) {
            *dkv = dev_alloc<bf16>(T * H * kDkv), *k = dev_alloc<bf16>(T * H * kDq),
            *out_naive = dev_alloc<bf16>(T * H * kDv), *p = dev_alloc<bf16>(s.batch * H * S * S),
            *ds = dev_alloc<bf16>(H * S * S), *dq_naive = dev_alloc<bf16>(T * H * kDq),
-           *dkv_naive = dev_alloc<bf16>(T * H * kDkv);
+           *dkv_naive = dev_alloc<bf16>(T * H * kDkv), *dq_mma = dev_alloc<bf16>(T * H * kDq);
       float *lse = dev_alloc<float>(H * T), *dkpe = dev_alloc<float>(T * kDr),
             *sc = dev_alloc<float>(H * S * S), *dk_naive = dev_alloc<float>(T * H * kDq),
             *dkpe_naive = dev_alloc<float>(T * kDr);
@@ -326,6 +328,10 @@ int main(int argc, char** argv) {
         kernels::mla_attention_backward(q, kv, kpe, out, dout, lse, s, kScale, dq, dkv, dkpe, ws,
                                         ws_bytes, stream);
       };
+      const auto ours_bwd_wgmma = [&] {
+        kernels::mla_attention_backward(q, kv, kpe, out, dout, lse, s, kScale, dq, dkv, dkpe, ws,
+                                        ws_bytes, stream, kernels::MlaBackwardImpl::kWgmma);
+      };
       const auto time_us = [&](const std::function<void()>& call) {
         call();
         FM_CHECK_CUDA(cudaStreamSynchronize(stream));
@@ -353,21 +359,18 @@ int main(int argc, char** argv) {
       struct Row {
         const char *op, *impl;
         double us, flops;
+        double diff_dq = 0, diff_dkpe = 0, diff_dq_mma = -1;  // the backward's
       };
-      const Row rows[] = {{"forward", "naive_cublaslt", naive_us, fwd_flops},
-                          {"forward", "fp8moe", fwd_us, fwd_flops},
-                          {"backward", "naive_cublaslt", naive_bwd_us, bwd_flops},
-                          {"backward", "fp8moe", bwd_us, bwd_flops}};
-      for (const Row& r : rows) {
+      const auto emit = [&](const Row& r) {
         const bool fwd = std::string(r.op) == "forward";
         const double tflops = r.flops / r.us / 1e6;
         const double ratio = (fwd ? naive_us : naive_bwd_us) / r.us;
-        const bool ours = std::string(r.impl) == "fp8moe";
+        const bool ours = std::string(r.impl) != "naive_cublaslt";
         char dims[64];
         std::snprintf(dims, sizeof dims, "%lld x %lld x %lld", static_cast<long long>(s.batch),
                       static_cast<long long>(S), static_cast<long long>(H));
         std::printf("  %-20s %-9s %-15s %10.1f %9.1f %9.3f %11.3e\n", dims, r.op, r.impl, r.us,
-                    tflops, ratio, ours ? (fwd ? diff : diff_dq) : 0.0);
+                    tflops, ratio, ours ? (fwd ? diff : r.diff_dq) : 0.0);
         if (f) {
           std::fprintf(f,
                        "{\"bench\":\"attention\",\"gpu\":\"%s\",\"gpus\":1,\"date\":\"%s\","
@@ -382,19 +385,37 @@ int main(int argc, char** argv) {
             std::fprintf(f,
                          ",\"speedup_vs_naive\":%.3f,\"dq_rel_diff_vs_naive\":%.3e,"
                          "\"dk_pe_rel_diff_vs_naive\":%.3e",
-                         ratio, diff_dq, diff_dkpe);
+                         ratio, r.diff_dq, r.diff_dkpe);
+          if (r.diff_dq_mma >= 0) std::fprintf(f, ",\"dq_rel_diff_vs_mma\":%.3e", r.diff_dq_mma);
           std::fprintf(f, "}\n");
           std::fflush(f);
         }
-      }
-      for (void* ptr :
-           {static_cast<void*>(q), static_cast<void*>(kv), static_cast<void*>(kpe),
-            static_cast<void*>(out), static_cast<void*>(dout), static_cast<void*>(dq),
-            static_cast<void*>(dkv), static_cast<void*>(k), static_cast<void*>(out_naive),
-            static_cast<void*>(p), static_cast<void*>(lse), static_cast<void*>(dkpe),
-            static_cast<void*>(sc), static_cast<void*>(ds), static_cast<void*>(dq_naive),
-            static_cast<void*>(dkv_naive), static_cast<void*>(dk_naive),
-            static_cast<void*>(dkpe_naive), ws})
+      };
+      // The measured rows first: a failing variant below must not lose them.
+      emit({"forward", "naive_cublaslt", naive_us, fwd_flops});
+      emit({"forward", "fp8moe", fwd_us, fwd_flops});
+      emit({"backward", "naive_cublaslt", naive_bwd_us, bwd_flops});
+      emit({"backward", "fp8moe", bwd_us, bwd_flops, diff_dq, diff_dkpe});
+      // s21-ab: the wgmma variant of the backward (MlaBackwardImpl::kWgmma), its dq also
+      // against the default's (dq_mma, kept from the run above).
+      FM_CHECK_CUDA(cudaMemcpyAsync(dq_mma, dq, static_cast<size_t>(T * H * kDq) * sizeof(bf16),
+                                    cudaMemcpyDeviceToDevice, stream));
+      const double wg_us = time_us(ours_bwd_wgmma);
+      FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+      emit({"backward", "fp8moe_wgmma", wg_us, bwd_flops,
+            rel_diff(dq, dq_naive, static_cast<size_t>(T * H * kDq)),
+            rel_diff(dkpe, dkpe_naive, static_cast<size_t>(T * kDr)),
+            rel_diff(dq, dq_mma, static_cast<size_t>(T * H * kDq))});
+      for (void* ptr : {static_cast<void*>(q),         static_cast<void*>(kv),
+                        static_cast<void*>(kpe),       static_cast<void*>(out),
+                        static_cast<void*>(dout),      static_cast<void*>(dq),
+                        static_cast<void*>(dkv),       static_cast<void*>(k),
+                        static_cast<void*>(out_naive), static_cast<void*>(p),
+                        static_cast<void*>(lse),       static_cast<void*>(dkpe),
+                        static_cast<void*>(sc),        static_cast<void*>(ds),
+                        static_cast<void*>(dq_naive),  static_cast<void*>(dkv_naive),
+                        static_cast<void*>(dk_naive),  static_cast<void*>(dkpe_naive),
+                        static_cast<void*>(dq_mma),    ws})
         FM_CHECK_CUDA(cudaFree(ptr));
     }
     cudaFree(lt_ws);

@@ -1,7 +1,8 @@
 // MLA's causal attention core on BF16 tensor cores (mma.sync.m16n8k16, ldmatrix), FlashAttention-2:
 // forward = online softmax over key blocks, FP32 accumulators, no [S, S] matrix; backward = P
 // recomputed from lse, one kernel for dk/dv (per key block), one for dq (per query block), no
-// atomics. Reference: src/kernels/mla_attention_reference.cpp. Test: test_kernels_gpu
+// atomics. MlaBackwardImpl::kWgmma (s21-ab) runs the dk/dv and dq passes on wgmma instead.
+// Reference: src/kernels/mla_attention_reference.cpp. Test: test_kernels_gpu
 // --gtest_filter='MlaAttentionGpu*'
 #include <cuda_bf16.h>
 
@@ -13,6 +14,7 @@
 #include "fp8moe/core/error.h"
 #include "fp8moe/kernels/mla_attention.h"
 #include "sm90_ptx.cuh"
+#include "sm90_wgmma_bf16.cuh"
 
 namespace fp8moe::kernels {
 namespace {
@@ -509,6 +511,353 @@ __global__ void mla_bwd_kpe_sum_kernel(Params p) {
   p.dk_pe[i] = sum;
 }
 
+// ---- backward, wgmma variant (s21-ab, MlaBackwardImpl::kWgmma; docs/kernels/attention.md) ----
+// The same four steps; the dk/dv and dq passes issue warpgroup MMAs (wgmma, sm_90a) instead of
+// mma.sync + ldmatrix: a warpgroup (4 warps, 64 rows) reads each shared-memory B operand once for
+// its 64 rows where 4 warps read it 4 times, and the operands that the mma.sync form took by
+// ldmatrix (K, V, Q, dO, and their transposes) come straight from shared memory. P^T / dS^T /
+// dS feed the second products from registers (the accumulator -> A fragment repack as before).
+// Tiles: panels of 64 columns (128-byte rows), the 128-byte swizzle wgmma reads (chunk c of row
+// r at c ^ (r & 7), each panel 1024-byte aligned); the same bytes serve as a K-major operand
+// (rows = M or N, e.g. Q in S^T = K Q^T) and as an N-major B (rows = K, e.g. Q in dK += dS^T Q).
+using sm90::fence_operand;
+using sm90::fence_proxy_async;
+using sm90::wgmma_commit;
+using sm90::wgmma_fence;
+using sm90::wgmma_wait;
+
+// Byte offset of 16-byte chunk `chunk` (over the whole row) of row `row` in a panel tile of kRows.
+template <int kRows>
+__device__ __forceinline__ uint32_t panel_off(int row, int chunk) {
+  static_assert(kRows % 8 == 0, "a panel is whole 8-row swizzle atoms");
+  return static_cast<uint32_t>((chunk / 8) * kRows * 128 + row * 128 +
+                               ((chunk % 8) ^ (row & 7)) * 16);
+}
+
+// load_rows' copy into a panel tile.
+template <int kRows, int kChunks, int kThreads>
+__device__ __forceinline__ void load_rows_panel(uint8_t* tile, int chunk0, const bf16* src,
+                                                int64_t ld, int rows_valid) {
+  constexpr int kTotal = kRows * kChunks;
+#pragma unroll
+  for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
+    const int idx = i * kThreads + static_cast<int>(threadIdx.x);
+    if (kTotal % kThreads != 0 && idx >= kTotal) break;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool valid = r < rows_valid;
+    const bf16* g = src + (valid ? static_cast<int64_t>(r) * ld + c * 8 : 0);
+    cp_async_16(tile + panel_off<kRows>(r, chunk0 + c), g, valid ? 16u : 0u);
+  }
+}
+
+// K tile (k_nope | k_pe, 3 panels) and V tile (2 panels) of kRows keys from key n0.
+template <int kRows, int kThreads>
+__device__ __forceinline__ void load_kv_block_panel(const Params& p, uint8_t* sk, uint8_t* sv,
+                                                    int b, int h, int n0) {
+  const int valid = min(kRows, p.seq - n0);
+  const int64_t t0 = static_cast<int64_t>(b) * p.seq + n0;
+  const bf16* kv = p.kv + (t0 * p.heads + h) * kDkv;
+  load_rows_panel<kRows, 16, kThreads>(sk, 0, kv, static_cast<int64_t>(p.heads) * kDkv, valid);
+  load_rows_panel<kRows, 8, kThreads>(sk, 16, p.kpe + t0 * kDr, kDr, valid);
+  load_rows_panel<kRows, 16, kThreads>(sv, 0, kv + kDn, static_cast<int64_t>(p.heads) * kDkv,
+                                       valid);
+}
+
+// wgmma shared-memory descriptor, 128-byte swizzle (PTX ISA "matrix descriptor"): start address,
+// leading byte offset (N-major: the stride between 64-column panels; K-major: unused), stride
+// byte offset (the stride between 8-row groups: 1024 in a panel).
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | static_cast<uint64_t>(lbo >> 4) << 16 |
+         static_cast<uint64_t>(1024 >> 4) << 32 | static_cast<uint64_t>(1) << 62;
+}
+// K-major operand: rows [row0, row0 + 64 or N) of a panel tile of kRows, k-step kk (columns
+// 16 kk .. 16 kk + 15: panel kk / 4, 32 bytes a step inside the 128-byte row).
+template <int kRows>
+__device__ __forceinline__ uint64_t desc_k(uint32_t tile, int row0, int kk) {
+  return desc_sw128(tile + (kk / 4) * kRows * 128 + row0 * 128 + (kk % 4) * 32, 16);
+}
+// N-major B operand: the tile's rows 16 kk .. 16 kk + 15 are the k index, its columns the n index
+// (64 a panel, panels kRows * 128 bytes apart).
+template <int kRows>
+__device__ __forceinline__ uint64_t desc_n(uint32_t tile, int kk) {
+  return desc_sw128(tile + kk * 16 * 128, kRows * 128);
+}
+
+// The A fragment of k-step kk (16 columns) of a warp's FP32 accumulator rows, rounded to BF16.
+template <int kN>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&p)[kN][4], int kk) {
+  a[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
+  a[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+  a[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+  a[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+}
+template <int kN>
+__device__ __forceinline__ void fence_acc(float (&acc)[kN][4]) {
+#pragma unroll
+  for (int j = 0; j < kN; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) fence_operand(acc[j][e]);
+}
+template <int kK>
+__device__ __forceinline__ void fence_frag(uint32_t (&a)[kK][4]) {
+#pragma unroll
+  for (int j = 0; j < kK; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
+}
+
+// probs_and_ds in two halves, so that P is computed while dP's wgmma still runs: wg_probs turns
+// the scores (log2 units) into P (0 where masked), wg_ds turns dP into dS = P (dP - D).
+template <int kN, bool kTransposed>
+__device__ __forceinline__ void wg_probs(float (&s)[kN][4], int row, int col0, const float* lse2,
+                                         int lse_base, int seq, float scale_log2) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row + (e >> 1) * 8, c = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+      const int query = kTransposed ? c : r, key = kTransposed ? r : c;
+      const int qi = (kTransposed ? c - col0 : r - row) + lse_base;
+      const bool valid = key <= query && query < seq;
+      s[nt][e] = valid ? exp2f(s[nt][e] * scale_log2 - lse2[qi]) : 0.0f;
+    }
+}
+template <int kN, bool kTransposed>
+__device__ __forceinline__ void wg_ds(const float (&pr)[kN][4], float (&dp)[kN][4], int row,
+                                      int col0, const float* dsum, int lse_base) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row + (e >> 1) * 8, c = col0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+      const int qi = (kTransposed ? c - col0 : r - row) + lse_base;
+      dp[nt][e] = pr[nt][e] * (dp[nt][e] - dsum[qi]);
+    }
+}
+
+// dk/dv: CTA = 128 keys of one (batch, head), 2 warpgroups x 64 keys; query blocks of kWgKvM.
+// Per query block and warpgroup: S^T = K Q^T and dP^T = V dO^T (wgmma m64 n kWgKvM, both from
+// shared memory), P^T and dS^T in registers, dV += P^T dO (m64n128, A from registers, dO N-major)
+// and dK += dS^T Q (m64n192, Q N-major).
+constexpr int kWgKvN = 128, kWgKvM = 32, kWgThreads = 256;
+constexpr int kWgKvSmem =
+    kWgKvN * (kDq + kDv) * 2 + 2 * kWgKvM * (kDq + kDv) * 2 + 2 * kWgKvM * 2 * 4;
+
+__global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dkdv_wgmma_kernel(Params p) {
+  extern __shared__ __align__(1024) uint8_t smem_wg[];
+  uint8_t* sk = smem_wg;                                                // 3 panels
+  uint8_t* sv = sk + kWgKvN * kDq * 2;                                  // 2 panels
+  uint8_t* sq = sv + kWgKvN * kDv * 2;                                  // 2 stages x 3 panels
+  uint8_t* sdo = sq + 2 * kWgKvM * kDq * 2;                             // 2 stages x 2 panels
+  float* sstat = reinterpret_cast<float*>(sdo + 2 * kWgKvM * kDv * 2);  // 2 x (lse2, D)
+  const int h = blockIdx.x, b = blockIdx.z;
+  const int n0 = blockIdx.y * kWgKvN;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+  const int64_t tb = static_cast<int64_t>(b) * p.seq;
+  const int64_t ld_q = static_cast<int64_t>(p.heads) * kDq,
+                ld_o = static_cast<int64_t>(p.heads) * kDv;
+  const int i_first = n0 / kWgKvM, i_end = (p.seq + kWgKvM - 1) / kWgKvM;
+
+  const auto load_q_block = [&](int i, int stage) {
+    const int m0 = i * kWgKvM, valid = min(kWgKvM, p.seq - m0);
+    load_rows_panel<kWgKvM, 24, kWgThreads>(sq + stage * kWgKvM * kDq * 2, 0,
+                                            p.q + ((tb + m0) * p.heads + h) * kDq, ld_q, valid);
+    load_rows_panel<kWgKvM, 16, kWgThreads>(sdo + stage * kWgKvM * kDv * 2, 0,
+                                            p.dout + ((tb + m0) * p.heads + h) * kDv, ld_o, valid);
+    if (threadIdx.x < kWgKvM) {
+      const int r = threadIdx.x;
+      const int64_t idx = static_cast<int64_t>(h) * p.tokens + tb + m0 + r;
+      sstat[stage * 2 * kWgKvM + r] = r < valid ? p.lse_in[idx] * kLog2e : 0.0f;
+      sstat[stage * 2 * kWgKvM + kWgKvM + r] = r < valid ? p.dsum[idx] : 0.0f;
+    }
+  };
+  load_kv_block_panel<kWgKvN, kWgThreads>(p, sk, sv, b, h, n0);
+  load_q_block(i_first, 0);
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();  // cp.async wrote what the tensor cores read next
+  __syncthreads();
+
+  float dk[kDq / 8][4], dv[kDv / 8][4];
+  zero(dk);
+  zero(dv);
+  const int key_row = n0 + warp * 16 + lane / 4;
+  const uint32_t tk = smem_addr(sk), tv = smem_addr(sv);
+  for (int i = i_first; i < i_end; ++i) {
+    const int stage = (i - i_first) & 1, m0 = i * kWgKvM;
+    if (i + 1 < i_end) load_q_block(i + 1, stage ^ 1);
+    cp_async_commit();
+    const uint32_t tq = smem_addr(sq + stage * kWgKvM * kDq * 2);
+    const uint32_t tdo = smem_addr(sdo + stage * kWgKvM * kDv * 2);
+    const float* lse2 = sstat + stage * 2 * kWgKvM;
+    // Warpgroups whose keys all lie after the block's last query have nothing to add.
+    if (n0 + wg * 64 <= m0 + kWgKvM - 1) {
+      float s[kWgKvM / 8][4], dpt[kWgKvM / 8][4];
+      wgmma_fence();
+      // Groups: S^T, dP^T, dV, dK; P^T is computed while dP^T runs, dS^T while dV runs.
+#pragma unroll
+      for (int kk = 0; kk < kDq / 16; ++kk)
+        sm90::WgmmaBf16Ss<kWgKvM>::mma(s, desc_k<kWgKvN>(tk, wg * 64, kk),
+                                       desc_k<kWgKvM>(tq, 0, kk), kk > 0);
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < kDv / 16; ++kk)
+        sm90::WgmmaBf16Ss<kWgKvM>::mma(dpt, desc_k<kWgKvN>(tv, wg * 64, kk),
+                                       desc_k<kWgKvM>(tdo, 0, kk), kk > 0);
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_acc(s);
+      wg_probs<kWgKvM / 8, true>(s, key_row, m0, lse2, 0, p.seq, p.scale_log2);
+      uint32_t pa[kWgKvM / 16][4], da[kWgKvM / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kWgKvM / 16; ++kk) pack_a(pa[kk], s, kk);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kWgKvM / 16; ++kk)
+        sm90::WgmmaBf16RsT<kDv>::mma(dv, pa[kk], desc_n<kWgKvM>(tdo, kk), true);
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_acc(dpt);
+      wg_ds<kWgKvM / 8, true>(s, dpt, key_row, m0, lse2 + kWgKvM, 0);
+#pragma unroll
+      for (int kk = 0; kk < kWgKvM / 16; ++kk) pack_a(da[kk], dpt, kk);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kWgKvM / 16; ++kk)
+        sm90::WgmmaBf16RsT<kDq>::mma(dk, da[kk], desc_n<kWgKvM>(tq, kk), true);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_frag(pa);
+      fence_frag(da);
+      fence_acc(dk);
+      fence_acc(dv);
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+  }
+
+  // Epilogue (as mla_bwd_dkdv_kernel's): dk_nope, dv to dkv (BF16); dk_pe of this head (FP32).
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key_row + r * 8;
+    if (key >= p.seq) continue;
+    const int64_t t = tb + key;
+    bf16* dst = p.dkv + (t * p.heads + h) * kDkv + (lane % 4) * 2;
+    float* part = p.dkpe_part + (static_cast<int64_t>(h) * p.tokens + t) * kDr + (lane % 4) * 2;
+#pragma unroll
+    for (int nt = 0; nt < kDn / 8; ++nt)
+      *reinterpret_cast<uint32_t*>(dst + nt * 8) =
+          pack_bf16(dk[nt][2 * r] * p.scale, dk[nt][2 * r + 1] * p.scale);
+#pragma unroll
+    for (int nt = 0; nt < kDv / 8; ++nt)
+      *reinterpret_cast<uint32_t*>(dst + kDn + nt * 8) =
+          pack_bf16(dv[nt][2 * r], dv[nt][2 * r + 1]);
+#pragma unroll
+    for (int nt = 0; nt < kDr / 8; ++nt)
+      *reinterpret_cast<float2*>(part + nt * 8) =
+          make_float2(dk[kDn / 8 + nt][2 * r] * p.scale, dk[kDn / 8 + nt][2 * r + 1] * p.scale);
+  }
+}
+
+// dq: CTA = 128 queries of one (batch, head), 2 warpgroups x 64 queries; key blocks of 64 up to
+// the diagonal: S = Q K^T, dP = dO V^T (m64n64, both from shared memory), dS in registers,
+// dQ += dS K (m64n192, A from registers, K N-major).
+constexpr int kWgQM = 128, kWgQN = 64;
+constexpr int kWgQSmem = kWgQM * (kDq + kDv) * 2 + 2 * kWgQN * (kDq + kDv) * 2 + kWgQM * 2 * 4;
+
+__global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dq_wgmma_kernel(Params p) {
+  extern __shared__ __align__(1024) uint8_t smem_wg[];
+  uint8_t* sq = smem_wg;
+  uint8_t* sdo = sq + kWgQM * kDq * 2;
+  uint8_t* sk = sdo + kWgQM * kDv * 2;  // 2 stages
+  uint8_t* sv = sk + 2 * kWgQN * kDq * 2;
+  float* sstat = reinterpret_cast<float*>(sv + 2 * kWgQN * kDv * 2);  // lse2 [128], D [128]
+  const int h = blockIdx.x, b = blockIdx.z;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * kWgQM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+  const int64_t tb = static_cast<int64_t>(b) * p.seq;
+  const int valid = min(kWgQM, p.seq - m0);
+  const int n_blocks = (min(m0 + kWgQM, p.seq) + kWgQN - 1) / kWgQN;
+
+  load_rows_panel<kWgQM, 24, kWgThreads>(sq, 0, p.q + ((tb + m0) * p.heads + h) * kDq,
+                                         static_cast<int64_t>(p.heads) * kDq, valid);
+  load_rows_panel<kWgQM, 16, kWgThreads>(sdo, 0, p.dout + ((tb + m0) * p.heads + h) * kDv,
+                                         static_cast<int64_t>(p.heads) * kDv, valid);
+  if (threadIdx.x < kWgQM) {
+    const int r = threadIdx.x;
+    const int64_t idx = static_cast<int64_t>(h) * p.tokens + tb + m0 + r;
+    sstat[r] = r < valid ? p.lse_in[idx] * kLog2e : 0.0f;
+    sstat[kWgQM + r] = r < valid ? p.dsum[idx] : 0.0f;
+  }
+  load_kv_block_panel<kWgQN, kWgThreads>(p, sk, sv, b, h, 0);
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();
+  __syncthreads();
+  float dq[kDq / 8][4];
+  zero(dq);
+  const int q_row = m0 + warp * 16 + lane / 4;
+  const uint32_t tq = smem_addr(sq), tdo = smem_addr(sdo);
+  for (int j = 0; j < n_blocks; ++j) {
+    const int stage = j & 1, n0 = j * kWgQN;
+    if (j + 1 < n_blocks)
+      load_kv_block_panel<kWgQN, kWgThreads>(p, sk + (stage ^ 1) * kWgQN * kDq * 2,
+                                             sv + (stage ^ 1) * kWgQN * kDv * 2, b, h, n0 + kWgQN);
+    cp_async_commit();
+    const uint32_t tk = smem_addr(sk + stage * kWgQN * kDq * 2);
+    const uint32_t tv = smem_addr(sv + stage * kWgQN * kDv * 2);
+    if (n0 <= m0 + wg * 64 + 63) {  // else every key of the block is after the warpgroup's rows
+      float s[kWgQN / 8][4], dp[kWgQN / 8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kDq / 16; ++kk)
+        sm90::WgmmaBf16Ss<kWgQN>::mma(s, desc_k<kWgQM>(tq, wg * 64, kk), desc_k<kWgQN>(tk, 0, kk),
+                                      kk > 0);
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < kDv / 16; ++kk)
+        sm90::WgmmaBf16Ss<kWgQN>::mma(dp, desc_k<kWgQM>(tdo, wg * 64, kk), desc_k<kWgQN>(tv, 0, kk),
+                                      kk > 0);
+      wgmma_commit();
+      // Groups: S, dP (then dQ); P is computed while dP runs.
+      wgmma_wait<1>();
+      fence_acc(s);
+      wg_probs<kWgQN / 8, false>(s, q_row, n0, sstat, q_row - m0, p.seq, p.scale_log2);
+      wgmma_wait<0>();
+      fence_acc(dp);
+      wg_ds<kWgQN / 8, false>(s, dp, q_row, n0, sstat + kWgQM, q_row - m0);
+      uint32_t da[kWgQN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kWgQN / 16; ++kk) pack_a(da[kk], dp, kk);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kWgQN / 16; ++kk)
+        sm90::WgmmaBf16RsT<kDq>::mma(dq, da[kk], desc_n<kWgQN>(tk, kk), true);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_frag(da);
+      fence_acc(dq);
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = q_row + r * 8;
+    if (row >= p.seq) continue;
+    bf16* dst = p.dq + ((tb + row) * p.heads + h) * kDq + (lane % 4) * 2;
+#pragma unroll
+    for (int nt = 0; nt < kDq / 8; ++nt)
+      *reinterpret_cast<uint32_t*>(dst + nt * 8) =
+          pack_bf16(dq[nt][2 * r] * p.scale, dq[nt][2 * r + 1] * p.scale);
+  }
+}
+
 void check_aligned(const char* who, const char* name, const void* ptr) {
   FM_CHECK_ARG(ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0, who, ": ", name,
                " must be a 16-byte aligned device pointer (got ", ptr, ")");
@@ -569,6 +918,14 @@ void mla_attention_backward(const bf16* q, const bf16* kv, const bf16* k_pe, con
                             const bf16* dout, const float* lse, MlaAttentionShape shape,
                             float scale, bf16* dq, bf16* dkv, float* dk_pe, void* workspace,
                             size_t workspace_bytes, cudaStream_t stream) {
+  mla_attention_backward(q, kv, k_pe, out, dout, lse, shape, scale, dq, dkv, dk_pe, workspace,
+                         workspace_bytes, stream, MlaBackwardImpl::kMmaSync);
+}
+
+void mla_attention_backward(const bf16* q, const bf16* kv, const bf16* k_pe, const bf16* out,
+                            const bf16* dout, const float* lse, MlaAttentionShape shape,
+                            float scale, bf16* dq, bf16* dkv, float* dk_pe, void* workspace,
+                            size_t workspace_bytes, cudaStream_t stream, MlaBackwardImpl impl) {
   constexpr const char* kWho = "mla_attention_backward";
   mla_attention_check_shape(kWho, shape);
   FM_CHECK_ARG(shape.heads <= 65535 && shape.batch <= 65535, kWho, ": heads=", shape.heads,
@@ -599,22 +956,39 @@ void mla_attention_backward(const bf16* q, const bf16* kv, const bf16* k_pe, con
   p.dk_pe = dk_pe;
   p.dsum = static_cast<float*>(workspace);
   p.dkpe_part = p.dsum + dsum_floats(shape);
-  FM_CHECK_CUDA(cudaFuncSetAttribute(mla_bwd_dkdv_kernel,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize, kKvSmem));
-  FM_CHECK_CUDA(
-      cudaFuncSetAttribute(mla_bwd_dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kQSmem));
+  const bool wgmma = impl == MlaBackwardImpl::kWgmma;
+  FM_CHECK_ARG(wgmma || impl == MlaBackwardImpl::kMmaSync, kWho, ": unknown impl ",
+               static_cast<int>(impl));
+  if (wgmma) {
+    FM_CHECK_CUDA(cudaFuncSetAttribute(mla_bwd_dkdv_wgmma_kernel,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kWgKvSmem));
+    FM_CHECK_CUDA(cudaFuncSetAttribute(mla_bwd_dq_wgmma_kernel,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kWgQSmem));
+  } else {
+    FM_CHECK_CUDA(cudaFuncSetAttribute(mla_bwd_dkdv_kernel,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kKvSmem));
+    FM_CHECK_CUDA(cudaFuncSetAttribute(mla_bwd_dq_kernel,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, kQSmem));
+  }
   const int64_t rows = shape.tokens() * shape.heads;
   mla_bwd_dsum_kernel<<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
   FM_CHECK_LAUNCH();
+  const int kv_block = wgmma ? kWgKvN : kKvN, q_block = wgmma ? kWgQM : kQM;
   const dim3 grid_kv(static_cast<unsigned>(shape.heads),
-                     static_cast<unsigned>((shape.seq + kKvN - 1) / kKvN),
+                     static_cast<unsigned>((shape.seq + kv_block - 1) / kv_block),
                      static_cast<unsigned>(shape.batch));
-  mla_bwd_dkdv_kernel<<<grid_kv, kKvThreads, kKvSmem, stream>>>(p);
+  if (wgmma)
+    mla_bwd_dkdv_wgmma_kernel<<<grid_kv, kWgThreads, kWgKvSmem, stream>>>(p);
+  else
+    mla_bwd_dkdv_kernel<<<grid_kv, kKvThreads, kKvSmem, stream>>>(p);
   FM_CHECK_LAUNCH();
   const dim3 grid_q(static_cast<unsigned>(shape.heads),
-                    static_cast<unsigned>((shape.seq + kQM - 1) / kQM),
+                    static_cast<unsigned>((shape.seq + q_block - 1) / q_block),
                     static_cast<unsigned>(shape.batch));
-  mla_bwd_dq_kernel<<<grid_q, kQThreads, kQSmem, stream>>>(p);
+  if (wgmma)
+    mla_bwd_dq_wgmma_kernel<<<grid_q, kWgThreads, kWgQSmem, stream>>>(p);
+  else
+    mla_bwd_dq_kernel<<<grid_q, kQThreads, kQSmem, stream>>>(p);
   FM_CHECK_LAUNCH();
   const int64_t n = shape.tokens() * kDr;
   mla_bwd_kpe_sum_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p);

@@ -6,6 +6,7 @@
 // BF16 outputs; so ||got - want|| / ||want|| <= 1e-2 for out, dq, dkv and dk_pe, lse within
 // 1e-3 absolute (FP32 scores: ~1e-6), every output finite.
 // Run: test_kernels_gpu --gtest_filter='MlaAttentionGpu*'
+// The backward runs once per implementation (MlaBackwardImpl: mma.sync, wgmma), same bounds.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -78,6 +79,7 @@ const Case kCases[] = {
     {{2, 130, 4}, "two query blocks, one key past a block"},
     {{1, 256, 128}, "128 heads"},
     {{1, 64, 3}, "exactly one block"},
+    {{1, 515, 2}, "many query and key blocks (both passes' pipelines)"},
 };
 
 struct Inputs {
@@ -125,7 +127,9 @@ TEST(MlaAttentionGpu, ForwardMatchesReference) {
   }
 }
 
-TEST(MlaAttentionGpu, BackwardMatchesReferenceAndIsDeterministic) {
+// Every case through one backward implementation: the references' bounds, then a second run bit
+// for bit equal to the first.
+void check_backward(kernels::MlaBackwardImpl impl, const char* label) {
   uint64_t seed = 2000;
   for (const Case& c : kCases) {
     const MlaAttentionShape s = c.shape;
@@ -154,7 +158,7 @@ TEST(MlaAttentionGpu, BackwardMatchesReferenceAndIsDeterministic) {
       ws.poison();
       kernels::mla_attention_backward(q.get(), kv.get(), kpe.get(), out.get(), dout.get(),
                                       lse.get(), s, kScale, dq.get(), dkv.get(), dkpe.get(),
-                                      ws.get(), ws_bytes, nullptr);
+                                      ws.get(), ws_bytes, nullptr, impl);
       FM_CHECK_CUDA(cudaDeviceSynchronize());
       const auto got_dq = dq.download(), got_dkv = dkv.download();
       const auto got_dkpe = dkpe.download();
@@ -162,27 +166,36 @@ TEST(MlaAttentionGpu, BackwardMatchesReferenceAndIsDeterministic) {
         int64_t b1 = 0, b2 = 0, b3 = 0;
         const double e1 = rel_error(got_dq, want_dq, &b1), e2 = rel_error(got_dkv, want_dkv, &b2),
                      e3 = rel_error(got_dkpe, want_dkpe, &b3);
-        std::printf("  backward %-49s dq %.3e  dkv %.3e  dk_pe %.3e\n", name_of(c).c_str(), e1, e2,
-                    e3);
-        EXPECT_EQ(b1 + b2 + b3, 0)
-            << name_of(c) << ": non-finite dq " << b1 << " dkv " << b2 << " dk_pe " << b3;
-        EXPECT_LE(e1, 1e-2) << name_of(c) << " dq";
-        EXPECT_LE(e2, 1e-2) << name_of(c) << " dkv";
-        EXPECT_LE(e3, 1e-2) << name_of(c) << " dk_pe";
+        std::printf("  backward %-6s %-42s dq %.3e  dkv %.3e  dk_pe %.3e\n", label,
+                    name_of(c).c_str(), e1, e2, e3);
+        EXPECT_EQ(b1 + b2 + b3, 0) << label << " " << name_of(c) << ": non-finite dq " << b1
+                                   << " dkv " << b2 << " dk_pe " << b3;
+        EXPECT_LE(e1, 1e-2) << label << " " << name_of(c) << " dq";
+        EXPECT_LE(e2, 1e-2) << label << " " << name_of(c) << " dkv";
+        EXPECT_LE(e3, 1e-2) << label << " " << name_of(c) << " dk_pe";
         first_dq = got_dq;
         first_dkv = got_dkv;
         first_dkpe = got_dkpe;
       } else {  // bit for bit the same: no atomics anywhere
         EXPECT_EQ(0, std::memcmp(first_dq.data(), got_dq.data(), got_dq.size() * sizeof(bf16)))
-            << name_of(c);
+            << label << " " << name_of(c);
         EXPECT_EQ(0, std::memcmp(first_dkv.data(), got_dkv.data(), got_dkv.size() * sizeof(bf16)))
-            << name_of(c);
+            << label << " " << name_of(c);
         EXPECT_EQ(0,
                   std::memcmp(first_dkpe.data(), got_dkpe.data(), got_dkpe.size() * sizeof(float)))
-            << name_of(c);
+            << label << " " << name_of(c);
       }
     }
   }
+}
+
+TEST(MlaAttentionGpu, BackwardMatchesReferenceAndIsDeterministic) {
+  check_backward(kernels::MlaBackwardImpl::kMmaSync, "mma");
+}
+
+// s21-ab: the wgmma variant of the dk/dv and dq passes, same bounds.
+TEST(MlaAttentionGpu, BackwardWgmmaMatchesReferenceAndIsDeterministic) {
+  check_backward(kernels::MlaBackwardImpl::kWgmma, "wgmma");
 }
 
 TEST(MlaAttentionGpu, BadArgumentsThrow) {

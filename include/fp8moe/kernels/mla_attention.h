@@ -49,6 +49,16 @@ void mla_attention_backward(const bf16* q, const bf16* kv, const bf16* k_pe, con
                             float scale, bf16* dq, bf16* dkv, float* dk_pe, void* workspace,
                             size_t workspace_bytes, cudaStream_t stream);
 
+// Which kernels the backward's dk/dv and dq passes run (same contract, workspace and outputs,
+// both bit-for-bit deterministic). kMmaSync (the default, measured in session 20): mma.sync +
+// ldmatrix. kWgmma (session 21, s21-ab, not yet measured: docs/kernels/attention.md):
+// warpgroup MMAs (wgmma) reading the operands straight from shared memory.
+enum class MlaBackwardImpl { kMmaSync, kWgmma };
+void mla_attention_backward(const bf16* q, const bf16* kv, const bf16* k_pe, const bf16* out,
+                            const bf16* dout, const float* lse, MlaAttentionShape shape,
+                            float scale, bf16* dq, bf16* dkv, float* dk_pe, void* workspace,
+                            size_t workspace_bytes, cudaStream_t stream, MlaBackwardImpl impl);
+
 // CPU references (host pointers, same layouts and contract): FP32 arithmetic on the BF16 inputs
 // (attend_row's order of operations: FP32 dot products, max, exp, a double sum), BF16 out and
 // FP32 lse; the backward recomputes P from lse as the GPU does and writes exact-FP32 sums rounded
