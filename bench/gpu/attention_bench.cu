@@ -11,8 +11,9 @@
 // count, so the ratio of TFLOPS is the ratio of times. rel_diff: ||ours - naive|| / ||naive|| of
 // the forward's out, the backward's dq and dk_pe (full-size checks the CPU reference is too slow
 // for; the backward's column prints dq's).
-// Rows: naive_cublaslt, fp8moe (the default backward, mma.sync) and fp8moe_wgmma (the backward's
-// MlaBackwardImpl::kWgmma variant, s21-ab; its JSON row also has dq_rel_diff_vs_mma).
+// Rows: naive_cublaslt, fp8moe_mma (the backward's MlaBackwardImpl::kMmaSync, session 20's) and
+// fp8moe (the default backward, kWgmma since session 21; its JSON row also has
+// dq_rel_diff_vs_mma). Before session 21 the row "fp8moe" was the mma.sync backward.
 // Timing: CUDA events around `iters` calls, median of `rounds`. Correctness is the test's job
 // (test_kernels_gpu --gtest_filter='MlaAttentionGpu*').
 // Run: attention_bench [--out rows.jsonl] [--iters 5] [--rounds 5] [--date D] [--commit C]
@@ -324,13 +325,13 @@ int main(int argc, char** argv) {
       const auto ours_fwd = [&] {
         kernels::mla_attention_forward(q, kv, kpe, s, kScale, out, lse, stream);
       };
-      const auto ours_bwd = [&] {
+      const auto ours_bwd = [&] {  // session 20's mma.sync kernels
+        kernels::mla_attention_backward(q, kv, kpe, out, dout, lse, s, kScale, dq, dkv, dkpe, ws,
+                                        ws_bytes, stream, kernels::MlaBackwardImpl::kMmaSync);
+      };
+      const auto ours_bwd_wgmma = [&] {  // the default since session 21
         kernels::mla_attention_backward(q, kv, kpe, out, dout, lse, s, kScale, dq, dkv, dkpe, ws,
                                         ws_bytes, stream);
-      };
-      const auto ours_bwd_wgmma = [&] {
-        kernels::mla_attention_backward(q, kv, kpe, out, dout, lse, s, kScale, dq, dkv, dkpe, ws,
-                                        ws_bytes, stream, kernels::MlaBackwardImpl::kWgmma);
       };
       const auto time_us = [&](const std::function<void()>& call) {
         call();
@@ -395,14 +396,14 @@ int main(int argc, char** argv) {
       emit({"forward", "naive_cublaslt", naive_us, fwd_flops});
       emit({"forward", "fp8moe", fwd_us, fwd_flops});
       emit({"backward", "naive_cublaslt", naive_bwd_us, bwd_flops});
-      emit({"backward", "fp8moe", bwd_us, bwd_flops, diff_dq, diff_dkpe});
+      emit({"backward", "fp8moe_mma", bwd_us, bwd_flops, diff_dq, diff_dkpe});
       // s21-ab: the wgmma variant of the backward (MlaBackwardImpl::kWgmma), its dq also
       // against the default's (dq_mma, kept from the run above).
       FM_CHECK_CUDA(cudaMemcpyAsync(dq_mma, dq, static_cast<size_t>(T * H * kDq) * sizeof(bf16),
                                     cudaMemcpyDeviceToDevice, stream));
       const double wg_us = time_us(ours_bwd_wgmma);
       FM_CHECK_CUDA(cudaStreamSynchronize(stream));
-      emit({"backward", "fp8moe_wgmma", wg_us, bwd_flops,
+      emit({"backward", "fp8moe", wg_us, bwd_flops,
             rel_diff(dq, dq_naive, static_cast<size_t>(T * H * kDq)),
             rel_diff(dkpe, dkpe_naive, static_cast<size_t>(T * kDr)),
             rel_diff(dq, dq_mma, static_cast<size_t>(T * H * kDq))});

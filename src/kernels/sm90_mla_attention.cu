@@ -919,7 +919,7 @@ void mla_attention_backward(const bf16* q, const bf16* kv, const bf16* k_pe, con
                             float scale, bf16* dq, bf16* dkv, float* dk_pe, void* workspace,
                             size_t workspace_bytes, cudaStream_t stream) {
   mla_attention_backward(q, kv, k_pe, out, dout, lse, shape, scale, dq, dkv, dk_pe, workspace,
-                         workspace_bytes, stream, MlaBackwardImpl::kMmaSync);
+                         workspace_bytes, stream, MlaBackwardImpl::kWgmma);
 }
 
 void mla_attention_backward(const bf16* q, const bf16* kv, const bf16* k_pe, const bf16* out,
