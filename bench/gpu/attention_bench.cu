@@ -13,7 +13,9 @@
 // for; the backward's column prints dq's).
 // Rows: naive_cublaslt, fp8moe_mma (the backward's MlaBackwardImpl::kMmaSync, session 20's) and
 // fp8moe (the default backward, kWgmma since session 21; its JSON row also has
-// dq_rel_diff_vs_mma). Before session 21 the row "fp8moe" was the mma.sync backward.
+// dq_rel_diff_vs_mma). Before session 21 the row "fp8moe" was the mma.sync backward. Forward:
+// fp8moe (the default, mma.sync) and fp8moe_wgmma (MlaForwardImpl::kWgmma, s21-af; its JSON row
+// also has out_rel_diff_vs_mma, against the default's out), timed after the other rows.
 // Timing: CUDA events around `iters` calls, median of `rounds`. Correctness is the test's job
 // (test_kernels_gpu --gtest_filter='MlaAttentionGpu*').
 // Run: attention_bench [--out rows.jsonl] [--iters 5] [--rounds 5] [--date D] [--commit C]
@@ -255,10 +257,11 @@ int main(int argc, char** argv) {
            *dkv = dev_alloc<bf16>(T * H * kDkv), *k = dev_alloc<bf16>(T * H * kDq),
            *out_naive = dev_alloc<bf16>(T * H * kDv), *p = dev_alloc<bf16>(s.batch * H * S * S),
            *ds = dev_alloc<bf16>(H * S * S), *dq_naive = dev_alloc<bf16>(T * H * kDq),
-           *dkv_naive = dev_alloc<bf16>(T * H * kDkv), *dq_mma = dev_alloc<bf16>(T * H * kDq);
+           *dkv_naive = dev_alloc<bf16>(T * H * kDkv), *dq_mma = dev_alloc<bf16>(T * H * kDq),
+           *out_wg = dev_alloc<bf16>(T * H * kDv);
       float *lse = dev_alloc<float>(H * T), *dkpe = dev_alloc<float>(T * kDr),
             *sc = dev_alloc<float>(H * S * S), *dk_naive = dev_alloc<float>(T * H * kDq),
-            *dkpe_naive = dev_alloc<float>(T * kDr);
+            *dkpe_naive = dev_alloc<float>(T * kDr), *lse_wg = dev_alloc<float>(H * T);
       const size_t ws_bytes = kernels::mla_attention_backward_workspace_bytes(s);
       void* ws = dev_alloc<uint8_t>(ws_bytes);
       const auto fill = [&](bf16* x, int64_t n, uint64_t seed) {
@@ -325,6 +328,10 @@ int main(int argc, char** argv) {
       const auto ours_fwd = [&] {
         kernels::mla_attention_forward(q, kv, kpe, s, kScale, out, lse, stream);
       };
+      const auto ours_fwd_wgmma = [&] {  // s21-af, into its own out / lse
+        kernels::mla_attention_forward(q, kv, kpe, s, kScale, out_wg, lse_wg, stream,
+                                       kernels::MlaForwardImpl::kWgmma);
+      };
       const auto ours_bwd = [&] {  // session 20's mma.sync kernels
         kernels::mla_attention_backward(q, kv, kpe, out, dout, lse, s, kScale, dq, dkv, dkpe, ws,
                                         ws_bytes, stream, kernels::MlaBackwardImpl::kMmaSync);
@@ -361,17 +368,19 @@ int main(int argc, char** argv) {
         const char *op, *impl;
         double us, flops;
         double diff_dq = 0, diff_dkpe = 0, diff_dq_mma = -1;  // the backward's
+        double diff_out = -1, diff_out_mma = -1;              // a forward variant's
       };
       const auto emit = [&](const Row& r) {
         const bool fwd = std::string(r.op) == "forward";
         const double tflops = r.flops / r.us / 1e6;
         const double ratio = (fwd ? naive_us : naive_bwd_us) / r.us;
+        const double out_diff = r.diff_out >= 0 ? r.diff_out : diff;
         const bool ours = std::string(r.impl) != "naive_cublaslt";
         char dims[64];
         std::snprintf(dims, sizeof dims, "%lld x %lld x %lld", static_cast<long long>(s.batch),
                       static_cast<long long>(S), static_cast<long long>(H));
         std::printf("  %-20s %-9s %-15s %10.1f %9.1f %9.3f %11.3e\n", dims, r.op, r.impl, r.us,
-                    tflops, ratio, ours ? (fwd ? diff : r.diff_dq) : 0.0);
+                    tflops, ratio, ours ? (fwd ? out_diff : r.diff_dq) : 0.0);
         if (f) {
           std::fprintf(f,
                        "{\"bench\":\"attention\",\"gpu\":\"%s\",\"gpus\":1,\"date\":\"%s\","
@@ -381,13 +390,15 @@ int main(int argc, char** argv) {
                        static_cast<long long>(s.batch), static_cast<long long>(S),
                        static_cast<long long>(H), r.us, tflops);
           if (ours && fwd)
-            std::fprintf(f, ",\"speedup_vs_naive\":%.3f,\"rel_diff_vs_naive\":%.3e", ratio, diff);
+            std::fprintf(f, ",\"speedup_vs_naive\":%.3f,\"rel_diff_vs_naive\":%.3e", ratio,
+                         out_diff);
           if (ours && !fwd)
             std::fprintf(f,
                          ",\"speedup_vs_naive\":%.3f,\"dq_rel_diff_vs_naive\":%.3e,"
                          "\"dk_pe_rel_diff_vs_naive\":%.3e",
                          ratio, r.diff_dq, r.diff_dkpe);
           if (r.diff_dq_mma >= 0) std::fprintf(f, ",\"dq_rel_diff_vs_mma\":%.3e", r.diff_dq_mma);
+          if (r.diff_out_mma >= 0) std::fprintf(f, ",\"out_rel_diff_vs_mma\":%.3e", r.diff_out_mma);
           std::fprintf(f, "}\n");
           std::fflush(f);
         }
@@ -407,6 +418,14 @@ int main(int argc, char** argv) {
             rel_diff(dq, dq_naive, static_cast<size_t>(T * H * kDq)),
             rel_diff(dkpe, dkpe_naive, static_cast<size_t>(T * kDr)),
             rel_diff(dq, dq_mma, static_cast<size_t>(T * H * kDq))});
+      // s21-af: the wgmma forward, against the naive out and the default's (out, from the
+      // forward timed above; the backward does not write it).
+      const double fwd_wg_us = time_us(ours_fwd_wgmma);
+      FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+      Row wg_row{"forward", "fp8moe_wgmma", fwd_wg_us, fwd_flops};
+      wg_row.diff_out = rel_diff(out_wg, out_naive, static_cast<size_t>(T * H * kDv));
+      wg_row.diff_out_mma = rel_diff(out_wg, out, static_cast<size_t>(T * H * kDv));
+      emit(wg_row);
       for (void* ptr : {static_cast<void*>(q),         static_cast<void*>(kv),
                         static_cast<void*>(kpe),       static_cast<void*>(out),
                         static_cast<void*>(dout),      static_cast<void*>(dq),
@@ -416,7 +435,8 @@ int main(int argc, char** argv) {
                         static_cast<void*>(sc),        static_cast<void*>(ds),
                         static_cast<void*>(dq_naive),  static_cast<void*>(dkv_naive),
                         static_cast<void*>(dk_naive),  static_cast<void*>(dkpe_naive),
-                        static_cast<void*>(dq_mma),    ws})
+                        static_cast<void*>(dq_mma),    static_cast<void*>(out_wg),
+                        static_cast<void*>(lse_wg),    ws})
         FM_CHECK_CUDA(cudaFree(ptr));
     }
     cudaFree(lt_ws);

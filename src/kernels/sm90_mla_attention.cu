@@ -1,7 +1,8 @@
 // MLA's causal attention core on BF16 tensor cores (mma.sync.m16n8k16, ldmatrix), FlashAttention-2:
 // forward = online softmax over key blocks, FP32 accumulators, no [S, S] matrix; backward = P
 // recomputed from lse, one kernel for dk/dv (per key block), one for dq (per query block), no
-// atomics. MlaBackwardImpl::kWgmma (s21-ab) runs the dk/dv and dq passes on wgmma instead.
+// atomics. MlaBackwardImpl::kWgmma (s21-ab) runs the dk/dv and dq passes on wgmma instead;
+// MlaForwardImpl::kWgmma (s21-af) dispatches to sm90_mla_attention_fwd_wgmma.cu.
 // Reference: src/kernels/mla_attention_reference.cpp. Test: test_kernels_gpu
 // --gtest_filter='MlaAttentionGpu*'
 #include <cuda_bf16.h>
@@ -13,6 +14,7 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/kernels/mla_attention.h"
+#include "sm90_mla_attention_fwd_wgmma.h"
 #include "sm90_ptx.cuh"
 #include "sm90_wgmma_bf16.cuh"
 
@@ -883,6 +885,12 @@ Params make_params(MlaAttentionShape shape, float scale) {
 
 void mla_attention_forward(const bf16* q, const bf16* kv, const bf16* k_pe, MlaAttentionShape shape,
                            float scale, bf16* out, float* lse, cudaStream_t stream) {
+  mla_attention_forward(q, kv, k_pe, shape, scale, out, lse, stream, MlaForwardImpl::kMmaSync);
+}
+
+void mla_attention_forward(const bf16* q, const bf16* kv, const bf16* k_pe, MlaAttentionShape shape,
+                           float scale, bf16* out, float* lse, cudaStream_t stream,
+                           MlaForwardImpl impl) {
   constexpr const char* kWho = "mla_attention_forward";
   mla_attention_check_shape(kWho, shape);
   FM_CHECK_ARG(shape.heads <= 65535 && shape.batch <= 65535, kWho, ": heads=", shape.heads,
@@ -892,6 +900,12 @@ void mla_attention_forward(const bf16* q, const bf16* kv, const bf16* k_pe, MlaA
   check_aligned(kWho, "k_pe", k_pe);
   check_aligned(kWho, "out", out);
   FM_CHECK_ARG(lse != nullptr, kWho, ": lse is null");
+  FM_CHECK_ARG(impl == MlaForwardImpl::kMmaSync || impl == MlaForwardImpl::kWgmma, kWho,
+               ": unknown impl ", static_cast<int>(impl));
+  if (impl == MlaForwardImpl::kWgmma) {  // s21-af: sm90_mla_attention_fwd_wgmma.cu
+    detail::mla_attention_forward_wgmma(q, kv, k_pe, shape, scale, out, lse, stream);
+    return;
+  }
   Params p = make_params(shape, scale);
   p.q = q;
   p.kv = kv;

@@ -6,7 +6,8 @@
 // BF16 outputs; so ||got - want|| / ||want|| <= 1e-2 for out, dq, dkv and dk_pe, lse within
 // 1e-3 absolute (FP32 scores: ~1e-6), every output finite.
 // Run: test_kernels_gpu --gtest_filter='MlaAttentionGpu*'
-// The backward runs once per implementation (MlaBackwardImpl: mma.sync, wgmma), same bounds.
+// The backward runs once per implementation (MlaBackwardImpl: mma.sync, wgmma), same bounds; so
+// does the forward (MlaForwardImpl, s21-af).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -91,7 +92,10 @@ Inputs make_inputs(MlaAttentionShape s, uint64_t seed) {
           random_bf16(T * kDr, seed + 2, 1.0f), random_bf16(T * H * kDv, seed + 3, 1.0f)};
 }
 
-TEST(MlaAttentionGpu, ForwardMatchesReference) {
+// Every case through one forward implementation: the reference's bounds. kWgmma (s21-af) also
+// runs twice (bit for bit equal) and prints its out against the default's (mma.sync) kernel.
+void check_forward(kernels::MlaForwardImpl impl, const char* label) {
+  const bool wgmma = impl == kernels::MlaForwardImpl::kWgmma;
   uint64_t seed = 1000;
   for (const Case& c : kCases) {
     const MlaAttentionShape s = c.shape;
@@ -106,10 +110,11 @@ TEST(MlaAttentionGpu, ForwardMatchesReference) {
     out.poison();
     lse.poison();
     kernels::mla_attention_forward(q.get(), kv.get(), kpe.get(), s, kScale, out.get(), lse.get(),
-                                   nullptr);
+                                   nullptr, impl);
     FM_CHECK_CUDA(cudaDeviceSynchronize());
     int64_t bad = 0, bad_lse = 0;
-    const double err = rel_error(out.download(), want, &bad);
+    const std::vector<bf16> got = out.download();
+    const double err = rel_error(got, want, &bad);
     const std::vector<float> got_lse = lse.download();
     double lse_err = 0;
     for (size_t i = 0; i < got_lse.size(); ++i) {
@@ -118,13 +123,43 @@ TEST(MlaAttentionGpu, ForwardMatchesReference) {
       else
         lse_err = std::max(lse_err, std::abs(static_cast<double>(got_lse[i]) - want_lse[i]));
     }
-    std::printf("  forward %-50s out rel err %.3e  lse max abs err %.3e\n", name_of(c).c_str(), err,
-                lse_err);
-    EXPECT_EQ(bad, 0) << name_of(c);
-    EXPECT_EQ(bad_lse, 0) << name_of(c);
-    EXPECT_LE(err, 1e-2) << name_of(c);
-    EXPECT_LE(lse_err, 1e-3) << name_of(c);
+    std::printf("  forward %-6s %-50s out rel err %.3e  lse max abs err %.3e", label,
+                name_of(c).c_str(), err, lse_err);
+    if (wgmma) {
+      // The default kernel's out on the same inputs, and a second run of this one.
+      DeviceBuffer<bf16> out_mma(want.size());
+      DeviceBuffer<float> lse_mma(want_lse.size());
+      kernels::mla_attention_forward(q.get(), kv.get(), kpe.get(), s, kScale, out_mma.get(),
+                                     lse_mma.get(), nullptr);
+      out.poison();
+      lse.poison();
+      kernels::mla_attention_forward(q.get(), kv.get(), kpe.get(), s, kScale, out.get(), lse.get(),
+                                     nullptr, impl);
+      FM_CHECK_CUDA(cudaDeviceSynchronize());
+      int64_t bad_mma = 0;
+      std::printf("  vs mma %.3e", rel_error(got, out_mma.download(), &bad_mma));
+      const std::vector<bf16> again = out.download();
+      const std::vector<float> again_lse = lse.download();
+      EXPECT_EQ(0, std::memcmp(got.data(), again.data(), got.size() * sizeof(bf16)))
+          << label << " " << name_of(c) << ": out differs between two runs";
+      EXPECT_EQ(0, std::memcmp(got_lse.data(), again_lse.data(), got_lse.size() * sizeof(float)))
+          << label << " " << name_of(c) << ": lse differs between two runs";
+    }
+    std::printf("\n");
+    EXPECT_EQ(bad, 0) << label << " " << name_of(c);
+    EXPECT_EQ(bad_lse, 0) << label << " " << name_of(c);
+    EXPECT_LE(err, 1e-2) << label << " " << name_of(c);
+    EXPECT_LE(lse_err, 1e-3) << label << " " << name_of(c);
   }
+}
+
+TEST(MlaAttentionGpu, ForwardMatchesReference) {
+  check_forward(kernels::MlaForwardImpl::kMmaSync, "mma");
+}
+
+// s21-af: the wgmma forward (TMA producer, two consumer warpgroups), same bounds.
+TEST(MlaAttentionGpu, ForwardWgmmaMatchesReferenceAndIsDeterministic) {
+  check_forward(kernels::MlaForwardImpl::kWgmma, "wgmma");
 }
 
 // Every case through one backward implementation: the references' bounds, then a second run bit

@@ -41,6 +41,15 @@ struct MlaAttentionShape {
 void mla_attention_forward(const bf16* q, const bf16* kv, const bf16* k_pe, MlaAttentionShape shape,
                            float scale, bf16* out, float* lse, cudaStream_t stream);
 
+// Which kernel the forward runs (same contract, outputs and rounding points; both deterministic).
+// kMmaSync (the default, session 20's): mma.sync + ldmatrix, cp.async double buffer. kWgmma
+// (s21-af, not yet run on a GPU; docs/kernels/attention.md): FlashAttention-3's form, warpgroup
+// MMAs from shared memory, TMA loads by a producer warp, the softmax under the P V product.
+enum class MlaForwardImpl { kMmaSync, kWgmma };
+void mla_attention_forward(const bf16* q, const bf16* kv, const bf16* k_pe, MlaAttentionShape shape,
+                           float scale, bf16* out, float* lse, cudaStream_t stream,
+                           MlaForwardImpl impl);
+
 // Bytes of scratch the backward needs: D [H, T] FP32 and the per-head dk_pe [H, T, 64] FP32.
 size_t mla_attention_backward_workspace_bytes(MlaAttentionShape shape);
 
