@@ -14,8 +14,9 @@
 // Rows: naive_cublaslt, fp8moe_mma (the backward's MlaBackwardImpl::kMmaSync, session 20's) and
 // fp8moe (the default backward, kWgmma since session 21; its JSON row also has
 // dq_rel_diff_vs_mma). Before session 21 the row "fp8moe" was the mma.sync backward. Forward:
-// fp8moe (the default, mma.sync) and fp8moe_wgmma (MlaForwardImpl::kWgmma, s21-af; its JSON row
-// also has out_rel_diff_vs_mma, against the default's out), timed after the other rows.
+// fp8moe (the default, mma.sync), fp8moe_wgmma and fp8moe_wgmma_pp (MlaForwardImpl::kWgmma and
+// kWgmmaPingPong, s21-af; their JSON rows also have out_rel_diff_vs_mma, against the default's
+// out), timed after the other rows.
 // Timing: CUDA events around `iters` calls, median of `rounds`. Correctness is the test's job
 // (test_kernels_gpu --gtest_filter='MlaAttentionGpu*').
 // Run: attention_bench [--out rows.jsonl] [--iters 5] [--rounds 5] [--date D] [--commit C]
@@ -328,9 +329,10 @@ int main(int argc, char** argv) {
       const auto ours_fwd = [&] {
         kernels::mla_attention_forward(q, kv, kpe, s, kScale, out, lse, stream);
       };
-      const auto ours_fwd_wgmma = [&] {  // s21-af, into its own out / lse
-        kernels::mla_attention_forward(q, kv, kpe, s, kScale, out_wg, lse_wg, stream,
-                                       kernels::MlaForwardImpl::kWgmma);
+      const auto ours_fwd_wgmma = [&](kernels::MlaForwardImpl impl) {  // s21-af, own out / lse
+        return [&, impl] {
+          kernels::mla_attention_forward(q, kv, kpe, s, kScale, out_wg, lse_wg, stream, impl);
+        };
       };
       const auto ours_bwd = [&] {  // session 20's mma.sync kernels
         kernels::mla_attention_backward(q, kv, kpe, out, dout, lse, s, kScale, dq, dkv, dkpe, ws,
@@ -418,14 +420,18 @@ int main(int argc, char** argv) {
             rel_diff(dq, dq_naive, static_cast<size_t>(T * H * kDq)),
             rel_diff(dkpe, dkpe_naive, static_cast<size_t>(T * kDr)),
             rel_diff(dq, dq_mma, static_cast<size_t>(T * H * kDq))});
-      // s21-af: the wgmma forward, against the naive out and the default's (out, from the
+      // s21-af: the wgmma forwards, against the naive out and the default's (out, from the
       // forward timed above; the backward does not write it).
-      const double fwd_wg_us = time_us(ours_fwd_wgmma);
-      FM_CHECK_CUDA(cudaStreamSynchronize(stream));
-      Row wg_row{"forward", "fp8moe_wgmma", fwd_wg_us, fwd_flops};
-      wg_row.diff_out = rel_diff(out_wg, out_naive, static_cast<size_t>(T * H * kDv));
-      wg_row.diff_out_mma = rel_diff(out_wg, out, static_cast<size_t>(T * H * kDv));
-      emit(wg_row);
+      for (const auto& [impl, label] :
+           {std::pair{kernels::MlaForwardImpl::kWgmma, "fp8moe_wgmma"},
+            std::pair{kernels::MlaForwardImpl::kWgmmaPingPong, "fp8moe_wgmma_pp"}}) {
+        const double fwd_wg_us = time_us(ours_fwd_wgmma(impl));
+        FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+        Row wg_row{"forward", label, fwd_wg_us, fwd_flops};
+        wg_row.diff_out = rel_diff(out_wg, out_naive, static_cast<size_t>(T * H * kDv));
+        wg_row.diff_out_mma = rel_diff(out_wg, out, static_cast<size_t>(T * H * kDv));
+        emit(wg_row);
+      }
       for (void* ptr : {static_cast<void*>(q),         static_cast<void*>(kv),
                         static_cast<void*>(kpe),       static_cast<void*>(out),
                         static_cast<void*>(dout),      static_cast<void*>(dq),

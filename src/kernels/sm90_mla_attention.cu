@@ -900,10 +900,12 @@ void mla_attention_forward(const bf16* q, const bf16* kv, const bf16* k_pe, MlaA
   check_aligned(kWho, "k_pe", k_pe);
   check_aligned(kWho, "out", out);
   FM_CHECK_ARG(lse != nullptr, kWho, ": lse is null");
-  FM_CHECK_ARG(impl == MlaForwardImpl::kMmaSync || impl == MlaForwardImpl::kWgmma, kWho,
-               ": unknown impl ", static_cast<int>(impl));
-  if (impl == MlaForwardImpl::kWgmma) {  // s21-af: sm90_mla_attention_fwd_wgmma.cu
-    detail::mla_attention_forward_wgmma(q, kv, k_pe, shape, scale, out, lse, stream);
+  FM_CHECK_ARG(impl == MlaForwardImpl::kMmaSync || impl == MlaForwardImpl::kWgmma ||
+                   impl == MlaForwardImpl::kWgmmaPingPong,
+               kWho, ": unknown impl ", static_cast<int>(impl));
+  if (impl != MlaForwardImpl::kMmaSync) {  // s21-af: sm90_mla_attention_fwd_wgmma.cu
+    detail::mla_attention_forward_wgmma(q, kv, k_pe, shape, scale, out, lse,
+                                        impl == MlaForwardImpl::kWgmmaPingPong, stream);
     return;
   }
   Params p = make_params(shape, scale);

@@ -9,7 +9,9 @@
 //   consumers: S_j = Q K_j^T (SS wgmma m64n128k16 x 12), then, while O += P_j-1 V_j-1 (RS wgmma
 //     m64n128k16 x 8, P from registers) runs, the online softmax of S_j (intra-warpgroup overlap,
 //     FA3 section 3.2); the two warpgroups run unsynchronised, so one's softmax also runs under
-//     the other's MMAs (no explicit ping-pong yet).
+//     the other's MMAs. kPingPong (MlaForwardImpl::kWgmmaPingPong) adds FA3's warpgroup
+//     ping-pong: two named barriers make the warpgroups issue their MMAs in turns (S_j and
+//     P_j-1 V_j-1 of one, then the other's), so one's softmax runs under the other's MMAs.
 // Tiles: 64-column panels of 128-byte rows with the 128-byte swizzle that TMA writes (chunk c of
 // row r at c ^ (r & 7), panels 1024-byte aligned): K-major for Q and K, N-major for V (the
 // descriptors of the backward's wgmma kernels). 3D tensor maps [batch][seq][columns]: rows past a
@@ -76,6 +78,11 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       " [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(smem_addr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
+}
+
+// Named barrier arrival without waiting (ids 1.. ; the waiting side calls named_barrier_sync).
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 
 // wgmma shared-memory descriptor, 128-byte swizzle: start address, leading byte offset (N-major:
@@ -167,6 +174,7 @@ __device__ __forceinline__ void softmax_block(float (&s)[kN / 8][4], uint32_t (&
   }
 }
 
+template <bool kPingPong>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
   extern __shared__ __align__(1024) uint8_t smem_af[];
@@ -235,9 +243,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, alpha[2];
   float s[kN / 8][4];
   uint32_t pa[kN / 16][4];  // P of the previous block (A of the P V in flight)
+  // The waits for the stages come before a warpgroup's turn (ping-pong), the MMAs inside it.
+  const auto wait_k = [&](int j) { mbar_wait(full_k + j % kStages, (j / kStages) & 1); };
+  const auto wait_v = [&](int j) { mbar_wait(full_v + j % kStages, (j / kStages) & 1); };
+  // Ping-pong: warpgroup wg's turn starts at named barrier 1 + wg (its sync + the other's
+  // arrival); warpgroup 1 lets warpgroup 0 go first; warpgroup 1's last arrival has no taker.
+  const auto turn_begin = [&] {
+    if constexpr (kPingPong) sm90::named_barrier_sync(1 + wg, kConsumers);
+  };
+  const auto turn_end = [&](bool last) {
+    if constexpr (kPingPong)
+      if (!(last && wg == 1)) named_barrier_arrive(2 - wg, kConsumers);
+  };
   const auto issue_s = [&](int j) {
     const uint32_t tk = smem_addr(sk + (j % kStages) * kKBytes);
-    mbar_wait(full_k + j % kStages, (j / kStages) & 1);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDq / 16; ++kk)
@@ -246,7 +265,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   const auto issue_pv = [&](int j) {
     const uint32_t tv = smem_addr(sv + (j % kStages) * kVBytes);
-    mbar_wait(full_v + j % kStages, (j / kStages) & 1);
     fence_acc(o);
     fence_frag(pa);
     wgmma_fence();
@@ -258,16 +276,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Block j's mask is needed where it reaches the diagonal of the warp's rows or the sequence end.
   const auto edge_of = [&](int n0) { return n0 + kN - 1 > m0 + warp * 16 || n0 + kN > p.seq; };
 
+  if constexpr (kPingPong)
+    if (wg == 1) named_barrier_arrive(1, kConsumers);
   mbar_wait(full_q, 0);
+  wait_k(0);
+  turn_begin();
   issue_s(0);
+  turn_end(false);
   wgmma_wait<0>();
   fence_acc(s);
   mbar_arrive(empty_k);  // K_0 read
   softmax_block(s, pa, row_max, row_sum, alpha, q_row, 0, edge_of(0), p.seq, p.scale_log2);
   for (int j = 1; j < n_blocks; ++j) {
     const int n0 = j * kN;
+    wait_k(j);
+    wait_v(j - 1);
+    turn_begin();
     issue_s(j);       // S_j = Q K_j^T
     issue_pv(j - 1);  // O += P_j-1 V_j-1 (O already rescaled to block j-1's max)
+    turn_end(false);
     wgmma_wait<1>();  // S_j done (groups complete in order)
     fence_acc(s);
     mbar_arrive(empty_k + j % kStages);
@@ -289,7 +316,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) pa[kk][e] = pn[kk][e];
   }
+  wait_v(n_blocks - 1);
+  turn_begin();
   issue_pv(n_blocks - 1);
+  turn_end(true);
   wgmma_wait<0>();
   fence_acc(o);
   fence_frag(pa);
@@ -357,7 +387,7 @@ namespace detail {
 
 void mla_attention_forward_wgmma(const bf16* q, const bf16* kv, const bf16* k_pe,
                                  MlaAttentionShape shape, float scale, bf16* out, float* lse,
-                                 cudaStream_t stream) {
+                                 bool ping_pong, cudaStream_t stream) {
   FwdParams p{};
   p.q_map = make_map_3d(q, shape.batch, shape.seq, shape.heads * kDq, kM);
   p.kv_map = make_map_3d(kv, shape.batch, shape.seq, shape.heads * kDkv, kN);
@@ -369,12 +399,12 @@ void mla_attention_forward_wgmma(const bf16* q, const bf16* kv, const bf16* k_pe
   p.tokens = static_cast<int>(shape.tokens());
   p.scale_log2 = scale * kLog2e;
   // NOTE: set on every call: the attribute belongs to the current device.
-  FM_CHECK_CUDA(cudaFuncSetAttribute(mla_fwd_wgmma_kernel,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  const auto kernel = ping_pong ? mla_fwd_wgmma_kernel<true> : mla_fwd_wgmma_kernel<false>;
+  FM_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   const dim3 grid(static_cast<unsigned>(shape.heads),
                   static_cast<unsigned>((shape.seq + kM - 1) / kM),
                   static_cast<unsigned>(shape.batch));
-  mla_fwd_wgmma_kernel<<<grid, kThreads, kSmem, stream>>>(p);
+  kernel<<<grid, kThreads, kSmem, stream>>>(p);
   FM_CHECK_LAUNCH();
 }
 

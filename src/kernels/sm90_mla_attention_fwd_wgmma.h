@@ -11,8 +11,9 @@
 namespace fp8moe::kernels::detail {
 
 // The caller (mla_attention_forward) has checked the shape, the grid limits and every pointer.
+// ping_pong: MlaForwardImpl::kWgmmaPingPong (the two warpgroups' MMAs in turns).
 void mla_attention_forward_wgmma(const bf16* q, const bf16* kv, const bf16* k_pe,
                                  MlaAttentionShape shape, float scale, bf16* out, float* lse,
-                                 cudaStream_t stream);
+                                 bool ping_pong, cudaStream_t stream);
 
 }  // namespace fp8moe::kernels::detail

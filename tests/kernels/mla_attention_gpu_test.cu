@@ -92,10 +92,10 @@ Inputs make_inputs(MlaAttentionShape s, uint64_t seed) {
           random_bf16(T * kDr, seed + 2, 1.0f), random_bf16(T * H * kDv, seed + 3, 1.0f)};
 }
 
-// Every case through one forward implementation: the reference's bounds. kWgmma (s21-af) also
-// runs twice (bit for bit equal) and prints its out against the default's (mma.sync) kernel.
+// Every case through one forward implementation: the reference's bounds. The wgmma forms (s21-af)
+// also run twice (bit for bit equal) and print their out against the default (mma.sync) kernel's.
 void check_forward(kernels::MlaForwardImpl impl, const char* label) {
-  const bool wgmma = impl == kernels::MlaForwardImpl::kWgmma;
+  const bool wgmma = impl != kernels::MlaForwardImpl::kMmaSync;
   uint64_t seed = 1000;
   for (const Case& c : kCases) {
     const MlaAttentionShape s = c.shape;
@@ -157,9 +157,13 @@ TEST(MlaAttentionGpu, ForwardMatchesReference) {
   check_forward(kernels::MlaForwardImpl::kMmaSync, "mma");
 }
 
-// s21-af: the wgmma forward (TMA producer, two consumer warpgroups), same bounds.
+// s21-af: the wgmma forward (TMA producer, two consumer warpgroups) without and with the
+// warpgroups' ping-pong, same bounds.
 TEST(MlaAttentionGpu, ForwardWgmmaMatchesReferenceAndIsDeterministic) {
   check_forward(kernels::MlaForwardImpl::kWgmma, "wgmma");
+}
+TEST(MlaAttentionGpu, ForwardWgmmaPingPongMatchesReferenceAndIsDeterministic) {
+  check_forward(kernels::MlaForwardImpl::kWgmmaPingPong, "wg_pp");
 }
 
 // Every case through one backward implementation: the references' bounds, then a second run bit

@@ -44,8 +44,10 @@ void mla_attention_forward(const bf16* q, const bf16* kv, const bf16* k_pe, MlaA
 // Which kernel the forward runs (same contract, outputs and rounding points; both deterministic).
 // kMmaSync (the default, session 20's): mma.sync + ldmatrix, cp.async double buffer. kWgmma
 // (s21-af, not yet run on a GPU; docs/kernels/attention.md): FlashAttention-3's form, warpgroup
-// MMAs from shared memory, TMA loads by a producer warp, the softmax under the P V product.
-enum class MlaForwardImpl { kMmaSync, kWgmma };
+// MMAs from shared memory, TMA loads by a producer warpgroup, the softmax under the P V product.
+// kWgmmaPingPong (s21-af, experimental): kWgmma with the two warpgroups' MMAs issued in turns
+// (FA3's ping-pong), so that one's softmax runs under the other's MMAs.
+enum class MlaForwardImpl { kMmaSync, kWgmma, kWgmmaPingPong };
 void mla_attention_forward(const bf16* q, const bf16* kv, const bf16* k_pe, MlaAttentionShape shape,
                            float scale, bf16* out, float* lse, cudaStream_t stream,
                            MlaForwardImpl impl);
