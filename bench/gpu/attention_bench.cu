@@ -14,9 +14,10 @@
 // Rows: naive_cublaslt, fp8moe_mma (the backward's MlaBackwardImpl::kMmaSync, session 20's) and
 // fp8moe (the default backward, kWgmma since session 21; its JSON row also has
 // dq_rel_diff_vs_mma). Before session 21 the row "fp8moe" was the mma.sync backward. Forward:
-// fp8moe (the default, mma.sync), fp8moe_wgmma and fp8moe_wgmma_pp (MlaForwardImpl::kWgmma and
-// kWgmmaPingPong, s21-af; their JSON rows also have out_rel_diff_vs_mma, against the default's
-// out), timed after the other rows.
+// fp8moe_mma (MlaForwardImpl::kMmaSync, session 20's; its out and lse feed the backward rows),
+// fp8moe_wgmma (kWgmma) and fp8moe (the default, kWgmmaPingPong since session 21; called
+// fp8moe_wgmma_pp in s21-af's call); the last two timed after the other rows, their JSON rows
+// with out_rel_diff_vs_mma. Before session 21 the row "fp8moe" was the mma.sync forward.
 // Timing: CUDA events around `iters` calls, median of `rounds`. Correctness is the test's job
 // (test_kernels_gpu --gtest_filter='MlaAttentionGpu*').
 // Run: attention_bench [--out rows.jsonl] [--iters 5] [--rounds 5] [--date D] [--commit C]
@@ -326,12 +327,18 @@ int main(int argc, char** argv) {
             dk_naive, dkpe_naive, T, static_cast<int>(H));
         FM_CHECK_LAUNCH();
       };
-      const auto ours_fwd = [&] {
-        kernels::mla_attention_forward(q, kv, kpe, s, kScale, out, lse, stream);
+      const auto ours_fwd = [&] {  // session 20's mma.sync forward; its out / lse feed the backward
+        kernels::mla_attention_forward(q, kv, kpe, s, kScale, out, lse, stream,
+                                       kernels::MlaForwardImpl::kMmaSync);
       };
-      const auto ours_fwd_wgmma = [&](kernels::MlaForwardImpl impl) {  // s21-af, own out / lse
-        return [&, impl] {
-          kernels::mla_attention_forward(q, kv, kpe, s, kScale, out_wg, lse_wg, stream, impl);
+      const auto ours_fwd_wgmma = [&](const char* label) {  // s21-af, own out / lse
+        const bool is_default = std::string(label) == "fp8moe";
+        return [&, is_default] {
+          if (is_default)
+            kernels::mla_attention_forward(q, kv, kpe, s, kScale, out_wg, lse_wg, stream);
+          else
+            kernels::mla_attention_forward(q, kv, kpe, s, kScale, out_wg, lse_wg, stream,
+                                           kernels::MlaForwardImpl::kWgmma);
         };
       };
       const auto ours_bwd = [&] {  // session 20's mma.sync kernels
@@ -407,7 +414,7 @@ int main(int argc, char** argv) {
       };
       // The measured rows first: a failing variant below must not lose them.
       emit({"forward", "naive_cublaslt", naive_us, fwd_flops});
-      emit({"forward", "fp8moe", fwd_us, fwd_flops});
+      emit({"forward", "fp8moe_mma", fwd_us, fwd_flops});
       emit({"backward", "naive_cublaslt", naive_bwd_us, bwd_flops});
       emit({"backward", "fp8moe_mma", bwd_us, bwd_flops, diff_dq, diff_dkpe});
       // s21-ab: the wgmma variant of the backward (MlaBackwardImpl::kWgmma), its dq also
@@ -422,10 +429,8 @@ int main(int argc, char** argv) {
             rel_diff(dq, dq_mma, static_cast<size_t>(T * H * kDq))});
       // s21-af: the wgmma forwards, against the naive out and the default's (out, from the
       // forward timed above; the backward does not write it).
-      for (const auto& [impl, label] :
-           {std::pair{kernels::MlaForwardImpl::kWgmma, "fp8moe_wgmma"},
-            std::pair{kernels::MlaForwardImpl::kWgmmaPingPong, "fp8moe_wgmma_pp"}}) {
-        const double fwd_wg_us = time_us(ours_fwd_wgmma(impl));
+      for (const char* label : {"fp8moe_wgmma", "fp8moe"}) {
+        const double fwd_wg_us = time_us(ours_fwd_wgmma(label));
         FM_CHECK_CUDA(cudaStreamSynchronize(stream));
         Row wg_row{"forward", label, fwd_wg_us, fwd_flops};
         wg_row.diff_out = rel_diff(out_wg, out_naive, static_cast<size_t>(T * H * kDv));

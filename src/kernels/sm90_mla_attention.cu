@@ -885,7 +885,8 @@ Params make_params(MlaAttentionShape shape, float scale) {
 
 void mla_attention_forward(const bf16* q, const bf16* kv, const bf16* k_pe, MlaAttentionShape shape,
                            float scale, bf16* out, float* lse, cudaStream_t stream) {
-  mla_attention_forward(q, kv, k_pe, shape, scale, out, lse, stream, MlaForwardImpl::kMmaSync);
+  mla_attention_forward(q, kv, k_pe, shape, scale, out, lse, stream,
+                        MlaForwardImpl::kWgmmaPingPong);
 }
 
 void mla_attention_forward(const bf16* q, const bf16* kv, const bf16* k_pe, MlaAttentionShape shape,
