@@ -1,8 +1,5 @@
 #include "fp8moe/train/trainer.h"
 
-#include <sys/resource.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -20,99 +17,24 @@
 #include "fp8moe/train/data.h"
 #include "fp8moe/train/ema.h"
 #include "fp8moe/train/safetensors.h"
+#include "run_common.h"
 
 namespace fp8moe {
 
 namespace {
 
-constexpr const char* kCheckpointFormat = "fp8moe-checkpoint";
-constexpr const char* kCheckpointVersion = "1";
-constexpr const char* kCheckpointFile = "checkpoint.safetensors";
+using namespace train_detail;
 
-double process_cpu_seconds() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
-         1e-6 * static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
-}
-
-std::string format_duration(double s) {
-  const int64_t t = static_cast<int64_t>(std::max(0.0, s) + 0.5);
-  char buf[32];
-  if (t >= 3600)
-    std::snprintf(buf, sizeof buf, "%lldh%02lldm", static_cast<long long>(t / 3600),
-                  static_cast<long long>((t / 60) % 60));
-  else
-    std::snprintf(buf, sizeof buf, "%lldm%02llds", static_cast<long long>(t / 60),
-                  static_cast<long long>(t % 60));
-  return buf;
-}
-
-struct CheckpointState {
-  int64_t step = 0;  // steps done
-};
-
-void save_checkpoint(const std::string& path, Model& model, AdamW& adam, WeightEma& ema,
-                     const TrainOptions& o, int64_t step) {
+void save_model_checkpoint(const std::string& path, Model& model, AdamW& adam, WeightEma& ema,
+                           const TrainOptions& o, int64_t step) {
   ema.flush();
-  SafetensorsWriter w;
   auto& params = model.parameters();
-  for (size_t i = 0; i < params.size(); ++i) {
-    const Parameter& p = params[i];
-    w.add_f32("param/" + p.name, p.shape, p.value.data());
-    w.add_u16("adam_m/" + p.name, "BF16", p.shape, adam.m()[i].data());
-    w.add_u16("adam_v/" + p.name, "BF16", p.shape, adam.v()[i].data());
-    w.add_f32("ema/" + p.name, p.shape, ema.values()[i].data());
-  }
-  for (const auto& b : model.buffers()) w.add_f32("buffer/" + b.name, b.shape, b.value.data());
-  w.set_metadata("format", kCheckpointFormat);
-  w.set_metadata("version", kCheckpointVersion);
-  w.set_metadata("step", std::to_string(step));
-  w.set_metadata("data_position", std::to_string(step));  // batches consumed from the stream
-  w.set_metadata("rng", Json{{"generator", "philox4x32-10"},
-                             {"seed", o.seed},
-                             {"streams", {1, 2}},
-                             {"counter", step * o.batch}}
-                            .dump());
-  w.set_metadata("precision", precision_name(o.precision));
-  w.set_metadata("config", o.model.to_json().dump());
-  w.set_metadata("train", Json{{"steps", o.steps},
-                               {"batch", o.batch},
-                               {"seq", o.seq},
-                               {"seed", o.seed},
-                               {"lr", o.adam.lr},
-                               {"warmup_steps", o.adam.warmup_steps},
-                               {"mtp_weight", o.mtp_weight},
-                               {"bias_update_speed", o.bias_update_speed},
-                               {"ema_decay", o.ema_decay}}
-                              .dump());
-  w.write(path);
-}
-
-SafetensorsFile open_checkpoint(const std::string& path) {
-  if (!std::filesystem::exists(path))
-    FM_THROW(ErrorKind::kInvalidArgument, "no checkpoint at '", path, "'");
-  SafetensorsFile f = SafetensorsFile::read(path);
-  auto it = f.metadata().find("format");
-  if (it == f.metadata().end() || it->second != kCheckpointFormat)
-    FM_THROW(ErrorKind::kFormat, "'", path,
-             "' is a safetensors file but not an fp8moe checkpoint (no __metadata__ format \"",
-             kCheckpointFormat, "\")");
-  auto ver = f.metadata().find("version");
-  if (ver == f.metadata().end() || ver->second != kCheckpointVersion)
-    FM_THROW(ErrorKind::kFormat, "'", path, "': unsupported checkpoint version");
-  for (const char* key : {"step", "config", "precision"})
-    if (!f.metadata().count(key))
-      FM_THROW(ErrorKind::kFormat, "'", path, "': checkpoint metadata lacks '", key, "'");
-  return f;
-}
-
-int64_t meta_int(const SafetensorsFile& f, const std::string& key) {
-  try {
-    return std::stoll(f.metadata().at(key));
-  } catch (const std::exception&) {
-    FM_THROW(ErrorKind::kFormat, f.what(), ": metadata '", key, "' is not an integer");
-  }
+  std::vector<CheckpointSlot> slots, buffers;
+  for (size_t i = 0; i < params.size(); ++i)
+    slots.push_back({&params[i].name, &params[i].shape, params[i].value.data(), adam.m()[i].data(),
+                     adam.v()[i].data(), ema.values()[i].data()});
+  for (const auto& b : model.buffers()) buffers.push_back({&b.name, &b.shape, b.value.data()});
+  save_checkpoint(path, slots, buffers, o, step);
 }
 
 void load_weights(const SafetensorsFile& f, Model& model, const std::string& prefix) {
@@ -120,16 +42,10 @@ void load_weights(const SafetensorsFile& f, Model& model, const std::string& pre
   for (auto& b : model.buffers()) b.value = f.f32("buffer/" + b.name, b.numel());
 }
 
-CheckpointState load_checkpoint(const std::string& path, Model& model, AdamW& adam, WeightEma& ema,
-                                const TrainOptions& o) {
-  const SafetensorsFile f = open_checkpoint(path);
-  const Json saved = parse_json(f.metadata().at("config"), path + " config");
-  if (saved != o.model.to_json())
-    FM_THROW(ErrorKind::kInvalidArgument, "'", path,
-             "' was written for a different model config; resume with the same --config");
-  if (f.metadata().at("precision") != precision_name(o.precision))
-    FM_THROW(ErrorKind::kInvalidArgument, "'", path, "' was trained in ",
-             f.metadata().at("precision"), ", not ", precision_name(o.precision));
+int64_t load_model_checkpoint(const std::string& path, Model& model, AdamW& adam, WeightEma& ema,
+                              const TrainOptions& o) {
+  int64_t step = 0;
+  const SafetensorsFile f = open_checkpoint_for(path, o, &step);
   load_weights(f, model, "param/");
   auto& params = model.parameters();
   std::vector<std::vector<float>> ema_values;
@@ -140,34 +56,8 @@ CheckpointState load_checkpoint(const std::string& path, Model& model, AdamW& ad
     ema_values.push_back(f.f32("ema/" + p.name, p.numel()));
   }
   ema.set_values(std::move(ema_values));
-  CheckpointState s;
-  s.step = meta_int(f, "step");
-  FM_CHECK_ARG(s.step >= 0 && s.step <= o.steps, "'", path, "' is at step ", s.step,
-               ", beyond --steps ", o.steps);
-  return s;
+  return step;
 }
-
-class Progress {
- public:
-  Progress(int64_t total, bool enabled) : total_(total), enabled_(enabled), tty_(isatty(2)) {}
-  void update(int64_t step, double loss, double tok_s, double eta_s) {
-    if (!enabled_) return;
-    const bool last = step == total_;
-    if (!tty_ && !last && step % std::max<int64_t>(1, total_ / 10) != 0) return;
-    constexpr int kWidth = 24;
-    const int filled = static_cast<int>(kWidth * step / std::max<int64_t>(1, total_));
-    std::string bar(static_cast<size_t>(filled), '#');
-    bar.resize(kWidth, '.');
-    std::fprintf(stderr, "%s[%s] step %lld/%lld  loss %.4f  %.0f tok/s  ETA %s%s", tty_ ? "\r" : "",
-                 bar.c_str(), static_cast<long long>(step), static_cast<long long>(total_), loss,
-                 tok_s, format_duration(eta_s).c_str(), (tty_ && !last) ? "" : "\n");
-    std::fflush(stderr);
-  }
-
- private:
-  int64_t total_;
-  bool enabled_, tty_;
-};
 
 }  // namespace
 
@@ -230,14 +120,7 @@ TrainResult train(const TrainOptions& opts) {
   const auto t_start = std::chrono::steady_clock::now();
   const double cpu_start = process_cpu_seconds();
 
-  for (const auto& [path, flag] : {std::pair{o.corpus, "--corpus"}, {o.tokenizer, "--tokenizer"}})
-    FM_CHECK_ARG(std::filesystem::exists(path), "'", path, "' not found (run from the repository ",
-                 "root, or give its path with ", flag, ")");
-  Tokenizer tok(o.tokenizer);
-  FM_CHECK_ARG(tok.vocab_size() == o.model.vocab_size, "the tokenizer '", o.tokenizer, "' has ",
-               tok.vocab_size(), " pieces but the model config's vocab_size is ",
-               o.model.vocab_size);
-  const TokenData data = tokenize_corpus(tok, o.corpus);
+  const TokenData data = load_run_data(o);
   const int64_t window = o.seq + o.model.num_nextn_predict_layers + 1;
 
   std::filesystem::create_directories(o.out_dir);
@@ -248,37 +131,9 @@ TrainResult train(const TrainOptions& opts) {
 
   TrainResult result;
   int64_t start = 0;
-  if (o.resume) {
-    const CheckpointState s = load_checkpoint(ckpt_path, model, adam, ema, o);
-    start = s.step;
-    // The losses before the resume point come from the metrics of the earlier run.
-    std::ifstream in(o.out_dir + "/metrics.jsonl");
-    std::string line;
-    while (std::getline(in, line)) {
-      const Json j = Json::parse(line, nullptr, false);
-      if (j.is_object() && j.contains("step") && j.contains("loss") &&
-          j["step"].get<int64_t>() <= start)
-        result.losses.push_back(j["loss"].get<double>());
-    }
-    result.losses.resize(static_cast<size_t>(start), NAN);
-  }
-  {
-    // Keep only the metrics of the steps before `start` (a resumed run rewrites the rest).
-    std::vector<std::string> keep;
-    if (start > 0) {
-      std::ifstream in(o.out_dir + "/metrics.jsonl");
-      std::string line;
-      while (std::getline(in, line)) {
-        const Json j = Json::parse(line, nullptr, false);
-        if (j.is_object() && j.contains("step") && !j.contains("event") &&
-            j["step"].get<int64_t>() <= start)
-          keep.push_back(line);
-      }
-    }
-    std::ofstream out(o.out_dir + "/metrics.jsonl", std::ios::trunc);
-    for (const auto& l : keep) out << l << "\n";
-  }
-  std::ofstream metrics(o.out_dir + "/metrics.jsonl", std::ios::app);
+  if (o.resume) start = load_model_checkpoint(ckpt_path, model, adam, ema, o);
+  std::ofstream metrics;
+  result.losses = restart_metrics(o.out_dir, start, metrics);
   std::filesystem::copy_file(o.tokenizer, o.out_dir + "/tokenizer.model",
                              std::filesystem::copy_options::overwrite_existing);
 
@@ -318,9 +173,9 @@ TrainResult train(const TrainOptions& opts) {
     metrics.flush();
     progress.update(step + 1, rep.loss, tok_s, eta);
     if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < end)
-      save_checkpoint(ckpt_path, model, adam, ema, o, step + 1);
+      save_model_checkpoint(ckpt_path, model, adam, ema, o, step + 1);
   }
-  save_checkpoint(ckpt_path, model, adam, ema, o, end);
+  save_model_checkpoint(ckpt_path, model, adam, ema, o, end);
   result.steps_done = end;
 
   // Held-out loss on fixed windows of the validation stream.
@@ -336,12 +191,7 @@ TrainResult train(const TrainOptions& opts) {
         << OrderedJson{{"event", "eval"}, {"step", end}, {"valid_loss", result.valid_loss}}.dump()
         << "\n";
   }
-  const int64_t tail = std::max<int64_t>(1, end / 10);
-  double s = 0;
-  int64_t cnt = 0;
-  for (int64_t i = std::max<int64_t>(0, end - tail); i < end; ++i)
-    if (std::isfinite(result.losses[i])) s += result.losses[i], ++cnt;
-  result.final_loss = cnt > 0 ? s / static_cast<double>(cnt) : NAN;
+  result.final_loss = tail_mean(result.losses, end);
   result.seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   result.cpu_seconds = process_cpu_seconds() - cpu_start;
@@ -358,8 +208,8 @@ TrainResult train(const TrainOptions& opts) {
 
 std::string generate_text(const GenerateOptions& g) {
   if (g.threads > 0) set_model_threads(g.threads);
-  const std::string path = g.checkpoint_dir + "/" + kCheckpointFile;
-  const SafetensorsFile f = open_checkpoint(path);
+  const std::string path = g.checkpoint_dir + "/" + train_detail::kCheckpointFile;
+  const SafetensorsFile f = train_detail::open_checkpoint(path);
   const ModelConfig config =
       parse_model_config(parse_json(f.metadata().at("config"), path + " config"), path + " config");
   const Precision precision = parse_precision(f.metadata().at("precision"));

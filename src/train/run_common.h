@@ -1,0 +1,62 @@
+// What the CPU trainer (trainer.cpp) and the GPU trainer (trainer_gpu.cu) share: the corpus, the
+// checkpoint file (one format, so a run on either device resumes on the other and `generate`
+// reads both), the metrics file across resumes, the progress line and the run's summary numbers.
+// Internal to the train module.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "fp8moe/train/data.h"
+#include "fp8moe/train/safetensors.h"
+#include "fp8moe/train/trainer.h"
+
+namespace fp8moe::train_detail {
+
+inline constexpr const char* kCheckpointFile = "checkpoint.safetensors";
+
+// The tokenizer and corpus of the run, checked against the model's vocabulary.
+TokenData load_run_data(const TrainOptions& o);
+
+// Host copies of one tensor's state for a checkpoint (m, v, ema null for buffers).
+struct CheckpointSlot {
+  const std::string* name = nullptr;
+  const std::vector<int64_t>* shape = nullptr;
+  const float* value = nullptr;
+  const uint16_t* m = nullptr;  // BF16 bits
+  const uint16_t* v = nullptr;
+  const float* ema = nullptr;
+};
+void save_checkpoint(const std::string& path, const std::vector<CheckpointSlot>& params,
+                     const std::vector<CheckpointSlot>& buffers, const TrainOptions& o,
+                     int64_t step);
+
+// An fp8moe checkpoint (format, version and metadata checked; errors name the file).
+SafetensorsFile open_checkpoint(const std::string& path);
+// open_checkpoint, then checked against the run (same model config and precision); returns the
+// file and its step (<= o.steps).
+SafetensorsFile open_checkpoint_for(const std::string& path, const TrainOptions& o, int64_t* step);
+
+// metrics.jsonl of the run: the rows of steps <= start are kept (a resumed run rewrites the
+// rest), the file reopened for appending; returns the losses of the kept steps (NaN where missing).
+std::vector<double> restart_metrics(const std::string& out_dir, int64_t start,
+                                    std::ofstream& metrics);
+
+class Progress {
+ public:
+  Progress(int64_t total, bool enabled);
+  void update(int64_t step, double loss, double tok_s, double eta_s);
+
+ private:
+  int64_t total_;
+  bool enabled_, tty_;
+};
+
+// Mean of the finite losses of the last 10 % of the steps [0, end).
+double tail_mean(const std::vector<double>& losses, int64_t end);
+
+double process_cpu_seconds();
+
+}  // namespace fp8moe::train_detail
