@@ -4,7 +4,7 @@
 // (LinearBf16Gpu), cross_entropy_gpu, and the multi-token-prediction modules (enorm / hnorm, the
 // concatenation, eh_proj (LinearFp8Gpu), a DecoderLayerGpu, shared_head.norm, the shared head).
 // Parameters and buffers: the CPU Model's, same order, names, shapes (ParameterGpu), so the
-// optimizer (train::AdamWGpu), the checkpoint and the CPU reference read one table.
+// optimizer (AdamWGpu), the checkpoint and the CPU reference read one table.
 // The CPU Model (Precision::kFp8) is the reference; the GPU's differences are its BF16
 // activations between ops and the FP8 requantisation of those roundings (docs/model/README.md).
 // forward_backward only enqueues work on the stream: no host synchronisation, no allocation (a
