@@ -755,6 +755,7 @@ DecoderLayerSavedGpu DecoderLayerGpu::saved() const {
     s.topk_w = m.topk_w;
     s.grad_topk_w = m.gtopk;
     s.dlogits = m.dlogits;
+    s.moe_dx = m.gx;
   }
   return s;
 }

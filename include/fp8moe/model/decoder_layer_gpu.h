@@ -52,6 +52,7 @@ struct DecoderLayerSavedGpu {
   // + the balance loss's gradient).
   const bf16 *df = nullptr, *dh1 = nullptr, *da = nullptr;
   const float *grad_topk_w = nullptr, *dlogits = nullptr;
+  const bf16* moe_dx = nullptr;  // MoE: MoeLayerGpu's grad_x (df before the router's term)
 };
 
 class DecoderLayerGpu {
