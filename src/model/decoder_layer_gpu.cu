@@ -377,6 +377,15 @@ struct DecoderLayerGpu::Impl {
 
   const bf16* h = nullptr;  // the last forward's input
   bool forwarded = false;
+
+  Impl() = default;
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+  ~Impl() {
+    moe.reset();  // before its EP group
+    ep.reset();
+    cudaFree(buffer);
+  }
 };
 
 namespace {
@@ -603,12 +612,7 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
         cudaMemcpy(m.segments, segs.data(), segs.size() * sizeof(Segment), cudaMemcpyHostToDevice));
 }
 
-DecoderLayerGpu::~DecoderLayerGpu() {
-  if (!impl_) return;
-  impl_->moe.reset();
-  impl_->ep.reset();
-  cudaFree(impl_->buffer);
-}
+DecoderLayerGpu::~DecoderLayerGpu() = default;
 
 void DecoderLayerGpu::refresh(cudaStream_t stream) {
   Impl& m = *impl_;
