@@ -36,6 +36,25 @@
 
 namespace fp8moe {
 
+// The layer's saved activations and backward intermediates (device; valid after forward /
+// backward until the next call; for tests that check each stage against the CPU pieces). MoE-only
+// fields are null for dense layers.
+struct DecoderLayerSavedGpu {
+  int64_t tokens = 0;                                                     // T
+  const bf16 *a = nullptr, *attn = nullptr, *h1 = nullptr, *f = nullptr;  // forward, [T, hidden]
+  const float *rstd1 = nullptr, *rstd2 = nullptr;                         // [T]
+  const bf16* mlp_out = nullptr;                     // the FFN's / MoE layer's output [T, hidden]
+  const float *logits = nullptr, *scores = nullptr;  // MoE: FP32 [T, E]
+  const int32_t* topk_idx = nullptr;                 // MoE: [T, K]
+  const float* topk_w = nullptr;                     // MoE: [T, K]
+  // Backward: the FFN's input gradient df (after the router's term), ln2's input gradient + dout
+  // (dh1), MLA's input gradient (da); MoE: grad_topk_w [T, K] and dlogits [T, E] (route_backward
+  // + the balance loss's gradient).
+  const bf16 *df = nullptr, *dh1 = nullptr, *da = nullptr;
+  const float *grad_topk_w = nullptr, *dlogits = nullptr;
+  const bf16* moe_dx = nullptr;  // MoE: MoeLayerGpu's grad_x (df before the router's term)
+};
+
 class DecoderLayerGpu {
  public:
   // is_moe: config.is_moe_layer(layer index). rope: the shared device RoPE table (valid for the
@@ -53,8 +72,8 @@ class DecoderLayerGpu {
   // balance_loss: device double the layer's sequence-wise balance loss (alpha included) is ADDED
   // to (MoE layers with seq_aux; untouched otherwise; may be null). Errors are ORed into *status
   // (model_kernels_gpu.h's and the router's bits; device, may be null).
-  void forward(const bf16* h, const int32_t* pos, bf16* out, double* balance_loss,
-               uint32_t* status, cudaStream_t stream);
+  void forward(const bf16* h, const int32_t* pos, bf16* out, double* balance_loss, uint32_t* status,
+               cudaStream_t stream);
   // For the last forward: dout [T, hidden] BF16 -> dh [T, hidden] BF16 (overwritten; may not
   // alias dout), and every parameter's gradient of the layer accumulated or overwritten.
   void backward(const bf16* dout, bf16* dh, uint32_t* status, cudaStream_t stream,
@@ -64,6 +83,7 @@ class DecoderLayerGpu {
   // MoE layers: tokens routed to each expert by the last forward, device int32
   // [n_routed_experts] (the CPU Moe's `load`); null for dense layers.
   const int32_t* expert_load() const;
+  DecoderLayerSavedGpu saved() const;  // tests
 
  private:
   struct Impl;
