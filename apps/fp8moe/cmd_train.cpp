@@ -71,6 +71,9 @@ void setup(CLI::App& app) {
                  "Stop after this many steps of this run (with a checkpoint)");
   app.add_option("--checkpoint-every", f->opts.checkpoint_every, "Checkpoint interval (0 = end)");
   app.add_flag("--resume", f->opts.resume, "Continue from DIR/checkpoint.safetensors");
+  app.add_flag(
+      "--no-checkpoint", [f](int64_t) { f->opts.checkpoint = false; },
+      "Write no checkpoint (timing runs)");
   app.add_option("--device", f->device, "cpu | gpu (one GPU, the FP8 recipe)")
       ->capture_default_str();
   app.add_flag("--no-cuda-graph", f->no_graph, "GPU: launch every step eagerly");

@@ -142,6 +142,8 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
   FM_CHECK_ARG(o.steps > 0, "--steps must be positive");
   FM_CHECK_ARG(o.batch > 0 && o.seq > 0, "--batch and --seq must be positive");
   FM_CHECK_ARG(!o.out_dir.empty(), "an output folder (--out) is needed");
+  FM_CHECK_ARG(o.checkpoint || o.stop_after == 0,
+               "--stop-after without a checkpoint could not be resumed (drop --no-checkpoint)");
   FM_CHECK_ARG(o.precision == Precision::kFp8, "the GPU trainer runs the FP8 recipe only (",
                "--precision fp8), not ", precision_name(o.precision));
   o.adam.total_steps = o.steps;
@@ -257,12 +259,13 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
     metrics << line.dump() << "\n";
     metrics.flush();
     progress.update(step + 1, rep.loss, tok_s, eta);
-    if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < end)
+    if (o.checkpoint && o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 &&
+        step + 1 < end)
       save_gpu_checkpoint(ckpt_path, model, mo, ema, o, step + 1);
   }
   const double loop_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
-  save_gpu_checkpoint(ckpt_path, model, mo, ema, o, end);
+  if (o.checkpoint) save_gpu_checkpoint(ckpt_path, model, mo, ema, o, end);
   result.steps_done = end;
 
   // Held-out loss on the CPU trainer's fixed windows of the validation stream.
