@@ -1,6 +1,6 @@
 // fp8moe train: trains the V3-architecture model on the CPU in fp32, bf16 or fp8 (the
-// DeepSeek-V3 recipe, emulated exactly as the GPU kernels compute it).
-//   fp8moe train --config F --precision fp8 --steps N --out DIR [--resume]
+// DeepSeek-V3 recipe, emulated exactly as the GPU kernels compute it), or on one GPU in fp8.
+//   fp8moe train --config F --precision fp8 --steps N --out DIR [--resume] [--device gpu]
 //   fp8moe train compare --config F --steps N --out DIR   (fp8 then bf16, prints the gap)
 #include <cmath>
 #include <cstdio>
@@ -11,11 +11,15 @@
 #include "fp8moe/core/file_io.h"
 #include "fp8moe/core/json.h"
 #include "fp8moe/train/trainer.h"
+#if FP8MOE_HAVE_CUDA
+#include "fp8moe/train/trainer_gpu.h"
+#endif
 
 namespace {
 
 struct Flags {
-  std::string config, out, precision = "fp8";
+  std::string config, out, precision = "fp8", device = "cpu";
+  bool no_graph = false;
   fp8moe::TrainOptions opts;
 };
 
@@ -67,6 +71,12 @@ void setup(CLI::App& app) {
                  "Stop after this many steps of this run (with a checkpoint)");
   app.add_option("--checkpoint-every", f->opts.checkpoint_every, "Checkpoint interval (0 = end)");
   app.add_flag("--resume", f->opts.resume, "Continue from DIR/checkpoint.safetensors");
+  app.add_flag(
+      "--no-checkpoint", [f](int64_t) { f->opts.checkpoint = false; },
+      "Write no checkpoint (timing runs)");
+  app.add_option("--device", f->device, "cpu | gpu (one GPU, the FP8 recipe)")
+      ->capture_default_str();
+  app.add_flag("--no-cuda-graph", f->no_graph, "GPU: launch every step eagerly");
 
   auto c = std::make_shared<Flags>();
   CLI::App* compare =
@@ -81,11 +91,24 @@ void setup(CLI::App& app) {
     o.model = load_model_config(f->config);
     o.precision = parse_precision(f->precision);
     o.out_dir = f->out;
-    const TrainResult r = train(o);
+    FM_CHECK_ARG(f->device == "cpu" || f->device == "gpu", "--device must be cpu or gpu, not '",
+                 f->device, "'");
+    TrainResult r;
+    if (f->device == "gpu") {
+#if FP8MOE_HAVE_CUDA
+      GpuTrainOptions g;
+      g.cuda_graph = !f->no_graph;
+      r = train_gpu(o, g);
+#else
+      FM_THROW(ErrorKind::kInvalidArgument, "--device gpu: this build has no CUDA");
+#endif
+    } else {
+      r = train(o);
+    }
     std::printf(
-        "%s: final loss %.4f (mean of the last %lld steps), held-out loss %.4f, "
+        "%s%s: final loss %.4f (mean of the last %lld steps), held-out loss %.4f, "
         "%.1f s wall, %.1f s CPU, %.0f tokens/s\n",
-        precision_name(o.precision), r.final_loss,
+        precision_name(o.precision), f->device == "gpu" ? " (gpu)" : "", r.final_loss,
         static_cast<long long>(std::max<int64_t>(1, r.steps_done / 10)), r.valid_loss, r.seconds,
         r.cpu_seconds, r.tokens_per_s);
   });
@@ -137,4 +160,5 @@ void setup(CLI::App& app) {
 
 }  // namespace
 
-FM_REGISTER_COMMAND("train", "Train the V3-architecture model on the CPU (fp32, bf16, fp8)", setup);
+FM_REGISTER_COMMAND("train", "Train the V3-architecture model (CPU: fp32, bf16, fp8; GPU: fp8)",
+                    setup);

@@ -6,7 +6,7 @@
 //                     kernels::quantize_1x128 of y (the unfused pipeline, both ours);
 //   rmsnorm_bwd       kernels::rmsnorm_backward (dx + deterministic dw) vs a block-per-row
 //                     kernel with dw by float atomicAdd (not reproducible);
-//   adamw / adamw_clip train::AdamWGpu (all tensors in one launch; _clip adds the grad-norm pass,
+//   adamw / adamw_clip AdamWGpu (all tensors in one launch; _clip adds the grad-norm pass,
 //                     clipping and the non-finite skip) vs one thread per element, a launch per
 //                     tensor, scalar accesses.
 // Shapes: RMSNorm [32768, 7168] and [4096, 7168]; AdamW ~1e9 parameters in 300 tensors (every
@@ -294,7 +294,7 @@ int main(int argc, char** argv) {
       FM_CHECK_LAUNCH();
       FM_CHECK_CUDA(cudaMemsetAsync(m, 0, total * 2, stream));
       FM_CHECK_CUDA(cudaMemsetAsync(v, 0, total * 2, stream));
-      std::vector<train::AdamWGpuTensor> ts, ts_copy;
+      std::vector<AdamWGpuTensor> ts, ts_copy;
       int64_t off = 0;
       for (int t = 0; t < tensors; ++t) {
         ts.push_back({value + off, grad + off, m + off, v + off, sizes[t], t % 10 != 9, nullptr});
@@ -305,9 +305,9 @@ int main(int argc, char** argv) {
       AdamWConfig plain;
       plain.clip_norm = 0;
       AdamWConfig clipped;  // clip_norm 1
-      train::AdamWGpu opt_plain(plain, ts, /*skip_nonfinite=*/false);
-      train::AdamWGpu opt_clip(clipped, ts, true);
-      train::AdamWGpu opt_copy(clipped, ts_copy, true);
+      AdamWGpu opt_plain(plain, ts, /*skip_nonfinite=*/false);
+      AdamWGpu opt_clip(clipped, ts, true);
+      AdamWGpu opt_copy(clipped, ts_copy, true);
       const int iters = std::max(2, o.iters / 4);
       const double lr = learning_rate(plain, 40);
       const double c1 = 1.0 - std::pow(plain.beta1, 41.0), c2 = 1.0 - std::pow(plain.beta2, 41.0);

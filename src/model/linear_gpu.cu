@@ -68,6 +68,15 @@ void check_shape(const char* what, int64_t n, int64_t k) {
 
 }  // namespace
 
+void transpose_fp8_weight_blocks(const uint8_t* w, const float* sw, int64_t n, int64_t k,
+                                 uint8_t* wt, float* swt, cudaStream_t stream) {
+  check_shape("transpose_fp8_weight_blocks", n, k);
+  const int64_t np = round_up(n, kTile);
+  const dim3 grid(static_cast<unsigned>((k + 31) / 32), static_cast<unsigned>((np + 31) / 32));
+  transpose_blocks_kernel<<<grid, dim3(32, 8), 0, stream>>>(w, sw, n, k, np, wt, swt);
+  FM_CHECK_LAUNCH();
+}
+
 // ---- LinearWeightsDevice ----
 
 LinearWeightsDevice::LinearWeightsDevice(int64_t n, int64_t k) : n_(n), k_(k) {
@@ -93,10 +102,7 @@ LinearWeightsDevice::~LinearWeightsDevice() {
 void LinearWeightsDevice::refresh(const float* master, cudaStream_t stream) {
   FM_CHECK_ARG(master != nullptr, "LinearWeightsDevice::refresh: null master weight");
   kernels::quantize_128x128(master, n_, k_, k_, false, w_, k_, sw_, stream);
-  const int64_t np = round_up(n_, kTile);
-  const dim3 grid(static_cast<unsigned>((k_ + 31) / 32), static_cast<unsigned>((np + 31) / 32));
-  transpose_blocks_kernel<<<grid, dim3(32, 8), 0, stream>>>(w_, sw_, n_, k_, np, wt_, swt_);
-  FM_CHECK_LAUNCH();
+  transpose_fp8_weight_blocks(w_, sw_, n_, k_, wt_, swt_, stream);
 }
 
 LinearWeightsGpu LinearWeightsDevice::view() const {

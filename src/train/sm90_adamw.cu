@@ -13,7 +13,7 @@
 #include "fp8moe/fp8/codec.h"
 #include "fp8moe/train/adamw_gpu.h"
 
-namespace fp8moe::train {
+namespace fp8moe {
 namespace {
 
 constexpr int kThreads = AdamWGpu::kThreads;
@@ -280,4 +280,4 @@ AdamWGpuState AdamWGpu::state(cudaStream_t stream) const {
   return s;
 }
 
-}  // namespace fp8moe::train
+}  // namespace fp8moe

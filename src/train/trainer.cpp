@@ -115,6 +115,8 @@ TrainResult train(const TrainOptions& opts) {
   FM_CHECK_ARG(o.steps > 0, "--steps must be positive");
   FM_CHECK_ARG(o.batch > 0 && o.seq > 0, "--batch and --seq must be positive");
   FM_CHECK_ARG(!o.out_dir.empty(), "an output folder (--out) is needed");
+  FM_CHECK_ARG(o.checkpoint || o.stop_after == 0,
+               "--stop-after without a checkpoint could not be resumed (drop --no-checkpoint)");
   o.adam.total_steps = o.steps;
   if (o.threads > 0) set_model_threads(o.threads);
   const auto t_start = std::chrono::steady_clock::now();
@@ -172,10 +174,11 @@ TrainResult train(const TrainOptions& opts) {
     metrics << line.dump() << "\n";
     metrics.flush();
     progress.update(step + 1, rep.loss, tok_s, eta);
-    if (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 && step + 1 < end)
+    if (o.checkpoint && o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 &&
+        step + 1 < end)
       save_model_checkpoint(ckpt_path, model, adam, ema, o, step + 1);
   }
-  save_model_checkpoint(ckpt_path, model, adam, ema, o, end);
+  if (o.checkpoint) save_model_checkpoint(ckpt_path, model, adam, ema, o, end);
   result.steps_done = end;
 
   // Held-out loss on fixed windows of the validation stream.

@@ -1,4 +1,4 @@
-// train::AdamWGpu (src/train/sm90_adamw.cu) against fp8moe::AdamW::step (src/train/optimizer.cpp):
+// AdamWGpu (src/train/sm90_adamw.cu) against fp8moe::AdamW::step (src/train/optimizer.cpp):
 // weights, BF16 moments and the BF16 weight copy equal BIT FOR BIT over several steps (warm-up,
 // cosine, weight decay on and off, clipped and unclipped steps), tensors of awkward sizes, some
 // misaligned (the scalar path); the grad norm within 1e-12 of the CPU's sequential double sum
@@ -81,14 +81,14 @@ TEST(AdamWGpu, MatchesCpuStepBitForBit) {
   dm.poison(0);
   dv.poison(0);
   dcopy.poison();
-  std::vector<train::AdamWGpuTensor> tensors;
+  std::vector<AdamWGpuTensor> tensors;
   for (size_t t = 0; t < params.size(); ++t) {
     const int64_t o = l.offsets[t];
     tensors.push_back({dvalue.get() + o, dgrad.get() + o, dm.get() + o, dv.get() + o, l.sizes[t],
                        params[t].weight_decay,
                        t % 2 == 0 ? reinterpret_cast<bf16*>(dcopy.get()) + o : nullptr});
   }
-  train::AdamWGpu gpu(cfg, tensors);
+  AdamWGpu gpu(cfg, tensors);
   for (int64_t step = 0; step < 6; ++step) {
     // Steps 1 and 4 have large gradients: clipped.
     fill_grads(params, 100 + step, step == 1 || step == 4 ? 1.0f : 0.05f);
@@ -96,7 +96,7 @@ TEST(AdamWGpu, MatchesCpuStepBitForBit) {
       std::memcpy(grad_pool.data() + l.offsets[t], params[t].grad.data(), l.sizes[t] * 4);
     dgrad.upload(grad_pool);
     gpu.step(step, nullptr);
-    const train::AdamWGpuState st = gpu.state(nullptr);
+    const AdamWGpuState st = gpu.state(nullptr);
     double ss = 0;  // clip_gradients' norm
     for (const auto& p : params)
       for (float g : p.grad) ss += static_cast<double>(g) * g;
@@ -147,10 +147,10 @@ TEST(AdamWGpu, NonFiniteGradientSkipsTheStep) {
   DeviceBuffer<uint16_t> dm(n), dv(n);
   dm.poison(0);
   dv.poison(0);
-  train::AdamWGpu gpu(cfg, {{dw.get(), dg.get(), dm.get(), dv.get(), n, true, nullptr}});
+  AdamWGpu gpu(cfg, {{dw.get(), dg.get(), dm.get(), dv.get(), n, true, nullptr}});
   gpu.step(0, nullptr);
   gpu.step(1, nullptr);
-  const train::AdamWGpuState st = gpu.state(nullptr);
+  const AdamWGpuState st = gpu.state(nullptr);
   EXPECT_TRUE(std::isnan(st.grad_norm));
   EXPECT_EQ(st.skipped, 1);
   EXPECT_EQ(st.skipped_total, 2u);
@@ -168,17 +168,14 @@ TEST(AdamWGpu, BadTensorsAreRejected) {
   AdamWConfig cfg;
   DeviceBuffer<float> w(64), g(64);
   DeviceBuffer<uint16_t> m(64), v(64);
-  EXPECT_THROW(train::AdamWGpu(cfg, {}), Error);
-  EXPECT_THROW(train::AdamWGpu(cfg, {{w.get(), g.get(), m.get(), v.get(), 0, true, nullptr}}),
-               Error);
-  EXPECT_THROW(train::AdamWGpu(cfg, {{w.get(), nullptr, m.get(), v.get(), 64, true, nullptr}}),
-               Error);
+  EXPECT_THROW(AdamWGpu(cfg, {}), Error);
+  EXPECT_THROW(AdamWGpu(cfg, {{w.get(), g.get(), m.get(), v.get(), 0, true, nullptr}}), Error);
+  EXPECT_THROW(AdamWGpu(cfg, {{w.get(), nullptr, m.get(), v.get(), 64, true, nullptr}}), Error);
   float* odd = reinterpret_cast<float*>(reinterpret_cast<char*>(w.get()) + 2);
-  EXPECT_THROW(train::AdamWGpu(cfg, {{odd, g.get(), m.get(), v.get(), 8, true, nullptr}}), Error);
+  EXPECT_THROW(AdamWGpu(cfg, {{odd, g.get(), m.get(), v.get(), 8, true, nullptr}}), Error);
   AdamWConfig bad = cfg;
   bad.beta2 = 1.0;
-  EXPECT_THROW(train::AdamWGpu(bad, {{w.get(), g.get(), m.get(), v.get(), 64, true, nullptr}}),
-               Error);
+  EXPECT_THROW(AdamWGpu(bad, {{w.get(), g.get(), m.get(), v.get(), 64, true, nullptr}}), Error);
 }
 
 }  // namespace

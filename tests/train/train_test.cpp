@@ -269,6 +269,18 @@ TEST(Checkpoint, ResumingGivesBitIdenticalLosses) {
   EXPECT_EQ(lines, 7);  // 6 steps + the held-out evaluation
 }
 
+TEST(Checkpoint, NoCheckpointWritesNoneAndRefusesStopAfter) {
+  TrainOptions o = micro_options(fresh_dir("nockpt"));
+  o.steps = 2;
+  o.checkpoint = false;
+  const TrainResult r = train(o);
+  EXPECT_EQ(r.steps_done, 2);
+  EXPECT_FALSE(std::filesystem::exists(o.out_dir + "/checkpoint.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(o.out_dir + "/metrics.jsonl"));
+  o.stop_after = 1;
+  EXPECT_THROW(train(o), Error);
+}
+
 TEST(Checkpoint, BadCheckpointsAreRefused) {
   if (!have_sentencepiece()) GTEST_SKIP() << "built without SentencePiece";
   TrainOptions o = micro_options(fresh_dir("bad"));
@@ -400,6 +412,9 @@ TEST(TrainCli, TrainsAndWritesMetricsPlotAndCheckpoint) {
   EXPECT_EQ(status, 2) << bad;
   bad = run_cli("train compare --config configs/tiny.json --steps 0 --out " + dir, &status);
   EXPECT_EQ(status, 2) << bad;
+  bad = run_cli("train --config configs/tiny.json --device tpu --steps 1 --out " + dir, &status);
+  EXPECT_EQ(status, 2) << bad;
+  EXPECT_NE(bad.find("--device must be cpu or gpu"), std::string::npos) << bad;
 }
 
 }  // namespace

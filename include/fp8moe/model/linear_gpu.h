@@ -40,6 +40,13 @@ struct LinearWeightsGpu {
   int64_t n = 0, k = 0;
 };
 
+// The second form from the first, into given pointers (LinearWeightsDevice::refresh's step after
+// the quantisation; also the expert weights' transposes): w [N, K] codes and sw
+// [ceil(N/128)][K/128] scales -> wt [K, Np] (columns >= N zero codes) and swt [K/128][Np/128],
+// Np = N rounded up to 128. Stream-ordered, capturable; K a multiple of 128, N of 8.
+void transpose_fp8_weight_blocks(const uint8_t* w, const float* sw, int64_t n, int64_t k,
+                                 uint8_t* wt, float* swt, cudaStream_t stream);
+
 // Owns both FP8 forms of one weight. refresh() requantises them from the FP32 master weight on
 // the device (once per optimizer step; stream-ordered, capturable), bit for bit the CPU's
 // quantize(W, 128x128) and transpose_block_quantized.

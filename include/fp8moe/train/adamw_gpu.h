@@ -29,7 +29,7 @@
 #include "fp8moe/core/dtypes.h"
 #include "fp8moe/train/optimizer.h"
 
-namespace fp8moe::train {
+namespace fp8moe {
 
 struct AdamWGpuTensor {
   float* value = nullptr;       // FP32 master weight [numel]
@@ -86,4 +86,4 @@ class AdamWGpu {
   AdamWGpuState* state_ = nullptr;  // device
 };
 
-}  // namespace fp8moe::train
+}  // namespace fp8moe

@@ -31,6 +31,7 @@ struct TrainOptions {
   double bias_update_speed = 0.001;
   double ema_decay = 0.99;
   int64_t checkpoint_every = 0;  // 0: only at the end
+  bool checkpoint = true;        // false: none at all (timing runs; --stop-after then refused)
   int64_t eval_batches = 8;
   bool resume = false;
   bool progress = true;

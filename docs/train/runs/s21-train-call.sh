@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Session 21: the GPU model and trainer on one GPU. Binaries: build-s21/bins.tar.xz (test_model_gpu,
+# test_train_gpu, the fp8moe CLI, stripped) and build-s21/lib (libsentencepiece.so.0 and the
+# libstdc++ / libgcc_s it needs: the CLI and test_train_gpu read the tokenizer).
+# Call: run(carry=["build-s21/bins.tar.xz", "build-s21/lib"], command="bash docs/train/runs/s21-train-call.sh", timeout_s=420)
+set -uo pipefail
+bin=build-s21/bin archive=build-s21/bins.tar.xz name=s21_train
+# shellcheck source=scripts/device_call_prologue.sh
+source scripts/device_call_prologue.sh
+export LD_LIBRARY_PATH=$PWD/build-s21/lib:$LD_LIBRARY_PATH
+head -2 "$R/machine.txt"
+timeout 150 "$bin/test_model_gpu" --gtest_filter='DecoderLayerGpu*:ModelGpu*' > "$R/model.log" 2>&1
+el "1. DecoderLayerGpu* ModelGpu* rc=$?"
+grep -E "^\[  (PASSED|FAILED)|FAILED  \]|Failure|rel |bit-exact|DIFFERS|differ|loss|Expected|Which" \
+  "$R/model.log" | cut -c1-170 | head -80
+pack
+timeout 200 "$bin/test_train_gpu" --gtest_filter='TrainStateGpu*:TrainerGpu*:AdamWGpu*' > "$R/train.log" 2>&1
+el "2. TrainStateGpu* TrainerGpu* AdamWGpu* rc=$?"
+grep -E "^\[  (PASSED|FAILED)|FAILED  \]|Failure|step |worst|differ|generated|Expected|Which" \
+  "$R/train.log" | cut -c1-170 | head -60
+pack
+timeout 150 "$bin/fp8moe" train --device gpu --config configs/small-gpu.json --steps 300 --batch 16 \
+  --seq 256 --out "$R/small-gpu" --no-progress > "$R/train_gpu.log" 2>&1
+el "3. fp8moe train --device gpu small-gpu 300 steps rc=$?"
+tail -3 "$R/train_gpu.log"; sed -n '1p;100p;200p;300p' "$R/small-gpu/metrics.jsonl" | cut -c1-260
+pack
+# The CPU trainer on the same config, same machine (16 cores): three steps for its tokens/s.
+timeout 100 "$bin/fp8moe" train --config configs/small-gpu.json --steps 300 --stop-after 3 \
+  --batch 16 --seq 256 --out "$R/small-cpu" --no-progress --eval-batches 0 > "$R/train_cpu.log" 2>&1
+el "4. fp8moe train (cpu) small-gpu 3 steps rc=$?"
+tail -2 "$R/train_cpu.log"; cut -c1-200 "$R/small-cpu/metrics.jsonl" 2>/dev/null | head -3
+pack
+el done

@@ -1,0 +1,94 @@
+// One decoder layer of the DeepSeek-V3-architecture model on one GPU, forward and backward: the
+// CPU Model's Block (src/model/model.cpp) with the FP8 recipe, composed from the device-tested
+// pieces:
+//   a  = input_layernorm(h)                     kernels::rmsnorm_forward
+//   h1 = h + self_attn(a)                       MlaBlockGpu (model/mla_block_gpu.h), BF16 add
+//   f  = post_attention_layernorm(h1)
+//   h2 = h1 + mlp(f)                            dense SwiGLU (first_k_dense_replace layers) or
+//                                               DeepSeekMoE: the router's FP32 logits (gate
+//                                               GEMM), route_cuda with the selection bias, the
+//                                               sequence-wise balance loss (seq_aux), MoeLayerGpu
+//                                               (routed + shared experts) over a one-rank EP group
+// The residual stream is BF16 (one rounding per add); everything else as the blocks' headers say.
+// Parameters: FP32 masters and gradients found by the CPU model's names under `prefix` (e.g.
+// "model.layers.3": ".input_layernorm.weight", ".self_attn.q_a_proj.weight", ...,
+// ".mlp.gate.weight", ".mlp.gate.e_score_correction_bias" (a buffer), ".mlp.experts.<e>.gate_proj
+// .weight", ...). refresh() requantises every FP8 weight form from its master (once per optimizer
+// step, and after the masters are first written).
+// Calls only enqueue work on the stream: no host synchronisation, no allocation (capturable in a
+// CUDA graph). Workspaces for batch x seq tokens are allocated at construction.
+// Shapes: what MlaBlockGpu and MoeLayerGpu take (head dims 128 / 64 / 128; hidden, q_lora_rank,
+// kv_lora_rank, intermediate sizes multiples of 128); checked at construction (kInvalidArgument
+// naming the field).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "fp8moe/core/dtypes.h"
+#include "fp8moe/kernels/fp8_gemm.h"
+#include "fp8moe/model/config.h"
+#include "fp8moe/model/model_kernels_gpu.h"
+#include "fp8moe/model/parameter_gpu.h"
+
+namespace fp8moe {
+
+// The layer's saved activations and backward intermediates (device; valid after forward /
+// backward until the next call; for tests that check each stage against the CPU pieces). MoE-only
+// fields are null for dense layers.
+struct DecoderLayerSavedGpu {
+  int64_t tokens = 0;                                                     // T
+  const bf16 *a = nullptr, *attn = nullptr, *h1 = nullptr, *f = nullptr;  // forward, [T, hidden]
+  const float *rstd1 = nullptr, *rstd2 = nullptr;                         // [T]
+  const bf16* mlp_out = nullptr;                     // the FFN's / MoE layer's output [T, hidden]
+  const float *logits = nullptr, *scores = nullptr;  // MoE: FP32 [T, E]
+  const int32_t* topk_idx = nullptr;                 // MoE: [T, K]
+  const float* topk_w = nullptr;                     // MoE: [T, K]
+  // Backward: the FFN's input gradient df (after the router's term), ln2's input gradient + dout
+  // (dh1), MLA's input gradient (da); MoE: grad_topk_w [T, K] and dlogits [T, E] (route_backward
+  // + the balance loss's gradient).
+  const bf16 *df = nullptr, *dh1 = nullptr, *da = nullptr;
+  const float *grad_topk_w = nullptr, *dlogits = nullptr;
+  const bf16* moe_dx = nullptr;  // MoE: MoeLayerGpu's grad_x (df before the router's term)
+};
+
+class DecoderLayerGpu {
+ public:
+  // is_moe: config.is_moe_layer(layer index). rope: the shared device RoPE table (valid for the
+  // layer's life).
+  DecoderLayerGpu(const ModelConfig& config, const std::string& prefix, bool is_moe, int64_t batch,
+                  int64_t seq, const RopeTableView& rope, const ParameterLookup& params);
+  ~DecoderLayerGpu();
+  DecoderLayerGpu(const DecoderLayerGpu&) = delete;
+  DecoderLayerGpu& operator=(const DecoderLayerGpu&) = delete;
+
+  void refresh(cudaStream_t stream);
+
+  // h [T, hidden] BF16, T = batch * seq (row t = b * seq + s), pos [T] device int32 (kept until
+  // backward) -> out [T, hidden] BF16 (may not alias h; h must stay unchanged until backward).
+  // balance_loss: device double the layer's sequence-wise balance loss (alpha included) is ADDED
+  // to (MoE layers with seq_aux; untouched otherwise; may be null). Errors are ORed into *status
+  // (model_kernels_gpu.h's and the router's bits; device, may be null).
+  void forward(const bf16* h, const int32_t* pos, bf16* out, double* balance_loss, uint32_t* status,
+               cudaStream_t stream);
+  // For the last forward: dout [T, hidden] BF16 -> dh [T, hidden] BF16 (overwritten; may not
+  // alias dout), and every parameter's gradient of the layer accumulated or overwritten.
+  void backward(const bf16* dout, bf16* dh, uint32_t* status, cudaStream_t stream,
+                kernels::WgradOutput grad_output = kernels::WgradOutput::kAccumulate);
+
+  bool is_moe() const { return is_moe_; }
+  // MoE layers: tokens routed to each expert by the last forward, device int32
+  // [n_routed_experts] (the CPU Moe's `load`); null for dense layers.
+  const int32_t* expert_load() const;
+  DecoderLayerSavedGpu saved() const;  // tests
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  bool is_moe_ = false;
+};
+
+}  // namespace fp8moe

@@ -1,0 +1,28 @@
+// The training loop of trainer.h on one GPU: ModelGpu (model/model_gpu.h) in the FP8 recipe,
+// AdamWGpu (FP32 masters, BF16 moments, clipping), the routers' bias update, the weights' EMA and
+// the FP8 weight forms refreshed after each step, all on the device; the batches, metrics and
+// checkpoints are the CPU trainer's (run_common), so the same options give the same data order,
+// a GPU checkpoint resumes on the CPU and back, and `fp8moe generate` samples from it.
+// The initial weights are Model(config, seed)'s (train_state_gpu.h), so a CPU run and a GPU run
+// start from the same point; their losses then differ by the GPU's BF16 activations and FP8
+// requantisation (docs/train/README.md measures it).
+// One forward + backward a step, captured once as a CUDA graph and replayed (the batch is copied
+// into the same device buffer each step); the optimizer's launches follow it eagerly (the learning
+// rate changes each step). One host synchronisation a step reads the losses, the grad norm and
+// the error bits.
+#pragma once
+
+#include "fp8moe/train/trainer.h"
+
+namespace fp8moe {
+
+struct GpuTrainOptions {
+  int device = 0;
+  bool cuda_graph = true;  // false: every step launches eagerly (debugging)
+};
+
+// o.precision must be fp8 (the recipe; the GPU path has no bf16 / fp32 model). Throws as train()
+// does, and kInvalidArgument for a model the GPU path cannot take (ModelGpu's checks).
+TrainResult train_gpu(const TrainOptions& o, const GpuTrainOptions& gpu = {});
+
+}  // namespace fp8moe

@@ -1,0 +1,472 @@
+// ModelGpu (fp8moe/model/model_gpu.h): the CPU Model's forward_backward (src/model/model.cpp)
+// composed from the device-tested pieces, plus three small kernels of its own (the token windows'
+// per-depth ids, a BF16 add for the MTP chain's gradient, the LossGpu writer).
+//
+// Memory: the parameters' FP32 values (then the buffers') in one arena, their gradients in a
+// second with the same offsets (tensors 256-byte aligned); activations and workspaces in a third,
+// all allocated at construction. Per call: the layer inputs (num_hidden_layers + 1 BF16 [T, H]
+// tensors, kept for the layers' backward), the final norm's output, (1 + depth) BF16 logits
+// [T, vocab] (cross_entropy_gpu writes each one's dlogits over it: the main head's must survive the
+// MTP forward), and per MTP depth its embedding, [T, 2H] concatenation, eh_proj output, block
+// output and shared_head.norm output.
+// Gradients: the whole gradient arena is zeroed (one cudaMemsetAsync) at the start of backward and
+// every piece then ACCUMULATES (the lm_head and the embedding get 1 + depth contributions each,
+// in the CPU's order: MTP depths last to first, then the main model). Cost: one write of 4 bytes
+// per parameter (13 MB, ~5 us at ~3 TB/s, for the test config's 3.25 M parameters).
+// The output head: one LinearBf16Gpu per use (main, each MTP depth), each with its own BF16 copy
+// of lm_head (refresh()): LinearBf16Gpu keeps its forward's input for its backward, and the main
+// head's backward runs after the MTP depths'. Cost: V * H * 2 bytes per MTP depth.
+#include "fp8moe/model/model_gpu.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <deque>
+#include <string>
+#include <unordered_map>
+
+#include "fp8moe/core/cuda_check.h"
+#include "fp8moe/core/error.h"
+#include "fp8moe/fp8/codec.h"
+#include "fp8moe/kernels/rmsnorm.h"
+#include "fp8moe/model/decoder_layer_gpu.h"
+#include "fp8moe/model/linear_gpu.h"
+#include "fp8moe/model/model_kernels_gpu.h"
+#include "fp8moe/model/parameter_table.h"
+
+namespace fp8moe {
+namespace {
+
+int64_t round_up(int64_t v, int64_t to) {
+  return (v + to - 1) / to * to;
+}
+unsigned blocks_for(int64_t n, int threads) {
+  return static_cast<unsigned>((n + threads - 1) / threads);
+}
+
+// ids[d * T + b * seq + s] = tokens[b * window + s + d], d < depths (the CPU's gather_ids(d)).
+__global__ void gather_ids_kernel(const int32_t* tokens, int64_t batch, int64_t window, int64_t seq,
+                                  int64_t depths, int32_t* ids) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t T = batch * seq;
+  if (i >= depths * T) return;
+  const int64_t d = i / T, t = i % T, b = t / seq, s = t % seq;
+  ids[i] = tokens[b * window + s + d];
+}
+
+// a[i] = bf16(float(a[i]) + float(b[i])) (the CPU's add_into of the MTP chain's dh_next).
+__global__ void add_bf16_kernel(bf16* a, const bf16* b, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  a[i] = to_bf16(to_float(a[i]) + to_float(b[i]));
+}
+
+// LossReport's arithmetic (Model::forward_backward): means over T rows, the MTP mean weighted.
+__global__ void write_loss_kernel(const double* loss_sums, const double* balance, int depth,
+                                  int64_t rows, float mtp_weight, LossGpu* out) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  const double main_loss = loss_sums[0] / static_cast<double>(rows);
+  double mtp_sum = 0;
+  for (int k = 0; k < LossGpu::kMaxMtpDepth; ++k) {
+    const double l = k < depth ? loss_sums[1 + k] / static_cast<double>(rows) : 0.0;
+    out->mtp_loss[k] = l;
+    if (k < depth) mtp_sum += l;
+  }
+  double loss = main_loss + (depth > 0 ? mtp_weight * mtp_sum / static_cast<double>(depth) : 0.0);
+  loss += *balance;
+  out->loss = loss;
+  out->main_loss = main_loss;
+  out->balance_loss = *balance;
+}
+
+}  // namespace
+
+struct ModelGpu::Impl {
+  ModelConfig config;
+  int64_t batch = 0, seq = 0, window = 0, T = 0, H = 0, V = 0, depth = 0, layers_n = 0;
+
+  // Parameters: arenas and the lookup by name.
+  std::vector<ParameterGpu> params, buffers;
+  std::unordered_map<std::string, ParameterGpu*> by_name;
+  float* values = nullptr;  // params then buffers
+  float* grads = nullptr;   // params only
+  size_t grad_bytes = 0;
+  int64_t param_count = 0;
+
+  ParameterGpu *embed = nullptr, *final_norm = nullptr, *lm_head = nullptr;
+  struct MtpParams {
+    ParameterGpu *enorm, *hnorm, *eh, *shared_norm;
+  };
+  std::vector<MtpParams> mtp_params;
+
+  std::unique_ptr<RopeTableGpu> rope;
+  std::vector<std::unique_ptr<DecoderLayerGpu>> layers;    // main, then the MTP blocks
+  std::vector<DecoderLayerGpu*> moe_layers;                // expert_load's order
+  std::vector<std::unique_ptr<LinearWeightsDevice>> eh_w;  // per depth
+  std::vector<std::unique_ptr<LinearFp8Gpu>> eh;           // per depth
+  std::vector<std::unique_ptr<LinearBf16Gpu>> heads;       // main, then per depth
+
+  // Workspace (one allocation).
+  void* ws = nullptr;
+  int32_t* ids = nullptr;  // [depth + 2][T]
+  int32_t* pos = nullptr;  // [T]
+  bf16* hs = nullptr;      // [layers + 1][T, H]: the embedding, then each main layer's output
+  bf16* hn = nullptr;      // final norm output [T, H]
+  float* rstd_main = nullptr;
+  bf16* logits = nullptr;  // [1 + depth][T, V]
+  float* row_loss = nullptr;
+  double* loss_sums = nullptr;  // [1 + depth]
+  double* balance = nullptr;
+  struct MtpActs {
+    bf16 *e, *cat, *hp, *hk, *fk;
+    float *rstd_e, *rstd_h, *rstd_f;
+  };
+  std::vector<MtpActs> mtp;
+  bf16 *da = nullptr, *db = nullptr, *dh_next = nullptr, *dcat = nullptr;
+  float* norm_ws = nullptr;
+  void* emb_ws = nullptr;
+  size_t emb_ws_bytes = 0;
+  uint32_t* status = nullptr;
+
+  bf16* h_layer(int64_t l) const { return hs + l * T * H; }
+  bf16* logits_of(int64_t k) const { return logits + k * T * V; }  // 0 main, 1 + k MTP depth k
+  const int32_t* ids_of(int64_t d) const { return ids + d * T; }
+
+  ParameterGpu& lookup(const std::string& name) {
+    auto it = by_name.find(name);
+    FM_CHECK_ARG(it != by_name.end(), "ModelGpu: no parameter or buffer named '", name, "'");
+    return *it->second;
+  }
+
+  ~Impl() {
+    if (values != nullptr) cudaFree(values);
+    if (grads != nullptr) cudaFree(grads);
+    if (ws != nullptr) cudaFree(ws);
+  }
+};
+
+ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq)
+    : impl_(std::make_unique<Impl>()) {
+  config.validate();
+  Impl& m = *impl_;
+  m.config = config;
+  const int64_t depth = config.num_nextn_predict_layers;
+  FM_CHECK_ARG(batch > 0 && seq > 0, "ModelGpu: batch ", batch, " x seq ", seq, " holds no tokens");
+  FM_CHECK_ARG(depth <= LossGpu::kMaxMtpDepth, "ModelGpu: num_nextn_predict_layers ", depth,
+               " exceeds LossGpu::kMaxMtpDepth (", LossGpu::kMaxMtpDepth, ")");
+  FM_CHECK_ARG(seq <= config.max_position_embeddings, "ModelGpu: seq ", seq,
+               " exceeds max_position_embeddings ", config.max_position_embeddings);
+  FM_CHECK_ARG(config.vocab_size % 8 == 0, "ModelGpu: vocab_size ", config.vocab_size,
+               " is not a multiple of 8 (the logits' rows are 16-byte aligned)");
+  FM_CHECK_ARG(config.hidden_size % 128 == 0, "ModelGpu: hidden_size ", config.hidden_size,
+               " is not a multiple of 128 (eh_proj's FP8 reduction over 2 * hidden)");
+  m.batch = batch;
+  m.seq = seq;
+  m.depth = depth;
+  m.window = seq + depth + 1;
+  m.T = batch * seq;
+  m.H = config.hidden_size;
+  m.V = config.vocab_size;
+  m.layers_n = config.num_hidden_layers;
+  const int64_t T = m.T, H = m.H, V = m.V;
+
+  // Parameters and buffers: the CPU Model's table, 256-byte aligned slots (64 floats).
+  const ParameterTable table = model_parameter_table(config);
+  int64_t value_floats = 0, grad_floats = 0;
+  for (const auto& s : table.parameters) value_floats += round_up(s.numel(), 64);
+  grad_floats = value_floats;
+  for (const auto& s : table.buffers) value_floats += round_up(s.numel(), 64);
+  FM_CHECK_CUDA(cudaMalloc(&m.values, static_cast<size_t>(value_floats) * sizeof(float)));
+  FM_CHECK_CUDA(cudaMalloc(&m.grads, static_cast<size_t>(grad_floats) * sizeof(float)));
+  m.grad_bytes = static_cast<size_t>(grad_floats) * sizeof(float);
+  FM_CHECK_CUDA(cudaMemset(m.grads, 0, m.grad_bytes));
+  int64_t off = 0;
+  auto make = [&](const ParameterSpec& s, bool with_grad) {
+    ParameterGpu p;
+    p.name = s.name;
+    p.shape = s.shape;
+    p.numel = s.numel();
+    p.weight_decay = s.weight_decay;
+    p.value = m.values + off;
+    p.grad = with_grad ? m.grads + off : nullptr;
+    off += round_up(p.numel, 64);
+    return p;
+  };
+  m.params.reserve(table.parameters.size());
+  for (const auto& s : table.parameters) {
+    m.params.push_back(make(s, true));
+    m.param_count += m.params.back().numel;
+  }
+  m.buffers.reserve(table.buffers.size());
+  for (const auto& s : table.buffers) m.buffers.push_back(make(s, false));
+  for (auto& p : m.params) m.by_name[p.name] = &p;
+  for (auto& p : m.buffers) m.by_name[p.name] = &p;
+  m.embed = &m.lookup("model.embed_tokens.weight");
+  m.final_norm = &m.lookup("model.norm.weight");
+  m.lm_head = &m.lookup("lm_head.weight");
+  for (int64_t k = 0; k < depth; ++k) {
+    const std::string pre = "model.layers." + std::to_string(m.layers_n + k);
+    m.mtp_params.push_back({&m.lookup(pre + ".enorm.weight"), &m.lookup(pre + ".hnorm.weight"),
+                            &m.lookup(pre + ".eh_proj.weight"),
+                            &m.lookup(pre + ".shared_head.norm.weight")});
+  }
+
+  // Workspace.
+  const kernels::RmsNormPlan plan = kernels::rmsnorm_plan(T, H);
+  m.emb_ws_bytes = embedding_backward_workspace_bytes(T, V);
+  struct Slot {
+    void** ptr;
+    int64_t bytes;
+  };
+  std::vector<Slot> slots;
+  auto slot = [&](auto** p, int64_t bytes) {
+    slots.push_back({reinterpret_cast<void**>(p), bytes});
+  };
+  const int64_t act = T * H * 2;  // one BF16 [T, H]
+  slot(&m.ids, (depth + 2) * T * 4);
+  slot(&m.pos, T * 4);
+  slot(&m.hs, (m.layers_n + 1) * act);
+  slot(&m.hn, act);
+  slot(&m.rstd_main, T * 4);
+  slot(&m.logits, (1 + depth) * T * V * 2);
+  slot(&m.row_loss, T * 4);
+  slot(&m.loss_sums, (1 + depth) * 8);
+  slot(&m.balance, 8);
+  m.mtp.resize(static_cast<size_t>(depth));
+  for (auto& a : m.mtp) {
+    slot(&a.e, act);
+    slot(&a.cat, 2 * act);
+    slot(&a.hp, act);
+    slot(&a.hk, act);
+    slot(&a.fk, act);
+    slot(&a.rstd_e, T * 4);
+    slot(&a.rstd_h, T * 4);
+    slot(&a.rstd_f, T * 4);
+  }
+  slot(&m.da, act);
+  slot(&m.db, act);
+  slot(&m.dh_next, act);
+  slot(&m.dcat, 2 * act);
+  slot(&m.norm_ws, plan.workspace_floats * 4);
+  slot(&m.emb_ws, static_cast<int64_t>(m.emb_ws_bytes));
+  slot(&m.status, 4);
+  int64_t total = 0;
+  for (const auto& s : slots) total += round_up(std::max<int64_t>(s.bytes, 1), 256);
+  FM_CHECK_CUDA(cudaMalloc(&m.ws, static_cast<size_t>(total)));
+  FM_CHECK_CUDA(cudaMemset(m.ws, 0, static_cast<size_t>(total)));
+  {
+    char* p = static_cast<char*>(m.ws);
+    for (const auto& s : slots) {
+      *s.ptr = p;
+      p += round_up(std::max<int64_t>(s.bytes, 1), 256);
+    }
+  }
+  {
+    std::vector<int32_t> pos(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) pos[t] = static_cast<int32_t>(t % seq);
+    FM_CHECK_CUDA(cudaMemcpy(m.pos, pos.data(), pos.size() * 4, cudaMemcpyHostToDevice));
+  }
+
+  // Pieces.
+  m.rope = std::make_unique<RopeTableGpu>(
+      make_rope_table(config.qk_rope_head_dim, seq, config.rope_theta, config.rope_scaling));
+  const ParameterLookup lookup = [&m](const std::string& name) -> ParameterGpu& {
+    return m.lookup(name);
+  };
+  for (int64_t l = 0; l < m.layers_n + depth; ++l) {
+    const bool moe = config.is_moe_layer(l);
+    m.layers.push_back(std::make_unique<DecoderLayerGpu>(
+        config, "model.layers." + std::to_string(l), moe, batch, seq, m.rope->view(), lookup));
+    if (moe) m.moe_layers.push_back(m.layers.back().get());
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    m.eh_w.push_back(std::make_unique<LinearWeightsDevice>(H, 2 * H));
+    m.eh.push_back(std::make_unique<LinearFp8Gpu>(T, H, 2 * H));
+  }
+  for (int64_t k = 0; k < 1 + depth; ++k)
+    m.heads.push_back(std::make_unique<LinearBf16Gpu>(T, V, H));
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+}
+
+ModelGpu::~ModelGpu() = default;
+
+const ModelConfig& ModelGpu::config() const {
+  return impl_->config;
+}
+int64_t ModelGpu::batch() const {
+  return impl_->batch;
+}
+int64_t ModelGpu::seq() const {
+  return impl_->seq;
+}
+int64_t ModelGpu::window() const {
+  return impl_->window;
+}
+std::vector<ParameterGpu>& ModelGpu::parameters() {
+  return impl_->params;
+}
+std::vector<ParameterGpu>& ModelGpu::buffers() {
+  return impl_->buffers;
+}
+int64_t ModelGpu::parameter_count() const {
+  return impl_->param_count;
+}
+int ModelGpu::moe_blocks() const {
+  return static_cast<int>(impl_->moe_layers.size());
+}
+const int32_t* ModelGpu::expert_load(int block) const {
+  FM_CHECK_ARG(block >= 0 && block < moe_blocks(), "ModelGpu::expert_load: block ", block,
+               " outside [0, ", moe_blocks(), ")");
+  return impl_->moe_layers[static_cast<size_t>(block)]->expert_load();
+}
+uint32_t* ModelGpu::status() const {
+  return impl_->status;
+}
+
+namespace {
+
+// The CPU table (parameters or buffers) against the GPU's: same names and shapes, in order.
+void check_same_table(const std::deque<Parameter>& cpu, const std::vector<ParameterGpu>& gpu,
+                      const char* what) {
+  FM_CHECK_ARG(cpu.size() == gpu.size(), "ModelGpu::", what, ": the CPU model has ", cpu.size(),
+               " tensors, the GPU model ", gpu.size());
+  for (size_t i = 0; i < cpu.size(); ++i)
+    FM_CHECK_ARG(cpu[i].name == gpu[i].name && cpu[i].shape == gpu[i].shape &&
+                     cpu[i].numel() == gpu[i].numel,
+                 "ModelGpu::", what, ": tensor ", i, " is '", cpu[i].name, "' on the CPU, '",
+                 gpu[i].name, "' on the GPU (or their shapes differ)");
+}
+
+}  // namespace
+
+void ModelGpu::upload(Model& cpu) {
+  Impl& m = *impl_;
+  check_same_table(cpu.parameters(), m.params, "upload");
+  check_same_table(cpu.buffers(), m.buffers, "upload");
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+  for (size_t i = 0; i < m.params.size(); ++i)
+    FM_CHECK_CUDA(cudaMemcpy(m.params[i].value, cpu.parameters()[i].value.data(),
+                             static_cast<size_t>(m.params[i].numel) * sizeof(float),
+                             cudaMemcpyHostToDevice));
+  for (size_t i = 0; i < m.buffers.size(); ++i)
+    FM_CHECK_CUDA(cudaMemcpy(m.buffers[i].value, cpu.buffers()[i].value.data(),
+                             static_cast<size_t>(m.buffers[i].numel) * sizeof(float),
+                             cudaMemcpyHostToDevice));
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+  refresh(nullptr);
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+}
+
+void ModelGpu::download(Model& cpu, bool with_grads) const {
+  const Impl& m = *impl_;
+  check_same_table(cpu.parameters(), m.params, "download");
+  check_same_table(cpu.buffers(), m.buffers, "download");
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+  for (size_t i = 0; i < m.params.size(); ++i) {
+    Parameter& p = cpu.parameters()[i];
+    const size_t bytes = static_cast<size_t>(m.params[i].numel) * sizeof(float);
+    FM_CHECK_CUDA(cudaMemcpy(p.value.data(), m.params[i].value, bytes, cudaMemcpyDeviceToHost));
+    if (with_grads) {
+      p.grad.resize(p.value.size());
+      FM_CHECK_CUDA(cudaMemcpy(p.grad.data(), m.params[i].grad, bytes, cudaMemcpyDeviceToHost));
+    }
+  }
+  for (size_t i = 0; i < m.buffers.size(); ++i)
+    FM_CHECK_CUDA(cudaMemcpy(cpu.buffers()[i].value.data(), m.buffers[i].value,
+                             static_cast<size_t>(m.buffers[i].numel) * sizeof(float),
+                             cudaMemcpyDeviceToHost));
+}
+
+void ModelGpu::refresh(cudaStream_t stream) {
+  Impl& m = *impl_;
+  for (auto& l : m.layers) l->refresh(stream);
+  for (int64_t k = 0; k < m.depth; ++k) m.eh_w[k]->refresh(m.mtp_params[k].eh->value, stream);
+  for (auto& h : m.heads) h->refresh_weight(m.lm_head->value, stream);
+}
+
+void ModelGpu::forward_backward(const int32_t* tokens, float mtp_weight, bool backward,
+                                LossGpu* loss, cudaStream_t stream) {
+  Impl& m = *impl_;
+  FM_CHECK_ARG(tokens != nullptr && loss != nullptr,
+               "ModelGpu::forward_backward: null tokens or loss");
+  const ModelConfig& c = m.config;
+  const int64_t T = m.T, H = m.H, V = m.V, D = m.depth, L = m.layers_n;
+  const double eps = c.rms_norm_eps;
+  constexpr int kThreads = 256;
+
+  // ---- Forward ----
+  FM_CHECK_CUDA(cudaMemsetAsync(m.balance, 0, sizeof(double), stream));
+  gather_ids_kernel<<<blocks_for((D + 2) * T, kThreads), kThreads, 0, stream>>>(
+      tokens, m.batch, m.window, m.seq, D + 2, m.ids);
+  FM_CHECK_LAUNCH();
+  embedding_forward_gpu(m.embed->value, V, H, m.ids_of(0), T, m.h_layer(0), H, m.status, stream);
+  for (int64_t l = 0; l < L; ++l)
+    m.layers[l]->forward(m.h_layer(l), m.pos, m.h_layer(l + 1), m.balance, m.status, stream);
+  kernels::rmsnorm_forward(m.h_layer(L), H, m.final_norm->value, T, H, eps, m.hn, H, m.rstd_main,
+                           stream);
+  m.heads[0]->forward(m.hn, T, m.logits_of(0), stream);
+  cross_entropy_gpu(m.logits_of(0), V, m.ids_of(1), T, V, 1.0f / static_cast<float>(T),
+                    backward ? m.logits_of(0) : nullptr, V, m.row_loss, &m.loss_sums[0], nullptr,
+                    m.status, stream);
+  const float mtp_scale = D > 0 ? mtp_weight / static_cast<float>(D) : 0.0f;
+  for (int64_t k = 0; k < D; ++k) {
+    const Impl::MtpParams& p = m.mtp_params[k];
+    const Impl::MtpActs& a = m.mtp[k];
+    const bf16* hprev = k == 0 ? m.h_layer(L) : m.mtp[k - 1].hk;
+    embedding_forward_gpu(m.embed->value, V, H, m.ids_of(k + 1), T, a.e, H, m.status, stream);
+    kernels::rmsnorm_forward(a.e, H, p.enorm->value, T, H, eps, a.cat, 2 * H, a.rstd_e, stream);
+    kernels::rmsnorm_forward(hprev, H, p.hnorm->value, T, H, eps, a.cat + H, 2 * H, a.rstd_h,
+                             stream);
+    m.eh[k]->forward(a.cat, T, m.eh_w[k]->view(), a.hp, stream);
+    m.layers[L + k]->forward(a.hp, m.pos, a.hk, m.balance, m.status, stream);
+    kernels::rmsnorm_forward(a.hk, H, p.shared_norm->value, T, H, eps, a.fk, H, a.rstd_f, stream);
+    m.heads[1 + k]->forward(a.fk, T, m.logits_of(1 + k), stream);
+    cross_entropy_gpu(m.logits_of(1 + k), V, m.ids_of(k + 2), T, V,
+                      mtp_scale / static_cast<float>(T), backward ? m.logits_of(1 + k) : nullptr, V,
+                      m.row_loss, &m.loss_sums[1 + k], nullptr, m.status, stream);
+  }
+  write_loss_kernel<<<1, 32, 0, stream>>>(m.loss_sums, m.balance, static_cast<int>(D), T,
+                                          mtp_weight, loss);
+  FM_CHECK_LAUNCH();
+  if (!backward) return;
+
+  // ---- Backward (the CPU's order): zero every gradient, then accumulate ----
+  FM_CHECK_CUDA(cudaMemsetAsync(m.grads, 0, m.grad_bytes, stream));
+  float* embed_grad = m.embed->grad;
+  for (int64_t k = D - 1; k >= 0; --k) {
+    const Impl::MtpParams& p = m.mtp_params[k];
+    const Impl::MtpActs& a = m.mtp[k];
+    const bf16* hprev = k == 0 ? m.h_layer(L) : m.mtp[k - 1].hk;
+    m.heads[1 + k]->backward(m.logits_of(1 + k), m.da, m.lm_head->grad, stream);
+    kernels::rmsnorm_backward(m.da, H, a.hk, H, p.shared_norm->value, a.rstd_f, T, H, m.da, H,
+                              p.shared_norm->grad, true, m.norm_ws, stream);
+    if (k < D - 1) {
+      add_bf16_kernel<<<blocks_for(T * H, kThreads), kThreads, 0, stream>>>(m.da, m.dh_next, T * H);
+      FM_CHECK_LAUNCH();
+    }
+    m.layers[L + k]->backward(m.da, m.db, m.status, stream);
+    m.eh[k]->backward(m.db, m.eh_w[k]->view(), m.dcat, p.eh->grad, stream);
+    kernels::rmsnorm_backward(m.dcat, 2 * H, a.e, H, p.enorm->value, a.rstd_e, T, H, m.dcat, 2 * H,
+                              p.enorm->grad, true, m.norm_ws, stream);
+    embedding_backward_gpu(m.dcat, 2 * H, m.ids_of(k + 1), T, V, H, embed_grad, m.emb_ws,
+                           m.emb_ws_bytes, m.status, stream);
+    kernels::rmsnorm_backward(m.dcat + H, 2 * H, hprev, H, p.hnorm->value, a.rstd_h, T, H,
+                              m.dh_next, H, p.hnorm->grad, true, m.norm_ws, stream);
+  }
+  m.heads[0]->backward(m.logits_of(0), m.da, m.lm_head->grad, stream);
+  kernels::rmsnorm_backward(m.da, H, m.h_layer(L), H, m.final_norm->value, m.rstd_main, T, H, m.da,
+                            H, m.final_norm->grad, true, m.norm_ws, stream);
+  if (D > 0) {
+    add_bf16_kernel<<<blocks_for(T * H, kThreads), kThreads, 0, stream>>>(m.da, m.dh_next, T * H);
+    FM_CHECK_LAUNCH();
+  }
+  bf16 *cur = m.da, *other = m.db;
+  for (int64_t l = L - 1; l >= 0; --l) {
+    m.layers[l]->backward(cur, other, m.status, stream);
+    std::swap(cur, other);
+  }
+  embedding_backward_gpu(cur, H, m.ids_of(0), T, V, H, embed_grad, m.emb_ws, m.emb_ws_bytes,
+                         m.status, stream);
+}
+
+}  // namespace fp8moe
