@@ -7,7 +7,8 @@
 //   forward_backward (all printed), the expert loads, the status flag clean;
 //   a second call gives the same gradient bits (overwrite semantics), a CUDA graph of the whole
 //   forward_backward replays to the eager bits; a bad token id sets status(); download(upload(x))
-//   == x; five plain-SGD steps on both track (5e-3 + 10 % of the progress); constructor refusals.
+//   == x (and download's gradients are the device's); five plain-SGD steps on both track
+//   (5e-3 + 10 % of the progress); constructor refusals.
 // Bounds (docs/model/README.md "ModelGpu (s21-mg)"): the GPU keeps BF16 activations between ops
 // where the CPU model keeps FP32, and each FP8 GEMM requantises those roundings: MlaBlockGpu
 // ends at 2e-2..4e-2 end to end against a reference with the GPU's own rounding points; here the
@@ -360,6 +361,19 @@ TEST(ModelGpu, DownloadOfUploadIsIdentity) {
                           a.buffers()[i].value.size() * sizeof(float)),
               0)
         << a.buffers()[i].name;
+  // With the gradients: those of the last call.
+  Device dev;
+  dev.set_tokens(
+      random_tokens(kBatch * (kSeq + cfg.num_nextn_predict_layers + 1), cfg.vocab_size, 13));
+  gpu.forward_backward(dev.tokens, kMtpWeight, true, dev.loss, dev.stream);
+  FM_CHECK_CUDA(cudaStreamSynchronize(dev.stream));
+  const auto grads = read_grads(gpu);
+  gpu.download(b, true);
+  for (size_t i = 0; i < a.parameters().size(); ++i)
+    EXPECT_EQ(std::memcmp(grads[i].data(), b.parameters()[i].grad.data(),
+                          grads[i].size() * sizeof(float)),
+              0)
+        << a.parameters()[i].name << " (gradient)";
 }
 
 __global__ void sgd_kernel(float* value, const float* grad, int64_t n, float lr) {
