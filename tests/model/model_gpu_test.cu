@@ -13,8 +13,12 @@
 // where the CPU model keeps FP32, and each FP8 GEMM requantises those roundings: MlaBlockGpu
 // ends at 2e-2..4e-2 end to end against a reference with the GPU's own rounding points; here the
 // reference has none, the chain is 3 blocks + 2 heads deep and the routers may flip near-tied
-// choices: gradients rel <= 0.25 per tensor (0.1 over all parameters together), losses |diff| <=
-// 5e-3 (main, MTP), balance rel <= 0.05, expert loads within 4 % of the routed slots.
+// choices. So each gradient is bounded by the FP8 recipe's own noise on that tensor, measured on
+// the CPU in the same test: q = |g(CPU bf16) - g(CPU fp8)| / |g(CPU fp8)| (the same weights and
+// tokens with BF16 GEMMs); the GPU's FP8 rounding points differ from the CPU model's at almost
+// every element, so the GPU-vs-CPU difference is of the order of two independent FP8 draws:
+// rel <= 2.5 q + 0.05 per tensor (2.5 q_all + 0.02 over all parameters together); losses |diff|
+// <= 5e-3 (main, MTP), balance rel <= 0.05, expert loads within 4 % of the routed slots.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -41,8 +45,8 @@ namespace {
 
 constexpr int64_t kBatch = 2, kSeq = 64;
 constexpr float kMtpWeight = 0.3f;
-constexpr double kGradTol = 0.25, kGradAllTol = 0.1, kLossTol = 5e-3, kBalanceTol = 0.05,
-                 kLoadTol = 0.04, kTrainTol = 5e-3, kTrainRel = 0.1;
+constexpr double kGradNoise = 2.5, kGradFloor = 0.05, kGradAllFloor = 0.02, kLossTol = 5e-3,
+                 kBalanceTol = 0.05, kLoadTol = 0.04, kTrainTol = 5e-3, kTrainRel = 0.1;
 
 ModelConfig small_config(const Json& overrides = Json::object()) {
   Json j = {{"vocab_size", 512},
@@ -175,6 +179,14 @@ TEST(ModelGpu, MatchesTheCpuModelAndReplaysInAGraph) {
   cpu.zero_grad();
   const LossReport ref =
       cpu.forward_backward(tokens.data(), kBatch, window, Precision::kFp8, kMtpWeight, true);
+  // The recipe's own noise per tensor: the same step with BF16 GEMMs (the CPU model's fp8
+  // gradients are restored afterwards: the checks below read them).
+  std::vector<std::vector<float>> g8, g16;
+  for (const Parameter& p : cpu.parameters()) g8.push_back(p.grad);
+  cpu.zero_grad();
+  cpu.forward_backward(tokens.data(), kBatch, window, Precision::kBf16, kMtpWeight, true);
+  for (Parameter& p : cpu.parameters()) g16.push_back(p.grad);
+  for (size_t i = 0; i < g8.size(); ++i) cpu.parameters()[i].grad = g8[i];
 
   // GPU, gradients poisoned (every one must be overwritten).
   poison_grads(gpu);
@@ -225,36 +237,44 @@ TEST(ModelGpu, MatchesTheCpuModelAndReplaysInAGraph) {
   };
   int flipped_tensors = 0;
   const auto grads = read_grads(gpu);
-  double num_all = 0, den_all = 0, worst = 0;
+  double num_all = 0, den_all = 0, noise_all = 0, worst = 0;
   std::string worst_name;
   for (size_t i = 0; i < grads.size(); ++i) {
     const Parameter& p = cpu.parameters()[i];
-    double num = 0, den = 0;
+    double num = 0, den = 0, noise = 0;
     bool finite = true;
     for (size_t j = 0; j < grads[i].size(); ++j) {
       finite = finite && std::isfinite(grads[i][j]);
       const double e = static_cast<double>(grads[i][j]) - p.grad[j];
+      const double n = static_cast<double>(g16[i][j]) - p.grad[j];
       num += e * e;
+      noise += n * n;
       den += static_cast<double>(p.grad[j]) * p.grad[j];
     }
     num_all += num;
     den_all += den;
+    noise_all += noise;
     const double r = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+    const double q = den > 0 ? std::sqrt(noise / den) : std::sqrt(noise);
+    const double bound = kGradNoise * q + kGradFloor;
     const bool flipped = routing_differs(p.name);
-    std::printf("grad %-58s rel %.3e |cpu| %.3e%s%s\n", p.name.c_str(), r, std::sqrt(den),
-                finite ? "" : " NON-FINITE", flipped ? " (expert load differs: not bounded)" : "");
+    std::printf("grad %-58s rel %.3e (fp8 noise %.3e, bound %.3e) |cpu| %.3e%s%s\n", p.name.c_str(),
+                r, q, bound, std::sqrt(den), finite ? "" : " NON-FINITE",
+                flipped ? " (expert load differs: not bounded)" : "");
     EXPECT_TRUE(finite) << p.name;
     if (flipped) {
       ++flipped_tensors;
       continue;
     }
-    EXPECT_LT(r, kGradTol) << p.name;
-    if (r > worst) worst = r, worst_name = p.name;
+    EXPECT_LT(r, bound) << p.name;
+    if (r / bound > worst) worst = r / bound, worst_name = p.name;
   }
-  const double all = std::sqrt(num_all / den_all);
-  std::printf("grad all parameters rel %.3e (worst bounded %s %.3e; %d expert tensors unbounded)\n",
-              all, worst_name.c_str(), worst, flipped_tensors);
-  EXPECT_LT(all, kGradAllTol);
+  const double all = std::sqrt(num_all / den_all), q_all = std::sqrt(noise_all / den_all);
+  std::printf(
+      "grad all parameters rel %.3e (fp8 noise %.3e; worst bounded %s at %.2f of its bound; "
+      "%d expert tensors unbounded)\n",
+      all, q_all, worst_name.c_str(), worst, flipped_tensors);
+  EXPECT_LT(all, kGradNoise * q_all + kGradAllFloor);
 
   // A second call: the same bits (every gradient overwritten, not accumulated).
   poison_grads(gpu);
@@ -382,7 +402,7 @@ __global__ void sgd_kernel(float* value, const float* grad, int64_t n, float lr)
 }
 
 // Five plain-SGD steps (lr 0.1) from the same start on both: the losses track, within 5e-3 plus
-// 10 % of the CPU's progress so far (the gradients agree to ~kGradAllTol, so the trajectories
+// 10 % of the CPU's progress so far (the gradients agree to the FP8 noise, so the trajectories
 // part by about that fraction of each update).
 TEST(ModelGpu, SgdStepsTrackTheCpuModel) {
   const ModelConfig cfg = small_config();
@@ -412,7 +432,7 @@ TEST(ModelGpu, SgdStepsTrackTheCpuModel) {
     std::printf("sgd step %d loss gpu %.6f cpu %.6f diff %+.2e\n", step, g.loss, r.loss,
                 g.loss - r.loss);
     if (step == 0) first_cpu = r.loss;
-    // The step-0 difference plus 10 % of the progress (the gradients agree to ~kGradAllTol).
+    // The step-0 difference plus 10 % of the progress (the gradients agree to the FP8 noise).
     EXPECT_NEAR(g.loss, r.loss, kTrainTol + kTrainRel * std::max(0.0, first_cpu - r.loss))
         << "step " << step;
     last_cpu = r.loss;
