@@ -2,7 +2,7 @@
 # Session 21: the GPU model and trainer on one GPU. Binaries: build-s21/bins.tar.xz (test_model_gpu,
 # test_train_gpu, the fp8moe CLI, stripped) and build-s21/lib (libsentencepiece.so.0 and the
 # libstdc++ / libgcc_s it needs: the CLI and test_train_gpu read the tokenizer).
-# Call: run(carry=["build-s21/bins.tar.xz", "build-s21/lib"], command="bash docs/train/runs/s21-train-call.sh", timeout_s=420)
+# Call: run(carry=["build-s21/bins.tar.xz", "build-s21/lib"], command="CPU_REF=0 bash docs/train/runs/s21-train-call.sh", timeout_s=500)
 set -uo pipefail
 bin=build-s21/bin archive=build-s21/bins.tar.xz name=s21_train
 # shellcheck source=scripts/device_call_prologue.sh
@@ -29,5 +29,14 @@ timeout 100 "$bin/fp8moe" train --config configs/small-gpu.json --steps 300 --st
   --batch 16 --seq 256 --out "$R/small-cpu" --no-progress --eval-batches 0 > "$R/train_cpu.log" 2>&1
 el "4. fp8moe train (cpu) small-gpu 3 steps rc=$?"
 tail -2 "$R/train_cpu.log"; cut -c1-200 "$R/small-cpu/metrics.jsonl" 2>/dev/null | head -3
+pack
+# V3's layer widths (hidden 7168, 128 heads, q/kv LoRA 1536/512, experts of 2048, 32 experts top-8,
+# a dense layer of 18432): tokens/s of a whole training step at realistic GEMM sizes, no checkpoint.
+timeout 200 "$bin/fp8moe" train --device gpu --config configs/v3-slice.json --steps 20 --batch 1 \
+  --seq 4096 --warmup 5 --no-checkpoint --eval-batches 0 --out /tmp/s21-v3slice --no-progress \
+  > "$R/train_v3slice.log" 2>&1
+el "5. fp8moe train --device gpu v3-slice 20 steps rc=$?"
+tail -3 "$R/train_v3slice.log"; cp /tmp/s21-v3slice/metrics.jsonl "$R/metrics_v3slice.jsonl" 2>/dev/null
+sed -n '1p;10p;20p' "$R/metrics_v3slice.jsonl" | cut -c1-250
 pack
 el done
