@@ -183,9 +183,11 @@ TEST(ModelGpu, MatchesTheCpuModelAndReplaysInAGraph) {
   // gradients are restored afterwards: the checks below read them).
   std::vector<std::vector<float>> g8, g16;
   for (const Parameter& p : cpu.parameters()) g8.push_back(p.grad);
+  const std::vector<std::vector<int64_t>> loads = cpu.expert_load();  // fp8's, before the rerun
   cpu.zero_grad();
   cpu.forward_backward(tokens.data(), kBatch, window, Precision::kBf16, kMtpWeight, true);
   for (Parameter& p : cpu.parameters()) g16.push_back(p.grad);
+  const std::vector<std::vector<int64_t>> loads16 = cpu.expert_load();
   for (size_t i = 0; i < g8.size(); ++i) cpu.parameters()[i].grad = g8[i];
 
   // GPU, gradients poisoned (every one must be overwritten).
@@ -204,7 +206,6 @@ TEST(ModelGpu, MatchesTheCpuModelAndReplaysInAGraph) {
   EXPECT_GT(ref.balance_loss, 0.0);
 
   // Expert loads (main MoE blocks, then the MTP's).
-  const auto& loads = cpu.expert_load();
   ASSERT_EQ(static_cast<size_t>(gpu.moe_blocks()), loads.size());
   std::vector<std::vector<int32_t>> gpu_loads;
   for (int b = 0; b < gpu.moe_blocks(); ++b) {
@@ -212,16 +213,22 @@ TEST(ModelGpu, MatchesTheCpuModelAndReplaysInAGraph) {
     FM_CHECK_CUDA(cudaMemcpy(gl.data(), gpu.expert_load(b), gl.size() * sizeof(int32_t),
                              cudaMemcpyDeviceToHost));
     gpu_loads.push_back(gl);
-    int64_t moved = 0, total = 0;
+    int64_t moved = 0, moved16 = 0, total = 0;
     std::printf("expert_load block %d gpu/cpu:", b);
     for (size_t e = 0; e < gl.size(); ++e) {
       std::printf(" %d/%lld", gl[e], static_cast<long long>(loads[b][e]));
       moved += std::abs(gl[e] - loads[b][e]);
+      moved16 += std::abs(loads16[b][e] - loads[b][e]);
       total += gl[e];
     }
-    std::printf("  (sum |diff| %lld)\n", static_cast<long long>(moved));
+    // Near-tied router scores flip with the activations' rounding: bounded like the gradients,
+    // by the CPU's own fp8-vs-bf16 flips on the same step (or 4 % of the slots).
+    std::printf("  (sum |diff| %lld; cpu bf16 vs fp8 %lld)\n", static_cast<long long>(moved),
+                static_cast<long long>(moved16));
     EXPECT_EQ(total, kBatch * kSeq * cfg.num_experts_per_tok) << b;
-    EXPECT_LE(static_cast<double>(moved), 2 * kLoadTol * static_cast<double>(total)) << b;
+    EXPECT_LE(static_cast<double>(moved),
+              std::max(2 * kLoadTol * static_cast<double>(total), kGradNoise * moved16 + 4.0))
+        << b;
   }
 
   // Every gradient. An expert whose token count differs between the two (a router flip: the
