@@ -605,6 +605,7 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     m.moe = std::make_unique<comm::MoeLayerGpu>(m.ep->rank(0), m.routed_w->view(),
                                                 m.shared_w->view(), lo);
   }
+  if (is_moe) check_launch_dims((T + kDfTokens - 1) / kDfTokens, "the router's df kernel");
   m.n_segments = static_cast<int64_t>(segs.size());
   check_launch_dims(std::max<int64_t>(m.n_segments, 1), "the gradient scatter");
   if (!segs.empty())
