@@ -33,6 +33,9 @@ if [[ ! -x $bin/test_comm_gpu && -f build-bundle/bins.tar.xz ]]; then  # carried
 fi
 nccl_lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
 export LD_LIBRARY_PATH=${nccl_lib}:${LD_LIBRARY_PATH:-}
+# The Debian shared libraries the tests link beyond the device's own (SentencePiece for the
+# trainer's tests; scripts/gpu_bundle.sh copies them).
+[[ -d build-bundle/lib ]] && export LD_LIBRARY_PATH=$PWD/build-bundle/lib:$LD_LIBRARY_PATH
 gpus=$(nvidia-smi -L | grep -c '^GPU')
 last=$((gpus - 1))
 logs=$(mktemp -d)
