@@ -9,7 +9,9 @@
 #include <filesystem>
 
 #include "fp8moe/core/error.h"
+#include "fp8moe/core/file_io.h"
 #include "fp8moe/core/json.h"
+#include "fp8moe/train/optimizer.h"
 
 namespace fp8moe::train_detail {
 
@@ -174,6 +176,61 @@ double tail_mean(const std::vector<double>& losses, int64_t end) {
   for (int64_t i = std::max<int64_t>(0, end - tail); i < end; ++i)
     if (std::isfinite(losses[i])) s += losses[i], ++cnt;
   return cnt > 0 ? s / static_cast<double>(cnt) : NAN;
+}
+
+RunLog::RunLog(const TrainOptions& o, std::string device)
+    : o_(o),
+      device_(std::move(device)),
+      t_start_(Clock::now()),
+      cpu_start_(process_cpu_seconds()) {}
+
+void RunLog::begin_loop(int64_t start, int64_t end, std::ofstream* metrics) {
+  start_ = start;
+  end_ = end;
+  metrics_ = metrics;
+  progress_ = std::make_unique<Progress>(o_.steps, o_.progress);
+  t_loop_ = Clock::now();
+}
+
+void RunLog::step(int64_t step, const LossReport& rep, double grad_norm) {
+  tokens_ += o_.batch * o_.seq;
+  const double elapsed = std::chrono::duration<double>(Clock::now() - t_loop_).count();
+  const double tok_s = static_cast<double>(tokens_) / std::max(1e-9, elapsed);
+  const double eta =
+      elapsed / static_cast<double>(step + 1 - start_) * static_cast<double>(end_ - step - 1);
+  OrderedJson line = {{"step", step + 1},
+                      {"loss", rep.loss},
+                      {"main_loss", rep.main_loss},
+                      {"mtp_loss", rep.mtp_loss},
+                      {"balance_loss", rep.balance_loss},
+                      {"lr", learning_rate(o_.adam, step)},
+                      {"grad_norm", grad_norm},
+                      {"tokens_per_s", tok_s},
+                      {"elapsed_s", elapsed},
+                      {"precision", precision_name(o_.precision)}};
+  if (!device_.empty()) line["device"] = device_;
+  *metrics_ << line.dump() << "\n";
+  metrics_->flush();
+  progress_->update(step + 1, rep.loss, tok_s, eta);
+}
+
+void RunLog::end_loop() {
+  loop_seconds_ = std::chrono::duration<double>(Clock::now() - t_loop_).count();
+}
+
+void RunLog::eval(double valid_loss) {
+  *metrics_ << OrderedJson{{"event", "eval"}, {"step", end_}, {"valid_loss", valid_loss}}.dump()
+            << "\n";
+}
+
+void RunLog::finish(TrainResult& result, const std::string& series) const {
+  result.steps_done = end_;
+  result.final_loss = tail_mean(result.losses, end_);
+  result.seconds = std::chrono::duration<double>(Clock::now() - t_start_).count();
+  result.cpu_seconds = process_cpu_seconds() - cpu_start_;
+  result.tokens_per_s = static_cast<double>(tokens_) / std::max(1e-9, loop_seconds_);
+  write_file_atomic(o_.out_dir + "/loss.svg",
+                    loss_plot_svg({series}, {result.losses}, "training loss (" + series + ")"));
 }
 
 }  // namespace fp8moe::train_detail

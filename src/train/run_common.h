@@ -4,11 +4,14 @@
 // Internal to the train module.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "fp8moe/model/model.h"
 #include "fp8moe/train/data.h"
 #include "fp8moe/train/safetensors.h"
 #include "fp8moe/train/trainer.h"
@@ -58,5 +61,33 @@ class Progress {
 double tail_mean(const std::vector<double>& losses, int64_t end);
 
 double process_cpu_seconds();
+
+// The bookkeeping both trainers do around their loop: a metrics line and the progress line per
+// step, the token rate over the loop (its clock stops at end_loop(): before the last checkpoint
+// and the evaluation), the held-out line, and the run's summary and loss plot.
+class RunLog {
+ public:
+  // Starts the run's clocks (call first thing). device: the metrics lines' "device" field
+  // (empty: none, as the CPU trainer's lines have always been).
+  RunLog(const TrainOptions& o, std::string device);
+  // The loop runs steps [start, end); metrics is restart_metrics' stream.
+  void begin_loop(int64_t start, int64_t end, std::ofstream* metrics);
+  void step(int64_t step, const LossReport& rep, double grad_norm);
+  void end_loop();
+  void eval(double valid_loss);
+  // result.losses and valid_loss set by the trainer; fills final_loss, seconds, cpu_seconds,
+  // tokens_per_s, steps_done and writes loss.svg named `series`.
+  void finish(TrainResult& result, const std::string& series) const;
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  const TrainOptions& o_;
+  std::string device_;
+  Clock::time_point t_start_, t_loop_;
+  double cpu_start_ = 0, loop_seconds_ = 0;
+  int64_t start_ = 0, end_ = 0, tokens_ = 0;
+  std::ofstream* metrics_ = nullptr;
+  std::unique_ptr<Progress> progress_;
+};
 
 }  // namespace fp8moe::train_detail

@@ -1,7 +1,6 @@
 #include "fp8moe/train/trainer.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -119,8 +118,7 @@ TrainResult train(const TrainOptions& opts) {
                "--stop-after without a checkpoint could not be resumed (drop --no-checkpoint)");
   o.adam.total_steps = o.steps;
   if (o.threads > 0) set_model_threads(o.threads);
-  const auto t_start = std::chrono::steady_clock::now();
-  const double cpu_start = process_cpu_seconds();
+  RunLog log(o, "");
 
   const TokenData data = load_run_data(o);
   const int64_t window = o.seq + o.model.num_nextn_predict_layers + 1;
@@ -140,9 +138,7 @@ TrainResult train(const TrainOptions& opts) {
                              std::filesystem::copy_options::overwrite_existing);
 
   const int64_t end = o.stop_after > 0 ? std::min(o.steps, start + o.stop_after) : o.steps;
-  Progress progress(o.steps, o.progress);
-  const auto t_loop = std::chrono::steady_clock::now();
-  int64_t tokens_done = 0;
+  log.begin_loop(start, end, &metrics);
   for (int64_t step = start; step < end; ++step) {
     model.zero_grad();
     const std::vector<int32_t> batch = sample_batch(data.train, o.batch, window, o.seed, step);
@@ -155,31 +151,13 @@ TrainResult train(const TrainOptions& opts) {
     ema.submit(model.parameters());
     result.losses.push_back(rep.loss);
 
-    tokens_done += o.batch * o.seq;
-    const double elapsed =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
-    const double tok_s = tokens_done / std::max(1e-9, elapsed);
-    const double eta =
-        elapsed / static_cast<double>(step + 1 - start) * static_cast<double>(end - step - 1);
-    OrderedJson line = {{"step", step + 1},
-                        {"loss", rep.loss},
-                        {"main_loss", rep.main_loss},
-                        {"mtp_loss", rep.mtp_loss},
-                        {"balance_loss", rep.balance_loss},
-                        {"lr", learning_rate(o.adam, step)},
-                        {"grad_norm", grad_norm},
-                        {"tokens_per_s", tok_s},
-                        {"elapsed_s", elapsed},
-                        {"precision", precision_name(o.precision)}};
-    metrics << line.dump() << "\n";
-    metrics.flush();
-    progress.update(step + 1, rep.loss, tok_s, eta);
+    log.step(step, rep, grad_norm);
     if (o.checkpoint && o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 &&
         step + 1 < end)
       save_model_checkpoint(ckpt_path, model, adam, ema, o, step + 1);
   }
+  log.end_loop();
   if (o.checkpoint) save_model_checkpoint(ckpt_path, model, adam, ema, o, end);
-  result.steps_done = end;
 
   // Held-out loss on fixed windows of the validation stream.
   if (o.eval_batches > 0 && static_cast<int64_t>(data.valid.size()) > window) {
@@ -190,22 +168,9 @@ TrainResult train(const TrainOptions& opts) {
                  .main_loss;
     }
     result.valid_loss = sum / static_cast<double>(o.eval_batches);
-    metrics
-        << OrderedJson{{"event", "eval"}, {"step", end}, {"valid_loss", result.valid_loss}}.dump()
-        << "\n";
+    log.eval(result.valid_loss);
   }
-  result.final_loss = tail_mean(result.losses, end);
-  result.seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  result.cpu_seconds = process_cpu_seconds() - cpu_start;
-  result.tokens_per_s =
-      tokens_done /
-      std::max(1e-9,
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count());
-  write_file_atomic(
-      o.out_dir + "/loss.svg",
-      loss_plot_svg({precision_name(o.precision)}, {result.losses},
-                    std::string("training loss (") + precision_name(o.precision) + ")"));
+  log.finish(result, precision_name(o.precision));
   return result;
 }
 

@@ -3,7 +3,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -14,8 +13,6 @@
 
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
-#include "fp8moe/core/file_io.h"
-#include "fp8moe/core/json.h"
 #include "fp8moe/model/model_gpu.h"
 #include "fp8moe/model/model_kernels_gpu.h"
 #include "fp8moe/train/adamw_gpu.h"
@@ -147,8 +144,7 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
   FM_CHECK_ARG(o.precision == Precision::kFp8, "the GPU trainer runs the FP8 recipe only (",
                "--precision fp8), not ", precision_name(o.precision));
   o.adam.total_steps = o.steps;
-  const auto t_start = std::chrono::steady_clock::now();
-  const double cpu_start = process_cpu_seconds();
+  RunLog log(o, "gpu");
   FM_CHECK_CUDA(cudaSetDevice(g.device));
 
   const TokenData data = load_run_data(o);
@@ -213,9 +209,7 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
   };
 
   const int64_t end = o.stop_after > 0 ? std::min(o.steps, start + o.stop_after) : o.steps;
-  Progress progress(o.steps, o.progress);
-  const auto t_loop = std::chrono::steady_clock::now();
-  int64_t tokens_done = 0;
+  log.begin_loop(start, end, &metrics);
   for (int64_t step = start; step < end; ++step) {
     load_batch(sample_batch(data.train, o.batch, window, o.seed, step));
     if (run.graph_exec != nullptr) {
@@ -235,38 +229,22 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
     ema.update(s);
     model.refresh(s);
     finish_step("the GPU training step");
-    const LossGpu& rep = *run.host_loss;
-    FM_CHECK(std::isfinite(rep.loss), "the loss is not finite at step ", step + 1);
-    result.losses.push_back(rep.loss);
+    const LossGpu& got = *run.host_loss;
+    FM_CHECK(std::isfinite(got.loss), "the loss is not finite at step ", step + 1);
+    result.losses.push_back(got.loss);
+    LossReport rep;
+    rep.loss = got.loss;
+    rep.main_loss = got.main_loss;
+    rep.mtp_loss.assign(got.mtp_loss, got.mtp_loss + depth);
+    rep.balance_loss = got.balance_loss;
+    log.step(step, rep, run.host_state->grad_norm);
 
-    tokens_done += o.batch * o.seq;
-    const double elapsed =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
-    const double tok_s = tokens_done / std::max(1e-9, elapsed);
-    const double eta =
-        elapsed / static_cast<double>(step + 1 - start) * static_cast<double>(end - step - 1);
-    OrderedJson line = {{"step", step + 1},
-                        {"loss", rep.loss},
-                        {"main_loss", rep.main_loss},
-                        {"mtp_loss", std::vector<double>(rep.mtp_loss, rep.mtp_loss + depth)},
-                        {"balance_loss", rep.balance_loss},
-                        {"lr", learning_rate(o.adam, step)},
-                        {"grad_norm", run.host_state->grad_norm},
-                        {"tokens_per_s", tok_s},
-                        {"elapsed_s", elapsed},
-                        {"precision", precision_name(o.precision)},
-                        {"device", "gpu"}};
-    metrics << line.dump() << "\n";
-    metrics.flush();
-    progress.update(step + 1, rep.loss, tok_s, eta);
     if (o.checkpoint && o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 &&
         step + 1 < end)
       save_gpu_checkpoint(ckpt_path, model, mo, ema, o, step + 1);
   }
-  const double loop_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
+  log.end_loop();
   if (o.checkpoint) save_gpu_checkpoint(ckpt_path, model, mo, ema, o, end);
-  result.steps_done = end;
 
   // Held-out loss on the CPU trainer's fixed windows of the validation stream.
   if (o.eval_batches > 0 && static_cast<int64_t>(data.valid.size()) > window) {
@@ -278,17 +256,9 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
       sum += run.host_loss->main_loss;
     }
     result.valid_loss = sum / static_cast<double>(o.eval_batches);
-    metrics
-        << OrderedJson{{"event", "eval"}, {"step", end}, {"valid_loss", result.valid_loss}}.dump()
-        << "\n";
+    log.eval(result.valid_loss);
   }
-  result.final_loss = tail_mean(result.losses, end);
-  result.seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  result.cpu_seconds = process_cpu_seconds() - cpu_start;
-  result.tokens_per_s = tokens_done / std::max(1e-9, loop_seconds);
-  write_file_atomic(o.out_dir + "/loss.svg",
-                    loss_plot_svg({"fp8 (gpu)"}, {result.losses}, "training loss (fp8, GPU)"));
+  log.finish(result, "fp8, gpu");
   return result;
 }
 
