@@ -20,7 +20,7 @@
 // interleaved per head in one kv_b_proj row) is MLA's own; a plain MHA would be another entry.
 #pragma once
 
-#include <cuda_runtime.h>
+#include "fp8moe/core/cuda_stream.h"
 
 #include <cstddef>
 #include <cstdint>

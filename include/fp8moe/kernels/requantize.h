@@ -18,7 +18,7 @@
 // Test: test_kernels_gpu --gtest_filter='Requant*' (bit for bit against the reference below).
 #pragma once
 
-#include <cuda_runtime.h>
+#include "fp8moe/core/cuda_stream.h"
 
 #include <cstdint>
 

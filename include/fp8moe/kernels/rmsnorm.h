@@ -39,7 +39,7 @@
 // --gtest_filter='RmsNorm*'
 #pragma once
 
-#include <cuda_runtime.h>
+#include "fp8moe/core/cuda_stream.h"
 
 #include <cstdint>
 

@@ -22,7 +22,7 @@
 // counted into `nonfinite` if given (quantize.h's NonFiniteReport; positions are of gate_up).
 #pragma once
 
-#include <cuda_runtime.h>
+#include "fp8moe/core/cuda_stream.h"
 
 #include <cstdint>
 

@@ -38,7 +38,7 @@
 // CPU's mean is loss_sum / valid rows (= rows when nothing is ignored).
 #pragma once
 
-#include <cuda_runtime.h>
+#include "fp8moe/core/cuda_stream.h"
 
 #include <cstddef>
 #include <cstdint>
