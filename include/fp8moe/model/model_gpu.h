@@ -26,7 +26,7 @@ namespace fp8moe {
 // One forward_backward's losses, written on the device (LossReport's fields).
 struct LossGpu {
   static constexpr int kMaxMtpDepth = 4;
-  double loss;          // main + mtp_weight * mean(mtp) + balance
+  double loss;  // main + mtp_weight * mean(mtp) + balance
   double main_loss;
   double balance_loss;  // every MoE block's sequence-wise balance loss (alpha included)
   double mtp_loss[kMaxMtpDepth];
