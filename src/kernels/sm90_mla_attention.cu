@@ -14,6 +14,7 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/kernels/mla_attention.h"
+#include "sm90_mla_attention_common.cuh"
 #include "sm90_mla_attention_fwd_wgmma.h"
 #include "sm90_ptx.cuh"
 #include "sm90_wgmma_bf16.cuh"
@@ -21,13 +22,11 @@
 namespace fp8moe::kernels {
 namespace {
 
+using namespace mla;  // NOLINT(build/namespaces): sm90_mla_attention_common.cuh
 using sm90::cp_async_16;
 using sm90::cp_async_commit;
 using sm90::cp_async_wait;
 using sm90::smem_addr;
-
-constexpr int kDn = 128, kDr = 64, kDv = 128, kDq = 192, kDkv = 256;
-constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 // ---- tiles in shared memory ----
 // A tile row of kCols BF16 is kCols / 8 chunks of 16 bytes; chunk c of row r sits at chunk
@@ -74,10 +73,6 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       "{%8, %9}, {%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 // A fragment (16 rows x 16 columns, rows [0, 16) of the warp's slice) of a row-major tile:
@@ -131,10 +126,10 @@ __device__ __forceinline__ void mma_acc_cols(float (&acc)[kN][4], const float (&
   static_assert(kN % 2 == 0, "n-tiles come in pairs");
 #pragma unroll
   for (int kk = 0; kk < kK; ++kk) {
-    const uint32_t a[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]),
-                           pack_bf16(p[2 * kk][2], p[2 * kk][3]),
-                           pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                           pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+    const uint32_t a[4] = {pack_bf16x2(p[2 * kk][0], p[2 * kk][1]),
+                           pack_bf16x2(p[2 * kk][2], p[2 * kk][3]),
+                           pack_bf16x2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                           pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll
     for (int np = 0; np < kN / 2; ++np) {
       uint32_t b[4];
@@ -143,21 +138,6 @@ __device__ __forceinline__ void mma_acc_cols(float (&acc)[kN][4], const float (&
       mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
     }
   }
-}
-
-template <int kN>
-__device__ __forceinline__ void zero(float (&acc)[kN][4]) {
-#pragma unroll
-  for (int j = 0; j < kN; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xFFFFFFFFu, x, 1);
-  return x + __shfl_xor_sync(0xFFFFFFFFu, x, 2);
 }
 
 struct Params {
@@ -239,33 +219,12 @@ __global__ void __launch_bounds__(kFwdThreads, 1) mla_fwd_kernel(Params p) {
       }
     // Causal mask (and keys past the sequence) where the block reaches the diagonal or the end.
     const bool edge = n0 + kFwdN - 1 > m0 + warp * 16 || n0 + kFwdN > p.seq;
-#pragma unroll
-    for (int nt = 0; nt < kFwdN / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = n0 + nt * 8 + (lane % 4) * 2 + (e & 1), row = q_row + (e >> 1) * 8;
-        s[nt][e] *= p.scale_log2;
-        if (edge && (key > row || key >= p.seq)) s[nt][e] = -INFINITY;
-      }
-      // Online softmax: new running max, rescale of the sums and of O.
+    scale_and_mask(s, lane, q_row, n0, edge, p.seq, p.scale_log2);
+    // Online softmax: new running max, rescale of the sums and of O.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int nt = 0; nt < kFwdN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = quad_max(mx);
-      // NOTE: a row with every key of the block masked keeps -inf; exp2 must not see -inf - -inf.
-      const float base = mx == -INFINITY ? 0.0f : mx;
-      const float alpha = exp2f(row_max[r] - base);
-      row_max[r] = mx;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < kFwdN / 8; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] - base);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - base);
-        sum += s[nt][2 * r] + s[nt][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * alpha + sum;
+      float alpha;
+      softmax_row(s, r, row_max[r], row_sum[r], alpha);
 #pragma unroll
       for (int dt = 0; dt < kDv / 8; ++dt) {
         o[dt][2 * r] *= alpha;
@@ -279,21 +238,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) mla_fwd_kernel(Params p) {
   }
 
   // Epilogue: O / l to BF16, lse = ln 2 * (max + log2 l).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = q_row + r * 8;
-    const float l = quad_sum(row_sum[r]);
-    if (row >= p.seq) continue;
-    const float inv = 1.0f / l;
-    const int64_t t = static_cast<int64_t>(b) * p.seq + row;
-    bf16* dst = p.o + (t * p.heads + h) * kDv + (lane % 4) * 2;
-#pragma unroll
-    for (int dt = 0; dt < kDv / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8) =
-          pack_bf16(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-    if (lane % 4 == 0)
-      p.lse[static_cast<int64_t>(h) * p.tokens + t] = (row_max[r] + log2f(l)) * kLn2;
-  }
+  store_out_lse(p, o, row_max, row_sum, lane, q_row, b, h);
 }
 
 // ---- backward, step 1: D = rowsum(dout * out) [H, T], one warp per (token, head) ----
@@ -420,11 +365,11 @@ __global__ void __launch_bounds__(kKvThreads, 1) mla_bwd_dkdv_kernel(Params p) {
 #pragma unroll
     for (int nt = 0; nt < kDn / 8; ++nt)
       *reinterpret_cast<uint32_t*>(dst + nt * 8) =
-          pack_bf16(dk[nt][2 * r] * p.scale, dk[nt][2 * r + 1] * p.scale);
+          pack_bf16x2(dk[nt][2 * r] * p.scale, dk[nt][2 * r + 1] * p.scale);
 #pragma unroll
     for (int nt = 0; nt < kDv / 8; ++nt)
       *reinterpret_cast<uint32_t*>(dst + kDn + nt * 8) =
-          pack_bf16(dv[nt][2 * r], dv[nt][2 * r + 1]);
+          pack_bf16x2(dv[nt][2 * r], dv[nt][2 * r + 1]);
 #pragma unroll
     for (int nt = 0; nt < kDr / 8; ++nt)
       *reinterpret_cast<float2*>(part + nt * 8) =
@@ -499,7 +444,7 @@ __global__ void __launch_bounds__(kQThreads, 1) mla_bwd_dq_kernel(Params p) {
 #pragma unroll
     for (int nt = 0; nt < kDq / 8; ++nt)
       *reinterpret_cast<uint32_t*>(dst + nt * 8) =
-          pack_bf16(dq[nt][2 * r] * p.scale, dq[nt][2 * r + 1] * p.scale);
+          pack_bf16x2(dq[nt][2 * r] * p.scale, dq[nt][2 * r + 1] * p.scale);
   }
 }
 
@@ -522,7 +467,6 @@ __global__ void mla_bwd_kpe_sum_kernel(Params p) {
 // Tiles: panels of 64 columns (128-byte rows), the 128-byte swizzle wgmma reads (chunk c of row
 // r at c ^ (r & 7), each panel 1024-byte aligned); the same bytes serve as a K-major operand
 // (rows = M or N, e.g. Q in S^T = K Q^T) and as an N-major B (rows = K, e.g. Q in dK += dS^T Q).
-using sm90::fence_operand;
 using sm90::fence_proxy_async;
 using sm90::wgmma_commit;
 using sm90::wgmma_fence;
@@ -563,49 +507,6 @@ __device__ __forceinline__ void load_kv_block_panel(const Params& p, uint8_t* sk
   load_rows_panel<kRows, 8, kThreads>(sk, 16, p.kpe + t0 * kDr, kDr, valid);
   load_rows_panel<kRows, 16, kThreads>(sv, 0, kv + kDn, static_cast<int64_t>(p.heads) * kDkv,
                                        valid);
-}
-
-// wgmma shared-memory descriptor, 128-byte swizzle (PTX ISA "matrix descriptor"): start address,
-// leading byte offset (N-major: the stride between 64-column panels; K-major: unused), stride
-// byte offset (the stride between 8-row groups: 1024 in a panel).
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | static_cast<uint64_t>(lbo >> 4) << 16 |
-         static_cast<uint64_t>(1024 >> 4) << 32 | static_cast<uint64_t>(1) << 62;
-}
-// K-major operand: rows [row0, row0 + 64 or N) of a panel tile of kRows, k-step kk (columns
-// 16 kk .. 16 kk + 15: panel kk / 4, 32 bytes a step inside the 128-byte row).
-template <int kRows>
-__device__ __forceinline__ uint64_t desc_k(uint32_t tile, int row0, int kk) {
-  return desc_sw128(tile + (kk / 4) * kRows * 128 + row0 * 128 + (kk % 4) * 32, 16);
-}
-// N-major B operand: the tile's rows 16 kk .. 16 kk + 15 are the k index, its columns the n index
-// (64 a panel, panels kRows * 128 bytes apart).
-template <int kRows>
-__device__ __forceinline__ uint64_t desc_n(uint32_t tile, int kk) {
-  return desc_sw128(tile + kk * 16 * 128, kRows * 128);
-}
-
-// The A fragment of k-step kk (16 columns) of a warp's FP32 accumulator rows, rounded to BF16.
-template <int kN>
-__device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&p)[kN][4], int kk) {
-  a[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
-  a[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
-  a[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-  a[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-}
-template <int kN>
-__device__ __forceinline__ void fence_acc(float (&acc)[kN][4]) {
-#pragma unroll
-  for (int j = 0; j < kN; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) fence_operand(acc[j][e]);
-}
-template <int kK>
-__device__ __forceinline__ void fence_frag(uint32_t (&a)[kK][4]) {
-#pragma unroll
-  for (int j = 0; j < kK; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
 }
 
 // probs_and_ds in two halves, so that P is computed while dP's wgmma still runs: wg_probs turns
@@ -752,11 +653,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dkdv_wgmma_kernel(Param
 #pragma unroll
     for (int nt = 0; nt < kDn / 8; ++nt)
       *reinterpret_cast<uint32_t*>(dst + nt * 8) =
-          pack_bf16(dk[nt][2 * r] * p.scale, dk[nt][2 * r + 1] * p.scale);
+          pack_bf16x2(dk[nt][2 * r] * p.scale, dk[nt][2 * r + 1] * p.scale);
 #pragma unroll
     for (int nt = 0; nt < kDv / 8; ++nt)
       *reinterpret_cast<uint32_t*>(dst + kDn + nt * 8) =
-          pack_bf16(dv[nt][2 * r], dv[nt][2 * r + 1]);
+          pack_bf16x2(dv[nt][2 * r], dv[nt][2 * r + 1]);
 #pragma unroll
     for (int nt = 0; nt < kDr / 8; ++nt)
       *reinterpret_cast<float2*>(part + nt * 8) =
@@ -856,7 +757,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dq_wgmma_kernel(Params 
 #pragma unroll
     for (int nt = 0; nt < kDq / 8; ++nt)
       *reinterpret_cast<uint32_t*>(dst + nt * 8) =
-          pack_bf16(dq[nt][2 * r] * p.scale, dq[nt][2 * r + 1] * p.scale);
+          pack_bf16x2(dq[nt][2 * r] * p.scale, dq[nt][2 * r + 1] * p.scale);
   }
 }
 
