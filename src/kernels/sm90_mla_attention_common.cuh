@@ -12,6 +12,7 @@
 #include "bf16_vector.cuh"
 #include "fp8moe/core/dtypes.h"
 #include "sm90_ptx.cuh"
+#include "sm90_wgmma_bf16.cuh"
 
 namespace fp8moe::kernels::mla {
 
@@ -129,6 +130,29 @@ __device__ __forceinline__ uint64_t desc_k(uint32_t tile, int row0, int kk) {
 template <int kRows>
 __device__ __forceinline__ uint64_t desc_n(uint32_t tile, int kk) {
   return desc_sw128(tile + kk * 16 * 128, kRows * 128);
+}
+
+// acc (m64 x 8 kNt) = A B^T, kK k-steps, one commit group: A = rows [row0, row0 + 64) of a
+// K-major panel tile of kRowsA rows, B = a K-major panel tile of 8 kNt rows (both in shared
+// memory). The caller fences (wgmma_fence) before the first group that reads new registers.
+template <int kRowsA, int kK, int kNt>
+__device__ __forceinline__ void wgmma_ss(float (&acc)[kNt][4], uint32_t tile_a, int row0,
+                                         uint32_t tile_b) {
+#pragma unroll
+  for (int kk = 0; kk < kK; ++kk)
+    sm90::WgmmaBf16Ss<kNt * 8>::mma(acc, desc_k<kRowsA>(tile_a, row0, kk),
+                                    desc_k<kNt * 8>(tile_b, 0, kk), kk > 0);
+  sm90::wgmma_commit();
+}
+// acc (m64 x 8 kNt) += A B, kK k-steps, one commit group: A from registers (BF16 A fragments,
+// e.g. pack_a's), B = an N-major panel tile of 16 kK rows (the k index) in shared memory.
+template <int kK, int kNt>
+__device__ __forceinline__ void wgmma_rs(float (&acc)[kNt][4], const uint32_t (&a)[kK][4],
+                                         uint32_t tile_b) {
+#pragma unroll
+  for (int kk = 0; kk < kK; ++kk)
+    sm90::WgmmaBf16RsT<kNt * 8>::mma(acc, a[kk], desc_n<kK * 16>(tile_b, kk), true);
+  sm90::wgmma_commit();
 }
 
 // Register fences around the asynchronous MMAs: accumulators, and A fragments from registers.

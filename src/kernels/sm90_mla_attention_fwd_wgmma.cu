@@ -43,7 +43,6 @@ using sm90::mbar_init;
 using sm90::mbar_wait;
 using sm90::smem_addr;
 using sm90::tma_prefetch_desc;
-using sm90::wgmma_commit;
 using sm90::wgmma_fence;
 using sm90::wgmma_wait;
 
@@ -194,20 +193,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto issue_s = [&](int j) {
     const uint32_t tk = smem_addr(sk + (j % kStages) * kKBytes);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kDq / 16; ++kk)
-      sm90::WgmmaBf16Ss<kN>::mma(s, desc_k<kM>(tq, wg * 64, kk), desc_k<kN>(tk, 0, kk), kk > 0);
-    wgmma_commit();
+    wgmma_ss<kM, kDq / 16>(s, tq, wg * 64, tk);
   };
   const auto issue_pv = [&](int j) {
     const uint32_t tv = smem_addr(sv + (j % kStages) * kVBytes);
     fence_acc(o);
     fence_frag(pa);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk)
-      sm90::WgmmaBf16RsT<kDv>::mma(o, pa[kk], desc_n<kN>(tv, kk), true);
-    wgmma_commit();
+    wgmma_rs(o, pa, tv);
   };
   // Block j's mask is needed where it reaches the diagonal of the warp's rows or the sequence end.
   const auto edge_of = [&](int n0) { return n0 + kN - 1 > m0 + warp * 16 || n0 + kN > p.seq; };
