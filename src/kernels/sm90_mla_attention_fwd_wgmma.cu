@@ -30,6 +30,7 @@
 #include "sm90_mla_attention_common.cuh"
 #include "sm90_mla_attention_fwd_wgmma.h"
 #include "sm90_ptx.cuh"
+#include "sm90_tma_encode.h"
 #include "sm90_wgmma_bf16.cuh"
 
 namespace fp8moe::kernels {
@@ -259,23 +260,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---- host ----
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-EncodeTiledFn encode_tiled_fn() {
-  static EncodeTiledFn fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    FM_CHECK_CUDA(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
-                                                   cudaEnableDefault, &status));
-    FM_CHECK(status == cudaDriverEntryPointSuccess && ptr != nullptr,
-             "cuTensorMapEncodeTiled not found in the driver");
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
-
 // BF16 [batch][seq][cols] (rows `cols` elements apart), boxes of 64 columns x `box_rows` rows of
 // one sequence, 128-byte swizzle; rows past the sequence read as zeros.
 CUtensorMap make_map_3d(const bf16* ptr, int64_t batch, int64_t seq, int64_t cols,
@@ -287,7 +271,7 @@ CUtensorMap make_map_3d(const bf16* ptr, int64_t batch, int64_t seq, int64_t col
                                  static_cast<cuuint64_t>(seq * cols * 2)};
   const cuuint32_t box[3] = {64, box_rows, 1};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult r = encode_tiled_fn()(
+  const CUresult r = sm90::encode_tiled_fn()(
       &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(ptr), dims, strides, box,
       elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
