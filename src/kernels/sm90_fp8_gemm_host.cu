@@ -7,6 +7,7 @@
 #include <mutex>
 
 #include "sm90_fp8_gemm_launch.cuh"
+#include "sm90_tma_encode.h"
 
 namespace fp8moe::kernels::sm90 {
 
@@ -40,11 +41,6 @@ const DeviceInfo& current_device_info() {
   return info;
 }
 
-namespace {
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 EncodeTiledFn encode_tiled_fn() {
   static EncodeTiledFn fn = [] {
     void* p = nullptr;
@@ -57,7 +53,6 @@ EncodeTiledFn encode_tiled_fn() {
   }();
   return fn;
 }
-}  // namespace
 
 CUtensorMap make_tma_2d(const void* ptr, TmaElem elem, uint64_t rows, uint64_t cols,
                         uint64_t row_stride_bytes, uint32_t box_rows, uint32_t box_cols,

@@ -14,6 +14,7 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/kernels/mla_attention.h"
+#include "sm90_mla_attention_common.cuh"
 #include "sm90_mla_attention_fwd_wgmma.h"
 #include "sm90_ptx.cuh"
 #include "sm90_wgmma_bf16.cuh"
@@ -21,13 +22,11 @@
 namespace fp8moe::kernels {
 namespace {
 
+using namespace mla;  // NOLINT(build/namespaces): sm90_mla_attention_common.cuh
 using sm90::cp_async_16;
 using sm90::cp_async_commit;
 using sm90::cp_async_wait;
 using sm90::smem_addr;
-
-constexpr int kDn = 128, kDr = 64, kDv = 128, kDq = 192, kDkv = 256;
-constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 // ---- tiles in shared memory ----
 // A tile row of kCols BF16 is kCols / 8 chunks of 16 bytes; chunk c of row r sits at chunk
@@ -39,10 +38,21 @@ __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
   return static_cast<uint32_t>((row * (kCols / 8) + (chunk ^ (row & 7))) * 16);
 }
 
+// The wgmma kernels' tiles: panels of 64 columns (128-byte rows, 128-byte swizzle: chunk c of
+// row r at c ^ (r & 7)); byte offset of 16-byte chunk `chunk` (over the whole row) of row `row`
+// in a panel tile of kRows.
+template <int kRows>
+__device__ __forceinline__ uint32_t panel_off(int row, int chunk) {
+  static_assert(kRows % 8 == 0, "a panel is whole 8-row swizzle atoms");
+  return static_cast<uint32_t>((chunk / 8) * kRows * 128 + row * 128 +
+                               ((chunk % 8) ^ (row & 7)) * 16);
+}
+
 // Rows [0, kRows) of a tile from global rows `row0 + r` (r < rows_valid, else zero-filled);
 // column chunks [0, kChunks) of each row from src + row * ld (elements) into tile chunks
-// [chunk0, chunk0 + kChunks). kThreads threads share the copies.
-template <int kRows, int kCols, int kChunks, int kThreads>
+// [chunk0, chunk0 + kChunks). kThreads threads share the copies. kPanels: a panel tile (the
+// wgmma kernels'), else a tile_off<kCols> one.
+template <int kRows, int kCols, int kChunks, int kThreads, bool kPanels = false>
 __device__ __forceinline__ void load_rows(uint8_t* tile, int chunk0, const bf16* src, int64_t ld,
                                           int rows_valid) {
   constexpr int kTotal = kRows * kChunks;
@@ -53,7 +63,8 @@ __device__ __forceinline__ void load_rows(uint8_t* tile, int chunk0, const bf16*
     const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = r < rows_valid;
     const bf16* g = src + (valid ? static_cast<int64_t>(r) * ld + c * 8 : 0);
-    cp_async_16(tile + tile_off<kCols>(r, chunk0 + c), g, valid ? 16u : 0u);
+    const uint32_t off = kPanels ? panel_off<kRows>(r, chunk0 + c) : tile_off<kCols>(r, chunk0 + c);
+    cp_async_16(tile + off, g, valid ? 16u : 0u);
   }
 }
 
@@ -74,10 +85,6 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       "{%8, %9}, {%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 // A fragment (16 rows x 16 columns, rows [0, 16) of the warp's slice) of a row-major tile:
@@ -131,10 +138,8 @@ __device__ __forceinline__ void mma_acc_cols(float (&acc)[kN][4], const float (&
   static_assert(kN % 2 == 0, "n-tiles come in pairs");
 #pragma unroll
   for (int kk = 0; kk < kK; ++kk) {
-    const uint32_t a[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]),
-                           pack_bf16(p[2 * kk][2], p[2 * kk][3]),
-                           pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                           pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+    uint32_t a[4];
+    pack_a(a, p, kk);
 #pragma unroll
     for (int np = 0; np < kN / 2; ++np) {
       uint32_t b[4];
@@ -143,21 +148,6 @@ __device__ __forceinline__ void mma_acc_cols(float (&acc)[kN][4], const float (&
       mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
     }
   }
-}
-
-template <int kN>
-__device__ __forceinline__ void zero(float (&acc)[kN][4]) {
-#pragma unroll
-  for (int j = 0; j < kN; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xFFFFFFFFu, x, 1);
-  return x + __shfl_xor_sync(0xFFFFFFFFu, x, 2);
 }
 
 struct Params {
@@ -177,17 +167,20 @@ constexpr int kFwdSmem = kFwdM * kDq * 2 + 2 * kFwdN * (kDq + kDv) * 2;  // Q + 
 // NOTE: k_pe is one row per token for all heads: CTAs of all heads of a query block run together
 // (head is blockIdx.x, the fastest), so each key block's k_pe comes from HBM about once and
 // from L2 for the other heads (it is 1/5 of a key block's bytes).
-template <int kRows, int kThreads>
+// kPanels: the wgmma kernels' panel tiles (K 3 panels, V 2).
+template <int kRows, int kThreads, bool kPanels = false>
 __device__ __forceinline__ void load_kv_block(const Params& p, uint8_t* sk, uint8_t* sv, int b,
                                               int h, int n0) {
   const int valid = min(kRows, p.seq - n0);
   const int64_t t0 = static_cast<int64_t>(b) * p.seq + n0;
   const bf16* kv = p.kv + (t0 * p.heads + h) * kDkv;
-  load_rows<kRows, kDq, 16, kThreads>(sk, 0, kv, static_cast<int64_t>(p.heads) * kDkv, valid);
-  load_rows<kRows, kDq, 8, kThreads>(sk, 16, p.kpe + t0 * kDr, kDr, valid);
-  if (sv != nullptr)
-    load_rows<kRows, kDv, 16, kThreads>(sv, 0, kv + kDn, static_cast<int64_t>(p.heads) * kDkv,
-                                        valid);
+  load_rows<kRows, kDq, 16, kThreads, kPanels>(sk, 0, kv, static_cast<int64_t>(p.heads) * kDkv,
+                                               valid);
+  load_rows<kRows, kDq, 8, kThreads, kPanels>(sk, 16, p.kpe + t0 * kDr, kDr, valid);
+  // NOTE: sv is never null; the mma.sync kernels' machine code still depends on this test.
+  if (kPanels || sv != nullptr)
+    load_rows<kRows, kDv, 16, kThreads, kPanels>(sv, 0, kv + kDn,
+                                                 static_cast<int64_t>(p.heads) * kDkv, valid);
 }
 
 __global__ void __launch_bounds__(kFwdThreads, 1) mla_fwd_kernel(Params p) {
@@ -239,33 +232,12 @@ __global__ void __launch_bounds__(kFwdThreads, 1) mla_fwd_kernel(Params p) {
       }
     // Causal mask (and keys past the sequence) where the block reaches the diagonal or the end.
     const bool edge = n0 + kFwdN - 1 > m0 + warp * 16 || n0 + kFwdN > p.seq;
-#pragma unroll
-    for (int nt = 0; nt < kFwdN / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = n0 + nt * 8 + (lane % 4) * 2 + (e & 1), row = q_row + (e >> 1) * 8;
-        s[nt][e] *= p.scale_log2;
-        if (edge && (key > row || key >= p.seq)) s[nt][e] = -INFINITY;
-      }
-      // Online softmax: new running max, rescale of the sums and of O.
+    scale_and_mask(s, lane, q_row, n0, edge, p.seq, p.scale_log2);
+    // Online softmax: new running max, rescale of the sums and of O.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int nt = 0; nt < kFwdN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = quad_max(mx);
-      // NOTE: a row with every key of the block masked keeps -inf; exp2 must not see -inf - -inf.
-      const float base = mx == -INFINITY ? 0.0f : mx;
-      const float alpha = exp2f(row_max[r] - base);
-      row_max[r] = mx;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < kFwdN / 8; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] - base);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - base);
-        sum += s[nt][2 * r] + s[nt][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * alpha + sum;
+      float alpha;
+      softmax_row(s, r, row_max[r], row_sum[r], alpha);
 #pragma unroll
       for (int dt = 0; dt < kDv / 8; ++dt) {
         o[dt][2 * r] *= alpha;
@@ -279,21 +251,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) mla_fwd_kernel(Params p) {
   }
 
   // Epilogue: O / l to BF16, lse = ln 2 * (max + log2 l).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = q_row + r * 8;
-    const float l = quad_sum(row_sum[r]);
-    if (row >= p.seq) continue;
-    const float inv = 1.0f / l;
-    const int64_t t = static_cast<int64_t>(b) * p.seq + row;
-    bf16* dst = p.o + (t * p.heads + h) * kDv + (lane % 4) * 2;
-#pragma unroll
-    for (int dt = 0; dt < kDv / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8) =
-          pack_bf16(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-    if (lane % 4 == 0)
-      p.lse[static_cast<int64_t>(h) * p.tokens + t] = (row_max[r] + log2f(l)) * kLn2;
-  }
+  store_out_lse(p, o, row_max, row_sum, lane, q_row, b, h);
 }
 
 // ---- backward, step 1: D = rowsum(dout * out) [H, T], one warp per (token, head) ----
@@ -340,6 +298,68 @@ __device__ __forceinline__ void probs_and_ds(float (&s)[kN][4], float (&dp)[kN][
     }
 }
 
+// Query rows [m0, m0 + kRows) of Q and dO (rows past the sequence zero-filled; kPanels: the
+// wgmma kernels' panel tiles) and their statistics, 0 past the sequence: stat[r] = lse in log2
+// units, stat[kRows + r] = D.
+template <int kRows, int kThreads, bool kPanels = false>
+__device__ __forceinline__ void load_query_block(const Params& p, uint8_t* sq, uint8_t* sdo,
+                                                 float* stat, int64_t tb, int m0, int h) {
+  const int valid = min(kRows, p.seq - m0);
+  load_rows<kRows, kDq, 24, kThreads, kPanels>(sq, 0, p.q + ((tb + m0) * p.heads + h) * kDq,
+                                               static_cast<int64_t>(p.heads) * kDq, valid);
+  load_rows<kRows, kDv, 16, kThreads, kPanels>(sdo, 0, p.dout + ((tb + m0) * p.heads + h) * kDv,
+                                               static_cast<int64_t>(p.heads) * kDv, valid);
+  if (threadIdx.x < kRows) {
+    const int r = threadIdx.x;
+    const int64_t idx = static_cast<int64_t>(h) * p.tokens + tb + m0 + r;
+    stat[r] = r < valid ? p.lse_in[idx] * kLog2e : 0.0f;
+    stat[kRows + r] = r < valid ? p.dsum[idx] : 0.0f;
+  }
+}
+
+// Epilogue of the dk/dv passes: the thread's keys key_row + {0, 8} (rows of the m16n8 C layout)
+// of dk_nope, dv to dkv (BF16), of dk_pe of this head to the workspace (FP32); keys past the
+// sequence skipped. `lane` is the kernel's (passed, as scale_and_mask's).
+__device__ __forceinline__ void store_dkdv(const Params& p, const float (&dk)[kDq / 8][4],
+                                           const float (&dv)[kDv / 8][4], int lane, int key_row,
+                                           int64_t tb, int h) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key_row + r * 8;
+    if (key >= p.seq) continue;
+    const int64_t t = tb + key;
+    bf16* dst = p.dkv + (t * p.heads + h) * kDkv + (lane % 4) * 2;
+    float* part = p.dkpe_part + (static_cast<int64_t>(h) * p.tokens + t) * kDr + (lane % 4) * 2;
+#pragma unroll
+    for (int nt = 0; nt < kDn / 8; ++nt)
+      *reinterpret_cast<uint32_t*>(dst + nt * 8) =
+          pack_bf16x2(dk[nt][2 * r] * p.scale, dk[nt][2 * r + 1] * p.scale);
+#pragma unroll
+    for (int nt = 0; nt < kDv / 8; ++nt)
+      *reinterpret_cast<uint32_t*>(dst + kDn + nt * 8) =
+          pack_bf16x2(dv[nt][2 * r], dv[nt][2 * r + 1]);
+#pragma unroll
+    for (int nt = 0; nt < kDr / 8; ++nt)
+      *reinterpret_cast<float2*>(part + nt * 8) =
+          make_float2(dk[kDn / 8 + nt][2 * r] * p.scale, dk[kDn / 8 + nt][2 * r + 1] * p.scale);
+  }
+}
+
+// Epilogue of the dq passes: the thread's queries q_row + {0, 8} of dq (BF16).
+__device__ __forceinline__ void store_dq(const Params& p, const float (&dq)[kDq / 8][4], int lane,
+                                         int q_row, int64_t tb, int h) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = q_row + r * 8;
+    if (row >= p.seq) continue;
+    bf16* dst = p.dq + ((tb + row) * p.heads + h) * kDq + (lane % 4) * 2;
+#pragma unroll
+    for (int nt = 0; nt < kDq / 8; ++nt)
+      *reinterpret_cast<uint32_t*>(dst + nt * 8) =
+          pack_bf16x2(dq[nt][2 * r] * p.scale, dq[nt][2 * r + 1] * p.scale);
+  }
+}
+
 // ---- backward, step 2: dk, dv per 128 keys of one (batch, head); 8 warps x 16 keys ----
 // For each query block (64) at or after the keys: S^T = K Q^T, P^T, dV += P^T dO,
 // dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q.
@@ -358,22 +378,11 @@ __global__ void __launch_bounds__(kKvThreads, 1) mla_bwd_dkdv_kernel(Params p) {
   const int n0 = blockIdx.y * kKvN;  // key block 0 sees the most queries: it goes first
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t tb = static_cast<int64_t>(b) * p.seq;
-  const int64_t ld_q = static_cast<int64_t>(p.heads) * kDq,
-                ld_o = static_cast<int64_t>(p.heads) * kDv;
   const int i_first = n0 / kKvM, i_end = (p.seq + kKvM - 1) / kKvM;
 
   const auto load_q_block = [&](int i, int stage) {
-    const int m0 = i * kKvM, valid = min(kKvM, p.seq - m0);
-    load_rows<kKvM, kDq, 24, kKvThreads>(sq + stage * kKvM * kDq * 2, 0,
-                                         p.q + ((tb + m0) * p.heads + h) * kDq, ld_q, valid);
-    load_rows<kKvM, kDv, 16, kKvThreads>(sdo + stage * kKvM * kDv * 2, 0,
-                                         p.dout + ((tb + m0) * p.heads + h) * kDv, ld_o, valid);
-    if (threadIdx.x < kKvM) {
-      const int r = threadIdx.x;
-      const int64_t idx = static_cast<int64_t>(h) * p.tokens + tb + m0 + r;
-      sstat[stage * 2 * kKvM + r] = r < valid ? p.lse_in[idx] * kLog2e : 0.0f;
-      sstat[stage * 2 * kKvM + kKvM + r] = r < valid ? p.dsum[idx] : 0.0f;
-    }
+    load_query_block<kKvM, kKvThreads>(p, sq + stage * kKvM * kDq * 2, sdo + stage * kKvM * kDv * 2,
+                                       sstat + stage * 2 * kKvM, tb, i * kKvM, h);
   };
   load_kv_block<kKvN, kKvThreads>(p, sk, sv, b, h, n0);
   load_q_block(i_first, 0);
@@ -409,27 +418,7 @@ __global__ void __launch_bounds__(kKvThreads, 1) mla_bwd_dkdv_kernel(Params p) {
     __syncthreads();
   }
 
-  // Epilogue: dk_nope, dv to dkv (BF16); dk_pe of this head to the workspace (FP32).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key_row + r * 8;
-    if (key >= p.seq) continue;
-    const int64_t t = tb + key;
-    bf16* dst = p.dkv + (t * p.heads + h) * kDkv + (lane % 4) * 2;
-    float* part = p.dkpe_part + (static_cast<int64_t>(h) * p.tokens + t) * kDr + (lane % 4) * 2;
-#pragma unroll
-    for (int nt = 0; nt < kDn / 8; ++nt)
-      *reinterpret_cast<uint32_t*>(dst + nt * 8) =
-          pack_bf16(dk[nt][2 * r] * p.scale, dk[nt][2 * r + 1] * p.scale);
-#pragma unroll
-    for (int nt = 0; nt < kDv / 8; ++nt)
-      *reinterpret_cast<uint32_t*>(dst + kDn + nt * 8) =
-          pack_bf16(dv[nt][2 * r], dv[nt][2 * r + 1]);
-#pragma unroll
-    for (int nt = 0; nt < kDr / 8; ++nt)
-      *reinterpret_cast<float2*>(part + nt * 8) =
-          make_float2(dk[kDn / 8 + nt][2 * r] * p.scale, dk[kDn / 8 + nt][2 * r + 1] * p.scale);
-  }
+  store_dkdv(p, dk, dv, lane, key_row, tb, h);
 }
 
 // ---- backward, step 3: dq per 128 queries of one (batch, head); 8 warps x 16 query rows ----
@@ -448,19 +437,9 @@ __global__ void __launch_bounds__(kQThreads, 1) mla_bwd_dq_kernel(Params p) {
   const int m0 = (gridDim.y - 1 - blockIdx.y) * kQM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t tb = static_cast<int64_t>(b) * p.seq;
-  const int valid = min(kQM, p.seq - m0);
   const int n_blocks = (min(m0 + kQM, p.seq) + kQN - 1) / kQN;
 
-  load_rows<kQM, kDq, 24, kQThreads>(sq, 0, p.q + ((tb + m0) * p.heads + h) * kDq,
-                                     static_cast<int64_t>(p.heads) * kDq, valid);
-  load_rows<kQM, kDv, 16, kQThreads>(sdo, 0, p.dout + ((tb + m0) * p.heads + h) * kDv,
-                                     static_cast<int64_t>(p.heads) * kDv, valid);
-  if (threadIdx.x < kQM) {
-    const int r = threadIdx.x;
-    const int64_t idx = static_cast<int64_t>(h) * p.tokens + tb + m0 + r;
-    sstat[r] = r < valid ? p.lse_in[idx] * kLog2e : 0.0f;
-    sstat[kQM + r] = r < valid ? p.dsum[idx] : 0.0f;
-  }
+  load_query_block<kQM, kQThreads>(p, sq, sdo, sstat, tb, m0, h);
   load_kv_block<kQN, kQThreads>(p, sk, sv, b, h, 0);
   cp_async_commit();
   cp_async_wait<0>();
@@ -491,16 +470,7 @@ __global__ void __launch_bounds__(kQThreads, 1) mla_bwd_dq_kernel(Params p) {
     __syncthreads();
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = q_row + r * 8;
-    if (row >= p.seq) continue;
-    bf16* dst = p.dq + ((tb + row) * p.heads + h) * kDq + (lane % 4) * 2;
-#pragma unroll
-    for (int nt = 0; nt < kDq / 8; ++nt)
-      *reinterpret_cast<uint32_t*>(dst + nt * 8) =
-          pack_bf16(dq[nt][2 * r] * p.scale, dq[nt][2 * r + 1] * p.scale);
-  }
+  store_dq(p, dq, lane, q_row, tb, h);
 }
 
 // ---- backward, step 4: dk_pe[t] = sum over heads, in head order, of the per-head partials ----
@@ -522,91 +492,10 @@ __global__ void mla_bwd_kpe_sum_kernel(Params p) {
 // Tiles: panels of 64 columns (128-byte rows), the 128-byte swizzle wgmma reads (chunk c of row
 // r at c ^ (r & 7), each panel 1024-byte aligned); the same bytes serve as a K-major operand
 // (rows = M or N, e.g. Q in S^T = K Q^T) and as an N-major B (rows = K, e.g. Q in dK += dS^T Q).
-using sm90::fence_operand;
 using sm90::fence_proxy_async;
 using sm90::wgmma_commit;
 using sm90::wgmma_fence;
 using sm90::wgmma_wait;
-
-// Byte offset of 16-byte chunk `chunk` (over the whole row) of row `row` in a panel tile of kRows.
-template <int kRows>
-__device__ __forceinline__ uint32_t panel_off(int row, int chunk) {
-  static_assert(kRows % 8 == 0, "a panel is whole 8-row swizzle atoms");
-  return static_cast<uint32_t>((chunk / 8) * kRows * 128 + row * 128 +
-                               ((chunk % 8) ^ (row & 7)) * 16);
-}
-
-// load_rows' copy into a panel tile.
-template <int kRows, int kChunks, int kThreads>
-__device__ __forceinline__ void load_rows_panel(uint8_t* tile, int chunk0, const bf16* src,
-                                                int64_t ld, int rows_valid) {
-  constexpr int kTotal = kRows * kChunks;
-#pragma unroll
-  for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
-    const int idx = i * kThreads + static_cast<int>(threadIdx.x);
-    if (kTotal % kThreads != 0 && idx >= kTotal) break;
-    const int r = idx / kChunks, c = idx % kChunks;
-    const bool valid = r < rows_valid;
-    const bf16* g = src + (valid ? static_cast<int64_t>(r) * ld + c * 8 : 0);
-    cp_async_16(tile + panel_off<kRows>(r, chunk0 + c), g, valid ? 16u : 0u);
-  }
-}
-
-// K tile (k_nope | k_pe, 3 panels) and V tile (2 panels) of kRows keys from key n0.
-template <int kRows, int kThreads>
-__device__ __forceinline__ void load_kv_block_panel(const Params& p, uint8_t* sk, uint8_t* sv,
-                                                    int b, int h, int n0) {
-  const int valid = min(kRows, p.seq - n0);
-  const int64_t t0 = static_cast<int64_t>(b) * p.seq + n0;
-  const bf16* kv = p.kv + (t0 * p.heads + h) * kDkv;
-  load_rows_panel<kRows, 16, kThreads>(sk, 0, kv, static_cast<int64_t>(p.heads) * kDkv, valid);
-  load_rows_panel<kRows, 8, kThreads>(sk, 16, p.kpe + t0 * kDr, kDr, valid);
-  load_rows_panel<kRows, 16, kThreads>(sv, 0, kv + kDn, static_cast<int64_t>(p.heads) * kDkv,
-                                       valid);
-}
-
-// wgmma shared-memory descriptor, 128-byte swizzle (PTX ISA "matrix descriptor"): start address,
-// leading byte offset (N-major: the stride between 64-column panels; K-major: unused), stride
-// byte offset (the stride between 8-row groups: 1024 in a panel).
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | static_cast<uint64_t>(lbo >> 4) << 16 |
-         static_cast<uint64_t>(1024 >> 4) << 32 | static_cast<uint64_t>(1) << 62;
-}
-// K-major operand: rows [row0, row0 + 64 or N) of a panel tile of kRows, k-step kk (columns
-// 16 kk .. 16 kk + 15: panel kk / 4, 32 bytes a step inside the 128-byte row).
-template <int kRows>
-__device__ __forceinline__ uint64_t desc_k(uint32_t tile, int row0, int kk) {
-  return desc_sw128(tile + (kk / 4) * kRows * 128 + row0 * 128 + (kk % 4) * 32, 16);
-}
-// N-major B operand: the tile's rows 16 kk .. 16 kk + 15 are the k index, its columns the n index
-// (64 a panel, panels kRows * 128 bytes apart).
-template <int kRows>
-__device__ __forceinline__ uint64_t desc_n(uint32_t tile, int kk) {
-  return desc_sw128(tile + kk * 16 * 128, kRows * 128);
-}
-
-// The A fragment of k-step kk (16 columns) of a warp's FP32 accumulator rows, rounded to BF16.
-template <int kN>
-__device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&p)[kN][4], int kk) {
-  a[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
-  a[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
-  a[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-  a[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-}
-template <int kN>
-__device__ __forceinline__ void fence_acc(float (&acc)[kN][4]) {
-#pragma unroll
-  for (int j = 0; j < kN; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) fence_operand(acc[j][e]);
-}
-template <int kK>
-__device__ __forceinline__ void fence_frag(uint32_t (&a)[kK][4]) {
-#pragma unroll
-  for (int j = 0; j < kK; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
-}
 
 // probs_and_ds in two halves, so that P is computed while dP's wgmma still runs: wg_probs turns
 // the scores (log2 units) into P (0 where masked), wg_ds turns dP into dS = P (dP - D).
@@ -658,24 +547,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dkdv_wgmma_kernel(Param
   const int n0 = blockIdx.y * kWgKvN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
   const int64_t tb = static_cast<int64_t>(b) * p.seq;
-  const int64_t ld_q = static_cast<int64_t>(p.heads) * kDq,
-                ld_o = static_cast<int64_t>(p.heads) * kDv;
   const int i_first = n0 / kWgKvM, i_end = (p.seq + kWgKvM - 1) / kWgKvM;
 
   const auto load_q_block = [&](int i, int stage) {
-    const int m0 = i * kWgKvM, valid = min(kWgKvM, p.seq - m0);
-    load_rows_panel<kWgKvM, 24, kWgThreads>(sq + stage * kWgKvM * kDq * 2, 0,
-                                            p.q + ((tb + m0) * p.heads + h) * kDq, ld_q, valid);
-    load_rows_panel<kWgKvM, 16, kWgThreads>(sdo + stage * kWgKvM * kDv * 2, 0,
-                                            p.dout + ((tb + m0) * p.heads + h) * kDv, ld_o, valid);
-    if (threadIdx.x < kWgKvM) {
-      const int r = threadIdx.x;
-      const int64_t idx = static_cast<int64_t>(h) * p.tokens + tb + m0 + r;
-      sstat[stage * 2 * kWgKvM + r] = r < valid ? p.lse_in[idx] * kLog2e : 0.0f;
-      sstat[stage * 2 * kWgKvM + kWgKvM + r] = r < valid ? p.dsum[idx] : 0.0f;
-    }
+    load_query_block<kWgKvM, kWgThreads, true>(p, sq + stage * kWgKvM * kDq * 2,
+                                               sdo + stage * kWgKvM * kDv * 2,
+                                               sstat + stage * 2 * kWgKvM, tb, i * kWgKvM, h);
   };
-  load_kv_block_panel<kWgKvN, kWgThreads>(p, sk, sv, b, h, n0);
+  load_kv_block<kWgKvN, kWgThreads, true>(p, sk, sv, b, h, n0);
   load_q_block(i_first, 0);
   cp_async_commit();
   cp_async_wait<0>();
@@ -699,16 +578,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dkdv_wgmma_kernel(Param
       float s[kWgKvM / 8][4], dpt[kWgKvM / 8][4];
       wgmma_fence();
       // Groups: S^T, dP^T, dV, dK; P^T is computed while dP^T runs, dS^T while dV runs.
-#pragma unroll
-      for (int kk = 0; kk < kDq / 16; ++kk)
-        sm90::WgmmaBf16Ss<kWgKvM>::mma(s, desc_k<kWgKvN>(tk, wg * 64, kk),
-                                       desc_k<kWgKvM>(tq, 0, kk), kk > 0);
-      wgmma_commit();
-#pragma unroll
-      for (int kk = 0; kk < kDv / 16; ++kk)
-        sm90::WgmmaBf16Ss<kWgKvM>::mma(dpt, desc_k<kWgKvN>(tv, wg * 64, kk),
-                                       desc_k<kWgKvM>(tdo, 0, kk), kk > 0);
-      wgmma_commit();
+      wgmma_ss<kWgKvN, kDq / 16>(s, tk, wg * 64, tq);
+      wgmma_ss<kWgKvN, kDv / 16>(dpt, tv, wg * 64, tdo);
       wgmma_wait<1>();
       fence_acc(s);
       wg_probs<kWgKvM / 8, true>(s, key_row, m0, lse2, 0, p.seq, p.scale_log2);
@@ -716,20 +587,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dkdv_wgmma_kernel(Param
 #pragma unroll
       for (int kk = 0; kk < kWgKvM / 16; ++kk) pack_a(pa[kk], s, kk);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kWgKvM / 16; ++kk)
-        sm90::WgmmaBf16RsT<kDv>::mma(dv, pa[kk], desc_n<kWgKvM>(tdo, kk), true);
-      wgmma_commit();
+      wgmma_rs(dv, pa, tdo);
       wgmma_wait<1>();
       fence_acc(dpt);
       wg_ds<kWgKvM / 8, true>(s, dpt, key_row, m0, lse2 + kWgKvM, 0);
 #pragma unroll
       for (int kk = 0; kk < kWgKvM / 16; ++kk) pack_a(da[kk], dpt, kk);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kWgKvM / 16; ++kk)
-        sm90::WgmmaBf16RsT<kDq>::mma(dk, da[kk], desc_n<kWgKvM>(tq, kk), true);
-      wgmma_commit();
+      wgmma_rs(dk, da, tq);
       wgmma_wait<0>();
       fence_frag(pa);
       fence_frag(da);
@@ -741,27 +606,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dkdv_wgmma_kernel(Param
     __syncthreads();
   }
 
-  // Epilogue (as mla_bwd_dkdv_kernel's): dk_nope, dv to dkv (BF16); dk_pe of this head (FP32).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key_row + r * 8;
-    if (key >= p.seq) continue;
-    const int64_t t = tb + key;
-    bf16* dst = p.dkv + (t * p.heads + h) * kDkv + (lane % 4) * 2;
-    float* part = p.dkpe_part + (static_cast<int64_t>(h) * p.tokens + t) * kDr + (lane % 4) * 2;
-#pragma unroll
-    for (int nt = 0; nt < kDn / 8; ++nt)
-      *reinterpret_cast<uint32_t*>(dst + nt * 8) =
-          pack_bf16(dk[nt][2 * r] * p.scale, dk[nt][2 * r + 1] * p.scale);
-#pragma unroll
-    for (int nt = 0; nt < kDv / 8; ++nt)
-      *reinterpret_cast<uint32_t*>(dst + kDn + nt * 8) =
-          pack_bf16(dv[nt][2 * r], dv[nt][2 * r + 1]);
-#pragma unroll
-    for (int nt = 0; nt < kDr / 8; ++nt)
-      *reinterpret_cast<float2*>(part + nt * 8) =
-          make_float2(dk[kDn / 8 + nt][2 * r] * p.scale, dk[kDn / 8 + nt][2 * r + 1] * p.scale);
-  }
+  store_dkdv(p, dk, dv, lane, key_row, tb, h);
 }
 
 // dq: CTA = 128 queries of one (batch, head), 2 warpgroups x 64 queries; key blocks of 64 up to
@@ -781,20 +626,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dq_wgmma_kernel(Params 
   const int m0 = (gridDim.y - 1 - blockIdx.y) * kWgQM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
   const int64_t tb = static_cast<int64_t>(b) * p.seq;
-  const int valid = min(kWgQM, p.seq - m0);
   const int n_blocks = (min(m0 + kWgQM, p.seq) + kWgQN - 1) / kWgQN;
 
-  load_rows_panel<kWgQM, 24, kWgThreads>(sq, 0, p.q + ((tb + m0) * p.heads + h) * kDq,
-                                         static_cast<int64_t>(p.heads) * kDq, valid);
-  load_rows_panel<kWgQM, 16, kWgThreads>(sdo, 0, p.dout + ((tb + m0) * p.heads + h) * kDv,
-                                         static_cast<int64_t>(p.heads) * kDv, valid);
-  if (threadIdx.x < kWgQM) {
-    const int r = threadIdx.x;
-    const int64_t idx = static_cast<int64_t>(h) * p.tokens + tb + m0 + r;
-    sstat[r] = r < valid ? p.lse_in[idx] * kLog2e : 0.0f;
-    sstat[kWgQM + r] = r < valid ? p.dsum[idx] : 0.0f;
-  }
-  load_kv_block_panel<kWgQN, kWgThreads>(p, sk, sv, b, h, 0);
+  load_query_block<kWgQM, kWgThreads, true>(p, sq, sdo, sstat, tb, m0, h);
+  load_kv_block<kWgQN, kWgThreads, true>(p, sk, sv, b, h, 0);
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async();
@@ -806,7 +641,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dq_wgmma_kernel(Params 
   for (int j = 0; j < n_blocks; ++j) {
     const int stage = j & 1, n0 = j * kWgQN;
     if (j + 1 < n_blocks)
-      load_kv_block_panel<kWgQN, kWgThreads>(p, sk + (stage ^ 1) * kWgQN * kDq * 2,
+      load_kv_block<kWgQN, kWgThreads, true>(p, sk + (stage ^ 1) * kWgQN * kDq * 2,
                                              sv + (stage ^ 1) * kWgQN * kDv * 2, b, h, n0 + kWgQN);
     cp_async_commit();
     const uint32_t tk = smem_addr(sk + stage * kWgQN * kDq * 2);
@@ -814,6 +649,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dq_wgmma_kernel(Params 
     if (n0 <= m0 + wg * 64 + 63) {  // else every key of the block is after the warpgroup's rows
       float s[kWgQN / 8][4], dp[kWgQN / 8][4];
       wgmma_fence();
+      // NOTE: written out, not wgmma_ss: with it this kernel's machine code changes.
 #pragma unroll
       for (int kk = 0; kk < kDq / 16; ++kk)
         sm90::WgmmaBf16Ss<kWgQN>::mma(s, desc_k<kWgQM>(tq, wg * 64, kk), desc_k<kWgQN>(tk, 0, kk),
@@ -835,10 +671,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dq_wgmma_kernel(Params 
 #pragma unroll
       for (int kk = 0; kk < kWgQN / 16; ++kk) pack_a(da[kk], dp, kk);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kWgQN / 16; ++kk)
-        sm90::WgmmaBf16RsT<kDq>::mma(dq, da[kk], desc_n<kWgQN>(tk, kk), true);
-      wgmma_commit();
+      wgmma_rs(dq, da, tk);
       wgmma_wait<0>();
       fence_frag(da);
       fence_acc(dq);
@@ -848,16 +681,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) mla_bwd_dq_wgmma_kernel(Params 
     __syncthreads();
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = q_row + r * 8;
-    if (row >= p.seq) continue;
-    bf16* dst = p.dq + ((tb + row) * p.heads + h) * kDq + (lane % 4) * 2;
-#pragma unroll
-    for (int nt = 0; nt < kDq / 8; ++nt)
-      *reinterpret_cast<uint32_t*>(dst + nt * 8) =
-          pack_bf16(dq[nt][2 * r] * p.scale, dq[nt][2 * r + 1] * p.scale);
-  }
+  store_dq(p, dq, lane, q_row, tb, h);
 }
 
 void check_aligned(const char* who, const char* name, const void* ptr) {

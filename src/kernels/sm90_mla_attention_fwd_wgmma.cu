@@ -27,27 +27,25 @@
 
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
+#include "sm90_mla_attention_common.cuh"
 #include "sm90_mla_attention_fwd_wgmma.h"
 #include "sm90_ptx.cuh"
+#include "sm90_tma_encode.h"
 #include "sm90_wgmma_bf16.cuh"
 
 namespace fp8moe::kernels {
 namespace {
 
+using namespace mla;  // NOLINT(build/namespaces): sm90_mla_attention_common.cuh
 using sm90::fence_barrier_init;
-using sm90::fence_operand;
 using sm90::mbar_arrive;
 using sm90::mbar_arrive_expect_tx;
 using sm90::mbar_init;
 using sm90::mbar_wait;
 using sm90::smem_addr;
 using sm90::tma_prefetch_desc;
-using sm90::wgmma_commit;
 using sm90::wgmma_fence;
 using sm90::wgmma_wait;
-
-constexpr int kDn = 128, kDv = 128, kDq = 192, kDkv = 256;
-constexpr float kLn2 = 0.6931471805599453f, kLog2e = 1.4426950408889634f;
 
 constexpr int kM = 128;  // queries a CTA (2 warpgroups x 64)
 constexpr int kN = 128;  // keys a block
@@ -87,50 +85,6 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
 }
 
-// wgmma shared-memory descriptor, 128-byte swizzle: start address, leading byte offset (N-major:
-// the stride between 64-column panels), stride byte offset 1024 (between 8-row groups).
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr, uint32_t lbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | static_cast<uint64_t>(lbo >> 4) << 16 |
-         static_cast<uint64_t>(1024 >> 4) << 32 | static_cast<uint64_t>(1) << 62;
-}
-// K-major operand: rows [row0, row0 + 64 or N) of a panel tile of kRows rows, k-step kk.
-template <int kRows>
-__device__ __forceinline__ uint64_t desc_k(uint32_t tile, int row0, int kk) {
-  return desc_sw128(tile + (kk / 4) * kRows * 128 + row0 * 128 + (kk % 4) * 32, 16);
-}
-// N-major B operand: the tile's rows 16 kk .. 16 kk + 15 are the k index, its columns the n index.
-template <int kRows>
-__device__ __forceinline__ uint64_t desc_n(uint32_t tile, int kk) {
-  return desc_sw128(tile + kk * 16 * 128, kRows * 128);
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xFFFFFFFFu, x, 1);
-  return x + __shfl_xor_sync(0xFFFFFFFFu, x, 2);
-}
-template <int kNt>
-__device__ __forceinline__ void fence_acc(float (&acc)[kNt][4]) {
-#pragma unroll
-  for (int j = 0; j < kNt; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) fence_operand(acc[j][e]);
-}
-template <int kK>
-__device__ __forceinline__ void fence_frag(uint32_t (&a)[kK][4]) {
-#pragma unroll
-  for (int j = 0; j < kK; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
-}
-
 // The online softmax of one key block (mla_fwd_kernel's arithmetic): s (the warp's 16 query rows
 // x kN keys, FP32 scores) scaled to log2 units and masked (key > query or past the sequence:
 // -inf) where `edge`; new running max, alpha = exp2(old max - new max), P = exp2(s - max) summed
@@ -139,41 +93,11 @@ __device__ __forceinline__ void softmax_block(float (&s)[kN / 8][4], uint32_t (&
                                               float (&row_max)[2], float (&row_sum)[2],
                                               float (&alpha)[2], int q_row, int n0, bool edge,
                                               int seq, float scale_log2) {
-  const int lane = static_cast<int>(threadIdx.x) & 31;
+  scale_and_mask(s, static_cast<int>(threadIdx.x) & 31, q_row, n0, edge, seq, scale_log2);
 #pragma unroll
-  for (int nt = 0; nt < kN / 8; ++nt)
+  for (int r = 0; r < 2; ++r) softmax_row(s, r, row_max[r], row_sum[r], alpha[r]);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = n0 + nt * 8 + (lane % 4) * 2 + (e & 1), row = q_row + (e >> 1) * 8;
-      s[nt][e] *= scale_log2;
-      if (edge && (key > row || key >= seq)) s[nt][e] = -INFINITY;
-    }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float mx = row_max[r];
-#pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-    mx = quad_max(mx);
-    // NOTE: a row with every key so far masked keeps -inf; exp2 must not see -inf - -inf.
-    const float base = mx == -INFINITY ? 0.0f : mx;
-    alpha[r] = exp2f(row_max[r] - base);
-    row_max[r] = mx;
-    float sum = 0.0f;
-#pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
-      s[nt][2 * r] = exp2f(s[nt][2 * r] - base);
-      s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - base);
-      sum += s[nt][2 * r] + s[nt][2 * r + 1];
-    }
-    row_sum[r] = row_sum[r] * alpha[r] + sum;
-  }
-#pragma unroll
-  for (int kk = 0; kk < kN / 16; ++kk) {
-    pa[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-    pa[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-    pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-  }
+  for (int kk = 0; kk < kN / 16; ++kk) pack_a(pa[kk], s, kk);
 }
 
 template <bool kPingPong>
@@ -251,8 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int q_row = m0 + warp * 16 + lane / 4;
   const uint32_t tq = smem_addr(sq);
   float o[kDv / 8][4];
-#pragma unroll
-  for (int j = 0; j < kDv / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  zero(o);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, alpha[2];
   float s[kN / 8][4];
   uint32_t pa[kN / 16][4];  // P of the previous block (A of the P V in flight)
@@ -271,20 +194,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto issue_s = [&](int j) {
     const uint32_t tk = smem_addr(sk + (j % kStages) * kKBytes);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kDq / 16; ++kk)
-      sm90::WgmmaBf16Ss<kN>::mma(s, desc_k<kM>(tq, wg * 64, kk), desc_k<kN>(tk, 0, kk), kk > 0);
-    wgmma_commit();
+    wgmma_ss<kM, kDq / 16>(s, tq, wg * 64, tk);
   };
   const auto issue_pv = [&](int j) {
     const uint32_t tv = smem_addr(sv + (j % kStages) * kVBytes);
     fence_acc(o);
     fence_frag(pa);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk)
-      sm90::WgmmaBf16RsT<kDv>::mma(o, pa[kk], desc_n<kN>(tv, kk), true);
-    wgmma_commit();
+    wgmma_rs(o, pa, tv);
   };
   // Block j's mask is needed where it reaches the diagonal of the warp's rows or the sequence end.
   const auto edge_of = [&](int n0) { return n0 + kN - 1 > m0 + warp * 16 || n0 + kN > p.seq; };
@@ -339,41 +256,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   mbar_arrive(empty_v + (n_blocks - 1) % kStages);
 
   // Epilogue: O / l to BF16, lse = ln 2 * (max + log2 l).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = q_row + r * 8;
-    const float l = quad_sum(row_sum[r]);
-    if (row >= p.seq) continue;
-    const float inv = 1.0f / l;
-    const int64_t t = static_cast<int64_t>(b) * p.seq + row;
-    bf16* dst = p.o + (t * p.heads + h) * kDv + (lane % 4) * 2;
-#pragma unroll
-    for (int dt = 0; dt < kDv / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8) =
-          pack_bf16(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-    if (lane % 4 == 0)
-      p.lse[static_cast<int64_t>(h) * p.tokens + t] = (row_max[r] + log2f(l)) * kLn2;
-  }
+  store_out_lse(p, o, row_max, row_sum, lane, q_row, b, h);
 }
 
 // ---- host ----
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-EncodeTiledFn encode_tiled_fn() {
-  static EncodeTiledFn fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    FM_CHECK_CUDA(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
-                                                   cudaEnableDefault, &status));
-    FM_CHECK(status == cudaDriverEntryPointSuccess && ptr != nullptr,
-             "cuTensorMapEncodeTiled not found in the driver");
-    return reinterpret_cast<EncodeTiledFn>(ptr);
-  }();
-  return fn;
-}
-
 // BF16 [batch][seq][cols] (rows `cols` elements apart), boxes of 64 columns x `box_rows` rows of
 // one sequence, 128-byte swizzle; rows past the sequence read as zeros.
 CUtensorMap make_map_3d(const bf16* ptr, int64_t batch, int64_t seq, int64_t cols,
@@ -385,7 +271,7 @@ CUtensorMap make_map_3d(const bf16* ptr, int64_t batch, int64_t seq, int64_t col
                                  static_cast<cuuint64_t>(seq * cols * 2)};
   const cuuint32_t box[3] = {64, box_rows, 1};
   const cuuint32_t elem_strides[3] = {1, 1, 1};
-  const CUresult r = encode_tiled_fn()(
+  const CUresult r = sm90::encode_tiled_fn()(
       &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(ptr), dims, strides, box,
       elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
