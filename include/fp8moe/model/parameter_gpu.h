@@ -16,7 +16,7 @@ struct ParameterGpu {
   std::string name;
   std::vector<int64_t> shape;
   int64_t numel = 0;
-  bool weight_decay = true;  // false for norms, embedding, head, router (the CPU model's flags)
+  bool weight_decay = true;  // false for the norms only (the CPU model's flags)
   float* value = nullptr;    // device, FP32 [numel]
   float* grad = nullptr;     // device, FP32 [numel]; null for buffers
 };
