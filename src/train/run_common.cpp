@@ -169,6 +169,16 @@ void Progress::update(int64_t step, double loss, double tok_s, double eta_s) {
   std::fflush(stderr);
 }
 
+bool checkpoint_due(const TrainOptions& o, int64_t step, int64_t end) {
+  return o.checkpoint && o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 &&
+         step + 1 < end;
+}
+
+std::vector<int32_t> eval_batch(const TokenData& data, const TrainOptions& o, int64_t window,
+                                int64_t i) {
+  return sample_batch(data.valid, o.batch, window, o.seed + 1000003, i);
+}
+
 double tail_mean(const std::vector<double>& losses, int64_t end) {
   const int64_t tail = std::max<int64_t>(1, end / 10);
   double s = 0;

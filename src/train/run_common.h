@@ -57,6 +57,13 @@ class Progress {
   bool enabled_, tty_;
 };
 
+// Whether a checkpoint is due after `step` (0-based) of a loop ending at `end` (the last one is
+// written after the loop).
+bool checkpoint_due(const TrainOptions& o, int64_t step, int64_t end);
+// Held-out window batch i: fixed windows of the validation stream, the same for both trainers.
+std::vector<int32_t> eval_batch(const TokenData& data, const TrainOptions& o, int64_t window,
+                                int64_t i);
+
 // Mean of the finite losses of the last 10 % of the steps [0, end).
 double tail_mean(const std::vector<double>& losses, int64_t end);
 

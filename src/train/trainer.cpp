@@ -152,8 +152,7 @@ TrainResult train(const TrainOptions& opts) {
     result.losses.push_back(rep.loss);
 
     log.step(step, rep, grad_norm);
-    if (o.checkpoint && o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 &&
-        step + 1 < end)
+    if (checkpoint_due(o, step, end))
       save_model_checkpoint(ckpt_path, model, adam, ema, o, step + 1);
   }
   log.end_loop();
@@ -163,7 +162,7 @@ TrainResult train(const TrainOptions& opts) {
   if (o.eval_batches > 0 && static_cast<int64_t>(data.valid.size()) > window) {
     double sum = 0;
     for (int64_t i = 0; i < o.eval_batches; ++i) {
-      const auto vb = sample_batch(data.valid, o.batch, window, o.seed + 1000003, i);
+      const auto vb = eval_batch(data, o, window, i);
       sum += model.forward_backward(vb.data(), o.batch, window, o.precision, o.mtp_weight, false)
                  .main_loss;
     }

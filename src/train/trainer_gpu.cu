@@ -239,9 +239,7 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
     rep.balance_loss = got.balance_loss;
     log.step(step, rep, run.host_state->grad_norm);
 
-    if (o.checkpoint && o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0 &&
-        step + 1 < end)
-      save_gpu_checkpoint(ckpt_path, model, mo, ema, o, step + 1);
+    if (checkpoint_due(o, step, end)) save_gpu_checkpoint(ckpt_path, model, mo, ema, o, step + 1);
   }
   log.end_loop();
   if (o.checkpoint) save_gpu_checkpoint(ckpt_path, model, mo, ema, o, end);
@@ -250,7 +248,7 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
   if (o.eval_batches > 0 && static_cast<int64_t>(data.valid.size()) > window) {
     double sum = 0;
     for (int64_t i = 0; i < o.eval_batches; ++i) {
-      load_batch(sample_batch(data.valid, o.batch, window, o.seed + 1000003, i));
+      load_batch(eval_batch(data, o, window, i));
       model.forward_backward(run.tokens, o.mtp_weight, false, run.loss, s);
       finish_step("the GPU evaluation");
       sum += run.host_loss->main_loss;
