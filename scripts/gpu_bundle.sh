@@ -35,9 +35,10 @@ tar cJf build-bundle/bins.tar.xz -C build-bundle/pack .
 rm -rf build-bundle/pack
 ls -la build-bundle/bins.tar.xz
 # The Debian shared libraries the binaries link that a lent machine may lack (SentencePiece, read
-# by the trainer's tests, and the C++ runtime it was built against): carry build-bundle/lib too.
+# by the trainer's tests; fmt, which the CLI links; the C++ runtime they were built against): carry
+# build-bundle/lib too.
 rm -rf build-bundle/lib && mkdir -p build-bundle/lib
-for lib in libsentencepiece.so.0 libstdc++.so.6 libgcc_s.so.1; do
+for lib in libsentencepiece.so.0 libfmt.so.9 libstdc++.so.6 libgcc_s.so.1; do
   f=$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64/ {print $NF; exit}')
   [[ -n $f ]] && cp -L "$f" build-bundle/lib/
 done

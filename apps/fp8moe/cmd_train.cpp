@@ -1,6 +1,7 @@
 // fp8moe train: trains the V3-architecture model on the CPU in fp32, bf16 or fp8 (the
 // DeepSeek-V3 recipe, emulated exactly as the GPU kernels compute it), or on one GPU in fp8.
 //   fp8moe train --config F --precision fp8 --steps N --out DIR [--resume] [--device gpu]
+//   fp8moe launch -n R -- fp8moe train --device gpu ...   (R GPUs; train/trainer_gpu.h)
 //   fp8moe train compare --config F --steps N --out DIR   (fp8 then bf16, prints the gap)
 #include <cmath>
 #include <cstdio>
@@ -9,6 +10,7 @@
 
 #include "command.h"
 #include "fp8moe/core/file_io.h"
+#include "fp8moe/comm/launcher.h"
 #include "fp8moe/core/json.h"
 #include "fp8moe/train/trainer.h"
 #if FP8MOE_HAVE_CUDA
@@ -74,7 +76,9 @@ void setup(CLI::App& app) {
   app.add_flag(
       "--no-checkpoint", [f](int64_t) { f->opts.checkpoint = false; },
       "Write no checkpoint (timing runs)");
-  app.add_option("--device", f->device, "cpu | gpu (one GPU, the FP8 recipe)")
+  app.add_option("--device", f->device,
+                 "cpu | gpu (the FP8 recipe; under `fp8moe launch -n R`, R GPUs: expert-parallel "
+                 "MoE, data-parallel rest, --batch is the whole job's)")
       ->capture_default_str();
   app.add_flag("--no-cuda-graph", f->no_graph, "GPU: launch every step eagerly");
 
@@ -105,6 +109,8 @@ void setup(CLI::App& app) {
     } else {
       r = train(o);
     }
+    // Ranks of a launched job other than 0 hold no metrics (rank 0 reports the job's).
+    if (fp8moe::comm::launched_as_rank() && fp8moe::comm::rank_env().rank != 0) return;
     std::printf(
         "%s%s: final loss %.4f (mean of the last %lld steps), held-out loss %.4f, "
         "%.1f s wall, %.1f s CPU, %.0f tokens/s\n",

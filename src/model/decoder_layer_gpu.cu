@@ -353,7 +353,9 @@ struct DecoderLayerGpu::Impl {
   bool dense_direct = false;  // gate/up grads adjacent: dW13 written straight into them
   // MoE.
   std::unique_ptr<ExpertWeightsFromMasters> routed_w, shared_w;
-  std::unique_ptr<comm::DeviceEpGroup> ep;
+  std::unique_ptr<comm::DeviceEpGroup> ep;        // one rank: the layer's own group
+  std::unique_ptr<comm::DeviceEpRank> ep_rank;     // several ranks: the maker's endpoint
+  int64_t local_experts = 0, first_expert = 0;     // the routed experts this rank holds
   std::unique_ptr<comm::MoeLayerGpu> moe;
 
   // Device memory: one allocation.
@@ -382,8 +384,9 @@ struct DecoderLayerGpu::Impl {
   Impl(const Impl&) = delete;
   Impl& operator=(const Impl&) = delete;
   ~Impl() {
-    moe.reset();  // before its EP group
+    moe.reset();  // before its EP endpoint
     ep.reset();
+    ep_rank.reset();
     cudaFree(buffer);
   }
 };
@@ -439,9 +442,16 @@ void check_dims(const ModelConfig& c, bool is_moe, int64_t batch, int64_t seq) {
 
 DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& prefix, bool is_moe,
                                  int64_t batch, int64_t seq, const RopeTableView& rope,
-                                 const ParameterLookup& params)
+                                 const ParameterLookup& params, int ep_ranks,
+                                 const EpRankMaker& make_ep)
     : impl_(std::make_unique<Impl>()), is_moe_(is_moe) {
   check_dims(config, is_moe, batch, seq);
+  FM_CHECK_ARG(ep_ranks >= 1, "DecoderLayerGpu: ep_ranks=", ep_ranks, " must be positive");
+  FM_CHECK_ARG(ep_ranks == 1 || !is_moe || make_ep,
+               "DecoderLayerGpu: ", ep_ranks, " EP ranks need an endpoint maker");
+  FM_CHECK_ARG(!is_moe || config.n_routed_experts % ep_ranks == 0, "DecoderLayerGpu: ",
+               config.n_routed_experts, " routed experts do not split evenly over ", ep_ranks,
+               " EP ranks");
   Impl& m = *impl_;
   m.config = config;
   m.batch = batch;
@@ -529,11 +539,32 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     m.alpha = c.seq_aux ? static_cast<double>(static_cast<float>(c.aux_loss_alpha)) : 0.0;
     const int64_t E = m.E, K = m.K, I = c.moe_intermediate_size;
     const int64_t Is = I * c.n_shared_experts;
+    comm::EpConfig ec;
+    ec.num_ranks = ep_ranks;
+    ec.num_experts = static_cast<int>(E);
+    ec.top_k = static_cast<int>(K);
+    ec.hidden = H;
+    ec.max_tokens_per_rank = T;
+    ec.payload = comm::Payload::kFP8;
+    if (ep_ranks == 1) {
+      m.ep = std::make_unique<comm::DeviceEpGroup>(ec, std::vector<int>{m.device});
+    } else {
+      m.ep_rank = make_ep(ec);
+      FM_CHECK_ARG(m.ep_rank != nullptr && m.ep_rank->config().num_ranks == ep_ranks &&
+                       m.ep_rank->device() == m.device,
+                   "DecoderLayerGpu: the EP maker returned no endpoint, or one of another size or ",
+                   "device");
+    }
+    comm::DeviceEpRank& ep_rank = m.ep ? m.ep->rank(0) : *m.ep_rank;
+    m.local_experts = E / ep_ranks;
+    m.first_expert = static_cast<int64_t>(ep_rank.rank()) * m.local_experts;
+    const int64_t El = m.local_experts;
     ParameterGpu& g = P(".mlp.gate.weight");
     m.gate = value_of(g, E * H);
     m.dgate = grad_of(g);
     m.bias = value_of(P(".mlp.gate.e_score_correction_bias"), E);
-    for (int64_t e = 0; e < E; ++e) ffn_params(".mlp.experts." + std::to_string(e), I, m.routed);
+    for (int64_t e = m.first_expert; e < m.first_expert + El; ++e)
+      ffn_params(".mlp.experts." + std::to_string(e), I, m.routed);
     ffn_params(".mlp.shared_experts", Is, m.shared);
     slots.push_back({reinterpret_cast<void**>(&m.logits), T * E * b4});
     slots.push_back({reinterpret_cast<void**>(&m.scores), T * E * b4});
@@ -546,14 +577,14 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     slots.push_back({reinterpret_cast<void**>(&m.fscaled), m.num_seq * E * b8});
     slots.push_back({reinterpret_cast<void**>(&m.contrib), m.num_seq * b8});
     slots.push_back({reinterpret_cast<void**>(&m.gx), T * H * b2});
-    slots.push_back({reinterpret_cast<void**>(&m.scratch13), E * 2 * I * H * b4});
-    slots.push_back({reinterpret_cast<void**>(&m.scratch2), E * H * I * b4});
+    slots.push_back({reinterpret_cast<void**>(&m.scratch13), El * 2 * I * H * b4});
+    slots.push_back({reinterpret_cast<void**>(&m.scratch2), El * H * I * b4});
     slots.push_back({reinterpret_cast<void**>(&m.sscratch13), 2 * Is * H * b4});
     slots.push_back({reinterpret_cast<void**>(&m.sscratch2), H * Is * b4});
   }
   // The scatter's segments (FFN grads that do not sit in ExpertWeightsHost's layout).
   slots.push_back({reinterpret_cast<void**>(&m.segments),
-                   static_cast<int64_t>(sizeof(Segment)) * 3 * (is_moe ? m.E + 1 : 1)});
+                   static_cast<int64_t>(sizeof(Segment)) * 3 * (is_moe ? m.local_experts + 1 : 1)});
   int64_t bytes = 0;
   for (auto& s : slots) bytes += slot(s.second);
   FM_CHECK_CUDA(cudaMalloc(&m.buffer, static_cast<size_t>(bytes)));
@@ -581,8 +612,9 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     std::fill(lay.begin(), lay.begin() + T, 0);
     FM_CHECK_CUDA(cudaMemcpy(m.layout, lay.data(), R * 4, cudaMemcpyHostToDevice));
   } else {
-    const int64_t E = m.E, I = c.moe_intermediate_size, Is = I * c.n_shared_experts;
-    for (int64_t e = 0; e < E; ++e) {
+    const int64_t El = m.local_experts, I = c.moe_intermediate_size,
+                  Is = I * c.n_shared_experts;
+    for (int64_t e = 0; e < El; ++e) {
       segs.push_back({m.scratch13 + e * 2 * I * H, m.routed.dgate[e], I * H});
       segs.push_back({m.scratch13 + e * 2 * I * H + I * H, m.routed.dup[e], I * H});
       segs.push_back({m.scratch2 + e * H * I, m.routed.ddown[e], H * I});
@@ -590,20 +622,13 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     segs.push_back({m.sscratch13, m.shared.dgate[0], Is * H});
     segs.push_back({m.sscratch13 + Is * H, m.shared.dup[0], Is * H});
     segs.push_back({m.sscratch2, m.shared.ddown[0], H * Is});
-    m.routed_w = std::make_unique<ExpertWeightsFromMasters>(E, H, I);
+    m.routed_w = std::make_unique<ExpertWeightsFromMasters>(El, H, I);
     m.shared_w = std::make_unique<ExpertWeightsFromMasters>(1, H, Is);
-    comm::EpConfig ec;
-    ec.num_ranks = 1;
-    ec.num_experts = static_cast<int>(E);
-    ec.top_k = static_cast<int>(m.K);
-    ec.hidden = H;
-    ec.max_tokens_per_rank = T;
-    ec.payload = comm::Payload::kFP8;
-    m.ep = std::make_unique<comm::DeviceEpGroup>(ec, std::vector<int>{m.device});
     comm::MoeLayerOptions lo;
     lo.backward = true;
-    m.moe = std::make_unique<comm::MoeLayerGpu>(m.ep->rank(0), m.routed_w->view(),
-                                                m.shared_w->view(), lo);
+    comm::DeviceEpRank& ep_rank = m.ep ? m.ep->rank(0) : *m.ep_rank;
+    m.moe = std::make_unique<comm::MoeLayerGpu>(ep_rank, m.routed_w->view(), m.shared_w->view(),
+                                                lo);
   }
   if (is_moe) check_launch_dims((T + kDfTokens - 1) / kDfTokens, "the router's df kernel");
   m.n_segments = static_cast<int64_t>(segs.size());
@@ -735,7 +760,7 @@ void DecoderLayerGpu::backward(const bf16* dout, bf16* dh, uint32_t* status, cud
   comm::add_bf16(dh, m.dh1, n, dh, stream);
 }
 
-const int32_t* DecoderLayerGpu::expert_load() const {
+int32_t* DecoderLayerGpu::expert_load() const {
   return is_moe_ ? impl_->load : nullptr;
 }
 

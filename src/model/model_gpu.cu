@@ -89,8 +89,10 @@ struct ModelGpu::Impl {
   std::vector<ParameterGpu> params, buffers;
   std::unordered_map<std::string, ParameterGpu*> by_name;
   float* values = nullptr;  // params then buffers
-  float* grads = nullptr;   // params only
+  float* grads = nullptr;   // params only: the replicated tensors', then the sharded ones'
   size_t grad_bytes = 0;
+  int64_t replicated_floats = 0;  // the arena's first run (the rest: sharded)
+  ModelGpuParallel par;
   int64_t param_count = 0;
 
   ParameterGpu *embed = nullptr, *final_norm = nullptr, *lm_head = nullptr;
@@ -145,7 +147,8 @@ struct ModelGpu::Impl {
   }
 };
 
-ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq)
+ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
+                   const ModelGpuParallel& par)
     : impl_(std::make_unique<Impl>()) {
   config.validate();
   Impl& m = *impl_;
@@ -170,10 +173,42 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq)
   m.layers_n = config.num_hidden_layers;
   const int64_t T = m.T, H = m.H, V = m.V;
 
-  // Parameters and buffers: the CPU Model's table, 256-byte aligned slots (64 floats).
+  // Parameters and buffers: the CPU Model's table, 256-byte aligned slots (64 floats); under
+  // expert parallelism only this rank's routed experts, placed after every replicated tensor.
+  FM_CHECK_ARG(par.world >= 1 && par.rank >= 0 && par.rank < par.world, "ModelGpu: rank ",
+               par.rank, " of ", par.world);
+  FM_CHECK_ARG(par.world == 1 || par.make_ep_rank,
+               "ModelGpu: ", par.world, " ranks need ModelGpuParallel::make_ep_rank");
+  FM_CHECK_ARG(config.n_routed_experts % par.world == 0, "ModelGpu: ", config.n_routed_experts,
+               " routed experts do not split evenly over ", par.world, " ranks");
+  m.par = par;
+  const int64_t local_experts = config.n_routed_experts / par.world;
+  const int64_t first_expert = par.rank * local_experts;
   const ParameterTable table = model_parameter_table(config);
+  // The routed expert a tensor belongs to ("...mlp.experts.<e>...."), -1 for every other tensor.
+  auto expert_of = [](const std::string& name) -> int64_t {
+    const std::string key = ".mlp.experts.";
+    const size_t at = name.find(key);
+    if (at == std::string::npos) return -1;
+    return std::stoll(name.substr(at + key.size()));
+  };
+  struct Placed {
+    const ParameterSpec* spec;
+    int64_t index;
+    bool sharded;
+  };
+  std::vector<Placed> kept;
   int64_t value_floats = 0, grad_floats = 0;
-  for (const auto& s : table.parameters) value_floats += round_up(s.numel(), 64);
+  for (int pass = 0; pass < 2; ++pass)  // replicated tensors first, then the sharded experts
+    for (size_t i = 0; i < table.parameters.size(); ++i) {
+      const int64_t e = expert_of(table.parameters[i].name);
+      const bool sharded = e >= 0 && par.world > 1;
+      if (sharded != (pass == 1)) continue;
+      if (sharded && (e < first_expert || e >= first_expert + local_experts)) continue;
+      kept.push_back({&table.parameters[i], static_cast<int64_t>(i), sharded});
+      value_floats += round_up(table.parameters[i].numel(), 64);
+      if (!sharded) m.replicated_floats = value_floats;
+    }
   grad_floats = value_floats;
   for (const auto& s : table.buffers) value_floats += round_up(s.numel(), 64);
   FM_CHECK_CUDA(cudaMalloc(&m.values, static_cast<size_t>(value_floats) * sizeof(float)));
@@ -181,7 +216,7 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq)
   m.grad_bytes = static_cast<size_t>(grad_floats) * sizeof(float);
   FM_CHECK_CUDA(cudaMemset(m.grads, 0, m.grad_bytes));
   int64_t off = 0;
-  auto make = [&](const ParameterSpec& s, bool with_grad) {
+  auto make = [&](const ParameterSpec& s, bool with_grad, int64_t index, bool sharded) {
     ParameterGpu p;
     p.name = s.name;
     p.shape = s.shape;
@@ -189,16 +224,27 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq)
     p.weight_decay = s.weight_decay;
     p.value = m.values + off;
     p.grad = with_grad ? m.grads + off : nullptr;
+    p.index = index;
+    p.sharded = sharded;
     off += round_up(p.numel, 64);
     return p;
   };
-  m.params.reserve(table.parameters.size());
-  for (const auto& s : table.parameters) {
-    m.params.push_back(make(s, true));
+  std::vector<ParameterGpu> placed;
+  placed.reserve(kept.size());
+  for (const Placed& k : kept) placed.push_back(make(*k.spec, true, k.index, k.sharded));
+  // parameters() in the CPU table's order (the arena's order differs under expert parallelism).
+  std::vector<size_t> order(placed.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return placed[a].index < placed[b].index; });
+  m.params.reserve(placed.size());
+  for (size_t i : order) {
+    m.params.push_back(placed[i]);
     m.param_count += m.params.back().numel;
   }
   m.buffers.reserve(table.buffers.size());
-  for (const auto& s : table.buffers) m.buffers.push_back(make(s, false));
+  for (size_t i = 0; i < table.buffers.size(); ++i)
+    m.buffers.push_back(make(table.buffers[i], false, static_cast<int64_t>(i), false));
   for (auto& p : m.params) m.by_name[p.name] = &p;
   for (auto& p : m.buffers) m.by_name[p.name] = &p;
   m.embed = &m.lookup("model.embed_tokens.weight");
@@ -275,8 +321,14 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq)
   };
   for (int64_t l = 0; l < m.layers_n + depth; ++l) {
     const bool moe = config.is_moe_layer(l);
-    m.layers.push_back(std::make_unique<DecoderLayerGpu>(
-        config, "model.layers." + std::to_string(l), moe, batch, seq, m.rope->view(), lookup));
+    const int block = static_cast<int>(m.moe_layers.size());
+    EpRankMaker make_ep;
+    if (par.world > 1)
+      make_ep = [&m, block](const comm::EpConfig& cfg) { return m.par.make_ep_rank(block, cfg); };
+    m.layers.push_back(std::make_unique<DecoderLayerGpu>(config,
+                                                         "model.layers." + std::to_string(l), moe,
+                                                         batch, seq, m.rope->view(), lookup,
+                                                         par.world, make_ep));
     if (moe) m.moe_layers.push_back(m.layers.back().get());
   }
   for (int64_t k = 0; k < depth; ++k) {
@@ -314,13 +366,24 @@ int64_t ModelGpu::parameter_count() const {
 int ModelGpu::moe_blocks() const {
   return static_cast<int>(impl_->moe_layers.size());
 }
-const int32_t* ModelGpu::expert_load(int block) const {
+int32_t* ModelGpu::expert_load(int block) const {
   FM_CHECK_ARG(block >= 0 && block < moe_blocks(), "ModelGpu::expert_load: block ", block,
                " outside [0, ", moe_blocks(), ")");
   return impl_->moe_layers[static_cast<size_t>(block)]->expert_load();
 }
 uint32_t* ModelGpu::status() const {
   return impl_->status;
+}
+GradSpan ModelGpu::replicated_grads() const {
+  return {impl_->grads, impl_->replicated_floats};
+}
+GradSpan ModelGpu::sharded_grads() const {
+  const Impl& m = *impl_;
+  const int64_t total = static_cast<int64_t>(m.grad_bytes / sizeof(float));
+  return {m.grads + m.replicated_floats, total - m.replicated_floats};
+}
+const ModelGpuParallel& ModelGpu::parallel() const {
+  return impl_->par;
 }
 
 namespace {
@@ -341,6 +404,8 @@ void check_same_table(const std::deque<Parameter>& cpu, const std::vector<Parame
 
 void ModelGpu::upload(Model& cpu) {
   Impl& m = *impl_;
+  FM_CHECK_ARG(m.par.world == 1, "ModelGpu::upload: the model is sharded over ", m.par.world,
+               " ranks");
   check_same_table(cpu.parameters(), m.params, "upload");
   check_same_table(cpu.buffers(), m.buffers, "upload");
   FM_CHECK_CUDA(cudaDeviceSynchronize());
@@ -359,6 +424,8 @@ void ModelGpu::upload(Model& cpu) {
 
 void ModelGpu::download(Model& cpu, bool with_grads) const {
   const Impl& m = *impl_;
+  FM_CHECK_ARG(m.par.world == 1, "ModelGpu::download: the model is sharded over ", m.par.world,
+               " ranks");
   check_same_table(cpu.parameters(), m.params, "download");
   check_same_table(cpu.buffers(), m.buffers, "download");
   FM_CHECK_CUDA(cudaDeviceSynchronize());

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <utility>
 
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
@@ -29,7 +30,8 @@ struct Record {  // device copy of AdamWGpuTensor
   bf16* value_bf16;
   int64_t numel;
   int weight_decay;
-  int vec;  // all pointers aligned for the 4-wide accesses
+  int vec;      // all pointers aligned for the 4-wide accesses
+  int in_norm;  // counted in the grad norm (AdamWGpuTensor::in_norm)
 };
 
 struct StepArgs {
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c0 = static_cast<int64_t>(chunk - __ldg(chunk_begin + ti)) * kChunk;
   const int64_t c1 = min(rec.numel, c0 + kChunk);
   double acc = 0.0;
-  for (int64_t i = c0 + 4 * threadIdx.x; i < c1; i += 4 * kThreads) {
+  for (int64_t i = c0 + 4 * threadIdx.x; rec.in_norm && i < c1; i += 4 * kThreads) {
     float g[4];
     if (rec.vec && i + 4 <= c1) {
       const float4 q = __ldg(reinterpret_cast<const float4*>(rec.grad + i));
@@ -93,13 +95,26 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- grad norm, stage 2: one block, the partials in a fixed order; the clip decision ----
+// With a norm reduction (AdamWGpu::set_norm_reduction) it runs twice: first with sum_out (the
+// rank's sum of squares written there, nothing decided), then, after the reduction, with sum_in
+// (the reduced sum read from there instead of the partials).
 __global__ void __launch_bounds__(kFinalThreads)
     adamw_norm_final_kernel(const double* partial, int64_t chunks, double clip_norm,
-                            int skip_nonfinite, AdamWGpuState* state) {
-  double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < chunks; i += kFinalThreads) acc = __dadd_rn(acc, partial[i]);
-  const double total = block_sum<kFinalThreads>(acc);
+                            int skip_nonfinite, AdamWGpuState* state, double* sum_out,
+                            const double* sum_in) {
+  double total = 0.0;
+  if (sum_in != nullptr) {
+    total = *sum_in;
+  } else {
+    double acc = 0.0;
+    for (int64_t i = threadIdx.x; i < chunks; i += kFinalThreads) acc = __dadd_rn(acc, partial[i]);
+    total = block_sum<kFinalThreads>(acc);
+  }
   if (threadIdx.x != 0) return;
+  if (sum_out != nullptr) {
+    *sum_out = total;
+    return;
+  }
   const double norm = __dsqrt_rn(total);
   state->grad_norm = norm;
   const bool clip = clip_norm > 0 && norm > clip_norm;  // as clip_gradients (false for NaN)
@@ -208,7 +223,7 @@ AdamWGpu::AdamWGpu(const AdamWConfig& config, const std::vector<AdamWGpuTensor>&
     const bool vec = aligned(x.value, 16) && aligned(x.grad, 16) && aligned(x.m, 8) &&
                      aligned(x.v, 8) && aligned(x.value_bf16, 8);
     recs.push_back(Record{x.value, x.grad, x.m, x.v, x.value_bf16, x.numel, x.weight_decay ? 1 : 0,
-                          vec ? 1 : 0});
+                          vec ? 1 : 0, x.in_norm ? 1 : 0});
     begin.push_back(static_cast<int32_t>(chunks));
     chunks += (x.numel + kChunk - 1) / kChunk;
     total_numel_ += x.numel;
@@ -222,6 +237,7 @@ AdamWGpu::AdamWGpu(const AdamWConfig& config, const std::vector<AdamWGpuTensor>&
   FM_CHECK_CUDA(cudaMalloc(&chunk_begin_, begin.size() * sizeof(int32_t)));
   FM_CHECK_CUDA(cudaMalloc(&partial_, chunks * sizeof(double)));
   FM_CHECK_CUDA(cudaMalloc(&state_, sizeof(AdamWGpuState)));
+  FM_CHECK_CUDA(cudaMalloc(&norm_sum_, sizeof(double)));
   FM_CHECK_CUDA(
       cudaMemcpy(table_, recs.data(), recs.size() * sizeof(Record), cudaMemcpyHostToDevice));
   FM_CHECK_CUDA(cudaMemcpy(chunk_begin_, begin.data(), begin.size() * sizeof(int32_t),
@@ -232,7 +248,7 @@ AdamWGpu::AdamWGpu(const AdamWConfig& config, const std::vector<AdamWGpuTensor>&
 
 AdamWGpu::~AdamWGpu() {
   for (void* p : {table_, static_cast<void*>(chunk_begin_), static_cast<void*>(partial_),
-                  static_cast<void*>(state_)})
+                  static_cast<void*>(state_), static_cast<void*>(norm_sum_)})
     if (p != nullptr) cudaFree(p);
 }
 
@@ -240,9 +256,26 @@ void AdamWGpu::launch_norm(cudaStream_t stream) {
   adamw_norm_kernel<<<static_cast<unsigned>(total_chunks_), kThreads, 0, stream>>>(
       static_cast<const Record*>(table_), chunk_begin_, static_cast<int>(num_tensors_), partial_);
   FM_CHECK_LAUNCH();
-  adamw_norm_final_kernel<<<1, kFinalThreads, 0, stream>>>(
-      partial_, total_chunks_, config_.clip_norm, skip_nonfinite_ ? 1 : 0, state_);
+  const int skip = skip_nonfinite_ ? 1 : 0;
+  if (!norm_reduction_) {
+    adamw_norm_final_kernel<<<1, kFinalThreads, 0, stream>>>(
+        partial_, total_chunks_, config_.clip_norm, skip, state_, nullptr, nullptr);
+    FM_CHECK_LAUNCH();
+    return;
+  }
+  adamw_norm_final_kernel<<<1, kFinalThreads, 0, stream>>>(partial_, total_chunks_,
+                                                           config_.clip_norm, skip, state_,
+                                                           norm_sum_, nullptr);
   FM_CHECK_LAUNCH();
+  norm_reduction_(norm_sum_, stream);
+  adamw_norm_final_kernel<<<1, kFinalThreads, 0, stream>>>(partial_, total_chunks_,
+                                                           config_.clip_norm, skip, state_,
+                                                           nullptr, norm_sum_);
+  FM_CHECK_LAUNCH();
+}
+
+void AdamWGpu::set_norm_reduction(std::function<void(double*, cudaStream_t)> reduce) {
+  norm_reduction_ = std::move(reduce);
 }
 
 void AdamWGpu::grad_norm(cudaStream_t stream) {

@@ -4,6 +4,7 @@
 // the tensors' first chunks.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "fp8moe/core/cuda_check.h"
@@ -113,6 +114,22 @@ void* upload_table(const void* data, size_t bytes) {
 
 }  // namespace
 
+namespace {
+__global__ void scale_kernel(float* x, int64_t n, float factor) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] = __fmul_rn(x[i], factor);
+}
+}  // namespace
+
+void scale_f32_gpu(float* x, int64_t n, float factor, cudaStream_t stream) {
+  FM_CHECK_ARG(n >= 0 && (n == 0 || x != nullptr), "scale_f32_gpu: ", n, " elements at ", x);
+  if (n == 0) return;
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 4096);
+  scale_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(x, n, factor);
+  FM_CHECK_LAUNCH();
+}
+
 void init_parameters_gpu(const std::vector<ParameterGpu>& params,
                          const std::vector<ParameterGpu>& buffers, uint64_t seed, double init_std,
                          cudaStream_t stream) {
@@ -122,7 +139,7 @@ void init_parameters_gpu(const std::vector<ParameterGpu>& params,
     FM_CHECK_ARG(p.value != nullptr && p.numel > 0, "init_parameters_gpu: parameter '", p.name,
                  "' has no storage");
     // NOTE: ParamStore::add: a parameter without weight decay is a norm (filled with ones).
-    recs.push_back({p.value, nullptr, p.numel, static_cast<int64_t>(i), 0, p.weight_decay ? 0 : 1});
+    recs.push_back({p.value, nullptr, p.numel, p.index, 0, p.weight_decay ? 0 : 1});
   }
   for (const ParameterGpu& b : buffers)
     if (b.numel > 0) recs.push_back({b.value, nullptr, b.numel, 0, 0, 2});

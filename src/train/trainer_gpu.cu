@@ -1,5 +1,6 @@
 // train_gpu (train/trainer_gpu.h): the CPU trainer's loop (trainer.cpp) with the model, the
-// optimizer and the per-step state on one GPU.
+// optimizer and the per-step state on one GPU, or on the GPUs of a job's ranks (expert-parallel
+// MoE blocks, data-parallel everything else: TrainGroup below).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -7,14 +8,19 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "fp8moe/comm/launcher.h"
+#include "fp8moe/comm/nccl_bootstrap.h"
+#include "fp8moe/comm/nccl_collectives.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/model/model_gpu.h"
 #include "fp8moe/model/model_kernels_gpu.h"
+#include "fp8moe/model/parameter_table.h"
 #include "fp8moe/train/adamw_gpu.h"
 #include "fp8moe/train/data.h"
 #include "fp8moe/train/train_state_gpu.h"
@@ -52,6 +58,127 @@ struct GpuRun {
   }
 };
 
+
+// The ranks of a `fp8moe launch` job (one process per GPU, one host), or this process alone.
+// Rank r holds the routed experts [r E / R, (r + 1) E / R) of every MoE block and a copy of every
+// other tensor; it runs forward and backward on its share of the global batch (rows [r B / R,
+// (r + 1) B / R) of the batch the one-GPU run would take), the MoE blocks exchanging tokens over
+// EP (DeviceEpRank, CUDA IPC); then the copies' gradients are averaged (NCCL), the experts'
+// scaled by 1 / R (each rank's loss is a mean over its own tokens), the expert loads and the
+// losses summed, and the grad norm reduced, so every rank takes the same optimizer step and the
+// job computes what one GPU computes on the whole batch.
+struct TrainGroup {
+  int rank = 0, world = 1, device = 0;
+  std::unique_ptr<comm::Store> store;
+  void* nccl = nullptr;
+  // Every store key and barrier of this run starts with it: "train<k>/" for the process's k-th
+  // run, so that runs one after another in the same job never read each other's keys (the same
+  // on every rank: each rank makes the same train_gpu calls in the same order).
+  std::string prefix;
+
+  bool lead() const { return rank == 0; }
+  TrainGroup() = default;
+  TrainGroup(const TrainGroup&) = delete;
+  TrainGroup& operator=(const TrainGroup&) = delete;
+  ~TrainGroup() {
+#if defined(FP8MOE_HAVE_NCCL)
+    if (nccl != nullptr) comm::nccl_comm_destroy(nccl);
+#endif
+  }
+  void barrier(const std::string& name) const {
+    if (world > 1) store->barrier(prefix + name, kStoreWaitS);
+  }
+  static constexpr double kStoreWaitS = 600;  // a checkpoint of a large model may take minutes
+};
+
+void join_group(const GpuTrainOptions& g, TrainGroup& group) {
+  static int runs = 0;
+  group.device = g.device;
+  group.prefix = "train" + std::to_string(runs++) + "/";
+  if (!comm::launched_as_rank()) return;
+  const comm::RankEnv env = comm::rank_env();
+  if (env.world_size == 1) return;
+#if defined(FP8MOE_HAVE_NCCL)
+  FM_CHECK_ARG(env.local_world_size == env.world_size, "the GPU trainer runs on one host: ",
+               env.world_size, " ranks, ", env.local_world_size, " on this host");
+  int count = 0;
+  FM_CHECK_CUDA(cudaGetDeviceCount(&count));
+  group.rank = env.rank;
+  group.world = env.world_size;
+  group.device = comm::rank_device(env, count);
+  group.store = std::make_unique<comm::Store>(comm::Store::from_env());
+  const std::vector<std::string> devices =
+      group.store->all_gather(group.prefix + "device", std::to_string(group.device),
+                              TrainGroup::kStoreWaitS);
+  for (int r = 0; r < group.world; ++r)
+    for (int q = 0; q < r; ++q)
+      FM_CHECK_ARG(devices[q] != devices[r], "the GPU trainer takes one GPU per rank (NCCL): ",
+                   "ranks ", q, " and ", r, " both drive device ", devices[r], " (", count,
+                   " visible)");
+  group.nccl = comm::nccl_comm_init_rank(*group.store, group.device, group.prefix + "nccl",
+                                         TrainGroup::kStoreWaitS);
+#else
+  FM_THROW(ErrorKind::kInvalidArgument, "the GPU trainer over ", env.world_size,
+           " ranks needs NCCL: this build has none (cmake/Fp8moeNccl.cmake)");
+#endif
+}
+
+// The EP endpoint of MoE block `block`, connected to the other ranks' over CUDA IPC.
+std::unique_ptr<comm::DeviceEpRank> make_ep_rank(TrainGroup& group, int block,
+                                                 const comm::EpConfig& cfg) {
+  auto ep = std::make_unique<comm::DeviceEpRank>(cfg, group.rank, group.device);
+  const cudaIpcMemHandle_t mine = ep->ipc_handle();
+  const std::string key = group.prefix + "ep/" + std::to_string(block);
+  const std::vector<std::string> all = group.store->all_gather(
+      key, std::string_view(reinterpret_cast<const char*>(&mine), sizeof mine),
+      TrainGroup::kStoreWaitS);
+  std::vector<cudaIpcMemHandle_t> handles(all.size());
+  for (size_t r = 0; r < all.size(); ++r) {
+    FM_CHECK(all[r].size() == sizeof(cudaIpcMemHandle_t), "store key ", key, " of rank ", r,
+             " holds ", all[r].size(), " bytes");
+    std::memcpy(&handles[r], all[r].data(), sizeof(cudaIpcMemHandle_t));
+  }
+  ep->connect_ipc(handles);
+  group.barrier("ep/" + std::to_string(block) + "/connected");
+  return ep;
+}
+
+// This rank's rows of a global batch of o.batch windows.
+std::vector<int32_t> rank_rows(const std::vector<int32_t>& batch, const TrainGroup& group,
+                               int64_t window) {
+  const size_t per = batch.size() / static_cast<size_t>(group.world);
+  FM_CHECK(per * static_cast<size_t>(group.world) == batch.size() &&
+               per % static_cast<size_t>(window) == 0,
+           "a batch of ", batch.size(), " tokens does not split into ", group.world, " ranks");
+  const auto first = batch.begin() + static_cast<std::ptrdiff_t>(per * group.rank);
+  return std::vector<int32_t>(first, first + static_cast<std::ptrdiff_t>(per));
+}
+
+// The job's mean of each rank's losses (equal token counts, so the mean over all tokens).
+void reduce_loss(TrainGroup& group, LossGpu* loss, cudaStream_t s) {
+  if (group.world == 1) return;
+#if defined(FP8MOE_HAVE_NCCL)
+  static_assert(sizeof(LossGpu) % sizeof(double) == 0, "LossGpu is doubles only");
+  comm::nccl_all_reduce(group.nccl, reinterpret_cast<double*>(loss),
+                        static_cast<int64_t>(sizeof(LossGpu) / sizeof(double)), comm::ReduceOp::kAvg,
+                        s);
+#endif
+}
+
+// After forward_backward, on every rank in the same order (capturable): the job's gradients,
+// expert loads and losses.
+void reduce_step(TrainGroup& group, ModelGpu& model, LossGpu* loss, cudaStream_t s) {
+  if (group.world == 1) return;
+#if defined(FP8MOE_HAVE_NCCL)
+  const GradSpan rep = model.replicated_grads(), own = model.sharded_grads();
+  comm::nccl_all_reduce(group.nccl, rep.data, rep.count, comm::ReduceOp::kAvg, s);
+  scale_f32_gpu(own.data, own.count, 1.0f / static_cast<float>(group.world), s);
+  const int64_t E = model.config().n_routed_experts;
+  for (int b = 0; b < model.moe_blocks(); ++b)
+    comm::nccl_all_reduce(group.nccl, model.expert_load(b), E, comm::ReduceOp::kSum, s);
+  reduce_loss(group, loss, s);
+#endif
+}
 std::vector<float> download_f32(const float* src, int64_t n) {
   std::vector<float> out(static_cast<size_t>(n));
   FM_CHECK_CUDA(cudaMemcpy(out.data(), src, n * sizeof(float), cudaMemcpyDeviceToHost));
@@ -90,22 +217,68 @@ Moments allocate_moments(const std::vector<ParameterGpu>& params, GpuRun& run) {
   return mo;
 }
 
+// Host copies of parameter i's value, EMA and moments.
+struct HostState {
+  std::vector<float> value, ema;
+  std::vector<uint16_t> m, v;
+};
+HostState download_state(const ParameterGpu& p, size_t i, const Moments& mo,
+                         const WeightEmaGpu& ema) {
+  return {download_f32(p.value, p.numel), download_f32(ema.values(i), p.numel),
+          download_u16(mo.m[i], p.numel), download_u16(mo.v[i], p.numel)};
+}
+
+// One checkpoint file in the one-GPU format, written by rank 0: the other ranks first write
+// their routed experts to part files beside it (same format), which rank 0 reads back in the
+// CPU table's order and removes after the checkpoint is in place.
 void save_gpu_checkpoint(const std::string& path, ModelGpu& model, const Moments& mo,
-                         const WeightEmaGpu& ema, const TrainOptions& o, int64_t step) {
+                         const WeightEmaGpu& ema, const TrainOptions& o, int64_t step,
+                         const TrainGroup& group) {
   FM_CHECK_CUDA(cudaDeviceSynchronize());
   const auto& params = model.parameters();
-  struct Host {
-    std::vector<float> value, ema;
-    std::vector<uint16_t> m, v;
-  };
-  std::vector<Host> host(params.size());
+  auto part_path = [&](int r) { return path + ".part" + std::to_string(r); };
+  if (!group.lead()) {
+    std::vector<HostState> host;
+    host.reserve(params.size());
+    std::vector<CheckpointSlot> slots;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!params[i].sharded) continue;
+      host.push_back(download_state(params[i], i, mo, ema));
+      const HostState& h = host.back();
+      slots.push_back({&params[i].name, &params[i].shape, h.value.data(), h.m.data(), h.v.data(),
+                       h.ema.data()});
+    }
+    save_checkpoint(part_path(group.rank), slots, {}, o, step);
+    group.barrier("checkpoint parts " + std::to_string(step));
+    group.barrier("checkpoint written " + std::to_string(step));
+    return;
+  }
+  group.barrier("checkpoint parts " + std::to_string(step));
+  std::map<std::string, HostState> host;
+  for (size_t i = 0; i < params.size(); ++i)
+    host[params[i].name] = download_state(params[i], i, mo, ema);
+  std::vector<std::string> parts;
+  for (int r = 1; r < group.world; ++r) {
+    parts.push_back(part_path(r));
+    const SafetensorsFile f = open_checkpoint(parts.back());
+    for (const auto& [key, entry] : f.entries()) {
+      if (key.rfind("param/", 0) != 0) continue;
+      const std::string name = key.substr(6);
+      int64_t n = 1;
+      for (int64_t d : entry.shape) n *= d;
+      host[name] = {f.f32("param/" + name, n), f.f32("ema/" + name, n),
+                    f.u16("adam_m/" + name, "BF16", n), f.u16("adam_v/" + name, "BF16", n)};
+    }
+  }
+  const ParameterTable table = model_parameter_table(o.model);
   std::vector<CheckpointSlot> slots, buffers;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const ParameterGpu& p = params[i];
-    host[i] = {download_f32(p.value, p.numel), download_f32(ema.values(i), p.numel),
-               download_u16(mo.m[i], p.numel), download_u16(mo.v[i], p.numel)};
-    slots.push_back({&p.name, &p.shape, host[i].value.data(), host[i].m.data(), host[i].v.data(),
-                     host[i].ema.data()});
+  for (const ParameterSpec& spec : table.parameters) {
+    auto it = host.find(spec.name);
+    FM_CHECK(it != host.end(), "checkpoint: no rank holds '", spec.name, "'");
+    FM_CHECK(static_cast<int64_t>(it->second.value.size()) == spec.numel(), "checkpoint: '",
+             spec.name, "' has ", it->second.value.size(), " elements, the table ", spec.numel());
+    slots.push_back({&spec.name, &spec.shape, it->second.value.data(), it->second.m.data(),
+                     it->second.v.data(), it->second.ema.data()});
   }
   std::vector<std::vector<float>> buffer_values;
   for (const ParameterGpu& b : model.buffers())
@@ -114,6 +287,8 @@ void save_gpu_checkpoint(const std::string& path, ModelGpu& model, const Moments
     buffers.push_back(
         {&model.buffers()[i].name, &model.buffers()[i].shape, buffer_values[i].data()});
   save_checkpoint(path, slots, buffers, o, step);
+  for (const std::string& part : parts) std::filesystem::remove(part);
+  group.barrier("checkpoint written " + std::to_string(step));
 }
 
 int64_t load_gpu_checkpoint(const std::string& path, ModelGpu& model, const Moments& mo,
@@ -144,18 +319,34 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
   FM_CHECK_ARG(o.precision == Precision::kFp8, "the GPU trainer runs the FP8 recipe only (",
                "--precision fp8), not ", precision_name(o.precision));
   o.adam.total_steps = o.steps;
-  RunLog log(o, "gpu");
-  FM_CHECK_CUDA(cudaSetDevice(g.device));
+  TrainGroup group;
+  join_group(g, group);
+  const int64_t R = group.world;
+  FM_CHECK_ARG(o.batch % R == 0, "--batch ", o.batch, " (the whole job's) does not split over ",
+               R, " ranks");
+  FM_CHECK_ARG(o.model.n_routed_experts % R == 0, "the model's ", o.model.n_routed_experts,
+               " routed experts do not split over ", R, " ranks");
+  const int64_t local_batch = o.batch / R;
+  RunLog log(o, R == 1 ? "gpu" : "gpu x" + std::to_string(R));
+  FM_CHECK_CUDA(cudaSetDevice(group.device));
 
   const TokenData data = load_run_data(o);
   const int64_t window = o.seq + o.model.num_nextn_predict_layers + 1;
-  std::filesystem::create_directories(o.out_dir);
+  if (group.lead()) std::filesystem::create_directories(o.out_dir);
+  group.barrier("out dir");
   const std::string ckpt_path = o.out_dir + "/" + kCheckpointFile;
 
   GpuRun run;
   FM_CHECK_CUDA(cudaStreamCreateWithFlags(&run.stream, cudaStreamNonBlocking));
   cudaStream_t s = run.stream;
-  ModelGpu model(o.model, o.batch, o.seq);
+  ModelGpuParallel par;
+  par.rank = group.rank;
+  par.world = group.world;
+  if (R > 1)
+    par.make_ep_rank = [&group](int block, const comm::EpConfig& cfg) {
+      return make_ep_rank(group, block, cfg);
+    };
+  ModelGpu model(o.model, local_batch, o.seq, par);
   FM_CHECK(model.window() == window, "ModelGpu's window ", model.window(), " != ", window);
   std::vector<ParameterGpu>& params = model.parameters();
   const Moments mo = allocate_moments(params, run);
@@ -169,10 +360,19 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
   model.refresh(s);
 
   std::vector<AdamWGpuTensor> tensors;
-  for (size_t i = 0; i < params.size(); ++i)
-    tensors.push_back({params[i].value, params[i].grad, mo.m[i], mo.v[i], params[i].numel,
-                       params[i].weight_decay, nullptr});
+  for (size_t i = 0; i < params.size(); ++i) {
+    AdamWGpuTensor t{params[i].value, params[i].grad, mo.m[i], mo.v[i], params[i].numel,
+                     params[i].weight_decay, nullptr};
+    t.in_norm = params[i].sharded || group.lead();  // every copy's gradient is the same
+    tensors.push_back(t);
+  }
   AdamWGpu adam(o.adam, tensors);
+#if defined(FP8MOE_HAVE_NCCL)
+  if (R > 1)
+    adam.set_norm_reduction([&group](double* sum, cudaStream_t st) {
+      comm::nccl_all_reduce(group.nccl, sum, 1, comm::ReduceOp::kSum, st);
+    });
+#endif
   FM_CHECK(static_cast<size_t>(model.moe_blocks()) == model.buffers().size(), "ModelGpu has ",
            model.moe_blocks(), " MoE blocks but ", model.buffers().size(), " router biases");
   std::vector<const int32_t*> loads;
@@ -181,11 +381,13 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
 
   TrainResult result;
   std::ofstream metrics;
-  result.losses = restart_metrics(o.out_dir, start, metrics);
-  std::filesystem::copy_file(o.tokenizer, o.out_dir + "/tokenizer.model",
-                             std::filesystem::copy_options::overwrite_existing);
+  if (group.lead()) {
+    result.losses = restart_metrics(o.out_dir, start, metrics);
+    std::filesystem::copy_file(o.tokenizer, o.out_dir + "/tokenizer.model",
+                               std::filesystem::copy_options::overwrite_existing);
+  }
 
-  const size_t token_bytes = static_cast<size_t>(o.batch * window) * sizeof(int32_t);
+  const size_t token_bytes = static_cast<size_t>(local_batch * window) * sizeof(int32_t);
   FM_CHECK_CUDA(cudaMalloc(&run.tokens, token_bytes));
   FM_CHECK_CUDA(cudaMalloc(&run.loss, sizeof(LossGpu)));
   FM_CHECK_CUDA(cudaMallocHost(&run.host_tokens, token_bytes));
@@ -194,8 +396,10 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
   FM_CHECK_CUDA(cudaMallocHost(&run.host_status, sizeof(uint32_t)));
   const int64_t depth = o.model.num_nextn_predict_layers;
 
+  // The rank's rows of the global batch (the one-GPU run's batch, whatever the rank count).
   auto load_batch = [&](const std::vector<int32_t>& batch) {
-    std::memcpy(run.host_tokens, batch.data(), token_bytes);
+    const std::vector<int32_t> mine = R == 1 ? batch : rank_rows(batch, group, window);
+    std::memcpy(run.host_tokens, mine.data(), token_bytes);
     FM_CHECK_CUDA(
         cudaMemcpyAsync(run.tokens, run.host_tokens, token_bytes, cudaMemcpyHostToDevice, s));
   };
@@ -207,9 +411,13 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
                                   cudaMemcpyDeviceToHost, s));
     check_model_kernels_status(model.status(), what, s);
   };
+  auto forward_backward = [&] {
+    model.forward_backward(run.tokens, o.mtp_weight, true, run.loss, s);
+    reduce_step(group, model, run.loss, s);
+  };
 
   const int64_t end = o.stop_after > 0 ? std::min(o.steps, start + o.stop_after) : o.steps;
-  log.begin_loop(start, end, &metrics);
+  if (group.lead()) log.begin_loop(start, end, &metrics);
   for (int64_t step = start; step < end; ++step) {
     load_batch(sample_batch(data.train, o.batch, window, o.seed, step));
     if (run.graph_exec != nullptr) {
@@ -217,12 +425,12 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
     } else if (g.cuda_graph && step > start) {
       // Captured on the second step: the first ran eagerly, so every lazy setup is done.
       FM_CHECK_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-      model.forward_backward(run.tokens, o.mtp_weight, true, run.loss, s);
+      forward_backward();
       FM_CHECK_CUDA(cudaStreamEndCapture(s, &run.graph));
       FM_CHECK_CUDA(cudaGraphInstantiate(&run.graph_exec, run.graph, 0));
       FM_CHECK_CUDA(cudaGraphLaunch(run.graph_exec, s));
     } else {
-      model.forward_backward(run.tokens, o.mtp_weight, true, run.loss, s);
+      forward_backward();
     }
     adam.step(step, s);
     bias_update.update(o.bias_update_speed, s);
@@ -231,18 +439,20 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
     finish_step("the GPU training step");
     const LossGpu& got = *run.host_loss;
     FM_CHECK(std::isfinite(got.loss), "the loss is not finite at step ", step + 1);
-    result.losses.push_back(got.loss);
-    LossReport rep;
-    rep.loss = got.loss;
-    rep.main_loss = got.main_loss;
-    rep.mtp_loss.assign(got.mtp_loss, got.mtp_loss + depth);
-    rep.balance_loss = got.balance_loss;
-    log.step(step, rep, run.host_state->grad_norm);
-
-    if (checkpoint_due(o, step, end)) save_gpu_checkpoint(ckpt_path, model, mo, ema, o, step + 1);
+    if (group.lead()) {
+      result.losses.push_back(got.loss);
+      LossReport rep;
+      rep.loss = got.loss;
+      rep.main_loss = got.main_loss;
+      rep.mtp_loss.assign(got.mtp_loss, got.mtp_loss + depth);
+      rep.balance_loss = got.balance_loss;
+      log.step(step, rep, run.host_state->grad_norm);
+    }
+    if (checkpoint_due(o, step, end))
+      save_gpu_checkpoint(ckpt_path, model, mo, ema, o, step + 1, group);
   }
-  log.end_loop();
-  if (o.checkpoint) save_gpu_checkpoint(ckpt_path, model, mo, ema, o, end);
+  if (group.lead()) log.end_loop();
+  if (o.checkpoint) save_gpu_checkpoint(ckpt_path, model, mo, ema, o, end, group);
 
   // Held-out loss on the CPU trainer's fixed windows of the validation stream.
   if (o.eval_batches > 0 && static_cast<int64_t>(data.valid.size()) > window) {
@@ -250,13 +460,15 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
     for (int64_t i = 0; i < o.eval_batches; ++i) {
       load_batch(eval_batch(data, o, window, i));
       model.forward_backward(run.tokens, o.mtp_weight, false, run.loss, s);
+      reduce_loss(group, run.loss, s);
       finish_step("the GPU evaluation");
       sum += run.host_loss->main_loss;
     }
     result.valid_loss = sum / static_cast<double>(o.eval_batches);
-    log.eval(result.valid_loss);
+    if (group.lead()) log.eval(result.valid_loss);
   }
-  log.finish(result, "fp8, gpu");
+  if (group.lead()) log.finish(result, R == 1 ? "fp8, gpu" : "fp8, " + std::to_string(R) + " gpus");
+  group.barrier("done");
   return result;
 }
 

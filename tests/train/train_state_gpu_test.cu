@@ -40,7 +40,8 @@ std::vector<ParameterGpu> device_table(const std::deque<Parameter>& params,
   std::vector<ParameterGpu> table;
   for (const Parameter& p : params) {
     storage.emplace_back(p.value.size());
-    table.push_back({p.name, p.shape, p.numel(), p.weight_decay, storage.back().get(), nullptr});
+    table.push_back({p.name, p.shape, p.numel(), p.weight_decay, storage.back().get(), nullptr,
+                     static_cast<int64_t>(table.size()), false});
   }
   return table;
 }

@@ -6,7 +6,11 @@
 //  - a run stopped and resumed equals an uninterrupted one bit for bit (losses and checkpoint);
 //  - the GPU checkpoint is the CPU's format: the CPU trainer resumes from it and `generate`
 //    samples from it;
-//  - bad options are rejected with a message (bf16 on the GPU; a model the GPU path cannot take).
+//  - bad options are rejected with a message (bf16 on the GPU; a model the GPU path cannot take);
+//  - several GPUs (TrainerGpuParallel, one process per GPU through the launcher): the job equals
+//    the one-GPU run of the same global batch up to summation order (step 1 to 1e-4, every step
+//    to 5e-3), resumes bit for bit, and its checkpoint resumes on one GPU; ranks sharing a GPU
+//    are refused with a message.
 // Run (from the repository root: it reads data/ and configs/): test_train_gpu
 // --gtest_filter='TrainerGpu*'
 #include <gtest/gtest.h>
@@ -18,7 +22,14 @@
 #include <string>
 #include <vector>
 
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <sstream>
+
+#include "fp8moe/comm/launcher.h"
 #include "fp8moe/core/error.h"
+#include "fp8moe/core/json.h"
 #include "fp8moe/train/safetensors.h"
 #include "fp8moe/train/trainer.h"
 #include "fp8moe/train/trainer_gpu.h"
@@ -176,6 +187,137 @@ TEST(TrainerGpu, RejectsWhatTheGpuPathCannotTake) {
   TrainOptions t = options(dir, "tiny", 2);
   t.model = load_model_config(repo_file("configs/tiny.json"));  // head dims 32: not the kernels'
   EXPECT_THROW(train_gpu(t), Error);
+}
+
+
+// ---- several GPUs: one process per GPU, started by the launcher from this binary ----
+
+constexpr const char* kRankMode = "FP8MOE_TRAINER_TEST_RANK";  // "job" or "shared"
+constexpr const char* kRankDir = "FP8MOE_TRAINER_TEST_DIR";
+
+int visible_gpus() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+TrainOptions parallel_options(const fs::path& dir, const std::string& name, int64_t steps) {
+  TrainOptions o = options(dir, name, steps);
+  o.batch = 4;  // the job's: 2 rows a rank at 2 ranks, 1 at 4
+  return o;
+}
+
+// Per step (from metrics.jsonl): the loss and the grad norm.
+struct Metrics {
+  std::vector<double> loss, grad_norm;
+};
+Metrics read_metrics(const fs::path& run) {
+  std::ifstream in(run / "metrics.jsonl");
+  Metrics m;
+  std::string line;
+  while (std::getline(in, line)) {
+    const Json j = parse_json(line, (run / "metrics.jsonl").string());
+    if (!j.contains("loss")) continue;
+    m.loss.push_back(j["loss"].get<double>());
+    m.grad_norm.push_back(j["grad_norm"].get<double>());
+  }
+  return m;
+}
+
+// One rank of the jobs below: "job" trains `whole` (6 steps) and `parts` (3, then resumed to 6);
+// "shared" starts a run that must be refused (two ranks on one GPU).
+TEST(TrainerGpuParallelChild, Rank) {
+  const char* mode = std::getenv(kRankMode);
+  if (mode == nullptr) GTEST_SKIP() << "runs as a rank of TrainerGpuParallel.* only";
+  const fs::path dir = std::getenv(kRankDir);
+  try {
+    if (std::string(mode) == "job") {
+      train_gpu(parallel_options(dir, "whole", 6));
+      TrainOptions part = parallel_options(dir, "parts", 6);
+      part.stop_after = 3;
+      train_gpu(part);
+      part.stop_after = 0;
+      part.resume = true;
+      train_gpu(part);
+    } else {
+      train_gpu(parallel_options(dir, "shared", 2));
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    std::fflush(stderr);
+    std::_Exit(3);
+  }
+  std::fflush(stdout);
+}
+
+comm::LaunchResult launch_ranks(int ranks, const std::string& mode, const fs::path& dir,
+                                std::vector<int> devices, std::string* output) {
+  comm::LaunchOptions opt;
+  opt.num_ranks = ranks;
+  opt.command = {fs::read_symlink("/proc/self/exe").string(),
+                 "--gtest_filter=TrainerGpuParallelChild.Rank"};
+  opt.env = {{kRankMode, mode}, {kRankDir, dir.string()}};
+  opt.devices = std::move(devices);
+  opt.timeout_s = 600;
+  opt.on_line = [output](int rank, int, std::string_view line) {
+    std::ostringstream l;
+    l << "[rank " << rank << "] " << line << "\n";
+    std::fputs(l.str().c_str(), stdout);
+    *output += l.str();
+  };
+  return comm::launch(opt);
+}
+
+TEST(TrainerGpuParallel, RanksEqualOneGpu) {
+  if (std::getenv(kRankMode)) GTEST_SKIP() << "inside a rank";
+  const int gpus = visible_gpus();
+  if (gpus < 2) GTEST_SKIP() << "needs 2 or more GPUs, found " << gpus;
+  const int ranks = gpus >= 4 ? 4 : 2;  // the test model's 8 experts and batch of 4 split evenly
+  const fs::path dir = fresh_dir("parallel");
+  std::string output;
+  const comm::LaunchResult res = launch_ranks(ranks, "job", dir, {}, &output);
+  ASSERT_TRUE(res.ok()) << res.error;
+
+  const TrainResult one = train_gpu(parallel_options(dir, "one", 6));
+  const Metrics whole = read_metrics(dir / "whole"), parts = read_metrics(dir / "parts");
+  ASSERT_EQ(whole.loss.size(), 6u);
+  ASSERT_EQ(parts.loss.size(), 6u);
+  double worst = 0;
+  for (size_t s = 0; s < 6; ++s) {
+    const double rel = std::fabs(whole.loss[s] - one.losses[s]) / std::fabs(one.losses[s]);
+    std::printf("step %zu: one GPU %.7f, %d ranks %.7f (rel %.2e), grad norm %.5f / %.5f\n", s + 1,
+                one.losses[s], ranks, whole.loss[s], rel, read_metrics(dir / "one").grad_norm[s],
+                whole.grad_norm[s]);
+    if (s == 0) EXPECT_LT(rel, 1e-4) << "step 1: the same weights and rows";
+    worst = std::max(worst, rel);
+    EXPECT_EQ(parts.loss[s], whole.loss[s]) << "resumed at step 3, step " << s + 1;
+  }
+  EXPECT_LT(worst, 5e-3);
+  const double g1 = read_metrics(dir / "one").grad_norm[0];
+  EXPECT_LT(std::fabs(whole.grad_norm[0] - g1) / g1, 1e-3) << "step 1's grad norm";
+
+  // The job's checkpoint holds every tensor of the one-GPU checkpoint, and one GPU resumes it.
+  const SafetensorsFile a = SafetensorsFile::read((dir / "one/checkpoint.safetensors").string());
+  const SafetensorsFile b = SafetensorsFile::read((dir / "whole/checkpoint.safetensors").string());
+  ASSERT_EQ(a.entries().size(), b.entries().size());
+  for (const auto& [name, e] : a.entries()) {
+    ASSERT_TRUE(b.has(name)) << name;
+    EXPECT_EQ(b.entries().at(name).shape, e.shape) << name;
+  }
+  TrainOptions more = parallel_options(dir, "whole", 8);
+  more.resume = true;
+  const TrainResult resumed = train_gpu(more);
+  EXPECT_EQ(resumed.steps_done, 8);
+  EXPECT_TRUE(std::isfinite(resumed.losses.back()));
+}
+
+TEST(TrainerGpuParallel, RanksSharingAGpuAreRefused) {
+  if (std::getenv(kRankMode)) GTEST_SKIP() << "inside a rank";
+  if (visible_gpus() < 1) GTEST_SKIP() << "needs a GPU";
+  const fs::path dir = fresh_dir("shared");
+  std::string output;
+  const comm::LaunchResult res = launch_ranks(2, "shared", dir, {0, 0}, &output);
+  EXPECT_FALSE(res.ok());
+  EXPECT_NE(output.find("one GPU per rank"), std::string::npos) << output;
 }
 
 }  // namespace

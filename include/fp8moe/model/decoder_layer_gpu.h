@@ -25,9 +25,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
+#include "fp8moe/comm/device_ep.h"
 #include "fp8moe/core/dtypes.h"
 #include "fp8moe/kernels/fp8_gemm.h"
 #include "fp8moe/model/config.h"
@@ -55,12 +57,20 @@ struct DecoderLayerSavedGpu {
   const bf16* moe_dx = nullptr;  // MoE: MoeLayerGpu's grad_x (df before the router's term)
 };
 
+// Expert parallelism: makes a MoE layer's EP endpoint for `cfg` (num_ranks > 1), connected to
+// its peers (the same layer on the other ranks) before it returns. Every rank's layers call it in
+// the same order. The endpoint's rank r holds the routed experts [r * E / R, (r + 1) * E / R).
+using EpRankMaker = std::function<std::unique_ptr<comm::DeviceEpRank>(const comm::EpConfig& cfg)>;
+
 class DecoderLayerGpu {
  public:
   // is_moe: config.is_moe_layer(layer index). rope: the shared device RoPE table (valid for the
-  // layer's life).
+  // layer's life). ep_ranks > 1 (MoE layers): make_ep makes the layer's endpoint and `params`
+  // holds only this rank's routed experts (the shared expert, the router and the rest: all);
+  // ep_ranks == 1: a one-rank EP group of the layer's own, every expert local.
   DecoderLayerGpu(const ModelConfig& config, const std::string& prefix, bool is_moe, int64_t batch,
-                  int64_t seq, const RopeTableView& rope, const ParameterLookup& params);
+                  int64_t seq, const RopeTableView& rope, const ParameterLookup& params,
+                  int ep_ranks = 1, const EpRankMaker& make_ep = {});
   ~DecoderLayerGpu();
   DecoderLayerGpu(const DecoderLayerGpu&) = delete;
   DecoderLayerGpu& operator=(const DecoderLayerGpu&) = delete;
@@ -82,7 +92,7 @@ class DecoderLayerGpu {
   bool is_moe() const { return is_moe_; }
   // MoE layers: tokens routed to each expert by the last forward, device int32
   // [n_routed_experts] (the CPU Moe's `load`); null for dense layers.
-  const int32_t* expert_load() const;
+  int32_t* expert_load() const;
   DecoderLayerSavedGpu saved() const;  // tests
 
  private:

@@ -14,10 +14,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
 #include "fp8moe/model/config.h"
+#include "fp8moe/model/decoder_layer_gpu.h"
 #include "fp8moe/model/model.h"
 #include "fp8moe/model/parameter_gpu.h"
 
@@ -32,13 +34,34 @@ struct LossGpu {
   double mtp_loss[kMaxMtpDepth];
 };
 
+// Expert parallelism over the ranks of a job (one process per GPU, train/trainer_gpu.h): rank r
+// holds the routed experts [r * E / world, (r + 1) * E / world) of every MoE block, and every
+// other tensor (embedding, attention, norms, routers, shared experts, dense FFNs, head) in full.
+// Each rank runs forward_backward on its own tokens; the MoE blocks exchange them over EP.
+struct ModelGpuParallel {
+  int rank = 0;
+  int world = 1;
+  // The EP endpoint of MoE block `block` (main blocks, then the MTP modules'), connected to the
+  // same block's endpoints on the other ranks; called in block order on every rank (world > 1).
+  std::function<std::unique_ptr<comm::DeviceEpRank>(int block, const comm::EpConfig& cfg)>
+      make_ep_rank;
+};
+
+// A run of FP32 gradients in the gradient arena (device).
+struct GradSpan {
+  float* data = nullptr;
+  int64_t count = 0;
+};
+
 class ModelGpu {
  public:
   // On the current device; parameters allocated (values unset: upload() them), workspaces for
   // [batch, window] token windows, window = seq + num_nextn_predict_layers + 1. Throws
   // kInvalidArgument naming what the GPU path cannot take (DecoderLayerGpu's shapes, MTP depth
-  // > LossGpu::kMaxMtpDepth, seq > max_position_embeddings).
-  ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq);
+  // > LossGpu::kMaxMtpDepth, seq > max_position_embeddings, experts that do not split evenly
+  // over par.world ranks).
+  ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
+           const ModelGpuParallel& par = {});
   ~ModelGpu();
   ModelGpu(const ModelGpu&) = delete;
   ModelGpu& operator=(const ModelGpu&) = delete;
@@ -48,12 +71,23 @@ class ModelGpu {
   int64_t seq() const;
   int64_t window() const;
 
+  // This rank's parameters in the CPU model's order (all of them with one rank; with several,
+  // the routed experts of other ranks are left out: ParameterGpu::index keeps the full table's
+  // index).
   std::vector<ParameterGpu>& parameters();
   std::vector<ParameterGpu>& buffers();  // the routers' selection biases
   int64_t parameter_count() const;
 
+  // The gradients of the tensors every rank holds (ParameterGpu::sharded false), then those of
+  // this rank's routed experts: two contiguous runs of the gradient arena (with the 64-float
+  // padding between tensors, zero after every backward), so that a data-parallel job averages
+  // the first with one all-reduce.
+  GradSpan replicated_grads() const;
+  GradSpan sharded_grads() const;
+  const ModelGpuParallel& parallel() const;
+
   // Values (not gradients) from / to a CPU model of the same config (synchronous; shapes
-  // checked). upload() ends with refresh().
+  // checked; one rank only). upload() ends with refresh().
   void upload(Model& cpu);
   void download(Model& cpu, bool with_grads = false) const;
   // Requantises every FP8 weight form from its master: after each optimizer step.
@@ -68,7 +102,8 @@ class ModelGpu {
   // Per MoE block (main blocks, then the MTP modules', as Model::expert_load): device int32
   // [n_routed_experts], tokens routed to each expert by the last forward.
   int moe_blocks() const;
-  const int32_t* expert_load(int block) const;
+  // (Mutable: a data-parallel trainer sums it over its ranks in place.)
+  int32_t* expert_load(int block) const;
   // Device uint32: the ORed error bits of every call since construction (0: none).
   uint32_t* status() const;
 

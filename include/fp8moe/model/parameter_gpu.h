@@ -19,6 +19,12 @@ struct ParameterGpu {
   bool weight_decay = true;  // false for the norms only (the CPU model's flags)
   float* value = nullptr;    // device, FP32 [numel]
   float* grad = nullptr;     // device, FP32 [numel]; null for buffers
+  // Its index in the CPU model's table (Model::parameters(); its Philox stream at init). Equal to
+  // its position in ModelGpu::parameters() unless the experts are sharded over ranks.
+  int64_t index = 0;
+  // A routed expert's tensor held by this rank only (expert parallelism); false for the tensors
+  // every rank holds a copy of (their gradients are averaged over the ranks).
+  bool sharded = false;
 };
 
 // Finds a parameter or buffer by its full name; throws kInvalidArgument naming a missing one.

@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "fp8moe/core/dtypes.h"
@@ -39,6 +40,9 @@ struct AdamWGpuTensor {
   int64_t numel = 0;
   bool weight_decay = true;    // false for norms and biases (Parameter::weight_decay)
   bf16* value_bf16 = nullptr;  // optional BF16 copy of the new weight
+  // Counted in the grad norm. Data-parallel ranks that hold identical copies of a tensor count
+  // it on one rank only, so that the reduced norm (set_norm_reduction) counts it once.
+  bool in_norm = true;
 };
 
 // The small device state a step leaves behind.
@@ -66,6 +70,11 @@ class AdamWGpu {
   void step(int64_t step, cudaStream_t stream);
   // The global grad norm of the current gradients alone (no update), into state().grad_norm.
   void grad_norm(cudaStream_t stream);
+  // Ranks of a job that each hold part of the parameters: `reduce` is enqueued on the norm's
+  // stream with a device double holding this rank's sum of squares (the tensors with in_norm)
+  // and must leave there the sum over the ranks (e.g. an NCCL all-reduce); the clip and skip
+  // decisions then read it, so every rank takes the same ones. Not set: the local norm.
+  void set_norm_reduction(std::function<void(double* sum_of_squares, cudaStream_t)> reduce);
   // Synchronises `stream` and reads the state.
   AdamWGpuState state(cudaStream_t stream) const;
   const AdamWGpuState* device_state() const { return state_; }
@@ -84,6 +93,8 @@ class AdamWGpu {
   int32_t* chunk_begin_ = nullptr;  // device: [num_tensors + 1] first chunk of each tensor
   double* partial_ = nullptr;       // device: [total_chunks] norm partials
   AdamWGpuState* state_ = nullptr;  // device
+  double* norm_sum_ = nullptr;      // device: the sum of squares a norm reduction reduces
+  std::function<void(double*, cudaStream_t)> norm_reduction_;
 };
 
 }  // namespace fp8moe

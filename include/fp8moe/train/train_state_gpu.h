@@ -24,9 +24,16 @@
 
 namespace fp8moe {
 
+// ParameterGpu::index picks each tensor's stream, so a rank that holds part of the table gets its
+// part of the same weights.
 void init_parameters_gpu(const std::vector<ParameterGpu>& params,
                          const std::vector<ParameterGpu>& buffers, uint64_t seed, double init_std,
                          cudaStream_t stream);
+
+// x[i] = float(x[i] * factor), i < n (device FP32; exact for a power-of-two factor). The
+// expert-parallel trainer's sharded gradients: each rank's loss is a mean over its own tokens, so
+// an expert's gradient, summed over every rank's tokens, is `world` times the job's mean.
+void scale_f32_gpu(float* x, int64_t n, float factor, cudaStream_t stream);
 
 class WeightEmaGpu {
  public:

@@ -10,6 +10,17 @@
 // into the same device buffer each step); the optimizer's launches follow it eagerly (the learning
 // rate changes each step). One host synchronisation a step reads the losses, the grad norm and
 // the error bits.
+//
+// Several GPUs: started as the ranks of `fp8moe launch -n R -- fp8moe train --device gpu ...`
+// (comm/launcher.h; one process per GPU on one host, NCCL), the job trains the same model on the
+// same global batch (--batch, split evenly over the ranks) as one GPU would: rank r holds the
+// routed experts [r E / R, (r + 1) E / R) of every MoE block (expert parallelism: the MoE blocks
+// exchange tokens over DeviceEpRank, CUDA IPC) and a copy of everything else (data parallelism:
+// gradients averaged by an NCCL all-reduce inside the step's CUDA graph); the expert loads, the
+// losses and the grad norm are reduced over the ranks, so the router biases, the clipping and the
+// metrics are the job's. Rank 0 writes the metrics and the checkpoint (the one-GPU format: the
+// other ranks' experts reach it through part files beside it), which any rank count, the one-GPU
+// trainer and the CPU trainer resume from. Needs E % R == 0, batch % R == 0 and one GPU per rank.
 #pragma once
 
 #include "fp8moe/train/trainer.h"
@@ -17,7 +28,7 @@
 namespace fp8moe {
 
 struct GpuTrainOptions {
-  int device = 0;
+  int device = 0;  // one-GPU runs; a launched rank drives comm::rank_device's GPU
   bool cuda_graph = true;  // false: every step launches eagerly (debugging)
 };
 

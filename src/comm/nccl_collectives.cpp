@@ -1,0 +1,41 @@
+// NCCL all-reductions (fp8moe/comm/nccl_collectives.h).
+#include "fp8moe/comm/nccl_collectives.h"
+
+#if defined(FP8MOE_HAVE_NCCL)
+
+#include <nccl.h>
+
+#include "fp8moe/core/error.h"
+
+namespace fp8moe::comm {
+namespace {
+
+void all_reduce(void* comm, void* data, int64_t count, ncclDataType_t type, ReduceOp op,
+                cudaStream_t stream) {
+  FM_CHECK_ARG(comm != nullptr, "nccl_all_reduce: no communicator");
+  FM_CHECK_ARG(count >= 0 && (count == 0 || data != nullptr), "nccl_all_reduce: ", count,
+               " elements at ", data);
+  if (count == 0) return;
+  const ncclResult_t r =
+      ncclAllReduce(data, data, static_cast<size_t>(count), type,
+                    op == ReduceOp::kAvg ? ncclAvg : ncclSum, static_cast<ncclComm_t>(comm), stream);
+  if (r != ncclSuccess)
+    FM_THROW(ErrorKind::kNccl, "ncclAllReduce of ", count, " elements failed: ",
+             ncclGetErrorString(r));
+}
+
+}  // namespace
+
+void nccl_all_reduce(void* comm, float* data, int64_t count, ReduceOp op, cudaStream_t stream) {
+  all_reduce(comm, data, count, ncclFloat32, op, stream);
+}
+void nccl_all_reduce(void* comm, double* data, int64_t count, ReduceOp op, cudaStream_t stream) {
+  all_reduce(comm, data, count, ncclFloat64, op, stream);
+}
+void nccl_all_reduce(void* comm, int32_t* data, int64_t count, ReduceOp op, cudaStream_t stream) {
+  all_reduce(comm, data, count, ncclInt32, op, stream);
+}
+
+}  // namespace fp8moe::comm
+
+#endif  // FP8MOE_HAVE_NCCL
