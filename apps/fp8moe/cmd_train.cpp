@@ -22,6 +22,8 @@ namespace {
 struct Flags {
   std::string config, out, precision = "fp8", device = "cpu";
   bool no_graph = false;
+  bool phase_times = false;
+  bool no_overlap = false;
   fp8moe::TrainOptions opts;
 };
 
@@ -81,6 +83,10 @@ void setup(CLI::App& app) {
                  "MoE, data-parallel rest, --batch is the whole job's)")
       ->capture_default_str();
   app.add_flag("--no-cuda-graph", f->no_graph, "GPU: launch every step eagerly");
+  app.add_flag("--phase-times", f->phase_times,
+               "GPU: each metrics line gains the step's phase times (fb_ms, reduce_ms, ...)");
+  app.add_flag("--no-overlap-reduce", f->no_overlap,
+               "several GPUs: average the gradients after the backward, not beside it");
 
   auto c = std::make_shared<Flags>();
   CLI::App* compare =
@@ -102,6 +108,8 @@ void setup(CLI::App& app) {
 #if FP8MOE_HAVE_CUDA
       GpuTrainOptions g;
       g.cuda_graph = !f->no_graph;
+      g.phase_times = f->phase_times;
+      g.overlap_reduce = !f->no_overlap;
       r = train_gpu(o, g);
 #else
       FM_THROW(ErrorKind::kInvalidArgument, "--device gpu: this build has no CUDA");

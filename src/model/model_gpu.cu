@@ -24,6 +24,7 @@
 #include <deque>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
@@ -93,6 +94,8 @@ struct ModelGpu::Impl {
   size_t grad_bytes = 0;
   int64_t replicated_floats = 0;  // the arena's first run (the rest: sharded)
   ModelGpuParallel par;
+  std::vector<GradSpan> block_grads;  // per decoder block: its replicated gradients' run
+  std::function<void(GradSpan, cudaStream_t)> grad_ready;
   int64_t param_count = 0;
 
   ParameterGpu *embed = nullptr, *final_norm = nullptr, *lm_head = nullptr;
@@ -242,6 +245,31 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
     m.params.push_back(placed[i]);
     m.param_count += m.params.back().numel;
   }
+  // Each decoder block's replicated tensors (not the MTP modules' own enorm / hnorm / eh_proj /
+  // shared_head) sit next to each other in the table, so their gradients form one run.
+  m.block_grads.assign(static_cast<size_t>(m.layers_n + depth), GradSpan{});
+  {
+    std::vector<int64_t> member_floats(m.block_grads.size(), 0);
+    const std::string key = "model.layers.";
+    for (const ParameterGpu& p : m.params) {
+      if (p.sharded || p.name.rfind(key, 0) != 0) continue;
+      const size_t dot = p.name.find('.', key.size());
+      const int64_t l = std::stoll(p.name.substr(key.size(), dot - key.size()));
+      const std::string rest = p.name.substr(dot + 1);
+      if (rest.rfind("enorm.", 0) == 0 || rest.rfind("hnorm.", 0) == 0 ||
+          rest.rfind("eh_proj.", 0) == 0 || rest.rfind("shared_head.", 0) == 0)
+        continue;
+      GradSpan& b = m.block_grads[static_cast<size_t>(l)];
+      const int64_t n = round_up(p.numel, 64);
+      float* end = b.data == nullptr ? p.grad + n : std::max(b.data + b.count, p.grad + n);
+      b.data = b.data == nullptr ? p.grad : std::min(b.data, p.grad);
+      b.count = end - b.data;
+      member_floats[static_cast<size_t>(l)] += n;
+    }
+    for (size_t l = 0; l < m.block_grads.size(); ++l)
+      FM_CHECK(m.block_grads[l].count == member_floats[l], "ModelGpu: block ", l,
+               "'s gradients are not one run of the arena");
+  }
   m.buffers.reserve(table.buffers.size());
   for (size_t i = 0; i < table.buffers.size(); ++i)
     m.buffers.push_back(make(table.buffers[i], false, static_cast<int64_t>(i), false));
@@ -385,6 +413,24 @@ GradSpan ModelGpu::sharded_grads() const {
 const ModelGpuParallel& ModelGpu::parallel() const {
   return impl_->par;
 }
+std::vector<GradSpan> ModelGpu::replicated_rest() const {
+  const Impl& m = *impl_;
+  std::vector<GradSpan> blocks = m.block_grads;
+  std::sort(blocks.begin(), blocks.end(),
+            [](const GradSpan& a, const GradSpan& b) { return a.data < b.data; });
+  std::vector<GradSpan> rest;
+  float* at = m.grads;
+  for (const GradSpan& b : blocks) {
+    if (b.data > at) rest.push_back({at, b.data - at});
+    at = std::max(at, b.data + b.count);
+  }
+  float* const end = m.grads + m.replicated_floats;
+  if (end > at) rest.push_back({at, end - at});
+  return rest;
+}
+void ModelGpu::set_grad_ready(std::function<void(GradSpan, cudaStream_t)> hook) {
+  impl_->grad_ready = std::move(hook);
+}
 
 namespace {
 
@@ -512,6 +558,7 @@ void ModelGpu::forward_backward(const int32_t* tokens, float mtp_weight, bool ba
       FM_CHECK_LAUNCH();
     }
     m.layers[L + k]->backward(m.da, m.db, m.status, stream);
+    if (m.grad_ready) m.grad_ready(m.block_grads[static_cast<size_t>(L + k)], stream);
     m.eh[k]->backward(m.db, m.eh_w[k]->view(), m.dcat, p.eh->grad, stream);
     kernels::rmsnorm_backward(m.dcat, 2 * H, a.e, H, p.enorm->value, a.rstd_e, T, H, m.dcat, 2 * H,
                               p.enorm->grad, true, m.norm_ws, stream);
@@ -530,6 +577,7 @@ void ModelGpu::forward_backward(const int32_t* tokens, float mtp_weight, bool ba
   bf16 *cur = m.da, *other = m.db;
   for (int64_t l = L - 1; l >= 0; --l) {
     m.layers[l]->backward(cur, other, m.status, stream);
+    if (m.grad_ready) m.grad_ready(m.block_grads[static_cast<size_t>(l)], stream);
     std::swap(cur, other);
   }
   embedding_backward_gpu(cur, H, m.ids_of(0), T, V, H, embed_grad, m.emb_ws, m.emb_ws_bytes,

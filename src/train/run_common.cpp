@@ -202,7 +202,8 @@ void RunLog::begin_loop(int64_t start, int64_t end, std::ofstream* metrics) {
   t_loop_ = Clock::now();
 }
 
-void RunLog::step(int64_t step, const LossReport& rep, double grad_norm) {
+void RunLog::step(int64_t step, const LossReport& rep, double grad_norm,
+                  const std::vector<std::pair<std::string, double>>& extra) {
   tokens_ += o_.batch * o_.seq;
   const double elapsed = std::chrono::duration<double>(Clock::now() - t_loop_).count();
   const double tok_s = static_cast<double>(tokens_) / std::max(1e-9, elapsed);
@@ -219,6 +220,7 @@ void RunLog::step(int64_t step, const LossReport& rep, double grad_norm) {
                       {"elapsed_s", elapsed},
                       {"precision", precision_name(o_.precision)}};
   if (!device_.empty()) line["device"] = device_;
+  for (const auto& [key, value] : extra) line[key] = value;
   *metrics_ << line.dump() << "\n";
   metrics_->flush();
   progress_->update(step + 1, rep.loss, tok_s, eta);

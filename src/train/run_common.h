@@ -9,6 +9,7 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fp8moe/model/model.h"
@@ -79,7 +80,9 @@ class RunLog {
   RunLog(const TrainOptions& o, std::string device);
   // The loop runs steps [start, end); metrics is restart_metrics' stream.
   void begin_loop(int64_t start, int64_t end, std::ofstream* metrics);
-  void step(int64_t step, const LossReport& rep, double grad_norm);
+  // extra: fields added to the step's metrics line (e.g. the GPU trainer's phase times).
+  void step(int64_t step, const LossReport& rep, double grad_norm,
+            const std::vector<std::pair<std::string, double>>& extra = {});
   void end_loop();
   void eval(double valid_loss);
   // result.losses and valid_loss set by the trainer; fills final_loss, seconds, cpu_seconds,

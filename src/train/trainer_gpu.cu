@@ -36,8 +36,11 @@ using namespace train_detail;
 // Owns the run's stream, graph and device / pinned buffers.
 struct GpuRun {
   cudaStream_t stream = nullptr;
-  cudaGraph_t graph = nullptr;
+  cudaGraph_t graph = nullptr;  // forward + backward
   cudaGraphExec_t graph_exec = nullptr;
+  cudaGraph_t reduce_graph = nullptr;  // the ranks' reductions (several GPUs)
+  cudaGraphExec_t reduce_exec = nullptr;
+  cudaEvent_t phase[6] = {};  // GpuTrainOptions::phase_times
   void* moments = nullptr;    // BF16 m and v of every parameter
   int32_t* tokens = nullptr;  // device [batch, window]
   LossGpu* loss = nullptr;    // device
@@ -49,6 +52,10 @@ struct GpuRun {
   ~GpuRun() {
     if (graph_exec != nullptr) cudaGraphExecDestroy(graph_exec);
     if (graph != nullptr) cudaGraphDestroy(graph);
+    if (reduce_exec != nullptr) cudaGraphExecDestroy(reduce_exec);
+    if (reduce_graph != nullptr) cudaGraphDestroy(reduce_graph);
+    for (cudaEvent_t e : phase)
+      if (e != nullptr) cudaEventDestroy(e);
     for (void* p : {moments, static_cast<void*>(tokens), static_cast<void*>(loss)})
       if (p != nullptr) cudaFree(p);
     for (void* p : {static_cast<void*>(host_tokens), static_cast<void*>(host_loss),
@@ -165,13 +172,55 @@ void reduce_loss(TrainGroup& group, LossGpu* loss, cudaStream_t s) {
 #endif
 }
 
-// After forward_backward, on every rank in the same order (capturable): the job's gradients,
-// expert loads and losses.
-void reduce_step(TrainGroup& group, ModelGpu& model, LossGpu* loss, cudaStream_t s) {
+// The decoder blocks' gradient averages on a second stream while the backward goes on
+// (GpuTrainOptions::overlap_reduce): ModelGpu::set_grad_ready enqueues each block's all-reduce
+// behind an event of the main stream; join() makes the main stream wait for all of them.
+class OverlappedReduce {
+ public:
+  OverlappedReduce(TrainGroup& group, ModelGpu& model) : group_(group) {
+    FM_CHECK_CUDA(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
+    FM_CHECK_CUDA(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+    FM_CHECK_CUDA(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+    model.set_grad_ready([this](GradSpan grads, cudaStream_t s) { reduce(grads, s); });
+  }
+  ~OverlappedReduce() {
+    cudaEventDestroy(ready_);
+    cudaEventDestroy(done_);
+    cudaStreamDestroy(side_);
+  }
+  OverlappedReduce(const OverlappedReduce&) = delete;
+  OverlappedReduce& operator=(const OverlappedReduce&) = delete;
+
+  void join(cudaStream_t s) {
+    FM_CHECK_CUDA(cudaEventRecord(done_, side_));
+    FM_CHECK_CUDA(cudaStreamWaitEvent(s, done_, 0));
+  }
+
+ private:
+  void reduce(GradSpan grads, cudaStream_t s) {
+    FM_CHECK_CUDA(cudaEventRecord(ready_, s));
+    FM_CHECK_CUDA(cudaStreamWaitEvent(side_, ready_, 0));
+#if defined(FP8MOE_HAVE_NCCL)
+    comm::nccl_all_reduce(group_.nccl, grads.data, grads.count, comm::ReduceOp::kAvg, side_);
+#endif
+  }
+  TrainGroup& group_;
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t ready_ = nullptr, done_ = nullptr;
+};
+
+// After forward_backward, on every rank in the same order (capturable): the job's gradients
+// (only those outside the decoder blocks when `overlapped` reduced the blocks' already), expert
+// loads and losses.
+void reduce_step(TrainGroup& group, ModelGpu& model, LossGpu* loss, bool overlapped,
+                 cudaStream_t s) {
   if (group.world == 1) return;
 #if defined(FP8MOE_HAVE_NCCL)
-  const GradSpan rep = model.replicated_grads(), own = model.sharded_grads();
-  comm::nccl_all_reduce(group.nccl, rep.data, rep.count, comm::ReduceOp::kAvg, s);
+  const GradSpan own = model.sharded_grads();
+  const std::vector<GradSpan> rep =
+      overlapped ? model.replicated_rest() : std::vector<GradSpan>{model.replicated_grads()};
+  for (const GradSpan& span : rep)
+    comm::nccl_all_reduce(group.nccl, span.data, span.count, comm::ReduceOp::kAvg, s);
   scale_f32_gpu(own.data, own.count, 1.0f / static_cast<float>(group.world), s);
   const int64_t E = model.config().n_routed_experts;
   for (int b = 0; b < model.moe_blocks(); ++b)
@@ -411,31 +460,51 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
                                   cudaMemcpyDeviceToHost, s));
     check_model_kernels_status(model.status(), what, s);
   };
-  auto forward_backward = [&] {
-    model.forward_backward(run.tokens, o.mtp_weight, true, run.loss, s);
-    reduce_step(group, model, run.loss, s);
+  if (g.phase_times)
+    for (cudaEvent_t& e : run.phase) FM_CHECK_CUDA(cudaEventCreate(&e));
+  std::unique_ptr<OverlappedReduce> overlap;
+  if (R > 1 && g.overlap_reduce) overlap = std::make_unique<OverlappedReduce>(group, model);
+  auto mark = [&](int i) {
+    if (g.phase_times) FM_CHECK_CUDA(cudaEventRecord(run.phase[i], s));
+  };
+  // Captured on the second step (the first ran eagerly, so every lazy setup is done), then
+  // replayed; `body` enqueues the work.
+  auto replay = [&](bool capture, cudaGraph_t& graph, cudaGraphExec_t& exec, auto&& body) {
+    if (exec != nullptr) {
+      FM_CHECK_CUDA(cudaGraphLaunch(exec, s));
+    } else if (capture) {
+      FM_CHECK_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+      body();
+      FM_CHECK_CUDA(cudaStreamEndCapture(s, &graph));
+      FM_CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+      FM_CHECK_CUDA(cudaGraphLaunch(exec, s));
+    } else {
+      body();
+    }
   };
 
   const int64_t end = o.stop_after > 0 ? std::min(o.steps, start + o.stop_after) : o.steps;
   if (group.lead()) log.begin_loop(start, end, &metrics);
   for (int64_t step = start; step < end; ++step) {
     load_batch(sample_batch(data.train, o.batch, window, o.seed, step));
-    if (run.graph_exec != nullptr) {
-      FM_CHECK_CUDA(cudaGraphLaunch(run.graph_exec, s));
-    } else if (g.cuda_graph && step > start) {
-      // Captured on the second step: the first ran eagerly, so every lazy setup is done.
-      FM_CHECK_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-      forward_backward();
-      FM_CHECK_CUDA(cudaStreamEndCapture(s, &run.graph));
-      FM_CHECK_CUDA(cudaGraphInstantiate(&run.graph_exec, run.graph, 0));
-      FM_CHECK_CUDA(cudaGraphLaunch(run.graph_exec, s));
-    } else {
-      forward_backward();
-    }
+    const bool capture = g.cuda_graph && step > start;
+    mark(0);
+    replay(capture, run.graph, run.graph_exec, [&] {
+      model.forward_backward(run.tokens, o.mtp_weight, true, run.loss, s);
+      if (overlap) overlap->join(s);
+    });
+    mark(1);
+    if (R > 1)
+      replay(capture, run.reduce_graph, run.reduce_exec,
+             [&] { reduce_step(group, model, run.loss, overlap != nullptr, s); });
+    mark(2);
     adam.step(step, s);
+    mark(3);
     bias_update.update(o.bias_update_speed, s);
     ema.update(s);
+    mark(4);
     model.refresh(s);
+    mark(5);
     finish_step("the GPU training step");
     const LossGpu& got = *run.host_loss;
     FM_CHECK(std::isfinite(got.loss), "the loss is not finite at step ", step + 1);
@@ -446,7 +515,17 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
       rep.main_loss = got.main_loss;
       rep.mtp_loss.assign(got.mtp_loss, got.mtp_loss + depth);
       rep.balance_loss = got.balance_loss;
-      log.step(step, rep, run.host_state->grad_norm);
+      std::vector<std::pair<std::string, double>> phases;
+      if (g.phase_times) {
+        FM_CHECK_CUDA(cudaEventSynchronize(run.phase[5]));
+        const char* names[5] = {"fb_ms", "reduce_ms", "adam_ms", "state_ms", "refresh_ms"};
+        for (int i = 0; i < 5; ++i) {
+          float ms = 0;
+          FM_CHECK_CUDA(cudaEventElapsedTime(&ms, run.phase[i], run.phase[i + 1]));
+          phases.emplace_back(names[i], static_cast<double>(ms));
+        }
+      }
+      log.step(step, rep, run.host_state->grad_norm, phases);
     }
     if (checkpoint_due(o, step, end))
       save_gpu_checkpoint(ckpt_path, model, mo, ema, o, step + 1, group);

@@ -85,6 +85,15 @@ class ModelGpu {
   GradSpan replicated_grads() const;
   GradSpan sharded_grads() const;
   const ModelGpuParallel& parallel() const;
+  // The replicated gradients outside every decoder block (embedding, final norm, head, the MTP
+  // modules' norms and eh_proj): the runs of replicated_grads() no grad-ready call names.
+  std::vector<GradSpan> replicated_rest() const;
+  // Called while backward is enqueued, once per decoder block (the MTP modules' first, then the
+  // main layers last to first), right after the block's backward, with its replicated gradients
+  // (the run its own tensors fill; the rest of the backward no longer writes it): a data-parallel
+  // trainer reduces them on a second stream, overlapped with the backward of the blocks below.
+  // Not set: nothing is called.
+  void set_grad_ready(std::function<void(GradSpan grads, cudaStream_t stream)> hook);
 
   // Values (not gradients) from / to a CPU model of the same config (synchronous; shapes
   // checked; one rank only). upload() ends with refresh().

@@ -30,6 +30,15 @@ namespace fp8moe {
 struct GpuTrainOptions {
   int device = 0;  // one-GPU runs; a launched rank drives comm::rank_device's GPU
   bool cuda_graph = true;  // false: every step launches eagerly (debugging)
+  // Each step's metrics line gains its phases' device times (CUDA events, ms): "fb_ms" forward +
+  // backward, "reduce_ms" the ranks' reductions (several GPUs), "adam_ms" the optimizer (with the
+  // grad norm's reduction), "state_ms" the router bias update and the EMA, "refresh_ms" the FP8
+  // weight forms. Costs one host wait a step more (already there: the step's results are read).
+  bool phase_times = false;
+  // Several GPUs: each decoder block's gradient average runs on a second stream as soon as the
+  // block's backward is done, beside the backward of the blocks below (false: one all-reduce of
+  // every replicated gradient after the backward). The same sums either way.
+  bool overlap_reduce = true;
 };
 
 // o.precision must be fp8 (the recipe; the GPU path has no bf16 / fp32 model). Throws as train()
