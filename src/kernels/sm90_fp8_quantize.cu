@@ -580,4 +580,115 @@ void quantize_1x128_transpose(const bf16* x, int64_t rows, int64_t cols, int64_t
                 nonfinite);
 }
 
+// ---- WeightQuantizer: 128x128 blocks of many weights, each with its transposed copy ----
+namespace {
+
+struct WeightQuantRecord {
+  WeightQuantJob job;
+  int64_t kb;     // k / 128
+  int64_t first;  // the job's first block in the launch
+};
+
+constexpr int kTileStride = 129;  // bytes: the transposing reads hit 32 different banks
+
+__global__ void __launch_bounds__(256)
+    weight_quant_kernel(const WeightQuantRecord* recs, int n_recs) {
+  __shared__ uint8_t tile[128 * kTileStride];
+  __shared__ float warp_amax[8];
+  const int64_t block = blockIdx.x;
+  int lo = 0, hi = n_recs - 1;  // the last record with first <= block
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (recs[mid].first <= block)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  const WeightQuantRecord rec = recs[lo];
+  const WeightQuantJob& j = rec.job;
+  const int64_t local = block - rec.first, bn = local / rec.kb, bk = local % rec.kb;
+  const int64_t r0 = bn * 128, c0 = bk * 128;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float v[16][4];
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int64_t r = r0 + warp + 8 * i;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      v[i][q] = r < j.n ? __ldg(j.master + r * j.k + c0 + lane + 32 * q) : 0.0f;
+      amax = fmaxf(amax, fabsf(v[i][q]));
+    }
+  }
+  amax = warp_max(amax);
+  if (lane == 0) warp_amax[warp] = amax;
+  __syncthreads();
+  amax = warp_amax[0];
+#pragma unroll
+  for (int w = 1; w < 8; ++w) amax = fmaxf(amax, warp_amax[w]);
+  const float scale = scale_for_amax(amax, false);
+  const Divisor d = make_divisor(scale);
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int row = warp + 8 * i;
+    const int64_t r = r0 + row;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint8_t code = encode(v[i][q], d);  // 0 for the rows past n (v = 0)
+      const int col = lane + 32 * q;
+      if (r < j.n) j.w[r * j.k + c0 + col] = code;
+      tile[row * kTileStride + col] = code;
+    }
+  }
+  if (threadIdx.x == 0) {
+    j.sw[bn * rec.kb + bk] = scale;
+    j.swt[bk * j.ldst + bn] = scale;
+  }
+  __syncthreads();
+  // wt rows c0 .. c0 + 127, 4 bytes (rows r0 + 4 lane .. + 3 of w) a lane.
+  for (int cc = warp; cc < 128; cc += 8) {
+    const uint32_t word = static_cast<uint32_t>(tile[(4 * lane) * kTileStride + cc]) |
+                          static_cast<uint32_t>(tile[(4 * lane + 1) * kTileStride + cc]) << 8 |
+                          static_cast<uint32_t>(tile[(4 * lane + 2) * kTileStride + cc]) << 16 |
+                          static_cast<uint32_t>(tile[(4 * lane + 3) * kTileStride + cc]) << 24;
+    *reinterpret_cast<uint32_t*>(j.wt + (c0 + cc) * j.ldt + r0 + 4 * lane) = word;
+  }
+}
+
+}  // namespace
+
+WeightQuantizer::WeightQuantizer(std::vector<WeightQuantJob> jobs) : jobs_(std::move(jobs)) {
+  FM_CHECK_ARG(!jobs_.empty(), "WeightQuantizer: no jobs");
+  std::vector<WeightQuantRecord> recs;
+  for (size_t i = 0; i < jobs_.size(); ++i) {
+    const WeightQuantJob& j = jobs_[i];
+    FM_CHECK_ARG(j.n > 0 && j.k > 0 && j.k % 128 == 0, "WeightQuantizer: job ", i, " has shape [",
+                 j.n, ", ", j.k, "] (k must be a positive multiple of 128)");
+    FM_CHECK_ARG(j.master && j.w && j.sw && j.wt && j.swt, "WeightQuantizer: job ", i,
+                 " has a null pointer");
+    const int64_t nb = (j.n + 127) / 128;
+    FM_CHECK_ARG(j.ldt >= nb * 128 && j.ldt % 4 == 0 && reinterpret_cast<uintptr_t>(j.wt) % 4 == 0,
+                 "WeightQuantizer: job ", i, ": ldt ", j.ldt, " (>= ", nb * 128,
+                 ", a multiple of 4, wt 4-byte aligned)");
+    FM_CHECK_ARG(j.ldst >= nb, "WeightQuantizer: job ", i, ": ldst ", j.ldst, " < ", nb);
+    recs.push_back({j, j.k / 128, blocks_});
+    blocks_ += nb * (j.k / 128);
+  }
+  FM_CHECK_ARG(blocks_ < (int64_t{1} << 31), "WeightQuantizer: ", blocks_, " blocks");
+  FM_CHECK_CUDA(cudaMalloc(&table_, recs.size() * sizeof(WeightQuantRecord)));
+  FM_CHECK_CUDA(cudaMemcpy(table_, recs.data(), recs.size() * sizeof(WeightQuantRecord),
+                           cudaMemcpyHostToDevice));
+}
+
+WeightQuantizer::~WeightQuantizer() {
+  cudaFree(table_);
+}
+
+void WeightQuantizer::run(cudaStream_t stream) const {
+  weight_quant_kernel<<<static_cast<unsigned>(blocks_), 256, 0, stream>>>(
+      static_cast<const WeightQuantRecord*>(table_), static_cast<int>(jobs_.size()));
+  FM_CHECK_LAUNCH();
+}
+
+
 }  // namespace fp8moe::kernels

@@ -296,23 +296,36 @@ class ExpertWeightsFromMasters {
   ExpertWeightsFromMasters(const ExpertWeightsFromMasters&) = delete;
   ExpertWeightsFromMasters& operator=(const ExpertWeightsFromMasters&) = delete;
 
-  // gate[e], up[e] FP32 [I, H], down[e] FP32 [H, I] on the device.
+  // gate[e], up[e] FP32 [I, H], down[e] FP32 [H, I] on the device. One launch for every expert
+  // (kernels::WeightQuantizer: gate and up fill the halves of w13 and of its transpose); the job
+  // table is made on the first call with these masters (synchronously: not inside a graph).
   void refresh(const std::vector<const float*>& gate, const std::vector<const float*>& up,
                const std::vector<const float*>& down, cudaStream_t stream) {
-    const int64_t H = h_, I = i_, w13 = 2 * I * H, s13 = (2 * I / kTile) * (H / kTile);
-    const int64_t w2 = H * I, s2 = (H / kTile) * (I / kTile), half = (I / kTile) * (H / kTile);
-    uint8_t *w13p = w_[0], *w2p = w_[1], *w13t = w_[2], *w2t = w_[3];
-    float *s13p = s_[0], *s2p = s_[1], *s13t = s_[2], *s2t = s_[3];
-    for (int64_t e = 0; e < g_; ++e) {
-      kernels::quantize_128x128(gate[e], I, H, H, false, w13p + e * w13, H, s13p + e * s13, stream);
-      kernels::quantize_128x128(up[e], I, H, H, false, w13p + e * w13 + I * H, H,
-                                s13p + e * s13 + half, stream);
-      kernels::quantize_128x128(down[e], H, I, I, false, w2p + e * w2, I, s2p + e * s2, stream);
-      transpose_fp8_weight_blocks(w13p + e * w13, s13p + e * s13, 2 * I, H, w13t + e * w13,
-                                  s13t + e * s13, stream);
-      transpose_fp8_weight_blocks(w2p + e * w2, s2p + e * s2, H, I, w2t + e * w2, s2t + e * s2,
-                                  stream);
+    FM_CHECK_ARG(static_cast<int64_t>(gate.size()) == g_ &&
+                     static_cast<int64_t>(up.size()) == g_ &&
+                     static_cast<int64_t>(down.size()) == g_,
+                 "ExpertWeightsFromMasters::refresh: ", g_, " experts, masters for ", gate.size(),
+                 " / ", up.size(), " / ", down.size());
+    std::vector<const float*> masters = gate;
+    masters.insert(masters.end(), up.begin(), up.end());
+    masters.insert(masters.end(), down.begin(), down.end());
+    if (masters != masters_) {
+      const int64_t H = h_, I = i_, w13 = 2 * I * H, s13 = (2 * I / kTile) * (H / kTile);
+      const int64_t w2 = H * I, s2 = (H / kTile) * (I / kTile), half = (I / kTile) * (H / kTile);
+      std::vector<kernels::WeightQuantJob> jobs;
+      for (int64_t e = 0; e < g_; ++e) {
+        // w13 [2I, H]: gate rows [0, I), up rows [I, 2I); its transpose [H, 2I] likewise by columns.
+        jobs.push_back({gate[e], I, H, w_[0] + e * w13, s_[0] + e * s13, w_[2] + e * w13, 2 * I,
+                        s_[2] + e * s13, 2 * I / kTile});
+        jobs.push_back({up[e], I, H, w_[0] + e * w13 + I * H, s_[0] + e * s13 + half,
+                        w_[2] + e * w13 + I, 2 * I, s_[2] + e * s13 + I / kTile, 2 * I / kTile});
+        jobs.push_back({down[e], H, I, w_[1] + e * w2, s_[1] + e * s2, w_[3] + e * w2, H,
+                        s_[3] + e * s2, H / kTile});
+      }
+      quantizer_ = std::make_unique<kernels::WeightQuantizer>(std::move(jobs));
+      masters_ = std::move(masters);
     }
+    quantizer_->run(stream);
   }
   const ExpertWeightsGpu& view() const { return v_; }
 
@@ -322,6 +335,8 @@ class ExpertWeightsFromMasters {
   uint8_t* w_[4] = {};  // w13, w2, w13t, w2t
   float* s_[4] = {};    // s13, s2, s13t, s2t
   ExpertWeightsGpu v_;
+  std::unique_ptr<kernels::WeightQuantizer> quantizer_;
+  std::vector<const float*> masters_;  // the quantizer's: gate, then up, then down
 };
 
 // One FFN's parameters: per group (expert) the gate / up / down masters and gradients.

@@ -101,8 +101,22 @@ LinearWeightsDevice::~LinearWeightsDevice() {
 
 void LinearWeightsDevice::refresh(const float* master, cudaStream_t stream) {
   FM_CHECK_ARG(master != nullptr, "LinearWeightsDevice::refresh: null master weight");
-  kernels::quantize_128x128(master, n_, k_, k_, false, w_, k_, sw_, stream);
-  transpose_fp8_weight_blocks(w_, sw_, n_, k_, wt_, swt_, stream);
+  if (master != quantizer_master_) {
+    const int64_t np = round_up(n_, kTile);
+    kernels::WeightQuantJob j;
+    j.master = master;
+    j.n = n_;
+    j.k = k_;
+    j.w = w_;
+    j.sw = sw_;
+    j.wt = wt_;
+    j.ldt = np;
+    j.swt = swt_;
+    j.ldst = np / kTile;
+    quantizer_ = std::make_unique<kernels::WeightQuantizer>(std::vector<kernels::WeightQuantJob>{j});
+    quantizer_master_ = master;
+  }
+  quantizer_->run(stream);
 }
 
 LinearWeightsGpu LinearWeightsDevice::view() const {

@@ -2,9 +2,13 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <vector>
+#include <cstring>
+#include <memory>
 #include <limits>
 #include <string>
 
+#include "fp8moe/core/error.h"
 #include "fp8moe/fp8/quantize.h"
 #include "fp8moe/kernels/quantize.h"
 #include "gpu_test_util.cuh"
@@ -120,6 +124,119 @@ TEST(QuantizeGpu, OneTwentyEightSquareMatchesCpuBitForBit) {
       check_128x128<float>(qc, pow2, seed++);
       check_128x128<bf16>(qc, pow2, seed++);
     }
+}
+
+// WeightQuantizer: several weights in one launch, one of them stacked into the halves of a
+// shared w13 (gate, up) as ExpertWeightsFromMasters lays them out, against the CPU quantize()
+// and a CPU transpose; every output poisoned first, the gaps between jobs must stay poisoned.
+TEST(QuantizeGpu, WeightQuantizerMatchesCpuBitForBit) {
+  struct Shape {
+    int64_t n, k;
+  };
+  // n not a multiple of 128 (8, 200, 2112: zero-padded transposes), one block, many blocks.
+  const Shape shapes[] = {{200, 384}, {8, 128}, {2112, 256}, {384, 1024}};
+  uint64_t seed = 900;
+  struct Owned {
+    Shape s;
+    int64_t np, nb, kb, ldt, ldst;
+    std::vector<float> x;
+    QuantizedMatrix want;
+    std::unique_ptr<DeviceBuffer<float>> master, sw, swt;
+    std::unique_ptr<DeviceBuffer<uint8_t>> w, wt;
+  };
+  std::vector<std::unique_ptr<Owned>> owned;
+  std::vector<kernels::WeightQuantJob> jobs;
+  for (const Shape& sh : shapes) {
+    auto o = std::make_unique<Owned>();
+    o->s = sh;
+    o->np = (sh.n + 127) / 128 * 128;
+    o->nb = o->np / 128;
+    o->kb = sh.k / 128;
+    o->ldt = o->np + 64;  // wider than needed: the columns past np must stay untouched
+    o->ldst = o->nb + 3;
+    o->x = test::random_matrix(sh.n, sh.k, seed++);
+    o->want = quantize(o->x.data(), sh.n, sh.k, sh.k, ScaleGranularity::k128x128, {false});
+    o->master = std::make_unique<DeviceBuffer<float>>(o->x);
+    o->w = std::make_unique<DeviceBuffer<uint8_t>>(sh.n * sh.k);
+    o->wt = std::make_unique<DeviceBuffer<uint8_t>>(sh.k * o->ldt);
+    o->sw = std::make_unique<DeviceBuffer<float>>(o->nb * o->kb);
+    o->swt = std::make_unique<DeviceBuffer<float>>(o->kb * o->ldst);
+    o->w->poison();
+    o->wt->poison();
+    o->sw->poison();
+    o->swt->poison();
+    jobs.push_back({o->master->get(), sh.n, sh.k, o->w->get(), o->sw->get(), o->wt->get(), o->ldt,
+                    o->swt->get(), o->ldst});
+    owned.push_back(std::move(o));
+  }
+  // A stacked pair: two [256, 512] weights into one [512, 512] w13 and its [512][512] transpose.
+  const int64_t I = 256, H = 512;
+  const std::vector<float> gate = test::random_matrix(I, H, seed++), up = test::random_matrix(I, H, seed++);
+  DeviceBuffer<float> dgate(gate), dup(up);
+  DeviceBuffer<uint8_t> w13(2 * I * H), w13t(2 * I * H);
+  DeviceBuffer<float> s13(2 * I / 128 * H / 128), s13t(2 * I / 128 * H / 128);
+  w13.poison();
+  w13t.poison();
+  s13.poison();
+  s13t.poison();
+  const int64_t half = I / 128 * H / 128;
+  jobs.push_back({dgate.get(), I, H, w13.get(), s13.get(), w13t.get(), 2 * I, s13t.get(),
+                  2 * I / 128});
+  jobs.push_back({dup.get(), I, H, w13.get() + I * H, s13.get() + half, w13t.get() + I, 2 * I,
+                  s13t.get() + I / 128, 2 * I / 128});
+  const kernels::WeightQuantizer quantizer(jobs);
+  quantizer.run(nullptr);
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+
+  const uint8_t poison_byte = [] {
+    DeviceBuffer<uint8_t> p(1);
+    p.poison();
+    return p.download()[0];
+  }();
+  const std::vector<float> poison_float = [] {
+    DeviceBuffer<float> p(1);
+    p.poison();
+    return p.download();
+  }();
+  for (const auto& o : owned) {
+    SCOPED_TRACE(testing::Message() << o->s.n << "x" << o->s.k);
+    expect_bytes_equal(o->w->download(), o->want.codes, "codes");
+    expect_floats_bitwise(o->sw->download(), o->want.scales, "scales");
+    std::vector<uint8_t> wt_want(o->s.k * o->ldt, poison_byte);
+    for (int64_t c = 0; c < o->s.k; ++c)
+      for (int64_t r = 0; r < o->np; ++r)
+        wt_want[c * o->ldt + r] = r < o->s.n ? o->want.codes[r * o->s.k + c] : uint8_t{0};
+    expect_bytes_equal(o->wt->download(), wt_want, "transposed codes");
+    std::vector<float> swt_want(o->kb * o->ldst, poison_float[0]);
+    for (int64_t b = 0; b < o->nb; ++b)
+      for (int64_t kb = 0; kb < o->kb; ++kb)
+        swt_want[kb * o->ldst + b] = o->want.scales[b * o->kb + kb];
+    expect_floats_bitwise(o->swt->download(), swt_want, "transposed scales");
+  }
+  // The stacked pair equals the CPU's quantisation of the stacked [2I, H] matrix.
+  std::vector<float> stacked(gate);
+  stacked.insert(stacked.end(), up.begin(), up.end());
+  const QuantizedMatrix want =
+      quantize(stacked.data(), 2 * I, H, H, ScaleGranularity::k128x128, {false});
+  expect_bytes_equal(w13.download(), want.codes, "stacked codes");
+  expect_floats_bitwise(s13.download(), want.scales, "stacked scales");
+  std::vector<uint8_t> t_want(2 * I * H);
+  for (int64_t c = 0; c < H; ++c)
+    for (int64_t r = 0; r < 2 * I; ++r) t_want[c * 2 * I + r] = want.codes[r * H + c];
+  expect_bytes_equal(w13t.download(), t_want, "stacked transposed codes");
+  std::vector<float> st_want(want.scales.size());
+  const int64_t nb = 2 * I / 128, kb = H / 128;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t k = 0; k < kb; ++k) st_want[k * nb + b] = want.scales[b * kb + k];
+  expect_floats_bitwise(s13t.download(), st_want, "stacked transposed scales");
+
+  // Bad jobs are refused with the job's index.
+  std::vector<kernels::WeightQuantJob> bad = {jobs[0]};
+  bad[0].k = 200;
+  EXPECT_THROW(kernels::WeightQuantizer{bad}, Error);
+  bad = {jobs[0]};
+  bad[0].ldt = 128;
+  EXPECT_THROW(kernels::WeightQuantizer{bad}, Error);
 }
 
 template <typename T>

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "fp8moe/core/dtypes.h"
 
@@ -55,6 +56,40 @@ void quantize_128x128(const float* x, int64_t rows, int64_t cols, int64_t ld, bo
 void quantize_128x128(const bf16* x, int64_t rows, int64_t cols, int64_t ld, bool pow2_scales,
                       uint8_t* codes, int64_t ld_codes, float* scales, cudaStream_t stream,
                       NonFiniteReport* nonfinite = nullptr);
+
+// FP32 weights quantised 128x128 together with their transposed copies (the Dgrad operand), many
+// weights in one launch: the FP8 weight forms a training step refreshes from the FP32 masters
+// (ExpertWeightsFromMasters, LinearWeightsDevice). Per job, bit for bit quantize_128x128 of
+// master into (w, sw) and transpose_fp8_weight_blocks (model/linear_gpu.h) of that into
+// (wt, swt): wt[c][r] = w[r][c], rows n .. round_up(n, 128) of each wt row 0; swt[kb][nb] =
+// sw[nb][kb]. Strides let a job fill part of a stacked weight (gate and up in one w13).
+struct WeightQuantJob {
+  const float* master = nullptr;  // [n, k] row-major, k % 128 == 0
+  int64_t n = 0, k = 0;
+  uint8_t* w = nullptr;   // [n, k]
+  float* sw = nullptr;    // [ceil(n / 128)][k / 128]
+  uint8_t* wt = nullptr;  // [k][ldt], ldt >= round_up(n, 128), ldt % 4 == 0
+  int64_t ldt = 0;
+  float* swt = nullptr;  // [k / 128][ldst], ldst >= ceil(n / 128)
+  int64_t ldst = 0;
+};
+
+class WeightQuantizer {
+ public:
+  // Checks every job (kInvalidArgument naming the job and the field) and uploads the table.
+  explicit WeightQuantizer(std::vector<WeightQuantJob> jobs);
+  ~WeightQuantizer();
+  WeightQuantizer(const WeightQuantizer&) = delete;
+  WeightQuantizer& operator=(const WeightQuantizer&) = delete;
+  // Every job, one launch (a CTA per 128x128 block); stream-ordered, capturable.
+  void run(cudaStream_t stream) const;
+  const std::vector<WeightQuantJob>& jobs() const { return jobs_; }
+
+ private:
+  std::vector<WeightQuantJob> jobs_;
+  void* table_ = nullptr;  // device
+  int64_t blocks_ = 0;
+};
 
 // Fused cast + transpose in one pass over x [rows, cols]:
 //   codes   [rows, cols]  1x128 along cols, scales in `layout` over [rows, cols]

@@ -25,6 +25,7 @@
 
 #include "fp8moe/core/dtypes.h"
 #include "fp8moe/kernels/fp8_gemm.h"
+#include "fp8moe/kernels/quantize.h"
 
 namespace fp8moe {
 
@@ -57,7 +58,8 @@ class LinearWeightsDevice {
   LinearWeightsDevice(const LinearWeightsDevice&) = delete;
   LinearWeightsDevice& operator=(const LinearWeightsDevice&) = delete;
 
-  // master: FP32 [N, K] row-major on the device.
+  // master: FP32 [N, K] row-major on the device. One launch (kernels::WeightQuantizer; its
+  // job table is made on the first call with a master, synchronously: not inside a graph).
   void refresh(const float* master, cudaStream_t stream);
   LinearWeightsGpu view() const;
 
@@ -66,6 +68,8 @@ class LinearWeightsDevice {
   void* buffer_ = nullptr;
   uint8_t *w_ = nullptr, *wt_ = nullptr;
   float *sw_ = nullptr, *swt_ = nullptr;
+  std::unique_ptr<kernels::WeightQuantizer> quantizer_;
+  const float* quantizer_master_ = nullptr;
 };
 
 struct LinearGpuOptions {
