@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <iostream>
 #include <memory>
+#include <string>
 
 #include "command.h"
 #include "fp8moe/core/file_io.h"
@@ -18,6 +19,12 @@
 #endif
 
 namespace {
+
+std::string fmt_double(double v, int digits) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+  return buf;
+}
 
 struct Flags {
   std::string config, out, precision = "fp8", device = "cpu";
@@ -119,12 +126,18 @@ void setup(CLI::App& app) {
     }
     // Ranks of a launched job other than 0 hold no metrics (rank 0 reports the job's).
     if (fp8moe::comm::launched_as_rank() && fp8moe::comm::rank_env().rank != 0) return;
+    const std::string held_out =
+        o.eval_batches > 0 ? fmt_double(r.valid_loss, 4) : std::string("not measured");
+    const std::string steady =
+        r.steady_tokens_per_s > 0
+            ? " (" + fmt_double(r.steady_tokens_per_s, 0) + " after the first 2 steps)"
+            : std::string();
     std::printf(
-        "%s%s: final loss %.4f (mean of the last %lld steps), held-out loss %.4f, "
-        "%.1f s wall, %.1f s CPU, %.0f tokens/s\n",
+        "%s%s: final loss %.4f (mean of the last %lld steps), held-out loss %s, "
+        "%.1f s wall, %.1f s CPU, %.0f tokens/s%s\n",
         precision_name(o.precision), f->device == "gpu" ? " (gpu)" : "", r.final_loss,
-        static_cast<long long>(std::max<int64_t>(1, r.steps_done / 10)), r.valid_loss, r.seconds,
-        r.cpu_seconds, r.tokens_per_s);
+        static_cast<long long>(std::max<int64_t>(1, r.steps_done / 10)), held_out.c_str(),
+        r.seconds, r.cpu_seconds, r.tokens_per_s, steady.c_str());
   });
   compare->callback([c] {
     using namespace fp8moe;

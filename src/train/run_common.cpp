@@ -205,6 +205,8 @@ void RunLog::begin_loop(int64_t start, int64_t end, std::ofstream* metrics) {
 void RunLog::step(int64_t step, const LossReport& rep, double grad_norm,
                   const std::vector<std::pair<std::string, double>>& extra) {
   tokens_ += o_.batch * o_.seq;
+  if (step == start_ + 1) t_steady_ = Clock::now();
+  if (step > start_ + 1) steady_tokens_ += o_.batch * o_.seq;
   const double elapsed = std::chrono::duration<double>(Clock::now() - t_loop_).count();
   const double tok_s = static_cast<double>(tokens_) / std::max(1e-9, elapsed);
   const double eta =
@@ -228,6 +230,8 @@ void RunLog::step(int64_t step, const LossReport& rep, double grad_norm,
 
 void RunLog::end_loop() {
   loop_seconds_ = std::chrono::duration<double>(Clock::now() - t_loop_).count();
+  if (steady_tokens_ > 0)
+    steady_seconds_ = std::chrono::duration<double>(Clock::now() - t_steady_).count();
 }
 
 void RunLog::eval(double valid_loss) {
@@ -241,6 +245,9 @@ void RunLog::finish(TrainResult& result, const std::string& series) const {
   result.seconds = std::chrono::duration<double>(Clock::now() - t_start_).count();
   result.cpu_seconds = process_cpu_seconds() - cpu_start_;
   result.tokens_per_s = static_cast<double>(tokens_) / std::max(1e-9, loop_seconds_);
+  result.steady_tokens_per_s =
+      steady_tokens_ > 0 ? static_cast<double>(steady_tokens_) / std::max(1e-9, steady_seconds_)
+                         : 0.0;
   write_file_atomic(o_.out_dir + "/loss.svg",
                     loss_plot_svg({series}, {result.losses}, "training loss (" + series + ")"));
 }

@@ -93,9 +93,10 @@ class RunLog {
   using Clock = std::chrono::steady_clock;
   const TrainOptions& o_;
   std::string device_;
-  Clock::time_point t_start_, t_loop_;
+  Clock::time_point t_start_, t_loop_, t_steady_;  // t_steady_: after the loop's second step
   double cpu_start_ = 0, loop_seconds_ = 0;
-  int64_t start_ = 0, end_ = 0, tokens_ = 0;
+  int64_t start_ = 0, end_ = 0, tokens_ = 0, steady_tokens_ = 0;
+  double steady_seconds_ = 0;
   std::ofstream* metrics_ = nullptr;
   std::unique_ptr<Progress> progress_;
 };

@@ -45,6 +45,9 @@ struct TrainResult {
   double seconds = 0;          // wall time of this run
   double cpu_seconds = 0;      // CPU time of the process (all threads) during this run
   double tokens_per_s = 0;
+  // Over the steps after this run's first two (the first compiles, allocates and, on the GPU,
+  // captures the step's graph): the rate a long run settles at. 0 with fewer than 3 steps.
+  double steady_tokens_per_s = 0;
   int64_t steps_done = 0;
 };
 
