@@ -31,6 +31,7 @@ struct Flags {
   bool no_graph = false;
   bool phase_times = false;
   bool no_overlap = false;
+  bool shard_optimizer = false;
   fp8moe::TrainOptions opts;
 };
 
@@ -94,6 +95,9 @@ void setup(CLI::App& app) {
                "GPU: each metrics line gains the step's phase times (fb_ms, reduce_ms, ...)");
   app.add_flag("--no-overlap-reduce", f->no_overlap,
                "several GPUs: average the gradients after the backward, not beside it");
+  app.add_flag("--shard-optimizer", f->shard_optimizer,
+               "several GPUs: ZeRO-1, each rank keeps the optimizer state of a share of the "
+               "replicated tensors");
 
   auto c = std::make_shared<Flags>();
   CLI::App* compare =
@@ -117,6 +121,7 @@ void setup(CLI::App& app) {
       g.cuda_graph = !f->no_graph;
       g.phase_times = f->phase_times;
       g.overlap_reduce = !f->no_overlap;
+      g.shard_optimizer = f->shard_optimizer;
       r = train_gpu(o, g);
 #else
       FM_THROW(ErrorKind::kInvalidArgument, "--device gpu: this build has no CUDA");

@@ -94,8 +94,8 @@ struct ModelGpu::Impl {
   size_t grad_bytes = 0;
   int64_t replicated_floats = 0;  // the arena's first run (the rest: sharded)
   ModelGpuParallel par;
-  std::vector<GradSpan> block_grads;  // per decoder block: its replicated gradients' run
-  std::function<void(GradSpan, cudaStream_t)> grad_ready;
+  std::vector<FloatSpan> block_grads;  // per decoder block: its replicated gradients' run
+  std::function<void(FloatSpan, cudaStream_t)> grad_ready;
   int64_t param_count = 0;
 
   ParameterGpu *embed = nullptr, *final_norm = nullptr, *lm_head = nullptr;
@@ -202,7 +202,7 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
   };
   std::vector<Placed> kept;
   int64_t value_floats = 0, grad_floats = 0;
-  for (int pass = 0; pass < 2; ++pass)  // replicated tensors first, then the sharded experts
+  for (int pass = 0; pass < 2; ++pass) {  // replicated tensors first, then the sharded experts
     for (size_t i = 0; i < table.parameters.size(); ++i) {
       const int64_t e = expert_of(table.parameters[i].name);
       const bool sharded = e >= 0 && par.world > 1;
@@ -210,8 +210,12 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
       if (sharded && (e < first_expert || e >= first_expert + local_experts)) continue;
       kept.push_back({&table.parameters[i], static_cast<int64_t>(i), sharded});
       value_floats += round_up(table.parameters[i].numel(), 64);
-      if (!sharded) m.replicated_floats = value_floats;
     }
+    if (pass == 0) {  // equal shares of the replicated run (the padding is never read)
+      value_floats = round_up(value_floats, 64 * par.world);
+      m.replicated_floats = value_floats;
+    }
+  }
   grad_floats = value_floats;
   for (const auto& s : table.buffers) value_floats += round_up(s.numel(), 64);
   FM_CHECK_CUDA(cudaMalloc(&m.values, static_cast<size_t>(value_floats) * sizeof(float)));
@@ -234,7 +238,11 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
   };
   std::vector<ParameterGpu> placed;
   placed.reserve(kept.size());
-  for (const Placed& k : kept) placed.push_back(make(*k.spec, true, k.index, k.sharded));
+  for (const Placed& k : kept) {
+    if (k.sharded) off = std::max(off, m.replicated_floats);
+    placed.push_back(make(*k.spec, true, k.index, k.sharded));
+  }
+  off = std::max(off, m.replicated_floats);  // the buffers after the padding too
   // parameters() in the CPU table's order (the arena's order differs under expert parallelism).
   std::vector<size_t> order(placed.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -247,7 +255,7 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
   }
   // Each decoder block's replicated tensors (not the MTP modules' own enorm / hnorm / eh_proj /
   // shared_head) sit next to each other in the table, so their gradients form one run.
-  m.block_grads.assign(static_cast<size_t>(m.layers_n + depth), GradSpan{});
+  m.block_grads.assign(static_cast<size_t>(m.layers_n + depth), FloatSpan{});
   {
     std::vector<int64_t> member_floats(m.block_grads.size(), 0);
     const std::string key = "model.layers.";
@@ -259,7 +267,7 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
       if (rest.rfind("enorm.", 0) == 0 || rest.rfind("hnorm.", 0) == 0 ||
           rest.rfind("eh_proj.", 0) == 0 || rest.rfind("shared_head.", 0) == 0)
         continue;
-      GradSpan& b = m.block_grads[static_cast<size_t>(l)];
+      FloatSpan& b = m.block_grads[static_cast<size_t>(l)];
       const int64_t n = round_up(p.numel, 64);
       float* end = b.data == nullptr ? p.grad + n : std::max(b.data + b.count, p.grad + n);
       b.data = b.data == nullptr ? p.grad : std::min(b.data, p.grad);
@@ -402,10 +410,13 @@ int32_t* ModelGpu::expert_load(int block) const {
 uint32_t* ModelGpu::status() const {
   return impl_->status;
 }
-GradSpan ModelGpu::replicated_grads() const {
+FloatSpan ModelGpu::replicated_grads() const {
   return {impl_->grads, impl_->replicated_floats};
 }
-GradSpan ModelGpu::sharded_grads() const {
+FloatSpan ModelGpu::replicated_values() const {
+  return {impl_->values, impl_->replicated_floats};
+}
+FloatSpan ModelGpu::sharded_grads() const {
   const Impl& m = *impl_;
   const int64_t total = static_cast<int64_t>(m.grad_bytes / sizeof(float));
   return {m.grads + m.replicated_floats, total - m.replicated_floats};
@@ -413,14 +424,14 @@ GradSpan ModelGpu::sharded_grads() const {
 const ModelGpuParallel& ModelGpu::parallel() const {
   return impl_->par;
 }
-std::vector<GradSpan> ModelGpu::replicated_rest() const {
+std::vector<FloatSpan> ModelGpu::replicated_rest() const {
   const Impl& m = *impl_;
-  std::vector<GradSpan> blocks = m.block_grads;
+  std::vector<FloatSpan> blocks = m.block_grads;
   std::sort(blocks.begin(), blocks.end(),
-            [](const GradSpan& a, const GradSpan& b) { return a.data < b.data; });
-  std::vector<GradSpan> rest;
+            [](const FloatSpan& a, const FloatSpan& b) { return a.data < b.data; });
+  std::vector<FloatSpan> rest;
   float* at = m.grads;
-  for (const GradSpan& b : blocks) {
+  for (const FloatSpan& b : blocks) {
     if (b.data > at) rest.push_back({at, b.data - at});
     at = std::max(at, b.data + b.count);
   }
@@ -428,7 +439,7 @@ std::vector<GradSpan> ModelGpu::replicated_rest() const {
   if (end > at) rest.push_back({at, end - at});
   return rest;
 }
-void ModelGpu::set_grad_ready(std::function<void(GradSpan, cudaStream_t)> hook) {
+void ModelGpu::set_grad_ready(std::function<void(FloatSpan, cudaStream_t)> hook) {
   impl_->grad_ready = std::move(hook);
 }
 

@@ -47,8 +47,8 @@ struct ModelGpuParallel {
       make_ep_rank;
 };
 
-// A run of FP32 gradients in the gradient arena (device).
-struct GradSpan {
+// A run of FP32 values or gradients in the model's arenas (device).
+struct FloatSpan {
   float* data = nullptr;
   int64_t count = 0;
 };
@@ -81,19 +81,22 @@ class ModelGpu {
   // The gradients of the tensors every rank holds (ParameterGpu::sharded false), then those of
   // this rank's routed experts: two contiguous runs of the gradient arena (with the 64-float
   // padding between tensors, zero after every backward), so that a data-parallel job averages
-  // the first with one all-reduce.
-  GradSpan replicated_grads() const;
-  GradSpan sharded_grads() const;
+  // the first with one all-reduce. The replicated run is padded to a multiple of 64 x world
+  // floats, so that it splits into world equal, 256-byte aligned shares (a sharded optimizer's).
+  FloatSpan replicated_grads() const;
+  FloatSpan sharded_grads() const;
+  // The replicated tensors' values: the value arena's run at the same offsets.
+  FloatSpan replicated_values() const;
   const ModelGpuParallel& parallel() const;
   // The replicated gradients outside every decoder block (embedding, final norm, head, the MTP
   // modules' norms and eh_proj): the runs of replicated_grads() no grad-ready call names.
-  std::vector<GradSpan> replicated_rest() const;
+  std::vector<FloatSpan> replicated_rest() const;
   // Called while backward is enqueued, once per decoder block (the MTP modules' first, then the
   // main layers last to first), right after the block's backward, with its replicated gradients
   // (the run its own tensors fill; the rest of the backward no longer writes it): a data-parallel
   // trainer reduces them on a second stream, overlapped with the backward of the blocks below.
   // Not set: nothing is called.
-  void set_grad_ready(std::function<void(GradSpan grads, cudaStream_t stream)> hook);
+  void set_grad_ready(std::function<void(FloatSpan grads, cudaStream_t stream)> hook);
 
   // Values (not gradients) from / to a CPU model of the same config (synchronous; shapes
   // checked; one rank only). upload() ends with refresh().

@@ -39,6 +39,12 @@ struct GpuTrainOptions {
   // block's backward is done, beside the backward of the blocks below (false: one all-reduce of
   // every replicated gradient after the backward). The same sums either way.
   bool overlap_reduce = true;
+  // Several GPUs: ZeRO-1 over the ranks — each rank keeps the moments and the EMA of a 1 / R share
+  // of the replicated tensors (their gradients reduce-scattered, AdamW on the share, the new
+  // values all-gathered) instead of all of them; the routed experts' state stays whole on their
+  // rank. Less memory and optimizer time a rank; the gradient average is then not overlapped
+  // with the backward.
+  bool shard_optimizer = false;
 };
 
 // o.precision must be fp8 (the recipe; the GPU path has no bf16 / fp32 model). Throws as train()
