@@ -10,8 +10,8 @@
 #include <string>
 
 #include "command.h"
-#include "fp8moe/core/file_io.h"
 #include "fp8moe/comm/launcher.h"
+#include "fp8moe/core/file_io.h"
 #include "fp8moe/core/json.h"
 #include "fp8moe/train/trainer.h"
 #if FP8MOE_HAVE_CUDA
@@ -31,7 +31,7 @@ struct Flags {
   bool no_graph = false;
   bool phase_times = false;
   bool no_overlap = false;
-  bool shard_optimizer = false;
+  bool replicate_optimizer = false;
   fp8moe::TrainOptions opts;
 };
 
@@ -94,10 +94,11 @@ void setup(CLI::App& app) {
   app.add_flag("--phase-times", f->phase_times,
                "GPU: each metrics line gains the step's phase times (fb_ms, reduce_ms, ...)");
   app.add_flag("--no-overlap-reduce", f->no_overlap,
-               "several GPUs: average the gradients after the backward, not beside it");
-  app.add_flag("--shard-optimizer", f->shard_optimizer,
-               "several GPUs: ZeRO-1, each rank keeps the optimizer state of a share of the "
-               "replicated tensors");
+               "several GPUs, replicated optimizer: average the gradients after the backward, "
+               "not beside it");
+  app.add_flag("--replicate-optimizer", f->replicate_optimizer,
+               "several GPUs: every rank keeps the whole optimizer state (default: ZeRO-1, a "
+               "share of the replicated tensors' each)");
 
   auto c = std::make_shared<Flags>();
   CLI::App* compare =
@@ -121,7 +122,7 @@ void setup(CLI::App& app) {
       g.cuda_graph = !f->no_graph;
       g.phase_times = f->phase_times;
       g.overlap_reduce = !f->no_overlap;
-      g.shard_optimizer = f->shard_optimizer;
+      g.shard_optimizer = !f->replicate_optimizer;
       r = train_gpu(o, g);
 #else
       FM_THROW(ErrorKind::kInvalidArgument, "--device gpu: this build has no CUDA");

@@ -16,12 +16,12 @@ void all_reduce(void* comm, void* data, int64_t count, ncclDataType_t type, Redu
   FM_CHECK_ARG(count >= 0 && (count == 0 || data != nullptr), "nccl_all_reduce: ", count,
                " elements at ", data);
   if (count == 0) return;
-  const ncclResult_t r =
-      ncclAllReduce(data, data, static_cast<size_t>(count), type,
-                    op == ReduceOp::kAvg ? ncclAvg : ncclSum, static_cast<ncclComm_t>(comm), stream);
+  const ncclResult_t r = ncclAllReduce(data, data, static_cast<size_t>(count), type,
+                                       op == ReduceOp::kAvg ? ncclAvg : ncclSum,
+                                       static_cast<ncclComm_t>(comm), stream);
   if (r != ncclSuccess)
-    FM_THROW(ErrorKind::kNccl, "ncclAllReduce of ", count, " elements failed: ",
-             ncclGetErrorString(r));
+    FM_THROW(ErrorKind::kNccl, "ncclAllReduce of ", count,
+             " elements failed: ", ncclGetErrorString(r));
 }
 
 void check(ncclResult_t r, const char* what, int64_t count) {

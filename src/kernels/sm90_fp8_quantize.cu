@@ -690,5 +690,4 @@ void WeightQuantizer::run(cudaStream_t stream) const {
   FM_CHECK_LAUNCH();
 }
 
-
 }  // namespace fp8moe::kernels

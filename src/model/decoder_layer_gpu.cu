@@ -301,8 +301,7 @@ class ExpertWeightsFromMasters {
   // table is made on the first call with these masters (synchronously: not inside a graph).
   void refresh(const std::vector<const float*>& gate, const std::vector<const float*>& up,
                const std::vector<const float*>& down, cudaStream_t stream) {
-    FM_CHECK_ARG(static_cast<int64_t>(gate.size()) == g_ &&
-                     static_cast<int64_t>(up.size()) == g_ &&
+    FM_CHECK_ARG(static_cast<int64_t>(gate.size()) == g_ && static_cast<int64_t>(up.size()) == g_ &&
                      static_cast<int64_t>(down.size()) == g_,
                  "ExpertWeightsFromMasters::refresh: ", g_, " experts, masters for ", gate.size(),
                  " / ", up.size(), " / ", down.size());
@@ -314,7 +313,8 @@ class ExpertWeightsFromMasters {
       const int64_t w2 = H * I, s2 = (H / kTile) * (I / kTile), half = (I / kTile) * (H / kTile);
       std::vector<kernels::WeightQuantJob> jobs;
       for (int64_t e = 0; e < g_; ++e) {
-        // w13 [2I, H]: gate rows [0, I), up rows [I, 2I); its transpose [H, 2I] likewise by columns.
+        // w13 [2I, H]: gate rows [0, I), up rows [I, 2I); its transpose [H, 2I] likewise by
+        // columns.
         jobs.push_back({gate[e], I, H, w_[0] + e * w13, s_[0] + e * s13, w_[2] + e * w13, 2 * I,
                         s_[2] + e * s13, 2 * I / kTile});
         jobs.push_back({up[e], I, H, w_[0] + e * w13 + I * H, s_[0] + e * s13 + half,
@@ -368,9 +368,9 @@ struct DecoderLayerGpu::Impl {
   bool dense_direct = false;  // gate/up grads adjacent: dW13 written straight into them
   // MoE.
   std::unique_ptr<ExpertWeightsFromMasters> routed_w, shared_w;
-  std::unique_ptr<comm::DeviceEpGroup> ep;        // one rank: the layer's own group
-  std::unique_ptr<comm::DeviceEpRank> ep_rank;     // several ranks: the maker's endpoint
-  int64_t local_experts = 0, first_expert = 0;     // the routed experts this rank holds
+  std::unique_ptr<comm::DeviceEpGroup> ep;      // one rank: the layer's own group
+  std::unique_ptr<comm::DeviceEpRank> ep_rank;  // several ranks: the maker's endpoint
+  int64_t local_experts = 0, first_expert = 0;  // the routed experts this rank holds
   std::unique_ptr<comm::MoeLayerGpu> moe;
 
   // Device memory: one allocation.
@@ -462,11 +462,11 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     : impl_(std::make_unique<Impl>()), is_moe_(is_moe) {
   check_dims(config, is_moe, batch, seq);
   FM_CHECK_ARG(ep_ranks >= 1, "DecoderLayerGpu: ep_ranks=", ep_ranks, " must be positive");
-  FM_CHECK_ARG(ep_ranks == 1 || !is_moe || make_ep,
-               "DecoderLayerGpu: ", ep_ranks, " EP ranks need an endpoint maker");
-  FM_CHECK_ARG(!is_moe || config.n_routed_experts % ep_ranks == 0, "DecoderLayerGpu: ",
-               config.n_routed_experts, " routed experts do not split evenly over ", ep_ranks,
-               " EP ranks");
+  FM_CHECK_ARG(ep_ranks == 1 || !is_moe || make_ep, "DecoderLayerGpu: ", ep_ranks,
+               " EP ranks need an endpoint maker");
+  FM_CHECK_ARG(!is_moe || config.n_routed_experts % ep_ranks == 0,
+               "DecoderLayerGpu: ", config.n_routed_experts,
+               " routed experts do not split evenly over ", ep_ranks, " EP ranks");
   Impl& m = *impl_;
   m.config = config;
   m.batch = batch;
@@ -627,8 +627,7 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     std::fill(lay.begin(), lay.begin() + T, 0);
     FM_CHECK_CUDA(cudaMemcpy(m.layout, lay.data(), R * 4, cudaMemcpyHostToDevice));
   } else {
-    const int64_t El = m.local_experts, I = c.moe_intermediate_size,
-                  Is = I * c.n_shared_experts;
+    const int64_t El = m.local_experts, I = c.moe_intermediate_size, Is = I * c.n_shared_experts;
     for (int64_t e = 0; e < El; ++e) {
       segs.push_back({m.scratch13 + e * 2 * I * H, m.routed.dgate[e], I * H});
       segs.push_back({m.scratch13 + e * 2 * I * H + I * H, m.routed.dup[e], I * H});
@@ -642,8 +641,8 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     comm::MoeLayerOptions lo;
     lo.backward = true;
     comm::DeviceEpRank& ep_rank = m.ep ? m.ep->rank(0) : *m.ep_rank;
-    m.moe = std::make_unique<comm::MoeLayerGpu>(ep_rank, m.routed_w->view(), m.shared_w->view(),
-                                                lo);
+    m.moe =
+        std::make_unique<comm::MoeLayerGpu>(ep_rank, m.routed_w->view(), m.shared_w->view(), lo);
   }
   if (is_moe) check_launch_dims((T + kDfTokens - 1) / kDfTokens, "the router's df kernel");
   m.n_segments = static_cast<int64_t>(segs.size());

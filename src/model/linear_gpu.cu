@@ -113,7 +113,8 @@ void LinearWeightsDevice::refresh(const float* master, cudaStream_t stream) {
     j.ldt = np;
     j.swt = swt_;
     j.ldst = np / kTile;
-    quantizer_ = std::make_unique<kernels::WeightQuantizer>(std::vector<kernels::WeightQuantJob>{j});
+    quantizer_ =
+        std::make_unique<kernels::WeightQuantizer>(std::vector<kernels::WeightQuantJob>{j});
     quantizer_master_ = master;
   }
   quantizer_->run(stream);

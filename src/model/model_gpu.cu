@@ -178,10 +178,10 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
 
   // Parameters and buffers: the CPU Model's table, 256-byte aligned slots (64 floats); under
   // expert parallelism only this rank's routed experts, placed after every replicated tensor.
-  FM_CHECK_ARG(par.world >= 1 && par.rank >= 0 && par.rank < par.world, "ModelGpu: rank ",
-               par.rank, " of ", par.world);
-  FM_CHECK_ARG(par.world == 1 || par.make_ep_rank,
-               "ModelGpu: ", par.world, " ranks need ModelGpuParallel::make_ep_rank");
+  FM_CHECK_ARG(par.world >= 1 && par.rank >= 0 && par.rank < par.world, "ModelGpu: rank ", par.rank,
+               " of ", par.world);
+  FM_CHECK_ARG(par.world == 1 || par.make_ep_rank, "ModelGpu: ", par.world,
+               " ranks need ModelGpuParallel::make_ep_rank");
   FM_CHECK_ARG(config.n_routed_experts % par.world == 0, "ModelGpu: ", config.n_routed_experts,
                " routed experts do not split evenly over ", par.world, " ranks");
   m.par = par;
@@ -361,10 +361,9 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
     EpRankMaker make_ep;
     if (par.world > 1)
       make_ep = [&m, block](const comm::EpConfig& cfg) { return m.par.make_ep_rank(block, cfg); };
-    m.layers.push_back(std::make_unique<DecoderLayerGpu>(config,
-                                                         "model.layers." + std::to_string(l), moe,
-                                                         batch, seq, m.rope->view(), lookup,
-                                                         par.world, make_ep));
+    m.layers.push_back(
+        std::make_unique<DecoderLayerGpu>(config, "model.layers." + std::to_string(l), moe, batch,
+                                          seq, m.rope->view(), lookup, par.world, make_ep));
     if (moe) m.moe_layers.push_back(m.layers.back().get());
   }
   for (int64_t k = 0; k < depth; ++k) {

@@ -46,8 +46,8 @@ std::string slot_name(const std::string& name, int64_t offset) {
 OptimizerStateGpu::OptimizerStateGpu(ModelGpu& model, TrainGroup& group, bool shard,
                                      const TrainOptions& o, cudaStream_t stream)
     : model_(model), group_(group), shard_(shard) {
-  FM_CHECK_ARG(!shard || group.world > 1, "a sharded optimizer needs several ranks (",
-               group.world, " here)");
+  FM_CHECK_ARG(!shard || group.world > 1, "a sharded optimizer needs several ranks (", group.world,
+               " here)");
   const std::vector<ParameterGpu>& params = model.parameters();
   const FloatSpan rep = model.replicated_grads();
   const int64_t share = rep.count / group.world;
@@ -105,8 +105,7 @@ void OptimizerStateGpu::gather_values(cudaStream_t stream) {
   if (!shard_) return;
 #if defined(FP8MOE_HAVE_NCCL)
   const FloatSpan values = model_.replicated_values();
-  comm::nccl_all_gather(group_.nccl, values.data, values.count / group_.world, group_.rank,
-                        stream);
+  comm::nccl_all_gather(group_.nccl, values.data, values.count / group_.world, group_.rank, stream);
 #endif
 }
 
@@ -130,8 +129,11 @@ void OptimizerStateGpu::save(const std::string& path, const TrainOptions& o, int
       const StateSlot& s = slots_[i];
       const ParameterGpu& p = params[s.param];
       if (!shard_ && !p.sharded) continue;
-      host.push_back({slot_name(p.name, s.offset), {s.count}, download(p.value + s.offset, s.count),
-                      download(ema_->values(i), s.count), download(s.m, s.count),
+      host.push_back({slot_name(p.name, s.offset),
+                      {s.count},
+                      download(p.value + s.offset, s.count),
+                      download(ema_->values(i), s.count),
+                      download(s.m, s.count),
                       download(s.v, s.count)});
     }
     for (const Host& h : host)
@@ -212,7 +214,8 @@ void OptimizerStateGpu::save(const std::string& path, const TrainOptions& o, int
     out.push_back({&spec.name, &spec.shape, f.value.data(), f.m.data(), f.v.data(), f.ema.data()});
   }
   std::vector<std::vector<float>> buffer_values;
-  for (const ParameterGpu& b : model_.buffers()) buffer_values.push_back(download(b.value, b.numel));
+  for (const ParameterGpu& b : model_.buffers())
+    buffer_values.push_back(download(b.value, b.numel));
   for (size_t i = 0; i < model_.buffers().size(); ++i)
     buffers.push_back(
         {&model_.buffers()[i].name, &model_.buffers()[i].shape, buffer_values[i].data()});

@@ -23,9 +23,9 @@
 namespace fp8moe::train_detail {
 
 struct StateSlot {
-  size_t param = 0;     // index in ModelGpu::parameters()
-  int64_t offset = 0;   // the slot's first element of the tensor
-  int64_t count = 0;    // elements
+  size_t param = 0;       // index in ModelGpu::parameters()
+  int64_t offset = 0;     // the slot's first element of the tensor
+  int64_t count = 0;      // elements
   uint16_t* m = nullptr;  // device BF16 [count]
   uint16_t* v = nullptr;
 };

@@ -263,14 +263,12 @@ void AdamWGpu::launch_norm(cudaStream_t stream) {
     FM_CHECK_LAUNCH();
     return;
   }
-  adamw_norm_final_kernel<<<1, kFinalThreads, 0, stream>>>(partial_, total_chunks_,
-                                                           config_.clip_norm, skip, state_,
-                                                           norm_sum_, nullptr);
+  adamw_norm_final_kernel<<<1, kFinalThreads, 0, stream>>>(
+      partial_, total_chunks_, config_.clip_norm, skip, state_, norm_sum_, nullptr);
   FM_CHECK_LAUNCH();
   norm_reduction_(norm_sum_, stream);
-  adamw_norm_final_kernel<<<1, kFinalThreads, 0, stream>>>(partial_, total_chunks_,
-                                                           config_.clip_norm, skip, state_,
-                                                           nullptr, norm_sum_);
+  adamw_norm_final_kernel<<<1, kFinalThreads, 0, stream>>>(
+      partial_, total_chunks_, config_.clip_norm, skip, state_, nullptr, norm_sum_);
   FM_CHECK_LAUNCH();
 }
 

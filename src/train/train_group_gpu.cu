@@ -30,22 +30,22 @@ void join_group(const GpuTrainOptions& g, TrainGroup& group) {
   const comm::RankEnv env = comm::rank_env();
   if (env.world_size == 1) return;
 #if defined(FP8MOE_HAVE_NCCL)
-  FM_CHECK_ARG(env.local_world_size == env.world_size, "the GPU trainer runs on one host: ",
-               env.world_size, " ranks, ", env.local_world_size, " on this host");
+  FM_CHECK_ARG(env.local_world_size == env.world_size,
+               "the GPU trainer runs on one host: ", env.world_size, " ranks, ",
+               env.local_world_size, " on this host");
   int count = 0;
   FM_CHECK_CUDA(cudaGetDeviceCount(&count));
   group.rank = env.rank;
   group.world = env.world_size;
   group.device = comm::rank_device(env, count);
   group.store = std::make_unique<comm::Store>(comm::Store::from_env());
-  const std::vector<std::string> devices =
-      group.store->all_gather(group.prefix + "device", std::to_string(group.device),
-                              TrainGroup::kStoreWaitS);
+  const std::vector<std::string> devices = group.store->all_gather(
+      group.prefix + "device", std::to_string(group.device), TrainGroup::kStoreWaitS);
   for (int r = 0; r < group.world; ++r)
     for (int q = 0; q < r; ++q)
-      FM_CHECK_ARG(devices[q] != devices[r], "the GPU trainer takes one GPU per rank (NCCL): ",
-                   "ranks ", q, " and ", r, " both drive device ", devices[r], " (", count,
-                   " visible)");
+      FM_CHECK_ARG(devices[q] != devices[r],
+                   "the GPU trainer takes one GPU per rank (NCCL): ", "ranks ", q, " and ", r,
+                   " both drive device ", devices[r], " (", count, " visible)");
   group.nccl = comm::nccl_comm_init_rank(*group.store, group.device, group.prefix + "nccl",
                                          TrainGroup::kStoreWaitS);
 #else
@@ -88,8 +88,8 @@ void reduce_loss(TrainGroup& group, LossGpu* loss, cudaStream_t s) {
 #if defined(FP8MOE_HAVE_NCCL)
   static_assert(sizeof(LossGpu) % sizeof(double) == 0, "LossGpu is doubles only");
   comm::nccl_all_reduce(group.nccl, reinterpret_cast<double*>(loss),
-                        static_cast<int64_t>(sizeof(LossGpu) / sizeof(double)), comm::ReduceOp::kAvg,
-                        s);
+                        static_cast<int64_t>(sizeof(LossGpu) / sizeof(double)),
+                        comm::ReduceOp::kAvg, s);
 #endif
 }
 
@@ -128,9 +128,8 @@ void reduce_step(TrainGroup& group, ModelGpu& model, LossGpu* loss, GradAverage 
     comm::nccl_reduce_scatter(group.nccl, rep.data, rep.count / group.world, comm::ReduceOp::kAvg,
                               group.rank, s);
   } else {
-    const std::vector<FloatSpan> spans = how == GradAverage::kBesideBlocks
-                                             ? model.replicated_rest()
-                                             : std::vector<FloatSpan>{rep};
+    const std::vector<FloatSpan> spans =
+        how == GradAverage::kBesideBlocks ? model.replicated_rest() : std::vector<FloatSpan>{rep};
     for (const FloatSpan& span : spans)
       comm::nccl_all_reduce(group.nccl, span.data, span.count, comm::ReduceOp::kAvg, s);
   }

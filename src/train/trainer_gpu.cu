@@ -77,8 +77,8 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
   TrainGroup group;
   join_group(g, group);
   const int64_t R = group.world;
-  FM_CHECK_ARG(o.batch % R == 0, "--batch ", o.batch, " (the whole job's) does not split over ",
-               R, " ranks");
+  FM_CHECK_ARG(o.batch % R == 0, "--batch ", o.batch, " (the whole job's) does not split over ", R,
+               " ranks");
   FM_CHECK_ARG(o.model.n_routed_experts % R == 0, "the model's ", o.model.n_routed_experts,
                " routed experts do not split over ", R, " ranks");
   const int64_t local_batch = o.batch / R;
@@ -153,7 +153,7 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
   };
   if (g.phase_times)
     for (cudaEvent_t& e : run.phase) FM_CHECK_CUDA(cudaEventCreate(&e));
-  const GradAverage average = state.sharded()     ? GradAverage::kReduceScatter
+  const GradAverage average = state.sharded()    ? GradAverage::kReduceScatter
                               : g.overlap_reduce ? GradAverage::kBesideBlocks
                                                  : GradAverage::kAllReduce;
   std::unique_ptr<OverlappedReduce> overlap;

@@ -2,11 +2,11 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
-#include <vector>
 #include <cstring>
-#include <memory>
 #include <limits>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/quantize.h"
@@ -171,7 +171,8 @@ TEST(QuantizeGpu, WeightQuantizerMatchesCpuBitForBit) {
   }
   // A stacked pair: two [256, 512] weights into one [512, 512] w13 and its [512][512] transpose.
   const int64_t I = 256, H = 512;
-  const std::vector<float> gate = test::random_matrix(I, H, seed++), up = test::random_matrix(I, H, seed++);
+  const std::vector<float> gate = test::random_matrix(I, H, seed++),
+                           up = test::random_matrix(I, H, seed++);
   DeviceBuffer<float> dgate(gate), dup(up);
   DeviceBuffer<uint8_t> w13(2 * I * H), w13t(2 * I * H);
   DeviceBuffer<float> s13(2 * I / 128 * H / 128), s13t(2 * I / 128 * H / 128);
@@ -180,8 +181,8 @@ TEST(QuantizeGpu, WeightQuantizerMatchesCpuBitForBit) {
   s13.poison();
   s13t.poison();
   const int64_t half = I / 128 * H / 128;
-  jobs.push_back({dgate.get(), I, H, w13.get(), s13.get(), w13t.get(), 2 * I, s13t.get(),
-                  2 * I / 128});
+  jobs.push_back(
+      {dgate.get(), I, H, w13.get(), s13.get(), w13t.get(), 2 * I, s13t.get(), 2 * I / 128});
   jobs.push_back({dup.get(), I, H, w13.get() + I * H, s13.get() + half, w13t.get() + I, 2 * I,
                   s13t.get() + I / 128, 2 * I / 128});
   const kernels::WeightQuantizer quantizer(jobs);

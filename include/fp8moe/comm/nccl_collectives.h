@@ -1,9 +1,10 @@
-// All-reductions, reduce-scatters and all-gathers over an NCCL communicator (one from nccl_bootstrap.h), for data parallelism: the
-// GPU trainer averages the replicated tensors' gradients and sums the expert loads, losses and
-// grad-norm partials of its ranks. Stream-ordered and capturable in a CUDA graph (NCCL's own
-// rules: every rank enqueues the same calls in the same order). The communicator is a void* so
-// that callers need no NCCL header; errors throw kNccl naming the call and NCCL's reason.
-// Only in builds with NCCL (FP8MOE_HAVE_NCCL). Tested in tests/train/trainer_gpu_parallel_test.cu.
+// All-reductions, reduce-scatters and all-gathers over an NCCL communicator (one from
+// nccl_bootstrap.h), for data parallelism: the GPU trainer averages the replicated tensors'
+// gradients and sums the expert loads, losses and grad-norm partials of its ranks. Stream-ordered
+// and capturable in a CUDA graph (NCCL's own rules: every rank enqueues the same calls in the same
+// order). The communicator is a void* so that callers need no NCCL header; errors throw kNccl
+// naming the call and NCCL's reason. Only in builds with NCCL (FP8MOE_HAVE_NCCL). Tested in
+// tests/train/trainer_gpu_parallel_test.cu.
 #pragma once
 
 #if defined(FP8MOE_HAVE_NCCL)

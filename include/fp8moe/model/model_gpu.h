@@ -60,8 +60,7 @@ class ModelGpu {
   // kInvalidArgument naming what the GPU path cannot take (DecoderLayerGpu's shapes, MTP depth
   // > LossGpu::kMaxMtpDepth, seq > max_position_embeddings, experts that do not split evenly
   // over par.world ranks).
-  ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
-           const ModelGpuParallel& par = {});
+  ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq, const ModelGpuParallel& par = {});
   ~ModelGpu();
   ModelGpu(const ModelGpu&) = delete;
   ModelGpu& operator=(const ModelGpu&) = delete;

@@ -28,7 +28,7 @@
 namespace fp8moe {
 
 struct GpuTrainOptions {
-  int device = 0;  // one-GPU runs; a launched rank drives comm::rank_device's GPU
+  int device = 0;          // one-GPU runs; a launched rank drives comm::rank_device's GPU
   bool cuda_graph = true;  // false: every step launches eagerly (debugging)
   // Each step's metrics line gains its phases' device times (CUDA events, ms): "fb_ms" forward +
   // backward, "reduce_ms" the ranks' reductions (several GPUs), "adam_ms" the optimizer (with the
@@ -42,9 +42,10 @@ struct GpuTrainOptions {
   // Several GPUs: ZeRO-1 over the ranks — each rank keeps the moments and the EMA of a 1 / R share
   // of the replicated tensors (their gradients reduce-scattered, AdamW on the share, the new
   // values all-gathered) instead of all of them; the routed experts' state stays whole on their
-  // rank. Less memory and optimizer time a rank; the gradient average is then not overlapped
-  // with the backward.
-  bool shard_optimizer = false;
+  // rank. Less memory and optimizer time a rank (V3-width layers on 2 x H200: 60.6 against 62.3 ms
+  // a step); the gradient average is then not overlapped with the backward (overlap_reduce
+  // applies to the replicated optimizer only).
+  bool shard_optimizer = true;
 };
 
 // o.precision must be fp8 (the recipe; the GPU path has no bf16 / fp32 model). Throws as train()
