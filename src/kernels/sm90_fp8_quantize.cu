@@ -102,6 +102,17 @@ __global__ void quantize_1x128_kernel(const T* x, int64_t rows, int64_t cols, in
   if (lane == 0) scales[scale_index(layout, row, tile, rows, tiles)] = scale;
 }
 
+// The largest of a 256-thread block's values (every thread gets it): warps, then shared memory.
+__device__ __forceinline__ float block256_max(float v, float* warp_max_smem) {
+  v = warp_max(v);
+  if (threadIdx.x % 32 == 0) warp_max_smem[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = warp_max_smem[0];
+#pragma unroll
+  for (int w = 1; w < 8; ++w) v = fmaxf(v, warp_max_smem[w]);
+  return v;
+}
+
 // ---- 128x128: one CTA of 256 threads per block ----
 template <typename T>
 __global__ void __launch_bounds__(256, 1)
@@ -126,12 +137,7 @@ __global__ void __launch_bounds__(256, 1)
       amax = fmaxf(amax, fabsf(v[i][j]));
     }
   }
-  amax = warp_max(amax);
-  if (lane == 0) warp_amax[warp] = amax;
-  __syncthreads();
-  amax = warp_amax[0];
-#pragma unroll
-  for (int w = 1; w < 8; ++w) amax = fmaxf(amax, warp_amax[w]);
+  amax = block256_max(amax, warp_amax);
   const float scale = scale_for_amax(amax, pow2);
   const Divisor d = make_divisor(scale);
 #pragma unroll
@@ -620,12 +626,7 @@ __global__ void __launch_bounds__(256)
       amax = fmaxf(amax, fabsf(v[i][q]));
     }
   }
-  amax = warp_max(amax);
-  if (lane == 0) warp_amax[warp] = amax;
-  __syncthreads();
-  amax = warp_amax[0];
-#pragma unroll
-  for (int w = 1; w < 8; ++w) amax = fmaxf(amax, warp_amax[w]);
+  amax = block256_max(amax, warp_amax);
   const float scale = scale_for_amax(amax, false);
   const Divisor d = make_divisor(scale);
 #pragma unroll
