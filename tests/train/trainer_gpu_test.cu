@@ -307,6 +307,7 @@ double worst_difference(const std::map<std::string, std::vector<float>>& a,
                         const std::map<std::string, std::vector<float>>& b,
                         std::initializer_list<const char*> kinds, std::string* where) {
   double worst = 0;
+  *where = "all equal";
   for (const auto& [name, x] : a) {
     if (std::none_of(kinds.begin(), kinds.end(),
                      [&](const char* k) { return name.rfind(k, 0) == 0; }))
