@@ -352,10 +352,12 @@ TEST(TrainerGpuParallel, RanksEqualOneGpu) {
     if (s == 0) EXPECT_LT(rel, 1e-4) << "step 1: the same weights and rows";
     worst = std::max(worst, rel);
     EXPECT_EQ(parts.loss[s], whole.loss[s]) << "resumed at step 3, step " << s + 1;
-    // Every rank the whole optimizer state: the same update of each element; only the grad
-    // norm's partial sums are grouped otherwise (its last bits, and through the clip factor the
-    // weights').
-    EXPECT_NEAR(replicated.loss[s], whole.loss[s], 1e-4 * whole.loss[s]) << "step " << s + 1;
+    // Every rank the whole optimizer state: the same update of each element; at two ranks only
+    // the grad norm's partial sums are grouped otherwise (its last bits, and through the clip
+    // factor the weights'); at more, the all-reduce and the reduce-scatter also sum each
+    // gradient in another order, and the runs part as the job and one GPU do.
+    EXPECT_NEAR(replicated.loss[s], whole.loss[s], (ranks == 2 ? 1e-4 : 5e-3) * whole.loss[s])
+        << "step " << s + 1;
     // Two ranks: each average is a + b, whichever stream runs it; more ranks may sum in another
     // order per chunk.
     if (ranks == 2)
@@ -373,12 +375,13 @@ TEST(TrainerGpuParallel, RanksEqualOneGpu) {
   EXPECT_LT(std::fabs(whole.grad_norm[0] - g1) / g1, 2e-2) << "step 1's grad norm";
 
   // The jobs' checkpoints, assembled from the ranks' parts (slots of the sharded optimizer, the
-  // experts of every rank). Against the one-GPU run's, tensor by tensor: values and EMA differ by
-  // the runs' FP8 noise, which AdamW's normalised steps (lr 3e-3 against weights of std 0.02)
-  // carry into the weights (0.18 at worst in session 22), while a tensor filed under another's
+  // experts of every rank). The resumed run above equal to the uninterrupted one says the round
+  // trip is exact. Against the one-GPU run's, tensor by tensor: values and EMA differ by the
+  // runs' FP8 noise, which AdamW's normalised steps (lr 3e-3 against weights of std 0.02) carry
+  // into the weights (0.15-0.18 at worst in session 22), while a tensor filed under another's
   // name or a slot at a wrong offset differs like unrelated weights (~1.4). The moments of a
-  // noise-dominated gradient differ across runs by more than that (up to 3.6), so they are
-  // compared between the two jobs, whose steps agree to the grad norm's last bits.
+  // noise-dominated gradient differ across runs by more than that (up to 4.6), so they are
+  // compared between the two jobs where their steps agree bit for bit (two ranks).
   const auto t_one = checkpoint_tensors(dir / "one/checkpoint.safetensors");
   const auto t_whole = checkpoint_tensors(dir / "whole/checkpoint.safetensors");
   const auto t_replicated = checkpoint_tensors(dir / "replicated/checkpoint.safetensors");
@@ -390,9 +393,12 @@ TEST(TrainerGpuParallel, RanksEqualOneGpu) {
     std::printf("values / EMA against one GPU: worst %.2e (%s)\n", w, where.c_str());
     EXPECT_LT(w, 0.3) << where;
   }
-  const double w = worst_difference(t_whole, t_replicated, {"adam_m/", "adam_v/"}, &where);
-  std::printf("moments, sharded against replicated optimizer: worst %.2e (%s)\n", w, where.c_str());
-  EXPECT_LT(w, 1e-2) << where;
+  if (ranks == 2) {
+    const double w = worst_difference(t_whole, t_replicated, {"adam_m/", "adam_v/"}, &where);
+    std::printf("moments, sharded against replicated optimizer: worst %.2e (%s)\n", w,
+                where.c_str());
+    EXPECT_LT(w, 1e-2) << where;
+  }
   for (const char* run : {"whole", "replicated"}) {
     SCOPED_TRACE(run);
     TrainOptions more = parallel_options(dir, run, 8);
