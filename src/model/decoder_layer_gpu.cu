@@ -458,7 +458,7 @@ void check_dims(const ModelConfig& c, bool is_moe, int64_t batch, int64_t seq) {
 DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& prefix, bool is_moe,
                                  int64_t batch, int64_t seq, const RopeTableView& rope,
                                  const ParameterLookup& params, int ep_ranks,
-                                 const EpRankMaker& make_ep)
+                                 const EpRankMaker& make_ep, float* grad_scratch)
     : impl_(std::make_unique<Impl>()), is_moe_(is_moe) {
   check_dims(config, is_moe, batch, seq);
   FM_CHECK_ARG(ep_ranks >= 1, "DecoderLayerGpu: ep_ranks=", ep_ranks, " must be positive");
@@ -592,10 +592,17 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     slots.push_back({reinterpret_cast<void**>(&m.fscaled), m.num_seq * E * b8});
     slots.push_back({reinterpret_cast<void**>(&m.contrib), m.num_seq * b8});
     slots.push_back({reinterpret_cast<void**>(&m.gx), T * H * b2});
-    slots.push_back({reinterpret_cast<void**>(&m.scratch13), El * 2 * I * H * b4});
-    slots.push_back({reinterpret_cast<void**>(&m.scratch2), El * H * I * b4});
-    slots.push_back({reinterpret_cast<void**>(&m.sscratch13), 2 * Is * H * b4});
-    slots.push_back({reinterpret_cast<void**>(&m.sscratch2), H * Is * b4});
+    if (grad_scratch == nullptr) {
+      slots.push_back({reinterpret_cast<void**>(&m.scratch13), El * 2 * I * H * b4});
+      slots.push_back({reinterpret_cast<void**>(&m.scratch2), El * H * I * b4});
+      slots.push_back({reinterpret_cast<void**>(&m.sscratch13), 2 * Is * H * b4});
+      slots.push_back({reinterpret_cast<void**>(&m.sscratch2), H * Is * b4});
+    } else {  // grad_scratch_floats()' parts, in this order
+      m.scratch13 = grad_scratch;
+      m.scratch2 = m.scratch13 + slot(El * 2 * I * H * b4) / b4;
+      m.sscratch13 = m.scratch2 + slot(El * H * I * b4) / b4;
+      m.sscratch2 = m.sscratch13 + slot(2 * Is * H * b4) / b4;
+    }
   }
   // The scatter's segments (FFN grads that do not sit in ExpertWeightsHost's layout).
   slots.push_back({reinterpret_cast<void**>(&m.segments),
@@ -653,6 +660,15 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
 }
 
 DecoderLayerGpu::~DecoderLayerGpu() = default;
+
+int64_t DecoderLayerGpu::grad_scratch_floats(const ModelConfig& config, int ep_ranks) {
+  const int64_t H = config.hidden_size, I = config.moe_intermediate_size;
+  const int64_t Is = I * config.n_shared_experts, El = config.n_routed_experts / ep_ranks;
+  const int64_t b4 = 4;
+  return (slot(El * 2 * I * H * b4) + slot(El * H * I * b4) + slot(2 * Is * H * b4) +
+          slot(H * Is * b4)) /
+         b4;
+}
 
 void DecoderLayerGpu::refresh(cudaStream_t stream) {
   Impl& m = *impl_;

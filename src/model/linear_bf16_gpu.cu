@@ -112,10 +112,22 @@ LinearBf16Gpu::~LinearBf16Gpu() {
   plans_.reset();
   if (handle_ != nullptr) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
   cudaFree(workspace_);
-  cudaFree(w_);
+  if (owns_weight_) cudaFree(w_);
+}
+
+void LinearBf16Gpu::share_weight(const LinearBf16Gpu& owner) {
+  FM_CHECK_ARG(owner.n_ == n_ && owner.k_ == k_, "LinearBf16Gpu::share_weight: the owner's [",
+               owner.n_, ", ", owner.k_, "] is not this one's [", n_, ", ", k_, "]");
+  FM_CHECK_ARG(&owner != this && owner.owns_weight_,
+               "LinearBf16Gpu::share_weight: the owner must hold its own weight");
+  if (owns_weight_) FM_CHECK_CUDA(cudaFree(w_));
+  w_ = owner.w_;
+  owns_weight_ = false;
 }
 
 void LinearBf16Gpu::refresh_weight(const float* master, cudaStream_t stream) {
+  FM_CHECK_ARG(owns_weight_,
+               "LinearBf16Gpu::refresh_weight: this one shares another's weight (refresh that)");
   FM_CHECK_ARG(master != nullptr, "LinearBf16Gpu::refresh_weight: null master weight");
   to_bf16_kernel<<<1024, 256, 0, stream>>>(master, n_ * k_, reinterpret_cast<__nv_bfloat16*>(w_));
   FM_CHECK_LAUNCH();

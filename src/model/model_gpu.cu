@@ -13,9 +13,9 @@
 // every piece then ACCUMULATES (the lm_head and the embedding get 1 + depth contributions each,
 // in the CPU's order: MTP depths last to first, then the main model). Cost: one write of 4 bytes
 // per parameter (13 MB, ~5 us at ~3 TB/s, for the test config's 3.25 M parameters).
-// The output head: one LinearBf16Gpu per use (main, each MTP depth), each with its own BF16 copy
-// of lm_head (refresh()): LinearBf16Gpu keeps its forward's input for its backward, and the main
-// head's backward runs after the MTP depths'. Cost: V * H * 2 bytes per MTP depth.
+// The output head: one LinearBf16Gpu per use (main, each MTP depth: LinearBf16Gpu keeps its
+// forward's input for its backward, and the main head's backward runs after the MTP depths'),
+// all reading the main head's one BF16 copy of lm_head (share_weight).
 #include "fp8moe/model/model_gpu.h"
 
 #include <cuda_runtime.h>
@@ -90,6 +90,7 @@ struct ModelGpu::Impl {
   std::vector<ParameterGpu> params, buffers;
   std::unordered_map<std::string, ParameterGpu*> by_name;
   float* values = nullptr;  // params then buffers
+  float* grad_scratch = nullptr;  // the MoE layers' (DecoderLayerGpu::grad_scratch_floats)
   float* grads = nullptr;   // params only: the replicated tensors', then the sharded ones'
   size_t grad_bytes = 0;
   int64_t replicated_floats = 0;  // the arena's first run (the rest: sharded)
@@ -147,6 +148,7 @@ struct ModelGpu::Impl {
     if (values != nullptr) cudaFree(values);
     if (grads != nullptr) cudaFree(grads);
     if (ws != nullptr) cudaFree(ws);
+    if (grad_scratch != nullptr) cudaFree(grad_scratch);
   }
 };
 
@@ -355,6 +357,13 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
   const ParameterLookup lookup = [&m](const std::string& name) -> ParameterGpu& {
     return m.lookup(name);
   };
+  // One gradient scratch for every MoE layer: a layer uses it inside its own backward only.
+  bool any_moe = false;
+  for (int64_t l = 0; l < m.layers_n + depth; ++l) any_moe = any_moe || config.is_moe_layer(l);
+  if (any_moe) {
+    const int64_t floats = DecoderLayerGpu::grad_scratch_floats(config, par.world);
+    FM_CHECK_CUDA(cudaMalloc(&m.grad_scratch, static_cast<size_t>(floats) * sizeof(float)));
+  }
   for (int64_t l = 0; l < m.layers_n + depth; ++l) {
     const bool moe = config.is_moe_layer(l);
     const int block = static_cast<int>(m.moe_layers.size());
@@ -363,15 +372,18 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
       make_ep = [&m, block](const comm::EpConfig& cfg) { return m.par.make_ep_rank(block, cfg); };
     m.layers.push_back(
         std::make_unique<DecoderLayerGpu>(config, "model.layers." + std::to_string(l), moe, batch,
-                                          seq, m.rope->view(), lookup, par.world, make_ep));
+                                          seq, m.rope->view(), lookup, par.world, make_ep,
+                                          moe ? m.grad_scratch : nullptr));
     if (moe) m.moe_layers.push_back(m.layers.back().get());
   }
   for (int64_t k = 0; k < depth; ++k) {
     m.eh_w.push_back(std::make_unique<LinearWeightsDevice>(H, 2 * H));
     m.eh.push_back(std::make_unique<LinearFp8Gpu>(T, H, 2 * H));
   }
-  for (int64_t k = 0; k < 1 + depth; ++k)
+  for (int64_t k = 0; k < 1 + depth; ++k) {
     m.heads.push_back(std::make_unique<LinearBf16Gpu>(T, V, H));
+    if (k > 0) m.heads.back()->share_weight(*m.heads[0]);  // one BF16 copy of lm_head
+  }
   FM_CHECK_CUDA(cudaDeviceSynchronize());
 }
 
@@ -504,7 +516,7 @@ void ModelGpu::refresh(cudaStream_t stream) {
   Impl& m = *impl_;
   for (auto& l : m.layers) l->refresh(stream);
   for (int64_t k = 0; k < m.depth; ++k) m.eh_w[k]->refresh(m.mtp_params[k].eh->value, stream);
-  for (auto& h : m.heads) h->refresh_weight(m.lm_head->value, stream);
+  m.heads[0]->refresh_weight(m.lm_head->value, stream);  // the MTP depths' heads share it
 }
 
 void ModelGpu::forward_backward(const int32_t* tokens, float mtp_weight, bool backward,

@@ -226,6 +226,11 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
     if (checkpoint_due(o, step, end)) state.save(ckpt_path, o, step + 1);
   }
   if (group.lead()) log.end_loop();
+  {
+    size_t free_bytes = 0, total_bytes = 0;
+    FM_CHECK_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
+    result.device_memory_gb = static_cast<double>(total_bytes - free_bytes) / 1e9;
+  }
   if (o.checkpoint) state.save(ckpt_path, o, end);
 
   // Held-out loss on the CPU trainer's fixed windows of the validation stream.

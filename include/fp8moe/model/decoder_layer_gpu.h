@@ -68,9 +68,16 @@ class DecoderLayerGpu {
   // layer's life). ep_ranks > 1 (MoE layers): make_ep makes the layer's endpoint and `params`
   // holds only this rank's routed experts (the shared expert, the router and the rest: all);
   // ep_ranks == 1: a one-rank EP group of the layer's own, every expert local.
+  // grad_scratch (MoE layers; null: the layer allocates its own): grad_scratch_floats() FP32 the
+  // experts' weight gradients pass through on their way into the parameters' gradients, during
+  // backward only — so the MoE layers of a model share one.
   DecoderLayerGpu(const ModelConfig& config, const std::string& prefix, bool is_moe, int64_t batch,
                   int64_t seq, const RopeTableView& rope, const ParameterLookup& params,
-                  int ep_ranks = 1, const EpRankMaker& make_ep = {});
+                  int ep_ranks = 1, const EpRankMaker& make_ep = {},
+                  float* grad_scratch = nullptr);
+  // The size of a MoE layer's gradient scratch: every local routed expert's and the shared
+  // expert's gate, up and down gradients (256-byte aligned parts).
+  static int64_t grad_scratch_floats(const ModelConfig& config, int ep_ranks);
   ~DecoderLayerGpu();
   DecoderLayerGpu(const DecoderLayerGpu&) = delete;
   DecoderLayerGpu& operator=(const DecoderLayerGpu&) = delete;

@@ -140,6 +140,10 @@ class LinearBf16Gpu {
   // W's BF16 copy (round to nearest even) from the FP32 master [N, K] on the device.
   void refresh_weight(const float* master, cudaStream_t stream);
   const bf16* weight() const { return w_; }
+  // Use `owner`'s BF16 weight (same N, K) from now on, and free this one's: several uses of one
+  // weight (the output head of the main model and of each MTP depth) keep one copy, refreshed
+  // through the owner (refresh_weight here then throws). The owner must outlive this one.
+  void share_weight(const LinearBf16Gpu& owner);
   // x [M, K] -> y [M, N]; remembers x (the caller keeps it unchanged until backward()).
   void forward(const bf16* x, int64_t m, bf16* y, cudaStream_t stream);
   // dy [M, N] -> dx [M, K] (null: none) and dw [N, K] FP32 += dy^T x (= with kOverwrite).
@@ -151,6 +155,7 @@ class LinearBf16Gpu {
   int64_t max_rows_ = 0, n_ = 0, k_ = 0, m_ = -1;
   const bf16* x_ = nullptr;
   bf16* w_ = nullptr;
+  bool owns_weight_ = true;
   void* workspace_ = nullptr;
   void* handle_ = nullptr;  // cublasLtHandle_t
   std::unique_ptr<Plans> plans_;

@@ -48,6 +48,9 @@ struct TrainResult {
   // Over the steps after this run's first two (the first compiles, allocates and, on the GPU,
   // captures the step's graph): the rate a long run settles at. 0 with fewer than 3 steps.
   double steady_tokens_per_s = 0;
+  // GPU runs: the device memory in use on the (lead) rank's GPU after the training loop (its
+  // total less its free memory, cudaMemGetInfo), GB; 0 for CPU runs.
+  double device_memory_gb = 0;
   int64_t steps_done = 0;
 };
 
