@@ -615,16 +615,19 @@ __global__ void __launch_bounds__(256)
   const int64_t local = block - rec.first, bn = local / rec.kb, bk = local % rec.kb;
   const int64_t r0 = bn * 128, c0 = bk * 128;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // A lane holds columns 4 lane .. 4 lane + 3 of rows warp + 8 i: one 16-byte load and one
+  // 4-byte store a row.
   float v[16][4];
   float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
     const int64_t r = r0 + warp + 8 * i;
+    const float4 q4 = r < j.n
+                          ? __ldg(reinterpret_cast<const float4*>(j.master + r * j.k + c0) + lane)
+                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    v[i][0] = q4.x, v[i][1] = q4.y, v[i][2] = q4.z, v[i][3] = q4.w;
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      v[i][q] = r < j.n ? __ldg(j.master + r * j.k + c0 + lane + 32 * q) : 0.0f;
-      amax = fmaxf(amax, fabsf(v[i][q]));
-    }
+    for (int q = 0; q < 4; ++q) amax = fmaxf(amax, fabsf(v[i][q]));
   }
   amax = block256_max(amax, warp_amax);
   const float scale = scale_for_amax(amax, false);
@@ -633,13 +636,14 @@ __global__ void __launch_bounds__(256)
   for (int i = 0; i < 16; ++i) {
     const int row = warp + 8 * i;
     const int64_t r = r0 + row;
+    uint32_t word = 0;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const uint8_t code = encode(v[i][q], d);  // 0 for the rows past n (v = 0)
-      const int col = lane + 32 * q;
-      if (r < j.n) j.w[r * j.k + c0 + col] = code;
-      tile[row * kTileStride + col] = code;
+      tile[row * kTileStride + 4 * lane + q] = code;
+      word |= static_cast<uint32_t>(code) << (8 * q);
     }
+    if (r < j.n) *reinterpret_cast<uint32_t*>(j.w + r * j.k + c0 + 4 * lane) = word;
   }
   if (threadIdx.x == 0) {
     j.sw[bn * rec.kb + bk] = scale;
@@ -667,6 +671,9 @@ WeightQuantizer::WeightQuantizer(std::vector<WeightQuantJob> jobs) : jobs_(std::
                  j.n, ", ", j.k, "] (k must be a positive multiple of 128)");
     FM_CHECK_ARG(j.master && j.w && j.sw && j.wt && j.swt, "WeightQuantizer: job ", i,
                  " has a null pointer");
+    FM_CHECK_ARG(reinterpret_cast<uintptr_t>(j.master) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(j.w) % 4 == 0,
+                 "WeightQuantizer: job ", i, ": master must be 16-byte aligned, w 4-byte aligned");
     const int64_t nb = (j.n + 127) / 128;
     FM_CHECK_ARG(j.ldt >= nb * 128 && j.ldt % 4 == 0 && reinterpret_cast<uintptr_t>(j.wt) % 4 == 0,
                  "WeightQuantizer: job ", i, ": ldt ", j.ldt, " (>= ", nb * 128,

@@ -238,6 +238,9 @@ TEST(QuantizeGpu, WeightQuantizerMatchesCpuBitForBit) {
   bad = {jobs[0]};
   bad[0].ldt = 128;
   EXPECT_THROW(kernels::WeightQuantizer{bad}, Error);
+  bad = {jobs[0]};
+  bad[0].master += 1;  // its rows are read 16 bytes at a time
+  EXPECT_THROW(kernels::WeightQuantizer{bad}, Error);
 }
 
 template <typename T>

@@ -64,9 +64,9 @@ void quantize_128x128(const bf16* x, int64_t rows, int64_t cols, int64_t ld, boo
 // (wt, swt): wt[c][r] = w[r][c], rows n .. round_up(n, 128) of each wt row 0; swt[kb][nb] =
 // sw[nb][kb]. Strides let a job fill part of a stacked weight (gate and up in one w13).
 struct WeightQuantJob {
-  const float* master = nullptr;  // [n, k] row-major, k % 128 == 0
+  const float* master = nullptr;  // [n, k] row-major, k % 128 == 0, 16-byte aligned
   int64_t n = 0, k = 0;
-  uint8_t* w = nullptr;   // [n, k]
+  uint8_t* w = nullptr;   // [n, k], 4-byte aligned
   float* sw = nullptr;    // [ceil(n / 128)][k / 128]
   uint8_t* wt = nullptr;  // [k][ldt], ldt >= round_up(n, 128), ldt % 4 == 0
   int64_t ldt = 0;
