@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Session 22's final validation call: phase 1 of scripts/device_full_validation.sh (every GPU
-# test: test_comm_gpu on both GPUs, the other binaries on the last GPU), then the trainer's
-# several-GPU tests, which need every GPU (phase 1 gives the other binaries one).
+# Session 22's final validation call, as it ran: phase 1 of scripts/device_full_validation.sh
+# (every GPU test: test_comm_gpu on both GPUs, the other binaries on the last GPU), then the
+# trainer's several-GPU tests, which need every GPU (phase 1 gave the other binaries one; phase 1
+# runs them itself since, so later sessions need only device_full_validation.sh).
 # Call: run(kind="nvidia-h100-x2", carry=["build-bundle/bins-tests.tar.xz", "build-bundle/lib"],
 #           command="FP8MOE_COMMIT=<sha> bash scripts/device_final_s22.sh", timeout_s=600)
 set -uo pipefail

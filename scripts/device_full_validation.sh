@@ -3,7 +3,8 @@
 # binaries of `bash scripts/gpu_bundle.sh` carried as build-bundle/bin or, packed, as
 # build-bundle/bins.tar.xz. Three phases, so that the
 # correctness runs share the machine and the timings do not share a GPU:
-#   1. test_comm_gpu on every GPU, beside the other test_*_gpu binaries on the last GPU
+#   1. test_comm_gpu on every GPU, beside the other test_*_gpu binaries on the last GPU; then the
+#      trainer's several-GPU tests on every GPU
 #   2. the EP suite's benches on GPUs 0 and 1 (A/B of FULL_AB if set, the defaults), beside
 #      gemm_bench on the last GPU (FULL_GEMM_BENCH=0 skips it) when there are 3 or more GPUs
 #      (else after them)
@@ -72,9 +73,16 @@ GTEST_TOTAL_SHARDS=$shard_n GTEST_SHARD_INDEX=$shard_i timeout "${FULL_TEST_TIME
   stdbuf -oL "$bin/test_comm_gpu" > "$logs/test_comm_gpu.log" 2>&1
 echo "test_comm_gpu rc=$?" >> "$logs/rc.txt"
 [[ -n $gemm_tests ]] && wait "$gemm_tests"
+# The trainer's several-GPU tests need every GPU (the loop above gave test_train_gpu one, where
+# they skip): after test_comm_gpu, on all of them.
+if ((shard_i == 0 && gpus >= 2)) && [[ -x $bin/test_train_gpu ]]; then
+  timeout "${FULL_OTHER_TIMEOUT:-450}" stdbuf -oL "$bin/test_train_gpu" \
+    --gtest_filter='TrainerGpuParallel*' > "$logs/test_train_gpu_parallel.log" 2>&1
+  echo "test_train_gpu TrainerGpuParallel* ($gpus GPUs) rc=$?" >> "$logs/rc.txt"
+fi
 tar czf "$out/tests.tgz" -C "$logs" .
 cat "$logs/rc.txt"
-for t in $(cd "$bin" && ls test_*_gpu); do
+for t in $(cd "$bin" && ls test_*_gpu) test_train_gpu_parallel; do
   [[ -f $logs/$t.log ]] && { echo "-- $t"; summary "$logs/$t.log"; }
 done
 fi
