@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
@@ -58,35 +59,8 @@ int64_t pad4(int64_t x) {
   return (x + 3) / 4 * 4;
 }
 
-struct Opts {
-  std::string out, date = "unknown", commit = "unknown";
-  int iters = 20, rounds = 5;
-};
-
-double median_us(const Opts& o, int sets, const std::function<void(int)>& launch) {
-  cudaEvent_t a, b;
-  FM_CHECK_CUDA(cudaEventCreate(&a));
-  FM_CHECK_CUDA(cudaEventCreate(&b));
-  for (int i = 0; i < sets; ++i) launch(i);  // warm-up
-  FM_CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<double> t;
-  for (int r = 0; r < o.rounds; ++r) {
-    FM_CHECK_CUDA(cudaEventRecord(a));
-    for (int i = 0; i < o.iters; ++i) launch(i % sets);
-    FM_CHECK_CUDA(cudaEventRecord(b));
-    FM_CHECK_CUDA(cudaEventSynchronize(b));
-    float ms = 0;
-    FM_CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(1000.0 * ms / o.iters);
-  }
-  FM_CHECK_CUDA(cudaEventDestroy(a));
-  FM_CHECK_CUDA(cudaEventDestroy(b));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-void emit(const Opts& o, FILE* f, const char* kernel, const char* impl, int64_t rows, int64_t cols,
-          bool pow2, double us, double bytes) {
+void emit(const bench::BenchOptions& o, FILE* f, const char* kernel, const char* impl, int64_t rows,
+          int64_t cols, bool pow2, double us, double bytes) {
   char line[512];
   std::snprintf(line, sizeof line,
                 "{\"bench\":\"quantize\",\"kernel\":\"%s\",\"impl\":\"%s\",\"rows\":%lld,"
@@ -98,7 +72,7 @@ void emit(const Opts& o, FILE* f, const char* kernel, const char* impl, int64_t 
   if (f != nullptr) std::fprintf(f, "%s\n", line);
 }
 
-void run_shape(const Opts& o, FILE* f, int64_t rows, int64_t cols) {
+void run_shape(const bench::BenchOptions& o, FILE* f, int64_t rows, int64_t cols) {
   const int64_t n = rows * cols, ld_prev = cols + 4;
   const int64_t tr = (rows + 127) / 128, tc = (cols + 127) / 128;
   const int64_t s_elems = rows * tc, st_elems = cols * tr;
@@ -124,7 +98,7 @@ void run_shape(const Opts& o, FILE* f, int64_t rows, int64_t cols) {
   const double q_bytes = 2.0 * n + 2.0 * n + 4.0 * (s_elems + st_elems);
   for (bool pow2 : {false, true}) {
     for (int impl = 0; impl < 2; ++impl) {
-      const double us = median_us(o, sets, [&](int i) {
+      const double us = bench::median_us(o, sets, [&](int i) {
         kernels::quantize_1x128_transpose(impl == 0 ? v[i].x : v[i].xp, rows, cols,
                                           impl == 0 ? cols : ld_prev, pow2, v[i].c, v[i].s, v[i].ct,
                                           v[i].st, ScaleLayout::kMnMajor, nullptr);
@@ -137,7 +111,7 @@ void run_shape(const Opts& o, FILE* f, int64_t rows, int64_t cols) {
     const double q1_bytes = 2.0 * n + 1.0 * n + 4.0 * s_elems;
     for (bool pow2 : {false, true}) {
       for (int impl = 0; impl < 2; ++impl) {
-        const double us = median_us(o, sets, [&](int i) {
+        const double us = bench::median_us(o, sets, [&](int i) {
           kernels::quantize_1x128(impl == 0 ? v[i].x : v[i].xp, rows, cols,
                                   impl == 0 ? cols : ld_prev, pow2, v[i].c, cols, v[i].s,
                                   ScaleLayout::kMnMajor, nullptr, nullptr);
@@ -154,7 +128,7 @@ void run_shape(const Opts& o, FILE* f, int64_t rows, int64_t cols) {
     }
     const double rq_bytes = 2.0 * n + 4.0 * (s_elems + st_elems);
     for (bool pow2 : {false, true}) {
-      const double us = median_us(o, sets, [&](int i) {
+      const double us = bench::median_us(o, sets, [&](int i) {
         kernels::requantize_1x128_transpose(v[i].c, cols, v[i].s, ScaleLayout::kMnMajor, rows, cols,
                                             nullptr, pow2, v[i].ct, v[i].st, nullptr);
       });
@@ -175,36 +149,9 @@ void run_shape(const Opts& o, FILE* f, int64_t rows, int64_t cols) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Opts o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--out")
-      o.out = next();
-    else if (a == "--iters")
-      o.iters = std::atoi(next().c_str());
-    else if (a == "--rounds")
-      o.rounds = std::atoi(next().c_str());
-    else if (a == "--date")
-      o.date = next();
-    else if (a == "--commit")
-      o.commit = next();
-    else {
-      std::fprintf(stderr, "unknown argument %s\n", a.c_str());
-      return 2;
-    }
-  }
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::fprintf(stderr, "quantize_bench: no GPU\n");
-    return 77;
-  }
+  bench::BenchOptions o;
+  bench::parse_bench_options(argc, argv, o);
+  if (!bench::have_gpu("quantize_bench")) return 77;
   FILE* f = o.out.empty() ? nullptr : std::fopen(o.out.c_str(), "a");
   try {
     for (auto [rows, cols] :

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.cuh"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
@@ -37,33 +38,6 @@ __global__ void fill_f32(float* x, int64_t n, uint64_t seed) {
   if (i >= n) return;
   const uint32_t bits = philox_u32(seed, 7, static_cast<uint64_t>(i));
   x[i] = (static_cast<float>(bits >> 8) * (1.0f / 16777216.0f) - 0.5f) * 0.04f;
-}
-
-struct Opts {
-  std::string out, date = "unknown", commit = "unknown";
-  int iters = 5, rounds = 5;
-};
-
-double median_us(const Opts& o, const std::function<void()>& launch) {
-  cudaEvent_t a, b;
-  FM_CHECK_CUDA(cudaEventCreate(&a));
-  FM_CHECK_CUDA(cudaEventCreate(&b));
-  launch();  // warm-up
-  FM_CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<double> t;
-  for (int r = 0; r < o.rounds; ++r) {
-    FM_CHECK_CUDA(cudaEventRecord(a));
-    for (int i = 0; i < o.iters; ++i) launch();
-    FM_CHECK_CUDA(cudaEventRecord(b));
-    FM_CHECK_CUDA(cudaEventSynchronize(b));
-    float ms = 0;
-    FM_CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(1000.0 * ms / o.iters);
-  }
-  FM_CHECK_CUDA(cudaEventDestroy(a));
-  FM_CHECK_CUDA(cudaEventDestroy(b));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
 }
 
 // One weight [n, k] (or a stacked group of `parts` weights of n rows each, quantised separately
@@ -102,7 +76,8 @@ void free_weight(Weight& x) {
     FM_CHECK_CUDA(cudaFree(p));
 }
 
-void run_set(const Opts& o, FILE* f, const char* set, const std::vector<Weight>& weights) {
+void run_set(const bench::BenchOptions& o, FILE* f, const char* set,
+             const std::vector<Weight>& weights) {
   std::vector<kernels::WeightQuantJob> jobs;
   double bytes = 0;
   for (const Weight& x : weights) {
@@ -114,8 +89,8 @@ void run_set(const Opts& o, FILE* f, const char* set, const std::vector<Weight>&
   }
   const kernels::WeightQuantizer quantizer(jobs);
   double us[2];
-  us[0] = median_us(o, [&] { quantizer.run(nullptr); });
-  us[1] = median_us(o, [&] {
+  us[0] = bench::median_us(o, 1, [&](int) { quantizer.run(nullptr); });
+  us[1] = bench::median_us(o, 1, [&](int) {
     for (const Weight& x : weights) {
       const int64_t kb = x.k / 128;
       for (int64_t p = 0; p < x.parts; ++p)
@@ -143,36 +118,10 @@ void run_set(const Opts& o, FILE* f, const char* set, const std::vector<Weight>&
 }  // namespace
 
 int main(int argc, char** argv) {
-  Opts o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--out")
-      o.out = next();
-    else if (a == "--iters")
-      o.iters = std::atoi(next().c_str());
-    else if (a == "--rounds")
-      o.rounds = std::atoi(next().c_str());
-    else if (a == "--date")
-      o.date = next();
-    else if (a == "--commit")
-      o.commit = next();
-    else {
-      std::fprintf(stderr, "unknown argument %s\n", a.c_str());
-      return 2;
-    }
-  }
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::fprintf(stderr, "weight_quant_bench: no GPU\n");
-    return 77;
-  }
+  bench::BenchOptions o;
+  o.iters = 5;
+  bench::parse_bench_options(argc, argv, o);
+  if (!bench::have_gpu("weight_quant_bench")) return 77;
   FILE* f = o.out.empty() ? nullptr : std::fopen(o.out.c_str(), "a");
   try {
     std::printf("%-10s %-5s %9s %8s %8s\n", "set", "impl", "us", "GB/s", "vs prev");
