@@ -134,10 +134,9 @@ void setup(CLI::App& app) {
     if (fp8moe::comm::launched_as_rank() && fp8moe::comm::rank_env().rank != 0) return;
     const std::string held_out =
         o.eval_batches > 0 ? fmt_double(r.valid_loss, 4) : std::string("not measured");
-    std::string steady =
-        r.steady_tokens_per_s > 0
-            ? " (" + fmt_double(r.steady_tokens_per_s, 0) + " after the first 2 steps)"
-            : std::string();
+    std::string steady = r.steady_tokens_per_s > 0 ? " (" + fmt_double(r.steady_tokens_per_s, 0) +
+                                                         " after the first 2 steps)"
+                                                   : std::string();
     if (r.device_memory_gb > 0)
       steady += ", " + fmt_double(r.device_memory_gb, 1) + " GB of GPU memory in use";
     std::printf(

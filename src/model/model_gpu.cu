@@ -89,9 +89,9 @@ struct ModelGpu::Impl {
   // Parameters: arenas and the lookup by name.
   std::vector<ParameterGpu> params, buffers;
   std::unordered_map<std::string, ParameterGpu*> by_name;
-  float* values = nullptr;  // params then buffers
+  float* values = nullptr;        // params then buffers
   float* grad_scratch = nullptr;  // the MoE layers' (DecoderLayerGpu::grad_scratch_floats)
-  float* grads = nullptr;   // params only: the replicated tensors', then the sharded ones'
+  float* grads = nullptr;         // params only: the replicated tensors', then the sharded ones'
   size_t grad_bytes = 0;
   int64_t replicated_floats = 0;  // the arena's first run (the rest: sharded)
   ModelGpuParallel par;
@@ -370,10 +370,9 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
     EpRankMaker make_ep;
     if (par.world > 1)
       make_ep = [&m, block](const comm::EpConfig& cfg) { return m.par.make_ep_rank(block, cfg); };
-    m.layers.push_back(
-        std::make_unique<DecoderLayerGpu>(config, "model.layers." + std::to_string(l), moe, batch,
-                                          seq, m.rope->view(), lookup, par.world, make_ep,
-                                          moe ? m.grad_scratch : nullptr));
+    m.layers.push_back(std::make_unique<DecoderLayerGpu>(
+        config, "model.layers." + std::to_string(l), moe, batch, seq, m.rope->view(), lookup,
+        par.world, make_ep, moe ? m.grad_scratch : nullptr));
     if (moe) m.moe_layers.push_back(m.layers.back().get());
   }
   for (int64_t k = 0; k < depth; ++k) {

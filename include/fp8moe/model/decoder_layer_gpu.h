@@ -73,8 +73,7 @@ class DecoderLayerGpu {
   // backward only — so the MoE layers of a model share one.
   DecoderLayerGpu(const ModelConfig& config, const std::string& prefix, bool is_moe, int64_t batch,
                   int64_t seq, const RopeTableView& rope, const ParameterLookup& params,
-                  int ep_ranks = 1, const EpRankMaker& make_ep = {},
-                  float* grad_scratch = nullptr);
+                  int ep_ranks = 1, const EpRankMaker& make_ep = {}, float* grad_scratch = nullptr);
   // The size of a MoE layer's gradient scratch: every local routed expert's and the shared
   // expert's gate, up and down gradients (256-byte aligned parts).
   static int64_t grad_scratch_floats(const ModelConfig& config, int ep_ranks);
