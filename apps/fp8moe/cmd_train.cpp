@@ -26,6 +26,16 @@ std::string fmt_double(double v, int digits) {
   return buf;
 }
 
+// The CPU trainer is one process: as ranks of a launched job, each would train its own copy into
+// the same folder.
+void refuse_cpu_ranks(const char* what) {
+  using namespace fp8moe;
+  if (!comm::launched_as_rank()) return;
+  const comm::RankEnv env = comm::rank_env();
+  FM_CHECK_ARG(env.world_size == 1, what, " runs as one process, not as rank ", env.rank, " of ",
+               env.world_size, " of `fp8moe launch` (only --device gpu trains across ranks)");
+}
+
 struct Flags {
   std::string config, out, precision = "fp8", device = "cpu";
   bool no_graph = false;
@@ -128,6 +138,7 @@ void setup(CLI::App& app) {
       FM_THROW(ErrorKind::kInvalidArgument, "--device gpu: this build has no CUDA");
 #endif
     } else {
+      refuse_cpu_ranks("the CPU trainer");
       r = train(o);
     }
     // Ranks of a launched job other than 0 hold no metrics (rank 0 reports the job's).
@@ -149,6 +160,7 @@ void setup(CLI::App& app) {
   compare->callback([c] {
     using namespace fp8moe;
     check_common(*c);
+    refuse_cpu_ranks("fp8moe train compare");
     TrainOptions base = c->opts;
     base.model = load_model_config(c->config);
     TrainResult res[2];
