@@ -38,16 +38,6 @@ __device__ __forceinline__ uint32_t tile_off(int row, int chunk) {
   return static_cast<uint32_t>((row * (kCols / 8) + (chunk ^ (row & 7))) * 16);
 }
 
-// The wgmma kernels' tiles: panels of 64 columns (128-byte rows, 128-byte swizzle: chunk c of
-// row r at c ^ (r & 7)); byte offset of 16-byte chunk `chunk` (over the whole row) of row `row`
-// in a panel tile of kRows.
-template <int kRows>
-__device__ __forceinline__ uint32_t panel_off(int row, int chunk) {
-  static_assert(kRows % 8 == 0, "a panel is whole 8-row swizzle atoms");
-  return static_cast<uint32_t>((chunk / 8) * kRows * 128 + row * 128 +
-                               ((chunk % 8) ^ (row & 7)) * 16);
-}
-
 // Rows [0, kRows) of a tile from global rows `row0 + r` (r < rows_valid, else zero-filled);
 // column chunks [0, kChunks) of each row from src + row * ld (elements) into tile chunks
 // [chunk0, chunk0 + kChunks). kThreads threads share the copies. kPanels: a panel tile (the
@@ -69,11 +59,6 @@ __device__ __forceinline__ void load_rows(uint8_t* tile, int chunk0, const bf16*
 }
 
 // ---- warp-level MMA pieces ----
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

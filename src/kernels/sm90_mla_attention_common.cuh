@@ -46,6 +46,23 @@ __device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&p)[kN][4]
   a[3] = pack_bf16x2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
 }
 
+// ---- shared-memory tiles and loads ----
+// The wgmma kernels' tiles (and sm90_mla_decode.cu's): panels of 64 columns (128-byte rows, 128-byte swizzle: chunk c of
+// row r at c ^ (r & 7)); byte offset of 16-byte chunk `chunk` (over the whole row) of row `row`
+// in a panel tile of kRows.
+template <int kRows>
+__device__ __forceinline__ uint32_t panel_off(int row, int chunk) {
+  static_assert(kRows % 8 == 0, "a panel is whole 8-row swizzle atoms");
+  return static_cast<uint32_t>((chunk / 8) * kRows * 128 + row * 128 +
+                               ((chunk % 8) ^ (row & 7)) * 16);
+}
+
+// 4 8x8 BF16 matrices from shared memory (ldmatrix): the mma.sync A / B fragment loads.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
 // ---- forward: online softmax over key blocks, in log2 units ----
 // Scores of a key block (the warp's 16 query rows q_row + {0, 8} x 8 kNt keys from n0) to log2
 // units; where `edge` (the block reaches the diagonal or the sequence end), keys after the query

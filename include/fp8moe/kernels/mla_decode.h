@@ -64,6 +64,8 @@ struct MlaDecodePlan {
   size_t workspace_bytes = 0;   // FP32 partial outputs and lse when splits > 1
 };
 MlaDecodePlan mla_decode_plan(const MlaDecodeShape& shape, int64_t sm_count);
+// The workspace a forced split count needs (tests and benchmarks set MlaDecodePlan by hand).
+size_t mla_decode_workspace_bytes(const MlaDecodeShape& shape, int64_t splits);
 
 void mla_decode(const MlaDecodeShape& shape, const MlaDecodePlan& plan, const bf16* q,
                 const bf16* cache, const int32_t* page_table, const int32_t* seq_lens, bf16* out,
