@@ -55,7 +55,7 @@ struct Params {
   const int32_t *page_table, *seq_lens;
   bf16* out;
   float *lse, *o_part, *lse_part;
-  int queries, heads, rows, page_tokens, max_pages, splits;
+  int queries, heads, rows, page_tokens, max_pages, splits, split_tokens;
   float scale_log2;
 };
 
@@ -85,7 +85,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(Params p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
   const int len = p.seq_lens[b];
   // Keys of this split: whole 64-key tiles (a tile never leaves its page: page_tokens % 64 == 0).
-  const int chunk = ((len + p.splits - 1) / p.splits + kKeys - 1) / kKeys * kKeys;
+  const int chunk = p.split_tokens > 0
+                        ? p.split_tokens
+                        : ((len + p.splits - 1) / p.splits + kKeys - 1) / kKeys * kKeys;
   const int k_begin = split * chunk, k_end = min(len, k_begin + chunk);
   const int n_tiles = k_end > k_begin ? (k_end - k_begin + kKeys - 1) / kKeys : 0;
   const int r_local = (warp % 4) * 16 + lane / 4;  // this thread's rows: r_local, r_local + 8
@@ -372,9 +374,9 @@ __global__ void __launch_bounds__(kNaiveThreads) mla_decode_naive_kernel(Params 
   if (tid == 0) p.lse[grow] = l > 0.0f ? m + logf(l) : -INFINITY;
 }
 
-void check_aligned(const char* name, const void* ptr) {
-  FM_CHECK_ARG(ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0, "mla_decode: ", name,
-               " must be a 16-byte aligned device pointer (got ", ptr, ")");
+void check_aligned(const char* name, const void* ptr, uintptr_t bytes = 16) {
+  FM_CHECK_ARG(ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % bytes == 0, "mla_decode: ",
+               name, " must be a ", bytes, "-byte aligned device pointer (got ", ptr, ")");
 }
 
 void check_supported(const MlaDecodeShape& s) {
@@ -390,7 +392,8 @@ void check_supported(const MlaDecodeShape& s) {
                " too large");
 }
 
-Params make_params(const MlaDecodeShape& s, int64_t splits, const bf16* q, const bf16* cache,
+Params make_params(const MlaDecodeShape& s, int64_t splits, int64_t split_tokens, const bf16* q,
+                   const bf16* cache,
                    const int32_t* page_table, const int32_t* seq_lens, bf16* out, float* lse,
                    void* workspace) {
   Params p{};
@@ -406,6 +409,7 @@ Params make_params(const MlaDecodeShape& s, int64_t splits, const bf16* q, const
   p.page_tokens = static_cast<int>(s.page_tokens);
   p.max_pages = static_cast<int>(s.max_pages);
   p.splits = static_cast<int>(splits);
+  p.split_tokens = static_cast<int>(split_tokens);
   p.scale_log2 = s.softmax_scale * kLog2e;
   if (splits > 1) {
     p.o_part = static_cast<float*>(workspace);
@@ -457,17 +461,37 @@ MlaDecodePlan mla_decode_plan(const MlaDecodeShape& s, int64_t sm_count) {
   return plan;
 }
 
+MlaDecodePlan mla_decode_plan_fixed(const MlaDecodeShape& s, int64_t split_tokens) {
+  check_supported(s);
+  FM_CHECK_ARG(split_tokens >= kKeys && split_tokens % kKeys == 0,
+               "mla_decode_plan_fixed: split_tokens=", split_tokens, " must be a positive multiple of ",
+               kKeys);
+  MlaDecodePlan plan;
+  plan.split_tokens = split_tokens;
+  plan.splits = (s.max_pages * s.page_tokens + split_tokens - 1) / split_tokens;
+  plan.workspace_bytes = mla_decode_workspace_bytes(s, plan.splits);
+  return plan;
+}
+
 void mla_decode(const MlaDecodeShape& s, const MlaDecodePlan& plan, const bf16* q,
                 const bf16* cache, const int32_t* page_table, const int32_t* seq_lens, bf16* out,
                 float* lse, void* workspace, cudaStream_t stream) {
   check_supported(s);
   FM_CHECK_ARG(plan.splits >= 1 && plan.splits <= 4096, "mla_decode: plan.splits=", plan.splits,
                " outside [1, 4096]");
+  FM_CHECK_ARG(plan.split_tokens == 0 ||
+                   (plan.split_tokens % kKeys == 0 &&
+                    plan.splits * plan.split_tokens >= s.max_pages * s.page_tokens),
+               "mla_decode: plan.split_tokens=", plan.split_tokens, " with ", plan.splits,
+               " splits does not cover max_pages x page_tokens = ", s.max_pages * s.page_tokens,
+               " keys in multiples of ", kKeys);
   if (s.batch == 0) return;
   for (const auto& [name, ptr] :
-       {std::pair<const char*, const void*>{"q", q}, {"cache", cache}, {"page_table", page_table},
-        {"seq_lens", seq_lens}, {"out", out}, {"lse", lse}})
+       {std::pair<const char*, const void*>{"q", q}, {"cache", cache}, {"out", out}})
     check_aligned(name, ptr);
+  check_aligned("page_table", page_table, 4);
+  check_aligned("seq_lens", seq_lens, 4);
+  check_aligned("lse", lse, 4);
   if (plan.splits > 1) {
     check_aligned("workspace", workspace);
     FM_CHECK_ARG(plan.workspace_bytes >= mla_decode_workspace_bytes(s, plan.splits),
@@ -475,7 +499,8 @@ void mla_decode(const MlaDecodeShape& s, const MlaDecodePlan& plan, const bf16* 
                  mla_decode_workspace_bytes(s, plan.splits), " that ", plan.splits,
                  " splits need");
   }
-  const Params p = make_params(s, plan.splits, q, cache, page_table, seq_lens, out, lse, workspace);
+  const Params p = make_params(s, plan.splits, plan.split_tokens, q, cache, page_table, seq_lens,
+                               out, lse, workspace);
   if (s.latent_dim == 512)
     launch<512>(s, p, stream);
   else
@@ -490,7 +515,7 @@ void mla_decode_naive(const MlaDecodeShape& s, const bf16* q, const bf16* cache,
                " above 512");
   FM_CHECK_ARG(s.batch <= 65535 && s.rows() <= 0x7FFFFFFF, "mla_decode_naive: grid too large");
   if (s.batch == 0) return;
-  const Params p = make_params(s, 1, q, cache, page_table, seq_lens, out, lse, nullptr);
+  const Params p = make_params(s, 1, 0, q, cache, page_table, seq_lens, out, lse, nullptr);
   const size_t smem = static_cast<size_t>(s.key_dim() + kNaiveChunk + 32) * sizeof(float);
   mla_decode_naive_kernel<<<dim3(static_cast<unsigned>(s.rows()), static_cast<unsigned>(s.batch)),
                             kNaiveThreads, smem, stream>>>(

@@ -730,6 +730,57 @@ void DecoderLayerGpu::forward(const bf16* h, const int32_t* pos, bf16* out, doub
   m.forwarded = true;
 }
 
+void DecoderLayerGpu::reserve_decode(int64_t max_tokens) {
+  impl_->mla->reserve_decode(max_tokens);
+}
+
+const MlaBlockGpu& DecoderLayerGpu::attention() const {
+  return *impl_->mla;
+}
+
+void DecoderLayerGpu::forward_decode(const bf16* h, const int32_t* pos, int64_t batch,
+                                     int64_t queries, const MlaLatentCacheView& cache,
+                                     const kernels::MlaDecodePlan& plan, void* workspace,
+                                     bf16* out, uint32_t* status, cudaStream_t stream) {
+  Impl& m = *impl_;
+  FM_CHECK_ARG(h != nullptr && pos != nullptr && out != nullptr && out != h,
+               "DecoderLayerGpu::forward_decode: null h, pos or out, or out aliasing h");
+  FM_CHECK_ARG(batch > 0 && queries > 0 && batch <= m.T / queries,
+               "DecoderLayerGpu::forward_decode: batch * queries = ", batch, " * ", queries,
+               " outside [1, ", m.T, "]");
+  const int64_t T = batch * queries, H = m.H, n = T * H;
+  const double eps = m.config.rms_norm_eps;
+  kernels::rmsnorm_forward(h, H, m.ln1, T, H, eps, m.a, H, m.rstd1, stream);
+  m.mla->forward_decode(m.a, pos, batch, queries, cache, plan, workspace, m.attn, status, stream);
+  comm::add_bf16(h, m.attn, n, m.h1, stream);
+  kernels::rmsnorm_forward(m.h1, H, m.ln2, T, H, eps, m.f, H, m.rstd2, stream);
+  if (!is_moe_) {
+    // Rows [T, R) of the constructor's layout are real rows there: they compute on stale inputs
+    // here, row by row apart from the step's, and nobody reads them.
+    const int64_t KB = H / kTile, R = std::min(m.R, round_up(T, kTile));
+    kernels::quantize_1x128(m.f, T, H, H, false, m.x8, H, m.xs, kernels::ScaleLayout::kRowMajor,
+                            stream);
+    kernels::scales_to_mn_major(m.xs, 1, R, KB, m.sa, stream);
+    m.dense_ffn->forward_contiguous(m.x8, m.sa, m.layout, R, m.dense_w->view(), m.mlp_out,
+                                    stream);
+  } else {
+    const int64_t E = m.E, K = m.K;
+    const dim3 lg(static_cast<unsigned>((T + kLogitTokens - 1) / kLogitTokens),
+                  static_cast<unsigned>((E + kLogitWarps * kLogitExpertsPerWarp - 1) /
+                                        (kLogitWarps * kLogitExpertsPerWarp)));
+    router_logits_kernel<<<lg, 32 * kLogitWarps, 0, stream>>>(m.f, m.gate, T, E, H, m.logits);
+    FM_CHECK_LAUNCH();
+    route_cuda(m.rc, m.logits, T, m.bias, m.topk_idx, m.topk_w, m.scores, stream);
+    FM_CHECK_CUDA(cudaMemsetAsync(m.load, 0, E * 4, stream));
+    expert_load_kernel<<<static_cast<unsigned>(std::min<int64_t>((T * K + 255) / 256, 1024)), 256,
+                         0, stream>>>(m.topk_idx, T * K, static_cast<int>(E), m.load);
+    FM_CHECK_LAUNCH();
+    m.moe->forward(m.f, m.topk_idx, m.topk_w, T, m.mlp_out, stream);
+  }
+  comm::add_bf16(m.h1, m.mlp_out, n, out, stream);
+  m.forwarded = false;  // no backward through a decode step
+}
+
 void DecoderLayerGpu::backward(const bf16* dout, bf16* dh, uint32_t* status, cudaStream_t stream,
                                kernels::WgradOutput grad_output) {
   Impl& m = *impl_;

@@ -10,6 +10,7 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
+#include "fp8moe/kernels/mla_absorb.h"
 #include "fp8moe/kernels/mla_attention.h"
 #include "fp8moe/kernels/rmsnorm.h"
 
@@ -64,6 +65,8 @@ class MlaProjection {
     else
       fp8_->forward(x, m, w_->view(), y, stream);
   }
+  // The FP8 Fprop form (the latent decode's absorbed products read it); null in BF16 mode.
+  const LinearWeightsDevice* fp8_weights() const { return w_.get(); }
   void backward(const bf16* dy, bf16* dx, float* dw, cudaStream_t stream,
                 kernels::WgradOutput out) {
     if (bf16_)
@@ -157,6 +160,7 @@ MlaBlockGpu::MlaBlockGpu(const MlaBlockDims& dims, int64_t max_tokens, const Rop
 
 MlaBlockGpu::~MlaBlockGpu() {
   if (buffer_ != nullptr) cudaFree(buffer_);
+  if (decode_buffer_ != nullptr) cudaFree(decode_buffer_);
 }
 
 MlaBlockSavedGpu MlaBlockGpu::saved() const {
@@ -249,6 +253,77 @@ void MlaBlockGpu::backward(const bf16* dout, bf16* dx, const MlaBlockGradsGpu& g
   }
   add_bf16_kernel<<<blocks_for(T * hid, 256), 256, 0, stream>>>(dx, dx2_, T * hid);
   FM_CHECK_CUDA(cudaGetLastError());
+}
+
+void MlaBlockGpu::reserve_decode(int64_t max_tokens) {
+  FM_CHECK_ARG(max_tokens > 0 && max_tokens <= max_tokens_, "MlaBlockGpu::reserve_decode: ",
+               max_tokens, " tokens outside [1, max_tokens=", max_tokens_, "]");
+  FM_CHECK_ARG(kv_b_->fp8_weights() != nullptr,
+               "MlaBlockGpu::reserve_decode: the latent decode needs the FP8 projections");
+  if (max_tokens <= decode_tokens_) return;
+  if (decode_buffer_ != nullptr) FM_CHECK_CUDA(cudaFree(decode_buffer_));
+  const int64_t T = max_tokens, H = d_.heads, kvr = d_.kv_lora_rank;
+  const int64_t q_bytes = round_up(T * H * (kvr + d_.dr) * 2, 256);
+  const int64_t o_bytes = round_up(T * H * kvr * 2, 256);
+  FM_CHECK_CUDA(cudaMalloc(&decode_buffer_, static_cast<size_t>(q_bytes + o_bytes + T * H * 4)));
+  q_lat_ = static_cast<bf16*>(decode_buffer_);
+  o_lat_ = reinterpret_cast<bf16*>(static_cast<char*>(decode_buffer_) + q_bytes);
+  decode_lse_ = reinterpret_cast<float*>(static_cast<char*>(decode_buffer_) + q_bytes + o_bytes);
+  decode_tokens_ = max_tokens;
+}
+
+kernels::MlaDecodeShape MlaBlockGpu::decode_shape(int64_t batch, int64_t queries,
+                                                  const MlaLatentCacheView& cache) const {
+  kernels::MlaDecodeShape s;
+  s.batch = batch;
+  s.queries = queries;
+  s.heads = d_.heads;
+  s.latent_dim = d_.kv_lora_rank;
+  s.rope_dim = d_.dr;
+  s.page_tokens = cache.page_tokens;
+  s.max_pages = cache.max_pages;
+  s.softmax_scale = d_.scale;
+  return s;
+}
+
+void MlaBlockGpu::forward_decode(const bf16* x, const int32_t* pos, int64_t batch,
+                                 int64_t queries, const MlaLatentCacheView& cache,
+                                 const kernels::MlaDecodePlan& plan, void* workspace, bf16* out,
+                                 uint32_t* status, cudaStream_t stream) {
+  FM_CHECK_ARG(refreshed_, "MlaBlockGpu::forward_decode: refresh() the weights first");
+  FM_CHECK_ARG(batch > 0 && queries > 0 && batch <= decode_tokens_ / queries,
+               "MlaBlockGpu::forward_decode: batch * queries = ", batch, " * ", queries,
+               " outside [1, reserve_decode's ", decode_tokens_, "]");
+  FM_CHECK_ARG(x != nullptr && pos != nullptr && out != nullptr && cache.pages != nullptr,
+               "MlaBlockGpu::forward_decode: null pointer");
+  const int64_t T = batch * queries, H = d_.heads, qr = d_.q_lora_rank, kvr = d_.kv_lora_rank;
+  const int64_t kr = kvr + d_.dr;
+  if (qr > 0) {
+    q_a_->forward(x, T, cq_, stream);
+    kernels::rmsnorm_forward(cq_, qr, masters_.q_a_norm, T, qr, d_.eps, cqn_, qr, rstd_q_, stream);
+    q_b_->forward(cqn_, T, q_, stream);
+  } else {
+    q_proj_->forward(x, T, q_, stream);
+  }
+  kv_a_->forward(x, T, kva_, stream);
+  kernels::rmsnorm_forward(kva_, kr, masters_.kv_a_norm, T, kvr, d_.eps, ckvn_, kvr, rstd_kv_,
+                           stream);
+  rope_apply_qk_gpu(rope_, q_, T, H, d_.qd(), kva_ + kvr, kr, pos, false, status, stream);
+  kernels::mla_cache_append(ckvn_, kvr, kva_ + kvr, kr, batch, queries, kvr, d_.dr,
+                            cache.page_table, cache.max_pages, cache.page_tokens, cache.seq_lens,
+                            cache.pages, stream);
+  const LinearWeightsGpu w = kv_b_->fp8_weights()->view();
+  kernels::MlaAbsorbDims ad;
+  ad.heads = H;
+  ad.nope_dim = d_.dn;
+  ad.rope_dim = d_.dr;
+  ad.value_dim = d_.dv;
+  ad.latent_dim = kvr;
+  kernels::mla_absorb_query(q_, T, ad, w.w, w.sw, q_lat_, stream);
+  kernels::mla_decode(decode_shape(batch, queries, cache), plan, q_lat_, cache.pages,
+                      cache.page_table, cache.seq_lens, o_lat_, decode_lse_, workspace, stream);
+  kernels::mla_unabsorb_output(o_lat_, T, ad, w.w, w.sw, attn_, stream);
+  o_->forward(attn_, T, out, stream);
 }
 
 }  // namespace fp8moe

@@ -56,6 +56,15 @@ __global__ void gather_ids_kernel(const int32_t* tokens, int64_t batch, int64_t 
 }
 
 // a[i] = bf16(float(a[i]) + float(b[i])) (the CPU's add_into of the MTP chain's dh_next).
+// dst[b] = src[b * queries + queries - 1] (rows of H): each sequence's last new token.
+__global__ void last_rows_kernel(const bf16* src, int64_t batch, int64_t queries, int64_t H,
+                                 bf16* dst) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= batch * H) return;
+  const int64_t b = i / H;
+  dst[i] = src[(b * queries + queries - 1) * H + i % H];
+}
+
 __global__ void add_bf16_kernel(bf16* a, const bf16* b, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
@@ -153,7 +162,7 @@ struct ModelGpu::Impl {
 };
 
 ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
-                   const ModelGpuParallel& par)
+                   const ModelGpuParallel& par, int64_t rope_positions)
     : impl_(std::make_unique<Impl>()) {
   config.validate();
   Impl& m = *impl_;
@@ -353,7 +362,8 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
 
   // Pieces.
   m.rope = std::make_unique<RopeTableGpu>(
-      make_rope_table(config.qk_rope_head_dim, seq, config.rope_theta, config.rope_scaling));
+      make_rope_table(config.qk_rope_head_dim, std::max(seq, rope_positions), config.rope_theta,
+                      config.rope_scaling));
   const ParameterLookup lookup = [&m](const std::string& name) -> ParameterGpu& {
     return m.lookup(name);
   };
@@ -603,6 +613,48 @@ void ModelGpu::forward_backward(const int32_t* tokens, float mtp_weight, bool ba
   }
   embedding_backward_gpu(cur, H, m.ids_of(0), T, V, H, embed_grad, m.emb_ws, m.emb_ws_bytes,
                          m.status, stream);
+}
+
+void ModelGpu::reserve_decode(int64_t max_tokens) {
+  Impl& m = *impl_;
+  FM_CHECK_ARG(max_tokens > 0 && max_tokens <= m.T, "ModelGpu::reserve_decode: ", max_tokens,
+               " tokens outside [1, batch * seq = ", m.T, "]");
+  for (int64_t l = 0; l < m.layers_n; ++l) m.layers[l]->reserve_decode(max_tokens);
+}
+
+const MlaBlockGpu& ModelGpu::attention(int64_t layer) const {
+  FM_CHECK_ARG(layer >= 0 && layer < impl_->layers_n, "ModelGpu::attention: layer ", layer,
+               " outside [0, ", impl_->layers_n, ")");
+  return impl_->layers[layer]->attention();
+}
+
+void ModelGpu::decode(const int32_t* ids, const int32_t* pos, int64_t batch, int64_t queries,
+                      const std::vector<MlaLatentCacheView>& caches,
+                      const kernels::MlaDecodePlan& plan, void* workspace, bf16* logits,
+                      cudaStream_t stream, int64_t head_rows) {
+  Impl& m = *impl_;
+  const int64_t T = batch * queries, H = m.H, L = m.layers_n;
+  FM_CHECK_ARG(ids != nullptr && pos != nullptr && logits != nullptr,
+               "ModelGpu::decode: null ids, pos or logits");
+  FM_CHECK_ARG(batch > 0 && queries > 0 && batch <= m.T / queries, "ModelGpu::decode: batch * ",
+               "queries = ", batch, " * ", queries, " outside [1, ", m.T, "]");
+  if (head_rows == 0) head_rows = batch;
+  FM_CHECK_ARG(head_rows >= batch && head_rows <= m.T, "ModelGpu::decode: head_rows=", head_rows,
+               " outside [batch=", batch, ", ", m.T, "]");
+  FM_CHECK_ARG(static_cast<int64_t>(caches.size()) == L, "ModelGpu::decode: ", caches.size(),
+               " caches for ", L, " layers");
+  embedding_forward_gpu(m.embed->value, m.V, H, ids, T, m.h_layer(0), H, m.status, stream);
+  for (int64_t l = 0; l < L; ++l)
+    m.layers[l]->forward_decode(m.h_layer(l), pos, batch, queries, caches[l], plan, workspace,
+                                m.h_layer(l + 1), m.status, stream);
+  // The last rows, normed, into hn's first rows (a sequence's earlier new tokens need no logits).
+  bf16* last = m.h_layer(0);  // the embedding is no longer read
+  last_rows_kernel<<<blocks_for(batch * H, 256), 256, 0, stream>>>(m.h_layer(L), batch, queries, H,
+                                                                   last);
+  FM_CHECK_LAUNCH();
+  kernels::rmsnorm_forward(last, H, m.final_norm->value, batch, H, m.config.rms_norm_eps, m.hn, H,
+                           m.rstd_main, stream);
+  m.heads[0]->forward(m.hn, head_rows, logits, stream);
 }
 
 }  // namespace fp8moe

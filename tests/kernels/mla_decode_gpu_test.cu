@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -203,6 +204,46 @@ TEST(MlaDecodeGpu, TwoQueriesCausal) {
 TEST(MlaDecodeGpu, SmallGpuLatent256) {
   check_case("8 heads latent256", 1, 8, 256, {1, 64, 500, 77}, 0, 41);
   check_case("8 heads latent256 s4", 1, 8, 256, {1, 64, 500, 77}, 4, 42);
+}
+
+// The fixed-split plan: against the reference, and a sequence's output the same bits alone as in
+// a batch of three (its key ranges depend on its own length only).
+TEST(MlaDecodeGpu, FixedSplitsAreBatchInvariant) {
+  DecodeInputs in(1, 128, 512, {300, 900, 77}, 71);
+  std::vector<float> ref_out, ref_lse;
+  in.reference(ref_out, ref_lse);
+  const MlaDecodePlan plan = kernels::mla_decode_plan_fixed(in.shape, 256);
+  EXPECT_EQ(plan.splits, 4);  // max_pages 16 x 64 keys / 256
+  const int64_t rows = in.shape.rows(), L = 512;
+  DeviceBuffer<bf16> out(static_cast<size_t>(in.shape.batch * rows * L));
+  DeviceBuffer<float> lse(static_cast<size_t>(in.shape.batch * rows));
+  DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
+  out.poison();
+  lse.poison();
+  kernels::mla_decode(in.shape, plan, in.d_q.get(), in.d_cache.get(), in.d_table.get(),
+                      in.d_lens.get(), out.get(), lse.get(), ws.get(), nullptr);
+  const std::vector<bf16> batched = out.download();
+  const Errors e = compare(batched, lse.download(), ref_out, ref_lse);
+  std::printf("[ mla_decode ] fixed splits (256 keys): out rel %.3e, lse abs %.2e, bad %lld\n",
+              e.out_rel, e.lse_abs, static_cast<long long>(e.bad));
+  EXPECT_EQ(e.bad, 0);
+  EXPECT_LE(e.out_rel, 1e-2);
+  EXPECT_LE(e.lse_abs, 1e-3);
+  for (int64_t b = 0; b < in.shape.batch; ++b) {
+    MlaDecodeShape one = in.shape;
+    one.batch = 1;
+    const MlaDecodePlan plan1 = kernels::mla_decode_plan_fixed(one, 256);
+    DeviceBuffer<bf16> out1(static_cast<size_t>(rows * L));
+    DeviceBuffer<float> lse1(static_cast<size_t>(rows));
+    DeviceBuffer<uint8_t> ws1(plan1.workspace_bytes);
+    out1.poison();
+    kernels::mla_decode(one, plan1, in.d_q.get() + b * rows * in.shape.key_dim(),
+                        in.d_cache.get(), in.d_table.get() + b * in.shape.max_pages,
+                        in.d_lens.get() + b, out1.get(), lse1.get(), ws1.get(), nullptr);
+    const std::vector<bf16> alone = out1.download();
+    EXPECT_EQ(std::memcmp(alone.data(), batched.data() + b * rows * L, alone.size() * 2), 0)
+        << "sequence " << b << " alone differs from its rows in the batch";
+  }
 }
 
 // Captured once, replayed after the sequences grew on the device: the lengths are read there.

@@ -60,10 +60,16 @@ void mla_decode_reference(const MlaDecodeShape& shape, const float* q, const flo
 // Plan once per (shape, longest sequence) on the host; run() is allocation-free, stream-ordered
 // and CUDA-graph capturable (the sequence lengths are read on the device).
 struct MlaDecodePlan {
-  int64_t splits = 1;           // key ranges a sequence
-  size_t workspace_bytes = 0;   // FP32 partial outputs and lse when splits > 1
+  int64_t splits = 1;          // key ranges a sequence (the grid's)
+  size_t workspace_bytes = 0;  // FP32 partial outputs and lse when splits > 1
+  // 0: a sequence's keys are cut into `splits` equal ranges (whole 64-key tiles). > 0: cut at
+  // multiples of split_tokens whatever the batch (the ranges past a sequence's end are empty), so
+  // a sequence's output is the same bits in any batch: batch-invariant decoding.
+  int64_t split_tokens = 0;
 };
 MlaDecodePlan mla_decode_plan(const MlaDecodeShape& shape, int64_t sm_count);
+// The batch-invariant plan: split_tokens a multiple of 64; splits = the longest sequence's ranges.
+MlaDecodePlan mla_decode_plan_fixed(const MlaDecodeShape& shape, int64_t split_tokens);
 // The workspace a forced split count needs (tests and benchmarks set MlaDecodePlan by hand).
 size_t mla_decode_workspace_bytes(const MlaDecodeShape& shape, int64_t splits);
 

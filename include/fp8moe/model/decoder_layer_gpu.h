@@ -33,6 +33,7 @@
 #include "fp8moe/core/dtypes.h"
 #include "fp8moe/kernels/fp8_gemm.h"
 #include "fp8moe/model/config.h"
+#include "fp8moe/model/mla_block_gpu.h"
 #include "fp8moe/model/model_kernels_gpu.h"
 #include "fp8moe/model/parameter_gpu.h"
 
@@ -90,6 +91,16 @@ class DecoderLayerGpu {
   // (model_kernels_gpu.h's and the router's bits; device, may be null).
   void forward(const bf16* h, const int32_t* pos, bf16* out, double* balance_loss, uint32_t* status,
                cudaStream_t stream);
+  // Decoding (serving; no backward): h [batch * queries, hidden], each sequence's new tokens at
+  // pos (MlaBlockGpu::forward_decode's contract), the attention over the layer's latent cache;
+  // the FFN / MoE as forward's (the router's expert_load counted: serving-time load for EPLB;
+  // no balance loss). batch * queries <= the constructor's batch * seq. reserve_decode first.
+  void reserve_decode(int64_t max_tokens);
+  void forward_decode(const bf16* h, const int32_t* pos, int64_t batch, int64_t queries,
+                      const MlaLatentCacheView& cache, const kernels::MlaDecodePlan& plan,
+                      void* workspace, bf16* out, uint32_t* status, cudaStream_t stream);
+  const MlaBlockGpu& attention() const;
+
   // For the last forward: dout [T, hidden] BF16 -> dh [T, hidden] BF16 (overwritten; may not
   // alias dout), and every parameter's gradient of the layer accumulated or overwritten.
   void backward(const bf16* dout, bf16* dh, uint32_t* status, cudaStream_t stream,

@@ -32,6 +32,7 @@
 
 #include "fp8moe/core/dtypes.h"
 #include "fp8moe/kernels/fp8_gemm.h"
+#include "fp8moe/kernels/mla_decode.h"
 #include "fp8moe/model/linear_gpu.h"
 #include "fp8moe/model/mla_block_reference.h"
 #include "fp8moe/model/model_kernels_gpu.h"
@@ -65,6 +66,16 @@ struct MlaBlockGpuOptions {
   bool bf16_projections = false;
 };
 
+// One layer's paged latent cache (kernels/mla_decode.h's layout: [pages, page_tokens,
+// kv_lora_rank + dr] BF16) and the decoding sequences' page table and lengths (device; lengths
+// count the step's new tokens, already placed by the caller).
+struct MlaLatentCacheView {
+  bf16* pages = nullptr;
+  const int32_t* page_table = nullptr;  // [batch, max_pages]
+  const int32_t* seq_lens = nullptr;    // [batch]
+  int64_t page_tokens = 64, max_pages = 0;
+};
+
 class MlaProjection;  // one projection: FP8 (LinearWeightsDevice + LinearFp8Gpu) or BF16
 
 class MlaBlockGpu {
@@ -93,6 +104,21 @@ class MlaBlockGpu {
                 cudaStream_t stream,
                 kernels::WgradOutput grad_output = kernels::WgradOutput::kAccumulate);
 
+  // Decoding in V3's inference form (the latent cache, kv_b folded into the query and the
+  // output: kernels/mla_absorb.h, kernels/mla_decode.h). reserve_decode(max_tokens) allocates
+  // the latent-form buffers once (outside any graph capture). forward_decode: x [batch *
+  // queries, hidden] BF16, row b * queries + i = sequence b's new token i at position pos[row] =
+  // cache.seq_lens[b] - queries + i; their latents are appended to the cache, every row attends
+  // to its sequence's cached keys (causal among the new tokens) -> out [batch * queries, hidden].
+  // No backward. plan / workspace: mla_decode_plan for (batch, queries, the cache's pages).
+  // Needs the FP8 projections (not bf16_projections).
+  void reserve_decode(int64_t max_tokens);
+  void forward_decode(const bf16* x, const int32_t* pos, int64_t batch, int64_t queries,
+                      const MlaLatentCacheView& cache, const kernels::MlaDecodePlan& plan,
+                      void* workspace, bf16* out, uint32_t* status, cudaStream_t stream);
+  kernels::MlaDecodeShape decode_shape(int64_t batch, int64_t queries,
+                                       const MlaLatentCacheView& cache) const;
+
   const MlaBlockDims& dims() const { return d_; }
   int64_t max_tokens() const { return max_tokens_; }
   MlaBlockSavedGpu saved() const;
@@ -119,6 +145,11 @@ class MlaBlockGpu {
   bf16 *dattn_ = nullptr, *dq_ = nullptr, *dkv_ = nullptr, *dkva_ = nullptr, *dckvn_ = nullptr,
        *dcqn_ = nullptr, *dcq_ = nullptr, *dx2_ = nullptr;
   float *dkpe_ = nullptr, *norm_ws_ = nullptr;
+  // Decoding (reserve_decode): q_lat [T, H, kvr+dr], o_lat [T, H, kvr], lse [T, H].
+  void* decode_buffer_ = nullptr;
+  int64_t decode_tokens_ = 0;
+  bf16 *q_lat_ = nullptr, *o_lat_ = nullptr;
+  float* decode_lse_ = nullptr;
   void* attn_ws_ = nullptr;
   size_t attn_ws_bytes_ = 0;
 };

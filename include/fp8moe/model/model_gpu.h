@@ -60,7 +60,9 @@ class ModelGpu {
   // kInvalidArgument naming what the GPU path cannot take (DecoderLayerGpu's shapes, MTP depth
   // > LossGpu::kMaxMtpDepth, seq > max_position_embeddings, experts that do not split evenly
   // over par.world ranks).
-  ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq, const ModelGpuParallel& par = {});
+  // rope_positions: the RoPE table's length (0: seq); serving needs the context's.
+  ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq, const ModelGpuParallel& par = {},
+           int64_t rope_positions = 0);
   ~ModelGpu();
   ModelGpu(const ModelGpu&) = delete;
   ModelGpu& operator=(const ModelGpu&) = delete;
@@ -109,6 +111,23 @@ class ModelGpu {
   // written (device). Bad token ids / positions / routing set bits in status().
   void forward_backward(const int32_t* tokens, float mtp_weight, bool backward, LossGpu* loss,
                         cudaStream_t stream);
+
+  // Serving (serve/decode_engine_gpu.h builds on it): one decoding step of the main model over
+  // the layers' paged latent caches (MlaBlockGpu::forward_decode). reserve_decode(max_tokens)
+  // once, outside any graph capture (max_tokens <= batch * seq). ids / pos [batch * queries]
+  // device int32: row b * queries + i is sequence b's new token i and its position
+  // (seq_lens[b] - queries + i); caches[l] is main layer l's cache (the same page table and
+  // lengths for every layer). logits [batch, vocab] BF16: after each sequence's last new token.
+  // The MTP modules do not run. Enqueues only: capturable in a CUDA graph.
+  void reserve_decode(int64_t max_tokens);
+  // head_rows (>= batch; 0: batch): rows the output head computes (logits' rows past batch are
+  // of stale states), so that its GEMM's shape, hence its summation order, need not follow the
+  // batch (batch-invariant decoding).
+  void decode(const int32_t* ids, const int32_t* pos, int64_t batch, int64_t queries,
+              const std::vector<MlaLatentCacheView>& caches, const kernels::MlaDecodePlan& plan,
+              void* workspace, bf16* logits, cudaStream_t stream, int64_t head_rows = 0);
+  // The attention block of main layer l (its decode_shape, dims).
+  const MlaBlockGpu& attention(int64_t layer) const;
 
   // Per MoE block (main blocks, then the MTP modules', as Model::expert_load): device int32
   // [n_routed_experts], tokens routed to each expert by the last forward.

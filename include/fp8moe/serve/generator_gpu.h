@@ -1,0 +1,73 @@
+// Text generation on one GPU in V3's serving form: a ModelGpu over paged latent caches
+// (serve/paged_cache_gpu.h; the attention in latent form, kernels/mla_decode.h), prompts prefilled
+// in chunks (several new tokens a sequence, causal among them), then decoding steps that batch
+// every running sequence (continuous batching: a finished sequence leaves, a waiting prompt is
+// prefilled and joins at the next step). Sampling on the host (model/sampling.h) with one Philox
+// stream a request (seed, request index) and, with split_tokens (the default), batch-invariant
+// arithmetic, so a request's text does not depend on what it was batched with. A sequence stops at end-of-sequence (unless ignore_eos), after max_new_tokens, or
+// when it fills the context (its prompt is cut to the last context / 2 tokens if it is longer).
+// The main model only (the MTP modules are not used for drafting here).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "fp8moe/model/model.h"
+#include "fp8moe/model/model_gpu.h"
+#include "fp8moe/serve/paged_cache_gpu.h"
+
+namespace fp8moe::serve {
+
+struct GeneratorOptions {
+  int64_t max_batch = 8;       // sequences decoded together
+  int64_t context = 1024;      // tokens a sequence holds at most
+  int64_t prefill_chunk = 256; // prompt tokens a prefill step
+  int64_t page_tokens = 64;
+  int64_t num_pages = 0;       // 0: max_batch full contexts
+  // Attention key ranges of split_tokens keys (kernels::mla_decode_plan_fixed) and the output head
+  // over max_batch rows every step: a request's text does not depend on its batch. 0: the
+  // adaptive split plan (kernels::mla_decode_plan; fastest, batch-dependent rounding).
+  int64_t split_tokens = 256;
+};
+
+struct SamplingOptions {
+  int64_t max_new_tokens = 64;
+  double temperature = 0;  // 0: greedy
+  double top_p = 1;
+  uint64_t seed = 1;
+  int32_t eos = -1;  // -1: none
+  bool ignore_eos = false;
+};
+
+struct GenerationStats {
+  int64_t prefill_tokens = 0, decode_tokens = 0, decode_steps = 0;
+  double prefill_s = 0, decode_s = 0;  // wall time of the prefill and decoding steps
+  int64_t cache_bytes = 0;
+  int64_t max_running = 0;  // most sequences in one decoding step
+};
+
+class GeneratorGpu {
+ public:
+  // Uploads `cpu`'s weights to a ModelGpu sized for the options (on the current device).
+  GeneratorGpu(Model& cpu, const GeneratorOptions& options);
+  ~GeneratorGpu();
+  GeneratorGpu(const GeneratorGpu&) = delete;
+  GeneratorGpu& operator=(const GeneratorGpu&) = delete;
+
+  // Each prompt's new tokens (not the prompt), in the prompts' order.
+  std::vector<std::vector<int32_t>> generate(const std::vector<std::vector<int32_t>>& prompts,
+                                             const SamplingOptions& sampling,
+                                             GenerationStats* stats = nullptr);
+  // The logits (FP32 of the BF16 the model wrote) the last step produced for its i-th sequence
+  // (tests compare them with the CPU model's).
+  const std::vector<float>& last_logits() const { return logits_host_; }
+  int64_t vocab() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::vector<float> logits_host_;
+};
+
+}  // namespace fp8moe::serve

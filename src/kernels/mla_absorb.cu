@@ -1,0 +1,171 @@
+// The latent form's per-head products and cache append (kernels/mla_absorb.h). A CTA = one head
+// x 128 output columns; each thread keeps its column's 128 dequantised weights in registers and
+// walks the tokens in chunks of 32 staged in shared memory (every thread reads the same value:
+// a broadcast). FMAs in index order, as the CPU reference (bit for bit).
+// Test: test_kernels_gpu --gtest_filter='MlaAbsorbGpu*'.
+#include <cuda_runtime.h>
+
+#include <utility>
+
+#include "fp8moe/core/cuda_check.h"
+#include "fp8moe/core/error.h"
+#include "fp8moe/fp8/codec.h"
+#include "fp8moe/kernels/mla_absorb.h"
+
+namespace fp8moe::kernels {
+
+void mla_absorb_check_dims(const char* who, const MlaAbsorbDims& d, int64_t tokens);
+
+namespace {
+
+constexpr int kCols = 128, kTokenChunk = 32;
+
+// Column c of weight rows [row0, row0 + 128) of one 128-column block `cb` (one scale).
+__device__ __forceinline__ void load_weight_column(float (&w)[128], const uint8_t* codes,
+                                                   const float* scales, int64_t latent,
+                                                   int64_t row0, int64_t col) {
+  const float s = scales[(row0 / 128) * (latent / 128) + col / 128];
+#pragma unroll
+  for (int k = 0; k < 128; ++k) w[k] = e4m3_bits_to_float(codes[(row0 + k) * latent + col]) * s;
+}
+
+// Absorb: grid (latent / 128, heads); thread = latent column j; w = W_UK[h][:, j].
+__global__ void __launch_bounds__(kCols) absorb_kernel(const bf16* q, int64_t tokens,
+                                                       MlaAbsorbDims d, const uint8_t* codes,
+                                                       const float* scales, bf16* q_lat) {
+  __shared__ float qs[kTokenChunk][128];
+  const int64_t h = blockIdx.y, j = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
+  const int64_t qd = d.nope_dim + d.rope_dim, od = d.latent_dim + d.rope_dim;
+  float w[128];
+  load_weight_column(w, codes, scales, d.latent_dim, h * (d.nope_dim + d.value_dim), j);
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
+    const int n = static_cast<int>(tokens - t0 < kTokenChunk ? tokens - t0 : kTokenChunk);
+    __syncthreads();
+    for (int i = threadIdx.x; i < n * 128; i += kCols)
+      qs[i / 128][i % 128] = to_float(q[((t0 + i / 128) * d.heads + h) * qd + i % 128]);
+    __syncthreads();
+    for (int tt = 0; tt < n; ++tt) {
+      float acc = 0.0f;
+#pragma unroll
+      for (int k = 0; k < 128; ++k) acc = __fmaf_rn(qs[tt][k], w[k], acc);
+      q_lat[((t0 + tt) * d.heads + h) * od + j] = to_bf16(acc);
+    }
+  }
+  if (blockIdx.x == 0)  // q_pe rides along after the latent
+    for (int64_t i = threadIdx.x; i < tokens * d.rope_dim; i += kCols) {
+      const int64_t t = i / d.rope_dim, r = i % d.rope_dim;
+      q_lat[(t * d.heads + h) * od + d.latent_dim + r] = q[(t * d.heads + h) * qd + d.nope_dim + r];
+    }
+}
+
+// Unabsorb: grid (heads); thread = value column v; the latent reduction in 128-wide blocks, one
+// register set of W_UV[h][v, block] at a time, 32 tokens' sums carried across the blocks.
+__global__ void __launch_bounds__(kCols) unabsorb_kernel(const bf16* o_lat, int64_t tokens,
+                                                         MlaAbsorbDims d, const uint8_t* codes,
+                                                         const float* scales, bf16* attn) {
+  __shared__ float os[kTokenChunk][128];
+  const int64_t h = blockIdx.x, v = threadIdx.x;
+  const int64_t row = h * (d.nope_dim + d.value_dim) + d.nope_dim + v;
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
+    const int n = static_cast<int>(tokens - t0 < kTokenChunk ? tokens - t0 : kTokenChunk);
+    float acc[kTokenChunk];
+#pragma unroll
+    for (int tt = 0; tt < kTokenChunk; ++tt) acc[tt] = 0.0f;
+    for (int64_t cb = 0; cb < d.latent_dim / 128; ++cb) {
+      float w[128];
+      const float s = scales[(row / 128) * (d.latent_dim / 128) + cb];
+#pragma unroll
+      for (int k = 0; k < 128; ++k)
+        w[k] = e4m3_bits_to_float(codes[row * d.latent_dim + cb * 128 + k]) * s;
+      __syncthreads();
+      for (int i = threadIdx.x; i < n * 128; i += kCols)
+        os[i / 128][i % 128] =
+            to_float(o_lat[((t0 + i / 128) * d.heads + h) * d.latent_dim + cb * 128 + i % 128]);
+      __syncthreads();
+#pragma unroll
+      for (int tt = 0; tt < kTokenChunk; ++tt) {
+        if (tt >= n) break;
+        float a = acc[tt];
+#pragma unroll
+        for (int k = 0; k < 128; ++k) a = __fmaf_rn(os[tt][k], w[k], a);
+        acc[tt] = a;
+      }
+    }
+#pragma unroll
+    for (int tt = 0; tt < kTokenChunk; ++tt)
+      if (tt < n) attn[((t0 + tt) * d.heads + h) * d.value_dim + v] = to_bf16(acc[tt]);
+  }
+}
+
+// Append: one thread a 16-byte chunk of a token's cache row.
+__global__ void append_kernel(const bf16* latent, int64_t ld_latent, const bf16* k_pe,
+                              int64_t ld_k_pe, int64_t tokens, int queries, int latent_dim,
+                              int rope_dim, const int32_t* page_table, int max_pages,
+                              int page_tokens, const int32_t* seq_lens, bf16* cache) {
+  const int chunks = (latent_dim + rope_dim) / 8;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= tokens * chunks) return;
+  const int64_t t = idx / chunks;
+  const int c = static_cast<int>(idx % chunks);
+  const int64_t b = t / queries;
+  const int pos = seq_lens[b] - queries + static_cast<int>(t % queries);
+  if (pos < 0 || pos >= max_pages * page_tokens) return;
+  const int page = page_table[b * max_pages + pos / page_tokens];
+  const bf16* src = c * 8 < latent_dim ? latent + t * ld_latent + c * 8
+                                       : k_pe + t * ld_k_pe + (c * 8 - latent_dim);
+  bf16* dst =
+      cache + (static_cast<int64_t>(page) * page_tokens + pos % page_tokens) * (latent_dim + rope_dim) +
+      c * 8;
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+}
+
+void check_ptr(const char* who, const char* name, const void* p) {
+  FM_CHECK_ARG(p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0, who, ": ", name,
+               " must be a 16-byte aligned device pointer (got ", p, ")");
+}
+
+}  // namespace
+
+void mla_absorb_query(const bf16* q, int64_t tokens, const MlaAbsorbDims& d,
+                      const uint8_t* w_codes, const float* w_scales, bf16* q_lat,
+                      cudaStream_t stream) {
+  mla_absorb_check_dims("mla_absorb_query", d, tokens);
+  if (tokens == 0) return;
+  absorb_kernel<<<dim3(static_cast<unsigned>(d.latent_dim / kCols), static_cast<unsigned>(d.heads)),
+                  kCols, 0, stream>>>(q, tokens, d, w_codes, w_scales, q_lat);
+  FM_CHECK_CUDA(cudaGetLastError());
+}
+
+void mla_unabsorb_output(const bf16* o_lat, int64_t tokens, const MlaAbsorbDims& d,
+                         const uint8_t* w_codes, const float* w_scales, bf16* attn,
+                         cudaStream_t stream) {
+  mla_absorb_check_dims("mla_unabsorb_output", d, tokens);
+  if (tokens == 0) return;
+  unabsorb_kernel<<<static_cast<unsigned>(d.heads), kCols, 0, stream>>>(o_lat, tokens, d, w_codes,
+                                                                        w_scales, attn);
+  FM_CHECK_CUDA(cudaGetLastError());
+}
+
+void mla_cache_append(const bf16* latent, int64_t ld_latent, const bf16* k_pe, int64_t ld_k_pe,
+                      int64_t batch, int64_t queries, int64_t latent_dim, int64_t rope_dim,
+                      const int32_t* page_table, int64_t max_pages, int64_t page_tokens,
+                      const int32_t* seq_lens, bf16* cache, cudaStream_t stream) {
+  const char* who = "mla_cache_append";
+  FM_CHECK_ARG(batch >= 0 && queries > 0, who, ": batch=", batch, ", queries=", queries);
+  FM_CHECK_ARG(latent_dim % 8 == 0 && rope_dim % 8 == 0 && ld_latent % 8 == 0 && ld_k_pe % 8 == 0,
+               who, ": latent_dim, rope_dim and the leading dimensions must be multiples of 8");
+  FM_CHECK_ARG(page_tokens > 0 && max_pages > 0 && max_pages * page_tokens < (int64_t{1} << 31),
+               who, ": page_tokens=", page_tokens, ", max_pages=", max_pages);
+  if (batch == 0) return;
+  for (const auto& [name, p] : {std::pair<const char*, const void*>{"latent", latent},
+                                {"k_pe", k_pe}, {"cache", cache}})
+    check_ptr(who, name, p);
+  const int64_t total = batch * queries * ((latent_dim + rope_dim) / 8);
+  append_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(
+      latent, ld_latent, k_pe, ld_k_pe, batch * queries, static_cast<int>(queries),
+      static_cast<int>(latent_dim), static_cast<int>(rope_dim), page_table,
+      static_cast<int>(max_pages), static_cast<int>(page_tokens), seq_lens, cache);
+  FM_CHECK_CUDA(cudaGetLastError());
+}
+
+}  // namespace fp8moe::kernels

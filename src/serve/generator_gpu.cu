@@ -1,0 +1,237 @@
+// GeneratorGpu (serve/generator_gpu.h).
+#include "fp8moe/serve/generator_gpu.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <deque>
+#include <string>
+
+#include "fp8moe/core/cuda_check.h"
+#include "fp8moe/core/error.h"
+#include "fp8moe/core/philox.h"
+#include "fp8moe/fp8/codec.h"
+#include "fp8moe/kernels/mla_decode.h"
+#include "fp8moe/model/sampling.h"
+
+namespace fp8moe::serve {
+
+struct GeneratorGpu::Impl {
+  GeneratorOptions o;
+  ModelConfig config;
+  int64_t step_tokens = 0, vocab = 0;
+  int sms = 0;
+  std::unique_ptr<ModelGpu> model;
+  std::unique_ptr<PagedLatentCacheGpu> cache;
+  cudaStream_t stream = nullptr;
+  int32_t *d_ids = nullptr, *d_pos = nullptr, *h_ids = nullptr, *h_pos = nullptr;
+  uint32_t* h_status = nullptr;
+  bf16 *d_logits = nullptr, *h_logits = nullptr;
+  void* ws = nullptr;
+  size_t ws_bytes = 0;
+
+  ~Impl() {
+    cudaFree(d_ids);
+    cudaFree(d_pos);
+    cudaFree(d_logits);
+    cudaFree(ws);
+    cudaFreeHost(h_ids);
+    cudaFreeHost(h_pos);
+    cudaFreeHost(h_logits);
+    cudaFreeHost(h_status);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  // One model step over `seqs` (grown already), `queries` new tokens each: ids / pos in row
+  // order. Leaves the step's logits [seqs, vocab] in `out`.
+  void step(const std::vector<int>& seqs, const int32_t* ids, const int32_t* pos, int64_t queries,
+            std::vector<float>& out) {
+    const int64_t batch = static_cast<int64_t>(seqs.size()), T = batch * queries;
+    const std::vector<MlaLatentCacheView> views = cache->prepare_step(seqs, stream);
+    std::copy(ids, ids + T, h_ids);
+    std::copy(pos, pos + T, h_pos);
+    FM_CHECK_CUDA(cudaMemcpyAsync(d_ids, h_ids, T * 4, cudaMemcpyHostToDevice, stream));
+    FM_CHECK_CUDA(cudaMemcpyAsync(d_pos, h_pos, T * 4, cudaMemcpyHostToDevice, stream));
+    const kernels::MlaDecodeShape shape = model->attention(0).decode_shape(batch, queries, views[0]);
+    const kernels::MlaDecodePlan plan = o.split_tokens > 0
+                                            ? kernels::mla_decode_plan_fixed(shape, o.split_tokens)
+                                            : kernels::mla_decode_plan(shape, sms);
+    if (plan.workspace_bytes > ws_bytes) {
+      FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+      FM_CHECK_CUDA(cudaFree(ws));
+      ws = nullptr;
+      FM_CHECK_CUDA(cudaMalloc(&ws, plan.workspace_bytes));
+      ws_bytes = plan.workspace_bytes;
+    }
+    model->decode(d_ids, d_pos, batch, queries, views, plan, ws, d_logits, stream,
+                  o.split_tokens > 0 ? o.max_batch : batch);
+    FM_CHECK_CUDA(cudaMemcpyAsync(h_logits, d_logits, static_cast<size_t>(batch * vocab) * 2,
+                                  cudaMemcpyDeviceToHost, stream));
+    FM_CHECK_CUDA(cudaMemcpyAsync(h_status, model->status(), 4, cudaMemcpyDeviceToHost, stream));
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    FM_CHECK(*h_status == 0, "GeneratorGpu: the model reported error bits 0x", std::hex,
+             *h_status, " (a token id outside the vocabulary or a position past the RoPE table)");
+    out.resize(static_cast<size_t>(batch * vocab));
+    for (int64_t i = 0; i < batch * vocab; ++i) out[i] = to_float(h_logits[i]);
+  }
+};
+
+GeneratorGpu::GeneratorGpu(Model& cpu, const GeneratorOptions& o) : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.o = o;
+  m.config = cpu.config();
+  FM_CHECK_ARG(o.max_batch > 0, "GeneratorGpu: max_batch=", o.max_batch, " must be positive");
+  FM_CHECK_ARG(o.prefill_chunk > 0, "GeneratorGpu: prefill_chunk=", o.prefill_chunk,
+               " must be positive");
+  FM_CHECK_ARG(o.context >= 2 && o.context <= m.config.max_position_embeddings,
+               "GeneratorGpu: context=", o.context, " outside [2, max_position_embeddings=",
+               m.config.max_position_embeddings, "]");
+  FM_CHECK_ARG(o.page_tokens > 0 && o.page_tokens % 64 == 0, "GeneratorGpu: page_tokens=",
+               o.page_tokens, " must be a positive multiple of 64");
+  m.step_tokens = std::max(o.max_batch, o.prefill_chunk);
+  m.vocab = m.config.vocab_size;
+  int dev = 0;
+  FM_CHECK_CUDA(cudaGetDevice(&dev));
+  FM_CHECK_CUDA(cudaDeviceGetAttribute(&m.sms, cudaDevAttrMultiProcessorCount, dev));
+  m.model = std::make_unique<ModelGpu>(m.config, m.step_tokens, 1, ModelGpuParallel{}, o.context);
+  m.model->upload(cpu);
+  m.model->reserve_decode(m.step_tokens);
+  PagedCacheOptions co;
+  co.page_tokens = o.page_tokens;
+  co.max_pages_per_seq = (o.context + o.page_tokens - 1) / o.page_tokens;
+  co.num_pages = o.num_pages > 0 ? o.num_pages : o.max_batch * co.max_pages_per_seq;
+  co.max_batch = o.max_batch;
+  m.cache = std::make_unique<PagedLatentCacheGpu>(m.config, co);
+  FM_CHECK_CUDA(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
+  const size_t t4 = static_cast<size_t>(m.step_tokens) * 4;
+  const size_t lb = static_cast<size_t>(o.max_batch * m.vocab) * 2;
+  FM_CHECK_CUDA(cudaMalloc(&m.d_ids, t4));
+  FM_CHECK_CUDA(cudaMalloc(&m.d_pos, t4));
+  FM_CHECK_CUDA(cudaMalloc(&m.d_logits, lb));
+  FM_CHECK_CUDA(cudaMallocHost(&m.h_ids, t4));
+  FM_CHECK_CUDA(cudaMallocHost(&m.h_pos, t4));
+  FM_CHECK_CUDA(cudaMallocHost(&m.h_logits, lb));
+  FM_CHECK_CUDA(cudaMallocHost(&m.h_status, 4));
+}
+
+GeneratorGpu::~GeneratorGpu() = default;
+
+int64_t GeneratorGpu::vocab() const {
+  return impl_->vocab;
+}
+
+std::vector<std::vector<int32_t>> GeneratorGpu::generate(
+    const std::vector<std::vector<int32_t>>& prompts, const SamplingOptions& s,
+    GenerationStats* stats) {
+  Impl& m = *impl_;
+  FM_CHECK_ARG(s.max_new_tokens >= 0, "GeneratorGpu::generate: max_new_tokens=",
+               s.max_new_tokens, " must be >= 0");
+  FM_CHECK_ARG(s.temperature >= 0 && s.top_p > 0 && s.top_p <= 1,
+               "GeneratorGpu::generate: temperature must be >= 0 and top_p in (0, 1]");
+  for (size_t r = 0; r < prompts.size(); ++r) {
+    FM_CHECK_ARG(!prompts[r].empty(), "GeneratorGpu::generate: prompt ", r, " is empty");
+    for (int32_t id : prompts[r])
+      FM_CHECK_ARG(id >= 0 && id < m.vocab, "GeneratorGpu::generate: prompt ", r, " holds token ",
+                   id, " outside the vocabulary [0, ", m.vocab, ")");
+  }
+  struct Request {
+    std::vector<int32_t> prompt, out;
+    PhiloxStream rng;
+    int seq = -1;
+  };
+  std::vector<Request> req;
+  req.reserve(prompts.size());
+  for (size_t r = 0; r < prompts.size(); ++r) {
+    std::vector<int32_t> p = prompts[r];
+    // NOTE: as the CPU generator's window rule: an overlong prompt keeps its last context / 2.
+    if (static_cast<int64_t>(p.size()) >= m.o.context)
+      p.erase(p.begin(), p.end() - m.o.context / 2);
+    req.push_back(Request{std::move(p), {}, PhiloxStream(s.seed, 7 + r), -1});
+  }
+  GenerationStats st;
+  st.cache_bytes = m.cache->bytes();
+  PageAllocator& pages = m.cache->pages();
+  std::deque<size_t> waiting;
+  if (s.max_new_tokens > 0)
+    for (size_t r = 0; r < req.size(); ++r) waiting.push_back(r);
+  std::vector<size_t> running;
+  std::vector<float> logits;
+  std::vector<int32_t> ids, pos;
+  using clock = std::chrono::steady_clock;
+  const auto seconds = [](clock::time_point a) {
+    return std::chrono::duration<double>(clock::now() - a).count();
+  };
+  // Appends a sampled token; true when the request goes on.
+  const auto take = [&](Request& q, const float* row) {
+    const int32_t next = sample_token(row, m.vocab, s.temperature, s.top_p, q.rng);
+    q.out.push_back(next);
+    const bool eos = next == s.eos && s.eos >= 0 && !s.ignore_eos;
+    const bool done = eos || static_cast<int64_t>(q.out.size()) >= s.max_new_tokens ||
+                      pages.length(q.seq) >= m.o.context;
+    if (done) pages.release(q.seq);
+    return !done;
+  };
+  while (!waiting.empty() || !running.empty()) {
+    // Admit waiting prompts while there is room: prefill in chunks, then the first token.
+    while (!waiting.empty() && static_cast<int64_t>(running.size()) < m.o.max_batch) {
+      Request& q = req[waiting.front()];
+      const int64_t n = static_cast<int64_t>(q.prompt.size());
+      if ((n + pages.page_tokens() - 1) / pages.page_tokens() > pages.free_pages()) {
+        FM_CHECK(!running.empty(), "GeneratorGpu: the cache (", pages.num_pages(),
+                 " pages) cannot hold one prompt of ", n, " tokens");
+        break;  // wait for running sequences to free pages
+      }
+      waiting.pop_front();
+      q.seq = pages.add_sequence();
+      const auto t0 = clock::now();
+      for (int64_t start = 0; start < n; start += m.o.prefill_chunk) {
+        const int64_t len = std::min(m.o.prefill_chunk, n - start);
+        FM_CHECK(pages.grow(q.seq, start + len), "GeneratorGpu: cache full while prefilling");
+        pos.resize(static_cast<size_t>(len));
+        for (int64_t i = 0; i < len; ++i) pos[i] = static_cast<int32_t>(start + i);
+        m.step({q.seq}, q.prompt.data() + start, pos.data(), len, logits);
+      }
+      st.prefill_s += seconds(t0);
+      st.prefill_tokens += n;
+      logits_host_ = logits;
+      if (take(q, logits.data())) running.push_back(static_cast<size_t>(&q - req.data()));
+    }
+    if (running.empty()) continue;
+    // One decoding step over every running sequence.
+    std::vector<int> seqs;
+    ids.clear();
+    pos.clear();
+    std::vector<size_t> stepping;
+    for (size_t r : running) {
+      Request& q = req[r];
+      const int64_t len = pages.length(q.seq);
+      if (!pages.grow(q.seq, len + 1)) {  // the pool is exhausted: this sequence ends here
+        pages.release(q.seq);
+        continue;
+      }
+      seqs.push_back(q.seq);
+      ids.push_back(q.out.back());
+      pos.push_back(static_cast<int32_t>(len));
+      stepping.push_back(r);
+    }
+    running.clear();
+    if (stepping.empty()) continue;
+    const auto t0 = clock::now();
+    m.step(seqs, ids.data(), pos.data(), 1, logits);
+    st.decode_s += seconds(t0);
+    st.decode_tokens += static_cast<int64_t>(stepping.size());
+    st.decode_steps += 1;
+    st.max_running = std::max<int64_t>(st.max_running, static_cast<int64_t>(stepping.size()));
+    logits_host_ = logits;
+    for (size_t i = 0; i < stepping.size(); ++i)
+      if (take(req[stepping[i]], logits.data() + i * m.vocab)) running.push_back(stepping[i]);
+  }
+  if (stats != nullptr) *stats = st;
+  std::vector<std::vector<int32_t>> out;
+  out.reserve(req.size());
+  for (Request& q : req) out.push_back(std::move(q.out));
+  return out;
+}
+
+}  // namespace fp8moe::serve

@@ -1,0 +1,63 @@
+// PagedLatentCacheGpu (serve/paged_cache_gpu.h).
+#include "fp8moe/serve/paged_cache_gpu.h"
+
+#include <cuda_runtime.h>
+
+#include "fp8moe/core/cuda_check.h"
+#include "fp8moe/core/error.h"
+
+namespace fp8moe::serve {
+
+PagedLatentCacheGpu::PagedLatentCacheGpu(const ModelConfig& config, const PagedCacheOptions& o)
+    : alloc_(o.num_pages, o.page_tokens, o.max_pages_per_seq) {
+  FM_CHECK_ARG(o.page_tokens % 64 == 0, "PagedLatentCacheGpu: page_tokens=", o.page_tokens,
+               " must be a multiple of 64");
+  FM_CHECK_ARG(o.max_batch > 0, "PagedLatentCacheGpu: max_batch=", o.max_batch,
+               " must be positive");
+  layers_ = config.num_hidden_layers;
+  row_ = config.kv_lora_rank + config.qk_rope_head_dim;
+  max_batch_ = o.max_batch;
+  bytes_ = layers_ * o.num_pages * o.page_tokens * row_ * static_cast<int64_t>(sizeof(bf16));
+  FM_CHECK_CUDA(cudaMalloc(&pages_, static_cast<size_t>(bytes_)));
+  const size_t table = static_cast<size_t>(o.max_batch * o.max_pages_per_seq) * sizeof(int32_t);
+  const size_t lens = static_cast<size_t>(o.max_batch) * sizeof(int32_t);
+  FM_CHECK_CUDA(cudaMalloc(&d_table_, table));
+  FM_CHECK_CUDA(cudaMalloc(&d_lens_, lens));
+  FM_CHECK_CUDA(cudaMallocHost(&h_table_, table));
+  FM_CHECK_CUDA(cudaMallocHost(&h_lens_, lens));
+}
+
+PagedLatentCacheGpu::~PagedLatentCacheGpu() {
+  cudaFree(pages_);
+  cudaFree(d_table_);
+  cudaFree(d_lens_);
+  cudaFreeHost(h_table_);
+  cudaFreeHost(h_lens_);
+}
+
+std::vector<MlaLatentCacheView> PagedLatentCacheGpu::prepare_step(const std::vector<int>& seqs,
+                                                                  cudaStream_t stream) {
+  const int64_t b = static_cast<int64_t>(seqs.size());
+  FM_CHECK_ARG(b > 0 && b <= max_batch_, "PagedLatentCacheGpu::prepare_step: ", b,
+               " sequences outside [1, max_batch=", max_batch_, "]");
+  // The pinned rows may still feed the previous step's copy.
+  FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+  alloc_.table_rows(seqs, h_table_, h_lens_);
+  const int64_t mp = alloc_.max_pages_per_seq();
+  FM_CHECK_CUDA(cudaMemcpyAsync(d_table_, h_table_, static_cast<size_t>(b * mp) * sizeof(int32_t),
+                                cudaMemcpyHostToDevice, stream));
+  FM_CHECK_CUDA(cudaMemcpyAsync(d_lens_, h_lens_, static_cast<size_t>(b) * sizeof(int32_t),
+                                cudaMemcpyHostToDevice, stream));
+  std::vector<MlaLatentCacheView> views(static_cast<size_t>(layers_));
+  const int64_t layer_elems = alloc_.num_pages() * alloc_.page_tokens() * row_;
+  for (int64_t l = 0; l < layers_; ++l) {
+    views[l].pages = pages_ + l * layer_elems;
+    views[l].page_table = d_table_;
+    views[l].seq_lens = d_lens_;
+    views[l].page_tokens = alloc_.page_tokens();
+    views[l].max_pages = mp;
+  }
+  return views;
+}
+
+}  // namespace fp8moe::serve
