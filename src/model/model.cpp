@@ -6,6 +6,7 @@
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
+#include "fp8moe/kernels/mla_decode.h"
 #include "fp8moe/model/attend_row.h"
 #include "fp8moe/model/ops.h"
 #include "fp8moe/moe/balance.h"
@@ -209,6 +210,7 @@ struct Mla {
   Lin q_a, q_b, q_proj, kv_a, kv_b, o;
   Norm q_norm, kv_norm;
   Vec q, kv, kpe, p, attn;  // q with rotated pe, kv, rotated k_pe [T,dr], probs [B,H,S,S], out
+  Vec ckvn;                 // latent cache: kv_a_layernorm's output [T, kvr] as kv_b sees it
   Ctx ctx;
   bool cached = false;  // the last forward was a cached decode (no backward)
 
@@ -236,7 +238,9 @@ struct Mla {
   }
 
   // Queries, keys and values of the tokens of x, RoPE applied (token t at position pos0 + t % S).
-  void project(const float* x, const Ctx& c, int64_t pos0) {
+  // Without `expand` (the latent cache) kv_b is not run: the latent c of each token is left in
+  // ckvn, as kv_b's input would see it in the model's precision.
+  void project(const float* x, const Ctx& c, int64_t pos0, bool expand = true) {
     const int64_t t_count = c.tokens(), S = c.seq;
     const int64_t qd = dn + dr;
     if (qr > 0) {
@@ -253,8 +257,19 @@ struct Mla {
       std::copy_n(kva.data() + t * (kvr + dr), kvr, ckv.data() + t * kvr);
       std::copy_n(kva.data() + t * (kvr + dr) + kvr, dr, kpe.data() + t * dr);
     }
-    Vec ckvn = kv_norm.forward(ckv.data(), t_count);
-    kv = kv_b.forward(ckvn.data(), t_count, c.precision);
+    Vec cn = kv_norm.forward(ckv.data(), t_count);
+    if (expand) {
+      kv = kv_b.forward(cn.data(), t_count, c.precision);
+    } else {
+      if (c.precision == Precision::kBf16) {
+        for (auto& v : cn) v = round_to_bf16(v);
+      } else if (c.precision == Precision::kFp8 && t_count > 0) {
+        QuantizeOptions qo;
+        qo.pow2_scales = kv_b.pow2;
+        cn = dequantize(quantize(cn.data(), t_count, kvr, kvr, ScaleGranularity::k1x128, qo));
+      }
+      ckvn = std::move(cn);
+    }
     for (int64_t t = 0; t < t_count; ++t) {
       const int64_t pos = pos0 + t % S;
       rope_apply(*c.rope, kpe.data() + t * dr, pos, false);
@@ -309,6 +324,85 @@ struct Mla {
                    attn.data() + s * heads * dv + h * dv);
       }
     });
+    return o.forward(attn.data(), S, c.precision);
+  }
+
+  // kv_b's weight [heads * (dn + dv), kvr] as the model's precision multiplies by it (bf16:
+  // rounded; fp8: its 128x128 E4M3 round trip), for the latent form's absorbed products.
+  Vec kv_b_weight_as_seen(Precision precision) const {
+    const Vec& w = kv_b.w->value;
+    switch (precision) {
+      case Precision::kFp32:
+        return w;
+      case Precision::kBf16: {
+        Vec r(w.size());
+        for (size_t i = 0; i < w.size(); ++i) r[i] = round_to_bf16(w[i]);
+        return r;
+      }
+      case Precision::kFp8:
+        return dequantize(quantize(w.data(), kv_b.out, kvr, kvr, ScaleGranularity::k128x128));
+    }
+    return w;
+  }
+
+  // Generation with the latent cache (KvCache::kLatent): the c.seq tokens of x (batch 1) follow
+  // the pos0 tokens cached in `layer`; their latent rows [c, k_pe] are appended (pages of
+  // page_tokens rows, allocated as needed) and the queries attend in latent space through
+  // kernels::mla_decode_reference (causal among the new tokens), kv_b folded into the query
+  // (q_lat[h] = W_UK[h]^T q_nope[h]) and the output (attn[h] = W_UV[h] out_lat[h]), in FP32.
+  Vec forward_latent(const float* x, const Ctx& c, int64_t pos0, int64_t page_tokens,
+                     KvCache::Layer& layer) {
+    FM_CHECK(c.batch == 1, "cached attention runs one sequence");
+    ctx = c;
+    cached = true;
+    const int64_t S = c.seq, qd = dn + dr, kvd = dn + dv, D = kvr + dr;
+    FM_CHECK(layer.kv.empty() && layer.k_pe.empty(), "latent KV cache holds expanded rows");
+    const int64_t pages_held = static_cast<int64_t>(layer.page_table.size());
+    FM_CHECK(pages_held == (pos0 + page_tokens - 1) / page_tokens &&
+                 static_cast<int64_t>(layer.latent.size()) == pages_held * page_tokens * D,
+             "latent KV cache holds ", pages_held, " pages of ", page_tokens, " tokens, expected ",
+             pos0, " tokens");
+    project(x, c, pos0, false);
+    // Append the new rows, a page at a time.
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t t = pos0 + s;
+      if (t / page_tokens >= static_cast<int64_t>(layer.page_table.size())) {
+        layer.page_table.push_back(static_cast<int32_t>(layer.page_table.size()));
+        layer.latent.resize(layer.latent.size() + static_cast<size_t>(page_tokens * D), 0.0f);
+      }
+      float* row = layer.latent.data() +
+                   (layer.page_table[t / page_tokens] * page_tokens + t % page_tokens) * D;
+      std::copy_n(ckvn.data() + s * kvr, kvr, row);
+      std::copy_n(kpe.data() + s * dr, dr, row + kvr);
+    }
+    // Queries in latent space: [q_lat[h], q_pe[h]] per token and head.
+    const Vec w = kv_b_weight_as_seen(c.precision);
+    Vec ql(static_cast<size_t>(S * heads * D));
+    for (int64_t h = 0; h < heads; ++h) {
+      gemm_f32(S, kvr, dn, q.data() + h * qd, heads * qd, false, w.data() + h * kvd * kvr, kvr,
+               false, ql.data() + h * D, heads * D, false);
+      for (int64_t s = 0; s < S; ++s)
+        std::copy_n(q.data() + s * heads * qd + h * qd + dn, dr,
+                    ql.data() + (s * heads + h) * D + kvr);
+    }
+    // Attention over the latent rows, then each head's output through W_UV.
+    kernels::MlaDecodeShape shape;
+    shape.batch = 1;
+    shape.queries = S;
+    shape.heads = heads;
+    shape.latent_dim = kvr;
+    shape.rope_dim = dr;
+    shape.page_tokens = page_tokens;
+    shape.max_pages = static_cast<int64_t>(layer.page_table.size());
+    shape.softmax_scale = scale;
+    const int32_t seq_len = static_cast<int32_t>(pos0 + S);
+    Vec out_lat(static_cast<size_t>(S * heads * kvr)), lse(static_cast<size_t>(S * heads));
+    kernels::mla_decode_reference(shape, ql.data(), layer.latent.data(), layer.page_table.data(),
+                                  &seq_len, out_lat.data(), lse.data());
+    attn.assign(static_cast<size_t>(S * heads * dv), 0.0f);
+    for (int64_t h = 0; h < heads; ++h)
+      gemm_f32(S, dv, kvr, out_lat.data() + h * kvr, heads * kvr, false,
+               w.data() + (h * kvd + dn) * kvr, kvr, true, attn.data() + h * dv, heads * dv, false);
     return o.forward(attn.data(), S, c.precision);
   }
 
@@ -517,11 +611,15 @@ struct Block {
       mlp->init(s, pre + ".mlp", hidden, c.intermediate_size, false, false);
     }
   }
-  // With a cache layer: generation (batch 1, tokens at positions pos0 ...).
-  Vec forward(const float* h, const Ctx& c, int64_t pos0 = 0, KvCache::Layer* cache = nullptr) {
+  // With a cache layer: generation (batch 1, tokens at positions pos0 ...; page_tokens > 0: the
+  // latent form).
+  Vec forward(const float* h, const Ctx& c, int64_t pos0 = 0, KvCache::Layer* cache = nullptr,
+              int64_t page_tokens = 0) {
     const int64_t n = c.tokens() * hidden;
     Vec a = ln1.forward(h, c.tokens());
-    Vec h1 = cache ? attn.forward_cached(a.data(), c, pos0, *cache) : attn.forward(a.data(), c);
+    Vec h1 = !cache            ? attn.forward(a.data(), c)
+             : page_tokens > 0 ? attn.forward_latent(a.data(), c, pos0, page_tokens, *cache)
+                               : attn.forward_cached(a.data(), c, pos0, *cache);
     add_into(h1.data(), h, n);
     Vec f = ln2.forward(h1.data(), c.tokens());
     Vec h2 = moe ? moe->forward(f.data(), c.tokens(), c.seq, c.precision)
@@ -769,9 +867,22 @@ std::vector<float> Model::next_token_logits(const int32_t* tokens, int64_t seq,
   return logits;
 }
 
+const char* kv_cache_form_name(KvCacheForm form) {
+  return form == KvCacheForm::kLatent ? "latent" : "expanded";
+}
+
+KvCacheForm parse_kv_cache_form(const std::string& name) {
+  if (name == "latent") return KvCacheForm::kLatent;
+  if (name == "expanded") return KvCacheForm::kExpanded;
+  FM_THROW(ErrorKind::kInvalidArgument, "unknown KV cache form '", name,
+           "' (expected latent or expanded)");
+}
+
 int64_t KvCache::bytes() const {
   int64_t n = 0;
-  for (const auto& l : layers) n += static_cast<int64_t>((l.kv.size() + l.k_pe.size()) * 4);
+  for (const auto& l : layers)
+    n += static_cast<int64_t>((l.kv.size() + l.k_pe.size() + l.latent.size()) * sizeof(float) +
+                              l.page_table.size() * sizeof(int32_t));
   return n;
 }
 
@@ -788,6 +899,9 @@ std::vector<float> Model::next_token_logits(const int32_t* tokens, int64_t n, Pr
   }
   FM_CHECK_ARG(static_cast<int64_t>(cache.layers.size()) == c.num_hidden_layers, "KV cache has ",
                cache.layers.size(), " layers, the model ", c.num_hidden_layers);
+  const bool latent = cache.form == KvCacheForm::kLatent;
+  FM_CHECK_ARG(!latent || (cache.page_tokens > 0 && cache.page_tokens <= (1 << 20)),
+               "KV cache: page_tokens=", cache.page_tokens, " outside [1, 2^20]");
   if (m.rope.positions < total || m.rope.dim != c.qk_rope_head_dim)
     m.rope = make_rope_table(c.qk_rope_head_dim,
                              std::min(c.max_position_embeddings, std::max<int64_t>(2 * total, 256)),
@@ -795,7 +909,8 @@ std::vector<float> Model::next_token_logits(const int32_t* tokens, int64_t n, Pr
   Ctx ctx{precision, 1, n, &m.rope};
   Vec hcur = m.embed_rows(tokens, n);
   for (size_t l = 0; l < m.blocks.size(); ++l)
-    hcur = m.blocks[l].forward(hcur.data(), ctx, pos0, &cache.layers[l]);
+    hcur = m.blocks[l].forward(hcur.data(), ctx, pos0, &cache.layers[l],
+                               latent ? cache.page_tokens : 0);
   cache.length = total;
   Vec hn = m.final_norm.forward(hcur.data() + (n - 1) * c.hidden_size, 1);
   LinearCache lcache;

@@ -192,6 +192,7 @@ std::string generate_text(const GenerateOptions& g) {
   const int64_t context = std::min(g.context, config.max_position_embeddings);
   PhiloxStream rng(g.seed, 7);
   KvCache cache;
+  cache.form = g.cache_form;
   int64_t start = 0;  // the model reads ids[start, end)
   for (int64_t i = 0; i < g.max_new_tokens; ++i) {
     const int64_t end = static_cast<int64_t>(ids.size());

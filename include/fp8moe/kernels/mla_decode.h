@@ -11,7 +11,8 @@
 //   seq_lens [batch] int32: keys of sequence b, the `queries` new tokens included (their latents
 //          are in the cache already); device memory, so a decode step captures in a CUDA graph.
 //   q      [batch, queries, heads, latent_dim + rope_dim]: per head q_nope folded through the key
-//          half of kv_b (q_lat = W_UK[h]^T q_nope[h], latent_dim) then q_pe rotated at its position.
+//          half of kv_b (q_lat = W_UK[h]^T q_nope[h], latent_dim) then q_pe rotated at its
+//          position.
 //   out    [batch, queries, heads, latent_dim]: softmax(scores) . c (the caller applies W_UV[h] and
 //          o_proj), lse [batch, queries, heads] the natural-log normaliser max + log(sum exp).
 // score(h, t) = softmax_scale * (q_lat . c_t + q_pe . k_pe_t). Query i (0-based) of sequence b is
@@ -36,7 +37,8 @@ struct MlaDecodeShape {
   int64_t latent_dim = 512;  // kv_lora_rank
   int64_t rope_dim = 64;     // qk_rope_head_dim
   int64_t page_tokens = 64;
-  int64_t max_pages = 0;  // page_table's row length: the longest sequence is max_pages * page_tokens
+  int64_t max_pages =
+      0;  // page_table's row length: the longest sequence is max_pages * page_tokens
   float softmax_scale = 0;
 
   int64_t key_dim() const { return latent_dim + rope_dim; }
@@ -47,7 +49,9 @@ struct MlaDecodeShape {
 void mla_decode_check_shape(const char* who, const MlaDecodeShape& shape);
 
 // CPU reference (host pointers; FP32 on the inputs; the cache rows of sequence b's keys only are
-// read). Tested by tests/kernels/mla_decode_test.cpp against model.cpp's expanded attention.
+// read). Tested by tests/kernels/mla_decode_test.cpp against a dense computation, and as the
+// model's latent KV cache (model.h) against its expanded attention (tests/model/
+// kv_cache_latent_test.cpp).
 void mla_decode_reference(const MlaDecodeShape& shape, const float* q, const float* cache,
                           const int32_t* page_table, const int32_t* seq_lens, float* out,
                           float* lse);

@@ -11,6 +11,7 @@
 
 #include "fp8moe/model/config.h"
 #include "fp8moe/model/linear.h"
+#include "fp8moe/model/model.h"
 #include "fp8moe/train/optimizer.h"
 
 namespace fp8moe {
@@ -74,7 +75,10 @@ struct GenerateOptions {
   // outgrows it, the oldest tokens are dropped down to the last context/2 and the window is
   // re-read from position 0 (with or without the cache, so both give the same text).
   int64_t context = 512;
-  bool use_cache = true;    // false: recompute the whole window for every token
+  bool use_cache = true;  // false: recompute the whole window for every token
+  // The cache's form (model.h KvCache): latent as V3 serves (up to rounding the recomputation's
+  // logits), or expanded (bit-identical to the recomputation).
+  KvCacheForm cache_form = KvCacheForm::kLatent;
   bool ignore_eos = false;  // keep going past end-of-sequence (fixed-length runs, timing)
 };
 std::string generate_text(const GenerateOptions& options);
