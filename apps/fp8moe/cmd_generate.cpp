@@ -1,19 +1,85 @@
 // fp8moe generate --checkpoint DIR --prompt "..." [--temperature T] [--top-p P]
-// [--cache-form latent|expanded] [--no-cache]: samples text from a checkpoint written by
-// `fp8moe train` (greedy when the temperature is 0), with the model's KV cache (by default in
-// V3's latent form) unless --no-cache.
+// [--cache-form latent|expanded] [--no-cache] [--device cpu|gpu [--prompts-file F] [--max-batch N]]:
+// samples text from a checkpoint written by `fp8moe train` (greedy when the temperature is 0).
+// CPU: the model's KV cache (by default in V3's latent form) unless --no-cache. GPU
+// (serve/generator_gpu.h): the latent paged cache, prompts prefilled and decoded together
+// (continuous batching), one line per prompt; --stats adds a JSON line of throughput to stderr.
+#include <fstream>
 #include <iostream>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "command.h"
+#include "fp8moe/core/error.h"
+#include "fp8moe/train/data.h"
 #include "fp8moe/train/trainer.h"
+#ifdef FP8MOE_HAVE_CUDA
+#include "fp8moe/serve/generator_gpu.h"
+#endif
 
 namespace {
 
+struct GpuArgs {
+  std::string device = "cpu", prompts_file;
+  int64_t max_batch = 8;
+  bool stats = false;
+};
+
+#ifdef FP8MOE_HAVE_CUDA
+void generate_gpu(const fp8moe::GenerateOptions& g, const GpuArgs& a) {
+  std::vector<std::string> texts;
+  if (!a.prompts_file.empty()) {
+    std::ifstream in(a.prompts_file);
+    FM_CHECK_ARG(in.good(), "--prompts-file: cannot read '", a.prompts_file, "'");
+    for (std::string line; std::getline(in, line);)
+      if (!line.empty()) texts.push_back(line);
+    FM_CHECK_ARG(!texts.empty(), "--prompts-file: '", a.prompts_file, "' holds no prompt");
+  } else {
+    texts.push_back(g.prompt);
+  }
+  const std::unique_ptr<fp8moe::Model> model =
+      fp8moe::load_checkpoint_model(g.checkpoint_dir, g.use_ema);
+  fp8moe::Tokenizer tok(g.checkpoint_dir + "/tokenizer.model");
+  std::vector<std::vector<int32_t>> prompts;
+  for (const std::string& t : texts) {
+    prompts.push_back(tok.encode(t));
+    if (prompts.back().empty()) prompts.back().push_back(tok.eos_id() >= 0 ? tok.eos_id() : 0);
+  }
+  fp8moe::serve::GeneratorOptions o;
+  o.max_batch = a.max_batch;
+  o.context = std::min(g.context, model->config().max_position_embeddings);
+  fp8moe::serve::GeneratorGpu gen(*model, o);
+  fp8moe::serve::SamplingOptions s;
+  s.max_new_tokens = g.max_new_tokens;
+  s.temperature = g.temperature;
+  s.top_p = g.top_p;
+  s.seed = g.seed;
+  s.eos = tok.eos_id();
+  s.ignore_eos = g.ignore_eos;
+  fp8moe::serve::GenerationStats st;
+  const auto out = gen.generate(prompts, s, &st);
+  for (size_t r = 0; r < out.size(); ++r) {
+    std::vector<int32_t> ids = prompts[r];
+    ids.insert(ids.end(), out[r].begin(), out[r].end());
+    std::cout << tok.decode(ids) << "\n";
+  }
+  if (a.stats)
+    std::cerr << "{\"prompts\":" << prompts.size() << ",\"prefill_tokens\":" << st.prefill_tokens
+              << ",\"prefill_s\":" << st.prefill_s << ",\"decode_tokens\":" << st.decode_tokens
+              << ",\"decode_steps\":" << st.decode_steps << ",\"decode_s\":" << st.decode_s
+              << ",\"decode_tokens_per_s\":"
+              << (st.decode_s > 0 ? static_cast<double>(st.decode_tokens) / st.decode_s : 0.0)
+              << ",\"max_running\":" << st.max_running << ",\"cache_bytes\":" << st.cache_bytes
+              << "}\n";
+}
+#endif
+
 void setup(CLI::App& app) {
   auto g = std::make_shared<fp8moe::GenerateOptions>();
+  auto a = std::make_shared<GpuArgs>();
   app.add_option("--checkpoint", g->checkpoint_dir, "Folder written by fp8moe train")->required();
-  app.add_option("--prompt", g->prompt, "Text to continue")->required();
+  app.add_option("--prompt", g->prompt, "Text to continue");
   app.add_option("--max-new-tokens", g->max_new_tokens, "Tokens to add")->capture_default_str();
   app.add_option("--temperature", g->temperature, "0 = greedy")->capture_default_str();
   app.add_option("--top-p", g->top_p, "Nucleus sampling mass")->capture_default_str();
@@ -21,7 +87,8 @@ void setup(CLI::App& app) {
   app.add_flag("--ema", g->use_ema, "Use the EMA weights");
   app.add_option("--threads", g->threads, "CPU threads (0 = all)")->capture_default_str();
   app.add_option("--context", g->context,
-                 "Tokens the model sees at most (then the oldest are dropped down to half)")
+                 "Tokens the model sees at most (CPU: then the oldest are dropped down to half; "
+                 "GPU: a sequence stops there)")
       ->capture_default_str();
   auto form = std::make_shared<std::string>(fp8moe::kv_cache_form_name(g->cache_form));
   app.add_option("--cache-form", *form,
@@ -34,12 +101,36 @@ void setup(CLI::App& app) {
       "Recompute the whole context for every new token (no KV cache)");
   app.add_flag("--ignore-eos", g->ignore_eos,
                "Do not stop at end-of-sequence: exactly --max-new-tokens tokens");
-  app.callback([g, form] {
+  app.add_option("--device", a->device,
+                 "cpu, or gpu: the latent paged cache on one GPU, prompts batched")
+      ->capture_default_str();
+  app.add_option("--prompts-file", a->prompts_file, "GPU: one prompt a line, generated together");
+  app.add_option("--max-batch", a->max_batch, "GPU: sequences decoded together")
+      ->capture_default_str();
+  app.add_flag("--stats", a->stats, "GPU: a JSON line of throughput on stderr");
+  app.callback([g, form, a] {
     FM_CHECK_ARG(g->max_new_tokens >= 0, "--max-new-tokens must be >= 0");
     FM_CHECK_ARG(*form == "latent" || *form == "expanded", "--cache-form: '", *form,
                  "' is not a cache form (expected latent or expanded)");
+    FM_CHECK_ARG(a->device == "cpu" || a->device == "gpu", "--device: '", a->device,
+                 "' is not a device (expected cpu or gpu)");
+    FM_CHECK_ARG(!g->prompt.empty() || !a->prompts_file.empty(),
+                 "give --prompt (or, with --device gpu, --prompts-file)");
     g->cache_form = fp8moe::parse_kv_cache_form(*form);
-    std::cout << fp8moe::generate_text(*g) << "\n";
+    if (a->device == "cpu") {
+      FM_CHECK_ARG(a->prompts_file.empty() && !a->stats,
+                   "--prompts-file and --stats need --device gpu");
+      std::cout << fp8moe::generate_text(*g) << "\n";
+      return;
+    }
+#ifdef FP8MOE_HAVE_CUDA
+    FM_CHECK_ARG(*form == "latent" && g->use_cache,
+                 "--device gpu decodes with the latent cache only (no --cache-form expanded or "
+                 "--no-cache)");
+    generate_gpu(*g, *a);
+#else
+    FM_CHECK_ARG(false, "--device gpu: this fp8moe was built without CUDA");
+#endif
   });
 }
 

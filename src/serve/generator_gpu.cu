@@ -77,10 +77,15 @@ struct GeneratorGpu::Impl {
   }
 };
 
-GeneratorGpu::GeneratorGpu(Model& cpu, const GeneratorOptions& o) : impl_(std::make_unique<Impl>()) {
+GeneratorGpu::GeneratorGpu(Model& cpu, const GeneratorOptions& o)
+    : GeneratorGpu(cpu.config(), o, [&cpu](ModelGpu& gpu) { gpu.upload(cpu); }) {}
+
+GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
+                           const std::function<void(ModelGpu&)>& load)
+    : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   m.o = o;
-  m.config = cpu.config();
+  m.config = config;
   FM_CHECK_ARG(o.max_batch > 0, "GeneratorGpu: max_batch=", o.max_batch, " must be positive");
   FM_CHECK_ARG(o.prefill_chunk > 0, "GeneratorGpu: prefill_chunk=", o.prefill_chunk,
                " must be positive");
@@ -95,7 +100,9 @@ GeneratorGpu::GeneratorGpu(Model& cpu, const GeneratorOptions& o) : impl_(std::m
   FM_CHECK_CUDA(cudaGetDevice(&dev));
   FM_CHECK_CUDA(cudaDeviceGetAttribute(&m.sms, cudaDevAttrMultiProcessorCount, dev));
   m.model = std::make_unique<ModelGpu>(m.config, m.step_tokens, 1, ModelGpuParallel{}, o.context);
-  m.model->upload(cpu);
+  load(*m.model);
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+  m.model->refresh(nullptr);
   m.model->reserve_decode(m.step_tokens);
   PagedCacheOptions co;
   co.page_tokens = o.page_tokens;

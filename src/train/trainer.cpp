@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <sstream>
 
 #include "fp8moe/core/error.h"
@@ -13,6 +14,7 @@
 #include "fp8moe/core/philox.h"
 #include "fp8moe/model/model.h"
 #include "fp8moe/model/ops.h"
+#include "fp8moe/model/sampling.h"
 #include "fp8moe/train/data.h"
 #include "fp8moe/train/ema.h"
 #include "fp8moe/train/safetensors.h"
@@ -173,15 +175,24 @@ TrainResult train(const TrainOptions& opts) {
   return result;
 }
 
-std::string generate_text(const GenerateOptions& g) {
-  if (g.threads > 0) set_model_threads(g.threads);
-  const std::string path = g.checkpoint_dir + "/" + train_detail::kCheckpointFile;
+std::unique_ptr<Model> load_checkpoint_model(const std::string& checkpoint_dir, bool use_ema,
+                                             Precision* precision) {
+  const std::string path = checkpoint_dir + "/" + train_detail::kCheckpointFile;
   const SafetensorsFile f = train_detail::open_checkpoint(path);
   const ModelConfig config =
       parse_model_config(parse_json(f.metadata().at("config"), path + " config"), path + " config");
-  const Precision precision = parse_precision(f.metadata().at("precision"));
-  Model model(config, 0);
-  load_weights(f, model, g.use_ema ? "ema/" : "param/");
+  if (precision != nullptr) *precision = parse_precision(f.metadata().at("precision"));
+  auto model = std::make_unique<Model>(config, 0);
+  load_weights(f, *model, use_ema ? "ema/" : "param/");
+  return model;
+}
+
+std::string generate_text(const GenerateOptions& g) {
+  if (g.threads > 0) set_model_threads(g.threads);
+  Precision precision = Precision::kFp32;
+  const std::unique_ptr<Model> loaded = load_checkpoint_model(g.checkpoint_dir, g.use_ema, &precision);
+  Model& model = *loaded;
+  const ModelConfig& config = model.config();
   Tokenizer tok(g.checkpoint_dir + "/tokenizer.model");
   FM_CHECK_ARG(g.temperature >= 0, "--temperature must be >= 0");
   FM_CHECK_ARG(g.top_p > 0 && g.top_p <= 1, "--top-p must lie in (0, 1]");
@@ -206,36 +217,8 @@ std::string generate_text(const GenerateOptions& g) {
         g.use_cache ? model.next_token_logits(ids.data() + start + cache.length,
                                               end - start - cache.length, precision, cache)
                     : model.next_token_logits(ids.data() + start, end - start, precision);
-    int32_t next = 0;
-    if (g.temperature == 0) {
-      next = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-    } else {
-      const float mx = *std::max_element(logits.begin(), logits.end());
-      std::vector<std::pair<double, int32_t>> probs;
-      double sum = 0;
-      for (size_t v = 0; v < logits.size(); ++v) {
-        const double p = std::exp((logits[v] - mx) / g.temperature);
-        probs.emplace_back(p, static_cast<int32_t>(v));
-        sum += p;
-      }
-      std::sort(probs.begin(), probs.end(), [](const auto& a, const auto& b) {
-        return a.first != b.first ? a.first > b.first : a.second < b.second;
-      });
-      // Nucleus: the smallest prefix whose probability reaches top_p.
-      double cum = 0;
-      size_t keep = 0;
-      while (keep < probs.size() && cum < g.top_p * sum) cum += probs[keep++].first;
-      const double r = rng.uniform() * cum;
-      double acc = 0;
-      next = probs[keep - 1].second;
-      for (size_t k = 0; k < keep; ++k) {
-        acc += probs[k].first;
-        if (r < acc) {
-          next = probs[k].second;
-          break;
-        }
-      }
-    }
+    const int32_t next = sample_token(logits.data(), static_cast<int64_t>(logits.size()),
+                                      g.temperature, g.top_p, rng);
     if (next == tok.eos_id() && !g.ignore_eos) break;
     ids.push_back(next);
   }

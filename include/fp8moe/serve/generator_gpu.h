@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -49,8 +50,12 @@ struct GenerationStats {
 
 class GeneratorGpu {
  public:
-  // Uploads `cpu`'s weights to a ModelGpu sized for the options (on the current device).
+  // A ModelGpu sized for the options on the current device, `cpu`'s weights uploaded.
   GeneratorGpu(Model& cpu, const GeneratorOptions& options);
+  // The same, its weights written by `load` (every parameter and buffer value: e.g. a device
+  // initialisation for benchmarks); the FP8 forms are refreshed after it.
+  GeneratorGpu(const ModelConfig& config, const GeneratorOptions& options,
+               const std::function<void(ModelGpu&)>& load);
   ~GeneratorGpu();
   GeneratorGpu(const GeneratorGpu&) = delete;
   GeneratorGpu& operator=(const GeneratorGpu&) = delete;

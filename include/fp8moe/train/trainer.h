@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -82,5 +83,10 @@ struct GenerateOptions {
   bool ignore_eos = false;  // keep going past end-of-sequence (fixed-length runs, timing)
 };
 std::string generate_text(const GenerateOptions& options);
+// The CPU model a checkpoint folder holds (`fp8moe train`'s model.safetensors: its config, the
+// parameters or their EMA), and the precision it was trained in. The GPU generator
+// (serve/generator_gpu.h) starts from it.
+std::unique_ptr<Model> load_checkpoint_model(const std::string& checkpoint_dir, bool use_ema,
+                                             Precision* precision = nullptr);
 
 }  // namespace fp8moe

@@ -1,0 +1,138 @@
+// Serving throughput on one GPU (serve::GeneratorGpu: ModelGpu::decode over paged latent caches,
+// kernels::mla_decode; continuous batching) against the naive anchor in the same run: the same
+// generator serving one request at a time. Random weights (init_parameters_gpu: the CPU model's
+// initialisation), random prompts of --prompt tokens, --new tokens each (end-of-sequence
+// ignored), greedy. Rows: decoding tokens/s (every running sequence's token of a step / the
+// steps' wall time, host sampling and the logits copy included), prefill tokens/s, the mean
+// decoding step; the anchor's tokens/s and the ratio.
+// Run (from the repository root): serve_bench [--configs small-gpu,v3-slice] [--batches 1,8,32,64]
+//   [--prompt 128] [--new 64] [--out rows.jsonl] [--date D] [--commit C]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "fp8moe/core/cuda_check.h"
+#include "fp8moe/core/error.h"
+#include "fp8moe/core/json.h"
+#include "fp8moe/model/config.h"
+#include "fp8moe/serve/generator_gpu.h"
+#include "fp8moe/train/train_state_gpu.h"
+
+namespace {
+
+using namespace fp8moe;
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  for (std::string item; std::getline(in, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+std::vector<std::vector<int32_t>> prompts(int64_t n, int64_t len, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> d(0, static_cast<int32_t>(vocab - 1));
+  std::vector<std::vector<int32_t>> p(static_cast<size_t>(n), std::vector<int32_t>(len));
+  for (auto& q : p)
+    for (auto& t : q) t = d(rng);
+  return p;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string configs = "small-gpu,v3-slice", batches = "1,8,32,64", out, date = "unknown",
+              commit = "unknown";
+  int64_t prompt = 128, fresh = 64;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "%s needs a value\n", a.c_str());
+      return 2;
+    }
+    const std::string v = argv[++i];
+    if (a == "--configs") configs = v;
+    else if (a == "--batches") batches = v;
+    else if (a == "--prompt") prompt = std::atoll(v.c_str());
+    else if (a == "--new") fresh = std::atoll(v.c_str());
+    else if (a == "--out") out = v;
+    else if (a == "--date") date = v;
+    else if (a == "--commit") commit = v;
+    else {
+      std::fprintf(stderr, "unknown argument %s\n", a.c_str());
+      return 2;
+    }
+  }
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "serve_bench: no GPU\n");
+    return 77;
+  }
+  FILE* f = out.empty() ? nullptr : std::fopen(out.c_str(), "a");
+  try {
+    cudaDeviceProp prop{};
+    FM_CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+    std::vector<int64_t> bs;
+    for (const std::string& b : split(batches)) bs.push_back(std::atoll(b.c_str()));
+    std::printf("%-10s %5s %12s %12s %10s %14s %8s\n", "config", "batch", "decode tok/s",
+                "prefill tok/s", "step ms", "sequential", "ratio");
+    for (const std::string& name : split(configs)) {
+      const std::string path = "configs/" + name + ".json";
+      const ModelConfig cfg = parse_model_config(read_json_file(path), path);
+      serve::GeneratorOptions o;
+      o.max_batch = *std::max_element(bs.begin(), bs.end());
+      o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
+      o.prefill_chunk = std::max<int64_t>(prompt, 64);
+      serve::GeneratorGpu gen(cfg, o, [&](ModelGpu& m) {
+        init_parameters_gpu(m.parameters(), m.buffers(), 1, cfg.initializer_range, nullptr);
+      });
+      serve::SamplingOptions s;
+      s.max_new_tokens = fresh;
+      s.ignore_eos = true;
+      // The anchor: one request at a time (8 requests; a rate, so their count does not matter).
+      double seq_tokens = 0, seq_s = 0;
+      gen.generate(prompts(1, prompt, cfg.vocab_size, 99), s);  // warm-up
+      for (const auto& p : prompts(8, prompt, cfg.vocab_size, 7)) {
+        serve::GenerationStats st;
+        gen.generate({p}, s, &st);
+        seq_tokens += static_cast<double>(st.decode_tokens);
+        seq_s += st.decode_s;
+      }
+      const double seq_rate = seq_tokens / seq_s;
+      for (const int64_t b : bs) {
+        serve::GenerationStats st;
+        gen.generate(prompts(b, prompt, cfg.vocab_size, 1000 + b), s, &st);
+        const double rate = static_cast<double>(st.decode_tokens) / st.decode_s;
+        const double prefill = static_cast<double>(st.prefill_tokens) / st.prefill_s;
+        const double step_ms = 1e3 * st.decode_s / static_cast<double>(st.decode_steps);
+        std::printf("%-10s %5lld %12.0f %12.0f %10.3f %14.0f %7.2fx\n", name.c_str(),
+                    static_cast<long long>(b), rate, prefill, step_ms, seq_rate, rate / seq_rate);
+        for (int impl = 0; impl < 2 && f != nullptr; ++impl)
+          std::fprintf(f,
+                       "{\"bench\":\"serve\",\"gpu\":\"%s\",\"gpus\":1,\"date\":\"%s\","
+                       "\"commit\":\"%s\",\"impl\":\"%s\",\"config\":\"%s\",\"batch\":%lld,"
+                       "\"prompt\":%lld,\"new_tokens\":%lld,\"decode_tokens_per_s\":%.1f,"
+                       "\"prefill_tokens_per_s\":%.1f,\"us\":%.1f,\"speedup_vs_sequential\":%.3f,"
+                       "\"cache_gb\":%.3f}\n",
+                       prop.name, date.c_str(), commit.c_str(), impl == 0 ? "fp8moe" : "sequential",
+                       name.c_str(), static_cast<long long>(impl == 0 ? b : 1),
+                       static_cast<long long>(prompt), static_cast<long long>(fresh),
+                       impl == 0 ? rate : seq_rate, impl == 0 ? prefill : 0.0,
+                       impl == 0 ? 1e3 * step_ms : 1e6 / seq_rate, impl == 0 ? rate / seq_rate : 1.0,
+                       static_cast<double>(st.cache_bytes) / 1e9);
+      }
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "serve_bench: %s\n", e.what());
+    return 1;
+  }
+  if (f != nullptr) std::fclose(f);
+  return 0;
+}
