@@ -4,7 +4,8 @@
 // initialisation), random prompts of --prompt tokens, --new tokens each (end-of-sequence
 // ignored), greedy. Rows: decoding tokens/s (every running sequence's token of a step / the
 // steps' wall time, host sampling and the logits copy included), prefill tokens/s, the mean
-// decoding step; the anchor's tokens/s and the ratio.
+// decoding step with CUDA graphs (the default) and without; the anchor's tokens/s (graphs on)
+// and the ratio.
 // Run (from the repository root): serve_bench [--configs small-gpu,v3-slice] [--batches 1,8,32,64]
 //   [--prompt 128] [--new 64] [--out rows.jsonl] [--date D] [--commit C]
 #include <cuda_runtime.h>
@@ -81,8 +82,8 @@ int main(int argc, char** argv) {
     FM_CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
     std::vector<int64_t> bs;
     for (const std::string& b : split(batches)) bs.push_back(std::atoll(b.c_str()));
-    std::printf("%-10s %5s %12s %12s %10s %14s %8s\n", "config", "batch", "decode tok/s",
-                "prefill tok/s", "step ms", "sequential", "ratio");
+    std::printf("%-10s %5s %12s %12s %10s %10s %14s %8s\n", "config", "batch", "decode tok/s",
+                "prefill tok/s", "step ms", "eager ms", "sequential", "ratio");
     for (const std::string& name : split(configs)) {
       const std::string path = "configs/" + name + ".json";
       const ModelConfig cfg = parse_model_config(read_json_file(path), path);
@@ -112,21 +113,27 @@ int main(int argc, char** argv) {
         const double rate = static_cast<double>(st.decode_tokens) / st.decode_s;
         const double prefill = static_cast<double>(st.prefill_tokens) / st.prefill_s;
         const double step_ms = 1e3 * st.decode_s / static_cast<double>(st.decode_steps);
-        std::printf("%-10s %5lld %12.0f %12.0f %10.3f %14.0f %7.2fx\n", name.c_str(),
-                    static_cast<long long>(b), rate, prefill, step_ms, seq_rate, rate / seq_rate);
+        gen.set_cuda_graphs(false);
+        serve::GenerationStats eager;
+        gen.generate(prompts(b, prompt, cfg.vocab_size, 1000 + b), s, &eager);
+        gen.set_cuda_graphs(true);
+        const double eager_ms = 1e3 * eager.decode_s / static_cast<double>(eager.decode_steps);
+        std::printf("%-10s %5lld %12.0f %12.0f %10.3f %10.3f %14.0f %7.2fx\n", name.c_str(),
+                    static_cast<long long>(b), rate, prefill, step_ms, eager_ms, seq_rate,
+                    rate / seq_rate);
         for (int impl = 0; impl < 2 && f != nullptr; ++impl)
           std::fprintf(f,
                        "{\"bench\":\"serve\",\"gpu\":\"%s\",\"gpus\":1,\"date\":\"%s\","
                        "\"commit\":\"%s\",\"impl\":\"%s\",\"config\":\"%s\",\"batch\":%lld,"
                        "\"prompt\":%lld,\"new_tokens\":%lld,\"decode_tokens_per_s\":%.1f,"
                        "\"prefill_tokens_per_s\":%.1f,\"us\":%.1f,\"speedup_vs_sequential\":%.3f,"
-                       "\"cache_gb\":%.3f}\n",
+                       "\"eager_step_us\":%.1f,\"cache_gb\":%.3f}\n",
                        prop.name, date.c_str(), commit.c_str(), impl == 0 ? "fp8moe" : "sequential",
                        name.c_str(), static_cast<long long>(impl == 0 ? b : 1),
                        static_cast<long long>(prompt), static_cast<long long>(fresh),
                        impl == 0 ? rate : seq_rate, impl == 0 ? prefill : 0.0,
                        impl == 0 ? 1e3 * step_ms : 1e6 / seq_rate, impl == 0 ? rate / seq_rate : 1.0,
-                       static_cast<double>(st.cache_bytes) / 1e9);
+                       impl == 0 ? 1e3 * eager_ms : 0.0, static_cast<double>(st.cache_bytes) / 1e9);
       }
     }
   } catch (const std::exception& e) {

@@ -30,8 +30,13 @@ struct GeneratorGpu::Impl {
   bf16 *d_logits = nullptr, *h_logits = nullptr;
   void* ws = nullptr;
   size_t ws_bytes = 0;
+  // Decoding steps by batch size: how many ran, and the graph made on the second.
+  std::vector<int> decode_runs;
+  std::vector<cudaGraphExec_t> graphs;
 
   ~Impl() {
+    for (cudaGraphExec_t g : graphs)
+      if (g != nullptr) cudaGraphExecDestroy(g);
     cudaFree(d_ids);
     cudaFree(d_pos);
     cudaFree(d_logits);
@@ -41,6 +46,17 @@ struct GeneratorGpu::Impl {
     cudaFreeHost(h_logits);
     cudaFreeHost(h_status);
     if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  kernels::MlaDecodePlan plan_for(int64_t batch, int64_t queries, const MlaLatentCacheView& view) {
+    const kernels::MlaDecodeShape shape = model->attention(0).decode_shape(batch, queries, view);
+    const kernels::MlaDecodePlan plan = o.split_tokens > 0
+                                            ? kernels::mla_decode_plan_fixed(shape, o.split_tokens)
+                                            : kernels::mla_decode_plan(shape, sms);
+    FM_CHECK(plan.workspace_bytes <= ws_bytes, "GeneratorGpu: the attention plan for batch ",
+             batch, " x ", queries, " needs ", plan.workspace_bytes, " bytes of workspace (",
+             ws_bytes, " held)");
+    return plan;
   }
 
   // One model step over `seqs` (grown already), `queries` new tokens each: ids / pos in row
@@ -53,19 +69,26 @@ struct GeneratorGpu::Impl {
     std::copy(pos, pos + T, h_pos);
     FM_CHECK_CUDA(cudaMemcpyAsync(d_ids, h_ids, T * 4, cudaMemcpyHostToDevice, stream));
     FM_CHECK_CUDA(cudaMemcpyAsync(d_pos, h_pos, T * 4, cudaMemcpyHostToDevice, stream));
-    const kernels::MlaDecodeShape shape = model->attention(0).decode_shape(batch, queries, views[0]);
-    const kernels::MlaDecodePlan plan = o.split_tokens > 0
-                                            ? kernels::mla_decode_plan_fixed(shape, o.split_tokens)
-                                            : kernels::mla_decode_plan(shape, sms);
-    if (plan.workspace_bytes > ws_bytes) {
-      FM_CHECK_CUDA(cudaStreamSynchronize(stream));
-      FM_CHECK_CUDA(cudaFree(ws));
-      ws = nullptr;
-      FM_CHECK_CUDA(cudaMalloc(&ws, plan.workspace_bytes));
-      ws_bytes = plan.workspace_bytes;
+    const kernels::MlaDecodePlan plan = plan_for(batch, queries, views[0]);
+    const auto run = [&] {
+      model->decode(d_ids, d_pos, batch, queries, views, plan, ws, d_logits, stream,
+                    o.split_tokens > 0 ? o.max_batch : batch);
+    };
+    // Every pointer a decoding step reads is fixed (cache pages, tables, ids, the workspace sized
+    // for max_batch at construction), so a graph replays any later step of the same size.
+    if (queries == 1 && o.cuda_graphs && ++decode_runs[batch] >= 2) {
+      if (graphs[batch] == nullptr) {
+        cudaGraph_t g;
+        FM_CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        run();
+        FM_CHECK_CUDA(cudaStreamEndCapture(stream, &g));
+        FM_CHECK_CUDA(cudaGraphInstantiate(&graphs[batch], g, 0));
+        FM_CHECK_CUDA(cudaGraphDestroy(g));
+      }
+      FM_CHECK_CUDA(cudaGraphLaunch(graphs[batch], stream));
+    } else {
+      run();
     }
-    model->decode(d_ids, d_pos, batch, queries, views, plan, ws, d_logits, stream,
-                  o.split_tokens > 0 ? o.max_batch : batch);
     FM_CHECK_CUDA(cudaMemcpyAsync(h_logits, d_logits, static_cast<size_t>(batch * vocab) * 2,
                                   cudaMemcpyDeviceToHost, stream));
     FM_CHECK_CUDA(cudaMemcpyAsync(h_status, model->status(), 4, cudaMemcpyDeviceToHost, stream));
@@ -111,6 +134,20 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
   co.max_batch = o.max_batch;
   m.cache = std::make_unique<PagedLatentCacheGpu>(m.config, co);
   FM_CHECK_CUDA(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
+  // The attention workspace for every step shape, allocated once (graphs keep its address).
+  MlaLatentCacheView shape_view;
+  shape_view.page_tokens = co.page_tokens;
+  shape_view.max_pages = co.max_pages_per_seq;
+  const auto need = [&](int64_t batch, int64_t queries) {
+    const kernels::MlaDecodeShape sh = m.model->attention(0).decode_shape(batch, queries, shape_view);
+    return o.split_tokens > 0 ? kernels::mla_decode_plan_fixed(sh, o.split_tokens).workspace_bytes
+                              : kernels::mla_decode_plan(sh, m.sms).workspace_bytes;
+  };
+  for (int64_t b = 1; b <= o.max_batch; ++b) m.ws_bytes = std::max(m.ws_bytes, need(b, 1));
+  for (int64_t q = 1; q <= o.prefill_chunk; ++q) m.ws_bytes = std::max(m.ws_bytes, need(1, q));
+  FM_CHECK_CUDA(cudaMalloc(&m.ws, std::max<size_t>(m.ws_bytes, 16)));
+  m.decode_runs.assign(static_cast<size_t>(o.max_batch + 1), 0);
+  m.graphs.assign(static_cast<size_t>(o.max_batch + 1), nullptr);
   const size_t t4 = static_cast<size_t>(m.step_tokens) * 4;
   const size_t lb = static_cast<size_t>(o.max_batch * m.vocab) * 2;
   FM_CHECK_CUDA(cudaMalloc(&m.d_ids, t4));
@@ -126,6 +163,10 @@ GeneratorGpu::~GeneratorGpu() = default;
 
 int64_t GeneratorGpu::vocab() const {
   return impl_->vocab;
+}
+
+void GeneratorGpu::set_cuda_graphs(bool on) {
+  impl_->o.cuda_graphs = on;
 }
 
 std::vector<std::vector<int32_t>> GeneratorGpu::generate(

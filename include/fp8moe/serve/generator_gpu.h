@@ -30,6 +30,10 @@ struct GeneratorOptions {
   // over max_batch rows every step: a request's text does not depend on its batch. 0: the
   // adaptive split plan (kernels::mla_decode_plan; fastest, batch-dependent rounding).
   int64_t split_tokens = 256;
+  // Decoding steps (one new token a sequence) replayed as CUDA graphs, one per batch size: made on
+  // a size's second step (its first runs eagerly, so that every lazy setup happens outside the
+  // capture). Prefill steps run eagerly.
+  bool cuda_graphs = true;
 };
 
 struct SamplingOptions {
@@ -68,6 +72,7 @@ class GeneratorGpu {
   // (tests compare them with the CPU model's).
   const std::vector<float>& last_logits() const { return logits_host_; }
   int64_t vocab() const;
+  void set_cuda_graphs(bool on);  // GeneratorOptions::cuda_graphs, e.g. to time both
 
  private:
   struct Impl;

@@ -2,7 +2,7 @@
 # Session 23 call 4: serving on one GPU — test_serve_gpu; a 300-step small-gpu checkpoint trained
 # on the GPU, then `fp8moe generate --device gpu` over docs/serve/prompts.txt (greedy and sampled,
 # with --stats) and the CPU's latent-cache generate of the first prompt beside it; serve_bench.
-# Call: run(carry=["build-s23/bins4.tar.xz"], command="bash docs/serve/runs-s23-call4.sh", timeout_s=500)
+# Call: run(carry=["build-s23/bins4.tar.xz"], command="bash docs/serve/runs/s23-call4.sh", timeout_s=500)
 set -uo pipefail
 bin=build-s23/bin4 archive=build-s23/bins4.tar.xz name=s23_c4
 # shellcheck source=scripts/device_call_prologue.sh
