@@ -6,7 +6,7 @@
 //   model's than the CPU's own FP8 recipe is (x1.5): the GPU differs from the CPU recipe by its
 //   BF16 activations (docs/model/README.md) and its latent form (the latent stays BF16: it is not
 //   FP8-quantised before kv_b as in training), differences that FP8 requantisation downstream
-//   amplifies to the recipe's own noise level (~8 % on this random model).
+//   amplifies to the recipe's own noise level (~10 % on this random model).
 // - Consistency: one prefill of 76 tokens = a prefill of 70 and 6 decoding steps.
 // - Batch invariance: with split_tokens (the default), a prompt's text alone equals its text in
 //   a batch of four (three at a time: the fourth waits, then joins), greedy and sampled.
@@ -152,7 +152,7 @@ struct DecodeRig {
 
 // Prefill two sequences, then decode them together for 6 steps on the FP32 CPU model's greedy
 // tokens. Each row's logits: the GPU's distance from the FP32 CPU model's, and the CPU FP8
-// recipe's own distance from it (the FP8 rounding noise of this model: ~8 % here). Returns the
+// recipe's own distance from it (the FP8 rounding noise of this model: ~10 % here). Returns the
 // rows where the GPU is no farther than 1.5x the recipe's noise (+1e-3); *worst = its worst.
 int rows_within_recipe_noise(const ModelConfig& cfg, const char* name, int* rows, double* worst) {
   Model cpu(cfg, 3);
@@ -233,8 +233,9 @@ TEST(ServeGpu, DecodeIsAsCloseToFp32AsTheCpuRecipeDense) {
 }
 
 // With an MoE layer: the top-k selection is discontinuous, so a near-tie between two experts can
-// go either way under different roundings (one row of 14 in session 23's run: 0.6); the rest
-// within the recipe's noise, and no row beyond a flipped expert's reach.
+// go either way under different roundings (session 23's first run, GPU against the FP8 recipe:
+// one row of 14 at 0.6); the rest within the recipe's noise, and no row beyond a flipped
+// expert's reach.
 TEST(ServeGpu, DecodeIsAsCloseToFp32AsTheCpuRecipeMoe) {
   int rows = 0;
   double worst = 0;
