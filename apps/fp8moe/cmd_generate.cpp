@@ -1,6 +1,6 @@
 // fp8moe generate --checkpoint DIR --prompt "..." [--temperature T] [--top-p P]
-// [--cache-form latent|expanded] [--no-cache] [--device cpu|gpu [--prompts-file F] [--max-batch N]]:
-// samples text from a checkpoint written by `fp8moe train` (greedy when the temperature is 0).
+// [--cache-form latent|expanded] [--no-cache] [--device cpu|gpu [--prompts-file F] [--max-batch
+// N]]: samples text from a checkpoint written by `fp8moe train` (greedy when the temperature is 0).
 // CPU: the model's KV cache (by default in V3's latent form) unless --no-cache. GPU
 // (serve/generator_gpu.h): the latent paged cache, prompts prefilled and decoded together
 // (continuous batching), one line per prompt; --stats adds a JSON line of throughput to stderr.

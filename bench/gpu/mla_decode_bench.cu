@@ -34,8 +34,8 @@ __global__ void fill_bf16(__nv_bfloat16* x, int64_t n, uint64_t seed, float ampl
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const uint32_t bits = philox_u32(seed, 3, static_cast<uint64_t>(i));
-  x[i] = __float2bfloat16((static_cast<float>(bits >> 8) * (1.0f / 16777216.0f) - 0.5f) *
-                          amplitude);
+  x[i] =
+      __float2bfloat16((static_cast<float>(bits >> 8) * (1.0f / 16777216.0f) - 0.5f) * amplitude);
 }
 
 struct Case {
@@ -55,13 +55,13 @@ InputSet make_set(const kernels::MlaDecodeShape& s, int64_t seq_len, uint64_t se
   const int64_t nq = s.batch * s.rows() * D, nc = pages * s.page_tokens * D;
   FM_CHECK_CUDA(cudaMalloc(&x.q, static_cast<size_t>(nq) * 2));
   FM_CHECK_CUDA(cudaMalloc(&x.cache, static_cast<size_t>(nc) * 2));
-  fill_bf16<<<static_cast<unsigned>((nq + 255) / 256), 256>>>(
-      reinterpret_cast<__nv_bfloat16*>(x.q), nq, seed, 1.0f);
+  fill_bf16<<<static_cast<unsigned>((nq + 255) / 256), 256>>>(reinterpret_cast<__nv_bfloat16*>(x.q),
+                                                              nq, seed, 1.0f);
   fill_bf16<<<static_cast<unsigned>((nc + 255) / 256), 256>>>(
       reinterpret_cast<__nv_bfloat16*>(x.cache), nc, seed + 1, 3.4f);
   FM_CHECK_CUDA(cudaGetLastError());
-  std::vector<int32_t> table(static_cast<size_t>(pages)), lens(static_cast<size_t>(s.batch),
-                                                               static_cast<int32_t>(seq_len));
+  std::vector<int32_t> table(static_cast<size_t>(pages)),
+      lens(static_cast<size_t>(s.batch), static_cast<int32_t>(seq_len));
   for (int64_t i = 0; i < pages; ++i) table[i] = static_cast<int32_t>(i);
   FM_CHECK_CUDA(cudaMalloc(&x.table, table.size() * 4));
   FM_CHECK_CUDA(cudaMalloc(&x.lens, lens.size() * 4));
@@ -187,15 +187,14 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop{};
     FM_CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
     const std::vector<Case> cases = {
-        {"v3 one long", 1, 32768, 1, 128, 512},   {"v3 b1 4k", 1, 4096, 1, 128, 512},
-        {"v3 b16 4k", 16, 4096, 1, 128, 512},     {"v3 b64 4k", 64, 4096, 1, 128, 512},
-        {"v3 b128 2k", 128, 2048, 1, 128, 512},   {"v3 b128 4k", 128, 4096, 1, 128, 512},
-        {"v3 b64 8k", 64, 8192, 1, 128, 512},     {"v3 b64 4k q2", 64, 4096, 2, 128, 512},
+        {"v3 one long", 1, 32768, 1, 128, 512},    {"v3 b1 4k", 1, 4096, 1, 128, 512},
+        {"v3 b16 4k", 16, 4096, 1, 128, 512},      {"v3 b64 4k", 64, 4096, 1, 128, 512},
+        {"v3 b128 2k", 128, 2048, 1, 128, 512},    {"v3 b128 4k", 128, 4096, 1, 128, 512},
+        {"v3 b64 8k", 64, 8192, 1, 128, 512},      {"v3 b64 4k q2", 64, 4096, 2, 128, 512},
         {"small-gpu b64 4k", 64, 4096, 1, 8, 256},
     };
-    std::printf("%-20s %5s %6s %2s %4s %4s %-7s %3s %10s %8s %8s %9s %s\n", "case", "batch",
-                "len", "q", "H", "L", "impl", "spl", "us", "TFLOPS", "GB/s", "vs naive",
-                "rel_err");
+    std::printf("%-20s %5s %6s %2s %4s %4s %-7s %3s %10s %8s %8s %9s %s\n", "case", "batch", "len",
+                "q", "H", "L", "impl", "spl", "us", "TFLOPS", "GB/s", "vs naive", "rel_err");
     for (const Case& c : cases) run_case(o, f, c, prop.name, prop.multiProcessorCount);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "mla_decode_bench: %s\n", e.what());

@@ -59,13 +59,20 @@ int main(int argc, char** argv) {
       return 2;
     }
     const std::string v = argv[++i];
-    if (a == "--configs") configs = v;
-    else if (a == "--batches") batches = v;
-    else if (a == "--prompt") prompt = std::atoll(v.c_str());
-    else if (a == "--new") fresh = std::atoll(v.c_str());
-    else if (a == "--out") out = v;
-    else if (a == "--date") date = v;
-    else if (a == "--commit") commit = v;
+    if (a == "--configs")
+      configs = v;
+    else if (a == "--batches")
+      batches = v;
+    else if (a == "--prompt")
+      prompt = std::atoll(v.c_str());
+    else if (a == "--new")
+      fresh = std::atoll(v.c_str());
+    else if (a == "--out")
+      out = v;
+    else if (a == "--date")
+      date = v;
+    else if (a == "--commit")
+      commit = v;
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -132,8 +139,9 @@ int main(int argc, char** argv) {
                        name.c_str(), static_cast<long long>(impl == 0 ? b : 1),
                        static_cast<long long>(prompt), static_cast<long long>(fresh),
                        impl == 0 ? rate : seq_rate, impl == 0 ? prefill : 0.0,
-                       impl == 0 ? 1e3 * step_ms : 1e6 / seq_rate, impl == 0 ? rate / seq_rate : 1.0,
-                       impl == 0 ? 1e3 * eager_ms : 0.0, static_cast<double>(st.cache_bytes) / 1e9);
+                       impl == 0 ? 1e3 * step_ms : 1e6 / seq_rate,
+                       impl == 0 ? rate / seq_rate : 1.0, impl == 0 ? 1e3 * eager_ms : 0.0,
+                       static_cast<double>(st.cache_bytes) / 1e9);
       }
     }
   } catch (const std::exception& e) {

@@ -38,9 +38,9 @@ __device__ __forceinline__ void stage_block(uint8_t (*tile)[kStageRow], const ui
 }
 
 // Absorb: grid (latent / 128, heads); thread = latent column j; w = W_UK[h][:, j].
-__global__ void __launch_bounds__(kCols) absorb_kernel(const bf16* q, int64_t tokens,
-                                                       MlaAbsorbDims d, const uint8_t* codes,
-                                                       const float* scales, bf16* q_lat) {
+__global__ void __launch_bounds__(kCols)
+    absorb_kernel(const bf16* q, int64_t tokens, MlaAbsorbDims d, const uint8_t* codes,
+                  const float* scales, bf16* q_lat) {
   __shared__ float qs[kTokenChunk][128];
   __shared__ __align__(16) uint8_t tile[128][kStageRow];
   const int64_t h = blockIdx.y, j = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
@@ -73,9 +73,9 @@ __global__ void __launch_bounds__(kCols) absorb_kernel(const bf16* q, int64_t to
 
 // Unabsorb: grid (heads); thread = value column v; the latent reduction in 128-wide blocks, one
 // register set of W_UV[h][v, block] at a time, 32 tokens' sums carried across the blocks.
-__global__ void __launch_bounds__(kCols) unabsorb_kernel(const bf16* o_lat, int64_t tokens,
-                                                         MlaAbsorbDims d, const uint8_t* codes,
-                                                         const float* scales, bf16* attn) {
+__global__ void __launch_bounds__(kCols)
+    unabsorb_kernel(const bf16* o_lat, int64_t tokens, MlaAbsorbDims d, const uint8_t* codes,
+                    const float* scales, bf16* attn) {
   __shared__ float os[kTokenChunk][128];
   __shared__ __align__(16) uint8_t tile[128][kStageRow];
   const int64_t h = blockIdx.x, v = threadIdx.x;
@@ -128,7 +128,8 @@ __global__ void append_kernel(const bf16* latent, int64_t ld_latent, const bf16*
   const bf16* src = c * 8 < latent_dim ? latent + t * ld_latent + c * 8
                                        : k_pe + t * ld_k_pe + (c * 8 - latent_dim);
   bf16* dst =
-      cache + (static_cast<int64_t>(page) * page_tokens + pos % page_tokens) * (latent_dim + rope_dim) +
+      cache +
+      (static_cast<int64_t>(page) * page_tokens + pos % page_tokens) * (latent_dim + rope_dim) +
       c * 8;
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
 }
@@ -140,9 +141,8 @@ void check_ptr(const char* who, const char* name, const void* p) {
 
 }  // namespace
 
-void mla_absorb_query(const bf16* q, int64_t tokens, const MlaAbsorbDims& d,
-                      const uint8_t* w_codes, const float* w_scales, bf16* q_lat,
-                      cudaStream_t stream) {
+void mla_absorb_query(const bf16* q, int64_t tokens, const MlaAbsorbDims& d, const uint8_t* w_codes,
+                      const float* w_scales, bf16* q_lat, cudaStream_t stream) {
   mla_absorb_check_dims("mla_absorb_query", d, tokens);
   if (tokens == 0) return;
   absorb_kernel<<<dim3(static_cast<unsigned>(d.latent_dim / kCols), static_cast<unsigned>(d.heads)),
@@ -171,8 +171,8 @@ void mla_cache_append(const bf16* latent, int64_t ld_latent, const bf16* k_pe, i
   FM_CHECK_ARG(page_tokens > 0 && max_pages > 0 && max_pages * page_tokens < (int64_t{1} << 31),
                who, ": page_tokens=", page_tokens, ", max_pages=", max_pages);
   if (batch == 0) return;
-  for (const auto& [name, p] : {std::pair<const char*, const void*>{"latent", latent},
-                                {"k_pe", k_pe}, {"cache", cache}})
+  for (const auto& [name, p] :
+       {std::pair<const char*, const void*>{"latent", latent}, {"k_pe", k_pe}, {"cache", cache}})
     check_ptr(who, name, p);
   const int64_t total = batch * queries * ((latent_dim + rope_dim) / 8);
   append_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(

@@ -61,8 +61,8 @@ void mla_unabsorb_output_reference(const bf16* o_lat, int64_t tokens, const MlaA
       for (int64_t v = 0; v < d.value_dim; ++v) {
         float acc = 0.0f;
         for (int64_t j = 0; j < d.latent_dim; ++j)
-          acc = std::fma(to_float(oh[j]),
-                         weight(d, codes, scales, h * block + d.nope_dim + v, j), acc);
+          acc = std::fma(to_float(oh[j]), weight(d, codes, scales, h * block + d.nope_dim + v, j),
+                         acc);
         attn[(t * d.heads + h) * d.value_dim + v] = to_bf16(acc);
       }
     }

@@ -64,8 +64,7 @@ void mla_decode_reference(const MlaDecodeShape& s, const float* q, const float* 
         const float* k = key_row(t);
         for (int64_t d = 0; d < L; ++d) acc[d] += p * k[d];
       }
-      for (int64_t d = 0; d < L; ++d)
-        o[d] = visible > 0 ? static_cast<float>(acc[d] / sum) : 0.0f;
+      for (int64_t d = 0; d < L; ++d) o[d] = visible > 0 ? static_cast<float>(acc[d] / sum) : 0.0f;
       lse[b * rows + r] = visible > 0 ? mx + static_cast<float>(std::log(sum))
                                       : -std::numeric_limits<float>::infinity();
     }

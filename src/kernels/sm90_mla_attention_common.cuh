@@ -47,9 +47,9 @@ __device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&p)[kN][4]
 }
 
 // ---- shared-memory tiles and loads ----
-// The wgmma kernels' tiles (and sm90_mla_decode.cu's): panels of 64 columns (128-byte rows, 128-byte swizzle: chunk c of
-// row r at c ^ (r & 7)); byte offset of 16-byte chunk `chunk` (over the whole row) of row `row`
-// in a panel tile of kRows.
+// The wgmma kernels' tiles (and sm90_mla_decode.cu's): panels of 64 columns (128-byte rows,
+// 128-byte swizzle: chunk c of row r at c ^ (r & 7)); byte offset of 16-byte chunk `chunk` (over
+// the whole row) of row `row` in a panel tile of kRows.
 template <int kRows>
 __device__ __forceinline__ uint32_t panel_off(int row, int chunk) {
   static_assert(kRows % 8 == 0, "a panel is whole 8-row swizzle atoms");

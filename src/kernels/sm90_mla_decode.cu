@@ -107,8 +107,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(Params p) {
     load_panel_rows<kKeys, T::kChunks>(sk + stage * T::kKBytes, src, T::kD, k_end - k0);
   };
 
-  load_panel_rows<kRowsCta, T::kChunks>(
-      sq, p.q + (static_cast<int64_t>(b) * p.rows + row0) * T::kD, T::kD, p.rows - row0);
+  load_panel_rows<kRowsCta, T::kChunks>(sq, p.q + (static_cast<int64_t>(b) * p.rows + row0) * T::kD,
+                                        T::kD, p.rows - row0);
   if (n_tiles > 0) load_tile(0, 0);
   cp_async_commit();
   cp_async_wait<0>();
@@ -303,9 +303,8 @@ __global__ void mla_decode_combine_kernel(Params p, int64_t total_rows) {
 // ---- the anchor: one CTA per (sequence, row), FP32 CUDA cores, keys in chunks of 1024 ----
 constexpr int kNaiveThreads = 128, kNaiveChunk = 1024;
 
-__global__ void __launch_bounds__(kNaiveThreads) mla_decode_naive_kernel(Params p, int latent,
-                                                                         int key_dim,
-                                                                         float scale) {
+__global__ void __launch_bounds__(kNaiveThreads)
+    mla_decode_naive_kernel(Params p, int latent, int key_dim, float scale) {
   extern __shared__ float naive_smem[];
   float* qf = naive_smem;           // [key_dim]
   float* prob = qf + key_dim;       // [kNaiveChunk]
@@ -375,14 +374,15 @@ __global__ void __launch_bounds__(kNaiveThreads) mla_decode_naive_kernel(Params 
 }
 
 void check_aligned(const char* name, const void* ptr, uintptr_t bytes = 16) {
-  FM_CHECK_ARG(ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % bytes == 0, "mla_decode: ",
-               name, " must be a ", bytes, "-byte aligned device pointer (got ", ptr, ")");
+  FM_CHECK_ARG(ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % bytes == 0,
+               "mla_decode: ", name, " must be a ", bytes, "-byte aligned device pointer (got ",
+               ptr, ")");
 }
 
 void check_supported(const MlaDecodeShape& s) {
   mla_decode_check_shape("mla_decode", s);
-  FM_CHECK_ARG(s.latent_dim == 256 || s.latent_dim == 512,
-               "mla_decode: latent_dim=", s.latent_dim, " (the GPU form supports 256 and 512)");
+  FM_CHECK_ARG(s.latent_dim == 256 || s.latent_dim == 512, "mla_decode: latent_dim=", s.latent_dim,
+               " (the GPU form supports 256 and 512)");
   FM_CHECK_ARG(s.rope_dim == 64, "mla_decode: rope_dim=", s.rope_dim,
                " (the GPU form supports 64)");
   FM_CHECK_ARG(s.page_tokens % kKeys == 0, "mla_decode: page_tokens=", s.page_tokens,
@@ -393,9 +393,8 @@ void check_supported(const MlaDecodeShape& s) {
 }
 
 Params make_params(const MlaDecodeShape& s, int64_t splits, int64_t split_tokens, const bf16* q,
-                   const bf16* cache,
-                   const int32_t* page_table, const int32_t* seq_lens, bf16* out, float* lse,
-                   void* workspace) {
+                   const bf16* cache, const int32_t* page_table, const int32_t* seq_lens, bf16* out,
+                   float* lse, void* workspace) {
   Params p{};
   p.q = q;
   p.cache = cache;
@@ -464,8 +463,8 @@ MlaDecodePlan mla_decode_plan(const MlaDecodeShape& s, int64_t sm_count) {
 MlaDecodePlan mla_decode_plan_fixed(const MlaDecodeShape& s, int64_t split_tokens) {
   check_supported(s);
   FM_CHECK_ARG(split_tokens >= kKeys && split_tokens % kKeys == 0,
-               "mla_decode_plan_fixed: split_tokens=", split_tokens, " must be a positive multiple of ",
-               kKeys);
+               "mla_decode_plan_fixed: split_tokens=", split_tokens,
+               " must be a positive multiple of ", kKeys);
   MlaDecodePlan plan;
   plan.split_tokens = split_tokens;
   plan.splits = (s.max_pages * s.page_tokens + split_tokens - 1) / split_tokens;
@@ -479,12 +478,12 @@ void mla_decode(const MlaDecodeShape& s, const MlaDecodePlan& plan, const bf16* 
   check_supported(s);
   FM_CHECK_ARG(plan.splits >= 1 && plan.splits <= 4096, "mla_decode: plan.splits=", plan.splits,
                " outside [1, 4096]");
-  FM_CHECK_ARG(plan.split_tokens == 0 ||
-                   (plan.split_tokens % kKeys == 0 &&
-                    plan.splits * plan.split_tokens >= s.max_pages * s.page_tokens),
-               "mla_decode: plan.split_tokens=", plan.split_tokens, " with ", plan.splits,
-               " splits does not cover max_pages x page_tokens = ", s.max_pages * s.page_tokens,
-               " keys in multiples of ", kKeys);
+  FM_CHECK_ARG(
+      plan.split_tokens == 0 || (plan.split_tokens % kKeys == 0 &&
+                                 plan.splits * plan.split_tokens >= s.max_pages * s.page_tokens),
+      "mla_decode: plan.split_tokens=", plan.split_tokens, " with ", plan.splits,
+      " splits does not cover max_pages x page_tokens = ", s.max_pages * s.page_tokens,
+      " keys in multiples of ", kKeys);
   if (s.batch == 0) return;
   for (const auto& [name, ptr] :
        {std::pair<const char*, const void*>{"q", q}, {"cache", cache}, {"out", out}})
@@ -496,8 +495,7 @@ void mla_decode(const MlaDecodeShape& s, const MlaDecodePlan& plan, const bf16* 
     check_aligned("workspace", workspace);
     FM_CHECK_ARG(plan.workspace_bytes >= mla_decode_workspace_bytes(s, plan.splits),
                  "mla_decode: plan.workspace_bytes=", plan.workspace_bytes, " below the ",
-                 mla_decode_workspace_bytes(s, plan.splits), " that ", plan.splits,
-                 " splits need");
+                 mla_decode_workspace_bytes(s, plan.splits), " that ", plan.splits, " splits need");
   }
   const Params p = make_params(s, plan.splits, plan.split_tokens, q, cache, page_table, seq_lens,
                                out, lse, workspace);
@@ -511,8 +509,7 @@ void mla_decode_naive(const MlaDecodeShape& s, const bf16* q, const bf16* cache,
                       const int32_t* page_table, const int32_t* seq_lens, bf16* out, float* lse,
                       cudaStream_t stream) {
   mla_decode_check_shape("mla_decode_naive", s);
-  FM_CHECK_ARG(s.latent_dim <= 512, "mla_decode_naive: latent_dim=", s.latent_dim,
-               " above 512");
+  FM_CHECK_ARG(s.latent_dim <= 512, "mla_decode_naive: latent_dim=", s.latent_dim, " above 512");
   FM_CHECK_ARG(s.batch <= 65535 && s.rows() <= 0x7FFFFFFF, "mla_decode_naive: grid too large");
   if (s.batch == 0) return;
   const Params p = make_params(s, 1, 0, q, cache, page_table, seq_lens, out, lse, nullptr);

@@ -740,8 +740,8 @@ const MlaBlockGpu& DecoderLayerGpu::attention() const {
 
 void DecoderLayerGpu::forward_decode(const bf16* h, const int32_t* pos, int64_t batch,
                                      int64_t queries, const MlaLatentCacheView& cache,
-                                     const kernels::MlaDecodePlan& plan, void* workspace,
-                                     bf16* out, uint32_t* status, cudaStream_t stream) {
+                                     const kernels::MlaDecodePlan& plan, void* workspace, bf16* out,
+                                     uint32_t* status, cudaStream_t stream) {
   Impl& m = *impl_;
   FM_CHECK_ARG(h != nullptr && pos != nullptr && out != nullptr && out != h,
                "DecoderLayerGpu::forward_decode: null h, pos or out, or out aliasing h");
@@ -761,8 +761,7 @@ void DecoderLayerGpu::forward_decode(const bf16* h, const int32_t* pos, int64_t 
     kernels::quantize_1x128(m.f, T, H, H, false, m.x8, H, m.xs, kernels::ScaleLayout::kRowMajor,
                             stream);
     kernels::scales_to_mn_major(m.xs, 1, R, KB, m.sa, stream);
-    m.dense_ffn->forward_contiguous(m.x8, m.sa, m.layout, R, m.dense_w->view(), m.mlp_out,
-                                    stream);
+    m.dense_ffn->forward_contiguous(m.x8, m.sa, m.layout, R, m.dense_w->view(), m.mlp_out, stream);
   } else {
     const int64_t E = m.E, K = m.K;
     const dim3 lg(static_cast<unsigned>((T + kLogitTokens - 1) / kLogitTokens),

@@ -256,8 +256,9 @@ void MlaBlockGpu::backward(const bf16* dout, bf16* dx, const MlaBlockGradsGpu& g
 }
 
 void MlaBlockGpu::reserve_decode(int64_t max_tokens) {
-  FM_CHECK_ARG(max_tokens > 0 && max_tokens <= max_tokens_, "MlaBlockGpu::reserve_decode: ",
-               max_tokens, " tokens outside [1, max_tokens=", max_tokens_, "]");
+  FM_CHECK_ARG(max_tokens > 0 && max_tokens <= max_tokens_,
+               "MlaBlockGpu::reserve_decode: ", max_tokens,
+               " tokens outside [1, max_tokens=", max_tokens_, "]");
   FM_CHECK_ARG(kv_b_->fp8_weights() != nullptr,
                "MlaBlockGpu::reserve_decode: the latent decode needs the FP8 projections");
   if (max_tokens <= decode_tokens_) return;
@@ -286,8 +287,8 @@ kernels::MlaDecodeShape MlaBlockGpu::decode_shape(int64_t batch, int64_t queries
   return s;
 }
 
-void MlaBlockGpu::forward_decode(const bf16* x, const int32_t* pos, int64_t batch,
-                                 int64_t queries, const MlaLatentCacheView& cache,
+void MlaBlockGpu::forward_decode(const bf16* x, const int32_t* pos, int64_t batch, int64_t queries,
+                                 const MlaLatentCacheView& cache,
                                  const kernels::MlaDecodePlan& plan, void* workspace, bf16* out,
                                  uint32_t* status, cudaStream_t stream) {
   FM_CHECK_ARG(refreshed_, "MlaBlockGpu::forward_decode: refresh() the weights first");

@@ -361,9 +361,9 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
   }
 
   // Pieces.
-  m.rope = std::make_unique<RopeTableGpu>(
-      make_rope_table(config.qk_rope_head_dim, std::max(seq, rope_positions), config.rope_theta,
-                      config.rope_scaling));
+  m.rope = std::make_unique<RopeTableGpu>(make_rope_table(config.qk_rope_head_dim,
+                                                          std::max(seq, rope_positions),
+                                                          config.rope_theta, config.rope_scaling));
   const ParameterLookup lookup = [&m](const std::string& name) -> ParameterGpu& {
     return m.lookup(name);
   };

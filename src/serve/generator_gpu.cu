@@ -53,9 +53,9 @@ struct GeneratorGpu::Impl {
     const kernels::MlaDecodePlan plan = o.split_tokens > 0
                                             ? kernels::mla_decode_plan_fixed(shape, o.split_tokens)
                                             : kernels::mla_decode_plan(shape, sms);
-    FM_CHECK(plan.workspace_bytes <= ws_bytes, "GeneratorGpu: the attention plan for batch ",
-             batch, " x ", queries, " needs ", plan.workspace_bytes, " bytes of workspace (",
-             ws_bytes, " held)");
+    FM_CHECK(plan.workspace_bytes <= ws_bytes, "GeneratorGpu: the attention plan for batch ", batch,
+             " x ", queries, " needs ", plan.workspace_bytes, " bytes of workspace (", ws_bytes,
+             " held)");
     return plan;
   }
 
@@ -93,8 +93,8 @@ struct GeneratorGpu::Impl {
                                   cudaMemcpyDeviceToHost, stream));
     FM_CHECK_CUDA(cudaMemcpyAsync(h_status, model->status(), 4, cudaMemcpyDeviceToHost, stream));
     FM_CHECK_CUDA(cudaStreamSynchronize(stream));
-    FM_CHECK(*h_status == 0, "GeneratorGpu: the model reported error bits 0x", std::hex,
-             *h_status, " (a token id outside the vocabulary or a position past the RoPE table)");
+    FM_CHECK(*h_status == 0, "GeneratorGpu: the model reported error bits 0x", std::hex, *h_status,
+             " (a token id outside the vocabulary or a position past the RoPE table)");
     out.resize(static_cast<size_t>(batch * vocab));
     for (int64_t i = 0; i < batch * vocab; ++i) out[i] = to_float(h_logits[i]);
   }
@@ -113,10 +113,10 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
   FM_CHECK_ARG(o.prefill_chunk > 0, "GeneratorGpu: prefill_chunk=", o.prefill_chunk,
                " must be positive");
   FM_CHECK_ARG(o.context >= 2 && o.context <= m.config.max_position_embeddings,
-               "GeneratorGpu: context=", o.context, " outside [2, max_position_embeddings=",
-               m.config.max_position_embeddings, "]");
-  FM_CHECK_ARG(o.page_tokens > 0 && o.page_tokens % 64 == 0, "GeneratorGpu: page_tokens=",
-               o.page_tokens, " must be a positive multiple of 64");
+               "GeneratorGpu: context=", o.context,
+               " outside [2, max_position_embeddings=", m.config.max_position_embeddings, "]");
+  FM_CHECK_ARG(o.page_tokens > 0 && o.page_tokens % 64 == 0,
+               "GeneratorGpu: page_tokens=", o.page_tokens, " must be a positive multiple of 64");
   m.step_tokens = std::max(o.max_batch, o.prefill_chunk);
   m.vocab = m.config.vocab_size;
   int dev = 0;
@@ -139,7 +139,8 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
   shape_view.page_tokens = co.page_tokens;
   shape_view.max_pages = co.max_pages_per_seq;
   const auto need = [&](int64_t batch, int64_t queries) {
-    const kernels::MlaDecodeShape sh = m.model->attention(0).decode_shape(batch, queries, shape_view);
+    const kernels::MlaDecodeShape sh =
+        m.model->attention(0).decode_shape(batch, queries, shape_view);
     return o.split_tokens > 0 ? kernels::mla_decode_plan_fixed(sh, o.split_tokens).workspace_bytes
                               : kernels::mla_decode_plan(sh, m.sms).workspace_bytes;
   };
@@ -173,8 +174,8 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     const std::vector<std::vector<int32_t>>& prompts, const SamplingOptions& s,
     GenerationStats* stats) {
   Impl& m = *impl_;
-  FM_CHECK_ARG(s.max_new_tokens >= 0, "GeneratorGpu::generate: max_new_tokens=",
-               s.max_new_tokens, " must be >= 0");
+  FM_CHECK_ARG(s.max_new_tokens >= 0, "GeneratorGpu::generate: max_new_tokens=", s.max_new_tokens,
+               " must be >= 0");
   FM_CHECK_ARG(s.temperature >= 0 && s.top_p > 0 && s.top_p <= 1,
                "GeneratorGpu::generate: temperature must be >= 0 and top_p in (0, 1]");
   for (size_t r = 0; r < prompts.size(); ++r) {

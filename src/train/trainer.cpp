@@ -190,7 +190,8 @@ std::unique_ptr<Model> load_checkpoint_model(const std::string& checkpoint_dir, 
 std::string generate_text(const GenerateOptions& g) {
   if (g.threads > 0) set_model_threads(g.threads);
   Precision precision = Precision::kFp32;
-  const std::unique_ptr<Model> loaded = load_checkpoint_model(g.checkpoint_dir, g.use_ema, &precision);
+  const std::unique_ptr<Model> loaded =
+      load_checkpoint_model(g.checkpoint_dir, g.use_ema, &precision);
   Model& model = *loaded;
   const ModelConfig& config = model.config();
   Tokenizer tok(g.checkpoint_dir + "/tokenizer.model");

@@ -70,10 +70,10 @@ void check_products(int64_t heads, int64_t latent, int64_t tokens, uint64_t seed
   got_a.poison();
   kernels::mla_absorb_query(dq.get(), tokens, d, dc.get(), ds.get(), got_q.get(), nullptr);
   kernels::mla_unabsorb_output(dout.get(), tokens, d, dc.get(), ds.get(), got_a.get(), nullptr);
-  EXPECT_TRUE(same_bits(got_q.download(), want_q)) << heads << " heads, latent " << latent << ", "
-                                                   << tokens << " tokens: absorb";
-  EXPECT_TRUE(same_bits(got_a.download(), want_a)) << heads << " heads, latent " << latent << ", "
-                                                   << tokens << " tokens: unabsorb";
+  EXPECT_TRUE(same_bits(got_q.download(), want_q))
+      << heads << " heads, latent " << latent << ", " << tokens << " tokens: absorb";
+  EXPECT_TRUE(same_bits(got_a.download(), want_a))
+      << heads << " heads, latent " << latent << ", " << tokens << " tokens: unabsorb";
 }
 
 TEST(MlaAbsorbGpu, ProductsEqualReferenceBitForBit) {
@@ -119,8 +119,7 @@ TEST(MlaAbsorbGpu, RejectsBadShapes) {
   DeviceBuffer<bf16> x(4096), y(4096);
   DeviceBuffer<uint8_t> c(1 << 17);
   DeviceBuffer<float> s(64);
-  EXPECT_THROW(kernels::mla_absorb_query(x.get(), 1, d, c.get(), s.get(), y.get(), nullptr),
-               Error);
+  EXPECT_THROW(kernels::mla_absorb_query(x.get(), 1, d, c.get(), s.get(), y.get(), nullptr), Error);
   d.latent_dim = 512;
   d.nope_dim = 64;
   EXPECT_THROW(kernels::mla_unabsorb_output(x.get(), 1, d, c.get(), s.get(), y.get(), nullptr),

@@ -31,10 +31,12 @@ TEST(MlaAbsorbReference, MatchesPerHeadProductsInDouble) {
     return static_cast<double>(e4m3_bits_to_float(codes[r * d.latent_dim + j])) *
            scales[(r / 128) * (d.latent_dim / 128) + j / 128];
   };
-  std::vector<bf16> q(static_cast<size_t>(T * d.heads * qd)), o(static_cast<size_t>(T * d.heads * d.latent_dim));
+  std::vector<bf16> q(static_cast<size_t>(T * d.heads * qd)),
+      o(static_cast<size_t>(T * d.heads * d.latent_dim));
   for (auto& v : q) v = to_bf16(normal(rng));
   for (auto& v : o) v = to_bf16(normal(rng));
-  std::vector<bf16> q_lat(static_cast<size_t>(T * d.heads * od)), attn(static_cast<size_t>(T * d.heads * 128));
+  std::vector<bf16> q_lat(static_cast<size_t>(T * d.heads * od)),
+      attn(static_cast<size_t>(T * d.heads * 128));
   kernels::mla_absorb_query_reference(q.data(), T, d, codes.data(), scales.data(), q_lat.data());
   kernels::mla_unabsorb_output_reference(o.data(), T, d, codes.data(), scales.data(), attn.data());
   double num = 0, den = 0, num2 = 0, den2 = 0;

@@ -237,9 +237,9 @@ TEST(MlaDecodeGpu, FixedSplitsAreBatchInvariant) {
     DeviceBuffer<float> lse1(static_cast<size_t>(rows));
     DeviceBuffer<uint8_t> ws1(plan1.workspace_bytes);
     out1.poison();
-    kernels::mla_decode(one, plan1, in.d_q.get() + b * rows * in.shape.key_dim(),
-                        in.d_cache.get(), in.d_table.get() + b * in.shape.max_pages,
-                        in.d_lens.get() + b, out1.get(), lse1.get(), ws1.get(), nullptr);
+    kernels::mla_decode(one, plan1, in.d_q.get() + b * rows * in.shape.key_dim(), in.d_cache.get(),
+                        in.d_table.get() + b * in.shape.max_pages, in.d_lens.get() + b, out1.get(),
+                        lse1.get(), ws1.get(), nullptr);
     const std::vector<bf16> alone = out1.download();
     EXPECT_EQ(std::memcmp(alone.data(), batched.data() + b * rows * L, alone.size() * 2), 0)
         << "sequence " << b << " alone differs from its rows in the batch";

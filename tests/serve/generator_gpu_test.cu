@@ -37,33 +37,33 @@ namespace {
 
 ModelConfig serve_config(int64_t dense_layers = 1) {
   Json j = {{"vocab_size", 512},
-                  {"hidden_size", 256},
-                  {"intermediate_size", 384},
-                  {"moe_intermediate_size", 128},
-                  {"num_hidden_layers", 2},
-                  {"first_k_dense_replace", 1},
-                  {"n_routed_experts", 8},
-                  {"n_shared_experts", 1},
-                  {"num_experts_per_tok", 2},
-                  {"n_group", 4},
-                  {"topk_group", 2},
-                  {"routed_scaling_factor", 2.5},
-                  {"norm_topk_prob", true},
-                  {"aux_loss_alpha", 1e-3},
-                  {"seq_aux", true},
-                  {"num_attention_heads", 2},
-                  {"num_key_value_heads", 2},
-                  {"q_lora_rank", 128},
-                  {"kv_lora_rank", 256},
-                  {"qk_nope_head_dim", 128},
-                  {"qk_rope_head_dim", 64},
-                  {"v_head_dim", 128},
-                  {"num_nextn_predict_layers", 0},
-                  {"max_position_embeddings", 4096},
-                  {"rope_theta", 10000},
-                  {"rope_scaling", nullptr},
-                  {"rms_norm_eps", 1e-6},
-                  {"initializer_range", 0.05}};
+            {"hidden_size", 256},
+            {"intermediate_size", 384},
+            {"moe_intermediate_size", 128},
+            {"num_hidden_layers", 2},
+            {"first_k_dense_replace", 1},
+            {"n_routed_experts", 8},
+            {"n_shared_experts", 1},
+            {"num_experts_per_tok", 2},
+            {"n_group", 4},
+            {"topk_group", 2},
+            {"routed_scaling_factor", 2.5},
+            {"norm_topk_prob", true},
+            {"aux_loss_alpha", 1e-3},
+            {"seq_aux", true},
+            {"num_attention_heads", 2},
+            {"num_key_value_heads", 2},
+            {"q_lora_rank", 128},
+            {"kv_lora_rank", 256},
+            {"qk_nope_head_dim", 128},
+            {"qk_rope_head_dim", 64},
+            {"v_head_dim", 128},
+            {"num_nextn_predict_layers", 0},
+            {"max_position_embeddings", 4096},
+            {"rope_theta", 10000},
+            {"rope_scaling", nullptr},
+            {"rms_norm_eps", 1e-6},
+            {"initializer_range", 0.05}};
   j["first_k_dense_replace"] = dense_layers;
   return parse_model_config(j, "serve test config");
 }
@@ -281,9 +281,8 @@ TEST(ServeGpu, SampledTextDoesNotDependOnTheBatch) {
   o.max_batch = 3;
   o.context = 256;
   GeneratorGpu gen(cpu, o);
-  const std::vector<std::vector<int32_t>> prompts = {random_tokens(7, 512, 5),
-                                                     random_tokens(100, 512, 6),
-                                                     random_tokens(33, 512, 7)};
+  const std::vector<std::vector<int32_t>> prompts = {
+      random_tokens(7, 512, 5), random_tokens(100, 512, 6), random_tokens(33, 512, 7)};
   SamplingOptions s;
   s.max_new_tokens = 10;
   s.ignore_eos = true;

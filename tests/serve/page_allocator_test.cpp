@@ -26,7 +26,7 @@ TEST(PageAllocator, GrowsByWholePagesAndReturnsThemOnRelease) {
   EXPECT_EQ(a.free_pages(), 0);
   std::set<int32_t> all(a.pages(s0).begin(), a.pages(s0).end());
   all.insert(a.pages(s1).begin(), a.pages(s1).end());
-  EXPECT_EQ(all.size(), 6u);  // no page given twice
+  EXPECT_EQ(all.size(), 6u);      // no page given twice
   EXPECT_FALSE(a.grow(s0, 129));  // the pool is empty: nothing changes
   EXPECT_EQ(a.length(s0), 65);
   EXPECT_EQ(a.pages(s0).size(), 2u);
@@ -35,7 +35,7 @@ TEST(PageAllocator, GrowsByWholePagesAndReturnsThemOnRelease) {
   EXPECT_FALSE(a.live(s1));
   EXPECT_THROW(a.length(s1), Error);
   EXPECT_TRUE(a.grow(s0, 256));
-  EXPECT_FALSE(a.grow(s0, 257));  // a fifth page: above max_pages_per_seq
+  EXPECT_FALSE(a.grow(s0, 257));        // a fifth page: above max_pages_per_seq
   EXPECT_THROW(a.grow(s0, 10), Error);  // cannot shrink
 }
 

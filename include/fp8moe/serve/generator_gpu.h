@@ -4,9 +4,10 @@
 // every running sequence (continuous batching: a finished sequence leaves, a waiting prompt is
 // prefilled and joins at the next step). Sampling on the host (model/sampling.h) with one Philox
 // stream a request (seed, request index) and, with split_tokens (the default), batch-invariant
-// arithmetic, so a request's text does not depend on what it was batched with. A sequence stops at end-of-sequence (unless ignore_eos), after max_new_tokens, or
-// when it fills the context (its prompt is cut to the last context / 2 tokens if it is longer).
-// The main model only (the MTP modules are not used for drafting here).
+// arithmetic, so a request's text does not depend on what it was batched with. A sequence stops at
+// end-of-sequence (unless ignore_eos), after max_new_tokens, or when it fills the context (its
+// prompt is cut to the last context / 2 tokens if it is longer). The main model only (the MTP
+// modules are not used for drafting here).
 #pragma once
 
 #include <cstdint>
@@ -21,11 +22,11 @@
 namespace fp8moe::serve {
 
 struct GeneratorOptions {
-  int64_t max_batch = 8;       // sequences decoded together
-  int64_t context = 1024;      // tokens a sequence holds at most
-  int64_t prefill_chunk = 256; // prompt tokens a prefill step
+  int64_t max_batch = 8;        // sequences decoded together
+  int64_t context = 1024;       // tokens a sequence holds at most
+  int64_t prefill_chunk = 256;  // prompt tokens a prefill step
   int64_t page_tokens = 64;
-  int64_t num_pages = 0;       // 0: max_batch full contexts
+  int64_t num_pages = 0;  // 0: max_batch full contexts
   // Attention key ranges of split_tokens keys (kernels::mla_decode_plan_fixed) and the output head
   // over max_batch rows every step: a request's text does not depend on its batch. 0: the
   // adaptive split plan (kernels::mla_decode_plan; fastest, batch-dependent rounding).

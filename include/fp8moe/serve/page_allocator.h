@@ -16,8 +16,8 @@ class PageAllocator {
  public:
   PageAllocator(int64_t num_pages, int64_t page_tokens, int64_t max_pages_per_seq);
 
-  int add_sequence();        // a new, empty sequence's id
-  void release(int seq);     // its pages back to the pool; the id is not reused
+  int add_sequence();                  // a new, empty sequence's id
+  void release(int seq);               // its pages back to the pool; the id is not reused
   bool grow(int seq, int64_t length);  // length tokens (>= its current length)
   int64_t length(int seq) const;
   const std::vector<int32_t>& pages(int seq) const;
