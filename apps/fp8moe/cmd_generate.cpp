@@ -3,7 +3,8 @@
 // N]]: samples text from a checkpoint written by `fp8moe train` (greedy when the temperature is 0).
 // CPU: the model's KV cache (by default in V3's latent form) unless --no-cache. GPU
 // (serve/generator_gpu.h): the latent paged cache, prompts prefilled and decoded together
-// (continuous batching), one line per prompt; --stats adds a JSON line of throughput to stderr.
+// (continuous batching), one line per prompt; --stats adds a JSON line of throughput to stderr;
+// --mtp-draft (greedy) drafts a token a step with the checkpoint's MTP module.
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -23,7 +24,7 @@ namespace {
 struct GpuArgs {
   std::string device = "cpu", prompts_file;
   int64_t max_batch = 8;
-  bool stats = false;
+  bool stats = false, mtp_draft = false;
 };
 
 #ifdef FP8MOE_HAVE_CUDA
@@ -49,6 +50,7 @@ void generate_gpu(const fp8moe::GenerateOptions& g, const GpuArgs& a) {
   fp8moe::serve::GeneratorOptions o;
   o.max_batch = a.max_batch;
   o.context = std::min(g.context, model->config().max_position_embeddings);
+  o.mtp_draft = a.mtp_draft;
   fp8moe::serve::GeneratorGpu gen(*model, o);
   fp8moe::serve::SamplingOptions s;
   s.max_new_tokens = g.max_new_tokens;
@@ -71,7 +73,7 @@ void generate_gpu(const fp8moe::GenerateOptions& g, const GpuArgs& a) {
               << ",\"decode_tokens_per_s\":"
               << (st.decode_s > 0 ? static_cast<double>(st.decode_tokens) / st.decode_s : 0.0)
               << ",\"max_running\":" << st.max_running << ",\"cache_bytes\":" << st.cache_bytes
-              << "}\n";
+              << ",\"drafted\":" << st.drafted << ",\"accepted\":" << st.accepted << "}\n";
 }
 #endif
 
@@ -108,6 +110,8 @@ void setup(CLI::App& app) {
   app.add_option("--max-batch", a->max_batch, "GPU: sequences decoded together")
       ->capture_default_str();
   app.add_flag("--stats", a->stats, "GPU: a JSON line of throughput on stderr");
+  app.add_flag("--mtp-draft", a->mtp_draft,
+               "GPU, greedy: speculative decoding with the checkpoint's MTP module as the draft");
   app.callback([g, form, a] {
     FM_CHECK_ARG(g->max_new_tokens >= 0, "--max-new-tokens must be >= 0");
     FM_CHECK_ARG(*form == "latent" || *form == "expanded", "--cache-form: '", *form,
@@ -118,8 +122,8 @@ void setup(CLI::App& app) {
                  "give --prompt (or, with --device gpu, --prompts-file)");
     g->cache_form = fp8moe::parse_kv_cache_form(*form);
     if (a->device == "cpu") {
-      FM_CHECK_ARG(a->prompts_file.empty() && !a->stats,
-                   "--prompts-file and --stats need --device gpu");
+      FM_CHECK_ARG(a->prompts_file.empty() && !a->stats && !a->mtp_draft,
+                   "--prompts-file, --stats and --mtp-draft need --device gpu");
       std::cout << fp8moe::generate_text(*g) << "\n";
       return;
     }

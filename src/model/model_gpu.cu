@@ -619,7 +619,46 @@ void ModelGpu::reserve_decode(int64_t max_tokens) {
   Impl& m = *impl_;
   FM_CHECK_ARG(max_tokens > 0 && max_tokens <= m.T, "ModelGpu::reserve_decode: ", max_tokens,
                " tokens outside [1, batch * seq = ", m.T, "]");
-  for (int64_t l = 0; l < m.layers_n; ++l) m.layers[l]->reserve_decode(max_tokens);
+  for (auto& layer : m.layers) layer->reserve_decode(max_tokens);  // the MTP modules' too
+}
+
+const bf16* ModelGpu::decode_hidden() const {
+  return impl_->h_layer(impl_->layers_n);
+}
+
+int ModelGpu::mtp_depth() const {
+  return static_cast<int>(impl_->depth);
+}
+
+void ModelGpu::decode_mtp(int depth, const bf16* h_prev, const int32_t* ids, const int32_t* pos,
+                          int64_t batch, int64_t queries, const MlaLatentCacheView& cache,
+                          const kernels::MlaDecodePlan& plan, void* workspace, bf16* logits,
+                          cudaStream_t stream, int64_t head_rows) {
+  Impl& m = *impl_;
+  const int64_t T = batch * queries, H = m.H;
+  FM_CHECK_ARG(depth >= 0 && depth < m.depth, "ModelGpu::decode_mtp: depth ", depth,
+               " outside [0, ", m.depth, ")");
+  FM_CHECK_ARG(h_prev != nullptr && ids != nullptr && pos != nullptr && logits != nullptr,
+               "ModelGpu::decode_mtp: null h_prev, ids, pos or logits");
+  FM_CHECK_ARG(batch > 0 && queries > 0 && batch <= m.T / queries,
+               "ModelGpu::decode_mtp: batch * queries = ", batch, " * ", queries,
+               " outside [1, ", m.T, "]");
+  if (head_rows == 0) head_rows = T;
+  FM_CHECK_ARG(head_rows >= T && head_rows <= m.T, "ModelGpu::decode_mtp: head_rows=", head_rows,
+               " outside [", T, ", ", m.T, "]");
+  const Impl::MtpParams& p = m.mtp_params[depth];
+  const Impl::MtpActs& a = m.mtp[depth];
+  const double eps = m.config.rms_norm_eps;
+  // The training forward's MTP step (forward_backward) on the decoding rows.
+  embedding_forward_gpu(m.embed->value, m.V, H, ids, T, a.e, H, m.status, stream);
+  kernels::rmsnorm_forward(a.e, H, p.enorm->value, T, H, eps, a.cat, 2 * H, a.rstd_e, stream);
+  kernels::rmsnorm_forward(h_prev, H, p.hnorm->value, T, H, eps, a.cat + H, 2 * H, a.rstd_h,
+                           stream);
+  m.eh[depth]->forward(a.cat, T, m.eh_w[depth]->view(), a.hp, stream);
+  m.layers[m.layers_n + depth]->forward_decode(a.hp, pos, batch, queries, cache, plan, workspace,
+                                               a.hk, m.status, stream);
+  kernels::rmsnorm_forward(a.hk, H, p.shared_norm->value, T, H, eps, a.fk, H, a.rstd_f, stream);
+  m.heads[1 + depth]->forward(a.fk, head_rows, logits, stream);
 }
 
 const MlaBlockGpu& ModelGpu::attention(int64_t layer) const {
@@ -631,29 +670,36 @@ const MlaBlockGpu& ModelGpu::attention(int64_t layer) const {
 void ModelGpu::decode(const int32_t* ids, const int32_t* pos, int64_t batch, int64_t queries,
                       const std::vector<MlaLatentCacheView>& caches,
                       const kernels::MlaDecodePlan& plan, void* workspace, bf16* logits,
-                      cudaStream_t stream, int64_t head_rows) {
+                      cudaStream_t stream, int64_t head_rows, bool every_row) {
   Impl& m = *impl_;
   const int64_t T = batch * queries, H = m.H, L = m.layers_n;
   FM_CHECK_ARG(ids != nullptr && pos != nullptr && logits != nullptr,
                "ModelGpu::decode: null ids, pos or logits");
   FM_CHECK_ARG(batch > 0 && queries > 0 && batch <= m.T / queries, "ModelGpu::decode: batch * ",
                "queries = ", batch, " * ", queries, " outside [1, ", m.T, "]");
-  if (head_rows == 0) head_rows = batch;
-  FM_CHECK_ARG(head_rows >= batch && head_rows <= m.T, "ModelGpu::decode: head_rows=", head_rows,
-               " outside [batch=", batch, ", ", m.T, "]");
+  const int64_t out_rows = every_row ? T : batch;
+  if (head_rows == 0) head_rows = out_rows;
+  FM_CHECK_ARG(head_rows >= out_rows && head_rows <= m.T, "ModelGpu::decode: head_rows=",
+               head_rows, " outside [", out_rows, ", ", m.T, "]");
   FM_CHECK_ARG(static_cast<int64_t>(caches.size()) == L, "ModelGpu::decode: ", caches.size(),
                " caches for ", L, " layers");
   embedding_forward_gpu(m.embed->value, m.V, H, ids, T, m.h_layer(0), H, m.status, stream);
   for (int64_t l = 0; l < L; ++l)
     m.layers[l]->forward_decode(m.h_layer(l), pos, batch, queries, caches[l], plan, workspace,
                                 m.h_layer(l + 1), m.status, stream);
-  // The last rows, normed, into hn's first rows (a sequence's earlier new tokens need no logits).
-  bf16* last = m.h_layer(0);  // the embedding is no longer read
-  last_rows_kernel<<<blocks_for(batch * H, 256), 256, 0, stream>>>(m.h_layer(L), batch, queries, H,
-                                                                   last);
-  FM_CHECK_LAUNCH();
-  kernels::rmsnorm_forward(last, H, m.final_norm->value, batch, H, m.config.rms_norm_eps, m.hn, H,
-                           m.rstd_main, stream);
+  if (every_row) {
+    kernels::rmsnorm_forward(m.h_layer(L), H, m.final_norm->value, T, H, m.config.rms_norm_eps,
+                             m.hn, H, m.rstd_main, stream);
+  } else {
+    // The last rows, normed, into hn's first rows (a sequence's earlier new tokens need no
+    // logits).
+    bf16* last = m.h_layer(0);  // the embedding is no longer read
+    last_rows_kernel<<<blocks_for(batch * H, 256), 256, 0, stream>>>(m.h_layer(L), batch, queries,
+                                                                     H, last);
+    FM_CHECK_LAUNCH();
+    kernels::rmsnorm_forward(last, H, m.final_norm->value, batch, H, m.config.rms_norm_eps, m.hn,
+                             H, m.rstd_main, stream);
+  }
   m.heads[0]->forward(m.hn, head_rows, logits, stream);
 }
 

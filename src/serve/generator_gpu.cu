@@ -53,50 +53,63 @@ struct GeneratorGpu::Impl {
     const kernels::MlaDecodePlan plan = o.split_tokens > 0
                                             ? kernels::mla_decode_plan_fixed(shape, o.split_tokens)
                                             : kernels::mla_decode_plan(shape, sms);
-    FM_CHECK(plan.workspace_bytes <= ws_bytes, "GeneratorGpu: the attention plan for batch ", batch,
-             " x ", queries, " needs ", plan.workspace_bytes, " bytes of workspace (", ws_bytes,
-             " held)");
+    FM_CHECK(plan.workspace_bytes <= ws_bytes, "GeneratorGpu: the attention plan for batch ",
+             batch, " x ", queries, " needs ", plan.workspace_bytes, " bytes of workspace (",
+             ws_bytes, " held)");
     return plan;
   }
 
-  // One model step over `seqs` (grown already), `queries` new tokens each: ids / pos in row
-  // order. Leaves the step's logits [seqs, vocab] in `out`.
-  void step(const std::vector<int>& seqs, const int32_t* ids, const int32_t* pos, int64_t queries,
-            std::vector<float>& out) {
+  // One step over `seqs` (grown already), `queries` new tokens each (ids / pos in row order):
+  // the main model (kMain: the logits of each sequence's last row, or of every row with
+  // every_row) or the MTP draft module over the main model's last states (kDraft: every row).
+  // Leaves the logits [rows, vocab] in `out`.
+  enum class Pass { kMain, kDraft };
+  void run(Pass pass, const std::vector<int>& seqs, const int32_t* ids, const int32_t* pos,
+           int64_t queries, bool every_row, std::vector<float>& out) {
     const int64_t batch = static_cast<int64_t>(seqs.size()), T = batch * queries;
     const std::vector<MlaLatentCacheView> views = cache->prepare_step(seqs, stream);
+    const int64_t L = config.num_hidden_layers;
     std::copy(ids, ids + T, h_ids);
     std::copy(pos, pos + T, h_pos);
     FM_CHECK_CUDA(cudaMemcpyAsync(d_ids, h_ids, T * 4, cudaMemcpyHostToDevice, stream));
     FM_CHECK_CUDA(cudaMemcpyAsync(d_pos, h_pos, T * 4, cudaMemcpyHostToDevice, stream));
     const kernels::MlaDecodePlan plan = plan_for(batch, queries, views[0]);
-    const auto run = [&] {
-      model->decode(d_ids, d_pos, batch, queries, views, plan, ws, d_logits, stream,
-                    o.split_tokens > 0 ? o.max_batch : batch);
+    // NOTE: the head always computes at least 2 max_batch rows, so that its cuBLASLt GEMM's
+    // shape (hence its summation order) follows neither the batch nor the pass.
+    const int64_t rows = every_row || pass == Pass::kDraft ? T : batch;
+    const int64_t head_rows = std::max(rows, 2 * o.max_batch);
+    const auto go = [&] {
+      if (pass == Pass::kMain)
+        model->decode(d_ids, d_pos, batch, queries, {views.begin(), views.begin() + L}, plan, ws,
+                      d_logits, stream, head_rows, every_row);
+      else
+        model->decode_mtp(0, model->decode_hidden(), d_ids, d_pos, batch, queries, views[L], plan,
+                          ws, d_logits, stream, head_rows);
     };
-    // Every pointer a decoding step reads is fixed (cache pages, tables, ids, the workspace sized
-    // for max_batch at construction), so a graph replays any later step of the same size.
-    if (queries == 1 && o.cuda_graphs && ++decode_runs[batch] >= 2) {
+    // Every pointer a plain decoding step reads is fixed (cache pages, tables, ids, the workspace
+    // sized at construction), so a graph replays any later step of the same batch size.
+    if (pass == Pass::kMain && queries == 1 && !every_row && o.cuda_graphs &&
+        ++decode_runs[batch] >= 2) {
       if (graphs[batch] == nullptr) {
         cudaGraph_t g;
         FM_CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-        run();
+        go();
         FM_CHECK_CUDA(cudaStreamEndCapture(stream, &g));
         FM_CHECK_CUDA(cudaGraphInstantiate(&graphs[batch], g, 0));
         FM_CHECK_CUDA(cudaGraphDestroy(g));
       }
       FM_CHECK_CUDA(cudaGraphLaunch(graphs[batch], stream));
     } else {
-      run();
+      go();
     }
-    FM_CHECK_CUDA(cudaMemcpyAsync(h_logits, d_logits, static_cast<size_t>(batch * vocab) * 2,
+    FM_CHECK_CUDA(cudaMemcpyAsync(h_logits, d_logits, static_cast<size_t>(rows * vocab) * 2,
                                   cudaMemcpyDeviceToHost, stream));
     FM_CHECK_CUDA(cudaMemcpyAsync(h_status, model->status(), 4, cudaMemcpyDeviceToHost, stream));
     FM_CHECK_CUDA(cudaStreamSynchronize(stream));
-    FM_CHECK(*h_status == 0, "GeneratorGpu: the model reported error bits 0x", std::hex, *h_status,
-             " (a token id outside the vocabulary or a position past the RoPE table)");
-    out.resize(static_cast<size_t>(batch * vocab));
-    for (int64_t i = 0; i < batch * vocab; ++i) out[i] = to_float(h_logits[i]);
+    FM_CHECK(*h_status == 0, "GeneratorGpu: the model reported error bits 0x", std::hex,
+             *h_status, " (a token id outside the vocabulary or a position past the RoPE table)");
+    out.resize(static_cast<size_t>(rows * vocab));
+    for (int64_t i = 0; i < rows * vocab; ++i) out[i] = to_float(h_logits[i]);
   }
 };
 
@@ -117,7 +130,7 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
                " outside [2, max_position_embeddings=", m.config.max_position_embeddings, "]");
   FM_CHECK_ARG(o.page_tokens > 0 && o.page_tokens % 64 == 0,
                "GeneratorGpu: page_tokens=", o.page_tokens, " must be a positive multiple of 64");
-  m.step_tokens = std::max(o.max_batch, o.prefill_chunk);
+  m.step_tokens = std::max(2 * o.max_batch, o.prefill_chunk);
   m.vocab = m.config.vocab_size;
   int dev = 0;
   FM_CHECK_CUDA(cudaGetDevice(&dev));
@@ -144,13 +157,15 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
     return o.split_tokens > 0 ? kernels::mla_decode_plan_fixed(sh, o.split_tokens).workspace_bytes
                               : kernels::mla_decode_plan(sh, m.sms).workspace_bytes;
   };
-  for (int64_t b = 1; b <= o.max_batch; ++b) m.ws_bytes = std::max(m.ws_bytes, need(b, 1));
+  for (int64_t b = 1; b <= o.max_batch; ++b)
+    m.ws_bytes = std::max({m.ws_bytes, need(b, 1), need(b, 2)});
   for (int64_t q = 1; q <= o.prefill_chunk; ++q) m.ws_bytes = std::max(m.ws_bytes, need(1, q));
   FM_CHECK_CUDA(cudaMalloc(&m.ws, std::max<size_t>(m.ws_bytes, 16)));
   m.decode_runs.assign(static_cast<size_t>(o.max_batch + 1), 0);
   m.graphs.assign(static_cast<size_t>(o.max_batch + 1), nullptr);
+  if (o.mtp_draft) set_mtp_draft(true);
   const size_t t4 = static_cast<size_t>(m.step_tokens) * 4;
-  const size_t lb = static_cast<size_t>(o.max_batch * m.vocab) * 2;
+  const size_t lb = static_cast<size_t>(m.step_tokens * m.vocab) * 2;
   FM_CHECK_CUDA(cudaMalloc(&m.d_ids, t4));
   FM_CHECK_CUDA(cudaMalloc(&m.d_pos, t4));
   FM_CHECK_CUDA(cudaMalloc(&m.d_logits, lb));
@@ -168,6 +183,14 @@ int64_t GeneratorGpu::vocab() const {
 
 void GeneratorGpu::set_cuda_graphs(bool on) {
   impl_->o.cuda_graphs = on;
+}
+
+void GeneratorGpu::set_mtp_draft(bool on) {
+  FM_CHECK_ARG(!on || impl_->model->mtp_depth() >= 1,
+               "GeneratorGpu: an MTP draft needs a model with num_nextn_predict_layers >= 1 (this "
+               "one has ",
+               impl_->model->mtp_depth(), ")");
+  impl_->o.mtp_draft = on;
 }
 
 std::vector<std::vector<int32_t>> GeneratorGpu::generate(
@@ -188,6 +211,7 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     std::vector<int32_t> prompt, out;
     PhiloxStream rng;
     int seq = -1;
+    int32_t draft = 0;  // the MTP module's guess at the token after out.back()
   };
   std::vector<Request> req;
   req.reserve(prompts.size());
@@ -196,8 +220,11 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     // NOTE: as the CPU generator's window rule: an overlong prompt keeps its last context / 2.
     if (static_cast<int64_t>(p.size()) >= m.o.context)
       p.erase(p.begin(), p.end() - m.o.context / 2);
-    req.push_back(Request{std::move(p), {}, PhiloxStream(s.seed, 7 + r), -1});
+    req.push_back(Request{std::move(p), {}, PhiloxStream(s.seed, 7 + r), -1, 0});
   }
+  const bool draft = m.o.mtp_draft;
+  FM_CHECK_ARG(!draft || s.temperature == 0, "GeneratorGpu::generate: the MTP draft needs greedy ",
+               "decoding (temperature 0; got ", s.temperature, ")");
   GenerationStats st;
   st.cache_bytes = m.cache->bytes();
   PageAllocator& pages = m.cache->pages();
@@ -205,24 +232,29 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
   if (s.max_new_tokens > 0)
     for (size_t r = 0; r < req.size(); ++r) waiting.push_back(r);
   std::vector<size_t> running;
-  std::vector<float> logits;
+  std::vector<float> logits, draft_logits;
   std::vector<int32_t> ids, pos;
   using clock = std::chrono::steady_clock;
   const auto seconds = [](clock::time_point a) {
     return std::chrono::duration<double>(clock::now() - a).count();
   };
-  // Appends a sampled token; true when the request goes on.
-  const auto take = [&](Request& q, const float* row) {
-    const int32_t next = sample_token(row, m.vocab, s.temperature, s.top_p, q.rng);
+  const auto argmax = [&](const float* row) {
+    return static_cast<int32_t>(std::max_element(row, row + m.vocab) - row);
+  };
+  // A drafting step needs two positions: the sequence stops one short of the context.
+  const int64_t room = draft ? m.o.context - 1 : m.o.context;
+  // Appends a token; false (and the sequence released) when the request ends with it.
+  const auto append = [&](Request& q, int32_t next) {
     q.out.push_back(next);
     const bool eos = next == s.eos && s.eos >= 0 && !s.ignore_eos;
     const bool done = eos || static_cast<int64_t>(q.out.size()) >= s.max_new_tokens ||
-                      pages.length(q.seq) >= m.o.context;
+                      pages.length(q.seq) >= room;
     if (done) pages.release(q.seq);
     return !done;
   };
   while (!waiting.empty() || !running.empty()) {
-    // Admit waiting prompts while there is room: prefill in chunks, then the first token.
+    // Admit waiting prompts while there is room: prefill in chunks (with the draft module's
+    // cache filled beside), then the first token.
     while (!waiting.empty() && static_cast<int64_t>(running.size()) < m.o.max_batch) {
       Request& q = req[waiting.front()];
       const int64_t n = static_cast<int64_t>(q.prompt.size());
@@ -234,20 +266,33 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
       waiting.pop_front();
       q.seq = pages.add_sequence();
       const auto t0 = clock::now();
+      int32_t first = 0;
       for (int64_t start = 0; start < n; start += m.o.prefill_chunk) {
         const int64_t len = std::min(m.o.prefill_chunk, n - start);
         FM_CHECK(pages.grow(q.seq, start + len), "GeneratorGpu: cache full while prefilling");
         pos.resize(static_cast<size_t>(len));
         for (int64_t i = 0; i < len; ++i) pos[i] = static_cast<int32_t>(start + i);
-        m.step({q.seq}, q.prompt.data() + start, pos.data(), len, logits);
+        m.run(Impl::Pass::kMain, {q.seq}, q.prompt.data() + start, pos.data(), len, false, logits);
+        const bool last = start + len == n;
+        if (last) {
+          logits_host_ = logits;
+          first = sample_token(logits.data(), m.vocab, s.temperature, s.top_p, q.rng);
+        }
+        if (draft) {
+          // The module at position p reads the main state at p and the token at p + 1.
+          ids.assign(q.prompt.begin() + start + 1, q.prompt.begin() + start + len);
+          ids.push_back(last ? first : q.prompt[start + len]);
+          m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true, draft_logits);
+          if (last) q.draft = argmax(draft_logits.data() + (len - 1) * m.vocab);
+        }
       }
       st.prefill_s += seconds(t0);
       st.prefill_tokens += n;
-      logits_host_ = logits;
-      if (take(q, logits.data())) running.push_back(static_cast<size_t>(&q - req.data()));
+      if (append(q, first)) running.push_back(static_cast<size_t>(&q - req.data()));
     }
     if (running.empty()) continue;
-    // One decoding step over every running sequence.
+    // One decoding step over every running sequence: its last token (and its draft).
+    const int64_t queries = draft ? 2 : 1;
     std::vector<int> seqs;
     ids.clear();
     pos.clear();
@@ -255,26 +300,65 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     for (size_t r : running) {
       Request& q = req[r];
       const int64_t len = pages.length(q.seq);
-      if (!pages.grow(q.seq, len + 1)) {  // the pool is exhausted: this sequence ends here
+      if (!pages.grow(q.seq, len + queries)) {  // the pool is exhausted: the sequence ends here
         pages.release(q.seq);
         continue;
       }
       seqs.push_back(q.seq);
       ids.push_back(q.out.back());
       pos.push_back(static_cast<int32_t>(len));
+      if (draft) {
+        ids.push_back(q.draft);
+        pos.push_back(static_cast<int32_t>(len + 1));
+      }
       stepping.push_back(r);
     }
     running.clear();
     if (stepping.empty()) continue;
     const auto t0 = clock::now();
-    m.step(seqs, ids.data(), pos.data(), 1, logits);
-    st.decode_s += seconds(t0);
-    st.decode_tokens += static_cast<int64_t>(stepping.size());
+    m.run(Impl::Pass::kMain, seqs, ids.data(), pos.data(), queries, draft, logits);
+    logits_host_ = logits;
     st.decode_steps += 1;
     st.max_running = std::max<int64_t>(st.max_running, static_cast<int64_t>(stepping.size()));
-    logits_host_ = logits;
-    for (size_t i = 0; i < stepping.size(); ++i)
-      if (take(req[stepping[i]], logits.data() + i * m.vocab)) running.push_back(stepping[i]);
+    if (!draft) {
+      st.decode_s += seconds(t0);
+      st.decode_tokens += static_cast<int64_t>(stepping.size());
+      for (size_t i = 0; i < stepping.size(); ++i) {
+        Request& q = req[stepping[i]];
+        const int32_t next =
+            sample_token(logits.data() + i * m.vocab, m.vocab, s.temperature, s.top_p, q.rng);
+        if (append(q, next)) running.push_back(stepping[i]);
+      }
+      continue;
+    }
+    // Verify: row 2i predicts the token after the last one, row 2i + 1 the one after the draft.
+    std::vector<int32_t> next(stepping.size()), bonus(stepping.size());
+    std::vector<bool> kept(stepping.size());
+    for (size_t i = 0; i < stepping.size(); ++i) {
+      next[i] = argmax(logits.data() + (2 * i) * m.vocab);
+      bonus[i] = argmax(logits.data() + (2 * i + 1) * m.vocab);
+      kept[i] = next[i] == req[stepping[i]].draft;
+    }
+    // The next drafts: the module at the step's two positions (the second's state is only
+    // meaningful where the draft was kept).
+    for (size_t i = 0; i < stepping.size(); ++i) {
+      ids[2 * i] = next[i];
+      ids[2 * i + 1] = kept[i] ? bonus[i] : next[i];
+    }
+    m.run(Impl::Pass::kDraft, seqs, ids.data(), pos.data(), 2, true, draft_logits);
+    st.decode_s += seconds(t0);
+    for (size_t i = 0; i < stepping.size(); ++i) {
+      Request& q = req[stepping[i]];
+      st.drafted += 1;
+      st.accepted += kept[i] ? 1 : 0;
+      q.draft = argmax(draft_logits.data() + (2 * i + (kept[i] ? 1 : 0)) * m.vocab);
+      // Both caches now hold the step's rows; a rejected draft's row is dropped.
+      pages.shrink(q.seq, pos[2 * i] + (kept[i] ? 2 : 1));
+      st.decode_tokens += kept[i] ? 2 : 1;
+      bool goes_on = append(q, next[i]);
+      if (goes_on && kept[i]) goes_on = append(q, bonus[i]);
+      if (goes_on) running.push_back(stepping[i]);
+    }
   }
   if (stats != nullptr) *stats = st;
   std::vector<std::vector<int32_t>> out;

@@ -57,6 +57,13 @@ bool PageAllocator::grow(int seq, int64_t length) {
   return true;
 }
 
+void PageAllocator::shrink(int seq, int64_t length) {
+  const Sequence& cur = at(seq);
+  FM_CHECK_ARG(length >= 0 && length <= cur.length, "PageAllocator::shrink: sequence ", seq,
+               " has ", cur.length, " tokens; it cannot shrink to ", length);
+  seqs_[seq].length = length;
+}
+
 int64_t PageAllocator::length(int seq) const {
   return at(seq).length;
 }

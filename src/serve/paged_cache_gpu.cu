@@ -14,7 +14,7 @@ PagedLatentCacheGpu::PagedLatentCacheGpu(const ModelConfig& config, const PagedC
                " must be a multiple of 64");
   FM_CHECK_ARG(o.max_batch > 0, "PagedLatentCacheGpu: max_batch=", o.max_batch,
                " must be positive");
-  layers_ = config.num_hidden_layers;
+  layers_ = config.num_hidden_layers + config.num_nextn_predict_layers;  // then the MTP modules'
   row_ = config.kv_lora_rank + config.qk_rope_head_dim;
   max_batch_ = o.max_batch;
   bytes_ = layers_ * o.num_pages * o.page_tokens * row_ * static_cast<int64_t>(sizeof(bf16));

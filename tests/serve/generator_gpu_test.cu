@@ -299,6 +299,38 @@ TEST(ServeGpu, SampledTextDoesNotDependOnTheBatch) {
   }
 }
 
+// The MTP draft keeps the greedy text: every drafted token is checked by the main model in the
+// same pass that computes the next one. Random weights: the module's drafts are mostly wrong, so
+// this exercises the rejections and their rollback (the 300-step checkpoint of
+// docs/serve/runs/s23-call9.sh keeps drafts as well, end to end through the CLI).
+TEST(ServeGpu, MtpDraftKeepsTheGreedyText) {
+  ModelConfig cfg = serve_config(1);
+  cfg.num_nextn_predict_layers = 1;
+  cfg.validate();
+  Model cpu(cfg, 8);
+  GeneratorOptions o;
+  o.max_batch = 3;
+  o.context = 256;
+  o.prefill_chunk = 48;  // the 100-token prompt in three chunks, the module's cache beside
+  GeneratorGpu gen(cpu, o);
+  const std::vector<std::vector<int32_t>> prompts = {
+      random_tokens(5, 512, 41), random_tokens(100, 512, 42), random_tokens(33, 512, 43)};
+  SamplingOptions s;
+  s.max_new_tokens = 16;
+  s.ignore_eos = true;
+  const auto plain = gen.generate(prompts, s);
+  gen.set_mtp_draft(true);
+  GenerationStats st;
+  const auto drafted = gen.generate(prompts, s, &st);
+  std::printf("[ serve ] MTP draft: %lld drafts, %lld kept, %lld steps\n",
+              static_cast<long long>(st.drafted), static_cast<long long>(st.accepted),
+              static_cast<long long>(st.decode_steps));
+  EXPECT_EQ(drafted, plain);
+  EXPECT_GT(st.drafted, 0);
+  s.temperature = 0.5;
+  EXPECT_THROW(gen.generate(prompts, s), Error);  // drafts are checked greedily only
+}
+
 TEST(ServeGpu, RejectsBadRequests) {
   const ModelConfig cfg = serve_config();
   Model cpu(cfg, 7);
@@ -308,6 +340,7 @@ TEST(ServeGpu, RejectsBadRequests) {
   o.num_pages = 1;
   GeneratorGpu gen(cpu, o);
   SamplingOptions s;
+  EXPECT_THROW(gen.set_mtp_draft(true), Error);  // the config has no MTP module
   EXPECT_THROW(gen.generate({{}}, s), Error);
   EXPECT_THROW(gen.generate({{1, 2, 512}}, s), Error);
   try {

@@ -39,6 +39,20 @@ TEST(PageAllocator, GrowsByWholePagesAndReturnsThemOnRelease) {
   EXPECT_THROW(a.grow(s0, 10), Error);  // cannot shrink
 }
 
+TEST(PageAllocator, ShrinkKeepsThePages) {
+  PageAllocator a(4, 16, 4);
+  const int s = a.add_sequence();
+  ASSERT_TRUE(a.grow(s, 33));
+  const std::vector<int32_t> pages = a.pages(s);
+  a.shrink(s, 17);
+  EXPECT_EQ(a.length(s), 17);
+  EXPECT_EQ(a.pages(s), pages);
+  EXPECT_EQ(a.free_pages(), 1);
+  EXPECT_TRUE(a.grow(s, 48));  // within its pages: none taken
+  EXPECT_EQ(a.free_pages(), 1);
+  EXPECT_THROW(a.shrink(s, 49), Error);
+}
+
 TEST(PageAllocator, TableRowsInStepOrder) {
   PageAllocator a(8, 16, 3);
   const int s0 = a.add_sequence(), s1 = a.add_sequence();

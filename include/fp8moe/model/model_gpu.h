@@ -123,9 +123,25 @@ class ModelGpu {
   // head_rows (>= batch; 0: batch): rows the output head computes (logits' rows past batch are
   // of stale states), so that its GEMM's shape, hence its summation order, need not follow the
   // batch (batch-invariant decoding).
+  // every_row: logits [batch * queries, vocab] of every new row (row b * queries + i), e.g. to
+  // verify a draft; head_rows then counts rows of that (>= batch * queries).
   void decode(const int32_t* ids, const int32_t* pos, int64_t batch, int64_t queries,
               const std::vector<MlaLatentCacheView>& caches, const kernels::MlaDecodePlan& plan,
-              void* workspace, bf16* logits, cudaStream_t stream, int64_t head_rows = 0);
+              void* workspace, bf16* logits, cudaStream_t stream, int64_t head_rows = 0,
+              bool every_row = false);
+  // The last decode's final-layer states [batch * queries, hidden] (before the final norm): what
+  // the MTP module reads. Valid until the next decode.
+  const bf16* decode_hidden() const;
+  // Multi-token prediction module `depth` (0-based) as a draft model (V3's speculative decoding):
+  // for row b * queries + i, h_prev [rows, hidden] the main model's final-layer state at position
+  // pos[row] (decode_hidden()), ids[row] the token at pos[row] + 1; the module's decoder layer
+  // attends over its own latent cache `cache` (its positions: the main model's). logits [rows,
+  // vocab] of every row: the token at pos[row] + 2. reserve_decode covers the modules' layers.
+  void decode_mtp(int depth, const bf16* h_prev, const int32_t* ids, const int32_t* pos,
+                  int64_t batch, int64_t queries, const MlaLatentCacheView& cache,
+                  const kernels::MlaDecodePlan& plan, void* workspace, bf16* logits,
+                  cudaStream_t stream, int64_t head_rows = 0);
+  int mtp_depth() const;
   // The attention block of main layer l (its decode_shape, dims).
   const MlaBlockGpu& attention(int64_t layer) const;
 

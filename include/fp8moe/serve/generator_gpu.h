@@ -6,8 +6,7 @@
 // stream a request (seed, request index) and, with split_tokens (the default), batch-invariant
 // arithmetic, so a request's text does not depend on what it was batched with. A sequence stops at
 // end-of-sequence (unless ignore_eos), after max_new_tokens, or when it fills the context (its
-// prompt is cut to the last context / 2 tokens if it is longer). The main model only (the MTP
-// modules are not used for drafting here).
+// prompt is cut to the last context / 2 tokens if it is longer). The main model decodes; with mtp_draft, its first MTP module drafts a token a step.
 #pragma once
 
 #include <cstdint>
@@ -35,6 +34,13 @@ struct GeneratorOptions {
   // a size's second step (its first runs eagerly, so that every lazy setup happens outside the
   // capture). Prefill steps run eagerly.
   bool cuda_graphs = true;
+  // Speculative decoding with the model's first multi-token-prediction module as the draft
+  // (V3's use of MTP at inference): each step verifies the last token and one drafted token in
+  // one main-model pass (2 new tokens a sequence) and, when the draft matches what the main model
+  // picks, keeps both. Greedy decoding only (temperature 0: the text is then the same as without
+  // it, up to the rounding of a 2-row step); needs num_nextn_predict_layers >= 1. Settable per
+  // call with set_mtp_draft.
+  bool mtp_draft = false;
 };
 
 struct SamplingOptions {
@@ -51,6 +57,7 @@ struct GenerationStats {
   double prefill_s = 0, decode_s = 0;  // wall time of the prefill and decoding steps
   int64_t cache_bytes = 0;
   int64_t max_running = 0;  // most sequences in one decoding step
+  int64_t drafted = 0, accepted = 0;  // MTP drafts checked and kept (mtp_draft)
 };
 
 class GeneratorGpu {
@@ -74,6 +81,7 @@ class GeneratorGpu {
   const std::vector<float>& last_logits() const { return logits_host_; }
   int64_t vocab() const;
   void set_cuda_graphs(bool on);  // GeneratorOptions::cuda_graphs, e.g. to time both
+  void set_mtp_draft(bool on);    // GeneratorOptions::mtp_draft (thrown without an MTP module)
 
  private:
   struct Impl;

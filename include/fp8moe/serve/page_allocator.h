@@ -19,6 +19,9 @@ class PageAllocator {
   int add_sequence();                  // a new, empty sequence's id
   void release(int seq);               // its pages back to the pool; the id is not reused
   bool grow(int seq, int64_t length);  // length tokens (>= its current length)
+  // Back to `length` tokens (<= its current length; e.g. a rejected draft's row): the pages stay
+  // the sequence's, the rows past `length` are written again when it grows.
+  void shrink(int seq, int64_t length);
   int64_t length(int seq) const;
   const std::vector<int32_t>& pages(int seq) const;
   bool live(int seq) const;
