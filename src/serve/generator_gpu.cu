@@ -30,13 +30,17 @@ struct GeneratorGpu::Impl {
   bf16 *d_logits = nullptr, *h_logits = nullptr;
   void* ws = nullptr;
   size_t ws_bytes = 0;
-  // Decoding steps by batch size: how many ran, and the graph made on the second.
-  std::vector<int> decode_runs;
-  std::vector<cudaGraphExec_t> graphs;
+  // Decoding steps by kind (plain, verify, draft) and batch size: how many ran, and the graph
+  // made on the second.
+  static constexpr int kKinds = 3;
+  std::vector<int> decode_runs[kKinds];
+  std::vector<cudaGraphExec_t> graphs[kKinds];
+  std::vector<MlaLatentCacheView> views;  // the last prepare_step's
 
   ~Impl() {
-    for (cudaGraphExec_t g : graphs)
-      if (g != nullptr) cudaGraphExecDestroy(g);
+    for (auto& kind : graphs)
+      for (cudaGraphExec_t g : kind)
+        if (g != nullptr) cudaGraphExecDestroy(g);
     cudaFree(d_ids);
     cudaFree(d_pos);
     cudaFree(d_logits);
@@ -64,10 +68,12 @@ struct GeneratorGpu::Impl {
   // every_row) or the MTP draft module over the main model's last states (kDraft: every row).
   // Leaves the logits [rows, vocab] in `out`.
   enum class Pass { kMain, kDraft };
+  // same_step: the sequences and their lengths are the previous run's (the draft pass after its
+  // verify pass): the page table on the device stays.
   void run(Pass pass, const std::vector<int>& seqs, const int32_t* ids, const int32_t* pos,
-           int64_t queries, bool every_row, std::vector<float>& out) {
+           int64_t queries, bool every_row, std::vector<float>& out, bool same_step = false) {
     const int64_t batch = static_cast<int64_t>(seqs.size()), T = batch * queries;
-    const std::vector<MlaLatentCacheView> views = cache->prepare_step(seqs, stream);
+    if (!same_step) views = cache->prepare_step(seqs, stream);
     const int64_t L = config.num_hidden_layers;
     std::copy(ids, ids + T, h_ids);
     std::copy(pos, pos + T, h_pos);
@@ -86,19 +92,22 @@ struct GeneratorGpu::Impl {
         model->decode_mtp(0, model->decode_hidden(), d_ids, d_pos, batch, queries, views[L], plan,
                           ws, d_logits, stream, head_rows);
     };
-    // Every pointer a plain decoding step reads is fixed (cache pages, tables, ids, the workspace
-    // sized at construction), so a graph replays any later step of the same batch size.
-    if (pass == Pass::kMain && queries == 1 && !every_row && o.cuda_graphs &&
-        ++decode_runs[batch] >= 2) {
-      if (graphs[batch] == nullptr) {
+    // Every pointer a decoding step reads is fixed (cache pages, tables, ids, the main states,
+    // the workspace sized at construction), so a graph replays any later step of the same kind
+    // and batch size: plain (1 new token a sequence), verify (2, every row's logits), draft.
+    const int kind = pass == Pass::kDraft ? 2 : every_row ? 1 : 0;
+    const bool decoding = pass == Pass::kDraft ? queries == 2 : queries == (every_row ? 2 : 1);
+    if (decoding && o.cuda_graphs && ++decode_runs[kind][batch] >= 2) {
+      cudaGraphExec_t& exec = graphs[kind][batch];
+      if (exec == nullptr) {
         cudaGraph_t g;
         FM_CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
         go();
         FM_CHECK_CUDA(cudaStreamEndCapture(stream, &g));
-        FM_CHECK_CUDA(cudaGraphInstantiate(&graphs[batch], g, 0));
+        FM_CHECK_CUDA(cudaGraphInstantiate(&exec, g, 0));
         FM_CHECK_CUDA(cudaGraphDestroy(g));
       }
-      FM_CHECK_CUDA(cudaGraphLaunch(graphs[batch], stream));
+      FM_CHECK_CUDA(cudaGraphLaunch(exec, stream));
     } else {
       go();
     }
@@ -161,8 +170,10 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
     m.ws_bytes = std::max({m.ws_bytes, need(b, 1), need(b, 2)});
   for (int64_t q = 1; q <= o.prefill_chunk; ++q) m.ws_bytes = std::max(m.ws_bytes, need(1, q));
   FM_CHECK_CUDA(cudaMalloc(&m.ws, std::max<size_t>(m.ws_bytes, 16)));
-  m.decode_runs.assign(static_cast<size_t>(o.max_batch + 1), 0);
-  m.graphs.assign(static_cast<size_t>(o.max_batch + 1), nullptr);
+  for (int k = 0; k < Impl::kKinds; ++k) {
+    m.decode_runs[k].assign(static_cast<size_t>(o.max_batch + 1), 0);
+    m.graphs[k].assign(static_cast<size_t>(o.max_batch + 1), nullptr);
+  }
   if (o.mtp_draft) set_mtp_draft(true);
   const size_t t4 = static_cast<size_t>(m.step_tokens) * 4;
   const size_t lb = static_cast<size_t>(m.step_tokens * m.vocab) * 2;
@@ -282,7 +293,8 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
           // The module at position p reads the main state at p and the token at p + 1.
           ids.assign(q.prompt.begin() + start + 1, q.prompt.begin() + start + len);
           ids.push_back(last ? first : q.prompt[start + len]);
-          m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true, draft_logits);
+          m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true, draft_logits,
+                true);
           if (last) q.draft = argmax(draft_logits.data() + (len - 1) * m.vocab);
         }
       }
@@ -345,7 +357,7 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
       ids[2 * i] = next[i];
       ids[2 * i + 1] = kept[i] ? bonus[i] : next[i];
     }
-    m.run(Impl::Pass::kDraft, seqs, ids.data(), pos.data(), 2, true, draft_logits);
+    m.run(Impl::Pass::kDraft, seqs, ids.data(), pos.data(), 2, true, draft_logits, true);
     st.decode_s += seconds(t0);
     for (size_t i = 0; i < stepping.size(); ++i) {
       Request& q = req[stepping[i]];
