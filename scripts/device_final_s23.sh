@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Session 23's final validation call, on 2 GPUs: every GPU test binary this session's code reaches
-# (test_comm_gpu's code is unchanged since session 22's final validation, and its binary does not
-# fit the carry beside the others): test_kernels_gpu and test_moe_gpu on GPU 1 beside
-# test_model_gpu and test_serve_gpu on GPU 0, then test_train_gpu on both (its several-GPU tests).
+# (comm and moe are unchanged since session 22's final validation, and their binaries do not fit
+# the device's 64 MiB carry beside the others): test_kernels_gpu on GPU 1 beside test_model_gpu
+# and test_serve_gpu on GPU 0, then test_train_gpu on both (its several-GPU tests).
 # Call: run(kind="nvidia-h100-x2", carry=["build-bundle/bins-tests.tar.xz", "build-bundle/lib"],
 #           command="bash scripts/device_final_s23.sh", timeout_s=600)
 set -uo pipefail
@@ -25,13 +25,13 @@ run_on() {  # run_on GPU binary...
     echo "$t rc=$? ($(($(date +%s) - t0)) s)" >> "$logs/rc.txt"
   done
 }
-run_on 1 test_kernels_gpu test_moe_gpu &
+run_on 1 test_kernels_gpu &
 run_on 0 test_model_gpu test_serve_gpu
 wait
 timeout 300 "$bin/test_train_gpu" > "$logs/test_train_gpu.log" 2>&1
 echo "test_train_gpu (2 GPUs) rc=$? ($(($(date +%s) - t0)) s)" >> "$logs/rc.txt"
 cat "$logs/rc.txt"
-for t in test_kernels_gpu test_moe_gpu test_model_gpu test_serve_gpu test_train_gpu; do
+for t in test_kernels_gpu test_model_gpu test_serve_gpu test_train_gpu; do
   echo "== $t"
   summary "$logs/$t.log"
 done
