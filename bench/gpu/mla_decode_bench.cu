@@ -158,8 +158,8 @@ void run_case(const bench::BenchOptions& o, FILE* f, const Case& c, const std::s
                 c.name, static_cast<long long>(c.batch), static_cast<long long>(c.seq_len),
                 static_cast<long long>(c.queries), static_cast<long long>(c.heads),
                 static_cast<long long>(c.latent), impls[i],
-                static_cast<long long>(i < 2 ? plan.splits : 1), us[i], tflops, gbps,
-                us[2] / us[i], err[i]);
+                static_cast<long long>(i < 2 ? plan.splits : 1), us[i], tflops, gbps, us[2] / us[i],
+                err[i]);
     if (f != nullptr)
       std::fprintf(f,
                    "{\"bench\":\"mla_decode\",\"gpu\":\"%s\",\"gpus\":1,\"date\":\"%s\","

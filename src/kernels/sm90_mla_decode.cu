@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_pipe_kernel(Params p) 
   uint8_t* sk = sq + T::kQBytes;
   uint8_t* sp = sk + 2 * T::kKBytes;
   float* salpha = reinterpret_cast<float*>(sp + T::kPBytes);  // [64]
-  float* sstat = salpha + 2 * kRowsCta;                        // max [64], sum [64]
+  float* sstat = salpha + 2 * kRowsCta;                       // max [64], sum [64]
   const int split = blockIdx.x, row0 = blockIdx.y * kRowsCta, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
   const int len = p.seq_lens[b];
@@ -306,8 +306,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_pipe_kernel(Params p) 
   };
 
   // Prologue: Q and tile 0 by everyone; tile 1 by warpgroup 1 (its own group).
-  load_panel_rows<kRowsCta, T::kChunks>(
-      sq, p.q + (static_cast<int64_t>(b) * p.rows + row0) * T::kD, T::kD, p.rows - row0);
+  load_panel_rows<kRowsCta, T::kChunks>(sq, p.q + (static_cast<int64_t>(b) * p.rows + row0) * T::kD,
+                                        T::kD, p.rows - row0);
   if (n_tiles > 0) load_panel_rows<kKeys, T::kChunks>(sk, tile_src(0), T::kD, k_end - k_begin);
   cp_async_commit();
   if (wg == 1 && n_tiles > 1)

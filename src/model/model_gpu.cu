@@ -641,8 +641,8 @@ void ModelGpu::decode_mtp(int depth, const bf16* h_prev, const int32_t* ids, con
   FM_CHECK_ARG(h_prev != nullptr && ids != nullptr && pos != nullptr && logits != nullptr,
                "ModelGpu::decode_mtp: null h_prev, ids, pos or logits");
   FM_CHECK_ARG(batch > 0 && queries > 0 && batch <= m.T / queries,
-               "ModelGpu::decode_mtp: batch * queries = ", batch, " * ", queries,
-               " outside [1, ", m.T, "]");
+               "ModelGpu::decode_mtp: batch * queries = ", batch, " * ", queries, " outside [1, ",
+               m.T, "]");
   if (head_rows == 0) head_rows = T;
   FM_CHECK_ARG(head_rows >= T && head_rows <= m.T, "ModelGpu::decode_mtp: head_rows=", head_rows,
                " outside [", T, ", ", m.T, "]");
@@ -679,8 +679,8 @@ void ModelGpu::decode(const int32_t* ids, const int32_t* pos, int64_t batch, int
                "queries = ", batch, " * ", queries, " outside [1, ", m.T, "]");
   const int64_t out_rows = every_row ? T : batch;
   if (head_rows == 0) head_rows = out_rows;
-  FM_CHECK_ARG(head_rows >= out_rows && head_rows <= m.T, "ModelGpu::decode: head_rows=",
-               head_rows, " outside [", out_rows, ", ", m.T, "]");
+  FM_CHECK_ARG(head_rows >= out_rows && head_rows <= m.T, "ModelGpu::decode: head_rows=", head_rows,
+               " outside [", out_rows, ", ", m.T, "]");
   FM_CHECK_ARG(static_cast<int64_t>(caches.size()) == L, "ModelGpu::decode: ", caches.size(),
                " caches for ", L, " layers");
   embedding_forward_gpu(m.embed->value, m.V, H, ids, T, m.h_layer(0), H, m.status, stream);
@@ -697,8 +697,8 @@ void ModelGpu::decode(const int32_t* ids, const int32_t* pos, int64_t batch, int
     last_rows_kernel<<<blocks_for(batch * H, 256), 256, 0, stream>>>(m.h_layer(L), batch, queries,
                                                                      H, last);
     FM_CHECK_LAUNCH();
-    kernels::rmsnorm_forward(last, H, m.final_norm->value, batch, H, m.config.rms_norm_eps, m.hn,
-                             H, m.rstd_main, stream);
+    kernels::rmsnorm_forward(last, H, m.final_norm->value, batch, H, m.config.rms_norm_eps, m.hn, H,
+                             m.rstd_main, stream);
   }
   m.heads[0]->forward(m.hn, head_rows, logits, stream);
 }

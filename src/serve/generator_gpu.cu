@@ -57,9 +57,9 @@ struct GeneratorGpu::Impl {
     const kernels::MlaDecodePlan plan = o.split_tokens > 0
                                             ? kernels::mla_decode_plan_fixed(shape, o.split_tokens)
                                             : kernels::mla_decode_plan(shape, sms);
-    FM_CHECK(plan.workspace_bytes <= ws_bytes, "GeneratorGpu: the attention plan for batch ",
-             batch, " x ", queries, " needs ", plan.workspace_bytes, " bytes of workspace (",
-             ws_bytes, " held)");
+    FM_CHECK(plan.workspace_bytes <= ws_bytes, "GeneratorGpu: the attention plan for batch ", batch,
+             " x ", queries, " needs ", plan.workspace_bytes, " bytes of workspace (", ws_bytes,
+             " held)");
     return plan;
   }
 
@@ -115,8 +115,8 @@ struct GeneratorGpu::Impl {
                                   cudaMemcpyDeviceToHost, stream));
     FM_CHECK_CUDA(cudaMemcpyAsync(h_status, model->status(), 4, cudaMemcpyDeviceToHost, stream));
     FM_CHECK_CUDA(cudaStreamSynchronize(stream));
-    FM_CHECK(*h_status == 0, "GeneratorGpu: the model reported error bits 0x", std::hex,
-             *h_status, " (a token id outside the vocabulary or a position past the RoPE table)");
+    FM_CHECK(*h_status == 0, "GeneratorGpu: the model reported error bits 0x", std::hex, *h_status,
+             " (a token id outside the vocabulary or a position past the RoPE table)");
     out.resize(static_cast<size_t>(rows * vocab));
     for (int64_t i = 0; i < rows * vocab; ++i) out[i] = to_float(h_logits[i]);
   }
@@ -293,8 +293,7 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
           // The module at position p reads the main state at p and the token at p + 1.
           ids.assign(q.prompt.begin() + start + 1, q.prompt.begin() + start + len);
           ids.push_back(last ? first : q.prompt[start + len]);
-          m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true, draft_logits,
-                true);
+          m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true, draft_logits, true);
           if (last) q.draft = argmax(draft_logits.data() + (len - 1) * m.vocab);
         }
       }

@@ -6,7 +6,8 @@
 // stream a request (seed, request index) and, with split_tokens (the default), batch-invariant
 // arithmetic, so a request's text does not depend on what it was batched with. A sequence stops at
 // end-of-sequence (unless ignore_eos), after max_new_tokens, or when it fills the context (its
-// prompt is cut to the last context / 2 tokens if it is longer). The main model decodes; with mtp_draft, its first MTP module drafts a token a step.
+// prompt is cut to the last context / 2 tokens if it is longer). The main model decodes; with
+// mtp_draft, its first MTP module drafts a token a step.
 #pragma once
 
 #include <cstdint>
@@ -56,7 +57,7 @@ struct GenerationStats {
   int64_t prefill_tokens = 0, decode_tokens = 0, decode_steps = 0;
   double prefill_s = 0, decode_s = 0;  // wall time of the prefill and decoding steps
   int64_t cache_bytes = 0;
-  int64_t max_running = 0;  // most sequences in one decoding step
+  int64_t max_running = 0;            // most sequences in one decoding step
   int64_t drafted = 0, accepted = 0;  // MTP drafts checked and kept (mtp_draft)
 };
 

@@ -1,8 +1,8 @@
 // The latent KV cache of every layer of a model on one GPU (the main layers, then the MTP
-// modules' decoder layers: the draft model's cache, serve/generator_gpu.h), paged (V3's inference form:
-// per token the normalised latent and the rotated decoupled key, kv_lora_rank + qk_rope_head_dim
-// BF16 a layer; kernels/mla_decode.h's layout), with its host bookkeeping (PageAllocator): the
-// same page ids in every layer, so one page table serves all layers of a step.
+// modules' decoder layers: the draft model's cache, serve/generator_gpu.h), paged (V3's inference
+// form: per token the normalised latent and the rotated decoupled key, kv_lora_rank +
+// qk_rope_head_dim BF16 a layer; kernels/mla_decode.h's layout), with its host bookkeeping
+// (PageAllocator): the same page ids in every layer, so one page table serves all layers of a step.
 // prepare_step() writes the step's page table and lengths to the device (through pinned memory,
 // after the stream's earlier work: it synchronises `stream` first) and returns the layers' views
 // (ModelGpu::decode takes the first num_hidden_layers, decode_mtp the next).
