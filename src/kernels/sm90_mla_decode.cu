@@ -72,6 +72,64 @@ __device__ __forceinline__ void load_panel_rows(uint8_t* tile, const bf16* src, 
   }
 }
 
+// A CTA's keys of sequence b: split `split`'s range [k_begin, k_end), whole 64-key tiles (a tile
+// never leaves its page: page_tokens % 64 == 0), and the end of the keys each of the thread's two
+// rows (r_local, r_local + 8) sees: its query's position (causal among the step's new tokens) or
+// the split's end.
+struct CtaKeys {
+  int k_begin, k_end, n_tiles, key_end[2];
+};
+
+__device__ __forceinline__ CtaKeys cta_keys(const Params& p, int len, int split, int row0,
+                                            int r_local) {
+  const int chunk = p.split_tokens > 0
+                        ? p.split_tokens
+                        : ((len + p.splits - 1) / p.splits + kKeys - 1) / kKeys * kKeys;
+  CtaKeys k;
+  k.k_begin = split * chunk;
+  k.k_end = min(len, k.k_begin + chunk);
+  k.n_tiles = k.k_end > k.k_begin ? (k.k_end - k.k_begin + kKeys - 1) / kKeys : 0;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + r_local + 8 * i;
+    k.key_end[i] = row < p.rows ? min(k.k_end, len - p.queries + row / p.heads + 1) : 0;
+  }
+  return k;
+}
+
+// Row `row` of sequence b (the thread's accumulator row i of o: columns col0 + 128 t + 8 c + {0,
+// 1}) normalised by its sum l and written: BF16 out and lse with one split, else the FP32 partial
+// and its lse for the merge. lse = ln 2 * (max + log2 l) (scores in log2 units); an empty row: 0
+// and -inf.
+template <int kL, int kTiles>
+__device__ __forceinline__ void store_row(const Params& p, const float (&o)[kTiles][16][4], int i,
+                                          int b, int row, int split, int col0, float mx, float l,
+                                          bool writes_lse) {
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  const float lse = l > 0.0f ? (mx + log2f(l)) * kLn2 : -INFINITY;
+  const int64_t grow = static_cast<int64_t>(b) * p.rows + row;
+  if (p.splits == 1) {
+    bf16* dst = p.out + grow * kL + col0;
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+      for (int c = 0; c < 16; ++c)
+        *reinterpret_cast<uint32_t*>(dst + t * 128 + c * 8) =
+            pack_bf16x2(o[t][c][2 * i] * inv, o[t][c][2 * i + 1] * inv);
+    if (writes_lse) p.lse[grow] = lse;
+  } else {
+    const int64_t part = grow * p.splits + split;
+    float* dst = p.o_part + part * kL + col0;
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+      for (int c = 0; c < 16; ++c)
+        *reinterpret_cast<float2*>(dst + t * 128 + c * 8) =
+            make_float2(o[t][c][2 * i] * inv, o[t][c][2 * i + 1] * inv);
+    if (writes_lse) p.lse_part[part] = lse;
+  }
+}
+
 template <int kL, int kR>
 __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(Params p) {
   using T = Tile<kL, kR>;
@@ -83,22 +141,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(Params p) {
   float* ssum = smax + 2 * kRowsCta;
   const int split = blockIdx.x, row0 = blockIdx.y * kRowsCta, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
-  const int len = p.seq_lens[b];
-  // Keys of this split: whole 64-key tiles (a tile never leaves its page: page_tokens % 64 == 0).
-  const int chunk = p.split_tokens > 0
-                        ? p.split_tokens
-                        : ((len + p.splits - 1) / p.splits + kKeys - 1) / kKeys * kKeys;
-  const int k_begin = split * chunk, k_end = min(len, k_begin + chunk);
-  const int n_tiles = k_end > k_begin ? (k_end - k_begin + kKeys - 1) / kKeys : 0;
   const int r_local = (warp % 4) * 16 + lane / 4;  // this thread's rows: r_local, r_local + 8
-  // Keys a row sees end at its query's position (causal among the step's new tokens) and at the
-  // split's end.
-  int key_end[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = row0 + r_local + 8 * i;
-    key_end[i] = row < p.rows ? min(k_end, len - p.queries + row / p.heads + 1) : 0;
-  }
+  const CtaKeys keys = cta_keys(p, p.seq_lens[b], split, row0, r_local);
+  const int k_begin = keys.k_begin, k_end = keys.k_end, n_tiles = keys.n_tiles;
+  const int(&key_end)[2] = keys.key_end;
   const auto load_tile = [&](int j, int stage) {
     const int k0 = k_begin + j * kKeys;
     const int page = p.page_table[static_cast<int64_t>(b) * p.max_pages + k0 / p.page_tokens];
@@ -228,31 +274,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(Params p) {
   for (int i = 0; i < 2; ++i) {
     const int r = r_local + 8 * i, row = row0 + r;
     if (row >= p.rows) continue;
-    const float l = ssum[r] + ssum[kRowsCta + r];
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    const float lse = l > 0.0f ? (row_max[i] + log2f(l)) * kLn2 : -INFINITY;
-    const int64_t grow = static_cast<int64_t>(b) * p.rows + row;
-    const int col0 = wg * (kL / 2) + (lane % 4) * 2;
-    if (p.splits == 1) {
-      bf16* dst = p.out + grow * kL + col0;
-#pragma unroll
-      for (int t = 0; t < T::kOutTiles; ++t)
-#pragma unroll
-        for (int c = 0; c < 16; ++c)
-          *reinterpret_cast<uint32_t*>(dst + t * 128 + c * 8) =
-              pack_bf16x2(o[t][c][2 * i] * inv, o[t][c][2 * i + 1] * inv);
-      if (wg == 0 && lane % 4 == 0) p.lse[grow] = lse;
-    } else {
-      const int64_t part = grow * p.splits + split;
-      float* dst = p.o_part + part * kL + col0;
-#pragma unroll
-      for (int t = 0; t < T::kOutTiles; ++t)
-#pragma unroll
-        for (int c = 0; c < 16; ++c)
-          *reinterpret_cast<float2*>(dst + t * 128 + c * 8) =
-              make_float2(o[t][c][2 * i] * inv, o[t][c][2 * i + 1] * inv);
-      if (wg == 0 && lane % 4 == 0) p.lse_part[part] = lse;
-    }
+    store_row<kL>(p, o, i, b, row, split, wg * (kL / 2) + (lane % 4) * 2, row_max[i],
+                  ssum[r] + ssum[kRowsCta + r], wg == 0 && lane % 4 == 0);
   }
 }
 
@@ -286,19 +309,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_pipe_kernel(Params p) 
   float* sstat = salpha + 2 * kRowsCta;                       // max [64], sum [64]
   const int split = blockIdx.x, row0 = blockIdx.y * kRowsCta, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
-  const int len = p.seq_lens[b];
-  const int chunk = p.split_tokens > 0
-                        ? p.split_tokens
-                        : ((len + p.splits - 1) / p.splits + kKeys - 1) / kKeys * kKeys;
-  const int k_begin = split * chunk, k_end = min(len, k_begin + chunk);
-  const int n_tiles = k_end > k_begin ? (k_end - k_begin + kKeys - 1) / kKeys : 0;
   const int r_local = (warp % 4) * 16 + lane / 4;
-  int key_end[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = row0 + r_local + 8 * i;
-    key_end[i] = row < p.rows ? min(k_end, len - p.queries + row / p.heads + 1) : 0;
-  }
+  const CtaKeys keys = cta_keys(p, p.seq_lens[b], split, row0, r_local);
+  const int k_begin = keys.k_begin, k_end = keys.k_end, n_tiles = keys.n_tiles;
+  const int(&key_end)[2] = keys.key_end;
   const auto tile_src = [&](int j) {
     const int k0 = k_begin + j * kKeys;
     const int page = p.page_table[static_cast<int64_t>(b) * p.max_pages + k0 / p.page_tokens];
@@ -459,31 +473,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_pipe_kernel(Params p) 
   for (int i = 0; i < 2; ++i) {
     const int r = r_local + 8 * i, row = row0 + r;
     if (row >= p.rows) continue;
-    const float l = sstat[kRowsCta + r], mx = sstat[r];
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    const float lse = l > 0.0f ? (mx + log2f(l)) * kLn2 : -INFINITY;
-    const int64_t grow = static_cast<int64_t>(b) * p.rows + row;
-    const int col0 = wg * (kL / 2) + (lane % 4) * 2;
-    if (p.splits == 1) {
-      bf16* dst = p.out + grow * kL + col0;
-#pragma unroll
-      for (int t = 0; t < kHalfTiles; ++t)
-#pragma unroll
-        for (int c = 0; c < 16; ++c)
-          *reinterpret_cast<uint32_t*>(dst + t * 128 + c * 8) =
-              pack_bf16x2(o[t][c][2 * i] * inv, o[t][c][2 * i + 1] * inv);
-      if (wg == 0 && lane % 4 == 0) p.lse[grow] = lse;
-    } else {
-      const int64_t part = grow * p.splits + split;
-      float* dst = p.o_part + part * kL + col0;
-#pragma unroll
-      for (int t = 0; t < kHalfTiles; ++t)
-#pragma unroll
-        for (int c = 0; c < 16; ++c)
-          *reinterpret_cast<float2*>(dst + t * 128 + c * 8) =
-              make_float2(o[t][c][2 * i] * inv, o[t][c][2 * i + 1] * inv);
-      if (wg == 0 && lane % 4 == 0) p.lse_part[part] = lse;
-    }
+    store_row<kL>(p, o, i, b, row, split, wg * (kL / 2) + (lane % 4) * 2, sstat[r],
+                  sstat[kRowsCta + r], wg == 0 && lane % 4 == 0);
   }
 }
 

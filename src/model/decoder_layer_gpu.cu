@@ -681,24 +681,19 @@ void DecoderLayerGpu::refresh(cudaStream_t stream) {
   }
 }
 
-void DecoderLayerGpu::forward(const bf16* h, const int32_t* pos, bf16* out, double* balance_loss,
-                              uint32_t* status, cudaStream_t stream) {
+// The FFN of the post-attention-norm rows m.f [T, H] into m.mlp_out: the dense SwiGLU over R rows
+// of its contiguous layout, or the router, the expert load and the MoE layer; with `balance`, the
+// sequence-wise balance loss (training).
+void DecoderLayerGpu::ffn_forward(int64_t T, int64_t R, bool balance, double* balance_loss,
+                                  cudaStream_t stream) {
   Impl& m = *impl_;
-  FM_CHECK_ARG(h != nullptr && pos != nullptr && out != nullptr,
-               "DecoderLayerGpu::forward: null h, pos or out");
-  FM_CHECK_ARG(out != h, "DecoderLayerGpu::forward: out may not alias h");
-  const int64_t T = m.T, H = m.H, n = T * H;
-  const double eps = m.config.rms_norm_eps;
-  kernels::rmsnorm_forward(h, H, m.ln1, T, H, eps, m.a, H, m.rstd1, stream);
-  m.mla->forward(m.a, pos, m.batch, m.seq, m.attn, status, stream);
-  comm::add_bf16(h, m.attn, n, m.h1, stream);
-  kernels::rmsnorm_forward(m.h1, H, m.ln2, T, H, eps, m.f, H, m.rstd2, stream);
+  const int64_t H = m.H;
   if (!is_moe_) {
     const int64_t KB = H / kTile;
     kernels::quantize_1x128(m.f, T, H, H, false, m.x8, H, m.xs, kernels::ScaleLayout::kRowMajor,
                             stream);
-    kernels::scales_to_mn_major(m.xs, 1, m.R, KB, m.sa, stream);
-    m.dense_ffn->forward_contiguous(m.x8, m.sa, m.layout, m.R, m.dense_w->view(), m.mlp_out,
+    kernels::scales_to_mn_major(m.xs, 1, R, KB, m.sa, stream);
+    m.dense_ffn->forward_contiguous(m.x8, m.sa, m.layout, R, m.dense_w->view(), m.mlp_out,
                                     stream);
   } else {
     const int64_t E = m.E, K = m.K;
@@ -708,7 +703,7 @@ void DecoderLayerGpu::forward(const bf16* h, const int32_t* pos, bf16* out, doub
     router_logits_kernel<<<lg, 32 * kLogitWarps, 0, stream>>>(m.f, m.gate, T, E, H, m.logits);
     FM_CHECK_LAUNCH();
     route_cuda(m.rc, m.logits, T, m.bias, m.topk_idx, m.topk_w, m.scores, stream);
-    if (m.alpha > 0) {
+    if (balance && m.alpha > 0) {
       const size_t sm = static_cast<size_t>(round_up(E * 4, 8) + E * 8);
       balance_forward_kernel<<<static_cast<unsigned>(m.num_seq), 256, sm, stream>>>(
           m.scores, m.topk_idx, m.seq, static_cast<int>(E), static_cast<int>(K), m.alpha, m.num_seq,
@@ -725,6 +720,21 @@ void DecoderLayerGpu::forward(const bf16* h, const int32_t* pos, bf16* out, doub
     FM_CHECK_LAUNCH();
     m.moe->forward(m.f, m.topk_idx, m.topk_w, T, m.mlp_out, stream);
   }
+}
+
+void DecoderLayerGpu::forward(const bf16* h, const int32_t* pos, bf16* out, double* balance_loss,
+                              uint32_t* status, cudaStream_t stream) {
+  Impl& m = *impl_;
+  FM_CHECK_ARG(h != nullptr && pos != nullptr && out != nullptr,
+               "DecoderLayerGpu::forward: null h, pos or out");
+  FM_CHECK_ARG(out != h, "DecoderLayerGpu::forward: out may not alias h");
+  const int64_t T = m.T, H = m.H, n = T * H;
+  const double eps = m.config.rms_norm_eps;
+  kernels::rmsnorm_forward(h, H, m.ln1, T, H, eps, m.a, H, m.rstd1, stream);
+  m.mla->forward(m.a, pos, m.batch, m.seq, m.attn, status, stream);
+  comm::add_bf16(h, m.attn, n, m.h1, stream);
+  kernels::rmsnorm_forward(m.h1, H, m.ln2, T, H, eps, m.f, H, m.rstd2, stream);
+  ffn_forward(T, m.R, true, balance_loss, stream);
   comm::add_bf16(m.h1, m.mlp_out, n, out, stream);
   m.h = h;
   m.forwarded = true;
@@ -754,28 +764,9 @@ void DecoderLayerGpu::forward_decode(const bf16* h, const int32_t* pos, int64_t 
   m.mla->forward_decode(m.a, pos, batch, queries, cache, plan, workspace, m.attn, status, stream);
   comm::add_bf16(h, m.attn, n, m.h1, stream);
   kernels::rmsnorm_forward(m.h1, H, m.ln2, T, H, eps, m.f, H, m.rstd2, stream);
-  if (!is_moe_) {
-    // Rows [T, R) of the constructor's layout are real rows there: they compute on stale inputs
-    // here, row by row apart from the step's, and nobody reads them.
-    const int64_t KB = H / kTile, R = std::min(m.R, round_up(T, kTile));
-    kernels::quantize_1x128(m.f, T, H, H, false, m.x8, H, m.xs, kernels::ScaleLayout::kRowMajor,
-                            stream);
-    kernels::scales_to_mn_major(m.xs, 1, R, KB, m.sa, stream);
-    m.dense_ffn->forward_contiguous(m.x8, m.sa, m.layout, R, m.dense_w->view(), m.mlp_out, stream);
-  } else {
-    const int64_t E = m.E, K = m.K;
-    const dim3 lg(static_cast<unsigned>((T + kLogitTokens - 1) / kLogitTokens),
-                  static_cast<unsigned>((E + kLogitWarps * kLogitExpertsPerWarp - 1) /
-                                        (kLogitWarps * kLogitExpertsPerWarp)));
-    router_logits_kernel<<<lg, 32 * kLogitWarps, 0, stream>>>(m.f, m.gate, T, E, H, m.logits);
-    FM_CHECK_LAUNCH();
-    route_cuda(m.rc, m.logits, T, m.bias, m.topk_idx, m.topk_w, m.scores, stream);
-    FM_CHECK_CUDA(cudaMemsetAsync(m.load, 0, E * 4, stream));
-    expert_load_kernel<<<static_cast<unsigned>(std::min<int64_t>((T * K + 255) / 256, 1024)), 256,
-                         0, stream>>>(m.topk_idx, T * K, static_cast<int>(E), m.load);
-    FM_CHECK_LAUNCH();
-    m.moe->forward(m.f, m.topk_idx, m.topk_w, T, m.mlp_out, stream);
-  }
+  // Rows [T, R) of the constructor's dense layout are real rows there: they compute on stale
+  // inputs here, row by row apart from the step's, and nobody reads them.
+  ffn_forward(T, std::min(m.R, round_up(T, kTile)), false, nullptr, stream);
   comm::add_bf16(m.h1, m.mlp_out, n, out, stream);
   m.forwarded = false;  // no backward through a decode step
 }

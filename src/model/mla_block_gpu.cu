@@ -186,17 +186,10 @@ void MlaBlockGpu::refresh(const MlaBlockMastersGpu& m, cudaStream_t stream) {
   refreshed_ = true;
 }
 
-void MlaBlockGpu::forward(const bf16* x, const int32_t* pos, int64_t batch, int64_t seq, bf16* out,
-                          uint32_t* status, cudaStream_t stream) {
-  FM_CHECK_ARG(refreshed_, "MlaBlockGpu::forward: refresh() the weights first");
-  FM_CHECK_ARG(batch > 0 && seq > 0, "MlaBlockGpu::forward: batch=", batch, " seq=", seq,
-               " must be positive");
-  FM_CHECK_ARG(batch <= max_tokens_ / seq, "MlaBlockGpu::forward: batch * seq = ", batch * seq,
-               " exceeds max_tokens=", max_tokens_);
-  FM_CHECK_ARG(x != nullptr && pos != nullptr && out != nullptr,
-               "MlaBlockGpu::forward: null pointer");
-  const int64_t T = batch * seq, H = d_.heads, qr = d_.q_lora_rank, kvr = d_.kv_lora_rank;
-  const int64_t kr = kvr + d_.dr;
+// Both forms' first step: the query (q_a -> q_a_layernorm -> q_b, or q_proj) into q_, kv_a into
+// kva_, its latent normed into ckvn_ (RoPE not yet applied).
+void MlaBlockGpu::project(const bf16* x, int64_t T, cudaStream_t stream) {
+  const int64_t qr = d_.q_lora_rank, kvr = d_.kv_lora_rank, kr = kvr + d_.dr;
   if (qr > 0) {
     q_a_->forward(x, T, cq_, stream);
     kernels::rmsnorm_forward(cq_, qr, masters_.q_a_norm, T, qr, d_.eps, cqn_, qr, rstd_q_, stream);
@@ -207,6 +200,20 @@ void MlaBlockGpu::forward(const bf16* x, const int32_t* pos, int64_t batch, int6
   kv_a_->forward(x, T, kva_, stream);
   kernels::rmsnorm_forward(kva_, kr, masters_.kv_a_norm, T, kvr, d_.eps, ckvn_, kvr, rstd_kv_,
                            stream);
+}
+
+void MlaBlockGpu::forward(const bf16* x, const int32_t* pos, int64_t batch, int64_t seq, bf16* out,
+                          uint32_t* status, cudaStream_t stream) {
+  FM_CHECK_ARG(refreshed_, "MlaBlockGpu::forward: refresh() the weights first");
+  FM_CHECK_ARG(batch > 0 && seq > 0, "MlaBlockGpu::forward: batch=", batch, " seq=", seq,
+               " must be positive");
+  FM_CHECK_ARG(batch <= max_tokens_ / seq, "MlaBlockGpu::forward: batch * seq = ", batch * seq,
+               " exceeds max_tokens=", max_tokens_);
+  FM_CHECK_ARG(x != nullptr && pos != nullptr && out != nullptr,
+               "MlaBlockGpu::forward: null pointer");
+  const int64_t T = batch * seq, H = d_.heads, kvr = d_.kv_lora_rank;
+  const int64_t kr = kvr + d_.dr;
+  project(x, T, stream);
   kv_b_->forward(ckvn_, T, kv_, stream);
   rope_apply_qk_gpu(rope_, q_, T, H, d_.qd(), kva_ + kvr, kr, pos, false, status, stream);
   FM_CHECK_CUDA(cudaMemcpy2DAsync(kpe_, d_.dr * sizeof(bf16), kva_ + kvr, kr * sizeof(bf16),
@@ -297,18 +304,9 @@ void MlaBlockGpu::forward_decode(const bf16* x, const int32_t* pos, int64_t batc
                " outside [1, reserve_decode's ", decode_tokens_, "]");
   FM_CHECK_ARG(x != nullptr && pos != nullptr && out != nullptr && cache.pages != nullptr,
                "MlaBlockGpu::forward_decode: null pointer");
-  const int64_t T = batch * queries, H = d_.heads, qr = d_.q_lora_rank, kvr = d_.kv_lora_rank;
+  const int64_t T = batch * queries, H = d_.heads, kvr = d_.kv_lora_rank;
   const int64_t kr = kvr + d_.dr;
-  if (qr > 0) {
-    q_a_->forward(x, T, cq_, stream);
-    kernels::rmsnorm_forward(cq_, qr, masters_.q_a_norm, T, qr, d_.eps, cqn_, qr, rstd_q_, stream);
-    q_b_->forward(cqn_, T, q_, stream);
-  } else {
-    q_proj_->forward(x, T, q_, stream);
-  }
-  kv_a_->forward(x, T, kva_, stream);
-  kernels::rmsnorm_forward(kva_, kr, masters_.kv_a_norm, T, kvr, d_.eps, ckvn_, kvr, rstd_kv_,
-                           stream);
+  project(x, T, stream);
   rope_apply_qk_gpu(rope_, q_, T, H, d_.qd(), kva_ + kvr, kr, pos, false, status, stream);
   kernels::mla_cache_append(ckvn_, kvr, kva_ + kvr, kr, batch, queries, kvr, d_.dr,
                             cache.page_table, cache.max_pages, cache.page_tokens, cache.seq_lens,

@@ -113,6 +113,9 @@ class DecoderLayerGpu {
   DecoderLayerSavedGpu saved() const;  // tests
 
  private:
+  void ffn_forward(int64_t tokens, int64_t dense_rows, bool balance, double* balance_loss,
+                   cudaStream_t stream);
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
   bool is_moe_ = false;

@@ -124,6 +124,8 @@ class MlaBlockGpu {
   MlaBlockSavedGpu saved() const;
 
  private:
+  void project(const bf16* x, int64_t tokens, cudaStream_t stream);
+
   MlaBlockDims d_;
   int64_t max_tokens_ = 0;
   RopeTableView rope_;
