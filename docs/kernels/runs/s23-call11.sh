@@ -9,10 +9,10 @@ bin=build-s23/bin11 archive=build-s23/bins11.tar.xz name=s23_c11
 source scripts/device_call_prologue.sh
 export LD_LIBRARY_PATH=$PWD/build-bundle/lib:$LD_LIBRARY_PATH
 for t in "test_kernels_gpu --gtest_filter=MlaDecodeGpu*:MlaAbsorbGpu*" test_model_gpu test_serve_gpu test_train_gpu; do
-  name=${t%% *}
+  tname=${t%% *}
   # shellcheck disable=SC2086
-  timeout 300 "$bin/"$t > "$R/$name.log" 2>&1
-  el "$name rc=$?"; grep -E "^\[  (PASSED|FAILED)|FAILED  \]|Failure" "$R/$name.log" | head -8
+  timeout 300 "$bin/"$t > "$R/$tname.log" 2>&1
+  el "$tname rc=$?"; grep -E "^\[  (PASSED|FAILED)|FAILED  \]|Failure" "$R/$tname.log" | head -8
 done
 pack
 el done
