@@ -130,36 +130,32 @@ void run_case(const bench::BenchOptions& o, FILE* f, const Case& c, const std::s
   FM_CHECK_CUDA(cudaMalloc(&ws, std::max<size_t>(plan.workspace_bytes, 16)));
   const double flops = 2.0 * c.batch * s.rows() * c.seq_len * (s.key_dim() + s.latent_dim);
   const double bytes = cache_bytes + 2.0 * c.batch * s.rows() * (s.key_dim() + s.latent_dim);
-  // impl 0: the split form, 1: the pipelined form (MlaDecodePlan::pipelined), 2: the naive anchor.
-  double us[3], err[3];
-  for (int impl = 0; impl < 3; ++impl) {
+  double us[2], err[2];
+  for (int impl = 0; impl < 2; ++impl) {
     const auto launch = [&](int i) {
-      if (impl < 2) {
-        kernels::MlaDecodePlan pl = plan;
-        pl.pipelined = impl == 1;
-        kernels::mla_decode(s, pl, in[i].q, in[i].cache, in[i].table, in[i].lens, out, lse, ws,
+      if (impl == 0)
+        kernels::mla_decode(s, plan, in[i].q, in[i].cache, in[i].table, in[i].lens, out, lse, ws,
                             nullptr);
-      } else {
+      else
         kernels::mla_decode_naive(s, in[i].q, in[i].cache, in[i].table, in[i].lens, out, lse,
                                   nullptr);
-      }
     };
     bench::BenchOptions oi = o;
-    if (impl == 2) oi.iters = std::max(1, std::min(o.iters, 3));  // the anchor is slow
+    if (impl == 1) oi.iters = std::max(1, std::min(o.iters, 3));  // the anchor is slow
     us[impl] = bench::median_us(oi, sets, launch);
     launch(0);
     FM_CHECK_CUDA(cudaDeviceSynchronize());
     err[impl] = rel_err_seq0(s, in[0], out);
   }
-  const char* impls[3] = {"fp8moe", "fp8moe_pipelined", "naive"};
-  for (int i = 0; i < 3; ++i) {
+  const char* impls[2] = {"fp8moe", "naive"};
+  for (int i = 0; i < 2; ++i) {
     const double tflops = flops / us[i] * 1e-6, gbps = bytes / us[i] * 1e-3;
-    std::printf("%-20s %5lld %6lld %2lld %4lld %4lld %-16s %3lld %10.1f %8.1f %8.1f %8.2fx %.2e\n",
+    std::printf("%-20s %5lld %6lld %2lld %4lld %4lld %-7s %3lld %10.1f %8.1f %8.1f %8.2fx %.2e\n",
                 c.name, static_cast<long long>(c.batch), static_cast<long long>(c.seq_len),
                 static_cast<long long>(c.queries), static_cast<long long>(c.heads),
                 static_cast<long long>(c.latent), impls[i],
-                static_cast<long long>(i < 2 ? plan.splits : 1), us[i], tflops, gbps, us[2] / us[i],
-                err[i]);
+                static_cast<long long>(i == 0 ? plan.splits : 1), us[i], tflops, gbps,
+                us[1] / us[i], err[i]);
     if (f != nullptr)
       std::fprintf(f,
                    "{\"bench\":\"mla_decode\",\"gpu\":\"%s\",\"gpus\":1,\"date\":\"%s\","
@@ -171,8 +167,8 @@ void run_case(const bench::BenchOptions& o, FILE* f, const Case& c, const std::s
                    static_cast<long long>(c.batch), static_cast<long long>(c.seq_len),
                    static_cast<long long>(c.queries), static_cast<long long>(c.heads),
                    static_cast<long long>(c.latent),
-                   static_cast<long long>(i < 2 ? plan.splits : 1), us[i], tflops, gbps,
-                   us[2] / us[i], err[i]);
+                   static_cast<long long>(i == 0 ? plan.splits : 1), us[i], tflops, gbps,
+                   us[1] / us[i], err[i]);
   }
   for (InputSet& x : in) free_set(x);
   cudaFree(out);
@@ -197,7 +193,7 @@ int main(int argc, char** argv) {
         {"v3 b64 8k", 64, 8192, 1, 128, 512},      {"v3 b64 4k q2", 64, 4096, 2, 128, 512},
         {"small-gpu b64 4k", 64, 4096, 1, 8, 256},
     };
-    std::printf("%-20s %5s %6s %2s %4s %4s %-16s %3s %10s %8s %8s %9s %s\n", "case", "batch", "len",
+    std::printf("%-20s %5s %6s %2s %4s %4s %-7s %3s %10s %8s %8s %9s %s\n", "case", "batch", "len",
                 "q", "H", "L", "impl", "spl", "us", "TFLOPS", "GB/s", "vs naive", "rel_err");
     for (const Case& c : cases) run_case(o, f, c, prop.name, prop.multiProcessorCount);
   } catch (const std::exception& e) {

@@ -61,10 +61,10 @@ struct Params {
 
 // Rows [0, kRows) of a panel tile from src + r * ld (r < rows_valid; else zero-filled, so that
 // padding rows of a page, which may hold anything, never reach the tensor cores as NaN).
-template <int kRows, int kChunks, int kLoaders = kThreads>
+template <int kRows, int kChunks>
 __device__ __forceinline__ void load_panel_rows(uint8_t* tile, const bf16* src, int64_t ld,
-                                                int rows_valid, int loader = threadIdx.x) {
-  for (int idx = loader; idx < kRows * kChunks; idx += kLoaders) {
+                                                int rows_valid) {
+  for (int idx = static_cast<int>(threadIdx.x); idx < kRows * kChunks; idx += kThreads) {
     const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = r < rows_valid;
     cp_async_16(tile + panel_off<kRows>(r, c), src + (valid ? r * ld + c * 8 : 0),
@@ -279,205 +279,6 @@ __global__ void __launch_bounds__(kThreads, 1) mla_decode_kernel(Params p) {
   }
 }
 
-// ---- the pipelined form (MlaDecodePlan::pipelined) ----
-// Warpgroup 0 computes each whole 64-key tile's scores (wgmma m64n64: Q and K both read from
-// shared memory once a k-step for 64 keys, where the split form's m64n32 reads Q for 32), owns the
-// rows' softmax, and adds P . c for output columns [0, L / 2) from its own registers; warpgroup 1
-// takes P (BF16) and the rescale factor from shared memory and adds columns [L / 2, L), then loads
-// the key tile two ahead into the stage both have finished. So warpgroup 0's scores of tile j + 1
-// run beside warpgroup 1's P . c of tile j. Named barriers (256 threads: one warpgroup arrives,
-// the other waits): kBarPReady (P_j written), kBarPFree (P_j read: P_j+1 may overwrite it),
-// kBarKFree (tile j's stage read by both: tile j + 2 may land there), kBarKReady (tile j + 1
-// landed). Same shared memory as the split form.
-constexpr int kBarPReady = 1, kBarPFree = 2, kBarKFree = 3, kBarKReady = 4;
-
-__device__ __forceinline__ void bar_arrive(int id) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(kThreads) : "memory");
-}
-__device__ __forceinline__ void bar_sync(int id) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(kThreads) : "memory");
-}
-
-template <int kL, int kR>
-__global__ void __launch_bounds__(kThreads, 1) mla_decode_pipe_kernel(Params p) {
-  using T = Tile<kL, kR>;
-  extern __shared__ __align__(1024) uint8_t smem[];
-  uint8_t* sq = smem;
-  uint8_t* sk = sq + T::kQBytes;
-  uint8_t* sp = sk + 2 * T::kKBytes;
-  float* salpha = reinterpret_cast<float*>(sp + T::kPBytes);  // [64]
-  float* sstat = salpha + 2 * kRowsCta;                       // max [64], sum [64]
-  const int split = blockIdx.x, row0 = blockIdx.y * kRowsCta, b = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
-  const int r_local = (warp % 4) * 16 + lane / 4;
-  const CtaKeys keys = cta_keys(p, p.seq_lens[b], split, row0, r_local);
-  const int k_begin = keys.k_begin, k_end = keys.k_end, n_tiles = keys.n_tiles;
-  const int(&key_end)[2] = keys.key_end;
-  const auto tile_src = [&](int j) {
-    const int k0 = k_begin + j * kKeys;
-    const int page = p.page_table[static_cast<int64_t>(b) * p.max_pages + k0 / p.page_tokens];
-    return p.cache + (static_cast<int64_t>(page) * p.page_tokens + k0 % p.page_tokens) * T::kD;
-  };
-
-  // Prologue: Q and tile 0 by everyone; tile 1 by warpgroup 1 (its own group).
-  load_panel_rows<kRowsCta, T::kChunks>(sq, p.q + (static_cast<int64_t>(b) * p.rows + row0) * T::kD,
-                                        T::kD, p.rows - row0);
-  if (n_tiles > 0) load_panel_rows<kKeys, T::kChunks>(sk, tile_src(0), T::kD, k_end - k_begin);
-  cp_async_commit();
-  if (wg == 1 && n_tiles > 1)
-    load_panel_rows<kKeys, T::kChunks, 128>(sk + T::kKBytes, tile_src(1), T::kD,
-                                            k_end - k_begin - kKeys, threadIdx.x - 128);
-  cp_async_commit();
-  cp_async_wait<1>();
-  fence_proxy_async();
-  __syncthreads();
-
-  // A warpgroup's L / 2 columns: kL / 256 m64n128 tiles (one at latent 256, two at 512).
-  constexpr int kHalfTiles = T::kOutTiles;
-  float o[kHalfTiles][16][4];
-#pragma unroll
-  for (int t = 0; t < kHalfTiles; ++t) zero(o[t]);
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-  const uint32_t tq = smem_addr(sq), tp = smem_addr(sp);
-  for (int j = 0; j < n_tiles; ++j) {
-    const int stage = j & 1, k0 = k_begin + j * kKeys;
-    const uint32_t tk = smem_addr(sk + stage * T::kKBytes);
-    uint32_t pa[kKeys / 16][4];
-    if (wg == 0) {
-      if (j > 0) bar_sync(kBarKReady);
-      float s[8][4];
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < T::kD / 16; ++kk)
-        sm90::WgmmaBf16Ss<64>::mma(s, desc_k<kRowsCta>(tq, 0, kk), desc_k<kKeys>(tk, 0, kk),
-                                   kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_acc(s);
-      float alpha[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float mx = row_max[i];
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-          for (int e = 2 * i; e < 2 * i + 2; ++e) {
-            const int key = k0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-            s[nt][e] = key < key_end[i] ? s[nt][e] * p.scale_log2 : -INFINITY;
-            mx = fmaxf(mx, s[nt][e]);
-          }
-        mx = quad_max(mx);
-        // NOTE: a row with every key so far masked keeps -inf; exp2 must not see -inf - -inf.
-        const float base = mx == -INFINITY ? 0.0f : mx;
-        alpha[i] = exp2f(row_max[i] - base);
-        row_max[i] = mx;
-        float sum = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          s[nt][2 * i] = exp2f(s[nt][2 * i] - base);
-          s[nt][2 * i + 1] = exp2f(s[nt][2 * i + 1] - base);
-          sum += s[nt][2 * i] + s[nt][2 * i + 1];
-        }
-        row_sum[i] = row_sum[i] * alpha[i] + sum;
-      }
-      if (j > 0) bar_sync(kBarPFree);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int r = r_local + 8 * i, col = nt * 8 + (lane % 4) * 2;
-          *reinterpret_cast<uint32_t*>(sp + panel_off<kRowsCta>(r, col / 8) + (col % 8) * 2) =
-              pack_bf16x2(s[nt][2 * i], s[nt][2 * i + 1]);
-        }
-      if (lane % 4 == 0) {
-        salpha[r_local] = alpha[0];
-        salpha[r_local + 8] = alpha[1];
-      }
-      bar_arrive(kBarPReady);
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) pack_a(pa[kk], s, kk);
-#pragma unroll
-      for (int t = 0; t < kHalfTiles; ++t)
-#pragma unroll
-        for (int c = 0; c < 16; ++c) {
-          o[t][c][0] *= alpha[0];
-          o[t][c][1] *= alpha[0];
-          o[t][c][2] *= alpha[1];
-          o[t][c][3] *= alpha[1];
-        }
-    } else {
-      bar_sync(kBarPReady);
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        const int mi = lane >> 3;
-        ldsm_x4(pa[kk], tp + panel_off<kRowsCta>((warp % 4) * 16 + (mi & 1) * 8 + (lane & 7),
-                                                 2 * kk + (mi >> 1)));
-      }
-      const float a0 = salpha[r_local], a1 = salpha[r_local + 8];
-      if (j + 1 < n_tiles) bar_arrive(kBarPFree);
-#pragma unroll
-      for (int t = 0; t < kHalfTiles; ++t)
-#pragma unroll
-        for (int c = 0; c < 16; ++c) {
-          o[t][c][0] *= a0;
-          o[t][c][1] *= a0;
-          o[t][c][2] *= a1;
-          o[t][c][3] *= a1;
-        }
-    }
-    // O += P c over this warpgroup's columns.
-    wgmma_fence();
-#pragma unroll
-    for (int t = 0; t < kHalfTiles; ++t) {
-      const uint32_t panel0 = (wg * (kL / 2) + t * 128) / 64;
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk)
-        sm90::WgmmaBf16RsT<128>::mma(o[t], pa[kk], desc_n<kKeys>(tk + panel0 * kKeys * 128, kk),
-                                     true);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_frag(pa);
-#pragma unroll
-    for (int t = 0; t < kHalfTiles; ++t) fence_acc(o[t]);
-    if (wg == 0) {
-      if (j + 2 < n_tiles) bar_arrive(kBarKFree);
-    } else {
-      if (j + 2 < n_tiles) {
-        bar_sync(kBarKFree);
-        load_panel_rows<kKeys, T::kChunks, 128>(sk + stage * T::kKBytes, tile_src(j + 2), T::kD,
-                                                k_end - (k0 + 2 * kKeys), threadIdx.x - 128);
-      }
-      cp_async_commit();
-      if (j + 1 < n_tiles) {
-        cp_async_wait<1>();  // tile j + 1's group (tile j + 2's may still be in flight)
-        fence_proxy_async();
-        bar_arrive(kBarKReady);
-      }
-    }
-  }
-
-  // Epilogue: warpgroup 0's row statistics to both.
-  if (wg == 0) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      row_sum[i] = quad_sum(row_sum[i]);
-      if (lane % 4 == 0) {
-        sstat[r_local + 8 * i] = row_max[i];
-        sstat[kRowsCta + r_local + 8 * i] = row_sum[i];
-      }
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = r_local + 8 * i, row = row0 + r;
-    if (row >= p.rows) continue;
-    store_row<kL>(p, o, i, b, row, split, wg * (kL / 2) + (lane % 4) * 2, sstat[r],
-                  sstat[kRowsCta + r], wg == 0 && lane % 4 == 0);
-  }
-}
-
 // The splits' partials of a row merged by their lse: one warp a (sequence, row).
 template <int kL>
 __global__ void mla_decode_combine_kernel(Params p, int64_t total_rows) {
@@ -640,12 +441,10 @@ Params make_params(const MlaDecodeShape& s, int64_t splits, int64_t split_tokens
 }
 
 template <int kL>
-void launch(const MlaDecodeShape& s, const Params& p, bool pipelined, cudaStream_t stream) {
+void launch(const MlaDecodeShape& s, const Params& p, cudaStream_t stream) {
   using T = Tile<kL, 64>;
   static const bool configured = [] {
     FM_CHECK_CUDA(cudaFuncSetAttribute(mla_decode_kernel<kL, 64>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmem));
-    FM_CHECK_CUDA(cudaFuncSetAttribute(mla_decode_pipe_kernel<kL, 64>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmem));
     return true;
   }();
@@ -653,10 +452,7 @@ void launch(const MlaDecodeShape& s, const Params& p, bool pipelined, cudaStream
   const dim3 grid(static_cast<unsigned>(p.splits),
                   static_cast<unsigned>((s.rows() + kRowsCta - 1) / kRowsCta),
                   static_cast<unsigned>(s.batch));
-  if (pipelined)
-    mla_decode_pipe_kernel<kL, 64><<<grid, kThreads, T::kSmem, stream>>>(p);
-  else
-    mla_decode_kernel<kL, 64><<<grid, kThreads, T::kSmem, stream>>>(p);
+  mla_decode_kernel<kL, 64><<<grid, kThreads, T::kSmem, stream>>>(p);
   FM_CHECK_CUDA(cudaGetLastError());
   if (p.splits > 1) {
     const int64_t total = s.batch * s.rows();
@@ -727,9 +523,9 @@ void mla_decode(const MlaDecodeShape& s, const MlaDecodePlan& plan, const bf16* 
   const Params p = make_params(s, plan.splits, plan.split_tokens, q, cache, page_table, seq_lens,
                                out, lse, workspace);
   if (s.latent_dim == 512)
-    launch<512>(s, p, plan.pipelined, stream);
+    launch<512>(s, p, stream);
   else
-    launch<256>(s, p, plan.pipelined, stream);
+    launch<256>(s, p, stream);
 }
 
 void mla_decode_naive(const MlaDecodeShape& s, const bf16* q, const bf16* cache,

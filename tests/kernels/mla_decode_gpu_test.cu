@@ -156,22 +156,19 @@ void check_case(const char* name, int64_t queries, int64_t heads, int64_t latent
   DeviceBuffer<bf16> out(ref_out.size());
   DeviceBuffer<float> lse(ref_lse.size());
   DeviceBuffer<uint8_t> ws(std::max<size_t>(plan.workspace_bytes, 16));
-  for (const bool pipelined : {false, true}) {
-    plan.pipelined = pipelined;
-    out.poison();
-    lse.poison();
-    ws.poison();
-    kernels::mla_decode(in.shape, plan, in.d_q.get(), in.d_cache.get(), in.d_table.get(),
-                        in.d_lens.get(), out.get(), lse.get(), ws.get(), nullptr);
-    FM_CHECK_CUDA(cudaDeviceSynchronize());
-    const Errors e = compare(out.download(), lse.download(), ref_out, ref_lse);
-    std::printf("[ mla_decode ] %-22s splits %3lld%s: out rel %.3e, lse abs %.2e, bad %lld\n", name,
-                static_cast<long long>(plan.splits), pipelined ? " pipelined" : "", e.out_rel,
-                e.lse_abs, static_cast<long long>(e.bad));
-    EXPECT_EQ(e.bad, 0) << name << (pipelined ? " pipelined" : "");
-    EXPECT_LE(e.out_rel, 1e-2) << name << (pipelined ? " pipelined" : "");
-    EXPECT_LE(e.lse_abs, 1e-3) << name << (pipelined ? " pipelined" : "");
-  }
+  out.poison();
+  lse.poison();
+  ws.poison();
+  kernels::mla_decode(in.shape, plan, in.d_q.get(), in.d_cache.get(), in.d_table.get(),
+                      in.d_lens.get(), out.get(), lse.get(), ws.get(), nullptr);
+  FM_CHECK_CUDA(cudaDeviceSynchronize());
+  const Errors e = compare(out.download(), lse.download(), ref_out, ref_lse);
+  std::printf("[ mla_decode ] %-22s splits %3lld: out rel %.3e, lse abs %.2e, bad %lld\n", name,
+              static_cast<long long>(plan.splits), e.out_rel, e.lse_abs,
+              static_cast<long long>(e.bad));
+  EXPECT_EQ(e.bad, 0) << name;
+  EXPECT_LE(e.out_rel, 1e-2) << name;
+  EXPECT_LE(e.lse_abs, 1e-3) << name;
 
   out.poison();
   lse.poison();

@@ -70,11 +70,6 @@ struct MlaDecodePlan {
   // multiples of split_tokens whatever the batch (the ranges past a sequence's end are empty), so
   // a sequence's output is the same bits in any batch: batch-invariant decoding.
   int64_t split_tokens = 0;
-  // The kernel: false, the two warpgroups split each key tile's scores (32 keys each) and run in
-  // lockstep; true, warpgroup 0 computes whole tiles' scores and the softmax while warpgroup 1
-  // adds the previous tile's P . c (docs/kernels/mla_decode.md). Same arithmetic, but for the
-  // order of the rows' sums (one warpgroup's instead of two halves').
-  bool pipelined = false;
 };
 MlaDecodePlan mla_decode_plan(const MlaDecodeShape& shape, int64_t sm_count);
 // The batch-invariant plan: split_tokens a multiple of 64; splits = the longest sequence's ranges.
