@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../support/expect_invalid.h"
+#include "../support/small_gpu_config.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/json.h"
 #include "fp8moe/model/config.h"
@@ -49,36 +50,7 @@ constexpr double kGradNoise = 2.5, kGradFloor = 0.05, kGradAllFloor = 0.02, kLos
                  kBalanceTol = 0.05, kLoadTol = 0.04, kTrainTol = 5e-3, kTrainRel = 0.1;
 
 ModelConfig small_config(const Json& overrides = Json::object()) {
-  Json j = {{"vocab_size", 512},
-            {"hidden_size", 256},
-            {"intermediate_size", 384},
-            {"moe_intermediate_size", 128},
-            {"num_hidden_layers", 2},
-            {"first_k_dense_replace", 1},
-            {"n_routed_experts", 8},
-            {"n_shared_experts", 1},
-            {"num_experts_per_tok", 2},
-            {"n_group", 4},
-            {"topk_group", 2},
-            {"routed_scaling_factor", 2.5},
-            {"norm_topk_prob", true},
-            {"aux_loss_alpha", 1e-3},
-            {"seq_aux", true},
-            {"num_attention_heads", 2},
-            {"num_key_value_heads", 2},
-            {"q_lora_rank", 128},
-            {"kv_lora_rank", 128},
-            {"qk_nope_head_dim", 128},
-            {"qk_rope_head_dim", 64},
-            {"v_head_dim", 128},
-            {"num_nextn_predict_layers", 1},
-            {"max_position_embeddings", 4096},
-            {"rope_theta", 10000},
-            {"rope_scaling", nullptr},
-            {"rms_norm_eps", 1e-6},
-            {"initializer_range", 0.02}};
-  for (auto it = overrides.begin(); it != overrides.end(); ++it) j[it.key()] = it.value();
-  return parse_model_config(j, "model_gpu_test");
+  return test::small_gpu_config(overrides, "model_gpu_test");
 }
 
 std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
