@@ -286,7 +286,6 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
         m.run(Impl::Pass::kMain, {q.seq}, q.prompt.data() + start, pos.data(), len, false, logits);
         const bool last = start + len == n;
         if (last) {
-          logits_host_ = logits;
           first = sample_token(logits.data(), m.vocab, s.temperature, s.top_p, q.rng);
         }
         if (draft) {
@@ -328,7 +327,6 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     if (stepping.empty()) continue;
     const auto t0 = clock::now();
     m.run(Impl::Pass::kMain, seqs, ids.data(), pos.data(), queries, draft, logits);
-    logits_host_ = logits;
     st.decode_steps += 1;
     st.max_running = std::max<int64_t>(st.max_running, static_cast<int64_t>(stepping.size()));
     if (!draft) {

@@ -28,12 +28,12 @@ struct GeneratorOptions {
   int64_t page_tokens = 64;
   int64_t num_pages = 0;  // 0: max_batch full contexts
   // Attention key ranges of split_tokens keys (kernels::mla_decode_plan_fixed) and the output head
-  // over max_batch rows every step: a request's text does not depend on its batch. 0: the
-  // adaptive split plan (kernels::mla_decode_plan; fastest, batch-dependent rounding).
+  // over at least 2 max_batch rows every step: a request's text does not depend on its batch. 0:
+  // the adaptive split plan (kernels::mla_decode_plan; batch-dependent rounding).
   int64_t split_tokens = 256;
-  // Decoding steps (one new token a sequence) replayed as CUDA graphs, one per batch size: made on
-  // a size's second step (its first runs eagerly, so that every lazy setup happens outside the
-  // capture). Prefill steps run eagerly.
+  // Decoding steps (plain, and the MTP draft's verify and draft passes) replayed as CUDA graphs,
+  // one per kind and batch size: made on a size's second step (its first runs eagerly, so that
+  // every lazy setup happens outside the capture). Prefill steps run eagerly.
   bool cuda_graphs = true;
   // Speculative decoding with the model's first multi-token-prediction module as the draft
   // (V3's use of MTP at inference): each step verifies the last token and one drafted token in
@@ -77,9 +77,6 @@ class GeneratorGpu {
   std::vector<std::vector<int32_t>> generate(const std::vector<std::vector<int32_t>>& prompts,
                                              const SamplingOptions& sampling,
                                              GenerationStats* stats = nullptr);
-  // The logits (FP32 of the BF16 the model wrote) the last step produced for its i-th sequence
-  // (tests compare them with the CPU model's).
-  const std::vector<float>& last_logits() const { return logits_host_; }
   int64_t vocab() const;
   void set_cuda_graphs(bool on);  // GeneratorOptions::cuda_graphs, e.g. to time both
   void set_mtp_draft(bool on);    // GeneratorOptions::mtp_draft (thrown without an MTP module)
@@ -87,7 +84,6 @@ class GeneratorGpu {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
-  std::vector<float> logits_host_;
 };
 
 }  // namespace fp8moe::serve
