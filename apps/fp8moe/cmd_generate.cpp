@@ -4,7 +4,7 @@
 // CPU: the model's KV cache (by default in V3's latent form) unless --no-cache. GPU
 // (serve/generator_gpu.h): the latent paged cache, prompts prefilled and decoded together
 // (continuous batching), one line per prompt; --stats adds a JSON line of throughput to stderr;
-// --mtp-draft (greedy) drafts a token a step with the checkpoint's MTP module.
+// --mtp-draft drafts a token a step with the checkpoint's MTP module (speculative decoding).
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -111,7 +111,7 @@ void setup(CLI::App& app) {
       ->capture_default_str();
   app.add_flag("--stats", a->stats, "GPU: a JSON line of throughput on stderr");
   app.add_flag("--mtp-draft", a->mtp_draft,
-               "GPU, greedy: speculative decoding with the checkpoint's MTP module as the draft");
+               "GPU: speculative decoding with the checkpoint's MTP module as the draft");
   app.callback([g, form, a] {
     FM_CHECK_ARG(g->max_new_tokens >= 0, "--max-new-tokens must be >= 0");
     FM_CHECK_ARG(*form == "latent" || *form == "expanded", "--cache-form: '", *form,

@@ -222,7 +222,8 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     std::vector<int32_t> prompt, out;
     PhiloxStream rng;
     int seq = -1;
-    int32_t draft = 0;  // the MTP module's guess at the token after out.back()
+    int32_t draft = 0;            // the MTP module's guess at the token after out.back() ...
+    std::vector<double> draft_q;  // ... and the distribution it was drawn from
   };
   std::vector<Request> req;
   req.reserve(prompts.size());
@@ -231,11 +232,16 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     // NOTE: as the CPU generator's window rule: an overlong prompt keeps its last context / 2.
     if (static_cast<int64_t>(p.size()) >= m.o.context)
       p.erase(p.begin(), p.end() - m.o.context / 2);
-    req.push_back(Request{std::move(p), {}, PhiloxStream(s.seed, 7 + r), -1, 0});
+    req.push_back(Request{std::move(p), {}, PhiloxStream(s.seed, 7 + r), -1, 0, {}});
   }
   const bool draft = m.o.mtp_draft;
-  FM_CHECK_ARG(!draft || s.temperature == 0, "GeneratorGpu::generate: the MTP draft needs greedy ",
-               "decoding (temperature 0; got ", s.temperature, ")");
+  std::vector<double> p0, p1;
+  // The module's draft for a request from its logits row: drawn from the distribution the main
+  // model's pick would be drawn from (speculative sampling; greedy: its argmax).
+  const auto redraft = [&](Request& q, const float* row) {
+    token_probs(row, m.vocab, s.temperature, s.top_p, q.draft_q);
+    q.draft = sample_probs(q.draft_q, q.rng);
+  };
   GenerationStats st;
   st.cache_bytes = m.cache->bytes();
   PageAllocator& pages = m.cache->pages();
@@ -248,9 +254,6 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
   using clock = std::chrono::steady_clock;
   const auto seconds = [](clock::time_point a) {
     return std::chrono::duration<double>(clock::now() - a).count();
-  };
-  const auto argmax = [&](const float* row) {
-    return static_cast<int32_t>(std::max_element(row, row + m.vocab) - row);
   };
   // A drafting step needs two positions: the sequence stops one short of the context.
   const int64_t room = draft ? m.o.context - 1 : m.o.context;
@@ -293,7 +296,7 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
           ids.assign(q.prompt.begin() + start + 1, q.prompt.begin() + start + len);
           ids.push_back(last ? first : q.prompt[start + len]);
           m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true, draft_logits, true);
-          if (last) q.draft = argmax(draft_logits.data() + (len - 1) * m.vocab);
+          if (last) redraft(q, draft_logits.data() + (len - 1) * m.vocab);
         }
       }
       st.prefill_s += seconds(t0);
@@ -340,13 +343,20 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
       }
       continue;
     }
-    // Verify: row 2i predicts the token after the last one, row 2i + 1 the one after the draft.
+    // Verify: row 2i's distribution checks the draft (speculative_pick: the token is distributed
+    // as the main model's alone would be); where the draft is kept, row 2i + 1 gives one more.
     std::vector<int32_t> next(stepping.size()), bonus(stepping.size());
     std::vector<bool> kept(stepping.size());
     for (size_t i = 0; i < stepping.size(); ++i) {
-      next[i] = argmax(logits.data() + (2 * i) * m.vocab);
-      bonus[i] = argmax(logits.data() + (2 * i + 1) * m.vocab);
-      kept[i] = next[i] == req[stepping[i]].draft;
+      Request& q = req[stepping[i]];
+      token_probs(logits.data() + (2 * i) * m.vocab, m.vocab, s.temperature, s.top_p, p0);
+      bool k = false;
+      next[i] = speculative_pick(p0, q.draft_q, q.draft, q.rng, &k);
+      kept[i] = k;
+      if (k) {
+        token_probs(logits.data() + (2 * i + 1) * m.vocab, m.vocab, s.temperature, s.top_p, p1);
+        bonus[i] = sample_probs(p1, q.rng);
+      }
     }
     // The next drafts: the module at the step's two positions (the second's state is only
     // meaningful where the draft was kept).
@@ -360,7 +370,7 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
       Request& q = req[stepping[i]];
       st.drafted += 1;
       st.accepted += kept[i] ? 1 : 0;
-      q.draft = argmax(draft_logits.data() + (2 * i + (kept[i] ? 1 : 0)) * m.vocab);
+      redraft(q, draft_logits.data() + (2 * i + (kept[i] ? 1 : 0)) * m.vocab);
       // Both caches now hold the step's rows; a rejected draft's row is dropped.
       pages.shrink(q.seq, pos[2 * i] + (kept[i] ? 2 : 1));
       st.decode_tokens += kept[i] ? 2 : 1;

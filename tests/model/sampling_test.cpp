@@ -3,6 +3,7 @@
 // Run: test_model --gtest_filter='Sampling*'
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -38,6 +39,67 @@ TEST(Sampling, FrequenciesFollowTheSoftmax) {
     const double p = std::exp(logits[v] / 0.7) / z;
     EXPECT_NEAR(count[v] / static_cast<double>(n), p, 3 * std::sqrt(p * (1 - p) / n)) << v;
   }
+}
+
+TEST(Sampling, TokenProbsAreSampleTokensDistribution) {
+  const std::vector<float> logits = {3.0f, 2.0f, 1.0f, -1.0f};
+  std::vector<double> p;
+  token_probs(logits.data(), 4, 0.0, 1.0, p);
+  EXPECT_EQ(p, (std::vector<double>{1, 0, 0, 0}));
+  token_probs(logits.data(), 4, 1.0, 0.5, p);  // the nucleus of sample_token's test above
+  EXPECT_EQ(p, (std::vector<double>{1, 0, 0, 0}));
+  token_probs(logits.data(), 4, 1.0, 0.8, p);
+  EXPECT_GT(p[0], p[1]);
+  EXPECT_GT(p[1], 0.0);
+  EXPECT_EQ(p[2], 0.0);
+  EXPECT_NEAR(p[0] + p[1], 1.0, 1e-12);
+  // sample_probs draws the same frequencies.
+  token_probs(logits.data(), 4, 0.7, 1.0, p);
+  PhiloxStream rng(9, 1);
+  std::vector<int> count(4, 0);
+  const int n = 40000;
+  for (int i = 0; i < n; ++i) ++count[sample_probs(p, rng)];
+  for (int v = 0; v < 4; ++v)
+    EXPECT_NEAR(count[v] / static_cast<double>(n), p[v], 4 * std::sqrt(p[v] * (1 - p[v]) / n)) << v;
+}
+
+// Drafts from q checked against p come out distributed as p, whether q is close to p or not; a
+// greedy p and q (one-hot) give p's token without a draw.
+TEST(Sampling, SpeculativePickIsDistributedAsTheTarget) {
+  const std::vector<float> target = {2.0f, 1.5f, 0.2f, -0.5f, 1.0f, 0.0f};
+  const std::vector<std::vector<float>> drafts = {
+      {2.1f, 1.4f, 0.3f, -0.5f, 0.9f, 0.1f},    // close to the target
+      {-1.0f, 0.0f, 2.5f, 1.0f, -0.3f, 2.0f}};  // far from it
+  std::vector<double> p, q;
+  token_probs(target.data(), 6, 0.8, 1.0, p);
+  for (size_t k = 0; k < drafts.size(); ++k) {
+    token_probs(drafts[k].data(), 6, 0.8, 1.0, q);
+    PhiloxStream rng(11 + k, 3);
+    std::vector<int> count(6, 0);
+    int kept_n = 0;
+    const int n = 100000;
+    for (int i = 0; i < n; ++i) {
+      const int32_t d = sample_probs(q, rng);
+      bool kept = false;
+      ++count[speculative_pick(p, q, d, rng, &kept)];
+      kept_n += kept;
+    }
+    for (int v = 0; v < 6; ++v)
+      EXPECT_NEAR(count[v] / static_cast<double>(n), p[v], 4 * std::sqrt(p[v] * (1 - p[v]) / n))
+          << "draft " << k << ", token " << v;
+    // Kept as often as sum(min(p, q)) says.
+    double overlap = 0;
+    for (int v = 0; v < 6; ++v) overlap += std::min(p[v], q[v]);
+    EXPECT_NEAR(kept_n / static_cast<double>(n), overlap, 4 * std::sqrt(overlap / n)) << k;
+  }
+  token_probs(target.data(), 6, 0.0, 1.0, p);
+  token_probs(drafts[1].data(), 6, 0.0, 1.0, q);
+  PhiloxStream rng(1, 1);
+  bool kept = true;
+  EXPECT_EQ(speculative_pick(p, q, 2, rng, &kept), 0);  // greedy: the target's argmax
+  EXPECT_FALSE(kept);
+  EXPECT_EQ(rng.offset(), 0u);                                 // no draw
+  EXPECT_THROW(speculative_pick(p, q, 0, rng, &kept), Error);  // q gives the draft no mass
 }
 
 TEST(Sampling, RejectsBadSettings) {

@@ -36,11 +36,12 @@ struct GeneratorOptions {
   // every lazy setup happens outside the capture). Prefill steps run eagerly.
   bool cuda_graphs = true;
   // Speculative decoding with the model's first multi-token-prediction module as the draft
-  // (V3's use of MTP at inference): each step verifies the last token and one drafted token in
-  // one main-model pass (2 new tokens a sequence) and, when the draft matches what the main model
-  // picks, keeps both. Greedy decoding only (temperature 0: the text is then the same as without
-  // it, up to the rounding of a 2-row step); needs num_nextn_predict_layers >= 1. Settable per
-  // call with set_mtp_draft.
+  // (V3's use of MTP at inference): each step feeds the main model the last token and one drafted
+  // token in one pass (2 new tokens a sequence); the draft is kept by speculative sampling's rule
+  // (model/sampling.h speculative_pick: greedy, kept when it is the main model's pick; sampled,
+  // the tokens are distributed as without the draft) and, when kept, the pass yields one more.
+  // Greedy text equals the text without it. Needs num_nextn_predict_layers >= 1. Settable per call
+  // with set_mtp_draft.
   bool mtp_draft = false;
 };
 
