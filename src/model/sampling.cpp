@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <utility>
 #include <vector>
 
@@ -62,13 +63,27 @@ void token_probs(const float* logits, int64_t vocab, double temperature, double 
     sorted.emplace_back(w, static_cast<int32_t>(v));
     sum += w;
   }
-  std::sort(sorted.begin(), sorted.end(), [](const auto& a, const auto& b) {
+  if (top_p >= 1) {  // every token: no order needed
+    for (const auto& [w, v] : sorted) probs[v] = w / sum;
+    return;
+  }
+  // The nucleus is usually a small head of the order: sort a growing prefix (partial_sort with
+  // the same total order gives full sorting's prefix) until its mass reaches top_p.
+  const auto before = [](const auto& a, const auto& b) {
     return a.first != b.first ? a.first > b.first : a.second < b.second;
-  });
-  double cum = 0;
-  size_t keep = 0;
-  while (keep < sorted.size() && cum < top_p * sum) cum += sorted[keep++].first;
-  for (size_t k = 0; k < keep; ++k) probs[sorted[k].second] = sorted[k].first / cum;
+  };
+  for (size_t head = std::min<size_t>(64, sorted.size());;
+       head = std::min(4 * head, sorted.size())) {
+    std::partial_sort(sorted.begin(), sorted.begin() + static_cast<std::ptrdiff_t>(head),
+                      sorted.end(), before);
+    double cum = 0;
+    size_t keep = 0;
+    while (keep < head && cum < top_p * sum) cum += sorted[keep++].first;
+    if (cum >= top_p * sum || head == sorted.size()) {
+      for (size_t k = 0; k < keep; ++k) probs[sorted[k].second] = sorted[k].first / cum;
+      return;
+    }
+  }
 }
 
 int32_t sample_probs(const std::vector<double>& probs, PhiloxStream& rng) {

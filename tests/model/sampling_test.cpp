@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <random>
+#include <utility>
 #include <vector>
 
 #include "fp8moe/core/error.h"
@@ -61,6 +63,38 @@ TEST(Sampling, TokenProbsAreSampleTokensDistribution) {
   for (int i = 0; i < n; ++i) ++count[sample_probs(p, rng)];
   for (int v = 0; v < 4; ++v)
     EXPECT_NEAR(count[v] / static_cast<double>(n), p[v], 4 * std::sqrt(p[v] * (1 - p[v]) / n)) << v;
+}
+
+// The nucleus found on a growing sorted head equals the one of a full sort, whether it is a few
+// tokens (peaked logits) or most of the vocabulary (flat ones: the head grows past 64 and 256).
+TEST(Sampling, TokenProbsNucleusEqualsAFullSort) {
+  std::mt19937_64 rng(3);
+  for (const double spread : {8.0, 0.05}) {
+    std::normal_distribution<float> normal(0.0f, static_cast<float>(spread));
+    std::vector<float> logits(2048);
+    for (auto& x : logits) x = normal(rng);
+    for (const double top_p : {0.3, 0.9, 0.999}) {
+      std::vector<double> got;
+      token_probs(logits.data(), 2048, 0.7, top_p, got);
+      // Reference: the whole vocabulary sorted (sample_token's way).
+      const float mx = *std::max_element(logits.begin(), logits.end());
+      std::vector<std::pair<double, int32_t>> w;
+      double sum = 0;
+      for (int32_t v = 0; v < 2048; ++v) {
+        w.emplace_back(std::exp((logits[v] - mx) / 0.7), v);
+        sum += w.back().first;
+      }
+      std::sort(w.begin(), w.end(), [](const auto& a, const auto& b) {
+        return a.first != b.first ? a.first > b.first : a.second < b.second;
+      });
+      double cum = 0;
+      size_t keep = 0;
+      while (keep < w.size() && cum < top_p * sum) cum += w[keep++].first;
+      std::vector<double> want(2048, 0.0);
+      for (size_t k = 0; k < keep; ++k) want[w[k].second] = w[k].first / cum;
+      EXPECT_EQ(got, want) << "spread " << spread << ", top_p " << top_p;
+    }
+  }
 }
 
 // Drafts from q checked against p come out distributed as p, whether q is close to p or not; a
