@@ -693,8 +693,7 @@ void DecoderLayerGpu::ffn_forward(int64_t T, int64_t R, bool balance, double* ba
     kernels::quantize_1x128(m.f, T, H, H, false, m.x8, H, m.xs, kernels::ScaleLayout::kRowMajor,
                             stream);
     kernels::scales_to_mn_major(m.xs, 1, R, KB, m.sa, stream);
-    m.dense_ffn->forward_contiguous(m.x8, m.sa, m.layout, R, m.dense_w->view(), m.mlp_out,
-                                    stream);
+    m.dense_ffn->forward_contiguous(m.x8, m.sa, m.layout, R, m.dense_w->view(), m.mlp_out, stream);
   } else {
     const int64_t E = m.E, K = m.K;
     const dim3 lg(static_cast<unsigned>((T + kLogitTokens - 1) / kLogitTokens),
