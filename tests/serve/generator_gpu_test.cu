@@ -54,6 +54,26 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
   return t;
 }
 
+// A generator's options for these tests: a context of 256 tokens, max_batch sequences at once.
+GeneratorOptions options(int64_t max_batch, int64_t prefill_chunk = 256) {
+  GeneratorOptions o;
+  o.max_batch = max_batch;
+  o.context = 256;
+  o.prefill_chunk = prefill_chunk;
+  return o;
+}
+
+// Request r's text generated with only prompts [0, r] (so it draws from the same Philox stream,
+// seed and 7 + r) equals its text in `together` (all prompts at once).
+void expect_batch_invariant(GeneratorGpu& gen, const std::vector<std::vector<int32_t>>& prompts,
+                            const SamplingOptions& s,
+                            const std::vector<std::vector<int32_t>>& together) {
+  for (size_t r = 0; r < prompts.size(); ++r) {
+    const std::vector<std::vector<int32_t>> upto(prompts.begin(), prompts.begin() + r + 1);
+    EXPECT_EQ(gen.generate(upto, s)[r], together[r]) << "prompt " << r;
+  }
+}
+
 double rel_error(const float* got, const std::vector<float>& want) {
   double num = 0, den = 0;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -224,11 +244,7 @@ TEST(ServeGpu, DecodeIsAsCloseToFp32AsTheCpuRecipeMoe) {
 TEST(ServeGpu, TextDoesNotDependOnTheBatch) {
   const ModelConfig cfg = serve_config();
   Model cpu(cfg, 5);
-  GeneratorOptions o;
-  o.max_batch = 3;
-  o.context = 256;
-  o.prefill_chunk = 64;
-  GeneratorGpu gen(cpu, o);
+  GeneratorGpu gen(cpu, options(3, 64));
   const std::vector<std::vector<int32_t>> prompts = {
       random_tokens(5, 512, 1), random_tokens(70, 512, 2), random_tokens(130, 512, 3),
       random_tokens(9, 512, 4)};
@@ -255,10 +271,7 @@ TEST(ServeGpu, TextDoesNotDependOnTheBatch) {
 TEST(ServeGpu, SampledTextDoesNotDependOnTheBatch) {
   const ModelConfig cfg = serve_config();
   Model cpu(cfg, 6);
-  GeneratorOptions o;
-  o.max_batch = 3;
-  o.context = 256;
-  GeneratorGpu gen(cpu, o);
+  GeneratorGpu gen(cpu, options(3));
   const std::vector<std::vector<int32_t>> prompts = {
       random_tokens(7, 512, 5), random_tokens(100, 512, 6), random_tokens(33, 512, 7)};
   SamplingOptions s;
@@ -268,13 +281,7 @@ TEST(ServeGpu, SampledTextDoesNotDependOnTheBatch) {
   s.top_p = 0.9;
   s.seed = 21;
   const auto together = gen.generate(prompts, s);
-  // Request r draws from stream (seed, 7 + r): alone, the same prompt at index r (the earlier
-  // prompts in front of it, each alone first) draws the same numbers.
-  for (size_t r = 0; r < prompts.size(); ++r) {
-    std::vector<std::vector<int32_t>> upto(prompts.begin(), prompts.begin() + r + 1);
-    const auto batch_of_upto = gen.generate(upto, s);
-    EXPECT_EQ(batch_of_upto[r], together[r]) << "prompt " << r;
-  }
+  expect_batch_invariant(gen, prompts, s, together);
 }
 
 // The MTP draft keeps the greedy text: every drafted token is checked by the main model in the
@@ -287,11 +294,8 @@ TEST(ServeGpu, MtpDraftKeepsTheGreedyText) {
   cfg.num_nextn_predict_layers = 1;
   cfg.validate();
   Model cpu(cfg, 8);
-  GeneratorOptions o;
-  o.max_batch = 3;
-  o.context = 256;
-  o.prefill_chunk = 48;  // the 100-token prompt in three chunks, the module's cache beside
-  GeneratorGpu gen(cpu, o);
+  // The 100-token prompt in three chunks of 48, the module's cache filled beside.
+  GeneratorGpu gen(cpu, options(3, 48));
   const std::vector<std::vector<int32_t>> prompts = {
       random_tokens(5, 512, 41), random_tokens(100, 512, 42), random_tokens(33, 512, 43)};
   SamplingOptions s;
@@ -317,18 +321,13 @@ TEST(ServeGpu, MtpDraftKeepsTheGreedyText) {
   std::printf("[ serve ] MTP draft, sampled: %lld drafts, %lld kept\n",
               static_cast<long long>(sampled.drafted), static_cast<long long>(sampled.accepted));
   EXPECT_GT(sampled.drafted, 0);
-  for (size_t r = 0; r < prompts.size(); ++r) {
-    const std::vector<std::vector<int32_t>> upto(prompts.begin(), prompts.begin() + r + 1);
-    EXPECT_EQ(gen.generate(upto, s)[r], together[r]) << "prompt " << r;
-  }
+  expect_batch_invariant(gen, prompts, s, together);
 }
 
 TEST(ServeGpu, RejectsBadRequests) {
   const ModelConfig cfg = serve_config();
   Model cpu(cfg, 7);
-  GeneratorOptions o;
-  o.max_batch = 2;
-  o.context = 256;
+  GeneratorOptions o = options(2);
   o.num_pages = 1;
   GeneratorGpu gen(cpu, o);
   SamplingOptions s;
