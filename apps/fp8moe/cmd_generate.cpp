@@ -5,6 +5,9 @@
 // (serve/generator_gpu.h): the latent paged cache, prompts prefilled and decoded together
 // (continuous batching), one line per prompt; --stats adds a JSON line of throughput to stderr;
 // --mtp-draft drafts a token a step with the checkpoint's MTP module (speculative decoding).
+// Under `fp8moe launch -n R --no-prefix -- fp8moe generate --device gpu ...` the R ranks serve
+// together (data-parallel attention, expert-parallel MoE): rank r takes prompts r, r + R, ...,
+// rank 0 prints every prompt's line in the file's order.
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -12,10 +15,15 @@
 #include <vector>
 
 #include "command.h"
+#include "fp8moe/comm/launcher.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/train/data.h"
 #include "fp8moe/train/trainer.h"
 #ifdef FP8MOE_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "fp8moe/comm/gpu_job.h"
+#include "fp8moe/core/cuda_check.h"
 #include "fp8moe/serve/generator_gpu.h"
 #endif
 
@@ -39,19 +47,27 @@ void generate_gpu(const fp8moe::GenerateOptions& g, const GpuArgs& a) {
   } else {
     texts.push_back(g.prompt);
   }
+  fp8moe::comm::GpuJob job;
+  fp8moe::comm::join_gpu_job(0, "the GPU generator", "generate", job);
+  FM_CHECK_CUDA(cudaSetDevice(job.device));
   const std::unique_ptr<fp8moe::Model> model =
       fp8moe::load_checkpoint_model(g.checkpoint_dir, g.use_ema);
   fp8moe::Tokenizer tok(g.checkpoint_dir + "/tokenizer.model");
+  // This rank's share of the prompts (all of them alone), each with its index in the file as its
+  // request id (its sampling stream): the text does not depend on the rank count.
   std::vector<std::vector<int32_t>> prompts;
-  for (const std::string& t : texts) {
-    prompts.push_back(tok.encode(t));
+  std::vector<int64_t> ids;
+  for (size_t r = static_cast<size_t>(job.rank); r < texts.size();
+       r += static_cast<size_t>(job.world)) {
+    prompts.push_back(tok.encode(texts[r]));
     if (prompts.back().empty()) prompts.back().push_back(tok.eos_id() >= 0 ? tok.eos_id() : 0);
+    ids.push_back(static_cast<int64_t>(r));
   }
   fp8moe::serve::GeneratorOptions o;
   o.max_batch = a.max_batch;
   o.context = std::min(g.context, model->config().max_position_embeddings);
   o.mtp_draft = a.mtp_draft;
-  fp8moe::serve::GeneratorGpu gen(*model, o);
+  fp8moe::serve::GeneratorGpu gen(*model, o, fp8moe::serve::job_parallel(job));
   fp8moe::serve::SamplingOptions s;
   s.max_new_tokens = g.max_new_tokens;
   s.temperature = g.temperature;
@@ -60,20 +76,42 @@ void generate_gpu(const fp8moe::GenerateOptions& g, const GpuArgs& a) {
   s.eos = tok.eos_id();
   s.ignore_eos = g.ignore_eos;
   fp8moe::serve::GenerationStats st;
-  const auto out = gen.generate(prompts, s, &st);
-  for (size_t r = 0; r < out.size(); ++r) {
-    std::vector<int32_t> ids = prompts[r];
-    ids.insert(ids.end(), out[r].begin(), out[r].end());
-    std::cout << tok.decode(ids) << "\n";
+  const auto out = gen.generate(prompts, s, &st, ids);
+  std::vector<std::string> lines(texts.size());
+  for (size_t i = 0; i < out.size(); ++i) {
+    std::vector<int32_t> all = prompts[i];
+    all.insert(all.end(), out[i].begin(), out[i].end());
+    lines[static_cast<size_t>(ids[i])] = tok.decode(all);
   }
+  if (job.world > 1) {
+    // Every rank's lines to rank 0 (one store value a rank: its lines, '\0' after each).
+    std::string mine;
+    for (size_t i = 0; i < out.size(); ++i) mine += lines[static_cast<size_t>(ids[i])] + '\0';
+    const std::vector<std::string> all =
+        job.store->all_gather(job.prefix + "lines", mine, fp8moe::comm::GpuJob::kStoreWaitS);
+    for (int r = 0; r < job.world; ++r) {
+      size_t at = 0;
+      for (size_t k = static_cast<size_t>(r); k < texts.size();
+           k += static_cast<size_t>(job.world)) {
+        const size_t end = all[r].find('\0', at);
+        FM_CHECK(end != std::string::npos, "rank ", r, " sent fewer lines than its prompts");
+        lines[k] = all[r].substr(at, end - at);
+        at = end + 1;
+      }
+    }
+  }
+  if (job.lead())
+    for (const std::string& line : lines) std::cout << line << "\n";
   if (a.stats)
-    std::cerr << "{\"prompts\":" << prompts.size() << ",\"prefill_tokens\":" << st.prefill_tokens
+    std::cerr << "{\"rank\":" << job.rank << ",\"ranks\":" << job.world
+              << ",\"prompts\":" << prompts.size() << ",\"prefill_tokens\":" << st.prefill_tokens
               << ",\"prefill_s\":" << st.prefill_s << ",\"decode_tokens\":" << st.decode_tokens
               << ",\"decode_steps\":" << st.decode_steps << ",\"decode_s\":" << st.decode_s
               << ",\"decode_tokens_per_s\":"
               << (st.decode_s > 0 ? static_cast<double>(st.decode_tokens) / st.decode_s : 0.0)
               << ",\"max_running\":" << st.max_running << ",\"cache_bytes\":" << st.cache_bytes
-              << ",\"drafted\":" << st.drafted << ",\"accepted\":" << st.accepted << "}\n";
+              << ",\"drafted\":" << st.drafted << ",\"accepted\":" << st.accepted
+              << ",\"idle_steps\":" << st.idle_steps << "}\n";
 }
 #endif
 
@@ -103,8 +141,10 @@ void setup(CLI::App& app) {
       "Recompute the whole context for every new token (no KV cache)");
   app.add_flag("--ignore-eos", g->ignore_eos,
                "Do not stop at end-of-sequence: exactly --max-new-tokens tokens");
-  app.add_option("--device", a->device,
-                 "cpu, or gpu: the latent paged cache on one GPU, prompts batched")
+  app.add_option(
+         "--device", a->device,
+         "cpu, or gpu: the latent paged cache, prompts batched (under `fp8moe launch -n R`: "
+         "R GPUs, data-parallel attention, expert-parallel MoE)")
       ->capture_default_str();
   app.add_option("--prompts-file", a->prompts_file, "GPU: one prompt a line, generated together");
   app.add_option("--max-batch", a->max_batch, "GPU: sequences decoded together")
@@ -124,6 +164,9 @@ void setup(CLI::App& app) {
     if (a->device == "cpu") {
       FM_CHECK_ARG(a->prompts_file.empty() && !a->stats && !a->mtp_draft,
                    "--prompts-file, --stats and --mtp-draft need --device gpu");
+      FM_CHECK_ARG(
+          !fp8moe::comm::launched_as_rank() || fp8moe::comm::rank_env().world_size == 1,
+          "started as a rank of `fp8moe launch`: only --device gpu generates across ranks");
       std::cout << fp8moe::generate_text(*g) << "\n";
       return;
     }

@@ -6,14 +6,22 @@
 // steps' wall time, host sampling and the logits copy included), prefill tokens/s, the mean
 // decoding step with CUDA graphs (the default) and without; the anchor's tokens/s (graphs on)
 // and the ratio.
+// With --devices 0,1 (several entries; repeats: ranks sharing a GPU): serving over those ranks
+// (serve::GeneratorGroup: data-parallel attention, expert-parallel MoE, lockstep), each rank
+// `batch` requests, against one GPU alone (world 1, every expert local) at the same per-GPU
+// batch in the same run: rows of the group's decoding tokens/s (every rank's tokens / the slowest
+// rank's decoding wall time) and end-to-end tokens/s (new tokens / generate()'s wall time), and
+// the ratio to the one-GPU run.
 // Run (from the repository root): serve_bench [--configs small-gpu,v3-slice] [--batches 1,8,32,64]
-//   [--prompt 128] [--new 64] [--out rows.jsonl] [--date D] [--commit C]
+//   [--prompt 128] [--new 64] [--devices 0,1] [--out rows.jsonl] [--date D] [--commit C]
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -23,6 +31,7 @@
 #include "fp8moe/core/json.h"
 #include "fp8moe/model/config.h"
 #include "fp8moe/serve/generator_gpu.h"
+#include "fp8moe/serve/generator_group.h"
 #include "fp8moe/train/train_state_gpu.h"
 
 namespace {
@@ -46,11 +55,100 @@ std::vector<std::vector<int32_t>> prompts(int64_t n, int64_t len, int64_t vocab,
   return p;
 }
 
+struct Rates {
+  double decode = 0, end_to_end = 0, step_ms = 0;
+  int64_t idle = 0;
+};
+
+// One generate() of `batch` requests a rank: decoding tokens/s over the slowest rank's decoding
+// time, and new tokens/s over the call's wall time.
+Rates time_group(serve::GeneratorGroup* group, serve::GeneratorGpu* one, int64_t batch,
+                 int64_t prompt, const serve::SamplingOptions& s, int64_t vocab) {
+  const int ranks = group != nullptr ? group->ranks() : 1;
+  const auto p = prompts(batch * ranks, prompt, vocab, 2000 + batch);
+  std::vector<serve::GenerationStats> st(1);
+  const auto t0 = std::chrono::steady_clock::now();
+  if (group != nullptr)
+    group->generate(p, s, &st);
+  else
+    one->generate(p, s, &st[0]);
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  Rates r;
+  double tokens = 0, decode_s = 0, steps = 0;
+  for (const auto& x : st) {
+    tokens += static_cast<double>(x.decode_tokens);
+    decode_s = std::max(decode_s, x.decode_s);
+    steps = std::max(steps, static_cast<double>(x.decode_steps + x.idle_steps));
+    r.idle += x.idle_steps;
+  }
+  r.decode = tokens / decode_s;
+  r.end_to_end = static_cast<double>(batch * ranks * s.max_new_tokens) / wall;
+  r.step_ms = 1e3 * decode_s / steps;
+  return r;
+}
+
+// --devices: the group against one GPU, per config and per-rank batch.
+void run_group(const std::vector<std::string>& configs, const std::vector<int64_t>& bs,
+               const std::vector<int>& devices, int64_t prompt, int64_t fresh, FILE* f,
+               const std::string& gpu, const std::string& date, const std::string& commit) {
+  std::printf("%-10s %5s %5s %14s %14s %10s %14s %14s %8s %8s\n", "config", "ranks", "batch",
+              "decode tok/s", "e2e tok/s", "step ms", "1-GPU decode", "1-GPU e2e", "ratio",
+              "e2e x");
+  for (const std::string& name : configs) {
+    const std::string path = "configs/" + name + ".json";
+    const ModelConfig cfg = parse_model_config(read_json_file(path), path);
+    serve::GeneratorOptions o;
+    o.max_batch = *std::max_element(bs.begin(), bs.end());
+    o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
+    o.prefill_chunk = std::max<int64_t>(prompt, 64);
+    const auto load = [&](ModelGpu& m) {
+      init_parameters_gpu(m.parameters(), m.buffers(), 1, cfg.initializer_range, nullptr);
+    };
+    serve::SamplingOptions s;
+    s.max_new_tokens = fresh;
+    s.ignore_eos = true;
+    std::vector<Rates> alone;
+    {
+      FM_CHECK_CUDA(cudaSetDevice(devices[0]));
+      serve::GeneratorGpu one(cfg, o, load);
+      time_group(nullptr, &one, 1, prompt, s, cfg.vocab_size);  // warm-up
+      for (const int64_t b : bs)
+        alone.push_back(time_group(nullptr, &one, b, prompt, s, cfg.vocab_size));
+    }
+    serve::GeneratorGroup group(cfg, o, devices, load);
+    time_group(&group, nullptr, 1, prompt, s, cfg.vocab_size);  // warm-up
+    for (size_t i = 0; i < bs.size(); ++i) {
+      const Rates g = time_group(&group, nullptr, bs[i], prompt, s, cfg.vocab_size);
+      std::printf("%-10s %5d %5lld %14.0f %14.0f %10.3f %14.0f %14.0f %7.2fx %7.2fx\n",
+                  name.c_str(), group.ranks(), static_cast<long long>(bs[i]), g.decode,
+                  g.end_to_end, g.step_ms, alone[i].decode, alone[i].end_to_end,
+                  g.decode / alone[i].decode, g.end_to_end / alone[i].end_to_end);
+      for (int impl = 0; impl < 2 && f != nullptr; ++impl) {
+        const Rates& r = impl == 0 ? g : alone[i];
+        std::fprintf(
+            f,
+            "{\"bench\":\"serve\",\"gpu\":\"%s\",\"gpus\":%d,\"ranks\":%d,\"date\":\"%s\","
+            "\"commit\":\"%s\",\"impl\":\"%s\",\"config\":\"%s\",\"batch_per_rank\":%lld,"
+            "\"prompt\":%lld,\"new_tokens\":%lld,\"decode_tokens_per_s\":%.1f,"
+            "\"end_to_end_tokens_per_s\":%.1f,\"us\":%.1f,\"ratio_vs_one_gpu\":%.3f,"
+            "\"idle_steps\":%lld}\n",
+            gpu.c_str(),
+            impl == 0 ? static_cast<int>(std::set<int>(devices.begin(), devices.end()).size()) : 1,
+            impl == 0 ? group.ranks() : 1, date.c_str(), commit.c_str(),
+            impl == 0 ? "fp8moe_ep" : "one_gpu", name.c_str(), static_cast<long long>(bs[i]),
+            static_cast<long long>(prompt), static_cast<long long>(fresh), r.decode, r.end_to_end,
+            1e3 * r.step_ms, impl == 0 ? g.decode / alone[i].decode : 1.0,
+            static_cast<long long>(r.idle));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string configs = "small-gpu,v3-slice", batches = "1,8,32,64", out, date = "unknown",
-              commit = "unknown";
+              commit = "unknown", device_list;
   int64_t prompt = 128, fresh = 64;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -73,6 +171,8 @@ int main(int argc, char** argv) {
       date = v;
     else if (a == "--commit")
       commit = v;
+    else if (a == "--devices")
+      device_list = v;
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -89,6 +189,13 @@ int main(int argc, char** argv) {
     FM_CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
     std::vector<int64_t> bs;
     for (const std::string& b : split(batches)) bs.push_back(std::atoll(b.c_str()));
+    std::vector<int> group;
+    for (const std::string& d : split(device_list)) group.push_back(std::atoi(d.c_str()));
+    if (group.size() >= 2) {
+      run_group(split(configs), bs, group, prompt, fresh, f, prop.name, date, commit);
+      if (f != nullptr) std::fclose(f);
+      return 0;
+    }
     std::printf("%-10s %5s %12s %12s %10s %10s %14s %8s\n", "config", "batch", "decode tok/s",
                 "prefill tok/s", "step ms", "eager ms", "sequential", "ratio");
     for (const std::string& name : split(configs)) {

@@ -466,30 +466,38 @@ void ModelGpu::set_grad_ready(std::function<void(FloatSpan, cudaStream_t)> hook)
 namespace {
 
 // The CPU table (parameters or buffers) against the GPU's: same names and shapes, in order.
+// Each GPU tensor against the CPU model's tensor at its index (ParameterGpu::index: with
+// experts sharded over ranks, the GPU table holds this rank's share); `whole`: the tables match
+// one for one.
 void check_same_table(const std::deque<Parameter>& cpu, const std::vector<ParameterGpu>& gpu,
-                      const char* what) {
-  FM_CHECK_ARG(cpu.size() == gpu.size(), "ModelGpu::", what, ": the CPU model has ", cpu.size(),
-               " tensors, the GPU model ", gpu.size());
-  for (size_t i = 0; i < cpu.size(); ++i)
-    FM_CHECK_ARG(cpu[i].name == gpu[i].name && cpu[i].shape == gpu[i].shape &&
-                     cpu[i].numel() == gpu[i].numel,
-                 "ModelGpu::", what, ": tensor ", i, " is '", cpu[i].name, "' on the CPU, '",
+                      const char* what, bool whole) {
+  FM_CHECK_ARG(!whole || cpu.size() == gpu.size(), "ModelGpu::", what, ": the CPU model has ",
+               cpu.size(), " tensors, the GPU model ", gpu.size());
+  for (size_t i = 0; i < gpu.size(); ++i) {
+    const int64_t c = whole ? static_cast<int64_t>(i) : gpu[i].index;
+    FM_CHECK_ARG(c >= 0 && c < static_cast<int64_t>(cpu.size()), "ModelGpu::", what,
+                 ": GPU tensor '", gpu[i].name, "' has index ", c, " past the CPU model's ",
+                 cpu.size(), " tensors");
+    FM_CHECK_ARG(cpu[c].name == gpu[i].name && cpu[c].shape == gpu[i].shape &&
+                     cpu[c].numel() == gpu[i].numel,
+                 "ModelGpu::", what, ": tensor ", c, " is '", cpu[c].name, "' on the CPU, '",
                  gpu[i].name, "' on the GPU (or their shapes differ)");
+  }
 }
 
 }  // namespace
 
 void ModelGpu::upload(Model& cpu) {
   Impl& m = *impl_;
-  FM_CHECK_ARG(m.par.world == 1, "ModelGpu::upload: the model is sharded over ", m.par.world,
-               " ranks");
-  check_same_table(cpu.parameters(), m.params, "upload");
-  check_same_table(cpu.buffers(), m.buffers, "upload");
+  // With several ranks, this rank's share: every replicated tensor and its own routed experts.
+  const bool whole = m.par.world == 1;
+  check_same_table(cpu.parameters(), m.params, "upload", whole);
+  check_same_table(cpu.buffers(), m.buffers, "upload", true);
   FM_CHECK_CUDA(cudaDeviceSynchronize());
   for (size_t i = 0; i < m.params.size(); ++i)
-    FM_CHECK_CUDA(cudaMemcpy(m.params[i].value, cpu.parameters()[i].value.data(),
-                             static_cast<size_t>(m.params[i].numel) * sizeof(float),
-                             cudaMemcpyHostToDevice));
+    FM_CHECK_CUDA(
+        cudaMemcpy(m.params[i].value, cpu.parameters()[whole ? i : m.params[i].index].value.data(),
+                   static_cast<size_t>(m.params[i].numel) * sizeof(float), cudaMemcpyHostToDevice));
   for (size_t i = 0; i < m.buffers.size(); ++i)
     FM_CHECK_CUDA(cudaMemcpy(m.buffers[i].value, cpu.buffers()[i].value.data(),
                              static_cast<size_t>(m.buffers[i].numel) * sizeof(float),
@@ -503,8 +511,8 @@ void ModelGpu::download(Model& cpu, bool with_grads) const {
   const Impl& m = *impl_;
   FM_CHECK_ARG(m.par.world == 1, "ModelGpu::download: the model is sharded over ", m.par.world,
                " ranks");
-  check_same_table(cpu.parameters(), m.params, "download");
-  check_same_table(cpu.buffers(), m.buffers, "download");
+  check_same_table(cpu.parameters(), m.params, "download", true);
+  check_same_table(cpu.buffers(), m.buffers, "download", true);
   FM_CHECK_CUDA(cudaDeviceSynchronize());
   for (size_t i = 0; i < m.params.size(); ++i) {
     Parameter& p = cpu.parameters()[i];

@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
+#include <memory>
 #include <string>
 
+#include "fp8moe/comm/nccl_collectives.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/philox.h"
@@ -19,6 +21,7 @@ namespace fp8moe::serve {
 
 struct GeneratorGpu::Impl {
   GeneratorOptions o;
+  GeneratorParallel par;
   ModelConfig config;
   int64_t step_tokens = 0, vocab = 0;
   int sms = 0;
@@ -36,6 +39,7 @@ struct GeneratorGpu::Impl {
   std::vector<int> decode_runs[kKinds];
   std::vector<cudaGraphExec_t> graphs[kKinds];
   std::vector<MlaLatentCacheView> views;  // the last prepare_step's
+  int idle_seq = -1;  // world > 1: the dummy sequence of idle passes (its first positions)
 
   ~Impl() {
     for (auto& kind : graphs)
@@ -66,12 +70,12 @@ struct GeneratorGpu::Impl {
   // One step over `seqs` (grown already), `queries` new tokens each (ids / pos in row order):
   // the main model (kMain: the logits of each sequence's last row, or of every row with
   // every_row) or the MTP draft module over the main model's last states (kDraft: every row).
-  // Leaves the logits [rows, vocab] in `out`.
+  // Leaves the logits [rows, vocab] in `out` (null: not copied back, e.g. an idle pass's).
   enum class Pass { kMain, kDraft };
   // same_step: the sequences and their lengths are the previous run's (the draft pass after its
   // verify pass): the page table on the device stays.
   void run(Pass pass, const std::vector<int>& seqs, const int32_t* ids, const int32_t* pos,
-           int64_t queries, bool every_row, std::vector<float>& out, bool same_step = false) {
+           int64_t queries, bool every_row, std::vector<float>* out, bool same_step = false) {
     const int64_t batch = static_cast<int64_t>(seqs.size()), T = batch * queries;
     if (!same_step) views = cache->prepare_step(seqs, stream);
     const int64_t L = config.num_hidden_layers;
@@ -111,26 +115,53 @@ struct GeneratorGpu::Impl {
     } else {
       go();
     }
-    FM_CHECK_CUDA(cudaMemcpyAsync(h_logits, d_logits, static_cast<size_t>(rows * vocab) * 2,
-                                  cudaMemcpyDeviceToHost, stream));
+    if (out != nullptr)
+      FM_CHECK_CUDA(cudaMemcpyAsync(h_logits, d_logits, static_cast<size_t>(rows * vocab) * 2,
+                                    cudaMemcpyDeviceToHost, stream));
     FM_CHECK_CUDA(cudaMemcpyAsync(h_status, model->status(), 4, cudaMemcpyDeviceToHost, stream));
     FM_CHECK_CUDA(cudaStreamSynchronize(stream));
     FM_CHECK(*h_status == 0, "GeneratorGpu: the model reported error bits 0x", std::hex, *h_status,
              " (a token id outside the vocabulary or a position past the RoPE table)");
-    out.resize(static_cast<size_t>(rows * vocab));
-    for (int64_t i = 0; i < rows * vocab; ++i) out[i] = to_float(h_logits[i]);
+    if (out == nullptr) return;
+    out->resize(static_cast<size_t>(rows * vocab));
+    for (int64_t i = 0; i < rows * vocab; ++i) (*out)[i] = to_float(h_logits[i]);
+  }
+
+  // A lockstep pass with nothing of this rank's (world > 1): one dummy token (two with the draft,
+  // so that it replays the batch-1 decoding graphs) at the idle sequence's first positions, whose
+  // MoE layers take part in the other ranks' exchanges. The sequence holds exactly the pass's
+  // tokens, so that its attention reads only rows the pass itself wrote.
+  void idle_pass() {
+    const int64_t queries = o.mtp_draft ? 2 : 1;
+    PageAllocator& pages = cache->pages();
+    if (pages.length(idle_seq) > queries) pages.shrink(idle_seq, queries);
+    FM_CHECK(pages.grow(idle_seq, queries), "GeneratorGpu: the idle sequence lost its page");
+    const int32_t ids[2] = {0, 0}, pos[2] = {0, 1};
+    run(Pass::kMain, {idle_seq}, ids, pos, queries, o.mtp_draft, nullptr);
+    if (o.mtp_draft) run(Pass::kDraft, {idle_seq}, ids, pos, queries, true, nullptr, true);
   }
 };
 
 GeneratorGpu::GeneratorGpu(Model& cpu, const GeneratorOptions& o)
-    : GeneratorGpu(cpu.config(), o, [&cpu](ModelGpu& gpu) { gpu.upload(cpu); }) {}
+    : GeneratorGpu(cpu, o, GeneratorParallel{}) {}
 
 GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
                            const std::function<void(ModelGpu&)>& load)
+    : GeneratorGpu(config, o, load, GeneratorParallel{}) {}
+
+GeneratorGpu::GeneratorGpu(Model& cpu, const GeneratorOptions& o, const GeneratorParallel& par)
+    : GeneratorGpu(
+          cpu.config(), o, [&cpu](ModelGpu& gpu) { gpu.upload(cpu); }, par) {}
+
+GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
+                           const std::function<void(ModelGpu&)>& load, const GeneratorParallel& par)
     : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   m.o = o;
+  m.par = par;
   m.config = config;
+  FM_CHECK_ARG(par.model.world == 1 || par.all_sum, "GeneratorGpu: ", par.model.world,
+               " ranks need GeneratorParallel::all_sum");
   FM_CHECK_ARG(o.max_batch > 0, "GeneratorGpu: max_batch=", o.max_batch, " must be positive");
   FM_CHECK_ARG(o.prefill_chunk > 0, "GeneratorGpu: prefill_chunk=", o.prefill_chunk,
                " must be positive");
@@ -144,7 +175,7 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
   int dev = 0;
   FM_CHECK_CUDA(cudaGetDevice(&dev));
   FM_CHECK_CUDA(cudaDeviceGetAttribute(&m.sms, cudaDevAttrMultiProcessorCount, dev));
-  m.model = std::make_unique<ModelGpu>(m.config, m.step_tokens, 1, ModelGpuParallel{}, o.context);
+  m.model = std::make_unique<ModelGpu>(m.config, m.step_tokens, 1, par.model, o.context);
   load(*m.model);
   FM_CHECK_CUDA(cudaDeviceSynchronize());
   m.model->refresh(nullptr);
@@ -153,8 +184,15 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
   co.page_tokens = o.page_tokens;
   co.max_pages_per_seq = (o.context + o.page_tokens - 1) / o.page_tokens;
   co.num_pages = o.num_pages > 0 ? o.num_pages : o.max_batch * co.max_pages_per_seq;
+  const bool lockstep = par.model.world > 1;
+  co.num_pages += lockstep ? 1 : 0;  // the idle sequence's page
   co.max_batch = o.max_batch;
   m.cache = std::make_unique<PagedLatentCacheGpu>(m.config, co);
+  if (lockstep) {
+    m.idle_seq = m.cache->pages().add_sequence();
+    FM_CHECK(m.cache->pages().grow(m.idle_seq, 2), "GeneratorGpu: no page for the idle sequence");
+    m.cache->pages().shrink(m.idle_seq, 0);  // its page stays; idle_pass sets the length
+  }
   FM_CHECK_CUDA(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   // The attention workspace for every step shape, allocated once (graphs keep its address).
   MlaLatentCacheView shape_view;
@@ -206,17 +244,22 @@ void GeneratorGpu::set_mtp_draft(bool on) {
 
 std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     const std::vector<std::vector<int32_t>>& prompts, const SamplingOptions& s,
-    GenerationStats* stats) {
+    GenerationStats* stats, const std::vector<int64_t>& request_ids) {
   Impl& m = *impl_;
   FM_CHECK_ARG(s.max_new_tokens >= 0, "GeneratorGpu::generate: max_new_tokens=", s.max_new_tokens,
                " must be >= 0");
   FM_CHECK_ARG(s.temperature >= 0 && s.top_p > 0 && s.top_p <= 1,
                "GeneratorGpu::generate: temperature must be >= 0 and top_p in (0, 1]");
+  FM_CHECK_ARG(request_ids.empty() || request_ids.size() == prompts.size(),
+               "GeneratorGpu::generate: ", request_ids.size(), " request ids for ", prompts.size(),
+               " prompts");
   for (size_t r = 0; r < prompts.size(); ++r) {
     FM_CHECK_ARG(!prompts[r].empty(), "GeneratorGpu::generate: prompt ", r, " is empty");
     for (int32_t id : prompts[r])
       FM_CHECK_ARG(id >= 0 && id < m.vocab, "GeneratorGpu::generate: prompt ", r, " holds token ",
                    id, " outside the vocabulary [0, ", m.vocab, ")");
+    FM_CHECK_ARG(request_ids.empty() || request_ids[r] >= 0, "GeneratorGpu::generate: request id ",
+                 request_ids.empty() ? 0 : request_ids[r], " of prompt ", r, " is negative");
   }
   struct Request {
     std::vector<int32_t> prompt, out;
@@ -232,7 +275,8 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     // NOTE: as the CPU generator's window rule: an overlong prompt keeps its last context / 2.
     if (static_cast<int64_t>(p.size()) >= m.o.context)
       p.erase(p.begin(), p.end() - m.o.context / 2);
-    req.push_back(Request{std::move(p), {}, PhiloxStream(s.seed, 7 + r), -1, 0, {}});
+    const uint64_t id = request_ids.empty() ? r : static_cast<uint64_t>(request_ids[r]);
+    req.push_back(Request{std::move(p), {}, PhiloxStream(s.seed, 7 + id), -1, 0, {}});
   }
   const bool draft = m.o.mtp_draft;
   std::vector<double> p0, p1;
@@ -266,45 +310,41 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     if (done) pages.release(q.seq);
     return !done;
   };
-  while (!waiting.empty() || !running.empty()) {
-    // Admit waiting prompts while there is room: prefill in chunks (with the draft module's
-    // cache filled beside), then the first token.
-    while (!waiting.empty() && static_cast<int64_t>(running.size()) < m.o.max_batch) {
-      Request& q = req[waiting.front()];
-      const int64_t n = static_cast<int64_t>(q.prompt.size());
-      if ((n + pages.page_tokens() - 1) / pages.page_tokens() > pages.free_pages()) {
-        FM_CHECK(!running.empty(), "GeneratorGpu: the cache (", pages.num_pages(),
-                 " pages) cannot hold one prompt of ", n, " tokens");
-        break;  // wait for running sequences to free pages
-      }
-      waiting.pop_front();
-      q.seq = pages.add_sequence();
-      const auto t0 = clock::now();
-      int32_t first = 0;
-      for (int64_t start = 0; start < n; start += m.o.prefill_chunk) {
-        const int64_t len = std::min(m.o.prefill_chunk, n - start);
-        FM_CHECK(pages.grow(q.seq, start + len), "GeneratorGpu: cache full while prefilling");
-        pos.resize(static_cast<size_t>(len));
-        for (int64_t i = 0; i < len; ++i) pos[i] = static_cast<int32_t>(start + i);
-        m.run(Impl::Pass::kMain, {q.seq}, q.prompt.data() + start, pos.data(), len, false, logits);
-        const bool last = start + len == n;
-        if (last) {
-          first = sample_token(logits.data(), m.vocab, s.temperature, s.top_p, q.rng);
-        }
-        if (draft) {
-          // The module at position p reads the main state at p and the token at p + 1.
-          ids.assign(q.prompt.begin() + start + 1, q.prompt.begin() + start + len);
-          ids.push_back(last ? first : q.prompt[start + len]);
-          m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true, draft_logits, true);
-          if (last) redraft(q, draft_logits.data() + (len - 1) * m.vocab);
-        }
-      }
-      st.prefill_s += seconds(t0);
-      st.prefill_tokens += n;
-      if (append(q, first)) running.push_back(static_cast<size_t>(&q - req.data()));
+  // The prompt being prefilled (one chunk an iteration) and its next chunk's start.
+  int64_t filling = -1, fill_start = 0;
+
+  // A prefill chunk of request `filling` (with the draft module's cache filled beside); after
+  // its last, the first token, and the request joins the running ones.
+  const auto prefill_chunk = [&] {
+    Request& q = req[static_cast<size_t>(filling)];
+    const int64_t n = static_cast<int64_t>(q.prompt.size()), start = fill_start;
+    const int64_t len = std::min(m.o.prefill_chunk, n - start);
+    const auto t0 = clock::now();
+    FM_CHECK(pages.grow(q.seq, start + len), "GeneratorGpu: cache full while prefilling");
+    pos.resize(static_cast<size_t>(len));
+    for (int64_t i = 0; i < len; ++i) pos[i] = static_cast<int32_t>(start + i);
+    m.run(Impl::Pass::kMain, {q.seq}, q.prompt.data() + start, pos.data(), len, false, &logits);
+    const bool last = start + len == n;
+    int32_t first = 0;
+    if (last) first = sample_token(logits.data(), m.vocab, s.temperature, s.top_p, q.rng);
+    if (draft) {
+      // The module at position p reads the main state at p and the token at p + 1.
+      ids.assign(q.prompt.begin() + start + 1, q.prompt.begin() + start + len);
+      ids.push_back(last ? first : q.prompt[start + len]);
+      m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true, &draft_logits, true);
+      if (last) redraft(q, draft_logits.data() + (len - 1) * m.vocab);
     }
-    if (running.empty()) continue;
-    // One decoding step over every running sequence: its last token (and its draft).
+    st.prefill_s += seconds(t0);
+    fill_start += len;
+    if (!last) return;
+    st.prefill_tokens += n;
+    if (append(q, first)) running.push_back(static_cast<size_t>(filling));
+    filling = -1;
+  };
+
+  // One decoding step over every running sequence: its last token (and its draft). False when no
+  // sequence could grow (the pool exhausted): then no pass ran.
+  const auto decode_step = [&] {
     const int64_t queries = draft ? 2 : 1;
     std::vector<int> seqs;
     ids.clear();
@@ -327,9 +367,9 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
       stepping.push_back(r);
     }
     running.clear();
-    if (stepping.empty()) continue;
+    if (stepping.empty()) return false;
     const auto t0 = clock::now();
-    m.run(Impl::Pass::kMain, seqs, ids.data(), pos.data(), queries, draft, logits);
+    m.run(Impl::Pass::kMain, seqs, ids.data(), pos.data(), queries, draft, &logits);
     st.decode_steps += 1;
     st.max_running = std::max<int64_t>(st.max_running, static_cast<int64_t>(stepping.size()));
     if (!draft) {
@@ -341,7 +381,7 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
             sample_token(logits.data() + i * m.vocab, m.vocab, s.temperature, s.top_p, q.rng);
         if (append(q, next)) running.push_back(stepping[i]);
       }
-      continue;
+      return true;
     }
     // Verify: row 2i's distribution checks the draft (speculative_pick: the token is distributed
     // as the main model's alone would be); where the draft is kept, row 2i + 1 gives one more.
@@ -364,7 +404,7 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
       ids[2 * i] = next[i];
       ids[2 * i + 1] = kept[i] ? bonus[i] : next[i];
     }
-    m.run(Impl::Pass::kDraft, seqs, ids.data(), pos.data(), 2, true, draft_logits, true);
+    m.run(Impl::Pass::kDraft, seqs, ids.data(), pos.data(), 2, true, &draft_logits, true);
     st.decode_s += seconds(t0);
     for (size_t i = 0; i < stepping.size(); ++i) {
       Request& q = req[stepping[i]];
@@ -378,12 +418,81 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
       if (goes_on && kept[i]) goes_on = append(q, bonus[i]);
       if (goes_on) running.push_back(stepping[i]);
     }
+    return true;
+  };
+
+  // One iteration: one pass (and its draft pass) on every rank, in lockstep with world > 1.
+  const bool lockstep = m.par.model.world > 1;
+  for (;;) {
+    const bool busy = filling >= 0 || !waiting.empty() || !running.empty();
+    if (!(lockstep ? m.par.all_sum(busy ? 1 : 0) > 0 : busy)) break;
+    // Admit the next waiting prompt while there is room.
+    if (filling < 0 && !waiting.empty() && static_cast<int64_t>(running.size()) < m.o.max_batch) {
+      Request& q = req[waiting.front()];
+      const int64_t n = static_cast<int64_t>(q.prompt.size());
+      if ((n + pages.page_tokens() - 1) / pages.page_tokens() <= pages.free_pages()) {
+        filling = static_cast<int64_t>(waiting.front());
+        fill_start = 0;
+        waiting.pop_front();
+        q.seq = pages.add_sequence();
+      } else {
+        FM_CHECK(!running.empty(), "GeneratorGpu: the cache (", pages.num_pages(),
+                 " pages) cannot hold one prompt of ", n, " tokens");
+        // Wait for running sequences to free pages.
+      }
+    }
+    if (filling >= 0) {
+      prefill_chunk();
+    } else if (!(!running.empty() && decode_step()) && lockstep) {
+      m.idle_pass();
+      st.idle_steps += 1;
+    }
   }
   if (stats != nullptr) *stats = st;
   std::vector<std::vector<int32_t>> out;
   out.reserve(req.size());
   for (Request& q : req) out.push_back(std::move(q.out));
   return out;
+}
+
+GeneratorParallel job_parallel(comm::GpuJob& job) {
+  GeneratorParallel par;
+  par.model.rank = job.rank;
+  par.model.world = job.world;
+  if (job.world == 1) return par;
+#if defined(FP8MOE_HAVE_NCCL)
+  par.model.make_ep_rank = [&job](int block, const comm::EpConfig& cfg) {
+    return comm::make_job_ep_rank(job, block, cfg);
+  };
+  // One int on the device a call, reduced over NCCL: the iteration's host wait is there anyway.
+  struct Sum {
+    int32_t *d = nullptr, *h = nullptr;
+    cudaStream_t stream = nullptr;
+    ~Sum() {
+      cudaFree(d);
+      cudaFreeHost(h);
+      if (stream != nullptr) cudaStreamDestroy(stream);
+    }
+  };
+  auto sum = std::make_shared<Sum>();
+  FM_CHECK_CUDA(cudaMalloc(&sum->d, 4));
+  FM_CHECK_CUDA(cudaMallocHost(&sum->h, 4));
+  FM_CHECK_CUDA(cudaStreamCreateWithFlags(&sum->stream, cudaStreamNonBlocking));
+  par.all_sum = [&job, sum](int64_t value) {
+    FM_CHECK_ARG(value >= 0 && value <= (1 << 30) / job.world, "job_parallel: all_sum of ", value,
+                 " would overflow its int32");
+    *sum->h = static_cast<int32_t>(value);
+    FM_CHECK_CUDA(cudaMemcpyAsync(sum->d, sum->h, 4, cudaMemcpyHostToDevice, sum->stream));
+    comm::nccl_all_reduce(job.nccl, sum->d, 1, comm::ReduceOp::kSum, sum->stream);
+    FM_CHECK_CUDA(cudaMemcpyAsync(sum->h, sum->d, 4, cudaMemcpyDeviceToHost, sum->stream));
+    FM_CHECK_CUDA(cudaStreamSynchronize(sum->stream));
+    return static_cast<int64_t>(*sum->h);
+  };
+#else
+  FM_THROW(ErrorKind::kInvalidArgument, "GeneratorGpu over ", job.world,
+           " ranks needs NCCL: this build has none");
+#endif
+  return par;
 }
 
 }  // namespace fp8moe::serve

@@ -1,10 +1,6 @@
 // The GPU trainer's job of several ranks (train_group_gpu.h).
 #include "train_group_gpu.h"
 
-#include <cstring>
-#include <string_view>
-
-#include "fp8moe/comm/nccl_bootstrap.h"
 #include "fp8moe/comm/nccl_collectives.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
@@ -12,65 +8,8 @@
 
 namespace fp8moe::train_detail {
 
-TrainGroup::~TrainGroup() {
-#if defined(FP8MOE_HAVE_NCCL)
-  if (nccl != nullptr) comm::nccl_comm_destroy(nccl);
-#endif
-}
-
-void TrainGroup::barrier(const std::string& name) const {
-  if (world > 1) store->barrier(prefix + name, kStoreWaitS);
-}
-
 void join_group(const GpuTrainOptions& g, TrainGroup& group) {
-  static int runs = 0;
-  group.device = g.device;
-  group.prefix = "train" + std::to_string(runs++) + "/";
-  if (!comm::launched_as_rank()) return;
-  const comm::RankEnv env = comm::rank_env();
-  if (env.world_size == 1) return;
-#if defined(FP8MOE_HAVE_NCCL)
-  FM_CHECK_ARG(env.local_world_size == env.world_size,
-               "the GPU trainer runs on one host: ", env.world_size, " ranks, ",
-               env.local_world_size, " on this host");
-  int count = 0;
-  FM_CHECK_CUDA(cudaGetDeviceCount(&count));
-  group.rank = env.rank;
-  group.world = env.world_size;
-  group.device = comm::rank_device(env, count);
-  group.store = std::make_unique<comm::Store>(comm::Store::from_env());
-  const std::vector<std::string> devices = group.store->all_gather(
-      group.prefix + "device", std::to_string(group.device), TrainGroup::kStoreWaitS);
-  for (int r = 0; r < group.world; ++r)
-    for (int q = 0; q < r; ++q)
-      FM_CHECK_ARG(devices[q] != devices[r],
-                   "the GPU trainer takes one GPU per rank (NCCL): ", "ranks ", q, " and ", r,
-                   " both drive device ", devices[r], " (", count, " visible)");
-  group.nccl = comm::nccl_comm_init_rank(*group.store, group.device, group.prefix + "nccl",
-                                         TrainGroup::kStoreWaitS);
-#else
-  FM_THROW(ErrorKind::kInvalidArgument, "the GPU trainer over ", env.world_size,
-           " ranks needs NCCL: this build has none (cmake/Fp8moeNccl.cmake)");
-#endif
-}
-
-std::unique_ptr<comm::DeviceEpRank> make_ep_rank(TrainGroup& group, int block,
-                                                 const comm::EpConfig& cfg) {
-  auto ep = std::make_unique<comm::DeviceEpRank>(cfg, group.rank, group.device);
-  const cudaIpcMemHandle_t mine = ep->ipc_handle();
-  const std::string key = group.prefix + "ep/" + std::to_string(block);
-  const std::vector<std::string> all = group.store->all_gather(
-      key, std::string_view(reinterpret_cast<const char*>(&mine), sizeof mine),
-      TrainGroup::kStoreWaitS);
-  std::vector<cudaIpcMemHandle_t> handles(all.size());
-  for (size_t r = 0; r < all.size(); ++r) {
-    FM_CHECK(all[r].size() == sizeof(cudaIpcMemHandle_t), "store key ", key, " of rank ", r,
-             " holds ", all[r].size(), " bytes");
-    std::memcpy(&handles[r], all[r].data(), sizeof(cudaIpcMemHandle_t));
-  }
-  ep->connect_ipc(handles);
-  group.barrier("ep/" + std::to_string(block) + "/connected");
-  return ep;
+  comm::join_gpu_job(g.device, "the GPU trainer", "train", group);
 }
 
 std::vector<int32_t> rank_rows(const std::vector<int32_t>& batch, const TrainGroup& group,

@@ -19,39 +19,19 @@
 #include <vector>
 
 #include "fp8moe/comm/device_ep.h"
-#include "fp8moe/comm/launcher.h"
+#include "fp8moe/comm/gpu_job.h"
 #include "fp8moe/model/model_gpu.h"
 #include "fp8moe/train/trainer_gpu.h"
 
 namespace fp8moe::train_detail {
 
-struct TrainGroup {
-  int rank = 0, world = 1, device = 0;
-  std::unique_ptr<comm::Store> store;
-  void* nccl = nullptr;
-  // Every store key and barrier of this run starts with it: "train<k>/" for the process's k-th
-  // run, so that runs one after another in the same job never read each other's keys (the same
-  // on every rank: each rank makes the same train_gpu calls in the same order).
-  std::string prefix;
-
-  static constexpr double kStoreWaitS = 600;  // a checkpoint of a large model may take minutes
-
-  TrainGroup() = default;
-  TrainGroup(const TrainGroup&) = delete;
-  TrainGroup& operator=(const TrainGroup&) = delete;
-  ~TrainGroup();
-  bool lead() const { return rank == 0; }
-  void barrier(const std::string& name) const;
-};
+// The trainer's job (comm/gpu_job.h): its store keys start with "train<k>/".
+using TrainGroup = comm::GpuJob;
 
 // This process alone (g.device), or, started as a rank of a launched job of several, that job:
 // its device, store and NCCL communicator. kInvalidArgument when ranks share a GPU, span hosts,
 // or the build has no NCCL.
 void join_group(const GpuTrainOptions& g, TrainGroup& group);
-
-// The EP endpoint of MoE block `block`, connected to the other ranks' over CUDA IPC.
-std::unique_ptr<comm::DeviceEpRank> make_ep_rank(TrainGroup& group, int block,
-                                                 const comm::EpConfig& cfg);
 
 // This rank's rows of a global batch of whole windows.
 std::vector<int32_t> rank_rows(const std::vector<int32_t>& batch, const TrainGroup& group,

@@ -99,7 +99,7 @@ TrainResult train_gpu(const TrainOptions& opts, const GpuTrainOptions& g) {
   par.world = group.world;
   if (R > 1)
     par.make_ep_rank = [&group](int block, const comm::EpConfig& cfg) {
-      return make_ep_rank(group, block, cfg);
+      return comm::make_job_ep_rank(group, block, cfg);
     };
   ModelGpu model(o.model, local_batch, o.seq, par);
   FM_CHECK(model.window() == window, "ModelGpu's window ", model.window(), " != ", window);

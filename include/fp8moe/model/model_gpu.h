@@ -100,7 +100,8 @@ class ModelGpu {
   void set_grad_ready(std::function<void(FloatSpan grads, cudaStream_t stream)> hook);
 
   // Values (not gradients) from / to a CPU model of the same config (synchronous; shapes
-  // checked; one rank only). upload() ends with refresh().
+  // checked). upload() takes this rank's share (with several ranks: the replicated tensors and its
+  // own routed experts) and ends with refresh(); download() is for one rank only.
   void upload(Model& cpu);
   void download(Model& cpu, bool with_grads = false) const;
   // Requantises every FP8 weight form from its master: after each optimizer step.
@@ -112,7 +113,7 @@ class ModelGpu {
   void forward_backward(const int32_t* tokens, float mtp_weight, bool backward, LossGpu* loss,
                         cudaStream_t stream);
 
-  // Serving (serve/decode_engine_gpu.h builds on it): one decoding step of the main model over
+  // Serving (serve/generator_gpu.h builds on it): one decoding step of the main model over
   // the layers' paged latent caches (MlaBlockGpu::forward_decode). reserve_decode(max_tokens)
   // once, outside any graph capture (max_tokens <= batch * seq). ids / pos [batch * queries]
   // device int32: row b * queries + i is sequence b's new token i and its position

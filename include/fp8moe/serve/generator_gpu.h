@@ -8,6 +8,16 @@
 // end-of-sequence (unless ignore_eos), after max_new_tokens, or when it fills the context (its
 // prompt is cut to the last context / 2 tokens if it is longer). The main model decodes; with
 // mtp_draft, its first MTP module drafts a token a step.
+//
+// Several ranks (GeneratorParallel; V3's decoding deployment: data-parallel attention, expert-
+// parallel MoE): every rank holds every tensor but only its share of the routed experts, serves its
+// own requests with its own cache, and its MoE layers exchange their tokens with the other ranks'
+// over EP in every pass. So the ranks step in lockstep: each iteration every rank runs exactly one
+// main pass (a prefill chunk, a decoding step, or, with nothing of its own to do while another
+// rank has, an idle pass of one dummy token) and, with mtp_draft, one draft pass; they stop when
+// no rank has work left (GeneratorParallel::all_sum, once an iteration). A request's tokens do not
+// depend on the rank it is served by nor on what else is served (the EP combine sums in a fixed
+// order of ranks), but differ from one rank's in the last bits of the MoE output's rounding.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +25,7 @@
 #include <memory>
 #include <vector>
 
+#include "fp8moe/comm/gpu_job.h"
 #include "fp8moe/model/model.h"
 #include "fp8moe/model/model_gpu.h"
 #include "fp8moe/serve/paged_cache_gpu.h"
@@ -54,12 +65,26 @@ struct SamplingOptions {
   bool ignore_eos = false;
 };
 
+// How a rank of a job of several takes part (world 1: alone; the default).
+struct GeneratorParallel {
+  ModelGpuParallel model;  // rank, world, the MoE blocks' EP endpoints (make_ep_rank)
+  // The sum over the ranks of each rank's value: every rank calls it once an iteration of
+  // generate(), the same number of times (it is how the ranks agree to go on). Needed for world >
+  // 1.
+  std::function<int64_t(int64_t)> all_sum;
+};
+
+// A launched job's ranks (comm/gpu_job.h): EP endpoints over CUDA IPC, the iteration's sum over
+// NCCL on the job's device. `job` must outlive the generator. world 1: the default.
+GeneratorParallel job_parallel(comm::GpuJob& job);
+
 struct GenerationStats {
   int64_t prefill_tokens = 0, decode_tokens = 0, decode_steps = 0;
   double prefill_s = 0, decode_s = 0;  // wall time of the prefill and decoding steps
   int64_t cache_bytes = 0;
   int64_t max_running = 0;            // most sequences in one decoding step
   int64_t drafted = 0, accepted = 0;  // MTP drafts checked and kept (mtp_draft)
+  int64_t idle_steps = 0;             // lockstep passes with nothing of this rank's (world > 1)
 };
 
 class GeneratorGpu {
@@ -70,14 +95,22 @@ class GeneratorGpu {
   // initialisation for benchmarks); the FP8 forms are refreshed after it.
   GeneratorGpu(const ModelConfig& config, const GeneratorOptions& options,
                const std::function<void(ModelGpu&)>& load);
+  // A rank of a job of several (`par`): its share of the experts, its own requests. `cpu` /
+  // `load` as above (ModelGpu::upload takes the rank's share).
+  GeneratorGpu(Model& cpu, const GeneratorOptions& options, const GeneratorParallel& par);
+  GeneratorGpu(const ModelConfig& config, const GeneratorOptions& options,
+               const std::function<void(ModelGpu&)>& load, const GeneratorParallel& par);
   ~GeneratorGpu();
   GeneratorGpu(const GeneratorGpu&) = delete;
   GeneratorGpu& operator=(const GeneratorGpu&) = delete;
 
-  // Each prompt's new tokens (not the prompt), in the prompts' order.
+  // Each prompt's new tokens (not the prompt), in the prompts' order. request_ids (empty: 0, 1,
+  // ...): each prompt's id, which picks its sampling stream, so that a request's text does not
+  // depend on where in the list (or, with several ranks, on which rank) it is.
   std::vector<std::vector<int32_t>> generate(const std::vector<std::vector<int32_t>>& prompts,
                                              const SamplingOptions& sampling,
-                                             GenerationStats* stats = nullptr);
+                                             GenerationStats* stats = nullptr,
+                                             const std::vector<int64_t>& request_ids = {});
   int64_t vocab() const;
   void set_cuda_graphs(bool on);  // GeneratorOptions::cuda_graphs, e.g. to time both
   void set_mtp_draft(bool on);    // GeneratorOptions::mtp_draft (thrown without an MTP module)
