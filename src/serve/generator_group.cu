@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <exception>
 #include <mutex>
@@ -17,12 +18,19 @@ namespace fp8moe::serve {
 
 struct GeneratorGroup::Impl {
   std::vector<int> devices;
-  int sharing = 1;  // most ranks on one device
   std::vector<std::unique_ptr<GeneratorGpu>> ranks;
   // The ranks' meeting point: EP workspaces of the block being connected, iteration values.
   std::unique_ptr<std::barrier<>> meet;
   std::vector<void*> bases;
   std::vector<int64_t> values;
+  std::atomic<int> failed{-1};  // the first rank that threw in the current on_every_rank
+
+  // After a meeting: a rank that failed has left, so the others stop too (rather than wait for
+  // it in the EP exchanges until their timeout).
+  void check_peers(int r) const {
+    const int f = failed.load();
+    FM_CHECK(f < 0, "GeneratorGroup: rank ", r, " stops: rank ", f, " failed");
+  }
 
   // fn(r) on one thread a rank, each on its device. A rank that throws leaves the barrier (so the
   // others are not held at it; their EP waits then end in the EP timeout naming the rank), and
@@ -30,6 +38,7 @@ struct GeneratorGroup::Impl {
   void on_every_rank(const std::function<void(int)>& fn) {
     const int R = static_cast<int>(devices.size());
     meet = std::make_unique<std::barrier<>>(R);
+    failed = -1;
     std::mutex mu;
     std::exception_ptr first;
     std::vector<std::thread> threads;
@@ -41,7 +50,10 @@ struct GeneratorGroup::Impl {
         } catch (...) {
           {
             std::lock_guard<std::mutex> lock(mu);
-            if (!first) first = std::current_exception();
+            if (!first) {
+              first = std::current_exception();
+              failed = r;
+            }
           }
           meet->arrive_and_drop();
         }
@@ -55,11 +67,10 @@ struct GeneratorGroup::Impl {
     par.model.rank = r;
     par.model.world = static_cast<int>(devices.size());
     par.model.make_ep_rank = [this, r](int, const comm::EpConfig& cfg) {
-      comm::DeviceEpOptions opt;
-      opt.ranks_per_device = sharing;
-      auto ep = std::make_unique<comm::DeviceEpRank>(cfg, r, devices[r], opt);
+      auto ep = std::make_unique<comm::DeviceEpRank>(cfg, r, devices[r]);
       bases[r] = ep->workspace();
       meet->arrive_and_wait();  // every rank's workspace of this block is in `bases`
+      check_peers(r);
       ep->connect(bases);
       meet->arrive_and_wait();  // read before the next block overwrites them
       return ep;
@@ -67,6 +78,7 @@ struct GeneratorGroup::Impl {
     par.all_sum = [this, r](int64_t value) {
       values[r] = value;
       meet->arrive_and_wait();
+      check_peers(r);
       int64_t sum = 0;
       for (int64_t v : values) sum += v;
       meet->arrive_and_wait();
@@ -91,8 +103,9 @@ GeneratorGroup::GeneratorGroup(const ModelConfig& config, const GeneratorOptions
   for (int d : devices) {
     FM_CHECK_ARG(d >= 0 && d < count, "GeneratorGroup: device ", d, " is not one of the ", count,
                  " visible");
-    m.sharing =
-        std::max(m.sharing, static_cast<int>(std::count(devices.begin(), devices.end(), d)));
+    FM_CHECK_ARG(std::count(devices.begin(), devices.end(), d) == 1, "GeneratorGroup: device ", d,
+                 " is given to several ranks: one rank a GPU (a rank spinning in an EP receive ",
+                 "would hold SMs that a GEMM of another rank on the same GPU waits for)");
   }
   for (int a : devices)
     for (int b : devices) {

@@ -1,10 +1,11 @@
 // Several GeneratorGpu ranks in one process (serve/generator_gpu.h, GeneratorParallel), one
 // thread a rank: data-parallel attention, expert-parallel MoE, the ranks' EP endpoints connected
-// directly (no IPC) and their iterations agreed at a barrier. Rank r runs on devices[r]; devices
-// may repeat (several ranks on one GPU: the EP kernels' receive grids are capped so that every
-// rank's send stays resident), so a job of any rank count runs, and is tested, on one GPU. The
-// one-process form of `fp8moe launch -n R -- fp8moe generate --device gpu` (one process a GPU,
-// serve::job_parallel), for tests and benchmarks.
+// directly (no IPC) and their iterations agreed at a barrier. Rank r runs on devices[r], one rank a
+// GPU: each rank's passes run on their own (a whole decoding step, CUDA graph or not), and a rank
+// spinning in an EP receive while a peer's GEMM on the same GPU needs its SMs would wait forever
+// (comm/moe_layer_gpu.h; session 24's first run of two ranks on one GPU hung), so devices may not
+// repeat. The one-process form of `fp8moe launch -n R -- fp8moe generate --device gpu` (one
+// process a GPU, serve::job_parallel), for tests and benchmarks.
 #pragma once
 
 #include <cstdint>
@@ -19,7 +20,8 @@ namespace fp8moe::serve {
 
 class GeneratorGroup {
  public:
-  // Each rank's GeneratorGpu with `cpu`'s weights (its share of the experts).
+  // Each rank's GeneratorGpu with `cpu`'s weights (its share of the experts). kInvalidArgument
+  // for no devices, a device that is not visible or repeats, or two without a peer path.
   GeneratorGroup(Model& cpu, const GeneratorOptions& options, const std::vector<int>& devices);
   // The same, each rank's weights written by `load` on its own thread and device.
   GeneratorGroup(const ModelConfig& config, const GeneratorOptions& options,
