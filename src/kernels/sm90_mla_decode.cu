@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
@@ -443,12 +444,17 @@ Params make_params(const MlaDecodeShape& s, int64_t splits, int64_t split_tokens
 template <int kL>
 void launch(const MlaDecodeShape& s, const Params& p, cudaStream_t stream) {
   using T = Tile<kL, 64>;
-  static const bool configured = [] {
+  // NOTE: the attribute is per device: once for each device this process launches on (one process
+  // may drive several GPUs, serve/generator_group.h; session 24's first two-GPU run failed with
+  // it set once per process).
+  static std::once_flag once[64];
+  int dev = 0;
+  FM_CHECK_CUDA(cudaGetDevice(&dev));
+  FM_CHECK(dev >= 0 && dev < 64, "mla_decode: device id ", dev);
+  std::call_once(once[dev], [] {
     FM_CHECK_CUDA(cudaFuncSetAttribute(mla_decode_kernel<kL, 64>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmem));
-    return true;
-  }();
-  (void)configured;
+  });
   const dim3 grid(static_cast<unsigned>(p.splits),
                   static_cast<unsigned>((s.rows() + kRowsCta - 1) / kRowsCta),
                   static_cast<unsigned>(s.batch));

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 24 call 2: call 1's GeneratorGroup test hung (200 s, two ranks on one GPU, in-process:
+# Session 24 call 2 (and 3, after mla_decode set its smem attribute per device): call 1's GeneratorGroup test hung (200 s, two ranks on one GPU, in-process:
 # a rank spinning in an EP receive holds SMs a GEMM of the other rank waits for, the pattern
 # comm/moe_layer_gpu.h rules out; GeneratorGroup now refuses it). test_serve_gpu with one rank a
 # GPU under a watchdog (thread stacks by gdb near its limit), then the in-process serve_bench.
