@@ -60,7 +60,9 @@ struct DevRow {
     for (int j = 0; j < kVec; ++j) b[j] = j < n ? p[base + j] : 0u;
     return n;
   }
-  __device__ int tiles() const { return static_cast<int>((vocab + kTile - 1) / kTile); }
+  __device__ int tiles() const {
+    return static_cast<int>((vocab + kTile - 1) / kTile);
+  }
 };
 
 __device__ __forceinline__ float butterfly(float x) {
@@ -86,9 +88,8 @@ __device__ RowMax row_max(const DevRow& row, Smem& sm) {
     for (int j = 0; j < kVec; ++j)
       if (j < n) {
         bad = bad || bad_logit(b[j]);
-        const unsigned long long cand =
-            (static_cast<unsigned long long>(logit_key(b[j])) << 32) |
-            (0xFFFFFFFFull - static_cast<unsigned long long>(base + j));
+        const unsigned long long cand = (static_cast<unsigned long long>(logit_key(b[j])) << 32) |
+                                        (0xFFFFFFFFull - static_cast<unsigned long long>(base + j));
         best = cand > best ? cand : best;
       }
   }
@@ -149,8 +150,8 @@ __device__ void block_tree16(const float (&v)[kDigits], float above, Smem& sm,
 }
 
 // --- radix passes + tie pass: the nucleus of a row ---
-__device__ Nucleus find_nucleus(const DevRow& row, const RowMax& mx, float temperature,
-                                float top_p, Smem& sm) {
+__device__ Nucleus find_nucleus(const DevRow& row, const RowMax& mx, float temperature, float top_p,
+                                Smem& sm) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   Nucleus nu;
   nu.m = key_value(mx.key);
@@ -470,8 +471,8 @@ void sample_rows(const bf16* logits, int64_t ld, int64_t rows, int64_t vocab,
 
 void speculative_check_rows(const bf16* target, int64_t ld_target, const bf16* draft_logits,
                             int64_t ld_draft, const int32_t* draft_tokens, int64_t rows,
-                            int64_t vocab, const SampleRow* params, int32_t* tokens,
-                            int32_t* kept, int32_t* bonus, cudaStream_t stream) {
+                            int64_t vocab, const SampleRow* params, int32_t* tokens, int32_t* kept,
+                            int32_t* bonus, cudaStream_t stream) {
   check_shape("speculative_check_rows", rows, vocab, ld_target);
   FM_CHECK_ARG(ld_draft >= vocab, "speculative_check_rows: ld_draft=", ld_draft,
                " must be >= vocab=", vocab);

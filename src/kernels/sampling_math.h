@@ -13,11 +13,11 @@ namespace fp8moe::kernels::sampling {
 
 inline constexpr int kThreads = 512;
 inline constexpr int kWarps = kThreads / 32;
-inline constexpr int kVec = 8;                      // ids a thread owns in a tile
-inline constexpr int kTile = kThreads * kVec;       // 4096 ids
-inline constexpr int kSegment = 32 * kVec;          // 256 ids: one warp in one tile
+inline constexpr int kVec = 8;                         // ids a thread owns in a tile
+inline constexpr int kTile = kThreads * kVec;          // 4096 ids
+inline constexpr int kSegment = 32 * kVec;             // 256 ids: one warp in one tile
 inline constexpr int kSegsPerTile = kTile / kSegment;  // 16
-inline constexpr int kDigits = 16;                  // radix 16: 4 passes over 16-bit keys
+inline constexpr int kDigits = 16;                     // radix 16: 4 passes over 16-bit keys
 inline constexpr int64_t kMaxVocab = int64_t{1} << 18;
 inline constexpr int kMaxTiles = static_cast<int>(kMaxVocab / kTile);  // 64
 inline constexpr int kMaxSegs = kMaxTiles * kSegsPerTile;              // 1024
@@ -68,7 +68,9 @@ FM_HD_INLINE float key_value(uint32_t key) {
   const uint32_t bits = (key & 0x8000u) ? (key & 0x7FFFu) : (~key & 0xFFFFu);
   return bits_to_float(bits << 16);
 }
-FM_HD_INLINE float bf16_bits_value(uint32_t bits) { return bits_to_float(bits << 16); }
+FM_HD_INLINE float bf16_bits_value(uint32_t bits) {
+  return bits_to_float(bits << 16);
+}
 // NaN or +inf: the row has no distribution (-inf is a masked token, weight 0).
 FM_HD_INLINE bool bad_logit(uint32_t bits) {
   return (bits & 0x7FFFu) > 0x7F80u || bits == 0x7F80u;

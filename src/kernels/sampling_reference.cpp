@@ -129,7 +129,7 @@ Nucleus find_nucleus(const Row& row, const RowMax& mx, float temperature, float 
 template <typename Val>
 int64_t draw(int64_t vocab, const Val& val, float u, float* total, bool total_only) {
   const int tiles = static_cast<int>((vocab + kTile - 1) / kTile);
-  auto chunks_of = [&](int seg, float (&chunks)[32], float (&vals)[32][kVec]) {
+  auto chunks_of = [&](int seg, float(&chunks)[32], float(&vals)[32][kVec]) {
     const int64_t seg_base = int64_t{seg} * kSegment;
     for (int l = 0; l < 32; ++l) {
       float c = 0;
@@ -221,9 +221,9 @@ void sample_row_probs_reference(const bf16* logits, int64_t vocab, const SampleR
   }
   const Nucleus nu = find_nucleus(row, mx, params.temperature, params.top_p);
   float total = 0;
-  draw(vocab, [&](int64_t id) { return nu.wk(row.at(id), id); }, 0.0f, &total, true);
-  for (int64_t v = 0; v < vocab; ++v)
-    probs[v] = static_cast<double>(nu.wk(row.at(v), v)) / total;
+  draw(
+      vocab, [&](int64_t id) { return nu.wk(row.at(id), id); }, 0.0f, &total, true);
+  for (int64_t v = 0; v < vocab; ++v) probs[v] = static_cast<double>(nu.wk(row.at(v), v)) / total;
 }
 
 SpecResult speculative_check_row_reference(const bf16* p_row, const bf16* q_row,

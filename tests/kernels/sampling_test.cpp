@@ -152,9 +152,8 @@ TEST(SamplingReference, SpeculativeResultIsDistributedAsP) {
       const int32_t draft = kernels::sample_row_reference(q.data(), kVocab, prm);
       SampleRow check = prm;
       check.counter += 1;
-      const auto r =
-          kernels::speculative_check_row_reference(p.data(), q.data(), b.data(), kVocab, draft,
-                                                   check);
+      const auto r = kernels::speculative_check_row_reference(p.data(), q.data(), b.data(), kVocab,
+                                                              draft, check);
       ASSERT_GE(r.token, 0);
       ++counts[r.token];
       kept += r.kept;
@@ -210,8 +209,8 @@ TEST(SamplingReference, BadArgumentsThrow) {
   const auto x = random_logits(10, 1.0f, 1);
   int32_t tok = 0;
   SampleRow ok = row_params(1, 0.9f);
-  test::expect_invalid(
-      [&] { kernels::sample_rows_reference(x.data(), 10, -1, 10, &ok, &tok); }, "rows=-1");
+  test::expect_invalid([&] { kernels::sample_rows_reference(x.data(), 10, -1, 10, &ok, &tok); },
+                       "rows=-1");
   test::expect_invalid([&] { kernels::sample_row_reference(x.data(), 0, ok); }, "vocab=0");
   test::expect_invalid([&] { kernels::sample_row_reference(x.data(), -3, ok); }, "vocab=-3");
   test::expect_invalid([&] { kernels::sample_row_reference(x.data(), 10, row_params(-1, 0.9f)); },
@@ -223,13 +222,13 @@ TEST(SamplingReference, BadArgumentsThrow) {
       },
       "temperature=");
   for (float top_p : {0.0f, -0.5f, 1.5f, std::numeric_limits<float>::quiet_NaN()})
-    test::expect_invalid(
-        [&] { kernels::sample_row_reference(x.data(), 10, row_params(1, top_p)); }, "top_p=");
+    test::expect_invalid([&] { kernels::sample_row_reference(x.data(), 10, row_params(1, top_p)); },
+                         "top_p=");
   test::expect_invalid(
       [&] { kernels::speculative_check_row_reference(x.data(), x.data(), x.data(), 10, 10, ok); },
       "draft=10");
-  test::expect_invalid(
-      [&] { kernels::sample_rows_reference(x.data(), 5, 1, 10, &ok, &tok); }, "ld=5");
+  test::expect_invalid([&] { kernels::sample_rows_reference(x.data(), 5, 1, 10, &ok, &tok); },
+                       "ld=5");
 }
 
 }  // namespace

@@ -99,7 +99,7 @@ void sample_rows(const bf16* logits, int64_t ld, int64_t rows, int64_t vocab,
 // draft_logits + i * ld_draft, draft token draft_tokens[i]; outputs tokens, kept, bonus [rows].
 void speculative_check_rows(const bf16* target, int64_t ld_target, const bf16* draft_logits,
                             int64_t ld_draft, const int32_t* draft_tokens, int64_t rows,
-                            int64_t vocab, const SampleRow* params, int32_t* tokens,
-                            int32_t* kept, int32_t* bonus, cudaStream_t stream);
+                            int64_t vocab, const SampleRow* params, int32_t* tokens, int32_t* kept,
+                            int32_t* bonus, cudaStream_t stream);
 
 }  // namespace fp8moe::kernels
