@@ -20,7 +20,7 @@ cp build-s/BUILD_INFO.txt "$R/" 2> /dev/null
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv >> "$R/machine.txt" 2>&1
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -1 | grep -oiE 'h100|h200' | tr 'A-Z' 'a-z')
 gpu=${gpu:-gpu}
-commit=$(sed -n 's/^commit: //p' build-s/BUILD_INFO.txt 2> /dev/null | head -1)
+commit=$(awk '/^commit:/ {print $2; exit}' build-s/BUILD_INFO.txt 2> /dev/null)
 
 timeout 120 "$bin/test_kernels_gpu" --gtest_filter='Sampling*' > "$R/test_sampling.log" 2>&1
 el "1. test_kernels_gpu Sampling* rc=$?"
