@@ -83,7 +83,7 @@ int main() {
     const bool vec = c.ld % 8 == 0;
     launch(static_cast<int>(c.rows), [&] {
       sample_rows_kernel(reinterpret_cast<const uint16_t*>(x.data()), c.ld, c.vocab, vec, p.data(),
-                         got.data());
+                         got.data(), nullptr);
     });
     long long mism = 0;
     for (int64_t r = 0; r < c.rows; ++r) {
@@ -95,6 +95,21 @@ int main() {
     std::printf("sample rows %lld vocab %lld ld %lld: mismatches %lld\n",
                 static_cast<long long>(c.rows), static_cast<long long>(c.vocab),
                 static_cast<long long>(c.ld), mism);
+    bad += mism;
+  }
+  {  // row_index: 6 rows of a buffer of 12, reversed and one twice
+    const auto x = rows_of(12, 1000, 1000, rng, false);
+    const auto p = params_of(6, rng);
+    const std::vector<int32_t> index = {11, 8, 8, 5, 2, 0};
+    std::vector<int32_t> got(6, 12345), want(6);
+    sample_rows_reference(x.data(), 1000, 6, 1000, p.data(), want.data(), index.data());
+    launch(6, [&] {
+      sample_rows_kernel(reinterpret_cast<const uint16_t*>(x.data()), 1000, 1000, true, p.data(),
+                         got.data(), index.data());
+    });
+    long long mism = 0;
+    for (int r = 0; r < 6; ++r) mism += got[r] != want[r];
+    std::printf("sample rows by row_index: mismatches %lld\n", mism);
     bad += mism;
   }
   for (const Case c : {Case{12, 1000, 1000}, Case{5, 5000, 5000}, Case{1, 129280, 129280}}) {
@@ -116,7 +131,7 @@ int main() {
     launch(static_cast<int>(n), [&] {
       speculative_check_kernel(reinterpret_cast<const uint16_t*>(t.data()), v, true,
                                reinterpret_cast<const uint16_t*>(d.data()), v, true, draft.data(),
-                               v, p.data(), tok.data(), kept.data(), bonus.data());
+                               v, p.data(), tok.data(), kept.data(), bonus.data(), nullptr);
     });
     long long mism = 0, kc = 0;
     for (int64_t i = 0; i < n; ++i) {

@@ -381,7 +381,7 @@ __device__ int32_t sample_one(const DevRow& row, const RowMax& mx, const SampleR
 
 __global__ void __launch_bounds__(kThreads)
     sample_rows_kernel(const uint16_t* logits, int64_t ld, int64_t vocab, bool vec,
-                       const SampleRow* params, int32_t* tokens) {
+                       const SampleRow* params, int32_t* tokens, const int32_t* row_index) {
   __shared__ Smem sm;
   const int64_t r = blockIdx.x;
   const SampleRow p = params[r];
@@ -389,7 +389,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) tokens[r] = kSampleBadParams;
     return;
   }
-  const DevRow row{logits + r * ld, vocab, vec};
+  const DevRow row{logits + (row_index != nullptr ? row_index[r] : r) * ld, vocab, vec};
   const int32_t token = sample_one(row, row_max(row, sm), p, p.counter, sm);
   if (threadIdx.x == 0) tokens[r] = token;
 }
@@ -398,7 +398,8 @@ __global__ void __launch_bounds__(kThreads)
     speculative_check_kernel(const uint16_t* target, int64_t ld_t, bool vec_t,
                              const uint16_t* draft_logits, int64_t ld_d, bool vec_d,
                              const int32_t* draft_tokens, int64_t vocab, const SampleRow* params,
-                             int32_t* tokens, int32_t* kept_out, int32_t* bonus_out) {
+                             int32_t* tokens, int32_t* kept_out, int32_t* bonus_out,
+                             const int32_t* draft_row_index) {
   __shared__ Smem sm;
   const int64_t i = blockIdx.x;
   const SampleRow p = params[i];
@@ -407,7 +408,8 @@ __global__ void __launch_bounds__(kThreads)
   if (!bad_params(p) && d >= 0 && d < vocab) {
     const DevRow prow{target + 2 * i * ld_t, vocab, vec_t};
     const DevRow brow{target + (2 * i + 1) * ld_t, vocab, vec_t};
-    const DevRow qrow{draft_logits + i * ld_d, vocab, vec_d};
+    const DevRow qrow{draft_logits + (draft_row_index != nullptr ? draft_row_index[i] : i) * ld_d,
+                      vocab, vec_d};
     const RowMax pm = row_max(prow, sm), qm = row_max(qrow, sm);
     if (pm.bad || qm.bad) {
       token = kSampleBadLogits;
@@ -461,18 +463,20 @@ void check_shape(const char* who, int64_t rows, int64_t vocab, int64_t ld) {
 }  // namespace
 
 void sample_rows(const bf16* logits, int64_t ld, int64_t rows, int64_t vocab,
-                 const SampleRow* params, int32_t* tokens, cudaStream_t stream) {
+                 const SampleRow* params, int32_t* tokens, cudaStream_t stream,
+                 const int32_t* row_index) {
   check_shape("sample_rows", rows, vocab, ld);
   if (rows == 0) return;
   sample_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      reinterpret_cast<const uint16_t*>(logits), ld, vocab, vec_ok(logits, ld), params, tokens);
+      reinterpret_cast<const uint16_t*>(logits), ld, vocab, vec_ok(logits, ld), params, tokens,
+      row_index);
   FM_CHECK_LAUNCH();
 }
 
 void speculative_check_rows(const bf16* target, int64_t ld_target, const bf16* draft_logits,
                             int64_t ld_draft, const int32_t* draft_tokens, int64_t rows,
                             int64_t vocab, const SampleRow* params, int32_t* tokens, int32_t* kept,
-                            int32_t* bonus, cudaStream_t stream) {
+                            int32_t* bonus, cudaStream_t stream, const int32_t* draft_row_index) {
   check_shape("speculative_check_rows", rows, vocab, ld_target);
   FM_CHECK_ARG(ld_draft >= vocab, "speculative_check_rows: ld_draft=", ld_draft,
                " must be >= vocab=", vocab);
@@ -480,7 +484,7 @@ void speculative_check_rows(const bf16* target, int64_t ld_target, const bf16* d
   speculative_check_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
       reinterpret_cast<const uint16_t*>(target), ld_target, vec_ok(target, ld_target),
       reinterpret_cast<const uint16_t*>(draft_logits), ld_draft, vec_ok(draft_logits, ld_draft),
-      draft_tokens, vocab, params, tokens, kept, bonus);
+      draft_tokens, vocab, params, tokens, kept, bonus, draft_row_index);
   FM_CHECK_LAUNCH();
 }
 

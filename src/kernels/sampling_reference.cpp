@@ -200,11 +200,12 @@ int32_t sample_row_reference(const bf16* logits, int64_t vocab, const SampleRow&
 }
 
 void sample_rows_reference(const bf16* logits, int64_t ld, int64_t rows, int64_t vocab,
-                           const SampleRow* params, int32_t* tokens) {
+                           const SampleRow* params, int32_t* tokens, const int32_t* row_index) {
   FM_CHECK_ARG(rows >= 0, "sample_rows_reference: rows=", rows, " must not be negative");
   FM_CHECK_ARG(ld >= vocab, "sample_rows_reference: ld=", ld, " must be >= vocab=", vocab);
   for (int64_t r = 0; r < rows; ++r)
-    tokens[r] = sample_row_reference(logits + r * ld, vocab, params[r]);
+    tokens[r] =
+        sample_row_reference(logits + (row_index ? row_index[r] : r) * ld, vocab, params[r]);
 }
 
 void sample_row_probs_reference(const bf16* logits, int64_t vocab, const SampleRow& params,

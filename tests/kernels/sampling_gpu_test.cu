@@ -8,6 +8,7 @@
 // Run: test_kernels_gpu --gtest_filter='Sampling*'
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -108,6 +109,32 @@ TEST(SamplingGpu, TokensEqualReference) {
   }
 }
 
+TEST(SamplingGpu, RowIndexPicksRows) {
+  // 40 rows drawn from a buffer of 80 (GeneratorGpu's draft rows 2i + kept_i), some twice.
+  const Batch b = make_batch(80, 32000, 32000, 4321, false);
+  std::vector<int32_t> index(40);
+  std::vector<SampleRow> params(40);
+  for (int i = 0; i < 40; ++i) {
+    index[i] = i % 9 == 8 ? index[i - 1] : 2 * i + (i * 7 % 3 == 0 ? 1 : 0);
+    params[i] = b.params[(i * 13) % 80];
+  }
+  std::vector<int32_t> want(40);
+  kernels::sample_rows_reference(b.logits.data(), b.ld, 40, b.vocab, params.data(), want.data(),
+                                 index.data());
+  DeviceBuffer<bf16> d_logits(b.logits);
+  DeviceBuffer<SampleRow> d_params(params);
+  DeviceBuffer<int32_t> d_index(index), d_tokens(40);
+  d_tokens.poison(0x7F);
+  kernels::sample_rows(d_logits.get(), b.ld, 40, b.vocab, d_params.get(), d_tokens.get(), nullptr,
+                       d_index.get());
+  const auto got = d_tokens.download();
+  int64_t mismatches = 0;
+  for (int i = 0; i < 40; ++i) mismatches += got[i] != want[i];
+  std::printf("[ sampling ] row_index 40 of 80 rows vocab 32000: mismatches %lld\n",
+              static_cast<long long>(mismatches));
+  EXPECT_EQ(mismatches, 0);
+}
+
 TEST(SamplingGpu, AllEqualAndHugeLogit) {
   for (int64_t vocab : {129280, 1000}) {
     Batch b = make_batch(4, vocab, vocab, 7 + vocab, true);  // row 0 all equal, row 1 one huge
@@ -149,7 +176,8 @@ TEST(SamplingGpu, BadRowsAndParams) {
 }
 
 // Requests: target rows 2i (p) and 2i + 1 (bonus), draft row i (q), the draft drawn from q.
-int64_t run_speculative(int64_t requests, int64_t vocab, uint64_t seed) {
+// indexed: the draft rows live at 2i + (i % 2) of a buffer of 2 x requests rows (draft_row_index).
+int64_t run_speculative(int64_t requests, int64_t vocab, uint64_t seed, bool indexed = false) {
   Batch target = make_batch(2 * requests, vocab, vocab, seed, false);
   Batch draft = make_batch(requests, vocab, vocab, seed + 1, false);
   std::vector<SampleRow> params(static_cast<size_t>(requests));
@@ -171,7 +199,18 @@ int64_t run_speculative(int64_t requests, int64_t vocab, uint64_t seed) {
     want[i] = kernels::speculative_check_row_reference(
         target.logits.data() + 2 * i * vocab, draft.logits.data() + i * vocab,
         target.logits.data() + (2 * i + 1) * vocab, vocab, draft_tokens[i], params[i]);
-  DeviceBuffer<bf16> d_target(target.logits), d_draft(draft.logits);
+  std::vector<bf16> draft_buffer = draft.logits;
+  std::vector<int32_t> draft_index(static_cast<size_t>(requests));
+  if (indexed) {  // row i moves to 2i + (i % 2); the other rows are NaN (never read)
+    draft_buffer.assign(static_cast<size_t>(2 * requests * vocab), to_bf16(std::nanf("")));
+    for (int64_t i = 0; i < requests; ++i) {
+      draft_index[i] = static_cast<int32_t>(2 * i + i % 2);
+      std::copy(draft.logits.begin() + i * vocab, draft.logits.begin() + (i + 1) * vocab,
+                draft_buffer.begin() + draft_index[i] * vocab);
+    }
+  }
+  DeviceBuffer<int32_t> d_draft_index(draft_index);
+  DeviceBuffer<bf16> d_target(target.logits), d_draft(draft_buffer);
   DeviceBuffer<SampleRow> d_params(params);
   DeviceBuffer<int32_t> d_draft_tokens(draft_tokens);
   DeviceBuffer<int32_t> d_tok(static_cast<size_t>(requests)), d_kept(static_cast<size_t>(requests)),
@@ -181,7 +220,7 @@ int64_t run_speculative(int64_t requests, int64_t vocab, uint64_t seed) {
   d_bonus.poison(0x7F);
   kernels::speculative_check_rows(d_target.get(), vocab, d_draft.get(), vocab, d_draft_tokens.get(),
                                   requests, vocab, d_params.get(), d_tok.get(), d_kept.get(),
-                                  d_bonus.get(), nullptr);
+                                  d_bonus.get(), nullptr, indexed ? d_draft_index.get() : nullptr);
   const auto tok = d_tok.download(), kept = d_kept.download(), bonus = d_bonus.download();
   int64_t mismatches = 0, kept_count = 0;
   for (int64_t i = 0; i < requests; ++i) {
@@ -194,9 +233,10 @@ int64_t run_speculative(int64_t requests, int64_t vocab, uint64_t seed) {
       ++mismatches;
     }
   }
-  std::printf("[ sampling ] speculative requests %4lld vocab %6lld: kept %lld, mismatches %lld\n",
+  std::printf("[ sampling ] speculative requests %4lld vocab %6lld%s: kept %lld, mismatches %lld\n",
               static_cast<long long>(requests), static_cast<long long>(vocab),
-              static_cast<long long>(kept_count), static_cast<long long>(mismatches));
+              indexed ? " (draft rows indexed)" : "", static_cast<long long>(kept_count),
+              static_cast<long long>(mismatches));
   return mismatches;
 }
 
@@ -205,6 +245,7 @@ TEST(SamplingGpu, SpeculativeEqualsReference) {
   EXPECT_EQ(run_speculative(40, 129280, 600), 0);
   EXPECT_EQ(run_speculative(65, 32000, 700), 0);
   EXPECT_EQ(run_speculative(130, 1000, 800), 0);
+  EXPECT_EQ(run_speculative(33, 129280, 900, true), 0);
 }
 
 }  // namespace

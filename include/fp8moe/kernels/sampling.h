@@ -67,7 +67,8 @@ inline constexpr int64_t kSampleMaxVocab = int64_t{1} << 18;  // segment masses 
 // outside (0, 1]; returns kSampleBadLogits for a row with NaN or +inf or without a finite max.
 int32_t sample_row_reference(const bf16* logits, int64_t vocab, const SampleRow& params);
 void sample_rows_reference(const bf16* logits, int64_t ld, int64_t rows, int64_t vocab,
-                           const SampleRow* params, int32_t* tokens);
+                           const SampleRow* params, int32_t* tokens,
+                           const int32_t* row_index = nullptr);
 // The distribution sample_row_reference draws from: probs[v] = w(x_v) / C for kept tokens, 0
 // elsewhere (greedy: 1 at the token). Empty for a bad row.
 void sample_row_probs_reference(const bf16* logits, int64_t vocab, const SampleRow& params,
@@ -92,14 +93,18 @@ SpecResult speculative_check_row_reference(const bf16* p_row, const bf16* q_row,
                                            const SampleRow& params);
 
 // --- GPU (device pointers; stream-ordered, allocation-free, graph-capturable) ---
-// logits row r at logits + r * ld (ld >= vocab); params[rows]; tokens[rows].
+// Row r's logits at logits + row_index[r] * ld (row_index null: r; ld >= vocab; the indices must
+// be rows of the buffer, e.g. GeneratorGpu's draft rows 2i + kept_i); params[rows]; tokens[rows].
 void sample_rows(const bf16* logits, int64_t ld, int64_t rows, int64_t vocab,
-                 const SampleRow* params, int32_t* tokens, cudaStream_t stream);
+                 const SampleRow* params, int32_t* tokens, cudaStream_t stream,
+                 const int32_t* row_index = nullptr);
 // Request i: p row target + 2i * ld_target, bonus row target + (2i + 1) * ld_target, q row
-// draft_logits + i * ld_draft, draft token draft_tokens[i]; outputs tokens, kept, bonus [rows].
+// draft_logits + draft_row_index[i] * ld_draft (null: i; the previous step's draft pass keeps
+// request i's at 2i + kept_i), draft token draft_tokens[i]; outputs tokens, kept, bonus [rows].
 void speculative_check_rows(const bf16* target, int64_t ld_target, const bf16* draft_logits,
                             int64_t ld_draft, const int32_t* draft_tokens, int64_t rows,
                             int64_t vocab, const SampleRow* params, int32_t* tokens, int32_t* kept,
-                            int32_t* bonus, cudaStream_t stream);
+                            int32_t* bonus, cudaStream_t stream,
+                            const int32_t* draft_row_index = nullptr);
 
 }  // namespace fp8moe::kernels
