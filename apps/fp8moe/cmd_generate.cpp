@@ -32,7 +32,7 @@ namespace {
 struct GpuArgs {
   std::string device = "cpu", prompts_file;
   int64_t max_batch = 8;
-  bool stats = false, mtp_draft = false;
+  bool stats = false, mtp_draft = false, host_sampling = false;
 };
 
 #ifdef FP8MOE_HAVE_CUDA
@@ -67,6 +67,7 @@ void generate_gpu(const fp8moe::GenerateOptions& g, const GpuArgs& a) {
   o.max_batch = a.max_batch;
   o.context = std::min(g.context, model->config().max_position_embeddings);
   o.mtp_draft = a.mtp_draft;
+  o.device_sampling = !a.host_sampling;
   fp8moe::serve::GeneratorGpu gen(*model, o, fp8moe::serve::job_parallel(job));
   fp8moe::serve::SamplingOptions s;
   s.max_new_tokens = g.max_new_tokens;
@@ -152,6 +153,8 @@ void setup(CLI::App& app) {
   app.add_flag("--stats", a->stats, "GPU: a JSON line of throughput on stderr");
   app.add_flag("--mtp-draft", a->mtp_draft,
                "GPU: speculative decoding with the checkpoint's MTP module as the draft");
+  app.add_flag("--host-sampling", a->host_sampling,
+               "GPU: draw tokens on the host from copied logits (default: on the device)");
   app.callback([g, form, a] {
     FM_CHECK_ARG(g->max_new_tokens >= 0, "--max-new-tokens must be >= 0");
     FM_CHECK_ARG(*form == "latent" || *form == "expanded", "--cache-form: '", *form,
@@ -162,8 +165,8 @@ void setup(CLI::App& app) {
                  "give --prompt (or, with --device gpu, --prompts-file)");
     g->cache_form = fp8moe::parse_kv_cache_form(*form);
     if (a->device == "cpu") {
-      FM_CHECK_ARG(a->prompts_file.empty() && !a->stats && !a->mtp_draft,
-                   "--prompts-file, --stats and --mtp-draft need --device gpu");
+      FM_CHECK_ARG(a->prompts_file.empty() && !a->stats && !a->mtp_draft && !a->host_sampling,
+                   "--prompts-file, --stats, --mtp-draft and --host-sampling need --device gpu");
       FM_CHECK_ARG(
           !fp8moe::comm::launched_as_rank() || fp8moe::comm::rank_env().world_size == 1,
           "started as a rank of `fp8moe launch`: only --device gpu generates across ranks");

@@ -13,7 +13,8 @@
 // rank's decoding wall time) and end-to-end tokens/s (new tokens / generate()'s wall time), and
 // the ratio to the one-GPU run.
 // Run (from the repository root): serve_bench [--configs small-gpu,v3-slice] [--batches 1,8,32,64]
-//   [--prompt 128] [--new 64] [--devices 0,1] [--out rows.jsonl] [--date D] [--commit C]
+//   [--prompt 128] [--new 64] [--vocab V] [--devices 0,1] [--out rows.jsonl] [--date D]
+//   [--commit C]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -89,14 +90,17 @@ Rates time_group(serve::GeneratorGroup* group, serve::GeneratorGpu* one, int64_t
 
 // --devices: the group against one GPU, per config and per-rank batch.
 void run_group(const std::vector<std::string>& configs, const std::vector<int64_t>& bs,
-               const std::vector<int>& devices, int64_t prompt, int64_t fresh, FILE* f,
-               const std::string& gpu, const std::string& date, const std::string& commit) {
+               const std::vector<int>& devices, int64_t prompt, int64_t fresh, int64_t vocab,
+               FILE* f, const std::string& gpu, const std::string& date,
+               const std::string& commit) {
   std::printf("%-10s %5s %5s %14s %14s %10s %14s %14s %8s %8s\n", "config", "ranks", "batch",
               "decode tok/s", "e2e tok/s", "step ms", "1-GPU decode", "1-GPU e2e", "ratio",
               "e2e x");
   for (const std::string& name : configs) {
     const std::string path = "configs/" + name + ".json";
-    const ModelConfig cfg = parse_model_config(read_json_file(path), path);
+    Json j = read_json_file(path);
+    if (vocab > 0) j["vocab_size"] = vocab;
+    const ModelConfig cfg = parse_model_config(j, path);
     serve::GeneratorOptions o;
     o.max_batch = *std::max_element(bs.begin(), bs.end());
     o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
@@ -149,7 +153,7 @@ void run_group(const std::vector<std::string>& configs, const std::vector<int64_
 int main(int argc, char** argv) {
   std::string configs = "small-gpu,v3-slice", batches = "1,8,32,64", out, date = "unknown",
               commit = "unknown", device_list;
-  int64_t prompt = 128, fresh = 64;
+  int64_t prompt = 128, fresh = 64, vocab = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (i + 1 >= argc) {
@@ -173,6 +177,8 @@ int main(int argc, char** argv) {
       commit = v;
     else if (a == "--devices")
       device_list = v;
+    else if (a == "--vocab")
+      vocab = std::atoll(v.c_str());
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -192,15 +198,18 @@ int main(int argc, char** argv) {
     std::vector<int> group;
     for (const std::string& d : split(device_list)) group.push_back(std::atoi(d.c_str()));
     if (group.size() >= 2) {
-      run_group(split(configs), bs, group, prompt, fresh, f, prop.name, date, commit);
+      run_group(split(configs), bs, group, prompt, fresh, vocab, f, prop.name, date, commit);
       if (f != nullptr) std::fclose(f);
       return 0;
     }
-    std::printf("%-10s %5s %12s %12s %10s %10s %14s %8s\n", "config", "batch", "decode tok/s",
-                "prefill tok/s", "step ms", "eager ms", "sequential", "ratio");
+    std::printf("%-10s %6s %5s %12s %12s %10s %10s %14s %8s %12s %8s\n", "config", "vocab", "batch",
+                "decode tok/s", "prefill tok/s", "step ms", "eager ms", "sequential", "ratio",
+                "host-sampled", "x");
     for (const std::string& name : split(configs)) {
       const std::string path = "configs/" + name + ".json";
-      const ModelConfig cfg = parse_model_config(read_json_file(path), path);
+      Json j = read_json_file(path);
+      if (vocab > 0) j["vocab_size"] = vocab;
+      const ModelConfig cfg = parse_model_config(j, path);
       serve::GeneratorOptions o;
       o.max_batch = *std::max_element(bs.begin(), bs.end());
       o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
@@ -232,23 +241,31 @@ int main(int argc, char** argv) {
         gen.generate(prompts(b, prompt, cfg.vocab_size, 1000 + b), s, &eager);
         gen.set_cuda_graphs(true);
         const double eager_ms = 1e3 * eager.decode_s / static_cast<double>(eager.decode_steps);
-        std::printf("%-10s %5lld %12.0f %12.0f %10.3f %10.3f %14.0f %7.2fx\n", name.c_str(),
-                    static_cast<long long>(b), rate, prefill, step_ms, eager_ms, seq_rate,
-                    rate / seq_rate);
+        gen.set_device_sampling(false);
+        serve::GenerationStats host;
+        gen.generate(prompts(b, prompt, cfg.vocab_size, 1000 + b), s, &host);
+        gen.set_device_sampling(true);
+        const double host_rate = static_cast<double>(host.decode_tokens) / host.decode_s;
+        std::printf("%-10s %6lld %5lld %12.0f %12.0f %10.3f %10.3f %14.0f %7.2fx %12.0f %7.2fx\n",
+                    name.c_str(), static_cast<long long>(cfg.vocab_size), static_cast<long long>(b),
+                    rate, prefill, step_ms, eager_ms, seq_rate, rate / seq_rate, host_rate,
+                    rate / host_rate);
         for (int impl = 0; impl < 2 && f != nullptr; ++impl)
           std::fprintf(f,
                        "{\"bench\":\"serve\",\"gpu\":\"%s\",\"gpus\":1,\"date\":\"%s\","
                        "\"commit\":\"%s\",\"impl\":\"%s\",\"config\":\"%s\",\"batch\":%lld,"
                        "\"prompt\":%lld,\"new_tokens\":%lld,\"decode_tokens_per_s\":%.1f,"
                        "\"prefill_tokens_per_s\":%.1f,\"us\":%.1f,\"speedup_vs_sequential\":%.3f,"
-                       "\"eager_step_us\":%.1f,\"cache_gb\":%.3f}\n",
+                       "\"eager_step_us\":%.1f,\"cache_gb\":%.3f,\"vocab\":%lld,"
+                       "\"host_sampled_tokens_per_s\":%.1f}\n",
                        prop.name, date.c_str(), commit.c_str(), impl == 0 ? "fp8moe" : "sequential",
                        name.c_str(), static_cast<long long>(impl == 0 ? b : 1),
                        static_cast<long long>(prompt), static_cast<long long>(fresh),
                        impl == 0 ? rate : seq_rate, impl == 0 ? prefill : 0.0,
                        impl == 0 ? 1e3 * step_ms : 1e6 / seq_rate,
                        impl == 0 ? rate / seq_rate : 1.0, impl == 0 ? 1e3 * eager_ms : 0.0,
-                       static_cast<double>(st.cache_bytes) / 1e9);
+                       static_cast<double>(st.cache_bytes) / 1e9,
+                       static_cast<long long>(cfg.vocab_size), impl == 0 ? host_rate : 0.0);
       }
     }
   } catch (const std::exception& e) {

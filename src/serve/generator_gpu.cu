@@ -15,9 +15,25 @@
 #include "fp8moe/core/philox.h"
 #include "fp8moe/fp8/codec.h"
 #include "fp8moe/kernels/mla_decode.h"
+#include "fp8moe/kernels/sampling.h"
 #include "fp8moe/model/sampling.h"
 
 namespace fp8moe::serve {
+namespace {
+
+// dst row dst_rows[i] = src row src_rows[i] (vocab BF16 each): each drafting request's draft
+// distribution kept in its slot until the next step's verify reads it.
+__global__ void copy_rows_kernel(const bf16* __restrict__ src, const int32_t* __restrict__ src_rows,
+                                 bf16* __restrict__ dst, const int32_t* __restrict__ dst_rows,
+                                 int64_t cols) {
+  const bf16* from = src + static_cast<int64_t>(src_rows[blockIdx.x]) * cols;
+  bf16* to = dst + static_cast<int64_t>(dst_rows[blockIdx.x]) * cols;
+  for (int64_t c = blockIdx.y * blockDim.x + threadIdx.x; c < cols;
+       c += static_cast<int64_t>(gridDim.y) * blockDim.x)
+    to[c] = from[c];
+}
+
+}  // namespace
 
 struct GeneratorGpu::Impl {
   GeneratorOptions o;
@@ -40,6 +56,14 @@ struct GeneratorGpu::Impl {
   std::vector<cudaGraphExec_t> graphs[kKinds];
   std::vector<MlaLatentCacheView> views;  // the last prepare_step's
   int idle_seq = -1;  // world > 1: the dummy sequence of idle passes (its first positions)
+  // Sampling on the device (GeneratorOptions::device_sampling): per-row parameters and row
+  // indices up, tokens (and a verify's kept flags and bonus tokens) back; d_q holds each drafting
+  // request's draft distribution row in its slot (max_batch slots).
+  kernels::SampleRow *d_rows = nullptr, *h_rows = nullptr;
+  int32_t *d_tok = nullptr, *h_tok = nullptr;      // [3 * step_tokens]
+  int32_t *d_index = nullptr, *h_index = nullptr;  // [2 * step_tokens]
+  bf16* d_q = nullptr;
+  std::vector<int> free_slots;
 
   ~Impl() {
     for (auto& kind : graphs)
@@ -49,6 +73,13 @@ struct GeneratorGpu::Impl {
     cudaFree(d_pos);
     cudaFree(d_logits);
     cudaFree(ws);
+    cudaFree(d_rows);
+    cudaFree(d_tok);
+    cudaFree(d_index);
+    cudaFree(d_q);
+    cudaFreeHost(h_rows);
+    cudaFreeHost(h_tok);
+    cudaFreeHost(h_index);
     cudaFreeHost(h_ids);
     cudaFreeHost(h_pos);
     cudaFreeHost(h_logits);
@@ -125,6 +156,68 @@ struct GeneratorGpu::Impl {
     if (out == nullptr) return;
     out->resize(static_cast<size_t>(rows * vocab));
     for (int64_t i = 0; i < rows * vocab; ++i) (*out)[i] = to_float(h_logits[i]);
+  }
+
+  // Tokens drawn on the device from rows[i] of the last pass's logits with params[i]; with
+  // `slots`, row rows[i] is also kept as slot slots[i]'s draft distribution.
+  std::vector<int32_t> sample(const std::vector<int32_t>& rows,
+                              const std::vector<kernels::SampleRow>& params,
+                              const std::vector<int32_t>& slots = {}) {
+    const int64_t n = static_cast<int64_t>(rows.size());
+    std::copy(params.begin(), params.end(), h_rows);
+    std::copy(rows.begin(), rows.end(), h_index);
+    std::copy(slots.begin(), slots.end(), h_index + n);
+    const size_t idx = (rows.size() + slots.size()) * 4;
+    FM_CHECK_CUDA(cudaMemcpyAsync(d_rows, h_rows, n * sizeof(kernels::SampleRow),
+                                  cudaMemcpyHostToDevice, stream));
+    FM_CHECK_CUDA(cudaMemcpyAsync(d_index, h_index, idx, cudaMemcpyHostToDevice, stream));
+    kernels::sample_rows(d_logits, vocab, n, vocab, d_rows, d_tok, stream, d_index);
+    if (!slots.empty()) {
+      copy_rows_kernel<<<dim3(static_cast<unsigned>(n), 8), 256, 0, stream>>>(
+          d_logits, d_index, d_q, d_index + n, vocab);
+      FM_CHECK_CUDA(cudaGetLastError());
+    }
+    FM_CHECK_CUDA(cudaMemcpyAsync(h_tok, d_tok, n * 4, cudaMemcpyDeviceToHost, stream));
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    std::vector<int32_t> out(h_tok, h_tok + n);
+    for (int64_t i = 0; i < n; ++i)
+      FM_CHECK(out[i] >= 0, "GeneratorGpu: sampling row ", rows[i], " failed (",
+               out[i] == kernels::kSampleBadLogits ? "NaN or infinite logits" : "bad parameters",
+               ")");
+    return out;
+  }
+
+  // Speculative sampling's check on the device (model/sampling.h speculative_pick's rule): for
+  // request i the verify pass's rows 2i (the draft's check) and 2i + 1 (the bonus), its draft
+  // drafts[i] drawn from slot slots[i]. Returns tokens, kept flags, bonus tokens.
+  struct Verdicts {
+    std::vector<int32_t> token, kept, bonus;
+  };
+  Verdicts verify(const std::vector<int32_t>& drafts, const std::vector<int32_t>& slots,
+                  const std::vector<kernels::SampleRow>& params) {
+    const int64_t n = static_cast<int64_t>(drafts.size());
+    std::copy(params.begin(), params.end(), h_rows);
+    std::copy(drafts.begin(), drafts.end(), h_index);
+    std::copy(slots.begin(), slots.end(), h_index + n);
+    FM_CHECK_CUDA(cudaMemcpyAsync(d_rows, h_rows, n * sizeof(kernels::SampleRow),
+                                  cudaMemcpyHostToDevice, stream));
+    FM_CHECK_CUDA(cudaMemcpyAsync(d_index, h_index, 2 * n * 4, cudaMemcpyHostToDevice, stream));
+    kernels::speculative_check_rows(d_logits, vocab, d_q, vocab, d_index, n, vocab, d_rows, d_tok,
+                                    d_tok + step_tokens, d_tok + 2 * step_tokens, stream,
+                                    d_index + n);
+    for (int k = 0; k < 3; ++k)
+      FM_CHECK_CUDA(cudaMemcpyAsync(h_tok + k * step_tokens, d_tok + k * step_tokens, n * 4,
+                                    cudaMemcpyDeviceToHost, stream));
+    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    Verdicts v;
+    v.token.assign(h_tok, h_tok + n);
+    v.kept.assign(h_tok + step_tokens, h_tok + step_tokens + n);
+    v.bonus.assign(h_tok + 2 * step_tokens, h_tok + 2 * step_tokens + n);
+    for (int64_t i = 0; i < n; ++i)
+      FM_CHECK(v.token[i] >= 0 && (!v.kept[i] || v.bonus[i] >= 0),
+               "GeneratorGpu: the draft check of request row ", i,
+               " failed (NaN or infinite logits, or bad parameters)");
+    return v;
   }
 
   // A lockstep pass with nothing of this rank's (world > 1): one dummy token (two with the draft,
@@ -222,6 +315,14 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
   FM_CHECK_CUDA(cudaMallocHost(&m.h_pos, t4));
   FM_CHECK_CUDA(cudaMallocHost(&m.h_logits, lb));
   FM_CHECK_CUDA(cudaMallocHost(&m.h_status, 4));
+  const size_t rows_bytes = static_cast<size_t>(m.step_tokens) * sizeof(kernels::SampleRow);
+  FM_CHECK_CUDA(cudaMalloc(&m.d_rows, rows_bytes));
+  FM_CHECK_CUDA(cudaMallocHost(&m.h_rows, rows_bytes));
+  FM_CHECK_CUDA(cudaMalloc(&m.d_tok, 3 * t4));
+  FM_CHECK_CUDA(cudaMallocHost(&m.h_tok, 3 * t4));
+  FM_CHECK_CUDA(cudaMalloc(&m.d_index, 2 * t4));
+  FM_CHECK_CUDA(cudaMallocHost(&m.h_index, 2 * t4));
+  FM_CHECK_CUDA(cudaMalloc(&m.d_q, static_cast<size_t>(o.max_batch * m.vocab) * 2));
 }
 
 GeneratorGpu::~GeneratorGpu() = default;
@@ -232,6 +333,10 @@ int64_t GeneratorGpu::vocab() const {
 
 void GeneratorGpu::set_cuda_graphs(bool on) {
   impl_->o.cuda_graphs = on;
+}
+
+void GeneratorGpu::set_device_sampling(bool on) {
+  impl_->o.device_sampling = on;
 }
 
 void GeneratorGpu::set_mtp_draft(bool on) {
@@ -263,10 +368,13 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
   }
   struct Request {
     std::vector<int32_t> prompt, out;
-    PhiloxStream rng;
+    PhiloxStream rng;  // host sampling's draws
+    uint64_t id = 0;
     int seq = -1;
     int32_t draft = 0;            // the MTP module's guess at the token after out.back() ...
-    std::vector<double> draft_q;  // ... and the distribution it was drawn from
+    std::vector<double> draft_q;  // ... and the distribution it was drawn from (host sampling;
+    int slot = -1;                // on the device: the row of d_q)
+    uint64_t draws = 0;           // device sampling's next uniform index
   };
   std::vector<Request> req;
   req.reserve(prompts.size());
@@ -276,9 +384,19 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     if (static_cast<int64_t>(p.size()) >= m.o.context)
       p.erase(p.begin(), p.end() - m.o.context / 2);
     const uint64_t id = request_ids.empty() ? r : static_cast<uint64_t>(request_ids[r]);
-    req.push_back(Request{std::move(p), {}, PhiloxStream(s.seed, 7 + id), -1, 0, {}});
+    req.push_back(Request{std::move(p), {}, PhiloxStream(s.seed, 7 + id), id, -1, 0, {}, -1, 0});
   }
-  const bool draft = m.o.mtp_draft;
+  const bool draft = m.o.mtp_draft, on_device = m.o.device_sampling;
+  FM_CHECK_ARG(!on_device || m.vocab <= kernels::kSampleMaxVocab, "GeneratorGpu: a vocabulary of ",
+               m.vocab, " is beyond the device sampler's ", kernels::kSampleMaxVocab,
+               " (set_device_sampling(false))");
+  // A request's parameters for its next device draw (its Philox stream: as the host's).
+  const auto params = [&](const Request& q) {
+    return kernels::SampleRow{static_cast<float>(s.temperature), static_cast<float>(s.top_p),
+                              s.seed, 7 + q.id, q.draws};
+  };
+  m.free_slots.clear();
+  for (int k = static_cast<int>(m.o.max_batch) - 1; k >= 0; --k) m.free_slots.push_back(k);
   std::vector<double> p0, p1;
   // The module's draft for a request from its logits row: drawn from the distribution the main
   // model's pick would be drawn from (speculative sampling; greedy: its argmax).
@@ -307,7 +425,11 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     const bool eos = next == s.eos && s.eos >= 0 && !s.ignore_eos;
     const bool done = eos || static_cast<int64_t>(q.out.size()) >= s.max_new_tokens ||
                       pages.length(q.seq) >= room;
-    if (done) pages.release(q.seq);
+    if (done) {
+      pages.release(q.seq);
+      if (q.slot >= 0) m.free_slots.push_back(q.slot);
+      q.slot = -1;
+    }
     return !done;
   };
   // The prompt being prefilled (one chunk an iteration) and its next chunk's start.
@@ -323,16 +445,28 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     FM_CHECK(pages.grow(q.seq, start + len), "GeneratorGpu: cache full while prefilling");
     pos.resize(static_cast<size_t>(len));
     for (int64_t i = 0; i < len; ++i) pos[i] = static_cast<int32_t>(start + i);
-    m.run(Impl::Pass::kMain, {q.seq}, q.prompt.data() + start, pos.data(), len, false, &logits);
     const bool last = start + len == n;
+    m.run(Impl::Pass::kMain, {q.seq}, q.prompt.data() + start, pos.data(), len, false,
+          last && !on_device ? &logits : nullptr);
     int32_t first = 0;
-    if (last) first = sample_token(logits.data(), m.vocab, s.temperature, s.top_p, q.rng);
+    if (last && on_device) {
+      first = m.sample({0}, {params(q)})[0];
+      q.draws += 1;
+    } else if (last) {
+      first = sample_token(logits.data(), m.vocab, s.temperature, s.top_p, q.rng);
+    }
     if (draft) {
       // The module at position p reads the main state at p and the token at p + 1.
       ids.assign(q.prompt.begin() + start + 1, q.prompt.begin() + start + len);
       ids.push_back(last ? first : q.prompt[start + len]);
-      m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true, &draft_logits, true);
-      if (last) redraft(q, draft_logits.data() + (len - 1) * m.vocab);
+      m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true,
+            last && !on_device ? &draft_logits : nullptr, true);
+      if (last && on_device) {
+        q.draft = m.sample({static_cast<int32_t>(len - 1)}, {params(q)}, {q.slot})[0];
+        q.draws += 1;
+      } else if (last) {
+        redraft(q, draft_logits.data() + (len - 1) * m.vocab);
+      }
     }
     st.prefill_s += seconds(t0);
     fill_start += len;
@@ -369,25 +503,51 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     running.clear();
     if (stepping.empty()) return false;
     const auto t0 = clock::now();
-    m.run(Impl::Pass::kMain, seqs, ids.data(), pos.data(), queries, draft, &logits);
+    m.run(Impl::Pass::kMain, seqs, ids.data(), pos.data(), queries, draft,
+          on_device ? nullptr : &logits);
     st.decode_steps += 1;
     st.max_running = std::max<int64_t>(st.max_running, static_cast<int64_t>(stepping.size()));
+    const size_t B = stepping.size();
+    std::vector<kernels::SampleRow> rows_params;
+    for (size_t r : stepping) rows_params.push_back(params(req[r]));
     if (!draft) {
+      std::vector<int32_t> picked(B);
+      if (on_device) {
+        std::vector<int32_t> rows(B);
+        for (size_t i = 0; i < B; ++i) rows[i] = static_cast<int32_t>(i);
+        picked = m.sample(rows, rows_params);
+      }
       st.decode_s += seconds(t0);
-      st.decode_tokens += static_cast<int64_t>(stepping.size());
-      for (size_t i = 0; i < stepping.size(); ++i) {
+      st.decode_tokens += static_cast<int64_t>(B);
+      for (size_t i = 0; i < B; ++i) {
         Request& q = req[stepping[i]];
-        const int32_t next =
-            sample_token(logits.data() + i * m.vocab, m.vocab, s.temperature, s.top_p, q.rng);
+        q.draws += 1;
+        const int32_t next = on_device ? picked[i]
+                                       : sample_token(logits.data() + i * m.vocab, m.vocab,
+                                                      s.temperature, s.top_p, q.rng);
         if (append(q, next)) running.push_back(stepping[i]);
       }
       return true;
     }
     // Verify: row 2i's distribution checks the draft (speculative_pick: the token is distributed
     // as the main model's alone would be); where the draft is kept, row 2i + 1 gives one more.
-    std::vector<int32_t> next(stepping.size()), bonus(stepping.size());
-    std::vector<bool> kept(stepping.size());
-    for (size_t i = 0; i < stepping.size(); ++i) {
+    std::vector<int32_t> next(B), bonus(B);
+    std::vector<bool> kept(B);
+    if (on_device) {
+      std::vector<int32_t> drafts, slots;
+      for (size_t r : stepping) {
+        drafts.push_back(req[r].draft);
+        slots.push_back(req[r].slot);
+      }
+      const Impl::Verdicts v = m.verify(drafts, slots, rows_params);
+      for (size_t i = 0; i < B; ++i) {
+        next[i] = v.token[i];
+        kept[i] = v.kept[i] != 0;
+        bonus[i] = v.bonus[i];
+        req[stepping[i]].draws += 3;
+      }
+    }
+    for (size_t i = 0; i < B && !on_device; ++i) {
       Request& q = req[stepping[i]];
       token_probs(logits.data() + (2 * i) * m.vocab, m.vocab, s.temperature, s.top_p, p0);
       bool k = false;
@@ -404,13 +564,28 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
       ids[2 * i] = next[i];
       ids[2 * i + 1] = kept[i] ? bonus[i] : next[i];
     }
-    m.run(Impl::Pass::kDraft, seqs, ids.data(), pos.data(), 2, true, &draft_logits, true);
+    m.run(Impl::Pass::kDraft, seqs, ids.data(), pos.data(), 2, true,
+          on_device ? nullptr : &draft_logits, true);
+    if (on_device) {
+      // The next drafts from rows 2i + kept_i, those rows kept in the requests' slots.
+      std::vector<int32_t> rows(B), slots(B);
+      for (size_t i = 0; i < B; ++i) {
+        rows[i] = static_cast<int32_t>(2 * i + (kept[i] ? 1 : 0));
+        slots[i] = req[stepping[i]].slot;
+        rows_params[i] = params(req[stepping[i]]);
+      }
+      const std::vector<int32_t> drafted = m.sample(rows, rows_params, slots);
+      for (size_t i = 0; i < B; ++i) {
+        req[stepping[i]].draft = drafted[i];
+        req[stepping[i]].draws += 1;
+      }
+    }
     st.decode_s += seconds(t0);
-    for (size_t i = 0; i < stepping.size(); ++i) {
+    for (size_t i = 0; i < B; ++i) {
       Request& q = req[stepping[i]];
       st.drafted += 1;
       st.accepted += kept[i] ? 1 : 0;
-      redraft(q, draft_logits.data() + (2 * i + (kept[i] ? 1 : 0)) * m.vocab);
+      if (!on_device) redraft(q, draft_logits.data() + (2 * i + (kept[i] ? 1 : 0)) * m.vocab);
       // Both caches now hold the step's rows; a rejected draft's row is dropped.
       pages.shrink(q.seq, pos[2 * i] + (kept[i] ? 2 : 1));
       st.decode_tokens += kept[i] ? 2 : 1;
@@ -435,6 +610,10 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
         fill_start = 0;
         waiting.pop_front();
         q.seq = pages.add_sequence();
+        if (draft && on_device) {
+          q.slot = m.free_slots.back();
+          m.free_slots.pop_back();
+        }
       } else {
         FM_CHECK(!running.empty(), "GeneratorGpu: the cache (", pages.num_pages(),
                  " pages) cannot hold one prompt of ", n, " tokens");

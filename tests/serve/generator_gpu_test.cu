@@ -268,6 +268,8 @@ TEST(ServeGpu, TextDoesNotDependOnTheBatch) {
   EXPECT_EQ(gen.generate(prompts, s), together);
 }
 
+// Sampled on the device (the default) and on the host: each batch-invariant; greedy, the device
+// sampler's text is the host's.
 TEST(ServeGpu, SampledTextDoesNotDependOnTheBatch) {
   const ModelConfig cfg = serve_config();
   Model cpu(cfg, 6);
@@ -277,11 +279,17 @@ TEST(ServeGpu, SampledTextDoesNotDependOnTheBatch) {
   SamplingOptions s;
   s.max_new_tokens = 10;
   s.ignore_eos = true;
+  const auto greedy_device = gen.generate(prompts, s);
+  gen.set_device_sampling(false);
+  EXPECT_EQ(gen.generate(prompts, s), greedy_device);
   s.temperature = 0.8;
   s.top_p = 0.9;
   s.seed = 21;
-  const auto together = gen.generate(prompts, s);
-  expect_batch_invariant(gen, prompts, s, together);
+  for (const bool on_device : {true, false}) {
+    gen.set_device_sampling(on_device);
+    const auto together = gen.generate(prompts, s);
+    expect_batch_invariant(gen, prompts, s, together);
+  }
 }
 
 // The MTP draft keeps the greedy text: every drafted token is checked by the main model in the
@@ -311,17 +319,24 @@ TEST(ServeGpu, MtpDraftKeepsTheGreedyText) {
   EXPECT_EQ(drafted, plain);
   EXPECT_GT(st.drafted, 0);
   // Sampled: speculative sampling keeps each request's text independent of its batch (its own
-  // Philox stream, its own draws), as without the draft (model/sampling.h's tests check the
-  // distribution of speculative_pick itself).
+  // Philox stream, its own draws), as without the draft (model/sampling.h's and
+  // kernels/sampling.h's tests check the distribution of the check itself); on the device and on
+  // the host. Greedy, the device's check keeps the host's text.
+  gen.set_device_sampling(false);
+  EXPECT_EQ(gen.generate(prompts, s), plain);
   s.temperature = 0.8;
   s.top_p = 0.9;
   s.seed = 5;
-  GenerationStats sampled;
-  const auto together = gen.generate(prompts, s, &sampled);
-  std::printf("[ serve ] MTP draft, sampled: %lld drafts, %lld kept\n",
-              static_cast<long long>(sampled.drafted), static_cast<long long>(sampled.accepted));
-  EXPECT_GT(sampled.drafted, 0);
-  expect_batch_invariant(gen, prompts, s, together);
+  for (const bool on_device : {true, false}) {
+    gen.set_device_sampling(on_device);
+    GenerationStats sampled;
+    const auto together = gen.generate(prompts, s, &sampled);
+    std::printf("[ serve ] MTP draft, sampled on the %s: %lld drafts, %lld kept\n",
+                on_device ? "device" : "host", static_cast<long long>(sampled.drafted),
+                static_cast<long long>(sampled.accepted));
+    EXPECT_GT(sampled.drafted, 0);
+    expect_batch_invariant(gen, prompts, s, together);
+  }
 }
 
 TEST(ServeGpu, RejectsBadRequests) {

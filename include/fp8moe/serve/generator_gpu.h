@@ -2,8 +2,9 @@
 // (serve/paged_cache_gpu.h; the attention in latent form, kernels/mla_decode.h), prompts prefilled
 // in chunks (several new tokens a sequence, causal among them), then decoding steps that batch
 // every running sequence (continuous batching: a finished sequence leaves, a waiting prompt is
-// prefilled and joins at the next step). Sampling on the host (model/sampling.h) with one Philox
-// stream a request (seed, request index) and, with split_tokens (the default), batch-invariant
+// prefilled and joins at the next step). Sampling on the device (kernels/sampling.h: only token
+// ids leave the GPU) or on the host (model/sampling.h; device_sampling off), with one Philox
+// stream a request (seed, request id) and, with split_tokens (the default), batch-invariant
 // arithmetic, so a request's text does not depend on what it was batched with. A sequence stops at
 // end-of-sequence (unless ignore_eos), after max_new_tokens, or when it fills the context (its
 // prompt is cut to the last context / 2 tokens if it is longer). The main model decodes; with
@@ -54,6 +55,12 @@ struct GeneratorOptions {
   // Greedy text equals the text without it. Needs num_nextn_predict_layers >= 1. Settable per call
   // with set_mtp_draft.
   bool mtp_draft = false;
+  // Tokens drawn on the device (kernels::sample_rows; the MTP draft's check by
+  // kernels::speculative_check_rows): only 4 bytes a row come back instead of the logits. Greedy
+  // text is the host's (the same lowest-id argmax); sampled, the same distributions, but each
+  // draw walks the kept tokens in id order (the host: by probability), so the texts differ.
+  // Settable per call with set_device_sampling.
+  bool device_sampling = true;
 };
 
 struct SamplingOptions {
@@ -112,8 +119,9 @@ class GeneratorGpu {
                                              GenerationStats* stats = nullptr,
                                              const std::vector<int64_t>& request_ids = {});
   int64_t vocab() const;
-  void set_cuda_graphs(bool on);  // GeneratorOptions::cuda_graphs, e.g. to time both
-  void set_mtp_draft(bool on);    // GeneratorOptions::mtp_draft (thrown without an MTP module)
+  void set_cuda_graphs(bool on);      // GeneratorOptions::cuda_graphs, e.g. to time both
+  void set_mtp_draft(bool on);        // GeneratorOptions::mtp_draft (thrown without an MTP module)
+  void set_device_sampling(bool on);  // GeneratorOptions::device_sampling
 
  private:
   struct Impl;
