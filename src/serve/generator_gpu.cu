@@ -106,7 +106,8 @@ struct GeneratorGpu::Impl {
   // same_step: the sequences and their lengths are the previous run's (the draft pass after its
   // verify pass): the page table on the device stays.
   void run(Pass pass, const std::vector<int>& seqs, const int32_t* ids, const int32_t* pos,
-           int64_t queries, bool every_row, std::vector<float>* out, bool same_step = false) {
+           int64_t queries, bool every_row, std::vector<float>* out, bool same_step = false,
+           bool defer_finish = false) {
     const int64_t batch = static_cast<int64_t>(seqs.size()), T = batch * queries;
     if (!same_step) views = cache->prepare_step(seqs, stream);
     const int64_t L = config.num_hidden_layers;
@@ -149,13 +150,19 @@ struct GeneratorGpu::Impl {
     if (out != nullptr)
       FM_CHECK_CUDA(cudaMemcpyAsync(h_logits, d_logits, static_cast<size_t>(rows * vocab) * 2,
                                     cudaMemcpyDeviceToHost, stream));
+    if (defer_finish) return;  // the device sampling enqueued next waits once for both
+    finish();
+    if (out == nullptr) return;
+    out->resize(static_cast<size_t>(rows * vocab));
+    for (int64_t i = 0; i < rows * vocab; ++i) (*out)[i] = to_float(h_logits[i]);
+  }
+
+  // Waits for the stream's work; throws the model's error bits.
+  void finish() {
     FM_CHECK_CUDA(cudaMemcpyAsync(h_status, model->status(), 4, cudaMemcpyDeviceToHost, stream));
     FM_CHECK_CUDA(cudaStreamSynchronize(stream));
     FM_CHECK(*h_status == 0, "GeneratorGpu: the model reported error bits 0x", std::hex, *h_status,
              " (a token id outside the vocabulary or a position past the RoPE table)");
-    if (out == nullptr) return;
-    out->resize(static_cast<size_t>(rows * vocab));
-    for (int64_t i = 0; i < rows * vocab; ++i) (*out)[i] = to_float(h_logits[i]);
   }
 
   // Tokens drawn on the device from rows[i] of the last pass's logits with params[i]; with
@@ -178,7 +185,7 @@ struct GeneratorGpu::Impl {
       FM_CHECK_CUDA(cudaGetLastError());
     }
     FM_CHECK_CUDA(cudaMemcpyAsync(h_tok, d_tok, n * 4, cudaMemcpyDeviceToHost, stream));
-    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    finish();
     std::vector<int32_t> out(h_tok, h_tok + n);
     for (int64_t i = 0; i < n; ++i)
       FM_CHECK(out[i] >= 0, "GeneratorGpu: sampling row ", rows[i], " failed (",
@@ -208,7 +215,7 @@ struct GeneratorGpu::Impl {
     for (int k = 0; k < 3; ++k)
       FM_CHECK_CUDA(cudaMemcpyAsync(h_tok + k * step_tokens, d_tok + k * step_tokens, n * 4,
                                     cudaMemcpyDeviceToHost, stream));
-    FM_CHECK_CUDA(cudaStreamSynchronize(stream));
+    finish();
     Verdicts v;
     v.token.assign(h_tok, h_tok + n);
     v.kept.assign(h_tok + step_tokens, h_tok + step_tokens + n);
@@ -447,7 +454,7 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     for (int64_t i = 0; i < len; ++i) pos[i] = static_cast<int32_t>(start + i);
     const bool last = start + len == n;
     m.run(Impl::Pass::kMain, {q.seq}, q.prompt.data() + start, pos.data(), len, false,
-          last && !on_device ? &logits : nullptr);
+          last && !on_device ? &logits : nullptr, false, last && on_device);
     int32_t first = 0;
     if (last && on_device) {
       first = m.sample({0}, {params(q)})[0];
@@ -460,7 +467,7 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
       ids.assign(q.prompt.begin() + start + 1, q.prompt.begin() + start + len);
       ids.push_back(last ? first : q.prompt[start + len]);
       m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true,
-            last && !on_device ? &draft_logits : nullptr, true);
+            last && !on_device ? &draft_logits : nullptr, true, last && on_device);
       if (last && on_device) {
         q.draft = m.sample({static_cast<int32_t>(len - 1)}, {params(q)}, {q.slot})[0];
         q.draws += 1;
@@ -504,7 +511,7 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     if (stepping.empty()) return false;
     const auto t0 = clock::now();
     m.run(Impl::Pass::kMain, seqs, ids.data(), pos.data(), queries, draft,
-          on_device ? nullptr : &logits);
+          on_device ? nullptr : &logits, false, on_device);
     st.decode_steps += 1;
     st.max_running = std::max<int64_t>(st.max_running, static_cast<int64_t>(stepping.size()));
     const size_t B = stepping.size();
@@ -565,7 +572,7 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
       ids[2 * i + 1] = kept[i] ? bonus[i] : next[i];
     }
     m.run(Impl::Pass::kDraft, seqs, ids.data(), pos.data(), 2, true,
-          on_device ? nullptr : &draft_logits, true);
+          on_device ? nullptr : &draft_logits, true, on_device);
     if (on_device) {
       // The next drafts from rows 2i + kept_i, those rows kept in the requests' slots.
       std::vector<int32_t> rows(B), slots(B);
