@@ -12,15 +12,21 @@
 // batch in the same run: rows of the group's decoding tokens/s (every rank's tokens / the slowest
 // rank's decoding wall time) and end-to-end tokens/s (new tokens / generate()'s wall time), and
 // the ratio to the one-GPU run.
+// With --disaggregate P,D: prefill/decode disaggregation (serve::DisaggregatedGeneratorGpu:
+// prefill on GPU P, decoding on GPU D) against one GPU alone and against the same two GPUs as a
+// data-parallel / expert-parallel group, on a queue of --requests prompts with max_batch = each
+// --batches entry (requests join as others finish): new tokens/s over the wall time, time to
+// first token (median, p90) and the gaps between a request's tokens (median, p99).
 // Run (from the repository root): serve_bench [--configs small-gpu,v3-slice] [--batches 1,8,32,64]
-//   [--prompt 128] [--new 64] [--vocab V] [--devices 0,1] [--out rows.jsonl] [--date D]
-//   [--commit C]
+//   [--prompt 128] [--new 64] [--vocab V] [--devices 0,1 | --disaggregate 0,1 [--requests N]]
+//   [--out rows.jsonl] [--date D] [--commit C]
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -31,6 +37,7 @@
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/json.h"
 #include "fp8moe/model/config.h"
+#include "fp8moe/serve/disaggregated_gpu.h"
 #include "fp8moe/serve/generator_gpu.h"
 #include "fp8moe/serve/generator_group.h"
 #include "fp8moe/train/train_state_gpu.h"
@@ -86,6 +93,94 @@ Rates time_group(serve::GeneratorGroup* group, serve::GeneratorGpu* one, int64_t
   r.end_to_end = static_cast<double>(batch * ranks * s.max_new_tokens) / wall;
   r.step_ms = 1e3 * decode_s / steps;
   return r;
+}
+
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5)];
+}
+
+// --disaggregate: one GPU, the two-GPU group and the disaggregated pair on the same queue.
+void run_disaggregate(const std::vector<std::string>& configs, const std::vector<int64_t>& bs,
+                      const std::vector<int>& pair, int64_t prompt, int64_t fresh, int64_t vocab,
+                      int64_t requests, FILE* f, const std::string& gpu, const std::string& date,
+                      const std::string& commit) {
+  std::printf("%-10s %5s %8s %-14s %5s %12s %10s %10s %10s %10s\n", "config", "batch", "requests",
+              "mode", "gpus", "tokens/s", "ttft p50", "ttft p90", "gap p50", "gap p99");
+  for (const std::string& name : configs) {
+    const std::string path = "configs/" + name + ".json";
+    Json j = read_json_file(path);
+    if (vocab > 0) j["vocab_size"] = vocab;
+    const ModelConfig cfg = parse_model_config(j, path);
+    const auto load = [&](ModelGpu& m) {
+      init_parameters_gpu(m.parameters(), m.buffers(), 1, cfg.initializer_range, nullptr);
+    };
+    serve::SamplingOptions s;
+    s.max_new_tokens = fresh;
+    s.ignore_eos = true;
+    for (const int64_t b : bs) {
+      serve::GeneratorOptions o;
+      o.max_batch = b;
+      o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
+      o.prefill_chunk = std::max<int64_t>(std::min<int64_t>(prompt, 512), 64);
+      const int64_t n = requests > 0 ? requests : 4 * b;
+      const auto p = prompts(n, prompt, cfg.vocab_size, 3000 + b);
+      for (int mode = 0; mode < 3; ++mode) {
+        std::vector<serve::GenerationStats> st;
+        double wall = 0;
+        const auto timed = [&](const std::function<void()>& fn) {
+          fn();  // warm-up: graphs captured, lazy set-up done
+          st.clear();
+          const auto t0 = std::chrono::steady_clock::now();
+          fn();
+          wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        };
+        if (mode == 0) {
+          FM_CHECK_CUDA(cudaSetDevice(pair[0]));
+          serve::GeneratorGpu one(cfg, o, load);
+          timed([&] {
+            st.assign(1, {});
+            one.generate(p, s, &st[0]);
+          });
+        } else if (mode == 1) {
+          serve::GeneratorGroup group(cfg, o, pair, load);
+          timed([&] { group.generate(p, s, &st); });
+        } else {
+          serve::DisaggregatedGeneratorGpu dis(cfg, o, pair[0], pair[1], load);
+          timed([&] {
+            st.assign(2, {});
+            dis.generate(p, s, &st[0], &st[1]);
+          });
+          st.erase(st.begin());  // the decoding half holds every request's times
+        }
+        std::vector<double> ttft, gaps;
+        for (const auto& x : st) {
+          ttft.insert(ttft.end(), x.first_token_ms.begin(), x.first_token_ms.end());
+          gaps.insert(gaps.end(), x.token_gap_ms.begin(), x.token_gap_ms.end());
+        }
+        const char* modes[3] = {"one_gpu", "dp_ep_group", "disaggregated"};
+        const int gpus = mode == 0 ? 1 : 2;
+        const double rate = static_cast<double>(n * fresh) / wall;
+        std::printf("%-10s %5lld %8lld %-14s %5d %12.0f %10.2f %10.2f %10.3f %10.3f\n",
+                    name.c_str(), static_cast<long long>(b), static_cast<long long>(n), modes[mode],
+                    gpus, rate, percentile(ttft, 0.5), percentile(ttft, 0.9), percentile(gaps, 0.5),
+                    percentile(gaps, 0.99));
+        if (f != nullptr)
+          std::fprintf(
+              f,
+              "{\"bench\":\"serve_disaggregated\",\"gpu\":\"%s\",\"gpus\":%d,\"date\":\"%s\","
+              "\"commit\":\"%s\",\"impl\":\"%s\",\"config\":\"%s\",\"max_batch\":%lld,"
+              "\"requests\":%lld,\"prompt\":%lld,\"new_tokens\":%lld,\"tokens_per_s\":%.1f,"
+              "\"ttft_p50_ms\":%.3f,\"ttft_p90_ms\":%.3f,\"gap_p50_ms\":%.4f,"
+              "\"gap_p99_ms\":%.4f,\"us\":%.1f}\n",
+              gpu.c_str(), gpus, date.c_str(), commit.c_str(), modes[mode], name.c_str(),
+              static_cast<long long>(b), static_cast<long long>(n), static_cast<long long>(prompt),
+              static_cast<long long>(fresh), rate, percentile(ttft, 0.5), percentile(ttft, 0.9),
+              percentile(gaps, 0.5), percentile(gaps, 0.99), 1e6 * wall);
+      }
+    }
+  }
 }
 
 // --devices: the group against one GPU, per config and per-rank batch.
@@ -152,8 +247,8 @@ void run_group(const std::vector<std::string>& configs, const std::vector<int64_
 
 int main(int argc, char** argv) {
   std::string configs = "small-gpu,v3-slice", batches = "1,8,32,64", out, date = "unknown",
-              commit = "unknown", device_list;
-  int64_t prompt = 128, fresh = 64, vocab = 0;
+              commit = "unknown", device_list, disaggregate;
+  int64_t prompt = 128, fresh = 64, vocab = 0, requests = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (i + 1 >= argc) {
@@ -179,6 +274,10 @@ int main(int argc, char** argv) {
       device_list = v;
     else if (a == "--vocab")
       vocab = std::atoll(v.c_str());
+    else if (a == "--disaggregate")
+      disaggregate = v;
+    else if (a == "--requests")
+      requests = std::atoll(v.c_str());
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -195,8 +294,15 @@ int main(int argc, char** argv) {
     FM_CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
     std::vector<int64_t> bs;
     for (const std::string& b : split(batches)) bs.push_back(std::atoll(b.c_str()));
-    std::vector<int> group;
+    std::vector<int> group, pair;
     for (const std::string& d : split(device_list)) group.push_back(std::atoi(d.c_str()));
+    for (const std::string& d : split(disaggregate)) pair.push_back(std::atoi(d.c_str()));
+    if (pair.size() == 2) {
+      run_disaggregate(split(configs), bs, pair, prompt, fresh, vocab, requests, f, prop.name, date,
+                       commit);
+      if (f != nullptr) std::fclose(f);
+      return 0;
+    }
     if (group.size() >= 2) {
       run_group(split(configs), bs, group, prompt, fresh, vocab, f, prop.name, date, commit);
       if (f != nullptr) std::fclose(f);

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "fp8moe/comm/nccl_collectives.h"
@@ -31,6 +33,23 @@ __global__ void copy_rows_kernel(const bf16* __restrict__ src, const int32_t* __
   for (int64_t c = blockIdx.y * blockDim.x + threadIdx.x; c < cols;
        c += static_cast<int64_t>(gridDim.y) * blockDim.x)
     to[c] = from[c];
+}
+
+// A request in flight (generate's, or a handoff's on the decoding GPU).
+struct Request {
+  std::vector<int32_t> prompt, out;
+  PhiloxStream rng{0, 0};  // host sampling's draws
+  uint64_t id = 0;
+  int seq = -1;
+  int32_t draft = 0;            // the MTP module's guess at the token after out.back() ...
+  std::vector<double> draft_q;  // ... and the distribution it was drawn from (host sampling;
+  int slot = -1;                // on the device: the row of d_q)
+  uint64_t draws = 0;           // device sampling's next uniform index
+  double last_emit = 0;         // steady-clock seconds of its last token
+};
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace
@@ -227,6 +246,339 @@ struct GeneratorGpu::Impl {
     return v;
   }
 
+  // generate's loop over `req` (all waiting at the start), or a disaggregated half (io): prefill
+  // only (io->deliver) or decode only (io->take; req grows as handoffs join). t_start: the
+  // steady-clock seconds first-token times count from.
+  struct Io {
+    std::function<void(const Handoff&, int seq, int slot)> deliver;
+    GeneratorGpu::HandoffTaker take;
+    std::function<void(const Handoff&)> taken;
+  };
+  void loop(std::vector<Request>& req, const SamplingOptions& s, GenerationStats& st,
+            double t_start, const Io* io) {
+    Impl& m = *this;
+    const bool draft = m.o.mtp_draft, on_device = m.o.device_sampling;
+    FM_CHECK_ARG(!on_device || m.vocab <= kernels::kSampleMaxVocab,
+                 "GeneratorGpu: a vocabulary of ", m.vocab, " is beyond the device sampler's ",
+                 kernels::kSampleMaxVocab, " (set_device_sampling(false))");
+    // A request's parameters for its next device draw (its Philox stream: as the host's).
+    const auto params = [&](const Request& q) {
+      return kernels::SampleRow{static_cast<float>(s.temperature), static_cast<float>(s.top_p),
+                                s.seed, 7 + q.id, q.draws};
+    };
+    m.free_slots.clear();
+    for (int k = static_cast<int>(m.o.max_batch) - 1; k >= 0; --k) m.free_slots.push_back(k);
+    std::vector<double> p0, p1;
+    // The module's draft for a request from its logits row: drawn from the distribution the main
+    // model's pick would be drawn from (speculative sampling; greedy: its argmax).
+    const auto redraft = [&](Request& q, const float* row) {
+      token_probs(row, m.vocab, s.temperature, s.top_p, q.draft_q);
+      q.draft = sample_probs(q.draft_q, q.rng);
+    };
+    st.cache_bytes = m.cache->bytes();
+    PageAllocator& pages = m.cache->pages();
+    std::deque<size_t> waiting;
+    if (s.max_new_tokens > 0)
+      for (size_t r = 0; r < req.size(); ++r) waiting.push_back(r);
+    std::vector<size_t> running;
+    std::vector<float> logits, draft_logits;
+    std::vector<int32_t> ids, pos;
+    using clock = std::chrono::steady_clock;
+    const auto seconds = [](clock::time_point a) {
+      return std::chrono::duration<double>(clock::now() - a).count();
+    };
+    // A drafting step needs two positions: the sequence stops one short of the context.
+    const int64_t room = draft ? m.o.context - 1 : m.o.context;
+    // Appends a token; false (and the sequence released) when the request ends with it.
+    const auto append = [&](Request& q, int32_t next, bool timed = true) {
+      q.out.push_back(next);
+      if (timed) {
+        const double t = now_s();
+        if (q.last_emit == 0)
+          st.first_token_ms.push_back(1e3 * (t - t_start));
+        else
+          st.token_gap_ms.push_back(1e3 * (t - q.last_emit));
+        q.last_emit = t;
+      }
+      const bool eos = next == s.eos && s.eos >= 0 && !s.ignore_eos;
+      const bool done = eos || static_cast<int64_t>(q.out.size()) >= s.max_new_tokens ||
+                        pages.length(q.seq) >= room;
+      if (done) {
+        pages.release(q.seq);
+        if (q.slot >= 0) m.free_slots.push_back(q.slot);
+        q.slot = -1;
+      }
+      return !done;
+    };
+    // The prompt being prefilled (one chunk an iteration) and its next chunk's start.
+    int64_t filling = -1, fill_start = 0;
+
+    // A prefill chunk of request `filling` (with the draft module's cache filled beside); after
+    // its last, the first token, and the request joins the running ones.
+    const auto prefill_chunk = [&] {
+      Request& q = req[static_cast<size_t>(filling)];
+      const int64_t n = static_cast<int64_t>(q.prompt.size()), start = fill_start;
+      const int64_t len = std::min(m.o.prefill_chunk, n - start);
+      const auto t0 = clock::now();
+      FM_CHECK(pages.grow(q.seq, start + len), "GeneratorGpu: cache full while prefilling");
+      pos.resize(static_cast<size_t>(len));
+      for (int64_t i = 0; i < len; ++i) pos[i] = static_cast<int32_t>(start + i);
+      const bool last = start + len == n;
+      m.run(Impl::Pass::kMain, {q.seq}, q.prompt.data() + start, pos.data(), len, false,
+            last && !on_device ? &logits : nullptr, false, last && on_device);
+      int32_t first = 0;
+      if (last && on_device) {
+        first = m.sample({0}, {params(q)})[0];
+        q.draws += 1;
+      } else if (last) {
+        first = sample_token(logits.data(), m.vocab, s.temperature, s.top_p, q.rng);
+      }
+      if (draft) {
+        // The module at position p reads the main state at p and the token at p + 1.
+        ids.assign(q.prompt.begin() + start + 1, q.prompt.begin() + start + len);
+        ids.push_back(last ? first : q.prompt[start + len]);
+        m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true,
+              last && !on_device ? &draft_logits : nullptr, true, last && on_device);
+        if (last && on_device) {
+          q.draft = m.sample({static_cast<int32_t>(len - 1)}, {params(q)}, {q.slot})[0];
+          q.draws += 1;
+        } else if (last) {
+          redraft(q, draft_logits.data() + (len - 1) * m.vocab);
+        }
+      }
+      st.prefill_s += seconds(t0);
+      fill_start += len;
+      if (!last) return;
+      st.prefill_tokens += n;
+      if (io != nullptr && io->deliver) {  // prefill only: the request leaves with its rows
+        Handoff h;
+        h.id = static_cast<int64_t>(q.id);
+        h.length = n;
+        h.first = first;
+        h.draft = q.draft;
+        h.draws = q.draws;
+        h.first_time = now_s();
+        h.start_time = t_start;
+        st.first_token_ms.push_back(1e3 * (h.first_time - t_start));
+        io->deliver(h, q.seq, q.slot);
+        pages.release(q.seq);
+        if (q.slot >= 0) m.free_slots.push_back(q.slot);
+        q.slot = -1;
+        q.out.push_back(first);
+      } else if (append(q, first)) {
+        running.push_back(static_cast<size_t>(filling));
+      }
+      filling = -1;
+    };
+
+    // Decode only: a handed-off request taken but not yet admitted, and whether more may come.
+    struct Taken {
+      Handoff h;
+      const bf16 *rows = nullptr, *q_row = nullptr;
+    };
+    std::optional<Taken> pending;
+    bool source_open = io != nullptr && static_cast<bool>(io->take);
+    // Takes the next handoff (waiting for one when nothing runs) and admits it when its rows fit:
+    // they are copied into fresh pages, its first token appended. True when one joined.
+    const auto admit_handoff = [&] {
+      if (!pending && source_open) {
+        Taken t;
+        if (io->take(&t.h, &t.rows, &t.q_row, running.empty()))
+          pending = t;
+        else if (running.empty())
+          source_open = false;
+      }
+      if (!pending) return false;
+      const Taken& t = *pending;
+      const int64_t need = (t.h.length + pages.page_tokens() - 1) / pages.page_tokens();
+      if (need > pages.free_pages()) {
+        FM_CHECK(!running.empty(), "GeneratorGpu: the cache (", pages.num_pages(),
+                 " pages) cannot hold a handed-off request of ", t.h.length, " tokens");
+        return false;  // wait for running sequences to free pages
+      }
+      Request q;
+      q.id = static_cast<uint64_t>(t.h.id);
+      q.draws = t.h.draws;
+      q.draft = t.h.draft;
+      q.seq = pages.add_sequence();
+      FM_CHECK(pages.grow(q.seq, t.h.length), "GeneratorGpu: cache full while admitting");
+      m.cache->copy_rows(q.seq, t.h.length, const_cast<bf16*>(t.rows), true, m.stream);
+      if (draft) {
+        FM_CHECK(t.q_row != nullptr, "GeneratorGpu: a handoff without its draft row");
+        q.slot = m.free_slots.back();
+        m.free_slots.pop_back();
+        FM_CHECK_CUDA(cudaMemcpyAsync(m.d_q + q.slot * m.vocab, t.q_row,
+                                      static_cast<size_t>(m.vocab) * 2, cudaMemcpyDefault,
+                                      m.stream));
+      }
+      FM_CHECK_CUDA(cudaStreamSynchronize(m.stream));
+      io->taken(t.h);
+      st.first_token_ms.push_back(1e3 * (t.h.first_time - t.h.start_time));
+      q.last_emit = t.h.first_time;
+      const int32_t first = t.h.first;
+      pending.reset();
+      req.push_back(std::move(q));
+      if (append(req.back(), first, false)) running.push_back(req.size() - 1);
+      return true;
+    };
+
+    // One decoding step over every running sequence: its last token (and its draft). False when no
+    // sequence could grow (the pool exhausted): then no pass ran.
+    const auto decode_step = [&] {
+      const int64_t queries = draft ? 2 : 1;
+      std::vector<int> seqs;
+      ids.clear();
+      pos.clear();
+      std::vector<size_t> stepping;
+      for (size_t r : running) {
+        Request& q = req[r];
+        const int64_t len = pages.length(q.seq);
+        if (!pages.grow(q.seq, len + queries)) {  // the pool is exhausted: the sequence ends here
+          pages.release(q.seq);
+          continue;
+        }
+        seqs.push_back(q.seq);
+        ids.push_back(q.out.back());
+        pos.push_back(static_cast<int32_t>(len));
+        if (draft) {
+          ids.push_back(q.draft);
+          pos.push_back(static_cast<int32_t>(len + 1));
+        }
+        stepping.push_back(r);
+      }
+      running.clear();
+      if (stepping.empty()) return false;
+      const auto t0 = clock::now();
+      m.run(Impl::Pass::kMain, seqs, ids.data(), pos.data(), queries, draft,
+            on_device ? nullptr : &logits, false, on_device);
+      st.decode_steps += 1;
+      st.max_running = std::max<int64_t>(st.max_running, static_cast<int64_t>(stepping.size()));
+      const size_t B = stepping.size();
+      std::vector<kernels::SampleRow> rows_params;
+      for (size_t r : stepping) rows_params.push_back(params(req[r]));
+      if (!draft) {
+        std::vector<int32_t> picked(B);
+        if (on_device) {
+          std::vector<int32_t> rows(B);
+          for (size_t i = 0; i < B; ++i) rows[i] = static_cast<int32_t>(i);
+          picked = m.sample(rows, rows_params);
+        }
+        st.decode_s += seconds(t0);
+        st.decode_tokens += static_cast<int64_t>(B);
+        for (size_t i = 0; i < B; ++i) {
+          Request& q = req[stepping[i]];
+          q.draws += 1;
+          const int32_t next = on_device ? picked[i]
+                                         : sample_token(logits.data() + i * m.vocab, m.vocab,
+                                                        s.temperature, s.top_p, q.rng);
+          if (append(q, next)) running.push_back(stepping[i]);
+        }
+        return true;
+      }
+      // Verify: row 2i's distribution checks the draft (speculative_pick: the token is distributed
+      // as the main model's alone would be); where the draft is kept, row 2i + 1 gives one more.
+      std::vector<int32_t> next(B), bonus(B);
+      std::vector<bool> kept(B);
+      if (on_device) {
+        std::vector<int32_t> drafts, slots;
+        for (size_t r : stepping) {
+          drafts.push_back(req[r].draft);
+          slots.push_back(req[r].slot);
+        }
+        const Impl::Verdicts v = m.verify(drafts, slots, rows_params);
+        for (size_t i = 0; i < B; ++i) {
+          next[i] = v.token[i];
+          kept[i] = v.kept[i] != 0;
+          bonus[i] = v.bonus[i];
+          req[stepping[i]].draws += 3;
+        }
+      }
+      for (size_t i = 0; i < B && !on_device; ++i) {
+        Request& q = req[stepping[i]];
+        token_probs(logits.data() + (2 * i) * m.vocab, m.vocab, s.temperature, s.top_p, p0);
+        bool k = false;
+        next[i] = speculative_pick(p0, q.draft_q, q.draft, q.rng, &k);
+        kept[i] = k;
+        if (k) {
+          token_probs(logits.data() + (2 * i + 1) * m.vocab, m.vocab, s.temperature, s.top_p, p1);
+          bonus[i] = sample_probs(p1, q.rng);
+        }
+      }
+      // The next drafts: the module at the step's two positions (the second's state is only
+      // meaningful where the draft was kept).
+      for (size_t i = 0; i < stepping.size(); ++i) {
+        ids[2 * i] = next[i];
+        ids[2 * i + 1] = kept[i] ? bonus[i] : next[i];
+      }
+      m.run(Impl::Pass::kDraft, seqs, ids.data(), pos.data(), 2, true,
+            on_device ? nullptr : &draft_logits, true, on_device);
+      if (on_device) {
+        // The next drafts from rows 2i + kept_i, those rows kept in the requests' slots.
+        std::vector<int32_t> rows(B), slots(B);
+        for (size_t i = 0; i < B; ++i) {
+          rows[i] = static_cast<int32_t>(2 * i + (kept[i] ? 1 : 0));
+          slots[i] = req[stepping[i]].slot;
+          rows_params[i] = params(req[stepping[i]]);
+        }
+        const std::vector<int32_t> drafted = m.sample(rows, rows_params, slots);
+        for (size_t i = 0; i < B; ++i) {
+          req[stepping[i]].draft = drafted[i];
+          req[stepping[i]].draws += 1;
+        }
+      }
+      st.decode_s += seconds(t0);
+      for (size_t i = 0; i < B; ++i) {
+        Request& q = req[stepping[i]];
+        st.drafted += 1;
+        st.accepted += kept[i] ? 1 : 0;
+        if (!on_device) redraft(q, draft_logits.data() + (2 * i + (kept[i] ? 1 : 0)) * m.vocab);
+        // Both caches now hold the step's rows; a rejected draft's row is dropped.
+        pages.shrink(q.seq, pos[2 * i] + (kept[i] ? 2 : 1));
+        st.decode_tokens += kept[i] ? 2 : 1;
+        bool goes_on = append(q, next[i]);
+        if (goes_on && kept[i]) goes_on = append(q, bonus[i]);
+        if (goes_on) running.push_back(stepping[i]);
+      }
+      return true;
+    };
+
+    // One iteration: one pass (and its draft pass) on every rank, in lockstep with world > 1.
+    const bool lockstep = m.par.model.world > 1;
+    for (;;) {
+      const bool busy = filling >= 0 || !waiting.empty() || !running.empty() ||
+                        pending.has_value() || source_open;
+      if (!(lockstep ? m.par.all_sum(busy ? 1 : 0) > 0 : busy)) break;
+      // Admit the next waiting prompt while there is room.
+      if (filling < 0 && !waiting.empty() && static_cast<int64_t>(running.size()) < m.o.max_batch) {
+        Request& q = req[waiting.front()];
+        const int64_t n = static_cast<int64_t>(q.prompt.size());
+        if ((n + pages.page_tokens() - 1) / pages.page_tokens() <= pages.free_pages()) {
+          filling = static_cast<int64_t>(waiting.front());
+          fill_start = 0;
+          waiting.pop_front();
+          q.seq = pages.add_sequence();
+          if (draft && on_device) {
+            q.slot = m.free_slots.back();
+            m.free_slots.pop_back();
+          }
+        } else {
+          FM_CHECK(!running.empty(), "GeneratorGpu: the cache (", pages.num_pages(),
+                   " pages) cannot hold one prompt of ", n, " tokens");
+          // Wait for running sequences to free pages.
+        }
+      }
+      // Handed-off requests join between decoding steps, as many as fit.
+      while (static_cast<int64_t>(running.size()) < m.o.max_batch && admit_handoff()) {
+      }
+      if (filling >= 0) {
+        prefill_chunk();
+      } else if (!(!running.empty() && decode_step()) && lockstep) {
+        m.idle_pass();
+        st.idle_steps += 1;
+      }
+    }
+  }
+
   // A lockstep pass with nothing of this rank's (world > 1): one dummy token (two with the draft,
   // so that it replays the batch-1 decoding graphs) at the idle sequence's first positions, whose
   // MoE layers take part in the other ranks' exchanges. The sequence holds exactly the pass's
@@ -373,16 +725,6 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     FM_CHECK_ARG(request_ids.empty() || request_ids[r] >= 0, "GeneratorGpu::generate: request id ",
                  request_ids.empty() ? 0 : request_ids[r], " of prompt ", r, " is negative");
   }
-  struct Request {
-    std::vector<int32_t> prompt, out;
-    PhiloxStream rng;  // host sampling's draws
-    uint64_t id = 0;
-    int seq = -1;
-    int32_t draft = 0;            // the MTP module's guess at the token after out.back() ...
-    std::vector<double> draft_q;  // ... and the distribution it was drawn from (host sampling;
-    int slot = -1;                // on the device: the row of d_q)
-    uint64_t draws = 0;           // device sampling's next uniform index
-  };
   std::vector<Request> req;
   req.reserve(prompts.size());
   for (size_t r = 0; r < prompts.size(); ++r) {
@@ -393,251 +735,77 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     const uint64_t id = request_ids.empty() ? r : static_cast<uint64_t>(request_ids[r]);
     req.push_back(Request{std::move(p), {}, PhiloxStream(s.seed, 7 + id), id, -1, 0, {}, -1, 0});
   }
-  const bool draft = m.o.mtp_draft, on_device = m.o.device_sampling;
-  FM_CHECK_ARG(!on_device || m.vocab <= kernels::kSampleMaxVocab, "GeneratorGpu: a vocabulary of ",
-               m.vocab, " is beyond the device sampler's ", kernels::kSampleMaxVocab,
-               " (set_device_sampling(false))");
-  // A request's parameters for its next device draw (its Philox stream: as the host's).
-  const auto params = [&](const Request& q) {
-    return kernels::SampleRow{static_cast<float>(s.temperature), static_cast<float>(s.top_p),
-                              s.seed, 7 + q.id, q.draws};
-  };
-  m.free_slots.clear();
-  for (int k = static_cast<int>(m.o.max_batch) - 1; k >= 0; --k) m.free_slots.push_back(k);
-  std::vector<double> p0, p1;
-  // The module's draft for a request from its logits row: drawn from the distribution the main
-  // model's pick would be drawn from (speculative sampling; greedy: its argmax).
-  const auto redraft = [&](Request& q, const float* row) {
-    token_probs(row, m.vocab, s.temperature, s.top_p, q.draft_q);
-    q.draft = sample_probs(q.draft_q, q.rng);
-  };
   GenerationStats st;
-  st.cache_bytes = m.cache->bytes();
-  PageAllocator& pages = m.cache->pages();
-  std::deque<size_t> waiting;
-  if (s.max_new_tokens > 0)
-    for (size_t r = 0; r < req.size(); ++r) waiting.push_back(r);
-  std::vector<size_t> running;
-  std::vector<float> logits, draft_logits;
-  std::vector<int32_t> ids, pos;
-  using clock = std::chrono::steady_clock;
-  const auto seconds = [](clock::time_point a) {
-    return std::chrono::duration<double>(clock::now() - a).count();
-  };
-  // A drafting step needs two positions: the sequence stops one short of the context.
-  const int64_t room = draft ? m.o.context - 1 : m.o.context;
-  // Appends a token; false (and the sequence released) when the request ends with it.
-  const auto append = [&](Request& q, int32_t next) {
-    q.out.push_back(next);
-    const bool eos = next == s.eos && s.eos >= 0 && !s.ignore_eos;
-    const bool done = eos || static_cast<int64_t>(q.out.size()) >= s.max_new_tokens ||
-                      pages.length(q.seq) >= room;
-    if (done) {
-      pages.release(q.seq);
-      if (q.slot >= 0) m.free_slots.push_back(q.slot);
-      q.slot = -1;
-    }
-    return !done;
-  };
-  // The prompt being prefilled (one chunk an iteration) and its next chunk's start.
-  int64_t filling = -1, fill_start = 0;
-
-  // A prefill chunk of request `filling` (with the draft module's cache filled beside); after
-  // its last, the first token, and the request joins the running ones.
-  const auto prefill_chunk = [&] {
-    Request& q = req[static_cast<size_t>(filling)];
-    const int64_t n = static_cast<int64_t>(q.prompt.size()), start = fill_start;
-    const int64_t len = std::min(m.o.prefill_chunk, n - start);
-    const auto t0 = clock::now();
-    FM_CHECK(pages.grow(q.seq, start + len), "GeneratorGpu: cache full while prefilling");
-    pos.resize(static_cast<size_t>(len));
-    for (int64_t i = 0; i < len; ++i) pos[i] = static_cast<int32_t>(start + i);
-    const bool last = start + len == n;
-    m.run(Impl::Pass::kMain, {q.seq}, q.prompt.data() + start, pos.data(), len, false,
-          last && !on_device ? &logits : nullptr, false, last && on_device);
-    int32_t first = 0;
-    if (last && on_device) {
-      first = m.sample({0}, {params(q)})[0];
-      q.draws += 1;
-    } else if (last) {
-      first = sample_token(logits.data(), m.vocab, s.temperature, s.top_p, q.rng);
-    }
-    if (draft) {
-      // The module at position p reads the main state at p and the token at p + 1.
-      ids.assign(q.prompt.begin() + start + 1, q.prompt.begin() + start + len);
-      ids.push_back(last ? first : q.prompt[start + len]);
-      m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true,
-            last && !on_device ? &draft_logits : nullptr, true, last && on_device);
-      if (last && on_device) {
-        q.draft = m.sample({static_cast<int32_t>(len - 1)}, {params(q)}, {q.slot})[0];
-        q.draws += 1;
-      } else if (last) {
-        redraft(q, draft_logits.data() + (len - 1) * m.vocab);
-      }
-    }
-    st.prefill_s += seconds(t0);
-    fill_start += len;
-    if (!last) return;
-    st.prefill_tokens += n;
-    if (append(q, first)) running.push_back(static_cast<size_t>(filling));
-    filling = -1;
-  };
-
-  // One decoding step over every running sequence: its last token (and its draft). False when no
-  // sequence could grow (the pool exhausted): then no pass ran.
-  const auto decode_step = [&] {
-    const int64_t queries = draft ? 2 : 1;
-    std::vector<int> seqs;
-    ids.clear();
-    pos.clear();
-    std::vector<size_t> stepping;
-    for (size_t r : running) {
-      Request& q = req[r];
-      const int64_t len = pages.length(q.seq);
-      if (!pages.grow(q.seq, len + queries)) {  // the pool is exhausted: the sequence ends here
-        pages.release(q.seq);
-        continue;
-      }
-      seqs.push_back(q.seq);
-      ids.push_back(q.out.back());
-      pos.push_back(static_cast<int32_t>(len));
-      if (draft) {
-        ids.push_back(q.draft);
-        pos.push_back(static_cast<int32_t>(len + 1));
-      }
-      stepping.push_back(r);
-    }
-    running.clear();
-    if (stepping.empty()) return false;
-    const auto t0 = clock::now();
-    m.run(Impl::Pass::kMain, seqs, ids.data(), pos.data(), queries, draft,
-          on_device ? nullptr : &logits, false, on_device);
-    st.decode_steps += 1;
-    st.max_running = std::max<int64_t>(st.max_running, static_cast<int64_t>(stepping.size()));
-    const size_t B = stepping.size();
-    std::vector<kernels::SampleRow> rows_params;
-    for (size_t r : stepping) rows_params.push_back(params(req[r]));
-    if (!draft) {
-      std::vector<int32_t> picked(B);
-      if (on_device) {
-        std::vector<int32_t> rows(B);
-        for (size_t i = 0; i < B; ++i) rows[i] = static_cast<int32_t>(i);
-        picked = m.sample(rows, rows_params);
-      }
-      st.decode_s += seconds(t0);
-      st.decode_tokens += static_cast<int64_t>(B);
-      for (size_t i = 0; i < B; ++i) {
-        Request& q = req[stepping[i]];
-        q.draws += 1;
-        const int32_t next = on_device ? picked[i]
-                                       : sample_token(logits.data() + i * m.vocab, m.vocab,
-                                                      s.temperature, s.top_p, q.rng);
-        if (append(q, next)) running.push_back(stepping[i]);
-      }
-      return true;
-    }
-    // Verify: row 2i's distribution checks the draft (speculative_pick: the token is distributed
-    // as the main model's alone would be); where the draft is kept, row 2i + 1 gives one more.
-    std::vector<int32_t> next(B), bonus(B);
-    std::vector<bool> kept(B);
-    if (on_device) {
-      std::vector<int32_t> drafts, slots;
-      for (size_t r : stepping) {
-        drafts.push_back(req[r].draft);
-        slots.push_back(req[r].slot);
-      }
-      const Impl::Verdicts v = m.verify(drafts, slots, rows_params);
-      for (size_t i = 0; i < B; ++i) {
-        next[i] = v.token[i];
-        kept[i] = v.kept[i] != 0;
-        bonus[i] = v.bonus[i];
-        req[stepping[i]].draws += 3;
-      }
-    }
-    for (size_t i = 0; i < B && !on_device; ++i) {
-      Request& q = req[stepping[i]];
-      token_probs(logits.data() + (2 * i) * m.vocab, m.vocab, s.temperature, s.top_p, p0);
-      bool k = false;
-      next[i] = speculative_pick(p0, q.draft_q, q.draft, q.rng, &k);
-      kept[i] = k;
-      if (k) {
-        token_probs(logits.data() + (2 * i + 1) * m.vocab, m.vocab, s.temperature, s.top_p, p1);
-        bonus[i] = sample_probs(p1, q.rng);
-      }
-    }
-    // The next drafts: the module at the step's two positions (the second's state is only
-    // meaningful where the draft was kept).
-    for (size_t i = 0; i < stepping.size(); ++i) {
-      ids[2 * i] = next[i];
-      ids[2 * i + 1] = kept[i] ? bonus[i] : next[i];
-    }
-    m.run(Impl::Pass::kDraft, seqs, ids.data(), pos.data(), 2, true,
-          on_device ? nullptr : &draft_logits, true, on_device);
-    if (on_device) {
-      // The next drafts from rows 2i + kept_i, those rows kept in the requests' slots.
-      std::vector<int32_t> rows(B), slots(B);
-      for (size_t i = 0; i < B; ++i) {
-        rows[i] = static_cast<int32_t>(2 * i + (kept[i] ? 1 : 0));
-        slots[i] = req[stepping[i]].slot;
-        rows_params[i] = params(req[stepping[i]]);
-      }
-      const std::vector<int32_t> drafted = m.sample(rows, rows_params, slots);
-      for (size_t i = 0; i < B; ++i) {
-        req[stepping[i]].draft = drafted[i];
-        req[stepping[i]].draws += 1;
-      }
-    }
-    st.decode_s += seconds(t0);
-    for (size_t i = 0; i < B; ++i) {
-      Request& q = req[stepping[i]];
-      st.drafted += 1;
-      st.accepted += kept[i] ? 1 : 0;
-      if (!on_device) redraft(q, draft_logits.data() + (2 * i + (kept[i] ? 1 : 0)) * m.vocab);
-      // Both caches now hold the step's rows; a rejected draft's row is dropped.
-      pages.shrink(q.seq, pos[2 * i] + (kept[i] ? 2 : 1));
-      st.decode_tokens += kept[i] ? 2 : 1;
-      bool goes_on = append(q, next[i]);
-      if (goes_on && kept[i]) goes_on = append(q, bonus[i]);
-      if (goes_on) running.push_back(stepping[i]);
-    }
-    return true;
-  };
-
-  // One iteration: one pass (and its draft pass) on every rank, in lockstep with world > 1.
-  const bool lockstep = m.par.model.world > 1;
-  for (;;) {
-    const bool busy = filling >= 0 || !waiting.empty() || !running.empty();
-    if (!(lockstep ? m.par.all_sum(busy ? 1 : 0) > 0 : busy)) break;
-    // Admit the next waiting prompt while there is room.
-    if (filling < 0 && !waiting.empty() && static_cast<int64_t>(running.size()) < m.o.max_batch) {
-      Request& q = req[waiting.front()];
-      const int64_t n = static_cast<int64_t>(q.prompt.size());
-      if ((n + pages.page_tokens() - 1) / pages.page_tokens() <= pages.free_pages()) {
-        filling = static_cast<int64_t>(waiting.front());
-        fill_start = 0;
-        waiting.pop_front();
-        q.seq = pages.add_sequence();
-        if (draft && on_device) {
-          q.slot = m.free_slots.back();
-          m.free_slots.pop_back();
-        }
-      } else {
-        FM_CHECK(!running.empty(), "GeneratorGpu: the cache (", pages.num_pages(),
-                 " pages) cannot hold one prompt of ", n, " tokens");
-        // Wait for running sequences to free pages.
-      }
-    }
-    if (filling >= 0) {
-      prefill_chunk();
-    } else if (!(!running.empty() && decode_step()) && lockstep) {
-      m.idle_pass();
-      st.idle_steps += 1;
-    }
-  }
+  m.loop(req, s, st, now_s(), nullptr);
   if (stats != nullptr) *stats = st;
   std::vector<std::vector<int32_t>> out;
   out.reserve(req.size());
   for (Request& q : req) out.push_back(std::move(q.out));
+  return out;
+}
+
+int64_t GeneratorGpu::handoff_row_elems() const {
+  const ModelConfig& c = impl_->config;
+  return (c.num_hidden_layers + c.num_nextn_predict_layers) * (c.kv_lora_rank + c.qk_rope_head_dim);
+}
+
+void GeneratorGpu::prefill_only(
+    const std::vector<std::vector<int32_t>>& prompts, const SamplingOptions& s,
+    const std::vector<int64_t>& request_ids,
+    const std::function<void(const Handoff&, const HandoffWriter& write)>& deliver,
+    GenerationStats* stats) {
+  Impl& m = *impl_;
+  FM_CHECK_ARG(m.o.device_sampling && m.par.model.world == 1,
+               "GeneratorGpu::prefill_only: disaggregated serving needs device sampling and one "
+               "rank");
+  FM_CHECK_ARG(request_ids.size() == prompts.size(),
+               "GeneratorGpu::prefill_only: ", request_ids.size(), " request ids for ",
+               prompts.size(), " prompts");
+  std::vector<Request> req;
+  for (size_t r = 0; r < prompts.size(); ++r) {
+    FM_CHECK_ARG(!prompts[r].empty(), "GeneratorGpu::prefill_only: prompt ", r, " is empty");
+    for (int32_t id : prompts[r])
+      FM_CHECK_ARG(id >= 0 && id < m.vocab, "GeneratorGpu::prefill_only: prompt ", r,
+                   " holds token ", id, " outside the vocabulary [0, ", m.vocab, ")");
+    Request q;
+    q.prompt = prompts[r];
+    if (static_cast<int64_t>(q.prompt.size()) >= m.o.context)
+      q.prompt.erase(q.prompt.begin(), q.prompt.end() - m.o.context / 2);
+    q.id = static_cast<uint64_t>(request_ids[r]);
+    req.push_back(std::move(q));
+  }
+  Impl::Io io;
+  io.deliver = [&](const Handoff& h, int seq, int slot) {
+    deliver(h, [&](bf16* rows, bf16* q_row) {
+      m.cache->copy_rows(seq, h.length, rows, false, m.stream);
+      if (q_row != nullptr && slot >= 0)
+        FM_CHECK_CUDA(cudaMemcpyAsync(q_row, m.d_q + slot * m.vocab,
+                                      static_cast<size_t>(m.vocab) * 2, cudaMemcpyDefault,
+                                      m.stream));
+      FM_CHECK_CUDA(cudaStreamSynchronize(m.stream));
+    });
+  };
+  GenerationStats st;
+  m.loop(req, s, st, now_s(), &io);
+  if (stats != nullptr) *stats = st;
+}
+
+std::vector<std::pair<int64_t, std::vector<int32_t>>> GeneratorGpu::decode_only(
+    const SamplingOptions& s, const HandoffTaker& take,
+    const std::function<void(const Handoff&)>& taken, GenerationStats* stats) {
+  Impl& m = *impl_;
+  FM_CHECK_ARG(m.o.device_sampling && m.par.model.world == 1,
+               "GeneratorGpu::decode_only: disaggregated serving needs device sampling and one "
+               "rank");
+  std::vector<Request> req;
+  Impl::Io io;
+  io.take = take;
+  io.taken = taken;
+  GenerationStats st;
+  m.loop(req, s, st, now_s(), &io);
+  if (stats != nullptr) *stats = st;
+  std::vector<std::pair<int64_t, std::vector<int32_t>>> out;
+  for (Request& q : req) out.emplace_back(static_cast<int64_t>(q.id), std::move(q.out));
   return out;
 }
 

@@ -92,6 +92,24 @@ struct GenerationStats {
   int64_t max_running = 0;            // most sequences in one decoding step
   int64_t drafted = 0, accepted = 0;  // MTP drafts checked and kept (mtp_draft)
   int64_t idle_steps = 0;             // lockstep passes with nothing of this rank's (world > 1)
+  // Latency, host clock at each token's emission: every request's time to its first token (from
+  // the generate call's start) and the gaps between its successive tokens (a step emitting two
+  // tokens of a request, a kept draft, gives a gap of 0).
+  std::vector<double> first_token_ms, token_gap_ms;
+};
+
+// A prefilled request handed from a prefilling GPU to a decoding one (disaggregated serving,
+// serve/disaggregated_gpu.h): its cache rows travel beside it, [layers, length, kv_lora_rank +
+// qk_rope_head_dim] BF16 (the main layers', then the MTP modules'), and with the MTP draft the
+// draft distribution's logits row [vocab] BF16.
+struct Handoff {
+  int64_t id = 0;         // the request id (its sampling stream)
+  int64_t length = 0;     // tokens in the cache rows (the prompt, cut to context / 2 if longer)
+  int32_t first = 0;      // the first new token
+  int32_t draft = 0;      // with the MTP draft: the module's guess at the token after `first`
+  uint64_t draws = 0;     // the device sampler's draws so far
+  double first_time = 0;  // steady-clock seconds when `first` was drawn
+  double start_time = 0;  // steady-clock seconds when its prefill call started
 };
 
 class GeneratorGpu {
@@ -118,6 +136,28 @@ class GeneratorGpu {
                                              const SamplingOptions& sampling,
                                              GenerationStats* stats = nullptr,
                                              const std::vector<int64_t>& request_ids = {});
+  // Disaggregated serving's halves (serve/disaggregated_gpu.h drives them; device sampling only).
+  // prefill_only: each prompt prefilled (request ids as generate's), its first token drawn (and
+  // with mtp_draft its draft), then `deliver` gets the handoff and `write`, which copies its cache
+  // rows (and draft row) to device memory this GPU can write (a peer's) and waits for the copy;
+  // the request then leaves this GPU. Nothing is decoded here.
+  using HandoffWriter = std::function<void(bf16* rows, bf16* q_row)>;
+  void prefill_only(const std::vector<std::vector<int32_t>>& prompts,
+                    const SamplingOptions& sampling, const std::vector<int64_t>& request_ids,
+                    const std::function<void(const Handoff&, const HandoffWriter& write)>& deliver,
+                    GenerationStats* stats = nullptr);
+  // decode_only: requests taken from `take` (wait: block until one comes; false then means no
+  // more will) as running sequences allow, their rows copied into this GPU's cache (then
+  // `taken`: their staging may be reused), decoded with continuous batching. Returns each
+  // request's new tokens (the first included) by id.
+  using HandoffTaker =
+      std::function<bool(Handoff* h, const bf16** rows, const bf16** q_row, bool wait)>;
+  std::vector<std::pair<int64_t, std::vector<int32_t>>> decode_only(
+      const SamplingOptions& sampling, const HandoffTaker& take,
+      const std::function<void(const Handoff&)>& taken, GenerationStats* stats = nullptr);
+  // Cache rows a handoff carries, per token ([layers, row]) in elements.
+  int64_t handoff_row_elems() const;
+
   int64_t vocab() const;
   void set_cuda_graphs(bool on);      // GeneratorOptions::cuda_graphs, e.g. to time both
   void set_mtp_draft(bool on);        // GeneratorOptions::mtp_draft (thrown without an MTP module)

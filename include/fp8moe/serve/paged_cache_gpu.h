@@ -37,12 +37,18 @@ class PagedLatentCacheGpu {
   const PageAllocator& pages() const { return alloc_; }
   std::vector<MlaLatentCacheView> prepare_step(const std::vector<int>& seqs, cudaStream_t stream);
   int64_t bytes() const { return bytes_; }  // the device pages of all layers
+  // Sequence `seq`'s first `length` rows of every layer to (to_cache false) or from (true) `rows`
+  // [layers, length, row] BF16 (device memory; a peer GPU's where peer access is on): how a
+  // prefilled request moves between GPUs (serve/disaggregated_gpu.h). Synchronises `stream`
+  // first (the pinned page list), then enqueues the copy.
+  void copy_rows(int seq, int64_t length, bf16* rows, bool to_cache, cudaStream_t stream);
 
  private:
   PageAllocator alloc_;
   int64_t layers_ = 0, row_ = 0, max_batch_ = 0, bytes_ = 0;
   bf16* pages_ = nullptr;
   int32_t *d_table_ = nullptr, *d_lens_ = nullptr, *h_table_ = nullptr, *h_lens_ = nullptr;
+  int32_t *d_seq_pages_ = nullptr, *h_seq_pages_ = nullptr;  // copy_rows' page list
 };
 
 }  // namespace fp8moe::serve
