@@ -17,8 +17,13 @@
 // data-parallel / expert-parallel group, on a queue of --requests prompts with max_batch = each
 // --batches entry (requests join as others finish): new tokens/s over the wall time, time to
 // first token (median, p90) and the gaps between a request's tokens (median, p99).
+// With --arrival-rates R1,R2,...: an open-loop load (GeneratorGpu::serve) — --requests prompts
+// (default 256) arriving as a Poisson process of each rate (requests/s), max_batch the largest
+// --batches entry: served tokens/s, time to first token from each request's arrival (median,
+// p99: queueing included) and the gaps between its tokens (median, p99).
 // Run (from the repository root): serve_bench [--configs small-gpu,v3-slice] [--batches 1,8,32,64]
-//   [--prompt 128] [--new 64] [--vocab V] [--devices 0,1 | --disaggregate 0,1 [--requests N]]
+//   [--prompt 128] [--new 64] [--vocab V] [--devices 0,1 | --disaggregate 0,1 [--requests N] |
+//   --arrival-rates 100,200 [--requests N]]
 //   [--out rows.jsonl] [--date D] [--commit C]
 #include <cuda_runtime.h>
 
@@ -31,6 +36,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "fp8moe/core/cuda_check.h"
@@ -183,6 +189,80 @@ void run_disaggregate(const std::vector<std::string>& configs, const std::vector
   }
 }
 
+// --arrival-rates: open-loop Poisson arrivals into one GPU's serving loop.
+void run_arrivals(const std::vector<std::string>& configs, int64_t max_batch,
+                  const std::vector<double>& rates, int64_t prompt, int64_t fresh, int64_t vocab,
+                  int64_t requests, FILE* f, const std::string& gpu, const std::string& date,
+                  const std::string& commit) {
+  std::printf("%-10s %6s %9s %9s %12s %10s %10s %10s %10s %9s\n", "config", "batch", "rate/s",
+              "requests", "tokens/s", "ttft p50", "ttft p99", "gap p50", "gap p99", "running");
+  for (const std::string& name : configs) {
+    const std::string path = "configs/" + name + ".json";
+    Json j = read_json_file(path);
+    if (vocab > 0) j["vocab_size"] = vocab;
+    const ModelConfig cfg = parse_model_config(j, path);
+    serve::GeneratorOptions o;
+    o.max_batch = max_batch;
+    o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
+    o.prefill_chunk = std::max<int64_t>(std::min<int64_t>(prompt, 512), 64);
+    serve::GeneratorGpu gen(cfg, o, [&](ModelGpu& m) {
+      init_parameters_gpu(m.parameters(), m.buffers(), 1, cfg.initializer_range, nullptr);
+    });
+    const int64_t n = requests > 0 ? requests : 256;
+    const auto p = prompts(n, prompt, cfg.vocab_size, 4000);
+    serve::SamplingOptions s;
+    s.max_new_tokens = fresh;
+    s.ignore_eos = true;
+    gen.generate(prompts(max_batch, prompt, cfg.vocab_size, 5), s);  // warm-up: every graph
+    for (const double rate : rates) {
+      std::mt19937_64 rng(static_cast<uint64_t>(rate * 1000) + 11);
+      std::exponential_distribution<double> gap(rate);
+      std::vector<double> at(static_cast<size_t>(n));
+      double t = 0;
+      for (double& x : at) x = (t += gap(rng));
+      size_t given = 0;
+      const double t0 = serve::steady_seconds();
+      serve::GenerationStats st;
+      gen.serve(
+          [&](serve::ServeRequest* r, bool wait) {
+            if (given == at.size()) return serve::Arrival::kClosed;
+            double now = serve::steady_seconds() - t0;
+            if (at[given] > now) {
+              if (!wait) return serve::Arrival::kNone;
+              std::this_thread::sleep_for(std::chrono::duration<double>(at[given] - now));
+            }
+            r->id = static_cast<int64_t>(given);
+            r->prompt = p[given];
+            r->sampling = s;
+            r->arrival = t0 + at[given];
+            ++given;
+            return serve::Arrival::kRequest;
+          },
+          [](const serve::TokenEvent&) {}, &st);
+      const double wall = serve::steady_seconds() - t0;
+      const double rate_out = static_cast<double>(n * fresh) / wall;
+      std::printf("%-10s %6lld %9.0f %9lld %12.0f %10.2f %10.2f %10.3f %10.3f %9lld\n",
+                  name.c_str(), static_cast<long long>(max_batch), rate, static_cast<long long>(n),
+                  rate_out, percentile(st.first_token_ms, 0.5), percentile(st.first_token_ms, 0.99),
+                  percentile(st.token_gap_ms, 0.5), percentile(st.token_gap_ms, 0.99),
+                  static_cast<long long>(st.max_running));
+      if (f != nullptr)
+        std::fprintf(f,
+                     "{\"bench\":\"serve_arrivals\",\"gpu\":\"%s\",\"gpus\":1,\"date\":\"%s\","
+                     "\"commit\":\"%s\",\"impl\":\"fp8moe\",\"config\":\"%s\",\"max_batch\":%lld,"
+                     "\"arrival_rate\":%.1f,\"requests\":%lld,\"prompt\":%lld,\"new_tokens\":%lld,"
+                     "\"tokens_per_s\":%.1f,\"ttft_p50_ms\":%.3f,\"ttft_p99_ms\":%.3f,"
+                     "\"gap_p50_ms\":%.4f,\"gap_p99_ms\":%.4f,\"us\":%.1f}\n",
+                     gpu.c_str(), date.c_str(), commit.c_str(), name.c_str(),
+                     static_cast<long long>(max_batch), rate, static_cast<long long>(n),
+                     static_cast<long long>(prompt), static_cast<long long>(fresh), rate_out,
+                     percentile(st.first_token_ms, 0.5), percentile(st.first_token_ms, 0.99),
+                     percentile(st.token_gap_ms, 0.5), percentile(st.token_gap_ms, 0.99),
+                     1e6 * wall);
+    }
+  }
+}
+
 // --devices: the group against one GPU, per config and per-rank batch.
 void run_group(const std::vector<std::string>& configs, const std::vector<int64_t>& bs,
                const std::vector<int>& devices, int64_t prompt, int64_t fresh, int64_t vocab,
@@ -247,7 +327,7 @@ void run_group(const std::vector<std::string>& configs, const std::vector<int64_
 
 int main(int argc, char** argv) {
   std::string configs = "small-gpu,v3-slice", batches = "1,8,32,64", out, date = "unknown",
-              commit = "unknown", device_list, disaggregate;
+              commit = "unknown", device_list, disaggregate, arrival_rates;
   int64_t prompt = 128, fresh = 64, vocab = 0, requests = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -278,6 +358,8 @@ int main(int argc, char** argv) {
       disaggregate = v;
     else if (a == "--requests")
       requests = std::atoll(v.c_str());
+    else if (a == "--arrival-rates")
+      arrival_rates = v;
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -297,6 +379,14 @@ int main(int argc, char** argv) {
     std::vector<int> group, pair;
     for (const std::string& d : split(device_list)) group.push_back(std::atoi(d.c_str()));
     for (const std::string& d : split(disaggregate)) pair.push_back(std::atoi(d.c_str()));
+    if (!arrival_rates.empty()) {
+      std::vector<double> rates;
+      for (const std::string& r : split(arrival_rates)) rates.push_back(std::atof(r.c_str()));
+      run_arrivals(split(configs), *std::max_element(bs.begin(), bs.end()), rates, prompt, fresh,
+                   vocab, requests, f, prop.name, date, commit);
+      if (f != nullptr) std::fclose(f);
+      return 0;
+    }
     if (pair.size() == 2) {
       run_disaggregate(split(configs), bs, pair, prompt, fresh, vocab, requests, f, prop.name, date,
                        commit);

@@ -46,6 +46,8 @@ struct Request {
   int slot = -1;                // on the device: the row of d_q)
   uint64_t draws = 0;           // device sampling's next uniform index
   double last_emit = 0;         // steady-clock seconds of its last token
+  SamplingOptions s;            // its own (a served request's; generate's: the call's)
+  double arrival = 0;           // steady-clock seconds its first-token time counts from
 };
 
 double now_s() {
@@ -246,16 +248,20 @@ struct GeneratorGpu::Impl {
     return v;
   }
 
-  // generate's loop over `req` (all waiting at the start), or a disaggregated half (io): prefill
-  // only (io->deliver) or decode only (io->take; req grows as handoffs join). t_start: the
-  // steady-clock seconds first-token times count from.
+  // generate's loop over `req` (all waiting at the start), or with io: requests arriving while
+  // others run (io->arrive: 1 one came, 0 none now, -1 no more will; wait: block until one comes
+  // or none will), every token reported (io->emit), or a disaggregated half: prefill only
+  // (io->deliver) or decode only (io->take; handed-over requests sample with io->handoff_s).
+  // req grows as requests arrive or are handed over.
   struct Io {
+    std::function<int(Request* q, bool wait)> arrive;
+    std::function<void(const Request& q, int32_t token, bool done)> emit;
     std::function<void(const Handoff&, int seq, int slot)> deliver;
     GeneratorGpu::HandoffTaker take;
     std::function<void(const Handoff&)> taken;
+    SamplingOptions handoff_s;
   };
-  void loop(std::vector<Request>& req, const SamplingOptions& s, GenerationStats& st,
-            double t_start, const Io* io) {
+  void loop(std::vector<Request>& req, GenerationStats& st, const Io* io) {
     Impl& m = *this;
     const bool draft = m.o.mtp_draft, on_device = m.o.device_sampling;
     FM_CHECK_ARG(!on_device || m.vocab <= kernels::kSampleMaxVocab,
@@ -263,8 +269,8 @@ struct GeneratorGpu::Impl {
                  kernels::kSampleMaxVocab, " (set_device_sampling(false))");
     // A request's parameters for its next device draw (its Philox stream: as the host's).
     const auto params = [&](const Request& q) {
-      return kernels::SampleRow{static_cast<float>(s.temperature), static_cast<float>(s.top_p),
-                                s.seed, 7 + q.id, q.draws};
+      return kernels::SampleRow{static_cast<float>(q.s.temperature), static_cast<float>(q.s.top_p),
+                                q.s.seed, 7 + q.id, q.draws};
     };
     m.free_slots.clear();
     for (int k = static_cast<int>(m.o.max_batch) - 1; k >= 0; --k) m.free_slots.push_back(k);
@@ -272,14 +278,14 @@ struct GeneratorGpu::Impl {
     // The module's draft for a request from its logits row: drawn from the distribution the main
     // model's pick would be drawn from (speculative sampling; greedy: its argmax).
     const auto redraft = [&](Request& q, const float* row) {
-      token_probs(row, m.vocab, s.temperature, s.top_p, q.draft_q);
+      token_probs(row, m.vocab, q.s.temperature, q.s.top_p, q.draft_q);
       q.draft = sample_probs(q.draft_q, q.rng);
     };
     st.cache_bytes = m.cache->bytes();
     PageAllocator& pages = m.cache->pages();
     std::deque<size_t> waiting;
-    if (s.max_new_tokens > 0)
-      for (size_t r = 0; r < req.size(); ++r) waiting.push_back(r);
+    for (size_t r = 0; r < req.size(); ++r)
+      if (req[r].s.max_new_tokens > 0) waiting.push_back(r);
     std::vector<size_t> running;
     std::vector<float> logits, draft_logits;
     std::vector<int32_t> ids, pos;
@@ -295,19 +301,20 @@ struct GeneratorGpu::Impl {
       if (timed) {
         const double t = now_s();
         if (q.last_emit == 0)
-          st.first_token_ms.push_back(1e3 * (t - t_start));
+          st.first_token_ms.push_back(1e3 * (t - q.arrival));
         else
           st.token_gap_ms.push_back(1e3 * (t - q.last_emit));
         q.last_emit = t;
       }
-      const bool eos = next == s.eos && s.eos >= 0 && !s.ignore_eos;
-      const bool done = eos || static_cast<int64_t>(q.out.size()) >= s.max_new_tokens ||
+      const bool eos = next == q.s.eos && q.s.eos >= 0 && !q.s.ignore_eos;
+      const bool done = eos || static_cast<int64_t>(q.out.size()) >= q.s.max_new_tokens ||
                         pages.length(q.seq) >= room;
       if (done) {
         pages.release(q.seq);
         if (q.slot >= 0) m.free_slots.push_back(q.slot);
         q.slot = -1;
       }
+      if (io != nullptr && io->emit) io->emit(q, next, done);
       return !done;
     };
     // The prompt being prefilled (one chunk an iteration) and its next chunk's start.
@@ -331,7 +338,7 @@ struct GeneratorGpu::Impl {
         first = m.sample({0}, {params(q)})[0];
         q.draws += 1;
       } else if (last) {
-        first = sample_token(logits.data(), m.vocab, s.temperature, s.top_p, q.rng);
+        first = sample_token(logits.data(), m.vocab, q.s.temperature, q.s.top_p, q.rng);
       }
       if (draft) {
         // The module at position p reads the main state at p and the token at p + 1.
@@ -358,8 +365,8 @@ struct GeneratorGpu::Impl {
         h.draft = q.draft;
         h.draws = q.draws;
         h.first_time = now_s();
-        h.start_time = t_start;
-        st.first_token_ms.push_back(1e3 * (h.first_time - t_start));
+        h.start_time = q.arrival;
+        st.first_token_ms.push_back(1e3 * (h.first_time - q.arrival));
         io->deliver(h, q.seq, q.slot);
         pages.release(q.seq);
         if (q.slot >= 0) m.free_slots.push_back(q.slot);
@@ -470,7 +477,7 @@ struct GeneratorGpu::Impl {
           q.draws += 1;
           const int32_t next = on_device ? picked[i]
                                          : sample_token(logits.data() + i * m.vocab, m.vocab,
-                                                        s.temperature, s.top_p, q.rng);
+                                                        q.s.temperature, q.s.top_p, q.rng);
           if (append(q, next)) running.push_back(stepping[i]);
         }
         return true;
@@ -495,12 +502,13 @@ struct GeneratorGpu::Impl {
       }
       for (size_t i = 0; i < B && !on_device; ++i) {
         Request& q = req[stepping[i]];
-        token_probs(logits.data() + (2 * i) * m.vocab, m.vocab, s.temperature, s.top_p, p0);
+        token_probs(logits.data() + (2 * i) * m.vocab, m.vocab, q.s.temperature, q.s.top_p, p0);
         bool k = false;
         next[i] = speculative_pick(p0, q.draft_q, q.draft, q.rng, &k);
         kept[i] = k;
         if (k) {
-          token_probs(logits.data() + (2 * i + 1) * m.vocab, m.vocab, s.temperature, s.top_p, p1);
+          token_probs(logits.data() + (2 * i + 1) * m.vocab, m.vocab, q.s.temperature, q.s.top_p,
+                      p1);
           bonus[i] = sample_probs(p1, q.rng);
         }
       }
@@ -733,15 +741,66 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
     if (static_cast<int64_t>(p.size()) >= m.o.context)
       p.erase(p.begin(), p.end() - m.o.context / 2);
     const uint64_t id = request_ids.empty() ? r : static_cast<uint64_t>(request_ids[r]);
-    req.push_back(Request{std::move(p), {}, PhiloxStream(s.seed, 7 + id), id, -1, 0, {}, -1, 0});
+    Request q;
+    q.prompt = std::move(p);
+    q.rng = PhiloxStream(s.seed, 7 + id);
+    q.id = id;
+    q.s = s;
+    req.push_back(std::move(q));
   }
   GenerationStats st;
-  m.loop(req, s, st, now_s(), nullptr);
+  const double t0 = now_s();
+  for (Request& q : req) q.arrival = t0;
+  m.loop(req, st, nullptr);
   if (stats != nullptr) *stats = st;
   std::vector<std::vector<int32_t>> out;
   out.reserve(req.size());
   for (Request& q : req) out.push_back(std::move(q.out));
   return out;
+}
+
+void GeneratorGpu::serve(const RequestSource& next, const TokenSink& emit, GenerationStats* stats) {
+  Impl& m = *impl_;
+  std::vector<Request> req;
+  Impl::Io io;
+  io.arrive = [&](Request* q, bool wait) {
+    for (;;) {
+      ServeRequest r;
+      const Arrival got = next(&r, wait);
+      if (got == Arrival::kClosed) return -1;
+      if (got == Arrival::kNone) return 0;
+      // A bad request is refused (reported to the sink), never the end of the loop.
+      std::string error;
+      if (r.prompt.empty()) error = "empty prompt";
+      for (int32_t t : r.prompt)
+        if (error.empty() && (t < 0 || t >= m.vocab))
+          error = "token " + std::to_string(t) + " outside the vocabulary [0, " +
+                  std::to_string(m.vocab) + ")";
+      if (error.empty() && r.sampling.max_new_tokens < 1) error = "max_new_tokens must be >= 1";
+      if (error.empty() &&
+          !(r.sampling.temperature >= 0 && r.sampling.top_p > 0 && r.sampling.top_p <= 1))
+        error = "temperature must be >= 0 and top_p in (0, 1]";
+      if (!error.empty()) {
+        emit(TokenEvent{r.id, -1, true, error});
+        continue;
+      }
+      q->prompt = std::move(r.prompt);
+      q->id = static_cast<uint64_t>(r.id);
+      q->s = r.sampling;
+      q->arrival = r.arrival > 0 ? r.arrival : now_s();
+      return 1;
+    }
+  };
+  io.emit = [&](const Request& q, int32_t token, bool done) {
+    emit(TokenEvent{static_cast<int64_t>(q.id), token, done, {}});
+  };
+  GenerationStats st;
+  m.loop(req, st, &io);
+  if (stats != nullptr) *stats = st;
+}
+
+double steady_seconds() {
+  return now_s();
 }
 
 int64_t GeneratorGpu::handoff_row_elems() const {
@@ -772,8 +831,11 @@ void GeneratorGpu::prefill_only(
     if (static_cast<int64_t>(q.prompt.size()) >= m.o.context)
       q.prompt.erase(q.prompt.begin(), q.prompt.end() - m.o.context / 2);
     q.id = static_cast<uint64_t>(request_ids[r]);
+    q.s = s;
     req.push_back(std::move(q));
   }
+  const double t0 = now_s();
+  for (Request& q : req) q.arrival = t0;
   Impl::Io io;
   io.deliver = [&](const Handoff& h, int seq, int slot) {
     deliver(h, [&](bf16* rows, bf16* q_row) {
@@ -786,7 +848,7 @@ void GeneratorGpu::prefill_only(
     });
   };
   GenerationStats st;
-  m.loop(req, s, st, now_s(), &io);
+  m.loop(req, st, &io);
   if (stats != nullptr) *stats = st;
 }
 
@@ -801,8 +863,9 @@ std::vector<std::pair<int64_t, std::vector<int32_t>>> GeneratorGpu::decode_only(
   Impl::Io io;
   io.take = take;
   io.taken = taken;
+  io.handoff_s = s;
   GenerationStats st;
-  m.loop(req, s, st, now_s(), &io);
+  m.loop(req, st, &io);
   if (stats != nullptr) *stats = st;
   std::vector<std::pair<int64_t, std::vector<int32_t>>> out;
   for (Request& q : req) out.emplace_back(static_cast<int64_t>(q.id), std::move(q.out));

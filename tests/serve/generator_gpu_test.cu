@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -337,6 +338,70 @@ TEST(ServeGpu, MtpDraftKeepsTheGreedyText) {
     EXPECT_GT(sampled.drafted, 0);
     expect_batch_invariant(gen, prompts, s, together);
   }
+}
+
+// Requests arriving while others run (GeneratorGpu::serve): each with its own sampling options,
+// some arriving only after a few loop iterations, two refused (an empty prompt, a token outside
+// the vocabulary) without stopping the others; every request's tokens equal generate's for it
+// alone with the same id and options (batch invariance), streamed one event a token.
+TEST(ServeGpu, ServeEqualsGenerate) {
+  const ModelConfig cfg = serve_config();
+  Model cpu(cfg, 9);
+  GeneratorGpu gen(cpu, options(3, 64));
+  std::vector<ServeRequest> reqs;
+  for (int i = 0; i < 6; ++i) {
+    ServeRequest r;
+    r.id = 10 + i;
+    r.prompt = random_tokens(5 + 23 * i, 512, 70 + i);
+    r.sampling.max_new_tokens = 6 + i;
+    r.sampling.ignore_eos = true;
+    r.sampling.temperature = i % 2 == 0 ? 0.0 : 0.7 + 0.1 * i;
+    r.sampling.top_p = i % 3 == 0 ? 1.0 : 0.9;
+    r.sampling.seed = 100 + i;
+    reqs.push_back(r);
+  }
+  ServeRequest empty, outside;
+  empty.id = 90;
+  outside.id = 91;
+  outside.prompt = {1, 2, 512};
+  // Arrivals: two at once, then one more every third call of the source.
+  size_t given = 0;
+  int calls = 0;
+  bool refused_given = false;
+  std::map<int64_t, std::vector<int32_t>> got;
+  std::map<int64_t, std::string> errors;
+  GenerationStats st;
+  gen.serve(
+      [&](ServeRequest* r, bool wait) {
+        ++calls;
+        if (!refused_given && given == 2) {
+          *r = calls % 2 == 0 ? empty : outside;
+          if (r->id == 91) refused_given = true;
+          return Arrival::kRequest;
+        }
+        if (given == reqs.size()) return refused_given ? Arrival::kClosed : Arrival::kNone;
+        if (given >= 2 && calls % 3 != 0 && !wait) return Arrival::kNone;
+        *r = reqs[given++];
+        return Arrival::kRequest;
+      },
+      [&](const TokenEvent& e) {
+        if (!e.error.empty()) {
+          errors[e.id] = e.error;
+          return;
+        }
+        got[e.id].push_back(e.token);
+      },
+      &st);
+  EXPECT_EQ(errors.size(), 2u);
+  EXPECT_NE(errors[90].find("empty prompt"), std::string::npos) << errors[90];
+  EXPECT_NE(errors[91].find("outside the vocabulary"), std::string::npos) << errors[91];
+  ASSERT_EQ(got.size(), reqs.size());
+  for (const ServeRequest& r : reqs)
+    EXPECT_EQ(got[r.id], gen.generate({r.prompt}, r.sampling, nullptr, {r.id})[0])
+        << "request " << r.id;
+  EXPECT_EQ(st.first_token_ms.size(), reqs.size());
+  std::printf("[ serve ] serve(): %d source calls, %lld decoding steps, max %lld running\n", calls,
+              static_cast<long long>(st.decode_steps), static_cast<long long>(st.max_running));
 }
 
 TEST(ServeGpu, RejectsBadRequests) {

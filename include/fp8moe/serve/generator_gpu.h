@@ -24,12 +24,14 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "fp8moe/comm/gpu_job.h"
 #include "fp8moe/model/model.h"
 #include "fp8moe/model/model_gpu.h"
 #include "fp8moe/serve/paged_cache_gpu.h"
+#include "fp8moe/serve/sampling_options.h"
 
 namespace fp8moe::serve {
 
@@ -63,15 +65,6 @@ struct GeneratorOptions {
   bool device_sampling = true;
 };
 
-struct SamplingOptions {
-  int64_t max_new_tokens = 64;
-  double temperature = 0;  // 0: greedy
-  double top_p = 1;
-  uint64_t seed = 1;
-  int32_t eos = -1;  // -1: none
-  bool ignore_eos = false;
-};
-
 // How a rank of a job of several takes part (world 1: alone; the default).
 struct GeneratorParallel {
   ModelGpuParallel model;  // rank, world, the MoE blocks' EP endpoints (make_ep_rank)
@@ -97,6 +90,29 @@ struct GenerationStats {
   // tokens of a request, a kept draft, gives a gap of 0).
   std::vector<double> first_token_ms, token_gap_ms;
 };
+
+// A request arriving at a serving loop (GeneratorGpu::serve).
+struct ServeRequest {
+  int64_t id = 0;  // >= 0: its sampling stream, and how its tokens are reported
+  std::vector<int32_t> prompt;
+  SamplingOptions sampling;  // its own (max_new_tokens >= 1)
+  double arrival = 0;        // steady_seconds() when it came (0: when the loop takes it)
+};
+enum class Arrival { kRequest, kNone, kClosed };
+// The next request: kRequest (*r filled), kNone (none now; with wait, never: block until one
+// comes or none will), kClosed (no more will come).
+using RequestSource = std::function<Arrival(ServeRequest* r, bool wait)>;
+// A token of request `id` as it is drawn; done: its last (token -1 and `error` set: the request
+// was refused — an empty prompt, a token outside the vocabulary, bad sampling options).
+struct TokenEvent {
+  int64_t id = 0;
+  int32_t token = -1;
+  bool done = false;
+  std::string error;
+};
+using TokenSink = std::function<void(const TokenEvent& e)>;
+// The steady clock in seconds (ServeRequest::arrival's clock).
+double steady_seconds();
 
 // A prefilled request handed from a prefilling GPU to a decoding one (disaggregated serving,
 // serve/disaggregated_gpu.h): its cache rows travel beside it, [layers, length, kv_lora_rank +
@@ -136,6 +152,14 @@ class GeneratorGpu {
                                              const SamplingOptions& sampling,
                                              GenerationStats* stats = nullptr,
                                              const std::vector<int64_t>& request_ids = {});
+  // A serving loop for requests that arrive while others run (a server's engine; `fp8moe
+  // serve`): arrived requests wait, are prefilled and join the decoding batch as it has room
+  // (the same scheduling and batch-invariant arithmetic as generate: a request's tokens equal its
+  // tokens from generate with the same id and options), each token goes to `emit` as it is drawn.
+  // Returns once `next` is closed and every request has finished. stats: first-token times count
+  // from each request's arrival.
+  void serve(const RequestSource& next, const TokenSink& emit, GenerationStats* stats = nullptr);
+
   // Disaggregated serving's halves (serve/disaggregated_gpu.h drives them; device sampling only).
   // prefill_only: each prompt prefilled (request ids as generate's), its first token drawn (and
   // with mtp_draft its draft), then `deliver` gets the handoff and `write`, which copies its cache
