@@ -404,6 +404,8 @@ struct GeneratorGpu::Impl {
         return false;  // wait for running sequences to free pages
       }
       Request q;
+      q.s = io->handoff_s;
+      q.arrival = t.h.start_time;
       q.id = static_cast<uint64_t>(t.h.id);
       q.draws = t.h.draws;
       q.draft = t.h.draft;
@@ -552,9 +554,27 @@ struct GeneratorGpu::Impl {
 
     // One iteration: one pass (and its draft pass) on every rank, in lockstep with world > 1.
     const bool lockstep = m.par.model.world > 1;
+    // Arriving requests: every one that has come joins the waiting queue; with nothing to do, wait
+    // for the next (never in lockstep: the other ranks' passes need this one's).
+    bool arrivals_open = io != nullptr && static_cast<bool>(io->arrive);
+    const auto take_arrivals = [&] {
+      while (arrivals_open) {
+        const bool idle = filling < 0 && waiting.empty() && running.empty() && !pending;
+        Request q;
+        const int got = io->arrive(&q, idle && !lockstep);
+        if (got < 0) arrivals_open = false;
+        if (got <= 0) return;
+        if (static_cast<int64_t>(q.prompt.size()) >= m.o.context)
+          q.prompt.erase(q.prompt.begin(), q.prompt.end() - m.o.context / 2);
+        q.rng = PhiloxStream(q.s.seed, 7 + q.id);
+        if (q.s.max_new_tokens > 0) waiting.push_back(req.size());
+        req.push_back(std::move(q));
+      }
+    };
     for (;;) {
+      take_arrivals();
       const bool busy = filling >= 0 || !waiting.empty() || !running.empty() ||
-                        pending.has_value() || source_open;
+                        pending.has_value() || source_open || arrivals_open;
       if (!(lockstep ? m.par.all_sum(busy ? 1 : 0) > 0 : busy)) break;
       // Admit the next waiting prompt while there is room.
       if (filling < 0 && !waiting.empty() && static_cast<int64_t>(running.size()) < m.o.max_batch) {
