@@ -366,20 +366,18 @@ TEST(ServeGpu, ServeEqualsGenerate) {
   outside.prompt = {1, 2, 512};
   // Arrivals: two at once, then one more every third call of the source.
   size_t given = 0;
-  int calls = 0;
-  bool refused_given = false;
+  int calls = 0, refused = 0;
   std::map<int64_t, std::vector<int32_t>> got;
   std::map<int64_t, std::string> errors;
   GenerationStats st;
   gen.serve(
       [&](ServeRequest* r, bool wait) {
         ++calls;
-        if (!refused_given && given == 2) {
-          *r = calls % 2 == 0 ? empty : outside;
-          if (r->id == 91) refused_given = true;
+        if (given == 2 && refused < 2) {  // the two bad ones, after the first two
+          *r = refused++ == 0 ? empty : outside;
           return Arrival::kRequest;
         }
-        if (given == reqs.size()) return refused_given ? Arrival::kClosed : Arrival::kNone;
+        if (given == reqs.size()) return Arrival::kClosed;
         if (given >= 2 && calls % 3 != 0 && !wait) return Arrival::kNone;
         *r = reqs[given++];
         return Arrival::kRequest;
