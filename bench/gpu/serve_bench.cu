@@ -101,6 +101,21 @@ Rates time_group(serve::GeneratorGroup* group, serve::GeneratorGpu* one, int64_t
   return r;
 }
 
+// configs/<name>.json, its vocabulary replaced by `vocab` (> 0).
+ModelConfig bench_config(const std::string& name, int64_t vocab) {
+  const std::string path = "configs/" + name + ".json";
+  Json j = read_json_file(path);
+  if (vocab > 0) j["vocab_size"] = vocab;
+  return parse_model_config(j, path);
+}
+
+// The init_parameters_gpu initialisation of serve_bench's generators (random weights).
+std::function<void(ModelGpu&)> random_weights(const ModelConfig& cfg) {
+  return [init = cfg.initializer_range](ModelGpu& m) {
+    init_parameters_gpu(m.parameters(), m.buffers(), 1, init, nullptr);
+  };
+}
+
 double percentile(std::vector<double> v, double q) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -115,13 +130,8 @@ void run_disaggregate(const std::vector<std::string>& configs, const std::vector
   std::printf("%-10s %5s %8s %-14s %5s %12s %10s %10s %10s %10s\n", "config", "batch", "requests",
               "mode", "gpus", "tokens/s", "ttft p50", "ttft p90", "gap p50", "gap p99");
   for (const std::string& name : configs) {
-    const std::string path = "configs/" + name + ".json";
-    Json j = read_json_file(path);
-    if (vocab > 0) j["vocab_size"] = vocab;
-    const ModelConfig cfg = parse_model_config(j, path);
-    const auto load = [&](ModelGpu& m) {
-      init_parameters_gpu(m.parameters(), m.buffers(), 1, cfg.initializer_range, nullptr);
-    };
+    const ModelConfig cfg = bench_config(name, vocab);
+    const auto load = random_weights(cfg);
     serve::SamplingOptions s;
     s.max_new_tokens = fresh;
     s.ignore_eos = true;
@@ -197,17 +207,12 @@ void run_arrivals(const std::vector<std::string>& configs, int64_t max_batch,
   std::printf("%-10s %6s %9s %9s %12s %10s %10s %10s %10s %9s\n", "config", "batch", "rate/s",
               "requests", "tokens/s", "ttft p50", "ttft p99", "gap p50", "gap p99", "running");
   for (const std::string& name : configs) {
-    const std::string path = "configs/" + name + ".json";
-    Json j = read_json_file(path);
-    if (vocab > 0) j["vocab_size"] = vocab;
-    const ModelConfig cfg = parse_model_config(j, path);
+    const ModelConfig cfg = bench_config(name, vocab);
     serve::GeneratorOptions o;
     o.max_batch = max_batch;
     o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
     o.prefill_chunk = std::max<int64_t>(std::min<int64_t>(prompt, 512), 64);
-    serve::GeneratorGpu gen(cfg, o, [&](ModelGpu& m) {
-      init_parameters_gpu(m.parameters(), m.buffers(), 1, cfg.initializer_range, nullptr);
-    });
+    serve::GeneratorGpu gen(cfg, o, random_weights(cfg));
     const int64_t n = requests > 0 ? requests : 256;
     const auto p = prompts(n, prompt, cfg.vocab_size, 4000);
     serve::SamplingOptions s;
@@ -272,17 +277,12 @@ void run_group(const std::vector<std::string>& configs, const std::vector<int64_
               "decode tok/s", "e2e tok/s", "step ms", "1-GPU decode", "1-GPU e2e", "ratio",
               "e2e x");
   for (const std::string& name : configs) {
-    const std::string path = "configs/" + name + ".json";
-    Json j = read_json_file(path);
-    if (vocab > 0) j["vocab_size"] = vocab;
-    const ModelConfig cfg = parse_model_config(j, path);
+    const ModelConfig cfg = bench_config(name, vocab);
     serve::GeneratorOptions o;
     o.max_batch = *std::max_element(bs.begin(), bs.end());
     o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
     o.prefill_chunk = std::max<int64_t>(prompt, 64);
-    const auto load = [&](ModelGpu& m) {
-      init_parameters_gpu(m.parameters(), m.buffers(), 1, cfg.initializer_range, nullptr);
-    };
+    const auto load = random_weights(cfg);
     serve::SamplingOptions s;
     s.max_new_tokens = fresh;
     s.ignore_eos = true;
@@ -402,17 +402,12 @@ int main(int argc, char** argv) {
                 "decode tok/s", "prefill tok/s", "step ms", "eager ms", "sequential", "ratio",
                 "host-sampled", "x");
     for (const std::string& name : split(configs)) {
-      const std::string path = "configs/" + name + ".json";
-      Json j = read_json_file(path);
-      if (vocab > 0) j["vocab_size"] = vocab;
-      const ModelConfig cfg = parse_model_config(j, path);
+      const ModelConfig cfg = bench_config(name, vocab);
       serve::GeneratorOptions o;
       o.max_batch = *std::max_element(bs.begin(), bs.end());
       o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
       o.prefill_chunk = std::max<int64_t>(prompt, 64);
-      serve::GeneratorGpu gen(cfg, o, [&](ModelGpu& m) {
-        init_parameters_gpu(m.parameters(), m.buffers(), 1, cfg.initializer_range, nullptr);
-      });
+      serve::GeneratorGpu gen(cfg, o, random_weights(cfg));
       serve::SamplingOptions s;
       s.max_new_tokens = fresh;
       s.ignore_eos = true;

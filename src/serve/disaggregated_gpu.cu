@@ -12,6 +12,7 @@
 
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
+#include "peer_access.h"
 
 namespace fp8moe::serve {
 
@@ -61,18 +62,7 @@ DisaggregatedGeneratorGpu::DisaggregatedGeneratorGpu(const ModelConfig& config,
   FM_CHECK_ARG(o.device_sampling, "DisaggregatedGeneratorGpu: needs device sampling");
   m.prefill_device = prefill_device;
   m.decode_device = decode_device;
-  for (const auto& [a, b] :
-       {std::pair{prefill_device, decode_device}, std::pair{decode_device, prefill_device}}) {
-    int ok = 0;
-    FM_CHECK_CUDA(cudaDeviceCanAccessPeer(&ok, a, b));
-    FM_CHECK_ARG(ok, "DisaggregatedGeneratorGpu: device ", a, " cannot access device ", b);
-    FM_CHECK_CUDA(cudaSetDevice(a));
-    const cudaError_t st = cudaDeviceEnablePeerAccess(b, 0);
-    if (st == cudaErrorPeerAccessAlreadyEnabled)
-      cudaGetLastError();
-    else
-      FM_CHECK_CUDA(st);
-  }
+  detail::enable_peer_access({prefill_device, decode_device}, "DisaggregatedGeneratorGpu");
   FM_CHECK_CUDA(cudaSetDevice(prefill_device));
   m.prefill = std::make_unique<GeneratorGpu>(config, o, load);
   FM_CHECK_CUDA(cudaSetDevice(decode_device));

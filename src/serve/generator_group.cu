@@ -13,6 +13,7 @@
 #include "fp8moe/comm/device_ep.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
+#include "peer_access.h"
 
 namespace fp8moe::serve {
 
@@ -107,20 +108,7 @@ GeneratorGroup::GeneratorGroup(const ModelConfig& config, const GeneratorOptions
                  " is given to several ranks: one rank a GPU (a rank spinning in an EP receive ",
                  "would hold SMs that a GEMM of another rank on the same GPU waits for)");
   }
-  for (int a : devices)
-    for (int b : devices) {
-      if (a == b) continue;
-      int ok = 0;
-      FM_CHECK_CUDA(cudaDeviceCanAccessPeer(&ok, a, b));
-      FM_CHECK_ARG(ok, "GeneratorGroup: device ", a, " cannot access device ", b,
-                   " (the EP kernels write peers' memory)");
-      FM_CHECK_CUDA(cudaSetDevice(a));
-      const cudaError_t st = cudaDeviceEnablePeerAccess(b, 0);
-      if (st == cudaErrorPeerAccessAlreadyEnabled)
-        cudaGetLastError();
-      else
-        FM_CHECK_CUDA(st);
-    }
+  detail::enable_peer_access(devices, "GeneratorGroup");  // the EP kernels write peers' memory
   m.devices = devices;
   const size_t R = devices.size();
   m.bases.assign(R, nullptr);

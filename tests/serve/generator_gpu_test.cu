@@ -22,7 +22,6 @@
 #include <string>
 #include <vector>
 
-#include "../support/small_gpu_config.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/json.h"
@@ -33,26 +32,16 @@
 #include "fp8moe/model/model_gpu.h"
 #include "fp8moe/serve/generator_gpu.h"
 #include "fp8moe/serve/paged_cache_gpu.h"
+#include "serve_test_support.h"
 
 namespace fp8moe::serve {
 namespace {
 
-// The tests' model: tests/support's small GPU config with kv_lora_rank 256 (the decode kernel's
-// smallest latent), no MTP module unless asked, initialisation 0.05 (peakier logits than 0.02).
-ModelConfig serve_config(int64_t dense_layers = 1) {
-  return test::small_gpu_config({{"kv_lora_rank", 256},
-                                 {"num_nextn_predict_layers", 0},
-                                 {"first_k_dense_replace", dense_layers},
-                                 {"initializer_range", 0.05}},
-                                "serve test config");
-}
+using test_support::random_tokens;
 
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> d(0, static_cast<int32_t>(vocab - 1));
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& v : t) v = d(rng);
-  return t;
+// The tests' model (serve_test_support.h), no MTP module unless asked.
+ModelConfig serve_config(int64_t dense_layers = 1) {
+  return test_support::serve_config(0, dense_layers);
 }
 
 // A generator's options for these tests: a context of 256 tokens, max_batch sequences at once.

@@ -18,31 +18,21 @@
 #include <string>
 #include <vector>
 
-#include "../support/small_gpu_config.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/model/config.h"
 #include "fp8moe/model/model.h"
 #include "fp8moe/serve/generator_gpu.h"
 #include "fp8moe/serve/generator_group.h"
+#include "serve_test_support.h"
 
 namespace fp8moe::serve {
 namespace {
 
-ModelConfig group_config(int64_t mtp) {
-  return test::small_gpu_config({{"kv_lora_rank", 256},
-                                 {"num_nextn_predict_layers", mtp},
-                                 {"first_k_dense_replace", 1},
-                                 {"initializer_range", 0.05}},
-                                "serve group test config");
-}
+using test_support::random_tokens;
 
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> d(0, static_cast<int32_t>(vocab - 1));
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& v : t) v = d(rng);
-  return t;
+ModelConfig group_config(int64_t mtp) {
+  return test_support::serve_config(mtp, 1, "serve group test config");
 }
 
 GeneratorOptions options() {

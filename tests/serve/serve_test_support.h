@@ -1,0 +1,35 @@
+// What the serving GPU tests share (generator_gpu_test.cu, generator_group_gpu_test.cu,
+// disaggregated_gpu_test.cu): the small V3-shaped model they serve and random prompts.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../support/small_gpu_config.h"
+#include "fp8moe/model/config.h"
+
+namespace fp8moe::serve::test_support {
+
+// tests/support's small GPU config with kv_lora_rank 256 (the decode kernel's smallest latent),
+// `mtp` MTP modules, `dense_layers` dense layers first, initialisation 0.05 (peakier logits than
+// 0.02).
+inline ModelConfig serve_config(int64_t mtp = 0, int64_t dense_layers = 1,
+                                const std::string& what = "serve test config") {
+  return test::small_gpu_config({{"kv_lora_rank", 256},
+                                 {"num_nextn_predict_layers", mtp},
+                                 {"first_k_dense_replace", dense_layers},
+                                 {"initializer_range", 0.05}},
+                                what);
+}
+
+inline std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> d(0, static_cast<int32_t>(vocab - 1));
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& v : t) v = d(rng);
+  return t;
+}
+
+}  // namespace fp8moe::serve::test_support
