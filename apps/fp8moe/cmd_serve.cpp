@@ -1,6 +1,8 @@
-// fp8moe serve --checkpoint DIR [--max-batch N] [--context N] [--max-new-tokens N]
-// [--temperature T] [--top-p P] [--seed S] [--mtp-draft] [--stream] [--ema]: a serving loop on
-// one GPU (serve/generator_gpu.h GeneratorGpu::serve) for requests that arrive while others run.
+// fp8moe serve --checkpoint DIR [--device gpu|cpu] [--max-batch N] [--context N]
+// [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--mtp-draft] [--stream] [--ema]:
+// a serving loop on one GPU (serve/generator_gpu.h GeneratorGpu::serve) for requests that arrive
+// while others run; --device cpu: the CPU model (train/trainer.h CheckpointGenerator), one
+// request after another (the same lines; for machines without a GPU, and for CI).
 // Input: one JSON request a line on stdin (serve/request_json.h: {"id", "prompt",
 // "max_new_tokens", "temperature", "top_p", "seed", "ignore_eos"}; absent fields take the flags'
 // values). Output: one JSON line a finished request on stdout, in finishing order ({"id",
@@ -21,6 +23,7 @@
 #include "command.h"
 #include "fp8moe/comm/launcher.h"
 #include "fp8moe/core/error.h"
+#include "fp8moe/serve/clock.h"
 #include "fp8moe/serve/request_json.h"
 #include "fp8moe/train/data.h"
 #include "fp8moe/train/trainer.h"
@@ -31,11 +34,95 @@
 namespace {
 
 struct ServeArgs {
-  std::string checkpoint;
+  std::string checkpoint, device = "gpu";
   int64_t max_batch = 8, context = 1024;
   bool mtp_draft = false, stream = false, ema = false;
   fp8moe::serve::SamplingOptions defaults;
 };
+
+// A request's completion text as its tokens come: the text past the prompt's own decoding (a
+// piece may join the two), and the part not yet streamed.
+class CompletionText {
+ public:
+  CompletionText(const fp8moe::Tokenizer& tok, std::vector<int32_t> prompt)
+      : tok_(&tok), ids_(std::move(prompt)), prompt_text_(tok.decode(ids_)) {}
+  void add(int32_t token) { ids_.push_back(token); }
+  std::string completion() const {
+    const std::string text = tok_->decode(ids_);
+    const size_t cut =
+        text.compare(0, prompt_text_.size(), prompt_text_) == 0 ? prompt_text_.size() : 0;
+    return text.substr(cut);
+  }
+  // The completion's part past what was streamed before (empty while a piece is incomplete).
+  std::string delta() {
+    const std::string c = completion();
+    if (c.size() <= sent_ || c.compare(0, sent_, c, 0, sent_) != 0) return {};
+    std::string d = c.substr(sent_);
+    sent_ = c.size();
+    return d;
+  }
+
+ private:
+  const fp8moe::Tokenizer* tok_;
+  std::vector<int32_t> ids_;
+  std::string prompt_text_;
+  size_t sent_ = 0;
+};
+
+void say(const std::string& line) {
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  std::cout << line << std::endl;
+}
+
+// --device cpu: one request after another on the CPU model, the same lines.
+void serve_cpu(const ServeArgs& a) {
+  using namespace fp8moe;
+  using namespace fp8moe::serve;
+  GenerateOptions g;
+  g.checkpoint_dir = a.checkpoint;
+  g.use_ema = a.ema;
+  g.context = a.context;
+  CheckpointGenerator gen(g);
+  const Tokenizer& tok = gen.tokenizer();
+  SamplingOptions defaults = a.defaults;
+  defaults.eos = tok.eos_id();
+  int64_t n = 0;
+  for (std::string line; std::getline(std::cin, line);) {
+    ++n;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    Json id = request_id(line, n);
+    try {
+      const RequestLine r = parse_request_line(line, n, defaults);
+      id = r.id;
+      const double arrival = steady_seconds();
+      std::vector<int32_t> prompt = tok.encode(r.prompt);
+      if (prompt.empty()) prompt.push_back(tok.eos_id() >= 0 ? tok.eos_id() : 0);
+      CompletionText text(tok, prompt);
+      GenerateOptions q = g;
+      q.max_new_tokens = r.sampling.max_new_tokens;
+      q.temperature = r.sampling.temperature;
+      q.top_p = r.sampling.top_p;
+      q.seed = r.sampling.seed;
+      q.ignore_eos = r.sampling.ignore_eos;
+      double first = 0;
+      const std::vector<int32_t> out =
+          gen.generate(prompt, q, static_cast<uint64_t>(n), [&](int32_t t) {
+            if (first == 0) first = steady_seconds();
+            text.add(t);
+            if (a.stream) {
+              const std::string d = text.delta();
+              if (!d.empty()) say(delta_line(id, d));
+            }
+          });
+      const double end = steady_seconds();
+      say(result_line(id, text.completion(), static_cast<int64_t>(out.size()),
+                      1e3 * ((first > 0 ? first : end) - arrival), 1e3 * (end - arrival)));
+    } catch (const std::exception& e) {
+      say(error_line(id, e.what()));
+    }
+  }
+}
 
 #ifdef FP8MOE_HAVE_CUDA
 void serve_gpu(const ServeArgs& a) {
@@ -58,8 +145,8 @@ void serve_gpu(const ServeArgs& a) {
   };
   struct Live {
     Json id;
-    std::vector<int32_t> prompt, out;
-    std::string prompt_text, sent;
+    std::unique_ptr<CompletionText> text;
+    int64_t tokens = 0;
     double arrival = 0, first = 0;
   };
   std::mutex mu;
@@ -67,11 +154,6 @@ void serve_gpu(const ServeArgs& a) {
   std::deque<Pending> queue;
   std::map<int64_t, Live> live;
   bool closed = false;
-  std::mutex out_mu;
-  const auto say = [&](const std::string& line) {
-    std::lock_guard<std::mutex> lock(out_mu);
-    std::cout << line << std::endl;
-  };
   std::thread reader([&] {
     int64_t n = 0;
     for (std::string line; std::getline(std::cin, line);) {
@@ -93,7 +175,7 @@ void serve_gpu(const ServeArgs& a) {
         }
         cv.notify_all();
       } catch (const std::exception& e) {
-        say(error_line(Json(n), e.what()));
+        say(error_line(request_id(line, n), e.what()));
       }
     }
     {
@@ -110,8 +192,7 @@ void serve_gpu(const ServeArgs& a) {
     queue.pop_front();
     Live l;
     l.id = p.id;
-    l.prompt = p.request.prompt;
-    l.prompt_text = tok.decode(l.prompt);
+    l.text = std::make_unique<CompletionText>(tok, p.request.prompt);
     l.arrival = p.request.arrival;
     live[p.request.id] = std::move(l);
     *r = std::move(p.request);
@@ -126,26 +207,16 @@ void serve_gpu(const ServeArgs& a) {
       return;
     }
     const double now = steady_seconds();
-    if (l.out.empty()) l.first = now;
-    l.out.push_back(e.token);
-    if (a.stream || e.done) {
-      std::vector<int32_t> all = l.prompt;
-      all.insert(all.end(), l.out.begin(), l.out.end());
-      const std::string text = tok.decode(all);
-      // The completion: the text past the prompt's own decoding (a piece may join the two).
-      const size_t cut =
-          text.compare(0, l.prompt_text.size(), l.prompt_text) == 0 ? l.prompt_text.size() : 0;
-      const std::string completion = text.substr(cut);
-      if (a.stream && completion.size() > l.sent.size() &&
-          completion.compare(0, l.sent.size(), l.sent) == 0) {
-        say(delta_line(l.id, completion.substr(l.sent.size())));
-        l.sent = completion;
-      }
-      if (e.done) {
-        say(result_line(l.id, completion, static_cast<int64_t>(l.out.size()),
-                        1e3 * (l.first - l.arrival), 1e3 * (now - l.arrival)));
-        live.erase(e.id);
-      }
+    if (l.tokens++ == 0) l.first = now;
+    l.text->add(e.token);
+    if (a.stream) {
+      const std::string d = l.text->delta();
+      if (!d.empty()) say(delta_line(l.id, d));
+    }
+    if (e.done) {
+      say(result_line(l.id, l.text->completion(), l.tokens, 1e3 * (l.first - l.arrival),
+                      1e3 * (now - l.arrival)));
+      live.erase(e.id);
     }
   };
   try {
@@ -162,7 +233,11 @@ void serve_gpu(const ServeArgs& a) {
 void setup(CLI::App& app) {
   auto a = std::make_shared<ServeArgs>();
   app.add_option("--checkpoint", a->checkpoint, "Folder written by fp8moe train")->required();
-  app.add_option("--max-batch", a->max_batch, "Sequences decoded together")->capture_default_str();
+  app.add_option("--device", a->device,
+                 "gpu (requests batched as they arrive) or cpu (one after another)")
+      ->capture_default_str();
+  app.add_option("--max-batch", a->max_batch, "GPU: sequences decoded together")
+      ->capture_default_str();
   app.add_option("--context", a->context, "Tokens a sequence holds at most")->capture_default_str();
   app.add_option("--max-new-tokens", a->defaults.max_new_tokens,
                  "A request's new tokens unless it says")
@@ -186,14 +261,24 @@ void setup(CLI::App& app) {
                  "--temperature must be >= 0 and --top-p in (0, 1]");
     FM_CHECK_ARG(!fp8moe::comm::launched_as_rank() || fp8moe::comm::rank_env().world_size == 1,
                  "fp8moe serve runs on one GPU (several ranks: `fp8moe generate` under launch)");
+    FM_CHECK_ARG(a->device == "gpu" || a->device == "cpu", "--device: '", a->device,
+                 "' is not a device (expected gpu or cpu)");
+    if (a->device == "cpu") {
+      FM_CHECK_ARG(!a->mtp_draft, "--mtp-draft needs --device gpu");
+      serve_cpu(*a);
+      return;
+    }
 #ifdef FP8MOE_HAVE_CUDA
     serve_gpu(*a);
 #else
-    FM_CHECK_ARG(false, "fp8moe serve: this fp8moe was built without CUDA");
+    FM_CHECK_ARG(false,
+                 "fp8moe serve: this fp8moe was built without CUDA (--device cpu serves on "
+                 "the CPU)");
 #endif
   });
 }
 
 }  // namespace
 
-FM_REGISTER_COMMAND("serve", "Serve requests arriving on stdin (JSON lines) on one GPU", setup);
+FM_REGISTER_COMMAND("serve", "Serve requests arriving on stdin (JSON lines) on one GPU or the CPU",
+                    setup);

@@ -51,7 +51,7 @@ struct Request {
 };
 
 double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return steady_seconds();
 }
 
 }  // namespace
@@ -817,10 +817,6 @@ void GeneratorGpu::serve(const RequestSource& next, const TokenSink& emit, Gener
   GenerationStats st;
   m.loop(req, st, &io);
   if (stats != nullptr) *stats = st;
-}
-
-double steady_seconds() {
-  return now_s();
 }
 
 int64_t GeneratorGpu::handoff_row_elems() const {

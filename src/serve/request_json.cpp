@@ -41,6 +41,11 @@ RequestLine parse_request_line(std::string_view line, int64_t line_number,
   return r;
 }
 
+Json request_id(std::string_view line, int64_t line_number) {
+  const Json j = Json::parse(line, nullptr, false);
+  return j.is_object() && j.contains("id") ? j["id"] : Json(line_number);
+}
+
 std::string result_line(const Json& id, const std::string& completion, int64_t new_tokens,
                         double ttft_ms, double latency_ms) {
   OrderedJson j;

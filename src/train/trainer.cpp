@@ -187,22 +187,37 @@ std::unique_ptr<Model> load_checkpoint_model(const std::string& checkpoint_dir, 
   return model;
 }
 
-std::string generate_text(const GenerateOptions& g) {
-  if (g.threads > 0) set_model_threads(g.threads);
+struct CheckpointGenerator::Impl {
   Precision precision = Precision::kFp32;
-  const std::unique_ptr<Model> loaded =
-      load_checkpoint_model(g.checkpoint_dir, g.use_ema, &precision);
-  Model& model = *loaded;
-  const ModelConfig& config = model.config();
-  Tokenizer tok(g.checkpoint_dir + "/tokenizer.model");
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Tokenizer> tok;
+};
+
+CheckpointGenerator::CheckpointGenerator(const GenerateOptions& g)
+    : impl_(std::make_unique<Impl>()) {
+  if (g.threads > 0) set_model_threads(g.threads);
+  impl_->model = load_checkpoint_model(g.checkpoint_dir, g.use_ema, &impl_->precision);
+  impl_->tok = std::make_unique<Tokenizer>(g.checkpoint_dir + "/tokenizer.model");
+}
+
+CheckpointGenerator::~CheckpointGenerator() = default;
+
+const Tokenizer& CheckpointGenerator::tokenizer() const {
+  return *impl_->tok;
+}
+
+std::vector<int32_t> CheckpointGenerator::generate(std::vector<int32_t> ids,
+                                                   const GenerateOptions& g, uint64_t stream,
+                                                   const std::function<void(int32_t)>& on_token) {
+  Model& model = *impl_->model;
+  const Tokenizer& tok = *impl_->tok;
   FM_CHECK_ARG(g.temperature >= 0, "--temperature must be >= 0");
   FM_CHECK_ARG(g.top_p > 0 && g.top_p <= 1, "--top-p must lie in (0, 1]");
-  std::vector<int32_t> ids = tok.encode(g.prompt);
+  FM_CHECK_ARG(g.context >= 2, "--context must be >= 2 (got ", g.context, ")");
   if (ids.empty()) ids.push_back(tok.eos_id() >= 0 ? tok.eos_id() : 0);
   const size_t prompt_len = ids.size();
-  FM_CHECK_ARG(g.context >= 2, "--context must be >= 2 (got ", g.context, ")");
-  const int64_t context = std::min(g.context, config.max_position_embeddings);
-  PhiloxStream rng(g.seed, 7);
+  const int64_t context = std::min(g.context, model.config().max_position_embeddings);
+  PhiloxStream rng(g.seed, 7 + stream);
   KvCache cache;
   cache.form = g.cache_form;
   int64_t start = 0;  // the model reads ids[start, end)
@@ -216,15 +231,24 @@ std::string generate_text(const GenerateOptions& g) {
     }
     std::vector<float> logits =
         g.use_cache ? model.next_token_logits(ids.data() + start + cache.length,
-                                              end - start - cache.length, precision, cache)
-                    : model.next_token_logits(ids.data() + start, end - start, precision);
+                                              end - start - cache.length, impl_->precision, cache)
+                    : model.next_token_logits(ids.data() + start, end - start, impl_->precision);
     const int32_t next = sample_token(logits.data(), static_cast<int64_t>(logits.size()),
                                       g.temperature, g.top_p, rng);
     if (next == tok.eos_id() && !g.ignore_eos) break;
     ids.push_back(next);
+    if (on_token) on_token(next);
   }
-  (void)prompt_len;
-  return tok.decode(ids);
+  return std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(prompt_len), ids.end());
+}
+
+std::string generate_text(const GenerateOptions& g) {
+  CheckpointGenerator gen(g);
+  std::vector<int32_t> ids = gen.tokenizer().encode(g.prompt);
+  if (ids.empty()) ids.push_back(gen.tokenizer().eos_id() >= 0 ? gen.tokenizer().eos_id() : 0);
+  const std::vector<int32_t> out = gen.generate(ids, g);
+  ids.insert(ids.end(), out.begin(), out.end());
+  return gen.tokenizer().decode(ids);
 }
 
 }  // namespace fp8moe

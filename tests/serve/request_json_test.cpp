@@ -59,6 +59,13 @@ TEST(RequestJson, BadLinesNameTheProblem) {
   expect_error(R"({"prompt": "x")", "line 4");
 }
 
+TEST(RequestJson, AnswersCarryTheRequestsId) {
+  EXPECT_EQ(request_id(R"({"id": "x", "prompt": "p", "temprature": 1})", 3), Json("x"));
+  EXPECT_EQ(request_id(R"({"prompt": "p"})", 3), Json(3));
+  EXPECT_EQ(request_id("not json", 4), Json(4));
+  EXPECT_EQ(request_id(R"([1, 2])", 5), Json(5));
+}
+
 TEST(RequestJson, OutputLines) {
   EXPECT_EQ(
       result_line(Json("a"), "hi \"there\"", 3, 1.23456, 9.87654),

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "fp8moe/core/file_io.h"
+#include "fp8moe/core/json.h"
 #include "fp8moe/fp8/codec.h"
 #include "fp8moe/train/data.h"
 #include "fp8moe/train/ema.h"
@@ -396,6 +397,63 @@ TEST(Data, BatchesAreAPureFunctionOfSeedAndStep) {
 
 namespace fp8moe {
 namespace {
+
+// fp8moe serve --device cpu: one JSON request a line on stdin, one line each in input order — the
+// greedy completion is the generate command's text past the prompt, a sampled request runs, a bad
+// key and a line that is not JSON are answered with errors naming them and the loop goes on;
+// --stream's delta lines add up to the completion.
+TEST(ServeCli, CpuServesJsonLines) {
+  if (!have_sentencepiece()) GTEST_SKIP() << "built without SentencePiece";
+  const TrainOptions o = micro_options(fresh_dir("serve"));
+  train(o);
+  const std::string requests = testing::TempDir() + "/fp8moe_serve_requests.jsonl";
+  {
+    std::ofstream f(requests);
+    f << R"({"id": "g", "prompt": "In the beginning", "max_new_tokens": 12, "ignore_eos": true})"
+      << "\n"
+      << R"({"id": "bad", "prompt": "x", "temprature": 1})"
+      << "\n"
+      << R"({"id": "s", "prompt": "And God said", "max_new_tokens": 6, "temperature": 0.8, )"
+      << R"("top_p": 0.9, "seed": 4, "ignore_eos": true})"
+      << "\n"
+      << "not json\n";
+  }
+  int status = 0;
+  const std::string base = "serve --device cpu --checkpoint " + o.out_dir;
+  const std::string out = run_cli(base + " < " + requests, &status);
+  ASSERT_EQ(status, 0) << out;
+  std::vector<Json> lines;
+  std::istringstream in(out);
+  for (std::string l; std::getline(in, l);) lines.push_back(parse_json(l, "serve output"));
+  ASSERT_EQ(lines.size(), 4u) << out;
+  EXPECT_EQ(lines[0]["id"], "g");
+  EXPECT_EQ(lines[0]["new_tokens"], 12);
+  EXPECT_EQ(lines[1]["id"], "bad");
+  EXPECT_NE(lines[1]["error"].get<std::string>().find("temprature"), std::string::npos) << out;
+  EXPECT_EQ(lines[2]["id"], "s");
+  EXPECT_EQ(lines[2]["new_tokens"], 6);
+  EXPECT_EQ(lines[3]["id"], 4);  // no id: the line number
+  EXPECT_NE(lines[3]["error"].get<std::string>().find("not valid JSON"), std::string::npos) << out;
+  const std::string completion = lines[0]["completion"].get<std::string>();
+  const std::string text = run_cli("generate --checkpoint " + o.out_dir +
+                                       " --prompt 'In the beginning' --max-new-tokens 12 "
+                                       "--ignore-eos",
+                                   &status);
+  ASSERT_EQ(status, 0) << text;
+  ASSERT_GE(text.size(), completion.size() + 1);
+  EXPECT_EQ(text.substr(text.size() - 1 - completion.size(), completion.size()), completion)
+      << text << " / " << completion;
+  // Streamed: the deltas of "g" add up to its completion.
+  const std::string streamed = run_cli(base + " --stream < " + requests, &status);
+  ASSERT_EQ(status, 0) << streamed;
+  std::string joined;
+  std::istringstream sin(streamed);
+  for (std::string l; std::getline(sin, l);) {
+    const Json j = parse_json(l, "serve --stream output");
+    if (j.contains("delta") && j["id"] == "g") joined += j["delta"].get<std::string>();
+  }
+  EXPECT_EQ(joined, completion);
+}
 
 std::string run_cli(const std::string& args, int* status) {
   const std::string cmd = "cd " + kSource + " && " + std::string(FP8MOE_CLI) + " " + args + " 2>&1";

@@ -30,6 +30,7 @@
 #include "fp8moe/comm/gpu_job.h"
 #include "fp8moe/model/model.h"
 #include "fp8moe/model/model_gpu.h"
+#include "fp8moe/serve/clock.h"
 #include "fp8moe/serve/paged_cache_gpu.h"
 #include "fp8moe/serve/sampling_options.h"
 
@@ -96,7 +97,7 @@ struct ServeRequest {
   int64_t id = 0;  // >= 0: its sampling stream, and how its tokens are reported
   std::vector<int32_t> prompt;
   SamplingOptions sampling;  // its own (max_new_tokens >= 1)
-  double arrival = 0;        // steady_seconds() when it came (0: when the loop takes it)
+  double arrival = 0;        // steady_seconds() (serve/clock.h) when it came (0: when taken)
 };
 enum class Arrival { kRequest, kNone, kClosed };
 // The next request: kRequest (*r filled), kNone (none now; with wait, never: block until one
@@ -111,8 +112,6 @@ struct TokenEvent {
   std::string error;
 };
 using TokenSink = std::function<void(const TokenEvent& e)>;
-// The steady clock in seconds (ServeRequest::arrival's clock).
-double steady_seconds();
 
 // A prefilled request handed from a prefilling GPU to a decoding one (disaggregated serving,
 // serve/disaggregated_gpu.h): its cache rows travel beside it, [layers, length, kv_lora_rank +

@@ -26,6 +26,9 @@ struct RequestLine {
 // Throws kInvalidArgument naming the problem ("line 3: key 'top_p' ...").
 RequestLine parse_request_line(std::string_view line, int64_t line_number,
                                const SamplingOptions& defaults);
+// The id an answer to the line carries: its "id" where the line is a JSON object that has one
+// (also when another field is bad), else the line number. Never throws.
+Json request_id(std::string_view line, int64_t line_number);
 
 // {"id": ..., "completion": "...", "new_tokens": n, "ttft_ms": x, "latency_ms": y} (one line, no
 // newline); {"id": ..., "error": "..."}; with streaming, {"id": ..., "delta": "..."}.

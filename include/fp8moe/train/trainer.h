@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -83,6 +84,32 @@ struct GenerateOptions {
   bool ignore_eos = false;  // keep going past end-of-sequence (fixed-length runs, timing)
 };
 std::string generate_text(const GenerateOptions& options);
+
+class Tokenizer;
+
+// A checkpoint's CPU model and tokenizer loaded once, generating for one request after another
+// (generate_text is one request; `fp8moe serve --device cpu` serves a stream of them).
+class CheckpointGenerator {
+ public:
+  // `options`: checkpoint_dir, use_ema, threads (the rest is per request).
+  explicit CheckpointGenerator(const GenerateOptions& options);
+  ~CheckpointGenerator();
+  CheckpointGenerator(const CheckpointGenerator&) = delete;
+  CheckpointGenerator& operator=(const CheckpointGenerator&) = delete;
+
+  const Tokenizer& tokenizer() const;
+  // The new tokens after `prompt` (ids; empty: one end-of-sequence token stands for it) drawn as
+  // generate_text draws them with options g (its prompt and checkpoint fields unused) from the
+  // Philox stream (g.seed, 7 + stream); end-of-sequence ends it unseen unless g.ignore_eos.
+  // on_token(t) after each.
+  std::vector<int32_t> generate(std::vector<int32_t> prompt, const GenerateOptions& g,
+                                uint64_t stream = 0,
+                                const std::function<void(int32_t)>& on_token = {});
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 // The CPU model a checkpoint folder holds (`fp8moe train`'s model.safetensors: its config, the
 // parameters or their EMA), and the precision it was trained in. The GPU generator
 // (serve/generator_gpu.h) starts from it.
