@@ -1,4 +1,4 @@
-// Text generation on one GPU in V3's serving form: a ModelGpu over paged latent caches
+// Text generation on a GPU in V3's serving form: a ModelGpu over paged latent caches
 // (serve/paged_cache_gpu.h; the attention in latent form, kernels/mla_decode.h), prompts prefilled
 // in chunks (several new tokens a sequence, causal among them), then decoding steps that batch
 // every running sequence (continuous batching: a finished sequence leaves, a waiting prompt is
@@ -8,7 +8,9 @@
 // arithmetic, so a request's text does not depend on what it was batched with. A sequence stops at
 // end-of-sequence (unless ignore_eos), after max_new_tokens, or when it fills the context (its
 // prompt is cut to the last context / 2 tokens if it is longer). The main model decodes; with
-// mtp_draft, its first MTP module drafts a token a step.
+// mtp_draft, its first MTP module drafts a token a step. generate() takes a list of prompts;
+// serve() takes requests as they arrive (a server's loop, `fp8moe serve`); prefill_only /
+// decode_only are the halves of disaggregated serving (serve/disaggregated_gpu.h).
 //
 // Several ranks (GeneratorParallel; V3's decoding deployment: data-parallel attention, expert-
 // parallel MoE): every rank holds every tensor but only its share of the routed experts, serves its
@@ -18,7 +20,7 @@
 // rank has, an idle pass of one dummy token) and, with mtp_draft, one draft pass; they stop when
 // no rank has work left (GeneratorParallel::all_sum, once an iteration). A request's tokens do not
 // depend on the rank it is served by nor on what else is served (the EP combine sums in a fixed
-// order of ranks), but differ from one rank's in the last bits of the MoE output's rounding.
+// order of ranks), but may differ from one rank's in the last bits of the MoE output's rounding.
 #pragma once
 
 #include <cstdint>
