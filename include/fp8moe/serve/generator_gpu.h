@@ -96,7 +96,7 @@ struct GenerationStats {
 
 // A request arriving at a serving loop (GeneratorGpu::serve).
 struct ServeRequest {
-  int64_t id = 0;  // >= 0: its sampling stream, and how its tokens are reported
+  int64_t id = 0;  // >= 0, unique among requests in flight: its sampling stream, its events' id
   std::vector<int32_t> prompt;
   SamplingOptions sampling;  // its own (max_new_tokens >= 1)
   double arrival = 0;        // steady_seconds() (serve/clock.h) when it came (0: when taken)
