@@ -23,6 +23,7 @@
 #include "fp8moe/model/linear_gpu.h"
 #include "fp8moe/model/mla_block_gpu.h"
 #include "fp8moe/moe/expert_ffn_gpu.h"
+#include "fp8moe/moe/expert_placement_cuda.h"
 #include "fp8moe/moe/router_backward_cuda.h"
 #include "fp8moe/moe/router_cuda.h"
 
@@ -223,13 +224,17 @@ __global__ void balance_backward_kernel(const float* scores, const double* s_sum
   }
 }
 
-// load[e] += 1 per slot routed to e (ids outside [0, E) skipped). load zeroed before.
+// load[e] += 1 per slot routed to e (ids outside [0, E) skipped). load zeroed before; total
+// (the serving statistics EPLB reads) never zeroed here.
 __global__ void expert_load_kernel(const int32_t* topk_idx, int64_t slots, int experts,
-                                   int32_t* load) {
+                                   int32_t* load, unsigned long long* total) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < slots;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int32_t id = topk_idx[i];
-    if (id >= 0 && id < experts) atomicAdd(&load[id], 1);
+    if (id >= 0 && id < experts) {
+      atomicAdd(&load[id], 1);
+      atomicAdd(&total[id], 1ull);
+    }
   }
 }
 
@@ -370,8 +375,11 @@ struct DecoderLayerGpu::Impl {
   std::unique_ptr<ExpertWeightsFromMasters> routed_w, shared_w;
   std::unique_ptr<comm::DeviceEpGroup> ep;      // one rank: the layer's own group
   std::unique_ptr<comm::DeviceEpRank> ep_rank;  // several ranks: the maker's endpoint
-  int64_t local_experts = 0, first_expert = 0;  // the routed experts this rank holds
+  // The physical slots this rank holds: [first_expert, first_expert + local_experts); without
+  // redundant experts slot = logical expert.
+  int64_t local_experts = 0, first_expert = 0;
   std::unique_ptr<comm::MoeLayerGpu> moe;
+  std::unique_ptr<ExpertPlacementGpu> placement;  // redundant experts (serving); null: none
 
   // Device memory: one allocation.
   void* buffer = nullptr;
@@ -386,6 +394,9 @@ struct DecoderLayerGpu::Impl {
   float *logits = nullptr, *scores = nullptr, *topk_w = nullptr, *gtopk = nullptr,
         *dlogits = nullptr;
   int32_t *topk_idx = nullptr, *load = nullptr;
+  int32_t* topk_phys = nullptr;              // with a placement: the slots [T, K] of topk_idx
+  unsigned long long* load_total = nullptr;  // [E], summed over every forward since reset
+  const int32_t* pos = nullptr;              // the running forward's positions
   double *s_sum = nullptr, *fscaled = nullptr, *contrib = nullptr;
   // Gradient scratch (FP32, overwritten) and the scatter's segments.
   float *scratch13 = nullptr, *scratch2 = nullptr, *sscratch13 = nullptr, *sscratch2 = nullptr;
@@ -458,7 +469,8 @@ void check_dims(const ModelConfig& c, bool is_moe, int64_t batch, int64_t seq) {
 DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& prefix, bool is_moe,
                                  int64_t batch, int64_t seq, const RopeTableView& rope,
                                  const ParameterLookup& params, int ep_ranks,
-                                 const EpRankMaker& make_ep, float* grad_scratch)
+                                 const EpRankMaker& make_ep, float* grad_scratch,
+                                 const ExpertPlacement* placement)
     : impl_(std::make_unique<Impl>()), is_moe_(is_moe) {
   check_dims(config, is_moe, batch, seq);
   FM_CHECK_ARG(ep_ranks >= 1, "DecoderLayerGpu: ep_ranks=", ep_ranks, " must be positive");
@@ -554,9 +566,18 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     m.alpha = c.seq_aux ? static_cast<double>(static_cast<float>(c.aux_loss_alpha)) : 0.0;
     const int64_t E = m.E, K = m.K, I = c.moe_intermediate_size;
     const int64_t Is = I * c.n_shared_experts;
+    if (placement != nullptr && !placement->is_identity()) {
+      FM_CHECK_ARG(placement->logical() == E, "DecoderLayerGpu: the expert placement is for ",
+                   placement->logical(), " logical experts, the config has ", E);
+      FM_CHECK_ARG(placement->physical() % ep_ranks == 0,
+                   "DecoderLayerGpu: ", placement->physical(),
+                   " physical expert slots do not split evenly over ", ep_ranks, " EP ranks");
+      m.placement = std::make_unique<ExpertPlacementGpu>(*placement);
+    }
+    const int64_t slots_n = m.placement ? m.placement->host().physical() : E;
     comm::EpConfig ec;
     ec.num_ranks = ep_ranks;
-    ec.num_experts = static_cast<int>(E);
+    ec.num_experts = static_cast<int>(slots_n);
     ec.top_k = static_cast<int>(K);
     ec.hidden = H;
     ec.max_tokens_per_rank = T;
@@ -571,15 +592,19 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
                    "device");
     }
     comm::DeviceEpRank& ep_rank = m.ep ? m.ep->rank(0) : *m.ep_rank;
-    m.local_experts = E / ep_ranks;
+    m.local_experts = slots_n / ep_ranks;
     m.first_expert = static_cast<int64_t>(ep_rank.rank()) * m.local_experts;
     const int64_t El = m.local_experts;
+    // A slot's weights are its logical expert's masters (a replica reads the same ones).
+    auto logical_of = [&](int64_t s) {
+      return m.placement ? static_cast<int64_t>(m.placement->host().phy2log()[s]) : s;
+    };
     ParameterGpu& g = P(".mlp.gate.weight");
     m.gate = value_of(g, E * H);
     m.dgate = grad_of(g);
     m.bias = value_of(P(".mlp.gate.e_score_correction_bias"), E);
-    for (int64_t e = m.first_expert; e < m.first_expert + El; ++e)
-      ffn_params(".mlp.experts." + std::to_string(e), I, m.routed);
+    for (int64_t s = m.first_expert; s < m.first_expert + El; ++s)
+      ffn_params(".mlp.experts." + std::to_string(logical_of(s)), I, m.routed);
     ffn_params(".mlp.shared_experts", Is, m.shared);
     slots.push_back({reinterpret_cast<void**>(&m.logits), T * E * b4});
     slots.push_back({reinterpret_cast<void**>(&m.scores), T * E * b4});
@@ -588,11 +613,16 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     slots.push_back({reinterpret_cast<void**>(&m.dlogits), T * E * b4});
     slots.push_back({reinterpret_cast<void**>(&m.topk_idx), T * K * b4});
     slots.push_back({reinterpret_cast<void**>(&m.load), E * b4});
+    slots.push_back({reinterpret_cast<void**>(&m.load_total), E * b8});
+    if (m.placement) slots.push_back({reinterpret_cast<void**>(&m.topk_phys), T * K * b4});
     slots.push_back({reinterpret_cast<void**>(&m.s_sum), T * b8});
     slots.push_back({reinterpret_cast<void**>(&m.fscaled), m.num_seq * E * b8});
     slots.push_back({reinterpret_cast<void**>(&m.contrib), m.num_seq * b8});
     slots.push_back({reinterpret_cast<void**>(&m.gx), T * H * b2});
-    if (grad_scratch == nullptr) {
+    if (m.placement) {
+      // No backward with redundant experts (a replica's gradient would have to reach its
+      // original's master on another rank): no gradient scratch, no segments.
+    } else if (grad_scratch == nullptr) {
       slots.push_back({reinterpret_cast<void**>(&m.scratch13), El * 2 * I * H * b4});
       slots.push_back({reinterpret_cast<void**>(&m.scratch2), El * H * I * b4});
       slots.push_back({reinterpret_cast<void**>(&m.sscratch13), 2 * Is * H * b4});
@@ -635,18 +665,20 @@ DecoderLayerGpu::DecoderLayerGpu(const ModelConfig& config, const std::string& p
     FM_CHECK_CUDA(cudaMemcpy(m.layout, lay.data(), R * 4, cudaMemcpyHostToDevice));
   } else {
     const int64_t El = m.local_experts, I = c.moe_intermediate_size, Is = I * c.n_shared_experts;
-    for (int64_t e = 0; e < El; ++e) {
-      segs.push_back({m.scratch13 + e * 2 * I * H, m.routed.dgate[e], I * H});
-      segs.push_back({m.scratch13 + e * 2 * I * H + I * H, m.routed.dup[e], I * H});
-      segs.push_back({m.scratch2 + e * H * I, m.routed.ddown[e], H * I});
+    if (!m.placement) {  // (with a placement: no backward, above)
+      for (int64_t e = 0; e < El; ++e) {
+        segs.push_back({m.scratch13 + e * 2 * I * H, m.routed.dgate[e], I * H});
+        segs.push_back({m.scratch13 + e * 2 * I * H + I * H, m.routed.dup[e], I * H});
+        segs.push_back({m.scratch2 + e * H * I, m.routed.ddown[e], H * I});
+      }
+      segs.push_back({m.sscratch13, m.shared.dgate[0], Is * H});
+      segs.push_back({m.sscratch13 + Is * H, m.shared.dup[0], Is * H});
+      segs.push_back({m.sscratch2, m.shared.ddown[0], H * Is});
     }
-    segs.push_back({m.sscratch13, m.shared.dgate[0], Is * H});
-    segs.push_back({m.sscratch13 + Is * H, m.shared.dup[0], Is * H});
-    segs.push_back({m.sscratch2, m.shared.ddown[0], H * Is});
     m.routed_w = std::make_unique<ExpertWeightsFromMasters>(El, H, I);
     m.shared_w = std::make_unique<ExpertWeightsFromMasters>(1, H, Is);
     comm::MoeLayerOptions lo;
-    lo.backward = true;
+    lo.backward = !m.placement;
     comm::DeviceEpRank& ep_rank = m.ep ? m.ep->rank(0) : *m.ep_rank;
     m.moe =
         std::make_unique<comm::MoeLayerGpu>(ep_rank, m.routed_w->view(), m.shared_w->view(), lo);
@@ -715,9 +747,15 @@ void DecoderLayerGpu::ffn_forward(int64_t T, int64_t R, bool balance, double* ba
     }
     FM_CHECK_CUDA(cudaMemsetAsync(m.load, 0, E * 4, stream));
     expert_load_kernel<<<static_cast<unsigned>(std::min<int64_t>((T * K + 255) / 256, 1024)), 256,
-                         0, stream>>>(m.topk_idx, T * K, static_cast<int>(E), m.load);
+                         0, stream>>>(m.topk_idx, T * K, static_cast<int>(E), m.load, m.load_total);
     FM_CHECK_LAUNCH();
-    m.moe->forward(m.f, m.topk_idx, m.topk_w, T, m.mlp_out, stream);
+    const int32_t* slots = m.topk_idx;
+    if (m.placement) {
+      map_to_physical_cuda(*m.placement, m.topk_idx, m.pos, T, static_cast<int>(K), m.topk_phys,
+                           stream);
+      slots = m.topk_phys;
+    }
+    m.moe->forward(m.f, slots, m.topk_w, T, m.mlp_out, stream);
   }
 }
 
@@ -733,6 +771,7 @@ void DecoderLayerGpu::forward(const bf16* h, const int32_t* pos, bf16* out, doub
   m.mla->forward(m.a, pos, m.batch, m.seq, m.attn, status, stream);
   comm::add_bf16(h, m.attn, n, m.h1, stream);
   kernels::rmsnorm_forward(m.h1, H, m.ln2, T, H, eps, m.f, H, m.rstd2, stream);
+  m.pos = pos;
   ffn_forward(T, m.R, true, balance_loss, stream);
   comm::add_bf16(m.h1, m.mlp_out, n, out, stream);
   m.h = h;
@@ -765,6 +804,7 @@ void DecoderLayerGpu::forward_decode(const bf16* h, const int32_t* pos, int64_t 
   kernels::rmsnorm_forward(m.h1, H, m.ln2, T, H, eps, m.f, H, m.rstd2, stream);
   // Rows [T, R) of the constructor's dense layout are real rows there: they compute on stale
   // inputs here, row by row apart from the step's, and nobody reads them.
+  m.pos = pos;
   ffn_forward(T, std::min(m.R, round_up(T, kTile)), false, nullptr, stream);
   comm::add_bf16(m.h1, m.mlp_out, n, out, stream);
   m.forwarded = false;  // no backward through a decode step
@@ -774,6 +814,9 @@ void DecoderLayerGpu::backward(const bf16* dout, bf16* dh, uint32_t* status, cud
                                kernels::WgradOutput grad_output) {
   Impl& m = *impl_;
   FM_CHECK_ARG(m.forwarded, "DecoderLayerGpu::backward: needs a forward first");
+  FM_CHECK_ARG(!m.placement,
+               "DecoderLayerGpu::backward: a layer with redundant experts (ExpertPlacement) is for "
+               "serving; its replicas' gradients are not reduced");
   FM_CHECK_ARG(dout != nullptr && dh != nullptr, "DecoderLayerGpu::backward: null dout or dh");
   FM_CHECK_ARG(dout != dh && dh != m.h, "DecoderLayerGpu::backward: dh may not alias dout or h");
   const int64_t T = m.T, H = m.H, n = T * H;
@@ -832,6 +875,10 @@ void DecoderLayerGpu::backward(const bf16* dout, bf16* dh, uint32_t* status, cud
 
 int32_t* DecoderLayerGpu::expert_load() const {
   return is_moe_ ? impl_->load : nullptr;
+}
+
+unsigned long long* DecoderLayerGpu::expert_load_total() const {
+  return is_moe_ ? impl_->load_total : nullptr;
 }
 
 DecoderLayerSavedGpu DecoderLayerGpu::saved() const {

@@ -22,6 +22,8 @@
 
 #include <algorithm>
 #include <deque>
+#include <map>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -193,17 +195,41 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
                " of ", par.world);
   FM_CHECK_ARG(par.world == 1 || par.make_ep_rank, "ModelGpu: ", par.world,
                " ranks need ModelGpuParallel::make_ep_rank");
-  FM_CHECK_ARG(config.n_routed_experts % par.world == 0, "ModelGpu: ", config.n_routed_experts,
-               " routed experts do not split evenly over ", par.world, " ranks");
+  // The MoE blocks' layers (main, then the MTP modules'), in expert_load's order.
+  std::vector<int64_t> moe_layer_ids;
+  for (int64_t l = 0; l < config.num_hidden_layers + depth; ++l)
+    if (config.is_moe_layer(l)) moe_layer_ids.push_back(l);
+  const bool has_placements = !par.placements.empty();
+  FM_CHECK_ARG(!has_placements || par.placements.size() == moe_layer_ids.size(),
+               "ModelGpu: ", par.placements.size(), " expert placements for ", moe_layer_ids.size(),
+               " MoE blocks");
+  FM_CHECK_ARG(has_placements || config.n_routed_experts % par.world == 0,
+               "ModelGpu: ", config.n_routed_experts, " routed experts do not split evenly over ",
+               par.world, " ranks");
   m.par = par;
-  const int64_t local_experts = config.n_routed_experts / par.world;
-  const int64_t first_expert = par.rank * local_experts;
+  // The routed experts this rank holds, per layer (several ranks): its share of the plain layout,
+  // or with redundant experts the logical experts of its slots.
+  std::map<int64_t, std::set<int64_t>> held;
+  if (par.world > 1) {
+    for (size_t b = 0; b < moe_layer_ids.size(); ++b) {
+      std::set<int64_t>& h = held[moe_layer_ids[b]];
+      if (has_placements) {
+        for (int32_t e : par.placements[b].rank_slots(par.rank, par.world)) h.insert(e);
+      } else {
+        const int64_t local = config.n_routed_experts / par.world;
+        for (int64_t e = par.rank * local; e < (par.rank + 1) * local; ++e) h.insert(e);
+      }
+    }
+  }
   const ParameterTable table = model_parameter_table(config);
-  // The routed expert a tensor belongs to ("...mlp.experts.<e>...."), -1 for every other tensor.
-  auto expert_of = [](const std::string& name) -> int64_t {
+  // The routed expert a tensor belongs to ("model.layers.<l>.mlp.experts.<e>...."), -1 for every
+  // other tensor; *layer: its l.
+  auto expert_of = [](const std::string& name, int64_t* layer) -> int64_t {
     const std::string key = ".mlp.experts.";
     const size_t at = name.find(key);
     if (at == std::string::npos) return -1;
+    const std::string lkey = "model.layers.";
+    *layer = std::stoll(name.substr(lkey.size(), at - lkey.size()));
     return std::stoll(name.substr(at + key.size()));
   };
   struct Placed {
@@ -215,10 +241,11 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
   int64_t value_floats = 0, grad_floats = 0;
   for (int pass = 0; pass < 2; ++pass) {  // replicated tensors first, then the sharded experts
     for (size_t i = 0; i < table.parameters.size(); ++i) {
-      const int64_t e = expert_of(table.parameters[i].name);
+      int64_t layer = -1;
+      const int64_t e = expert_of(table.parameters[i].name, &layer);
       const bool sharded = e >= 0 && par.world > 1;
       if (sharded != (pass == 1)) continue;
-      if (sharded && (e < first_expert || e >= first_expert + local_experts)) continue;
+      if (sharded && held[layer].count(e) == 0) continue;
       kept.push_back({&table.parameters[i], static_cast<int64_t>(i), sharded});
       value_floats += round_up(table.parameters[i].numel(), 64);
     }
@@ -380,9 +407,11 @@ ModelGpu::ModelGpu(const ModelConfig& config, int64_t batch, int64_t seq,
     EpRankMaker make_ep;
     if (par.world > 1)
       make_ep = [&m, block](const comm::EpConfig& cfg) { return m.par.make_ep_rank(block, cfg); };
+    const ExpertPlacement* placement =
+        moe && has_placements ? &par.placements[static_cast<size_t>(block)] : nullptr;
     m.layers.push_back(std::make_unique<DecoderLayerGpu>(
         config, "model.layers." + std::to_string(l), moe, batch, seq, m.rope->view(), lookup,
-        par.world, make_ep, moe ? m.grad_scratch : nullptr));
+        par.world, make_ep, moe ? m.grad_scratch : nullptr, placement));
     if (moe) m.moe_layers.push_back(m.layers.back().get());
   }
   for (int64_t k = 0; k < depth; ++k) {
@@ -422,6 +451,26 @@ int64_t ModelGpu::parameter_count() const {
 int ModelGpu::moe_blocks() const {
   return static_cast<int>(impl_->moe_layers.size());
 }
+std::vector<int64_t> ModelGpu::expert_load_totals() const {
+  const int64_t E = impl_->config.n_routed_experts;
+  std::vector<unsigned long long> raw(static_cast<size_t>(E));
+  std::vector<int64_t> out;
+  out.reserve(impl_->moe_layers.size() * static_cast<size_t>(E));
+  for (DecoderLayerGpu* layer : impl_->moe_layers) {
+    FM_CHECK_CUDA(
+        cudaMemcpy(raw.data(), layer->expert_load_total(), raw.size() * 8, cudaMemcpyDeviceToHost));
+    for (unsigned long long v : raw) out.push_back(static_cast<int64_t>(v));
+  }
+  return out;
+}
+
+void ModelGpu::reset_expert_load_totals(cudaStream_t stream) {
+  const int64_t E = impl_->config.n_routed_experts;
+  for (DecoderLayerGpu* layer : impl_->moe_layers)
+    FM_CHECK_CUDA(
+        cudaMemsetAsync(layer->expert_load_total(), 0, static_cast<size_t>(E) * 8, stream));
+}
+
 int32_t* ModelGpu::expert_load(int block) const {
   FM_CHECK_ARG(block >= 0 && block < moe_blocks(), "ModelGpu::expert_load: block ", block,
                " outside [0, ", moe_blocks(), ")");
@@ -541,6 +590,9 @@ void ModelGpu::forward_backward(const int32_t* tokens, float mtp_weight, bool ba
   Impl& m = *impl_;
   FM_CHECK_ARG(tokens != nullptr && loss != nullptr,
                "ModelGpu::forward_backward: null tokens or loss");
+  FM_CHECK_ARG(!backward || m.par.placements.empty(),
+               "ModelGpu::forward_backward: no backward with redundant experts "
+               "(ModelGpuParallel::placements are for serving)");
   const ModelConfig& c = m.config;
   const int64_t T = m.T, H = m.H, V = m.V, D = m.depth, L = m.layers_n;
   const double eps = c.rms_norm_eps;

@@ -771,7 +771,9 @@ std::vector<std::vector<int32_t>> GeneratorGpu::generate(
   GenerationStats st;
   const double t0 = now_s();
   for (Request& q : req) q.arrival = t0;
+  m.model->reset_expert_load_totals(m.stream);
   m.loop(req, st, nullptr);
+  st.expert_load = m.model->expert_load_totals();
   if (stats != nullptr) *stats = st;
   std::vector<std::vector<int32_t>> out;
   out.reserve(req.size());
@@ -815,7 +817,9 @@ void GeneratorGpu::serve(const RequestSource& next, const TokenSink& emit, Gener
     emit(TokenEvent{static_cast<int64_t>(q.id), token, done, {}});
   };
   GenerationStats st;
+  m.model->reset_expert_load_totals(m.stream);
   m.loop(req, st, &io);
+  st.expert_load = m.model->expert_load_totals();
   if (stats != nullptr) *stats = st;
 }
 

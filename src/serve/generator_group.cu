@@ -63,10 +63,11 @@ struct GeneratorGroup::Impl {
     if (first) std::rethrow_exception(first);
   }
 
-  GeneratorParallel parallel(int r) {
+  GeneratorParallel parallel(int r, const std::vector<ExpertPlacement>& placements) {
     GeneratorParallel par;
     par.model.rank = r;
     par.model.world = static_cast<int>(devices.size());
+    par.model.placements = placements;
     par.model.make_ep_rank = [this, r](int, const comm::EpConfig& cfg) {
       auto ep = std::make_unique<comm::DeviceEpRank>(cfg, r, devices[r]);
       bases[r] = ep->workspace();
@@ -90,12 +91,15 @@ struct GeneratorGroup::Impl {
 };
 
 GeneratorGroup::GeneratorGroup(Model& cpu, const GeneratorOptions& o,
-                               const std::vector<int>& devices)
-    : GeneratorGroup(cpu.config(), o, devices, [&cpu](ModelGpu& gpu) { gpu.upload(cpu); }) {}
+                               const std::vector<int>& devices,
+                               const std::vector<ExpertPlacement>& placements)
+    : GeneratorGroup(
+          cpu.config(), o, devices, [&cpu](ModelGpu& gpu) { gpu.upload(cpu); }, placements) {}
 
 GeneratorGroup::GeneratorGroup(const ModelConfig& config, const GeneratorOptions& o,
                                const std::vector<int>& devices,
-                               const std::function<void(ModelGpu&)>& load)
+                               const std::function<void(ModelGpu&)>& load,
+                               const std::vector<ExpertPlacement>& placements)
     : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   FM_CHECK_ARG(!devices.empty(), "GeneratorGroup: no devices");
@@ -114,8 +118,9 @@ GeneratorGroup::GeneratorGroup(const ModelConfig& config, const GeneratorOptions
   m.bases.assign(R, nullptr);
   m.values.assign(R, 0);
   m.ranks.resize(R);
-  m.on_every_rank(
-      [&](int r) { m.ranks[r] = std::make_unique<GeneratorGpu>(config, o, load, m.parallel(r)); });
+  m.on_every_rank([&](int r) {
+    m.ranks[r] = std::make_unique<GeneratorGpu>(config, o, load, m.parallel(r, placements));
+  });
 }
 
 GeneratorGroup::~GeneratorGroup() {

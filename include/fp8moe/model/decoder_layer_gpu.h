@@ -36,6 +36,7 @@
 #include "fp8moe/model/mla_block_gpu.h"
 #include "fp8moe/model/model_kernels_gpu.h"
 #include "fp8moe/model/parameter_gpu.h"
+#include "fp8moe/moe/expert_placement.h"
 
 namespace fp8moe {
 
@@ -72,9 +73,15 @@ class DecoderLayerGpu {
   // grad_scratch (MoE layers; null: the layer allocates its own): grad_scratch_floats() FP32 the
   // experts' weight gradients pass through on their way into the parameters' gradients, during
   // backward only — so the MoE layers of a model share one.
+  // placement (MoE layers; null or identity: none): redundant experts (moe/expert_placement.h):
+  // the EP group runs over its physical slots, rank r holding slots [r * P / R, (r + 1) * P / R),
+  // each a copy of its logical expert's weights (`params` must hold those experts); the router's
+  // choices are mapped to slots by position (map_to_physical_cuda). For serving: backward()
+  // throws, and no gradient scratch is used.
   DecoderLayerGpu(const ModelConfig& config, const std::string& prefix, bool is_moe, int64_t batch,
                   int64_t seq, const RopeTableView& rope, const ParameterLookup& params,
-                  int ep_ranks = 1, const EpRankMaker& make_ep = {}, float* grad_scratch = nullptr);
+                  int ep_ranks = 1, const EpRankMaker& make_ep = {}, float* grad_scratch = nullptr,
+                  const ExpertPlacement* placement = nullptr);
   // The size of a MoE layer's gradient scratch: every local routed expert's and the shared
   // expert's gate, up and down gradients (256-byte aligned parts).
   static int64_t grad_scratch_floats(const ModelConfig& config, int ep_ranks);
@@ -110,6 +117,10 @@ class DecoderLayerGpu {
   // MoE layers: tokens routed to each expert by the last forward, device int32
   // [n_routed_experts] (the CPU Moe's `load`); null for dense layers.
   int32_t* expert_load() const;
+  // MoE layers: the same counts summed over every forward and decoding pass since construction
+  // (or since the caller last zeroed it: device uint64 [n_routed_experts]) — serving-time load
+  // for EPLB; null for dense layers.
+  unsigned long long* expert_load_total() const;
   DecoderLayerSavedGpu saved() const;  // tests
 
  private:

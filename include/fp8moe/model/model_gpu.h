@@ -45,6 +45,13 @@ struct ModelGpuParallel {
   // same block's endpoints on the other ranks; called in block order on every rank (world > 1).
   std::function<std::unique_ptr<comm::DeviceEpRank>(int block, const comm::EpConfig& cfg)>
       make_ep_rank;
+  // Redundant experts for serving (moe/expert_placement.h; e.g. EPLB's plan): one placement per
+  // MoE block (main blocks, then the MTP modules'), whose physical slots the block's EP group
+  // runs over (rank r: slots [r * P / world, (r + 1) * P / world), the logical experts they copy
+  // uploaded). Empty: none (rank r holds its E / world experts). With placements, world may be 1
+  // (every expert local; the output is then the same bits) and forward_backward cannot run a
+  // backward (thrown: replicas' gradients are not reduced).
+  std::vector<ExpertPlacement> placements;
 };
 
 // A run of FP32 values or gradients in the model's arenas (device).
@@ -151,6 +158,11 @@ class ModelGpu {
   int moe_blocks() const;
   // (Mutable: a data-parallel trainer sums it over its ranks in place.)
   int32_t* expert_load(int block) const;
+  // Serving-time load: the same counts summed over every pass since construction or the last
+  // reset (forward_backward, decode, decode_mtp; logical experts), [moe_blocks() x
+  // n_routed_experts] (synchronous copy) — an EPLB input row per block (`fp8moe eplb`).
+  std::vector<int64_t> expert_load_totals() const;
+  void reset_expert_load_totals(cudaStream_t stream);
   // Device uint32: the ORed error bits of every call since construction (0: none).
   uint32_t* status() const;
 

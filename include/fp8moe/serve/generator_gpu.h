@@ -70,7 +70,8 @@ struct GeneratorOptions {
 
 // How a rank of a job of several takes part (world 1: alone; the default).
 struct GeneratorParallel {
-  ModelGpuParallel model;  // rank, world, the MoE blocks' EP endpoints (make_ep_rank)
+  // rank, world, the MoE blocks' EP endpoints (make_ep_rank); redundant experts (placements)
+  ModelGpuParallel model;
   // The sum over the ranks of each rank's value: every rank calls it once an iteration of
   // generate(), the same number of times (it is how the ranks agree to go on). Needed for world >
   // 1.
@@ -92,6 +93,11 @@ struct GenerationStats {
   // the generate call's start) and the gaps between its successive tokens (a step emitting two
   // tokens of a request, a kept draft, gives a gap of 0).
   std::vector<double> first_token_ms, token_gap_ms;
+  // Tokens routed to each logical expert during the call, [MoE blocks x n_routed_experts] (main
+  // blocks, then the MTP modules'; prefill, decoding and draft passes, an idle pass's dummy token
+  // included): this rank's serving-time load, EPLB's input (`fp8moe eplb`; summed over the ranks
+  // of a group).
+  std::vector<int64_t> expert_load;
 };
 
 // A request arriving at a serving loop (GeneratorGpu::serve).

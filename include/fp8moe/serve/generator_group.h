@@ -22,10 +22,13 @@ class GeneratorGroup {
  public:
   // Each rank's GeneratorGpu with `cpu`'s weights (its share of the experts). kInvalidArgument
   // for no devices, a device that is not visible or repeats, or two without a peer path.
-  GeneratorGroup(Model& cpu, const GeneratorOptions& options, const std::vector<int>& devices);
+  // placements: redundant experts, one per MoE block (ModelGpuParallel::placements; empty: none).
+  GeneratorGroup(Model& cpu, const GeneratorOptions& options, const std::vector<int>& devices,
+                 const std::vector<ExpertPlacement>& placements = {});
   // The same, each rank's weights written by `load` on its own thread and device.
   GeneratorGroup(const ModelConfig& config, const GeneratorOptions& options,
-                 const std::vector<int>& devices, const std::function<void(ModelGpu&)>& load);
+                 const std::vector<int>& devices, const std::function<void(ModelGpu&)>& load,
+                 const std::vector<ExpertPlacement>& placements = {});
   ~GeneratorGroup();
   GeneratorGroup(const GeneratorGroup&) = delete;
   GeneratorGroup& operator=(const GeneratorGroup&) = delete;
