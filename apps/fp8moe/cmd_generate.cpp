@@ -7,10 +7,14 @@
 // --mtp-draft drafts a token a step with the checkpoint's MTP module (speculative decoding).
 // Under `fp8moe launch -n R --no-prefix -- fp8moe generate --device gpu ...` the R ranks serve
 // together (data-parallel attention, expert-parallel MoE): rank r takes prompts r, r + R, ...,
-// rank 0 prints every prompt's line in the file's order.
+// rank 0 prints every prompt's line in the file's order. Redundant experts (GPU;
+// serve/expert_placement_plan.h): --expert-load-out writes the run's expert load (summed over the
+// ranks) as `fp8moe eplb`'s input, --expert-placement serves over `fp8moe eplb`'s plan.
+#include <algorithm>
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -24,14 +28,18 @@
 
 #include "fp8moe/comm/gpu_job.h"
 #include "fp8moe/core/cuda_check.h"
+#include "fp8moe/core/file_io.h"
+#include "fp8moe/core/json.h"
+#include "fp8moe/serve/expert_placement_plan.h"
 #include "fp8moe/serve/generator_gpu.h"
 #endif
 
 namespace {
 
 struct GpuArgs {
-  std::string device = "cpu", prompts_file;
+  std::string device = "cpu", prompts_file, expert_placement, expert_load_out;
   int64_t max_batch = 8;
+  int redundant_experts = 0;
   bool stats = false, mtp_draft = false, host_sampling = false;
 };
 
@@ -68,7 +76,11 @@ void generate_gpu(const fp8moe::GenerateOptions& g, const GpuArgs& a) {
   o.context = std::min(g.context, model->config().max_position_embeddings);
   o.mtp_draft = a.mtp_draft;
   o.device_sampling = !a.host_sampling;
-  fp8moe::serve::GeneratorGpu gen(*model, o, fp8moe::serve::job_parallel(job));
+  fp8moe::serve::GeneratorParallel par = fp8moe::serve::job_parallel(job);
+  if (!a.expert_placement.empty())
+    par.model.placements = fp8moe::serve::placements_from_plan_json(
+        fp8moe::read_json_file(a.expert_placement), model->config(), job.world);
+  fp8moe::serve::GeneratorGpu gen(*model, o, par);
   fp8moe::serve::SamplingOptions s;
   s.max_new_tokens = g.max_new_tokens;
   s.temperature = g.temperature;
@@ -100,6 +112,33 @@ void generate_gpu(const fp8moe::GenerateOptions& g, const GpuArgs& a) {
         at = end + 1;
       }
     }
+  }
+  if (!a.expert_load_out.empty()) {
+    // The ranks' loads summed (one store value a rank: its counts, space-separated).
+    std::vector<int64_t> load = st.expert_load;
+    if (job.world > 1) {
+      std::string mine;
+      for (int64_t v : load) mine += std::to_string(v) + " ";
+      const std::vector<std::string> all =
+          job.store->all_gather(job.prefix + "load", mine, fp8moe::comm::GpuJob::kStoreWaitS);
+      std::fill(load.begin(), load.end(), 0);
+      for (const std::string& text : all) {
+        std::istringstream in(text);
+        for (int64_t& v : load) {
+          int64_t x = 0;
+          FM_CHECK(static_cast<bool>(in >> x), "a rank sent fewer expert counts than ",
+                   load.size());
+          v += x;
+        }
+      }
+    }
+    if (job.lead())
+      fp8moe::write_file_atomic(
+          a.expert_load_out, fp8moe::serve::expert_load_problem_json(
+                                 fp8moe::serve::expert_load_problem(model->config(), load,
+                                                                    a.redundant_experts, job.world))
+                                     .dump() +
+                                 "\n");
   }
   if (job.lead())
     for (const std::string& line : lines) std::cout << line << "\n";
@@ -155,6 +194,16 @@ void setup(CLI::App& app) {
                "GPU: speculative decoding with the checkpoint's MTP module as the draft");
   app.add_flag("--host-sampling", a->host_sampling,
                "GPU: draw tokens on the host from copied logits (default: on the device)");
+  app.add_option("--expert-placement", a->expert_placement,
+                 "GPU: serve over redundant experts, the plan `fp8moe eplb` wrote (its phy2log: "
+                 "one row a MoE layer, slots a multiple of the rank count)");
+  app.add_option("--expert-load-out", a->expert_load_out,
+                 "GPU: write the tokens each expert got during this run (summed over the ranks) "
+                 "as `fp8moe eplb`'s input");
+  app.add_option("--redundant-experts", a->redundant_experts,
+                 "GPU, with --expert-load-out: the extra physical slots a layer the EPLB input "
+                 "asks for")
+      ->capture_default_str();
   app.callback([g, form, a] {
     FM_CHECK_ARG(g->max_new_tokens >= 0, "--max-new-tokens must be >= 0");
     FM_CHECK_ARG(*form == "latent" || *form == "expanded", "--cache-form: '", *form,
@@ -165,8 +214,10 @@ void setup(CLI::App& app) {
                  "give --prompt (or, with --device gpu, --prompts-file)");
     g->cache_form = fp8moe::parse_kv_cache_form(*form);
     if (a->device == "cpu") {
-      FM_CHECK_ARG(a->prompts_file.empty() && !a->stats && !a->mtp_draft && !a->host_sampling,
-                   "--prompts-file, --stats, --mtp-draft and --host-sampling need --device gpu");
+      FM_CHECK_ARG(a->prompts_file.empty() && !a->stats && !a->mtp_draft && !a->host_sampling &&
+                       a->expert_placement.empty() && a->expert_load_out.empty(),
+                   "--prompts-file, --stats, --mtp-draft, --host-sampling, --expert-placement "
+                   "and --expert-load-out need --device gpu");
       FM_CHECK_ARG(
           !fp8moe::comm::launched_as_rank() || fp8moe::comm::rank_env().world_size == 1,
           "started as a rank of `fp8moe launch`: only --device gpu generates across ranks");

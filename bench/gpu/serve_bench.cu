@@ -21,9 +21,20 @@
 // (default 256) arriving as a Poisson process of each rate (requests/s), max_batch the largest
 // --batches entry: served tokens/s, time to first token from each request's arrival (median,
 // p99: queueing included) and the gaps between its tokens (median, p99).
+// With --devices 0,1 --eplb N: redundant experts (serve/expert_placement_plan.h) — the group
+// serves a first set of requests, EPLB plans N redundant slots a MoE layer from the load it
+// observed (summed over the ranks), and the group serving over that plan is timed against the
+// plain group on the same new requests (the anchor), in the same run. --skew B adds B to the
+// router's selection bias of an eighth of the experts, drawn from the first half of the ids (V3's
+// layers have hot experts, and with many GPUs some GPUs hold more of them; random weights route
+// evenly, and at 2 to 4 GPUs randomly placed hot experts mostly even out, so the hot ones sit on
+// the first GPUs here): rows give the GPUs' load max / mean without and with the plan (the
+// planned figure from the timed run's own load), prefill and decoding tokens/s of both.
+// --prefill-chunk N: prompt tokens a prefill pass (default: the prompt length, one sequence).
 // Run (from the repository root): serve_bench [--configs small-gpu,v3-slice] [--batches 1,8,32,64]
-//   [--prompt 128] [--new 64] [--vocab V] [--devices 0,1 | --disaggregate 0,1 [--requests N] |
-//   --arrival-rates 100,200 [--requests N]]
+//   [--prompt 128] [--new 64] [--vocab V] [--devices 0,1 [--eplb N [--skew B] [--prefill-chunk N]]
+//   |
+//   --disaggregate 0,1 [--requests N] | --arrival-rates 100,200 [--requests N]]
 //   [--out rows.jsonl] [--date D] [--commit C]
 #include <cuda_runtime.h>
 
@@ -42,8 +53,10 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/json.h"
+#include "fp8moe/eplb/eplb.h"
 #include "fp8moe/model/config.h"
 #include "fp8moe/serve/disaggregated_gpu.h"
+#include "fp8moe/serve/expert_placement_plan.h"
 #include "fp8moe/serve/generator_gpu.h"
 #include "fp8moe/serve/generator_group.h"
 #include "fp8moe/train/train_state_gpu.h"
@@ -70,31 +83,39 @@ std::vector<std::vector<int32_t>> prompts(int64_t n, int64_t len, int64_t vocab,
 }
 
 struct Rates {
-  double decode = 0, end_to_end = 0, step_ms = 0;
+  double decode = 0, end_to_end = 0, step_ms = 0, prefill = 0;
   int64_t idle = 0;
+  std::vector<int64_t> load;  // the ranks' expert load summed
 };
 
 // One generate() of `batch` requests a rank: decoding tokens/s over the slowest rank's decoding
 // time, and new tokens/s over the call's wall time.
 Rates time_group(serve::GeneratorGroup* group, serve::GeneratorGpu* one, int64_t batch,
-                 int64_t prompt, const serve::SamplingOptions& s, int64_t vocab) {
+                 int64_t prompt, const serve::SamplingOptions& s, int64_t vocab,
+                 uint64_t seed = 2000) {
   const int ranks = group != nullptr ? group->ranks() : 1;
-  const auto p = prompts(batch * ranks, prompt, vocab, 2000 + batch);
+  const auto p = prompts(batch * ranks, prompt, vocab, seed + batch);
   std::vector<serve::GenerationStats> st(1);
   const auto t0 = std::chrono::steady_clock::now();
+  FM_CHECK((group != nullptr) != (one != nullptr), "time_group: a group or one generator");
   if (group != nullptr)
     group->generate(p, s, &st);
-  else
+  else if (one != nullptr)
     one->generate(p, s, &st[0]);
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   Rates r;
-  double tokens = 0, decode_s = 0, steps = 0;
+  double tokens = 0, decode_s = 0, steps = 0, prefill_tokens = 0, prefill_s = 0;
+  r.load.assign(st[0].expert_load.size(), 0);
   for (const auto& x : st) {
     tokens += static_cast<double>(x.decode_tokens);
     decode_s = std::max(decode_s, x.decode_s);
+    prefill_tokens += static_cast<double>(x.prefill_tokens);
+    prefill_s = std::max(prefill_s, x.prefill_s);
     steps = std::max(steps, static_cast<double>(x.decode_steps + x.idle_steps));
     r.idle += x.idle_steps;
+    for (size_t i = 0; i < r.load.size(); ++i) r.load[i] += x.expert_load[i];
   }
+  r.prefill = prefill_tokens / prefill_s;
   r.decode = tokens / decode_s;
   r.end_to_end = static_cast<double>(batch * ranks * s.max_new_tokens) / wall;
   r.step_ms = 1e3 * decode_s / steps;
@@ -113,6 +134,25 @@ ModelConfig bench_config(const std::string& name, int64_t vocab) {
 std::function<void(ModelGpu&)> random_weights(const ModelConfig& cfg) {
   return [init = cfg.initializer_range](ModelGpu& m) {
     init_parameters_gpu(m.parameters(), m.buffers(), 1, init, nullptr);
+  };
+}
+
+// random_weights, then `skew` added to the selection bias of an eighth of each MoE layer's
+// experts drawn from the first half of the ids (hot experts; the same ones on every rank).
+std::function<void(ModelGpu&)> skewed_weights(const ModelConfig& cfg, float skew) {
+  return [cfg, skew](ModelGpu& m) {
+    random_weights(cfg)(m);
+    if (skew == 0.0f) return;
+    std::mt19937_64 rng(77);
+    for (ParameterGpu& b : m.buffers()) {
+      if (b.name.find("e_score_correction_bias") == std::string::npos) continue;
+      std::vector<float> bias(static_cast<size_t>(b.numel), 0.0f);
+      std::vector<int> ids(bias.size() / 2);
+      for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int>(i);
+      std::shuffle(ids.begin(), ids.end(), rng);
+      for (size_t i = 0; i < std::max<size_t>(1, bias.size() / 8); ++i) bias[ids[i]] = skew;
+      FM_CHECK_CUDA(cudaMemcpy(b.value, bias.data(), bias.size() * 4, cudaMemcpyHostToDevice));
+    }
   };
 }
 
@@ -268,6 +308,74 @@ void run_arrivals(const std::vector<std::string>& configs, int64_t max_batch,
   }
 }
 
+// --devices --eplb: the group over EPLB's plan of the load it observed against the plain group.
+void run_eplb(const std::vector<std::string>& configs, const std::vector<int64_t>& bs,
+              const std::vector<int>& devices, int64_t prompt, int64_t fresh, int64_t vocab,
+              int redundant, float skew, int64_t prefill_chunk, FILE* f, const std::string& gpu,
+              const std::string& date, const std::string& commit) {
+  std::printf("%-10s %5s %5s %4s %6s %9s %9s %14s %14s %8s %14s %14s %8s\n", "config", "ranks",
+              "batch", "+exp", "skew", "imb plain", "imb plan", "prefill tok/s", "plain", "x",
+              "decode tok/s", "plain", "x");
+  const int ranks = static_cast<int>(devices.size());
+  for (const std::string& name : configs) {
+    const ModelConfig cfg = bench_config(name, vocab);
+    serve::GeneratorOptions o;
+    o.max_batch = *std::max_element(bs.begin(), bs.end());
+    o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
+    o.prefill_chunk = prefill_chunk > 0 ? prefill_chunk : std::max<int64_t>(prompt, 64);
+    const auto load = skewed_weights(cfg, skew);
+    serve::SamplingOptions s;
+    s.max_new_tokens = fresh;
+    s.ignore_eos = true;
+    std::vector<Rates> plain;
+    std::vector<int64_t> observed;
+    {
+      serve::GeneratorGroup group(cfg, o, devices, load);
+      time_group(&group, nullptr, 1, prompt, s, cfg.vocab_size);  // warm-up
+      // The traffic EPLB plans from: other requests than the timed ones.
+      observed = time_group(&group, nullptr, o.max_batch, prompt, s, cfg.vocab_size, 5000).load;
+      for (const int64_t b : bs)
+        plain.push_back(time_group(&group, nullptr, b, prompt, s, cfg.vocab_size));
+    }
+    const std::vector<ExpertPlacement> placements = serve::placements_from_plan(
+        eplb::rebalance_experts(serve::expert_load_problem(cfg, observed, redundant, ranks)), cfg,
+        ranks);
+    serve::GeneratorGroup group(cfg, o, devices, load, placements);
+    time_group(&group, nullptr, 1, prompt, s, cfg.vocab_size);  // warm-up
+    for (size_t i = 0; i < bs.size(); ++i) {
+      const Rates g = time_group(&group, nullptr, bs[i], prompt, s, cfg.vocab_size);
+      auto worst = [](const std::vector<double>& v) {
+        return *std::max_element(v.begin(), v.end());
+      };
+      const double imb_plain = worst(serve::gpu_imbalance(cfg, plain[i].load, {}, ranks));
+      const double imb_plan = worst(serve::gpu_imbalance(cfg, g.load, placements, ranks));
+      std::printf(
+          "%-10s %5d %5lld %4d %6.3f %9.3f %9.3f %14.0f %14.0f %7.2fx %14.0f %14.0f %7.2fx\n",
+          name.c_str(), ranks, static_cast<long long>(bs[i]), redundant, skew, imb_plain, imb_plan,
+          g.prefill, plain[i].prefill, g.prefill / plain[i].prefill, g.decode, plain[i].decode,
+          g.decode / plain[i].decode);
+      for (int impl = 0; impl < 2 && f != nullptr; ++impl) {
+        const Rates& r = impl == 0 ? g : plain[i];
+        std::fprintf(f,
+                     "{\"bench\":\"serve_eplb\",\"gpu\":\"%s\",\"gpus\":%d,\"ranks\":%d,"
+                     "\"date\":\"%s\",\"commit\":\"%s\",\"impl\":\"%s\",\"config\":\"%s\","
+                     "\"batch_per_rank\":%lld,\"prompt\":%lld,\"new_tokens\":%lld,"
+                     "\"prefill_chunk\":%lld,\"redundant_experts\":%d,\"skew\":%.3f,"
+                     "\"gpu_load_max_over_mean\":%.4f,"
+                     "\"prefill_tokens_per_s\":%.1f,\"decode_tokens_per_s\":%.1f,\"us\":%.1f,"
+                     "\"prefill_ratio_vs_plain\":%.3f,\"decode_ratio_vs_plain\":%.3f}\n",
+                     gpu.c_str(), ranks, ranks, date.c_str(), commit.c_str(),
+                     impl == 0 ? "fp8moe_eplb" : "plain", name.c_str(),
+                     static_cast<long long>(bs[i]), static_cast<long long>(prompt),
+                     static_cast<long long>(fresh), static_cast<long long>(o.prefill_chunk),
+                     impl == 0 ? redundant : 0, skew, impl == 0 ? imb_plan : imb_plain, r.prefill,
+                     r.decode, 1e3 * r.step_ms, impl == 0 ? g.prefill / plain[i].prefill : 1.0,
+                     impl == 0 ? g.decode / plain[i].decode : 1.0);
+      }
+    }
+  }
+}
+
 // --devices: the group against one GPU, per config and per-rank batch.
 void run_group(const std::vector<std::string>& configs, const std::vector<int64_t>& bs,
                const std::vector<int>& devices, int64_t prompt, int64_t fresh, int64_t vocab,
@@ -329,6 +437,9 @@ int main(int argc, char** argv) {
   std::string configs = "small-gpu,v3-slice", batches = "1,8,32,64", out, date = "unknown",
               commit = "unknown", device_list, disaggregate, arrival_rates;
   int64_t prompt = 128, fresh = 64, vocab = 0, requests = 0;
+  int64_t prefill_chunk = 0;
+  int redundant = -1;
+  float skew = 0.0f;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (i + 1 >= argc) {
@@ -360,6 +471,12 @@ int main(int argc, char** argv) {
       requests = std::atoll(v.c_str());
     else if (a == "--arrival-rates")
       arrival_rates = v;
+    else if (a == "--eplb")
+      redundant = std::atoi(v.c_str());
+    else if (a == "--prefill-chunk")
+      prefill_chunk = std::atoll(v.c_str());
+    else if (a == "--skew")
+      skew = static_cast<float>(std::atof(v.c_str()));
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -390,6 +507,12 @@ int main(int argc, char** argv) {
     if (pair.size() == 2) {
       run_disaggregate(split(configs), bs, pair, prompt, fresh, vocab, requests, f, prop.name, date,
                        commit);
+      if (f != nullptr) std::fclose(f);
+      return 0;
+    }
+    if (group.size() >= 2 && redundant >= 0) {
+      run_eplb(split(configs), bs, group, prompt, fresh, vocab, redundant, skew, prefill_chunk, f,
+               prop.name, date, commit);
       if (f != nullptr) std::fclose(f);
       return 0;
     }
