@@ -38,7 +38,7 @@ namespace {
 
 struct GpuArgs {
   std::string device = "cpu", prompts_file, expert_placement, expert_load_out;
-  int64_t max_batch = 8;
+  int64_t max_batch = 8, prefill_batch = 1, prefill_chunk = 256;
   int redundant_experts = 0;
   bool stats = false, mtp_draft = false, host_sampling = false;
 };
@@ -73,6 +73,8 @@ void generate_gpu(const fp8moe::GenerateOptions& g, const GpuArgs& a) {
   }
   fp8moe::serve::GeneratorOptions o;
   o.max_batch = a.max_batch;
+  o.prefill_batch = a.prefill_batch;
+  o.prefill_chunk = a.prefill_chunk;
   o.context = std::min(g.context, model->config().max_position_embeddings);
   o.mtp_draft = a.mtp_draft;
   o.device_sampling = !a.host_sampling;
@@ -188,6 +190,13 @@ void setup(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--prompts-file", a->prompts_file, "GPU: one prompt a line, generated together");
   app.add_option("--max-batch", a->max_batch, "GPU: sequences decoded together")
+      ->capture_default_str();
+  app.add_option("--prefill-batch", a->prefill_batch,
+                 "GPU: prompts prefilled together in one pass (1: one at a time; more: bigger "
+                 "GEMMs for short prompts, each prompt's first token when the pass's last ends)")
+      ->capture_default_str();
+  app.add_option("--prefill-chunk", a->prefill_chunk,
+                 "GPU: prompt tokens a prefill pass, over the prompts it fills")
       ->capture_default_str();
   app.add_flag("--stats", a->stats, "GPU: a JSON line of throughput on stderr");
   app.add_flag("--mtp-draft", a->mtp_draft,

@@ -35,7 +35,7 @@ namespace {
 
 struct ServeArgs {
   std::string checkpoint, device = "gpu";
-  int64_t max_batch = 8, context = 1024;
+  int64_t max_batch = 8, context = 1024, prefill_batch = 1, prefill_chunk = 256;
   bool mtp_draft = false, stream = false, ema = false;
   fp8moe::serve::SamplingOptions defaults;
 };
@@ -132,6 +132,8 @@ void serve_gpu(const ServeArgs& a) {
   Tokenizer tok(a.checkpoint + "/tokenizer.model");
   GeneratorOptions o;
   o.max_batch = a.max_batch;
+  o.prefill_batch = a.prefill_batch;
+  o.prefill_chunk = a.prefill_chunk;
   o.context = std::min(a.context, model->config().max_position_embeddings);
   o.mtp_draft = a.mtp_draft;
   GeneratorGpu gen(*model, o);
@@ -239,6 +241,12 @@ void setup(CLI::App& app) {
   app.add_option("--max-batch", a->max_batch, "GPU: sequences decoded together")
       ->capture_default_str();
   app.add_option("--context", a->context, "Tokens a sequence holds at most")->capture_default_str();
+  app.add_option("--prefill-batch", a->prefill_batch,
+                 "GPU: arrived prompts prefilled together in one pass (1: one at a time)")
+      ->capture_default_str();
+  app.add_option("--prefill-chunk", a->prefill_chunk,
+                 "GPU: prompt tokens a prefill pass, over the prompts it fills")
+      ->capture_default_str();
   app.add_option("--max-new-tokens", a->defaults.max_new_tokens,
                  "A request's new tokens unless it says")
       ->capture_default_str();

@@ -31,10 +31,15 @@
 // the first GPUs here): rows give the GPUs' load max / mean without and with the plan (the
 // planned figure from the timed run's own load), prefill and decoding tokens/s of both.
 // --prefill-chunk N: prompt tokens a prefill pass (default: the prompt length, one sequence).
-// Run (from the repository root): serve_bench [--configs small-gpu,v3-slice] [--batches 1,8,32,64]
+// With --prefill-batch B (one GPU): prompts prefilled B together (GeneratorOptions::prefill_batch,
+// prefill_chunk = B x the prompt) against one at a time (the anchor: prefill_batch 1, a pass one
+// prompt), `batch` requests of --prompt tokens and --new new tokens: prefill tokens/s (prompt
+// tokens over the prefill passes' wall time), the passes, time to first token (median, p90) and
+// end-to-end new tokens/s. Run (from the repository root): serve_bench [--configs
+// small-gpu,v3-slice] [--batches 1,8,32,64]
 //   [--prompt 128] [--new 64] [--vocab V] [--devices 0,1 [--eplb N [--skew B] [--prefill-chunk N]]
 //   |
-//   --disaggregate 0,1 [--requests N] | --arrival-rates 100,200 [--requests N]]
+//   --disaggregate 0,1 [--requests N] | --arrival-rates 100,200 [--requests N] | --prefill-batch B]
 //   [--out rows.jsonl] [--date D] [--commit C]
 #include <cuda_runtime.h>
 
@@ -308,6 +313,77 @@ void run_arrivals(const std::vector<std::string>& configs, int64_t max_batch,
   }
 }
 
+// --prefill-batch: prompts prefilled together against one at a time, one GPU.
+void run_prefill(const std::vector<std::string>& configs, const std::vector<int64_t>& bs,
+                 int64_t prompt, int64_t fresh, int64_t vocab, int64_t together, FILE* f,
+                 const std::string& gpu, const std::string& date, const std::string& commit) {
+  std::printf("%-10s %5s %6s %14s %7s %10s %10s %12s %14s %7s %10s %10s %12s %8s\n", "config",
+              "batch", "pb", "prefill tok/s", "passes", "ttft p50", "ttft p90", "e2e tok/s",
+              "1-by-1 tok/s", "passes", "ttft p50", "ttft p90", "e2e tok/s", "x");
+  for (const std::string& name : configs) {
+    const ModelConfig cfg = bench_config(name, vocab);
+    serve::SamplingOptions s;
+    s.max_new_tokens = fresh;
+    s.ignore_eos = true;
+    struct Run {
+      double prefill = 0, e2e = 0, p50 = 0, p90 = 0;
+      int64_t passes = 0;
+    };
+    const auto time = [&](serve::GeneratorGpu& gen, int64_t b) {
+      const auto p = prompts(b, prompt, cfg.vocab_size, 3000 + b);
+      serve::GenerationStats st;
+      const auto t0 = std::chrono::steady_clock::now();
+      gen.generate(p, s, &st);
+      const double wall =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      Run r;
+      r.prefill = static_cast<double>(st.prefill_tokens) / st.prefill_s;
+      r.e2e = static_cast<double>(b * fresh) / wall;
+      r.p50 = percentile(st.first_token_ms, 0.5);
+      r.p90 = percentile(st.first_token_ms, 0.9);
+      r.passes = st.prefill_steps;
+      return r;
+    };
+    std::vector<Run> runs[2];
+    for (int form = 0; form < 2; ++form) {
+      serve::GeneratorOptions o;
+      o.max_batch = *std::max_element(bs.begin(), bs.end());
+      o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
+      o.prefill_batch = form == 0 ? 1 : together;
+      o.prefill_chunk = std::max<int64_t>(prompt, 64) * o.prefill_batch;
+      serve::GeneratorGpu gen(cfg, o, random_weights(cfg));
+      time(gen, std::min<int64_t>(o.max_batch, together));  // warm-up
+      for (const int64_t b : bs) runs[form].push_back(time(gen, b));
+    }
+    for (size_t i = 0; i < bs.size(); ++i) {
+      const Run& g = runs[1][i];
+      const Run& a = runs[0][i];
+      std::printf(
+          "%-10s %5lld %6lld %14.0f %7lld %10.2f %10.2f %12.0f %14.0f %7lld %10.2f %10.2f %12.0f "
+          "%7.2fx\n",
+          name.c_str(), static_cast<long long>(bs[i]), static_cast<long long>(together), g.prefill,
+          static_cast<long long>(g.passes), g.p50, g.p90, g.e2e, a.prefill,
+          static_cast<long long>(a.passes), a.p50, a.p90, a.e2e, g.prefill / a.prefill);
+      for (int form = 0; form < 2 && f != nullptr; ++form) {
+        const Run& r = runs[form][i];
+        std::fprintf(f,
+                     "{\"bench\":\"serve_prefill\",\"gpu\":\"%s\",\"gpus\":1,\"date\":\"%s\","
+                     "\"commit\":\"%s\",\"impl\":\"%s\",\"config\":\"%s\",\"batch\":%lld,"
+                     "\"prefill_batch\":%lld,\"prompt\":%lld,\"new_tokens\":%lld,"
+                     "\"prefill_tokens_per_s\":%.1f,\"prefill_passes\":%lld,\"ttft_p50_ms\":%.3f,"
+                     "\"ttft_p90_ms\":%.3f,\"end_to_end_tokens_per_s\":%.1f,"
+                     "\"prefill_ratio_vs_one_at_a_time\":%.3f}\n",
+                     gpu.c_str(), date.c_str(), commit.c_str(),
+                     form == 1 ? "fp8moe_batched_prefill" : "one_at_a_time", name.c_str(),
+                     static_cast<long long>(bs[i]),
+                     static_cast<long long>(form == 1 ? together : 1),
+                     static_cast<long long>(prompt), static_cast<long long>(fresh), r.prefill,
+                     static_cast<long long>(r.passes), r.p50, r.p90, r.e2e, r.prefill / a.prefill);
+      }
+    }
+  }
+}
+
 // --devices --eplb: the group over EPLB's plan of the load it observed against the plain group.
 void run_eplb(const std::vector<std::string>& configs, const std::vector<int64_t>& bs,
               const std::vector<int>& devices, int64_t prompt, int64_t fresh, int64_t vocab,
@@ -437,7 +513,7 @@ int main(int argc, char** argv) {
   std::string configs = "small-gpu,v3-slice", batches = "1,8,32,64", out, date = "unknown",
               commit = "unknown", device_list, disaggregate, arrival_rates;
   int64_t prompt = 128, fresh = 64, vocab = 0, requests = 0;
-  int64_t prefill_chunk = 0;
+  int64_t prefill_chunk = 0, prefill_batch = 0;
   int redundant = -1;
   float skew = 0.0f;
   for (int i = 1; i < argc; ++i) {
@@ -473,6 +549,8 @@ int main(int argc, char** argv) {
       arrival_rates = v;
     else if (a == "--eplb")
       redundant = std::atoi(v.c_str());
+    else if (a == "--prefill-batch")
+      prefill_batch = std::atoll(v.c_str());
     else if (a == "--prefill-chunk")
       prefill_chunk = std::atoll(v.c_str());
     else if (a == "--skew")
@@ -507,6 +585,12 @@ int main(int argc, char** argv) {
     if (pair.size() == 2) {
       run_disaggregate(split(configs), bs, pair, prompt, fresh, vocab, requests, f, prop.name, date,
                        commit);
+      if (f != nullptr) std::fclose(f);
+      return 0;
+    }
+    if (prefill_batch > 0) {
+      run_prefill(split(configs), bs, prompt, fresh, vocab, prefill_batch, f, prop.name, date,
+                  commit);
       if (f != nullptr) std::fclose(f);
       return 0;
     }

@@ -317,65 +317,127 @@ struct GeneratorGpu::Impl {
       if (io != nullptr && io->emit) io->emit(q, next, done);
       return !done;
     };
-    // The prompt being prefilled (one chunk an iteration) and its next chunk's start.
-    int64_t filling = -1, fill_start = 0;
+    // The prompts being prefilled (GeneratorOptions::prefill_batch at most, one pass an
+    // iteration over all of them) and each one's next chunk's start.
+    struct Fill {
+      size_t r = 0;
+      int64_t start = 0;
+    };
+    std::vector<Fill> filling;
 
-    // A prefill chunk of request `filling` (with the draft module's cache filled beside); after
-    // its last, the first token, and the request joins the running ones.
-    const auto prefill_chunk = [&] {
-      Request& q = req[static_cast<size_t>(filling)];
-      const int64_t n = static_cast<int64_t>(q.prompt.size()), start = fill_start;
-      const int64_t len = std::min(m.o.prefill_chunk, n - start);
+    // A prefill pass over every filling prompt, the same number of new tokens each (the largest
+    // that no prompt runs past and that keeps the pass within prefill_chunk tokens), with the
+    // draft module's cache filled beside; after a prompt's last chunk, its first token, and the
+    // request joins the running ones.
+    const auto prefill_pass = [&] {
+      const int64_t B = static_cast<int64_t>(filling.size());
+      int64_t len = std::max<int64_t>(1, m.o.prefill_chunk / B);
+      for (const Fill& f : filling)
+        len = std::min(len, static_cast<int64_t>(req[f.r].prompt.size()) - f.start);
       const auto t0 = clock::now();
-      FM_CHECK(pages.grow(q.seq, start + len), "GeneratorGpu: cache full while prefilling");
-      pos.resize(static_cast<size_t>(len));
-      for (int64_t i = 0; i < len; ++i) pos[i] = static_cast<int32_t>(start + i);
-      const bool last = start + len == n;
-      m.run(Impl::Pass::kMain, {q.seq}, q.prompt.data() + start, pos.data(), len, false,
-            last && !on_device ? &logits : nullptr, false, last && on_device);
-      int32_t first = 0;
-      if (last && on_device) {
-        first = m.sample({0}, {params(q)})[0];
-        q.draws += 1;
-      } else if (last) {
-        first = sample_token(logits.data(), m.vocab, q.s.temperature, q.s.top_p, q.rng);
+      std::vector<int> seqs;
+      ids.clear();
+      pos.clear();
+      std::vector<int32_t> last_rows;  // the pass's rows that end a prompt (its logits row index)
+      std::vector<size_t> ending;      // their filling indices
+      for (size_t b = 0; b < filling.size(); ++b) {
+        const Fill& f = filling[b];
+        Request& q = req[f.r];
+        FM_CHECK(pages.grow(q.seq, f.start + len), "GeneratorGpu: cache full while prefilling");
+        seqs.push_back(q.seq);
+        for (int64_t i = 0; i < len; ++i) {
+          ids.push_back(q.prompt[static_cast<size_t>(f.start + i)]);
+          pos.push_back(static_cast<int32_t>(f.start + i));
+        }
+        if (f.start + len == static_cast<int64_t>(q.prompt.size())) {
+          last_rows.push_back(static_cast<int32_t>(b));
+          ending.push_back(b);
+        }
+      }
+      const bool any_last = !ending.empty();
+      m.run(Impl::Pass::kMain, seqs, ids.data(), pos.data(), len, false,
+            any_last && !on_device ? &logits : nullptr, false, any_last && on_device);
+      std::vector<int32_t> first(filling.size(), 0);
+      if (any_last && on_device) {
+        std::vector<kernels::SampleRow> ps;
+        for (size_t b : ending) ps.push_back(params(req[filling[b].r]));
+        const std::vector<int32_t> drawn = m.sample(last_rows, ps);
+        for (size_t k = 0; k < ending.size(); ++k) {
+          first[ending[k]] = drawn[k];
+          req[filling[ending[k]].r].draws += 1;
+        }
+      } else {
+        for (size_t b : ending) {
+          Request& q = req[filling[b].r];
+          first[b] =
+              sample_token(logits.data() + b * m.vocab, m.vocab, q.s.temperature, q.s.top_p, q.rng);
+        }
       }
       if (draft) {
         // The module at position p reads the main state at p and the token at p + 1.
-        ids.assign(q.prompt.begin() + start + 1, q.prompt.begin() + start + len);
-        ids.push_back(last ? first : q.prompt[start + len]);
-        m.run(Impl::Pass::kDraft, {q.seq}, ids.data(), pos.data(), len, true,
-              last && !on_device ? &draft_logits : nullptr, true, last && on_device);
-        if (last && on_device) {
-          q.draft = m.sample({static_cast<int32_t>(len - 1)}, {params(q)}, {q.slot})[0];
-          q.draws += 1;
-        } else if (last) {
-          redraft(q, draft_logits.data() + (len - 1) * m.vocab);
+        std::vector<int32_t> next_ids;
+        std::vector<int32_t> draft_rows, slots;
+        for (size_t b = 0; b < filling.size(); ++b) {
+          const Fill& f = filling[b];
+          const Request& q = req[f.r];
+          const bool last = f.start + len == static_cast<int64_t>(q.prompt.size());
+          next_ids.insert(next_ids.end(), q.prompt.begin() + f.start + 1,
+                          q.prompt.begin() + f.start + len);
+          next_ids.push_back(last ? first[b] : q.prompt[static_cast<size_t>(f.start + len)]);
+          if (last) {
+            draft_rows.push_back(static_cast<int32_t>(b * len + len - 1));
+            slots.push_back(q.slot);
+          }
+        }
+        m.run(Impl::Pass::kDraft, seqs, next_ids.data(), pos.data(), len, true,
+              any_last && !on_device ? &draft_logits : nullptr, true, any_last && on_device);
+        if (any_last && on_device) {
+          std::vector<kernels::SampleRow> ps;
+          for (size_t b : ending) ps.push_back(params(req[filling[b].r]));
+          const std::vector<int32_t> drafted = m.sample(draft_rows, ps, slots);
+          for (size_t k = 0; k < ending.size(); ++k) {
+            Request& q = req[filling[ending[k]].r];
+            q.draft = drafted[k];
+            q.draws += 1;
+          }
+        } else {
+          for (size_t k = 0; k < ending.size(); ++k)
+            redraft(req[filling[ending[k]].r], draft_logits.data() + draft_rows[k] * m.vocab);
         }
       }
       st.prefill_s += seconds(t0);
-      fill_start += len;
-      if (!last) return;
-      st.prefill_tokens += n;
-      if (io != nullptr && io->deliver) {  // prefill only: the request leaves with its rows
-        Handoff h;
-        h.id = static_cast<int64_t>(q.id);
-        h.length = n;
-        h.first = first;
-        h.draft = q.draft;
-        h.draws = q.draws;
-        h.first_time = now_s();
-        h.start_time = q.arrival;
-        st.first_token_ms.push_back(1e3 * (h.first_time - q.arrival));
-        io->deliver(h, q.seq, q.slot);
-        pages.release(q.seq);
-        if (q.slot >= 0) m.free_slots.push_back(q.slot);
-        q.slot = -1;
-        q.out.push_back(first);
-      } else if (append(q, first)) {
-        running.push_back(static_cast<size_t>(filling));
+      st.prefill_steps += 1;
+      std::vector<Fill> still;
+      for (size_t b = 0; b < filling.size(); ++b) {
+        Fill f = filling[b];
+        f.start += len;
+        Request& q = req[f.r];
+        const int64_t n = static_cast<int64_t>(q.prompt.size());
+        if (f.start < n) {
+          still.push_back(f);
+          continue;
+        }
+        st.prefill_tokens += n;
+        if (io != nullptr && io->deliver) {  // prefill only: the request leaves with its rows
+          Handoff h;
+          h.id = static_cast<int64_t>(q.id);
+          h.length = n;
+          h.first = first[b];
+          h.draft = q.draft;
+          h.draws = q.draws;
+          h.first_time = now_s();
+          h.start_time = q.arrival;
+          st.first_token_ms.push_back(1e3 * (h.first_time - q.arrival));
+          io->deliver(h, q.seq, q.slot);
+          pages.release(q.seq);
+          if (q.slot >= 0) m.free_slots.push_back(q.slot);
+          q.slot = -1;
+          q.out.push_back(first[b]);
+        } else if (append(q, first[b])) {
+          running.push_back(f.r);
+        }
       }
-      filling = -1;
+      filling = std::move(still);
     };
 
     // Decode only: a handed-off request taken but not yet admitted, and whether more may come.
@@ -559,7 +621,7 @@ struct GeneratorGpu::Impl {
     bool arrivals_open = io != nullptr && static_cast<bool>(io->arrive);
     const auto take_arrivals = [&] {
       while (arrivals_open) {
-        const bool idle = filling < 0 && waiting.empty() && running.empty() && !pending;
+        const bool idle = filling.empty() && waiting.empty() && running.empty() && !pending;
         Request q;
         const int got = io->arrive(&q, idle && !lockstep);
         if (got < 0) arrivals_open = false;
@@ -573,33 +635,41 @@ struct GeneratorGpu::Impl {
     };
     for (;;) {
       take_arrivals();
-      const bool busy = filling >= 0 || !waiting.empty() || !running.empty() ||
+      const bool busy = !filling.empty() || !waiting.empty() || !running.empty() ||
                         pending.has_value() || source_open || arrivals_open;
       if (!(lockstep ? m.par.all_sum(busy ? 1 : 0) > 0 : busy)) break;
-      // Admit the next waiting prompt while there is room.
-      if (filling < 0 && !waiting.empty() && static_cast<int64_t>(running.size()) < m.o.max_batch) {
+      // Admit waiting prompts while there is room (prefill_batch prompts fill together): the
+      // pages of every filling prompt's whole prompt are counted as taken.
+      int64_t reserved = 0;
+      for (const Fill& f : filling) {
+        const int64_t n = static_cast<int64_t>(req[f.r].prompt.size());
+        reserved += (n + pages.page_tokens() - 1) / pages.page_tokens() -
+                    (pages.length(req[f.r].seq) + pages.page_tokens() - 1) / pages.page_tokens();
+      }
+      while (!waiting.empty() && static_cast<int64_t>(filling.size()) < m.o.prefill_batch &&
+             static_cast<int64_t>(running.size() + filling.size()) < m.o.max_batch) {
         Request& q = req[waiting.front()];
         const int64_t n = static_cast<int64_t>(q.prompt.size());
-        if ((n + pages.page_tokens() - 1) / pages.page_tokens() <= pages.free_pages()) {
-          filling = static_cast<int64_t>(waiting.front());
-          fill_start = 0;
-          waiting.pop_front();
-          q.seq = pages.add_sequence();
-          if (draft && on_device) {
-            q.slot = m.free_slots.back();
-            m.free_slots.pop_back();
-          }
-        } else {
-          FM_CHECK(!running.empty(), "GeneratorGpu: the cache (", pages.num_pages(),
-                   " pages) cannot hold one prompt of ", n, " tokens");
-          // Wait for running sequences to free pages.
+        const int64_t need = (n + pages.page_tokens() - 1) / pages.page_tokens();
+        if (need > pages.free_pages() - reserved) {
+          FM_CHECK(!running.empty() || !filling.empty(), "GeneratorGpu: the cache (",
+                   pages.num_pages(), " pages) cannot hold one prompt of ", n, " tokens");
+          break;  // wait for running sequences to free pages
+        }
+        reserved += need;
+        filling.push_back(Fill{waiting.front(), 0});
+        waiting.pop_front();
+        q.seq = pages.add_sequence();
+        if (draft && on_device) {
+          q.slot = m.free_slots.back();
+          m.free_slots.pop_back();
         }
       }
       // Handed-off requests join between decoding steps, as many as fit.
       while (static_cast<int64_t>(running.size()) < m.o.max_batch && admit_handoff()) {
       }
-      if (filling >= 0) {
-        prefill_chunk();
+      if (!filling.empty()) {
+        prefill_pass();
       } else if (!(!running.empty() && decode_step()) && lockstep) {
         m.idle_pass();
         st.idle_steps += 1;
@@ -643,6 +713,8 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
   FM_CHECK_ARG(par.model.world == 1 || par.all_sum, "GeneratorGpu: ", par.model.world,
                " ranks need GeneratorParallel::all_sum");
   FM_CHECK_ARG(o.max_batch > 0, "GeneratorGpu: max_batch=", o.max_batch, " must be positive");
+  FM_CHECK_ARG(o.prefill_batch >= 1, "GeneratorGpu: prefill_batch=", o.prefill_batch,
+               " must be >= 1");
   FM_CHECK_ARG(o.prefill_chunk > 0, "GeneratorGpu: prefill_chunk=", o.prefill_chunk,
                " must be positive");
   FM_CHECK_ARG(o.context >= 2 && o.context <= m.config.max_position_embeddings,

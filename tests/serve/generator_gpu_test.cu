@@ -329,6 +329,53 @@ TEST(ServeGpu, MtpDraftKeepsTheGreedyText) {
   }
 }
 
+// Prompts prefilled together (GeneratorOptions::prefill_batch): one pass over several prompts, the
+// same number of new tokens each, so a prompt's chunks now depend on its neighbours' lengths —
+// and still every text is the same bits as prefilling one prompt at a time (each row's GEMM,
+// attention over fixed key ranges and EP exchange do not depend on the other rows): greedy and
+// sampled, on the device and on the host, with the MTP draft (its cache filled beside).
+TEST(ServeGpu, BatchedPrefillKeepsTheText) {
+  const ModelConfig cfg = test_support::serve_config(1);  // with an MTP module
+  Model cpu(cfg, 9);
+  const std::vector<std::vector<int32_t>> prompts = {
+      random_tokens(5, 512, 71), random_tokens(70, 512, 72), random_tokens(130, 512, 73),
+      random_tokens(9, 512, 74), random_tokens(64, 512, 75), random_tokens(33, 512, 76)};
+  GeneratorOptions one = options(4, 64), batched = options(4, 64), wide = options(4, 512);
+  batched.prefill_batch = 4;
+  wide.prefill_batch = 4;
+  GeneratorGpu g1(cpu, one), gb(cpu, batched), gw(cpu, wide);
+  SamplingOptions s;
+  s.max_new_tokens = 10;
+  s.ignore_eos = true;
+  GenerationStats s1, sb, sw;
+  const auto want = g1.generate(prompts, s, &s1);
+  EXPECT_EQ(gb.generate(prompts, s, &sb), want);
+  EXPECT_EQ(gw.generate(prompts, s, &sw), want);
+  std::printf(
+      "[ serve ] prefill passes: %lld one at a time, %lld batched (64 a pass), %lld "
+      "batched (512 a pass)\n",
+      static_cast<long long>(s1.prefill_steps), static_cast<long long>(sb.prefill_steps),
+      static_cast<long long>(sw.prefill_steps));
+  EXPECT_EQ(sw.prefill_tokens, s1.prefill_tokens);
+  EXPECT_LT(sw.prefill_steps, s1.prefill_steps);
+  for (GeneratorGpu* g : {&g1, &gb, &gw}) g->set_mtp_draft(true);
+  const auto drafted = g1.generate(prompts, s);
+  EXPECT_EQ(drafted, want);
+  EXPECT_EQ(gw.generate(prompts, s), drafted);
+  s.temperature = 0.8;
+  s.top_p = 0.9;
+  s.seed = 9;
+  for (const bool on_device : {true, false}) {
+    for (GeneratorGpu* g : {&g1, &gb, &gw}) g->set_device_sampling(on_device);
+    for (const bool mtp : {false, true}) {
+      for (GeneratorGpu* g : {&g1, &gb, &gw}) g->set_mtp_draft(mtp);
+      const auto sampled = g1.generate(prompts, s);
+      EXPECT_EQ(gb.generate(prompts, s), sampled) << "on_device " << on_device << " mtp " << mtp;
+      EXPECT_EQ(gw.generate(prompts, s), sampled) << "on_device " << on_device << " mtp " << mtp;
+    }
+  }
+}
+
 // Requests arriving while others run (GeneratorGpu::serve): each with its own sampling options,
 // some arriving only after a few loop iterations, two refused (an empty prompt, a token outside
 // the vocabulary) without stopping the others; every request's tokens equal generate's for it

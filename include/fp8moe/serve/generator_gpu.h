@@ -41,7 +41,11 @@ namespace fp8moe::serve {
 struct GeneratorOptions {
   int64_t max_batch = 8;        // sequences decoded together
   int64_t context = 1024;       // tokens a sequence holds at most
-  int64_t prefill_chunk = 256;  // prompt tokens a prefill step
+  int64_t prefill_chunk = 256;  // prompt tokens a prefill step (over all the prompts it fills)
+  // Prompts prefilled together, one pass an iteration over all of them, the same number of new
+  // tokens each (the largest within prefill_chunk / prompts that no prompt runs past): bigger
+  // GEMMs than one prompt's chunk when prompts are short. 1: one prompt at a time.
+  int64_t prefill_batch = 1;
   int64_t page_tokens = 64;
   int64_t num_pages = 0;  // 0: max_batch full contexts
   // Attention key ranges of split_tokens keys (kernels::mla_decode_plan_fixed) and the output head
@@ -84,6 +88,7 @@ GeneratorParallel job_parallel(comm::GpuJob& job);
 
 struct GenerationStats {
   int64_t prefill_tokens = 0, decode_tokens = 0, decode_steps = 0;
+  int64_t prefill_steps = 0;           // prefill passes (each over up to prefill_batch prompts)
   double prefill_s = 0, decode_s = 0;  // wall time of the prefill and decoding steps
   int64_t cache_bytes = 0;
   int64_t max_running = 0;            // most sequences in one decoding step
