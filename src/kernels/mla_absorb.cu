@@ -1,10 +1,15 @@
 // The latent form's per-head products and cache append (kernels/mla_absorb.h). A CTA = one head
-// x 128 output columns; each thread keeps its column's 128 dequantised weights in registers and
-// walks the tokens in chunks of 32 staged in shared memory (every thread reads the same value:
-// a broadcast). FMAs in index order, as the CPU reference (bit for bit).
+// x 128 output columns x a slice of the tokens; each thread keeps its column's 128 dequantised
+// weights in registers and walks its slice's tokens in chunks of 32 staged in shared memory
+// (every thread reads the same value: a broadcast). FMAs in index order, as the CPU reference (bit
+// for bit), whatever the slicing: an output's sum is one thread's, in the same order.
+// Until session 25 a CTA walked every token: a prefill pass of thousands of tokens ran on
+// heads x latent / 128 CTAs (16 on small-gpu) and these two kernels took 79-92 % of its kernel
+// time (docs/serve/runs/s25-call9.sh's ncu); the token slices fill the GPU.
 // Test: test_kernels_gpu --gtest_filter='MlaAbsorbGpu*'.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <utility>
 
 #include "fp8moe/core/cuda_check.h"
@@ -19,6 +24,15 @@ void mla_absorb_check_dims(const char* who, const MlaAbsorbDims& d, int64_t toke
 namespace {
 
 constexpr int kCols = 128, kTokenChunk = 32;
+
+// Token slices a grid takes: one chunk of 32 tokens a slice, at most enough for ~4 CTAs an SM
+// of an H100 / H200 (132 SMs) over the other grid dimensions' `ctas`; each slice's CTA restages
+// and dequantises its weights once (128 x 128 codes), ~3 % of a full chunk's FMAs.
+unsigned token_slices(int64_t tokens, int64_t ctas) {
+  const int64_t chunks = (tokens + kTokenChunk - 1) / kTokenChunk;
+  const int64_t want = (4 * 132 + ctas - 1) / ctas;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>({chunks, want, 65535})));
+}
 
 // One 128 x 128 block of kv_b's codes (rows row0.., columns col0..) staged in shared memory by
 // the CTA's 128 threads with coalesced 4-byte loads (one thread a column or a row reading them
@@ -37,7 +51,7 @@ __device__ __forceinline__ void stage_block(uint8_t (*tile)[kStageRow], const ui
   __syncthreads();
 }
 
-// Absorb: grid (latent / 128, heads); thread = latent column j; w = W_UK[h][:, j].
+// Absorb: grid (latent / 128, heads, token slices); thread = latent column j; w = W_UK[h][:, j].
 __global__ void __launch_bounds__(kCols)
     absorb_kernel(const bf16* q, int64_t tokens, MlaAbsorbDims d, const uint8_t* codes,
                   const float* scales, bf16* q_lat) {
@@ -51,7 +65,8 @@ __global__ void __launch_bounds__(kCols)
   float w[128];
 #pragma unroll
   for (int k = 0; k < 128; ++k) w[k] = e4m3_bits_to_float(tile[k][threadIdx.x]) * s;
-  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
+  const int64_t step = static_cast<int64_t>(gridDim.z) * kTokenChunk;
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.z) * kTokenChunk; t0 < tokens; t0 += step) {
     const int n = static_cast<int>(tokens - t0 < kTokenChunk ? tokens - t0 : kTokenChunk);
     __syncthreads();
     for (int i = threadIdx.x; i < n * 128; i += kCols)
@@ -63,16 +78,18 @@ __global__ void __launch_bounds__(kCols)
       for (int k = 0; k < 128; ++k) acc = __fmaf_rn(qs[tt][k], w[k], acc);
       q_lat[((t0 + tt) * d.heads + h) * od + j] = to_bf16(acc);
     }
+    if (blockIdx.x == 0)  // q_pe rides along after the latent
+      for (int64_t i = threadIdx.x; i < n * d.rope_dim; i += kCols) {
+        const int64_t t = t0 + i / d.rope_dim, r = i % d.rope_dim;
+        q_lat[(t * d.heads + h) * od + d.latent_dim + r] =
+            q[(t * d.heads + h) * qd + d.nope_dim + r];
+      }
   }
-  if (blockIdx.x == 0)  // q_pe rides along after the latent
-    for (int64_t i = threadIdx.x; i < tokens * d.rope_dim; i += kCols) {
-      const int64_t t = i / d.rope_dim, r = i % d.rope_dim;
-      q_lat[(t * d.heads + h) * od + d.latent_dim + r] = q[(t * d.heads + h) * qd + d.nope_dim + r];
-    }
 }
 
-// Unabsorb: grid (heads); thread = value column v; the latent reduction in 128-wide blocks, one
-// register set of W_UV[h][v, block] at a time, 32 tokens' sums carried across the blocks.
+// Unabsorb: grid (heads, token slices); thread = value column v; the latent reduction in 128-wide
+// blocks, one register set of W_UV[h][v, block] at a time, 32 tokens' sums carried across the
+// blocks.
 __global__ void __launch_bounds__(kCols)
     unabsorb_kernel(const bf16* o_lat, int64_t tokens, MlaAbsorbDims d, const uint8_t* codes,
                     const float* scales, bf16* attn) {
@@ -80,7 +97,8 @@ __global__ void __launch_bounds__(kCols)
   __shared__ __align__(16) uint8_t tile[128][kStageRow];
   const int64_t h = blockIdx.x, v = threadIdx.x;
   const int64_t row0 = h * (d.nope_dim + d.value_dim) + d.nope_dim, row = row0 + v;
-  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
+  const int64_t step = static_cast<int64_t>(gridDim.y) * kTokenChunk;
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.y) * kTokenChunk; t0 < tokens; t0 += step) {
     const int n = static_cast<int>(tokens - t0 < kTokenChunk ? tokens - t0 : kTokenChunk);
     float acc[kTokenChunk];
 #pragma unroll
@@ -145,7 +163,9 @@ void mla_absorb_query(const bf16* q, int64_t tokens, const MlaAbsorbDims& d, con
                       const float* w_scales, bf16* q_lat, cudaStream_t stream) {
   mla_absorb_check_dims("mla_absorb_query", d, tokens);
   if (tokens == 0) return;
-  absorb_kernel<<<dim3(static_cast<unsigned>(d.latent_dim / kCols), static_cast<unsigned>(d.heads)),
+  const int64_t ctas = d.latent_dim / kCols * d.heads;
+  absorb_kernel<<<dim3(static_cast<unsigned>(d.latent_dim / kCols), static_cast<unsigned>(d.heads),
+                       token_slices(tokens, ctas)),
                   kCols, 0, stream>>>(q, tokens, d, w_codes, w_scales, q_lat);
   FM_CHECK_CUDA(cudaGetLastError());
 }
@@ -155,8 +175,8 @@ void mla_unabsorb_output(const bf16* o_lat, int64_t tokens, const MlaAbsorbDims&
                          cudaStream_t stream) {
   mla_absorb_check_dims("mla_unabsorb_output", d, tokens);
   if (tokens == 0) return;
-  unabsorb_kernel<<<static_cast<unsigned>(d.heads), kCols, 0, stream>>>(o_lat, tokens, d, w_codes,
-                                                                        w_scales, attn);
+  unabsorb_kernel<<<dim3(static_cast<unsigned>(d.heads), token_slices(tokens, d.heads)), kCols, 0,
+                    stream>>>(o_lat, tokens, d, w_codes, w_scales, attn);
   FM_CHECK_CUDA(cudaGetLastError());
 }
 

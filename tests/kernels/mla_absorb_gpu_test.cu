@@ -81,6 +81,11 @@ TEST(MlaAbsorbGpu, ProductsEqualReferenceBitForBit) {
   check_products(4, 512, 100, 2);  // token chunks of 32 and a tail
   check_products(8, 256, 33, 3);
   check_products(2, 128, 1, 4);
+  // Prefill-sized passes: the tokens split over CTAs (a slice each, or several chunks a CTA
+  // where the slices stop at ~4 CTAs an SM), a tail chunk in each.
+  check_products(8, 256, 3001, 5);
+  check_products(128, 512, 200, 6);
+  check_products(2, 128, 1000, 7);
 }
 
 TEST(MlaAbsorbGpu, AppendWritesEachTokenToItsPageRow) {
