@@ -34,11 +34,7 @@ ModelConfig config_with_mtp() {
 }
 
 GeneratorOptions options() {
-  GeneratorOptions o;
-  o.max_batch = 3;
-  o.context = 256;
-  o.prefill_chunk = 48;
-  return o;
+  return test_support::three_at_once();
 }
 
 std::vector<std::vector<int32_t>> five_prompts() {

@@ -30,17 +30,14 @@ namespace fp8moe::serve {
 namespace {
 
 using test_support::random_tokens;
+using test_support::two_gpus;
 
 ModelConfig group_config(int64_t mtp) {
   return test_support::serve_config(mtp, 1, "serve group test config");
 }
 
 GeneratorOptions options() {
-  GeneratorOptions o;
-  o.max_batch = 3;
-  o.context = 256;
-  o.prefill_chunk = 48;  // the 100- and 130-token prompts take several lockstep iterations
-  return o;
+  return test_support::three_at_once();
 }
 
 std::vector<std::vector<int32_t>> six_prompts() {
@@ -98,13 +95,6 @@ void expect_rank_invariant(const std::vector<int>& devices) {
   std::fprintf(stderr, "[ group ] %s: texts equal to one rank's: %d of 6 greedy, %d of 6 sampled\n",
                where, same, same_sampled);
   EXPECT_GE(same, 4);
-}
-
-// One rank a GPU: GPUs 0 and 1 (the test is skipped where one is visible).
-bool two_gpus() {
-  int count = 0;
-  FM_CHECK_CUDA(cudaGetDeviceCount(&count));
-  return count >= 2;
 }
 
 TEST(GeneratorGroup, TextDoesNotDependOnTheRank) {

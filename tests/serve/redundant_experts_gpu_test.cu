@@ -31,13 +31,10 @@ namespace fp8moe::serve {
 namespace {
 
 using test_support::random_tokens;
+using test_support::two_gpus;
 
 GeneratorOptions options() {
-  GeneratorOptions o;
-  o.max_batch = 3;
-  o.context = 256;
-  o.prefill_chunk = 48;
-  return o;
+  return test_support::three_at_once();
 }
 
 std::vector<std::vector<int32_t>> prompts() {
@@ -83,12 +80,6 @@ TEST(RedundantExperts, OneGpuTextIsTheSameBits) {
               static_cast<long long>(routed));
   EXPECT_GE(routed, 2 * (plain_st.prefill_tokens + plain_st.decode_tokens - 6));
   EXPECT_EQ(routed % 2, 0);
-}
-
-bool two_gpus() {
-  int count = 0;
-  FM_CHECK_CUDA(cudaGetDeviceCount(&count));
-  return count >= 2;
 }
 
 TEST(RedundantExperts, TwoGpusServeOverThePlanOfTheirLoad) {

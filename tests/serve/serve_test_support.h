@@ -1,6 +1,9 @@
 // What the serving GPU tests share (generator_gpu_test.cu, generator_group_gpu_test.cu,
-// disaggregated_gpu_test.cu): the small V3-shaped model they serve and random prompts.
+// disaggregated_gpu_test.cu, redundant_experts_gpu_test.cu): the small V3-shaped model they serve,
+// random prompts, the several-rank tests' generator options and their two-GPU check.
 #pragma once
+
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <random>
@@ -8,7 +11,9 @@
 #include <vector>
 
 #include "../support/small_gpu_config.h"
+#include "fp8moe/core/cuda_check.h"
 #include "fp8moe/model/config.h"
+#include "fp8moe/serve/generator_gpu.h"
 
 namespace fp8moe::serve::test_support {
 
@@ -30,6 +35,23 @@ inline std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t see
   std::vector<int32_t> t(static_cast<size_t>(n));
   for (auto& v : t) v = d(rng);
   return t;
+}
+
+// Three sequences at once, a context of 256, prefill chunks of 48 tokens (a 100- or 130-token
+// prompt takes several passes: lockstep iterations, handoffs of several chunks).
+inline GeneratorOptions three_at_once() {
+  GeneratorOptions o;
+  o.max_batch = 3;
+  o.context = 256;
+  o.prefill_chunk = 48;
+  return o;
+}
+
+// The tests of one rank a GPU need two visible (skipped otherwise).
+inline bool two_gpus() {
+  int count = 0;
+  FM_CHECK_CUDA(cudaGetDeviceCount(&count));
+  return count >= 2;
 }
 
 }  // namespace fp8moe::serve::test_support
