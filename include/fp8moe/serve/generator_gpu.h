@@ -98,10 +98,10 @@ struct GenerationStats {
   // the generate call's start) and the gaps between its successive tokens (a step emitting two
   // tokens of a request, a kept draft, gives a gap of 0).
   std::vector<double> first_token_ms, token_gap_ms;
-  // Tokens routed to each logical expert during the call, [MoE blocks x n_routed_experts] (main
-  // blocks, then the MTP modules'; prefill, decoding and draft passes, an idle pass's dummy token
-  // included): this rank's serving-time load, EPLB's input (`fp8moe eplb`; summed over the ranks
-  // of a group).
+  // generate() and serve() (empty after the disaggregated halves): tokens routed to each logical
+  // expert during the call, [MoE blocks x n_routed_experts] (main blocks, then the MTP modules';
+  // prefill, decoding and draft passes, an idle pass's dummy token included): this rank's
+  // serving-time load, EPLB's input (`fp8moe eplb`; summed over the ranks of a group).
   std::vector<int64_t> expert_load;
 };
 
