@@ -40,6 +40,7 @@
 //   [--prompt 128] [--new 64] [--vocab V] [--devices 0,1 [--eplb N [--skew B] [--prefill-chunk N]]
 //   |
 //   --disaggregate 0,1 [--requests N] | --arrival-rates 100,200 [--requests N] | --prefill-batch B]
+//   [--tensor-core-products on|off] (GeneratorOptions::tensor_core_products, every generator)
 //   [--out rows.jsonl] [--date D] [--commit C]
 #include <cuda_runtime.h>
 
@@ -69,6 +70,9 @@
 namespace {
 
 using namespace fp8moe;
+
+// --tensor-core-products: every generator's GeneratorOptions::tensor_core_products.
+bool tensor_core_products = false;
 
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
@@ -183,6 +187,7 @@ void run_disaggregate(const std::vector<std::string>& configs, const std::vector
     for (const int64_t b : bs) {
       serve::GeneratorOptions o;
       o.max_batch = b;
+      o.tensor_core_products = tensor_core_products;
       o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
       o.prefill_chunk = std::max<int64_t>(std::min<int64_t>(prompt, 512), 64);
       const int64_t n = requests > 0 ? requests : 4 * b;
@@ -255,6 +260,7 @@ void run_arrivals(const std::vector<std::string>& configs, int64_t max_batch,
     const ModelConfig cfg = bench_config(name, vocab);
     serve::GeneratorOptions o;
     o.max_batch = max_batch;
+    o.tensor_core_products = tensor_core_products;
     o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
     o.prefill_chunk = std::max<int64_t>(std::min<int64_t>(prompt, 512), 64);
     serve::GeneratorGpu gen(cfg, o, random_weights(cfg));
@@ -348,6 +354,7 @@ void run_prefill(const std::vector<std::string>& configs, const std::vector<int6
     for (int form = 0; form < 2; ++form) {
       serve::GeneratorOptions o;
       o.max_batch = *std::max_element(bs.begin(), bs.end());
+      o.tensor_core_products = tensor_core_products;
       o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
       o.prefill_batch = form == 0 ? 1 : together;
       o.prefill_chunk = std::max<int64_t>(prompt, 64) * o.prefill_batch;
@@ -397,6 +404,7 @@ void run_eplb(const std::vector<std::string>& configs, const std::vector<int64_t
     const ModelConfig cfg = bench_config(name, vocab);
     serve::GeneratorOptions o;
     o.max_batch = *std::max_element(bs.begin(), bs.end());
+    o.tensor_core_products = tensor_core_products;
     o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
     o.prefill_chunk = prefill_chunk > 0 ? prefill_chunk : std::max<int64_t>(prompt, 64);
     const auto load = skewed_weights(cfg, skew);
@@ -464,6 +472,7 @@ void run_group(const std::vector<std::string>& configs, const std::vector<int64_
     const ModelConfig cfg = bench_config(name, vocab);
     serve::GeneratorOptions o;
     o.max_batch = *std::max_element(bs.begin(), bs.end());
+    o.tensor_core_products = tensor_core_products;
     o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
     o.prefill_chunk = std::max<int64_t>(prompt, 64);
     const auto load = random_weights(cfg);
@@ -549,6 +558,8 @@ int main(int argc, char** argv) {
       arrival_rates = v;
     else if (a == "--eplb")
       redundant = std::atoi(v.c_str());
+    else if (a == "--tensor-core-products")
+      tensor_core_products = v == "1" || v == "on";
     else if (a == "--prefill-batch")
       prefill_batch = std::atoll(v.c_str());
     else if (a == "--prefill-chunk")
@@ -612,6 +623,7 @@ int main(int argc, char** argv) {
       const ModelConfig cfg = bench_config(name, vocab);
       serve::GeneratorOptions o;
       o.max_batch = *std::max_element(bs.begin(), bs.end());
+      o.tensor_core_products = tensor_core_products;
       o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
       o.prefill_chunk = std::max<int64_t>(prompt, 64);
       serve::GeneratorGpu gen(cfg, o, random_weights(cfg));

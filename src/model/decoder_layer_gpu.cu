@@ -778,8 +778,8 @@ void DecoderLayerGpu::forward(const bf16* h, const int32_t* pos, bf16* out, doub
   m.forwarded = true;
 }
 
-void DecoderLayerGpu::reserve_decode(int64_t max_tokens) {
-  impl_->mla->reserve_decode(max_tokens);
+void DecoderLayerGpu::reserve_decode(int64_t max_tokens, bool tensor_core_products) {
+  impl_->mla->reserve_decode(max_tokens, tensor_core_products);
 }
 
 const MlaBlockGpu& DecoderLayerGpu::attention() const {

@@ -262,12 +262,13 @@ void MlaBlockGpu::backward(const bf16* dout, bf16* dx, const MlaBlockGradsGpu& g
   FM_CHECK_CUDA(cudaGetLastError());
 }
 
-void MlaBlockGpu::reserve_decode(int64_t max_tokens) {
+void MlaBlockGpu::reserve_decode(int64_t max_tokens, bool tensor_core_products) {
   FM_CHECK_ARG(max_tokens > 0 && max_tokens <= max_tokens_,
                "MlaBlockGpu::reserve_decode: ", max_tokens,
                " tokens outside [1, max_tokens=", max_tokens_, "]");
   FM_CHECK_ARG(kv_b_->fp8_weights() != nullptr,
                "MlaBlockGpu::reserve_decode: the latent decode needs the FP8 projections");
+  tensor_core_products_ = tensor_core_products;
   if (max_tokens <= decode_tokens_) return;
   if (decode_buffer_ != nullptr) FM_CHECK_CUDA(cudaFree(decode_buffer_));
   const int64_t T = max_tokens, H = d_.heads, kvr = d_.kv_lora_rank;
@@ -318,10 +319,16 @@ void MlaBlockGpu::forward_decode(const bf16* x, const int32_t* pos, int64_t batc
   ad.rope_dim = d_.dr;
   ad.value_dim = d_.dv;
   ad.latent_dim = kvr;
-  kernels::mla_absorb_query(q_, T, ad, w.w, w.sw, q_lat_, stream);
+  if (tensor_core_products_)
+    kernels::mla_absorb_query_tc(q_, T, ad, w.w, w.sw, q_lat_, stream);
+  else
+    kernels::mla_absorb_query(q_, T, ad, w.w, w.sw, q_lat_, stream);
   kernels::mla_decode(decode_shape(batch, queries, cache), plan, q_lat_, cache.pages,
                       cache.page_table, cache.seq_lens, o_lat_, decode_lse_, workspace, stream);
-  kernels::mla_unabsorb_output(o_lat_, T, ad, w.w, w.sw, attn_, stream);
+  if (tensor_core_products_)
+    kernels::mla_unabsorb_output_tc(o_lat_, T, ad, w.w, w.sw, attn_, stream);
+  else
+    kernels::mla_unabsorb_output(o_lat_, T, ad, w.w, w.sw, attn_, stream);
   o_->forward(attn_, T, out, stream);
 }
 

@@ -675,11 +675,12 @@ void ModelGpu::forward_backward(const int32_t* tokens, float mtp_weight, bool ba
                          m.status, stream);
 }
 
-void ModelGpu::reserve_decode(int64_t max_tokens) {
+void ModelGpu::reserve_decode(int64_t max_tokens, bool tensor_core_products) {
   Impl& m = *impl_;
   FM_CHECK_ARG(max_tokens > 0 && max_tokens <= m.T, "ModelGpu::reserve_decode: ", max_tokens,
                " tokens outside [1, batch * seq = ", m.T, "]");
-  for (auto& layer : m.layers) layer->reserve_decode(max_tokens);  // the MTP modules' too
+  for (auto& layer : m.layers)  // the MTP modules' too
+    layer->reserve_decode(max_tokens, tensor_core_products);
 }
 
 const bf16* ModelGpu::decode_hidden() const {

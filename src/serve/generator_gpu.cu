@@ -731,7 +731,7 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
   load(*m.model);
   FM_CHECK_CUDA(cudaDeviceSynchronize());
   m.model->refresh(nullptr);
-  m.model->reserve_decode(m.step_tokens);
+  m.model->reserve_decode(m.step_tokens, o.tensor_core_products);
   PagedCacheOptions co;
   co.page_tokens = o.page_tokens;
   co.max_pages_per_seq = (o.context + o.page_tokens - 1) / o.page_tokens;

@@ -35,6 +35,17 @@ void mla_absorb_query(const bf16* q, int64_t tokens, const MlaAbsorbDims& dims,
 void mla_unabsorb_output(const bf16* o_lat, int64_t tokens, const MlaAbsorbDims& dims,
                          const uint8_t* w_codes, const float* w_scales, bf16* attn,
                          cudaStream_t stream);
+// The same products on tensor cores (BF16 WMMA, FP32 accumulation): a 128-long block's sum of
+// query (or latent output) times the E4M3 codes, then times the block's scale — the same values
+// as above up to rounding (about one BF16 unit: the order of the sum and where the scale
+// multiplies differ), not the same bits. Each output row depends on its own row only, so the
+// results do not depend on the other tokens of the call. q / o_lat 16-byte aligned.
+void mla_absorb_query_tc(const bf16* q, int64_t tokens, const MlaAbsorbDims& dims,
+                         const uint8_t* w_codes, const float* w_scales, bf16* q_lat,
+                         cudaStream_t stream);
+void mla_unabsorb_output_tc(const bf16* o_lat, int64_t tokens, const MlaAbsorbDims& dims,
+                            const uint8_t* w_codes, const float* w_scales, bf16* attn,
+                            cudaStream_t stream);
 void mla_cache_append(const bf16* latent, int64_t ld_latent, const bf16* k_pe, int64_t ld_k_pe,
                       int64_t batch, int64_t queries, int64_t latent_dim, int64_t rope_dim,
                       const int32_t* page_table, int64_t max_pages, int64_t page_tokens,

@@ -102,7 +102,7 @@ class DecoderLayerGpu {
   // pos (MlaBlockGpu::forward_decode's contract), the attention over the layer's latent cache;
   // the FFN / MoE as forward's (the router's expert_load counted: serving-time load for EPLB;
   // no balance loss). batch * queries <= the constructor's batch * seq. reserve_decode first.
-  void reserve_decode(int64_t max_tokens);
+  void reserve_decode(int64_t max_tokens, bool tensor_core_products = false);
   void forward_decode(const bf16* h, const int32_t* pos, int64_t batch, int64_t queries,
                       const MlaLatentCacheView& cache, const kernels::MlaDecodePlan& plan,
                       void* workspace, bf16* out, uint32_t* status, cudaStream_t stream);

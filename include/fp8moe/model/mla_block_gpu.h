@@ -111,8 +111,11 @@ class MlaBlockGpu {
   // cache.seq_lens[b] - queries + i; their latents are appended to the cache, every row attends
   // to its sequence's cached keys (causal among the new tokens) -> out [batch * queries, hidden].
   // No backward. plan / workspace: mla_decode_plan for (batch, queries, the cache's pages).
-  // Needs the FP8 projections (not bf16_projections).
-  void reserve_decode(int64_t max_tokens);
+  // Needs the FP8 projections (not bf16_projections). tensor_core_products: kv_b's per-head
+  // products on tensor cores (kernels::mla_absorb_query_tc / mla_unabsorb_output_tc: 1.2-3.1x
+  // from 64 tokens a call, 0.7-0.9x at 1-8; not the CUDA-core forms' bits) instead of the
+  // CUDA-core forms (the CPU reference's bits).
+  void reserve_decode(int64_t max_tokens, bool tensor_core_products = false);
   void forward_decode(const bf16* x, const int32_t* pos, int64_t batch, int64_t queries,
                       const MlaLatentCacheView& cache, const kernels::MlaDecodePlan& plan,
                       void* workspace, bf16* out, uint32_t* status, cudaStream_t stream);
@@ -150,6 +153,7 @@ class MlaBlockGpu {
   // Decoding (reserve_decode): q_lat [T, H, kvr+dr], o_lat [T, H, kvr], lse [T, H].
   void* decode_buffer_ = nullptr;
   int64_t decode_tokens_ = 0;
+  bool tensor_core_products_ = false;
   bf16 *q_lat_ = nullptr, *o_lat_ = nullptr;
   float* decode_lse_ = nullptr;
   void* attn_ws_ = nullptr;

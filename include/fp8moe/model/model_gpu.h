@@ -127,7 +127,8 @@ class ModelGpu {
   // (seq_lens[b] - queries + i); caches[l] is main layer l's cache (the same page table and
   // lengths for every layer). logits [batch, vocab] BF16: after each sequence's last new token.
   // The MTP modules do not run. Enqueues only: capturable in a CUDA graph.
-  void reserve_decode(int64_t max_tokens);
+  // tensor_core_products: MlaBlockGpu::reserve_decode's (the attention's per-head products).
+  void reserve_decode(int64_t max_tokens, bool tensor_core_products = false);
   // head_rows (>= batch; 0: batch): rows the output head computes (logits' rows past batch are
   // of stale states), so that its GEMM's shape, hence its summation order, need not follow the
   // batch (batch-invariant decoding).

@@ -46,6 +46,12 @@ struct GeneratorOptions {
   // tokens each (the largest within prefill_chunk / prompts that no prompt runs past): bigger
   // GEMMs than one prompt's chunk when prompts are short. 1: one prompt at a time.
   int64_t prefill_batch = 1;
+  // The attention's per-head products (kv_b folded into the query and the output) on tensor
+  // cores: prefill 1.4-1.6x and decoding at batch 64 1.06-1.11x on one H200, but 0.87-0.95x at
+  // batch 1 (docs/results/serve-absorb-slices-2026-11-27-h200.md); the CUDA-core forms (the
+  // default) are the CPU reference's bits. Either way a request's text does not depend on its
+  // batch.
+  bool tensor_core_products = false;
   int64_t page_tokens = 64;
   int64_t num_pages = 0;  // 0: max_batch full contexts
   // Attention key ranges of split_tokens keys (kernels::mla_decode_plan_fixed) and the output head
