@@ -139,6 +139,18 @@ ModelConfig bench_config(const std::string& name, int64_t vocab) {
   return parse_model_config(j, path);
 }
 
+// A generator's options for `max_batch` requests of `prompt` + `fresh` tokens: a context that holds
+// them, prefill passes of prefill_chunk tokens (one prompt by default), --tensor-core-products.
+serve::GeneratorOptions bench_options(const ModelConfig& cfg, int64_t max_batch, int64_t prompt,
+                                      int64_t fresh, int64_t prefill_chunk) {
+  serve::GeneratorOptions o;
+  o.max_batch = max_batch;
+  o.tensor_core_products = tensor_core_products;
+  o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
+  o.prefill_chunk = prefill_chunk;
+  return o;
+}
+
 // The init_parameters_gpu initialisation of serve_bench's generators (random weights).
 std::function<void(ModelGpu&)> random_weights(const ModelConfig& cfg) {
   return [init = cfg.initializer_range](ModelGpu& m) {
@@ -185,11 +197,8 @@ void run_disaggregate(const std::vector<std::string>& configs, const std::vector
     s.max_new_tokens = fresh;
     s.ignore_eos = true;
     for (const int64_t b : bs) {
-      serve::GeneratorOptions o;
-      o.max_batch = b;
-      o.tensor_core_products = tensor_core_products;
-      o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
-      o.prefill_chunk = std::max<int64_t>(std::min<int64_t>(prompt, 512), 64);
+      const serve::GeneratorOptions o = bench_options(
+          cfg, b, prompt, fresh, std::max<int64_t>(std::min<int64_t>(prompt, 512), 64));
       const int64_t n = requests > 0 ? requests : 4 * b;
       const auto p = prompts(n, prompt, cfg.vocab_size, 3000 + b);
       for (int mode = 0; mode < 3; ++mode) {
@@ -258,11 +267,8 @@ void run_arrivals(const std::vector<std::string>& configs, int64_t max_batch,
               "requests", "tokens/s", "ttft p50", "ttft p99", "gap p50", "gap p99", "running");
   for (const std::string& name : configs) {
     const ModelConfig cfg = bench_config(name, vocab);
-    serve::GeneratorOptions o;
-    o.max_batch = max_batch;
-    o.tensor_core_products = tensor_core_products;
-    o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
-    o.prefill_chunk = std::max<int64_t>(std::min<int64_t>(prompt, 512), 64);
+    const serve::GeneratorOptions o = bench_options(
+        cfg, max_batch, prompt, fresh, std::max<int64_t>(std::min<int64_t>(prompt, 512), 64));
     serve::GeneratorGpu gen(cfg, o, random_weights(cfg));
     const int64_t n = requests > 0 ? requests : 256;
     const auto p = prompts(n, prompt, cfg.vocab_size, 4000);
@@ -352,12 +358,11 @@ void run_prefill(const std::vector<std::string>& configs, const std::vector<int6
     };
     std::vector<Run> runs[2];
     for (int form = 0; form < 2; ++form) {
-      serve::GeneratorOptions o;
-      o.max_batch = *std::max_element(bs.begin(), bs.end());
-      o.tensor_core_products = tensor_core_products;
-      o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
-      o.prefill_batch = form == 0 ? 1 : together;
-      o.prefill_chunk = std::max<int64_t>(prompt, 64) * o.prefill_batch;
+      const int64_t prefill_batch = form == 0 ? 1 : together;
+      serve::GeneratorOptions o =
+          bench_options(cfg, *std::max_element(bs.begin(), bs.end()), prompt, fresh,
+                        std::max<int64_t>(prompt, 64) * prefill_batch);
+      o.prefill_batch = prefill_batch;
       serve::GeneratorGpu gen(cfg, o, random_weights(cfg));
       time(gen, std::min<int64_t>(o.max_batch, together));  // warm-up
       for (const int64_t b : bs) runs[form].push_back(time(gen, b));
@@ -402,11 +407,9 @@ void run_eplb(const std::vector<std::string>& configs, const std::vector<int64_t
   const int ranks = static_cast<int>(devices.size());
   for (const std::string& name : configs) {
     const ModelConfig cfg = bench_config(name, vocab);
-    serve::GeneratorOptions o;
-    o.max_batch = *std::max_element(bs.begin(), bs.end());
-    o.tensor_core_products = tensor_core_products;
-    o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
-    o.prefill_chunk = prefill_chunk > 0 ? prefill_chunk : std::max<int64_t>(prompt, 64);
+    const serve::GeneratorOptions o =
+        bench_options(cfg, *std::max_element(bs.begin(), bs.end()), prompt, fresh,
+                      prefill_chunk > 0 ? prefill_chunk : std::max<int64_t>(prompt, 64));
     const auto load = skewed_weights(cfg, skew);
     serve::SamplingOptions s;
     s.max_new_tokens = fresh;
@@ -470,11 +473,8 @@ void run_group(const std::vector<std::string>& configs, const std::vector<int64_
               "e2e x");
   for (const std::string& name : configs) {
     const ModelConfig cfg = bench_config(name, vocab);
-    serve::GeneratorOptions o;
-    o.max_batch = *std::max_element(bs.begin(), bs.end());
-    o.tensor_core_products = tensor_core_products;
-    o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
-    o.prefill_chunk = std::max<int64_t>(prompt, 64);
+    const serve::GeneratorOptions o = bench_options(cfg, *std::max_element(bs.begin(), bs.end()),
+                                                    prompt, fresh, std::max<int64_t>(prompt, 64));
     const auto load = random_weights(cfg);
     serve::SamplingOptions s;
     s.max_new_tokens = fresh;
@@ -621,11 +621,8 @@ int main(int argc, char** argv) {
                 "host-sampled", "x");
     for (const std::string& name : split(configs)) {
       const ModelConfig cfg = bench_config(name, vocab);
-      serve::GeneratorOptions o;
-      o.max_batch = *std::max_element(bs.begin(), bs.end());
-      o.tensor_core_products = tensor_core_products;
-      o.context = std::min<int64_t>(cfg.max_position_embeddings, prompt + fresh + 64);
-      o.prefill_chunk = std::max<int64_t>(prompt, 64);
+      const serve::GeneratorOptions o = bench_options(cfg, *std::max_element(bs.begin(), bs.end()),
+                                                      prompt, fresh, std::max<int64_t>(prompt, 64));
       serve::GeneratorGpu gen(cfg, o, random_weights(cfg));
       serve::SamplingOptions s;
       s.max_new_tokens = fresh;

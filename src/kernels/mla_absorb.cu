@@ -25,15 +25,6 @@ namespace {
 
 constexpr int kCols = 128, kTokenChunk = 32;
 
-// Token slices a grid takes: one chunk of 32 tokens a slice, at most enough for ~4 CTAs an SM
-// of an H100 / H200 (132 SMs) over the other grid dimensions' `ctas`; each slice's CTA restages
-// and dequantises its weights once (128 x 128 codes), ~3 % of a full chunk's FMAs.
-unsigned token_slices(int64_t tokens, int64_t ctas) {
-  const int64_t chunks = (tokens + kTokenChunk - 1) / kTokenChunk;
-  const int64_t want = (4 * 132 + ctas - 1) / ctas;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>({chunks, want, 65535})));
-}
-
 // One 128 x 128 block of kv_b's codes (rows row0.., columns col0..) staged in shared memory by
 // the CTA's 128 threads with coalesced 4-byte loads (one thread a column or a row reading them
 // from global memory one byte at a time left the loads in series: ~65 us a call, session 23's
@@ -159,13 +150,23 @@ void check_ptr(const char* who, const char* name, const void* p) {
 
 }  // namespace
 
+// Token slices a grid takes (mla_absorb.cu's and mla_absorb_tc.cu's): one chunk of 32 tokens a
+// slice, at most enough for ~4 CTAs an SM
+// of an H100 / H200 (132 SMs) over the other grid dimensions' `ctas`; each slice's CTA restages
+// and dequantises its weights once (128 x 128 codes), ~3 % of a full chunk's FMAs.
+unsigned mla_absorb_token_slices(int64_t tokens, int64_t ctas) {
+  const int64_t chunks = (tokens + kTokenChunk - 1) / kTokenChunk;
+  const int64_t want = (4 * 132 + ctas - 1) / ctas;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>({chunks, want, 65535})));
+}
+
 void mla_absorb_query(const bf16* q, int64_t tokens, const MlaAbsorbDims& d, const uint8_t* w_codes,
                       const float* w_scales, bf16* q_lat, cudaStream_t stream) {
   mla_absorb_check_dims("mla_absorb_query", d, tokens);
   if (tokens == 0) return;
   const int64_t ctas = d.latent_dim / kCols * d.heads;
   absorb_kernel<<<dim3(static_cast<unsigned>(d.latent_dim / kCols), static_cast<unsigned>(d.heads),
-                       token_slices(tokens, ctas)),
+                       mla_absorb_token_slices(tokens, ctas)),
                   kCols, 0, stream>>>(q, tokens, d, w_codes, w_scales, q_lat);
   FM_CHECK_CUDA(cudaGetLastError());
 }
@@ -175,8 +176,8 @@ void mla_unabsorb_output(const bf16* o_lat, int64_t tokens, const MlaAbsorbDims&
                          cudaStream_t stream) {
   mla_absorb_check_dims("mla_unabsorb_output", d, tokens);
   if (tokens == 0) return;
-  unabsorb_kernel<<<dim3(static_cast<unsigned>(d.heads), token_slices(tokens, d.heads)), kCols, 0,
-                    stream>>>(o_lat, tokens, d, w_codes, w_scales, attn);
+  unabsorb_kernel<<<dim3(static_cast<unsigned>(d.heads), mla_absorb_token_slices(tokens, d.heads)),
+                    kCols, 0, stream>>>(o_lat, tokens, d, w_codes, w_scales, attn);
   FM_CHECK_CUDA(cudaGetLastError());
 }
 

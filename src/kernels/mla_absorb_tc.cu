@@ -19,6 +19,8 @@
 namespace fp8moe::kernels {
 
 void mla_absorb_check_dims(const char* who, const MlaAbsorbDims& d, int64_t tokens);
+// mla_absorb.cu: the token slices of a grid, 32 tokens a slice (kTileTokens here).
+unsigned mla_absorb_token_slices(int64_t tokens, int64_t ctas);
 
 namespace {
 
@@ -55,12 +57,6 @@ __device__ __forceinline__ void stage_rows(__nv_bfloat16 (*s)[kLd], const bf16* 
       v = *reinterpret_cast<const uint4*>(src + ((t0 + r) * heads + h) * row + col0 + c);
     *reinterpret_cast<uint4*>(&s[r][c]) = v;
   }
-}
-
-unsigned tc_slices(int64_t tokens, int64_t ctas) {
-  const int64_t tiles = (tokens + kTileTokens - 1) / kTileTokens;
-  const int64_t want = (4 * 132 + ctas - 1) / ctas;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>({tiles, want, 65535})));
 }
 
 // Absorb: grid (latent / 128, heads, token slices). out[t, j] = s * sum_d q[t, d] code[d, j].
@@ -190,7 +186,7 @@ void mla_absorb_query_tc(const bf16* q, int64_t tokens, const MlaAbsorbDims& d,
   check_ptr16("mla_absorb_query_tc", "q", q);
   const int64_t ctas = d.latent_dim / 128 * d.heads;
   absorb_tc_kernel<<<dim3(static_cast<unsigned>(d.latent_dim / 128), static_cast<unsigned>(d.heads),
-                          tc_slices(tokens, ctas)),
+                          mla_absorb_token_slices(tokens, ctas)),
                      kThreads, 0, stream>>>(q, tokens, d, w_codes, w_scales, q_lat);
   FM_CHECK_CUDA(cudaGetLastError());
 }
@@ -201,8 +197,9 @@ void mla_unabsorb_output_tc(const bf16* o_lat, int64_t tokens, const MlaAbsorbDi
   mla_absorb_check_dims("mla_unabsorb_output_tc", d, tokens);
   if (tokens == 0) return;
   check_ptr16("mla_unabsorb_output_tc", "o_lat", o_lat);
-  unabsorb_tc_kernel<<<dim3(static_cast<unsigned>(d.heads), tc_slices(tokens, d.heads)), kThreads,
-                       0, stream>>>(o_lat, tokens, d, w_codes, w_scales, attn);
+  unabsorb_tc_kernel<<<dim3(static_cast<unsigned>(d.heads),
+                            mla_absorb_token_slices(tokens, d.heads)),
+                       kThreads, 0, stream>>>(o_lat, tokens, d, w_codes, w_scales, attn);
   FM_CHECK_CUDA(cudaGetLastError());
 }
 
