@@ -40,7 +40,7 @@ struct GpuArgs {
   std::string device = "cpu", prompts_file, expert_placement, expert_load_out;
   int64_t max_batch = 8, prefill_batch = 1, prefill_chunk = 256;
   int redundant_experts = 0;
-  bool stats = false, mtp_draft = false, host_sampling = false;
+  bool stats = false, mtp_draft = false, host_sampling = false, normal_ep_decoding = false;
 };
 
 #ifdef FP8MOE_HAVE_CUDA
@@ -77,6 +77,7 @@ void generate_gpu(const fp8moe::GenerateOptions& g, const GpuArgs& a) {
   o.prefill_chunk = a.prefill_chunk;
   o.context = std::min(g.context, model->config().max_position_embeddings);
   o.mtp_draft = a.mtp_draft;
+  o.low_latency_ep = !a.normal_ep_decoding;
   o.device_sampling = !a.host_sampling;
   fp8moe::serve::GeneratorParallel par = fp8moe::serve::job_parallel(job);
   if (!a.expert_placement.empty())
@@ -153,7 +154,8 @@ void generate_gpu(const fp8moe::GenerateOptions& g, const GpuArgs& a) {
               << (st.decode_s > 0 ? static_cast<double>(st.decode_tokens) / st.decode_s : 0.0)
               << ",\"max_running\":" << st.max_running << ",\"cache_bytes\":" << st.cache_bytes
               << ",\"drafted\":" << st.drafted << ",\"accepted\":" << st.accepted
-              << ",\"idle_steps\":" << st.idle_steps << "}\n";
+              << ",\"idle_steps\":" << st.idle_steps
+              << ",\"low_latency_passes\":" << st.low_latency_passes << "}\n";
 }
 #endif
 
@@ -199,6 +201,9 @@ void setup(CLI::App& app) {
                  "GPU: prompt tokens a prefill pass, over the prompts it fills")
       ->capture_default_str();
   app.add_flag("--stats", a->stats, "GPU: a JSON line of throughput on stderr");
+  app.add_flag("--normal-ep-decoding", a->normal_ep_decoding,
+               "GPU, several ranks: decoding passes exchange MoE tokens over the normal EP kernels "
+               "(default: the low-latency kernels; the same text either way)");
   app.add_flag("--mtp-draft", a->mtp_draft,
                "GPU: speculative decoding with the checkpoint's MTP module as the draft");
   app.add_flag("--host-sampling", a->host_sampling,
@@ -224,9 +229,10 @@ void setup(CLI::App& app) {
     g->cache_form = fp8moe::parse_kv_cache_form(*form);
     if (a->device == "cpu") {
       FM_CHECK_ARG(a->prompts_file.empty() && !a->stats && !a->mtp_draft && !a->host_sampling &&
-                       a->expert_placement.empty() && a->expert_load_out.empty(),
-                   "--prompts-file, --stats, --mtp-draft, --host-sampling, --expert-placement "
-                   "and --expert-load-out need --device gpu");
+                       a->expert_placement.empty() && a->expert_load_out.empty() &&
+                       !a->normal_ep_decoding,
+                   "--prompts-file, --stats, --mtp-draft, --host-sampling, --expert-placement, "
+                   "--expert-load-out and --normal-ep-decoding need --device gpu");
       FM_CHECK_ARG(
           !fp8moe::comm::launched_as_rank() || fp8moe::comm::rank_env().world_size == 1,
           "started as a rank of `fp8moe launch`: only --device gpu generates across ranks");

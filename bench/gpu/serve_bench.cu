@@ -30,6 +30,10 @@
 // evenly, and at 2 to 4 GPUs randomly placed hot experts mostly even out, so the hot ones sit on
 // the first GPUs here): rows give the GPUs' load max / mean without and with the plan (the
 // planned figure from the timed run's own load), prefill and decoding tokens/s of both.
+// With --devices 0,1 --low-latency-ab 1: the group's decoding passes over the low-latency EP
+// kernels (GeneratorOptions::low_latency_ep) against the same group over the normal kernels (the
+// anchor), both groups built side by side and timed in turns (--rounds N, default 3, each batch
+// off then on; medians): decoding tokens/s, step ms, end-to-end tokens/s and the ratio.
 // --prefill-chunk N: prompt tokens a prefill pass (default: the prompt length, one sequence).
 // With --prefill-batch B (one GPU): prompts prefilled B together (GeneratorOptions::prefill_batch,
 // prefill_chunk = B x the prompt) against one at a time (the anchor: prefill_batch 1, a pass one
@@ -41,6 +45,7 @@
 //   |
 //   --disaggregate 0,1 [--requests N] | --arrival-rates 100,200 [--requests N] | --prefill-batch B]
 //   [--tensor-core-products on|off] (GeneratorOptions::tensor_core_products, every generator)
+//   [--low-latency-ab 1 [--rounds N]] (with --devices)
 //   [--out rows.jsonl] [--date D] [--commit C]
 #include <cuda_runtime.h>
 
@@ -516,6 +521,64 @@ void run_group(const std::vector<std::string>& configs, const std::vector<int64_
   }
 }
 
+// --low-latency-ab: the group with low_latency_ep on against the same group with it off.
+void run_low_latency_ab(const std::vector<std::string>& configs, const std::vector<int64_t>& bs,
+                        const std::vector<int>& devices, int64_t prompt, int64_t fresh,
+                        int64_t vocab, int rounds, FILE* f, const std::string& gpu,
+                        const std::string& date, const std::string& commit) {
+  std::printf("%-10s %5s %5s %14s %14s %10s %10s %12s %12s %8s %8s\n", "config", "ranks", "batch",
+              "LL decode", "normal decode", "LL step", "step ms", "LL e2e", "normal e2e", "ratio",
+              "e2e x");
+  const auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  for (const std::string& name : configs) {
+    const ModelConfig cfg = bench_config(name, vocab);
+    serve::GeneratorOptions o = bench_options(cfg, *std::max_element(bs.begin(), bs.end()), prompt,
+                                              fresh, std::max<int64_t>(prompt, 64));
+    const auto load = random_weights(cfg);
+    serve::SamplingOptions s;
+    s.max_new_tokens = fresh;
+    s.ignore_eos = true;
+    o.low_latency_ep = false;
+    serve::GeneratorGroup normal(cfg, o, devices, load);
+    o.low_latency_ep = true;
+    serve::GeneratorGroup ll(cfg, o, devices, load);
+    time_group(&normal, nullptr, 1, prompt, s, cfg.vocab_size);  // warm-up
+    time_group(&ll, nullptr, 1, prompt, s, cfg.vocab_size);
+    for (const int64_t b : bs) {
+      std::vector<double> dec[2], step[2], e2e[2];
+      for (int round = 0; round < rounds; ++round)
+        for (int on = 0; on < 2; ++on) {
+          const Rates r = time_group(on ? &ll : &normal, nullptr, b, prompt, s, cfg.vocab_size);
+          dec[on].push_back(r.decode);
+          step[on].push_back(r.step_ms);
+          e2e[on].push_back(r.end_to_end);
+        }
+      const double d0 = median(dec[0]), d1 = median(dec[1]), s0 = median(step[0]),
+                   s1 = median(step[1]), e0 = median(e2e[0]), e1 = median(e2e[1]);
+      std::printf("%-10s %5d %5lld %14.0f %14.0f %10.3f %10.3f %12.0f %12.0f %7.3fx %7.3fx\n",
+                  name.c_str(), ll.ranks(), static_cast<long long>(b), d1, d0, s1, s0, e1, e0,
+                  d1 / d0, e1 / e0);
+      for (int on = 1; on >= 0 && f != nullptr; --on)
+        std::fprintf(f,
+                     "{\"bench\":\"serve_low_latency_ep\",\"gpu\":\"%s\",\"gpus\":%d,\"ranks\":%d,"
+                     "\"date\":\"%s\",\"commit\":\"%s\",\"impl\":\"%s\",\"config\":\"%s\","
+                     "\"batch_per_rank\":%lld,\"prompt\":%lld,\"new_tokens\":%lld,\"rounds\":%d,"
+                     "\"decode_tokens_per_s\":%.1f,\"end_to_end_tokens_per_s\":%.1f,\"us\":%.1f,"
+                     "\"ratio_vs_normal_ep\":%.4f}\n",
+                     gpu.c_str(),
+                     static_cast<int>(std::set<int>(devices.begin(), devices.end()).size()),
+                     ll.ranks(), date.c_str(), commit.c_str(),
+                     on ? "fp8moe_low_latency_ep" : "fp8moe_normal_ep", name.c_str(),
+                     static_cast<long long>(b), static_cast<long long>(prompt),
+                     static_cast<long long>(fresh), rounds, on ? d1 : d0, on ? e1 : e0,
+                     1e3 * (on ? s1 : s0), on ? d1 / d0 : 1.0);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -523,7 +586,7 @@ int main(int argc, char** argv) {
               commit = "unknown", device_list, disaggregate, arrival_rates;
   int64_t prompt = 128, fresh = 64, vocab = 0, requests = 0;
   int64_t prefill_chunk = 0, prefill_batch = 0;
-  int redundant = -1;
+  int redundant = -1, low_latency_ab = 0, rounds = 3;
   float skew = 0.0f;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -564,6 +627,10 @@ int main(int argc, char** argv) {
       prefill_batch = std::atoll(v.c_str());
     else if (a == "--prefill-chunk")
       prefill_chunk = std::atoll(v.c_str());
+    else if (a == "--low-latency-ab")
+      low_latency_ab = std::atoi(v.c_str());
+    else if (a == "--rounds")
+      rounds = std::max(1, std::atoi(v.c_str()));
     else if (a == "--skew")
       skew = static_cast<float>(std::atof(v.c_str()));
     else {
@@ -608,6 +675,12 @@ int main(int argc, char** argv) {
     if (group.size() >= 2 && redundant >= 0) {
       run_eplb(split(configs), bs, group, prompt, fresh, vocab, redundant, skew, prefill_chunk, f,
                prop.name, date, commit);
+      if (f != nullptr) std::fclose(f);
+      return 0;
+    }
+    if (group.size() >= 2 && low_latency_ab > 0) {
+      run_low_latency_ab(split(configs), bs, group, prompt, fresh, vocab, rounds, f, prop.name,
+                         date, commit);
       if (f != nullptr) std::fclose(f);
       return 0;
     }

@@ -7,6 +7,7 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -160,6 +161,10 @@ MoeLayerGpu::MoeLayerGpu(DeviceEpRank& ep, const ExpertWeightsGpu& routed,
   const std::string who = "MoeLayerGpu rank " + std::to_string(ep.rank());
   validate_moe_layer(cfg, {routed.groups, routed.hidden, routed.inter},
                      {shared.groups, shared.hidden, shared.inter}, who.c_str());
+  FM_CHECK_ARG(!(cfg.masked_capacity > 0 && options.backward), who,
+               ": MoeLayerOptions::backward runs on the grouped layout; the config is masked "
+               "(masked_capacity=",
+               cfg.masked_capacity, ")");
   FM_CHECK_ARG(routed.w13 != nullptr && routed.s13 != nullptr && routed.w2 != nullptr &&
                    routed.s2 != nullptr,
                who, ": null routed weight pointers");
@@ -177,28 +182,44 @@ MoeLayerGpu::MoeLayerGpu(DeviceEpRank& ep, const ExpertWeightsGpu& routed,
                  ": MoeLayerOptions::backward needs the shared weights uploaded with_transposed");
   }
   const DeviceRecvView view = ep.view();
+  masked_ = cfg.masked_capacity > 0;
   gathered_ = view.row_record != nullptr;
+  FM_CHECK_ARG(!(masked_ && gathered_), who,
+               ": the masked layout needs the received rows placed in it (the low-latency "
+               "kernels, or DeviceEpOptions::expand_payload on); this EP rank leaves them in its "
+               "records");
   FM_CHECK_ARG(gathered_ || view.x != nullptr, who,
-               ": the EP rank provides neither records nor "
-               "expanded rows");
+               ": the EP rank provides neither records nor expanded rows");
   device_ = ep.device();
   hidden_ = cfg.hidden;
   bound_ = cfg.row_bound();
   max_tokens_ = cfg.max_tokens_per_rank;
   shared_rows_ = (max_tokens_ + 127) / 128 * 128;
-  FM_CHECK_ARG(bound_ % 128 == 0, who, ": row bound ", bound_, " is not a multiple of 128");
+  if (masked_) {
+    const bool fits = cfg.masked_capacity % 128 == 0;
+    FM_CHECK_ARG(fits || options.masked_experts != MaskedExperts::kContiguousGemm, who,
+                 ": MaskedExperts::kContiguousGemm needs masked_capacity a multiple of 128, it is ",
+                 cfg.masked_capacity);
+    masked_contiguous_ = options.masked_experts == MaskedExperts::kContiguousGemm;
+  }
+  FM_CHECK_ARG(masked_ || bound_ % 128 == 0, who, ": row bound ", bound_,
+               " is not a multiple of 128");
+  // The masked GEMMs' A scales: [L][H/128][pad(capacity)].
+  const int64_t routed_rows =
+      masked_gemms() ? std::max(bound_, cfg.experts_per_rank() * padded_rows(cfg.masked_capacity))
+                     : bound_;
 
   DeviceGuard guard(device_);
   ExpertFfnOptions ffn;
   ffn.pow2_scales = options.pow2_scales;
   ffn.backward = options.backward;
-  routed_ffn_ = std::make_unique<ExpertFfnGpu>(bound_, hidden_, routed.inter, ffn);
+  routed_ffn_ = std::make_unique<ExpertFfnGpu>(routed_rows, hidden_, routed.inter, ffn);
   if (shared_rows_ > 0)
     shared_ffn_ = std::make_unique<ExpertFfnGpu>(shared_rows_, hidden_, shared.inter, ffn);
 
   const int64_t H = hidden_, KB = H / 128, S = shared_rows_;
-  const int64_t sizes[] = {KB * padded_rows(bound_) * 4, bound_ * H * 2, S * H,    S * KB * 4,
-                           KB * padded_rows(S) * 4,      S * 4,          S * H * 2};
+  const int64_t sizes[] = {KB * padded_rows(routed_rows) * 4, bound_ * H * 2, S * H,    S * KB * 4,
+                           KB * padded_rows(S) * 4,           S * 4,          S * H * 2};
   int64_t total = 0;
   for (int64_t s : sizes) total += align256(s);
   FM_CHECK_CUDA(cudaMalloc(&buffer_, total));
@@ -291,8 +312,19 @@ void MoeLayerGpu::experts(cudaStream_t stream) {
   DeviceGuard guard(device_);
   const int64_t H = hidden_, KB = H / 128;
   const DeviceRecvView v = ep_.view();
-  // Routed experts on the received rows, m_indices as the grouped layout.
-  if (gathered_) {
+  // Routed experts on the received rows: the masked layout's groups (expert_counts as masked_m),
+  // or m_indices as the grouped layout (the masked layout's too, MaskedExperts::kContiguousGemm).
+  if (masked_gemms()) {
+    const EpConfig& c = ep_.config();
+    const int64_t L = c.experts_per_rank(), cap = c.masked_capacity;
+    // The GEMMs' tile choice for the rows an expert holds when every rank sends as many tokens
+    // as this one, spread evenly (the capacity is the worst case: all on one expert).
+    const int64_t expected = std::clamp<int64_t>(
+        (c.num_ranks * tokens_ * c.top_k + c.num_experts - 1) / c.num_experts, 1, cap);
+    kernels::scales_to_mn_major(v.x_scales, L, cap, KB, routed_sa_, stream);
+    routed_ffn_->forward_masked(static_cast<const uint8_t*>(v.x), routed_sa_, v.expert_counts, cap,
+                                routed_, expert_rows_, stream, nullptr, expected);
+  } else if (gathered_) {
     // NOTE: each record holds its H/128 scales after its H codes.
     kernels::gather_scales_to_mn_major(reinterpret_cast<const float*>(v.records + H),
                                        v.record_stride / 4, v.row_record, bound_, KB, routed_sa_,

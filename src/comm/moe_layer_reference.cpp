@@ -16,8 +16,6 @@ void validate_moe_layer(const EpConfig& cfg, const FfnDims& routed, const FfnDim
   validate(cfg);
   FM_CHECK_ARG(cfg.payload == Payload::kFP8, who, ": the layer needs the FP8 payload, config has ",
                payload_name(cfg.payload));
-  FM_CHECK_ARG(cfg.masked_capacity == 0, who, ": the layer runs the grouped layout, config has ",
-               "masked_capacity=", cfg.masked_capacity);
   FM_CHECK_ARG(routed.groups == cfg.experts_per_rank(), who, ": routed weights hold ",
                routed.groups, " experts, the rank owns experts_per_rank=", cfg.experts_per_rank());
   FM_CHECK_ARG(routed.hidden == cfg.hidden, who, ": routed weights have hidden=", routed.hidden,
@@ -56,7 +54,7 @@ MoeLayerReference moe_layer_reference(const EpConfig& cfg, const std::vector<Tok
   const int64_t H = cfg.hidden, KB = H / 128, bound = cfg.row_bound();
   MoeLayerReference out;
 
-  // 1. Routed: dispatch, each rank's local experts on its grouped rows, combine.
+  // 1. Routed: dispatch, each rank's local experts on its grouped (or masked) rows, combine.
   out.dispatched = dispatch_reference(cfg, batches);
   out.expert_rows.resize(R);
   std::vector<const uint16_t*> rows(R);
@@ -129,6 +127,9 @@ void check_ranks(const EpConfig& cfg, const std::vector<TokenBatch>& batches,
     const std::string w = std::string(who) + " rank " + std::to_string(r);
     validate_moe_layer(cfg, {routed[r]->groups, routed[r]->hidden, routed[r]->inter},
                        {shared[r]->groups, shared[r]->hidden, shared[r]->inter}, w.c_str());
+    FM_CHECK_ARG(
+        cfg.masked_capacity == 0, who,
+        ": the backward runs the grouped layout, config has masked_capacity=", cfg.masked_capacity);
     FM_CHECK_ARG(!fwd.dispatched[r].grouped.overflow, who, ": rank ", r,
                  " overflowed its row bound");
     FM_CHECK_ARG(fwd.dispatched[r].handle.tokens == batches[r].tokens, who, ": rank ", r,

@@ -71,6 +71,12 @@ inline constexpr int kModeGroupedRows = 2;
 // GatherSource instead of a TMA map); the math is the plain kernel's. 128-row tiles, 128 or 256
 // wide, at least 3 stages. (16: gemm16's stage-wait variants, not landed, used 4 and 8.)
 inline constexpr int kModeGatherA = 16;
+// kModeMaskedCursor (the masked form's plain tiles up to 128x128): the producer and the math
+// warpgroups look their tiles up from a cursor carried along their increasing tile numbers
+// (MaskedCursor) instead of walking every group's row count from group 0 for each tile — a
+// decoding step of 128 experts a rank made that walk thousands of cycles a tile. Its own
+// instantiations, so that the other forms' kernels keep their code.
+inline constexpr int kModeMaskedCursor = 32;
 
 struct Tile {
   int group, m_base, n_base;
@@ -111,22 +117,36 @@ __device__ __forceinline__ int first_k_block_of_group(const GemmParams& p, int g
 // kTail: the tail-split kernels; the others do not carry the tail mapping (it cost the unsplit
 // 128x128 kernel 4 bytes of spill). kKLayout: the weight-gradient kernels, which alone may take
 // the k-grouped form's device layout (the other kernels keep their code).
+// Masked form: where a CTA's previous tile lay (its group and the tiles of the groups before it),
+// so that a walk over increasing tile numbers resumes there instead of at group 0 (a decoding
+// step of 128 experts a rank made each lookup a chain of dependent loads over every group).
+struct MaskedCursor {
+  int group = 0, tiles_before = 0;
+};
+
 template <int kBlockM, int kBlockN, bool kTail = false, bool kKLayout = false>
-__device__ __forceinline__ bool get_tile(const GemmParams& p, int t, Tile& tile, bool& skip) {
+__device__ __forceinline__ bool get_tile(const GemmParams& p, int t, Tile& tile, bool& skip,
+                                         MaskedCursor* cursor = nullptr) {
   const int tiles_n = (p.n + kBlockN - 1) / kBlockN;
   const int kb_total = p.k / 128;
   skip = false;
   int mb, nb;
   if (p.form == Form::kMasked) {
-    for (int g = 0; g < p.num_groups; ++g) {
+    // NOTE: a cursor is only ever moved forward: callers pass increasing t.
+    int g = cursor != nullptr ? cursor->group : 0;
+    int before = cursor != nullptr ? cursor->tiles_before : 0;
+    t -= before;
+    for (; g < p.num_groups; ++g) {
       const int mg = __ldg(p.masked_m + g);
       const int count = (mg + kBlockM - 1) / kBlockM * tiles_n;
       if (t < count) {
         rasterise(t, (mg + kBlockM - 1) / kBlockM, tiles_n, mb, nb);
         tile = Tile{g, mb * kBlockM, nb * kBlockN, 0, kb_total, mg};
+        if (cursor != nullptr) *cursor = MaskedCursor{g, before};
         return true;
       }
       t -= count;
+      before += count;
     }
     return false;
   }
@@ -368,7 +388,10 @@ __device__ __forceinline__ void produce(const GemmParams& p,
          advance_wide(c, step, narrow))
       if (!skip) load_tile(tile);
   } else {
-    for (int t = first; get_tile<kBlockM, kBlockN, kTail, kWgrad>(p, t, tile, skip); t += step) {
+    MaskedCursor cursor;
+    MaskedCursor* const cur = (kMode & kModeMaskedCursor) != 0 ? &cursor : nullptr;
+    for (int t = first; get_tile<kBlockM, kBlockN, kTail, kWgrad>(p, t, tile, skip, cur);
+         t += step) {
       if (skip) continue;
       const bool per_group_a = p.form == Form::kMasked;
       const bool per_group_b = p.form == Form::kContiguous || p.form == Form::kMasked;
@@ -902,7 +925,9 @@ __device__ __forceinline__ void compute(const GemmParams& p,
          i += static_cast<int64_t>(gridDim.x) * kThreads * 32)
       prefetch_l2(p.sb + i);
   }
-  for (int t = first; get_tile<kBlockM, kBlockN, kTail, kWgrad>(p, t, tile, skip); t += step) {
+  MaskedCursor cursor;
+  MaskedCursor* const cur = (kMode & kModeMaskedCursor) != 0 ? &cursor : nullptr;
+  for (int t = first; get_tile<kBlockM, kBlockN, kTail, kWgrad>(p, t, tile, skip, cur); t += step) {
     if (skip) continue;
 #pragma unroll
     for (int i = 0; i < kRegs; ++i) acc[i] = 0.0f;
@@ -1473,6 +1498,8 @@ __global__ void __launch_bounds__(128 * (math_warpgroups(kBlockM) + 1), 1)
   static_assert(kMode != kModeGatherA ||
                     (kBlockM == 128 && (kBlockN == 128 || kBlockN == 256) && !kWgrad && !kSplitK),
                 "kModeGatherA: the gathered contiguous kernels, 128x128 and 128x256");
+  static_assert(kMode != kModeMaskedCursor || !kSplitK,
+                "kModeMaskedCursor: the masked form's plain kernels up to 128x128");
   constexpr int kNumMathThreads = math_warpgroups(kBlockM) * 128;
   extern __shared__ __align__(1024) uint8_t smem[];
   using Layout = SmemLayout<kBlockM, kBlockN, kWgrad>;

@@ -79,6 +79,21 @@ void dispatch_1d2d(const LaunchMaps& maps, const GemmParams& p, const GemmTileCo
                c.block_m, "x", c.block_n);
     return;
   }
+  // The masked form's plain tiles up to 128x128 walk their tiles with a cursor
+  // (sm90::kModeMaskedCursor).
+  if (p.form == Form::kMasked && c.block_n <= 128 && c.block_m <= 128) {
+    constexpr int kCursor = sm90::kModeMaskedCursor;
+    if (c.block_m == 128 && c.block_n == 128)
+      sm90::launch_gemm<128, 128, false, false, false, kCursor>(maps, p, c, max_tiles, stream);
+    else if (c.block_m == 64 && c.block_n == 128)
+      sm90::launch_gemm<64, 128, false, false, false, kCursor>(maps, p, c, max_tiles, stream);
+    else if (c.block_m == 64 && c.block_n == 64)
+      sm90::launch_gemm<64, 64, false, false, false, kCursor>(maps, p, c, max_tiles, stream);
+    else
+      FM_THROW(ErrorKind::kInvalidArgument, "fp8_gemm_nt_grouped_masked: tile ", c.block_m, "x",
+               c.block_n, " not compiled");
+    return;
+  }
   if (c.block_m == 256 && c.block_n == 128 && p.form == Form::kDense)
     sm90::launch_gemm<256, 128, false>(maps, p, c, max_tiles, stream);
   else if (c.block_m == 256 && c.block_n == 128)
@@ -283,8 +298,12 @@ void fp8_gemm_nt_grouped_contiguous(const uint8_t* a, const float* sa, const uin
 void fp8_gemm_nt_grouped_masked(const uint8_t* a, const float* sa, const uint8_t* b,
                                 const float* sb, bf16* d, const int32_t* masked_m,
                                 int64_t num_groups, int64_t max_m, int64_t n, int64_t k,
-                                cudaStream_t stream, const GemmTileConfig* force) {
+                                cudaStream_t stream, const GemmTileConfig* force,
+                                int64_t expected_m) {
   sm90::check_common_shape("fp8_gemm_nt_grouped_masked", max_m, n, k);
+  FM_CHECK_ARG(expected_m >= 0 && expected_m <= max_m,
+               "fp8_gemm_nt_grouped_masked: expected_m=", expected_m, " outside [0, max_m=", max_m,
+               "]");
   FM_CHECK_ARG(num_groups >= 1 && num_groups * max_m < (int64_t{1} << 31) &&
                    num_groups * n < (int64_t{1} << 31),
                "fp8_gemm_nt_grouped_masked: bad group count ", num_groups, " (max_m=", max_m,
@@ -292,8 +311,9 @@ void fp8_gemm_nt_grouped_masked(const uint8_t* a, const float* sa, const uint8_t
   if (max_m == 0) return;
   check_pointers(a, sa, b, sb, d);
   sm90::check_aligned(masked_m, "masked_m", 4);
-  GemmTileConfig c =
-      sm90::resolve_config(GemmShape{GemmKind::kGroupedMasked, max_m, n, k, num_groups}, force);
+  GemmTileConfig c = sm90::resolve_config(
+      GemmShape{GemmKind::kGroupedMasked, expected_m > 0 ? expected_m : max_m, n, k, num_groups},
+      force);
   c.cluster = 1;
   GemmParams p{};
   p.form = Form::kMasked;

@@ -119,6 +119,7 @@ struct ModelGpu::Impl {
   std::unique_ptr<RopeTableGpu> rope;
   std::vector<std::unique_ptr<DecoderLayerGpu>> layers;    // main, then the MTP blocks
   std::vector<DecoderLayerGpu*> moe_layers;                // expert_load's order
+  bool low_latency_ep = false;                             // reserve_low_latency_ep ran
   std::vector<std::unique_ptr<LinearWeightsDevice>> eh_w;  // per depth
   std::vector<std::unique_ptr<LinearFp8Gpu>> eh;           // per depth
   std::vector<std::unique_ptr<LinearBf16Gpu>> heads;       // main, then per depth
@@ -683,6 +684,25 @@ void ModelGpu::reserve_decode(int64_t max_tokens, bool tensor_core_products) {
     layer->reserve_decode(max_tokens, tensor_core_products);
 }
 
+void ModelGpu::reserve_low_latency_ep(int64_t max_tokens) {
+  Impl& m = *impl_;
+  FM_CHECK_ARG(!m.low_latency_ep, "ModelGpu::reserve_low_latency_ep: reserved already");
+  const int blocks = static_cast<int>(m.moe_layers.size());
+  for (int block = 0; block < blocks; ++block) {
+    EpRankMaker make_ep;
+    if (m.par.world > 1)
+      make_ep = [&m, blocks, block](const comm::EpConfig& cfg) {
+        return m.par.make_ep_rank(blocks + block, cfg);
+      };
+    m.moe_layers[static_cast<size_t>(block)]->reserve_low_latency_ep(max_tokens, make_ep);
+  }
+  m.low_latency_ep = true;
+}
+
+bool ModelGpu::has_low_latency_ep() const {
+  return impl_->low_latency_ep;
+}
+
 const bf16* ModelGpu::decode_hidden() const {
   return impl_->h_layer(impl_->layers_n);
 }
@@ -694,8 +714,10 @@ int ModelGpu::mtp_depth() const {
 void ModelGpu::decode_mtp(int depth, const bf16* h_prev, const int32_t* ids, const int32_t* pos,
                           int64_t batch, int64_t queries, const MlaLatentCacheView& cache,
                           const kernels::MlaDecodePlan& plan, void* workspace, bf16* logits,
-                          cudaStream_t stream, int64_t head_rows) {
+                          cudaStream_t stream, int64_t head_rows, bool low_latency_ep) {
   Impl& m = *impl_;
+  FM_CHECK_ARG(!low_latency_ep || m.low_latency_ep,
+               "ModelGpu::decode_mtp: low_latency_ep without reserve_low_latency_ep");
   const int64_t T = batch * queries, H = m.H;
   FM_CHECK_ARG(depth >= 0 && depth < m.depth, "ModelGpu::decode_mtp: depth ", depth,
                " outside [0, ", m.depth, ")");
@@ -717,7 +739,7 @@ void ModelGpu::decode_mtp(int depth, const bf16* h_prev, const int32_t* ids, con
                            stream);
   m.eh[depth]->forward(a.cat, T, m.eh_w[depth]->view(), a.hp, stream);
   m.layers[m.layers_n + depth]->forward_decode(a.hp, pos, batch, queries, cache, plan, workspace,
-                                               a.hk, m.status, stream);
+                                               a.hk, m.status, stream, low_latency_ep);
   kernels::rmsnorm_forward(a.hk, H, p.shared_norm->value, T, H, eps, a.fk, H, a.rstd_f, stream);
   m.heads[1 + depth]->forward(a.fk, head_rows, logits, stream);
 }
@@ -731,8 +753,10 @@ const MlaBlockGpu& ModelGpu::attention(int64_t layer) const {
 void ModelGpu::decode(const int32_t* ids, const int32_t* pos, int64_t batch, int64_t queries,
                       const std::vector<MlaLatentCacheView>& caches,
                       const kernels::MlaDecodePlan& plan, void* workspace, bf16* logits,
-                      cudaStream_t stream, int64_t head_rows, bool every_row) {
+                      cudaStream_t stream, int64_t head_rows, bool every_row, bool low_latency_ep) {
   Impl& m = *impl_;
+  FM_CHECK_ARG(!low_latency_ep || m.low_latency_ep,
+               "ModelGpu::decode: low_latency_ep without reserve_low_latency_ep");
   const int64_t T = batch * queries, H = m.H, L = m.layers_n;
   FM_CHECK_ARG(ids != nullptr && pos != nullptr && logits != nullptr,
                "ModelGpu::decode: null ids, pos or logits");
@@ -747,7 +771,7 @@ void ModelGpu::decode(const int32_t* ids, const int32_t* pos, int64_t batch, int
   embedding_forward_gpu(m.embed->value, m.V, H, ids, T, m.h_layer(0), H, m.status, stream);
   for (int64_t l = 0; l < L; ++l)
     m.layers[l]->forward_decode(m.h_layer(l), pos, batch, queries, caches[l], plan, workspace,
-                                m.h_layer(l + 1), m.status, stream);
+                                m.h_layer(l + 1), m.status, stream, low_latency_ep);
   if (every_row) {
     kernels::rmsnorm_forward(m.h_layer(L), H, m.final_norm->value, T, H, m.config.rms_norm_eps,
                              m.hn, H, m.rstd_main, stream);

@@ -277,9 +277,11 @@ void ExpertFfnGpu::forward_gathered(kernels::GatheredRows x, const float* sa,
 
 void ExpertFfnGpu::forward_masked(const uint8_t* x, const float* sa, const int32_t* masked_m,
                                   int64_t max_m, const ExpertWeightsGpu& w, bf16* y,
-                                  cudaStream_t stream, const float* row_scale) {
+                                  cudaStream_t stream, const float* row_scale, int64_t expected_m) {
   constexpr const char* kWhat = "ExpertFfnGpu::forward_masked";
   FM_CHECK_ARG(max_m >= 0 && max_m < (int64_t{1} << 31), kWhat, ": max_m=", max_m);
+  FM_CHECK_ARG(expected_m >= 0 && expected_m <= max_m, kWhat, ": expected_m=", expected_m,
+               " outside [0, max_m=", max_m, "]");
   const int64_t G = w.groups;
   // NOTE: the h scales are [G][I/128][pad(max_m)]: G * pad(max_m) rows of workspace.
   FM_CHECK_ARG(G >= 1 && G * padded_rows(max_m) <= max_rows_, kWhat, ": ", G,
@@ -290,7 +292,7 @@ void ExpertFfnGpu::forward_masked(const uint8_t* x, const float* sa, const int32
   if (max_m == 0) return;
   const int64_t rows = G * max_m;
   kernels::fp8_gemm_nt_grouped_masked(x, sa, w.w13, w.s13, gate_up_, masked_m, G, max_m, 2 * inter_,
-                                      hidden_, stream);
+                                      hidden_, stream, nullptr, expected_m);
   kernels::SwigluRows which;
   which.masked_m = masked_m;
   which.group_rows = max_m;
@@ -298,7 +300,7 @@ void ExpertFfnGpu::forward_masked(const uint8_t* x, const float* sa, const int32
                                  options_.pow2_scales, h_codes_, inter_, h_scales_,
                                  kernels::ScaleLayout::kMnMajor, stream);
   kernels::fp8_gemm_nt_grouped_masked(h_codes_, h_scales_, w.w2, w.s2, y, masked_m, G, max_m,
-                                      hidden_, inter_, stream);
+                                      hidden_, inter_, stream, nullptr, expected_m);
 }
 
 void ExpertFfnGpu::backward_contiguous(const uint8_t* x, const float* sa, const bf16* gate_up,

@@ -72,11 +72,15 @@ struct GeneratorGpu::Impl {
   size_t ws_bytes = 0;
   // Decoding steps by kind (plain, verify, draft) and batch size: how many ran, and the graph
   // made on the second.
-  static constexpr int kKinds = 3;
+  // (Twice: over the normal EP kernels, then over the low-latency ones.)
+  static constexpr int kKinds = 6;
   std::vector<int> decode_runs[kKinds];
   std::vector<cudaGraphExec_t> graphs[kKinds];
   std::vector<MlaLatentCacheView> views;  // the last prepare_step's
   int idle_seq = -1;  // world > 1: the dummy sequence of idle passes (its first positions)
+  // world > 1: the MoE layers hold low-latency endpoints (GeneratorOptions::low_latency_ep), and
+  // the running lockstep pass takes them (no rank prefills in it).
+  bool low_latency_ready = false, low_latency_pass = false;
   // Sampling on the device (GeneratorOptions::device_sampling): per-row parameters and row
   // indices up, tokens (and a verify's kept flags and bonus tokens) back; d_q holds each drafting
   // request's draft distribution row in its slot (max_batch slots).
@@ -141,18 +145,19 @@ struct GeneratorGpu::Impl {
     // shape (hence its summation order) follows neither the batch nor the pass.
     const int64_t rows = every_row || pass == Pass::kDraft ? T : batch;
     const int64_t head_rows = std::max(rows, 2 * o.max_batch);
+    const bool ll = low_latency_pass;
     const auto go = [&] {
       if (pass == Pass::kMain)
         model->decode(d_ids, d_pos, batch, queries, {views.begin(), views.begin() + L}, plan, ws,
-                      d_logits, stream, head_rows, every_row);
+                      d_logits, stream, head_rows, every_row, ll);
       else
         model->decode_mtp(0, model->decode_hidden(), d_ids, d_pos, batch, queries, views[L], plan,
-                          ws, d_logits, stream, head_rows);
+                          ws, d_logits, stream, head_rows, ll);
     };
     // Every pointer a decoding step reads is fixed (cache pages, tables, ids, the main states,
     // the workspace sized at construction), so a graph replays any later step of the same kind
     // and batch size: plain (1 new token a sequence), verify (2, every row's logits), draft.
-    const int kind = pass == Pass::kDraft ? 2 : every_row ? 1 : 0;
+    const int kind = (pass == Pass::kDraft ? 2 : every_row ? 1 : 0) + (ll ? 3 : 0);
     const bool decoding = pass == Pass::kDraft ? queries == 2 : queries == (every_row ? 2 : 1);
     if (decoding && o.cuda_graphs && ++decode_runs[kind][batch] >= 2) {
       cudaGraphExec_t& exec = graphs[kind][batch];
@@ -633,11 +638,11 @@ struct GeneratorGpu::Impl {
         req.push_back(std::move(q));
       }
     };
+    // A rank's vote on going on: 0 idle, 1 busy, kPrefillVote prefilling in this pass (so that
+    // the sum also says whether any rank prefills: then the pass runs the normal EP kernels).
+    constexpr int64_t kPrefillVote = int64_t{1} << 16;
     for (;;) {
       take_arrivals();
-      const bool busy = !filling.empty() || !waiting.empty() || !running.empty() ||
-                        pending.has_value() || source_open || arrivals_open;
-      if (!(lockstep ? m.par.all_sum(busy ? 1 : 0) > 0 : busy)) break;
       // Admit waiting prompts while there is room (prefill_batch prompts fill together): the
       // pages of every filling prompt's whole prompt are counted as taken.
       int64_t reserved = 0;
@@ -665,6 +670,13 @@ struct GeneratorGpu::Impl {
           m.free_slots.pop_back();
         }
       }
+      const bool busy = !filling.empty() || !waiting.empty() || !running.empty() ||
+                        pending.has_value() || source_open || arrivals_open;
+      const int64_t vote = busy ? (filling.empty() ? 1 : kPrefillVote) : 0;
+      const int64_t votes = lockstep ? m.par.all_sum(vote) : vote;
+      if (votes == 0) break;
+      m.low_latency_pass = m.low_latency_ready && votes < kPrefillVote;
+      st.low_latency_passes += m.low_latency_pass ? 1 : 0;
       // Handed-off requests join between decoding steps, as many as fit.
       while (static_cast<int64_t>(running.size()) < m.o.max_batch && admit_handoff()) {
       }
@@ -732,6 +744,10 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
   FM_CHECK_CUDA(cudaDeviceSynchronize());
   m.model->refresh(nullptr);
   m.model->reserve_decode(m.step_tokens, o.tensor_core_products);
+  if (par.model.world > 1 && o.low_latency_ep && 2 * o.max_batch <= 1024) {
+    m.model->reserve_low_latency_ep(2 * o.max_batch);
+    m.low_latency_ready = true;
+  }
   PagedCacheOptions co;
   co.page_tokens = o.page_tokens;
   co.max_pages_per_seq = (o.context + o.page_tokens - 1) / o.page_tokens;

@@ -290,6 +290,143 @@ TEST(MoeLayerApi, ForwardReplaysInACudaGraph) {
   }
 }
 
+// The masked layout (EpConfig::masked_capacity, low-latency kernels: the decoding path) against
+// the grouped layer on the same weights and tokens, and against the CPU reference of the masked
+// config: the same checks as above, plus y equal to the grouped layer's bit for bit (the same
+// quantisation, the same per-row GEMM sums, the same combine order), then the masked forward
+// replayed as a CUDA graph (2 GPUs).
+TEST(MoeLayerApi, MaskedLowLatencyLayerMatchesCpuAndTheGroupedLayer) {
+  const EpConfig cfg = api_config();
+  EpConfig masked = cfg;
+  masked.masked_capacity = cfg.num_ranks * cfg.max_tokens_per_rank;  // no expert can overflow
+  const std::vector<int> devices = two_ranks();
+  const uint64_t seed = testing::fresh_seed();
+  Harness hg(cfg, devices, seed), hm(masked, devices, seed);
+  ASSERT_TRUE(hm.layer(0, false).masked() && hm.layer(0, true).masked());
+  const int R = cfg.num_ranks;
+  const int64_t H = cfg.hidden, cap = masked.masked_capacity;
+  const std::vector<std::pair<std::vector<int64_t>, testing::Routing>> rounds = {
+      {{200, 57}, testing::Routing::kRandom},
+      {{0, 128}, testing::Routing::kSkewed},
+      {{64, 1}, testing::Routing::kHoles}};
+  for (size_t round = 0; round < rounds.size(); ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    hg.set_inputs(rounds[round].first, rounds[round].second, seed + 1 + round);
+    hm.set_inputs(rounds[round].first, rounds[round].second, seed + 1 + round);
+    std::vector<TokenBatch> batches;
+    std::vector<const ExpertWeightsHost*> routed, shared;
+    for (int r = 0; r < R; ++r) {
+      batches.push_back(hm.in[r].batch());
+      routed.push_back(&hm.rk[r].routed_host);
+      shared.push_back(&hm.rk[r].shared_host);
+    }
+    const MoeLayerReference ref = moe_layer_reference(masked, batches, routed, shared, false, 8);
+    hg.run(false);
+    hm.run(false);
+    // The masked layer's y against its own pieces and the reference, then the grouped layer's.
+    std::vector<std::vector<uint16_t>> rows(R), shared_m(R);
+    std::vector<const uint16_t*> rows_ptr;
+    for (int r = 0; r < R; ++r) {
+      rows[r] =
+          to_host(devices[r], reinterpret_cast<const uint16_t*>(hm.layer(r, false).expert_rows()),
+                  masked.row_bound() * H);
+      shared_m[r] =
+          to_host(devices[r], reinterpret_cast<const uint16_t*>(hm.layer(r, false).shared_out()),
+                  hm.in[r].tokens * H);
+      rows_ptr.push_back(rows[r].data());
+    }
+    const auto routed_gpu = combine_reference(masked, ref.dispatched, rows_ptr);
+    for (int r = 0; r < R; ++r) {
+      SCOPED_TRACE("rank " + std::to_string(r));
+      const int64_t T = hm.in[r].tokens;
+      const GroupedRecv& g = ref.dispatched[r].grouped;
+      std::vector<uint16_t> got, want;
+      for (int e = 0; e < masked.experts_per_rank(); ++e)
+        for (int64_t row = e * cap; row < e * cap + g.expert_counts[e]; ++row) {
+          got.insert(got.end(), rows[r].begin() + row * H, rows[r].begin() + (row + 1) * H);
+          want.insert(want.end(), ref.expert_rows[r].begin() + row * H,
+                      ref.expert_rows[r].begin() + (row + 1) * H);
+        }
+      const double err_rows = want.empty() ? 0.0 : rel_error(got, want);
+      EXPECT_LT(err_rows, kFfnTol);
+      const std::vector<uint16_t> y = hm.y_host(r, false), y_grouped = hg.y_host(r, false);
+      std::vector<uint16_t> y_want(T * H);
+      add_bf16_reference(routed_gpu[r].data(), shared_m[r].data(), T * H, y_want.data());
+      ASSERT_EQ(y, y_want) << "y != bf16(combine(GPU expert rows) + GPU shared rows)";
+      const double err_y = T == 0 ? 0.0 : rel_error(y, ref.y[r]);
+      EXPECT_LT(err_y, kFfnTol);
+      int64_t differ = 0;
+      for (int64_t i = 0; i < T * H; ++i) differ += y[i] != y_grouped[i];
+      EXPECT_EQ(differ, 0) << "y: masked layer != grouped layer";
+      std::printf(
+          "round %zu rank %d: %lld tokens, %zu expert rows |rows-ref|/|ref| = %.3g, layer "
+          "|y-ref|/|ref| = %.3g, %lld of %lld values differ from the grouped layer's\n",
+          round, r, static_cast<long long>(T), got.size() / H, err_rows, err_y,
+          static_cast<long long>(differ), static_cast<long long>(T * H));
+    }
+  }
+  // The grouped-contiguous GEMMs over the masked layout (MaskedExperts::kContiguousGemm; the
+  // capacity, 768, is a multiple of 128): the masked GEMMs' bits.
+  {
+    ASSERT_TRUE(hm.layer(0, false).masked_gemms());  // kAuto: the masked GEMMs
+    MoeLayerOptions contiguous;
+    contiguous.masked_experts = MaskedExperts::kContiguousGemm;
+    std::vector<std::unique_ptr<MoeLayerGpu>> layers;
+    std::vector<uint16_t*> ys;
+    for (int r = 0; r < R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      layers.push_back(std::make_unique<MoeLayerGpu>(hm.expanded->rank(r), hm.rk[r].routed->view(),
+                                                     hm.rk[r].shared->view(), contiguous));
+      EXPECT_FALSE(layers.back()->masked_gemms());
+      ys.push_back(
+          to_device(devices[r], std::vector<uint16_t>(cfg.max_tokens_per_rank * H, 0xFFFF)));
+    }
+    auto bf = [](uint16_t* p) { return reinterpret_cast<bf16*>(p); };
+    for (int r = 0; r < R; ++r)
+      layers[r]->dispatch(bf(hm.rk[r].x), hm.rk[r].idx, hm.rk[r].w, hm.in[r].tokens,
+                          hm.rk[r].stream);
+    hm.sync(*hm.expanded);
+    for (int r = 0; r < R; ++r) layers[r]->experts(hm.rk[r].stream);
+    hm.sync(*hm.expanded);
+    for (int r = 0; r < R; ++r) layers[r]->combine(bf(ys[r]), hm.rk[r].stream);
+    hm.sync(*hm.expanded);
+    for (int r = 0; r < R; ++r) {
+      EXPECT_EQ(to_host(devices[r], ys[r], hm.in[r].tokens * H), hm.y_host(r, false))
+          << "rank " << r << ": contiguous GEMMs on the masked layout != masked GEMMs";
+      cudaFree(ys[r]);
+    }
+    std::printf("masked layout, contiguous GEMMs == masked GEMMs bit for bit\n");
+    hm.run(false);  // the harness's layers take the endpoint back (their last round)
+  }
+  if (!hm.one_gpu_per_rank()) return;
+  // Graph replays of the last round (the decoding step's form).
+  std::vector<std::vector<uint16_t>> eager(R);
+  for (int r = 0; r < R; ++r) eager[r] = hm.y_host(r, false);
+  std::vector<cudaGraphExec_t> execs(R);
+  for (int r = 0; r < R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+    FM_CHECK_CUDA(cudaStreamBeginCapture(hm.rk[r].stream, cudaStreamCaptureModeThreadLocal));
+    hm.layer(r, false).forward(reinterpret_cast<bf16*>(hm.rk[r].x), hm.rk[r].idx, hm.rk[r].w,
+                               hm.in[r].tokens, reinterpret_cast<bf16*>(hm.y(r, false)),
+                               hm.rk[r].stream);
+    cudaGraph_t graph;
+    FM_CHECK_CUDA(cudaStreamEndCapture(hm.rk[r].stream, &graph));
+    FM_CHECK_CUDA(cudaGraphInstantiate(&execs[r], graph, 0));
+    FM_CHECK_CUDA(cudaGraphDestroy(graph));
+  }
+  for (int replay = 0; replay < 3; ++replay) {
+    for (int r = 0; r < R; ++r) {
+      hm.poison_y(r, false);
+      FM_CHECK_CUDA(cudaGraphLaunch(execs[r], hm.rk[r].stream));
+    }
+    hm.sync(*hm.expanded);
+    for (int r = 0; r < R; ++r)
+      ASSERT_EQ(hm.y_host(r, false), eager[r]) << "replay " << replay << ", rank " << r;
+  }
+  for (cudaGraphExec_t e : execs) cudaGraphExecDestroy(e);
+  std::printf("masked: 3 graph replays per rank == the eager forward bit for bit\n");
+}
+
 TEST(MoeLayerApi, BadShapesAndOrderThrow) {
   const EpConfig cfg = api_config();
   const std::vector<int> devices = two_ranks();
@@ -335,6 +472,26 @@ TEST(MoeLayerApi, BadShapesAndOrderThrow) {
   DeviceEpGroup bf_group(bf, devices);
   expect_invalid([&] { MoeLayerGpu(bf_group.rank(0), routed.view(), shared.view()); },
                  "FP8 payload");
+
+  EpConfig masked = cfg;
+  masked.masked_capacity = 64;
+  DeviceEpGroup masked_group(masked, devices);
+  MoeLayerOptions with_backward;
+  with_backward.backward = true;
+  expect_invalid(
+      [&] { MoeLayerGpu(masked_group.rank(0), routed.view(), shared.view(), with_backward); },
+      "MoeLayerOptions::backward runs on the grouped layout; the config is masked");
+  MoeLayerOptions contiguous;
+  contiguous.masked_experts = MaskedExperts::kContiguousGemm;
+  expect_invalid(
+      [&] { MoeLayerGpu(masked_group.rank(0), routed.view(), shared.view(), contiguous); },
+      "kContiguousGemm needs masked_capacity a multiple of 128, it is 64");
+  DeviceEpOptions records;
+  records.low_latency = false;
+  records.expand_payload = false;
+  DeviceEpGroup records_group(masked, devices, records);
+  expect_invalid([&] { MoeLayerGpu(records_group.rank(0), routed.view(), shared.view()); },
+                 "the masked layout needs the received rows placed in it");
 }
 
 }  // namespace

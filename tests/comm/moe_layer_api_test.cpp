@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -179,6 +180,39 @@ TEST(MoeLayerApi, ReferencePiecesComposeAsDocumented) {
   }
 }
 
+// The masked layout (low-latency mode) holds the same rows as the grouped one, each expert's
+// at e * capacity instead of its 128-aligned offset: the layer's outputs equal bit for bit, and
+// every expert row equals its grouped twin.
+TEST(MoeLayerApi, ReferenceOnTheMaskedLayoutEqualsTheGroupedOne) {
+  const EpConfig cfg = small_config();
+  EpConfig masked = cfg;
+  masked.masked_capacity = cfg.num_ranks * cfg.max_tokens_per_rank;  // no expert can overflow
+  const Case c = make_case(cfg, {150, 61}, 128, 256, testing::fresh_seed());
+  const MoeLayerReference g =
+      moe_layer_reference(cfg, c.batches(), c.q(c.routed), c.q(c.shared), false, 2);
+  const MoeLayerReference m =
+      moe_layer_reference(masked, c.batches(), c.q(c.routed), c.q(c.shared), false, 2);
+  const int64_t H = cfg.hidden;
+  for (int r = 0; r < cfg.num_ranks; ++r) {
+    ASSERT_EQ(m.y[r], g.y[r]) << "rank " << r;
+    ASSERT_EQ(m.routed_out[r], g.routed_out[r]) << "rank " << r;
+    const GroupedRecv &gg = g.dispatched[r].grouped, &mg = m.dispatched[r].grouped;
+    int64_t rows = 0;
+    for (int e = 0; e < cfg.experts_per_rank(); ++e) {
+      ASSERT_EQ(mg.expert_counts[e], gg.expert_counts[e]) << "rank " << r << " expert " << e;
+      for (int32_t i = 0; i < gg.expert_counts[e]; ++i, ++rows) {
+        const int64_t gr = gg.expert_offsets[e] + i, mr = e * masked.masked_capacity + i;
+        ASSERT_EQ(mg.m_indices[mr], e);
+        ASSERT_TRUE(std::equal(m.expert_rows[r].begin() + mr * H,
+                               m.expert_rows[r].begin() + (mr + 1) * H,
+                               g.expert_rows[r].begin() + gr * H))
+            << "rank " << r << " expert " << e << " row " << i;
+      }
+    }
+    EXPECT_GT(rows, 0) << "rank " << r << " received no rows: the case tests nothing";
+  }
+}
+
 TEST(MoeLayerApi, AddRoundsTheFp32SumOnceToNearestEven) {
   auto b = [](float v) { return float_to_bf16_bits(v); };
   // 1 + 2^-8 is half an ulp above 1 (BF16 ulp at 1 is 2^-7): the tie goes to even, 1.
@@ -218,7 +252,7 @@ TEST(MoeLayerApi, BadShapesThrowNamingTheField) {
   expect_invalid([&] { validate_moe_layer(bf, routed, shared, "t"); }, "FP8 payload");
   EpConfig masked = cfg;
   masked.masked_capacity = 64;
-  expect_invalid([&] { validate_moe_layer(masked, routed, shared, "t"); }, "masked_capacity=64");
+  validate_moe_layer(masked, routed, shared, "t");  // the masked layout: forward only
   EpConfig bad = cfg;
   bad.num_experts = 7;
   expect_invalid([&] { validate_moe_layer(bad, routed, shared, "t"); }, "num_experts=7");

@@ -327,6 +327,14 @@ TEST(MoeLayerBackward, BadArgumentsThrow) {
   expect_invalid(
       [&] { moe_layer_backward_reference(cfg, fewer, routed, shared, fwd, gu, grads, false); },
       "rank 0 dispatched 16 tokens, its batch has 15");
+  EpConfig masked = cfg;
+  masked.masked_capacity = cfg.num_ranks * cfg.max_tokens_per_rank;
+  const MoeLayerReference mfwd = moe_layer_reference(masked, batches, routed, shared, false);
+  expect_invalid(
+      [&] {
+        moe_layer_backward_reference(masked, batches, routed, shared, mfwd, gu, grads, false);
+      },
+      "the backward runs the grouped layout, config has masked_capacity=");
 }
 
 }  // namespace

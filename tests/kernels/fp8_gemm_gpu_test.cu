@@ -719,7 +719,7 @@ TEST(Fp8GemmGpu, GroupedContiguous) {
 
 // ---- grouped masked ----
 void run_masked(const std::vector<int32_t>& masked, int64_t max_m, int64_t n, int64_t k,
-                uint64_t seed, const GemmTileConfig* force = nullptr) {
+                uint64_t seed, const GemmTileConfig* force = nullptr, int64_t expected_m = 0) {
   const int64_t groups = static_cast<int64_t>(masked.size());
   const int64_t kb = k / 128;
   std::vector<QuantizedMatrix> qa, qb;
@@ -741,7 +741,7 @@ void run_masked(const std::vector<int32_t>& masked, int64_t max_m, int64_t n, in
   DeviceBuffer<bf16> d(static_cast<size_t>(groups * max_m * n));
   d.poison();
   kernels::fp8_gemm_nt_grouped_masked(a.get(), sa.get(), b.get(), sb.get(), d.get(), mm.get(),
-                                      groups, max_m, n, k, nullptr, force);
+                                      groups, max_m, n, k, nullptr, force, expected_m);
   FM_CHECK_CUDA(cudaDeviceSynchronize());
   const std::vector<bf16> got_bits = d.download();
   std::vector<float> got, want;
@@ -768,6 +768,27 @@ TEST(Fp8GemmGpu, GroupedMasked) {
   for (GemmTileConfig c : {GemmTileConfig{128, 192, 0, 0, 2}, GemmTileConfig{64, 128, 0, 0, 2},
                            GemmTileConfig{128, 128, 0, 0, 1}})
     run_masked({0, 200, 37, 192}, 200, 2112, 512, 430, &c);
+  // The tile-choice hint (decoding: a worst-case capacity, a few rows expected): groups past the
+  // hint are still computed in full.
+  for (int64_t expected : {1, 8, 64, 256})
+    run_masked({0, 3, 256, 1, 77}, 256, 4096, 1024, 440 + expected, nullptr, expected);
+  EXPECT_THROW(run_masked({1}, 16, 2112, 512, 450, nullptr, 17), Error);
+}
+
+// Many groups (a decoding step's experts: the tiles are looked up from a cursor carried along
+// each CTA's tiles, sm90::kModeMaskedCursor): empty groups between full ones, runs of empty
+// groups, a last group of 1 row; every cursor tile, 5 CTAs (many tiles each) and the full grid.
+TEST(Fp8GemmGpu, GroupedMaskedManyGroups) {
+  std::vector<int32_t> masked;
+  for (int g = 0; g < 70; ++g)
+    masked.push_back(g % 7 == 3 || (g >= 40 && g < 50) ? 0 : (g * 37) % 97);
+  masked.back() = 1;
+  uint64_t seed = 460;
+  run_masked(masked, 96, 512, 256, seed += 10);
+  run_masked(masked, 96, 512, 256, seed += 10, nullptr, 4);
+  for (GemmTileConfig c : {GemmTileConfig{64, 64, 0, 0, 2}, GemmTileConfig{64, 128, 0, 5, 2},
+                           GemmTileConfig{128, 128, 0, 0, 1}, GemmTileConfig{128, 128, 0, 5, 2}})
+    run_masked(masked, 96, 384, 256, seed += 10, &c);
 }
 
 TEST(Fp8GemmGpu, GroupedWideColumnTiles) {

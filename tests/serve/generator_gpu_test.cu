@@ -111,7 +111,8 @@ struct DecodeRig {
   }
   // One step over `seqs` (grown already) with `queries` new tokens each: logits [seqs, V].
   std::vector<float> step(const std::vector<int>& seqs, const std::vector<int32_t>& t,
-                          const std::vector<int32_t>& p, int64_t queries) {
+                          const std::vector<int32_t>& p, int64_t queries,
+                          bool low_latency_ep = false) {
     const auto views = cache.prepare_step(seqs, stream);
     FM_CHECK_CUDA(cudaMemcpyAsync(ids, t.data(), t.size() * 4, cudaMemcpyHostToDevice, stream));
     FM_CHECK_CUDA(cudaMemcpyAsync(pos, p.data(), p.size() * 4, cudaMemcpyHostToDevice, stream));
@@ -119,7 +120,7 @@ struct DecodeRig {
     const auto shape = gpu.attention(0).decode_shape(batch, queries, views[0]);
     const kernels::MlaDecodePlan plan = kernels::mla_decode_plan_fixed(shape, 256);
     FM_CHECK(plan.workspace_bytes <= size_t{1} << 20, "workspace");
-    gpu.decode(ids, pos, batch, queries, views, plan, ws, logits, stream);
+    gpu.decode(ids, pos, batch, queries, views, plan, ws, logits, stream, 0, false, low_latency_ep);
     std::vector<bf16> h(seqs.size() * V);
     FM_CHECK_CUDA(cudaMemcpyAsync(h.data(), logits, h.size() * 2, cudaMemcpyDeviceToHost, stream));
     FM_CHECK_CUDA(cudaStreamSynchronize(stream));
@@ -191,6 +192,42 @@ int rows_within_recipe_noise(const ModelConfig& cfg, const char* name, int* rows
     }
   }
   return within;
+}
+
+// The MoE exchange of a decoding step over the low-latency endpoint (one rank: the masked layout
+// and MoeLayerGpu's masked path; several ranks: GeneratorGroup's tests) gives the normal one's
+// bits: each step runs both ways on the same cache rows (the second rewrites what the first
+// wrote), logits compared bit for bit.
+TEST(ServeGpu, LowLatencyExchangeEqualsTheNormalOne) {
+  const ModelConfig cfg = serve_config(0);
+  Model cpu(cfg, 6);
+  DecodeRig rig(cfg, cpu);
+  EXPECT_FALSE(rig.gpu.has_low_latency_ep());
+  EXPECT_THROW(rig.gpu.reserve_low_latency_ep(1025), Error);  // the kernels' bound
+  rig.gpu.reserve_low_latency_ep(4);
+  EXPECT_TRUE(rig.gpu.has_low_latency_ep());
+  std::vector<int> seqs(2);
+  std::vector<int32_t> next(2);
+  for (int s = 0; s < 2; ++s) {
+    const auto prompt = random_tokens(30 + 40 * s, cfg.vocab_size, 60 + s);
+    const auto logits = rig.prefill(&seqs[s], prompt);
+    next[s] = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  }
+  for (int k = 0; k < 4; ++k) {
+    std::vector<int32_t> p(2);
+    for (int s = 0; s < 2; ++s) {
+      p[s] = static_cast<int32_t>(rig.cache.pages().length(seqs[s]));
+      FM_CHECK(rig.cache.pages().grow(seqs[s], p[s] + 1), "cache full");
+    }
+    const auto normal = rig.step(seqs, next, p, 1, false);
+    const auto ll = rig.step(seqs, next, p, 1, true);
+    ASSERT_EQ(ll, normal) << "step " << k;
+    for (int s = 0; s < 2; ++s)
+      next[s] = static_cast<int32_t>(
+          std::max_element(ll.begin() + s * cfg.vocab_size, ll.begin() + (s + 1) * cfg.vocab_size) -
+          (ll.begin() + s * cfg.vocab_size));
+  }
+  std::printf("[ serve ] 4 decoding steps of 2 sequences: low-latency == normal EP, bit for bit\n");
 }
 
 // The same tokens through the GPU two ways: one prefill of 76, or a prefill of 70 and six

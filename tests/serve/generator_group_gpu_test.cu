@@ -10,6 +10,8 @@
 //   partial sum to BF16 before adding them (comm/ep.h), so the MoE output may differ in its last
 //   bits; every request's first token agrees and most texts are equal (printed).
 // - The MTP draft over two ranks keeps the two-rank greedy text.
+// - Decoding passes over the low-latency EP kernels (GeneratorOptions::low_latency_ep, the
+//   default) give the texts of the normal kernels, greedy, sampled and with the MTP draft.
 // Run: test_serve_gpu --gtest_filter='GeneratorGroup*'
 #include <gtest/gtest.h>
 
@@ -125,6 +127,51 @@ TEST(GeneratorGroup, MtpDraftKeepsTheGreedyText) {
       static_cast<long long>(st[1].idle_steps));
   EXPECT_EQ(drafted, plain);
   EXPECT_GT(st[1].idle_steps, 0);
+}
+
+TEST(GeneratorGroup, LowLatencyExchangeKeepsTheText) {
+  if (!two_gpus()) GTEST_SKIP() << "one GPU visible";
+  const ModelConfig cfg = group_config(1);
+  Model cpu(cfg, 14);
+  const auto prompts = six_prompts();
+  SamplingOptions greedy;
+  greedy.max_new_tokens = 12;
+  greedy.ignore_eos = true;
+  SamplingOptions sampled = greedy;
+  sampled.temperature = 0.8;
+  sampled.top_p = 0.9;
+  sampled.seed = 5;
+  GeneratorOptions normal = options(), ll = options();
+  normal.low_latency_ep = false;
+  ll.low_latency_ep = true;
+  const std::vector<int> devices = {0, 1};
+  std::vector<std::vector<std::vector<int32_t>>> texts[2];
+  for (int use_ll = 0; use_ll < 2; ++use_ll) {
+    GeneratorGroup group(cpu, use_ll ? ll : normal, devices);
+    std::vector<GenerationStats> st;
+    texts[use_ll].push_back(group.generate(prompts, greedy, &st));
+    const int64_t passes = st[0].low_latency_passes;
+    EXPECT_EQ(st[1].low_latency_passes, passes) << "the ranks disagree on the passes' kernels";
+    if (use_ll) {
+      // Prefill passes (some rank filling) stay on the normal kernels: both kinds ran.
+      EXPECT_GT(passes, 0);
+      EXPECT_LT(passes, st[0].decode_steps + st[0].idle_steps + st[0].prefill_steps);
+    } else {
+      EXPECT_EQ(passes, 0);
+    }
+    std::printf(
+        "[ group ] low_latency_ep %s: rank 0 %lld of its %lld decoding and idle passes "
+        "over the low-latency kernels\n",
+        use_ll ? "on" : "off", static_cast<long long>(passes),
+        static_cast<long long>(st[0].decode_steps + st[0].idle_steps));
+    texts[use_ll].push_back(group.generate(prompts, sampled, nullptr, {1, 0, 1, 0, 1, 0}));
+    for (int r = 0; r < 2; ++r) group.rank(r).set_mtp_draft(true);
+    texts[use_ll].push_back(group.generate(prompts, greedy, nullptr, {0, 0, 0, 0, 1, 0}));
+  }
+  EXPECT_EQ(texts[1][0], texts[0][0]) << "greedy";
+  EXPECT_EQ(texts[1][1], texts[0][1]) << "sampled";
+  EXPECT_EQ(texts[1][2], texts[0][2]) << "MTP draft";
+  EXPECT_EQ(texts[1][2], texts[1][0]) << "the MTP draft's greedy text";
 }
 
 TEST(GeneratorGroup, RejectsBadLayouts) {

@@ -4,7 +4,11 @@
 //   experts    the local routed experts: ExpertFfnGpu on the received rows, gathered from the
 //              records (DeviceEpOptions::expand_payload off: forward_gathered, scales by
 //              gather_scales_to_mn_major) or on the expanded rows (on: forward_contiguous, scales
-//              by scales_to_mn_major), m_indices as the grouped layout; and the shared expert:
+//              by scales_to_mn_major), m_indices as the grouped layout; with a masked config
+//              (EpConfig::masked_capacity > 0: the low-latency kernels, decoding) on the masked
+//              layout (forward_masked, expert_counts as masked_m, scales by scales_to_mn_major per
+//              expert; the GEMMs' tiles chosen for ranks x T x top_k / experts rows an expert,
+//              not the worst-case capacity); and the shared expert:
 //              x quantised 1x128 (kernels::quantize_1x128, the dispatch's formula), ExpertFfnGpu
 //              with one group over the T tokens padded to 128 (grouped layout 0 on the T
 //              rows, -1 on the padding);
@@ -12,8 +16,10 @@
 //              y = bf16(float(y) + float(shared)) (one FP32 add, round to nearest even).
 // Reference: moe_layer_reference (fp8moe/comm/moe_layer_reference.h), the same composition on
 // the CPU; the routed and shared FFNs equal it up to ExpertFfnGpu's tensor-core summation, the
-// combine and the add bit for bit on the GPU's FFN outputs; the gathered and expanded paths are
-// equal bit for bit. Test: build-*/tests/test_comm_gpu --gtest_filter='MoeLayerApi*'.
+// combine and the add bit for bit on the GPU's FFN outputs; the gathered, expanded and masked
+// paths are equal bit for bit (a masked layer's y is the grouped layer's). The masked form is
+// forward only (MoeLayerOptions::backward is refused). Test: build-*/tests/test_comm_gpu
+// --gtest_filter='MoeLayerApi*'.
 //
 // Every call only enqueues work on the given stream (no host synchronisation, no allocation), so
 // a whole forward is capturable in a CUDA graph, as the EP ops are (one GPU per rank: a graph
@@ -39,8 +45,22 @@
 
 namespace fp8moe::comm {
 
+// Masked configs: how the routed experts' GEMMs read the masked layout.
+//   kMaskedGemm      the masked grouped GEMMs (masked_m = expert_counts, the tiles chosen for the
+//                    expected rows an expert, only the groups' real tiles walked);
+//   kContiguousGemm  the grouped-contiguous GEMMs over the layout's row index (m_indices: expert
+//                    e's rows at e * capacity, the rest padding, whole 128-row padding blocks
+//                    skipped); needs the capacity a multiple of 128. Slower: 0.73-1.00x the
+//                    masked GEMMs' layer on 2 x H200 (docs/results/moe-decode-2026-11-27-2xh200.md:
+//                    the padding blocks between experts leave the persistent grid's CTAs uneven
+//                    work); kept as the cross-check the test runs;
+//   kAuto            kMaskedGemm.
+// The same bits every way.
+enum class MaskedExperts { kAuto, kMaskedGemm, kContiguousGemm };
+
 struct MoeLayerOptions {
   bool pow2_scales = false;  // the FFNs' h scales (ExpertFfnOptions::pow2_scales)
+  MaskedExperts masked_experts = MaskedExperts::kAuto;
   // Allocate the backward's workspaces (the FFNs' ExpertFfnOptions::backward and the layer's
   // own; docs/moe/README.md "MoeLayerGpu backward (s20-mb)" gives the memory) so that backward()
   // may follow each forward. Needs both weight sets uploaded with_transposed (thrown at
@@ -121,10 +141,13 @@ class MoeLayerGpu {
   void dispatch_backward(bf16* grad_x, cudaStream_t stream);
 
   bool gathered() const { return gathered_; }
+  bool masked() const { return masked_; }
+  // Masked configs: the routed experts run the masked GEMMs (MaskedExperts, as resolved).
+  bool masked_gemms() const { return masked_ && !masked_contiguous_; }
   DeviceEpRank& ep() { return ep_; }
   // The last forward's intermediates (tests): the routed experts' outputs [row bound, H] in the
-  // dispatch's grouped layout (padding rows untouched), and the shared expert's [pad128(T), H]
-  // (rows past T unspecified: not written).
+  // dispatch's grouped (or masked) layout (padding rows untouched), and the shared expert's
+  // [pad128(T), H] (rows past T unspecified: not written).
   const bf16* expert_rows() const { return expert_rows_; }
   const bf16* shared_out() const { return shared_out_; }
   // The forward's cached up-GEMM outputs the backward reads (tests): routed [row bound, 2I] in
@@ -145,7 +168,7 @@ class MoeLayerGpu {
   DeviceEpRank& ep_;
   ExpertWeightsGpu routed_, shared_;
   MoeLayerOptions options_;
-  bool gathered_ = false;
+  bool gathered_ = false, masked_ = false, masked_contiguous_ = false;
   int device_ = 0;
   int64_t hidden_ = 0, bound_ = 0, max_tokens_ = 0, shared_rows_ = 0;
   std::unique_ptr<ExpertFfnGpu> routed_ffn_, shared_ffn_;

@@ -29,7 +29,7 @@ struct FfnDims {
 };
 
 // kInvalidArgument naming the value unless the layer's pieces fit together: the config valid
-// (validate()), FP8 payload, the grouped layout (masked_capacity 0), routed.groups ==
+// (validate()), FP8 payload, routed.groups ==
 // experts_per_rank, routed.hidden == shared.hidden == cfg.hidden, shared.groups == 1, both inter
 // positive multiples of 128. `who` prefixes the message (e.g. "MoeLayerGpu rank 1").
 void validate_moe_layer(const EpConfig& cfg, const FfnDims& routed, const FfnDims& shared,

@@ -103,9 +103,22 @@ class DecoderLayerGpu {
   // the FFN / MoE as forward's (the router's expert_load counted: serving-time load for EPLB;
   // no balance loss). batch * queries <= the constructor's batch * seq. reserve_decode first.
   void reserve_decode(int64_t max_tokens, bool tensor_core_products = false);
+  // MoE layers (a no-op on dense ones): a second EP endpoint and MoeLayerGpu for decoding, on the
+  // masked layout of low-latency mode (EpConfig::masked_capacity = ranks * max_tokens rounded up
+  // to 128, so no expert overflows; the EP kernels' low-latency form: no notify / layout chain,
+  // comm/device_ep.h; the experts' GEMMs as comm::MaskedExperts::kAuto picks)
+  // over the same slots, weights and placement. ep_ranks > 1: make_ep makes it (every rank's
+  // layers in the same order, as at construction); 1: a one-rank group of the layer's own.
+  // Outside any graph capture; max_tokens in [1, min(batch * seq, 1024)].
+  void reserve_low_latency_ep(int64_t max_tokens, const EpRankMaker& make_ep = {});
+  bool has_low_latency_ep() const;
+  // low_latency_ep: the MoE exchange of this step over the low-latency endpoint
+  // (reserve_low_latency_ep first; batch * queries <= its max_tokens). Collective: every rank's
+  // layer must take the same path in the same step. The same bits either way (MoeLayerGpu).
   void forward_decode(const bf16* h, const int32_t* pos, int64_t batch, int64_t queries,
                       const MlaLatentCacheView& cache, const kernels::MlaDecodePlan& plan,
-                      void* workspace, bf16* out, uint32_t* status, cudaStream_t stream);
+                      void* workspace, bf16* out, uint32_t* status, cudaStream_t stream,
+                      bool low_latency_ep = false);
   const MlaBlockGpu& attention() const;
 
   // For the last forward: dout [T, hidden] BF16 -> dh [T, hidden] BF16 (overwritten; may not
@@ -125,7 +138,7 @@ class DecoderLayerGpu {
 
  private:
   void ffn_forward(int64_t tokens, int64_t dense_rows, bool balance, double* balance_loss,
-                   cudaStream_t stream);
+                   cudaStream_t stream, bool low_latency_ep = false);
 
   struct Impl;
   std::unique_ptr<Impl> impl_;

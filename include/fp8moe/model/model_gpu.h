@@ -129,6 +129,13 @@ class ModelGpu {
   // The MTP modules do not run. Enqueues only: capturable in a CUDA graph.
   // tensor_core_products: MlaBlockGpu::reserve_decode's (the attention's per-head products).
   void reserve_decode(int64_t max_tokens, bool tensor_core_products = false);
+  // Every MoE layer's (the MTP modules' too) decoding exchange over the EP kernels' low-latency
+  // form as well (DecoderLayerGpu::reserve_low_latency_ep; with several ranks through
+  // ModelGpuParallel::make_ep_rank, blocks numbered after the layers' own). Collective, outside
+  // any graph capture; max_tokens (a rank's rows in one decoding step) in [1, min(batch * seq,
+  // 1024)]. Then decode / decode_mtp take low_latency_ep.
+  void reserve_low_latency_ep(int64_t max_tokens);
+  bool has_low_latency_ep() const;
   // head_rows (>= batch; 0: batch): rows the output head computes (logits' rows past batch are
   // of stale states), so that its GEMM's shape, hence its summation order, need not follow the
   // batch (batch-invariant decoding).
@@ -137,7 +144,7 @@ class ModelGpu {
   void decode(const int32_t* ids, const int32_t* pos, int64_t batch, int64_t queries,
               const std::vector<MlaLatentCacheView>& caches, const kernels::MlaDecodePlan& plan,
               void* workspace, bf16* logits, cudaStream_t stream, int64_t head_rows = 0,
-              bool every_row = false);
+              bool every_row = false, bool low_latency_ep = false);
   // The last decode's final-layer states [batch * queries, hidden] (before the final norm): what
   // the MTP module reads. Valid until the next decode.
   const bf16* decode_hidden() const;
@@ -149,7 +156,7 @@ class ModelGpu {
   void decode_mtp(int depth, const bf16* h_prev, const int32_t* ids, const int32_t* pos,
                   int64_t batch, int64_t queries, const MlaLatentCacheView& cache,
                   const kernels::MlaDecodePlan& plan, void* workspace, bf16* logits,
-                  cudaStream_t stream, int64_t head_rows = 0);
+                  cudaStream_t stream, int64_t head_rows = 0, bool low_latency_ep = false);
   int mtp_depth() const;
   // The attention block of main layer l (its decode_shape, dims).
   const MlaBlockGpu& attention(int64_t layer) const;

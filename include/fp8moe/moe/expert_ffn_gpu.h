@@ -107,9 +107,10 @@ class ExpertFfnGpu {
   void forward_gathered(kernels::GatheredRows x, const float* sa, const int32_t* grouped_layout,
                         int64_t rows, const ExpertWeightsGpu& weights, bf16* y, cudaStream_t stream,
                         const float* row_scale = nullptr);
+  // expected_m: both GEMMs' tile-choice hint (kernels::fp8_gemm_nt_grouped_masked; 0: max_m).
   void forward_masked(const uint8_t* x, const float* sa, const int32_t* masked_m, int64_t max_m,
                       const ExpertWeightsGpu& weights, bf16* y, cudaStream_t stream,
-                      const float* row_scale = nullptr);
+                      const float* row_scale = nullptr, int64_t expected_m = 0);
 
   // The backward of forward_contiguous (expert_ffn_backward_reference gives it step by step):
   //   dy [rows, H] -> (padding rows zeroed) FP8 1x128 along H and, transposed, along rows;

@@ -76,6 +76,13 @@ struct GeneratorOptions {
   // draw walks the kept tokens in id order (the host: by probability), so the texts differ.
   // Settable per call with set_device_sampling.
   bool device_sampling = true;
+  // Several GPUs (world > 1): a lockstep pass in which no rank prefills exchanges its MoE tokens
+  // over the EP kernels' low-latency form (masked layout, no notify / layout chain;
+  // comm/device_ep.h, ModelGpu::reserve_low_latency_ep), a pass with a prefill over the normal
+  // kernels; the same bits either way. Taken when 2 max_batch <= 1024 (the low-latency kernels'
+  // bound); costs each MoE layer a second endpoint and expert workspace for ranks x 2 max_batch
+  // rows an expert. Ignored with one GPU.
+  bool low_latency_ep = true;
 };
 
 // How a rank of a job of several takes part (world 1: alone; the default).
@@ -100,6 +107,7 @@ struct GenerationStats {
   int64_t max_running = 0;            // most sequences in one decoding step
   int64_t drafted = 0, accepted = 0;  // MTP drafts checked and kept (mtp_draft)
   int64_t idle_steps = 0;             // lockstep passes with nothing of this rank's (world > 1)
+  int64_t low_latency_passes = 0;     // lockstep passes over the low-latency EP kernels
   // Latency, host clock at each token's emission: every request's time to its first token (from
   // the generate call's start) and the gaps between its successive tokens (a step emitting two
   // tokens of a request, a kept draft, gives a gap of 0).
