@@ -3,6 +3,7 @@
 #pragma once
 
 #include <functional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,15 @@ struct Flag {
   std::function<void(const std::string&)> set;  // given the value ("" for a switch)
   bool takes_value = true;
 };
+
+// A comma-separated list's items ("a,b,,c" -> a, b, c).
+inline std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  for (std::string item; std::getline(in, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
 
 inline void parse_flags(int argc, char** argv, const char* program,
                         const std::vector<Flag>& flags) {

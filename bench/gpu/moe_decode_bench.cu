@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -62,14 +61,6 @@ struct Args {
   int iters = 7, reps = 20;
   int64_t ll_max_tokens = 128, normal_max_tokens = 256;
 };
-
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream in(s);
-  for (std::string item; std::getline(in, item, ',');)
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
 
 struct Rank {
   int device = 0;
@@ -117,7 +108,7 @@ int main(int argc, char** argv) try {
                       {"--commit", [&](const std::string& v) { a.commit = v; }}});
   FM_CHECK_ARG(a.iters >= 1 && a.reps >= 1, "moe_decode_bench: --iters and --reps must be >= 1");
   std::vector<int64_t> tokens;
-  for (const std::string& t : split(a.tokens)) tokens.push_back(std::stoll(t));
+  for (const std::string& t : split_list(a.tokens)) tokens.push_back(std::stoll(t));
   for (int64_t t : tokens)
     FM_CHECK_ARG(t >= 1 && t <= a.ll_max_tokens && t <= a.normal_max_tokens,
                  "moe_decode_bench: --tokens ", t,
@@ -139,7 +130,7 @@ int main(int argc, char** argv) try {
   std::printf("%-10s %5s %6s %10s %10s %10s %8s %8s %10s %8s %10s %10s %10s %5s\n", "shape",
               "ranks", "tokens", "normal us", "LL masked", "LL contig", "x", "x", "normal EP",
               "LL EP", "normal rest", "masked rest", "contig rest", "auto");
-  for (const std::string& shape_name : split(a.shapes)) {
+  for (const std::string& shape_name : split_list(a.shapes)) {
     const Shape* sh = nullptr;
     for (const Shape& s : kShapes)
       if (s.name == shape_name) sh = &s;

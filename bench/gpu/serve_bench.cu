@@ -56,11 +56,11 @@
 #include <functional>
 #include <random>
 #include <set>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "bench_args.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
 #include "fp8moe/core/json.h"
@@ -79,13 +79,7 @@ using namespace fp8moe;
 // --tensor-core-products: every generator's GeneratorOptions::tensor_core_products.
 bool tensor_core_products = false;
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream in(s);
-  for (std::string item; std::getline(in, item, ',');)
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
+using bench::split_list;
 
 std::vector<std::vector<int32_t>> prompts(int64_t n, int64_t len, int64_t vocab, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -648,51 +642,51 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop{};
     FM_CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
     std::vector<int64_t> bs;
-    for (const std::string& b : split(batches)) bs.push_back(std::atoll(b.c_str()));
+    for (const std::string& b : split_list(batches)) bs.push_back(std::atoll(b.c_str()));
     std::vector<int> group, pair;
-    for (const std::string& d : split(device_list)) group.push_back(std::atoi(d.c_str()));
-    for (const std::string& d : split(disaggregate)) pair.push_back(std::atoi(d.c_str()));
+    for (const std::string& d : split_list(device_list)) group.push_back(std::atoi(d.c_str()));
+    for (const std::string& d : split_list(disaggregate)) pair.push_back(std::atoi(d.c_str()));
     if (!arrival_rates.empty()) {
       std::vector<double> rates;
-      for (const std::string& r : split(arrival_rates)) rates.push_back(std::atof(r.c_str()));
-      run_arrivals(split(configs), *std::max_element(bs.begin(), bs.end()), rates, prompt, fresh,
-                   vocab, requests, f, prop.name, date, commit);
+      for (const std::string& r : split_list(arrival_rates)) rates.push_back(std::atof(r.c_str()));
+      run_arrivals(split_list(configs), *std::max_element(bs.begin(), bs.end()), rates, prompt,
+                   fresh, vocab, requests, f, prop.name, date, commit);
       if (f != nullptr) std::fclose(f);
       return 0;
     }
     if (pair.size() == 2) {
-      run_disaggregate(split(configs), bs, pair, prompt, fresh, vocab, requests, f, prop.name, date,
-                       commit);
+      run_disaggregate(split_list(configs), bs, pair, prompt, fresh, vocab, requests, f, prop.name,
+                       date, commit);
       if (f != nullptr) std::fclose(f);
       return 0;
     }
     if (prefill_batch > 0) {
-      run_prefill(split(configs), bs, prompt, fresh, vocab, prefill_batch, f, prop.name, date,
+      run_prefill(split_list(configs), bs, prompt, fresh, vocab, prefill_batch, f, prop.name, date,
                   commit);
       if (f != nullptr) std::fclose(f);
       return 0;
     }
     if (group.size() >= 2 && redundant >= 0) {
-      run_eplb(split(configs), bs, group, prompt, fresh, vocab, redundant, skew, prefill_chunk, f,
-               prop.name, date, commit);
+      run_eplb(split_list(configs), bs, group, prompt, fresh, vocab, redundant, skew, prefill_chunk,
+               f, prop.name, date, commit);
       if (f != nullptr) std::fclose(f);
       return 0;
     }
     if (group.size() >= 2 && low_latency_ab > 0) {
-      run_low_latency_ab(split(configs), bs, group, prompt, fresh, vocab, rounds, f, prop.name,
+      run_low_latency_ab(split_list(configs), bs, group, prompt, fresh, vocab, rounds, f, prop.name,
                          date, commit);
       if (f != nullptr) std::fclose(f);
       return 0;
     }
     if (group.size() >= 2) {
-      run_group(split(configs), bs, group, prompt, fresh, vocab, f, prop.name, date, commit);
+      run_group(split_list(configs), bs, group, prompt, fresh, vocab, f, prop.name, date, commit);
       if (f != nullptr) std::fclose(f);
       return 0;
     }
     std::printf("%-10s %6s %5s %12s %12s %10s %10s %14s %8s %12s %8s\n", "config", "vocab", "batch",
                 "decode tok/s", "prefill tok/s", "step ms", "eager ms", "sequential", "ratio",
                 "host-sampled", "x");
-    for (const std::string& name : split(configs)) {
+    for (const std::string& name : split_list(configs)) {
       const ModelConfig cfg = bench_config(name, vocab);
       const serve::GeneratorOptions o = bench_options(cfg, *std::max_element(bs.begin(), bs.end()),
                                                       prompt, fresh, std::max<int64_t>(prompt, 64));

@@ -168,6 +168,34 @@ struct Harness {
   std::vector<uint16_t> y_host(int r, bool gather) {
     return to_host(devices[r], y(r, gather), in[r].tokens * cfg.hidden);
   }
+  // The last run's forward captured in one CUDA graph per rank (a GPU each), replayed 3 times
+  // with y poisoned before each: y equal to the eager run's bit for bit.
+  void expect_graph_replays_equal(bool gather) {
+    const int R = cfg.num_ranks;
+    std::vector<std::vector<uint16_t>> eager(R);
+    for (int r = 0; r < R; ++r) eager[r] = y_host(r, gather);
+    std::vector<cudaGraphExec_t> execs(R);
+    for (int r = 0; r < R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      FM_CHECK_CUDA(cudaStreamBeginCapture(rk[r].stream, cudaStreamCaptureModeThreadLocal));
+      layer(r, gather).forward(reinterpret_cast<bf16*>(rk[r].x), rk[r].idx, rk[r].w, in[r].tokens,
+                               reinterpret_cast<bf16*>(y(r, gather)), rk[r].stream);
+      cudaGraph_t graph;
+      FM_CHECK_CUDA(cudaStreamEndCapture(rk[r].stream, &graph));
+      FM_CHECK_CUDA(cudaGraphInstantiate(&execs[r], graph, 0));
+      FM_CHECK_CUDA(cudaGraphDestroy(graph));
+    }
+    for (int replay = 0; replay < 3; ++replay) {
+      for (int r = 0; r < R; ++r) {
+        poison_y(r, gather);
+        FM_CHECK_CUDA(cudaGraphLaunch(execs[r], rk[r].stream));
+      }
+      sync(gather ? *gathered : *expanded);
+      for (int r = 0; r < R; ++r)
+        EXPECT_EQ(y_host(r, gather), eager[r]) << "replay " << replay << ", rank " << r;
+    }
+    for (cudaGraphExec_t e : execs) cudaGraphExecDestroy(e);
+  }
 };
 
 TEST(MoeLayerApi, ForwardMatchesCpuAndGatheredEqualsExpanded) {
@@ -256,35 +284,11 @@ TEST(MoeLayerApi, ForwardReplaysInACudaGraph) {
   const std::vector<int> devices = {0, 1};
   const uint64_t seed = testing::fresh_seed();
   Harness h(cfg, devices, seed);
-  const int R = cfg.num_ranks;
   h.set_inputs({300, 384}, testing::Routing::kRandom, seed + 1);
   for (const bool gather : {false, true}) {
     SCOPED_TRACE(gather ? "gathered" : "expanded");
     h.run(gather);
-    std::vector<std::vector<uint16_t>> eager(R);
-    for (int r = 0; r < R; ++r) eager[r] = h.y_host(r, gather);
-    std::vector<cudaGraphExec_t> execs(R);
-    for (int r = 0; r < R; ++r) {
-      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
-      FM_CHECK_CUDA(cudaStreamBeginCapture(h.rk[r].stream, cudaStreamCaptureModeThreadLocal));
-      h.layer(r, gather).forward(reinterpret_cast<bf16*>(h.rk[r].x), h.rk[r].idx, h.rk[r].w,
-                                 h.in[r].tokens, reinterpret_cast<bf16*>(h.y(r, gather)),
-                                 h.rk[r].stream);
-      cudaGraph_t graph;
-      FM_CHECK_CUDA(cudaStreamEndCapture(h.rk[r].stream, &graph));
-      FM_CHECK_CUDA(cudaGraphInstantiate(&execs[r], graph, 0));
-      FM_CHECK_CUDA(cudaGraphDestroy(graph));
-    }
-    for (int replay = 0; replay < 3; ++replay) {
-      for (int r = 0; r < R; ++r) {
-        h.poison_y(r, gather);
-        FM_CHECK_CUDA(cudaGraphLaunch(execs[r], h.rk[r].stream));
-      }
-      h.sync(gather ? *h.gathered : *h.expanded);
-      for (int r = 0; r < R; ++r)
-        ASSERT_EQ(h.y_host(r, gather), eager[r]) << "replay " << replay << ", rank " << r;
-    }
-    for (cudaGraphExec_t e : execs) cudaGraphExecDestroy(e);
+    h.expect_graph_replays_equal(gather);
     std::printf("%s: 3 graph replays per rank == the eager forward bit for bit\n",
                 gather ? "gathered" : "expanded");
   }
@@ -400,30 +404,7 @@ TEST(MoeLayerApi, MaskedLowLatencyLayerMatchesCpuAndTheGroupedLayer) {
   }
   if (!hm.one_gpu_per_rank()) return;
   // Graph replays of the last round (the decoding step's form).
-  std::vector<std::vector<uint16_t>> eager(R);
-  for (int r = 0; r < R; ++r) eager[r] = hm.y_host(r, false);
-  std::vector<cudaGraphExec_t> execs(R);
-  for (int r = 0; r < R; ++r) {
-    FM_CHECK_CUDA(cudaSetDevice(devices[r]));
-    FM_CHECK_CUDA(cudaStreamBeginCapture(hm.rk[r].stream, cudaStreamCaptureModeThreadLocal));
-    hm.layer(r, false).forward(reinterpret_cast<bf16*>(hm.rk[r].x), hm.rk[r].idx, hm.rk[r].w,
-                               hm.in[r].tokens, reinterpret_cast<bf16*>(hm.y(r, false)),
-                               hm.rk[r].stream);
-    cudaGraph_t graph;
-    FM_CHECK_CUDA(cudaStreamEndCapture(hm.rk[r].stream, &graph));
-    FM_CHECK_CUDA(cudaGraphInstantiate(&execs[r], graph, 0));
-    FM_CHECK_CUDA(cudaGraphDestroy(graph));
-  }
-  for (int replay = 0; replay < 3; ++replay) {
-    for (int r = 0; r < R; ++r) {
-      hm.poison_y(r, false);
-      FM_CHECK_CUDA(cudaGraphLaunch(execs[r], hm.rk[r].stream));
-    }
-    hm.sync(*hm.expanded);
-    for (int r = 0; r < R; ++r)
-      ASSERT_EQ(hm.y_host(r, false), eager[r]) << "replay " << replay << ", rank " << r;
-  }
-  for (cudaGraphExec_t e : execs) cudaGraphExecDestroy(e);
+  hm.expect_graph_replays_equal(false);
   std::printf("masked: 3 graph replays per rank == the eager forward bit for bit\n");
 }
 
