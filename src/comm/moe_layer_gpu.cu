@@ -281,6 +281,29 @@ MoeLayerGpu::~MoeLayerGpu() {
   cudaSetDevice(prev);
 }
 
+void MoeLayerGpu::set_weights(const ExpertWeightsGpu& routed, const ExpertWeightsGpu& shared) {
+  const std::string who = "MoeLayerGpu rank " + std::to_string(ep_.rank()) + ": set_weights";
+  FM_CHECK_ARG(phase_ == Phase::kIdle, who, " between a dispatch and its combine");
+  const auto same = [&](const ExpertWeightsGpu& now, const ExpertWeightsGpu& was,
+                        const char* what) {
+    FM_CHECK_ARG(now.groups == was.groups && now.hidden == was.hidden && now.inter == was.inter,
+                 who, ": ", what, " weights of ", now.groups, " groups, hidden ", now.hidden,
+                 ", inter ", now.inter, " (the layer was made for ", was.groups, ", ", was.hidden,
+                 ", ", was.inter, ")");
+    FM_CHECK_ARG(now.w13 != nullptr && now.s13 != nullptr && now.w2 != nullptr && now.s2 != nullptr,
+                 who, ": null ", what, " weight pointers");
+    if (options_.backward)
+      FM_CHECK_ARG(
+          now.w13t != nullptr && now.s13t != nullptr && now.w2t != nullptr && now.s2t != nullptr,
+          who, ": MoeLayerOptions::backward needs the ", what, " weights uploaded with_transposed");
+  };
+  same(routed, routed_, "routed");
+  same(shared, shared_, "shared");
+  routed_ = routed;
+  shared_ = shared;
+  bwd_phase_ = BwdPhase::kNone;
+}
+
 void MoeLayerGpu::forward(const bf16* x, const int32_t* topk_idx, const float* topk_w,
                           int64_t tokens, bf16* y, cudaStream_t stream) {
   dispatch(x, topk_idx, topk_w, tokens, stream);

@@ -379,11 +379,9 @@ struct DecoderLayerGpu::Impl {
   // redundant experts slot = logical expert.
   int64_t local_experts = 0, first_expert = 0;
   std::unique_ptr<comm::MoeLayerGpu> moe;
-  // Decoding over the low-latency kernels (reserve_low_latency_ep): the masked endpoint (a
-  // one-rank group, or the maker's) and its layer.
-  std::unique_ptr<comm::DeviceEpGroup> ep_ll;
-  std::unique_ptr<comm::DeviceEpRank> ep_rank_ll;
-  std::unique_ptr<comm::MoeLayerGpu> moe_ll;
+  // Decoding over the low-latency kernels (use_low_latency_moe): not owned, maybe shared with
+  // the model's other MoE layers (its weights set to this layer's before each forward).
+  comm::MoeLayerGpu* moe_ll = nullptr;
   std::unique_ptr<ExpertPlacementGpu> placement;  // redundant experts (serving); null: none
 
   // Device memory: one allocation.
@@ -418,9 +416,6 @@ struct DecoderLayerGpu::Impl {
     moe.reset();  // before its EP endpoint
     ep.reset();
     ep_rank.reset();
-    moe_ll.reset();
-    ep_ll.reset();
-    ep_rank_ll.reset();
     cudaFree(buffer);
   }
 };
@@ -763,7 +758,12 @@ void DecoderLayerGpu::ffn_forward(int64_t T, int64_t R, bool balance, double* ba
                            stream);
       slots = m.topk_phys;
     }
-    (low_latency_ep ? m.moe_ll : m.moe)->forward(m.f, slots, m.topk_w, T, m.mlp_out, stream);
+    if (low_latency_ep) {
+      m.moe_ll->set_weights(m.routed_w->view(), m.shared_w->view());
+      m.moe_ll->forward(m.f, slots, m.topk_w, T, m.mlp_out, stream);
+    } else {
+      m.moe->forward(m.f, slots, m.topk_w, T, m.mlp_out, stream);
+    }
   }
 }
 
@@ -790,39 +790,48 @@ void DecoderLayerGpu::reserve_decode(int64_t max_tokens, bool tensor_core_produc
   impl_->mla->reserve_decode(max_tokens, tensor_core_products);
 }
 
-void DecoderLayerGpu::reserve_low_latency_ep(int64_t max_tokens, const EpRankMaker& make_ep) {
-  Impl& m = *impl_;
-  if (!is_moe_) return;
-  FM_CHECK_ARG(!m.moe_ll, "DecoderLayerGpu::reserve_low_latency_ep: reserved already");
+comm::EpConfig DecoderLayerGpu::low_latency_ep_config(int64_t max_tokens) const {
+  const Impl& m = *impl_;
+  FM_CHECK_ARG(is_moe_, "DecoderLayerGpu::low_latency_ep_config: a dense layer has no EP group");
   // NOTE: the low-latency kernels take at most 1024 tokens a rank (comm/device_ep.h).
   FM_CHECK_ARG(max_tokens >= 1 && max_tokens <= std::min<int64_t>(m.T, 1024),
-               "DecoderLayerGpu::reserve_low_latency_ep: max_tokens=", max_tokens, " outside [1, ",
+               "DecoderLayerGpu::low_latency_ep_config: max_tokens=", max_tokens, " outside [1, ",
                std::min<int64_t>(m.T, 1024), "]");
-  const comm::DeviceEpRank& main = m.ep ? m.ep->rank(0) : *m.ep_rank;
-  comm::EpConfig ec = main.config();
+  comm::EpConfig ec = (m.ep ? m.ep->rank(0) : *m.ep_rank).config();
   ec.max_tokens_per_rank = max_tokens;
   ec.max_rows = 0;
   // Every token of every rank (no overflow), rounded up to 128 rows so that the experts may run
   // the grouped-contiguous GEMMs over the masked layout (comm::MaskedExperts).
   ec.masked_capacity = (ec.num_ranks * max_tokens + 127) / 128 * 128;
-  if (ec.num_ranks == 1) {
-    m.ep_ll = std::make_unique<comm::DeviceEpGroup>(ec, std::vector<int>{m.device});
-  } else {
-    FM_CHECK_ARG(static_cast<bool>(make_ep),
-                 "DecoderLayerGpu::reserve_low_latency_ep: ", ec.num_ranks,
-                 " EP ranks need an endpoint maker");
-    m.ep_rank_ll = make_ep(ec);
-    FM_CHECK_ARG(m.ep_rank_ll != nullptr && m.ep_rank_ll->config().num_ranks == ec.num_ranks &&
-                     m.ep_rank_ll->rank() == main.rank() && m.ep_rank_ll->device() == m.device,
-                 "DecoderLayerGpu::reserve_low_latency_ep: the EP maker returned no endpoint, or ",
-                 "one of another size, rank or device");
-  }
-  comm::DeviceEpRank& ep = m.ep_ll ? m.ep_ll->rank(0) : *m.ep_rank_ll;
-  m.moe_ll = std::make_unique<comm::MoeLayerGpu>(ep, m.routed_w->view(), m.shared_w->view());
+  return ec;
+}
+
+std::unique_ptr<comm::MoeLayerGpu> DecoderLayerGpu::make_low_latency_moe(
+    comm::DeviceEpRank& ep) const {
+  const Impl& m = *impl_;
+  FM_CHECK_ARG(is_moe_, "DecoderLayerGpu::make_low_latency_moe: a dense layer");
+  return std::make_unique<comm::MoeLayerGpu>(ep, m.routed_w->view(), m.shared_w->view());
+}
+
+void DecoderLayerGpu::use_low_latency_moe(comm::MoeLayerGpu* moe) {
+  Impl& m = *impl_;
+  FM_CHECK_ARG(is_moe_, "DecoderLayerGpu::use_low_latency_moe: a dense layer");
+  FM_CHECK_ARG(moe != nullptr && moe->masked(),
+               "DecoderLayerGpu::use_low_latency_moe: needs a masked MoeLayerGpu");
+  const comm::DeviceEpRank& main = m.ep ? m.ep->rank(0) : *m.ep_rank;
+  comm::DeviceEpRank& ep = moe->ep();
+  FM_CHECK_ARG(ep.config().num_experts == main.config().num_experts &&
+                   ep.config().num_ranks == main.config().num_ranks && ep.rank() == main.rank() &&
+                   ep.device() == m.device,
+               "DecoderLayerGpu::use_low_latency_moe: the endpoint's ", ep.config().num_experts,
+               " experts over ", ep.config().num_ranks, " ranks (rank ", ep.rank(), ", device ",
+               ep.device(), ") are not this layer's ", main.config().num_experts, " over ",
+               main.config().num_ranks, " (rank ", main.rank(), ", device ", m.device, ")");
+  m.moe_ll = moe;
 }
 
 bool DecoderLayerGpu::has_low_latency_ep() const {
-  return static_cast<bool>(impl_->moe_ll);
+  return impl_->moe_ll != nullptr;
 }
 
 const MlaBlockGpu& DecoderLayerGpu::attention() const {
@@ -834,8 +843,8 @@ void DecoderLayerGpu::forward_decode(const bf16* h, const int32_t* pos, int64_t 
                                      const kernels::MlaDecodePlan& plan, void* workspace, bf16* out,
                                      uint32_t* status, cudaStream_t stream, bool low_latency_ep) {
   Impl& m = *impl_;
-  FM_CHECK_ARG(!low_latency_ep || !is_moe_ || m.moe_ll,
-               "DecoderLayerGpu::forward_decode: low_latency_ep without reserve_low_latency_ep");
+  FM_CHECK_ARG(!low_latency_ep || !is_moe_ || m.moe_ll != nullptr,
+               "DecoderLayerGpu::forward_decode: low_latency_ep without use_low_latency_moe");
   FM_CHECK_ARG(h != nullptr && pos != nullptr && out != nullptr && out != h,
                "DecoderLayerGpu::forward_decode: null h, pos or out, or out aliasing h");
   FM_CHECK_ARG(batch > 0 && queries > 0 && batch <= m.T / queries,

@@ -117,9 +117,15 @@ struct ModelGpu::Impl {
   std::vector<MtpParams> mtp_params;
 
   std::unique_ptr<RopeTableGpu> rope;
-  std::vector<std::unique_ptr<DecoderLayerGpu>> layers;    // main, then the MTP blocks
-  std::vector<DecoderLayerGpu*> moe_layers;                // expert_load's order
-  bool low_latency_ep = false;                             // reserve_low_latency_ep ran
+  std::vector<std::unique_ptr<DecoderLayerGpu>> layers;  // main, then the MTP blocks
+  std::vector<DecoderLayerGpu*> moe_layers;              // expert_load's order
+  bool low_latency_ep = false;                           // reserve_low_latency_ep ran
+  // Its masked endpoints (one-rank groups, or the maker's) and the MoE layers over them, shared
+  // by the decoder layers (destroyed before the decoder layers, the MoE layers before their
+  // endpoints).
+  std::vector<std::unique_ptr<comm::DeviceEpGroup>> ll_groups;
+  std::vector<std::unique_ptr<comm::DeviceEpRank>> ll_ranks;
+  std::vector<std::unique_ptr<comm::MoeLayerGpu>> ll_layers;
   std::vector<std::unique_ptr<LinearWeightsDevice>> eh_w;  // per depth
   std::vector<std::unique_ptr<LinearFp8Gpu>> eh;           // per depth
   std::vector<std::unique_ptr<LinearBf16Gpu>> heads;       // main, then per depth
@@ -688,13 +694,31 @@ void ModelGpu::reserve_low_latency_ep(int64_t max_tokens) {
   Impl& m = *impl_;
   FM_CHECK_ARG(!m.low_latency_ep, "ModelGpu::reserve_low_latency_ep: reserved already");
   const int blocks = static_cast<int>(m.moe_layers.size());
-  for (int block = 0; block < blocks; ++block) {
-    EpRankMaker make_ep;
-    if (m.par.world > 1)
-      make_ep = [&m, blocks, block](const comm::EpConfig& cfg) {
-        return m.par.make_ep_rank(blocks + block, cfg);
-      };
-    m.moe_layers[static_cast<size_t>(block)]->reserve_low_latency_ep(max_tokens, make_ep);
+  // One endpoint and layer per expert-slot count, shared by the blocks of that count (they run
+  // one after the other); every rank makes them in the same order (the placements are the same
+  // on every rank).
+  std::map<int, comm::MoeLayerGpu*> by_slots;
+  for (DecoderLayerGpu* layer : m.moe_layers) {
+    const comm::EpConfig cfg = layer->low_latency_ep_config(max_tokens);
+    comm::MoeLayerGpu*& shared = by_slots[cfg.num_experts];
+    if (shared == nullptr) {
+      comm::DeviceEpRank* ep = nullptr;
+      if (m.par.world > 1) {
+        const int id = blocks + static_cast<int>(m.ll_ranks.size());
+        m.ll_ranks.push_back(m.par.make_ep_rank(id, cfg));
+        FM_CHECK_ARG(m.ll_ranks.back() != nullptr,
+                     "ModelGpu::reserve_low_latency_ep: the EP maker returned no endpoint");
+        ep = m.ll_ranks.back().get();
+      } else {
+        int device = 0;
+        FM_CHECK_CUDA(cudaGetDevice(&device));
+        m.ll_groups.push_back(std::make_unique<comm::DeviceEpGroup>(cfg, std::vector<int>{device}));
+        ep = &m.ll_groups.back()->rank(0);
+      }
+      m.ll_layers.push_back(layer->make_low_latency_moe(*ep));
+      shared = m.ll_layers.back().get();
+    }
+    layer->use_low_latency_moe(shared);
   }
   m.low_latency_ep = true;
 }

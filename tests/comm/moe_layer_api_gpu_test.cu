@@ -444,6 +444,11 @@ TEST(MoeLayerApi, BadShapesAndOrderThrow) {
   expect_invalid([&] { layer.experts(s); }, "experts() needs dispatch()");
   expect_invalid([&] { layer.combine(xb, s); }, "combine() needs dispatch() and experts()");
   expect_invalid([&] { layer.forward(xb, idx, w, Tmax + 1, xb, s); }, "tokens=385");
+  expect_invalid([&] { layer.set_weights(two.view(), shared.view()); },
+                 "set_weights: routed weights of 2 groups");
+  expect_invalid([&] { layer.set_weights(routed.view(), narrow.view()); },
+                 "set_weights: shared weights of");
+  layer.set_weights(routed.view(), shared.view());  // the same dimensions: taken
   cudaFree(x);
   cudaFree(idx);
   cudaFree(w);

@@ -140,6 +140,13 @@ class MoeLayerGpu {
   void experts_backward(const MoeLayerGrads& grads, cudaStream_t stream);
   void dispatch_backward(bf16* grad_x, cudaStream_t stream);
 
+  // Another layer's weights for the following calls (the same groups, hidden and inter as the
+  // constructor's; views kept, not copied): one MoeLayerGpu, its endpoint and its workspaces can
+  // then serve every MoE layer of a model in turn, as the decoding path does (the layers run one
+  // after the other; DeepEP's one buffer). Between forwards only (kInvalidArgument otherwise); a
+  // pending backward is dropped.
+  void set_weights(const ExpertWeightsGpu& routed, const ExpertWeightsGpu& shared);
+
   bool gathered() const { return gathered_; }
   bool masked() const { return masked_; }
   // Masked configs: the routed experts run the masked GEMMs (MaskedExperts, as resolved).

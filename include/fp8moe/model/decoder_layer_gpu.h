@@ -30,6 +30,7 @@
 #include <string>
 
 #include "fp8moe/comm/device_ep.h"
+#include "fp8moe/comm/moe_layer_gpu.h"
 #include "fp8moe/core/dtypes.h"
 #include "fp8moe/kernels/fp8_gemm.h"
 #include "fp8moe/model/config.h"
@@ -103,17 +104,20 @@ class DecoderLayerGpu {
   // the FFN / MoE as forward's (the router's expert_load counted: serving-time load for EPLB;
   // no balance loss). batch * queries <= the constructor's batch * seq. reserve_decode first.
   void reserve_decode(int64_t max_tokens, bool tensor_core_products = false);
-  // MoE layers (a no-op on dense ones): a second EP endpoint and MoeLayerGpu for decoding, on the
-  // masked layout of low-latency mode (EpConfig::masked_capacity = ranks * max_tokens rounded up
-  // to 128, so no expert overflows; the EP kernels' low-latency form: no notify / layout chain,
-  // comm/device_ep.h; the experts' GEMMs as comm::MaskedExperts::kAuto picks)
-  // over the same slots, weights and placement. ep_ranks > 1: make_ep makes it (every rank's
-  // layers in the same order, as at construction); 1: a one-rank group of the layer's own.
-  // Outside any graph capture; max_tokens in [1, min(batch * seq, 1024)].
-  void reserve_low_latency_ep(int64_t max_tokens, const EpRankMaker& make_ep = {});
+  // Decoding over the EP kernels' low-latency form (MoE layers; ModelGpu::reserve_low_latency_ep
+  // wires it): the masked config of this layer's EP group for max_tokens a rank
+  // (EpConfig::masked_capacity = ranks * max_tokens rounded up to 128, so no expert overflows;
+  // max_tokens in [1, min(batch * seq, 1024)]), a masked comm::MoeLayerGpu over such an endpoint
+  // holding this layer's weights, and the one this layer decodes through — which may serve every
+  // MoE layer of the model in turn (MoeLayerGpu::set_weights before each forward), so that the
+  // masked endpoint and its workspaces exist once, not once a layer. The MoeLayerGpu must outlive
+  // the layer's decoding calls; its endpoint's rank and device must be the layer's.
+  comm::EpConfig low_latency_ep_config(int64_t max_tokens) const;
+  std::unique_ptr<comm::MoeLayerGpu> make_low_latency_moe(comm::DeviceEpRank& ep) const;
+  void use_low_latency_moe(comm::MoeLayerGpu* moe);
   bool has_low_latency_ep() const;
   // low_latency_ep: the MoE exchange of this step over the low-latency endpoint
-  // (reserve_low_latency_ep first; batch * queries <= its max_tokens). Collective: every rank's
+  // (use_low_latency_moe first; batch * queries <= its max_tokens). Collective: every rank's
   // layer must take the same path in the same step. The same bits either way (MoeLayerGpu).
   void forward_decode(const bf16* h, const int32_t* pos, int64_t batch, int64_t queries,
                       const MlaLatentCacheView& cache, const kernels::MlaDecodePlan& plan,

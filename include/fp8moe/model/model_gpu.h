@@ -130,10 +130,12 @@ class ModelGpu {
   // tensor_core_products: MlaBlockGpu::reserve_decode's (the attention's per-head products).
   void reserve_decode(int64_t max_tokens, bool tensor_core_products = false);
   // Every MoE layer's (the MTP modules' too) decoding exchange over the EP kernels' low-latency
-  // form as well (DecoderLayerGpu::reserve_low_latency_ep; with several ranks through
-  // ModelGpuParallel::make_ep_rank, blocks numbered after the layers' own). Collective, outside
-  // any graph capture; max_tokens (a rank's rows in one decoding step) in [1, min(batch * seq,
-  // 1024)]. Then decode / decode_mtp take low_latency_ep.
+  // form as well: ONE masked endpoint and comm::MoeLayerGpu (its workspaces) for all the MoE
+  // layers of an expert-slot count (one, unless redundant-expert placements differ in size),
+  // each layer setting its weights before its forward (DecoderLayerGpu::use_low_latency_moe);
+  // with several ranks the endpoints come from ModelGpuParallel::make_ep_rank, numbered after the
+  // layers' blocks. Collective, outside any graph capture; max_tokens (a rank's rows in one
+  // decoding step) in [1, min(batch * seq, 1024)]. Then decode / decode_mtp take low_latency_ep.
   void reserve_low_latency_ep(int64_t max_tokens);
   bool has_low_latency_ep() const;
   // head_rows (>= batch; 0: batch): rows the output head computes (logits' rows past batch are
