@@ -162,21 +162,9 @@ int main(int argc, char** argv) try {
       k.x = device_alloc<uint16_t>(Tmax * H);
       fill_bf16_kernel<<<kFillBlocks, 256, 0, k.stream>>>(k.x, Tmax * H, 7 + r);
       FM_CHECK_LAUNCH();
-      std::vector<int32_t> idx(Tmax * sh->top_k);
-      std::vector<float> w(Tmax * sh->top_k);
-      PhiloxStream rng(4321, r);
-      for (int64_t t = 0; t < Tmax; ++t)
-        for (int j = 0; j < sh->top_k; ++j) {
-          int32_t e;
-          bool dup;
-          do {
-            e = static_cast<int32_t>(rng.next_u32() % sh->experts);
-            dup = false;
-            for (int q = 0; q < j; ++q) dup |= idx[t * sh->top_k + q] == e;
-          } while (dup);
-          idx[t * sh->top_k + j] = e;
-          w[t * sh->top_k + j] = 0.05f + 0.25f * rng.uniform();
-        }
+      std::vector<int32_t> idx;
+      std::vector<float> w;
+      random_topk(Tmax, sh->top_k, sh->experts, 4321, static_cast<uint64_t>(r), idx, w);
       k.idx = device_alloc<int32_t>(idx.size());
       k.w = device_alloc<float>(w.size());
       FM_CHECK_CUDA(cudaMemcpy(k.idx, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));

@@ -123,21 +123,9 @@ int main(int argc, char** argv) try {
     fill_bf16_kernel<<<kFillBlocks, 256, 0, k.stream>>>(k.gy, T * H, 17 + r);
     FM_CHECK_LAUNCH();
     // Uniform random top-k of distinct experts, gate weights in [0.05, 0.3].
-    std::vector<int32_t> idx(T * cfg.top_k);
-    std::vector<float> w(T * cfg.top_k);
-    PhiloxStream rng(1234, r);
-    for (int64_t t = 0; t < T; ++t)
-      for (int j = 0; j < cfg.top_k; ++j) {
-        int32_t e;
-        bool dup;
-        do {
-          e = static_cast<int32_t>(rng.next_u32() % cfg.num_experts);
-          dup = false;
-          for (int q = 0; q < j; ++q) dup |= idx[t * cfg.top_k + q] == e;
-        } while (dup);
-        idx[t * cfg.top_k + j] = e;
-        w[t * cfg.top_k + j] = 0.05f + 0.25f * rng.uniform();
-      }
+    std::vector<int32_t> idx;
+    std::vector<float> w;
+    random_topk(T, cfg.top_k, cfg.num_experts, 1234, static_cast<uint64_t>(r), idx, w);
     k.idx = device_alloc<int32_t>(T * cfg.top_k);
     k.w = device_alloc<float>(T * cfg.top_k);
     FM_CHECK_CUDA(cudaMemcpy(k.idx, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));

@@ -40,6 +40,27 @@ __global__ void fill_bf16_kernel(uint16_t* p, int64_t n, uint64_t seed) {
   }
 }
 
+// Uniform random routing of `tokens` tokens: top_k distinct experts of `experts` each, gate
+// weights in [0.05, 0.3], from Philox stream (seed, stream); [tokens * top_k] each.
+inline void random_topk(int64_t tokens, int top_k, int experts, uint64_t seed, uint64_t stream,
+                        std::vector<int32_t>& idx, std::vector<float>& w) {
+  idx.assign(static_cast<size_t>(tokens * top_k), 0);
+  w.assign(static_cast<size_t>(tokens * top_k), 0.0f);
+  PhiloxStream rng(seed, stream);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int j = 0; j < top_k; ++j) {
+      int32_t e;
+      bool dup;
+      do {
+        e = static_cast<int32_t>(rng.next_u32() % experts);
+        dup = false;
+        for (int q = 0; q < j; ++q) dup |= idx[t * top_k + q] == e;
+      } while (dup);
+      idx[t * top_k + j] = e;
+      w[t * top_k + j] = 0.05f + 0.25f * rng.uniform();
+    }
+}
+
 template <typename T>
 T* device_alloc(int64_t n) {
   void* p = nullptr;
