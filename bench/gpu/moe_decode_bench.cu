@@ -36,7 +36,6 @@
 #include "fp8moe/comm/moe_layer_gpu.h"
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/core/error.h"
-#include "fp8moe/core/philox.h"
 #include "gated_timing.cuh"
 #include "random_expert_weights.cuh"
 
