@@ -16,10 +16,9 @@
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
 #include "fp8moe/kernels/mla_absorb.h"
+#include "mla_absorb_common.cuh"
 
 namespace fp8moe::kernels {
-
-void mla_absorb_check_dims(const char* who, const MlaAbsorbDims& d, int64_t tokens);
 
 namespace {
 
@@ -69,12 +68,7 @@ __global__ void __launch_bounds__(kCols)
       for (int k = 0; k < 128; ++k) acc = __fmaf_rn(qs[tt][k], w[k], acc);
       q_lat[((t0 + tt) * d.heads + h) * od + j] = to_bf16(acc);
     }
-    if (blockIdx.x == 0)  // q_pe rides along after the latent
-      for (int64_t i = threadIdx.x; i < n * d.rope_dim; i += kCols) {
-        const int64_t t = t0 + i / d.rope_dim, r = i % d.rope_dim;
-        q_lat[(t * d.heads + h) * od + d.latent_dim + r] =
-            q[(t * d.heads + h) * qd + d.nope_dim + r];
-      }
+    if (blockIdx.x == 0) copy_q_pe(q, q_lat, d, h, t0, n);
   }
 }
 

@@ -15,10 +15,10 @@
 #include "fp8moe/core/error.h"
 #include "fp8moe/fp8/codec.h"
 #include "fp8moe/kernels/mla_absorb.h"
+#include "mla_absorb_common.cuh"
 
 namespace fp8moe::kernels {
 
-void mla_absorb_check_dims(const char* who, const MlaAbsorbDims& d, int64_t tokens);
 // mla_absorb.cu: the token slices of a grid, 32 tokens a slice (kTileTokens here).
 unsigned mla_absorb_token_slices(int64_t tokens, int64_t ctas);
 
@@ -104,12 +104,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();
     }
     const int n_rows = static_cast<int>(tokens - t0 < kTileTokens ? tokens - t0 : kTileTokens);
-    if (blockIdx.x == 0)  // q_pe rides along after the latent
-      for (int64_t i = threadIdx.x; i < n_rows * d.rope_dim; i += kThreads) {
-        const int64_t t = t0 + i / d.rope_dim, r = i % d.rope_dim;
-        q_lat[(t * d.heads + h) * od + d.latent_dim + r] =
-            q[(t * d.heads + h) * qd + d.nope_dim + r];
-      }
+    if (blockIdx.x == 0) copy_q_pe(q, q_lat, d, h, t0, n_rows);
   }
 }
 

@@ -311,9 +311,10 @@ void fp8_gemm_nt_grouped_masked(const uint8_t* a, const float* sa, const uint8_t
   if (max_m == 0) return;
   check_pointers(a, sa, b, sb, d);
   sm90::check_aligned(masked_m, "masked_m", 4);
-  GemmTileConfig c = sm90::resolve_config(
-      GemmShape{GemmKind::kGroupedMasked, expected_m > 0 ? expected_m : max_m, n, k, num_groups},
-      force);
+  GemmTileConfig c =
+      sm90::resolve_config(GemmShape{GemmKind::kGroupedMasked,
+                                     gemm_masked_plan_rows(expected_m, max_m), n, k, num_groups},
+                           force);
   c.cluster = 1;
   GemmParams p{};
   p.form = Form::kMasked;

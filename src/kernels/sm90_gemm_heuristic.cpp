@@ -458,4 +458,12 @@ std::string describe_tile_config(const GemmTileConfig& c) {
   return out.str();
 }
 
+int64_t gemm_masked_plan_rows(int64_t expected_m, int64_t max_m) {
+  FM_CHECK_ARG(max_m >= 0 && expected_m >= 0 && expected_m <= max_m,
+               "gemm_masked_plan_rows: expected_m=", expected_m, " outside [0, max_m=", max_m, "]");
+  if (expected_m == 0) return max_m;
+  const auto spread = static_cast<int64_t>(std::ceil(2.0 * std::sqrt(double(expected_m))));
+  return std::min(max_m, expected_m + spread);
+}
+
 }  // namespace fp8moe::kernels

@@ -504,6 +504,27 @@ TEST(Sm90GemmHeuristic, Tile128x64WhereMeasuredFaster) {
       EXPECT_NE(choose_gemm_tile({kind, m, 7168, 2048, 4}, kH100Sms, kH100Smem).block_n, 64);
 }
 
+TEST(Sm90GemmHeuristic, MaskedTilesAreChosenForTheMeanPlusItsSpread) {
+  EXPECT_EQ(gemm_masked_plan_rows(0, 256), 256);  // no hint: the capacity
+  EXPECT_EQ(gemm_masked_plan_rows(1, 256), 3);
+  EXPECT_EQ(gemm_masked_plan_rows(8, 256), 8 + 6);  // ceil(2 sqrt(8)) = 6
+  EXPECT_EQ(gemm_masked_plan_rows(64, 256), 64 + 16);
+  EXPECT_EQ(gemm_masked_plan_rows(250, 256), 256);  // never past the capacity
+  EXPECT_EQ(gemm_masked_plan_rows(0, 0), 0);
+  EXPECT_THROW(gemm_masked_plan_rows(-1, 256), Error);
+  EXPECT_THROW(gemm_masked_plan_rows(257, 256), Error);
+  // V3's widths at a mean of 64 rows an expert (16 experts a rank): 64-row tiles for the mean
+  // alone, 128-row tiles for the rows most experts hold; a mean of 8 keeps 64-row tiles.
+  const auto pick = [](int64_t rows, int64_t n, int64_t k) {
+    return choose_gemm_tile({GemmKind::kGroupedMasked, rows, n, k, 16}, kH100Sms, kH100Smem);
+  };
+  for (const auto& [n, k] : {std::pair<int64_t, int64_t>{4096, 7168}, {7168, 2048}}) {
+    EXPECT_EQ(pick(64, n, k).block_m, 64) << n << "x" << k;
+    EXPECT_EQ(pick(gemm_masked_plan_rows(64, 256), n, k).block_m, 128) << n << "x" << k;
+    EXPECT_EQ(pick(gemm_masked_plan_rows(8, 256), n, k).block_m, 64) << n << "x" << k;
+  }
+}
+
 TEST(Sm90GemmHeuristic, RejectsImpossibleSettings) {
   EXPECT_THROW(choose_gemm_tile({GemmKind::kDense, 64, 64, 128, 1}, 0, kH100Smem), Error);
   EXPECT_THROW(choose_gemm_tile({GemmKind::kDense, 64, 64, 128, 1}, kH100Sms, 40 * 1024), Error);

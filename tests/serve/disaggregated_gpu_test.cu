@@ -27,6 +27,8 @@
 namespace fp8moe::serve {
 namespace {
 
+using test_support::greedy_sampling;
+using test_support::nucleus_sampling;
 using test_support::random_tokens;
 
 ModelConfig config_with_mtp() {
@@ -43,14 +45,7 @@ std::vector<std::vector<int32_t>> five_prompts() {
 }
 
 std::vector<SamplingOptions> samplings() {
-  SamplingOptions greedy;
-  greedy.max_new_tokens = 12;
-  greedy.ignore_eos = true;
-  SamplingOptions sampled = greedy;
-  sampled.temperature = 0.8;
-  sampled.top_p = 0.9;
-  sampled.seed = 9;
-  return {greedy, sampled};
+  return {greedy_sampling(12), nucleus_sampling(12, 9)};
 }
 
 TEST(DisaggregatedGpu, HandoffOnOneGpuKeepsTheText) {

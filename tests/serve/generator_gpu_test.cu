@@ -37,6 +37,7 @@
 namespace fp8moe::serve {
 namespace {
 
+using test_support::greedy_sampling;
 using test_support::random_tokens;
 
 // The tests' model (serve_test_support.h), no MTP module unless asked.
@@ -275,9 +276,7 @@ TEST(ServeGpu, TextDoesNotDependOnTheBatch) {
   const std::vector<std::vector<int32_t>> prompts = {
       random_tokens(5, 512, 1), random_tokens(70, 512, 2), random_tokens(130, 512, 3),
       random_tokens(9, 512, 4)};
-  SamplingOptions s;
-  s.max_new_tokens = 12;
-  s.ignore_eos = true;
+  SamplingOptions s = greedy_sampling(12);
   GenerationStats st;
   const auto together = gen.generate(prompts, s, &st);
   EXPECT_EQ(st.max_running, 3);
@@ -303,9 +302,7 @@ TEST(ServeGpu, SampledTextDoesNotDependOnTheBatch) {
   GeneratorGpu gen(cpu, options(3));
   const std::vector<std::vector<int32_t>> prompts = {
       random_tokens(7, 512, 5), random_tokens(100, 512, 6), random_tokens(33, 512, 7)};
-  SamplingOptions s;
-  s.max_new_tokens = 10;
-  s.ignore_eos = true;
+  SamplingOptions s = greedy_sampling(10);
   const auto greedy_device = gen.generate(prompts, s);
   gen.set_device_sampling(false);
   EXPECT_EQ(gen.generate(prompts, s), greedy_device);
@@ -333,9 +330,7 @@ TEST(ServeGpu, MtpDraftKeepsTheGreedyText) {
   GeneratorGpu gen(cpu, options(3, 48));
   const std::vector<std::vector<int32_t>> prompts = {
       random_tokens(5, 512, 41), random_tokens(100, 512, 42), random_tokens(33, 512, 43)};
-  SamplingOptions s;
-  s.max_new_tokens = 16;
-  s.ignore_eos = true;
+  SamplingOptions s = greedy_sampling(16);
   const auto plain = gen.generate(prompts, s);
   gen.set_mtp_draft(true);
   GenerationStats st;
@@ -381,9 +376,7 @@ TEST(ServeGpu, BatchedPrefillKeepsTheText) {
   batched.prefill_batch = 4;
   wide.prefill_batch = 4;
   GeneratorGpu g1(cpu, one), gb(cpu, batched), gw(cpu, wide);
-  SamplingOptions s;
-  s.max_new_tokens = 10;
-  s.ignore_eos = true;
+  SamplingOptions s = greedy_sampling(10);
   GenerationStats s1, sb, sw;
   const auto want = g1.generate(prompts, s, &s1);
   EXPECT_EQ(gb.generate(prompts, s, &sb), want);

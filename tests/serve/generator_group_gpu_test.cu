@@ -31,6 +31,8 @@
 namespace fp8moe::serve {
 namespace {
 
+using test_support::greedy_sampling;
+using test_support::nucleus_sampling;
 using test_support::random_tokens;
 using test_support::two_gpus;
 
@@ -53,13 +55,8 @@ void expect_rank_invariant(const std::vector<int>& devices) {
   const ModelConfig cfg = group_config(0);
   Model cpu(cfg, 11);
   const auto prompts = six_prompts();
-  SamplingOptions greedy;
-  greedy.max_new_tokens = 12;
-  greedy.ignore_eos = true;
-  SamplingOptions sampled = greedy;
-  sampled.temperature = 0.8;
-  sampled.top_p = 0.9;
-  sampled.seed = 3;
+  const SamplingOptions greedy = greedy_sampling(12);
+  const SamplingOptions sampled = nucleus_sampling(12, 3);
   std::vector<std::vector<int32_t>> one_greedy, one_sampled;
   {
     GeneratorGpu one(cpu, options());
@@ -108,9 +105,7 @@ TEST(GeneratorGroup, MtpDraftKeepsTheGreedyText) {
   const ModelConfig cfg = group_config(1);
   Model cpu(cfg, 12);
   const auto prompts = six_prompts();
-  SamplingOptions s;
-  s.max_new_tokens = 10;
-  s.ignore_eos = true;
+  SamplingOptions s = greedy_sampling(10);
   if (!two_gpus()) GTEST_SKIP() << "one GPU visible";
   const std::vector<int> devices = {0, 1};
   std::fprintf(stderr, "[ group ] %s, MTP draft: start\n", "two GPUs");
@@ -134,13 +129,8 @@ TEST(GeneratorGroup, LowLatencyExchangeKeepsTheText) {
   const ModelConfig cfg = group_config(1);
   Model cpu(cfg, 14);
   const auto prompts = six_prompts();
-  SamplingOptions greedy;
-  greedy.max_new_tokens = 12;
-  greedy.ignore_eos = true;
-  SamplingOptions sampled = greedy;
-  sampled.temperature = 0.8;
-  sampled.top_p = 0.9;
-  sampled.seed = 5;
+  const SamplingOptions greedy = greedy_sampling(12);
+  const SamplingOptions sampled = nucleus_sampling(12, 5);
   GeneratorOptions normal = options(), ll = options();
   normal.low_latency_ep = false;
   ll.low_latency_ep = true;

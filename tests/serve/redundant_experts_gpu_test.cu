@@ -30,6 +30,8 @@
 namespace fp8moe::serve {
 namespace {
 
+using test_support::greedy_sampling;
+using test_support::nucleus_sampling;
 using test_support::random_tokens;
 using test_support::two_gpus;
 
@@ -50,13 +52,8 @@ ExpertPlacement twelve_slots() {
 TEST(RedundantExperts, OneGpuTextIsTheSameBits) {
   const ModelConfig cfg = test_support::serve_config(0, 1, "redundant experts test config");
   Model cpu(cfg, 21);
-  SamplingOptions greedy;
-  greedy.max_new_tokens = 12;
-  greedy.ignore_eos = true;
-  SamplingOptions sampled = greedy;
-  sampled.temperature = 0.8;
-  sampled.top_p = 0.9;
-  sampled.seed = 5;
+  const SamplingOptions greedy = greedy_sampling(12);
+  const SamplingOptions sampled = nucleus_sampling(12, 5);
   GenerationStats plain_st, placed_st;
   std::vector<std::vector<int32_t>> plain_g, plain_s, placed_g, placed_s;
   {
@@ -86,9 +83,7 @@ TEST(RedundantExperts, TwoGpusServeOverThePlanOfTheirLoad) {
   if (!two_gpus()) GTEST_SKIP() << "one GPU visible";
   const ModelConfig cfg = test_support::serve_config(0, 1, "redundant experts test config");
   Model cpu(cfg, 22);
-  SamplingOptions greedy;
-  greedy.max_new_tokens = 12;
-  greedy.ignore_eos = true;
+  SamplingOptions greedy = greedy_sampling(12);
   std::vector<std::vector<int32_t>> plain;
   std::vector<int64_t> load(8, 0);
   {

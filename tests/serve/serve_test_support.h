@@ -14,6 +14,7 @@
 #include "fp8moe/core/cuda_check.h"
 #include "fp8moe/model/config.h"
 #include "fp8moe/serve/generator_gpu.h"
+#include "fp8moe/serve/sampling_options.h"
 
 namespace fp8moe::serve::test_support {
 
@@ -45,6 +46,23 @@ inline GeneratorOptions three_at_once() {
   o.context = 256;
   o.prefill_chunk = 48;
   return o;
+}
+
+// Greedy decoding of a fixed length (EOS ignored, so every text is max_new_tokens long).
+inline SamplingOptions greedy_sampling(int64_t max_new_tokens) {
+  SamplingOptions s;
+  s.max_new_tokens = max_new_tokens;
+  s.ignore_eos = true;
+  return s;
+}
+
+// The same length drawn at temperature 0.8 and top-p 0.9 from `seed`.
+inline SamplingOptions nucleus_sampling(int64_t max_new_tokens, uint64_t seed) {
+  SamplingOptions s = greedy_sampling(max_new_tokens);
+  s.temperature = 0.8;
+  s.top_p = 0.9;
+  s.seed = seed;
+  return s;
 }
 
 // The tests of one rank a GPU need two visible (skipped otherwise).

@@ -95,10 +95,11 @@ void fp8_gemm_nt_grouped_contiguous_gathered(GatheredRows a, const float* sa, co
 // MoE grouped, masked (decoding under CUDA graphs): A [G,max_m,K], sa [G][KB][pad(max_m)],
 // masked_m [G] (int32, device: the valid rows of each group, read on the device only),
 // B [G,N,K], sb [G][ceil(N/128)][KB]; D [G,max_m,N], rows >= masked_m[g] left untouched.
-// expected_m (0: max_m): the rows a group is expected to hold, what the tile choice is made for
-// (the host never sees masked_m; a capacity sized for the worst case, e.g. every token of every
-// rank on one expert, would pick 256-row tiles for groups of a few rows). Any masked_m up to
-// max_m is still computed in full; only the speed depends on the hint.
+// expected_m (0: max_m): the mean rows a group is expected to hold; the tiles are chosen for
+// that mean plus its spread (gemm_masked_plan_rows). The host never sees masked_m; a capacity
+// sized for the worst case, e.g. every token of every rank on one expert, would pick 256-row
+// tiles for groups of a few rows. Any masked_m up to max_m is still computed in full; only the
+// speed depends on the hint.
 void fp8_gemm_nt_grouped_masked(const uint8_t* a, const float* sa, const uint8_t* b,
                                 const float* sb, bf16* d, const int32_t* masked_m,
                                 int64_t num_groups, int64_t max_m, int64_t n, int64_t k,

@@ -135,4 +135,13 @@ GemmTileConfig choose_gemm_tile(const GemmShape& shape, int num_sms, int64_t sme
 GemmTileConfig gemm_gathered_tile(const GemmShape& shape, int num_sms, int64_t smem_limit,
                                   double dram_bytes_per_s = kDefaultDramBytesPerS);
 
+// The rows a group's tiles are chosen for in the masked form, given the caller's expected_m (the
+// mean rows a group holds; 0: none given, max_m): the mean plus two standard deviations of a
+// Poisson count (ceil(2 sqrt(mean))), at most max_m. Decoding's groups scatter around their mean
+// (uniform routing makes an expert's count binomial), so tiles fitted to the mean itself leave
+// about half of the groups a second, mostly empty row tile, which streams the expert's weights
+// again: at a mean of 64 rows the 64-row tiles ran the V3-width layer 0.97x the grouped path's
+// 128-row tiles (docs/results/moe-decode-2026-11-27-2xh200.md).
+int64_t gemm_masked_plan_rows(int64_t expected_m, int64_t max_m);
+
 }  // namespace fp8moe::kernels
