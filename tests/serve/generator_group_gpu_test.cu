@@ -12,6 +12,8 @@
 // - The MTP draft over two ranks keeps the two-rank greedy text.
 // - Decoding passes over the low-latency EP kernels (GeneratorOptions::low_latency_ep, the
 //   default) give the texts of the normal kernels, greedy, sampled and with the MTP draft.
+// - Four ranks on four GPUs (skipped under four visible): the rank invariance and the low-latency
+//   check again, two experts a rank.
 // Run: test_serve_gpu --gtest_filter='GeneratorGroup*'
 #include <gtest/gtest.h>
 
@@ -49,8 +51,25 @@ std::vector<std::vector<int32_t>> six_prompts() {
           random_tokens(130, 512, 54), random_tokens(9, 512, 55),   random_tokens(64, 512, 56)};
 }
 
-// Six prompts on two ranks on `devices`: spread, all on rank 0, the other way round and sampled;
-// against one rank's texts.
+// Rank of prompt i when handed out backwards: R - 1, R - 2, ..., 0, R - 1, ...
+std::vector<int> backwards(size_t prompts, int ranks) {
+  std::vector<int> r(prompts);
+  for (size_t i = 0; i < prompts; ++i) r[i] = ranks - 1 - static_cast<int>(i % ranks);
+  return r;
+}
+
+// GPUs 0 .. n - 1 when that many are visible, else empty.
+std::vector<int> first_gpus(int n) {
+  int count = 0;
+  FM_CHECK_CUDA(cudaGetDeviceCount(&count));
+  std::vector<int> d;
+  if (count >= n)
+    for (int i = 0; i < n; ++i) d.push_back(i);
+  return d;
+}
+
+// Six prompts on one rank a GPU of `devices`: spread, all on rank 0 (the others idle through
+// their lockstep passes), backwards and sampled; against one rank's texts.
 void expect_rank_invariant(const std::vector<int>& devices) {
   const ModelConfig cfg = group_config(0);
   Model cpu(cfg, 11);
@@ -63,37 +82,81 @@ void expect_rank_invariant(const std::vector<int>& devices) {
     one_greedy = one.generate(prompts, greedy);
     one_sampled = one.generate(prompts, sampled);
   }
-  const char* where = "two GPUs";  // one rank each
+  const int ranks = static_cast<int>(devices.size());
+  const std::string where = std::to_string(ranks) + " GPUs";  // one rank each
   GeneratorGroup group(cpu, options(), devices);
-  ASSERT_EQ(group.ranks(), 2);
-  std::fprintf(stderr, "[ group ] %s: two ranks made\n", where);
+  ASSERT_EQ(group.ranks(), ranks);
+  std::fprintf(stderr, "[ group ] %s: ranks made\n", where.c_str());
   std::vector<GenerationStats> st;
   const auto spread = group.generate(prompts, greedy, &st);
-  std::fprintf(
-      stderr, "[ group ] %s: spread: rank 0 %lld steps (%lld idle), rank 1 %lld (%lld idle)\n",
-      where, static_cast<long long>(st[0].decode_steps), static_cast<long long>(st[0].idle_steps),
-      static_cast<long long>(st[1].decode_steps), static_cast<long long>(st[1].idle_steps));
+  for (int r = 0; r < ranks; ++r)
+    std::fprintf(stderr, "[ group ] %s: spread: rank %d %lld steps (%lld idle)\n", where.c_str(), r,
+                 static_cast<long long>(st[r].decode_steps),
+                 static_cast<long long>(st[r].idle_steps));
   const auto alone = group.generate(prompts, greedy, &st, std::vector<int>(prompts.size(), 0));
-  std::fprintf(stderr, "[ group ] %s: all on rank 0: rank 1 %lld idle steps\n", where,
-               static_cast<long long>(st[1].idle_steps));
-  EXPECT_EQ(st[1].decode_steps, 0);
-  EXPECT_GT(st[1].idle_steps, 0);
+  for (int r = 1; r < ranks; ++r) {
+    EXPECT_EQ(st[r].decode_steps, 0) << "rank " << r;
+    EXPECT_GT(st[r].idle_steps, 0) << "rank " << r;
+  }
   EXPECT_EQ(st[0].decode_tokens, 6 * 11);
   EXPECT_EQ(spread, alone) << where;
-  // The other way round, and sampled.
-  const auto backwards =
-      group.generate(prompts, sampled, nullptr, std::vector<int>{1, 0, 1, 0, 1, 0});
-  EXPECT_EQ(group.generate(prompts, sampled), backwards) << where;
+  const auto back = group.generate(prompts, sampled, nullptr, backwards(prompts.size(), ranks));
+  EXPECT_EQ(group.generate(prompts, sampled), back) << where;
   int same = 0, same_sampled = 0;
   for (size_t i = 0; i < prompts.size(); ++i) {
     ASSERT_EQ(spread[i].size(), 12u);
     EXPECT_EQ(spread[i][0], one_greedy[i][0]) << "prompt " << i << ": first token";
     same += spread[i] == one_greedy[i];
-    same_sampled += backwards[i] == one_sampled[i];
+    same_sampled += back[i] == one_sampled[i];
   }
   std::fprintf(stderr, "[ group ] %s: texts equal to one rank's: %d of 6 greedy, %d of 6 sampled\n",
-               where, same, same_sampled);
+               where.c_str(), same, same_sampled);
   EXPECT_GE(same, 4);
+}
+
+// Decoding passes over the low-latency EP kernels give the normal kernels' texts on `devices`:
+// greedy, sampled (backwards) and with the MTP draft (one prompt on the last rank).
+void expect_low_latency_keeps_text(const std::vector<int>& devices) {
+  const ModelConfig cfg = group_config(1);
+  Model cpu(cfg, 14);
+  const auto prompts = six_prompts();
+  const SamplingOptions greedy = greedy_sampling(12);
+  const SamplingOptions sampled = nucleus_sampling(12, 5);
+  GeneratorOptions normal = options(), ll = options();
+  normal.low_latency_ep = false;
+  ll.low_latency_ep = true;
+  const int ranks = static_cast<int>(devices.size());
+  std::vector<int> drafted_on(prompts.size(), 0);
+  drafted_on[4] = ranks - 1;
+  std::vector<std::vector<std::vector<int32_t>>> texts[2];
+  for (int use_ll = 0; use_ll < 2; ++use_ll) {
+    GeneratorGroup group(cpu, use_ll ? ll : normal, devices);
+    std::vector<GenerationStats> st;
+    texts[use_ll].push_back(group.generate(prompts, greedy, &st));
+    const int64_t passes = st[0].low_latency_passes;
+    for (int r = 1; r < ranks; ++r)
+      EXPECT_EQ(st[r].low_latency_passes, passes) << "rank " << r << " disagrees on the kernels";
+    if (use_ll) {
+      // Prefill passes (some rank filling) stay on the normal kernels: both kinds ran.
+      EXPECT_GT(passes, 0);
+      EXPECT_LT(passes, st[0].decode_steps + st[0].idle_steps + st[0].prefill_steps);
+    } else {
+      EXPECT_EQ(passes, 0);
+    }
+    std::printf(
+        "[ group ] %d ranks, low_latency_ep %s: rank 0 %lld of its %lld decoding and idle passes "
+        "over the low-latency kernels\n",
+        ranks, use_ll ? "on" : "off", static_cast<long long>(passes),
+        static_cast<long long>(st[0].decode_steps + st[0].idle_steps));
+    texts[use_ll].push_back(
+        group.generate(prompts, sampled, nullptr, backwards(prompts.size(), ranks)));
+    for (int r = 0; r < ranks; ++r) group.rank(r).set_mtp_draft(true);
+    texts[use_ll].push_back(group.generate(prompts, greedy, nullptr, drafted_on));
+  }
+  EXPECT_EQ(texts[1][0], texts[0][0]) << "greedy";
+  EXPECT_EQ(texts[1][1], texts[0][1]) << "sampled";
+  EXPECT_EQ(texts[1][2], texts[0][2]) << "MTP draft";
+  EXPECT_EQ(texts[1][2], texts[1][0]) << "the MTP draft's greedy text";
 }
 
 TEST(GeneratorGroup, TextDoesNotDependOnTheRank) {
@@ -126,42 +189,15 @@ TEST(GeneratorGroup, MtpDraftKeepsTheGreedyText) {
 
 TEST(GeneratorGroup, LowLatencyExchangeKeepsTheText) {
   if (!two_gpus()) GTEST_SKIP() << "one GPU visible";
-  const ModelConfig cfg = group_config(1);
-  Model cpu(cfg, 14);
-  const auto prompts = six_prompts();
-  const SamplingOptions greedy = greedy_sampling(12);
-  const SamplingOptions sampled = nucleus_sampling(12, 5);
-  GeneratorOptions normal = options(), ll = options();
-  normal.low_latency_ep = false;
-  ll.low_latency_ep = true;
-  const std::vector<int> devices = {0, 1};
-  std::vector<std::vector<std::vector<int32_t>>> texts[2];
-  for (int use_ll = 0; use_ll < 2; ++use_ll) {
-    GeneratorGroup group(cpu, use_ll ? ll : normal, devices);
-    std::vector<GenerationStats> st;
-    texts[use_ll].push_back(group.generate(prompts, greedy, &st));
-    const int64_t passes = st[0].low_latency_passes;
-    EXPECT_EQ(st[1].low_latency_passes, passes) << "the ranks disagree on the passes' kernels";
-    if (use_ll) {
-      // Prefill passes (some rank filling) stay on the normal kernels: both kinds ran.
-      EXPECT_GT(passes, 0);
-      EXPECT_LT(passes, st[0].decode_steps + st[0].idle_steps + st[0].prefill_steps);
-    } else {
-      EXPECT_EQ(passes, 0);
-    }
-    std::printf(
-        "[ group ] low_latency_ep %s: rank 0 %lld of its %lld decoding and idle passes "
-        "over the low-latency kernels\n",
-        use_ll ? "on" : "off", static_cast<long long>(passes),
-        static_cast<long long>(st[0].decode_steps + st[0].idle_steps));
-    texts[use_ll].push_back(group.generate(prompts, sampled, nullptr, {1, 0, 1, 0, 1, 0}));
-    for (int r = 0; r < 2; ++r) group.rank(r).set_mtp_draft(true);
-    texts[use_ll].push_back(group.generate(prompts, greedy, nullptr, {0, 0, 0, 0, 1, 0}));
-  }
-  EXPECT_EQ(texts[1][0], texts[0][0]) << "greedy";
-  EXPECT_EQ(texts[1][1], texts[0][1]) << "sampled";
-  EXPECT_EQ(texts[1][2], texts[0][2]) << "MTP draft";
-  EXPECT_EQ(texts[1][2], texts[1][0]) << "the MTP draft's greedy text";
+  expect_low_latency_keeps_text({0, 1});
+}
+
+// Four ranks (2 of the 8 experts each): the same two checks (skipped under 4 visible GPUs).
+TEST(GeneratorGroup, FourRanksKeepTheText) {
+  const std::vector<int> devices = first_gpus(4);
+  if (devices.empty()) GTEST_SKIP() << "fewer than 4 GPUs visible";
+  expect_rank_invariant(devices);
+  expect_low_latency_keeps_text(devices);
 }
 
 TEST(GeneratorGroup, RejectsBadLayouts) {
