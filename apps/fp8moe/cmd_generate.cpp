@@ -202,8 +202,8 @@ void setup(CLI::App& app) {
       ->capture_default_str();
   app.add_flag("--stats", a->stats, "GPU: a JSON line of throughput on stderr");
   app.add_flag("--normal-ep-decoding", a->normal_ep_decoding,
-               "GPU, several ranks: decoding passes exchange MoE tokens over the normal EP kernels "
-               "(default: the low-latency kernels; the same text either way)");
+               "GPU: decoding passes exchange MoE tokens over the normal EP kernels (default: the "
+               "low-latency kernels, one GPU or several; the same text either way)");
   app.add_flag("--mtp-draft", a->mtp_draft,
                "GPU: speculative decoding with the checkpoint's MTP module as the draft");
   app.add_flag("--host-sampling", a->host_sampling,

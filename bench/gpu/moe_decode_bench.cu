@@ -21,7 +21,8 @@
 // masked layer equals the grouped one bit for bit); here each form's y is checked equal once.
 // Run: moe_decode_bench [--shapes small-gpu,v3-slice,v3] [--tokens 1,8,32,64,128] [--iters 7]
 //      [--reps 20] [--ll-max-tokens 128] [--normal-max-tokens 256] [--out f.jsonl] [--date D]
-//      [--commit C]   (needs >= 2 GPUs; every visible GPU is one rank)
+//      [--commit C] [--ranks R]   (R ranks on GPUs 0 .. R-1, one each; default: every visible
+//      GPU; one rank is one GPU's serving, every expert local)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -58,6 +59,7 @@ struct Args {
   std::string shapes = "small-gpu,v3-slice,v3", tokens = "1,8,32,64,128", out, date = "unknown",
               commit = "unknown";
   int iters = 7, reps = 20;
+  int ranks = 0;  // 0: every visible GPU
   int64_t ll_max_tokens = 128, normal_max_tokens = 256;
 };
 
@@ -104,8 +106,10 @@ int main(int argc, char** argv) try {
                       {"--normal-max-tokens", set_i64(a.normal_max_tokens)},
                       {"--out", [&](const std::string& v) { a.out = v; }},
                       {"--date", [&](const std::string& v) { a.date = v; }},
-                      {"--commit", [&](const std::string& v) { a.commit = v; }}});
-  FM_CHECK_ARG(a.iters >= 1 && a.reps >= 1, "moe_decode_bench: --iters and --reps must be >= 1");
+                      {"--commit", [&](const std::string& v) { a.commit = v; }},
+                      {"--ranks", [&](const std::string& v) { a.ranks = std::stoi(v); }}});
+  FM_CHECK_ARG(a.iters >= 1 && a.reps >= 1 && a.ranks >= 0,
+               "moe_decode_bench: --iters and --reps must be >= 1, --ranks >= 0");
   std::vector<int64_t> tokens;
   for (const std::string& t : split_list(a.tokens)) tokens.push_back(std::stoll(t));
   for (int64_t t : tokens)
@@ -114,11 +118,13 @@ int main(int argc, char** argv) try {
                  " outside [1, min(--ll-max-tokens, "
                  "--normal-max-tokens)]");
   int gpus = 0;
-  if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus < 2) {
-    std::fprintf(stderr, "moe_decode_bench: needs >= 2 GPUs (one rank each)\n");
+  if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus < 1) {
+    std::fprintf(stderr, "moe_decode_bench: no GPU\n");
     return 77;
   }
-  const int R = gpus;
+  FM_CHECK_ARG(a.ranks <= gpus, "moe_decode_bench: --ranks ", a.ranks, " but ", gpus,
+               " GPUs visible (one rank a GPU)");
+  const int R = a.ranks > 0 ? a.ranks : gpus;
   std::vector<int> devices(R);
   for (int r = 0; r < R; ++r) devices[r] = r;
   cudaDeviceProp prop{};

@@ -30,7 +30,8 @@
 // evenly, and at 2 to 4 GPUs randomly placed hot experts mostly even out, so the hot ones sit on
 // the first GPUs here): rows give the GPUs' load max / mean without and with the plan (the
 // planned figure from the timed run's own load), prefill and decoding tokens/s of both.
-// With --devices 0,1 --low-latency-ab 1: the group's decoding passes over the low-latency EP
+// With --devices 0,1 --low-latency-ab 1 (or --devices 0: one GPU's MoE layers over a one-rank
+// EP group): the group's decoding passes over the low-latency EP
 // kernels (GeneratorOptions::low_latency_ep) against the same group over the normal kernels (the
 // anchor), both groups built side by side and timed in turns (--rounds N, default 3, each batch
 // off then on; medians): decoding tokens/s, step ms, end-to-end tokens/s and the ratio.
@@ -672,7 +673,7 @@ int main(int argc, char** argv) {
       if (f != nullptr) std::fclose(f);
       return 0;
     }
-    if (group.size() >= 2 && low_latency_ab > 0) {
+    if (!group.empty() && low_latency_ab > 0) {
       run_low_latency_ab(split_list(configs), bs, group, prompt, fresh, vocab, rounds, f, prop.name,
                          date, commit);
       if (f != nullptr) std::fclose(f);

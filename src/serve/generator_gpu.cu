@@ -78,8 +78,8 @@ struct GeneratorGpu::Impl {
   std::vector<cudaGraphExec_t> graphs[kKinds];
   std::vector<MlaLatentCacheView> views;  // the last prepare_step's
   int idle_seq = -1;  // world > 1: the dummy sequence of idle passes (its first positions)
-  // world > 1: the MoE layers hold low-latency endpoints (GeneratorOptions::low_latency_ep), and
-  // the running lockstep pass takes them (no rank prefills in it).
+  // The MoE layers hold low-latency endpoints (GeneratorOptions::low_latency_ep), and the running
+  // pass takes them (no rank prefills in it).
   bool low_latency_ready = false, low_latency_pass = false;
   // Sampling on the device (GeneratorOptions::device_sampling): per-row parameters and row
   // indices up, tokens (and a verify's kept flags and bonus tokens) back; d_q holds each drafting
@@ -744,7 +744,7 @@ GeneratorGpu::GeneratorGpu(const ModelConfig& config, const GeneratorOptions& o,
   FM_CHECK_CUDA(cudaDeviceSynchronize());
   m.model->refresh(nullptr);
   m.model->reserve_decode(m.step_tokens, o.tensor_core_products);
-  if (par.model.world > 1 && o.low_latency_ep && 2 * o.max_batch <= 1024) {
+  if (o.low_latency_ep && 2 * o.max_batch <= 1024) {
     m.model->reserve_low_latency_ep(2 * o.max_batch);
     m.low_latency_ready = true;
   }

@@ -38,6 +38,7 @@ namespace fp8moe::serve {
 namespace {
 
 using test_support::greedy_sampling;
+using test_support::nucleus_sampling;
 using test_support::random_tokens;
 
 // The tests' model (serve_test_support.h), no MTP module unless asked.
@@ -229,6 +230,36 @@ TEST(ServeGpu, LowLatencyExchangeEqualsTheNormalOne) {
           (ll.begin() + s * cfg.vocab_size));
   }
   std::printf("[ serve ] 4 decoding steps of 2 sequences: low-latency == normal EP, bit for bit\n");
+}
+
+// The generator on one GPU takes the low-latency form for its decoding passes too
+// (GeneratorOptions::low_latency_ep, the default; a prefill pass stays on the normal kernels):
+// the same texts as with the option off, greedy, sampled and with the MTP draft.
+TEST(ServeGpu, OneGpuLowLatencyDecodingKeepsTheText) {
+  ModelConfig cfg = serve_config(1);
+  cfg.num_nextn_predict_layers = 1;
+  cfg.validate();
+  Model cpu(cfg, 9);
+  GeneratorOptions normal = options(3, 48), ll = options(3, 48);
+  normal.low_latency_ep = false;
+  GeneratorGpu gen_normal(cpu, normal), gen_ll(cpu, ll);
+  const std::vector<std::vector<int32_t>> prompts = {
+      random_tokens(5, 512, 81), random_tokens(100, 512, 82), random_tokens(33, 512, 83)};
+  for (const SamplingOptions& s : {greedy_sampling(12), nucleus_sampling(12, 4)}) {
+    GenerationStats st_normal, st_ll;
+    const auto want = gen_normal.generate(prompts, s, &st_normal);
+    EXPECT_EQ(gen_ll.generate(prompts, s, &st_ll), want) << "temperature " << s.temperature;
+    EXPECT_EQ(st_normal.low_latency_passes, 0);
+    // Every decoding step (a pass without a prefill) over the low-latency kernels.
+    EXPECT_GT(st_ll.decode_steps, 0);
+    EXPECT_GE(st_ll.low_latency_passes, st_ll.decode_steps);
+  }
+  gen_normal.set_mtp_draft(true);
+  gen_ll.set_mtp_draft(true);
+  EXPECT_EQ(gen_ll.generate(prompts, greedy_sampling(12)),
+            gen_normal.generate(prompts, greedy_sampling(12)))
+      << "MTP draft";
+  std::printf("[ serve ] one GPU: low-latency decoding passes keep the texts\n");
 }
 
 // The same tokens through the GPU two ways: one prefill of 76, or a prefill of 70 and six

@@ -76,12 +76,14 @@ struct GeneratorOptions {
   // draw walks the kept tokens in id order (the host: by probability), so the texts differ.
   // Settable per call with set_device_sampling.
   bool device_sampling = true;
-  // Several GPUs (world > 1): a lockstep pass in which no rank prefills exchanges its MoE tokens
-  // over the EP kernels' low-latency form (masked layout, no notify / layout chain;
-  // comm/device_ep.h, ModelGpu::reserve_low_latency_ep), a pass with a prefill over the normal
-  // kernels; the same bits either way. Taken when 2 max_batch <= 1024 (the low-latency kernels'
-  // bound); costs each MoE layer a second endpoint and expert workspace for ranks x 2 max_batch
-  // rows an expert. Ignored with one GPU.
+  // A pass in which no rank prefills (one GPU: a decoding pass; several: a lockstep pass)
+  // exchanges its MoE tokens over the EP kernels' low-latency form (masked layout, no notify /
+  // layout chain; comm/device_ep.h, ModelGpu::reserve_low_latency_ep), a pass with a prefill over
+  // the normal kernels; the same bits either way. Taken when 2 max_batch <= 1024 (the low-latency
+  // kernels' bound); costs the model one masked endpoint and expert workspace for ranks x 2
+  // max_batch rows an expert (shared by its MoE layers). One GPU's MoE layers run over a one-rank
+  // EP group, whose low-latency form is cheaper too (1 x H100, session 27: a layer's decoding
+  // step 1.01-1.19x, docs/results/moe-decode-2026-11-28-h100-s27.md).
   bool low_latency_ep = true;
 };
 
