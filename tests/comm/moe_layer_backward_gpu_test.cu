@@ -468,6 +468,63 @@ TEST(MoeLayerApiBackward, ForwardAndBackwardReplayInACudaGraph) {
       "eager, bit for bit\n");
 }
 
+// A forward-only layer (serving) and a layer with the backward (training) give the same forward:
+// the same weights and tokens, y and the shared expert's rows bit for bit, at decoding sizes
+// (T <= 64, where the shared expert's rows are mostly padding) and above.
+TEST(MoeLayerApiBackward, ForwardOnlyLayerGivesTheTrainingForwardsBits) {
+  const EpConfig cfg = bwd_config();
+  const std::vector<int> devices = two_ranks();
+  const uint64_t seed = testing::fresh_seed();
+  Harness h(cfg, devices, seed);
+  const int R = cfg.num_ranks, p = 0;
+  auto bf = [](uint16_t* q) { return reinterpret_cast<bf16*>(q); };
+  std::vector<std::unique_ptr<MoeLayerGpu>> serving(R);
+  std::vector<uint16_t*> y(R);
+  for (int r = 0; r < R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+    serving[r] = std::make_unique<MoeLayerGpu>(h.groups[p]->rank(r), h.rk[r].routed->view(),
+                                               h.rk[r].shared->view());
+    y[r] = to_device(devices[r], std::vector<uint16_t>(cfg.max_tokens_per_rank * cfg.hidden));
+  }
+  for (const std::vector<int64_t>& tokens :
+       std::vector<std::vector<int64_t>>{{1, 37}, {64, 0}, {65, 130}}) {
+    h.set_inputs(tokens, testing::Routing::kRandom, seed + tokens[0]);
+    h.run(p);
+    for (int r = 0; r < R; ++r) {
+      FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+      FM_CHECK_CUDA(
+          cudaMemsetAsync(y[r], 0xFF, cfg.max_tokens_per_rank * cfg.hidden * 2, h.rk[r].stream));
+    }
+    if (h.one_gpu_per_rank()) {
+      for (int r = 0; r < R; ++r)
+        serving[r]->forward(bf(h.rk[r].x), h.rk[r].idx, h.rk[r].w, tokens[r], bf(y[r]),
+                            h.rk[r].stream);
+    } else {
+      for (int r = 0; r < R; ++r)
+        serving[r]->dispatch(bf(h.rk[r].x), h.rk[r].idx, h.rk[r].w, tokens[r], h.rk[r].stream);
+      h.sync(p);
+      for (int r = 0; r < R; ++r) serving[r]->experts(h.rk[r].stream);
+      h.sync(p);
+      for (int r = 0; r < R; ++r) serving[r]->combine(bf(y[r]), h.rk[r].stream);
+    }
+    h.sync(p);
+    for (int r = 0; r < R; ++r) {
+      const int64_t n = tokens[r] * cfg.hidden;
+      EXPECT_EQ(to_host(devices[r], y[r], n), to_host(devices[r], h.rk[r].path[p].y, n))
+          << "y, rank " << r << ", " << tokens[r] << " tokens";
+      EXPECT_EQ(to_host(devices[r], reinterpret_cast<const uint16_t*>(serving[r]->shared_out()), n),
+                to_host(devices[r],
+                        reinterpret_cast<const uint16_t*>(h.rk[r].path[p].layer->shared_out()), n))
+          << "shared rows, rank " << r << ", " << tokens[r] << " tokens";
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    FM_CHECK_CUDA(cudaSetDevice(devices[r]));
+    cudaFree(y[r]);
+  }
+  std::printf("forward-only layer == the training layer's forward, bit for bit (T 0-130)\n");
+}
+
 // MoeLayerGrads::overwrite: the gathered path writes over NaN-filled gradients, the expanded
 // one adds into zeros: the same bits (rank 0 has no tokens: its shared expert's are zeros).
 TEST(MoeLayerApiBackward, OverwriteEqualsAccumulatingIntoZeros) {
